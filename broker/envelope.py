@@ -1,0 +1,415 @@
+"""From what a client sent to what is appended: subjects, media types, schema ids, headers.
+
+This module is the one mapper between an inbound publish (HTTP headers + body, a batch
+record, a CloudEvent) and the JetStream message that stores it (:class:`Outbound`: subject,
+payload bytes, NATS headers). It is framework-free; the HTTP layer only calls it.
+
+Stored NATS headers:
+
+``Content-Type``                          the media type the client declared
+``Broker-Schema-Id``                      schema id, from the ``Schema-Id`` header or the
+                                          Confluent wire prefix (``0x00`` + 4-byte id)
+``Broker-Schema-Id-Source``               ``header`` or ``wire``
+``Nats-Msg-Id``                           the idempotency key (``Idempotency-Key`` or ``ce-id``)
+``Nats-Expected-Last-Subject-Sequence``   optimistic concurrency, checked by JetStream
+``ce-*``                                  CloudEvents attributes (binary content mode)
+``traceparent``, ``tracestate``           W3C trace context, passed through
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NewType
+
+import orjson
+
+from broker.errors import BadRequest, InvalidSubject, Unprocessable, UnsupportedMediaType
+
+Tenant = NewType("Tenant", str)
+
+MAX_SUBJECT_LENGTH = 255
+MAX_SUBJECT_TOKENS = 16
+MAX_HEADER_VALUE_LENGTH = 1024
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Inbound HTTP header names (lower case, as ASGI gives them).
+H_CONTENT_TYPE = "content-type"
+H_IDEMPOTENCY_KEY = "idempotency-key"
+H_SCHEMA_ID = "schema-id"
+H_EXPECTED_LAST_SUBJECT_SEQUENCE = "expected-last-subject-sequence"
+_PASSTHROUGH = ("traceparent", "tracestate")
+
+# Stored NATS header names.
+NATS_MSG_ID = "Nats-Msg-Id"
+NATS_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+CONTENT_TYPE = "Content-Type"
+SCHEMA_ID = "Broker-Schema-Id"
+SCHEMA_ID_SOURCE = "Broker-Schema-Id-Source"
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+CLOUDEVENTS_JSON = "application/cloudevents+json"
+CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+
+#: Media types accepted for a single publish. ``*`` matches any subtype.
+ACCEPTED_MEDIA_TYPES = frozenset(
+    {
+        "application/json",
+        "application/octet-stream",
+        "application/avro",
+        "avro/binary",
+        "application/protobuf",
+        "application/x-protobuf",
+        "application/vnd.google.protobuf",
+        "application/msgpack",
+        "application/x-msgpack",
+        "application/vnd.msgpack",
+        "application/cbor",
+        "application/pdf",
+        "application/xml",
+        "application/yaml",
+        CLOUDEVENTS_JSON,
+        "text/*",
+        "image/*",
+        "audio/*",
+        "video/*",
+    }
+)
+#: Media types whose payloads may carry the Confluent wire prefix (magic byte + schema id).
+_SCHEMA_FRAMED_SUFFIXES = ("avro", "protobuf", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message ready to append: full subject, payload as stored, NATS headers."""
+
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+
+
+def validate_subject(subject: str) -> str:
+    """Check a client subject (``orders.created``): dot-separated tokens of ``[A-Za-z0-9_-]``.
+
+    Wildcards (``*``, ``>``), empty tokens and whitespace are refused with
+    :class:`InvalidSubject`, so a client can never publish outside its own namespace.
+    """
+    if not subject:
+        raise InvalidSubject("subject is empty")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidSubject(f"subject is longer than {MAX_SUBJECT_LENGTH} characters")
+    tokens = subject.split(".")
+    if len(tokens) > MAX_SUBJECT_TOKENS:
+        raise InvalidSubject(f"subject has more than {MAX_SUBJECT_TOKENS} tokens")
+    for token in tokens:
+        if not _TOKEN.fullmatch(token):
+            raise InvalidSubject(
+                f"invalid subject token {token[:64]!r}: tokens are 1-64 characters of "
+                "A-Z a-z 0-9 _ - separated by single dots (no wildcards or spaces)"
+            )
+    return subject
+
+
+def message_subject(tenant: Tenant, subject: str) -> str:
+    """The stored subject of a message: ``msg.<tenant>.<subject>``."""
+    return f"msg.{tenant}.{validate_subject(subject)}"
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare, lower-case media type of a ``Content-Type`` value (parameters dropped)."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def check_media_type(content_type: str | None) -> str:
+    """The stored ``Content-Type`` for a single publish; 415 when it is not accepted.
+
+    A missing ``Content-Type`` is stored as ``application/octet-stream``. Form encodings
+    (what ``curl -d`` sends by default) are refused: they are almost always a client mistake.
+    """
+    if not content_type:
+        return DEFAULT_CONTENT_TYPE
+    bare = media_type(content_type)
+    kind, sep, sub = bare.partition("/")
+    if not sep or not kind or not sub or any(c.isspace() for c in bare):
+        raise UnsupportedMediaType(f"malformed Content-Type {content_type[:100]!r}")
+    if (
+        bare in ACCEPTED_MEDIA_TYPES
+        or f"{kind}/*" in ACCEPTED_MEDIA_TYPES
+        or sub.endswith(("+json", "+avro", "+protobuf", "+xml"))
+    ):
+        return content_type.strip()
+    raise UnsupportedMediaType(
+        f"Content-Type {bare!r} is not accepted; send application/json, "
+        "application/octet-stream, text/*, image/*, audio/*, video/*, avro, protobuf, msgpack, "
+        "cbor, pdf or CloudEvents"
+    )
+
+
+def _check_header_value(name: str, value: str) -> str:
+    if len(value) > MAX_HEADER_VALUE_LENGTH:
+        raise Unprocessable(f"{name} is longer than {MAX_HEADER_VALUE_LENGTH} characters")
+    if any(c in value for c in "\r\n\0"):
+        raise Unprocessable(f"{name} contains a control character")
+    return value
+
+
+def parse_schema_id(value: str | int | None, *, field: str = "Schema-Id") -> int | None:
+    """A schema id from a header or record field: a non-negative 32-bit integer."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise Unprocessable(f"{field} must be an integer")
+    try:
+        schema_id = int(value)
+    except (TypeError, ValueError):
+        raise Unprocessable(f"{field} must be an integer") from None
+    if not 0 <= schema_id <= 0x7FFFFFFF:
+        raise Unprocessable(f"{field} must be between 0 and 2147483647")
+    return schema_id
+
+
+def parse_sequence(value: str | int | None, *, field: str) -> int | None:
+    """A stream sequence from a header or record field: a non-negative 64-bit integer."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise Unprocessable(f"{field} must be a non-negative integer")
+    try:
+        seq = int(value)
+    except (TypeError, ValueError):
+        raise Unprocessable(f"{field} must be a non-negative integer") from None
+    if not 0 <= seq < 2**64:
+        raise Unprocessable(f"{field} must be a non-negative integer")
+    return seq
+
+
+def wire_schema_id(content_type: str, payload: bytes) -> int | None:
+    """The schema id in a Confluent-framed payload (``0x00`` + big-endian 4-byte id), if any.
+
+    Only looked for in Avro, Protobuf and JSON media types: JSON text can never start with
+    a zero byte, so there the frame is unambiguous; arbitrary binary media types are not
+    inspected, since their first byte may be zero by chance.
+    """
+    if len(payload) < 5 or payload[0] != 0:
+        return None
+    bare = media_type(content_type)
+    if not bare.endswith(_SCHEMA_FRAMED_SUFFIXES) and bare != "avro/binary":
+        return None
+    return int.from_bytes(payload[1:5], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """One logical publish, whichever way it arrived (path + headers, batch record, CE)."""
+
+    subject: str
+    payload: bytes
+    content_type: str
+    idempotency_key: str | None = None
+    schema_id: int | None = None
+    expected_last_subject_sequence: int | None = None
+    extra_headers: Mapping[str, str] | None = None
+
+    def to_outbound(self, tenant: Tenant) -> Outbound:
+        """Validate and map to the stored message; raises a 4xx :class:`BrokerError`."""
+        subject = message_subject(tenant, self.subject)
+        headers: dict[str, str] = {CONTENT_TYPE: self.content_type}
+        wire_id = wire_schema_id(self.content_type, self.payload)
+        if self.schema_id is not None and wire_id is not None and wire_id != self.schema_id:
+            raise Unprocessable(
+                f"Schema-Id {self.schema_id} disagrees with the payload's wire prefix {wire_id}"
+            )
+        if self.schema_id is not None:
+            headers[SCHEMA_ID] = str(self.schema_id)
+            headers[SCHEMA_ID_SOURCE] = "header"
+        elif wire_id is not None:
+            headers[SCHEMA_ID] = str(wire_id)
+            headers[SCHEMA_ID_SOURCE] = "wire"
+        if self.idempotency_key is not None:
+            if not self.idempotency_key:
+                raise Unprocessable("Idempotency-Key is empty")
+            headers[NATS_MSG_ID] = _check_header_value("Idempotency-Key", self.idempotency_key)
+        if self.expected_last_subject_sequence is not None:
+            headers[NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(self.expected_last_subject_sequence)
+        if self.extra_headers:
+            for name, value in self.extra_headers.items():
+                headers[name] = _check_header_value(name, value)
+        return Outbound(subject, self.payload, headers)
+
+
+# --- CloudEvents 1.0 -------------------------------------------------------------------
+
+_CE_REQUIRED = ("id", "source", "specversion", "type")
+_CE_ATTRIBUTE = re.compile(r"[a-z0-9]{1,20}")
+#: Extension attribute naming the broker subject of a CloudEvent in a batch.
+CE_SUBJECT_EXTENSION = "brokersubject"
+
+
+def ce_headers_from_http(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """CloudEvents binary mode: the ``ce-*`` HTTP headers to store, or ``None`` if absent."""
+    if "ce-specversion" not in headers:
+        return None
+    ce = {name: value for name, value in headers.items() if name.startswith("ce-")}
+    _check_ce(ce.get("ce-" + attr) for attr in _CE_REQUIRED)
+    if ce["ce-specversion"] != "1.0":
+        raise Unprocessable(f"unsupported CloudEvents specversion {ce['ce-specversion'][:20]!r}")
+    return {name: _check_header_value(name, value) for name, value in ce.items()}
+
+
+def _check_ce(values: Any) -> None:
+    missing = [attr for attr, value in zip(_CE_REQUIRED, values, strict=True) if not value]
+    if missing:
+        raise Unprocessable(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+
+
+def _ce_attr_value(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    raise Unprocessable(f"CloudEvent attribute {name!r} must be a string, integer or boolean")
+
+
+def cloudevent_to_request(
+    event: Any, *, subject: str | None, idempotency_key: str | None = None
+) -> PublishRequest:
+    """A structured-mode CloudEvent (parsed JSON object) as a binary-mode publish.
+
+    The event's ``data`` (JSON value, or bytes from ``data_base64``) becomes the payload,
+    ``datacontenttype`` the ``Content-Type``, every other attribute a ``ce-*`` header.
+    The subject is ``subject`` (from the URL) or the event's ``brokersubject`` extension.
+    """
+    if not isinstance(event, dict):
+        raise Unprocessable("a structured CloudEvent must be a JSON object")
+    _check_ce(event.get(attr) for attr in _CE_REQUIRED)
+    if event["specversion"] != "1.0":
+        raise Unprocessable(
+            f"unsupported CloudEvents specversion {str(event['specversion'])[:20]!r}"
+        )
+    if "data" in event and "data_base64" in event:
+        raise Unprocessable("a CloudEvent has either data or data_base64, not both")
+    content_type = event.get("datacontenttype")
+    if content_type is not None and not isinstance(content_type, str):
+        raise Unprocessable("datacontenttype must be a string")
+    payload = _ce_data(event, content_type)
+    if content_type is None:
+        content_type = DEFAULT_CONTENT_TYPE if "data_base64" in event else "application/json"
+    headers: dict[str, str] = {}
+    for name, value in event.items():
+        if name in {"data", "data_base64", "datacontenttype"}:
+            continue
+        if not _CE_ATTRIBUTE.fullmatch(name):
+            raise Unprocessable(f"invalid CloudEvent attribute name {name[:30]!r}")
+        headers["ce-" + name] = _ce_attr_value(name, value)
+    target = subject or event.get(CE_SUBJECT_EXTENSION)
+    if not isinstance(target, str) or not target:
+        raise Unprocessable(
+            f"no subject: give ?subject= or the CloudEvent extension {CE_SUBJECT_EXTENSION!r}"
+        )
+    return PublishRequest(
+        subject=target,
+        payload=payload,
+        content_type=check_media_type(content_type),
+        idempotency_key=idempotency_key or headers["ce-id"],
+        extra_headers=headers,
+    )
+
+
+def _ce_data(event: dict[str, Any], content_type: str | None) -> bytes:
+    if "data_base64" in event:
+        encoded = event["data_base64"]
+        if not isinstance(encoded, str):
+            raise Unprocessable("data_base64 must be a string")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise Unprocessable("data_base64 is not valid base64") from None
+    if "data" not in event:
+        return b""
+    data = event["data"]
+    bare = media_type(content_type)
+    if (
+        isinstance(data, str)
+        and bare
+        and not (bare == "application/json" or bare.endswith("+json"))
+    ):
+        return data.encode()
+    return orjson.dumps(data)
+
+
+# --- batch records ---------------------------------------------------------------------
+
+_RECORD_FIELDS = frozenset(
+    {
+        "subject",
+        "data",
+        "data_base64",
+        "content_type",
+        "idempotency_key",
+        "schema_id",
+        "expected_last_subject_sequence",
+    }
+)
+
+
+def record_to_request(record: Any, *, default_subject: str | None) -> PublishRequest:
+    """One record of a JSON-array or NDJSON batch.
+
+    ``{"subject", "data" | "data_base64", "content_type", "idempotency_key", "schema_id",
+    "expected_last_subject_sequence"}``; ``data`` (any JSON value) is stored as its compact
+    JSON encoding, ``data_base64`` as the decoded bytes.
+    """
+    if not isinstance(record, dict):
+        raise Unprocessable("a batch record must be a JSON object")
+    unknown = record.keys() - _RECORD_FIELDS
+    if unknown:
+        raise Unprocessable(f"unknown record field(s): {', '.join(sorted(unknown))[:200]}")
+    subject = record.get("subject", default_subject)
+    if not isinstance(subject, str):
+        raise InvalidSubject("record has no subject (field 'subject' or ?subject=)")
+    content_type = record.get("content_type")
+    if content_type is not None and not isinstance(content_type, str):
+        raise Unprocessable("content_type must be a string")
+    if "data" in record and "data_base64" in record:
+        raise Unprocessable("a record has either data or data_base64, not both")
+    if "data_base64" in record:
+        payload = _ce_data({"data_base64": record["data_base64"]}, None)
+        content_type = content_type or DEFAULT_CONTENT_TYPE
+    else:
+        payload = orjson.dumps(record.get("data"))
+        content_type = content_type or "application/json"
+    key = record.get("idempotency_key")
+    if key is not None and not isinstance(key, str):
+        raise Unprocessable("idempotency_key must be a string")
+    return PublishRequest(
+        subject=subject,
+        payload=payload,
+        content_type=check_media_type(content_type),
+        idempotency_key=key,
+        schema_id=parse_schema_id(record.get("schema_id"), field="schema_id"),
+        expected_last_subject_sequence=parse_sequence(
+            record.get("expected_last_subject_sequence"), field="expected_last_subject_sequence"
+        ),
+    )
+
+
+def parse_json(body: bytes, *, what: str) -> Any:
+    """Parse JSON with orjson; malformed input is a 400 naming ``what``."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+
+
+def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """Trace context headers carried from HTTP into the stored message."""
+    found = {name: headers[name] for name in _PASSTHROUGH if name in headers}
+    return found or None

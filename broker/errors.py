@@ -1,0 +1,113 @@
+"""The broker's error tree. Every error a caller can see is one of these.
+
+::
+
+    BrokerError                      500 internal_error
+    ├── BadRequest                   400 bad_request
+    │   └── InvalidBatch             400 invalid_batch
+    ├── NotFound                     404 not_found
+    ├── Conflict                     409 conflict
+    │   └── SequenceConflict         409 sequence_conflict
+    ├── PayloadTooLarge              413 payload_too_large
+    ├── UnsupportedMediaType         415 unsupported_media_type
+    ├── Unprocessable                422 unprocessable
+    │   └── InvalidSubject           422 invalid_subject
+    ├── Unavailable                  503 nats_unavailable   (retryable, carries Retry-After)
+    │   └── PublishTimeout           503 publish_timeout    (ack unknown: retry with the same key)
+    ├── StreamConfigConflict         500 stream_config_conflict  (start-up, not HTTP)
+    └── EmbeddedServerError          500 embedded_server_error   (start-up, not HTTP)
+
+Third-party errors (nats-py, orjson, granian) are mapped to these once, at the adapter
+that calls the library; they never reach callers as themselves.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BrokerError(Exception):
+    """Base of every broker error; carries an HTTP status and a stable ``error_code``."""
+
+    status: ClassVar[int] = 500
+    error_code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON body of the HTTP answer."""
+        return {"error_code": self.error_code, "message": self.message}
+
+
+class BadRequest(BrokerError):
+    status = 400
+    error_code = "bad_request"
+
+
+class InvalidBatch(BadRequest):
+    error_code = "invalid_batch"
+
+
+class NotFound(BrokerError):
+    status = 404
+    error_code = "not_found"
+
+
+class Conflict(BrokerError):
+    status = 409
+    error_code = "conflict"
+
+
+class SequenceConflict(Conflict):
+    """The subject's last sequence was not the one the writer expected; nothing was stored."""
+
+    error_code = "sequence_conflict"
+
+
+class PayloadTooLarge(BrokerError):
+    status = 413
+    error_code = "payload_too_large"
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+    error_code = "unsupported_media_type"
+
+
+class Unprocessable(BrokerError):
+    status = 422
+    error_code = "unprocessable"
+
+
+class InvalidSubject(Unprocessable):
+    error_code = "invalid_subject"
+
+
+class Unavailable(BrokerError):
+    """NATS cannot take the write now; the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+    error_code = "nats_unavailable"
+    retryable = True
+
+
+class PublishTimeout(Unavailable):
+    """No PubAck in time: the write may or may not be stored. Retrying with the same
+    idempotency key is safe and answers the original sequence if it was stored."""
+
+    error_code = "publish_timeout"
+
+
+class StreamConfigConflict(BrokerError):
+    """A stream or bucket exists with a configuration the broker would not create."""
+
+    error_code = "stream_config_conflict"
+
+
+class EmbeddedServerError(BrokerError):
+    """The embedded nats-server could not be found, started or made ready."""
+
+    error_code = "embedded_server_error"

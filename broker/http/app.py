@@ -1,0 +1,214 @@
+"""The ingress ASGI application.
+
+A thin dispatcher in front of FastAPI: the publish hot paths go straight to raw-ASGI
+handlers (:mod:`broker.http.publish`); everything else (health, version, the OpenAPI
+document, later the registry APIs) is FastAPI. Errors from either side answer
+``{"error_code", "message"}``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import broker
+from broker.errors import BrokerError, NotFound
+from broker.http._asgi import ClientDisconnected, Receive, Scope, Send, send_error, send_json
+from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
+from broker.http.openapi import add_publish_paths
+from broker.http.publish import publish_batch, publish_one
+from broker.http.state import IngressState, git_revision
+from broker.publisher import Publisher
+from broker.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+_PUBLISH_PREFIX = "/v1/publish/"
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (404, 422, 503)
+}
+
+
+def _meta_app(state: IngressState) -> FastAPI:
+    app = FastAPI(
+        title="agent-broker",
+        version=broker.__version__,
+        description=(
+            "An event-sourced agent broker on NATS JetStream. Every message is appended to a "
+            "stream before it is acknowledged; everything else is a projection."
+        ),
+        docs_url="/docs",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(BrokerError)
+    async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+        headers = (
+            {"Retry-After": str(state.settings.retry_after_seconds)} if exc.retryable else None
+        )
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error_code": code, "message": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return JSONResponse(
+            {"error_code": "unprocessable", "message": fields or "invalid request"},
+            status_code=422,
+        )
+
+    @app.get("/healthz", tags=["operations"], response_model=Health)
+    async def healthz() -> Health:
+        """The process is alive (says nothing about NATS)."""
+        return Health()
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        response_model=ReadinessBody,
+        responses={503: {"model": ReadinessBody}},
+    )
+    async def readyz() -> JSONResponse:
+        """Ready to take writes: NATS connected and every broker stream present."""
+        r = await state.readiness()
+        body = ReadinessBody(
+            ready=r.ready, nats_connected=r.nats_connected, missing_streams=r.missing_streams
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
+
+    @app.get("/version", tags=["operations"], response_model=VersionBody)
+    async def version() -> VersionBody:
+        """Package version, git revision and the NATS server version."""
+        nats_version = None
+        if state.publisher.connected:
+            nats_version = state.publisher.server_version
+        return VersionBody(
+            version=broker.__version__,
+            git_revision=git_revision(),
+            nats_server_version=nats_version,
+            python=platform.python_version(),
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            app.openapi_schema = add_publish_paths(document)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class BrokerApp:
+    """The ASGI callable granian serves."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        servers = (self.settings.nats_url or "nats://127.0.0.1:4222").split(",")
+        self.publisher = Publisher(
+            servers,
+            name=f"broker-ingress-{os.getpid()}",
+            publish_timeout=self.settings.publish_timeout,
+            connect_timeout=self.settings.nats_connect_timeout,
+        )
+        self.state = IngressState(self.settings, self.publisher)
+        self.meta = _meta_app(self.state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith("/v1/publish"):
+                await self._publish(scope, receive, send, path)
+                return
+            await self.meta(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websockets are not served
+            await self.meta(scope, receive, send)
+
+    async def _publish(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        try:
+            if scope["method"] != "POST":
+                await send_json(
+                    send,
+                    405,
+                    {"error_code": "method_not_allowed", "message": "publish takes POST"},
+                    headers=[(b"allow", b"POST")],
+                )
+                return
+            if path in {"/v1/publish", "/v1/publish/"}:
+                await publish_batch(self.state, scope, receive, send)
+            elif path.startswith(_PUBLISH_PREFIX):
+                await publish_one(self.state, scope, receive, send, path[len(_PUBLISH_PREFIX) :])
+            else:
+                raise NotFound(f"no such path {path[:100]!r}")
+        except BrokerError as e:
+            if e.status >= 500:
+                log.warning("publish_failed", error_code=e.error_code, message=e.message)
+            await send_error(send, e, retry_after=self.settings.retry_after_seconds)
+        except ClientDisconnected:
+            log.info("client_disconnected", path=path[:100])
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:
+                    log.exception("ingress_startup_failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Die with the parent (no orphaned workers) and start connecting to NATS."""
+        from broker._process import die_with_parent
+
+        die_with_parent(signal.SIGTERM)
+        self.publisher.start()
+        if not await self.publisher.wait_connected(self.settings.nats_connect_timeout):
+            log.warning("ingress_started_without_nats", servers=self.settings.nats_url)
+        log.info("ingress_worker_started", pid=os.getpid())
+
+    async def shutdown(self) -> None:
+        await self.publisher.close()
+        log.info("ingress_worker_stopped", pid=os.getpid())
+
+
+def create_app() -> BrokerApp:
+    """Application factory for granian (``broker.http.app:create_app``, factory mode)."""
+    from broker.logs import configure_logging
+
+    configure_logging()
+    return BrokerApp()

@@ -1,0 +1,172 @@
+"""The OpenAPI paths of the raw-ASGI publish handlers, merged into FastAPI's document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from broker.envelope import CLOUDEVENTS_BATCH, CLOUDEVENTS_JSON
+from broker.http.models import (
+    BatchResponse,
+    ErrorBody,
+    PublishAckBody,
+    PublishRecord,
+    StreamedRecordResult,
+)
+
+_MODELS: tuple[type[BaseModel], ...] = (
+    ErrorBody,
+    PublishAckBody,
+    PublishRecord,
+    BatchResponse,
+    StreamedRecordResult,
+)
+_SUBJECT_PATTERN = r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}$"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(ErrorBody)}},
+    }
+
+
+def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_UNAVAILABLE = {
+    "description": "NATS unavailable or no ack in time; retry after Retry-After seconds "
+    "with the same Idempotency-Key.",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": _ref(ErrorBody)}},
+}
+
+_PUBLISH_ONE: dict[str, Any] = {
+    "post": {
+        "operationId": "publish",
+        "summary": "Append one message",
+        "description": (
+            "Stores the body byte-for-byte in MESSAGES under msg.<tenant>.<subject> and answers "
+            "after the JetStream ack. CloudEvents binary mode (ce-* headers) and structured "
+            f"mode ({CLOUDEVENTS_JSON}) are accepted; ce-id acts as the idempotency key."
+        ),
+        "tags": ["publish"],
+        "parameters": [
+            {
+                "name": "subject",
+                "in": "path",
+                "required": True,
+                "description": "Dot-separated tokens of A-Z a-z 0-9 _ -; no wildcards.",
+                "schema": {"type": "string", "pattern": _SUBJECT_PATTERN, "maxLength": 255},
+            },
+            _header(
+                "Idempotency-Key",
+                "Becomes Nats-Msg-Id: a retry within the duplicate window answers the "
+                "original sequence with duplicate=true.",
+                {"type": "string", "minLength": 1, "maxLength": 1024},
+            ),
+            _header(
+                "Schema-Id",
+                "Schema registry id of the payload (also read from the Confluent wire prefix).",
+                {"type": "integer", "minimum": 0, "maximum": 2147483647},
+            ),
+            _header(
+                "Expected-Last-Subject-Sequence",
+                "Store only if the subject's last sequence is this (0: subject is empty); "
+                "otherwise 409 and nothing is stored.",
+                {"type": "integer", "minimum": 0},
+            ),
+        ],
+        "requestBody": {
+            "required": False,
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        "responses": {
+            "200": {
+                "description": "Appended (or already appended with this idempotency key).",
+                "content": {"application/json": {"schema": _ref(PublishAckBody)}},
+            },
+            "400": _error("Malformed request (e.g. a structured CloudEvent that is not JSON)."),
+            "409": _error("Expected-Last-Subject-Sequence did not match; nothing stored."),
+            "413": _error("Body larger than the configured limit."),
+            "415": _error("Content-Type not accepted."),
+            "422": _error("Invalid subject, header or CloudEvent attributes."),
+            "503": _UNAVAILABLE,
+        },
+    }
+}
+
+_PUBLISH_BATCH: dict[str, Any] = {
+    "post": {
+        "operationId": "publishBatch",
+        "summary": "Append many messages, one result per record",
+        "description": (
+            "A JSON array or NDJSON of records, or a CloudEvents batch. Acks are pipelined. "
+            "Answers 200 when every record was appended, 207 when some failed (each result "
+            "is an ack or an error). With an NDJSON body and Accept: application/x-ndjson the "
+            "exchange streams over one HTTP/2 request: one ack line per record as it is acked."
+        ),
+        "tags": ["publish"],
+        "parameters": [
+            {
+                "name": "subject",
+                "in": "query",
+                "required": False,
+                "description": "Subject for records that name none.",
+                "schema": {"type": "string", "pattern": _SUBJECT_PATTERN, "maxLength": 255},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": _ref(PublishRecord)}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                CLOUDEVENTS_BATCH: {"schema": {"type": "array", "items": {"type": "object"}}},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "Every record appended (buffered), or the streamed ack lines.",
+                "content": {
+                    "application/json": {"schema": _ref(BatchResponse)},
+                    "application/x-ndjson": {"schema": _ref(StreamedRecordResult)},
+                },
+            },
+            "207": {
+                "description": "Some records failed; see each result.",
+                "content": {"application/json": {"schema": _ref(BatchResponse)}},
+            },
+            "400": _error("The batch is not valid JSON or not an array."),
+            "413": _error("Batch body or record count over the limit."),
+            "415": _error("Content-Type is not a batch type."),
+            "422": _error("Invalid ?subject=."),
+            "503": _UNAVAILABLE,
+        },
+    }
+}
+
+
+def add_publish_paths(document: dict[str, Any]) -> dict[str, Any]:
+    """Merge the publish operations and their schemas into an OpenAPI document."""
+    paths = document.setdefault("paths", {})
+    paths["/v1/publish/{subject}"] = _PUBLISH_ONE
+    paths["/v1/publish"] = _PUBLISH_BATCH
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in _MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas[model.__name__] = schema
+    return document

@@ -1,0 +1,268 @@
+"""Publish handlers, raw ASGI for speed: single, batch, and streaming NDJSON.
+
+They only translate: headers and body in, :mod:`broker.envelope` to validate and map,
+:class:`~broker.publisher.Publisher` to append, and the ack (or error) out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+import structlog
+
+from broker.envelope import (
+    CLOUDEVENTS_BATCH,
+    CLOUDEVENTS_JSON,
+    H_CONTENT_TYPE,
+    H_EXPECTED_LAST_SUBJECT_SEQUENCE,
+    H_IDEMPOTENCY_KEY,
+    H_SCHEMA_ID,
+    NDJSON_TYPES,
+    PublishRequest,
+    ce_headers_from_http,
+    check_media_type,
+    cloudevent_to_request,
+    media_type,
+    parse_json,
+    parse_schema_id,
+    parse_sequence,
+    passthrough_headers,
+    record_to_request,
+    validate_subject,
+)
+from broker.errors import BadRequest, BrokerError, PayloadTooLarge, UnsupportedMediaType
+from broker.http._asgi import (
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    read_body,
+    request_headers,
+    send_json,
+)
+from broker.http.state import IngressState
+from broker.publisher import PublishAck
+
+log = structlog.get_logger(__name__)
+
+_BATCH_TYPES = frozenset({"application/json", CLOUDEVENTS_BATCH, *NDJSON_TYPES})
+#: How many streamed records may wait for their ack before reading pauses (backpressure).
+_STREAM_WINDOW = 1024
+
+
+async def publish_one(
+    state: IngressState, scope: Scope, receive: Receive, send: Send, subject: str
+) -> None:
+    """``POST /v1/publish/{subject}``: append the body as sent; answer after the PubAck."""
+    headers = request_headers(scope)
+    validate_subject(subject)
+    content_type = headers.get(H_CONTENT_TYPE)
+    body = await read_body(receive, headers, state.settings.max_message_bytes)
+    key = headers.get(H_IDEMPOTENCY_KEY)
+    if media_type(content_type) == CLOUDEVENTS_JSON:
+        event = parse_json(body, what="the structured CloudEvent")
+        request = cloudevent_to_request(event, subject=subject, idempotency_key=key)
+        trace = passthrough_headers(headers)
+        if trace:
+            request = _with_headers(request, trace)
+    else:
+        ce = ce_headers_from_http(headers)
+        trace = passthrough_headers(headers)
+        extra = {**ce, **trace} if ce and trace else (ce or trace)
+        request = PublishRequest(
+            subject=subject,
+            payload=body,
+            content_type=check_media_type(content_type),
+            idempotency_key=key if key is not None else (ce["ce-id"] if ce else None),
+            schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
+            expected_last_subject_sequence=parse_sequence(
+                headers.get(H_EXPECTED_LAST_SUBJECT_SEQUENCE),
+                field="Expected-Last-Subject-Sequence",
+            ),
+            extra_headers=extra,
+        )
+    ack = await state.publisher.publish(request.to_outbound(state.tenant))
+    await send_json(send, 200, ack.to_dict())
+
+
+def _with_headers(request: PublishRequest, headers: dict[str, str]) -> PublishRequest:
+    merged = {**(request.extra_headers or {}), **headers}
+    return PublishRequest(
+        subject=request.subject,
+        payload=request.payload,
+        content_type=request.content_type,
+        idempotency_key=request.idempotency_key,
+        schema_id=request.schema_id,
+        expected_last_subject_sequence=request.expected_last_subject_sequence,
+        extra_headers=merged,
+    )
+
+
+def _batch_kind(content_type: str | None) -> str:
+    bare = media_type(content_type)
+    if bare not in _BATCH_TYPES:
+        raise UnsupportedMediaType(
+            "a batch is application/json (array of records), application/x-ndjson "
+            f"or {CLOUDEVENTS_BATCH}; got {bare or 'no Content-Type'!r}"
+        )
+    return "ndjson" if bare in NDJSON_TYPES else bare
+
+
+def _query_subject(scope: Scope) -> str | None:
+    query = scope.get("query_string", b"").decode("latin-1")
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "subject" and value:
+            return validate_subject(unquote(value))
+    return None
+
+
+def _to_request(kind: str, record: Any, default_subject: str | None) -> PublishRequest:
+    if kind == CLOUDEVENTS_BATCH:
+        return cloudevent_to_request(record, subject=default_subject)
+    return record_to_request(record, default_subject=default_subject)
+
+
+async def _settle(pending: Awaitable[PublishAck] | BrokerError) -> dict[str, Any]:
+    if isinstance(pending, BrokerError):
+        return pending.to_dict()
+    try:
+        return (await pending).to_dict()
+    except BrokerError as e:
+        return e.to_dict()
+
+
+async def publish_batch(state: IngressState, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/publish``: many records, one result each, in order; acks pipelined.
+
+    With ``Accept: application/x-ndjson`` and an NDJSON body the exchange streams: records
+    are appended as their lines arrive and one ack line goes back per record as it is acked.
+    """
+    headers = request_headers(scope)
+    kind = _batch_kind(headers.get(H_CONTENT_TYPE))
+    default_subject = _query_subject(scope)
+    if kind == "ndjson" and media_type(headers.get("accept")) in NDJSON_TYPES:
+        await _DuplexPublish(state, send, default_subject).run(receive)
+        return
+    body = await read_body(receive, headers, state.settings.max_batch_bytes)
+    records = _parse_batch(kind, body, state.settings.max_batch_records)
+    pending: list[Awaitable[PublishAck] | BrokerError] = []
+    for record in records:
+        try:
+            if isinstance(record, BrokerError):
+                raise record
+            outbound = _to_request(kind, record, default_subject).to_outbound(state.tenant)
+            pending.append(await state.publisher.submit(outbound))
+        except BrokerError as e:
+            pending.append(e)
+    results = [await _settle(p) for p in pending]
+    failed = sum(1 for r in results if "error_code" in r)
+    log.debug("batch_published", records=len(results), failed=failed)
+    await send_json(send, 207 if failed else 200, {"results": results})
+
+
+def _parse_batch(kind: str, body: bytes, max_records: int) -> list[Any]:
+    """Records of a buffered batch; a malformed NDJSON line is that record's error only."""
+    if kind == "ndjson":
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        if len(lines) > max_records:
+            raise PayloadTooLarge(f"batch has {len(lines)} records; the limit is {max_records}")
+        records: list[Any] = []
+        for line in lines:
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                records.append(BadRequest(f"record is not valid JSON: {e}"))
+        return records
+    parsed = parse_json(body, what="the batch")
+    if not isinstance(parsed, list):
+        raise BadRequest("a JSON batch must be an array of records")
+    if len(parsed) > max_records:
+        raise PayloadTooLarge(f"batch has {len(parsed)} records; the limit is {max_records}")
+    return parsed
+
+
+class _DuplexPublish:
+    """Full-duplex NDJSON: records are appended as their lines arrive and ack lines are
+    written back, in order, while the request body still flows."""
+
+    def __init__(self, state: IngressState, send: Send, default_subject: str | None) -> None:
+        self.state = state
+        self.send = send
+        self.default_subject = default_subject
+        self.line_limit = state.settings.max_message_bytes * 2 + 4096  # JSON/base64 overhead
+        self.window: asyncio.Queue[tuple[int, Awaitable[PublishAck] | BrokerError] | None] = (
+            asyncio.Queue(_STREAM_WINDOW)
+        )
+        self.index = 0
+        self.broken = False  # the client stopped reading; keep draining, stop writing
+
+    async def run(self, receive: Receive) -> None:
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
+        writer = asyncio.create_task(self._write_acks())
+        try:
+            await self._read_records(receive)
+        finally:
+            await self.window.put(None)
+            await writer
+        if not self.broken:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _read_records(self, receive: Receive) -> None:
+        buffer = b""
+        skipping = False  # inside an oversized line: drop bytes up to its newline
+        async for chunk in body_chunks(receive):
+            if self.broken:
+                return
+            buffer += chunk
+            while (cut := buffer.find(b"\n")) >= 0:
+                line, buffer = buffer[:cut], buffer[cut + 1 :]
+                if skipping:
+                    skipping = False
+                elif line.strip():
+                    await self._submit(line)
+            if skipping:
+                buffer = b""
+            elif len(buffer) > self.line_limit:
+                await self._submit(PayloadTooLarge(f"record exceeds {self.line_limit} bytes"))
+                buffer, skipping = b"", True
+        if buffer.strip() and not skipping:
+            await self._submit(buffer)
+
+    async def _submit(self, line: bytes | BrokerError) -> None:
+        pending: Awaitable[PublishAck] | BrokerError
+        try:
+            if isinstance(line, BrokerError):
+                raise line
+            record = orjson.loads(line)
+            request = record_to_request(record, default_subject=self.default_subject)
+            pending = await self.state.publisher.submit(request.to_outbound(self.state.tenant))
+        except orjson.JSONDecodeError as e:
+            pending = BadRequest(f"record is not valid JSON: {e}")
+        except BrokerError as e:
+            pending = e
+        await self.window.put((self.index, pending))
+        self.index += 1
+
+    async def _write_acks(self) -> None:
+        # Keeps draining the window after the client went away, so the reader never blocks.
+        while (item := await self.window.get()) is not None:
+            index, pending = item
+            result = await _settle(pending)
+            if self.broken:
+                continue
+            line = orjson.dumps({"index": index, **result}) + b"\n"
+            try:
+                await self.send({"type": "http.response.body", "body": line, "more_body": True})
+            except Exception:  # the client is gone; nothing more to tell it
+                self.broken = True

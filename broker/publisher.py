@@ -1,0 +1,238 @@
+"""The append path: one NATS connection per process and JetStream publishes with acks.
+
+:class:`Publisher` owns the connection (connecting in the background, so a process can start
+before NATS is reachable and recover when it returns), appends :class:`~broker.envelope.Outbound`
+messages with pipelined acks, and maps every nats-py error to the broker's error tree once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from broker.envelope import Outbound
+from broker.errors import (
+    BrokerError,
+    PayloadTooLarge,
+    PublishTimeout,
+    SequenceConflict,
+    Unavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+#: JetStream API error codes the broker answers specifically.
+_JS_WRONG_LAST_SEQUENCE = 10071
+_JS_MESSAGE_TOO_LARGE = 10054
+_JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    """Where an appended message landed. ``duplicate`` means an earlier publish with the
+    same idempotency key already stored it, at ``seq``."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"stream": self.stream, "seq": self.seq, "duplicate": self.duplicate}
+
+
+def map_nats_error(exc: BaseException, *, subject: str = "") -> BrokerError:
+    """The broker error for a failed JetStream publish (the one place nats-py errors map)."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, nats.js.errors.APIError):
+        code = exc.err_code or 0
+        if code == _JS_WRONG_LAST_SEQUENCE:
+            return SequenceConflict(
+                f"subject {subject} is not at the expected last sequence: {exc.description}"
+            )
+        if code == _JS_MESSAGE_TOO_LARGE:
+            return PayloadTooLarge(f"message is larger than the stream allows: {exc.description}")
+        if code in _JS_UNAVAILABLE_CODES or (exc.code or 0) == 503:
+            return Unavailable(f"JetStream cannot take the write now: {exc.description}")
+        return BrokerError(f"JetStream refused the write: {exc.description} (code {code})")
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return Unavailable(f"no JetStream stream answered for {subject}")
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLarge("message is larger than the NATS server's max_payload")
+    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+        return PublishTimeout(
+            "no acknowledgement from JetStream in time; the message may be stored: "
+            "retry with the same Idempotency-Key"
+        )
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.OutboundBufferLimitError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.TooManyStalledMsgsError
+        | ConnectionError,
+    ):
+        return Unavailable(f"NATS connection unavailable: {type(exc).__name__}")
+    return BrokerError(f"unexpected publish failure: {type(exc).__name__}")
+
+
+def _to_ack(ack: PubAck) -> PublishAck:
+    return PublishAck(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
+class Publisher:
+    """A process's NATS connection and JetStream append path."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        name: str = "broker",
+        publish_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        max_pending: int = 16_384,
+    ) -> None:
+        self._servers = servers
+        self._name = name
+        self._publish_timeout = publish_timeout
+        self._connect_timeout = connect_timeout
+        self._max_pending = max_pending
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    # --- connection lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background; :meth:`wait_connected` waits for it."""
+        if self._connector is None:
+            self._connector = asyncio.create_task(self._connect_loop(), name="nats-connect")
+
+    async def _connect_loop(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=self._servers,
+                    name=self._name,
+                    connect_timeout=self._connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+            except Exception as e:  # every connect failure is retried: NATS may come later
+                log.warning("nats_connect_failed", servers=self._servers, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._nc = nc
+            self._js = nc.jetstream(
+                timeout=self._publish_timeout, publish_async_max_pending=self._max_pending
+            )
+            self._connected.set()
+            log.info(
+                "nats_connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+            )
+            return
+
+    async def _on_disconnected(self) -> None:
+        log.warning("nats_disconnected")
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats_reconnected")
+
+    async def _on_error(self, e: Exception) -> None:
+        log.warning("nats_error", error=str(e) or type(e).__name__)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until the first connection is made; ``False`` on timeout."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Flush what is pending and close; stop trying to connect."""
+        if self._connector is not None and not self._connector.done():
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connector
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context; :class:`Unavailable` until connected."""
+        if self._js is None:
+            raise Unavailable("not connected to NATS yet")
+        return self._js
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise Unavailable("not connected to NATS yet")
+        return self._nc
+
+    @property
+    def server_version(self) -> str | None:
+        """Version of the connected NATS server, from its INFO."""
+        if self._nc is None or not self._nc.is_connected:
+            return None
+        version = self._nc._server_info.get("version")
+        return str(version) if version else None
+
+    @property
+    def max_payload(self) -> int:
+        return self._nc.max_payload if self._nc is not None else 0
+
+    # --- the append path -------------------------------------------------------------
+
+    async def submit(self, out: Outbound) -> Awaitable[PublishAck]:
+        """Send one message and return an awaitable of its ack, without waiting for it.
+
+        Many submits in a row share the connection's round trips (pipelined acks); the
+        awaitable raises a :class:`BrokerError`.
+        """
+        if self._nc is None or not self._nc.is_connected or self._js is None:
+            raise Unavailable("NATS is not connected")
+        try:
+            future = await self._js.publish_async(
+                out.subject, out.payload, headers=out.headers, wait_stall=self._publish_timeout
+            )
+        except Exception as e:
+            raise map_nats_error(e, subject=out.subject) from e
+        return self._await_ack(future, out.subject)
+
+    async def _await_ack(self, future: asyncio.Future[PubAck], subject: str) -> PublishAck:
+        try:
+            ack = await asyncio.wait_for(future, self._publish_timeout)
+        except Exception as e:
+            raise map_nats_error(e, subject=subject) from e
+        return _to_ack(ack)
+
+    async def publish(self, out: Outbound) -> PublishAck:
+        """Append one message and wait for its ack."""
+        return await (await self.submit(out))

@@ -1,0 +1,136 @@
+"""``broker serve``: embedded NATS (or an external one), stream provisioning, granian.
+
+The main process owns the embedded nats-server (a child that dies with it, even on
+SIGKILL) and granian's supervisor; granian's worker processes run
+:class:`broker.http.app.BrokerApp` and read their settings from ``BROKER_*`` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import nats
+import nats.errors
+import structlog
+
+from broker.errors import BrokerError
+from broker.settings import Settings
+from broker.streams import provision
+
+if TYPE_CHECKING:
+    from broker.embedded import NatsServer
+
+log = structlog.get_logger(__name__)
+
+
+async def provision_streams(settings: Settings, *, update: bool = False) -> None:
+    """Connect once and create/check every broker stream and bucket."""
+    assert settings.nats_url is not None
+    nc = await nats.connect(
+        servers=settings.nats_url.split(","),
+        name="broker-provision",
+        connect_timeout=settings.nats_connect_timeout,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+    )
+    try:
+        report = await provision(nc.jetstream(timeout=10.0), settings, update=update)
+    finally:
+        await nc.close()
+    log.info(
+        "streams_provisioned",
+        created=report.created,
+        updated=report.updated,
+        unchanged=report.unchanged,
+    )
+
+
+def banner(settings: Settings) -> str:
+    scheme = "https" if settings.tls_cert else "http"
+    base = f"{scheme}://{settings.host}:{settings.port}"
+    h2 = "--http2" if settings.tls_cert else "--http2-prior-knowledge"
+    return (
+        f"\nbroker ready on {base} (NATS {settings.nats_url})\n"
+        "publish a message:\n"
+        f"  curl {h2} -H 'Content-Type: application/json' "
+        f'-d \'{{"hello": "world"}}\' {base}/v1/publish/demo.greetings\n'
+        f"API: {base}/openapi.json   health: {base}/readyz\n"
+    )
+
+
+def _run_granian(settings: Settings) -> None:
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP2Settings
+
+    Granian(
+        "broker.http.app:create_app",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http=HTTPModes.auto,
+        websockets=False,
+        http2_settings=HTTP2Settings(
+            max_headers_size=settings.max_header_list_bytes,
+            max_concurrent_streams=settings.max_concurrent_streams,
+        ),
+        ssl_cert=settings.tls_cert,
+        ssl_key=settings.tls_key,
+        log_access=False,
+        respawn_failed_workers=True,
+    ).serve()
+
+
+def run_broker(
+    settings: Settings,
+    *,
+    update_streams: bool = False,
+    env: Callable[[Settings], dict[str, str]],
+) -> int:
+    """Run until SIGINT/SIGTERM; returns the process exit code."""
+    import broker
+
+    embedded: NatsServer | None = None
+    try:
+        if settings.nats_url is None:
+            from broker.embedded import NatsServer, ServerSpec
+
+            store = settings.data_dir.resolve() / "nats"
+            store.mkdir(parents=True, exist_ok=True)
+            embedded = NatsServer(ServerSpec(store_dir=store, port=settings.nats_port)).start()
+            settings = settings.model_copy(update={"nats_url": embedded.url})
+            log.info("embedded_nats_started", url=embedded.url, store_dir=str(store))
+        asyncio.run(provision_streams(settings, update=update_streams))
+    except BrokerError as e:
+        log.error("broker_start_failed", error_code=e.error_code, message=e.message)
+        if embedded is not None:
+            embedded.stop()
+        return 4
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        log.error("broker_start_failed", error=str(e) or type(e).__name__)
+        if embedded is not None:
+            embedded.stop()
+        return 4
+    os.environ.update(env(settings))
+    log.info(
+        "broker_starting",
+        version=broker.__version__,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        nats_url=settings.nats_url,
+    )
+    print(banner(settings), file=sys.stderr, flush=True)
+    try:
+        _run_granian(settings)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded_nats_stopped")
+    return 0

@@ -1,0 +1,60 @@
+"""All configuration in one place: a ``pydantic-settings`` class read from ``BROKER_*``.
+
+`broker serve` turns its command-line options into these environment variables before
+granian starts its workers, so every worker process reads the same settings.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Broker settings; every field can be set as ``BROKER_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+
+    # --- NATS -----------------------------------------------------------------------
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS URL(s), comma-separated. Unset: start an embedded server.",
+    )
+    nats_port: int = Field(default=0, ge=0, le=65535, description="Embedded server port; 0 = free.")
+    data_dir: Path = Field(default=Path(".broker"), description="Embedded server storage.")
+    nats_connect_timeout: float = Field(default=5.0, gt=0)
+    publish_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for a PubAck.")
+
+    # --- streams --------------------------------------------------------------------
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    messages_max_age_seconds: float = Field(
+        default=0.0, ge=0, description="0 keeps messages forever."
+    )
+    messages_max_bytes: int = Field(default=-1, ge=-1, description="-1 = unlimited.")
+    agent_load_ttl_seconds: float = Field(default=15.0, gt=0)
+
+    # --- HTTP ingress ---------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tenant: str = Field(default="default", description="Tenant until authentication binds one.")
+    max_message_bytes: int = Field(default=1 * MIB, gt=0, description="Largest single payload.")
+    max_batch_bytes: int = Field(default=16 * MIB, gt=0, description="Largest batch request body.")
+    max_batch_records: int = Field(default=10_000, gt=0)
+    max_header_list_bytes: int = Field(default=64 * 1024, gt=1024)
+    max_concurrent_streams: int = Field(default=256, gt=0)
+    retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

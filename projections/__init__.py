@@ -1,0 +1,1 @@
+"""Projection workers: turn streams into state."""
