@@ -1,0 +1,133 @@
+"""Run ``broker serve`` as a user does: a real process, a real port, real HTTP/2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class BrokerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    scheme: str = "http"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 45.0, *, verify: str | bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(http2=True, http1=self.scheme == "https", verify=verify, timeout=2) as c:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"broker exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    if c.get(f"{self.base_url}/readyz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"broker not ready within {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_broker(
+    workdir: Path,
+    *,
+    nats_url: str | None = None,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    scheme: str = "http",
+    wait: bool = True,
+) -> BrokerProcess:
+    """Start ``python -m broker serve`` on a free port; waits for /readyz unless told not to."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "broker",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(workdir / "data"),
+        *args,
+    ]
+    if nats_url:
+        cmd += ["--nats-url", nats_url]
+    log_path = workdir / f"broker-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    full_env.update({"BROKER_LOG_FORMAT": "json", **(env or {})})
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    broker = BrokerProcess(proc, port, log_path, scheme)
+    if wait:
+        broker.wait_ready()
+    return broker

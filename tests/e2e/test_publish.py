@@ -1,0 +1,317 @@
+"""Publishing over real HTTP/2 to a real granian process appends exactly what was sent."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import httpx
+import orjson
+import pytest
+from nats.js import JetStreamContext
+
+from tests.e2e._broker import BrokerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+async def subject_count(js: JetStreamContext, subject: str) -> int:
+    info = await js.stream_info("MESSAGES", subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_publish_stores_exact_bytes_and_headers(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique()
+    payload = bytes(range(256)) * 4
+    r = await client.post(
+        f"/v1/publish/{subject}",
+        content=payload,
+        headers={"content-type": "application/octet-stream", "schema-id": "42"},
+    )
+    assert r.http_version == "HTTP/2"
+    assert r.status_code == 200, r.text
+    ack = r.json()
+    assert ack["stream"] == "MESSAGES"
+    assert ack["duplicate"] is False
+    stored = await js.get_msg("MESSAGES", ack["seq"])
+    assert stored.subject == f"msg.default.{subject}"
+    assert stored.data == payload
+    assert stored.headers is not None
+    assert stored.headers["Content-Type"] == "application/octet-stream"
+    assert stored.headers["Broker-Schema-Id"] == "42"
+
+
+async def test_confluent_wire_prefix_is_recorded_as_schema_id(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    framed = b"\x00" + (77).to_bytes(4, "big") + b"\x02\x04avro"
+    r = await client.post(
+        f"/v1/publish/{unique()}", content=framed, headers={"content-type": "application/avro"}
+    )
+    stored = await js.get_msg("MESSAGES", r.json()["seq"])
+    assert stored.data == framed
+    assert stored.headers is not None
+    assert (stored.headers["Broker-Schema-Id"], stored.headers["Broker-Schema-Id-Source"]) == (
+        "77",
+        "wire",
+    )
+
+
+async def test_idempotent_retry_answers_the_original_sequence(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject, key = unique(), uuid.uuid4().hex
+    headers = {"content-type": "application/json", "idempotency-key": key}
+    first = (await client.post(f"/v1/publish/{subject}", content=b"{}", headers=headers)).json()
+    again = (await client.post(f"/v1/publish/{subject}", content=b"{}", headers=headers)).json()
+    assert again == {**first, "duplicate": True}
+    assert await subject_count(js, f"msg.default.{subject}") == 1
+
+
+async def test_expected_sequence_mismatch_is_409_and_stores_nothing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique()
+    url = f"/v1/publish/{subject}"
+    first = await client.post(
+        url,
+        content=b"1",
+        headers={"content-type": "text/plain", "expected-last-subject-sequence": "0"},
+    )
+    assert first.status_code == 200, first.text
+    stale = await client.post(
+        url,
+        content=b"2",
+        headers={"content-type": "text/plain", "expected-last-subject-sequence": "0"},
+    )
+    assert stale.status_code == 409
+    assert stale.json()["error_code"] == "sequence_conflict"
+    assert await subject_count(js, f"msg.default.{subject}") == 1
+    seq = str(first.json()["seq"])
+    ok = await client.post(
+        url,
+        content=b"3",
+        headers={"content-type": "text/plain", "expected-last-subject-sequence": seq},
+    )
+    assert ok.status_code == 200
+
+
+async def test_body_over_the_limit_is_413_declared_or_streamed(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique()
+    big = b"x" * (256 * 1024 + 1)
+    declared = await client.post(
+        f"/v1/publish/{subject}", content=big, headers={"content-type": "text/plain"}
+    )
+    assert declared.status_code == 413
+    assert declared.json()["error_code"] == "payload_too_large"
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(64):
+            yield b"y" * 8192
+
+    streamed = await client.post(
+        f"/v1/publish/{subject}", content=chunks(), headers={"content-type": "text/plain"}
+    )
+    assert streamed.status_code == 413
+    assert await subject_count(js, f"msg.default.{subject}") == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/v1/publish/a.*", {"content-type": "text/plain"}, 422, "invalid_subject"),
+        ("/v1/publish/a..b", {"content-type": "text/plain"}, 422, "invalid_subject"),
+        (
+            "/v1/publish/a",
+            {"content-type": "application/x-www-form-urlencoded"},
+            415,
+            "unsupported_media_type",
+        ),
+        ("/v1/publish/a", {"content-type": "text/plain", "schema-id": "abc"}, 422, "unprocessable"),
+        (
+            "/v1/publish/a",
+            {"content-type": "text/plain", "expected-last-subject-sequence": "-3"},
+            422,
+            "unprocessable",
+        ),
+        ("/v1/publish/a", {"content-type": "application/cloudevents+json"}, 400, "bad_request"),
+        (
+            "/v1/publish/a",
+            {"content-type": "text/plain", "ce-specversion": "1.0"},
+            422,
+            "unprocessable",
+        ),
+        ("/v1/publish", {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+        ("/v1/publish", {"content-type": "application/json"}, 400, "bad_request"),
+        ("/v1/publish?subject=a.>", {"content-type": "application/json"}, 422, "invalid_subject"),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    r = await client.post(path, content=b"not json at all", headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error_code"] == code
+    assert r.json()["message"]
+
+
+async def test_cloudevents_binary_mode_keeps_attributes_and_dedupes_on_ce_id(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject, event_id = unique("ce"), uuid.uuid4().hex
+    headers = {
+        "content-type": "application/json",
+        "ce-specversion": "1.0",
+        "ce-id": event_id,
+        "ce-source": "/sensors/7",
+        "ce-type": "com.acme.reading",
+    }
+    first = (
+        await client.post(f"/v1/publish/{subject}", content=b'{"t":1}', headers=headers)
+    ).json()
+    again = (
+        await client.post(f"/v1/publish/{subject}", content=b'{"t":1}', headers=headers)
+    ).json()
+    assert again["seq"] == first["seq"]
+    assert again["duplicate"] is True
+    stored = await js.get_msg("MESSAGES", first["seq"])
+    assert stored.headers is not None
+    assert stored.headers["ce-type"] == "com.acme.reading"
+    assert stored.headers["Nats-Msg-Id"] == event_id
+
+
+async def test_cloudevents_structured_mode_stores_data_as_binary_mode(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    event = {
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": "/cameras/1",
+        "type": "com.acme.frame",
+        "datacontenttype": "image/png",
+        "data_base64": base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(),
+    }
+    r = await client.post(
+        f"/v1/publish/{unique('ce')}",
+        content=orjson.dumps(event),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert r.status_code == 200, r.text
+    stored = await js.get_msg("MESSAGES", r.json()["seq"])
+    assert stored.data == b"\x89PNG\r\n\x1a\n"
+    assert stored.headers is not None
+    assert stored.headers["Content-Type"] == "image/png"
+    assert stored.headers["ce-source"] == "/cameras/1"
+
+
+async def test_batch_json_array_answers_one_result_per_record_in_order(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique("batch")
+    records = [{"subject": subject, "data": {"n": n}} for n in range(50)]
+    r = await client.post(
+        "/v1/publish", content=orjson.dumps(records), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    seqs = [result["seq"] for result in results]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 50
+    for n, seq in enumerate(seqs[:5]):
+        assert (await js.get_msg("MESSAGES", seq)).data == orjson.dumps({"n": n})
+
+
+async def test_batch_with_bad_records_is_207_and_stores_only_the_good(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique("batch")
+    body = b"\n".join(
+        [
+            orjson.dumps({"data": 1}),
+            orjson.dumps({"subject": "bad.*", "data": 2}),
+            b"{not json",
+            orjson.dumps({"data": 3, "content_type": "application/x-www-form-urlencoded"}),
+            orjson.dumps({"data_base64": "AAE="}),
+        ]
+    )
+    r = await client.post(
+        f"/v1/publish?subject={subject}",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 207, r.text
+    codes = [result.get("error_code") for result in r.json()["results"]]
+    assert codes == [None, "invalid_subject", "bad_request", "unsupported_media_type", None]
+    assert await subject_count(js, f"msg.default.{subject}") == 2
+
+
+async def test_cloudevents_batch(client: httpx.AsyncClient, js: JetStreamContext) -> None:
+    subject = unique("ceb")
+    events = [
+        {
+            "specversion": "1.0",
+            "id": uuid.uuid4().hex,
+            "source": "/s",
+            "type": "t",
+            "data": {"i": i},
+        }
+        for i in range(3)
+    ]
+    r = await client.post(
+        f"/v1/publish?subject={subject}",
+        content=orjson.dumps(events),
+        headers={"content-type": "application/cloudevents-batch+json"},
+    )
+    assert r.status_code == 200, r.text
+    again = await client.post(
+        f"/v1/publish?subject={subject}",
+        content=orjson.dumps(events),
+        headers={"content-type": "application/cloudevents-batch+json"},
+    )
+    assert [x["duplicate"] for x in again.json()["results"]] == [True, True, True]
+    assert await subject_count(js, f"msg.default.{subject}") == 3
+
+
+async def test_batch_over_the_record_limit_is_413(client: httpx.AsyncClient) -> None:
+    body = b"\n".join(b'{"data":1}' for _ in range(10_001))
+    r = await client.post(
+        "/v1/publish?subject=a", content=body, headers={"content-type": "application/x-ndjson"}
+    )
+    assert r.status_code == 413
+
+
+async def test_http1_and_h2c_share_the_port(broker: BrokerProcess) -> None:
+    async with httpx.AsyncClient(base_url=broker.base_url, http1=True, http2=False) as h1:
+        r = await h1.post(
+            f"/v1/publish/{unique()}", content=b"x", headers={"content-type": "text/plain"}
+        )
+        assert r.http_version == "HTTP/1.1"
+        assert r.status_code == 200
+
+
+async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = (await client.get("/readyz")).json()
+    assert ready == {"ready": True, "nats_connected": True, "missing_streams": []}
+    version = (await client.get("/version")).json()
+    assert version["nats_server_version"]
+    assert version["version"]
+    document = (await client.get("/openapi.json")).json()
+    assert {"/v1/publish/{subject}", "/v1/publish", "/readyz"} <= set(document["paths"])
+
+
+async def test_unknown_paths_and_methods_answer_json_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error_code"] == "not_found"
+    wrong = await client.get("/v1/publish/a")
+    assert wrong.status_code == 405
+    assert wrong.json()["error_code"] == "method_not_allowed"

@@ -1,0 +1,223 @@
+"""``broker serve`` as a user runs it: embedded NATS, restarts, signals, TLS, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from broker.embedded import NatsServer, ServerSpec
+from nats.js.api import StreamConfig
+
+from tests._wait import wait_for
+from tests.e2e._broker import alive, children, start_broker
+
+pytestmark = pytest.mark.e2e
+
+
+def publish(base_url: str, subject: str, body: bytes = b"{}", **kw: object) -> httpx.Response:
+    with httpx.Client(http1=False, http2=True, timeout=15, **kw) as c:  # type: ignore[arg-type]
+        return c.post(
+            f"{base_url}/v1/publish/{subject}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+
+
+def test_embedded_nats_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    try:
+        descendants = children(broker.proc.pid)
+        assert descendants, "embedded nats-server and granian worker expected"
+        first = publish(broker.base_url, "orders.created").json()
+        assert first["seq"] == 1
+    finally:
+        assert broker.stop() == 0, broker.log_tail()
+    assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=10)
+    assert (tmp_path / "data" / "nats").is_dir()
+
+    again = start_broker(tmp_path)  # same data dir: the stream and its messages survive
+    try:
+        assert publish(again.base_url, "orders.created").json()["seq"] == 2
+    finally:
+        again.stop()
+
+
+def test_sigkill_of_the_broker_leaves_no_orphans(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path, args=("--workers", "2"))
+    descendants = children(broker.proc.pid)
+    assert len(descendants) >= 3, "nats-server + 2 workers expected"
+    assert publish(broker.base_url, "a").status_code == 200
+    broker.proc.send_signal(signal.SIGKILL)
+    broker.proc.wait(5)
+    assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=15), [
+        pid for pid in descendants if alive(pid)
+    ]
+
+
+def test_nats_outage_answers_503_then_recovers(tmp_path: Path) -> None:
+    server = NatsServer(ServerSpec(store_dir=tmp_path / "nats")).start()
+    broker = start_broker(tmp_path / "b", nats_url=server.url)
+    try:
+        assert publish(broker.base_url, "a").status_code == 200
+        server.stop()
+        down = publish(broker.base_url, "a")
+        assert down.status_code == 503
+        assert down.json()["error_code"] in {"nats_unavailable", "publish_timeout"}
+        assert int(down.headers["retry-after"]) >= 1
+        server.restart()
+
+        def recovered() -> bool:
+            return publish(broker.base_url, "a").status_code == 200
+
+        assert wait_for(recovered, timeout=30, interval=0.25)
+        with httpx.Client(http1=False, http2=True) as c:
+            assert c.get(f"{broker.base_url}/readyz").status_code in {200, 503}
+    finally:
+        broker.stop()
+        server.stop()
+
+
+def test_conflicting_stream_config_is_reported_at_start(tmp_path: Path) -> None:
+    server = NatsServer(ServerSpec(store_dir=tmp_path / "nats")).start()
+    try:
+
+        async def precreate() -> None:
+            nc = await nats.connect(server.url)
+            await nc.jetstream().add_stream(
+                StreamConfig(name="ROUTES", subjects=["route.>"], max_msgs=10)
+            )
+            await nc.close()
+
+        import asyncio
+
+        asyncio.run(precreate())
+        broker = start_broker(tmp_path / "b", nats_url=server.url, wait=False)
+        assert broker.proc.wait(30) == 4
+        log = broker.log_tail()
+        assert "stream_config_conflict" in log
+        assert "ROUTES" in log
+        assert "max_msgs" in log
+    finally:
+        server.stop()
+
+
+def test_tls_serves_http2_over_alpn(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    broker = start_broker(
+        tmp_path, args=("--tls-cert", str(cert), "--tls-key", str(key)), scheme="https", wait=False
+    )
+    try:
+        broker.wait_ready(verify=str(cert))
+        with httpx.Client(http2=True, verify=str(cert)) as c:
+            r = c.post(
+                f"{broker.base_url}/v1/publish/secure",
+                content=b"{}",
+                headers={"content-type": "application/json"},
+            )
+        assert r.http_version == "HTTP/2"
+        assert r.status_code == 200
+    finally:
+        broker.stop()
+
+
+def test_cli_publish_reads_stdin_and_prints_the_ack(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "publish",
+                "cli.test",
+                "-",
+                "--url",
+                broker.base_url,
+                "-t",
+                "application/json",
+                "--key",
+                "cli-1",
+            ],
+            input=b'{"x": 1}',
+            capture_output=True,
+            timeout=60,
+            env={**os.environ},
+        )
+        assert done.returncode == 0, done.stderr
+        assert b'"seq":1' in done.stdout
+        bad = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "publish",
+                "cli.test",
+                "-",
+                "--url",
+                broker.base_url,
+                "-t",
+                "application/x-www-form-urlencoded",
+            ],
+            input=b"a=1",
+            capture_output=True,
+            timeout=60,
+        )
+        assert bad.returncode == 1
+        assert b"unsupported_media_type" in bad.stdout
+    finally:
+        broker.stop()
+    unreachable = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "publish",
+            "x",
+            "-",
+            "--url",
+            f"http://127.0.0.1:{broker.port}",
+        ],
+        input=b"1",
+        capture_output=True,
+        timeout=60,
+    )
+    assert unreachable.returncode == 3
+
+
+def test_help_texts() -> None:
+    for args in (["--help"], ["serve", "--help"], ["publish", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", *args], capture_output=True, timeout=60
+        )
+        assert done.returncode == 0
+        assert b"Usage" in done.stdout

@@ -1,0 +1,73 @@
+"""Streaming publish: one HTTP/2 request, ack lines flowing back while records flow in."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+from nats.js import JetStreamContext
+
+from tests.e2e._broker import BrokerProcess
+from tests.e2e._h2duplex import DuplexStream
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_acks_arrive_while_the_request_body_still_flows(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    stream = DuplexStream(
+        "127.0.0.1",
+        broker.port,
+        f"/v1/publish?subject={subject}",
+        {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
+    )
+    try:
+        for i in range(20):
+            stream.send(orjson.dumps({"data": {"i": i}}) + b"\n")
+            # The ack for record i comes back before record i+1 is even sent.
+            stream.read_until(lambda s, n=i + 1: len(s.lines()) >= n)
+            assert not stream.ended
+        assert stream.status == 200
+        stream.send(b'{"subject": "bad.*"}\n{broken\n', end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert [a["index"] for a in acks] == list(range(22))
+    seqs = [a["seq"] for a in acks[:20]]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 20
+    assert acks[20]["error_code"] == "invalid_subject"
+    assert acks[21]["error_code"] == "bad_request"
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert sum((info.state.subjects or {}).values()) == 20
+    for i, seq in enumerate(seqs[:3]):
+        assert (await js.get_msg("MESSAGES", seq)).data == orjson.dumps({"i": i})
+
+
+async def test_an_oversized_streamed_line_fails_alone(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    stream = DuplexStream(
+        "127.0.0.1",
+        broker.port,
+        f"/v1/publish?subject={subject}",
+        {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
+    )
+    try:
+        stream.send(b'{"data": 1}\n')
+        huge = b'{"data": "' + b"z" * (600 * 1024) + b'"}\n'
+        for start in range(0, len(huge), 16384):
+            stream.send(huge[start : start + 16384])
+        stream.send(b'{"data": 2}\n', end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert [a.get("error_code") for a in acks] == [None, "payload_too_large", None]
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert sum((info.state.subjects or {}).values()) == 2

@@ -1,0 +1,271 @@
+"""The mapping from what a client sent to the stored JetStream message."""
+
+from __future__ import annotations
+
+import base64
+import string
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.envelope import (
+    CONTENT_TYPE,
+    NATS_EXPECTED_LAST_SUBJECT_SEQ,
+    NATS_MSG_ID,
+    SCHEMA_ID,
+    SCHEMA_ID_SOURCE,
+    PublishRequest,
+    Tenant,
+    ce_headers_from_http,
+    check_media_type,
+    cloudevent_to_request,
+    message_subject,
+    parse_schema_id,
+    parse_sequence,
+    record_to_request,
+    validate_subject,
+    wire_schema_id,
+)
+from broker.errors import InvalidSubject, Unprocessable, UnsupportedMediaType
+
+pytestmark = pytest.mark.unit
+
+TOKEN_CHARS = string.ascii_letters + string.digits + "_-"
+tokens = st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=20)
+T = Tenant("acme")
+
+
+@given(st.lists(tokens, min_size=1, max_size=12))
+def test_valid_subjects_are_namespaced_under_the_tenant(parts: list[str]) -> None:
+    subject = ".".join(parts)
+    assert message_subject(T, subject) == f"msg.acme.{subject}"
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "",
+        "a..b",
+        ".a",
+        "a.",
+        "a.*",
+        "a.>",
+        ">",
+        "a b",
+        "a\tb",
+        "ä",
+        "a/b",
+        "x" * 65,
+        "a." * 16 + "a",
+    ],
+)
+def test_invalid_subjects_are_refused(subject: str) -> None:
+    with pytest.raises(InvalidSubject):
+        validate_subject(subject)
+
+
+@given(st.text(max_size=300))
+def test_any_accepted_subject_is_safe_to_append(subject: str) -> None:
+    """Whatever is accepted can never contain wildcards, whitespace or empty tokens."""
+    try:
+        validate_subject(subject)
+    except InvalidSubject:
+        return
+    assert "*" not in subject
+    assert ">" not in subject
+    assert all(token for token in subject.split("."))
+    assert not any(c.isspace() for c in subject)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/plain",
+        "image/png",
+        "audio/wav",
+        "application/vnd.acme.order+json",
+        "application/avro",
+        "application/x-protobuf",
+        "application/msgpack",
+        "application/octet-stream",
+    ],
+)
+def test_accepted_media_types_are_stored_as_given(content_type: str) -> None:
+    assert check_media_type(content_type) == content_type
+
+
+def test_missing_content_type_is_stored_as_octet_stream() -> None:
+    assert check_media_type(None) == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "garbage", "a/", "/b"],
+)
+def test_unsupported_media_types_are_refused(content_type: str) -> None:
+    with pytest.raises(UnsupportedMediaType):
+        check_media_type(content_type)
+
+
+def test_wire_prefix_yields_schema_id_for_schema_typed_payloads() -> None:
+    framed = b"\x00" + (1234).to_bytes(4, "big") + b"payload"
+    assert wire_schema_id("application/avro", framed) == 1234
+    assert wire_schema_id("application/json", framed) == 1234
+    assert wire_schema_id("application/octet-stream", framed) is None
+    assert wire_schema_id("application/avro", b"\x00\x01") is None
+    assert wire_schema_id("application/avro", b"\x01" + framed[1:]) is None
+
+
+def test_headers_map_to_nats_headers() -> None:
+    out = PublishRequest(
+        subject="orders.created",
+        payload=b"\x00\x00\x00\x00\x07rest",
+        content_type="application/avro",
+        idempotency_key="k-1",
+        expected_last_subject_sequence=0,
+    ).to_outbound(T)
+    assert out.subject == "msg.acme.orders.created"
+    assert out.payload == b"\x00\x00\x00\x00\x07rest"
+    assert out.headers == {
+        CONTENT_TYPE: "application/avro",
+        SCHEMA_ID: "7",
+        SCHEMA_ID_SOURCE: "wire",
+        NATS_MSG_ID: "k-1",
+        NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
+    }
+
+
+def test_schema_id_header_disagreeing_with_wire_prefix_is_refused() -> None:
+    request = PublishRequest(
+        subject="a", payload=b"\x00\x00\x00\x00\x07", content_type="application/avro", schema_id=8
+    )
+    with pytest.raises(Unprocessable, match="disagrees"):
+        request.to_outbound(T)
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "2147483648", "1.5"])
+def test_bad_schema_ids_are_refused(value: str) -> None:
+    with pytest.raises(Unprocessable):
+        parse_schema_id(value)
+
+
+@pytest.mark.parametrize("value", ["x", "-1", str(2**64), "0x10"])
+def test_bad_sequences_are_refused(value: str) -> None:
+    with pytest.raises(Unprocessable):
+        parse_sequence(value, field="Expected-Last-Subject-Sequence")
+
+
+def test_header_values_with_control_characters_are_refused() -> None:
+    request = PublishRequest(
+        subject="a", payload=b"", content_type="text/plain", idempotency_key="a\nb"
+    )
+    with pytest.raises(Unprocessable):
+        request.to_outbound(T)
+
+
+CE = {"specversion": "1.0", "id": "e-1", "source": "/sensors/7", "type": "com.acme.reading"}
+
+
+def test_binary_mode_cloudevent_headers_are_kept() -> None:
+    headers = {f"ce-{k}": v for k, v in CE.items()} | {"content-type": "application/json"}
+    assert ce_headers_from_http(headers) == {f"ce-{k}": v for k, v in CE.items()}
+
+
+def test_binary_mode_cloudevent_without_required_attributes_is_refused() -> None:
+    with pytest.raises(Unprocessable, match="source"):
+        ce_headers_from_http({"ce-specversion": "1.0", "ce-id": "x", "ce-type": "t"})
+
+
+def test_plain_http_has_no_cloudevent() -> None:
+    assert ce_headers_from_http({"content-type": "application/json"}) is None
+
+
+def test_structured_cloudevent_becomes_binary_mode() -> None:
+    event = {**CE, "datacontenttype": "application/json", "data": {"t": 21.5}, "shard": 3}
+    request = cloudevent_to_request(event, subject="sensors.readings")
+    assert request.payload == orjson.dumps({"t": 21.5})
+    assert request.content_type == "application/json"
+    assert request.idempotency_key == "e-1"
+    assert request.extra_headers == {
+        "ce-specversion": "1.0",
+        "ce-id": "e-1",
+        "ce-source": "/sensors/7",
+        "ce-type": "com.acme.reading",
+        "ce-shard": "3",
+    }
+
+
+def test_structured_cloudevent_with_base64_data_stores_the_bytes() -> None:
+    event = {
+        **CE,
+        "datacontenttype": "image/png",
+        "data_base64": base64.b64encode(b"\x89PNG").decode(),
+    }
+    request = cloudevent_to_request(event, subject="images")
+    assert request.payload == b"\x89PNG"
+    assert request.content_type == "image/png"
+
+
+def test_structured_cloudevent_text_data_is_stored_as_text() -> None:
+    event = {**CE, "datacontenttype": "text/plain", "data": "hello"}
+    assert cloudevent_to_request(event, subject="t").payload == b"hello"
+
+
+def test_cloudevent_subject_falls_back_to_the_extension() -> None:
+    request = cloudevent_to_request({**CE, "brokersubject": "a.b"}, subject=None)
+    assert request.subject == "a.b"
+    with pytest.raises(Unprocessable, match="no subject"):
+        cloudevent_to_request(CE, subject=None)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        [],
+        {**CE, "specversion": "0.3"},
+        {k: v for k, v in CE.items() if k != "id"},
+        {**CE, "data": 1, "data_base64": "AA=="},
+        {**CE, "data_base64": "!!"},
+        {**CE, "Bad-Name": "x"},
+        {**CE, "nested": {"a": 1}},
+    ],
+)
+def test_invalid_cloudevents_are_refused(event: object) -> None:
+    with pytest.raises(Unprocessable):
+        cloudevent_to_request(event, subject="a")
+
+
+def test_batch_record_data_is_stored_as_compact_json() -> None:
+    request = record_to_request({"subject": "a", "data": {"x": [1, 2]}}, default_subject=None)
+    assert request.payload == b'{"x":[1,2]}'
+    assert request.content_type == "application/json"
+
+
+def test_batch_record_uses_default_subject_and_base64() -> None:
+    request = record_to_request({"data_base64": "AAE="}, default_subject="d.s")
+    assert (request.subject, request.payload, request.content_type) == (
+        "d.s",
+        b"\x00\x01",
+        "application/octet-stream",
+    )
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "x",
+        {"subject": 3},
+        {"subject": "a", "bogus": 1},
+        {"subject": "a", "schema_id": "x"},
+        {"subject": "a", "idempotency_key": 5},
+        {"subject": "a", "content_type": "application/x-www-form-urlencoded"},
+        {"subject": "a", "data": 1, "data_base64": "AA=="},
+    ],
+)
+def test_invalid_batch_records_are_refused(record: object) -> None:
+    with pytest.raises((Unprocessable, UnsupportedMediaType)):
+        record_to_request(record, default_subject=None)
