@@ -23,7 +23,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NewType
+from typing import Any, NewType, Protocol
 
 import orjson
 
@@ -409,7 +409,13 @@ def parse_json(body: bytes, *, what: str) -> Any:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
-def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+class HeaderLookup(Protocol):
+    """Anything with ``get`` by lower-case header name (a dict, granian's RSGI headers)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+def passthrough_headers(headers: HeaderLookup) -> dict[str, str] | None:
     """Trace context headers carried from HTTP into the stored message."""
-    found = {name: headers[name] for name in _PASSTHROUGH if name in headers}
+    found = {name: value for name in _PASSTHROUGH if (value := headers.get(name))}
     return found or None

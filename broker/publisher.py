@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import time
 from dataclasses import dataclass
 
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from broker.envelope import Outbound
 from broker.errors import (
@@ -87,10 +88,6 @@ def map_nats_error(exc: BaseException, *, subject: str = "") -> BrokerError:
     return BrokerError(f"unexpected publish failure: {type(exc).__name__}")
 
 
-def _to_ack(ack: PubAck) -> PublishAck:
-    return PublishAck(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
-
-
 class Publisher:
     """A process's NATS connection and JetStream append path."""
 
@@ -101,7 +98,7 @@ class Publisher:
         name: str = "broker",
         publish_timeout: float = 5.0,
         connect_timeout: float = 5.0,
-        max_pending: int = 16_384,
+        max_pending: int = 100_000,
     ) -> None:
         self._servers = servers
         self._name = name
@@ -112,6 +109,10 @@ class Publisher:
         self._js: JetStreamContext | None = None
         self._connector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._reply_prefix: str | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._counter = 0
+        self._sweeper: asyncio.Task[None] | None = None
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -143,9 +144,7 @@ class Publisher:
                 delay = min(delay * 2, 2.0)
                 continue
             self._nc = nc
-            self._js = nc.jetstream(
-                timeout=self._publish_timeout, publish_async_max_pending=self._max_pending
-            )
+            self._js = nc.jetstream(timeout=self._publish_timeout)
             self._connected.set()
             log.info(
                 "nats_connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
@@ -171,10 +170,11 @@ class Publisher:
 
     async def close(self) -> None:
         """Flush what is pending and close; stop trying to connect."""
-        if self._connector is not None and not self._connector.done():
-            self._connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connector
+        for task in (self._connector, self._sweeper):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -209,30 +209,93 @@ class Publisher:
         return self._nc.max_payload if self._nc is not None else 0
 
     # --- the append path -------------------------------------------------------------
+    #
+    # Acks are matched to publishes through one wildcard reply subscription and a dict of
+    # pending futures keyed by a counter, with one sweeper enforcing the ack timeout: no
+    # timer, task or random token per message (nats-py's publish_async makes all three, and
+    # they were a third of the ingress worker's profile).
 
-    async def submit(self, out: Outbound) -> Awaitable[PublishAck]:
-        """Send one message and return an awaitable of its ack, without waiting for it.
+    async def _ensure_reply_subscription(self, nc: NatsClient) -> str:
+        if self._reply_prefix is None:
+            prefix = f"{nc.new_inbox()}."
+            await nc.subscribe(f"{prefix}*", cb=self._on_ack)
+            self._reply_prefix = prefix
+            self._sweeper = asyncio.create_task(self._sweep(), name="publish-ack-sweeper")
+        return self._reply_prefix
 
-        Many submits in a row share the connection's round trips (pipelined acks); the
-        awaitable raises a :class:`BrokerError`.
+    async def submit(self, out: Outbound) -> asyncio.Future[PublishAck]:
+        """Send one message and return a future of its ack, without waiting for it.
+
+        Many submits in a row share the connection's round trips (pipelined acks). The
+        future fails with a :class:`BrokerError` (e.g. :class:`PublishTimeout`).
         """
-        if self._nc is None or not self._nc.is_connected or self._js is None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
             raise Unavailable("NATS is not connected")
+        if len(self._pending) >= self._max_pending:
+            raise Unavailable(f"{len(self._pending)} publishes already await their ack")
+        prefix = self._reply_prefix or await self._ensure_reply_subscription(nc)
+        self._counter += 1
+        token = str(self._counter)
+        future: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        self._pending[token] = _Pending(
+            future, time.monotonic() + self._publish_timeout, out.subject
+        )
         try:
-            future = await self._js.publish_async(
-                out.subject, out.payload, headers=out.headers, wait_stall=self._publish_timeout
-            )
+            await nc.publish(out.subject, out.payload, reply=prefix + token, headers=out.headers)
         except Exception as e:
+            self._pending.pop(token, None)
             raise map_nats_error(e, subject=out.subject) from e
-        return self._await_ack(future, out.subject)
+        return future
 
-    async def _await_ack(self, future: asyncio.Future[PubAck], subject: str) -> PublishAck:
+    async def _on_ack(self, msg: Msg) -> None:
+        assert self._reply_prefix is not None
+        pending = self._pending.pop(msg.subject[len(self._reply_prefix) :], None)
+        if pending is None or pending.future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            pending.future.set_exception(
+                Unavailable(f"no JetStream stream answered for {pending.subject}")
+            )
+            return
         try:
-            ack = await asyncio.wait_for(future, self._publish_timeout)
-        except Exception as e:
-            raise map_nats_error(e, subject=subject) from e
-        return _to_ack(ack)
+            reply = orjson.loads(msg.data)
+            if "error" in reply:
+                error = nats.js.errors.APIError.from_error(reply["error"])
+                pending.future.set_exception(map_nats_error(error, subject=pending.subject))
+            else:
+                pending.future.set_result(
+                    PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
+                )
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e}"))
+
+    async def _sweep(self) -> None:
+        """Fail publishes whose ack did not come within the publish timeout."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            # Insertion order is deadline order: every publish gets the same timeout.
+            while self._pending:
+                token, pending = next(iter(self._pending.items()))
+                if pending.deadline > now:
+                    break
+                del self._pending[token]
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        PublishTimeout(
+                            "no acknowledgement from JetStream in time; the message may be "
+                            "stored: retry with the same Idempotency-Key"
+                        )
+                    )
 
     async def publish(self, out: Outbound) -> PublishAck:
         """Append one message and wait for its ack."""
         return await (await self.submit(out))
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[PublishAck]
+    deadline: float
+    subject: str

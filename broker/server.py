@@ -70,7 +70,7 @@ def _run_granian(settings: Settings) -> None:
     Granian(
         "broker.http.app:create_app",
         factory=True,
-        interface=Interfaces.ASGI,
+        interface=Interfaces.RSGI,
         address=settings.host,
         port=settings.port,
         workers=settings.workers,

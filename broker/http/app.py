@@ -1,13 +1,14 @@
-"""The ingress ASGI application.
+"""The ingress application, served by granian over RSGI.
 
-A thin dispatcher in front of FastAPI: the publish hot paths go straight to raw-ASGI
-handlers (:mod:`broker.http.publish`); everything else (health, version, the OpenAPI
-document, later the registry APIs) is FastAPI. Errors from either side answer
-``{"error_code", "message"}``.
+A thin dispatcher: the publish hot paths go straight to RSGI handlers
+(:mod:`broker.http.publish`); everything else (health, version, the OpenAPI document, later
+the registry APIs) is a FastAPI app reached through a small RSGI-to-ASGI bridge. Errors from
+either side answer ``{"error_code", "message"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import signal
@@ -17,11 +18,14 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import broker
+from broker._process import die_with_parent
 from broker.errors import BrokerError, NotFound
-from broker.http._asgi import ClientDisconnected, Receive, Scope, Send, send_error, send_json
+from broker.http._asgi_bridge import call_asgi
+from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths
 from broker.http.publish import publish_batch, publish_one
@@ -125,7 +129,7 @@ def _meta_app(state: IngressState) -> FastAPI:
 
 
 class BrokerApp:
-    """The ASGI callable granian serves."""
+    """The RSGI application granian serves (``broker.http.app:create_app``, factory mode)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
@@ -139,62 +143,43 @@ class BrokerApp:
         self.state = IngressState(self.settings, self.publisher)
         self.meta = _meta_app(self.state)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            path: str = scope["path"]
-            if path.startswith("/v1/publish"):
-                await self._publish(scope, receive, send, path)
-                return
-            await self.meta(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        else:  # websockets are not served
-            await self.meta(scope, receive, send)
-
-    async def _publish(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+    async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
+        path = scope.path
         try:
-            if scope["method"] != "POST":
-                await send_json(
-                    send,
-                    405,
-                    {"error_code": "method_not_allowed", "message": "publish takes POST"},
-                    headers=[(b"allow", b"POST")],
-                )
-                return
-            if path in {"/v1/publish", "/v1/publish/"}:
-                await publish_batch(self.state, scope, receive, send)
-            elif path.startswith(_PUBLISH_PREFIX):
-                await publish_one(self.state, scope, receive, send, path[len(_PUBLISH_PREFIX) :])
+            if path.startswith("/v1/publish"):
+                await self._publish(scope, proto, path)
             else:
-                raise NotFound(f"no such path {path[:100]!r}")
+                await call_asgi(self.meta, scope, proto, body_limit=self.settings.max_message_bytes)
         except BrokerError as e:
             if e.status >= 500:
-                log.warning("publish_failed", error_code=e.error_code, message=e.message)
-            await send_error(send, e, retry_after=self.settings.retry_after_seconds)
-        except ClientDisconnected:
+                log.warning("request_failed", error_code=e.error_code, message=e.message)
+            respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
+        except (RSGIProtocolClosed, RSGIProtocolError):
             log.info("client_disconnected", path=path[:100])
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as e:
-                    log.exception("ingress_startup_failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(e)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _publish(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
+        if scope.method != "POST":
+            respond_json(
+                proto,
+                405,
+                {"error_code": "method_not_allowed", "message": "publish takes POST"},
+                [("allow", "POST")],
+            )
+        elif path in {"/v1/publish", "/v1/publish/"}:
+            await publish_batch(self.state, scope, proto)
+        elif path.startswith(_PUBLISH_PREFIX):
+            await publish_one(self.state, scope, proto, path[len(_PUBLISH_PREFIX) :])
+        else:
+            raise NotFound(f"no such path {path[:100]!r}")
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.startup())
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.shutdown())
 
     async def startup(self) -> None:
         """Die with the parent (no orphaned workers) and start connecting to NATS."""
-        from broker._process import die_with_parent
-
         die_with_parent(signal.SIGTERM)
         self.publisher.start()
         if not await self.publisher.wait_connected(self.settings.nats_connect_timeout):

@@ -35,14 +35,13 @@ from broker.envelope import (
     validate_subject,
 )
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, UnsupportedMediaType
-from broker.http._asgi import (
-    Receive,
+from broker.http._rsgi import (
+    NDJSON,
+    HTTPProtocol,
     Scope,
-    Send,
-    body_chunks,
+    StreamTransport,
     read_body,
-    request_headers,
-    send_json,
+    respond_json,
 )
 from broker.http.state import IngressState
 from broker.publisher import PublishAck
@@ -54,14 +53,12 @@ _BATCH_TYPES = frozenset({"application/json", CLOUDEVENTS_BATCH, *NDJSON_TYPES})
 _STREAM_WINDOW = 1024
 
 
-async def publish_one(
-    state: IngressState, scope: Scope, receive: Receive, send: Send, subject: str
-) -> None:
+async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subject: str) -> None:
     """``POST /v1/publish/{subject}``: append the body as sent; answer after the PubAck."""
-    headers = request_headers(scope)
+    headers = scope.headers
     validate_subject(subject)
     content_type = headers.get(H_CONTENT_TYPE)
-    body = await read_body(receive, headers, state.settings.max_message_bytes)
+    body = await read_body(proto, headers, state.settings.max_message_bytes)
     key = headers.get(H_IDEMPOTENCY_KEY)
     if media_type(content_type) == CLOUDEVENTS_JSON:
         event = parse_json(body, what="the structured CloudEvent")
@@ -70,7 +67,7 @@ async def publish_one(
         if trace:
             request = _with_headers(request, trace)
     else:
-        ce = ce_headers_from_http(headers)
+        ce = ce_headers_from_http(dict(headers.items())) if "ce-specversion" in headers else None
         trace = passthrough_headers(headers)
         extra = {**ce, **trace} if ce and trace else (ce or trace)
         request = PublishRequest(
@@ -86,7 +83,7 @@ async def publish_one(
             extra_headers=extra,
         )
     ack = await state.publisher.publish(request.to_outbound(state.tenant))
-    await send_json(send, 200, ack.to_dict())
+    respond_json(proto, 200, ack.to_dict())
 
 
 def _with_headers(request: PublishRequest, headers: dict[str, str]) -> PublishRequest:
@@ -113,8 +110,7 @@ def _batch_kind(content_type: str | None) -> str:
 
 
 def _query_subject(scope: Scope) -> str | None:
-    query = scope.get("query_string", b"").decode("latin-1")
-    for part in query.split("&"):
+    for part in scope.query_string.split("&"):
         name, _, value = part.partition("=")
         if name == "subject" and value:
             return validate_subject(unquote(value))
@@ -136,19 +132,19 @@ async def _settle(pending: Awaitable[PublishAck] | BrokerError) -> dict[str, Any
         return e.to_dict()
 
 
-async def publish_batch(state: IngressState, scope: Scope, receive: Receive, send: Send) -> None:
+async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) -> None:
     """``POST /v1/publish``: many records, one result each, in order; acks pipelined.
 
     With ``Accept: application/x-ndjson`` and an NDJSON body the exchange streams: records
     are appended as their lines arrive and one ack line goes back per record as it is acked.
     """
-    headers = request_headers(scope)
+    headers = scope.headers
     kind = _batch_kind(headers.get(H_CONTENT_TYPE))
     default_subject = _query_subject(scope)
     if kind == "ndjson" and media_type(headers.get("accept")) in NDJSON_TYPES:
-        await _DuplexPublish(state, send, default_subject).run(receive)
+        await _DuplexPublish(state, default_subject).run(proto)
         return
-    body = await read_body(receive, headers, state.settings.max_batch_bytes)
+    body = await read_body(proto, headers, state.settings.max_batch_bytes)
     records = _parse_batch(kind, body, state.settings.max_batch_records)
     pending: list[Awaitable[PublishAck] | BrokerError] = []
     for record in records:
@@ -162,7 +158,7 @@ async def publish_batch(state: IngressState, scope: Scope, receive: Receive, sen
     results = [await _settle(p) for p in pending]
     failed = sum(1 for r in results if "error_code" in r)
     log.debug("batch_published", records=len(results), failed=failed)
-    await send_json(send, 207 if failed else 200, {"results": results})
+    respond_json(proto, 207 if failed else 200, {"results": results})
 
 
 def _parse_batch(kind: str, body: bytes, max_records: int) -> list[Any]:
@@ -190,9 +186,8 @@ class _DuplexPublish:
     """Full-duplex NDJSON: records are appended as their lines arrive and ack lines are
     written back, in order, while the request body still flows."""
 
-    def __init__(self, state: IngressState, send: Send, default_subject: str | None) -> None:
+    def __init__(self, state: IngressState, default_subject: str | None) -> None:
         self.state = state
-        self.send = send
         self.default_subject = default_subject
         self.line_limit = state.settings.max_message_bytes * 2 + 4096  # JSON/base64 overhead
         self.window: asyncio.Queue[tuple[int, Awaitable[PublishAck] | BrokerError] | None] = (
@@ -201,27 +196,19 @@ class _DuplexPublish:
         self.index = 0
         self.broken = False  # the client stopped reading; keep draining, stop writing
 
-    async def run(self, receive: Receive) -> None:
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/x-ndjson")],
-            }
-        )
-        writer = asyncio.create_task(self._write_acks())
+    async def run(self, proto: HTTPProtocol) -> None:
+        transport = proto.response_stream(200, [("content-type", NDJSON)])
+        writer = asyncio.create_task(self._write_acks(transport))
         try:
-            await self._read_records(receive)
+            await self._read_records(proto)
         finally:
             await self.window.put(None)
             await writer
-        if not self.broken:
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _read_records(self, receive: Receive) -> None:
+    async def _read_records(self, proto: HTTPProtocol) -> None:
         buffer = b""
         skipping = False  # inside an oversized line: drop bytes up to its newline
-        async for chunk in body_chunks(receive):
+        async for chunk in proto:
             if self.broken:
                 return
             buffer += chunk
@@ -254,7 +241,7 @@ class _DuplexPublish:
         await self.window.put((self.index, pending))
         self.index += 1
 
-    async def _write_acks(self) -> None:
+    async def _write_acks(self, transport: StreamTransport) -> None:
         # Keeps draining the window after the client went away, so the reader never blocks.
         while (item := await self.window.get()) is not None:
             index, pending = item
@@ -263,6 +250,6 @@ class _DuplexPublish:
                 continue
             line = orjson.dumps({"index": index, **result}) + b"\n"
             try:
-                await self.send({"type": "http.response.body", "body": line, "more_body": True})
+                await transport.send_bytes(line)
             except Exception:  # the client is gone; nothing more to tell it
                 self.broken = True
