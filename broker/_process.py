@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import os
 import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# Resolved once at import: a preexec_fn runs between fork and exec, where looking a
+# library up (ctypes.util.find_library spawns processes) is neither safe nor cheap.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies.
 
     Linux only (``prctl(PR_SET_PDEATHSIG)``); returns whether it took effect. It is what keeps
-    an embedded nats-server or an ingress worker from outliving a SIGKILLed broker.
+    an embedded nats-server or an ingress worker from outliving a SIGKILLed broker. If the
+    parent already died before the call, the signal is sent at once.
     """
-    if not sys.platform.startswith("linux"):
+    if _prctl is None:
         return False
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    parent = os.getppid()
+    if int(_prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) != 0:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+    if parent == 1 or os.getppid() != parent:  # orphaned before the prctl took effect
+        os.kill(os.getpid(), sig)
+    return True

@@ -51,21 +51,25 @@ class PublishAck:
         return {"stream": self.stream, "seq": self.seq, "duplicate": self.duplicate}
 
 
+def jetstream_error(status: int, err_code: int, description: str, subject: str) -> BrokerError:
+    """The broker error for a JetStream API error reply (``{"code", "err_code", ...}``)."""
+    if err_code == _JS_WRONG_LAST_SEQUENCE:
+        return SequenceConflict(
+            f"subject {subject} is not at the expected last sequence: {description}"
+        )
+    if err_code == _JS_MESSAGE_TOO_LARGE:
+        return PayloadTooLarge(f"message is larger than the stream allows: {description}")
+    if err_code in _JS_UNAVAILABLE_CODES or status == 503:
+        return Unavailable(f"JetStream cannot take the write now: {description}")
+    return BrokerError(f"JetStream refused the write: {description} (code {err_code})")
+
+
 def map_nats_error(exc: BaseException, *, subject: str = "") -> BrokerError:
     """The broker error for a failed JetStream publish (the one place nats-py errors map)."""
     if isinstance(exc, BrokerError):
         return exc
     if isinstance(exc, nats.js.errors.APIError):
-        code = exc.err_code or 0
-        if code == _JS_WRONG_LAST_SEQUENCE:
-            return SequenceConflict(
-                f"subject {subject} is not at the expected last sequence: {exc.description}"
-            )
-        if code == _JS_MESSAGE_TOO_LARGE:
-            return PayloadTooLarge(f"message is larger than the stream allows: {exc.description}")
-        if code in _JS_UNAVAILABLE_CODES or (exc.code or 0) == 503:
-            return Unavailable(f"JetStream cannot take the write now: {exc.description}")
-        return BrokerError(f"JetStream refused the write: {exc.description} (code {code})")
+        return jetstream_error(exc.code or 0, exc.err_code or 0, exc.description or "", subject)
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
         return Unavailable(f"no JetStream stream answered for {subject}")
     if isinstance(exc, nats.errors.MaxPayloadError):
@@ -261,14 +265,21 @@ class Publisher:
         try:
             reply = orjson.loads(msg.data)
             if "error" in reply:
-                error = nats.js.errors.APIError.from_error(reply["error"])
-                pending.future.set_exception(map_nats_error(error, subject=pending.subject))
+                error = reply["error"]
+                pending.future.set_exception(
+                    jetstream_error(
+                        int(error.get("code", 0)),
+                        int(error.get("err_code", 0)),
+                        str(error.get("description", "")),
+                        pending.subject,
+                    )
+                )
             else:
                 pending.future.set_result(
                     PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
                 )
-        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-            pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e}"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
 
     async def _sweep(self) -> None:
         """Fail publishes whose ack did not come within the publish timeout."""

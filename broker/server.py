@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -87,6 +88,22 @@ def _run_granian(settings: Settings) -> None:
     ).serve()
 
 
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the ingress could not bind ``host:port``, checked before anything starts."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot resolve --host {host}: {e}"
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+    return None
+
+
 def run_broker(
     settings: Settings,
     *,
@@ -97,6 +114,9 @@ def run_broker(
     import broker
 
     embedded: NatsServer | None = None
+    if problem := _port_problem(settings.host, settings.port):
+        log.error("broker_start_failed", message=problem)
+        return 4
     try:
         if settings.nats_url is None:
             from broker.embedded import NatsServer, ServerSpec

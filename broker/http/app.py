@@ -9,6 +9,7 @@ either side answer ``{"error_code", "message"}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -173,6 +174,12 @@ class BrokerApp:
             raise NotFound(f"no such path {path[:100]!r}")
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Ctrl-C reaches the whole process group; granian's supervisor then stops each worker
+        # with SIGTERM. A worker that also handles the SIGINT itself gets two stop signals at
+        # once, which was seen to deadlock granian's worker shutdown.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.run_until_complete(self.startup())
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -68,7 +69,7 @@ class BrokerProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 45.0, *, verify: str | bool = True) -> None:
+    def wait_ready(self, timeout: float = 45.0, *, verify: ssl.SSLContext | bool = True) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(http2=True, http1=self.scheme == "https", verify=verify, timeout=2) as c:
             while time.monotonic() < deadline:

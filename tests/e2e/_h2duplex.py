@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -31,31 +32,45 @@ class DuplexStream:
         self.ended = False
 
     def send(self, data: bytes, *, end: bool = False) -> None:
-        self.conn.send_data(self.stream_id, data, end_stream=end)
-        self.sock.sendall(self.conn.data_to_send())
+        """Send ``data`` within HTTP/2 flow control, reading the peer's window updates."""
+        view = memoryview(data)
+        while view and not self.ended:
+            window = min(
+                self.conn.local_flow_control_window(self.stream_id),
+                self.conn.max_outbound_frame_size,
+            )
+            if window <= 0:
+                self._pump()
+                continue
+            self.conn.send_data(self.stream_id, bytes(view[:window]))
+            self.sock.sendall(self.conn.data_to_send())
+            view = view[window:]
+        if end:
+            self.end()
 
     def end(self) -> None:
         self.conn.end_stream(self.stream_id)
         self.sock.sendall(self.conn.data_to_send())
 
-    def read_until(self, predicate: object) -> None:
+    def read_until(self, predicate: Callable[[DuplexStream], bool]) -> None:
         """Read frames until ``predicate(self)`` holds or the stream ends."""
-        assert callable(predicate)
         while not predicate(self) and not self.ended:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            for event in self.conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    self.status = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    self.body += event.data
-                    self.conn.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id
-                    )
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    self.ended = True
-            self.sock.sendall(self.conn.data_to_send())
+            self._pump()
+
+    def _pump(self) -> None:
+        """Read once from the socket and process what arrived."""
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                self.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                self.ended = True
+        self.sock.sendall(self.conn.data_to_send())
 
     def lines(self) -> list[bytes]:
         return [line for line in self.body.split(b"\n") if line]

@@ -9,9 +9,9 @@ import httpx
 import nats
 import pytest
 import pytest_asyncio
-from broker.embedded import NatsServer, ServerSpec
 from nats.js import JetStreamContext
 
+from broker.embedded import NatsServer, ServerSpec
 from tests.e2e._broker import BrokerProcess, start_broker
 
 #: Small limits make the 413 tests cheap.

@@ -11,6 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.e2e._broker import BrokerProcess
+from tests.e2e._h2duplex import DuplexStream
 
 pytestmark = pytest.mark.e2e
 
@@ -102,25 +103,44 @@ async def test_expected_sequence_mismatch_is_409_and_stores_nothing(
     assert ok.status_code == 200
 
 
-async def test_body_over_the_limit_is_413_declared_or_streamed(
-    client: httpx.AsyncClient, js: JetStreamContext
+async def test_declared_body_over_the_limit_is_413_before_any_byte_is_read(
+    broker: BrokerProcess, js: JetStreamContext
 ) -> None:
     subject = unique()
-    big = b"x" * (256 * 1024 + 1)
-    declared = await client.post(
-        f"/v1/publish/{subject}", content=big, headers={"content-type": "text/plain"}
+    stream = DuplexStream(
+        "127.0.0.1",
+        broker.port,
+        f"/v1/publish/{subject}",
+        {"content-type": "text/plain", "content-length": str(64 * 1024 * 1024)},
     )
-    assert declared.status_code == 413
-    assert declared.json()["error_code"] == "payload_too_large"
+    try:
+        stream.read_until(lambda s: s.ended)  # the answer comes with no body byte sent
+    finally:
+        stream.close()
+    assert stream.status == 413
+    assert orjson.loads(stream.body)["error_code"] == "payload_too_large"
+    assert await subject_count(js, f"msg.default.{subject}") == 0
 
-    async def chunks():  # no Content-Length: counted as it arrives
-        for _ in range(64):
-            yield b"y" * 8192
 
-    streamed = await client.post(
-        f"/v1/publish/{subject}", content=chunks(), headers={"content-type": "text/plain"}
+async def test_undeclared_body_over_the_limit_is_413_without_buffering_it_whole(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    subject = unique()
+    stream = DuplexStream(
+        "127.0.0.1", broker.port, f"/v1/publish/{subject}", {"content-type": "text/plain"}
     )
-    assert streamed.status_code == 413
+    sent, chunk = 0, b"y" * 16384
+    try:
+        while not stream.ended and sent < 64 * 1024 * 1024:
+            stream.send(chunk)
+            sent += len(chunk)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    assert stream.status == 413
+    # Refused once past the 256 KiB limit: what was sent is bounded by the limit plus the
+    # HTTP/2 flow-control window, nowhere near the 64 MiB the client was ready to send.
+    assert sent < 4 * 1024 * 1024
     assert await subject_count(js, f"msg.default.{subject}") == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from broker.embedded import NatsServer, ServerSpec
 from nats.js.api import StreamConfig
 
+from broker.embedded import NatsServer, ServerSpec
 from tests._wait import wait_for
 from tests.e2e._broker import alive, children, start_broker
 
@@ -137,8 +138,9 @@ def test_tls_serves_http2_over_alpn(tmp_path: Path) -> None:
         tmp_path, args=("--tls-cert", str(cert), "--tls-key", str(key)), scheme="https", wait=False
     )
     try:
-        broker.wait_ready(verify=str(cert))
-        with httpx.Client(http2=True, verify=str(cert)) as c:
+        trust = ssl.create_default_context(cafile=str(cert))
+        broker.wait_ready(verify=trust)
+        with httpx.Client(http2=True, verify=trust) as c:
             r = c.post(
                 f"{broker.base_url}/v1/publish/secure",
                 content=b"{}",
