@@ -35,6 +35,9 @@ MAX_SUBJECT_LENGTH = 255
 MAX_SUBJECT_TOKENS = 16
 MAX_HEADER_VALUE_LENGTH = 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Control characters other than tab: never allowed in a stored header value.
+CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
+_CONTROL = re.compile(CONTROL_CHARACTERS)
 
 # Inbound HTTP header names (lower case, as ASGI gives them).
 H_CONTENT_TYPE = "content-type"
@@ -154,7 +157,7 @@ def check_media_type(content_type: str | None) -> str:
 def _check_header_value(name: str, value: str) -> str:
     if len(value) > MAX_HEADER_VALUE_LENGTH:
         raise Unprocessable(f"{name} is longer than {MAX_HEADER_VALUE_LENGTH} characters")
-    if any(c in value for c in "\r\n\0"):
+    if _CONTROL.search(value):
         raise Unprocessable(f"{name} contains a control character")
     return value
 
@@ -273,9 +276,13 @@ def _ce_attr_value(name: str, value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
+    if isinstance(value, float) and value.is_integer():  # JSON Schema: 126.0 is an integer
+        value = int(value)
+    if isinstance(value, int) and -(2**31) <= value < 2**31:
         return str(value)
-    raise Unprocessable(f"CloudEvent attribute {name!r} must be a string, integer or boolean")
+    raise Unprocessable(
+        f"CloudEvent attribute {name!r} must be a string, a 32-bit integer or a boolean"
+    )
 
 
 def cloudevent_to_request(
@@ -330,7 +337,7 @@ def _ce_data(event: dict[str, Any], content_type: str | None) -> bytes:
             raise Unprocessable("data_base64 must be a string")
         try:
             return base64.b64decode(encoded, validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
             raise Unprocessable("data_base64 is not valid base64") from None
     if "data" not in event:
         return b""

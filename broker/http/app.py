@@ -157,6 +157,15 @@ class BrokerApp:
             respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
         except (RSGIProtocolClosed, RSGIProtocolError):
             log.info("client_disconnected", path=path[:100])
+        except Exception:
+            # A bug, not bad input: log it with its traceback and answer in the API's shape.
+            log.exception("request_crashed", path=path[:100], method=scope.method)
+            with contextlib.suppress(RSGIProtocolError, RuntimeError):
+                respond_error(
+                    proto,
+                    BrokerError("internal error"),
+                    retry_after=self.settings.retry_after_seconds,
+                )
 
     async def _publish(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
         if scope.method != "POST":

@@ -41,7 +41,7 @@ class PublishRecord(BaseModel):
     content_type: str | None = None
     idempotency_key: str | None = None
     schema_id: int | None = Field(default=None, ge=0, le=2147483647)
-    expected_last_subject_sequence: int | None = Field(default=None, ge=0)
+    expected_last_subject_sequence: int | None = Field(default=None, ge=0, le=2**64 - 1)
 
 
 class RecordResult(BaseModel):

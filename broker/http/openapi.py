@@ -6,7 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from broker.envelope import CLOUDEVENTS_BATCH, CLOUDEVENTS_JSON
+from broker.envelope import (
+    ACCEPTED_MEDIA_TYPES,
+    CLOUDEVENTS_BATCH,
+    CLOUDEVENTS_JSON,
+    CONTROL_CHARACTERS,
+)
 from broker.http.models import (
     BatchResponse,
     ErrorBody,
@@ -25,8 +30,51 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _SUBJECT_PATTERN = r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}$"
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{model.__name__}"}
+def _ref(model: type[BaseModel] | str) -> dict[str, str]:
+    name = model if isinstance(model, str) else model.__name__
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_CONCRETE_MEDIA_TYPES = sorted(
+    {m for m in ACCEPTED_MEDIA_TYPES if "*" not in m}
+    | {"text/plain", "image/png", "image/jpeg", "audio/wav", "video/mp4"}
+)
+
+#: Text stored as a NATS header value: no control characters but tab.
+_HEADER_TEXT: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 1024,
+    "pattern": f"^[^{CONTROL_CHARACTERS[1:-1]}]*$",
+}
+
+#: A structured-mode CloudEvent 1.0 as the ingress accepts it.
+_CLOUD_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "CloudEvents 1.0, structured mode. Extension attributes: lower-case "
+    "alphanumeric names, string/integer/boolean values; brokersubject names the subject "
+    "of an event in a batch.",
+    "required": ["specversion", "id", "source", "type"],
+    "properties": {
+        "specversion": {"type": "string", "enum": ["1.0"]},
+        "id": _HEADER_TEXT,
+        "source": _HEADER_TEXT,
+        "type": _HEADER_TEXT,
+        "datacontenttype": {"type": "string", "enum": _CONCRETE_MEDIA_TYPES},
+        "data": {},
+        "data_base64": {"type": "string", "format": "byte"},
+        "brokersubject": {"type": "string", "pattern": _SUBJECT_PATTERN, "maxLength": 255},
+    },
+    "propertyNames": {"anyOf": [{"pattern": "^[a-z0-9]{1,20}$"}, {"const": "data_base64"}]},
+    "additionalProperties": {
+        "anyOf": [
+            _HEADER_TEXT,
+            {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+            {"type": "boolean"},
+        ],
+    },
+    "not": {"required": ["data", "data_base64"]},
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -75,7 +123,7 @@ _PUBLISH_ONE: dict[str, Any] = {
                 "Idempotency-Key",
                 "Becomes Nats-Msg-Id: a retry within the duplicate window answers the "
                 "original sequence with duplicate=true.",
-                {"type": "string", "minLength": 1, "maxLength": 1024},
+                _HEADER_TEXT,
             ),
             _header(
                 "Schema-Id",
@@ -86,12 +134,21 @@ _PUBLISH_ONE: dict[str, Any] = {
                 "Expected-Last-Subject-Sequence",
                 "Store only if the subject's last sequence is this (0: subject is empty); "
                 "otherwise 409 and nothing is stored.",
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
             ),
         ],
         "requestBody": {
             "required": False,
-            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The payload, stored byte-for-byte. Also accepted: any subtype "
+            "ending in +json, +avro, +protobuf or +xml.",
+            "content": {
+                media: (
+                    {"schema": _ref("CloudEvent")}
+                    if media == CLOUDEVENTS_JSON
+                    else {"schema": {"type": "string", "format": "binary"}}
+                )
+                for media in sorted(ACCEPTED_MEDIA_TYPES)
+            },
         },
         "responses": {
             "200": {
@@ -133,7 +190,7 @@ _PUBLISH_BATCH: dict[str, Any] = {
             "content": {
                 "application/json": {"schema": {"type": "array", "items": _ref(PublishRecord)}},
                 "application/x-ndjson": {"schema": {"type": "string"}},
-                CLOUDEVENTS_BATCH: {"schema": {"type": "array", "items": {"type": "object"}}},
+                CLOUDEVENTS_BATCH: {"schema": {"type": "array", "items": _ref("CloudEvent")}},
             },
         },
         "responses": {
@@ -164,6 +221,7 @@ def add_publish_paths(document: dict[str, Any]) -> dict[str, Any]:
     paths["/v1/publish/{subject}"] = _PUBLISH_ONE
     paths["/v1/publish"] = _PUBLISH_BATCH
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas["CloudEvent"] = _CLOUD_EVENT
     for model in _MODELS:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in schema.pop("$defs", {}).items():

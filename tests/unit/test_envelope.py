@@ -28,7 +28,7 @@ from broker.envelope import (
     validate_subject,
     wire_schema_id,
 )
-from broker.errors import InvalidSubject, Unprocessable, UnsupportedMediaType
+from broker.errors import BrokerError, InvalidSubject, Unprocessable, UnsupportedMediaType
 
 pytestmark = pytest.mark.unit
 
@@ -269,3 +269,53 @@ def test_batch_record_uses_default_subject_and_base64() -> None:
 def test_invalid_batch_records_are_refused(record: object) -> None:
     with pytest.raises((Unprocessable, UnsupportedMediaType)):
         record_to_request(record, default_subject=None)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=20,
+)
+record_like = st.dictionaries(
+    st.sampled_from(
+        [
+            "subject",
+            "data",
+            "data_base64",
+            "content_type",
+            "idempotency_key",
+            "schema_id",
+            "expected_last_subject_sequence",
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "datacontenttype",
+            "brokersubject",
+            "x",
+        ]
+    ),
+    json_values,
+)
+
+
+@given(record_like | json_values)
+def test_any_json_record_is_a_request_or_a_clear_4xx(record: object) -> None:
+    """Batch records and CloudEvents never fail with anything but a 4xx BrokerError."""
+    for parse in (
+        lambda: record_to_request(record, default_subject="d"),
+        lambda: cloudevent_to_request(record, subject="d"),
+    ):
+        status = 200
+        try:
+            parse().to_outbound(T)
+        except BrokerError as e:
+            status = e.status
+        assert status < 500
+
+
+def test_non_ascii_base64_is_refused() -> None:
+    with pytest.raises(Unprocessable, match="base64"):
+        record_to_request({"subject": "a", "data_base64": "é"}, default_subject=None)
