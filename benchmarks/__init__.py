@@ -1,0 +1,1 @@
+"""Ratio benchmarks against raw baselines measured in the same run (see BENCHMARKS.md)."""

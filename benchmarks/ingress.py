@@ -1,0 +1,306 @@
+"""Ingress benchmark: HTTP/2 publish through the broker vs raw nats-py, in one run.
+
+Phases, all against one nats-server this script starts:
+
+1. raw: nats-py ``js.publish_async`` of N messages to the MESSAGES stream, all acks awaited;
+2. single: N ``POST /v1/publish/{subject}`` over h2c, ``--connections`` x ``--concurrency``
+   open streams (>= 64);
+3. batch: the same N messages as NDJSON batches of ``--batch-size`` via ``POST /v1/publish``.
+
+Each phase checks the stream really holds its N messages, then the ratios to raw are
+printed next to the targets (single >= 0.25x, batch >= 0.7x). Usage::
+
+    python benchmarks/ingress.py [--messages 20000] [--workers 1] [--client python|h2load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_python  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+
+TARGETS = {"single": 0.25, "batch": 0.7}
+
+
+@dataclass
+class Phase:
+    name: str
+    messages: int
+    elapsed: float
+    p50_ms: float
+    p99_ms: float
+    client: str
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.elapsed
+
+
+async def raw_publish(url: str, subject: str, payload: bytes, n: int) -> Phase:
+    """The baseline: nats-py publish_async, pipelined, every ack awaited."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def timed(began: float) -> Any:
+        return lambda _: latencies.append((loop.time() - began) * 1000)
+
+    began = time.perf_counter()
+    futures = []
+    for _ in range(n):
+        future = await js.publish_async(subject, payload)
+        future.add_done_callback(timed(loop.time()))
+        futures.append(future)
+    await asyncio.gather(*futures)
+    elapsed = time.perf_counter() - began
+    await nc.close()
+    latencies.sort()
+    return Phase(
+        "raw nats-py publish_async",
+        n,
+        elapsed,
+        latencies[n // 2],
+        latencies[int(n * 0.99)],
+        "nats-py",
+    )
+
+
+async def stream_count(url: str, subject: str) -> int:
+    nc = await nats.connect(url)
+    info = await nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
+    await nc.close()
+    return sum((info.state.subjects or {}).values())
+
+
+def load(
+    client: str,
+    *,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    total: int,
+    connections: int,
+    concurrency: int,
+) -> LoadResult:
+    runner = run_h2load if client == "h2load" else run_python
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(
+            runner,
+            (url, body, headers),
+            {"total": total, "connections": connections, "concurrency": concurrency},
+        )
+
+
+def start_broker(nats_url: str, port: int, workers: int, workdir: Path) -> subprocess.Popen[bytes]:
+    log = (workdir / "broker.log").open("wb")
+    env = {**os.environ, "BROKER_LOG_LEVEL": "warning", "BROKER_LOG_FORMAT": "json"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--nats-url",
+            nats_url,
+            "--data-dir",
+            str(workdir / "data"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 60
+    with httpx.Client(http1=False, http2=True) as c:
+        while time.monotonic() < deadline:
+            try:
+                if c.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"broker did not become ready; see {workdir / 'broker.log'}")
+
+
+def http_phase(
+    name: str,
+    args: argparse.Namespace,
+    url: str,
+    body: bytes,
+    content_type: str,
+    *,
+    requests: int,
+    messages: int,
+    concurrency: int,
+) -> Phase:
+    """Drive ``requests`` POSTs and insist that every one of them succeeded."""
+    result = load(
+        args.client,
+        url=url,
+        body=body,
+        headers={"content-type": content_type},
+        total=requests,
+        connections=min(args.connections, requests),
+        concurrency=concurrency,
+    )
+    if result.ok != requests:
+        raise SystemExit(f"{name}: {result.ok}/{requests} succeeded: {dict(result.statuses)}")
+    p50, p99 = result.percentile(0.5), result.percentile(0.99)
+    return Phase(name, messages, result.elapsed, p50, p99, result.client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per phase")
+    parser.add_argument("--payload-bytes", type=int, default=256)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=32, help="open streams per connection")
+    parser.add_argument("--workers", type=int, default=1, help="granian workers")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument(
+        "--client",
+        choices=["auto", "python", "h2load"],
+        default="auto",
+        help="load generator; auto: h2load when installed (the Python one is client-bound)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.connections * args.concurrency < 64:
+        parser.error("use at least 64 concurrent streams (connections x concurrency)")
+    if args.client == "auto":
+        args.client = "h2load" if h2load_available() else "python"
+    if args.client == "h2load" and not h2load_available():
+        parser.error("h2load is not installed (apt-get install nghttp2-client)")
+    n = args.messages - args.messages % args.batch_size
+    payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
+    record = orjson.dumps({"data": orjson.loads(payload)})
+    batch_body = b"\n".join([record] * args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        server = NatsServer(ServerSpec(store_dir=workdir / "nats")).start()
+        port = free_port()
+        broker = start_broker(server.url, port, args.workers, workdir)
+        base = f"http://127.0.0.1:{port}"
+        single_url = f"{base}/v1/publish/bench"
+        try:
+            # Warm-up: connections, imports, the stream's first blocks.
+            asyncio.run(raw_publish(server.url, "msg.default.warm", payload, 2000))
+            http_phase(
+                "warm-up",
+                args,
+                f"{single_url}.warm",
+                payload,
+                "application/json",
+                requests=2000,
+                messages=2000,
+                concurrency=args.concurrency,
+            )
+
+            raw = asyncio.run(raw_publish(server.url, "msg.default.bench.raw", payload, n))
+            single = http_phase(
+                "broker single publish (h2c)",
+                args,
+                f"{single_url}.single",
+                payload,
+                "application/json",
+                requests=n,
+                messages=n,
+                concurrency=args.concurrency,
+            )
+            batch = http_phase(
+                f"broker batch publish ({args.batch_size}/request)",
+                args,
+                f"{base}/v1/publish?subject=bench.batch",
+                batch_body,
+                "application/x-ndjson",
+                requests=n // args.batch_size,
+                messages=n,
+                concurrency=2,
+            )
+            counts = {
+                s: asyncio.run(stream_count(server.url, f"msg.default.bench.{s}"))
+                for s in ("raw", "single", "batch")
+            }
+            if set(counts.values()) != {n}:
+                raise SystemExit(f"stream holds {counts}, expected {n} each")
+        finally:
+            broker.send_signal(signal.SIGTERM)
+            broker.wait(30)
+            server.stop()
+    report(args, raw, single, batch)
+
+
+def report(args: argparse.Namespace, raw: Phase, single: Phase, batch: Phase) -> None:
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    ratios = {"single": single.rate / raw.rate, "batch": batch.rate / raw.rate}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "workers": args.workers,
+                    "phases": {
+                        p.name: {
+                            "msgs_per_s": round(p.rate),
+                            "p50_ms": round(p.p50_ms, 2),
+                            "p99_ms": round(p.p99_ms, 2),
+                            "client": p.client,
+                        }
+                        for p in (raw, single, batch)
+                    },
+                    "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                },
+                indent=2,
+            )
+        )
+        return
+    print(
+        f"\ningress benchmark: {raw.messages} messages/phase, {args.payload_bytes}-byte "
+        f"payloads, {args.workers} worker(s), client {args.client}; {machine}"
+    )
+    print(f"{'phase':<36}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}  {'ratio':>7}  target")
+    for phase, key in ((raw, None), (single, "single"), (batch, "batch")):
+        ratio = f"{ratios[key]:.2f}x" if key else "1.00x"
+        target = (
+            f">= {TARGETS[key]}x {'ok' if ratios[key] >= TARGETS[key] else 'MISSED'}"
+            if key
+            else "(baseline)"
+        )
+        note = "" if phase.client != "h2load" else " (latency: mean)"
+        numbers = f"{phase.rate:>10.0f}{phase.p50_ms:>9.2f}{phase.p99_ms:>9.2f}"
+        print(f"{phase.name:<36}{numbers}  {ratio:>7}  {target}{note}")
+
+
+if __name__ == "__main__":
+    main()
