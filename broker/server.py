@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -63,29 +66,43 @@ def banner(settings: Settings) -> str:
     )
 
 
-def _run_granian(settings: Settings) -> None:
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP2Settings
+class _Stop:
+    """Set by SIGINT/SIGTERM. A plain flag, not a threading.Event: a signal handler that
+    takes a lock can deadlock against the code it interrupted."""
 
-    Granian(
-        "broker.http.app:create_app",
-        factory=True,
-        interface=Interfaces.RSGI,
-        address=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        http=HTTPModes.auto,
-        websockets=False,
-        http2_settings=HTTP2Settings(
-            max_headers_size=settings.max_header_list_bytes,
-            max_concurrent_streams=settings.max_concurrent_streams,
-        ),
-        ssl_cert=settings.tls_cert,
-        ssl_key=settings.tls_key,
-        log_access=False,
-        respawn_failed_workers=True,
-    ).serve()
+    requested = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: object) -> None:
+        cls.requested = True
+
+
+def _run_granian() -> int:
+    """Run the granian process until it exits or we are asked to stop; its exit code."""
+    from broker._process import die_with_parent
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.http.granian_process"],
+        preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+        start_new_session=True,
+    )
+    previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None and not _Stop.requested:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            log.info("broker_stopping")
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("ingress_kill_after_timeout")
+                proc.kill()
+                proc.wait(5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if _Stop.requested else proc.returncode
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -148,9 +165,9 @@ def run_broker(
     )
     print(banner(settings), file=sys.stderr, flush=True)
     try:
-        _run_granian(settings)
+        code = _run_granian()
     finally:
         if embedded is not None:
             embedded.stop()
             log.info("embedded_nats_stopped")
-    return 0
+    return code

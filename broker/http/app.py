@@ -183,9 +183,9 @@ class BrokerApp:
             raise NotFound(f"no such path {path[:100]!r}")
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Ctrl-C reaches the whole process group; granian's supervisor then stops each worker
-        # with SIGTERM. A worker that also handles the SIGINT itself gets two stop signals at
-        # once, which was seen to deadlock granian's worker shutdown.
+        # Workers stop on their supervisor's SIGTERM only. When granian runs in a terminal's
+        # process group, Ctrl-C would also reach every worker directly, and a worker handling
+        # two stop signals at once was seen to deadlock in granian's shutdown.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

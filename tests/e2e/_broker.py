@@ -127,7 +127,10 @@ def start_broker(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     full_env.update({"BROKER_LOG_FORMAT": "json", **(env or {})})
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        # Its own process group, like a shell job, so a test can send a terminal's Ctrl-C.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
     broker = BrokerProcess(proc, port, log_path, scheme)
     if wait:
         broker.wait_ready()

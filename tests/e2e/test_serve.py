@@ -49,6 +49,16 @@ def test_embedded_nats_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Pa
         again.stop()
 
 
+def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
+    """SIGINT to the whole foreground process group, as a terminal sends it."""
+    broker = start_broker(tmp_path, args=("--workers", "2"))
+    descendants = children(broker.proc.pid)
+    assert publish(broker.base_url, "a").status_code == 200
+    os.killpg(broker.proc.pid, signal.SIGINT)
+    assert broker.proc.wait(30) == 0, broker.log_tail()
+    assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=15)
+
+
 def test_sigkill_of_the_broker_leaves_no_orphans(tmp_path: Path) -> None:
     broker = start_broker(tmp_path, args=("--workers", "2"))
     descendants = children(broker.proc.pid)
