@@ -167,6 +167,15 @@ def publish(
         raise typer.Exit(EXIT_REFUSED)
 
 
+def _register_subcommands() -> None:
+    from broker.cli_agents import agents_app
+
+    app.add_typer(agents_app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -37,7 +37,7 @@ class BrokerError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, object]:
         """The JSON body of the HTTP answer."""
         return {"error_code": self.error_code, "message": self.message}
 

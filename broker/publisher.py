@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats
@@ -35,6 +36,7 @@ log = structlog.get_logger(__name__)
 #: JetStream API error codes the broker answers specifically.
 _JS_WRONG_LAST_SEQUENCE = 10071
 _JS_MESSAGE_TOO_LARGE = 10054
+_DRAIN_SECONDS = 2.0
 _JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
 
 
@@ -117,8 +119,13 @@ class Publisher:
         self._pending: dict[str, _Pending] = {}
         self._counter = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._on_connected: list[Callable[[], Awaitable[None]]] = []
 
     # --- connection lifecycle ------------------------------------------------------
+
+    def on_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` once the first connection is made (register before :meth:`start`)."""
+        self._on_connected.append(callback)
 
     def start(self) -> None:
         """Start connecting in the background; :meth:`wait_connected` waits for it."""
@@ -153,6 +160,11 @@ class Publisher:
             log.info(
                 "nats_connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
             )
+            for callback in self._on_connected:
+                try:
+                    await callback()
+                except Exception:  # a failing hook must not stop the others or the publisher
+                    log.exception("on_connected_hook_failed")
             return
 
     async def _on_disconnected(self) -> None:
@@ -179,9 +191,17 @@ class Publisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._nc is not None and not self._nc.is_closed:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        # Drain (flush pending publishes) only while connected, and not forever: at shutdown
+        # the server may be going away at the same moment (e.g. an embedded one).
+        if nc.is_connected:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await asyncio.wait_for(nc.drain(), _DRAIN_SECONDS)
+        if not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     @property
     def connected(self) -> bool:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1 * MIB, gt=0, description="Largest single payload.")
     max_batch_bytes: int = Field(default=16 * MIB, gt=0, description="Largest batch request body.")
     max_batch_records: int = Field(default=10_000, gt=0)
+    max_api_body_bytes: int = Field(
+        default=1 * MIB, gt=0, description="Largest body of the other APIs (registry, …)."
+    )
     max_header_list_bytes: int = Field(default=64 * 1024, gt=1024)
     max_concurrent_streams: int = Field(default=256, gt=0)
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")

@@ -27,6 +27,7 @@ from broker._process import die_with_parent
 from broker.errors import BrokerError, NotFound
 from broker.http._asgi_bridge import call_asgi
 from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
+from broker.http.agents import agents_router
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths
 from broker.http.publish import publish_batch, publish_one
@@ -53,6 +54,8 @@ def _meta_app(state: IngressState) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+
+    app.include_router(agents_router(state))
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -95,7 +98,10 @@ def _meta_app(state: IngressState) -> FastAPI:
         """Ready to take writes: NATS connected and every broker stream present."""
         r = await state.readiness()
         body = ReadinessBody(
-            ready=r.ready, nats_connected=r.nats_connected, missing_streams=r.missing_streams
+            ready=r.ready,
+            nats_connected=r.nats_connected,
+            missing_streams=r.missing_streams,
+            registry_ready=r.registry_ready,
         )
         return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
 
@@ -150,7 +156,9 @@ class BrokerApp:
             if path.startswith("/v1/publish"):
                 await self._publish(scope, proto, path)
             else:
-                await call_asgi(self.meta, scope, proto, body_limit=self.settings.max_message_bytes)
+                await call_asgi(
+                    self.meta, scope, proto, body_limit=self.settings.max_api_body_bytes
+                )
         except BrokerError as e:
             if e.status >= 500:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)
@@ -197,10 +205,15 @@ class BrokerApp:
     async def startup(self) -> None:
         """Die with the parent (no orphaned workers) and start connecting to NATS."""
         die_with_parent(signal.SIGTERM)
+        self.publisher.on_connected(self._start_registry)
+        # Connect in the background and return at once: a worker busy in its start-up hook
+        # was seen to miss granian's stop signal. Until NATS answers, /readyz says so and
+        # publishes get 503.
         self.publisher.start()
-        if not await self.publisher.wait_connected(self.settings.nats_connect_timeout):
-            log.warning("ingress_started_without_nats", servers=self.settings.nats_url)
         log.info("ingress_worker_started", pid=os.getpid())
+
+    async def _start_registry(self) -> None:
+        await self.state.registry.start(self.publisher.js)
 
     async def shutdown(self) -> None:
         await self.publisher.close()

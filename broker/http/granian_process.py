@@ -40,6 +40,7 @@ def main() -> None:
         ssl_key=settings.tls_key,
         log_access=False,
         respawn_failed_workers=True,
+        workers_kill_timeout=10,  # a worker that ignores the stop signal is killed
     ).serve()
 
 

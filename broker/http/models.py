@@ -72,6 +72,7 @@ class ReadinessBody(BaseModel):
     ready: bool
     nats_connected: bool
     missing_streams: list[str]
+    registry_ready: bool = Field(description="The registry snapshot has caught up with the stream.")
 
 
 class VersionBody(BaseModel):

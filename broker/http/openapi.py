@@ -19,6 +19,7 @@ from broker.http.models import (
     PublishRecord,
     StreamedRecordResult,
 )
+from broker.registry.manifest import AgentManifest
 
 _MODELS: tuple[type[BaseModel], ...] = (
     ErrorBody,
@@ -222,7 +223,8 @@ def add_publish_paths(document: dict[str, Any]) -> dict[str, Any]:
     paths["/v1/publish"] = _PUBLISH_BATCH
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas["CloudEvent"] = _CLOUD_EVENT
-    for model in _MODELS:
+    models: tuple[type[BaseModel], ...] = (*_MODELS, AgentManifest)
+    for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in schema.pop("$defs", {}).items():
             schemas.setdefault(name, sub)

@@ -11,6 +11,7 @@ from pathlib import Path
 import broker
 from broker.envelope import Tenant
 from broker.publisher import Publisher
+from broker.registry.snapshot import RegistryView
 from broker.settings import Settings
 from broker.streams import missing_streams
 
@@ -43,12 +44,14 @@ class Readiness:
     ready: bool
     nats_connected: bool
     missing_streams: list[str] = field(default_factory=list)
+    registry_ready: bool = False
 
 
 @dataclass
 class IngressState:
     settings: Settings
     publisher: Publisher
+    registry: RegistryView = field(default_factory=RegistryView)
     _ready_at: float = 0.0
     _ready: Readiness | None = None
 
@@ -69,6 +72,12 @@ class IngressState:
             except Exception:  # a NATS error here means not ready, whatever it is
                 result = Readiness(ready=False, nats_connected=self.publisher.connected)
             else:
-                result = Readiness(ready=not missing, nats_connected=True, missing_streams=missing)
+                registry_ready = self.registry.ready
+                result = Readiness(
+                    ready=not missing and registry_ready,
+                    nats_connected=True,
+                    missing_streams=missing,
+                    registry_ready=registry_ready,
+                )
         self._ready, self._ready_at = result, now
         return result

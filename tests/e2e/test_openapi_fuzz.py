@@ -10,12 +10,17 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.e2e._broker import BrokerProcess
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES_PER_OPERATION = 60
+#: Operations with a constraint across fields that a schema cannot state: a PUT manifest's
+#: name must equal the path's, and an as_of time must be a real date. Schema-valid requests
+#: may be refused there (422); every other check still applies.
+CROSS_FIELD = {("PUT", "/v1/agents/{name}"), ("GET", "/v1/agents")}
 
 
 def test_api_answers_every_generated_request_without_server_errors(broker: BrokerProcess) -> None:
@@ -40,6 +45,11 @@ def test_api_answers_every_generated_request_without_server_errors(broker: Broke
             )
             if response.status_code >= 400:
                 assert {"error_code", "message"} <= set(response.json()), response.text[:300]
-            case.validate_response(response)
+            excluded = (
+                [positive_data_acceptance]
+                if (case.method.upper(), case.path) in CROSS_FIELD
+                else None
+            )
+            case.validate_response(response, excluded_checks=excluded)
 
         check()

@@ -320,7 +320,12 @@ async def test_http1_and_h2c_share_the_port(broker: BrokerProcess) -> None:
 async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = (await client.get("/readyz")).json()
-    assert ready == {"ready": True, "nats_connected": True, "missing_streams": []}
+    assert ready == {
+        "ready": True,
+        "nats_connected": True,
+        "missing_streams": [],
+        "registry_ready": True,
+    }
     version = (await client.get("/version")).json()
     assert version["nats_server_version"]
     assert version["version"]

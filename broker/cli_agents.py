@@ -1,0 +1,188 @@
+"""``broker agents``: apply manifests, list, get and show history over the HTTP API."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from broker.errors import BrokerError
+
+agents_app = typer.Typer(
+    name="agents",
+    help="Agent registry: apply manifests, list, get, history.",
+    no_args_is_help=True,
+)
+
+URL = Annotated[str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")]
+OUTPUT = Annotated[str, typer.Option("--output", "-o", help="json or table.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+_MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _client(url: str) -> Any:
+    import httpx
+
+    return httpx.Client(
+        base_url=url.rstrip("/"), http2=True, http1=url.startswith("https"), timeout=30
+    )
+
+
+def _fail(response: Any) -> None:
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
+
+    typer.echo(response.text, err=True)
+    raise typer.Exit(EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED)
+
+
+def _manifest_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in _MANIFEST_SUFFIXES)
+    return [path]
+
+
+def _pretty(document: Any) -> list[str]:
+    return json.dumps(document, indent=2, sort_keys=True).splitlines()
+
+
+@agents_app.command(
+    epilog=(
+        "Examples:\n\n  broker agents apply -f agents/\n\n"
+        "  broker agents apply -f translator.yaml --dry-run"
+    )
+)
+def apply(
+    file: Annotated[
+        Path, typer.Option("--file", "-f", exists=True, help="Manifest file or directory.")
+    ],
+    dry_run: Annotated[bool, typer.Option(help="Show the diff, change nothing.")] = False,
+    url: URL = DEFAULT_URL,
+) -> None:
+    """Register or update agents from manifests, showing a diff of each change first."""
+    from broker.registry.manifest import parse_manifest
+
+    manifests = []
+    for path in _manifest_files(file):
+        content_type = (
+            "application/yaml" if path.suffix in (".yaml", ".yml") else "application/json"
+        )
+        try:
+            manifests.append((path, parse_manifest(path.read_bytes(), content_type), content_type))
+        except BrokerError as e:
+            typer.echo(f"{path}: {e.message}", err=True)
+            raise typer.Exit(1) from None
+    changed = 0
+    with _client(url) as client:
+        for path, manifest, _ in manifests:
+            current = client.get(f"/v1/agents/{manifest.name}")
+            old = _pretty(current.json()["manifest"]) if current.status_code == 200 else []
+            new = _pretty(manifest.model_dump(mode="json"))
+            diff = list(
+                difflib.unified_diff(
+                    old, new, f"{manifest.name} (registered)", str(path), lineterm=""
+                )
+            )
+            if not diff:
+                typer.echo(f"{manifest.name}: unchanged")
+                continue
+            changed += 1
+            typer.echo("\n".join(diff))
+            if dry_run:
+                continue
+            headers = {"content-type": "application/json"}
+            if current.status_code == 200:
+                headers["if-match"] = f'"{current.json()["seq"]}"'
+            response = client.put(
+                f"/v1/agents/{manifest.name}",
+                content=json.dumps(manifest.model_dump(mode="json")),
+                headers=headers,
+            )
+            if response.status_code >= 400:
+                _fail(response)
+            typer.echo(
+                f"{manifest.name}: {response.json()['event']} (seq {response.json()['seq']})"
+            )
+    typer.echo(
+        f"{len(manifests)} manifest(s), {changed} change(s){' (dry run)' if dry_run else ''}"
+    )
+
+
+@agents_app.command("list")
+def list_agents(
+    as_of: Annotated[str | None, typer.Option(help="Stream sequence or RFC 3339 time.")] = None,
+    url: URL = DEFAULT_URL,
+    output: OUTPUT = "table",
+) -> None:
+    """List registered agents (now, or as they were at --as-of)."""
+    with _client(url) as client:
+        response = client.get("/v1/agents", params={"as_of": as_of} if as_of else None)
+    if response.status_code >= 400:
+        _fail(response)
+    body = response.json()
+    if output == "json":
+        typer.echo(json.dumps(body, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "version", "seq", "capabilities", "updated")
+    for agent in body["agents"]:
+        actions = ", ".join(c["action"] for c in agent["manifest"]["capabilities"])
+        table.add_row(
+            agent["name"], agent["version"], str(agent["seq"]), actions, str(agent["updated_at"])
+        )
+    Console().print(table)
+
+
+@agents_app.command()
+def get(name: str, url: URL = DEFAULT_URL) -> None:
+    """Print one agent (JSON)."""
+    with _client(url) as client:
+        response = client.get(f"/v1/agents/{name}")
+    if response.status_code >= 400:
+        _fail(response)
+    typer.echo(json.dumps(response.json(), indent=2))
+
+
+@agents_app.command()
+def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
+    """Every registry event of one agent, oldest first."""
+    with _client(url) as client:
+        response = client.get(f"/v1/agents/{name}/history")
+    if response.status_code >= 400:
+        _fail(response)
+    body = response.json()
+    if output == "json":
+        typer.echo(json.dumps(body, indent=2))
+        return
+    for event in body["events"]:
+        version = event["manifest"]["version"] if event["manifest"] else "-"
+        typer.echo(f"{event['seq']:>8}  {event['at']}  {event['type']:<18} {version}")
+
+
+@agents_app.command("import-a2a")
+def import_a2a(
+    card: Annotated[Path, typer.Argument(exists=True, help="A2A agent card (agent.json).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the manifest here.")
+    ] = None,
+) -> None:
+    """Convert an A2A agent card into a manifest (YAML), ready for `broker agents apply`."""
+    import yaml
+
+    from broker.registry.a2a import manifest_from_agent_card
+
+    try:
+        manifest = manifest_from_agent_card(json.loads(card.read_text()))
+    except (BrokerError, json.JSONDecodeError) as e:
+        typer.echo(f"{card}: {getattr(e, 'message', e)}", err=True)
+        raise typer.Exit(1) from None
+    text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}")

@@ -1,0 +1,212 @@
+"""``/v1/agents``: the registry API. Handlers translate; decisions live in broker.registry."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from broker.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from broker.http.models import ErrorBody
+from broker.http.state import IngressState
+from broker.registry.commands import agent_history, delete_agent, put_agent, registry_as_of
+from broker.registry.events import RegistryEvent
+from broker.registry.manifest import AGENT_NAME_PATTERN, parse_manifest
+from broker.registry.snapshot import AgentRecord
+
+MAX_MANIFEST_BYTES = 256 * 1024
+AgentPath = Annotated[str, Path(pattern=AGENT_NAME_PATTERN, description="Agent name.")]
+_IF_MATCH = r'^(\s*(W/)?"?\d{1,20}"?\s*)?$'
+_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,20})"?\s*$')
+
+
+class AgentBody(BaseModel):
+    name: str
+    tenant: str
+    version: str = Field(description="The manifest's own semantic version.")
+    seq: int = Field(description="Stream sequence of the agent's last event: send it in If-Match.")
+    registered_seq: int
+    updated_at: datetime | None
+    manifest: dict[str, Any]
+
+
+class AgentChange(BaseModel):
+    seq: int = Field(description="The agent's version after the command.")
+    changed: bool = Field(description="False when the command was a no-op (nothing appended).")
+    event: str | None = Field(description="AgentRegistered, AgentUpdated, AgentDeregistered.")
+    agent: AgentBody | None
+
+
+class AgentList(BaseModel):
+    seq: int = Field(description="Registry stream sequence this view includes.")
+    as_of: str | None
+    agents: list[AgentBody]
+
+
+class HistoryEvent(BaseModel):
+    type: str
+    seq: int
+    at: datetime | None
+    manifest: dict[str, Any] | None
+
+
+class AgentHistory(BaseModel):
+    name: str
+    events: list[HistoryEvent]
+
+
+def _body(record: AgentRecord) -> AgentBody:
+    return AgentBody(
+        name=record.name,
+        tenant=record.tenant,
+        version=record.manifest.version,
+        seq=record.seq,
+        registered_seq=record.registered_seq,
+        updated_at=record.updated_at,
+        manifest=record.manifest.model_dump(mode="json"),
+    )
+
+
+def _if_match(value: str) -> int | None:
+    if not value:
+        return None
+    match = _ETAG.match(value)
+    if match is None:
+        raise Unprocessable('If-Match must be the agent\'s seq, e.g. "12"')
+    return int(match.group(1))
+
+
+def _as_of(value: str) -> tuple[int | None, datetime | None]:
+    if value.isdigit():
+        return int(value), None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise Unprocessable("as_of is a stream sequence or an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise Unprocessable("as_of time needs a time zone (e.g. Z)")
+    return None, moment
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (404, 409, 413, 415, 422, 503)
+}
+_MANIFEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"An agent manifest as JSON or YAML (at most {MAX_MANIFEST_BYTES} bytes).",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/AgentManifest"}},
+            "application/yaml": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def agents_router(state: IngressState) -> APIRouter:
+    router = APIRouter(prefix="/v1/agents", tags=["agents"], responses=_ERRORS)
+
+    @router.put(
+        "/{name}",
+        response_model=AgentChange,
+        openapi_extra=_MANIFEST_BODY,
+        responses={
+            200: {"description": "Updated, or unchanged (changed=false)."},
+            201: {"model": AgentChange, "description": "Registered."},
+        },
+    )
+    async def put(
+        name: AgentPath,
+        request: Request,
+        response: Response,
+        if_match: Annotated[
+            str, Header(description='Expected agent seq, e.g. "12".', pattern=_IF_MATCH)
+        ] = "",
+    ) -> AgentChange:
+        """Register or update an agent. Identical re-apply: 200, nothing appended."""
+        body = await request.body()
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise PayloadTooLarge(f"manifest exceeds {MAX_MANIFEST_BYTES} bytes")
+        content_type = request.headers.get("content-type")
+        if content_type and not any(k in content_type for k in ("json", "yaml")):
+            raise UnsupportedMediaType("a manifest is application/json or application/yaml")
+        manifest = parse_manifest(body, content_type)
+        if manifest.name != name:
+            raise Unprocessable(f"manifest name {manifest.name!r} differs from the path {name!r}")
+        result = await put_agent(
+            state.publisher, state.tenant, manifest, if_match=_if_match(if_match)
+        )
+        await state.registry.wait_for(result.seq, timeout=2.0)  # read-your-writes here
+        record = state.registry.snapshot.get(state.tenant, name)
+        response.headers["ETag"] = f'"{result.seq}"'
+        if result.event is not None and result.event.type == "AgentRegistered":
+            response.status_code = 201
+        return AgentChange(
+            seq=result.seq,
+            changed=result.changed,
+            event=str(result.event.type) if result.event else None,
+            agent=_body(record) if record else None,
+        )
+
+    @router.delete("/{name}", response_model=AgentChange)
+    async def delete(
+        name: AgentPath,
+        if_match: Annotated[
+            str, Header(description='Expected agent seq, e.g. "12".', pattern=_IF_MATCH)
+        ] = "",
+    ) -> AgentChange:
+        """Deregister an agent (its history stays in the stream)."""
+        result = await delete_agent(
+            state.publisher, state.tenant, name, if_match=_if_match(if_match)
+        )
+        await state.registry.wait_for(result.seq, timeout=2.0)
+        return AgentChange(seq=result.seq, changed=True, event="AgentDeregistered", agent=None)
+
+    @router.get("", response_model=AgentList)
+    async def list_agents(
+        as_of: Annotated[
+            str | None,
+            Query(description="A stream sequence or an RFC 3339 time: the registry as it was."),
+        ] = None,
+    ) -> AgentList:
+        """The tenant's agents now, or as they were at ``as_of`` (rebuilt from the stream)."""
+        if as_of is None:
+            snapshot = state.registry.snapshot
+        else:
+            seq, moment = _as_of(as_of)
+            snapshot = await registry_as_of(state.publisher.js, state.tenant, seq=seq, time=moment)
+        return AgentList(
+            seq=snapshot.last_seq,
+            as_of=as_of,
+            agents=[_body(r) for r in snapshot.agents(state.tenant)],
+        )
+
+    @router.get("/{name}", response_model=AgentBody)
+    async def get(name: AgentPath, response: Response) -> AgentBody:
+        record = state.registry.snapshot.get(state.tenant, name)
+        if record is None:
+            raise NotFound(f"agent {name} is not registered")
+        response.headers["ETag"] = f'"{record.seq}"'
+        return _body(record)
+
+    @router.get("/{name}/history", response_model=AgentHistory)
+    async def history(name: AgentPath) -> AgentHistory:
+        """Every event of the agent, oldest first, from the stream."""
+        events = await agent_history(state.publisher.js, state.tenant, name)
+        if not events:
+            raise NotFound(f"agent {name} has no history")
+        return AgentHistory(name=name, events=[_event(e) for e in events])
+
+    return router
+
+
+def _event(event: RegistryEvent) -> HistoryEvent:
+    return HistoryEvent(
+        type=str(event.type),
+        seq=event.seq,
+        at=event.at,
+        manifest=event.manifest.model_dump(mode="json") if event.manifest else None,
+    )

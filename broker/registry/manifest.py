@@ -1,0 +1,221 @@
+"""The agent manifest: what an agent is, can do, accepts, and may touch.
+
+Validated by pydantic; its JSON Schema is exported to ``schemas/agent-manifest.schema.json``
+(``python -m broker.registry.manifest``) so editors can check manifests as they are written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, NewType
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from broker.errors import Unprocessable
+
+AgentName = NewType("AgentName", str)
+#: An agent name is a NATS subject token: reg.<tenant>.agent.<name>, route.<tenant>.<name>.
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "agent-manifest.schema.json"
+SCHEMA_ID = "https://agent-broker.dev/schemas/agent-manifest.schema.json"
+
+# Semantic Versioning 2.0.0, the regular expression the specification gives.
+_SEMVER = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)$")
+
+
+class ManifestInvalid(Unprocessable):
+    """A manifest that does not validate; ``errors`` names each failing field path."""
+
+    error_code = "invalid_manifest"
+
+    def __init__(self, message: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "errors": self.errors}
+
+
+class Modality(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+    VIDEO = "video"
+    DOCUMENT = "document"
+    SENSOR = "sensor"
+    STRUCTURED = "structured"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchemaRef(_Model):
+    """A schema in the schema registry, by subject and version."""
+
+    subject: str = Field(min_length=1, max_length=255)
+    version: int | Literal["latest"] = "latest"
+
+
+SchemaSpec = dict[str, Any] | SchemaRef
+
+
+class Capability(_Model):
+    """One thing the agent does, what it takes and gives, and how people ask for it."""
+
+    action: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    description: str = Field(default="", max_length=1000)
+    input_schema: SchemaSpec | None = None
+    output_schema: SchemaSpec | None = None
+    content_types: list[str] = Field(default_factory=list, max_length=32)
+    modalities: list[Modality] = Field(default_factory=list, max_length=8)
+    examples: list[Annotated[str, Field(max_length=500)]] = Field(
+        default_factory=list, max_length=50, description="Example requests, for routing."
+    )
+
+    @field_validator("content_types")
+    @classmethod
+    def _media_types(cls, value: list[str]) -> list[str]:
+        for media in value:
+            if not _MEDIA_TYPE.match(media):
+                raise ValueError(f"{media!r} is not a media type such as image/png or image/*")
+        return value
+
+
+class Embedding(_Model):
+    """The agent's meaning for semantic routing: a vector, or text to embed."""
+
+    vector: list[float] | None = Field(default=None, min_length=1, max_length=4096)
+    text: str | None = Field(default=None, min_length=1, max_length=4000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Embedding:
+        if self.vector is None and self.text is None:
+            raise ValueError("give a vector, a text, or both")
+        if self.vector is not None and not all(math.isfinite(x) for x in self.vector):
+            raise ValueError("vector values must be finite numbers")
+        return self
+
+
+class Limits(_Model):
+    max_qps: float | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class MemoryScope(StrEnum):
+    TENANT_ISOLATED = "tenant_isolated"
+    AGENT_PRIVATE = "agent_private"
+    SHARED = "shared"
+
+
+class Security(_Model):
+    allowed_tools: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=256
+    )
+    memory_scope: MemoryScope = MemoryScope.TENANT_ISOLATED
+
+
+class AgentManifest(_Model):
+    """An agent, as registered in the ``REGISTRY`` stream."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_extra={"title": "Agent manifest"}
+    )
+
+    name: str = Field(min_length=1, max_length=64, pattern=AGENT_NAME_PATTERN)
+    version: str = Field(pattern=_SEMVER, max_length=128, description="Semantic version.")
+    description: str = Field(min_length=1, max_length=2000)
+    endpoint: str | None = Field(
+        default=None, max_length=1024, description="Inbox or URL; default: its route subject."
+    )
+    capabilities: list[Capability] = Field(min_length=1, max_length=128)
+    embedding: Embedding | None = None
+    limits: Limits = Field(default_factory=Limits)
+    security: Security = Field(default_factory=Security)
+    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @field_validator("capabilities")
+    @classmethod
+    def _unique_actions(cls, value: list[Capability]) -> list[Capability]:
+        actions = [c.action for c in value]
+        duplicates = sorted({a for a in actions if actions.count(a) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate action(s): {', '.join(duplicates)}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9._/-]{0,62})", key):
+                raise ValueError(f"label key {key[:70]!r} is not lower-case a-z 0-9 . _ / -")
+        return value
+
+
+def _errors(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"loc": ".".join(str(part) for part in e["loc"]) or "(root)", "msg": e["msg"]}
+        for e in error.errors(include_url=False)
+    ]
+
+
+def validate_manifest(data: Any) -> AgentManifest:
+    """A manifest from parsed JSON/YAML; :class:`ManifestInvalid` names every failing path."""
+    if not isinstance(data, dict):
+        raise ManifestInvalid(
+            "a manifest is a mapping (JSON object)", [{"loc": "(root)", "msg": "not an object"}]
+        )
+    try:
+        return AgentManifest.model_validate(data)
+    except ValidationError as e:
+        errors = _errors(e)
+        paths = ", ".join(err["loc"] for err in errors[:10])
+        raise ManifestInvalid(f"invalid manifest at {paths}", errors) from None
+
+
+def parse_manifest(data: bytes, content_type: str | None = None) -> AgentManifest:
+    """Parse and validate a JSON or YAML manifest (YAML when the media type says so)."""
+    is_yaml = content_type is not None and "yaml" in content_type
+    try:
+        parsed = yaml.safe_load(data) if is_yaml else orjson.loads(data)
+    except (yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as e:
+        kind = "YAML" if is_yaml else "JSON"
+        raise ManifestInvalid(f"manifest is not valid {kind}: {str(e)[:200]}") from None
+    return validate_manifest(parsed)
+
+
+def canonical_json(manifest: AgentManifest) -> bytes:
+    """Deterministic bytes: identical manifests compare equal whatever their key order."""
+    return orjson.dumps(manifest.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    schema = AgentManifest.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+
+
+def render_schema() -> bytes:
+    return (
+        orjson.dumps(manifest_json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        + b"\n"
+    )
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_PATH
+    target.write_bytes(render_schema())
+    print(f"wrote {target}")

@@ -1,0 +1,159 @@
+"""The registry as readers see it: immutable snapshots, swapped whole (copy-on-write).
+
+:class:`RegistrySnapshot` is a value: applying an event returns a new snapshot that shares
+every untouched tenant with the old one. :class:`RegistryView` holds the current snapshot
+of one process and keeps it up to date from the ``REGISTRY`` stream through an ordered
+push consumer; readers take ``view.snapshot`` (one attribute read, no lock) and can never
+see a half-applied change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from broker.envelope import Tenant
+from broker.errors import BrokerError
+from broker.registry.events import RegistryEvent, RegistryEventType, decode_message
+from broker.registry.manifest import AgentManifest, AgentName
+from broker.streams import Stream
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """An agent as registered now: its manifest and the event that made it so."""
+
+    tenant: Tenant
+    name: AgentName
+    manifest: AgentManifest
+    seq: int
+    registered_seq: int
+    updated_at: datetime | None
+
+
+_EMPTY: Mapping[str, Mapping[str, AgentRecord]] = MappingProxyType({})
+
+
+class RegistrySnapshot:
+    """An immutable registry state after the events up to ``last_seq``."""
+
+    __slots__ = ("_tenants", "last_seq")
+
+    def __init__(
+        self, tenants: Mapping[str, Mapping[str, AgentRecord]] = _EMPTY, last_seq: int = 0
+    ) -> None:
+        self._tenants = tenants
+        self.last_seq = last_seq
+
+    def get(self, tenant: Tenant, name: str) -> AgentRecord | None:
+        agents = self._tenants.get(tenant)
+        return agents.get(name) if agents is not None else None
+
+    def agents(self, tenant: Tenant) -> list[AgentRecord]:
+        """The tenant's agents, by name."""
+        agents = self._tenants.get(tenant, {})
+        return [agents[name] for name in sorted(agents)]
+
+    def __len__(self) -> int:
+        return sum(len(agents) for agents in self._tenants.values())
+
+    def apply(self, event: RegistryEvent) -> RegistrySnapshot:
+        """The snapshot after ``event``; ``self`` is left as it was."""
+        return fold([event], self)
+
+
+def fold(events: Iterable[RegistryEvent], base: RegistrySnapshot | None = None) -> RegistrySnapshot:
+    """Apply ``events`` in stream order; copies only the tenants they touch."""
+    base = base or RegistrySnapshot()
+    tenants = dict(base._tenants)
+    copied: set[str] = set()
+    last_seq = base.last_seq
+    for event in events:
+        if event.seq and event.seq <= last_seq:
+            continue  # already applied (redelivery)
+        if event.tenant not in copied:
+            tenants[event.tenant] = dict(tenants.get(event.tenant, {}))
+            copied.add(event.tenant)
+        agents = tenants[event.tenant]
+        assert isinstance(agents, dict)
+        if event.type is RegistryEventType.DEREGISTERED or event.manifest is None:
+            agents.pop(event.name, None)
+        else:
+            previous = agents.get(event.name)
+            agents[event.name] = AgentRecord(
+                tenant=event.tenant,
+                name=event.name,
+                manifest=event.manifest,
+                seq=event.seq,
+                registered_seq=previous.registered_seq if previous else event.seq,
+                updated_at=event.at,
+            )
+        last_seq = max(last_seq, event.seq)
+    frozen = {
+        tenant: MappingProxyType(agents) if tenant in copied else agents
+        for tenant, agents in tenants.items()
+    }
+    return RegistrySnapshot(MappingProxyType(frozen), last_seq)
+
+
+class RegistryView:
+    """One process's live registry, fed by an ordered push consumer on ``REGISTRY``."""
+
+    def __init__(self) -> None:
+        self.snapshot = RegistrySnapshot()
+        self._advanced = asyncio.Condition()
+        self._subscription: object | None = None
+        self._caught_up = asyncio.Event()
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Replay the stream from its start, then follow it; returns once caught up."""
+        if self._subscription is not None:
+            return
+        info = await js.stream_info(Stream.REGISTRY)
+        target = info.state.last_seq
+        self._subscription = await js.subscribe(
+            "reg.>",
+            stream=Stream.REGISTRY,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            cb=self._on_message,
+        )
+        if target == 0:
+            self._caught_up.set()
+        await self.wait_for(target, timeout=30.0)
+        self._caught_up.set()
+        log.info("registry_view_ready", agents=len(self.snapshot), seq=self.snapshot.last_seq)
+
+    @property
+    def ready(self) -> bool:
+        return self._caught_up.is_set()
+
+    async def _on_message(self, message: Msg) -> None:
+        try:
+            event = decode_message(message)
+        except BrokerError as e:
+            log.error("registry_event_unreadable", error=e.message)
+            return
+        self.snapshot = self.snapshot.apply(event)  # one reference swap
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    async def wait_for(self, seq: int, timeout: float = 5.0) -> bool:
+        """Wait until the snapshot includes stream sequence ``seq``; ``False`` on timeout."""
+        if self.snapshot.last_seq >= seq:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._advanced:
+                await self._advanced.wait_for(lambda: self.snapshot.last_seq >= seq)
+        return self.snapshot.last_seq >= seq

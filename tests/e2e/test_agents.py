@@ -1,0 +1,233 @@
+"""The registry over real HTTP/2: commands, 409/404/413/422, time travel, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from tests.e2e._broker import BrokerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def manifest(name: str, version: str = "1.0.0", **extra: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "version": version,
+        "description": "Summarises long documents.",
+        "capabilities": [
+            {
+                "action": "summarize",
+                "content_types": ["text/plain", "application/pdf"],
+                "modalities": ["text", "document"],
+                "examples": ["give me the gist of this report"],
+            }
+        ],
+        **extra,
+    }
+
+
+def unique() -> str:
+    return f"agent-{uuid.uuid4().hex[:8]}"
+
+
+async def put(client: httpx.AsyncClient, body: dict[str, object], **headers: str) -> httpx.Response:
+    return await client.put(
+        f"/v1/agents/{body['name']}",
+        content=orjson.dumps(body),
+        headers={"content-type": "application/json", **headers},
+    )
+
+
+async def test_register_update_noop_and_deregister(client: httpx.AsyncClient) -> None:
+    name = unique()
+    created = await put(client, manifest(name))
+    assert created.status_code == 201, created.text
+    assert created.json()["event"] == "AgentRegistered"
+    seq = created.json()["seq"]
+    assert created.headers["etag"] == f'"{seq}"'
+    got = await client.get(f"/v1/agents/{name}")
+    assert got.json()["manifest"]["name"] == name
+    assert got.json()["seq"] == seq
+    same = await put(client, manifest(name))
+    assert same.status_code == 200
+    assert (same.json()["changed"], same.json()["seq"]) == (False, seq)
+    updated = await put(client, manifest(name, "1.1.0"), **{"if-match": f'"{seq}"'})
+    assert updated.json()["event"] == "AgentUpdated"
+    stale = await put(client, manifest(name, "1.2.0"), **{"if-match": f'"{seq}"'})
+    assert stale.status_code == 409
+    assert stale.json()["error_code"] == "version_conflict"
+    gone = await client.delete(f"/v1/agents/{name}")
+    assert gone.status_code == 200
+    assert (await client.get(f"/v1/agents/{name}")).status_code == 404
+    history = (await client.get(f"/v1/agents/{name}/history")).json()["events"]
+    assert [e["type"] for e in history] == ["AgentRegistered", "AgentUpdated", "AgentDeregistered"]
+
+
+async def test_yaml_manifest_is_accepted(client: httpx.AsyncClient) -> None:
+    name = unique()
+    r = await client.put(
+        f"/v1/agents/{name}",
+        content=yaml.safe_dump(manifest(name)).encode(),
+        headers={"content-type": "application/yaml"},
+    )
+    assert r.status_code == 201, r.text
+
+
+async def test_time_travel_over_http(client: httpx.AsyncClient) -> None:
+    name = unique()
+    first = (await put(client, manifest(name))).json()["seq"]
+    await put(client, manifest(name, "2.0.0"))
+    then = (await client.get("/v1/agents", params={"as_of": str(first)})).json()
+    versions = {a["name"]: a["version"] for a in then["agents"]}
+    assert versions[name] == "1.0.0"
+    now = (await client.get("/v1/agents")).json()
+    assert {a["name"]: a["version"] for a in now["agents"]}[name] == "2.0.0"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code", "paths"),
+    [
+        (b"{", "application/json", 422, "invalid_manifest", []),
+        (
+            orjson.dumps({"name": "x"}),
+            "application/json",
+            422,
+            "invalid_manifest",
+            ["version", "description", "capabilities"],
+        ),
+        (
+            orjson.dumps(manifest("x", "one")),
+            "application/json",
+            422,
+            "invalid_manifest",
+            ["version"],
+        ),
+        (
+            orjson.dumps(manifest("x", capabilities=[{"action": "A B"}])),
+            "application/json",
+            422,
+            "invalid_manifest",
+            ["capabilities.0.action"],
+        ),
+        (orjson.dumps(manifest("y")), "application/json", 422, "unprocessable", []),
+        (orjson.dumps(manifest("x")), "text/plain", 415, "unsupported_media_type", []),
+        (b" " * (256 * 1024 + 1), "application/json", 413, "payload_too_large", []),
+    ],
+)
+async def test_bad_manifests_get_clear_answers(
+    client: httpx.AsyncClient,
+    body: bytes,
+    content_type: str,
+    status: int,
+    code: str,
+    paths: list[str],
+) -> None:
+    r = await client.put("/v1/agents/x", content=body, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+    assert r.json()["error_code"] == code
+    for path in paths:
+        assert path in [e["loc"] for e in r.json()["errors"]]
+
+
+async def test_unknown_agent_is_404(client: httpx.AsyncClient) -> None:
+    for r in (
+        await client.get("/v1/agents/nobody"),
+        await client.delete("/v1/agents/nobody"),
+        await client.get("/v1/agents/nobody/history"),
+    ):
+        assert r.status_code == 404
+        assert r.json()["error_code"] == "not_found"
+
+
+def test_cli_apply_shows_a_diff_and_is_idempotent(broker: BrokerProcess, tmp_path: Path) -> None:
+    name = unique()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(manifest(name)))
+    (tmp_path / "b.json").write_text(json.dumps(manifest(name + "-b")))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "agents", *args, "--url", broker.base_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    dry = cli("apply", "-f", str(tmp_path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert '+  "name"' in dry.stdout or f'"name": "{name}"' in dry.stdout
+    assert httpx.get(f"{broker.base_url}/v1/agents/{name}").status_code == 404
+    applied = cli("apply", "-f", str(tmp_path))
+    assert applied.returncode == 0, applied.stderr
+    assert "AgentRegistered" in applied.stdout
+    again = cli("apply", "-f", str(tmp_path))
+    assert "0 change(s)" in again.stdout
+    listed = cli("list", "--output", "json")
+    assert name in {a["name"] for a in json.loads(listed.stdout)["agents"]}
+    assert json.loads(cli("get", name).stdout)["name"] == name
+    assert "AgentRegistered" in cli("history", name).stdout
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "c.yaml").write_text("name: x\n")
+    refused = cli("apply", "-f", str(bad))
+    assert refused.returncode == 1
+    assert "version" in refused.stderr
+
+
+def test_cli_imports_an_a2a_card_that_applies(broker: BrokerProcess, tmp_path: Path) -> None:
+    card = {
+        "name": f"card {uuid.uuid4().hex[:6]}",
+        "description": "Answers billing questions.",
+        "url": "https://agents.example/billing",
+        "version": "2",
+        "defaultInputModes": ["text/plain"],
+        "skills": [
+            {"id": "billing_faq", "name": "Billing FAQ", "examples": ["why was I charged twice?"]}
+        ],
+    }
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "manifests" / "billing.yaml"
+    out.parent.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "agents",
+            "import-a2a",
+            str(tmp_path / "card.json"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    applied = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "agents",
+            "apply",
+            "-f",
+            str(out.parent),
+            "--url",
+            broker.base_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    name = yaml.safe_load(out.read_text())["name"]
+    assert httpx.get(f"{broker.base_url}/v1/agents/{name}").json()["version"] == "2.0.0"

@@ -1,0 +1,181 @@
+"""The registry against a real server: events, concurrency, time travel, live snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import nats
+import pytest
+import pytest_asyncio
+
+from broker.envelope import Tenant
+from broker.errors import NotFound
+from broker.publisher import Publisher
+from broker.registry.commands import (
+    VersionConflict,
+    agent_history,
+    delete_agent,
+    put_agent,
+    registry_as_of,
+)
+from broker.registry.manifest import AgentManifest
+from broker.registry.snapshot import RegistryView
+from broker.settings import Settings
+from broker.streams import provision
+
+pytestmark = pytest.mark.integration
+T = Tenant("acme")
+
+
+def manifest(
+    name: str, version: str = "1.0.0", description: str = "Translates text."
+) -> AgentManifest:
+    return AgentManifest.model_validate(
+        {
+            "name": name,
+            "version": version,
+            "description": description,
+            "capabilities": [{"action": "translate", "content_types": ["text/plain"]}],
+        }
+    )
+
+
+@pytest_asyncio.fixture
+async def publisher(nats_url: str) -> AsyncIterator[Publisher]:
+    nc = await nats.connect(nats_url)
+    await provision(nc.jetstream(), Settings())
+    await nc.close()
+    pub = Publisher([nats_url])
+    pub.start()
+    assert await pub.wait_connected(5)
+    yield pub
+    await pub.close()
+
+
+async def test_history_is_in_order_and_identical_reapply_appends_nothing(
+    publisher: Publisher,
+) -> None:
+    first = await put_agent(publisher, T, manifest("tr"))
+    assert first.changed
+    assert first.event is not None
+    assert first.event.type == "AgentRegistered"
+    same = await put_agent(publisher, T, manifest("tr"))
+    assert not same.changed
+    assert same.seq == first.seq
+    second = await put_agent(publisher, T, manifest("tr", "1.1.0"))
+    assert second.event is not None
+    assert second.event.type == "AgentUpdated"
+    gone = await delete_agent(publisher, T, "tr")
+    events = await agent_history(publisher.js, T, "tr")
+    assert [(e.type, e.seq) for e in events] == [
+        ("AgentRegistered", first.seq),
+        ("AgentUpdated", second.seq),
+        ("AgentDeregistered", gone.seq),
+    ]
+    with pytest.raises(NotFound):
+        await delete_agent(publisher, T, "tr")
+
+
+async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publisher) -> None:
+    v1 = await put_agent(publisher, T, manifest("cc"))
+    await put_agent(publisher, T, manifest("cc", "2.0.0"), if_match=v1.seq)
+    with pytest.raises(VersionConflict):
+        await put_agent(publisher, T, manifest("cc", "3.0.0"), if_match=v1.seq)
+    # Ten writers race from the same read: exactly one wins, the rest are told so.
+    head = (await agent_history(publisher.js, T, "cc"))[-1].seq
+    results = await asyncio.gather(
+        *(put_agent(publisher, T, manifest("cc", f"4.0.{i}"), if_match=head) for i in range(10)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, VersionConflict) for r in results if isinstance(r, BaseException))
+    assert len(await agent_history(publisher.js, T, "cc")) == 3
+
+
+async def test_time_travel_returns_the_old_state_after_later_changes(publisher: Publisher) -> None:
+    await put_agent(publisher, T, manifest("a"))
+    b = await put_agent(publisher, T, manifest("b"))
+    await asyncio.sleep(0.01)
+    moment = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    await put_agent(publisher, T, manifest("a", "9.0.0"))
+    await delete_agent(publisher, T, "b")
+    await put_agent(publisher, T, manifest("c"))
+    by_seq = await registry_as_of(publisher.js, T, seq=b.seq)
+    by_time = await registry_as_of(publisher.js, T, time=moment)
+    for old in (by_seq, by_time):
+        assert [r.name for r in old.agents(T)] == ["a", "b"]
+        record = old.get(T, "a")
+        assert record is not None
+        assert record.manifest.version == "1.0.0"
+    now = await registry_as_of(publisher.js, T)
+    assert [(r.name, r.manifest.version) for r in now.agents(T)] == [("a", "9.0.0"), ("c", "1.0.0")]
+
+
+async def test_live_view_follows_the_stream_and_a_restart_rebuilds_it(publisher: Publisher) -> None:
+    view = RegistryView()
+    await view.start(publisher.js)
+    assert view.ready
+    readers_saw: list[int] = []
+    old = view.snapshot
+    result = await put_agent(publisher, T, manifest("live"))
+    assert await view.wait_for(result.seq, timeout=2)
+    readers_saw.append(len(view.snapshot))
+    assert old.get(T, "live") is None  # an earlier snapshot never changes under a reader
+    assert view.snapshot.get(T, "live") is not None
+    await put_agent(publisher, T, manifest("other"))
+    last = await delete_agent(publisher, T, "live")
+    assert await view.wait_for(last.seq, timeout=2)
+
+    rebuilt = RegistryView()  # a restarted process: replays the stream from the start
+    await rebuilt.start(publisher.js)
+    assert rebuilt.snapshot.last_seq == view.snapshot.last_seq
+    assert rebuilt.snapshot.agents(T) == view.snapshot.agents(T)
+    assert [r.name for r in rebuilt.snapshot.agents(T)] == ["other"]
+
+
+_OTHER_PROCESS = """
+import asyncio, json, sys
+import nats
+from broker.registry.snapshot import RegistryView
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    view = RegistryView()
+    await view.start(nc.jetstream())
+    assert await view.wait_for(int(sys.argv[2]), timeout=10)
+    print(json.dumps([[r.name, r.seq, r.manifest.version] for r in view.snapshot.agents("acme")]))
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_converge_on_the_same_snapshot(
+    publisher: Publisher, nats_url: str
+) -> None:
+    view = RegistryView()
+    await view.start(publisher.js)
+    last = 0
+    for i in range(20):
+        last = (await put_agent(publisher, T, manifest(f"agent-{i % 7}", f"1.0.{i}"))).seq
+    assert await view.wait_for(last, timeout=5)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _OTHER_PROCESS,
+        nats_url,
+        str(last),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    other = json.loads(stdout.decode().strip().splitlines()[-1])
+    mine = [[r.name, r.seq, r.manifest.version] for r in view.snapshot.agents(T)]
+    assert other == mine
