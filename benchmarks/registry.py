@@ -33,7 +33,7 @@ from broker.settings import Settings  # noqa: E402
 from broker.streams import provision  # noqa: E402
 
 T = Tenant("bench")
-CHUNK = 20_000
+YIELD_EVERY = 1000
 
 _WATCHER = """
 import asyncio, sys, time
@@ -75,9 +75,13 @@ def manifest(i: int, version: str = "1.0.0") -> AgentManifest:
 async def lookups(
     view: RegistryView, publisher: Publisher, agents: int, seconds: float
 ) -> tuple[float, float, int]:
-    """(snapshot lookups/s under a writer, dict lookups/s, updates applied meanwhile)."""
-    names = [f"agent-{i}" for i in range(agents)]
-    plain = {name: view.snapshot.get(T, name) for name in names}
+    """(snapshot lookups/s under a writer, dict lookups/s, updates applied meanwhile).
+
+    Both loops look up the same ``(tenant, name)`` keys and yield to the event loop every
+    ``YIELD_EVERY`` lookups, so the writer and the snapshot watcher keep running.
+    """
+    keys = [(T, f"agent-{i}") for i in range(agents)]
+    plain = dict(view.snapshot)
     stop = asyncio.Event()
     applied = 0
 
@@ -90,22 +94,25 @@ async def lookups(
             i += 1
 
     task = asyncio.create_task(writer())
+    rounds = [keys[i : i + YIELD_EVERY] for i in range(0, len(keys), YIELD_EVERY)]
     count, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
-        for name in names * (CHUNK // agents or 1):
-            view.snapshot.get(T, name)
-        count += len(names) * (CHUNK // agents or 1)
-        await asyncio.sleep(0)  # let the watcher apply what the writer appended
+        for chunk in rounds:
+            for key in chunk:
+                view.snapshot.get(key)  # the latest snapshot, every time
+            count += len(chunk)
+            await asyncio.sleep(0)
     snapshot_rate = count / (time.perf_counter() - began)
     stop.set()
     await task
 
     count, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
-        for name in names * (CHUNK // agents or 1):
-            plain.get(name)
-        count += len(names) * (CHUNK // agents or 1)
-        await asyncio.sleep(0)
+        for chunk in rounds:
+            for key in chunk:
+                plain.get(key)
+            count += len(chunk)
+            await asyncio.sleep(0)
     dict_rate = count / (time.perf_counter() - began)
     return snapshot_rate, dict_rate, applied
 

@@ -140,7 +140,7 @@ def agents_router(state: IngressState) -> APIRouter:
             state.publisher, state.tenant, manifest, if_match=_if_match(if_match)
         )
         await state.registry.wait_for(result.seq, timeout=2.0)  # read-your-writes here
-        record = state.registry.snapshot.get(state.tenant, name)
+        record = state.registry.snapshot.agent(state.tenant, name)
         response.headers["ETag"] = f'"{result.seq}"'
         if result.event is not None and result.event.type == "AgentRegistered":
             response.status_code = 201
@@ -186,7 +186,7 @@ def agents_router(state: IngressState) -> APIRouter:
 
     @router.get("/{name}", response_model=AgentBody)
     async def get(name: AgentPath, response: Response) -> AgentBody:
-        record = state.registry.snapshot.get(state.tenant, name)
+        record = state.registry.snapshot.agent(state.tenant, name)
         if record is None:
             raise NotFound(f"agent {name} is not registered")
         response.headers["ETag"] = f'"{record.seq}"'

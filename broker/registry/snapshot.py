@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from types import MappingProxyType
+from typing import NoReturn
 
 import structlog
 from nats.aio.msg import Msg
@@ -42,31 +42,37 @@ class AgentRecord:
     updated_at: datetime | None
 
 
-_EMPTY: Mapping[str, Mapping[str, AgentRecord]] = MappingProxyType({})
+AgentKey = tuple[str, str]  # (tenant, name)
 
 
-class RegistrySnapshot:
-    """An immutable registry state after the events up to ``last_seq``."""
+class RegistrySnapshot(dict[AgentKey, AgentRecord]):
+    """An immutable registry state after the events up to ``last_seq``.
 
-    __slots__ = ("_tenants", "last_seq")
+    A dict keyed by ``(tenant, name)``, so the hot path is C-level:
+    ``snapshot.get((tenant, name))``. Mutating methods raise; a change makes a new snapshot
+    (:meth:`apply`, :func:`fold`) and the old one stays valid for whoever still reads it.
+    """
+
+    __slots__ = ("last_seq",)
 
     def __init__(
-        self, tenants: Mapping[str, Mapping[str, AgentRecord]] = _EMPTY, last_seq: int = 0
+        self, agents: Mapping[AgentKey, AgentRecord] | None = None, last_seq: int = 0
     ) -> None:
-        self._tenants = tenants
+        super().__init__(agents or {})
         self.last_seq = last_seq
 
-    def get(self, tenant: Tenant, name: str) -> AgentRecord | None:
-        agents = self._tenants.get(tenant)
-        return agents.get(name) if agents is not None else None
+    def _immutable(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a RegistrySnapshot is immutable; apply events to get a new one")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _immutable
+    __ior__ = _immutable
+
+    def agent(self, tenant: Tenant, name: str) -> AgentRecord | None:
+        return self.get((tenant, name))
 
     def agents(self, tenant: Tenant) -> list[AgentRecord]:
         """The tenant's agents, by name."""
-        agents = self._tenants.get(tenant, {})
-        return [agents[name] for name in sorted(agents)]
-
-    def __len__(self) -> int:
-        return sum(len(agents) for agents in self._tenants.values())
+        return sorted((r for (t, _), r in self.items() if t == tenant), key=lambda r: r.name)
 
     def apply(self, event: RegistryEvent) -> RegistrySnapshot:
         """The snapshot after ``event``; ``self`` is left as it was."""
@@ -74,24 +80,18 @@ class RegistrySnapshot:
 
 
 def fold(events: Iterable[RegistryEvent], base: RegistrySnapshot | None = None) -> RegistrySnapshot:
-    """Apply ``events`` in stream order; copies only the tenants they touch."""
-    base = base or RegistrySnapshot()
-    tenants = dict(base._tenants)
-    copied: set[str] = set()
-    last_seq = base.last_seq
+    """Apply ``events`` in stream order onto a copy of ``base`` (one copy per call)."""
+    agents: dict[AgentKey, AgentRecord] = dict(base) if base else {}
+    last_seq = base.last_seq if base else 0
     for event in events:
         if event.seq and event.seq <= last_seq:
             continue  # already applied (redelivery)
-        if event.tenant not in copied:
-            tenants[event.tenant] = dict(tenants.get(event.tenant, {}))
-            copied.add(event.tenant)
-        agents = tenants[event.tenant]
-        assert isinstance(agents, dict)
+        key = (event.tenant, event.name)
         if event.type is RegistryEventType.DEREGISTERED or event.manifest is None:
-            agents.pop(event.name, None)
+            agents.pop(key, None)
         else:
-            previous = agents.get(event.name)
-            agents[event.name] = AgentRecord(
+            previous = agents.get(key)
+            agents[key] = AgentRecord(
                 tenant=event.tenant,
                 name=event.name,
                 manifest=event.manifest,
@@ -100,11 +100,7 @@ def fold(events: Iterable[RegistryEvent], base: RegistrySnapshot | None = None) 
                 updated_at=event.at,
             )
         last_seq = max(last_seq, event.seq)
-    frozen = {
-        tenant: MappingProxyType(agents) if tenant in copied else agents
-        for tenant, agents in tenants.items()
-    }
-    return RegistrySnapshot(MappingProxyType(frozen), last_seq)
+    return RegistrySnapshot(agents, last_seq)
 
 
 class RegistryView:

@@ -110,7 +110,7 @@ async def test_time_travel_returns_the_old_state_after_later_changes(publisher: 
     by_time = await registry_as_of(publisher.js, T, time=moment)
     for old in (by_seq, by_time):
         assert [r.name for r in old.agents(T)] == ["a", "b"]
-        record = old.get(T, "a")
+        record = old.agent(T, "a")
         assert record is not None
         assert record.manifest.version == "1.0.0"
     now = await registry_as_of(publisher.js, T)
@@ -126,8 +126,8 @@ async def test_live_view_follows_the_stream_and_a_restart_rebuilds_it(publisher:
     result = await put_agent(publisher, T, manifest("live"))
     assert await view.wait_for(result.seq, timeout=2)
     readers_saw.append(len(view.snapshot))
-    assert old.get(T, "live") is None  # an earlier snapshot never changes under a reader
-    assert view.snapshot.get(T, "live") is not None
+    assert old.agent(T, "live") is None  # an earlier snapshot never changes under a reader
+    assert view.snapshot.agent(T, "live") is not None
     await put_agent(publisher, T, manifest("other"))
     last = await delete_agent(publisher, T, "live")
     assert await view.wait_for(last.seq, timeout=2)

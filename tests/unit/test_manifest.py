@@ -223,11 +223,21 @@ def _event(kind: RegistryEventType, name: str, seq: int, version: str = "1.0.0")
 def test_fold_is_copy_on_write_and_skips_redelivered_events() -> None:
     first = fold([_event(RegistryEventType.REGISTERED, "a", 1)])
     second = first.apply(_event(RegistryEventType.UPDATED, "a", 2, "2.0.0"))
-    assert first.get(Tenant("t"), "a").manifest.version == "1.0.0"  # type: ignore[union-attr]
-    assert second.get(Tenant("t"), "a").manifest.version == "2.0.0"  # type: ignore[union-attr]
-    assert second.get(Tenant("t"), "a").registered_seq == 1  # type: ignore[union-attr]
+    assert first.agent(Tenant("t"), "a").manifest.version == "1.0.0"  # type: ignore[union-attr]
+    assert second.agent(Tenant("t"), "a").manifest.version == "2.0.0"  # type: ignore[union-attr]
+    assert second.agent(Tenant("t"), "a").registered_seq == 1  # type: ignore[union-attr]
     assert second.apply(_event(RegistryEventType.UPDATED, "a", 2, "9.9.9")).last_seq == 2
     gone = second.apply(_event(RegistryEventType.DEREGISTERED, "a", 3))
-    assert gone.get(Tenant("t"), "a") is None
+    assert gone.agent(Tenant("t"), "a") is None
     assert len(gone) == 0
-    assert second.get(Tenant("other"), "a") is None
+    assert second.agent(Tenant("other"), "a") is None
+
+
+def test_snapshots_refuse_mutation() -> None:
+    snapshot = fold([_event(RegistryEventType.REGISTERED, "a", 1)])
+    record = snapshot.agent(Tenant("t"), "a")
+    with pytest.raises(TypeError):
+        snapshot[("t", "b")] = record  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        snapshot.pop(("t", "a"))
+    assert snapshot.get(("t", "a")) is record
