@@ -38,6 +38,15 @@ def _fail(response: Any) -> None:
     raise typer.Exit(EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED)
 
 
+def _get_json(url: str, path: str, params: dict[str, str] | None = None) -> Any:
+    """GET ``path`` and return its JSON body; exits with the documented code on an error."""
+    with _client(url) as client:
+        response = client.get(path, params=params)
+    if response.status_code >= 400:
+        _fail(response)
+    return response.json()
+
+
 def _manifest_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in _MANIFEST_SUFFIXES)
@@ -117,11 +126,7 @@ def list_agents(
     output: OUTPUT = "table",
 ) -> None:
     """List registered agents (now, or as they were at --as-of)."""
-    with _client(url) as client:
-        response = client.get("/v1/agents", params={"as_of": as_of} if as_of else None)
-    if response.status_code >= 400:
-        _fail(response)
-    body = response.json()
+    body = _get_json(url, "/v1/agents", {"as_of": as_of} if as_of else None)
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
         return
@@ -140,21 +145,13 @@ def list_agents(
 @agents_app.command()
 def get(name: str, url: URL = DEFAULT_URL) -> None:
     """Print one agent (JSON)."""
-    with _client(url) as client:
-        response = client.get(f"/v1/agents/{name}")
-    if response.status_code >= 400:
-        _fail(response)
-    typer.echo(json.dumps(response.json(), indent=2))
+    typer.echo(json.dumps(_get_json(url, f"/v1/agents/{name}"), indent=2))
 
 
 @agents_app.command()
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
     """Every registry event of one agent, oldest first."""
-    with _client(url) as client:
-        response = client.get(f"/v1/agents/{name}/history")
-    if response.status_code >= 400:
-        _fail(response)
-    body = response.json()
+    body = _get_json(url, f"/v1/agents/{name}/history")
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
         return

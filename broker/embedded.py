@@ -2,34 +2,55 @@
 
 Used by ``broker serve`` (the embedded server), by the test fixtures and by fault tests.
 Each server gets a generated config file, a log file and a pid file in its store
-directory; it is told to die with its parent (``PR_SET_PDEATHSIG``), and a stale server
-left by a crashed parent on the same store directory is stopped before a new one starts.
+directory (JetStream keeps its data in ``<store_dir>/jetstream``). It is told to die with
+its parent (``PR_SET_PDEATHSIG``), and a stale server left by a crashed parent on the same
+store directory is stopped before a new one starts.
+
+Readiness is the monitoring ``/healthz`` with no options: it answers 200 only once
+JetStream is enabled, every stored stream is recovered and, in a cluster, this node is
+in contact with, and current with, a JetStream meta leader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import structlog
 
 from broker._process import die_with_parent
 from broker.errors import EmbeddedServerError
 
+__all__ = [
+    "EmbeddedServerError",
+    "NatsCluster",
+    "NatsServer",
+    "ServerSpec",
+    "free_port",
+    "nats_server_binary",
+]
+
 log = structlog.get_logger(__name__)
 
 _POLL = 0.02
+_ADDRESS_IN_USE = "address already in use"
 
 
 def nats_server_binary() -> Path:
@@ -56,7 +77,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What to start. Ports of 0 are chosen free at start and then kept across restarts."""
+    """What to start. Ports of 0 are chosen free at first start and kept across restarts."""
 
     store_dir: Path
     host: str = "127.0.0.1"
@@ -70,15 +91,20 @@ class ServerSpec:
     routes: tuple[str, ...] = ()
 
 
+class _PortTaken(EmbeddedServerError):
+    """A port chosen free was bound by someone else before the server could listen."""
+
+
 def _config(spec: ServerSpec, port: int, http_port: int) -> str:
-    store = json.dumps(str(spec.store_dir / "jetstream"))
+    """The nats-server config file. Strings are JSON-quoted, which the config parser reads."""
     lines = [
         f"listen: {json.dumps(f'{spec.host}:{port}')}",
         f"http: {json.dumps(f'127.0.0.1:{http_port}')}",
         f"max_payload: {spec.max_payload}",
         f"pid_file: {json.dumps(str(spec.store_dir / 'nats-server.pid'))}",
         "jetstream {",
-        f"  store_dir: {store}",
+        # The server appends "jetstream" itself: the data lands in <store_dir>/jetstream.
+        f"  store_dir: {json.dumps(str(spec.store_dir))}",
     ]
     if spec.sync_interval:
         lines.append(f"  sync_interval: {json.dumps(spec.sync_interval)}")
@@ -97,8 +123,17 @@ def _config(spec: ServerSpec, port: int, http_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _stale_server(pid_file: Path, config: Path) -> int | None:
-    """The pid of a live nats-server started with ``config`` by an earlier, dead parent."""
+    """The pid of a live nats-server started with ``config``, left by an earlier parent."""
     try:
         pid = int(pid_file.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -107,7 +142,49 @@ def _stale_server(pid_file: Path, config: Path) -> int | None:
     is_ours = (
         any(arg.endswith(b"nats-server") for arg in cmdline[:1]) and str(config).encode() in cmdline
     )
-    return pid if is_ours else None
+    return pid if is_ours and _alive(pid) else None
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process.
+# A server spawned from a worker thread (asyncio.to_thread, an executor) would be killed
+# when that thread ends, so off the main thread the fork happens on one thread that lives
+# as long as the process.
+_Popen = subprocess.Popen[bytes]
+_spawn_queue: queue.SimpleQueue[tuple[Callable[[], _Popen], Future[_Popen]]] = queue.SimpleQueue()
+_spawner_lock = threading.Lock()
+_spawner: threading.Thread | None = None
+
+
+def _spawner_loop() -> None:
+    while True:
+        call, future = _spawn_queue.get()
+        try:
+            future.set_result(call())
+        except BaseException as e:  # handed to the caller, who re-raises it
+            future.set_exception(e)
+
+
+def _spawn(argv: list[str], output: IO[bytes]) -> subprocess.Popen[bytes]:
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+            start_new_session=True,  # Ctrl-C in the broker's terminal is not the server's
+        )
+
+    if threading.current_thread() is threading.main_thread():
+        return popen()
+    global _spawner  # noqa: PLW0603 - one process-wide thread, started on first need
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = threading.Thread(target=_spawner_loop, name="nats-spawner", daemon=True)
+            _spawner.start()
+    future: Future[_Popen] = Future()
+    _spawn_queue.put((popen, future))
+    return future.result()
 
 
 class NatsServer:
@@ -118,10 +195,16 @@ class NatsServer:
         self.port = spec.port
         self.http_port = spec.http_port
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+        self._ever_ready = False
 
     @property
     def url(self) -> str:
         return f"nats://{self.spec.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def log_path(self) -> Path:
@@ -132,6 +215,10 @@ class NatsServer:
         return self.spec.store_dir / "nats-server.conf"
 
     @property
+    def pid_path(self) -> Path:
+        return self.spec.store_dir / "nats-server.pid"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -139,54 +226,73 @@ class NatsServer:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, *, ready_timeout: float = 15.0) -> NatsServer:
-        """Start and wait until JetStream is ready; returns ``self``."""
+        """Start and wait until JetStream is ready; returns ``self``.
+
+        If a port chosen free at first start was taken in the meantime, new ones are
+        chosen and the start is tried once more. Restarts keep their ports.
+        """
         if self.is_running():
             return self
-        self.launch()
-        try:
-            self.wait_ready(ready_timeout)
-        except EmbeddedServerError:
-            self.kill()
-            raise
+        for attempt in (1, 2):
+            self.launch()
+            try:
+                self.wait_ready(ready_timeout)
+            except _PortTaken as e:
+                self.kill()
+                if attempt == 2 or not self._choose_new_ports():
+                    raise EmbeddedServerError(str(e)) from None
+                log.warning("nats_server_port_taken_retrying", store_dir=str(self.spec.store_dir))
+                continue
+            except EmbeddedServerError:
+                self.kill()
+                raise
+            break
         log.debug("nats_server_started", url=self.url, pid=self.pid)
         return self
+
+    def _choose_new_ports(self) -> bool:
+        """Forget ports chosen free (never those in the spec, nor after a first start)."""
+        if self._ever_ready:
+            return False
+        return self._forget_chosen_ports()
+
+    def _forget_chosen_ports(self) -> bool:
+        self.port, self.http_port = self.spec.port, self.spec.http_port
+        return self.spec.port == 0 or self.spec.http_port == 0
 
     def launch(self) -> None:
         """Spawn the process without waiting for it to be ready."""
         binary = nats_server_binary()
         self.spec.store_dir.mkdir(parents=True, exist_ok=True)
+        if self._proc is not None:
+            self._proc.poll()  # reap one that died on its own
         self._stop_stale()
         self.port = self.port or free_port(self.spec.host)
         self.http_port = self.http_port or free_port()
         self.config_path.write_text(_config(self.spec, self.port, self.http_port))
         with self.log_path.open("ab") as log_file:
-            self._proc = subprocess.Popen(
-                [str(binary), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
-                start_new_session=True,  # Ctrl-C in the broker's terminal is not the server's
-            )
+            self._log_offset = log_file.tell()
+            self._proc = _spawn([str(binary), "-c", str(self.config_path)], log_file)
 
     def _stop_stale(self) -> None:
-        stale = _stale_server(self.spec.store_dir / "nats-server.pid", self.config_path)
+        stale = _stale_server(self.pid_path, self.config_path)
         if stale is None:
             return
         log.warning("stale_nats_server_stopped", pid=stale, store_dir=str(self.spec.store_dir))
         with contextlib.suppress(ProcessLookupError):
             os.kill(stale, signal.SIGTERM)
+            os.kill(stale, signal.SIGCONT)  # in case it was left stopped
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{stale}").exists():
+        while time.monotonic() < deadline and _alive(stale):
             time.sleep(_POLL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stale, signal.SIGKILL)
+        if _alive(stale):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stale, signal.SIGKILL)
 
     def healthy(self) -> bool:
         """JetStream is enabled and current (the monitoring ``/healthz``)."""
-        url = f"http://127.0.0.1:{self.http_port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -196,19 +302,28 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise EmbeddedServerError(
-                    f"nats-server exited with {self._proc.returncode}: {self._log_tail()}"
+                output = self._new_log()
+                error = _PortTaken if _ADDRESS_IN_USE in output else EmbeddedServerError
+                raise error(
+                    f"nats-server exited with {self._proc.returncode}: {_tail(output)}"
+                    f" (log: {self.log_path})"
                 )
             if self.healthy():
+                self._ever_ready = True
                 return
             time.sleep(_POLL)
-        raise EmbeddedServerError(f"nats-server not ready in {timeout} s: {self._log_tail()}")
+        raise EmbeddedServerError(
+            f"nats-server not ready in {timeout} s: {_tail(self._new_log())} (log: {self.log_path})"
+        )
 
-    def _log_tail(self) -> str:
+    def _new_log(self) -> str:
+        """What the server wrote to its log since the last launch."""
         try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop cleanly (SIGTERM: JetStream flushes), SIGKILL if it does not exit in time."""
@@ -217,9 +332,11 @@ class NatsServer:
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)  # a paused server must run to see the SIGTERM
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                log.warning("nats_server_killed_after_timeout", pid=proc.pid, timeout=timeout)
                 proc.kill()
                 proc.wait(5)
         self._proc = None
@@ -232,10 +349,12 @@ class NatsServer:
         self._proc = None
 
     def pause(self) -> None:
+        """SIGSTOP: the process stays but answers nothing (a hung server)."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGCONT)
 
@@ -256,8 +375,12 @@ class NatsServer:
         self.stop()
 
 
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(text.splitlines()[-lines:]) or "(no output)"
+
+
 class NatsCluster:
-    """``size`` JetStream nodes on loopback, routed to each other."""
+    """``size`` JetStream nodes on loopback, each routed to the others."""
 
     def __init__(
         self,
@@ -267,22 +390,29 @@ class NatsCluster:
         cluster_name: str = "broker",
         sync_interval: str | None = None,
     ) -> None:
-        cluster_ports = [free_port() for _ in range(size)]
-        routes = tuple(f"nats-route://127.0.0.1:{port}" for port in cluster_ports)
+        if size < 2:
+            raise ValueError("a NATS cluster needs at least 2 nodes; use NatsServer for one")
         self.nodes = [
             NatsServer(
                 ServerSpec(
                     store_dir=base_dir / f"n{i}",
-                    port=free_port(),
                     server_name=f"n{i}",
                     sync_interval=sync_interval,
                     cluster_name=cluster_name,
-                    cluster_port=cluster_ports[i],
-                    routes=tuple(r for j, r in enumerate(routes) if j != i),
                 )
             )
             for i in range(size)
         ]
+        self._started = False
+        self._assign_cluster_ports()
+
+    def _assign_cluster_ports(self) -> None:
+        """Route ports must be known before any node starts: each lists all the others."""
+        ports = [free_port() for _ in self.nodes]
+        routes = [f"nats-route://127.0.0.1:{port}" for port in ports]
+        for i, node in enumerate(self.nodes):
+            others = tuple(route for j, route in enumerate(routes) if j != i)
+            node.spec = dataclasses.replace(node.spec, cluster_port=ports[i], routes=others)
 
     @property
     def urls(self) -> list[str]:
@@ -293,18 +423,39 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def start(self, *, ready_timeout: float = 30.0) -> NatsCluster:
-        """Start every node; ready when each reports JetStream healthy (a meta leader exists)."""
-        # Nodes only turn healthy once they see each other, so launch all before waiting.
-        for node in self.nodes:
-            node.launch()
-        deadline = time.monotonic() + ready_timeout
-        try:
-            for node in self.nodes:
-                node.wait_ready(max(0.1, deadline - time.monotonic()))
-        except EmbeddedServerError:
-            self.stop()
-            raise
+        """Start every node; ready when each answers ``/healthz`` (it follows a meta leader).
+
+        If a port chosen free was taken before a node could listen, every port is chosen
+        again and the cluster is started once more.
+        """
+        for attempt in (1, 2):
+            try:
+                self._start_once(ready_timeout)
+            except _PortTaken as e:
+                self.stop()
+                if attempt == 2 or self._started:
+                    raise EmbeddedServerError(str(e)) from None
+                log.warning("nats_cluster_port_taken_retrying", nodes=len(self.nodes))
+                for node in self.nodes:
+                    node._forget_chosen_ports()
+                self._assign_cluster_ports()
+                continue
+            except EmbeddedServerError:
+                self.stop()
+                raise
+            break
+        self._started = True
+        log.debug("nats_cluster_started", urls=self.url())
         return self
+
+    def _start_once(self, ready_timeout: float) -> None:
+        # Nodes turn healthy only once they see each other, so launch all before waiting.
+        for node in self.nodes:
+            if not node.is_running():
+                node.launch()
+        deadline = time.monotonic() + ready_timeout
+        for node in self.nodes:
+            node.wait_ready(max(0.1, deadline - time.monotonic()))
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -162,34 +162,27 @@ def _check_header_value(name: str, value: str) -> str:
     return value
 
 
-def parse_schema_id(value: str | int | None, *, field: str = "Schema-Id") -> int | None:
-    """A schema id from a header or record field: a non-negative 32-bit integer."""
+def _bounded_int(value: str | int | None, maximum: int, error: str) -> int | None:
+    """A non-negative integer from a header (decimal digits) or a JSON field; ``None`` if absent."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise Unprocessable(f"{field} must be an integer")
-    try:
-        schema_id = int(value)
-    except (TypeError, ValueError):
-        raise Unprocessable(f"{field} must be an integer") from None
-    if not 0 <= schema_id <= 0x7FFFFFFF:
-        raise Unprocessable(f"{field} must be between 0 and 2147483647")
-    return schema_id
+    digits = isinstance(value, str) and value.isascii() and value.isdigit()
+    if not (digits or (isinstance(value, int) and not isinstance(value, bool))):
+        raise Unprocessable(error)
+    number = int(value)
+    if not 0 <= number <= maximum:
+        raise Unprocessable(error)
+    return number
+
+
+def parse_schema_id(value: str | int | None, *, field: str = "Schema-Id") -> int | None:
+    """A schema id from a header or record field: a non-negative 32-bit integer."""
+    return _bounded_int(value, 0x7FFFFFFF, f"{field} must be an integer from 0 to 2147483647")
 
 
 def parse_sequence(value: str | int | None, *, field: str) -> int | None:
     """A stream sequence from a header or record field: a non-negative 64-bit integer."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise Unprocessable(f"{field} must be a non-negative integer")
-    try:
-        seq = int(value)
-    except (TypeError, ValueError):
-        raise Unprocessable(f"{field} must be a non-negative integer") from None
-    if not 0 <= seq < 2**64:
-        raise Unprocessable(f"{field} must be a non-negative integer")
-    return seq
+    return _bounded_int(value, 2**64 - 1, f"{field} must be a non-negative 64-bit integer")
 
 
 def wire_schema_id(content_type: str, payload: bytes) -> int | None:

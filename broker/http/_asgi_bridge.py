@@ -24,7 +24,7 @@ ASGIApp = Callable[
 
 def _address(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
-    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+    return (host.strip("[]"), int(port)) if sep and port.isascii() and port.isdigit() else None
 
 
 async def call_asgi(app: ASGIApp, scope: Scope, proto: HTTPProtocol, *, body_limit: int) -> None:

@@ -59,7 +59,7 @@ def content_length(headers: Headers) -> int | None:
     value = headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest("Content-Length is not a non-negative integer")
     return int(value)
 

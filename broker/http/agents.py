@@ -80,7 +80,7 @@ def _if_match(value: str) -> int | None:
 
 
 def _as_of(value: str) -> tuple[int | None, datetime | None]:
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return int(value), None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))

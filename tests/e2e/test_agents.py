@@ -231,3 +231,11 @@ def test_cli_imports_an_a2a_card_that_applies(broker: BrokerProcess, tmp_path: P
     assert applied.returncode == 0, applied.stderr
     name = yaml.safe_load(out.read_text())["name"]
     assert httpx.get(f"{broker.base_url}/v1/agents/{name}").json()["version"] == "2.0.0"
+
+
+@pytest.mark.parametrize("as_of", ["²", "yesterday", "2026-11-24T10:00:00", "2026-13-01T00:00:00Z"])
+async def test_bad_as_of_is_422(client: httpx.AsyncClient, as_of: str) -> None:
+    """Found by schemathesis: a non-ASCII digit once crashed the handler (500)."""
+    r = await client.get("/v1/agents", params={"as_of": as_of})
+    assert r.status_code == 422, r.text
+    assert r.json()["error_code"] == "unprocessable"

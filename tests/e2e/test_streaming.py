@@ -14,16 +14,21 @@ from tests.e2e._h2duplex import DuplexStream
 pytestmark = pytest.mark.e2e
 
 
-async def test_acks_arrive_while_the_request_body_still_flows(
-    broker: BrokerProcess, js: JetStreamContext
-) -> None:
-    subject = f"stream.{uuid.uuid4().hex[:10]}"
-    stream = DuplexStream(
+def open_stream(broker: BrokerProcess, subject: str) -> DuplexStream:
+    """A streaming-publish request: NDJSON in, NDJSON acks out."""
+    return DuplexStream(
         "127.0.0.1",
         broker.port,
         f"/v1/publish?subject={subject}",
         {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
     )
+
+
+async def test_acks_arrive_while_the_request_body_still_flows(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    stream = open_stream(broker, subject)
     try:
         for i in range(20):
             stream.send(orjson.dumps({"data": {"i": i}}) + b"\n")
@@ -52,12 +57,7 @@ async def test_an_oversized_streamed_line_fails_alone(
     broker: BrokerProcess, js: JetStreamContext
 ) -> None:
     subject = f"stream.{uuid.uuid4().hex[:10]}"
-    stream = DuplexStream(
-        "127.0.0.1",
-        broker.port,
-        f"/v1/publish?subject={subject}",
-        {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
-    )
+    stream = open_stream(broker, subject)
     try:
         stream.send(b'{"data": 1}\n')
         huge = b'{"data": "' + b"z" * (600 * 1024) + b'"}\n'

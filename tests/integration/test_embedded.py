@@ -2,27 +2,56 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from structlog.testing import capture_logs
 
-from broker.embedded import NatsCluster, NatsServer, ServerSpec
-from broker.errors import EmbeddedServerError
+import broker.embedded
+from broker.embedded import EmbeddedServerError, NatsCluster, NatsServer, ServerSpec
 from tests._wait import await_until, wait_for
-from tests.e2e._broker import alive
 
 pytestmark = pytest.mark.integration
 
 
-async def _publish(url: str, stream: str, subject: str, *, replicas: int = 1) -> int:
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def monitor(server: NatsServer, endpoint: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{server.monitor_url}/{endpoint}", timeout=2) as response:
+        body: dict[str, Any] = json.load(response)
+    return body
+
+
+async def _publish(
+    url: str,
+    stream: str,
+    subject: str,
+    *,
+    replicas: int = 1,
+    timeout: float = 10,
+    msg_id: str | None = None,
+) -> int:
+    """Create ``stream`` if it is missing, publish one message, return the acked sequence."""
     nc = await nats.connect(url.split(","), connect_timeout=5, max_reconnect_attempts=20)
-    js = nc.jetstream(timeout=10)
+    js = nc.jetstream(timeout=timeout)
     try:
         try:
             await js.stream_info(stream)
@@ -30,33 +59,56 @@ async def _publish(url: str, stream: str, subject: str, *, replicas: int = 1) ->
             await js.add_stream(
                 StreamConfig(name=stream, subjects=[subject], num_replicas=replicas)
             )
-        return (await js.publish(subject, b"x")).seq
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        return (await js.publish(subject, b"x", headers=headers)).seq
     finally:
         await nc.close()
 
 
 async def test_server_starts_on_a_free_port_with_jetstream(nats_server: NatsServer) -> None:
+    """A fresh server listens on a free port (not 4222) and acks a JetStream publish."""
     assert nats_server.port not in (0, 4222)
+    assert nats_server.url == f"nats://127.0.0.1:{nats_server.port}"
     assert await _publish(nats_server.url, "T", "t.a") == 1
     assert nats_server.healthy()
+    assert (nats_server.spec.store_dir / "jetstream").is_dir()
+    assert nats_server.log_path.read_text().strip()  # output goes to the log, not the terminal
+
+
+def test_spec_options_reach_the_server(tmp_path: Path) -> None:
+    """Server name, payload limit and JetStream sync interval are in the generated config."""
+    spec = ServerSpec(
+        store_dir=tmp_path, server_name="solo", max_payload=1024 * 1024, sync_interval="always"
+    )
+    with NatsServer(spec) as server:
+        varz = monitor(server, "varz")
+    assert varz["server_name"] == "solo"
+    assert varz["max_payload"] == 1024 * 1024
+    assert varz["jetstream"]["config"]["sync_always"] is True
+    assert varz["jetstream"]["config"]["store_dir"] == str(tmp_path / "jetstream")
 
 
 async def test_restart_keeps_stream_data_and_stop_leaves_no_process(tmp_path: Path) -> None:
+    """A restart reuses ports and store; stop leaves no process behind and is idempotent."""
     server = NatsServer(ServerSpec(store_dir=tmp_path)).start()
-    pid = server.pid
-    assert pid is not None
+    first, port = server.pid, server.port
+    assert first is not None
     assert await _publish(server.url, "T", "t.a") == 1
     server.restart()
+    assert server.port == port
     assert await _publish(server.url, "T", "t.a") == 2
     second = server.pid
     server.stop()
+    server.stop()
     assert second is not None
-    assert not alive(pid)
+    assert not alive(first)
     assert not alive(second)
     assert not server.is_running()
+    assert server.pid is None
 
 
 def test_sigkilled_parent_leaves_no_orphan(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL takes its nats-server with it (PR_SET_PDEATHSIG)."""
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
@@ -70,8 +122,9 @@ def test_sigkilled_parent_leaves_no_orphan(tmp_path: Path) -> None:
     )
     assert parent.stdout is not None
     line = parent.stdout.readline()
-    while not line.startswith("PID "):  # skip log lines
+    while line and not line.startswith("PID "):  # skip log lines
         line = parent.stdout.readline()
+    assert line, "the child exited before printing the server pid"
     server_pid = int(line.split()[1])
     assert alive(server_pid)
     parent.send_signal(signal.SIGKILL)
@@ -79,20 +132,75 @@ def test_sigkilled_parent_leaves_no_orphan(tmp_path: Path) -> None:
     assert wait_for(lambda: not alive(server_pid), timeout=10)
 
 
+def test_server_started_from_a_finished_thread_keeps_running(tmp_path: Path) -> None:
+    """PDEATHSIG follows the forking thread: a worker thread's exit must not stop the server."""
+    server = NatsServer(ServerSpec(store_dir=tmp_path))
+    worker = threading.Thread(target=server.start)
+    worker.start()
+    worker.join()
+    try:
+        assert server.pid is not None
+        assert not wait_for(lambda: not server.is_running(), timeout=0.5)
+        assert server.healthy()
+    finally:
+        server.stop()
+
+
 def test_stale_server_from_a_crashed_parent_is_stopped_first(tmp_path: Path) -> None:
+    """A live nats-server on the same store dir (from the pid file) is stopped and logged."""
     first = NatsServer(ServerSpec(store_dir=tmp_path)).start()
     stale_pid = first.pid
     assert stale_pid is not None
     first._proc = None  # the parent "forgets" it, as a crashed parent would
-    second = NatsServer(ServerSpec(store_dir=tmp_path)).start()
+    with capture_logs() as logs:
+        second = NatsServer(ServerSpec(store_dir=tmp_path)).start()
     try:
-        assert wait_for(lambda: not alive(stale_pid), timeout=10)
+        assert not alive(stale_pid)
         assert second.is_running()
         assert second.pid != stale_pid
+        assert {"event": "stale_nats_server_stopped", "pid": stale_pid} in [
+            {k: entry[k] for k in ("event", "pid") if k in entry} for entry in logs
+        ]
     finally:
         second.stop()
         if alive(stale_pid):
             os.kill(stale_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("content", ["not a pid", "self"])
+def test_pid_file_of_something_else_is_left_alone(tmp_path: Path, content: str) -> None:
+    """A pid file naming a process that is not our nats-server never gets it killed."""
+    (tmp_path / "nats-server.pid").write_text(str(os.getpid()) if content == "self" else content)
+    with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
+        assert server.healthy()
+    assert alive(os.getpid())
+
+
+def test_taken_port_is_chosen_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port that was free when chosen but taken before the server listened: a new one."""
+    real_free_port = broker.embedded.free_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = int(squatter.getsockname()[1])
+        ports = iter([taken])
+        monkeypatch.setattr(
+            broker.embedded,
+            "free_port",
+            lambda host="127.0.0.1": next(ports, None) or real_free_port(host),
+        )
+        with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
+            assert server.port != taken
+            assert server.healthy()
+
+
+def test_fixed_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = int(squatter.getsockname()[1])
+        with pytest.raises(EmbeddedServerError, match="address already in use"):
+            NatsServer(ServerSpec(store_dir=tmp_path, port=taken)).start()
 
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,26 +210,53 @@ def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 async def test_pause_and_resume(nats_server: NatsServer) -> None:
+    """A paused server answers nothing; resumed, it serves JetStream again; stop still works."""
     nats_server.pause()
     assert wait_for(lambda: not nats_server.healthy(), timeout=5)
     nats_server.resume()
     assert wait_for(nats_server.healthy, timeout=10)
     assert await _publish(nats_server.url, "T", "t.a") == 1
+    nats_server.pause()
+    pid = nats_server.pid
+    assert pid is not None
+    nats_server.stop(timeout=5)
+    assert not alive(pid)
 
 
-async def test_cluster_keeps_acking_after_a_node_is_killed(nats_cluster: NatsCluster) -> None:
-    url = nats_cluster.url()
-    assert await _publish(url, "R3", "r3.a", replicas=3) == 1
-    nats_cluster.nodes[0].kill()
-    # A new leader (if the killed node led) is elected; publishes resume with the same stream.
+def test_cluster_needs_two_nodes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        NatsCluster(tmp_path, 1)
+
+
+async def test_cluster_keeps_acking_after_the_stream_leader_is_killed(
+    nats_cluster: NatsCluster,
+) -> None:
+    """Every node follows one meta leader; an R3 stream acks again after SIGKILL of its leader."""
+    leaders = {monitor(node, "jsz")["meta_cluster"].get("leader") for node in nats_cluster.nodes}
+    assert len(leaders) == 1
+    assert leaders <= {"n0", "n1", "n2"}
+
+    assert await _publish(nats_cluster.url(), "R3", "r3.a", replicas=3) == 1
+    nc = await nats.connect(nats_cluster.urls, connect_timeout=5)
+    try:
+        info = await nc.jetstream(timeout=10).stream_info("R3")
+    finally:
+        await nc.close()
+    assert info.cluster is not None
+    assert info.cluster.leader is not None
+    victim = next(n for n in nats_cluster.nodes if n.spec.server_name == info.cluster.leader)
+    victim.kill()
+    survivors = ",".join(n.url for n in nats_cluster.nodes if n is not victim)
     seqs: list[int] = []
 
     async def publish_once() -> bool:
         try:
-            seqs.append(await _publish(",".join(nats_cluster.urls[1:]), "R3", "r3.a"))
+            # A short timeout: a request sent to the dead leader gets no answer at all. The
+            # message id makes a retry of a publish that was stored but not acked a duplicate.
+            seqs.append(await _publish(survivors, "R3", "r3.a", timeout=1, msg_id="after-kill"))
         except (nats.errors.Error, TimeoutError):
             return False
         return True
 
-    assert await await_until(publish_once, timeout=30, interval=0.5)
+    assert await await_until(publish_once, timeout=30, interval=0.2)
     assert seqs[-1] == 2
