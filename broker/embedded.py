@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 import structlog
 
@@ -187,7 +187,28 @@ def _spawn(argv: list[str], output: IO[bytes]) -> subprocess.Popen[bytes]:
     return future.result()
 
 
-class NatsServer:
+class _Started:
+    """``with`` starts and stops: ``with NatsServer(spec) as server: ...``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class NatsServer(_Started):
     """One nats-server process with JetStream, its config, log and pid in ``store_dir``."""
 
     def __init__(self, spec: ServerSpec) -> None:
@@ -363,23 +384,12 @@ class NatsServer:
         self.stop()
         self.start(ready_timeout=ready_timeout)
 
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _tail(text: str, lines: int = 5) -> str:
     return " | ".join(text.splitlines()[-lines:]) or "(no output)"
 
 
-class NatsCluster:
+class NatsCluster(_Started):
     """``size`` JetStream nodes on loopback, each routed to the others."""
 
     def __init__(
@@ -460,14 +470,3 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> NatsCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
