@@ -342,7 +342,7 @@ def _ce_data(event: dict[str, Any], content_type: str | None) -> bytes:
         and not (bare == "application/json" or bare.endswith("+json"))
     ):
         return data.encode()
-    return orjson.dumps(data)
+    return _json_bytes(data)
 
 
 # --- batch records ---------------------------------------------------------------------
@@ -384,7 +384,7 @@ def record_to_request(record: Any, *, default_subject: str | None) -> PublishReq
         payload = _ce_data({"data_base64": record["data_base64"]}, None)
         content_type = content_type or DEFAULT_CONTENT_TYPE
     else:
-        payload = orjson.dumps(record.get("data"))
+        payload = _json_bytes(record.get("data"))
         content_type = content_type or "application/json"
     key = record.get("idempotency_key")
     if key is not None and not isinstance(key, str):
@@ -399,6 +399,14 @@ def record_to_request(record: Any, *, default_subject: str | None) -> PublishReq
             record.get("expected_last_subject_sequence"), field="expected_last_subject_sequence"
         ),
     )
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON of a parsed value; what JSON cannot carry (e.g. a 65-bit int) is a 422."""
+    try:
+        return orjson.dumps(value)
+    except TypeError as e:
+        raise Unprocessable(f"data cannot be stored as JSON: {e}") from None
 
 
 def parse_json(body: bytes, *, what: str) -> Any:
