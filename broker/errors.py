@@ -111,3 +111,18 @@ class EmbeddedServerError(BrokerError):
     """The embedded nats-server could not be found, started or made ready."""
 
     error_code = "embedded_server_error"
+
+
+def error_class(error_code: str, status: int) -> type[BrokerError]:
+    """The error class for a server's ``error_code`` (the most specific one known), else the
+    class for its HTTP status: how clients turn an answer back into the tree above."""
+    by_code: dict[str, type[BrokerError]] = {}
+    pending: list[type[BrokerError]] = [BrokerError]
+    while pending:
+        cls = pending.pop()
+        by_code.setdefault(cls.error_code, cls)
+        pending.extend(cls.__subclasses__())
+    if error_code in by_code:
+        return by_code[error_code]
+    same_status = [cls for cls in by_code.values() if cls.status == status]
+    return min(same_status, key=lambda cls: len(cls.__mro__)) if same_status else BrokerError

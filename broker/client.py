@@ -1,0 +1,313 @@
+"""The Python client: ``BrokerClient`` (async) and ``SyncBrokerClient``.
+
+One HTTP/2 connection is multiplexed across calls. Publishes are safe to retry by
+construction: each logical publish gets an idempotency key (generated unless given) that
+every retry reuses, so a retried publish never stores a second copy. Retries back off
+exponentially with full jitter on 429, 503 and connection errors, honouring ``Retry-After``.
+Errors come back as the server's :mod:`broker.errors` classes, chosen by ``error_code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+import orjson
+
+from broker.errors import BrokerError, Unavailable, error_class
+from broker.publisher import PublishAck
+
+__all__ = [
+    "AgentChange",
+    "BrokerClient",
+    "PublishAck",
+    "PublishResult",
+    "RetryPolicy",
+    "SyncBrokerClient",
+]
+
+T = TypeVar("T")
+_RETRYABLE_STATUS = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry (full-jitter exponential backoff)."""
+
+    attempts: int = 6
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_delay * 4)
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """One record's outcome in a batch: an ack or an error."""
+
+    ack: PublishAck | None = None
+    error: BrokerError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.ack is not None
+
+
+@dataclass(frozen=True)
+class AgentChange:
+    """What a registry command did; ``seq`` is the version to send back as ``if_match``."""
+
+    seq: int
+    changed: bool
+    event: str | None
+    agent: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _error(response: httpx.Response) -> BrokerError:
+    try:
+        body = response.json()
+        code, message = str(body["error_code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
+    error = error_class(code, response.status_code)(message)
+    if code and code != error.error_code:
+        error.error_code = code  # type: ignore[misc]  # keep the server's code
+    return error
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    return float(value) if value and value.isascii() and value.isdigit() else None
+
+
+def _payload(payload: bytes | str | Any, content_type: str | None) -> tuple[bytes, str]:
+    if isinstance(payload, bytes):
+        return payload, content_type or "application/octet-stream"
+    if isinstance(payload, str):
+        return payload.encode(), content_type or "text/plain; charset=utf-8"
+    return orjson.dumps(payload), content_type or "application/json"
+
+
+class BrokerClient:
+    """Async client for one broker. Use ``async with BrokerClient(url) as broker: ...``."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        verify: Any = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            http2=True,
+            http1=base_url.startswith("https"),  # h2c needs prior knowledge; TLS negotiates
+            timeout=timeout,
+            verify=verify,
+            headers=dict(headers or {}),
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send, retrying 429/503/connection errors; raise the server's error for other 4xx/5xx.
+
+        Only requests that are safe to repeat come here: reads, and writes that carry an
+        idempotency key or an expected version.
+        """
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                if attempt + 1 >= self.retry.attempts:
+                    raise Unavailable(f"cannot reach the broker: {e}") from e
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                attempt += 1
+                continue
+            if response.status_code in _RETRYABLE_STATUS and attempt + 1 < self.retry.attempts:
+                await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
+                attempt += 1
+                continue
+            if response.status_code >= 400 and response.status_code != 207:
+                raise _error(response)
+            return response
+
+    # --- publishing -------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes | str | Any,
+        *,
+        content_type: str | None = None,
+        key: str | None = None,
+        schema_id: int | None = None,
+        expected_last_subject_sequence: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishAck:
+        """Append one message. ``payload``: bytes as they are, ``str`` as UTF-8 text,
+        anything else as JSON. ``key`` defaults to a fresh idempotency key, reused on retry."""
+        body, media = _payload(payload, content_type)
+        sent = {
+            "content-type": media,
+            "idempotency-key": key or uuid.uuid4().hex,
+            **(headers or {}),
+        }
+        if schema_id is not None:
+            sent["schema-id"] = str(schema_id)
+        if expected_last_subject_sequence is not None:
+            sent["expected-last-subject-sequence"] = str(expected_last_subject_sequence)
+        response = await self._request("POST", f"/v1/publish/{subject}", content=body, headers=sent)
+        data = response.json()
+        return PublishAck(data["stream"], data["seq"], data["duplicate"])
+
+    async def publish_batch(
+        self, records: Iterable[Mapping[str, Any]], *, subject: str | None = None
+    ) -> list[PublishResult]:
+        """Append many records in one request (see ``POST /v1/publish``); one result each.
+
+        Records without an ``idempotency_key`` get one, so retrying the batch is safe.
+        """
+        keyed = [
+            {**record, "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex}
+            for record in records
+        ]
+        response = await self._request(
+            "POST",
+            "/v1/publish",
+            content=b"\n".join(orjson.dumps(r) for r in keyed),
+            headers={"content-type": "application/x-ndjson"},
+            params={"subject": subject} if subject else None,
+        )
+        results: list[PublishResult] = []
+        for item in response.json()["results"]:
+            if "error_code" in item:
+                err = error_class(item["error_code"], 0)(item["message"])
+                results.append(PublishResult(error=err))
+            else:
+                results.append(
+                    PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
+                )
+        return results
+
+    # --- agent registry ---------------------------------------------------------------
+
+    async def put_agent(
+        self, manifest: Mapping[str, Any] | Any, *, if_match: int | None = None
+    ) -> AgentChange:
+        """Register or update an agent (a manifest dict or an ``AgentManifest``)."""
+        body = (
+            manifest.model_dump(mode="json") if hasattr(manifest, "model_dump") else dict(manifest)
+        )
+        headers = {"content-type": "application/json"}
+        if if_match is not None:
+            headers["if-match"] = f'"{if_match}"'
+        response = await self._request(
+            "PUT", f"/v1/agents/{body['name']}", content=orjson.dumps(body), headers=headers
+        )
+        data = response.json()
+        return AgentChange(data["seq"], data["changed"], data["event"], data["agent"])
+
+    async def get_agent(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = (await self._request("GET", f"/v1/agents/{name}")).json()
+        return data
+
+    async def list_agents(self, *, as_of: int | str | None = None) -> list[dict[str, Any]]:
+        """The agents now, or as they were at a stream sequence or RFC 3339 time."""
+        params = {"as_of": str(as_of)} if as_of is not None else None
+        agents: list[dict[str, Any]] = (
+            await self._request("GET", "/v1/agents", params=params)
+        ).json()["agents"]
+        return agents
+
+    async def delete_agent(self, name: str, *, if_match: int | None = None) -> AgentChange:
+        headers = {"if-match": f'"{if_match}"'} if if_match is not None else None
+        data = (await self._request("DELETE", f"/v1/agents/{name}", headers=headers)).json()
+        return AgentChange(data["seq"], data["changed"], data["event"], None)
+
+    async def agent_history(self, name: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = (
+            await self._request("GET", f"/v1/agents/{name}/history")
+        ).json()["events"]
+        return events
+
+
+class SyncBrokerClient:
+    """The same API without ``await``, for scripts (not for use inside an event loop)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._client = self._runner.run(self._make(base_url, options))
+
+    @staticmethod
+    async def _make(base_url: str, options: dict[str, Any]) -> BrokerClient:
+        return BrokerClient(base_url, **options)
+
+    def _run(self, call: Callable[[], Awaitable[T]]) -> T:
+        async def wrapped() -> T:
+            return await call()
+
+        return self._runner.run(wrapped())
+
+    def publish(self, subject: str, payload: bytes | str | Any, **options: Any) -> PublishAck:
+        return self._run(lambda: self._client.publish(subject, payload, **options))
+
+    def publish_batch(
+        self, records: Iterable[Mapping[str, Any]], **options: Any
+    ) -> list[PublishResult]:
+        return self._run(lambda: self._client.publish_batch(records, **options))
+
+    def put_agent(self, manifest: Mapping[str, Any] | Any, **options: Any) -> AgentChange:
+        return self._run(lambda: self._client.put_agent(manifest, **options))
+
+    def get_agent(self, name: str) -> dict[str, Any]:
+        return self._run(lambda: self._client.get_agent(name))
+
+    def list_agents(self, **options: Any) -> list[dict[str, Any]]:
+        return self._run(lambda: self._client.list_agents(**options))
+
+    def delete_agent(self, name: str, **options: Any) -> AgentChange:
+        return self._run(lambda: self._client.delete_agent(name, **options))
+
+    def agent_history(self, name: str) -> list[dict[str, Any]]:
+        return self._run(lambda: self._client.agent_history(name))
+
+    def close(self) -> None:
+        self._runner.run(self._client.aclose())
+        self._runner.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

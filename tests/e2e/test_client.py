@@ -1,0 +1,108 @@
+"""The Python client against the real server: typed results, errors, safe retries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+
+from broker.client import BrokerClient, RetryPolicy, SyncBrokerClient
+from broker.embedded import NatsServer, ServerSpec
+from broker.errors import InvalidSubject, NotFound, SequenceConflict, UnsupportedMediaType
+from broker.registry.commands import VersionConflict
+from broker.registry.manifest import ManifestInvalid
+from tests.e2e._broker import BrokerProcess, start_broker
+
+pytestmark = pytest.mark.e2e
+
+
+async def count(url: str, subject: str) -> int:
+    nc = await nats.connect(url)
+    info = await nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
+    await nc.close()
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_publish_returns_typed_acks_and_errors(broker: BrokerProcess) -> None:
+    async with BrokerClient(broker.base_url) as client:
+        ack = await client.publish("client.typed", {"hello": "world"})
+        assert (ack.stream, ack.duplicate) == ("MESSAGES", False)
+        again = await client.publish(
+            "client.typed", {"hello": "world"}, key="k-" + uuid.uuid4().hex
+        )
+        assert again.seq > ack.seq
+        with pytest.raises(InvalidSubject):
+            await client.publish("bad.*", b"x")
+        with pytest.raises(UnsupportedMediaType):
+            await client.publish("ok", b"x", content_type="application/x-www-form-urlencoded")
+        with pytest.raises(SequenceConflict):
+            await client.publish("client.typed", b"x", expected_last_subject_sequence=1)
+
+
+async def test_batch_results_are_typed(broker: BrokerProcess) -> None:
+    async with BrokerClient(broker.base_url) as client:
+        results = await client.publish_batch(
+            [{"data": 1}, {"subject": "bad.*", "data": 2}, {"data_base64": "AAE="}],
+            subject="client.batch",
+        )
+    assert [r.ok for r in results] == [True, False, True]
+    assert isinstance(results[1].error, InvalidSubject)
+
+
+async def test_agents_through_the_client(broker: BrokerProcess) -> None:
+    name = f"client-{uuid.uuid4().hex[:6]}"
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "description": "Detects objects in images.",
+        "capabilities": [{"action": "detect", "content_types": ["image/*"]}],
+    }
+    async with BrokerClient(broker.base_url) as client:
+        created = await client.put_agent(manifest)
+        assert created.event == "AgentRegistered"
+        assert (await client.get_agent(name))["seq"] == created.seq
+        with pytest.raises(VersionConflict):
+            await client.put_agent({**manifest, "version": "2.0.0"}, if_match=created.seq - 1)
+        with pytest.raises(ManifestInvalid) as invalid:
+            await client.put_agent({**manifest, "version": "two"})
+        assert invalid.value.error_code == "invalid_manifest"
+        assert name in {a["name"] for a in await client.list_agents()}
+        await client.delete_agent(name)
+        with pytest.raises(NotFound):
+            await client.get_agent(name)
+        assert [e["type"] for e in await client.agent_history(name)] == [
+            "AgentRegistered",
+            "AgentDeregistered",
+        ]
+
+
+def test_sync_client(broker: BrokerProcess) -> None:
+    with SyncBrokerClient(broker.base_url) as client:
+        assert client.publish("client.sync", "text").stream == "MESSAGES"
+
+
+async def test_retries_through_an_outage_store_exactly_once(tmp_path: Path) -> None:
+    """NATS goes down: the ingress answers 503; the client retries with the same key until
+    NATS is back. The stream holds each message once."""
+    server = NatsServer(ServerSpec(store_dir=tmp_path / "nats")).start()
+    broker = start_broker(tmp_path / "b", nats_url=server.url)
+    subject = f"client.retry.{uuid.uuid4().hex[:6]}"
+    try:
+        async with BrokerClient(
+            broker.base_url, retry=RetryPolicy(attempts=60, base_delay=0.1, max_delay=0.5)
+        ) as client:
+            await client.publish(subject, {"n": 0})
+            server.stop()
+            restart = threading.Timer(2.0, server.restart)
+            restart.start()
+            acks = await asyncio.gather(*(client.publish(subject, {"n": n}) for n in range(1, 6)))
+            restart.join()
+        assert len({a.seq for a in acks}) == 5
+        assert await count(server.url, f"msg.default.{subject}") == 6
+    finally:
+        broker.stop()
+        server.stop()
