@@ -7,7 +7,6 @@ Exit codes: 0 success; 1 the broker refused the request (4xx); 2 usage error;
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,7 @@ app = typer.Typer(
     help="An event-sourced agent broker on NATS JetStream.",
     no_args_is_help=True,
     add_completion=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 EXIT_REFUSED = 1
@@ -97,79 +96,11 @@ def serve(
     raise typer.Exit(code)
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  echo '{\"order\": 42}' | broker publish orders.created -t application/json\n\n"
-        "  broker publish images.raw photo.png -t image/png --key photo-1\n\n"
-        "  broker publish events --ndjson records.ndjson   # one JSON record per line"
-    )
-)
-def publish(
-    subject: Annotated[str, typer.Argument(help="Subject, e.g. orders.created.")],
-    file: Annotated[
-        str, typer.Argument(help="File to send as the payload; - (default) reads stdin.")
-    ] = "-",
-    url: Annotated[
-        str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")
-    ] = "http://127.0.0.1:8080",
-    content_type: Annotated[
-        str | None, typer.Option("--content-type", "-t", help="Content-Type of the payload.")
-    ] = None,
-    key: Annotated[
-        str | None, typer.Option("--key", "-k", help="Idempotency key (retries never duplicate).")
-    ] = None,
-    schema_id: Annotated[int | None, typer.Option(help="Schema registry id.")] = None,
-    expected_seq: Annotated[
-        int | None, typer.Option(help="Store only if the subject's last sequence is this.")
-    ] = None,
-    ndjson: Annotated[
-        bool, typer.Option(help="FILE is NDJSON batch records; SUBJECT is their default subject.")
-    ] = False,
-    timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 30.0,
-) -> None:
-    """Publish a payload (or NDJSON records) through the HTTP/2 API and print the ack as JSON."""
-    import httpx
-
-    from broker.envelope import validate_subject
-    from broker.errors import BrokerError
-
-    try:
-        validate_subject(subject)
-    except BrokerError as e:
-        raise typer.BadParameter(e.message, param_hint="SUBJECT") from None
-    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    headers: dict[str, str] = {}
-    if ndjson:
-        headers["content-type"] = "application/x-ndjson"
-        target = f"{url.rstrip('/')}/v1/publish"
-        params = {"subject": subject}
-    else:
-        target = f"{url.rstrip('/')}/v1/publish/{subject}"
-        params = {}
-        headers["content-type"] = content_type or "application/octet-stream"
-        if key:
-            headers["idempotency-key"] = key
-        if schema_id is not None:
-            headers["schema-id"] = str(schema_id)
-        if expected_seq is not None:
-            headers["expected-last-subject-sequence"] = str(expected_seq)
-    try:
-        with httpx.Client(http2=True, http1=url.startswith("https"), timeout=timeout) as client:
-            response = client.post(target, content=data, headers=headers, params=params)
-    except httpx.HTTPError as e:
-        typer.echo(f"error: cannot reach the broker at {url}: {e}", err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
-    typer.echo(response.text)
-    if response.status_code >= 500:
-        raise typer.Exit(EXIT_UNAVAILABLE)
-    if response.status_code >= 400:
-        raise typer.Exit(EXIT_REFUSED)
-
-
 def _register_subcommands() -> None:
     from broker.cli_agents import agents_app
+    from broker.cli_publish import PUBLISH_EPILOG, publish
 
+    app.command(epilog=PUBLISH_EPILOG)(publish)
     app.add_typer(agents_app)
 
 

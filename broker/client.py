@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -82,6 +83,12 @@ def _error(response: httpx.Response) -> BrokerError:
     if code and code != error.error_code:
         error.error_code = code  # type: ignore[misc]  # keep the server's code
     return error
+
+
+def _result(item: Mapping[str, Any]) -> PublishResult:
+    if "error_code" in item:
+        return PublishResult(error=error_class(item["error_code"], 0)(item["message"]))
+    return PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -214,6 +221,43 @@ class BrokerClient:
                     PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
                 )
         return results
+
+    async def publish_stream(
+        self, records: AsyncIterable[Mapping[str, Any]], *, subject: str | None = None
+    ) -> AsyncIterator[PublishResult]:
+        """Stream records over one full-duplex HTTP/2 request; yield each record's result,
+        in order, as soon as it is acked, while later records are still being sent.
+
+        Each record gets an idempotency key if it has none, so re-sending a stream that was
+        cut off stores nothing twice.
+        """
+        from broker._h2stream import DuplexRequest
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for record in records:
+                keyed = {
+                    **record,
+                    "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex,
+                }
+                yield orjson.dumps(keyed) + b"\n"
+
+        query = f"?{urlencode({'subject': subject})}" if subject else ""
+        request = DuplexRequest(
+            f"{self._http.base_url}/v1/publish{query}",
+            {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
+        )
+        buffer = b""
+        async for chunk in request.exchange(lines()):
+            if request.status is not None and request.status != 200:
+                buffer += chunk
+                continue
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                if line.strip():
+                    yield _result(orjson.loads(line))
+        if request.status != 200:
+            raise _error(httpx.Response(request.status or 502, content=buffer))
 
     # --- agent registry ---------------------------------------------------------------
 

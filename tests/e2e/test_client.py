@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -106,3 +107,31 @@ async def test_retries_through_an_outage_store_exactly_once(tmp_path: Path) -> N
     finally:
         broker.stop()
         server.stop()
+
+
+async def test_streaming_publish_yields_acks_while_sending(
+    broker: BrokerProcess, module_nats: NatsServer
+) -> None:
+    """Record i+1 is only produced after record i's ack came back: this completes only
+    if acks stream back while the request body is still open."""
+    subject = f"client.stream.{uuid.uuid4().hex[:6]}"
+    ack_seen = asyncio.Event()
+    ack_seen.set()
+
+    async def records() -> AsyncIterator[dict[str, object]]:
+        for i in range(25):
+            await asyncio.wait_for(ack_seen.wait(), 10)
+            ack_seen.clear()
+            yield {"data": {"i": i}} if i != 10 else {"subject": "bad.*", "data": i}
+
+    results = []
+    async with BrokerClient(broker.base_url) as client:
+        async for result in client.publish_stream(records(), subject=subject):
+            results.append(result)
+            ack_seen.set()
+    assert len(results) == 25
+    assert [r.ok for r in results].count(False) == 1
+    assert isinstance(results[10].error, InvalidSubject)
+    seqs = [r.ack.seq for r in results if r.ack]
+    assert seqs == sorted(seqs)
+    assert await count(module_nats.url, f"msg.default.{subject}") == 24

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -186,7 +187,7 @@ def test_cli_publish_reads_stdin_and_prints_the_ack(tmp_path: Path) -> None:
             env={**os.environ},
         )
         assert done.returncode == 0, done.stderr
-        assert b'"seq":1' in done.stdout
+        assert json.loads(done.stdout)["seq"] == 1
         bad = subprocess.run(
             [
                 sys.executable,
@@ -224,6 +225,41 @@ def test_cli_publish_reads_stdin_and_prints_the_ack(tmp_path: Path) -> None:
         timeout=60,
     )
     assert unreachable.returncode == 3
+
+
+def test_cli_streams_ndjson_and_summarises(tmp_path: Path) -> None:
+    records = tmp_path / "records.ndjson"
+    lines = [{"data": {"n": n}, "idempotency_key": f"rec-{n}"} for n in range(3)]
+    lines.append({"subject": "bad.*", "data": 0})
+    records.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    broker = start_broker(tmp_path)
+    try:
+
+        def run() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "broker",
+                    "publish",
+                    "cli.stream",
+                    str(records),
+                    "--ndjson",
+                    "--url",
+                    broker.base_url,
+                ],
+                capture_output=True,
+                timeout=60,
+            )
+
+        first = run()
+        assert first.returncode == 1, first.stderr  # one record was refused
+        assert json.loads(first.stdout) == {"sent": 4, "acked": 3, "duplicates": 0, "failed": 1}
+        assert b"invalid_subject" in first.stderr
+        again = run()
+        assert json.loads(again.stdout) == {"sent": 4, "acked": 3, "duplicates": 3, "failed": 1}
+    finally:
+        broker.stop()
 
 
 def test_help_texts() -> None:

@@ -1,0 +1,158 @@
+"""``broker publish``: one payload, or many NDJSON records streamed over one HTTP/2 request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from broker.errors import BrokerError
+
+
+@dataclass
+class Summary:
+    sent: int = 0
+    acked: int = 0
+    duplicates: int = 0
+    failed: int = 0
+
+
+def _lines(file: str) -> Iterator[bytes]:
+    stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
+    with stream:
+        for line in stream:
+            if line.strip():
+                yield line
+
+
+async def _stream(url: str, subject: str, file: str, timeout: float, show: bool) -> Summary:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from broker.client import BrokerClient
+
+    summary = Summary()
+    total = None if file == "-" else sum(1 for _ in _lines(file))
+
+    async def records() -> AsyncIterator[dict[str, Any]]:
+        for number, line in enumerate(_lines(file), 1):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                typer.echo(f"line {number}: not JSON, skipped", err=True)
+                summary.failed += 1
+                continue
+            summary.sent += 1
+            yield record
+
+    progress = Progress(
+        TextColumn("publishing"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} acked"),
+        TimeElapsedColumn(),
+        disable=not show,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("publish", total=total)
+        async with BrokerClient(url, timeout=timeout) as client:
+            async for result in client.publish_stream(records(), subject=subject):
+                if result.ack is not None:
+                    summary.acked += 1
+                    summary.duplicates += result.ack.duplicate
+                else:
+                    summary.failed += 1
+                    assert result.error is not None
+                    typer.echo(
+                        f"record failed: {result.error.error_code}: {result.error.message}",
+                        err=True,
+                    )
+                progress.advance(task)
+    return summary
+
+
+def publish(
+    subject: Annotated[str, typer.Argument(help="Subject, e.g. orders.created.")],
+    file: Annotated[str, typer.Argument(help="Payload file; - (default) reads stdin.")] = "-",
+    url: Annotated[
+        str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")
+    ] = "http://127.0.0.1:8080",
+    content_type: Annotated[
+        str | None, typer.Option("--content-type", "-t", help="Content-Type of the payload.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="Idempotency key (default: a fresh one).")
+    ] = None,
+    schema_id: Annotated[int | None, typer.Option(help="Schema registry id.")] = None,
+    expected_seq: Annotated[
+        int | None, typer.Option(help="Store only if the subject's last sequence is this.")
+    ] = None,
+    ndjson: Annotated[
+        bool,
+        typer.Option(
+            help="FILE holds one JSON record per line, streamed; SUBJECT is their default."
+        ),
+    ] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="json or table.")] = "json",
+    timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 30.0,
+) -> None:
+    """Publish a payload (or NDJSON records) through the HTTP/2 API.
+
+    A single publish prints its ack. With --ndjson the records stream over one HTTP/2
+    request with a progress bar (on a terminal) and a summary: sent, acked, duplicates,
+    failed. Retries reuse each message's idempotency key, so they never duplicate.
+    Exit codes: 0 ok, 1 refused (4xx or a failed record), 2 usage, 3 unavailable.
+    """
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
+    from broker.client import BrokerClient
+    from broker.envelope import validate_subject
+
+    try:
+        validate_subject(subject)
+    except BrokerError as e:
+        raise typer.BadParameter(e.message, param_hint="SUBJECT") from None
+    try:
+        if ndjson:
+            summary = asyncio.run(_stream(url, subject, file, timeout, sys.stderr.isatty()))
+            if output == "table":
+                typer.echo("  ".join(f"{k} {v}" for k, v in asdict(summary).items()))
+            else:
+                typer.echo(json.dumps(asdict(summary)))
+            if summary.failed:
+                raise typer.Exit(EXIT_REFUSED)
+            return
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+
+        async def one() -> dict[str, object]:
+            async with BrokerClient(url, timeout=timeout) as client:
+                ack = await client.publish(
+                    subject,
+                    data,
+                    content_type=content_type or "application/octet-stream",
+                    key=key,
+                    schema_id=schema_id,
+                    expected_last_subject_sequence=expected_seq,
+                )
+            return {"stream": ack.stream, "seq": ack.seq, "duplicate": ack.duplicate}
+
+        ack = asyncio.run(one())
+        typer.echo(
+            json.dumps(ack) if output == "json" else "  ".join(f"{k} {v}" for k, v in ack.items())
+        )
+    except BrokerError as e:
+        typer.echo(json.dumps(e.to_dict()))
+        raise typer.Exit(EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REFUSED) from None
+
+
+PUBLISH_EPILOG = (
+    "Examples:\n\n"
+    "  echo '{\"order\": 42}' | broker publish orders.created -t application/json\n\n"
+    "  broker publish images.raw photo.png -t image/png --key photo-1\n\n"
+    "  broker publish events records.ndjson --ndjson   # one JSON record per line"
+)
