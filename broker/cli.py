@@ -99,8 +99,10 @@ def serve(
 def _register_subcommands() -> None:
     from broker.cli_agents import agents_app
     from broker.cli_publish import PUBLISH_EPILOG, publish
+    from broker.cli_replay import REPLAY_EPILOG, replay
 
     app.command(epilog=PUBLISH_EPILOG)(publish)
+    app.command(epilog=REPLAY_EPILOG)(replay)
     app.add_typer(agents_app)
 
 

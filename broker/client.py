@@ -10,10 +10,12 @@ Errors come back as the server's :mod:`broker.errors` classes, chosen by ``error
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import urlencode
@@ -30,6 +32,7 @@ __all__ = [
     "PublishAck",
     "PublishResult",
     "RetryPolicy",
+    "StoredMessage",
     "SyncBrokerClient",
 ]
 
@@ -71,6 +74,33 @@ class AgentChange:
     changed: bool
     event: str | None
     agent: dict[str, Any] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as stored: where, when, headers and the payload bytes as sent."""
+
+    stream: str
+    seq: int
+    subject: str
+    time: datetime | None
+    headers: dict[str, str]
+    payload: bytes
+    value: Any = None
+    decode_error: str | None = None
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> StoredMessage:
+        return cls(
+            stream=item["stream"],
+            seq=item["seq"],
+            subject=item["subject"],
+            time=datetime.fromisoformat(item["time"]) if item.get("time") else None,
+            headers=item.get("headers") or {},
+            payload=base64.b64decode(item["payload_base64"]),
+            value=item.get("value"),
+            decode_error=item.get("decode_error"),
+        )
 
 
 def _error(response: httpx.Response) -> BrokerError:
@@ -258,6 +288,58 @@ class BrokerClient:
                     yield _result(orjson.loads(line))
         if request.status != 200:
             raise _error(httpx.Response(request.status or 502, content=buffer))
+
+    # --- replay ---------------------------------------------------------------------------
+
+    async def replay(
+        self,
+        stream: str = "MESSAGES",
+        *,
+        start_seq: int | None = None,
+        since: datetime | None = None,
+        subject: str | None = None,
+        decode: bool = False,
+        page: int = 1000,
+    ) -> AsyncIterator[StoredMessage]:
+        """Every message of ``stream`` (in your namespace) from a sequence or a time to the
+        current end, page by page. A dropped connection resumes from the last sequence
+        received: nothing is skipped and nothing repeated."""
+        params: dict[str, str] = {"limit": str(page), "decode": "json" if decode else "none"}
+        if subject:
+            params["subject"] = subject
+        if since is not None and start_seq is None:
+            params["start_time"] = since.isoformat()
+        next_seq = start_seq
+        attempt = 0
+        while True:
+            if next_seq is not None:
+                params.pop("start_time", None)
+                params["start_seq"] = str(next_seq)
+            received = 0
+            try:
+                async with self._http.stream(
+                    "GET", f"/v1/streams/{stream}/messages", params=params
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        if response.status_code not in _RETRYABLE_STATUS:
+                            raise _error(response)
+                        raise httpx.TransportError(f"HTTP {response.status_code}")
+                    async for line in response.aiter_lines():
+                        if line:
+                            message = StoredMessage.from_json(orjson.loads(line))
+                            next_seq = message.seq + 1
+                            received += 1
+                            attempt = 0
+                            yield message
+            except httpx.TransportError as e:
+                if attempt + 1 >= self.retry.attempts:
+                    raise Unavailable(f"replay interrupted: {e}") from e
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                attempt += 1
+                continue
+            if received < page:
+                return
 
     # --- agent registry ---------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from broker.http.agents import agents_router
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths
 from broker.http.publish import publish_batch, publish_one
+from broker.http.replay import replay_router
 from broker.http.state import IngressState, git_revision
 from broker.publisher import Publisher
 from broker.settings import Settings, get_settings
@@ -56,6 +57,7 @@ def _meta_app(state: IngressState) -> FastAPI:
     )
 
     app.include_router(agents_router(state))
+    app.include_router(replay_router(state))
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:

@@ -18,9 +18,14 @@ pytestmark = pytest.mark.e2e
 
 EXAMPLES_PER_OPERATION = 60
 #: Operations with a constraint across fields that a schema cannot state: a PUT manifest's
-#: name must equal the path's, and an as_of time must be a real date. Schema-valid requests
+#: name must equal the path's, an as_of time must be a real date, a replay starts at a
+#: sequence or a time. Schema-valid requests
 #: may be refused there (422); every other check still applies.
-CROSS_FIELD = {("PUT", "/v1/agents/{name}"), ("GET", "/v1/agents")}
+CROSS_FIELD = {
+    ("PUT", "/v1/agents/{name}"),
+    ("GET", "/v1/agents"),
+    ("GET", "/v1/streams/{stream}/messages"),  # start_seq and start_time exclude each other
+}
 
 
 def test_api_answers_every_generated_request_without_server_errors(broker: BrokerProcess) -> None:

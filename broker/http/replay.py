@@ -1,0 +1,124 @@
+"""``GET /v1/streams/{stream}/messages``: read a stream from any point, as NDJSON.
+
+The read is scoped to the caller's tenant (``msg.<tenant>.…``, ``reg.<tenant>.…``,
+``route.<tenant>.…``) and ends at the stream's current end or after ``limit`` records;
+clients page on by asking again from the last ``seq`` + 1.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import StreamingResponse
+from nats.aio.msg import Msg
+
+from broker.envelope import CONTENT_TYPE, media_type
+from broker.errors import Unprocessable
+from broker.http.models import ErrorBody
+from broker.http.state import IngressState
+from broker.reader import read_messages
+from broker.streams import SUBJECT_PREFIX, Stream
+
+
+class Replayable(StrEnum):
+    """Streams a tenant may replay (each is namespaced by tenant)."""
+
+    MESSAGES = Stream.MESSAGES.value
+    REGISTRY = Stream.REGISTRY.value
+    ROUTES = Stream.ROUTES.value
+
+
+MAX_LIMIT = 100_000
+_FILTER_TOKEN = r"[A-Za-z0-9_*-]{1,64}"
+_FILTER = rf"^(>|{_FILTER_TOKEN}(\.{_FILTER_TOKEN}){{0,15}}(\.>)?)$"
+
+
+class Decode(StrEnum):
+    NONE = "none"
+    JSON = "json"
+
+
+def _record(message: Msg, decode: Decode) -> bytes:
+    meta = message.metadata
+    headers = dict(message.headers or {})
+    record: dict[str, Any] = {
+        "stream": meta.stream,
+        "seq": meta.sequence.stream,
+        "subject": message.subject,
+        "time": meta.timestamp.isoformat() if meta.timestamp else None,
+        "headers": headers,
+        "payload_base64": base64.b64encode(message.data).decode(),
+    }
+    if decode is Decode.JSON:
+        content_type = media_type(headers.get(CONTENT_TYPE))
+        if content_type == "application/json" or content_type.endswith("+json"):
+            try:
+                record["value"] = orjson.loads(message.data)
+            except orjson.JSONDecodeError as e:
+                record["decode_error"] = f"not valid JSON: {e}"
+        else:
+            record["decode_error"] = f"no JSON decoder for {content_type or 'no Content-Type'}"
+    return orjson.dumps(record) + b"\n"
+
+
+def replay_router(state: IngressState) -> APIRouter:
+    router = APIRouter(prefix="/v1/streams", tags=["replay"])
+
+    @router.get(
+        "/{stream}/messages",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "One JSON object per line: stream, seq, subject, time, headers, "
+                "payload_base64, and value or decode_error when decode=json.",
+                "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            },
+            422: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
+    async def messages(
+        *,
+        stream: Annotated[Replayable, Path(description="MESSAGES, REGISTRY or ROUTES.")],
+        start_seq: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+        start_time: Annotated[datetime | None, Query(description="RFC 3339, with a zone.")] = None,
+        subject: Annotated[
+            str | None,
+            Query(pattern=_FILTER, description="Filter inside your namespace; * and > allowed."),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
+        decode: Decode = Decode.NONE,
+    ) -> StreamingResponse:
+        """Replay a stream from a sequence or a time (default: the start) as NDJSON."""
+        if start_seq is not None and start_time is not None:
+            raise Unprocessable("give start_seq or start_time, not both")
+        if start_time is not None and start_time.tzinfo is None:
+            raise Unprocessable("start_time needs a time zone (e.g. Z)")
+        scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{state.tenant}"
+        filter_subject = f"{scope}.{subject or '>'}"
+        js = state.publisher.js  # 503 when NATS is not connected
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            async for message in read_messages(
+                js,
+                stream,
+                subject=filter_subject,
+                start_seq=start_seq,
+                start_time=start_time,
+                batch=min(limit, 1024),
+            ):
+                yield _record(message, decode)
+                sent += 1
+                if sent >= limit:
+                    return
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    return router
