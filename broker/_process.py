@@ -6,6 +6,7 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 # Resolved once at import: a preexec_fn runs between fork and exec, where looking a
@@ -28,3 +29,12 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
     if parent == 1 or os.getppid() != parent:  # orphaned before the prctl took effect
         os.kill(os.getpid(), sig)
     return True
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -35,7 +35,7 @@ from typing import IO, Self
 
 import structlog
 
-from broker._process import die_with_parent
+from broker._process import die_with_parent, process_alive
 from broker.errors import EmbeddedServerError
 
 __all__ = [
@@ -123,15 +123,6 @@ def _config(spec: ServerSpec, port: int, http_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _stale_server(pid_file: Path, config: Path) -> int | None:
     """The pid of a live nats-server started with ``config``, left by an earlier parent."""
     try:
@@ -142,7 +133,7 @@ def _stale_server(pid_file: Path, config: Path) -> int | None:
     is_ours = (
         any(arg.endswith(b"nats-server") for arg in cmdline[:1]) and str(config).encode() in cmdline
     )
-    return pid if is_ours and _alive(pid) else None
+    return pid if is_ours and process_alive(pid) else None
 
 
 # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process.
@@ -304,9 +295,9 @@ class NatsServer(_Started):
             os.kill(stale, signal.SIGTERM)
             os.kill(stale, signal.SIGCONT)  # in case it was left stopped
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(stale):
+        while time.monotonic() < deadline and process_alive(stale):
             time.sleep(_POLL)
-        if _alive(stale):
+        if process_alive(stale):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stale, signal.SIGKILL)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from broker._process import process_alive
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,13 +44,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+alive = process_alive
 
 
 @dataclass

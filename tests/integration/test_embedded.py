@@ -19,19 +19,11 @@ from nats.js.api import StreamConfig
 from structlog.testing import capture_logs
 
 import broker.embedded
+from broker._process import process_alive as alive
 from broker.embedded import EmbeddedServerError, NatsCluster, NatsServer, ServerSpec
 from tests._wait import await_until, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def monitor(server: NatsServer, endpoint: str) -> dict[str, Any]:
