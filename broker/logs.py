@@ -5,8 +5,50 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 import structlog
+
+
+def log_format() -> str:
+    """``BROKER_LOG_FORMAT``, else ``console`` on a terminal and ``json`` otherwise."""
+    return os.environ.get("BROKER_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+
+
+class JsonLineFormatter(logging.Formatter):
+    """Standard-library records (granian's) as the same JSON lines structlog writes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "event": record.getMessage(),
+            "level": record.levelname.lower(),
+            "logger": record.name.lstrip("_"),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def granian_log_config() -> dict[str, Any] | None:
+    """A ``logging.config`` dict that makes granian log JSON lines to stderr, or ``None``
+    (granian's own format) when logs go to a terminal."""
+    if log_format() != "json":
+        return None
+    formatter = {"()": f"{__name__}.JsonLineFormatter"}
+    handler = {"formatter": "json", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter, "generic": formatter, "access": formatter},
+        "handlers": {"console": handler, "access": handler},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -17,9 +59,10 @@ def configure_logging(level: str | None = None) -> None:
     """
     name = (level or os.environ.get("BROKER_LOG_LEVEL", "info")).upper()
     numeric = logging.getLevelNamesMapping().get(name, logging.INFO)
-    fmt = os.environ.get("BROKER_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer()
+        if log_format() == "console"
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -155,9 +155,12 @@ def run_broker(
             embedded.stop()
         return 4
     os.environ.update(env(settings))
+    from broker.http.state import git_revision
+
     log.info(
         "broker_starting",
         version=broker.__version__,
+        git_revision=git_revision(),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

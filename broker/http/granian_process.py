@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 
 from broker._process import die_with_parent
-from broker.logs import configure_logging
+from broker.logs import configure_logging, granian_log_config
 from broker.settings import get_settings
 
 
@@ -39,6 +39,7 @@ def main() -> None:
         ssl_cert=settings.tls_cert,
         ssl_key=settings.tls_key,
         log_access=False,
+        log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,
         workers_kill_timeout=10,  # a worker that ignores the stop signal is killed
     ).serve()
