@@ -36,6 +36,7 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/ingress.py $(ARGS)
+	$(BIN)/python benchmarks/registry.py
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache
