@@ -1,0 +1,100 @@
+"""Replay benchmark: reading a stream back through the broker vs a raw pull consumer.
+
+Both read the same N messages from the same nats-server in one run: raw is a nats-py pull
+consumer (no acks, batches of 1024); the broker is ``GET /v1/streams/MESSAGES/messages``
+over HTTP/2 through ``BrokerClient.replay`` (NDJSON, payloads base64, no decoding).
+Issue 5 sets the target: >= 0.8x.
+
+Usage: ``python benchmarks/replay.py [--messages 20000] [--payload-bytes 256]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.ingress import start_broker  # noqa: E402
+from broker.client import BrokerClient  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+
+SUBJECT = "msg.default.bench.replay"
+
+
+async def fill(url: str, n: int, payload: bytes) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    futures = [
+        await js.publish_async(SUBJECT, payload, headers={"Content-Type": "application/json"})
+        for _ in range(n)
+    ]
+    await asyncio.gather(*futures)
+    await nc.close()
+
+
+async def raw_read(url: str, n: int) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        SUBJECT,
+        stream="MESSAGES",
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True),
+    )
+    began, got = time.perf_counter(), 0
+    while got < n:
+        got += len(await sub.fetch(1024, timeout=5))
+    elapsed = time.perf_counter() - began
+    await sub.unsubscribe()
+    await nc.close()
+    return got / elapsed
+
+
+async def broker_read(base: str, n: int) -> float:
+    async with BrokerClient(base) as client:
+        began, got = time.perf_counter(), 0
+        async for _ in client.replay("MESSAGES", subject="bench.replay", page=100_000):
+            got += 1
+        elapsed = time.perf_counter() - began
+    if got != n:
+        raise SystemExit(f"replay returned {got} of {n} messages")
+    return got / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--payload-bytes", type=int, default=256)
+    args = parser.parse_args()
+    payload = b'{"data":"' + b"x" * max(0, args.payload_bytes - 11) + b'"}'
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
+        port = free_port()
+        broker = start_broker(server.url, port, 1, Path(tmp))
+        try:
+            asyncio.run(fill(server.url, args.messages, payload))
+            asyncio.run(broker_read(f"http://127.0.0.1:{port}", args.messages))  # warm-up
+            raw = asyncio.run(raw_read(server.url, args.messages))
+            through = asyncio.run(broker_read(f"http://127.0.0.1:{port}", args.messages))
+        finally:
+            broker.terminate()
+            broker.wait(30)
+            server.stop()
+    print(f"\nreplay benchmark: {args.messages} messages of {args.payload_bytes} bytes")
+    print(f"raw pull consumer        {raw:>10.0f} msgs/s")
+    ratio = through / raw
+    print(f"broker replay (HTTP/2)   {through:>10.0f} msgs/s   {ratio:.2f}x  (issue 5: >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
