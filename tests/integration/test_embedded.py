@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,16 @@ async def _publish(
                 StreamConfig(name=stream, subjects=[subject], num_replicas=replicas)
             )
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        return (await js.publish(subject, b"x", headers=headers)).seq
+        # A replicated stream answers only once its group has elected a leader, which can
+        # lag a moment behind stream creation: until then a publish finds no responders.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return (await js.publish(subject, b"x", headers=headers)).seq
+            except nats.js.errors.NoStreamResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
     finally:
         await nc.close()
 
