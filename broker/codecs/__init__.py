@@ -1,0 +1,39 @@
+"""Schema-on-read codecs: decode stored payloads lazily, under hard bounds, with one error."""
+
+from broker.codecs.avro import AvroCodec, AvroSchema
+from broker.codecs.base import (
+    DEFAULT_LIMITS,
+    Codec,
+    CodecKind,
+    DecodeError,
+    DecodeLimits,
+    kind_for,
+    split_wire_prefix,
+)
+from broker.codecs.json import JsonCodec
+from broker.codecs.lazy import CODECS, DecodedMessage, LazyValue, Schema, codec_for
+from broker.codecs.msgpack import MsgpackCodec
+from broker.codecs.protobuf import ProtobufCodec, read_message_indexes
+from broker.codecs.raw import RawCodec
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_LIMITS",
+    "AvroCodec",
+    "AvroSchema",
+    "Codec",
+    "CodecKind",
+    "DecodeError",
+    "DecodeLimits",
+    "DecodedMessage",
+    "JsonCodec",
+    "LazyValue",
+    "MsgpackCodec",
+    "ProtobufCodec",
+    "RawCodec",
+    "Schema",
+    "codec_for",
+    "kind_for",
+    "read_message_indexes",
+    "split_wire_prefix",
+]

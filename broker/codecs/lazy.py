@@ -1,0 +1,193 @@
+"""The reading side of schema-on-read: pick a codec for a message, decode it only when asked.
+
+:func:`codec_for` chooses the codec from the stored ``Content-Type`` (a registry dict keyed
+by :class:`~broker.codecs.base.CodecKind`); Avro and Protobuf also need the writer's schema,
+which the caller looks up by the message's schema id and passes in. Codecs are cheap to
+call but not to build (schemas are parsed), so callers keep one per schema id.
+
+:class:`LazyValue` holds a body and its codec; :class:`DecodedMessage` adds the stored
+headers and position, and strips the Confluent wire prefix with the same rule publishing
+applied. ``.value`` decodes on first access and caches the result -- or the
+:class:`~broker.codecs.base.DecodeError`, which every later access raises again. Headers,
+subject, sequence, content type and schema id never decode anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeAlias
+
+from google.protobuf.descriptor import FileDescriptor  # type: ignore[import-untyped]
+
+from broker.codecs.avro import AvroCodec, AvroSchema
+from broker.codecs.base import (
+    DEFAULT_LIMITS,
+    Codec,
+    CodecKind,
+    DecodeError,
+    DecodeLimits,
+    kind_for,
+    split_wire_prefix,
+)
+from broker.codecs.json import JsonCodec
+from broker.codecs.msgpack import MsgpackCodec
+from broker.codecs.protobuf import ProtobufCodec
+from broker.codecs.raw import RawCodec
+from broker.envelope import CONTENT_TYPE, SCHEMA_ID
+
+__all__ = ["CODECS", "DecodedMessage", "LazyValue", "Schema", "codec_for"]
+
+#: A writer schema: Avro JSON (text or parsed) or a protobuf file.
+Schema: TypeAlias = AvroSchema | FileDescriptor
+
+
+def _json(schema: Schema | None, limits: DecodeLimits) -> Codec:
+    return JsonCodec(limits=limits)
+
+
+def _msgpack(schema: Schema | None, limits: DecodeLimits) -> Codec:
+    return MsgpackCodec(limits=limits)
+
+
+def _raw(schema: Schema | None, limits: DecodeLimits) -> Codec:
+    return RawCodec(limits=limits)
+
+
+def _avro(schema: Schema | None, limits: DecodeLimits) -> Codec:
+    if schema is None or isinstance(schema, FileDescriptor):
+        raise DecodeError("avro", "reading Avro needs the writer's Avro schema")
+    return AvroCodec(schema, limits=limits)
+
+
+def _protobuf(schema: Schema | None, limits: DecodeLimits) -> Codec:
+    if not isinstance(schema, FileDescriptor):
+        raise DecodeError("protobuf", "reading Protobuf needs the writer's FileDescriptor")
+    return ProtobufCodec(schema, limits=limits)
+
+
+#: How each kind of codec is built from an (optional) schema and the limits.
+CODECS: Final[Mapping[CodecKind, Callable[[Schema | None, DecodeLimits], Codec]]] = {
+    CodecKind.JSON: _json,
+    CodecKind.AVRO: _avro,
+    CodecKind.PROTOBUF: _protobuf,
+    CodecKind.MSGPACK: _msgpack,
+    CodecKind.RAW: _raw,
+}
+
+
+def codec_for(
+    content_type: str | None,
+    *,
+    schema: Schema | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> Codec:
+    """The codec for a stored ``Content-Type``; Avro and Protobuf need the writer's schema.
+
+    Raises :class:`DecodeError` when a schema is needed but missing, or does not parse.
+    """
+    return CODECS[kind_for(content_type)](schema, limits)
+
+
+_UNSET: Final[Any] = object()
+_WIRE_PREFIX_LEN = 5
+#: Content-Type value -> whether its payloads may carry the wire prefix (bounded cache).
+_FRAMED: dict[str, bool] = {}
+_FRAMED_CACHE_SIZE = 256
+
+
+def _framed(content_type: str | None) -> bool:
+    """Whether publishing treated a zero-led payload of this media type as framed."""
+    if content_type is None:
+        return False
+    framed = _FRAMED.get(content_type)
+    if framed is None:
+        framed = split_wire_prefix(b"\x00\x00\x00\x00\x00", content_type)[0] is not None
+        if len(_FRAMED) < _FRAMED_CACHE_SIZE:
+            _FRAMED[content_type] = framed
+    return framed
+
+
+class LazyValue:
+    """A body and the codec that reads it; ``.value`` decodes once, on first access."""
+
+    __slots__ = ("_error", "_value", "codec", "payload")
+
+    def __init__(self, payload: bytes, codec: Codec) -> None:
+        self.payload = payload
+        self.codec = codec
+        self._value: Any = _UNSET
+        self._error: DecodeError | None = None
+
+    def _body(self) -> bytes:
+        return self.payload
+
+    @property
+    def value(self) -> Any:
+        """The decoded body; raises the (cached) :class:`DecodeError` if it does not decode."""
+        value = self._value
+        if value is not _UNSET:
+            return value
+        if self._error is not None:
+            raise self._error
+        try:
+            value = self._value = self.codec.decode(self._body())
+        except DecodeError as exc:
+            self._error = exc
+            raise
+        return value
+
+    @property
+    def decoded(self) -> bool:
+        """Whether ``.value`` has been computed (or failed) already."""
+        return self._value is not _UNSET or self._error is not None
+
+    @property
+    def error(self) -> DecodeError | None:
+        """The decode error, once ``.value`` has failed; ``None`` otherwise."""
+        return self._error
+
+
+class DecodedMessage(LazyValue):
+    """A stored message as a reader sees it: position and headers now, value when asked."""
+
+    __slots__ = ("headers", "sequence", "subject")
+
+    def __init__(
+        self,
+        payload: bytes,
+        headers: Mapping[str, str],
+        codec: Codec,
+        *,
+        subject: str | None = None,
+        sequence: int | None = None,
+    ) -> None:
+        # Set directly rather than through super().__init__: this runs once per message.
+        self.payload = payload
+        self.codec = codec
+        self._value = _UNSET
+        self._error = None
+        self.headers = headers
+        self.subject = subject
+        self.sequence = sequence
+
+    @property
+    def content_type(self) -> str | None:
+        """The stored ``Content-Type``."""
+        return self.headers.get(CONTENT_TYPE)
+
+    @property
+    def schema_id(self) -> int | None:
+        """The stored ``Broker-Schema-Id`` (from a header or the wire prefix at publish)."""
+        raw = self.headers.get(SCHEMA_ID)
+        return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+
+    def _body(self) -> bytes:
+        """The payload without its Confluent prefix, by the rule publishing applied."""
+        payload = self.payload
+        if (
+            len(payload) >= _WIRE_PREFIX_LEN
+            and payload[0] == 0
+            and _framed(self.headers.get(CONTENT_TYPE))
+        ):
+            return payload[_WIRE_PREFIX_LEN:]
+        return payload

@@ -1,0 +1,175 @@
+"""Protobuf bodies, decoded with upb (``google.protobuf``) into proto3-JSON-shaped dicts.
+
+The codec is built from the writer's :class:`~google.protobuf.descriptor.FileDescriptor`
+(the caller builds it from the registry's FileDescriptorSet in a ``DescriptorPool``). A
+Confluent body starts with the *message indexes* that say which message of the file it
+holds: a zigzag varint count, then that many zigzag varints, each an index into the
+top-level messages and then their nested types; a single ``0`` byte is ``[0]``, the first
+message. The rest is parsed with ``ParseFromString`` and converted with
+``json_format.MessageToDict(preserving_proto_field_name=True)``: int64 as strings, bytes
+as base64, enums by name, well-known types in their JSON form -- the same values a JSON
+reader of the stream would see.
+
+Bounds: upb refuses messages nested over 100 levels (so a recursive message 10 000 deep is
+a :class:`DecodeError`); the index array is at most ``max_depth`` long and every index must
+name a message. The dict is walked for our lower limits only when the message type can nest
+deeper than ``max_depth`` (recursive or deep types) or the body is long enough to hold a
+collection over ``max_collection_len`` (each repeated item takes at least one byte).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# protobuf ships no type information; without types-protobuf these are Any.
+from google.protobuf import json_format, message_factory  # type: ignore[import-untyped]
+from google.protobuf.descriptor import (  # type: ignore[import-untyped]
+    Descriptor,
+    FileDescriptor,
+)
+from google.protobuf.message import (  # type: ignore[import-untyped]
+    DecodeError as ProtobufDecodeError,
+)
+from google.protobuf.message import Message
+
+from broker.codecs.base import DEFAULT_LIMITS, DecodeError, DecodeLimits, check_tree, describe
+
+__all__ = ["ProtobufCodec", "read_message_indexes"]
+
+_ERRORS = (
+    ProtobufDecodeError,
+    json_format.Error,
+    ValueError,
+    TypeError,
+    KeyError,
+    RecursionError,
+    MemoryError,
+)
+_MAX_VARINT_BYTES = 10
+
+
+def read_message_indexes(payload: bytes, max_count: int) -> tuple[tuple[int, ...], int]:
+    """The Confluent message-index path at the start of ``payload``, and where the body starts.
+
+    Raises :class:`DecodeError` for a truncated or negative varint, or a count over
+    ``max_count``. A count of zero means ``(0,)``.
+    """
+    pos = 0
+
+    def zigzag() -> int:
+        nonlocal pos
+        result = shift = 0
+        for _ in range(_MAX_VARINT_BYTES):
+            if pos >= len(payload):
+                raise DecodeError("protobuf", "truncated message-index array")
+            byte = payload[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return (result >> 1) ^ -(result & 1)
+            shift += 7
+        raise DecodeError("protobuf", "message-index varint longer than 10 bytes")
+
+    count = zigzag()
+    if count == 0:
+        return (0,), pos
+    if not 0 < count <= max_count:
+        raise DecodeError("protobuf", f"message-index count {count} out of range")
+    return tuple(zigzag() for _ in range(count)), pos
+
+
+def _may_nest_deeper(root: Descriptor, limit: int) -> bool:
+    """Whether values of ``root`` can nest dicts/lists deeper than ``limit`` (or recurse)."""
+    depth_of: dict[str, int] = {}
+    open_types: set[str] = set()
+
+    def depth(descriptor: Descriptor) -> int:
+        name = descriptor.full_name
+        if name in depth_of:
+            return depth_of[name]
+        if name in open_types:
+            return limit + 1  # recursive: unbounded
+        open_types.add(name)
+        deepest = 0
+        for field in descriptor.fields:
+            inner = 0
+            if field.message_type is not None:
+                inner = depth(field.message_type)
+            if field.is_repeated:
+                inner += 1
+            deepest = max(deepest, inner)
+        open_types.discard(name)
+        depth_of[name] = 1 + deepest
+        return depth_of[name]
+
+    return depth(root) > limit
+
+
+class ProtobufCodec:
+    """Decodes Confluent-framed protobuf bodies of any message in one file."""
+
+    name = "protobuf"
+    __slots__ = ("_classes", "_first", "_limits", "_max_bytes", "_top", "_walk_above")
+
+    def __init__(self, file: FileDescriptor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        self._top: Sequence[Descriptor] = list(file.message_types_by_name.values())
+        if not self._top:
+            raise DecodeError("protobuf", f"schema {file.name!r} defines no message")
+        self._limits = limits
+        self._max_bytes = limits.max_payload_bytes
+        self._classes: dict[tuple[int, ...], tuple[type[Message], bool]] = {}
+        self._walk_above = min(limits.max_collection_len, limits.max_total_items)
+        self._first = self._message_class((0,))
+
+    @property
+    def limits(self) -> DecodeLimits:
+        """The bounds this codec enforces."""
+        return self._limits
+
+    def _message_class(self, path: tuple[int, ...]) -> tuple[type[Message], bool]:
+        """The class at an index path, and whether its values may break ``max_depth``."""
+        found = self._classes.get(path)
+        if found is not None:
+            return found
+        level: Sequence[Descriptor] = self._top
+        descriptor: Descriptor | None = None
+        for index in path:
+            if not 0 <= index < len(level):
+                raise DecodeError("protobuf", f"message index {list(path)} names no message")
+            descriptor = level[index]
+            level = descriptor.nested_types
+        assert descriptor is not None  # path is never empty
+        found = (
+            message_factory.GetMessageClass(descriptor),
+            _may_nest_deeper(descriptor, self._limits.max_depth),
+        )
+        if len(self._classes) < 1024:
+            self._classes[path] = found
+        return found
+
+    def decode(self, payload: bytes) -> Any:
+        """Parse one message; raise :class:`DecodeError` if it is invalid or over a limit."""
+        size = len(payload)
+        if size > self._max_bytes:
+            raise DecodeError(
+                "protobuf", f"payload is {size} bytes, over the {self._max_bytes}-byte limit"
+            )
+        if not size:
+            raise DecodeError("protobuf", "empty payload: the message-index array is missing")
+        if payload[0] == 0:
+            cls, deep = self._first
+            body = payload[1:]
+        else:
+            path, start = read_message_indexes(payload, self._limits.max_depth)
+            cls, deep = self._message_class(path)
+            body = payload[start:]
+        message = cls()
+        try:
+            message.ParseFromString(body)
+            value = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        except _ERRORS as exc:
+            raise DecodeError("protobuf", describe(exc)) from exc
+        if (deep and size > self._limits.max_depth) or size > self._walk_above:
+            check_tree("protobuf", value, self._limits)
+        return value
