@@ -1,0 +1,447 @@
+"""JSON Schema: validation against the meta-schema, and a conservative subset check.
+
+:func:`parse` accepts any draft ``jsonschema`` knows (draft 7 when ``$schema`` is absent)
+and checks that every ``$ref`` resolves, locally or to a reference. :func:`compatible`
+asks whether every document the *writer* schema accepts is accepted by the *reader*;
+where a keyword's effect cannot be proved it reports it rather than guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+from urllib.parse import unquote, urljoin
+
+import jsonschema
+import jsonschema.validators
+
+from broker.registry.schemas.types import (
+    MAX_COMPARE_DEPTH,
+    InvalidSchemaError,
+    ParsedSchema,
+    SchemaType,
+    canonical_json,
+    load_json,
+)
+
+ALL_TYPES = frozenset({"null", "boolean", "object", "array", "number", "string", "integer"})
+_ANNOTATIONS = frozenset({
+    "$schema", "$id", "id", "$comment", "title", "description", "default", "examples",
+    "readOnly", "writeOnly", "deprecated", "definitions", "$defs", "$anchor",
+    "$dynamicAnchor", "$recursiveAnchor", "$vocabulary", "contentMediaType",
+    "contentEncoding", "contentSchema",
+})  # fmt: skip
+_HANDLED = frozenset({
+    "type", "enum", "const", "allOf", "anyOf", "oneOf", "$ref", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+    "minItems", "maxItems", "uniqueItems", "items", "prefixItems", "additionalItems",
+    "required", "minProperties", "maxProperties", "properties", "additionalProperties",
+    "patternProperties",
+})  # fmt: skip
+
+
+def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
+    """Validate JSON Schema text against its meta-schema and resolve its ``$ref``s."""
+    schema = load_json(text)
+    if not isinstance(schema, dict | bool):
+        raise InvalidSchemaError("a JSON Schema must be an object or a boolean")
+    try:
+        validator = _validator_class(schema)
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise InvalidSchemaError(f"invalid JSON Schema at /{where}: {e.message}") from None
+    except InvalidSchemaError:
+        raise
+    except Exception as e:
+        raise InvalidSchemaError(f"invalid JSON Schema: {e}") from None
+    doc = _Doc(schema, references)
+    for ref in _refs(schema):
+        if doc.resolve(ref) is None:
+            raise InvalidSchemaError(f"$ref {ref!r} does not resolve")
+    return ParsedSchema(
+        schema_type=SchemaType.JSON,
+        text=text,
+        canonical=canonical_json(schema),
+        parsed=schema,
+        references=dict(references),
+    )
+
+
+def _validator_class(schema: Any) -> Any:
+    if isinstance(schema, dict) and "$schema" in schema:
+        if not isinstance(schema["$schema"], str):
+            raise InvalidSchemaError("'$schema' must be a string")
+        found = jsonschema.validators.validator_for(schema, default=None)
+        if found is None:
+            raise InvalidSchemaError(f"unknown $schema {schema['$schema']!r}")
+        return found
+    return jsonschema.Draft7Validator
+
+
+def _refs(node: Any) -> Iterator[str]:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("$ref"), str):
+                yield item["$ref"]
+            stack.extend(v for k, v in item.items() if k not in ("enum", "const"))
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+@dataclass(frozen=True)
+class _Doc:
+    """A schema document and its references: where ``$ref``s are looked up."""
+
+    root: Any
+    references: Mapping[str, ParsedSchema]
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        refs = sorted(
+            (name, _Doc(ref.parsed, ref.references).key) for name, ref in self.references.items()
+        )
+        object.__setattr__(self, "key", canonical_json([self.root, refs]))
+
+    def resolve(self, ref: str) -> tuple[Any, _Doc] | None:
+        base, _, fragment = ref.partition("#")
+        doc: _Doc = self
+        if base:
+            own_id = self.root.get("$id", "") if isinstance(self.root, dict) else ""
+            target = self.references.get(base) or self.references.get(urljoin(own_id, base))
+            if target is not None:
+                doc = _Doc(target.parsed, target.references)
+            elif base not in (own_id, urljoin(own_id, base)) or not own_id:
+                return None
+        node = doc.root
+        if fragment and not fragment.startswith("/"):
+            return _anchor(doc.root, fragment, doc)
+        for raw in fragment.split("/")[1:]:
+            token = unquote(raw).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and token in node:
+                node = node[token]
+            elif (
+                isinstance(node, list)
+                and token.isascii()
+                and token.isdigit()
+                and int(token) < len(node)
+            ):
+                node = node[int(token)]
+            else:
+                return None
+        return (node, doc) if isinstance(node, dict | bool) else None
+
+
+def _anchor(root: Any, name: str, doc: _Doc) -> tuple[Any, _Doc] | None:
+    stack = [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("$anchor") == name or item.get("$id") == f"#{name}":
+                return item, doc
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """A schema accepting at least what both accept (conflicting keywords of ``b`` dropped)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif key == "required" and isinstance(value, list):
+            out[key] = sorted({*out[key], *value})
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {**value, **out[key]}
+    return out
+
+
+def _types(schema: dict[str, Any]) -> frozenset[str] | None:
+    kind = schema.get("type")
+    if kind is None:
+        return None
+    return frozenset([kind] if isinstance(kind, str) else kind)
+
+
+def _lower(schema: dict[str, Any]) -> tuple[Fraction, bool] | None:
+    return _bound(schema, "minimum", "exclusiveMinimum", max)
+
+
+def _upper(schema: dict[str, Any]) -> tuple[Fraction, bool] | None:
+    return _bound(schema, "maximum", "exclusiveMaximum", min)
+
+
+def _bound(
+    schema: dict[str, Any], inclusive: str, exclusive: str, pick: Callable[..., Fraction]
+) -> tuple[Fraction, bool] | None:
+    found: list[tuple[Fraction, bool]] = []
+    if isinstance(schema.get(inclusive), int | float):
+        found.append((Fraction(str(schema[inclusive])), schema.get(exclusive) is True))
+    if isinstance(schema.get(exclusive), int | float) and not isinstance(schema[exclusive], bool):
+        found.append((Fraction(str(schema[exclusive])), True))
+    if not found:
+        return None
+    best = pick(v for v, _ in found)
+    return best, any(e for v, e in found if v == best)
+
+
+def _array_shape(schema: dict[str, Any]) -> tuple[list[Any], Any]:
+    if "prefixItems" in schema:
+        return list(schema["prefixItems"]), schema.get("items", True)
+    if isinstance(schema.get("items"), list):
+        return list(schema["items"]), schema.get("additionalItems", True)
+    return [], schema.get("items", True)
+
+
+def _property(schema: dict[str, Any], name: str) -> Any:
+    if name in schema.get("properties", {}):
+        return schema["properties"][name]
+    matches = [s for p, s in schema.get("patternProperties", {}).items() if re.search(p, name)]
+    if matches:
+        return matches[0] if len(matches) == 1 else {"allOf": matches}
+    return schema.get("additionalProperties", True)
+
+
+class _Checker:
+    """Proves ``reader ⊇ writer`` keyword by keyword; reports what it cannot prove."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], list[str]] = {}
+        self.keep: list[Any] = []  # keeps compared nodes alive so their ids stay unique
+        self.depth = 0
+
+    def compare(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        if self.depth > MAX_COMPARE_DEPTH:
+            return [f"{path or '/'}: schema nests too deeply to check"]
+        key = (id(r), id(w))
+        if key in self.seen:
+            return self.seen[key]
+        self.keep.append((r, w))
+        self.seen[key] = []  # assumed while inside (recursive $refs)
+        self.depth += 1
+        try:
+            result = self._compare(r, rdoc, w, wdoc, path)
+        finally:
+            self.depth -= 1
+        self.seen[key] = result
+        return result
+
+    def _compare(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        where = path or "/"
+        r, rdoc = _deref(r, rdoc)
+        w, wdoc = _deref(w, wdoc)
+        if r is True or r == {} or w is False:
+            return []
+        if r is False:
+            return [f"{where}: the reader accepts no value here but the writer does"]
+        w = {} if w is True else w
+        if r == w and rdoc.key == wdoc.key:
+            return []
+        for union in ("anyOf", "oneOf"):
+            if isinstance(w.get(union), list):
+                rest = {k: v for k, v in w.items() if k != union}
+                out: list[str] = []
+                for i, branch in enumerate(w[union]):
+                    b, bdoc = _deref(branch, wdoc)
+                    wb = _merge(rest, b) if isinstance(b, dict) else (rest if b else False)
+                    out += self.compare(r, rdoc, wb, bdoc, f"{path}/{union}/{i}")
+                return out
+        if isinstance(w.get("allOf"), list):
+            merged = {k: v for k, v in w.items() if k != "allOf"}
+            for branch in w["allOf"]:
+                b, _ = _deref(branch, wdoc)
+                if b is False:
+                    return []
+                merged = _merge(merged, b) if isinstance(b, dict) else merged
+            return self.compare(r, rdoc, merged, wdoc, path)
+        return self._reader(r, rdoc, w, wdoc, path)
+
+    def _reader(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        where = path or "/"
+        if isinstance(r.get("allOf"), list):
+            rest = {k: v for k, v in r.items() if k != "allOf"}
+            out = self.compare(rest, rdoc, w, wdoc, path)
+            for i, branch in enumerate(r["allOf"]):
+                out += self.compare(branch, rdoc, w, wdoc, f"{path}/allOf/{i}")
+            return out
+        for union in ("anyOf", "oneOf"):
+            if isinstance(r.get(union), list):
+                rest = {k: v for k, v in r.items() if k != union}
+                out = self.compare(rest, rdoc, w, wdoc, path)
+                fits = [b for b in r[union] if not self.compare(b, rdoc, w, wdoc, path)]
+                if not fits:
+                    out.append(f"{where}: no {union} branch of the reader accepts the writer")
+                elif union == "oneOf" and not _exclusive(r[union], fits[0], w, rdoc):
+                    out.append(f"{where}: cannot prove that one oneOf branch alone accepts it")
+                return out
+        if "enum" in w or "const" in w:
+            return self._values(r, rdoc, w, where)
+        return self._keywords(r, rdoc, w, wdoc, path)
+
+    def _values(self, r: Any, rdoc: _Doc, w: Any, where: str) -> list[str]:
+        values = w["enum"] if "enum" in w else [w["const"]]
+        if not isinstance(values, list):
+            return [f"{where}: writer enum is not a list"]
+        if next(_refs(r), None) is not None:
+            return [f"{where}: cannot check writer enum values against a reader with $ref"]
+        validator = _validator_class(rdoc.root)(r)
+        bad = [v for v in values if not validator.is_valid(v)]
+        return [f"{where}: the reader rejects writer value(s) {bad}"] if bad else []
+
+    def _keywords(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        where = path or "/"
+        out: list[str] = []
+        r_types, w_types = _types(r), _types(w)
+        if r_types is not None:
+            if w_types is None:
+                out.append(f"{where}: the reader only accepts type {sorted(r_types)}")
+            else:
+                for t in sorted(w_types - r_types):
+                    if not (t == "integer" and "number" in r_types):
+                        out.append(f"{where}: the reader does not accept type {t!r}")
+        may = ALL_TYPES if w_types is None else w_types
+        for keyword in ("enum", "const"):
+            if keyword in r:
+                out.append(f"{where}: the reader restricts values with {keyword!r}")
+        if may & {"number", "integer"}:
+            out += _numbers(r, w, where, may)
+        if "string" in may:
+            out += _range(r, w, "minLength", "maxLength", where)
+            out += [
+                f"{where}: the reader's {k!r} differs from the writer's"
+                for k in ("pattern", "format")
+                if k in r and r[k] != w.get(k)
+            ]
+        if "array" in may:
+            out += self._array(r, rdoc, w, wdoc, path)
+        if "object" in may:
+            out += self._object(r, rdoc, w, wdoc, path)
+        for keyword in sorted(set(r) - _HANDLED - _ANNOTATIONS - {"pattern", "format"}):
+            if canonical_json(r[keyword]) != canonical_json(w.get(keyword)):
+                out.append(f"{where}: cannot prove the reader's {keyword!r} accepts the writer")
+        return out
+
+    def _array(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        where = path or "/"
+        out = _range(r, w, "minItems", "maxItems", where)
+        if r.get("uniqueItems") is True and w.get("uniqueItems") is not True:
+            out.append(f"{where}: the reader requires unique items, the writer does not")
+        r_prefix, r_rest = _array_shape(r)
+        w_prefix, w_rest = _array_shape(w)
+        for i in range(max(len(r_prefix), len(w_prefix))):
+            rs = r_prefix[i] if i < len(r_prefix) else r_rest
+            ws = w_prefix[i] if i < len(w_prefix) else w_rest
+            out += self.compare(rs, rdoc, ws, wdoc, f"{path}/items/{i}")
+        out += self.compare(r_rest, rdoc, w_rest, wdoc, f"{path}/items")
+        return out
+
+    def _object(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
+        where = path or "/"
+        out = _range(r, w, "minProperties", "maxProperties", where)
+        for name in sorted(set(r.get("required", [])) - set(w.get("required", []))):
+            out.append(f"{where}: property {name!r} is required by the reader, not the writer")
+        names = sorted({*r.get("properties", {}), *w.get("properties", {})})
+        for name in names:
+            sub = f"{path}/properties/{name}"
+            found = self.compare(_property(r, name), rdoc, _property(w, name), wdoc, sub)
+            if found and name not in w.get("properties", {}):
+                found = [f"{sub}: property added to the reader, but the writer's open "
+                         "content model allows other values for it"]  # fmt: skip
+            elif found and name not in r.get("properties", {}):
+                found = [f"{sub}: property removed, and the reader's content model rejects it"]
+            out += found
+        r_patterns, w_patterns = r.get("patternProperties", {}), w.get("patternProperties", {})
+        if any(_json(s) != _json(w_patterns.get(p)) for p, s in r_patterns.items()):
+            out.append(f"{where}: cannot prove the reader's patternProperties accept the writer")
+        r_extra = r.get("additionalProperties", True)
+        for pattern, schema in w_patterns.items():
+            if pattern not in r_patterns:
+                sub = f"{path}/patternProperties/{pattern}"
+                out += self.compare(r_extra, rdoc, schema, wdoc, sub)
+        w_extra = w.get("additionalProperties", True)
+        sub = f"{path}/additionalProperties"
+        found = self.compare(r_extra, rdoc, w_extra, wdoc, sub)
+        if found and w_extra is True:
+            found = [f"{sub}: the reader's content model is closed, the writer's is open"]
+        return out + found
+
+
+def _json(value: Any) -> str:
+    return canonical_json(value)
+
+
+def _deref(node: Any, doc: _Doc) -> tuple[Any, _Doc]:
+    """Follow ``$ref`` (siblings kept as an ``allOf``) until a plain schema."""
+    for _ in range(MAX_COMPARE_DEPTH):
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
+            return node, doc
+        target = doc.resolve(node["$ref"])
+        if target is None:
+            return False, doc
+        rest = {k: v for k, v in node.items() if k != "$ref" and k not in _ANNOTATIONS}
+        if rest:
+            return {"allOf": [target[0], rest]}, target[1]
+        node, doc = target
+    return False, doc
+
+
+def _exclusive(branches: list[Any], fit: Any, w: dict[str, Any], doc: _Doc) -> bool:
+    """Whether every oneOf branch but ``fit`` is disjoint from ``w`` by type alone."""
+    w_types = _types(w)
+    if w_types is None:
+        return False
+    wide = w_types | ({"integer"} if "number" in w_types else set())
+    for branch in branches:
+        b, _ = _deref(branch, doc)
+        if b is fit or b is False:
+            continue
+        b_types = _types(b) if isinstance(b, dict) else None
+        if b_types is None:
+            return False
+        if b_types & wide or ("number" in b_types and "integer" in w_types):
+            return False
+    return True
+
+
+def _range(r: dict[str, Any], w: dict[str, Any], low: str, high: str, where: str) -> list[str]:
+    out: list[str] = []
+    if low in r and r[low] > w.get(low, 0):
+        out.append(f"{where}: the reader's {low} {r[low]} is above the writer's {w.get(low, 0)}")
+    if high in r and (high not in w or r[high] < w[high]):
+        out.append(f"{where}: the reader's {high} {r[high]} is below the writer's {w.get(high)}")
+    return out
+
+
+def _numbers(r: dict[str, Any], w: dict[str, Any], where: str, may: frozenset[str]) -> list[str]:
+    out: list[str] = []
+    for name, bound, tighter in (("minimum", _lower, 1), ("maximum", _upper, -1)):
+        rb, wb = bound(r), bound(w)
+        if rb is None:
+            continue
+        if wb is None:
+            out.append(f"{where}: the reader has a {name} and the writer has none")
+        elif (wb[0] - rb[0]) * tighter < 0 or (wb[0] == rb[0] and rb[1] and not wb[1]):
+            out.append(f"{where}: the reader's {name} is tighter than the writer's")
+    step = r.get("multipleOf")
+    if isinstance(step, int | float) and not (step == 1 and may <= {"integer"}):
+        w_step = w.get("multipleOf")
+        ok = isinstance(w_step, int | float) and (
+            (Fraction(str(w_step)) / Fraction(str(step))).denominator == 1
+        )
+        if not ok:
+            out.append(f"{where}: the reader's multipleOf {step} does not divide the writer's")
+    return out
+
+
+def compatible(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
+    """Why ``reader`` rejects documents that ``writer`` accepts (empty: it accepts them all)."""
+    rdoc = _Doc(reader.parsed, reader.references)
+    wdoc = _Doc(writer.parsed, writer.references)
+    return _Checker().compare(reader.parsed, rdoc, writer.parsed, wdoc, "")
