@@ -49,6 +49,7 @@ _PASSTHROUGH = ("traceparent", "tracestate")
 # Stored NATS header names.
 NATS_MSG_ID = "Nats-Msg-Id"
 NATS_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+NATS_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 CONTENT_TYPE = "Content-Type"
 SCHEMA_ID = "Broker-Schema-Id"
 SCHEMA_ID_SOURCE = "Broker-Schema-Id-Source"

@@ -14,6 +14,21 @@
     │   └── InvalidSubject           422 invalid_subject
     ├── Unavailable                  503 nats_unavailable   (retryable, carries Retry-After)
     │   └── PublishTimeout           503 publish_timeout    (ack unknown: retry with the same key)
+    ├── SchemaRegistryError          Confluent-compatible answers: ``error_code`` is an int
+    │   ├── SubjectNotFound              404 40401
+    │   ├── VersionNotFound              404 40402
+    │   ├── SchemaNotFound               404 40403
+    │   ├── SubjectSoftDeleted           404 40404
+    │   ├── SubjectNotSoftDeleted        404 40405
+    │   ├── VersionSoftDeleted           404 40406
+    │   ├── VersionNotSoftDeleted        404 40407
+    │   ├── SubjectConfigNotFound        404 40408
+    │   ├── IncompatibleSchema           409 409
+    │   ├── InvalidSchema                422 42201
+    │   ├── InvalidVersion               422 42202
+    │   ├── InvalidCompatibilityLevel    422 42203
+    │   ├── ReferenceExists              422 42206
+    │   └── SchemaRegistryBusy           503 50002   (retryable: writers kept colliding)
     ├── StreamConfigConflict         500 stream_config_conflict  (start-up, not HTTP)
     └── EmbeddedServerError          500 embedded_server_error   (start-up, not HTTP)
 
@@ -101,6 +116,75 @@ class PublishTimeout(Unavailable):
     error_code = "publish_timeout"
 
 
+class SchemaRegistryError(BrokerError):
+    """An answer of the Confluent-compatible schema registry. Its clients read an integer
+    ``error_code`` (``registry_code``), so that is what the body carries."""
+
+    registry_code: ClassVar[int] = 50001
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error_code": self.registry_code, "message": self.message}
+
+
+class SubjectNotFound(SchemaRegistryError):
+    status, error_code, registry_code = 404, "subject_not_found", 40401
+
+
+class VersionNotFound(SchemaRegistryError):
+    status, error_code, registry_code = 404, "version_not_found", 40402
+
+
+class SchemaNotFound(SchemaRegistryError):
+    status, error_code, registry_code = 404, "schema_not_found", 40403
+
+
+class SubjectSoftDeleted(SchemaRegistryError):
+    status, error_code, registry_code = 404, "subject_soft_deleted", 40404
+
+
+class SubjectNotSoftDeleted(SchemaRegistryError):
+    status, error_code, registry_code = 404, "subject_not_soft_deleted", 40405
+
+
+class VersionSoftDeleted(SchemaRegistryError):
+    status, error_code, registry_code = 404, "version_soft_deleted", 40406
+
+
+class VersionNotSoftDeleted(SchemaRegistryError):
+    status, error_code, registry_code = 404, "version_not_soft_deleted", 40407
+
+
+class SubjectConfigNotFound(SchemaRegistryError):
+    status, error_code, registry_code = 404, "subject_config_not_found", 40408
+
+
+class IncompatibleSchema(SchemaRegistryError):
+    status, error_code, registry_code = 409, "incompatible_schema", 409
+
+
+class InvalidSchema(SchemaRegistryError):
+    status, error_code, registry_code = 422, "invalid_schema", 42201
+
+
+class InvalidVersion(SchemaRegistryError):
+    status, error_code, registry_code = 422, "invalid_version", 42202
+
+
+class InvalidCompatibilityLevel(SchemaRegistryError):
+    status, error_code, registry_code = 422, "invalid_compatibility_level", 42203
+
+
+class ReferenceExists(SchemaRegistryError):
+    status, error_code, registry_code = 422, "reference_exists", 42206
+
+
+class SchemaRegistryBusy(SchemaRegistryError):
+    """Concurrent writers kept taking the registry's next position; retry."""
+
+    status, error_code, registry_code = 503, "schema_registry_busy", 50002
+    retryable = True
+
+
 class StreamConfigConflict(BrokerError):
     """A stream or bucket exists with a configuration the broker would not create."""
 
@@ -113,14 +197,17 @@ class EmbeddedServerError(BrokerError):
     error_code = "embedded_server_error"
 
 
-def error_class(error_code: str, status: int) -> type[BrokerError]:
-    """The error class for a server's ``error_code`` (the most specific one known), else the
-    class for its HTTP status: how clients turn an answer back into the tree above."""
-    by_code: dict[str, type[BrokerError]] = {}
+def error_class(error_code: str | int, status: int) -> type[BrokerError]:
+    """The error class for a server's ``error_code`` (the most specific one known; an int is a
+    schema registry code), else the class for its HTTP status: how clients turn an answer
+    back into the tree above."""
+    by_code: dict[str | int, type[BrokerError]] = {}
     pending: list[type[BrokerError]] = [BrokerError]
     while pending:
         cls = pending.pop()
         by_code.setdefault(cls.error_code, cls)
+        if issubclass(cls, SchemaRegistryError):
+            by_code.setdefault(cls.registry_code, cls)
         pending.extend(cls.__subclasses__())
     if error_code in by_code:
         return by_code[error_code]

@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import nats
 import pytest
-import pytest_asyncio
 
 from broker.envelope import Tenant
 from broker.errors import NotFound
@@ -24,8 +21,6 @@ from broker.registry.commands import (
 )
 from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
-from broker.settings import Settings
-from broker.streams import provision
 
 pytestmark = pytest.mark.integration
 T = Tenant("acme")
@@ -42,18 +37,6 @@ def manifest(
             "capabilities": [{"action": "translate", "content_types": ["text/plain"]}],
         }
     )
-
-
-@pytest_asyncio.fixture
-async def publisher(nats_url: str) -> AsyncIterator[Publisher]:
-    nc = await nats.connect(nats_url)
-    await provision(nc.jetstream(), Settings())
-    await nc.close()
-    pub = Publisher([nats_url])
-    pub.start()
-    assert await pub.wait_connected(5)
-    yield pub
-    await pub.close()
 
 
 async def test_history_is_in_order_and_identical_reapply_appends_nothing(
