@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import broker
 from broker._process import die_with_parent
-from broker.errors import BrokerError, NotFound
+from broker.errors import BrokerError, NotFound, PublishTimeout, SchemaRegistryError
 from broker.http._asgi_bridge import call_asgi
 from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
 from broker.http.agents import agents_router
@@ -32,6 +32,8 @@ from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths
 from broker.http.publish import publish_batch, publish_one
 from broker.http.replay import replay_router
+from broker.http.schema_registry import PREFIX as REGISTRY_PREFIX
+from broker.http.schema_registry import RegistryJSON, schema_registry_router
 from broker.http.state import IngressState, git_revision
 from broker.publisher import Publisher
 from broker.settings import Settings, get_settings
@@ -42,6 +44,17 @@ _PUBLISH_PREFIX = "/v1/publish/"
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (404, 422, 503)
 }
+
+
+def _in_registry(request: Request) -> bool:
+    return request.url.path.startswith(REGISTRY_PREFIX + "/")
+
+
+def _registry_code(status: int, *, timeout: bool) -> int:
+    """Confluent's integer code for a broker error met on a schema registry path."""
+    if status >= 500:
+        return 50002 if timeout else 50001
+    return status
 
 
 def _meta_app(state: IngressState) -> FastAPI:
@@ -58,13 +71,19 @@ def _meta_app(state: IngressState) -> FastAPI:
 
     app.include_router(agents_router(state))
     app.include_router(replay_router(state))
+    app.include_router(schema_registry_router(state))
 
     @app.exception_handler(BrokerError)
-    async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+    async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
         headers = (
             {"Retry-After": str(state.settings.retry_after_seconds)} if exc.retryable else None
         )
-        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+        body = exc.to_dict()
+        if not _in_registry(request):
+            return JSONResponse(body, status_code=exc.status, headers=headers)
+        if not isinstance(exc, SchemaRegistryError):
+            body["error_code"] = _registry_code(exc.status, timeout=isinstance(exc, PublishTimeout))
+        return RegistryJSON(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -76,14 +95,14 @@ def _meta_app(state: IngressState) -> FastAPI:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
-        return JSONResponse(
-            {"error_code": "unprocessable", "message": fields or "invalid request"},
-            status_code=422,
-        )
+        message = fields or "invalid request"
+        if _in_registry(request):  # Confluent's clients expect an integer code
+            return RegistryJSON({"error_code": 422, "message": message}, status_code=422)
+        return JSONResponse({"error_code": "unprocessable", "message": message}, status_code=422)
 
     @app.get("/healthz", tags=["operations"], response_model=Health)
     async def healthz() -> Health:

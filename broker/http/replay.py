@@ -18,11 +18,13 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
-from broker.envelope import CONTENT_TYPE, media_type
+from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
+from broker.envelope import CONTENT_TYPE, SCHEMA_ID, media_type
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
 from broker.reader import read_messages
+from broker.registry.schemas.decoders import json_default
 from broker.streams import SUBJECT_PREFIX, Stream
 
 
@@ -44,27 +46,46 @@ class Decode(StrEnum):
     JSON = "json"
 
 
-def _record(message: Msg, decode: Decode) -> bytes:
+def _record(message: Msg) -> dict[str, Any]:
     meta = message.metadata
-    headers = dict(message.headers or {})
-    record: dict[str, Any] = {
+    return {
         "stream": meta.stream,
         "seq": meta.sequence.stream,
         "subject": message.subject,
         "time": meta.timestamp.isoformat() if meta.timestamp else None,
-        "headers": headers,
+        "headers": dict(message.headers or {}),
         "payload_base64": base64.b64encode(message.data).decode(),
     }
-    if decode is Decode.JSON:
-        content_type = media_type(headers.get(CONTENT_TYPE))
-        if content_type == "application/json" or content_type.endswith("+json"):
-            try:
-                record["value"] = orjson.loads(message.data)
-            except orjson.JSONDecodeError as e:
-                record["decode_error"] = f"not valid JSON: {e}"
+
+
+def _text(payload: bytes, content_type: str | None) -> str:
+    """A ``text/*`` payload as a string; any other opaque payload stays in payload_base64."""
+    kind = media_type(content_type)
+    if not kind.startswith("text/"):
+        raise DecodeError("raw", f"no decoder for {kind or 'a message without Content-Type'}")
+    try:
+        return payload.decode()
+    except UnicodeDecodeError as e:
+        raise DecodeError("text", f"not UTF-8: {e}") from None
+
+
+async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) -> bytes:
+    """The record with ``value`` (decoded with the writer's schema) or ``decode_error``."""
+    headers = record["headers"]
+    content_type = headers.get(CONTENT_TYPE)
+    raw_id = headers.get(SCHEMA_ID)
+    schema_id = (
+        int(raw_id) if raw_id is not None and raw_id.isascii() and raw_id.isdigit() else None
+    )
+    try:
+        if kind_for(content_type) is CodecKind.RAW:
+            record["value"] = _text(message.data, content_type)
         else:
-            record["decode_error"] = f"no JSON decoder for {content_type or 'no Content-Type'}"
-    return orjson.dumps(record) + b"\n"
+            codec = await state.decoders.codec(state.tenant, content_type, schema_id)
+            record["value"] = DecodedMessage(message.data, headers, codec).value
+    except DecodeError as e:
+        record["decode_error"] = e.message
+    return orjson.dumps(record, default=json_default) + b"\n"
 
 
 def replay_router(state: IngressState) -> APIRouter:
@@ -114,7 +135,11 @@ def replay_router(state: IngressState) -> APIRouter:
                 start_time=start_time,
                 batch=min(limit, 1024),
             ):
-                yield _record(message, decode)
+                record = _record(message)
+                if decode is Decode.JSON:
+                    yield await _decoded(state, message, record)
+                else:
+                    yield orjson.dumps(record) + b"\n"
                 sent += 1
                 if sent >= limit:
                     return

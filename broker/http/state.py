@@ -11,6 +11,8 @@ from pathlib import Path
 import broker
 from broker.envelope import Tenant
 from broker.publisher import Publisher
+from broker.registry.schemas.decoders import Decoders
+from broker.registry.schemas.service import SchemaRegistry
 from broker.registry.snapshot import RegistryView
 from broker.settings import Settings
 from broker.streams import missing_streams
@@ -52,8 +54,14 @@ class IngressState:
     settings: Settings
     publisher: Publisher
     registry: RegistryView = field(default_factory=RegistryView)
+    schemas: SchemaRegistry = field(init=False)
+    decoders: Decoders = field(init=False)
     _ready_at: float = 0.0
     _ready: Readiness | None = None
+
+    def __post_init__(self) -> None:
+        self.schemas = SchemaRegistry(self.publisher)
+        self.decoders = Decoders(self.schemas)
 
     @property
     def tenant(self) -> Tenant:

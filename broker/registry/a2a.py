@@ -41,7 +41,7 @@ def _action(skill_id: str) -> str:
 
 def _semver(version: str) -> str:
     parts = version.strip().lstrip("v").split(".")
-    if len(parts) < 3 and all(p.isdigit() for p in parts):
+    if len(parts) < 3 and all(p.isascii() and p.isdigit() for p in parts):
         parts += ["0"] * (3 - len(parts))
     return ".".join(parts)
 

@@ -26,6 +26,10 @@ CROSS_FIELD = {
     ("GET", "/v1/agents"),
     ("GET", "/v1/streams/{stream}/messages"),  # start_seq and start_time exclude each other
 }
+#: The schema registry's bodies hold schemas (Avro, Protobuf, JSON Schema): languages of their
+#: own that an OpenAPI string cannot describe, so a schema-valid body may be an invalid schema
+#: (42201) or an incompatible one (409), and a version id may be out of range (42202).
+CROSS_FIELD_PREFIXES = ("/registry/",)
 
 
 def test_api_answers_every_generated_request_without_server_errors(broker: BrokerProcess) -> None:
@@ -53,6 +57,7 @@ def test_api_answers_every_generated_request_without_server_errors(broker: Broke
             excluded = (
                 [positive_data_acceptance]
                 if (case.method.upper(), case.path) in CROSS_FIELD
+                or case.path.startswith(CROSS_FIELD_PREFIXES)
                 else None
             )
             case.validate_response(response, excluded_checks=excluded)
