@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 
-async def read_messages(
+async def read_batches(
     js: JetStreamContext,
     stream: str,
     *,
@@ -25,8 +25,9 @@ async def read_messages(
     start_time: datetime | None = None,
     batch: int = 512,
     fetch_timeout: float = 2.0,
-) -> AsyncIterator[Msg]:
-    """Every message of ``stream`` (matching ``subject``) from a point to the current end.
+) -> AsyncIterator[list[Msg]]:
+    """Every message of ``stream`` (matching ``subject``) from a point to the current end, in
+    the batches the server delivered (at most ``batch`` each).
 
     Ends when the consumer reports nothing pending, so a read of a quiet stream returns
     promptly; messages appended during the read may or may not be included.
@@ -53,10 +54,35 @@ async def read_messages(
                 messages = await sub.fetch(batch, timeout=fetch_timeout)
             except nats.errors.TimeoutError:
                 return
-            for message in messages:
-                yield message
+            if messages:
+                yield messages
             if not messages or messages[-1].metadata.num_pending == 0:
                 return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def read_messages(
+    js: JetStreamContext,
+    stream: str,
+    *,
+    subject: str | None = None,
+    start_seq: int | None = None,
+    start_time: datetime | None = None,
+    batch: int = 512,
+    fetch_timeout: float = 2.0,
+) -> AsyncIterator[Msg]:
+    """Every message of ``stream`` (matching ``subject``) from a point to the current end,
+    one at a time (see :func:`read_batches`)."""
+    async for messages in read_batches(
+        js,
+        stream,
+        subject=subject,
+        start_seq=start_seq,
+        start_time=start_time,
+        batch=batch,
+        fetch_timeout=fetch_timeout,
+    ):
+        for message in messages:
+            yield message

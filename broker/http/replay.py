@@ -23,7 +23,7 @@ from broker.envelope import CONTENT_TYPE, SCHEMA_ID, media_type
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
-from broker.reader import read_messages
+from broker.reader import read_batches
 from broker.registry.schemas.decoders import json_default
 from broker.streams import SUBJECT_PREFIX, Stream
 
@@ -126,8 +126,10 @@ def replay_router(state: IngressState) -> APIRouter:
         js = state.publisher.js  # 503 when NATS is not connected
 
         async def body() -> AsyncIterator[bytes]:
-            sent = 0
-            async for message in read_messages(
+            # One chunk per batch the server delivered: a write per record would cost more
+            # than encoding it.
+            left = limit
+            async for messages in read_batches(
                 js,
                 stream,
                 subject=filter_subject,
@@ -135,13 +137,16 @@ def replay_router(state: IngressState) -> APIRouter:
                 start_time=start_time,
                 batch=min(limit, 1024),
             ):
-                record = _record(message)
-                if decode is Decode.JSON:
-                    yield await _decoded(state, message, record)
-                else:
-                    yield orjson.dumps(record) + b"\n"
-                sent += 1
-                if sent >= limit:
+                lines = []
+                for message in messages[:left]:
+                    record = _record(message)
+                    if decode is Decode.JSON:
+                        lines.append(await _decoded(state, message, record))
+                    else:
+                        lines.append(orjson.dumps(record) + b"\n")
+                yield b"".join(lines)
+                left -= len(lines)
+                if left <= 0:
                     return
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
