@@ -76,7 +76,11 @@ def replay(
         str | None, typer.Option(help="Filter in your namespace; * and > allowed.")
     ] = None,
     decode: Annotated[
-        bool, typer.Option(help="Add decoded JSON values (or the decode error).")
+        bool,
+        typer.Option(
+            help="Decode each payload with its writer's schema (JSON, Avro, Protobuf, "
+            "msgpack, text); an undecodable one carries decode_error."
+        ),
     ] = False,
     to: Annotated[Path | None, typer.Option(help="Write NDJSON here instead of stdout.")] = None,
     url: Annotated[
