@@ -37,6 +37,8 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/ingress.py $(ARGS)
 	$(BIN)/python benchmarks/registry.py
+	$(BIN)/python benchmarks/codecs.py
+	$(BIN)/python benchmarks/replay.py
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache

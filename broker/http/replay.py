@@ -85,7 +85,12 @@ async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) ->
             record["value"] = DecodedMessage(message.data, headers, codec).value
     except DecodeError as e:
         record["decode_error"] = e.message
-    return orjson.dumps(record, default=json_default) + b"\n"
+    try:
+        return orjson.dumps(record, default=json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+    except orjson.JSONEncodeError as e:  # e.g. a msgpack map with binary keys
+        del record["value"]
+        record["decode_error"] = f"the decoded value has no JSON form: {e}"
+        return orjson.dumps(record) + b"\n"
 
 
 def replay_router(state: IngressState) -> APIRouter:

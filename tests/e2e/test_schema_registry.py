@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import httpx
+import msgpack
 import orjson
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaReference, SchemaRegistryClient
@@ -258,13 +259,17 @@ async def test_hostile_and_unknown_payloads_replay_with_their_error(
     )
     await _publish(client, topic, b"\x00\x7f\xff\xff\xf0" + b"\x02", "application/avro")
     await _publish(client, topic, b"[" * 5000 + b"]" * 5000, "application/json")
+    binary_keys = msgpack.packb({b"\xff": 1}, use_bin_type=True)
+    await _publish(client, topic, binary_keys, "application/msgpack")
     await _publish(client, topic, b'{"ok": true}', "application/json")
     records = await _replay(client, topic)
     assert [("value" in r, "decode_error" in r) for r in records] == [
         (False, True),
         (False, True),
         (False, True),
+        (False, True),
         (True, False),
     ]
     assert "not in the registry" in records[1]["decode_error"]
-    assert records[3]["value"] == {"ok": True}
+    assert "no JSON form" in records[3]["decode_error"]
+    assert records[4]["value"] == {"ok": True}
