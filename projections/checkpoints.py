@@ -1,0 +1,225 @@
+"""Where a projection remembers how far it got: SQL (SQLite, PostgreSQL) or JetStream KV.
+
+A :class:`CheckpointStore` keeps, per projection and partition, the last stream sequence
+applied. :meth:`~CheckpointStore.commit` is the transaction boundary of the runtime: it
+runs the projection's writes and moves the checkpoints *together*, and only if every
+checkpoint is still where the caller read it (compare-and-set), so a worker that lost a
+partition to another cannot write over it (:class:`CheckpointConflict`, nothing written).
+
+- :class:`SqlCheckpointStore` writes the projection's tables and ``broker_checkpoints`` in
+  one database transaction: exactly-once for SQL replicas.
+- :class:`KvCheckpointStore` keeps checkpoints in a JetStream KV bucket with revision
+  checks; the work runs first and is not in the same transaction, so it suits projections
+  whose writes are idempotent (at-least-once writes, exactly-once checkpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from broker.errors import BrokerError
+
+Work = Callable[[Any], None]
+#: partition -> (the sequence the caller read, the sequence to record)
+Moves = Mapping[int, tuple[int, int]]
+
+
+class CheckpointConflict(BrokerError):
+    """A checkpoint moved since it was read: another worker owns the partition now."""
+
+    error_code = "checkpoint_conflict"
+
+
+class CheckpointStore(Protocol):
+    """Per-projection, per-partition positions, moved atomically with the writes."""
+
+    async def load(self, projection: str) -> dict[int, int]:
+        """Partition -> last applied sequence (absent partitions have applied nothing)."""
+        ...
+
+    async def commit(self, projection: str, moves: Moves, work: Work) -> None:
+        """Run ``work(tx)`` and move the checkpoints, all or nothing; raise
+        :class:`CheckpointConflict` when one was not at its expected sequence."""
+        ...
+
+    async def reset(self, projection: str, work: Work) -> None:
+        """Run ``work(tx)`` (drop the projection's state) and forget its checkpoints."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+metadata = sa.MetaData()
+checkpoints = sa.Table(
+    "broker_checkpoints",
+    metadata,
+    sa.Column("projection", sa.String(128), primary_key=True),
+    sa.Column("partition", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+
+
+def create_sql_engine(url: str) -> sa.Engine:
+    """An engine for a replica URL: ``sqlite:///path`` or ``postgresql://…`` (psycopg 3)."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _wal(dbapi_connection: Any, _: Any) -> None:
+            # WAL: readers (status, queries) never block the writer.
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class SqlCheckpointStore:
+    """Checkpoints in ``broker_checkpoints``, in the same transaction as the writes."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        metadata.create_all(engine, tables=[checkpoints])
+
+    async def load(self, projection: str) -> dict[int, int]:
+        def read() -> dict[int, int]:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(checkpoints.c.partition, checkpoints.c.seq).where(
+                        checkpoints.c.projection == projection
+                    )
+                )
+                return {int(p): int(s) for p, s in rows}
+
+        return await asyncio.to_thread(read)
+
+    def _move(self, conn: sa.Connection, projection: str, moves: Moves) -> None:
+        for partition, (expected, new) in moves.items():
+            key = (checkpoints.c.projection == projection) & (checkpoints.c.partition == partition)
+            if expected == 0:
+                exists = conn.execute(sa.select(checkpoints.c.seq).where(key)).first()
+                if exists is not None:
+                    raise CheckpointConflict(
+                        f"{projection}[{partition}] is at {exists[0]}, not at the start"
+                    )
+                conn.execute(
+                    checkpoints.insert().values(projection=projection, partition=partition, seq=new)
+                )
+                continue
+            moved = conn.execute(
+                checkpoints.update().where(key & (checkpoints.c.seq == expected)).values(seq=new)
+            )
+            if moved.rowcount != 1:
+                raise CheckpointConflict(f"{projection}[{partition}] is no longer at {expected}")
+
+    async def commit(self, projection: str, moves: Moves, work: Work) -> None:
+        def run() -> None:
+            try:
+                with self.engine.begin() as conn:
+                    work(conn)
+                    self._move(conn, projection, moves)
+            except sa.exc.IntegrityError as e:
+                # Two workers inserting the same first checkpoint: the loser rolls back.
+                if "broker_checkpoints" in str(e):
+                    raise CheckpointConflict(f"{projection}: checkpoint taken concurrently") from e
+                raise
+
+        await asyncio.to_thread(run)
+
+    async def reset(self, projection: str, work: Work) -> None:
+        def run() -> None:
+            with self.engine.begin() as conn:
+                work(conn)
+                conn.execute(checkpoints.delete().where(checkpoints.c.projection == projection))
+
+        await asyncio.to_thread(run)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.dispose)
+
+
+class KvCheckpointStore:
+    """Checkpoints in a JetStream KV bucket (key ``<projection>.<partition>``), moved with
+    revision checks. ``work`` gets ``None`` as its transaction and runs before the move."""
+
+    def __init__(self, js: JetStreamContext, bucket: str = "projection_checkpoints") -> None:
+        self.js = js
+        self.bucket = bucket
+        self._kv: KeyValue | None = None
+        #: (projection, partition) -> (sequence, revision) last read or written here
+        self._known: dict[tuple[str, int], tuple[int, int]] = {}
+
+    async def _store(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(self.bucket)
+            except BucketNotFoundError:
+                self._kv = await self.js.create_key_value(bucket=self.bucket, history=1)
+        return self._kv
+
+    async def _keys(self, projection: str) -> list[str]:
+        kv = await self._store()
+        try:
+            keys = await kv.keys()
+        except Exception:  # nats-py raises NoKeysError (no common base) for an empty bucket
+            return []
+        # nats-py's own key filter is a substring match; select the projection's keys here.
+        return [k for k in keys if k.rsplit(".", 1)[0] == projection]
+
+    async def load(self, projection: str) -> dict[int, int]:
+        kv = await self._store()
+        found: dict[int, int] = {}
+        for key in await self._keys(projection):
+            entry = await kv.get(key)
+            partition = int(key.rsplit(".", 1)[1])
+            found[partition] = int(entry.value or b"0")
+            self._known[(projection, partition)] = (found[partition], entry.revision or 0)
+        return found
+
+    async def commit(self, projection: str, moves: Moves, work: Work) -> None:
+        kv = await self._store()
+        for partition, (expected, _) in moves.items():
+            known = self._known.get((projection, partition))
+            if known is not None and known[0] != expected:
+                raise CheckpointConflict(
+                    f"{projection}[{partition}] is at {known[0]}, not at {expected}"
+                )
+        work(None)
+        for partition, (expected, new) in moves.items():
+            key = f"{projection}.{partition}"
+            known = self._known.get((projection, partition))
+            try:
+                if known is None:
+                    if expected != 0:
+                        raise CheckpointConflict(
+                            f"{projection}[{partition}] was never at {expected}"
+                        )
+                    revision = await kv.create(key, str(new).encode())
+                else:
+                    revision = await kv.update(key, str(new).encode(), last=known[1])
+            except CheckpointConflict:
+                raise
+            except Exception as e:  # wrong last sequence: another store moved it
+                raise CheckpointConflict(f"{projection}[{partition}] moved: {e}") from e
+            self._known[(projection, partition)] = (new, revision)
+
+    async def reset(self, projection: str, work: Work) -> None:
+        kv = await self._store()
+        work(None)
+        for key in list(self._known):
+            if key[0] == projection:
+                del self._known[key]
+        for key in await self._keys(projection):
+            await kv.purge(key)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,150 @@
+"""Who applies which partition: leases in a JetStream KV bucket, no other coordinator.
+
+Every worker of a projection keeps a membership key ``<projection>.member.<worker>`` alive
+and holds a lease key ``<projection>.lease.<partition>`` for each partition it applies. The
+bucket's TTL makes the keys of a dead worker vanish; leases are taken with ``create``
+(fails if someone holds it) and renewed with ``update`` at the revision last seen (fails if
+someone took it over), so two workers never believe they hold one lease for long -- and the
+checkpoints' compare-and-set makes that window harmless.
+
+Balancing: with ``n`` live members each takes at most ``ceil(partitions / n)``; a worker
+over its share gives leases back, one under it takes free ones. A joining or dying worker
+is rebalanced within a couple of TTLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+log = structlog.get_logger(__name__)
+BUCKET = "projection_leases"
+
+
+async def lease_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
+
+
+class PartitionLeases:
+    """The partitions one worker holds for one projection, kept balanced in the background."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        projection: str,
+        partitions: int,
+        worker: str,
+        *,
+        ttl: float = 6.0,
+    ) -> None:
+        self.js = js
+        self.projection = projection.replace(".", "_")
+        self.partitions = partitions
+        self.worker = worker
+        self.ttl = ttl
+        self.interval = ttl / 3
+        self._held: dict[int, int] = {}  # partition -> revision
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()
+
+    def owned(self) -> frozenset[int]:
+        return frozenset(self._held)
+
+    async def start(self) -> None:
+        self._kv = await lease_bucket(self.js, self.ttl)
+        await self.tick()
+        self._task = asyncio.create_task(self._run(), name=f"leases-{self.projection}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        kv = self._kv
+        if kv is None:
+            return
+        for partition, revision in list(self._held.items()):
+            with contextlib.suppress(Exception):
+                await kv.delete(self._lease(partition), last=revision)
+        self._held.clear()
+        with contextlib.suppress(Exception):
+            await kv.delete(self._member())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception as e:  # NATS hiccup: keep the leases we can, try again
+                log.warning("lease_tick_failed", projection=self.projection, error=str(e))
+
+    def _lease(self, partition: int) -> str:
+        return f"{self.projection}.lease.{partition}"
+
+    def _member(self) -> str:
+        return f"{self.projection}.member.{self.worker}"
+
+    async def _members(self, kv: KeyValue) -> list[str]:
+        try:
+            keys = await kv.keys()
+        except Exception:  # nats-py: NoKeysError when none
+            return [self.worker]
+        # nats-py's key filter is a substring match: select the members here.
+        prefix = f"{self.projection}.member."
+        return sorted({k[len(prefix) :] for k in keys if k.startswith(prefix)} | {self.worker})
+
+    async def tick(self) -> None:
+        """Renew membership and leases, give back extras, take free partitions."""
+        kv = self._kv
+        assert kv is not None, "start() first"
+        before = self.owned()
+        await kv.put(self._member(), b"1")
+        for partition, revision in list(self._held.items()):
+            try:
+                self._held[partition] = await kv.update(
+                    self._lease(partition), self.worker.encode(), last=revision
+                )
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                del self._held[partition]  # expired and taken, or gone
+        members = await self._members(kv)
+        share = math.ceil(self.partitions / len(members))
+        while len(self._held) > share:
+            partition = max(self._held)
+            revision = self._held.pop(partition)
+            with contextlib.suppress(Exception):
+                await kv.delete(self._lease(partition), last=revision)
+        # Prefer partitions by a rotation on the member's rank, so workers starting together
+        # do not all race for partition 0.
+        rank = members.index(self.worker)
+        order = [(rank * share + i) % self.partitions for i in range(self.partitions)]
+        for partition in order:
+            if len(self._held) >= share:
+                break
+            if partition in self._held:
+                continue
+            try:
+                self._held[partition] = await kv.create(
+                    self._lease(partition), self.worker.encode()
+                )
+            except Exception:  # held by someone else (create fails on a live key)
+                continue
+        if self.owned() != before:
+            log.info(
+                "partitions_rebalanced",
+                projection=self.projection,
+                worker=self.worker,
+                owned=sorted(self._held),
+                members=len(members),
+            )
+            self.changed.set()

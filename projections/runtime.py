@@ -1,0 +1,255 @@
+"""The projection runtime: fetch a batch, apply it and move the checkpoint in one
+transaction, commit, then ack.
+
+Position lives in the :class:`~projections.checkpoints.CheckpointStore`, not in the
+consumer: on start (and whenever the partitions it owns change) a runner reads its
+checkpoints and (re)creates its durable pull consumer from the lowest of them. Events at or
+below a partition's checkpoint are skipped, so a crash anywhere -- before the commit (the
+batch is fetched again and applied once) or between commit and ack (it is fetched again
+and skipped) -- applies nothing twice and skips nothing.
+
+Each commit moves *every* owned partition to the batch's last sequence (they have all
+seen it), with compare-and-set, so a worker that lost a partition to another cannot
+overwrite it. A batch that fails is retried event by event; an event that fails
+``max_attempts`` times goes to ``DLQ`` with its error and original headers, and the
+projection moves past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from broker.streams import SUBJECT_PREFIX, Stream
+from projections.base import Event, Projection, partition_of
+from projections.checkpoints import CheckpointConflict, CheckpointStore
+
+log = structlog.get_logger(__name__)
+
+#: ``BROKER_CRASH_AT=before_commit:N`` or ``after_commit:N`` kills the worker with SIGKILL at
+#: that point of its N-th batch: how the crash tests reach the gaps between the steps.
+CRASH_ENV = "BROKER_CRASH_AT"
+
+
+def _crash_point() -> tuple[str, int] | None:
+    spec = os.environ.get(CRASH_ENV, "")
+    where, _, nth = spec.partition(":")
+    if where in {"before_commit", "after_commit"} and nth.isdigit():
+        return where, int(nth)
+    return None
+
+
+@dataclass
+class RunnerStats:
+    """What a runner has done, for status and metrics."""
+
+    applied: int = 0
+    batches: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    conflicts: int = 0
+    last_seq: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class ProjectionRunner:
+    """Runs one projection for one worker over the partitions it owns."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        projection: Projection,
+        store: CheckpointStore,
+        *,
+        worker: str = "0",
+        batch: int = 256,
+        fetch_timeout: float = 1.0,
+        max_attempts: int = 3,
+        owned: Callable[[], frozenset[int]] | None = None,
+    ) -> None:
+        self.js = js
+        self.projection = projection
+        self.store = store
+        self.worker = worker
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self.max_attempts = max_attempts
+        self._owned = owned or (lambda: frozenset(range(projection.partitions)))
+        self.stats = RunnerStats()
+        self.positions: dict[int, int] = {}
+        self._failures: dict[int, int] = {}
+        self._crash = _crash_point()
+
+    @property
+    def consumer_name(self) -> str:
+        return f"proj_{self.projection.name.replace('.', '_')}_{self.worker}"
+
+    def owned(self) -> frozenset[int]:
+        return self._owned()
+
+    async def _subscribe(self, owned: frozenset[int]) -> Any:
+        """A fresh durable pull consumer starting after the lowest owned checkpoint."""
+        self.positions = await self.store.load(self.projection.name)
+        start = min((self.positions.get(p, 0) for p in owned), default=0) + 1
+        stream = self.projection.stream
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(stream, self.consumer_name)
+        config = ConsumerConfig(
+            durable_name=self.consumer_name,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.ALL,
+            max_ack_pending=-1,
+            ack_wait=60,
+            filter_subjects=list(self.projection.subjects),
+            inactive_threshold=300,
+        )
+        await self.js.add_consumer(stream, config)
+        return await self.js.pull_subscribe_bind(self.consumer_name, stream=stream)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Apply batches until ``stop`` is set; re-subscribe when ownership changes."""
+        while not stop.is_set():
+            owned = self.owned()
+            if not owned:
+                await _wait(stop, self.fetch_timeout)
+                continue
+            sub = await self._subscribe(owned)
+            try:
+                await self._loop(sub, owned, stop)
+            except CheckpointConflict as e:
+                self.stats.conflicts += 1
+                log.info(
+                    "projection_partition_moved", projection=self.projection.name, error=str(e)
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _loop(self, sub: Any, owned: frozenset[int], stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.owned() == owned:
+            try:
+                messages: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except nats.errors.TimeoutError:
+                continue
+            if messages:
+                await self.process(messages, owned)
+
+    async def process(self, messages: Sequence[Msg], owned: frozenset[int]) -> None:
+        """Apply one fetched batch (the owned, not yet applied events), commit, then ack."""
+        count = self.projection.partitions
+        events = [Event.from_msg(m) for m in messages]
+        todo = [
+            e
+            for e in events
+            if (p := partition_of(e.partition_key, count)) in owned
+            and e.seq > self.positions.get(p, 0)
+        ]
+        last = events[-1].seq
+        self.stats.batches += 1
+        self.stats.skipped += len(events) - len(todo)
+        try:
+            await self._commit(todo, owned, last)
+        except CheckpointConflict:
+            raise
+        except Exception as e:  # the projection refused the batch: find the poison event
+            log.warning("projection_batch_failed", projection=self.projection.name, error=str(e))
+            await self._one_by_one(todo, owned, last)
+        self._maybe_crash("after_commit")
+        await messages[-1].ack()  # AckPolicy.ALL: acks the whole batch
+        self.stats.applied += len(todo)
+        self.stats.last_seq = last
+
+    async def _commit(self, events: Sequence[Event], owned: frozenset[int], last: int) -> None:
+        moves = {p: (self.positions.get(p, 0), max(last, self.positions.get(p, 0))) for p in owned}
+
+        def work(tx: Any) -> None:
+            if events:
+                self.projection.apply(events, tx)
+
+        self._maybe_crash("before_commit")
+        await self.store.commit(self.projection.name, moves, work)
+        for p, (_, new) in moves.items():
+            self.positions[p] = new
+
+    async def _one_by_one(self, events: Sequence[Event], owned: frozenset[int], last: int) -> None:
+        for event in events:
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    await self._commit_single(event, owned)
+                    break
+                except CheckpointConflict:
+                    raise
+                except Exception as e:
+                    if attempt == self.max_attempts:
+                        await self._dead_letter(event, e)
+                        await self._commit_single(event, owned, apply=False)
+        await self._commit([], owned, last)
+
+    async def _commit_single(
+        self, event: Event, owned: frozenset[int], *, apply: bool = True
+    ) -> None:
+        moves = {
+            p: (self.positions.get(p, 0), max(event.seq, self.positions.get(p, 0))) for p in owned
+        }
+
+        def work(tx: Any) -> None:
+            if apply:
+                self.projection.apply([event], tx)
+
+        await self.store.commit(self.projection.name, moves, work)
+        for p, (_, new) in moves.items():
+            self.positions[p] = new
+
+    async def _dead_letter(self, event: Event, error: Exception) -> None:
+        headers = {
+            **{k: v for k, v in event.headers.items() if not k.startswith("Nats-")},
+            "Broker-Dlq-Projection": self.projection.name,
+            "Broker-Dlq-Error": str(error)[:500] or type(error).__name__,
+            "Broker-Dlq-Stream": event.stream,
+            "Broker-Dlq-Seq": str(event.seq),
+            "Broker-Dlq-Subject": event.subject,
+            "Nats-Msg-Id": f"dlq:{self.projection.name}:{event.stream}:{event.seq}",
+        }
+        subject = (
+            f"{SUBJECT_PREFIX[Stream.DLQ]}.{event.stream}.{self.projection.name.replace('.', '_')}"
+        )
+        await self.js.publish(subject, event.data, headers=headers)
+        self.stats.dead_lettered += 1
+        log.error(
+            "projection_event_dead_lettered",
+            projection=self.projection.name,
+            seq=event.seq,
+            error=str(error)[:200],
+        )
+
+    def _maybe_crash(self, where: str) -> None:
+        if self._crash and self._crash[0] == where and self.stats.batches == self._crash[1]:
+            log.warning("crash_point_reached", where=where, batch=self.stats.batches)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def lag(js: JetStreamContext, projection: Projection, store: CheckpointStore) -> int:
+    """Stream last sequence minus the lowest partition checkpoint (0: caught up)."""
+    info = await js.stream_info(projection.stream)
+    positions = await store.load(projection.name)
+    lowest = min((positions.get(p, 0) for p in range(projection.partitions)), default=0)
+    return max(0, info.state.last_seq - lowest)

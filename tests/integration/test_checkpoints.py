@@ -1,0 +1,143 @@
+"""One contract, every CheckpointStore: SQLite, PostgreSQL (the real server on this machine)
+and JetStream KV."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+
+from projections.checkpoints import (
+    CheckpointConflict,
+    CheckpointStore,
+    KvCheckpointStore,
+    SqlCheckpointStore,
+    create_sql_engine,
+)
+
+pytestmark = pytest.mark.integration
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards. Fails (does not skip) without a server."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_sql_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    yield schema
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def pg_engine(schema: str) -> sa.Engine:
+    return sa.create_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        connect_args={"options": f"-csearch_path={schema}"},
+    )
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql", "kv"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, nats_url: str
+) -> AsyncIterator[CheckpointStore]:
+    if request.param == "sqlite":
+        s: CheckpointStore = SqlCheckpointStore(create_sql_engine(f"sqlite:///{tmp_path}/c.db"))
+        yield s
+        await s.close()
+    elif request.param == "postgresql":
+        schema = request.getfixturevalue("pg_schema")
+        s = SqlCheckpointStore(pg_engine(schema))
+        yield s
+        await s.close()
+    else:
+        nc = await nats.connect(nats_url)
+        yield KvCheckpointStore(nc.jetstream())
+        await nc.close()
+
+
+def _record(log: list[Any]) -> Any:
+    def work(tx: Any) -> None:
+        log.append(tx)
+
+    return work
+
+
+async def test_fresh_projection_has_applied_nothing(store: CheckpointStore) -> None:
+    assert await store.load("p") == {}
+
+
+async def test_commit_moves_checkpoints_and_runs_the_work(store: CheckpointStore) -> None:
+    ran: list[Any] = []
+    await store.commit("p", {0: (0, 10), 3: (0, 10)}, _record(ran))
+    await store.commit("p", {0: (10, 25)}, _record(ran))
+    assert await store.load("p") == {0: 25, 3: 10}
+    assert len(ran) == 2
+    assert await store.load("other") == {}
+
+
+async def test_a_stale_expected_position_is_refused(store: CheckpointStore) -> None:
+    await store.commit("p", {0: (0, 10)}, _record([]))
+    with pytest.raises(CheckpointConflict):
+        await store.commit("p", {0: (5, 20)}, _record([]))
+    with pytest.raises(CheckpointConflict):
+        await store.commit("p", {0: (0, 20)}, _record([]))  # someone already started it
+    assert (await store.load("p"))[0] == 10
+
+
+async def test_two_stores_racing_on_one_partition_cannot_both_win(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
+    """What two workers see: both read 10, both try to move to their batch's end."""
+    await store.commit("p", {1: (0, 10)}, _record([]))
+    await store.load("p")
+    await store.commit("p", {1: (10, 20)}, _record([]))
+    with pytest.raises(CheckpointConflict):
+        await store.commit("p", {1: (10, 30)}, _record([]))
+    assert await store.load("p") == {1: 20}
+
+
+async def test_reset_forgets_checkpoints_and_runs_the_drop(store: CheckpointStore) -> None:
+    await store.commit("p", {0: (0, 10)}, _record([]))
+    await store.commit("q", {0: (0, 7)}, _record([]))
+    dropped: list[Any] = []
+    await store.reset("p", _record(dropped))
+    assert dropped
+    assert await store.load("p") == {}
+    assert await store.load("q") == {0: 7}
+    await store.commit("p", {0: (0, 3)}, _record([]))
+    assert await store.load("p") == {0: 3}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sql_work_rolls_back_with_a_refused_checkpoint(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The SQL stores' point: the projection's writes and the checkpoint are one transaction."""
+    import asyncio
+
+    if backend == "sqlite":
+        engine = create_sql_engine(f"sqlite:///{tmp_path}/r.db")
+    else:
+        engine = pg_engine(request.getfixturevalue("pg_schema"))
+    rows = sa.Table("rows", sa.MetaData(), sa.Column("n", sa.Integer))
+    rows.create(engine)
+    store = SqlCheckpointStore(engine)
+
+    def insert(n: int) -> Any:
+        return lambda tx: tx.execute(rows.insert().values(n=n))
+
+    asyncio.run(store.commit("p", {0: (0, 5)}, insert(1)))
+    with pytest.raises(CheckpointConflict):
+        asyncio.run(store.commit("p", {0: (0, 9)}, insert(2)))
+    with engine.connect() as conn:
+        assert [r.n for r in conn.execute(sa.select(rows))] == [1]
+    engine.dispose()

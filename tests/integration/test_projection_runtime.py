@@ -1,0 +1,203 @@
+"""The projection runtime against real NATS and SQLite: exactly once through SIGKILL at
+every gap, poison events to DLQ, partitions split across worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import sqlalchemy as sa
+
+from broker.publisher import Publisher
+from broker.reader import read_messages
+from broker.streams import Stream
+from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+from projections.runtime import CRASH_ENV, ProjectionRunner
+from tests._wait import await_until, wait_for
+from tests.integration._counting import CountingProjection, counts
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def publish(
+    nats_url: str, n: int, *, subjects: int = 1, poison: set[int] | None = None
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    acks = [
+        await js.publish_async(
+            f"msg.default.s{i % subjects}",
+            b"poison" if poison and i in poison else b'{"i": %d}' % i,
+        )
+        for i in range(n)
+    ]
+    await asyncio.gather(*acks)
+    await nc.close()
+
+
+def reached(runner: ProjectionRunner, seq: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return runner.stats.last_seq >= seq
+
+    return check
+
+
+def start_worker(
+    nats_url: str, db: str, worker: str, partitions: int, **env: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration._counting",
+            nats_url,
+            db,
+            worker,
+            str(partitions),
+            "2",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "BROKER_LOG_LEVEL": "warning", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
+    url = f"sqlite:///{tmp_path}/replica.db"
+    engine = create_sql_engine(url)
+    with engine.begin() as tx:
+        CountingProjection().setup(tx)
+    yield url, engine
+    engine.dispose()
+
+
+async def test_batches_apply_once_and_the_checkpoint_follows(
+    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+) -> None:
+    _, engine = db
+    await publish(nats_url, 1000, subjects=7)
+    store = SqlCheckpointStore(engine)
+    projection = CountingProjection(partitions=4)
+    runner = ProjectionRunner(publisher.js, projection, store, batch=128)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    assert await await_until(reached(runner, 1000), timeout=20)
+    stop.set()
+    await task
+    assert counts(engine) == (1000, 1000)
+    assert await store.load(projection.name) == dict.fromkeys(range(4), 1000)
+    # A second runner from the same checkpoints applies nothing again.
+    again = ProjectionRunner(publisher.js, projection, store, worker="1", batch=128)
+    stop = asyncio.Event()
+    task = asyncio.create_task(again.run(stop))
+    await publish(nats_url, 10)
+    assert await await_until(reached(again, 1010), timeout=20)
+    stop.set()
+    await task
+    assert counts(engine) == (1010, 1010)
+
+
+@pytest.mark.parametrize("crash_at", ["before_commit:3", "after_commit:3"])
+async def test_sigkill_between_steps_loses_and_duplicates_nothing(
+    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine], crash_at: str
+) -> None:
+    url, engine = db
+    await publish(nats_url, 2000, subjects=5)
+    crashing = start_worker(nats_url, url, "w1", 4, **{CRASH_ENV: crash_at})
+    assert crashing.wait(timeout=60) == -signal.SIGKILL
+    rows, _ = counts(engine)
+    assert 0 < rows < 2000  # it died part-way
+    survivor = start_worker(nats_url, url, "w1", 4)
+    try:
+        assert wait_for(lambda: counts(engine)[0] >= 2000, timeout=60)
+        await publish(nats_url, 100, subjects=5)
+        assert wait_for(lambda: counts(engine)[0] >= 2100, timeout=60)
+    finally:
+        survivor.terminate()
+        survivor.wait(timeout=20)
+    assert counts(engine) == (2100, 2100)  # 0 lost, 0 duplicated
+
+
+async def test_a_poison_event_goes_to_dlq_and_the_rest_applies(
+    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+) -> None:
+    _, engine = db
+    await publish(nats_url, 10, poison={4})
+    store = SqlCheckpointStore(engine)
+    runner = ProjectionRunner(publisher.js, CountingProjection(), store, max_attempts=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    assert await await_until(reached(runner, 10), timeout=20)
+    stop.set()
+    await task
+    assert counts(engine) == (9, 9)
+    dead = [m async for m in read_messages(publisher.js, Stream.DLQ)]
+    assert len(dead) == 1
+    headers = dead[0].headers or {}
+    assert headers["Broker-Dlq-Seq"] == "5"
+    assert headers["Broker-Dlq-Error"] == "poison event"
+    assert dead[0].data == b"poison"
+    assert await store.load("test.counting") == {0: 10}
+
+
+def balanced(nats_url: str, expected: dict[str, int]) -> Callable[[], Awaitable[bool]]:
+    """Whether the live leases of the counting projection are held as ``expected``."""
+
+    async def check() -> bool:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value("projection_leases")
+            held: dict[str, int] = {}
+            for key in await kv.keys():
+                if key.startswith("test_counting.lease."):
+                    entry = await kv.get(key)
+                    owner = (entry.value or b"").decode()
+                    held[owner] = held.get(owner, 0) + 1
+            return held == expected
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    return check
+
+
+def _owners(engine: sa.Engine) -> set[str]:
+    from tests.integration._counting import applied
+
+    with engine.connect() as conn:
+        return {r[0] for r in conn.execute(sa.select(applied.c.worker).distinct())}
+
+
+async def test_three_workers_split_partitions_and_converge_after_one_dies(
+    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+) -> None:
+    url, engine = db
+    workers = {w: start_worker(nats_url, url, w, 6) for w in ("a", "b", "c")}
+    try:
+        assert await await_until(balanced(nats_url, {"a": 2, "b": 2, "c": 2}), timeout=30)
+        await publish(nats_url, 600, subjects=24)
+        assert wait_for(lambda: counts(engine)[0] >= 600, timeout=60)
+        assert _owners(engine) == {"a", "b", "c"}  # every worker applied a share
+        workers["c"].send_signal(signal.SIGKILL)
+        workers["c"].wait(timeout=10)
+        assert await await_until(balanced(nats_url, {"a": 3, "b": 3}), timeout=30)
+        await publish(nats_url, 600, subjects=24)
+        # c's partitions expire (lease TTL 2 s) and move to a and b.
+        assert wait_for(lambda: counts(engine)[0] >= 1200, timeout=60), counts(engine)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=20)
+    assert counts(engine) == (1200, 1200)
