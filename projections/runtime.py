@@ -35,7 +35,7 @@ from nats.js.errors import NotFoundError
 
 from broker.streams import SUBJECT_PREFIX, Stream
 from projections.base import Event, Projection, partition_of
-from projections.checkpoints import CheckpointConflict, CheckpointStore
+from projections.checkpoints import CheckpointConflict, CheckpointStore, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,7 @@ class RunnerStats:
     skipped: int = 0
     dead_lettered: int = 0
     conflicts: int = 0
+    errors: int = 0
     last_seq: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -139,14 +140,38 @@ class ProjectionRunner:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def _fetch(self, sub: Any) -> list[Msg]:
+        try:
+            messages: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+        except nats.errors.TimeoutError:
+            return []
+        except asyncio.CancelledError:
+            # nats-py can cancel a fetch's inner wait on its own (seen when a pull request
+            # expires as a consumer is replaced); only our own cancellation ends the fetch.
+            if _cancelling():
+                raise
+            return []
+        return messages
+
     async def _loop(self, sub: Any, owned: frozenset[int], stop: asyncio.Event) -> None:
-        while not stop.is_set() and self.owned() == owned:
-            try:
-                messages: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
-                continue
-            if messages:
-                await self.process(messages, owned)
+        # The next batch is fetched while this one commits: the database and NATS round
+        # trips overlap instead of adding up.
+        pending = asyncio.create_task(self._fetch(sub))
+        try:
+            while not stop.is_set() and self.owned() == owned:
+                try:
+                    messages = await pending
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                    messages = []
+                pending = asyncio.create_task(self._fetch(sub))
+                if messages:
+                    await self.process(messages, owned)
+        finally:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
 
     async def process(self, messages: Sequence[Msg], owned: frozenset[int]) -> None:
         """Apply one fetched batch (the owned, not yet applied events), commit, then ack."""
@@ -163,8 +188,8 @@ class ProjectionRunner:
         self.stats.skipped += len(events) - len(todo)
         try:
             await self._commit(todo, owned, last)
-        except CheckpointConflict:
-            raise
+        except (CheckpointConflict, StoreUnavailable):
+            raise  # not the events' fault: the batch is fetched again
         except Exception as e:  # the projection refused the batch: find the poison event
             log.warning("projection_batch_failed", projection=self.projection.name, error=str(e))
             await self._one_by_one(todo, owned, last)
@@ -191,7 +216,7 @@ class ProjectionRunner:
                 try:
                     await self._commit_single(event, owned)
                     break
-                except CheckpointConflict:
+                except (CheckpointConflict, StoreUnavailable):
                     raise
                 except Exception as e:
                     if attempt == self.max_attempts:
@@ -240,6 +265,12 @@ class ProjectionRunner:
         if self._crash and self._crash[0] == where and self.stats.batches == self._crash[1]:
             log.warning("crash_point_reached", where=where, batch=self.stats.batches)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself has been asked to stop (not a stray cancellation)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 async def publish(
     nats_url: str, n: int, *, subjects: int = 1, poison: set[int] | None = None
 ) -> None:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
+    nc = await nats.connect(nats_url, connect_timeout=10)
+    js = nc.jetstream(timeout=30)
     acks = [
         await js.publish_async(
             f"msg.default.s{i % subjects}",
@@ -53,6 +53,9 @@ def reached(runner: ProjectionRunner, seq: int) -> Callable[[], Awaitable[bool]]
 def start_worker(
     nats_url: str, db: str, worker: str, partitions: int, **env: str
 ) -> subprocess.Popen[bytes]:
+    """A worker process running the counting projection; its log goes to a file beside
+    the database (an unread pipe would block a chatty worker)."""
+    log = Path(db.removeprefix("sqlite:///")).with_name(f"worker-{worker}.log").open("ab")
     return subprocess.Popen(
         [
             sys.executable,
@@ -65,9 +68,9 @@ def start_worker(
             "2",
         ],
         cwd=ROOT,
-        env={**os.environ, "BROKER_LOG_LEVEL": "warning", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        env={**os.environ, "BROKER_LOG_LEVEL": "info", **env},
+        stdout=log,
+        stderr=log,
     )
 
 

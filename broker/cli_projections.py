@@ -1,0 +1,294 @@
+"""``broker worker``, ``broker projections`` and ``broker dlq``: run and operate projections.
+
+These talk to NATS and the replica database directly (not the HTTP API): a worker is a
+peer of the ingress, not a client of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+NATS_URL = Annotated[
+    str,
+    typer.Option(envvar="BROKER_NATS_URL", help="NATS URL(s), comma-separated."),
+]
+REPLICA_URL = Annotated[
+    str | None,
+    typer.Option(
+        "--replica-url",
+        envvar="BROKER_REPLICA_URL",
+        help="Replica database: sqlite:///PATH or postgresql://… (default: SQLite under "
+        "--data-dir).",
+    ),
+]
+DATA_DIR = Annotated[
+    Path, typer.Option(envvar="BROKER_DATA_DIR", help="Where the default SQLite replica lives.")
+]
+OUTPUT = Annotated[str, typer.Option("--output", "-o", help="table or json.")]
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+projections_app = typer.Typer(
+    name="projections", help="Projection state: list, status (lag), reset.", no_args_is_help=True
+)
+dlq_app = typer.Typer(name="dlq", help="Dead-lettered events: list, replay.", no_args_is_help=True)
+
+WORKER_EPILOG = (
+    "Examples:\n\n"
+    "  broker worker --nats-url nats://127.0.0.1:4222          # every replica projection\n\n"
+    "  broker worker --replica-url postgresql://postgres@db/replica --changes\n\n"
+    "  broker worker --projection replica_messages --worker-id w2   # on another machine"
+)
+
+
+def replica_url(url: str | None, data_dir: Path) -> str:
+    if url:
+        return url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'replica.db').resolve()}"
+
+
+def _selected(names: list[str] | None, changes: bool) -> list[Any]:
+    from projections.replica import replica_projections
+
+    available = replica_projections(changes=changes)
+    if not names:
+        return available
+    by_name = {p.name: p for p in available}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise typer.BadParameter(f"unknown projection(s) {unknown}; known: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def worker(
+    nats_url: NATS_URL = DEFAULT_NATS,
+    replica: REPLICA_URL = None,
+    data_dir: DATA_DIR = Path(".broker"),
+    projection: Annotated[
+        list[str] | None, typer.Option(help="Run only this projection (repeatable).")
+    ] = None,
+    worker_id: Annotated[
+        str | None, typer.Option(help="Stable worker name (default: host-pid).")
+    ] = None,
+    changes: Annotated[
+        bool, typer.Option(help="Publish every replica change to the CHANGES stream (CDC).")
+    ] = False,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per fetch.")] = 256,
+) -> None:
+    """Run projections (SQL replicas) in this process until Ctrl-C / SIGTERM.
+
+    Start more workers with the same NATS and replica URL, here or on other machines: they
+    split the partitions between them and take over a stopped or killed one within seconds.
+    """
+    from broker.logs import configure_logging
+    from projections.worker import WorkerOptions, default_worker_id, run_worker
+
+    configure_logging()
+    options = WorkerOptions(
+        nats_urls=nats_url.split(","),
+        replica_url=replica_url(replica, data_dir),
+        projections=_selected(projection, changes),
+        worker_id=worker_id or default_worker_id(),
+        batch=batch,
+        changes=changes,
+    )
+    asyncio.run(run_worker(options))
+
+
+async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
+    import nats
+
+    from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+    from projections.runtime import lag
+
+    store = SqlCheckpointStore(create_sql_engine(url))
+    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        rows = []
+        for p in _selected(None, False):
+            positions = await store.load(p.name)
+            rows.append(
+                {
+                    "projection": p.name,
+                    "stream": p.stream,
+                    "partitions": p.partitions,
+                    "applied_seq": min(positions.get(i, 0) for i in range(p.partitions)),
+                    "lag": await lag(js, p, store),
+                }
+            )
+        return rows
+    finally:
+        await nc.close()
+        await store.close()
+
+
+@projections_app.command("status")
+def status(
+    nats_url: NATS_URL = DEFAULT_NATS,
+    replica: REPLICA_URL = None,
+    data_dir: DATA_DIR = Path(".broker"),
+    output: OUTPUT = "table",
+) -> None:
+    """Each projection's applied sequence and lag (stream last seq minus applied)."""
+    rows = asyncio.run(_status(nats_url, replica_url(replica, data_dir)))
+    _print(rows, output)
+
+
+@projections_app.command("list")
+def list_projections(output: OUTPUT = "table") -> None:
+    """The projections a worker can run."""
+    rows = [
+        {"projection": p.name, "stream": p.stream, "partitions": p.partitions}
+        for p in _selected(None, False)
+    ]
+    _print(rows, output)
+
+
+async def _reset(nats_url: str, url: str, name: str) -> int:
+    """Drop a projection's state and checkpoints, then replay it from the start with a bar."""
+    import nats
+    from rich.progress import Progress
+
+    from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+    from projections.runtime import ProjectionRunner
+
+    (projection,) = _selected([name], False)
+    engine = create_sql_engine(url)
+    store = SqlCheckpointStore(engine)
+    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        await store.reset(projection.name, projection.reset)
+        await asyncio.to_thread(_setup, engine, projection)
+        total = (await js.stream_info(projection.stream)).state.last_seq
+        runner = ProjectionRunner(js, projection, store, worker="reset", batch=1024)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        with Progress(transient=False) as progress:
+            bar = progress.add_task(f"rebuilding {projection.name}", total=total or 1)
+            while runner.stats.last_seq < total and not task.done():
+                progress.update(bar, completed=runner.stats.last_seq)
+                await asyncio.sleep(0.1)
+            progress.update(bar, completed=total or 1)
+        stop.set()
+        await task
+        with_consumer = runner.consumer_name
+        await js.delete_consumer(projection.stream, with_consumer)
+        return runner.stats.applied
+    finally:
+        await nc.close()
+        await store.close()
+
+
+def _setup(engine: Any, projection: Any) -> None:
+    with engine.begin() as tx:
+        projection.setup(tx)
+
+
+@projections_app.command("reset")
+def reset(
+    name: Annotated[str, typer.Argument(help="Projection name (see `broker projections list`).")],
+    nats_url: NATS_URL = DEFAULT_NATS,
+    replica: REPLICA_URL = None,
+    data_dir: DATA_DIR = Path(".broker"),
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+) -> None:
+    """Drop a projection's tables and checkpoint and rebuild it from its stream's start.
+
+    Stop the workers that run it first, or they will race the rebuild (their commits then
+    fail their checkpoint checks and they re-read from the new position).
+    """
+    if not yes:
+        typer.confirm(f"Drop and rebuild {name}?", abort=True)
+    applied = asyncio.run(_reset(nats_url, replica_url(replica, data_dir), name))
+    typer.echo(f"{name}: rebuilt from {applied} events")
+
+
+async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
+    import nats
+
+    from broker.reader import read_messages
+    from broker.streams import Stream
+
+    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    try:
+        rows = []
+        async for m in read_messages(nc.jetstream(), Stream.DLQ):
+            h = m.headers or {}
+            rows.append(
+                {
+                    "dlq_seq": m.metadata.sequence.stream,
+                    "projection": h.get("Broker-Dlq-Projection"),
+                    "stream": h.get("Broker-Dlq-Stream"),
+                    "seq": int(h.get("Broker-Dlq-Seq", "0")),
+                    "error": h.get("Broker-Dlq-Error"),
+                }
+            )
+            if len(rows) >= limit:
+                break
+        return rows
+    finally:
+        await nc.close()
+
+
+@dlq_app.command("list")
+def dlq_list(
+    nats_url: NATS_URL = DEFAULT_NATS,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    output: OUTPUT = "table",
+) -> None:
+    """Dead-lettered events, oldest first: projection, source stream/seq, error."""
+    _print(asyncio.run(_dlq(nats_url, limit)), output)
+
+
+async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
+    """Publish a dead-lettered event back to its source subject (a new message)."""
+    import nats
+
+    from broker.streams import Stream
+
+    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        raw = await js.get_msg(Stream.DLQ, dlq_seq)
+        headers = dict(raw.headers or {})
+        subject = headers.get("Broker-Dlq-Subject")
+        if not subject:
+            raise typer.BadParameter(f"DLQ message {dlq_seq} has no source subject")
+        keep = {k: v for k, v in headers.items() if not k.startswith(("Broker-Dlq-", "Nats-"))}
+        keep["Broker-Replayed-From-Dlq"] = str(dlq_seq)
+        ack = await js.publish(subject, raw.data or b"", headers=keep)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    dlq_seq: Annotated[int, typer.Argument(help="The DLQ sequence (see `broker dlq list`).")],
+    nats_url: NATS_URL = DEFAULT_NATS,
+) -> None:
+    """Append a dead-lettered event again to its source subject, once its cause is fixed."""
+    seq = asyncio.run(_dlq_replay(nats_url, dlq_seq))
+    typer.echo(f"replayed as seq {seq}")
+
+
+def _print(rows: list[dict[str, Any]], output: str) -> None:
+    if output == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in rows[0] if rows else ["(none)"]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)

@@ -1,0 +1,204 @@
+"""``broker worker``: run projections in this process, next to any others on any machine.
+
+A worker connects to NATS, opens the replica database, and for each projection keeps
+partition leases (:mod:`projections.leases`) and a runner (:mod:`projections.runtime`) for
+the partitions it holds. Start more workers anywhere with the same NATS and database URL
+and the partitions spread across them; stop one (or kill it) and the others take its
+partitions within a few seconds. With change events on, committed replica changes are
+relayed from the outbox table to the ``CHANGES`` stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import sqlalchemy as sa
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from projections.base import Projection
+from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
+from projections.leases import PartitionLeases
+from projections.outbox import relay_outbox
+from projections.runtime import ProjectionRunner
+
+log = structlog.get_logger(__name__)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
+
+
+@dataclass
+class WorkerOptions:
+    nats_urls: list[str]
+    replica_url: str
+    projections: Sequence[Projection]
+    worker_id: str = field(default_factory=default_worker_id)
+    batch: int = 256
+    lease_ttl: float = 6.0
+    changes: bool = False
+
+
+@dataclass
+class RunningProjection:
+    projection: Projection
+    runner: ProjectionRunner
+    leases: PartitionLeases
+
+
+class Worker:
+    """Runs a set of projections until stopped."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.engine: sa.Engine = create_sql_engine(options.replica_url)
+        self.store = SqlCheckpointStore(self.engine)
+        self.running: list[RunningProjection] = []
+        self.stop_event = asyncio.Event()
+        self._nc: NatsClient | None = None
+
+    async def _connect(self) -> JetStreamContext:
+        self._nc = await nats.connect(
+            self.options.nats_urls,
+            name=f"broker-worker-{self.options.worker_id}",
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
+        )
+        return self._nc.jetstream(timeout=10)
+
+    def _setup(self) -> None:
+        with self.engine.begin() as tx:
+            ddl_lock(tx)
+            for projection in self.options.projections:
+                projection.setup(tx)
+
+    async def run(self) -> None:
+        """Connect, take leases, apply until :meth:`stop`; give leases back on the way out."""
+        connecting = asyncio.create_task(self._connect())
+        stopping = asyncio.create_task(self.stop_event.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():  # stopped while NATS was still unreachable
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+            log.info("worker_stopped_before_connecting", worker=self.options.worker_id)
+            return
+        stopping.cancel()
+        js = connecting.result()
+        await asyncio.to_thread(self._setup)
+        for projection in self.options.projections:
+            leases = PartitionLeases(
+                js,
+                projection.name,
+                projection.partitions,
+                self.options.worker_id,
+                ttl=self.options.lease_ttl,
+            )
+            await leases.start()
+            runner = ProjectionRunner(
+                js,
+                projection,
+                self.store,
+                worker=self.options.worker_id.replace("-", "_"),
+                batch=self.options.batch,
+                owned=leases.owned,
+            )
+            self.running.append(RunningProjection(projection, runner, leases))
+        log.info(
+            "worker_started",
+            worker=self.options.worker_id,
+            projections=[p.name for p in self.options.projections],
+        )
+        tasks = [
+            asyncio.create_task(r.runner.run(self.stop_event), name=r.projection.name)
+            for r in self.running
+        ]
+        if self.options.changes:
+            relay = relay_outbox(js, self.engine, self.stop_event)
+            tasks.append(asyncio.create_task(relay, name="outbox"))
+        try:
+            while not self.stop_event.is_set():
+                await _wait_any(self.stop_event, tasks)
+                for i, task in enumerate(tasks):
+                    if task.done() and not self.stop_event.is_set():
+                        # A runner must never end on its own; if one does, say so and restart.
+                        error = task.exception() if not task.cancelled() else None
+                        log.error("worker_task_ended", task=task.get_name(), error=repr(error))
+                        name = task.get_name()
+                        tasks[i] = asyncio.create_task(self._restart(name), name=name)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for r in self.running:
+                await r.leases.stop()
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
+            await self.store.close()
+            log.info("worker_stopped", worker=self.options.worker_id)
+
+    async def _restart(self, name: str) -> None:
+        for r in self.running:
+            if r.projection.name == name:
+                await r.runner.run(self.stop_event)
+                return
+        js = self._nc.jetstream() if self._nc else None
+        if js is not None:
+            await relay_outbox(js, self.engine, self.stop_event)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "projection": r.projection.name,
+                "partitions": sorted(r.leases.owned()),
+                "applied": r.runner.stats.applied,
+                "last_seq": r.runner.stats.last_seq,
+                "dead_lettered": r.runner.stats.dead_lettered,
+            }
+            for r in self.running
+        ]
+
+
+async def _wait_any(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
+def dump_tasks() -> None:
+    """Log every task's stack (SIGUSR1): what a stuck worker is waiting on."""
+    for task in asyncio.all_tasks():
+        frames = [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()
+        ]
+        log.warning("task_stack", task=task.get_name(), frames=frames)
+
+
+async def run_worker(options: WorkerOptions) -> None:
+    """Run a worker until SIGINT/SIGTERM; SIGUSR1 logs what every task is waiting on."""
+    worker = Worker(options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, worker.stop)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    await worker.run()
