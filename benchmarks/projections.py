@@ -104,8 +104,7 @@ async def through_runtime(url: str, engine: sa.Engine, n: int, batch: int) -> fl
 
 
 def pg_engine(base: str, schema: str) -> sa.Engine:
-    url = base.replace("postgresql://", "postgresql+psycopg://", 1)
-    return sa.create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+    return create_sql_engine(f"{base}?options=-csearch_path%3D{schema}")
 
 
 def scaling(url: str, pg: str, n: int, workers: int) -> float:
@@ -174,7 +173,7 @@ def main() -> None:
     )
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--payload-bytes", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--workers", default="1,2,4", help="worker counts for the scaling run")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()

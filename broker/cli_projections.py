@@ -78,7 +78,7 @@ def worker(
     changes: Annotated[
         bool, typer.Option(help="Publish every replica change to the CHANGES stream (CDC).")
     ] = False,
-    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per fetch.")] = 256,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per fetch.")] = 1024,
 ) -> None:
     """Run projections (SQL replicas) in this process until Ctrl-C / SIGTERM.
 

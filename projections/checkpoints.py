@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import orjson
 import sqlalchemy as sa
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
@@ -79,6 +80,11 @@ checkpoints = sa.Table(
 )
 
 
+def _json_text(value: Any) -> str:
+    """JSON columns are written with orjson (the replica stores many decoded payloads)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def create_sql_engine(url: str) -> sa.Engine:
     """An engine for a replica URL: ``sqlite:///path`` or ``postgresql://…`` (psycopg 3)."""
     if url.startswith("postgresql://"):
@@ -87,7 +93,11 @@ def create_sql_engine(url: str) -> sa.Engine:
         # The driver's own transaction handling off (isolation_level None), so that every
         # transaction is BEGIN IMMEDIATE: writers in several processes queue on the lock
         # (busy timeout) instead of failing when a read transaction tries to upgrade.
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": 30, "isolation_level": None},
+            json_serializer=_json_text,
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection: Any, _: Any) -> None:
@@ -100,7 +110,7 @@ def create_sql_engine(url: str) -> sa.Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
 
 
 #: Any constant: the advisory lock that serialises table creation by workers starting together.

@@ -76,7 +76,7 @@ class ProjectionRunner:
         store: CheckpointStore,
         *,
         worker: str = "0",
-        batch: int = 256,
+        batch: int = 1024,
         fetch_timeout: float = 1.0,
         max_attempts: int = 3,
         owned: Callable[[], frozenset[int]] | None = None,
@@ -128,22 +128,36 @@ class ProjectionRunner:
             if not owned:
                 await _wait(stop, self.fetch_timeout)
                 continue
-            sub = await self._subscribe(owned)
+            sub = None
             try:
+                sub = await self._subscribe(owned)
                 await self._loop(sub, owned, stop)
             except CheckpointConflict as e:
                 self.stats.conflicts += 1
                 log.info(
                     "projection_partition_moved", projection=self.projection.name, error=str(e)
                 )
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                log.warning("projection_runner_stray_cancel", projection=self.projection.name)
+            except Exception as e:  # NATS or the store failing: never die, start over
+                self.stats.errors += 1
+                log.warning(
+                    "projection_runner_restarting",
+                    projection=self.projection.name,
+                    error=repr(e)[:300],
+                )
+                await _wait(stop, min(5.0, 0.2 * 2 ** min(self.stats.errors, 5)))
             finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def _fetch(self, sub: Any) -> list[Msg]:
         try:
             messages: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, by path
             return []
         except asyncio.CancelledError:
             # nats-py can cancel a fetch's inner wait on its own (seen when a pull request

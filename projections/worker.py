@@ -44,7 +44,7 @@ class WorkerOptions:
     replica_url: str
     projections: Sequence[Projection]
     worker_id: str = field(default_factory=default_worker_id)
-    batch: int = 256
+    batch: int = 1024
     lease_ttl: float = 6.0
     changes: bool = False
 
