@@ -142,11 +142,17 @@ class Worker:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            # Bounded: when the broker dies, NATS may be going down at the same moment, and a
+            # worker must not outlive it waiting on a dead connection.
             for r in self.running:
-                await r.leases.stop()
-            if self._nc is not None:
                 with contextlib.suppress(Exception):
-                    await self._nc.drain()
+                    await asyncio.wait_for(r.leases.stop(), 2)
+            if self._nc is not None:
+                try:
+                    await asyncio.wait_for(self._nc.drain(), 2)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._nc.close(), 1)
             await self.store.close()
             log.info("worker_stopped", worker=self.options.worker_id)
 
