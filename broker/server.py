@@ -63,6 +63,13 @@ def banner(settings: Settings) -> str:
         f"  curl {h2} -H 'Content-Type: application/json' "
         f'-d \'{{"hello": "world"}}\' {base}/v1/publish/demo.greetings\n'
         f"API: {base}/openapi.json   health: {base}/readyz\n"
+        f"schema registry: {base}/registry   replay: {base}/v1/streams/MESSAGES/messages\n"
+        + (
+            f"SQL replica: {settings.replica_url or settings.data_dir / 'replica.db'} "
+            f"({settings.projection_workers} projection worker(s))\n"
+            if settings.projection_workers
+            else ""
+        )
     )
 
 
