@@ -228,30 +228,15 @@ class ProjectionRunner:
         for event in events:
             for attempt in range(1, self.max_attempts + 1):
                 try:
-                    await self._commit_single(event, owned)
+                    await self._commit([event], owned, event.seq)
                     break
                 except (CheckpointConflict, StoreUnavailable):
                     raise
                 except Exception as e:
                     if attempt == self.max_attempts:
                         await self._dead_letter(event, e)
-                        await self._commit_single(event, owned, apply=False)
+                        await self._commit([], owned, event.seq)
         await self._commit([], owned, last)
-
-    async def _commit_single(
-        self, event: Event, owned: frozenset[int], *, apply: bool = True
-    ) -> None:
-        moves = {
-            p: (self.positions.get(p, 0), max(event.seq, self.positions.get(p, 0))) for p in owned
-        }
-
-        def work(tx: Any) -> None:
-            if apply:
-                self.projection.apply([event], tx)
-
-        await self.store.commit(self.projection.name, moves, work)
-        for p, (_, new) in moves.items():
-            self.positions[p] = new
 
     async def _dead_letter(self, event: Event, error: Exception) -> None:
         headers = {
