@@ -123,6 +123,12 @@ def _schema_fields(stored: StoredSchema) -> dict[str, Any]:
     return body
 
 
+def _schema_text(stored: StoredSchema) -> Response:
+    """The schema text as stored: JSON for Avro and JSON Schema, ``.proto`` text otherwise."""
+    media = "text/plain" if stored.schema_type is SchemaType.PROTOBUF else MEDIA_TYPE
+    return Response(stored.schema, media_type=media)
+
+
 def _version_body(v: SubjectVersion) -> dict[str, Any]:
     return {"subject": v.subject, "version": v.version, "id": v.schema.id} | _schema_fields(
         v.schema
@@ -156,6 +162,19 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
         """The schema with a global id (Confluent serializers resolve payload ids here)."""
         stored, _ = await registry.schema(state.tenant, schema_id)
         return RegistryJSON(_schema_fields(stored))
+
+    @router.get(
+        "/schemas/ids/{schema_id}/schema",
+        response_class=RegistryJSON,
+        responses={
+            200: {"content": {MEDIA_TYPE: {"schema": {}}, "text/plain": {"schema": {}}}},
+            **_errors(404),
+        },
+    )
+    async def schema_text_by_id(schema_id: SchemaIdPath) -> Response:
+        """Only the schema text under a global id (JSON for Avro and JSON Schema)."""
+        stored, _ = await registry.schema(state.tenant, schema_id)
+        return _schema_text(stored)
 
     @router.get(
         "/schemas/ids/{schema_id}/subjects", response_model=list[str], responses=_errors(404)
@@ -262,9 +281,7 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
     ) -> Response:
         """Only the schema text of a version (JSON for Avro and JSON Schema)."""
         reg = await registry.read(state.tenant)
-        stored = reg.version(subject, version, deleted=deleted).schema
-        media = "text/plain" if stored.schema_type is SchemaType.PROTOBUF else MEDIA_TYPE
-        return Response(stored.schema, media_type=media)
+        return _schema_text(reg.version(subject, version, deleted=deleted).schema)
 
     @router.get(
         "/subjects/{subject}/versions/{version}/referencedby",

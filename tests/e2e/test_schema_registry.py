@@ -127,6 +127,8 @@ async def test_answers_carry_confluent_codes_and_media_type(client: httpx.AsyncC
     sid = created.json()["id"]
     by_id = (await client.get(f"/registry/schemas/ids/{sid}")).json()
     assert "schemaType" not in by_id  # Avro is the default and is left out, as Confluent does
+    text = await client.get(f"/registry/schemas/ids/{sid}/schema")
+    assert text.json() == orjson.loads(record("A", "x"))
     assert (await client.get(f"/registry/schemas/ids/{sid}/versions")).json() == [
         {"subject": name, "version": 1}
     ]
