@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 import orjson
@@ -106,11 +106,13 @@ class StoredMessage:
 def _error(response: httpx.Response) -> BrokerError:
     try:
         body = response.json()
-        code, message = str(body["error_code"]), str(body["message"])
+        raw, message = body["error_code"], str(body["message"])
     except (ValueError, KeyError, TypeError):
-        code, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
+        raw, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
+    # The schema registry answers Confluent's integer codes (40401 ...); the rest strings.
+    code: str | int = raw if isinstance(raw, int) else str(raw)
     error = error_class(code, response.status_code)(message)
-    if code and code != error.error_code:
+    if isinstance(code, str) and code and code != error.error_code:
         error.error_code = code  # type: ignore[misc]  # keep the server's code
     return error
 
@@ -382,6 +384,99 @@ class BrokerClient:
         ).json()["events"]
         return events
 
+    # --- schema registry (the Confluent-compatible API under /registry) ----------------
+
+    @staticmethod
+    def _schema_body(
+        schema: str, schema_type: str, references: Iterable[Mapping[str, Any]]
+    ) -> bytes:
+        return orjson.dumps(
+            {"schema": schema, "schemaType": schema_type, "references": list(references)}
+        )
+
+    async def register_schema(
+        self,
+        subject: str,
+        schema: str,
+        *,
+        schema_type: str = "AVRO",
+        references: Iterable[Mapping[str, Any]] = (),
+    ) -> int:
+        """Register ``schema`` under ``subject``; its global id. An identical schema answers
+        its existing id (so a retry is safe); an incompatible one raises ``IncompatibleSchema``."""
+        body = self._schema_body(schema, schema_type, references)
+        path = f"/registry/subjects/{quote(subject, safe='')}/versions"
+        response = await self._request("POST", path, content=body, headers=_REGISTRY_JSON)
+        return int(response.json()["id"])
+
+    async def get_schema(self, schema_id: int) -> RegisteredSchema:
+        """The schema under a global id (what a payload's schema id points at)."""
+        data = (await self._request("GET", f"/registry/schemas/ids/{schema_id}")).json()
+        return RegisteredSchema.from_json(data, schema_id)
+
+    async def get_schema_version(
+        self, subject: str, version: int | str = "latest"
+    ) -> RegisteredSchema:
+        path = f"/registry/subjects/{quote(subject, safe='')}/versions/{version}"
+        return RegisteredSchema.from_json((await self._request("GET", path)).json())
+
+    async def list_subjects(self) -> list[str]:
+        subjects: list[str] = (await self._request("GET", "/registry/subjects")).json()
+        return subjects
+
+    async def check_compatibility(
+        self,
+        subject: str,
+        schema: str,
+        *,
+        schema_type: str = "AVRO",
+        references: Iterable[Mapping[str, Any]] = (),
+    ) -> list[str]:
+        """Why ``schema`` could not be registered under ``subject`` now (empty: it could)."""
+        path = f"/registry/compatibility/subjects/{quote(subject, safe='')}/versions"
+        response = await self._request(
+            "POST",
+            path,
+            params={"verbose": "true"},
+            content=self._schema_body(schema, schema_type, references),
+            headers=_REGISTRY_JSON,
+        )
+        messages: list[str] = response.json().get("messages") or []
+        return messages
+
+    async def set_compatibility(self, level: str, subject: str | None = None) -> str:
+        """Set a subject's compatibility level (or the global one)."""
+        path = "/registry/config" + (f"/{quote(subject, safe='')}" if subject else "")
+        body = orjson.dumps({"compatibility": level})
+        response = await self._request("PUT", path, content=body, headers=_REGISTRY_JSON)
+        return str(response.json()["compatibility"])
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredSchema:
+    """A schema as the registry holds it (``subject``/``version`` when read through one)."""
+
+    schema_id: int
+    schema: str
+    schema_type: str
+    references: tuple[dict[str, Any], ...] = ()
+    subject: str | None = None
+    version: int | None = None
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any], schema_id: int | None = None) -> RegisteredSchema:
+        return cls(
+            schema_id=int(item.get("id", schema_id or 0)),
+            schema=item["schema"],
+            schema_type=item.get("schemaType", "AVRO"),
+            references=tuple(item.get("references") or ()),
+            subject=item.get("subject"),
+            version=item.get("version"),
+        )
+
+
+_REGISTRY_JSON = {"content-type": "application/vnd.schemaregistry.v1+json"}
+
 
 class SyncBrokerClient:
     """The same API without ``await``, for scripts (not for use inside an event loop)."""
@@ -422,6 +517,24 @@ class SyncBrokerClient:
 
     def agent_history(self, name: str) -> list[dict[str, Any]]:
         return self._run(lambda: self._client.agent_history(name))
+
+    def register_schema(self, subject: str, schema: str, **options: Any) -> int:
+        return self._run(lambda: self._client.register_schema(subject, schema, **options))
+
+    def get_schema(self, schema_id: int) -> RegisteredSchema:
+        return self._run(lambda: self._client.get_schema(schema_id))
+
+    def get_schema_version(self, subject: str, version: int | str = "latest") -> RegisteredSchema:
+        return self._run(lambda: self._client.get_schema_version(subject, version))
+
+    def list_subjects(self) -> list[str]:
+        return self._run(self._client.list_subjects)
+
+    def check_compatibility(self, subject: str, schema: str, **options: Any) -> list[str]:
+        return self._run(lambda: self._client.check_compatibility(subject, schema, **options))
+
+    def set_compatibility(self, level: str, subject: str | None = None) -> str:
+        return self._run(lambda: self._client.set_compatibility(level, subject))
 
     def close(self) -> None:
         self._runner.run(self._client.aclose())

@@ -13,7 +13,15 @@ import pytest
 
 from broker.client import BrokerClient, RetryPolicy, SyncBrokerClient
 from broker.embedded import NatsServer, ServerSpec
-from broker.errors import InvalidSubject, NotFound, SequenceConflict, UnsupportedMediaType
+from broker.errors import (
+    IncompatibleSchema,
+    InvalidSubject,
+    NotFound,
+    SchemaNotFound,
+    SequenceConflict,
+    SubjectNotFound,
+    UnsupportedMediaType,
+)
 from broker.registry.commands import VersionConflict
 from broker.registry.manifest import ManifestInvalid
 from tests.e2e._broker import BrokerProcess, start_broker
@@ -79,6 +87,31 @@ async def test_agents_through_the_client(broker: BrokerProcess) -> None:
             "AgentRegistered",
             "AgentDeregistered",
         ]
+
+
+async def test_schema_registry_through_the_client(broker: BrokerProcess) -> None:
+    """Registry answers come back typed, and Confluent's integer codes map to the tree."""
+    subject = f"client-{uuid.uuid4().hex[:8]}"
+    v1 = '{"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}'
+    v2 = v1.replace("}]}", '}, {"name": "b", "type": "int"}]}')
+    async with BrokerClient(broker.base_url) as client:
+        schema_id = await client.register_schema(subject, v1)
+        assert await client.register_schema(subject, v1) == schema_id
+        got = await client.get_schema(schema_id)
+        assert (got.schema_id, got.schema_type, got.schema) == (schema_id, "AVRO", v1)
+        latest = await client.get_schema_version(subject)
+        assert (latest.subject, latest.version) == (subject, 1)
+        assert subject in await client.list_subjects()
+        assert await client.check_compatibility(subject, v2)  # b has no default
+        with pytest.raises(IncompatibleSchema):
+            await client.register_schema(subject, v2)
+        assert await client.set_compatibility("NONE", subject) == "NONE"
+        assert await client.check_compatibility(subject, v2) == []
+        with pytest.raises(SchemaNotFound) as missing:
+            await client.get_schema(2**31 - 1)
+        assert missing.value.status == 404
+        with pytest.raises(SubjectNotFound):
+            await client.get_schema_version(f"{subject}-none")
 
 
 def test_sync_client(broker: BrokerProcess) -> None:

@@ -34,3 +34,5 @@ def test_client_guide_examples_run(broker: BrokerProcess, tmp_path: Path) -> Non
     assert "[True, False, True]" in done.stdout
     assert "invalid_subject 422" in done.stdout
     assert "changed since we read it" in done.stdout
+    assert "why not: ['backward, new reads existing schema 1 of 1:" in done.stdout
+    assert "decoded: {'id': 'o-7', 'qty': 2}" in done.stdout
