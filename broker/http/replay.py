@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
@@ -93,6 +93,14 @@ async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) ->
         return orjson.dumps(record) + b"\n"
 
 
+SSE = "text/event-stream"
+
+
+def _event(seq: int, line: bytes) -> bytes:
+    """One Server-Sent Event: the record's JSON (one line) as data, its seq as the id."""
+    return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, line.rstrip(b"\n"))
+
+
 def replay_router(state: IngressState) -> APIRouter:
     router = APIRouter(prefix="/v1/streams", tags=["replay"])
 
@@ -102,8 +110,13 @@ def replay_router(state: IngressState) -> APIRouter:
         responses={
             200: {
                 "description": "One JSON object per line: stream, seq, subject, time, headers, "
-                "payload_base64, and value or decode_error when decode=json.",
-                "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                "payload_base64, and value or decode_error when decode=json. With "
+                "`Accept: text/event-stream`, the same records as Server-Sent Events "
+                "(`id` = seq, resumable with `Last-Event-ID`).",
+                "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                    SSE: {"schema": {"type": "string"}},
+                },
             },
             422: {"model": ErrorBody},
             503: {"model": ErrorBody},
@@ -120,8 +133,23 @@ def replay_router(state: IngressState) -> APIRouter:
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
         decode: Decode = Decode.NONE,
+        accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+        last_event_id: Annotated[
+            str | None,
+            Header(
+                alias="Last-Event-ID",
+                max_length=20,
+                description="SSE resume: the last seq received (replay starts after it).",
+            ),
+        ] = None,
     ) -> StreamingResponse:
-        """Replay a stream from a sequence or a time (default: the start) as NDJSON."""
+        """Replay a stream from a sequence or a time (default: the start) as NDJSON, or as
+        Server-Sent Events when the client accepts ``text/event-stream``."""
+        sse = accept is not None and SSE in accept
+        if last_event_id is not None:
+            if not (last_event_id.isascii() and last_event_id.isdigit()):
+                raise Unprocessable("Last-Event-ID must be a stream sequence")
+            start_seq, start_time = int(last_event_id) + 1, None
         if start_seq is not None and start_time is not None:
             raise Unprocessable("give start_seq or start_time, not both")
         if start_time is not None and start_time.tzinfo is None:
@@ -146,14 +174,18 @@ def replay_router(state: IngressState) -> APIRouter:
                 for message in messages[:left]:
                     record = _record(message)
                     if decode is Decode.JSON:
-                        lines.append(await _decoded(state, message, record))
+                        line = await _decoded(state, message, record)
                     else:
-                        lines.append(orjson.dumps(record) + b"\n")
+                        line = orjson.dumps(record) + b"\n"
+                    lines.append(_event(record["seq"], line) if sse else line)
                 yield b"".join(lines)
                 left -= len(lines)
                 if left <= 0:
                     return
 
+        if sse:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(body(), media_type=SSE, headers=headers)
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
     return router

@@ -127,6 +127,30 @@ async def test_replay_output_is_ndjson(client: httpx.AsyncClient) -> None:
     assert {"stream", "seq", "subject", "time", "headers", "payload_base64"} <= set(lines[0])
 
 
+async def test_replay_as_server_sent_events_resumes_from_last_event_id(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    subject = f"sse.{uuid.uuid4().hex[:8]}"
+    async with BrokerClient(broker.base_url) as c:
+        seqs = await publish_many(c, subject, 4)
+    sse = {"accept": "text/event-stream"}
+    params = {"subject": subject, "decode": "json"}
+    r = await client.get("/v1/streams/MESSAGES/messages", params=params, headers=sse)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in r.text.split("\n\n") if block]
+    assert [int(e.split("\n")[0].removeprefix("id: ")) for e in events] == seqs
+    first = orjson.loads(events[0].split("\n")[2].removeprefix("data: "))
+    assert (first["seq"], first["value"]) == (seqs[0], {"n": 0})
+    # A reconnecting EventSource sends the last id it saw: the replay goes on after it.
+    resumed = await client.get(
+        "/v1/streams/MESSAGES/messages",
+        params=params,
+        headers={**sse, "last-event-id": str(seqs[1])},
+    )
+    ids = [int(b.split("\n")[0].removeprefix("id: ")) for b in resumed.text.split("\n\n") if b]
+    assert ids == seqs[2:]
+
+
 def test_cli_replay_writes_ndjson(broker: BrokerProcess, tmp_path: Path) -> None:
     subject = f"replay.cli.{uuid.uuid4().hex[:6]}"
     with SyncBrokerClient(broker.base_url) as client:
