@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import nats
 import pytest
@@ -24,6 +26,7 @@ from tests._wait import await_until, wait_for
 from tests.integration._counting import CountingProjection, counts
 
 pytestmark = pytest.mark.integration
+PG = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,18 +54,18 @@ def reached(runner: ProjectionRunner, seq: int) -> Callable[[], Awaitable[bool]]
 
 
 def start_worker(
-    nats_url: str, db: str, worker: str, partitions: int, **env: str
+    nats_url: str, db: Db, worker: str, partitions: int, **env: str
 ) -> subprocess.Popen[bytes]:
-    """A worker process running the counting projection; its log goes to a file beside
-    the database (an unread pipe would block a chatty worker)."""
-    log = Path(db.removeprefix("sqlite:///")).with_name(f"worker-{worker}.log").open("ab")
+    """A worker process running the counting projection; its log goes to a file (an unread
+    pipe would block a chatty worker)."""
+    log = (db.logs / f"worker-{worker}.log").open("ab")
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "tests.integration._counting",
             nats_url,
-            db,
+            db.url,
             worker,
             str(partitions),
             "2",
@@ -74,20 +77,40 @@ def start_worker(
     )
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
-    url = f"sqlite:///{tmp_path}/replica.db"
+class Db(NamedTuple):
+    url: str
+    engine: sa.Engine
+    logs: Path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    """The counting projection's database: a SQLite file, or a fresh schema in the
+    PostgreSQL server on this machine (dropped afterwards; unreachable = failure)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/replica.db"
+        schema = None
+    else:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        with create_sql_engine(PG).begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        url = f"{PG}?options=-csearch_path%3D{schema}"
     engine = create_sql_engine(url)
     with engine.begin() as tx:
         CountingProjection().setup(tx)
-    yield url, engine
+    yield Db(url, engine, tmp_path)
     engine.dispose()
+    if schema is not None:
+        admin = create_sql_engine(PG)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 async def test_batches_apply_once_and_the_checkpoint_follows(
-    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+    publisher: Publisher, nats_url: str, db: Db
 ) -> None:
-    _, engine = db
+    engine = db.engine
     await publish(nats_url, 1000, subjects=7)
     store = SqlCheckpointStore(engine)
     projection = CountingProjection(partitions=4)
@@ -112,15 +135,15 @@ async def test_batches_apply_once_and_the_checkpoint_follows(
 
 @pytest.mark.parametrize("crash_at", ["before_commit:3", "after_commit:3"])
 async def test_sigkill_between_steps_loses_and_duplicates_nothing(
-    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine], crash_at: str
+    publisher: Publisher, nats_url: str, db: Db, crash_at: str
 ) -> None:
-    url, engine = db
+    engine = db.engine
     await publish(nats_url, 2000, subjects=5)
-    crashing = start_worker(nats_url, url, "w1", 4, **{CRASH_ENV: crash_at})
+    crashing = start_worker(nats_url, db, "w1", 4, **{CRASH_ENV: crash_at})
     assert crashing.wait(timeout=60) == -signal.SIGKILL
     rows, _ = counts(engine)
     assert 0 < rows < 2000  # it died part-way
-    survivor = start_worker(nats_url, url, "w1", 4)
+    survivor = start_worker(nats_url, db, "w1", 4)
     try:
         assert wait_for(lambda: counts(engine)[0] >= 2000, timeout=60)
         await publish(nats_url, 100, subjects=5)
@@ -132,9 +155,9 @@ async def test_sigkill_between_steps_loses_and_duplicates_nothing(
 
 
 async def test_a_poison_event_goes_to_dlq_and_the_rest_applies(
-    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+    publisher: Publisher, nats_url: str, db: Db
 ) -> None:
-    _, engine = db
+    engine = db.engine
     await publish(nats_url, 10, poison={4})
     store = SqlCheckpointStore(engine)
     runner = ProjectionRunner(publisher.js, CountingProjection(), store, max_attempts=2)
@@ -183,10 +206,10 @@ def _owners(engine: sa.Engine) -> set[str]:
 
 
 async def test_three_workers_split_partitions_and_converge_after_one_dies(
-    publisher: Publisher, nats_url: str, db: tuple[str, sa.Engine]
+    publisher: Publisher, nats_url: str, db: Db
 ) -> None:
-    url, engine = db
-    workers = {w: start_worker(nats_url, url, w, 6) for w in ("a", "b", "c")}
+    engine = db.engine
+    workers = {w: start_worker(nats_url, db, w, 6) for w in ("a", "b", "c")}
     try:
         assert await await_until(balanced(nats_url, {"a": 2, "b": 2, "c": 2}), timeout=30)
         await publish(nats_url, 600, subjects=24)
