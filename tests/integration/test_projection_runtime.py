@@ -4,6 +4,7 @@ every gap, poison events to DLQ, partitions split across worker processes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -227,3 +228,79 @@ async def test_three_workers_split_partitions_and_converge_after_one_dies(
                 process.terminate()
                 process.wait(timeout=20)
     assert counts(engine) == (1200, 1200)
+
+
+async def test_dead_letters_are_listed_and_replayed_from_the_cli(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """`broker dlq list` shows the poison event; `broker dlq replay` appends it again."""
+    await _poison_once(publisher, nats_url, db)
+    cli = [sys.executable, "-m", "broker", "dlq"]
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [*cli, "list", "--nats-url", nats_url, "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert (entry["projection"], entry["seq"], entry["error"]) == (
+        "test.counting",
+        2,
+        "poison event",
+    )
+    replayed = await asyncio.to_thread(
+        subprocess.run,
+        [*cli, "replay", str(entry["dlq_seq"]), "--nats-url", nats_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.strip() == "replayed as seq 4"
+    again = await publisher.js.get_msg("MESSAGES", 4)
+    assert again.data == b"poison"
+    assert (again.headers or {})["Broker-Replayed-From-Dlq"] == str(entry["dlq_seq"])
+
+
+async def _poison_once(publisher: Publisher, nats_url: str, db: Db) -> None:
+    await publish(nats_url, 3, poison={1})
+    runner = ProjectionRunner(
+        publisher.js, CountingProjection(), SqlCheckpointStore(db.engine), max_attempts=1
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    assert await await_until(reached(runner, 3), timeout=20)
+    stop.set()
+    await task
+
+
+async def test_replica_changes_reach_the_changes_stream_once(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """With change events on, each inserted replica row becomes one `c` event in CHANGES,
+    relayed from the outbox; relaying again publishes nothing new."""
+    from projections.outbox import CHANGES_STREAM, ensure_changes_stream, relay_once
+    from projections.replica import MessagesReplica
+
+    await publish(nats_url, 5, subjects=2)
+    projection = MessagesReplica(changes=True)
+    with db.engine.begin() as tx:
+        projection.setup(tx)
+    runner = ProjectionRunner(publisher.js, projection, SqlCheckpointStore(db.engine))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    assert await await_until(reached(runner, 5), timeout=20)
+    stop.set()
+    await task
+    await ensure_changes_stream(publisher.js)
+    assert await relay_once(publisher.js, db.engine) == 5
+    assert await relay_once(publisher.js, db.engine) == 0
+    events = [json.loads(m.data) async for m in read_messages(publisher.js, CHANGES_STREAM)]
+    assert [(e["op"], e["table"], e["source"]["seq"]) for e in events] == [
+        ("c", "replica_messages", seq) for seq in range(1, 6)
+    ]
+    assert (events[0]["after"]["seq"], events[0]["after"]["subject"]) == (1, "s0")
