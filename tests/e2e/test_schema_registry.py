@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +19,9 @@ from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from broker.embedded import NatsServer
 from broker.registry.schemas.types import SchemaType, parse_schema
-from tests.e2e._broker import BrokerProcess
+from tests.e2e._broker import BrokerProcess, start_broker
 
 pytestmark = pytest.mark.e2e
 MEDIA = "application/vnd.schemaregistry.v1+json"
@@ -275,3 +277,30 @@ async def test_hostile_and_unknown_payloads_replay_with_their_error(
     assert "not in the registry" in records[1]["decode_error"]
     assert "no JSON form" in records[3]["decode_error"]
     assert records[4]["value"] == {"ok": True}
+
+
+def test_ids_are_the_same_after_a_broker_restart(tmp_path: Path, module_nats: NatsServer) -> None:
+    """The registry is rebuilt from SCHEMAS by the new process: same ids, versions, levels."""
+    first = start_broker(
+        tmp_path / "a", nats_url=module_nats.url, args=("--projection-workers", "0")
+    )
+    name = subject()
+    try:
+        client = SchemaRegistryClient({"url": f"{first.base_url}/registry"})
+        ids = [
+            client.register_schema(name, Schema(record("R", *fields, default=True), "AVRO"))
+            for fields in (["a"], ["a", "b"])
+        ]
+        client.set_compatibility(name, "FULL")
+    finally:
+        first.stop()
+    second = start_broker(
+        tmp_path / "b", nats_url=module_nats.url, args=("--projection-workers", "0")
+    )
+    try:
+        again = SchemaRegistryClient({"url": f"{second.base_url}/registry"})
+        assert [again.get_version(name, v).schema_id for v in (1, 2)] == ids
+        assert again.get_schema(ids[1]).schema_str == record("R", "a", "b", default=True)
+        assert again.get_compatibility(name) == "FULL"
+    finally:
+        second.stop()
