@@ -243,15 +243,39 @@ async def test_cluster_keeps_acking_after_the_stream_leader_is_killed(
     assert wait_for(lambda: len(meta_leaders()) == 1, timeout=15), meta_leaders()
     assert meta_leaders() <= {"n0", "n1", "n2"}
 
-    assert await _publish(nats_cluster.url(), "R3", "r3.a", replicas=3) == 1
-    nc = await nats.connect(nats_cluster.urls, connect_timeout=5)
-    try:
-        info = await nc.jetstream(timeout=10).stream_info("R3")
-    finally:
-        await nc.close()
-    assert info.cluster is not None
-    assert info.cluster.leader is not None
-    victim = next(n for n in nats_cluster.nodes if n.spec.server_name == info.cluster.leader)
+    first: list[int] = []
+
+    async def create_and_publish() -> bool:
+        # Creating an R3 stream needs every node; under load a step can time out. The
+        # message id keeps a retried publish from storing twice.
+        try:
+            first.append(
+                await _publish(nats_cluster.url(), "R3", "r3.a", replicas=3, msg_id="first")
+            )
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
+    assert await await_until(create_and_publish, timeout=45, interval=0.5)
+    assert first[-1] == 1
+    leader: list[str] = []
+
+    async def stream_leader() -> bool:
+        # Under load (the suite on 2 cores) a STREAM.INFO can go unanswered for a while.
+        nc = await nats.connect(nats_cluster.urls, connect_timeout=5)
+        try:
+            info = await nc.jetstream(timeout=5).stream_info("R3")
+        except (nats.errors.Error, TimeoutError):
+            return False
+        finally:
+            await nc.close()
+        if info.cluster is None or info.cluster.leader is None:
+            return False
+        leader.append(info.cluster.leader)
+        return True
+
+    assert await await_until(stream_leader, timeout=30, interval=0.2)
+    victim = next(n for n in nats_cluster.nodes if n.spec.server_name == leader[-1])
     victim.kill()
     survivors = ",".join(n.url for n in nats_cluster.nodes if n is not victim)
     seqs: list[int] = []
