@@ -34,6 +34,7 @@ from broker.codecs.base import (
     DecodeLimits,
     check_tree,
     describe,
+    too_large,
 )
 
 __all__ = ["AvroCodec", "AvroSchema"]
@@ -291,9 +292,7 @@ class AvroCodec:
         """Read one datum; raise :class:`DecodeError` if it is invalid or over a limit."""
         size = len(payload)
         if size > self._max_bytes:
-            raise DecodeError(
-                "avro", f"payload is {size} bytes, over the {self._max_bytes}-byte limit"
-            )
+            raise too_large("avro", size, self._max_bytes)
         if self._prescan:
             _Scanner(payload, self._names, self._limits, self._zero_width).run(self._schema)
         stream = BytesIO(payload)

@@ -131,13 +131,15 @@ def split_wire_prefix(payload: bytes, content_type: str | None = None) -> tuple[
     return schema_id, payload[_WIRE_PREFIX_LEN:]
 
 
+def too_large(codec: str, size: int, limit: int) -> DecodeError:
+    """The error for a body over ``max_payload_bytes`` (codecs compare inline: hot path)."""
+    return DecodeError(codec, f"payload is {size} bytes, over the {limit}-byte limit")
+
+
 def check_size(codec: str, payload: bytes, limits: DecodeLimits) -> None:
     """Refuse a body over ``max_payload_bytes`` before anything parses it."""
     if len(payload) > limits.max_payload_bytes:
-        raise DecodeError(
-            codec,
-            f"payload is {len(payload)} bytes, over the {limits.max_payload_bytes}-byte limit",
-        )
+        raise too_large(codec, len(payload), limits.max_payload_bytes)
 
 
 def check_tree(codec: str, value: Any, limits: DecodeLimits) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 
 import orjson
 
-from broker.codecs.base import DEFAULT_LIMITS, DecodeError, DecodeLimits, check_tree, describe
+from broker.codecs.base import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    check_tree,
+    describe,
+    too_large,
+)
 
 __all__ = ["JsonCodec"]
 
@@ -51,9 +58,7 @@ class JsonCodec:
         """Parse ``payload``; raise :class:`DecodeError` if it is invalid or over a limit."""
         size = len(payload)
         if size > self._max_bytes:
-            raise DecodeError(
-                "json", f"payload is {size} bytes, over the {self._max_bytes}-byte limit"
-            )
+            raise too_large("json", size, self._max_bytes)
         try:
             value = orjson.loads(payload)
         except _ERRORS as exc:

@@ -19,7 +19,14 @@ from typing import Any, Final
 
 import msgpack
 
-from broker.codecs.base import DEFAULT_LIMITS, DecodeError, DecodeLimits, check_tree, describe
+from broker.codecs.base import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    check_tree,
+    describe,
+    too_large,
+)
 
 __all__ = ["MsgpackCodec"]
 
@@ -64,9 +71,7 @@ class MsgpackCodec:
         """Unpack ``payload``; raise :class:`DecodeError` if it is invalid or over a limit."""
         size = len(payload)
         if size > self._max_bytes:
-            raise DecodeError(
-                "msgpack", f"payload is {size} bytes, over the {self._max_bytes}-byte limit"
-            )
+            raise too_large("msgpack", size, self._max_bytes)
         try:
             value = msgpack.unpackb(
                 payload,

@@ -33,7 +33,14 @@ from google.protobuf.message import (  # type: ignore[import-untyped]
 )
 from google.protobuf.message import Message
 
-from broker.codecs.base import DEFAULT_LIMITS, DecodeError, DecodeLimits, check_tree, describe
+from broker.codecs.base import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    check_tree,
+    describe,
+    too_large,
+)
 
 __all__ = ["ProtobufCodec", "read_message_indexes"]
 
@@ -152,9 +159,7 @@ class ProtobufCodec:
         """Parse one message; raise :class:`DecodeError` if it is invalid or over a limit."""
         size = len(payload)
         if size > self._max_bytes:
-            raise DecodeError(
-                "protobuf", f"payload is {size} bytes, over the {self._max_bytes}-byte limit"
-            )
+            raise too_large("protobuf", size, self._max_bytes)
         if not size:
             raise DecodeError("protobuf", "empty payload: the message-index array is missing")
         if payload[0] == 0:
