@@ -181,6 +181,13 @@ def parse_schema_id(value: str | int | None, *, field: str = "Schema-Id") -> int
     return _bounded_int(value, 0x7FFFFFFF, f"{field} must be an integer from 0 to 2147483647")
 
 
+def stored_schema_id(headers: Mapping[str, str]) -> int | None:
+    """The schema id a stored message carries (``Broker-Schema-Id``), if any. Reading
+    tolerates a header it did not write (``None``); publishing validates what it writes."""
+    raw = headers.get(SCHEMA_ID)
+    return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+
+
 def parse_sequence(value: str | int | None, *, field: str) -> int | None:
     """A stream sequence from a header or record field: a non-negative 64-bit integer."""
     return _bounded_int(value, 2**64 - 1, f"{field} must be a non-negative 64-bit integer")

@@ -33,7 +33,7 @@ from broker.codecs.json import JsonCodec
 from broker.codecs.msgpack import MsgpackCodec
 from broker.codecs.protobuf import ProtobufCodec
 from broker.codecs.raw import RawCodec
-from broker.envelope import CONTENT_TYPE, SCHEMA_ID
+from broker.envelope import CONTENT_TYPE, stored_schema_id
 
 __all__ = ["CODECS", "DecodedMessage", "LazyValue", "Schema", "codec_for"]
 
@@ -178,8 +178,7 @@ class DecodedMessage(LazyValue):
     @property
     def schema_id(self) -> int | None:
         """The stored ``Broker-Schema-Id`` (from a header or the wire prefix at publish)."""
-        raw = self.headers.get(SCHEMA_ID)
-        return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+        return stored_schema_id(self.headers)
 
     def _body(self) -> bytes:
         """The payload without its Confluent prefix, by the rule publishing applied."""

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
-from broker.envelope import CONTENT_TYPE, SCHEMA_ID, media_type
+from broker.envelope import CONTENT_TYPE, media_type, stored_schema_id
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
@@ -73,10 +73,7 @@ async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) ->
     """The record with ``value`` (decoded with the writer's schema) or ``decode_error``."""
     headers = record["headers"]
     content_type = headers.get(CONTENT_TYPE)
-    raw_id = headers.get(SCHEMA_ID)
-    schema_id = (
-        int(raw_id) if raw_id is not None and raw_id.isascii() and raw_id.isdigit() else None
-    )
+    schema_id = stored_schema_id(headers)
     try:
         if kind_for(content_type) is CodecKind.RAW:
             record["value"] = _text(message.data, content_type)
