@@ -104,7 +104,7 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
     import nats
 
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
-    from projections.runtime import lag
+    from projections.runtime import progress
 
     store = SqlCheckpointStore(create_sql_engine(url))
     nc = await nats.connect(nats_url.split(","), connect_timeout=5)
@@ -112,14 +112,14 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
         js = nc.jetstream()
         rows = []
         for p in _selected(None, False):
-            positions = await store.load(p.name)
+            done = await progress(js, p, store)
             rows.append(
                 {
                     "projection": p.name,
                     "stream": p.stream,
                     "partitions": p.partitions,
-                    "applied_seq": min(positions.get(i, 0) for i in range(p.partitions)),
-                    "lag": await lag(js, p, store),
+                    "applied_seq": done.applied_seq,
+                    "lag": done.lag,
                 }
             )
         return rows

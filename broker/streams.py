@@ -21,7 +21,8 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from broker.errors import StreamConfigConflict
 from broker.settings import Settings
@@ -218,6 +219,14 @@ async def provision(
         await _ensure_stream(js, wanted, update=update, report=report)
     await _ensure_bucket(js, agent_load_spec(settings), update=update, report=report)
     return report
+
+
+async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """A KV bucket a component owns: opened if it exists, else created with ``config``."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)
 
 
 async def _ensure_bucket(

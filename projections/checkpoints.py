@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import orjson
 import sqlalchemy as sa
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError
+from broker.streams import open_bucket
 
 Work = Callable[[Any], None]
 #: partition -> (the sequence the caller read, the sequence to record)
@@ -226,10 +227,7 @@ class KvCheckpointStore:
 
     async def _store(self) -> KeyValue:
         if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(self.bucket)
-            except BucketNotFoundError:
-                self._kv = await self.js.create_key_value(bucket=self.bucket, history=1)
+            self._kv = await open_bucket(self.js, KeyValueConfig(bucket=self.bucket, history=1))
         return self._kv
 
     async def _keys(self, projection: str) -> list[str]:

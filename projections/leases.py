@@ -21,18 +21,17 @@ import math
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from broker.streams import open_bucket
 
 log = structlog.get_logger(__name__)
 BUCKET = "projection_leases"
 
 
 async def lease_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
-    try:
-        return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
+    return await open_bucket(js, KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
 
 
 class PartitionLeases:

@@ -277,9 +277,20 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-async def lag(js: JetStreamContext, projection: Projection, store: CheckpointStore) -> int:
-    """Stream last sequence minus the lowest partition checkpoint (0: caught up)."""
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a projection is: the lowest partition checkpoint and what is left to apply."""
+
+    applied_seq: int
+    lag: int
+
+
+async def progress(
+    js: JetStreamContext, projection: Projection, store: CheckpointStore
+) -> Progress:
+    """Applied sequence (the lowest partition checkpoint) and lag (the stream's last sequence
+    minus it; 0: caught up)."""
     info = await js.stream_info(projection.stream)
     positions = await store.load(projection.name)
     lowest = min((positions.get(p, 0) for p in range(projection.partitions)), default=0)
-    return max(0, info.state.last_seq - lowest)
+    return Progress(lowest, max(0, info.state.last_seq - lowest))
