@@ -178,8 +178,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
             progress.update(bar, completed=total or 1)
         stop.set()
         await task
-        with_consumer = runner.consumer_name
-        await js.delete_consumer(projection.stream, with_consumer)
+        await js.delete_consumer(projection.stream, runner.consumer_name)
         return runner.stats.applied
     finally:
         await nc.close()

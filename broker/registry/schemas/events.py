@@ -106,10 +106,6 @@ def event_subject(event: SchemaEvent) -> str:
     return f"{_PREFIX}.{event.tenant}.subject.{subject_token(subject)}"
 
 
-def all_events_filter() -> str:
-    return f"{_PREFIX}.>"
-
-
 def _body(event: SchemaEvent) -> dict[str, Any]:
     if isinstance(event, SchemaVersionRegistered):
         return {
