@@ -28,7 +28,7 @@ import orjson
 import sqlalchemy as sa
 
 from broker.codecs import DecodedMessage, DecodeError, DecodeLimits, JsonCodec
-from broker.codecs.base import DEFAULT_LIMITS, CodecKind, kind_for
+from broker.codecs.base import CodecKind, kind_for
 from broker.envelope import CONTENT_TYPE, NATS_MSG_ID
 from broker.registry import events as agent_events
 from broker.registry.events import RegistryEventType
@@ -72,6 +72,9 @@ __all__ = [
 
 _MAX_SCHEMA_ID = 2**31 - 1
 _NUL_ESCAPE = b"\\u0000"
+#: Replicas store decoded JSON and orjson re-encodes it (JSON columns, change events); it
+#: refuses values nested over 254 levels, so replicas read JSON no deeper than 64.
+REPLICA_LIMITS = DecodeLimits(max_depth=64)
 
 
 def _tokens(subject: str) -> list[str]:
@@ -123,7 +126,7 @@ class MessagesReplica(_Replica):
     partitions = 16
     tables = (replica_messages,)
 
-    def __init__(self, *, changes: bool = False, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, *, changes: bool = False, limits: DecodeLimits = REPLICA_LIMITS) -> None:
         super().__init__(changes=changes)
         self.subjects = ["msg.>"]
         self._json = JsonCodec(limits=limits)
@@ -366,7 +369,7 @@ class RoutesReplica(_Replica):
     partitions = 16
     tables = (replica_routes,)
 
-    def __init__(self, *, changes: bool = False, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, *, changes: bool = False, limits: DecodeLimits = REPLICA_LIMITS) -> None:
         super().__init__(changes=changes)
         self.subjects = ["route.>"]
         self._json = JsonCodec(limits=limits)

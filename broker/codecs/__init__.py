@@ -1,6 +1,6 @@
 """Schema-on-read codecs: decode stored payloads lazily, under hard bounds, with one error."""
 
-from broker.codecs.avro import AvroCodec, AvroSchema
+from broker.codecs.avro import AVRO_MAX_DEPTH, AvroCodec, AvroSchema
 from broker.codecs.base import (
     DEFAULT_LIMITS,
     Codec,
@@ -10,15 +10,19 @@ from broker.codecs.base import (
     kind_for,
     split_wire_prefix,
 )
-from broker.codecs.json import JsonCodec
+from broker.codecs.json import ORJSON_MAX_DEPTH, JsonCodec
 from broker.codecs.lazy import CODECS, DecodedMessage, LazyValue, Schema, codec_for
-from broker.codecs.msgpack import MsgpackCodec
-from broker.codecs.protobuf import ProtobufCodec, read_message_indexes
+from broker.codecs.msgpack import MSGPACK_MAX_DEPTH, MsgpackCodec
+from broker.codecs.protobuf import UPB_MAX_DEPTH, ProtobufCodec, read_message_indexes
 from broker.codecs.raw import RawCodec
 
 __all__ = [
+    "AVRO_MAX_DEPTH",
     "CODECS",
     "DEFAULT_LIMITS",
+    "MSGPACK_MAX_DEPTH",
+    "ORJSON_MAX_DEPTH",
+    "UPB_MAX_DEPTH",
     "AvroCodec",
     "AvroSchema",
     "Codec",

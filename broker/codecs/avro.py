@@ -8,7 +8,9 @@ make fastavro misbehave:
   each item reads no bytes, so a block count of ``2**60`` makes fastavro append items
   until memory runs out;
 * **recursive or very deep schemas** -- a linked list nested a few thousand levels deep
-  overflows the C stack inside fastavro (a segfault, not a ``RecursionError``).
+  overflows the C stack inside fastavro (a segfault, not a ``RecursionError``; 5 000
+  levels crash it here). fastavro has no depth limit of its own, so this codec stops at
+  :data:`AVRO_MAX_DEPTH` (100, as upb does for Protobuf) whatever ``max_depth`` says.
 
 Only for those schemas is the body pre-scanned (:class:`_Scanner`, pure Python, bounded
 by the limits) before fastavro reads it. For every other schema each item takes at least
@@ -37,7 +39,7 @@ from broker.codecs.base import (
     too_large,
 )
 
-__all__ = ["AvroCodec", "AvroSchema"]
+__all__ = ["AVRO_MAX_DEPTH", "AvroCodec", "AvroSchema"]
 
 #: A writer schema as the registry holds it: JSON text, or its parsed JSON value.
 AvroSchema: TypeAlias = str | Mapping[str, Any] | list[Any]
@@ -68,6 +70,9 @@ _MIN_WIDTH: Final = {
     "string": 1,
 }
 _MAX_VARINT_BYTES = 10
+#: The deepest records, arrays and maps nest here, at most: fastavro reads recursively in C
+#: and has no limit, and the pre-scan recurses in Python (up to four frames a level).
+AVRO_MAX_DEPTH: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +144,10 @@ class _Scanner:
         names: dict[str, Any],
         limits: DecodeLimits,
         zero_width: dict[int, bool],
+        max_depth: int,
     ) -> None:
         self._buf = payload
+        self._max_depth = max_depth
         self._zero_width = zero_width
         self._pos = 0
         self._names = names
@@ -189,8 +196,8 @@ class _Scanner:
             self._skip(schema[index], depth)
             return
         kind = schema["type"]
-        if kind in {"record", "error", "array", "map"} and depth >= self._limits.max_depth:
-            raise self._fail(f"nested deeper than {self._limits.max_depth} levels")
+        if kind in {"record", "error", "array", "map"} and depth >= self._max_depth:
+            raise self._fail(f"nested deeper than {self._max_depth} levels")
         if kind in {"record", "error"}:
             for field in schema["fields"]:
                 self._skip(field["type"], depth + 1)
@@ -256,6 +263,7 @@ class AvroCodec:
     __slots__ = (
         "_limits",
         "_max_bytes",
+        "_max_depth",
         "_names",
         "_prescan",
         "_schema",
@@ -275,7 +283,8 @@ class AvroCodec:
         self._names = finder.names
         self._zero_width: dict[int, bool] = {}
         self._max_bytes = limits.max_payload_bytes
-        self._prescan = shape.zero_width_items or shape.recursive or shape.depth > limits.max_depth
+        self._max_depth = min(limits.max_depth, AVRO_MAX_DEPTH)
+        self._prescan = shape.zero_width_items or shape.recursive or shape.depth > self._max_depth
         self._walk_above = min(limits.max_collection_len, limits.max_total_items)
 
     @property
@@ -294,7 +303,13 @@ class AvroCodec:
         if size > self._max_bytes:
             raise too_large("avro", size, self._max_bytes)
         if self._prescan:
-            _Scanner(payload, self._names, self._limits, self._zero_width).run(self._schema)
+            scanner = _Scanner(
+                payload, self._names, self._limits, self._zero_width, self._max_depth
+            )
+            try:
+                scanner.run(self._schema)
+            except RecursionError as exc:  # only if called with little stack left
+                raise DecodeError("avro", describe(exc)) from exc
         stream = BytesIO(payload)
         try:
             value = fastavro.schemaless_reader(stream, self._schema, None)

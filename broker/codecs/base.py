@@ -12,9 +12,22 @@ Bounds, the same for every codec (:class:`DecodeLimits`):
 ``max_collection_len``   one array or map with more items
 ``max_total_items``      more items in all collections together
 
-Walking a decoded value costs about as much as decoding it, so codecs only walk
-(:func:`check_tree`) when the payload is large enough, or its schema deep enough, for a
-limit to be reachable at all; below that the limits hold by construction.
+The defaults are chosen so that checking them costs nothing on the common path:
+
+* ``max_depth`` defaults to 1024, the limit orjson and msgpack's C unpacker enforce
+  themselves (and refuse in C, before Python sees a value). Every codec also stops at its
+  library's own limit whatever ``max_depth`` says: about 100 message levels for upb, and
+  :data:`~broker.codecs.avro.AVRO_MAX_DEPTH` for Avro, whose reader recurses in C. A
+  stricter ``max_depth`` (say 64) is enforced by a scan that runs only then.
+* a body of ``n`` bytes holds at most about ``n`` items (JSON and msgpack spend a byte on
+  every item, Avro and Protobuf on every item that is not zero-width), so the size bound
+  already bounds the item counts of small bodies; codecs walk a decoded value
+  (:func:`check_tree`) only when the body is large enough, or its schema deep enough, for
+  a limit to be reachable at all.
+
+A consumer that re-encodes decoded values must handle its own limits: ``orjson.dumps``
+refuses values nested more than 254 levels, so the replay API turns those into a
+per-record ``decode_error`` and the SQL replicas read JSON with a ``max_depth`` of 64.
 """
 
 from __future__ import annotations
@@ -46,7 +59,8 @@ class DecodeLimits:
     """Hard bounds on what one decode may read, nest and allocate."""
 
     max_payload_bytes: int = 1024 * 1024
-    max_depth: int = 64
+    #: orjson's and msgpack's own limit: bounds at or above it cost nothing to enforce.
+    max_depth: int = 1024
     max_collection_len: int = 100_000
     max_total_items: int = 1_000_000
 

@@ -90,6 +90,8 @@ def codec_for(
 
 _UNSET: Final[Any] = object()
 _WIRE_PREFIX_LEN = 5
+#: Sorts above every body that could carry the wire prefix (those start with 0x00).
+_ZERO_LED: Final = b"\x01"
 #: Content-Type value -> whether its payloads may carry the wire prefix (bounded cache).
 _FRAMED: dict[str, bool] = {}
 _FRAMED_CACHE_SIZE = 256
@@ -107,44 +109,54 @@ def _framed(content_type: str | None) -> bool:
     return framed
 
 
+class _Failed:
+    """A cached decode failure; private, so no decoded value can be mistaken for one."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+# ``.value`` is the hot path of every reader: one slot holds "not yet", the value or the
+# failure, ``__init__`` only stores its arguments, and the property calls the codec
+# directly (no helper method in between). DecodedMessage repeats it with the prefix rule.
+
+
 class LazyValue:
     """A body and the codec that reads it; ``.value`` decodes once, on first access."""
 
-    __slots__ = ("_error", "_value", "codec", "payload")
+    __slots__ = ("_value", "codec", "payload")
 
     def __init__(self, payload: bytes, codec: Codec) -> None:
         self.payload = payload
         self.codec = codec
         self._value: Any = _UNSET
-        self._error: DecodeError | None = None
-
-    def _body(self) -> bytes:
-        return self.payload
 
     @property
     def value(self) -> Any:
         """The decoded body; raises the (cached) :class:`DecodeError` if it does not decode."""
         value = self._value
-        if value is not _UNSET:
-            return value
-        if self._error is not None:
-            raise self._error
-        try:
-            value = self._value = self.codec.decode(self._body())
-        except DecodeError as exc:
-            self._error = exc
-            raise
+        if value is _UNSET:
+            try:
+                value = self._value = self.codec.decode(self.payload)
+            except DecodeError as exc:
+                self._value = _Failed(exc)
+                raise
+        elif type(value) is _Failed:
+            raise value.error.with_traceback(None)
         return value
 
     @property
     def decoded(self) -> bool:
         """Whether ``.value`` has been computed (or failed) already."""
-        return self._value is not _UNSET or self._error is not None
+        return self._value is not _UNSET
 
     @property
     def error(self) -> DecodeError | None:
         """The decode error, once ``.value`` has failed; ``None`` otherwise."""
-        return self._error
+        value = self._value
+        return value.error if type(value) is _Failed else None
 
 
 class DecodedMessage(LazyValue):
@@ -165,10 +177,31 @@ class DecodedMessage(LazyValue):
         self.payload = payload
         self.codec = codec
         self._value = _UNSET
-        self._error = None
         self.headers = headers
         self.subject = subject
         self.sequence = sequence
+
+    @property
+    def value(self) -> Any:
+        """The decoded body (without a Confluent prefix, by the rule publishing applied)."""
+        value = self._value
+        if value is _UNSET:
+            body = self.payload
+            # One bytes comparison: only an empty body or one led by 0x00 sorts below it.
+            if (
+                body < _ZERO_LED
+                and len(body) >= _WIRE_PREFIX_LEN
+                and _framed(self.headers.get(CONTENT_TYPE))
+            ):
+                body = body[_WIRE_PREFIX_LEN:]
+            try:
+                value = self._value = self.codec.decode(body)
+            except DecodeError as exc:
+                self._value = _Failed(exc)
+                raise
+        elif type(value) is _Failed:
+            raise value.error.with_traceback(None)
+        return value
 
     @property
     def content_type(self) -> str | None:
@@ -179,14 +212,3 @@ class DecodedMessage(LazyValue):
     def schema_id(self) -> int | None:
         """The stored ``Broker-Schema-Id`` (from a header or the wire prefix at publish)."""
         return stored_schema_id(self.headers)
-
-    def _body(self) -> bytes:
-        """The payload without its Confluent prefix, by the rule publishing applied."""
-        payload = self.payload
-        if (
-            len(payload) >= _WIRE_PREFIX_LEN
-            and payload[0] == 0
-            and _framed(self.headers.get(CONTENT_TYPE))
-        ):
-            return payload[_WIRE_PREFIX_LEN:]
-        return payload

@@ -10,17 +10,19 @@ message. The rest is parsed with ``ParseFromString`` and converted with
 as base64, enums by name, well-known types in their JSON form -- the same values a JSON
 reader of the stream would see.
 
-Bounds: upb refuses messages nested over 100 levels (so a recursive message 10 000 deep is
-a :class:`DecodeError`); the index array is at most ``max_depth`` long and every index must
-name a message. The dict is walked for our lower limits only when the message type can nest
-deeper than ``max_depth`` (recursive or deep types) or the body is long enough to hold a
-collection over ``max_collection_len`` (each repeated item takes at least one byte).
+Bounds: upb refuses messages nested more than :data:`UPB_MAX_DEPTH` levels (so a recursive
+message 10 000 deep is a :class:`DecodeError`), and the dicts and lists of a value nest at
+most twice as deep (a message in a repeated field is a dict in a list); the index array is
+at most ``max_depth`` long and every index must name a message. The dict is walked only
+when the body is long enough to hold a collection over ``max_collection_len`` (each
+repeated item takes at least one byte), or for a ``max_depth`` stricter than upb's when the
+message type can nest deeper than it (recursive or deep types).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 # protobuf ships no type information; without types-protobuf these are Any.
 from google.protobuf import json_format, message_factory  # type: ignore[import-untyped]
@@ -42,7 +44,7 @@ from broker.codecs.base import (
     too_large,
 )
 
-__all__ = ["ProtobufCodec", "read_message_indexes"]
+__all__ = ["UPB_MAX_DEPTH", "ProtobufCodec", "read_message_indexes"]
 
 _ERRORS = (
     ProtobufDecodeError,
@@ -54,6 +56,8 @@ _ERRORS = (
     MemoryError,
 )
 _MAX_VARINT_BYTES = 10
+#: Message levels upb parses (the root and 100 nested in it); deeper is a DecodeError.
+UPB_MAX_DEPTH: Final = 101
 
 
 def read_message_indexes(payload: bytes, max_count: int) -> tuple[tuple[int, ...], int]:
@@ -147,9 +151,10 @@ class ProtobufCodec:
             descriptor = level[index]
             level = descriptor.nested_types
         assert descriptor is not None  # path is never empty
+        max_depth = self._limits.max_depth
         found = (
             message_factory.GetMessageClass(descriptor),
-            _may_nest_deeper(descriptor, self._limits.max_depth),
+            max_depth < 2 * UPB_MAX_DEPTH and _may_nest_deeper(descriptor, max_depth),
         )
         if len(self._classes) < 1024:
             self._classes[path] = found

@@ -494,6 +494,49 @@ def test_a_decode_error_is_cached_and_raised_again() -> None:
     assert codec.calls == 1
 
 
+def test_lazy_value_decodes_on_first_access_only() -> None:
+    """A bare LazyValue decodes nothing when built and once however often it is read."""
+    codec = CountingCodec(MsgpackCodec())
+    lazy = LazyValue(msgpack.packb({"a": [1, 2]}), codec)
+    assert (codec.calls, lazy.decoded, lazy.error) == (0, False, None)
+    assert lazy.value == {"a": [1, 2]}
+    assert lazy.value is lazy.value
+    assert (codec.calls, lazy.decoded, lazy.error) == (1, True, None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "content_type", "expected"),
+    [
+        (b"\x00\x00\x00\x00\x07" + b'{"framed": true}', "application/json", {"framed": True}),
+        (b'{"a": 1}', "application/json", {"a": 1}),
+        (b"\x00", "application/msgpack", 0),
+        (b"\x00\x00\x00\x00\x07\x01", "application/msgpack", DecodeError),
+        (b"\x00\x00\x00\x00\x07", "application/x-protobuf", DecodeError),
+        (b"", "application/json", DecodeError),
+    ],
+    ids=[
+        "framed-json",
+        "plain-json",
+        "zero-msgpack",
+        "msgpack-is-never-framed",
+        "framed-empty-protobuf",
+        "empty",
+    ],
+)
+def test_decoded_message_strips_the_prefix_only_where_publishing_did(
+    payload: bytes, content_type: str, expected: Any
+) -> None:
+    """Only media types publishing frames lose a leading 0x00 + id; others decode whole."""
+    codec = codec_for(content_type, schema=PROTO_FILE)
+    message = DecodedMessage(payload, {CONTENT_TYPE: content_type}, codec)
+    if expected is DecodeError:
+        with pytest.raises(DecodeError):
+            _ = message.value
+        assert message.error is not None
+    else:
+        assert message.value == expected
+
+
 def test_unframed_json_is_decoded_whole() -> None:
     """A JSON body without a wire prefix reaches the codec unchanged."""
     message = DecodedMessage(b'{"a": 1}', {CONTENT_TYPE: "application/json"}, JsonCodec())
