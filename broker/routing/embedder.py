@@ -1,0 +1,327 @@
+"""Text embedders: turn agent descriptions and message text into unit vectors.
+
+:class:`HashingEmbedder` is the dependency-free default: signed feature hashing of word
+stems, word bigrams and character trigrams, with a stable hash (BLAKE2b), so the same text
+gives the same vector in every process and on every machine. It needs no model and no
+training, and matches paraphrases only as far as they share words or word pieces.
+
+:class:`SentenceTransformerEmbedder` loads a sentence-transformers model from a local path
+(the optional ``embeddings`` extra). :func:`load_embedder` picks one from a spec string
+(``BROKER_ROUTING_EMBEDDER``): ``hashing`` (default), ``hashing:512`` (another dimension), or
+``sentence-transformers:/path/to/model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from broker.errors import BrokerError
+
+Matrix = npt.NDArray[np.float32]
+
+EXTRA_HINT = "pip install 'agent-broker[embeddings]'"
+
+
+class EmbedderUnavailable(BrokerError):
+    """The configured embedder cannot be built (unknown spec, missing extra, bad model path)."""
+
+    error_code = "embedder_unavailable"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Maps texts to float32 rows of length ``dim``, each L2-normalised (an empty text gives a
+    zero row)."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> Matrix: ...
+
+
+# --- the hashing embedder -----------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W_]+")
+_STOPWORDS = frozenset(
+    _WORD.findall(
+        "a about an and any are as at be been but by can could do does for from had has have "
+        "how i if in into is it its me my of on or our please so some that the their them then "
+        "there these they this those to us was we were what when where which who will with "
+        "would you your"
+    )
+)
+# (suffix, replacement, shortest word it applies to), tried in order; the first match wins.
+_SUFFIXES: tuple[tuple[str, str, int], ...] = (
+    ("isations", "ize", 9),
+    ("izations", "ize", 9),
+    ("isation", "ize", 8),
+    ("ization", "ize", 8),
+    ("ations", "at", 8),
+    ("ation", "at", 7),
+    ("ising", "ize", 6),
+    ("izing", "ize", 6),
+    ("ises", "ize", 6),
+    ("ised", "ize", 6),
+    ("ise", "ize", 5),
+    ("ies", "y", 5),
+    ("ing", "", 6),
+    ("ed", "", 5),
+    ("ly", "", 6),
+)
+_ES_AFTER = ("s", "x", "z", "ch", "sh")
+
+
+def stem(word: str) -> str:
+    """A light, rule-based English stem: plurals, -ing, -ed, -ly, -ation, British -ise, and
+    a final silent e (``translate``, ``translated``, ``translation`` -> ``translat``)."""
+    if len(word) <= 3:
+        return word
+    for suffix, replacement, shortest in _SUFFIXES:
+        if len(word) >= shortest and word.endswith(suffix):
+            word = word[: -len(suffix)] + replacement
+            break
+    else:
+        if word.endswith("es") and word[:-2].endswith(_ES_AFTER):
+            word = word[:-2]
+        elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+            word = word[:-1]
+    if len(word) > 4 and word.endswith("e"):
+        word = word[:-1]
+    return word
+
+
+def tokens(text: str) -> list[str]:
+    """Normalised word stems of ``text``, stop words dropped."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return [stem(w) for w in _WORD.findall(folded) if w not in _STOPWORDS]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _stable_hash(feature: str) -> int:
+    """A 64-bit hash that is the same in every process (unlike ``hash()``)."""
+    digest = hashlib.blake2b(feature.encode(), digest_size=8, person=b"broker-rt").digest()
+    return int.from_bytes(digest, "little")
+
+
+def _mix(a: int, b: int) -> int:
+    """A 64-bit hash of an ordered pair of hashes (the splitmix64 finalizer)."""
+    x = (a * 0x9E3779B97F4A7C15 + b) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class _Word:
+    """One stem's features: its own hash (for bigrams) and its signed slots and weights
+    (the word itself and its character trigrams)."""
+
+    __slots__ = ("codes", "hash", "weights")
+
+    def __init__(self, word_hash: int, codes: list[int], weights: list[float]) -> None:
+        self.hash = word_hash
+        self.codes = codes
+        self.weights = weights
+
+
+class HashingEmbedder:
+    """Feature hashing of word stems (weight 1), word bigrams (``bigram_weight``) and
+    character trigrams of each word (``trigram_weight``, shared over the word's trigrams),
+    with sublinear term frequency ``1 + ln(tf)``. Deterministic across processes.
+
+    A slot is ``hash % dim`` and the sign the hash's lowest bit, from BLAKE2b for words and
+    trigrams and a splitmix64 mix of the two word hashes for bigrams. Words seen are
+    memoised (up to ``memo`` distinct words, then the memo starts over).
+    """
+
+    def __init__(
+        self,
+        dim: int = 384,
+        *,
+        bigram_weight: float = 0.6,
+        trigram_weight: float = 0.8,
+        memo: int = 100_000,
+    ) -> None:
+        if not 8 <= dim <= 65536:
+            raise EmbedderUnavailable(f"hashing embedder dimension {dim} is not in 8..65536")
+        self.name = f"hashing-{dim}"
+        self.dim = dim
+        self.bigram_weight = bigram_weight
+        self.trigram_weight = trigram_weight
+        self._memo = memo
+        self._stems: dict[str, str] = {}  # raw word -> stem ("" for a stop word)
+        self._words: dict[str, _Word] = {}  # stem -> its features
+
+    def _code(self, value: int) -> int:
+        """``slot + 1`` for a positive sign, ``-(slot + 1)`` for a negative one."""
+        slot = (value >> 1) % self.dim + 1
+        return slot if value & 1 else -slot
+
+    def _word(self, word: str) -> _Word:
+        found = self._words.get(word)
+        if found is not None:
+            return found
+        word_hash = _stable_hash("w:" + word)
+        codes = [self._code(word_hash)]
+        weights = [1.0]
+        padded = f"<{word}>"
+        grams = [padded[i : i + 3] for i in range(len(padded) - 2)]
+        if grams:
+            share = self.trigram_weight / math.sqrt(len(grams))
+            codes.extend(self._code(_stable_hash("c:" + g)) for g in grams)
+            weights.extend([share] * len(grams))
+        found = _Word(word_hash, codes, weights)
+        if len(self._words) >= self._memo:
+            self._words.clear()
+        self._words[word] = found
+        return found
+
+    def _stems_of(self, text: str) -> list[str]:
+        if not text.isascii():
+            text = unicodedata.normalize("NFKC", text)
+        known = self._stems
+        out = []
+        for raw in _WORD.findall(text.casefold()):
+            found = known.get(raw)
+            if found is None:
+                found = "" if raw in _STOPWORDS else stem(raw)
+                if len(known) >= self._memo:
+                    known.clear()
+                known[raw] = found
+            if found:
+                out.append(found)
+        return out
+
+    def embed_one(self, text: str) -> Matrix:
+        """The unit vector of one text (a zero vector when it has no words)."""
+        vector = np.zeros(self.dim, dtype=np.float32)
+        stems = self._stems_of(text)
+        if not stems:
+            return vector
+        codes: list[int] = []
+        weights: list[float] = []
+        words = [self._word(s) for s in stems]
+        for found, count in Counter(stems).items():
+            word = self._word(found)
+            codes.extend(word.codes)
+            if count == 1:
+                weights.extend(word.weights)
+            else:
+                tf = 1.0 + math.log(count)
+                weights.extend([w * tf for w in word.weights])
+        if self.bigram_weight and len(words) > 1:
+            pairs = Counter(_mix(a.hash, b.hash) for a, b in itertools.pairwise(words))
+            for pair, count in pairs.items():
+                codes.append(self._code(pair))
+                weights.append(self.bigram_weight * (1.0 + math.log(count)))
+        signed = np.array(codes, dtype=np.int64)
+        values = np.array(weights, dtype=np.float64)
+        values[signed < 0] *= -1.0
+        dense = np.bincount(np.abs(signed) - 1, weights=values, minlength=self.dim)
+        norm = float(np.sqrt(dense @ dense))
+        if norm > 0.0:
+            vector[:] = dense / norm
+        return vector
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            out[i] = self.embed_one(text)
+        return out
+
+
+# --- sentence-transformers (optional extra) -------------------------------------------------
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model loaded from a local directory (no download).
+
+    Needs the ``embeddings`` extra: ``pip install 'agent-broker[embeddings]'``.
+    """
+
+    def __init__(self, path: str | Path, *, device: str | None = None) -> None:
+        try:
+            module: Any = importlib.import_module("sentence_transformers")
+        except ImportError:
+            raise EmbedderUnavailable(
+                "the sentence-transformers embedder needs the optional 'embeddings' extra: "
+                f"{EXTRA_HINT}"
+            ) from None
+        model_path = Path(path).expanduser()
+        if not model_path.is_dir():
+            raise EmbedderUnavailable(
+                f"sentence-transformers model directory {model_path} does not exist"
+            )
+        try:
+            self._model: Any = module.SentenceTransformer(
+                str(model_path), device=device, local_files_only=True
+            )
+        except Exception as e:  # the library raises many kinds for a bad model directory
+            raise EmbedderUnavailable(
+                f"cannot load the sentence-transformers model at {model_path}: {e}"
+            ) from None
+        self.dim = int(self._model.get_sentence_embedding_dimension())
+        self.name = f"sentence-transformers:{model_path.name}"
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        present = [i for i, text in enumerate(texts) if text.strip()]
+        if present:
+            encoded = self._model.encode(
+                [texts[i] for i in present],
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            out[present] = np.asarray(encoded, dtype=np.float32)
+        return out
+
+
+# --- choosing one ---------------------------------------------------------------------------
+
+
+def _hashing(argument: str) -> Embedder:
+    if not argument:
+        return HashingEmbedder()
+    if not argument.isdigit():
+        raise EmbedderUnavailable(f"hashing embedder dimension {argument!r} is not a number")
+    return HashingEmbedder(int(argument))
+
+
+def _sentence_transformers(argument: str) -> Embedder:
+    if not argument:
+        raise EmbedderUnavailable("give the model directory: sentence-transformers:/path/to/model")
+    return SentenceTransformerEmbedder(argument)
+
+
+EMBEDDERS: dict[str, Callable[[str], Embedder]] = {
+    "hashing": _hashing,
+    "sentence-transformers": _sentence_transformers,
+}
+
+
+def load_embedder(spec: str | None) -> Embedder:
+    """The embedder a spec names: ``None``/``hashing`` (dim 384), ``hashing:<dim>``, or
+    ``sentence-transformers:<local model directory>``."""
+    if spec is None or not spec.strip():
+        return HashingEmbedder()
+    kind, _, argument = spec.strip().partition(":")
+    factory = EMBEDDERS.get(kind.strip().lower())
+    if factory is None:
+        raise EmbedderUnavailable(
+            f"unknown embedder {kind!r}: use 'hashing' or 'sentence-transformers:/path/to/model'"
+        )
+    return factory(argument.strip())

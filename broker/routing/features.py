@@ -1,0 +1,459 @@
+"""Feature extraction: what routing needs to know about one message, read cheaply.
+
+:func:`extract` runs once per routed message. Every step is bounded: magic bytes look at the
+first 16 bytes, entropy and text sniffing at the first 4 KiB, JSON is parsed only up to
+:data:`MAX_JSON_PARSE` bytes and walked with a node budget, text is cut at
+:data:`MAX_TEXT_CHARS` characters.
+
+The modality comes from the ``Content-Type`` first (``image/*`` is an image, ``application/
+json`` is structured, ``application/pdf`` a document...), then from magic bytes when the type
+says nothing (``application/octet-stream`` or absent), then from sniffing: UTF-8 text that
+parses as JSON is structured, other text is text, an empty payload is text. Bytes that are
+neither a known format nor text are classed as ``sensor`` data, the one modality for opaque
+binary readings.
+
+Routing headers (looked up case-insensitively):
+
+``Broker-Intent``     the capability action wanted (``ocr``); lower-cased
+``Broker-Text``       text to embed, percent-encoded UTF-8 (wins over the payload's text)
+``Broker-Embedding``  base64 of little-endian float32: the query vector itself
+``Broker-Schema-Id``  the stored schema id (else the Confluent wire prefix)
+``x-env``             the environment (``canary``)
+
+A malformed routing header raises :class:`InvalidRoutingHeader` (422).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from broker.envelope import DEFAULT_CONTENT_TYPE, media_type, wire_schema_id
+from broker.errors import Unprocessable
+from broker.registry.manifest import Modality
+
+H_INTENT = "broker-intent"
+H_TEXT = "broker-text"
+H_EMBEDDING = "broker-embedding"
+H_SCHEMA_ID = "broker-schema-id"
+H_ENV = "x-env"
+H_CONTENT_TYPE = "content-type"
+
+MAX_TEXT_CHARS = 4000
+MAX_EMBEDDING_DIM = 4096
+MAX_JSON_PARSE = 256 * 1024  # larger JSON is not parsed: text comes from a prefix scan
+MAX_JSON_NODES = 20_000
+SAMPLE_BYTES = 4096
+_MAX_TEXT_HEADER = 64 * 1024
+_MAX_EMBEDDING_HEADER = (MAX_EMBEDDING_DIM * 4 + 2) // 3 * 4 + 8
+_INTENT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_JSON_STRING = re.compile(rb'"((?:[^"\\]|\\.){1,2000})"\s*(:?)')
+#: Bytes that do not occur in text: C0 controls other than tab, newlines and form feed; DEL.
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0c") + b"\x7f"
+
+
+class InvalidRoutingHeader(Unprocessable):
+    """A routing header (Broker-Embedding, Broker-Text, Broker-Intent) that cannot be used."""
+
+    error_code = "invalid_routing_header"
+
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What routing knows about one message."""
+
+    content_type: str
+    modality: Modality
+    size: int
+    magic: str | None
+    json_fields: int | None
+    json_depth: int | None
+    schema_id: int | None
+    entropy: float
+    intent: str | None
+    text: str | None
+    embedding: Vector | None
+    env: str | None
+
+
+# --- magic bytes --------------------------------------------------------------------------
+
+_PREFIXES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"%PDF-", "pdf"),
+    (b"OggS", "ogg"),
+    (b"fLaC", "flac"),
+    (b"ID3", "mp3"),
+    (b"\x1a\x45\xdf\xa3", "webm"),
+    (b"PK\x03\x04", "zip"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BM", "bmp"),
+    (b"{\\rtf", "rtf"),
+)
+_RIFF = {b"WAVE": "wav", b"WEBP": "webp", b"AVI ": "avi"}
+_FTYP_AUDIO = {b"M4A ", b"M4B ", b"M4P "}
+_FTYP_IMAGE = {b"heic", b"heix", b"avif", b"mif1", b"msf1"}
+
+MAGIC_MODALITY: dict[str, Modality] = {
+    "png": Modality.IMAGE,
+    "jpeg": Modality.IMAGE,
+    "gif": Modality.IMAGE,
+    "webp": Modality.IMAGE,
+    "bmp": Modality.IMAGE,
+    "tiff": Modality.IMAGE,
+    "heif": Modality.IMAGE,
+    "wav": Modality.AUDIO,
+    "mp3": Modality.AUDIO,
+    "ogg": Modality.AUDIO,
+    "flac": Modality.AUDIO,
+    "m4a": Modality.AUDIO,
+    "mp4": Modality.VIDEO,
+    "webm": Modality.VIDEO,
+    "avi": Modality.VIDEO,
+    "pdf": Modality.DOCUMENT,
+    "zip": Modality.DOCUMENT,  # also docx, xlsx, odt, epub
+    "rtf": Modality.DOCUMENT,
+}
+#: The media type a magic format implies, for capabilities that list content types.
+MAGIC_MEDIA_TYPE: dict[str, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "heif": "image/heif",
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "flac": "audio/flac",
+    "m4a": "audio/mp4",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "avi": "video/x-msvideo",
+    "pdf": "application/pdf",
+    "zip": "application/zip",
+    "gzip": "application/gzip",
+    "rtf": "application/rtf",
+}
+
+
+def sniff_magic(payload: bytes) -> str | None:
+    """The format named by the payload's first bytes, or ``None``."""
+    head = payload[:16]
+    if len(head) >= 12:
+        if head.startswith(b"RIFF"):
+            return _RIFF.get(head[8:12])
+        if head[4:8] == b"ftyp":
+            brand = head[8:12]
+            if brand in _FTYP_AUDIO:
+                return "m4a"
+            return "heif" if brand in _FTYP_IMAGE else "mp4"
+    for prefix, name in _PREFIXES:
+        if head.startswith(prefix):
+            return name
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06:
+        return "mp3"  # an MPEG audio frame sync without an ID3 tag
+    return None
+
+
+# --- media types --------------------------------------------------------------------------
+
+_DOCUMENT_TYPES = frozenset(
+    {
+        "application/pdf",
+        "application/msword",
+        "application/rtf",
+        "application/epub+zip",
+        "application/vnd.ms-excel",
+        "application/vnd.ms-powerpoint",
+    }
+)
+_STRUCTURED_TYPES = frozenset(
+    {
+        "application/json",
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/avro",
+        "avro/binary",
+        "application/protobuf",
+        "application/x-protobuf",
+        "application/vnd.google.protobuf",
+        "application/msgpack",
+        "application/x-msgpack",
+        "application/vnd.msgpack",
+        "application/cbor",
+        "application/xml",
+        "application/yaml",
+    }
+)
+_OPAQUE_TYPES = frozenset({"", DEFAULT_CONTENT_TYPE, "binary/octet-stream"})
+
+
+def is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def modality_of_media_type(content_type: str) -> Modality | None:
+    """The modality a bare media type names, or ``None`` when it says nothing."""
+    kind, _, sub = content_type.partition("/")
+    if kind in ("text", "image", "audio", "video"):
+        return Modality(kind)
+    if content_type in _DOCUMENT_TYPES or sub.startswith(
+        ("vnd.openxmlformats-officedocument.", "vnd.oasis.opendocument.")
+    ):
+        return Modality.DOCUMENT
+    if content_type in _STRUCTURED_TYPES or sub.endswith(("+json", "+xml", "+avro", "+protobuf")):
+        return Modality.STRUCTURED
+    return None
+
+
+# --- headers ------------------------------------------------------------------------------
+
+
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def parse_embedding(value: str) -> Vector:
+    """A ``Broker-Embedding`` value: base64 of little-endian float32, L2-normalised."""
+    if len(value) > _MAX_EMBEDDING_HEADER:
+        raise InvalidRoutingHeader(
+            f"Broker-Embedding is too long: at most {MAX_EMBEDDING_DIM} float32 values"
+        )
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRoutingHeader(
+            "Broker-Embedding is not base64 (standard alphabet, padded)"
+        ) from None
+    if not raw or len(raw) % 4:
+        raise InvalidRoutingHeader(
+            f"Broker-Embedding decodes to {len(raw)} bytes: expected a non-empty multiple of 4 "
+            "(little-endian float32)"
+        )
+    dim = len(raw) // 4
+    if dim > MAX_EMBEDDING_DIM:
+        raise InvalidRoutingHeader(
+            f"Broker-Embedding has {dim} dimensions; at most {MAX_EMBEDDING_DIM}"
+        )
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    if not np.isfinite(vector).all():
+        raise InvalidRoutingHeader("Broker-Embedding contains NaN or infinite values")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0:
+        raise InvalidRoutingHeader("Broker-Embedding is a zero vector")
+    unit: Vector = (vector / norm).astype(np.float32)
+    return unit
+
+
+def encode_embedding(vector: npt.ArrayLike) -> str:
+    """The ``Broker-Embedding`` header value for a vector (the inverse of parsing)."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _parse_text(value: str) -> str | None:
+    if len(value) > _MAX_TEXT_HEADER:
+        raise InvalidRoutingHeader(
+            f"Broker-Text is longer than {_MAX_TEXT_HEADER} characters (percent-encoded)"
+        )
+    try:
+        text = unquote(value, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRoutingHeader("Broker-Text is not percent-encoded UTF-8") from None
+    text = text.strip()[:MAX_TEXT_CHARS]
+    return text or None
+
+
+def _parse_intent(value: str) -> str | None:
+    intent = value.strip().lower()
+    if not intent:
+        return None
+    if not _INTENT.fullmatch(intent):
+        raise InvalidRoutingHeader(
+            f"Broker-Intent {value[:70]!r} is not a capability action "
+            "(1-64 of a-z 0-9 _ . -, starting with a letter or digit)"
+        )
+    return intent
+
+
+def _schema_id(value: str | None) -> int | None:
+    """The stored schema id; tolerant (``None``) of a header the broker did not write."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    return int(value)
+
+
+# --- payload ------------------------------------------------------------------------------
+
+
+def entropy(sample: bytes) -> float:
+    """Shannon entropy of ``sample`` in bits per byte (0 for an empty sample)."""
+    if not sample:
+        return 0.0
+    counts = np.bincount(np.frombuffer(sample, dtype=np.uint8), minlength=256)
+    p = counts[counts > 0] / len(sample)
+    return float(-(p * np.log2(p)).sum())
+
+
+def _looks_like_text(sample: bytes) -> bool:
+    """UTF-8 (allowing a character cut at the end of the sample) without control bytes."""
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(sample) - 3 or e.reason != "unexpected end of data":
+            return False
+    return len(sample.translate(None, _CONTROL_BYTES)) == len(sample)
+
+
+def _charset(content_type_header: str) -> str:
+    for param in content_type_header.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            name = value.strip().strip('"')
+            try:
+                return codecs.lookup(name).name
+            except LookupError:
+                return "utf-8"
+    return "utf-8"
+
+
+def _decode_text(payload: bytes, charset: str) -> str | None:
+    head = payload[: MAX_TEXT_CHARS * 4]
+    try:
+        text = head.decode(charset, errors="replace")
+    except LookupError:  # a codec that is not a text encoding (charset=base64)
+        text = head.decode("utf-8", errors="replace")
+    text = text.strip()[:MAX_TEXT_CHARS]
+    return text or None
+
+
+@dataclass(slots=True)
+class _JsonScan:
+    fields: int = 0
+    depth: int = 0
+    nodes: int = 0
+    chars: int = 0
+
+    def walk(self, value: Any, level: int, texts: list[str]) -> None:
+        """Count keys and depth, collect string values; stops at the node budget."""
+        self.nodes += 1
+        if self.nodes > MAX_JSON_NODES:
+            return
+        if isinstance(value, str):
+            if self.chars < MAX_TEXT_CHARS and value.strip():
+                texts.append(value)
+                self.chars += len(value) + 1
+            return
+        if isinstance(value, dict):
+            self.depth = max(self.depth, level + 1)
+            self.fields += len(value)
+            for item in value.values():
+                self.walk(item, level + 1, texts)
+        elif isinstance(value, list):
+            self.depth = max(self.depth, level + 1)
+            for item in value:
+                self.walk(item, level + 1, texts)
+
+
+def _json_features(body: bytes) -> tuple[int | None, int | None, str | None] | None:
+    """``(fields, depth, text)`` of a JSON body, or ``None`` when it is not JSON."""
+    if len(body) > MAX_JSON_PARSE:
+        # Too large to parse per message: collect string values (not keys) from a prefix.
+        texts: list[str] = []
+        size = 0
+        for match in _JSON_STRING.finditer(body, 0, MAX_TEXT_CHARS * 8):
+            if match.group(2):
+                continue
+            value = match.group(1).decode("utf-8", errors="replace")
+            texts.append(value)
+            size += len(value) + 1
+            if size >= MAX_TEXT_CHARS:
+                break
+        return None, None, " ".join(texts)[:MAX_TEXT_CHARS] or None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    scan = _JsonScan()
+    collected: list[str] = []
+    scan.walk(value, 0, collected)
+    text = " ".join(collected)[:MAX_TEXT_CHARS].strip()
+    return scan.fields, scan.depth, text or None
+
+
+def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
+    """The routing features of one message (see the module docstring for each rule)."""
+    h = _lowered(headers)
+    raw_type = h.get(H_CONTENT_TYPE, "")
+    content_type = media_type(raw_type) or DEFAULT_CONTENT_TYPE
+    sample = payload[:SAMPLE_BYTES]
+
+    schema_id = _schema_id(h.get(H_SCHEMA_ID))
+    body = payload
+    wire_id = wire_schema_id(content_type, payload)
+    if wire_id is not None:
+        schema_id = wire_id if schema_id is None else schema_id
+        body = payload[5:]
+
+    magic = None if wire_id is not None else sniff_magic(payload)
+    modality = modality_of_media_type(content_type)
+    opaque = content_type in _OPAQUE_TYPES
+    json_fields: int | None = None
+    json_depth: int | None = None
+    text: str | None = None
+
+    json_like = body[:64].lstrip()[:1] in (b"{", b"[")
+    if is_json_type(content_type) or (
+        opaque and magic is None and json_like and _looks_like_text(sample)
+    ):
+        found = _json_features(body)
+        if found is not None:
+            json_fields, json_depth, text = found
+            modality = modality or Modality.STRUCTURED
+    if modality is None and magic is not None:
+        modality = MAGIC_MODALITY.get(magic)
+    if modality is None:
+        modality = Modality.TEXT if _looks_like_text(sample) else Modality.SENSOR
+    if modality is Modality.TEXT:
+        text = _decode_text(payload, _charset(raw_type))
+
+    header_text = h.get(H_TEXT)
+    if header_text is not None:
+        text = _parse_text(header_text)
+    embedding_header = h.get(H_EMBEDDING)
+    intent_header = h.get(H_INTENT)
+    env = h.get(H_ENV)
+    return Features(
+        content_type=content_type,
+        modality=modality,
+        size=len(payload),
+        magic=magic,
+        json_fields=json_fields,
+        json_depth=json_depth,
+        schema_id=schema_id,
+        entropy=entropy(sample),
+        intent=None if intent_header is None else _parse_intent(intent_header),
+        text=text,
+        embedding=None if embedding_header is None else parse_embedding(embedding_header),
+        env=None if env is None else (env.strip()[:64] or None),
+    )

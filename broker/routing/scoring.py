@@ -1,0 +1,502 @@
+"""Scores and the routing decision: filter, rank by meaning and load, choose.
+
+:func:`decide` runs once per routed message over a tenant's :class:`Catalog`:
+
+1. **Filter** groups (agent capabilities): the intent (``Broker-Intent``: only that action;
+   none: all actions), what the capability accepts (see :mod:`broker.routing.catalog`),
+   canary (``x-env: canary`` goes only to agents labelled ``env=canary``, everything else
+   never does), liveness (``live``), and agents already tried (``exclude``).
+2. **Qualify** by meaning, when the message has a query vector: only groups whose cosine
+   similarity is within ``semantic_margin`` of the most similar one's, and, without an
+   intent, at least ``threshold``. (With an intent the action was named: similarity ranks
+   but does not reject.)
+3. **Rank** by ``score = w * similarity + (1 - w) * load`` (``w`` = ``semantic_weight``);
+   without a query vector (an image with no text) by the load weight alone. Each agent
+   appears once (its best capability). Groups whose load weight is 0 (GPU memory below the
+   minimum, cooling down) rank after all others.
+4. **Choose** among the ``top_k`` by ``policy.choice``: ``p2c`` draws two and keeps the
+   less loaded (higher load weight; the better-ranked on a tie), ``wrr`` draws one weighted
+   by score, ``best`` takes the first. Zero-load candidates are chosen only when nobody else
+   is left.
+
+Nobody left after filtering: the policy's ``fallback_agent``, else no agent
+(``no_candidate``); nobody similar enough: the fallback, else ``below_threshold``. Every
+decision's ``detail`` says which of these happened, in words.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from broker.registry.manifest import Limits
+from broker.registry.snapshot import RegistrySnapshot
+from broker.routing.catalog import Catalog, CatalogCache, GroupLoads, LoadArrays
+from broker.routing.embedder import Embedder
+from broker.routing.features import Features, InvalidRoutingHeader, extract
+from broker.routing.policy import DEFAULT_POLICY, Choice, Policy
+from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
+
+Floats = npt.NDArray[np.float64]
+Bits = npt.NDArray[np.uint8]
+Vector = npt.NDArray[np.float32]
+
+NO_LOAD_REPORT = "no_load_report"
+_QPS, _P99, _GPU, _COOLDOWN, _UNKNOWN = 1, 2, 4, 8, 16
+_RNG = random.Random()
+_SHOWN = 5  # agent names listed in a detail sentence
+
+
+# --- load weights ---------------------------------------------------------------------------
+
+
+def _nonnegative(values: Floats) -> Floats:
+    """Negative and NaN values as 0 (``fmax`` ignores NaN)."""
+    return np.fmax(values, 0.0)
+
+
+def load_weights(arrays: LoadArrays, policy: Policy) -> tuple[Floats, Bits]:
+    """Per agent: the load weight in [0, 1] and penalty bits (see :class:`LoadPolicy` and
+    :class:`Penalties` in :mod:`broker.routing.policy` for the formula)."""
+    lp, pp, w = policy.load, policy.penalties, policy.load.weights
+    instances = arrays.instances
+    qps = _nonnegative(arrays.qps)
+    p99 = _nonnegative(arrays.p99_ms)
+    errors = np.fmin(_nonnegative(arrays.error_rate), 1.0)
+    qps_capacity = arrays.max_qps * instances  # NaN: no limit declared
+    # Headroom under the declared limits; fmin ignores the NaN of a limit not declared.
+    headroom = np.fmin(
+        1.0 - qps / qps_capacity,
+        1.0 - _nonnegative(arrays.in_flight) / (arrays.max_concurrency * instances),
+    )
+    qps_signal = np.where(
+        np.isnan(headroom),
+        lp.qps_ref / (lp.qps_ref + qps / instances),
+        np.clip(headroom, 0.0, 1.0),
+    )
+    latency_signal = lp.latency_ref_ms / (lp.latency_ref_ms + p99)
+    has_gpu = ~np.isnan(arrays.gpu_free_mb)
+    gpu_free = _nonnegative(arrays.gpu_free_mb)
+    gpu_util = np.fmin(_nonnegative(arrays.gpu_util), 1.0)
+    gpu_signal = np.fmin(gpu_free / lp.gpu_ref_mb, 1.0) * (1.0 - gpu_util / 2.0)
+    gpu_weight = np.where(has_gpu, w.gpu, 0.0)
+    weight = (w.qps * qps_signal + w.latency * latency_signal + gpu_weight * gpu_signal) / (
+        w.qps + w.latency + gpu_weight
+    )
+    weight *= 1.0 - lp.error_weight * errors
+
+    over_qps = qps > pp.qps_ratio * qps_capacity  # False where there is no limit (NaN)
+    over_p99 = p99 > pp.p99_ms
+    low_gpu = has_gpu & (gpu_free < pp.gpu_min_free_mb)
+    weight *= np.where(over_qps, pp.qps_factor, 1.0)
+    weight *= np.where(over_p99, pp.p99_factor, 1.0)
+    weight *= np.where(low_gpu, pp.gpu_factor, 1.0)
+    weight = np.clip(weight, 0.0, 1.0)
+    bits = (over_qps * _QPS | over_p99 * _P99 | low_gpu * _GPU).astype(np.uint8)
+    absent = ~arrays.present
+    if absent.any():
+        weight[absent] = lp.unknown
+        bits[absent] = _UNKNOWN
+    return weight, bits
+
+
+@functools.lru_cache(maxsize=64)
+def _penalty_table(names: tuple[str, str, str, str]) -> tuple[tuple[str, ...], ...]:
+    """Penalty names for every combination of penalty bits."""
+    labelled = (*names, NO_LOAD_REPORT)
+    return tuple(
+        tuple(name for bit, name in enumerate(labelled) if code >> bit & 1) for code in range(32)
+    )
+
+
+def load_score(
+    load: AgentLoad | None, limits: Limits, policy: Policy = DEFAULT_POLICY
+) -> tuple[float, tuple[str, ...]]:
+    """One agent's load weight in [0, 1] and the penalties applied (``None``: no report)."""
+    weights, bits = load_weights(LoadArrays.of([load], [limits]), policy)
+    return float(weights[0]), _penalty_table(policy.penalty_names)[int(bits[0])]
+
+
+def _frozen(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    array.flags.writeable = False
+    return array
+
+
+_ZERO_LOAD_LAST = 4.0  # more than any score spread, so zero-load groups rank last
+
+
+def _view(policy: Policy, weight: Floats, bits: Bits) -> GroupLoads:
+    load_term = (1.0 - policy.semantic_weight) * weight
+    bonus = np.where(weight > 0.0, _ZERO_LOAD_LAST, 0.0)
+    return GroupLoads(
+        policy=policy,
+        weight=_frozen(weight),
+        bits=_frozen(bits),
+        load_term=_frozen(load_term),
+        cost=_frozen(-(load_term + bonus)),
+        cost_by_load=_frozen(-(weight + bonus)),
+    )
+
+
+def _group_loads(
+    catalog: Catalog, loads: Mapping[str, AgentLoad], policy: Policy
+) -> tuple[LoadArrays, GroupLoads]:
+    """The loads, and their per-group arrays for ``policy`` (memoised on the catalog)."""
+    arrays = catalog.load_arrays(loads)
+    found = arrays.groups
+    if found is None or found.policy is not policy:
+        weights, bits = load_weights(arrays, policy)
+        found = _view(policy, weights[catalog.group_agent], bits[catalog.group_agent])
+        arrays.groups = found
+    return arrays, found
+
+
+def _cooled(
+    catalog: Catalog, view: GroupLoads, cooling: Collection[str], policy: Policy
+) -> GroupLoads:
+    weight, bits = view.weight.copy(), view.bits.copy()
+    for agent in cooling:
+        where = catalog.group_slice(agent)
+        if where is not None:
+            weight[where] *= policy.penalties.cooldown_factor
+            bits[where] |= _COOLDOWN
+    return _view(policy, weight, bits)
+
+
+# --- the decision -----------------------------------------------------------------------------
+
+
+def _describe(features: Features) -> str:
+    what = features.content_type
+    if features.magic is not None and features.content_type == "application/octet-stream":
+        what = f"{features.magic} data"
+    return f"{what} ({features.modality})"
+
+
+def _names(catalog: Catalog, mask: npt.NDArray[np.bool_]) -> str:
+    agents = sorted({catalog.agents[i] for i in catalog.group_agent[mask].tolist()})
+    shown = ", ".join(agents[:_SHOWN])
+    return shown + (f" and {len(agents) - _SHOWN} more" if len(agents) > _SHOWN else "")
+
+
+def _explain_nobody(
+    catalog: Catalog,
+    features: Features,
+    policy: Policy,
+    *,
+    wants_canary: bool,
+    live: Collection[str] | None,
+    exclude: Collection[str],
+) -> str:
+    """Which filter left no candidate, in words (the slow path: masks are recomputed)."""
+    if catalog.n_groups == 0:
+        return f"tenant '{catalog.tenant}' has no registered agents"
+    intent = features.intent
+    scope = f" for action '{intent}'" if intent else ""
+    mask = catalog.action_mask(intent)
+    if not mask.any():
+        return f"no agent offers action '{intent}'"
+    what = _describe(features)
+    mask = mask & catalog.accept_mask(features.content_type, features.modality, features.magic)
+    if not mask.any():
+        return f"no agent{scope} accepts {what}"
+    label = f"{policy.canary.label}={policy.canary.value}"
+    canary = mask & catalog.canary_mask(policy.canary, wants_canary)
+    if not canary.any():
+        if wants_canary:
+            return f"no canary agent ({label}){scope} accepts {what}"
+        return (
+            f"only canary agents ({label}: {_names(catalog, mask)}){scope} accept {what}, "
+            "and this message is not a canary"
+        )
+    mask = canary
+    if live is not None and not (mask & catalog.live_mask(live)).any():
+        return (
+            f"no agent{scope} that accepts {what} has a live instance "
+            f"(registered: {_names(catalog, mask)})"
+        )
+    tried = ", ".join(sorted(exclude))
+    return f"every agent{scope} that accepts {what} was already tried ({tried})"
+
+
+def _top_distinct(
+    catalog: Catalog, cost: npt.NDArray[np.floating[Any]], allowed: npt.NDArray[np.bool_], k: int
+) -> list[int]:
+    """Up to ``k`` allowed groups with the lowest ``cost``, one per agent (its best)."""
+    eligible = allowed.nonzero()[0]
+    n = eligible.shape[0]
+    if n == 0:
+        return []
+    values = cost[eligible]
+    m = min(n, k if catalog.one_group_per_agent else 4 * k)
+    agent_of = catalog.group_agent_list
+    while True:
+        part = values.argpartition(m - 1)[:m] if m < n else np.arange(n)
+        best_first = eligible[part[values[part].argsort(kind="stable")]].tolist()
+        if catalog.one_group_per_agent:
+            return best_first  # type: ignore[no-any-return]
+        picked: list[int] = []
+        seen: set[int] = set()
+        for group in best_first:
+            agent = agent_of[group]
+            if agent not in seen:
+                seen.add(agent)
+                picked.append(group)
+                if len(picked) == k:
+                    return picked
+        if m == n:
+            return picked
+        m = n  # one agent's capabilities crowded the top: look at all of them
+
+
+def _candidates(
+    catalog: Catalog,
+    arrays: LoadArrays,
+    view: GroupLoads,
+    groups: list[int],
+    *,
+    sims: npt.NDArray[np.float32],
+    policy: Policy,
+) -> list[CandidateScore]:
+    table = _penalty_table(policy.penalty_names)
+    agent_of = catalog.group_agent_list
+    w = policy.semantic_weight if sims is not catalog.no_similarity else 0.0
+    load_share = 1.0 - w
+    return [
+        CandidateScore(
+            agent=catalog.agents[agent_of[g]],
+            capability=catalog.group_action[g],
+            semantic=similarity,
+            load=load,
+            score=w * similarity + load_share * load,
+            penalties=table[bits],
+            load_inputs=arrays.loads[agent_of[g]],
+        )
+        for g, similarity, load, bits in zip(
+            groups,
+            sims[groups].tolist(),
+            view.weight[groups].tolist(),
+            view.bits[groups].tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _no_one(
+    reason: DecisionReason,
+    detail: str,
+    policy: Policy,
+    exclude: Collection[str],
+    candidates: tuple[CandidateScore, ...] = (),
+) -> Decision:
+    fallback = policy.fallback_agent
+    if fallback is not None and fallback not in exclude:
+        return Decision(
+            agent=fallback,
+            capability=None,
+            reason=DecisionReason.FALLBACK,
+            detail=f"{detail}; sent to the fallback agent '{fallback}'",
+            candidates=candidates,
+            policy_version=policy.version,
+            mirror_to=policy.mirror.get(fallback),
+        )
+    if fallback is not None:
+        detail += f"; the fallback agent '{fallback}' was already tried"
+    return Decision(None, None, reason, detail, candidates, policy.version)
+
+
+def _choose(
+    candidates: list[CandidateScore], policy: Policy, rng: random.Random
+) -> tuple[CandidateScore, int]:
+    """The chosen candidate and the size of the pool it was chosen from: the candidates
+    with a positive load weight."""
+    pool = [c for c in candidates if c.load > 0.0]
+    if len(pool) <= 1 or policy.choice is Choice.BEST:
+        return (pool or candidates)[0], len(pool)
+    if policy.choice is Choice.P2C:
+        i, j = rng.sample(range(len(pool)), 2)
+        first, second = pool[min(i, j)], pool[max(i, j)]  # the better-ranked one wins ties
+        return (second if second.load > first.load else first), len(pool)
+    weights = [max(c.score, 1e-9) for c in pool]
+    return rng.choices(pool, weights=weights)[0], len(pool)
+
+
+def _check_dimension(catalog: Catalog, query: Vector) -> None:
+    if query.shape != (catalog.dim,):
+        raise InvalidRoutingHeader(
+            f"the query vector has shape {query.shape}; agents are embedded with "
+            f"{catalog.dim} dimensions ({catalog.embedder_name})"
+        )
+
+
+def _similarities(
+    catalog: Catalog, query: Vector, mask: npt.NDArray[np.bool_], k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Every group's similarity, and the mask narrowed to the groups that have one: all of
+    them for exact search, the ones the LSH index found for large catalogs."""
+    if catalog.index is None:
+        return catalog.similarities(query), mask
+    groups, found = catalog.nearest_groups(query, mask, 8 * k)
+    sims = np.zeros(catalog.n_groups, dtype=np.float32)
+    sims[groups] = found
+    narrowed = np.zeros(catalog.n_groups, dtype=np.bool_)
+    narrowed[groups] = True
+    return sims, narrowed
+
+
+def decide(
+    catalog: Catalog,
+    features: Features,
+    loads: Mapping[str, AgentLoad],
+    policy: Policy = DEFAULT_POLICY,
+    *,
+    query: Vector | None = None,
+    live: Collection[str] | None = None,
+    cooling: Collection[str] = (),
+    exclude: Collection[str] = (),
+    rng: random.Random | None = None,
+) -> Decision:
+    """Route one message (see the module docstring for the rules).
+
+    ``query`` is the message's unit vector (``features.embedding``, else the embedded
+    ``features.text``); ``None`` or a zero vector: no semantics. ``live``: agents with a live
+    instance (``None``: no liveness filter); ``cooling``: agents in cooldown (their load
+    weight takes ``penalties.cooldown_factor``); ``exclude``: agents already tried. ``loads``
+    and ``live`` are memoised by identity: pass new objects when they change, and the same
+    objects while they do not. When the live agents are those with a load entry, pass
+    ``live=loads`` itself: a fresh ``loads.keys()`` view per call defeats the memo and costs
+    a pass over the catalog's agents on every decision.
+    """
+    wants_canary = features.env is not None and features.env == policy.canary.value
+    mask = catalog.filter_mask(
+        intent=features.intent,
+        content_type=features.content_type,
+        modality=features.modality,
+        magic=features.magic,
+        canary=policy.canary,
+        wants_canary=wants_canary,
+    )
+    if live is not None:
+        mask = catalog.and_live(mask, live)
+    if exclude:
+        mask = catalog.without(mask, exclude)
+    arrays, view = _group_loads(catalog, loads, policy)
+    if cooling:
+        view = _cooled(catalog, view, cooling, policy)
+
+    sims, cost, qualify = catalog.no_similarity, view.cost_by_load, mask
+    if query is not None:
+        _check_dimension(catalog, query)
+        similar, mask = _similarities(catalog, query, mask, policy.top_k)
+        within = np.where(mask, similar, -np.inf)
+        best = float(within.max()) if within.shape[0] else -np.inf
+        if best > -np.inf and (best != 0.0 or query.any()):  # a zero vector means nothing
+            floor = best - policy.semantic_margin
+            if features.intent is None:
+                floor = max(floor, policy.threshold)
+            sims, qualify = similar, within >= floor
+            cost = view.cost - similar * policy.semantic_weight
+    semantic = sims is not catalog.no_similarity
+    picked = _top_distinct(catalog, cost, qualify, policy.top_k)
+
+    if not picked:
+        if not mask.any():
+            detail = _explain_nobody(
+                catalog, features, policy, wants_canary=wants_canary, live=live, exclude=exclude
+            )
+            return _no_one(DecisionReason.NO_CANDIDATE, detail, policy, exclude)
+        closest = _top_distinct(catalog, -sims, mask, policy.top_k)
+        below = _candidates(catalog, arrays, view, closest, sims=sims, policy=policy)
+        top = below[0]
+        detail = (
+            f"no agent is similar enough: the closest, '{top.agent}' ({top.capability}), has "
+            f"similarity {top.semantic:.3f}, below the threshold {policy.threshold:g}"
+        )
+        return _no_one(DecisionReason.BELOW_THRESHOLD, detail, policy, exclude, tuple(below))
+
+    candidates = _candidates(catalog, arrays, view, picked, sims=sims, policy=policy)
+    chosen, pool = _choose(candidates, policy, rng or _RNG)
+    count = int(np.count_nonzero(qualify))
+    how = f"by {policy.choice} among the top {pool}" if pool > 1 else "the best"
+    detail = (
+        f"chose '{chosen.agent}' for '{chosen.capability}' ({how} of {count} "
+        f"candidate{'' if count == 1 else 's'}): similarity {chosen.semantic:.3f}, "
+        f"load {chosen.load:.3f}, score {chosen.score:.3f}"
+    )
+    if not semantic:
+        detail += "; no text or embedding to compare, ranked by load"
+    else:
+        detail += f"; candidates are within {policy.semantic_margin:g} of the best similarity"
+    if chosen.penalties:
+        detail += f"; penalties: {', '.join(chosen.penalties)}"
+    if pool == 0:
+        detail += "; every candidate is saturated or cooling down"
+    return Decision(
+        agent=chosen.agent,
+        capability=chosen.capability,
+        reason=DecisionReason.SCORED,
+        detail=detail,
+        candidates=tuple(candidates),
+        policy_version=policy.version,
+        mirror_to=policy.mirror.get(chosen.agent),
+    )
+
+
+class Scorer:
+    """What a router holds: features, query embedding, catalog cache and :func:`decide`."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        policy: Policy = DEFAULT_POLICY,
+        *,
+        cache: CatalogCache | None = None,
+    ) -> None:
+        self.embedder = embedder
+        self.policy = policy
+        self.catalogs = cache or CatalogCache(embedder)
+
+    def query(self, features: Features) -> Vector | None:
+        """The message's query vector: its ``Broker-Embedding``, else its embedded text."""
+        if features.embedding is not None:
+            if features.embedding.shape[0] != self.embedder.dim:
+                raise InvalidRoutingHeader(
+                    f"Broker-Embedding has {features.embedding.shape[0]} dimensions; this "
+                    f"broker embeds with {self.embedder.name} ({self.embedder.dim} dimensions)"
+                )
+            return features.embedding
+        if features.text:
+            vector: Vector = self.embedder.embed([features.text])[0]
+            return vector if vector.any() else None
+        return None
+
+    def decide(
+        self,
+        snapshot: RegistrySnapshot,
+        tenant: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        loads: Mapping[str, AgentLoad],
+        *,
+        live: Collection[str] | None = None,
+        cooling: Collection[str] = (),
+        exclude: Collection[str] = (),
+        rng: random.Random | None = None,
+    ) -> Decision:
+        features = extract(payload, headers)
+        return decide(
+            self.catalogs.get(snapshot, tenant),
+            features,
+            loads,
+            self.policy,
+            query=self.query(features),
+            live=live,
+            cooling=cooling,
+            exclude=exclude,
+            rng=rng,
+        )

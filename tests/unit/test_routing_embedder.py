@@ -1,0 +1,152 @@
+"""Embedders: the hashing default is deterministic everywhere; the optional extra fails clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.routing.embedder import (
+    EXTRA_HINT,
+    Embedder,
+    EmbedderUnavailable,
+    HashingEmbedder,
+    SentenceTransformerEmbedder,
+    load_embedder,
+    stem,
+    tokens,
+)
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+HAS_SENTENCE_TRANSFORMERS = importlib.util.find_spec("sentence_transformers") is not None
+TEXTS = [
+    "Please translate this letter into German",
+    "Summarise the quarterly report in three bullet points",
+    "",
+    "Ünïcödé façade naïve — ligatures ﬁne",
+]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b)
+
+
+def test_hashing_embedder_gives_unit_float32_rows_and_zero_rows_for_empty_text() -> None:
+    embedder = HashingEmbedder()
+    assert isinstance(embedder, Embedder)
+    assert (embedder.name, embedder.dim) == ("hashing-384", 384)
+    rows = embedder.embed(TEXTS)
+    assert rows.shape == (4, 384)
+    assert rows.dtype == np.float32
+    norms = np.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(norms[[0, 1, 3]], 1.0, rtol=1e-5)
+    assert norms[2] == 0.0
+    assert not embedder.embed(["the of and to"]).any()  # stop words only
+
+
+def test_hashing_embedder_is_the_same_in_another_process() -> None:
+    """Stable hashing (BLAKE2b), never Python's salted ``hash()``: a fresh interpreter with
+    a different PYTHONHASHSEED gives bit-identical vectors."""
+    here = HashingEmbedder().embed(TEXTS)
+    script = (
+        "import sys; from broker.routing.embedder import HashingEmbedder; "
+        f"sys.stdout.write(HashingEmbedder().embed({TEXTS!r}).tobytes().hex())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        check=True,
+    )
+    there = np.frombuffer(bytes.fromhex(done.stdout), dtype=np.float32).reshape(here.shape)
+    assert np.array_equal(here, there)
+
+
+def test_the_same_text_gives_the_same_vector_whatever_the_memo_holds() -> None:
+    small = HashingEmbedder(memo=3)  # the memo keeps starting over
+    big = HashingEmbedder()
+    for text in TEXTS * 3:
+        assert np.array_equal(small.embed([text]), big.embed([text]))
+
+
+def test_related_texts_are_closer_than_unrelated_ones() -> None:
+    embedder = HashingEmbedder()
+    agent, paraphrase, other = embedder.embed(
+        [
+            "Translates documents between English, French and German.",
+            "please translate this document to german",
+            "What will the weather be like tomorrow in Paris?",
+        ]
+    )
+    assert cosine(agent, paraphrase) > 0.3
+    assert cosine(agent, paraphrase) > cosine(agent, other) + 0.2
+
+
+def test_word_forms_share_a_stem() -> None:
+    assert stem("summarises") == stem("summarize") == stem("summarization")
+    assert stem("translated") == stem("translating") == stem("translation")
+    assert stem("images") == stem("image")
+    assert stem("boxes") == "box"
+    assert stem("class") == "class"
+    assert tokens("The invoices, PLEASE!") == ["invoic"]
+
+
+def test_other_dimensions_are_available() -> None:
+    embedder = load_embedder("hashing:512")
+    assert embedder.dim == 512
+    assert embedder.embed(["hello world"]).shape == (1, 512)
+
+
+@pytest.mark.parametrize("spec", [None, "", "hashing", " Hashing "])
+def test_the_default_embedder_is_hashing_384(spec: str | None) -> None:
+    embedder = load_embedder(spec)
+    assert isinstance(embedder, HashingEmbedder)
+    assert embedder.dim == 384
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        ("word2vec", "unknown embedder"),
+        ("hashing:lots", "not a number"),
+        ("hashing:4", "not in 8..65536"),
+        ("sentence-transformers", "give the model directory"),
+    ],
+)
+def test_bad_embedder_specs_are_refused_clearly(spec: str, complaint: str) -> None:
+    with pytest.raises(EmbedderUnavailable, match=complaint):
+        load_embedder(spec)
+
+
+@pytest.mark.skipif(HAS_SENTENCE_TRANSFORMERS, reason="the embeddings extra is installed")
+def test_sentence_transformers_without_the_extra_names_the_install_command(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(EmbedderUnavailable) as caught:
+        load_embedder(f"sentence-transformers:{tmp_path}")
+    assert EXTRA_HINT in caught.value.message
+
+
+def test_sentence_transformers_with_a_missing_model_directory_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("sentence_transformers")
+    with pytest.raises(EmbedderUnavailable, match="does not exist"):
+        SentenceTransformerEmbedder(tmp_path / "missing")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_embeds_to_a_unit_or_zero_row(text: str) -> None:
+    row = HashingEmbedder(64).embed([text])[0]
+    assert np.isfinite(row).all()
+    norm = float(np.linalg.norm(row))
+    assert norm == 0.0 or abs(norm - 1.0) < 1e-5

@@ -1,0 +1,815 @@
+"""Routing scores and decisions: load weights and penalties, filters, choice, policy, catalog."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from broker.envelope import Tenant
+from broker.registry.manifest import AgentManifest, AgentName, Limits
+from broker.registry.snapshot import AgentRecord, RegistrySnapshot
+from broker.routing import (
+    DEFAULT_POLICY,
+    AgentLoad,
+    CandidateScore,
+    Catalog,
+    CatalogCache,
+    Choice,
+    Decision,
+    DecisionReason,
+    HashingEmbedder,
+    InvalidRoutingHeader,
+    Policy,
+    PolicyInvalid,
+    Scorer,
+    build_catalog,
+    decide,
+    extract,
+    load_policy,
+    load_score,
+)
+from broker.routing.features import encode_embedding
+
+pytestmark = pytest.mark.unit
+
+T = Tenant("acme")
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(24)
+PDF = b"%PDF-1.7\n"
+EMBEDDER = HashingEmbedder()
+TEXT = {"Content-Type": "text/plain"}
+
+
+def policy(**changes: Any) -> Policy:
+    return Policy.model_validate({**DEFAULT_POLICY.model_dump(), **changes})
+
+
+def agent(
+    name: str,
+    description: str = "",
+    *capabilities: dict[str, Any],
+    seq: int = 1,
+    tenant: str = T,
+    **fields: Any,
+) -> AgentRecord:
+    manifest = AgentManifest.model_validate(
+        {
+            "name": name,
+            "version": "1.0.0",
+            "description": description or f"The {name} agent.",
+            "capabilities": list(capabilities) or [{"action": "work"}],
+            **fields,
+        }
+    )
+    return AgentRecord(Tenant(tenant), AgentName(name), manifest, seq, seq, None)
+
+
+def snapshot(*records: AgentRecord) -> RegistrySnapshot:
+    return RegistrySnapshot({(r.tenant, r.name): r for r in records}, max(r.seq for r in records))
+
+
+def idle(*names: str) -> dict[str, AgentLoad]:
+    return {name: AgentLoad() for name in names}
+
+
+ASSISTANTS = [
+    agent(
+        "translator",
+        "Translates text and documents between English, French, German and Spanish.",
+        {
+            "action": "translate",
+            "description": "Translate text into another language",
+            "examples": ["translate this to French", "how do you say this in German"],
+        },
+    ),
+    agent(
+        "summarizer",
+        "Summarises long documents, articles and reports into short abstracts.",
+        {
+            "action": "summarize",
+            "description": "Shorten a document to its key points",
+            "examples": ["give me the gist of this article", "tl;dr this report"],
+        },
+    ),
+    agent(
+        "weather",
+        "Answers questions about the weather forecast, temperature and rain.",
+        {
+            "action": "forecast",
+            "description": "Weather forecast for a city",
+            "examples": ["will it rain tomorrow in Paris"],
+        },
+    ),
+    agent(
+        "ocr",
+        "Reads printed text from scanned images and photos.",
+        {
+            "action": "ocr",
+            "description": "Extract text from an image",
+            "content_types": ["image/*"],
+        },
+    ),
+    agent(
+        "transcriber",
+        "Transcribes speech in audio recordings to text.",
+        {"action": "transcribe", "modalities": ["audio"]},
+    ),
+]
+NAMES = [r.name for r in ASSISTANTS]
+
+
+def route(
+    payload: bytes,
+    headers: Mapping[str, str],
+    records: list[AgentRecord] = ASSISTANTS,
+    loads: Mapping[str, AgentLoad] | None = None,
+    rules: Policy = DEFAULT_POLICY,
+    **options: Any,
+) -> Decision:
+    scorer = Scorer(EMBEDDER, rules)
+    names = [r.name for r in records]
+    return scorer.decide(
+        snapshot(*records),
+        T,
+        payload,
+        headers,
+        idle(*names) if loads is None else loads,
+        rng=options.pop("rng", random.Random(7)),
+        **options,
+    )
+
+
+# --- load weights -----------------------------------------------------------------------------
+
+
+def test_an_idle_agent_without_a_gpu_weighs_one() -> None:
+    assert load_score(AgentLoad(), Limits()) == (1.0, ())
+
+
+def test_the_weight_renormalises_over_the_signals_an_agent_has() -> None:
+    limits = Limits(max_qps=100)
+    half = AgentLoad(qps=50, p99_ms=100)  # qps headroom 0.5, latency 100/(100+100) = 0.5
+    assert load_score(half, limits)[0] == pytest.approx(0.5)
+    with_gpu = AgentLoad(qps=50, p99_ms=100, gpu_free_mb=16384, gpu_util=0.0)
+    assert load_score(with_gpu, limits)[0] == pytest.approx(0.4 * 0.5 + 0.3 * 0.5 + 0.3 * 1.0)
+
+
+def _without_penalties() -> Policy:
+    return policy(penalties={"qps_factor": 1.0, "p99_factor": 1.0, "gpu_factor": 1.0})
+
+
+def test_qps_above_80_percent_of_the_limit_costs_30_percent() -> None:
+    limits = Limits(max_qps=100)
+    at_limit = AgentLoad(qps=80)
+    assert load_score(at_limit, limits)[1] == ()
+    over = AgentLoad(qps=80.5)
+    weight, penalties = load_score(over, limits)
+    assert penalties == ("qps_over_80pct",)
+    assert weight == pytest.approx(0.7 * load_score(over, limits, _without_penalties())[0])
+    # The limit is per instance: two instances take twice the traffic before the penalty.
+    assert load_score(AgentLoad(instances=2, qps=150), limits)[1] == ()
+
+
+def test_p99_above_200ms_halves_the_weight() -> None:
+    assert load_score(AgentLoad(p99_ms=200), Limits())[1] == ()
+    slow = AgentLoad(p99_ms=201)
+    weight, penalties = load_score(slow, Limits())
+    assert penalties == ("p99_over_200ms",)
+    assert weight == pytest.approx(0.5 * load_score(slow, Limits(), _without_penalties())[0])
+
+
+def test_gpu_memory_below_the_minimum_zeroes_the_weight() -> None:
+    weight, penalties = load_score(AgentLoad(gpu_free_mb=1023, gpu_util=0.1), Limits())
+    assert (weight, penalties) == (0.0, ("gpu_memory_low",))
+    assert load_score(AgentLoad(gpu_free_mb=1024), Limits())[0] > 0
+
+
+def test_penalties_multiply() -> None:
+    load = AgentLoad(qps=95, p99_ms=450)
+    limits = Limits(max_qps=100)
+    weight, penalties = load_score(load, limits)
+    assert penalties == ("qps_over_80pct", "p99_over_200ms")
+    assert weight == pytest.approx(0.35 * load_score(load, limits, _without_penalties())[0])
+
+
+def test_penalty_names_follow_the_configured_thresholds() -> None:
+    rules = policy(penalties={"qps_ratio": 0.9, "p99_ms": 150.5})
+    assert load_score(AgentLoad(qps=95, p99_ms=151), Limits(max_qps=100), rules)[1] == (
+        "qps_over_90pct",
+        "p99_over_150.5ms",
+    )
+
+
+def test_an_agent_without_a_load_report_gets_the_unknown_weight() -> None:
+    assert load_score(None, Limits()) == (0.5, ("no_load_report",))
+
+
+def wild(low: float, high: float) -> st.SearchStrategy[float]:
+    """Floats in range, and the NaN and infinities a broken load report could carry."""
+    return st.floats(low, high) | st.sampled_from([math.nan, math.inf, -math.inf])
+
+
+loads_strategy = st.builds(
+    AgentLoad,
+    instances=st.integers(0, 8),
+    qps=wild(-10, 1e6),
+    in_flight=st.integers(0, 10_000),
+    p50_ms=st.floats(0, 1e5),
+    p99_ms=wild(-1, 1e6),
+    error_rate=wild(-1, 2),
+    gpu_free_mb=st.none() | wild(-1, 1e6),
+    gpu_util=st.none() | wild(-1, 2),
+)
+limits_strategy = st.builds(
+    Limits,
+    max_qps=st.none() | st.floats(0.1, 1e4),
+    max_concurrency=st.none() | st.integers(1, 512),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(load=loads_strategy, limits=limits_strategy)
+def test_load_weights_stay_within_0_and_1_whatever_is_reported(
+    load: AgentLoad, limits: Limits
+) -> None:
+    weight, penalties = load_score(load, limits)
+    assert 0.0 <= weight <= 1.0
+    assert set(penalties) <= {"qps_over_80pct", "p99_over_200ms", "gpu_memory_low"}
+
+
+sane_loads = st.builds(
+    AgentLoad,
+    instances=st.integers(1, 8),
+    qps=st.floats(0, 1e4),
+    in_flight=st.integers(0, 1000),
+    p99_ms=st.floats(0, 1e4),
+    error_rate=st.floats(0, 1),
+    gpu_free_mb=st.none() | st.floats(0, 1e5),
+    gpu_util=st.none() | st.floats(0, 1),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    base=sane_loads,
+    limits=limits_strategy,
+    more_qps=st.floats(0, 1e4),
+    more_in_flight=st.integers(0, 1000),
+    more_p99=st.floats(0, 1e4),
+    more_errors=st.floats(0, 1),
+    less_gpu=st.floats(0, 1e5),
+    more_util=st.floats(0, 1),
+)
+def test_more_load_never_gives_a_higher_weight(
+    base: AgentLoad,
+    limits: Limits,
+    more_qps: float,
+    more_in_flight: int,
+    more_p99: float,
+    more_errors: float,
+    less_gpu: float,
+    more_util: float,
+) -> None:
+    busier = AgentLoad(
+        instances=base.instances,
+        qps=base.qps + more_qps,
+        in_flight=base.in_flight + more_in_flight,
+        p99_ms=base.p99_ms + more_p99,
+        error_rate=min(1.0, base.error_rate + more_errors),
+        gpu_free_mb=None if base.gpu_free_mb is None else max(0.0, base.gpu_free_mb - less_gpu),
+        gpu_util=None if base.gpu_util is None else min(1.0, base.gpu_util + more_util),
+    )
+    assert load_score(busier, limits)[0] <= load_score(base, limits)[0]
+
+
+# --- decision records -------------------------------------------------------------------------
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+candidates_strategy = st.builds(
+    CandidateScore,
+    agent=st.text(min_size=1, max_size=20),
+    capability=st.text(min_size=1, max_size=20),
+    semantic=finite,
+    load=finite,
+    score=finite,
+    penalties=st.lists(st.text(max_size=20), max_size=4).map(tuple),
+    load_inputs=st.none()
+    | st.builds(
+        AgentLoad,
+        instances=st.integers(0, 100),
+        qps=finite,
+        in_flight=st.integers(0, 1000),
+        p50_ms=finite,
+        p99_ms=finite,
+        error_rate=finite,
+        gpu_free_mb=st.none() | finite,
+        gpu_util=st.none() | finite,
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    decision=st.builds(
+        Decision,
+        agent=st.none() | st.text(max_size=30),
+        capability=st.none() | st.text(max_size=30),
+        reason=st.sampled_from(DecisionReason),
+        detail=st.text(max_size=200),
+        candidates=st.lists(candidates_strategy, max_size=4).map(tuple),
+        policy_version=st.text(min_size=1, max_size=20),
+        mirror_to=st.none() | st.text(max_size=30),
+    )
+)
+def test_decisions_round_trip_through_json_exactly(decision: Decision) -> None:
+    assert Decision.from_dict(orjson.loads(orjson.dumps(decision.to_dict()))) == decision
+
+
+def test_a_decision_record_with_more_keys_still_reads() -> None:
+    decision = route(b"translate this letter to German", TEXT)
+    record = {**decision.to_dict(), "tenant": "acme", "message_seq": 9, "attempt": 2}
+    assert Decision.from_dict(record) == decision
+
+
+def test_agent_load_from_dict_tolerates_missing_and_unknown_keys() -> None:
+    assert AgentLoad.from_dict({}) == AgentLoad()
+    assert AgentLoad.from_dict({"qps": 3, "gpu_free_mb": 100, "extra": True}) == AgentLoad(
+        qps=3.0, gpu_free_mb=100.0
+    )
+    load = AgentLoad(2, 1.5, 3, 4.0, 5.0, 0.1, 6.0, 0.7)
+    assert AgentLoad.from_dict(load.to_dict()) == load
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("please translate this letter into German", "translator"),
+        ("can you summarise the attached quarterly report", "summarizer"),
+        ("is it going to rain in Berlin tomorrow", "weather"),
+    ],
+)
+def test_the_semantically_closest_agent_is_chosen(text: str, expected: str) -> None:
+    decision = route(text.encode(), TEXT)
+    assert decision.reason is DecisionReason.SCORED
+    assert decision.agent == expected
+    assert decision.candidates[0].agent == expected
+    assert decision.policy_version == "default-1"
+    assert f"chose '{expected}'" in decision.detail
+
+
+def test_an_intent_restricts_to_that_action_whatever_the_text_says() -> None:
+    decision = route(b"is it going to rain tomorrow", {**TEXT, "Broker-Intent": "translate"})
+    assert (decision.agent, decision.capability) == ("translator", "translate")
+    assert [c.agent for c in decision.candidates] == ["translator"]
+
+
+def test_an_intent_nobody_offers_is_explained() -> None:
+    decision = route(b"hello", {**TEXT, "Broker-Intent": "teleport"})
+    assert decision.agent is None
+    assert decision.reason is DecisionReason.NO_CANDIDATE
+    assert decision.detail == "no agent offers action 'teleport'"
+
+
+def test_images_go_to_agents_that_accept_images_even_without_text() -> None:
+    decision = route(PNG, {"Content-Type": "image/png"})
+    assert decision.agent == "ocr"
+    assert "no text or embedding to compare, ranked by load" in decision.detail
+    untyped = route(PNG, {})  # recognised by its magic bytes
+    assert untyped.agent == "ocr"
+
+
+def test_a_content_type_list_matches_the_type_magic_bytes_name() -> None:
+    png_only = agent("png-reader", "", {"action": "read", "content_types": ["image/png"]})
+    assert route(PNG, {}, [png_only]).agent == "png-reader"
+    gif = b"GIF89a" + bytes(10)
+    assert route(gif, {}, [png_only]).agent is None
+
+
+def test_audio_goes_to_agents_with_the_audio_modality() -> None:
+    assert route(WAV, {"Content-Type": "audio/wav"}).agent == "transcriber"
+    assert route(WAV, {}).agent == "transcriber"
+
+
+def test_a_capability_that_declares_nothing_takes_text_and_json_only() -> None:
+    plain = [agent("plain", "Does anything with words.")]
+    as_json = {"Content-Type": "application/json"}
+    assert route(b'{"q": "translate this to French"}', as_json).agent == "translator"
+    assert route(b"does anything with words", TEXT, plain).agent == "plain"
+    assert route(b'{"q": "does anything with words"}', as_json, plain).agent == "plain"
+    refused = route(PDF, {"Content-Type": "application/pdf"}, plain)
+    assert refused.agent is None
+    assert refused.detail == "no agent accepts application/pdf (document)"
+
+
+def test_an_unaccepted_media_type_is_explained_with_the_intent() -> None:
+    decision = route(WAV, {"Content-Type": "audio/wav", "Broker-Intent": "ocr"})
+    assert decision.agent is None
+    assert decision.detail == "no agent for action 'ocr' accepts audio/wav (audio)"
+
+
+CANARY_PAIR = [
+    agent("stable", "Summarises reports.", {"action": "summarize"}),
+    agent("next", "Summarises reports.", {"action": "summarize"}, labels={"env": "canary"}),
+]
+
+
+def test_canary_agents_get_only_canary_traffic() -> None:
+    for seed in range(30):
+        normal = route(b"summarise reports", TEXT, CANARY_PAIR, rng=random.Random(seed))
+        canary = route(
+            b"summarise reports", {**TEXT, "X-Env": "canary"}, CANARY_PAIR, rng=random.Random(seed)
+        )
+        assert normal.agent == "stable"
+        assert canary.agent == "next"
+
+
+def test_a_canary_message_with_no_canary_agent_is_not_routed() -> None:
+    decision = route(b"summarise reports", {**TEXT, "x-env": "canary"}, CANARY_PAIR[:1])
+    assert decision.agent is None
+    assert decision.detail == "no canary agent (env=canary) accepts text/plain (text)"
+    only_canary = route(b"summarise reports", TEXT, CANARY_PAIR[1:])
+    assert only_canary.agent is None
+    assert "only canary agents (env=canary: next)" in only_canary.detail
+
+
+REPLICAS = [
+    agent(f"worker-{i}", "Summarises long reports into short abstracts.", {"action": "summarize"})
+    for i in range(3)
+]
+REPLICA_NAMES = [r.name for r in REPLICAS]
+
+
+def test_an_agent_in_cooldown_is_not_chosen_while_another_can_take_it() -> None:
+    for seed in range(20):
+        decision = route(
+            b"summarise this report",
+            TEXT,
+            REPLICAS[:2],
+            cooling={"worker-0"},
+            rng=random.Random(seed),
+        )
+        assert decision.agent == "worker-1"
+        cooled = next(c for c in decision.candidates if c.agent == "worker-0")
+        assert cooled.penalties == ("cooldown",)
+        assert cooled.load == 0.0
+
+
+def test_when_every_candidate_cools_down_the_best_is_still_chosen_and_said_so() -> None:
+    decision = route(b"summarise this report", TEXT, REPLICAS[:1], cooling={"worker-0"})
+    assert decision.agent == "worker-0"
+    assert "every candidate is saturated or cooling down" in decision.detail
+
+
+def test_agents_already_tried_are_excluded() -> None:
+    decision = route(b"summarise this report", TEXT, REPLICAS, exclude={"worker-0", "worker-1"})
+    assert decision.agent == "worker-2"
+    nobody = route(b"summarise this report", TEXT, REPLICAS, exclude=set(REPLICA_NAMES))
+    assert nobody.reason is DecisionReason.NO_CANDIDATE
+    assert nobody.detail == (
+        "every agent that accepts text/plain (text) was already tried "
+        "(worker-0, worker-1, worker-2)"
+    )
+
+
+def test_only_live_agents_are_eligible() -> None:
+    decision = route(b"summarise this report", TEXT, REPLICAS, live=frozenset({"worker-2"}))
+    assert decision.agent == "worker-2"
+    nobody = route(b"summarise this report", TEXT, REPLICAS, live=frozenset())
+    assert nobody.agent is None
+    assert "has a live instance (registered: worker-0, worker-1, worker-2)" in nobody.detail
+
+
+def test_no_candidate_goes_to_the_fallback_agent_unless_it_was_tried() -> None:
+    rules = policy(fallback_agent="generalist", mirror={"generalist": "generalist-next"})
+    decision = route(PDF, {"Content-Type": "application/pdf"}, rules=rules)
+    assert (decision.agent, decision.reason) == ("generalist", DecisionReason.FALLBACK)
+    assert decision.detail.endswith("; sent to the fallback agent 'generalist'")
+    assert decision.mirror_to == "generalist-next"
+    tried = route(PDF, {"Content-Type": "application/pdf"}, rules=rules, exclude={"generalist"})
+    assert tried.agent is None
+    assert tried.reason is DecisionReason.NO_CANDIDATE
+    assert "the fallback agent 'generalist' was already tried" in tried.detail
+
+
+def test_text_unlike_every_agent_is_below_the_threshold() -> None:
+    decision = route(b"zebra xylophone quasar", TEXT)
+    assert decision.agent is None
+    assert decision.reason is DecisionReason.BELOW_THRESHOLD
+    assert "below the threshold 0.2" in decision.detail
+    assert decision.candidates  # the closest ones, for audit
+    assert all(c.semantic < 0.2 for c in decision.candidates)
+    fallback = route(b"zebra xylophone quasar", TEXT, rules=policy(fallback_agent="generalist"))
+    assert (fallback.agent, fallback.reason) == ("generalist", DecisionReason.FALLBACK)
+
+
+# --- choice -------------------------------------------------------------------------------------
+
+REPLICA_LOADS = {
+    "worker-0": AgentLoad(qps=10, p99_ms=20),
+    "worker-1": AgentLoad(qps=60, p99_ms=80),
+    "worker-2": AgentLoad(qps=150, p99_ms=190),
+}
+
+
+def _choices(rules: Policy, loads: Mapping[str, AgentLoad] = REPLICA_LOADS) -> Counter[str]:
+    """Who 300 routings of the same message go to, among the replicas that have a load."""
+    rng = random.Random(3)
+    replicas = [r for r in REPLICAS if r.name in loads]
+    return Counter(
+        route(b"summarise this report", TEXT, replicas, loads, rules, rng=rng).agent
+        for _ in range(300)
+    )
+
+
+def test_p2c_never_picks_the_most_loaded_of_three_equal_matches() -> None:
+    chosen = _choices(DEFAULT_POLICY)
+    assert chosen["worker-2"] == 0
+    assert chosen["worker-0"] > chosen["worker-1"] > 0
+
+
+def test_wrr_spreads_over_every_candidate_and_best_takes_the_top() -> None:
+    assert set(_choices(policy(choice="wrr"))) == set(REPLICA_NAMES)
+    assert _choices(policy(choice=Choice.BEST)) == Counter({"worker-0": 300})
+
+
+def test_a_gpu_starved_agent_ranks_last() -> None:
+    loads = {
+        "worker-0": AgentLoad(gpu_free_mb=100, gpu_util=0.99),
+        "worker-1": AgentLoad(qps=90, p99_ms=150, gpu_free_mb=8000),
+    }
+    for rules in (DEFAULT_POLICY, policy(choice="best"), policy(choice="wrr")):
+        assert _choices(rules, loads) == Counter({"worker-1": 300})
+
+
+def test_a_clearly_better_match_is_not_traded_for_a_lighter_load() -> None:
+    loads = {name: AgentLoad(qps=150, p99_ms=400) for name in NAMES}
+    loads["weather"] = AgentLoad()
+    for seed in range(20):
+        decision = route(
+            b"please translate this letter into German", TEXT, loads=loads, rng=random.Random(seed)
+        )
+        assert decision.agent == "translator"
+
+
+def test_a_new_loads_mapping_is_taken_into_account() -> None:
+    catalog = build_catalog(REPLICAS[:2], EMBEDDER)
+    features = extract(b"summarise this report", TEXT)
+    query = EMBEDDER.embed([features.text or ""])[0]
+    rules = policy(choice="best")
+    busy_0 = {"worker-0": AgentLoad(p99_ms=900), "worker-1": AgentLoad()}
+    busy_1 = {"worker-0": AgentLoad(), "worker-1": AgentLoad(p99_ms=900)}
+    assert decide(catalog, features, busy_0, rules, query=query).agent == "worker-1"
+    assert decide(catalog, features, busy_1, rules, query=query).agent == "worker-0"
+
+
+def test_a_zero_query_vector_carries_no_meaning_and_routes_by_load() -> None:
+    catalog = build_catalog(REPLICAS[:2], EMBEDDER)
+    features = extract(b"", {})
+    loads = {"worker-0": AgentLoad(p99_ms=900), "worker-1": AgentLoad()}
+    zero = np.zeros(384, dtype=np.float32)
+    decision = decide(catalog, features, loads, policy(choice="best"), query=zero)
+    assert decision.agent == "worker-1"
+    assert decision.candidates[0].semantic == 0.0
+    assert "ranked by load" in decision.detail
+
+
+def test_the_mirror_map_names_a_shadow() -> None:
+    rules = policy(mirror={"translator": "translator-v2"})
+    decision = route(b"translate this to French", TEXT, rules=rules)
+    assert (decision.agent, decision.mirror_to) == ("translator", "translator-v2")
+    assert route(b"summarise the report", TEXT, rules=rules).mirror_to is None
+
+
+def test_an_agent_appears_once_with_its_best_capability() -> None:
+    multi = agent(
+        "polyglot",
+        "Language services.",
+        {"action": "translate", "description": "translate text to French or German"},
+        {"action": "detect-language", "description": "which language is this text"},
+        {"action": "spellcheck", "description": "fix spelling mistakes in text"},
+    )
+    decision = route(b"translate this to German", TEXT, [multi, *REPLICAS])
+    agents = [c.agent for c in decision.candidates]
+    assert len(agents) == len(set(agents))
+    assert (decision.agent, decision.capability) == ("polyglot", "translate")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    loads=st.lists(st.none() | sane_loads, min_size=5, max_size=5),
+    seed=st.integers(0, 2**16),
+    weight=st.floats(0, 1),
+    choice=st.sampled_from(Choice),
+    text=st.sampled_from(
+        ["translate to German", "summarise reports", "rain tomorrow", "zebra", "report"]
+    ),
+)
+def test_decisions_are_well_formed_for_any_loads_and_weights(
+    loads: list[AgentLoad | None], seed: int, weight: float, choice: Choice, text: str
+) -> None:
+    reported = {name: load for name, load in zip(NAMES, loads, strict=True) if load is not None}
+    rules = policy(semantic_weight=weight, choice=choice)
+    decision = route(text.encode(), TEXT, loads=reported, rules=rules, rng=random.Random(seed))
+    assert len(decision.candidates) <= rules.top_k
+    assert len({c.agent for c in decision.candidates}) == len(decision.candidates)
+    for c in decision.candidates:
+        assert -1.0 - 1e-6 <= c.semantic <= 1.0 + 1e-6
+        assert 0.0 <= c.load <= 1.0
+        assert -weight - 1e-6 <= c.score <= 1.0 + 1e-6
+        assert c.load_inputs == reported.get(c.agent)
+    if decision.reason is DecisionReason.SCORED:
+        assert decision.agent in {c.agent for c in decision.candidates}
+        ranked = [(c.load > 0, c.score) for c in decision.candidates]
+        assert all(a >= b or abs(a[1] - b[1]) < 1e-9 for a, b in itertools.pairwise(ranked))
+    else:
+        assert decision.agent is None
+
+
+# --- the Scorer, the catalog and its cache --------------------------------------------------
+
+
+def test_a_broker_embedding_header_is_the_query() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3, 384)).astype(np.float32)
+    records = [
+        agent(f"vec-{i}", "", {"action": "work"}, embedding={"vector": vectors[i].tolist()})
+        for i in range(3)
+    ]
+    for i in range(3):
+        headers = {"Broker-Embedding": encode_embedding(vectors[i] + 0.01)}
+        decision = route(b"", headers, records, rules=policy(choice="best"))
+        assert decision.agent == f"vec-{i}"
+        assert decision.candidates[0].semantic > 0.99
+
+
+def test_a_broker_embedding_of_another_dimension_is_refused() -> None:
+    with pytest.raises(InvalidRoutingHeader, match="384 dimensions"):
+        route(b"", {"Broker-Embedding": encode_embedding(np.ones(16))})
+
+
+def test_a_manifest_vector_of_another_dimension_is_ignored_with_a_warning() -> None:
+    record = agent(
+        "odd",
+        "Translates letters into German.",
+        {"action": "translate"},
+        embedding={"vector": [1.0, 2.0, 3.0], "text": "translation of letters"},
+    )
+    with capture_logs() as logs:
+        catalog = build_catalog([record], EMBEDDER)
+    expected = {"event": "agent_embedding_ignored", "agent": "odd", "dim": 3}
+    assert expected.items() <= logs[0].items()
+    query = EMBEDDER.embed(["translation of letters"])[0]
+    assert float(catalog.similarities(query)[0]) > 0.5  # embedding.text was used instead
+
+
+def test_each_capability_example_is_a_row_and_the_best_row_counts() -> None:
+    record = agent(
+        "helper",
+        "General helper.",
+        {"action": "help", "examples": ["reset my password", "printer is jammed"]},
+    )
+    catalog = build_catalog([record], EMBEDDER)
+    assert catalog.matrix.shape == (3, 384)
+    query = EMBEDDER.embed(["printer is jammed"])[0]
+    assert float(catalog.similarities(query)[0]) == pytest.approx(1.0, abs=1e-5)
+    mean = build_catalog([record], EMBEDDER, examples="mean")
+    assert mean.matrix.shape == (1, 384)
+
+
+def test_the_catalog_cache_rebuilds_only_the_tenant_that_changed() -> None:
+    cache = CatalogCache(EMBEDDER)
+    a1 = agent("a", "first", seq=1)
+    b1 = agent("b", "other tenant", seq=2, tenant="other")
+    first = snapshot(a1, b1)
+    catalog = cache.get(first, T)
+    assert cache.get(first, T) is catalog
+    assert cache.builds == 1
+    other = cache.get(first, Tenant("other"))
+    assert other.agents == ("b",)
+    # A new snapshot in which only the other tenant changed: the same catalog object.
+    second = snapshot(a1, agent("b", "changed", seq=3, tenant="other"))
+    assert cache.get(second, T) is catalog
+    assert cache.get(second, Tenant("other")) is not other
+    assert cache.builds == 3
+    # acme's agent changes: rebuilt, with the new description.
+    third = snapshot(agent("a", "second version", seq=4), agent("c", "new", seq=5))
+    rebuilt = cache.get(third, T)
+    assert rebuilt is not catalog
+    assert rebuilt.agents == ("a", "c")
+    assert rebuilt.seqs == {"a": 4, "c": 5}
+    assert cache.get(RegistrySnapshot({}, 6), T).agents == ()
+
+
+def test_a_tenant_without_agents_has_no_candidate() -> None:
+    decision = Scorer(EMBEDDER).decide(RegistrySnapshot({}, 0), T, b"hi", TEXT, {})
+    assert decision.agent is None
+    assert decision.detail == "tenant 'acme' has no registered agents"
+
+
+def test_a_catalog_large_enough_for_lsh_decides_like_exact_search() -> None:
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((300, 64)).astype(np.float32)
+    records = [
+        agent(f"a{i:03d}", "", {"action": "work"}, embedding={"vector": vectors[i].tolist()})
+        for i in range(300)
+    ]
+    small = HashingEmbedder(64)
+    exact: Catalog = build_catalog(records, small)
+    lsh = build_catalog(records, small, lsh_above=100)
+    assert exact.index is None
+    assert lsh.index is not None
+    features = extract(b"", {})
+    loads = idle(*(r.name for r in records))
+    rules = policy(choice="best")
+    for i in range(0, 300, 15):
+        query = (vectors[i] / np.linalg.norm(vectors[i])).astype(np.float32)
+        assert decide(exact, features, loads, rules, query=query).agent == f"a{i:03d}"
+        with_intent = extract(b"", {"Broker-Intent": "work"})
+        assert decide(lsh, with_intent, loads, rules, query=query).agent == f"a{i:03d}"
+        assert decide(lsh, features, loads, rules, query=query).agent == f"a{i:03d}"
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+
+def test_the_default_policy_is_the_documented_one() -> None:
+    p = DEFAULT_POLICY
+    assert p.version == "default-1"
+    assert (p.load.weights.qps, p.load.weights.latency, p.load.weights.gpu) == (0.4, 0.3, 0.3)
+    assert (p.penalties.qps_ratio, p.penalties.qps_factor) == (0.8, 0.7)
+    assert (p.penalties.p99_ms, p.penalties.p99_factor, p.penalties.gpu_factor) == (200, 0.5, 0)
+    assert (p.top_k, p.choice, p.semantic_weight) == (3, Choice.P2C, 0.7)
+    assert (p.cooldown.errors, p.cooldown.window_s, p.cooldown.duration_s) == (3, 30, 30)
+    assert (p.max_attempts, p.require_live, p.fallback_agent, p.mirror) == (3, True, None, {})
+    assert (p.canary.value, p.canary.label) == ("canary", "env")
+
+
+def test_a_policy_loads_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "version: gpu-heavy-2\n"
+        "semantic_weight: 0.6\n"
+        "choice: wrr\n"
+        "load:\n  weights: {qps: 0.3, latency: 0.3, gpu: 0.4}\n"
+        "penalties:\n  gpu_min_free_mb: 2048\n"
+        "fallback_agent: generalist\n"
+        "mirror: {summarizer: summarizer-next}\n"
+    )
+    loaded = load_policy(path)
+    assert loaded.version == "gpu-heavy-2"
+    assert loaded.choice is Choice.WRR
+    assert loaded.load.weights.gpu == 0.4
+    assert loaded.penalties.gpu_min_free_mb == 2048
+    assert loaded.penalties.qps_factor == 0.7  # untouched defaults stay
+    assert loaded.mirror == {"summarizer": "summarizer-next"}
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("semantic_weigth: 0.5\n", "semantic_weigth: Extra inputs are not permitted"),
+        ("semantic_weight: 2\n", "semantic_weight: Input should be less than or equal to 1"),
+        ("penalties: {qps_factor: -1}\n", "penalties.qps_factor"),
+        ("choice: random\n", "choice: Input should be 'p2c', 'wrr' or 'best'"),
+        ("mirror: {a: a}\n", "an agent cannot mirror to itself: a"),
+        ("fallback_agent: 'not a name'\n", "fallback_agent"),
+        ("load: {weights: {qps: 0, latency: 0}}\n", "cannot both be 0"),
+        ("- a list\n", "a routing policy is a mapping"),
+        ("version: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_a_bad_policy_is_refused_with_the_failing_path(
+    tmp_path: Path, text: str, complaint: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyInvalid) as caught:
+        load_policy(path)
+    assert complaint in caught.value.message
+    assert caught.value.status == 422
+
+
+def test_a_missing_policy_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PolicyInvalid, match="cannot read routing policy"):
+        load_policy(tmp_path / "absent.yaml")
+
+
+def test_an_empty_policy_file_is_the_default_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("")
+    assert load_policy(path) == DEFAULT_POLICY
