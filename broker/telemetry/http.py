@@ -1,0 +1,139 @@
+"""Request telemetry at the RSGI edge: one server span and two metric updates per request.
+
+:func:`observe` wraps the ingress's request handler. It names the request by its route
+template (bounded label values: never a raw path), continues the client's trace context
+(``traceparent``/``tracestate``, or CloudEvents' ``ce-traceparent``) in a server span that
+the handler's appends are children of, and records the answered status and duration. With
+metrics and tracing both off it calls the handler and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from broker.http._rsgi import HTTPProtocol, Scope, StreamTransport
+from broker.telemetry import metrics, tracing
+
+#: Status recorded for a request that ended without a response (the client went away).
+NO_RESPONSE = 499
+
+#: Exact paths and their labels; operations endpoints are measured but never traced.
+_EXACT = {
+    "/v1/publish": "/v1/publish",
+    "/v1/publish/": "/v1/publish",
+    "/v1/agents": "/v1/agents",
+    "/healthz": "/healthz",
+    "/readyz": "/readyz",
+    "/version": "/version",
+    "/metrics": "/metrics",
+    "/ui": "/ui",
+    "/v1/status": "/v1/status",
+    "/openapi.json": "/openapi.json",
+    "/docs": "/docs",
+}
+_PREFIXES = (
+    ("/v1/publish/", "/v1/publish/{subject}"),
+    ("/v1/route/", "/v1/route/{subject}"),
+    ("/v1/agents/", "/v1/agents/{name}"),
+    ("/v1/streams/", "/v1/streams/{stream}/messages"),
+    ("/registry", "/registry"),
+)
+_UNTRACED = frozenset(
+    {"/healthz", "/readyz", "/version", "/metrics", "/ui", "/v1/status", "/openapi.json", "/docs"}
+)
+OTHER = "other"
+OTHER_METHOD = "OTHER"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
+
+
+_span_names: dict[tuple[str, str], str] = {}
+
+
+def _span_name(method: str, route: str) -> str:
+    name = _span_names[(method, route)] = f"{method} {route}"
+    return name
+
+
+def route_of(path: str) -> str:
+    """The route template that labels ``path`` in metrics and span names."""
+    exact = _EXACT.get(path)
+    if exact is not None:
+        return exact
+    for prefix, route in _PREFIXES:
+        if path.startswith(prefix):
+            return route
+    return OTHER
+
+
+class _Recorder:
+    """The RSGI protocol object, remembering the status the handler answered with."""
+
+    __slots__ = ("_proto", "status")
+
+    def __init__(self, proto: HTTPProtocol) -> None:
+        self._proto = proto
+        self.status = 0
+
+    # Plain methods handing back the protocol's own coroutines: no extra frame per call.
+    def __call__(self) -> Coroutine[Any, Any, bytes]:
+        return self._proto()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._proto.__aiter__()
+
+    def client_disconnect(self) -> Coroutine[Any, Any, None]:
+        return self._proto.client_disconnect()
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self._proto.response_bytes(status, headers, body)
+
+    def response_stream(self, status: int, headers: list[tuple[str, str]]) -> StreamTransport:
+        self.status = status
+        return self._proto.response_stream(status, headers)
+
+
+async def observe(handler: Handler, scope: Scope, proto: HTTPProtocol) -> None:
+    """Run ``handler`` for one request inside its server span, then count it."""
+    tracing_on = tracing.enabled()
+    if not (tracing_on or metrics.enabled()):
+        await handler(scope, proto)
+        return
+    started = time.perf_counter()
+    route = route_of(scope.path)
+    recorder = _Recorder(proto)
+    method = scope.method if scope.method in _METHODS else OTHER_METHOD  # bounded labels
+    try:
+        if tracing_on and route not in _UNTRACED:
+            name = _span_names.get((method, route)) or _span_name(method, route)
+            with tracing.span(
+                name, parent_headers=scope.headers, kind=tracing.SpanKind.SERVER, start_trace=True
+            ) as span:
+                recording = span.is_recording()  # attributes only for sampled spans
+                if recording:
+                    span.set_attributes(
+                        {
+                            "http.request.method": method,
+                            "http.route": route,
+                            "url.path": scope.path[:256],
+                            "network.protocol.version": scope.http_version,
+                        }
+                    )
+                try:
+                    await handler(scope, recorder)
+                finally:
+                    if recording:
+                        status = recorder.status or NO_RESPONSE
+                        span.set_attribute("http.response.status_code", status)
+                        if status >= 500:
+                            span.set_status(tracing.Status(tracing.StatusCode.ERROR))
+        else:
+            await handler(scope, recorder)
+    finally:
+        metrics.observe_request(
+            route, method, recorder.status or NO_RESPONSE, time.perf_counter() - started
+        )

@@ -1,0 +1,63 @@
+"""structlog processors: trace ids on every line, and nothing secret in any line.
+
+:func:`add_trace_ids` binds ``trace_id`` and ``span_id`` of the recorded (sampled) span
+running when the line is logged, so a log line leads to its trace. :func:`redact_secrets`
+replaces the value of any field whose name says it is secret (password, token,
+authorization, ...) and the credentials in URLs (``nats://user:pass@host`` becomes
+``nats://***@host``), and it never lets a payload through under the names a payload would
+have (``payload``, ``body``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+_SECRET_NAME = re.compile(
+    r"pass(word|wd)?$|secret|token|api[_-]?key|authorization|credential|cookie|private[_-]?key",
+    re.IGNORECASE,
+)
+_PAYLOAD_NAMES = frozenset({"payload", "body", "data_base64"})
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+REDACTED = "[redacted]"
+
+
+def add_trace_ids(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Add the running span's ``trace_id``/``span_id`` (only when tracing is on)."""
+    # Looked up, not imported: a process that never traces never loads OpenTelemetry.
+    tracing = sys.modules.get("broker.telemetry.tracing")
+    if tracing is not None:
+        ctx = tracing.current()
+        if ctx is not None:
+            event_dict.setdefault("trace_id", ctx.trace_id_hex)
+            event_dict.setdefault("span_id", ctx.span_id_hex)
+    return event_dict
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _USERINFO.sub(r"\g<scheme>***@", value) if "@" in value else value
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Blank secret-looking fields and payloads; strip credentials out of URLs."""
+    for key, value in event_dict.items():
+        if key == "event":
+            continue
+        if _SECRET_NAME.search(key):
+            event_dict[key] = REDACTED
+        elif key in _PAYLOAD_NAMES:
+            size = len(value) if isinstance(value, bytes | str) else None
+            event_dict[key] = f"[payload omitted: {size} bytes]" if size is not None else REDACTED
+        else:
+            event_dict[key] = _scrub(value)
+    return event_dict

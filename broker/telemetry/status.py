@@ -1,0 +1,432 @@
+"""What ``broker status`` and ``/ui`` show, read from JetStream in one pass.
+
+:func:`collect` reads the broker's streams (messages, bytes, sequences), their durable
+consumers (what each has left to process: a projection's lag), the agents (registered, and
+their live load from the ``agent_load`` bucket), the latest DLQ entries and the latest
+routing decisions (``RouteDecided`` in ``ROUTES``, and messages nobody qualified for in
+``dlq.<tenant>.route``) with their candidates' scores and trace ids. Everything here is
+read-only and bounded: a few stream-info calls and short reads of the streams' tails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
+
+from broker.reader import read_batches
+from broker.registry.snapshot import AgentRecord
+from broker.streams import AGENT_LOAD_BUCKET, SUBJECT_PREFIX, Stream
+from broker.telemetry.tracing import extract
+
+H_EVENT = "Broker-Event"
+H_ROUTE = "Broker-Route"
+ROUTE_DECIDED = "RouteDecided"
+#: How far back from a stream's end the tail reads look, at most.
+_MAX_TAIL = 5000
+_KV_STREAM = f"KV_{AGENT_LOAD_BUCKET}"
+_KV_OPERATION = "KV-Operation"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    name: str
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A durable consumer; ``lag`` is what it has not processed yet (pending + unacked)."""
+
+    stream: str
+    name: str
+    kind: str  # projection, router, agent or other
+    pending: int
+    ack_pending: int
+    redelivered: int
+    delivered_seq: int
+    ack_floor_seq: int
+
+    @property
+    def lag(self) -> int:
+        return self.pending + self.ack_pending
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLoad:
+    instance: str
+    qps: float
+    in_flight: float
+    p50_ms: float
+    p99_ms: float
+    error_rate: float
+    gpu_free_mb: float | None
+    at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    """A registered agent and/or one that heartbeats load; the load sums its instances."""
+
+    name: str
+    registered: bool
+    version: str | None
+    capabilities: list[str]
+    instances: list[InstanceLoad]
+
+    @property
+    def in_flight(self) -> float:
+        return sum(i.in_flight for i in self.instances)
+
+    @property
+    def qps(self) -> float:
+        return sum(i.qps for i in self.instances)
+
+    @property
+    def p99_ms(self) -> float:
+        return max((i.p99_ms for i in self.instances), default=0.0)
+
+    @property
+    def error_rate(self) -> float:
+        return max((i.error_rate for i in self.instances), default=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class DlqEntry:
+    seq: int
+    subject: str
+    time: str | None
+    source: str  # the projection that gave up, or "route"
+    error: str | None
+    origin_stream: str | None
+    origin_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """One routing decision as stored (``Broker-Route``), with the trace it belongs to."""
+
+    stream: str
+    seq: int
+    subject: str
+    time: str | None
+    agent: str | None
+    capability: str | None
+    reason: str | None
+    detail: str | None
+    candidates: list[dict[str, Any]]
+    message_seq: int | None
+    message_subject: str | None
+    attempt: int | None
+    policy_version: str | None
+    trace_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BuildInfo:
+    version: str
+    git_revision: str
+    nats_server_version: str | None
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    generated_at: str
+    broker: BuildInfo
+    streams: list[StreamState]
+    consumers: list[ConsumerState]
+    agents: list[AgentState]
+    dlq: list[DlqEntry]
+    routes: list[RouteEntry]
+    links: dict[str, str | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of ``GET /v1/status`` and ``broker status --json``."""
+        document = asdict(self)
+        for consumer, data in zip(self.consumers, document["consumers"], strict=True):
+            data["lag"] = consumer.lag
+        for agent, data in zip(self.agents, document["agents"], strict=True):
+            data["load"] = {
+                "instances": len(agent.instances),
+                "in_flight": agent.in_flight,
+                "qps": agent.qps,
+                "p99_ms": agent.p99_ms,
+                "error_rate": agent.error_rate,
+            }
+        return document
+
+
+async def collect(
+    js: JetStreamContext,
+    *,
+    build: BuildInfo,
+    registered: Iterable[AgentRecord] = (),
+    recent: int = 20,
+    trace_url: str | None = None,
+) -> BrokerStatus:
+    """The broker's state now, as one :class:`BrokerStatus`."""
+    streams = await _streams(js)
+    by_name = {s.name: s for s in streams}
+    consumers, agents, dlq_messages, route_messages = await asyncio.gather(
+        _consumers(js, [s.name for s in streams]),
+        _agents(js, build.tenant, registered),
+        _tail(js, Stream.DLQ, by_name.get(Stream.DLQ), None, recent),
+        _tail(
+            js,
+            Stream.ROUTES,
+            by_name.get(Stream.ROUTES),
+            f"{SUBJECT_PREFIX[Stream.ROUTES]}.{build.tenant}.*",
+            recent,
+        ),
+    )
+    route_dlq = f"{SUBJECT_PREFIX[Stream.DLQ]}.{build.tenant}.route"
+    routes = [
+        r
+        for m in [*route_messages, *(m for m in dlq_messages if m.subject == route_dlq)]
+        if (r := _route(m)) is not None
+    ]
+    routes.sort(key=lambda r: (r.time or "", r.seq), reverse=True)
+    return BrokerStatus(
+        generated_at=datetime.now(UTC).isoformat(),
+        broker=build,
+        streams=streams,
+        consumers=consumers,
+        agents=agents,
+        dlq=[_dlq_entry(m) for m in reversed(dlq_messages)],
+        routes=routes[:recent],
+        links={"trace": trace_url},
+    )
+
+
+async def _streams(js: JetStreamContext) -> list[StreamState]:
+    found: list[StreamState] = []
+    for name in Stream:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            continue
+        state = info.state
+        found.append(
+            StreamState(
+                name=str(name),
+                messages=state.messages,
+                bytes=state.bytes,
+                first_seq=state.first_seq,
+                last_seq=state.last_seq,
+                consumers=state.consumer_count,
+            )
+        )
+    return found
+
+
+def _consumer_kind(stream: str, name: str) -> str:
+    if name.startswith("proj_"):
+        return "projection"
+    if name.startswith("router"):
+        return "router"
+    if stream == Stream.ROUTES:
+        return "agent"
+    return "other"
+
+
+def _consumer(info: ConsumerInfo) -> ConsumerState:
+    stream = info.stream_name
+    return ConsumerState(
+        stream=stream,
+        name=info.name,
+        kind=_consumer_kind(stream, info.name),
+        pending=info.num_pending or 0,
+        ack_pending=info.num_ack_pending or 0,
+        redelivered=info.num_redelivered or 0,
+        delivered_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
+        ack_floor_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+    )
+
+
+async def _consumers(js: JetStreamContext, streams: list[str]) -> list[ConsumerState]:
+    """Durable consumers only: the ephemeral ones are reads (replay, this status) in flight."""
+    found: list[ConsumerState] = []
+    for stream in streams:
+        with contextlib.suppress(NotFoundError):
+            for info in await js.consumers_info(stream):
+                if info.config is not None and info.config.durable_name:
+                    found.append(_consumer(info))
+    found.sort(key=lambda c: (c.stream, c.name))
+    return found
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+async def _agents(
+    js: JetStreamContext, tenant: str, registered: Iterable[AgentRecord]
+) -> list[AgentState]:
+    agents: dict[str, AgentState] = {
+        r.name: AgentState(
+            name=r.name,
+            registered=True,
+            version=str(r.manifest.version),
+            capabilities=[c.action for c in r.manifest.capabilities],
+            instances=[],
+        )
+        for r in registered
+    }
+    prefix = f"$KV.{AGENT_LOAD_BUCKET}.{tenant}."
+    with contextlib.suppress(NotFoundError):
+        async for batch in read_batches(js, _KV_STREAM, subject=f"{prefix}>", batch=256):
+            for message in batch:
+                if message.headers and message.headers.get(_KV_OPERATION) in {"DEL", "PURGE"}:
+                    continue
+                agent, _, instance = message.subject[len(prefix) :].partition(".")
+                load = _instance_load(instance, message.data)
+                if load is None:
+                    continue
+                state = agents.get(agent)
+                if state is None:
+                    state = agents[agent] = AgentState(agent, False, None, [], [])
+                state.instances.append(load)
+    return sorted(agents.values(), key=lambda a: a.name)
+
+
+def _instance_load(instance: str, data: bytes) -> InstanceLoad | None:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    gpu = value.get("gpu_free_mb")
+    at = value.get("at")
+    return InstanceLoad(
+        instance=str(value.get("instance") or instance),
+        qps=_number(value.get("qps")),
+        in_flight=_number(value.get("in_flight")),
+        p50_ms=_number(value.get("p50_ms")),
+        p99_ms=_number(value.get("p99_ms")),
+        error_rate=_number(value.get("error_rate")),
+        gpu_free_mb=_number(gpu) if gpu is not None else None,
+        at=str(at) if at is not None else None,
+    )
+
+
+async def _tail(
+    js: JetStreamContext,
+    stream: str,
+    state: StreamState | None,
+    subject: str | None,
+    count: int,
+) -> list[Msg]:
+    """The last ``count`` messages of ``stream`` (matching ``subject``), oldest first.
+
+    Reads back from the end in growing windows (the filtered messages may be sparse), never
+    more than ``_MAX_TAIL`` messages from the end.
+    """
+    if state is None or state.messages == 0 or count <= 0:
+        return []
+    window = count
+    while True:
+        start = max(state.first_seq, state.last_seq - window + 1)
+        found: list[Msg] = []
+        with contextlib.suppress(NotFoundError):
+            async for batch in read_batches(
+                js, stream, subject=subject, start_seq=start, batch=min(window, 512)
+            ):
+                found.extend(m for m in batch if m.metadata.sequence.stream <= state.last_seq)
+        if len(found) >= count or start <= state.first_seq or window >= _MAX_TAIL:
+            return found[-count:]
+        window = min(_MAX_TAIL, window * 8)
+
+
+def _time(message: Msg) -> str | None:
+    stamp = message.metadata.timestamp
+    return stamp.isoformat() if stamp else None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dlq_entry(message: Msg) -> DlqEntry:
+    headers: Mapping[str, str] = message.headers or {}
+    projection = headers.get("Broker-Dlq-Projection")
+    error = headers.get("Broker-Dlq-Error")
+    if projection is None and H_ROUTE in headers:
+        decision = _decision(headers[H_ROUTE])
+        reason, detail = _str(decision.get("reason")), _str(decision.get("detail"))
+        error = f"{reason}: {detail}" if reason and detail else reason or detail
+        origin_stream: str | None = Stream.MESSAGES.value
+        origin_seq = _int(decision.get("message_seq"))
+    else:
+        origin_stream = headers.get("Broker-Dlq-Stream")
+        origin_seq = _int(headers.get("Broker-Dlq-Seq"))
+    return DlqEntry(
+        seq=message.metadata.sequence.stream,
+        subject=message.subject,
+        time=_time(message),
+        source=projection or ("route" if message.subject.endswith(".route") else "unknown"),
+        error=error,
+        origin_stream=origin_stream,
+        origin_seq=origin_seq,
+    )
+
+
+def _decision(raw: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _candidates(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [c for c in value[:20] if isinstance(c, dict)]
+
+
+def _route(message: Msg) -> RouteEntry | None:
+    headers: Mapping[str, str] = message.headers or {}
+    raw = headers.get(H_ROUTE)
+    if raw is None:
+        return None
+    decision = _decision(raw)
+    trace = extract(headers)
+    return RouteEntry(
+        stream=message.metadata.stream,
+        seq=message.metadata.sequence.stream,
+        subject=message.subject,
+        time=_str(decision.get("decided_at")) or _time(message),
+        agent=_str(decision.get("agent")),
+        capability=_str(decision.get("capability")),
+        reason=_str(decision.get("reason")),
+        detail=_str(decision.get("detail")),
+        candidates=_candidates(decision.get("candidates")),
+        message_seq=_int(decision.get("message_seq")),
+        message_subject=_str(decision.get("message_subject")),
+        attempt=_int(decision.get("attempt")),
+        policy_version=_str(decision.get("policy_version")),
+        trace_id=trace.trace_id_hex if trace is not None else None,
+    )

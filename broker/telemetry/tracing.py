@@ -1,0 +1,574 @@
+"""W3C trace context across every hop, recorded with the OpenTelemetry SDK.
+
+One trace follows a message: the ingress continues the client's ``traceparent`` (or starts
+a trace), the append stores the context in the message's NATS headers, and every later hop
+(router, projections, agent handler, reply) continues it from those headers. The API is
+three calls, safe to use anywhere, and free when nothing is recorded::
+
+    from broker.telemetry import tracing
+
+    with tracing.span("route", parent_headers=msg.headers, kind=SpanKind.CONSUMER,
+                      attributes={"messaging.message.id": seq}) as s:
+        headers = {...}
+        tracing.inject(headers)          # the next hop's parent is this span
+        s.set_attribute("broker.route.agent", agent)
+
+``extract(headers)`` returns the :class:`TraceContext` a message carries (or ``None``).
+
+**Off by default.** Until :func:`configure` turns tracing on, :func:`span` returns one shared
+do-nothing context manager and :func:`inject` returns at once (a module flag is the only
+thing they read); the same holds whenever there is nothing to record.
+:func:`configure_from_env` turns it on when ``OTEL_TRACES_EXPORTER`` names an exporter
+(``otlp``, ``console``) or ``BROKER_TRACING=true`` (then ``otlp``);
+``OTEL_SDK_DISABLED=true`` wins. The OTLP exporter (HTTP/protobuf) reads the standard
+``OTEL_EXPORTER_OTLP_*`` variables, the batch processor ``OTEL_BSP_*``.
+
+**Traces start at the edge, and sampling happens before the SDK.** Only the HTTP ingress
+starts traces (``start_trace=True``); every other span continues the trace of its message
+or of the span running around it, and does nothing without one. ``OTEL_TRACES_SAMPLER``
+(default ``parentbased_always_on``) and ``OTEL_TRACES_SAMPLER_ARG`` are applied here, before
+any SDK object exists: a request that is not sampled creates nothing and sets nothing (a
+random number and a comparison), its messages carry no trace context of the broker's (a
+client's own ``traceparent`` is still passed through), and so no later hop records
+anything for it either; a sampled span is a real SDK span (tens of microseconds with its
+export). Root decisions use the trace id's low 64 bits, like the SDK's
+``TraceIdRatioBased``; a parent's decision is kept (``parentbased_*``).
+
+Sampled spans are also made current in OpenTelemetry's own context, so code in an agent
+handler that uses the OpenTelemetry API directly nests its spans under the broker's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+__all__ = [
+    "TRACEPARENT",
+    "TRACESTATE",
+    "HeaderSource",
+    "SpanKind",
+    "Status",
+    "StatusCode",
+    "TraceContext",
+    "batch_spans",
+    "configure",
+    "configure_from_env",
+    "current",
+    "disable",
+    "enabled",
+    "extract",
+    "force_flush",
+    "inject",
+    "span",
+]
+
+log = structlog.get_logger(__name__)
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+#: Where a traceparent may be found, in order: W3C (HTTP, NATS as the broker stores it), a
+#: NATS header written by another client, CloudEvents (binary mode, or a structured event's
+#: attribute as the broker stores it).
+_PARENT_KEYS = (TRACEPARENT, "ce-traceparent", "Traceparent")
+_STATE_KEYS = (TRACESTATE, "ce-tracestate", "Tracestate")
+_MAX_TRACESTATE = 512
+_HEX = frozenset("0123456789abcdef")
+Attributes = Mapping[str, AttributeValue]
+_SamplerName = Literal["always_on", "always_off", "traceidratio"]
+
+
+class HeaderSource(Protocol):
+    """Headers to read a trace context from: a dict, NATS message headers, RSGI headers."""
+
+    def get(self, key: str, /) -> Any: ...
+
+
+class TraceContext(NamedTuple):
+    """A position in a trace: what a ``traceparent`` header says, plus the SDK span when
+    this process records it. (A tuple: the unsampled path makes one per span.)"""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    tracestate: str | None = None
+    span: Span | None = None
+
+    @property
+    def trace_id_hex(self) -> str:
+        return f"{self.trace_id:032x}"
+
+    @property
+    def span_id_hex(self) -> str:
+        return f"{self.span_id:016x}"
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+
+
+@dataclass
+class _Config:
+    enabled: bool = False
+    provider: TracerProvider | None = None
+    tracer: trace.Tracer | None = None
+    parent_based: bool = True
+    bound: int = 2**64  # a root is sampled when its trace id's low 64 bits are below this
+    component: str = ""
+
+
+_config = _Config()
+_LOW_64 = 2**64 - 1
+_getrandbits = random.getrandbits
+_current: ContextVar[TraceContext | None] = ContextVar("broker_trace_context", default=None)
+#: The trace id the SDK must use for the root span being started (our sampler chose it).
+_preset_trace_id: ContextVar[int] = ContextVar("broker_preset_trace_id", default=0)
+
+
+# --- the API -----------------------------------------------------------------------------
+
+
+def enabled() -> bool:
+    """Whether this process records traces (:func:`configure` was called)."""
+    return _config.enabled
+
+
+def current() -> TraceContext | None:
+    """The context of the recorded span running now, if any."""
+    return _current.get() if _config.enabled else None
+
+
+def extract(headers: HeaderSource | None) -> TraceContext | None:
+    """The trace context in ``traceparent``/``tracestate`` (HTTP, NATS or CloudEvents
+    headers), or ``None`` when absent or malformed. Works whether tracing is on or off."""
+    if not headers:
+        return None
+    value = None
+    for key in _PARENT_KEYS:
+        value = headers.get(key)
+        if value:
+            break
+    if not value:
+        return None
+    parsed = _parse_traceparent(value)
+    if parsed is None:
+        return None
+    state = None
+    for key in _STATE_KEYS:
+        state = headers.get(key)
+        if state:
+            break
+    trace_id, span_id, sampled = parsed
+    tracestate = state[:_MAX_TRACESTATE] if state else None
+    return TraceContext(trace_id, span_id, sampled, tracestate)
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Write the current span's ``traceparent`` (and ``tracestate``) into ``headers``, so the
+    next hop continues this trace. Does nothing when tracing is off or no span is running
+    (headers already there, e.g. passed through from a client, are then left alone)."""
+    if not _config.enabled:
+        return
+    ctx = _current.get()
+    if ctx is None:
+        return
+    headers[TRACEPARENT] = ctx.traceparent
+    if ctx.tracestate:
+        headers[TRACESTATE] = ctx.tracestate
+
+
+def span(
+    name: str,
+    *,
+    parent_headers: HeaderSource | None = None,
+    attributes: Attributes | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    start_trace: bool = False,
+) -> contextlib.AbstractContextManager[Span]:
+    """A span around a block, continuing the trace in ``parent_headers`` (a message's or a
+    request's headers) or else the span running now. Yields the SDK span (a do-nothing one
+    when nothing is recorded); an exception leaving the block marks the span failed.
+
+    Spans continue traces; only an edge starts one: with ``start_trace=True`` (the HTTP
+    ingress) a block with no trace to continue starts a new one when the sampler says so.
+    Whenever nothing is to be recorded (tracing off, no trace to continue, not sampled)
+    this returns one shared no-op object and leaves the context alone, so ``inject`` then
+    writes nothing and the block costs a few hundred nanoseconds.
+    """
+    if not _config.enabled:
+        return _NOOP
+    parent = extract(parent_headers) if parent_headers is not None else None
+    if parent is None:
+        parent = _current.get()  # only recorded (sampled) spans are ever current
+        if parent is None:
+            if not start_trace:
+                return _NOOP
+            low = _getrandbits(64)  # a root's sampling decision: its trace id's low bits
+            if low >= _config.bound:
+                return _NOOP
+            return _SpanScope(name, None, (_getrandbits(64) << 64 | low) or 1, attributes, kind)
+    elif not _sampled(parent):
+        return _NOOP
+    return _SpanScope(name, parent, parent.trace_id, attributes, kind)
+
+
+@contextlib.contextmanager
+def batch_spans(
+    name: str,
+    headers: Iterable[HeaderSource],
+    *,
+    attributes: Iterable[Attributes | None] | None = None,
+    kind: SpanKind = SpanKind.CONSUMER,
+) -> Iterator[None]:
+    """One span per message of a batch, each a child of that message's own trace context,
+    all open for the block (e.g. a projection applying and committing a batch). Messages
+    without a sampled trace context get no span: a batch consumer continues traces, it does
+    not start one per message. Free when tracing is off."""
+    if not _config.enabled or _config.tracer is None:
+        yield
+        return
+    tracer = _config.tracer
+    started: list[Span] = []
+    for index, (message_headers, extra) in enumerate(
+        zip(headers, attributes or _nones(), strict=False)
+    ):
+        parent = extract(message_headers)
+        if parent is None or not _sampled(parent):
+            continue
+        attrs = {"messaging.batch.index": index, **(extra or {})}
+        started.append(tracer.start_span(name, _otel_parent(parent), kind, attrs))
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+        raise
+    finally:
+        for s in started:
+            if error is not None:
+                s.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            s.end()
+
+
+def _nones() -> Iterator[None]:
+    while True:
+        yield None
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def configure(
+    component: str,
+    *,
+    exporters: Iterable[SpanExporter] = (),
+    processors: Iterable[SpanProcessor] = (),
+    sampler: str = "parentbased_always_on",
+    sampler_arg: float | None = None,
+    resource_attributes: Mapping[str, AttributeValue] | None = None,
+) -> None:
+    """Turn tracing on in this process (again: the previous provider is shut down).
+
+    Each exporter gets a batch span processor; ``processors`` are added as they are (a test
+    passes ``SimpleSpanProcessor(InMemorySpanExporter())``). ``sampler`` is an
+    ``OTEL_TRACES_SAMPLER`` name.
+    """
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    import broker
+
+    disable()
+    base, parent_based = _parse_sampler(sampler)
+    ratio = {"always_on": 1.0, "always_off": 0.0}.get(base)
+    if ratio is None:  # traceidratio: the argument, 1.0 when absent (as the SDK does)
+        ratio = 1.0 if sampler_arg is None else min(1.0, max(0.0, sampler_arg))
+    attributes: dict[str, AttributeValue] = {
+        "service.version": broker.__version__,
+        "broker.component": component,
+        "process.pid": os.getpid(),
+    }
+    if not _service_name_from_env():
+        attributes["service.name"] = f"broker-{component}"
+    attributes.update(resource_attributes or {})
+    provider = TracerProvider(resource=Resource.create(attributes), id_generator=_id_generator())
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    _config.provider = provider
+    _config.tracer = provider.get_tracer("broker", broker.__version__)
+    _config.parent_based = parent_based
+    _config.bound = int(ratio * 2**64)
+    _config.component = component
+    _config.enabled = True
+
+
+def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
+    """Configure tracing from the standard ``OTEL_*`` variables (and ``BROKER_TRACING``);
+    returns whether tracing is now on."""
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
+    names = [n for n in names if n]
+    if names == ["none"] or (not names and not broker_tracing):
+        return False
+    exporters = [e for n in (names or ["otlp"]) if (e := _exporter(n)) is not None]
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG")
+    try:
+        ratio = float(arg) if arg else None
+    except ValueError:
+        log.warning("otel_sampler_arg_invalid", value=arg[:40] if arg else arg)
+        ratio = None
+    configure(
+        component,
+        exporters=exporters,
+        sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        sampler_arg=ratio,
+    )
+    atexit.register(disable)
+    log.info(
+        "tracing_enabled",
+        exporters=names or ["otlp"],
+        sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        ratio=_config.bound / 2**64,
+    )
+    return True
+
+
+def force_flush(timeout_ms: int = 5000) -> None:
+    """Export every ended span now (before a process exits, or in a test)."""
+    if _config.provider is not None:
+        _config.provider.force_flush(timeout_ms)
+
+
+def disable() -> None:
+    """Flush and stop recording; :func:`span` is a no-op again."""
+    provider = _config.provider
+    _config.enabled = False
+    _config.tracer = None
+    _config.provider = None
+    if provider is not None:
+        with contextlib.suppress(Exception):
+            provider.shutdown()
+
+
+def _exporter(name: str) -> SpanExporter | None:
+    if name == "otlp":
+        protocol = os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+        )
+        if protocol and protocol != "http/protobuf":
+            log.warning("otlp_protocol_unsupported", protocol=protocol, using="http/protobuf")
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter(out=sys.stderr)
+    log.warning("otel_exporter_unknown", exporter=name[:40], known=["otlp", "console", "none"])
+    return None
+
+
+def _service_name_from_env() -> bool:
+    if os.environ.get("OTEL_SERVICE_NAME"):
+        return True
+    return "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+
+
+def _parse_sampler(name: str) -> tuple[_SamplerName, bool]:
+    name = name.strip().lower()
+    parent_based = name.startswith("parentbased_")
+    base = name.removeprefix("parentbased_")
+    if base not in {"always_on", "always_off", "traceidratio"}:
+        log.warning("otel_sampler_unknown", sampler=name[:40], using="parentbased_always_on")
+        return "always_on", True
+    return base, parent_based  # type: ignore[return-value]
+
+
+# --- internals ---------------------------------------------------------------------------
+
+
+def _parse_traceparent(value: str) -> tuple[int, int, bool] | None:
+    """``(trace_id, span_id, sampled)`` of a W3C ``traceparent``, ``None`` if invalid."""
+    value = value.strip().lower()
+    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+        return None
+    version = value[:2]
+    if version == "ff" or (version == "00" and len(value) != 55):
+        return None
+    if len(value) > 55 and value[55] != "-":
+        return None
+    hex_part = value[:2] + value[3:35] + value[36:52] + value[53:55]
+    if not _HEX.issuperset(hex_part):
+        return None
+    trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, bool(int(value[53:55], 16) & 1)
+
+
+def _sampled(parent: TraceContext) -> bool:
+    if _config.parent_based:
+        return parent.sampled
+    return (parent.trace_id & _LOW_64) < _config.bound
+
+
+def _new_id(bits: int) -> int:
+    return _getrandbits(bits) or 1
+
+
+def _otel_parent(parent: TraceContext) -> otel_context.Context:
+    if parent.span is not None:
+        return trace.set_span_in_context(parent.span)
+    state = TraceState.from_header([parent.tracestate]) if parent.tracestate else None
+    remote = SpanContext(
+        parent.trace_id,
+        parent.span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED if parent.sampled else TraceFlags.DEFAULT),
+        trace_state=state,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(remote))
+
+
+def _id_generator() -> IdGenerator:
+    """The SDK's ids, except a root span's trace id, which our sampler already chose."""
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    class PresetRootIds(IdGenerator):
+        def generate_span_id(self) -> int:
+            return _new_id(64)
+
+        def generate_trace_id(self) -> int:
+            return _preset_trace_id.get() or _new_id(128)
+
+        def is_trace_id_random(self) -> bool:
+            return True
+
+    return PresetRootIds()
+
+
+class _NoopScope:
+    """What :func:`span` returns when tracing is off: shared, stateless, free."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return INVALID_SPAN
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_NOOP = _NoopScope()
+
+
+class _SpanScope:
+    """A recorded span: the SDK span, current in both our context and OpenTelemetry's."""
+
+    __slots__ = (
+        "_attributes",
+        "_kind",
+        "_name",
+        "_otel_token",
+        "_parent",
+        "_span",
+        "_token",
+        "_trace_id",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        parent: TraceContext | None,
+        trace_id: int,
+        attributes: Attributes | None,
+        kind: SpanKind,
+    ) -> None:
+        self._name = name
+        self._parent = parent
+        self._attributes = attributes
+        self._kind = kind
+        self._trace_id = trace_id  # a root's: the sampler chose it
+        self._span: Span | None = None
+
+    def __enter__(self) -> Span:
+        tracer = _config.tracer
+        if tracer is None:  # tracing was switched off in between
+            return INVALID_SPAN
+        parent = self._parent
+        if parent is None:
+            preset = _preset_trace_id.set(self._trace_id)
+            try:
+                otel_span = tracer.start_span(self._name, None, self._kind, self._attributes)
+            finally:
+                _preset_trace_id.reset(preset)
+            tracestate = None
+        else:
+            context = _otel_parent(parent)
+            otel_span = tracer.start_span(self._name, context, self._kind, self._attributes)
+            tracestate = parent.tracestate
+        self._span = otel_span
+        span_context = otel_span.get_span_context()
+        self._token = _current.set(
+            TraceContext(span_context.trace_id, span_context.span_id, True, tracestate, otel_span)
+        )
+        self._otel_token = otel_context.attach(trace.set_span_in_context(otel_span))
+        return otel_span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_span = self._span
+        if otel_span is None:
+            return
+        if isinstance(exc, Exception):
+            otel_span.record_exception(exc)
+            otel_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        otel_span.end()
+        # Left in another context (the block's task ended elsewhere): nothing to restore.
+        with contextlib.suppress(ValueError):
+            otel_context.detach(self._otel_token)
+        with contextlib.suppress(ValueError):
+            _current.reset(self._token)

@@ -1,0 +1,420 @@
+"""Tracing, metrics, log fields and the status document, without any I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import REGISTRY
+
+from broker.telemetry import metrics, tracing
+from broker.telemetry.http import OTHER, route_of
+from broker.telemetry.logfields import REDACTED, add_trace_ids, redact_secrets
+from broker.telemetry.status import (
+    AgentState,
+    BrokerStatus,
+    BuildInfo,
+    ConsumerState,
+    InstanceLoad,
+    _dlq_entry,
+    _route,
+)
+from tests._wait import await_until
+
+pytestmark = pytest.mark.unit
+
+PARENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT_SPAN = 0xB7AD6B7169203331
+SAMPLED = {"traceparent": f"00-{PARENT_TRACE:032x}-{PARENT_SPAN:016x}-01", "tracestate": "k=v"}
+UNSAMPLED = {"traceparent": f"00-{PARENT_TRACE:032x}-{PARENT_SPAN:016x}-00"}
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process, spans kept in memory; off again afterwards."""
+    memory = InMemorySpanExporter()
+    tracing.configure("test", processors=[SimpleSpanProcessor(memory)])
+    yield memory
+    tracing.disable()
+
+
+@pytest.fixture(autouse=True)
+def _tracing_off_after() -> Iterator[None]:
+    yield
+    tracing.disable()
+    metrics.set_enabled(True)
+
+
+def spans(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
+    return {s.name: s for s in exporter.get_finished_spans()}
+
+
+# --- tracing ---------------------------------------------------------------------------------
+
+
+def test_span_is_one_shared_no_op_while_tracing_is_off() -> None:
+    """Off by default: every call returns the same object and touches no headers."""
+    assert not tracing.enabled()
+    assert tracing.span("a") is tracing.span("b", parent_headers=SAMPLED)
+    headers = {"traceparent": "from-client"}
+    with tracing.span("a") as span:
+        assert not span.is_recording()
+        tracing.inject(headers)
+    assert headers == {"traceparent": "from-client"}
+    assert tracing.current() is None
+
+
+@given(
+    st.integers(min_value=1, max_value=2**128 - 1),
+    st.integers(min_value=1, max_value=2**64 - 1),
+    st.booleans(),
+)
+def test_traceparent_round_trips(trace_id: int, span_id: int, sampled: bool) -> None:
+    context = tracing.TraceContext(trace_id, span_id, sampled)
+    assert tracing.extract({"traceparent": context.traceparent}) == context
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",  # no flags
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # zero span id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # forbidden version
+        "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",  # not hex
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # v00 is exact
+    ],
+)
+def test_malformed_traceparent_is_ignored(value: str) -> None:
+    assert tracing.extract({"traceparent": value}) is None
+
+
+def test_extract_reads_nats_and_cloudevents_spellings() -> None:
+    value = SAMPLED["traceparent"]
+    for key in ("traceparent", "Traceparent", "ce-traceparent"):
+        found = tracing.extract({key: value})
+        assert found is not None
+        assert found.trace_id == PARENT_TRACE
+
+
+def test_span_continues_the_trace_in_parent_headers(exporter: InMemorySpanExporter) -> None:
+    """The span is a child of the message's span; inject hands its own id to the next hop."""
+    headers: dict[str, str] = {}
+    with tracing.span("route", parent_headers=SAMPLED, kind=SpanKind.CONSUMER) as span:
+        span.set_attribute("broker.agent", "ocr")
+        tracing.inject(headers)
+    (recorded,) = exporter.get_finished_spans()
+    assert recorded.context is not None
+    assert recorded.parent is not None
+    assert recorded.context.trace_id == PARENT_TRACE
+    assert recorded.parent.span_id == PARENT_SPAN
+    assert recorded.kind is SpanKind.CONSUMER
+    assert recorded.attributes == {"broker.agent": "ocr"}
+    assert headers["traceparent"] == (f"00-{PARENT_TRACE:032x}-{recorded.context.span_id:016x}-01")
+    assert headers["tracestate"] == "k=v"
+
+
+def test_nested_spans_form_one_trace(exporter: InMemorySpanExporter) -> None:
+    with tracing.span("ingress", start_trace=True), tracing.span("append"):
+        pass
+    found = spans(exporter)
+    ingress, append = found["ingress"], found["append"]
+    assert ingress.parent is None  # a new root: no context came in
+    assert ingress.context is not None
+    assert append.context is not None
+    assert append.parent is not None
+    assert append.context.trace_id == ingress.context.trace_id
+    assert append.parent.span_id == ingress.context.span_id
+
+
+def test_a_trace_that_is_not_sampled_records_and_passes_on_nothing(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The parent's decision holds: no span, no context, nothing injected (the shared no-op)."""
+    headers: dict[str, str] = {}
+    scope = tracing.span("route", parent_headers=UNSAMPLED)
+    assert scope is tracing.span("other")
+    with scope as span, tracing.span("child"):
+        assert not span.is_recording()
+        tracing.inject(headers)
+        assert tracing.current() is None
+    assert exporter.get_finished_spans() == ()
+    assert headers == {}
+
+
+def test_only_an_edge_starts_a_trace(exporter: InMemorySpanExporter) -> None:
+    """A span with no trace to continue records nothing unless it may start one."""
+    with tracing.span("append"), tracing.span("project", parent_headers={}):
+        assert tracing.current() is None
+    with tracing.span("POST /v1/publish/{subject}", start_trace=True), tracing.span("append"):
+        assert tracing.current() is not None
+    assert [s.name for s in exporter.get_finished_spans()] == [
+        "append",
+        "POST /v1/publish/{subject}",
+    ]
+
+
+def test_ratio_zero_samples_no_root_but_keeps_parents_decision() -> None:
+    memory = InMemorySpanExporter()
+    tracing.configure(
+        "test",
+        processors=[SimpleSpanProcessor(memory)],
+        sampler="parentbased_traceidratio",
+        sampler_arg=0.0,
+    )
+    with tracing.span("root", start_trace=True):
+        pass
+    with tracing.span("child-of-sampled", parent_headers=SAMPLED):
+        pass
+    assert [s.name for s in memory.get_finished_spans()] == ["child-of-sampled"]
+
+
+def test_exception_marks_the_span_failed(exporter: InMemorySpanExporter) -> None:
+    with pytest.raises(RuntimeError), tracing.span("agent", start_trace=True):
+        raise RuntimeError("boom")
+    (recorded,) = exporter.get_finished_spans()
+    assert recorded.status.status_code is StatusCode.ERROR
+    assert [e.name for e in recorded.events] == ["exception"]
+
+
+def test_batch_spans_continue_each_messages_own_trace(exporter: InMemorySpanExporter) -> None:
+    """One span per traced, sampled message; untraced and unsampled ones get none."""
+    other = tracing.TraceContext(0x1234, 0x5678, True)
+    batch = [SAMPLED, {}, UNSAMPLED, {"traceparent": other.traceparent}]
+    with tracing.batch_spans("project replica", batch, attributes=[{"seq": i} for i in range(4)]):
+        pass
+    recorded = exporter.get_finished_spans()
+    assert [(s.context.trace_id if s.context else 0) for s in recorded] == [PARENT_TRACE, 0x1234]
+    assert [s.parent.span_id if s.parent else 0 for s in recorded] == [PARENT_SPAN, 0x5678]
+    assert [dict(s.attributes or {})["seq"] for s in recorded] == [0, 3]
+
+
+def test_sdk_spans_are_current_in_opentelemetrys_own_context(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Code that uses the OpenTelemetry API directly (in an agent handler) nests inside."""
+    from opentelemetry import trace
+
+    with tracing.span("agent", start_trace=True) as outer:
+        assert trace.get_current_span() is outer
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+def test_log_lines_carry_the_running_spans_ids(exporter: InMemorySpanExporter) -> None:
+    capture = structlog.testing.LogCapture()
+    structlog.configure(processors=[add_trace_ids, redact_secrets, capture])
+    try:
+        log = structlog.get_logger("test")
+        with tracing.span("route", parent_headers=SAMPLED):
+            log.info("route_decided", agent="ocr")
+        log.info("outside_any_span")
+    finally:
+        structlog.reset_defaults()
+    inside, outside = capture.entries
+    assert inside["trace_id"] == f"{PARENT_TRACE:032x}"
+    assert len(inside["span_id"]) == 16
+    assert "trace_id" not in outside
+
+
+def test_secrets_and_payloads_never_reach_a_log_line() -> None:
+    line: dict[str, Any] = {
+        "event": "nats_connect_failed",
+        "servers": ["nats://alice:s3cret@n1:4222", "nats://n2:4222"],
+        "replica_url": "postgresql://bob:hunter2@db/replica",
+        "password": "hunter2",
+        "api_key": "k",
+        "authorization": "Bearer x",
+        "payload": b"\x00" * 10,
+        "subject": "orders.created",
+    }
+    redact_secrets(None, "info", line)
+    assert line["servers"] == ["nats://***@n1:4222", "nats://n2:4222"]
+    assert line["replica_url"] == "postgresql://***@db/replica"
+    assert line["password"] == line["api_key"] == line["authorization"] == REDACTED
+    assert line["payload"] == "[payload omitted: 10 bytes]"
+    assert line["subject"] == "orders.created"
+    assert "hunter2" not in orjson.dumps(line).decode()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/v1/publish/orders.created", "/v1/publish/{subject}"),
+        ("/v1/publish", "/v1/publish"),
+        ("/v1/route/images.ocr", "/v1/route/{subject}"),
+        ("/v1/agents/ocr/history", "/v1/agents/{name}"),
+        ("/v1/streams/MESSAGES/messages", "/v1/streams/{stream}/messages"),
+        ("/registry/subjects/x/versions", "/registry"),
+        ("/metrics", "/metrics"),
+        ("/../../etc/passwd", OTHER),
+    ],
+)
+def test_routes_are_labelled_by_template_never_by_raw_path(path: str, route: str) -> None:
+    assert route_of(path) == route
+
+
+def test_request_and_append_metrics_count_what_happened() -> None:
+    labels = {"route": "/v1/publish/{subject}", "method": "POST", "status": "200"}
+    before = sample("broker_http_requests_total", labels)
+    latency_before = sample(
+        "broker_http_request_duration_seconds_count", {"route": labels["route"]}
+    )
+    bytes_before = sample("broker_bytes_in_total", {"stream": "MESSAGES"})
+    metrics.observe_request("/v1/publish/{subject}", "POST", 200, 0.002)
+    metrics.observe_request("/v1/publish/{subject}", "POST", 200, 0.004)
+    metrics.message_in("MESSAGES", 256)
+    assert sample("broker_http_requests_total", labels) == before + 2
+    assert (
+        sample("broker_http_request_duration_seconds_count", {"route": labels["route"]})
+        == latency_before + 2
+    )
+    assert sample("broker_bytes_in_total", {"stream": "MESSAGES"}) == bytes_before + 256
+    text = metrics.render().decode()
+    assert "broker_http_requests_total{" in text
+    assert "broker_jetstream_ack_duration_seconds_bucket" in text
+
+
+def test_router_facing_metrics_record_decisions_and_load() -> None:
+    labels = {"tenant": "t", "agent": "ocr", "reason": "scored"}
+    before = sample("broker_route_decisions_total", labels)
+    metrics.route_decided("t", "ocr", "scored", 0.001)
+    metrics.route_decided("t", None, "no_candidate")
+    metrics.agent_load("t", "ocr", instances=2, in_flight=3, qps=10, p99_seconds=0.2, error_ratio=0)
+    assert sample("broker_route_decisions_total", labels) == before + 1
+    assert sample("broker_route_decisions_total", {**labels, "agent": "", "reason": "no_candidate"})
+    assert sample("broker_agent_load_in_flight", {"tenant": "t", "agent": "ocr"}) == 3
+    metrics.forget_agent("t", "ocr")
+    assert sample("broker_agent_instances", {"tenant": "t", "agent": "ocr"}) == 0
+
+
+async def test_counts_on_an_event_loop_reach_the_registry_within_the_flush_interval() -> None:
+    """On the loop, the hot paths only add to a dict; a timer writes the sums soon after."""
+    labels = {"route": "/v1/route/{subject}", "method": "POST", "status": "202"}
+    before = sample("broker_http_requests_total", labels)
+    for _ in range(3):
+        metrics.observe_request("/v1/route/{subject}", "POST", 202, 0.01)
+    assert sample("broker_http_requests_total", labels) == before  # buffered, not written
+
+    async def written() -> bool:
+        return sample("broker_http_requests_total", labels) == before + 3
+
+    assert await await_until(written, timeout=metrics.FLUSH_SECONDS * 10)
+    bucket = sample(
+        "broker_http_request_duration_seconds_bucket",
+        {"route": "/v1/route/{subject}", "le": "0.01"},
+    )
+    assert bucket >= 3
+
+
+def test_metrics_switched_off_record_nothing() -> None:
+    metrics.set_enabled(False)
+    before = sample("broker_decode_errors_total", {"codec": "avro"})
+    metrics.decode_error("avro")
+    assert sample("broker_decode_errors_total", {"codec": "avro"}) == before
+    metrics.set_enabled(True)
+    metrics.decode_error("avro")
+    assert sample("broker_decode_errors_total", {"codec": "avro"}) == before + 1
+
+
+# --- the status document ---------------------------------------------------------------------
+
+
+def stored(subject: str, stream: str, seq: int, headers: dict[str, str]) -> Msg:
+    """A message as a JetStream consumer delivers it (the reply subject is its metadata)."""
+    reply = f"$JS.ACK.{stream}.reader.1.{seq}.1.1764000000000000000.0"
+    return Msg(_client=None, subject=subject, reply=reply, data=b"{}", headers=headers)  # type: ignore[arg-type]
+
+
+def test_route_decision_is_read_from_its_broker_route_header() -> None:
+    decision = {
+        "agent": "ocr",
+        "capability": "extract_text",
+        "reason": "scored",
+        "detail": "best of 2",
+        "candidates": [
+            {"agent": "ocr", "capability": "extract_text", "score": 0.91, "semantic": 0.8},
+            {"agent": "echo", "capability": "handle", "score": 0.2, "semantic": 0.1},
+        ],
+        "policy_version": "default-1",
+        "attempt": 1,
+        "message_seq": 41,
+        "message_subject": "msg.default.images.scan",
+        "decided_at": "2026-11-25T10:00:00+00:00",
+    }
+    headers = {
+        "Broker-Event": "RouteDecided",
+        "Broker-Route": orjson.dumps(decision).decode(),
+        **SAMPLED,
+    }
+    route = _route(stored("route.default.ocr", "ROUTES", 7, headers))
+    assert route is not None
+    assert (route.agent, route.reason, route.message_seq, route.seq) == ("ocr", "scored", 41, 7)
+    assert [c["score"] for c in route.candidates] == [0.91, 0.2]
+    assert route.trace_id == f"{PARENT_TRACE:032x}"
+    assert _route(stored("route.default.ocr", "ROUTES", 8, {})) is None
+
+
+def test_dlq_entries_name_what_gave_up() -> None:
+    projection = _dlq_entry(
+        stored(
+            "dlq.MESSAGES.replica_messages",
+            "DLQ",
+            3,
+            {
+                "Broker-Dlq-Projection": "replica_messages",
+                "Broker-Dlq-Error": "bad row",
+                "Broker-Dlq-Stream": "MESSAGES",
+                "Broker-Dlq-Seq": "12",
+            },
+        )
+    )
+    assert (projection.source, projection.error, projection.origin_seq) == (
+        "replica_messages",
+        "bad row",
+        12,
+    )
+    route_header = orjson.dumps({"reason": "no_candidate", "message_seq": 5}).decode()
+    route = _dlq_entry(stored("dlq.default.route", "DLQ", 4, {"Broker-Route": route_header}))
+    assert (route.source, route.error, route.origin_seq) == ("route", "no_candidate", 5)
+
+
+def test_status_document_carries_lag_and_summed_agent_load() -> None:
+    instance = InstanceLoad("i1", 5.0, 2.0, 10.0, 40.0, 0.01, None, None)
+    other = InstanceLoad("i2", 3.0, 1.0, 12.0, 80.0, 0.0, 1024.0, None)
+    document = BrokerStatus(
+        generated_at="now",
+        broker=BuildInfo("0.1.0", "abc", "2.15.1", "default"),
+        streams=[],
+        consumers=[ConsumerState("MESSAGES", "proj_x_w1", "projection", 7, 3, 0, 10, 10)],
+        agents=[AgentState("ocr", True, "1.0.0", ["extract_text"], [instance, other])],
+        dlq=[],
+        routes=[],
+    ).to_dict()
+    assert document["consumers"][0]["lag"] == 10
+    assert document["agents"][0]["load"] == {
+        "instances": 2,
+        "in_flight": 3.0,
+        "qps": 8.0,
+        "p99_ms": 80.0,
+        "error_rate": 0.01,
+    }
