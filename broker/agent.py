@@ -1,0 +1,482 @@
+"""The Python agent SDK: consume your inbox, handle, reply, report your load.
+
+::
+
+    from broker.agent import Agent, Request
+
+    agent = Agent(manifest, nats_url="nats://127.0.0.1:4222")
+
+    @agent.handler
+    async def handle(request: Request) -> dict[str, str]:
+        return {"summary": summarise(request.text())}
+
+    agent.run_forever()          # or: await agent.run(stop_event)
+
+An :class:`Agent` instance reads ``route.<tenant>.<name>`` (its durable inbox in
+``ROUTES``) through the shared durable consumer ``agent-<name>``, so the instances of one
+agent split its work, and a message an instance took but did not finish (it crashed) is
+delivered again after ``ack_wait``. At most ``concurrency`` handlers run at once.
+
+For each message the handler gets a :class:`Request`; what it returns is the reply, sent
+to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
+anything else as JSON, or a :class:`Reply`). A handler that raises, or runs past the
+request's deadline (it is cancelled then), makes the SDK append ``RouteFailed``: the
+router cools the agent down and sends the message to the next candidate.
+
+Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_load``
+(requests/s, in flight, p50/p99 latency, error rate, and GPU free memory and utilisation
+when ``nvidia-smi`` answers); routers stop choosing an instance that stops heartbeating.
+On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds, then
+its load entry is deleted so routers stop choosing it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import nats
+import nats.errors
+import orjson
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
+
+from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
+from broker.registry.manifest import AgentManifest, validate_manifest
+from broker.routing.events import (
+    H_AGENT,
+    H_MESSAGE_SEQ,
+    H_REPLY_TO,
+    FailureReason,
+    RouteDecided,
+    RouteEventUnreadable,
+    RouteFailed,
+    deadline_of,
+    inbox_subject,
+)
+from broker.routing.load import InstanceLoad, load_key, new_instance_id
+from broker.streams import AGENT_LOAD_BUCKET, Stream
+from broker.telemetry import setup, tracing
+
+log = structlog.get_logger(__name__)
+
+_STATS_WINDOW = 30.0
+_FETCH_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One routed message, as a handler sees it."""
+
+    payload: bytes
+    content_type: str
+    headers: Mapping[str, str]
+    route: RouteDecided
+    deadline: float | None  # unix time in seconds; the handler is cancelled after it
+
+    @property
+    def message_seq(self) -> int:
+        return self.route.message_seq
+
+    @property
+    def attempt(self) -> int:
+        return self.route.attempt
+
+    @property
+    def mirror(self) -> bool:
+        """A shadow copy: the reply is discarded."""
+        return self.route.mirror
+
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.payload)
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply with an explicit content type."""
+
+    payload: bytes
+    content_type: str = DEFAULT_CONTENT_TYPE
+
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+def to_reply(result: Any) -> Reply:
+    """What a handler returned, as reply bytes and a content type."""
+    if isinstance(result, Reply):
+        return result
+    if isinstance(result, bytes):
+        return Reply(result)
+    if isinstance(result, str):
+        return Reply(result.encode(), "text/plain; charset=utf-8")
+    return Reply(orjson.dumps(result), "application/json")
+
+
+class LoadSource(Protocol):
+    """Where an instance reads its GPU's free memory (MiB) and utilisation (0..1)."""
+
+    def gpu(self) -> tuple[float | None, float | None]: ...
+
+
+class NvidiaSmi:
+    """GPU numbers from ``nvidia-smi`` (the first GPU); ``(None, None)`` without one."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("nvidia-smi")
+
+    def gpu(self) -> tuple[float | None, float | None]:
+        if self.binary is None:
+            return None, None
+        try:
+            out = subprocess.run(
+                [
+                    self.binary,
+                    "--query-gpu=memory.free,utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout
+            free, util = out.splitlines()[0].split(",")
+            return float(free), float(util) / 100.0
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None, None
+
+
+@dataclass
+class _Window:
+    """Completions of the last ``_STATS_WINDOW`` seconds: (monotonic time, ms, ok)."""
+
+    done: deque[tuple[float, float, bool]] = field(default_factory=deque)
+
+    def add(self, latency_ms: float, ok: bool) -> None:
+        self.done.append((time.monotonic(), latency_ms, ok))
+
+    def summary(self) -> tuple[float, float, float, float]:
+        """(qps, p50 ms, p99 ms, error rate) over the window."""
+        cutoff = time.monotonic() - _STATS_WINDOW
+        while self.done and self.done[0][0] < cutoff:
+            self.done.popleft()
+        if not self.done:
+            return 0.0, 0.0, 0.0, 0.0
+        latencies = sorted(ms for _, ms, _ in self.done)
+        n = len(latencies)
+        errors = sum(1 for _, _, ok in self.done if not ok)
+        return (
+            n / _STATS_WINDOW,
+            latencies[(n - 1) // 2],
+            latencies[min(n - 1, round(0.99 * (n - 1)))],
+            errors / n,
+        )
+
+
+class Agent:
+    """One running instance of an agent."""
+
+    def __init__(
+        self,
+        manifest: AgentManifest | Mapping[str, Any],
+        *,
+        nats_url: str = "nats://127.0.0.1:4222",
+        tenant: str = "default",
+        concurrency: int = 8,
+        heartbeat_interval: float = 2.0,
+        ack_wait: float = 60.0,
+        drain_timeout: float = 30.0,
+        instance: str | None = None,
+        register: bool = False,
+        load_source: LoadSource | None = None,
+    ) -> None:
+        self.manifest = (
+            manifest if isinstance(manifest, AgentManifest) else validate_manifest(dict(manifest))
+        )
+        self.name = self.manifest.name
+        self.nats_url = nats_url
+        self.tenant = tenant
+        self.concurrency = concurrency
+        self.heartbeat_interval = heartbeat_interval
+        self.ack_wait = ack_wait
+        self.drain_timeout = drain_timeout
+        self.instance = instance or new_instance_id()
+        self.register = register
+        self.load_source = load_source or NvidiaSmi()
+        self._handler: Handler | None = None
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._free = concurrency  # handler slots not in use
+        self._slot_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._window = _Window()
+        self.handled = 0
+        self.failed = 0
+
+    def handler(self, fn: Handler) -> Handler:
+        """Decorator: the async function that handles each request."""
+        self._handler = fn
+        return fn
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def consumer_name(self) -> str:
+        return f"agent-{self.name}"
+
+    # --- running ---------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Run until SIGINT/SIGTERM, then drain; for a ``main()``."""
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await self.run(stop)
+
+        asyncio.run(main())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume, handle and heartbeat until ``stop`` is set; then drain and return."""
+        if self._handler is None:
+            raise RuntimeError("no handler: decorate an async function with @agent.handler")
+        setup("agent")
+        await self._connect()
+        assert self._js is not None
+        subject = inbox_subject(self.tenant, self.name)
+        sub = await self._js.pull_subscribe(
+            subject,
+            durable=self.consumer_name,
+            stream=Stream.ROUTES,
+            config=ConsumerConfig(
+                durable_name=self.consumer_name,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                deliver_policy=DeliverPolicy.ALL,
+                filter_subject=subject,
+                max_ack_pending=max(1000, self.concurrency * 16),
+            ),
+        )
+        await self._heartbeat()
+        beat = asyncio.create_task(self._heartbeat_loop(stop), name="agent-heartbeat")
+        log.info("agent_started", agent=self.name, instance=self.instance, tenant=self.tenant)
+        try:
+            await self._consume(sub, stop)
+        finally:
+            await self._drain()
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            await self._leave()
+            log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
+
+    async def _connect(self) -> None:
+        self._nc = await nats.connect(
+            servers=self.nats_url.split(","), name=f"agent-{self.name}-{self.instance}"
+        )
+        self._js = self._nc.jetstream(timeout=10.0)
+        self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
+        if self.register:
+            from broker.envelope import Tenant
+            from broker.errors import Conflict
+            from broker.publisher import Publisher
+            from broker.registry.commands import put_agent
+
+            publisher = Publisher(self.nats_url.split(","), name=f"agent-{self.name}-register")
+            publisher.start()
+            try:
+                await publisher.wait_connected(10.0)
+                for attempt in range(3):  # instances starting together race; the loser re-reads
+                    try:
+                        await put_agent(publisher, Tenant(self.tenant), self.manifest)
+                        break
+                    except Conflict:
+                        if attempt == 2:
+                            raise
+            finally:
+                await publisher.close()
+
+    async def _consume(self, sub: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self._free == 0:
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_FETCH_TIMEOUT):
+                        await self._slot_freed.wait()
+                continue
+            try:
+                batch: list[Msg] = await sub.fetch(self._free, timeout=_FETCH_TIMEOUT)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except Exception as e:  # a NATS hiccup: try again shortly
+                log.warning("agent_fetch_failed", error=repr(e)[:200])
+                await asyncio.sleep(0.5)
+                continue
+            for message in batch:
+                self._free -= 1
+                task = asyncio.create_task(self._handle(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._free += 1
+        self._slot_freed.set()
+
+    async def _handle(self, message: Msg) -> None:
+        headers = dict(message.headers or {})
+        try:
+            route = RouteDecided.from_headers(headers)
+        except RouteEventUnreadable as e:
+            log.warning("agent_message_unreadable", error=e.message)
+            await message.term()
+            return
+        deadline = deadline_of(headers)
+        request = Request(
+            message.data,
+            headers.get(CONTENT_TYPE, DEFAULT_CONTENT_TYPE),
+            headers,
+            route,
+            deadline,
+        )
+        if deadline is not None and time.time() >= deadline:
+            await self._failed(request, FailureReason.EXPIRED, "the deadline passed before it ran")
+            await message.ack()
+            return
+        assert self._handler is not None
+        started = time.monotonic()
+        keepalive = asyncio.create_task(self._keep_alive(message))
+        span = tracing.span(
+            f"agent {self.name}", parent_headers=headers, kind=tracing.SpanKind.CONSUMER
+        )
+        with span:  # the reply (or the failure) is a child of the handler's span
+            try:
+                async with asyncio.timeout(request.time_left()):
+                    result = await self._handler(request)
+            except TimeoutError:
+                self._window.add((time.monotonic() - started) * 1000, False)
+                await self._failed(request, FailureReason.TIMEOUT, "cancelled at the deadline")
+            except Exception as e:  # the handler's own failure: report it, keep serving
+                self._window.add((time.monotonic() - started) * 1000, False)
+                log.warning("agent_handler_failed", agent=self.name, error=repr(e)[:300])
+                await self._failed(request, FailureReason.ERROR, repr(e))
+            else:
+                self._window.add((time.monotonic() - started) * 1000, True)
+                self.handled += 1
+                await self._reply(request, to_reply(result))
+            finally:
+                keepalive.cancel()
+        await message.ack()
+
+    async def _keep_alive(self, message: Msg) -> None:
+        """Tell JetStream a long handler is still working, so it is not redelivered."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 2)
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+
+    async def _reply(self, request: Request, reply: Reply) -> None:
+        to = request.headers.get(H_REPLY_TO)
+        if not to or request.mirror or self._nc is None:
+            return
+        headers = {
+            CONTENT_TYPE: reply.content_type,
+            H_AGENT: self.name,
+            H_MESSAGE_SEQ: str(request.message_seq),
+        }
+        with (
+            tracing.span("reply", kind=tracing.SpanKind.PRODUCER),
+            contextlib.suppress(Exception),  # the caller may have gone; nothing to undo
+        ):
+            tracing.inject(headers)
+            await self._nc.publish(to, reply.payload, headers=headers)
+
+    async def _failed(self, request: Request, reason: FailureReason, message: str) -> None:
+        self.failed += 1
+        if request.mirror or self._js is None:
+            return
+        failure = RouteFailed(request.route, reason, message, self.instance)
+        headers = failure.to_headers(request.headers)
+        tracing.inject(headers)
+        try:
+            await self._js.publish(failure.subject, request.payload, headers=headers)
+        except Exception as e:  # the router will not retry it; say so
+            log.error("route_failure_not_recorded", error=str(e)[:200])
+
+    # --- load ------------------------------------------------------------------------
+
+    def current_load(self) -> InstanceLoad:
+        qps, p50, p99, error_rate = self._window.summary()
+        gpu_free, gpu_util = self.load_source.gpu()
+        return InstanceLoad(
+            tenant=self.tenant,
+            agent=self.name,
+            instance=self.instance,
+            qps=qps,
+            in_flight=self.in_flight,
+            p50_ms=p50,
+            p99_ms=p99,
+            error_rate=error_rate,
+            gpu_free_mb=gpu_free,
+            gpu_util=gpu_util,
+            at=time.time(),
+        )
+
+    async def _heartbeat(self) -> None:
+        if self._kv is None:
+            return
+        load = await asyncio.to_thread(self.current_load)
+        try:
+            await self._kv.put(load.key, load.to_json())
+        except Exception as e:  # NATS away for a moment: the next beat tries again
+            log.warning("agent_heartbeat_failed", error=str(e)[:200])
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.heartbeat_interval):
+                    await stop.wait()
+            if not stop.is_set():
+                await self._heartbeat()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            log.info("agent_draining", in_flight=len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+
+    async def _leave(self) -> None:
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(load_key(self.tenant, self.name, self.instance))
+        if self._nc is not None:  # handlers are done; nothing left to flush but the delete
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self._nc.close()

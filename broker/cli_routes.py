@@ -1,0 +1,185 @@
+"""``broker router`` (run a router) and ``broker routes simulate`` (what-if replay)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from broker.cli_projections import DEFAULT_NATS, NATS_URL
+
+POLICY = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        envvar="BROKER_ROUTING_POLICY",
+        exists=True,
+        dir_okay=False,
+        help="Routing policy YAML (default: the built-in policy).",
+    ),
+]
+EMBEDDER = Annotated[
+    str | None,
+    typer.Option(
+        envvar="BROKER_ROUTING_EMBEDDER",
+        help="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+    ),
+]
+
+ROUTER_EPILOG = (
+    "Examples:\n\n"
+    "  broker router --nats-url nats://127.0.0.1:4222\n\n"
+    "  broker router --policy routing.yaml      # weights, penalties, canary, mirrors\n\n"
+    "Run more routers, here or on other machines, to split the work."
+)
+routes_app = typer.Typer(
+    name="routes",
+    help="Routing decisions: what-if replay under another policy.",
+    no_args_is_help=True,
+)
+
+
+def router(
+    nats_url: NATS_URL = DEFAULT_NATS,
+    policy: POLICY = None,
+    embedder: EMBEDDER = None,
+    load_ttl: Annotated[
+        float, typer.Option(min=0.1, help="Seconds before a silent agent instance is dropped.")
+    ] = 15.0,
+) -> None:
+    """Route messages published with POST /v1/route until Ctrl-C / SIGTERM.
+
+    Reads MESSAGES, scores the tenant's agents by capability, modality, meaning and live
+    load, and appends RouteDecided to the chosen agent's inbox (ROUTES).
+    """
+    from broker.errors import BrokerError
+    from broker.logs import configure_logging
+    from broker.routing.service import RouterOptions, run_router
+
+    configure_logging()
+    options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl)
+    try:
+        asyncio.run(run_router(options))
+    except BrokerError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+SIMULATE_EPILOG = (
+    "Examples:\n\n"
+    "  broker routes simulate --policy candidate.yaml --since 2026-11-25T10:00:00Z\n\n"
+    "  broker routes simulate --policy candidate.yaml --csv changes.csv -o json"
+)
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 time", param_hint="--since"
+        ) from None
+    if parsed.tzinfo is None:
+        raise typer.BadParameter(
+            "give a time zone, e.g. 2026-11-25T10:00:00Z", param_hint="--since"
+        )
+    return parsed
+
+
+@routes_app.command(epilog=SIMULATE_EPILOG)
+def simulate(
+    policy: Annotated[
+        Path,
+        typer.Option(
+            "--policy", exists=True, dir_okay=False, help="The policy to re-score with (YAML)."
+        ),
+    ],
+    nats_url: NATS_URL = DEFAULT_NATS,
+    since: Annotated[
+        str | None, typer.Option(help="Only decisions from this time (ISO 8601 with a zone).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's decisions.")] = None,
+    embedder: EMBEDDER = None,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="Write every decision, old and new, as CSV.")
+    ] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json.")] = "table",
+) -> None:
+    """Re-score recorded decisions under another policy; print how many would change and
+    where (from agent -> to agent)."""
+    from broker.errors import BrokerError
+    from broker.logs import configure_logging
+
+    configure_logging()
+    if output not in {"table", "json"}:
+        raise typer.BadParameter("table or json", param_hint="--output")
+    start = _since(since)
+    try:
+        report = asyncio.run(_simulate(nats_url, policy, embedder, start, tenant))
+    except BrokerError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as e:
+        typer.echo(f"error: cannot reach NATS at {nats_url}: {e}", err=True)
+        raise typer.Exit(3) from None
+    if csv_path is not None:
+        csv_path.write_text(report.to_csv())
+    if output == "json":
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_table(report.to_dict(), csv_path)
+
+
+async def _simulate(
+    nats_url: str,
+    policy_path: Path,
+    embedder: str | None,
+    since: datetime | None,
+    tenant: str | None,
+) -> Any:
+    import nats
+
+    from broker.registry.snapshot import RegistryView
+    from broker.routing.embedder import load_embedder
+    from broker.routing.policy import load_policy
+    from broker.routing.scoring import Scorer
+    from broker.routing.simulate import simulate as run
+
+    policy = load_policy(policy_path)
+    nc = await nats.connect(servers=nats_url.split(","), name="broker-routes-simulate")
+    try:
+        js = nc.jetstream(timeout=10.0)
+        view = RegistryView()
+        await view.start(js)
+        scorer = Scorer(load_embedder(embedder), policy)
+        return await run(js, view.snapshot, scorer, since=since, tenant=tenant)
+    finally:
+        await nc.close()
+
+
+def _print_table(report: dict[str, Any], csv_path: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout)
+    total, changed = report["decisions"], report["changed"]
+    share = f"{changed / total:.1%}" if total else "-"
+    console.print(
+        f"policy {report['policy_version']}: {changed} of {total} decisions would change ({share})"
+    )
+    if report["moves"]:
+        table = Table("from agent", "to agent", "decisions")
+        for move in report["moves"]:
+            table.add_row(move["from"], move["to"], str(move["count"]))
+        console.print(table)
+    if report["unreadable"]:
+        console.print(f"{report['unreadable']} stored decisions could not be read")
+    if csv_path is not None:
+        console.print(f"every decision: {csv_path}")

@@ -1,0 +1,247 @@
+"""``POST /v1/route/{subject}``: append a message for routing, answer with the decision or
+(``wait=true``) with the chosen agent's reply.
+
+The handler only translates. The message is appended to ``MESSAGES`` like any publish,
+with ``Broker-Route-Mode: auto`` so a router routes it, and with core NATS subjects where
+this ingress process waits: ``Broker-Decision-To`` (the router says what it decided) and,
+with ``wait``, ``Broker-Reply-To`` and ``Broker-Deadline`` (the agent answers, or stops
+at the deadline). One wildcard subscription per process serves every waiting request.
+
+If no decision comes within ``route_decision_timeout`` (no router running), the answer is
+``202`` with ``decision: null``: the message is stored and is routed when a router runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from nats.aio.msg import Msg
+
+from broker.envelope import (
+    CONTENT_TYPE,
+    H_CONTENT_TYPE,
+    H_IDEMPOTENCY_KEY,
+    H_SCHEMA_ID,
+    NDJSON_TYPES,
+    PublishRequest,
+    check_media_type,
+    media_type,
+    parse_schema_id,
+    passthrough_headers,
+    validate_subject,
+)
+from broker.errors import (
+    AgentFailed,
+    AlreadyRouted,
+    BrokerError,
+    DeadlineExceeded,
+    NoRoute,
+    Unavailable,
+    Unprocessable,
+)
+from broker.http._rsgi import HTTPProtocol, Scope, read_body, respond_json
+from broker.http.state import IngressState
+from broker.publisher import Publisher
+from broker.routing.events import (
+    H_AGENT,
+    H_DEADLINE,
+    H_DECISION_TO,
+    H_ERROR,
+    H_REPLY_TO,
+    H_ROUTE_MODE,
+    ROUTE_MODE_AUTO,
+)
+from broker.routing.features import extract
+
+# Request headers a router reads, copied into the stored message as they came.
+ROUTING_HEADERS = {
+    "broker-intent": "Broker-Intent",
+    "broker-text": "Broker-Text",
+    "broker-embedding": "Broker-Embedding",
+    "x-env": "X-Env",
+}
+_MAX_ROUTING_HEADER = 32 * 1024
+_DEFAULT_WAIT = 30.0
+_ERRORS: dict[str, type[BrokerError]] = {
+    "no_route": NoRoute,
+    "agent_error": AgentFailed,
+    "deadline_exceeded": DeadlineExceeded,
+}
+
+
+class RouteWaiters:
+    """Futures for the core NATS answers this process waits for, under one subscription."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self._prefix: str | None = None
+        self._lock = asyncio.Lock()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._counter = 0
+
+    async def _ensure(self) -> str:
+        if self._prefix is None:
+            async with self._lock:
+                if self._prefix is None:
+                    nc = self.publisher.nc
+                    prefix = f"{nc.new_inbox()}."
+                    await nc.subscribe(f"{prefix}*", cb=self._deliver)
+                    self._prefix = prefix
+        return self._prefix
+
+    async def expect(self) -> tuple[str, asyncio.Future[Msg]]:
+        """A fresh subject to hand out and the future of the first message sent to it."""
+        prefix = await self._ensure()
+        self._counter += 1
+        token = str(self._counter)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        return prefix + token, future
+
+    def forget(self, subject: str) -> None:
+        if self._prefix and subject.startswith(self._prefix):
+            self._waiting.pop(subject[len(self._prefix) :], None)
+
+    async def _deliver(self, message: Msg) -> None:
+        assert self._prefix is not None
+        future = self._waiting.pop(message.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for part in scope.query_string.split("&"):
+        name, _, value = part.partition("=")
+        if name:
+            params[name] = unquote(value)
+    return params
+
+
+def _wait_params(params: dict[str, str], max_wait: float) -> tuple[bool, float]:
+    wait_raw = params.get("wait", "false").lower()
+    if wait_raw not in {"true", "false", "1", "0", ""}:
+        raise Unprocessable("wait must be true or false")
+    wait = wait_raw in {"true", "1"}
+    try:
+        timeout = float(params.get("timeout", _DEFAULT_WAIT))
+    except ValueError:
+        raise Unprocessable("timeout must be a number of seconds") from None
+    if not (math.isfinite(timeout) and 0 < timeout <= max_wait):
+        raise Unprocessable(f"timeout must be more than 0 and at most {max_wait:g} seconds")
+    return wait, timeout
+
+
+def _routing_headers(scope: Scope) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for lower, stored in ROUTING_HEADERS.items():
+        value = scope.headers.get(lower)
+        if value is None:
+            continue
+        if len(value) > _MAX_ROUTING_HEADER:
+            raise Unprocessable(f"{stored} is longer than {_MAX_ROUTING_HEADER} characters")
+        found[stored] = value
+    return found
+
+
+async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subject: str) -> None:
+    headers = scope.headers
+    validate_subject(subject)
+    wait, timeout = _wait_params(_query(scope), state.settings.route_max_wait)
+    raw_type = headers.get(H_CONTENT_TYPE)
+    # One routed message may be NDJSON (e.g. a run of sensor readings); publish reads that
+    # media type as a batch of records instead.
+    ndjson = media_type(raw_type) in NDJSON_TYPES
+    content_type = raw_type.strip() if ndjson and raw_type else check_media_type(raw_type)
+    body = await read_body(proto, headers, state.settings.max_message_bytes)
+    routing = _routing_headers(scope)
+    # Refuse what a router could not read before anything is stored.
+    extract(body, {CONTENT_TYPE: content_type, **routing})
+    request = PublishRequest(
+        subject=subject,
+        payload=body,
+        content_type=content_type,
+        idempotency_key=headers.get(H_IDEMPOTENCY_KEY),
+        schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
+        extra_headers=passthrough_headers(headers),
+    )
+    outbound = request.to_outbound(state.tenant)
+    waiters = state.route_waiters
+    if not state.publisher.connected:
+        raise Unavailable("NATS is not connected")
+    decision_to, decision_future = await waiters.expect()
+    reply_to: str | None = None
+    reply_future: asyncio.Future[Msg] | None = None
+    deadline = time.time() + timeout
+    if wait:
+        reply_to, reply_future = await waiters.expect()
+        outbound.headers[H_REPLY_TO] = reply_to
+        outbound.headers[H_DEADLINE] = str(int(deadline * 1000))
+    outbound.headers.update(routing)
+    outbound.headers[H_ROUTE_MODE] = ROUTE_MODE_AUTO
+    outbound.headers[H_DECISION_TO] = decision_to
+    try:
+        ack = await state.publisher.publish(outbound)
+        if ack.duplicate:
+            if wait:
+                raise AlreadyRouted(
+                    f"this Idempotency-Key was already routed as message {ack.seq}; its "
+                    "decision and reply are in ROUTES"
+                )
+            respond_json(proto, 200, {**ack.to_dict(), "subject": subject, "decision": None})
+            return
+        decision = await _decision(decision_future, state.settings.route_decision_timeout)
+        if not wait:
+            status = 200 if decision is not None else 202
+            respond_json(proto, status, {**ack.to_dict(), "subject": subject, "decision": decision})
+            return
+        assert reply_future is not None
+        reply = await _reply(reply_future, deadline)
+        _respond_reply(proto, reply, ack.seq)
+    finally:
+        waiters.forget(decision_to)
+        if reply_to is not None:
+            waiters.forget(reply_to)
+
+
+async def _decision(future: asyncio.Future[Msg], timeout: float) -> dict[str, Any] | None:
+    try:
+        message = await asyncio.wait_for(asyncio.shield(future), timeout)
+    except TimeoutError:
+        return None
+    try:
+        decision = orjson.loads(message.data)
+    except orjson.JSONDecodeError:
+        return None
+    return decision if isinstance(decision, dict) else None
+
+
+async def _reply(future: asyncio.Future[Msg], deadline: float) -> Msg:
+    remaining = deadline - time.time()
+    try:
+        return await asyncio.wait_for(future, max(remaining, 0.0))
+    except TimeoutError:
+        raise DeadlineExceeded("no reply before the deadline; the agent was told to stop") from None
+
+
+def _respond_reply(proto: HTTPProtocol, reply: Msg, message_seq: int) -> None:
+    headers = reply.headers or {}
+    code = headers.get(H_ERROR)
+    if code is not None:
+        message = "the agent failed"
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            message = str(orjson.loads(reply.data).get("message", message))
+        raise _ERRORS.get(code, AgentFailed)(message)
+    out = [
+        ("content-type", headers.get(CONTENT_TYPE, "application/octet-stream")),
+        ("broker-message-seq", str(message_seq)),
+    ]
+    if agent := headers.get(H_AGENT):
+        out.append(("broker-agent", agent))
+    proto.response_bytes(200, out, reply.data)

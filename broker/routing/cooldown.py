@@ -1,0 +1,60 @@
+"""Cooldown: an agent that failed too often recently gets no new work for a while.
+
+Failures are ``RouteFailed`` events; every router process sees all of them (see
+:mod:`broker.routing.router`), so routers agree on who is cooling down. The rule comes from
+the policy: ``errors`` failures within ``window_s`` seconds put the agent in cooldown for
+``duration_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class Cooldowns:
+    """Failure windows and cooldown deadlines per ``(tenant, agent)``, on a monotonic clock."""
+
+    def __init__(self, errors: int, window_s: float, duration_s: float) -> None:
+        self.errors = errors
+        self.window_s = window_s
+        self.duration_s = duration_s
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._until: dict[tuple[str, str], float] = {}
+        self._cooling: dict[str, frozenset[str]] = {}
+        self._next_expiry = float("inf")
+
+    def record_failure(self, tenant: str, agent: str, now: float | None = None) -> bool:
+        """Count a failure; whether it starts a cooldown."""
+        now = time.monotonic() if now is None else now
+        key = (tenant, agent)
+        window = self._failures.setdefault(key, deque())
+        window.append(now)
+        while window and window[0] < now - self.window_s:
+            window.popleft()
+        if len(window) < self.errors:
+            return False
+        window.clear()
+        until = now + self.duration_s
+        self._until[key] = until
+        self._next_expiry = min(self._next_expiry, until)
+        self._cooling.pop(tenant, None)
+        return True
+
+    def cooling(self, tenant: str, now: float | None = None) -> frozenset[str]:
+        """The tenant's agents in cooldown now (the same object until it changes)."""
+        now = time.monotonic() if now is None else now
+        if now >= self._next_expiry:
+            self._expire(now)
+        cached = self._cooling.get(tenant)
+        if cached is None:
+            cached = frozenset(a for (t, a) in self._until if t == tenant)
+            self._cooling[tenant] = cached
+        return cached
+
+    def _expire(self, now: float) -> None:
+        expired = [key for key, until in self._until.items() if until <= now]
+        for key in expired:
+            del self._until[key]
+            self._cooling.pop(key[0], None)
+        self._next_expiry = min(self._until.values(), default=float("inf"))

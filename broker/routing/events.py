@@ -1,0 +1,239 @@
+"""Routing events and their NATS messages: the one mapper between the two.
+
+``RouteDecided`` goes to ``route.<tenant>.<agent>`` in ``ROUTES``: that subject is the
+agent's durable inbox. Its data is the routed message's payload as stored, its headers are
+the message's own (content type, schema id, trace context, reply address and deadline)
+plus ``Broker-Event: RouteDecided`` and ``Broker-Route``, a compact JSON record of the
+decision: the chosen agent, the ranked candidates with their scores and load inputs, the
+policy version, the message's sequence and subject, the attempt and the agents tried.
+
+``RouteFailed`` goes to ``route.<tenant>.<agent>.failed`` (an agent name has no dots, so it
+never collides with an inbox): the agent SDK appends it when a handler raised or ran out
+of time; routers read it to cool the agent down and to send the message to the next
+candidate. A message nobody qualifies for goes to ``dlq.<tenant>.route`` with the same
+``Broker-Route`` header.
+
+Every append carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
+router that crashes after appending and before acking cannot append the decision twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from broker.envelope import NATS_MSG_ID
+from broker.errors import BrokerError
+from broker.routing.types import Decision
+from broker.streams import SUBJECT_PREFIX, Stream
+
+# Headers of the routed message in MESSAGES, set by POST /v1/route.
+H_ROUTE_MODE = "Broker-Route-Mode"  # "auto": the router routes this message
+H_DECISION_TO = "Broker-Decision-To"  # core NATS subject that hears the decision
+H_REPLY_TO = "Broker-Reply-To"  # core NATS subject that hears the agent's reply
+H_DEADLINE = "Broker-Deadline"  # unix epoch milliseconds; the agent cancels after it
+H_INTENT = "Broker-Intent"
+# Headers of routing events and replies.
+H_EVENT = "Broker-Event"
+H_ROUTE = "Broker-Route"
+H_FAILURE = "Broker-Failure"
+H_AGENT = "Broker-Agent"
+H_MESSAGE_SEQ = "Broker-Message-Seq"
+H_ERROR = "Broker-Error"  # on a reply or notice: the error code instead of a result
+
+ROUTE_MODE_AUTO = "auto"
+_NOT_COPIED = frozenset({NATS_MSG_ID.lower(), H_DECISION_TO.lower(), H_ROUTE_MODE.lower()})
+
+
+class RouteEventType(StrEnum):
+    DECIDED = "RouteDecided"
+    FAILED = "RouteFailed"
+
+
+class FailureReason(StrEnum):
+    ERROR = "error"  # the handler raised
+    TIMEOUT = "timeout"  # the handler ran past the deadline and was cancelled
+    EXPIRED = "expired"  # the deadline had passed before the agent got the message
+
+
+class RouteEventUnreadable(BrokerError):
+    """A ROUTES message whose routing headers are missing or malformed."""
+
+    status = 500
+    error_code = "route_event_unreadable"
+
+
+def inbox_subject(tenant: str, agent: str) -> str:
+    return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.{agent}"
+
+
+def failed_subject(tenant: str, agent: str) -> str:
+    return f"{inbox_subject(tenant, agent)}.failed"
+
+
+def dlq_subject(tenant: str) -> str:
+    return f"{SUBJECT_PREFIX[Stream.DLQ]}.{tenant}.route"
+
+
+def tenant_of(message_subject: str) -> str:
+    """The tenant token of a stored ``msg.<tenant>.<subject>``."""
+    return message_subject.split(".", 2)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecided:
+    """A routing decision for one attempt at one stored message."""
+
+    tenant: str
+    message_seq: int
+    message_subject: str
+    decision: Decision
+    attempt: int = 1
+    tried: tuple[str, ...] = ()
+    mirror: bool = False
+    decided_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def subject(self) -> str:
+        """Where it is appended: the chosen agent's inbox, or the DLQ."""
+        if self.decision.agent is None:
+            return dlq_subject(self.tenant)
+        return inbox_subject(self.tenant, self.decision.agent)
+
+    @property
+    def msg_id(self) -> str:
+        kind = "mirror" if self.mirror else "route"
+        return f"{kind}:{self.tenant}:{self.message_seq}:{self.attempt}"
+
+    def record(self) -> dict[str, Any]:
+        """The ``Broker-Route`` header as a dict (the API returns the same shape)."""
+        return {
+            **self.decision.to_dict(),
+            "tenant": self.tenant,
+            "message_seq": self.message_seq,
+            "message_subject": self.message_subject,
+            "attempt": self.attempt,
+            "tried": list(self.tried),
+            "mirror": self.mirror,
+            "decided_at": self.decided_at.isoformat(),
+        }
+
+    def to_headers(self, original: Mapping[str, str]) -> dict[str, str]:
+        headers = {k: v for k, v in original.items() if k.lower() not in _NOT_COPIED}
+        if self.mirror:  # a shadow's answer never reaches the caller
+            headers = {k: v for k, v in headers.items() if k.lower() != H_REPLY_TO.lower()}
+        headers[H_EVENT] = RouteEventType.DECIDED
+        headers[H_ROUTE] = orjson.dumps(self.record()).decode()
+        headers[NATS_MSG_ID] = self.msg_id
+        return headers
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RouteDecided:
+        try:
+            return cls(
+                tenant=str(record["tenant"]),
+                message_seq=int(record["message_seq"]),
+                message_subject=str(record["message_subject"]),
+                decision=Decision.from_dict(record),
+                attempt=int(record.get("attempt", 1)),
+                tried=tuple(str(a) for a in record.get("tried", ())),
+                mirror=bool(record.get("mirror", False)),
+                decided_at=datetime.fromisoformat(str(record["decided_at"])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise RouteEventUnreadable(f"bad {H_ROUTE} record: {e}") from None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RouteDecided:
+        raw = headers.get(H_ROUTE)
+        if raw is None:
+            raise RouteEventUnreadable(f"no {H_ROUTE} header")
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise RouteEventUnreadable(f"{H_ROUTE} is not JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise RouteEventUnreadable(f"{H_ROUTE} is not a JSON object")
+        return cls.from_record(record)
+
+    def next_attempt(self, decision: Decision) -> RouteDecided:
+        """The decision for the next attempt, with this attempt's agent counted as tried."""
+        tried = self.tried + ((self.decision.agent,) if self.decision.agent else ())
+        return replace(
+            self,
+            decision=decision,
+            attempt=self.attempt + 1,
+            tried=tried,
+            decided_at=datetime.now(UTC),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFailed:
+    """An agent could not handle a routed message (appended by the agent SDK)."""
+
+    route: RouteDecided
+    reason: FailureReason
+    message: str
+    instance: str
+
+    @property
+    def agent(self) -> str:
+        return self.route.decision.agent or ""
+
+    @property
+    def retryable(self) -> bool:
+        """An error may succeed elsewhere; a timeout or expiry means the caller gave up."""
+        return self.reason is FailureReason.ERROR
+
+    @property
+    def subject(self) -> str:
+        return failed_subject(self.route.tenant, self.agent)
+
+    def to_headers(self, original: Mapping[str, str]) -> dict[str, str]:
+        headers = {k: v for k, v in original.items() if not k.lower().startswith("nats-")}
+        headers[H_EVENT] = RouteEventType.FAILED
+        headers[H_ROUTE] = orjson.dumps(self.route.record()).decode()
+        headers[H_FAILURE] = orjson.dumps(
+            {"reason": self.reason, "message": self.message[:500], "instance": self.instance}
+        ).decode()
+        headers[NATS_MSG_ID] = f"failed:{self.route.tenant}:{self.route.message_seq}:" + str(
+            self.route.attempt
+        )
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RouteFailed:
+        route = RouteDecided.from_headers(headers)
+        try:
+            failure = orjson.loads(headers.get(H_FAILURE, ""))
+            return cls(
+                route=route,
+                reason=FailureReason(failure["reason"]),
+                message=str(failure.get("message", "")),
+                instance=str(failure.get("instance", "")),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RouteEventUnreadable(f"bad {H_FAILURE} header: {e}") from None
+
+
+def deadline_of(headers: Mapping[str, str]) -> float | None:
+    """The message's deadline as a unix time in seconds, or None."""
+    raw = headers.get(H_DEADLINE)
+    if raw is None:
+        return None
+    try:
+        return int(raw) / 1000.0
+    except ValueError:
+        return None
+
+
+def original_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """A routing event's headers without its own: the routed message's headers."""
+    drop = {H_EVENT, H_ROUTE, H_FAILURE}
+    return {k: v for k, v in headers.items() if k not in drop and not k.startswith("Nats-")}

@@ -1,0 +1,362 @@
+"""The router: a projection of ``MESSAGES`` (+ registry + live load) into ``ROUTES``.
+
+A router process reads ``MESSAGES`` through the shared durable pull consumer ``router``
+(several router processes split the work) and routes every message stored with
+``Broker-Route-Mode: auto`` (``POST /v1/route`` sets it; other messages are acked and
+skipped). For each it scores the tenant's agents (:mod:`broker.routing.scoring`), appends
+``RouteDecided`` to the chosen agent's inbox ``route.<tenant>.<agent>`` (and a copy to a
+shadow agent when the policy mirrors), or to ``dlq.<tenant>.route`` when nobody qualifies,
+and only then acks the message. Appends carry a ``Nats-Msg-Id`` per message and attempt,
+so a router killed between the append and the ack cannot route a message twice.
+
+Failures come back as ``RouteFailed`` on ``route.<tenant>.<agent>.failed``. Every router
+follows them (ordered consumer) to keep the same cooldowns; one of them (durable consumer
+``router-retries``) sends a retryable failure to the next candidate, until the policy's
+``max_attempts``; then the message goes to the DLQ and the waiting caller, if any, hears
+``agent_error``.
+
+When the stored message names a ``Broker-Decision-To`` subject (the ingress waiting in
+``POST /v1/route``), the router tells it the decision over core NATS after the append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import nats.errors
+import orjson
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from broker.envelope import Outbound
+from broker.errors import BrokerError
+from broker.publisher import PublishAck, Publisher
+from broker.registry.snapshot import RegistryView
+from broker.routing.cooldown import Cooldowns
+from broker.routing.events import (
+    H_DECISION_TO,
+    H_ERROR,
+    H_REPLY_TO,
+    H_ROUTE_MODE,
+    ROUTE_MODE_AUTO,
+    RouteDecided,
+    RouteEventUnreadable,
+    RouteFailed,
+    deadline_of,
+    original_headers,
+    tenant_of,
+)
+from broker.routing.load import LoadView
+from broker.routing.policy import Policy
+from broker.routing.scoring import Scorer
+from broker.routing.types import Decision, DecisionReason
+from broker.streams import SUBJECT_PREFIX, Stream
+from broker.telemetry import metrics, tracing
+
+log = structlog.get_logger(__name__)
+
+ROUTER_CONSUMER = "router"
+RETRY_CONSUMER = "router-retries"
+_BATCH = 256
+_FETCH_TIMEOUT = 1.0
+_ACK_WAIT = 30.0
+
+
+@dataclass(slots=True)
+class RouterStats:
+    routed: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    failures_seen: int = 0
+    errors: int = 0
+
+
+def decision_rng(tenant: str, message_seq: int, attempt: int) -> random.Random:
+    """A generator seeded by the message, so re-scoring a recorded decision under the same
+    inputs makes the same choice (``broker routes simulate`` relies on it)."""
+    return random.Random(f"{tenant}:{message_seq}:{attempt}")
+
+
+def _headers(message: Msg) -> dict[str, str]:
+    return dict(message.headers or {})
+
+
+class Router:
+    """One router process's routing loop. ``run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        scorer: Scorer,
+        policy: Policy,
+        registry: RegistryView,
+        loads: LoadView,
+    ) -> None:
+        self.publisher = publisher
+        self.scorer = scorer
+        self.policy = policy
+        self.registry = registry
+        self.loads = loads
+        cooldown = policy.cooldown
+        self.cooldowns = Cooldowns(cooldown.errors, cooldown.window_s, cooldown.duration_s)
+        self.stats = RouterStats()
+        self._failure_watch: Any = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.publisher.js
+
+    # --- decisions -----------------------------------------------------------------
+
+    def decide(
+        self,
+        tenant: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        *,
+        message_seq: int,
+        attempt: int = 1,
+        exclude: Sequence[str] = (),
+    ) -> Decision:
+        loads = self.loads.loads(tenant)
+        return self.scorer.decide(
+            self.registry.snapshot,
+            tenant,
+            payload,
+            headers,
+            loads,
+            live=loads if self.policy.require_live else None,
+            cooling=self.cooldowns.cooling(tenant),
+            exclude=exclude,
+            rng=decision_rng(tenant, message_seq, attempt),
+        )
+
+    async def route_message(self, message: Msg) -> None:
+        """Route one stored message (or skip it) and ack it once the decision is stored."""
+        headers = _headers(message)
+        if headers.get(H_ROUTE_MODE) != ROUTE_MODE_AUTO:
+            self.stats.skipped += 1
+            await message.ack()
+            return
+        seq = message.metadata.sequence.stream
+        tenant = tenant_of(message.subject)
+        with tracing.span("route", parent_headers=headers, kind=tracing.SpanKind.CONSUMER) as span:
+            started = time.perf_counter()
+            try:
+                decision = self.decide(tenant, message.data, headers, message_seq=seq)
+            except BrokerError as e:  # a header the ingress let through but scoring refuses
+                decision = _refused(e, self.policy)
+            metrics.route_decided(
+                tenant, decision.agent, decision.reason, time.perf_counter() - started
+            )
+            if span.is_recording():
+                span.set_attribute("broker.route.agent", decision.agent or "")
+                span.set_attribute("broker.route.reason", str(decision.reason))
+            route = RouteDecided(
+                tenant=tenant, message_seq=seq, message_subject=message.subject, decision=decision
+            )
+            await self._deliver(route, message.data, headers)
+        await message.ack()
+
+    async def _deliver(self, route: RouteDecided, payload: bytes, headers: dict[str, str]) -> None:
+        """Append the decision (and a mirror copy), then tell whoever waits."""
+        appends = [self._append(route, payload, headers)]
+        mirror_to = route.decision.mirror_to
+        if mirror_to and route.decision.agent is not None and route.attempt == 1:
+            shadow = replace(route, mirror=True, decision=replace(route.decision, agent=mirror_to))
+            appends.append(self._append(shadow, payload, headers))
+        acks = await asyncio.gather(*appends)
+        ack = acks[0]
+        if route.decision.agent is None:
+            self.stats.dead_lettered += 1
+            metrics.dead_lettered("route")
+            await self._notify_reply(headers, "no_route", route.decision.detail)
+        else:
+            self.stats.routed += 1
+        await self._notify_decision(headers, route, ack)
+        log.debug(
+            "route_decided",
+            tenant=route.tenant,
+            message_seq=route.message_seq,
+            agent=route.decision.agent,
+            reason=route.decision.reason,
+            attempt=route.attempt,
+        )
+
+    async def _append(
+        self, route: RouteDecided, payload: bytes, headers: Mapping[str, str]
+    ) -> PublishAck:
+        return await self.publisher.publish(
+            Outbound(route.subject, payload, route.to_headers(headers))
+        )
+
+    async def _notify_decision(
+        self, headers: Mapping[str, str], route: RouteDecided, ack: PublishAck
+    ) -> None:
+        to = headers.get(H_DECISION_TO)
+        if not to:
+            return
+        body = {**route.record(), "route_seq": ack.seq, "route_stream": ack.stream}
+        with contextlib.suppress(Exception):  # the waiter may be gone; the decision is stored
+            await self.publisher.nc.publish(to, orjson.dumps(body))
+
+    async def _notify_reply(self, headers: Mapping[str, str], code: str, message: str) -> None:
+        to = headers.get(H_REPLY_TO)
+        if not to:
+            return
+        body = orjson.dumps({"error_code": code, "message": message})
+        with contextlib.suppress(Exception):
+            await self.publisher.nc.publish(to, body, headers={H_ERROR: code})
+
+    # --- failures and retries ----------------------------------------------------------
+
+    def observe_failure(self, failure: RouteFailed) -> None:
+        self.stats.failures_seen += 1
+        if self.cooldowns.record_failure(failure.route.tenant, failure.agent):
+            log.info("agent_cooling_down", tenant=failure.route.tenant, agent=failure.agent)
+
+    async def retry(self, message: Msg) -> None:
+        """Send a failed routed message to the next candidate, or give up."""
+        headers = _headers(message)
+        try:
+            failure = RouteFailed.from_headers(headers)
+        except RouteEventUnreadable as e:
+            log.warning("route_failure_unreadable", subject=message.subject, error=e.message)
+            await message.ack()
+            return
+        route = failure.route
+        original = original_headers(headers)
+        deadline = deadline_of(original)
+        expired = deadline is not None and time.time() >= deadline
+        if failure.retryable and not expired and route.attempt < self.policy.max_attempts:
+            exclude = (*route.tried, failure.agent)
+            try:
+                decision = self.decide(
+                    route.tenant,
+                    message.data,
+                    original,
+                    message_seq=route.message_seq,
+                    attempt=route.attempt + 1,
+                    exclude=exclude,
+                )
+            except BrokerError as e:
+                decision = _refused(e, self.policy)
+            self.stats.retried += 1
+            await self._deliver(route.next_attempt(decision), message.data, original)
+        else:
+            why = "its deadline passed" if expired or not failure.retryable else "attempts ran out"
+            detail = (
+                f"agent {failure.agent!r} failed ({failure.reason}: {failure.message[:200]}); "
+                f"not retried: {why} after attempt {route.attempt}"
+            )
+            final = Decision(
+                agent=None,
+                capability=None,
+                reason=DecisionReason.NO_CANDIDATE,
+                detail=detail,
+                candidates=route.decision.candidates,
+                policy_version=self.policy.version,
+            )
+            dead = replace(route.next_attempt(final), attempt=route.attempt + 1)
+            await self._append(dead, message.data, original)
+            self.stats.dead_lettered += 1
+            metrics.dead_lettered("route")
+            code = "deadline_exceeded" if expired or not failure.retryable else "agent_error"
+            await self._notify_reply(original, code, detail)
+        await message.ack()
+
+    async def _on_failure_event(self, message: Msg) -> None:
+        try:
+            self.observe_failure(RouteFailed.from_headers(_headers(message)))
+        except RouteEventUnreadable as e:
+            log.warning("route_failure_unreadable", subject=message.subject, error=e.message)
+
+    # --- the loops -----------------------------------------------------------------------
+
+    async def _pull(self, stream: Stream, durable: str, subject: str) -> Any:
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=_ACK_WAIT,
+            max_ack_pending=20_000,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subject,
+        )
+        return await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Route until ``stop`` is set; a batch in progress finishes first."""
+        routes = SUBJECT_PREFIX[Stream.ROUTES]
+        failed = f"{routes}.*.*.failed"
+        self._failure_watch = await self.js.subscribe(
+            failed,
+            stream=Stream.ROUTES,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            cb=self._on_failure_event,
+        )
+        messages = await self._pull(
+            Stream.MESSAGES, ROUTER_CONSUMER, f"{SUBJECT_PREFIX[Stream.MESSAGES]}.>"
+        )
+        retries = await self._pull(Stream.ROUTES, RETRY_CONSUMER, failed)
+        log.info("router_started", policy=self.policy.version, embedder=self.scorer.embedder.name)
+        try:
+            await asyncio.gather(
+                self._loop(messages, self.route_message, stop),
+                self._loop(retries, self.retry, stop),
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await self._failure_watch.unsubscribe()
+            log.info("router_stopped", **_stats_fields(self.stats))
+
+    async def _loop(self, sub: Any, handle: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                batch: list[Msg] = await sub.fetch(_BATCH, timeout=_FETCH_TIMEOUT)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except Exception as e:  # NATS hiccup: wait a little and fetch again
+                log.warning("router_fetch_failed", error=str(e)[:200])
+                await asyncio.sleep(0.5)
+                continue
+            for message in batch:
+                try:
+                    await handle(message)
+                except BrokerError as e:  # could not append: leave unacked, redelivered later
+                    self.stats.errors += 1
+                    log.warning("route_append_failed", error_code=e.error_code, message=e.message)
+                    with contextlib.suppress(Exception):
+                        await message.nak(delay=1.0)
+
+
+def _refused(error: BrokerError, policy: Policy) -> Decision:
+    return Decision(
+        agent=None,
+        capability=None,
+        reason=DecisionReason.NO_CANDIDATE,
+        detail=f"the message cannot be routed: {error.message}",
+        candidates=(),
+        policy_version=policy.version,
+    )
+
+
+def _stats_fields(stats: RouterStats) -> dict[str, int]:
+    return {
+        "routed": stats.routed,
+        "skipped": stats.skipped,
+        "dead_lettered": stats.dead_lettered,
+        "retried": stats.retried,
+        "failures_seen": stats.failures_seen,
+    }

@@ -1,0 +1,458 @@
+"""Routing end to end: ``broker serve`` (ingress + router), real agents (SDK instances in
+this loop, and agent processes for the kill test), HTTP/2 ``POST /v1/route``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+from nats.js import JetStreamContext
+
+from broker.embedded import NatsServer
+from broker.routing.events import H_ROUTE, RouteDecided
+from broker.routing.load import InstanceLoad
+from broker.streams import AGENT_LOAD_BUCKET
+from tests._wait import await_until
+from tests.e2e._agents import Behaviour, manifest, running, spawn
+from tests.e2e._broker import BrokerProcess, start_broker
+
+pytestmark = pytest.mark.e2e
+
+LOAD_TTL = 3.0
+POLICY = """
+version: e2e-1
+threshold: -1.0
+cooldown: {errors: 2, window_s: 60, duration_s: 60}
+max_attempts: 3
+mirror: {primary: shadow}
+"""
+
+
+def _png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\x00")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def _wav() -> bytes:
+    samples = b"\x00\x00" * 800
+    fmt = struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data"
+    body += struct.pack("<I", len(samples)) + samples
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.fixture(scope="module")
+def broker(
+    module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    workdir = tmp_path_factory.mktemp("routing")
+    policy = workdir / "policy.yaml"
+    policy.write_text(POLICY)
+    process = start_broker(
+        workdir,
+        nats_url=module_nats.url,
+        args=("--projection-workers", "0", "--routing-policy", str(policy)),
+        env={"BROKER_AGENT_LOAD_TTL_SECONDS": str(LOAD_TTL)},
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def url(module_nats: NatsServer) -> str:
+    return module_nats.url
+
+
+@pytest_asyncio.fixture
+async def nc_js(module_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(module_nats.url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+async def route(
+    client: httpx.AsyncClient,
+    payload: bytes | str,
+    *,
+    content_type: str = "text/plain",
+    subject: str = "tasks.in",
+    headers: dict[str, str] | None = None,
+    wait: bool = False,
+    timeout: float | None = None,
+) -> httpx.Response:
+    params: dict[str, str] = {"wait": "true"} if wait else {}
+    if timeout is not None:
+        params["timeout"] = str(timeout)
+    body = payload.encode() if isinstance(payload, str) else payload
+    return await client.post(
+        f"/v1/route/{subject}",
+        content=body,
+        params=params,
+        headers={"content-type": content_type, **(headers or {})},
+    )
+
+
+async def routed_to(
+    client: httpx.AsyncClient, agent: str, payload: str = "hello", **kw: Any
+) -> bool:
+    """Route probes until ``agent`` gets one (the router has seen it live)."""
+
+    async def chosen() -> bool:
+        response = await route(client, payload, **kw)
+        return bool(response.status_code == 200 and response.json()["decision"]["agent"] == agent)
+
+    return await await_until(chosen, timeout=15, interval=0.1)
+
+
+async def test_capability_and_modality_decide_who_gets_images_audio_and_text(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    """A PNG goes to the agent accepting images, a WAV to the one accepting audio, text to
+    the text agent; the decision is stored in the agent's inbox with its scores."""
+    ocr = manifest("m-ocr", "Reads the text in photos and scans", content_types=["image/*"])
+    ears = manifest("m-ears", "Transcribes speech recordings", content_types=["audio/*"])
+    words = manifest("m-words", "Answers written questions")
+    async with running(ocr, url), running(ears, url), running(words, url):
+        assert await routed_to(client, "m-words", "what is the capital of France?")
+        image = await route(client, _png(), content_type="image/png")
+        audio = await route(client, _wav(), content_type="audio/wav")
+        text = await route(client, "what is the capital of France?")
+    assert [r.status_code for r in (image, audio, text)] == [200, 200, 200]
+    assert image.json()["decision"]["agent"] == "m-ocr"
+    assert audio.json()["decision"]["agent"] == "m-ears"
+    assert text.json()["decision"]["agent"] == "m-words"
+    stored = await nc_js.get_msg("ROUTES", image.json()["decision"]["route_seq"])
+    decided = RouteDecided.from_headers(stored.headers or {})
+    assert stored.subject == "route.default.m-ocr"
+    assert stored.data == _png()
+    assert decided.message_seq == image.json()["seq"]
+    assert decided.decision.candidates[0].agent == "m-ocr"
+    assert decided.decision.policy_version == "e2e-1"
+    assert decided.decision.detail
+
+
+async def test_meaning_picks_the_agent_whose_description_matches(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    billing = manifest(
+        "s-billing",
+        "Handles invoices, refunds, payments and charges on a customer's bill",
+        examples=["I was charged twice this month", "refund my last payment"],
+    )
+    weather = manifest(
+        "s-weather",
+        "Forecasts weather: rain, temperature and wind for a city",
+        examples=["will it rain in Paris tomorrow", "how cold is it in Oslo"],
+    )
+    async with running(billing, url), running(weather, url):
+        assert await routed_to(client, "s-weather", "will it rain in Berlin tomorrow?")
+        money = await route(client, "why was my card charged twice for one invoice?")
+        rain = await route(client, "is it going to rain in Madrid tomorrow?")
+    assert money.json()["decision"]["agent"] == "s-billing"
+    assert rain.json()["decision"]["agent"] == "s-weather"
+    top = money.json()["decision"]["candidates"][0]
+    assert top["agent"] == "s-billing"
+    assert all(top["semantic"] >= c["semantic"] for c in money.json()["decision"]["candidates"])
+
+
+async def test_wait_returns_the_agents_reply_with_its_name(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    echo = manifest("w-echo", "Echoes what it is told")
+    async with running(echo, url):
+        assert await routed_to(client, "w-echo")
+        response = await route(client, "hi there", wait=True, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["broker-agent"] == "w-echo"
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"agent": "w-echo", "attempt": 1, "mirror": False}
+    assert int(response.headers["broker-message-seq"]) > 0
+
+
+async def test_load_shifts_traffic_away_from_a_hot_agent(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    """Two equal agents; one reports QPS at its limit and a p99 of 900 ms: traffic goes to
+    the other, and the decision names the penalties."""
+    hot = manifest("l-hot", "Summarises long documents", max_qps=10)
+    cool = manifest("l-cool", "Summarises long documents", max_qps=10)
+    kv = await nc_js.key_value(AGENT_LOAD_BUCKET)
+    async with running(hot, url), running(cool, url):
+        assert await routed_to(client, "l-hot", "summarise this")
+        assert await routed_to(client, "l-cool", "summarise this")
+        overload = InstanceLoad("default", "l-hot", "synthetic", qps=9.5, p99_ms=900.0)
+
+        async def penalised() -> bool:
+            await kv.put(overload.key, overload.to_json())
+            r = await route(client, "summarise this")
+            hot_row = [c for c in r.json()["decision"]["candidates"] if c["agent"] == "l-hot"]
+            return bool(hot_row and "p99_over_200ms" in hot_row[0]["penalties"])
+
+        assert await await_until(penalised, timeout=10, interval=0.2)
+        chosen = [
+            (await route(client, "summarise this")).json()["decision"]["agent"] for _ in range(40)
+        ]
+        await kv.delete(overload.key)
+    assert chosen.count("l-cool") >= 32, chosen
+
+
+async def test_a_killed_agent_stops_receiving_within_the_ttl(
+    client: httpx.AsyncClient, url: str, tmp_path: Path
+) -> None:
+    """SIGKILL an agent process (no goodbye): routers drop it once its heartbeats are a TTL
+    old, and the surviving agent gets everything."""
+    spec = manifest("k-victim", "Translates text between languages")
+    other = manifest("k-survivor", "Translates text between languages")
+    proc = spawn(spec, url, tmp_path / "victim.log")
+    try:
+        async with running(other, url):
+            assert await routed_to(client, "k-victim", "translate bonjour")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            killed = time.monotonic()
+
+            async def gone() -> bool:
+                agents = {
+                    (await route(client, "translate bonjour")).json()["decision"]["agent"]
+                    for _ in range(8)
+                }
+                return agents == {"k-survivor"}
+
+            assert await await_until(gone, timeout=LOAD_TTL + 10, interval=0.2)
+            elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert elapsed < LOAD_TTL + 3, f"still routed to the dead agent after {elapsed:.1f} s"
+
+
+async def test_a_failing_agent_is_retried_elsewhere_then_cooled_down(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    flaky = manifest("c-flaky", "Classifies support tickets by urgency")
+    steady = manifest("c-steady", "Classifies support tickets by urgency")
+    failing = Behaviour(reply="c-flaky", fail=True)
+    steady_seen = Behaviour(reply="c-steady")
+    async with running(flaky, url, failing), running(steady, url, steady_seen):
+        # The probes that reach the flaky agent fail there and are retried on the other.
+        assert await routed_to(client, "c-flaky", "my order is late")
+        assert await routed_to(client, "c-steady", "my order is late")
+
+        async def retried() -> bool:
+            return any(r.attempt == 2 and r.route.tried == ("c-flaky",) for r in steady_seen.seen)
+
+        assert await await_until(retried, timeout=10)
+        replies = [await route(client, "my order is late", wait=True, timeout=10) for _ in range(6)]
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        assert {r.headers["broker-agent"] for r in replies} == {"c-steady"}
+        # Two failures within the window cooled the flaky agent down.
+        assert len(failing.seen) >= 2
+        after = [(await route(client, "my order is late")).json() for _ in range(10)]
+    assert {a["decision"]["agent"] for a in after} == {"c-steady"}
+    flaky_rows = [c for a in after for c in a["decision"]["candidates"] if c["agent"] == "c-flaky"]
+    assert all("cooldown" in row["penalties"] for row in flaky_rows)
+
+
+async def test_canary_header_routes_to_canary_agents_only(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    stable = manifest("y-stable", "Drafts email replies to customers")
+    canary = manifest("y-canary", "Drafts email replies to customers", labels={"env": "canary"})
+    async with running(stable, url), running(canary, url):
+        assert await routed_to(client, "y-canary", "reply to this", headers={"x-env": "canary"})
+        plain = [(await route(client, "reply to this")).json() for _ in range(10)]
+        flagged = [
+            (await route(client, "reply to this", headers={"x-env": "canary"})).json()
+            for _ in range(10)
+        ]
+    assert {p["decision"]["agent"] for p in plain} == {"y-stable"}
+    assert {f["decision"]["agent"] for f in flagged} == {"y-canary"}
+
+
+async def test_mirroring_copies_to_the_shadow_without_changing_the_reply(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    primary = manifest("primary", "Extracts named entities from news text")
+    shadow = manifest("shadow", "Extracts named entities from news text")
+    shadow_seen = Behaviour(reply="shadow")
+    async with running(primary, url), running(shadow, url, shadow_seen):
+        assert await routed_to(client, "primary", "Acme bought Initech in Paris")
+        response = await route(client, "Acme bought Initech in Paris", wait=True, timeout=10)
+        seq = int(response.headers["broker-message-seq"])
+
+        async def mirrored() -> bool:
+            return any(r.message_seq == seq for r in shadow_seen.seen)
+
+        assert await await_until(mirrored, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["broker-agent"] == "primary"
+    copy = next(r for r in shadow_seen.seen if r.message_seq == seq)
+    assert copy.mirror
+    assert copy.payload == b"Acme bought Initech in Paris"
+
+
+async def test_deadline_cancels_the_handler_and_answers_504(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    slow = manifest("d-slow", "Writes very long reports")
+    behaviour = Behaviour(reply="d-slow", delay=30.0)
+    async with running(slow, url, behaviour):
+        assert await routed_to(client, "d-slow", "write it")
+        started = time.monotonic()
+        response = await route(client, "write it", wait=True, timeout=1.5)
+        elapsed = time.monotonic() - started
+        assert await await_until(lambda: _true(behaviour.cancelled >= 1), timeout=10)
+    assert response.status_code == 504
+    assert response.json()["error_code"] == "deadline_exceeded"
+    assert elapsed < 5
+    failed = await nc_js.get_last_msg("ROUTES", "route.default.d-slow.failed")
+    assert json.loads((failed.headers or {})["Broker-Failure"])["reason"] == "timeout"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_no_qualified_agent_dead_letters_and_wait_says_no_route(
+    client: httpx.AsyncClient, nc_js: JetStreamContext
+) -> None:
+    """Nobody accepts a PDF here: the decision goes to the DLQ with its reason."""
+    pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+    plain = await route(client, pdf, content_type="application/pdf")
+    waited = await route(client, pdf, content_type="application/pdf", wait=True, timeout=5)
+    assert plain.status_code == 200
+    assert plain.json()["decision"]["agent"] is None
+    assert plain.json()["decision"]["reason"] == "no_candidate"
+    assert waited.status_code == 503
+    assert waited.json()["error_code"] == "no_route"
+    stored = await nc_js.get_msg("DLQ", plain.json()["decision"]["route_seq"])
+    assert stored.subject == "dlq.default.route"
+    assert json.loads((stored.headers or {})[H_ROUTE])["message_seq"] == plain.json()["seq"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"broker-embedding": "not base64!"}, 422),
+        ({"broker-embedding": base64.b64encode(struct.pack("<2f", float("nan"), 1)).decode()}, 422),
+        ({"broker-text": "x" * 40_000}, 422),
+    ],
+)
+async def test_bad_routing_headers_are_refused_and_nothing_is_stored(
+    client: httpx.AsyncClient, nc_js: JetStreamContext, headers: dict[str, str], status: int
+) -> None:
+    before = (await nc_js.stream_info("MESSAGES")).state.last_seq
+    response = await route(client, "hello", headers=headers)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error_code", "message"}
+    assert (await nc_js.stream_info("MESSAGES")).state.last_seq == before
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [({"wait": "maybe"}, "wait"), ({"timeout": "-1"}, "timeout"), ({"timeout": "nan"}, "timeout")],
+)
+async def test_bad_route_parameters_are_refused(
+    client: httpx.AsyncClient, params: dict[str, str], problem: str
+) -> None:
+    response = await client.post("/v1/route/tasks.in", content=b"x", params=params)
+    assert response.status_code == 422
+    assert problem in response.json()["message"]
+
+
+async def test_simulate_replays_decisions_under_another_policy(
+    client: httpx.AsyncClient, url: str, tmp_path: Path, module_nats: NatsServer
+) -> None:
+    """The same policy reproduces the recorded decisions; a policy that mirrors nothing
+    but sends everything to a fallback changes them, and says where they would go."""
+    alpha = manifest("z-alpha", "Plans travel itineraries and bookings")
+    async with running(alpha, url):
+        assert await routed_to(client, "z-alpha", "plan a trip to Rome")
+    same = tmp_path / "same.yaml"
+    same.write_text(POLICY)
+    other = tmp_path / "other.yaml"
+    other.write_text("version: other-2\nthreshold: 0.99\nrequire_live: false\n")
+    csv_path = tmp_path / "changes.csv"
+
+    def run(policy: Path, *extra: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "routes",
+                "simulate",
+                "--policy",
+                str(policy),
+                "--nats-url",
+                module_nats.url,
+                "-o",
+                "json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    unchanged = run(same)
+    changed = run(other, "--csv", str(csv_path))
+    assert unchanged["decisions"] > 0
+    assert changed["decisions"] == unchanged["decisions"]
+    assert changed["changed"] > 0
+    assert changed["policy_version"] == "other-2"
+    assert csv_path.read_text().splitlines()[0].startswith("tenant,message_seq")
+    # Decisions are reproducible: the policy that made them makes them again.
+    assert unchanged["changed"] == 0, unchanged
+
+
+async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, url: str) -> None:
+    """``BrokerClient.route`` returns the decision, ``request`` the reply; a message nobody
+    takes raises NoRoute at once (not retried into a duplicate)."""
+    from broker.client import BrokerClient
+    from broker.errors import NoRoute
+
+    helper = manifest("q-helper", "Answers questions about opening hours")
+    async with BrokerClient(broker.base_url) as client, running(helper, url):
+
+        async def live() -> bool:
+            return (await client.route("tasks.in", "when do you open?")).agent == "q-helper"
+
+        assert await await_until(live, timeout=15, interval=0.1)
+        routed = await client.route("tasks.in", {"q": "open on Sunday?"}, intent="handle")
+        reply = await client.request("tasks.in", "are you open on Sunday?", timeout=10)
+        started = time.monotonic()
+        with pytest.raises(NoRoute):
+            await client.request("tasks.in", b"%PDF-1.4\n%%EOF\n", content_type="application/pdf")
+        refused_in = time.monotonic() - started
+    assert routed.agent == "q-helper"
+    assert routed.decision is not None
+    assert routed.decision["capability"] == "handle"
+    assert reply.agent == "q-helper"
+    assert reply.json()["agent"] == "q-helper"
+    assert reply.message_seq > routed.seq
+    assert refused_in < 5
