@@ -1,0 +1,1 @@
+"""Labelled routing-quality evaluation (issue 10): dataset, payload generators, runner."""
