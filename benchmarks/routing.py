@@ -14,8 +14,13 @@
    10 off-topic requests, top-1 accuracy with per-example rows vs one mean row per
    capability, and how many off-topic requests each threshold rejects.
 
+4. ``--dev``: only top-1 (``choice: best``) on a hand-written dev set of 42 requests for the
+   fleet of ``benchmarks/routing_quality/agents.yaml`` (text, JSON, PNG/JPEG, WAV and PDF
+   payloads), in process, to tune the router's constants without touching the labelled
+   evaluation; ``--embedder SPEC`` picks the embedder.
+
 Usage: ``python benchmarks/routing.py [--agents 1000] [--decisions 20000] [--rows 100000]
-[--quality] [--skip-lsh] [--json]``
+[--quality] [--skip-lsh] [--json]``, ``python benchmarks/routing.py --dev [--embedder SPEC]``
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.routing_quality import payloads  # noqa: E402
 from broker.envelope import Tenant  # noqa: E402
 from broker.logs import configure_logging  # noqa: E402
 from broker.registry.manifest import AgentManifest, AgentName  # noqa: E402
@@ -52,7 +60,9 @@ from broker.routing import (  # noqa: E402
     decide,
     extract,
 )
+from broker.routing.embedder import Embedder, load_embedder, tokens  # noqa: E402
 from broker.routing.index import BruteForceIndex, top_k  # noqa: E402
+from broker.routing.policy import Choice, Policy  # noqa: E402
 
 TENANT = Tenant("bench")
 Matrix = npt.NDArray[np.float32]
@@ -574,6 +584,18 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         on_best = np.array([catalog.similarities(q).max() for q in on])
         chosen = [catalog.agents[int(top_k(catalog.similarities(q), 1)[0])] for q in on]
         correct = np.array([c == name for c, (_, name) in zip(chosen, requests, strict=True)])
+        weight = DEFAULT_POLICY.lexical_weight
+        hybrid = [
+            catalog.agents[
+                int(
+                    top_k(catalog.similarities(v) + weight * catalog.lexical.scores(tokens(q)), 1)[
+                        0
+                    ]
+                )
+            ]
+            for v, (q, _) in zip(on, requests, strict=True)
+        ]
+        hybrid_correct = sum(c == name for c, (_, name) in zip(hybrid, requests, strict=True))
         off_best = np.array([catalog.similarities(q).max() for q in off])
         sweep = {}
         for threshold in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):
@@ -583,12 +605,270 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             }
         result[mode] = {
             "top1_accuracy": round(float(correct.mean()), 3),
+            "top1_accuracy_with_lexical": round(hybrid_correct / len(requests), 3),
             "rows": int(catalog.matrix.shape[0]),
             "median_best_similarity_on_topic": round(float(np.median(on_best)), 3),
             "median_best_similarity_off_topic": round(float(np.median(off_best)), 3),
             "thresholds": sweep,
         }
     return result
+
+
+# --- 4. dev set on the evaluation's fleet ---------------------------------------------------
+
+#: Hand-written requests for the fleet of benchmarks/routing_quality/agents.yaml, written for
+#: tuning the router's constants without touching the labelled evaluation (requests.yaml).
+#: (label, content type, body: text, or a generated payload kind "png"/"jpeg"/"wav"/"pdf:..."
+#: / "json:..." , Broker-Text or None)
+DEV: list[tuple[str, str, str, str | None]] = [
+    (
+        "support-triage",
+        "text/plain",
+        "my order arrived broken and the box was soaked, I want a replacement",
+        None,
+    ),
+    (
+        "support-triage",
+        "text/plain",
+        "customer on the enterprise plan cannot log in since this morning, high priority?",
+        None,
+    ),
+    (
+        "support-triage",
+        "text/plain",
+        "why was my card declined when I tried to upgrade my plan",
+        None,
+    ),
+    (
+        "translator",
+        "text/plain",
+        "Bonjour, je voudrais annuler ma réservation pour demain soir. Merci beaucoup.",
+        None,
+    ),
+    (
+        "translator",
+        "text/plain",
+        "can you turn this into french for our paris office: the office will close early on friday",
+        None,
+    ),
+    (
+        "translator",
+        "text/markdown",
+        "# Release notes\n- faster sync\n- dark mode\nneed this in Korean and Dutch",
+        None,
+    ),
+    (
+        "sql-analyst",
+        "text/plain",
+        "how many new customers signed up per week in march, split by country",
+        None,
+    ),
+    (
+        "sql-analyst",
+        "text/plain",
+        "average basket size for repeat buyers vs first-time buyers last quarter",
+        None,
+    ),
+    ("sql-analyst", "text/plain", "revenue by product line for 2024, as a table please", None),
+    (
+        "code-reviewer",
+        "text/x-diff",
+        "--- a/app.py\n+++ b/app.py\n@@ -1,3 +1,4 @@\n-def load(p):\n+def load(p, cache={}):\n+    cache[p] = open(p).read()\n     return cache[p]",  # noqa: E501
+        None,
+    ),
+    (
+        "code-reviewer",
+        "text/plain",
+        'Traceback (most recent call last):\n  File "main.py", line 12, in <module>\n    print(items[3])\nIndexError: list index out of range',  # noqa: E501
+        None,
+    ),
+    (
+        "code-reviewer",
+        "text/plain",
+        "is this function thread safe? func (c *Counter) Inc() { c.n++ }",
+        None,
+    ),
+    (
+        "meeting-summarizer",
+        "text/vtt",
+        "WEBVTT\n\n00:00:01.000 --> 00:00:04.000\nAnna: ok so we ship on monday\n\n00:00:05.000 --> 00:00:09.000\nBen: I'll update the docs before then",  # noqa: E501
+        None,
+    ),
+    (
+        "meeting-summarizer",
+        "text/plain",
+        "notes from the planning session: agreed to drop feature X, Sam owns the migration, revisit budget next sprint. what are the takeaways?",  # noqa: E501
+        None,
+    ),
+    (
+        "calendar-scheduler",
+        "text/plain",
+        "can we get the whole design team together for an hour sometime wednesday or thursday",
+        None,
+    ),
+    (
+        "calendar-scheduler",
+        "text/plain",
+        "move my dentist appointment to next monday morning",
+        None,
+    ),
+    (
+        "calendar-scheduler",
+        "text/calendar",
+        "BEGIN:VCALENDAR\nBEGIN:VEVENT\nSUMMARY:Quarterly planning\nDTSTART:20250312T100000Z\nEND:VEVENT\nEND:VCALENDAR",  # noqa: E501
+        None,
+    ),
+    (
+        "contract-reviewer",
+        "text/plain",
+        "the lease says the tenant pays all repairs including structural ones, is that normal? anything else I should push back on",  # noqa: E501
+        None,
+    ),
+    (
+        "contract-reviewer",
+        "text/plain",
+        "Section 9.2: Either party may terminate this Agreement upon thirty days written notice. Indemnification shall be unlimited.",  # noqa: E501
+        None,
+    ),
+    (
+        "expense-auditor",
+        "text/plain",
+        "am I allowed to claim a business class flight for a 3 hour trip?",
+        None,
+    ),
+    (
+        "expense-auditor",
+        "text/csv",
+        "date,employee,category,amount\n2025-01-03,j.doe,meals,84.00\n2025-01-03,j.doe,meals,84.00\n2025-01-04,j.doe,hotel,310.00",
+        None,
+    ),
+    (
+        "content-moderator",
+        "text/plain",
+        "you people are idiots and I hope your whole company burns down",
+        None,
+    ),
+    (
+        "content-moderator",
+        "text/plain",
+        "selling cheap replica watches and prescription pills, dm me",
+        None,
+    ),
+    (
+        "sensor-anomaly",
+        "application/json",
+        'json:{"device": "compressor-7", "readings": [{"t": 1700000000, "vibration_mm_s": 2.1}, {"t": 1700000060, "vibration_mm_s": 2.2}, {"t": 1700000120, "vibration_mm_s": 9.8}]}',  # noqa: E501
+        None,
+    ),
+    (
+        "sensor-anomaly",
+        "application/json",
+        'json:{"sensor_id": "fridge-2", "temperature_c": [3.9, 4.0, 4.1, 7.5, 8.2], "interval_s": 300}',  # noqa: E501
+        None,
+    ),
+    (
+        "sensor-anomaly",
+        "application/json",
+        'json:{"asset": "pump-12", "current_a": [11.2, 11.4, 11.9, 12.8, 13.9], "hours_run": 18200}',  # noqa: E501
+        "how long until this one breaks down",
+    ),
+    (
+        "support-triage",
+        "application/json",
+        'json:{"ticket": 4411, "from": "lena@example.com", "subject": "Refund not received", "message": "I returned the shoes three weeks ago and still no refund"}',  # noqa: E501
+        None,
+    ),
+    (
+        "expense-auditor",
+        "application/json",
+        'json:{"claimant": "p.khan", "trip": "Berlin", "items": [{"type": "hotel", "amount": 420}, {"type": "dinner", "amount": 190}], "receipts_attached": 1}',  # noqa: E501
+        None,
+    ),
+    (
+        "translator",
+        "application/json",
+        'json:{"settings.title": "Settings", "settings.logout": "Log out", "cart.empty": "Your cart is empty"}',  # noqa: E501
+        "we need these in italian",
+    ),
+    (
+        "image-captioner",
+        "image/jpeg",
+        "jpeg",
+        "what's going on in this photo? need a sentence for accessibility",
+    ),
+    ("image-captioner", "image/png", "png", "keywords for our media library"),
+    ("content-moderator", "image/png", "png", "user uploaded this as their avatar, ok to show?"),
+    ("photo-ocr", "image/png", "png", "copy the words from this whiteboard picture"),
+    ("photo-ocr", "image/jpeg", "jpeg", "what does the small print on the battery say"),
+    ("invoice-extractor", "image/jpeg", "jpeg", "total and VAT from this restaurant bill please"),
+    ("speech-transcriber", "audio/wav", "wav", "need the words of this interview written down"),
+    ("speech-transcriber", "audio/wav", "wav", None),
+    (
+        "meeting-summarizer",
+        "audio/wav",
+        "wav",
+        "recording of the board call, what were the main decisions",
+    ),
+    (
+        "invoice-extractor",
+        "application/pdf",
+        "pdf:INVOICE No. 2024-118|Supplier: Nordic Parts AB|Item: bearings x 40  EUR 1,240.00|VAT 25%  EUR 310.00|Total due EUR 1,550.00 by 30 days",  # noqa: E501
+        None,
+    ),
+    (
+        "contract-reviewer",
+        "application/pdf",
+        "pdf:MUTUAL NON-DISCLOSURE AGREEMENT|1. Confidential Information means ...|7. Term: this agreement renews automatically each year|8. Governing law: Delaware",  # noqa: E501
+        None,
+    ),
+    (
+        "expense-auditor",
+        "application/pdf",
+        "pdf:Travel expense report - March|Taxi 45.00|Hotel 3 nights 690.00|Dinner with client 240.00|Employee signature",  # noqa: E501
+        "ok to approve?",
+    ),
+    (
+        "photo-ocr",
+        "application/pdf",
+        "pdf:Dear Mr. Jensen,|thank you for your letter of 4 May.|Kind regards",
+        "scanned letter, make it searchable",
+    ),
+]
+
+
+def _dev_payload(content_type: str, body: str) -> bytes:
+    if body.startswith("json:"):
+        return body[5:].encode()
+    if body.startswith("pdf:"):
+        return payloads.pdf(body[4:].split("|"))
+    if body in payloads.GENERATORS:
+        return payloads.build({"kind": body, "seed": len(content_type)})
+    return body.encode()
+
+
+def bench_dev(
+    args: argparse.Namespace, embedder: Embedder | None = None, policy: Policy | None = None
+) -> dict[str, Any]:
+    """Top-1 on :data:`DEV` over the evaluation's fleet, in process, ``choice: best``."""
+    fleet = yaml.safe_load((ROOT / "benchmarks/routing_quality/agents.yaml").read_text())
+    records = [record(i, manifest) for i, manifest in enumerate(fleet["agents"])]
+    snapshot = RegistrySnapshot({(TENANT, r.name): r for r in records}, len(records))
+    embedder = embedder or HashingEmbedder(args.dim)
+    policy = policy or Policy(choice=Choice.BEST, require_live=False)
+    scorer = Scorer(embedder, policy, cache=CatalogCache(embedder))
+    misses: list[str] = []
+    for label, content_type, body, text in DEV:
+        headers = {"Content-Type": content_type}
+        if text is not None:
+            headers["Broker-Text"] = quote(text, safe="")
+        decision = scorer.decide(snapshot, TENANT, _dev_payload(content_type, body), headers, {})
+        if decision.agent != label:
+            misses.append(f"{label} <- {decision.agent}: {(text or body)[:50]!r}")
+    return {
+        "requests": len(DEV),
+        "top1_accuracy": round(1 - len(misses) / len(DEV), 3),
+        "misses": misses,
+    }
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -606,9 +886,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="queries for the LSH comparison")
     parser.add_argument("--skip-lsh", action="store_true")
     parser.add_argument("--quality", action="store_true", help="also run the quality set")
+    parser.add_argument(
+        "--dev", action="store_true", help="only the dev set on the evaluation's fleet (fast)"
+    )
+    parser.add_argument("--embedder", default=None, help="embedder spec for --dev")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configure_logging("warning")
+    if args.dev:
+        dev = bench_dev(args, load_embedder(args.embedder) if args.embedder else None)
+        print(json.dumps(dev, indent=2))
+        return
 
     result: dict[str, Any] = {
         "decide": bench_decide(args),
@@ -680,7 +968,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
             q = result["quality"][mode]
             on, off = q["median_best_similarity_on_topic"], q["median_best_similarity_off_topic"]
             print(
-                f"  examples={mode:<4} top-1 {q['top1_accuracy']:.3f}  median best similarity "
+                f"  examples={mode:<4} top-1 {q['top1_accuracy']:.3f} (with lexical "
+                f"{q['top1_accuracy_with_lexical']:.3f})  median best similarity "
                 f"on/off topic {on}/{off}"
             )
             for threshold, row in q["thresholds"].items():

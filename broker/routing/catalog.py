@@ -7,6 +7,10 @@ capability description") and, by default, one row per capability example; a grou
 similarity to a query is the best of its rows (``examples="mean"`` folds the examples into
 the primary row instead; ``benchmarks/routing.py --quality`` compares the two).
 
+Beside the embedding rows, each group has a bag of word stems (the same texts) in a
+:class:`LexicalIndex` (BM25, IDF over the catalog's own groups), and :meth:`Catalog.prior`
+scores how specifically each group declares a message's media type and modality.
+
 Per-group arrays (agent id, accepted content types and modalities as cached boolean masks,
 canary label, limits) are precomputed, and masks derived from a message's features, the
 live set and the loads mapping are cached on the catalog, so the hot path is dict lookups
@@ -24,6 +28,7 @@ agents changed (their record sequences), re-embedding only the agents that chang
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -35,7 +40,7 @@ import structlog
 
 from broker.registry.manifest import Capability, Limits, Modality
 from broker.registry.snapshot import AgentRecord, RegistrySnapshot
-from broker.routing.embedder import Embedder
+from broker.routing.embedder import Embedder, tokens
 from broker.routing.features import MAGIC_MEDIA_TYPE, is_json_type
 from broker.routing.index import DEFAULT_LSH_ABOVE, LSHIndex
 from broker.routing.policy import Canary, Policy
@@ -84,6 +89,105 @@ def accepts(
             ):
                 return True
     return False
+
+
+# --- lexical relevance ------------------------------------------------------------------------
+
+
+class LexicalIndex:
+    """BM25 over the groups' own texts (agent description, action, capability description,
+    examples), with the IDF taken from the catalog itself: a word most capabilities use says
+    little, a word one capability uses says much. No outside vocabulary, no training.
+
+    :meth:`scores` gives each group ``sum(idf(t) * sat(tf)) / sum(idf(t))`` over the query's
+    distinct stems, in [0, 1], where ``sat(tf) = tf (k1 + 1) / (tf + k1 (1 - b + b len /
+    avg len))`` scaled to [0, 1); a query stem the catalog never uses counts in the denominator
+    with the largest IDF, so a query mostly made of unknown words scores low everywhere.
+    """
+
+    def __init__(self, docs: Sequence[Sequence[str]], *, k1: float = 1.2, b: float = 0.5) -> None:
+        n = len(docs)
+        self.n = n
+        lengths = np.array([len(d) for d in docs], dtype=np.float64).reshape(n)
+        avg = float(lengths.mean()) if n and lengths.sum() else 1.0
+        norm = k1 * (1.0 - b + b * lengths / avg)
+        postings: dict[str, tuple[list[int], list[float]]] = {}
+        for g, doc in enumerate(docs):
+            counts: dict[str, int] = {}
+            for term in doc:
+                counts[term] = counts.get(term, 0) + 1
+            for term, tf in counts.items():
+                ids, weights = postings.setdefault(term, ([], []))
+                ids.append(g)
+                weights.append(tf / (tf + float(norm[g])))  # sat(tf), in [0, 1)
+        self.unknown_idf = math.log(1.0 + (n + 0.5) / 0.5)
+        self._postings: dict[str, tuple[npt.NDArray[np.intp], Floats, float]] = {}
+        for term, (ids, weights) in postings.items():
+            df = len(ids)
+            idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+            sat = np.array(weights, dtype=np.float64)
+            self._postings[term] = (np.array(ids, dtype=np.intp), sat * idf, idf)
+
+    def __len__(self) -> int:
+        return len(self._postings)
+
+    def scores(self, terms: Iterable[str]) -> Floats:
+        """Each group's lexical relevance to the query stems ``terms`` (see the class)."""
+        out = np.zeros(self.n, dtype=np.float64)
+        mass = 0.0
+        for term in dict.fromkeys(terms):
+            found = self._postings.get(term)
+            if found is None:
+                mass += self.unknown_idf
+                continue
+            ids, weighted, idf = found
+            out[ids] += weighted
+            mass += idf
+        if mass > 0.0:
+            out /= mass
+        return out
+
+
+def _group_terms(record: AgentRecord, capability: Capability) -> list[str]:
+    manifest = record.manifest
+    about = manifest.description
+    if manifest.embedding is not None and manifest.embedding.text:
+        about += " " + manifest.embedding.text
+    words = [_primary_text(capability, about), *capability.examples]
+    return tokens(" ".join(words))
+
+
+# --- priors from what a capability declares ---------------------------------------------------
+
+
+def media_types_of(content_type: str, magic: str | None) -> tuple[str, ...]:
+    """The media types a message counts as: its own, and the one its magic bytes name."""
+    named = MAGIC_MEDIA_TYPE.get(magic) if magic is not None else None
+    return (content_type,) if named is None or named == content_type else (content_type, named)
+
+
+def _type_specificity(capabilities: Sequence[Capability], media: tuple[str, ...]) -> Floats:
+    """Per group: how rare, in this catalog, an exact listing of the message's media type is
+    (``ln(N / n) / ln(N)`` for the ``n`` of ``N`` capabilities that list it; 0 for those that
+    do not, or take it only by a wildcard or their modality)."""
+    listed = np.array(
+        [any(m in c.content_types for m in media) for c in capabilities], dtype=np.bool_
+    ).reshape(len(capabilities))
+    n, k = len(capabilities), int(listed.sum())
+    if n < 2 or k == 0:
+        return np.zeros(n, dtype=np.float64)
+    rarity = math.log(n / k) / math.log(n)
+    return np.where(listed, rarity, 0.0)
+
+
+def _modality_specificity(capabilities: Sequence[Capability], modality: Modality) -> Floats:
+    """Per group: ``1 / len(modalities)`` when the capability declares ``modality`` (a
+    capability for images only is more of an image specialist than one for images,
+    documents and text), else 0."""
+    return np.array(
+        [1.0 / len(c.modalities) if modality in c.modalities else 0.0 for c in capabilities],
+        dtype=np.float64,
+    ).reshape(len(capabilities))
 
 
 _NAN = float("nan")
@@ -310,6 +414,9 @@ class Catalog:
             LSHIndex(self.matrix) if self.matrix.shape[0] > lsh_above else None
         )
         self.no_similarity = _frozen(np.zeros(len(groups), dtype=np.float32))
+        by_name: dict[str, AgentRecord] = {e.record.name: e.record for e in entries}
+        self.lexical = LexicalIndex([_group_terms(by_name[g.agent], g.capability) for g in groups])
+        self._priors: dict[tuple[Any, ...], Floats | None] = {}
         self._filters: dict[tuple[Any, ...], Mask] = {}
         self._live: tuple[object, Mask] | None = None
         self._live_and: tuple[Mask, object, Mask] | None = None
@@ -355,6 +462,34 @@ class Catalog:
             return found
         values = [accepts(c, content_type, modality, magic) for c in self.capabilities]
         return self._memo(key, np.array(values, dtype=np.bool_).reshape(self.n_groups))
+
+    def prior(
+        self,
+        content_type: str,
+        modality: Modality,
+        magic: str | None,
+        *,
+        readings: bool,
+        type_weight: float,
+        modality_weight: float,
+    ) -> Floats | None:
+        """Per group: ``type_weight`` x how specific its listing of the message's media type
+        is, plus ``modality_weight`` x how specialised it is in the message's modality (and
+        in ``sensor`` too when ``readings``: a JSON body of mostly numbers); ``None`` when
+        that is 0 for every group. Memoised by the whole key."""
+        key = (content_type, modality, magic, readings, type_weight, modality_weight)
+        if key in self._priors:
+            return self._priors[key]
+        caps = self.capabilities
+        prior = type_weight * _type_specificity(caps, media_types_of(content_type, magic))
+        prior += modality_weight * _modality_specificity(caps, modality)
+        if readings and modality is not Modality.SENSOR:
+            prior += modality_weight * _modality_specificity(caps, Modality.SENSOR)
+        found = _frozen(prior) if prior.any() else None
+        if len(self._priors) >= _MEMO_LIMIT:
+            self._priors.clear()
+        self._priors[key] = found
+        return found
 
     def canary_mask(self, canary: Canary, wanted: bool) -> Mask:
         """Groups of agents labelled ``canary.label=canary.value`` (``wanted``), or of the

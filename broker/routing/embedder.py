@@ -273,7 +273,10 @@ class SentenceTransformerEmbedder:
             raise EmbedderUnavailable(
                 f"cannot load the sentence-transformers model at {model_path}: {e}"
             ) from None
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        dimension = getattr(self._model, "get_embedding_dimension", None)  # newer releases
+        if dimension is None:
+            dimension = self._model.get_sentence_embedding_dimension
+        self.dim = int(dimension())
         self.name = f"sentence-transformers:{model_path.name}"
 
     def embed(self, texts: Sequence[str]) -> Matrix:

@@ -12,6 +12,10 @@ parses as JSON is structured, other text is text, an empty payload is text. Byte
 neither a known format nor text are classed as ``sensor`` data, the one modality for opaque
 binary readings.
 
+The text to match is ``Broker-Text``, else the payload's own: a text body; a JSON body's
+distinct keys as words, then its string values (``numeric_share`` tells telemetry from
+records); a PDF's title and the strings its pages draw (:func:`pdf_text`, bounded).
+
 Routing headers (looked up case-insensitively):
 
 ``Broker-Intent``     the capability action wanted (``ocr``); lower-cased
@@ -29,8 +33,9 @@ import base64
 import binascii
 import codecs
 import re
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,6 +59,9 @@ MAX_EMBEDDING_DIM = 4096
 MAX_JSON_PARSE = 256 * 1024  # larger JSON is not parsed: text comes from a prefix scan
 MAX_JSON_NODES = 20_000
 SAMPLE_BYTES = 4096
+MAX_PDF_SCAN = 256 * 1024  # PDF bytes searched for text
+MAX_PDF_INFLATE = 256 * 1024  # bytes inflated from compressed PDF content streams, in all
+_MAX_KEYS = 200  # distinct JSON keys kept as words
 _MAX_TEXT_HEADER = 64 * 1024
 _MAX_EMBEDDING_HEADER = (MAX_EMBEDDING_DIM * 4 + 2) // 3 * 4 + 8
 _INTENT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -87,6 +95,9 @@ class Features:
     text: str | None
     embedding: Vector | None
     env: str | None
+    #: Share of a JSON body's leaves that are numbers (``None``: not parsed JSON). Telemetry
+    #: is mostly numbers; a business record or a message mostly strings.
+    numeric_share: float | None = None
 
 
 # --- magic bytes --------------------------------------------------------------------------
@@ -347,27 +358,48 @@ def _decode_text(payload: bytes, charset: str) -> str | None:
     return text or None
 
 
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def key_words(key: str) -> str:
+    """A JSON key as words: ``temperatureC``, ``temperature_c`` and ``temperature-c`` all
+    give ``temperature c``."""
+    return _CAMEL.sub(" ", key).replace("_", " ").replace("-", " ").replace(".", " ")
+
+
 @dataclass(slots=True)
 class _JsonScan:
     fields: int = 0
     depth: int = 0
     nodes: int = 0
     chars: int = 0
+    strings: int = 0
+    numbers: int = 0
+    keys: dict[str, None] = field(default_factory=dict)  # distinct keys, first seen first
 
     def walk(self, value: Any, level: int, texts: list[str]) -> None:
-        """Count keys and depth, collect string values; stops at the node budget."""
+        """Count keys, depth and leaf kinds, collect string values and distinct keys; stops
+        at the node budget."""
         self.nodes += 1
         if self.nodes > MAX_JSON_NODES:
             return
         if isinstance(value, str):
+            self.strings += 1
             if self.chars < MAX_TEXT_CHARS and value.strip():
                 texts.append(value)
                 self.chars += len(value) + 1
             return
+        if isinstance(value, bool):
+            return
+        if isinstance(value, (int, float)):
+            self.numbers += 1
+            return
         if isinstance(value, dict):
             self.depth = max(self.depth, level + 1)
             self.fields += len(value)
-            for item in value.values():
+            for key, item in value.items():
+                if len(self.keys) < _MAX_KEYS:
+                    self.keys[key] = None
                 self.walk(item, level + 1, texts)
         elif isinstance(value, list):
             self.depth = max(self.depth, level + 1)
@@ -375,8 +407,12 @@ class _JsonScan:
                 self.walk(item, level + 1, texts)
 
 
-def _json_features(body: bytes) -> tuple[int | None, int | None, str | None] | None:
-    """``(fields, depth, text)`` of a JSON body, or ``None`` when it is not JSON."""
+def _json_features(
+    body: bytes,
+) -> tuple[int | None, int | None, str | None, float | None] | None:
+    """``(fields, depth, text, numeric share)`` of a JSON body, or ``None`` when it is not
+    JSON. The text is the distinct keys as words (field names say what a record is), then
+    the string values."""
     if len(body) > MAX_JSON_PARSE:
         # Too large to parse per message: collect string values (not keys) from a prefix.
         texts: list[str] = []
@@ -389,7 +425,7 @@ def _json_features(body: bytes) -> tuple[int | None, int | None, str | None] | N
             size += len(value) + 1
             if size >= MAX_TEXT_CHARS:
                 break
-        return None, None, " ".join(texts)[:MAX_TEXT_CHARS] or None
+        return None, None, " ".join(texts)[:MAX_TEXT_CHARS] or None, None
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -397,8 +433,76 @@ def _json_features(body: bytes) -> tuple[int | None, int | None, str | None] | N
     scan = _JsonScan()
     collected: list[str] = []
     scan.walk(value, 0, collected)
-    text = " ".join(collected)[:MAX_TEXT_CHARS].strip()
-    return scan.fields, scan.depth, text or None
+    names = " ".join(key_words(k) for k in scan.keys)
+    text = " ".join([names, *collected])[:MAX_TEXT_CHARS].strip()
+    leaves = scan.strings + scan.numbers
+    share = scan.numbers / leaves if leaves else None
+    return scan.fields, scan.depth, text or None, share
+
+
+# --- PDF text -------------------------------------------------------------------------------
+
+_PDF_STREAM = re.compile(rb"<<((?:[^<>]|<<[^<>]*>>){0,2000})>>\s*stream\r?\n")
+_PDF_SHOW = re.compile(rb"\((?:[^()\\]|\\.){0,2000}\)\s*(?:Tj|'|\")|\[(?:[^\[\]]){0,4000}\]\s*TJ")
+_PDF_LITERAL = re.compile(rb"\(((?:[^()\\]|\\.){0,2000})\)")
+_PDF_TITLE = re.compile(rb"/(?:Title|Subject|Keywords)\s*\(((?:[^()\\]|\\.){0,500})\)")
+_PDF_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"", b"f": b""}
+_PDF_ESCAPE = re.compile(rb"\\([0-7]{1,3}|.)", re.DOTALL)
+
+
+def _pdf_unescape(raw: bytes) -> str:
+    def one(match: re.Match[bytes]) -> bytes:
+        code = match.group(1)
+        if code[:1].isdigit():
+            return bytes([int(code, 8) & 0xFF])
+        return _PDF_ESCAPES.get(code, code)
+
+    return _PDF_ESCAPE.sub(one, raw).decode("cp1252", errors="replace")
+
+
+def _pdf_shown(content: bytes, out: list[str], budget: int) -> int:
+    """Append the strings shown by ``Tj``/``TJ``/``'``/``"`` in a content stream."""
+    for show in _PDF_SHOW.finditer(content):
+        for literal in _PDF_LITERAL.finditer(show.group(0)):
+            piece = _pdf_unescape(literal.group(1))
+            out.append(piece)
+            budget -= len(piece) + 1
+            if budget <= 0:
+                return budget
+    return budget
+
+
+def pdf_text(payload: bytes) -> str | None:
+    """The text a PDF shows, read cheaply: literal strings drawn by the text operators of its
+    content streams (plain or ``FlateDecode``, inflated up to :data:`MAX_PDF_INFLATE` bytes in
+    all), after the document's title, subject and keywords; searched in the first
+    :data:`MAX_PDF_SCAN` bytes. Hex strings, font encodings and object streams are not
+    decoded: a PDF whose text is only there gives ``None`` (or less text)."""
+    head = payload[:MAX_PDF_SCAN]
+    out = [_pdf_unescape(m.group(1)) for m in _PDF_TITLE.finditer(head)]
+    budget = MAX_TEXT_CHARS
+    inflate_left = MAX_PDF_INFLATE
+    for match in _PDF_STREAM.finditer(head):
+        dictionary, start = match.group(1), match.end()
+        end = head.find(b"endstream", start)
+        if end < 0:
+            break
+        data = head[start:end]
+        if b"/Filter" in dictionary:
+            if b"/FlateDecode" not in dictionary or inflate_left <= 0:
+                continue
+            try:
+                data = zlib.decompressobj().decompress(data, inflate_left)
+            except zlib.error:
+                continue
+            inflate_left -= len(data)
+        if b"BT" not in data:
+            continue
+        budget = _pdf_shown(data, out, budget)
+        if budget <= 0:
+            break
+    text = " ".join(" ".join(out).split())[:MAX_TEXT_CHARS]
+    return text or None
 
 
 def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
@@ -420,6 +524,7 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
     opaque = content_type in _OPAQUE_TYPES
     json_fields: int | None = None
     json_depth: int | None = None
+    numeric_share: float | None = None
     text: str | None = None
 
     json_like = body[:64].lstrip()[:1] in (b"{", b"[")
@@ -428,7 +533,7 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
     ):
         found = _json_features(body)
         if found is not None:
-            json_fields, json_depth, text = found
+            json_fields, json_depth, text, numeric_share = found
             modality = modality or Modality.STRUCTURED
     if modality is None and magic is not None:
         modality = MAGIC_MODALITY.get(magic)
@@ -436,6 +541,8 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
         modality = Modality.TEXT if _looks_like_text(sample) else Modality.SENSOR
     if modality is Modality.TEXT:
         text = _decode_text(payload, _charset(raw_type))
+    elif magic == "pdf" or (modality is Modality.DOCUMENT and content_type == "application/pdf"):
+        text = pdf_text(payload)
 
     header_text = h.get(H_TEXT)
     if header_text is not None:
@@ -456,4 +563,5 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
         text=text,
         embedding=None if embedding_header is None else parse_embedding(embedding_header),
         env=None if env is None else (env.strip()[:64] or None),
+        numeric_share=numeric_share,
     )

@@ -137,6 +137,27 @@ class Policy(_Model):
         "agent's are candidates: load then chooses among equally good matches, and never "
         "outweighs a clearly better one.",
     )
+    lexical_weight: float = Field(
+        default=0.5,
+        ge=0,
+        le=2,
+        description="Weight of the lexical (BM25, IDF over the catalog's own texts) relevance "
+        "added to the cosine similarity when the message has text.",
+    )
+    type_prior: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Relevance added to a capability that lists the message's media type "
+        "exactly, times how rare that listing is in the tenant's catalog.",
+    )
+    modality_prior: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Relevance added to a capability that declares the message's modality, "
+        "divided by the number of modalities it declares.",
+    )
     top_k: int = Field(default=3, ge=1, le=64)
     choice: Choice = Choice.P2C
     load: LoadPolicy = Field(default_factory=LoadPolicy)

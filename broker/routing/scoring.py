@@ -6,14 +6,17 @@
    none: all actions), what the capability accepts (see :mod:`broker.routing.catalog`),
    canary (``x-env: canary`` goes only to agents labelled ``env=canary``, everything else
    never does), liveness (``live``), and agents already tried (``exclude``).
-2. **Qualify** by meaning, when the message has a query vector: only groups whose cosine
-   similarity is within ``semantic_margin`` of the most similar one's, and, without an
-   intent, at least ``threshold``. (With an intent the action was named: similarity ranks
-   but does not reject.)
-3. **Rank** by ``score = w * similarity + (1 - w) * load`` (``w`` = ``semantic_weight``);
-   without a query vector (an image with no text) by the load weight alone. Each agent
-   appears once (its best capability). Groups whose load weight is 0 (GPU memory below the
-   minimum, cooling down) rank after all others.
+2. **Qualify** by relevance: ``cosine + lexical_weight * lexical + priors`` (the cosine
+   from the query vector, the lexical BM25 score from the text's stems with the catalog's
+   own IDF, the priors from how specifically a capability declares the message's media
+   type and modality: :meth:`Catalog.prior`). Only groups within ``semantic_margin`` of
+   the most relevant one's, and, without an intent, at least ``threshold``. (With an
+   intent the action was named: relevance ranks but does not reject.) Without a query
+   vector the priors alone rank, when the capabilities declare anything about content.
+3. **Rank** by ``score = w * relevance + (1 - w) * load`` (``w`` = ``semantic_weight``);
+   with nothing to rank by (an image with no text, capabilities that declare nothing) by
+   the load weight alone. Each agent appears once (its best capability). Groups whose load
+   weight is 0 (GPU memory below the minimum, cooling down) rank after all others.
 4. **Choose** among the ``top_k`` by ``policy.choice``: ``p2c`` draws two and keeps the
    less loaded (higher load weight; the better-ranked on a tie), ``wrr`` draws one weighted
    by score, ``best`` takes the first. Zero-load candidates are chosen only when nobody else
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +41,7 @@ import numpy.typing as npt
 from broker.registry.manifest import Limits
 from broker.registry.snapshot import RegistrySnapshot
 from broker.routing.catalog import Catalog, CatalogCache, GroupLoads, LoadArrays
-from broker.routing.embedder import Embedder
+from broker.routing.embedder import Embedder, tokens
 from broker.routing.features import Features, InvalidRoutingHeader, extract
 from broker.routing.policy import DEFAULT_POLICY, Choice, Policy
 from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
@@ -50,6 +54,8 @@ NO_LOAD_REPORT = "no_load_report"
 _QPS, _P99, _GPU, _COOLDOWN, _UNKNOWN = 1, 2, 4, 8, 16
 _RNG = random.Random()
 _SHOWN = 5  # agent names listed in a detail sentence
+#: A JSON body whose leaves are at least this share numbers reads as sensor telemetry.
+READINGS_SHARE = 0.6
 
 
 # --- load weights ---------------------------------------------------------------------------
@@ -349,6 +355,60 @@ def _similarities(
     return sims, narrowed
 
 
+@dataclass(frozen=True, slots=True)
+class _Relevance:
+    """Each group's relevance to a message, and which groups qualify by it."""
+
+    mask: npt.NDArray[np.bool_]  # the filter mask, narrowed to the groups LSH found
+    relevance: npt.NDArray[np.float32]  # catalog.no_similarity: nothing to rank by
+    qualify: npt.NDArray[np.bool_]
+    textual: bool  # the relevance includes the message's text or vector
+
+
+def _relevance(
+    catalog: Catalog,
+    features: Features,
+    policy: Policy,
+    mask: npt.NDArray[np.bool_],
+    *,
+    query: Vector | None,
+    terms: Sequence[str],
+) -> _Relevance:
+    """``cosine + lexical_weight * lexical + priors`` per group (step 2 of the module
+    docstring); without text or vector, the priors alone; without either, nothing."""
+    prior = catalog.prior(
+        features.content_type,
+        features.modality,
+        features.magic,
+        readings=(features.numeric_share or 0.0) >= READINGS_SHARE,
+        type_weight=policy.type_prior,
+        modality_weight=policy.modality_prior,
+    )
+    if query is not None:
+        _check_dimension(catalog, query)
+        similar, mask = _similarities(catalog, query, mask, policy.top_k)
+        if terms and policy.lexical_weight > 0.0:
+            lexical = catalog.lexical.scores(terms)
+            similar = (similar + policy.lexical_weight * lexical).astype(np.float32)
+        relevance = similar if prior is None else (similar + prior).astype(np.float32)
+        within = np.where(mask, relevance, -np.inf)
+        best = float(within.max()) if within.shape[0] else -np.inf
+        # A zero query vector means nothing (then only the priors rank, below).
+        if best > -np.inf and ((prior is None and best != 0.0) or query.any()):
+            floor = best - policy.semantic_margin
+            if features.intent is None:
+                floor = max(floor, policy.threshold)
+            return _Relevance(mask, relevance, within >= floor, textual=True)
+    if prior is not None:
+        relevance = prior.astype(np.float32)
+        within = np.where(mask, relevance, -np.inf)
+        best = float(within.max()) if within.shape[0] else -np.inf
+        if best > -np.inf:  # else nothing passed the filters
+            near = within >= best - policy.semantic_margin
+            return _Relevance(mask, relevance, near, textual=False)
+    return _Relevance(mask, catalog.no_similarity, mask, textual=False)
+
+
 def decide(
     catalog: Catalog,
     features: Features,
@@ -360,6 +420,7 @@ def decide(
     cooling: Collection[str] = (),
     exclude: Collection[str] = (),
     rng: random.Random | None = None,
+    terms: Sequence[str] = (),
 ) -> Decision:
     """Route one message (see the module docstring for the rules).
 
@@ -370,7 +431,9 @@ def decide(
     and ``live`` are memoised by identity: pass new objects when they change, and the same
     objects while they do not. When the live agents are those with a load entry, pass
     ``live=loads`` itself: a fresh ``loads.keys()`` view per call defeats the memo and costs
-    a pass over the catalog's agents on every decision.
+    a pass over the catalog's agents on every decision. ``terms``: the stems of the
+    message's text (:func:`broker.routing.embedder.tokens`) for the lexical relevance;
+    empty: cosine only.
     """
     wants_canary = features.env is not None and features.env == policy.canary.value
     mask = catalog.filter_mask(
@@ -389,19 +452,13 @@ def decide(
     if cooling:
         view = _cooled(catalog, view, cooling, policy)
 
-    sims, cost, qualify = catalog.no_similarity, view.cost_by_load, mask
-    if query is not None:
-        _check_dimension(catalog, query)
-        similar, mask = _similarities(catalog, query, mask, policy.top_k)
-        within = np.where(mask, similar, -np.inf)
-        best = float(within.max()) if within.shape[0] else -np.inf
-        if best > -np.inf and (best != 0.0 or query.any()):  # a zero vector means nothing
-            floor = best - policy.semantic_margin
-            if features.intent is None:
-                floor = max(floor, policy.threshold)
-            sims, qualify = similar, within >= floor
-            cost = view.cost - similar * policy.semantic_weight
+    found = _relevance(catalog, features, policy, mask, query=query, terms=terms)
+    mask, sims, qualify = found.mask, found.relevance, found.qualify
+    cost = view.cost_by_load
+    if sims is not catalog.no_similarity:
+        cost = view.cost - sims * policy.semantic_weight
     semantic = sims is not catalog.no_similarity
+    textual = found.textual
     picked = _top_distinct(catalog, cost, qualify, policy.top_k)
 
     if not picked:
@@ -430,8 +487,13 @@ def decide(
     )
     if not semantic:
         detail += "; no text or embedding to compare, ranked by load"
+    elif not textual:
+        detail += (
+            "; no text or embedding to compare, ranked by how specifically each capability "
+            f"declares this content, within {policy.semantic_margin:g} of the best, then load"
+        )
     else:
-        detail += f"; candidates are within {policy.semantic_margin:g} of the best similarity"
+        detail += f"; candidates are within {policy.semantic_margin:g} of the best relevance"
     if chosen.penalties:
         detail += f"; penalties: {', '.join(chosen.penalties)}"
     if pool == 0:
@@ -489,6 +551,7 @@ class Scorer:
         rng: random.Random | None = None,
     ) -> Decision:
         features = extract(payload, headers)
+        terms = tokens(features.text) if features.text and features.embedding is None else ()
         return decide(
             self.catalogs.get(snapshot, tenant),
             features,
@@ -499,4 +562,5 @@ class Scorer:
             cooling=cooling,
             exclude=exclude,
             rng=rng,
+            terms=terms,
         )

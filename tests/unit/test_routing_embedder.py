@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,21 @@ def test_sentence_transformers_with_a_missing_model_directory_is_refused(tmp_pat
     pytest.importorskip("sentence_transformers")
     with pytest.raises(EmbedderUnavailable, match="does not exist"):
         SentenceTransformerEmbedder(tmp_path / "missing")
+
+
+def test_sentence_transformers_embeds_unit_rows_with_a_local_model() -> None:
+    """Runs where the extra is installed and BROKER_TEST_ST_MODEL names a local model
+    directory (e.g. all-MiniLM-L6-v2); skipped otherwise."""
+    pytest.importorskip("sentence_transformers")
+    path = os.environ.get("BROKER_TEST_ST_MODEL")
+    if not path:
+        pytest.skip("set BROKER_TEST_ST_MODEL to a local sentence-transformers model directory")
+    embedder = load_embedder(f"sentence-transformers:{path}")
+    rows = embedder.embed(["the invoice total", "", "what is due on this bill"])
+    assert rows.shape == (3, embedder.dim)
+    assert not rows[1].any()
+    assert np.linalg.norm(rows[[0, 2]], axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert float(rows[0] @ rows[2]) > 0.3
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import zlib
 from urllib.parse import quote
 
 import numpy as np
@@ -20,7 +21,9 @@ from broker.routing.features import (
     encode_embedding,
     entropy,
     extract,
+    key_words,
     parse_embedding,
+    pdf_text,
     sniff_magic,
 )
 
@@ -34,6 +37,7 @@ MP4 = b"\x00\x00\x00\x18ftypisom" + bytes(16)
 M4A = b"\x00\x00\x00\x18ftypM4A " + bytes(16)
 WEBM = b"\x1a\x45\xdf\xa3" + bytes(16)
 MP3 = b"ID3\x04\x00\x00" + bytes(16)
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.mark.parametrize(
@@ -79,7 +83,7 @@ def test_typed_media_is_classified_by_its_type_without_a_signature() -> None:
     assert extract(b"PK\x03\x04", {"Content-Type": docx}).modality is Modality.DOCUMENT
 
 
-def test_json_payload_counts_fields_and_depth_and_gives_its_string_values_as_text() -> None:
+def test_json_payload_counts_fields_and_depth_and_gives_its_keys_and_strings_as_text() -> None:
     body = orjson.dumps(
         {"question": "Translate this letter", "meta": {"lang": "fr", "n": 3}, "tags": ["a", 1]}
     )
@@ -88,14 +92,15 @@ def test_json_payload_counts_fields_and_depth_and_gives_its_string_values_as_tex
     assert features.modality is Modality.STRUCTURED
     assert features.json_fields == 5  # question, meta, tags, lang, n
     assert features.json_depth == 2
-    assert features.text == "Translate this letter fr a"
+    assert features.text == "question meta lang n tags Translate this letter fr a"
+    assert features.numeric_share == pytest.approx(2 / 5)  # 3, 1 of "Transl..", fr, a, 3, 1
 
 
 def test_untyped_json_is_sniffed_as_structured() -> None:
     features = extract(b'  {"text": "hello world"}', {})
     assert features.modality is Modality.STRUCTURED
     assert features.json_fields == 1
-    assert features.text == "hello world"
+    assert features.text == "text hello world"
 
 
 def test_plain_text_is_the_text_to_embed() -> None:
@@ -278,3 +283,52 @@ def test_embeddings_round_trip_as_unit_vectors(values: list[float]) -> None:
     parsed = parse_embedding(header)
     assert parsed.shape == vector.shape
     assert abs(float(np.linalg.norm(parsed)) - 1.0) < 1e-3
+
+
+def _pdf(content: bytes, *, flate: bool = False, title: bytes | None = None) -> bytes:
+    stream = zlib.compress(content) if flate else content
+    filters = b" /Filter /FlateDecode" if flate else b""
+    info = b"" if title is None else b"6 0 obj\n<< /Title (" + title + b") >>\nendobj\n"
+    return (
+        b"%%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\n4 0 obj\n<< /Length %d%s >>\nstream\n"
+        % (len(stream), filters)
+        + stream
+        + b"\nendstream\nendobj\n"
+        + info
+        + b"%%EOF\n"
+    )
+
+
+def test_a_pdf_gives_the_text_its_pages_show() -> None:
+    content = (
+        b"BT /F1 11 Tf 56 780 Td (Total due: EUR 12) Tj T* [(Pay) -250 (able \\(net\\))] TJ ET"
+    )
+    for flate in (False, True):
+        features = extract(_pdf(content, flate=flate, title=b"Invoice 7"), {})
+        assert features.modality is Modality.DOCUMENT
+        assert features.text == "Invoice 7 Total due: EUR 12 Pay able (net)"
+
+
+def test_pdf_text_reading_is_bounded_and_tolerates_garbage() -> None:
+    broken = b"%PDF-1.4\n<< /Filter /FlateDecode /Length 9 >>\nstream\nnot-zlib!\nendstream\n"
+    assert pdf_text(broken) is None
+    assert pdf_text(b"%PDF-1.4\n<< /Length 5 >>\nstream\nBT (x") is None  # no endstream
+    inflated = pdf_text(_pdf(b"BT " + b"(word) Tj " * 200_000 + b"ET", flate=True))
+    assert inflated is not None
+    assert len(inflated) <= MAX_TEXT_CHARS
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [("temperature_c", "temperature c"), ("vibrationMmS", "vibration Mm S"), ("a-b.c", "a b c")],
+)
+def test_json_keys_are_read_as_words(key: str, words: str) -> None:
+    assert key_words(key) == words
+
+
+def test_numeric_share_tells_telemetry_from_records() -> None:
+    readings = extract(orjson.dumps({"id": "pump-3", "rpm": [1200, 1210, 1190.5]}), JSON)
+    record = extract(orjson.dumps({"name": "Ann", "city": "Oslo", "age": 41}), JSON)
+    assert readings.numeric_share == pytest.approx(0.75)
+    assert record.numeric_share == pytest.approx(1 / 3)
+    assert extract(b"plain", {"Content-Type": "text/plain"}).numeric_share is None

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from broker.envelope import Tenant
-from broker.registry.manifest import AgentManifest, AgentName, Limits
+from broker.registry.manifest import AgentManifest, AgentName, Limits, Modality
 from broker.registry.snapshot import AgentRecord, RegistrySnapshot
 from broker.routing import (
     DEFAULT_POLICY,
@@ -40,6 +40,7 @@ from broker.routing import (
     load_policy,
     load_score,
 )
+from broker.routing.catalog import LexicalIndex
 from broker.routing.features import encode_embedding
 
 pytestmark = pytest.mark.unit
@@ -627,10 +628,12 @@ def test_decisions_are_well_formed_for_any_loads_and_weights(
     decision = route(text.encode(), TEXT, loads=reported, rules=rules, rng=random.Random(seed))
     assert len(decision.candidates) <= rules.top_k
     assert len({c.agent for c in decision.candidates}) == len(decision.candidates)
+    # relevance: cosine + lexical_weight x [0, 1) + priors (this catalog declares no types)
+    most = 1.0 + rules.lexical_weight + rules.type_prior + 2 * rules.modality_prior + 1e-6
     for c in decision.candidates:
-        assert -1.0 - 1e-6 <= c.semantic <= 1.0 + 1e-6
+        assert -1.0 - 1e-6 <= c.semantic <= most
         assert 0.0 <= c.load <= 1.0
-        assert -weight - 1e-6 <= c.score <= 1.0 + 1e-6
+        assert -weight - 1e-6 <= c.score <= weight * most + (1.0 - weight) + 1e-6
         assert c.load_inputs == reported.get(c.agent)
     if decision.reason is DecisionReason.SCORED:
         assert decision.agent in {c.agent for c in decision.candidates}
@@ -813,3 +816,107 @@ def test_an_empty_policy_file_is_the_default_policy(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("")
     assert load_policy(path) == DEFAULT_POLICY
+
+
+# --- relevance: lexical scores and declared-content priors -------------------------------------
+
+
+def test_lexical_index_weighs_words_by_their_rarity_in_the_catalog() -> None:
+    index = LexicalIndex([["invoice", "total", "read"], ["photo", "read"], ["photo", "caption"]])
+    rare = index.scores(["invoice"])
+    assert rare.argmax() == 0
+    assert rare[1] == rare[2] == 0.0
+    mixed = index.scores(["photo", "total"])  # "total" is in one group, "photo" in two
+    assert mixed[0] > mixed[1] == mixed[2] > 0.0
+    assert index.scores(["unknown"]).tolist() == [0.0, 0.0, 0.0]
+    diluted = index.scores(["invoice", "unknown", "words"])
+    assert 0.0 < diluted[0] < rare[0] < 1.0  # words the catalog never uses dilute the score
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c", "d", "zz"]), max_size=8))
+def test_lexical_scores_stay_in_the_unit_interval(terms: list[str]) -> None:
+    index = LexicalIndex([["a", "b", "b"], ["c"], [], ["a", "d", "d", "d"]])
+    scores = index.scores(terms)
+    assert scores.shape == (4,)
+    assert ((scores >= 0.0) & (scores < 1.0)).all()
+
+
+def test_a_shared_rare_word_decides_between_otherwise_unrelated_agents() -> None:
+    """The catalog-IDF lexical score ranks the agent whose texts use the message's rare word."""
+    decision = route(b"what's the temperature tomorrow", TEXT, rules=policy(choice="best"))
+    assert decision.agent == "weather"
+    without = route(
+        b"what's the temperature tomorrow", TEXT, rules=policy(choice="best", lexical_weight=0)
+    )
+    assert decision.candidates[0].semantic > without.candidates[0].semantic
+
+
+MEDIA = [
+    agent(
+        "reviewer",
+        "Reviews code.",
+        {"action": "review", "content_types": ["text/x-diff", "text/plain"]},
+    ),
+    agent("chat", "Answers questions.", {"action": "answer", "content_types": ["text/plain"]}),
+    agent(
+        "listener", "Handles audio and text.", {"action": "listen", "modalities": ["audio", "text"]}
+    ),
+    agent("speech", "Handles recordings.", {"action": "hear", "modalities": ["audio"]}),
+    agent(
+        "meter",
+        "Watches readings.",
+        {"action": "watch", "modalities": ["sensor"], "content_types": ["application/json"]},
+    ),
+    agent("records", "Stores records.", {"action": "store", "content_types": ["application/json"]}),
+]
+
+
+def test_a_rarely_listed_media_type_raises_the_capability_that_lists_it() -> None:
+    diff = b"--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n"
+    rules = policy(choice="best", threshold=-1)
+    decision = route(diff, {"Content-Type": "text/x-diff"}, MEDIA, rules=rules)
+    assert decision.agent == "reviewer"
+    assert decision.reason is DecisionReason.SCORED
+
+
+def test_without_text_the_modality_specialist_ranks_first() -> None:
+    """An audio file with no text ranks the audio-only capability above the audio-and-text
+    one; with the priors off, load alone decides."""
+    wav = {"Content-Type": "audio/wav"}
+    decision = route(WAV, wav, MEDIA, rules=policy(choice="best"))
+    assert decision.agent == "speech"
+    assert [c.agent for c in decision.candidates] == ["speech", "listener"]
+    assert "declares this content" in decision.detail
+    loads = {"speech": AgentLoad(qps=500.0, p99_ms=150.0), "listener": AgentLoad()}
+    flat = route(WAV, wav, MEDIA, loads=loads, rules=policy(modality_prior=0, type_prior=0))
+    assert flat.agent == "listener"
+    assert "ranked by load" in flat.detail
+
+
+def test_numeric_json_counts_as_sensor_readings_for_the_prior() -> None:
+    """A JSON body of mostly numbers raises the sensor capability by the modality prior; a
+    record of mostly strings does not."""
+    json = {"Content-Type": "application/json"}
+
+    def relevance(body: bytes, **changes: Any) -> dict[str, float]:
+        rules = policy(choice="best", threshold=-1, semantic_margin=2, **changes)
+        decision = route(body, json, MEDIA[4:], rules=rules)
+        return {c.agent: c.semantic for c in decision.candidates}
+
+    readings = orjson.dumps({"t": [1, 2, 3, 4], "v": [0.1, 0.2, 0.4, 9.0]})
+    record = orjson.dumps({"customer": "x", "note": "y", "id": 4})
+    with_prior, without = relevance(readings), relevance(readings, modality_prior=0)
+    assert with_prior["meter"] - without["meter"] == pytest.approx(0.05, abs=1e-6)
+    assert with_prior["records"] == pytest.approx(without["records"])
+    assert relevance(record) == pytest.approx(relevance(record, modality_prior=0))
+
+
+def test_catalog_priors_are_memoised_and_none_when_nothing_is_declared() -> None:
+    catalog = build_catalog(MEDIA, EMBEDDER)
+    args = {"readings": False, "type_weight": 0.2, "modality_weight": 0.05}
+    first = catalog.prior("text/x-diff", Modality.TEXT, None, **args)
+    assert first is not None
+    assert first is catalog.prior("text/x-diff", Modality.TEXT, None, **args)
+    assert int(first.argmax()) == catalog.agent_index["reviewer"]
+    plain = build_catalog(ASSISTANTS[:3], EMBEDDER)
+    assert plain.prior("text/plain", Modality.TEXT, None, **args) is None
