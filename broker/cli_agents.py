@@ -119,7 +119,14 @@ def apply(
     )
 
 
-@agents_app.command("list")
+@agents_app.command(
+    "list",
+    epilog=(
+        "Examples:\n\n"
+        "  broker agents list\n\n"
+        "  broker agents list --as-of 2026-11-24T10:00:00Z -o json"
+    ),
+)
 def list_agents(
     as_of: Annotated[str | None, typer.Option(help="Stream sequence or RFC 3339 time.")] = None,
     url: URL = DEFAULT_URL,
@@ -142,13 +149,29 @@ def list_agents(
     Console().print(table)
 
 
-@agents_app.command()
-def get(name: str, url: URL = DEFAULT_URL) -> None:
-    """Print one agent (JSON)."""
-    typer.echo(json.dumps(_get_json(url, f"/v1/agents/{name}"), indent=2))
+@agents_app.command(
+    epilog=(
+        "Examples:\n\n  broker agents get translator\n\n  broker agents get translator -o yaml"
+    ),
+)
+def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
+    """Print one agent: its registry record (json) or only its manifest (yaml)."""
+    body = _get_json(url, f"/v1/agents/{name}")
+    if output == "yaml":
+        import yaml
+
+        typer.echo(yaml.safe_dump(body["manifest"], sort_keys=False).rstrip())
+        return
+    typer.echo(json.dumps(body, indent=2))
 
 
-@agents_app.command()
+@agents_app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  broker agents history translator\n\n"
+        "  broker agents history translator -o json"
+    ),
+)
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
     """Every registry event of one agent, oldest first."""
     body = _get_json(url, f"/v1/agents/{name}/history")
@@ -160,7 +183,10 @@ def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None
         typer.echo(f"{event['seq']:>8}  {event['at']}  {event['type']:<18} {version}")
 
 
-@agents_app.command("import-a2a")
+@agents_app.command(
+    "import-a2a",
+    epilog=("Examples:\n\n  broker agents import-a2a agent-card.json -o translator.yaml"),
+)
 def import_a2a(
     card: Annotated[Path, typer.Argument(exists=True, help="A2A agent card (agent.json).")],
     output: Annotated[

@@ -128,7 +128,14 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
         await store.close()
 
 
-@projections_app.command("status")
+@projections_app.command(
+    "status",
+    epilog=(
+        "Examples:\n\n"
+        "  broker projections status\n\n"
+        "  broker projections status --replica-url postgresql://postgres@db/replica -o json"
+    ),
+)
 def status(
     nats_url: NATS_URL = DEFAULT_NATS,
     replica: REPLICA_URL = None,
@@ -140,7 +147,10 @@ def status(
     _print(rows, output)
 
 
-@projections_app.command("list")
+@projections_app.command(
+    "list",
+    epilog="Examples:\n\n  broker projections list -o json",
+)
 def list_projections(output: OUTPUT = "table") -> None:
     """The projections a worker can run."""
     rows = [
@@ -190,7 +200,12 @@ def _setup(engine: Any, projection: Any) -> None:
         projection.setup(tx)
 
 
-@projections_app.command("reset")
+@projections_app.command(
+    "reset",
+    epilog=(
+        "Examples:\n\n  broker projections reset replica_messages --yes   # rebuild from the stream"
+    ),
+)
 def reset(
     name: Annotated[str, typer.Argument(help="Projection name (see `broker projections list`).")],
     nats_url: NATS_URL = DEFAULT_NATS,
@@ -220,15 +235,22 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
         rows = []
         async for m in read_messages(nc.jetstream(), Stream.DLQ):
             h = m.headers or {}
-            rows.append(
-                {
-                    "dlq_seq": m.metadata.sequence.stream,
-                    "projection": h.get("Broker-Dlq-Projection"),
-                    "stream": h.get("Broker-Dlq-Stream"),
-                    "seq": int(h.get("Broker-Dlq-Seq", "0")),
-                    "error": h.get("Broker-Dlq-Error"),
-                }
-            )
+            row = {
+                "dlq_seq": m.metadata.sequence.stream,
+                "projection": h.get("Broker-Dlq-Projection"),
+                "stream": h.get("Broker-Dlq-Stream"),
+                "seq": int(h.get("Broker-Dlq-Seq", "0")),
+                "error": h.get("Broker-Dlq-Error"),
+            }
+            if "Broker-Route" in h:  # a message no agent qualified for (the router's DLQ)
+                route = json.loads(h["Broker-Route"])
+                row.update(
+                    projection="router",
+                    stream=Stream.MESSAGES,
+                    seq=int(route.get("message_seq", 0)),
+                    error=f"{route.get('reason')}: {route.get('detail', '')}",
+                )
+            rows.append(row)
             if len(rows) >= limit:
                 break
         return rows
@@ -236,7 +258,10 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
         await nc.close()
 
 
-@dlq_app.command("list")
+@dlq_app.command(
+    "list",
+    epilog=("Examples:\n\n  broker dlq list --limit 20\n\n  broker dlq list -o json"),
+)
 def dlq_list(
     nats_url: NATS_URL = DEFAULT_NATS,
     limit: Annotated[int, typer.Option(min=1)] = 100,
@@ -268,7 +293,10 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
         await nc.close()
 
 
-@dlq_app.command("replay")
+@dlq_app.command(
+    "replay",
+    epilog=("Examples:\n\n  broker dlq replay 17   # once the cause of event 17 is fixed"),
+)
 def dlq_replay(
     dlq_seq: Annotated[int, typer.Argument(help="The DLQ sequence (see `broker dlq list`).")],
     nats_url: NATS_URL = DEFAULT_NATS,

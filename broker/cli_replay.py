@@ -7,7 +7,7 @@ import base64
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -18,7 +18,8 @@ REPLAY_EPILOG = (
     "Examples:\n\n"
     "  broker replay MESSAGES --subject 'orders.>' --decode\n\n"
     "  broker replay MESSAGES --since 2026-11-24T10:00:00Z --to audit.ndjson\n\n"
-    "  broker replay REGISTRY --from-seq 1"
+    "  broker replay REGISTRY --from-seq 1\n\n"
+    "  broker replay ROUTES --since 2026-11-25T10:00:00Z -o table"
 )
 
 
@@ -30,6 +31,7 @@ async def _replay(
     subject: str | None,
     decode: bool,
     to: Path | None,
+    table: bool = False,
 ) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
@@ -46,6 +48,11 @@ async def _replay(
             async for m in client.replay(
                 stream, start_seq=start_seq, since=since, subject=subject, decode=decode
             ):
+                if table:
+                    out.write(_table_line(m, decode).encode() + b"\n")
+                    count += 1
+                    progress.advance(task)
+                    continue
                 record = {
                     "stream": m.stream,
                     "seq": m.seq,
@@ -64,6 +71,17 @@ async def _replay(
     if to:
         out.close()
     return count
+
+
+def _table_line(m: Any, decode: bool) -> str:
+    """One aligned line per message: seq, time, subject, content type, size (and value)."""
+    when = m.time.strftime("%Y-%m-%dT%H:%M:%S") if m.time else "-"
+    content_type = (m.headers or {}).get("Content-Type", "-")
+    line = f"{m.seq:>10}  {when}  {m.subject:<40} {content_type:<28} {len(m.payload):>8}"
+    if decode:
+        shown = m.decode_error if m.decode_error is not None else orjson.dumps(m.value).decode()
+        line += "  " + shown[:80]
+    return line
 
 
 def replay(
@@ -86,6 +104,12 @@ def replay(
     url: Annotated[
         str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")
     ] = "http://127.0.0.1:8080",
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="ndjson (one JSON record per message) or table (for people)."
+        ),
+    ] = "ndjson",
 ) -> None:
     """Replay a stream from a sequence or a time to its current end, as NDJSON.
 
@@ -94,8 +118,13 @@ def replay(
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
 
+    if output not in {"ndjson", "table"}:
+        raise typer.BadParameter("ndjson or table", param_hint="--output")
+    table = output == "table"
     try:
-        count = asyncio.run(_replay(url, stream.upper(), from_seq, since, subject, decode, to))
+        count = asyncio.run(
+            _replay(url, stream.upper(), from_seq, since, subject, decode, to, table)
+        )
     except BrokerError as e:
         typer.echo(f"error: {e.error_code}: {e.message}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REFUSED) from None

@@ -186,3 +186,32 @@ def test_cli_replay_writes_ndjson(broker: BrokerProcess, tmp_path: Path) -> None
         timeout=60,
     )
     assert refused.returncode == 1
+
+
+def test_cli_replay_prints_a_table_for_people(broker: BrokerProcess) -> None:
+    subject = f"replay.table.{uuid.uuid4().hex[:6]}"
+    with SyncBrokerClient(broker.base_url) as client:
+        seqs = [client.publish(subject, {"n": n}).seq for n in range(3)]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "replay",
+            "--subject",
+            subject,
+            "--decode",
+            "-o",
+            "table",
+            "--url",
+            broker.base_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [int(line.split()[0]) for line in lines] == seqs
+    assert all(f"msg.default.{subject}" in line and "application/json" in line for line in lines)
+    assert lines[2].endswith('{"n":2}')
