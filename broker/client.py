@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import struct
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ __all__ = [
     "PublishAck",
     "PublishResult",
     "RetryPolicy",
+    "RouteReply",
+    "RouteResult",
     "StoredMessage",
     "SyncBrokerClient",
 ]
@@ -123,6 +126,13 @@ def _result(item: Mapping[str, Any]) -> PublishResult:
     return PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
 
 
+def _error_code(response: httpx.Response) -> Any:
+    try:
+        return response.json().get("error_code")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     return float(value) if value and value.isascii() and value.isdigit() else None
@@ -134,6 +144,67 @@ def _payload(payload: bytes | str | Any, content_type: str | None) -> tuple[byte
     if isinstance(payload, str):
         return payload.encode(), content_type or "text/plain; charset=utf-8"
     return orjson.dumps(payload), content_type or "application/json"
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """Where a routed message was stored and who got it.
+
+    ``agent`` is ``None`` when nobody qualified (the message is in the DLQ; ``decision``
+    says why), when the decision did not come in time (``decided`` is ``False``: the
+    message is stored and is routed when a router runs), or for a duplicate."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+    decision: dict[str, Any] | None
+
+    @property
+    def decided(self) -> bool:
+        return self.decision is not None
+
+    @property
+    def agent(self) -> str | None:
+        return None if self.decision is None else self.decision.get("agent")
+
+
+@dataclass(frozen=True)
+class RouteReply:
+    """An agent's reply to a routed request."""
+
+    agent: str
+    message_seq: int
+    content_type: str
+    payload: bytes
+
+    def text(self) -> str:
+        return self.payload.decode()
+
+    def json(self) -> Any:
+        return orjson.loads(self.payload)
+
+
+def _route_headers(
+    media: str,
+    key: str | None,
+    intent: str | None,
+    text: str | None,
+    embedding: Iterable[float] | None,
+    env: str | None,
+    headers: Mapping[str, str] | None,
+) -> dict[str, str]:
+    sent = {"content-type": media, "idempotency-key": key or uuid.uuid4().hex}
+    if intent is not None:
+        sent["broker-intent"] = intent
+    if text is not None:
+        sent["broker-text"] = quote(text, safe="")
+    if embedding is not None:
+        vector = [float(x) for x in embedding]
+        packed = struct.pack(f"<{len(vector)}f", *vector)
+        sent["broker-embedding"] = base64.b64encode(packed).decode()
+    if env is not None:
+        sent["x-env"] = env
+    return {**sent, **(headers or {})}
 
 
 class BrokerClient:
@@ -172,7 +243,9 @@ class BrokerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, *, final: frozenset[str] = frozenset(), **kwargs: Any
+    ) -> httpx.Response:
         """Send, retrying 429/503/connection errors; raise the server's error for other 4xx/5xx.
 
         Only requests that are safe to repeat come here: reads, and writes that carry an
@@ -188,7 +261,11 @@ class BrokerClient:
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
                 continue
-            if response.status_code in _RETRYABLE_STATUS and attempt + 1 < self.retry.attempts:
+            if (
+                response.status_code in _RETRYABLE_STATUS
+                and attempt + 1 < self.retry.attempts
+                and not (final and _error_code(response) in final)
+            ):
                 await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
                 attempt += 1
                 continue
@@ -224,6 +301,69 @@ class BrokerClient:
         response = await self._request("POST", f"/v1/publish/{subject}", content=body, headers=sent)
         data = response.json()
         return PublishAck(data["stream"], data["seq"], data["duplicate"])
+
+    async def route(
+        self,
+        subject: str,
+        payload: bytes | str | Any,
+        *,
+        content_type: str | None = None,
+        key: str | None = None,
+        intent: str | None = None,
+        text: str | None = None,
+        embedding: Iterable[float] | None = None,
+        env: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> RouteResult:
+        """Append a message and have a router choose its agent; returns the decision.
+
+        ``intent`` names the wanted capability action, ``text`` is what to match by meaning
+        when the payload is not text (a caption, an instruction), ``embedding`` your own
+        query vector, ``env="canary"`` routes to canary agents. A retry reuses ``key``:
+        the message is stored and routed once."""
+        body, media = _payload(payload, content_type)
+        sent = _route_headers(media, key, intent, text, embedding, env, headers)
+        response = await self._request("POST", f"/v1/route/{subject}", content=body, headers=sent)
+        data = response.json()
+        return RouteResult(data["stream"], data["seq"], data["duplicate"], data.get("decision"))
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes | str | Any,
+        *,
+        timeout: float = 30.0,
+        content_type: str | None = None,
+        key: str | None = None,
+        intent: str | None = None,
+        text: str | None = None,
+        embedding: Iterable[float] | None = None,
+        env: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> RouteReply:
+        """Route a message and wait up to ``timeout`` seconds for the agent's reply.
+
+        Raises :class:`~broker.errors.NoRoute` when no agent qualifies,
+        :class:`~broker.errors.AgentFailed` when the agents tried failed, and
+        :class:`~broker.errors.DeadlineExceeded` when no reply came in time (the agent is
+        told to stop at the same deadline). Not retried after the message is stored."""
+        body, media = _payload(payload, content_type)
+        sent = _route_headers(media, key, intent, text, embedding, env, headers)
+        response = await self._request(
+            "POST",
+            f"/v1/route/{subject}",
+            final=frozenset({"no_route"}),
+            content=body,
+            headers=sent,
+            params={"wait": "true", "timeout": str(timeout)},
+            timeout=timeout + 10.0,
+        )
+        return RouteReply(
+            agent=response.headers.get("broker-agent", ""),
+            message_seq=int(response.headers.get("broker-message-seq", "0")),
+            content_type=response.headers.get("content-type", "application/octet-stream"),
+            payload=response.content,
+        )
 
     async def publish_batch(
         self, records: Iterable[Mapping[str, Any]], *, subject: str | None = None
@@ -497,6 +637,12 @@ class SyncBrokerClient:
 
     def publish(self, subject: str, payload: bytes | str | Any, **options: Any) -> PublishAck:
         return self._run(lambda: self._client.publish(subject, payload, **options))
+
+    def route(self, subject: str, payload: bytes | str | Any, **options: Any) -> RouteResult:
+        return self._run(lambda: self._client.route(subject, payload, **options))
+
+    def request(self, subject: str, payload: bytes | str | Any, **options: Any) -> RouteReply:
+        return self._run(lambda: self._client.request(subject, payload, **options))
 
     def publish_batch(
         self, records: Iterable[Mapping[str, Any]], **options: Any

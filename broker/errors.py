@@ -7,13 +7,17 @@
     │   └── InvalidBatch             400 invalid_batch
     ├── NotFound                     404 not_found
     ├── Conflict                     409 conflict
-    │   └── SequenceConflict         409 sequence_conflict
+    │   ├── SequenceConflict         409 sequence_conflict
+    │   └── AlreadyRouted            409 already_routed     (a retried route: see ROUTES)
     ├── PayloadTooLarge              413 payload_too_large
     ├── UnsupportedMediaType         415 unsupported_media_type
     ├── Unprocessable                422 unprocessable
     │   └── InvalidSubject           422 invalid_subject
     ├── Unavailable                  503 nats_unavailable   (retryable, carries Retry-After)
-    │   └── PublishTimeout           503 publish_timeout    (ack unknown: retry with the same key)
+    │   ├── PublishTimeout           503 publish_timeout    (ack unknown: retry with the same key)
+    │   └── NoRoute                  503 no_route           (no agent qualifies; in the DLQ)
+    ├── AgentFailed                  502 agent_error        (the agents tried all failed)
+    ├── DeadlineExceeded             504 deadline_exceeded  (no reply before the deadline)
     ├── SchemaRegistryError          Confluent-compatible answers: ``error_code`` is an int
     │   ├── SubjectNotFound              404 40401
     │   ├── VersionNotFound              404 40402
@@ -82,6 +86,13 @@ class SequenceConflict(Conflict):
     error_code = "sequence_conflict"
 
 
+class AlreadyRouted(Conflict):
+    """A routed publish whose idempotency key was already stored: it is not routed again.
+    Its decision and reply are in ``ROUTES`` (``Broker-Route.message_seq``)."""
+
+    error_code = "already_routed"
+
+
 class PayloadTooLarge(BrokerError):
     status = 413
     error_code = "payload_too_large"
@@ -114,6 +125,26 @@ class PublishTimeout(Unavailable):
     idempotency key is safe and answers the original sequence if it was stored."""
 
     error_code = "publish_timeout"
+
+
+class NoRoute(Unavailable):
+    """No agent qualifies for the message (and there is no fallback); it is in the DLQ."""
+
+    error_code = "no_route"
+
+
+class AgentFailed(BrokerError):
+    """The agent(s) the message was routed to failed to handle it."""
+
+    status = 502
+    error_code = "agent_error"
+
+
+class DeadlineExceeded(BrokerError):
+    """No reply came before the request's deadline; the agent was told to stop."""
+
+    status = 504
+    error_code = "deadline_exceeded"
 
 
 class SchemaRegistryError(BrokerError):

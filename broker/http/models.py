@@ -28,6 +28,51 @@ class PublishAckBody(BaseModel):
     )
 
 
+class RouteCandidateBody(BaseModel):
+    """One ranked candidate of a routing decision."""
+
+    agent: str
+    capability: str
+    semantic: float = Field(description="Similarity of the message to the capability.")
+    load: float = Field(description="Load weight in [0, 1] after penalties.")
+    score: float = Field(description="The combined score candidates are ranked by.")
+    penalties: list[str] = Field(description="e.g. qps_over_80pct, p99_over_200ms, cooldown.")
+    load_inputs: dict[str, Any] | None = Field(
+        default=None, description="The live load the score was computed from."
+    )
+
+
+class RouteDecisionBody(BaseModel):
+    """A routing decision, as stored in the Broker-Route header of RouteDecided."""
+
+    agent: str | None = Field(description="The chosen agent; null: nobody qualified (DLQ).")
+    capability: str | None
+    reason: str = Field(examples=["scored", "fallback", "no_candidate", "below_threshold"])
+    detail: str = Field(description="Why, in words.")
+    candidates: list[RouteCandidateBody]
+    policy_version: str
+    mirror_to: str | None = None
+    tenant: str
+    message_seq: int
+    message_subject: str
+    attempt: int
+    tried: list[str]
+    mirror: bool
+    decided_at: str
+    route_stream: str = Field(description="ROUTES, or DLQ when nobody qualified.")
+    route_seq: int = Field(description="Sequence of the stored decision in route_stream.")
+
+
+class RouteResponseBody(PublishAckBody):
+    """Where a routed message was stored and the router's decision."""
+
+    subject: str
+    decision: RouteDecisionBody | None = Field(
+        description="null when the idempotency key was already routed (duplicate) or when "
+        "no router decided in time (status 202: stored, routed when a router runs)."
+    )
+
+
 class PublishRecord(BaseModel):
     """One record of a JSON-array or NDJSON batch."""
 

@@ -17,6 +17,7 @@ from broker.http.models import (
     ErrorBody,
     PublishAckBody,
     PublishRecord,
+    RouteResponseBody,
     StreamedRecordResult,
 )
 from broker.registry.manifest import AgentManifest
@@ -27,6 +28,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     PublishRecord,
     BatchResponse,
     StreamedRecordResult,
+    RouteResponseBody,
 )
 _SUBJECT_PATTERN = r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}$"
 
@@ -216,10 +218,104 @@ _PUBLISH_BATCH: dict[str, Any] = {
 }
 
 
+_ROUTE_ONE: dict[str, Any] = {
+    "post": {
+        "operationId": "route",
+        "summary": "Append one message and route it to the best agent",
+        "description": (
+            "Stores the body like POST /v1/publish/{subject}, then a router scores the "
+            "tenant's live agents by capability (Broker-Intent), modality (Content-Type and "
+            "magic bytes), meaning (the text, Broker-Text or Broker-Embedding) and live load, "
+            "and appends RouteDecided to the chosen agent's inbox route.<tenant>.<agent>. "
+            "Without wait the answer is the decision; with wait=true it is the agent's reply."
+        ),
+        "tags": ["routing"],
+        "parameters": [
+            _PUBLISH_ONE["post"]["parameters"][0],
+            {
+                "name": "wait",
+                "in": "query",
+                "required": False,
+                "description": "Answer with the chosen agent's reply instead of the decision.",
+                "schema": {"type": "boolean", "default": False},
+            },
+            {
+                "name": "timeout",
+                "in": "query",
+                "required": False,
+                "description": "Seconds to wait for the reply (the agent's deadline too).",
+                "schema": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": 300,
+                    "default": 30,
+                },
+            },
+            _PUBLISH_ONE["post"]["parameters"][1],
+            _PUBLISH_ONE["post"]["parameters"][2],
+            _header(
+                "Broker-Intent",
+                "The capability action wanted; only capabilities with this action qualify.",
+                {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$"},
+            ),
+            _header(
+                "Broker-Text",
+                "Text to match by meaning (percent-encoded UTF-8), e.g. a caption for an image.",
+                {"type": "string", "maxLength": 32768},
+            ),
+            _header(
+                "Broker-Embedding",
+                "The query vector: base64 of little-endian float32, the router's dimension.",
+                {"type": "string", "format": "byte", "maxLength": 32768},
+            ),
+            _header(
+                "x-env",
+                "canary: route only to agents labelled env=canary (others never get canary "
+                "traffic).",
+                {"type": "string", "maxLength": 64},
+            ),
+        ],
+        "requestBody": _PUBLISH_ONE["post"]["requestBody"],
+        "responses": {
+            "200": {
+                "description": "Without wait: stored and decided (agent null: nobody qualified, "
+                "the message is in the DLQ). With wait: the agent's reply, in its content type, "
+                "with Broker-Agent and Broker-Message-Seq headers.",
+                "headers": {
+                    "Broker-Agent": {"schema": {"type": "string"}},
+                    "Broker-Message-Seq": {"schema": {"type": "integer"}},
+                },
+                "content": {
+                    "application/json": {"schema": _ref(RouteResponseBody)},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "202": {
+                "description": "Stored, but no router decided in time: it is routed when one "
+                "runs (decision null).",
+                "content": {"application/json": {"schema": _ref(RouteResponseBody)}},
+            },
+            "409": _error("wait=true with an Idempotency-Key that was already routed."),
+            "413": _error("Body larger than the configured limit."),
+            "415": _error("Content-Type not accepted."),
+            "422": _error("Invalid subject, wait, timeout or routing header."),
+            "502": _error("agent_error: the agents tried failed to handle it."),
+            "503": {
+                **_UNAVAILABLE,
+                "description": "no_route: no agent qualifies (the message is in the DLQ); "
+                "or NATS unavailable (retry after Retry-After with the same Idempotency-Key).",
+            },
+            "504": _error("deadline_exceeded: no reply before the timeout."),
+        },
+    }
+}
+
+
 def add_publish_paths(document: dict[str, Any]) -> dict[str, Any]:
-    """Merge the publish operations and their schemas into an OpenAPI document."""
+    """Merge the publish and route operations and their schemas into an OpenAPI document."""
     paths = document.setdefault("paths", {})
     paths["/v1/publish/{subject}"] = _PUBLISH_ONE
+    paths["/v1/route/{subject}"] = _ROUTE_ONE
     paths["/v1/publish"] = _PUBLISH_BATCH
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas["CloudEvent"] = _CLOUD_EVENT

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import broker
 from broker.envelope import Tenant
@@ -16,6 +17,9 @@ from broker.registry.schemas.service import SchemaRegistry
 from broker.registry.snapshot import RegistryView
 from broker.settings import Settings
 from broker.streams import missing_streams
+
+if TYPE_CHECKING:
+    from broker.http.route import RouteWaiters
 
 _READY_CACHE_SECONDS = 1.0
 
@@ -56,12 +60,16 @@ class IngressState:
     registry: RegistryView = field(default_factory=RegistryView)
     schemas: SchemaRegistry = field(init=False)
     decoders: Decoders = field(init=False)
+    route_waiters: RouteWaiters = field(init=False)
     _ready_at: float = 0.0
     _ready: Readiness | None = None
 
     def __post_init__(self) -> None:
         self.schemas = SchemaRegistry(self.publisher)
         self.decoders = Decoders(self.schemas)
+        from broker.http.route import RouteWaiters
+
+        self.route_waiters = RouteWaiters(self.publisher)
 
     @property
     def tenant(self) -> Tenant:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.embedded import NatsServer
 from tests.e2e._broker import BrokerProcess
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +21,9 @@ def python_blocks(page: Path) -> str:
     return "\n\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL))
 
 
-def test_client_guide_examples_run(broker: BrokerProcess, tmp_path: Path) -> None:
+def test_client_guide_examples_run(
+    broker: BrokerProcess, module_nats: NatsServer, tmp_path: Path
+) -> None:
     script = tmp_path / "client_examples.py"
     script.write_text(python_blocks(DOCS / "client.md"))
     done = subprocess.run(
@@ -28,7 +31,7 @@ def test_client_guide_examples_run(broker: BrokerProcess, tmp_path: Path) -> Non
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "BROKER_URL": broker.base_url},
+        env={**os.environ, "BROKER_URL": broker.base_url, "BROKER_NATS_URL": module_nats.url},
     )
     assert done.returncode == 0, done.stderr
     assert "[True, False, True]" in done.stdout
@@ -36,3 +39,5 @@ def test_client_guide_examples_run(broker: BrokerProcess, tmp_path: Path) -> Non
     assert "changed since we read it" in done.stdout
     assert "why not: ['backward, new reads existing schema 1 of 1:" in done.stdout
     assert "decoded: {'id': 'o-7', 'qty': 2}" in done.stdout
+    assert "reply from greeter {'reply': 'hello, good morning'}" in done.stdout
+    assert "no route: no_route" in done.stdout
