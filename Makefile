@@ -39,6 +39,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/registry.py
 	$(BIN)/python benchmarks/codecs.py
 	$(BIN)/python benchmarks/replay.py
+	$(BIN)/python benchmarks/routing.py
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache

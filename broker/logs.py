@@ -1,4 +1,9 @@
-"""structlog set-up: JSON lines, or a readable console format when a terminal is attached."""
+"""structlog set-up: JSON lines, or a readable console format when a terminal is attached.
+
+Every line carries the running span's ``trace_id``/``span_id`` when tracing is on, and
+secrets (credential fields, passwords in URLs) and payloads are blanked before rendering
+(:mod:`broker.telemetry.logfields`).
+"""
 
 from __future__ import annotations
 
@@ -64,9 +69,13 @@ def configure_logging(level: str | None = None) -> None:
         if log_format() == "console"
         else structlog.processors.JSONRenderer()
     )
+    from broker.telemetry.logfields import add_trace_ids, redact_secrets
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
+            redact_secrets,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -30,6 +30,7 @@ from broker.errors import (
     SequenceConflict,
     Unavailable,
 )
+from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +159,9 @@ class Publisher:
             self._js = nc.jetstream(timeout=self._publish_timeout)
             self._connected.set()
             log.info(
-                "nats_connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+                "nats_connected",
+                server=str(nc.connected_url.netloc if nc.connected_url else ""),
+                server_version=self.server_version,
             )
             for callback in self._on_connected:
                 try:
@@ -259,11 +262,12 @@ class Publisher:
         if len(self._pending) >= self._max_pending:
             raise Unavailable(f"{len(self._pending)} publishes already await their ack")
         prefix = self._reply_prefix or await self._ensure_reply_subscription(nc)
+        tracing.inject(out.headers)  # the stored message continues the current trace
         self._counter += 1
         token = str(self._counter)
         future: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
         self._pending[token] = _Pending(
-            future, time.monotonic() + self._publish_timeout, out.subject
+            future, time.monotonic() + self._publish_timeout, out.subject, len(out.payload)
         )
         try:
             await nc.publish(out.subject, out.payload, reply=prefix + token, headers=out.headers)
@@ -277,6 +281,7 @@ class Publisher:
         pending = self._pending.pop(msg.subject[len(self._reply_prefix) :], None)
         if pending is None or pending.future.done():
             return
+        metrics.observe_ack(time.monotonic() - pending.deadline + self._publish_timeout)
         if msg.headers and msg.headers.get("Status") == "503":
             pending.future.set_exception(
                 Unavailable(f"no JetStream stream answered for {pending.subject}")
@@ -295,9 +300,10 @@ class Publisher:
                     )
                 )
             else:
-                pending.future.set_result(
-                    PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
-                )
+                ack = PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
+                pending.future.set_result(ack)
+                if not ack.duplicate:
+                    metrics.message_in(ack.stream, pending.size)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
 
@@ -321,8 +327,22 @@ class Publisher:
                     )
 
     async def publish(self, out: Outbound) -> PublishAck:
-        """Append one message and wait for its ack."""
-        return await (await self.submit(out))
+        """Append one message and wait for its ack (in an ``append`` span when tracing)."""
+        if not tracing.enabled():
+            return await (await self.submit(out))
+        with tracing.span("append", kind=tracing.SpanKind.PRODUCER) as span:
+            ack = await (await self.submit(out))
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.destination.name": out.subject,
+                        "messaging.nats.stream": ack.stream,
+                        "messaging.nats.stream_sequence": ack.seq,
+                        "messaging.nats.duplicate": ack.duplicate,
+                    }
+                )
+            return ack
 
 
 @dataclass(slots=True)
@@ -330,3 +350,4 @@ class _Pending:
     future: asyncio.Future[PublishAck]
     deadline: float
     subject: str
+    size: int

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nats
@@ -24,6 +25,7 @@ import structlog
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.streams import provision
+from broker.telemetry.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir, process_exited
 
 if TYPE_CHECKING:
     from broker.embedded import NatsServer
@@ -41,12 +43,14 @@ async def provision_streams(settings: Settings, *, update: bool = False) -> None
         allow_reconnect=False,
         max_reconnect_attempts=0,
     )
+    nats_version = nc._server_info.get("version")
     try:
         report = await provision(nc.jetstream(timeout=10.0), settings, update=update)
     finally:
         await nc.close()
     log.info(
         "streams_provisioned",
+        nats_server_version=nats_version,
         created=report.created,
         updated=report.updated,
         unchanged=report.unchanged,
@@ -64,6 +68,12 @@ def banner(settings: Settings) -> str:
         f'-d \'{{"hello": "world"}}\' {base}/v1/publish/demo.greetings\n'
         f"API: {base}/openapi.json   health: {base}/readyz\n"
         f"schema registry: {base}/registry   replay: {base}/v1/streams/MESSAGES/messages\n"
+        + (
+            f"route to an agent: curl {h2} -H 'Content-Type: text/plain' -d 'hello' "
+            f"'{base}/v1/route/demo.tasks'   ({settings.routers} router(s))\n"
+            if settings.routers
+            else ""
+        )
         + (
             f"SQL replica: {settings.replica_url or settings.data_dir / 'replica.db'} "
             f"({settings.projection_workers} projection worker(s))\n"
@@ -102,6 +112,16 @@ def _worker_args(settings: Settings) -> list[str]:
     return args
 
 
+def _router_args(settings: Settings) -> list[str]:
+    args = ["broker", "router", "--nats-url", settings.nats_url or ""]
+    args += ["--load-ttl", str(settings.agent_load_ttl_seconds)]
+    if settings.routing_policy is not None:
+        args += ["--policy", str(settings.routing_policy)]
+    if settings.routing_embedder:
+        args += ["--embedder", settings.routing_embedder]
+    return args
+
+
 def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
     if proc.poll() is not None:
         return
@@ -119,18 +139,22 @@ def _run_children(settings: Settings) -> int:
     asked to stop (a worker that dies is started again); the exit code."""
     ingress = _spawn(["broker.http.granian_process"])
     workers = [_spawn(_worker_args(settings)) for _ in range(settings.projection_workers)]
+    workers += [_spawn(_router_args(settings)) for _ in range(settings.routers)]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while ingress.poll() is None and not _Stop.requested:
             for i, worker in enumerate(workers):
                 if worker.poll() is not None and not _Stop.requested:
-                    log.warning("projection_worker_restarted", exit_code=worker.returncode)
-                    workers[i] = _spawn(_worker_args(settings))
+                    process_exited(worker.pid)  # its live gauges leave /metrics
+                    kind = "projection_worker" if i < settings.projection_workers else "router"
+                    log.warning("child_restarted", child=kind, exit_code=worker.returncode)
+                    args = _worker_args if kind == "projection_worker" else _router_args
+                    workers[i] = _spawn(args(settings))
             time.sleep(0.1)
         log.info("broker_stopping")
         _stop(ingress, "ingress")
         for worker in workers:
-            _stop(worker, "projection_worker")
+            _stop(worker, "worker")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -187,6 +211,9 @@ def run_broker(
             embedded.stop()
         return 4
     os.environ.update(env(settings))
+    # Every child writes its metrics here; any ingress worker's /metrics adds them all up.
+    metrics_dir = os.environ.get(MULTIPROC_ENV) or str(settings.data_dir / "metrics")
+    os.environ[MULTIPROC_ENV] = str(prepare_multiprocess_dir(Path(metrics_dir)))
     from broker.http.state import git_revision
 
     log.info(

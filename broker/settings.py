@@ -48,6 +48,37 @@ class Settings(BaseSettings):
         description="SQL replica: sqlite:///PATH or postgresql://… (default SQLite in data_dir).",
     )
 
+    # --- routing --------------------------------------------------------------------
+    routers: int = Field(
+        default=1, ge=0, le=64, description="`broker router` processes `broker serve` runs."
+    )
+    routing_policy: Path | None = Field(
+        default=None, description="Routing policy YAML (default: the built-in policy)."
+    )
+    routing_embedder: str | None = Field(
+        default=None,
+        description="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+    )
+    route_decision_timeout: float = Field(
+        default=5.0, gt=0, description="How long POST /v1/route waits for the decision."
+    )
+    route_max_wait: float = Field(
+        default=300.0, gt=0, description="Largest `timeout` POST /v1/route?wait=true accepts."
+    )
+
+    # --- telemetry ------------------------------------------------------------------
+    tracing: bool = Field(
+        default=False,
+        description="Record traces (OTLP, OTEL_* variables); also on when "
+        "OTEL_TRACES_EXPORTER names an exporter.",
+    )
+    metrics: bool = Field(default=True, description="Record Prometheus metrics (/metrics).")
+    trace_url: str | None = Field(
+        default=None,
+        description="Trace viewer link for /ui, with {trace_id}: "
+        "e.g. http://localhost:16686/trace/{trace_id}.",
+    )
+
     # --- HTTP ingress ---------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

@@ -34,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from broker.streams import SUBJECT_PREFIX, Stream
+from broker.telemetry import metrics, setup, tracing
 from projections.base import Event, Projection, partition_of
 from projections.checkpoints import CheckpointConflict, CheckpointStore, StoreUnavailable
 
@@ -93,6 +94,7 @@ class ProjectionRunner:
         self.positions: dict[int, int] = {}
         self._failures: dict[int, int] = {}
         self._crash = _crash_point()
+        setup("worker")  # metrics and tracing of this process, once
 
     @property
     def consumer_name(self) -> str:
@@ -182,6 +184,8 @@ class ProjectionRunner:
                 pending = asyncio.create_task(self._fetch(sub))
                 if messages:
                     await self.process(messages, owned)
+                else:  # nothing came within the fetch timeout: caught up
+                    metrics.projection_lag(self.projection.name, 0)
         finally:
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -200,17 +204,28 @@ class ProjectionRunner:
         last = events[-1].seq
         self.stats.batches += 1
         self.stats.skipped += len(events) - len(todo)
-        try:
-            await self._commit(todo, owned, last)
-        except (CheckpointConflict, StoreUnavailable):
-            raise  # not the events' fault: the batch is fetched again
-        except Exception as e:  # the projection refused the batch: find the poison event
-            log.warning("projection_batch_failed", projection=self.projection.name, error=str(e))
-            await self._one_by_one(todo, owned, last)
+        started = time.monotonic()
+        # Each traced event's trace continues here: one span per event, open until commit.
+        with tracing.batch_spans(
+            f"project {self.projection.name}",
+            (e.headers for e in todo),
+            attributes=({"messaging.nats.stream_sequence": e.seq} for e in todo),
+        ):
+            try:
+                await self._commit(todo, owned, last)
+            except (CheckpointConflict, StoreUnavailable):
+                raise  # not the events' fault: the batch is fetched again
+            except Exception as e:  # the projection refused the batch: find the poison event
+                log.warning(
+                    "projection_batch_failed", projection=self.projection.name, error=str(e)
+                )
+                await self._one_by_one(todo, owned, last)
         self._maybe_crash("after_commit")
         await messages[-1].ack()  # AckPolicy.ALL: acks the whole batch
         self.stats.applied += len(todo)
         self.stats.last_seq = last
+        lag = messages[-1].metadata.num_pending  # what the consumer has left after this batch
+        metrics.projection_applied(self.projection.name, len(todo), lag, time.monotonic() - started)
 
     async def _commit(self, events: Sequence[Event], owned: frozenset[int], last: int) -> None:
         moves = {p: (self.positions.get(p, 0), max(last, self.positions.get(p, 0))) for p in owned}
@@ -253,6 +268,7 @@ class ProjectionRunner:
         )
         await self.js.publish(subject, event.data, headers=headers)
         self.stats.dead_lettered += 1
+        metrics.dead_lettered(self.projection.name)
         log.error(
             "projection_event_dead_lettered",
             projection=self.projection.name,

@@ -32,15 +32,20 @@ from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths
 from broker.http.publish import publish_batch, publish_one
 from broker.http.replay import replay_router
+from broker.http.route import route_one
 from broker.http.schema_registry import PREFIX as REGISTRY_PREFIX
 from broker.http.schema_registry import RegistryJSON, schema_registry_router
 from broker.http.state import IngressState, git_revision
+from broker.http.ui import ops_router
 from broker.publisher import Publisher
 from broker.settings import Settings, get_settings
+from broker.telemetry import metrics
+from broker.telemetry.http import observe
 
 log = structlog.get_logger(__name__)
 
 _PUBLISH_PREFIX = "/v1/publish/"
+_ROUTE_PREFIX = "/v1/route/"
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (404, 422, 503)
 }
@@ -72,6 +77,7 @@ def _meta_app(state: IngressState) -> FastAPI:
     app.include_router(agents_router(state))
     app.include_router(replay_router(state))
     app.include_router(schema_registry_router(state))
+    app.include_router(ops_router(state))
 
     @app.exception_handler(BrokerError)
     async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
@@ -172,10 +178,15 @@ class BrokerApp:
         self.meta = _meta_app(self.state)
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
+        await observe(self._serve, scope, proto)  # the request's span and metrics
+
+    async def _serve(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path
         try:
             if path.startswith("/v1/publish"):
                 await self._publish(scope, proto, path)
+            elif path.startswith(_ROUTE_PREFIX):
+                await self._route(scope, proto, path)
             else:
                 await call_asgi(
                     self.meta, scope, proto, body_limit=self.settings.max_api_body_bytes
@@ -211,6 +222,17 @@ class BrokerApp:
         else:
             raise NotFound(f"no such path {path[:100]!r}")
 
+    async def _route(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
+        if scope.method != "POST":
+            respond_json(
+                proto,
+                405,
+                {"error_code": "method_not_allowed", "message": "route takes POST"},
+                [("allow", "POST")],
+            )
+            return
+        await route_one(self.state, scope, proto, path[len(_ROUTE_PREFIX) :])
+
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Workers stop on their supervisor's SIGTERM only. When granian runs in a terminal's
         # process group, Ctrl-C would also reach every worker directly, and a worker handling
@@ -227,6 +249,7 @@ class BrokerApp:
         """Die with the parent (no orphaned workers) and start connecting to NATS."""
         die_with_parent(signal.SIGTERM)
         self.publisher.on_connected(self._start_registry)
+        self.publisher.on_connected(self._record_build_info)
         # Connect in the background and return at once: a worker busy in its start-up hook
         # was seen to miss granian's stop signal. Until NATS answers, /readyz says so and
         # publishes get 503.
@@ -236,14 +259,22 @@ class BrokerApp:
     async def _start_registry(self) -> None:
         await self.state.registry.start(self.publisher.js)
 
+    async def _record_build_info(self) -> None:
+        metrics.build_info(broker.__version__, git_revision(), self.publisher.server_version)
+
     async def shutdown(self) -> None:
         await self.publisher.close()
+        from broker.telemetry import shutdown as flush_telemetry
+
+        flush_telemetry()  # export the spans still buffered
         log.info("ingress_worker_stopped", pid=os.getpid())
 
 
 def create_app() -> BrokerApp:
     """Application factory for granian (``broker.http.app:create_app``, factory mode)."""
     from broker.logs import configure_logging
+    from broker.telemetry import setup
 
     configure_logging()
+    setup("ingress")
     return BrokerApp()

@@ -45,6 +45,7 @@ from broker.http._rsgi import (
 )
 from broker.http.state import IngressState
 from broker.publisher import PublishAck
+from broker.telemetry import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +83,15 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
             ),
             extra_headers=extra,
         )
-    ack = await state.publisher.publish(request.to_outbound(state.tenant))
+    outbound = request.to_outbound(state.tenant)
+    stored = outbound.headers
+    http_trace = "traceparent" in headers or "ce-traceparent" in headers
+    if tracing.enabled() and "ce-traceparent" in stored and not http_trace:
+        # A structured CloudEvent carries its own trace context: its append continues it.
+        with tracing.span("cloudevent", parent_headers=stored, kind=tracing.SpanKind.CONSUMER):
+            ack = await state.publisher.publish(outbound)
+    else:
+        ack = await state.publisher.publish(outbound)
     respond_json(proto, 200, ack.to_dict())
 
 

@@ -26,6 +26,7 @@ from broker.http.state import IngressState
 from broker.reader import read_batches
 from broker.registry.schemas.decoders import json_default
 from broker.streams import SUBJECT_PREFIX, Stream
+from broker.telemetry import metrics
 
 
 class Replayable(StrEnum):
@@ -81,6 +82,7 @@ async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) ->
             codec = await state.decoders.codec(state.tenant, content_type, schema_id)
             record["value"] = DecodedMessage(message.data, headers, codec).value
     except DecodeError as e:
+        metrics.decode_error(e.codec)
         record["decode_error"] = e.message
     try:
         return orjson.dumps(record, default=json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"

@@ -1,0 +1,202 @@
+"""``broker status``: the whole broker on one screen, from ``GET /v1/status``.
+
+Streams (messages, bytes, last sequence), durable consumers and their lag (a projection's
+lag is its consumer's), agents with their live load, the latest routing decisions and the
+latest DLQ entries. ``--watch`` redraws every ``--interval`` seconds; ``--json`` prints the
+document as the API returns it (one line per refresh with ``--watch``), for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+
+STATUS_EPILOG = (
+    "Examples:\n\n"
+    "  broker status\n\n"
+    "  broker status --watch --interval 1\n\n"
+    "  broker status --json | jq '.streams[] | {name, messages}'"
+)
+
+
+def _fetch(url: str, recent: int) -> dict[str, Any]:
+    import httpx
+
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
+
+    base = url.rstrip("/")
+    try:
+        with httpx.Client(http2=True, http1=base.startswith("https"), timeout=10) as client:
+            response = client.get(f"{base}/v1/status", params={"recent": str(recent)})
+    except httpx.HTTPError as e:
+        typer.echo(f"cannot reach the broker at {base}: {e}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    if response.status_code >= 400:
+        typer.echo(response.text, err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED)
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def _candidates(route: dict[str, Any]) -> str:
+    parts = []
+    for c in route.get("candidates") or []:
+        score = c.get("score")
+        text = f"{c.get('agent', '?')} {score:.3f}" if isinstance(score, int | float) else "?"
+        parts.append(text)
+    return ", ".join(parts[:4]) or "-"
+
+
+def render(status: dict[str, Any]) -> Any:
+    """The status document as rich renderables (one screen)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    b = status["broker"]
+    header = Text.assemble(
+        ("agent-broker ", "bold"),
+        f"{b['version']} (git {b['git_revision']}), nats-server "
+        f"{b.get('nats_server_version') or '?'}, tenant {b['tenant']}, at {status['generated_at']}",
+    )
+
+    def table(title: str, columns: list[str], rows: list[list[str]], empty: str) -> Table:
+        t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+        for column in columns:
+            numeric = column in {"messages", "bytes", "first", "last", "lag", "unacked", "seq"}
+            t.add_column(column, justify="right" if numeric else "left")
+        for row in rows or [[empty, *[""] * (len(columns) - 1)]]:
+            t.add_row(*row)
+        return t
+
+    streams = table(
+        "streams",
+        ["stream", "messages", "bytes", "first", "last", "consumers"],
+        [
+            [
+                s["name"],
+                f"{s['messages']:,}",
+                _size(s["bytes"]),
+                str(s["first_seq"]),
+                str(s["last_seq"]),
+                str(s["consumers"]),
+            ]
+            for s in status["streams"]
+        ],
+        "no streams",
+    )
+    consumers = table(
+        "consumers (lag = pending + unacked)",
+        ["stream", "consumer", "kind", "lag", "unacked", "redelivered"],
+        [
+            [
+                c["stream"],
+                c["name"],
+                c["kind"],
+                f"{c['lag']:,}",
+                str(c["ack_pending"]),
+                str(c["redelivered"]),
+            ]
+            for c in status["consumers"]
+        ],
+        "no durable consumers",
+    )
+    agents = table(
+        "agents (live load)",
+        ["agent", "version", "instances", "in flight", "qps", "p99 ms", "errors"],
+        [
+            [
+                a["name"] + ("" if a["registered"] else " (unregistered)"),
+                a.get("version") or "-",
+                str(a["load"]["instances"]),
+                f"{a['load']['in_flight']:g}",
+                f"{a['load']['qps']:.1f}",
+                f"{a['load']['p99_ms']:.1f}",
+                f"{a['load']['error_rate']:.1%}",
+            ]
+            for a in status["agents"]
+        ],
+        "no agents",
+    )
+    routes = table(
+        "recent route decisions",
+        ["time", "message", "agent", "reason", "top candidates", "trace"],
+        [
+            [
+                (r.get("time") or "")[11:23],
+                f"{r.get('message_subject') or r['subject']} #{r.get('message_seq') or '?'}",
+                r.get("agent") or "-",
+                r.get("reason") or "?",
+                _candidates(r),
+                (r.get("trace_id") or "-")[:16],
+            ]
+            for r in status["routes"]
+        ],
+        "no decisions yet",
+    )
+    dlq = table(
+        "DLQ (latest)",
+        ["seq", "time", "source", "origin", "error"],
+        [
+            [
+                str(d["seq"]),
+                (d.get("time") or "")[11:19],
+                d["source"],
+                f"{d.get('origin_stream') or '?'} #{d.get('origin_seq') or '?'}",
+                (d.get("error") or "")[:80],
+            ]
+            for d in status["dlq"]
+        ],
+        "empty",
+    )
+    return Group(header, streams, consumers, agents, routes, dlq)
+
+
+def status(
+    url: Annotated[str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")] = (
+        "http://127.0.0.1:8080"
+    ),
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
+    ] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
+    recent: Annotated[
+        int, typer.Option(min=1, max=200, help="How many route decisions and DLQ entries.")
+    ] = 10,
+) -> None:
+    """Streams, consumers and projection lag, agents with live load, recent routing
+    decisions and DLQ entries: the whole broker on one screen."""
+    if as_json:
+        while True:
+            document = _fetch(url, recent)
+            typer.echo(json.dumps(document) if watch else json.dumps(document, indent=2))
+            if not watch:
+                return
+            time.sleep(interval)
+    from rich.console import Console
+
+    console = Console()
+    if not watch:
+        console.print(render(_fetch(url, recent)))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(render(_fetch(url, recent)), console=console, screen=True) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(_fetch(url, recent)))
+    except KeyboardInterrupt:
+        return

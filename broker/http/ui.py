@@ -1,0 +1,98 @@
+"""Operations endpoints: ``/metrics``, ``/v1/status`` and the ``/ui`` status page.
+
+``/metrics`` is the Prometheus text of every process of the broker (see
+:mod:`broker.telemetry.metrics`). ``/v1/status`` is :func:`broker.telemetry.status.collect`
+as JSON, cached for a second so that any number of open pages cost JetStream the same.
+``/ui`` is one static HTML file with its script and styles inline (no CDN, no build step):
+it polls ``/v1/status`` and draws streams, consumers and lag, agents and their live load,
+the DLQ and the latest routing decisions with their candidates' scores and a trace link.
+None of these are in the OpenAPI document: they are for operators, not API clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+import broker
+from broker.http.state import IngressState, git_revision
+from broker.telemetry import metrics
+from broker.telemetry.status import BuildInfo, collect
+
+_CACHE_SECONDS = 1.0
+_UI_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@lru_cache(maxsize=1)
+def ui_page() -> bytes:
+    """The status page, shipped inside the package (``broker/http/static/ui.html``)."""
+    return resources.files("broker.http").joinpath("static/ui.html").read_bytes()
+
+
+class _StatusCache:
+    """One status document per second, however many pages poll it."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.key: int = 0
+        self.body: dict[str, Any] | None = None
+        self.lock = asyncio.Lock()
+
+
+def ops_router(state: IngressState) -> APIRouter:
+    router = APIRouter(tags=["operations"], include_in_schema=False)
+    cache = _StatusCache()
+
+    async def status_document(recent: int) -> dict[str, Any]:
+        async with cache.lock:
+            now = time.monotonic()
+            if cache.body is not None and cache.key == recent and now - cache.at < _CACHE_SECONDS:
+                return cache.body
+            build = BuildInfo(
+                version=broker.__version__,
+                git_revision=git_revision(),
+                nats_server_version=state.publisher.server_version,
+                tenant=state.tenant,
+            )
+            snapshot = state.registry.snapshot
+            result = await collect(
+                state.publisher.js,  # 503 until NATS is connected
+                build=build,
+                registered=snapshot.agents(state.tenant),
+                recent=recent,
+                trace_url=state.settings.trace_url,
+            )
+            cache.body, cache.at, cache.key = result.to_dict(), now, recent
+            return cache.body
+
+    @router.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition of every broker process."""
+        metrics.flush()  # this process's latest counts first (on the loop's thread)
+        body = await asyncio.to_thread(metrics.render)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
+    @router.get("/v1/status")
+    async def broker_status(recent: int = Query(20, ge=1, le=200)) -> JSONResponse:
+        """Streams, consumers and lag, agents and load, the DLQ's and the routes' tails."""
+        return JSONResponse(await status_document(recent), headers={"Cache-Control": "no-cache"})
+
+    @router.get("/ui", response_class=HTMLResponse)
+    async def status_page() -> HTMLResponse:
+        """The status page (works offline: no external resources)."""
+        return HTMLResponse(ui_page(), headers=_UI_HEADERS)
+
+    return router
