@@ -175,10 +175,15 @@ def status(
     recent: Annotated[
         int, typer.Option(min=1, max=200, help="How many route decisions and DLQ entries.")
     ] = 10,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="table or json (json: the same as --json).")
+    ] = "table",
 ) -> None:
     """Streams, consumers and projection lag, agents with live load, recent routing
     decisions and DLQ entries: the whole broker on one screen."""
-    if as_json:
+    if output not in {"table", "json"}:
+        raise typer.BadParameter("table or json", param_hint="--output")
+    if as_json or output == "json":
         while True:
             document = _fetch(url, recent)
             typer.echo(json.dumps(document) if watch else json.dumps(document, indent=2))
