@@ -8,10 +8,15 @@ missing, leaves what matches alone, and reports a conflicting existing configura
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -21,7 +26,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from broker.errors import StreamConfigConflict
@@ -216,9 +221,37 @@ async def provision(
     """
     report = ProvisionReport()
     for wanted in stream_specs(settings):
-        await _ensure_stream(js, wanted, update=update, report=report)
-    await _ensure_bucket(js, agent_load_spec(settings), update=update, report=report)
+        await _patiently(
+            functools.partial(_ensure_stream, js, wanted, update=update, report=report)
+        )
+    bucket = agent_load_spec(settings)
+    await _patiently(functools.partial(_ensure_bucket, js, bucket, update=update, report=report))
     return report
+
+
+#: How long provisioning keeps retrying a step that timed out: a new R3 stream on a cluster
+#: that is still electing leaders, or two processes provisioning at once, can take longer
+#: than one JetStream API timeout.
+PROVISION_PATIENCE_SECONDS = 60.0
+
+
+async def _patiently(step: Callable[[], Awaitable[None]]) -> None:
+    """Run one idempotent provisioning step, again after a timeout or "no responders"."""
+    deadline = time.monotonic() + PROVISION_PATIENCE_SECONDS
+    while True:
+        try:
+            await step()
+            return
+        except (
+            TimeoutError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            ServiceUnavailableError,
+        ):
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("provisioning_retried")
+            await asyncio.sleep(0.5)
 
 
 async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

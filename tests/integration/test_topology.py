@@ -169,9 +169,8 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
     replica_url = f"{PG}?options=-csearch_path%3D{pg_schema}"
     urls = {"BROKER_NATS_URL": nats_url}
     ingress_env = local_env(services["ingress"], **urls)
-    # One after the other: the first provisions the streams, the next finds them. (Started
-    # together against a fresh cluster, one of them sometimes timed out while provisioning
-    # and exited with 4; compose's restart policy starts it again. See docs/operations.md.)
+    # Started together against a fresh cluster, as compose does: both provision the same
+    # streams at once, and provisioning retries a step that timed out (streams.provision).
     ingresses: list[BrokerProcess] = []
     others: list[Process] = []
     engine = sa.create_engine(
@@ -185,8 +184,11 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
                     tmp_path / f"ingress-{i}",
                     args=serve_args(services["ingress"]),
                     env=ingress_env,
+                    wait=False,
                 )
             )
+        for ingress in ingresses:
+            ingress.wait_ready(timeout=90)
         assert await _stream_replicas(nats_url) == 3
         worker_env = local_env(services["worker"], **urls, BROKER_REPLICA_URL=replica_url)
         router_env = local_env(services["router"], **urls)
