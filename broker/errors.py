@@ -6,6 +6,7 @@
     ├── BadRequest                   400 bad_request
     │   └── InvalidBatch             400 invalid_batch
     ├── NotFound                     404 not_found
+    ├── RequestTimeout               408 request_timeout    (the body did not arrive in time)
     ├── Conflict                     409 conflict
     │   ├── SequenceConflict         409 sequence_conflict
     │   └── AlreadyRouted            409 already_routed     (a retried route: see ROUTES)
@@ -73,6 +74,13 @@ class InvalidBatch(BadRequest):
 class NotFound(BrokerError):
     status = 404
     error_code = "not_found"
+
+
+class RequestTimeout(BrokerError):
+    """The request body did not arrive whole within ``BROKER_BODY_READ_TIMEOUT``."""
+
+    status = 408
+    error_code = "request_timeout"
 
 
 class Conflict(BrokerError):

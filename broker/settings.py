@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     )
     max_header_list_bytes: int = Field(default=64 * 1024, gt=1024)
     max_concurrent_streams: int = Field(default=256, gt=0)
+    body_read_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a request body may take to arrive whole (408)."
+    )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
 
 

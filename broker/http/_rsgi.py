@@ -8,12 +8,14 @@ Rust in one call instead of a message round trip per ASGI ``receive``/``send``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
 
-from broker.errors import BadRequest, BrokerError, PayloadTooLarge
+from broker.errors import BadRequest, BrokerError, PayloadTooLarge, RequestTimeout
+from broker.settings import get_settings
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -64,17 +66,87 @@ def content_length(headers: Headers) -> int | None:
     return int(value)
 
 
-async def read_body(proto: HTTPProtocol, headers: Headers, limit: int) -> bytes:
+async def read_body(
+    proto: HTTPProtocol, headers: Headers, limit: int, *, timeout: float | None = None
+) -> bytes:
     """The whole request body, refusing with 413 as soon as it exceeds ``limit`` bytes.
 
     A declared ``Content-Length`` over the limit is refused before reading anything; a body
-    without one is counted chunk by chunk as it arrives, so it is never buffered whole.
+    without one is counted chunk by chunk as it arrives, so it is never buffered whole. A body
+    that has not arrived whole within ``timeout`` seconds (default
+    ``BROKER_BODY_READ_TIMEOUT``) is refused with 408: granian has no body read timeout of
+    its own, and a slow client would otherwise hold its stream and buffers for ever.
     """
     declared = content_length(headers)
-    if declared is not None:
-        if declared > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-        return await proto()  # the server enforces the declared length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    seconds = get_settings().body_read_timeout if timeout is None else timeout
+    task = _deadlines.start(seconds)
+    try:
+        if declared is not None:
+            return await proto()  # the server enforces the declared length
+        return await _read_counted(proto, limit)
+    except asyncio.CancelledError:
+        if not _deadlines.expired(task):
+            raise
+        raise RequestTimeout(f"request body not received within {seconds:g} s") from None
+    finally:
+        _deadlines.stop(task)
+
+
+class _Deadlines:
+    """Body read deadlines, checked by one timer per event loop every ``SWEEP`` seconds.
+
+    ``asyncio.timeout`` arms and cancels a timer per request, which measured several
+    microseconds on the hot path; here a request costs two dict operations, and a body is cut
+    off between ``timeout`` and ``timeout + SWEEP`` seconds after its read began.
+    """
+
+    SWEEP = 0.25
+
+    def __init__(self) -> None:
+        self._due: dict[asyncio.Task[Any], float] = {}
+        self._overdue: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, seconds: float) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None, "read_body runs in a task"
+        loop = asyncio.get_running_loop()
+        self._due[task] = loop.time() + seconds
+        if self._timer is None or self._loop is not loop:
+            self._loop = loop
+            self._timer = loop.call_later(self.SWEEP, self._sweep)
+        return task
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        self._due.pop(task, None)
+        self._overdue.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` was cancelled for its deadline (then the cancel is consumed)."""
+        if task in self._overdue:
+            self._overdue.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        for task, due in list(self._due.items()):
+            if due <= now:
+                del self._due[task]
+                self._overdue.add(task)
+                task.cancel()
+        self._timer = self._loop.call_later(self.SWEEP, self._sweep) if self._due else None
+
+
+_deadlines = _Deadlines()
+
+
+async def _read_counted(proto: HTTPProtocol, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in proto:
