@@ -296,7 +296,13 @@ async def test_one_trace_follows_a_message_from_ingress_to_the_agents_reply(
     spans = receiver.trace(tid)
     by_id = {s.span_id: s for s in spans}
     by_name = {s.name: s for s in spans}
-    ingress, append = by_name["POST /v1/route/{subject}"], by_name["append"]
+    ingress = by_name["POST /v1/route/{subject}"]
+    # The message's own append (the router appends its decision under its own span).
+    append = next(
+        s
+        for s in spans
+        if s.name == "append" and s.attributes.get("messaging.nats.stream") == Stream.MESSAGES
+    )
     assert ingress.parent_id == f"{CLIENT_SPAN:016x}"  # continues the client's trace
     assert ingress.service == "broker-ingress"
     assert ingress.attributes["http.response.status_code"] == 200
@@ -305,10 +311,11 @@ async def test_one_trace_follows_a_message_from_ingress_to_the_agents_reply(
     projected = by_name["project replica_messages"]
     assert projected.parent_id == append.span_id
     assert projected.service == "broker-worker"
-    # The agent continued the context stored with the routed message: its parent is a
-    # broker span of this trace (the router's, or the append's), below the ingress.
+    # The agent continued the context of the decision it received: the router's append of
+    # RouteDecided, under the router's route span, under the message's append.
     chain = [by_id[agent_parent].name, *ancestors(by_id[agent_parent], by_id)]
-    assert chain[-2:] == ["append", "POST /v1/route/{subject}"], chain
+    assert chain == ["append", "route", "append", "POST /v1/route/{subject}"], chain
+    assert by_name["route"].service == "broker-router"
 
 
 async def test_log_lines_carry_the_trace_id_of_their_request(
