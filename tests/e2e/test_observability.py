@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 import pytest_asyncio
@@ -152,21 +151,6 @@ def broker(
     )
     yield process
     process.stop()
-
-
-@pytest_asyncio.fixture
-async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=broker.base_url, http1=False, http2=True, timeout=15
-    ) as c:
-        yield c
-
-
-@pytest_asyncio.fixture
-async def js(module_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(module_nats.url)
-    yield nc.jetstream()
-    await nc.close()
 
 
 @pytest.fixture

@@ -251,14 +251,6 @@ def broker(
 
 
 @pytest_asyncio.fixture
-async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=broker.base_url, http1=False, http2=True, timeout=15
-    ) as c:
-        yield c
-
-
-@pytest_asyncio.fixture
 async def ocr_agent(module_nats: NatsServer) -> AsyncIterator[Agent]:
     manifest = {
         "name": "uiocr",
