@@ -26,7 +26,7 @@ import contextlib
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import nats.errors
@@ -317,7 +317,7 @@ class Router:
         finally:
             with contextlib.suppress(Exception):
                 await self._failure_watch.unsubscribe()
-            log.info("router_stopped", **_stats_fields(self.stats))
+            log.info("router_stopped", **asdict(self.stats))
 
     async def _loop(self, sub: Any, handle: Any, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -350,13 +350,3 @@ def _refused(error: BrokerError, policy: Policy) -> Decision:
         candidates=(),
         policy_version=policy.version,
     )
-
-
-def _stats_fields(stats: RouterStats) -> dict[str, int]:
-    return {
-        "routed": stats.routed,
-        "skipped": stats.skipped,
-        "dead_lettered": stats.dead_lettered,
-        "retried": stats.retried,
-        "failures_seen": stats.failures_seen,
-    }
