@@ -54,6 +54,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
+from broker.natsconn import ConnectOptions
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
@@ -207,7 +208,11 @@ class Agent:
         instance: str | None = None,
         register: bool = False,
         load_source: LoadSource | None = None,
+        connect_options: ConnectOptions | None = None,
     ) -> None:
+        """``connect_options`` adds NATS TLS and credentials, e.g.
+        ``connect_options(Settings(), name="my-agent")`` from :mod:`broker.natsconn` reads
+        ``BROKER_NATS_TLS_*``, ``BROKER_NATS_USER`` … ; ``nats_url`` still names the servers."""
         self.manifest = (
             manifest if isinstance(manifest, AgentManifest) else validate_manifest(dict(manifest))
         )
@@ -221,6 +226,7 @@ class Agent:
         self.instance = instance or new_instance_id()
         self.register = register
         self.load_source = load_source or NvidiaSmi()
+        self.connect_options = connect_options
         self._handler: Handler | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -294,9 +300,10 @@ class Agent:
             log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
 
     async def _connect(self) -> None:
-        self._nc = await nats.connect(
-            servers=self.nats_url.split(","), name=f"agent-{self.name}-{self.instance}"
-        )
+        options = ConnectOptions(**(self.connect_options or {}))
+        options["servers"] = self.nats_url.split(",")
+        options["name"] = f"agent-{self.name}-{self.instance}"
+        self._nc = await nats.connect(**options)
         self._js = self._nc.jetstream(timeout=10.0)
         self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
         if self.register:
@@ -305,7 +312,11 @@ class Agent:
             from broker.publisher import Publisher
             from broker.registry.commands import put_agent
 
-            publisher = Publisher(self.nats_url.split(","), name=f"agent-{self.name}-register")
+            publisher = Publisher(
+                self.nats_url.split(","),
+                name=f"agent-{self.name}-register",
+                connect_options=self.connect_options,
+            )
             publisher.start()
             try:
                 await publisher.wait_connected(10.0)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from broker.natsconn import ConnectOptions
 
 NATS_URL = Annotated[
     str,
@@ -43,6 +46,14 @@ WORKER_EPILOG = (
     "  broker worker --replica-url postgresql://postgres@db/replica --changes\n\n"
     "  broker worker --projection replica_messages --worker-id w2   # on another machine"
 )
+
+
+def _nats_options(nats_url: str, name: str = "broker-cli") -> ConnectOptions:
+    """``--nats-url`` plus TLS and credentials from ``BROKER_NATS_*``."""
+    from broker.natsconn import connect_options
+    from broker.settings import get_settings
+
+    return connect_options(get_settings(), servers=nats_url, name=name)
 
 
 def replica_url(url: str | None, data_dir: Path) -> str:
@@ -91,6 +102,7 @@ def worker(
     configure_logging()
     options = WorkerOptions(
         nats_urls=nats_url.split(","),
+        connect_options=_nats_options(nats_url, "broker-worker"),
         replica_url=replica_url(replica, data_dir),
         projections=_selected(projection, changes),
         worker_id=worker_id or default_worker_id(),
@@ -107,7 +119,7 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
     from projections.runtime import progress
 
     store = SqlCheckpointStore(create_sql_engine(url))
-    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    nc = await nats.connect(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         rows = []
@@ -171,7 +183,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
     (projection,) = _selected([name], False)
     engine = create_sql_engine(url)
     store = SqlCheckpointStore(engine)
-    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    nc = await nats.connect(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         await store.reset(projection.name, projection.reset)
@@ -230,7 +242,7 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
     from broker.reader import read_messages
     from broker.streams import Stream
 
-    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    nc = await nats.connect(**_nats_options(nats_url))
     try:
         rows = []
         async for m in read_messages(nc.jetstream(), Stream.DLQ):
@@ -277,7 +289,7 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
 
     from broker.streams import Stream
 
-    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    nc = await nats.connect(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         raw = await js.get_msg(Stream.DLQ, dlq_seq)

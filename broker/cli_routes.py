@@ -59,11 +59,14 @@ def router(
     """
     from broker.errors import BrokerError
     from broker.logs import configure_logging
+    from broker.natsconn import connect_options
     from broker.routing.service import RouterOptions, run_router
+    from broker.settings import get_settings
 
     configure_logging()
-    options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl)
     try:
+        tls_and_auth = connect_options(get_settings(), servers=nats_url, name="broker-router")
+        options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl, tls_and_auth)
         asyncio.run(run_router(options))
     except BrokerError as e:
         typer.echo(f"error: {e.message}", err=True)
@@ -146,14 +149,18 @@ async def _simulate(
 ) -> Any:
     import nats
 
+    from broker.natsconn import connect_options
     from broker.registry.snapshot import RegistryView
     from broker.routing.embedder import load_embedder
     from broker.routing.policy import load_policy
     from broker.routing.scoring import Scorer
     from broker.routing.simulate import simulate as run
+    from broker.settings import get_settings
 
     policy = load_policy(policy_path)
-    nc = await nats.connect(servers=nats_url.split(","), name="broker-routes-simulate")
+    nc = await nats.connect(
+        **connect_options(get_settings(), servers=nats_url, name="broker-routes-simulate")
+    )
     try:
         js = nc.jetstream(timeout=10.0)
         view = RegistryView()

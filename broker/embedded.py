@@ -89,6 +89,9 @@ class ServerSpec:
     cluster_name: str | None = None
     cluster_port: int | None = None
     routes: tuple[str, ...] = ()
+    #: nats-server configuration appended verbatim: a ``tls { … }`` or ``authorization { … }``
+    #: block, say. ``url`` stays ``nats://``; clients upgrade to TLS when the server asks.
+    extra_config: str = ""
 
 
 class _PortTaken(EmbeddedServerError):
@@ -120,6 +123,8 @@ def _config(spec: ServerSpec, port: int, http_port: int) -> str:
             f"  routes: [{routes}]",
             "}",
         ]
+    if spec.extra_config:
+        lines.append(spec.extra_config.strip())
     return "\n".join(lines) + "\n"
 
 

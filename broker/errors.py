@@ -5,6 +5,9 @@
     BrokerError                      500 internal_error
     ├── BadRequest                   400 bad_request
     │   └── InvalidBatch             400 invalid_batch
+    ├── Unauthenticated              401 unauthenticated    (no or bad API key / token)
+    ├── Forbidden                    403 forbidden          (the principal lacks the scope)
+    │   └── TenantForbidden          403 tenant_forbidden   (Broker-Tenant it does not hold)
     ├── NotFound                     404 not_found
     ├── RequestTimeout               408 request_timeout    (the body did not arrive in time)
     ├── Conflict                     409 conflict
@@ -35,7 +38,9 @@
     │   ├── ReferenceExists              422 42206
     │   └── SchemaRegistryBusy           503 50002   (retryable: writers kept colliding)
     ├── StreamConfigConflict         500 stream_config_conflict  (start-up, not HTTP)
-    └── EmbeddedServerError          500 embedded_server_error   (start-up, not HTTP)
+    ├── EmbeddedServerError          500 embedded_server_error   (start-up, not HTTP)
+    ├── InvalidNatsSettings          500 invalid_nats_settings   (start-up; broker.natsconn)
+    └── NatsConnectFailed            500 nats_connect_failed     (start-up; broker.natsconn)
 
 Third-party errors (nats-py, orjson, granian) are mapped to these once, at the adapter
 that calls the library; they never reach callers as themselves.
@@ -52,6 +57,8 @@ class BrokerError(Exception):
     status: ClassVar[int] = 500
     error_code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    #: Response headers every answer of this error carries.
+    headers: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -69,6 +76,25 @@ class BadRequest(BrokerError):
 
 class InvalidBatch(BadRequest):
     error_code = "invalid_batch"
+
+
+class Unauthenticated(BrokerError):
+    """No credentials, or credentials that do not check out."""
+
+    status = 401
+    error_code = "unauthenticated"
+    headers = (("www-authenticate", 'Bearer realm="agent-broker"'),)
+
+
+class Forbidden(BrokerError):
+    """Authenticated, but not allowed this."""
+
+    status = 403
+    error_code = "forbidden"
+
+
+class TenantForbidden(Forbidden):
+    error_code = "tenant_forbidden"
 
 
 class NotFound(BrokerError):

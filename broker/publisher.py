@@ -30,6 +30,7 @@ from broker.errors import (
     SequenceConflict,
     Unavailable,
 )
+from broker.natsconn import ConnectOptions, explain_connect_error
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -37,6 +38,10 @@ log = structlog.get_logger(__name__)
 #: JetStream API error codes the broker answers specifically.
 _JS_WRONG_LAST_SEQUENCE = 10071
 _JS_MESSAGE_TOO_LARGE = 10054
+#: "duplicate message id is in process": a publish with the same Nats-Msg-Id is still being
+#: proposed (a retry overtook its original, e.g. around a leader change). Not a refusal: the
+#: original may yet be stored, and a retry with the same key gets its ack.
+_JS_DUPLICATE_IN_PROCESS = 10158
 _DRAIN_SECONDS = 2.0
 _JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
 
@@ -62,6 +67,10 @@ def jetstream_error(status: int, err_code: int, description: str, subject: str) 
         )
     if err_code == _JS_MESSAGE_TOO_LARGE:
         return PayloadTooLarge(f"message is larger than the stream allows: {description}")
+    if err_code == _JS_DUPLICATE_IN_PROCESS:
+        return Unavailable(
+            "a publish with the same Idempotency-Key is still being stored: retry with the same key"
+        )
     if err_code in _JS_UNAVAILABLE_CODES or status == 503:
         return Unavailable(f"JetStream cannot take the write now: {description}")
     return BrokerError(f"JetStream refused the write: {description} (code {err_code})")
@@ -104,13 +113,22 @@ class Publisher:
         *,
         name: str = "broker",
         publish_timeout: float = 5.0,
-        connect_timeout: float = 5.0,
+        connect_timeout: float | None = None,
         max_pending: int = 100_000,
+        connect_options: ConnectOptions | None = None,
     ) -> None:
+        """``connect_options`` (from :func:`broker.natsconn.connect_options`) adds TLS and
+        credentials; ``servers``, ``name`` and ``connect_timeout`` given here take precedence
+        (the timeout defaults to the options' or 5 s)."""
         self._servers = servers
+        self._connect_options = ConnectOptions(connect_timeout=5.0)
+        self._connect_options.update(connect_options or {})
+        self._connect_options["servers"] = servers
+        self._connect_options["name"] = name
+        if connect_timeout is not None:
+            self._connect_options["connect_timeout"] = connect_timeout
         self._name = name
         self._publish_timeout = publish_timeout
-        self._connect_timeout = connect_timeout
         self._max_pending = max_pending
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -138,9 +156,7 @@ class Publisher:
         while True:
             try:
                 nc = await nats.connect(
-                    servers=self._servers,
-                    name=self._name,
-                    connect_timeout=self._connect_timeout,
+                    **self._connect_options,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
@@ -151,7 +167,8 @@ class Publisher:
                     error_cb=self._on_error,
                 )
             except Exception as e:  # every connect failure is retried: NATS may come later
-                log.warning("nats_connect_failed", servers=self._servers, error=str(e))
+                error = explain_connect_error(e, self._connect_options)
+                log.warning("nats_connect_failed", servers=self._servers, error=error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -177,7 +194,7 @@ class Publisher:
         log.info("nats_reconnected")
 
     async def _on_error(self, e: Exception) -> None:
-        log.warning("nats_error", error=str(e) or type(e).__name__)
+        log.warning("nats_error", error=explain_connect_error(e, self._connect_options))
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait until the first connection is made; ``False`` on timeout."""

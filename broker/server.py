@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nats
 import nats.errors
 import structlog
 
 from broker.errors import BrokerError
+from broker.natsconn import connect, connect_options
 from broker.settings import Settings
 from broker.streams import provision
 from broker.telemetry.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir, process_exited
@@ -36,10 +37,8 @@ log = structlog.get_logger(__name__)
 async def provision_streams(settings: Settings, *, update: bool = False) -> None:
     """Connect once and create/check every broker stream and bucket."""
     assert settings.nats_url is not None
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        name="broker-provision",
-        connect_timeout=settings.nats_connect_timeout,
+    nc = await connect(
+        connect_options(settings, name="broker-provision"),
         allow_reconnect=False,
         max_reconnect_attempts=0,
     )
@@ -61,9 +60,13 @@ def banner(settings: Settings) -> str:
     scheme = "https" if settings.tls_cert else "http"
     base = f"{scheme}://{settings.host}:{settings.port}"
     h2 = "--http2" if settings.tls_cert else "--http2-prior-knowledge"
+    if settings.auth_file is not None or settings.auth_config is not None:
+        h2 += ' -H "Authorization: Bearer $BROKER_API_KEY"'
+        access = "auth: API key or JWT required (docs/tenants.md)\n"
+    else:
+        access = f"auth: none (every request is tenant '{settings.tenant}'; see --auth-file)\n"
     return (
-        f"\nbroker ready on {base} (NATS {settings.nats_url})\n"
-        "publish a message:\n"
+        f"\nbroker ready on {base} (NATS {settings.nats_url})\n" + access + "publish a message:\n"
         f"  curl {h2} -H 'Content-Type: application/json' "
         f'-d \'{{"hello": "world"}}\' {base}/v1/publish/demo.greetings\n'
         f"API: {base}/openapi.json   health: {base}/readyz\n"
@@ -159,6 +162,37 @@ def _run_children(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if _Stop.requested else (ingress.returncode or 0)
+
+
+def tls_problem(settings: Settings) -> str | None:
+    """What is wrong with the ingress TLS settings, checked before anything starts: a
+    certificate without its key, a client CA without a certificate, files that cannot be
+    read or do not load (an encrypted key included: granian cannot be given its password)."""
+    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    if (cert is None) != (key is None):
+        return "--tls-cert and --tls-key go together (BROKER_TLS_CERT, BROKER_TLS_KEY)"
+    if client_ca is not None and cert is None:
+        return "--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first"
+    for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-client-ca", client_ca)):
+        if path is not None and (not path.is_file() or not os.access(path, os.R_OK)):
+            return f"{option} {path} is not a readable file"
+    if cert is None or key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A callable password: an encrypted key fails here instead of prompting on a tty.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as e:
+        return (
+            f"--tls-cert {cert} and --tls-key {key} do not load as a PEM certificate and its "
+            f"unencrypted private key ({e.reason or e})"
+        )
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as e:
+            return f"--tls-client-ca {client_ca} holds no PEM CA certificate ({e.reason or e})"
+    return None
 
 
 def _port_problem(host: str, port: int) -> str | None:

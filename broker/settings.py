@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -29,6 +29,19 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".broker"), description="Embedded server storage.")
     nats_connect_timeout: float = Field(default=5.0, gt=0)
     publish_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for a PubAck.")
+    nats_tls_ca: Path | None = Field(
+        default=None, description="CA bundle that signs the NATS servers' certificates (TLS)."
+    )
+    nats_tls_cert: Path | None = Field(
+        default=None, description="Client certificate for NATS servers that verify clients."
+    )
+    nats_tls_key: Path | None = Field(default=None, description="Key of nats_tls_cert.")
+    nats_creds: Path | None = Field(
+        default=None, description="NATS credentials file (JWT + NKey seed) for decentralised auth."
+    )
+    nats_user: str | None = Field(default=None, description="NATS user (with nats_password).")
+    nats_password: SecretStr | None = Field(default=None, description="NATS password.")
+    nats_token: SecretStr | None = Field(default=None, description="NATS token authentication.")
 
     # --- streams --------------------------------------------------------------------
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -83,9 +96,27 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tenant: str = Field(default="default", description="Tenant until authentication binds one.")
+    tls_cert: Path | None = Field(default=None, description="Ingress TLS certificate (PEM).")
+    tls_key: Path | None = Field(default=None, description="Key of tls_cert (PEM).")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="mTLS: require a client certificate signed by this CA (PEM bundle).",
+    )
+    tenant: str = Field(
+        default="default", description="The tenant of every request when no auth is configured."
+    )
+    auth_file: Path | None = Field(
+        default=None,
+        description="API keys and JWT settings (YAML); set, every /v1 request must authenticate.",
+    )
+    auth_config: str | None = Field(
+        default=None, description="The same document as auth_file, inline (YAML or JSON)."
+    )
+    detect_card_numbers: bool = Field(
+        default=False,
+        description="Find payment card numbers (Luhn-checked) in JSON and text payloads: "
+        "redact them in replicas and logs, and record an audit event.",
+    )
     max_message_bytes: int = Field(default=1 * MIB, gt=0, description="Largest single payload.")
     max_batch_bytes: int = Field(default=16 * MIB, gt=0, description="Largest batch request body.")
     max_batch_records: int = Field(default=10_000, gt=0)

@@ -15,18 +15,27 @@ header list limit is 16 MiB). What one connection can make the server hold is bo
   (408), see ``broker.http._rsgi.read_body``;
 - idle or dead peers: HTTP/2 keep-alive pings close a connection whose peer stops answering,
   and HTTP/1 clients must send their headers within ``HTTP1_HEADER_READ_TIMEOUT_MS``.
+
+TLS (``BROKER_TLS_CERT`` + ``BROKER_TLS_KEY``): granian (rustls) serves HTTPS on the port,
+offers ALPN ``h2`` and ``http/1.1``, and accepts TLS 1.3 only (``ssl_protocol_min``);
+plaintext and TLS 1.2 handshakes fail. With ``BROKER_TLS_CLIENT_CA`` every client must
+present a certificate that chains to that CA, or the handshake fails (mTLS). See
+:func:`tls_options` and docs/tls.md.
 """
 
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from broker._process import die_with_parent
 from broker.logs import configure_logging, granian_log_config
 from broker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from granian.constants import SSLProtocols
     from granian.http import HTTP1Settings, HTTP2Settings
 
 #: One stream may have this much body in flight (enough for a 1 MiB message in one window).
@@ -67,6 +76,30 @@ def http_settings(settings: Settings) -> tuple[HTTP1Settings, HTTP2Settings]:
     return http1, http2
 
 
+class TLSOptions(TypedDict):
+    """granian's TLS keyword arguments."""
+
+    ssl_cert: Path | None
+    ssl_key: Path | None
+    ssl_protocol_min: SSLProtocols
+    ssl_ca: Path | None
+    ssl_client_verify: bool
+
+
+def tls_options(settings: Settings) -> TLSOptions:
+    """granian's TLS arguments: TLS 1.3 minimum; client certificates required and verified
+    against ``tls_client_ca`` when it is set. Without a certificate and key, plain h2c."""
+    from granian.constants import SSLProtocols
+
+    return TLSOptions(
+        ssl_cert=settings.tls_cert,
+        ssl_key=settings.tls_key,
+        ssl_protocol_min=SSLProtocols.tls13,
+        ssl_ca=settings.tls_client_ca,
+        ssl_client_verify=settings.tls_client_ca is not None,
+    )
+
+
 def main() -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces
@@ -86,8 +119,7 @@ def main() -> None:
         websockets=False,
         http1_settings=http1,
         http2_settings=http2,
-        ssl_cert=settings.tls_cert,
-        ssl_key=settings.tls_key,
+        **tls_options(settings),
         log_access=False,
         log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from broker.natsconn import ConnectOptions
 from broker.publisher import Publisher
 from broker.registry.snapshot import RegistryView
 from broker.routing.embedder import load_embedder
@@ -32,6 +33,9 @@ class RouterOptions:
     policy_path: Path | None = None
     embedder: str | None = None
     load_ttl: float = 15.0
+    #: NATS TLS and credentials (:func:`broker.natsconn.connect_options`); the servers
+    #: are ``nats_urls``.
+    connect_options: ConnectOptions | None = None
 
 
 def policy_from(path: Path | None) -> Policy:
@@ -48,7 +52,9 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    publisher = Publisher(options.nats_urls, name="broker-router")
+    publisher = Publisher(
+        options.nats_urls, name="broker-router", connect_options=options.connect_options
+    )
     publisher.start()
     registry = RegistryView()
     loads = LoadView(options.load_ttl)

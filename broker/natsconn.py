@@ -1,0 +1,230 @@
+"""How every broker process connects to NATS: :class:`Settings` → ``nats.connect`` options.
+
+One place turns the ``BROKER_NATS_*`` settings into nats-py's keyword options, so the
+ingress, the workers, the routers, the agent SDK and the CLI all connect the same way::
+
+    nc = await nats.connect(**connect_options(settings, name="broker-provision"))
+
+- TLS: ``nats_tls_ca`` (the CA that signs the servers' certificates) and/or
+  ``nats_tls_cert`` + ``nats_tls_key`` (a client certificate, for servers with
+  ``verify: true``) build one :class:`ssl.SSLContext` that verifies the server's
+  certificate and host name (the host of each URL, so certificates must name it).
+- Credentials, one kind at a time: ``nats_user`` + ``nats_password``, ``nats_token``, or
+  ``nats_creds`` (a JWT + NKey seed ``.creds`` file).
+
+Passwords and tokens stay :class:`~pydantic.SecretStr` until this function hands them to
+nats-py; nothing here logs them. Bad settings (a certificate without its key, a file that
+cannot be read, two kinds of credentials) raise :class:`InvalidNatsSettings` before any
+connection is tried.
+
+:func:`connect` connects with those options and turns nats-py's and ssl's failures into
+:class:`NatsConnectFailed` with a message that says what was refused and which setting to
+look at (:func:`explain_connect_error`, also used by the long-lived connections' error
+callbacks): a server certificate from an unknown CA, a missing or untrusted client
+certificate, wrong credentials, or no server answering.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypedDict
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from broker.errors import BrokerError
+from broker.settings import Settings
+
+__all__ = [
+    "DEFAULT_SERVERS",
+    "ConnectOptions",
+    "InvalidNatsSettings",
+    "NatsConnectFailed",
+    "connect",
+    "connect_options",
+    "explain_connect_error",
+]
+
+DEFAULT_SERVERS = ("nats://127.0.0.1:4222",)
+
+log = structlog.get_logger(__name__)
+
+
+class InvalidNatsSettings(BrokerError):
+    """The NATS connection settings contradict each other or name unreadable files."""
+
+    error_code: ClassVar[str] = "invalid_nats_settings"
+
+
+class NatsConnectFailed(BrokerError):
+    """No connection to NATS could be made; the message says why (start-up, not HTTP)."""
+
+    error_code: ClassVar[str] = "nats_connect_failed"
+
+
+class ConnectOptions(TypedDict, total=False):
+    """The ``nats.connect`` keyword options this module sets (pass them with ``**``)."""
+
+    servers: list[str]
+    name: str
+    connect_timeout: float
+    tls: ssl.SSLContext
+    user: str
+    password: str
+    token: str
+    user_credentials: str
+
+
+def connect_options(
+    settings: Settings, *, name: str, servers: str | Sequence[str] | None = None
+) -> ConnectOptions:
+    """``nats.connect`` keyword options for ``settings``: servers, TLS, credentials, timeout.
+
+    ``servers`` (a comma-separated string or a list) replaces ``settings.nats_url``, for
+    commands that take their own ``--nats-url``; with neither, ``nats://127.0.0.1:4222``.
+    """
+    options = ConnectOptions(
+        servers=_servers(servers if servers is not None else settings.nats_url),
+        name=name,
+        connect_timeout=settings.nats_connect_timeout,
+    )
+    tls = tls_context(settings)
+    if tls is not None:
+        options["tls"] = tls
+    _add_credentials(options, settings)
+    return options
+
+
+def _servers(urls: str | Sequence[str] | None) -> list[str]:
+    if urls is None:
+        return list(DEFAULT_SERVERS)
+    parts = urls.split(",") if isinstance(urls, str) else list(urls)
+    servers = [url.strip() for url in parts if url.strip()]
+    return servers or list(DEFAULT_SERVERS)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The client TLS context for NATS, or ``None`` when no ``nats_tls_*`` is set."""
+    ca, cert, key = settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise InvalidNatsSettings(
+            "BROKER_NATS_TLS_CERT and BROKER_NATS_TLS_KEY go together: "
+            f"got only {'the certificate' if key is None else 'the key'}"
+        )
+    for setting, path in (("NATS_TLS_CA", ca), ("NATS_TLS_CERT", cert), ("NATS_TLS_KEY", key)):
+        _require_readable(setting, path)
+    # Verifies the server's chain (against ``ca``, or the system's CAs) and its host name.
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if ca is not None:
+            context.load_verify_locations(cafile=str(ca))
+    except (ssl.SSLError, ValueError) as e:
+        raise InvalidNatsSettings(f"BROKER_NATS_TLS_CA {ca} holds no usable CA: {e}") from None
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except ssl.SSLError as e:
+            raise InvalidNatsSettings(
+                f"BROKER_NATS_TLS_CERT {cert} and BROKER_NATS_TLS_KEY {key} do not load as a "
+                f"PEM certificate and its private key: {e}"
+            ) from None
+    return context
+
+
+def _require_readable(setting: str, path: Path | None) -> None:
+    if path is None:
+        return
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise InvalidNatsSettings(f"BROKER_{setting} {path} is not a readable file")
+
+
+def _add_credentials(options: ConnectOptions, settings: Settings) -> None:
+    kinds = [
+        kind
+        for kind, present in (
+            ("BROKER_NATS_USER/BROKER_NATS_PASSWORD", settings.nats_user or settings.nats_password),
+            ("BROKER_NATS_TOKEN", settings.nats_token),
+            ("BROKER_NATS_CREDS", settings.nats_creds),
+        )
+        if present
+    ]
+    if len(kinds) > 1:
+        raise InvalidNatsSettings(f"choose one kind of NATS credentials, not {' and '.join(kinds)}")
+    if settings.nats_password is not None and not settings.nats_user:
+        raise InvalidNatsSettings("BROKER_NATS_PASSWORD is set without BROKER_NATS_USER")
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        if settings.nats_password is not None:
+            options["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token is not None:
+        options["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_creds is not None:
+        _require_readable("NATS_CREDS", settings.nats_creds)
+        options["user_credentials"] = str(settings.nats_creds)
+
+
+async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
+    """Connect with ``options`` (and any other ``nats.connect`` keyword in ``extra``).
+
+    Raises :class:`NatsConnectFailed`, from the original error, when it cannot connect.
+    """
+    client = NatsClient()
+
+    async def attempt_failed(error: Exception) -> None:
+        # Instead of nats-py's default, which logs a traceback per attempt: the caller gets
+        # the explanation in the exception.
+        log.debug("nats_connect_attempt_failed", error=explain_connect_error(error, options))
+
+    # nats-py annotates connect_timeout as int; it is used as float seconds (asyncio.wait_for).
+    keywords: dict[str, Any] = {"error_cb": attempt_failed, **options, **extra}
+    try:
+        await client.connect(**keywords)
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        # After retries nats-py raises NoServersError; the cause is the last error it saw.
+        cause = client.last_error if isinstance(e, nats.errors.NoServersError) else e
+        raise NatsConnectFailed(explain_connect_error(cause or e, options)) from e
+    return client
+
+
+def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
+    """What a failed NATS connection means, naming the settings to check; no secrets."""
+    servers = ",".join(options.get("servers", DEFAULT_SERVERS))
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"NATS at {servers}: the server's certificate was refused ({error.verify_message}); "
+            "set BROKER_NATS_TLS_CA to the CA that signed it, and use a URL whose host the "
+            "certificate names"
+        )
+    if isinstance(error, ssl.SSLError):
+        return (
+            f"NATS at {servers}: the TLS handshake failed ({error.reason or error}); the server "
+            "may require a client certificate (BROKER_NATS_TLS_CERT, BROKER_NATS_TLS_KEY) "
+            "signed by a CA it trusts"
+        )
+    if isinstance(error, nats.errors.AuthorizationError) or (
+        isinstance(error, nats.errors.Error) and "authorization violation" in str(error).lower()
+    ):
+        return (
+            f"NATS at {servers} refused the credentials (authorization violation); check "
+            "BROKER_NATS_USER and BROKER_NATS_PASSWORD, BROKER_NATS_TOKEN or BROKER_NATS_CREDS"
+        )
+    if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError) and "tls" in options:
+        return (
+            f"NATS at {servers} closed the connection ({error}); while connecting this means "
+            "it verifies client certificates and refused ours or its absence: set "
+            "BROKER_NATS_TLS_CERT and BROKER_NATS_TLS_KEY to a certificate signed by a CA "
+            "it trusts"
+        )
+    if isinstance(error, TimeoutError):
+        timeout = options.get("connect_timeout")
+        return f"NATS at {servers} did not answer within {timeout} s"
+    if isinstance(error, nats.errors.NoServersError):
+        return f"no NATS server answered at {servers}"
+    return f"NATS at {servers}: {error or type(error).__name__}"

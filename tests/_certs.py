@@ -1,0 +1,184 @@
+"""Certificates made at test time with ``cryptography``: CAs, server and client certificates.
+
+Everything is written as PEM files under a test's temporary directory; keys are EC P-256
+(fast to make), certificates live for one day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_LIFETIME = dt.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+class CertificateAuthority:
+    """A self-signed CA that issues server and client certificates into ``directory``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.name = name
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + _LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert = directory / f"{name}-ca.pem"
+        self.cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue_server(
+        self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    ) -> Issued:
+        """A server certificate (serverAuth) for ``hosts`` (IP addresses and DNS names)."""
+        alt_names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                alt_names.append(x509.DNSName(host))
+        return self._issue(name, ExtendedKeyUsageOID.SERVER_AUTH, alt_names)
+
+    def issue_client(self, name: str) -> Issued:
+        """A client certificate (clientAuth) with ``name`` as its common name."""
+        return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+    def _issue(
+        self, name: str, usage: x509.ObjectIdentifier, alt_names: list[x509.GeneralName]
+    ) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + _LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        if alt_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        issued = Issued(self.directory / f"{name}.pem", self.directory / f"{name}-key.pem")
+        issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, issued.key)
+        return issued
+
+
+@dataclass(frozen=True)
+class Pki:
+    """What the TLS tests need: a trusted CA with a server and a client certificate, and a
+    second CA nobody trusts, with a client certificate of its own."""
+
+    ca: CertificateAuthority
+    server: Issued
+    client: Issued
+    unknown_ca: CertificateAuthority
+    unknown_client: Issued
+
+
+def make_pki(directory: Path) -> Pki:
+    """A trusted CA (server + client certificates) and an unknown one, under ``directory``."""
+    ca = CertificateAuthority(directory / "trusted", "trusted")
+    unknown = CertificateAuthority(directory / "unknown", "unknown")
+    return Pki(
+        ca=ca,
+        server=ca.issue_server("server"),
+        client=ca.issue_client("client"),
+        unknown_ca=unknown,
+        unknown_client=unknown.issue_client("stranger"),
+    )
+
+
+def secure_nats_config(pki: Pki, password: str) -> str:
+    """nats-server configuration: TLS that verifies client certificates, and one password user."""
+    return f"""
+tls {{
+  cert_file: {json.dumps(str(pki.server.cert))}
+  key_file: {json.dumps(str(pki.server.key))}
+  ca_file: {json.dumps(str(pki.ca.cert))}
+  verify: true
+  timeout: 2
+}}
+authorization {{
+  user: "broker"
+  password: {json.dumps(password)}
+}}
+"""
