@@ -43,6 +43,7 @@ class Stream(StrEnum):
     SCHEMAS = "SCHEMAS"
     ROUTES = "ROUTES"
     DLQ = "DLQ"
+    AUDIT = "AUDIT"
 
 
 #: Subject prefix of each stream: ``msg.<tenant>.<topic…>``, ``reg.<tenant>.agent.<name>`` …
@@ -52,6 +53,7 @@ SUBJECT_PREFIX: dict[Stream, str] = {
     Stream.SCHEMAS: "schema",
     Stream.ROUTES: "route",
     Stream.DLQ: "dlq",
+    Stream.AUDIT: "audit",
 }
 
 AGENT_LOAD_BUCKET = "agent_load"
@@ -129,6 +131,13 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             max_bytes=-1,
             deny_delete=False,
             **common,
+        ),
+        StreamConfig(
+            name=Stream.AUDIT,
+            description="Audit events, audit.<tenant>.<kind>: e.g. card numbers a replica "
+            "masked (where, brand, last four digits; never the number).",
+            subjects=[f"{SUBJECT_PREFIX[Stream.AUDIT]}.>"],
+            **audit,
         ),
     ]
 

@@ -10,6 +10,9 @@ Everything here is SQLAlchemy Core and reads the same on SQLite and PostgreSQL:
   keyed state with one upsert and one delete per table.
 - :class:`ChangeLog` collects the change events (CDC) of one ``apply`` and writes them to
   :data:`outbox` in the same transaction, in one insert.
+- :func:`record_audits` writes audit records (card numbers redacted) to :data:`audit`, once
+  per stored message, and each new one to :data:`outbox` (op ``a``), in the same
+  transaction.
 
 PostgreSQL text cannot hold U+0000, so free text from clients goes through :func:`text` and
 JSON through :func:`json_value` first, on every dialect alike.
@@ -78,6 +81,28 @@ outbox = sa.Table(
     sa.Column("after", JSON_VALUE, nullable=True),
     sa.Column("source_stream", sa.String(64), nullable=False),
     sa.Column("source_seq", SEQ, nullable=False),
+)
+
+
+#: The outbox ``op`` of an audit event (the others are the change events ``c``/``u``/``d``).
+AUDIT_OP = "a"
+
+#: Audit records: one per (kind, stream, seq), written in the transaction of the replica
+#: row they are about. A replica's reset leaves them alone, so a rebuild from the stream's
+#: start records (and publishes) nothing twice.
+audit = sa.Table(
+    "broker_audit",
+    metadata,
+    sa.Column("kind", sa.String(64), primary_key=True),
+    sa.Column("stream", sa.String(64), primary_key=True),
+    sa.Column("seq", SEQ, primary_key=True, autoincrement=False),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("projection", sa.String(128), nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("findings", JSON_VALUE, nullable=False),
+    sa.Column("truncated", sa.Boolean, nullable=False),
+    sa.Column("time", UtcDateTime, nullable=True),
 )
 
 
@@ -172,6 +197,36 @@ def append_rows(
             changes.add(table, "c", key={"seq": row["seq"]}, before=None, after=row, seq=row["seq"])
 
 
+def record_audits(tx: sa.Connection, records: Sequence[Row]) -> int:
+    """Insert audit ``records`` (rows of :data:`audit`) in one statement; records already
+    there are left alone, and each one actually inserted also becomes an outbox row
+    (``op`` :data:`AUDIT_OP`, the record as ``after``) for the relay to publish. Returns
+    how many were new."""
+    if not records:
+        return 0
+    key = ["kind", "stream", "seq"]
+    stmt = dialect_insert(tx, audit).on_conflict_do_nothing(index_elements=key)
+    returned = tx.execute(stmt.returning(*(audit.c[k] for k in key)), list(records))
+    inserted = {tuple(row) for row in returned}
+    events = [
+        {
+            "projection": record["projection"],
+            "table_name": audit.name,
+            "op": AUDIT_OP,
+            "key": {k: record[k] for k in key},
+            "before": None,
+            "after": jsonable(record),
+            "source_stream": record["stream"],
+            "source_seq": record["seq"],
+        }
+        for record in records
+        if (record["kind"], record["stream"], record["seq"]) in inserted
+    ]
+    if events:
+        tx.execute(outbox.insert(), events)
+    return len(events)
+
+
 def existing(
     tx: sa.Connection,
     table: sa.Table,
@@ -238,9 +293,13 @@ def write_state(
         tx.execute(table.delete().where(match), deletes)
 
 
-def create(tx: sa.Connection, tables: Sequence[sa.Table], changes: bool) -> None:
-    """Create ``tables`` (and the outbox, with change events on) where missing."""
-    metadata.create_all(tx, tables=[*tables, *([outbox] if changes else [])], checkfirst=True)
+def create(
+    tx: sa.Connection, tables: Sequence[sa.Table], changes: bool, audits: bool = False
+) -> None:
+    """Create ``tables`` (the outbox too with change events or audits on, and the audit
+    table with audits on) where missing."""
+    extra = [*([outbox] if changes or audits else []), *([audit] if audits else [])]
+    metadata.create_all(tx, tables=[*tables, *extra], checkfirst=True)
 
 
 def empty(tx: sa.Connection, tables: Sequence[sa.Table]) -> None:

@@ -1,11 +1,17 @@
-"""Change events: relay the replica outbox to the ``CHANGES`` stream (``cdc.<proj>.<table>``).
+"""Change and audit events: relay the replica outbox to NATS.
 
 A replica with change events on writes one outbox row per changed row in the same
 transaction as the change, so no committed change is ever without its event. This relay
 publishes the rows in id order with ``Nats-Msg-Id: cdc:<id>`` and then deletes them: a
 crash between the two publishes them again, and JetStream's duplicate window drops the
 copies. Each event is ``{"op": "c"|"u"|"d", "table", "key", "before", "after",
-"source": {"stream", "seq"}}``, the shape CDC consumers expect.
+"source": {"stream", "seq"}}`` on ``cdc.<projection>.<table>`` in ``CHANGES``, the shape
+CDC consumers expect.
+
+Audit rows (``op`` ``a``, written with card detection on) go to the ``AUDIT`` stream
+instead, on ``audit.<tenant>.<kind>``, as the audit record itself (``type``
+``CardNumbersRedacted`` for ``card_redacted``) with ``Nats-Msg-Id:
+audit:<kind>:<stream>:<seq>``: one event per stored message however often it is relayed.
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
+from broker.streams import SUBJECT_PREFIX, Stream
+from projections._replica_tables import AUDIT_OP
+
 log = structlog.get_logger(__name__)
 CHANGES_STREAM = "CHANGES"
 CHANGES_PREFIX = "cdc"
+#: The ``type`` of each audit kind's event: events are named in the past tense.
+AUDIT_EVENT_TYPES = {"card_redacted": "CardNumbersRedacted"}
 
 
 async def ensure_changes_stream(js: JetStreamContext) -> None:
@@ -50,8 +61,27 @@ def _forget(engine: sa.Engine, outbox: sa.Table, ids: list[int]) -> None:
         conn.execute(outbox.delete().where(outbox.c.id.in_(ids)))
 
 
+def audit_event(row: Any) -> tuple[str, bytes]:
+    """The subject and body of one outbox row's audit event."""
+    record = dict(row.after)
+    kind = str(record["kind"])
+    subject = f"{SUBJECT_PREFIX[Stream.AUDIT]}.{record['tenant'] or '_'}.{kind}"
+    body = {"type": AUDIT_EVENT_TYPES.get(kind, kind), **record}
+    return subject, orjson.dumps(body, default=str)
+
+
+def message_id(row: Any) -> str:
+    """The ``Nats-Msg-Id`` of one outbox row's event."""
+    if row.op == AUDIT_OP:
+        key = row.key
+        return f"audit:{key['kind']}:{key['stream']}:{key['seq']}"
+    return f"cdc:{row.id}"
+
+
 def change_event(row: Any) -> tuple[str, bytes]:
-    """The subject and body of one outbox row's change event."""
+    """The subject and body of one outbox row's event (a change or, op ``a``, an audit)."""
+    if row.op == AUDIT_OP:
+        return audit_event(row)
     subject = f"{CHANGES_PREFIX}.{row.projection.replace('.', '_')}.{row.table_name}"
     body = {
         "op": row.op,
@@ -78,7 +108,7 @@ async def relay_once(js: JetStreamContext, engine: sa.Engine, limit: int = 500) 
             await js.publish_async(
                 subject,
                 body,
-                headers={"Nats-Msg-Id": f"cdc:{row.id}", "Content-Type": "application/json"},
+                headers={"Nats-Msg-Id": message_id(row), "Content-Type": "application/json"},
             )
         )
     await asyncio.gather(*acks)

@@ -17,6 +17,15 @@ batch; keyed state is folded in memory first, then written with one upsert and o
 per table. Applying a batch again changes nothing. With ``changes=True`` each changed row
 also becomes a change event in :data:`outbox`, in the same transaction, which
 :mod:`projections.outbox` relays to NATS.
+
+With ``detect_cards=True`` (``BROKER_DETECT_CARD_NUMBERS``) the message and route replicas
+mask payment card numbers (:mod:`broker.sensitive`) in what they store — the decoded JSON
+payload, the subject and the message id — and record one ``card_redacted`` audit record per
+message that held any, in :data:`audit` and the outbox, in the same transaction as the row
+(relayed to ``audit.<tenant>.card_redacted`` in the ``AUDIT`` stream). Text payloads
+(``text/*``, XML, forms) and JSON that does not decode are not stored, but are scanned for
+the audit all the same; other media types (msgpack, Avro, Protobuf, binary) are neither
+stored nor scanned. The stream keeps the payload as sent: replaying it returns the number.
 """
 
 from __future__ import annotations
@@ -28,17 +37,27 @@ import orjson
 import sqlalchemy as sa
 
 from broker.codecs import DecodedMessage, DecodeError, DecodeLimits, JsonCodec
-from broker.codecs.base import CodecKind, kind_for
-from broker.envelope import CONTENT_TYPE, NATS_MSG_ID
+from broker.codecs.base import CodecKind, kind_for, split_wire_prefix
+from broker.envelope import CONTENT_TYPE, NATS_MSG_ID, media_type
 from broker.registry import events as agent_events
 from broker.registry.events import RegistryEventType
 from broker.registry.schemas import events as schema_events
 from broker.registry.schemas.events import SchemaVersionDeleted, SchemaVersionRegistered
+from broker.sensitive import (
+    Scan,
+    find_cards,
+    json_may_hold_card,
+    redact_text,
+    redact_value,
+    text_may_hold_card,
+)
+from broker.settings import get_settings
 from broker.streams import Stream
 from projections._replica_tables import (
     ChangeLog,
     Row,
     append_rows,
+    audit,
     create,
     empty,
     ensure_outbox,
@@ -46,6 +65,7 @@ from projections._replica_tables import (
     json_value,
     metadata,
     outbox,
+    record_audits,
     replica_agent_history,
     replica_agents,
     replica_compatibility,
@@ -59,11 +79,13 @@ from projections._replica_tables import (
 from projections.base import Event, Projection
 
 __all__ = [
+    "CARD_AUDIT",
     "REPLICAS",
     "AgentsReplica",
     "MessagesReplica",
     "RoutesReplica",
     "SchemasReplica",
+    "audit",
     "ensure_outbox",
     "metadata",
     "outbox",
@@ -77,10 +99,61 @@ _NUL_ESCAPE = b"\\u0000"
 REPLICA_LIMITS = DecodeLimits(max_depth=64)
 
 
+#: The audit kind of a message whose card numbers a replica masked.
+CARD_AUDIT = "card_redacted"
+#: At most this many findings are listed in one audit record (``count`` has them all).
+MAX_AUDIT_FINDINGS = 100
+#: Media types scanned as text for the audit (nothing of them is stored in a replica).
+_TEXT_TYPES = frozenset({"application/xml", "application/x-www-form-urlencoded"})
+
+
 def _tokens(subject: str) -> list[str]:
     """``prefix.tenant.rest`` as three parts (missing parts empty)."""
     parts = subject.split(".", 2)
     return parts + [""] * (3 - len(parts))
+
+
+def _is_text(content_type: str | None) -> bool:
+    bare = media_type(content_type)
+    return bare.startswith("text/") or bare.endswith("+xml") or bare in _TEXT_TYPES
+
+
+class _CardScan:
+    """What one row's card scan found, field by field, for its audit record."""
+
+    __slots__ = ("count", "findings", "truncated")
+
+    def __init__(self) -> None:
+        self.findings: list[dict[str, Any]] = []
+        self.count = 0
+        self.truncated = False
+
+    def add(self, where: str, scan: Scan) -> None:
+        self.count += scan.count
+        self.truncated = self.truncated or scan.truncated
+        room = max(0, MAX_AUDIT_FINDINGS - len(self.findings))
+        self.findings += ({"field": where, **f.to_dict()} for f in scan.findings[:room])
+
+    def text(self, where: str, value: str) -> str:
+        """``value`` (a text column) with card numbers masked."""
+        if not text_may_hold_card(value):
+            return value
+        done = redact_text(value)
+        self.add(where, done.scan)
+        return done.value
+
+    def payload(self, where: str, raw: bytes, body: bytes | None, value: Any) -> Any:
+        """The stored JSON ``value`` of ``raw`` with card numbers masked; ``body`` is the
+        JSON text ``value`` was decoded from, ``None`` when the payload is not stored but
+        scanned as text."""
+        if body is None:
+            self.add(where, find_cards(raw.decode("latin-1")))
+            return value
+        if not json_may_hold_card(body):  # the common case: a few passes over the bytes
+            return value
+        done = redact_value(value)
+        self.add(where, done.scan)
+        return done.value
 
 
 class _Replica:
@@ -92,25 +165,48 @@ class _Replica:
     partitions: int
     tables: tuple[sa.Table, ...] = ()
 
-    def __init__(self, *, changes: bool = False) -> None:
+    def __init__(self, *, changes: bool = False, detect_cards: bool = False) -> None:
         self.changes = changes
+        self.detect_cards = detect_cards
+
+    @property
+    def uses_outbox(self) -> bool:
+        """Whether this replica writes outbox rows (change events or audit events), which a
+        worker must then relay."""
+        return self.changes or self.detect_cards
 
     def _changes(self) -> ChangeLog | None:
         return ChangeLog(self.name, self.stream) if self.changes else None
+
+    def _audit(self, event: Event, tenant: str, subject: str, found: _CardScan) -> Row:
+        """The ``card_redacted`` audit record of ``event`` (``subject`` already masked)."""
+        return {
+            "kind": CARD_AUDIT,
+            "stream": event.stream,
+            "seq": event.seq,
+            "tenant": tenant,
+            "subject": subject,
+            "projection": self.name,
+            "count": found.count,
+            "findings": found.findings,
+            "truncated": found.truncated,
+            "time": event.time,
+        }
 
     def apply(self, batch: Sequence[Event], tx: sa.Connection) -> None:
         raise NotImplementedError
 
     def setup(self, tx: sa.Connection) -> None:
-        """Create the replica's tables (and the outbox, with change events on)."""
-        create(tx, self.tables, self.changes)
+        """Create the replica's tables (and the outbox, with change events or card
+        detection on, and the audit table with card detection on)."""
+        create(tx, self.tables, self.changes, self.detect_cards)
 
     def reset(self, tx: sa.Connection) -> None:
         """Empty the replica's own tables (the outbox and other replicas are left alone)."""
         empty(tx, self.tables)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(changes={self.changes})"
+        return f"{type(self).__name__}(changes={self.changes}, detect_cards={self.detect_cards})"
 
 
 class MessagesReplica(_Replica):
@@ -118,7 +214,8 @@ class MessagesReplica(_Replica):
 
     A JSON payload (``application/json``, ``*+json``) that decodes within ``limits`` lands
     in ``payload_json``; one that does not gets ``NULL`` and the reason in ``decode_error``.
-    Other media types are not decoded (both columns ``NULL``).
+    Other media types are not decoded (both columns ``NULL``). With ``detect_cards`` card
+    numbers in ``payload_json``, ``subject`` and ``msg_id`` are masked and audited.
     """
 
     name = "replica_messages"
@@ -126,8 +223,14 @@ class MessagesReplica(_Replica):
     partitions = 16
     tables = (replica_messages,)
 
-    def __init__(self, *, changes: bool = False, limits: DecodeLimits = REPLICA_LIMITS) -> None:
-        super().__init__(changes=changes)
+    def __init__(
+        self,
+        *,
+        changes: bool = False,
+        limits: DecodeLimits = REPLICA_LIMITS,
+        detect_cards: bool = False,
+    ) -> None:
+        super().__init__(changes=changes, detect_cards=detect_cards)
         self.subjects = ["msg.>"]
         self._json = JsonCodec(limits=limits)
 
@@ -144,14 +247,20 @@ class MessagesReplica(_Replica):
         return value, None
 
     def row(self, event: Event) -> Row:
-        """The ``replica_messages`` row of one message."""
+        """The ``replica_messages`` row of one message (card numbers masked, with
+        ``detect_cards``)."""
+        return self.scanned_row(event)[0]
+
+    def scanned_row(self, event: Event) -> tuple[Row, Row | None]:
+        """The ``replica_messages`` row of one message, and its audit record if card
+        detection is on and found any."""
         _, tenant, subject = _tokens(event.subject)
         message = DecodedMessage(event.data, event.headers, self._json)
         content_type = message.content_type
         msg_id = event.headers.get(NATS_MSG_ID)
         schema_id = message.schema_id
         payload, error = self._payload(message)
-        return {
+        row = {
             "seq": event.seq,
             "stream": event.stream,
             "tenant": text(tenant),
@@ -166,12 +275,30 @@ class MessagesReplica(_Replica):
             "payload_json": payload,
             "decode_error": error,
         }
+        if not self.detect_cards:
+            return row, None
+        found = _CardScan()
+        is_json = kind_for(content_type) is CodecKind.JSON
+        if is_json and error is None:
+            body = split_wire_prefix(event.data, content_type)[1]
+            row["payload_json"] = found.payload("payload_json", event.data, body, payload)
+        elif is_json or _is_text(content_type):
+            found.payload("payload", event.data, None, None)
+        row["subject"] = found.text("subject", row["subject"])
+        if row["msg_id"] is not None:
+            row["msg_id"] = found.text("msg_id", row["msg_id"])
+        if not found.count:
+            return row, None
+        full_subject = ".".join(p for p in ("msg", row["tenant"], row["subject"]) if p)
+        return row, self._audit(event, row["tenant"], full_subject, found)
 
     def apply(self, batch: Sequence[Event], tx: sa.Connection) -> None:
         changes = self._changes()
-        append_rows(tx, replica_messages, [self.row(e) for e in batch], changes)
+        scanned = [self.scanned_row(e) for e in batch]
+        append_rows(tx, replica_messages, [row for row, _ in scanned], changes)
         if changes is not None:
             changes.flush(tx)
+        record_audits(tx, [record for _, record in scanned if record is not None])
 
 
 class AgentsReplica(_Replica):
@@ -362,47 +489,80 @@ class SchemasReplica(_Replica):
 
 class RoutesReplica(_Replica):
     """``ROUTES`` as ``replica_routes``: one generic row per event on
-    ``route.<tenant>.<agent>…``, with its body when that is JSON (``NULL`` otherwise)."""
+    ``route.<tenant>.<agent>…``, with its body when that is JSON (``NULL`` otherwise).
+
+    A route event carries the routed message's payload, so with ``detect_cards`` its body
+    and subject are masked and audited like a message's (under the ``ROUTES`` sequence)."""
 
     name = "replica_routes"
     stream = Stream.ROUTES.value
     partitions = 16
     tables = (replica_routes,)
 
-    def __init__(self, *, changes: bool = False, limits: DecodeLimits = REPLICA_LIMITS) -> None:
-        super().__init__(changes=changes)
+    def __init__(
+        self,
+        *,
+        changes: bool = False,
+        limits: DecodeLimits = REPLICA_LIMITS,
+        detect_cards: bool = False,
+    ) -> None:
+        super().__init__(changes=changes, detect_cards=detect_cards)
         self.subjects = ["route.>"]
         self._json = JsonCodec(limits=limits)
 
-    def _body(self, event: Event) -> Any:
+    def _body(self, event: Event) -> tuple[Any, bool]:
+        """The JSON body (``None`` if there is none) and whether it was decoded."""
         content_type = event.headers.get(CONTENT_TYPE)
         if content_type is not None and kind_for(content_type) is not CodecKind.JSON:
-            return None
+            return None, False
         try:
             value = self._json.decode(event.data)
         except DecodeError:
-            return None
+            return None, False
         if _NUL_ESCAPE in event.data and _NUL_ESCAPE in orjson.dumps(value):
-            return None
-        return value
+            return None, False
+        return value, True
 
     def row(self, event: Event) -> Row:
-        """The ``replica_routes`` row of one route event."""
+        """The ``replica_routes`` row of one route event (card numbers masked, with
+        ``detect_cards``)."""
+        return self.scanned_row(event)[0]
+
+    def scanned_row(self, event: Event) -> tuple[Row, Row | None]:
+        """The ``replica_routes`` row of one route event, and its audit record if card
+        detection is on and found any."""
         _, tenant, rest = _tokens(event.subject)
-        return {
+        body, decoded = self._body(event)
+        row = {
             "seq": event.seq,
             "tenant": text(tenant),
             "agent": text(rest.split(".", 1)[0]),
             "subject": text(event.subject),
             "time": event.time,
-            "body": self._body(event),
+            "body": body,
         }
+        if not self.detect_cards:
+            return row, None
+        found = _CardScan()
+        content_type = event.headers.get(CONTENT_TYPE)
+        if decoded:
+            row["body"] = found.payload("body", event.data, event.data, body)
+        elif content_type is not None and (
+            kind_for(content_type) is CodecKind.JSON or _is_text(content_type)
+        ):  # JSON that did not decode, or text: scanned, not stored
+            found.payload("payload", event.data, None, None)
+        row["subject"] = found.text("subject", row["subject"])
+        if not found.count:
+            return row, None
+        return row, self._audit(event, row["tenant"], row["subject"], found)
 
     def apply(self, batch: Sequence[Event], tx: sa.Connection) -> None:
         changes = self._changes()
-        append_rows(tx, replica_routes, [self.row(e) for e in batch], changes)
+        scanned = [self.scanned_row(e) for e in batch]
+        append_rows(tx, replica_routes, [row for row, _ in scanned], changes)
         if changes is not None:
             changes.flush(tx)
+        record_audits(tx, [record for _, record in scanned if record is not None])
 
 
 #: Every replica, by projection name.
@@ -411,6 +571,17 @@ REPLICAS: dict[str, type[_Replica]] = {
 }
 
 
-def replica_projections(changes: bool = False) -> list[Projection]:
-    """One of each replica, with change events on or off."""
-    return [cls(changes=changes) for cls in REPLICAS.values()]
+def replica_projections(
+    changes: bool = False, *, detect_cards: bool | None = None
+) -> list[Projection]:
+    """One of each replica, with change events on or off; card detection in the message
+    and route replicas as ``detect_cards`` says (``None``: the ``detect_card_numbers``
+    setting, ``BROKER_DETECT_CARD_NUMBERS``)."""
+    if detect_cards is None:
+        detect_cards = get_settings().detect_card_numbers
+    return [
+        cls(changes=changes, detect_cards=detect_cards)
+        if cls in {MessagesReplica, RoutesReplica}
+        else cls(changes=changes)
+        for cls in REPLICAS.values()
+    ]

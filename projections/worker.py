@@ -5,7 +5,8 @@ partition leases (:mod:`projections.leases`) and a runner (:mod:`projections.run
 the partitions it holds. Start more workers anywhere with the same NATS and database URL
 and the partitions spread across them; stop one (or kill it) and the others take its
 partitions within a few seconds. With change events on, committed replica changes are
-relayed from the outbox table to the ``CHANGES`` stream.
+relayed from the outbox table to the ``CHANGES`` stream; with card detection on
+(``BROKER_DETECT_CARD_NUMBERS``), audit events to the ``AUDIT`` stream.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from broker.natsconn import ConnectOptions
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
 from projections.leases import PartitionLeases
@@ -47,6 +49,9 @@ class WorkerOptions:
     batch: int = 1024
     lease_ttl: float = 6.0
     changes: bool = False
+    #: NATS TLS and credentials (:func:`broker.natsconn.connect_options`); the servers
+    #: are ``nats_urls``.
+    connect_options: ConnectOptions | None = None
 
 
 @dataclass
@@ -68,12 +73,11 @@ class Worker:
         self._nc: NatsClient | None = None
 
     async def _connect(self) -> JetStreamContext:
-        self._nc = await nats.connect(
-            self.options.nats_urls,
-            name=f"broker-worker-{self.options.worker_id}",
-            max_reconnect_attempts=-1,
-            connect_timeout=5,
-        )
+        options = ConnectOptions(connect_timeout=5)
+        options.update(self.options.connect_options or {})
+        options["servers"] = self.options.nats_urls
+        options["name"] = f"broker-worker-{self.options.worker_id}"
+        self._nc = await nats.connect(**options, max_reconnect_attempts=-1)
         return self._nc.jetstream(timeout=10)
 
     def _setup(self) -> None:
@@ -123,7 +127,7 @@ class Worker:
             asyncio.create_task(r.runner.run(self.stop_event), name=r.projection.name)
             for r in self.running
         ]
-        if self.options.changes:
+        if self.relays_outbox:
             relay = relay_outbox(js, self.engine, self.stop_event)
             tasks.append(asyncio.create_task(relay, name="outbox"))
         try:
@@ -164,6 +168,14 @@ class Worker:
         js = self._nc.jetstream() if self._nc else None
         if js is not None:
             await relay_outbox(js, self.engine, self.stop_event)
+
+    @property
+    def relays_outbox(self) -> bool:
+        """Whether outbox rows are written here (change events, or the audit events of
+        replicas with card detection on) and so must be relayed."""
+        return self.options.changes or any(
+            getattr(p, "uses_outbox", False) for p in self.options.projections
+        )
 
     def stop(self) -> None:
         self.stop_event.set()
