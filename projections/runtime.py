@@ -13,6 +13,14 @@ seen it), with compare-and-set, so a worker that lost a partition to another can
 overwrite it. A batch that fails is retried event by event; an event that fails
 ``max_attempts`` times goes to ``DLQ`` with its error and original headers, and the
 projection moves past it.
+
+Moving to the batch's last sequence is only right if the runner saw every message the
+consumer delivered before it. A delivery can go missing: a fetch's reply lost while a
+paused stream leader resumes, a fetch cancelled with messages in flight. With
+``AckPolicy.ALL`` acking the batch would then ack the missing message too, and it would be
+skipped for good. So every batch's consumer sequences (one per delivery, redeliveries
+included) must follow the last one seen without a gap; on a gap the runner commits nothing
+and starts again from its checkpoints with a fresh consumer.
 """
 
 from __future__ import annotations
@@ -62,9 +70,14 @@ class RunnerStats:
     skipped: int = 0
     dead_lettered: int = 0
     conflicts: int = 0
+    gaps: int = 0  # deliveries missed, each answered by starting again from the checkpoints
     errors: int = 0
     last_seq: int = 0
     started: float = field(default_factory=time.monotonic)
+
+
+class DeliveryGap(Exception):
+    """The consumer delivered a message this runner never received."""
 
 
 class ProjectionRunner:
@@ -92,6 +105,7 @@ class ProjectionRunner:
         self._owned = owned or (lambda: frozenset(range(projection.partitions)))
         self.stats = RunnerStats()
         self.positions: dict[int, int] = {}
+        self._delivered = 0  # the consumer sequence of the last delivery received
         self._failures: dict[int, int] = {}
         self._crash = _crash_point()
         setup("worker")  # metrics and tracing of this process, once
@@ -121,6 +135,7 @@ class ProjectionRunner:
             inactive_threshold=300,
         )
         await self.js.add_consumer(stream, config)
+        self._delivered = 0
         return await self.js.pull_subscribe_bind(self.consumer_name, stream=stream)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -139,6 +154,9 @@ class ProjectionRunner:
                 log.info(
                     "projection_partition_moved", projection=self.projection.name, error=str(e)
                 )
+            except DeliveryGap as e:
+                self.stats.gaps += 1
+                log.warning("projection_delivery_gap", projection=self.projection.name, gap=str(e))
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
@@ -191,8 +209,19 @@ class ProjectionRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pending
 
+    def _check_deliveries(self, messages: Sequence[Msg]) -> None:
+        """Raise :class:`DeliveryGap` unless ``messages`` follow the last delivery seen."""
+        expected = self._delivered + 1
+        for message in messages:
+            got = message.metadata.sequence.consumer
+            if got != expected:
+                raise DeliveryGap(f"consumer sequence {got} where {expected} was next")
+            expected += 1
+        self._delivered = expected - 1
+
     async def process(self, messages: Sequence[Msg], owned: frozenset[int]) -> None:
         """Apply one fetched batch (the owned, not yet applied events), commit, then ack."""
+        self._check_deliveries(messages)
         count = self.projection.partitions
         events = [Event.from_msg(m) for m in messages]
         todo = [
