@@ -1,15 +1,23 @@
-"""Fixtures of the integration tier: a provisioned server and a connected publisher."""
+"""Fixtures of the integration tier: a provisioned server, a connected publisher, and a
+fresh PostgreSQL schema (also used by the fault suite, tests/faults)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import nats
+import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 
 from broker.publisher import Publisher
 from broker.settings import Settings
 from broker.streams import provision
+
+#: The PostgreSQL every test that needs one uses (see the developer guide).
+PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest_asyncio.fixture
@@ -23,3 +31,43 @@ async def publisher(nats_url: str) -> AsyncIterator[Publisher]:
     assert await pub.wait_connected(5)
     yield pub
     await pub.close()
+
+
+def replica_url(schema: str) -> str:
+    """``BROKER_REPLICA_URL`` of a replica that lives in ``schema``."""
+    return f"{PG}?options=-csearch_path%3D{schema}"
+
+
+def schema_engine(schema: str) -> sa.Engine:
+    """An engine whose connections see ``schema`` first."""
+    return sa.create_engine(
+        PG.replace("postgresql://", "postgresql+psycopg://"),
+        connect_args={"options": f"-csearch_path={schema}"},
+    )
+
+
+@contextmanager
+def postgres_schema(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL schema named ``<prefix>_<random>``, dropped with everything in it on
+    the way out; the test is skipped when no PostgreSQL answers."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as e:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
+    try:
+        yield schema
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema for a replica, dropped afterwards."""
+    with postgres_schema("topo") as schema:
+        yield schema

@@ -8,12 +8,9 @@ them."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +20,14 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from broker.devcluster import BrokerChild
 from broker.embedded import NatsCluster
 from tests._wait import wait_for
 from tests.e2e._broker import BrokerProcess, start_broker
+from tests.integration.conftest import replica_url, schema_engine
 
 pytestmark = pytest.mark.integration
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
 #: Options start_broker sets itself (loopback, a free port, the test's directory).
 LOCAL_SERVE_OPTIONS = {"--host", "--port", "--data-dir"}
@@ -77,61 +75,12 @@ def run_healthcheck(
     return subprocess.run(argv, env={**full_env, **env}, capture_output=True, timeout=30)
 
 
-@dataclass
-class Process:
-    """A ``broker <command>`` child with its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def assert_running(self) -> None:
-        assert self.proc.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> Process:
+def start(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> BrokerChild:
+    """``broker <args>`` with the service's environment (none of this shell's ``BROKER_*``)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    full_env.update(env)
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            start_new_session=True,
-        )
-    return Process(name, proc, log_path)
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A fresh PostgreSQL schema for the replica, dropped afterwards."""
-    schema = f"topo_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG.replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as e:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    yield schema
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    child = BrokerChild(name, tuple(args), {**full_env, **env}, workdir / f"{name}.log")
+    child.start()
+    return child
 
 
 @pytest.fixture
@@ -166,17 +115,13 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
     """Publish over HTTP/2 to each ingress; the worker projects both into PostgreSQL."""
     services = compose_services()
     nats_url = durable_cluster.url()
-    replica_url = f"{PG}?options=-csearch_path%3D{pg_schema}"
     urls = {"BROKER_NATS_URL": nats_url}
     ingress_env = local_env(services["ingress"], **urls)
     # Started together against a fresh cluster, as compose does: both provision the same
     # streams at once, and provisioning retries a step that timed out (streams.provision).
     ingresses: list[BrokerProcess] = []
-    others: list[Process] = []
-    engine = sa.create_engine(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
-        connect_args={"options": f"-csearch_path={pg_schema}"},
-    )
+    others: list[BrokerChild] = []
+    engine = schema_engine(pg_schema)
     try:
         for i in range(services["ingress"]["deploy"]["replicas"]):
             ingresses.append(
@@ -190,7 +135,9 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
         for ingress in ingresses:
             ingress.wait_ready(timeout=90)
         assert await _stream_replicas(nats_url) == 3
-        worker_env = local_env(services["worker"], **urls, BROKER_REPLICA_URL=replica_url)
+        worker_env = local_env(
+            services["worker"], **urls, BROKER_REPLICA_URL=replica_url(pg_schema)
+        )
         router_env = local_env(services["router"], **urls)
         others.append(start(tmp_path, "worker", services["worker"]["command"], worker_env))
         others.append(start(tmp_path, "router", services["router"]["command"], router_env))
@@ -212,7 +159,7 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
 
         def projected() -> bool:
             for process in others:
-                process.assert_running()
+                assert process.running, f"{process.name} exited:\n{process.log_tail()}"
             return set(sequences) <= {seq for seq, _ in _replica_rows(engine)}
 
         assert wait_for(projected, timeout=30, interval=0.2), others[0].log_tail()
@@ -228,7 +175,7 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
         for name, result in checks.items():
             assert result.returncode == 0, (name, result.stdout[-2000:], result.stderr[-2000:])
         for process in others:
-            process.assert_running()
+            assert process.running, f"{process.name} exited:\n{process.log_tail()}"
     finally:
         for process in others:
             process.stop()

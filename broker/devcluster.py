@@ -1,0 +1,367 @@
+"""A whole broker topology on one machine, as real processes: a NATS JetStream cluster on
+loopback, the HTTP/2 ingress (``broker serve`` against that cluster), projection workers
+(``broker worker``) and routers (``broker router``) -- the processes ``compose.yaml`` runs,
+without Docker.
+
+``broker dev-cluster`` runs one in the foreground; the topology and fault tests start one,
+kill, pause and restart its parts, and check what survived. Layout under ``data_dir``::
+
+    nats/n0 … nats/n<N-1>   each node's JetStream store, config, log and pid file
+    ingress/                ``broker serve --data-dir`` (its metrics files)
+    replica.db              the SQL replica, unless a replica URL is given
+    logs/<child>.log        each broker process's output (ingress, worker-0, router-0 …)
+
+Every child gets ``PR_SET_PDEATHSIG`` (it dies with this process, even on SIGKILL) and its
+own session, so a terminal's Ctrl-C reaches only the process that owns the topology, which
+then stops the children in order: routers and workers, the ingress, the NATS nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import structlog
+
+from broker._process import die_with_parent
+from broker.embedded import NatsCluster, NatsServer, free_port
+from broker.errors import EmbeddedServerError
+
+__all__ = ["BrokerChild", "Topology", "TopologySpec"]
+
+log = structlog.get_logger(__name__)
+
+_POLL = 0.1
+#: How often a worker or router that exits during start-up is started again.
+_START_RETRIES = 3
+#: Offsets from ``--nats-base-port`` of each node's ports, as NATS's own defaults
+#: (4222 client, 6222 cluster routes, 8222 monitoring).
+_ROUTE_OFFSET = 2000
+_MONITOR_OFFSET = 4000
+
+
+@dataclass
+class BrokerChild:
+    """One ``broker <command>`` process with its output appended to ``log_path``.
+
+    ``ready_event`` is the log event the command writes once it works (``worker_started``);
+    ``None`` for the ingress, whose readiness is its ``/readyz``. :meth:`start` may be called
+    again after the process exited (a restart).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    log_path: Path
+    ready_event: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log_offset: int = field(default=0, repr=False)
+
+    def start(self) -> None:
+        """Spawn the process (without waiting for it to work).
+
+        Call from the main thread: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked
+        the child ends, so a child spawned from a short-lived thread would die with it.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(f"start {self.name} from the main thread (PR_SET_PDEATHSIG)")
+        if self.running:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as output:
+            self._log_offset = output.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "broker", *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**self.env, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+                start_new_session=True,
+            )
+        log.debug("broker_child_started", child=self.name, pid=self.proc.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the command's clean stop), SIGKILL after ``timeout``; the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("broker_child_killed_after_timeout", child=self.name, pid=proc.pid)
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def output(self) -> str:
+        """What the process wrote since its last start."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.output().splitlines()[-lines:]) or "(no output)"
+
+    def logged_ready(self) -> bool:
+        """The command logged its ``ready_event`` since its last start."""
+        return self.ready_event is not None and f'"{self.ready_event}"' in self.output()
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """What to run. ``port`` 0 and ``nats_base_port`` 0 choose free ports."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: granian worker processes of the ingress (``broker serve --workers``).
+    ingress_workers: int = 1
+    projection_workers: int = 1
+    routers: int = 0
+    nodes: int = 3
+    replicas: int = 3
+    #: Node i listens on base+i (clients), base+2000+i (routes), base+4000+i (monitoring).
+    nats_base_port: int = 0
+    #: JetStream ``sync_interval``; ``always`` as in deploy/nats (fsync before every ack).
+    sync_interval: str | None = "always"
+    #: SQL replica of the workers; ``None``: SQLite at ``data_dir/replica.db``.
+    replica_url: str | None = None
+    #: The children's environment (default: this process's); ``BROKER_LOG_FORMAT`` is json.
+    env: Mapping[str, str] | None = None
+
+
+class Topology:
+    """A running :class:`TopologySpec`: ``with Topology(spec) as topology: ...``.
+
+    After :meth:`start`, ``cluster`` holds the NATS nodes (kill, pause, restart them),
+    ``ingress``, ``workers`` and ``routers`` the broker processes.
+    """
+
+    def __init__(self, spec: TopologySpec) -> None:
+        if spec.replicas > spec.nodes:
+            raise ValueError(f"{spec.replicas} stream replicas need as many nodes")
+        self.spec = spec
+        self.data_dir = spec.data_dir.resolve()
+        self.cluster = _cluster(self.data_dir / "nats", spec)
+        self.port = spec.port or free_port(spec.host)
+        self.replica_url = spec.replica_url or f"sqlite:///{self.data_dir / 'replica.db'}"
+        self.ingress: BrokerChild | None = None
+        self.workers: list[BrokerChild] = []
+        self.routers: list[BrokerChild] = []
+
+    # --- addresses ------------------------------------------------------------------
+
+    @property
+    def nats_url(self) -> str:
+        """Every node's client URL, comma-separated (``--nats-url``)."""
+        return self.cluster.url()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}"
+
+    @property
+    def children(self) -> list[BrokerChild]:
+        """Every broker process, in start order."""
+        return [*([self.ingress] if self.ingress else []), *self.workers, *self.routers]
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node whose ``server_name`` JetStream reports (e.g. a stream's leader)."""
+        for node in self.cluster.nodes:
+            if node.spec.server_name == server_name:
+                return node
+        raise KeyError(f"no node named {server_name!r}")
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 90.0) -> Self:
+        """Start the nodes, then the ingress (which provisions the streams), then the workers
+        and routers; return once all are ready. :class:`EmbeddedServerError` (everything
+        started is stopped again) if a part exits or is not ready in ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.cluster.start(ready_timeout=max(1.0, deadline - time.monotonic()))
+            self._make_children()
+            assert self.ingress is not None
+            self.ingress.start()
+            # The ingress provisions the streams; workers and routers need them first.
+            self._wait([self.ingress], deadline)
+            for child in [*self.workers, *self.routers]:
+                child.start()
+            self._wait(self.children, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("topology_started", nats_url=self.nats_url, ingress=self.base_url)
+        return self
+
+    def stop(self) -> None:
+        """Stop routers and workers, then the ingress, then the nodes (each cleanly)."""
+        for child in reversed(self.children):
+            child.stop()
+        self.cluster.stop()
+
+    def _make_children(self) -> None:
+        spec, url = self.spec, self.nats_url
+        env = {**(os.environ if spec.env is None else spec.env), "BROKER_LOG_FORMAT": "json"}
+        logs = self.data_dir / "logs"
+        ingress_args = (
+            "serve",
+            *("--host", spec.host, "--port", str(self.port)),
+            *("--workers", str(spec.ingress_workers), "--replicas", str(spec.replicas)),
+            *("--nats-url", url, "--data-dir", str(self.data_dir / "ingress")),
+            *("--projection-workers", "0", "--routers", "0"),
+        )
+        self.ingress = BrokerChild("ingress", ingress_args, env, logs / "ingress.log")
+        worker_args = (
+            *("worker", "--nats-url", url),
+            *("--replica-url", self.replica_url, "--data-dir", str(self.data_dir)),
+        )
+        self.workers = [
+            BrokerChild(f"worker-{i}", worker_args, env, logs / f"worker-{i}.log", "worker_started")
+            for i in range(spec.projection_workers)
+        ]
+        self.routers = [
+            BrokerChild(
+                f"router-{i}",
+                ("router", "--nats-url", url),
+                env,
+                logs / f"router-{i}.log",
+                "router_started",
+            )
+            for i in range(spec.routers)
+        ]
+
+    # --- readiness ------------------------------------------------------------------
+
+    def ingress_ready(self) -> bool:
+        """``/readyz`` answers 200: NATS connected and every stream present."""
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def child_ready(self, child: BrokerChild) -> bool:
+        if not child.running:
+            return False
+        return self.ingress_ready() if child is self.ingress else child.logged_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until every node is healthy and every broker process ready."""
+        deadline = time.monotonic() + timeout
+        for node in self.cluster.nodes:
+            node.wait_ready(max(0.1, deadline - time.monotonic()))
+        self._wait(self.children, deadline)
+
+    def _wait(self, children: list[BrokerChild], deadline: float) -> None:
+        """Wait for ``children`` to be ready. A worker or router that exits meanwhile is
+        started again a few times, as compose's ``restart: unless-stopped`` would (a worker
+        can exit when the cluster has not yet elected a leader for a bucket it just
+        created); an ingress that exits is a failed start (e.g. a stream conflict)."""
+        waiting = list(children)
+        restarts = dict.fromkeys((child.name for child in children), 0)
+        while waiting:
+            for child in list(waiting):
+                if child.proc is not None and child.proc.poll() is not None:
+                    if child is not self.ingress and restarts[child.name] < _START_RETRIES:
+                        restarts[child.name] += 1
+                        log.warning(
+                            "broker_child_restarted",
+                            child=child.name,
+                            exit_code=child.returncode,
+                            output=child.log_tail(1),
+                        )
+                        child.start()
+                        continue
+                    raise EmbeddedServerError(
+                        f"{child.name} exited with {child.proc.returncode}:\n"
+                        f"{child.log_tail()}\n(log: {child.log_path})"
+                    )
+                if self.child_ready(child):
+                    waiting.remove(child)
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                names = ", ".join(child.name for child in waiting)
+                raise EmbeddedServerError(
+                    f"not ready in time: {names}:\n{waiting[0].log_tail()}\n"
+                    f"(log: {waiting[0].log_path})"
+                )
+            time.sleep(_POLL)
+
+    # --- supervision ----------------------------------------------------------------
+
+    def revive(self) -> list[str]:
+        """Start again every node and broker process that exited; the names restarted.
+
+        Nodes are launched without waiting for them (they turn healthy once they rejoin);
+        see :meth:`wait_ready`.
+        """
+        restarted: list[str] = []
+        for node in self.cluster.nodes:
+            if not node.is_running():
+                node.launch()
+                restarted.append(node.spec.server_name or str(node.spec.store_dir))
+        for child in self.children:
+            if child.proc is not None and not child.running:
+                log.warning("broker_child_restarted", child=child.name, exit_code=child.returncode)
+                child.start()
+                restarted.append(child.name)
+        return restarted
+
+
+def _cluster(store: Path, spec: TopologySpec) -> NatsCluster:
+    """The nodes, on loopback; on fixed ports from ``nats_base_port`` when it is set."""
+    cluster = NatsCluster(store, spec.nodes, sync_interval=spec.sync_interval)
+    base = spec.nats_base_port
+    if base:
+        routes = [f"nats-route://127.0.0.1:{base + _ROUTE_OFFSET + i}" for i in range(spec.nodes)]
+        cluster.nodes = [
+            NatsServer(
+                dataclasses.replace(
+                    node.spec,
+                    port=base + i,
+                    http_port=base + _MONITOR_OFFSET + i,
+                    cluster_port=base + _ROUTE_OFFSET + i,
+                    routes=tuple(route for j, route in enumerate(routes) if j != i),
+                )
+            )
+            for i, node in enumerate(cluster.nodes)
+        ]
+    return cluster
