@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
 from broker.settings import Settings
 
 app = typer.Typer(
     name="broker",
-    help="An event-sourced agent broker on NATS JetStream.",
+    help="An event-sourced agent broker on NATS JetStream.\n\n"
+    "Commands that call a broker read BROKER_URL, and BROKER_API_KEY (an API key or a JWT) "
+    "with BROKER_AS_TENANT (one of the key's tenants) when the broker requires auth.",
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode="markdown",
@@ -27,10 +30,18 @@ EXIT_UNAVAILABLE = 3
 EXIT_STARTUP = 4
 
 
+def cli_credentials() -> dict[str, str]:
+    """Headers from ``BROKER_API_KEY`` / ``BROKER_AS_TENANT``, for commands that call a broker."""
+    from broker.client import credential_headers
+
+    return credential_headers(os.environ.get("BROKER_API_KEY"), os.environ.get("BROKER_AS_TENANT"))
+
+
 def _settings_env(settings: Settings) -> dict[str, str]:
     """Settings as ``BROKER_*`` variables, so granian's worker processes read the same ones."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
+    for name, dumped in settings.model_dump().items():
+        value = dumped.get_secret_value() if isinstance(dumped, SecretStr) else dumped
         if value is not None:
             env[f"BROKER_{name.upper()}"] = str(value)
     return env
@@ -42,7 +53,10 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         "  broker serve                                  # embedded NATS under ./.broker\n\n"
         "  broker serve --port 9000 --workers 2\n\n"
         "  broker serve --nats-url nats://n1:4222,nats://n2:4222 --replicas 3\n\n"
-        "  broker serve --tls-cert cert.pem --tls-key key.pem   # HTTPS, ALPN h2"
+        "  broker serve --tls-cert cert.pem --tls-key key.pem   # HTTPS, ALPN h2, TLS 1.3\n\n"
+        "  broker serve --tls-cert cert.pem --tls-key key.pem --tls-client-ca clients-ca.pem"
+        "   # mTLS\n\n"
+        "  broker serve --auth-file auth.yaml            # API keys / JWT, tenants, scopes"
     )
 )
 def serve(
@@ -66,8 +80,32 @@ def serve(
     update_streams: Annotated[
         bool, typer.Option(help="Update existing streams whose configuration differs.")
     ] = False,
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BROKER_TLS_CERT",
+            help="Serve HTTPS (TLS 1.3, ALPN h2) with this certificate chain (PEM).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="BROKER_TLS_KEY", help="Unencrypted private key of --tls-cert (PEM)."),
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BROKER_TLS_CLIENT_CA",
+            help="mTLS: require a client certificate signed by this CA (PEM bundle).",
+        ),
+    ] = None,
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BROKER_AUTH_FILE",
+            help="API keys and JWT settings (YAML, see docs/tenants.md); every /v1 and "
+            "/registry request must then authenticate.",
+        ),
+    ] = None,
     projection_workers: Annotated[
         int, typer.Option(min=0, max=64, help="Projection worker processes (0: none).")
     ] = 1,
@@ -105,11 +143,9 @@ def serve(
     JetStream storage under --data-dir, on a free loopback port, and stops it on exit.
     """
     from broker.logs import configure_logging
-    from broker.server import run_broker
+    from broker.server import run_broker, tls_problem
 
     configure_logging()
-    if (tls_cert is None) != (tls_key is None):
-        raise typer.BadParameter("--tls-cert and --tls-key go together")
     overrides: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -120,6 +156,8 @@ def serve(
         "stream_replicas": replicas,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
+        "auth_file": auth_file,
         "projection_workers": projection_workers,
         "replica_url": replica_url,
         "routers": routers,
@@ -127,12 +165,27 @@ def serve(
         "routing_embedder": routing_embedder,
     }
     settings = Settings(**overrides)
+    if problem := tls_problem(settings):
+        raise typer.BadParameter(problem)
+    _check_auth(settings)
     code = run_broker(settings, update_streams=update_streams, env=_settings_env)
     raise typer.Exit(code)
 
 
+def _check_auth(settings: Settings) -> None:
+    """Refuse to start on a broken auth document (every worker would fail on it)."""
+    from broker.auth import AuthConfigError, Authenticator
+
+    try:
+        Authenticator.from_settings(settings)
+    except AuthConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--auth-file / BROKER_AUTH_CONFIG") from None
+
+
 def _register_subcommands() -> None:
     from broker.cli_agents import agents_app
+    from broker.cli_auth import auth_app
+    from broker.cli_devcluster import DEV_CLUSTER_EPILOG, dev_cluster
     from broker.cli_projections import WORKER_EPILOG, dlq_app, projections_app, worker
     from broker.cli_publish import PUBLISH_EPILOG, publish
     from broker.cli_replay import REPLAY_EPILOG, replay
@@ -142,12 +195,14 @@ def _register_subcommands() -> None:
     app.command(epilog=PUBLISH_EPILOG)(publish)
     app.command(epilog=REPLAY_EPILOG)(replay)
     app.add_typer(agents_app)
+    app.add_typer(auth_app)
     app.command(epilog=WORKER_EPILOG)(worker)
     app.add_typer(projections_app)
     app.add_typer(dlq_app)
     app.command(epilog=STATUS_EPILOG)(status)
     app.command(epilog=ROUTER_EPILOG)(router)
     app.add_typer(routes_app)
+    app.command(epilog=DEV_CLUSTER_EPILOG)(dev_cluster)
 
 
 _register_subcommands()

@@ -26,8 +26,14 @@ _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 def _client(url: str) -> Any:
     import httpx
 
+    from broker.cli import cli_credentials
+
     return httpx.Client(
-        base_url=url.rstrip("/"), http2=True, http1=url.startswith("https"), timeout=30
+        base_url=url.rstrip("/"),
+        http2=True,
+        http1=url.startswith("https"),
+        timeout=30,
+        headers=cli_credentials(),
     )
 
 

@@ -25,11 +25,13 @@ STATUS_EPILOG = (
 def _fetch(url: str, recent: int) -> dict[str, Any]:
     import httpx
 
-    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials
 
     base = url.rstrip("/")
     try:
-        with httpx.Client(http2=True, http1=base.startswith("https"), timeout=10) as client:
+        with httpx.Client(
+            http2=True, http1=base.startswith("https"), timeout=10, headers=cli_credentials()
+        ) as client:
             response = client.get(f"{base}/v1/status", params={"recent": str(recent)})
     except httpx.HTTPError as e:
         typer.echo(f"cannot reach the broker at {base}: {e}", err=True)

@@ -207,6 +207,14 @@ def _route_headers(
     return {**sent, **(headers or {})}
 
 
+def credential_headers(api_key: str | None, tenant: str | None = None) -> dict[str, str]:
+    """The headers that authenticate a request (see ``docs/tenants.md``)."""
+    sent = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    if tenant:
+        sent["broker-tenant"] = tenant
+    return sent
+
+
 class BrokerClient:
     """Async client for one broker. Use ``async with BrokerClient(url) as broker: ...``."""
 
@@ -218,7 +226,11 @@ class BrokerClient:
         retry: RetryPolicy | None = None,
         verify: Any = True,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        tenant: str | None = None,
     ) -> None:
+        """``api_key`` (an API key or a JWT) is sent as a bearer token; ``tenant`` picks one
+        of the key's tenants (``Broker-Tenant``), else the key's first tenant is used."""
         self.retry = retry or RetryPolicy()
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -226,7 +238,7 @@ class BrokerClient:
             http1=base_url.startswith("https"),  # h2c needs prior knowledge; TLS negotiates
             timeout=timeout,
             verify=verify,
-            headers=dict(headers or {}),
+            headers={**credential_headers(api_key, tenant), **(headers or {})},
         )
 
     async def __aenter__(self) -> Self:

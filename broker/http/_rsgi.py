@@ -168,5 +168,5 @@ def respond_json(
 
 def respond_error(proto: HTTPProtocol, error: BrokerError, *, retry_after: int) -> None:
     """Answer ``{"error_code", "message"}`` with the error's status (``Retry-After`` on 503)."""
-    extra = [("retry-after", str(retry_after))] if error.retryable else None
-    respond_json(proto, error.status, error.to_dict(), extra)
+    extra = [("retry-after", str(retry_after))] if error.retryable else []
+    respond_json(proto, error.status, error.to_dict(), [*extra, *error.headers])

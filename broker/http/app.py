@@ -15,6 +15,7 @@ import platform
 import signal
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,19 +25,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import broker
 from broker._process import die_with_parent
-from broker.errors import BrokerError, NotFound, PublishTimeout, SchemaRegistryError
+from broker.auth import PUBLIC_PATHS, TENANT_HEADER, Authenticator, bind, required_scopes
+from broker.errors import (
+    BrokerError,
+    Forbidden,
+    NotFound,
+    PublishTimeout,
+    SchemaRegistryError,
+    Unauthenticated,
+)
 from broker.http._asgi_bridge import call_asgi
 from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
 from broker.http.agents import agents_router
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
-from broker.http.openapi import add_publish_paths
+from broker.http.openapi import add_publish_paths, add_security
 from broker.http.publish import publish_batch, publish_one
 from broker.http.replay import replay_router
 from broker.http.route import route_one
+from broker.http.schema_registry import MEDIA_TYPE as REGISTRY_MEDIA_TYPE
 from broker.http.schema_registry import PREFIX as REGISTRY_PREFIX
 from broker.http.schema_registry import RegistryJSON, schema_registry_router
 from broker.http.state import IngressState, git_revision
 from broker.http.ui import ops_router
+from broker.natsconn import connect_options
 from broker.publisher import Publisher
 from broker.settings import Settings, get_settings
 from broker.telemetry import metrics
@@ -155,7 +166,7 @@ def _meta_app(state: IngressState) -> FastAPI:
                 description=app.description,
                 routes=app.routes,
             )
-            app.openapi_schema = add_publish_paths(document)
+            app.openapi_schema = add_security(add_publish_paths(document), PUBLIC_PATHS)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -168,12 +179,15 @@ class BrokerApp:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         servers = (self.settings.nats_url or "nats://127.0.0.1:4222").split(",")
+        name = f"broker-ingress-{os.getpid()}"
         self.publisher = Publisher(
             servers,
-            name=f"broker-ingress-{os.getpid()}",
+            name=name,
             publish_timeout=self.settings.publish_timeout,
             connect_timeout=self.settings.nats_connect_timeout,
+            connect_options=connect_options(self.settings, name=name),
         )
+        self.auth = Authenticator.from_settings(self.settings)
         self.state = IngressState(self.settings, self.publisher)
         self.meta = _meta_app(self.state)
 
@@ -183,6 +197,11 @@ class BrokerApp:
     async def _serve(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path
         try:
+            if (needed := required_scopes(scope.method, path)) is not None:
+                headers = scope.headers
+                principal = self.auth.authenticate(headers)
+                principal.require(needed)
+                bind(principal, principal.tenant(headers.get(TENANT_HEADER)))
             if path.startswith("/v1/publish"):
                 await self._publish(scope, proto, path)
             elif path.startswith(_ROUTE_PREFIX):
@@ -191,6 +210,14 @@ class BrokerApp:
                 await call_asgi(
                     self.meta, scope, proto, body_limit=self.settings.max_api_body_bytes
                 )
+        except (Unauthenticated, Forbidden) as e:
+            log.info("request_refused", error_code=e.error_code, path=path[:100])
+            if path.startswith(REGISTRY_PREFIX + "/"):  # Confluent's clients want an int code
+                body = {"error_code": e.status * 100 + 1, "message": e.message}
+                answer = [("content-type", REGISTRY_MEDIA_TYPE), *e.headers]
+                proto.response_bytes(e.status, answer, orjson.dumps(body))
+            else:
+                respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
         except BrokerError as e:
             if e.status >= 500:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)

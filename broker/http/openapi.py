@@ -20,6 +20,7 @@ from broker.http.models import (
     RouteResponseBody,
     StreamedRecordResult,
 )
+from broker.http.schema_registry import MEDIA_TYPE as REGISTRY_MEDIA_TYPE
 from broker.registry.manifest import AgentManifest
 
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -84,6 +85,14 @@ def _error(description: str) -> dict[str, Any]:
     return {
         "description": description,
         "content": {"application/json": {"schema": _ref(ErrorBody)}},
+    }
+
+
+def _registry_error(description: str) -> dict[str, Any]:
+    """Confluent's shape: an integer ``error_code`` (40101, 40301)."""
+    return {
+        "description": description,
+        "content": {REGISTRY_MEDIA_TYPE: {"schema": _ref("RegistryErrorBody")}},
     }
 
 
@@ -309,6 +318,42 @@ _ROUTE_ONE: dict[str, Any] = {
         },
     }
 }
+
+
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "API key or JWT",
+        "description": "An API key or a JWT; it binds the request to a tenant and scopes. "
+        "`Broker-Tenant` picks one of the credential's tenants (403 `tenant_forbidden` for "
+        "any other). Only enforced when the broker runs with an auth file.",
+    },
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "basic": {
+        "type": "http",
+        "scheme": "basic",
+        "description": "The API key as the password (what schema registry clients send).",
+    },
+}
+
+
+def add_security(document: dict[str, Any], public: frozenset[str]) -> dict[str, Any]:
+    """Declare the credentials, and 401/403 on every operation outside ``public``."""
+    document.setdefault("components", {})["securitySchemes"] = _SECURITY_SCHEMES
+    document["security"] = [{name: []} for name in _SECURITY_SCHEMES]
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            if path in public:
+                operation["security"] = []
+                continue
+            error = _registry_error if path.startswith("/registry/") else _error
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", error("No credentials, or credentials not accepted."))
+            responses.setdefault(
+                "403", error("The credential lacks the scope, or names another tenant.")
+            )
+    return document
 
 
 def add_publish_paths(document: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
-from broker.envelope import CONTENT_TYPE, media_type, stored_schema_id
+from broker.envelope import CONTENT_TYPE, Tenant, media_type, stored_schema_id
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
@@ -70,7 +70,9 @@ def _text(payload: bytes, content_type: str | None) -> str:
         raise DecodeError("text", f"not UTF-8: {e}") from None
 
 
-async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) -> bytes:
+async def _decoded(
+    state: IngressState, tenant: Tenant, message: Msg, record: dict[str, Any]
+) -> bytes:
     """The record with ``value`` (decoded with the writer's schema) or ``decode_error``."""
     headers = record["headers"]
     content_type = headers.get(CONTENT_TYPE)
@@ -79,7 +81,7 @@ async def _decoded(state: IngressState, message: Msg, record: dict[str, Any]) ->
         if kind_for(content_type) is CodecKind.RAW:
             record["value"] = _text(message.data, content_type)
         else:
-            codec = await state.decoders.codec(state.tenant, content_type, schema_id)
+            codec = await state.decoders.codec(tenant, content_type, schema_id)
             record["value"] = DecodedMessage(message.data, headers, codec).value
     except DecodeError as e:
         metrics.decode_error(e.codec)
@@ -153,7 +155,8 @@ def replay_router(state: IngressState) -> APIRouter:
             raise Unprocessable("give start_seq or start_time, not both")
         if start_time is not None and start_time.tzinfo is None:
             raise Unprocessable("start_time needs a time zone (e.g. Z)")
-        scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{state.tenant}"
+        tenant = state.tenant
+        scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
         filter_subject = f"{scope}.{subject or '>'}"
         js = state.publisher.js  # 503 when NATS is not connected
 
@@ -173,7 +176,7 @@ def replay_router(state: IngressState) -> APIRouter:
                 for message in messages[:left]:
                     record = _record(message)
                     if decode is Decode.JSON:
-                        line = await _decoded(state, message, record)
+                        line = await _decoded(state, tenant, message, record)
                     else:
                         line = orjson.dumps(record) + b"\n"
                     lines.append(_event(record["seq"], line) if sse else line)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import broker
+from broker.auth import current_tenant
 from broker.envelope import Tenant
 from broker.publisher import Publisher
 from broker.registry.schemas.decoders import Decoders
@@ -73,7 +74,8 @@ class IngressState:
 
     @property
     def tenant(self) -> Tenant:
-        return Tenant(self.settings.tenant)
+        """The tenant of the request being served (bound by the ingress after auth)."""
+        return current_tenant()
 
     async def readiness(self) -> Readiness:
         """NATS connected and every broker stream present (cached for a second)."""

@@ -47,7 +47,7 @@ class _StatusCache:
 
     def __init__(self) -> None:
         self.at = 0.0
-        self.key: int = 0
+        self.key: tuple[str, int] = ("", 0)
         self.body: dict[str, Any] | None = None
         self.lock = asyncio.Lock()
 
@@ -55,27 +55,33 @@ class _StatusCache:
 def ops_router(state: IngressState) -> APIRouter:
     router = APIRouter(tags=["operations"], include_in_schema=False)
     cache = _StatusCache()
+    # With tenants, a page shows its own tenant's dead letters only: projections' dead
+    # letters (``dlq.<STREAM>.…``) point at any tenant's messages.
+    authenticating = state.settings.auth_file is not None or state.settings.auth_config is not None
 
     async def status_document(recent: int) -> dict[str, Any]:
+        tenant = state.tenant
         async with cache.lock:
             now = time.monotonic()
-            if cache.body is not None and cache.key == recent and now - cache.at < _CACHE_SECONDS:
+            key = (tenant, recent)
+            if cache.body is not None and cache.key == key and now - cache.at < _CACHE_SECONDS:
                 return cache.body
             build = BuildInfo(
                 version=broker.__version__,
                 git_revision=git_revision(),
                 nats_server_version=state.publisher.server_version,
-                tenant=state.tenant,
+                tenant=tenant,
             )
             snapshot = state.registry.snapshot
             result = await collect(
                 state.publisher.js,  # 503 until NATS is connected
                 build=build,
-                registered=snapshot.agents(state.tenant),
+                registered=snapshot.agents(tenant),
                 recent=recent,
                 trace_url=state.settings.trace_url,
+                all_dead_letters=not authenticating,
             )
-            cache.body, cache.at, cache.key = result.to_dict(), now, recent
+            cache.body, cache.at, cache.key = result.to_dict(), now, key
             return cache.body
 
     @router.get("/metrics")

@@ -177,14 +177,24 @@ async def collect(
     registered: Iterable[AgentRecord] = (),
     recent: int = 20,
     trace_url: str | None = None,
+    all_dead_letters: bool = True,
 ) -> BrokerStatus:
-    """The broker's state now, as one :class:`BrokerStatus`."""
+    """The broker's state now, as one :class:`BrokerStatus`.
+
+    ``all_dead_letters=False`` keeps the DLQ tail to ``dlq.<tenant>.…`` (a tenant's view).
+    """
     streams = await _streams(js)
     by_name = {s.name: s for s in streams}
     consumers, agents, dlq_messages, route_messages = await asyncio.gather(
         _consumers(js, [s.name for s in streams]),
         _agents(js, build.tenant, registered),
-        _tail(js, Stream.DLQ, by_name.get(Stream.DLQ), None, recent),
+        _tail(
+            js,
+            Stream.DLQ,
+            by_name.get(Stream.DLQ),
+            None if all_dead_letters else f"{SUBJECT_PREFIX[Stream.DLQ]}.{build.tenant}.>",
+            recent,
+        ),
         _tail(
             js,
             Stream.ROUTES,

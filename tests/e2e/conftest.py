@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from nats.js import JetStreamContext
 
 from broker.embedded import NatsServer, ServerSpec
 from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e._browser import Chromium, DevTools, WebSocket, chromium_binary
 
 #: Small limits make the 413 tests cheap.
 E2E_ENV = {"BROKER_MAX_MESSAGE_BYTES": str(256 * 1024), "BROKER_MAX_BATCH_BYTES": str(1024 * 1024)}
@@ -52,3 +54,20 @@ async def js(module_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
 
 def data_dir(tmp: Path) -> Path:
     return tmp / "data"
+
+
+@pytest_asyncio.fixture
+async def page(tmp_path: Path) -> AsyncIterator[DevTools]:
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no Chromium binary (apt-get install chromium, or set BROKER_CHROMIUM)")
+    browser = Chromium(binary, tmp_path / "profile")
+    try:
+        url = await asyncio.to_thread(browser.page_websocket)
+        tools = DevTools(await WebSocket.connect(url))
+        for domain in ("Runtime", "Log", "Page"):
+            await tools.call(f"{domain}.enable")
+        yield tools
+        await tools.close()
+    finally:
+        browser.stop()

@@ -7,15 +7,42 @@ hypothesis directly: schemathesis' pytest plugin does not run on pytest 9.)
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.auths import apply_basic_auth
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.e2e._broker import BrokerProcess
+from broker.embedded import NatsServer
+from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e.conftest import E2E_ENV
 
 pytestmark = pytest.mark.e2e
+
+#: The broker under test requires credentials: every generated request carries this key (all
+#: scopes), and schemathesis' ``ignored_auth`` check re-sends requests without it (401).
+API_KEY = "fuzz-key-0123456789abcdef"
+AUTH = (
+    "api_keys:\n  - id: fuzz\n"
+    f"    sha256: {hashlib.sha256(API_KEY.encode()).hexdigest()}\n"
+    "    tenant: fuzz\n"
+    "    scopes: [publish, consume, 'registry:admin', 'schema:admin']\n"
+)
+
+
+@pytest.fixture(scope="module")
+def broker(
+    module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    env = {**E2E_ENV, "BROKER_AUTH_CONFIG": AUTH}
+    process = start_broker(tmp_path_factory.mktemp("fuzz"), nats_url=module_nats.url, env=env)
+    yield process
+    process.stop()
+
 
 EXAMPLES_PER_OPERATION = 60
 #: Operations with a constraint across fields that a schema cannot state: a PUT manifest's
@@ -52,6 +79,7 @@ def test_api_answers_every_generated_request_without_server_errors(broker: Broke
             suppress_health_check=list(HealthCheck),
         )
         def check(case: schemathesis.Case) -> None:
+            apply_basic_auth(case, "fuzz", API_KEY)  # the key as Basic's password
             response = case.call(timeout=15)
             outcome = ROUTE_OUTCOMES.get(response.status_code)
             routed = case.path == "/v1/route/{subject}" and outcome is not None
