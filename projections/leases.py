@@ -17,21 +17,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from broker.streams import open_bucket
+from broker.streams import Stream, open_bucket
 
 log = structlog.get_logger(__name__)
 BUCKET = "projection_leases"
 
 
+#: How long a worker keeps trying its first lease round: a bucket just created in a cluster
+#: answers "no response from stream" until its replicas have elected a leader.
+_FIRST_TICK_SECONDS = 20.0
+
+
 async def lease_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
-    return await open_bucket(js, KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
+    """The leases bucket, created with as many replicas as the MESSAGES stream: leases must
+    survive the loss of a node whenever the data does."""
+    try:
+        replicas = (await js.stream_info(Stream.MESSAGES)).config.num_replicas or 1
+    except NotFoundError:
+        replicas = 1
+    config = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl, replicas=replicas)
+    return await open_bucket(js, config)
 
 
 class PartitionLeases:
@@ -62,7 +75,16 @@ class PartitionLeases:
 
     async def start(self) -> None:
         self._kv = await lease_bucket(self.js, self.ttl)
-        await self.tick()
+        deadline = time.monotonic() + _FIRST_TICK_SECONDS
+        while True:
+            try:
+                await self.tick()
+                break
+            except Exception as e:  # a new bucket without a leader yet: try again
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("lease_bucket_not_ready", projection=self.projection, error=str(e))
+                await asyncio.sleep(0.5)
         self._task = asyncio.create_task(self._run(), name=f"leases-{self.projection}")
 
     async def stop(self) -> None:

@@ -100,10 +100,10 @@ def _replica_rows(engine: sa.Engine) -> list[tuple[int, str]]:
     return [(int(seq), str(subject)) for seq, subject in rows]
 
 
-async def _stream_replicas(url: str) -> int:
+async def _stream_replicas(url: str, stream: str = "MESSAGES") -> int:
     nc = await nats.connect(url.split(","))
     try:
-        info = await nc.jetstream().stream_info("MESSAGES")
+        info = await nc.jetstream().stream_info(stream)
         return int(info.config.num_replicas or 1)
     finally:
         await nc.close()
@@ -166,6 +166,8 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
         rows = dict(_replica_rows(engine))
         for n, seq in enumerate(sequences):
             assert rows[seq].endswith(f"topology.check{n}")
+        # the worker's partition leases are as durable as the data they guard
+        assert await _stream_replicas(nats_url, "KV_projection_leases") == 3
 
         checks = {
             "ingress": run_healthcheck(services["ingress"], ingress_env, port=ingresses[0].port),
