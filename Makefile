@@ -40,6 +40,8 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/codecs.py
 	$(BIN)/python benchmarks/replay.py
 	$(BIN)/python benchmarks/routing.py
+	$(BIN)/python benchmarks/auth.py
+	$(BIN)/python benchmarks/sensitive.py
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache
