@@ -1,4 +1,4 @@
-"""Process plumbing: make children die with their parent on Linux."""
+"""Process plumbing: make children die with their parent on Linux; read their logs."""
 
 from __future__ import annotations
 
@@ -38,3 +38,13 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def read_log_since(path: Path, offset: int) -> str:
+    """What a child wrote to its log file after ``offset`` (empty if it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -94,7 +94,7 @@ def dev_cluster(
     from broker.devcluster import Topology, TopologySpec
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
-    from broker.server import _port_problem
+    from broker.server import port_problem
 
     configure_logging()
     if replicas > nodes:
@@ -104,7 +104,7 @@ def dev_cluster(
             f"{sync_interval!r}: use `always` or a duration such as 500ms, 1s, 2m",
             param_hint="--sync-interval",
         )
-    if port and (problem := _port_problem(host, port)):
+    if port and (problem := port_problem(host, port)):
         typer.echo(problem, err=True)
         raise typer.Exit(EXIT_STARTUP)
     spec = TopologySpec(

@@ -34,7 +34,7 @@ from typing import Self
 
 import structlog
 
-from broker._process import die_with_parent
+from broker._process import die_with_parent, read_log_since
 from broker.embedded import NatsCluster, NatsServer, free_port
 from broker.errors import EmbeddedServerError
 
@@ -121,12 +121,7 @@ class BrokerChild:
 
     def output(self) -> str:
         """What the process wrote since its last start."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return read_log_since(self.log_path, self._log_offset)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.output().splitlines()[-lines:]) or "(no output)"

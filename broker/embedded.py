@@ -35,7 +35,7 @@ from typing import IO, Self
 
 import structlog
 
-from broker._process import die_with_parent, process_alive
+from broker._process import die_with_parent, process_alive, read_log_since
 from broker.errors import EmbeddedServerError
 
 __all__ = [
@@ -335,12 +335,7 @@ class NatsServer(_Started):
 
     def _new_log(self) -> str:
         """What the server wrote to its log since the last launch."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return read_log_since(self.log_path, self._log_offset)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop cleanly (SIGTERM: JetStream flushes), SIGKILL if it does not exit in time."""

@@ -195,7 +195,7 @@ def tls_problem(settings: Settings) -> str | None:
     return None
 
 
-def _port_problem(host: str, port: int) -> str | None:
+def port_problem(host: str, port: int) -> str | None:
     """Why the ingress could not bind ``host:port``, checked before anything starts."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -221,7 +221,7 @@ def run_broker(
     import broker
 
     embedded: NatsServer | None = None
-    if problem := _port_problem(settings.host, settings.port):
+    if problem := port_problem(settings.host, settings.port):
         log.error("broker_start_failed", message=problem)
         return 4
     try:
