@@ -34,6 +34,34 @@ DATA_DIR = Annotated[
 ]
 OUTPUT = Annotated[str, typer.Option("--output", "-o", help="table or json.")]
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+METRICS_PORT = Annotated[
+    int,
+    typer.Option(
+        envvar="BROKER_METRICS_PORT",
+        min=0,
+        max=65535,
+        help="Serve this process's Prometheus /metrics on this port (0: off; under "
+        "`broker serve` the ingress's /metrics already includes it).",
+    ),
+]
+METRICS_HOST = Annotated[
+    str, typer.Option(envvar="BROKER_METRICS_HOST", help="Address --metrics-port binds.")
+]
+
+
+def start_metrics(host: str, port: int) -> None:
+    """Serve /metrics when asked to; a port that cannot be bound is a usage error."""
+    if not port:
+        return
+    from broker.telemetry.endpoint import serve_metrics
+
+    try:
+        serve_metrics(host, port)
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot listen on {host}:{port} ({e.strerror})", param_hint="--metrics-port"
+        ) from None
+
 
 projections_app = typer.Typer(
     name="projections", help="Projection state: list, status (lag), reset.", no_args_is_help=True
@@ -44,7 +72,8 @@ WORKER_EPILOG = (
     "Examples:\n\n"
     "  broker worker --nats-url nats://127.0.0.1:4222          # every replica projection\n\n"
     "  broker worker --replica-url postgresql://postgres@db/replica --changes\n\n"
-    "  broker worker --projection replica_messages --worker-id w2   # on another machine"
+    "  broker worker --projection replica_messages --worker-id w2   # on another machine\n\n"
+    "  broker worker --metrics-port 9101    # its own /metrics when not under broker serve"
 )
 
 
@@ -90,6 +119,8 @@ def worker(
         bool, typer.Option(help="Publish every replica change to the CHANGES stream (CDC).")
     ] = False,
     batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per fetch.")] = 1024,
+    metrics_port: METRICS_PORT = 0,
+    metrics_host: METRICS_HOST = "127.0.0.1",
 ) -> None:
     """Run projections (SQL replicas) in this process until Ctrl-C / SIGTERM.
 
@@ -100,6 +131,7 @@ def worker(
     from projections.worker import WorkerOptions, default_worker_id, run_worker
 
     configure_logging()
+    start_metrics(metrics_host, metrics_port)
     options = WorkerOptions(
         nats_urls=nats_url.split(","),
         connect_options=_nats_options(nats_url, "broker-worker"),

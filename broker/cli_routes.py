@@ -11,7 +11,13 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli_projections import DEFAULT_NATS, NATS_URL
+from broker.cli_projections import (
+    DEFAULT_NATS,
+    METRICS_HOST,
+    METRICS_PORT,
+    NATS_URL,
+    start_metrics,
+)
 
 POLICY = Annotated[
     Path | None,
@@ -35,6 +41,7 @@ ROUTER_EPILOG = (
     "Examples:\n\n"
     "  broker router --nats-url nats://127.0.0.1:4222\n\n"
     "  broker router --policy routing.yaml      # weights, penalties, canary, mirrors\n\n"
+    "  broker router --metrics-port 9102 --metrics-host 0.0.0.0   # Prometheus scrapes it\n\n"
     "Run more routers, here or on other machines, to split the work."
 )
 routes_app = typer.Typer(
@@ -51,6 +58,8 @@ def router(
     load_ttl: Annotated[
         float, typer.Option(min=0.1, help="Seconds before a silent agent instance is dropped.")
     ] = 15.0,
+    metrics_port: METRICS_PORT = 0,
+    metrics_host: METRICS_HOST = "127.0.0.1",
 ) -> None:
     """Route messages published with POST /v1/route until Ctrl-C / SIGTERM.
 
@@ -64,6 +73,7 @@ def router(
     from broker.settings import get_settings
 
     configure_logging()
+    start_metrics(metrics_host, metrics_port)
     try:
         tls_and_auth = connect_options(get_settings(), servers=nats_url, name="broker-router")
         options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl, tls_and_auth)

@@ -107,8 +107,14 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     )
 
 
+#: serve's children report through the ingress's /metrics (one multiprocess directory), so
+#: none of them may take BROKER_METRICS_PORT from the environment and race for the port.
+_NO_OWN_METRICS = ["--metrics-port", "0"]
+
+
 def _worker_args(settings: Settings) -> list[str]:
-    args = ["broker", "worker", "--nats-url", settings.nats_url or "", "--data-dir"]
+    args = ["broker", "worker", *_NO_OWN_METRICS, "--nats-url", settings.nats_url or ""]
+    args.append("--data-dir")
     args.append(str(settings.data_dir))
     if settings.replica_url:
         args += ["--replica-url", settings.replica_url]
@@ -116,7 +122,7 @@ def _worker_args(settings: Settings) -> list[str]:
 
 
 def _router_args(settings: Settings) -> list[str]:
-    args = ["broker", "router", "--nats-url", settings.nats_url or ""]
+    args = ["broker", "router", *_NO_OWN_METRICS, "--nats-url", settings.nats_url or ""]
     args += ["--load-ttl", str(settings.agent_load_ttl_seconds)]
     if settings.routing_policy is not None:
         args += ["--policy", str(settings.routing_policy)]

@@ -86,6 +86,14 @@ class Settings(BaseSettings):
         "OTEL_TRACES_EXPORTER names an exporter.",
     )
     metrics: bool = Field(default=True, description="Record Prometheus metrics (/metrics).")
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="`broker worker` / `broker router` started on their own: serve their "
+        "/metrics on this port (0: off).",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address metrics_port binds.")
     trace_url: str | None = Field(
         default=None,
         description="Trace viewer link for /ui, with {trace_id}: "

@@ -22,8 +22,8 @@ import yaml
 
 from broker.devcluster import BrokerChild
 from broker.embedded import NatsCluster
-from tests._wait import wait_for
-from tests.e2e._broker import BrokerProcess, start_broker
+from tests._wait import await_until, wait_for
+from tests.e2e._broker import BrokerProcess, free_port, start_broker
 from tests.integration.conftest import replica_url, schema_engine
 
 pytestmark = pytest.mark.integration
@@ -135,10 +135,20 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
         for ingress in ingresses:
             ingress.wait_ready(timeout=90)
         assert await _stream_replicas(nats_url) == 3
+        metrics_ports = {"worker": free_port(), "router": free_port()}
         worker_env = local_env(
-            services["worker"], **urls, BROKER_REPLICA_URL=replica_url(pg_schema)
+            services["worker"],
+            **urls,
+            BROKER_REPLICA_URL=replica_url(pg_schema),
+            BROKER_METRICS_HOST="127.0.0.1",
+            BROKER_METRICS_PORT=str(metrics_ports["worker"]),
         )
-        router_env = local_env(services["router"], **urls)
+        router_env = local_env(
+            services["router"],
+            **urls,
+            BROKER_METRICS_HOST="127.0.0.1",
+            BROKER_METRICS_PORT=str(metrics_ports["router"]),
+        )
         others.append(start(tmp_path, "worker", services["worker"]["command"], worker_env))
         others.append(start(tmp_path, "router", services["router"]["command"], router_env))
 
@@ -168,6 +178,18 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
             assert rows[seq].endswith(f"topology.check{n}")
         # the worker's partition leases are as durable as the data they guard
         assert await _stream_replicas(nats_url, "KV_projection_leases") == 3
+        # Outside `broker serve`, worker and router serve their own /metrics (compose scrapes
+        # them); counts reach it within a flush interval.
+        async with httpx.AsyncClient(timeout=5) as plain:
+
+            async def scraped(child: str, wanted: str) -> bool:
+                url = f"http://127.0.0.1:{metrics_ports[child]}/metrics"
+                return wanted in (await plain.get(url)).text
+
+            applied = 'broker_projection_applied_total{projection="replica_messages"}'
+            assert await await_until(lambda: scraped("worker", applied), timeout=10)
+            decisions = "broker_route_decision_duration_seconds_count"
+            assert await await_until(lambda: scraped("router", decisions), timeout=10)
 
         checks = {
             "ingress": run_healthcheck(services["ingress"], ingress_env, port=ingresses[0].port),
