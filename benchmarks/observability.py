@@ -2,8 +2,8 @@
 
 One nats-server, one ``broker serve`` per configuration (one granian worker each, no
 projection workers or routers, so only the ingress is measured), all started up front and
-measured in interleaved rounds (off, metrics, traced, ... then again), so drift on a shared
-machine hits every configuration alike. Configurations:
+measured in interleaved rounds, so drift on a shared machine hits every configuration
+alike. Configurations:
 
 - ``off``: ``BROKER_METRICS=false``, tracing off (the baseline);
 - ``metrics``: metrics on, tracing off (the default);
@@ -13,12 +13,27 @@ machine hits every configuration alike. Configurations:
   (``0%``: tracing on, nothing sampled: the price of having it on).
 
 Each round sends ``--messages`` single ``POST /v1/publish/{subject}`` requests (h2load when
-installed, else the Python HTTP/2 client) and the stream is checked to hold every one. The
-report gives each configuration's median rate and its ratio to ``off``; the target is an
-overhead of at most 10 %. It also times the in-process calls a request makes, with
-tracing off, against an empty function. Usage::
+installed, else the Python HTTP/2 client) and the stream is checked to hold every one. Per
+configuration and round it records the throughput and the CPU time of the broker's
+processes per message (``/proc``, from before the load until the broker is idle again and
+its sampled spans of the round have reached the sink, so the export of a traced round is
+its own cost, never the next configuration's). The report gives each configuration's
+median rate and CPU, and its CPU overhead over ``off`` as the median of the per-round
+ratios (each round's ``off`` is its pair); the target is an overhead of at most 10 %.
 
-    python benchmarks/observability.py [--messages 20000] [--rounds 3] [--client h2load]
+The order of the configurations rotates by one every round (a Latin square: with
+``--rounds`` a multiple of the number of configurations, each runs in every position
+equally often, and none runs twice in a row). An earlier version reversed the order every
+other round; the configurations at the two ends then ran twice in a row at each turn, and
+an A/A run (three identical brokers) measured the one in the middle 7 to 14 % costlier than
+the ends, as large as the overheads being measured.
+
+The sink decodes what it receives and counts the spans of each configuration (each exports
+to its own path), so the report shows what was sampled. At the end it times, in this
+process with tracing off and on, what a request runs: the spans of one publish and the
+OTLP export of sampled spans. Usage::
+
+    python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load]
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ import tempfile
 import threading
 import time
 import timeit
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,6 +61,7 @@ from typing import Any
 import httpx
 import nats
 import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,14 +70,19 @@ from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_pyt
 from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
+#: The batch span processor's default schedule delay (5 s), and a margin.
+EXPORT_WAIT_S = 7.0
 
 
 @dataclass
 class Config:
     name: str
     env: dict[str, str]
+    sampled: float | None = None  # the sampling ratio when traced
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # broker CPU per message
+    cpu_ratios: list[float] = field(default_factory=list)  # to ``off`` of the same round
+    spans_per_message: float = 0.0  # spans the sink received
 
     @property
     def key(self) -> str:
@@ -75,42 +96,60 @@ class Config:
     def cpu(self) -> float:
         return statistics.median(self.cpu_us)
 
+    @property
+    def cpu_overhead(self) -> float:
+        """Median over rounds of this configuration's CPU per message to ``off``'s, minus 1."""
+        return statistics.median(self.cpu_ratios) - 1
+
 
 def configs(sink: str) -> list[Config]:
-    traced = {
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
-        "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
-    }
-
-    def ratio(r: str) -> dict[str, str]:
-        return {
-            **traced,
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": r,
+    def traced(key: str, ratio: float) -> dict[str, str]:
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"{sink}/{key}",  # the sink tells them apart
+            "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
         }
+        if ratio < 1:
+            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            env["OTEL_TRACES_SAMPLER_ARG"] = str(ratio)
+        return env
 
-    return [
+    cases = [
         Config("off", {"BROKER_METRICS": "false"}),
         Config("metrics", {"BROKER_METRICS": "true"}),
-        Config("traced 100%", traced),
-        Config("traced 10%", ratio("0.1")),
-        Config("traced 1%", ratio("0.01")),
-        Config("traced 0%", ratio("0")),
     ]
+    for ratio in (1.0, 0.1, 0.01, 0.0):
+        name = f"traced {ratio:.0%}"
+        case = Config(name, {}, sampled=ratio)
+        case.env = traced(case.key, ratio)
+        cases.append(case)
+    return cases
 
 
 class Sink:
-    """An OTLP/HTTP endpoint that accepts and drops every export (a collector elsewhere)."""
+    """An OTLP/HTTP endpoint that decodes every export, counts its spans by the path it was
+    sent to (one per configuration) and drops them (a collector elsewhere)."""
 
     def __init__(self) -> None:
-        self.spans_bytes = 0
+        self.bytes = 0
+        self.spans: dict[str, int] = {}
+        self.exports: dict[str, int] = {}
+        self.lock = threading.Lock()
 
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a collector does
+
             def do_POST(self) -> None:
-                sink.spans_bytes += len(self.rfile.read(int(self.headers["content-length"])))
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                key = self.path.strip("/").split("/")[0]
+                with sink.lock:
+                    sink.bytes += len(body)
+                    sink.spans[key] = sink.spans.get(key, 0) + count
+                    sink.exports[key] = sink.exports.get(key, 0) + 1
                 self.send_response(200)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -124,6 +163,14 @@ class Sink:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def exported(self, key: str) -> int:
+        with self.lock:
+            return self.exports.get(key, 0)
+
+    def received(self, key: str) -> int:
+        with self.lock:
+            return self.spans.get(key, 0)
 
 
 def start_broker(
@@ -192,15 +239,27 @@ def settle(window: float = 0.5, busy: float = 0.05, timeout: float = 120.0) -> N
             return
 
 
+def wait_for_export(sink: Sink, config: Config, exports_before: int, timeout: float) -> None:
+    """Wait until a traced broker has exported after its round (its batch processor exports
+    what is left every ``OTEL_BSP_SCHEDULE_DELAY``, 5 s by default), so that export is
+    measured with the round it belongs to."""
+    if not config.sampled:
+        return
+    deadline = time.monotonic() + timeout
+    while sink.exported(config.key) <= exports_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def drive(client: str, url: str, body: bytes, total: int, connections: int, streams: int) -> Any:
     runner = run_h2load if client == "h2load" else run_python
     headers = {"content-type": "application/json"}
     return runner(url, body, headers, total=total, connections=connections, concurrency=streams)
 
 
-async def in_process_costs() -> dict[str, float]:
-    """Nanoseconds per call of what a request runs in-process (on an event loop, as in the
-    ingress), tracing off, metrics on and off."""
+async def in_process_costs(sink: Sink) -> dict[str, float]:
+    """Nanoseconds of CPU per call of what a request runs in-process (on an event loop, as in
+    the ingress): tracing off, metrics on and off; then the spans of one publish and their
+    OTLP export (encoding and the HTTP request to the sink), tracing on."""
     from broker.telemetry import metrics, tracing
 
     def empty() -> None:
@@ -219,11 +278,32 @@ async def in_process_costs() -> dict[str, float]:
         metrics.observe_request("/v1/publish/{subject}", "POST", 200, 0.001)
 
     def request_spans() -> None:  # what the ingress does per publish: server, append, inject
-        with (
-            tracing.span("POST /v1/publish/{subject}", parent_headers=headers, start_trace=True),
-            tracing.span("append"),
-        ):
-            tracing.inject({})
+        with tracing.span(
+            "POST /v1/publish/{subject}", parent_headers=headers, start_trace=True
+        ) as server:
+            if server.is_recording():
+                server.set_attributes(
+                    {
+                        "http.request.method": "POST",
+                        "http.route": "/v1/publish/{subject}",
+                        "url.path": "/v1/publish/obs.inproc",
+                        "network.protocol.version": "2",
+                    }
+                )
+            with tracing.span("append") as append:
+                tracing.inject({})
+                if append.is_recording():
+                    append.set_attributes(
+                        {
+                            "messaging.system": "nats",
+                            "messaging.destination.name": "msg.default.obs.inproc",
+                            "messaging.nats.stream": "MESSAGES",
+                            "messaging.nats.stream_sequence": 123456,
+                            "messaging.nats.duplicate": False,
+                        }
+                    )
+            if server.is_recording():
+                server.set_attribute("http.response.status_code", 200)
 
     n = 200_000
     costs = {}
@@ -239,20 +319,55 @@ async def in_process_costs() -> dict[str, float]:
         min(timeit.repeat(request_metrics, number=n, repeat=5)) / n * 1e9
     )
     metrics.set_enabled(True)
-    costs["request spans, tracing off"] = min(timeit.repeat(request_spans, number=n, repeat=5))
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    costs["request spans, tracing off"] = (
+        min(timeit.repeat(request_spans, number=n, repeat=5)) / n * 1e9
+    )
+    costs.update(traced_costs(request_spans, sink))
+    return costs
 
-    class Discard(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
 
-    for label, ratio in (("not sampled", 0.0), ("sampled, export not counted", 1.0)):
-        tracing.configure("bench", exporters=[Discard()], sampler_arg=ratio, sampler="traceidratio")
-        runs = n // 10
-        costs[f"request spans, {label}"] = min(timeit.repeat(request_spans, number=runs, repeat=5))
-        costs[f"request spans, {label}"] *= 1e9 / runs
-        tracing.disable()
-    costs["request spans, tracing off"] *= 1e9 / n
+def traced_costs(request_spans: Callable[[], None], sink: Sink) -> dict[str, float]:
+    """CPU per request of ``request_spans`` with tracing on, not sampled and sampled, and of
+    the OTLP export of the sampled spans to ``sink``. Nothing is exported until the flush,
+    which runs on this thread, so thread CPU time tells the request's part from the export."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from broker.telemetry import tracing
+
+    costs = {}
+    batch = {
+        "OTEL_BSP_SCHEDULE_DELAY": "3600000",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "8192",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8192",
+    }
+    saved = {k: os.environ.get(k) for k in batch}
+    os.environ.update(batch)
+    runs = 4000  # 8000 spans: below the batch size
+    try:
+        for label, ratio in (("not sampled", 0.0), ("sampled", 1.0)):
+            exporter = OTLPSpanExporter(endpoint=f"{sink.url}/inprocess/v1/traces")
+            tracing.configure(
+                "bench", exporters=[exporter], sampler_arg=ratio, sampler="traceidratio"
+            )
+            spans, export = [], []
+            for _ in range(5):
+                started = time.thread_time()
+                for _ in range(runs):
+                    request_spans()
+                ran = time.thread_time()
+                tracing.force_flush()
+                spans.append((ran - started) / runs * 1e9)
+                export.append((time.thread_time() - ran) / runs * 1e9)
+            tracing.disable()
+            costs[f"request spans, {label}"] = min(spans)
+            if ratio:
+                costs[f"OTLP export of those spans, {label}"] = min(export)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return costs
 
 
@@ -286,7 +401,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=20_000, help="requests per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="best a multiple of the configurations run"
+    )
     parser.add_argument("--payload-bytes", type=int, default=256)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32, help="streams per connection")
@@ -303,10 +420,14 @@ def main() -> None:
         for config, (port, _) in zip(cases, ports, strict=True):  # warm-up
             url = f"http://127.0.0.1:{port}/v1/publish/obs.warm.{config.key}"
             drive(args.client, url, payload, 2000, args.connections, args.concurrency)
+        for config in cases:
+            wait_for_export(sink, config, 0, EXPORT_WAIT_S)
         settle()
+        spans_before = {c.key: sink.received(c.key) for c in cases}
         for round_ in range(args.rounds):
-            order = cases if round_ % 2 == 0 else list(reversed(cases))
-            for config in order:
+            shift = round_ % len(cases)  # rotate: every position, never twice in a row
+            cpu: dict[str, float] = {}
+            for config in cases[shift:] + cases[:shift]:
                 port, pid = ports[cases.index(config)]
                 subject = f"obs.r{round_}.{config.key}"
                 url = f"http://127.0.0.1:{port}/v1/publish/{subject}"
@@ -314,20 +435,32 @@ def main() -> None:
                 result: LoadResult = drive(
                     args.client, url, payload, args.messages, args.connections, args.concurrency
                 )
+                exports = sink.exported(config.key)
                 if result.ok != args.messages:
                     raise SystemExit(f"{config.name}: {result.ok}/{args.messages} succeeded")
                 count = asyncio.run(stored(args.nats_url, f"msg.default.{subject}"))
                 if count != args.messages:
                     raise SystemExit(f"{config.name}: stream holds {count}/{args.messages}")
-                settle()  # the export backlog of a traced run is part of its cost
+                # The spans left in the batch processor are exported on its timer; that
+                # and the backlog of a traced run are part of its cost.
+                wait_for_export(sink, config, exports, EXPORT_WAIT_S)
+                settle()
+                cpu[config.name] = (_cpu_seconds(pid) - cpu_before) / args.messages * 1e6
                 config.rates.append(result.rate)
-                config.cpu_us.append((_cpu_seconds(pid) - cpu_before) / args.messages * 1e6)
+                config.cpu_us.append(cpu[config.name])
                 print(
                     f"round {round_ + 1} {config.name:<12} {result.rate:>8.0f} msgs/s "
                     f"{config.cpu_us[-1]:>6.1f} us CPU/msg",
                     file=sys.stderr,
                 )
-    costs = asyncio.run(in_process_costs())
+            base = cpu.get("off", cpu[cases[0].name])
+            for config in cases:
+                config.cpu_ratios.append(cpu[config.name] / base)
+        for config in cases:
+            config.spans_per_message = (sink.received(config.key) - spans_before[config.key]) / (
+                args.rounds * args.messages
+            )
+    costs = asyncio.run(in_process_costs(sink))
     report(args, cases, costs, sink)
 
 
@@ -348,12 +481,15 @@ def report(
                     "rounds_msgs_per_s": [round(r) for r in c.rates],
                     "ratio_to_off": round(c.rate / base.rate, 3),
                     "median_cpu_us_per_msg": round(c.cpu, 1),
-                    "cpu_overhead": round(c.cpu / base.cpu - 1, 3),
+                    "rounds_cpu_us_per_msg": [round(u, 1) for u in c.cpu_us],
+                    "cpu_overhead": round(c.cpu_overhead, 3),
+                    "rounds_cpu_ratio_to_off": [round(r, 3) for r in c.cpu_ratios],
+                    "spans_per_message": round(c.spans_per_message, 4),
                 }
                 for c in cases
             },
             "in_process_ns_per_call": {k: round(v, 1) for k, v in costs.items()},
-            "otlp_bytes_exported": sink.spans_bytes,
+            "otlp_bytes_exported": sink.bytes,
         }
         print(json.dumps(document, indent=2))
         return
@@ -364,23 +500,27 @@ def report(
     )
     print(
         f"{'configuration':<14}{'msgs/s':>9}{'ratio':>7}{'CPU us/msg':>12}{'CPU +%':>8}"
-        "  verdict  rounds msgs/s (target: overhead <= 10%)"
+        f"{'(rounds)':>17}{'spans/msg':>11}  verdict  rounds msgs/s (target: overhead <= 10%)"
     )
     for c in cases:
         ratio = c.rate / base.rate
-        extra_cpu = c.cpu / base.cpu - 1
         verdict = ""
         if c is not base:
-            verdict = "ok" if max(1 - ratio, extra_cpu) <= TARGET_OVERHEAD else "over"
+            verdict = "ok" if max(1 - ratio, c.cpu_overhead) <= TARGET_OVERHEAD else "over"
+        spread = f"{min(c.cpu_ratios) - 1:+.0%}..{max(c.cpu_ratios) - 1:+.0%}"
         rounds = ", ".join(f"{r:.0f}" for r in c.rates)
         print(
-            f"{c.name:<14}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{extra_cpu:>8.1%}"
-            f"  {verdict:<7}  [{rounds}]"
+            f"{c.name:<14}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}"
+            f"{spread:>17}{c.spans_per_message:>11.3f}  {verdict:<7}  [{rounds}]"
         )
-    print(f"OTLP bytes received by the sink: {sink.spans_bytes:,}")
-    print("\nin-process cost per call (ns):")
+    print(
+        "CPU +%: median over rounds of the CPU per message to off's in the same round "
+        "(its spread in brackets)"
+    )
+    print(f"OTLP bytes received by the sink: {sink.bytes:,}")
+    print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
-        print(f"  {name:<34}{ns:>8.0f}")
+        print(f"  {name:<46}{ns:>8.0f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""W3C trace context across every hop, recorded with the OpenTelemetry SDK.
+"""W3C trace context across every hop, exported with the OpenTelemetry SDK's exporters.
 
 One trace follows a message: the ingress continues the client's ``traceparent`` (or starts
 a trace), the append stores the context in the message's NATS headers, and every later hop
@@ -21,7 +21,8 @@ thing they read); the same holds whenever there is nothing to record.
 :func:`configure_from_env` turns it on when ``OTEL_TRACES_EXPORTER`` names an exporter
 (``otlp``, ``console``) or ``BROKER_TRACING=true`` (then ``otlp``);
 ``OTEL_SDK_DISABLED=true`` wins. The OTLP exporter (HTTP/protobuf) reads the standard
-``OTEL_EXPORTER_OTLP_*`` variables, the batch processor ``OTEL_BSP_*``.
+``OTEL_EXPORTER_OTLP_*`` variables, the batching (:mod:`broker.telemetry._export`)
+``OTEL_BSP_*``.
 
 **Traces start at the edge, and sampling happens before the SDK.** Only the HTTP ingress
 starts traces (``start_trace=True``); every other span continues the trace of its message
@@ -30,12 +31,16 @@ or of the span running around it, and does nothing without one. ``OTEL_TRACES_SA
 any SDK object exists: a request that is not sampled creates nothing and sets nothing (a
 random number and a comparison), its messages carry no trace context of the broker's (a
 client's own ``traceparent`` is still passed through), and so no later hop records
-anything for it either; a sampled span is a real SDK span (tens of microseconds with its
-export). Root decisions use the trace id's low 64 bits, like the SDK's
+anything for it either. Root decisions use the trace id's low 64 bits, like the SDK's
 ``TraceIdRatioBased``; a parent's decision is kept (``parentbased_*``).
 
-Sampled spans are also made current in OpenTelemetry's own context, so code in an agent
-handler that uses the OpenTelemetry API directly nests its spans under the broker's.
+**A sampled span is cheap too.** It is a :class:`~broker.telemetry._spans.RecordedSpan`
+(a few slots, not the SDK's span with its lock, sampler run and processors); when it ends
+it is queued, and the export thread encodes whole batches to OTLP itself
+(:mod:`broker.telemetry._otlp`), several times faster than the exporter's own encoder.
+Span processors and other exporters get the SDK's ``ReadableSpan``. It is also made current
+in OpenTelemetry's own context, so code in an agent handler that uses the OpenTelemetry API
+directly nests its spans under the broker's.
 """
 
 from __future__ import annotations
@@ -54,23 +59,16 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import (
-    INVALID_SPAN,
-    NonRecordingSpan,
-    Span,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-)
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from broker.telemetry._spans import RecordedSpan
+
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    from broker.telemetry._export import SpanPipeline
 
 __all__ = [
     "TRACEPARENT",
@@ -139,8 +137,7 @@ class TraceContext(NamedTuple):
 @dataclass
 class _Config:
     enabled: bool = False
-    provider: TracerProvider | None = None
-    tracer: trace.Tracer | None = None
+    pipeline: SpanPipeline | None = None
     parent_based: bool = True
     bound: int = 2**64  # a root is sampled when its trace id's low 64 bits are below this
     component: str = ""
@@ -150,8 +147,6 @@ _config = _Config()
 _LOW_64 = 2**64 - 1
 _getrandbits = random.getrandbits
 _current: ContextVar[TraceContext | None] = ContextVar("broker_trace_context", default=None)
-#: The trace id the SDK must use for the root span being started (our sampler chose it).
-_preset_trace_id: ContextVar[int] = ContextVar("broker_preset_trace_id", default=0)
 
 
 # --- the API -----------------------------------------------------------------------------
@@ -253,10 +248,10 @@ def batch_spans(
     all open for the block (e.g. a projection applying and committing a batch). Messages
     without a sampled trace context get no span: a batch consumer continues traces, it does
     not start one per message. Free when tracing is off."""
-    if not _config.enabled or _config.tracer is None:
+    pipeline = _config.pipeline
+    if not _config.enabled or pipeline is None:
         yield
         return
-    tracer = _config.tracer
     started: list[Span] = []
     for index, (message_headers, extra) in enumerate(
         zip(headers, attributes or _nones(), strict=False)
@@ -265,7 +260,7 @@ def batch_spans(
         if parent is None or not _sampled(parent):
             continue
         attrs = {"messaging.batch.index": index, **(extra or {})}
-        started.append(tracer.start_span(name, _otel_parent(parent), kind, attrs))
+        started.append(_child(name, parent, kind, attrs, pipeline))
     error: BaseException | None = None
     try:
         yield
@@ -296,17 +291,19 @@ def configure(
     sampler_arg: float | None = None,
     resource_attributes: Mapping[str, AttributeValue] | None = None,
 ) -> None:
-    """Turn tracing on in this process (again: the previous provider is shut down).
+    """Turn tracing on in this process (again: the previous pipeline is shut down).
 
-    Each exporter gets a batch span processor; ``processors`` are added as they are (a test
-    passes ``SimpleSpanProcessor(InMemorySpanExporter())``). ``sampler`` is an
-    ``OTEL_TRACES_SAMPLER`` name.
+    The exporters get the spans in batches from the export thread
+    (:class:`~broker.telemetry._export.SpanPipeline`, ``OTEL_BSP_*``); each of
+    ``processors`` gets every span as it ends, as the SDK's ``ReadableSpan`` (its
+    ``on_end``; a test passes ``SimpleSpanProcessor(InMemorySpanExporter())``).
+    ``sampler`` is an ``OTEL_TRACES_SAMPLER`` name.
     """
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     import broker
+    from broker.telemetry._export import SpanPipeline
 
     disable()
     base, parent_based = _parse_sampler(sampler)
@@ -321,13 +318,12 @@ def configure(
     if not _service_name_from_env():
         attributes["service.name"] = f"broker-{component}"
     attributes.update(resource_attributes or {})
-    provider = TracerProvider(resource=Resource.create(attributes), id_generator=_id_generator())
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    for processor in processors:
-        provider.add_span_processor(processor)
-    _config.provider = provider
-    _config.tracer = provider.get_tracer("broker", broker.__version__)
+    _config.pipeline = SpanPipeline(
+        Resource.create(attributes),
+        InstrumentationScope("broker", broker.__version__),
+        exporters=exporters,
+        processors=processors,
+    )
     _config.parent_based = parent_based
     _config.bound = int(ratio * 2**64)
     _config.component = component
@@ -369,19 +365,18 @@ def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
 
 def force_flush(timeout_ms: int = 5000) -> None:
     """Export every ended span now (before a process exits, or in a test)."""
-    if _config.provider is not None:
-        _config.provider.force_flush(timeout_ms)
+    if _config.pipeline is not None:
+        _config.pipeline.force_flush(timeout_ms)
 
 
 def disable() -> None:
     """Flush and stop recording; :func:`span` is a no-op again."""
-    provider = _config.provider
+    pipeline = _config.pipeline
     _config.enabled = False
-    _config.tracer = None
-    _config.provider = None
-    if provider is not None:
+    _config.pipeline = None
+    if pipeline is not None:
         with contextlib.suppress(Exception):
-            provider.shutdown()
+            pipeline.shutdown()
 
 
 def _exporter(name: str) -> SpanExporter | None:
@@ -450,35 +445,25 @@ def _new_id(bits: int) -> int:
     return _getrandbits(bits) or 1
 
 
-def _otel_parent(parent: TraceContext) -> otel_context.Context:
-    if parent.span is not None:
-        return trace.set_span_in_context(parent.span)
-    state = TraceState.from_header([parent.tracestate]) if parent.tracestate else None
-    remote = SpanContext(
+def _child(
+    name: str,
+    parent: TraceContext,
+    kind: SpanKind,
+    attributes: Attributes | None,
+    pipeline: SpanPipeline,
+) -> RecordedSpan:
+    """A recorded span under ``parent``: a span of this process, or one from headers."""
+    return RecordedSpan(
+        name,
         parent.trace_id,
-        parent.span_id,
-        is_remote=True,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED if parent.sampled else TraceFlags.DEFAULT),
-        trace_state=state,
+        _new_id(64),
+        parent_id=parent.span_id,
+        parent_remote=parent.span is None,
+        tracestate=parent.tracestate,
+        kind=kind,
+        attributes=attributes,
+        sink=pipeline,
     )
-    return trace.set_span_in_context(NonRecordingSpan(remote))
-
-
-def _id_generator() -> IdGenerator:
-    """The SDK's ids, except a root span's trace id, which our sampler already chose."""
-    from opentelemetry.sdk.trace.id_generator import IdGenerator
-
-    class PresetRootIds(IdGenerator):
-        def generate_span_id(self) -> int:
-            return _new_id(64)
-
-        def generate_trace_id(self) -> int:
-            return _preset_trace_id.get() or _new_id(128)
-
-        def is_trace_id_random(self) -> bool:
-            return True
-
-    return PresetRootIds()
 
 
 class _NoopScope:
@@ -502,7 +487,7 @@ _NOOP = _NoopScope()
 
 
 class _SpanScope:
-    """A recorded span: the SDK span, current in both our context and OpenTelemetry's."""
+    """A recorded span: current in both our context and OpenTelemetry's while it runs."""
 
     __slots__ = (
         "_attributes",
@@ -528,31 +513,33 @@ class _SpanScope:
         self._attributes = attributes
         self._kind = kind
         self._trace_id = trace_id  # a root's: the sampler chose it
-        self._span: Span | None = None
+        self._span: RecordedSpan | None = None
 
     def __enter__(self) -> Span:
-        tracer = _config.tracer
-        if tracer is None:  # tracing was switched off in between
+        pipeline = _config.pipeline
+        if pipeline is None:  # tracing was switched off in between
             return INVALID_SPAN
         parent = self._parent
         if parent is None:
-            preset = _preset_trace_id.set(self._trace_id)
-            try:
-                otel_span = tracer.start_span(self._name, None, self._kind, self._attributes)
-            finally:
-                _preset_trace_id.reset(preset)
-            tracestate = None
+            recorded = RecordedSpan(
+                self._name,
+                self._trace_id,
+                _new_id(64),
+                parent_id=0,
+                parent_remote=False,
+                tracestate=None,
+                kind=self._kind,
+                attributes=self._attributes,
+                sink=pipeline,
+            )
         else:
-            context = _otel_parent(parent)
-            otel_span = tracer.start_span(self._name, context, self._kind, self._attributes)
-            tracestate = parent.tracestate
-        self._span = otel_span
-        span_context = otel_span.get_span_context()
+            recorded = _child(self._name, parent, self._kind, self._attributes, pipeline)
+        self._span = recorded
         self._token = _current.set(
-            TraceContext(span_context.trace_id, span_context.span_id, True, tracestate, otel_span)
+            TraceContext(recorded.trace_id, recorded.span_id, True, recorded.tracestate, recorded)
         )
-        self._otel_token = otel_context.attach(trace.set_span_in_context(otel_span))
-        return otel_span
+        self._otel_token = otel_context.attach(trace.set_span_in_context(recorded))
+        return recorded
 
     def __exit__(
         self,
@@ -560,15 +547,16 @@ class _SpanScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_span = self._span
-        if otel_span is None:
+        recorded = self._span
+        if recorded is None:
             return
         if isinstance(exc, Exception):
-            otel_span.record_exception(exc)
-            otel_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-        otel_span.end()
+            recorded.record_exception(exc)
+            recorded.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        recorded.end()
         # Left in another context (the block's task ended elsewhere): nothing to restore.
-        with contextlib.suppress(ValueError):
+        try:
             otel_context.detach(self._otel_token)
-        with contextlib.suppress(ValueError):
             _current.reset(self._token)
+        except ValueError:
+            pass

@@ -1,0 +1,221 @@
+"""Where ended spans go: span processors at once, exporters in batches on one thread.
+
+:class:`SpanPipeline` is the broker's batch span processor. A span that ends is appended to
+a queue (a deque append and a length check on the request's thread); a daemon thread
+exports the queue in batches every ``OTEL_BSP_SCHEDULE_DELAY`` milliseconds, or as soon as
+``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans wait; past ``OTEL_BSP_MAX_QUEUE_SIZE`` waiting
+spans new ones are dropped (and counted). The variables and their defaults (5000, 512,
+2048) are the OpenTelemetry SDK's.
+
+The OTLP/HTTP exporter gets each batch encoded by :mod:`broker.telemetry._otlp` and sent
+through its own HTTP client (endpoint, headers, compression, TLS, retries: all its
+``OTEL_EXPORTER_OTLP_*`` settings); any other exporter, and every span processor (a test's
+``SimpleSpanProcessor(InMemorySpanExporter())``), gets the SDK's ``ReadableSpan``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from broker.telemetry import _otlp
+from broker.telemetry._spans import FinishedSpan, to_readable
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+__all__ = ["BatchSettings", "SpanPipeline", "batch_settings"]
+
+log = structlog.get_logger(__name__)
+
+Send = Callable[[Sequence[FinishedSpan]], None]
+
+
+class BatchSettings:
+    """When the pipeline exports (``OTEL_BSP_*``)."""
+
+    __slots__ = ("max_batch", "max_queue", "schedule_delay_s")
+
+    def __init__(self, schedule_delay_s: float, max_queue: int, max_batch: int) -> None:
+        self.schedule_delay_s = schedule_delay_s
+        self.max_queue = max_queue
+        self.max_batch = min(max_batch, max_queue)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        log.warning("otel_setting_invalid", variable=name, value=raw[:40], using=default)
+        return default
+    if value <= 0:
+        log.warning("otel_setting_invalid", variable=name, value=raw[:40], using=default)
+        return default
+    return value
+
+
+def batch_settings() -> BatchSettings:
+    """The batch settings from ``OTEL_BSP_SCHEDULE_DELAY`` (ms), ``OTEL_BSP_MAX_QUEUE_SIZE``
+    and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``."""
+    return BatchSettings(
+        _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+        _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+        _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+    )
+
+
+def _otlp_http_post(exporter: SpanExporter) -> Callable[[bytes], Any] | None:
+    """The OTLP/HTTP exporter's own client for an encoded request, when this exporter is one
+    and its version has it (``_client.export(bytes)``); otherwise ``None``."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:  # pragma: no cover - a dependency of the broker
+        return None
+    if not isinstance(exporter, OTLPSpanExporter):
+        return None
+    post = getattr(getattr(exporter, "_client", None), "export", None)
+    return post if callable(post) else None
+
+
+class SpanPipeline:
+    """Hands each ended span to the processors, and queues it for the exporters."""
+
+    def __init__(
+        self,
+        resource: Resource,
+        scope: InstrumentationScope,
+        *,
+        exporters: Iterable[SpanExporter] = (),
+        processors: Iterable[SpanProcessor] = (),
+        settings: BatchSettings | None = None,
+    ) -> None:
+        self.resource = resource
+        self.scope = scope
+        self.dropped = 0
+        self._settings = settings or batch_settings()
+        self._exporters = list(exporters)
+        self._processors = list(processors)
+        self._sends = [self._sender(e) for e in self._exporters]
+        self._queue: collections.deque[FinishedSpan] = collections.deque()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        if self._sends:
+            self._start_thread()
+            after_fork = weakref.WeakMethod(self._after_fork)
+
+            def in_child() -> None:  # the pipeline itself is not kept alive by the hook
+                method = after_fork()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(after_in_child=in_child)
+
+    # --- the request's thread --------------------------------------------------------------
+
+    def ended(self, span: FinishedSpan, /) -> None:
+        """Take a span that just ended (:class:`~broker.telemetry._spans.RecordedSpan`
+        calls this)."""
+        if self._processors:
+            readable = to_readable(span, self.resource, self.scope)
+            for processor in self._processors:
+                processor.on_end(readable)
+        if not self._sends or self._stopped:
+            return
+        queue = self._queue
+        if len(queue) >= self._settings.max_queue:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.warning("spans_dropped", dropped=self.dropped, queue=len(queue))
+            return
+        queue.append(span)
+        if len(queue) >= self._settings.max_batch and not self._wake.is_set():
+            self._wake.set()
+
+    # --- the export thread -----------------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="broker-span-export", daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh queue and thread (the parent's thread is not there)."""
+        self._queue = collections.deque()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        if not self._stopped:
+            self._start_thread()
+
+    def _run(self) -> None:
+        wake = self._wake
+        while not self._stopped:
+            wake.wait(self._settings.schedule_delay_s)
+            wake.clear()
+            self.export()
+
+    def export(self) -> None:
+        """Export every queued span now, in batches (the export thread, or a flush)."""
+        with self._export_lock:
+            queue, size = self._queue, self._settings.max_batch
+            while queue:
+                batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+                for send in self._sends:
+                    try:
+                        send(batch)
+                    except Exception:
+                        log.exception("span_export_failed", spans=len(batch))
+
+    def _sender(self, exporter: SpanExporter) -> Send:
+        post = _otlp_http_post(exporter)
+        if post is not None:
+            parts = _otlp.envelope(self.resource, self.scope)
+
+            def send_otlp(batch: Sequence[FinishedSpan]) -> None:
+                result = post(_otlp.encode(batch, parts))
+                if not getattr(result, "success", True):
+                    log.warning("span_export_failed", spans=len(batch), exporter="otlp")
+
+            return send_otlp
+
+        def send_readable(batch: Sequence[FinishedSpan]) -> None:
+            exporter.export([to_readable(s, self.resource, self.scope) for s in batch])
+
+        return send_readable
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def force_flush(self, timeout_ms: int = 5000) -> None:
+        """Export what is queued now, on this thread; flush the processors."""
+        self.export()
+        for processor in self._processors:
+            with contextlib.suppress(Exception):
+                processor.force_flush(timeout_ms)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Export what is queued, stop the thread, shut the exporters and processors down."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        self.export()
+        for exporter in self._exporters:
+            with contextlib.suppress(Exception):
+                exporter.shutdown()
+        for processor in self._processors:
+            with contextlib.suppress(Exception):
+                processor.shutdown()
