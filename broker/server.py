@@ -60,7 +60,7 @@ def banner(settings: Settings) -> str:
     scheme = "https" if settings.tls_cert else "http"
     base = f"{scheme}://{settings.host}:{settings.port}"
     h2 = "--http2" if settings.tls_cert else "--http2-prior-knowledge"
-    if settings.auth_file is not None or settings.auth_config is not None:
+    if settings.auth_configured:
         h2 += ' -H "Authorization: Bearer $BROKER_API_KEY"'
         access = "auth: API key or JWT required (docs/tenants.md)\n"
     else:

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
 
+    @property
+    def auth_configured(self) -> bool:
+        """An auth document is set (file or inline): requests must authenticate."""
+        return self.auth_file is not None or self.auth_config is not None
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -57,7 +57,7 @@ def ops_router(state: IngressState) -> APIRouter:
     cache = _StatusCache()
     # With tenants, a page shows its own tenant's dead letters only: projections' dead
     # letters (``dlq.<STREAM>.…``) point at any tenant's messages.
-    authenticating = state.settings.auth_file is not None or state.settings.auth_config is not None
+    authenticating = state.settings.auth_configured
 
     async def status_document(recent: int) -> dict[str, Any]:
         tenant = state.tenant
