@@ -127,6 +127,7 @@ def worker(
     Start more workers with the same NATS and replica URL, here or on other machines: they
     split the partitions between them and take over a stopped or killed one within seconds.
     """
+    from broker._process import tune_gc
     from broker.logs import configure_logging
     from projections.worker import WorkerOptions, default_worker_id, run_worker
 
@@ -141,6 +142,7 @@ def worker(
         batch=batch,
         changes=changes,
     )
+    tune_gc()  # a long-running process: see broker._process.tune_gc
     asyncio.run(run_worker(options))
 
 

@@ -66,6 +66,7 @@ def router(
     Reads MESSAGES, scores the tenant's agents by capability, modality, meaning and live
     load, and appends RouteDecided to the chosen agent's inbox (ROUTES).
     """
+    from broker._process import tune_gc
     from broker.errors import BrokerError
     from broker.logs import configure_logging
     from broker.natsconn import connect_options
@@ -77,6 +78,7 @@ def router(
     try:
         tls_and_auth = connect_options(get_settings(), servers=nats_url, name="broker-router")
         options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl, tls_and_auth)
+        tune_gc()  # a long-running process: see broker._process.tune_gc
         asyncio.run(run_router(options))
     except BrokerError as e:
         typer.echo(f"error: {e.message}", err=True)

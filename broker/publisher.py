@@ -298,8 +298,9 @@ class Publisher:
         pending = self._pending.pop(msg.subject[len(self._reply_prefix) :], None)
         if pending is None or pending.future.done():
             return
-        metrics.observe_ack(time.monotonic() - pending.deadline + self._publish_timeout)
+        seconds = time.monotonic() - pending.deadline + self._publish_timeout
         if msg.headers and msg.headers.get("Status") == "503":
+            metrics.observe_ack(seconds)
             pending.future.set_exception(
                 Unavailable(f"no JetStream stream answered for {pending.subject}")
             )
@@ -307,6 +308,7 @@ class Publisher:
         try:
             reply = orjson.loads(msg.data)
             if "error" in reply:
+                metrics.observe_ack(seconds)
                 error = reply["error"]
                 pending.future.set_exception(
                     jetstream_error(
@@ -319,9 +321,12 @@ class Publisher:
             else:
                 ack = PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
                 pending.future.set_result(ack)
-                if not ack.duplicate:
-                    metrics.message_in(ack.stream, pending.size)
+                if ack.duplicate:
+                    metrics.observe_ack(seconds)
+                else:
+                    metrics.observe_ack(seconds, ack.stream, pending.size)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            metrics.observe_ack(seconds)
             pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
 
     async def _sweep(self) -> None:
@@ -345,7 +350,7 @@ class Publisher:
 
     async def publish(self, out: Outbound) -> PublishAck:
         """Append one message and wait for its ack (in an ``append`` span when tracing)."""
-        if not tracing.enabled():
+        if tracing.current() is None:  # tracing off, or this request is not sampled
             return await (await self.submit(out))
         with tracing.span("append", kind=tracing.SpanKind.PRODUCER) as span:
             ack = await (await self.submit(out))

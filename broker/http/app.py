@@ -24,7 +24,7 @@ from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import broker
-from broker._process import die_with_parent
+from broker._process import die_with_parent, tune_gc
 from broker.auth import PUBLIC_PATHS, TENANT_HEADER, Authenticator, bind, required_scopes
 from broker.errors import (
     BrokerError,
@@ -277,6 +277,7 @@ class BrokerApp:
         die_with_parent(signal.SIGTERM)
         self.publisher.on_connected(self._start_registry)
         self.publisher.on_connected(self._record_build_info)
+        self.publisher.on_connected(self._tune_gc)  # last: after what start-up builds
         # Connect in the background and return at once: a worker busy in its start-up hook
         # was seen to miss granian's stop signal. Until NATS answers, /readyz says so and
         # publishes get 503.
@@ -288,6 +289,9 @@ class BrokerApp:
 
     async def _record_build_info(self) -> None:
         metrics.build_info(broker.__version__, git_revision(), self.publisher.server_version)
+
+    async def _tune_gc(self) -> None:
+        log.debug("gc_tuned", frozen=tune_gc())
 
     async def shutdown(self) -> None:
         await self.publisher.close()

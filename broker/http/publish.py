@@ -85,8 +85,11 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
         )
     outbound = request.to_outbound(state.tenant)
     stored = outbound.headers
-    http_trace = "traceparent" in headers or "ce-traceparent" in headers
-    if tracing.enabled() and "ce-traceparent" in stored and not http_trace:
+    if (
+        tracing.enabled()
+        and "ce-traceparent" in stored
+        and not ("traceparent" in headers or "ce-traceparent" in headers)
+    ):
         # A structured CloudEvent carries its own trace context: its append continues it.
         with tracing.span("cloudevent", parent_headers=stored, kind=tracing.SpanKind.CONSUMER):
             ack = await state.publisher.publish(outbound)

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from broker.http._rsgi import HTTPProtocol, Scope, StreamTransport
 from broker.telemetry import metrics, tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 #: Status recorded for a request that ended without a response (the client went away).
 NO_RESPONSE = 499
@@ -104,36 +108,47 @@ async def observe(handler: Handler, scope: Scope, proto: HTTPProtocol) -> None:
         await handler(scope, proto)
         return
     started = time.perf_counter()
-    route = route_of(scope.path)
+    path = scope.path
+    route = _EXACT.get(path) or route_of(path)
     recorder = _Recorder(proto)
-    method = scope.method if scope.method in _METHODS else OTHER_METHOD  # bounded labels
     try:
         if tracing_on and route not in _UNTRACED:
-            name = _span_names.get((method, route)) or _span_name(method, route)
-            with tracing.span(
-                name, parent_headers=scope.headers, kind=tracing.SpanKind.SERVER, start_trace=True
-            ) as span:
-                recording = span.is_recording()  # attributes only for sampled spans
-                if recording:
-                    span.set_attributes(
-                        {
-                            "http.request.method": method,
-                            "http.route": route,
-                            "url.path": scope.path[:256],
-                            "network.protocol.version": scope.http_version,
-                        }
-                    )
-                try:
-                    await handler(scope, recorder)
-                finally:
-                    if recording:
-                        status = recorder.status or NO_RESPONSE
-                        span.set_attribute("http.response.status_code", status)
-                        if status >= 500:
-                            span.set_status(tracing.Status(tracing.StatusCode.ERROR))
+            server = tracing.edge_span(route, scope.headers)
+            if server is tracing.UNRECORDED:  # not sampled: nothing more to do
+                await handler(scope, recorder)
+            else:
+                await _traced(server, handler, scope, recorder, route)
         else:
             await handler(scope, recorder)
     finally:
+        # The method as received: the metric bounds its label values when it is flushed.
         metrics.observe_request(
-            route, method, recorder.status or NO_RESPONSE, time.perf_counter() - started
+            route, scope.method, recorder.status or NO_RESPONSE, time.perf_counter() - started
         )
+
+
+async def _traced(
+    server: AbstractContextManager[Span],
+    handler: Handler,
+    scope: Scope,
+    recorder: _Recorder,
+    route: str,
+) -> None:
+    method = scope.method if scope.method in _METHODS else OTHER_METHOD  # bounded names
+    with server as span:
+        span.update_name(_span_names.get((method, route)) or _span_name(method, route))
+        span.set_attributes(
+            {
+                "http.request.method": method,
+                "http.route": route,
+                "url.path": scope.path[:256],
+                "network.protocol.version": scope.http_version,
+            }
+        )
+        try:
+            await handler(scope, recorder)
+        finally:
+            status = recorder.status or NO_RESPONSE
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(tracing.Status(tracing.StatusCode.ERROR))

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TRACEPARENT",
     "TRACESTATE",
+    "UNRECORDED",
     "HeaderSource",
     "SpanKind",
     "Status",
@@ -83,6 +84,7 @@ __all__ = [
     "configure_from_env",
     "current",
     "disable",
+    "edge_span",
     "enabled",
     "extract",
     "force_flush",
@@ -98,6 +100,7 @@ TRACESTATE = "tracestate"
 #: NATS header written by another client, CloudEvents (binary mode, or a structured event's
 #: attribute as the broker stores it).
 _PARENT_KEYS = (TRACEPARENT, "ce-traceparent", "Traceparent")
+_HTTP_PARENT_KEYS = (TRACEPARENT, "ce-traceparent")
 _STATE_KEYS = (TRACESTATE, "ce-tracestate", "Tracestate")
 _MAX_TRACESTATE = 512
 _HEX = frozenset("0123456789abcdef")
@@ -162,13 +165,15 @@ def current() -> TraceContext | None:
     return _current.get() if _config.enabled else None
 
 
-def extract(headers: HeaderSource | None) -> TraceContext | None:
+def extract(
+    headers: HeaderSource | None, *, keys: tuple[str, ...] = _PARENT_KEYS
+) -> TraceContext | None:
     """The trace context in ``traceparent``/``tracestate`` (HTTP, NATS or CloudEvents
     headers), or ``None`` when absent or malformed. Works whether tracing is on or off."""
     if not headers:
         return None
     value = None
-    for key in _PARENT_KEYS:
+    for key in keys:
         value = headers.get(key)
         if value:
             break
@@ -221,7 +226,10 @@ def span(
     """
     if not _config.enabled:
         return _NOOP
-    parent = extract(parent_headers) if parent_headers is not None else None
+    if parent_headers is None:
+        parent = None
+    else:  # an edge reads HTTP headers: their names are case-insensitive
+        parent = extract(parent_headers, keys=_HTTP_PARENT_KEYS if start_trace else _PARENT_KEYS)
     if parent is None:
         parent = _current.get()  # only recorded (sampled) spans are ever current
         if parent is None:
@@ -234,6 +242,23 @@ def span(
     elif not _sampled(parent):
         return _NOOP
     return _SpanScope(name, parent, parent.trace_id, attributes, kind)
+
+
+def edge_span(
+    name: str, headers: HeaderSource, *, kind: SpanKind = SpanKind.SERVER
+) -> contextlib.AbstractContextManager[Span]:
+    """``span(name, parent_headers=headers, kind=kind, start_trace=True)`` for an edge that
+    reads HTTP headers (case-insensitive names), with the common case (no trace context in
+    the request, not sampled) decided in a handful of operations: the ingress runs this on
+    every request, and inside a loaded process every operation on that path counts."""
+    if not _config.enabled:
+        return _NOOP
+    if not (headers.get(TRACEPARENT) or headers.get("ce-traceparent")) and _current.get() is None:
+        low = _getrandbits(64)  # a root's sampling decision: its trace id's low bits
+        if low >= _config.bound:
+            return _NOOP
+        return _SpanScope(name, None, (_getrandbits(64) << 64 | low) or 1, None, kind)
+    return span(name, parent_headers=headers, kind=kind, start_trace=True)
 
 
 @contextlib.contextmanager
@@ -484,6 +509,9 @@ class _NoopScope:
 
 
 _NOOP = _NoopScope()
+#: What :func:`span` returns when it records nothing (compare with ``is`` to skip a block's
+#: span work on the hot path).
+UNRECORDED: contextlib.AbstractContextManager[Span] = _NOOP
 
 
 class _SpanScope:

@@ -165,6 +165,40 @@ def test_only_an_edge_starts_a_trace(exporter: InMemorySpanExporter) -> None:
     ]
 
 
+def test_edge_span_decides_like_a_span_that_may_start_a_trace() -> None:
+    """The ingress's fast path: no header and not sampled gives the shared no-op; a
+    sampled parent (W3C or CloudEvents spelling) is continued whatever the ratio."""
+    memory = InMemorySpanExporter()
+    tracing.configure(
+        "test",
+        processors=[SimpleSpanProcessor(memory)],
+        sampler="parentbased_traceidratio",
+        sampler_arg=0.0,
+    )
+    assert tracing.edge_span("POST /x", {}) is tracing.UNRECORDED
+    assert tracing.edge_span("POST /x", UNSAMPLED) is tracing.UNRECORDED
+    ce_parent = {"ce-traceparent": SAMPLED["traceparent"]}
+    for parent in (SAMPLED, ce_parent):
+        with tracing.edge_span("POST /x", parent) as span:
+            assert span.is_recording()
+    finished = memory.get_finished_spans()
+    assert [s.context.trace_id for s in finished] == [PARENT_TRACE, PARENT_TRACE]
+    assert all(s.kind is SpanKind.SERVER for s in finished)
+
+
+def test_edge_span_starts_a_root_when_sampled_and_is_free_when_off(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with tracing.edge_span("POST /v1/publish/{subject}", {}) as server:
+        server.update_name("POST /v1/publish/{subject} (renamed)")
+        assert tracing.current() is not None
+    (root,) = exporter.get_finished_spans()
+    assert root.parent is None
+    assert root.name == "POST /v1/publish/{subject} (renamed)"
+    tracing.disable()
+    assert tracing.edge_span("POST /x", SAMPLED) is tracing.UNRECORDED
+
+
 def test_ratio_zero_samples_no_root_but_keeps_parents_decision() -> None:
     memory = InMemorySpanExporter()
     tracing.configure(
@@ -324,6 +358,74 @@ async def test_counts_on_an_event_loop_reach_the_registry_within_the_flush_inter
         {"route": "/v1/route/{subject}", "le": "0.01"},
     )
     assert bucket >= 3
+
+
+def test_a_flush_folds_buffered_requests_and_acks_into_every_label_set() -> None:
+    """Mixed routes, methods and statuses; unknown methods count as OTHER; the latency
+    buckets match Histogram.observe's; duplicates and errors time the ack but add no
+    message or bytes."""
+    routes = ["/v1/publish/{subject}", "/v1/route/{subject}"]
+    statuses = [200, 202, 503]
+    methods = ["POST", "BREW"]
+    durations = [0.0004, 0.001, 0.003, 0.2, 30.0]
+    labels = [(r, m, s) for r in routes for m in methods for s in statuses]
+
+    def request_count(route: str, method: str, status: int) -> float:
+        return sample(
+            "broker_http_requests_total", {"route": route, "method": method, "status": str(status)}
+        )
+
+    def bucket(name: str, le: str, **extra: str) -> float:
+        return sample(name + "_bucket", {**extra, "le": le})
+
+    before = {
+        (r, m, s): request_count(r, "OTHER" if m == "BREW" else m, s) for r, m, s in labels
+    }
+    le_1ms = {r: bucket("broker_http_request_duration_seconds", "0.001", route=r) for r in routes}
+    acks_before = sample("broker_jetstream_ack_duration_seconds_count")
+    acks_le_1ms = bucket("broker_jetstream_ack_duration_seconds", "0.001")
+    messages_before = sample("broker_messages_in_total", {"stream": "FOLD"})
+    bytes_before = sample("broker_bytes_in_total", {"stream": "FOLD"})
+    for route, method, status in labels:
+        for seconds in durations:
+            metrics._requests.append((route, method, status, seconds))
+    for seconds in durations:
+        metrics._acks.append(("FOLD", 100, seconds))
+        metrics._acks.append((None, 100, seconds))  # a duplicate or an error
+    metrics.flush()
+    for route, method, status in labels:
+        label = "OTHER" if method == "BREW" else method
+        assert request_count(route, label, status) == before[(route, method, status)] + len(
+            durations
+        )
+    per_route = len(methods) * len(statuses)
+    for route in routes:
+        # 0.0004 and 0.001 are <= 1 ms (le is inclusive, as in Histogram.observe)
+        assert bucket("broker_http_request_duration_seconds", "0.001", route=route) == (
+            le_1ms[route] + 2 * per_route
+        )
+    assert sample("broker_jetstream_ack_duration_seconds_count") == acks_before + 10
+    assert bucket("broker_jetstream_ack_duration_seconds", "0.001") == acks_le_1ms + 4
+    assert sample("broker_messages_in_total", {"stream": "FOLD"}) == messages_before + 5
+    assert sample("broker_bytes_in_total", {"stream": "FOLD"}) == bytes_before + 500
+    assert metrics._requests == []
+    assert metrics._acks == []
+
+
+def test_tune_gc_freezes_the_start_up_heap_and_raises_the_young_threshold() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from broker._process import GC_YOUNG_THRESHOLD, tune_gc\n"
+        "frozen = tune_gc()\n"
+        "assert frozen == gc.get_freeze_count() > 1000, frozen\n"
+        "assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_threshold()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "ok", done.stderr
 
 
 def test_metrics_switched_off_record_nothing() -> None:
