@@ -86,7 +86,9 @@ def _table_line(m: Any, decode: bool) -> str:
 
 
 def replay(
-    stream: Annotated[str, typer.Argument(help="MESSAGES, REGISTRY or ROUTES.")] = "MESSAGES",
+    stream: Annotated[
+        str, typer.Argument(help="MESSAGES, REGISTRY, ROUTES or AUDIT.")
+    ] = "MESSAGES",
     from_seq: Annotated[
         int | None, typer.Option(min=1, help="Start at this stream sequence.")
     ] = None,

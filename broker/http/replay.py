@@ -30,11 +30,19 @@ from broker.telemetry import metrics
 
 
 class Replayable(StrEnum):
-    """Streams a tenant may replay (each is namespaced by tenant)."""
+    """Streams a tenant may replay, each namespaced by tenant: its messages, its registry
+    changes, its route decisions and its audit trail (e.g. the card numbers a replica
+    masked). Not DLQ: a projection's dead letters are ``dlq.<stream>.<projection>``, holding
+    every tenant's events, and a tenant may be named like a stream."""
 
     MESSAGES = Stream.MESSAGES.value
     REGISTRY = Stream.REGISTRY.value
     ROUTES = Stream.ROUTES.value
+    AUDIT = Stream.AUDIT.value
+
+
+#: The ``{stream}`` values, for help texts.
+REPLAYABLE_HELP = ", ".join(s.value for s in Replayable)
 
 
 MAX_LIMIT = 100_000
@@ -125,7 +133,7 @@ def replay_router(state: IngressState) -> APIRouter:
     )
     async def messages(
         *,
-        stream: Annotated[Replayable, Path(description="MESSAGES, REGISTRY or ROUTES.")],
+        stream: Annotated[Replayable, Path(description=f"One of {REPLAYABLE_HELP}.")],
         start_seq: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
         start_time: Annotated[datetime | None, Query(description="RFC 3339, with a zone.")] = None,
         subject: Annotated[

@@ -98,3 +98,37 @@ def test_worker_help_explains_scaling() -> None:
     assert answer.returncode == 0
     assert "--replica-url" in answer.stdout
     assert "split the partitions" in answer.stdout
+
+
+def test_a_masked_card_number_is_audited_and_the_tenant_replays_its_audit_trail(
+    tmp_path: Path, module_nats: NatsServer
+) -> None:
+    """With card detection on, the replica masks the number and the audit event it relays
+    to AUDIT is readable with the replay API, in the tenant's own namespace."""
+    tenant = "audited"
+    broker = start_broker(
+        tmp_path / "audit",
+        nats_url=module_nats.url,
+        env={"BROKER_DETECT_CARD_NUMBERS": "true", "BROKER_TENANT": tenant},
+    )
+    try:
+        answer = httpx.post(
+            f"{broker.base_url}/v1/publish/payments.captured",
+            json={"order": 7, "card": "4242 4242 4242 4242"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        seq = answer.json()["seq"]
+
+        def audit_records() -> list[dict[str, Any]]:
+            got = httpx.get(f"{broker.base_url}/v1/streams/AUDIT/messages?decode=json", timeout=10)
+            assert got.status_code == 200, got.text
+            return [json.loads(line) for line in got.text.splitlines()]
+
+        assert wait_for(lambda: bool(audit_records()), timeout=30), broker.log_tail()
+        (record,) = audit_records()
+        assert record["subject"] == f"audit.{tenant}.card_redacted"
+        assert record["value"]["seq"] == seq
+        assert "4242 4242 4242 4242" not in json.dumps(record)
+    finally:
+        assert broker.stop() == 0, broker.log_tail()

@@ -23,6 +23,7 @@ import pytest
 
 from broker.auth import Scope
 from broker.embedded import NatsServer
+from broker.http.replay import Replayable
 from tests._wait import await_until
 from tests.e2e._agents import manifest
 from tests.e2e._broker import BrokerProcess, start_broker
@@ -139,10 +140,10 @@ def state_of_b(http: httpx.Client) -> dict[str, Any]:
     """Everything tenant b can read: its streams, agents and schemas."""
     b = KEYS["b-all"].headers
     state: dict[str, Any] = {}
-    for stream in ("MESSAGES", "REGISTRY", "ROUTES"):
+    for stream in Replayable:
         r = http.get(f"/v1/streams/{stream}/messages", headers=b)
         assert r.status_code == 200, r.text
-        state[stream] = [
+        state[stream.value] = [
             (rec["seq"], rec["subject"]) for rec in map(orjson.loads, r.text.splitlines())
         ]
     # the list's own ``seq`` is the REGISTRY stream's position, shared by every tenant
@@ -170,7 +171,7 @@ def operations(document: dict[str, Any], seeded: Seeded) -> list[tuple[str, str,
             if template.startswith("/registry/"):
                 path = path.replace("{subject}", "b-value")
             paths = (
-                [path.replace("{stream}", s) for s in ("MESSAGES", "REGISTRY", "ROUTES")]
+                [path.replace("{stream}", s.value) for s in Replayable]
                 if "{stream}" in path
                 else [path]
             )
