@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the broker refused the request (4xx); 2 usage error;
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,9 @@ app = typer.Typer(
     name="broker",
     help="An event-sourced agent broker on NATS JetStream.\n\n"
     "Commands that call a broker read BROKER_URL, and BROKER_API_KEY (an API key or a JWT) "
-    "with BROKER_AS_TENANT (one of the key's tenants) when the broker requires auth.",
+    "with BROKER_AS_TENANT (one of the key's tenants) when the broker requires auth. Over "
+    "https they trust BROKER_CA_FILE's CAs (else the system's) and present BROKER_CLIENT_CERT "
+    "with BROKER_CLIENT_KEY to a broker that requires client certificates (mTLS).",
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode="markdown",
@@ -35,6 +38,39 @@ def cli_credentials() -> dict[str, str]:
     from broker.client import credential_headers
 
     return credential_headers(os.environ.get("BROKER_API_KEY"), os.environ.get("BROKER_AS_TENANT"))
+
+
+def cli_tls() -> ssl.SSLContext | bool:
+    """How commands that call a broker over https verify it and present themselves:
+    ``BROKER_CA_FILE`` (a PEM bundle of the CAs to trust instead of the system's),
+    ``BROKER_CLIENT_CERT`` and ``BROKER_CLIENT_KEY`` (a PEM certificate and its key, for a
+    broker started with ``--tls-client-ca``; the key may also sit in the certificate's file).
+    ``True`` (the system's CAs, no certificate) when none is set. A file that cannot be used
+    is a usage error (exit 2) naming the variable."""
+    ca = os.environ.get("BROKER_CA_FILE") or None
+    cert = os.environ.get("BROKER_CLIENT_CERT") or None
+    key = os.environ.get("BROKER_CLIENT_KEY") or None
+    if ca is None and cert is None and key is None:
+        return True
+    if key is not None and cert is None:
+        typer.echo("error: BROKER_CLIENT_KEY is set without BROKER_CLIENT_CERT", err=True)
+        raise typer.Exit(2)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        typer.echo(f"error: BROKER_CA_FILE {ca!r} is not a readable PEM CA bundle: {e}", err=True)
+        raise typer.Exit(2) from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            typer.echo(
+                f"error: BROKER_CLIENT_CERT {cert!r} / BROKER_CLIENT_KEY {key!r}: not a usable "
+                f"certificate and key: {e}",
+                err=True,
+            )
+            raise typer.Exit(2) from None
+    return context
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:

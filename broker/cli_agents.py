@@ -26,7 +26,7 @@ _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 def _client(url: str) -> Any:
     import httpx
 
-    from broker.cli import cli_credentials
+    from broker.cli import cli_credentials, cli_tls
 
     return httpx.Client(
         base_url=url.rstrip("/"),
@@ -34,6 +34,7 @@ def _client(url: str) -> Any:
         http1=url.startswith("https"),
         timeout=30,
         headers=cli_credentials(),
+        verify=cli_tls(),
     )
 
 

@@ -35,7 +35,7 @@ def _lines(file: str) -> Iterator[bytes]:
 async def _stream(url: str, subject: str, file: str, timeout: float, show: bool) -> Summary:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from broker.cli import cli_credentials
+    from broker.cli import cli_credentials, cli_tls
     from broker.client import BrokerClient
 
     summary = Summary()
@@ -62,7 +62,9 @@ async def _stream(url: str, subject: str, file: str, timeout: float, show: bool)
     )
     with progress:
         task = progress.add_task("publish", total=total)
-        async with BrokerClient(url, timeout=timeout, headers=cli_credentials()) as client:
+        async with BrokerClient(
+            url, timeout=timeout, headers=cli_credentials(), verify=cli_tls()
+        ) as client:
             async for result in client.publish_stream(records(), subject=subject):
                 if result.ack is not None:
                     summary.acked += 1
@@ -110,7 +112,7 @@ def publish(
     failed. Retries reuse each message's idempotency key, so they never duplicate.
     Exit codes: 0 ok, 1 refused (4xx or a failed record), 2 usage, 3 unavailable.
     """
-    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
     from broker.client import BrokerClient
     from broker.envelope import validate_subject
 
@@ -131,7 +133,9 @@ def publish(
         data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
 
         async def one() -> dict[str, object]:
-            async with BrokerClient(url, timeout=timeout, headers=cli_credentials()) as client:
+            async with BrokerClient(
+                url, timeout=timeout, headers=cli_credentials(), verify=cli_tls()
+            ) as client:
                 ack = await client.publish(
                     subject,
                     data,

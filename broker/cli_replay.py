@@ -35,7 +35,7 @@ async def _replay(
 ) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from broker.cli import cli_credentials
+    from broker.cli import cli_credentials, cli_tls
     from broker.client import BrokerClient
 
     out = to.open("wb") if to else sys.stdout.buffer
@@ -45,7 +45,7 @@ async def _replay(
         SpinnerColumn(), TextColumn("{task.completed} messages"), disable=not show, transient=True
     ) as progress:
         task = progress.add_task("replay", total=None)
-        async with BrokerClient(url, headers=cli_credentials()) as client:
+        async with BrokerClient(url, headers=cli_credentials(), verify=cli_tls()) as client:
             async for m in client.replay(
                 stream, start_seq=start_seq, since=since, subject=subject, decode=decode
             ):

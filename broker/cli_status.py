@@ -25,12 +25,17 @@ STATUS_EPILOG = (
 def _fetch(url: str, recent: int) -> dict[str, Any]:
     import httpx
 
-    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
 
     base = url.rstrip("/")
+    verify = cli_tls()
     try:
         with httpx.Client(
-            http2=True, http1=base.startswith("https"), timeout=10, headers=cli_credentials()
+            http2=True,
+            http1=base.startswith("https"),
+            timeout=10,
+            headers=cli_credentials(),
+            verify=verify,
         ) as client:
             response = client.get(f"{base}/v1/status", params={"recent": str(recent)})
     except httpx.HTTPError as e:

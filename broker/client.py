@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import ssl
 import struct
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -267,7 +268,9 @@ class BrokerClient:
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as e:
+            # TLS 1.3 servers refuse a client certificate after the handshake: the alert
+            # comes as a bare ssl.SSLError on the first read, which httpx does not wrap.
+            except (httpx.TransportError, ssl.SSLError) as e:
                 if attempt + 1 >= self.retry.attempts:
                     raise Unavailable(f"cannot reach the broker: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
@@ -486,7 +489,7 @@ class BrokerClient:
                             received += 1
                             attempt = 0
                             yield message
-            except httpx.TransportError as e:
+            except (httpx.TransportError, ssl.SSLError) as e:
                 if attempt + 1 >= self.retry.attempts:
                     raise Unavailable(f"replay interrupted: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))

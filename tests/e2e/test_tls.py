@@ -271,3 +271,56 @@ def test_the_whole_broker_runs_on_a_nats_server_that_requires_tls_and_a_password
             broker.stop()
     finally:
         server.stop()
+
+
+def cli_publish(broker: BrokerProcess, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``broker publish`` to ``broker`` over https, with only ``env``'s TLS variables."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"BROKER_CA_FILE", "BROKER_CLIENT_CERT", "BROKER_CLIENT_KEY"}
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "publish", "cli.tls", "-", "-t", "application/json"],
+        input='{"from": "cli"}',
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "BROKER_URL": broker.base_url, **env},
+        check=False,
+    )
+
+
+def test_the_cli_presents_a_client_certificate_to_an_mtls_broker(
+    mtls_broker: BrokerProcess, pki: Pki
+) -> None:
+    ca = {"BROKER_CA_FILE": str(pki.ca.cert)}
+    good = cli_publish(
+        mtls_broker,
+        {
+            **ca,
+            "BROKER_CLIENT_CERT": str(pki.client.cert),
+            "BROKER_CLIENT_KEY": str(pki.client.key),
+        },
+    )
+    assert good.returncode == 0, good.stderr
+    assert '"seq"' in good.stdout
+    without = cli_publish(mtls_broker, ca)
+    assert without.returncode == 3, without.stderr  # the handshake fails: unavailable
+    untrusted = cli_publish(mtls_broker, {})  # the system's CAs do not know ours
+    assert untrusted.returncode == 3, untrusted.stderr
+
+
+def test_unusable_cli_tls_files_are_usage_errors(mtls_broker: BrokerProcess, pki: Pki) -> None:
+    missing = cli_publish(mtls_broker, {"BROKER_CA_FILE": "/nonexistent/ca.pem"})
+    assert missing.returncode == 2
+    assert "BROKER_CA_FILE" in missing.stderr
+    key_only = cli_publish(mtls_broker, {"BROKER_CLIENT_KEY": str(pki.client.key)})
+    assert key_only.returncode == 2
+    assert "without BROKER_CLIENT_CERT" in key_only.stderr
+    wrong_key = cli_publish(
+        mtls_broker,
+        {"BROKER_CLIENT_CERT": str(pki.client.cert), "BROKER_CLIENT_KEY": str(pki.server.key)},
+    )
+    assert wrong_key.returncode == 2
+    assert "BROKER_CLIENT_CERT" in wrong_key.stderr
