@@ -378,9 +378,7 @@ def test_a_flush_folds_buffered_requests_and_acks_into_every_label_set() -> None
     def bucket(name: str, le: str, **extra: str) -> float:
         return sample(name + "_bucket", {**extra, "le": le})
 
-    before = {
-        (r, m, s): request_count(r, "OTHER" if m == "BREW" else m, s) for r, m, s in labels
-    }
+    before = {(r, m, s): request_count(r, "OTHER" if m == "BREW" else m, s) for r, m, s in labels}
     le_1ms = {r: bucket("broker_http_request_duration_seconds", "0.001", route=r) for r in routes}
     acks_before = sample("broker_jetstream_ack_duration_seconds_count")
     acks_le_1ms = bucket("broker_jetstream_ack_duration_seconds", "0.001")
