@@ -557,7 +557,7 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         )
         for i, (name, description, action, about, examples, _) in enumerate(AGENTS)
     ]
-    embedder = HashingEmbedder(args.dim)
+    embedder = load_embedder(args.embedder)  # the default embedder unless --embedder
     requests = [(q, name) for name, *_, held_out in AGENTS for q in held_out]
     off = embedder.embed(OFF_TOPIC)
     on = embedder.embed([q for q, _ in requests])
@@ -597,11 +597,26 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
         ]
         hybrid_correct = sum(c == name for c, (_, name) in zip(hybrid, requests, strict=True))
         off_best = np.array([catalog.similarities(q).max() for q in off])
+        # The threshold applies to relevance: cosine + lexical_weight * BM25 (text alone
+        # carries no content priors), as Scorer.decide compares it.
+        on_relevance = np.array(
+            [
+                (catalog.similarities(v) + weight * catalog.lexical.scores(tokens(q))).max()
+                for v, (q, _) in zip(on, requests, strict=True)
+            ]
+        )
+        off_relevance = np.array(
+            [
+                (catalog.similarities(v) + weight * catalog.lexical.scores(tokens(q))).max()
+                for v, q in zip(off, OFF_TOPIC, strict=True)
+            ]
+        )
+        hybrid_ok = np.array([c == name for c, (_, name) in zip(hybrid, requests, strict=True)])
         sweep = {}
-        for threshold in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):
+        for threshold in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5):
             sweep[str(threshold)] = {
-                "correct_and_kept": int((correct & (on_best >= threshold)).sum()),
-                "off_topic_rejected": int((off_best < threshold).sum()),
+                "correct_and_kept": int((hybrid_ok & (on_relevance >= threshold)).sum()),
+                "off_topic_rejected": int((off_relevance < threshold).sum()),
             }
         result[mode] = {
             "top1_accuracy": round(float(correct.mean()), 3),
@@ -889,7 +904,9 @@ def main() -> None:
     parser.add_argument(
         "--dev", action="store_true", help="only the dev set on the evaluation's fleet (fast)"
     )
-    parser.add_argument("--embedder", default=None, help="embedder spec for --dev")
+    parser.add_argument(
+        "--embedder", default=None, help="embedder spec for --dev and --quality (default: default)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configure_logging("warning")

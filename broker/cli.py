@@ -168,7 +168,8 @@ def serve(
         str | None,
         typer.Option(
             envvar="BROKER_ROUTING_EMBEDDER",
-            help="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+            help="`static+hashing` (default), `static`, `hashing` or "
+            "`sentence-transformers:/path/to/model`.",
         ),
     ] = None,
 ) -> None:

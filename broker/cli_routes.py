@@ -33,7 +33,8 @@ EMBEDDER = Annotated[
     str | None,
     typer.Option(
         envvar="BROKER_ROUTING_EMBEDDER",
-        help="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+        help="`static+hashing` (default), `static`, `hashing` or "
+        "`sentence-transformers:/path/to/model`.",
     ),
 ]
 

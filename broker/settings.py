@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     )
     routing_embedder: str | None = Field(
         default=None,
-        description="`hashing` (default) or `sentence-transformers:/path/to/model`.",
+        description="`static+hashing` (default), `static`, `hashing` or "
+        "`sentence-transformers:/path/to/model`.",
     )
     route_decision_timeout: float = Field(
         default=5.0, gt=0, description="How long POST /v1/route waits for the decision."

@@ -1,13 +1,20 @@
 """Text embedders: turn agent descriptions and message text into unit vectors.
 
-:class:`HashingEmbedder` is the dependency-free default: signed feature hashing of word
-stems, word bigrams and character trigrams, with a stable hash (BLAKE2b), so the same text
-gives the same vector in every process and on every machine. It needs no model and no
-training, and matches paraphrases only as far as they share words or word pieces.
+The default is ``static+hashing``: a :class:`BlendedEmbedder` of the static MiniLM token
+table (:class:`~broker.routing.static_embedder.StaticEmbedder`, 90% of the cosine: word
+meaning, so "kitten" is near "cat") and :class:`HashingEmbedder` (10%: exact words, rare
+names and ids). Both are plain Python and NumPy, ship with the package and need no model
+download, no network and no torch.
+
+:class:`HashingEmbedder`: signed feature hashing of word stems, word bigrams and character
+trigrams, with a stable hash (BLAKE2b), so the same text gives the same vector in every
+process and on every machine. It needs no model and no training, and matches paraphrases
+only as far as they share words or word pieces.
 
 :class:`SentenceTransformerEmbedder` loads a sentence-transformers model from a local path
 (the optional ``embeddings`` extra). :func:`load_embedder` picks one from a spec string
-(``BROKER_ROUTING_EMBEDDER``): ``hashing`` (default), ``hashing:512`` (another dimension), or
+(``BROKER_ROUTING_EMBEDDER``): ``static+hashing`` (default; ``static+hashing:0.3`` gives
+hashing another share), ``static``, ``hashing``, ``hashing:512`` (another dimension), or
 ``sentence-transformers:/path/to/model``.
 """
 
@@ -32,6 +39,27 @@ from broker.errors import BrokerError
 Matrix = npt.NDArray[np.float32]
 
 EXTRA_HINT = "pip install 'agent-broker[embeddings]'"
+#: The hashing part's share of the cosine in the ``static+hashing`` blend (chosen on the dev
+#: sets of ``benchmarks/routing.py --dev`` and ``--quality``).
+HASHING_SHARE = 0.1
+#: The spec of the embedder used when none is configured.
+DEFAULT_SPEC = "static+hashing"
+#: A routing policy's threshold when neither it nor the embedder sets one.
+DEFAULT_THRESHOLD = 0.2
+#: The threshold with the static table (alone or in the default blend): its cosines run
+#: higher than hashing's (words near in meaning count), so 0.2 let most off-topic texts
+#: through. Chosen on the ``--quality`` dev set (``benchmarks/routing.py --quality``): the
+#: blend keeps 38 of its 40 correct on-topic requests and refuses 8 of 10 off-topic ones
+#: (40 and 2 at 0.2); the static table alone keeps 38 of 38 and refuses 6 (38 and 1).
+STATIC_THRESHOLD = 0.35
+
+
+def relevance_threshold(embedder: Embedder) -> float:
+    """The least relevance a routing candidate needs with this embedder, unless the policy
+    sets one: the embedder's ``relevance_threshold`` attribute, else
+    :data:`DEFAULT_THRESHOLD`."""
+    value = getattr(embedder, "relevance_threshold", DEFAULT_THRESHOLD)
+    return float(value) if isinstance(value, int | float) else DEFAULT_THRESHOLD
 
 
 class EmbedderUnavailable(BrokerError):
@@ -54,7 +82,8 @@ class Embedder(Protocol):
 # --- the hashing embedder -----------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W_]+")
-_STOPWORDS = frozenset(
+#: English function words: left out by the hashing and static embedders and the BM25 terms.
+STOP_WORDS = frozenset(
     _WORD.findall(
         "a about an and any are as at be been but by can could do does for from had has have "
         "how i if in into is it its me my of on or our please so some that the their them then "
@@ -105,7 +134,7 @@ def stem(word: str) -> str:
 def tokens(text: str) -> list[str]:
     """Normalised word stems of ``text``, stop words dropped."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return [stem(w) for w in _WORD.findall(folded) if w not in _STOPWORDS]
+    return [stem(w) for w in _WORD.findall(folded) if w not in STOP_WORDS]
 
 
 _MASK64 = (1 << 64) - 1
@@ -197,7 +226,7 @@ class HashingEmbedder:
         for raw in _WORD.findall(text.casefold()):
             found = known.get(raw)
             if found is None:
-                found = "" if raw in _STOPWORDS else stem(raw)
+                found = "" if raw in STOP_WORDS else stem(raw)
                 if len(known) >= self._memo:
                     known.clear()
                 known[raw] = found
@@ -293,6 +322,39 @@ class SentenceTransformerEmbedder:
         return out
 
 
+# --- blends ----------------------------------------------------------------------------------
+
+
+class BlendedEmbedder:
+    """Several embedders side by side: each part's unit row scaled by the square root of its
+    share (shares sum to 1), concatenated and normalised again. Where every part gives a row,
+    the cosine of two texts is the share-weighted mean of the parts' cosines; a part that
+    gives a zero row (no words it knows) leaves the others to decide.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Embedder, float]]) -> None:
+        total = sum(share for _, share in parts)
+        if not parts or any(share <= 0.0 for _, share in parts) or not math.isfinite(total):
+            raise EmbedderUnavailable("a blend needs embedders with positive, finite shares")
+        self.parts = [(embedder, share / total) for embedder, share in parts]
+        self.relevance_threshold = DEFAULT_THRESHOLD
+        self.dim = sum(embedder.dim for embedder, _ in self.parts)
+        self.name = "+".join(f"{embedder.name}*{share:.2f}" for embedder, share in self.parts)
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        start = 0
+        for embedder, share in self.parts:
+            part = out[:, start : start + embedder.dim]
+            np.multiply(embedder.embed(texts), np.float32(math.sqrt(share)), out=part)
+            start += embedder.dim
+        for i in range(len(out)):  # per row: cheaper than whole-array NumPy calls for one text
+            squared = float(out[i] @ out[i])
+            if squared > 0.0:
+                out[i] *= np.float32(1.0 / math.sqrt(squared))
+        return out
+
+
 # --- choosing one ---------------------------------------------------------------------------
 
 
@@ -310,21 +372,48 @@ def _sentence_transformers(argument: str) -> Embedder:
     return SentenceTransformerEmbedder(argument)
 
 
+def _static(argument: str) -> Embedder:
+    from broker.routing.static_embedder import StaticEmbedder  # imports this module
+
+    if argument:
+        raise EmbedderUnavailable(f"the static embedder takes no argument, got {argument!r}")
+    return StaticEmbedder()
+
+
+def _static_hashing(argument: str) -> Embedder:
+    share = HASHING_SHARE
+    if argument:
+        try:
+            share = float(argument)
+        except ValueError:
+            share = math.nan
+        if not 0.0 < share < 1.0:
+            raise EmbedderUnavailable(f"hashing share {argument!r} is not a number in (0, 1)")
+    blend = BlendedEmbedder([(_static(""), 1.0 - share), (HashingEmbedder(), share)])
+    blend.relevance_threshold = STATIC_THRESHOLD
+    return blend
+
+
 EMBEDDERS: dict[str, Callable[[str], Embedder]] = {
     "hashing": _hashing,
+    "static": _static,
+    "static+hashing": _static_hashing,
     "sentence-transformers": _sentence_transformers,
 }
 
 
 def load_embedder(spec: str | None) -> Embedder:
-    """The embedder a spec names: ``None``/``hashing`` (dim 384), ``hashing:<dim>``, or
+    """The embedder a spec names: ``None``/``static+hashing`` (the default, see
+    :data:`DEFAULT_SPEC`), ``static+hashing:<hashing share>``, ``static`` (dim 128),
+    ``hashing`` (dim 384), ``hashing:<dim>``, or
     ``sentence-transformers:<local model directory>``."""
     if spec is None or not spec.strip():
-        return HashingEmbedder()
+        spec = DEFAULT_SPEC
     kind, _, argument = spec.strip().partition(":")
     factory = EMBEDDERS.get(kind.strip().lower())
     if factory is None:
         raise EmbedderUnavailable(
-            f"unknown embedder {kind!r}: use 'hashing' or 'sentence-transformers:/path/to/model'"
+            f"unknown embedder {kind!r}: use 'static+hashing', 'static', 'hashing' or "
+            "'sentence-transformers:/path/to/model'"
         )
     return factory(argument.strip())

@@ -122,12 +122,13 @@ class Policy(_Model):
     semantic_weight: float = Field(
         default=0.7, ge=0, le=1, description="score = w * similarity + (1 - w) * load"
     )
-    threshold: float = Field(
-        default=0.2,
+    threshold: float | None = Field(
+        default=None,
         ge=-1,
-        le=1,
-        description="Least cosine similarity a candidate needs when the message has text "
-        "or an embedding and no Broker-Intent.",
+        le=2,
+        description="Least relevance (cosine + lexical) a candidate needs when the message "
+        "has text or an embedding and no Broker-Intent. Unset: the embedder's own, "
+        "calibrated value (0.35 for the default static+hashing embedder, 0.2 otherwise).",
     )
     semantic_margin: float = Field(
         default=0.1,

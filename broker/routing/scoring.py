@@ -41,7 +41,12 @@ import numpy.typing as npt
 from broker.registry.manifest import Limits
 from broker.registry.snapshot import RegistrySnapshot
 from broker.routing.catalog import Catalog, CatalogCache, GroupLoads, LoadArrays
-from broker.routing.embedder import Embedder, tokens
+from broker.routing.embedder import (
+    DEFAULT_THRESHOLD,
+    Embedder,
+    relevance_threshold,
+    tokens,
+)
 from broker.routing.features import Features, InvalidRoutingHeader, extract
 from broker.routing.policy import DEFAULT_POLICY, Choice, Policy
 from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
@@ -397,7 +402,7 @@ def _relevance(
         if best > -np.inf and ((prior is None and best != 0.0) or query.any()):
             floor = best - policy.semantic_margin
             if features.intent is None:
-                floor = max(floor, policy.threshold)
+                floor = max(floor, threshold_of(policy))
             return _Relevance(mask, relevance, within >= floor, textual=True)
     if prior is not None:
         relevance = prior.astype(np.float32)
@@ -407,6 +412,11 @@ def _relevance(
             near = within >= best - policy.semantic_margin
             return _Relevance(mask, relevance, near, textual=False)
     return _Relevance(mask, catalog.no_similarity, mask, textual=False)
+
+
+def threshold_of(policy: Policy) -> float:
+    """The policy's threshold (:class:`Scorer` fills in the embedder's when it is unset)."""
+    return DEFAULT_THRESHOLD if policy.threshold is None else policy.threshold
 
 
 def decide(
@@ -472,7 +482,7 @@ def decide(
         top = below[0]
         detail = (
             f"no agent is similar enough: the closest, '{top.agent}' ({top.capability}), has "
-            f"similarity {top.semantic:.3f}, below the threshold {policy.threshold:g}"
+            f"similarity {top.semantic:.3f}, below the threshold {threshold_of(policy):g}"
         )
         return _no_one(DecisionReason.BELOW_THRESHOLD, detail, policy, exclude, tuple(below))
 
@@ -520,6 +530,8 @@ class Scorer:
         cache: CatalogCache | None = None,
     ) -> None:
         self.embedder = embedder
+        if policy.threshold is None:  # the embedder's calibrated value
+            policy = policy.model_copy(update={"threshold": relevance_threshold(embedder)})
         self.policy = policy
         self.catalogs = cache or CatalogCache(embedder)
 

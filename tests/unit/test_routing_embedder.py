@@ -1,4 +1,4 @@
-"""Embedders: the hashing default is deterministic everywhere; the optional extra fails clearly."""
+"""Embedders: hashing is deterministic everywhere; the optional extra fails clearly."""
 
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def test_other_dimensions_are_available() -> None:
     assert embedder.embed(["hello world"]).shape == (1, 512)
 
 
-@pytest.mark.parametrize("spec", [None, "", "hashing", " Hashing "])
-def test_the_default_embedder_is_hashing_384(spec: str | None) -> None:
+@pytest.mark.parametrize("spec", ["hashing", " Hashing "])
+def test_the_hashing_spec_gives_hashing_384(spec: str) -> None:
+    """(The default is the static+hashing blend: test_routing_static_embedder.py.)"""
     embedder = load_embedder(spec)
     assert isinstance(embedder, HashingEmbedder)
     assert embedder.dim == 384
