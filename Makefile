@@ -10,16 +10,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamp files record which extras are installed, so `make run` after `make test` does not reinstall.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Stamp files record which extras are installed, so `make run` after `make test` does not reinstall;
+# an edited build hook or C accelerator (broker/codecs/_lazy.c) reinstalls, which recompiles it.
+$(VENV)/.installed: pyproject.toml hatch_build.py broker/codecs/_lazy.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	@touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml hatch_build.py broker/codecs/_lazy.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml hatch_build.py broker/codecs/_lazy.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.installed-test $(VENV)/.installed
 

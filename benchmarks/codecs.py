@@ -21,6 +21,10 @@ busy neighbour slows both alike; each keeps its best of ``--repeat`` runs.
 Two shapes: a small ``event`` (~250-370 bytes) and a ``document`` (~4.5 KB: the event with
 a 4 KB text and 40 tags, closer to what agents exchange).
 
+The first line says which ``DecodedMessage`` was measured: the C accelerator
+(``broker.codecs._lazy``, built at install where a C compiler is available) or the Python
+classes (not built, or ``BROKER_PURE_PYTHON=1``).
+
 Usage: ``python benchmarks/codecs.py [--n 50000] [--repeat 5] [--shape event|document|both]``
 """
 
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.codecs import Codec, DecodedMessage, codec_for  # noqa: E402
+from broker.codecs.lazy import IMPLEMENTATION  # noqa: E402
 from broker.envelope import CONTENT_TYPE, SCHEMA_ID  # noqa: E402
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -222,6 +227,7 @@ def main() -> None:
         help="event: ~250-370 bytes; document: ~4.5 KB (a 4 KB text, 40 tags)",
     )
     args = parser.parse_args()
+    print(f"DecodedMessage: {IMPLEMENTATION} implementation")
     shapes = {"event": EVENT, "document": document()}
     for shape, event in shapes.items():
         if args.shape in {shape, "both"}:
