@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -52,13 +53,20 @@ def test_hashing_embedder_gives_unit_float32_rows_and_zero_rows_for_empty_text()
     assert not embedder.embed(["the of and to"]).any()  # stop words only
 
 
-def test_hashing_embedder_is_the_same_in_another_process() -> None:
-    """Stable hashing (BLAKE2b), never Python's salted ``hash()``: a fresh interpreter with
-    a different PYTHONHASHSEED gives bit-identical vectors."""
-    here = HashingEmbedder().embed(TEXTS)
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("broker.routing.embedder", "HashingEmbedder"),
+        ("broker.routing.static_embedder", "StaticEmbedder"),
+    ],
+)
+def test_an_embedder_is_the_same_in_another_process(module: str, name: str) -> None:
+    """Stable hashing (BLAKE2b) and a fixed table, never Python's salted ``hash()``: a fresh
+    interpreter with a different PYTHONHASHSEED gives bit-identical vectors."""
+    here = getattr(importlib.import_module(module), name)().embed(TEXTS)
     script = (
-        "import sys; from broker.routing.embedder import HashingEmbedder; "
-        f"sys.stdout.write(HashingEmbedder().embed({TEXTS!r}).tobytes().hex())"
+        f"import sys; from {module} import {name}; "
+        f"sys.stdout.write({name}().embed({TEXTS!r}).tobytes().hex())"
     )
     done = subprocess.run(
         [sys.executable, "-c", script],

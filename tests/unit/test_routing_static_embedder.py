@@ -131,26 +131,6 @@ def test_static_embedder_gives_unit_float32_rows_of_its_dimension() -> None:
     assert norms[1] == 0.0
 
 
-def test_the_same_text_gives_the_same_vector_in_another_process() -> None:
-    """No randomness and no salted ``hash()``: a fresh interpreter gives identical bytes."""
-    here = STATIC.embed(TEXTS)
-    script = (
-        "import sys; from broker.routing.static_embedder import StaticEmbedder; "
-        f"sys.stdout.write(StaticEmbedder().embed({TEXTS!r}).tobytes().hex())"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONHASHSEED": "777", "PATH": ""},
-        check=True,
-    )
-    there = np.frombuffer(bytes.fromhex(done.stdout), dtype=np.float32).reshape(here.shape)
-    assert np.array_equal(here, there)
-
-
 def test_the_word_memo_does_not_change_vectors() -> None:
     forgetful = StaticEmbedder(memo=2)
     for text in TEXTS * 3:

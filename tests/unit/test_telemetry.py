@@ -165,9 +165,9 @@ def test_only_an_edge_starts_a_trace(exporter: InMemorySpanExporter) -> None:
     ]
 
 
-def test_edge_span_decides_like_a_span_that_may_start_a_trace() -> None:
-    """The ingress's fast path: no header and not sampled gives the shared no-op; a
-    sampled parent (W3C or CloudEvents spelling) is continued whatever the ratio."""
+@pytest.fixture
+def ratio_zero() -> InMemorySpanExporter:
+    """Tracing on, parent-based with ratio 0: no root is sampled, a parent's decision holds."""
     memory = InMemorySpanExporter()
     tracing.configure(
         "test",
@@ -175,6 +175,15 @@ def test_edge_span_decides_like_a_span_that_may_start_a_trace() -> None:
         sampler="parentbased_traceidratio",
         sampler_arg=0.0,
     )
+    return memory
+
+
+def test_edge_span_decides_like_a_span_that_may_start_a_trace(
+    ratio_zero: InMemorySpanExporter,
+) -> None:
+    """The ingress's fast path: no header and not sampled gives the shared no-op; a
+    sampled parent (W3C or CloudEvents spelling) is continued whatever the ratio."""
+    memory = ratio_zero
     assert tracing.edge_span("POST /x", {}) is tracing.UNRECORDED
     assert tracing.edge_span("POST /x", UNSAMPLED) is tracing.UNRECORDED
     ce_parent = {"ce-traceparent": SAMPLED["traceparent"]}
@@ -199,14 +208,10 @@ def test_edge_span_starts_a_root_when_sampled_and_is_free_when_off(
     assert tracing.edge_span("POST /x", SAMPLED) is tracing.UNRECORDED
 
 
-def test_ratio_zero_samples_no_root_but_keeps_parents_decision() -> None:
-    memory = InMemorySpanExporter()
-    tracing.configure(
-        "test",
-        processors=[SimpleSpanProcessor(memory)],
-        sampler="parentbased_traceidratio",
-        sampler_arg=0.0,
-    )
+def test_ratio_zero_samples_no_root_but_keeps_parents_decision(
+    ratio_zero: InMemorySpanExporter,
+) -> None:
+    memory = ratio_zero
     with tracing.span("root", start_trace=True):
         pass
     with tracing.span("child-of-sampled", parent_headers=SAMPLED):
