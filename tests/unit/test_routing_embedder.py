@@ -131,6 +131,11 @@ def test_the_hashing_spec_gives_hashing_384(spec: str) -> None:
         ("hashing:lots", "not a number"),
         ("hashing:4", "not in 8..65536"),
         ("sentence-transformers", "give the model directory"),
+        ("static:256", "takes no argument"),
+        ("static+hashing:1.5", "not a number in"),
+        ("static+hashing:0", "not a number in"),
+        ("static+hashing:lots", "not a number in"),
+        ("static+hashing:nan", "not a number in"),
     ],
 )
 def test_bad_embedder_specs_are_refused_clearly(spec: str, complaint: str) -> None:
