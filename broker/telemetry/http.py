@@ -108,8 +108,7 @@ async def observe(handler: Handler, scope: Scope, proto: HTTPProtocol) -> None:
         await handler(scope, proto)
         return
     started = time.perf_counter()
-    path = scope.path
-    route = _EXACT.get(path) or route_of(path)
+    route = route_of(scope.path)
     recorder = _Recorder(proto)
     try:
         if tracing_on and route not in _UNTRACED:
