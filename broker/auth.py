@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from broker.envelope import Tenant
 from broker.errors import BrokerError, Forbidden, TenantForbidden, Unauthenticated
 from broker.settings import Settings
-from broker.streams import Stream
+from broker.streams import NO_TENANT, Stream
 
 
 class Scope(StrEnum):
@@ -66,9 +66,10 @@ ALL_SCOPES = frozenset(Scope)
 TENANT_HEADER = "broker-tenant"
 
 #: Tenants are one NATS subject token; the names of the streams are reserved, because the
-#: DLQ keeps projections' dead letters under ``dlq.<STREAM>.…`` beside ``dlq.<tenant>.route``.
+#: DLQ keeps projections' dead letters under ``dlq.<STREAM>.…`` beside ``dlq.<tenant>.route``,
+#: and so is ``_``, the token of audit events that belong to no tenant (``audit._.…``).
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_RESERVED = frozenset(s.value.lower() for s in Stream)
+_RESERVED = frozenset({*(s.value.lower() for s in Stream), NO_TENANT})
 
 
 class AuthConfigError(ValueError):
@@ -80,7 +81,7 @@ def valid_tenant(name: str) -> str:
     if not _TENANT.match(name):
         raise ValueError(f"tenant {name!r} must be 1-64 of A-Z a-z 0-9 _ -")
     if name.lower() in _RESERVED:
-        raise ValueError(f"tenant {name!r} is reserved (a stream's name)")
+        raise ValueError(f"tenant {name!r} is reserved (a stream's name, or _)")
     return name
 
 

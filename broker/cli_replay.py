@@ -87,7 +87,7 @@ def _table_line(m: Any, decode: bool) -> str:
 
 def replay(
     stream: Annotated[
-        str, typer.Argument(help="MESSAGES, REGISTRY, ROUTES or AUDIT.")
+        str, typer.Argument(help="MESSAGES, REGISTRY, ROUTES, DLQ or AUDIT.")
     ] = "MESSAGES",
     from_seq: Annotated[
         int | None, typer.Option(min=1, help="Start at this stream sequence.")

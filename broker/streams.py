@@ -56,6 +56,10 @@ SUBJECT_PREFIX: dict[Stream, str] = {
     Stream.AUDIT: "audit",
 }
 
+#: The tenant token of events that belong to no tenant (``audit._.…``); no tenant may be
+#: named so (``broker.auth.valid_tenant``).
+NO_TENANT = "_"
+
 AGENT_LOAD_BUCKET = "agent_load"
 
 #: Fields compared between an existing stream and the wanted one. JetStream refuses to change

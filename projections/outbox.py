@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from broker.streams import SUBJECT_PREFIX, Stream
+from broker.streams import NO_TENANT, SUBJECT_PREFIX, Stream
 from projections._replica_tables import AUDIT_OP
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ def audit_event(row: Any) -> tuple[str, bytes]:
     """The subject and body of one outbox row's audit event."""
     record = dict(row.after)
     kind = str(record["kind"])
-    subject = f"{SUBJECT_PREFIX[Stream.AUDIT]}.{record['tenant'] or '_'}.{kind}"
+    subject = f"{SUBJECT_PREFIX[Stream.AUDIT]}.{record['tenant'] or NO_TENANT}.{kind}"
     body = {"type": AUDIT_EVENT_TYPES.get(kind, kind), **record}
     return subject, orjson.dumps(body, default=str)
 

@@ -30,14 +30,17 @@ from broker.telemetry import metrics
 
 
 class Replayable(StrEnum):
-    """Streams a tenant may replay, each namespaced by tenant: its messages, its registry
-    changes, its route decisions and its audit trail (e.g. the card numbers a replica
-    masked). Not DLQ: a projection's dead letters are ``dlq.<stream>.<projection>``, holding
-    every tenant's events, and a tenant may be named like a stream."""
+    """Streams a tenant may replay, each read under ``<prefix>.<tenant>.>`` only: its
+    messages, its registry changes, its route decisions, its dead letters (``dlq.<tenant>.
+    route``: messages no agent could take) and its audit trail (e.g. the card numbers a
+    replica masked). A projection's dead letters (``dlq.<STREAM>.<projection>``, every
+    tenant's events) and tenant-less audit events (``audit._.…``) stay out of every
+    tenant's reach: stream names and ``_`` are reserved, no tenant can be named so."""
 
     MESSAGES = Stream.MESSAGES.value
     REGISTRY = Stream.REGISTRY.value
     ROUTES = Stream.ROUTES.value
+    DLQ = Stream.DLQ.value
     AUDIT = Stream.AUDIT.value
 
 

@@ -54,7 +54,7 @@ async def test_replay_since_a_time(broker: BrokerProcess) -> None:
     "query",
     [
         "/v1/streams/MESSAGES/messages?start_seq=0",
-        "/v1/streams/DLQ/messages",
+        "/v1/streams/SCHEMAS/messages",
         "/v1/streams/NOPE/messages",
         "/v1/streams/MESSAGES/messages?start_seq=1&start_time=2026-01-01T00:00:00Z",
         "/v1/streams/MESSAGES/messages?start_time=2026-01-01T00:00:00",
@@ -180,7 +180,7 @@ def test_cli_replay_writes_ndjson(broker: BrokerProcess, tmp_path: Path) -> None
     assert [r["seq"] for r in records] == seqs
     assert [r["value"] for r in records] == [{"n": n} for n in range(5)]
     refused = subprocess.run(
-        [sys.executable, "-m", "broker", "replay", "DLQ", "--url", broker.base_url],
+        [sys.executable, "-m", "broker", "replay", "SCHEMAS", "--url", broker.base_url],
         capture_output=True,
         text=True,
         timeout=60,

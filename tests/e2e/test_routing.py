@@ -348,6 +348,12 @@ async def test_no_qualified_agent_dead_letters_and_wait_says_no_route(
     stored = await nc_js.get_msg("DLQ", plain.json()["decision"]["route_seq"])
     assert stored.subject == "dlq.default.route"
     assert json.loads((stored.headers or {})[H_ROUTE])["message_seq"] == plain.json()["seq"]
+    # ... and the tenant reads its dead letters back through the replay API
+    seq = plain.json()["decision"]["route_seq"]
+    replayed = await client.get(f"/v1/streams/DLQ/messages?start_seq={seq}&limit=1")
+    assert replayed.status_code == 200, replayed.text
+    (record,) = map(json.loads, replayed.text.splitlines())
+    assert (record["stream"], record["seq"], record["subject"]) == ("DLQ", seq, stored.subject)
 
 
 @pytest.mark.parametrize(
