@@ -299,35 +299,7 @@ class Publisher:
         if pending is None or pending.future.done():
             return
         seconds = time.monotonic() - pending.deadline + self._publish_timeout
-        if msg.headers and msg.headers.get("Status") == "503":
-            metrics.observe_ack(seconds)
-            pending.future.set_exception(
-                Unavailable(f"no JetStream stream answered for {pending.subject}")
-            )
-            return
-        try:
-            reply = orjson.loads(msg.data)
-            if "error" in reply:
-                metrics.observe_ack(seconds)
-                error = reply["error"]
-                pending.future.set_exception(
-                    jetstream_error(
-                        int(error.get("code", 0)),
-                        int(error.get("err_code", 0)),
-                        str(error.get("description", "")),
-                        pending.subject,
-                    )
-                )
-            else:
-                ack = PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
-                pending.future.set_result(ack)
-                if ack.duplicate:
-                    metrics.observe_ack(seconds)
-                else:
-                    metrics.observe_ack(seconds, ack.stream, pending.size)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            metrics.observe_ack(seconds)
-            pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
+        metrics.observe_ack(seconds, _settle(pending, msg), pending.size)
 
     async def _sweep(self) -> None:
         """Fail publishes whose ack did not come within the publish timeout."""
@@ -373,3 +345,32 @@ class _Pending:
     deadline: float
     subject: str
     size: int
+
+
+def _settle(pending: _Pending, msg: Msg) -> str | None:
+    """Resolve ``pending``'s future from JetStream's answer; the stream when the answer says
+    a message was appended (not for a duplicate or an error)."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        pending.future.set_exception(
+            Unavailable(f"no JetStream stream answered for {pending.subject}")
+        )
+        return None
+    try:
+        reply = orjson.loads(msg.data)
+        if "error" in reply:
+            error = reply["error"]
+            pending.future.set_exception(
+                jetstream_error(
+                    int(error.get("code", 0)),
+                    int(error.get("err_code", 0)),
+                    str(error.get("description", "")),
+                    pending.subject,
+                )
+            )
+            return None
+        ack = PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
+        return None
+    pending.future.set_result(ack)
+    return None if ack.duplicate else ack.stream

@@ -332,12 +332,17 @@ class BlendedEmbedder:
     gives a zero row (no words it knows) leaves the others to decide.
     """
 
-    def __init__(self, parts: Sequence[tuple[Embedder, float]]) -> None:
+    def __init__(
+        self,
+        parts: Sequence[tuple[Embedder, float]],
+        *,
+        relevance_threshold: float = DEFAULT_THRESHOLD,
+    ) -> None:
         total = sum(share for _, share in parts)
         if not parts or any(share <= 0.0 for _, share in parts) or not math.isfinite(total):
             raise EmbedderUnavailable("a blend needs embedders with positive, finite shares")
         self.parts = [(embedder, share / total) for embedder, share in parts]
-        self.relevance_threshold = DEFAULT_THRESHOLD
+        self.relevance_threshold = relevance_threshold
         self.dim = sum(embedder.dim for embedder, _ in self.parts)
         self.name = "+".join(f"{embedder.name}*{share:.2f}" for embedder, share in self.parts)
 
@@ -389,9 +394,8 @@ def _static_hashing(argument: str) -> Embedder:
             share = math.nan
         if not 0.0 < share < 1.0:
             raise EmbedderUnavailable(f"hashing share {argument!r} is not a number in (0, 1)")
-    blend = BlendedEmbedder([(_static(""), 1.0 - share), (HashingEmbedder(), share)])
-    blend.relevance_threshold = STATIC_THRESHOLD
-    return blend
+    parts = [(_static(""), 1.0 - share), (HashingEmbedder(), share)]
+    return BlendedEmbedder(parts, relevance_threshold=STATIC_THRESHOLD)
 
 
 EMBEDDERS: dict[str, Callable[[str], Embedder]] = {

@@ -48,8 +48,6 @@ _UNTRACED = frozenset(
     {"/healthz", "/readyz", "/version", "/metrics", "/ui", "/v1/status", "/openapi.json", "/docs"}
 )
 OTHER = "other"
-OTHER_METHOD = "OTHER"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
 
@@ -133,7 +131,7 @@ async def _traced(
     recorder: _Recorder,
     route: str,
 ) -> None:
-    method = scope.method if scope.method in _METHODS else OTHER_METHOD  # bounded names
+    method = scope.method if scope.method in metrics.METHODS else metrics.OTHER_METHOD
     with server as span:
         span.update_name(_span_names.get((method, route)) or _span_name(method, route))
         span.set_attributes(

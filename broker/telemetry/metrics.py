@@ -247,9 +247,12 @@ _timer_loop: object = _NO_TIMER  # the loop where the pending flush will run
 
 
 def _schedule() -> None:
-    """Flush soon on the running loop, or now when no loop runs on this thread."""
+    """Flush soon on the running loop (unless a flush is pending there already), or now when
+    no loop runs on this thread. The per-request recorders make the first check inline."""
     global _timer_loop  # noqa: PLW0603 - one pending timer per process
     loop = _get_running_loop()
+    if loop is _timer_loop:
+        return
     if loop is None:
         flush()
         return
@@ -259,17 +262,19 @@ def _schedule() -> None:
 
 def _count(child: Counter, amount: float = 1.0) -> None:
     _counts[child] = _counts.get(child, 0.0) + amount
-    if _timer_loop is not _get_running_loop():
-        _schedule()
+    _schedule()
 
 
-def _observe(child: Histogram, value: float) -> None:
+def _pending(child: Histogram) -> _Pending:
     pending = _observations.get(child)
     if pending is None:
         pending = _observations[child] = _Pending(list(child._upper_bounds))
-    pending.add(value)
-    if _timer_loop is not _get_running_loop():
-        _schedule()
+    return pending
+
+
+def _observe(child: Histogram, value: float) -> None:
+    _pending(child).add(value)
+    _schedule()
 
 
 def flush() -> None:
@@ -309,7 +314,7 @@ def _fold_requests() -> None:
     else:
         counted = CounterOf(zip(routes, methods, statuses, strict=True))
     for (route, method, status), hits in counted.items():
-        label = method if method in _METHODS else "OTHER"  # bounded labels
+        label = method if method in METHODS else OTHER_METHOD  # bounded labels
         key = _child(HTTP_REQUESTS, route, label, str(status))
         _counts[key] = _counts.get(key, 0.0) + hits
     durations = np.fromiter(seconds, dtype=np.float64, count=len(seconds))
@@ -338,9 +343,7 @@ def _fold_acks() -> None:
 
 def _add_all(child: Histogram, values: NDArray[np.float64]) -> None:
     """Observe every value of ``values`` in ``child`` (at its next flush)."""
-    pending = _observations.get(child)
-    if pending is None:
-        pending = _observations[child] = _Pending(list(child._upper_bounds))
+    pending = _pending(child)
     pending.total += float(values.sum())
     hits = np.bincount(np.searchsorted(pending.bounds, values), minlength=len(pending.bounds))
     for index in np.flatnonzero(hits).tolist():
@@ -349,7 +352,9 @@ def _add_all(child: Histogram, values: NDArray[np.float64]) -> None:
 
 # --- recording (the hot paths call these) ------------------------------------------------
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The HTTP methods that are label values; any other is counted as OTHER_METHOD.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
@@ -367,12 +372,6 @@ def observe_ack(seconds: float, stream: str | None = None, size: int = 0) -> Non
         _acks.append((stream, size, seconds))
         if _timer_loop is not _get_running_loop():
             _schedule()
-
-
-def message_in(stream: str, size: int) -> None:
-    if _on:
-        _count(_child(MESSAGES_IN, stream))
-        _count(_child(BYTES_IN, stream), size)
 
 
 def projection_applied(projection: str, events: int, lag: int, commit_seconds: float) -> None:

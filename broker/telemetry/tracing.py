@@ -100,7 +100,6 @@ TRACESTATE = "tracestate"
 #: NATS header written by another client, CloudEvents (binary mode, or a structured event's
 #: attribute as the broker stores it).
 _PARENT_KEYS = (TRACEPARENT, "ce-traceparent", "Traceparent")
-_HTTP_PARENT_KEYS = (TRACEPARENT, "ce-traceparent")
 _STATE_KEYS = (TRACESTATE, "ce-tracestate", "Tracestate")
 _MAX_TRACESTATE = 512
 _HEX = frozenset("0123456789abcdef")
@@ -165,15 +164,13 @@ def current() -> TraceContext | None:
     return _current.get() if _config.enabled else None
 
 
-def extract(
-    headers: HeaderSource | None, *, keys: tuple[str, ...] = _PARENT_KEYS
-) -> TraceContext | None:
+def extract(headers: HeaderSource | None) -> TraceContext | None:
     """The trace context in ``traceparent``/``tracestate`` (HTTP, NATS or CloudEvents
     headers), or ``None`` when absent or malformed. Works whether tracing is on or off."""
     if not headers:
         return None
     value = None
-    for key in keys:
+    for key in _PARENT_KEYS:
         value = headers.get(key)
         if value:
             break
@@ -226,10 +223,7 @@ def span(
     """
     if not _config.enabled:
         return _NOOP
-    if parent_headers is None:
-        parent = None
-    else:  # an edge reads HTTP headers: their names are case-insensitive
-        parent = extract(parent_headers, keys=_HTTP_PARENT_KEYS if start_trace else _PARENT_KEYS)
+    parent = extract(parent_headers) if parent_headers is not None else None
     if parent is None:
         parent = _current.get()  # only recorded (sampled) spans are ever current
         if parent is None:

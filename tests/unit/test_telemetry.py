@@ -321,7 +321,7 @@ def test_request_and_append_metrics_count_what_happened() -> None:
     bytes_before = sample("broker_bytes_in_total", {"stream": "MESSAGES"})
     metrics.observe_request("/v1/publish/{subject}", "POST", 200, 0.002)
     metrics.observe_request("/v1/publish/{subject}", "POST", 200, 0.004)
-    metrics.message_in("MESSAGES", 256)
+    metrics.observe_ack(0.001, "MESSAGES", 256)
     assert sample("broker_http_requests_total", labels) == before + 2
     assert (
         sample("broker_http_request_duration_seconds_count", {"route": labels["route"]})
