@@ -868,7 +868,7 @@ def bench_dev(
     fleet = yaml.safe_load((ROOT / "benchmarks/routing_quality/agents.yaml").read_text())
     records = [record(i, manifest) for i, manifest in enumerate(fleet["agents"])]
     snapshot = RegistrySnapshot({(TENANT, r.name): r for r in records}, len(records))
-    embedder = embedder or HashingEmbedder(args.dim)
+    embedder = embedder or load_embedder(None)  # the broker's default, as --quality uses
     policy = policy or Policy(choice=Choice.BEST, require_live=False)
     scorer = Scorer(embedder, policy, cache=CatalogCache(embedder))
     misses: list[str] = []
@@ -911,7 +911,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("warning")
     if args.dev:
-        dev = bench_dev(args, load_embedder(args.embedder) if args.embedder else None)
+        dev = bench_dev(args, load_embedder(args.embedder))
         print(json.dumps(dev, indent=2))
         return
 
