@@ -51,7 +51,7 @@ from broker.natsconn import connect_options
 from broker.publisher import Publisher
 from broker.settings import Settings, get_settings
 from broker.telemetry import metrics
-from broker.telemetry.http import observe
+from broker.telemetry.http import Handler, instrument
 
 log = structlog.get_logger(__name__)
 
@@ -190,9 +190,12 @@ class BrokerApp:
         self.auth = Authenticator.from_settings(self.settings)
         self.state = IngressState(self.settings, self.publisher)
         self.meta = _meta_app(self.state)
+        self._entry = instrument(self._serve)  # the request's span and metrics
 
-    async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
-        await observe(self._serve, scope, proto)  # the request's span and metrics
+    @property
+    def __rsgi__(self) -> Handler:
+        """What granian calls per request (it looks the attribute up once, on this object)."""
+        return self._entry
 
     async def _serve(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path

@@ -1,6 +1,6 @@
 """Request telemetry at the RSGI edge: one server span and two metric updates per request.
 
-:func:`observe` wraps the ingress's request handler. It names the request by its route
+:func:`instrument` wraps the ingress's request handler. It names the request by its route
 template (bounded label values: never a raw path), continues the client's trace context
 (``traceparent``/``tracestate``, or CloudEvents' ``ce-traceparent``) in a server span that
 the handler's appends are children of, and records the answered status and duration. With
@@ -99,29 +99,37 @@ class _Recorder:
         return self._proto.response_stream(status, headers)
 
 
-async def observe(handler: Handler, scope: Scope, proto: HTTPProtocol) -> None:
-    """Run ``handler`` for one request inside its server span, then count it."""
-    tracing_on = tracing.enabled()
-    if not (tracing_on or metrics.enabled()):
-        await handler(scope, proto)
-        return
-    started = time.perf_counter()
-    route = route_of(scope.path)
-    recorder = _Recorder(proto)
-    try:
-        if tracing_on and route not in _UNTRACED:
-            server = tracing.edge_span(route, scope.headers)
-            if server is tracing.UNRECORDED:  # not sampled: nothing more to do
-                await handler(scope, recorder)
+def instrument(handler: Handler) -> Handler:
+    """``handler`` wrapped to run each request inside its server span and count it.
+
+    The wrapper is the RSGI entry point itself (granian calls it), so telemetry adds no
+    coroutine of its own to a request: inside a loaded worker every frame on the request's
+    path costs several times what it does in a tight loop."""
+
+    async def observed(scope: Scope, proto: HTTPProtocol) -> None:
+        tracing_on = tracing.enabled()
+        if not (tracing_on or metrics.enabled()):
+            await handler(scope, proto)
+            return
+        started = time.perf_counter()
+        route = route_of(scope.path)
+        recorder = _Recorder(proto)
+        try:
+            if tracing_on and route not in _UNTRACED:
+                server = tracing.edge_span(route, scope.headers)
+                if server is tracing.UNRECORDED:  # not sampled: nothing more to do
+                    await handler(scope, recorder)
+                else:
+                    await _traced(server, handler, scope, recorder, route)
             else:
-                await _traced(server, handler, scope, recorder, route)
-        else:
-            await handler(scope, recorder)
-    finally:
-        # The method as received: the metric bounds its label values when it is flushed.
-        metrics.observe_request(
-            route, scope.method, recorder.status or NO_RESPONSE, time.perf_counter() - started
-        )
+                await handler(scope, recorder)
+        finally:
+            # The method as received: the metric bounds its label values when it is flushed.
+            metrics.observe_request(
+                route, scope.method, recorder.status or NO_RESPONSE, time.perf_counter() - started
+            )
+
+    return observed
 
 
 async def _traced(
