@@ -34,6 +34,12 @@ process with tracing off and on, what a request runs: the spans of one publish a
 OTLP export of sampled spans. Usage::
 
     python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load]
+
+``--baseline-tree DIR`` also runs every configuration from another checkout (``git worktree
+add DIR <commit>``), named ``base <configuration>``, in the same rounds: an A/B of two code
+versions on the same machine at the same time; overheads are then against ``base off``.
+The brokers import ``broker`` from their own tree (their working directory); copy the built
+C module (``broker/codecs/_lazy*.so``) into DIR, or both sides do not run the same codecs.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class Config:
     name: str
     env: dict[str, str]
     sampled: float | None = None  # the sampling ratio when traced
+    tree: Path = ROOT  # the checkout whose broker runs it
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # broker CPU per message
     cpu_ratios: list[float] = field(default_factory=list)  # to ``off`` of the same round
@@ -124,6 +131,25 @@ def configs(sink: str) -> list[Config]:
         case.env = traced(case.key, ratio)
         cases.append(case)
     return cases
+
+
+def with_baseline(cases: list[Config], tree: Path, sink: str) -> list[Config]:
+    """The same configurations, run from ``tree`` (each exporting to a path of its own)."""
+    if not (tree / "broker" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline-tree {tree}: no broker package there")
+    out = []
+    for case in cases:
+        twin = Config(f"base {case.name}", dict(case.env), sampled=case.sampled, tree=tree)
+        if "OTEL_EXPORTER_OTLP_ENDPOINT" in twin.env:
+            twin.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"{sink}/{twin.key}"
+        out.append(twin)
+    return out
+
+
+def reference(cases: list[Config]) -> Config:
+    """What overheads are measured against: ``base off``, else ``off``, else the first."""
+    names = {c.name: c for c in cases}
+    return names.get("base off") or names.get("off") or cases[0]
 
 
 class Sink:
@@ -185,7 +211,8 @@ def start_broker(
     cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--workers", "1"]
     cmd += ["--nats-url", nats_url, "--data-dir", str(directory / "data")]
     cmd += ["--projection-workers", "0", "--routers", "0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    # ``-m broker`` imports from the working directory first: the configuration's own tree.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.tree)
     deadline = time.monotonic() + 60
     with httpx.Client(http1=False, http2=True) as c:
         while time.monotonic() < deadline:
@@ -426,6 +453,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="streams per connection")
     parser.add_argument("--client", choices=["auto", "python", "h2load"], default="auto")
     parser.add_argument("--only", action="append", help="run only these configurations")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run every configuration from this checkout, as 'base <name>' (an A/B)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.client == "auto":
@@ -433,6 +465,8 @@ def main() -> None:
     payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
     sink = Sink()
     cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
+    if args.baseline_tree is not None:
+        cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
     with tempfile.TemporaryDirectory() as tmp, running(args, Path(tmp), cases) as ports:
         for config, (port, _) in zip(cases, ports, strict=True):  # warm-up
             url = f"http://127.0.0.1:{port}/v1/publish/obs.warm.{config.key}"
@@ -470,7 +504,7 @@ def main() -> None:
                     f"{config.cpu_us[-1]:>6.1f} us CPU/msg",
                     file=sys.stderr,
                 )
-            base = cpu.get("off", cpu[cases[0].name])
+            base = cpu[reference(cases).name]
             for config in cases:
                 config.cpu_ratios.append(cpu[config.name] / base)
         for config in cases:
@@ -484,7 +518,7 @@ def main() -> None:
 def report(
     args: argparse.Namespace, cases: list[Config], costs: dict[str, float], sink: Sink
 ) -> None:
-    base = next((c for c in cases if c.name == "off"), cases[0])
+    base = reference(cases)
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     if args.json:
         document = {
@@ -516,7 +550,7 @@ def report(
         f"{args.client}; {machine}"
     )
     print(
-        f"{'configuration':<14}{'msgs/s':>9}{'ratio':>7}{'CPU us/msg':>12}{'CPU +%':>8}"
+        f"{'configuration':<18}{'msgs/s':>9}{'ratio':>7}{'CPU us/msg':>12}{'CPU +%':>8}"
         f"{'(rounds)':>17}{'spans/msg':>11}  verdict  rounds msgs/s (target: overhead <= 10%)"
     )
     for c in cases:
@@ -527,12 +561,12 @@ def report(
         spread = f"{min(c.cpu_ratios) - 1:+.0%}..{max(c.cpu_ratios) - 1:+.0%}"
         rounds = ", ".join(f"{r:.0f}" for r in c.rates)
         print(
-            f"{c.name:<14}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}"
+            f"{c.name:<18}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}"
             f"{spread:>17}{c.spans_per_message:>11.3f}  {verdict:<7}  [{rounds}]"
         )
     print(
-        "CPU +%: median over rounds of the CPU per message to off's in the same round "
-        "(its spread in brackets)"
+        f"CPU +%: median over rounds of the CPU per message to {base.name!r}'s in the same "
+        "round (its spread in brackets)"
     )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
     print("\nin-process CPU per call (ns):")
