@@ -21,8 +21,6 @@ import json
 import multiprocessing
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import orjson
 
@@ -38,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_python  # noqa: E402
-from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+from benchmarks._serve import ServeError, start_serve  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
 TARGETS = {"single": 0.25, "batch": 0.7}
 
@@ -113,44 +111,6 @@ def load(
         )
 
 
-def start_broker(nats_url: str, port: int, workers: int, workdir: Path) -> subprocess.Popen[bytes]:
-    log = (workdir / "broker.log").open("wb")
-    env = {**os.environ, "BROKER_LOG_LEVEL": "warning", "BROKER_LOG_FORMAT": "json"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--nats-url",
-            nats_url,
-            "--data-dir",
-            str(workdir / "data"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 60
-    with httpx.Client(http1=False, http2=True) as c:
-        while time.monotonic() < deadline:
-            try:
-                if c.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"broker did not become ready; see {workdir / 'broker.log'}")
-
-
 def http_phase(
     name: str,
     args: argparse.Namespace,
@@ -209,9 +169,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         server = NatsServer(ServerSpec(store_dir=workdir / "nats")).start()
-        port = free_port()
-        broker = start_broker(server.url, port, args.workers, workdir)
-        base = f"http://127.0.0.1:{port}"
+        broker = start_serve(workdir, ["--workers", str(args.workers), "--nats-url", server.url])
+        try:
+            broker.wait_ready()
+        except ServeError as e:
+            server.stop()
+            raise SystemExit(str(e)) from None
+        base = broker.url
         single_url = f"{base}/v1/publish/bench"
         try:
             # Warm-up: connections, imports, the stream's first blocks.
@@ -255,8 +219,7 @@ def main() -> None:
             if set(counts.values()) != {n}:
                 raise SystemExit(f"stream holds {counts}, expected {n} each")
         finally:
-            broker.send_signal(signal.SIGTERM)
-            broker.wait(30)
+            broker.stop()
             server.stop()
     report(args, raw, single, batch)
 

@@ -52,7 +52,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +63,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -73,7 +71,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_python  # noqa: E402
-from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+from benchmarks._serve import Serve, ServeError, start_serve  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
 #: The batch span processor's default schedule delay (5 s), and a margin.
@@ -199,31 +198,17 @@ class Sink:
             return self.spans.get(key, 0)
 
 
-def start_broker(
-    nats_url: str, config: Config, workdir: Path
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    directory = workdir / config.key
-    directory.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "OTEL_"))}
-    env.update({"BROKER_LOG_LEVEL": "warning", "BROKER_LOG_FORMAT": "json", **config.env})
-    log = (directory / "broker.log").open("wb")
-    cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--workers", "1"]
-    cmd += ["--nats-url", nats_url, "--data-dir", str(directory / "data")]
-    cmd += ["--projection-workers", "0", "--routers", "0"]
-    # ``-m broker`` imports from the working directory first: the configuration's own tree.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.tree)
-    deadline = time.monotonic() + 60
-    with httpx.Client(http1=False, http2=True) as c:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if c.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    return proc, port
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"broker {config.name} did not become ready; see {directory}/broker.log")
+def start_broker(nats_url: str, config: Config, workdir: Path) -> Serve:
+    """One configuration's ``broker serve``: one granian worker, only the ingress."""
+    args = ["--workers", "1", "--nats-url", nats_url, "--projection-workers", "0"]
+    broker = start_serve(
+        workdir / config.key, [*args, "--routers", "0"], env=config.env, cwd=config.tree
+    )
+    try:
+        broker.wait_ready()
+    except ServeError as e:
+        raise SystemExit(f"broker {config.name}: {e}") from None
+    return broker
 
 
 async def stored(url: str, subject: str) -> int:
@@ -420,23 +405,17 @@ def running(
     args: argparse.Namespace, workdir: Path, cases: list[Config]
 ) -> Iterator[list[tuple[int, int]]]:
     server = NatsServer(ServerSpec(store_dir=workdir / "nats")).start()
-    brokers: list[subprocess.Popen[bytes]] = []
+    brokers: list[Serve] = []
     try:
-        ports = []
         for config in cases:
-            proc, port = start_broker(server.url, config, workdir)
-            brokers.append(proc)
-            ports.append((port, proc.pid))
+            brokers.append(start_broker(server.url, config, workdir))
         args.nats_url = server.url
-        yield ports
+        yield [(b.port, b.pid) for b in brokers]
     finally:
-        for proc in brokers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in brokers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for broker in brokers:  # all signalled at once, then waited for
+            broker.proc.send_signal(signal.SIGTERM)
+        for broker in brokers:
+            broker.stop()
         server.stop()
 
 
@@ -565,7 +544,7 @@ def report(
             f"{spread:>17}{c.spans_per_message:>11.3f}  {verdict:<7}  [{rounds}]"
         )
     print(
-        f"CPU +%: median over rounds of the CPU per message to {base.name!r}'s in the same "
+        f"CPU +%: median over rounds of the CPU per message to {base.name}'s in the same "
         "round (its spread in brackets)"
     )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")

@@ -22,10 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +39,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._serve import Serve, ServeError, start_serve  # noqa: E402
 from benchmarks.routing_quality import baselines  # noqa: E402
 from benchmarks.routing_quality.dataset import Dataset, Request, load, problems  # noqa: E402
 from benchmarks.routing_quality.scoring import Outcome, Summary  # noqa: E402
@@ -58,79 +56,12 @@ class EvalError(Exception):
 # --------------------------------------------------------------------------- the broker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Broker:
-    """A ``broker serve`` process this script started (and stops)."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(http1=False, http2=True, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise EvalError(
-                        f"broker exited with {self.proc.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        raise EvalError(f"broker not ready within {timeout} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start_broker(workdir: Path, policy: Path, embedder: str | None) -> Broker:
+def start_broker(workdir: Path, policy: Path, embedder: str | None) -> Serve:
     """``python -m broker serve`` on a free port with its own embedded NATS under workdir."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env["BROKER_ROUTING_POLICY"] = str(policy)
+    env = {"BROKER_ROUTING_POLICY": str(policy), "BROKER_LOG_LEVEL": "info"}
     if embedder:
         env["BROKER_ROUTING_EMBEDDER"] = embedder
-    cmd = [
-        sys.executable,
-        "-m",
-        "broker",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(workdir / "data"),
-        "--projection-workers",
-        "0",
-    ]
-    log_path = workdir / "broker.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-    return Broker(proc, f"http://127.0.0.1:{port}", log_path)
+    return start_serve(workdir, ["--projection-workers", "0"], env=env, new_session=True)
 
 
 # --------------------------------------------------------------------------- the API calls
@@ -344,7 +275,7 @@ def _print_dataset(dataset: Dataset) -> None:
 
 def run_broker_eval(args: argparse.Namespace, dataset: Dataset) -> tuple[Summary, dict[str, Any]]:
     run_id = uuid.uuid4().hex[:12]
-    broker: Broker | None = None
+    broker: Serve | None = None
     log_tail = ""
     with tempfile.TemporaryDirectory(prefix="routing-quality-") as tmp:
         workdir = Path(tmp)
@@ -362,7 +293,10 @@ def run_broker_eval(args: argparse.Namespace, dataset: Dataset) -> tuple[Summary
                 if args.policy is None:
                     policy.write_text(DEFAULT_POLICY)
                 broker = start_broker(workdir, policy, args.embedder)
-                broker.wait_ready(args.startup_timeout)
+                try:
+                    broker.wait_ready(args.startup_timeout)
+                except ServeError as e:
+                    raise EvalError(str(e)) from None
                 url = broker.url
             with httpx.Client(
                 base_url=url, http1=url.startswith("https"), http2=True, timeout=args.timeout
