@@ -21,7 +21,10 @@ Needs torch and sentence-transformers (a separate venv, never the broker's)::
     python3 -m venv /tmp/stvenv && /tmp/stvenv/bin/pip install torch sentence-transformers
     /tmp/stvenv/bin/python benchmarks/routing_quality/distill.py --model /tmp/minilm/model
 
-``--cache FILE.npy`` keeps the 384-d token outputs, so other ``--dim``/``--sif`` settings
+Another sentence-transformers model with the same WordPiece vocabulary works too
+(``--model DIR --model-name NAME``; all-mpnet-base-v2 was tried, see BENCHMARKS.md).
+
+``--cache FILE.npy`` keeps the model's token outputs, so other ``--dim``/``--sif`` settings
 are written again in seconds (the model is not run when the file exists).
 """
 
@@ -48,15 +51,19 @@ def kept_vocabulary(model: Path) -> list[tuple[int, str]]:
     """``(model id, token)`` in id order, without special tokens and ``[unusedN]`` slots."""
     spec = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
     vocab: dict[str, int] = spec["model"]["vocab"]
-    return sorted(
-        (i, token)
-        for token, i in vocab.items()
-        if not (token.startswith("[") and token.endswith("]"))
+    return sorted((i, token) for token, i in vocab.items() if not _special(token))
+
+
+def _special(token: str) -> bool:
+    """BERT's ``[CLS]``/``[unused0]``-style slots, and MPNet's/RoBERTa's ``<s>``/``<pad>``."""
+    return len(token) > 2 and (
+        (token[0] == "[" and token[-1] == "]") or (token[0] == "<" and token[-1] == ">")
     )
 
 
 def token_outputs(model: Path, ids: list[int], *, batch: int, threads: int) -> Matrix:
-    """The model's mean-pooled output for each token id alone, ``len(ids) x 384``."""
+    """The model's mean-pooled output for each token id alone (between the model's own start
+    and end tokens), ``len(ids) x`` its hidden size."""
     torch: Any = importlib.import_module("torch")
     sentence_transformers: Any = importlib.import_module("sentence_transformers")
 
@@ -107,13 +114,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, help="all-MiniLM-L6-v2 directory")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a sentence-transformers model directory with a WordPiece (BERT uncased) vocabulary",
+    )
+    parser.add_argument(
+        "--model-name",
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        help="the model's name, recorded in the table",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--dim", type=int, default=128, help="PCA components kept")
     parser.add_argument("--sif", type=float, default=1e-4, help="Zipf/SIF coefficient, 0: off")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--cache", type=Path, help="keep/reuse the 384-d token outputs here")
+    parser.add_argument("--cache", type=Path, help="keep/reuse the token outputs here")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -133,9 +150,9 @@ def main() -> None:
     rows = pca(outputs, args.dim) * zipf_weights(ids, args.sif)[:, None].astype(np.float32)
     vectors, scales = quantize(rows)
     meta = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model": args.model_name,
         "license": "Apache-2.0",
-        "pooling": "mean of [CLS] token [SEP]",
+        "pooling": "mean of start token, token, end token",
         "dim": args.dim,
         "sif": args.sif,
         "tokens": len(kept),
