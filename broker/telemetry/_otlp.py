@@ -80,6 +80,11 @@ _SMALL = [bytes((n,)) for n in range(128)]
 #: A KeyValue's encoded key, by key: the same few keys come back on every span.
 _keys: dict[str, bytes] = {}
 _MAX_KEYS = 4096
+#: A whole encoded KeyValue field with a string value, by ``(tag, key, value)``: most
+#: attributes repeat from span to span (the method, the route, the stream, the system).
+_string_fields: dict[tuple[bytes, str, str], bytes] = {}
+_MAX_STRING_FIELDS = 8192
+_MAX_CACHED_STRING = 200
 
 
 def _varint(n: int) -> bytes:
@@ -128,7 +133,20 @@ def _key(key: str) -> bytes:
 
 def _key_values(tag: bytes, pairs: Iterable[tuple[str, Any]]) -> Iterable[bytes]:
     for key, value in pairs:
-        yield _field(tag, _key(key) + _field(_T_KV_VALUE, _any_value(value)))
+        if type(value) is str and len(value) <= _MAX_CACHED_STRING:
+            cache_key = (tag, key, value)
+            encoded = _string_fields.get(cache_key)
+            if encoded is None:
+                encoded = _key_value(tag, key, value)
+                if len(_string_fields) < _MAX_STRING_FIELDS:
+                    _string_fields[cache_key] = encoded
+            yield encoded
+        else:
+            yield _key_value(tag, key, value)
+
+
+def _key_value(tag: bytes, key: str, value: Any) -> bytes:
+    return _field(tag, _key(key) + _field(_T_KV_VALUE, _any_value(value)))
 
 
 def _span(span: FinishedSpan) -> bytes:

@@ -249,6 +249,34 @@ def test_any_attributes_encode_as_the_sdk_encodes_them(
     assert ours([span]) == sdk_request([span])
 
 
+def test_repeated_string_attributes_encode_the_same_once_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The encoder keeps string attributes' encoded fields; a cached field, the same string
+    as an event's attribute (another field tag), and strings past the cache's bound all
+    still encode as the SDK encodes them."""
+    monkeypatch.setattr(_otlp, "_string_fields", {})
+
+    def span(n: int) -> RecordedSpan:
+        s = recorded(
+            "POST /v1/publish/{subject}",
+            attributes={"http.request.method": "POST", "url.path": f"/v1/publish/s{n}"},
+        )
+        s.add_event("retry", {"http.request.method": "POST"})
+        s.end()
+        return s
+
+    spans = [span(n) for n in range(4)] + [span(0)]
+    assert ours(spans) == sdk_request(spans)
+    assert (b"\x4a", "url.path", "/v1/publish/s3") in _otlp._string_fields
+    assert ours(spans) == sdk_request(spans)  # every string field from the cache this time
+
+    monkeypatch.setattr(_otlp, "_string_fields", {})
+    monkeypatch.setattr(_otlp, "_MAX_STRING_FIELDS", 2)
+    assert ours(spans) == sdk_request(spans)
+    assert len(_otlp._string_fields) == 2  # bounded: the rest is encoded each time
+
+
 # --- the pipeline ----------------------------------------------------------------------------
 
 
