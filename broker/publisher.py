@@ -135,6 +135,7 @@ class Publisher:
         self._connector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._reply_prefix: str | None = None
+        self._reply_lock = asyncio.Lock()  # one reply subscription, however many first submits
         self._pending: dict[str, _Pending] = {}
         self._counter = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -260,12 +261,13 @@ class Publisher:
     # they were a third of the ingress worker's profile).
 
     async def _ensure_reply_subscription(self, nc: NatsClient) -> str:
-        if self._reply_prefix is None:
-            prefix = f"{nc.new_inbox()}."
-            await nc.subscribe(f"{prefix}*", cb=self._on_ack)
-            self._reply_prefix = prefix
-            self._sweeper = asyncio.create_task(self._sweep(), name="publish-ack-sweeper")
-        return self._reply_prefix
+        async with self._reply_lock:
+            if self._reply_prefix is None:
+                prefix = f"{nc.new_inbox()}."
+                await nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                self._reply_prefix = prefix
+                self._sweeper = asyncio.create_task(self._sweep(), name="publish-ack-sweeper")
+            return self._reply_prefix
 
     async def submit(self, out: Outbound) -> asyncio.Future[PublishAck]:
         """Send one message and return a future of its ack, without waiting for it.

@@ -1,0 +1,39 @@
+"""The Publisher against a real server: its one reply subscription for every pending ack."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from broker.envelope import Outbound
+from broker.publisher import Publisher
+
+
+async def test_first_submits_at_once_share_one_reply_subscription(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many publishes before the reply subscription exists: one subscription, one sweeper,
+    every ack delivered, even when subscribing lets other tasks run in between (nats-py
+    yields there when its flush queue is full)."""
+    nc = publisher.nc
+    subscribe = nc.subscribe
+
+    async def subscribe_after_a_yield(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await subscribe(*args, **kwargs)
+
+    monkeypatch.setattr(nc, "subscribe", subscribe_after_a_yield)
+    subscriptions_before = len(nc._subs)
+    tasks_before = {t.get_name() for t in asyncio.all_tasks()}
+
+    acks = await asyncio.gather(
+        *(publisher.publish(Outbound(f"msg.default.first.{i}", b"{}", {})) for i in range(20))
+    )
+
+    assert sorted(a.seq for a in acks) == list(range(1, 21))
+    assert len(nc._subs) == subscriptions_before + 1
+    sweepers = [t for t in asyncio.all_tasks() if t.get_name() == "publish-ack-sweeper"]
+    assert len(sweepers) == 1
+    assert "publish-ack-sweeper" not in tasks_before
