@@ -49,7 +49,8 @@ def schema_engine(schema: str) -> sa.Engine:
 @contextmanager
 def postgres_schema(prefix: str) -> Iterator[str]:
     """A new PostgreSQL schema named ``<prefix>_<random>``, dropped with everything in it on
-    the way out; the test is skipped when no PostgreSQL answers."""
+    the way out. No PostgreSQL answering fails the test: it never skips (nor silently
+    passes) a test that needs the database."""
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG.replace("postgresql://", "postgresql+psycopg://"))
     try:
@@ -57,7 +58,7 @@ def postgres_schema(prefix: str) -> Iterator[str]:
             conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     except sa.exc.OperationalError as e:
         admin.dispose()
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
+        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 (user postgres, database test): {e}")
     try:
         yield schema
     finally:
