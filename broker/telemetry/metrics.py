@@ -260,8 +260,13 @@ def _schedule() -> None:
     loop.call_later(FLUSH_SECONDS, flush)
 
 
-def _count(child: Counter, amount: float = 1.0) -> None:
+def _add(child: Counter, amount: float) -> None:
+    """Add ``amount`` to ``child`` at the next flush, scheduling none (the flush's folds)."""
     _counts[child] = _counts.get(child, 0.0) + amount
+
+
+def _count(child: Counter, amount: float = 1.0) -> None:
+    _add(child, amount)
     _schedule()
 
 
@@ -315,8 +320,7 @@ def _fold_requests() -> None:
         counted = CounterOf(zip(routes, methods, statuses, strict=True))
     for (route, method, status), hits in counted.items():
         label = method if method in METHODS else OTHER_METHOD  # bounded labels
-        key = _child(HTTP_REQUESTS, route, label, str(status))
-        _counts[key] = _counts.get(key, 0.0) + hits
+        _add(_child(HTTP_REQUESTS, route, label, str(status)), hits)
     durations = np.fromiter(seconds, dtype=np.float64, count=len(seconds))
     if len(distinct) == 1:
         _add_all(_child(HTTP_DURATION, routes[0]), durations)
@@ -334,11 +338,8 @@ def _fold_acks() -> None:
     for stream in set(streams):
         if stream is None:  # a duplicate or an error: nothing appended
             continue
-        messages = _child(MESSAGES_IN, stream)
-        _counts[messages] = _counts.get(messages, 0.0) + streams.count(stream)
-        size_in = _child(BYTES_IN, stream)
-        appended = sum(compress(sizes, map(eq, streams, repeat(stream))))
-        _counts[size_in] = _counts.get(size_in, 0.0) + appended
+        _add(_child(MESSAGES_IN, stream), streams.count(stream))
+        _add(_child(BYTES_IN, stream), sum(compress(sizes, map(eq, streams, repeat(stream)))))
 
 
 def _add_all(child: Histogram, values: NDArray[np.float64]) -> None:
