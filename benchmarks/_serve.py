@@ -36,6 +36,7 @@ class Serve:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    _terminated: bool = False
 
     @property
     def url(self) -> str:
@@ -71,10 +72,16 @@ class Serve:
             f"broker not ready within {timeout:g} s; its log ends with:\n{self.log_tail()}"
         )
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM, once) without waiting: :meth:`stop` waits."""
+        if self.proc.poll() is None and not self._terminated:
             self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (unless :meth:`terminate` sent it), then SIGKILL after ``timeout`` s."""
+        self.terminate()
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

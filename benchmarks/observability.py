@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -413,7 +412,7 @@ def running(
         yield [(b.port, b.pid) for b in brokers]
     finally:
         for broker in brokers:  # all signalled at once, then waited for
-            broker.proc.send_signal(signal.SIGTERM)
+            broker.terminate()
         for broker in brokers:
             broker.stop()
         server.stop()
