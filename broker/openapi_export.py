@@ -5,7 +5,7 @@ Run ``python -m broker.openapi_export`` after changing the HTTP API.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ def render() -> bytes:
 
 
 def main() -> None:
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_PATH
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.openapi_export",
+        description="Write the ingress OpenAPI document (what /openapi.json serves).",
+    )
+    parser.add_argument(
+        "target", nargs="?", type=Path, default=SCHEMA_PATH, help=f"default: {SCHEMA_PATH}"
+    )
+    target: Path = parser.parse_args().target
     target.write_bytes(render())
     print(f"wrote {target}")
 
