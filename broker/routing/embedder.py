@@ -62,6 +62,14 @@ def relevance_threshold(embedder: Embedder) -> float:
     return float(value) if isinstance(value, int | float) else DEFAULT_THRESHOLD
 
 
+def costly(embedder: Embedder) -> bool:
+    """Whether this embedder takes milliseconds per text (a neural model): a router then
+    embeds each fetched batch's texts in one call, on a worker thread
+    (:meth:`broker.routing.scoring.Scorer.embed_ahead`), instead of one text at a time on its
+    event loop. The embedder's ``costly`` attribute, else ``False``."""
+    return getattr(embedder, "costly", False) is True
+
+
 class EmbedderUnavailable(BrokerError):
     """The configured embedder cannot be built (unknown spec, missing extra, bad model path)."""
 
@@ -281,6 +289,10 @@ class SentenceTransformerEmbedder:
     Needs the ``embeddings`` extra: ``pip install 'agent-broker[embeddings]'``.
     """
 
+    #: Milliseconds per text on a CPU (see :func:`costly`); ``embed`` may run on a worker
+    #: thread, one call at a time.
+    costly = True
+
     def __init__(self, path: str | Path, *, device: str | None = None) -> None:
         try:
             module: Any = importlib.import_module("sentence_transformers")
@@ -343,6 +355,7 @@ class BlendedEmbedder:
             raise EmbedderUnavailable("a blend needs embedders with positive, finite shares")
         self.parts = [(embedder, share / total) for embedder, share in parts]
         self.relevance_threshold = relevance_threshold
+        self.costly = any(costly(embedder) for embedder, _ in self.parts)
         self.dim = sum(embedder.dim for embedder, _ in self.parts)
         self.name = "+".join(f"{embedder.name}*{share:.2f}" for embedder, share in self.parts)
 

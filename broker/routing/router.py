@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -311,7 +311,7 @@ class Router:
         log.info("router_started", policy=self.policy.version, embedder=self.scorer.embedder.name)
         try:
             await asyncio.gather(
-                self._loop(messages, self.route_message, stop),
+                self._loop(messages, self.route_message, stop, prepare=self._embed_ahead),
                 self._loop(retries, self.retry, stop),
             )
         finally:
@@ -319,7 +319,32 @@ class Router:
                 await self._failure_watch.unsubscribe()
             log.info("router_stopped", **asdict(self.stats))
 
-    async def _loop(self, sub: Any, handle: Any, stop: asyncio.Event) -> None:
+    async def _embed_ahead(self, batch: Sequence[Msg]) -> None:
+        """With a costly embedder: embed the texts of the batch's routed messages at once, on
+        a worker thread (:meth:`Scorer.embed_ahead`). A failure here is left to each
+        message's own decision, which embeds its text again and reports what went wrong."""
+        scorer = self.scorer
+        if not scorer.costly:
+            return
+        texts = []
+        for message in batch:
+            headers = _headers(message)
+            if headers.get(H_ROUTE_MODE) == ROUTE_MODE_AUTO:
+                text = scorer.text_to_embed(message.data, headers)
+                if text is not None:
+                    texts.append(text)
+        try:
+            await scorer.embed_ahead(texts)
+        except Exception as e:
+            log.warning("router_embed_ahead_failed", texts=len(texts), error=str(e)[:200])
+
+    async def _loop(
+        self,
+        sub: Any,
+        handle: Any,
+        stop: asyncio.Event,
+        prepare: Callable[[Sequence[Msg]], Awaitable[None]] | None = None,
+    ) -> None:
         while not stop.is_set():
             try:
                 batch: list[Msg] = await sub.fetch(_BATCH, timeout=_FETCH_TIMEOUT)
@@ -331,6 +356,8 @@ class Router:
                 log.warning("router_fetch_failed", error=str(e)[:200])
                 await asyncio.sleep(0.5)
                 continue
+            if prepare is not None:
+                await prepare(batch)
             for message in batch:
                 try:
                     await handle(message)

@@ -173,6 +173,32 @@ def test_sentence_transformers_embeds_unit_rows_with_a_local_model() -> None:
     assert float(rows[0] @ rows[2]) > 0.3
 
 
+async def test_a_model_embeds_a_routers_batch_ahead_as_it_embeds_each_text() -> None:
+    """A sentence-transformers model is costly: the scorer embeds a batch in one call on the
+    model's thread, and the rows match each text's own to float precision (same runs as
+    the test above)."""
+    pytest.importorskip("sentence_transformers")
+    path = os.environ.get("BROKER_TEST_ST_MODEL")
+    if not path:
+        pytest.skip("set BROKER_TEST_ST_MODEL to a local sentence-transformers model directory")
+    from broker.routing.features import extract
+    from broker.routing.scoring import Scorer
+
+    texts = ["the invoice total is wrong", "translate this into French", "is it raining?"]
+    alone = Scorer(load_embedder(f"sentence-transformers:{path}"))
+    batched = Scorer(load_embedder(f"sentence-transformers:{path}"))
+    assert batched.costly
+    await batched.embed_ahead(texts)
+    headers = {"content-type": "text/plain"}
+    for text in texts:
+        assert batched.text_to_embed(text.encode(), headers) is None  # embedded already
+        features = extract(text.encode(), headers)
+        one, many = alone.query(features), batched.query(features)
+        assert one is not None
+        assert many is not None
+        assert float(one @ many) > 0.9999
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_any_text_embeds_to_a_unit_or_zero_row(text: str) -> None:

@@ -1,0 +1,95 @@
+"""A router with a costly embedder embeds each fetched batch of messages in one call, on a
+worker thread, and routes every message as it would one at a time (a real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import nats
+import pytest
+
+from broker.envelope import Outbound, Tenant
+from broker.publisher import Publisher
+from broker.registry.commands import put_agent
+from broker.registry.manifest import AgentManifest
+from broker.registry.snapshot import RegistryView
+from broker.routing import Scorer
+from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
+from broker.routing.load import LoadView
+from broker.routing.policy import DEFAULT_POLICY
+from broker.routing.router import Router
+from broker.streams import Stream
+from tests._wait import await_until
+from tests.unit.test_routing_embed_ahead import CostlyEmbedder
+
+pytestmark = pytest.mark.integration
+T = Tenant("acme")
+AGENTS = {
+    "translator": ("translate", "Translates text between languages: German, French, Spanish."),
+    "weather": ("forecast", "Answers questions about the weather forecast, temperature and rain."),
+    "summarizer": ("summarize", "Summarises long documents, articles and reports."),
+}
+REQUESTS = {
+    "please translate this letter into German": "translator",
+    "what does the weather forecast say about rain tomorrow": "weather",
+    "summarise the attached quarterly report for me": "summarizer",
+}
+
+
+async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
+    publisher: Publisher, nats_url: str
+) -> None:
+    for name, (action, description) in AGENTS.items():
+        manifest = {
+            "name": name,
+            "version": "1.0.0",
+            "description": description,
+            "capabilities": [{"action": action}],
+        }
+        await put_agent(publisher, T, AgentManifest.model_validate(manifest))
+    texts = list(REQUESTS) * 8  # 24 messages, each text 8 times
+    seqs = {}
+    for text in texts:
+        auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO}
+        ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), auto))
+        seqs[ack.seq] = text
+    # A plain message is skipped by the router: its text is not embedded.
+    await publisher.publish(Outbound(f"msg.{T}.chat", b"a message nobody routes", {}))
+
+    embedder = CostlyEmbedder()
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(publisher, Scorer(embedder, policy), policy, registry, LoadView())
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+    try:
+
+        async def all_routed() -> bool:
+            return router.stats.routed == len(texts)
+
+        assert await await_until(all_routed, timeout=20)
+        assert router.stats.skipped == 1
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(running, 10)
+
+    # The three distinct texts were embedded in one call, on a worker thread.
+    assert embedder.query_calls() == [list(REQUESTS)]
+    thread = next(t for batch, t in embedder.calls if set(batch) & set(REQUESTS))
+    assert thread != threading.get_ident()
+
+    nc = await nats.connect(nats_url)
+    sub = await nc.jetstream().subscribe(
+        f"route.{T}.*", stream=Stream.ROUTES, ordered_consumer=True
+    )
+    routed = {}
+    for _ in texts:
+        stored = await sub.next_msg(timeout=5)
+        decided = RouteDecided.from_headers(stored.headers or {})
+        routed[decided.message_seq] = decided.decision.agent
+    await nc.close()
+    assert routed == {seq: REQUESTS[text] for seq, text in seqs.items()}
