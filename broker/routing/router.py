@@ -315,8 +315,12 @@ class Router:
                 self._loop(retries, self.retry, stop),
             )
         finally:
-            with contextlib.suppress(Exception):
-                await self._failure_watch.unsubscribe()
+            # Unsubscribed here, not left to the connection's drain: nats-py's fetch never marks
+            # a pull subscription's queued messages done, so a drain would wait on them until
+            # its timeout (and log the cancelled wait as an error).
+            for sub in (self._failure_watch, messages, retries):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
             log.info("router_stopped", **asdict(self.stats))
 
     async def _embed_ahead(self, batch: Sequence[Msg]) -> None:

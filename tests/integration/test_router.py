@@ -1,17 +1,18 @@
-"""A router with a costly embedder embeds each fetched batch of messages in one call, on a
-worker thread, and routes every message as it would one at a time (a real nats-server)."""
+"""The router's loop on a real nats-server: a costly embedder embeds each fetched batch in
+one call, off the event loop; a stopped router leaves its connection free to close."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
+import time
 
 import nats
 import pytest
 
 from broker.envelope import Outbound, Tenant
-from broker.publisher import Publisher
+from broker.publisher import _DRAIN_SECONDS, Publisher
 from broker.registry.commands import put_agent
 from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
@@ -93,3 +94,33 @@ async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
         routed[decided.message_seq] = decided.decision.agent
     await nc.close()
     assert routed == {seq: REQUESTS[text] for seq, text in seqs.items()}
+
+
+async def test_a_router_that_routed_messages_stops_and_its_connection_closes_at_once(
+    nats_url: str, publisher: Publisher
+) -> None:
+    """nats-py never marks a pull subscription's fetched messages done, so a connection
+    drained with the router's pull subscriptions still open waited out the whole drain
+    timeout (and logged the cancelled wait as an error)."""
+    auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO}
+    for _ in range(3):
+        await publisher.publish(Outbound(f"msg.{T}.chat", b"hello", dict(auto)))
+    own = Publisher([nats_url])
+    own.start()
+    assert await own.wait_connected(5)
+    registry = RegistryView()
+    await registry.start(own.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(own, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+
+    async def all_seen() -> bool:
+        return router.stats.dead_lettered == 3  # no agents: each goes to the DLQ
+
+    assert await await_until(all_seen, timeout=10)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    started = time.monotonic()
+    await own.close()
+    assert time.monotonic() - started < _DRAIN_SECONDS / 2
