@@ -140,6 +140,7 @@ class Publisher:
         self._counter = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
+        self._closing = False  # close() was called: a disconnect now is the plan, not news
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -189,7 +190,10 @@ class Publisher:
             return
 
     async def _on_disconnected(self) -> None:
-        log.warning("nats_disconnected")
+        if self._closing:
+            log.debug("nats_disconnected", closing=True)
+        else:
+            log.warning("nats_disconnected")
 
     async def _on_reconnected(self) -> None:
         log.info("nats_reconnected")
@@ -207,6 +211,7 @@ class Publisher:
 
     async def close(self) -> None:
         """Flush what is pending and close; stop trying to connect."""
+        self._closing = True
         for task in (self._connector, self._sweeper):
             if task is not None and not task.done():
                 task.cancel()

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.envelope import Outbound
 from broker.publisher import Publisher
@@ -37,3 +38,15 @@ async def test_first_submits_at_once_share_one_reply_subscription(
     sweepers = [t for t in asyncio.all_tasks() if t.get_name() == "publish-ack-sweeper"]
     assert len(sweepers) == 1
     assert "publish-ack-sweeper" not in tasks_before
+
+
+async def test_closing_is_not_reported_as_losing_the_server(nats_url: str) -> None:
+    """A disconnect during ``close()`` is the plan (debug); losing the server is a warning."""
+    pub = Publisher([nats_url])
+    pub.start()
+    assert await pub.wait_connected(5)
+    with capture_logs() as logs:
+        await pub.close()
+    disconnects = [e for e in logs if e["event"] == "nats_disconnected"]
+    assert disconnects
+    assert all(e["log_level"] == "debug" for e in disconnects)
