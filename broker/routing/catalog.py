@@ -307,12 +307,14 @@ def _primary_text(capability: Capability, about: str) -> str:
     return f"{about}. {action}. {capability.description}".strip()
 
 
-def _embed_agents(
-    records: Sequence[AgentRecord], embedder: Embedder, examples: ExampleMode
-) -> list[_AgentEntry]:
-    """Embed every record's groups with one ``embed`` call."""
+_Plan = list[tuple[AgentRecord, list[tuple[Capability, Vector | int, list[int]]]]]
+
+
+def _plan_agents(records: Sequence[AgentRecord], embedder: Embedder) -> tuple[list[str], _Plan]:
+    """The texts to embed for these records' groups, and where each group's rows come from
+    (a row of a manifest's own vector, or indexes into the texts)."""
     texts: list[str] = []
-    plans: list[tuple[AgentRecord, list[tuple[Capability, Vector | int, list[int]]]]] = []
+    plans: _Plan = []
     for record in records:
         manifest = record.manifest
         vector: Vector | None = None
@@ -344,6 +346,14 @@ def _embed_agents(
                 texts.append(example)
             plan.append((capability, primary, example_ids))
         plans.append((record, plan))
+    return texts, plans
+
+
+def _embed_agents(
+    records: Sequence[AgentRecord], embedder: Embedder, examples: ExampleMode
+) -> list[_AgentEntry]:
+    """Embed every record's groups with one ``embed`` call."""
+    texts, plans = _plan_agents(records, embedder)
     embedded = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
 
     entries = []
@@ -642,11 +652,23 @@ class CatalogCache:
             self._current[tenant] = found
         return found
 
-    def _refresh(self, snapshot: RegistrySnapshot, tenant: str) -> Catalog:
+    def texts_to_embed(self, snapshot: RegistrySnapshot, tenant: str) -> list[str]:
+        """The texts :meth:`get` would embed for this tenant now: those of agents added or
+        changed since its catalog was built (a router embeds them ahead, off its loop)."""
+        if snapshot is self._snapshot and tenant in self._current:
+            return []
+        changed = self._changed(snapshot, tenant)
+        return _plan_agents(changed[1], self.embedder)[0] if changed is not None else []
+
+    def _changed(
+        self, snapshot: RegistrySnapshot, tenant: str
+    ) -> tuple[list[_AgentEntry], list[AgentRecord], list[AgentRecord]] | None:
+        """``None`` when the tenant's catalog is up to date; else the entries kept, the
+        records to embed again and all the tenant's records."""
         records = [r for (t, _), r in snapshot.items() if t == tenant]
         previous = self._previous.get(tenant)
         if previous is not None and previous.seqs == {r.name: r.seq for r in records}:
-            return previous
+            return None
         entries: list[_AgentEntry] = []
         stale: list[AgentRecord] = []
         for record in records:
@@ -655,6 +677,13 @@ class CatalogCache:
                 entries.append(kept)
             else:
                 stale.append(record)
+        return entries, stale, records
+
+    def _refresh(self, snapshot: RegistrySnapshot, tenant: str) -> Catalog:
+        changed = self._changed(snapshot, tenant)
+        if changed is None:
+            return self._previous[tenant]
+        entries, stale, records = changed
         for entry in _embed_agents(stale, self.embedder, self.examples):
             entries.append(entry)
         current_names = {r.name for r in records}

@@ -324,19 +324,25 @@ class Router:
             log.info("router_stopped", **asdict(self.stats))
 
     async def _embed_ahead(self, batch: Sequence[Msg]) -> None:
-        """With a costly embedder: embed the texts of the batch's routed messages at once, on
-        a worker thread (:meth:`Scorer.embed_ahead`). A failure here is left to each
-        message's own decision, which embeds its text again and reports what went wrong."""
+        """With a costly embedder: embed what deciding the batch's routed messages needs
+        (their texts, and the agents changed since a tenant's catalog was built) at once, on
+        the model's thread (:meth:`Scorer.embed_ahead`). A failure here is left to each
+        message's own decision, which embeds again and reports what went wrong."""
         scorer = self.scorer
         if not scorer.costly:
             return
-        texts = []
+        texts: list[str] = []
+        tenants: set[str] = set()
         for message in batch:
             headers = _headers(message)
             if headers.get(H_ROUTE_MODE) == ROUTE_MODE_AUTO:
+                tenants.add(tenant_of(message.subject))
                 text = scorer.text_to_embed(message.data, headers)
                 if text is not None:
                     texts.append(text)
+        snapshot = self.registry.snapshot
+        for tenant in sorted(tenants):
+            texts += scorer.agent_texts_to_embed(snapshot, tenant)
         try:
             await scorer.embed_ahead(texts)
         except Exception as e:

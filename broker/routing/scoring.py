@@ -524,18 +524,24 @@ def decide(
     )
 
 
-#: The most texts a :class:`Scorer` keeps embedded ahead (the oldest go first): a router's
-#: fetched batch (256) several times over.
+#: The most texts a :class:`Scorer` keeps embedded ahead, oldest dropped first (a batch
+#: embedded ahead is always kept whole until the next one): a router's fetched batch (256)
+#: several times over.
 MAX_AHEAD = 1024
 
 
 class _OwnThread:
-    """A costly embedder that runs on one thread of its own, whoever calls it: the router's
-    batches (:meth:`Scorer.embed_ahead`, awaited) and its catalogs and retries (``embed``,
-    blocking, as any embedder). One thread, so a model (and its tokenizer, which must not be
-    used by two threads at once) only ever sees one caller; and torch, once used from two
-    threads of a process, ran single texts at half speed (all-MiniLM-L6-v2 on 2 cores: 175
-    texts/s on one thread, 81-84 once a second thread had used the model)."""
+    """A costly embedder that runs on one thread of its own, and remembers what was embedded
+    ahead of need.
+
+    ``embed_ahead`` (awaited by the router for each fetched batch) embeds texts on that
+    thread while the event loop goes on; ``embed`` (a query, a catalog, a retry: the
+    embedder interface, blocking) returns the rows it already has and sends only the rest
+    to the thread. One thread, so a model (and its tokenizer, which must not be used by two
+    threads at once) only ever sees one caller; and torch, once used from two threads of a
+    process, ran single texts at half speed (all-MiniLM-L6-v2 on 2 cores: 175 texts/s on
+    one thread, 81-84 once a second thread had used the model). Called from the event
+    loop's thread only."""
 
     def __init__(self, embedder: Embedder) -> None:
         self.inner = embedder
@@ -543,23 +549,46 @@ class _OwnThread:
         self.dim = embedder.dim
         self.costly = True
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="broker-embedder")
+        self._rows: dict[str, Vector] = {}  # embedded ahead, oldest first
+
+    def knows(self, text: str) -> bool:
+        return text in self._rows
 
     def embed(self, texts: Sequence[str]) -> Matrix:
-        return self._thread.submit(self.inner.embed, texts).result()
+        rows = self._rows
+        missing = [text for text in dict.fromkeys(texts) if text not in rows]
+        if len(missing) == len(texts):
+            return self._thread.submit(self.inner.embed, texts).result()
+        fresh = self._thread.submit(self.inner.embed, missing).result() if missing else ()
+        found = dict(zip(missing, fresh, strict=True))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            out[i] = found[text] if text in found else rows[text]
+        return out
 
-    async def embed_async(self, texts: Sequence[str]) -> Matrix:
-        return await asyncio.wrap_future(self._thread.submit(self.inner.embed, texts))
+    async def embed_ahead(self, texts: Iterable[str]) -> None:
+        rows = self._rows
+        todo = [text for text in dict.fromkeys(texts) if text not in rows]
+        if not todo:
+            return
+        embedded = await asyncio.wrap_future(self._thread.submit(self.inner.embed, todo))
+        while rows and len(rows) + len(todo) > MAX_AHEAD:
+            del rows[next(iter(rows))]
+        for text, row in zip(todo, embedded, strict=True):
+            rows[text] = row
 
 
 class Scorer:
     """What a router holds: features, query embedding, catalog cache and :func:`decide`.
 
     With a costly embedder (a sentence-transformers model, :func:`costly`), the router hands
-    each fetched batch to :meth:`embed_ahead` first: the batch's texts are embedded in one
-    call on the embedder's own thread, and :meth:`query` finds them there. One call for many
-    texts is several times faster than one per text, and the event loop keeps serving (acks,
-    load reports, registry changes) meanwhile. Rows embedded in a batch can differ from a lone
-    text's in the last bits (the model pads a batch), far below what changes a decision.
+    each fetched batch to :meth:`embed_ahead` first: the texts of the batch's messages, and
+    of agents registered or changed since the tenant's catalog was built, are embedded in
+    one call on the model's own thread, and the decisions find them there. One call for
+    many texts is several times faster than one per text, and the event loop keeps serving
+    (acks, load reports, registry changes) meanwhile. Rows embedded in a batch can differ
+    from a lone text's in the last bits (the model pads a batch), far below what changes a
+    decision.
     """
 
     def __init__(
@@ -576,34 +605,35 @@ class Scorer:
         self.embedder: Embedder = self._own_thread or embedder
         self.policy = policy
         self.catalogs = cache or CatalogCache(self.embedder)
-        self._ahead: dict[str, Vector] = {}
 
     def text_to_embed(self, payload: bytes, headers: Mapping[str, str]) -> str | None:
-        """The text :meth:`decide` would embed for this message, when the embedder is costly
-        and it is not embedded yet; else ``None``."""
-        if not self.costly:
+        """The text deciding this message would embed, when the embedder is costly and the
+        text is not embedded yet; else ``None``."""
+        own = self._own_thread
+        if own is None:
             return None
         try:
             features = extract(payload, headers)
         except BrokerError:  # decide refuses it; nothing to embed
             return None
         text = features.text
-        if features.embedding is not None or not text or text in self._ahead:
+        if features.embedding is not None or not text or own.knows(text):
             return None
         return text
 
+    def agent_texts_to_embed(self, snapshot: RegistrySnapshot, tenant: str) -> list[str]:
+        """The texts of the tenant's agents registered or changed since its catalog was
+        built, not embedded yet (costly embedders only; empty otherwise)."""
+        own = self._own_thread
+        if own is None:
+            return []
+        return [t for t in self.catalogs.texts_to_embed(snapshot, tenant) if not own.knows(t)]
+
     async def embed_ahead(self, texts: Iterable[str]) -> None:
-        """Embed ``texts`` in one call on the embedder's thread, for :meth:`query` to find
+        """Embed ``texts`` in one call on the model's thread, for the decisions to find
         (a costly embedder's; nothing to do otherwise)."""
-        todo = [text for text in dict.fromkeys(texts) if text not in self._ahead]
-        if not todo or self._own_thread is None:
-            return
-        rows = await self._own_thread.embed_async(todo)
-        ahead = self._ahead
-        for text, row in zip(todo, rows, strict=True):
-            while len(ahead) >= MAX_AHEAD:
-                del ahead[next(iter(ahead))]
-            ahead[text] = row
+        if self._own_thread is not None:
+            await self._own_thread.embed_ahead(texts)
 
     def query(self, features: Features) -> Vector | None:
         """The message's query vector: its ``Broker-Embedding``, else its embedded text."""
@@ -615,9 +645,7 @@ class Scorer:
                 )
             return features.embedding
         if features.text:
-            vector = self._ahead.get(features.text) if self.costly else None
-            if vector is None:
-                vector = self.embedder.embed([features.text])[0]
+            vector: Vector = self.embedder.embed([features.text])[0]
             return vector if vector.any() else None
         return None
 

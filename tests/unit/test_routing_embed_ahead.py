@@ -155,10 +155,42 @@ async def test_the_texts_kept_ahead_are_bounded_and_the_oldest_go_first() -> Non
     embedder = CostlyEmbedder()
     scorer = Scorer(embedder)
     many = [f"message number {i}" for i in range(MAX_AHEAD + 10)]
-    await scorer.embed_ahead(many)
-    assert scorer.text_to_embed(many[0].encode(), TEXT) == many[0]  # evicted
-    assert scorer.text_to_embed(many[-1].encode(), TEXT) is None  # kept
-    assert scorer.text_to_embed(many[10].encode(), TEXT) is None  # the oldest kept
+    await scorer.embed_ahead(many)  # a batch is kept whole, however large
+    assert scorer.text_to_embed(many[0].encode(), TEXT) is None
+    await scorer.embed_ahead(["one more", "and another"])
+    assert scorer.text_to_embed(b"one more", TEXT) is None
+    for text in many[:12]:  # the oldest went, down to the bound
+        assert scorer.text_to_embed(text.encode(), TEXT) == text
+    for text in many[12:]:
+        assert scorer.text_to_embed(text.encode(), TEXT) is None
+
+
+async def test_agents_changed_since_the_catalog_was_built_are_embedded_ahead() -> None:
+    """A router also embeds the agents a decision would embed (a new tenant, a registry
+    change) ahead, so the catalog is built from rows it has and the loop never waits."""
+    embedder = CostlyEmbedder()
+    scorer = Scorer(embedder)
+    registry = snapshot(*ASSISTANTS)
+    agent_texts = scorer.agent_texts_to_embed(registry, T)
+    assert len(agent_texts) >= len(ASSISTANTS)  # a row per capability, one per example
+    await scorer.embed_ahead([*agent_texts, TEXTS[0]])
+    assert len(embedder.calls) == 1
+
+    assert decide(scorer, TEXTS[0])[0] == "translator"
+    assert len(embedder.calls) == 1  # catalog and query came from the rows embedded ahead
+    assert scorer.agent_texts_to_embed(registry, T) == []  # built: nothing changed since
+    assert Scorer(HashingEmbedder()).agent_texts_to_embed(registry, T) == []
+
+
+async def test_rows_embedded_ahead_and_fresh_rows_combine_in_one_call() -> None:
+    embedder = CostlyEmbedder()
+    scorer = Scorer(embedder)
+    await scorer.embed_ahead(TEXTS[:2])
+    rows = scorer.embedder.embed([TEXTS[1], TEXTS[2], TEXTS[0], TEXTS[2]])
+    assert embedder.calls[1][0] == [TEXTS[2]]  # only the text not embedded ahead
+    expected = HashingEmbedder().embed([TEXTS[1], TEXTS[2], TEXTS[0], TEXTS[2]])
+    assert np.allclose(rows, expected)
+    assert rows.dtype == np.float32
 
 
 async def test_a_text_the_model_maps_to_zero_is_not_a_query() -> None:
