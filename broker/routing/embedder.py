@@ -398,6 +398,14 @@ def _static(argument: str) -> Embedder:
     return StaticEmbedder()
 
 
+def _minilm(argument: str) -> Embedder:
+    from broker.routing.minilm import MiniLMEmbedder  # imports this module
+
+    if argument:
+        raise EmbedderUnavailable(f"the minilm embedder takes no argument, got {argument!r}")
+    return MiniLMEmbedder()
+
+
 def _static_hashing(argument: str) -> Embedder:
     share = HASHING_SHARE
     if argument:
@@ -415,6 +423,7 @@ EMBEDDERS: dict[str, Callable[[str], Embedder]] = {
     "hashing": _hashing,
     "static": _static,
     "static+hashing": _static_hashing,
+    "minilm": _minilm,
     "sentence-transformers": _sentence_transformers,
 }
 
