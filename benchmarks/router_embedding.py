@@ -1,4 +1,4 @@
-"""Router throughput with a sentence-transformers model: a batch per call against one text.
+"""Router throughput with a neural embedder: a batch per call against one text at a time.
 
 A router with a costly embedder (:func:`broker.routing.embedder.costly`) embeds the texts
 of each fetched batch in one call on a worker thread (``Scorer.embed_ahead``). This
@@ -19,9 +19,12 @@ in a rotated order each round. It also records the longest
 stall of the router's event loop (a task that wakes every 5 ms and notes how late it
 is), which is how long acks, load reports and registry changes wait.
 
-Needs the ``embeddings`` extra and a local model::
+The embedder is the built-in default (all-MiniLM-L6-v2 in NumPy) unless ``--embedder SPEC``
+names another; ``--model DIR`` is ``--embedder sentence-transformers:DIR`` (the
+``embeddings`` extra and a local model)::
 
-    python benchmarks/router_embedding.py --model /path/to/all-MiniLM-L6-v2 [--messages 512]
+    python benchmarks/router_embedding.py [--embedder minilm] [--messages 512]
+    python benchmarks/router_embedding.py --model /path/to/all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from broker.registry.commands import put_agent  # noqa: E402
 from broker.registry.manifest import AgentManifest  # noqa: E402
 from broker.registry.snapshot import RegistryView  # noqa: E402
 from broker.routing import Scorer  # noqa: E402
-from broker.routing.embedder import Embedder, SentenceTransformerEmbedder  # noqa: E402
+from broker.routing.embedder import Embedder, load_embedder  # noqa: E402
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO  # noqa: E402
 from broker.routing.load import LoadView  # noqa: E402
 from broker.routing.policy import Policy  # noqa: E402
@@ -149,7 +152,7 @@ async def one_run(args: argparse.Namespace) -> dict[str, float | None]:
     # No warm-up call here: the router's scorer runs the model on a thread of its own, and a
     # model used from two threads of a process ran single texts at half speed. The agents'
     # catalog, embedded before the clock starts, warms the model up on that thread.
-    embedder = SentenceTransformerEmbedder(args.model)
+    embedder = load_embedder(args.embedder)
     bodies = [f"{body} r{args.round}" for body in texts(args.messages)]
     if args.run == "model alone":
         return {"rate": len(bodies) / model_alone(embedder, bodies), "stall": None}
@@ -160,7 +163,8 @@ async def one_run(args: argparse.Namespace) -> dict[str, float | None]:
 
 
 def run_in_process(args: argparse.Namespace, mode: str, round_: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--model", args.model, "--messages", str(args.messages)]
+    command = [sys.executable, __file__, "--messages", str(args.messages)]
+    command += ["--embedder", args.embedder or ""]
     command += ["--run", mode, "--round", str(round_)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -184,7 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {round_ + 1} {mode:14} {result['rate']:8.1f} msgs/s{note}", flush=True)
     median = {m: statistics.median(r) for m, r in rates.items()}
     return {
-        "model": Path(args.model).name,
+        "embedder": load_embedder(args.embedder).name,
         "messages": args.messages,
         "rounds": args.rounds,
         "msgs_per_s": {m: round(v, 1) for m, v in median.items()},
@@ -200,13 +204,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a local sentence-transformers model")
+    parser.add_argument("--embedder", help="embedder spec (default: the built-in default)")
+    parser.add_argument("--model", help="a local sentence-transformers model directory")
     parser.add_argument("--messages", type=int, default=512, help="routed messages per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--run", choices=MODES, help=argparse.SUPPRESS)  # one run, in a child
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model:
+        args.embedder = f"sentence-transformers:{args.model}"
     if args.run:
         configure_logging("critical")
         print(json.dumps(asyncio.run(one_run(args))))
@@ -215,7 +222,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"\nrouter with {result['model']}, {args.messages} messages x {args.rounds} rounds")
+    print(f"\nrouter with {result['embedder']}, {args.messages} messages x {args.rounds} rounds")
     for mode, rate in result["msgs_per_s"].items():
         stall = result["longest_stall_ms"].get(mode)
         tail = f"   longest loop stall {stall} ms" if stall is not None else ""

@@ -168,7 +168,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="BROKER_ROUTING_EMBEDDER",
-            help="`static+hashing` (default), `static`, `hashing` or "
+            help="`minilm` (default), `static+hashing`, `static`, `hashing` or "
             "`sentence-transformers:/path/to/model`.",
         ),
     ] = None,

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     )
     routing_embedder: str | None = Field(
         default=None,
-        description="`static+hashing` (default), `static`, `hashing` or "
+        description="`minilm` (default), `static+hashing`, `static`, `hashing` or "
         "`sentence-transformers:/path/to/model`.",
     )
     route_decision_timeout: float = Field(

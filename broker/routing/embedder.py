@@ -1,10 +1,16 @@
 """Text embedders: turn agent descriptions and message text into unit vectors.
 
-The default is ``static+hashing``: a :class:`BlendedEmbedder` of the static MiniLM token
-table (:class:`~broker.routing.static_embedder.StaticEmbedder`, 90% of the cosine: word
-meaning, so "kitten" is near "cat") and :class:`HashingEmbedder` (10%: exact words, rare
-names and ids). Both are plain Python and NumPy, ship with the package and need no model
-download, no network and no torch.
+The default is ``minilm``: all-MiniLM-L6-v2, a real sentence-embedding model, run in NumPy
+on weights shipped with the package (:class:`~broker.routing.minilm.MiniLMEmbedder`). It
+reads context and word order; it costs milliseconds per text, so routers embed each fetched
+batch at once on a thread of its own (:func:`costly`).
+
+``static+hashing`` (the default until 2026-11-26) is a :class:`BlendedEmbedder` of the
+static MiniLM token table (:class:`~broker.routing.static_embedder.StaticEmbedder`, 90% of
+the cosine: word meaning, so "kitten" is near "cat") and :class:`HashingEmbedder` (10%:
+exact words, rare names and ids): tens of microseconds per text, less accurate. All of
+these are plain Python and NumPy, ship with the package and need no model download, no
+network and no torch.
 
 :class:`HashingEmbedder`: signed feature hashing of word stems, word bigrams and character
 trigrams, with a stable hash (BLAKE2b), so the same text gives the same vector in every
@@ -13,9 +19,9 @@ only as far as they share words or word pieces.
 
 :class:`SentenceTransformerEmbedder` loads a sentence-transformers model from a local path
 (the optional ``embeddings`` extra). :func:`load_embedder` picks one from a spec string
-(``BROKER_ROUTING_EMBEDDER``): ``static+hashing`` (default; ``static+hashing:0.3`` gives
-hashing another share), ``static``, ``hashing``, ``hashing:512`` (another dimension), or
-``sentence-transformers:/path/to/model``.
+(``BROKER_ROUTING_EMBEDDER``): ``minilm`` (default), ``static+hashing``
+(``static+hashing:0.3`` gives hashing another share), ``static``, ``hashing``,
+``hashing:512`` (another dimension), or ``sentence-transformers:/path/to/model``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ EXTRA_HINT = "pip install 'agent-broker[embeddings]'"
 #: sets of ``benchmarks/routing.py --dev`` and ``--quality``).
 HASHING_SHARE = 0.1
 #: The spec of the embedder used when none is configured.
-DEFAULT_SPEC = "static+hashing"
+DEFAULT_SPEC = "minilm"
 #: A routing policy's threshold when neither it nor the embedder sets one.
 DEFAULT_THRESHOLD = 0.2
 #: The threshold with the static table (alone or in the default blend): its cosines run
@@ -429,17 +435,17 @@ EMBEDDERS: dict[str, Callable[[str], Embedder]] = {
 
 
 def load_embedder(spec: str | None) -> Embedder:
-    """The embedder a spec names: ``None``/``static+hashing`` (the default, see
-    :data:`DEFAULT_SPEC`), ``static+hashing:<hashing share>``, ``static`` (dim 128),
-    ``hashing`` (dim 384), ``hashing:<dim>``, or
-    ``sentence-transformers:<local model directory>``."""
+    """The embedder a spec names: ``None``/``minilm`` (the default, see
+    :data:`DEFAULT_SPEC`; dim 384), ``static+hashing`` (dim 512),
+    ``static+hashing:<hashing share>``, ``static`` (dim 128), ``hashing`` (dim 384),
+    ``hashing:<dim>``, or ``sentence-transformers:<local model directory>``."""
     if spec is None or not spec.strip():
         spec = DEFAULT_SPEC
     kind, _, argument = spec.strip().partition(":")
     factory = EMBEDDERS.get(kind.strip().lower())
     if factory is None:
         raise EmbedderUnavailable(
-            f"unknown embedder {kind!r}: use 'static+hashing', 'static', 'hashing' or "
-            "'sentence-transformers:/path/to/model'"
+            f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', 'hashing' "
+            "or 'sentence-transformers:/path/to/model'"
         )
     return factory(argument.strip())

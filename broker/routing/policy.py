@@ -128,7 +128,8 @@ class Policy(_Model):
         le=2,
         description="Least relevance (cosine + lexical) a candidate needs when the message "
         "has text or an embedding and no Broker-Intent. Unset: the embedder's own, "
-        "calibrated value (0.35 for the default static+hashing embedder, 0.2 otherwise).",
+        "calibrated value (0.35 with the static table: `static`, `static+hashing`; 0.2 "
+        "otherwise, the default `minilm` included).",
     )
     semantic_margin: float = Field(
         default=0.1,

@@ -68,9 +68,10 @@ def decide(scorer: Scorer, text: str) -> tuple[str | None, list[str]]:
     return decision.agent, [c.agent for c in decision.candidates]
 
 
-def test_only_a_model_is_costly() -> None:
+def test_only_a_neural_model_is_costly() -> None:
     assert costly(CostlyEmbedder())
-    assert not costly(load_embedder(None))  # the built-in default
+    assert costly(load_embedder(None))  # the built-in default, all-MiniLM-L6-v2 in NumPy
+    assert not costly(load_embedder("static+hashing"))
     assert not costly(HashingEmbedder())
     assert costly(BlendedEmbedder([(HashingEmbedder(), 0.5), (CostlyEmbedder(), 0.5)]))
     assert not Scorer(HashingEmbedder()).costly

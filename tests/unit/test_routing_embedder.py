@@ -118,7 +118,7 @@ def test_other_dimensions_are_available() -> None:
 
 @pytest.mark.parametrize("spec", ["hashing", " Hashing "])
 def test_the_hashing_spec_gives_hashing_384(spec: str) -> None:
-    """(The default is the static+hashing blend: test_routing_static_embedder.py.)"""
+    """(The default is minilm: test_routing_static_embedder.py and test_routing_minilm.py.)"""
     embedder = load_embedder(spec)
     assert isinstance(embedder, HashingEmbedder)
     assert embedder.dim == 384

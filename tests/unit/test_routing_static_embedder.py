@@ -1,5 +1,5 @@
 """The static MiniLM embedder: BERT's own word pieces, unit rows from the shipped table, word
-meaning without a model; and the default ``static+hashing`` blend."""
+meaning without a model; the ``static+hashing`` blend; and which embedder is the default."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from broker.routing.embedder import (
     HashingEmbedder,
     load_embedder,
 )
+from broker.routing.minilm import MiniLMEmbedder
 from broker.routing.static_embedder import (
     DATA,
     UNKNOWN,
@@ -177,8 +178,8 @@ def test_the_table_ships_with_its_provenance() -> None:
 # --- the blend and the default ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [None, "", "  ", "static+hashing", " Static+Hashing "])
-def test_the_default_embedder_blends_the_static_table_with_hashing(spec: str | None) -> None:
+@pytest.mark.parametrize("spec", ["static+hashing", " Static+Hashing "])
+def test_the_static_hashing_spec_blends_the_static_table_with_hashing(spec: str) -> None:
     embedder = load_embedder(spec)
     assert isinstance(embedder, BlendedEmbedder)
     (static, static_share), (hashing, hashing_share) = embedder.parts
@@ -186,7 +187,12 @@ def test_the_default_embedder_blends_the_static_table_with_hashing(spec: str | N
     assert isinstance(hashing, HashingEmbedder)
     assert (static_share, hashing_share) == pytest.approx((0.9, 0.1))
     assert embedder.dim == 128 + 384
-    assert DEFAULT_SPEC == "static+hashing"
+
+
+@pytest.mark.parametrize("spec", [None, "", "  "])
+def test_the_default_embedder_is_minilm_in_numpy(spec: str | None) -> None:
+    assert DEFAULT_SPEC == "minilm"
+    assert isinstance(load_embedder(spec), MiniLMEmbedder)
 
 
 def test_a_blends_cosine_is_the_share_weighted_mean_of_its_parts() -> None:
@@ -204,7 +210,7 @@ def test_a_blends_cosine_is_the_share_weighted_mean_of_its_parts() -> None:
 def test_a_part_with_no_words_leaves_the_other_to_decide() -> None:
     """Punctuation only: hashing sees no word, the blend's row is the static one; one
     over-long word: the static table knows none of it, the row is the hashing one."""
-    blend = load_embedder(None)
+    blend = load_embedder("static+hashing")
     marks, long_word = blend.embed(["?!", "z" * 150])
     np.testing.assert_allclose(np.linalg.norm([marks, long_word], axis=1), 1.0, rtol=1e-5)
     assert not marks[128:].any()
@@ -262,7 +268,8 @@ def test_the_policy_threshold_follows_the_embedder_unless_the_policy_sets_one() 
     from broker.routing.policy import Policy
     from broker.routing.scoring import Scorer
 
-    assert Scorer(load_embedder(None)).policy.threshold == STATIC_THRESHOLD
+    assert Scorer(load_embedder("static+hashing")).policy.threshold == STATIC_THRESHOLD
     assert Scorer(load_embedder("static")).policy.threshold == STATIC_THRESHOLD
+    assert Scorer(load_embedder(None)).policy.threshold == DEFAULT_THRESHOLD  # minilm
     assert Scorer(HashingEmbedder()).policy.threshold == DEFAULT_THRESHOLD
     assert Scorer(load_embedder(None), Policy(threshold=0.05)).policy.threshold == 0.05
