@@ -324,29 +324,20 @@ class Router:
             log.info("router_stopped", **asdict(self.stats))
 
     async def _embed_ahead(self, batch: Sequence[Msg]) -> None:
-        """With a costly embedder: embed what deciding the batch's routed messages needs
-        (their texts, and the agents changed since a tenant's catalog was built) at once, on
-        the model's thread (:meth:`Scorer.embed_ahead`). A failure here is left to each
+        """With a costly embedder: embed what deciding the batch's routed messages needs at
+        once, on the model's thread (:meth:`Scorer.prepare`). A failure here is left to each
         message's own decision, which embeds again and reports what went wrong."""
-        scorer = self.scorer
-        if not scorer.costly:
+        if not self.scorer.costly:
             return
-        texts: list[str] = []
-        tenants: set[str] = set()
+        routed = []
         for message in batch:
             headers = _headers(message)
             if headers.get(H_ROUTE_MODE) == ROUTE_MODE_AUTO:
-                tenants.add(tenant_of(message.subject))
-                text = scorer.text_to_embed(message.data, headers)
-                if text is not None:
-                    texts.append(text)
-        snapshot = self.registry.snapshot
-        for tenant in sorted(tenants):
-            texts += scorer.agent_texts_to_embed(snapshot, tenant)
+                routed.append((tenant_of(message.subject), message.data, headers))
         try:
-            await scorer.embed_ahead(texts)
+            await self.scorer.prepare(self.registry.snapshot, routed)
         except Exception as e:
-            log.warning("router_embed_ahead_failed", texts=len(texts), error=str(e)[:200])
+            log.warning("router_embed_ahead_failed", messages=len(routed), error=str(e)[:200])
 
     async def _loop(
         self,

@@ -635,6 +635,26 @@ class Scorer:
         if self._own_thread is not None:
             await self._own_thread.embed_ahead(texts)
 
+    async def prepare(
+        self, snapshot: RegistrySnapshot, messages: Iterable[tuple[str, bytes, Mapping[str, str]]]
+    ) -> None:
+        """Before deciding a batch of ``(tenant, payload, headers)`` messages: embed what the
+        decisions would (each text, and the agents changed since a tenant's catalog was
+        built) in one call on the model's thread. Nothing to do unless the embedder is
+        costly."""
+        if self._own_thread is None:
+            return
+        texts: list[str] = []
+        tenants: set[str] = set()
+        for tenant, payload, headers in messages:
+            tenants.add(tenant)
+            text = self.text_to_embed(payload, headers)
+            if text is not None:
+                texts.append(text)
+        for tenant in sorted(tenants):
+            texts += self.agent_texts_to_embed(snapshot, tenant)
+        await self.embed_ahead(texts)
+
     def query(self, features: Features) -> Vector | None:
         """The message's query vector: its ``Broker-Embedding``, else its embedded text."""
         if features.embedding is not None:

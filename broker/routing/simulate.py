@@ -19,10 +19,11 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -39,6 +40,8 @@ from broker.routing.router import decision_rng
 from broker.routing.scoring import Scorer
 from broker.routing.types import AgentLoad
 from broker.streams import SUBJECT_PREFIX, Stream
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,29 @@ def resimulate(
     )
 
 
+async def _embed_ahead(
+    batch: Sequence[Msg], snapshot: RegistrySnapshot, scorer: Scorer, tenant: str | None
+) -> None:
+    """A costly embedder embeds the batch's texts in one call (:meth:`Scorer.prepare`)."""
+    if not scorer.costly:
+        return
+    messages = []
+    for message in batch:
+        headers = dict(message.headers or {})
+        if headers.get(H_EVENT) != RouteEventType.DECIDED:
+            continue
+        try:
+            route = RouteDecided.from_headers(headers)
+        except RouteEventUnreadable:
+            continue  # counted when it is decided
+        if tenant is None or route.tenant == tenant:
+            messages.append((route.tenant, message.data, original_headers(headers)))
+    try:
+        await scorer.prepare(snapshot, messages)
+    except Exception as e:  # each decision embeds again, and fails there if it must
+        log.warning("simulate_embed_ahead_failed", messages=len(messages), error=str(e)[:200])
+
+
 async def recorded_decisions(
     js: JetStreamContext, *, since: datetime | None = None
 ) -> AsyncIterator[list[Msg]]:
@@ -186,6 +212,7 @@ async def simulate(
 ) -> SimulationReport:
     report = SimulationReport(policy_version=scorer.policy.version)
     async for batch in recorded_decisions(js, since=since):
+        await _embed_ahead(batch, snapshot, scorer, tenant)
         for message in batch:
             try:
                 row = resimulate(message, snapshot, scorer, tenant)

@@ -183,6 +183,26 @@ async def test_agents_changed_since_the_catalog_was_built_are_embedded_ahead() -
     assert Scorer(HashingEmbedder()).agent_texts_to_embed(registry, T) == []
 
 
+async def test_prepare_embeds_a_batchs_texts_and_its_tenants_agents_in_one_call() -> None:
+    embedder = CostlyEmbedder()
+    scorer = Scorer(embedder)
+    registry = snapshot(*ASSISTANTS)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    batch = [(T, text.encode(), TEXT) for text in TEXTS]
+    batch += [(T, TEXTS[0].encode(), TEXT), (T, png, {"content-type": "image/png"})]
+    await scorer.prepare(registry, batch)
+    assert len(embedder.calls) == 1
+    embedded = embedder.calls[0][0]
+    assert embedded[: len(TEXTS)] == TEXTS  # each text once, then the agents
+    assert set(scorer.agent_texts_to_embed(registry, T)) <= set(embedded)
+    for tenant, payload, headers in batch:
+        scorer.decide(registry, tenant, payload, headers, idle(*NAMES), rng=random.Random(7))
+    assert len(embedder.calls) == 1  # every decision found its rows
+    await scorer.prepare(registry, batch)
+    assert len(embedder.calls) == 1  # nothing new to embed
+    await Scorer(HashingEmbedder()).prepare(registry, batch)  # not costly: nothing to do
+
+
 async def test_rows_embedded_ahead_and_fresh_rows_combine_in_one_call() -> None:
     embedder = CostlyEmbedder()
     scorer = Scorer(embedder)
