@@ -169,7 +169,7 @@ def serve(
         typer.Option(
             envvar="BROKER_ROUTING_EMBEDDER",
             help="`minilm` (default), `static+hashing`, `static`, `hashing` or "
-            "`sentence-transformers:/path/to/model`.",
+            "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
         ),
     ] = None,
 ) -> None:

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     routing_embedder: str | None = Field(
         default=None,
         description="`minilm` (default), `static+hashing`, `static`, `hashing` or "
-        "`sentence-transformers:/path/to/model`.",
+        "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
     )
     route_decision_timeout: float = Field(
         default=5.0, gt=0, description="How long POST /v1/route waits for the decision."

@@ -438,14 +438,39 @@ def load_embedder(spec: str | None) -> Embedder:
     """The embedder a spec names: ``None``/``minilm`` (the default, see
     :data:`DEFAULT_SPEC`; dim 384), ``static+hashing`` (dim 512),
     ``static+hashing:<hashing share>``, ``static`` (dim 128), ``hashing`` (dim 384),
-    ``hashing:<dim>``, or ``sentence-transformers:<local model directory>``."""
+    ``hashing:<dim>``, ``sentence-transformers:<local model directory>``, or a blend of
+    any of these: specs joined by ``|``, each with an optional ``*<share>`` (equal shares
+    when none is given), e.g. ``sentence-transformers:/models/mpnet|minilm``. A blend's
+    threshold is the share-weighted mean of its parts'."""
     if spec is None or not spec.strip():
         spec = DEFAULT_SPEC
+    if "|" in spec:
+        return _blend(spec)
     kind, _, argument = spec.strip().partition(":")
     factory = EMBEDDERS.get(kind.strip().lower())
     if factory is None:
         raise EmbedderUnavailable(
             f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', 'hashing' "
-            "or 'sentence-transformers:/path/to/model'"
+            "or 'sentence-transformers:/path/to/model', or join several with '|'"
         )
     return factory(argument.strip())
+
+
+def _blend(spec: str) -> Embedder:
+    parts: list[tuple[Embedder, float]] = []
+    for item in spec.split("|"):
+        part, share = item.strip(), 1.0
+        if "*" in part:
+            part, _, share_text = part.rpartition("*")
+            try:
+                share = float(share_text)
+            except ValueError:
+                share = math.nan
+            if not (share > 0.0 and math.isfinite(share)):
+                raise EmbedderUnavailable(f"blend share {share_text!r} is not a positive number")
+        if not part.strip():
+            raise EmbedderUnavailable(f"blend {spec!r} has an empty part")
+        parts.append((load_embedder(part), share))
+    total = sum(share for _, share in parts)
+    threshold = sum(relevance_threshold(e) * share for e, share in parts) / total
+    return BlendedEmbedder(parts, relevance_threshold=threshold)

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 from broker.routing.embedder import (
     EXTRA_HINT,
+    BlendedEmbedder,
     Embedder,
     EmbedderUnavailable,
     HashingEmbedder,
     SentenceTransformerEmbedder,
+    costly,
     load_embedder,
     stem,
     tokens,
@@ -136,11 +138,32 @@ def test_the_hashing_spec_gives_hashing_384(spec: str) -> None:
         ("static+hashing:0", "not a number in"),
         ("static+hashing:lots", "not a number in"),
         ("static+hashing:nan", "not a number in"),
+        ("hashing|", "has an empty part"),
+        ("hashing|*2", "has an empty part"),
+        ("hashing|static*x", "not a positive number"),
+        ("hashing|static*0", "not a positive number"),
+        ("hashing|static*-1", "not a positive number"),
+        ("hashing|word2vec", "unknown embedder"),
     ],
 )
 def test_bad_embedder_specs_are_refused_clearly(spec: str, complaint: str) -> None:
     with pytest.raises(EmbedderUnavailable, match=complaint):
         load_embedder(spec)
+
+
+def test_specs_joined_by_a_bar_blend_with_their_shares_and_thresholds() -> None:
+    blend = load_embedder("hashing*3|static")
+    assert isinstance(blend, BlendedEmbedder)
+    assert [share for _, share in blend.parts] == pytest.approx([0.75, 0.25])
+    assert blend.dim == 384 + 128
+    # The share-weighted mean of the parts' own thresholds (hashing 0.2, static 0.35).
+    assert blend.relevance_threshold == pytest.approx(0.75 * 0.2 + 0.25 * 0.35)
+    a, b = "reset my VPN password please", "my VPN login stopped working"
+    rows = blend.embed([a, b])
+    hashing, static = HashingEmbedder().embed([a, b]), load_embedder("static").embed([a, b])
+    expected = 0.75 * float(hashing[0] @ hashing[1]) + 0.25 * float(static[0] @ static[1])
+    assert float(rows[0] @ rows[1]) == pytest.approx(expected, abs=1e-5)
+    assert costly(load_embedder("minilm|hashing"))  # costly when any part is
 
 
 @pytest.mark.skipif(HAS_SENTENCE_TRANSFORMERS, reason="the embeddings extra is installed")
