@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,129 @@ async def route_all(
         return elapsed, longest[0]
 
 
+async def fleet_server(store: Path, bodies: list[str]) -> NatsServer:
+    """A fresh nats-server with the streams, the fleet registered and ``bodies`` stored."""
+    server = NatsServer(ServerSpec(store)).start()
+    nc = await nats.connect(server.url)
+    await provision(nc.jetstream(), Settings())
+    await nc.close()
+    publisher = Publisher([server.url])
+    publisher.start()
+    await publisher.wait_connected(10)
+    fleet = yaml.safe_load((ROOT / "benchmarks/routing_quality/agents.yaml").read_text())
+    for manifest in fleet["agents"]:
+        await put_agent(publisher, TENANT, AgentManifest.model_validate(manifest))
+    auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO, "Content-Type": "text/plain"}
+    pending = [
+        await publisher.submit(Outbound(f"msg.{TENANT}.ask", body.encode(), dict(auto)))
+        for body in bodies
+    ]
+    await asyncio.gather(*pending)
+    await publisher.close()
+    return server
+
+
+async def router_child(args: argparse.Namespace) -> None:
+    """One router process of a scaling run: ready (model loaded, catalog built), then routes
+    from the line "go" on stdin until SIGTERM."""
+    embedder = load_embedder(args.embedder)
+    publisher = Publisher([args.router_child])
+    publisher.start()
+    await publisher.wait_connected(10)
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    scorer = Scorer(embedder, POLICY)
+    scorer.catalogs.get(registry.snapshot, TENANT)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await Router(publisher, scorer, POLICY, registry, LoadView()).run(stop)
+    await publisher.close()
+
+
+async def wait_decided(url: str, count: int, timeout: float = 600.0) -> None:
+    """Until ``count`` decisions are stored (routed to an inbox, or dead-lettered)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            routes = (await js.stream_info("ROUTES")).state.messages
+            if routes + (await js.stream_info("DLQ")).state.messages >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise SystemExit(f"{count} decisions were not stored in {timeout:g} s")
+    finally:
+        await nc.close()
+
+
+def scaled_run(args: argparse.Namespace, routers: int, blas: str | None, round_: int) -> float:
+    """Messages per second for ``routers`` router processes sharing the work."""
+    bodies = [f"{body} r{round_}" for body in texts(args.messages)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "OTEL_"))}
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    with tempfile.TemporaryDirectory(prefix="router-scaling-") as tmp:
+        server = asyncio.run(fleet_server(Path(tmp), bodies))
+        command = [sys.executable, __file__, "--embedder", args.embedder or ""]
+        children = [
+            subprocess.Popen(
+                [*command, "--router-child", server.url],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(routers)
+        ]
+        try:
+            for child in children:
+                assert child.stdout is not None
+                if child.stdout.readline().strip() != "ready":
+                    raise SystemExit("a router child did not start")
+            started = time.perf_counter()
+            for child in children:
+                assert child.stdin is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            asyncio.run(wait_decided(server.url, len(bodies)))
+            return len(bodies) / (time.perf_counter() - started)
+        finally:
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.wait(30)
+            server.stop()
+
+
+SCALING = [
+    ("1 router", 1, None),
+    ("2 routers", 2, None),
+    ("2 routers, 1 BLAS thread each", 2, "1"),
+]
+
+
+def measure_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    rates: dict[str, list[float]] = {name: [] for name, *_ in SCALING}
+    for round_ in range(args.rounds):
+        for shift in range(len(SCALING)):
+            name, routers, blas = SCALING[(round_ + shift) % len(SCALING)]
+            rate = scaled_run(args, routers, blas, round_)
+            rates[name].append(rate)
+            print(f"round {round_ + 1} {name:30} {rate:8.1f} msgs/s", flush=True)
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return {
+        "embedder": load_embedder(args.embedder).name,
+        "messages": args.messages,
+        "rounds": args.rounds,
+        "msgs_per_s": {name: round(v, 1) for name, v in median.items()},
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}",
+    }
+
+
 def model_alone(embedder: Embedder, bodies: list[str]) -> float:
     embedder.embed(bodies[:8])  # warm up
     started = time.perf_counter()
@@ -209,7 +333,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=512, help="routed messages per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: 1 router against 2 router processes (with and without one BLAS "
+        "thread each) sharing the work",
+    )
     parser.add_argument("--run", choices=MODES, help=argparse.SUPPRESS)  # one run, in a child
+    parser.add_argument("--router-child", help=argparse.SUPPRESS)  # a scaling run's router
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model:
@@ -217,6 +348,15 @@ def main() -> None:
     if args.run:
         configure_logging("critical")
         print(json.dumps(asyncio.run(one_run(args))))
+        return
+    if args.router_child:
+        configure_logging("critical")
+        asyncio.run(router_child(args))
+        return
+    if args.scaling:
+        configure_logging("warning")
+        scaling = measure_scaling(args)
+        print(json.dumps(scaling, indent=2))
         return
     result = measure(args)
     if args.json:

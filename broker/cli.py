@@ -96,9 +96,17 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     )
 )
 def serve(
-    host: Annotated[str, typer.Option(help="Address the HTTP/2 ingress binds.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Ingress port (h2c and HTTP/1.1 on one port).")] = 8080,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Granian worker processes.")] = 1,
+    host: Annotated[
+        str, typer.Option(envvar="BROKER_HOST", help="Address the HTTP/2 ingress binds.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(envvar="BROKER_PORT", help="Ingress port (h2c and HTTP/1.1 on one port)."),
+    ] = 8080,
+    workers: Annotated[
+        int,
+        typer.Option(envvar="BROKER_WORKERS", min=1, max=64, help="Granian worker processes."),
+    ] = 1,
     nats_url: Annotated[
         str | None,
         typer.Option(
@@ -110,9 +118,15 @@ def serve(
         Path, typer.Option(envvar="BROKER_DATA_DIR", help="Embedded NATS storage directory.")
     ] = Path(".broker"),
     nats_port: Annotated[
-        int, typer.Option(help="Embedded NATS client port; 0 picks a free one.")
+        int,
+        typer.Option(
+            envvar="BROKER_NATS_PORT", help="Embedded NATS client port; 0 picks a free one."
+        ),
     ] = 0,
-    replicas: Annotated[int, typer.Option(min=1, max=5, help="Stream replica count.")] = 1,
+    replicas: Annotated[
+        int,
+        typer.Option(envvar="BROKER_STREAM_REPLICAS", min=1, max=5, help="Stream replica count."),
+    ] = 1,
     update_streams: Annotated[
         bool, typer.Option(help="Update existing streams whose configuration differs.")
     ] = False,
@@ -143,7 +157,13 @@ def serve(
         ),
     ] = None,
     projection_workers: Annotated[
-        int, typer.Option(min=0, max=64, help="Projection worker processes (0: none).")
+        int,
+        typer.Option(
+            envvar="BROKER_PROJECTION_WORKERS",
+            min=0,
+            max=64,
+            help="Projection worker processes (0: none).",
+        ),
     ] = 1,
     replica_url: Annotated[
         str | None,
@@ -153,7 +173,13 @@ def serve(
         ),
     ] = None,
     routers: Annotated[
-        int, typer.Option(min=0, max=64, help="Router processes (0: none; route elsewhere).")
+        int,
+        typer.Option(
+            envvar="BROKER_ROUTERS",
+            min=0,
+            max=64,
+            help="Router processes (0: none; route elsewhere).",
+        ),
     ] = 1,
     routing_policy: Annotated[
         Path | None,

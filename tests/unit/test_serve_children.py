@@ -1,0 +1,87 @@
+"""What ``broker serve`` runs with: the settings it reads from options and ``BROKER_*``
+variables, and its router processes' share of the cores' math threads when there are
+several (one router keeps the whole machine)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from broker.server import THREAD_VARIABLES, router_env
+from broker.settings import Settings
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def test_one_router_inherits_the_environment_as_it_is() -> None:
+    assert router_env(1, {"PATH": "/bin"}) is None
+    assert router_env(0) is None
+
+
+@pytest.mark.parametrize("routers", [2, 3, 64])
+def test_several_routers_share_the_cores_between_their_thread_pools(routers: int) -> None:
+    env = router_env(routers, {"PATH": "/bin"})
+    assert env is not None
+    assert env["PATH"] == "/bin"
+    share = max(1, cores() // routers)
+    assert {name: env[name] for name in THREAD_VARIABLES} == dict.fromkeys(
+        THREAD_VARIABLES, str(share)
+    )
+
+
+def test_a_thread_count_the_operator_set_is_kept() -> None:
+    env = router_env(4, {"OPENBLAS_NUM_THREADS": "3"})
+    assert env is not None
+    assert env["OPENBLAS_NUM_THREADS"] == "3"
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores() // 4))
+
+
+ENVIRONMENT = {
+    "BROKER_HOST": ("host", "0.0.0.0"),
+    "BROKER_PORT": ("port", 9123),
+    "BROKER_WORKERS": ("workers", 3),
+    "BROKER_NATS_PORT": ("nats_port", 4999),
+    "BROKER_STREAM_REPLICAS": ("stream_replicas", 3),
+    "BROKER_PROJECTION_WORKERS": ("projection_workers", 0),
+    "BROKER_ROUTERS": ("routers", 2),
+}
+
+
+def serve_settings(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: list[str]
+) -> Settings:
+    """The settings ``broker serve`` would run with (nothing is started)."""
+    from typer.testing import CliRunner
+
+    import broker.server
+    from broker.cli import app
+
+    seen: list[Settings] = []
+
+    def run_broker(settings: Settings, **_: object) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(broker.server, "run_broker", run_broker)
+    result = CliRunner().invoke(app, ["serve", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_serve_reads_every_documented_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: every setting is a ``broker serve`` option or a ``BROKER_*`` variable. The
+    counts of routers and workers were options only: the variables were ignored."""
+    env = {name: str(value) for name, (_, value) in ENVIRONMENT.items()}
+    settings = serve_settings(monkeypatch, env, [])
+    assert {field: getattr(settings, field) for field, _ in ENVIRONMENT.values()} == dict(
+        ENVIRONMENT.values()
+    )
+
+
+def test_an_option_beats_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = serve_settings(monkeypatch, {"BROKER_ROUTERS": "2"}, ["--routers", "4"])
+    assert settings.routers == 4
+    assert serve_settings(monkeypatch, {}, []).routers == 1
