@@ -4,11 +4,12 @@ A router with a costly embedder (:func:`broker.routing.embedder.costly`) embeds 
 of each fetched batch in one call on a worker thread (``Scorer.embed_ahead``). This
 measures what that buys, in one run and on one nats-server:
 
-- ``one at a time``: the router as it was before, each message's text embedded on the
-  event loop when its decision is made (the same router with the batch step left out);
+- ``one at a time``: the router as it was before, each message's text embedded when its
+  decision is made while the event loop waits (the same router with the batch step left
+  out);
 - ``batched``: the router as it is;
 - ``model alone``: the raw baseline, ``embed`` of the same texts in chunks of the router's
-  fetch size (256), with no NATS and no decisions: the most a router could do.
+  fetch size with a model (32), with no NATS and no decisions: the most a router could do.
 
 Each run is a process of its own (the model loaded before the clock starts). It publishes
 ``--messages`` distinct texts (the text requests of the dev set of ``benchmarks/routing.py``,
@@ -65,7 +66,7 @@ from broker.routing.embedder import Embedder, load_embedder  # noqa: E402
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO  # noqa: E402
 from broker.routing.load import LoadView  # noqa: E402
 from broker.routing.policy import Policy  # noqa: E402
-from broker.routing.router import _BATCH, Router  # noqa: E402
+from broker.routing.router import _COSTLY_BATCH, Router  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from broker.streams import provision  # noqa: E402
 
@@ -266,8 +267,8 @@ def measure_scaling(args: argparse.Namespace) -> dict[str, Any]:
 def model_alone(embedder: Embedder, bodies: list[str]) -> float:
     embedder.embed(bodies[:8])  # warm up
     started = time.perf_counter()
-    for i in range(0, len(bodies), _BATCH):
-        embedder.embed(bodies[i : i + _BATCH])
+    for i in range(0, len(bodies), _COSTLY_BATCH):
+        embedder.embed(bodies[i : i + _COSTLY_BATCH])
     return time.perf_counter() - started
 
 

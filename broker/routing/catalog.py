@@ -323,14 +323,6 @@ def _plan_agents(records: Sequence[AgentRecord], embedder: Embedder) -> tuple[li
             given = manifest.embedding.vector
             if given is not None and len(given) == embedder.dim:
                 vector = _unit(np.asarray(given, dtype=np.float32))
-            elif given is not None:
-                log.warning(
-                    "agent_embedding_ignored",
-                    agent=record.name,
-                    dim=len(given),
-                    embedder=embedder.name,
-                    expected=embedder.dim,
-                )
             if vector is None and manifest.embedding.text:
                 about = manifest.embedding.text
         plan: list[tuple[Capability, Vector | int, list[int]]] = []
@@ -354,6 +346,17 @@ def _embed_agents(
 ) -> list[_AgentEntry]:
     """Embed every record's groups with one ``embed`` call."""
     texts, plans = _plan_agents(records, embedder)
+    for record in records:
+        embedding = record.manifest.embedding
+        given = embedding.vector if embedding is not None else None
+        if given is not None and len(given) != embedder.dim:
+            log.warning(
+                "agent_embedding_ignored",
+                agent=record.name,
+                dim=len(given),
+                embedder=embedder.name,
+                expected=embedder.dim,
+            )
     embedded = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
 
     entries = []

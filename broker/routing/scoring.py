@@ -33,7 +33,7 @@ import asyncio
 import functools
 import random
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -536,12 +536,12 @@ class _OwnThread:
 
     ``embed_ahead`` (awaited by the router for each fetched batch) embeds texts on that
     thread while the event loop goes on; ``embed`` (a query, a catalog, a retry: the
-    embedder interface, blocking) returns the rows it already has and sends only the rest
-    to the thread. One thread, so a model (and its tokenizer, which must not be used by two
-    threads at once) only ever sees one caller; and torch, once used from two threads of a
-    process, ran single texts at half speed (all-MiniLM-L6-v2 on 2 cores: 175 texts/s on
-    one thread, 81-84 once a second thread had used the model). Called from the event
-    loop's thread only."""
+    embedder interface, blocking) returns the rows it already has, waits for those being
+    embedded ahead right now, and sends only the rest to the thread. One thread, so a model
+    (and its tokenizer, which must not be used by two threads at once) only ever sees one
+    caller; and torch, once used from two threads of a process, ran single texts at half
+    speed (all-MiniLM-L6-v2 on 2 cores: 175 texts/s on one thread, 81-84 once a second
+    thread had used the model). Called from the event loop's thread only."""
 
     def __init__(self, embedder: Embedder) -> None:
         self.inner = embedder
@@ -549,29 +549,51 @@ class _OwnThread:
         self.dim = embedder.dim
         self.costly = True
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="broker-embedder")
-        self._rows: dict[str, Vector] = {}  # embedded ahead, oldest first
+        self._rows: dict[str, Vector] = {}  # embedded ahead, least recently asked for first
+        #: Texts on the thread now: the job and the text's row in its result.
+        self._running: dict[str, tuple[Future[Matrix], int]] = {}
 
     def knows(self, text: str) -> bool:
-        return text in self._rows
+        return text in self._rows or text in self._running
 
     def embed(self, texts: Sequence[str]) -> Matrix:
-        rows = self._rows
-        missing = [text for text in dict.fromkeys(texts) if text not in rows]
+        rows, running = self._rows, self._running
+        missing = [t for t in dict.fromkeys(texts) if t not in rows and t not in running]
         if len(missing) == len(texts):
             return self._thread.submit(self.inner.embed, texts).result()
         fresh = self._thread.submit(self.inner.embed, missing).result() if missing else ()
         found = dict(zip(missing, fresh, strict=True))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            out[i] = found[text] if text in found else rows[text]
+            if text in found:
+                out[i] = found[text]
+            elif text in rows:
+                out[i] = rows[text]
+            else:  # being embedded ahead: wait for that job rather than run it twice
+                job, index = running[text]
+                out[i] = job.result()[index]
         return out
 
     async def embed_ahead(self, texts: Iterable[str]) -> None:
-        rows = self._rows
-        todo = [text for text in dict.fromkeys(texts) if text not in rows]
+        """Embed what is not known yet; texts known already count as just asked for, so the
+        batch that needs them does not push them out."""
+        rows, running = self._rows, self._running
+        todo = []
+        for text in dict.fromkeys(texts):
+            if text in rows:
+                rows[text] = rows.pop(text)
+            elif text not in running:
+                todo.append(text)
         if not todo:
             return
-        embedded = await asyncio.wrap_future(self._thread.submit(self.inner.embed, todo))
+        job = self._thread.submit(self.inner.embed, todo)
+        for index, text in enumerate(todo):
+            running[text] = (job, index)
+        try:
+            embedded = await asyncio.wrap_future(job)
+        finally:
+            for text in todo:
+                running.pop(text, None)
         while rows and len(rows) + len(todo) > MAX_AHEAD:
             del rows[next(iter(rows))]
         for text, row in zip(todo, embedded, strict=True):
@@ -581,10 +603,11 @@ class _OwnThread:
 class Scorer:
     """What a router holds: features, query embedding, catalog cache and :func:`decide`.
 
-    With a costly embedder (a sentence-transformers model, :func:`costly`), the router hands
-    each fetched batch to :meth:`embed_ahead` first: the texts of the batch's messages, and
-    of agents registered or changed since the tenant's catalog was built, are embedded in
-    one call on the model's own thread, and the decisions find them there. One call for
+    With a costly embedder (a neural model: the default ``minilm``, a sentence-transformers
+    model; :func:`costly`), the router hands each fetched batch to :meth:`prepare` first:
+    the texts of the batch's messages, and of agents registered or changed since the
+    tenant's catalog was built, are embedded in one call on the model's own thread, and the
+    decisions find them there. One call for
     many texts is several times faster than one per text, and the event loop keeps serving
     (acks, load reports, registry changes) meanwhile. Rows embedded in a batch can differ
     from a lone text's in the last bits (the model pads a batch), far below what changes a
@@ -604,22 +627,26 @@ class Scorer:
         self._own_thread = _OwnThread(embedder) if self.costly else None
         self.embedder: Embedder = self._own_thread or embedder
         self.policy = policy
+        if cache is not None and self._own_thread is not None and cache.embedder is embedder:
+            cache.embedder = self.embedder  # the catalogs' model calls on the model's thread too
         self.catalogs = cache or CatalogCache(self.embedder)
 
     def text_to_embed(self, payload: bytes, headers: Mapping[str, str]) -> str | None:
         """The text deciding this message would embed, when the embedder is costly and the
         text is not embedded yet; else ``None``."""
-        own = self._own_thread
-        if own is None:
+        text = self._query_text(payload, headers)
+        if text is None or self._own_thread is None or self._own_thread.knows(text):
             return None
+        return text
+
+    @staticmethod
+    def _query_text(payload: bytes, headers: Mapping[str, str]) -> str | None:
+        """The text :meth:`query` embeds for this message, if any."""
         try:
             features = extract(payload, headers)
         except BrokerError:  # decide refuses it; nothing to embed
             return None
-        text = features.text
-        if features.embedding is not None or not text or own.knows(text):
-            return None
-        return text
+        return features.text if features.embedding is None and features.text else None
 
     def agent_texts_to_embed(self, snapshot: RegistrySnapshot, tenant: str) -> list[str]:
         """The texts of the tenant's agents registered or changed since its catalog was
@@ -644,15 +671,15 @@ class Scorer:
         costly."""
         if self._own_thread is None:
             return
-        texts: list[str] = []
+        texts: list[str] = []  # known ones too: they count as just asked for
         tenants: set[str] = set()
         for tenant, payload, headers in messages:
             tenants.add(tenant)
-            text = self.text_to_embed(payload, headers)
+            text = self._query_text(payload, headers)
             if text is not None:
                 texts.append(text)
         for tenant in sorted(tenants):
-            texts += self.agent_texts_to_embed(snapshot, tenant)
+            texts += self.catalogs.texts_to_embed(snapshot, tenant)
         await self.embed_ahead(texts)
 
     def query(self, features: Features) -> Vector | None:

@@ -181,7 +181,7 @@ async def _embed_ahead(
             route = RouteDecided.from_headers(headers)
         except RouteEventUnreadable:
             continue  # counted when it is decided
-        if tenant is None or route.tenant == tenant:
+        if route.attempt == 1 and not route.mirror and tenant in (None, route.tenant):
             messages.append((route.tenant, message.data, original_headers(headers)))
     try:
         await scorer.prepare(snapshot, messages)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from broker.routing import HashingEmbedder, Scorer
+from broker.routing import CatalogCache, HashingEmbedder, Scorer
 from broker.routing.embedder import BlendedEmbedder, Matrix, costly, load_embedder
 from broker.routing.features import H_TEXT, extract
 from broker.routing.scoring import MAX_AHEAD
@@ -201,6 +201,38 @@ async def test_prepare_embeds_a_batchs_texts_and_its_tenants_agents_in_one_call(
     await scorer.prepare(registry, batch)
     assert len(embedder.calls) == 1  # nothing new to embed
     await Scorer(HashingEmbedder()).prepare(registry, batch)  # not costly: nothing to do
+
+
+async def test_a_text_being_embedded_ahead_is_waited_for_not_embedded_twice() -> None:
+    """A retry or a catalog build asks for a text the batch step is embedding right now."""
+    embedder = CostlyEmbedder(delay=0.2)
+    scorer = Scorer(embedder)
+    ahead = asyncio.create_task(scorer.embed_ahead(TEXTS))
+    await asyncio.sleep(0.05)  # the batch is on the model's thread
+    assert scorer.text_to_embed(TEXTS[0].encode(), TEXT) is None  # known: under way
+    rows = scorer.embedder.embed([TEXTS[0], "a text of its own"])
+    await ahead
+    assert [texts for texts, _ in embedder.calls] == [TEXTS, ["a text of its own"]]
+    assert np.allclose(rows, HashingEmbedder().embed([TEXTS[0], "a text of its own"]))
+
+
+async def test_texts_a_batch_needs_again_are_not_pushed_out_by_it() -> None:
+    embedder = CostlyEmbedder()
+    scorer = Scorer(embedder)
+    old = [f"old message {i}" for i in range(MAX_AHEAD)]
+    await scorer.embed_ahead(old)
+    await scorer.embed_ahead([old[0], *(f"new message {i}" for i in range(300))])
+    assert scorer.text_to_embed(old[0].encode(), TEXT) is None  # asked for again: kept
+    assert scorer.text_to_embed(old[1].encode(), TEXT) == old[1]  # the oldest went
+
+
+def test_a_catalog_cache_handed_in_runs_the_model_on_its_thread_too() -> None:
+    embedder = CostlyEmbedder()
+    scorer = Scorer(embedder, cache=CatalogCache(embedder))
+    assert scorer.catalogs.embedder is scorer.embedder
+    decide(scorer, TEXTS[0])
+    assert len({thread for _, thread in embedder.calls}) == 1
+    assert embedder.calls[0][1] != threading.get_ident()
 
 
 async def test_rows_embedded_ahead_and_fresh_rows_combine_in_one_call() -> None:
