@@ -9,7 +9,7 @@ measures what that buys, in one run and on one nats-server:
   out);
 - ``batched``: the router as it is;
 - ``model alone``: the raw baseline, ``embed`` of the same texts in chunks of the router's
-  fetch size with a model (32), with no NATS and no decisions: the most a router could do.
+  fetch size (256), with no NATS and no decisions: the most a router could do.
 
 Each run is a process of its own (the model loaded before the clock starts). It publishes
 ``--messages`` distinct texts (the text requests of the dev set of ``benchmarks/routing.py``,
@@ -66,7 +66,7 @@ from broker.routing.embedder import Embedder, load_embedder  # noqa: E402
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO  # noqa: E402
 from broker.routing.load import LoadView  # noqa: E402
 from broker.routing.policy import Policy  # noqa: E402
-from broker.routing.router import _COSTLY_BATCH, Router  # noqa: E402
+from broker.routing.router import _BATCH, Router  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from broker.streams import provision  # noqa: E402
 
@@ -267,8 +267,8 @@ def measure_scaling(args: argparse.Namespace) -> dict[str, Any]:
 def model_alone(embedder: Embedder, bodies: list[str]) -> float:
     embedder.embed(bodies[:8])  # warm up
     started = time.perf_counter()
-    for i in range(0, len(bodies), _COSTLY_BATCH):
-        embedder.embed(bodies[i : i + _COSTLY_BATCH])
+    for i in range(0, len(bodies), _BATCH):
+        embedder.embed(bodies[i : i + _BATCH])
     return time.perf_counter() - started
 
 

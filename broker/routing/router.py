@@ -66,10 +66,6 @@ log = structlog.get_logger(__name__)
 ROUTER_CONSUMER = "router"
 RETRY_CONSUMER = "router-retries"
 _BATCH = 256
-#: A fetched batch is acked only once all of it is decided, within _ACK_WAIT. With a costly
-#: embedder (a model) a batch is embedded first: 32 texts at the model's 256 tokens each
-#: took 3.5 s in NumPy on 2 cores (all-MiniLM-L6-v2), 256 such texts would near the ack wait.
-_COSTLY_BATCH = 32
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
 
@@ -314,10 +310,9 @@ class Router:
         retries = await self._pull(Stream.ROUTES, RETRY_CONSUMER, failed)
         log.info("router_started", policy=self.policy.version, embedder=self.scorer.embedder.name)
         try:
-            size = _COSTLY_BATCH if self.scorer.costly else _BATCH
             await asyncio.gather(
-                self._loop(messages, self.route_message, stop, size, prepare=self._embed_ahead),
-                self._loop(retries, self.retry, stop, size),
+                self._loop(messages, self.route_message, stop, prepare=self._embed_ahead),
+                self._loop(retries, self.retry, stop),
             )
         finally:
             # Unsubscribed here, not left to the connection's drain: nats-py's fetch never marks
@@ -349,12 +344,11 @@ class Router:
         sub: Any,
         handle: Any,
         stop: asyncio.Event,
-        size: int,
         prepare: Callable[[Sequence[Msg]], Awaitable[None]] | None = None,
     ) -> None:
         while not stop.is_set():
             try:
-                batch: list[Msg] = await sub.fetch(size, timeout=_FETCH_TIMEOUT)
+                batch: list[Msg] = await sub.fetch(_BATCH, timeout=_FETCH_TIMEOUT)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -364,7 +358,15 @@ class Router:
                 await asyncio.sleep(0.5)
                 continue
             if prepare is not None:
+                started = time.monotonic()
                 await prepare(batch)
+                if time.monotonic() - started > _ACK_WAIT / 3:
+                    # The batch is acked message by message as it is decided: give every
+                    # message the whole ack wait again (256 texts at the model's 256 tokens
+                    # each took ~28 s in NumPy on 2 cores; short texts take under a second).
+                    for message in batch:
+                        with contextlib.suppress(Exception):
+                            await message.in_progress()
             for message in batch:
                 try:
                     await handle(message)

@@ -11,6 +11,7 @@ import time
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from broker.envelope import Outbound, Tenant
 from broker.publisher import _DRAIN_SECONDS, Publisher
@@ -18,6 +19,7 @@ from broker.registry.commands import put_agent
 from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
+from broker.routing import router as router_module
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
@@ -129,3 +131,42 @@ async def test_a_router_that_routed_messages_stops_and_its_connection_closes_at_
     started = time.monotonic()
     await own.close()
     assert time.monotonic() - started < _DRAIN_SECONDS / 2
+
+
+async def test_a_slow_batch_step_renews_the_ack_wait_of_the_batch(
+    publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When embedding a batch ahead took a good part of the ack wait, every message of the
+    batch is told to JetStream as in progress (``+WPI``), so none is redelivered while the
+    batch is decided."""
+    monkeypatch.setattr(router_module, "_ACK_WAIT", 0.6)  # renewal after 0.2 s
+    auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO}
+    for text in REQUESTS:
+        await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(auto)))
+    watcher = await nats.connect(nats_url)
+    progress: list[bytes] = []
+
+    async def on_ack(msg: Msg) -> None:
+        progress.append(msg.data)
+
+    await watcher.subscribe("$JS.ACK.MESSAGES.>", cb=on_ack)
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(
+        publisher, Scorer(CostlyEmbedder(delay=0.3), policy), policy, registry, LoadView()
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+
+    async def all_decided() -> bool:
+        return router.stats.routed + router.stats.dead_lettered == len(REQUESTS)
+
+    try:
+        assert await await_until(all_decided, timeout=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5)
+    await watcher.flush()
+    await watcher.close()
+    assert progress.count(b"+WPI") == len(REQUESTS)
