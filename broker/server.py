@@ -8,6 +8,7 @@ SIGKILL) and granian's supervisor; granian's worker processes run
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -112,6 +113,23 @@ def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container's ``--cpus``), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 quota here
+    return cores
+
+
 def router_env(routers: int, environ: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment of each of ``routers`` router processes: with more than one, each
     math-library thread pool gets a share of this machine's cores, unless set already.
@@ -121,8 +139,7 @@ def router_env(routers: int, environ: dict[str, str] | None = None) -> dict[str,
     if routers <= 1:
         return None
     env = dict(os.environ if environ is None else environ)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = str(max(1, (cores or 1) // routers))
+    share = str(max(1, available_cores() // routers))
     for name in THREAD_VARIABLES:
         env.setdefault(name, share)
     return env

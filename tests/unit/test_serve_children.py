@@ -5,15 +5,36 @@ several (one router keeps the whole machine)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from broker.server import THREAD_VARIABLES, router_env
+from broker.server import THREAD_VARIABLES, available_cores, router_env
 from broker.settings import Settings
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return available_cores()
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", None),  # no quota: the affinity
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # a core and a half: rounded up
+        ("50000 100000\n", 1),
+        ("garbage", None),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_cores(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert available_cores(path) == (affinity if expected is None else min(affinity or 1, expected))
+    assert available_cores(tmp_path / "missing") == affinity
 
 
 def test_one_router_inherits_the_environment_as_it_is() -> None:
