@@ -66,6 +66,10 @@ log = structlog.get_logger(__name__)
 ROUTER_CONSUMER = "router"
 RETRY_CONSUMER = "router-retries"
 _BATCH = 256
+#: A message whose decision raised something unexpected is delivered this many times (each
+#: after this many seconds), then dead-lettered with the error.
+_MAX_FAILED_DELIVERIES = 3
+_FAILED_DECISION_DELAY = 2.0
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
 
@@ -151,10 +155,11 @@ class Router:
         tenant = tenant_of(message.subject)
         with tracing.span("route", parent_headers=headers, kind=tracing.SpanKind.CONSUMER) as span:
             started = time.perf_counter()
-            try:
-                decision = self.decide(tenant, message.data, headers, message_seq=seq)
-            except BrokerError as e:  # a header the ingress let through but scoring refuses
-                decision = _refused(e, self.policy)
+            decision = await self._guarded(
+                message, lambda: self.decide(tenant, message.data, headers, message_seq=seq)
+            )
+            if decision is None:  # handed back for another delivery
+                return
             metrics.route_decided(
                 tenant, decision.agent, decision.reason, time.perf_counter() - started
             )
@@ -166,6 +171,27 @@ class Router:
             )
             await self._deliver(route, message.data, headers)
         await message.ack()
+
+    async def _guarded(self, message: Msg, decide: Callable[[], Decision]) -> Decision | None:
+        """``decide()``, whatever it raises. A :class:`BrokerError` (a header the ingress let
+        through but scoring refuses) refuses the message. Anything else (a bug, the model
+        failing on this text) hands it back for another delivery (``None``), and after
+        :data:`_MAX_FAILED_DELIVERIES` refuses it: one poison message must not stop the
+        router, nor come back forever."""
+        try:
+            return decide()
+        except BrokerError as e:
+            return _refused(e.message, self.policy)
+        except Exception as e:
+            self.stats.errors += 1
+            delivered = message.metadata.num_delivered
+            log.exception("route_decision_failed", subject=message.subject, delivered=delivered)
+            if delivered < _MAX_FAILED_DELIVERIES:
+                with contextlib.suppress(Exception):
+                    await message.nak(delay=_FAILED_DECISION_DELAY)
+                return None
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            return _refused(f"deciding it failed on {delivered} deliveries ({why})", self.policy)
 
     async def _deliver(self, route: RouteDecided, payload: bytes, headers: dict[str, str]) -> None:
         """Append the decision (and a mirror copy), then tell whoever waits."""
@@ -239,17 +265,19 @@ class Router:
         expired = deadline is not None and time.time() >= deadline
         if failure.retryable and not expired and route.attempt < self.policy.max_attempts:
             exclude = (*route.tried, failure.agent)
-            try:
-                decision = self.decide(
+            decision = await self._guarded(
+                message,
+                lambda: self.decide(
                     route.tenant,
                     message.data,
                     original,
                     message_seq=route.message_seq,
                     attempt=route.attempt + 1,
                     exclude=exclude,
-                )
-            except BrokerError as e:
-                decision = _refused(e, self.policy)
+                ),
+            )
+            if decision is None:  # handed back for another delivery
+                return
             self.stats.retried += 1
             await self._deliver(route.next_attempt(decision), message.data, original)
         else:
@@ -377,12 +405,12 @@ class Router:
                         await message.nak(delay=1.0)
 
 
-def _refused(error: BrokerError, policy: Policy) -> Decision:
+def _refused(why: str, policy: Policy) -> Decision:
     return Decision(
         agent=None,
         capability=None,
         reason=DecisionReason.NO_CANDIDATE,
-        detail=f"the message cannot be routed: {error.message}",
+        detail=f"the message cannot be routed: {why}",
         candidates=(),
         policy_version=policy.version,
     )

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Sequence
 
 import nats
 import pytest
@@ -20,6 +21,7 @@ from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
 from broker.routing import router as router_module
+from broker.routing.embedder import Matrix
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
@@ -42,9 +44,7 @@ REQUESTS = {
 }
 
 
-async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
-    publisher: Publisher, nats_url: str
-) -> None:
+async def register_agents(publisher: Publisher) -> None:
     for name, (action, description) in AGENTS.items():
         manifest = {
             "name": name,
@@ -53,6 +53,12 @@ async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
             "capabilities": [{"action": action}],
         }
         await put_agent(publisher, T, AgentManifest.model_validate(manifest))
+
+
+async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
+    publisher: Publisher, nats_url: str
+) -> None:
+    await register_agents(publisher)
     texts = list(REQUESTS) * 8  # 24 messages, each text 8 times
     seqs = {}
     for text in texts:
@@ -170,3 +176,50 @@ async def test_a_slow_batch_step_renews_the_ack_wait_of_the_batch(
     await watcher.flush()
     await watcher.close()
     assert progress.count(b"+WPI") == len(REQUESTS)
+
+
+class Poisoned(CostlyEmbedder):
+    """Fails on any text that says "poison", as a model might on one odd input."""
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        if any("poison" in text for text in texts):
+            raise RuntimeError("poisoned input")
+        return super().embed(texts)
+
+
+async def test_a_message_the_model_fails_on_is_retried_then_dead_lettered(
+    publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One poison message neither stops the router nor comes back forever: it is delivered
+    three times, then dead-lettered with the error; the rest of its batch is routed."""
+    monkeypatch.setattr(router_module, "_FAILED_DECISION_DELAY", 0.1)
+    await register_agents(publisher)
+    auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO}
+    poison = await publisher.publish(
+        Outbound(f"msg.{T}.chat", b"translate this poison pill", dict(auto))
+    )
+    for text in REQUESTS:
+        await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(auto)))
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(publisher, Scorer(Poisoned(), policy), policy, registry, LoadView())
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+
+    async def all_decided() -> bool:
+        return router.stats.routed == len(REQUESTS) and router.stats.dead_lettered == 1
+
+    try:
+        assert await await_until(all_decided, timeout=15)
+        assert not running.done()
+        assert router.stats.errors == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5)
+    nc = await nats.connect(nats_url)
+    sub = await nc.jetstream().subscribe(f"dlq.{T}.route", stream=Stream.DLQ, ordered_consumer=True)
+    dead = RouteDecided.from_headers((await sub.next_msg(timeout=5)).headers or {})
+    await nc.close()
+    assert dead.message_seq == poison.seq
+    assert "failed on 3 deliveries (RuntimeError: poisoned input)" in dead.decision.detail
