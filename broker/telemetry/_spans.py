@@ -59,6 +59,9 @@ __all__ = [
 MAX_ATTRIBUTES = 128
 _PLAIN = frozenset({str, bool, int, float, bytes})
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# An enum's ``.value`` is a property call; a dict lookup is a few times cheaper.
+_KIND_VALUES = {kind: kind.value for kind in SpanKind}
+_STATUS_VALUES = {code: code.value for code in StatusCode}
 _time_ns = time.time_ns
 
 #: An event of a span: ``(name, timestamp, attributes, dropped attribute count)``.
@@ -185,7 +188,10 @@ class RecordedSpan(Span):
         self.parent_remote = parent_remote
         self.tracestate = tracestate
         self.kind = kind
-        self.attributes, self.dropped_attributes = _cleaned(attributes)
+        if attributes:
+            self.attributes, self.dropped_attributes = _cleaned(attributes)
+        else:
+            self.attributes, self.dropped_attributes = {}, 0
         self.events: list[tuple[str, int, dict[str, Any], int]] | None = None
         self.status_code = StatusCode.UNSET
         self.status_description: str | None = None
@@ -301,12 +307,12 @@ class RecordedSpan(Span):
             self.parent_id,
             self.parent_remote,
             self.tracestate,
-            self.kind.value,
+            _KIND_VALUES[self.kind],
             self.start_time,
             self.end_time,
             self.dropped_attributes,
             tuple(self.events) if self.events else None,
-            self.status_code.value,
+            _STATUS_VALUES[self.status_code],
             self.status_description,
         ]
         for pair in self.attributes.items():

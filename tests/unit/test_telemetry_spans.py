@@ -16,7 +16,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -415,3 +416,23 @@ def test_spans_are_current_in_opentelemetrys_context_and_nest_sdk_spans() -> Non
     assert inner.parent.span_id == outer.get_span_context().span_id
     assert inner.context is not None
     assert inner.context.trace_id == outer.get_span_context().trace_id
+
+
+@pytest.mark.parametrize(
+    ("component", "current"),
+    [("ingress", False), ("router", False), ("agent", True), ("worker", True)],
+)
+def test_only_processes_running_others_code_make_spans_current_for_opentelemetry(
+    component: str, current: bool
+) -> None:
+    """The ingress and routers run only the broker's code inside a span; agents (handlers)
+    and workers (projections) may use the OpenTelemetry API, so their spans are current."""
+    tracing.configure(component, processors=[SimpleSpanProcessor(InMemorySpanExporter())])
+    try:
+        with tracing.span("edge", start_trace=True) as span:
+            assert span.is_recording()
+            assert (trace.get_current_span() is span) is current
+            assert tracing.current() is not None  # the broker's own context, always
+        assert trace.get_current_span() is not span
+    finally:
+        tracing.disable()
