@@ -59,9 +59,6 @@ __all__ = [
 MAX_ATTRIBUTES = 128
 _PLAIN = frozenset({str, bool, int, float, bytes})
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-# An enum's ``.value`` is a property call; a dict lookup is a few times cheaper.
-_KIND_VALUES = {kind: kind.value for kind in SpanKind}
-_STATUS_VALUES = {code: code.value for code in StatusCode}
 _time_ns = time.time_ns
 
 #: An event of a span: ``(name, timestamp, attributes, dropped attribute count)``.
@@ -129,6 +126,10 @@ def clean_value(value: object) -> Any:
 def _cleaned(attributes: Mapping[str, Any] | None) -> tuple[dict[str, Any], int]:
     if not attributes:
         return {}, 0
+    if len(attributes) <= MAX_ATTRIBUTES and all(
+        map(_PLAIN.__contains__, map(type, attributes.values()))
+    ):  # the usual case, checked in C: plain values only, no None, within the bound
+        return dict(attributes), 0
     out: dict[str, Any] = {}
     dropped = 0
     for key, raw in attributes.items():
@@ -307,12 +308,12 @@ class RecordedSpan(Span):
             self.parent_id,
             self.parent_remote,
             self.tracestate,
-            _KIND_VALUES[self.kind],
+            self.kind._value_,
             self.start_time,
             self.end_time,
             self.dropped_attributes,
             tuple(self.events) if self.events else None,
-            _STATUS_VALUES[self.status_code],
+            self.status_code._value_,
             self.status_description,
         ]
         for pair in self.attributes.items():
