@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from broker.http._rsgi import HTTPProtocol, Scope, StreamTransport
@@ -119,8 +118,13 @@ def instrument(handler: Handler) -> Handler:
                 server = tracing.edge_span(route, scope.headers)
                 if server is tracing.UNRECORDED:  # not sampled: nothing more to do
                     await handler(scope, recorder)
-                else:
-                    await _traced(server, handler, scope, recorder, route)
+                else:  # inline, not a coroutine of its own: see above
+                    with server as span:
+                        _describe(span, scope, route)
+                        try:
+                            await handler(scope, recorder)
+                        finally:
+                            _answered(span, recorder.status or NO_RESPONSE)
             else:
                 await handler(scope, recorder)
         finally:
@@ -132,28 +136,21 @@ def instrument(handler: Handler) -> Handler:
     return observed
 
 
-async def _traced(
-    server: AbstractContextManager[Span],
-    handler: Handler,
-    scope: Scope,
-    recorder: _Recorder,
-    route: str,
-) -> None:
+def _describe(span: Span, scope: Scope, route: str) -> None:
+    """A server span's name and request attributes (semantic conventions)."""
     method = scope.method if scope.method in metrics.METHODS else metrics.OTHER_METHOD
-    with server as span:
-        span.update_name(_span_names.get((method, route)) or _span_name(method, route))
-        span.set_attributes(
-            {
-                "http.request.method": method,
-                "http.route": route,
-                "url.path": scope.path[:256],
-                "network.protocol.version": scope.http_version,
-            }
-        )
-        try:
-            await handler(scope, recorder)
-        finally:
-            status = recorder.status or NO_RESPONSE
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(tracing.Status(tracing.StatusCode.ERROR))
+    span.update_name(_span_names.get((method, route)) or _span_name(method, route))
+    span.set_attributes(
+        {
+            "http.request.method": method,
+            "http.route": route,
+            "url.path": scope.path[:256],
+            "network.protocol.version": scope.http_version,
+        }
+    )
+
+
+def _answered(span: Span, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(tracing.Status(tracing.StatusCode.ERROR))
