@@ -101,22 +101,11 @@ async def route_all(
     store: Path, embedder: Embedder, router_class: type[Router], bodies: list[str]
 ) -> tuple[float, float]:
     """Seconds for one router to route ``bodies`` on a fresh server; the longest stall."""
-    with NatsServer(ServerSpec(store)) as server:
-        nc = await nats.connect(server.url)
-        await provision(nc.jetstream(), Settings())
-        await nc.close()
+    server = await fleet_server(store, bodies)
+    try:
         publisher = Publisher([server.url])
         publisher.start()
         await publisher.wait_connected(10)
-        fleet = yaml.safe_load((ROOT / "benchmarks/routing_quality/agents.yaml").read_text())
-        for manifest in fleet["agents"]:
-            await put_agent(publisher, TENANT, AgentManifest.model_validate(manifest))
-        auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO, "Content-Type": "text/plain"}
-        pending = [
-            await publisher.submit(Outbound(f"msg.{TENANT}.ask", body.encode(), dict(auto)))
-            for body in bodies
-        ]
-        await asyncio.gather(*pending)
         registry = RegistryView()
         await registry.start(publisher.js)
         scorer = Scorer(embedder, POLICY)
@@ -139,6 +128,8 @@ async def route_all(
             await asyncio.wait_for(running, 10)
         await publisher.close()
         return elapsed, longest[0]
+    finally:
+        server.stop()
 
 
 async def fleet_server(store: Path, bodies: list[str]) -> NatsServer:
@@ -253,12 +244,16 @@ def measure_scaling(args: argparse.Namespace) -> dict[str, Any]:
             rate = scaled_run(args, routers, blas, round_)
             rates[name].append(rate)
             print(f"round {round_ + 1} {name:30} {rate:8.1f} msgs/s", flush=True)
-    median = {name: statistics.median(r) for name, r in rates.items()}
+    return summary(args, rates)
+
+
+def summary(args: argparse.Namespace, rates: dict[str, list[float]]) -> dict[str, Any]:
+    """What every report starts with: the run and each configuration's median rate."""
     return {
         "embedder": load_embedder(args.embedder).name,
         "messages": args.messages,
         "rounds": args.rounds,
-        "msgs_per_s": {name: round(v, 1) for name, v in median.items()},
+        "msgs_per_s": {name: round(statistics.median(r), 1) for name, r in rates.items()},
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
         f"Python {platform.python_version()}",
     }
@@ -313,15 +308,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {round_ + 1} {mode:14} {result['rate']:8.1f} msgs/s{note}", flush=True)
     median = {m: statistics.median(r) for m, r in rates.items()}
     return {
-        "embedder": load_embedder(args.embedder).name,
-        "messages": args.messages,
-        "rounds": args.rounds,
-        "msgs_per_s": {m: round(v, 1) for m, v in median.items()},
+        **summary(args, rates),
         "batched_vs_one_at_a_time": round(median["batched"] / median["one at a time"], 2),
         "batched_vs_model_alone": round(median["batched"] / median["model alone"], 2),
         "longest_stall_ms": {m: round(max(s) * 1000, 1) for m, s in stalls.items()},
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
-        f"Python {platform.python_version()}",
     }
 
 

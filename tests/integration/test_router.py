@@ -21,7 +21,7 @@ from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
 from broker.routing import router as router_module
-from broker.routing.embedder import Matrix
+from broker.routing.embedder import Embedder, Matrix
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
@@ -42,6 +42,19 @@ REQUESTS = {
     "what does the weather forecast say about rain tomorrow": "weather",
     "summarise the attached quarterly report for me": "summarizer",
 }
+
+
+async def start_router(
+    publisher: Publisher, embedder: Embedder
+) -> tuple[Router, asyncio.Event, asyncio.Task[None]]:
+    """A router on ``publisher``'s connection (every registered agent eligible, live or not),
+    running until the event is set."""
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(publisher, Scorer(embedder, policy), policy, registry, LoadView())
+    stop = asyncio.Event()
+    return router, stop, asyncio.create_task(router.run(stop))
 
 
 async def register_agents(publisher: Publisher) -> None:
@@ -69,12 +82,7 @@ async def test_a_fetched_batch_is_embedded_once_and_routed_as_labelled(
     await publisher.publish(Outbound(f"msg.{T}.chat", b"a message nobody routes", {}))
 
     embedder = CostlyEmbedder()
-    registry = RegistryView()
-    await registry.start(publisher.js)
-    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
-    router = Router(publisher, Scorer(embedder, policy), policy, registry, LoadView())
-    stop = asyncio.Event()
-    running = asyncio.create_task(router.run(stop))
+    router, stop, running = await start_router(publisher, embedder)
     try:
 
         async def all_routed() -> bool:
@@ -121,12 +129,7 @@ async def test_a_router_that_routed_messages_stops_and_its_connection_closes_at_
     own = Publisher([nats_url])
     own.start()
     assert await own.wait_connected(5)
-    registry = RegistryView()
-    await registry.start(own.js)
-    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
-    router = Router(own, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
-    stop = asyncio.Event()
-    running = asyncio.create_task(router.run(stop))
+    router, stop, running = await start_router(own, CostlyEmbedder())
 
     async def all_seen() -> bool:
         return router.stats.dead_lettered == 3  # no agents: each goes to the DLQ
@@ -156,14 +159,7 @@ async def test_a_slow_batch_step_renews_the_ack_wait_of_the_batch(
         progress.append(msg.data)
 
     await watcher.subscribe("$JS.ACK.MESSAGES.>", cb=on_ack)
-    registry = RegistryView()
-    await registry.start(publisher.js)
-    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
-    router = Router(
-        publisher, Scorer(CostlyEmbedder(delay=0.3), policy), policy, registry, LoadView()
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(router.run(stop))
+    router, stop, running = await start_router(publisher, CostlyEmbedder(delay=0.3))
 
     async def all_decided() -> bool:
         return router.stats.routed + router.stats.dead_lettered == len(REQUESTS)
@@ -200,12 +196,7 @@ async def test_a_message_the_model_fails_on_is_retried_then_dead_lettered(
     )
     for text in REQUESTS:
         await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(auto)))
-    registry = RegistryView()
-    await registry.start(publisher.js)
-    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
-    router = Router(publisher, Scorer(Poisoned(), policy), policy, registry, LoadView())
-    stop = asyncio.Event()
-    running = asyncio.create_task(router.run(stop))
+    router, stop, running = await start_router(publisher, Poisoned())
 
     async def all_decided() -> bool:
         return router.stats.routed == len(REQUESTS) and router.stats.dead_lettered == 1
