@@ -97,20 +97,28 @@ async def stall_watch(longest: list[float]) -> None:
         longest[0] = max(longest[0], time.perf_counter() - before - TICK_S)
 
 
+async def ready_router(
+    url: str, embedder: Embedder, router_class: type[Router] = Router
+) -> tuple[Publisher, Router]:
+    """A connected router whose registry view has caught up and whose catalog is built (the
+    agents embedded before any clock starts)."""
+    publisher = Publisher([url])
+    publisher.start()
+    await publisher.wait_connected(10)
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    scorer = Scorer(embedder, POLICY)
+    scorer.catalogs.get(registry.snapshot, TENANT)
+    return publisher, router_class(publisher, scorer, POLICY, registry, LoadView())
+
+
 async def route_all(
     store: Path, embedder: Embedder, router_class: type[Router], bodies: list[str]
 ) -> tuple[float, float]:
     """Seconds for one router to route ``bodies`` on a fresh server; the longest stall."""
     server = await fleet_server(store, bodies)
     try:
-        publisher = Publisher([server.url])
-        publisher.start()
-        await publisher.wait_connected(10)
-        registry = RegistryView()
-        await registry.start(publisher.js)
-        scorer = Scorer(embedder, POLICY)
-        scorer.catalogs.get(registry.snapshot, TENANT)  # the agents embedded before the clock
-        router = router_class(publisher, scorer, POLICY, registry, LoadView())
+        publisher, router = await ready_router(server.url, embedder, router_class)
         stop = asyncio.Event()
         longest = [0.0]
         started = time.perf_counter()
@@ -157,20 +165,13 @@ async def fleet_server(store: Path, bodies: list[str]) -> NatsServer:
 async def router_child(args: argparse.Namespace) -> None:
     """One router process of a scaling run: ready (model loaded, catalog built), then routes
     from the line "go" on stdin until SIGTERM."""
-    embedder = load_embedder(args.embedder)
-    publisher = Publisher([args.router_child])
-    publisher.start()
-    await publisher.wait_connected(10)
-    registry = RegistryView()
-    await registry.start(publisher.js)
-    scorer = Scorer(embedder, POLICY)
-    scorer.catalogs.get(registry.snapshot, TENANT)
+    publisher, router = await ready_router(args.router_child, load_embedder(args.embedder))
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.readline)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await Router(publisher, scorer, POLICY, registry, LoadView()).run(stop)
+    await router.run(stop)
     await publisher.close()
 
 
