@@ -16,6 +16,7 @@ import pytest
 
 from broker.embedded import NatsServer
 from tests._certs import Issued, Pki, make_pki, secure_nats_config
+from tests._wait import wait_for
 from tests.e2e._broker import BrokerProcess, free_port, start_broker
 
 pytestmark = pytest.mark.e2e
@@ -259,8 +260,17 @@ def test_the_whole_broker_runs_on_a_nats_server_that_requires_tls_and_a_password
             with httpx.Client(base_url=broker.base_url, http1=False, http2=True) as client:
                 r = client.post("/v1/publish/secure.demo", json={"over": "tls"})
                 assert r.status_code == 200, r.text
-            connz = httpx.get(f"{server.monitor_url}/connz?auth=1", timeout=5).json()
-            names = {c.get("name", ""): c for c in connz["connections"]}
+            names: dict[str, dict[str, object]] = {}
+
+            def every_process_connected() -> bool:
+                # The router loads its embedding model before it connects: it may be later.
+                connz = httpx.get(f"{server.monitor_url}/connz?auth=1", timeout=5).json()
+                names.clear()
+                names.update({c.get("name", ""): c for c in connz["connections"]})
+                kinds = ("broker-ingress-", "broker-router", "broker-worker")
+                return all(any(n.startswith(k) for n in names) for k in kinds)
+
+            wait_for(every_process_connected, timeout=30)
             ingress = [c for n, c in names.items() if n.startswith("broker-ingress-")]
             assert ingress, sorted(names)
             assert all(c.get("tls_version") == "1.3" for c in ingress)
