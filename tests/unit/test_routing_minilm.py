@@ -1,4 +1,6 @@
-"""The NumPy port of all-MiniLM-L6-v2: the model's own embeddings, without torch.
+"""The NumPy port of all-MiniLM-L6-v2: the model's own embeddings, without torch (that a
+fresh process embeds with it and imports no torch is checked, as for every default, in
+test_routing_static_embedder.py).
 
 The reference rows (tests/unit/data/minilm_reference.npz) are the model's output under
 sentence-transformers, written by ``benchmarks/routing_quality/export_minilm.py
@@ -7,7 +9,6 @@ sentence-transformers, written by ``benchmarks/routing_quality/export_minilm.py
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,3 @@ def test_unreadable_weights_are_refused_clearly(tmp_path: Path) -> None:
     broken.write_bytes(DATA.read_bytes()[:1000])
     with pytest.raises(EmbedderUnavailable, match="cannot read the MiniLM weights"):
         MiniLMEmbedder(broken)
-
-
-def test_torch_is_never_imported(minilm: MiniLMEmbedder) -> None:
-    minilm.embed(["no torch here"])
-    assert "torch" not in sys.modules
