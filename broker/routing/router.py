@@ -353,8 +353,7 @@ class Router:
 
     async def _embed_ahead(self, batch: Sequence[Msg]) -> None:
         """With a costly embedder: embed what deciding the batch's routed messages needs at
-        once, on the model's thread (:meth:`Scorer.prepare`). A failure here is only logged:
-        each decision then embeds its own text, and fails there if it must."""
+        once, on the model's thread (:meth:`Scorer.prepare`)."""
         if not self.scorer.costly:
             return
         routed = []
@@ -362,10 +361,7 @@ class Router:
             headers = _headers(message)
             if headers.get(H_ROUTE_MODE) == ROUTE_MODE_AUTO:
                 routed.append((tenant_of(message.subject), message.data, headers))
-        try:
-            await self.scorer.prepare(self.registry.snapshot, routed)
-        except Exception as e:
-            log.warning("router_embed_ahead_failed", messages=len(routed), error=str(e)[:200])
+        await self.scorer.prepare(self.registry.snapshot, routed)
 
     async def _loop(
         self,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from broker.errors import BrokerError
 from broker.registry.manifest import Limits
@@ -55,6 +56,8 @@ from broker.routing.embedder import (
 from broker.routing.features import Features, InvalidRoutingHeader, extract
 from broker.routing.policy import DEFAULT_POLICY, Choice, Policy
 from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
+
+log = structlog.get_logger(__name__)
 
 Floats = npt.NDArray[np.float64]
 Bits = npt.NDArray[np.uint8]
@@ -668,7 +671,8 @@ class Scorer:
         """Before deciding a batch of ``(tenant, payload, headers)`` messages: embed what the
         decisions would (each text, and the agents changed since a tenant's catalog was
         built) in one call on the model's thread. Nothing to do unless the embedder is
-        costly."""
+        costly. A failure is only logged: each decision then embeds its own text, and fails
+        there if it must."""
         if self._own_thread is None:
             return
         texts: list[str] = []  # known ones too: they count as just asked for
@@ -680,7 +684,10 @@ class Scorer:
                 texts.append(text)
         for tenant in sorted(tenants):
             texts += self.catalogs.texts_to_embed(snapshot, tenant)
-        await self.embed_ahead(texts)
+        try:
+            await self.embed_ahead(texts)
+        except Exception as e:
+            log.warning("embed_ahead_failed", texts=len(texts), error=str(e)[:200])
 
     def query(self, features: Features) -> Vector | None:
         """The message's query vector: its ``Broker-Embedding``, else its embedded text."""

@@ -16,6 +16,7 @@ ones the decision did not record).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections import Counter
@@ -23,7 +24,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -40,8 +40,6 @@ from broker.routing.router import decision_rng
 from broker.routing.scoring import Scorer
 from broker.routing.types import AgentLoad
 from broker.streams import SUBJECT_PREFIX, Stream
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +126,27 @@ class SimulationReport:
         return out.getvalue()
 
 
-def resimulate(
-    message: Msg, snapshot: RegistrySnapshot, scorer: Scorer, tenant: str | None = None
-) -> Resimulated | None:
-    """Decide one recorded first-attempt decision again; ``None`` for anything else."""
+def _first_attempt(message: Msg, tenant: str | None) -> tuple[RouteDecided, dict[str, str]] | None:
+    """The recorded first-attempt decision in ``message`` (of ``tenant``, when given) and
+    the message's headers; ``None`` for any other event. Raises
+    :class:`RouteEventUnreadable`."""
     headers = dict(message.headers or {})
     if headers.get(H_EVENT) != RouteEventType.DECIDED:
         return None
     route = RouteDecided.from_headers(headers)
     if route.attempt != 1 or route.mirror or (tenant is not None and route.tenant != tenant):
         return None
+    return route, headers
+
+
+def resimulate(
+    message: Msg, snapshot: RegistrySnapshot, scorer: Scorer, tenant: str | None = None
+) -> Resimulated | None:
+    """Decide one recorded first-attempt decision again; ``None`` for anything else."""
+    found = _first_attempt(message, tenant)
+    if found is None:
+        return None
+    route, headers = found
     loads: dict[str, AgentLoad] = {
         c.agent: c.load_inputs for c in route.decision.candidates if c.load_inputs is not None
     }
@@ -174,19 +183,12 @@ async def _embed_ahead(
         return
     messages = []
     for message in batch:
-        headers = dict(message.headers or {})
-        if headers.get(H_EVENT) != RouteEventType.DECIDED:
-            continue
-        try:
-            route = RouteDecided.from_headers(headers)
-        except RouteEventUnreadable:
-            continue  # counted when it is decided
-        if route.attempt == 1 and not route.mirror and tenant in (None, route.tenant):
-            messages.append((route.tenant, message.data, original_headers(headers)))
-    try:
-        await scorer.prepare(snapshot, messages)
-    except Exception as e:  # each decision embeds again, and fails there if it must
-        log.warning("simulate_embed_ahead_failed", messages=len(messages), error=str(e)[:200])
+        with contextlib.suppress(RouteEventUnreadable):  # counted when it is decided
+            found = _first_attempt(message, tenant)
+            if found is not None:
+                route, headers = found
+                messages.append((route.tenant, message.data, original_headers(headers)))
+    await scorer.prepare(snapshot, messages)
 
 
 async def recorded_decisions(
