@@ -20,9 +20,7 @@ to the longest.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from broker.routing.embedder import DEFAULT_THRESHOLD, EmbedderUnavailable, Matrix
-from broker.routing.static_embedder import UNKNOWN, basic_tokens, wordpiece
+from broker.routing.static_embedder import UNKNOWN, basic_tokens, read_routing_data, wordpiece
 
 DATA = Path(__file__).resolve().parent / "data" / "minilm_l6.npz"
 _CHUNK = 32  # texts per forward pass in a batch (sorted by length first)
@@ -72,16 +70,13 @@ class MiniLMWeights:
 @functools.cache
 def load_weights(path: Path = DATA) -> MiniLMWeights:
     """Read and dequantise the shipped weights, once per process (per path)."""
+    vocab, meta, arrays = read_routing_data(path, "the MiniLM weights", "word")
+
+    def columns(name: str) -> Floats:
+        matrix: Floats = arrays[name].astype(np.float32) * arrays[f"{name}_scale"]
+        return matrix
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-        meta = json.loads(arrays["meta"].tobytes().decode())
-        words = arrays["vocab"].tobytes().decode().split("\n")
-
-        def columns(name: str) -> Floats:
-            matrix: Floats = arrays[name].astype(np.float32) * arrays[f"{name}_scale"]
-            return matrix
-
         layers = tuple(
             _Layer(
                 qkv=columns(f"qkv{i}"),
@@ -98,12 +93,10 @@ def load_weights(path: Path = DATA) -> MiniLMWeights:
             for i in range(int(meta["layers"]))
         )
         word = arrays["word"].astype(np.float32) * arrays["word_scale"][:, None]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise EmbedderUnavailable(f"cannot read the MiniLM weights {path}: {e}") from None
-    if len(words) != len(word):
-        raise EmbedderUnavailable(f"{path} has {len(words)} tokens and {len(word)} rows")
     return MiniLMWeights(
-        vocab={w: i for i, w in enumerate(words)},
+        vocab=vocab,
         word=word.astype(np.float32),
         position=arrays["position"],
         token_type=arrays["token_type"],

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from broker.routing.embedder import (
     STATIC_THRESHOLD,
@@ -134,21 +135,36 @@ class StaticTable:
     meta: dict[str, Any]
 
 
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+def read_routing_data(path: Path, what: str, rows: str) -> tuple[dict[str, int], Any, Arrays]:
+    """A shipped routing ``.npz``: its vocabulary (``vocab``, UTF-8, a token a line: token ->
+    row), its ``meta`` (UTF-8 JSON) and every other array. ``rows`` names the array with a
+    row per token; anything unreadable or inconsistent is :class:`EmbedderUnavailable`,
+    naming ``what`` was read."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        words = arrays.pop("vocab").tobytes().decode().split("\n")
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        count = len(arrays[rows])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise EmbedderUnavailable(f"cannot read {what} {path}: {e}") from None
+    if len(words) != count:
+        raise EmbedderUnavailable(f"{what} {path} has {len(words)} tokens and {count} rows")
+    return {w: i for i, w in enumerate(words)}, meta, arrays
+
+
 @functools.cache
 def load_table(path: Path = DATA) -> StaticTable:
     """Read the table once per process (per path)."""
+    vocab, meta, arrays = read_routing_data(path, "the static embedding table", "vectors")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            words = data["vocab"].tobytes().decode().split("\n")
-            rows = data["vectors"].astype(np.float32) * data["scales"][:, None]
-            meta = json.loads(data["meta"].tobytes().decode())
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        rows = arrays["vectors"].astype(np.float32) * arrays["scales"][:, None]
+    except (KeyError, ValueError) as e:
         raise EmbedderUnavailable(f"cannot read the static embedding table {path}: {e}") from None
-    if len(words) != len(rows):
-        raise EmbedderUnavailable(
-            f"the static embedding table {path} has {len(words)} tokens and {len(rows)} rows"
-        )
-    return StaticTable({w: i for i, w in enumerate(words)}, rows.astype(np.float32), meta)
+    return StaticTable(vocab, rows.astype(np.float32), meta)
 
 
 class StaticEmbedder:
