@@ -17,10 +17,14 @@
 4. ``--dev``: only top-1 (``choice: best``) on a hand-written dev set of 42 requests for the
    fleet of ``benchmarks/routing_quality/agents.yaml`` (text, JSON, PNG/JPEG, WAV and PDF
    payloads), in process, to tune the router's constants without touching the labelled
-   evaluation; ``--embedder SPEC`` picks the embedder.
+   evaluation; ``--embedder SPEC`` picks the embedder. ``--dev-file FILE`` scores a request
+   file in the evaluation's schema instead (``routing_quality/dev_requests.yaml``: 160
+   requests written later, for more power than 42 give); ``--policy FILE`` sets the policy
+   (default: ``choice: best``, ``require_live: false``).
 
 Usage: ``python benchmarks/routing.py [--agents 1000] [--decisions 20000] [--rows 100000]
-[--quality] [--skip-lsh] [--json]``, ``python benchmarks/routing.py --dev [--embedder SPEC]``
+[--quality] [--skip-lsh] [--json]``, ``python benchmarks/routing.py --dev [--embedder SPEC]
+[--dev-file FILE] [--policy FILE]``
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.routing_quality import payloads  # noqa: E402
+from benchmarks.routing_quality import dataset, payloads  # noqa: E402
 from broker.envelope import Tenant  # noqa: E402
 from broker.logs import configure_logging  # noqa: E402
 from broker.registry.manifest import AgentManifest, AgentName  # noqa: E402
@@ -864,26 +868,42 @@ def _dev_payload(content_type: str, body: str) -> bytes:
 def bench_dev(
     args: argparse.Namespace, embedder: Embedder | None = None, policy: Policy | None = None
 ) -> dict[str, Any]:
-    """Top-1 on :data:`DEV` over the evaluation's fleet, in process, ``choice: best``."""
+    """Top-1 on :data:`DEV` (or on ``args.dev_file``) over the evaluation's fleet, in
+    process, ``choice: best`` unless ``policy`` says otherwise."""
     fleet = yaml.safe_load((ROOT / "benchmarks/routing_quality/agents.yaml").read_text())
     records = [record(i, manifest) for i, manifest in enumerate(fleet["agents"])]
     snapshot = RegistrySnapshot({(TENANT, r.name): r for r in records}, len(records))
     embedder = embedder or load_embedder(None)  # the broker's default, as --quality uses
     policy = policy or Policy(choice=Choice.BEST, require_live=False)
     scorer = Scorer(embedder, policy, cache=CatalogCache(embedder))
+    requests = _dev_requests(getattr(args, "dev_file", None))
     misses: list[str] = []
+    for label, payload, headers, shown in requests:
+        decision = scorer.decide(snapshot, TENANT, payload, headers, {})
+        if decision.agent != label:
+            misses.append(f"{label} <- {decision.agent}: {shown[:50]!r}")
+    return {
+        "requests": len(requests),
+        "top1_accuracy": round(1 - len(misses) / len(requests), 3),
+        "misses": misses,
+    }
+
+
+def _dev_requests(dev_file: Path | None) -> list[tuple[str, bytes, dict[str, str], str]]:
+    """(label, payload, headers, what a miss shows) for :data:`DEV`, or for every request of
+    a file in the evaluation's schema (``routing_quality/dataset.py``)."""
+    if dev_file is not None:
+        loaded = dataset.load(requests_file=dev_file)
+        if loaded.errors:
+            raise SystemExit(f"{dev_file}: {loaded.errors}")
+        return [(r.label, r.body, r.headers(), f"{r.id} {r.plain_text()}") for r in loaded.requests]
+    requests = []
     for label, content_type, body, text in DEV:
         headers = {"Content-Type": content_type}
         if text is not None:
             headers["Broker-Text"] = quote(text, safe="")
-        decision = scorer.decide(snapshot, TENANT, _dev_payload(content_type, body), headers, {})
-        if decision.agent != label:
-            misses.append(f"{label} <- {decision.agent}: {(text or body)[:50]!r}")
-    return {
-        "requests": len(DEV),
-        "top1_accuracy": round(1 - len(misses) / len(DEV), 3),
-        "misses": misses,
-    }
+        requests.append((label, _dev_payload(content_type, body), headers, text or body))
+    return requests
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -907,11 +927,20 @@ def main() -> None:
     parser.add_argument(
         "--embedder", default=None, help="embedder spec for --dev and --quality (default: default)"
     )
+    parser.add_argument(
+        "--dev-file", type=Path, default=None, help="--dev on this request file instead of DEV"
+    )
+    parser.add_argument(
+        "--policy", type=Path, default=None, help="routing policy YAML for --dev (default: best)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configure_logging("warning")
     if args.dev:
-        dev = bench_dev(args, load_embedder(args.embedder))
+        policy = None
+        if args.policy is not None:
+            policy = Policy.model_validate(yaml.safe_load(args.policy.read_text()) or {})
+        dev = bench_dev(args, load_embedder(args.embedder), policy)
         print(json.dumps(dev, indent=2))
         return
 

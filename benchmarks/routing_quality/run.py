@@ -41,7 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._serve import Serve, ServeError, start_serve  # noqa: E402
 from benchmarks.routing_quality import baselines  # noqa: E402
-from benchmarks.routing_quality.dataset import Dataset, Request, load, problems  # noqa: E402
+from benchmarks.routing_quality.dataset import (  # noqa: E402
+    REQUESTS_FILE,
+    Dataset,
+    Request,
+    load,
+    problems,
+)
 from benchmarks.routing_quality.scoring import Outcome, Summary  # noqa: E402
 
 SUBJECT_PREFIX = "eval"
@@ -346,6 +352,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--url", help="use this running broker instead of starting one")
     parser.add_argument(
+        "--requests",
+        type=Path,
+        default=REQUESTS_FILE,
+        help="the labelled requests to score (dev_requests.yaml: the dev set, for tuning)",
+    )
+    parser.add_argument(
         "--embedder",
         help="BROKER_ROUTING_EMBEDDER for the broker started here, "
         "e.g. sentence-transformers:/models/all-MiniLM-L6-v2 (default: the built-in one)",
@@ -410,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the broker started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    dataset = load()
+    dataset = load(requests_file=args.requests)
     found = problems(dataset)
     _print_dataset(dataset)
     if found:

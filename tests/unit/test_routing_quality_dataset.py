@@ -2,7 +2,9 @@
 
 Checks the properties issue 10 asks of the set: valid manifests, labels that name agents,
 enough requests of every modality, binary payloads that are real files, text phrased without
-the label agent's own keywords; and the scoring and decision parsing of the runner.
+the label agent's own keywords; and the scoring and decision parsing of the runner. The
+dev set (``dev_requests.yaml``, for tuning) is held to the same checks, and shares no
+request with the held-out evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import orjson
 import pytest
 
 from benchmarks.routing_quality import payloads
-from benchmarks.routing_quality.dataset import Dataset, Modality, Request, load, problems
+from benchmarks.routing_quality.dataset import (
+    HERE,
+    Dataset,
+    Modality,
+    Request,
+    load,
+    problems,
+)
 from benchmarks.routing_quality.run import _stored_decision, _top3
 from benchmarks.routing_quality.scoring import Outcome, Summary
 from broker.registry.manifest import validate_manifest
@@ -45,9 +54,23 @@ GIVEAWAYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return load()
+DEV_FILE = HERE / "dev_requests.yaml"
+
+
+@pytest.fixture(scope="module", params=["evaluation", "dev"])
+def dataset(request: pytest.FixtureRequest) -> Dataset:
+    return load() if request.param == "evaluation" else load(requests_file=DEV_FILE)
+
+
+def test_the_dev_set_is_larger_than_and_shares_no_request_with_the_evaluation() -> None:
+    evaluation, dev = load(), load(requests_file=DEV_FILE)
+    assert len(dev.requests) >= 150
+    assert not {r.id for r in dev.requests} & {r.id for r in evaluation.requests}
+    held_out = {(r.plain_text().strip().lower(), r.body) for r in evaluation.requests}
+    assert not {(r.plain_text().strip().lower(), r.body) for r in dev.requests} & held_out
+    assert not {r.plain_text().strip().lower() for r in dev.requests if r.plain_text()} & {
+        r.plain_text().strip().lower() for r in evaluation.requests
+    }
 
 
 def _accepting(dataset: Dataset, prefix: str) -> set[str]:
