@@ -75,6 +75,9 @@ log = structlog.get_logger(__name__)
 
 _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
+_FAILURE_NOT_RECORDED_DELAY = (
+    1.0  # seconds before a message whose failure went unrecorded runs again
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +177,27 @@ class _Window:
     def add(self, latency_ms: float, ok: bool) -> None:
         self.done.append((time.monotonic(), latency_ms, ok))
 
+    def snapshot(self) -> list[tuple[float, float, bool]]:
+        """Drop what left the window and copy the rest. Call it where completions are added
+        (the event loop): a deque iterated on one thread while another appends raises."""
+        cutoff = time.monotonic() - _STATS_WINDOW
+        done = self.done
+        while done and done[0][0] < cutoff:
+            done.popleft()
+        return list(done)
+
     def summary(self) -> tuple[float, float, float, float]:
         """(qps, p50 ms, p99 ms, error rate) over the window."""
-        cutoff = time.monotonic() - _STATS_WINDOW
-        while self.done and self.done[0][0] < cutoff:
-            self.done.popleft()
-        if not self.done:
+        return self.summarize(self.snapshot())
+
+    @staticmethod
+    def summarize(done: list[tuple[float, float, bool]]) -> tuple[float, float, float, float]:
+        """(qps, p50 ms, p99 ms, error rate) of a :meth:`snapshot` (any thread)."""
+        if not done:
             return 0.0, 0.0, 0.0, 0.0
-        latencies = sorted(ms for _, ms, _ in self.done)
+        latencies = sorted(ms for _, ms, _ in done)
         n = len(latencies)
-        errors = sum(1 for _, _, ok in self.done if not ok)
+        errors = sum(1 for _, _, ok in done if not ok)
         return (
             n / _STATS_WINDOW,
             latencies[(n - 1) // 2],
@@ -376,8 +390,10 @@ class Agent:
             deadline,
         )
         if deadline is not None and time.time() >= deadline:
-            await self._failed(request, FailureReason.EXPIRED, "the deadline passed before it ran")
-            await message.ack()
+            recorded = await self._failed(
+                request, FailureReason.EXPIRED, "the deadline passed before it ran"
+            )
+            await self._settle(message, recorded)
             return
         assert self._handler is not None
         started = time.monotonic()
@@ -385,24 +401,37 @@ class Agent:
         span = tracing.span(
             f"agent {self.name}", parent_headers=headers, kind=tracing.SpanKind.CONSUMER
         )
+        recorded = True
         with span:  # the reply (or the failure) is a child of the handler's span
+            deadline_timer = asyncio.timeout(request.time_left())
             try:
-                async with asyncio.timeout(request.time_left()):
+                async with deadline_timer:
                     result = await self._handler(request)
-            except TimeoutError:
-                self._window.add((time.monotonic() - started) * 1000, False)
-                await self._failed(request, FailureReason.TIMEOUT, "cancelled at the deadline")
             except Exception as e:  # the handler's own failure: report it, keep serving
                 self._window.add((time.monotonic() - started) * 1000, False)
-                log.warning("agent_handler_failed", agent=self.name, error=repr(e)[:300])
-                await self._failed(request, FailureReason.ERROR, repr(e))
+                if isinstance(e, TimeoutError) and deadline_timer.expired():
+                    reason, why = FailureReason.TIMEOUT, "cancelled at the deadline"
+                else:  # a handler's own TimeoutError (a call of its own timed out) included
+                    log.warning("agent_handler_failed", agent=self.name, error=repr(e)[:300])
+                    reason, why = FailureReason.ERROR, repr(e)
+                recorded = await self._failed(request, reason, why)
             else:
                 self._window.add((time.monotonic() - started) * 1000, True)
                 self.handled += 1
                 await self._reply(request, to_reply(result))
             finally:
                 keepalive.cancel()
-        await message.ack()
+        await self._settle(message, recorded)
+
+    async def _settle(self, message: Msg, failure_recorded: bool) -> None:
+        """Ack the message, unless its failure could not be recorded: then hand it back, so
+        it runs again (and its failure reaches the router, which retries or dead-letters
+        it) rather than vanishing with neither a retry nor an answer."""
+        if failure_recorded:
+            await message.ack()
+            return
+        with contextlib.suppress(Exception):  # gone with the connection: redelivered anyway
+            await message.nak(delay=_FAILURE_NOT_RECORDED_DELAY)
 
     async def _keep_alive(self, message: Msg) -> None:
         """Tell JetStream a long handler is still working, so it is not redelivered."""
@@ -427,23 +456,37 @@ class Agent:
             tracing.inject(headers)
             await self._nc.publish(to, reply.payload, headers=headers)
 
-    async def _failed(self, request: Request, reason: FailureReason, message: str) -> None:
+    async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
+        """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed."""
         self.failed += 1
         if request.mirror or self._js is None:
-            return
+            return True
         failure = RouteFailed(request.route, reason, message, self.instance)
         headers = failure.to_headers(request.headers)
         tracing.inject(headers)
         try:
             await self._js.publish(failure.subject, request.payload, headers=headers)
-        except Exception as e:  # the router will not retry it; say so
-            log.error("route_failure_not_recorded", error=str(e)[:200])
+        except Exception as e:  # handed back: it runs again and the failure is recorded then
+            log.error(
+                "route_failure_not_recorded", message_seq=request.message_seq, error=str(e)[:200]
+            )
+            return False
+        return True
 
     # --- load ------------------------------------------------------------------------
 
-    def current_load(self) -> InstanceLoad:
-        qps, p50, p99, error_rate = self._window.summary()
-        gpu_free, gpu_util = self.load_source.gpu()
+    def current_load(
+        self, completed: list[tuple[float, float, bool]] | None = None
+    ) -> InstanceLoad:
+        """This instance's load now; ``completed``: a window snapshot taken on the loop."""
+        if completed is None:
+            completed = self._window.snapshot()
+        qps, p50, p99, error_rate = _Window.summarize(completed)
+        try:
+            gpu_free, gpu_util = self.load_source.gpu()
+        except Exception as e:  # a broken probe costs the GPU numbers, not the heartbeat
+            log.warning("agent_load_source_failed", error=repr(e)[:200])
+            gpu_free, gpu_util = None, None
         return InstanceLoad(
             tenant=self.tenant,
             agent=self.name,
@@ -461,7 +504,9 @@ class Agent:
     async def _heartbeat(self) -> None:
         if self._kv is None:
             return
-        load = await asyncio.to_thread(self.current_load)
+        # The window is copied here, on the loop that adds to it; the summary and the GPU
+        # probe (a subprocess) run on a thread.
+        load = await asyncio.to_thread(self.current_load, self._window.snapshot())
         try:
             await self._kv.put(load.key, load.to_json())
         except Exception as e:  # NATS away for a moment: the next beat tries again
@@ -472,8 +517,12 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_interval):
                     await stop.wait()
-            if not stop.is_set():
+            if stop.is_set():
+                break
+            try:
                 await self._heartbeat()
+            except Exception:  # never end the loop: without beats every router drops us
+                log.exception("agent_heartbeat_failed")
 
     async def _drain(self) -> None:
         if self._tasks:

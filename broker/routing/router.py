@@ -193,8 +193,16 @@ class Router:
             why = f"{type(e).__name__}: {str(e)[:200]}"
             return _refused(f"deciding it failed on {delivered} deliveries ({why})", self.policy)
 
-    async def _deliver(self, route: RouteDecided, payload: bytes, headers: dict[str, str]) -> None:
-        """Append the decision (and a mirror copy), then tell whoever waits."""
+    async def _deliver(
+        self,
+        route: RouteDecided,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        dead: str = "no_route",
+    ) -> None:
+        """Append the decision (and a mirror copy), then tell whoever waits; a decision for
+        nobody answers a waiting caller with the error code ``dead``."""
         appends = [self._append(route, payload, headers)]
         mirror_to = route.decision.mirror_to
         if mirror_to and route.decision.agent is not None and route.attempt == 1:
@@ -205,7 +213,7 @@ class Router:
         if route.decision.agent is None:
             self.stats.dead_lettered += 1
             metrics.dead_lettered("route")
-            await self._notify_reply(headers, "no_route", route.decision.detail)
+            await self._notify_reply(headers, dead, route.decision.detail)
         else:
             self.stats.routed += 1
         await self._notify_decision(headers, route, ack)
@@ -265,6 +273,11 @@ class Router:
         expired = deadline is not None and time.time() >= deadline
         if failure.retryable and not expired and route.attempt < self.policy.max_attempts:
             exclude = (*route.tried, failure.agent)
+            # A retry's text may be new to a costly model: embed it on the model's thread,
+            # not on this loop (waiting there behind a batch would stall every other loop).
+            await self.scorer.prepare(
+                self.registry.snapshot, [(route.tenant, message.data, original)]
+            )
             decision = await self._guarded(
                 message,
                 lambda: self.decide(
@@ -279,13 +292,16 @@ class Router:
             if decision is None:  # handed back for another delivery
                 return
             self.stats.retried += 1
-            await self._deliver(route.next_attempt(decision), message.data, original)
+            if decision.agent is None:  # nobody left to try: the agents' failure is the answer
+                decision = replace(decision, detail=f"{_failed(failure)}; {decision.detail}")
+                await self._deliver(
+                    route.next_attempt(decision), message.data, original, dead="agent_error"
+                )
+            else:
+                await self._deliver(route.next_attempt(decision), message.data, original)
         else:
             why = "its deadline passed" if expired or not failure.retryable else "attempts ran out"
-            detail = (
-                f"agent {failure.agent!r} failed ({failure.reason}: {failure.message[:200]}); "
-                f"not retried: {why} after attempt {route.attempt}"
-            )
+            detail = f"{_failed(failure)}; not retried: {why} after attempt {route.attempt}"
             final = Decision(
                 agent=None,
                 capability=None,
@@ -410,3 +426,8 @@ def _refused(why: str, policy: Policy) -> Decision:
         candidates=(),
         policy_version=policy.version,
     )
+
+
+def _failed(failure: RouteFailed) -> str:
+    """What an agent's failure says, for a dead letter's detail and the waiting caller."""
+    return f"agent {failure.agent!r} failed ({failure.reason}: {failure.message[:200]})"

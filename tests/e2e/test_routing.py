@@ -17,10 +17,12 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
 import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
+from broker.agent import Request
 from broker.embedded import NatsServer
 from broker.routing.events import H_ROUTE, RouteDecided
 from broker.routing.load import InstanceLoad
@@ -462,3 +464,120 @@ async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, ur
     assert reply.json()["agent"] == "q-helper"
     assert reply.message_seq > routed.seq
     assert refused_in < 5
+
+
+class FailsFirstAttempt(Behaviour):
+    """Fails attempt 1 of every message (with ``error``), answers the rest."""
+
+    def __init__(self, reply: str, error: Exception) -> None:
+        super().__init__(reply=reply)
+        self.error = error
+
+    async def __call__(self, request: Request) -> Any:
+        self.seen.append(request)
+        if request.attempt == 1:
+            raise self.error
+        return {"agent": self.reply, "attempt": request.attempt}
+
+
+async def test_when_no_other_agent_is_left_to_try_wait_says_agent_error(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """A lone agent that fails: the caller learns the agent failed (502, with its error),
+    not that nobody could take the message (503 no_route)."""
+    lonely = manifest("f-lonely", "Converts recipes between metric and imperial units")
+    async with running(lonely, url, Behaviour(reply="f-lonely", fail=True)):
+        assert await routed_to(client, "f-lonely", "how many grams is a cup of flour")
+        response = await route(client, "how many grams is a cup of flour", wait=True, timeout=10)
+    assert response.status_code == 502, response.text
+    assert response.json()["error_code"] == "agent_error"
+    assert "this agent always fails" in response.json()["message"]
+
+
+async def test_a_handlers_own_timeout_is_an_error_and_retried_not_a_deadline(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    """A handler whose own call timed out raises TimeoutError: that is its failure (retried
+    elsewhere), not the broker's deadline (504, never retried)."""
+    own_timeout = TimeoutError("the upstream call timed out")
+    agents = [manifest(f"o-{n}", "Looks up parcel tracking numbers") for n in ("one", "two")]
+    behaviours = [FailsFirstAttempt(a["name"], own_timeout) for a in agents]
+    async with running(agents[0], url, behaviours[0]), running(agents[1], url, behaviours[1]):
+        assert await routed_to(client, "o-one", "where is parcel 123")
+        assert await routed_to(client, "o-two", "where is parcel 123")
+        response = await route(client, "where is parcel 123", wait=True, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["attempt"] == 2
+    other = "o-one" if response.json()["agent"] == "o-two" else "o-two"
+    failure = await nc_js.get_last_msg("ROUTES", f"route.default.{other}.failed")
+    assert json.loads((failure.headers or {})["Broker-Failure"])["reason"] == "error"
+
+
+async def test_a_failure_that_could_not_be_recorded_runs_again_instead_of_vanishing(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """The agent could not append RouteFailed (NATS away for a moment): it hands the message
+    back, runs it again, records the failure then, and the router retries it elsewhere."""
+    agents = [manifest(f"n-{n}", "Checks whether a postcode is valid") for n in ("one", "two")]
+    behaviours = [FailsFirstAttempt(a["name"], RuntimeError("boom")) for a in agents]
+    async with (
+        running(agents[0], url, behaviours[0]) as (first, _),
+        running(agents[1], url, behaviours[1]) as (second, _),
+    ):
+        assert await routed_to(client, "n-one", "is SW1A 1AA real")
+        assert await routed_to(client, "n-two", "is SW1A 1AA real")
+        lost_appends = 0
+        for agent in (first, second):  # each agent's next RouteFailed append fails, once
+            assert agent._js is not None
+            append = agent._js.publish
+            armed = [True]
+
+            async def failing_once(
+                subject: str,
+                *args: Any,
+                _append: Any = append,
+                _armed: list[bool] = armed,
+                **kwargs: Any,
+            ) -> Any:
+                nonlocal lost_appends
+                if subject.endswith(".failed") and _armed[0]:
+                    _armed[0] = False
+                    lost_appends += 1
+                    raise nats.errors.TimeoutError
+                return await _append(subject, *args, **kwargs)
+
+            agent._js.publish = failing_once  # type: ignore[method-assign]
+        response = await route(client, "is SW1A 1AA real", wait=True, timeout=15)
+    assert response.status_code == 200, response.text
+    assert response.json()["attempt"] == 2
+    assert lost_appends == 1
+    seq = int(response.headers["broker-message-seq"])
+    first_tries = [r for b in behaviours for r in b.seen if r.message_seq == seq and r.attempt == 1]
+    assert len(first_tries) == 2  # ran again after the failure went unrecorded
+
+
+class FlakyLoadSource:
+    """A GPU probe that fails its first calls (as a broken ``nvidia-smi`` might)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def gpu(self) -> tuple[float | None, float | None]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("nvidia-smi: driver not loaded")
+        return None, None
+
+
+async def test_heartbeats_go_on_after_the_load_source_fails(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """A failing GPU probe costs the GPU numbers, not the heartbeat (without beats every
+    router drops the instance)."""
+    probe = FlakyLoadSource(failures=2)
+    spec = manifest("h-steady", "Formats phone numbers in E.164")
+    async with running(spec, url, load_source=probe):
+        assert await routed_to(client, "h-steady", "+44 20 7946 0958 please")
+        # ... and it goes on beating after the failed probes
+        assert await await_until(lambda: _true(probe.calls > probe.failures + 2), timeout=10)
