@@ -103,6 +103,10 @@ def fold(events: Iterable[RegistryEvent], base: RegistrySnapshot | None = None) 
     return RegistrySnapshot(agents, last_seq)
 
 
+#: Events folded at once while a view replays the stream's history.
+_REPLAY_BATCH = 512
+
+
 class RegistryView:
     """One process's live registry, fed by an ordered push consumer on ``REGISTRY``."""
 
@@ -111,13 +115,19 @@ class RegistryView:
         self._advanced = asyncio.Condition()
         self._subscription: object | None = None
         self._caught_up = asyncio.Event()
+        # While replaying up to ``_target``, events are folded in batches (one copy of the
+        # registry per batch, not per event: a long history replays in linear time).
+        self._target = 0
+        self._replayed: list[RegistryEvent] = []
+        self._received = 0  # the last event's sequence, folded or not
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Replay the stream from its start, then follow it; returns once caught up."""
+    async def start(self, js: JetStreamContext, *, stalled_after: float = 30.0) -> None:
+        """Replay the stream from its start, then follow it; returns once caught up, or
+        once the replay made no progress for ``stalled_after`` seconds (logged)."""
         if self._subscription is not None:
             return
         info = await js.stream_info(Stream.REGISTRY)
-        target = info.state.last_seq
+        self._target = target = info.state.last_seq
         self._subscription = await js.subscribe(
             "reg.>",
             stream=Stream.REGISTRY,
@@ -125,9 +135,13 @@ class RegistryView:
             deliver_policy=DeliverPolicy.ALL,
             cb=self._on_message,
         )
-        if target == 0:
-            self._caught_up.set()
-        await self.wait_for(target, timeout=30.0)
+        received = self._received
+        while not await self.wait_for(target, stalled_after):
+            if self._received == received:  # nothing came for a whole wait
+                log.error("registry_view_incomplete", seq=self._received, target=target)
+                break
+            received = self._received  # still replaying: keep waiting while it advances
+        self._flush()
         self._caught_up.set()
         log.info("registry_view_ready", agents=len(self.snapshot), seq=self.snapshot.last_seq)
 
@@ -141,9 +155,21 @@ class RegistryView:
         except BrokerError as e:
             log.error("registry_event_unreadable", error=e.message)
             return
-        self.snapshot = self.snapshot.apply(event)  # one reference swap
+        self._received = max(self._received, event.seq)
+        if not self._caught_up.is_set() and event.seq < self._target:
+            self._replayed.append(event)
+            if len(self._replayed) < _REPLAY_BATCH:
+                return
+        else:
+            self._replayed.append(event)
+        self._flush()
         async with self._advanced:
             self._advanced.notify_all()
+
+    def _flush(self) -> None:
+        if self._replayed:
+            self.snapshot = fold(self._replayed, self.snapshot)  # one reference swap
+            self._replayed = []
 
     async def wait_for(self, seq: int, timeout: float = 5.0) -> bool:
         """Wait until the snapshot includes stream sequence ``seq``; ``False`` on timeout."""

@@ -162,3 +162,40 @@ async def test_two_processes_converge_on_the_same_snapshot(
     other = json.loads(stdout.decode().strip().splitlines()[-1])
     mine = [[r.name, r.seq, r.manifest.version] for r in view.snapshot.agents(T)]
     assert other == mine
+
+
+async def test_a_long_history_replays_with_one_copy_per_batch_not_per_event(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted process folds the registry's history in batches: copying the whole
+    registry for every event made a long history take quadratic time to replay."""
+    from broker.registry import snapshot as snapshot_module
+
+    names = [f"batch-{i}" for i in range(150)]
+    last = 0
+    for version in range(4):  # 600 events: registered, then updated three times
+        results = await asyncio.gather(
+            *(put_agent(publisher, T, manifest(n, f"1.0.{version}")) for n in names)
+        )
+        last = max(last, *(r.seq for r in results))
+    folds: list[int] = []
+    real_fold = snapshot_module.fold
+
+    def counting_fold(events, base=None):  # type: ignore[no-untyped-def]
+        events = list(events)
+        folds.append(len(events))
+        return real_fold(events, base)
+
+    monkeypatch.setattr(snapshot_module, "fold", counting_fold)
+    view = RegistryView()
+    await view.start(publisher.js)
+    assert view.ready
+    assert view.snapshot.last_seq >= last
+    assert len(folds) <= sum(folds) // 256 + 2, folds[:20]
+    versions = {r.name: r.manifest.version for r in view.snapshot.agents(T) if r.name in names}
+    assert versions == dict.fromkeys(names, "1.0.3")
+    # Caught up, it applies each new event at once.
+    folds.clear()
+    change = await put_agent(publisher, T, manifest("batch-0", "2.0.0"))
+    assert await view.wait_for(change.seq, timeout=2)
+    assert folds == [1]
