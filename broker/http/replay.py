@@ -8,8 +8,9 @@ clients page on by asking again from the last ``seq`` + 1.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -49,6 +50,9 @@ REPLAYABLE_HELP = ", ".join(s.value for s in Replayable)
 
 
 MAX_LIMIT = 100_000
+#: The highest start sequence, however it is given (``start_seq`` or ``Last-Event-ID``): one
+#: bound for both, inside what NATS takes (a uint64; above it, the consumer is refused).
+MAX_SEQ = 2**63 - 1
 _FILTER_TOKEN = r"[A-Za-z0-9_*-]{1,64}"
 _FILTER = rf"^(>|{_FILTER_TOKEN}(\.{_FILTER_TOKEN}){{0,15}}(\.>)?)$"
 
@@ -137,7 +141,7 @@ def replay_router(state: IngressState) -> APIRouter:
     async def messages(
         *,
         stream: Annotated[Replayable, Path(description=f"One of {REPLAYABLE_HELP}.")],
-        start_seq: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+        start_seq: Annotated[int | None, Query(ge=1, le=MAX_SEQ)] = None,
         start_time: Annotated[datetime | None, Query(description="RFC 3339, with a zone.")] = None,
         subject: Annotated[
             str | None,
@@ -156,45 +160,72 @@ def replay_router(state: IngressState) -> APIRouter:
         ] = None,
     ) -> StreamingResponse:
         """Replay a stream from a sequence or a time (default: the start) as NDJSON, or as
-        Server-Sent Events when the client accepts ``text/event-stream``."""
+        Server-Sent Events when the client accepts ``text/event-stream``.
+
+        Out-of-range starts are refused (422) before NATS sees them, where they would fail
+        the consumer's creation (a 500): a ``Last-Event-ID`` whose next sequence is above
+        ``MAX_SEQ``, as ``start_seq`` is, and a ``start_time`` whose UTC form falls outside
+        years 1 to 9999 (``0001-01-01T00:00:00+05:00``), which has no datetime to send."""
         sse = accept is not None and SSE in accept
         if last_event_id is not None:
             if not (last_event_id.isascii() and last_event_id.isdigit()):
                 raise Unprocessable("Last-Event-ID must be a stream sequence")
+            if int(last_event_id) >= MAX_SEQ:
+                raise Unprocessable(f"Last-Event-ID must be a stream sequence below {MAX_SEQ}")
             start_seq, start_time = int(last_event_id) + 1, None
         if start_seq is not None and start_time is not None:
             raise Unprocessable("give start_seq or start_time, not both")
-        if start_time is not None and start_time.tzinfo is None:
-            raise Unprocessable("start_time needs a time zone (e.g. Z)")
+        if start_time is not None:
+            if start_time.tzinfo is None:
+                raise Unprocessable("start_time needs a time zone (e.g. Z)")
+            try:
+                start_time = start_time.astimezone(UTC)  # what NATS is sent
+            except OverflowError:
+                raise Unprocessable("start_time is out of range once in UTC") from None
         tenant = state.tenant
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
         filter_subject = f"{scope}.{subject or '>'}"
         js = state.publisher.js  # 503 when NATS is not connected
 
+        batches = read_batches(
+            js,
+            stream,
+            subject=filter_subject,
+            start_seq=start_seq,
+            start_time=start_time,
+            batch=min(limit, 1024),
+        )
+        # The first batch is read before the answer starts: a read NATS refuses (or NATS
+        # gone) is then a 4xx/503 in the API's shape, not a stream cut off after its 200.
+        try:
+            first = await anext(batches)
+        except StopAsyncIteration:
+            first = []
+        except BaseException:
+            await batches.aclose()
+            raise
+
         async def body() -> AsyncIterator[bytes]:
             # One chunk per batch the server delivered: a write per record would cost more
-            # than encoding it.
+            # than encoding it. The read is closed on the way out, even at ``limit``, so its
+            # consumer is deleted at once.
             left = limit
-            async for messages in read_batches(
-                js,
-                stream,
-                subject=filter_subject,
-                start_seq=start_seq,
-                start_time=start_time,
-                batch=min(limit, 1024),
-            ):
-                lines = []
-                for message in messages[:left]:
-                    record = _record(message)
-                    if decode is Decode.JSON:
-                        line = await _decoded(state, tenant, message, record)
-                    else:
-                        line = orjson.dumps(record) + b"\n"
-                    lines.append(_event(record["seq"], line) if sse else line)
-                yield b"".join(lines)
-                left -= len(lines)
-                if left <= 0:
-                    return
+            async with contextlib.aclosing(batches):
+                messages = first
+                while messages:
+                    lines = []
+                    for message in messages[:left]:
+                        record = _record(message)
+                        if decode is Decode.JSON:
+                            line = await _decoded(state, tenant, message, record)
+                        else:
+                            line = orjson.dumps(record) + b"\n"
+                        lines.append(_event(record["seq"], line) if sse else line)
+                    yield b"".join(lines)
+                    left -= len(lines)
+                    if left <= 0:
+                        return
+                    messages = await anext(batches, [])
 
         if sse:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,244 @@
+"""Replay at its edges: starts NATS would refuse are a 422, not a 500, and every read deletes
+its consumer when it ends instead of leaving it on the server for its inactivity threshold.
+
+The HTTP cases run a real ``broker serve`` (as tests/e2e do) on a nats-server of the module;
+the reader cases use :mod:`broker.reader` directly on a server of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+from nats.js import JetStreamContext
+
+from broker.embedded import NatsServer, ServerSpec
+from broker.reader import read_batches, read_messages
+from tests._wait import await_until
+from tests.e2e._broker import BrokerProcess, start_broker
+
+pytestmark = pytest.mark.integration
+
+REPLAY = "/v1/streams/MESSAGES/messages"
+MAX_SEQ = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(ServerSpec(store_dir=tmp_path_factory.mktemp("nats"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(
+    module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    process = start_broker(tmp_path_factory.mktemp("broker"), nats_url=module_nats.url)
+    yield process
+    process.stop()
+
+
+@pytest_asyncio.fixture
+async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=broker.base_url, timeout=15) as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def js(module_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(module_nats.url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+async def consumers(js: JetStreamContext, stream: str) -> int:
+    return (await js.stream_info(stream)).state.consumer_count
+
+
+async def back_to(js: JetStreamContext, stream: str, count: int) -> bool:
+    """The stream's consumer count is ``count`` again within a second or two (an expired
+    consumer would take its 30 s inactivity threshold)."""
+
+    async def settled() -> bool:
+        return await consumers(js, stream) == count
+
+    return await await_until(settled, timeout=2.0)
+
+
+def assert_refused(r: httpx.Response) -> None:
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error_code"] == "unprocessable"
+    assert isinstance(body["message"], str)
+    assert body["message"]
+
+
+# --- Last-Event-ID and start_time NATS cannot take ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    [
+        "18446744073709551615",  # 2^64 - 1: the next one is 2^64, no uint64 (NATS 10025)
+        "99999999999999999999",  # 20 digits, the most the header may carry
+        str(MAX_SEQ),  # its next one is above the cap start_seq has
+    ],
+)
+async def test_last_event_id_past_the_cap_is_422(
+    client: httpx.AsyncClient, last_event_id: str
+) -> None:
+    for accept in ("text/event-stream", "application/x-ndjson"):
+        r = await client.get(REPLAY, headers={"Last-Event-ID": last_event_id, "Accept": accept})
+        assert_refused(r)
+
+
+async def test_last_event_id_just_below_the_cap_reads_nothing(client: httpx.AsyncClient) -> None:
+    r = await client.get(
+        REPLAY, headers={"Last-Event-ID": str(MAX_SEQ - 1), "Accept": "text/event-stream"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.content == b""
+
+
+@pytest.mark.parametrize(
+    "start_time",
+    [
+        "0001-01-01T00:00:00+05:00",  # year 0 in UTC
+        "9999-12-31T23:00:00-05:00",  # year 10000 in UTC
+    ],
+)
+async def test_start_time_out_of_range_in_utc_is_422(
+    client: httpx.AsyncClient, start_time: str
+) -> None:
+    assert_refused(await client.get(REPLAY, params={"start_time": start_time}))
+
+
+async def test_start_time_at_the_ends_of_the_range_is_read(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = f"bounds.{uuid.uuid4().hex[:8]}"
+    stored = (await js.publish(f"msg.default.{subject}", b"{}")).seq
+    params = {"subject": subject}
+    r = await client.get(REPLAY, params={**params, "start_time": "0001-01-01T00:00:00Z"})
+    assert r.status_code == 200, r.text
+    assert b'"seq":%d' % stored in r.content
+    r = await client.get(REPLAY, params={**params, "start_time": "9999-12-31T23:59:59Z"})
+    assert r.status_code == 200, r.text
+
+
+# --- consumers deleted when a replay ends --------------------------------------------------
+
+
+async def test_http_replays_leave_no_consumer_behind(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = f"bounds.{uuid.uuid4().hex[:8]}"
+    for i in range(20):
+        await js.publish(f"msg.default.{subject}", b'{"n": %d}' % i)
+    before = await consumers(js, "MESSAGES")
+    for _ in range(5):
+        r = await client.get(REPLAY, params={"subject": subject})  # to the end
+        assert r.status_code == 200
+        assert r.content.count(b"\n") == 20
+        r = await client.get(REPLAY, params={"subject": subject, "limit": 3})  # cut by limit
+        assert r.status_code == 200
+        assert r.content.count(b"\n") == 3
+        r = await client.get(
+            REPLAY, params={"subject": subject}, headers={"Accept": "text/event-stream"}
+        )
+        assert r.status_code == 200
+        assert r.content.count(b"event: message") == 20
+    assert await back_to(js, "MESSAGES", before), await consumers(js, "MESSAGES")
+
+
+async def test_a_replay_the_client_walks_away_from_leaves_no_consumer_behind(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    subject = f"bounds.{uuid.uuid4().hex[:8]}"
+    payload = b'{"pad": "%s"}' % (b"x" * 4000)
+    await asyncio.gather(*(js.publish(f"msg.default.{subject}", payload) for _ in range(3000)))
+    before = await consumers(js, "MESSAGES")
+    async with (
+        httpx.AsyncClient(base_url=broker.base_url, timeout=15) as walker,
+        walker.stream("GET", REPLAY, params={"subject": subject}) as r,
+    ):
+        assert r.status_code == 200
+        async for _ in r.aiter_bytes():
+            break  # far from the ~4 MB (1000 records): the server is still writing
+    assert await back_to(js, "MESSAGES", before), await consumers(js, "MESSAGES")
+
+
+# --- the reader itself (agent history, as_of and schema catch-up read through it) ----------
+
+
+@pytest_asyncio.fixture
+async def stream(nats_url: str) -> AsyncIterator[tuple[JetStreamContext, str]]:
+    """A stream of 50 messages on ``bounds.<n>`` and a JetStream context to read it."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name="BOUNDS", subjects=["bounds.>"])
+    for i in range(50):
+        await js.publish(f"bounds.{i % 5}", b"%d" % i)
+    yield js, "BOUNDS"
+    await nc.close()
+
+
+async def test_every_way_a_read_ends_deletes_its_consumer(
+    stream: tuple[JetStreamContext, str],
+) -> None:
+    js, name = stream
+    assert await consumers(js, name) == 0
+
+    assert len([m async for m in read_messages(js, name, batch=7)]) == 50  # to the end
+    assert await back_to(js, name, 0)
+
+    assert [m async for m in read_messages(js, name, start_seq=51)] == []  # nothing to read
+    assert await back_to(js, name, 0)
+
+    async with contextlib.aclosing(read_batches(js, name, batch=5)) as batches:
+        async for _ in batches:
+            break  # the caller found what it wanted
+    assert await back_to(js, name, 0)
+
+    async for _ in read_messages(js, name, subject="bounds.1", batch=2):
+        break  # not closed by the caller: closed when collected
+    assert await back_to(js, name, 0)
+
+    async def failing_reader() -> None:
+        async for _ in read_messages(js, name):
+            raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        await failing_reader()
+    assert await back_to(js, name, 0)
+
+    started = asyncio.Event()
+
+    async def slow_reader() -> None:
+        async for _ in read_messages(js, name, batch=1):
+            started.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(slow_reader())
+    await started.wait()
+    task.cancel()  # e.g. the HTTP client went away
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await back_to(js, name, 0)
+
+
+async def test_closing_a_read_when_nats_is_gone_does_not_raise(
+    nats_server: NatsServer, stream: tuple[JetStreamContext, str]
+) -> None:
+    js, name = stream
+    batches = read_batches(js, name, batch=5)
+    assert len(await anext(batches)) == 5
+    nats_server.stop()
+    await batches.aclose()  # the unsubscribe and the deletion fail quietly
