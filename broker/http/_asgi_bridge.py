@@ -38,9 +38,11 @@ async def call_asgi(app: ASGIApp, scope: Scope, proto: HTTPProtocol, *, body_lim
         "scheme": scope.scheme,
         "path": scope.path,
         "raw_path": scope.path.encode(),
-        "query_string": scope.query_string.encode("latin-1"),
+        # granian hands over text it decoded as UTF-8: back to those bytes (latin-1 raised on
+        # a raw '€' in a query or header, a 500 on every FastAPI route)
+        "query_string": scope.query_string.encode(),
         "root_path": "",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": _address(scope.client),
         "server": _address(scope.server),
     }

@@ -15,6 +15,7 @@ import platform
 import signal
 from typing import Any
 
+import nats.errors
 import orjson
 import structlog
 from fastapi import FastAPI, Request
@@ -33,6 +34,7 @@ from broker.errors import (
     PublishTimeout,
     SchemaRegistryError,
     Unauthenticated,
+    Unavailable,
 )
 from broker.http._asgi_bridge import call_asgi
 from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
@@ -48,7 +50,7 @@ from broker.http.schema_registry import RegistryJSON, schema_registry_router
 from broker.http.state import IngressState, git_revision
 from broker.http.ui import ops_router
 from broker.natsconn import connect_options
-from broker.publisher import Publisher
+from broker.publisher import Publisher, map_nats_error
 from broker.settings import Settings, get_settings
 from broker.telemetry import metrics
 from broker.telemetry.http import Handler, instrument
@@ -101,6 +103,25 @@ def _meta_app(state: IngressState) -> FastAPI:
         if not isinstance(exc, SchemaRegistryError):
             body["error_code"] = _registry_code(exc.status, timeout=isinstance(exc, PublishTimeout))
         return RegistryJSON(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(nats.errors.Error)
+    async def _nats_error(request: Request, exc: nats.errors.Error) -> JSONResponse:
+        """NATS away or refusing (agents, replay, schema registry): 503 and friends, as
+        ``/v1/publish`` answers, not a bare 500."""
+        error = map_nats_error(exc)
+        if isinstance(error, PublishTimeout) and request.method in ("GET", "HEAD"):
+            error = Unavailable("NATS did not answer in time")  # a read: nothing was written
+        return await _broker_error(request, error)
+
+    @app.exception_handler(Exception)
+    async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+        """A bug, not bad input: answered in the API's shape (Starlette's own answer is plain
+        text, sent before the ingress could step in). Starlette raises it on afterwards, and
+        the ingress logs it with its traceback (``request_crashed``)."""
+        error = BrokerError("internal error")
+        if _in_registry(request):
+            return RegistryJSON({"error_code": 50001, "message": error.message}, status_code=500)
+        return JSONResponse(error.to_dict(), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

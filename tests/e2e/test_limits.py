@@ -400,3 +400,20 @@ def test_body_within_limits_still_publishes(limited: BrokerProcess) -> None:
             headers={"content-type": "application/octet-stream"},
         )
     assert r.status_code == 200, r.text
+
+
+def test_raw_utf8_in_a_query_or_a_header_value_is_served_not_a_500(
+    limited: BrokerProcess,
+) -> None:
+    """Clients do send unencoded UTF-8 (``curl 'http://…/v1/agents?q=€'``): the FastAPI
+    routes used to fail re-encoding it as latin-1."""
+    client = H2Client(limited.port)
+    try:
+        query = client.request("GET", "/v1/agents?note=caf\u00e9-\u20ac", [])
+        header = client.request("GET", "/v1/agents", [("x-note", "prix: 5 \u20ac")])
+        client.read_until(query)
+        client.read_until(header)
+        assert client.streams[query].status == 200
+        assert client.streams[header].status == 200
+    finally:
+        client.close()

@@ -82,6 +82,22 @@ def test_nats_outage_answers_503_then_recovers(tmp_path: Path) -> None:
         assert down.status_code == 503
         assert down.json()["error_code"] in {"nats_unavailable", "publish_timeout"}
         assert int(down.headers["retry-after"]) >= 1
+        # The registry and replay routes answer the same way (they answered a bare 500).
+        manifest = {
+            "name": "outage",
+            "version": "1.0.0",
+            "description": "Waits it out.",
+            "capabilities": [{"action": "wait"}],
+        }
+        with httpx.Client(http1=False, http2=True, timeout=30) as c:
+            others = [
+                c.put(f"{broker.base_url}/v1/agents/outage", json=manifest),
+                c.get(f"{broker.base_url}/v1/agents/outage/history"),
+                c.get(f"{broker.base_url}/v1/streams/MESSAGES/messages", params={"limit": 1}),
+            ]
+        for answer in others:
+            assert answer.status_code == 503, (answer.request.url, answer.text)
+            assert answer.json()["error_code"] in {"nats_unavailable", "publish_timeout"}
         server.restart()
 
         def recovered() -> bool:
