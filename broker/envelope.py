@@ -34,6 +34,9 @@ Tenant = NewType("Tenant", str)
 MAX_SUBJECT_LENGTH = 255
 MAX_SUBJECT_TOKENS = 16
 MAX_HEADER_VALUE_LENGTH = 1024
+#: The pass-through headers of one message together (CloudEvent attributes, ``ce-*``): NATS
+#: stores at most 64 KiB of headers, which the broker's own and the routing headers share.
+MAX_HEADERS_LENGTH = 16 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Control characters other than tab: never allowed in a stored header value.
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
@@ -66,6 +69,7 @@ ACCEPTED_MEDIA_TYPES = frozenset(
         "application/octet-stream",
         "application/avro",
         "avro/binary",
+        "application/vnd.apache.avro+binary",
         "application/protobuf",
         "application/x-protobuf",
         "application/vnd.google.protobuf",
@@ -223,7 +227,9 @@ class PublishRequest:
     def to_outbound(self, tenant: Tenant) -> Outbound:
         """Validate and map to the stored message; raises a 4xx :class:`BrokerError`."""
         subject = message_subject(tenant, self.subject)
-        headers: dict[str, str] = {CONTENT_TYPE: self.content_type}
+        headers: dict[str, str] = {
+            CONTENT_TYPE: _check_header_value("Content-Type", self.content_type)
+        }
         wire_id = wire_schema_id(self.content_type, self.payload)
         if self.schema_id is not None and wire_id is not None and wire_id != self.schema_id:
             raise Unprocessable(
@@ -242,8 +248,15 @@ class PublishRequest:
         if self.expected_last_subject_sequence is not None:
             headers[NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(self.expected_last_subject_sequence)
         if self.extra_headers:
+            size = 0
             for name, value in self.extra_headers.items():
                 headers[name] = _check_header_value(name, value)
+                size += len(name) + len(value)
+            if size > MAX_HEADERS_LENGTH:  # e.g. a CloudEvent's extension attributes
+                raise Unprocessable(
+                    f"the message's headers (CloudEvent attributes included) add up to {size} "
+                    f"characters; at most {MAX_HEADERS_LENGTH} are stored"
+                )
         return Outbound(subject, self.payload, headers)
 
 

@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 #: JetStream API error codes the broker answers specifically.
 _JS_WRONG_LAST_SEQUENCE = 10071
 _JS_MESSAGE_TOO_LARGE = 10054
+_JS_HEADERS_TOO_LARGE = 10097
 #: "duplicate message id is in process": a publish with the same Nats-Msg-Id is still being
 #: proposed (a retry overtook its original, e.g. around a leader change). Not a refusal: the
 #: original may yet be stored, and a retry with the same key gets its ack.
@@ -67,6 +68,8 @@ def jetstream_error(status: int, err_code: int, description: str, subject: str) 
         )
     if err_code == _JS_MESSAGE_TOO_LARGE:
         return PayloadTooLarge(f"message is larger than the stream allows: {description}")
+    if err_code == _JS_HEADERS_TOO_LARGE:
+        return PayloadTooLarge(f"the message's headers are larger than NATS allows: {description}")
     if err_code == _JS_DUPLICATE_IN_PROCESS:
         return Unavailable(
             "a publish with the same Idempotency-Key is still being stored: retry with the same key"

@@ -168,6 +168,7 @@ _PUBLISH_ONE: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref(PublishAckBody)}},
             },
             "400": _error("Malformed request (e.g. a structured CloudEvent that is not JSON)."),
+            "408": _error("The body did not arrive in time."),
             "409": _error("Expected-Last-Subject-Sequence did not match; nothing stored."),
             "413": _error("Body larger than the configured limit."),
             "415": _error("Content-Type not accepted."),
@@ -260,8 +261,7 @@ _ROUTE_ONE: dict[str, Any] = {
                     "default": 30,
                 },
             },
-            _PUBLISH_ONE["post"]["parameters"][1],
-            _PUBLISH_ONE["post"]["parameters"][2],
+            *_PUBLISH_ONE["post"]["parameters"][1:],
             _header(
                 "Broker-Intent",
                 "The capability action wanted; only capabilities with this action qualify.",
@@ -304,7 +304,11 @@ _ROUTE_ONE: dict[str, Any] = {
                 "runs (decision null).",
                 "content": {"application/json": {"schema": _ref(RouteResponseBody)}},
             },
-            "409": _error("wait=true with an Idempotency-Key that was already routed."),
+            "409": _error(
+                "wait=true with an Idempotency-Key that was already routed; or "
+                "Expected-Last-Subject-Sequence did not match (nothing stored)."
+            ),
+            "408": _error("The body did not arrive in time."),
             "413": _error("Body larger than the configured limit."),
             "415": _error("Content-Type not accepted."),
             "422": _error("Invalid subject, wait, timeout or routing header."),

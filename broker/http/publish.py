@@ -37,6 +37,7 @@ from broker.envelope import (
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, UnsupportedMediaType
 from broker.http._rsgi import (
     NDJSON,
+    Headers,
     HTTPProtocol,
     Scope,
     StreamTransport,
@@ -68,21 +69,7 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
         if trace:
             request = _with_headers(request, trace)
     else:
-        ce = ce_headers_from_http(dict(headers.items())) if "ce-specversion" in headers else None
-        trace = passthrough_headers(headers)
-        extra = {**ce, **trace} if ce and trace else (ce or trace)
-        request = PublishRequest(
-            subject=subject,
-            payload=body,
-            content_type=check_media_type(content_type),
-            idempotency_key=key if key is not None else (ce["ce-id"] if ce else None),
-            schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
-            expected_last_subject_sequence=parse_sequence(
-                headers.get(H_EXPECTED_LAST_SUBJECT_SEQUENCE),
-                field="Expected-Last-Subject-Sequence",
-            ),
-            extra_headers=extra,
-        )
+        request = body_request(headers, subject, body, check_media_type(content_type))
     outbound = request.to_outbound(state.tenant)
     stored = outbound.headers
     if (
@@ -96,6 +83,29 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
     else:
         ack = await state.publisher.publish(outbound)
     respond_json(proto, 200, ack.to_dict())
+
+
+def body_request(headers: Headers, subject: str, body: bytes, content_type: str) -> PublishRequest:
+    """The request for a body stored as sent (not a structured CloudEvent), from the HTTP
+    headers publish and route share: ``Idempotency-Key`` (else a binary-mode CloudEvent's
+    ``ce-id``), ``Schema-Id``, ``Expected-Last-Subject-Sequence``, ``ce-*`` and the trace
+    context."""
+    ce = ce_headers_from_http(dict(headers.items())) if "ce-specversion" in headers else None
+    trace = passthrough_headers(headers)
+    extra = {**ce, **trace} if ce and trace else (ce or trace)
+    key = headers.get(H_IDEMPOTENCY_KEY)
+    return PublishRequest(
+        subject=subject,
+        payload=body,
+        content_type=content_type,
+        idempotency_key=key if key is not None else (ce["ce-id"] if ce else None),
+        schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
+        expected_last_subject_sequence=parse_sequence(
+            headers.get(H_EXPECTED_LAST_SUBJECT_SEQUENCE),
+            field="Expected-Last-Subject-Sequence",
+        ),
+        extra_headers=extra,
+    )
 
 
 def _with_headers(request: PublishRequest, headers: dict[str, str]) -> PublishRequest:

@@ -26,14 +26,9 @@ from nats.aio.msg import Msg
 from broker.envelope import (
     CONTENT_TYPE,
     H_CONTENT_TYPE,
-    H_IDEMPOTENCY_KEY,
-    H_SCHEMA_ID,
     NDJSON_TYPES,
-    PublishRequest,
     check_media_type,
     media_type,
-    parse_schema_id,
-    passthrough_headers,
     validate_subject,
 )
 from broker.errors import (
@@ -46,6 +41,7 @@ from broker.errors import (
     Unprocessable,
 )
 from broker.http._rsgi import HTTPProtocol, Scope, read_body, respond_json
+from broker.http.publish import body_request
 from broker.http.state import IngressState
 from broker.publisher import Publisher
 from broker.routing.events import (
@@ -67,6 +63,8 @@ ROUTING_HEADERS = {
     "x-env": "X-Env",
 }
 _MAX_ROUTING_HEADER = 32 * 1024
+# Together: the stored message's headers (NATS: 64 KiB) also hold the pass-through ones.
+_MAX_ROUTING_HEADERS = 40 * 1024
 _DEFAULT_WAIT = 30.0
 _ERRORS: dict[str, type[BrokerError]] = {
     "no_route": NoRoute,
@@ -140,6 +138,7 @@ def _wait_params(params: dict[str, str], max_wait: float) -> tuple[bool, float]:
 
 def _routing_headers(scope: Scope) -> dict[str, str]:
     found: dict[str, str] = {}
+    size = 0
     for lower, stored in ROUTING_HEADERS.items():
         value = scope.headers.get(lower)
         if value is None:
@@ -147,6 +146,11 @@ def _routing_headers(scope: Scope) -> dict[str, str]:
         if len(value) > _MAX_ROUTING_HEADER:
             raise Unprocessable(f"{stored} is longer than {_MAX_ROUTING_HEADER} characters")
         found[stored] = value
+        size += len(value)
+    if size > _MAX_ROUTING_HEADERS:
+        raise Unprocessable(
+            f"the routing headers add up to {size} characters; at most {_MAX_ROUTING_HEADERS}"
+        )
     return found
 
 
@@ -163,15 +167,7 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
     routing = _routing_headers(scope)
     # Refuse what a router could not read before anything is stored.
     extract(body, {CONTENT_TYPE: content_type, **routing})
-    request = PublishRequest(
-        subject=subject,
-        payload=body,
-        content_type=content_type,
-        idempotency_key=headers.get(H_IDEMPOTENCY_KEY),
-        schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
-        extra_headers=passthrough_headers(headers),
-    )
-    outbound = request.to_outbound(state.tenant)
+    outbound = body_request(headers, subject, body, content_type).to_outbound(state.tenant)
     waiters = state.route_waiters
     if not state.publisher.connected:
         raise Unavailable("NATS is not connected")
@@ -196,7 +192,9 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
                 )
             respond_json(proto, 200, {**ack.to_dict(), "subject": subject, "decision": None})
             return
-        decision = await _decision(decision_future, state.settings.route_decision_timeout)
+        decision = await _decision(
+            decision_future, min(state.settings.route_decision_timeout, timeout)
+        )
         if not wait:
             status = 200 if decision is not None else 202
             respond_json(proto, status, {**ack.to_dict(), "subject": subject, "decision": decision})

@@ -352,8 +352,8 @@ def _decode_text(payload: bytes, charset: str) -> str | None:
     head = payload[: MAX_TEXT_CHARS * 4]
     try:
         text = head.decode(charset, errors="replace")
-    except LookupError:  # a codec that is not a text encoding (charset=base64)
-        text = head.decode("utf-8", errors="replace")
+    except (LookupError, ValueError):  # not a text encoding (base64), or one that has no
+        text = head.decode("utf-8", errors="replace")  # "replace" (idna, punycode)
     text = text.strip()[:MAX_TEXT_CHARS]
     return text or None
 

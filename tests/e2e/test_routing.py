@@ -581,3 +581,17 @@ async def test_heartbeats_go_on_after_the_load_source_fails(
         assert await routed_to(client, "h-steady", "+44 20 7946 0958 please")
         # ... and it goes on beating after the failed probes
         assert await await_until(lambda: _true(probe.calls > probe.failures + 2), timeout=10)
+
+
+async def test_route_takes_the_headers_publish_takes(client: httpx.AsyncClient) -> None:
+    """``Expected-Last-Subject-Sequence`` guards a routed append, and a binary-mode
+    CloudEvent's ``ce-id`` is its idempotency key, as on ``POST /v1/publish``."""
+    stale = await route(
+        client, "hello", subject="guarded.x", headers={"expected-last-subject-sequence": "999"}
+    )
+    assert stale.status_code == 409, stale.text
+    event = {"ce-specversion": "1.0", "ce-id": "route-ce-1", "ce-source": "/t", "ce-type": "t"}
+    first = await route(client, "hello", subject="events.x", headers=event)
+    again = await route(client, "hello", subject="events.x", headers=event)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert (again.json()["seq"], again.json()["duplicate"]) == (first.json()["seq"], True)

@@ -121,6 +121,14 @@ def test_a_bogus_charset_falls_back_to_utf8(charset: str) -> None:
     assert features.text == "hello"
 
 
+@pytest.mark.parametrize("charset", ["idna", "punycode"])
+def test_a_charset_that_cannot_replace_bad_bytes_falls_back_to_utf8(charset: str) -> None:
+    """idna and punycode raise on bytes they do not take, whatever the error handler: that
+    was a 500 from POST /v1/route."""
+    features = extract(b"caf\xc3\xa9 \xff", {"Content-Type": f"text/plain; charset={charset}"})
+    assert features.text == "caf\u00e9 \ufffd"
+
+
 def test_untyped_utf8_text_is_sniffed_as_text() -> None:
     features = extract(b"please summarise this", {})
     assert features.content_type == "application/octet-stream"
