@@ -210,6 +210,8 @@ class Router:
             appends.append(self._append(shadow, payload, headers))
         acks = await asyncio.gather(*appends)
         ack = acks[0]
+        if ack.duplicate:  # decided before (this router crashed before its ack): that stands
+            route = await self._stored(route, ack)
         if route.decision.agent is None:
             self.stats.dead_lettered += 1
             metrics.dead_lettered("route")
@@ -225,6 +227,26 @@ class Router:
             reason=route.decision.reason,
             attempt=route.attempt,
         )
+
+    async def _stored(self, route: RouteDecided, ack: PublishAck) -> RouteDecided:
+        """The decision the stream holds for ``route``'s message and attempt. A redelivered
+        message is decided again, maybe differently (the loads moved); its append is
+        deduplicated (``Nats-Msg-Id``), so the first decision is the one an agent gets, and
+        the one to tell the caller."""
+        try:
+            stored = await self.js.get_msg(ack.stream, ack.seq)
+            kept = RouteDecided.from_headers(stored.headers or {})
+        except Exception as e:  # unreadable: the new decision is the best guess left
+            log.warning("route_stored_unreadable", seq=ack.seq, error=str(e)[:200])
+            return route
+        if kept.decision.agent != route.decision.agent:
+            log.info(
+                "route_decided_before",
+                message_seq=route.message_seq,
+                stored=kept.decision.agent,
+                now=route.decision.agent,
+            )
+        return kept
 
     async def _append(
         self, route: RouteDecided, payload: bytes, headers: Mapping[str, str]

@@ -9,8 +9,10 @@ import contextlib
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import nats
+import orjson
 import pytest
 from nats.aio.msg import Msg
 
@@ -22,7 +24,7 @@ from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
 from broker.routing import router as router_module
 from broker.routing.embedder import Embedder, Matrix
-from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
+from broker.routing.events import H_DECISION_TO, H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router
@@ -214,3 +216,33 @@ async def test_a_message_the_model_fails_on_is_retried_then_dead_lettered(
     await nc.close()
     assert dead.message_seq == poison.seq
     assert "failed on 3 deliveries (RuntimeError: poisoned input)" in dead.decision.detail
+
+
+async def test_a_decision_made_again_after_a_crash_reports_the_stored_one(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """A router that crashed after appending a decision and before its ack: the message comes
+    back and is decided again, maybe for another agent (the loads moved). That append is
+    deduplicated, so the inbox holds the first decision; the caller must hear that one."""
+    await register_agents(publisher)
+    nc = await nats.connect(nats_url)
+    notices = await nc.subscribe("decisions.redo")
+    text = "please translate this letter into German"
+    headers = {H_ROUTE_MODE: ROUTE_MODE_AUTO, H_DECISION_TO: "decisions.redo"}
+    ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(headers)))
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    first = router.decide(T, text.encode(), headers, message_seq=ack.seq)
+    assert first.agent == "translator"
+    decided = RouteDecided(T, ack.seq, f"msg.{T}.chat", first)
+    await router._deliver(decided, text.encode(), dict(headers))
+    again = replace(decided, decision=replace(first, agent="weather"))
+    await router._deliver(again, text.encode(), dict(headers))
+    heard = [orjson.loads((await notices.next_msg(timeout=5)).data) for _ in range(2)]
+    await nc.close()
+    assert [h["agent"] for h in heard] == ["translator", "translator"]
+    assert heard[0]["route_seq"] == heard[1]["route_seq"]
+    assert router.stats.routed == 2
+    assert router.stats.dead_lettered == 0
