@@ -24,7 +24,14 @@ from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
 from broker.routing import router as router_module
 from broker.routing.embedder import Embedder, Matrix
-from broker.routing.events import H_DECISION_TO, H_ROUTE_MODE, ROUTE_MODE_AUTO, RouteDecided
+from broker.routing.events import (
+    H_DECISION_TO,
+    H_ROUTE_MODE,
+    ROUTE_MODE_AUTO,
+    FailureReason,
+    RouteDecided,
+    RouteFailed,
+)
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router
@@ -246,3 +253,47 @@ async def test_a_decision_made_again_after_a_crash_reports_the_stored_one(
     assert heard[0]["route_seq"] == heard[1]["route_seq"]
     assert router.stats.routed == 2
     assert router.stats.dead_lettered == 0
+
+
+async def test_a_retry_embeds_a_new_text_off_the_event_loop(publisher: Publisher) -> None:
+    """A failed message whose text this router has not embedded (another router decided its
+    first attempt) is embedded ahead like a fetched batch: the loop keeps serving while the
+    model runs, instead of waiting on it."""
+    await register_agents(publisher)
+    text = "please translate this letter into German"
+    original = {"Content-Type": "text/plain"}
+    ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(original)))
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    elsewhere = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    first = elsewhere.decide(T, text.encode(), original, message_seq=ack.seq)
+    decided = RouteDecided(T, ack.seq, f"msg.{T}.chat", first)
+    failure = RouteFailed(decided, FailureReason.ERROR, "boom", "instance-1")
+    await publisher.publish(
+        Outbound(failure.subject, text.encode(), failure.to_headers(decided.to_headers(original)))
+    )
+
+    longest = 0.0
+
+    async def tick() -> None:
+        nonlocal longest
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+
+    router, stop, running = await start_router(publisher, CostlyEmbedder(delay=0.5))
+    ticker = asyncio.create_task(tick())
+    try:
+
+        async def retried() -> bool:
+            return router.stats.retried == 1
+
+        assert await await_until(retried, timeout=15)
+    finally:
+        ticker.cancel()
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert longest < 0.3, f"the loop stalled {longest:.2f} s behind the model"
