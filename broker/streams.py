@@ -26,7 +26,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from broker.errors import StreamConfigConflict
@@ -246,10 +251,15 @@ async def provision(
 #: that is still electing leaders, or two processes provisioning at once, can take longer
 #: than one JetStream API timeout.
 PROVISION_PATIENCE_SECONDS = 60.0
+#: "no suitable peers for placement": every node is up and follows the meta leader, which
+#: has not yet heard from enough of them to place the replicas (seen on a cluster started
+#: a moment before the broker).
+_JS_NO_SUITABLE_PEERS = 10005
 
 
 async def _patiently(step: Callable[[], Awaitable[None]]) -> None:
-    """Run one idempotent provisioning step, again after a timeout or "no responders"."""
+    """Run one idempotent provisioning step, again after a timeout, "no responders" or a
+    placement the cluster cannot make yet."""
     deadline = time.monotonic() + PROVISION_PATIENCE_SECONDS
     while True:
         try:
@@ -263,8 +273,11 @@ async def _patiently(step: Callable[[], Awaitable[None]]) -> None:
         ):
             if time.monotonic() >= deadline:
                 raise
-            log.warning("provisioning_retried")
-            await asyncio.sleep(0.5)
+        except BadRequestError as e:
+            if e.err_code != _JS_NO_SUITABLE_PEERS or time.monotonic() >= deadline:
+                raise
+        log.warning("provisioning_retried")
+        await asyncio.sleep(0.5)
 
 
 async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from nats.js.errors import BadRequestError
 
+from broker import streams as streams_module
 from broker.settings import Settings
 from broker.streams import SUBJECT_PREFIX, Stream, agent_load_spec, config_diff, stream_specs
 
@@ -38,3 +40,32 @@ def test_diff_names_each_differing_field() -> None:
     spec = stream_specs(Settings())[0]
     other = dataclasses.replace(spec, subjects=["other.>"], duplicate_window=5.0)
     assert set(config_diff(other, spec)) == {"subjects", "duplicate_window"}
+
+
+async def test_provisioning_waits_for_a_cluster_that_cannot_place_replicas_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every node follows the meta leader, which has not yet heard from enough peers to
+    place an R3 stream (10005): seen when the broker starts right after the cluster. That is
+    retried; any other refusal is not."""
+    monkeypatch.setattr("broker.streams.asyncio.sleep", _no_sleep)
+    calls = 0
+
+    async def placed_on_the_third_try() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
+
+    await streams_module._patiently(placed_on_the_third_try)
+    assert calls == 3
+
+    async def refused() -> None:
+        raise BadRequestError(code=400, err_code=10058, description="stream name in use")
+
+    with pytest.raises(BadRequestError):
+        await streams_module._patiently(refused)
+
+
+async def _no_sleep(_: float) -> None:
+    return None
