@@ -1,8 +1,8 @@
 """Replay at its edges: starts NATS would refuse are a 422, not a 500, and every read deletes
 its consumer when it ends instead of leaving it on the server for its inactivity threshold.
 
-The HTTP cases run a real ``broker serve`` (as tests/e2e do) on a nats-server of the module;
-the reader cases use :mod:`broker.reader` directly on a server of their own.
+The HTTP cases use the module's ``broker serve`` (tests/e2e/conftest.py); the reader cases
+use :mod:`broker.reader` directly on a server of their own.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import nats
@@ -18,44 +18,15 @@ import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
-from broker.embedded import NatsServer, ServerSpec
+from broker.embedded import NatsServer
 from broker.reader import read_batches, read_messages
 from tests._wait import await_until
-from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e._broker import BrokerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 REPLAY = "/v1/streams/MESSAGES/messages"
 MAX_SEQ = 2**63 - 1
-
-
-@pytest.fixture(scope="module")
-def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(ServerSpec(store_dir=tmp_path_factory.mktemp("nats"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(
-    module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[BrokerProcess]:
-    process = start_broker(tmp_path_factory.mktemp("broker"), nats_url=module_nats.url)
-    yield process
-    process.stop()
-
-
-@pytest_asyncio.fixture
-async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=broker.base_url, timeout=15) as c:
-        yield c
-
-
-@pytest_asyncio.fixture
-async def js(module_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(module_nats.url)
-    yield nc.jetstream()
-    await nc.close()
 
 
 async def consumers(js: JetStreamContext, stream: str) -> int:
