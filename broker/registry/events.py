@@ -18,7 +18,13 @@ from nats.js.api import RawStreamMsg
 
 from broker.envelope import Outbound, Tenant
 from broker.errors import BrokerError, InvalidSubject
-from broker.registry.manifest import AGENT_NAME_PATTERN, AgentManifest, AgentName
+from broker.registry.manifest import (
+    AGENT_NAME_PATTERN,
+    SERIALIZE_ERRORS,
+    AgentManifest,
+    AgentName,
+    ManifestInvalid,
+)
 
 EVENT_TYPE_HEADER = "Broker-Event-Type"
 _NAME = re.compile(AGENT_NAME_PATTERN)
@@ -55,19 +61,25 @@ def tenant_filter(tenant: Tenant) -> str:
 
 
 def encode(event: RegistryEvent) -> Outbound:
-    """The message that stores ``event`` (the expected-sequence header is added by the caller)."""
-    body = {
-        "type": str(event.type),
-        "tenant": event.tenant,
-        "name": event.name,
-        "manifest": event.manifest.model_dump(mode="json") if event.manifest else None,
-    }
+    """The message that stores ``event`` (the expected-sequence header is added by the caller);
+    :class:`ManifestInvalid` for a manifest that cannot be serialized."""
+    try:
+        body = orjson.dumps(
+            {
+                "type": str(event.type),
+                "tenant": event.tenant,
+                "name": event.name,
+                "manifest": event.manifest.model_dump(mode="json") if event.manifest else None,
+            }
+        )
+    except SERIALIZE_ERRORS as e:
+        raise ManifestInvalid(f"manifest cannot be serialized: {e}") from None
     headers = {
         EVENT_TYPE_HEADER: str(event.type),
         "Broker-Event-Schema": EVENT_SCHEMA_VERSION,
         "Content-Type": "application/json",
     }
-    return Outbound(agent_subject(event.tenant, event.name), orjson.dumps(body), headers)
+    return Outbound(agent_subject(event.tenant, event.name), body, headers)
 
 
 def decode(data: bytes, *, subject: str, seq: int, at: datetime | None) -> RegistryEvent:

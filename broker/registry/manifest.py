@@ -34,6 +34,12 @@ _SEMVER = (
 )
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)$")
 
+MAX_MANIFEST_DEPTH = 72
+"""The deepest nesting of objects and arrays a manifest may have: an ``input_schema`` as deep
+as the schema registry takes (64 levels) still fits under ``capabilities[]``. Deeper is no use,
+only cost: YAML is composed recursively (5,000 levels overflow the stack), and orjson and
+pydantic refuse to serialize past 254 levels, so the manifest could not be stored."""
+
 
 class ManifestInvalid(Unprocessable):
     """A manifest that does not validate; ``errors`` names each failing field path."""
@@ -46,6 +52,12 @@ class ManifestInvalid(Unprocessable):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "errors": self.errors}
+
+
+SERIALIZE_ERRORS = (ValueError, orjson.JSONEncodeError)
+"""What serializing a manifest raises when it cannot be (pydantic's depth limit is a plain
+``ValueError``): one built in code is not bounded by :func:`validate_manifest`, so these are
+answered as :class:`ManifestInvalid` too."""
 
 
 class Modality(StrEnum):
@@ -173,12 +185,38 @@ def _errors(error: ValidationError) -> list[dict[str, str]]:
     ]
 
 
+def _too_deep(value: Any) -> str | None:
+    """Where ``value`` nests deeper than :data:`MAX_MANIFEST_DEPTH`, as a field path, if it
+    does; iterative, as such a value is what overflows a recursive walk."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 0, ())]
+    while stack:
+        node, depth, trail = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        else:
+            continue
+        if depth == MAX_MANIFEST_DEPTH:
+            parts: list[str] = []
+            while trail:
+                trail, part = trail
+                parts.append(str(part)[:64])
+            parts.reverse()
+            return ".".join(parts[:6]) + (".…" if len(parts) > 6 else "") or "(root)"
+        stack.extend((child, depth + 1, (trail, key)) for key, child in children)
+    return None
+
+
 def validate_manifest(data: Any) -> AgentManifest:
     """A manifest from parsed JSON/YAML; :class:`ManifestInvalid` names every failing path."""
     if not isinstance(data, dict):
         raise ManifestInvalid(
             "a manifest is a mapping (JSON object)", [{"loc": "(root)", "msg": "not an object"}]
         )
+    if (where := _too_deep(data)) is not None:
+        problem = f"nests deeper than {MAX_MANIFEST_DEPTH} levels"
+        raise ManifestInvalid(f"manifest {problem} at {where}", [{"loc": where, "msg": problem}])
     try:
         return AgentManifest.model_validate(data)
     except ValidationError as e:
@@ -187,11 +225,37 @@ def validate_manifest(data: Any) -> AgentManifest:
         raise ManifestInvalid(f"invalid manifest at {paths}", errors) from None
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without anchors and aliases, and at most :data:`MAX_MANIFEST_DEPTH`
+    deep. An alias is a reference: a few hundred bytes of nested aliases (a "billion laughs")
+    stand for billions of nodes, which validating or storing the manifest would expand. A
+    manifest never needs them, so they are refused as they are read."""
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+            raise ManifestInvalid(f"YAML anchors and aliases are not allowed in a manifest{where}")
+        nests = isinstance(event, yaml.CollectionStartEvent)
+        if nests and self._depth == MAX_MANIFEST_DEPTH:
+            raise ManifestInvalid(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels{where}")
+        self._depth += nests
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= nests
+
+
 def parse_manifest(data: bytes, content_type: str | None = None) -> AgentManifest:
     """Parse and validate a JSON or YAML manifest (YAML when the media type says so)."""
     is_yaml = content_type is not None and "yaml" in content_type
     try:
-        parsed = yaml.safe_load(data) if is_yaml else orjson.loads(data)
+        parsed = yaml.load(data, Loader=_ManifestLoader) if is_yaml else orjson.loads(data)
     except (yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as e:
         kind = "YAML" if is_yaml else "JSON"
         raise ManifestInvalid(f"manifest is not valid {kind}: {str(e)[:200]}") from None
@@ -200,7 +264,10 @@ def parse_manifest(data: bytes, content_type: str | None = None) -> AgentManifes
 
 def canonical_json(manifest: AgentManifest) -> bytes:
     """Deterministic bytes: identical manifests compare equal whatever their key order."""
-    return orjson.dumps(manifest.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(manifest.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    except SERIALIZE_ERRORS as e:
+        raise ManifestInvalid(f"manifest cannot be serialized: {e}") from None
 
 
 def manifest_json_schema() -> dict[str, Any]:
