@@ -45,6 +45,7 @@ from broker.registry.schemas.types import (
     CompatibilityLevel,
     InvalidSchemaError,
     ParsedSchema,
+    SchemaTooComplexError,
     SchemaType,
     parse_schema,
 )
@@ -142,8 +143,12 @@ class SchemaCatalog:
         new: ParsedSchema,
         against: Sequence[SubjectVersion],
     ) -> list[str]:
+        """Why ``new`` may not follow ``against``; 42201 when that is too much work to tell."""
         existing = [self.parsed(reg, tenant, v.schema) for v in against]
-        return check_compatibility(level, new, existing)
+        try:
+            return check_compatibility(level, new, existing)
+        except SchemaTooComplexError as e:
+            raise InvalidSchema(f"Invalid schema: {e}") from e
 
 
 def register(

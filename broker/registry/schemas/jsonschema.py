@@ -3,7 +3,8 @@
 :func:`parse` accepts any draft ``jsonschema`` knows (draft 7 when ``$schema`` is absent)
 and checks that every ``$ref`` resolves, locally or to a reference. :func:`compatible`
 asks whether every document the *writer* schema accepts is accepted by the *reader*;
-where a keyword's effect cannot be proved it reports it rather than guess.
+where a keyword's effect cannot be proved it reports it rather than guess. It does at most
+:data:`MAX_COMPARE_STEPS` comparisons, and raises :class:`SchemaTooComplexError` past them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urljoin
 
@@ -22,6 +24,7 @@ from broker.registry.schemas.types import (
     MAX_COMPARE_DEPTH,
     InvalidSchemaError,
     ParsedSchema,
+    SchemaTooComplexError,
     SchemaType,
     canonical_json,
     load_json,
@@ -41,6 +44,17 @@ _HANDLED = frozenset({
     "required", "minProperties", "maxProperties", "properties", "additionalProperties",
     "patternProperties",
 })  # fmt: skip
+
+MAX_COMPARE_STEPS = 100_000
+"""The work one :func:`compatible` call may do, in steps: a pair of sub-schemas compared, or an
+item a comparison goes through one by one (an enum value, a message passed up, ...).
+
+Unions multiply: every branch of a writer ``anyOf`` is tried against every branch of a
+reader ``anyOf``, again under each property the two share, so a schema of a few kilobytes
+can ask for billions of comparisons, and hold the worker as long. Ordinary schemas take tens
+to hundreds of steps, and 150 object types referring to each other (110 KB) about 21,000; a
+step takes 10 to 15 microseconds, so a check is refused after one to two seconds of CPU.
+"""
 
 
 def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
@@ -101,11 +115,13 @@ class _Doc:
     root: Any
     references: Mapping[str, ParsedSchema]
     key: str = field(init=False)
+    #: Each reference as a document, built once: a ``$ref`` to it costs no canonical form.
+    docs: dict[str, _Doc] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        refs = sorted(
-            (name, _Doc(ref.parsed, ref.references).key) for name, ref in self.references.items()
-        )
+        docs = {name: _Doc(ref.parsed, ref.references) for name, ref in self.references.items()}
+        refs = sorted((name, doc.key) for name, doc in docs.items())
+        object.__setattr__(self, "docs", docs)
         object.__setattr__(self, "key", canonical_json([self.root, refs]))
 
     def resolve(self, ref: str) -> tuple[Any, _Doc] | None:
@@ -113,9 +129,9 @@ class _Doc:
         doc: _Doc = self
         if base:
             own_id = self.root.get("$id", "") if isinstance(self.root, dict) else ""
-            target = self.references.get(base) or self.references.get(urljoin(own_id, base))
+            target = self.docs.get(base) or self.docs.get(urljoin(own_id, base))
             if target is not None:
-                doc = _Doc(target.parsed, target.references)
+                doc = target
             elif base not in (own_id, urljoin(own_id, base)) or not own_id:
                 return None
         node = doc.root
@@ -148,6 +164,30 @@ def _anchor(root: Any, name: str, doc: _Doc) -> tuple[Any, _Doc] | None:
         elif isinstance(item, list):
             stack.extend(item)
     return None
+
+
+def _without(schema: dict[str, Any], keyword: str) -> dict[str, Any]:
+    return {k: v for k, v in schema.items() if k != keyword}
+
+
+def _branch(w: dict[str, Any], union: str, branch: Any) -> Any:
+    """One branch of the writer's ``union`` with the union's sibling keywords."""
+    rest = _without(w, union)
+    if not isinstance(branch, dict):
+        return rest if branch else False
+    return _merge(rest, branch) if rest else branch
+
+
+def _shape(value: Any) -> object:
+    """``value`` for :meth:`_Checker._intern`: a scalar, or a list of them, by value (equal
+    ones parsed twice are different objects); any other node by identity."""
+    if value is None or isinstance(value, str | int | float):
+        return (type(value).__name__, value)
+    if isinstance(value, list) and all(
+        v is None or isinstance(v, str | int | float) for v in value
+    ):
+        return ("scalars", *(_shape(v) for v in value))
+    return id(value)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -210,70 +250,178 @@ def _property(schema: dict[str, Any], name: str) -> Any:
 
 
 class _Checker:
-    """Proves ``reader ⊇ writer`` keyword by keyword; reports what it cannot prove."""
+    """Proves ``reader ⊇ writer`` keyword by keyword; reports what it cannot prove.
+
+    Each (reader, writer) pair is compared once (``seen``, by identity). A pair met again
+    while it is being compared holds if a value's items or properties lie between (a
+    recursive ``$ref``; values are finite) and is reported otherwise. The schemas the walk
+    builds (a writer union branch with the union's siblings, a merged ``allOf``, a ``$ref``
+    with siblings) are built once and interned, so a sub-problem reached again by another
+    way is the same pair. All of it counts against :data:`MAX_COMPARE_STEPS`.
+    """
 
     def __init__(self) -> None:
         self.seen: dict[tuple[int, int], list[str]] = {}
+        self.derived: dict[tuple[object, ...], tuple[object, Any]] = {}
         self.keep: list[Any] = []  # keeps compared nodes alive so their ids stay unique
+        self.open: dict[tuple[int, int], int] = {}  # pairs being compared: their nesting
+        self.nesting = 0  # how many items or properties down the walk is
         self.depth = 0
+        self.steps = 0
+        self.budget = MAX_COMPARE_STEPS
 
-    def compare(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
-        if self.depth > MAX_COMPARE_DEPTH:
-            return [f"{path or '/'}: schema nests too deeply to check"]
+    def spend(self, steps: int, path: str) -> None:
+        """Count ``steps`` against the budget; :class:`SchemaTooComplexError` past it. A step
+        is a pair of sub-schemas compared, or one item a comparison goes through one by one:
+        a message passed up, an enum value, a required name, a pattern, an unknown keyword."""
+        self.steps += steps
+        if self.steps > self.budget:
+            raise SchemaTooComplexError(
+                "schema is too complex to check for compatibility: the check takes more than "
+                f"{self.budget} steps (stopped at {path or '/'})"
+            )
+
+    def compare(
+        self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str, *, nested: bool = False
+    ) -> list[str]:
+        """Why ``r`` rejects values ``w`` accepts; ``nested`` for the schemas of a value's
+        items or properties. A pair met again inside itself holds if it is met a value deeper
+        (values are finite), and is reported if met at the same value: a schema that is a
+        branch of its own ``anyOf`` proves nothing."""
+        self.spend(1, path)
+        self.nesting += nested
         key = (id(r), id(w))
-        if key in self.seen:
-            return self.seen[key]
-        self.keep.append((r, w))
-        self.seen[key] = []  # assumed while inside (recursive $refs)
-        self.depth += 1
-        try:
-            result = self._compare(r, rdoc, w, wdoc, path)
-        finally:
-            self.depth -= 1
-        self.seen[key] = result
+        if self.depth > MAX_COMPARE_DEPTH:
+            result = [f"{path or '/'}: schema nests too deeply to check"]
+        elif self.open.get(key) == self.nesting:
+            result = [f"{path or '/'}: schema refers to itself without nesting; cannot check"]
+        elif key not in self.seen:
+            self.keep.append((r, w))
+            self.seen[key] = []  # assumed while inside, where a value nests (recursive $refs)
+            self.open[key] = self.nesting
+            self.depth += 1
+            try:
+                self.seen[key] = list(dict.fromkeys(self._compare(r, rdoc, w, wdoc, path)))
+            finally:
+                self.depth -= 1
+                del self.open[key]
+            result = self.seen[key]
+        else:
+            result = self.seen[key]
+        self.nesting -= nested
+        self.spend(len(result), path)  # each message is copied into the caller's list
         return result
+
+    def _derive(self, key: tuple[object, ...], source: object, make: Callable[[], Any]) -> Any:
+        """``make()``, built once per ``key`` (the ids of the nodes it is built from);
+        ``source`` is kept alive so that those ids are not reused."""
+        if key not in self.derived:
+            self.derived[key] = (source, make())
+        return self.derived[key][1]
+
+    def _intern(self, schema: Any) -> Any:
+        """One object for a derived schema and every schema like it (the same keywords, with
+        the same scalar values or the same nodes): deriving again from a derived schema, as
+        a union branch that refers back to its union does, meets a schema already compared."""
+        if not isinstance(schema, dict):
+            return schema
+        key = ("schema", *sorted((k, _shape(v)) for k, v in schema.items()))
+        return self._derive(key, schema, lambda: schema)
+
+    def _deref(self, node: Any, doc: _Doc) -> tuple[Any, _Doc]:
+        """:func:`_deref`, once per node, and once per reference and siblings in a document."""
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
+            return node, doc
+        found: tuple[Any, _Doc] = self._derive(
+            ("$ref", id(node)), node, partial(self._resolve, node, doc)
+        )
+        return found
+
+    def _resolve(self, node: dict[str, Any], doc: _Doc) -> tuple[Any, _Doc]:
+        siblings = sorted((k, _shape(v)) for k, v in node.items() if k not in _ANNOTATIONS)
+        key = ("resolved", id(doc.root), *siblings)
+        found: tuple[Any, _Doc] = self._derive(key, (node, doc.root), partial(_deref, node, doc))
+        return found
+
+    def _json(self, value: Any) -> str:
+        """:func:`canonical_json`, once per node: the reader's keywords are compared with each
+        writer schema it meets, and a large one would be serialized again each time."""
+        found: str = self._derive(("json", id(value)), value, partial(canonical_json, value))
+        return found
+
+    def _same(self, rdoc: _Doc, wdoc: _Doc) -> bool:
+        """Whether the two documents are one; their keys are whole documents, compared once."""
+        same: bool = self._derive(
+            ("same", id(rdoc), id(wdoc)), (rdoc, wdoc), lambda: rdoc.key == wdoc.key
+        )
+        return same
+
+    def _has_ref(self, schema: Any) -> bool:
+        found: bool = self._derive(
+            ("has $ref", id(schema)), schema, lambda: next(_refs(schema), None) is not None
+        )
+        return found
+
+    def _property(self, schema: dict[str, Any], name: str, path: str) -> Any:
+        def find() -> Any:
+            self.spend(len(schema.get("patternProperties", {})), path)
+            return _property(schema, name)
+
+        return self._derive(("property", id(schema), name), schema, find)
 
     def _compare(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
         where = path or "/"
-        r, rdoc = _deref(r, rdoc)
-        w, wdoc = _deref(w, wdoc)
+        r, rdoc = self._deref(r, rdoc)
+        w, wdoc = self._deref(w, wdoc)
         if r is True or r == {} or w is False:
             return []
         if r is False:
             return [f"{where}: the reader accepts no value here but the writer does"]
         w = {} if w is True else w
-        if r == w and rdoc.key == wdoc.key:
+        if r == w and self._same(rdoc, wdoc):
             return []
         for union in ("anyOf", "oneOf"):
             if isinstance(w.get(union), list):
-                rest = {k: v for k, v in w.items() if k != union}
                 out: list[str] = []
+                tried: set[int] = set()
                 for i, branch in enumerate(w[union]):
-                    b, bdoc = _deref(branch, wdoc)
-                    wb = _merge(rest, b) if isinstance(b, dict) else (rest if b else False)
+                    b, bdoc = self._deref(branch, wdoc)
+                    if id(b) in tried:  # the same schema again: same answer, said once
+                        continue
+                    tried.add(id(b))
+                    make = partial(self._intern_branch, w, union, b)
+                    wb = self._derive(("branch", union, id(w), id(b)), (w, b), make)
                     out += self.compare(r, rdoc, wb, bdoc, f"{path}/{union}/{i}")
                 return out
         if isinstance(w.get("allOf"), list):
-            merged = {k: v for k, v in w.items() if k != "allOf"}
-            for branch in w["allOf"]:
-                b, _ = _deref(branch, wdoc)
-                if b is False:
-                    return []
-                merged = _merge(merged, b) if isinstance(b, dict) else merged
-            return self.compare(r, rdoc, merged, wdoc, path)
+            merged = self._derive(("merged", id(w)), w, partial(self._all_of, w, wdoc))
+            return [] if merged is False else self.compare(r, rdoc, merged, wdoc, path)
         return self._reader(r, rdoc, w, wdoc, path)
+
+    def _intern_branch(self, w: dict[str, Any], union: str, branch: Any) -> Any:
+        return self._intern(_branch(w, union, branch))
+
+    def _all_of(self, w: dict[str, Any], wdoc: _Doc) -> Any:
+        """The writer's ``allOf`` merged into one schema; ``False`` when a branch is."""
+        merged = _without(w, "allOf")
+        for branch in w["allOf"]:
+            b, _ = self._deref(branch, wdoc)
+            if b is False:
+                return False
+            merged = _merge(merged, b) if isinstance(b, dict) else merged
+        return self._intern(merged)
 
     def _reader(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
         where = path or "/"
         if isinstance(r.get("allOf"), list):
-            rest = {k: v for k, v in r.items() if k != "allOf"}
+            rest = self._derive(("rest", "allOf", id(r)), r, partial(_without, r, "allOf"))
             out = self.compare(rest, rdoc, w, wdoc, path)
             for i, branch in enumerate(r["allOf"]):
                 out += self.compare(branch, rdoc, w, wdoc, f"{path}/allOf/{i}")
             return out
         for union in ("anyOf", "oneOf"):
             if isinstance(r.get(union), list):
-                rest = {k: v for k, v in r.items() if k != union}
+                rest = self._derive(("rest", union, id(r)), r, partial(_without, r, union))
                 out = self.compare(rest, rdoc, w, wdoc, path)
                 fits = [b for b in r[union] if not self.compare(b, rdoc, w, wdoc, path)]
                 if not fits:
@@ -289,8 +437,9 @@ class _Checker:
         values = w["enum"] if "enum" in w else [w["const"]]
         if not isinstance(values, list):
             return [f"{where}: writer enum is not a list"]
-        if next(_refs(r), None) is not None:
+        if self._has_ref(r):
             return [f"{where}: cannot check writer enum values against a reader with $ref"]
+        self.spend(len(values), where)
         validator = _validator_class(rdoc.root)(r)
         bad = [v for v in values if not validator.is_valid(v)]
         return [f"{where}: the reader rejects writer value(s) {bad}"] if bad else []
@@ -323,8 +472,10 @@ class _Checker:
             out += self._array(r, rdoc, w, wdoc, path)
         if "object" in may:
             out += self._object(r, rdoc, w, wdoc, path)
-        for keyword in sorted(set(r) - _HANDLED - _ANNOTATIONS - {"pattern", "format"}):
-            if canonical_json(r[keyword]) != canonical_json(w.get(keyword)):
+        unknown = sorted(set(r) - _HANDLED - _ANNOTATIONS - {"pattern", "format"})
+        self.spend(len(unknown), path)
+        for keyword in unknown:
+            if self._json(r[keyword]) != self._json(w.get(keyword)):
                 out.append(f"{where}: cannot prove the reader's {keyword!r} accepts the writer")
         return out
 
@@ -338,43 +489,42 @@ class _Checker:
         for i in range(max(len(r_prefix), len(w_prefix))):
             rs = r_prefix[i] if i < len(r_prefix) else r_rest
             ws = w_prefix[i] if i < len(w_prefix) else w_rest
-            out += self.compare(rs, rdoc, ws, wdoc, f"{path}/items/{i}")
-        out += self.compare(r_rest, rdoc, w_rest, wdoc, f"{path}/items")
+            out += self.compare(rs, rdoc, ws, wdoc, f"{path}/items/{i}", nested=True)
+        out += self.compare(r_rest, rdoc, w_rest, wdoc, f"{path}/items", nested=True)
         return out
 
     def _object(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
         where = path or "/"
         out = _range(r, w, "minProperties", "maxProperties", where)
-        for name in sorted(set(r.get("required", [])) - set(w.get("required", []))):
+        r_required, w_required = r.get("required", []), w.get("required", [])
+        r_patterns, w_patterns = r.get("patternProperties", {}), w.get("patternProperties", {})
+        self.spend(len(r_required) + len(w_required) + len(r_patterns), path)
+        for name in sorted(set(r_required) - set(w_required)):
             out.append(f"{where}: property {name!r} is required by the reader, not the writer")
         names = sorted({*r.get("properties", {}), *w.get("properties", {})})
         for name in names:
             sub = f"{path}/properties/{name}"
-            found = self.compare(_property(r, name), rdoc, _property(w, name), wdoc, sub)
+            rs, ws = self._property(r, name, sub), self._property(w, name, sub)
+            found = self.compare(rs, rdoc, ws, wdoc, sub, nested=True)
             if found and name not in w.get("properties", {}):
                 found = [f"{sub}: property added to the reader, but the writer's open "
                          "content model allows other values for it"]  # fmt: skip
             elif found and name not in r.get("properties", {}):
                 found = [f"{sub}: property removed, and the reader's content model rejects it"]
             out += found
-        r_patterns, w_patterns = r.get("patternProperties", {}), w.get("patternProperties", {})
-        if any(_json(s) != _json(w_patterns.get(p)) for p, s in r_patterns.items()):
+        if any(self._json(s) != self._json(w_patterns.get(p)) for p, s in r_patterns.items()):
             out.append(f"{where}: cannot prove the reader's patternProperties accept the writer")
         r_extra = r.get("additionalProperties", True)
         for pattern, schema in w_patterns.items():
             if pattern not in r_patterns:
                 sub = f"{path}/patternProperties/{pattern}"
-                out += self.compare(r_extra, rdoc, schema, wdoc, sub)
+                out += self.compare(r_extra, rdoc, schema, wdoc, sub, nested=True)
         w_extra = w.get("additionalProperties", True)
         sub = f"{path}/additionalProperties"
-        found = self.compare(r_extra, rdoc, w_extra, wdoc, sub)
+        found = self.compare(r_extra, rdoc, w_extra, wdoc, sub, nested=True)
         if found and w_extra is True:
             found = [f"{sub}: the reader's content model is closed, the writer's is open"]
         return out + found
-
-
-def _json(value: Any) -> str:
-    return canonical_json(value)
 
 
 def _deref(node: Any, doc: _Doc) -> tuple[Any, _Doc]:
@@ -441,7 +591,14 @@ def _numbers(r: dict[str, Any], w: dict[str, Any], where: str, may: frozenset[st
 
 
 def compatible(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
-    """Why ``reader`` rejects documents that ``writer`` accepts (empty: it accepts them all)."""
+    """Why ``reader`` rejects documents that ``writer`` accepts (empty: it accepts them all);
+    :class:`SchemaTooComplexError` when that is more work than :data:`MAX_COMPARE_STEPS`, or
+    a chain of ``$ref``s deeper than the interpreter's stack."""
     rdoc = _Doc(reader.parsed, reader.references)
     wdoc = _Doc(writer.parsed, writer.references)
-    return _Checker().compare(reader.parsed, rdoc, writer.parsed, wdoc, "")
+    try:
+        return _Checker().compare(reader.parsed, rdoc, writer.parsed, wdoc, "")
+    except RecursionError:
+        raise SchemaTooComplexError(
+            "schema is too complex to check for compatibility: its references nest too deeply"
+        ) from None

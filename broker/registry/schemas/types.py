@@ -52,6 +52,11 @@ class InvalidSchemaError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class SchemaTooComplexError(InvalidSchemaError):
+    """A compatibility check would take more work than it is allowed (the schema may well be
+    valid): refused rather than left to hold the worker."""
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedSchema:
     """A validated schema with its canonical form and a type-specific payload.
