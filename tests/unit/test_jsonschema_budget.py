@@ -8,23 +8,20 @@ from typing import Any
 
 import pytest
 
-from broker.envelope import Tenant
 from broker.errors import InvalidSchema
 from broker.registry.schemas import decisions
 from broker.registry.schemas import jsonschema as js
-from broker.registry.schemas.decisions import SchemaCatalog, SchemaRequest
-from broker.registry.schemas.events import SchemaVersionRegistered, decode, encode
-from broker.registry.schemas.state import SchemaRegistryState, TenantSchemas
+from broker.registry.schemas.decisions import SchemaRequest
 from broker.registry.schemas.types import (
     ParsedSchema,
     SchemaTooComplexError,
     SchemaType,
     parse_schema,
 )
+from tests.unit.test_schema_registry_state import Registry, T
 
 pytestmark = pytest.mark.unit
 
-T = Tenant("t1")
 STR, INT, NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
 
 
@@ -139,28 +136,11 @@ def test_references_nested_past_the_stack_are_too_complex_not_a_crash() -> None:
         check(chain(NUM), chain(INT))
 
 
-class Registry:
-    def __init__(self) -> None:
-        self.state = SchemaRegistryState()
-        self.catalog = SchemaCatalog()
-
-    @property
-    def reg(self) -> TenantSchemas:
-        return self.state.tenant(T)
-
-    def register(self, subject: str, schema: Any) -> None:
-        request = SchemaRequest(SchemaType.JSON, json.dumps(schema))
-        event = decisions.register(self.catalog, self.reg, T, subject, request).event
-        assert isinstance(event, SchemaVersionRegistered)
-        seq = self.state.last_seq + 1
-        self.state.apply(decode(encode(event).payload, subject="x", seq=seq, at=None))
-
-
 @pytest.mark.timeout(30)
 def test_a_check_too_complex_to_make_answers_42201_on_check_and_register() -> None:
     reader, writer = crossed_unions(400)
     r = Registry()
-    r.register("s", writer)
+    r.register("s", SchemaRequest(SchemaType.JSON, json.dumps(writer)))
     request = SchemaRequest(SchemaType.JSON, json.dumps(reader))
     for attempt in (
         lambda: decisions.check(r.catalog, r.reg, T, "s", request, version=None),
