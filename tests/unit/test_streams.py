@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from nats.js.errors import BadRequestError
+from structlog.testing import capture_logs
 
 from broker import streams as streams_module
 from broker.settings import Settings
@@ -57,13 +58,15 @@ async def test_provisioning_waits_for_a_cluster_that_cannot_place_replicas_yet(
         if calls < 3:
             raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
 
-    await streams_module._patiently(placed_on_the_third_try)
+    with capture_logs() as logged:
+        await streams_module._patiently(placed_on_the_third_try)
     assert calls == 3
+    assert [entry["event"] for entry in logged] == ["provisioning_retried"] * 2
 
     async def refused() -> None:
         raise BadRequestError(code=400, err_code=10058, description="stream name in use")
 
-    with pytest.raises(BadRequestError):
+    with capture_logs(), pytest.raises(BadRequestError):
         await streams_module._patiently(refused)
 
 
