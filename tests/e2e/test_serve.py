@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -285,3 +286,24 @@ def test_help_texts() -> None:
         )
         assert done.returncode == 0
         assert b"Usage" in done.stdout
+
+
+def test_a_route_waits_for_its_decision_no_longer_than_its_timeout(tmp_path: Path) -> None:
+    """No router runs: the decision never comes. A caller that asked for one second hears so
+    after about one second, not after BROKER_ROUTE_DECISION_TIMEOUT (5 s)."""
+    broker = start_broker(tmp_path, args=("--projection-workers", "0", "--routers", "0"))
+    try:
+        with httpx.Client(http1=False, http2=True, timeout=30) as c:
+            started = time.monotonic()
+            answer = c.post(
+                f"{broker.base_url}/v1/route/tasks.in",
+                params={"wait": "true", "timeout": "1"},
+                content=b"hello",
+                headers={"content-type": "text/plain"},
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        broker.stop()
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error_code"] == "deadline_exceeded"
+    assert elapsed < 3.5, f"answered after {elapsed:.1f} s"
