@@ -75,9 +75,8 @@ log = structlog.get_logger(__name__)
 
 _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
-_FAILURE_NOT_RECORDED_DELAY = (
-    1.0  # seconds before a message whose failure went unrecorded runs again
-)
+#: Seconds before a message whose failure could not be recorded runs again.
+_FAILURE_NOT_RECORDED_DELAY = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,10 +118,7 @@ def _meta_app(state: IngressState) -> FastAPI:
         """A bug, not bad input: answered in the API's shape (Starlette's own answer is plain
         text, sent before the ingress could step in). Starlette raises it on afterwards, and
         the ingress logs it with its traceback (``request_crashed``)."""
-        error = BrokerError("internal error")
-        if _in_registry(request):
-            return RegistryJSON({"error_code": 50001, "message": error.message}, status_code=500)
-        return JSONResponse(error.to_dict(), status_code=500)
+        return await _broker_error(request, BrokerError("internal error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

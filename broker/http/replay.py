@@ -198,9 +198,7 @@ def replay_router(state: IngressState) -> APIRouter:
         # The first batch is read before the answer starts: a read NATS refuses (or NATS
         # gone) is then a 4xx/503 in the API's shape, not a stream cut off after its 200.
         try:
-            first = await anext(batches)
-        except StopAsyncIteration:
-            first = []
+            first: list[Msg] = await anext(batches, [])
         except BaseException:
             await batches.aclose()
             raise

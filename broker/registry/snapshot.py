@@ -156,12 +156,10 @@ class RegistryView:
             log.error("registry_event_unreadable", error=e.message)
             return
         self._received = max(self._received, event.seq)
-        if not self._caught_up.is_set() and event.seq < self._target:
-            self._replayed.append(event)
-            if len(self._replayed) < _REPLAY_BATCH:
-                return
-        else:
-            self._replayed.append(event)
+        self._replayed.append(event)
+        replaying = not self._caught_up.is_set() and event.seq < self._target
+        if replaying and len(self._replayed) < _REPLAY_BATCH:
+            return
         self._flush()
         async with self._advanced:
             self._advanced.notify_all()
