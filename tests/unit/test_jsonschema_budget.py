@@ -4,15 +4,17 @@ check past MAX_COMPARE_STEPS is refused as too complex (422, 42201), not left to
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 
 from broker.errors import InvalidSchema
-from broker.registry.schemas import decisions
+from broker.registry.schemas import compatibility, decisions
 from broker.registry.schemas import jsonschema as js
 from broker.registry.schemas.decisions import SchemaRequest
 from broker.registry.schemas.types import (
+    CompatibilityLevel,
     ParsedSchema,
     SchemaTooComplexError,
     SchemaType,
@@ -82,6 +84,51 @@ def test_crossed_unions_past_the_budget_are_refused_as_too_complex() -> None:
     reader, writer = crossed_unions(400)  # 160,000 pairs, 30 KB
     with pytest.raises(SchemaTooComplexError, match="too complex to check for compatibility"):
         check(reader, writer)
+
+
+@pytest.mark.timeout(30)
+def test_a_pattern_that_backtracks_for_hours_is_refused_within_its_time() -> None:
+    """``^(a|aa)+$`` against sixty ``a`` and a ``!`` backtracks for longer than anyone waits
+    (Python's ``re`` cannot be stopped); the check gives up after MAX_PATTERN_SECONDS."""
+    reader = {"type": "object", "patternProperties": {"^(a|aa)+$": STR}}
+    writer = {"type": "object", "properties": {"a" * 60 + "!": INT}}
+    started = time.perf_counter()
+    with pytest.raises(SchemaTooComplexError, match=r"patternProperties '\^\(a\|aa\)\+\$'"):
+        check(reader, writer)
+    assert time.perf_counter() - started < 10 * js.MAX_PATTERN_SECONDS
+
+
+def test_patterns_are_matched_as_before() -> None:
+    patterns = {"^x_[0-9]+$": INT, "^y": STR}
+    reader = {"type": "object", "patternProperties": patterns}
+
+    def writer(**properties: Any) -> Any:
+        return {"type": "object", "patternProperties": patterns, "properties": properties}
+
+    assert check(reader, writer(x_12=INT, yes=STR, other=NUM)) == []
+    assert check(reader, writer(x_12=STR)) != []
+    assert check(reader, writer(y=INT)) != []
+
+
+def test_matching_time_is_shared_by_the_whole_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(js, "MAX_PATTERN_SECONDS", 0.0)  # none left: the first match stops it
+    reader = {"type": "object", "patternProperties": {"^x": INT}}
+    with pytest.raises(SchemaTooComplexError, match=r"0\.0 s in all"):
+        check(reader, {"type": "object", "properties": {"x1": INT}})
+
+
+def test_a_transitive_check_stops_after_its_time_with_versions_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each pair is bounded, but FULL_TRANSITIVE compares every version twice: the check as
+    a whole stops after MAX_CHECK_SECONDS rather than grow with the subject's history."""
+    monkeypatch.setattr(compatibility, "MAX_CHECK_SECONDS", 0.0)
+    history = [parse({"type": "object", "properties": {f"p{i}": INT}}) for i in range(3)]
+    new = parse({"type": "object"})
+    with pytest.raises(SchemaTooComplexError, match="before existing schema 2 of 3"):
+        compatibility.check_compatibility(CompatibilityLevel.FULL_TRANSITIVE, new, history)
+    # the one comparison of a non-transitive level always runs
+    assert compatibility.check_compatibility(CompatibilityLevel.FULL, new, history) != []
 
 
 def test_enum_values_count_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:

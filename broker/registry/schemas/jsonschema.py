@@ -4,12 +4,13 @@
 and checks that every ``$ref`` resolves, locally or to a reference. :func:`compatible`
 asks whether every document the *writer* schema accepts is accepted by the *reader*;
 where a keyword's effect cannot be proved it reports it rather than guess. It does at most
-:data:`MAX_COMPARE_STEPS` comparisons, and raises :class:`SchemaTooComplexError` past them.
+:data:`MAX_COMPARE_STEPS` comparisons and :data:`MAX_PATTERN_SECONDS` of pattern matching,
+and raises :class:`SchemaTooComplexError` past either.
 """
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urljoin
 
 import jsonschema
 import jsonschema.validators
+import regex
 
 from broker.registry.schemas.types import (
     MAX_COMPARE_DEPTH,
@@ -44,6 +46,11 @@ _HANDLED = frozenset({
     "required", "minProperties", "maxProperties", "properties", "additionalProperties",
     "patternProperties",
 })  # fmt: skip
+
+MAX_PATTERN_SECONDS = 0.5
+"""The time one :func:`compatible` call may spend matching ``patternProperties`` against
+property names, in all. Ordinary patterns take microseconds; one that backtracks
+catastrophically is refused (:class:`SchemaTooComplexError`) instead of holding the worker."""
 
 MAX_COMPARE_STEPS = 100_000
 """The work one :func:`compatible` call may do, in steps: a pair of sub-schemas compared, or an
@@ -240,10 +247,10 @@ def _array_shape(schema: dict[str, Any]) -> tuple[list[Any], Any]:
     return [], schema.get("items", True)
 
 
-def _property(schema: dict[str, Any], name: str) -> Any:
+def _property(schema: dict[str, Any], name: str, search: Callable[[str, str], bool]) -> Any:
     if name in schema.get("properties", {}):
         return schema["properties"][name]
-    matches = [s for p, s in schema.get("patternProperties", {}).items() if re.search(p, name)]
+    matches = [s for p, s in schema.get("patternProperties", {}).items() if search(p, name)]
     if matches:
         return matches[0] if len(matches) == 1 else {"allOf": matches}
     return schema.get("additionalProperties", True)
@@ -269,6 +276,7 @@ class _Checker:
         self.depth = 0
         self.steps = 0
         self.budget = MAX_COMPARE_STEPS
+        self.pattern_seconds = MAX_PATTERN_SECONDS  # matching time left
 
     def spend(self, steps: int, path: str) -> None:
         """Count ``steps`` against the budget; :class:`SchemaTooComplexError` past it. A step
@@ -280,6 +288,22 @@ class _Checker:
                 "schema is too complex to check for compatibility: the check takes more than "
                 f"{self.budget} steps (stopped at {path or '/'})"
             )
+
+    def search(self, pattern: str, name: str, path: str) -> bool:
+        """Whether ``pattern`` matches the property ``name``, within the matching time left:
+        a pattern can backtrack for hours on a name of forty characters (``^(a|aa)+$``), and
+        Python's ``re`` cannot be stopped, so the ``regex`` module (the same syntax) runs it."""
+        started = time.perf_counter()
+        try:
+            return regex.search(pattern, name, timeout=self.pattern_seconds) is not None
+        except (TimeoutError, regex.error):
+            raise SchemaTooComplexError(
+                "schema is too complex to check for compatibility: matching its "
+                f"patternProperties {pattern[:100]!r} against the property {name[:100]!r} "
+                f"takes more than {MAX_PATTERN_SECONDS} s in all (stopped at {path or '/'})"
+            ) from None
+        finally:
+            self.pattern_seconds = max(0.0, self.pattern_seconds - time.perf_counter() + started)
 
     def compare(
         self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str, *, nested: bool = False
@@ -365,7 +389,7 @@ class _Checker:
     def _property(self, schema: dict[str, Any], name: str, path: str) -> Any:
         def find() -> Any:
             self.spend(len(schema.get("patternProperties", {})), path)
-            return _property(schema, name)
+            return _property(schema, name, partial(self.search, path=path))
 
         return self._derive(("property", id(schema), name), schema, find)
 
