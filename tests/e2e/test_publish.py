@@ -300,12 +300,19 @@ async def test_cloudevents_batch(client: httpx.AsyncClient, js: JetStreamContext
     assert await subject_count(js, f"msg.default.{subject}") == 3
 
 
-async def test_batch_over_the_record_limit_is_413(client: httpx.AsyncClient) -> None:
+async def test_batch_over_the_record_limit_is_413_and_stores_nothing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = unique("limit")
     body = b"\n".join(b'{"data":1}' for _ in range(10_001))
     r = await client.post(
-        "/v1/publish?subject=a", content=body, headers={"content-type": "application/x-ndjson"}
+        f"/v1/publish?subject={subject}",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
     )
     assert r.status_code == 413
+    assert r.json()["error_code"] == "payload_too_large"
+    assert await subject_count(js, f"msg.default.{subject}") == 0
 
 
 async def test_http1_and_h2c_share_the_port(broker: BrokerProcess) -> None:

@@ -119,7 +119,9 @@ async def test_replay_resumes_after_a_dropped_connection(broker: BrokerProcess) 
     assert got == seqs  # nothing skipped, nothing repeated
 
 
-async def test_replay_output_is_ndjson(client: httpx.AsyncClient) -> None:
+async def test_replay_output_is_ndjson(broker: BrokerProcess, client: httpx.AsyncClient) -> None:
+    async with BrokerClient(broker.base_url) as c:  # there are three, run alone too
+        await publish_many(c, f"nd.{uuid.uuid4().hex[:8]}", 3)
     r = await client.get("/v1/streams/MESSAGES/messages", params={"limit": 3})
     assert r.headers["content-type"].startswith("application/x-ndjson")
     lines = [orjson.loads(line) for line in r.text.splitlines()]
