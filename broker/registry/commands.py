@@ -52,9 +52,15 @@ class CommandResult:
 
 
 async def last_event(js: JetStreamContext, tenant: Tenant, name: str) -> RegistryEvent | None:
-    """The agent's latest event, read with a direct get (no consumer)."""
+    """The agent's latest event, as the stream's leader has it.
+
+    Not a direct get: any replica answers those, and one that is catching up answers with an
+    older event (a follower resumed after a pause, on a 3-node cluster: 1 stale answer in
+    ~11,000). A write checks its expected sequence, so a stale event costs a spurious 409, but
+    an old manifest equal to the one being put would make the put a no-op that never lands.
+    """
     try:
-        raw = await js.get_last_msg(Stream.REGISTRY, agent_subject(tenant, name), direct=True)
+        raw = await js.get_last_msg(Stream.REGISTRY, agent_subject(tenant, name))
     except NotFoundError:
         return None
     return decode_raw(raw)

@@ -7,7 +7,9 @@ import json
 import sys
 from datetime import UTC, datetime
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from broker.envelope import Tenant
 from broker.errors import NotFound
@@ -61,6 +63,32 @@ async def test_history_is_in_order_and_identical_reapply_appends_nothing(
     ]
     with pytest.raises(NotFound):
         await delete_agent(publisher, T, "tr")
+
+
+async def test_writes_read_the_agents_last_event_from_the_leader_not_any_replica(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """A direct get may be answered by a replica still catching up (seen on a 3-node cluster
+    after a paused follower resumed); the read before a write must be the leader's."""
+    snoop = await nats.connect(nats_url)
+    asked: list[str] = []
+
+    async def heard(msg: Msg) -> None:
+        asked.append(msg.subject)
+
+    sub = await snoop.subscribe("$JS.API.>", cb=heard)
+    await snoop.flush()
+    try:
+        await put_agent(publisher, T, manifest("lead"))
+        await put_agent(publisher, T, manifest("lead"))
+        await delete_agent(publisher, T, "lead")
+        await snoop.flush()
+        await asyncio.sleep(0.1)
+    finally:
+        await sub.unsubscribe()
+        await snoop.close()
+    assert asked.count("$JS.API.STREAM.MSG.GET.REGISTRY") == 3
+    assert not [s for s in asked if s.startswith("$JS.API.DIRECT.GET")]
 
 
 async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publisher) -> None:
