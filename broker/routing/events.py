@@ -10,11 +10,15 @@ policy version, the message's sequence and subject, the attempt and the agents t
 ``RouteFailed`` goes to ``route.<tenant>.<agent>.failed`` (an agent name has no dots, so it
 never collides with an inbox): the agent SDK appends it when a handler raised or ran out
 of time; routers read it to cool the agent down and to send the message to the next
-candidate. A message nobody qualifies for goes to ``dlq.<tenant>.route`` with the same
-``Broker-Route`` header.
+candidate. A message nobody qualifies for is recorded in ``ROUTES`` too, on
+``route.<tenant>.-.dead`` (four tokens: no inbox or failure filter matches it), and then goes
+to ``dlq.<tenant>.route`` with the same ``Broker-Route`` header.
 
 Every append carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
 router that crashes after appending and before acking cannot append the decision twice.
+Since every decision, for an agent or for nobody, lands in ``ROUTES`` first, that holds
+even when the decision made again differs in kind: ``ROUTES`` keeps the first, and only a
+decision for nobody that stands goes on to the DLQ.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ def dlq_subject(tenant: str) -> str:
     return f"{SUBJECT_PREFIX[Stream.DLQ]}.{tenant}.route"
 
 
+def dead_subject(tenant: str) -> str:
+    """Where ``ROUTES`` records a decision for nobody, before the DLQ gets it."""
+    return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.-.dead"
+
+
 def tenant_of(message_subject: str) -> str:
     """The tenant token of a stored ``msg.<tenant>.<subject>``."""
     return message_subject.split(".", 2)[1]
@@ -100,9 +109,10 @@ class RouteDecided:
 
     @property
     def subject(self) -> str:
-        """Where it is appended: the chosen agent's inbox, or the DLQ."""
+        """Where it is appended in ``ROUTES``: the chosen agent's inbox, or the record of a
+        decision for nobody (which then also goes to :func:`dlq_subject`)."""
         if self.decision.agent is None:
-            return dlq_subject(self.tenant)
+            return dead_subject(self.tenant)
         return inbox_subject(self.tenant, self.decision.agent)
 
     @property

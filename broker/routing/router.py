@@ -5,15 +5,17 @@ A router process reads ``MESSAGES`` through the shared durable pull consumer ``r
 ``Broker-Route-Mode: auto`` (``POST /v1/route`` sets it; other messages are acked and
 skipped). For each it scores the tenant's agents (:mod:`broker.routing.scoring`), appends
 ``RouteDecided`` to the chosen agent's inbox ``route.<tenant>.<agent>`` (and a copy to a
-shadow agent when the policy mirrors), or to ``dlq.<tenant>.route`` when nobody qualifies,
-and only then acks the message. Appends carry a ``Nats-Msg-Id`` per message and attempt,
-so a router killed between the append and the ack cannot route a message twice.
+shadow agent when the policy mirrors), or to ``route.<tenant>.-.dead`` and then
+``dlq.<tenant>.route`` when nobody qualifies, and only then acks the message. Appends carry
+a ``Nats-Msg-Id`` per message and attempt, so a router killed between the append and the
+ack cannot route a message twice.
 
 Failures come back as ``RouteFailed`` on ``route.<tenant>.<agent>.failed``. Every router
 follows them (ordered consumer) to keep the same cooldowns; one of them (durable consumer
 ``router-retries``) sends a retryable failure to the next candidate, until the policy's
 ``max_attempts``; then the message goes to the DLQ and the waiting caller, if any, hears
-``agent_error``.
+``agent_error``. A decision for nobody is recorded in ``ROUTES`` before the DLQ (see
+:meth:`Router._record`).
 
 When the stored message names a ``Broker-Decision-To`` subject (the ingress waiting in
 ``POST /v1/route``), the router tells it the decision over core NATS after the append.
@@ -51,6 +53,7 @@ from broker.routing.events import (
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
+    dlq_subject,
     original_headers,
     tenant_of,
 )
@@ -201,17 +204,16 @@ class Router:
         *,
         dead: str = "no_route",
     ) -> None:
-        """Append the decision (and a mirror copy), then tell whoever waits; a decision for
+        """Record the decision (and a mirror copy), then tell whoever waits; a decision for
         nobody answers a waiting caller with the error code ``dead``."""
-        appends = [self._append(route, payload, headers)]
         mirror_to = route.decision.mirror_to
         if mirror_to and route.decision.agent is not None and route.attempt == 1:
             shadow = replace(route, mirror=True, decision=replace(route.decision, agent=mirror_to))
-            appends.append(self._append(shadow, payload, headers))
-        acks = await asyncio.gather(*appends)
-        ack = acks[0]
-        if ack.duplicate:  # decided before (this router crashed before its ack): that stands
-            route = await self._stored(route, ack)
+            (route, ack), _ = await asyncio.gather(
+                self._record(route, payload, headers), self._append(shadow, payload, headers)
+            )
+        else:
+            route, ack = await self._record(route, payload, headers)
         if route.decision.agent is None:
             self.stats.dead_lettered += 1
             metrics.dead_lettered("route")
@@ -227,6 +229,24 @@ class Router:
             reason=route.decision.reason,
             attempt=route.attempt,
         )
+
+    async def _record(
+        self, route: RouteDecided, payload: bytes, headers: dict[str, str]
+    ) -> tuple[RouteDecided, PublishAck]:
+        """Append ``route`` to ``ROUTES``, then, for nobody, to the DLQ; the decision that
+        stands and its ack (the DLQ's, for nobody).
+
+        Every decision goes to ``ROUTES`` first, since that append is deduplicated per
+        message and attempt: a message decided again after a crash keeps its first decision
+        even when the two differ in kind. Two streams, each deduplicating on its own, would
+        keep both: the message in an agent's inbox and in the DLQ."""
+        ack = await self._append(route, payload, headers)
+        if ack.duplicate:  # decided before (this router crashed before its ack): that stands
+            route = await self._stored(route, ack)
+        if route.decision.agent is None:
+            dead = Outbound(dlq_subject(route.tenant), payload, route.to_headers(headers))
+            ack = await self.publisher.publish(dead)
+        return route, ack
 
     async def _stored(self, route: RouteDecided, ack: PublishAck) -> RouteDecided:
         """The decision the stream holds for ``route``'s message and attempt. A redelivered
@@ -333,11 +353,8 @@ class Router:
                 policy_version=self.policy.version,
             )
             dead = replace(route.next_attempt(final), attempt=route.attempt + 1)
-            await self._append(dead, message.data, original)
-            self.stats.dead_lettered += 1
-            metrics.dead_lettered("route")
             code = "deadline_exceeded" if expired or not failure.retryable else "agent_error"
-            await self._notify_reply(original, code, detail)
+            await self._deliver(dead, message.data, original, dead=code)
         await message.ack()
 
     async def _on_failure_event(self, message: Msg) -> None:

@@ -35,6 +35,7 @@ from broker.routing.events import (
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router
+from broker.routing.types import DecisionReason
 from broker.streams import Stream
 from tests._wait import await_until
 from tests.unit.test_routing_embed_ahead import CostlyEmbedder
@@ -253,6 +254,41 @@ async def test_a_decision_made_again_after_a_crash_reports_the_stored_one(
     assert heard[0]["route_seq"] == heard[1]["route_seq"]
     assert router.stats.routed == 2
     assert router.stats.dead_lettered == 0
+
+
+@pytest.mark.parametrize("first_for", ["translator", None])
+async def test_a_decision_made_again_of_another_kind_keeps_the_first(
+    publisher: Publisher, nats_url: str, first_for: str | None
+) -> None:
+    """Decided for an agent, the router crashes before its ack, and the message decided again
+    finds nobody (the agent went away), or the other way round: the first decision stands,
+    and the message is in the agent's inbox or in the DLQ, never both."""
+    await register_agents(publisher)
+    nc = await nats.connect(nats_url)
+    notices = await nc.subscribe("decisions.kind")
+    text = "please translate this letter into French"
+    headers = {H_ROUTE_MODE: ROUTE_MODE_AUTO, H_DECISION_TO: "decisions.kind"}
+    ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(headers)))
+    registry = RegistryView()
+    await registry.start(publisher.js)
+    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
+    router = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    routed = router.decide(T, text.encode(), headers, message_seq=ack.seq)
+    nobody = replace(routed, agent=None, reason=DecisionReason.NO_CANDIDATE, detail="gone")
+    first, second = (routed, nobody) if first_for else (nobody, routed)
+    for decision in (first, second):
+        route = RouteDecided(T, ack.seq, f"msg.{T}.chat", decision)
+        await router._deliver(route, text.encode(), dict(headers))
+    heard = [orjson.loads((await notices.next_msg(timeout=5)).data) for _ in range(2)]
+    js = nc.jetstream()
+    in_inbox = await js.stream_info(Stream.ROUTES, subjects_filter=f"route.{T}.translator")
+    in_dlq = await js.stream_info(Stream.DLQ, subjects_filter=f"dlq.{T}.route")
+    await nc.close()
+    assert [h["agent"] for h in heard] == [first_for, first_for]
+    inbox = sum((in_inbox.state.subjects or {}).values())
+    dead = sum((in_dlq.state.subjects or {}).values())
+    assert (inbox, dead) == ((1, 0) if first_for else (0, 1))
+    assert (router.stats.routed, router.stats.dead_lettered) == ((2, 0) if first_for else (0, 2))
 
 
 async def test_a_retry_embeds_a_new_text_off_the_event_loop(publisher: Publisher) -> None:

@@ -72,7 +72,7 @@ def test_route_decided_round_trips_through_its_headers() -> None:
 
 def test_route_subject_is_the_agent_inbox_or_the_dlq() -> None:
     assert _route().subject == "route.acme.ocr"
-    assert _route(decision=_decision(agent=None)).subject == "dlq.acme.route"
+    assert _route(decision=_decision(agent=None)).subject == "route.acme.-.dead"
 
 
 def test_routing_headers_of_the_ingress_are_not_copied_into_the_inbox() -> None:
