@@ -127,6 +127,16 @@ def message_subject(tenant: Tenant, subject: str) -> str:
     return f"msg.{tenant}.{validate_subject(subject)}"
 
 
+def stored_msg_id(tenant: Tenant, key: str) -> str:
+    """The ``Nats-Msg-Id`` of a message published with idempotency key ``key``."""
+    return f"{tenant}:{key}"
+
+
+def idempotency_key(tenant: str, msg_id: str) -> str:
+    """The client's key of a stored ``Nats-Msg-Id`` (stored before keys were scoped: as is)."""
+    return msg_id.removeprefix(f"{tenant}:")
+
+
 def media_type(content_type: str | None) -> str:
     """The bare, lower-case media type of a ``Content-Type`` value (parameters dropped)."""
     if not content_type:
@@ -244,7 +254,10 @@ class PublishRequest:
         if self.idempotency_key is not None:
             if not self.idempotency_key:
                 raise Unprocessable("Idempotency-Key is empty")
-            headers[NATS_MSG_ID] = _check_header_value("Idempotency-Key", self.idempotency_key)
+            key = _check_header_value("Idempotency-Key", self.idempotency_key)
+            # JetStream deduplicates across the whole stream: scoped to the tenant (a tenant
+            # name has no ':'), one tenant's key neither swallows nor reveals another's
+            headers[NATS_MSG_ID] = stored_msg_id(tenant, key)
         if self.expected_last_subject_sequence is not None:
             headers[NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(self.expected_last_subject_sequence)
         if self.extra_headers:

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 
 from broker.codecs import DecodedMessage, DecodeError, DecodeLimits, JsonCodec
 from broker.codecs.base import CodecKind, kind_for, split_wire_prefix
-from broker.envelope import CONTENT_TYPE, NATS_MSG_ID, media_type
+from broker.envelope import CONTENT_TYPE, NATS_MSG_ID, idempotency_key, media_type
 from broker.registry import events as agent_events
 from broker.registry.events import RegistryEventType
 from broker.registry.schemas import events as schema_events
@@ -258,6 +258,8 @@ class MessagesReplica(_Replica):
         message = DecodedMessage(event.data, event.headers, self._json)
         content_type = message.content_type
         msg_id = event.headers.get(NATS_MSG_ID)
+        if msg_id is not None:
+            msg_id = idempotency_key(tenant, msg_id)
         schema_id = message.schema_id
         payload, error = self._payload(message)
         row = {

@@ -133,8 +133,8 @@ _PUBLISH_ONE: dict[str, Any] = {
             },
             _header(
                 "Idempotency-Key",
-                "Becomes Nats-Msg-Id: a retry within the duplicate window answers the "
-                "original sequence with duplicate=true.",
+                "Becomes Nats-Msg-Id (as <tenant>:<key>): a retry within the duplicate "
+                "window answers the original sequence with duplicate=true.",
                 _HEADER_TEXT,
             ),
             _header(

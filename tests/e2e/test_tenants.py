@@ -279,6 +279,24 @@ def test_tenant_a_sees_only_its_own_data(http: httpx.Client, seeded: Seeded) -> 
     assert all(not d["subject"].startswith("dlq.b.") for d in status["dlq"])
 
 
+def test_idempotency_keys_are_the_tenants_own(http: httpx.Client, seeded: Seeded) -> None:
+    """b stored a message with the key ``b-0``: a's message with that key is stored too (not
+    answered as b's duplicate, which would also tell a that b used the key)."""
+    a = KEYS["a-all"].headers
+    sent = [
+        http.post(
+            "/v1/publish/orders.created",
+            json={"mine": "a"},
+            headers={**a, "idempotency-key": "b-0"},
+        )
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in sent] == [200, 200]
+    assert [r.json()["duplicate"] for r in sent] == [False, True]
+    assert sent[0].json()["seq"] != seeded.message_seq
+    assert sent[1].json()["seq"] == sent[0].json()["seq"]
+
+
 def test_a_key_with_two_tenants_picks_one_with_broker_tenant(
     http: httpx.Client, seeded: Seeded
 ) -> None:

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import StreamInfo
 
 from broker.devcluster import Topology
-from broker.envelope import NATS_MSG_ID
+from broker.envelope import NATS_MSG_ID, idempotency_key
 from broker.reader import read_batches
 from broker.streams import Stream
 
@@ -106,6 +106,7 @@ async def audit_stream(nats_url: str, acked: dict[str, int]) -> StreamAudit:
                 audit.messages += 1
                 key = (message.headers or {}).get(NATS_MSG_ID)
                 if key is not None:
+                    key = idempotency_key("default", key)  # stored as <tenant>:<key>
                     audit.keys[message.metadata.sequence.stream] = key
                     by_key[key] += 1
                 payload = orjson.loads(message.data)

@@ -29,6 +29,8 @@ from broker.envelope import (
     wire_schema_id,
 )
 from broker.errors import BrokerError, InvalidSubject, Unprocessable, UnsupportedMediaType
+from projections.base import Event
+from projections.replica import MessagesReplica
 
 pytestmark = pytest.mark.unit
 
@@ -135,7 +137,7 @@ def test_headers_map_to_nats_headers() -> None:
         CONTENT_TYPE: "application/avro",
         SCHEMA_ID: "7",
         SCHEMA_ID_SOURCE: "wire",
-        NATS_MSG_ID: "k-1",
+        NATS_MSG_ID: "acme:k-1",
         NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
     }
 
@@ -341,3 +343,15 @@ def test_a_batch_records_content_type_is_checked_like_a_header(content_type: str
     )
     with pytest.raises(Unprocessable):
         request.to_outbound(T)
+
+
+def test_idempotency_keys_are_stored_per_tenant_and_replicated_as_sent() -> None:
+    """JetStream deduplicates a whole stream: two tenants' equal keys must differ there; the
+    SQL replica shows the key the client sent."""
+    request = PublishRequest(
+        subject="x", payload=b"", content_type="text/plain", idempotency_key="k:1"
+    )
+    a, b = request.to_outbound(Tenant("a")), request.to_outbound(Tenant("b"))
+    assert a.headers[NATS_MSG_ID] != b.headers[NATS_MSG_ID]
+    event = Event("MESSAGES", 1, a.subject, None, a.headers, a.payload)
+    assert MessagesReplica().row(event)["msg_id"] == "k:1"
