@@ -13,8 +13,8 @@
     agent.run_forever()          # or: await agent.run(stop_event)
 
 An :class:`Agent` instance reads ``route.<tenant>.<name>`` (its durable inbox in
-``ROUTES``) through the shared durable consumer ``agent-<name>``, so the instances of one
-agent split its work, and a message an instance took but did not finish (it crashed) is
+``ROUTES``) through the shared durable consumer ``agent-<tenant>~<name>``, so the instances of
+one agent split its work, and a message an instance took but did not finish (it crashed) is
 delivered again after ``ack_wait``. At most ``concurrency`` handlers run at once.
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 import nats
 import nats.errors
+import nats.js.errors
 import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -262,7 +263,26 @@ class Agent:
 
     @property
     def consumer_name(self) -> str:
-        return f"agent-{self.name}"
+        """The durable consumer this agent's instances share. ``~`` is in neither a tenant's
+        nor an agent's name, so two tenants' agents of one name never share it."""
+        return f"agent-{self.tenant}~{self.name}"
+
+    async def _inbox_consumer(self, js: JetStreamContext, inbox: str) -> str:
+        """The consumer to bind: :attr:`consumer_name`, or the ``agent-<name>`` an earlier
+        version named without the tenant when it reads this same inbox (a new consumer would
+        deliver the inbox's whole history again). A consumer of that name on another inbox
+        is refused rather than shared."""
+        for name in (self.consumer_name, f"agent-{self.name}"):
+            try:
+                info = await js.consumer_info(Stream.ROUTES, name)
+            except nats.js.errors.NotFoundError:
+                continue
+            reads = info.config.filter_subject
+            if reads == inbox:
+                return name
+            if name == self.consumer_name:
+                raise RuntimeError(f"consumer {name} reads {reads}, not this agent's {inbox}")
+        return self.consumer_name
 
     # --- running ---------------------------------------------------------------------
 
@@ -286,19 +306,26 @@ class Agent:
         await self._connect()
         assert self._js is not None
         subject = inbox_subject(self.tenant, self.name)
-        sub = await self._js.pull_subscribe(
-            subject,
-            durable=self.consumer_name,
-            stream=Stream.ROUTES,
-            config=ConsumerConfig(
-                durable_name=self.consumer_name,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subject=subject,
-                max_ack_pending=max(1000, self.concurrency * 16),
-            ),
-        )
+        try:
+            durable = await self._inbox_consumer(self._js, subject)
+            sub = await self._js.pull_subscribe(
+                subject,
+                durable=durable,
+                stream=Stream.ROUTES,
+                config=ConsumerConfig(
+                    durable_name=durable,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.ack_wait,
+                    deliver_policy=DeliverPolicy.ALL,
+                    filter_subject=subject,
+                    max_ack_pending=max(1000, self.concurrency * 16),
+                ),
+            )
+        except BaseException:
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            raise
         await self._heartbeat()
         beat = asyncio.create_task(self._heartbeat_loop(stop), name="agent-heartbeat")
         log.info("agent_started", agent=self.name, instance=self.instance, tenant=self.tenant)
