@@ -181,12 +181,13 @@ async def collect(
 ) -> BrokerStatus:
     """The broker's state now, as one :class:`BrokerStatus`.
 
-    ``all_dead_letters=False`` keeps the DLQ tail to ``dlq.<tenant>.…`` (a tenant's view).
+    ``all_dead_letters=False`` is a tenant's view: the DLQ tail keeps to ``dlq.<tenant>.…``
+    and the agents' consumers to the tenant's own inboxes.
     """
     streams = await _streams(js)
     by_name = {s.name: s for s in streams}
     consumers, agents, dlq_messages, route_messages = await asyncio.gather(
-        _consumers(js, [s.name for s in streams]),
+        _consumers(js, [s.name for s in streams], None if all_dead_letters else build.tenant),
         _agents(js, build.tenant, registered),
         _tail(
             js,
@@ -267,14 +268,23 @@ def _consumer(info: ConsumerInfo) -> ConsumerState:
     )
 
 
-async def _consumers(js: JetStreamContext, streams: list[str]) -> list[ConsumerState]:
-    """Durable consumers only: the ephemeral ones are reads (replay, this status) in flight."""
+async def _consumers(
+    js: JetStreamContext, streams: list[str], tenant: str | None
+) -> list[ConsumerState]:
+    """Durable consumers only: the ephemeral ones are reads (replay, this status) in flight.
+    With ``tenant``, agents' consumers on other tenants' inboxes are left out (their names
+    are those agents' names)."""
     found: list[ConsumerState] = []
+    own_inboxes = f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}."
     for stream in streams:
         with contextlib.suppress(NotFoundError):
             for info in await js.consumers_info(stream):
-                if info.config is not None and info.config.durable_name:
-                    found.append(_consumer(info))
+                if info.config is None or not info.config.durable_name:
+                    continue
+                consumer = _consumer(info)
+                reads = info.config.filter_subject or ""
+                if tenant is None or consumer.kind != "agent" or reads.startswith(own_inboxes):
+                    found.append(consumer)
     found.sort(key=lambda c: (c.stream, c.name))
     return found
 

@@ -8,6 +8,7 @@ marker of ``b`` or if ``b``'s state differs afterwards; the test counts them and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -18,8 +19,10 @@ from typing import Any
 
 import httpx
 import jwt
+import nats
 import orjson
 import pytest
+from nats.js.api import ConsumerConfig
 
 from broker.auth import Scope
 from broker.embedded import NatsServer
@@ -277,6 +280,30 @@ def test_tenant_a_sees_only_its_own_data(http: httpx.Client, seeded: Seeded) -> 
     assert status["broker"]["tenant"] == "a"
     assert not shows_b(orjson.dumps(status).decode())
     assert all(not d["subject"].startswith("dlq.b.") for d in status["dlq"])
+
+
+async def test_status_lists_only_the_tenants_own_agent_consumers(
+    broker: BrokerProcess, module_nats: NatsServer, seeded: Seeded
+) -> None:
+    """An agent's consumer is named after the agent: a's status must not list b's."""
+    nc = await nats.connect(module_nats.url)
+    try:
+        for tenant in ("a", "b"):
+            config = ConsumerConfig(
+                durable_name=f"agent-{tenant}~{tenant}-payroll",
+                filter_subject=f"route.{tenant}.{tenant}-payroll",
+            )
+            await nc.jetstream().add_consumer("ROUTES", config)
+    finally:
+        await nc.close()
+    await asyncio.sleep(1.1)  # the status is cached for a second
+    for tenant in ("a", "b"):
+        async with httpx.AsyncClient(base_url=broker.base_url, http2=True) as client:
+            answer = await client.get("/v1/status", headers=KEYS[f"{tenant}-all"].headers)
+        names = {c["name"] for c in answer.json()["consumers"]}
+        assert f"agent-{tenant}~{tenant}-payroll" in names
+        assert not [n for n in names if "payroll" in n and not n.startswith(f"agent-{tenant}~")]
+        assert "router" in names  # the broker's own stay
 
 
 def test_idempotency_keys_are_the_tenants_own(http: httpx.Client, seeded: Seeded) -> None:
