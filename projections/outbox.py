@@ -2,9 +2,10 @@
 
 A replica with change events on writes one outbox row per changed row in the same
 transaction as the change, so no committed change is ever without its event. This relay
-publishes the rows in id order with ``Nats-Msg-Id: cdc:<id>`` and then deletes them: a
-crash between the two publishes them again, and JetStream's duplicate window drops the
-copies. Each event is ``{"op": "c"|"u"|"d", "table", "key", "before", "after",
+publishes the rows in id order and then deletes them: a crash between the two publishes
+them again, and JetStream's duplicate window drops the copies, since each event's
+``Nats-Msg-Id`` names the change (``cdc:<projection>:<table>:<stream>:<seq>:<op>:<key>``),
+never the outbox row's id, which is handed out again. Each event is ``{"op": "c"|"u"|"d", "table", "key", "before", "after",
 "source": {"stream", "seq"}}`` on ``cdc.<projection>.<table>`` in ``CHANGES``, the shape
 CDC consumers expect.
 
@@ -71,11 +72,18 @@ def audit_event(row: Any) -> tuple[str, bytes]:
 
 
 def message_id(row: Any) -> str:
-    """The ``Nats-Msg-Id`` of one outbox row's event."""
+    """The ``Nats-Msg-Id`` of one outbox row's event: what the change is, not the row's id.
+    Row ids come round again (SQLite hands out ``max(id) + 1``, 1 once the relay has emptied
+    the table; a new PostgreSQL database starts at 1 too), and JetStream would drop the
+    later change as a duplicate of the earlier one."""
     if row.op == AUDIT_OP:
         key = row.key
         return f"audit:{key['kind']}:{key['stream']}:{key['seq']}"
-    return f"cdc:{row.id}"
+    key = orjson.dumps(row.key, option=orjson.OPT_SORT_KEYS).decode()
+    return (
+        f"cdc:{row.projection}:{row.table_name}:{row.source_stream}:{row.source_seq}:"
+        f"{row.op}:{key}"
+    )
 
 
 def change_event(row: Any) -> tuple[str, bytes]:

@@ -341,3 +341,30 @@ async def test_replica_changes_reach_the_changes_stream_once(
         ("c", "replica_messages", seq) for seq in range(1, 6)
     ]
     assert (events[0]["after"]["seq"], events[0]["after"]["subject"]) == (1, "s0")
+
+
+async def test_changes_relayed_one_at_a_time_each_reach_the_changes_stream(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """The relay empties the outbox after each change: SQLite then hands the next row the id 1
+    again, which must not make JetStream drop that change as a duplicate."""
+    from projections.outbox import CHANGES_STREAM, ensure_changes_stream, relay_once
+    from projections.replica import MessagesReplica
+
+    projection = MessagesReplica(changes=True)
+    with db.engine.begin() as tx:
+        projection.setup(tx)
+    await ensure_changes_stream(publisher.js)
+    runner = ProjectionRunner(publisher.js, projection, SqlCheckpointStore(db.engine))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        for seq in range(1, 4):
+            await publish(nats_url, 1)
+            assert await await_until(reached(runner, seq), timeout=20)
+            assert await relay_once(publisher.js, db.engine) == 1
+    finally:
+        stop.set()
+        await task
+    events = [json.loads(m.data) async for m in read_messages(publisher.js, CHANGES_STREAM)]
+    assert [e["source"]["seq"] for e in events] == [1, 2, 3]
