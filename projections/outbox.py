@@ -5,9 +5,9 @@ transaction as the change, so no committed change is ever without its event. Thi
 publishes the rows in id order and then deletes them: a crash between the two publishes
 them again, and JetStream's duplicate window drops the copies, since each event's
 ``Nats-Msg-Id`` names the change (``cdc:<projection>:<table>:<stream>:<seq>:<op>:<key>``),
-never the outbox row's id, which is handed out again. Each event is ``{"op": "c"|"u"|"d", "table", "key", "before", "after",
-"source": {"stream", "seq"}}`` on ``cdc.<projection>.<table>`` in ``CHANGES``, the shape
-CDC consumers expect.
+never the outbox row's id, which is handed out again. Each event is ``{"op":
+"c"|"u"|"d", "table", "key", "before", "after", "source": {"stream", "seq"}}`` on
+``cdc.<projection>.<table>`` in ``CHANGES``, the shape CDC consumers expect.
 
 Audit rows (``op`` ``a``, written with card detection on) go to the ``AUDIT`` stream
 instead, on ``audit.<tenant>.<kind>``, as the audit record itself (``type``
