@@ -48,8 +48,16 @@ class StoreUnavailable(BrokerError):
     retryable = True
 
 
-#: Database errors that say nothing about the data: lock timeouts, lost connections.
-TRANSIENT_SQL_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+#: Database errors that say nothing about the data: lock timeouts, lost connections, and a
+#: missing table or privilege (``ProgrammingError``: the statements are the projection's own,
+#: with the events' values bound as parameters). The batch waits for the database to be put
+#: right; dead-lettering it would move the checkpoint past events that were never applied.
+TRANSIENT_SQL_ERRORS = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.ProgrammingError,
+)
 
 
 class CheckpointStore(Protocol):

@@ -25,7 +25,7 @@ from broker.streams import Stream
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine
 from projections.runtime import CRASH_ENV, ProjectionRunner
 from tests._wait import await_until, wait_for
-from tests.integration._counting import CountingProjection, counts
+from tests.integration._counting import CountingProjection, applied, counts
 
 pytestmark = pytest.mark.integration
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -368,3 +368,33 @@ async def test_changes_relayed_one_at_a_time_each_reach_the_changes_stream(
         await task
     events = [json.loads(m.data) async for m in read_messages(publisher.js, CHANGES_STREAM)]
     assert [e["source"]["seq"] for e in events] == [1, 2, 3]
+
+
+async def test_a_missing_table_holds_the_batch_until_it_is_back(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """The projection's table is gone (dropped, or its privilege revoked): the events are not
+    at fault, so they wait for it instead of going to the DLQ with the checkpoint past them."""
+    with db.engine.begin() as tx:
+        applied.drop(tx)
+    await publish(nats_url, 3)
+    runner = ProjectionRunner(
+        publisher.js, CountingProjection(), SqlCheckpointStore(db.engine), max_attempts=1
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        assert await await_until(lambda: _true(runner.stats.errors >= 2), timeout=20)
+        assert (runner.stats.last_seq, runner.stats.dead_lettered) == (0, 0)
+        with db.engine.begin() as tx:
+            CountingProjection().setup(tx)
+        assert await await_until(reached(runner, 3), timeout=20)
+    finally:
+        stop.set()
+        await task
+    assert runner.stats.dead_lettered == 0
+    assert counts(db.engine) == (3, 3)
+
+
+async def _true(value: bool) -> bool:
+    return value
