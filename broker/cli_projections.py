@@ -92,6 +92,15 @@ def replica_url(url: str | None, data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'replica.db').resolve()}"
 
 
+def _worker_id(value: str | None) -> str | None:
+    from projections.worker import valid_worker_id
+
+    try:
+        return None if value is None else valid_worker_id(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 def _selected(names: list[str] | None, changes: bool) -> list[Any]:
     from projections.replica import replica_projections
 
@@ -113,7 +122,11 @@ def worker(
         list[str] | None, typer.Option(help="Run only this projection (repeatable).")
     ] = None,
     worker_id: Annotated[
-        str | None, typer.Option(help="Stable worker name (default: host-pid).")
+        str | None,
+        typer.Option(
+            help="Stable worker name, 1-64 of A-Z a-z 0-9 _ - (default: host-pid).",
+            callback=_worker_id,
+        ),
     ] = None,
     changes: Annotated[
         bool, typer.Option(help="Publish every replica change to the CHANGES stream (CDC).")
@@ -320,13 +333,17 @@ def dlq_list(
 async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
     """Publish a dead-lettered event back to its source subject (a new message)."""
     import nats
+    import nats.js.errors
 
     from broker.streams import Stream
 
     nc = await nats.connect(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
-        raw = await js.get_msg(Stream.DLQ, dlq_seq)
+        try:
+            raw = await js.get_msg(Stream.DLQ, dlq_seq)
+        except nats.js.errors.NotFoundError:
+            raise typer.BadParameter(f"no DLQ message {dlq_seq}") from None
         headers = dict(raw.headers or {})
         subject = headers.get("Broker-Dlq-Subject")
         if not subject:

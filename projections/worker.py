@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 from collections.abc import Sequence
@@ -40,6 +41,17 @@ def default_worker_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
 
 
+_WORKER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def valid_worker_id(worker_id: str) -> str:
+    """``worker_id`` if it can name this worker's consumers and leases, else ValueError (a
+    dot, say, makes every consumer name invalid while the leases are still held)."""
+    if not _WORKER_ID.fullmatch(worker_id):
+        raise ValueError(f"worker id {worker_id!r} must be 1-64 of A-Z a-z 0-9 _ -")
+    return worker_id
+
+
 @dataclass
 class WorkerOptions:
     nats_urls: list[str]
@@ -52,6 +64,9 @@ class WorkerOptions:
     #: NATS TLS and credentials (:func:`broker.natsconn.connect_options`); the servers
     #: are ``nats_urls``.
     connect_options: ConnectOptions | None = None
+
+    def __post_init__(self) -> None:
+        valid_worker_id(self.worker_id)
 
 
 @dataclass

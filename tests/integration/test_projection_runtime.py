@@ -298,6 +298,17 @@ async def test_dead_letters_are_listed_and_replayed_from_the_cli(
     )
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == "replayed as seq 4"
+    missing = await asyncio.to_thread(
+        subprocess.run,
+        [*cli, "replay", "999", "--nats-url", nats_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 2
+    assert "no DLQ message 999" in missing.stderr
+    assert "Traceback" not in missing.stderr
     again = await publisher.js.get_msg("MESSAGES", 4)
     assert again.data == b"poison"
     assert (again.headers or {})["Broker-Replayed-From-Dlq"] == str(entry["dlq_seq"])
