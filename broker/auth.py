@@ -130,7 +130,9 @@ class _Tenanted(BaseModel):
     tenants: list[str] | None = None
 
     def tenant_list(self) -> tuple[Tenant, ...]:
-        names = [self.tenant] if self.tenant else list(self.tenants or [])
+        names = [self.tenant] if self.tenant is not None else list(self.tenants or [])
+        if not names:  # a principal without a tenant could act for none: refused at start
+            raise ValueError("tenants: give at least one tenant")
         return tuple(Tenant(valid_tenant(n)) for n in names)
 
 

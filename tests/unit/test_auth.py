@@ -266,6 +266,14 @@ def test_rs256_token_with_issuer_and_audience(platform_key: str, tmp_path: Path)
             "api_keys:\n  - id: x\n    key_env: UNSET_VARIABLE_XYZ\n    tenant: a\n    scopes: []",
             "not set",
         ),
+        (
+            f"api_keys:\n  - id: x\n    sha256: {sha('k')}\n    tenants: []\n    scopes: []",
+            "at least one tenant",
+        ),
+        (
+            f"api_keys:\n  - id: x\n    sha256: {sha('k')}\n    tenant: ''\n    scopes: []",
+            "must be 1-64",
+        ),
         ("jwt:\n  algorithms: [HS256]", "exactly one of secret_env"),
         ("jwt:\n  algorithms: [HS256]\n  public_key_file: /x", "cannot verify HS"),
         ("jwt:\n  algorithms: [RS256]\n  secret_env: S", "HS256/HS384/HS512 only"),
