@@ -80,10 +80,8 @@ def message_id(row: Any) -> str:
         key = row.key
         return f"audit:{key['kind']}:{key['stream']}:{key['seq']}"
     key = orjson.dumps(row.key, option=orjson.OPT_SORT_KEYS).decode()
-    return (
-        f"cdc:{row.projection}:{row.table_name}:{row.source_stream}:{row.source_seq}:"
-        f"{row.op}:{key}"
-    )
+    source = f"{row.source_stream}:{row.source_seq}"
+    return f"cdc:{row.projection}:{row.table_name}:{source}:{row.op}:{key}"
 
 
 def change_event(row: Any) -> tuple[str, bytes]:
