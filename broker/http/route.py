@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import secrets
 import time
 from typing import Any
 from urllib.parse import unquote
@@ -74,14 +75,18 @@ _ERRORS: dict[str, type[BrokerError]] = {
 
 
 class RouteWaiters:
-    """Futures for the core NATS answers this process waits for, under one subscription."""
+    """Futures for the core NATS answers this process waits for, under one subscription.
+
+    Each answer's subject ends in a random token, not a counter: the subjects are stored in
+    the routed message (and so in its tenant's replay), and the inbox is one for every
+    tenant, so a predictable next subject would let one tenant's agent answer another's
+    caller first."""
 
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self._prefix: str | None = None
         self._lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._counter = 0
 
     async def _ensure(self) -> str:
         if self._prefix is None:
@@ -96,8 +101,7 @@ class RouteWaiters:
     async def expect(self) -> tuple[str, asyncio.Future[Msg]]:
         """A fresh subject to hand out and the future of the first message sent to it."""
         prefix = await self._ensure()
-        self._counter += 1
-        token = str(self._counter)
+        token = secrets.token_urlsafe(12)  # 96 bits; [A-Za-z0-9_-], a subject token
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         return prefix + token, future
