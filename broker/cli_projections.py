@@ -7,6 +7,7 @@ peer of the ingress, not a client of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -219,9 +220,24 @@ def list_projections(output: OUTPUT = "table") -> None:
     _print(rows, output)
 
 
+async def _rebuilt(js: Any, runner: Any, total: int) -> bool:
+    """Whether the rebuild has applied the stream up to ``total``, or its consumer has
+    nothing left (the last messages aged out, or are not the projection's)."""
+    import nats.js.errors
+
+    if runner.stats.last_seq >= total:
+        return True
+    try:
+        info = await js.consumer_info(runner.projection.stream, runner.consumer_name)
+    except nats.js.errors.NotFoundError:  # not made yet, or being made again
+        return False
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
 async def _reset(nats_url: str, url: str, name: str) -> int:
     """Drop a projection's state and checkpoints, then replay it from the start with a bar."""
     import nats
+    import nats.js.errors
     from rich.progress import Progress
 
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
@@ -237,11 +253,13 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
         await asyncio.to_thread(_setup, engine, projection)
         total = (await js.stream_info(projection.stream)).state.last_seq
         runner = ProjectionRunner(js, projection, store, worker="reset", batch=1024)
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # an earlier reset's, caught up
+            await js.delete_consumer(projection.stream, runner.consumer_name)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         with Progress(transient=False) as progress:
             bar = progress.add_task(f"rebuilding {projection.name}", total=total or 1)
-            while runner.stats.last_seq < total and not task.done():
+            while not task.done() and not await _rebuilt(js, runner, total):
                 progress.update(bar, completed=runner.stats.last_seq)
                 await asyncio.sleep(0.1)
             progress.update(bar, completed=total or 1)

@@ -334,8 +334,10 @@ async def progress(
     js: JetStreamContext, projection: Projection, store: CheckpointStore
 ) -> Progress:
     """Applied sequence (the lowest partition checkpoint) and lag (the stream's last sequence
-    minus it; 0: caught up)."""
+    minus it, or minus the last sequence the stream no longer holds: messages that aged out
+    can never be applied; 0: caught up)."""
     info = await js.stream_info(projection.stream)
     positions = await store.load(projection.name)
     lowest = min((positions.get(p, 0) for p in range(projection.partitions)), default=0)
-    return Progress(lowest, max(0, info.state.last_seq - lowest))
+    gone = max(0, info.state.first_seq - 1)
+    return Progress(lowest, max(0, info.state.last_seq - max(lowest, gone)))

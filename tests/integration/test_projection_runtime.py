@@ -409,3 +409,28 @@ async def test_a_missing_table_holds_the_batch_until_it_is_back(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_messages_that_aged_out_are_no_lag_and_a_reset_over_them_ends(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """MESSAGES keeps messages for BROKER_MESSAGES_MAX_AGE_SECONDS: once those a projection
+    had not applied are gone, its lag is 0 (nothing left to apply), and a rebuild over a
+    stream that no longer holds them finishes instead of waiting for them."""
+    from broker.cli_projections import _reset
+    from projections.runtime import progress
+
+    info = await publisher.js.stream_info(Stream.MESSAGES)
+    config = info.config
+    config.max_age = 1.0
+    config.duplicate_window = 1.0
+    await publisher.js.update_stream(config)
+    await publish(nats_url, 5)
+
+    async def aged_out() -> bool:
+        return (await publisher.js.stream_info(Stream.MESSAGES)).state.messages == 0
+
+    assert await await_until(aged_out, timeout=20)
+    store = SqlCheckpointStore(db.engine)
+    assert (await progress(publisher.js, CountingProjection(), store)).lag == 0
+    await asyncio.wait_for(_reset(nats_url, db.url, "replica_messages"), 30)
