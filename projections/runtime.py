@@ -52,6 +52,13 @@ log = structlog.get_logger(__name__)
 #: that point of its N-th batch: how the crash tests reach the gaps between the steps.
 CRASH_ENV = "BROKER_CRASH_AT"
 
+#: Payload bytes one fetch asks for, by the size of recent messages. By count alone, 1,024
+#: messages near the 1 MiB publish limit overflowed nats-py's 256 MiB subscription buffer
+#: (dropped deliveries, a restart, ~10x slower) and held GBs of decoded JSON in the worker.
+BATCH_BYTES = 8 * 1024 * 1024
+_FIRST_ESTIMATE = 1024 * 1024  # before any message is seen: a first fetch of 8
+_SMALLEST_ESTIMATE = 1024  # small messages: the batch count is the bound
+
 
 def _crash_point() -> tuple[str, int] | None:
     spec = os.environ.get(CRASH_ENV, "")
@@ -106,6 +113,7 @@ class ProjectionRunner:
         self.stats = RunnerStats()
         self.positions: dict[int, int] = {}
         self._delivered = 0  # the consumer sequence of the last delivery received
+        self._message_bytes = _FIRST_ESTIMATE  # the largest recent message, for fetch_size
         self._failures: dict[int, int] = {}
         self._crash = _crash_point()
         setup("worker")  # metrics and tracing of this process, once
@@ -174,9 +182,21 @@ class ProjectionRunner:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
 
+    def fetch_size(self) -> int:
+        """How many messages the next fetch asks for: :attr:`batch`, fewer when recent
+        messages were large, so a fetch holds about :data:`BATCH_BYTES` of payload."""
+        return max(1, min(self.batch, BATCH_BYTES // self._message_bytes))
+
+    def _saw(self, messages: Sequence[Msg]) -> None:
+        """Follow the size of the largest recent message: at once when one is larger, halving
+        back each batch after."""
+        largest = max((len(m.data) for m in messages), default=0)
+        self._message_bytes = max(largest, self._message_bytes // 2, _SMALLEST_ESTIMATE)
+
     async def _fetch(self, sub: Any) -> list[Msg]:
         try:
-            messages: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+            messages: list[Msg] = await sub.fetch(self.fetch_size(), timeout=self.fetch_timeout)
+            self._saw(messages)
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, by path
             return []
         except asyncio.CancelledError:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
 
+from broker.envelope import Outbound
 from broker.publisher import Publisher
 from broker.reader import read_messages
 from broker.streams import Stream
@@ -434,3 +435,35 @@ async def test_messages_that_aged_out_are_no_lag_and_a_reset_over_them_ends(
     store = SqlCheckpointStore(db.engine)
     assert (await progress(publisher.js, CountingProjection(), store)).lag == 0
     await asyncio.wait_for(_reset(nats_url, db.url, "replica_messages"), 30)
+
+
+async def test_large_messages_are_fetched_in_batches_bounded_by_bytes(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """By count alone, 1,024 messages near the 1 MiB limit overflow the client's buffer: a
+    fetch asks for about BATCH_BYTES of payload, by the size of recent messages."""
+    from projections.runtime import BATCH_BYTES
+
+    big = b"x" * 600_000
+    for n in range(30):
+        await publisher.publish(Outbound(f"msg.default.big{n}", big, {}))
+    runner = ProjectionRunner(publisher.js, CountingProjection(), SqlCheckpointStore(db.engine))
+    sizes: list[int] = []
+    process = runner.process
+
+    async def counted(messages: Sequence[Msg], owned: frozenset[int]) -> None:
+        sizes.append(len(messages))
+        await process(messages, owned)
+
+    runner.process = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        assert await await_until(reached(runner, 30), timeout=30)
+    finally:
+        stop.set()
+        await task
+    assert sum(sizes) == 30
+    assert max(sizes) * len(big) <= BATCH_BYTES
+    assert runner.stats.gaps == runner.stats.errors == 0
+    assert counts(db.engine) == (30, 30)
