@@ -240,12 +240,14 @@ class _DuplexPublish:
             if self.broken:
                 return
             buffer += chunk
-            while (cut := buffer.find(b"\n")) >= 0:
-                line, buffer = buffer[:cut], buffer[cut + 1 :]
+            start = 0  # cut lines by offset: slicing the rest off after each was quadratic
+            while (cut := buffer.find(b"\n", start)) >= 0:
+                line, start = buffer[start:cut], cut + 1
                 if skipping:
                     skipping = False
                 elif line.strip():
                     await self._submit(line)
+            buffer = buffer[start:]
             if skipping:
                 buffer = b""
             elif len(buffer) > self.line_limit:
