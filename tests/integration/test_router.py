@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import nats
 import orjson
@@ -226,22 +227,32 @@ async def test_a_message_the_model_fails_on_is_retried_then_dead_lettered(
     assert "failed on 3 deliveries (RuntimeError: poisoned input)" in dead.decision.detail
 
 
-async def test_a_decision_made_again_after_a_crash_reports_the_stored_one(
-    publisher: Publisher, nats_url: str
-) -> None:
-    """A router that crashed after appending a decision and before its ack: the message comes
-    back and is decided again, maybe for another agent (the loads moved). That append is
-    deduplicated, so the inbox holds the first decision; the caller must hear that one."""
+async def routed_once(
+    publisher: Publisher, nats_url: str, text: str
+) -> tuple[nats.NATS, Any, Router, dict[str, str], Any]:
+    """A stored routed message whose caller waits on a subscription, and a router (not
+    running) to decide and deliver it by hand: a connection, the subscription, the router,
+    the message's headers and its ack."""
     await register_agents(publisher)
     nc = await nats.connect(nats_url)
     notices = await nc.subscribe("decisions.redo")
-    text = "please translate this letter into German"
     headers = {H_ROUTE_MODE: ROUTE_MODE_AUTO, H_DECISION_TO: "decisions.redo"}
     ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(headers)))
     registry = RegistryView()
     await registry.start(publisher.js)
     policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
     router = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    return nc, notices, router, headers, ack
+
+
+async def test_a_decision_made_again_after_a_crash_reports_the_stored_one(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """A router that crashed after appending a decision and before its ack: the message comes
+    back and is decided again, maybe for another agent (the loads moved). That append is
+    deduplicated, so the inbox holds the first decision; the caller must hear that one."""
+    text = "please translate this letter into German"
+    nc, notices, router, headers, ack = await routed_once(publisher, nats_url, text)
     first = router.decide(T, text.encode(), headers, message_seq=ack.seq)
     assert first.agent == "translator"
     decided = RouteDecided(T, ack.seq, f"msg.{T}.chat", first)
@@ -263,16 +274,8 @@ async def test_a_decision_made_again_of_another_kind_keeps_the_first(
     """Decided for an agent, the router crashes before its ack, and the message decided again
     finds nobody (the agent went away), or the other way round: the first decision stands,
     and the message is in the agent's inbox or in the DLQ, never both."""
-    await register_agents(publisher)
-    nc = await nats.connect(nats_url)
-    notices = await nc.subscribe("decisions.kind")
     text = "please translate this letter into French"
-    headers = {H_ROUTE_MODE: ROUTE_MODE_AUTO, H_DECISION_TO: "decisions.kind"}
-    ack = await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(headers)))
-    registry = RegistryView()
-    await registry.start(publisher.js)
-    policy = DEFAULT_POLICY.model_copy(update={"require_live": False})
-    router = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
+    nc, notices, router, headers, ack = await routed_once(publisher, nats_url, text)
     routed = router.decide(T, text.encode(), headers, message_seq=ack.seq)
     nobody = replace(routed, agent=None, reason=DecisionReason.NO_CANDIDATE, detail="gone")
     first, second = (routed, nobody) if first_for else (nobody, routed)
