@@ -7,13 +7,16 @@ an async iterator while response data is read and handed out as it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from urllib.parse import urlsplit
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 
 from broker.errors import Unavailable
 
@@ -22,7 +25,12 @@ class DuplexRequest:
     """``async for chunk in DuplexRequest(url, headers).exchange(body_chunks)``."""
 
     def __init__(
-        self, url: str, headers: dict[str, str], *, ssl_context: ssl.SSLContext | None = None
+        self,
+        url: str,
+        headers: dict[str, str],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         self._tls = parts.scheme == "https"
@@ -37,6 +45,9 @@ class DuplexRequest:
         self._stream_id = 0
         self._window_opened = asyncio.Event()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._connect_timeout = connect_timeout
+        self._failure: BaseException | None = None  # why the exchange ended early
+        self.ended = False  # the response's END_STREAM arrived
         self.status: int | None = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -45,9 +56,12 @@ class DuplexRequest:
             context = self._ssl or ssl.create_default_context()
             context.set_alpn_protocols(["h2"])
         try:
-            reader, writer = await asyncio.open_connection(self._host, self._port, ssl=context)
-        except OSError as e:
-            raise Unavailable(f"cannot reach the broker: {e}") from e
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port, ssl=context),
+                self._connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            raise Unavailable(f"cannot reach the broker: {e!r}") from e
         self._conn.initiate_connection()
         self._stream_id = self._conn.get_next_available_stream_id()
         request = [
@@ -62,21 +76,34 @@ class DuplexRequest:
         return reader, writer
 
     async def _send_body(self, body: AsyncIterable[bytes], writer: asyncio.StreamWriter) -> None:
+        """Send ``body``, then end the stream. If the body (the caller's iterator) or the
+        connection fails, the stream is reset and the exchange ends with that error: the
+        server must not wait for more body, nor the reader for more answers."""
         conn, stream_id = self._conn, self._stream_id
-        async for chunk in body:
-            view = memoryview(chunk)
-            while view:
-                room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                if room <= 0:  # wait for the server to read: flow control is the backpressure
-                    self._window_opened.clear()
-                    await self._window_opened.wait()
-                    continue
-                conn.send_data(stream_id, bytes(view[:room]))
+        try:
+            async for chunk in body:
+                view = memoryview(chunk)
+                while view:
+                    window = conn.local_flow_control_window(stream_id)
+                    room = min(window, conn.max_outbound_frame_size)
+                    if room <= 0:  # wait for the server to read: flow control is backpressure
+                        self._window_opened.clear()
+                        await self._window_opened.wait()
+                        continue
+                    conn.send_data(stream_id, bytes(view[:room]))
+                    writer.write(conn.data_to_send())
+                    view = view[room:]
+                await writer.drain()
+            conn.end_stream(stream_id)
+            writer.write(conn.data_to_send())
+        except Exception as e:
+            if isinstance(e, OSError):
+                e = Unavailable(f"connection to the broker lost: {e!r}")
+            self._failure = self._failure or e
+            with contextlib.suppress(Exception):
+                conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
                 writer.write(conn.data_to_send())
-                view = view[room:]
-            await writer.drain()
-        conn.end_stream(stream_id)
-        writer.write(conn.data_to_send())
+            await self._received.put(None)
 
     async def _read_frames(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -94,22 +121,34 @@ class DuplexRequest:
                         await self._received.put(event.data)
                     elif isinstance(event, h2.events.WindowUpdated):
                         self._window_opened.set()
-                    elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    elif isinstance(event, h2.events.StreamEnded):
+                        self.ended = True
+                        return
+                    elif isinstance(event, h2.events.StreamReset):
+                        self._failure = self._failure or Unavailable(
+                            f"the broker reset the stream (HTTP/2 error {event.error_code})"
+                        )
                         return
                 writer.write(self._conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError) as e:
+            self._failure = self._failure or Unavailable(f"connection to the broker lost: {e!r}")
         finally:
             await self._received.put(None)
 
-    async def exchange(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """Send ``body`` and yield response data as it arrives, both at once."""
+    async def exchange(self, body: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+        """Send ``body`` and yield response data as it arrives, both at once. Raises what
+        made the body fail, or :class:`Unavailable` when the connection or the stream
+        ended before the response did."""
         reader, writer = await self._connect()
         sender = asyncio.create_task(self._send_body(body, writer))
         reading = asyncio.create_task(self._read_frames(reader, writer))
         try:
             while (chunk := await self._received.get()) is not None:
                 yield chunk
-            if sender.done() and (error := sender.exception()) is not None:
-                raise error
+            if self._failure is not None:
+                raise self._failure
+            if not self.ended:
+                raise Unavailable("the broker closed the connection before the response ended")
         finally:
             for task in (sender, reading):
                 task.cancel()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +22,21 @@ class Summary:
     acked: int = 0
     duplicates: int = 0
     failed: int = 0
+    #: why the stream was cut off (``{"error_code", "message"}``); records sent and not
+    #: acked then are neither acked nor failed
+    error: dict[str, Any] | None = None
+    cut_by: BrokerError | None = field(default=None, repr=False, compare=False)
+
+    def note(self, result: Any) -> None:
+        """Count one record's result (a :class:`broker.client.PublishResult`)."""
+        if result.ack is not None:
+            self.acked += 1
+            self.duplicates += result.ack.duplicate
+        else:
+            self.failed += 1
+            assert result.error is not None
+            error = result.error
+            typer.echo(f"record failed: {error.error_code}: {error.message}", err=True)
 
 
 def _lines(file: str) -> Iterator[bytes]:
@@ -46,7 +61,9 @@ async def _stream(url: str, subject: str, file: str, timeout: float, show: bool)
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
-                typer.echo(f"line {number}: not JSON, skipped", err=True)
+                record = None
+            if not isinstance(record, dict):
+                typer.echo(f"line {number}: not a JSON object, skipped", err=True)
                 summary.failed += 1
                 continue
             summary.sent += 1
@@ -65,18 +82,13 @@ async def _stream(url: str, subject: str, file: str, timeout: float, show: bool)
         async with BrokerClient(
             url, timeout=timeout, headers=cli_credentials(), verify=cli_tls()
         ) as client:
-            async for result in client.publish_stream(records(), subject=subject):
-                if result.ack is not None:
-                    summary.acked += 1
-                    summary.duplicates += result.ack.duplicate
-                else:
-                    summary.failed += 1
-                    assert result.error is not None
-                    typer.echo(
-                        f"record failed: {result.error.error_code}: {result.error.message}",
-                        err=True,
-                    )
-                progress.advance(task)
+            try:
+                async for result in client.publish_stream(records(), subject=subject):
+                    summary.note(result)
+                    progress.advance(task)
+            except BrokerError as e:  # cut off: what was acked is counted; the rest is not
+                summary.error = e.to_dict()
+                summary.cut_by = e
     return summary
 
 
@@ -109,7 +121,9 @@ def publish(
 
     A single publish prints its ack. With --ndjson the records stream over one HTTP/2
     request with a progress bar (on a terminal) and a summary: sent, acked, duplicates,
-    failed. Retries reuse each message's idempotency key, so they never duplicate.
+    failed, and the error that cut the stream off, if one did. A single publish is retried
+    with the same idempotency key, so it never duplicates; a stream is not retried: re-send
+    the records not acked (those with an idempotency_key are stored once however often).
     Exit codes: 0 ok, 1 refused (4xx or a failed record), 2 usage, 3 unavailable.
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
@@ -120,13 +134,24 @@ def publish(
         validate_subject(subject)
     except BrokerError as e:
         raise typer.BadParameter(e.message, param_hint="SUBJECT") from None
+    per_message = {"--key": key, "--content-type": content_type, "--schema-id": schema_id}
+    given = [name for name, value in per_message.items() if value is not None]
+    if ndjson and (given or expected_seq is not None):
+        names = ", ".join([*given, *(["--expected-seq"] if expected_seq is not None else [])])
+        raise typer.BadParameter(
+            f"{names} apply to one message; with --ndjson give them in each record "
+            "(idempotency_key, content_type, ...)"
+        )
     try:
         if ndjson:
             summary = asyncio.run(_stream(url, subject, file, timeout, sys.stderr.isatty()))
+            shown = {f.name: getattr(summary, f.name) for f in fields(summary) if f.repr}
             if output == "table":
-                typer.echo("  ".join(f"{k} {v}" for k, v in asdict(summary).items()))
+                typer.echo("  ".join(f"{k} {v}" for k, v in shown.items()))
             else:
-                typer.echo(json.dumps(asdict(summary)))
+                typer.echo(json.dumps(shown))
+            if summary.cut_by is not None:
+                raise typer.Exit(EXIT_UNAVAILABLE if summary.cut_by.status >= 500 else EXIT_REFUSED)
             if summary.failed:
                 raise typer.Exit(EXIT_REFUSED)
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import random
 import ssl
 import struct
@@ -119,6 +120,21 @@ def _error(response: httpx.Response) -> BrokerError:
     if isinstance(code, str) and code and code != error.error_code:
         error.error_code = code  # type: ignore[misc]  # keep the server's code
     return error
+
+
+def _ssl_context(verify: Any) -> ssl.SSLContext | None:
+    """What httpx's ``verify`` means, as a context for :class:`~broker._h2stream.DuplexRequest`
+    (``None``: the default one, used for ``https`` only)."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if isinstance(verify, str | os.PathLike):
+        return ssl.create_default_context(cafile=os.fspath(verify))
+    return None
 
 
 def _result(item: Mapping[str, Any]) -> PublishResult:
@@ -233,6 +249,10 @@ class BrokerClient:
         """``api_key`` (an API key or a JWT) is sent as a bearer token; ``tenant`` picks one
         of the key's tenants (``Broker-Tenant``), else the key's first tenant is used."""
         self.retry = retry or RetryPolicy()
+        # publish_stream speaks HTTP/2 itself: it needs what httpx is given
+        self._stream_headers = {**credential_headers(api_key, tenant), **(headers or {})}
+        self._verify = verify
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             http2=True,
@@ -415,36 +435,73 @@ class BrokerClient:
         """Stream records over one full-duplex HTTP/2 request; yield each record's result,
         in order, as soon as it is acked, while later records are still being sent.
 
-        Each record gets an idempotency key if it has none, so re-sending a stream that was
-        cut off stores nothing twice.
+        The stream is not retried. When it is cut (the connection lost, the broker gone),
+        the results yielded so far are the records acked, and :class:`Unavailable` says how
+        many were sent: give each record an ``idempotency_key`` if you may re-send it (one
+        without gets a fresh key, so a re-sent record the broker had stored is stored
+        again). A record that is not a mapping, or an error in ``records``, ends the stream
+        with that error. The client's credentials, TLS settings and timeout apply: the
+        timeout bounds connecting and each wait for an ack while records are unanswered.
         """
         from broker._h2stream import DuplexRequest
 
+        sent = answered = 0
+        exhausted = False
+
         async def lines() -> AsyncIterator[bytes]:
+            nonlocal sent, exhausted
             async for record in records:
+                if not isinstance(record, Mapping):
+                    raise TypeError(f"record {sent + 1} is {type(record).__name__}, not a mapping")
                 keyed = {
                     **record,
                     "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex,
                 }
+                sent += 1
                 yield orjson.dumps(keyed) + b"\n"
+            exhausted = True
 
         query = f"?{urlencode({'subject': subject})}" if subject else ""
         request = DuplexRequest(
             f"{self._http.base_url}/v1/publish{query}",
-            {"content-type": "application/x-ndjson", "accept": "application/x-ndjson"},
+            {
+                **self._stream_headers,
+                "content-type": "application/x-ndjson",
+                "accept": "application/x-ndjson",
+            },
+            ssl_context=_ssl_context(self._verify),
+            connect_timeout=self._timeout,
         )
         buffer = b""
-        async for chunk in request.exchange(lines()):
-            if request.status is not None and request.status != 200:
+        chunks = request.exchange(lines())
+        try:
+            while True:
+                next_chunk = asyncio.ensure_future(anext(chunks))
+                while not (await asyncio.wait({next_chunk}, timeout=self._timeout))[0]:
+                    if answered < sent or exhausted:  # an answer was due: the broker is gone
+                        next_chunk.cancel()
+                        await asyncio.wait({next_chunk})  # the stream closes itself
+                        raise Unavailable(f"no answer from the broker in {self._timeout} s")
+                try:
+                    chunk = next_chunk.result()
+                except StopAsyncIteration:
+                    break
                 buffer += chunk
-                continue
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                if line.strip():
-                    yield _result(orjson.loads(line))
+                if request.status is not None and request.status != 200:
+                    continue
+                *complete, buffer = buffer.split(b"\n")
+                for line in complete:
+                    if line.strip():
+                        answered += 1
+                        yield _result(orjson.loads(line))
+        except Unavailable as e:
+            raise Unavailable(f"{e}; {answered} of the {sent} records sent were acked") from e
+        finally:
+            await chunks.aclose()
         if request.status != 200:
             raise _error(httpx.Response(request.status or 502, content=buffer))
+        if answered < sent:
+            raise Unavailable(f"the stream ended with {answered} answers for {sent} records")
 
     # --- replay ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -20,6 +21,7 @@ from broker.errors import (
     SchemaNotFound,
     SequenceConflict,
     SubjectNotFound,
+    Unavailable,
     UnsupportedMediaType,
 )
 from broker.registry.commands import VersionConflict
@@ -168,3 +170,55 @@ async def test_streaming_publish_yields_acks_while_sending(
     seqs = [r.ack.seq for r in results if r.ack]
     assert seqs == sorted(seqs)
     assert await count(module_nats.url, f"msg.default.{subject}") == 24
+
+
+async def test_a_failing_record_source_ends_the_stream_with_its_error(
+    broker: BrokerProcess,
+) -> None:
+    """The source raising (or yielding a non-mapping) used to leave the broker waiting for
+    more body and the caller waiting forever."""
+
+    async def failing() -> AsyncIterator[dict[str, object]]:
+        yield {"data": 1}
+        raise RuntimeError("the source broke")
+
+    async def not_mappings() -> AsyncIterator[Any]:
+        yield {"data": 1}
+        yield [1, 2]
+
+    subject = f"client.fail.{uuid.uuid4().hex[:6]}"
+    async with BrokerClient(broker.base_url, timeout=5) as client:
+        for source, error in ((failing, RuntimeError), (not_mappings, TypeError)):
+            with pytest.raises(error):
+                await asyncio.wait_for(_drain(client.publish_stream(source(), subject=subject)), 10)
+
+
+async def test_a_stream_cut_off_raises_with_what_was_acked(tmp_path: Path) -> None:
+    """A connection that closes (the ingress killed) or never answers is Unavailable,
+    never a stream that ends normally with fewer results than records."""
+
+    async def close_at_once(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def say_nothing(reader: asyncio.StreamReader, _w: asyncio.StreamWriter) -> None:
+        await reader.read()  # holds the connection open, answers nothing
+
+    async def records() -> AsyncIterator[dict[str, object]]:
+        for i in range(3):
+            yield {"data": i}
+
+    for handler in (close_at_once, say_nothing):
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with BrokerClient(f"http://127.0.0.1:{port}", timeout=1) as client:
+                with pytest.raises(Unavailable, match=r"0 of the \d records sent were acked"):
+                    await asyncio.wait_for(
+                        _drain(client.publish_stream(records(), subject="s")), 10
+                    )
+        finally:
+            server.close()
+
+
+async def _drain(results: AsyncIterator[Any]) -> list[Any]:
+    return [result async for result in results]

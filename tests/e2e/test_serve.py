@@ -248,11 +248,12 @@ def test_cli_streams_ndjson_and_summarises(tmp_path: Path) -> None:
     records = tmp_path / "records.ndjson"
     lines = [{"data": {"n": n}, "idempotency_key": f"rec-{n}"} for n in range(3)]
     lines.append({"subject": "bad.*", "data": 0})
+    lines.append([1, 2])  # not a record: skipped (it used to hang the stream)
     records.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     broker = start_broker(tmp_path)
     try:
 
-        def run() -> subprocess.CompletedProcess[bytes]:
+        def run(*extra: str) -> subprocess.CompletedProcess[bytes]:
             return subprocess.run(
                 [
                     sys.executable,
@@ -264,17 +265,23 @@ def test_cli_streams_ndjson_and_summarises(tmp_path: Path) -> None:
                     "--ndjson",
                     "--url",
                     broker.base_url,
+                    *extra,
                 ],
                 capture_output=True,
                 timeout=60,
             )
 
         first = run()
-        assert first.returncode == 1, first.stderr  # one record was refused
-        assert json.loads(first.stdout) == {"sent": 4, "acked": 3, "duplicates": 0, "failed": 1}
+        assert first.returncode == 1, first.stderr  # one record was refused, one skipped
+        summary = {"sent": 4, "acked": 3, "duplicates": 0, "failed": 2, "error": None}
+        assert json.loads(first.stdout) == summary
         assert b"invalid_subject" in first.stderr
+        assert b"line 5: not a JSON object" in first.stderr
         again = run()
-        assert json.loads(again.stdout) == {"sent": 4, "acked": 3, "duplicates": 3, "failed": 1}
+        assert json.loads(again.stdout) == {**summary, "duplicates": 3}
+        per_message = run("--key", "k1")
+        assert per_message.returncode == 2
+        assert b"--key" in per_message.stderr
     finally:
         broker.stop()
 

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,6 +304,19 @@ async def test_status_lists_only_the_tenants_own_agent_consumers(
         assert f"agent-{tenant}~{tenant}-payroll" in names
         assert not [n for n in names if "payroll" in n and not n.startswith(f"agent-{tenant}~")]
         assert "router" in names  # the broker's own stay
+
+
+async def test_the_streaming_publish_carries_the_clients_credentials(
+    broker: BrokerProcess,
+) -> None:
+    from broker.client import BrokerClient
+
+    async def records() -> AsyncIterator[dict[str, object]]:
+        yield {"data": {"streamed": True}}
+
+    async with BrokerClient(broker.base_url, api_key=KEYS["a-all"].value) as client:
+        results = [r async for r in client.publish_stream(records(), subject="streamed.in")]
+    assert [r.ok for r in results] == [True]
 
 
 def test_idempotency_keys_are_the_tenants_own(http: httpx.Client, seeded: Seeded) -> None:
