@@ -205,7 +205,7 @@ async def test_cloudevents_binary_mode_keeps_attributes_and_dedupes_on_ce_id(
     stored = await js.get_msg("MESSAGES", first["seq"])
     assert stored.headers is not None
     assert stored.headers["ce-type"] == "com.acme.reading"
-    assert stored.headers["Nats-Msg-Id"] == event_id
+    assert stored.headers["Nats-Msg-Id"] == f"default:{event_id}"  # the tenant's key
 
 
 async def test_cloudevents_structured_mode_stores_data_as_binary_mode(
