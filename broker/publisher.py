@@ -144,6 +144,7 @@ class Publisher:
         self._sweeper: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._closing = False  # close() was called: a disconnect now is the plan, not news
+        self._hook_retries: set[asyncio.Task[None]] = set()
 
     # --- connection lifecycle ------------------------------------------------------
 
@@ -190,7 +191,26 @@ class Publisher:
                     await callback()
                 except Exception:  # a failing hook must not stop the others or the publisher
                     log.exception("on_connected_hook_failed")
+                    retry = asyncio.create_task(self._retry_hook(callback))
+                    self._hook_retries.add(retry)
+                    retry.add_done_callback(self._hook_retries.discard)
             return
+
+    async def _retry_hook(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run a hook that failed (JetStream without quorum at connect, say) again, with a
+        delay doubling to 30 s, until it succeeds or the publisher closes: run once, its
+        failure left the process unready for good."""
+        delay = 1.0
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await callback()
+            except Exception as e:
+                log.warning("on_connected_hook_failed_again", error=repr(e)[:200], retry_s=delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                log.info("on_connected_hook_succeeded", hook=getattr(callback, "__name__", "?"))
+                return
 
     async def _on_disconnected(self) -> None:
         if self._closing:
@@ -215,7 +235,7 @@ class Publisher:
     async def close(self) -> None:
         """Flush what is pending and close; stop trying to connect."""
         self._closing = True
-        for task in (self._connector, self._sweeper):
+        for task in (self._connector, self._sweeper, *self._hook_retries):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

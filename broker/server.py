@@ -8,6 +8,7 @@ SIGKILL) and granian's supervisor; granian's worker processes run
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import math
 import os
 import signal
@@ -181,34 +182,102 @@ def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
         proc.wait(5)
 
 
-def _run_children(settings: Settings) -> int:
-    """Run the granian process and the projection workers until the ingress exits or we are
-    asked to stop (a worker that dies is started again); the exit code."""
+#: A child that exits this soon after it started is crashing at start: it is started again
+#: after a delay doubling from 1 s to at most :data:`_MAX_RESTART_DELAY`.
+_QUICK_EXIT = 10.0
+_MAX_RESTART_DELAY = 60.0
+#: The exit code of a usage error (bad settings): starting it again would fail the same way.
+_USAGE_ERROR = 2
+
+
+class _Child:
+    """A projection worker or a router, started again when it exits."""
+
+    def __init__(self, kind: str, start: Callable[[], subprocess.Popen[bytes]]) -> None:
+        self.kind = kind
+        self._start = start
+        self.proc = start()
+        self.started = time.monotonic()
+        self.delay = 0.0  # before the next start, after quick exits
+        self.due: float | None = None  # when it is started again
+
+    def check(self) -> int | None:
+        """Start it again if it exited (after its delay); the exit code of a usage error."""
+        now = time.monotonic()
+        if self.due is None:
+            if self.proc.poll() is None:
+                return None
+            process_exited(self.proc.pid)  # its live gauges leave /metrics
+            code = self.proc.returncode
+            if code == _USAGE_ERROR:
+                return code
+            quick = now - self.started < _QUICK_EXIT
+            self.delay = min(_MAX_RESTART_DELAY, max(1.0, self.delay * 2)) if quick else 0.0
+            self.due = now + self.delay
+            log.warning("child_restarted", child=self.kind, exit_code=code, delay_s=self.delay)
+        if now >= self.due:
+            self.proc, self.started, self.due = self._start(), now, None
+        return None
+
+
+def _run_children(settings: Settings, embedded: NatsServer | None = None) -> int:
+    """Run the granian process, the projection workers and the routers until the ingress
+    exits or we are asked to stop; the exit code. A worker or router that dies is started
+    again (with a growing delay when it dies at start); one that exits with a usage error
+    (its settings are wrong) stops the broker, exit 4. The embedded nats-server, if it
+    dies, is started again on its ports and store; if it cannot be, the broker stops."""
     ingress = _spawn(["broker.http.granian_process"])
-    workers = [_spawn(_worker_args(settings)) for _ in range(settings.projection_workers)]
     routers = router_env(settings.routers)
-    workers += [_spawn(_router_args(settings), routers) for _ in range(settings.routers)]
+    children = [
+        _Child("projection_worker", lambda: _spawn(_worker_args(settings)))
+        for _ in range(settings.projection_workers)
+    ]
+    children += [
+        _Child("router", lambda: _spawn(_router_args(settings), routers))
+        for _ in range(settings.routers)
+    ]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code: int | None = None
     try:
-        while ingress.poll() is None and not _Stop.requested:
-            for i, worker in enumerate(workers):
-                if worker.poll() is not None and not _Stop.requested:
-                    process_exited(worker.pid)  # its live gauges leave /metrics
-                    kind = "projection_worker" if i < settings.projection_workers else "router"
-                    log.warning("child_restarted", child=kind, exit_code=worker.returncode)
-                    if kind == "projection_worker":
-                        workers[i] = _spawn(_worker_args(settings))
-                    else:
-                        workers[i] = _spawn(_router_args(settings), routers)
+        while ingress.poll() is None and not _Stop.requested and code is None:
+            if embedded is not None and not embedded.is_running():
+                code = _restart_nats(embedded)
+            for child in children:
+                if code is None and not _Stop.requested and child.check() is not None:
+                    log.error("child_cannot_start", child=child.kind, exit_code=_USAGE_ERROR)
+                    code = 4
             time.sleep(0.1)
         log.info("broker_stopping")
         _stop(ingress, "ingress")
-        for worker in workers:
-            _stop(worker, "worker")
+        for child in children:  # all at once, then one deadline for them all
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in children:
+            _stop(child.proc, "worker")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if _Stop.requested else (ingress.returncode or 0)
+    if code is not None:
+        return code
+    return 0 if _Stop.requested else _exit_code(ingress.returncode)
+
+
+def _restart_nats(embedded: NatsServer) -> int | None:
+    """Start the embedded nats-server again after it died; 4 when it cannot be."""
+    log.error("embedded_nats_exited", pid=embedded.pid)
+    try:
+        embedded.restart()
+    except Exception as e:
+        log.error("embedded_nats_restart_failed", error=str(e)[:300])
+        return 4
+    log.warning("embedded_nats_restarted", url=embedded.url)
+    return None
+
+
+def _exit_code(ingress: int | None) -> int:
+    """The broker's exit code after its ingress exited on its own: the ingress's, or 4 for a
+    signal (a negative code is outside the documented 0-4)."""
+    return 4 if ingress is None or ingress < 0 else ingress
 
 
 def tls_problem(settings: Settings) -> str | None:
@@ -258,6 +327,25 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _lock_data_dir(data_dir: Path) -> int | str:
+    """Hold ``<data_dir>/broker.lock`` for this process's lifetime (the kernel lets go when
+    it exits, however it exits); what is wrong when another broker holds it. Two brokers on
+    one data dir would share the embedded nats-server's store, the metrics and the replica:
+    the second used to stop the first one's nats-server, leaving it up but broken."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "broker.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return f"another broker (pid {holder}) is running on the data dir {data_dir.resolve()}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def run_broker(
     settings: Settings,
     *,
@@ -268,6 +356,10 @@ def run_broker(
     import broker
 
     embedded: NatsServer | None = None
+    lock = _lock_data_dir(settings.data_dir)
+    if isinstance(lock, str):
+        log.error("broker_start_failed", message=lock)
+        return 4
     if problem := port_problem(settings.host, settings.port):
         log.error("broker_start_failed", message=problem)
         return 4
@@ -308,7 +400,7 @@ def run_broker(
     )
     print(banner(settings), file=sys.stderr, flush=True)
     try:
-        code = _run_children(settings)
+        code = _run_children(settings, embedded)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -314,3 +314,56 @@ def test_a_route_waits_for_its_decision_no_longer_than_its_timeout(tmp_path: Pat
     assert answer.status_code == 504, answer.text
     assert answer.json()["error_code"] == "deadline_exceeded"
     assert elapsed < 3.5, f"answered after {elapsed:.1f} s"
+
+
+def _publish_ok(broker_url: str) -> bool:
+    try:
+        with httpx.Client(http1=False, http2=True, timeout=5) as c:
+            r = c.post(
+                f"{broker_url}/v1/publish/serve.alive",
+                content=b"x",
+                headers={"content-type": "text/plain"},
+            )
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_second_broker_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    """It used to stop the first broker's nats-server and take its store: the first stayed
+    up, healthy by /healthz, and answered every publish with 503."""
+    first = start_broker(tmp_path)
+    try:
+        second = start_broker(tmp_path, wait=False)
+        assert second.proc.wait(60) == 4
+        assert b"another broker" in second.log_path.read_bytes()
+        assert _publish_ok(first.base_url)
+    finally:
+        first.stop()
+
+
+def test_the_embedded_nats_server_is_started_again_when_it_dies(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path, args=("--projection-workers", "0", "--routers", "0"))
+    try:
+        nats_pids = [
+            pid
+            for pid in children(broker.proc.pid)
+            if b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        ]
+        assert len(nats_pids) == 1
+        os.kill(nats_pids[0], signal.SIGKILL)
+        assert wait_for(lambda: b"embedded_nats_restarted" in broker.log_path.read_bytes(), 30)
+        assert wait_for(lambda: _publish_ok(broker.base_url), 30)
+    finally:
+        broker.stop()
+
+
+def test_a_child_whose_settings_are_wrong_stops_the_broker(tmp_path: Path) -> None:
+    """A router that exits with a usage error would fail the same way forever: it used to
+    be started again about once a second while /readyz said 200."""
+    broker = start_broker(tmp_path, env={"BROKER_ROUTING_EMBEDDER": "bogus"}, wait=False)
+    try:
+        assert broker.proc.wait(90) == 4
+        assert b"child_cannot_start" in broker.log_path.read_bytes()
+    finally:
+        broker.stop()

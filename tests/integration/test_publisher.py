@@ -50,3 +50,42 @@ async def test_closing_is_not_reported_as_losing_the_server(nats_url: str) -> No
     disconnects = [e for e in logs if e["event"] == "nats_disconnected"]
     assert disconnects
     assert all(e["log_level"] == "debug" for e in disconnects)
+
+
+async def test_a_connect_hook_that_fails_runs_again_until_it_succeeds(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingress's registry starts in such a hook: JetStream without quorum at connect
+    used to leave that worker unready for as long as it lived."""
+    monkeypatch.setattr(asyncio, "sleep", _fast(asyncio.sleep))
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise TimeoutError("nats: timeout")
+
+    publisher = Publisher([nats_url])
+    publisher.on_connected(flaky)
+    publisher.start()
+    try:
+        for _ in range(200):
+            if calls >= 3:
+                break
+            await _real_sleep(0.01)
+        assert calls == 3
+        await _real_sleep(0.1)
+        assert calls == 3  # not after it succeeded
+    finally:
+        await publisher.close()
+
+
+_real_sleep = asyncio.sleep
+
+
+def _fast(sleep: Any) -> Any:
+    async def shortened(delay: float, *args: Any) -> Any:
+        return await sleep(min(delay, 0.01), *args)
+
+    return shortened
