@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +25,15 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def _client(url: str) -> Any:
+@contextlib.contextmanager
+def _client(url: str) -> Iterator[Any]:
+    """An HTTP/2 client for ``url``; the broker unreachable (or the connection lost) inside
+    the block exits with code 3 and a message, not a traceback."""
     import httpx
 
-    from broker.cli import cli_credentials, cli_tls
+    from broker.cli import EXIT_UNAVAILABLE, cli_credentials, cli_tls
 
-    return httpx.Client(
+    client = httpx.Client(
         base_url=url.rstrip("/"),
         http2=True,
         http1=url.startswith("https"),
@@ -36,6 +41,12 @@ def _client(url: str) -> Any:
         headers=cli_credentials(),
         verify=cli_tls(),
     )
+    try:
+        with client:
+            yield client
+    except httpx.TransportError as e:
+        typer.echo(f"cannot reach the broker at {url}: {e!r}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 
 def _fail(response: Any) -> None:
@@ -205,9 +216,11 @@ def import_a2a(
 
     from broker.registry.a2a import manifest_from_agent_card
 
+    if output is not None and not output.parent.is_dir():
+        raise typer.BadParameter(f"no directory {output.parent}", param_hint="--output")
     try:
-        manifest = manifest_from_agent_card(json.loads(card.read_text()))
-    except (BrokerError, json.JSONDecodeError) as e:
+        manifest = manifest_from_agent_card(json.loads(card.read_bytes()))
+    except (BrokerError, json.JSONDecodeError, UnicodeDecodeError) as e:
         typer.echo(f"{card}: {getattr(e, 'message', e)}", err=True)
         raise typer.Exit(1) from None
     text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)

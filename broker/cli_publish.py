@@ -134,6 +134,8 @@ def publish(
         validate_subject(subject)
     except BrokerError as e:
         raise typer.BadParameter(e.message, param_hint="SUBJECT") from None
+    if file != "-" and not Path(file).is_file():
+        raise typer.BadParameter(f"no such file: {file}", param_hint="FILE")
     per_message = {"--key": key, "--content-type": content_type, "--schema-id": schema_id}
     given = [name for name, value in per_message.items() if value is not None]
     if ndjson and (given or expected_seq is not None):

@@ -124,6 +124,8 @@ def replay(
     if output not in {"ndjson", "table"}:
         raise typer.BadParameter("ndjson or table", param_hint="--output")
     table = output == "table"
+    if to is not None and not to.parent.is_dir():
+        raise typer.BadParameter(f"no directory {to.parent}", param_hint="--to")
     try:
         count = asyncio.run(
             _replay(url, stream.upper(), from_seq, since, subject, decode, to, table)

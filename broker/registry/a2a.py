@@ -95,7 +95,9 @@ def manifest_from_agent_card(card: Mapping[str, Any]) -> AgentManifest:
                 "every skill needs an id", [{"loc": f"skills.{i}.id", "msg": "required string"}]
             )
         content_types = _modes(skill.get("inputModes"), f"skills.{i}.inputModes") or default_in
-        examples = [e for e in skill.get("examples") or [] if isinstance(e, str)][:50]
+        given = skill.get("examples")
+        listed = given if isinstance(given, list) else []  # a lone string is not a list
+        examples = [e for e in listed if isinstance(e, str)][:50]
         summary = skill.get("description") or skill.get("name") or ""
         capabilities.append(
             {

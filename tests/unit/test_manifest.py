@@ -220,6 +220,14 @@ def _event(kind: RegistryEventType, name: str, seq: int, version: str = "1.0.0")
     return RegistryEvent(kind, Tenant("t"), AgentName(name), manifest, seq)
 
 
+@pytest.mark.parametrize("examples", ["hello", 5, {"a": 1}])
+def test_a2a_examples_that_are_not_a_list_are_left_out(examples: Any) -> None:
+    """A lone string used to become its letters as examples; a number was a TypeError."""
+    card = {**CARD, "skills": [{**CARD["skills"][0], "examples": examples}]}
+    (plan,) = manifest_from_agent_card(card).capabilities
+    assert plan.examples == []
+
+
 def test_fold_is_copy_on_write_and_skips_redelivered_events() -> None:
     first = fold([_event(RegistryEventType.REGISTERED, "a", 1)])
     second = first.apply(_event(RegistryEventType.UPDATED, "a", 2, "2.0.0"))

@@ -1,0 +1,28 @@
+"""The CLI answers bad input and an unreachable broker with a message and its documented
+exit code (2 usage, 3 unavailable), not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from broker.cli import app
+
+pytestmark = pytest.mark.unit
+
+
+def test_cli_errors_are_messages_and_exit_codes_not_tracebacks(tmp_path: Path) -> None:
+    runner = CliRunner()
+    unreachable = ["--url", "http://127.0.0.1:1"]
+    for args, code in (
+        (["agents", "list", *unreachable], 3),
+        (["agents", "get", "x", *unreachable], 3),
+        (["publish", "a.b", str(tmp_path / "missing.json")], 2),
+        (["replay", "MESSAGES", "--to", str(tmp_path / "nodir" / "out.ndjson")], 2),
+        (["agents", "import-a2a", __file__, "-o", str(tmp_path / "nodir" / "m.yaml")], 2),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, (args, result.output)
+        assert not isinstance(result.exception, OSError | TypeError), args
