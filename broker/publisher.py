@@ -22,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from broker.envelope import Outbound
+from broker.envelope import NATS_MSG_ID, Outbound
 from broker.errors import (
     BrokerError,
     PayloadTooLarge,
@@ -353,9 +353,9 @@ class Publisher:
     async def publish(self, out: Outbound) -> PublishAck:
         """Append one message and wait for its ack (in an ``append`` span when tracing)."""
         if tracing.current() is None:  # tracing off, or this request is not sampled
-            return await (await self.submit(out))
+            return await self._append(out)
         with tracing.span("append", kind=tracing.SpanKind.PRODUCER) as span:
-            ack = await (await self.submit(out))
+            ack = await self._append(out)
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -367,6 +367,32 @@ class Publisher:
                     }
                 )
             return ack
+
+
+    async def _append(self, out: Outbound) -> PublishAck:
+        try:
+            return await (await self.submit(out))
+        except SequenceConflict:
+            if (ack := await self._stored_already(out)) is not None:
+                return ack
+            raise
+
+    async def _stored_already(self, out: Outbound) -> PublishAck | None:
+        """After a sequence conflict: ``out`` itself, if it is the subject's last message
+        (same ``Nats-Msg-Id``). JetStream checks the expected sequence before duplicates,
+        so a conditional publish retried after its answer was lost (stored, the ack gone)
+        conflicted with itself; it is its own duplicate."""
+        msg_id = out.headers.get(NATS_MSG_ID)
+        if not msg_id or self._js is None:
+            return None
+        try:
+            stream = await self._js.find_stream_name_by_subject(out.subject)
+            last = await self._js.get_last_msg(stream, out.subject)  # the leader's answer
+        except Exception:
+            return None
+        if (last.headers or {}).get(NATS_MSG_ID) != msg_id or last.seq is None:
+            return None
+        return PublishAck(stream, last.seq, True)
 
 
 @dataclass(slots=True)

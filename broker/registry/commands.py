@@ -89,9 +89,11 @@ async def _append(publisher: Publisher, event: RegistryEvent, expected: int) -> 
 async def put_agent(
     publisher: Publisher, tenant: Tenant, manifest: AgentManifest, *, if_match: int | None = None
 ) -> CommandResult:
-    """Register or update an agent; a no-op when the manifest is already the current one."""
+    """Register or update an agent; a no-op when the manifest is already the current one,
+    whatever ``if_match`` says: the state asked for is the state there (a client retrying a
+    conditional put whose answer was lost would otherwise be told it conflicted with
+    itself)."""
     current = await last_event(publisher.js, tenant, manifest.name)
-    _check_if_match(if_match, current, manifest.name)
     live = current is not None and current.type is not RegistryEventType.DEREGISTERED
     if (
         live
@@ -100,6 +102,7 @@ async def put_agent(
         and canonical_json(current.manifest) == canonical_json(manifest)
     ):
         return CommandResult(None, current.seq)
+    _check_if_match(if_match, current, manifest.name)
     kind = RegistryEventType.UPDATED if live else RegistryEventType.REGISTERED
     event = RegistryEvent(kind, tenant, AgentName(manifest.name), manifest)
     stored = await _append(publisher, event, current.seq if current else 0)

@@ -91,6 +91,19 @@ async def test_writes_read_the_agents_last_event_from_the_leader_not_any_replica
     assert not [s for s in asked if s.startswith("$JS.API.DIRECT.GET")]
 
 
+async def test_a_stale_if_match_with_the_current_manifest_is_unchanged_not_a_conflict(
+    publisher: Publisher,
+) -> None:
+    """A conditional put whose answer was lost, sent again: the manifest is already the one
+    asked for, so it is a no-op, not a 409 against itself."""
+    first = await put_agent(publisher, T, manifest("retried"))
+    second = await put_agent(publisher, T, manifest("retried", "1.1.0"), if_match=first.seq)
+    again = await put_agent(publisher, T, manifest("retried", "1.1.0"), if_match=first.seq)
+    assert (again.changed, again.seq) == (False, second.seq)
+    with pytest.raises(VersionConflict):  # a different manifest still conflicts
+        await put_agent(publisher, T, manifest("retried", "1.2.0"), if_match=first.seq)
+
+
 async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publisher) -> None:
     v1 = await put_agent(publisher, T, manifest("cc"))
     await put_agent(publisher, T, manifest("cc", "2.0.0"), if_match=v1.seq)
