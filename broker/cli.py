@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -272,9 +273,20 @@ _register_subcommands()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A ``BROKER_*`` setting that does not validate is a usage
+    error (exit 2) naming the variable, not a traceback."""
+    import pydantic
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        app()
+    except pydantic.ValidationError as e:
+        if e.title != Settings.__name__:
+            raise
+        for error in e.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"error: BROKER_{name}: {error['msg']}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

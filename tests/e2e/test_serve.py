@@ -367,3 +367,16 @@ def test_a_child_whose_settings_are_wrong_stops_the_broker(tmp_path: Path) -> No
         assert b"child_cannot_start" in broker.log_path.read_bytes()
     finally:
         broker.stop()
+
+
+def test_a_bad_setting_is_a_usage_error_naming_its_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "BROKER_PUBLISH_TIMEOUT": "-1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert b"BROKER_PUBLISH_TIMEOUT" in done.stderr
+    assert b"Traceback" not in done.stderr
