@@ -220,7 +220,19 @@ class _Child:
         return None
 
 
-def _run_children(settings: Settings, embedded: NatsServer | None = None) -> int:
+def _listening(host: str, port: int) -> bool:
+    """Whether the ingress accepts connections (for the banner: printed once it does)."""
+    target = "127.0.0.1" if host in {"0.0.0.0", ""} else "::1" if host == "::" else host
+    try:
+        with socket.create_connection((target, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _run_children(
+    settings: Settings, embedded: NatsServer | None = None, *, announce: str = ""
+) -> int:
     """Run the granian process, the projection workers and the routers until the ingress
     exits or we are asked to stop; the exit code. A worker or router that dies is started
     again (with a growing delay when it dies at start); one that exits with a usage error
@@ -240,6 +252,9 @@ def _run_children(settings: Settings, embedded: NatsServer | None = None) -> int
     code: int | None = None
     try:
         while ingress.poll() is None and not _Stop.requested and code is None:
+            if announce and _listening(settings.host, settings.port):
+                print(announce, file=sys.stderr, flush=True)  # now a request gets an answer
+                announce = ""
             if embedded is not None and not embedded.is_running():
                 code = _restart_nats(embedded)
             for child in children:
@@ -398,9 +413,8 @@ def run_broker(
         workers=settings.workers,
         nats_url=settings.nats_url,
     )
-    print(banner(settings), file=sys.stderr, flush=True)
     try:
-        code = _run_children(settings, embedded)
+        code = _run_children(settings, embedded, announce=banner(settings))
     finally:
         if embedded is not None:
             embedded.stop()

@@ -380,3 +380,17 @@ def test_a_bad_setting_is_a_usage_error_naming_its_variable(tmp_path: Path) -> N
     assert done.returncode == 2
     assert b"BROKER_PUBLISH_TIMEOUT" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+def test_the_banner_comes_once_the_ingress_answers(tmp_path: Path) -> None:
+    """It used to be printed before granian listened: the example curl right after it got
+    'connection refused'."""
+    broker = start_broker(
+        tmp_path, args=("--projection-workers", "0", "--routers", "0"), wait=False
+    )
+    try:
+        assert wait_for(lambda: b"broker ready on" in broker.log_path.read_bytes(), 60, 0.01)
+        with httpx.Client(http1=False, http2=True, timeout=5) as c:
+            assert c.get(f"{broker.base_url}/healthz").status_code == 200
+    finally:
+        broker.stop()
