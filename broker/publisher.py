@@ -145,12 +145,17 @@ class Publisher:
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._closing = False  # close() was called: a disconnect now is the plan, not news
         self._hook_retries: set[asyncio.Task[None]] = set()
+        self._on_reconnected_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # --- connection lifecycle ------------------------------------------------------
 
     def on_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` once the first connection is made (register before :meth:`start`)."""
         self._on_connected.append(callback)
+
+    def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` after every reconnection (to the same or another server)."""
+        self._on_reconnected_hooks.append(callback)
 
     def start(self) -> None:
         """Start connecting in the background; :meth:`wait_connected` waits for it."""
@@ -219,7 +224,12 @@ class Publisher:
             log.warning("nats_disconnected")
 
     async def _on_reconnected(self) -> None:
-        log.info("nats_reconnected")
+        log.info("nats_reconnected", server_version=self.server_version)
+        for callback in self._on_reconnected_hooks:
+            try:
+                await callback()
+            except Exception:
+                log.exception("on_reconnected_hook_failed")
 
     async def _on_error(self, e: Exception) -> None:
         log.warning("nats_error", error=explain_connect_error(e, self._connect_options))
@@ -367,7 +377,6 @@ class Publisher:
                     }
                 )
             return ack
-
 
     async def _append(self, out: Outbound) -> PublishAck:
         try:

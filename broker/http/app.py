@@ -298,6 +298,7 @@ class BrokerApp:
         die_with_parent(signal.SIGTERM)
         self.publisher.on_connected(self._start_registry)
         self.publisher.on_connected(self._record_build_info)
+        self.publisher.on_reconnected(self._record_build_info)  # maybe another version now
         self.publisher.on_connected(self._tune_gc)  # last: after what start-up builds
         # Connect in the background and return at once: a worker busy in its start-up hook
         # was seen to miss granian's stop signal. Until NATS answers, /readyz says so and

@@ -432,9 +432,20 @@ def forget_agent(tenant: str, agent: str) -> None:
     agent_load(tenant, agent, instances=0, in_flight=0, qps=0, p99_seconds=0, error_ratio=0)
 
 
+_build_labels: list[tuple[str, str, str]] = []  # the label set this process last set
+
+
 def build_info(version: str, git_revision: str, nats_server_version: str | None) -> None:
-    if _on:
-        BUILD_INFO.labels(version, git_revision, nats_server_version or "unknown").set(1)
+    """Set ``broker_build_info``; after a reconnection to another nats-server version the
+    old label set reads 0 (multiprocess gauges cannot be removed)."""
+    if not _on:
+        return
+    labels = (version, git_revision, nats_server_version or "unknown")
+    for old in _build_labels:
+        if old != labels:
+            BUILD_INFO.labels(*old).set(0)
+    BUILD_INFO.labels(*labels).set(1)
+    _build_labels[:] = [labels]
 
 
 # --- exposition and the multiprocess directory ---------------------------------------------

@@ -523,3 +523,14 @@ def test_status_document_carries_lag_and_summed_agent_load() -> None:
         "p99_ms": 80.0,
         "error_rate": 0.01,
     }
+
+
+def test_build_info_follows_the_nats_server_version_after_a_reconnection() -> None:
+    def value(nats_version: str) -> float | None:
+        labels = {"version": "9.9.9", "git_revision": "abc", "nats_server_version": nats_version}
+        return REGISTRY.get_sample_value("broker_build_info", labels)
+
+    metrics.build_info("9.9.9", "abc", "2.9.10")
+    assert value("2.9.10") == 1
+    metrics.build_info("9.9.9", "abc", "2.15.1")  # reconnected to an upgraded server
+    assert (value("2.9.10"), value("2.15.1")) == (0, 1)
