@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import random
 import ssl
@@ -108,6 +109,18 @@ class StoredMessage:
         )
 
 
+@functools.cache
+def _every_error_class() -> None:
+    """Import the modules that define error classes a server answer can name, so that
+    :func:`error_class` knows them all: which class a caller got used to depend on what the
+    program happened to have imported (a stale ``If-Match`` was a plain ``Conflict`` in a
+    script that never imported the registry)."""
+    import broker.registry.commands
+    import broker.registry.manifest
+    import broker.routing.features
+    import broker.routing.policy  # noqa: F401
+
+
 def _error(response: httpx.Response) -> BrokerError:
     try:
         body = response.json()
@@ -116,6 +129,7 @@ def _error(response: httpx.Response) -> BrokerError:
         raw, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
     # The schema registry answers Confluent's integer codes (40401 ...); the rest strings.
     code: str | int = raw if isinstance(raw, int) else str(raw)
+    _every_error_class()
     error = error_class(code, response.status_code)(message)
     if isinstance(code, str) and code and code != error.error_code:
         error.error_code = code  # type: ignore[misc]  # keep the server's code
@@ -138,6 +152,7 @@ def _ssl_context(verify: Any) -> ssl.SSLContext | None:
 
 
 def _result(item: Mapping[str, Any]) -> PublishResult:
+    _every_error_class()
     if "error_code" in item:
         return PublishResult(error=error_class(item["error_code"], 0)(item["message"]))
     return PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
@@ -418,16 +433,7 @@ class BrokerClient:
             headers={"content-type": "application/x-ndjson"},
             params={"subject": subject} if subject else None,
         )
-        results: list[PublishResult] = []
-        for item in response.json()["results"]:
-            if "error_code" in item:
-                err = error_class(item["error_code"], 0)(item["message"])
-                results.append(PublishResult(error=err))
-            else:
-                results.append(
-                    PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
-                )
-        return results
+        return [_result(item) for item in response.json()["results"]]
 
     async def publish_stream(
         self, records: AsyncIterable[Mapping[str, Any]], *, subject: str | None = None

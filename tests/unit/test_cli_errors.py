@@ -26,3 +26,19 @@ def test_cli_errors_are_messages_and_exit_codes_not_tracebacks(tmp_path: Path) -
         result = runner.invoke(app, args)
         assert result.exit_code == code, (args, result.output)
         assert not isinstance(result.exception, OSError | TypeError), args
+
+
+def test_the_client_maps_every_error_code_whatever_was_imported() -> None:
+    """In a fresh interpreter that imported only the client, a stale If-Match used to come
+    back as a plain Conflict, not VersionConflict."""
+    import subprocess
+    import sys
+
+    code = (
+        "import httpx\n"
+        "from broker.client import _error\n"
+        "answer = {'error_code': 'version_conflict', 'message': 'm'}\n"
+        "print(type(_error(httpx.Response(409, json=answer))).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.stdout.strip() == b"VersionConflict", done.stderr
