@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import nats
 import pytest
 from structlog.testing import capture_logs
 
 from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, NATS_MSG_ID, Outbound
 from broker.errors import SequenceConflict
 from broker.publisher import Publisher
-from broker.settings import Settings
-from broker.streams import provision
 
 
 async def test_first_submits_at_once_share_one_reply_subscription(
@@ -96,26 +93,17 @@ def _fast(sleep: Any) -> Any:
 
 
 async def test_a_conditional_publish_sent_again_is_its_own_duplicate_not_a_conflict(
-    nats_url: str,
+    publisher: Publisher,
 ) -> None:
     """Stored, its answer lost, the retry (same key, same expected sequence) used to get a
     sequence conflict: JetStream checks the expected sequence before duplicates."""
-    nc = await nats.connect(nats_url)
-    await provision(nc.jetstream(), Settings())
-    await nc.close()
-    publisher = Publisher([nats_url])
-    publisher.start()
-    assert await publisher.wait_connected(5)
 
     def conditional(key: str) -> Outbound:
         headers = {NATS_MSG_ID: key, NATS_EXPECTED_LAST_SUBJECT_SEQ: "0"}
         return Outbound("msg.default.ledger", b"credit 5", headers)
 
-    try:
-        first = await publisher.publish(conditional("default:credit-1"))
-        again = await publisher.publish(conditional("default:credit-1"))
-        assert (again.seq, again.duplicate) == (first.seq, True)
-        with pytest.raises(SequenceConflict):  # someone else's write still conflicts
-            await publisher.publish(conditional("default:credit-2"))
-    finally:
-        await publisher.close()
+    first = await publisher.publish(conditional("default:credit-1"))
+    again = await publisher.publish(conditional("default:credit-1"))
+    assert (again.seq, again.duplicate) == (first.seq, True)
+    with pytest.raises(SequenceConflict):  # someone else's write still conflicts
+        await publisher.publish(conditional("default:credit-2"))
