@@ -115,7 +115,7 @@ async def route(
 
 
 async def routed_to(
-    client: httpx.AsyncClient, agent: str, payload: str = "hello", **kw: Any
+    client: httpx.AsyncClient, agent: str, payload: str | bytes = "hello", **kw: Any
 ) -> bool:
     """Route probes until ``agent`` gets one (the router has seen it live)."""
 
@@ -136,6 +136,8 @@ async def test_capability_and_modality_decide_who_gets_images_audio_and_text(
     words = manifest("m-words", "Answers written questions")
     async with running(ocr, url), running(ears, url), running(words, url):
         assert await routed_to(client, "m-words", "what is the capital of France?")
+        assert await routed_to(client, "m-ocr", _png(), content_type="image/png")  # all live
+        assert await routed_to(client, "m-ears", _wav(), content_type="audio/wav")
         image = await route(client, _png(), content_type="image/png")
         audio = await route(client, _wav(), content_type="audio/wav")
         text = await route(client, "what is the capital of France?")
@@ -167,7 +169,9 @@ async def test_meaning_picks_the_agent_whose_description_matches(
         examples=["will it rain in Paris tomorrow", "how cold is it in Oslo"],
     )
     async with running(billing, url), running(weather, url):
+        # both live for the router (an agent not yet heartbeating is no candidate)
         assert await routed_to(client, "s-weather", "will it rain in Berlin tomorrow?")
+        assert await routed_to(client, "s-billing", "refund the charge on my invoice")
         money = await route(client, "why was my card charged twice for one invoice?")
         rain = await route(client, "is it going to rain in Madrid tomorrow?")
     assert money.json()["decision"]["agent"] == "s-billing"
