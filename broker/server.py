@@ -152,11 +152,12 @@ _NO_OWN_METRICS = ["--metrics-port", "0"]
 
 
 def _worker_args(settings: Settings) -> list[str]:
+    """The projection worker's command line. Not the replica URL: it may hold a password,
+    and a command line is any local user's to read (``ps``); the worker reads it from
+    ``BROKER_REPLICA_URL``, which serve exports with every other setting."""
     args = ["broker", "worker", *_NO_OWN_METRICS, "--nats-url", settings.nats_url or ""]
     args.append("--data-dir")
     args.append(str(settings.data_dir))
-    if settings.replica_url:
-        args += ["--replica-url", settings.replica_url]
     return args
 
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from broker.embedded import NatsServer
 from projections.checkpoints import create_sql_engine
 from tests._wait import wait_for
-from tests.e2e._broker import start_broker
+from tests.e2e._broker import children, start_broker
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +132,30 @@ def test_a_masked_card_number_is_audited_and_the_tenant_replays_its_audit_trail(
         assert "4242 4242 4242 4242" not in json.dumps(record)
     finally:
         assert broker.stop() == 0, broker.log_tail()
+
+
+def test_serve_hands_its_replica_url_to_the_workers_off_their_command_line(
+    tmp_path: Path, module_nats: NatsServer
+) -> None:
+    """The URL may hold a password: the worker gets it from the environment, not argv."""
+    target = tmp_path / "elsewhere" / "custom.db"
+    target.parent.mkdir()
+    url = f"sqlite:///{target}"
+    broker = start_broker(
+        tmp_path / "b", nats_url=module_nats.url, args=("--replica-url", url, "--routers", "0")
+    )
+    engine = create_sql_engine(url)
+    try:
+        answer = httpx.post(f"{broker.base_url}/v1/publish/replica.env", json={"n": 1}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert wait_for(lambda: any(r.subject == "replica.env" for r in rows(engine)), 30)
+        workers = [
+            Path(f"/proc/{pid}/cmdline").read_bytes()
+            for pid in children(broker.proc.pid)
+            if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert workers
+        assert not [w for w in workers if str(target).encode() in w]
+    finally:
+        broker.stop()
+        engine.dispose()

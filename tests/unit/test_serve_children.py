@@ -106,3 +106,15 @@ def test_an_option_beats_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = serve_settings(monkeypatch, {"BROKER_ROUTERS": "2"}, ["--routers", "4"])
     assert settings.routers == 4
     assert serve_settings(monkeypatch, {}, []).routers == 1
+
+
+def test_the_replica_url_stays_off_the_workers_command_line() -> None:
+    """It may carry a password; the worker reads it from BROKER_REPLICA_URL instead."""
+    from broker.cli import _settings_env
+    from broker.server import _worker_args
+    from broker.settings import Settings
+
+    url = "postgresql://app:s3cret@db:5432/replica"
+    settings = Settings(replica_url=url, nats_url="nats://127.0.0.1:4222")
+    assert not [arg for arg in _worker_args(settings) if "s3cret" in arg]
+    assert _settings_env(settings)["BROKER_REPLICA_URL"] == url
