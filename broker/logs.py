@@ -86,3 +86,12 @@ def configure_logging(level: str | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    # Said once the logger works: an unknown value used to fall back without a word.
+    if name not in logging.getLevelNamesMapping():
+        structlog.get_logger(__name__).warning(
+            "log_setting_unknown", variable="BROKER_LOG_LEVEL", value=name.lower(), using="info"
+        )
+    if log_format() not in {"json", "console"}:
+        structlog.get_logger(__name__).warning(
+            "log_setting_unknown", variable="BROKER_LOG_FORMAT", value=log_format(), using="json"
+        )

@@ -42,3 +42,14 @@ def test_the_client_maps_every_error_code_whatever_was_imported() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert done.stdout.strip() == b"VersionConflict", done.stderr
+
+
+def test_an_unknown_log_setting_is_said_not_silently_replaced() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BROKER_LOG_LEVEL": "bogus", "BROKER_LOG_FORMAT": "weird"}
+    code = "from broker.logs import configure_logging; configure_logging()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert done.stderr.count(b"log_setting_unknown") == 2, done.stderr
