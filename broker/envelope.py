@@ -37,7 +37,8 @@ MAX_HEADER_VALUE_LENGTH = 1024
 #: The pass-through headers of one message together (CloudEvent attributes, ``ce-*``): NATS
 #: stores at most 64 KiB of headers, which the broker's own and the routing headers share.
 MAX_HEADERS_LENGTH = 16 * 1024
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: One subject token; also what a name that becomes one must be (a worker id, say).
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Control characters other than tab: never allowed in a stored header value.
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
 _CONTROL = re.compile(CONTROL_CHARACTERS)
@@ -114,7 +115,7 @@ def validate_subject(subject: str) -> str:
     if len(tokens) > MAX_SUBJECT_TOKENS:
         raise InvalidSubject(f"subject has more than {MAX_SUBJECT_TOKENS} tokens")
     for token in tokens:
-        if not _TOKEN.fullmatch(token):
+        if not TOKEN.fullmatch(token):
             raise InvalidSubject(
                 f"invalid subject token {token[:64]!r}: tokens are 1-64 characters of "
                 "A-Z a-z 0-9 _ - separated by single dots (no wildcards or spaces)"

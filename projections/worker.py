@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from broker.envelope import TOKEN
 from broker.natsconn import ConnectOptions
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
@@ -41,13 +41,10 @@ def default_worker_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
 
 
-_WORKER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
 def valid_worker_id(worker_id: str) -> str:
     """``worker_id`` if it can name this worker's consumers and leases, else ValueError (a
     dot, say, makes every consumer name invalid while the leases are still held)."""
-    if not _WORKER_ID.fullmatch(worker_id):
+    if not TOKEN.fullmatch(worker_id):
         raise ValueError(f"worker id {worker_id!r} must be 1-64 of A-Z a-z 0-9 _ -")
     return worker_id
 
