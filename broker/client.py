@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import os
 import random
 import ssl
 import struct
@@ -134,21 +133,6 @@ def _error(response: httpx.Response) -> BrokerError:
     if isinstance(code, str) and code and code != error.error_code:
         error.error_code = code  # type: ignore[misc]  # keep the server's code
     return error
-
-
-def _ssl_context(verify: Any) -> ssl.SSLContext | None:
-    """What httpx's ``verify`` means, as a context for :class:`~broker._h2stream.DuplexRequest`
-    (``None``: the default one, used for ``https`` only)."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if verify is False:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    if isinstance(verify, str | os.PathLike):
-        return ssl.create_default_context(cafile=os.fspath(verify))
-    return None
 
 
 def _result(item: Mapping[str, Any]) -> PublishResult:
@@ -475,7 +459,7 @@ class BrokerClient:
                 "content-type": "application/x-ndjson",
                 "accept": "application/x-ndjson",
             },
-            ssl_context=_ssl_context(self._verify),
+            ssl_context=httpx.create_ssl_context(verify=self._verify),
             connect_timeout=self._timeout,
         )
         buffer = b""
