@@ -244,8 +244,7 @@ class Router:
         if ack.duplicate:  # decided before (this router crashed before its ack): that stands
             route = await self._stored(route, ack)
         if route.decision.agent is None:
-            dead = Outbound(dlq_subject(route.tenant), payload, route.to_headers(headers))
-            ack = await self.publisher.publish(dead)
+            ack = await self._append(route, payload, headers, to=dlq_subject(route.tenant))
         return route, ack
 
     async def _stored(self, route: RouteDecided, ack: PublishAck) -> RouteDecided:
@@ -269,10 +268,16 @@ class Router:
         return kept
 
     async def _append(
-        self, route: RouteDecided, payload: bytes, headers: Mapping[str, str]
+        self,
+        route: RouteDecided,
+        payload: bytes,
+        headers: Mapping[str, str],
+        *,
+        to: str | None = None,
     ) -> PublishAck:
+        """Append ``route`` on its subject in ``ROUTES``, or on ``to``."""
         return await self.publisher.publish(
-            Outbound(route.subject, payload, route.to_headers(headers))
+            Outbound(to or route.subject, payload, route.to_headers(headers))
         )
 
     async def _notify_decision(
