@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,10 +22,14 @@ class Summary:
     acked: int = 0
     duplicates: int = 0
     failed: int = 0
-    #: why the stream was cut off (``{"error_code", "message"}``); records sent and not
-    #: acked then are neither acked nor failed
-    error: dict[str, Any] | None = None
-    cut_by: BrokerError | None = field(default=None, repr=False, compare=False)
+    #: what cut the stream off; records sent and not acked then are neither acked nor failed
+    cut_by: BrokerError | None = None
+
+    def shown(self) -> dict[str, Any]:
+        """The summary as printed: the counts and ``error`` (``{"error_code", "message"}`` of
+        what cut the stream off, or ``None``)."""
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cut_by"}
+        return {**counts, "error": self.cut_by.to_dict() if self.cut_by else None}
 
     def note(self, result: Any) -> None:
         """Count one record's result (a :class:`broker.client.PublishResult`)."""
@@ -87,7 +91,6 @@ async def _stream(url: str, subject: str, file: str, timeout: float, show: bool)
                     summary.note(result)
                     progress.advance(task)
             except BrokerError as e:  # cut off: what was acked is counted; the rest is not
-                summary.error = e.to_dict()
                 summary.cut_by = e
     return summary
 
@@ -147,7 +150,7 @@ def publish(
     try:
         if ndjson:
             summary = asyncio.run(_stream(url, subject, file, timeout, sys.stderr.isatty()))
-            shown = {f.name: getattr(summary, f.name) for f in fields(summary) if f.repr}
+            shown = summary.shown()
             if output == "table":
                 typer.echo("  ".join(f"{k} {v}" for k, v in shown.items()))
             else:
