@@ -32,7 +32,6 @@ import base64
 import binascii
 import hashlib
 import os
-import re
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -45,7 +44,7 @@ import jwt
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.envelope import Tenant
+from broker.envelope import TOKEN, Tenant
 from broker.errors import BrokerError, Forbidden, TenantForbidden, Unauthenticated
 from broker.settings import Settings
 from broker.streams import NO_TENANT, Stream
@@ -68,7 +67,6 @@ TENANT_HEADER = "broker-tenant"
 #: Tenants are one NATS subject token; the names of the streams are reserved, because the
 #: DLQ keeps projections' dead letters under ``dlq.<STREAM>.…`` beside ``dlq.<tenant>.route``,
 #: and so is ``_``, the token of audit events that belong to no tenant (``audit._.…``).
-_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RESERVED = frozenset({*(s.value.lower() for s in Stream), NO_TENANT})
 
 
@@ -78,7 +76,7 @@ class AuthConfigError(ValueError):
 
 def valid_tenant(name: str) -> str:
     """``name`` if it can be a tenant, else :class:`ValueError`."""
-    if not _TENANT.match(name):
+    if not TOKEN.fullmatch(name):  # a subject token (``$`` also matched before a newline)
         raise ValueError(f"tenant {name!r} must be 1-64 of A-Z a-z 0-9 _ -")
     if name.lower() in _RESERVED:
         raise ValueError(f"tenant {name!r} is reserved (a stream's name, or _)")

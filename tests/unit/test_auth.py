@@ -335,7 +335,9 @@ def test_required_scopes(method: str, path: str, needed: set[Scope] | None) -> N
     assert required_scopes(method, path) == (None if needed is None else frozenset(needed))
 
 
-@pytest.mark.parametrize("name", ["", "a.b", "a*", ">", "x" * 65, "ROUTES", "dlq", "a b", "_"])
+@pytest.mark.parametrize(
+    "name", ["", "a.b", "a*", ">", "x" * 65, "ROUTES", "dlq", "a b", "_", "acme\n"]
+)
 def test_invalid_tenant_names(name: str) -> None:
     with pytest.raises(ValueError, match="tenant"):
         valid_tenant(name)
