@@ -99,7 +99,7 @@ def dev_cluster(
     configure_logging()
     if replicas > nodes:
         raise typer.BadParameter(f"{replicas} replicas need at least as many --nodes ({nodes})")
-    if not _SYNC_INTERVAL.match(sync_interval):
+    if not _SYNC_INTERVAL.fullmatch(sync_interval):
         raise typer.BadParameter(
             f"{sync_interval!r}: use `always` or a duration such as 500ms, 1s, 2m",
             param_hint="--sync-interval",

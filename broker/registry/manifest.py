@@ -101,7 +101,7 @@ class Capability(_Model):
     @classmethod
     def _media_types(cls, value: list[str]) -> list[str]:
         for media in value:
-            if not _MEDIA_TYPE.match(media):
+            if not _MEDIA_TYPE.fullmatch(media):  # $ alone allows a final newline
                 raise ValueError(f"{media!r} is not a media type such as image/png or image/*")
         return value
 

@@ -68,6 +68,10 @@ def test_json_and_yaml_manifests_parse_to_the_same_model() -> None:
             "capabilities.0.content_types",
         ),
         (
+            {"capabilities": [{"action": "a", "content_types": ["text/plain\n"]}]},
+            "capabilities.0.content_types",
+        ),
+        (
             {"capabilities": [{"action": "a", "modalities": ["smell"]}]},
             "capabilities.0.modalities.0",
         ),
