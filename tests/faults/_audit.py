@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
 import orjson
 import sqlalchemy as sa
 from nats.aio.client import Client as NatsClient
@@ -94,7 +95,22 @@ class StreamAudit:
 
 
 async def audit_stream(nats_url: str, acked: dict[str, int]) -> StreamAudit:
-    """Read MESSAGES from its first sequence to its end and count losses and duplicates."""
+    """Read MESSAGES from its first sequence to its end and count losses and duplicates.
+
+    A cluster just healed can still be settling its meta leader: a JetStream API call (the
+    read's consumer) may time out then, with the stream itself led and current. The read
+    changes nothing, so it is made again, from scratch, up to three times."""
+    for attempt in range(3):
+        try:
+            return await _audit_stream_once(nats_url, acked)
+        except nats.errors.TimeoutError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(2)
+    raise AssertionError("unreachable")
+
+
+async def _audit_stream_once(nats_url: str, acked: dict[str, int]) -> StreamAudit:
     audit = StreamAudit()
     by_key: Counter[str] = Counter()
     by_id: Counter[str] = Counter()
