@@ -195,7 +195,8 @@ def serve(
         str | None,
         typer.Option(
             envvar="BROKER_ROUTING_EMBEDDER",
-            help="`minilm` (default), `static+hashing`, `static`, `hashing` or "
+            help="`minilm` (default), `static+hashing`, `static`, `hashing`, "
+            "`use-multilingual` or "
             "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
         ),
     ] = None,

