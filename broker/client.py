@@ -26,7 +26,7 @@ from urllib.parse import quote, urlencode
 import httpx
 import orjson
 
-from broker.errors import BrokerError, Unavailable, error_class
+from broker.errors import BrokerError, RequestTimeout, Unavailable, error_class
 from broker.publisher import PublishAck
 
 __all__ = [
@@ -430,8 +430,11 @@ class BrokerClient:
         many were sent: give each record an ``idempotency_key`` if you may re-send it (one
         without gets a fresh key, so a re-sent record the broker had stored is stored
         again). A record that is not a mapping, or an error in ``records``, ends the stream
-        with that error. The client's credentials, TLS settings and timeout apply: the
-        timeout bounds connecting and each wait for an ack while records are unanswered.
+        with that error. A source that yields nothing for the broker's
+        ``BROKER_STREAM_IDLE_TIMEOUT`` (300 s) has its stream ended by the broker:
+        :class:`Unavailable`, after the results of every record sent. The client's
+        credentials, TLS settings and timeout apply: the timeout bounds connecting and each
+        wait for an ack while records are unanswered.
         """
         from broker._h2stream import DuplexRequest
 
@@ -482,8 +485,12 @@ class BrokerClient:
                 *complete, buffer = buffer.split(b"\n")
                 for line in complete:
                     if line.strip():
+                        answer = orjson.loads(line)
+                        if answer.get("error_code") == RequestTimeout.error_code:
+                            # the broker's last line: it heard nothing for its idle time
+                            raise Unavailable(f"the broker ended the stream: {answer['message']}")
                         answered += 1
-                        yield _result(orjson.loads(line))
+                        yield _result(answer)
         except Unavailable as e:
             raise Unavailable(f"{e}; {answered} of the {sent} records sent were acked") from e
         finally:

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     body_read_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a request body may take to arrive whole (408)."
     )
+    stream_idle_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a streaming publish (NDJSON in and out) may send nothing before "
+        "it is ended with a `request_timeout` line.",
+    )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
 
     @property

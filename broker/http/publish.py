@@ -36,7 +36,13 @@ from broker.envelope import (
     record_to_request,
     validate_subject,
 )
-from broker.errors import BadRequest, BrokerError, PayloadTooLarge, UnsupportedMediaType
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from broker.http._rsgi import (
     NDJSON,
     Headers,
@@ -236,7 +242,22 @@ class _DuplexPublish:
     async def _read_records(self, proto: HTTPProtocol) -> None:
         buffer = b""
         skipping = False  # inside an oversized line: drop bytes up to its newline
-        async for chunk in proto:
+        idle = self.state.settings.stream_idle_timeout
+        chunks = aiter(proto)
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                # granian has no body read timeout: a stalled client would hold its stream,
+                # its window and this task for ever. The last line says why it ends.
+                await self._submit(
+                    RequestTimeout(f"no request data for {idle:g} s; the stream is closed")
+                )
+                log.info("publish_stream_idle", records=self.index - 1, idle_s=idle)
+                return
             if self.broken:
                 return
             buffer += chunk

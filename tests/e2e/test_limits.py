@@ -6,9 +6,11 @@ socket, since httpx cannot open streams past the limit, trickle a body or stop m
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ import hpack
 import httpx
 import pytest
 
+from broker.client import BrokerClient
 from broker.embedded import NatsServer
+from broker.errors import Unavailable
 from tests.e2e._broker import BrokerProcess, children, start_broker
 
 pytestmark = pytest.mark.e2e
@@ -30,10 +34,12 @@ pytestmark = pytest.mark.e2e
 MAX_STREAMS = 16
 HEADER_LIST_BYTES = 64 * 1024  # the default BROKER_MAX_HEADER_LIST_BYTES
 BODY_TIMEOUT = 2.0
+STREAM_IDLE = 1.5
 MESSAGE_BYTES = 256 * 1024
 LIMITS_ENV = {
     "BROKER_MAX_CONCURRENT_STREAMS": str(MAX_STREAMS),
     "BROKER_BODY_READ_TIMEOUT": str(BODY_TIMEOUT),
+    "BROKER_STREAM_IDLE_TIMEOUT": str(STREAM_IDLE),
     "BROKER_MAX_MESSAGE_BYTES": str(MESSAGE_BYTES),
 }
 #: How much a worker's resident memory may grow under one attack: far less than what the
@@ -351,6 +357,62 @@ def test_slow_body_is_cut_off_with_408_without_blocking_others(
     assert client.streams[slow].status == 408, client.streams[slow]
     assert b'"request_timeout"' in client.streams[slow].body
     assert BODY_TIMEOUT - 0.1 <= elapsed < BODY_TIMEOUT + 3
+
+
+def test_a_stalled_streaming_publish_is_ended_after_its_idle_time(limited: BrokerProcess) -> None:
+    """A full-duplex NDJSON publish whose client sends records more slowly than
+    BROKER_STREAM_IDLE_TIMEOUT runs for as long as it keeps sending (longer than the idle time
+    and the whole-body timeout); once it stalls, the server acks what it got, adds a
+    `request_timeout` line and ends the response."""
+    client = H2Client(limited.port)
+    headers = [("content-type", "application/x-ndjson"), ("accept", "application/x-ndjson")]
+    try:
+        stream = client.request("POST", "/v1/publish?subject=limits.idle", headers, end=False)
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < BODY_TIMEOUT + 1:  # past both limits, never idle
+            client.send(stream, b'{"data": %d}\n' % sent)
+            sent += 1
+            client.read_once(timeout=STREAM_IDLE / 3)
+        assert not client.streams[stream].done, client.streams[stream]
+        stalled = time.monotonic()
+        client.read_until(stream, timeout=STREAM_IDLE + 5)
+        waited = time.monotonic() - stalled
+    finally:
+        client.close()
+    assert client.streams[stream].status == 200
+    lines = [json.loads(line) for line in client.streams[stream].body.splitlines()]
+    assert [line["index"] for line in lines] == list(range(sent + 1))
+    assert all("seq" in line for line in lines[:sent]), lines
+    assert lines[-1]["error_code"] == "request_timeout"
+    assert STREAM_IDLE - 0.5 <= waited < STREAM_IDLE + 3
+    assert healthy(limited)
+
+
+async def test_the_client_raises_when_the_broker_ends_an_idle_stream(
+    limited: BrokerProcess,
+) -> None:
+    """The idle stream's last line is not a record's result: `publish_stream` yields the
+    two acks, then raises Unavailable saying why, instead of a result for a record it never
+    sent (or waiting for ever on the source)."""
+
+    async def stalls() -> AsyncIterator[dict[str, object]]:
+        yield {"data": 1}
+        yield {"data": 2}
+        await asyncio.sleep(STREAM_IDLE * 4)
+        yield {"data": 3}
+
+    results = []
+
+    async def publish(client: BrokerClient) -> None:
+        async with asyncio.timeout(STREAM_IDLE * 3):
+            async for result in client.publish_stream(stalls(), subject="limits.idle"):
+                results.append(result)
+
+    async with BrokerClient(limited.base_url, timeout=STREAM_IDLE * 3) as client:
+        with pytest.raises(Unavailable, match=r"no request data .* 2 of the 2 records sent"):
+            await publish(client)
+    assert [r.ok for r in results] == [True, True]
 
 
 def test_oversized_declared_body_is_refused_before_it_is_sent(limited: BrokerProcess) -> None:
