@@ -44,16 +44,21 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b)
 
 
+def assert_unit_rows(rows: np.ndarray, dim: int, *, atol: float = 1e-5) -> None:
+    """The Embedder contract on :data:`TEXTS`: float32 rows of the embedder's dimension,
+    each of unit length, but the empty text's, which is zero."""
+    assert rows.shape == (len(TEXTS), dim)
+    assert rows.dtype == np.float32
+    norms = np.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(norms[[0, 1, 3]], 1.0, atol=atol)
+    assert norms[2] == 0.0
+
+
 def test_hashing_embedder_gives_unit_float32_rows_and_zero_rows_for_empty_text() -> None:
     embedder = HashingEmbedder()
     assert isinstance(embedder, Embedder)
     assert (embedder.name, embedder.dim) == ("hashing-384", 384)
-    rows = embedder.embed(TEXTS)
-    assert rows.shape == (4, 384)
-    assert rows.dtype == np.float32
-    norms = np.linalg.norm(rows, axis=1)
-    np.testing.assert_allclose(norms[[0, 1, 3]], 1.0, rtol=1e-5)
-    assert norms[2] == 0.0
+    assert_unit_rows(embedder.embed(TEXTS), 384)
     assert not embedder.embed(["the of and to"]).any()  # stop words only
 
 
@@ -253,11 +258,7 @@ def test_use_multilingual_embeds_unit_rows_and_zero_rows_for_empty_text() -> Non
     assert isinstance(embedder, UniversalSentenceEncoderEmbedder)
     assert (embedder.name, embedder.dim, costly(embedder)) == ("use-multilingual", 512, True)
     rows = embedder.embed(TEXTS)
-    assert rows.shape == (4, 512)
-    assert rows.dtype == np.float32
-    norms = np.linalg.norm(rows, axis=1)
-    np.testing.assert_allclose(norms[[0, 1, 3]], 1.0, atol=1e-4)
-    assert norms[2] == 0.0
+    assert_unit_rows(rows, 512, atol=1e-4)
     # one call for many texts gives each text's own row (a router embeds a batch at once)
     alone = np.vstack([embedder.embed([text]) for text in TEXTS])
     np.testing.assert_allclose(rows, alone, atol=1e-5)
