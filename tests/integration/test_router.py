@@ -153,13 +153,15 @@ async def test_a_router_that_routed_messages_stops_and_its_connection_closes_at_
     assert time.monotonic() - started < _DRAIN_SECONDS / 2
 
 
-async def test_a_slow_batch_step_renews_the_ack_wait_of_the_batch(
+async def test_a_batch_step_longer_than_the_ack_wait_gets_no_message_delivered_again(
     publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When embedding a batch ahead took a good part of the ack wait, every message of the
-    batch is told to JetStream as in progress (``+WPI``), so none is redelivered while the
-    batch is decided."""
-    monkeypatch.setattr(router_module, "_ACK_WAIT", 0.6)  # renewal after 0.2 s
+    """Embedding a batch ahead that takes longer than the whole ack wait (a big model, long
+    texts): every message of the batch is told to JetStream as in progress (``+WPI``) every
+    third of the ack wait while it runs, so none is delivered again to a second router
+    sharing the consumer, and each is decided once. (The renewal used to come only after
+    the step, too late for a step this long: the second router decided them too.)"""
+    monkeypatch.setattr(router_module, "_ACK_WAIT", 0.6)  # renewals every 0.2 s
     auto = {H_ROUTE_MODE: ROUTE_MODE_AUTO}
     for text in REQUESTS:
         await publisher.publish(Outbound(f"msg.{T}.chat", text.encode(), dict(auto)))
@@ -170,19 +172,39 @@ async def test_a_slow_batch_step_renews_the_ack_wait_of_the_batch(
         progress.append(msg.data)
 
     await watcher.subscribe("$JS.ACK.MESSAGES.>", cb=on_ack)
-    router, stop, running = await start_router(publisher, CostlyEmbedder(delay=0.3))
+    slow_model = CostlyEmbedder(delay=1.5)
+    slow, stop, running = await start_router(publisher, slow_model)
 
-    async def all_decided() -> bool:
-        return router.stats.routed + router.stats.dead_lettered == len(REQUESTS)
+    async def fetched() -> bool:  # the slow router holds the whole batch, embedding it
+        return any(len(texts) == len(REQUESTS) for texts, _ in slow_model.calls)
 
+    other = Publisher([nats_url])
+    other.start()
     try:
-        assert await await_until(all_decided, timeout=10)
+        assert await await_until(fetched, timeout=10)
+        assert await other.wait_connected(5)
+        fast, stop_fast, running_fast = await start_router(other, CostlyEmbedder())
+
+        async def all_decided() -> bool:
+            return slow.stats.routed + slow.stats.dead_lettered == len(REQUESTS)
+
+        try:
+            assert await await_until(all_decided, timeout=10)
+            await asyncio.sleep(1.0)  # past another ack wait: a redelivery would be decided
+            consumer = await publisher.js.consumer_info(
+                Stream.MESSAGES, router_module.ROUTER_CONSUMER
+            )
+        finally:
+            stop.set()
+            stop_fast.set()
+            await asyncio.wait_for(asyncio.gather(running, running_fast), 5)
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 5)
-    await watcher.flush()
-    await watcher.close()
-    assert progress.count(b"+WPI") == len(REQUESTS)
+        await other.close()
+        await watcher.flush()
+        await watcher.close()
+    assert consumer.num_redelivered == 0
+    assert fast.stats.routed + fast.stats.dead_lettered == 0
+    assert progress.count(b"+WPI") >= 3 * len(REQUESTS)  # 1.5 s of step, one every 0.2 s
 
 
 class Poisoned(CostlyEmbedder):
