@@ -158,12 +158,19 @@ def agents_router(state: IngressState) -> APIRouter:
             str, Header(description='Expected agent seq, e.g. "12".', pattern=_IF_MATCH)
         ] = "",
     ) -> AgentChange:
-        """Deregister an agent (its history stays in the stream)."""
+        """Deregister an agent (its history stays in the stream). Repeated with the
+        `If-Match` it was deregistered from (a retry whose answer was lost): 200 with
+        `changed: false` and the deregistration's seq."""
         result = await delete_agent(
             state.publisher, state.tenant, name, if_match=_if_match(if_match)
         )
         await state.registry.wait_for(result.seq, timeout=2.0)
-        return AgentChange(seq=result.seq, changed=True, event="AgentDeregistered", agent=None)
+        return AgentChange(
+            seq=result.seq,
+            changed=result.changed,
+            event="AgentDeregistered" if result.changed else None,
+            agent=None,
+        )
 
     @router.get("", response_model=AgentList)
     async def list_agents(

@@ -51,7 +51,22 @@ class CommandResult:
         return self.event is not None
 
 
+@dataclass(frozen=True, slots=True)
+class _Last:
+    """An agent's latest event and the version it was appended over (its stored
+    ``Nats-Expected-Last-Subject-Sequence``; ``None`` when it carries none)."""
+
+    event: RegistryEvent
+    replaced: int | None
+
+
 async def last_event(js: JetStreamContext, tenant: Tenant, name: str) -> RegistryEvent | None:
+    """The agent's latest event, as the stream's leader has it (see :func:`_last`)."""
+    last = await _last(js, tenant, name)
+    return last.event if last else None
+
+
+async def _last(js: JetStreamContext, tenant: Tenant, name: str) -> _Last | None:
     """The agent's latest event, as the stream's leader has it.
 
     Not a direct get: any replica answers those, and one that is catching up answers with an
@@ -63,7 +78,8 @@ async def last_event(js: JetStreamContext, tenant: Tenant, name: str) -> Registr
         raw = await js.get_last_msg(Stream.REGISTRY, agent_subject(tenant, name))
     except NotFoundError:
         return None
-    return decode_raw(raw)
+    replaced = (raw.headers or {}).get(NATS_EXPECTED_LAST_SUBJECT_SEQ)
+    return _Last(decode_raw(raw), int(replaced) if replaced and replaced.isdigit() else None)
 
 
 def _check_if_match(if_match: int | None, current: RegistryEvent | None, name: str) -> None:
@@ -112,10 +128,17 @@ async def put_agent(
 async def delete_agent(
     publisher: Publisher, tenant: Tenant, name: str, *, if_match: int | None = None
 ) -> CommandResult:
-    """Deregister an agent; 404 when it is not registered."""
-    current = await last_event(publisher.js, tenant, name)
-    if current is None or current.type is RegistryEventType.DEREGISTERED:
+    """Deregister an agent; 404 when it is not registered.
+
+    A conditional delete of an agent that was deregistered from the very version it names is
+    a no-op, not a 404: a client retrying one whose answer was lost would otherwise be told
+    that what it did failed."""
+    last = await _last(publisher.js, tenant, name)
+    if last is None or last.event.type is RegistryEventType.DEREGISTERED:
+        if last is not None and if_match is not None and last.replaced == if_match:
+            return CommandResult(None, last.event.seq)
         raise NotFound(f"agent {name} is not registered")
+    current = last.event
     _check_if_match(if_match, current, name)
     event = RegistryEvent(RegistryEventType.DEREGISTERED, tenant, AgentName(name), None)
     stored = await _append(publisher, event, current.seq)

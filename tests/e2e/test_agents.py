@@ -72,6 +72,24 @@ async def test_register_update_noop_and_deregister(client: httpx.AsyncClient) ->
     assert [e["type"] for e in history] == ["AgentRegistered", "AgentUpdated", "AgentDeregistered"]
 
 
+async def test_a_conditional_delete_sent_again_answers_unchanged(
+    client: httpx.AsyncClient,
+) -> None:
+    name = unique()
+    seq = (await put(client, manifest(name))).json()["seq"]
+    gone = await client.delete(f"/v1/agents/{name}", headers={"if-match": f'"{seq}"'})
+    assert (gone.status_code, gone.json()["changed"]) == (200, True)
+    again = await client.delete(f"/v1/agents/{name}", headers={"if-match": f'"{seq}"'})
+    assert again.status_code == 200, again.text
+    assert again.json() == {
+        "seq": gone.json()["seq"],
+        "changed": False,
+        "event": None,
+        "agent": None,
+    }
+    assert (await client.delete(f"/v1/agents/{name}")).status_code == 404
+
+
 async def test_yaml_manifest_is_accepted(client: httpx.AsyncClient) -> None:
     name = unique()
     r = await client.put(

@@ -104,6 +104,28 @@ async def test_a_stale_if_match_with_the_current_manifest_is_unchanged_not_a_con
         await put_agent(publisher, T, manifest("retried", "1.2.0"), if_match=first.seq)
 
 
+async def test_a_conditional_delete_sent_again_is_unchanged_not_a_404(
+    publisher: Publisher,
+) -> None:
+    """A conditional delete whose answer was lost, sent again: the agent was deregistered
+    from the version it names, so it is a no-op with the deregistration's seq. Without
+    If-Match, or with another version, it is still not registered."""
+    registered = await put_agent(publisher, T, manifest("gone"))
+    deleted = await delete_agent(publisher, T, "gone", if_match=registered.seq)
+    assert deleted.changed
+    again = await delete_agent(publisher, T, "gone", if_match=registered.seq)
+    assert (again.changed, again.seq) == (False, deleted.seq)
+    for if_match in (None, registered.seq + 100, deleted.seq):
+        with pytest.raises(NotFound):
+            await delete_agent(publisher, T, "gone", if_match=if_match)
+    assert len(await agent_history(publisher.js, T, "gone")) == 2
+    # registered again and deleted unconditionally: an old If-Match no longer matches
+    await put_agent(publisher, T, manifest("gone"))
+    await delete_agent(publisher, T, "gone")
+    with pytest.raises(NotFound):
+        await delete_agent(publisher, T, "gone", if_match=registered.seq)
+
+
 async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publisher) -> None:
     v1 = await put_agent(publisher, T, manifest("cc"))
     await put_agent(publisher, T, manifest("cc", "2.0.0"), if_match=v1.seq)
