@@ -43,6 +43,7 @@ from broker.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from broker.http._json_array import array_records
 from broker.http._rsgi import (
     NDJSON,
     Headers,
@@ -54,6 +55,7 @@ from broker.http._rsgi import (
 )
 from broker.http.state import IngressState
 from broker.publisher import PublishAck
+from broker.settings import Settings
 from broker.telemetry import tracing
 
 log = structlog.get_logger(__name__)
@@ -176,7 +178,9 @@ async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) 
         await _DuplexPublish(state, default_subject).run(proto)
         return
     body = await read_body(proto, headers, state.settings.max_batch_bytes)
-    records = _parse_batch(kind, body, state.settings.max_batch_records)
+    records = _parse_batch(
+        kind, body, state.settings.max_batch_records, record_limit(state.settings)
+    )
     pending: list[Awaitable[PublishAck] | BrokerError] = []
     for record in records:
         try:
@@ -192,24 +196,26 @@ async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) 
     respond_json(proto, 207 if failed else 200, {"results": results})
 
 
-def _parse_batch(kind: str, body: bytes, max_records: int) -> Iterator[Any]:
+def record_limit(settings: Settings) -> int:
+    """The longest record a batch or stream may hold: its payload at the message limit, as
+    JSON or base64, with room for its other fields."""
+    return settings.max_message_bytes * 2 + 4096
+
+
+def _parse_batch(kind: str, body: bytes, max_records: int, longest: int) -> Iterator[Any]:
     """Records of a buffered batch, counted first and handed out one at a time, so each can be
     dropped once it is an outbound message: parsed all at once, a body of tiny records costs
-    twenty-five times its size. A malformed NDJSON line is that record's error only."""
+    thirty times its size. A malformed or too long NDJSON line is that record's error only."""
     if kind == "ndjson":
         if sum(1 for _ in islice(_RECORD_LINE.finditer(body), max_records + 1)) > max_records:
             raise PayloadTooLarge(f"batch has more than {max_records} records, the limit")
-        return (_ndjson_record(line[0]) for line in _RECORD_LINE.finditer(body))
-    parsed = parse_json(body, what="the batch")
-    if not isinstance(parsed, list):
-        raise BadRequest("a JSON batch must be an array of records")
-    if len(parsed) > max_records:
-        raise PayloadTooLarge(f"batch has {len(parsed)} records; the limit is {max_records}")
-    parsed.reverse()
-    return (parsed.pop() for _ in range(len(parsed)))
+        return (_ndjson_record(line[0], longest) for line in _RECORD_LINE.finditer(body))
+    return array_records(body, max_records, longest)
 
 
-def _ndjson_record(line: bytes) -> Any:
+def _ndjson_record(line: bytes, longest: int) -> Any:
+    if len(line) > longest:  # refused before parsing: its values could cost 30x its size
+        return PayloadTooLarge(f"record exceeds {longest} bytes")
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as e:
@@ -223,7 +229,7 @@ class _DuplexPublish:
     def __init__(self, state: IngressState, default_subject: str | None) -> None:
         self.state = state
         self.default_subject = default_subject
-        self.line_limit = state.settings.max_message_bytes * 2 + 4096  # JSON/base64 overhead
+        self.line_limit = record_limit(state.settings)
         self.window: asyncio.Queue[tuple[int, Awaitable[PublishAck] | BrokerError] | None] = (
             asyncio.Queue(_STREAM_WINDOW)
         )

@@ -454,6 +454,41 @@ def test_oversized_undeclared_body_is_refused_while_it_streams(limited: BrokerPr
     assert growth < RSS_SLACK, f"worker RSS grew by {growth} bytes"
 
 
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        (b"[" + b",".join([b"{}"] * 5_000_000) + b"]", b"more than 10000 records"),
+        (b"[[" + b",".join([b"[]"] * 5_000_000) + b"]]", b"record 0 exceeds"),
+    ],
+    ids=["a flood of empty records", "one record of millions of values"],
+)
+def test_a_dense_json_batch_is_refused_without_building_its_values(
+    limited: BrokerProcess, body: bytes, refusal: bytes
+) -> None:
+    """15 MB of `[{},{},...]` (or one record of `[[],[],...]`), within the batch size limit:
+    parsed whole, it raised the worker's peak memory by ~500 MB before its 413."""
+    pid = worker_pid(limited)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # restart the peak at the current RSS
+    before = peak_rss_bytes(pid)
+    with httpx.Client(http1=False, http2=True, timeout=30) as c:
+        r = c.post(
+            f"{limited.base_url}/v1/publish",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+    growth = peak_rss_bytes(pid) - before
+    assert r.status_code == 413, r.text
+    assert growth < 4 * len(body), f"worker peak RSS grew by {growth} bytes"
+    assert refusal in r.content
+
+
 def test_body_within_limits_still_publishes(limited: BrokerProcess) -> None:
     with httpx.Client(http1=False, http2=True, timeout=10) as c:
         r = c.post(
