@@ -57,6 +57,11 @@ NATS_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 CONTENT_TYPE = "Content-Type"
 SCHEMA_ID = "Broker-Schema-Id"
 SCHEMA_ID_SOURCE = "Broker-Schema-Id-Source"
+#: ``none`` on a message whose body starts with a zero byte but carries no Confluent prefix:
+#: a raw Avro or Protobuf body sent with a ``Schema-Id`` header (an Avro null or zero, a
+#: Protobuf message index 0). Readers then decode the whole body.
+WIRE_PREFIX = "Broker-Wire-Prefix"
+NO_WIRE_PREFIX = "none"
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 CLOUDEVENTS_JSON = "application/cloudevents+json"
@@ -243,9 +248,13 @@ class PublishRequest:
         }
         wire_id = wire_schema_id(self.content_type, self.payload)
         if self.schema_id is not None and wire_id is not None and wire_id != self.schema_id:
-            raise Unprocessable(
-                f"Schema-Id {self.schema_id} disagrees with the payload's wire prefix {wire_id}"
-            )
+            if media_type(self.content_type).endswith("json"):  # JSON text never starts with 0
+                raise Unprocessable(
+                    f"Schema-Id {self.schema_id} disagrees with the payload's wire prefix {wire_id}"
+                )
+            # A raw binary body that starts with a zero byte and not with this id's prefix.
+            wire_id = None
+            headers[WIRE_PREFIX] = NO_WIRE_PREFIX
         if self.schema_id is not None:
             headers[SCHEMA_ID] = str(self.schema_id)
             headers[SCHEMA_ID_SOURCE] = "header"

@@ -10,12 +10,12 @@
  *   - ``.value`` decodes on first access and caches the value, or the DecodeError, which
  *     every later access raises again (the same instance, its traceback cleared);
  *   - DecodedMessage strips the 5-byte Confluent wire prefix only from a zero-led body of
- *     five or more bytes whose Content-Type publishing framed; that rare case calls the
- *     Python ``broker.codecs.lazy._framed(headers.get("Content-Type"))``;
+ *     five or more bytes that publishing framed (by its Content-Type, unless marked raw);
+ *     that rare case calls the Python ``broker.codecs.lazy._strips_prefix(headers)``;
  *   - ``decoded``, ``error``, ``content_type`` and ``schema_id`` never decode anything.
  *
  * The Python module objects used here (DecodeError, CONTENT_TYPE, stored_schema_id,
- * _framed) are looked up once and kept in module globals: single-phase init, no
+ * _strips_prefix) are looked up once and kept in module globals: single-phase init, no
  * sub-interpreter support (the broker runs in the main interpreter).
  */
 #define PY_SSIZE_T_CLEAN
@@ -27,7 +27,7 @@
 static PyObject *DecodeError;      /* broker.codecs.base.DecodeError */
 static PyObject *CONTENT_TYPE;     /* broker.envelope.CONTENT_TYPE */
 static PyObject *stored_schema_id; /* broker.envelope.stored_schema_id */
-static PyObject *framed;           /* broker.codecs.lazy._framed, looked up on first use */
+static PyObject *strips_prefix;    /* broker.codecs.lazy._strips_prefix, on first use */
 static PyObject *str_decode, *str_get, *str_subject, *str_sequence;
 
 /* --- LazyValue ------------------------------------------------------------------------ */
@@ -338,27 +338,24 @@ may_be_framed(PyObject *body)
     return size < 0 ? -1 : size >= WIRE_PREFIX_LEN;
 }
 
-/* ``_framed(headers.get(CONTENT_TYPE))``: the rare case of a zero-led body, in Python. */
+/* ``_strips_prefix(headers)``: the rare case of a zero-led body, in Python. */
 static int
-content_type_is_framed(DecodedMessageObject *self)
+body_is_framed(DecodedMessageObject *self)
 {
-    if (framed == NULL) {
+    if (strips_prefix == NULL) {
         PyObject *module = PyImport_ImportModule("broker.codecs.lazy");
         if (module == NULL) {
             return -1;
         }
-        framed = PyObject_GetAttrString(module, "_framed");
+        strips_prefix = PyObject_GetAttrString(module, "_strips_prefix");
         Py_DECREF(module);
-        if (framed == NULL) {
+        if (strips_prefix == NULL) {
             return -1;
         }
     }
-    PyObject *content_type = message_content_type(self, NULL);
-    if (content_type == NULL) {
-        return -1;
-    }
-    PyObject *result = PyObject_CallOneArg(framed, content_type);
-    Py_DECREF(content_type);
+    PyObject *headers = Py_NewRef(self->headers);
+    PyObject *result = PyObject_CallOneArg(strips_prefix, headers);
+    Py_DECREF(headers);
     if (result == NULL) {
         return -1;
     }
@@ -387,7 +384,7 @@ message_value(DecodedMessageObject *self, void *closure)
             Py_DECREF(body);
             return NULL;
         }
-        strip = content_type_is_framed(self);
+        strip = body_is_framed(self);
     }
     if (strip < 0) {
         Py_DECREF(body);

@@ -42,7 +42,7 @@ from broker.codecs.json import JsonCodec
 from broker.codecs.msgpack import MsgpackCodec
 from broker.codecs.protobuf import ProtobufCodec
 from broker.codecs.raw import RawCodec
-from broker.envelope import CONTENT_TYPE, stored_schema_id
+from broker.envelope import CONTENT_TYPE, NO_WIRE_PREFIX, WIRE_PREFIX, stored_schema_id
 
 __all__ = [
     "CODECS",
@@ -127,6 +127,12 @@ def _framed(content_type: str | None) -> bool:
     return framed
 
 
+def _strips_prefix(headers: Mapping[str, str]) -> bool:
+    """Whether a stored message's zero-led body carries the Confluent prefix: its media type
+    may be framed, and publishing did not mark it as a raw body (``Broker-Wire-Prefix``)."""
+    return headers.get(WIRE_PREFIX) != NO_WIRE_PREFIX and _framed(headers.get(CONTENT_TYPE))
+
+
 class _Failed:
     """A cached decode failure; private, so no decoded value can be mistaken for one."""
 
@@ -206,11 +212,7 @@ class DecodedMessage(LazyValue):
         if value is _UNSET:
             body = self.payload
             # One bytes comparison: only an empty body or one led by 0x00 sorts below it.
-            if (
-                body < _ZERO_LED
-                and len(body) >= _WIRE_PREFIX_LEN
-                and _framed(self.headers.get(CONTENT_TYPE))
-            ):
+            if body < _ZERO_LED and len(body) >= _WIRE_PREFIX_LEN and _strips_prefix(self.headers):
                 body = body[_WIRE_PREFIX_LEN:]
             try:
                 value = self._value = self.codec.decode(body)

@@ -43,7 +43,13 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from broker.envelope import DEFAULT_CONTENT_TYPE, media_type, wire_schema_id
+from broker.envelope import (
+    DEFAULT_CONTENT_TYPE,
+    NO_WIRE_PREFIX,
+    WIRE_PREFIX,
+    media_type,
+    wire_schema_id,
+)
 from broker.errors import Unprocessable
 from broker.registry.manifest import Modality
 
@@ -515,6 +521,8 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
     schema_id = _schema_id(h.get(H_SCHEMA_ID))
     body = payload
     wire_id = wire_schema_id(content_type, payload)
+    if h.get(WIRE_PREFIX.lower()) == NO_WIRE_PREFIX:  # a raw body that starts with 0x00
+        wire_id = None
     if wire_id is not None:
         schema_id = wire_id if schema_id is None else schema_id
         body = payload[5:]

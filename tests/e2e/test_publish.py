@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
 import uuid
 
+import fastavro
 import httpx
 import orjson
 import pytest
@@ -62,6 +64,48 @@ async def test_confluent_wire_prefix_is_recorded_as_schema_id(
         "77",
         "wire",
     )
+
+
+async def test_a_raw_avro_body_led_by_a_zero_byte_is_decoded_whole_with_a_schema_id(
+    client: httpx.AsyncClient,
+) -> None:
+    """An Avro record whose first field is an optional null (union branch 0) encodes to a
+    body starting with 0x00. Sent raw with `Schema-Id`, it used to be refused (422: its
+    bytes 1-4 read as a disagreeing wire id), or, had they matched, stored and then decoded
+    without its first five bytes."""
+    schema = {
+        "type": "record",
+        "name": "Reading",
+        "fields": [
+            {"name": "note", "type": ["null", "string"]},
+            {"name": "value", "type": "int"},
+            {"name": "unit", "type": "string"},
+        ],
+    }
+    registered = await client.post(
+        f"/registry/subjects/{unique('raw')}-value/versions",
+        json={"schema": orjson.dumps(schema).decode()},
+    )
+    assert registered.status_code == 200, registered.text
+    schema_id = registered.json()["id"]
+    record = {"note": None, "value": 21, "unit": "celsius"}
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
+    body = out.getvalue()
+    assert body[0] == 0
+    subject = unique()
+    r = await client.post(
+        f"/v1/publish/{subject}",
+        content=body,
+        headers={"content-type": "application/avro", "schema-id": str(schema_id)},
+    )
+    assert r.status_code == 200, r.text
+    replayed = await client.get(
+        "/v1/streams/MESSAGES/messages",
+        params={"start_seq": r.json()["seq"], "limit": 1, "decode": "json"},
+    )
+    (line,) = replayed.text.splitlines()
+    assert orjson.loads(line)["value"] == record, line
 
 
 async def test_idempotent_retry_answers_the_original_sequence(

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.codecs import DecodeError, JsonCodec, MsgpackCodec, RawCodec, lazy
-from broker.envelope import CONTENT_TYPE, SCHEMA_ID
+from broker.envelope import CONTENT_TYPE, NO_WIRE_PREFIX, SCHEMA_ID, WIRE_PREFIX
 
 _c_lazy: ModuleType | None
 try:
@@ -257,6 +257,16 @@ def test_the_wire_prefix_is_stripped_only_for_framed_content_types(
     _ = message.value
     assert codec.bodies == [body]
     assert type(codec.bodies[0]) is type(body)
+
+
+def test_a_body_published_raw_keeps_its_first_five_bytes(impl: Impl) -> None:
+    """A zero-led Avro body stored with ``Broker-Wire-Prefix: none`` (a raw body sent with a
+    Schema-Id header) is decoded whole; without the mark, the same bytes are framed."""
+    codec = CountingCodec(RawCodec())
+    raw = {CONTENT_TYPE: "application/avro", WIRE_PREFIX: NO_WIRE_PREFIX}
+    _ = impl.decoded_message(PREFIX + b"rest", raw, codec).value
+    _ = impl.decoded_message(PREFIX + b"rest", {CONTENT_TYPE: "application/avro"}, codec).value
+    assert codec.bodies == [PREFIX + b"rest", b"rest"]
 
 
 def test_a_bare_lazy_value_never_strips_a_prefix(impl: Impl) -> None:

@@ -14,8 +14,10 @@ from broker.envelope import (
     CONTENT_TYPE,
     NATS_EXPECTED_LAST_SUBJECT_SEQ,
     NATS_MSG_ID,
+    NO_WIRE_PREFIX,
     SCHEMA_ID,
     SCHEMA_ID_SOURCE,
+    WIRE_PREFIX,
     PublishRequest,
     Tenant,
     ce_headers_from_http,
@@ -142,12 +144,32 @@ def test_headers_map_to_nats_headers() -> None:
     }
 
 
-def test_schema_id_header_disagreeing_with_wire_prefix_is_refused() -> None:
+def test_schema_id_header_disagreeing_with_a_json_wire_prefix_is_refused() -> None:
+    """JSON text never starts with a zero byte: a zero-led JSON body is framed for sure."""
     request = PublishRequest(
-        subject="a", payload=b"\x00\x00\x00\x00\x07", content_type="application/avro", schema_id=8
+        subject="a", payload=b"\x00\x00\x00\x00\x07{}", content_type="application/json", schema_id=8
     )
     with pytest.raises(Unprocessable, match="disagrees"):
         request.to_outbound(T)
+
+
+@pytest.mark.parametrize("content_type", ["application/avro", "application/x-protobuf"])
+def test_a_raw_binary_body_that_starts_with_a_zero_byte_is_kept_whole_with_a_schema_id(
+    content_type: str,
+) -> None:
+    """With a Schema-Id header, a zero-led Avro or Protobuf body whose next bytes are not that
+    id is a raw body (an Avro null or 0 first, a Protobuf message index 0), not a wrong
+    prefix: stored as sent, marked so that readers do not cut its first five bytes off."""
+    raw = PublishRequest(
+        subject="a", payload=b"\x00\x16hello world", content_type=content_type, schema_id=3
+    ).to_outbound(T)
+    assert raw.payload == b"\x00\x16hello world"
+    assert raw.headers[SCHEMA_ID] == "3"
+    assert raw.headers[WIRE_PREFIX] == NO_WIRE_PREFIX
+    framed = PublishRequest(
+        subject="a", payload=b"\x00\x00\x00\x00\x03\x16", content_type=content_type, schema_id=3
+    ).to_outbound(T)
+    assert WIRE_PREFIX not in framed.headers  # the header and the prefix agree: framed
 
 
 @pytest.mark.parametrize("value", ["x", "-1", "2147483648", "1.5"])
