@@ -538,7 +538,10 @@ class BrokerClient:
                         raise httpx.TransportError(f"HTTP {response.status_code}")
                     async for line in response.aiter_lines():
                         if line:
-                            message = StoredMessage.from_json(orjson.loads(line))
+                            record = orjson.loads(line)
+                            if "error_code" in record:  # the read broke off after the 200
+                                raise httpx.TransportError(record.get("message", line))
+                            message = StoredMessage.from_json(record)
                             next_seq = message.seq + 1
                             received += 1
                             attempt = 0

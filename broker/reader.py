@@ -17,6 +17,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from broker.errors import Unavailable
+
 #: Deletions still in flight: the loop keeps only weak references to its tasks.
 _deleting: set[asyncio.Task[None]] = set()
 
@@ -40,6 +42,23 @@ def _forget_consumer(js: JetStreamContext, stream: str, name: str) -> None:
     task.add_done_callback(_deleting.discard)
 
 
+#: Payload bytes one fetch asks for, by the size of the largest message seen so far. By
+#: count alone, 1,024 messages near the 1 MiB publish limit made nats-server push a GB at the
+#: reader at once: over its 64 MB per-client buffer, it cut the whole connection (every
+#: other request on it too) and the deliveries in flight were lost.
+READ_BYTES = 8 * 1024 * 1024
+_SMALLEST_ESTIMATE = 1024
+#: Tries in a row to go on after a read broke off (a fetch that timed out with messages still
+#: pending, messages lost in transit, the connection cut) before giving up.
+READ_ATTEMPTS = 3
+
+
+class ReadInterrupted(Unavailable):
+    """A read of a stream broke off before its end and could not go on."""
+
+    error_code = "read_interrupted"
+
+
 async def read_batches(
     js: JetStreamContext,
     stream: str,
@@ -51,55 +70,143 @@ async def read_batches(
     fetch_timeout: float = 2.0,
 ) -> AsyncGenerator[list[Msg], None]:
     """Every message of ``stream`` (matching ``subject``) from a point to the current end, in
-    the batches the server delivered (at most ``batch`` each).
+    the batches the server delivered (at most ``batch`` each, and about :data:`READ_BYTES` of
+    payload: fewer when the stream's messages are large).
 
     Ends when the consumer reports nothing pending, so a read of a quiet stream returns
-    promptly; messages appended during the read may or may not be included.
+    promptly; messages appended during the read may or may not be included. Never ends early
+    in silence: when a fetch times out while messages are still pending, or a delivery was
+    lost on the way (a gap in the consumer's sequence, the connection cut), the read goes on
+    with a new consumer from the message after the last one handed out, and after
+    :data:`READ_ATTEMPTS` such tries in a row it raises :class:`ReadInterrupted`.
 
-    The consumer is deleted as soon as the read ends, however it ends (the last batch, the
-    caller closing the iterator early, an error, a cancellation): left to its inactivity
-    threshold, each read would hold a consumer on the server for that long, and a burst of
-    replays piles them up. Close the iterator (``contextlib.aclosing``) when stopping early
-    so this happens at once rather than when it is garbage-collected.
+    Each consumer is deleted as soon as it is done with, however the read ends (the last
+    batch, the caller closing the iterator early, an error, a cancellation): left to its
+    inactivity threshold, each read would hold a consumer on the server for that long, and a
+    burst of replays piles them up. Close the iterator (``contextlib.aclosing``) when stopping
+    early so this happens at once rather than when it is garbage-collected.
     """
-    # Our own name, so the consumer can be deleted by name (pull_subscribe would invent one
-    # and keep it in a private attribute).
-    name = uuid.uuid4().hex
-    config = ConsumerConfig(
-        name=name,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.NONE,
-        filter_subject=subject,
-        inactive_threshold=30.0,
-        mem_storage=True,
-    )
-    if start_seq is not None:
-        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start_seq
-    elif start_time is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = start_time
-    sub: JetStreamContext.PullSubscription | None = None
+    reading = _Read(js, stream, subject, start_seq, start_time)
     try:
-        await js.add_consumer(stream, config=config)
-        sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
-        info = await sub.consumer_info()
-        if info.num_pending == 0:
+        if not await reading.open():
             return
+        failures = 0
         while True:
             try:
-                messages = await sub.fetch(batch, timeout=fetch_timeout)
-            except nats.errors.TimeoutError:
-                return
-            if messages:
-                yield messages
-            if not messages or messages[-1].metadata.num_pending == 0:
+                messages = await reading.fetch(batch, fetch_timeout)
+            except _BrokeOff as e:
+                failures += 1
+                if failures >= READ_ATTEMPTS:
+                    raise ReadInterrupted(
+                        f"the read of {stream} broke off after seq {reading.last_seq}: {e}"
+                    ) from None
+                if not await reading.reopen():
+                    return
+                continue
+            failures = 0
+            yield messages
+            if messages[-1].metadata.num_pending == 0:
                 return
     finally:
+        await reading.close()
+
+
+class _BrokeOff(Exception):
+    """Why a fetch could not go on from where the read is."""
+
+
+class _Read:
+    """One read's consumer and where it is: the last stream sequence handed out, and the last
+    consumer sequence (contiguous for what the consumer delivered, so a gap is a loss)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        subject: str | None,
+        start_seq: int | None,
+        start_time: datetime | None,
+    ) -> None:
+        self.js, self.stream, self.subject = js, stream, subject
+        self.start_seq, self.start_time = start_seq, start_time
+        self.last_seq: int | None = None
+        self.last_delivered = 0
+        self.message_bytes = READ_BYTES // 16  # before any is seen: a first fetch of 16
+        self.name = ""
+        self.sub: JetStreamContext.PullSubscription | None = None
+
+    async def open(self) -> bool:
+        """A consumer from where the read is; ``False`` when it has nothing to deliver."""
+        # Our own name, so the consumer can be deleted by name (pull_subscribe would invent
+        # one and keep it in a private attribute).
+        self.name = uuid.uuid4().hex
+        self.last_delivered = 0
+        config = ConsumerConfig(
+            name=self.name,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=self.subject,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        if self.last_seq is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = self.last_seq + 1
+        elif self.start_seq is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = self.start_seq
+        elif self.start_time is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = self.start_time
+        await self.js.add_consumer(self.stream, config=config)
+        self.sub = await self.js.pull_subscribe_bind(consumer=self.name, stream=self.stream)
+        info = await self.sub.consumer_info()
+        return bool(info.num_pending)
+
+    async def reopen(self) -> bool:
+        await self.close()
+        try:
+            return await self.open()
+        except nats.errors.Error:  # NATS still away: this try failed too
+            return True
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """The next batch, sized by bytes; :class:`_BrokeOff` when the read cannot go on
+        from here with this consumer."""
+        if self.sub is None:
+            raise _BrokeOff("no consumer")
+        size = max(1, min(batch, READ_BYTES // self.message_bytes))
+        try:
+            messages: list[Msg] = await self.sub.fetch(size, timeout=timeout)
+        except nats.errors.TimeoutError:
+            messages = []
+        except nats.errors.Error as e:  # the connection cut, a consumer gone, ...
+            raise _BrokeOff(repr(e)) from None
+        if not messages:  # the consumer said messages were pending
+            raise _BrokeOff(f"no message within {timeout:g} s with messages pending")
+        for i, message in enumerate(messages):
+            delivered = message.metadata.sequence.consumer
+            if delivered != self.last_delivered + 1:
+                if i:  # hand out what came in order; the next fetch breaks off at the gap
+                    messages = messages[:i]
+                    break
+                raise _BrokeOff(
+                    f"deliveries {self.last_delivered + 1} to {delivered - 1} were lost"
+                )
+            self.last_delivered = delivered
+            self.last_seq = message.metadata.sequence.stream
+        largest = max(len(m.data) for m in messages)
+        self.message_bytes = max(largest, self.message_bytes // 2, _SMALLEST_ESTIMATE)
+        return messages
+
+    async def close(self) -> None:
         # First, and without awaiting: a cancelled reader may not get past an await here.
-        _forget_consumer(js, stream, name)
-        if sub is not None:
+        if self.name:
+            _forget_consumer(self.js, self.stream, self.name)
+        if self.sub is not None:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await self.sub.unsubscribe()
+            self.sub = None
 
 
 async def read_messages(

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
+import structlog
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
@@ -24,10 +25,12 @@ from broker.envelope import CONTENT_TYPE, Tenant, media_type, stored_schema_id
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
-from broker.reader import read_batches
+from broker.reader import ReadInterrupted, read_batches
 from broker.registry.schemas.decoders import json_default
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics
+
+log = structlog.get_logger(__name__)
 
 
 class Replayable(StrEnum):
@@ -115,6 +118,13 @@ SSE = "text/event-stream"
 def _event(seq: int, line: bytes) -> bytes:
     """One Server-Sent Event: the record's JSON (one line) as data, its seq as the id."""
     return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, line.rstrip(b"\n"))
+
+
+def _broke_off(error: ReadInterrupted, stream: str, *, sse: bool) -> bytes:
+    """The last line of a replay whose read broke off after its answer began."""
+    log.warning("replay_interrupted", stream=stream, error=error.message)
+    line = orjson.dumps(error.to_dict())
+    return b"event: error\ndata: %s\n\n" % line if sse else line + b"\n"
 
 
 def replay_router(state: IngressState) -> APIRouter:
@@ -223,7 +233,11 @@ def replay_router(state: IngressState) -> APIRouter:
                     left -= len(lines)
                     if left <= 0:
                         return
-                    messages = await anext(batches, [])
+                    try:
+                        messages = await anext(batches, [])
+                    except ReadInterrupted as e:  # after the 200: say so in the body
+                        yield _broke_off(e, stream.value, sse=sse)
+                        return
 
         if sse:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
