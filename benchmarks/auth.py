@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._h2load import h2load_available  # noqa: E402
-from benchmarks.ingress import load, start_broker  # noqa: E402
+from benchmarks._serve import Serve, start_serve  # noqa: E402
+from benchmarks.ingress import load  # noqa: E402
 from broker.auth import Authenticator  # noqa: E402
-from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 
 KEY = "bench-key-0123456789abcdefghijklmnop"
@@ -113,20 +114,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         server = NatsServer(ServerSpec(store_dir=work / "nats")).start()
-        brokers = {}
+        brokers: dict[str, Serve] = {}
         try:
             for name in configs:
-                (work / name).mkdir()
-                if name != "open":
-                    os.environ["BROKER_AUTH_CONFIG"] = AUTH
-                port = free_port()
-                brokers[name] = (start_broker(server.url, port, 1, work / name), port)
-                os.environ.pop("BROKER_AUTH_CONFIG", None)
+                env = {} if name == "open" else {"BROKER_AUTH_CONFIG": AUTH}
+                args_ = ["--workers", "1", "--nats-url", server.url]
+                brokers[name] = start_serve(work / name, args_, env=env)
+            for broker in brokers.values():
+                broker.wait_ready()
             body = b'{"reading": 21.5, "unit": "C", "sensor": "bench-1"}'
             expected = 0
             for round_no in range(args.rounds):
                 for name, headers in configs.items():
-                    url = f"http://127.0.0.1:{brokers[name][1]}/v1/publish/bench.{name}"
+                    url = f"{brokers[name].url}/v1/publish/bench.{name}"
                     result = load(
                         args.client,
                         url=url,
@@ -147,9 +147,8 @@ def main() -> None:
             if (held := asyncio.run(stored(server.url))) != expected:
                 raise SystemExit(f"stream holds {held} messages, expected {expected}")
         finally:
-            for proc, _ in brokers.values():
-                proc.terminate()
-                proc.wait(20)
+            for broker in brokers.values():
+                broker.stop()
             server.stop()
 
     base = statistics.median(rates["open"])

@@ -26,9 +26,9 @@ from nats.js.api import AckPolicy, ConsumerConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ingress import start_broker  # noqa: E402
+from benchmarks._serve import start_serve  # noqa: E402
 from broker.client import BrokerClient  # noqa: E402
-from broker.embedded import NatsServer, ServerSpec, free_port  # noqa: E402
+from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
 SUBJECT = "msg.default.bench.replay"
 
@@ -90,19 +90,18 @@ def main() -> None:
     payload = b'{"data":"' + b"x" * max(0, args.payload_bytes - 11) + b'"}'
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
-        port = free_port()
-        broker = start_broker(server.url, port, 1, Path(tmp))
+        broker = start_serve(Path(tmp), ["--workers", "1", "--nats-url", server.url])
         try:
+            broker.wait_ready()
             asyncio.run(fill(server.url, args.messages, payload))
-            asyncio.run(broker_read(f"http://127.0.0.1:{port}", args.messages))  # warm-up
-            base = f"http://127.0.0.1:{port}"
+            base = broker.url
+            asyncio.run(broker_read(base, args.messages))  # warm-up
             raw = asyncio.run(raw_read(server.url, args.messages))
             through = asyncio.run(broker_read(base, args.messages))
             raw_decoded = asyncio.run(raw_read(server.url, args.messages, decode=True))
             decoded = asyncio.run(broker_read(base, args.messages, decode=True))
         finally:
-            broker.terminate()
-            broker.wait(30)
+            broker.stop()
             server.stop()
     print(f"\nreplay benchmark: {args.messages} messages of {args.payload_bytes} bytes")
     print(f"raw pull consumer        {raw:>10.0f} msgs/s")
