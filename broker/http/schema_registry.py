@@ -43,7 +43,9 @@ class Reference(BaseModel):
 
     name: str = Field(min_length=1, max_length=1024)
     subject: str = Field(min_length=1, max_length=255)
-    version: int = Field(ge=-1, le=2**31 - 1)
+    version: int = Field(
+        ge=-1, le=2**31 - 1, description="-1: the subject's latest version, pinned when stored."
+    )
 
 
 class SchemaBody(BaseModel):
@@ -160,7 +162,7 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
     @router.get("/schemas/ids/{schema_id}", response_model=SchemaByIdBody, responses=_errors(404))
     async def schema_by_id(schema_id: SchemaIdPath) -> RegistryJSON:
         """The schema with a global id (Confluent serializers resolve payload ids here)."""
-        stored, _ = await registry.schema(state.tenant, schema_id)
+        stored = await registry.stored(state.tenant, schema_id)
         return RegistryJSON(_schema_fields(stored))
 
     @router.get(
@@ -173,7 +175,7 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
     )
     async def schema_text_by_id(schema_id: SchemaIdPath) -> Response:
         """Only the schema text under a global id (JSON for Avro and JSON Schema)."""
-        stored, _ = await registry.schema(state.tenant, schema_id)
+        stored = await registry.stored(state.tenant, schema_id)
         return _schema_text(stored)
 
     @router.get(
@@ -235,7 +237,12 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
         )
         return {"id": schema_id}
 
-    @router.post("/subjects/{subject}", response_model=SubjectVersionBody, responses=_errors(404))
+    @router.post(
+        "/subjects/{subject}",
+        response_model=SubjectVersionBody,
+        response_model_exclude_none=True,
+        responses=_errors(404),
+    )
     async def lookup(
         subject: Subject,
         body: Annotated[SchemaBody, Body()],
@@ -261,6 +268,7 @@ def schema_registry_router(state: IngressState) -> APIRouter:  # noqa: PLR0915 -
     @router.get(
         "/subjects/{subject}/versions/{version}",
         response_model=SubjectVersionBody,
+        response_model_exclude_none=True,
         responses=_errors(404),
     )
     async def get_version(subject: Subject, version: Version, deleted: Deleted = False) -> Any:

@@ -185,14 +185,32 @@ def _normalise(
     value: Any, references: Mapping[str, ParsedSchema]
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The normalised schema, the named types of its references, and its own named types."""
-    known: dict[str, Any] = {}
-    for ref in references.values():
-        _, ref_known, ref_own = _normalise(json.loads(ref.canonical), ref.references)
-        known.update(ref_known)
-        known.update(ref_own)
+    known = _referenced_types(references, {})
     normaliser = _Normaliser(known)
     normal = normaliser.node(value, "", "")
     return normal, known, normaliser.names
+
+
+_Types = tuple[dict[str, Any], dict[str, Any]]
+
+
+def _referenced_types(
+    references: Mapping[str, ParsedSchema], done: dict[int, tuple[ParsedSchema, _Types]]
+) -> dict[str, Any]:
+    """The named types that ``references`` define, each after the types it uses. ``done``
+    holds each reference's (known, own) types once it is normalised, so a reference reached
+    again (references that form a diamond) is not walked again: linear, not exponential."""
+    known: dict[str, Any] = {}
+    for ref in references.values():
+        if (hit := done.get(id(ref))) is None:
+            ref_known = _referenced_types(ref.references, done)
+            normaliser = _Normaliser(ref_known)
+            normaliser.node(json.loads(ref.canonical), "", "")
+            hit = done[id(ref)] = (ref, (ref_known, normaliser.names))
+        ref_known, ref_own = hit[1]
+        known.update(ref_known)
+        known.update(ref_own)
+    return known
 
 
 def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:

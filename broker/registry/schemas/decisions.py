@@ -36,6 +36,7 @@ from broker.registry.schemas.events import (
     SchemaVersionRegistered,
 )
 from broker.registry.schemas.state import (
+    LATEST,
     StoredSchema,
     SubjectVersion,
     TenantSchemas,
@@ -52,6 +53,7 @@ from broker.registry.schemas.types import (
 
 T = TypeVar("T")
 MAX_REFERENCE_DEPTH = 16
+"""The most references a chain may go through, from a schema to the deepest one it uses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +74,35 @@ class SchemaRequest:
 
 
 class SchemaCatalog:
-    """Parsed schemas per global id, references resolved; shared by every command."""
+    """Parsed schemas per global id, references resolved; shared by every command.
+
+    Each parsed schema is kept with its height: the longest chain of references below it
+    (``0`` without references). A schema may sit at most :data:`MAX_REFERENCE_DEPTH`
+    references above the deepest schema it uses, whether or not those are parsed already.
+    """
 
     def __init__(self) -> None:
-        self._parsed: dict[tuple[Tenant, SchemaId], ParsedSchema] = {}
+        self._parsed: dict[tuple[Tenant, SchemaId], tuple[ParsedSchema, int]] = {}
 
     def parsed(self, reg: TenantSchemas, tenant: Tenant, stored: StoredSchema) -> ParsedSchema:
+        return self._entry(reg, tenant, stored, 0)[0]
+
+    def _entry(
+        self, reg: TenantSchemas, tenant: Tenant, stored: StoredSchema, depth: int
+    ) -> tuple[ParsedSchema, int]:
+        """``stored`` parsed, and its height; ``depth``: how many references above it the
+        walk that needs it started."""
         key = (tenant, stored.id)
         if (hit := self._parsed.get(key)) is not None:
             return hit
-        refs = self.resolve(reg, tenant, stored.references)
+        # A version that the schema references may have been soft-deleted since.
+        refs, height = self._resolve(reg, tenant, stored.references, depth, deleted=True)
         try:
             parsed = parse_schema(stored.schema_type, stored.schema, refs)
         except InvalidSchemaError as e:  # stored once as valid: only a changed parser gets here
             raise SchemaRegistryError(f"stored schema {stored.id} no longer parses: {e}") from e
-        self._parsed[key] = parsed
-        return parsed
+        self._parsed[key] = (parsed, height)
+        return parsed, height
 
     def resolve(
         self,
@@ -96,24 +111,35 @@ class SchemaCatalog:
         references: Sequence[SchemaReference],
         depth: int = 0,
     ) -> dict[str, ParsedSchema]:
-        """Each reference's name → its parsed schema; 42201 when one does not exist."""
-        if depth > MAX_REFERENCE_DEPTH:
-            raise InvalidSchema(
-                f"Invalid schema: references nest deeper than {MAX_REFERENCE_DEPTH}"
-            )
+        """Each reference's name → its parsed schema; 42201 when one does not exist, or when
+        references nest deeper than :data:`MAX_REFERENCE_DEPTH` below ``depth``."""
+        return self._resolve(reg, tenant, references, depth, deleted=False)[0]
+
+    def _resolve(
+        self,
+        reg: TenantSchemas,
+        tenant: Tenant,
+        references: Sequence[SchemaReference],
+        depth: int,
+        *,
+        deleted: bool,
+    ) -> tuple[dict[str, ParsedSchema], int]:
+        """The references parsed, and the height of a schema with them."""
+        if references and depth >= MAX_REFERENCE_DEPTH:
+            raise _too_deep()
         resolved: dict[str, ParsedSchema] = {}
+        height = 0
         for ref in references:
-            try:
-                target = reg.version(ref.subject, ref.version)
-            except SchemaRegistryError:
-                raise InvalidSchema(
-                    f"Invalid schema: reference {ref.name!r} to subject {ref.subject!r} "
-                    f"version {ref.version} does not exist"
-                ) from None
-            resolved[ref.name] = self.parsed(reg, tenant, target.schema)
-        return resolved
+            target = _target(reg, ref, deleted=deleted)
+            parsed, below = self._entry(reg, tenant, target.schema, depth + 1)
+            resolved[ref.name] = parsed
+            height = max(height, below + 1)
+        if depth + height > MAX_REFERENCE_DEPTH:
+            raise _too_deep()
+        return resolved, height
 
     def parse(self, reg: TenantSchemas, tenant: Tenant, request: SchemaRequest) -> ParsedSchema:
+        """The request parsed, its references resolved (pin them first: :func:`pinned`)."""
         refs = self.resolve(reg, tenant, request.references)
         try:
             return parse_schema(request.schema_type, request.schema, refs)
@@ -151,6 +177,36 @@ class SchemaCatalog:
             raise InvalidSchema(f"Invalid schema: {e}") from e
 
 
+def _too_deep() -> InvalidSchema:
+    return InvalidSchema(f"Invalid schema: references nest deeper than {MAX_REFERENCE_DEPTH}")
+
+
+def _target(reg: TenantSchemas, ref: SchemaReference, *, deleted: bool) -> SubjectVersion:
+    try:
+        return reg.version(ref.subject, ref.version, deleted=deleted)
+    except SchemaRegistryError:
+        raise InvalidSchema(
+            f"Invalid schema: reference {ref.name!r} to subject {ref.subject!r} "
+            f"version {ref.version} does not exist"
+        ) from None
+
+
+def pinned(reg: TenantSchemas, request: SchemaRequest) -> SchemaRequest:
+    """``request`` with each reference to version ``-1`` ("latest") pinned to the version
+    that is latest now, as Confluent stores it: the version a schema was registered against
+    is the one it keeps, and the one that :func:`delete_version` protects. 42201 when the
+    subject has no live version."""
+    if all(ref.version != LATEST for ref in request.references):
+        return request
+    references = tuple(
+        SchemaReference(ref.name, ref.subject, _target(reg, ref, deleted=False).version)
+        if ref.version == LATEST
+        else ref
+        for ref in request.references
+    )
+    return SchemaRequest(request.schema_type, request.schema, references)
+
+
 def register(
     catalog: SchemaCatalog,
     reg: TenantSchemas,
@@ -160,6 +216,7 @@ def register(
 ) -> Decision[SchemaId]:
     """Register ``request`` under ``subject``: its existing id when the subject already has
     it, else a new version (with the schema's existing global id, or the next one)."""
+    request = pinned(reg, request)
     new = catalog.parse(reg, tenant, request)
     live = reg.live_versions(subject)
     for v in reversed(live):
@@ -206,6 +263,7 @@ def lookup(
 ) -> SubjectVersion:
     """The subject version holding ``request``: 40401 without the subject, 40403 without it."""
     versions = reg.versions(subject, deleted=deleted)
+    request = pinned(reg, request)
     new = catalog.parse(reg, tenant, request)
     for v in reversed(versions):
         if catalog.same(reg, tenant, v.schema, new, request.references):
@@ -224,7 +282,7 @@ def check(
 ) -> list[str]:
     """Incompatibilities of ``request`` with one version (or, ``version`` ``None``, with what
     the subject's level checks against); an empty list means compatible."""
-    new = catalog.parse(reg, tenant, request)
+    new = catalog.parse(reg, tenant, pinned(reg, request))
     level = reg.level(subject)
     if version is None:
         return catalog.compatibility(reg, tenant, level, new, reg.live_versions(subject))

@@ -10,6 +10,7 @@ and raises :class:`SchemaTooComplexError` past either.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,12 @@ _HANDLED = frozenset({
     "required", "minProperties", "maxProperties", "properties", "additionalProperties",
     "patternProperties",
 })  # fmt: skip
+_REF_REPLACES_SCHEMA = frozenset({
+    jsonschema.Draft3Validator, jsonschema.Draft4Validator, jsonschema.Draft6Validator,
+    jsonschema.Draft7Validator,
+})  # fmt: skip
+"""Drafts in which a ``$ref`` stands for the whole schema it is in: its siblings are ignored
+(draft 2019-09 made ``$ref`` a keyword like the others, applied beside them)."""
 
 MAX_PATTERN_SECONDS = 0.5
 """The time one :func:`compatible` call may spend matching ``patternProperties`` against
@@ -79,7 +86,7 @@ def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
         raise
     except Exception as e:
         raise InvalidSchemaError(f"invalid JSON Schema: {e}") from None
-    doc = _Doc(schema, references)
+    doc = _Doc.of(schema, references)
     for ref in _refs(schema):
         if doc.resolve(ref) is None:
             raise InvalidSchemaError(f"$ref {ref!r} does not resolve")
@@ -117,19 +124,34 @@ def _refs(node: Any) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class _Doc:
-    """A schema document and its references: where ``$ref``s are looked up."""
+    """A schema document and its references: where ``$ref``s are looked up. Build one with
+    :meth:`of`."""
 
     root: Any
-    references: Mapping[str, ParsedSchema]
-    key: str = field(init=False)
     #: Each reference as a document, built once: a ``$ref`` to it costs no canonical form.
-    docs: dict[str, _Doc] = field(init=False, repr=False, compare=False)
+    docs: Mapping[str, _Doc] = field(repr=False, compare=False)
+    #: A digest of the document and its references: equal keys, the same document.
+    key: str
+    #: Whether the keywords beside a ``$ref`` apply too (draft 2019-09 on) or are ignored.
+    ref_siblings: bool
 
-    def __post_init__(self) -> None:
-        docs = {name: _Doc(ref.parsed, ref.references) for name, ref in self.references.items()}
+    @classmethod
+    def of(
+        cls, root: Any, references: Mapping[str, ParsedSchema], built: dict[int, _Doc] | None = None
+    ) -> _Doc:
+        """The document ``root`` with its references; ``built`` holds the documents made so
+        far by id of their parsed schema, so a reference reached again (a diamond) is one
+        document, made once."""
+        built = {} if built is None else built
+        docs: dict[str, _Doc] = {}
+        for name, ref in references.items():
+            if (doc := built.get(id(ref))) is None:
+                doc = built[id(ref)] = cls.of(ref.parsed, ref.references, built)
+            docs[name] = doc
         refs = sorted((name, doc.key) for name, doc in docs.items())
-        object.__setattr__(self, "docs", docs)
-        object.__setattr__(self, "key", canonical_json([self.root, refs]))
+        key = hashlib.sha256(canonical_json([root, refs]).encode("utf-8", "surrogatepass"))
+        siblings = _validator_class(root) not in _REF_REPLACES_SCHEMA
+        return cls(root, docs, key.hexdigest(), siblings)
 
     def resolve(self, ref: str) -> tuple[Any, _Doc] | None:
         base, _, fragment = ref.partition("#")
@@ -552,7 +574,9 @@ class _Checker:
 
 
 def _deref(node: Any, doc: _Doc) -> tuple[Any, _Doc]:
-    """Follow ``$ref`` (siblings kept as an ``allOf``) until a plain schema."""
+    """Follow ``$ref`` until a plain schema. Its siblings are kept as an ``allOf`` from
+    draft 2019-09 on; before it (draft 7 is the default) validators ignore them, and so
+    does this."""
     for _ in range(MAX_COMPARE_DEPTH):
         if not (isinstance(node, dict) and isinstance(node.get("$ref"), str)):
             return node, doc
@@ -560,7 +584,7 @@ def _deref(node: Any, doc: _Doc) -> tuple[Any, _Doc]:
         if target is None:
             return False, doc
         rest = {k: v for k, v in node.items() if k != "$ref" and k not in _ANNOTATIONS}
-        if rest:
+        if rest and doc.ref_siblings:
             return {"allOf": [target[0], rest]}, target[1]
         node, doc = target
     return False, doc
@@ -618,8 +642,9 @@ def compatible(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
     """Why ``reader`` rejects documents that ``writer`` accepts (empty: it accepts them all);
     :class:`SchemaTooComplexError` when that is more work than :data:`MAX_COMPARE_STEPS`, or
     a chain of ``$ref``s deeper than the interpreter's stack."""
-    rdoc = _Doc(reader.parsed, reader.references)
-    wdoc = _Doc(writer.parsed, writer.references)
+    built: dict[int, _Doc] = {}
+    rdoc = _Doc.of(reader.parsed, reader.references, built)
+    wdoc = _Doc.of(writer.parsed, writer.references, built)
     try:
         return _Checker().compare(reader.parsed, rdoc, writer.parsed, wdoc, "")
     except RecursionError:

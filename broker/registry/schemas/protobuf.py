@@ -94,8 +94,10 @@ def _check_nesting(text: str) -> None:
 
 
 def _reference_files(references: Mapping[str, ParsedSchema]) -> tuple[tuple[str, str], ...]:
-    """Every file the references bring (transitively), as sorted (import path, text) pairs."""
+    """Every file the references bring (transitively), as sorted (import path, text) pairs.
+    A reference reached again by another way is not walked again (a diamond stays linear)."""
     found: dict[str, str] = {}
+    walked: set[int] = set()  # ids of references walked; each stays alive in ``references``
     stack = list(references.items())
     while stack:
         path, ref = stack.pop()
@@ -103,7 +105,9 @@ def _reference_files(references: Mapping[str, ParsedSchema]) -> tuple[tuple[str,
             raise InvalidSchemaError(f"reference name {path!r} is not a relative import path")
         if found.setdefault(path, ref.text) != ref.text:
             raise InvalidSchemaError(f"reference {path!r} is given two different texts")
-        stack.extend(ref.references.items())
+        if id(ref) not in walked:
+            walked.add(id(ref))
+            stack.extend(ref.references.items())
     return tuple(sorted(found.items()))
 
 

@@ -91,12 +91,15 @@ class SchemaRegistry:
             f"the schema registry changed under {self.max_attempts} attempts in a row; retry"
         )
 
+    async def stored(self, tenant: Tenant, schema_id: int) -> StoredSchema:
+        """A schema by global id as registered (40403 when none); catches up only on a miss.
+        Its text needs no parsing: it answers even when a reference can no longer be read."""
+        try:
+            return self.state.tenant(tenant).schema(schema_id)
+        except SchemaNotFound:
+            return (await self.read(tenant)).schema(SchemaId(schema_id))
+
     async def schema(self, tenant: Tenant, schema_id: int) -> tuple[StoredSchema, ParsedSchema]:
         """A schema by global id, parsed (for decoders); catches up only on a miss."""
-        reg = self.state.tenant(tenant)
-        try:
-            stored = reg.schema(schema_id)
-        except SchemaNotFound:
-            reg = await self.read(tenant)
-            stored = reg.schema(SchemaId(schema_id))
-        return stored, self.catalog.parsed(reg, tenant, stored)
+        stored = await self.stored(tenant, schema_id)
+        return stored, self.catalog.parsed(self.state.tenant(tenant), tenant, stored)

@@ -29,6 +29,8 @@ from broker.registry.schemas.events import (
 from broker.registry.schemas.types import CompatibilityLevel, SchemaType
 
 DEFAULT_LEVEL = CompatibilityLevel.BACKWARD
+LATEST = -1
+"""A reference's version meaning "the subject's latest", pinned to a number when registered."""
 _MAX_VERSION = 2**31 - 1
 
 
@@ -77,9 +79,10 @@ class TenantSchemas:
     # --- folding ------------------------------------------------------------------------
     def apply(self, event: SchemaEvent) -> None:
         if isinstance(event, SchemaVersionRegistered):
+            references = self._pinned(event.references)
             stored = self.schemas.setdefault(
                 event.schema_id,
-                StoredSchema(event.schema_id, event.schema_type, event.schema, event.references),
+                StoredSchema(event.schema_id, event.schema_type, event.schema, references),
             )
             versions = self.subjects.setdefault(event.subject, {})
             versions[event.version] = SubjectVersion(
@@ -94,6 +97,19 @@ class TenantSchemas:
             self.subject_levels.pop(event.subject, None)
         else:
             self.subject_levels[event.subject] = event.level
+
+    def _pinned(self, references: tuple[SchemaReference, ...]) -> tuple[SchemaReference, ...]:
+        """Upcasts references stored before versions were pinned at registration: ``-1``
+        meant the subject's latest live version, which is the latest one at this point of
+        the fold, since every write is decided on the state right before it."""
+        if all(ref.version != LATEST for ref in references):
+            return references
+        return tuple(
+            SchemaReference(ref.name, ref.subject, live[-1].version)
+            if ref.version == LATEST and (live := self.live_versions(ref.subject))
+            else ref
+            for ref in references
+        )
 
     def _delete(self, event: SchemaVersionDeleted) -> None:
         versions = self.subjects.get(event.subject, {})
