@@ -384,33 +384,33 @@ class _JsonScan:
     keys: dict[str, None] = field(default_factory=dict)  # distinct keys, first seen first
 
     def walk(self, value: Any, level: int, texts: list[str]) -> None:
-        """Count keys, depth and leaf kinds, collect string values and distinct keys; stops
-        at the node budget."""
-        self.nodes += 1
-        if self.nodes > MAX_JSON_NODES:
-            return
-        if isinstance(value, str):
-            self.strings += 1
-            if self.chars < MAX_TEXT_CHARS and value.strip():
-                texts.append(value)
-                self.chars += len(value) + 1
-            return
-        if isinstance(value, bool):
-            return
-        if isinstance(value, (int, float)):
-            self.numbers += 1
-            return
-        if isinstance(value, dict):
-            self.depth = max(self.depth, level + 1)
-            self.fields += len(value)
-            for key, item in value.items():
-                if len(self.keys) < _MAX_KEYS:
-                    self.keys[key] = None
-                self.walk(item, level + 1, texts)
-        elif isinstance(value, list):
-            self.depth = max(self.depth, level + 1)
-            for item in value:
-                self.walk(item, level + 1, texts)
+        """Count keys, depth and leaf kinds, collect string values and distinct keys, depth
+        first, keys in document order; stops at the node budget. Iterative: a document
+        nested as deep as the JSON parser allows (1,024) needs no Python stack."""
+        stack: list[tuple[Any, int, str | None]] = [(value, level, None)]
+        while stack:
+            value, level, key = stack.pop()
+            if key is not None and len(self.keys) < _MAX_KEYS:
+                self.keys[key] = None
+            self.nodes += 1
+            if self.nodes > MAX_JSON_NODES:
+                return
+            if isinstance(value, str):
+                self.strings += 1
+                if self.chars < MAX_TEXT_CHARS and value.strip():
+                    texts.append(value)
+                    self.chars += len(value) + 1
+            elif isinstance(value, bool):
+                pass
+            elif isinstance(value, (int, float)):
+                self.numbers += 1
+            elif isinstance(value, dict):
+                self.depth = max(self.depth, level + 1)
+                self.fields += len(value)
+                stack.extend((item, level + 1, k) for k, item in reversed(value.items()))
+            elif isinstance(value, list):
+                self.depth = max(self.depth, level + 1)
+                stack.extend((item, level + 1, None) for item in reversed(value))
 
 
 def _json_features(

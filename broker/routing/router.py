@@ -38,12 +38,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from broker.envelope import Outbound
+from broker.envelope import CONTENT_TYPE, SCHEMA_ID, SCHEMA_ID_SOURCE, WIRE_PREFIX, Outbound
 from broker.errors import BrokerError
 from broker.publisher import PublishAck, Publisher
 from broker.registry.snapshot import RegistryView
 from broker.routing.cooldown import Cooldowns
 from broker.routing.events import (
+    H_DEADLINE,
     H_DECISION_TO,
     H_ERROR,
     H_REPLY_TO,
@@ -72,6 +73,21 @@ _BATCH = 256
 #: A message whose decision raised something unexpected is delivered this many times (each
 #: after this many seconds), then dead-lettered with the error.
 _MAX_FAILED_DELIVERIES = 3
+_ESSENTIAL_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        CONTENT_TYPE,
+        SCHEMA_ID,
+        SCHEMA_ID_SOURCE,
+        WIRE_PREFIX,
+        H_ROUTE_MODE,
+        H_DECISION_TO,
+        H_REPLY_TO,
+        H_DEADLINE,
+        "traceparent",
+        "tracestate",
+    )
+)
 _FAILED_DECISION_DELAY = 2.0
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
@@ -203,6 +219,31 @@ class Router:
         headers: dict[str, str],
         *,
         dead: str = "no_route",
+    ) -> None:
+        """:meth:`_deliver_once`; a decision that cannot be stored whatever the retries (the
+        message's own headers, with the decision's, past what NATS allows) is replaced by
+        a decision for nobody, stored with only the headers routing needs: the message goes
+        to the DLQ and a waiting caller hears why, instead of the router handing it back
+        every second for ever."""
+        try:
+            await self._deliver_once(route, payload, headers, dead=dead)
+        except BrokerError as e:
+            if e.retryable:
+                raise
+            log.warning(
+                "route_not_storable", message_seq=route.message_seq, error_code=e.error_code
+            )
+            refused = _refused(f"its decision cannot be stored: {e.message}", self.policy)
+            dead_route = replace(route, mirror=False, decision=refused)
+            await self._deliver_once(dead_route, payload, _essential(headers), dead=e.error_code)
+
+    async def _deliver_once(
+        self,
+        route: RouteDecided,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        dead: str,
     ) -> None:
         """Record the decision (and a mirror copy), then tell whoever waits; a decision for
         nobody answers a waiting caller with the error code ``dead``."""
@@ -449,8 +490,30 @@ class Router:
                 except BrokerError as e:  # could not append: leave unacked, redelivered later
                     self.stats.errors += 1
                     log.warning("route_append_failed", error_code=e.error_code, message=e.message)
-                    with contextlib.suppress(Exception):
-                        await message.nak(delay=1.0)
+                    await _hand_back(message, delay=1.0, retryable=e.retryable)
+                except Exception:  # a bug or a message no step expected: never the loop's end
+                    self.stats.errors += 1
+                    log.exception("route_message_failed", subject=message.subject)
+                    await _hand_back(message, delay=_FAILED_DECISION_DELAY, retryable=False)
+
+
+async def _hand_back(message: Msg, *, delay: float, retryable: bool) -> None:
+    """Redeliver a message that failed (after ``delay``); one that failed for a reason that
+    does not pass, on :data:`_MAX_FAILED_DELIVERIES` deliveries, is terminated instead (and
+    logged): handed back for ever, it would cost a try every ``delay`` seconds."""
+    delivered = message.metadata.num_delivered
+    with contextlib.suppress(Exception):  # gone with the connection: redelivered anyway
+        if retryable or delivered < _MAX_FAILED_DELIVERIES:
+            await message.nak(delay=delay)
+            return
+        log.error("route_message_dropped", subject=message.subject, delivered=delivered)
+        await message.term()
+
+
+def _essential(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a decision for nobody keeps when the message's own are too large to
+    store with it: how to read the payload and who waits for an answer."""
+    return {k: v for k, v in headers.items() if k.lower() in _ESSENTIAL_HEADERS}
 
 
 async def _in_progress_while(batch: Sequence[Msg], step: Awaitable[None]) -> None:

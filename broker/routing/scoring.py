@@ -677,17 +677,17 @@ class Scorer:
             return
         texts: list[str] = []  # known ones too: they count as just asked for
         tenants: set[str] = set()
-        for tenant, payload, headers in messages:
-            tenants.add(tenant)
-            text = self._query_text(payload, headers)
-            if text is not None:
-                texts.append(text)
-        for tenant in sorted(tenants):
-            texts += self.catalogs.texts_to_embed(snapshot, tenant)
         try:
+            for tenant, payload, headers in messages:
+                tenants.add(tenant)
+                text = self._query_text(payload, headers)
+                if text is not None:
+                    texts.append(text)
+            for tenant in sorted(tenants):
+                texts += self.catalogs.texts_to_embed(snapshot, tenant)
             await self.embed_ahead(texts)
-        except Exception as e:
-            log.warning("embed_ahead_failed", texts=len(texts), error=str(e)[:200])
+        except Exception as e:  # one odd message must not stop the batch (decide guards each)
+            log.warning("embed_ahead_failed", texts=len(texts), error=repr(e)[:200])
 
     def query(self, features: Features) -> Vector | None:
         """The message's query vector: its ``Broker-Embedding``, else its embedded text."""

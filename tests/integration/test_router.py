@@ -24,7 +24,7 @@ from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
 from broker.routing import Scorer
 from broker.routing import router as router_module
-from broker.routing.embedder import Embedder, Matrix
+from broker.routing.embedder import Embedder, HashingEmbedder, Matrix
 from broker.routing.events import (
     H_DECISION_TO,
     H_ROUTE_MODE,
@@ -32,6 +32,7 @@ from broker.routing.events import (
     FailureReason,
     RouteDecided,
     RouteFailed,
+    dlq_subject,
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
@@ -205,6 +206,40 @@ async def test_a_batch_step_longer_than_the_ack_wait_gets_no_message_delivered_a
     assert consumer.num_redelivered == 0
     assert fast.stats.routed + fast.stats.dead_lettered == 0
     assert progress.count(b"+WPI") >= 3 * len(REQUESTS)  # 1.5 s of step, one every 0.2 s
+
+
+async def test_a_message_whose_decision_cannot_be_stored_is_dead_lettered_not_retried_forever(
+    publisher: Publisher,
+) -> None:
+    """Stored headers just under JetStream's 64 KiB limit (a 32 KiB Broker-Text, ~31 KiB
+    of ce-* attributes) leave no room for the decision's own: the append is refused every
+    time. The message used to be handed back every second, for ever, with no decision and
+    no DLQ entry; it is now dead-lettered with the headers routing needs."""
+    await register_agents(publisher)
+    headers = {H_ROUTE_MODE: ROUTE_MODE_AUTO, "Broker-Text": "translate " + "a" * 32 * 1024}
+    headers |= {"Content-Type": "text/plain", "ce-pad": "p" * 800}
+    headers |= {f"ce-ext{i:02d}": "x" * 1040 for i in range(30)}
+    ack = await publisher.publish(Outbound(f"msg.{T}.big", b"please route me", headers))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+
+    async def dead_lettered() -> bool:
+        return router.stats.dead_lettered == 1
+
+    try:
+        assert await await_until(dead_lettered, timeout=10)
+        await asyncio.sleep(1.5)  # a message handed back would be tried again meanwhile
+        consumer = await publisher.js.consumer_info(Stream.MESSAGES, router_module.ROUTER_CONSUMER)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5)
+    assert (consumer.ack_floor.stream_seq, consumer.num_redelivered) == (ack.seq, 0)
+    dlq = await publisher.js.get_last_msg(Stream.DLQ, dlq_subject(T))
+    route = RouteDecided.from_headers(dlq.headers or {})
+    assert (route.message_seq, route.decision.agent) == (ack.seq, None)
+    assert "cannot be stored" in route.decision.detail
+    assert (dlq.headers or {})["Content-Type"] == "text/plain"
+    assert not any(name.startswith("ce-") for name in dlq.headers or {})
+    assert (router.stats.routed, router.stats.dead_lettered) == (0, 1)
 
 
 class Poisoned(CostlyEmbedder):

@@ -340,3 +340,12 @@ def test_numeric_share_tells_telemetry_from_records() -> None:
     assert readings.numeric_share == pytest.approx(0.75)
     assert record.numeric_share == pytest.approx(1 / 3)
     assert extract(b"plain", {"Content-Type": "text/plain"}).numeric_share is None
+
+
+def test_json_nested_as_deep_as_the_parser_allows_is_scanned_without_recursion() -> None:
+    """orjson parses 1,000 levels; the scan used to recurse once per level and raised
+    RecursionError, which took the router down on every restart (the message came back)."""
+    body = b'{"a":' * 1000 + b'"deep"' + b"}" * 1000
+    features = extract(body, {"content-type": "application/json"})
+    assert features.text is not None
+    assert "deep" in features.text

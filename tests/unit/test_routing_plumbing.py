@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +15,7 @@ from broker.routing.cooldown import Cooldowns
 from broker.routing.events import (
     H_DECISION_TO,
     H_EVENT,
+    H_FAILURE,
     H_REPLY_TO,
     H_ROUTE,
     FailureReason,
@@ -123,6 +127,49 @@ def test_route_failed_round_trips_and_only_errors_are_retryable() -> None:
 def test_unreadable_route_headers_raise_a_broker_error(headers: dict[str, str]) -> None:
     with pytest.raises(RouteEventUnreadable):
         RouteDecided.from_headers(headers)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            key: JSON_VALUES
+            for key in ("tenant", "message_seq", "message_subject", "decided_at", "agent")
+        }
+        | {"candidates": st.lists(JSON_VALUES, max_size=2), "reason": st.just("scored")},
+    ),
+    JSON_VALUES,
+)
+def test_a_routing_header_of_any_shape_is_read_or_unreadable(
+    record: dict[str, object], failure: object
+) -> None:
+    """A routing header is data another process wrote: a record of the wrong shape (a
+    candidate that is a number, a failure that is a list) is unreadable, never an
+    AttributeError that ends a router's or an agent's loop."""
+    headers = {H_ROUTE: orjson.dumps(record).decode(), H_FAILURE: orjson.dumps(failure).decode()}
+    for read in (RouteDecided.from_headers, RouteFailed.from_headers):
+        with contextlib.suppress(RouteEventUnreadable):
+            read(headers)
+
+
+def test_a_candidate_that_is_not_an_object_is_unreadable() -> None:
+    record = {**_route().record(), "candidates": [1]}
+    with pytest.raises(RouteEventUnreadable):
+        RouteDecided.from_headers({H_ROUTE: orjson.dumps(record).decode()})
+    failure = {H_ROUTE: orjson.dumps(_route().record()).decode(), H_FAILURE: "[1]"}
+    with pytest.raises(RouteEventUnreadable):
+        RouteFailed.from_headers(failure)
 
 
 def test_cooldown_starts_after_enough_errors_within_the_window_and_ends() -> None:
