@@ -12,6 +12,15 @@ make fastavro misbehave:
   levels crash it here). fastavro has no depth limit of its own, so this codec stops at
   :data:`AVRO_MAX_DEPTH` (100, as upb does for Protobuf) whatever ``max_depth`` says.
 
+And one logical type: fastavro turns a ``decimal`` into a :class:`~decimal.Decimal` from
+all its bytes, whatever ``precision`` says, in time quadratic in their number (a 200 kB
+value takes seconds). Importing this module replaces fastavro's ``bytes-decimal`` and
+``fixed-decimal`` readers (process-wide: they are a global table that its C reader looks
+up) with one that first refuses a value with more significant bytes than ``precision``
+digits need, and never allows more than :data:`AVRO_MAX_DECIMAL_DIGITS`; sign-extension
+padding (a ``fixed`` wider than its precision needs) is allowed. Values that fit are read
+by fastavro's own reader, unchanged.
+
 Only for those schemas is the body pre-scanned (:class:`_Scanner`, pure Python, bounded
 by the limits) before fastavro reads it. For every other schema each item takes at least
 one byte, so a hostile count fails at the end of the body and nesting is bounded by the
@@ -23,12 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from io import BytesIO
 from typing import Any, Final, TypeAlias
 
 import fastavro
 import orjson
-from fastavro.read import SchemaResolutionError
+from fastavro.read import LOGICAL_READERS, SchemaResolutionError
 
 from broker.codecs.base import (
     DEFAULT_LIMITS,
@@ -39,7 +49,7 @@ from broker.codecs.base import (
     too_large,
 )
 
-__all__ = ["AVRO_MAX_DEPTH", "AvroCodec", "AvroSchema"]
+__all__ = ["AVRO_MAX_DECIMAL_DIGITS", "AVRO_MAX_DEPTH", "AvroCodec", "AvroSchema"]
 
 #: A writer schema as the registry holds it: JSON text, or its parsed JSON value.
 AvroSchema: TypeAlias = str | Mapping[str, Any] | list[Any]
@@ -73,6 +83,50 @@ _MAX_VARINT_BYTES = 10
 #: The deepest records, arrays and maps nest here, at most: fastavro reads recursively in C
 #: and has no limit, and the pre-scan recurses in Python (up to four frames a level).
 AVRO_MAX_DEPTH: Final = 100
+#: The most digits a ``decimal`` may have, whatever its schema's ``precision``: PostgreSQL's
+#: ``numeric(p)`` limit, the largest any common system declares (416 bytes at most).
+AVRO_MAX_DECIMAL_DIGITS: Final = 1000
+
+
+#: Bytes a two's-complement integer of ``p`` decimal digits takes at most, by ``p``.
+_DECIMAL_BYTES: Final[tuple[int, ...]] = tuple(
+    ((10**digits - 1).bit_length() + 8) // 8 for digits in range(AVRO_MAX_DECIMAL_DIGITS + 1)
+)
+
+
+def _significant_bytes(data: bytes) -> int:
+    """Length of ``data`` (big-endian two's complement) without redundant sign extension."""
+    pad = b"\xff" if data and data[0] & 0x80 else b"\x00"
+    rest = data.lstrip(pad)
+    if not rest:
+        return 1
+    return len(rest) + ((rest[0] ^ pad[0]) >> 7)
+
+
+_fastavro_decimal: Final = LOGICAL_READERS["bytes-decimal"]
+
+
+def _read_decimal(
+    data: bytes,
+    writer_schema: dict[str, Any] | None = None,
+    reader_schema: dict[str, Any] | None = None,
+) -> Decimal:
+    """fastavro's decimal reader, bounded by the precision before any big-integer work."""
+    if len(data) > 1:  # one byte fits any precision
+        precision = writer_schema.get("precision") if writer_schema else None
+        digits: int = AVRO_MAX_DECIMAL_DIGITS
+        if type(precision) is int and 0 < precision < digits:
+            digits = precision
+        limit = _DECIMAL_BYTES[digits]
+        if len(data) > limit and (size := _significant_bytes(data)) > limit:
+            raise ValueError(
+                f"decimal value is {size} bytes, over the {limit} that {digits} digits need"
+            )
+    value: Decimal = _fastavro_decimal(data, writer_schema, reader_schema)
+    return value
+
+
+LOGICAL_READERS["bytes-decimal"] = LOGICAL_READERS["fixed-decimal"] = _read_decimal
 
 
 @dataclass(frozen=True, slots=True)
