@@ -238,6 +238,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
     """Drop a projection's state and checkpoints, then replay it from the start with a bar."""
     import nats
     import nats.js.errors
+    from rich.markup import escape
     from rich.progress import Progress
 
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
@@ -258,7 +259,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"rebuilding {projection.name}", total=total or 1)
+            bar = progress.add_task(f"rebuilding {escape(projection.name)}", total=total or 1)
             while not task.done() and not await _rebuilt(js, runner, total):
                 progress.update(bar, completed=runner.stats.last_seq)
                 await asyncio.sleep(0.1)
@@ -349,10 +350,12 @@ def dlq_list(
 
 
 async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
-    """Publish a dead-lettered event back to its source subject (a new message)."""
+    """Publish a dead-lettered event again as a new message: a projection's back to its
+    source subject, a routed message's back to ``MESSAGES`` for a router to decide again."""
     import nats
     import nats.js.errors
 
+    from broker.routing.events import H_ROUTE
     from broker.streams import Stream
 
     nc = await nats.connect(**_nats_options(nats_url))
@@ -362,11 +365,18 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
             raw = await js.get_msg(Stream.DLQ, dlq_seq)
         except nats.js.errors.NotFoundError:
             raise typer.BadParameter(f"no DLQ message {dlq_seq}") from None
+        except nats.js.errors.BadRequestError as e:
+            raise typer.BadParameter(
+                f"cannot read DLQ message {dlq_seq}: {e.description}"
+            ) from None
         headers = dict(raw.headers or {})
-        subject = headers.get("Broker-Dlq-Subject")
-        if not subject:
-            raise typer.BadParameter(f"DLQ message {dlq_seq} has no source subject")
-        keep = {k: v for k, v in headers.items() if not k.startswith(("Broker-Dlq-", "Nats-"))}
+        if H_ROUTE in headers:  # the router's: nobody qualified, or every agent tried failed
+            subject, keep = _routed_again(dlq_seq, headers)
+        else:
+            subject = headers.get("Broker-Dlq-Subject", "")
+            if not subject:
+                raise typer.BadParameter(f"DLQ message {dlq_seq} has no source subject")
+            keep = {k: v for k, v in headers.items() if not k.startswith(("Broker-Dlq-", "Nats-"))}
         keep["Broker-Replayed-From-Dlq"] = str(dlq_seq)
         ack = await js.publish(subject, raw.data or b"", headers=keep)
         return ack.seq
@@ -374,15 +384,56 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
         await nc.close()
 
 
+def _routed_again(dlq_seq: int, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Where and with which headers a router's dead letter goes back to ``MESSAGES``.
+
+    The router's DLQ entry holds the routed message's payload and headers as stored, plus
+    its decision (``Broker-Route``, which names the message's subject). The copy is a new
+    message marked for routing again; nobody waits for its answer any more, so it carries
+    neither the caller's reply address nor its deadline."""
+    from broker.routing.events import (
+        H_DEADLINE,
+        H_REPLY_TO,
+        H_ROUTE_MODE,
+        ROUTE_MODE_AUTO,
+        RouteDecided,
+        RouteEventUnreadable,
+        original_headers,
+    )
+    from broker.streams import SUBJECT_PREFIX, Stream
+
+    try:
+        route = RouteDecided.from_headers(headers)
+    except RouteEventUnreadable as e:
+        raise typer.BadParameter(f"DLQ message {dlq_seq}: {e.message}") from None
+    subject = route.message_subject
+    if not subject.startswith(f"{SUBJECT_PREFIX[Stream.MESSAGES]}."):
+        raise typer.BadParameter(f"DLQ message {dlq_seq} names no message subject ({subject!r})")
+    dropped = {H_REPLY_TO.lower(), H_DEADLINE.lower()}
+    keep = {
+        k: v
+        for k, v in original_headers(headers).items()
+        if k.lower() not in dropped and not k.startswith("Broker-Dlq-")
+    }
+    keep[H_ROUTE_MODE] = ROUTE_MODE_AUTO
+    return subject, keep
+
+
 @dlq_app.command(
     "replay",
-    epilog=("Examples:\n\n  broker dlq replay 17   # once the cause of event 17 is fixed"),
+    epilog=(
+        "Examples:\n\n  broker dlq replay 17   # once the cause of event 17 is fixed\n\n"
+        "  broker dlq replay 18   # a message no agent took: route it again"
+    ),
 )
 def dlq_replay(
-    dlq_seq: Annotated[int, typer.Argument(help="The DLQ sequence (see `broker dlq list`).")],
+    dlq_seq: Annotated[
+        int, typer.Argument(min=1, help="The DLQ sequence (see `broker dlq list`).")
+    ],
     nats_url: NATS_URL = DEFAULT_NATS,
 ) -> None:
-    """Append a dead-lettered event again to its source subject, once its cause is fixed."""
+    """Append a dead-lettered event again once its cause is fixed: a projection's to its
+    source subject, a routed message's to MESSAGES, where a router decides it again."""
     seq = asyncio.run(_dlq_replay(nats_url, dlq_seq))
     typer.echo(f"replayed as seq {seq}")
 
@@ -393,10 +444,11 @@ def _print(rows: list[dict[str, Any]], output: str) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     for column in rows[0] if rows else ["(none)"]:
         table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+    for row in rows:  # data, never markup: an error may quote a "text/x-[/x]"
+        table.add_row(*(Text(str(v)) for v in row.values()))
     Console().print(table)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import secrets
+import shutil
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import orjson
 import typer
@@ -21,6 +26,29 @@ REPLAY_EPILOG = (
     "  broker replay REGISTRY --from-seq 1\n\n"
     "  broker replay ROUTES --since 2026-11-25T10:00:00Z -o table"
 )
+
+
+@contextlib.contextmanager
+def _output(to: Path | None) -> Iterator[BinaryIO]:
+    """Where the records go: stdout, or ``to``. A file is written beside itself and renamed
+    into place once the replay has ended, so a replay that fails leaves it as it was."""
+    if to is None:
+        yield sys.stdout.buffer
+        return
+    if to.exists() and not to.is_file():  # /dev/null, a FIFO: nothing there to keep
+        with to.open("wb") as out:
+            yield out
+        return
+    target = to.resolve()  # through a symlink: the file it names is replaced, not the link
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with partial.open("xb") as out:
+            yield out
+        if target.exists():
+            shutil.copymode(target, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 async def _replay(
@@ -38,12 +66,17 @@ async def _replay(
     from broker.cli import cli_credentials, cli_tls
     from broker.client import BrokerClient
 
-    out = to.open("wb") if to else sys.stdout.buffer
     count = 0
     show = to is not None and sys.stderr.isatty()
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.completed} messages"), disable=not show, transient=True
-    ) as progress:
+    with (
+        _output(to) as out,
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.completed} messages"),
+            disable=not show,
+            transient=True,
+        ) as progress,
+    ):
         task = progress.add_task("replay", total=None)
         async with BrokerClient(url, headers=cli_credentials(), verify=cli_tls()) as client:
             async for m in client.replay(
@@ -69,8 +102,6 @@ async def _replay(
                 out.write(orjson.dumps(record) + b"\n")
                 count += 1
                 progress.advance(task)
-    if to:
-        out.close()
     return count
 
 

@@ -84,7 +84,7 @@ def render(status: dict[str, Any]) -> Any:
             numeric = column in {"messages", "bytes", "first", "last", "lag", "unacked", "seq"}
             t.add_column(column, justify="right" if numeric else "left")
         for row in rows or [[empty, *[""] * (len(columns) - 1)]]:
-            t.add_row(*row)
+            t.add_row(*(Text(cell) for cell in row))  # data, never markup: "[/x]" is text
         return t
 
     streams = table(

@@ -10,6 +10,7 @@ chromium``; or set ``BROKER_CHROMIUM``).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from nats.js import JetStreamContext
 
 from broker.agent import Agent, Request
 from broker.embedded import NatsServer
@@ -140,4 +142,64 @@ async def test_page_shows_a_routed_messages_decision_without_console_errors(
     agents = await page.evaluate("document.querySelector('#agents tbody').innerText")
     assert "uiocr" in agents
     assert await page.evaluate("document.body.dataset.loaded") == "true"
+    assert page.errors == []
+
+
+async def test_a_message_link_shows_that_message_or_says_it_is_no_longer_stored(
+    page: DevTools, client: httpx.AsyncClient, broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """A decision's "message #N" link shows message N itself; once N is deleted (or aged
+    out), the page says so instead of showing the next message stored after it."""
+
+    async def routed(text: str) -> int:
+        r = await client.post(
+            "/v1/route/ui.linked", content=text.encode(), headers={"content-type": "text/plain"}
+        )
+        assert r.status_code == 200, r.text
+        seq: int = r.json()["seq"]
+        return seq
+
+    gone = await routed("deleted before anyone looked")
+    kept = await routed("still stored")
+    await js.delete_msg("MESSAGES", gone)
+
+    await page.call("Page.navigate", url=f"{broker.base_url}/ui")
+    link = "document.querySelector('#routes a[data-message-seq=\"{seq}\"]')"
+
+    async def linked() -> bool:
+        return bool(await page.evaluate(f"!!{link.format(seq=gone)} && !!{link.format(seq=kept)}"))
+
+    assert await await_until(linked, timeout=20, interval=0.2), await page.evaluate(
+        "document.body.innerText"
+    )
+
+    async def opened(seq: int) -> dict[str, Any]:
+        await page.evaluate(f"{link.format(seq=seq)}.click()")
+        shown: dict[str, Any] = {}
+
+        async def loaded() -> bool:
+            nonlocal shown
+            shown = await page.evaluate(
+                """(() => {
+                    const box = document.getElementById('message');
+                    return {hidden: box.hidden, seq: box.dataset.seq, state: box.dataset.state,
+                            text: document.getElementById('message-state').textContent,
+                            record: document.getElementById('message-record').textContent};
+                })()"""
+            )
+            return shown["seq"] == str(seq) and shown["state"] != "loading"
+
+        assert await await_until(loaded, timeout=10, interval=0.1), shown
+        return shown
+
+    missing = await opened(gone)
+    assert not missing["hidden"]
+    assert missing["state"] == "gone"
+    assert f"message #{gone} is no longer stored" in missing["text"]
+    assert missing["record"] == ""  # not message #kept, the next one stored
+
+    stored = await opened(kept)
+    assert stored["state"] == "stored"
+    record = json.loads(stored["record"])
+    assert (record["seq"], record["value"]) == (kept, "still stored")
     assert page.errors == []
