@@ -15,13 +15,17 @@
 An :class:`Agent` instance reads ``route.<tenant>.<name>`` (its durable inbox in
 ``ROUTES``) through the shared durable consumer ``agent-<tenant>~<name>``, so the instances of
 one agent split its work, and a message an instance took but did not finish (it crashed) is
-delivered again after ``ack_wait``. At most ``concurrency`` handlers run at once.
+delivered again after ``ack_wait`` (the consumer's: an existing one keeps its own, and a
+long handler is kept alive on it). At most ``concurrency`` handlers run at once. A NATS outage
+is waited out however long it lasts; a connection closed for good makes :meth:`Agent.run`
+raise :class:`~broker.errors.Unavailable` rather than return as if stopped.
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
 to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
-anything else as JSON, or a :class:`Reply`). A handler that raises, or runs past the
-request's deadline (it is cancelled then), makes the SDK append ``RouteFailed``: the
-router cools the agent down and sends the message to the next candidate.
+anything else as JSON, or a :class:`Reply`). A handler that raises, returns what cannot be
+serialised, or a reply over the server's ``max_payload``, or runs past the request's deadline
+(it is cancelled then), makes the SDK append ``RouteFailed``: the router cools the agent
+down and sends the message to the next candidate.
 
 Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_load``
 (requests/s, in flight, p50/p99 latency, error rate, and GPU free memory and utilisation
@@ -55,7 +59,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
-from broker.natsconn import ConnectOptions
+from broker.errors import Unavailable
+from broker.natsconn import ConnectOptions, explain_connect_error
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
@@ -78,6 +83,10 @@ _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
 #: Seconds before a message whose failure could not be recorded runs again.
 _FAILURE_NOT_RECORDED_DELAY = 1.0
+#: Seconds between reconnection attempts; an agent reconnects for as long as NATS is away.
+_RECONNECT_TIME_WAIT = 0.25
+#: ``NATS/1.0\r\n`` and the blank line that ends a message's header block.
+_HEADER_BLOCK_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +134,25 @@ Handler = Callable[[Request], Awaitable[Any]]
 
 
 def to_reply(result: Any) -> Reply:
-    """What a handler returned, as reply bytes and a content type."""
+    """What a handler returned, as reply bytes and a content type; ``TypeError`` when it
+    is none of those and cannot be serialised as JSON (a dict with int keys, say)."""
     if isinstance(result, Reply):
         return result
     if isinstance(result, bytes):
         return Reply(result)
     if isinstance(result, str):
         return Reply(result.encode(), "text/plain; charset=utf-8")
-    return Reply(orjson.dumps(result), "application/json")
+    try:
+        return Reply(orjson.dumps(result), "application/json")
+    except orjson.JSONEncodeError as e:
+        raise TypeError(f"the handler's result cannot be serialised as JSON: {e}") from None
+
+
+def _message_size(payload: bytes, headers: Mapping[str, str]) -> int:
+    """Bytes of a message as the server counts them against ``max_payload``: the payload
+    and the header block nats-py writes (``NATS/1.0``, ``key: value`` lines, blank line)."""
+    header_lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(payload) + _HEADER_BLOCK_OVERHEAD + header_lines
 
 
 class LoadSource(Protocol):
@@ -245,6 +265,10 @@ class Agent:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._closing = False  # our own close: a disconnect then is the plan, not news
+        # The inbox consumer's own ack_wait, which the keep-alive is timed on: an existing
+        # consumer keeps the one it was made with, whatever ``ack_wait`` this instance asks.
+        self._consumer_ack_wait = ack_wait
         self._free = concurrency  # handler slots not in use
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -299,7 +323,10 @@ class Agent:
         asyncio.run(main())
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume, handle and heartbeat until ``stop`` is set; then drain and return."""
+        """Consume, handle and heartbeat until ``stop`` is set; then drain and return.
+
+        NATS going away is waited out, however long; :class:`~broker.errors.Unavailable`
+        when the connection closes for good before ``stop`` is set (after draining)."""
         if self._handler is None:
             raise RuntimeError("no handler: decorate an async function with @agent.handler")
         setup("agent")
@@ -321,7 +348,9 @@ class Agent:
                     max_ack_pending=max(1000, self.concurrency * 16),
                 ),
             )
+            await self._read_ack_wait(sub, durable)
         except BaseException:
+            self._closing = True
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
@@ -339,11 +368,47 @@ class Agent:
             await self._leave()
             log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
 
+    async def _read_ack_wait(self, sub: Any, durable: str) -> None:
+        """Time the keep-alive on the bound consumer's ack_wait: nats-py binds to an existing
+        consumer as it is, so a new ``ack_wait`` does not reach it. It is not updated either:
+        the instances sharing it would each keep it alive on a different clock."""
+        info = await sub.consumer_info()
+        actual = info.config.ack_wait
+        if actual is None or actual <= 0:
+            return
+        self._consumer_ack_wait = actual
+        if abs(actual - self.ack_wait) > 0.001:
+            log.warning(
+                "agent_ack_wait_differs",
+                consumer=durable,
+                ack_wait=self.ack_wait,
+                consumer_ack_wait=actual,
+                hint="the consumer's ack_wait applies; edit the consumer to change it",
+            )
+
     async def _connect(self) -> None:
         options = ConnectOptions(**(self.connect_options or {}))
         options["servers"] = self.nats_url.split(",")
         options["name"] = f"agent-{self.name}-{self.instance}"
-        self._nc = await nats.connect(**options)
+
+        async def on_error(e: Exception) -> None:
+            error = explain_connect_error(e, options)
+            if self._nc is not None and self._nc.is_reconnecting:  # each failed attempt
+                log.debug("agent_nats_reconnect_failed", error=error)
+            else:
+                log.warning("agent_nats_error", error=error)
+
+        self._nc = await nats.connect(
+            **options,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,  # wait out an outage of any length, as the broker does
+            reconnect_time_wait=_RECONNECT_TIME_WAIT,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            error_cb=on_error,
+        )
         self._js = self._nc.jetstream(timeout=10.0)
         self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
         if self.register:
@@ -371,7 +436,15 @@ class Agent:
                 await publisher.close()
 
     async def _consume(self, sub: Any, stop: asyncio.Event) -> None:
+        """Fetch and start handlers until ``stop`` is set. A connection that closed (it
+        never gives up reconnecting, so something closed it for good) raises: returning
+        would look like a clean stop to whoever supervises the agent."""
         while not stop.is_set():
+            if self._nc is None or self._nc.is_closed:
+                raise Unavailable(
+                    "the NATS connection closed while the agent was running; "
+                    "it stopped consuming its inbox"
+                )
             if self._free == 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -383,7 +456,8 @@ class Agent:
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
-                return
+                await asyncio.sleep(0.1)  # closing: the check above raises once it closed
+                continue
             except Exception as e:  # a NATS hiccup: try again shortly
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
@@ -393,6 +467,13 @@ class Agent:
                 task = asyncio.create_task(self._handle(message))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("agent_nats_disconnected", agent=self.name, instance=self.instance)
+
+    async def _on_reconnected(self) -> None:
+        log.info("agent_nats_reconnected", agent=self.name, instance=self.instance)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -433,6 +514,7 @@ class Agent:
             try:
                 async with deadline_timer:
                     result = await self._handler(request)
+                reply = to_reply(result)  # a result that cannot be serialised fails the same
             except Exception as e:  # the handler's own failure: report it, keep serving
                 self._window.add((time.monotonic() - started) * 1000, False)
                 if isinstance(e, TimeoutError) and deadline_timer.expired():
@@ -442,9 +524,15 @@ class Agent:
                     reason, why = FailureReason.ERROR, repr(e)
                 recorded = await self._failed(request, reason, why)
             else:
-                self._window.add((time.monotonic() - started) * 1000, True)
-                self.handled += 1
-                await self._reply(request, to_reply(result))
+                latency_ms = (time.monotonic() - started) * 1000
+                unsent = await self._reply(request, reply)
+                if unsent is None:
+                    self._window.add(latency_ms, True)
+                    self.handled += 1
+                else:  # the caller would wait in vain: the router retries or dead-letters it
+                    self._window.add(latency_ms, False)
+                    log.warning("agent_reply_not_sent", agent=self.name, error=unsent)
+                    recorded = await self._failed(request, FailureReason.ERROR, unsent)
             finally:
                 keepalive.cancel()
         await self._settle(message, recorded)
@@ -462,25 +550,29 @@ class Agent:
     async def _keep_alive(self, message: Msg) -> None:
         """Tell JetStream a long handler is still working, so it is not redelivered."""
         while True:
-            await asyncio.sleep(self.ack_wait / 2)
+            await asyncio.sleep(self._consumer_ack_wait / 2)
             with contextlib.suppress(Exception):
                 await message.in_progress()
 
-    async def _reply(self, request: Request, reply: Reply) -> None:
+    async def _reply(self, request: Request, reply: Reply) -> str | None:
+        """Send the reply to the waiting caller; why it cannot be sent (it is over the
+        server's ``max_payload``), or ``None``: sent, or nobody waits for it."""
         to = request.headers.get(H_REPLY_TO)
         if not to or request.mirror or self._nc is None:
-            return
+            return None
         headers = {
             CONTENT_TYPE: reply.content_type,
             H_AGENT: self.name,
             H_MESSAGE_SEQ: str(request.message_seq),
         }
-        with (
-            tracing.span("reply", kind=tracing.SpanKind.PRODUCER),
-            contextlib.suppress(Exception),  # the caller may have gone; nothing to undo
-        ):
+        with tracing.span("reply", kind=tracing.SpanKind.PRODUCER):
             tracing.inject(headers)
-            await self._nc.publish(to, reply.payload, headers=headers)
+            size, limit = _message_size(reply.payload, headers), self._nc.max_payload
+            if size > limit:  # nats-py would refuse it, or the server drop the connection
+                return f"the reply is {size} bytes, over the NATS server's max_payload of {limit}"
+            with contextlib.suppress(Exception):  # the caller may have gone; nothing to undo
+                await self._nc.publish(to, reply.payload, headers=headers)
+        return None
 
     async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
         """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed."""
@@ -558,6 +650,7 @@ class Agent:
                 task.cancel()
 
     async def _leave(self) -> None:
+        self._closing = True
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(load_key(self.tenant, self.name, self.instance))

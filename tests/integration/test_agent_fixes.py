@@ -1,0 +1,308 @@
+"""The agent SDK settles every message it takes and keeps consuming: a reply it cannot
+serialise or send is a recorded failure, an outage of any length is waited out, a connection
+closed for good is an error, and a long handler is kept alive on its consumer's ack_wait."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from broker.agent import Agent, Request
+from broker.embedded import NatsServer
+from broker.envelope import Outbound
+from broker.errors import Unavailable
+from broker.publisher import Publisher
+from broker.routing.events import (
+    H_REPLY_TO,
+    FailureReason,
+    RouteDecided,
+    RouteFailed,
+    failed_subject,
+    inbox_subject,
+)
+from broker.streams import Stream
+from tests._wait import await_until
+from tests.unit.test_routing_plumbing import _decision
+
+pytestmark = pytest.mark.integration
+
+NAME = "render"
+MANIFEST = {
+    "name": NAME,
+    "version": "1.0.0",
+    "description": "Renders documents",
+    "capabilities": [{"action": "render", "description": "render", "content_types": []}],
+}
+CALLER = "_INBOX.caller"
+
+
+async def send(publisher: Publisher, seq: int, *, reply_to: str | None = None) -> None:
+    route = RouteDecided("default", seq, "msg.default.docs", _decision(agent=NAME))
+    headers = route.to_headers({H_REPLY_TO: reply_to} if reply_to else {})
+    await publisher.publish(Outbound(route.subject, b"doc-%d" % seq, headers))
+
+
+async def stored_failure(publisher: Publisher) -> RouteFailed | None:
+    """The last ``RouteFailed`` the agent appended to ``ROUTES``, if any."""
+    try:
+        raw = await publisher.js.get_last_msg(Stream.ROUTES, failed_subject("default", NAME))
+    except nats.js.errors.NotFoundError:
+        return None
+    return RouteFailed.from_headers(raw.headers or {})
+
+
+async def caller_replies(publisher: Publisher) -> list[Msg]:
+    """Replies that reach a caller waiting on :data:`CALLER`."""
+    replies: list[Msg] = []
+
+    async def on_reply(message: Msg) -> None:
+        replies.append(message)
+
+    await publisher.nc.subscribe(CALLER, cb=on_reply)
+    return replies
+
+
+async def stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+def agent_connections(monkeypatch: pytest.MonkeyPatch) -> list[NatsClient]:
+    """The agents' NATS connections, with reconnection attempts 0.05 s apart (not 2 s or
+    0.25 s), so that nats-py's default budget of 60 attempts runs out within 3 s."""
+    connections: list[NatsClient] = []
+    connect = nats.connect
+
+    async def fast_reconnecting(*args: Any, **options: Any) -> NatsClient:
+        if not str(options.get("name", "")).startswith("agent-"):
+            return await connect(*args, **options)
+        options["reconnect_time_wait"] = 0.05
+        nc = await connect(*args, **options)
+        connections.append(nc)
+        return nc
+
+    monkeypatch.setattr(nats, "connect", fast_reconnecting)
+    return connections
+
+
+async def test_a_result_that_cannot_be_serialised_is_a_recorded_failure_not_a_rerun(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """``{1: "x"}`` has no JSON form: the route fails once (reason ``error``) and the message
+    is settled, rather than left unacked to run again at every ack_wait."""
+    replies = await caller_replies(publisher)
+    await send(publisher, 1, reply_to=CALLER)
+    agent = Agent(MANIFEST, nats_url=nats_url, ack_wait=1.0, heartbeat_interval=0.2)
+    calls: list[int] = []
+
+    @agent.handler
+    async def handle(request: Request) -> dict[int, str]:
+        calls.append(request.attempt)
+        return {1: "int keys are not JSON"}
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def failure_recorded() -> bool:
+            return await stored_failure(publisher) is not None
+
+        assert await await_until(failure_recorded, timeout=10)
+        await asyncio.sleep(2.5)  # over two ack_waits: an unsettled message would run again
+    finally:
+        await stopped(running, stop)
+    failure = await stored_failure(publisher)
+    assert failure is not None
+    assert failure.reason is FailureReason.ERROR
+    assert "cannot be serialised as JSON" in failure.message
+    assert calls == [1]
+    assert replies == []
+    info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
+    assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("over_by", ["payload", "headers"])
+async def test_a_reply_over_the_servers_max_payload_is_a_recorded_failure(
+    publisher: Publisher, nats_url: str, over_by: str
+) -> None:
+    """A reply the server would refuse (its payload alone, or with the reply headers) is not
+    counted as handled: ``RouteFailed`` (reason ``error``) lets the router retry or
+    dead-letter it, so the caller hears of it rather than waiting to its deadline."""
+    limit = publisher.max_payload
+    size = limit + 1 if over_by == "payload" else limit - 16
+    replies = await caller_replies(publisher)
+    await send(publisher, 1, reply_to=CALLER)
+    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"\0" * size
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def failure_recorded() -> bool:
+            return await stored_failure(publisher) is not None
+
+        assert await await_until(failure_recorded, timeout=10)
+    finally:
+        await stopped(running, stop)
+    failure = await stored_failure(publisher)
+    assert failure is not None
+    assert failure.reason is FailureReason.ERROR
+    assert f"max_payload of {limit}" in failure.message
+    assert (agent.handled, agent.failed) == (0, 1)
+    assert replies == []
+    info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
+    assert (info.num_ack_pending, info.ack_floor.stream_seq) == (0, 1)
+
+
+async def test_a_reply_within_max_payload_still_reaches_the_caller(
+    publisher: Publisher, nats_url: str
+) -> None:
+    replies = await caller_replies(publisher)
+    await send(publisher, 1, reply_to=CALLER)
+    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"\0" * (publisher.max_payload - 4096)
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def replied() -> bool:
+            return len(replies) == 1
+
+        assert await await_until(replied, timeout=10)
+    finally:
+        await stopped(running, stop)
+    assert (agent.handled, agent.failed) == (1, 0)
+    assert await stored_failure(publisher) is None
+
+
+async def test_an_agent_waits_out_an_outage_longer_than_nats_pys_reconnect_budget(
+    publisher: Publisher,
+    nats_server: NatsServer,
+    nats_url: str,
+    agent_connections: list[NatsClient],
+) -> None:
+    """NATS away for longer than 60 reconnection attempts: the agent reconnects when it is
+    back and handles what was routed to it, instead of returning from ``run()``."""
+    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2)
+    seen: list[int] = []
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        seen.append(request.message_seq)
+        return b"ok"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+        await send(publisher, 1)
+
+        async def handled_first() -> bool:
+            return seen == [1]
+
+        assert await await_until(handled_first, timeout=10)
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.sleep(6)  # the outage: twice what 60 attempts 0.05 s apart take
+        await asyncio.to_thread(nats_server.start)
+        assert await publisher.wait_connected(10)
+
+        async def sent_second() -> bool:
+            try:
+                await send(publisher, 2)
+            except Exception:  # the publisher is still reconnecting
+                return False
+            return True
+
+        assert await await_until(sent_second, timeout=15, interval=0.25)
+
+        async def handled_second() -> bool:
+            return running.done() or seen == [1, 2]
+
+        assert await await_until(handled_second, timeout=15)
+        assert not running.done()
+        assert seen == [1, 2]
+    finally:
+        await stopped(running, stop)
+    assert [nc.is_closed for nc in agent_connections] == [True]  # closed by the stop alone
+
+
+async def test_a_connection_closed_for_good_makes_run_raise(
+    publisher: Publisher, nats_url: str, agent_connections: list[NatsClient]
+) -> None:
+    """``run()`` returning normally would read as a clean stop to a supervisor; an agent
+    that can no longer consume fails instead."""
+    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"ok"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+
+    async def connected() -> bool:
+        return len(agent_connections) == 1 and agent_connections[0].is_connected
+
+    assert await await_until(connected, timeout=10)
+    await agent_connections[0].close()
+    with pytest.raises(Unavailable, match="stopped consuming"):
+        await asyncio.wait_for(running, 15)
+    assert not stop.is_set()
+
+
+async def test_a_long_handler_is_kept_alive_on_the_consumers_ack_wait_not_the_asked_one(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """The inbox consumer exists with ``ack_wait`` 1 s (an earlier deployment made it);
+    an instance asking 30 s binds to it as it is, so its keep-alive must beat every
+    half second, or a 3 s handler is delivered again and runs twice."""
+    inbox = inbox_subject("default", NAME)
+    agent = Agent(MANIFEST, nats_url=nats_url, ack_wait=30.0, heartbeat_interval=0.2)
+    await publisher.js.add_consumer(
+        Stream.ROUTES,
+        ConsumerConfig(
+            durable_name=agent.consumer_name,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=1.0,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=inbox,
+        ),
+    )
+    calls: list[int] = []
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        calls.append(request.message_seq)
+        await asyncio.sleep(3)
+        return b"done"
+
+    await send(publisher, 1)
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def handled() -> bool:
+            return agent.handled >= 1
+
+        assert await await_until(handled, timeout=15)
+    finally:
+        await stopped(running, stop)
+    assert calls == [1]
+    info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
+    assert info.config.ack_wait == 1.0  # bound as it was, not changed under other instances
+    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
