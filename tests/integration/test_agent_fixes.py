@@ -93,6 +93,23 @@ def agent_connections(monkeypatch: pytest.MonkeyPatch) -> list[NatsClient]:
     return connections
 
 
+async def run_until_a_failure_is_stored(
+    agent: Agent, publisher: Publisher, *, linger: float = 0.0
+) -> None:
+    """Run ``agent`` until a ``RouteFailed`` is stored, and ``linger`` seconds more."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def failure_recorded() -> bool:
+            return await stored_failure(publisher) is not None
+
+        assert await await_until(failure_recorded, timeout=10)
+        await asyncio.sleep(linger)
+    finally:
+        await stopped(running, stop)
+
+
 async def test_a_result_that_cannot_be_serialised_is_a_recorded_failure_not_a_rerun(
     publisher: Publisher, nats_url: str
 ) -> None:
@@ -108,17 +125,8 @@ async def test_a_result_that_cannot_be_serialised_is_a_recorded_failure_not_a_re
         calls.append(request.attempt)
         return {1: "int keys are not JSON"}
 
-    stop = asyncio.Event()
-    running = asyncio.create_task(agent.run(stop))
-    try:
-
-        async def failure_recorded() -> bool:
-            return await stored_failure(publisher) is not None
-
-        assert await await_until(failure_recorded, timeout=10)
-        await asyncio.sleep(2.5)  # over two ack_waits: an unsettled message would run again
-    finally:
-        await stopped(running, stop)
+    # over two ack_waits after the failure: an unsettled message would run again
+    await run_until_a_failure_is_stored(agent, publisher, linger=2.5)
     failure = await stored_failure(publisher)
     assert failure is not None
     assert failure.reason is FailureReason.ERROR
@@ -146,16 +154,7 @@ async def test_a_reply_over_the_servers_max_payload_is_a_recorded_failure(
     async def handle(request: Request) -> bytes:
         return b"\0" * size
 
-    stop = asyncio.Event()
-    running = asyncio.create_task(agent.run(stop))
-    try:
-
-        async def failure_recorded() -> bool:
-            return await stored_failure(publisher) is not None
-
-        assert await await_until(failure_recorded, timeout=10)
-    finally:
-        await stopped(running, stop)
+    await run_until_a_failure_is_stored(agent, publisher)
     failure = await stored_failure(publisher)
     assert failure is not None
     assert failure.reason is FailureReason.ERROR
