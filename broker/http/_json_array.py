@@ -26,7 +26,8 @@ DENSE_VALUES_PER_RECORD = 64
 # A string (escapes included), or a structural byte: all the scan needs to track nesting.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 _QUOTE, _COMMA = ord('"'), ord(",")
-_OPENS, _CLOSES = frozenset(b"[{"), frozenset(b"]}")
+_CLOSER = {b"["[0]: b"]"[0], b"{"[0]: b"}"[0]}  # an opening bracket's closing one
+_CLOSES = frozenset(b"]}")
 _OPENING = re.compile(rb"[ \t\r\n]*\[")
 _WHITESPACE = b" \t\r\n"  # JSON's; bytes.strip() would also take \x0b and \x0c
 
@@ -78,7 +79,7 @@ def _spans(body: bytes, max_records: int, record_limit: int) -> list[tuple[int, 
         raise BadRequest(NOT_AN_ARRAY)
     spans: list[tuple[int, int]] = []
     start = opening.end()  # where the current element begins
-    depth = 1
+    closers = [_CLOSER[b"["[0]]]  # the bracket each open one needs, innermost last
     for token in _TOKEN.finditer(body, start):
         at = token.start()
         if token.end() - start > record_limit:
@@ -86,17 +87,18 @@ def _spans(body: bytes, max_records: int, record_limit: int) -> list[tuple[int, 
         byte = body[at]
         if byte == _QUOTE:
             continue
-        if byte in _OPENS:
-            depth += 1
+        if byte in _CLOSER:
+            closers.append(_CLOSER[byte])
         elif byte in _CLOSES:
-            depth -= 1
-            if depth == 0:
+            if byte != closers.pop():
+                raise BadRequest("the batch is not valid JSON: a bracket closes another kind")
+            if not closers:
                 if spans or body[start:at].strip(_WHITESPACE):  # not the empty array
                     spans.append((start, at))
                 if body[at + 1 :].strip(_WHITESPACE):
                     raise BadRequest("the batch is not valid JSON: data after the array")
                 return spans
-        elif byte == _COMMA and depth == 1:
+        elif byte == _COMMA and len(closers) == 1:
             spans.append((start, at))
             start = at + 1
             if len(spans) >= max_records:

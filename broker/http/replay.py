@@ -120,6 +120,22 @@ def _event(seq: int, line: bytes) -> bytes:
     return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, line.rstrip(b"\n"))
 
 
+class _ReplayResponse(StreamingResponse):
+    """A streamed replay that closes its body when the response ends, however it ends.
+
+    A client that goes away cancels the response while the body waits at a ``yield``:
+    Starlette leaves it suspended there, and its read (a consumer on the server) was closed
+    only once the collector found it, up to the consumer's 30 s inactivity threshold later."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
 def _broke_off(error: ReadInterrupted, stream: str, *, sse: bool) -> bytes:
     """The last line of a replay whose read broke off after its answer began."""
     log.warning("replay_interrupted", stream=stream, error=error.message)
@@ -241,7 +257,7 @@ def replay_router(state: IngressState) -> APIRouter:
 
         if sse:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(body(), media_type=SSE, headers=headers)
-        return StreamingResponse(body(), media_type="application/x-ndjson")
+            return _ReplayResponse(body(), media_type=SSE, headers=headers)
+        return _ReplayResponse(body(), media_type="application/x-ndjson")
 
     return router

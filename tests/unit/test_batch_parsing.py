@@ -7,7 +7,7 @@ import tracemalloc
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge
@@ -160,6 +160,7 @@ BYTES = st.lists(
 ).map(b"".join)
 
 
+@settings(max_examples=1000)
 @given(BYTES)
 def test_a_dense_body_is_accepted_exactly_when_parsing_it_whole_is(body: bytes) -> None:
     """On any body, the scan and the whole parse agree: the same records, or both refuse
