@@ -30,8 +30,9 @@ down and sends the message to the next candidate.
 Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_load``
 (requests/s, in flight, p50/p99 latency, error rate, and GPU free memory and utilisation
 when ``nvidia-smi`` answers); routers stop choosing an instance that stops heartbeating.
-On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds, then
-its load entry is deleted so routers stop choosing it at once.
+On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds (one
+still running then is cancelled and its message handed back at once, for another instance),
+then its load entry is deleted so routers stop choosing it at once.
 """
 
 from __future__ import annotations
@@ -481,6 +482,16 @@ class Agent:
         self._slot_freed.set()
 
     async def _handle(self, message: Msg) -> None:
+        try:
+            await self._handle_one(message)
+        except asyncio.CancelledError:
+            # Stopped while it ran (past drain_timeout): handed back now, for another
+            # instance to run, rather than after the consumer's ack_wait.
+            with contextlib.suppress(Exception):
+                await message.nak()
+            raise
+
+    async def _handle_one(self, message: Msg) -> None:
         headers = dict(message.headers or {})
         try:
             route = RouteDecided.from_headers(headers)
@@ -648,6 +659,8 @@ class Agent:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
             for task in pending:
                 task.cancel()
+            if pending:  # each hands its message back (a nak) before the connection closes
+                await asyncio.wait(pending, timeout=2.0)
 
     async def _leave(self) -> None:
         self._closing = True

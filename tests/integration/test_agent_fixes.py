@@ -305,3 +305,43 @@ async def test_a_long_handler_is_kept_alive_on_the_consumers_ack_wait_not_the_as
     info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
     assert info.config.ack_wait == 1.0  # bound as it was, not changed under other instances
     assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
+
+
+async def test_a_handler_cancelled_at_the_end_of_the_drain_hands_its_message_back_at_once(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """An instance stopping with a handler still running past ``drain_timeout`` cancels it;
+    its message used to wait out the consumer's ack_wait (60 s) before another instance got
+    it. It is handed back (a nak) as the handler is cancelled."""
+    await send(publisher, 1)
+    first = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2, drain_timeout=0.3)
+    started = asyncio.Event()
+
+    @first.handler
+    async def slow(request: Request) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "too late"
+
+    stop_first = asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    await asyncio.wait_for(started.wait(), 10)
+    second = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=0.2)
+    handled: list[bytes] = []
+
+    @second.handler
+    async def quick(request: Request) -> str:
+        handled.append(request.payload)
+        return "done"
+
+    stop_second = asyncio.Event()
+    running_second = asyncio.create_task(second.run(stop_second))
+    try:
+        await stopped(running_first, stop_first)
+
+        async def taken_over() -> bool:
+            return handled == [b"doc-1"]
+
+        assert await await_until(taken_over, timeout=5)
+    finally:
+        await stopped(running_second, stop_second)
