@@ -22,7 +22,16 @@ STATUS_EPILOG = (
 )
 
 
-def _fetch(url: str, recent: int) -> dict[str, Any]:
+class _NoStatus(Exception):
+    """The status could not be read: what to say, and the exit code it is worth."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _read(url: str, recent: int) -> dict[str, Any]:
+    """The status document; :class:`_NoStatus` when the broker cannot give it."""
     import httpx
 
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
@@ -39,13 +48,21 @@ def _fetch(url: str, recent: int) -> dict[str, Any]:
         ) as client:
             response = client.get(f"{base}/v1/status", params={"recent": str(recent)})
     except httpx.HTTPError as e:
-        typer.echo(f"cannot reach the broker at {base}: {e}", err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
+        raise _NoStatus(f"cannot reach the broker at {base}: {e}", EXIT_UNAVAILABLE) from None
     if response.status_code >= 400:
-        typer.echo(response.text, err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED)
+        code = EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED
+        raise _NoStatus(response.text, code)
     document: dict[str, Any] = response.json()
     return document
+
+
+def _fetch(url: str, recent: int) -> dict[str, Any]:
+    """The status document, or the reason on stderr and the command's exit."""
+    try:
+        return _read(url, recent)
+    except _NoStatus as e:
+        typer.echo(e.message, err=True)
+        raise typer.Exit(e.code) from None
 
 
 def _size(value: float) -> str:
@@ -190,25 +207,38 @@ def status(
     decisions and DLQ entries: the whole broker on one screen."""
     if output not in {"table", "json"}:
         raise typer.BadParameter("table or json", param_hint="--output")
+    # With --watch only the first read must succeed (a wrong URL is an error at once); a
+    # broker restarting later is shown as such, and watched on until it answers again.
     if as_json or output == "json":
-        while True:
-            document = _fetch(url, recent)
-            typer.echo(json.dumps(document) if watch else json.dumps(document, indent=2))
-            if not watch:
-                return
+        document = _fetch(url, recent)
+        typer.echo(json.dumps(document) if watch else json.dumps(document, indent=2))
+        while watch:
             time.sleep(interval)
+            try:
+                typer.echo(json.dumps(_read(url, recent)))
+            except _NoStatus as e:
+                typer.echo(f"{e.message} (retrying every {interval:g} s)", err=True)
+        return
     from rich.console import Console
 
     console = Console()
     if not watch:
         console.print(render(_fetch(url, recent)))
         return
+    from rich.console import Group
     from rich.live import Live
+    from rich.text import Text
 
+    shown = render(_fetch(url, recent))
     try:
-        with Live(render(_fetch(url, recent)), console=console, screen=True) as live:
+        with Live(shown, console=console, screen=True) as live:
             while True:
                 time.sleep(interval)
-                live.update(render(_fetch(url, recent)))
+                try:
+                    shown = render(_read(url, recent))
+                    live.update(shown)
+                except _NoStatus as e:
+                    notice = Text(f"{e.message} (retrying every {interval:g} s)", style="bold red")
+                    live.update(Group(notice, shown))
     except KeyboardInterrupt:
         return

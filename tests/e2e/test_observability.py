@@ -459,3 +459,30 @@ def test_status_says_so_when_the_broker_is_unreachable() -> None:
     )
     assert done.returncode == 3
     assert "cannot reach the broker" in done.stderr
+
+
+def test_status_watch_goes_on_while_the_broker_is_away(
+    module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`broker status --watch` needs its first read; after that a broker restarting is
+    reported on stderr and watched on, instead of ending the watch with exit 3."""
+    process = start_broker(tmp_path_factory.mktemp("watched"), nats_url=module_nats.url)
+    command = ["status", "--json", "--watch", "--interval", "0.3", "--url", process.base_url]
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "broker", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert json.loads(watch.stdout.readline())["streams"]
+        process.stop()
+        # Over six intervals with nobody answering: the watch must still be running.
+        assert not wait_for(lambda: watch.poll() is not None, timeout=2.0)
+    finally:
+        watch.kill()
+        _, errors = watch.communicate(timeout=10)
+        process.stop()
+    assert "cannot reach the broker" in errors
+    assert "retrying every 0.3 s" in errors
