@@ -36,10 +36,16 @@ def check(reader: Any, writer: Any) -> list[str]:
 
 
 def ref_chain(length: int, leaf: Any, **siblings: Any) -> Any:
-    """``d0`` is ``anyOf`` two references to ``d1``, and so on: 2**length paths to ``leaf``."""
+    """``d0`` is ``anyOf`` two references to ``d1``, and so on: 2**length paths to ``leaf``.
+    Draft 2020-12, where a ``$ref``'s siblings apply beside it (before 2019-09 they are
+    ignored, and the sibling case would test nothing more)."""
     twice = [{"$ref": f"#/$defs/d{i + 1}", **siblings} for i in range(length) for _ in (0, 1)]
     defs = {f"d{i}": {"anyOf": twice[2 * i : 2 * i + 2]} for i in range(length)}
-    return {"$defs": defs | {f"d{length}": leaf}, "$ref": "#/$defs/d0"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": defs | {f"d{length}": leaf},
+        "$ref": "#/$defs/d0",
+    }
 
 
 def crossed_unions(branches: int) -> tuple[Any, Any]:
