@@ -26,6 +26,7 @@ from urllib.parse import quote, urlencode
 import httpx
 import orjson
 
+from broker.envelope import H_STREAM_LAST_SEQ
 from broker.errors import BrokerError, RequestTimeout, Unavailable, error_class
 from broker.publisher import PublishAck
 
@@ -513,8 +514,10 @@ class BrokerClient:
         page: int = 1000,
     ) -> AsyncIterator[StoredMessage]:
         """Every message of ``stream`` (in your namespace) from a sequence or a time to the
-        current end, page by page. A dropped connection resumes from the last sequence
-        received: nothing is skipped and nothing repeated."""
+        end the stream had when the replay began (messages appended meanwhile are left out,
+        so a replay of a stream growing faster than it reads still ends), page by page. A
+        dropped connection resumes from the last sequence received: nothing is skipped and
+        nothing repeated."""
         params: dict[str, str] = {"limit": str(page), "decode": "json" if decode else "none"}
         if subject:
             params["subject"] = subject
@@ -522,6 +525,7 @@ class BrokerClient:
             params["start_time"] = since.isoformat()
         next_seq = start_seq
         attempt = 0
+        end: int | None = None  # the stream's last seq when the first page was read
         while True:
             if next_seq is not None:
                 params.pop("start_time", None)
@@ -536,12 +540,16 @@ class BrokerClient:
                         if response.status_code not in _RETRYABLE_STATUS:
                             raise _error(response)
                         raise httpx.TransportError(f"HTTP {response.status_code}")
+                    if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
+                        end = int(last) if last.isdigit() else None
                     async for line in response.aiter_lines():
                         if line:
                             record = orjson.loads(line)
                             if "error_code" in record:  # the read broke off after the 200
                                 raise httpx.TransportError(record.get("message", line))
                             message = StoredMessage.from_json(record)
+                            if end is not None and message.seq > end:
+                                return  # appended after the replay began
                             next_seq = message.seq + 1
                             received += 1
                             attempt = 0
@@ -552,7 +560,7 @@ class BrokerClient:
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
                 continue
-            if received < page:
+            if received < page or (end is not None and next_seq is not None and next_seq > end):
                 return
 
     # --- agent registry ---------------------------------------------------------------

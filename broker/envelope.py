@@ -48,6 +48,8 @@ H_CONTENT_TYPE = "content-type"
 H_IDEMPOTENCY_KEY = "idempotency-key"
 H_SCHEMA_ID = "schema-id"
 H_EXPECTED_LAST_SUBJECT_SEQUENCE = "expected-last-subject-sequence"
+#: Replay response header: the stream's last sequence when the read began.
+H_STREAM_LAST_SEQ = "Broker-Stream-Last-Seq"
 _PASSTHROUGH = ("traceparent", "tracestate")
 
 # Stored NATS header names.

@@ -21,7 +21,13 @@ from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
-from broker.envelope import CONTENT_TYPE, Tenant, media_type, stored_schema_id
+from broker.envelope import (
+    CONTENT_TYPE,
+    H_STREAM_LAST_SEQ,
+    Tenant,
+    media_type,
+    stored_schema_id,
+)
 from broker.errors import Unprocessable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
@@ -136,6 +142,29 @@ class _ReplayResponse(StreamingResponse):
                 await close()
 
 
+def _start(
+    start_seq: int | None, start_time: datetime | None, last_event_id: str | None
+) -> tuple[int | None, datetime | None]:
+    """Where a replay starts: after ``Last-Event-ID`` when given, else ``start_seq`` or
+    ``start_time`` (in UTC, what NATS is sent); 422 for what NATS would refuse."""
+    if last_event_id is not None:
+        if not (last_event_id.isascii() and last_event_id.isdigit()):
+            raise Unprocessable("Last-Event-ID must be a stream sequence")
+        if int(last_event_id) >= MAX_SEQ:
+            raise Unprocessable(f"Last-Event-ID must be a stream sequence below {MAX_SEQ}")
+        return int(last_event_id) + 1, None
+    if start_seq is not None and start_time is not None:
+        raise Unprocessable("give start_seq or start_time, not both")
+    if start_time is not None:
+        if start_time.tzinfo is None:
+            raise Unprocessable("start_time needs a time zone (e.g. Z)")
+        try:
+            return None, start_time.astimezone(UTC)
+        except OverflowError:
+            raise Unprocessable("start_time is out of range once in UTC") from None
+    return start_seq, None
+
+
 def _broke_off(error: ReadInterrupted, stream: str, *, sse: bool) -> bytes:
     """The last line of a replay whose read broke off after its answer began."""
     log.warning("replay_interrupted", stream=stream, error=error.message)
@@ -193,26 +222,14 @@ def replay_router(state: IngressState) -> APIRouter:
         ``MAX_SEQ``, as ``start_seq`` is, and a ``start_time`` whose UTC form falls outside
         years 1 to 9999 (``0001-01-01T00:00:00+05:00``), which has no datetime to send."""
         sse = accept is not None and SSE in accept
-        if last_event_id is not None:
-            if not (last_event_id.isascii() and last_event_id.isdigit()):
-                raise Unprocessable("Last-Event-ID must be a stream sequence")
-            if int(last_event_id) >= MAX_SEQ:
-                raise Unprocessable(f"Last-Event-ID must be a stream sequence below {MAX_SEQ}")
-            start_seq, start_time = int(last_event_id) + 1, None
-        if start_seq is not None and start_time is not None:
-            raise Unprocessable("give start_seq or start_time, not both")
-        if start_time is not None:
-            if start_time.tzinfo is None:
-                raise Unprocessable("start_time needs a time zone (e.g. Z)")
-            try:
-                start_time = start_time.astimezone(UTC)  # what NATS is sent
-            except OverflowError:
-                raise Unprocessable("start_time is out of range once in UTC") from None
+        start_seq, start_time = _start(start_seq, start_time, last_event_id)
         tenant = state.tenant
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
         filter_subject = f"{scope}.{subject or '>'}"
         js = state.publisher.js  # 503 when NATS is not connected
-
+        # The stream's last sequence as the read begins: a client paging through a stream
+        # that grows faster than it reads stops there (BrokerClient.replay, broker replay).
+        headers = {H_STREAM_LAST_SEQ: str((await js.stream_info(stream)).state.last_seq)}
         batches = read_batches(
             js,
             stream,
@@ -256,8 +273,8 @@ def replay_router(state: IngressState) -> APIRouter:
                         return
 
         if sse:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return _ReplayResponse(body(), media_type=SSE, headers=headers)
-        return _ReplayResponse(body(), media_type="application/x-ndjson")
+        return _ReplayResponse(body(), media_type="application/x-ndjson", headers=headers)
 
     return router

@@ -40,6 +40,25 @@ async def test_replay_returns_stored_messages_in_order(broker: BrokerProcess) ->
         assert [m async for m in client.replay(subject=f"{subject}.none")] == []
 
 
+async def test_a_replay_of_a_stream_growing_faster_than_it_reads_ends(
+    broker: BrokerProcess,
+) -> None:
+    """Every page was full while the producer kept ahead, so the replay never ended. It now
+    ends at the stream's last sequence when it began (Broker-Stream-Last-Seq)."""
+    subject = f"replay.{uuid.uuid4().hex[:8]}"
+    async with BrokerClient(broker.base_url) as client:
+        seqs = await publish_many(client, subject, 25)
+        got: list[int] = []
+
+        async def read_while_two_more_come_per_message() -> None:
+            async for message in client.replay(subject=subject, page=5):
+                got.append(message.seq)
+                await publish_many(client, subject, 2)
+
+        await asyncio.wait_for(read_while_two_more_come_per_message(), 30)
+    assert got == seqs
+
+
 async def test_replay_since_a_time(broker: BrokerProcess) -> None:
     subject = f"replay.{uuid.uuid4().hex[:8]}"
     async with BrokerClient(broker.base_url) as client:
