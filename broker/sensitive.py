@@ -58,6 +58,7 @@ digits. At most :data:`MAX_SCAN_CHARS` characters of one text are scanned
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -485,10 +486,12 @@ class _Walk:
         kind = type(value)
         if kind is str:
             return self.string(value)
-        if kind is int:
+        if kind is int or (
+            kind is float and value.is_integer() and not -(10**12) < value < 10**12
+        ):  # a float: 4242424242424242.0 or 4.242424242424242e15
             if -(10**12) < value < 10**12:  # fewer than 13 digits
                 return value
-            text = str(value)
+            text = str(int(value))
             hits = list(_hits(text, len(text)))
             if not hits:
                 return value
@@ -543,6 +546,11 @@ def redact_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> Redacted[Any
     return Redacted(new, Scan(tuple(walk.findings), walk.truncated))
 
 
+#: A JSON number written with an exponent of 12 or more (``4.242424242424242e15``): its
+#: digits are not one run in the raw text, but the number decodes to a whole one of 13+.
+_BIG_EXPONENT = re.compile(rb"[0-9][eE]\+?0*(?:1[2-9]|[2-9][0-9]|[1-9][0-9]{2,})")
+
+
 def json_may_hold_card(body: bytes) -> bool:
     """A fast, sound pre-check of a JSON text: ``False`` means :func:`redact_value` of its
     decoded value finds nothing.
@@ -555,7 +563,7 @@ def json_may_hold_card(body: bytes) -> bool:
     """
     if len(body) < MIN_DIGITS:
         return False
-    if b"\\u" in body or len(body) > MAX_SCAN_CHARS:
+    if b"\\u" in body or len(body) > MAX_SCAN_CHARS or _BIG_EXPONENT.search(body):
         return True
     classes = body.translate(_CLASS)
     first = classes.find(_LONG), classes.find(_PAIR)

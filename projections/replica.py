@@ -289,6 +289,8 @@ class MessagesReplica(_Replica):
         row["subject"] = found.text("subject", row["subject"])
         if row["msg_id"] is not None:
             row["msg_id"] = found.text("msg_id", row["msg_id"])
+        if row["content_type"] is not None:  # its parameters are the client's free text
+            row["content_type"] = found.text("content_type", row["content_type"])
         if not found.count:
             return row, None
         full_subject = ".".join(p for p in ("msg", row["tenant"], row["subject"]) if p)

@@ -51,6 +51,7 @@ from broker.http.state import IngressState, git_revision
 from broker.http.ui import ops_router
 from broker.natsconn import connect_options
 from broker.publisher import Publisher, map_nats_error
+from broker.sensitive import redact_text
 from broker.settings import Settings, get_settings
 from broker.telemetry import metrics
 from broker.telemetry.http import Handler, instrument
@@ -191,6 +192,12 @@ def _meta_app(state: IngressState) -> FastAPI:
     return app
 
 
+def _loggable(path: str) -> str:
+    """A request path for the log: card numbers masked first, then cut to 100 characters
+    (cut first, a number the cut split kept its leading digits in clear)."""
+    return redact_text(path).value[:100]
+
+
 class BrokerApp:
     """The RSGI application granian serves (``broker.http.app:create_app``, factory mode)."""
 
@@ -232,7 +239,7 @@ class BrokerApp:
                     self.meta, scope, proto, body_limit=self.settings.max_api_body_bytes
                 )
         except (Unauthenticated, Forbidden) as e:
-            log.info("request_refused", error_code=e.error_code, path=path[:100])
+            log.info("request_refused", error_code=e.error_code, path=_loggable(path))
             if path.startswith(REGISTRY_PREFIX + "/"):  # Confluent's clients want an int code
                 body = {"error_code": e.status * 100 + 1, "message": e.message}
                 answer = [("content-type", REGISTRY_MEDIA_TYPE), *e.headers]
@@ -244,10 +251,10 @@ class BrokerApp:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)
             respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
         except (RSGIProtocolClosed, RSGIProtocolError):
-            log.info("client_disconnected", path=path[:100])
+            log.info("client_disconnected", path=_loggable(path))
         except Exception:
             # A bug, not bad input: log it with its traceback and answer in the API's shape.
-            log.exception("request_crashed", path=path[:100], method=scope.method)
+            log.exception("request_crashed", path=_loggable(path), method=scope.method)
             with contextlib.suppress(RSGIProtocolError, RuntimeError):
                 respond_error(
                     proto,

@@ -465,3 +465,45 @@ def test_log_strings_without_enough_digits_pass_through_untouched() -> None:
     out = redact_secrets(None, "info", {"event": "x", "a": short, "b": timestamp})
     assert out["a"] is short
     assert out["b"] is timestamp
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"pan": 4.242424242424242e15}', b'{"pan": 4242424242424242.0}', b"[4.2424242424242420E+15]"],
+)
+def test_a_card_written_as_a_json_float_is_masked(body: bytes) -> None:
+    """orjson decodes these to floats, which the walk left as they were (only ints were
+    searched), and the raw-text pre-check saw no run of digits in the exponent form."""
+    assert json_may_hold_card(body)
+    done = redact_json(body)
+    assert done.scan.count == 1
+    assert b"4242424242424242" not in done.value
+    assert b"[card ****4242]" in done.value
+
+
+def test_floats_that_are_not_card_numbers_stay_as_they_are() -> None:
+    body = b'{"t": 1.5e3, "x": 12.5, "big": 1e300, "ms": 1732600000000.0}'
+    assert redact_json(body).value == body
+
+
+def test_a_card_in_a_content_type_is_masked_in_the_replica() -> None:
+    """The parameters of a Content-Type are the client's own text; the replica stored them
+    unscanned while it masked the subject and the idempotency key."""
+    from projections.base import Event
+    from projections.replica import MessagesReplica
+
+    headers = {"Content-Type": 'application/json; note="4242 4242 4242 4242"'}
+    event = Event("MESSAGES", 1, "msg.acme.orders", None, headers, b'{"a": 1}')
+    row, audit = MessagesReplica(detect_cards=True).scanned_row(event)
+    assert row["content_type"] == 'application/json; note="[card ****4242]"'
+    assert audit is not None
+
+
+def test_a_logged_request_path_is_masked_before_it_is_cut() -> None:
+    """Cut to 100 characters first, a card the cut split kept its first 12 digits in the
+    log: the 16 digits no longer formed a card to mask."""
+    from broker.http.app import _loggable
+
+    path = "/v1/publish/" + "a" * 75 + ".4111111111111111"
+    assert "411111111111" not in _loggable(path)
+    assert len(_loggable(path)) <= 100
