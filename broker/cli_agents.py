@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,9 +67,22 @@ def _get_json(url: str, path: str, params: dict[str, str] | None = None) -> Any:
 
 
 def _manifest_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in _MANIFEST_SUFFIXES)
+    if path.is_dir():  # a folder named like a manifest (`sub.yaml/`) is walked, not read
+        return sorted(p for p in path.rglob("*") if p.suffix in _MANIFEST_SUFFIXES and p.is_file())
     return [path]
+
+
+def _agent_name(name: str) -> str:
+    """``name`` when it is an agent name; a usage error otherwise. It goes into a URL path,
+    where ``../status`` or ``x/history`` would reach another endpoint."""
+    from broker.registry.manifest import AGENT_NAME_PATTERN
+
+    if not re.fullmatch(AGENT_NAME_PATTERN.strip("^$"), name):
+        raise typer.BadParameter(
+            f"{name!r} is not an agent name (1-64 characters of A-Z a-z 0-9 _ -)",
+            param_hint="NAME",
+        )
+    return name
 
 
 def _pretty(document: Any) -> list[str]:
@@ -174,7 +188,7 @@ def list_agents(
 )
 def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
     """Print one agent: its registry record (json) or only its manifest (yaml)."""
-    body = _get_json(url, f"/v1/agents/{name}")
+    body = _get_json(url, f"/v1/agents/{_agent_name(name)}")
     if output == "yaml":
         import yaml
 
@@ -192,7 +206,7 @@ def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
 )
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
     """Every registry event of one agent, oldest first."""
-    body = _get_json(url, f"/v1/agents/{name}/history")
+    body = _get_json(url, f"/v1/agents/{_agent_name(name)}/history")
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
         return

@@ -200,6 +200,33 @@ def test_cli_apply_shows_a_diff_and_is_idempotent(broker: BrokerProcess, tmp_pat
     assert "version" in refused.stderr
 
 
+def test_cli_refuses_a_name_that_is_not_an_agent_name_and_skips_folders(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """`broker agents get ../status` printed the status document (the name went into the
+    URL path as it was), and a folder named `sub.yaml` inside an applied folder was read
+    as a manifest (IsADirectoryError, a traceback)."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "agents", *args, "--url", broker.base_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for args in (("get", "../status"), ("get", "x/history"), ("history", "../../v1/status")):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "is not an agent name" in done.stderr
+        assert "streams" not in done.stdout
+    (tmp_path / "sub.yaml").mkdir()
+    (tmp_path / "sub.yaml" / "a.yaml").write_text(yaml.safe_dump(manifest(unique())))
+    applied = cli("apply", "-f", str(tmp_path), "--dry-run")
+    assert applied.returncode == 0, applied.stderr
+    assert "Traceback" not in applied.stderr
+
+
 def test_cli_imports_an_a2a_card_that_applies(broker: BrokerProcess, tmp_path: Path) -> None:
     card = {
         "name": f"card {uuid.uuid4().hex[:6]}",
