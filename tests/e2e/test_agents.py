@@ -166,18 +166,23 @@ async def test_unknown_agent_is_404(client: httpx.AsyncClient) -> None:
         assert r.json()["error_code"] == "not_found"
 
 
+def agents_cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``broker agents ARGS --url <broker>`` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "agents", *args, "--url", broker.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_cli_apply_shows_a_diff_and_is_idempotent(broker: BrokerProcess, tmp_path: Path) -> None:
     name = unique()
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(manifest(name)))
     (tmp_path / "b.json").write_text(json.dumps(manifest(name + "-b")))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "broker", "agents", *args, "--url", broker.base_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return agents_cli(broker, *args)
 
     dry = cli("apply", "-f", str(tmp_path), "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -208,12 +213,7 @@ def test_cli_refuses_a_name_that_is_not_an_agent_name_and_skips_folders(
     as a manifest (IsADirectoryError, a traceback)."""
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "broker", "agents", *args, "--url", broker.base_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return agents_cli(broker, *args)
 
     for args in (("get", "../status"), ("get", "x/history"), ("history", "../../v1/status")):
         done = cli(*args)
