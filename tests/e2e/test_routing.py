@@ -268,9 +268,13 @@ async def test_a_failing_agent_is_retried_elsewhere_then_cooled_down(
             return any(r.attempt == 2 and r.route.tried == ("c-flaky",) for r in steady_seen.seen)
 
         assert await await_until(retried, timeout=10)
-        replies = [await route(client, "my order is late", wait=True, timeout=10) for _ in range(6)]
+        # p2c draws between the two: route until the flaky agent has failed twice (six
+        # requests missed it now and then, 1 in 64), each answered by the steady one.
+        replies: list[httpx.Response] = []
+        while len(failing.seen) < 2 and len(replies) < 40:
+            replies.append(await route(client, "my order is late", wait=True, timeout=10))
         assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-        assert {r.headers["broker-agent"] for r in replies} == {"c-steady"}
+        assert {r.headers["broker-agent"] for r in replies} <= {"c-steady"}
         # Two failures within the window cooled the flaky agent down.
         assert len(failing.seen) >= 2
         after = [(await route(client, "my order is late")).json() for _ in range(10)]
