@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 
 import nats.errors
@@ -47,7 +47,27 @@ def _forget_consumer(js: JetStreamContext, stream: str, name: str) -> None:
 #: reader at once: over its 64 MB per-client buffer, it cut the whole connection (every
 #: other request on it too) and the deliveries in flight were lost.
 READ_BYTES = 8 * 1024 * 1024
-_SMALLEST_ESTIMATE = 1024
+_SMALLEST_ESTIMATE = 1024  # small messages: the batch count is the bound
+
+
+class FetchSize:
+    """How many messages a fetch asks for, so that it holds about ``budget`` bytes of
+    payload: it follows the largest recent message, at once when one is larger, halving back
+    each batch after. ``first``: the message size assumed before any is seen."""
+
+    def __init__(self, first: int, budget: int = READ_BYTES) -> None:
+        self.message_bytes = first
+        self.budget = budget
+
+    def count(self, batch: int) -> int:
+        """At most ``batch``, fewer when recent messages were large."""
+        return max(1, min(batch, self.budget // self.message_bytes))
+
+    def saw(self, messages: Sequence[Msg]) -> None:
+        largest = max((len(m.data) for m in messages), default=0)
+        self.message_bytes = max(largest, self.message_bytes // 2, _SMALLEST_ESTIMATE)
+
+
 #: Tries in a row to go on after a read broke off (a fetch that timed out with messages still
 #: pending, messages lost in transit, the connection cut) before giving up.
 READ_ATTEMPTS = 3
@@ -131,7 +151,7 @@ class _Read:
         self.start_seq, self.start_time = start_seq, start_time
         self.last_seq: int | None = None
         self.last_delivered = 0
-        self.message_bytes = READ_BYTES // 16  # before any is seen: a first fetch of 16
+        self.size = FetchSize(READ_BYTES // 16)  # before any is seen: a first fetch of 16
         self.name = ""
         self.sub: JetStreamContext.PullSubscription | None = None
 
@@ -175,9 +195,8 @@ class _Read:
         from here with this consumer."""
         if self.sub is None:
             raise _BrokeOff("no consumer")
-        size = max(1, min(batch, READ_BYTES // self.message_bytes))
         try:
-            messages: list[Msg] = await self.sub.fetch(size, timeout=timeout)
+            messages: list[Msg] = await self.sub.fetch(self.size.count(batch), timeout=timeout)
         except nats.errors.TimeoutError:
             messages = []
         except nats.errors.Error as e:  # the connection cut, a consumer gone, ...
@@ -195,8 +214,7 @@ class _Read:
                 )
             self.last_delivered = delivered
             self.last_seq = message.metadata.sequence.stream
-        largest = max(len(m.data) for m in messages)
-        self.message_bytes = max(largest, self.message_bytes // 2, _SMALLEST_ESTIMATE)
+        self.size.saw(messages)
         return messages
 
     async def close(self) -> None:

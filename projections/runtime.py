@@ -41,6 +41,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from broker.reader import READ_BYTES, FetchSize
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
 from projections.base import Event, Projection, partition_of
@@ -52,12 +53,12 @@ log = structlog.get_logger(__name__)
 #: that point of its N-th batch: how the crash tests reach the gaps between the steps.
 CRASH_ENV = "BROKER_CRASH_AT"
 
-#: Payload bytes one fetch asks for, by the size of recent messages. By count alone, 1,024
-#: messages near the 1 MiB publish limit overflowed nats-py's 256 MiB subscription buffer
-#: (dropped deliveries, a restart, ~10x slower) and held GBs of decoded JSON in the worker.
-BATCH_BYTES = 8 * 1024 * 1024
+#: Payload bytes one fetch asks for, by the size of recent messages (:class:`FetchSize`). By
+#: count alone, 1,024 messages near the 1 MiB publish limit overflowed nats-py's 256 MiB
+#: subscription buffer (dropped deliveries, a restart, ~10x slower) and held GBs of decoded
+#: JSON in the worker.
+BATCH_BYTES = READ_BYTES
 _FIRST_ESTIMATE = 1024 * 1024  # before any message is seen: a first fetch of 8
-_SMALLEST_ESTIMATE = 1024  # small messages: the batch count is the bound
 
 
 def _crash_point() -> tuple[str, int] | None:
@@ -113,7 +114,7 @@ class ProjectionRunner:
         self.stats = RunnerStats()
         self.positions: dict[int, int] = {}
         self._delivered = 0  # the consumer sequence of the last delivery received
-        self._message_bytes = _FIRST_ESTIMATE  # the largest recent message, for fetch_size
+        self._size = FetchSize(_FIRST_ESTIMATE, BATCH_BYTES)
         self._failures: dict[int, int] = {}
         self._crash = _crash_point()
         setup("worker")  # metrics and tracing of this process, once
@@ -185,18 +186,12 @@ class ProjectionRunner:
     def fetch_size(self) -> int:
         """How many messages the next fetch asks for: :attr:`batch`, fewer when recent
         messages were large, so a fetch holds about :data:`BATCH_BYTES` of payload."""
-        return max(1, min(self.batch, BATCH_BYTES // self._message_bytes))
-
-    def _saw(self, messages: Sequence[Msg]) -> None:
-        """Follow the size of the largest recent message: at once when one is larger, halving
-        back each batch after."""
-        largest = max((len(m.data) for m in messages), default=0)
-        self._message_bytes = max(largest, self._message_bytes // 2, _SMALLEST_ESTIMATE)
+        return self._size.count(self.batch)
 
     async def _fetch(self, sub: Any) -> list[Msg]:
         try:
             messages: list[Msg] = await sub.fetch(self.fetch_size(), timeout=self.fetch_timeout)
-            self._saw(messages)
+            self._size.saw(messages)
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, by path
             return []
         except asyncio.CancelledError:
