@@ -66,6 +66,18 @@ def _get_json(url: str, path: str, params: dict[str, str] | None = None) -> Any:
     return response.json()
 
 
+def _registered(response: Any) -> dict[str, Any] | None:
+    """The record a ``GET /v1/agents/{name}`` answered, or ``None`` when the agent is not
+    registered (404). Any other answer exits as :func:`_fail` does: an agent that could not be
+    read is not an absent one, and putting it without ``If-Match`` could overwrite a change."""
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        _fail(response)
+    record: dict[str, Any] = response.json()
+    return record
+
+
 def _manifest_files(path: Path) -> list[Path]:
     if path.is_dir():  # a folder named like a manifest (`sub.yaml/`) is walked, not read
         return sorted(p for p in path.rglob("*") if p.suffix in _MANIFEST_SUFFIXES and p.is_file())
@@ -118,8 +130,8 @@ def apply(
     changed = 0
     with _client(url) as client:
         for path, manifest, _ in manifests:
-            current = client.get(f"/v1/agents/{manifest.name}")
-            old = _pretty(current.json()["manifest"]) if current.status_code == 200 else []
+            current = _registered(client.get(f"/v1/agents/{manifest.name}"))
+            old = _pretty(current["manifest"]) if current is not None else []
             new = _pretty(manifest.model_dump(mode="json"))
             diff = list(
                 difflib.unified_diff(
@@ -134,8 +146,8 @@ def apply(
             if dry_run:
                 continue
             headers = {"content-type": "application/json"}
-            if current.status_code == 200:
-                headers["if-match"] = f'"{current.json()["seq"]}"'
+            if current is not None:
+                headers["if-match"] = f'"{current["seq"]}"'
             response = client.put(
                 f"/v1/agents/{manifest.name}",
                 content=json.dumps(manifest.model_dump(mode="json")),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -12,15 +12,41 @@ from pydantic import BaseModel, Field
 from broker.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
-from broker.registry.commands import agent_history, delete_agent, put_agent, registry_as_of
+from broker.registry.commands import (
+    IfMatch,
+    agent_history,
+    delete_agent,
+    put_agent,
+    registry_as_of,
+)
 from broker.registry.events import RegistryEvent
 from broker.registry.manifest import AGENT_NAME_PATTERN, parse_manifest
 from broker.registry.snapshot import AgentRecord
 
 MAX_MANIFEST_BYTES = 256 * 1024
 AgentPath = Annotated[str, Path(pattern=AGENT_NAME_PATTERN, description="Agent name.")]
-_IF_MATCH = r'^(\s*(W/)?"?\d{1,20}"?\s*)?$'
-_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,20})"?\s*$')
+_IF_MATCH_HELP = (
+    'The agent\'s seq in quotes, e.g. "12" (its ETag); "*" (any version, if registered); '
+    "or a comma-separated list of entity tags, matched if any matches. Compared strongly "
+    '(RFC 9110, section 13.1.1): a weak tag (W/"12") never matches.'
+)
+#: One member of an If-Match list: OWS, an entity-tag (RFC 9110, section 8.8.3) or nothing
+#: (empty list members are allowed and ignored), OWS. ``W/`` is case-sensitive.
+_LIST_MEMBER = re.compile(r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*')
+#: Before entity tags, the header took a bare seq (``If-Match: 12``); it still does.
+_BARE_SEQ = re.compile(r"[0-9]{1,20}")
+_BAD_IF_MATCH = 'If-Match must be "*" or entity tags: the agent\'s seq in quotes, e.g. "12"'
+
+#: RFC 3339 (section 5.6) date-time; ``T`` and ``Z`` may be lowercase, the offset is required.
+_DATE_TIME = re.compile(
+    r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})[Tt]"
+    r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})(?:\.(?P<fraction>[0-9]+))?"
+    r"(?:[Zz]|(?P<sign>[+-])(?P<off_hour>[0-9]{2}):(?P<off_minute>[0-9]{2}))"
+)
+_BAD_AS_OF = (
+    "as_of is a stream sequence or an RFC 3339 date-time with an offset, "
+    "e.g. 2026-11-24T10:00:00Z or 2026-11-24T11:00:00.5+01:00"
+)
 
 
 class AgentBody(BaseModel):
@@ -70,24 +96,69 @@ def _body(record: AgentRecord) -> AgentBody:
     )
 
 
-def _if_match(value: str) -> int | None:
-    if not value:
+def parse_if_match(value: str) -> IfMatch | None:
+    """The ``If-Match`` header (RFC 9110, section 13.1.1) as a condition; ``None`` when it is
+    absent or empty. A value that is neither ``*`` nor a list of entity tags is 422."""
+    text = value.strip(" \t")
+    if not text:
         return None
-    match = _ETAG.match(value)
-    if match is None:
-        raise Unprocessable('If-Match must be the agent\'s seq, e.g. "12"')
-    return int(match.group(1))
+    if text == "*":
+        return IfMatch(wildcard=True)
+    if _BARE_SEQ.fullmatch(text):
+        return IfMatch.seq(int(text))
+    strong: set[str] = set()
+    members = 0
+    position = 0
+    while True:
+        member = _LIST_MEMBER.match(text, position)
+        if member is None:  # never: every part of a member is optional
+            raise Unprocessable(_BAD_IF_MATCH)
+        if member.group(2) is not None:
+            members += 1
+            if member.group(1) is None:
+                strong.add(member.group(2))
+        position = member.end()
+        if position == len(text):
+            break
+        if text[position] != ",":
+            raise Unprocessable(_BAD_IF_MATCH)
+        position += 1
+    if not members:
+        raise Unprocessable(_BAD_IF_MATCH)
+    return IfMatch(tags=frozenset(strong))
 
 
-def _as_of(value: str) -> tuple[int | None, datetime | None]:
+def parse_as_of(value: str) -> tuple[int | None, datetime | None]:
+    """``as_of`` as a stream sequence (ASCII digits) or an RFC 3339 date-time; 422 else.
+
+    A leap second (``:60``) reads as the last microsecond before it, and a fraction's digits
+    beyond microseconds are cut: either way the events stored by then are exactly those kept
+    (the stream's times have microseconds at most)."""
     if value.isascii() and value.isdigit():
         return int(value), None
+    parts = _DATE_TIME.fullmatch(value)
+    if parts is None:
+        raise Unprocessable(_BAD_AS_OF)
+    hours, minutes = int(parts["off_hour"] or 0), int(parts["off_minute"] or 0)
+    second, micro = int(parts["second"]), int((parts["fraction"] or "")[:6].ljust(6, "0"))
+    if second == 60:
+        second, micro = 59, 999_999
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if hours > 23 or minutes > 59:
+            raise ValueError("offset out of range")
+        offset = timedelta(hours=hours, minutes=minutes) * (-1 if parts["sign"] == "-" else 1)
+        moment = datetime(
+            int(parts["year"]),
+            int(parts["month"]),
+            int(parts["day"]),
+            int(parts["hour"]),
+            int(parts["minute"]),
+            second,
+            micro,
+            tzinfo=timezone(offset) if offset else UTC,
+        )
     except ValueError:
-        raise Unprocessable("as_of is a stream sequence or an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        raise Unprocessable("as_of time needs a time zone (e.g. Z)")
+        raise Unprocessable(f"as_of {value!r} is not a valid date and time") from None
     return None, moment
 
 
@@ -122,9 +193,7 @@ def agents_router(state: IngressState) -> APIRouter:
         name: AgentPath,
         request: Request,
         response: Response,
-        if_match: Annotated[
-            str, Header(description='Expected agent seq, e.g. "12".', pattern=_IF_MATCH)
-        ] = "",
+        if_match: Annotated[str, Header(description=_IF_MATCH_HELP)] = "",
     ) -> AgentChange:
         """Register or update an agent. Identical re-apply: 200, nothing appended."""
         body = await request.body()
@@ -137,7 +206,7 @@ def agents_router(state: IngressState) -> APIRouter:
         if manifest.name != name:
             raise Unprocessable(f"manifest name {manifest.name!r} differs from the path {name!r}")
         result = await put_agent(
-            state.publisher, state.tenant, manifest, if_match=_if_match(if_match)
+            state.publisher, state.tenant, manifest, if_match=parse_if_match(if_match)
         )
         await state.registry.wait_for(result.seq, timeout=2.0)  # read-your-writes here
         record = state.registry.snapshot.agent(state.tenant, name)
@@ -154,15 +223,13 @@ def agents_router(state: IngressState) -> APIRouter:
     @router.delete("/{name}", response_model=AgentChange)
     async def delete(
         name: AgentPath,
-        if_match: Annotated[
-            str, Header(description='Expected agent seq, e.g. "12".', pattern=_IF_MATCH)
-        ] = "",
+        if_match: Annotated[str, Header(description=_IF_MATCH_HELP)] = "",
     ) -> AgentChange:
         """Deregister an agent (its history stays in the stream). Repeated with the
         `If-Match` it was deregistered from (a retry whose answer was lost): 200 with
         `changed: false` and the deregistration's seq."""
         result = await delete_agent(
-            state.publisher, state.tenant, name, if_match=_if_match(if_match)
+            state.publisher, state.tenant, name, if_match=parse_if_match(if_match)
         )
         await state.registry.wait_for(result.seq, timeout=2.0)
         return AgentChange(
@@ -183,7 +250,7 @@ def agents_router(state: IngressState) -> APIRouter:
         if as_of is None:
             snapshot = state.registry.snapshot
         else:
-            seq, moment = _as_of(as_of)
+            seq, moment = parse_as_of(as_of)
             snapshot = await registry_as_of(state.publisher.js, state.tenant, seq=seq, time=moment)
         return AgentList(
             seq=snapshot.last_seq,

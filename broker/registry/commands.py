@@ -82,12 +82,69 @@ async def _last(js: JetStreamContext, tenant: Tenant, name: str) -> _Last | None
     return _Last(decode_raw(raw), int(replaced) if replaced and replaced.isdigit() else None)
 
 
-def _check_if_match(if_match: int | None, current: RegistryEvent | None, name: str) -> None:
+@dataclass(frozen=True, slots=True)
+class IfMatch:
+    """An ``If-Match`` precondition on one agent (RFC 9110, section 13.1.1).
+
+    An agent's entity tag is its seq in quotes (``"12"``), and it is always strong; an agent
+    that never existed is at version 0. ``If-Match`` compares with the strong comparison, so
+    ``tags`` keeps the opaque tags of the strong entity tags that were sent (``12`` for
+    ``"12"``) and drops the weak ones (``W/"12"``), which never match. ``wildcard`` is ``*``:
+    it matches whenever the agent is registered, whatever its version. A list matches when
+    any of its members does; one of weak tags only matches nothing.
+    """
+
+    tags: frozenset[str] = frozenset()
+    wildcard: bool = False
+
+    @classmethod
+    def seq(cls, seq: int) -> IfMatch:
+        """The condition ``If-Match: "<seq>"``."""
+        return cls(tags=frozenset({str(seq)}))
+
+    def matches(self, version: int, *, registered: bool) -> bool:
+        """Whether an agent at ``version`` (registered or not) meets the condition."""
+        if self.wildcard:
+            return registered
+        return str(version) in self.tags
+
+
+def _condition(if_match: IfMatch | int | None) -> IfMatch | None:
+    return IfMatch.seq(if_match) if isinstance(if_match, int) else if_match
+
+
+def precondition_holds(if_match: IfMatch | None, current: RegistryEvent | None) -> bool:
+    """Whether a write conditioned on ``if_match`` may go ahead over the agent's latest event
+    ``current`` (``None``: it never existed, version 0). No condition always holds."""
+    if if_match is None:
+        return True
+    registered = current is not None and current.type is not RegistryEventType.DEREGISTERED
+    return if_match.matches(current.seq if current else 0, registered=registered)
+
+
+def repeats_deregistration(if_match: IfMatch | None, replaced: int | None) -> bool:
+    """Whether a delete conditioned on ``if_match``, sent to an agent whose deregistration
+    replaced version ``replaced``, is that very delete sent again (a retry whose answer was
+    lost). Only a condition naming the version can say so: ``*`` asks for a registered agent,
+    and a deregistered one is not."""
+    if if_match is None or if_match.wildcard or replaced is None:
+        return False
+    return if_match.matches(replaced, registered=True)
+
+
+def _check_if_match(if_match: IfMatch | None, current: RegistryEvent | None, name: str) -> None:
+    if precondition_holds(if_match, current):
+        return
+    if if_match is not None and if_match.wildcard:
+        raise VersionConflict(f"agent {name} is not registered, and If-Match: * needs it to be")
     have = current.seq if current else 0
-    if if_match is not None and if_match != have:
+    if if_match is None or not if_match.tags:
         raise VersionConflict(
-            f"agent {name} is at version {have}, not {if_match}: read it again and retry"
+            f'agent {name} is at version {have}; a weak entity tag never matches: send "{have}"'
         )
+    named = sorted(if_match.tags)
+    sent = ", ".join(f'"{tag[:24]}"' for tag in named[:3]) + (", ..." if len(named) > 3 else "")
+    raise VersionConflict(f"agent {name} is at version {have}, not {sent}: read it again and retry")
 
 
 async def _append(publisher: Publisher, event: RegistryEvent, expected: int) -> RegistryEvent:
@@ -103,12 +160,16 @@ async def _append(publisher: Publisher, event: RegistryEvent, expected: int) -> 
 
 
 async def put_agent(
-    publisher: Publisher, tenant: Tenant, manifest: AgentManifest, *, if_match: int | None = None
+    publisher: Publisher,
+    tenant: Tenant,
+    manifest: AgentManifest,
+    *,
+    if_match: IfMatch | int | None = None,
 ) -> CommandResult:
     """Register or update an agent; a no-op when the manifest is already the current one,
     whatever ``if_match`` says: the state asked for is the state there (a client retrying a
     conditional put whose answer was lost would otherwise be told it conflicted with
-    itself)."""
+    itself). ``if_match`` as an int is ``If-Match: "<seq>"``."""
     current = await last_event(publisher.js, tenant, manifest.name)
     live = current is not None and current.type is not RegistryEventType.DEREGISTERED
     if (
@@ -118,7 +179,7 @@ async def put_agent(
         and canonical_json(current.manifest) == canonical_json(manifest)
     ):
         return CommandResult(None, current.seq)
-    _check_if_match(if_match, current, manifest.name)
+    _check_if_match(_condition(if_match), current, manifest.name)
     kind = RegistryEventType.UPDATED if live else RegistryEventType.REGISTERED
     event = RegistryEvent(kind, tenant, AgentName(manifest.name), manifest)
     stored = await _append(publisher, event, current.seq if current else 0)
@@ -126,20 +187,21 @@ async def put_agent(
 
 
 async def delete_agent(
-    publisher: Publisher, tenant: Tenant, name: str, *, if_match: int | None = None
+    publisher: Publisher, tenant: Tenant, name: str, *, if_match: IfMatch | int | None = None
 ) -> CommandResult:
-    """Deregister an agent; 404 when it is not registered.
+    """Deregister an agent; 404 when it is not registered, whatever ``if_match`` says.
 
-    A conditional delete of an agent that was deregistered from the very version it names is
-    a no-op, not a 404: a client retrying one whose answer was lost would otherwise be told
-    that what it did failed."""
+    A conditional delete of an agent that was deregistered from a version it names is a
+    no-op, not a 404: a client retrying one whose answer was lost would otherwise be told
+    that what it did failed (see :func:`repeats_deregistration`)."""
+    condition = _condition(if_match)
     last = await _last(publisher.js, tenant, name)
     if last is None or last.event.type is RegistryEventType.DEREGISTERED:
-        if last is not None and if_match is not None and last.replaced == if_match:
+        if last is not None and repeats_deregistration(condition, last.replaced):
             return CommandResult(None, last.event.seq)
         raise NotFound(f"agent {name} is not registered")
     current = last.event
-    _check_if_match(if_match, current, name)
+    _check_if_match(condition, current, name)
     event = RegistryEvent(RegistryEventType.DEREGISTERED, tenant, AgentName(name), None)
     stored = await _append(publisher, event, current.seq)
     return CommandResult(stored, stored.seq)
