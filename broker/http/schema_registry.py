@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from broker.errors import InvalidCompatibilityLevel
+from broker.errors import InvalidCompatibilityLevel, InvalidSchema
 from broker.http.state import IngressState
 from broker.registry.schemas import decisions
 from broker.registry.schemas.decisions import SchemaRequest
@@ -25,6 +25,7 @@ from broker.registry.schemas.types import CompatibilityLevel, SchemaType
 MEDIA_TYPE = "application/vnd.schemaregistry.v1+json"
 PREFIX = "/registry"
 MAX_SCHEMA_CHARS = 1024 * 1024
+_SCHEMA_TYPES = frozenset(t.value for t in SchemaType)
 
 
 class RegistryJSON(JSONResponse):
@@ -57,6 +58,16 @@ class SchemaBody(BaseModel):
     schema_: str = Field(alias="schema", min_length=1, max_length=MAX_SCHEMA_CHARS)
     schemaType: SchemaType = SchemaType.AVRO
     references: list[Reference] = Field(default_factory=list, max_length=256)
+
+    @field_validator("schemaType", mode="before")
+    @classmethod
+    def _known_type(cls, value: object) -> object:
+        """A type no provider has is an invalid schema (422, 42201 ``Invalid schema type X``)
+        as Confluent answers it, not a malformed body (422, 422). Not being a ``ValueError``,
+        the error leaves pydantic as it is and reaches the registry's error handler."""
+        if isinstance(value, str) and value not in _SCHEMA_TYPES:
+            raise InvalidSchema(f"Invalid schema type {value}")
+        return value
 
     def request(self) -> SchemaRequest:
         refs = tuple(SchemaReference(r.name, r.subject, r.version) for r in self.references)

@@ -5,8 +5,9 @@ directory and runs protoc from ``grpcio-tools`` in-process: first its error-coll
 entry point for a clean one-line message, then ``--descriptor_set_out --include_imports``.
 Compiled results are cached per text. :func:`compatible` compares the descriptors a
 *reader* and a *writer* were compiled to, with the rules Confluent applies: field numbers
-keep wire-compatible types, messages are not removed, oneofs are not reshuffled, the
-package and first message (the schema's identity) stay, proto2 ``required`` is frozen.
+keep wire-compatible types (an enum is one of the varint integers), messages are not
+removed, oneofs are not reshuffled, the package and first message (the schema's identity)
+stay, proto2 ``required`` is frozen.
 """
 
 from __future__ import annotations
@@ -37,15 +38,21 @@ _F = descriptor_pb2.FieldDescriptorProto
 _WELL_KNOWN = str(importlib.resources.files("grpc_tools") / "_proto")
 _PROTOC = threading.Lock()
 _IMPORT_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*\Z")
+#: Field types a field number may change between: the same wire encoding. An enum is a plain
+#: varint, so it sits with the integers, and two enums of different names are alike (as in
+#: Confluent's ``FieldSchemaDiff``, where both are its ``GENERAL_NUMBER`` scalar kind).
 _WIRE_GROUPS: list[frozenset[int]] = [
-    frozenset({_F.TYPE_INT32, _F.TYPE_UINT32, _F.TYPE_INT64, _F.TYPE_UINT64, _F.TYPE_BOOL}),
+    frozenset(
+        {_F.TYPE_INT32, _F.TYPE_UINT32, _F.TYPE_INT64, _F.TYPE_UINT64, _F.TYPE_BOOL, _F.TYPE_ENUM}
+    ),
     frozenset({_F.TYPE_SINT32, _F.TYPE_SINT64}),
     frozenset({_F.TYPE_FIXED32, _F.TYPE_SFIXED32}),
     frozenset({_F.TYPE_FIXED64, _F.TYPE_SFIXED64}),
     frozenset({_F.TYPE_STRING, _F.TYPE_BYTES}),
 ]
 _LENGTH_DELIMITED = frozenset({_F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_MESSAGE})
-_NAMED_TYPES = frozenset({_F.TYPE_MESSAGE, _F.TYPE_ENUM, _F.TYPE_GROUP})
+#: Field types compared by name, then field by field.
+_MESSAGE_TYPES = frozenset({_F.TYPE_MESSAGE, _F.TYPE_GROUP})
 
 
 def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
@@ -254,14 +261,13 @@ class _Differ:
         if rf.type != wf.type and not any({rf.type, wf.type} <= g for g in _WIRE_GROUPS):
             r_kind, w_kind = _type_name(rf.type), _type_name(wf.type)
             return [*out, f"{at}: type changed from {w_kind} to {r_kind}"]
-        if rf.type in _NAMED_TYPES:
+        if rf.type in _MESSAGE_TYPES:
             if rf.type_name.rpartition(".")[2] != wf.type_name.rpartition(".")[2]:
                 return [*out, f"{at}: type changed from {wf.type_name} to {rf.type_name}"]
-            if rf.type != _F.TYPE_ENUM:
-                r_msg = self.reader_types.get(rf.type_name)
-                w_msg = self.writer_types.get(wf.type_name)
-                if r_msg is not None and w_msg is not None:
-                    out += self.message(r_msg, w_msg, f"{at}<{rf.type_name.lstrip('.')}>")
+            r_msg = self.reader_types.get(rf.type_name)
+            w_msg = self.writer_types.get(wf.type_name)
+            if r_msg is not None and w_msg is not None:
+                out += self.message(r_msg, w_msg, f"{at}<{rf.type_name.lstrip('.')}>")
         return out
 
 
