@@ -27,6 +27,7 @@ certificate, wrong credentials, or no server answering.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "connect",
     "connect_options",
     "explain_connect_error",
+    "redact_url",
 ]
 
 DEFAULT_SERVERS = ("nats://127.0.0.1:4222",)
@@ -193,9 +195,28 @@ async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
     return client
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` as a log line or an error message may show it: its user information (all
+    before the *last* ``@``, as nats-py reads it) replaced by ``***``.
+
+    ``nats://user:p@ss@host:4222`` and ``user:p@ss@host:4222`` (a server without a scheme)
+    become ``nats://***@host:4222`` and ``***@host:4222``; a URL without ``@`` is returned
+    as it is.
+    """
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        scheme, sep, rest = "", "", url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
 def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
     """What a failed NATS connection means, naming the settings to check; no secrets."""
-    servers = ",".join(options.get("servers", DEFAULT_SERVERS))
+    servers = ",".join(redact_url(url) for url in options.get("servers", DEFAULT_SERVERS))
     if isinstance(error, ssl.SSLCertVerificationError):
         return (
             f"NATS at {servers}: the server's certificate was refused ({error.verify_message}); "

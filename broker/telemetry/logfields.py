@@ -4,7 +4,9 @@
 running when the line is logged, so a log line leads to its trace. :func:`redact_secrets`
 replaces the value of any field whose name says it is secret (password, token,
 authorization, ...) and the credentials in URLs (``nats://user:pass@host`` becomes
-``nats://***@host``), it masks payment card numbers in every string (``[card ****4242]``,
+``nats://***@host``; all up to the *last* ``@``, as nats-py reads a password with a raw
+``@``; in fields of server addresses, ``server``, ``*_url`` and the like, also a bare
+``user:pass@host``), it masks payment card numbers in every string (``[card ****4242]``,
 see :mod:`broker.sensitive`), and it never lets a payload through under the names a
 payload would have (``payload``, ``body``).
 
@@ -28,7 +30,17 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _PAYLOAD_NAMES = frozenset({"payload", "body", "data_base64"})
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+#: Fields that hold server addresses: a URL, a list of them, or a bare ``user:pass@host``.
+_ADDRESS_NAME = re.compile(r"(^|_)(urls?|uri|servers?|netloc|dsn)$", re.IGNORECASE)
+#: User information runs to the *last* ``@`` before the next URL: a password may hold a
+#: raw ``@`` (``nats://user:p@ss@host``; nats-py takes the last one, as urllib does), and
+#: ``/``, ``?``, ``#`` (which no server URL can use) are hidden rather than shown.
+_UPTO_LAST_AT = r"(?:(?:(?!://)[^\s@])*@)+"
+#: In any text: the user information of a URL with a scheme.
+_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)" + _UPTO_LAST_AT)
+#: In an address field: also a bare ``user:pass@host`` (nats-py's ``connected_url.netloc``),
+#: and a password with spaces (the field is addresses, split at commas, not words).
+_ADDRESS_USERINFO = re.compile(r"(?:(?<=://)|(?<![^,]))(?:(?:(?!://)[^@])*@)+")
 REDACTED = "[redacted]"
 
 
@@ -51,16 +63,31 @@ def _cards(text: str) -> str:
     return redact_text(text).value if text_may_hold_card(text) else text
 
 
-def _scrub(value: Any) -> Any:
+def _mask_userinfo(text: str, *, address: bool = False) -> str:
+    """``text`` with the user information of every URL in it replaced by ``***``
+    (``nats://user:p@ss@host:4222`` → ``nats://***@host:4222``). ``address``: ``text`` is
+    a field of server addresses, where ``user:pass@host`` without a scheme is masked too."""
+    if "@" not in text:
+        return text
+    if address:
+        return _ADDRESS_USERINFO.sub("***@", text)
+    if "://" not in text:
+        return text
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _scrub(value: Any, address: bool = False) -> Any:
     if isinstance(value, str):
-        if "@" in value:
-            value = _USERINFO.sub(r"\g<scheme>***@", value)
-        return _cards(value)
+        return _cards(_mask_userinfo(value, address=address))
     if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
+        return type(value)(_scrub(v, address) for v in value)
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: _scrub(v, address or _is_address(k)) for k, v in value.items()}
     return value
+
+
+def _is_address(name: object) -> bool:
+    return isinstance(name, str) and _ADDRESS_NAME.search(name) is not None
 
 
 def redact_secrets(
@@ -79,5 +106,5 @@ def redact_secrets(
             size = len(value) if isinstance(value, bytes | str) else None
             event_dict[key] = f"[payload omitted: {size} bytes]" if size is not None else REDACTED
         else:
-            event_dict[key] = _scrub(value)
+            event_dict[key] = _scrub(value, _is_address(key))
     return event_dict
