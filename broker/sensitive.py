@@ -37,7 +37,8 @@ Each card becomes ``[card ****4242]`` (:func:`mask`): the last four digits stay,
 person can tell which card it was, and nothing else does. The brackets keep the kept
 digits from joining neighbouring digits, so redacting twice changes nothing more. In JSON,
 strings and **numbers** are both searched (``{"pan": 4242424242424242}`` is a card too; it
-becomes the string ``"[card ****4242]"``), object keys as well; the output stays valid JSON
+becomes the string ``"[card ****4242]"``), object keys as well (keys that would mask alike
+are told apart by ``#2``, ``#3``, ..., so no member is lost); the output stays valid JSON
 and, where it can, byte-identical outside the numbers (:func:`redact_json`).
 
 Results (:class:`Scan`, :class:`CardFinding`) carry the count, brand, last four digits,
@@ -59,7 +60,7 @@ digits. At most :data:`MAX_SCAN_CHARS` characters of one text are scanned
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Generic, TypeVar
@@ -468,19 +469,52 @@ class _Walk:
         self.max_depth = max_depth
         self.truncated = False
 
-    def string(self, text: str, key: bool = False) -> str:
-        """``text`` masked; a key's findings point at its member, under its masked name."""
+    def _mask(self, text: str) -> tuple[str, list[_Hit]]:
+        """``text`` masked, and the card numbers in it (with none, ``text`` itself)."""
         if len(text) < MIN_DIGITS:
-            return text
+            return text, []
         if len(text) > MAX_SCAN_CHARS:
             self.truncated = True
         hits = list(_hits(text, MAX_SCAN_CHARS))
-        if not hits:
-            return text
-        masked = _splice(text, hits)
-        where = _pointer([*self.path, masked] if key else self.path)
-        self.findings += (_finding(h, where, key) for h in hits)
+        return (_splice(text, hits), hits) if hits else (text, hits)
+
+    def string(self, text: str) -> str:
+        """``text`` masked; its findings point at the current path."""
+        masked, hits = self._mask(text)
+        if hits:
+            where = _pointer(self.path)
+            self.findings += (_finding(h, where) for h in hits)
         return masked
+
+    def _renamed(self, names: Collection[Any]) -> dict[str, tuple[str, list[_Hit]]]:
+        """The keys that hold a card number: each one's stored name, and the numbers.
+
+        Different numbers with the same last four digits mask alike, and a masked key may
+        read like another key of the object. Keys without a number keep their names; a
+        masked key that is already taken gets the first free ``#2``, ``#3``, ... appended,
+        in document order, so no member overwrites another and a rebuild names them the
+        same. The suffix is an ordinal: it tells nothing about the number.
+        """
+        renamed: dict[str, tuple[str, list[_Hit]]] = {}
+        for name in names:
+            if type(name) is str and len(name) >= MIN_DIGITS:
+                masked, hits = self._mask(name)
+                if hits:
+                    renamed[name] = (masked, hits)
+        if not renamed:  # the common case
+            return renamed
+        taken = {name for name in names if name not in renamed}
+        tried: dict[str, int] = {}  # per masked name, the last suffix tried: linear time
+        for name, (masked, hits) in renamed.items():
+            n = tried.get(masked, 1)
+            stored = masked if n == 1 else f"{masked}#{n}"
+            while stored in taken:
+                n += 1
+                stored = f"{masked}#{n}"
+            tried[masked] = n
+            taken.add(stored)
+            renamed[name] = (stored, hits)
+        return renamed
 
     def value(self, value: Any, depth: int) -> Any:
         kind = type(value)
@@ -509,8 +543,13 @@ class _Walk:
         changed = False
         items: list[tuple[str, Any]] = []
         path = self.path
+        renamed = self._renamed(value)
         for name, item in value.items():
-            new_name = self.string(name, key=True) if type(name) is str else name
+            new_name = name
+            if renamed and name in renamed:
+                new_name, hits = renamed[name]
+                where = _pointer([*path, new_name])  # its member, under its stored name
+                self.findings += (_finding(h, where, key=True) for h in hits)
             path.append(new_name)  # never the number itself, even in a path
             new_item = self.value(item, depth)
             path.pop()
