@@ -18,6 +18,7 @@ from broker.cli_projections import (
     NATS_URL,
     start_metrics,
 )
+from broker.natsconn import redact_servers
 
 POLICY = Annotated[
     Path | None,
@@ -144,7 +145,7 @@ def simulate(
         typer.echo(f"error: {e.message}", err=True)
         raise typer.Exit(1) from None
     except OSError as e:
-        typer.echo(f"error: cannot reach NATS at {nats_url}: {e}", err=True)
+        typer.echo(f"error: cannot reach NATS at {redact_servers(nats_url)}: {e}", err=True)
         raise typer.Exit(3) from None
     if csv_path is not None:
         csv_path.write_text(report.to_csv())

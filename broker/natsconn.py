@@ -48,6 +48,7 @@ __all__ = [
     "connect",
     "connect_options",
     "explain_connect_error",
+    "redact_servers",
     "redact_url",
 ]
 
@@ -214,9 +215,16 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
+def redact_servers(servers: str | Sequence[str]) -> str:
+    """Servers (a comma-separated setting or a list) as one comma-separated string to show:
+    each through :func:`redact_url`."""
+    urls = servers.split(",") if isinstance(servers, str) else servers
+    return ",".join(redact_url(url) for url in urls)
+
+
 def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
     """What a failed NATS connection means, naming the settings to check; no secrets."""
-    servers = ",".join(redact_url(url) for url in options.get("servers", DEFAULT_SERVERS))
+    servers = redact_servers(options.get("servers", DEFAULT_SERVERS))
     if isinstance(error, ssl.SSLCertVerificationError):
         return (
             f"NATS at {servers}: the server's certificate was refused ({error.verify_message}); "

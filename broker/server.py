@@ -25,7 +25,7 @@ import nats.errors
 import structlog
 
 from broker.errors import BrokerError
-from broker.natsconn import connect, connect_options
+from broker.natsconn import connect, connect_options, redact_servers
 from broker.settings import Settings
 from broker.streams import provision
 from broker.telemetry.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir, process_exited
@@ -68,7 +68,9 @@ def banner(settings: Settings) -> str:
     else:
         access = f"auth: none (every request is tenant '{settings.tenant}'; see --auth-file)\n"
     return (
-        f"\nbroker ready on {base} (NATS {settings.nats_url})\n" + access + "publish a message:\n"
+        f"\nbroker ready on {base} (NATS {redact_servers(settings.nats_url or '')})\n"
+        + access
+        + "publish a message:\n"
         f"  curl {h2} -H 'Content-Type: application/json' "
         f'-d \'{{"hello": "world"}}\' {base}/v1/publish/demo.greetings\n'
         f"API: {base}/openapi.json   health: {base}/readyz\n"
@@ -152,17 +154,20 @@ _NO_OWN_METRICS = ["--metrics-port", "0"]
 
 
 def _worker_args(settings: Settings) -> list[str]:
-    """The projection worker's command line. Not the replica URL: it may hold a password,
-    and a command line is any local user's to read (``ps``); the worker reads it from
-    ``BROKER_REPLICA_URL``, which serve exports with every other setting."""
-    args = ["broker", "worker", *_NO_OWN_METRICS, "--nats-url", settings.nats_url or ""]
+    """The projection worker's command line. Not the NATS or replica URL: either may hold a
+    password, and a command line is any local user's to read (``ps``); the worker reads them
+    from ``BROKER_NATS_URL`` and ``BROKER_REPLICA_URL``, which serve exports with every other
+    setting."""
+    args = ["broker", "worker", *_NO_OWN_METRICS]
     args.append("--data-dir")
     args.append(str(settings.data_dir))
     return args
 
 
 def _router_args(settings: Settings) -> list[str]:
-    args = ["broker", "router", *_NO_OWN_METRICS, "--nats-url", settings.nats_url or ""]
+    """A router's command line; its NATS URL comes from ``BROKER_NATS_URL``, as the
+    worker's does."""
+    args = ["broker", "router", *_NO_OWN_METRICS]
     args += ["--load-ttl", str(settings.agent_load_ttl_seconds)]
     if settings.routing_policy is not None:
         args += ["--policy", str(settings.routing_policy)]
@@ -412,7 +417,7 @@ def run_broker(
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        nats_url=settings.nats_url,
+        nats_url=redact_servers(settings.nats_url or ""),
     )
     try:
         code = _run_children(settings, embedded, announce=banner(settings))

@@ -118,3 +118,20 @@ def test_the_replica_url_stays_off_the_workers_command_line() -> None:
     settings = Settings(replica_url=url, nats_url="nats://127.0.0.1:4222")
     assert not [arg for arg in _worker_args(settings) if "s3cret" in arg]
     assert _settings_env(settings)["BROKER_REPLICA_URL"] == url
+
+
+def test_the_nats_password_stays_off_the_childrens_command_lines_and_the_banner() -> None:
+    """The worker and routers read BROKER_NATS_URL, which serve exports; the banner and the
+    start log show the servers without user or password."""
+    from broker.cli import _settings_env
+    from broker.server import _router_args, _worker_args, banner
+    from broker.settings import Settings
+
+    url = "nats://app:p@ss-s3cret@n1:4222,nats://app:p@ss-s3cret@n2:4222"
+    settings = Settings(nats_url=url)
+    for args in (_worker_args(settings), _router_args(settings)):
+        assert not [arg for arg in args if "s3cret" in arg or "n1:4222" in arg]
+    assert _settings_env(settings)["BROKER_NATS_URL"] == url
+    shown = banner(settings)
+    assert "s3cret" not in shown
+    assert "(NATS nats://***@n1:4222,nats://***@n2:4222)" in shown
