@@ -15,7 +15,16 @@ from typing import Annotated, Any, Literal, NewType
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.errors import Unprocessable
 
@@ -33,6 +42,7 @@ _SEMVER = (
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)$")
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
 
 MAX_MANIFEST_DEPTH = 72
 """The deepest nesting of objects and arrays a manifest may have: an ``input_schema`` as deep
@@ -70,6 +80,19 @@ class Modality(StrEnum):
     STRUCTURED = "structured"
 
 
+def _integral(value: Any) -> Any:
+    """``2.0`` as ``2``: JSON Schema counts a number with no fraction as an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+_JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
+"""An integer as JSON Schema has it: ``2`` or ``2.0``; never ``true``, ``"2"`` or ``2.5``. A
+bounded one names its bound first, ``Annotated[int, Field(ge=1), Strict(), BeforeValidator(…)]``:
+a bound outside the validator is exported as ``ge``, which JSON Schema does not know."""
+_JsonNumber = Annotated[float, Strict()]
+"""A number as JSON Schema has it: an integer or a float; never ``true`` or ``"1.5"``."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,10 +101,14 @@ class SchemaRef(_Model):
     """A schema in the schema registry, by subject and version."""
 
     subject: str = Field(min_length=1, max_length=255)
-    version: int | Literal["latest"] = "latest"
+    version: _JsonInt | Literal["latest"] = "latest"
 
 
 SchemaSpec = dict[str, Any] | SchemaRef
+_SCHEMA_SPEC = (
+    "A JSON Schema, or a schema in the schema registry by subject and version. The manifest "
+    f"nests at most {MAX_MANIFEST_DEPTH} levels in all (checked by the API only)."
+)
 
 
 class Capability(_Model):
@@ -89,9 +116,11 @@ class Capability(_Model):
 
     action: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     description: str = Field(default="", max_length=1000)
-    input_schema: SchemaSpec | None = None
-    output_schema: SchemaSpec | None = None
-    content_types: list[str] = Field(default_factory=list, max_length=32)
+    input_schema: SchemaSpec | None = Field(default=None, description=_SCHEMA_SPEC)
+    output_schema: SchemaSpec | None = Field(default=None, description=_SCHEMA_SPEC)
+    content_types: list[
+        Annotated[str, Field(json_schema_extra={"pattern": _MEDIA_TYPE.pattern})]
+    ] = Field(default_factory=list, max_length=32)
     modalities: list[Modality] = Field(default_factory=list, max_length=8)
     examples: list[Annotated[str, Field(max_length=500)]] = Field(
         default_factory=list, max_length=50, description="Example requests, for routing."
@@ -109,7 +138,21 @@ class Capability(_Model):
 class Embedding(_Model):
     """The agent's meaning for semantic routing: a vector, or text to embed."""
 
-    vector: list[float] | None = Field(default=None, min_length=1, max_length=4096)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+                for field in ("vector", "text")
+            ]
+        }
+    )
+
+    vector: list[_JsonNumber] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Finite numbers (JSON has no others; the API refuses YAML's .inf and .nan).",
+    )
     text: str | None = Field(default=None, min_length=1, max_length=4000)
 
     @model_validator(mode="after")
@@ -122,8 +165,8 @@ class Embedding(_Model):
 
 
 class Limits(_Model):
-    max_qps: float | None = Field(default=None, gt=0)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    max_qps: _JsonNumber | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_concurrency: Annotated[int, Field(ge=1), Strict(), BeforeValidator(_integral)] | None = None
 
 
 class MemoryScope(StrEnum):
@@ -152,12 +195,22 @@ class AgentManifest(_Model):
     endpoint: str | None = Field(
         default=None, max_length=1024, description="Inbox or URL; default: its route subject."
     )
-    capabilities: list[Capability] = Field(min_length=1, max_length=128)
+    capabilities: list[Capability] = Field(
+        min_length=1,
+        max_length=128,
+        description=(
+            "Each with its own action. JSON Schema cannot say that items differ in one field: "
+            "uniqueItems refuses only identical capabilities, the API any repeated action."
+        ),
+        json_schema_extra={"uniqueItems": True},
+    )
     embedding: Embedding | None = None
     limits: Limits = Field(default_factory=Limits)
     security: Security = Field(default_factory=Security)
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
-        default_factory=dict, max_length=64
+        default_factory=dict,
+        max_length=64,
+        json_schema_extra={"propertyNames": {"pattern": _LABEL_KEY.pattern}},
     )
 
     @field_validator("capabilities")
@@ -173,7 +226,7 @@ class AgentManifest(_Model):
     @classmethod
     def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not re.fullmatch(r"[a-z0-9]([a-z0-9._/-]{0,62})", key):
+            if not _LABEL_KEY.fullmatch(key):
                 raise ValueError(f"label key {key[:70]!r} is not lower-case a-z 0-9 . _ / -")
         return value
 
