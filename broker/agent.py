@@ -61,7 +61,7 @@ from nats.js.kv import KeyValue
 
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
 from broker.errors import Unavailable
-from broker.natsconn import ConnectOptions, explain_connect_error
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
@@ -84,8 +84,6 @@ _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
 #: Seconds before a message whose failure could not be recorded runs again.
 _FAILURE_NOT_RECORDED_DELAY = 1.0
-#: Seconds between reconnection attempts; an agent reconnects for as long as NATS is away.
-_RECONNECT_TIME_WAIT = 0.25
 #: ``NATS/1.0\r\n`` and the blank line that ends a message's header block.
 _HEADER_BLOCK_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 
@@ -401,11 +399,7 @@ class Agent:
 
         self._nc = await nats.connect(
             **options,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,  # wait out an outage of any length, as the broker does
-            reconnect_time_wait=_RECONNECT_TIME_WAIT,
-            ping_interval=5,
-            max_outstanding_pings=3,
+            **RECONNECT_FOREVER,  # wait out an outage of any length, as the broker does
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             error_cb=on_error,

@@ -30,7 +30,7 @@ from broker.errors import (
     SequenceConflict,
     Unavailable,
 )
-from broker.natsconn import ConnectOptions, explain_connect_error
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -168,11 +168,7 @@ class Publisher:
             try:
                 nc = await nats.connect(
                     **self._connect_options,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
+                    **RECONNECT_FOREVER,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,

@@ -27,7 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from broker.envelope import TOKEN
-from broker.natsconn import ConnectOptions
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
 from projections.leases import PartitionLeases
@@ -89,7 +89,15 @@ class Worker:
         options.update(self.options.connect_options or {})
         options["servers"] = self.options.nats_urls
         options["name"] = f"broker-worker-{self.options.worker_id}"
-        self._nc = await nats.connect(**options, max_reconnect_attempts=-1)
+
+        async def on_error(e: Exception) -> None:  # instead of nats-py's traceback per attempt
+            error = explain_connect_error(e, options)
+            if self._nc is not None and self._nc.is_reconnecting:  # every 0.25 s while away
+                log.debug("worker_nats_reconnect_failed", error=error)
+            else:
+                log.warning("worker_nats_error", error=error)
+
+        self._nc = await nats.connect(**options, **RECONNECT_FOREVER, error_cb=on_error)
         return self._nc.jetstream(timeout=10)
 
     def _setup(self) -> None:
