@@ -61,7 +61,7 @@ from nats.js.kv import KeyValue
 
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
 from broker.errors import Unavailable
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
@@ -397,7 +397,7 @@ class Agent:
             else:
                 log.warning("agent_nats_error", error=error)
 
-        self._nc = await nats.connect(
+        self._nc = await open_client(
             **options,
             **RECONNECT_FOREVER,  # wait out an outage of any length, as the broker does
             disconnected_cb=self._on_disconnected,

@@ -18,7 +18,7 @@ from broker.cli_projections import (
     NATS_URL,
     start_metrics,
 )
-from broker.natsconn import redact_servers
+from broker.natsconn import open_client, redact_servers
 
 POLICY = Annotated[
     Path | None,
@@ -162,7 +162,6 @@ async def _simulate(
     since: datetime | None,
     tenant: str | None,
 ) -> Any:
-    import nats
 
     from broker.natsconn import connect_options
     from broker.registry.snapshot import RegistryView
@@ -173,7 +172,7 @@ async def _simulate(
     from broker.settings import get_settings
 
     policy = load_policy(policy_path)
-    nc = await nats.connect(
+    nc = await open_client(
         **connect_options(get_settings(), servers=nats_url, name="broker-routes-simulate")
     )
     try:

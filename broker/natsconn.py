@@ -3,7 +3,7 @@
 One place turns the ``BROKER_NATS_*`` settings into nats-py's keyword options, so the
 ingress, the workers, the routers, the agent SDK and the CLI all connect the same way::
 
-    nc = await nats.connect(**connect_options(settings, name="broker-provision"))
+    nc = await open_client(**connect_options(settings, name="broker-provision"))
 
 - TLS: ``nats_tls_ca`` (the CA that signs the servers' certificates) and/or
   ``nats_tls_cert`` + ``nats_tls_key`` (a client certificate, for servers with
@@ -22,6 +22,14 @@ connection is tried.
 look at (:func:`explain_connect_error`, also used by the long-lived connections' error
 callbacks): a server certificate from an unknown CA, a missing or untrusted client
 certificate, wrong credentials, or no server answering.
+
+Every broker process reads NATS through :class:`Client` (:func:`open_client` in place of
+``nats.connect``): nats-py's client, except that a message whose subject is not UTF-8 is
+read with U+FFFD in place of the bad bytes. nats-server stores such a subject from any
+client allowed to publish there (an agent's NATS user, say), and nats-py's own client
+raises on it inside its read loop, which then stops for good, silently: every later fetch
+on that connection times out, so a projection worker, router or agent stalls while looking
+idle.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any, ClassVar, Final, TypedDict
 import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from broker.errors import BrokerError
 from broker.settings import Settings
@@ -44,12 +53,14 @@ from broker.settings import Settings
 __all__ = [
     "DEFAULT_SERVERS",
     "RECONNECT_FOREVER",
+    "Client",
     "ConnectOptions",
     "InvalidNatsSettings",
     "NatsConnectFailed",
     "connect",
     "connect_options",
     "explain_connect_error",
+    "open_client",
     "redact_servers",
     "redact_url",
 ]
@@ -187,12 +198,41 @@ def _add_credentials(options: ConnectOptions, settings: Settings) -> None:
         options["user_credentials"] = str(settings.nats_creds)
 
 
+class Client(NatsClient):
+    """nats-py's client, reading a subject or reply subject that is not UTF-8 with U+FFFD
+    for the bad bytes instead of stopping its read loop (see the module's docstring)."""
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode(errors="replace"),  # as fast as strict for UTF-8
+            reply=reply.decode(errors="replace"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
+
+
+async def open_client(**options: Any) -> Client:
+    """``nats.connect(**options)``, with a :class:`Client`."""
+    client = Client()
+    await client.connect(**options)
+    return client
+
+
 async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
     """Connect with ``options`` (and any other ``nats.connect`` keyword in ``extra``).
 
     Raises :class:`NatsConnectFailed`, from the original error, when it cannot connect.
     """
-    client = NatsClient()
+    client = Client()
 
     async def attempt_failed(error: Exception) -> None:
         # Instead of nats-py's default, which logs a traceback per attempt: the caller gets

@@ -30,7 +30,7 @@ from broker.errors import (
     SequenceConflict,
     Unavailable,
 )
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -166,7 +166,7 @@ class Publisher:
         delay = 0.1
         while True:
             try:
-                nc = await nats.connect(
+                nc = await open_client(
                     **self._connect_options,
                     **RECONNECT_FOREVER,
                     disconnected_cb=self._on_disconnected,

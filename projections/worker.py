@@ -20,14 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 import sqlalchemy as sa
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from broker.envelope import TOKEN
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error
+from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
 from projections.leases import PartitionLeases
@@ -97,7 +96,7 @@ class Worker:
             else:
                 log.warning("worker_nats_error", error=error)
 
-        self._nc = await nats.connect(**options, **RECONNECT_FOREVER, error_cb=on_error)
+        self._nc = await open_client(**options, **RECONNECT_FOREVER, error_cb=on_error)
         return self._nc.jetstream(timeout=10)
 
     def _setup(self) -> None:
