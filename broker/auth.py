@@ -15,8 +15,8 @@ key or a JWT bearer token, which binds it to a tenant and a set of scopes::
       public_key_file: /etc/broker/jwt.pub
       issuer: https://auth.example.com/
       audience: agent-broker
-      tenant_claim: tenant        # a string or a list of tenants
-      scope_claim: scope          # space-separated string (OAuth) or a list
+      tenant_claim: tenant        # a string is one tenant; a list, several (first: default)
+      scope_claim: scope          # space-separated string (OAuth) or a list; unknown ignored
 
 Credentials travel as ``Authorization: Bearer <key or JWT>``, ``X-API-Key: <key>``, or HTTP
 Basic with the key as the password (what Confluent serializers send to a schema registry).
@@ -111,6 +111,7 @@ class Principal:
 
 
 def _scopes(values: Iterable[str]) -> frozenset[Scope]:
+    """The scopes an auth file names; one it does not know is a mistake in the file."""
     found: set[Scope] = set()
     for value in values:
         try:
@@ -323,14 +324,14 @@ class Authenticator:
             raise Unauthenticated("the token has expired") from None
         except jwt.PyJWTError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
-        tenants = _claim_list(claims.get(config.tenant_claim))
+        tenants = _tenant_claim(claims.get(config.tenant_claim))
         if not tenants:
             raise Unauthenticated(f"the token has no {config.tenant_claim!r} claim")
         try:
             tenant_tuple = tuple(Tenant(valid_tenant(t)) for t in tenants)
-            scopes = _scopes(_claim_list(claims.get(config.scope_claim)))
         except ValueError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
+        scopes = _granted_scopes(claims.get(config.scope_claim))
         name = str(claims.get("sub") or "jwt")[:128]
         expires = min(float(claims["exp"]), time.time() + 300.0)  # re-verify every 5 min
         return Principal(name, tenant_tuple, scopes), expires
@@ -344,12 +345,30 @@ def _basic_password(credential: str) -> str:
     return decoded.partition(":")[2]
 
 
-def _claim_list(value: Any) -> list[str]:
+def _tenant_claim(value: Any) -> list[str]:
+    """The tenants a token's tenant claim names: a string is one tenant, whatever it holds
+    (``"acme corp"`` is refused as a tenant name, not read as ``acme`` and ``corp``); a list
+    of strings is several. Anything else names none."""
     if isinstance(value, str):
-        return value.split()
+        return [value] if value else []
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     return []
+
+
+def _granted_scopes(value: Any) -> frozenset[Scope]:
+    """The broker's scopes among those a token's scope claim grants: a space-separated
+    string (OAuth's ``scope``) or a list of strings. An identity provider puts its own
+    scopes beside the broker's (``openid profile publish``): the ones the broker does not
+    know grant nothing here and are left out, so they neither refuse the token nor widen it."""
+    if isinstance(value, str):
+        names: list[str] = value.split()
+    elif isinstance(value, list):
+        names = [v for v in value if isinstance(v, str)]
+    else:
+        names = []
+    known = {s.value: s for s in Scope}
+    return frozenset(known[n] for n in names if n in known)
 
 
 def _jwt_key(config: JwtConfig) -> Any:
