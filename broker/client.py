@@ -4,7 +4,10 @@ One HTTP/2 connection is multiplexed across calls. Publishes are safe to retry b
 construction: each logical publish gets an idempotency key (generated unless given) that
 every retry reuses, so a retried publish never stores a second copy. Retries back off
 exponentially with full jitter on 429, 503 and connection errors, honouring ``Retry-After``.
+An agent put or delete without ``if_match`` is the one write that is not safe to repeat: it
+is retried only while it cannot have reached the broker (see :meth:`BrokerClient._request`).
 Errors come back as the server's :mod:`broker.errors` classes, chosen by ``error_code``.
+Subjects, names and versions go into the URL path percent-encoded, one segment each.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import base64
 import functools
 import random
+import re
 import ssl
 import struct
 import uuid
@@ -27,8 +31,9 @@ import httpx
 import orjson
 
 from broker.envelope import H_STREAM_LAST_SEQ
-from broker.errors import BrokerError, RequestTimeout, Unavailable, error_class
+from broker.errors import BrokerError, RequestTimeout, Unavailable, Unprocessable, error_class
 from broker.publisher import PublishAck
+from broker.registry.manifest import AGENT_NAME_PATTERN
 
 __all__ = [
     "AgentChange",
@@ -44,6 +49,11 @@ __all__ = [
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = frozenset({429, 503})
+#: Transport errors raised before a request was sent: no connection could be had.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: The 503 of a write whose outcome the broker does not know (it may be stored).
+_OUTCOME_UNKNOWN = frozenset({"publish_timeout"})
+_AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,23 @@ def _error_code(response: httpx.Response) -> Any:
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     return float(value) if value and value.isascii() and value.isdigit() else None
+
+
+def _segment(value: str | int) -> str:
+    """``value`` as one URL path segment: percent-encoded, so that a ``?``, ``#``, ``%`` or
+    ``/`` in it stays in it (the server decodes it and refuses what it does not accept, e.g.
+    ``422 invalid_subject``), and ``.`` or ``..`` is not taken for a dot segment, which
+    would send the request to another path."""
+    text = quote(str(value), safe="")
+    return text.replace(".", "%2E") if text in {".", ".."} else text
+
+
+def _agent_segment(name: str) -> str:
+    """An agent's name as a path segment. Checked here: the server decodes a ``%2F`` before
+    it routes, so ``x/history`` would reach another endpoint rather than be refused."""
+    if not _AGENT_NAME.fullmatch(name):
+        raise Unprocessable(f"agent name {name[:64]!r} must be 1-64 of A-Z a-z 0-9 _ -")
+    return name
 
 
 def _payload(payload: bytes | str | Any, content_type: str | None) -> tuple[bytes, str]:
@@ -277,13 +304,29 @@ class BrokerClient:
         await self._http.aclose()
 
     async def _request(
-        self, method: str, path: str, *, final: frozenset[str] = frozenset(), **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        final: frozenset[str] = frozenset(),
+        repeatable: bool = True,
+        **kwargs: Any,
     ) -> httpx.Response:
         """Send, retrying 429/503/connection errors; raise the server's error for other 4xx/5xx.
 
-        Only requests that are safe to repeat come here: reads, and writes that carry an
-        idempotency key or an expected version.
+        Reads and writes that carry an idempotency key or an expected version are
+        ``repeatable``: the broker answers a repeat of one that was done as it answered the
+        first. A write that is not (an agent put or delete without ``if_match``) would be
+        misreported after an answer was lost: a repeated put finds its own manifest there
+        (``changed=False``), a repeated delete finds no agent (``NotFound``). So it is sent
+        again only when it cannot have reached the broker (no connection could be had, or a
+        429/503 that is not ``publish_timeout``); otherwise :class:`Unavailable` says that
+        its outcome is unknown. Making it conditional instead (read the version, send
+        ``If-Match``) would cost a read per call, turn a concurrent change into a conflict
+        the caller did not ask for, and still answer a repeat with ``changed=False``.
         """
+        if not repeatable:
+            final = final | _OUTCOME_UNKNOWN
         attempt = 0
         while True:
             try:
@@ -291,6 +334,12 @@ class BrokerClient:
             # TLS 1.3 servers refuse a client certificate after the handshake: the alert
             # comes as a bare ssl.SSLError on the first read, which httpx does not wrap.
             except (httpx.TransportError, ssl.SSLError) as e:
+                if not repeatable and not isinstance(e, _NOT_SENT):
+                    raise Unavailable(
+                        f"the connection failed after {method} {path} was sent ({e!r}): it may "
+                        "or may not have been done, and is not repeated; read it back, or "
+                        "pass if_match to have it retried safely"
+                    ) from e
                 if attempt + 1 >= self.retry.attempts:
                     raise Unavailable(f"cannot reach the broker: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
@@ -333,7 +382,8 @@ class BrokerClient:
             sent["schema-id"] = str(schema_id)
         if expected_last_subject_sequence is not None:
             sent["expected-last-subject-sequence"] = str(expected_last_subject_sequence)
-        response = await self._request("POST", f"/v1/publish/{subject}", content=body, headers=sent)
+        path = f"/v1/publish/{_segment(subject)}"
+        response = await self._request("POST", path, content=body, headers=sent)
         data = response.json()
         return PublishAck(data["stream"], data["seq"], data["duplicate"])
 
@@ -358,7 +408,8 @@ class BrokerClient:
         the message is stored and routed once."""
         body, media = _payload(payload, content_type)
         sent = _route_headers(media, key, intent, text, embedding, env, headers)
-        response = await self._request("POST", f"/v1/route/{subject}", content=body, headers=sent)
+        path = f"/v1/route/{_segment(subject)}"
+        response = await self._request("POST", path, content=body, headers=sent)
         data = response.json()
         return RouteResult(data["stream"], data["seq"], data["duplicate"], data.get("decision"))
 
@@ -386,7 +437,7 @@ class BrokerClient:
         sent = _route_headers(media, key, intent, text, embedding, env, headers)
         response = await self._request(
             "POST",
-            f"/v1/route/{subject}",
+            f"/v1/route/{_segment(subject)}",
             final=frozenset({"no_route"}),
             content=body,
             headers=sent,
@@ -533,7 +584,7 @@ class BrokerClient:
             received = 0
             try:
                 async with self._http.stream(
-                    "GET", f"/v1/streams/{stream}/messages", params=params
+                    "GET", f"/v1/streams/{_segment(stream)}/messages", params=params
                 ) as response:
                     if response.status_code >= 400:
                         await response.aread()
@@ -568,7 +619,12 @@ class BrokerClient:
     async def put_agent(
         self, manifest: Mapping[str, Any] | Any, *, if_match: int | None = None
     ) -> AgentChange:
-        """Register or update an agent (a manifest dict or an ``AgentManifest``)."""
+        """Register or update an agent (a manifest dict or an ``AgentManifest``).
+
+        With ``if_match`` (the ``seq`` last read) it applies only over that version, and is
+        retried like a publish: a repeat whose first try was done answers ``changed=False``
+        with the agent's new ``seq``. Without, it is not repeated once it may have reached
+        the broker (:class:`Unavailable`: read the agent to see whether it changed)."""
         body = (
             manifest.model_dump(mode="json") if hasattr(manifest, "model_dump") else dict(manifest)
         )
@@ -576,13 +632,18 @@ class BrokerClient:
         if if_match is not None:
             headers["if-match"] = f'"{if_match}"'
         response = await self._request(
-            "PUT", f"/v1/agents/{body['name']}", content=orjson.dumps(body), headers=headers
+            "PUT",
+            f"/v1/agents/{_agent_segment(str(body.get('name', '')))}",
+            repeatable=if_match is not None,
+            content=orjson.dumps(body),
+            headers=headers,
         )
         data = response.json()
         return AgentChange(data["seq"], data["changed"], data["event"], data["agent"])
 
     async def get_agent(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = (await self._request("GET", f"/v1/agents/{name}")).json()
+        path = f"/v1/agents/{_agent_segment(name)}"
+        data: dict[str, Any] = (await self._request("GET", path)).json()
         return data
 
     async def list_agents(self, *, as_of: int | str | None = None) -> list[dict[str, Any]]:
@@ -594,13 +655,22 @@ class BrokerClient:
         return agents
 
     async def delete_agent(self, name: str, *, if_match: int | None = None) -> AgentChange:
+        """Deregister an agent; :class:`NotFound` when it is not registered.
+
+        With ``if_match`` it is retried, and a repeat whose first try was done answers
+        ``changed=False``; without, it is not repeated once it may have reached the broker
+        (:class:`Unavailable`), as a repeat would find no agent and raise ``NotFound``."""
         headers = {"if-match": f'"{if_match}"'} if if_match is not None else None
-        data = (await self._request("DELETE", f"/v1/agents/{name}", headers=headers)).json()
+        path = f"/v1/agents/{_agent_segment(name)}"
+        response = await self._request(
+            "DELETE", path, repeatable=if_match is not None, headers=headers
+        )
+        data = response.json()
         return AgentChange(data["seq"], data["changed"], data["event"], None)
 
     async def agent_history(self, name: str) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = (
-            await self._request("GET", f"/v1/agents/{name}/history")
+            await self._request("GET", f"/v1/agents/{_agent_segment(name)}/history")
         ).json()["events"]
         return events
 
@@ -625,19 +695,20 @@ class BrokerClient:
         """Register ``schema`` under ``subject``; its global id. An identical schema answers
         its existing id (so a retry is safe); an incompatible one raises ``IncompatibleSchema``."""
         body = self._schema_body(schema, schema_type, references)
-        path = f"/registry/subjects/{quote(subject, safe='')}/versions"
+        path = f"/registry/subjects/{_segment(subject)}/versions"
         response = await self._request("POST", path, content=body, headers=_REGISTRY_JSON)
         return int(response.json()["id"])
 
     async def get_schema(self, schema_id: int) -> RegisteredSchema:
         """The schema under a global id (what a payload's schema id points at)."""
-        data = (await self._request("GET", f"/registry/schemas/ids/{schema_id}")).json()
+        path = f"/registry/schemas/ids/{_segment(schema_id)}"
+        data = (await self._request("GET", path)).json()
         return RegisteredSchema.from_json(data, schema_id)
 
     async def get_schema_version(
         self, subject: str, version: int | str = "latest"
     ) -> RegisteredSchema:
-        path = f"/registry/subjects/{quote(subject, safe='')}/versions/{version}"
+        path = f"/registry/subjects/{_segment(subject)}/versions/{_segment(version)}"
         return RegisteredSchema.from_json((await self._request("GET", path)).json())
 
     async def list_subjects(self) -> list[str]:
@@ -653,7 +724,7 @@ class BrokerClient:
         references: Iterable[Mapping[str, Any]] = (),
     ) -> list[str]:
         """Why ``schema`` could not be registered under ``subject`` now (empty: it could)."""
-        path = f"/registry/compatibility/subjects/{quote(subject, safe='')}/versions"
+        path = f"/registry/compatibility/subjects/{_segment(subject)}/versions"
         response = await self._request(
             "POST",
             path,
@@ -666,7 +737,7 @@ class BrokerClient:
 
     async def set_compatibility(self, level: str, subject: str | None = None) -> str:
         """Set a subject's compatibility level (or the global one)."""
-        path = "/registry/config" + (f"/{quote(subject, safe='')}" if subject else "")
+        path = "/registry/config" + (f"/{_segment(subject)}" if subject else "")
         body = orjson.dumps({"compatibility": level})
         response = await self._request("PUT", path, content=body, headers=_REGISTRY_JSON)
         return str(response.json()["compatibility"])
