@@ -161,13 +161,12 @@ def worker(
 
 
 async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
-    import nats
-
+    from broker.natsconn import open_client
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
     from projections.runtime import progress
 
     store = SqlCheckpointStore(create_sql_engine(url))
-    nc = await nats.connect(**_nats_options(nats_url))
+    nc = await open_client(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         rows = []
@@ -236,18 +235,18 @@ async def _rebuilt(js: Any, runner: Any, total: int) -> bool:
 
 async def _reset(nats_url: str, url: str, name: str) -> int:
     """Drop a projection's state and checkpoints, then replay it from the start with a bar."""
-    import nats
     import nats.js.errors
     from rich.markup import escape
     from rich.progress import Progress
 
+    from broker.natsconn import open_client
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
     from projections.runtime import ProjectionRunner
 
     (projection,) = _selected([name], False)
     engine = create_sql_engine(url)
     store = SqlCheckpointStore(engine)
-    nc = await nats.connect(**_nats_options(nats_url))
+    nc = await open_client(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         await store.reset(projection.name, projection.reset)
@@ -266,7 +265,9 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
             progress.update(bar, completed=total or 1)
         stop.set()
         await task
-        await js.delete_consumer(projection.stream, runner.consumer_name)
+        # None when the stream was empty: the rebuild was done before the runner made one.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(projection.stream, runner.consumer_name)
         return runner.stats.applied
     finally:
         await nc.close()
@@ -303,12 +304,11 @@ def reset(
 
 
 async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
-    import nats
-
+    from broker.natsconn import open_client
     from broker.reader import read_messages
     from broker.streams import Stream
 
-    nc = await nats.connect(**_nats_options(nats_url))
+    nc = await open_client(**_nats_options(nats_url))
     try:
         rows = []
         async for m in read_messages(nc.jetstream(), Stream.DLQ):
@@ -352,13 +352,13 @@ def dlq_list(
 async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
     """Publish a dead-lettered event again as a new message: a projection's back to its
     source subject, a routed message's back to ``MESSAGES`` for a router to decide again."""
-    import nats
     import nats.js.errors
 
+    from broker.natsconn import open_client
     from broker.routing.events import H_ROUTE
     from broker.streams import Stream
 
-    nc = await nats.connect(**_nats_options(nats_url))
+    nc = await open_client(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
         try:
@@ -374,6 +374,11 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
             subject, keep = _routed_again(dlq_seq, headers)
         else:
             subject = headers.get("Broker-Dlq-Subject", "")
+            if "Broker-Dlq-Stub" in headers:  # the event could not be dead-lettered whole
+                raise typer.BadParameter(
+                    f"DLQ message {dlq_seq} holds no event ({headers['Broker-Dlq-Stub']}); "
+                    f"it is {headers.get('Broker-Dlq-Stream')} seq {headers.get('Broker-Dlq-Seq')}"
+                )
             if not subject:
                 raise typer.BadParameter(f"DLQ message {dlq_seq} has no source subject")
             keep = {k: v for k, v in headers.items() if not k.startswith(("Broker-Dlq-", "Nats-"))}

@@ -20,6 +20,7 @@ JSON through :func:`json_value` first, on every dialect alike.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,12 +117,22 @@ def text(value: str) -> str:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
+#: ``\u0000`` in JSON text that stands for U+0000: after an even number of backslashes (none,
+#: or escaped backslashes), so not the text ``\\u0000`` (a backslash, then ``u0000``).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def holds_nul(encoded: bytes) -> bool:
+    """Whether JSON text ``encoded`` holds U+0000 in a string or key (as ``\\u0000``)."""
+    return b"\\u0000" in encoded and _NUL_ESCAPE.search(encoded) is not None
+
+
 def json_value(value: Any) -> Any:
     """``value`` ready for a JSON column: U+0000 in any string or key becomes U+FFFD."""
     encoded = orjson.dumps(value)
-    if b"\\u0000" not in encoded:
+    if not holds_nul(encoded):
         return value
-    return orjson.loads(encoded.replace(b"\\u0000", b"\\ufffd"))
+    return orjson.loads(_NUL_ESCAPE.sub(rb"\1\\ufffd", encoded))
 
 
 def jsonable(row: Mapping[str, Any]) -> Row:

@@ -48,16 +48,49 @@ class StoreUnavailable(BrokerError):
     retryable = True
 
 
-#: Database errors that say nothing about the data: lock timeouts, lost connections, and a
-#: missing table or privilege (``ProgrammingError``: the statements are the projection's own,
-#: with the events' values bound as parameters). The batch waits for the database to be put
-#: right; dead-lettering it would move the checkpoint past events that were never applied.
+#: Database errors that say nothing about the data when the driver gives no SQLSTATE (SQLite,
+#: a connection that never opened): lock timeouts, lost connections, and a missing table or
+#: privilege (``ProgrammingError``: the statements are the projection's own, with the events'
+#: values bound as parameters). The batch waits for the database to be put right;
+#: dead-lettering it would move the checkpoint past events that were never applied.
 TRANSIENT_SQL_ERRORS = (
     sa.exc.OperationalError,
     sa.exc.InterfaceError,
     sa.exc.DisconnectionError,
     sa.exc.ProgrammingError,
 )
+#: SQLSTATE classes and codes of a database that may come back: connection (08), rollback,
+#: serialization failure or deadlock (40), insufficient resources (53), operator
+#: intervention such as an admin shutdown (57), lock not available (55P03) and a read-only
+#: transaction (25006: a standby after a failover).
+_STORE_SQLSTATES = frozenset({"08", "40", "53", "57", "55P03", "25006"})
+#: SQLSTATE classes that blame the values written: data exception (22), integrity (23),
+#: program limit exceeded (54: e.g. an index row too large for a long subject).
+_EVENT_SQLSTATES = frozenset({"22", "23", "54"})
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE the driver reported for ``error`` (PostgreSQL), or ``None`` (SQLite,
+    or an error raised before the server answered)."""
+    orig = getattr(error, "orig", None) or error
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) and len(code) == 5 else None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a database error is the store's (retry the same batch later) rather than the
+    events' (retry them one by one, then dead-letter the one that still fails).
+
+    By SQLSTATE where the driver gives one, so that a value PostgreSQL refuses (54000,
+    reported as an ``OperationalError``) goes to the DLQ and a standby refusing writes
+    (25006, an ``InternalError``) holds the batch; by exception class otherwise."""
+    code = sqlstate(error)
+    if code is not None:
+        if code in _STORE_SQLSTATES or code[:2] in _STORE_SQLSTATES:
+            return True
+        if code[:2] in _EVENT_SQLSTATES:
+            return False
+    return isinstance(error, TRANSIENT_SQL_ERRORS)
 
 
 class CheckpointStore(Protocol):
@@ -201,7 +234,9 @@ class SqlCheckpointStore:
                 if "broker_checkpoints" in str(e):
                     raise CheckpointConflict(f"{projection}: checkpoint taken concurrently") from e
                 raise
-            except TRANSIENT_SQL_ERRORS as e:
+            except sa.exc.SQLAlchemyError as e:
+                if not is_transient(e):
+                    raise
                 reason = getattr(e, "orig", None) or e
                 raise StoreUnavailable(f"{projection}: {reason}"[:300]) from e
 

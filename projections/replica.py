@@ -62,6 +62,7 @@ from projections._replica_tables import (
     empty,
     ensure_outbox,
     existing,
+    holds_nul,
     json_value,
     metadata,
     outbox,
@@ -93,7 +94,6 @@ __all__ = [
 ]
 
 _MAX_SCHEMA_ID = 2**31 - 1
-_NUL_ESCAPE = b"\\u0000"
 #: Replicas store decoded JSON and orjson re-encodes it (JSON columns, change events); it
 #: refuses values nested over 254 levels, so replicas read JSON no deeper than 64.
 REPLICA_LIMITS = DecodeLimits(max_depth=64)
@@ -242,7 +242,7 @@ class MessagesReplica(_Replica):
             value = message.value
         except DecodeError as e:
             return None, e.message
-        if _NUL_ESCAPE in message.payload and _NUL_ESCAPE in orjson.dumps(value):
+        if b"\\u0000" in message.payload and holds_nul(orjson.dumps(value)):
             return None, "json payload could not be stored: it holds U+0000"
         return value, None
 
@@ -523,7 +523,7 @@ class RoutesReplica(_Replica):
             value = self._json.decode(event.data)
         except DecodeError:
             return None, False
-        if _NUL_ESCAPE in event.data and _NUL_ESCAPE in orjson.dumps(value):
+        if b"\\u0000" in event.data and holds_nul(orjson.dumps(value)):
             return None, False
         return value, True
 

@@ -11,8 +11,13 @@ and skipped) -- applies nothing twice and skips nothing.
 Each commit moves *every* owned partition to the batch's last sequence (they have all
 seen it), with compare-and-set, so a worker that lost a partition to another cannot
 overwrite it. A batch that fails is retried event by event; an event that fails
-``max_attempts`` times goes to ``DLQ`` with its error and original headers, and the
-projection moves past it.
+``max_attempts`` times goes to ``DLQ`` with its error and original headers (those a
+client can publish, within :data:`DLQ_HEADER_BYTES`), and the projection moves past it; an
+event that cannot be published even so goes as a stub: the error and its essential headers,
+without the payload (``Broker-Dlq-Stub`` says why).
+
+The lag gauge follows the consumer on a timer (:attr:`ProjectionRunner.lag_every`), not only
+after the batches that succeed: a runner stuck on a failing store still reports its backlog.
 
 Moving to the batch's last sequence is only right if the runner saw every message the
 consumer delivered before it. A delivery can go missing: a fetch's reply lost while a
@@ -28,19 +33,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from broker.envelope import CONTENT_TYPE, SCHEMA_ID, SCHEMA_ID_SOURCE, WIRE_PREFIX
 from broker.reader import READ_BYTES, FetchSize
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
@@ -59,6 +67,42 @@ CRASH_ENV = "BROKER_CRASH_AT"
 #: JSON in the worker.
 BATCH_BYTES = READ_BYTES
 _FIRST_ESTIMATE = 1024 * 1024  # before any message is seen: a first fetch of 8
+
+#: A header name nats-py will publish (an HTTP token); nats-server stores more than that
+#: (``X/Trace``), and copying such a name into a dead letter would fail its publish for ever.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: At most this many bytes of an event's own headers go with it to the DLQ.
+DLQ_HEADER_BYTES = 16 * 1024
+#: Set on a dead letter that could not carry the event (its value says why).
+DLQ_STUB = "Broker-Dlq-Stub"
+#: What a stub keeps of the event's headers: how to read its payload, and its trace.
+_ESSENTIAL_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        CONTENT_TYPE,
+        SCHEMA_ID,
+        SCHEMA_ID_SOURCE,
+        WIRE_PREFIX,
+        "traceparent",
+        "tracestate",
+    )
+)
+#: NATS itself failing: a dead letter waits for it (the batch is fetched again), as any step.
+_NATS_DOWN = (
+    OSError,
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+)
 
 
 def _crash_point() -> tuple[str, int] | None:
@@ -102,6 +146,7 @@ class ProjectionRunner:
         fetch_timeout: float = 1.0,
         max_attempts: int = 3,
         owned: Callable[[], frozenset[int]] | None = None,
+        lag_every: float = 5.0,
     ) -> None:
         self.js = js
         self.projection = projection
@@ -110,6 +155,8 @@ class ProjectionRunner:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.max_attempts = max_attempts
+        #: Seconds between two refreshes of the lag gauge (one ``consumer_info`` each).
+        self.lag_every = lag_every
         self._owned = owned or (lambda: frozenset(range(projection.partitions)))
         self.stats = RunnerStats()
         self.positions: dict[int, int] = {}
@@ -149,6 +196,42 @@ class ProjectionRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches until ``stop`` is set; re-subscribe when ownership changes."""
+        watcher = asyncio.create_task(self._watch_lag(stop))
+        try:
+            await self._run(stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            metrics.projection_lag(self.projection.name, 0)  # this runner reports no more
+
+    async def lag(self) -> int:
+        """Messages of the owned partitions not applied yet, as the consumer counts them
+        (pending, and delivered but not acked); 0 when no partition is owned. Without a
+        consumer (being made again): the stream's last sequence past the lowest checkpoint."""
+        owned = self.owned()
+        if not owned:
+            return 0
+        stream = self.projection.stream
+        try:
+            info = await self.js.consumer_info(stream, self.consumer_name)
+        except NotFoundError:
+            state = (await self.js.stream_info(stream)).state
+            lowest = min(self.positions.get(p, 0) for p in owned)
+            return max(0, state.last_seq - max(lowest, state.first_seq - 1))
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
+
+    async def _watch_lag(self, stop: asyncio.Event) -> None:
+        """Refresh the lag gauge every :attr:`lag_every` seconds, whether batches succeed or
+        not: a projection stuck behind a failing store shows its backlog growing."""
+        while not stop.is_set():
+            try:
+                metrics.projection_lag(self.projection.name, await self.lag())
+            except Exception as e:  # NATS down: the gauge keeps its value until it is back
+                log.debug("projection_lag_unknown", projection=self.projection.name, error=repr(e))
+            await _wait(stop, self.lag_every)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             owned = self.owned()
             if not owned:
@@ -217,8 +300,8 @@ class ProjectionRunner:
                 pending = asyncio.create_task(self._fetch(sub))
                 if messages:
                     await self.process(messages, owned)
-                else:  # nothing came within the fetch timeout: caught up
-                    metrics.projection_lag(self.projection.name, 0)
+                # Nothing within the fetch timeout is not "caught up" (the consumer may be
+                # stuck with messages pending): the lag watcher reports what is left.
         finally:
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -298,8 +381,7 @@ class ProjectionRunner:
         await self._commit([], owned, last)
 
     async def _dead_letter(self, event: Event, error: Exception) -> None:
-        headers = {
-            **{k: v for k, v in event.headers.items() if not k.startswith("Nats-")},
+        dead = {
             "Broker-Dlq-Projection": self.projection.name,
             "Broker-Dlq-Error": str(error)[:500] or type(error).__name__,
             "Broker-Dlq-Stream": event.stream,
@@ -310,7 +392,21 @@ class ProjectionRunner:
         subject = (
             f"{SUBJECT_PREFIX[Stream.DLQ]}.{event.stream}.{self.projection.name.replace('.', '_')}"
         )
-        await self.js.publish(subject, event.data, headers=headers)
+        own = dlq_headers(event.headers)
+        headers = {**own, **dead}
+        stub: str | None = None
+        if message_size(headers, event.data) > self.js._nc.max_payload:
+            stub = "the event with its dead-letter headers is over the server's max_payload"
+        else:
+            try:
+                await self.js.publish(subject, event.data, headers=headers)
+            except _NATS_DOWN:
+                raise  # the batch is fetched again once NATS is back
+            except Exception as e:  # the message itself refused: never stall on it
+                stub = f"the event could not be published: {e!r}"[:300]
+        if stub is not None:
+            essential = {k: v for k, v in own.items() if k.lower() in _ESSENTIAL_HEADERS}
+            await self.js.publish(subject, b"", headers={**essential, **dead, DLQ_STUB: stub})
         self.stats.dead_lettered += 1
         metrics.dead_lettered(self.projection.name)
         log.error(
@@ -318,12 +414,37 @@ class ProjectionRunner:
             projection=self.projection.name,
             seq=event.seq,
             error=str(error)[:200],
+            stub=stub,
         )
 
     def _maybe_crash(self, where: str) -> None:
         if self._crash and self._crash[0] == where and self.stats.batches == self._crash[1]:
             log.warning("crash_point_reached", where=where, batch=self.stats.batches)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dlq_headers(headers: Mapping[str, str], budget: int = DLQ_HEADER_BYTES) -> dict[str, str]:
+    """The event's own headers that go with it to the DLQ: not NATS's (``Nats-*``), only
+    names a client can publish, and no more than ``budget`` bytes of them (first come)."""
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.startswith("Nats-") or not _HEADER_NAME.fullmatch(name):
+            continue
+        size = _header_size(name, value)
+        if size <= budget:
+            kept[name] = value
+            budget -= size
+    return kept
+
+
+def message_size(headers: Mapping[str, str], payload: bytes) -> int:
+    """Bytes a message takes against the server's ``max_payload``: its header block (the
+    ``NATS/1.0`` line, one line per header, the empty line) and its payload."""
+    return 12 + sum(_header_size(k, v) for k, v in headers.items()) + len(payload)
+
+
+def _header_size(name: str, value: str) -> int:
+    return len(name.encode()) + len(value.encode(errors="replace")) + 4  # "name: value\r\n"
 
 
 def _cancelling() -> bool:
