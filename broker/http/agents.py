@@ -35,6 +35,12 @@ _IF_MATCH_HELP = (
 _LIST_MEMBER = re.compile(r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*')
 #: Before entity tags, the header took a bare seq (``If-Match: 12``); it still does.
 _BARE_SEQ = re.compile(r"[0-9]{1,20}")
+#: What the OpenAPI document gives as the header's pattern: a bare seq, ``*``, or a list of
+#: entity tags, all of which :func:`parse_if_match` takes (it also takes empty list members).
+_IF_MATCH_PATTERN = r'^[ \t]*(\*|[0-9]{1,20}|(W/)?"[!#-~]*"([ \t]*,[ \t]*(W/)?"[!#-~]*")*)?[ \t]*$'
+_IF_MATCH_HEADER = Header(
+    description=_IF_MATCH_HELP, json_schema_extra={"pattern": _IF_MATCH_PATTERN}
+)
 _BAD_IF_MATCH = 'If-Match must be "*" or entity tags: the agent\'s seq in quotes, e.g. "12"'
 
 #: RFC 3339 (section 5.6) date-time; ``T`` and ``Z`` may be lowercase, the offset is required.
@@ -193,7 +199,7 @@ def agents_router(state: IngressState) -> APIRouter:
         name: AgentPath,
         request: Request,
         response: Response,
-        if_match: Annotated[str, Header(description=_IF_MATCH_HELP)] = "",
+        if_match: Annotated[str, _IF_MATCH_HEADER] = "",
     ) -> AgentChange:
         """Register or update an agent. Identical re-apply: 200, nothing appended."""
         body = await request.body()
@@ -223,7 +229,7 @@ def agents_router(state: IngressState) -> APIRouter:
     @router.delete("/{name}", response_model=AgentChange)
     async def delete(
         name: AgentPath,
-        if_match: Annotated[str, Header(description=_IF_MATCH_HELP)] = "",
+        if_match: Annotated[str, _IF_MATCH_HEADER] = "",
     ) -> AgentChange:
         """Deregister an agent (its history stays in the stream). Repeated with the
         `If-Match` it was deregistered from (a retry whose answer was lost): 200 with
