@@ -22,8 +22,14 @@ NDJSON = "application/x-ndjson"
 
 
 class Headers(Protocol):
+    """granian's ``RSGIHeaders``: ``len`` and ``keys`` count each name once; ``values``,
+    ``items``, ``get`` and ``get_all`` leave out every value that is not visible ASCII."""
+
     def __contains__(self, key: str) -> bool: ...
+    def __len__(self) -> int: ...
     def get(self, key: str, default: Any = None) -> Any: ...
+    def keys(self) -> list[str]: ...
+    def values(self) -> list[str]: ...
     def items(self) -> list[tuple[str, str]]: ...
 
 
@@ -55,6 +61,56 @@ class HTTPProtocol(Protocol):
     async def client_disconnect(self) -> None: ...
     def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None: ...
     def response_stream(self, status: int, headers: list[tuple[str, str]]) -> StreamTransport: ...
+
+
+#: The request headers the broker acts on (publish, route, auth, registry, replay). One of
+#: them granian cannot read is refused; any other is left out, as granian leaves it out.
+READ_HEADERS = frozenset(
+    {
+        "accept",
+        "authorization",
+        "content-length",
+        "content-type",
+        "expected-last-subject-sequence",
+        "idempotency-key",
+        "if-match",
+        "last-event-id",
+        "schema-id",
+        "traceparent",
+        "tracestate",
+        "x-api-key",
+        "x-env",
+    }
+)
+#: Name prefixes the broker reads every header of: CloudEvents attributes, ``Broker-Tenant``
+#: and the routing headers.
+READ_HEADER_PREFIXES = ("ce-", "broker-")
+
+
+def check_headers(headers: Headers) -> None:
+    """Refuse a request whose header the broker reads has a value granian cannot read
+    (``400 bad_request``, naming it), before anything reads it.
+
+    granian hands a header value to Python only when it is visible ASCII (space and tab
+    included): one with another byte (UTF-8 ``\u00e9``, a full-width digit) is listed by
+    ``keys()``, but ``get()`` answers ``None`` and ``items()`` leaves it out, so an
+    ``Idempotency-Key`` or a ``Broker-Tenant`` would silently count as absent. As many
+    readable values as names, the common case (one value per name), costs a length
+    comparison (about 0.25 us); fewer or more (a repeated name) looks at every name. Not
+    seen, as granian keeps no trace of them: an unreadable value behind a readable one of
+    the same name (``get()`` answers the readable one), and, with a repeated name, a name
+    with no readable value that makes the counts agree by chance.
+    """
+    if len(headers.values()) == len(headers):
+        return
+    for name in headers.keys():  # noqa: SIM118 (granian's headers, not a dict)
+        if headers.get(name) is None and (
+            name in READ_HEADERS or name.startswith(READ_HEADER_PREFIXES)
+        ):
+            raise BadRequest(
+                f"header {name[:100]!r} has a value that is not visible ASCII; "
+                "send it percent-encoded or as ASCII"
+            )
 
 
 def content_length(headers: Headers) -> int | None:

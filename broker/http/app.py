@@ -37,7 +37,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.http._asgi_bridge import call_asgi
-from broker.http._rsgi import HTTPProtocol, Scope, respond_error, respond_json
+from broker.http._rsgi import HTTPProtocol, Scope, check_headers, respond_error, respond_json
 from broker.http.agents import agents_router
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths, add_security
@@ -225,8 +225,9 @@ class BrokerApp:
     async def _serve(self, scope: Scope, proto: HTTPProtocol) -> None:
         path = scope.path
         try:
+            headers = scope.headers
+            check_headers(headers)  # before anything reads one: unreadable is not absent
             if (needed := required_scopes(scope.method, path)) is not None:
-                headers = scope.headers
                 principal = self.auth.authenticate(headers)
                 principal.require(needed)
                 bind(principal, principal.tenant(headers.get(TENANT_HEADER)))
@@ -240,16 +241,12 @@ class BrokerApp:
                 )
         except (Unauthenticated, Forbidden) as e:
             log.info("request_refused", error_code=e.error_code, path=_loggable(path))
-            if path.startswith(REGISTRY_PREFIX + "/"):  # Confluent's clients want an int code
-                body = {"error_code": e.status * 100 + 1, "message": e.message}
-                answer = [("content-type", REGISTRY_MEDIA_TYPE), *e.headers]
-                proto.response_bytes(e.status, answer, orjson.dumps(body))
-            else:
-                respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
+            self._refuse(proto, path, e, e.status * 100 + 1)
         except BrokerError as e:
             if e.status >= 500:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)
-            respond_error(proto, e, retry_after=self.settings.retry_after_seconds)
+            code = _registry_code(e.status, timeout=isinstance(e, PublishTimeout))
+            self._refuse(proto, path, e, code)
         except (RSGIProtocolClosed, RSGIProtocolError):
             log.info("client_disconnected", path=_loggable(path))
         except Exception:
@@ -261,6 +258,18 @@ class BrokerApp:
                     BrokerError("internal error"),
                     retry_after=self.settings.retry_after_seconds,
                 )
+
+    def _refuse(self, proto: HTTPProtocol, path: str, error: BrokerError, code: int) -> None:
+        """Answer an error met before a handler took the request: on a schema registry path
+        with the integer ``code`` Confluent's clients expect, elsewhere as everywhere."""
+        if path.startswith(REGISTRY_PREFIX + "/"):
+            body = {"error_code": code, "message": error.message}
+            answer = [("content-type", REGISTRY_MEDIA_TYPE), *error.headers]
+            if error.retryable:
+                answer.append(("retry-after", str(self.settings.retry_after_seconds)))
+            proto.response_bytes(error.status, answer, orjson.dumps(body))
+        else:
+            respond_error(proto, error, retry_after=self.settings.retry_after_seconds)
 
     async def _publish(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
         if scope.method != "POST":
