@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import functools
 import random
 import re
 import ssl
 import struct
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -31,7 +41,14 @@ import httpx
 import orjson
 
 from broker.envelope import H_STREAM_LAST_SEQ
-from broker.errors import BrokerError, RequestTimeout, Unavailable, Unprocessable, error_class
+from broker.errors import (
+    BrokerError,
+    RequestTimeout,
+    StreamFull,
+    Unavailable,
+    Unprocessable,
+    error_class,
+)
 from broker.publisher import PublishAck
 from broker.registry.manifest import AGENT_NAME_PATTERN
 
@@ -259,6 +276,55 @@ def credential_headers(api_key: str | None, tenant: str | None = None) -> dict[s
     return sent
 
 
+class _RecordSource:
+    """The records of :meth:`BrokerClient.publish_stream` as NDJSON lines, across the streams
+    it takes: the lines sent and not answered yet (to send again in a new stream when the
+    broker ends one as full), and a pull from the caller's iterator that survives the end of
+    a stream (a stream's sender is cancelled when it ends; the pull goes on, shielded, and
+    the next stream takes its record)."""
+
+    def __init__(self, records: AsyncIterable[Mapping[str, Any]]) -> None:
+        self._records = aiter(records)
+        self._next: asyncio.Future[Mapping[str, Any]] | None = None
+        self.unanswered: collections.deque[bytes] = collections.deque()
+        self.taken = 0
+        self.exhausted = False
+
+    async def _pull(self) -> Mapping[str, Any]:
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._records))
+        try:
+            return await asyncio.shield(self._next)
+        finally:
+            if self._next.done():
+                self._next = None
+
+    def close(self) -> None:
+        """Stop a pull still running (the caller stopped reading the results)."""
+        if self._next is not None:
+            self._next.cancel()
+
+    async def lines(self, resend: list[bytes]) -> AsyncIterator[bytes]:
+        for line in resend:
+            self.unanswered.append(line)
+            yield line
+        while not self.exhausted:
+            try:
+                record = await self._pull()
+            except StopAsyncIteration:
+                self.exhausted = True
+                return
+            if not isinstance(record, Mapping):
+                raise TypeError(
+                    f"record {self.taken + 1} is {type(record).__name__}, not a mapping"
+                )
+            keyed = {**record, "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex}
+            self.taken += 1
+            line = orjson.dumps(keyed) + b"\n"
+            self.unanswered.append(line)
+            yield line
+
+
 class BrokerClient:
     """Async client for one broker. Use ``async with BrokerClient(url) as broker: ...``."""
 
@@ -477,7 +543,10 @@ class BrokerClient:
         """Stream records over one full-duplex HTTP/2 request; yield each record's result,
         in order, as soon as it is acked, while later records are still being sent.
 
-        The stream is not retried. When it is cut (the connection lost, the broker gone),
+        The broker ends a stream after ten times ``BROKER_MAX_BATCH_RECORDS`` records
+        (``stream_full``); the records from there on, those already sent included, go on in
+        a new stream, and the results keep coming in order. A stream is not retried
+        otherwise. When it is cut (the connection lost, the broker gone),
         the results yielded so far are the records acked, and :class:`Unavailable` says how
         many were sent: give each record an ``idempotency_key`` if you may re-send it (one
         without gets a fresh key, so a re-sent record the broker had stored is stored
@@ -488,24 +557,43 @@ class BrokerClient:
         credentials, TLS settings and timeout apply: the timeout bounds connecting and each
         wait for an ack while records are unanswered.
         """
+        answered = 0
+        source = _RecordSource(records)
+        resend: list[bytes] = []
+        try:
+            while True:
+                full = False
+                async with contextlib.aclosing(
+                    self._one_publish_stream(source, resend, subject)
+                ) as answers:
+                    async for answer in answers:
+                        if answer.get("error_code") == StreamFull.error_code:
+                            full = True  # the broker's last line: this record on was not read
+                            break
+                        answered += 1
+                        yield _result(answer)
+                if not full:
+                    break
+                resend = list(source.unanswered)  # sent again, first, in a new stream
+        except Unavailable as e:
+            raise Unavailable(
+                f"{e}; {answered} of the {source.taken} records sent were acked"
+            ) from e
+        finally:
+            source.close()
+        if source.unanswered or not source.exhausted:
+            raise Unavailable(
+                f"the stream ended with {answered} answers for {source.taken} records"
+            )
+
+    async def _one_publish_stream(
+        self, source: _RecordSource, resend: list[bytes], subject: str | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """One full-duplex request of :meth:`publish_stream`: sends ``resend`` and then what
+        ``source`` yields, and yields each answer line as it arrives."""
         from broker._h2stream import DuplexRequest
 
-        sent = answered = 0
-        exhausted = False
-
-        async def lines() -> AsyncIterator[bytes]:
-            nonlocal sent, exhausted
-            async for record in records:
-                if not isinstance(record, Mapping):
-                    raise TypeError(f"record {sent + 1} is {type(record).__name__}, not a mapping")
-                keyed = {
-                    **record,
-                    "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex,
-                }
-                sent += 1
-                yield orjson.dumps(keyed) + b"\n"
-            exhausted = True
-
+        source.unanswered.clear()
         query = f"?{urlencode({'subject': subject})}" if subject else ""
         request = DuplexRequest(
             f"{self._http.base_url}/v1/publish{query}",
@@ -518,12 +606,12 @@ class BrokerClient:
             connect_timeout=self._timeout,
         )
         buffer = b""
-        chunks = request.exchange(lines())
+        chunks = request.exchange(source.lines(resend))
         try:
             while True:
                 next_chunk = asyncio.ensure_future(anext(chunks))
                 while not (await asyncio.wait({next_chunk}, timeout=self._timeout))[0]:
-                    if answered < sent or exhausted:  # an answer was due: the broker is gone
+                    if source.unanswered or source.exhausted:  # an answer was due: it is gone
                         next_chunk.cancel()
                         await asyncio.wait({next_chunk})  # the stream closes itself
                         raise Unavailable(f"no answer from the broker in {self._timeout} s")
@@ -541,16 +629,13 @@ class BrokerClient:
                         if answer.get("error_code") == RequestTimeout.error_code:
                             # the broker's last line: it heard nothing for its idle time
                             raise Unavailable(f"the broker ended the stream: {answer['message']}")
-                        answered += 1
-                        yield _result(answer)
-        except Unavailable as e:
-            raise Unavailable(f"{e}; {answered} of the {sent} records sent were acked") from e
+                        if answer.get("error_code") != StreamFull.error_code and source.unanswered:
+                            source.unanswered.popleft()
+                        yield answer
         finally:
             await chunks.aclose()
         if request.status != 200:
             raise _error(httpx.Response(request.status or 502, content=buffer))
-        if answered < sent:
-            raise Unavailable(f"the stream ended with {answered} answers for {sent} records")
 
     # --- replay ---------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Control characters other than tab: never allowed in a stored header value.
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"
 _CONTROL = re.compile(CONTROL_CHARACTERS)
+#: What NATS trims from both ends of a header value it stores.
+_HEADER_WHITESPACE = " \t"
 
 # Inbound HTTP header names (lower case, as ASGI gives them).
 H_CONTENT_TYPE = "content-type"
@@ -182,6 +184,9 @@ def _check_header_value(name: str, value: str) -> str:
         raise Unprocessable(f"{name} is longer than {MAX_HEADER_VALUE_LENGTH} characters")
     if _CONTROL.search(value):
         raise Unprocessable(f"{name} contains a control character")
+    if value != value.strip(_HEADER_WHITESPACE):
+        # NATS trims a header value: stored, "k " would become (and collide with) "k"
+        raise Unprocessable(f"{name} starts or ends with whitespace")
     return value
 
 
@@ -325,13 +330,18 @@ def _ce_attr_value(name: str, value: Any) -> str:
 
 
 def cloudevent_to_request(
-    event: Any, *, subject: str | None, idempotency_key: str | None = None
+    event: Any,
+    *,
+    subject: str | None = None,
+    default_subject: str | None = None,
+    idempotency_key: str | None = None,
 ) -> PublishRequest:
     """A structured-mode CloudEvent (parsed JSON object) as a binary-mode publish.
 
     The event's ``data`` (JSON value, or bytes from ``data_base64``) becomes the payload,
     ``datacontenttype`` the ``Content-Type``, every other attribute a ``ce-*`` header.
-    The subject is ``subject`` (from the URL) or the event's ``brokersubject`` extension.
+    The subject is ``subject`` (a single publish's path), else the event's own
+    ``brokersubject`` extension, else ``default_subject`` (a batch's ``?subject=``).
     """
     if not isinstance(event, dict):
         raise Unprocessable("a structured CloudEvent must be a JSON object")
@@ -355,7 +365,7 @@ def cloudevent_to_request(
         if not _CE_ATTRIBUTE.fullmatch(name):
             raise Unprocessable(f"invalid CloudEvent attribute name {name[:30]!r}")
         headers["ce-" + name] = _ce_attr_value(name, value)
-    target = subject or event.get(CE_SUBJECT_EXTENSION)
+    target = subject or event.get(CE_SUBJECT_EXTENSION) or default_subject
     if not isinstance(target, str) or not target:
         raise Unprocessable(
             f"no subject: give ?subject= or the CloudEvent extension {CE_SUBJECT_EXTENSION!r}"

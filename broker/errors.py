@@ -14,6 +14,7 @@
     │   ├── SequenceConflict         409 sequence_conflict
     │   └── AlreadyRouted            409 already_routed     (a retried route: see ROUTES)
     ├── PayloadTooLarge              413 payload_too_large
+    │   └── StreamFull               413 stream_full        (a publish stream's record cap)
     ├── UnsupportedMediaType         415 unsupported_media_type
     ├── Unprocessable                422 unprocessable
     │   └── InvalidSubject           422 invalid_subject
@@ -130,6 +131,13 @@ class AlreadyRouted(Conflict):
 class PayloadTooLarge(BrokerError):
     status = 413
     error_code = "payload_too_large"
+
+
+class StreamFull(PayloadTooLarge):
+    """A streaming publish carried as many records as one stream may: the record with this
+    index and those after it were not read; send them in a new stream."""
+
+    error_code = "stream_full"
 
 
 class UnsupportedMediaType(BrokerError):

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from broker.envelope import NATS_MSG_ID, Outbound
+from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, NATS_MSG_ID, Outbound
 from broker.errors import (
     BrokerError,
     PayloadTooLarge,
@@ -378,26 +378,41 @@ class Publisher:
         try:
             return await (await self.submit(out))
         except SequenceConflict:
-            if (ack := await self._stored_already(out)) is not None:
+            if (ack := await self.stored_already(out)) is not None:
                 return ack
             raise
 
-    async def _stored_already(self, out: Outbound) -> PublishAck | None:
-        """After a sequence conflict: ``out`` itself, if it is the subject's last message
-        (same ``Nats-Msg-Id``). JetStream checks the expected sequence before duplicates,
-        so a conditional publish retried after its answer was lost (stored, the ack gone)
-        conflicted with itself; it is its own duplicate."""
+    async def settle(self, out: Outbound, pending: Awaitable[PublishAck]) -> PublishAck:
+        """The ack of a :meth:`submit`; a sequence conflict with ``out`` itself (see
+        :meth:`stored_already`) answers the stored copy, as :meth:`publish` does."""
+        try:
+            return await pending
+        except SequenceConflict:
+            if (ack := await self.stored_already(out)) is not None:
+                return ack
+            raise
+
+    async def stored_already(self, out: Outbound) -> PublishAck | None:
+        """After a sequence conflict: ``out`` itself, if it is the subject's first message
+        after the expected sequence (same ``Nats-Msg-Id``), where the condition put it.
+        JetStream checks the expected sequence before duplicates, so a conditional publish
+        retried after its answer was lost (stored, the ack gone) conflicted with itself; it
+        is its own duplicate, even when later records of its batch followed it."""
         msg_id = out.headers.get(NATS_MSG_ID)
-        if not msg_id or self._js is None:
+        expected = out.headers.get(NATS_EXPECTED_LAST_SUBJECT_SEQ)
+        if not msg_id or expected is None or self._js is None:
             return None
         try:
             stream = await self._js.find_stream_name_by_subject(out.subject)
-            last = await self._js.get_last_msg(stream, out.subject)  # the leader's answer
+            # the leader's answer: the subject's first message after the expected sequence
+            first = await self._js.get_msg(
+                stream, seq=int(expected) + 1, subject=out.subject, next=True
+            )
         except Exception:
             return None
-        if (last.headers or {}).get(NATS_MSG_ID) != msg_id or last.seq is None:
+        if (first.headers or {}).get(NATS_MSG_ID) != msg_id or first.seq is None:
             return None
-        return PublishAck(stream, last.seq, True)
+        return PublishAck(stream, first.seq, True)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Iterator
+from dataclasses import replace
 from itertools import islice
 from typing import Any
 from urllib.parse import unquote
@@ -24,6 +25,7 @@ from broker.envelope import (
     H_IDEMPOTENCY_KEY,
     H_SCHEMA_ID,
     NDJSON_TYPES,
+    Outbound,
     PublishRequest,
     ce_headers_from_http,
     check_media_type,
@@ -41,6 +43,7 @@ from broker.errors import (
     BrokerError,
     PayloadTooLarge,
     RequestTimeout,
+    StreamFull,
     UnsupportedMediaType,
 )
 from broker.http._json_array import array_records
@@ -54,7 +57,7 @@ from broker.http._rsgi import (
     respond_json,
 )
 from broker.http.state import IngressState
-from broker.publisher import PublishAck
+from broker.publisher import PublishAck, Publisher
 from broker.settings import Settings
 from broker.telemetry import tracing
 
@@ -63,6 +66,11 @@ log = structlog.get_logger(__name__)
 _BATCH_TYPES = frozenset({"application/json", CLOUDEVENTS_BATCH, *NDJSON_TYPES})
 #: How many streamed records may wait for their ack before reading pauses (backpressure).
 _STREAM_WINDOW = 1024
+#: A stream carries at most this many batches' worth of records (``max_batch_records``):
+#: granian queues every ack line written, without bound, until the client reads it, and
+#: tells the ingress nothing of how far the client has read, so a client that never reads
+#: costs the server every line; this caps it near what one largest batch costs.
+_STREAM_BATCHES = 10
 _RECORD_LINE = re.compile(rb"\S[^\n]*")  # one per non-blank NDJSON line
 
 
@@ -77,8 +85,14 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
         event = parse_json(body, what="the structured CloudEvent")
         request = cloudevent_to_request(event, subject=subject, idempotency_key=key)
         trace = passthrough_headers(headers)
-        if trace:
-            request = _with_headers(request, trace)
+        request = replace(
+            request,
+            schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
+            expected_last_subject_sequence=_expected_sequence(headers),
+            extra_headers={**(request.extra_headers or {}), **trace}
+            if trace
+            else request.extra_headers,
+        )
     else:
         request = body_request(headers, subject, body, check_media_type(content_type))
     outbound = request.to_outbound(state.tenant)
@@ -111,24 +125,14 @@ def body_request(headers: Headers, subject: str, body: bytes, content_type: str)
         content_type=content_type,
         idempotency_key=key if key is not None else (ce["ce-id"] if ce else None),
         schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
-        expected_last_subject_sequence=parse_sequence(
-            headers.get(H_EXPECTED_LAST_SUBJECT_SEQUENCE),
-            field="Expected-Last-Subject-Sequence",
-        ),
+        expected_last_subject_sequence=_expected_sequence(headers),
         extra_headers=extra,
     )
 
 
-def _with_headers(request: PublishRequest, headers: dict[str, str]) -> PublishRequest:
-    merged = {**(request.extra_headers or {}), **headers}
-    return PublishRequest(
-        subject=request.subject,
-        payload=request.payload,
-        content_type=request.content_type,
-        idempotency_key=request.idempotency_key,
-        schema_id=request.schema_id,
-        expected_last_subject_sequence=request.expected_last_subject_sequence,
-        extra_headers=merged,
+def _expected_sequence(headers: Headers) -> int | None:
+    return parse_sequence(
+        headers.get(H_EXPECTED_LAST_SUBJECT_SEQUENCE), field="Expected-Last-Subject-Sequence"
     )
 
 
@@ -152,15 +156,19 @@ def _query_subject(scope: Scope) -> str | None:
 
 def _to_request(kind: str, record: Any, default_subject: str | None) -> PublishRequest:
     if kind == CLOUDEVENTS_BATCH:
-        return cloudevent_to_request(record, subject=default_subject)
+        return cloudevent_to_request(record, default_subject=default_subject)
     return record_to_request(record, default_subject=default_subject)
 
 
-async def _settle(pending: Awaitable[PublishAck] | BrokerError) -> dict[str, Any]:
+#: A submitted record (what was sent, and its ack to come) or why it was not submitted.
+_Pending = tuple[Outbound, Awaitable[PublishAck]] | BrokerError
+
+
+async def _settle(publisher: Publisher, pending: _Pending) -> dict[str, Any]:
     if isinstance(pending, BrokerError):
         return pending.to_dict()
     try:
-        return (await pending).to_dict()
+        return (await publisher.settle(*pending)).to_dict()
     except BrokerError as e:
         return e.to_dict()
 
@@ -181,16 +189,16 @@ async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) 
     records = _parse_batch(
         kind, body, state.settings.max_batch_records, record_limit(state.settings)
     )
-    pending: list[Awaitable[PublishAck] | BrokerError] = []
+    pending: list[_Pending] = []
     for record in records:
         try:
             if isinstance(record, BrokerError):
                 raise record
             outbound = _to_request(kind, record, default_subject).to_outbound(state.tenant)
-            pending.append(await state.publisher.submit(outbound))
+            pending.append((outbound, await state.publisher.submit(outbound)))
         except BrokerError as e:
             pending.append(e)
-    results = [await _settle(p) for p in pending]
+    results = [await _settle(state.publisher, p) for p in pending]
     failed = sum(1 for r in results if "error_code" in r)
     log.debug("batch_published", records=len(results), failed=failed)
     respond_json(proto, 207 if failed else 200, {"results": results})
@@ -230,9 +238,8 @@ class _DuplexPublish:
         self.state = state
         self.default_subject = default_subject
         self.line_limit = record_limit(state.settings)
-        self.window: asyncio.Queue[tuple[int, Awaitable[PublishAck] | BrokerError] | None] = (
-            asyncio.Queue(_STREAM_WINDOW)
-        )
+        self.max_records = state.settings.max_batch_records * _STREAM_BATCHES
+        self.window: asyncio.Queue[tuple[int, _Pending] | None] = asyncio.Queue(_STREAM_WINDOW)
         self.index = 0
         self.broken = False  # the client stopped reading; keep draining, stop writing
 
@@ -272,37 +279,51 @@ class _DuplexPublish:
                 line, start = buffer[start:cut], cut + 1
                 if skipping:
                     skipping = False
-                elif line.strip():
-                    await self._submit(line)
+                elif line.strip() and not await self._submit(line):
+                    return
             buffer = buffer[start:]
             if skipping:
                 buffer = b""
             elif len(buffer) > self.line_limit:
-                await self._submit(PayloadTooLarge(f"record exceeds {self.line_limit} bytes"))
+                too_long = PayloadTooLarge(f"record exceeds {self.line_limit} bytes")
+                if not await self._submit(too_long):
+                    return
                 buffer, skipping = b"", True
         if buffer.strip() and not skipping:
             await self._submit(buffer)
 
-    async def _submit(self, line: bytes | BrokerError) -> None:
-        pending: Awaitable[PublishAck] | BrokerError
+    async def _submit(self, line: bytes | BrokerError) -> bool:
+        """Append one record (or queue its error); ``False`` once the stream is full: then
+        its last line, in the record's place, says so, and reading stops."""
+        pending: _Pending
+        full = self.index >= self.max_records
         try:
+            if full:
+                raise StreamFull(
+                    f"a stream carries at most {self.max_records} records; this one is ended: "
+                    "send the records from this index on in a new stream"
+                )
             if isinstance(line, BrokerError):
                 raise line
             record = orjson.loads(line)
             request = record_to_request(record, default_subject=self.default_subject)
-            pending = await self.state.publisher.submit(request.to_outbound(self.state.tenant))
+            outbound = request.to_outbound(self.state.tenant)
+            pending = (outbound, await self.state.publisher.submit(outbound))
         except orjson.JSONDecodeError as e:
             pending = BadRequest(f"record is not valid JSON: {e}")
         except BrokerError as e:
             pending = e
         await self.window.put((self.index, pending))
         self.index += 1
+        if full:
+            log.info("publish_stream_full", records=self.max_records)
+        return not full
 
     async def _write_acks(self, transport: StreamTransport) -> None:
         # Keeps draining the window after the client went away, so the reader never blocks.
         while (item := await self.window.get()) is not None:
             index, pending = item
-            result = await _settle(pending)
+            result = await _settle(self.state.publisher, pending)
             if self.broken:
                 continue
             line = orjson.dumps({"index": index, **result}) + b"\n"
