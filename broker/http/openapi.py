@@ -167,7 +167,10 @@ _PUBLISH_ONE: dict[str, Any] = {
                 "description": "Appended (or already appended with this idempotency key).",
                 "content": {"application/json": {"schema": _ref(PublishAckBody)}},
             },
-            "400": _error("Malformed request (e.g. a structured CloudEvent that is not JSON)."),
+            "400": _error(
+                "Malformed request (e.g. a structured CloudEvent that is not JSON), or a header "
+                "the broker reads with a value that is not visible ASCII."
+            ),
             "408": _error("The body did not arrive in time."),
             "409": _error("Expected-Last-Subject-Sequence did not match; nothing stored."),
             "413": _error("Body larger than the configured limit."),
@@ -218,8 +221,15 @@ _PUBLISH_BATCH: dict[str, Any] = {
                 "description": "Some records failed; see each result.",
                 "content": {"application/json": {"schema": _ref(BatchResponse)}},
             },
-            "400": _error("The batch is not valid JSON or not an array."),
-            "413": _error("Batch body or record count over the limit."),
+            "400": _error(
+                "The batch is not valid JSON or not an array, or a header the broker reads has "
+                "a value that is not visible ASCII."
+            ),
+            "408": _error("The body did not arrive in time."),
+            "413": _error(
+                "Batch body or record count over the limit. (A stream instead ends with a "
+                "stream_full line after 10 x BROKER_MAX_BATCH_RECORDS records.)"
+            ),
             "415": _error("Content-Type is not a batch type."),
             "422": _error("Invalid ?subject=."),
             "503": _UNAVAILABLE,
@@ -307,6 +317,10 @@ _ROUTE_ONE: dict[str, Any] = {
             "409": _error(
                 "wait=true with an Idempotency-Key that was already routed; or "
                 "Expected-Last-Subject-Sequence did not match (nothing stored)."
+            ),
+            "400": _error(
+                "Malformed request, or a header the broker reads with a value that is not "
+                "visible ASCII."
             ),
             "408": _error("The body did not arrive in time."),
             "413": _error("Body larger than the configured limit."),
