@@ -61,7 +61,13 @@ from nats.js.kv import KeyValue
 
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
 from broker.errors import Unavailable
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
+from broker.natsconn import (
+    RECONNECT_FOREVER,
+    ConnectOptions,
+    explain_connect_error,
+    message_size,
+    open_client,
+)
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
@@ -84,8 +90,6 @@ _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
 #: Seconds before a message whose failure could not be recorded runs again.
 _FAILURE_NOT_RECORDED_DELAY = 1.0
-#: ``NATS/1.0\r\n`` and the blank line that ends a message's header block.
-_HEADER_BLOCK_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +149,6 @@ def to_reply(result: Any) -> Reply:
         return Reply(orjson.dumps(result), "application/json")
     except orjson.JSONEncodeError as e:
         raise TypeError(f"the handler's result cannot be serialised as JSON: {e}") from None
-
-
-def _message_size(payload: bytes, headers: Mapping[str, str]) -> int:
-    """Bytes of a message as the server counts them against ``max_payload``: the payload
-    and the header block nats-py writes (``NATS/1.0``, ``key: value`` lines, blank line)."""
-    header_lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
-    return len(payload) + _HEADER_BLOCK_OVERHEAD + header_lines
 
 
 class LoadSource(Protocol):
@@ -572,7 +569,7 @@ class Agent:
         }
         with tracing.span("reply", kind=tracing.SpanKind.PRODUCER):
             tracing.inject(headers)
-            size, limit = _message_size(reply.payload, headers), self._nc.max_payload
+            size, limit = message_size(reply.payload, headers), self._nc.max_payload
             if size > limit:  # nats-py would refuse it, or the server drop the connection
                 return f"the reply is {size} bytes, over the NATS server's max_payload of {limit}"
             with contextlib.suppress(Exception):  # the caller may have gone; nothing to undo

@@ -66,6 +66,19 @@ SCHEMA_ID_SOURCE = "Broker-Schema-Id-Source"
 #: Protobuf message index 0). Readers then decode the whole body.
 WIRE_PREFIX = "Broker-Wire-Prefix"
 NO_WIRE_PREFIX = "none"
+#: The stored headers (lower case) a copy of a message cannot lose: how to read its payload,
+#: and its trace. A dead letter whose own headers do not fit keeps these.
+PAYLOAD_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        CONTENT_TYPE,
+        SCHEMA_ID,
+        SCHEMA_ID_SOURCE,
+        WIRE_PREFIX,
+        "traceparent",
+        "tracestate",
+    )
+)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 CLOUDEVENTS_JSON = "application/cloudevents+json"

@@ -60,12 +60,16 @@ __all__ = [
     "connect",
     "connect_options",
     "explain_connect_error",
+    "header_line_size",
+    "message_size",
     "open_client",
     "redact_servers",
     "redact_url",
 ]
 
 DEFAULT_SERVERS = ("nats://127.0.0.1:4222",)
+#: ``NATS/1.0\r\n`` and the blank line that ends a message's header block.
+_HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")
 #: ``nats.connect`` options of a process that must outlive any NATS outage (the ingress's
 #: publisher, routers, projection workers, agents): reconnect for ever, every 0.25 s, and
 #: find a dead server within ~15 s (a ping every 5 s, three unanswered).
@@ -196,6 +200,21 @@ def _add_credentials(options: ConnectOptions, settings: Settings) -> None:
     if settings.nats_creds is not None:
         _require_readable("NATS_CREDS", settings.nats_creds)
         options["user_credentials"] = str(settings.nats_creds)
+
+
+def header_line_size(name: str, value: str) -> int:
+    """Bytes one header takes in a message's header block (``name: value\\r\\n``)."""
+    return len(name.encode()) + len(value.encode(errors="replace")) + 4
+
+
+def message_size(payload: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """Bytes of a message as the server counts them against ``max_payload``: the payload
+    and the header block nats-py writes (``NATS/1.0``, one line per header, a blank line).
+    nats-py checks the payload alone, and the server closes the connection on a message
+    over the limit, so a message whose headers may be large is measured first."""
+    if not headers:
+        return len(payload)
+    return len(payload) + _HEADER_BLOCK + sum(header_line_size(k, v) for k, v in headers.items())
 
 
 class Client(NatsClient):

@@ -48,7 +48,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from broker.envelope import CONTENT_TYPE, SCHEMA_ID, SCHEMA_ID_SOURCE, WIRE_PREFIX
+from broker.envelope import PAYLOAD_HEADERS
+from broker.natsconn import header_line_size, message_size
 from broker.reader import READ_BYTES, FetchSize
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
@@ -75,18 +76,6 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 DLQ_HEADER_BYTES = 16 * 1024
 #: Set on a dead letter that could not carry the event (its value says why).
 DLQ_STUB = "Broker-Dlq-Stub"
-#: What a stub keeps of the event's headers: how to read its payload, and its trace.
-_ESSENTIAL_HEADERS = frozenset(
-    name.lower()
-    for name in (
-        CONTENT_TYPE,
-        SCHEMA_ID,
-        SCHEMA_ID_SOURCE,
-        WIRE_PREFIX,
-        "traceparent",
-        "tracestate",
-    )
-)
 #: NATS itself failing: a dead letter waits for it (the batch is fetched again), as any step.
 _NATS_DOWN = (
     OSError,
@@ -395,7 +384,7 @@ class ProjectionRunner:
         own = dlq_headers(event.headers)
         headers = {**own, **dead}
         stub: str | None = None
-        if message_size(headers, event.data) > self.js._nc.max_payload:
+        if message_size(event.data, headers) > self.js._nc.max_payload:
             stub = "the event with its dead-letter headers is over the server's max_payload"
         else:
             try:
@@ -405,7 +394,7 @@ class ProjectionRunner:
             except Exception as e:  # the message itself refused: never stall on it
                 stub = f"the event could not be published: {e!r}"[:300]
         if stub is not None:
-            essential = {k: v for k, v in own.items() if k.lower() in _ESSENTIAL_HEADERS}
+            essential = {k: v for k, v in own.items() if k.lower() in PAYLOAD_HEADERS}
             await self.js.publish(subject, b"", headers={**essential, **dead, DLQ_STUB: stub})
         self.stats.dead_lettered += 1
         metrics.dead_lettered(self.projection.name)
@@ -430,21 +419,11 @@ def dlq_headers(headers: Mapping[str, str], budget: int = DLQ_HEADER_BYTES) -> d
     for name, value in headers.items():
         if name.startswith("Nats-") or not _HEADER_NAME.fullmatch(name):
             continue
-        size = _header_size(name, value)
+        size = header_line_size(name, value)
         if size <= budget:
             kept[name] = value
             budget -= size
     return kept
-
-
-def message_size(headers: Mapping[str, str], payload: bytes) -> int:
-    """Bytes a message takes against the server's ``max_payload``: its header block (the
-    ``NATS/1.0`` line, one line per header, the empty line) and its payload."""
-    return 12 + sum(_header_size(k, v) for k, v in headers.items()) + len(payload)
-
-
-def _header_size(name: str, value: str) -> int:
-    return len(name.encode()) + len(value.encode(errors="replace")) + 4  # "name: value\r\n"
 
 
 def _cancelling() -> bool:

@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from broker.envelope import CONTENT_TYPE, SCHEMA_ID, SCHEMA_ID_SOURCE, WIRE_PREFIX, Outbound
+from broker.envelope import PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError
 from broker.publisher import PublishAck, Publisher
 from broker.registry.snapshot import RegistryView
@@ -73,20 +73,8 @@ _BATCH = 256
 #: A message whose decision raised something unexpected is delivered this many times (each
 #: after this many seconds), then dead-lettered with the error.
 _MAX_FAILED_DELIVERIES = 3
-_ESSENTIAL_HEADERS = frozenset(
-    name.lower()
-    for name in (
-        CONTENT_TYPE,
-        SCHEMA_ID,
-        SCHEMA_ID_SOURCE,
-        WIRE_PREFIX,
-        H_ROUTE_MODE,
-        H_DECISION_TO,
-        H_REPLY_TO,
-        H_DEADLINE,
-        "traceparent",
-        "tracestate",
-    )
+_ESSENTIAL_HEADERS = PAYLOAD_HEADERS | frozenset(
+    name.lower() for name in (H_ROUTE_MODE, H_DECISION_TO, H_REPLY_TO, H_DEADLINE)
 )
 _FAILED_DECISION_DELAY = 2.0
 _FETCH_TIMEOUT = 1.0

@@ -14,10 +14,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+import broker.agent
 from broker.agent import Agent, Request
 from broker.embedded import NatsServer
 from broker.envelope import Outbound
 from broker.errors import Unavailable
+from broker.natsconn import open_client
 from broker.publisher import Publisher
 from broker.routing.events import (
     H_REPLY_TO,
@@ -79,17 +81,14 @@ def agent_connections(monkeypatch: pytest.MonkeyPatch) -> list[NatsClient]:
     """The agents' NATS connections, with reconnection attempts 0.05 s apart (not 2 s or
     0.25 s), so that nats-py's default budget of 60 attempts runs out within 3 s."""
     connections: list[NatsClient] = []
-    connect = nats.connect
 
-    async def fast_reconnecting(*args: Any, **options: Any) -> NatsClient:
-        if not str(options.get("name", "")).startswith("agent-"):
-            return await connect(*args, **options)
+    async def fast_reconnecting(**options: Any) -> NatsClient:
         options["reconnect_time_wait"] = 0.05
-        nc = await connect(*args, **options)
+        nc = await open_client(**options)
         connections.append(nc)
         return nc
 
-    monkeypatch.setattr(nats, "connect", fast_reconnecting)
+    monkeypatch.setattr(broker.agent, "open_client", fast_reconnecting)
     return connections
 
 

@@ -11,9 +11,10 @@ import psycopg.errors as pg
 import pytest
 import sqlalchemy as sa
 
+from broker.natsconn import message_size
 from projections._replica_tables import holds_nul, json_value
 from projections.checkpoints import is_transient, sqlstate
-from projections.runtime import dlq_headers, message_size
+from projections.runtime import dlq_headers
 
 pytestmark = pytest.mark.unit
 
@@ -97,12 +98,12 @@ def test_dead_letter_headers_are_bounded_in_size() -> None:
     headers = {f"X-H{i}": "v" * 1000 for i in range(40)}
     kept = dlq_headers(headers, budget=5000)
     assert list(kept) == ["X-H0", "X-H1", "X-H2", "X-H3"]
-    assert message_size(kept, b"") - 12 <= 5000
+    assert message_size(b"", kept) - 12 <= 5000
 
 
 def test_message_size_counts_the_header_block_and_the_payload() -> None:
     # NATS/1.0\r\n + "A: b\r\n" + \r\n + payload
-    assert message_size({"A": "b"}, b"xyz") == len(b"NATS/1.0\r\nA: b\r\n\r\n") + 3
+    assert message_size(b"xyz", {"A": "b"}) == len(b"NATS/1.0\r\nA: b\r\n\r\n") + 3
 
 
 @pytest.mark.parametrize(
