@@ -279,18 +279,23 @@ class _DuplexPublish:
                 line, start = buffer[start:cut], cut + 1
                 if skipping:
                     skipping = False
+                elif len(line) > self.line_limit:  # its newline came in the chunk over it
+                    if not await self._submit(self._too_long()):
+                        return
                 elif line.strip() and not await self._submit(line):
                     return
             buffer = buffer[start:]
             if skipping:
                 buffer = b""
             elif len(buffer) > self.line_limit:
-                too_long = PayloadTooLarge(f"record exceeds {self.line_limit} bytes")
-                if not await self._submit(too_long):
+                if not await self._submit(self._too_long()):
                     return
                 buffer, skipping = b"", True
         if buffer.strip() and not skipping:
             await self._submit(buffer)
+
+    def _too_long(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"record exceeds {self.line_limit} bytes")
 
     async def _submit(self, line: bytes | BrokerError) -> bool:
         """Append one record (or queue its error); ``False`` once the stream is full: then

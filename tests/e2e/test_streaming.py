@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 
 from tests.e2e._broker import BrokerProcess
 from tests.e2e._h2duplex import DuplexStream
+from tests.e2e.conftest import E2E_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +64,32 @@ async def test_an_oversized_streamed_line_fails_alone(
         huge = b'{"data": "' + b"z" * (600 * 1024) + b'"}\n'
         for start in range(0, len(huge), 16384):
             stream.send(huge[start : start + 16384])
+        stream.send(b'{"data": 2}\n', end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert [a.get("error_code") for a in acks] == [None, "payload_too_large", None]
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert sum((info.state.subjects or {}).values()) == 2
+
+
+async def test_a_streamed_line_over_the_limit_fails_when_its_newline_comes_with_it(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """A line whose newline arrived in the chunk that took it over the record limit was cut
+    out and parsed: the limit held only between chunks. Padded with blanks, it stored."""
+    limit = 2 * int(E2E_ENV["BROKER_MAX_MESSAGE_BYTES"]) + 4096  # record_limit()
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    line = b'{"data": 1' + b" " * (limit + 100) + b"}\n"
+    head, tail = line[: limit - 1000], line[limit - 1000 :]
+    stream = open_stream(broker, subject)
+    try:
+        stream.send(b'{"data": 0}\n')
+        for start in range(0, len(head), 16384):
+            stream.send(head[start : start + 16384])
+        stream.read_until(lambda s: len(s.lines()) >= 1)
+        stream.send(tail)  # the chunk that crosses the limit holds the line's newline
         stream.send(b'{"data": 2}\n', end=True)
         stream.read_until(lambda s: s.ended)
     finally:
