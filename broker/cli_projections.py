@@ -125,7 +125,9 @@ def worker(
     worker_id: Annotated[
         str | None,
         typer.Option(
-            help="Stable worker name, 1-64 of A-Z a-z 0-9 _ - (default: host-pid).",
+            help="Stable worker name, 1-64 of A-Z a-z 0-9 _ - (default: host-pid), unique "
+            "among the workers: it names the worker's leases and, as is, its consumers "
+            "(proj_<projection>_<id>; w-1 and w_1 are two workers).",
             callback=_worker_id,
         ),
     ] = None,
@@ -160,12 +162,18 @@ def worker(
     asyncio.run(run_worker(options))
 
 
+#: A checkpoint past the stream's end: the stream was deleted and made again (or this is
+#: another NATS); workers hold the projection until it is reset.
+_AHEAD = "checkpoint ahead of stream (recreated?): broker projections reset {name}"
+
+
 async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
     from broker.natsconn import open_client
-    from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+    from projections.checkpoints import SqlCheckpointReader, create_sql_engine
     from projections.runtime import progress
 
-    store = SqlCheckpointStore(create_sql_engine(url))
+    # Reads only: no DDL, no write lock, so a read-only role (or file) is enough.
+    store = SqlCheckpointReader(create_sql_engine(url, read_only=True))
     nc = await open_client(**_nats_options(nats_url))
     try:
         js = nc.jetstream()
@@ -179,6 +187,7 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
                     "partitions": p.partitions,
                     "applied_seq": done.applied_seq,
                     "lag": done.lag,
+                    "problem": _AHEAD.format(name=p.name) if done.ahead_of_stream else "",
                 }
             )
         return rows
@@ -201,7 +210,12 @@ def status(
     data_dir: DATA_DIR = Path(".broker"),
     output: OUTPUT = "table",
 ) -> None:
-    """Each projection's applied sequence and lag (stream last seq minus applied)."""
+    """Each projection's applied sequence and lag (stream last seq minus applied).
+
+    A negative lag, with a `problem`, means a checkpoint is past the stream's last sequence
+    (the stream was deleted and made again): reset that projection. Reads only: a read-only
+    database role is enough.
+    """
     rows = asyncio.run(_status(nats_url, replica_url(replica, data_dir)))
     _print(rows, output)
 

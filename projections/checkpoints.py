@@ -93,6 +93,15 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT_SQL_ERRORS)
 
 
+class CheckpointSource(Protocol):
+    """Where positions are read from: a :class:`CheckpointStore`, or a reader that never
+    writes (:class:`SqlCheckpointReader`)."""
+
+    async def load(self, projection: str) -> dict[int, int]:
+        """Partition -> last applied sequence (absent partitions have applied nothing)."""
+        ...
+
+
 class CheckpointStore(Protocol):
     """Per-projection, per-partition positions, moved atomically with the writes."""
 
@@ -127,10 +136,19 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def create_sql_engine(url: str) -> sa.Engine:
-    """An engine for a replica URL: ``sqlite:///path`` or ``postgresql://…`` (psycopg 3)."""
+def create_sql_engine(url: str, *, read_only: bool = False) -> sa.Engine:
+    """An engine for a replica URL: ``sqlite:///path`` or ``postgresql://…`` (psycopg 3).
+
+    ``read_only``: for readers such as ``broker projections status``: plain (deferred)
+    SQLite transactions that never take the write lock nor switch the journal mode, and
+    PostgreSQL transactions begun ``READ ONLY``, so a read-only role or file is enough."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if read_only:
+        engine = sa.create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        if engine.dialect.name == "postgresql":
+            return engine.execution_options(postgresql_readonly=True)
+        return engine
     if url.startswith("sqlite"):
         # The driver's own transaction handling off (isolation_level None), so that every
         # transaction is BEGIN IMMEDIATE: writers in several processes queue on the lock
@@ -252,6 +270,31 @@ class SqlCheckpointStore:
                 conn.execute(checkpoints.delete().where(checkpoints.c.projection == projection))
 
         await asyncio.to_thread(run)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.dispose)
+
+
+class SqlCheckpointReader:
+    """Reads ``broker_checkpoints`` and nothing else: no DDL, no write lock. A database
+    without the table has applied nothing yet (every position 0)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    async def load(self, projection: str) -> dict[int, int]:
+        def read() -> dict[int, int]:
+            with self.engine.connect() as conn:
+                if not sa.inspect(conn).has_table(checkpoints.name):
+                    return {}
+                rows = conn.execute(
+                    sa.select(checkpoints.c.partition, checkpoints.c.seq).where(
+                        checkpoints.c.projection == projection
+                    )
+                )
+                return {int(p): int(s) for p, s in rows}
+
+        return await asyncio.to_thread(read)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)

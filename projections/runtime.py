@@ -26,6 +26,13 @@ paused stream leader resumes, a fetch cancelled with messages in flight. With
 skipped for good. So every batch's consumer sequences (one per delivery, redeliveries
 included) must follow the last one seen without a gap; on a gap the runner commits nothing
 and starts again from its checkpoints with a fresh consumer.
+
+A checkpoint past the stream's last sequence means the stream was deleted and made again
+(its sequences restarted at 1), or the worker points at another NATS: the new messages at or
+below the checkpoint would be skipped. The runner then applies nothing, logs
+``projection_checkpoint_ahead_of_stream`` and checks again every :attr:`lag_every`, holding
+for as long as the checkpoint stays where it was found (also once the stream grows past it)
+until ``broker projections reset`` forgets it. It never resets anything itself.
 """
 
 from __future__ import annotations
@@ -54,7 +61,12 @@ from broker.reader import READ_BYTES, FetchSize
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
 from projections.base import Event, Projection, partition_of
-from projections.checkpoints import CheckpointConflict, CheckpointStore, StoreUnavailable
+from projections.checkpoints import (
+    CheckpointConflict,
+    CheckpointSource,
+    CheckpointStore,
+    StoreUnavailable,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +133,17 @@ class DeliveryGap(Exception):
     """The consumer delivered a message this runner never received."""
 
 
+class CheckpointAheadOfStream(Exception):
+    """A checkpoint is past the stream's last sequence: the stream was made again."""
+
+
+def consumer_name(projection: str, worker: str) -> str:
+    """The durable consumer of ``worker`` for ``projection``: distinct for distinct worker
+    ids (``w-1`` and ``w_1`` too), as their leases are; a shared name would make each
+    worker delete the other's consumer on every subscribe."""
+    return f"proj_{projection.replace('.', '_')}_{worker}"
+
+
 class ProjectionRunner:
     """Runs one projection for one worker over the partitions it owns."""
 
@@ -153,11 +176,13 @@ class ProjectionRunner:
         self._size = FetchSize(_FIRST_ESTIMATE, BATCH_BYTES)
         self._failures: dict[int, int] = {}
         self._crash = _crash_point()
+        #: partition -> the checkpoint found past the stream: held until it changes
+        self._ahead: dict[int, int] = {}
         setup("worker")  # metrics and tracing of this process, once
 
     @property
     def consumer_name(self) -> str:
-        return f"proj_{self.projection.name.replace('.', '_')}_{self.worker}"
+        return consumer_name(self.projection.name, self.worker)
 
     def owned(self) -> frozenset[int]:
         return self._owned()
@@ -165,8 +190,9 @@ class ProjectionRunner:
     async def _subscribe(self, owned: frozenset[int]) -> Any:
         """A fresh durable pull consumer starting after the lowest owned checkpoint."""
         self.positions = await self.store.load(self.projection.name)
-        start = min((self.positions.get(p, 0) for p in owned), default=0) + 1
         stream = self.projection.stream
+        await self._check_not_ahead(owned)
+        start = min((self.positions.get(p, 0) for p in owned), default=0) + 1
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(stream, self.consumer_name)
         config = ConsumerConfig(
@@ -183,6 +209,31 @@ class ProjectionRunner:
         self._delivered = 0
         return await self.js.pull_subscribe_bind(self.consumer_name, stream=stream)
 
+    async def _check_not_ahead(self, owned: frozenset[int]) -> None:
+        """Raise :class:`CheckpointAheadOfStream` (and log it) while an owned checkpoint is
+        past the stream's last sequence, or still where it was when it was found so."""
+        last = (await self.js.stream_info(self.projection.stream)).state.last_seq
+        ahead = {
+            p: seq
+            for p in owned
+            if (seq := self.positions.get(p, 0)) > last or self._ahead.get(p, -1) == seq > 0
+        }
+        self._ahead = ahead
+        if ahead:
+            log.error(
+                "projection_checkpoint_ahead_of_stream",
+                projection=self.projection.name,
+                stream=self.projection.stream,
+                stream_last_seq=last,
+                checkpoint=max(ahead.values()),
+                partitions=sorted(ahead),
+                action=f"broker projections reset {self.projection.name}",
+            )
+            raise CheckpointAheadOfStream(
+                f"{self.projection.name}: checkpoint {max(ahead.values())} is past "
+                f"{self.projection.stream}'s last sequence {last}"
+            )
+
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches until ``stop`` is set; re-subscribe when ownership changes."""
         watcher = asyncio.create_task(self._watch_lag(stop))
@@ -197,7 +248,8 @@ class ProjectionRunner:
     async def lag(self) -> int:
         """Messages of the owned partitions not applied yet, as the consumer counts them
         (pending, and delivered but not acked); 0 when no partition is owned. Without a
-        consumer (being made again): the stream's last sequence past the lowest checkpoint."""
+        consumer (being made again): the stream's last sequence past the lowest checkpoint.
+        Negative while the runner holds on a checkpoint ahead of the stream."""
         owned = self.owned()
         if not owned:
             return 0
@@ -206,6 +258,8 @@ class ProjectionRunner:
             info = await self.js.consumer_info(stream, self.consumer_name)
         except NotFoundError:
             state = (await self.js.stream_info(stream)).state
+            if self._ahead:
+                return min(-1, state.last_seq - max(self._ahead.values()))
             lowest = min(self.positions.get(p, 0) for p in owned)
             return max(0, state.last_seq - max(lowest, state.first_seq - 1))
         return (info.num_pending or 0) + (info.num_ack_pending or 0)
@@ -238,6 +292,8 @@ class ProjectionRunner:
             except DeliveryGap as e:
                 self.stats.gaps += 1
                 log.warning("projection_delivery_gap", projection=self.projection.name, gap=str(e))
+            except CheckpointAheadOfStream:
+                await _wait(stop, self.lag_every)  # logged; an operator resets the projection
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
@@ -439,20 +495,28 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """How far a projection is: the lowest partition checkpoint and what is left to apply."""
+    """How far a projection is: the lowest partition checkpoint and what is left to apply;
+    ``ahead_of_stream`` when a checkpoint is past the stream's last sequence (``lag`` is
+    then negative: by how much)."""
 
     applied_seq: int
     lag: int
+    ahead_of_stream: bool = False
 
 
 async def progress(
-    js: JetStreamContext, projection: Projection, store: CheckpointStore
+    js: JetStreamContext, projection: Projection, store: CheckpointSource
 ) -> Progress:
     """Applied sequence (the lowest partition checkpoint) and lag (the stream's last sequence
     minus it, or minus the last sequence the stream no longer holds: messages that aged out
-    can never be applied; 0: caught up)."""
+    can never be applied; 0: caught up). A checkpoint past the stream's last sequence (the
+    stream was made again) gives a negative lag and ``ahead_of_stream``."""
     info = await js.stream_info(projection.stream)
     positions = await store.load(projection.name)
-    lowest = min((positions.get(p, 0) for p in range(projection.partitions)), default=0)
+    seqs = [positions.get(p, 0) for p in range(projection.partitions)]
+    lowest, highest = min(seqs, default=0), max(seqs, default=0)
+    last = info.state.last_seq
+    if highest > last:
+        return Progress(lowest, last - highest, ahead_of_stream=True)
     gone = max(0, info.state.first_seq - 1)
-    return Progress(lowest, max(0, info.state.last_seq - max(lowest, gone)))
+    return Progress(lowest, max(0, last - max(lowest, gone)))

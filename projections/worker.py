@@ -132,7 +132,7 @@ class Worker:
                 js,
                 projection,
                 self.store,
-                worker=self.options.worker_id.replace("-", "_"),
+                worker=self.options.worker_id,  # as is: ids map one-to-one to consumers
                 batch=self.options.batch,
                 owned=leases.owned,
             )
