@@ -293,11 +293,11 @@ class _RecordSource:
     async def _pull(self) -> Mapping[str, Any]:
         if self._next is None:
             self._next = asyncio.ensure_future(anext(self._records))
-        try:
-            return await asyncio.shield(self._next)
-        finally:
-            if self._next.done():
-                self._next = None
+        # Cancelled (the stream ended), the pull goes on and the next stream takes its record,
+        # even one that came in the same instant: only a record handed on here is let go.
+        record = await asyncio.shield(self._next)
+        self._next = None
+        return record
 
     def close(self) -> None:
         """Stop a pull still running (the caller stopped reading the results)."""
