@@ -243,12 +243,13 @@ class Topology:
             *("--projection-workers", "0", "--routers", "0"),
         )
         self.ingress = BrokerChild("ingress", ingress_args, env, logs / "ingress.log")
-        worker_args = (
-            *("worker", "--nats-url", url),
-            *("--replica-url", self.replica_url, "--data-dir", str(self.data_dir)),
-        )
+        # The replica URL may hold a password: in the environment, not on a command line (ps).
+        worker_args = ("worker", "--nats-url", url, "--data-dir", str(self.data_dir))
+        worker_env = {**env, "BROKER_REPLICA_URL": self.replica_url}
         self.workers = [
-            BrokerChild(f"worker-{i}", worker_args, env, logs / f"worker-{i}.log", "worker_started")
+            BrokerChild(
+                f"worker-{i}", worker_args, worker_env, logs / f"worker-{i}.log", "worker_started"
+            )
             for i in range(spec.projection_workers)
         ]
         self.routers = [

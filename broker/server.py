@@ -25,7 +25,7 @@ import nats.errors
 import structlog
 
 from broker.errors import BrokerError
-from broker.natsconn import connect, connect_options, redact_servers
+from broker.natsconn import connect, connect_options, redact_servers, redact_url
 from broker.settings import Settings
 from broker.streams import provision
 from broker.telemetry.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir, process_exited
@@ -58,6 +58,13 @@ async def provision_streams(settings: Settings, *, update: bool = False) -> None
     )
 
 
+def _replica_shown(settings: Settings) -> str:
+    """The replica's URL as the banner shows it: without user or password."""
+    if settings.replica_url is None:
+        return str(settings.data_dir / "replica.db")
+    return redact_url(settings.replica_url)
+
+
 def banner(settings: Settings) -> str:
     scheme = "https" if settings.tls_cert else "http"
     base = f"{scheme}://{settings.host}:{settings.port}"
@@ -82,7 +89,7 @@ def banner(settings: Settings) -> str:
             else ""
         )
         + (
-            f"SQL replica: {settings.replica_url or settings.data_dir / 'replica.db'} "
+            f"SQL replica: {_replica_shown(settings)} "
             f"({settings.projection_workers} projection worker(s))\n"
             if settings.projection_workers
             else ""

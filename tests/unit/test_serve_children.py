@@ -135,3 +135,23 @@ def test_the_nats_password_stays_off_the_childrens_command_lines_and_the_banner(
     shown = banner(settings)
     assert "s3cret" not in shown
     assert "(NATS nats://***@n1:4222,nats://***@n2:4222)" in shown
+
+
+def test_a_replica_password_stays_off_the_banner_and_the_dev_clusters_command_lines(
+    tmp_path: Path,
+) -> None:
+    """serve's banner showed the replica URL whole, and the dev cluster passed it to its
+    workers on their command lines (ps)."""
+    from broker.devcluster import Topology, TopologySpec
+    from broker.server import banner
+    from broker.settings import Settings
+
+    url = "postgresql://app:s3cret@db:5432/replica"
+    shown = banner(Settings(nats_url="nats://127.0.0.1:4222", replica_url=url))
+    assert "s3cret" not in shown
+    assert "SQL replica: postgresql://***@db:5432/replica" in shown
+    cluster = Topology(TopologySpec(data_dir=tmp_path, replica_url=url, projection_workers=1))
+    cluster._make_children()
+    (worker,) = cluster.workers
+    assert not [arg for arg in worker.args if "s3cret" in arg]
+    assert worker.env["BROKER_REPLICA_URL"] == url
