@@ -218,8 +218,24 @@ def message_size(payload: bytes, headers: Mapping[str, str] | None = None) -> in
 
 
 class Client(NatsClient):
-    """nats-py's client, reading a subject or reply subject that is not UTF-8 with U+FFFD
-    for the bad bytes instead of stopping its read loop (see the module's docstring)."""
+    """nats-py's client, with two changes:
+
+    - a subject or reply subject that is not UTF-8 is read with U+FFFD for the bad bytes
+      instead of stopping its read loop (see the module's docstring);
+    - with TLS configured, every connection is TLS. nats-py upgrades only when the server's
+      first ``INFO`` asks for it, so a server (or anything on the path) that leaves
+      ``tls_required`` out got a plaintext connection, and the user and password in clear.
+      The upgrade is made regardless: a server without TLS fails the handshake, before any
+      credential is sent.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        if initial_connection and "tls" in self.options and server is not None:
+            info["tls_required"] = server.uri.scheme not in ("ws", "wss") or bool(
+                info.get("tls_required")
+            )  # the dict nats-py reads next (its _server_info)
+        await super()._process_info(info, initial_connection)
 
     def _build_message(
         self,
