@@ -102,12 +102,8 @@ class CheckpointSource(Protocol):
         ...
 
 
-class CheckpointStore(Protocol):
+class CheckpointStore(CheckpointSource, Protocol):
     """Per-projection, per-partition positions, moved atomically with the writes."""
-
-    async def load(self, projection: str) -> dict[int, int]:
-        """Partition -> last applied sequence (absent partitions have applied nothing)."""
-        ...
 
     async def commit(self, projection: str, moves: Moves, work: Work) -> None:
         """Run ``work(tx)`` and move the checkpoints, all or nothing; raise
@@ -205,12 +201,7 @@ class SqlCheckpointStore:
     async def load(self, projection: str) -> dict[int, int]:
         def read() -> dict[int, int]:
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(checkpoints.c.partition, checkpoints.c.seq).where(
-                        checkpoints.c.projection == projection
-                    )
-                )
-                return {int(p): int(s) for p, s in rows}
+                return _positions(conn, projection)
 
         return await asyncio.to_thread(read)
 
@@ -275,6 +266,16 @@ class SqlCheckpointStore:
         await asyncio.to_thread(self.engine.dispose)
 
 
+def _positions(conn: sa.Connection, projection: str) -> dict[int, int]:
+    """Partition -> last applied sequence of ``projection``, as ``broker_checkpoints`` has it."""
+    rows = conn.execute(
+        sa.select(checkpoints.c.partition, checkpoints.c.seq).where(
+            checkpoints.c.projection == projection
+        )
+    )
+    return {int(p): int(s) for p, s in rows}
+
+
 class SqlCheckpointReader:
     """Reads ``broker_checkpoints`` and nothing else: no DDL, no write lock. A database
     without the table has applied nothing yet (every position 0)."""
@@ -287,12 +288,7 @@ class SqlCheckpointReader:
             with self.engine.connect() as conn:
                 if not sa.inspect(conn).has_table(checkpoints.name):
                     return {}
-                rows = conn.execute(
-                    sa.select(checkpoints.c.partition, checkpoints.c.seq).where(
-                        checkpoints.c.projection == projection
-                    )
-                )
-                return {int(p): int(s) for p, s in rows}
+                return _positions(conn, projection)
 
         return await asyncio.to_thread(read)
 
