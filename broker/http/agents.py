@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from broker.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from broker.http.datetimes import EXAMPLES, parse_date_time
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
 from broker.registry.commands import (
@@ -43,16 +44,7 @@ _IF_MATCH_HEADER = Header(
 )
 _BAD_IF_MATCH = 'If-Match must be "*" or entity tags: the agent\'s seq in quotes, e.g. "12"'
 
-#: RFC 3339 (section 5.6) date-time; ``T`` and ``Z`` may be lowercase, the offset is required.
-_DATE_TIME = re.compile(
-    r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})[Tt]"
-    r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})(?:\.(?P<fraction>[0-9]+))?"
-    r"(?:[Zz]|(?P<sign>[+-])(?P<off_hour>[0-9]{2}):(?P<off_minute>[0-9]{2}))"
-)
-_BAD_AS_OF = (
-    "as_of is a stream sequence or an RFC 3339 date-time with an offset, "
-    "e.g. 2026-11-24T10:00:00Z or 2026-11-24T11:00:00.5+01:00"
-)
+_BAD_AS_OF = f"as_of is a stream sequence or an RFC 3339 date-time with an offset, {EXAMPLES}"
 
 
 class AgentBody(BaseModel):
@@ -135,37 +127,10 @@ def parse_if_match(value: str) -> IfMatch | None:
 
 
 def parse_as_of(value: str) -> tuple[int | None, datetime | None]:
-    """``as_of`` as a stream sequence (ASCII digits) or an RFC 3339 date-time; 422 else.
-
-    A leap second (``:60``) reads as the last microsecond before it, and a fraction's digits
-    beyond microseconds are cut: either way the events stored by then are exactly those kept
-    (the stream's times have microseconds at most)."""
+    """``as_of`` as a stream sequence (ASCII digits) or an RFC 3339 date-time; 422 else."""
     if value.isascii() and value.isdigit():
         return int(value), None
-    parts = _DATE_TIME.fullmatch(value)
-    if parts is None:
-        raise Unprocessable(_BAD_AS_OF)
-    hours, minutes = int(parts["off_hour"] or 0), int(parts["off_minute"] or 0)
-    second, micro = int(parts["second"]), int((parts["fraction"] or "")[:6].ljust(6, "0"))
-    if second == 60:
-        second, micro = 59, 999_999
-    try:
-        if hours > 23 or minutes > 59:
-            raise ValueError("offset out of range")
-        offset = timedelta(hours=hours, minutes=minutes) * (-1 if parts["sign"] == "-" else 1)
-        moment = datetime(
-            int(parts["year"]),
-            int(parts["month"]),
-            int(parts["day"]),
-            int(parts["hour"]),
-            int(parts["minute"]),
-            second,
-            micro,
-            tzinfo=timezone(offset) if offset else UTC,
-        )
-    except ValueError:
-        raise Unprocessable(f"as_of {value!r} is not a valid date and time") from None
-    return None, moment
+    return None, parse_date_time(value, name="as_of", expected=_BAD_AS_OF)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -29,6 +29,8 @@ from broker.envelope import (
     stored_schema_id,
 )
 from broker.errors import Unprocessable
+from broker.http.datetimes import EXAMPLES as DATE_TIME_EXAMPLES
+from broker.http.datetimes import parse_date_time
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
 from broker.reader import ReadInterrupted, read_batches
@@ -143,10 +145,10 @@ class _ReplayResponse(StreamingResponse):
 
 
 def _start(
-    start_seq: int | None, start_time: datetime | None, last_event_id: str | None
+    start_seq: int | None, start_time: str | None, last_event_id: str | None
 ) -> tuple[int | None, datetime | None]:
     """Where a replay starts: after ``Last-Event-ID`` when given, else ``start_seq`` or
-    ``start_time`` (in UTC, what NATS is sent); 422 for what NATS would refuse."""
+    ``start_time`` (RFC 3339; in UTC, what NATS is sent); 422 for what NATS would refuse."""
     if last_event_id is not None:
         if not (last_event_id.isascii() and last_event_id.isdigit()):
             raise Unprocessable("Last-Event-ID must be a stream sequence")
@@ -156,10 +158,9 @@ def _start(
     if start_seq is not None and start_time is not None:
         raise Unprocessable("give start_seq or start_time, not both")
     if start_time is not None:
-        if start_time.tzinfo is None:
-            raise Unprocessable("start_time needs a time zone (e.g. Z)")
+        moment = parse_date_time(start_time, name="start_time")
         try:
-            return None, start_time.astimezone(UTC)
+            return None, moment.astimezone(UTC)
         except OverflowError:
             raise Unprocessable("start_time is out of range once in UTC") from None
     return start_seq, None
@@ -197,7 +198,14 @@ def replay_router(state: IngressState) -> APIRouter:
         *,
         stream: Annotated[Replayable, Path(description=f"One of {REPLAYABLE_HELP}.")],
         start_seq: Annotated[int | None, Query(ge=1, le=MAX_SEQ)] = None,
-        start_time: Annotated[datetime | None, Query(description="RFC 3339, with a zone.")] = None,
+        start_time: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                description=f"An RFC 3339 date-time with an offset, {DATE_TIME_EXAMPLES}.",
+                json_schema_extra={"format": "date-time"},
+            ),
+        ] = None,
         subject: Annotated[
             str | None,
             Query(pattern=_FILTER, description="Filter inside your namespace; * and > allowed."),
@@ -222,7 +230,7 @@ def replay_router(state: IngressState) -> APIRouter:
         ``MAX_SEQ``, as ``start_seq`` is, and a ``start_time`` whose UTC form falls outside
         years 1 to 9999 (``0001-01-01T00:00:00+05:00``), which has no datetime to send."""
         sse = accept is not None and SSE in accept
-        start_seq, start_time = _start(start_seq, start_time, last_event_id)
+        first_seq, first_time = _start(start_seq, start_time, last_event_id)
         tenant = state.tenant
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
         filter_subject = f"{scope}.{subject or '>'}"
@@ -234,8 +242,8 @@ def replay_router(state: IngressState) -> APIRouter:
             js,
             stream,
             subject=filter_subject,
-            start_seq=start_seq,
-            start_time=start_time,
+            start_seq=first_seq,
+            start_time=first_time,
             batch=min(limit, 1024),
         )
         # The first batch is read before the answer starts: a read NATS refuses (or NATS

@@ -125,6 +125,35 @@ async def test_start_time_at_the_ends_of_the_range_is_read(
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    "start_time",
+    [
+        "1700000000",  # a Unix time: pydantic took it for 2023-11-14
+        "2026-11-24",  # a date alone
+        "2026-11-24T10:00:00",  # no offset
+        "2026-11-24 10:00:00Z",  # a space for the T
+        "2026-11-24T10:00Z",  # no seconds
+        "2026-11-24T10:00:00+0100",  # an offset without its colon
+        "2026-02-30T10:00:00Z",  # no such day
+    ],
+)
+async def test_start_time_is_rfc_3339_only(client: httpx.AsyncClient, start_time: str) -> None:
+    r = await client.get(REPLAY, params={"start_time": start_time})
+    assert_refused(r)
+    assert "start_time" in r.json()["message"]
+
+
+async def test_start_time_takes_any_rfc_3339_form(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    subject = f"bounds.{uuid.uuid4().hex[:8]}"
+    stored = (await js.publish(f"msg.default.{subject}", b"{}")).seq
+    for start_time in ("2000-01-01t00:00:00z", "2000-01-01T01:30:00.123456789+01:30"):
+        r = await client.get(REPLAY, params={"subject": subject, "start_time": start_time})
+        assert r.status_code == 200, r.text
+        assert b'"seq":%d' % stored in r.content
+
+
 # --- consumers deleted when a replay ends --------------------------------------------------
 
 
