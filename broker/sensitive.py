@@ -639,8 +639,10 @@ def _splice_json(body: bytes, scan: Scan, redacted: Any) -> bytes | None:
         return None
     parts: list[str] = []
     done = 0
+    quotes = 0  # before ``done``: hits come in order, so each stretch is counted once
     for start, end, digits, _ in hits:
-        in_string = text.count('"', 0, start) % 2 == 1
+        quotes += text.count('"', done, start)
+        in_string = quotes % 2 == 1
         if in_string:
             parts += (text[done:start], mask(digits[-4:]))
         else:
