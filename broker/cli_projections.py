@@ -127,7 +127,8 @@ def worker(
         typer.Option(
             help="Stable worker name, 1-64 of A-Z a-z 0-9 _ - (default: host-pid), unique "
             "among the workers: it names the worker's leases and, as is, its consumers "
-            "(proj_<projection>_<id>; w-1 and w_1 are two workers).",
+            "(proj_<projection>_<id>; w-1 and w_1 are two workers). `reset` is taken by "
+            "`broker projections reset`.",
             callback=_worker_id,
         ),
     ] = None,
@@ -255,7 +256,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
 
     from broker.natsconn import open_client
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
-    from projections.runtime import ProjectionRunner
+    from projections.runtime import RESET_WORKER, ProjectionRunner
 
     (projection,) = _selected([name], False)
     engine = create_sql_engine(url)
@@ -266,7 +267,7 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
         await store.reset(projection.name, projection.reset)
         await asyncio.to_thread(_setup, engine, projection)
         total = (await js.stream_info(projection.stream)).state.last_seq
-        runner = ProjectionRunner(js, projection, store, worker="reset", batch=1024)
+        runner = ProjectionRunner(js, projection, store, worker=RESET_WORKER, batch=1024)
         with contextlib.suppress(nats.js.errors.NotFoundError):  # an earlier reset's, caught up
             await js.delete_consumer(projection.stream, runner.consumer_name)
         stop = asyncio.Event()

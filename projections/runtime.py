@@ -137,6 +137,11 @@ class CheckpointAheadOfStream(Exception):
     """A checkpoint is past the stream's last sequence: the stream was made again."""
 
 
+#: The worker id of ``broker projections reset``'s runner; no ``broker worker`` may take it,
+#: or the reset would delete that worker's consumer and both would read from one.
+RESET_WORKER = "reset"
+
+
 def consumer_name(projection: str, worker: str) -> str:
     """The durable consumer of ``worker`` for ``projection``: distinct for distinct worker
     ids (``w-1`` and ``w_1`` too), as their leases are; a shared name would make each

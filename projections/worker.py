@@ -31,7 +31,7 @@ from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
 from projections.leases import PartitionLeases
 from projections.outbox import relay_outbox
-from projections.runtime import ProjectionRunner
+from projections.runtime import RESET_WORKER, ProjectionRunner
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +45,8 @@ def valid_worker_id(worker_id: str) -> str:
     dot, say, makes every consumer name invalid while the leases are still held)."""
     if not TOKEN.fullmatch(worker_id):
         raise ValueError(f"worker id {worker_id!r} must be 1-64 of A-Z a-z 0-9 _ -")
+    if worker_id == RESET_WORKER:
+        raise ValueError(f"worker id {worker_id!r} is taken by `broker projections reset`")
     return worker_id
 
 

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.envelope import TOKEN
-from projections.runtime import consumer_name
+from projections.runtime import RESET_WORKER, consumer_name
+from projections.worker import valid_worker_id
 
 pytestmark = pytest.mark.unit
 
@@ -32,3 +33,19 @@ def test_distinct_worker_ids_name_distinct_consumers(a: str, b: str) -> None:
 @given(worker_ids)
 def test_every_valid_worker_id_names_a_valid_consumer(worker: str) -> None:
     assert _CONSUMER.fullmatch(consumer_name("test.counting", worker))
+
+
+def test_no_worker_takes_the_reset_runners_id() -> None:
+    with pytest.raises(ValueError, match="broker projections reset"):
+        valid_worker_id(RESET_WORKER)
+
+
+@given(worker_ids)
+def test_no_valid_worker_id_shares_the_reset_runners_consumer(worker: str) -> None:
+    try:
+        valid_worker_id(worker)
+    except ValueError:
+        return
+    assert consumer_name("replica_messages", worker) != consumer_name(
+        "replica_messages", RESET_WORKER
+    )
