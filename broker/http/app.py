@@ -152,15 +152,21 @@ def _meta_app(state: IngressState) -> FastAPI:
         responses={503: {"model": ReadinessBody}},
     )
     async def readyz() -> JSONResponse:
-        """Ready to take writes: NATS connected and every broker stream present."""
-        r = await state.readiness()
+        """Ready to take writes: NATS connected and answering, every broker stream present,
+        the registry caught up; answered within half a second. ``routers_live`` says
+        whether any router is running, without making the ingress unready."""
+        r = await state.readiness.check()
         body = ReadinessBody(
             ready=r.ready,
             nats_connected=r.nats_connected,
             missing_streams=r.missing_streams,
             registry_ready=r.registry_ready,
+            routers_live=r.routers_live,
+            error_code=r.error_code,
+            message=r.message,
         )
-        return JSONResponse(body.model_dump(), status_code=200 if r.ready else 503)
+        document = body.model_dump(exclude={"error_code", "message"} if r.ready else None)
+        return JSONResponse(document, status_code=200 if r.ready else 503)
 
     @app.get("/version", tags=["operations"], response_model=VersionBody)
     async def version() -> VersionBody:

@@ -114,10 +114,22 @@ class Health(BaseModel):
 
 
 class ReadinessBody(BaseModel):
+    """``ready``: this ingress can append (NATS connected and answering, every stream
+    present, the registry caught up). A 503 also carries ``error_code`` and ``message``."""
+
     ready: bool
     nats_connected: bool
     missing_streams: list[str]
     registry_ready: bool = Field(description="The registry snapshot has caught up with the stream.")
+    routers_live: bool | None = Field(
+        description="A router process (`broker router`, on any machine) was waiting for work "
+        "within the last 3 s; null when NATS did not say. Not part of `ready`: without a "
+        "router, `POST /v1/route` stores messages but nobody decides them."
+    )
+    error_code: str | None = Field(
+        default=None, description="Only when not ready: `nats_unavailable` or `not_ready`."
+    )
+    message: str | None = Field(default=None, description="Only when not ready: why.")
 
 
 class VersionBody(BaseModel):

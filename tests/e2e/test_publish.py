@@ -371,6 +371,8 @@ async def test_http1_and_h2c_share_the_port(broker: BrokerProcess) -> None:
 async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = (await client.get("/readyz")).json()
+    # The module's broker runs a router; whether it was waiting for work just now is timing.
+    assert ready.pop("routers_live") in (True, False)
     assert ready == {
         "ready": True,
         "nats_connected": True,
