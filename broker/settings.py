@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="0 keeps messages forever."
     )
     messages_max_bytes: int = Field(default=-1, ge=-1, description="-1 = unlimited.")
+    # ROUTES and DLQ store another copy of each routed (or dead-lettered) payload; unset,
+    # they follow MESSAGES' limits, so bounding MESSAGES bounds every copy.
+    routes_max_age_seconds: float | None = Field(
+        default=None, ge=0, description="Unset: as messages_max_age_seconds; 0 keeps forever."
+    )
+    routes_max_bytes: int | None = Field(
+        default=None, ge=-1, description="Unset: as messages_max_bytes; -1 = unlimited."
+    )
+    dlq_max_age_seconds: float | None = Field(
+        default=None, ge=0, description="Unset: as messages_max_age_seconds; 0 keeps forever."
+    )
+    dlq_max_bytes: int | None = Field(
+        default=None, ge=-1, description="Unset: as messages_max_bytes; -1 = unlimited."
+    )
     agent_load_ttl_seconds: float = Field(default=15.0, gt=0)
 
     # --- projections ----------------------------------------------------------------

@@ -9,12 +9,13 @@ missing, leaves what matches alone, and reports a conflicting existing configura
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import structlog
@@ -22,11 +23,13 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     BucketNotFoundError,
     NotFoundError,
@@ -38,6 +41,8 @@ from broker.errors import StreamConfigConflict
 from broker.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Stream(StrEnum):
@@ -67,9 +72,19 @@ NO_TENANT = "_"
 
 AGENT_LOAD_BUCKET = "agent_load"
 
-#: Fields compared between an existing stream and the wanted one. JetStream refuses to change
-#: the ones in ``_IMMUTABLE`` on an existing stream.
+#: Fields compared between an existing stream and the wanted one, with the reason the broker
+#: cares about each. Every other ``StreamConfig`` field is left as the operator set it, and an
+#: update in place keeps it: ``name`` (the identity), ``description`` (text), ``placement``,
+#: ``compression`` and ``metadata`` (where and how it is stored, not what), ``republish``
+#: (copies messages out; stores the same), ``first_seq`` (read only at creation),
+#: ``template_owner`` (templates are gone from JetStream), ``mirror_direct`` (means something
+#: only on a mirror, and ``mirror`` is compared), and ``allow_rollup_hdrs``, ``allow_msg_ttl``,
+#: ``allow_msg_schedules``, ``allow_atomic``, ``allow_batched``: they act only on messages
+#: that carry their ``Nats-*`` headers, which the broker never sends and the ingress does not
+#: take from clients (it stores only their ``ce-*`` headers).
 _COMPARED = (
+    # Set from the broker's settings or its design (``stream_specs``). ``num_replicas`` is
+    # the operator's choice, made through ``--replicas``/``BROKER_STREAM_REPLICAS``.
     "subjects",
     "retention",
     "storage",
@@ -83,8 +98,24 @@ _COMPARED = (
     "deny_delete",
     "deny_purge",
     "allow_direct",
+    # Left at JetStream's default by the broker, which relies on it: any other value loses
+    # acknowledged messages, refuses appends, or breaks the broker's readers.
+    "max_msgs_per_subject",  # a limit drops a subject's older messages after their PubAck
+    "discard_new_per_subject",  # refuses appends to a full subject
+    "max_consumers",  # each projection partition, router, agent and replay has its own
+    "consumer_limits",  # an inactive threshold deletes idle durables; max_ack_pending caps them
+    "no_ack",  # no PubAck: every append times out
+    "sealed",  # refuses every append
+    "mirror",  # a mirror refuses appends
+    "sources",  # adds messages that were never published through the broker
+    "subject_transform",  # stores under subjects the broker's readers do not expect
+    "subject_delete_marker_ttl",  # adds marker messages that readers would take for messages
+    "allow_msg_counter",  # a counter stream refuses every other message
+    "persist_mode",  # async: PubAck before the message is written
 )
-_IMMUTABLE = frozenset({"retention", "storage"})
+#: Fields JetStream refuses to change on an existing stream, or (``sealed``) to change back to
+#: what the broker wants: a difference in one of them cannot be updated in place.
+_IMMUTABLE = frozenset({"retention", "storage", "sealed", "allow_msg_counter", "persist_mode"})
 
 
 def stream_specs(settings: Settings) -> list[StreamConfig]:
@@ -101,13 +132,15 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
     }
     # The registry and schema streams are the source of truth: kept forever, never edited.
     audit: dict[str, Any] = {**common, "max_age": 0.0, "max_bytes": -1, "deny_delete": True}
+    # ROUTES and DLQ keep copies of MESSAGES' payloads: unless set, MESSAGES' limits bound them.
+    messages_age, messages_bytes = settings.messages_max_age_seconds, settings.messages_max_bytes
     return [
         StreamConfig(
             name=Stream.MESSAGES,
             description="Every published message, payload as sent (schema-on-read).",
             subjects=[f"{SUBJECT_PREFIX[Stream.MESSAGES]}.>"],
-            max_age=settings.messages_max_age_seconds,
-            max_bytes=settings.messages_max_bytes,
+            max_age=messages_age,
+            max_bytes=messages_bytes,
             deny_delete=False,
             **common,
         ),
@@ -127,8 +160,8 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             name=Stream.ROUTES,
             description="RouteDecided events; route.<tenant>.<agent> is an agent's inbox.",
             subjects=[f"{SUBJECT_PREFIX[Stream.ROUTES]}.>"],
-            max_age=settings.messages_max_age_seconds,
-            max_bytes=-1,
+            max_age=_or(settings.routes_max_age_seconds, messages_age),
+            max_bytes=_or(settings.routes_max_bytes, messages_bytes),
             deny_delete=False,
             **common,
         ),
@@ -136,8 +169,8 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             name=Stream.DLQ,
             description="What could not be processed, with the reason.",
             subjects=[f"{SUBJECT_PREFIX[Stream.DLQ]}.>"],
-            max_age=0.0,
-            max_bytes=-1,
+            max_age=_or(settings.dlq_max_age_seconds, messages_age),
+            max_bytes=_or(settings.dlq_max_bytes, messages_bytes),
             deny_delete=False,
             **common,
         ),
@@ -149,6 +182,10 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             **audit,
         ),
     ]
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 def agent_load_spec(settings: Settings) -> KeyValueConfig:
@@ -172,22 +209,50 @@ class ProvisionReport:
     updated: list[str] = field(default_factory=list)
 
 
+_UNLIMITED_IF_UNSET = frozenset({"max_bytes", "max_msgs", "max_consumers", "max_msgs_per_subject"})
+_FLAGS = frozenset(
+    {
+        "deny_delete",
+        "deny_purge",
+        "allow_direct",
+        "discard_new_per_subject",
+        "no_ack",
+        "sealed",
+        "allow_msg_counter",
+    }
+)
+
+
 def _normalise(name: str, value: Any) -> Any:
+    """One spelling per meaning: what JetStream reports and what the broker asks for differ
+    in how they say "unset" (``None``, ``0``, ``-1``, ``False``, an empty object)."""
     if name == "subjects":
         return sorted(value or [])
-    if name in {"max_age", "duplicate_window"}:
+    if name in {"max_age", "duplicate_window", "subject_delete_marker_ttl"}:
         return round(float(value or 0.0), 3)
-    if name in {"max_bytes", "max_msgs", "max_msg_size"}:
-        return -1 if value in (None, 0, -1) and name != "max_msg_size" else value
-    if name in {"deny_delete", "deny_purge", "allow_direct"}:
+    if name in _UNLIMITED_IF_UNSET:
+        return -1 if value in (None, 0, -1) else value
+    if name == "num_replicas":
+        return value or 1
+    if name in _FLAGS:
         return bool(value)
+    if name == "sources":
+        return [source.as_dict() for source in value or []]
+    if name in {"mirror", "subject_transform", "consumer_limits"}:
+        shown = value.as_dict() if value is not None else {}
+        # An empty consumer_limits object (what JetStream reports) sets no limit.
+        return {k: v for k, v in shown.items() if v} or None
+    if name == "persist_mode":
+        return None if value in (None, PersistMode.DEFAULT) else str(value)
     return value
 
 
-def config_diff(existing: StreamConfig, wanted: StreamConfig) -> dict[str, tuple[Any, Any]]:
+def config_diff(
+    existing: StreamConfig, wanted: StreamConfig, fields: Iterable[str] = _COMPARED
+) -> dict[str, tuple[Any, Any]]:
     """Fields whose existing value differs from the wanted one: ``{field: (existing, wanted)}``."""
     diff: dict[str, tuple[Any, Any]] = {}
-    for name in _COMPARED:
+    for name in fields:
         have = _normalise(name, getattr(existing, name))
         want = _normalise(name, getattr(wanted, name))
         if have != want:
@@ -198,6 +263,41 @@ def config_diff(existing: StreamConfig, wanted: StreamConfig) -> dict[str, tuple
 def _describe(name: str, diff: dict[str, tuple[Any, Any]]) -> str:
     parts = ", ".join(f"{f}: existing={have!r} wanted={want!r}" for f, (have, want) in diff.items())
     return f"stream {name} exists with a different configuration ({parts})"
+
+
+async def _reconcile(
+    js: JetStreamContext,
+    existing: StreamConfig,
+    wanted: StreamConfig,
+    diff: dict[str, tuple[Any, Any]],
+    *,
+    update: bool,
+    shown_as: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a differing configuration, or, asked to ``update``, apply the wanted values of
+    the differing fields in place, keeping every field the broker does not compare (the
+    operator's placement, compression, metadata…)."""
+    assert existing.name is not None
+    renamed = {(shown_as or {}).get(name, name): values for name, values in diff.items()}
+    message = _describe(existing.name, renamed)
+    if _IMMUTABLE & diff.keys():
+        raise StreamConfigConflict(
+            f"{message}; these fields cannot be changed in place; migrate the stream"
+        )
+    if not update:
+        raise StreamConfigConflict(
+            f"{message}; start with --update-streams to apply the wanted configuration"
+        )
+    changed = dataclasses.replace(existing, **{name: getattr(wanted, name) for name in diff})
+    try:
+        await js.update_stream(changed)
+    except APIError as e:
+        if isinstance(e, ServiceUnavailableError) or e.err_code == _JS_NO_SUITABLE_PEERS:
+            raise  # the cluster is not ready yet: ``_patiently`` tries again
+        # e.g. deny_delete or deny_purge, which JetStream sets once and never clears
+        raise StreamConfigConflict(
+            f"{message}; JetStream refused the update ({e.description}); migrate the stream"
+        ) from e
 
 
 async def _ensure_stream(
@@ -215,15 +315,7 @@ async def _ensure_stream(
     if not diff:
         report.unchanged.append(wanted.name)
         return
-    message = _describe(wanted.name, diff)
-    if not update or _IMMUTABLE & diff.keys():
-        hint = (
-            "these fields cannot be changed in place; migrate the stream"
-            if _IMMUTABLE & diff.keys()
-            else "start with --update-streams to apply the wanted configuration"
-        )
-        raise StreamConfigConflict(f"{message}; {hint}")
-    await js.update_stream(wanted)
+    await _reconcile(js, info.config, wanted, diff, update=update)
     report.updated.append(wanted.name)
     log.warning("stream_updated", stream=wanted.name, changed=sorted(diff))
 
@@ -288,38 +380,61 @@ async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.create_key_value(config)
 
 
+#: What the broker relies on in a bucket's stream, by the name the bucket's own setting has
+#: where it has one: ``history`` is its ``max_msgs_per_subject`` (kept older heartbeats
+#: would read as more instances of an agent), ``ttl`` its ``max_age``. The fields the KV
+#: client itself sets (discard, rollups, deletes, TTL headers) are its business.
+_BUCKET_COMPARED: dict[str, str] = {
+    "subjects": "subjects",
+    "storage": "storage",
+    "num_replicas": "replicas",
+    "max_age": "ttl",
+    "max_msgs_per_subject": "history",
+    "max_consumers": "max_consumers",  # the router follows the bucket with its own consumer
+    "consumer_limits": "consumer_limits",
+    "no_ack": "no_ack",
+    "sealed": "sealed",
+    "mirror": "mirror",
+    "sources": "sources",
+    "subject_transform": "subject_transform",
+    "allow_msg_counter": "allow_msg_counter",
+    "persist_mode": "persist_mode",
+}
+
+
+def _bucket_stream(kv: KeyValueConfig) -> StreamConfig:
+    """The compared part of the stream ``create_key_value`` makes for ``kv``."""
+    return StreamConfig(
+        name=f"KV_{kv.bucket}",
+        subjects=[f"$KV.{kv.bucket}.>"],
+        storage=kv.storage,
+        num_replicas=kv.replicas,
+        max_age=kv.ttl,
+        max_msgs_per_subject=kv.history,
+    )
+
+
 async def _ensure_bucket(
     js: JetStreamContext, kv: KeyValueConfig, *, update: bool, report: ProvisionReport
 ) -> None:
-    stream_name = f"KV_{kv.bucket}"
+    wanted = _bucket_stream(kv)
+    assert wanted.name is not None
     try:
-        info = await js.stream_info(stream_name)
+        info = await js.stream_info(wanted.name)
     except NotFoundError:
         await js.create_key_value(kv)
         report.created.append(kv.bucket)
         log.info("bucket_created", bucket=kv.bucket, ttl_seconds=kv.ttl)
         return
-    have = info.config
-    diff: dict[str, tuple[Any, Any]] = {}
-    if round(float(have.max_age or 0.0), 3) != round(float(kv.ttl or 0.0), 3):
-        diff["ttl"] = (have.max_age, kv.ttl)
-    if (have.num_replicas or 1) != kv.replicas:
-        diff["replicas"] = (have.num_replicas, kv.replicas)
-    if have.storage != kv.storage:
-        diff["storage"] = (have.storage, kv.storage)
+    diff = config_diff(info.config, wanted, _BUCKET_COMPARED)
     if not diff:
         report.unchanged.append(kv.bucket)
         return
-    message = _describe(f"KV_{kv.bucket}", diff)
-    if not update or "storage" in diff:
-        raise StreamConfigConflict(
-            f"{message}; start with --update-streams to apply the wanted configuration"
-        )
-    have.max_age = kv.ttl
-    have.num_replicas = kv.replicas
-    await js.update_stream(have)
+    await _reconcile(js, info.config, wanted, diff, update=update, shown_as=_BUCKET_COMPARED)
     report.updated.append(kv.bucket)
-    log.warning("bucket_updated", bucket=kv.bucket, changed=sorted(diff))
+    log.warning(
+        "bucket_updated", bucket=kv.bucket, changed=sorted(_BUCKET_COMPARED[f] for f in diff)
+    )
 
 
 async def missing_streams(js: JetStreamContext) -> list[str]:
