@@ -2,6 +2,12 @@
 
 Used by :meth:`broker.client.BrokerClient.publish_stream`: the request body is written from
 an async iterator while response data is read and handed out as it arrives.
+
+A stopping broker (granian) sends GOAWAY, then a PING, and waits for the PING's ACK before
+it closes the connection. python-h2 takes a GOAWAY received for the end of the connection
+and refuses every frame after it (the PING raises ``ProtocolError``: python-hyper/h2 issue
+1199), so the exchange cannot finish on that connection. It ends at once with
+:class:`ConnectionLost`, and the socket is closed, which lets the broker stop at once.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ import h2.events
 import h2.exceptions
 
 from broker.errors import Unavailable
+
+
+class ConnectionLost(Unavailable):
+    """The connection could not be had, failed, or was shut down by the broker (GOAWAY)
+    before the response ended: what was sent may or may not have been done, and a new
+    connection may well succeed."""
 
 
 class DuplexRequest:
@@ -61,7 +73,7 @@ class DuplexRequest:
                 self._connect_timeout,
             )
         except (OSError, TimeoutError) as e:
-            raise Unavailable(f"cannot reach the broker: {e!r}") from e
+            raise ConnectionLost(f"cannot reach the broker: {e!r}") from e
         self._conn.initiate_connection()
         self._stream_id = self._conn.get_next_available_stream_id()
         request = [
@@ -97,8 +109,8 @@ class DuplexRequest:
             conn.end_stream(stream_id)
             writer.write(conn.data_to_send())
         except Exception as e:
-            if isinstance(e, OSError):
-                e = Unavailable(f"connection to the broker lost: {e!r}")
+            if isinstance(e, (OSError, h2.exceptions.ProtocolError)):
+                e = ConnectionLost(f"connection to the broker lost: {e!r}")
             self._failure = self._failure or e
             with contextlib.suppress(Exception):
                 conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
@@ -124,6 +136,12 @@ class DuplexRequest:
                     elif isinstance(event, h2.events.StreamEnded):
                         self.ended = True
                         return
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        self._failure = self._failure or ConnectionLost(
+                            "the broker shut the connection down (HTTP/2 GOAWAY, error "
+                            f"{event.error_code}) before the response ended"
+                        )
+                        return
                     elif isinstance(event, h2.events.StreamReset):
                         self._failure = self._failure or Unavailable(
                             f"the broker reset the stream (HTTP/2 error {event.error_code})"
@@ -131,14 +149,17 @@ class DuplexRequest:
                         return
                 writer.write(self._conn.data_to_send())
         except (OSError, h2.exceptions.ProtocolError) as e:
-            self._failure = self._failure or Unavailable(f"connection to the broker lost: {e!r}")
+            # A ProtocolError here is h2 refusing the frames after the broker's GOAWAY.
+            lost = ConnectionLost(f"connection to the broker lost: {e!r}")
+            self._failure = self._failure or lost
         finally:
             await self._received.put(None)
 
     async def exchange(self, body: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
         """Send ``body`` and yield response data as it arrives, both at once. Raises what
-        made the body fail, or :class:`Unavailable` when the connection or the stream
-        ended before the response did."""
+        made the body fail, :class:`ConnectionLost` when the connection ended (or was shut
+        down) before the response did, or :class:`Unavailable` when the broker reset the
+        stream."""
         reader, writer = await self._connect()
         sender = asyncio.create_task(self._send_body(body, writer))
         reading = asyncio.create_task(self._read_frames(reader, writer))
@@ -148,7 +169,7 @@ class DuplexRequest:
             if self._failure is not None:
                 raise self._failure
             if not self.ended:
-                raise Unavailable("the broker closed the connection before the response ended")
+                raise ConnectionLost("the broker closed the connection before the response ended")
         finally:
             for task in (sender, reading):
                 task.cancel()

@@ -125,8 +125,10 @@ def publish(
     A single publish prints its ack. With --ndjson the records stream over one HTTP/2
     request with a progress bar (on a terminal) and a summary: sent, acked, duplicates,
     failed, and the error that cut the stream off, if one did. A single publish is retried
-    with the same idempotency key, so it never duplicates; a stream is not retried: re-send
-    the records not acked (those with an idempotency_key are stored once however often).
+    with the same idempotency key, so it never duplicates; a stream whose connection is lost
+    or shut down (the broker stopping) goes on in a new one, its records not acked sent
+    again with their keys. If it is cut off all the same, re-send the records not acked
+    (those with an idempotency_key are stored once however often).
     Exit codes: 0 ok, 1 refused (4xx or a failed record), 2 usage, 3 unavailable.
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls

@@ -3,7 +3,8 @@
 One HTTP/2 connection is multiplexed across calls. Publishes are safe to retry by
 construction: each logical publish gets an idempotency key (generated unless given) that
 every retry reuses, so a retried publish never stores a second copy. Retries back off
-exponentially with full jitter on 429, 503 and connection errors, honouring ``Retry-After``.
+exponentially with full jitter on 429, 503 and connection errors, honouring ``Retry-After``;
+a connection the broker shuts down (HTTP/2 GOAWAY, as it does when it stops) is one.
 An agent put or delete without ``if_match`` is the one write that is not safe to repeat: it
 is retried only while it cannot have reached the broker (see :meth:`BrokerClient._request`).
 Errors come back as the server's :mod:`broker.errors` classes, chosen by ``error_code``.
@@ -37,9 +38,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlencode
 
+import h2.exceptions
 import httpx
 import orjson
 
+from broker._h2stream import ConnectionLost, DuplexRequest
 from broker.envelope import H_STREAM_LAST_SEQ
 from broker.errors import (
     BrokerError,
@@ -68,6 +71,11 @@ T = TypeVar("T")
 _RETRYABLE_STATUS = frozenset({429, 503})
 #: Transport errors raised before a request was sent: no connection could be had.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: A connection that failed or was shut down. TLS 1.3 servers refuse a client certificate
+#: after the handshake: the alert comes as a bare ssl.SSLError on the first read. A stopping
+#: broker sends GOAWAY and then a PING, which h2 refuses (it takes the GOAWAY for the end of
+#: the connection); while a response body is read, h2's ProtocolError reaches us unwrapped.
+_CONNECTION_FAILED = (httpx.TransportError, ssl.SSLError, h2.exceptions.ProtocolError)
 #: The 503 of a write whose outcome the broker does not know (it may be stored).
 _OUTCOME_UNKNOWN = frozenset({"publish_timeout"})
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
@@ -278,10 +286,11 @@ def credential_headers(api_key: str | None, tenant: str | None = None) -> dict[s
 
 class _RecordSource:
     """The records of :meth:`BrokerClient.publish_stream` as NDJSON lines, across the streams
-    it takes: the lines sent and not answered yet (to send again in a new stream when the
-    broker ends one as full), and a pull from the caller's iterator that survives the end of
-    a stream (a stream's sender is cancelled when it ends; the pull goes on, shielded, and
-    the next stream takes its record)."""
+    it takes: the lines sent and not answered yet, in order (to send again, first, in a new
+    stream when the broker ends one as full or the connection is lost; each line keeps its
+    idempotency key, so one the broker had stored is not stored again), and a pull from the
+    caller's iterator that survives the end of a stream (a stream's sender is cancelled when
+    it ends; the pull goes on, shielded, and the next stream takes its record)."""
 
     def __init__(self, records: AsyncIterable[Mapping[str, Any]]) -> None:
         self._records = aiter(records)
@@ -305,8 +314,9 @@ class _RecordSource:
             self._next.cancel()
 
     async def lines(self, resend: list[bytes]) -> AsyncIterator[bytes]:
+        """``resend`` (lines still in :attr:`unanswered`: they stay there until answered, so
+        a stream cut while sending them sends them all again), then the records to come."""
         for line in resend:
-            self.unanswered.append(line)
             yield line
         while not self.exhausted:
             try:
@@ -397,9 +407,7 @@ class BrokerClient:
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
-            # TLS 1.3 servers refuse a client certificate after the handshake: the alert
-            # comes as a bare ssl.SSLError on the first read, which httpx does not wrap.
-            except (httpx.TransportError, ssl.SSLError) as e:
+            except _CONNECTION_FAILED as e:
                 if not repeatable and not isinstance(e, _NOT_SENT):
                     raise Unavailable(
                         f"the connection failed after {method} {path} was sent ({e!r}): it may "
@@ -545,36 +553,51 @@ class BrokerClient:
 
         The broker ends a stream after ten times ``BROKER_MAX_BATCH_RECORDS`` records
         (``stream_full``); the records from there on, those already sent included, go on in
-        a new stream, and the results keep coming in order. A stream is not retried
-        otherwise. When it is cut (the connection lost, the broker gone),
-        the results yielded so far are the records acked, and :class:`Unavailable` says how
-        many were sent: give each record an ``idempotency_key`` if you may re-send it (one
-        without gets a fresh key, so a re-sent record the broker had stored is stored
-        again). A record that is not a mapping, or an error in ``records``, ends the stream
-        with that error. A source that yields nothing for the broker's
-        ``BROKER_STREAM_IDLE_TIMEOUT`` (300 s) has its stream ended by the broker:
+        a new stream, and the results keep coming in order. A connection that cannot be had,
+        is lost, or is shut down by the broker (HTTP/2 GOAWAY, as when it stops) is retried
+        like a publish (see :class:`RetryPolicy`): the records not answered go again, first,
+        in a new stream, each with the idempotency key it was sent with (one without gets a
+        key when it is first sent), so none is stored twice; a record the broker had
+        stored answers its first sequence as a duplicate. When the attempts run out, the
+        results yielded so far are the records acked, and :class:`Unavailable` says how
+        many were sent: give each record an ``idempotency_key`` if you may re-send it
+        yourself (one without gets a fresh key in a new call, so a re-sent record the
+        broker had stored is stored again). A record that is not a mapping, or an error in
+        ``records``, ends the stream with that error. A source that yields nothing for the
+        broker's ``BROKER_STREAM_IDLE_TIMEOUT`` (300 s) has its stream ended by the broker:
         :class:`Unavailable`, after the results of every record sent. The client's
         credentials, TLS settings and timeout apply: the timeout bounds connecting and each
-        wait for an ack while records are unanswered.
+        wait for an ack while records are unanswered; a broker that does not answer in
+        time is :class:`Unavailable`, not retried.
         """
         answered = 0
+        attempt = 0  # connections lost in a row with no answer in between
         source = _RecordSource(records)
-        resend: list[bytes] = []
         try:
             while True:
                 full = False
-                async with contextlib.aclosing(
-                    self._one_publish_stream(source, resend, subject)
-                ) as answers:
-                    async for answer in answers:
-                        if answer.get("error_code") == StreamFull.error_code:
-                            full = True  # the broker's last line: this record on was not read
-                            break
-                        answered += 1
-                        yield _result(answer)
+                answered_before = answered
+                try:
+                    async with contextlib.aclosing(
+                        self._one_publish_stream(source, subject)
+                    ) as answers:
+                        async for answer in answers:
+                            if answer.get("error_code") == StreamFull.error_code:
+                                full = True  # the broker's last line: this record on was not read
+                                break
+                            answered += 1
+                            yield _result(answer)
+                except ConnectionLost:
+                    if source.exhausted and not source.unanswered:
+                        break  # every record was answered: nothing is left to send
+                    attempt = 0 if answered > answered_before else attempt
+                    if attempt + 1 >= self.retry.attempts:
+                        raise
+                    await asyncio.sleep(self.retry.delay(attempt, None))
+                    attempt += 1
+                    continue
                 if not full:
                     break
-                resend = list(source.unanswered)  # sent again, first, in a new stream
         except Unavailable as e:
             raise Unavailable(
                 f"{e}; {answered} of the {source.taken} records sent were acked"
@@ -587,13 +610,12 @@ class BrokerClient:
             )
 
     async def _one_publish_stream(
-        self, source: _RecordSource, resend: list[bytes], subject: str | None
+        self, source: _RecordSource, subject: str | None
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """One full-duplex request of :meth:`publish_stream`: sends ``resend`` and then what
-        ``source`` yields, and yields each answer line as it arrives."""
-        from broker._h2stream import DuplexRequest
-
-        source.unanswered.clear()
+        """One full-duplex request of :meth:`publish_stream`: sends the lines ``source`` has
+        not had answered (an earlier stream's), then what it yields, and yields each answer
+        line as it arrives."""
+        resend = list(source.unanswered)
         query = f"?{urlencode({'subject': subject})}" if subject else ""
         request = DuplexRequest(
             f"{self._http.base_url}/v1/publish{query}",
@@ -690,7 +712,7 @@ class BrokerClient:
                             received += 1
                             attempt = 0
                             yield message
-            except (httpx.TransportError, ssl.SSLError) as e:
+            except _CONNECTION_FAILED as e:
                 if attempt + 1 >= self.retry.attempts:
                     raise Unavailable(f"replay interrupted: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
