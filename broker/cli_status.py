@@ -22,6 +22,10 @@ STATUS_EPILOG = (
 )
 
 
+#: What every status document has: anything else is some other page.
+_DOCUMENT_KEYS = frozenset({"broker", "generated_at", "streams", "consumers", "agents"})
+
+
 class _NoStatus(Exception):
     """The status could not be read: what to say, and the exit code it is worth."""
 
@@ -52,7 +56,18 @@ def _read(url: str, recent: int) -> dict[str, Any]:
     if response.status_code >= 400:
         code = EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED
         raise _NoStatus(response.text, code)
-    document: dict[str, Any] = response.json()
+    try:
+        document = response.json()
+    except ValueError:  # a proxy's login page, a web server's index: not the broker
+        document = None
+    if not isinstance(document, dict) or not document.keys() >= _DOCUMENT_KEYS:
+        kind = response.headers.get("content-type") or "no content type"
+        raise _NoStatus(
+            f"{base}/v1/status answered {response.status_code} ({kind}) with something other"
+            " than a broker status document: is --url the broker's, not a proxy's or"
+            " another server's?",
+            EXIT_UNAVAILABLE,
+        )
     return document
 
 
@@ -71,6 +86,14 @@ def _size(value: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return str(value)
+
+
+def _number(value: Any, spec: str) -> str:
+    """A number of the document as text; ``?`` where there is none (JSON has no infinity:
+    a broker writes it as null)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    return format(value, spec)
 
 
 def _candidates(route: dict[str, Any]) -> str:
@@ -120,8 +143,10 @@ def render(status: dict[str, Any]) -> Any:
         ],
         "no streams",
     )
+    unlisted = status.get("consumers_unlisted") or {}
+    cut = "".join(f", {n:,} more on {s} not listed" for s, n in sorted(unlisted.items()))
     consumers = table(
-        "consumers (lag = pending + unacked)",
+        f"consumers (lag = pending + unacked{cut})",
         ["stream", "consumer", "kind", "lag", "unacked", "redelivered"],
         [
             [
@@ -144,10 +169,10 @@ def render(status: dict[str, Any]) -> Any:
                 a["name"] + ("" if a["registered"] else " (unregistered)"),
                 a.get("version") or "-",
                 str(a["load"]["instances"]),
-                f"{a['load']['in_flight']:g}",
-                f"{a['load']['qps']:.1f}",
-                f"{a['load']['p99_ms']:.1f}",
-                f"{a['load']['error_rate']:.1%}",
+                _number(a["load"]["in_flight"], "g"),
+                _number(a["load"]["qps"], ".1f"),
+                _number(a["load"]["p99_ms"], ".1f"),
+                _number(a["load"]["error_rate"], ".1%"),
             ]
             for a in status["agents"]
         ],

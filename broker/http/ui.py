@@ -2,7 +2,8 @@
 
 ``/metrics`` is the Prometheus text of every process of the broker (see
 :mod:`broker.telemetry.metrics`). ``/v1/status`` is :func:`broker.telemetry.status.collect`
-as JSON, cached for a second so that any number of open pages cost JetStream the same.
+as JSON, cached (encoded) for a second so that any number of open pages cost JetStream and
+this process the same.
 ``/ui`` is one static HTML file with its script and styles inline (no CDN, no build step):
 it polls ``/v1/status`` and draws streams, consumers and lag, agents and their live load,
 the DLQ and the latest routing decisions with their candidates' scores and a trace link.
@@ -17,8 +18,9 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 import broker
 from broker.http.state import IngressState, git_revision
@@ -48,8 +50,15 @@ class _StatusCache:
     def __init__(self) -> None:
         self.at = 0.0
         self.key: tuple[str, int] = ("", 0)
-        self.body: dict[str, Any] | None = None
+        self.body: bytes | None = None
         self.lock = asyncio.Lock()
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    """The status document as JSON. orjson writes a float JSON cannot carry (infinity, NaN)
+    as ``null`` where Starlette's ``JSONResponse`` raised: one agent's absurd heartbeat must
+    not turn every reader's status into a 500."""
+    return orjson.dumps(document)
 
 
 def ops_router(state: IngressState) -> APIRouter:
@@ -59,7 +68,7 @@ def ops_router(state: IngressState) -> APIRouter:
     # letters (``dlq.<STREAM>.…``) point at any tenant's messages.
     authenticating = state.settings.auth_configured
 
-    async def status_document(recent: int) -> dict[str, Any]:
+    async def status_document(recent: int) -> bytes:
         tenant = state.tenant
         async with cache.lock:
             now = time.monotonic()
@@ -74,14 +83,14 @@ def ops_router(state: IngressState) -> APIRouter:
             )
             snapshot = state.registry.snapshot
             result = await collect(
-                state.publisher.js,  # 503 until NATS is connected
+                state.publisher.nc,  # 503 until NATS is connected
                 build=build,
                 registered=snapshot.agents(tenant),
                 recent=recent,
                 trace_url=state.settings.trace_url,
                 all_dead_letters=not authenticating,
             )
-            cache.body, cache.at, cache.key = result.to_dict(), now, key
+            cache.body, cache.at, cache.key = _json(result.to_dict()), now, key
             return cache.body
 
     @router.get("/metrics")
@@ -92,9 +101,10 @@ def ops_router(state: IngressState) -> APIRouter:
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @router.get("/v1/status")
-    async def broker_status(recent: int = Query(20, ge=1, le=200)) -> JSONResponse:
+    async def broker_status(recent: int = Query(20, ge=1, le=200)) -> Response:
         """Streams, consumers and lag, agents and load, the DLQ's and the routes' tails."""
-        return JSONResponse(await status_document(recent), headers={"Cache-Control": "no-cache"})
+        body = await status_document(recent)
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
     @router.get("/ui", response_class=HTMLResponse)
     async def status_page() -> HTMLResponse:

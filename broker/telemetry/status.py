@@ -5,23 +5,25 @@ consumers (what each has left to process: a projection's lag), the agents (regis
 their live load from the ``agent_load`` bucket), the latest DLQ entries and the latest
 routing decisions (``RouteDecided`` in ``ROUTES``, and messages nobody qualified for in
 ``dlq.<tenant>.route``) with their candidates' scores and trace ids. Everything here is
-read-only and bounded: a few stream-info calls and short reads of the streams' tails.
+read-only and bounded: a few stream-info calls, the consumer lists (at most
+:data:`MAX_CONSUMER_PAGES` pages a stream) and short reads of the streams' tails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from broker.reader import read_batches
 from broker.registry.snapshot import AgentRecord
@@ -35,6 +37,19 @@ ROUTE_DECIDED = "RouteDecided"
 _MAX_TAIL = 5000
 _KV_STREAM = f"KV_{AGENT_LOAD_BUCKET}"
 _KV_OPERATION = "KV-Operation"
+#: Seconds each JetStream API request of one status read may take.
+_API_TIMEOUT = 5.0
+#: nats-server lists a stream's consumers in pages of 256 (its API list limit), sorted by
+#: name: agents' inboxes (``agent-…``) come before ``proj_…`` and ``router…``, so one page
+#: hides the projections' lag as soon as there are 256 agents. Status reads this many pages
+#: of a stream at most (3,616 consumers, the pages overlapping; a page is about 160 KB of
+#: JSON) and says how many it left out (``consumers_unlisted``).
+MAX_CONSUMER_PAGES = 16
+#: Consumers each page of the list repeats from the page before (see :func:`_list_consumers`).
+_PAGE_OVERLAP = 32
+#: The largest number a heartbeat's field is shown as: the load of many instances then still
+#: adds up to a finite number (``1e308 + 1e308`` is infinity, which JSON cannot carry).
+LOAD_MAX = 1e12
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +168,9 @@ class BrokerStatus:
     dlq: list[DlqEntry]
     routes: list[RouteEntry]
     links: dict[str, str | None] = field(default_factory=dict)
+    #: By stream, how many consumers were not read (past :data:`MAX_CONSUMER_PAGES` pages):
+    #: ``consumers`` is then incomplete for that stream.
+    consumers_unlisted: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of ``GET /v1/status`` and ``broker status --json``."""
@@ -171,7 +189,7 @@ class BrokerStatus:
 
 
 async def collect(
-    js: JetStreamContext,
+    nc: NatsClient,
     *,
     build: BuildInfo,
     registered: Iterable[AgentRecord] = (),
@@ -184,10 +202,11 @@ async def collect(
     ``all_dead_letters=False`` is a tenant's view: the DLQ tail keeps to ``dlq.<tenant>.…``
     and the agents' consumers to the tenant's own inboxes.
     """
+    js = nc.jetstream(timeout=_API_TIMEOUT)
     streams = await _streams(js)
     by_name = {s.name: s for s in streams}
-    consumers, agents, dlq_messages, route_messages = await asyncio.gather(
-        _consumers(js, [s.name for s in streams], None if all_dead_letters else build.tenant),
+    (consumers, unlisted), agents, dlq_messages, route_messages = await asyncio.gather(
+        _consumers(nc, [s.name for s in streams], None if all_dead_letters else build.tenant),
         _agents(js, build.tenant, registered),
         _tail(
             js,
@@ -220,6 +239,7 @@ async def collect(
         dlq=[_dlq_entry(m) for m in reversed(dlq_messages)],
         routes=routes[:recent],
         links={"trace": trace_url},
+        consumers_unlisted=unlisted,
     )
 
 
@@ -254,43 +274,120 @@ def _consumer_kind(stream: str, name: str) -> str:
     return "other"
 
 
-def _consumer(info: ConsumerInfo) -> ConsumerState:
-    stream = info.stream_name
+def _seq(position: Any) -> int:
+    """The stream sequence of a consumer's ``delivered`` or ``ack_floor``."""
+    return (_int(position.get("stream_seq")) or 0) if isinstance(position, dict) else 0
+
+
+def _consumer(info: Mapping[str, Any]) -> ConsumerState:
+    """One entry of nats-server's consumer list (its ``ConsumerInfo`` JSON)."""
+    stream, name = str(info.get("stream_name", "")), str(info.get("name", ""))
     return ConsumerState(
         stream=stream,
-        name=info.name,
-        kind=_consumer_kind(stream, info.name),
-        pending=info.num_pending or 0,
-        ack_pending=info.num_ack_pending or 0,
-        redelivered=info.num_redelivered or 0,
-        delivered_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
-        ack_floor_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+        name=name,
+        kind=_consumer_kind(stream, name),
+        pending=_int(info.get("num_pending")) or 0,
+        ack_pending=_int(info.get("num_ack_pending")) or 0,
+        redelivered=_int(info.get("num_redelivered")) or 0,
+        delivered_seq=_seq(info.get("delivered")),
+        ack_floor_seq=_seq(info.get("ack_floor")),
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _ConsumerPage:
+    total: int
+    limit: int
+    consumers: list[dict[str, Any]]
+
+
+async def _consumer_page(nc: NatsClient, stream: str, offset: int) -> _ConsumerPage:
+    """One page of ``CONSUMER.LIST``, asked for as such: nats-py's ``consumers_info`` drops
+    the reply's ``total``, and with it any way to know that more pages follow."""
+    reply = await nc.request(
+        f"$JS.API.CONSUMER.LIST.{stream}",
+        orjson.dumps({"offset": offset}),
+        timeout=_API_TIMEOUT,
+    )
+    body = orjson.loads(reply.data)
+    if not isinstance(body, dict):
+        raise APIError(description=f"consumer list of {stream} is not a JSON object")
+    error = body.get("error")
+    if isinstance(error, dict):
+        kind = NotFoundError if error.get("code") == 404 else APIError
+        raise kind(
+            code=_int(error.get("code")),
+            err_code=_int(error.get("err_code")),
+            description=_str(error.get("description")),
+        )
+    listed = body.get("consumers")
+    consumers = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
+    return _ConsumerPage(
+        total=_int(body.get("total")) or 0,
+        limit=_int(body.get("limit")) or len(consumers),
+        consumers=consumers,
+    )
+
+
+async def _list_consumers(nc: NatsClient, stream: str) -> tuple[list[dict[str, Any]], int]:
+    """Every consumer of ``stream`` up to :data:`MAX_CONSUMER_PAGES` pages, and how many
+    past them were left out. The first page tells how many there are; the others are asked
+    for at once, each overlapping the one before by :data:`_PAGE_OVERLAP`: a consumer
+    deleted meanwhile (a read ending, this status's own among them) shifts those after it
+    back, and without the overlap the one that moved onto the page before would be missed.
+    """
+    first = await _consumer_page(nc, stream, 0)
+    size = first.limit
+    if size <= 0 or first.total <= len(first.consumers):
+        return first.consumers, 0
+    step = size - _PAGE_OVERLAP if size > 2 * _PAGE_OVERLAP else size
+    offsets = [step * k for k in range(1, MAX_CONSUMER_PAGES) if step * k < first.total]
+    rest = await asyncio.gather(*(_consumer_page(nc, stream, offset) for offset in offsets))
+    by_name = {str(c.get("name")): c for page in (first, *rest) for c in page.consumers}
+    total = max(page.total for page in (first, *rest))
+    return list(by_name.values()), max(0, total - (offsets[-1] if offsets else 0) - size)
+
+
 async def _consumers(
-    js: JetStreamContext, streams: list[str], tenant: str | None
-) -> list[ConsumerState]:
+    nc: NatsClient, streams: list[str], tenant: str | None
+) -> tuple[list[ConsumerState], dict[str, int]]:
     """Durable consumers only: the ephemeral ones are reads (replay, this status) in flight.
     With ``tenant``, agents' consumers on other tenants' inboxes are left out (their names
-    are those agents' names)."""
+    are those agents' names). Also, by stream, how many consumers were not read."""
+
+    async def listed(stream: str) -> tuple[list[dict[str, Any]], int]:
+        try:
+            return await _list_consumers(nc, stream)
+        except NotFoundError:  # the stream went away since it was listed
+            return [], 0
+
     found: list[ConsumerState] = []
+    unlisted: dict[str, int] = {}
     own_inboxes = f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}."
-    for stream in streams:
-        with contextlib.suppress(NotFoundError):
-            for info in await js.consumers_info(stream):
-                if info.config is None or not info.config.durable_name:
-                    continue
-                consumer = _consumer(info)
-                reads = info.config.filter_subject or ""
-                if tenant is None or consumer.kind != "agent" or reads.startswith(own_inboxes):
-                    found.append(consumer)
+    for stream, (infos, left_out) in zip(
+        streams, await asyncio.gather(*(listed(s) for s in streams)), strict=True
+    ):
+        if left_out:
+            unlisted[stream] = left_out
+        for info in infos:
+            config = info.get("config")
+            if not isinstance(config, dict) or not config.get("durable_name"):
+                continue
+            consumer = _consumer(info)
+            reads = _str(config.get("filter_subject")) or ""
+            if tenant is None or consumer.kind != "agent" or reads.startswith(own_inboxes):
+                found.append(consumer)
     found.sort(key=lambda c: (c.stream, c.name))
-    return found
+    return found, unlisted
 
 
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+def _number(value: Any, most: float = LOAD_MAX) -> float:
+    """A heartbeat's number as shown: not a number, negative or not finite is 0 (as the
+    router reads it), larger than ``most`` is ``most``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    number = float(value)
+    return min(number, most) if math.isfinite(number) and number > 0 else 0.0
 
 
 async def _agents(
@@ -307,19 +404,24 @@ async def _agents(
         for r in registered
     }
     prefix = f"$KV.{AGENT_LOAD_BUCKET}.{tenant}."
+    # A key's value is its newest message: with a bucket that keeps history, older ones are
+    # past heartbeats of the same instance (or what a deletion replaced), not more instances.
+    newest: dict[str, Msg] = {}
     with contextlib.suppress(NotFoundError):
         async for batch in read_batches(js, _KV_STREAM, subject=f"{prefix}>", batch=256):
-            for message in batch:
-                if message.headers and message.headers.get(_KV_OPERATION) in {"DEL", "PURGE"}:
-                    continue
-                agent, _, instance = message.subject[len(prefix) :].partition(".")
-                load = _instance_load(instance, message.data)
-                if load is None:
-                    continue
-                state = agents.get(agent)
-                if state is None:
-                    state = agents[agent] = AgentState(agent, False, None, [], [])
-                state.instances.append(load)
+            for message in batch:  # in stream order: a later one is newer
+                newest[message.subject] = message
+    for subject, message in newest.items():
+        if message.headers and message.headers.get(_KV_OPERATION) in {"DEL", "PURGE"}:
+            continue
+        agent, _, instance = subject[len(prefix) :].partition(".")
+        load = _instance_load(instance, message.data)
+        if load is None:
+            continue
+        state = agents.get(agent)
+        if state is None:
+            state = agents[agent] = AgentState(agent, False, None, [], [])
+        state.instances.append(load)
     return sorted(agents.values(), key=lambda a: a.name)
 
 
@@ -338,7 +440,7 @@ def _instance_load(instance: str, data: bytes) -> InstanceLoad | None:
         in_flight=_number(value.get("in_flight")),
         p50_ms=_number(value.get("p50_ms")),
         p99_ms=_number(value.get("p99_ms")),
-        error_rate=_number(value.get("error_rate")),
+        error_rate=_number(value.get("error_rate"), 1.0),
         gpu_free_mb=_number(gpu) if gpu is not None else None,
         at=str(at) if at is not None else None,
     )
