@@ -45,6 +45,12 @@ class Settings(BaseSettings):
 
     # --- streams --------------------------------------------------------------------
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Each agent's inbox is a durable consumer of ROUTES, and each replay, projection
+    # partition set and router one of MESSAGES; nats-server 2.15 caps a stream that sets no
+    # limit at 1,000 consumers (its ``default_max_consumers``).
+    stream_max_consumers: int = Field(
+        default=100_000, ge=1, description="Consumers one broker stream may have."
+    )
     duplicate_window_seconds: float = Field(default=120.0, gt=0)
     messages_max_age_seconds: float = Field(
         default=0.0, ge=0, description="0 keeps messages forever."

@@ -113,6 +113,11 @@ _COMPARED = (
     "allow_msg_counter",  # a counter stream refuses every other message
     "persist_mode",  # async: PubAck before the message is written
 )
+#: Limits a stream made by an earlier release left unset, which provisioning sets without
+#: ``--update-streams``: unset, nats-server (2.15 on) applies its own default, 1,000
+#: consumers a stream, which the broker's design (an inbox consumer per agent) outgrows.
+#: Setting it changes no stored message and no behaviour below the old default.
+_SET_WHEN_UNSET = frozenset({"max_consumers"})
 #: Fields JetStream refuses to change on an existing stream, or (``sealed``) to change back to
 #: what the broker wants: a difference in one of them cannot be updated in place.
 _IMMUTABLE = frozenset({"retention", "storage", "sealed", "allow_msg_counter", "persist_mode"})
@@ -129,6 +134,7 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
         "max_msgs": -1,
         "max_msg_size": -1,
         "allow_direct": True,
+        "max_consumers": settings.stream_max_consumers,
     }
     # The registry and schema streams are the source of truth: kept forever, never edited.
     audit: dict[str, Any] = {**common, "max_age": 0.0, "max_bytes": -1, "deny_delete": True}
@@ -315,7 +321,8 @@ async def _ensure_stream(
     if not diff:
         report.unchanged.append(wanted.name)
         return
-    await _reconcile(js, info.config, wanted, diff, update=update)
+    unset = all(name in _SET_WHEN_UNSET and have == -1 for name, (have, _) in diff.items())
+    await _reconcile(js, info.config, wanted, diff, update=update or unset)
     report.updated.append(wanted.name)
     log.warning("stream_updated", stream=wanted.name, changed=sorted(diff))
 
