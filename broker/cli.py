@@ -200,6 +200,16 @@ def serve(
             "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
         ),
     ] = None,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="BROKER_STOP_TIMEOUT",
+            min=1.0,
+            max=3600.0,
+            help="On SIGTERM/Ctrl-C: seconds the ingress, workers and routers get, all "
+            "together, to stop cleanly before those still running are killed.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Start the broker: embedded NATS (unless --nats-url), streams, the HTTP/2 ingress,
     the projection workers (SQL replica) and the routers.
@@ -233,7 +243,9 @@ def serve(
     if problem := tls_problem(settings):
         raise typer.BadParameter(problem)
     _check_auth(settings)
-    code = run_broker(settings, update_streams=update_streams, env=_settings_env)
+    code = run_broker(
+        settings, update_streams=update_streams, env=_settings_env, stop_timeout=stop_timeout
+    )
     raise typer.Exit(code)
 
 

@@ -2,8 +2,10 @@
 
 A 3-node NATS JetStream cluster on loopback (``sync_interval: always``, streams with 3
 replicas), the HTTP/2 ingress, projection workers and routers, each a real process
-(:mod:`broker.devcluster`). A process or node that exits is started again; Ctrl-C or
-SIGTERM stops everything, in order.
+(:mod:`broker.devcluster`). A process or node that exits is started again, after a delay
+that grows while it keeps exiting (:class:`broker.devcluster.RestartBackoff`); Ctrl-C or
+SIGTERM stops everything, in order. One dev cluster holds a data dir at a time
+(``<data-dir>/broker.lock``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ DEV_CLUSTER_EPILOG = (
 )
 
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
-#: Seconds between checks for exited processes (they are started again).
-_SUPERVISE_EVERY = 2.0
+#: Seconds between checks for exited processes (they are started again once their
+#: :class:`~broker.devcluster.RestartBackoff` delay, from 0.5 s, has passed).
+_SUPERVISE_EVERY = 0.5
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -88,13 +91,14 @@ def dev_cluster(
     them), the projection workers and the routers as separate processes, prints the URLs
     and an example curl, and runs until Ctrl-C or SIGTERM, which stop everything. Kill a
     node, the ingress or a worker to see the broker ride it out: whatever exits is
-    started again.
+    started again (after a delay from 0.5 s doubling to 30 s while it keeps exiting). One
+    dev cluster runs on a --data-dir at a time; a second one exits with code 4.
     """
     from broker.cli import EXIT_STARTUP
-    from broker.devcluster import Topology, TopologySpec
+    from broker.devcluster import RestartBackoff, Topology, TopologySpec
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
-    from broker.server import port_problem
+    from broker.server import lock_data_dir, port_problem
 
     configure_logging()
     if replicas > nodes:
@@ -104,9 +108,23 @@ def dev_cluster(
             f"{sync_interval!r}: use `always` or a duration such as 500ms, 1s, 2m",
             param_hint="--sync-interval",
         )
+    # A second dev cluster on one data dir used to stop the first one's nodes (their pid
+    # files say they are stale) and start its own on their stores. The lock is taken before
+    # the port check when the data dir exists, so that a second `broker dev-cluster` hears
+    # which one runs there, not only that the port is taken; a new data dir is created only
+    # once the port is known to be free.
+    lock = lock_data_dir(data_dir) if data_dir.is_dir() else None
+    if isinstance(lock, str):
+        typer.echo(lock, err=True)
+        raise typer.Exit(EXIT_STARTUP)
     if port and (problem := port_problem(host, port)):
         typer.echo(problem, err=True)
         raise typer.Exit(EXIT_STARTUP)
+    if lock is None:
+        lock = lock_data_dir(data_dir)  # held until this process exits, however it exits
+        if isinstance(lock, str):
+            typer.echo(lock, err=True)
+            raise typer.Exit(EXIT_STARTUP)
     spec = TopologySpec(
         data_dir=data_dir,
         host=host,
@@ -121,6 +139,7 @@ def dev_cluster(
         replica_url=replica_url,
     )
     topology = Topology(spec)
+    backoff = RestartBackoff()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
@@ -128,7 +147,7 @@ def dev_cluster(
         typer.echo(_banner(topology))
         while True:
             time.sleep(_SUPERVISE_EVERY)
-            for name in topology.revive():
+            for name in topology.revive(backoff):
                 typer.echo(f"{name} exited; started again", err=True)
     except KeyboardInterrupt:
         pass

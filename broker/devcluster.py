@@ -38,7 +38,7 @@ from broker._process import die_with_parent, read_log_since
 from broker.embedded import NatsCluster, NatsServer, free_port
 from broker.errors import EmbeddedServerError
 
-__all__ = ["BrokerChild", "Topology", "TopologySpec"]
+__all__ = ["BrokerChild", "RestartBackoff", "Topology", "TopologySpec"]
 
 log = structlog.get_logger(__name__)
 
@@ -129,6 +129,48 @@ class BrokerChild:
     def logged_ready(self) -> bool:
         """The command logged its ``ready_event`` since its last start."""
         return self.ready_event is not None and f'"{self.ready_event}"' in self.output()
+
+
+@dataclass
+class RestartBackoff:
+    """When each supervised process (a node, the ingress, a worker, a router) that exited may
+    be started again: ``first`` seconds after it was found exited, twice as long each time
+    it exits again within ``steady`` seconds of its last start, at most ``cap``; one that
+    stayed up ``steady`` seconds starts over from ``first``. Without it, a process that dies
+    at every start (a bad setting, a port taken) was started again at every check, forever.
+
+    Plain bookkeeping on the caller's clock (``time.monotonic()``), keyed by process name.
+    """
+
+    first: float = 0.5
+    cap: float = 30.0
+    steady: float = 30.0
+    _delay: dict[str, float] = field(default_factory=dict, repr=False)
+    _started: dict[str, float] = field(default_factory=dict, repr=False)
+    _due: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def exited(self, name: str, now: float) -> float | None:
+        """Note that ``name`` was found exited at ``now``: the seconds until its next start,
+        or ``None`` when that start is already scheduled (it was noted before)."""
+        if name in self._due:
+            return None
+        started = self._started.get(name)
+        if started is None or now - started >= self.steady:
+            delay = self.first
+        else:
+            delay = min(self.cap, max(self.first, 2 * self._delay.get(name, 0.0)))
+        self._delay[name] = delay
+        self._due[name] = now + delay
+        return delay
+
+    def due(self, name: str, now: float) -> bool:
+        """Whether ``name``'s next start (scheduled by :meth:`exited`) may happen now."""
+        return now >= self._due.get(name, now)
+
+    def started(self, name: str, now: float) -> None:
+        """``name`` was started again at ``now``."""
+        self._due.pop(name, None)
+        self._started[name] = now
 
 
 @dataclass(frozen=True)
@@ -323,23 +365,43 @@ class Topology:
 
     # --- supervision ----------------------------------------------------------------
 
-    def revive(self) -> list[str]:
+    def revive(self, backoff: RestartBackoff | None = None) -> list[str]:
         """Start again every node and broker process that exited; the names restarted.
 
+        With ``backoff`` (a supervisor calling this again and again), a process is started
+        only once its delay has passed, and the delay is logged when it is first found
+        exited; without it, at once (a test repairing what it broke).
         Nodes are launched without waiting for them (they turn healthy once they rejoin);
         see :meth:`wait_ready`.
         """
+        now = time.monotonic()
         restarted: list[str] = []
         for node in self.cluster.nodes:
-            if not node.is_running():
+            name = node.spec.server_name or str(node.spec.store_dir)
+            if not node.is_running() and _may_start(backoff, name, None, now):
                 node.launch()
-                restarted.append(node.spec.server_name or str(node.spec.store_dir))
+                restarted.append(name)
         for child in self.children:
             if child.proc is not None and not child.running:
+                if not _may_start(backoff, child.name, child.returncode, now):
+                    continue
                 log.warning("broker_child_restarted", child=child.name, exit_code=child.returncode)
                 child.start()
                 restarted.append(child.name)
         return restarted
+
+
+def _may_start(backoff: RestartBackoff | None, name: str, code: int | None, now: float) -> bool:
+    """Whether the exited process ``name`` is to be started now (noting the start if so)."""
+    if backoff is None:
+        return True
+    delay = backoff.exited(name, now)
+    if delay is not None:
+        log.warning("restart_delayed", child=name, exit_code=code, delay_s=delay)
+    if not backoff.due(name, now):
+        return False
+    backoff.started(name, now)
+    return True
 
 
 def _cluster(store: Path, spec: TopologySpec) -> NatsCluster:

@@ -8,6 +8,7 @@ SIGKILL) and granian's supervisor; granian's worker processes run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import math
 import os
@@ -17,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,16 +184,30 @@ def _router_args(settings: Settings) -> list[str]:
     return args
 
 
-def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        log.warning("child_kill_after_timeout", child=name)
+#: Seconds ``broker serve`` gives its children, all together, to stop after SIGTERM.
+STOP_TIMEOUT = 30.0
+
+
+def stop_children(children: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout: float) -> None:
+    """SIGTERM every running child at once, wait for them all against one deadline
+    ``timeout`` seconds away, then SIGKILL those still running; each is logged by its name.
+    (Waiting for one child after another gave each its own deadline: four hung children held
+    the stop for two minutes.)"""
+    running = [(name, proc) for name, proc in children if proc.poll() is None]
+    for _, proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for _, proc in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    late = [(name, proc) for name, proc in running if proc.poll() is None]
+    for name, proc in late:
+        log.warning("child_killed_after_timeout", child=name, pid=proc.pid, timeout_s=timeout)
         proc.kill()
-        proc.wait(5)
+    deadline = time.monotonic() + 5
+    for _, proc in late:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 #: A child that exits this soon after it started is crashing at start: it is started again
@@ -204,10 +219,11 @@ _USAGE_ERROR = 2
 
 
 class _Child:
-    """A projection worker or a router, started again when it exits."""
+    """A projection worker or a router, started again when it exits. ``name`` is its kind
+    and its number (``router-1``), as its logs show it."""
 
-    def __init__(self, kind: str, start: Callable[[], subprocess.Popen[bytes]]) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, index: int, start: Callable[[], subprocess.Popen[bytes]]) -> None:
+        self.name = f"{kind}-{index}"
         self._start = start
         self.proc = start()
         self.started = time.monotonic()
@@ -227,7 +243,7 @@ class _Child:
             quick = now - self.started < _QUICK_EXIT
             self.delay = min(_MAX_RESTART_DELAY, max(1.0, self.delay * 2)) if quick else 0.0
             self.due = now + self.delay
-            log.warning("child_restarted", child=self.kind, exit_code=code, delay_s=self.delay)
+            log.warning("child_restarted", child=self.name, exit_code=code, delay_s=self.delay)
         if now >= self.due:
             self.proc, self.started, self.due = self._start(), now, None
         return None
@@ -244,22 +260,27 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _run_children(
-    settings: Settings, embedded: NatsServer | None = None, *, announce: str = ""
+    settings: Settings,
+    embedded: NatsServer | None = None,
+    *,
+    announce: str = "",
+    stop_timeout: float = STOP_TIMEOUT,
 ) -> int:
     """Run the granian process, the projection workers and the routers until the ingress
     exits or we are asked to stop; the exit code. A worker or router that dies is started
     again (with a growing delay when it dies at start); one that exits with a usage error
     (its settings are wrong) stops the broker, exit 4. The embedded nats-server, if it
-    dies, is started again on its ports and store; if it cannot be, the broker stops."""
+    dies, is started again on its ports and store; if it cannot be, the broker stops.
+    Stopping gives all the children ``stop_timeout`` seconds together (:func:`stop_children`)."""
     ingress = _spawn(["broker.http.granian_process"])
     routers = router_env(settings.routers)
     children = [
-        _Child("projection_worker", lambda: _spawn(_worker_args(settings)))
-        for _ in range(settings.projection_workers)
+        _Child("projection_worker", i, lambda: _spawn(_worker_args(settings)))
+        for i in range(settings.projection_workers)
     ]
     children += [
-        _Child("router", lambda: _spawn(_router_args(settings), routers))
-        for _ in range(settings.routers)
+        _Child("router", i, lambda: _spawn(_router_args(settings), routers))
+        for i in range(settings.routers)
     ]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     code: int | None = None
@@ -272,16 +293,14 @@ def _run_children(
                 code = _restart_nats(embedded)
             for child in children:
                 if code is None and not _Stop.requested and child.check() is not None:
-                    log.error("child_cannot_start", child=child.kind, exit_code=_USAGE_ERROR)
+                    log.error("child_cannot_start", child=child.name, exit_code=_USAGE_ERROR)
                     code = 4
             time.sleep(0.1)
-        log.info("broker_stopping")
-        _stop(ingress, "ingress")
-        for child in children:  # all at once, then one deadline for them all
-            if child.proc.poll() is None:
-                child.proc.terminate()
-        for child in children:
-            _stop(child.proc, "worker")
+        log.info("broker_stopping", timeout_s=stop_timeout)
+        stop_children(
+            [("ingress", ingress), *((child.name, child.proc) for child in children)],
+            stop_timeout,
+        )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -355,11 +374,12 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _lock_data_dir(data_dir: Path) -> int | str:
+def lock_data_dir(data_dir: Path) -> int | str:
     """Hold ``<data_dir>/broker.lock`` for this process's lifetime (the kernel lets go when
     it exits, however it exits); what is wrong when another broker holds it. Two brokers on
     one data dir would share the embedded nats-server's store, the metrics and the replica:
-    the second used to stop the first one's nats-server, leaving it up but broken."""
+    the second used to stop the first one's nats-server, leaving it up but broken.
+    ``broker dev-cluster`` holds the same lock on its data dir, for the same reason."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "broker.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -379,12 +399,14 @@ def run_broker(
     *,
     update_streams: bool = False,
     env: Callable[[Settings], dict[str, str]],
+    stop_timeout: float = STOP_TIMEOUT,
 ) -> int:
-    """Run until SIGINT/SIGTERM; returns the process exit code."""
+    """Run until SIGINT/SIGTERM; returns the process exit code. The children get
+    ``stop_timeout`` seconds, together, to stop before they are killed."""
     import broker
 
     embedded: NatsServer | None = None
-    lock = _lock_data_dir(settings.data_dir)
+    lock = lock_data_dir(settings.data_dir)
     if isinstance(lock, str):
         log.error("broker_start_failed", message=lock)
         return 4
@@ -427,7 +449,9 @@ def run_broker(
         nats_url=redact_servers(settings.nats_url or ""),
     )
     try:
-        code = _run_children(settings, embedded, announce=banner(settings))
+        code = _run_children(
+            settings, embedded, announce=banner(settings), stop_timeout=stop_timeout
+        )
     finally:
         if embedded is not None:
             embedded.stop()
