@@ -34,7 +34,9 @@ class JsonLineFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line).decode()
+        from broker.telemetry.logfields import redact_secrets
+
+        return orjson.dumps(redact_secrets(None, record.levelname, line)).decode()
 
 
 def granian_log_config() -> dict[str, Any] | None:
@@ -75,10 +77,14 @@ def configure_logging(level: str | None = None) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             add_trace_ids,
+            # Tracebacks become the ``exception`` string before redact_secrets, which then
+            # scrubs it like any field: an exception's message may hold a URL password or a
+            # card number. Also for the console renderer, which would otherwise format
+            # ``exc_info`` itself, after every processor (and with Rich, the frames' locals).
+            structlog.processors.format_exc_info,
             redact_secrets,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -338,7 +338,13 @@ class Publisher:
         metrics.observe_ack(seconds, _settle(pending, msg), pending.size)
 
     async def _sweep(self) -> None:
-        """Fail publishes whose ack did not come within the publish timeout."""
+        """Fail publishes whose ack did not come within the publish timeout.
+
+        Each one is observed in the ack histogram at the time it was given up, and counted
+        as a timeout: its ack, if it ever comes, finds nothing pending and is dropped, so
+        without that the slowest appends (all of them, while JetStream stalls) would be
+        missing from the latency the alerts read. Also when the caller has gone: JetStream
+        was just as slow."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
@@ -348,6 +354,7 @@ class Publisher:
                 if pending.deadline > now:
                     break
                 del self._pending[token]
+                metrics.ack_timed_out(now - pending.deadline + self._publish_timeout)
                 if not pending.future.done():
                     pending.future.set_exception(
                         PublishTimeout(

@@ -8,7 +8,9 @@ authorization, ...) and the credentials in URLs (``nats://user:pass@host`` becom
 ``@``; in fields of server addresses, ``server``, ``*_url`` and the like, also a bare
 ``user:pass@host``), it masks payment card numbers in every string (``[card ****4242]``,
 see :mod:`broker.sensitive`), and it never lets a payload through under the names a
-payload would have (``payload``, ``body``).
+payload would have (``payload``, ``body``). The keys of a dict logged as a field are
+field names too, at any depth (``cfg={"password": ...}``). Run it after
+``format_exc_info``: the formatted traceback (``exception``) is scrubbed like any field.
 
 Card masking is always on in logs, whatever ``detect_card_numbers`` says: a log line is
 never the place for a card number. It costs a length check for strings under 13
@@ -82,8 +84,21 @@ def _scrub(value: Any, address: bool = False) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_scrub(v, address) for v in value)
     if isinstance(value, dict):
-        return {k: _scrub(v, address or _is_address(k)) for k, v in value.items()}
+        # A nested key is a field name like any other (``cfg={"password": ...}``).
+        return {k: _field(k, v, address) for k, v in value.items()}
     return value
+
+
+def _field(key: object, value: Any, address: bool = False) -> Any:
+    """``value`` as it may be logged under the name ``key``, at any depth."""
+    if not isinstance(key, str):
+        return _scrub(value, address)
+    if _SECRET_NAME.search(key):
+        return REDACTED
+    if key in _PAYLOAD_NAMES:
+        size = len(value) if isinstance(value, bytes | str) else None
+        return f"[payload omitted: {size} bytes]" if size is not None else REDACTED
+    return _scrub(value, address or _is_address(key))
 
 
 def _is_address(name: object) -> bool:
@@ -100,11 +115,5 @@ def redact_secrets(
             if isinstance(value, str):
                 event_dict[key] = _cards(value)
             continue
-        if _SECRET_NAME.search(key):
-            event_dict[key] = REDACTED
-        elif key in _PAYLOAD_NAMES:
-            size = len(value) if isinstance(value, bytes | str) else None
-            event_dict[key] = f"[payload omitted: {size} bytes]" if size is not None else REDACTED
-        else:
-            event_dict[key] = _scrub(value, _is_address(key))
+        event_dict[key] = _field(key, value)
     return event_dict

@@ -9,7 +9,9 @@ values at most half a second later (:func:`flush`), and everything returns at on
   template, e.g. ``/v1/publish/{subject}``);
 - ``broker_http_request_duration_seconds{route}``: request latency; the publish latency is
   ``route="/v1/publish/{subject}"`` (and ``/v1/publish`` for batches);
-- ``broker_jetstream_ack_duration_seconds``: from sending a message to its PubAck;
+- ``broker_jetstream_ack_duration_seconds``: from sending a message to its PubAck (a publish
+  whose ack did not come within the publish timeout is observed at the time it was given up);
+- ``broker_jetstream_ack_timeouts_total``: publishes given up for want of a PubAck in time;
 - ``broker_messages_in_total{stream}``, ``broker_bytes_in_total{stream}``: appended and
   acknowledged messages (duplicates excluded) and their payload bytes;
 - ``broker_projection_applied_total{projection}`` (its ``rate()`` is the apply rate),
@@ -94,8 +96,14 @@ HTTP_DURATION = Histogram(
 )
 ACK_DURATION = Histogram(
     "broker_jetstream_ack_duration_seconds",
-    "Time from sending a message to JetStream to its PubAck (or error) arriving.",
+    "Time from sending a message to JetStream to its PubAck (or error) arriving, or to the "
+    "publish being given up without one (counted in broker_jetstream_ack_timeouts_total).",
     buckets=_LATENCY_BUCKETS,
+)
+ACK_TIMEOUTS = Counter(
+    "broker_jetstream_ack_timeouts",
+    "Publishes given up because no PubAck came within the publish timeout (the message may "
+    "still be stored); each is also observed in broker_jetstream_ack_duration_seconds.",
 )
 MESSAGES_IN = Counter(
     "broker_messages_in",
@@ -373,6 +381,15 @@ def observe_ack(seconds: float, stream: str | None = None, size: int = 0) -> Non
         _acks.append((stream, size, seconds))
         if _timer_loop is not _get_running_loop():
             _schedule()
+
+
+def ack_timed_out(seconds: float) -> None:
+    """A publish given up ``seconds`` after sending, no PubAck having come: observed in the
+    ack histogram at that time (so a stalled JetStream shows in its top buckets, where a late
+    ack would never be matched) and counted as a timeout."""
+    if _on:
+        _acks.append((None, 0, seconds))
+        _count(ACK_TIMEOUTS)
 
 
 def projection_applied(projection: str, events: int, lag: int, commit_seconds: float) -> None:

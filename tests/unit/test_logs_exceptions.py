@@ -1,0 +1,134 @@
+"""What ``configure_logging`` writes for an exception: its traceback is scrubbed like any
+field, in JSON and on the console, and so are the keys of a dict logged as a field."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from broker.logs import JsonLineFormatter, configure_logging
+
+pytestmark = pytest.mark.unit
+
+PASSWORD = "hunter2"
+CARD = "4111 1111 1111 1111"
+SECRET_TEXT = f"cannot use nats://svc:{PASSWORD}@nats-1:4222 for card {CARD}"
+MASKED_URL = "nats://***@nats-1:4222"
+MASKED_CARD = "[card ****1111]"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """structlog's and the root logger's set-up as they were before the test."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _configure(monkeypatch: pytest.MonkeyPatch, fmt: str) -> structlog.stdlib.BoundLogger:
+    """``configure_logging`` in ``fmt``, from the test's body: its lines go to the stderr
+    that capsys reads (the one of a fixture's set-up is another)."""
+    monkeypatch.setenv("BROKER_LOG_FORMAT", fmt)
+    configure_logging("info")
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger("test")
+    return logger
+
+
+def _fail_to_connect() -> None:
+    try:
+        raise ConnectionError(SECRET_TEXT)
+    except ConnectionError as e:
+        raise RuntimeError(f"route decision failed, card {CARD}") from e
+
+
+def _assert_scrubbed(text: str) -> None:
+    assert PASSWORD not in text
+    assert CARD not in text
+    assert CARD.replace(" ", "") not in text
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_traceback_of_log_exception_is_redacted(
+    fmt: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exception messages in a logged traceback (the cause's too) keep the traceback
+    but lose the URL password and the card number, as the same text in a field does."""
+    log = _configure(monkeypatch, fmt)
+    try:
+        _fail_to_connect()
+    except RuntimeError:
+        log.exception("route_decision_failed", subject="msg.default.x")
+    err = capsys.readouterr().err
+    _assert_scrubbed(err)
+    assert "Traceback (most recent call last)" in err
+    assert "route_decision_failed" in err
+    assert MASKED_URL in err
+    assert MASKED_CARD in err
+    if fmt == "json":
+        (line,) = err.splitlines()
+        exception = json.loads(line)["exception"]
+        assert f"ConnectionError: cannot use {MASKED_URL} for card {MASKED_CARD}" in exception
+        assert f"RuntimeError: route decision failed, card {MASKED_CARD}" in exception
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_stack_field_is_redacted(
+    fmt: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``stack`` (printed apart from the fields by the console renderer) is scrubbed."""
+    _configure(monkeypatch, fmt).warning("slow_path", stack=f"File x, line 1\n  {SECRET_TEXT}")
+    err = capsys.readouterr().err
+    _assert_scrubbed(err)
+    assert MASKED_URL in err
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_secret_keys_inside_a_dict_field_are_redacted(
+    fmt: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cfg={"password": ...}``: a key of a nested dict is a field name like a top-level
+    one, at any depth, for secrets, payloads and server addresses."""
+    _configure(monkeypatch, fmt).info(
+        "settings_loaded",
+        cfg={
+            "password": PASSWORD,
+            "nats": {"servers": [f"svc:{PASSWORD}@nats-1:4222"], "token": PASSWORD},
+            "dlq": [{"payload": f"card {CARD}", "name": "kept"}],
+        },
+    )
+    err = capsys.readouterr().err
+    _assert_scrubbed(err)
+    assert "***@nats-1:4222" in err
+    assert "kept" in err
+    if fmt == "json":
+        cfg = json.loads(err)["cfg"]
+        assert cfg["password"] == "[redacted]"
+        assert cfg["nats"]["token"] == "[redacted]"
+        assert cfg["dlq"][0]["payload"].startswith("[payload omitted")
+
+
+def test_granian_json_lines_redact_their_exception() -> None:
+    """Standard-library records (granian's) in JSON: the message and the traceback are
+    scrubbed as structlog's lines are."""
+    try:
+        _fail_to_connect()
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "_granian", logging.ERROR, __file__, 1, "worker failed", (), exc_info
+    )
+    line = JsonLineFormatter().format(record)
+    _assert_scrubbed(line)
+    fields = json.loads(line)
+    assert fields["logger"] == "granian"
+    assert "Traceback (most recent call last)" in fields["exception"]
+    assert MASKED_URL in fields["exception"]
