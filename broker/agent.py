@@ -16,36 +16,44 @@ An :class:`Agent` instance reads ``route.<tenant>.<name>`` (its durable inbox in
 ``ROUTES``) through the shared durable consumer ``agent-<tenant>~<name>``, so the instances of
 one agent split its work, and a message an instance took but did not finish (it crashed) is
 delivered again after ``ack_wait`` (the consumer's: an existing one keeps its own, and a
-long handler is kept alive on it). At most ``concurrency`` handlers run at once. A NATS outage
-is waited out however long it lasts; a connection closed for good makes :meth:`Agent.run`
-raise :class:`~broker.errors.Unavailable` rather than return as if stopped.
+long handler is kept alive on it); its ``max_deliveries``-th delivery is not run but fails
+(``RouteFailed``), so a message that kills whatever runs it does not kill every instance for
+ever. At most ``concurrency`` handlers run at once. A NATS outage is waited out however long
+it lasts, and an inbox consumer that disappears is made again (after the last message it had
+delivered); a connection closed for good, or a consumer that cannot be made again, makes
+:meth:`Agent.run` raise :class:`~broker.errors.Unavailable` rather than return as if stopped.
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
 to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
 anything else as JSON, or a :class:`Reply`). A handler that raises, returns what cannot be
 serialised, or a reply over the server's ``max_payload``, or runs past the request's deadline
 (it is cancelled then), makes the SDK append ``RouteFailed``: the router cools the agent
-down and sends the message to the next candidate.
+down and sends the message to the next candidate. A ``CancelledError`` the handler raises
+while the agent is not stopping it (a task it awaited was cancelled) is such a failure too.
+A ``RouteFailed`` over ``max_payload`` leaves out what the router can do without, never the
+payload (see :func:`_failure_headers`).
 
 Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_load``
 (requests/s, in flight, p50/p99 latency, error rate, and GPU free memory and utilisation
 when ``nvidia-smi`` answers); routers stop choosing an instance that stops heartbeating.
 On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds (one
-still running then is cancelled and its message handed back at once, for another instance),
-then its load entry is deleted so routers stop choosing it at once.
+still running then is cancelled and its message handed back, for another instance, after a
+second), then its load entry is deleted so routers stop choosing it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import signal
 import subprocess
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Protocol
 
 import nats
@@ -56,10 +64,10 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.kv import KeyValue
 
-from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE
+from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE, PAYLOAD_HEADERS
 from broker.errors import Unavailable
 from broker.natsconn import (
     RECONNECT_FOREVER,
@@ -71,6 +79,8 @@ from broker.natsconn import (
 from broker.registry.manifest import AgentManifest, validate_manifest
 from broker.routing.events import (
     H_AGENT,
+    H_DEADLINE,
+    H_INTENT,
     H_MESSAGE_SEQ,
     H_REPLY_TO,
     FailureReason,
@@ -90,6 +100,21 @@ _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
 #: Seconds before a message whose failure could not be recorded runs again.
 _FAILURE_NOT_RECORDED_DELAY = 1.0
+#: Seconds before a message handed back on stop runs again (elsewhere, most likely): never at
+#: once, so a message handed back again and again cannot spin.
+_HANDED_BACK_DELAY = 1.0
+#: What ``RouteFailed`` keeps of its failure's text (``RouteFailed.to_headers`` keeps no more).
+_FAILURE_TEXT = 500
+#: The routed message's headers that a ``RouteFailed`` too large with all of them keeps: what
+#: reads the payload, what routing reads, and who waits for the answer until when.
+_FAILURE_KEPT_HEADERS = PAYLOAD_HEADERS | frozenset(
+    name.lower() for name in (H_REPLY_TO, H_DEADLINE, H_INTENT)
+)
+#: Tries at making a vanished inbox consumer again, and the pause between them.
+_RESUBSCRIBE_TRIES = 3
+#: Heartbeats between two reads of the inbox consumer's delivered position.
+_POSITION_EVERY_BEATS = 5
+_RESUBSCRIBE_PAUSE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +247,93 @@ class _Window:
         )
 
 
+def _check_options(
+    *,
+    concurrency: int,
+    heartbeat_interval: float,
+    ack_wait: float,
+    drain_timeout: float,
+    max_deliveries: int,
+) -> None:
+    """Refuse settings an instance cannot run with, when it is made: a ``concurrency`` of 0
+    never fetches, and nothing would say why."""
+    counts = {"concurrency": (concurrency, 1), "max_deliveries": (max_deliveries, 2)}
+    for name, (count, least) in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, not {count!r}")
+    seconds = {"heartbeat_interval": heartbeat_interval, "ack_wait": ack_wait}
+    for name, value in seconds.items():
+        if not _finite(value) or value <= 0:
+            raise ValueError(f"{name} must be a number of seconds above 0, not {value!r}")
+    if not _finite(drain_timeout) or drain_timeout < 0:
+        raise ValueError(
+            f"drain_timeout must be a number of seconds, 0 or more, not {drain_timeout!r}"
+        )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _with_trace(failure: RouteFailed, original: Mapping[str, str]) -> dict[str, str]:
+    headers = failure.to_headers(original)
+    tracing.inject(headers)
+    return headers
+
+
+def _failure_headers(failure: RouteFailed, request: Request, limit: int) -> dict[str, str] | None:
+    """The headers that store ``failure`` with the routed payload within the server's
+    ``max_payload`` (over it, the server would close the connection). The router sends
+    that payload on to the next candidate, so it stays, and these give way in turn: the
+    decision's ranked candidates and detail (the ``RouteDecided`` in ``ROUTES`` keeps
+    them), the failure's text, and the message's own headers other than those that read
+    the payload, route it, and answer the caller. ``None`` when even that is too large."""
+    route = failure.route
+    lean = replace(route, decision=replace(route.decision, candidates=(), detail=""))
+    kept = {k: v for k, v in request.headers.items() if k.lower() in _FAILURE_KEPT_HEADERS}
+    forms = (
+        ((), route, request.headers),
+        (("candidates", "detail"), lean, request.headers),
+        (("candidates", "detail", "headers"), lean, kept),
+    )
+    for dropped, kept_route, original in forms:
+        left_out = list(dropped)
+        text = failure.message[:_FAILURE_TEXT]
+        headers = _with_trace(replace(failure, route=kept_route, message=text), original)
+        over = message_size(request.payload, headers) - limit
+        if 0 < over <= len(text) and left_out:  # a char is a byte or more of the header
+            text = text[: len(text) - over]
+            headers = _with_trace(replace(failure, route=kept_route, message=text), original)
+            over = message_size(request.payload, headers) - limit
+            left_out.append("text")
+        if over <= 0:
+            if left_out:
+                log.warning(
+                    "route_failure_trimmed",
+                    message_seq=request.message_seq,
+                    left_out=",".join(left_out),
+                )
+            return headers
+    return None
+
+
+def _deliveries(message: Msg) -> int:
+    """How many times JetStream delivered ``message``, this time included (1 when the
+    message carries no JetStream metadata)."""
+    try:
+        return message.metadata.num_delivered or 1
+    except Exception:
+        return 1
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (the agent stopping it), rather
+    than a ``CancelledError`` coming up from something it awaited (a task a library
+    cancelled): only the first is a stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Agent:
     """One running instance of an agent."""
 
@@ -235,6 +347,7 @@ class Agent:
         heartbeat_interval: float = 2.0,
         ack_wait: float = 60.0,
         drain_timeout: float = 30.0,
+        max_deliveries: int = 5,
         instance: str | None = None,
         register: bool = False,
         load_source: LoadSource | None = None,
@@ -242,7 +355,20 @@ class Agent:
     ) -> None:
         """``connect_options`` adds NATS TLS and credentials, e.g.
         ``connect_options(Settings(), name="my-agent")`` from :mod:`broker.natsconn` reads
-        ``BROKER_NATS_TLS_*``, ``BROKER_NATS_USER`` … ; ``nats_url`` still names the servers."""
+        ``BROKER_NATS_TLS_*``, ``BROKER_NATS_USER`` … ; ``nats_url`` still names the servers.
+
+        ``max_deliveries``: the delivery of a message that reaches this count is not run but
+        recorded as ``RouteFailed`` (the deliveries before it all ended unsettled: the
+        process died or was stopped while it ran), so the handler runs a message at most
+        ``max_deliveries - 1`` times. ``ValueError`` for a value that cannot work (a
+        ``concurrency`` under 1 would never fetch)."""
+        _check_options(
+            concurrency=concurrency,
+            heartbeat_interval=heartbeat_interval,
+            ack_wait=ack_wait,
+            drain_timeout=drain_timeout,
+            max_deliveries=max_deliveries,
+        )
         self.manifest = (
             manifest if isinstance(manifest, AgentManifest) else validate_manifest(dict(manifest))
         )
@@ -253,6 +379,7 @@ class Agent:
         self.heartbeat_interval = heartbeat_interval
         self.ack_wait = ack_wait
         self.drain_timeout = drain_timeout
+        self.max_deliveries = max_deliveries
         self.instance = instance or new_instance_id()
         self.register = register
         self.load_source = load_source or NvidiaSmi()
@@ -265,6 +392,11 @@ class Agent:
         # The inbox consumer's own ack_wait, which the keep-alive is timed on: an existing
         # consumer keeps the one it was made with, whatever ``ack_wait`` this instance asks.
         self._consumer_ack_wait = ack_wait
+        self._durable = self.consumer_name  # the consumer bound: this, or an earlier name
+        # Where a consumer made again resumes: the first inbox sequence not yet delivered, as
+        # far as this instance knows, by the consumer created at ``_consumer_created``.
+        self._next_seq = 1
+        self._consumer_created: datetime | None = None
         self._free = concurrency  # handler slots not in use
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -321,30 +453,15 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume, handle and heartbeat until ``stop`` is set; then drain and return.
 
-        NATS going away is waited out, however long; :class:`~broker.errors.Unavailable`
-        when the connection closes for good before ``stop`` is set (after draining)."""
+        NATS going away is waited out, however long, and an inbox consumer that vanished
+        is made again; :class:`~broker.errors.Unavailable` when the connection closes for
+        good before ``stop`` is set, or the consumer cannot be made again (after draining)."""
         if self._handler is None:
             raise RuntimeError("no handler: decorate an async function with @agent.handler")
         setup("agent")
         await self._connect()
-        assert self._js is not None
-        subject = inbox_subject(self.tenant, self.name)
         try:
-            durable = await self._inbox_consumer(self._js, subject)
-            sub = await self._js.pull_subscribe(
-                subject,
-                durable=durable,
-                stream=Stream.ROUTES,
-                config=ConsumerConfig(
-                    durable_name=durable,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=self.ack_wait,
-                    deliver_policy=DeliverPolicy.ALL,
-                    filter_subject=subject,
-                    max_ack_pending=max(1000, self.concurrency * 16),
-                ),
-            )
-            await self._read_ack_wait(sub, durable)
+            sub = await self._subscribe()
         except BaseException:
             self._closing = True
             if self._nc is not None:
@@ -364,11 +481,45 @@ class Agent:
             await self._leave()
             log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
 
-    async def _read_ack_wait(self, sub: Any, durable: str) -> None:
+    async def _subscribe(self, resume_at: int | None = None) -> Any:
+        """Bind the inbox consumer, creating it when it does not exist: from the inbox's
+        first message, or from ``resume_at`` (a stream sequence) when it is made again."""
+        assert self._js is not None
+        subject = inbox_subject(self.tenant, self.name)
+        durable = await self._inbox_consumer(self._js, subject)
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._consumer_ack_wait,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subject,
+            max_ack_pending=max(1000, self.concurrency * 16),
+        )
+        if resume_at is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = resume_at
+        sub = await self._js.pull_subscribe(
+            subject, durable=durable, stream=Stream.ROUTES, config=config
+        )
+        info = await sub.consumer_info()
+        self._durable = durable
+        self._note_position(info)
+        self._read_ack_wait(info, durable)
+        return sub
+
+    def _note_position(self, info: ConsumerInfo) -> None:
+        """Keep up with what the instances sharing the consumer were delivered (read on
+        every few heartbeats), so that one made again does not deliver it again."""
+        delivered = 0 if info.delivered is None else info.delivered.stream_seq
+        if info.created != self._consumer_created:  # another consumer: its own sequences
+            self._consumer_created, self._next_seq = info.created, delivered + 1
+        else:
+            self._next_seq = max(self._next_seq, delivered + 1)
+
+    def _read_ack_wait(self, info: ConsumerInfo, durable: str) -> None:
         """Time the keep-alive on the bound consumer's ack_wait: nats-py binds to an existing
         consumer as it is, so a new ``ack_wait`` does not reach it. It is not updated either:
         the instances sharing it would each keep it alive on a different clock."""
-        info = await sub.consumer_info()
         actual = info.config.ack_wait
         if actual is None or actual <= 0:
             return
@@ -381,6 +532,55 @@ class Agent:
                 consumer_ack_wait=actual,
                 hint="the consumer's ack_wait applies; edit the consumer to change it",
             )
+
+    async def _inbox_gone(self) -> bool:
+        """Whether the inbox consumer no longer exists (deleted, or ROUTES made again): a
+        fetch then gets no answer (503) or 404. Anything else (NATS busy, or away for a
+        moment) is no proof, and the fetch is tried again."""
+        assert self._js is not None
+        try:
+            await self._js.consumer_info(Stream.ROUTES, self._durable)
+        except nats.js.errors.NotFoundError:  # the consumer, or the whole stream
+            return True
+        except Exception:
+            return False
+        return False
+
+    async def _resubscribe(self, old: Any) -> Any:
+        """Make the inbox consumer again and bind it. Made from the inbox's first message
+        when ROUTES is a new stream; otherwise from the first message this instance knows
+        was not delivered yet, so the history is not run again (a message another instance
+        took just before may be). :class:`~broker.errors.Unavailable` when it cannot be made
+        (ROUTES is gone): the instance stops, and its load entry with it, rather than
+        heartbeating while it consumes nothing."""
+        log.warning("agent_inbox_consumer_gone", agent=self.name, consumer=self._durable)
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+        error: Exception | None = None
+        for _ in range(_RESUBSCRIBE_TRIES):  # instances racing: the losers bind the winner's
+            try:
+                sub = await self._subscribe(await self._resume_point())
+            except Exception as e:
+                error = e
+                await asyncio.sleep(_RESUBSCRIBE_PAUSE)
+                continue
+            log.info("agent_inbox_consumer_made_again", agent=self.name, consumer=self._durable)
+            return sub
+        why = f"the inbox consumer {self._durable} is gone and could not be made again"
+        raise Unavailable(f"{why}: {error!r}"[:500])
+
+    async def _resume_point(self) -> int | None:
+        """Where a consumer made again starts: ``None`` (the whole inbox) when ROUTES is a new
+        stream (made after the consumer that was lost: made again, or NATS restarted on an
+        empty store), otherwise the first sequence not known to have been delivered.
+        ``NotFoundError`` when ROUTES is gone."""
+        assert self._js is not None
+        info = await self._js.stream_info(Stream.ROUTES)
+        known = self._consumer_created
+        newer = known is None or info.created is None or info.created > known
+        if newer or info.state.last_seq < self._next_seq - 1:
+            return None
+        return self._next_seq
 
     async def _connect(self) -> None:
         options = ConnectOptions(**(self.connect_options or {}))
@@ -430,7 +630,8 @@ class Agent:
     async def _consume(self, sub: Any, stop: asyncio.Event) -> None:
         """Fetch and start handlers until ``stop`` is set. A connection that closed (it
         never gives up reconnecting, so something closed it for good) raises: returning
-        would look like a clean stop to whoever supervises the agent."""
+        would look like a clean stop to whoever supervises the agent. So does an inbox
+        consumer that vanished and cannot be made again (:meth:`_resubscribe`)."""
         while not stop.is_set():
             if self._nc is None or self._nc.is_closed:
                 raise Unavailable(
@@ -450,11 +651,20 @@ class Agent:
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                 await asyncio.sleep(0.1)  # closing: the check above raises once it closed
                 continue
-            except Exception as e:  # a NATS hiccup: try again shortly
+            except Exception as e:  # a NATS hiccup (try again shortly), or the consumer gone
+                gone = isinstance(
+                    e, nats.js.errors.ServiceUnavailableError | nats.js.errors.NotFoundError
+                )
+                if gone and await self._inbox_gone():
+                    sub = await self._resubscribe(sub)
+                    continue
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
                 continue
             for message in batch:
+                with contextlib.suppress(Exception):  # not a JetStream message: no position
+                    seq = message.metadata.sequence.stream
+                    self._next_seq = max(self._next_seq, seq + 1)
                 self._free -= 1
                 task = asyncio.create_task(self._handle(message))
                 self._tasks.add(task)
@@ -476,10 +686,10 @@ class Agent:
         try:
             await self._handle_one(message)
         except asyncio.CancelledError:
-            # Stopped while it ran (past drain_timeout): handed back now, for another
-            # instance to run, rather than after the consumer's ack_wait.
+            # Stopped while it ran (past drain_timeout): handed back for another instance to
+            # run in a second, rather than after the consumer's ack_wait.
             with contextlib.suppress(Exception):
-                await message.nak()
+                await message.nak(delay=_HANDED_BACK_DELAY)
             raise
 
     async def _handle_one(self, message: Msg) -> None:
@@ -504,6 +714,10 @@ class Agent:
             )
             await self._settle(message, recorded)
             return
+        delivered = _deliveries(message)
+        if delivered >= self.max_deliveries:  # it killed (or outlived) every instance it ran on
+            await self._give_up(message, request, delivered)
+            return
         assert self._handler is not None
         started = time.monotonic()
         keepalive = asyncio.create_task(self._keep_alive(message))
@@ -517,11 +731,14 @@ class Agent:
                 async with deadline_timer:
                     result = await self._handler(request)
                 reply = to_reply(result)  # a result that cannot be serialised fails the same
-            except Exception as e:  # the handler's own failure: report it, keep serving
+            except (Exception, asyncio.CancelledError) as e:  # the handler's own failure
+                if isinstance(e, asyncio.CancelledError) and _being_cancelled():
+                    raise  # the agent stops it (drain): _handle hands the message back
                 self._window.add((time.monotonic() - started) * 1000, False)
                 if isinstance(e, TimeoutError) and deadline_timer.expired():
                     reason, why = FailureReason.TIMEOUT, "cancelled at the deadline"
-                else:  # a handler's own TimeoutError (a call of its own timed out) included
+                else:  # a handler's own TimeoutError or CancelledError (from a call or task
+                    # of its own) included: reported, not taken for a stop and run again
                     log.warning("agent_handler_failed", agent=self.name, error=repr(e)[:300])
                     reason, why = FailureReason.ERROR, repr(e)
                 recorded = await self._failed(request, reason, why)
@@ -538,6 +755,26 @@ class Agent:
             finally:
                 keepalive.cancel()
         await self._settle(message, recorded)
+
+    async def _give_up(self, message: Msg, request: Request, delivered: int) -> None:
+        """Record a message delivered ``max_deliveries`` times as failed, without running it,
+        and terminate it: every delivery before ended unsettled, most likely because running
+        it killed the process (a segfault, the OOM killer), and each run would kill the next
+        instance. The router then sends it to the next candidate or to the DLQ."""
+        log.warning(
+            "agent_message_not_run",
+            agent=self.name,
+            message_seq=request.message_seq,
+            delivered=delivered,
+        )
+        why = (
+            f"delivered {delivered} times without being settled: not run again (each "
+            "instance that ran it died or stopped before it finished)"
+        )
+        if await self._failed(request, FailureReason.ERROR, why):
+            await message.term()
+        else:
+            await self._settle(message, False)
 
     async def _settle(self, message: Msg, failure_recorded: bool) -> None:
         """Ack the message, unless its failure could not be recorded: then hand it back, so
@@ -577,13 +814,22 @@ class Agent:
         return None
 
     async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
-        """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed."""
+        """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed (it
+        is handed back, and recorded when it runs again). One that cannot be stored in any
+        form (see :func:`_failure_headers`) is only logged: trying again would fail alike."""
         self.failed += 1
-        if request.mirror or self._js is None:
+        if request.mirror or self._js is None or self._nc is None:
             return True
         failure = RouteFailed(request.route, reason, message, self.instance)
-        headers = failure.to_headers(request.headers)
-        tracing.inject(headers)
+        headers = _failure_headers(failure, request, self._nc.max_payload)
+        if headers is None:
+            log.error(
+                "route_failure_not_storable",
+                message_seq=request.message_seq,
+                payload_bytes=len(request.payload),
+                max_payload=self._nc.max_payload,
+            )
+            return True
         try:
             await self._js.publish(failure.subject, request.payload, headers=headers)
         except Exception as e:  # handed back: it runs again and the failure is recorded then
@@ -633,6 +879,7 @@ class Agent:
             log.warning("agent_heartbeat_failed", error=str(e)[:200])
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        beats = 0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_interval):
@@ -643,6 +890,15 @@ class Agent:
                 await self._heartbeat()
             except Exception:  # never end the loop: without beats every router drops us
                 log.exception("agent_heartbeat_failed")
+            beats += 1
+            # One consumer_info per instance every few beats (a thousand instances would
+            # otherwise ask JetStream 500 times a second): a consumer made again may then
+            # deliver once more what the others took in the last few beats.
+            if self._js is not None and beats % _POSITION_EVERY_BEATS == 0:
+                with contextlib.suppress(Exception):  # gone, or NATS away: the fetch tells
+                    self._note_position(
+                        await self._js.consumer_info(Stream.ROUTES, self._durable, timeout=2.0)
+                    )
 
     async def _drain(self) -> None:
         if self._tasks:
