@@ -3,14 +3,19 @@
 A command reads the agent's last event (its subject's last message), decides which event
 (if any) the change is, and appends it with ``Nats-Expected-Last-Subject-Sequence`` set to
 that last sequence, so two writers racing on one agent cannot both win: the loser gets 409.
-An identical re-apply appends nothing.
+An identical re-apply appends nothing. A last event this release cannot read at all
+(:class:`~broker.registry.events.UnreadableEvent`) counts as a registration of unknown
+content at its sequence: a put or a delete replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -21,6 +26,7 @@ from broker.reader import read_messages
 from broker.registry.events import (
     RegistryEvent,
     RegistryEventType,
+    UnreadableEvent,
     agent_subject,
     decode_message,
     decode_raw,
@@ -30,6 +36,8 @@ from broker.registry.events import (
 from broker.registry.manifest import AgentManifest, AgentName, canonical_json
 from broker.registry.snapshot import RegistrySnapshot, fold
 from broker.streams import Stream
+
+log = structlog.get_logger(__name__)
 
 
 class VersionConflict(Conflict):
@@ -53,16 +61,27 @@ class CommandResult:
 
 @dataclass(frozen=True, slots=True)
 class _Last:
-    """An agent's latest event and the version it was appended over (its stored
-    ``Nats-Expected-Last-Subject-Sequence``; ``None`` when it carries none)."""
+    """An agent's latest event, its sequence, and the version it was appended over (its
+    stored ``Nats-Expected-Last-Subject-Sequence``; ``None`` when it carries none). When it
+    cannot be read, ``event`` is ``None`` and ``unreadable`` says why."""
 
-    event: RegistryEvent
+    event: RegistryEvent | None
+    seq: int
     replaced: int | None
+    unreadable: UnreadableEvent | None = None
+
+    @property
+    def registered(self) -> bool:
+        """Whether the agent is registered after it; one that cannot be read may be."""
+        return self.event is None or self.event.type is not RegistryEventType.DEREGISTERED
 
 
 async def last_event(js: JetStreamContext, tenant: Tenant, name: str) -> RegistryEvent | None:
-    """The agent's latest event, as the stream's leader has it (see :func:`_last`)."""
+    """The agent's latest event, as the stream's leader has it (see :func:`_last`);
+    :class:`UnreadableEvent` when this release cannot read it."""
     last = await _last(js, tenant, name)
+    if last is not None and last.unreadable is not None:
+        raise last.unreadable
     return last.event if last else None
 
 
@@ -78,8 +97,14 @@ async def _last(js: JetStreamContext, tenant: Tenant, name: str) -> _Last | None
         raw = await js.get_last_msg(Stream.REGISTRY, agent_subject(tenant, name))
     except NotFoundError:
         return None
-    replaced = (raw.headers or {}).get(NATS_EXPECTED_LAST_SUBJECT_SEQ)
-    return _Last(decode_raw(raw), int(replaced) if replaced and replaced.isdigit() else None)
+    replaced_header = (raw.headers or {}).get(NATS_EXPECTED_LAST_SUBJECT_SEQ)
+    replaced = int(replaced_header) if replaced_header and replaced_header.isdigit() else None
+    try:
+        return _Last(decode_raw(raw), raw.seq or 0, replaced)
+    except UnreadableEvent as e:
+        # Still a version: a write over it names its seq, so it replaces what no one can read.
+        log.warning("registry_event_unreadable", subject=e.subject, seq=e.seq, error=e.message)
+        return _Last(None, e.seq, replaced, e)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +157,13 @@ def repeats_deregistration(if_match: IfMatch | None, replaced: int | None) -> bo
     return if_match.matches(replaced, registered=True)
 
 
-def _check_if_match(if_match: IfMatch | None, current: RegistryEvent | None, name: str) -> None:
-    if precondition_holds(if_match, current):
+def _check_if_match(if_match: IfMatch | None, last: _Last | None, name: str) -> None:
+    have = last.seq if last else 0
+    if if_match is None or if_match.matches(have, registered=last is not None and last.registered):
         return
-    if if_match is not None and if_match.wildcard:
+    if if_match.wildcard:
         raise VersionConflict(f"agent {name} is not registered, and If-Match: * needs it to be")
-    have = current.seq if current else 0
-    if if_match is None or not if_match.tags:
+    if not if_match.tags:
         raise VersionConflict(
             f'agent {name} is at version {have}; a weak entity tag never matches: send "{have}"'
         )
@@ -170,8 +195,9 @@ async def put_agent(
     whatever ``if_match`` says: the state asked for is the state there (a client retrying a
     conditional put whose answer was lost would otherwise be told it conflicted with
     itself). ``if_match`` as an int is ``If-Match: "<seq>"``."""
-    current = await last_event(publisher.js, tenant, manifest.name)
-    live = current is not None and current.type is not RegistryEventType.DEREGISTERED
+    last = await _last(publisher.js, tenant, manifest.name)
+    current = last.event if last else None
+    live = last is not None and last.registered
     if (
         live
         and current is not None
@@ -179,10 +205,10 @@ async def put_agent(
         and canonical_json(current.manifest) == canonical_json(manifest)
     ):
         return CommandResult(None, current.seq)
-    _check_if_match(_condition(if_match), current, manifest.name)
+    _check_if_match(_condition(if_match), last, manifest.name)
     kind = RegistryEventType.UPDATED if live else RegistryEventType.REGISTERED
     event = RegistryEvent(kind, tenant, AgentName(manifest.name), manifest)
-    stored = await _append(publisher, event, current.seq if current else 0)
+    stored = await _append(publisher, event, last.seq if last else 0)
     return CommandResult(stored, stored.seq)
 
 
@@ -196,22 +222,36 @@ async def delete_agent(
     that what it did failed (see :func:`repeats_deregistration`)."""
     condition = _condition(if_match)
     last = await _last(publisher.js, tenant, name)
-    if last is None or last.event.type is RegistryEventType.DEREGISTERED:
+    if last is None or not last.registered:
         if last is not None and repeats_deregistration(condition, last.replaced):
-            return CommandResult(None, last.event.seq)
+            return CommandResult(None, last.seq)
         raise NotFound(f"agent {name} is not registered")
-    current = last.event
-    _check_if_match(condition, current, name)
+    _check_if_match(condition, last, name)
     event = RegistryEvent(RegistryEventType.DEREGISTERED, tenant, AgentName(name), None)
-    stored = await _append(publisher, event, current.seq)
+    stored = await _append(publisher, event, last.seq)
     return CommandResult(stored, stored.seq)
 
 
+async def _readable(
+    js: JetStreamContext, subject: str
+) -> AsyncGenerator[RegistryEvent | UnreadableEvent, None]:
+    """The events on ``subject``, oldest first; one that cannot be read as its error (logged)."""
+    async with contextlib.aclosing(read_messages(js, Stream.REGISTRY, subject=subject)) as read:
+        async for message in read:
+            try:
+                event: RegistryEvent | UnreadableEvent = decode_message(message)
+            except UnreadableEvent as e:
+                log.warning(
+                    "registry_event_unreadable", subject=e.subject, seq=e.seq, error=e.message
+                )
+                event = e
+            yield event
+
+
 async def agent_history(js: JetStreamContext, tenant: Tenant, name: str) -> list[RegistryEvent]:
-    """Every event of one agent, oldest first."""
+    """Every event of one agent, oldest first; one this release cannot read is left out."""
     return [
-        decode_message(m)
-        async for m in read_messages(js, Stream.REGISTRY, subject=agent_subject(tenant, name))
+        e async for e in _readable(js, agent_subject(tenant, name)) if isinstance(e, RegistryEvent)
     ]
 
 
@@ -219,13 +259,17 @@ async def registry_as_of(
     js: JetStreamContext, tenant: Tenant, *, seq: int | None = None, time: datetime | None = None
 ) -> RegistrySnapshot:
     """The tenant's registry exactly as it was after stream sequence ``seq`` or at ``time``,
-    rebuilt from the stream."""
+    rebuilt from the stream (skipping what cannot be read, as the live view does)."""
     events: list[RegistryEvent] = []
-    async for message in read_messages(js, Stream.REGISTRY, subject=tenant_filter(tenant)):
-        event = decode_message(message)
-        if seq is not None and event.seq > seq:
-            break
-        if time is not None and event.at is not None and event.at > time:
-            break
-        events.append(event)
-    return fold(events)
+    through = 0  # past the events that could not be read
+    async with contextlib.aclosing(_readable(js, tenant_filter(tenant))) as read:
+        async for event in read:
+            if seq is not None and event.seq > seq:
+                break
+            if time is not None and event.at is not None and event.at > time:
+                break
+            if isinstance(event, UnreadableEvent):
+                through = event.seq
+            else:
+                events.append(event)
+    return fold(events).past(through)

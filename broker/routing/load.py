@@ -43,6 +43,11 @@ _KV_PREFIX = f"$KV.{AGENT_LOAD_BUCKET}."
 _KV_OPERATION = "KV-Operation"
 _INSTANCE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _EMPTY: Mapping[str, AgentLoad] = MappingProxyType({})
+#: Seconds between the server's idle heartbeats to the view's ordered consumer: nats-py
+#: recreates a lost consumer (a NATS restart drops it) when two went missing, so the view is
+#: deaf for under 2 s after a restart. With nats-py's default, 5 s, it was 5 to 20 s, which
+#: can outlast the bucket's TTL (15 s): instances still heartbeating could expire from it.
+IDLE_HEARTBEAT = 0.5
 
 
 def new_instance_id() -> str:
@@ -174,6 +179,7 @@ class LoadView:
             stream=f"KV_{AGENT_LOAD_BUCKET}",
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            idle_heartbeat=IDLE_HEARTBEAT,
             cb=self._on_message,
         )
         self._task = asyncio.create_task(self._refresh_loop(), name="load-view-refresh")
