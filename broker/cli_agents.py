@@ -33,6 +33,7 @@ def _client(url: str) -> Iterator[Any]:
     import httpx
 
     from broker.cli import EXIT_UNAVAILABLE, cli_credentials, cli_tls
+    from broker.client import CONNECTION_FAILED
 
     client = httpx.Client(
         base_url=url.rstrip("/"),
@@ -45,7 +46,7 @@ def _client(url: str) -> Iterator[Any]:
     try:
         with client:
             yield client
-    except httpx.TransportError as e:
+    except CONNECTION_FAILED as e:  # h2's ProtocolError too: a broker stopping mid-answer
         typer.echo(f"cannot reach the broker at {url}: {e!r}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE) from None
 

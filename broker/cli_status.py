@@ -39,6 +39,7 @@ def _read(url: str, recent: int) -> dict[str, Any]:
     import httpx
 
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
+    from broker.client import CONNECTION_FAILED
 
     base = url.rstrip("/")
     verify = cli_tls()
@@ -51,7 +52,7 @@ def _read(url: str, recent: int) -> dict[str, Any]:
             verify=verify,
         ) as client:
             response = client.get(f"{base}/v1/status", params={"recent": str(recent)})
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, *CONNECTION_FAILED) as e:
         raise _NoStatus(f"cannot reach the broker at {base}: {e}", EXIT_UNAVAILABLE) from None
     if response.status_code >= 400:
         code = EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED

@@ -75,7 +75,7 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 #: after the handshake: the alert comes as a bare ssl.SSLError on the first read. A stopping
 #: broker sends GOAWAY and then a PING, which h2 refuses (it takes the GOAWAY for the end of
 #: the connection); while a response body is read, h2's ProtocolError reaches us unwrapped.
-_CONNECTION_FAILED = (httpx.TransportError, ssl.SSLError, h2.exceptions.ProtocolError)
+CONNECTION_FAILED = (httpx.TransportError, ssl.SSLError, h2.exceptions.ProtocolError)
 #: The 503 of a write whose outcome the broker does not know (it may be stored).
 _OUTCOME_UNKNOWN = frozenset({"publish_timeout"})
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
@@ -407,7 +407,7 @@ class BrokerClient:
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except _CONNECTION_FAILED as e:
+            except CONNECTION_FAILED as e:
                 if not repeatable and not isinstance(e, _NOT_SENT):
                     raise Unavailable(
                         f"the connection failed after {method} {path} was sent ({e!r}): it may "
@@ -712,7 +712,7 @@ class BrokerClient:
                             received += 1
                             attempt = 0
                             yield message
-            except _CONNECTION_FAILED as e:
+            except CONNECTION_FAILED as e:
                 if attempt + 1 >= self.retry.attempts:
                     raise Unavailable(f"replay interrupted: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
