@@ -157,6 +157,10 @@ def replay(
     table = output == "table"
     if to is not None and not to.parent.is_dir():
         raise typer.BadParameter(f"no directory {to.parent}", param_hint="--to")
+    if since is not None and since.tzinfo is None:  # the broker takes RFC 3339 only
+        raise typer.BadParameter(
+            "give a time zone, e.g. 2026-11-25T10:00:00Z", param_hint="--since"
+        )
     try:
         count = asyncio.run(
             _replay(url, stream.upper(), from_seq, since, subject, decode, to, table)

@@ -21,6 +21,7 @@ def test_cli_errors_are_messages_and_exit_codes_not_tracebacks(tmp_path: Path) -
         (["agents", "get", "x", *unreachable], 3),
         (["publish", "a.b", str(tmp_path / "missing.json")], 2),
         (["replay", "MESSAGES", "--to", str(tmp_path / "nodir" / "out.ndjson")], 2),
+        (["replay", "MESSAGES", "--since", "2026-11-26 22:13:00", *unreachable], 2),
         (["agents", "import-a2a", __file__, "-o", str(tmp_path / "nodir" / "m.yaml")], 2),
     ):
         result = runner.invoke(app, args)
