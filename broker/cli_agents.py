@@ -24,6 +24,10 @@ URL = Annotated[str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")]
 OUTPUT = Annotated[str, typer.Option("--output", "-o", help="json or table.")]
 DEFAULT_URL = "http://127.0.0.1:8080"
 _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+#: What the commands read of an agent's record, of its list and of its history.
+_RECORD_KEYS = ("name", "version", "seq", "updated_at", "manifest")
+_LIST_KEYS = ("agents",)
+_HISTORY_KEYS = ("name", "events")
 
 
 @contextlib.contextmanager
@@ -58,13 +62,43 @@ def _fail(response: Any) -> None:
     raise typer.Exit(EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED)
 
 
-def _get_json(url: str, path: str, params: dict[str, str] | None = None) -> Any:
-    """GET ``path`` and return its JSON body; exits with the documented code on an error."""
+def _document(response: Any, *keys: str) -> dict[str, Any]:
+    """The JSON object of a 2xx answer, with ``keys`` in it. Anything else (a proxy's login
+    page, a URL that points at another server) is not the broker's answer: exit code 3, as
+    for a broker that cannot be reached, and a message rather than a traceback."""
+    from broker.cli import EXIT_UNAVAILABLE
+
+    try:
+        body = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    if not isinstance(body, dict):
+        lacks = "a JSON object"
+    else:
+        lacks = ", ".join(key for key in keys if key not in body)
+    if response.status_code >= 300 or lacks:
+        kind = response.headers.get("content-type") or "no content type"
+        typer.echo(
+            f"the answer from {response.url} is not the broker's: HTTP {response.status_code}"
+            f" ({kind}) without {lacks or 'a broker document'}; is --url the broker's, not a"
+            " proxy's or another server's?",
+            err=True,
+        )
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    document: dict[str, Any] = body
+    return document
+
+
+def _get_json(
+    url: str, path: str, keys: tuple[str, ...], params: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """GET ``path`` and return its JSON object, which has ``keys``; exits with the documented
+    code on an error or an answer that is not the broker's."""
     with _client(url) as client:
         response = client.get(path, params=params)
     if response.status_code >= 400:
         _fail(response)
-    return response.json()
+    return _document(response, *keys)
 
 
 def _registered(response: Any) -> dict[str, Any] | None:
@@ -73,10 +107,9 @@ def _registered(response: Any) -> dict[str, Any] | None:
     read is not an absent one, and putting it without ``If-Match`` could overwrite a change."""
     if response.status_code == 404:
         return None
-    if response.status_code != 200:
+    if response.status_code >= 400:
         _fail(response)
-    record: dict[str, Any] = response.json()
-    return record
+    return _document(response, *_RECORD_KEYS)
 
 
 def _manifest_files(path: Path) -> list[Path]:
@@ -156,9 +189,8 @@ def apply(
             )
             if response.status_code >= 400:
                 _fail(response)
-            typer.echo(
-                f"{manifest.name}: {response.json()['event']} (seq {response.json()['seq']})"
-            )
+            change = _document(response, "event", "seq")
+            typer.echo(f"{manifest.name}: {change['event']} (seq {change['seq']})")
     typer.echo(
         f"{len(manifests)} manifest(s), {changed} change(s){' (dry run)' if dry_run else ''}"
     )
@@ -178,7 +210,7 @@ def list_agents(
     output: OUTPUT = "table",
 ) -> None:
     """List registered agents (now, or as they were at --as-of)."""
-    body = _get_json(url, "/v1/agents", {"as_of": as_of} if as_of else None)
+    body = _get_json(url, "/v1/agents", _LIST_KEYS, {"as_of": as_of} if as_of else None)
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
         return
@@ -201,7 +233,7 @@ def list_agents(
 )
 def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
     """Print one agent: its registry record (json) or only its manifest (yaml)."""
-    body = _get_json(url, f"/v1/agents/{_agent_name(name)}")
+    body = _get_json(url, f"/v1/agents/{_agent_name(name)}", _RECORD_KEYS)
     if output == "yaml":
         import yaml
 
@@ -219,7 +251,7 @@ def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
 )
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
     """Every registry event of one agent, oldest first."""
-    body = _get_json(url, f"/v1/agents/{_agent_name(name)}/history")
+    body = _get_json(url, f"/v1/agents/{_agent_name(name)}/history", _HISTORY_KEYS)
     if output == "json":
         typer.echo(json.dumps(body, indent=2))
         return

@@ -171,11 +171,72 @@ def _error(response: httpx.Response) -> BrokerError:
     return error
 
 
-def _result(item: Mapping[str, Any]) -> PublishResult:
+def _not_the_broker(where: str, why: str) -> Unavailable:
+    """A 2xx the client cannot read: a proxy's login page, or a URL that points at another
+    server. Unavailable (not a decoding error): the broker's answer never came."""
+    return Unavailable(
+        f"the answer from {where} is not the broker's: {why}; is the URL the broker's, "
+        "not a proxy's or another server's?"
+    )
+
+
+def _answered(response: httpx.Response) -> str:
+    kind = response.headers.get("content-type") or "no content type"
+    return f"HTTP {response.status_code} ({kind})"
+
+
+def _body(response: httpx.Response) -> Any:
+    """The JSON a 2xx answer carries; :func:`_not_the_broker` when it carries none."""
+    try:
+        return response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        why = f"{_answered(response)} that is not JSON: {response.text[:80]!r}"
+        raise _not_the_broker(str(response.url), why) from None
+
+
+def _document(response: httpx.Response, *keys: str) -> dict[str, Any]:
+    """The JSON object a 2xx answer carries, with ``keys`` (what the caller reads) in it."""
+    body = _body(response)
+    if not isinstance(body, dict):
+        why = f"{_answered(response)} with a JSON {type(body).__name__}, not an object"
+        raise _not_the_broker(str(response.url), why)
+    if missing := [key for key in keys if key not in body]:
+        why = f"{_answered(response)} without {', '.join(missing)}"
+        raise _not_the_broker(str(response.url), why)
+    return body
+
+
+def _result(item: Any, where: str) -> PublishResult:
+    """One record's outcome as the broker answers it (from ``where``, to say so if not)."""
     _every_error_class()
-    if "error_code" in item:
-        return PublishResult(error=error_class(item["error_code"], 0)(item["message"]))
-    return PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
+    try:
+        if "error_code" in item:
+            return PublishResult(error=error_class(item["error_code"], 0)(item["message"]))
+        return PublishResult(PublishAck(item["stream"], item["seq"], item["duplicate"]))
+    except (KeyError, TypeError):
+        raise _not_the_broker(where, f"a record's result {str(item)[:80]!r}") from None
+
+
+def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
+    """``key`` of a 2xx answer's object: a list of objects, else not the broker's answer."""
+    items = _document(response, key)[key]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        why = f"{_answered(response)} whose {key} is not a list of objects"
+        raise _not_the_broker(str(response.url), why)
+    return items
+
+
+def _stored(line: str, response: httpx.Response) -> StoredMessage | None:
+    """A line of a replay: a message, or ``None`` for the error line of a read that broke
+    off after the 200; any other line is :func:`_not_the_broker`."""
+    try:
+        record = orjson.loads(line)
+        if isinstance(record, dict) and "error_code" in record:
+            return None
+        return StoredMessage.from_json(record)
+    except (ValueError, KeyError, TypeError):  # binascii.Error is a ValueError
+        why = f"{_answered(response)} with a line {line[:80]!r}"
+        raise _not_the_broker(str(response.url), why) from None
 
 
 def _error_code(response: httpx.Response) -> Any:
@@ -458,7 +519,7 @@ class BrokerClient:
             sent["expected-last-subject-sequence"] = str(expected_last_subject_sequence)
         path = f"/v1/publish/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
-        data = response.json()
+        data = _document(response, "stream", "seq", "duplicate")
         return PublishAck(data["stream"], data["seq"], data["duplicate"])
 
     async def route(
@@ -484,7 +545,7 @@ class BrokerClient:
         sent = _route_headers(media, key, intent, text, embedding, env, headers)
         path = f"/v1/route/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
-        data = response.json()
+        data = _document(response, "stream", "seq", "duplicate")
         return RouteResult(data["stream"], data["seq"], data["duplicate"], data.get("decision"))
 
     async def request(
@@ -543,7 +604,10 @@ class BrokerClient:
             headers={"content-type": "application/x-ndjson"},
             params={"subject": subject} if subject else None,
         )
-        return [_result(item) for item in response.json()["results"]]
+        results = _document(response, "results")["results"]
+        if not isinstance(results, list):
+            raise _not_the_broker(str(response.url), f"results {str(results)[:80]!r}")
+        return [_result(item, str(response.url)) for item in results]
 
     async def publish_stream(
         self, records: AsyncIterable[Mapping[str, Any]], *, subject: str | None = None
@@ -586,7 +650,7 @@ class BrokerClient:
                                 full = True  # the broker's last line: this record on was not read
                                 break
                             answered += 1
-                            yield _result(answer)
+                            yield _result(answer, f"{self._http.base_url}/v1/publish")
                 except ConnectionLost:
                     if source.exhausted and not source.unanswered:
                         break  # every record was answered: nothing is left to send
@@ -647,7 +711,13 @@ class BrokerClient:
                 *complete, buffer = buffer.split(b"\n")
                 for line in complete:
                     if line.strip():
-                        answer = orjson.loads(line)
+                        try:
+                            answer = orjson.loads(line)
+                        except orjson.JSONDecodeError:
+                            answer = None
+                        if not isinstance(answer, dict):
+                            where = f"{self._http.base_url}/v1/publish"
+                            raise _not_the_broker(where, f"a line {line[:80]!r}")
                         if answer.get("error_code") == RequestTimeout.error_code:
                             # the broker's last line: it heard nothing for its idle time
                             raise Unavailable(f"the broker ended the stream: {answer['message']}")
@@ -698,14 +768,16 @@ class BrokerClient:
                         if response.status_code not in _RETRYABLE_STATUS:
                             raise _error(response)
                         raise httpx.TransportError(f"HTTP {response.status_code}")
+                    if response.status_code != 200:  # a redirect to a login page ...
+                        why = _answered(response)
+                        raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
                         end = int(last) if last.isdigit() else None
                     async for line in response.aiter_lines():
                         if line:
-                            record = orjson.loads(line)
-                            if "error_code" in record:  # the read broke off after the 200
-                                raise httpx.TransportError(record.get("message", line))
-                            message = StoredMessage.from_json(record)
+                            message = _stored(line, response)
+                            if message is None:  # the read broke off after the 200
+                                raise httpx.TransportError(orjson.loads(line).get("message", line))
                             if end is not None and message.seq > end:
                                 return  # appended after the replay began
                             next_seq = message.seq + 1
@@ -745,20 +817,18 @@ class BrokerClient:
             content=orjson.dumps(body),
             headers=headers,
         )
-        data = response.json()
+        data = _document(response, "seq", "changed", "event", "agent")
         return AgentChange(data["seq"], data["changed"], data["event"], data["agent"])
 
     async def get_agent(self, name: str) -> dict[str, Any]:
         path = f"/v1/agents/{_agent_segment(name)}"
-        data: dict[str, Any] = (await self._request("GET", path)).json()
-        return data
+        return _document(await self._request("GET", path), "name", "seq", "manifest")
 
     async def list_agents(self, *, as_of: int | str | None = None) -> list[dict[str, Any]]:
         """The agents now, or as they were at a stream sequence or RFC 3339 time."""
         params = {"as_of": str(as_of)} if as_of is not None else None
-        agents: list[dict[str, Any]] = (
-            await self._request("GET", "/v1/agents", params=params)
-        ).json()["agents"]
+        response = await self._request("GET", "/v1/agents", params=params)
+        agents: list[dict[str, Any]] = _listed(response, "agents")
         return agents
 
     async def delete_agent(self, name: str, *, if_match: int | None = None) -> AgentChange:
@@ -772,13 +842,12 @@ class BrokerClient:
         response = await self._request(
             "DELETE", path, repeatable=if_match is not None, headers=headers
         )
-        data = response.json()
+        data = _document(response, "seq", "changed", "event")
         return AgentChange(data["seq"], data["changed"], data["event"], None)
 
     async def agent_history(self, name: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = (
-            await self._request("GET", f"/v1/agents/{_agent_segment(name)}/history")
-        ).json()["events"]
+        response = await self._request("GET", f"/v1/agents/{_agent_segment(name)}/history")
+        events: list[dict[str, Any]] = _listed(response, "events")
         return events
 
     # --- schema registry (the Confluent-compatible API under /registry) ----------------
@@ -804,23 +873,27 @@ class BrokerClient:
         body = self._schema_body(schema, schema_type, references)
         path = f"/registry/subjects/{_segment(subject)}/versions"
         response = await self._request("POST", path, content=body, headers=_REGISTRY_JSON)
-        return int(response.json()["id"])
+        return int(_document(response, "id")["id"])
 
     async def get_schema(self, schema_id: int) -> RegisteredSchema:
         """The schema under a global id (what a payload's schema id points at)."""
         path = f"/registry/schemas/ids/{_segment(schema_id)}"
-        data = (await self._request("GET", path)).json()
+        data = _document(await self._request("GET", path), "schema")
         return RegisteredSchema.from_json(data, schema_id)
 
     async def get_schema_version(
         self, subject: str, version: int | str = "latest"
     ) -> RegisteredSchema:
         path = f"/registry/subjects/{_segment(subject)}/versions/{_segment(version)}"
-        return RegisteredSchema.from_json((await self._request("GET", path)).json())
+        return RegisteredSchema.from_json(_document(await self._request("GET", path), "schema"))
 
     async def list_subjects(self) -> list[str]:
-        subjects: list[str] = (await self._request("GET", "/registry/subjects")).json()
-        return subjects
+        response = await self._request("GET", "/registry/subjects")
+        subjects = _body(response)
+        if not isinstance(subjects, list):
+            why = f"{_answered(response)} with a JSON {type(subjects).__name__}, not a list"
+            raise _not_the_broker(str(response.url), why)
+        return [str(subject) for subject in subjects]
 
     async def check_compatibility(
         self,
@@ -839,7 +912,7 @@ class BrokerClient:
             content=self._schema_body(schema, schema_type, references),
             headers=_REGISTRY_JSON,
         )
-        messages: list[str] = response.json().get("messages") or []
+        messages: list[str] = _document(response, "is_compatible").get("messages") or []
         return messages
 
     async def set_compatibility(self, level: str, subject: str | None = None) -> str:
@@ -847,7 +920,7 @@ class BrokerClient:
         path = "/registry/config" + (f"/{_segment(subject)}" if subject else "")
         body = orjson.dumps({"compatibility": level})
         response = await self._request("PUT", path, content=body, headers=_REGISTRY_JSON)
-        return str(response.json()["compatibility"])
+        return str(_document(response, "compatibility")["compatibility"])
 
 
 @dataclass(frozen=True, slots=True)
