@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
     from broker.natsconn import ConnectOptions
+    from projections.runtime import Progress
 
 NATS_URL = Annotated[
     str,
@@ -84,6 +87,33 @@ def _nats_options(nats_url: str, name: str = "broker-cli") -> ConnectOptions:
     from broker.settings import get_settings
 
     return connect_options(get_settings(), servers=nats_url, name=name)
+
+
+async def open_nats(nats_url: str, name: str = "broker-cli") -> NatsClient:
+    """A one-shot command's connection: a few quick attempts (:data:`~broker.natsconn.ONE_SHOT`)
+    without a traceback per attempt; when none succeeds, ``error: cannot reach NATS at …``
+    and exit 3, instead of two minutes of retries and a ``NoServersError`` traceback."""
+    from broker.cli import EXIT_UNAVAILABLE
+    from broker.natsconn import ONE_SHOT, NatsConnectFailed, connect, redact_servers
+
+    async def attempt_failed(error: Exception) -> None:
+        """Nothing per attempt: the last one's error is in the message below (and these
+        commands leave structlog unconfigured, whose default prints to stdout)."""
+
+    options = _nats_options(nats_url, name)
+    try:
+        return await connect(options, **ONE_SHOT, error_cb=attempt_failed)
+    except NatsConnectFailed as e:
+        servers = redact_servers(options["servers"])
+        # The plain "NATS at X: <error>" reads as the CLI's other connection errors do;
+        # explain_connect_error's own sentences (TLS, credentials, timeout) stay as they are.
+        plain = f"NATS at {servers}: "
+        if e.message.startswith(plain):
+            reason = f"cannot reach NATS at {servers}: {e.message.removeprefix(plain)}"
+        else:
+            reason = e.message
+        typer.echo(f"error: {reason}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 
 def replica_url(url: str | None, data_dir: Path) -> str:
@@ -166,16 +196,18 @@ def worker(
 #: A checkpoint past the stream's end: the stream was deleted and made again (or this is
 #: another NATS); workers hold the projection until it is reset.
 _AHEAD = "checkpoint ahead of stream (recreated?): broker projections reset {name}"
+#: Checkpoints recorded in an earlier stream of the same name (a creation time other than
+#: the one recorded with them): held as well, also once the new stream is longer.
+_REPLACED = "stream made again since its checkpoints: broker projections reset {name}"
 
 
 async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
-    from broker.natsconn import open_client
     from projections.checkpoints import SqlCheckpointReader, create_sql_engine
     from projections.runtime import progress
 
     # Reads only: no DDL, no write lock, so a read-only role (or file) is enough.
     store = SqlCheckpointReader(create_sql_engine(url, read_only=True))
-    nc = await open_client(**_nats_options(nats_url))
+    nc = await open_nats(nats_url)
     try:
         js = nc.jetstream()
         rows = []
@@ -188,13 +220,20 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
                     "partitions": p.partitions,
                     "applied_seq": done.applied_seq,
                     "lag": done.lag,
-                    "problem": _AHEAD.format(name=p.name) if done.ahead_of_stream else "",
+                    "problem": _problem(done).format(name=p.name),
                 }
             )
         return rows
     finally:
         await nc.close()
         await store.close()
+
+
+def _problem(done: Progress) -> str:
+    """The ``problem`` column of a projection's :class:`~projections.runtime.Progress`."""
+    if done.stream_replaced:
+        return _REPLACED
+    return _AHEAD if done.ahead_of_stream else ""
 
 
 @projections_app.command(
@@ -213,9 +252,10 @@ def status(
 ) -> None:
     """Each projection's applied sequence and lag (stream last seq minus applied).
 
-    A negative lag, with a `problem`, means a checkpoint is past the stream's last sequence
-    (the stream was deleted and made again): reset that projection. Reads only: a read-only
-    database role is enough.
+    A negative lag, with a `problem`, means the checkpoints belong to an earlier stream of
+    that name (it was deleted and made again: a checkpoint is past its last sequence, or
+    its creation time is not the one recorded with them): reset that projection. Reads
+    only: a read-only database role is enough.
     """
     rows = asyncio.run(_status(nats_url, replica_url(replica, data_dir)))
     _print(rows, output)
@@ -254,14 +294,13 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
     from rich.markup import escape
     from rich.progress import Progress
 
-    from broker.natsconn import open_client
     from projections.checkpoints import SqlCheckpointStore, create_sql_engine
     from projections.runtime import RESET_WORKER, ProjectionRunner
 
     (projection,) = _selected([name], False)
     engine = create_sql_engine(url)
     store = SqlCheckpointStore(engine)
-    nc = await open_client(**_nats_options(nats_url))
+    nc = await open_nats(nats_url)
     try:
         js = nc.jetstream()
         await store.reset(projection.name, projection.reset)
@@ -319,11 +358,10 @@ def reset(
 
 
 async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
-    from broker.natsconn import open_client
     from broker.reader import read_messages
     from broker.streams import Stream
 
-    nc = await open_client(**_nats_options(nats_url))
+    nc = await open_nats(nats_url)
     try:
         rows = []
         async for m in read_messages(nc.jetstream(), Stream.DLQ):
@@ -364,16 +402,20 @@ def dlq_list(
     _print(asyncio.run(_dlq(nats_url, limit)), output)
 
 
-async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
+async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
     """Publish a dead-lettered event again as a new message: a projection's back to its
-    source subject, a routed message's back to ``MESSAGES`` for a router to decide again."""
+    source subject, a routed message's back to ``MESSAGES`` for a router to decide again.
+
+    The sequence it is stored at, and whether JetStream took it for a duplicate of an
+    earlier replay of the same entry (``Nats-Msg-Id: dlq-replay:<dlq seq>``, inside the
+    stream's duplicate window): then that earlier message is the one it names."""
     import nats.js.errors
 
-    from broker.natsconn import open_client
+    from broker.envelope import NATS_MSG_ID
     from broker.routing.events import H_ROUTE
     from broker.streams import Stream
 
-    nc = await open_client(**_nats_options(nats_url))
+    nc = await open_nats(nats_url)
     try:
         js = nc.jetstream()
         try:
@@ -398,8 +440,11 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> int:
                 raise typer.BadParameter(f"DLQ message {dlq_seq} has no source subject")
             keep = {k: v for k, v in headers.items() if not k.startswith(("Broker-Dlq-", "Nats-"))}
         keep["Broker-Replayed-From-Dlq"] = str(dlq_seq)
+        # The replay's own id (the event's Nats-* headers are not kept): a rerun, or a
+        # second operator, stores nothing new while the stream's duplicate window lasts.
+        keep[NATS_MSG_ID] = f"dlq-replay:{dlq_seq}"
         ack = await js.publish(subject, raw.data or b"", headers=keep)
-        return ack.seq
+        return ack.seq, bool(ack.duplicate)
     finally:
         await nc.close()
 
@@ -453,9 +498,16 @@ def dlq_replay(
     nats_url: NATS_URL = DEFAULT_NATS,
 ) -> None:
     """Append a dead-lettered event again once its cause is fixed: a projection's to its
-    source subject, a routed message's to MESSAGES, where a router decides it again."""
-    seq = asyncio.run(_dlq_replay(nats_url, dlq_seq))
-    typer.echo(f"replayed as seq {seq}")
+    source subject, a routed message's to MESSAGES, where a router decides it again.
+
+    The copy is a new message: every consumer of that stream sees it (every projection
+    reading it applies it again). It carries `Nats-Msg-Id: dlq-replay:DLQ_SEQ`, so running
+    this again within the stream's duplicate window (BROKER_DUPLICATE_WINDOW_SECONDS, 120 s)
+    stores nothing and prints `already replayed as seq N` (exit 0); after the window it
+    cannot tell, and appends another copy.
+    """
+    seq, duplicate = asyncio.run(_dlq_replay(nats_url, dlq_seq))
+    typer.echo(f"already replayed as seq {seq}" if duplicate else f"replayed as seq {seq}")
 
 
 def _print(rows: list[dict[str, Any]], output: str) -> None:

@@ -16,9 +16,10 @@ from broker.cli_projections import (
     METRICS_HOST,
     METRICS_PORT,
     NATS_URL,
+    open_nats,
     start_metrics,
 )
-from broker.natsconn import open_client, redact_servers
+from broker.natsconn import redact_servers
 
 POLICY = Annotated[
     Path | None,
@@ -163,18 +164,14 @@ async def _simulate(
     tenant: str | None,
 ) -> Any:
 
-    from broker.natsconn import connect_options
     from broker.registry.snapshot import RegistryView
     from broker.routing.embedder import load_embedder
     from broker.routing.policy import load_policy
     from broker.routing.scoring import Scorer
     from broker.routing.simulate import simulate as run
-    from broker.settings import get_settings
 
     policy = load_policy(policy_path)
-    nc = await open_client(
-        **connect_options(get_settings(), servers=nats_url, name="broker-routes-simulate")
-    )
+    nc = await open_nats(nats_url, "broker-routes-simulate")
     try:
         js = nc.jetstream(timeout=10.0)
         view = RegistryView()

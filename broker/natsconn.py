@@ -52,6 +52,7 @@ from broker.settings import Settings
 
 __all__ = [
     "DEFAULT_SERVERS",
+    "ONE_SHOT",
     "RECONNECT_FOREVER",
     "Client",
     "ConnectOptions",
@@ -81,6 +82,13 @@ RECONNECT_FOREVER: Final[Mapping[str, Any]] = MappingProxyType(
         "ping_interval": 5,
         "max_outstanding_pings": 3,
     }
+)
+#: ``connect`` options of a one-shot command (the CLI's ``dlq``, ``projections`` and
+#: ``routes simulate``): three quick attempts per server, then :class:`NatsConnectFailed`.
+#: nats-py's defaults retry for about two minutes (60 attempts, 2 s apart), which for a
+#: person at a terminal looks like a hang.
+ONE_SHOT: Final[Mapping[str, Any]] = MappingProxyType(
+    {"max_reconnect_attempts": 2, "reconnect_time_wait": 0.5}
 )
 
 log = structlog.get_logger(__name__)
@@ -266,22 +274,32 @@ async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
     """Connect with ``options`` (and any other ``nats.connect`` keyword in ``extra``).
 
     Raises :class:`NatsConnectFailed`, from the original error, when it cannot connect.
+    An ``error_cb`` in ``extra`` replaces the debug line logged per failed attempt.
     """
     client = Client()
+    failures: list[Exception] = []
+    error_cb = extra.pop("error_cb", None)
 
     async def attempt_failed(error: Exception) -> None:
         # Instead of nats-py's default, which logs a traceback per attempt: the caller gets
         # the explanation in the exception.
-        log.debug("nats_connect_attempt_failed", error=explain_connect_error(error, options))
+        failures[:] = [error]
+        if error_cb is not None:
+            await error_cb(error)
+        else:
+            log.debug("nats_connect_attempt_failed", error=explain_connect_error(error, options))
 
     # nats-py annotates connect_timeout as int; it is used as float seconds (asyncio.wait_for).
     keywords: dict[str, Any] = {"error_cb": attempt_failed, **options, **extra}
     try:
         await client.connect(**keywords)
     except (OSError, TimeoutError, nats.errors.Error) as e:
-        # After retries nats-py raises NoServersError; the cause is the last error it saw.
-        cause = client.last_error if isinstance(e, nats.errors.NoServersError) else e
-        raise NatsConnectFailed(explain_connect_error(cause or e, options)) from e
+        # After retries nats-py raises NoServersError, and keeps that as its last error:
+        # the cause is the last attempt's error (refused, timed out, TLS).
+        cause: BaseException = e
+        if isinstance(e, nats.errors.NoServersError):
+            cause = failures[-1] if failures else client.last_error or e
+        raise NatsConnectFailed(explain_connect_error(cause, options)) from e
     return client
 
 
