@@ -26,7 +26,14 @@ import nats.errors
 import structlog
 
 from broker.errors import BrokerError
-from broker.natsconn import connect, connect_options, redact_servers, redact_url
+from broker.natsconn import (
+    NatsConnectFailed,
+    connect,
+    connect_options,
+    explain_connect_error,
+    redact_servers,
+    redact_url,
+)
 from broker.settings import Settings
 from broker.streams import provision
 from broker.telemetry.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir, process_exited
@@ -37,14 +44,33 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-async def provision_streams(settings: Settings, *, update: bool = False) -> None:
-    """Connect once and create/check every broker stream and bucket."""
+#: How long ``broker serve`` waits at start for NATS to answer (it may be starting beside
+#: the broker, as in compose) before it gives up with exit code 4.
+NATS_START_WAIT = 60.0
+
+
+async def provision_streams(
+    settings: Settings, *, update: bool = False, wait: float = NATS_START_WAIT
+) -> None:
+    """Connect once and create/check every broker stream and bucket; each failed attempt to
+    reach NATS is a warning, and :class:`NatsConnectFailed` after ``wait`` seconds."""
     assert settings.nats_url is not None
-    nc = await connect(
-        connect_options(settings, name="broker-provision"),
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-    )
+    options = connect_options(settings, name="broker-provision")
+
+    async def unreachable(error: Exception) -> None:
+        log.warning("nats_unreachable", error=explain_connect_error(error, options))
+
+    try:
+        async with asyncio.timeout(wait):
+            nc = await connect(
+                options,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=unreachable,
+            )
+    except TimeoutError:
+        servers = redact_servers(options.get("servers", []))
+        raise NatsConnectFailed(f"no NATS server at {servers} answered within {wait:g} s") from None
     nats_version = nc._server_info.get("version")
     try:
         report = await provision(nc.jetstream(timeout=10.0), settings, update=update)
