@@ -11,12 +11,18 @@ partition to another cannot write over it (:class:`CheckpointConflict`, nothing 
 - :class:`KvCheckpointStore` keeps checkpoints in a JetStream KV bucket with revision
   checks; the work runs first and is not in the same transaction, so it suits projections
   whose writes are idempotent (at-least-once writes, exactly-once checkpoints).
+
+Sequences are only meaningful within one stream: a stream deleted and made again under the
+same name starts at 1 again. So the SQL store also keeps, per projection, the
+:class:`StreamIdentity` (name and creation time) of the stream its checkpoints count in
+(``broker_stream_identity``); the runtime compares it with the stream's on every subscribe.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -93,12 +99,34 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT_SQL_ERRORS)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamIdentity:
+    """Which stream a projection's checkpoints count in: its name and its creation time as
+    the server reports it (``StreamInfo.created``, ISO 8601 in UTC). The time survives
+    server restarts and leader changes; a stream deleted and made again, or restored from a
+    backup, gets a new one."""
+
+    stream: str
+    created: str
+
+
+#: Recorded in place of a creation time when checkpoints are found past the end of the
+#: stream and no other identity says so yet (a database from before identities were kept):
+#: they belong to a stream that is gone, whose creation time is not known here. It matches
+#: no stream, so the projection stays held, across restarts, until it is reset.
+UNKNOWN_CREATED = "unknown"
+
+
 class CheckpointSource(Protocol):
     """Where positions are read from: a :class:`CheckpointStore`, or a reader that never
     writes (:class:`SqlCheckpointReader`)."""
 
     async def load(self, projection: str) -> dict[int, int]:
         """Partition -> last applied sequence (absent partitions have applied nothing)."""
+        ...
+
+    async def stream_identity(self, projection: str) -> StreamIdentity | None:
+        """The stream the checkpoints of ``projection`` count in; ``None``: not recorded."""
         ...
 
 
@@ -110,8 +138,13 @@ class CheckpointStore(CheckpointSource, Protocol):
         :class:`CheckpointConflict` when one was not at its expected sequence."""
         ...
 
+    async def record_stream_identity(self, projection: str, identity: StreamIdentity) -> None:
+        """Record (or replace) the stream the checkpoints of ``projection`` count in."""
+        ...
+
     async def reset(self, projection: str, work: Work) -> None:
-        """Run ``work(tx)`` (drop the projection's state) and forget its checkpoints."""
+        """Run ``work(tx)`` (drop the projection's state) and forget its checkpoints and
+        their stream identity."""
         ...
 
     async def close(self) -> None: ...
@@ -124,6 +157,16 @@ checkpoints = sa.Table(
     sa.Column("projection", sa.String(128), primary_key=True),
     sa.Column("partition", sa.Integer, primary_key=True),
     sa.Column("seq", sa.BigInteger, nullable=False),
+)
+#: One row per projection: the :class:`StreamIdentity` its checkpoints count in. A table of
+#: its own, so that databases made before it only gain a table (``CREATE TABLE IF NOT
+#: EXISTS``, no ``ALTER``), and the per-batch checkpoint writes stay as they were.
+stream_identities = sa.Table(
+    "broker_stream_identity",
+    metadata,
+    sa.Column("projection", sa.String(128), primary_key=True),
+    sa.Column("stream", sa.String(255), nullable=False),
+    sa.Column("created", sa.String(64), nullable=False),
 )
 
 
@@ -196,7 +239,7 @@ class SqlCheckpointStore:
         self.inline = inline
         with engine.begin() as conn:
             ddl_lock(conn)
-            metadata.create_all(conn, tables=[checkpoints])
+            metadata.create_all(conn, tables=[checkpoints, stream_identities])
 
     async def load(self, projection: str) -> dict[int, int]:
         def read() -> dict[int, int]:
@@ -254,11 +297,45 @@ class SqlCheckpointStore:
         else:
             await asyncio.to_thread(run)
 
+    async def stream_identity(self, projection: str) -> StreamIdentity | None:
+        def read() -> StreamIdentity | None:
+            with self.engine.connect() as conn:
+                return _identity(conn, projection)
+
+        return await asyncio.to_thread(read)
+
+    async def record_stream_identity(self, projection: str, identity: StreamIdentity) -> None:
+        row = {"stream": identity.stream, "created": identity.created}
+        mine = stream_identities.c.projection == projection
+
+        def write() -> None:
+            # Update, else insert; workers starting together may both insert: the loser's
+            # second round finds the row (both read the same stream, so either value does).
+            for last_round in (False, True):
+                try:
+                    with self.engine.begin() as conn:
+                        if conn.execute(
+                            stream_identities.update().where(mine).values(row)
+                        ).rowcount:
+                            return
+                        conn.execute(
+                            stream_identities.insert().values(projection=projection, **row)
+                        )
+                        return
+                except sa.exc.IntegrityError:
+                    if last_round:
+                        raise
+
+        await asyncio.to_thread(write)
+
     async def reset(self, projection: str, work: Work) -> None:
         def run() -> None:
             with self.engine.begin() as conn:
                 work(conn)
                 conn.execute(checkpoints.delete().where(checkpoints.c.projection == projection))
+                conn.execute(
+                    stream_identities.delete().where(stream_identities.c.projection == projection)
+                )
 
         await asyncio.to_thread(run)
 
@@ -276,9 +353,20 @@ def _positions(conn: sa.Connection, projection: str) -> dict[int, int]:
     return {int(p): int(s) for p, s in rows}
 
 
+def _identity(conn: sa.Connection, projection: str) -> StreamIdentity | None:
+    """The :class:`StreamIdentity` recorded for ``projection``, if any."""
+    row = conn.execute(
+        sa.select(stream_identities.c.stream, stream_identities.c.created).where(
+            stream_identities.c.projection == projection
+        )
+    ).first()
+    return None if row is None else StreamIdentity(row.stream, row.created)
+
+
 class SqlCheckpointReader:
-    """Reads ``broker_checkpoints`` and nothing else: no DDL, no write lock. A database
-    without the table has applied nothing yet (every position 0)."""
+    """Reads ``broker_checkpoints`` and ``broker_stream_identity`` and nothing else: no DDL,
+    no write lock. A database without a table has applied nothing yet (every position 0),
+    or recorded no identity."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -292,13 +380,25 @@ class SqlCheckpointReader:
 
         return await asyncio.to_thread(read)
 
+    async def stream_identity(self, projection: str) -> StreamIdentity | None:
+        def read() -> StreamIdentity | None:
+            with self.engine.connect() as conn:
+                if not sa.inspect(conn).has_table(stream_identities.name):
+                    return None
+                return _identity(conn, projection)
+
+        return await asyncio.to_thread(read)
+
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)
 
 
 class KvCheckpointStore:
     """Checkpoints in a JetStream KV bucket (key ``<projection>.<partition>``), moved with
-    revision checks. ``work`` gets ``None`` as its transaction and runs before the move."""
+    revision checks. ``work`` gets ``None`` as its transaction and runs before the move.
+
+    It records no :class:`StreamIdentity`: a runner on it notices a stream made again only
+    while a checkpoint is past the stream's end (and, in memory, for as long as it runs)."""
 
     def __init__(self, js: JetStreamContext, bucket: str = "projection_checkpoints") -> None:
         self.js = js
@@ -357,6 +457,12 @@ class KvCheckpointStore:
             except Exception as e:  # wrong last sequence: another store moved it
                 raise CheckpointConflict(f"{projection}[{partition}] moved: {e}") from e
             self._known[(projection, partition)] = (new, revision)
+
+    async def stream_identity(self, projection: str) -> StreamIdentity | None:
+        return None
+
+    async def record_stream_identity(self, projection: str, identity: StreamIdentity) -> None:
+        return None
 
     async def reset(self, projection: str, work: Work) -> None:
         kv = await self._store()

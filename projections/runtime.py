@@ -27,12 +27,16 @@ skipped for good. So every batch's consumer sequences (one per delivery, redeliv
 included) must follow the last one seen without a gap; on a gap the runner commits nothing
 and starts again from its checkpoints with a fresh consumer.
 
-A checkpoint past the stream's last sequence means the stream was deleted and made again
-(its sequences restarted at 1), or the worker points at another NATS: the new messages at or
-below the checkpoint would be skipped. The runner then applies nothing, logs
-``projection_checkpoint_ahead_of_stream`` and checks again every :attr:`lag_every`, holding
-for as long as the checkpoint stays where it was found (also once the stream grows past it)
-until ``broker projections reset`` forgets it. It never resets anything itself.
+A stream deleted and made again starts at sequence 1 again: its messages at or below the
+old checkpoints would be skipped. The runner notices it on every subscribe in two ways: a
+checkpoint past the stream's last sequence (also another NATS, or an old backup restored),
+and a stream whose creation time is not the one recorded with the checkpoints
+(:class:`~projections.checkpoints.StreamIdentity`; recorded while no checkpoint exists, or,
+for a database from before it was kept, by the first subscribe). The second survives a
+worker restart after the new stream has grown past the old checkpoints. Either way the
+runner applies nothing, logs ``projection_checkpoint_ahead_of_stream`` and checks again
+every :attr:`lag_every` until ``broker projections reset`` forgets the checkpoints and the
+identity. It never resets anything itself.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import NotFoundError
 
 from broker.envelope import PAYLOAD_HEADERS
@@ -62,10 +66,12 @@ from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
 from projections.base import Event, Projection, partition_of
 from projections.checkpoints import (
+    UNKNOWN_CREATED,
     CheckpointConflict,
     CheckpointSource,
     CheckpointStore,
     StoreUnavailable,
+    StreamIdentity,
 )
 
 log = structlog.get_logger(__name__)
@@ -134,7 +140,24 @@ class DeliveryGap(Exception):
 
 
 class CheckpointAheadOfStream(Exception):
-    """A checkpoint is past the stream's last sequence: the stream was made again."""
+    """A checkpoint is past the stream's last sequence, or was recorded in another stream
+    of the same name: the stream was made again."""
+
+
+def stream_identity(stream: str, info: StreamInfo) -> StreamIdentity | None:
+    """The identity of ``stream`` (``info`` is its ``stream_info``); ``None`` if the server
+    gives no creation time."""
+    if info.created is None:
+        return None
+    return StreamIdentity(stream, info.created.isoformat())
+
+
+def stream_replaced(
+    recorded: StreamIdentity | None, current: StreamIdentity | None, positions: Mapping[int, int]
+) -> bool:
+    """Whether checkpoints exist and were recorded in another stream than ``current``; an
+    identity not recorded (or not known) is no evidence."""
+    return any(positions.values()) and None not in (recorded, current) and recorded != current
 
 
 #: The worker id of ``broker projections reset``'s runner; no ``broker worker`` may take it,
@@ -183,6 +206,8 @@ class ProjectionRunner:
         self._crash = _crash_point()
         #: partition -> the checkpoint found past the stream: held until it changes
         self._ahead: dict[int, int] = {}
+        #: the highest checkpoint, while held for a stream made again since it (else 0)
+        self._replaced_at = 0
         setup("worker")  # metrics and tracing of this process, once
 
     @property
@@ -196,7 +221,7 @@ class ProjectionRunner:
         """A fresh durable pull consumer starting after the lowest owned checkpoint."""
         self.positions = await self.store.load(self.projection.name)
         stream = self.projection.stream
-        await self._check_not_ahead(owned)
+        await self._check_same_stream(owned)
         start = min((self.positions.get(p, 0) for p in owned), default=0) + 1
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(stream, self.consumer_name)
@@ -214,30 +239,53 @@ class ProjectionRunner:
         self._delivered = 0
         return await self.js.pull_subscribe_bind(self.consumer_name, stream=stream)
 
-    async def _check_not_ahead(self, owned: frozenset[int]) -> None:
-        """Raise :class:`CheckpointAheadOfStream` (and log it) while an owned checkpoint is
-        past the stream's last sequence, or still where it was when it was found so."""
-        last = (await self.js.stream_info(self.projection.stream)).state.last_seq
+    async def _check_same_stream(self, owned: frozenset[int]) -> None:
+        """Raise :class:`CheckpointAheadOfStream` (and log it) while the checkpoints belong
+        to another stream than the one there now: an owned checkpoint is past the stream's
+        last sequence (or still where it was when it was found so), or the stream's identity
+        is not the one recorded with the checkpoints. Records the identity where none is
+        (or no checkpoint is) yet."""
+        name = self.projection.name
+        info = await self.js.stream_info(self.projection.stream)
+        last = info.state.last_seq
         ahead = {
             p: seq
             for p in owned
             if (seq := self.positions.get(p, 0)) > last or self._ahead.get(p, -1) == seq > 0
         }
         self._ahead = ahead
-        if ahead:
+        current = stream_identity(self.projection.stream, info)
+        recorded = await self.store.stream_identity(name)
+        replaced = stream_replaced(recorded, current, self.positions)
+        if current is not None and not replaced:
+            # A checkpoint past the end cannot be this stream's (any partition's, whoever
+            # owns it): record an identity that matches no stream, so that the hold
+            # outlives this process and the stream growing past the checkpoint.
+            past_end = any(seq > last for seq in self.positions.values())
+            wanted = StreamIdentity(current.stream, UNKNOWN_CREATED) if past_end else current
+            if recorded != wanted:
+                await self.store.record_stream_identity(name, wanted)
+        highest = max(self.positions.values(), default=0)
+        self._replaced_at = highest if replaced else 0
+        if ahead or replaced:
+            checkpoint = max([*ahead.values(), self._replaced_at])
             log.error(
                 "projection_checkpoint_ahead_of_stream",
-                projection=self.projection.name,
+                projection=name,
                 stream=self.projection.stream,
                 stream_last_seq=last,
-                checkpoint=max(ahead.values()),
-                partitions=sorted(ahead),
-                action=f"broker projections reset {self.projection.name}",
+                checkpoint=checkpoint,
+                partitions=sorted(ahead or self.positions),
+                stream_created=current.created if current else None,
+                checkpoints_stream_created=recorded.created if recorded else None,
+                action=f"broker projections reset {name}",
             )
-            raise CheckpointAheadOfStream(
-                f"{self.projection.name}: checkpoint {max(ahead.values())} is past "
-                f"{self.projection.stream}'s last sequence {last}"
+            why = (
+                f"{self.projection.stream} was made again since the checkpoints were recorded"
+                if replaced
+                else f"it is past {self.projection.stream}'s last sequence {last}"
             )
+            raise CheckpointAheadOfStream(f"{name}: checkpoint {checkpoint}: {why}")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches until ``stop`` is set; re-subscribe when ownership changes."""
@@ -254,7 +302,8 @@ class ProjectionRunner:
         """Messages of the owned partitions not applied yet, as the consumer counts them
         (pending, and delivered but not acked); 0 when no partition is owned. Without a
         consumer (being made again): the stream's last sequence past the lowest checkpoint.
-        Negative while the runner holds on a checkpoint ahead of the stream."""
+        Negative while the runner holds on checkpoints of another stream (ahead of this one,
+        or recorded before it was made again)."""
         owned = self.owned()
         if not owned:
             return 0
@@ -263,8 +312,8 @@ class ProjectionRunner:
             info = await self.js.consumer_info(stream, self.consumer_name)
         except NotFoundError:
             state = (await self.js.stream_info(stream)).state
-            if self._ahead:
-                return min(-1, state.last_seq - max(self._ahead.values()))
+            if self._ahead or self._replaced_at:
+                return min(-1, state.last_seq - max([*self._ahead.values(), self._replaced_at]))
             lowest = min(self.positions.get(p, 0) for p in owned)
             return max(0, state.last_seq - max(lowest, state.first_seq - 1))
         return (info.num_pending or 0) + (info.num_ack_pending or 0)
@@ -501,12 +550,15 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 @dataclass(frozen=True, slots=True)
 class Progress:
     """How far a projection is: the lowest partition checkpoint and what is left to apply;
-    ``ahead_of_stream`` when a checkpoint is past the stream's last sequence (``lag`` is
-    then negative: by how much)."""
+    ``ahead_of_stream`` when the checkpoints belong to another stream than the one there now
+    (``lag`` is then negative): a checkpoint is past the stream's last sequence (by how much),
+    or ``stream_replaced``: they were recorded before the stream was made again (``lag`` -1,
+    whatever the new stream's length)."""
 
     applied_seq: int
     lag: int
     ahead_of_stream: bool = False
+    stream_replaced: bool = False
 
 
 async def progress(
@@ -514,8 +566,9 @@ async def progress(
 ) -> Progress:
     """Applied sequence (the lowest partition checkpoint) and lag (the stream's last sequence
     minus it, or minus the last sequence the stream no longer holds: messages that aged out
-    can never be applied; 0: caught up). A checkpoint past the stream's last sequence (the
-    stream was made again) gives a negative lag and ``ahead_of_stream``."""
+    can never be applied; 0: caught up). Checkpoints of another stream -- past the stream's
+    last sequence, or recorded before it was made again -- give a negative lag and
+    ``ahead_of_stream``. Only reads ``store``."""
     info = await js.stream_info(projection.stream)
     positions = await store.load(projection.name)
     seqs = [positions.get(p, 0) for p in range(projection.partitions)]
@@ -523,5 +576,8 @@ async def progress(
     last = info.state.last_seq
     if highest > last:
         return Progress(lowest, last - highest, ahead_of_stream=True)
+    recorded = await store.stream_identity(projection.name)
+    if stream_replaced(recorded, stream_identity(projection.stream, info), positions):
+        return Progress(lowest, -1, ahead_of_stream=True, stream_replaced=True)
     gone = max(0, info.state.first_seq - 1)
     return Progress(lowest, max(0, last - max(lowest, gone)))
