@@ -210,7 +210,7 @@ def test_as_of_refuses_what_is_not_rfc_3339(value: str) -> None:
 
 def test_apply_reads_only_a_404_as_an_agent_not_registered() -> None:
     assert _registered(httpx.Response(404, json={"error_code": "not_found"})) is None
-    record = {"name": "tr", "seq": 18, "manifest": {}}
+    record = {"name": "tr", "version": "1", "seq": 18, "updated_at": "t", "manifest": {}}
     assert _registered(httpx.Response(200, json=record)) == record
 
 
