@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +59,25 @@ def granian_log_config() -> dict[str, Any] | None:
     }
 
 
+class _StderrLogger:
+    """structlog's output: one line to whatever ``sys.stderr`` is when the line is written.
+    structlog's own PrintLogger keeps the file it was given, so a command configured while
+    ``sys.stderr`` was redirected (typer's CliRunner, a capture) went on writing to that
+    file after it was closed, and every later log call raised."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str | None = None) -> None:
     """Configure structlog (and stdlib logging) once per process.
 
@@ -88,7 +108,7 @@ def configure_logging(level: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)

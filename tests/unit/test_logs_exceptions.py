@@ -132,3 +132,24 @@ def test_granian_json_lines_redact_their_exception() -> None:
     assert fields["logger"] == "granian"
     assert "Traceback (most recent call last)" in fields["exception"]
     assert MASKED_URL in fields["exception"]
+
+
+def test_lines_go_to_the_stderr_of_the_moment_not_the_one_configured_with(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command run under typer's CliRunner configures logging while sys.stderr is the
+    runner's buffer, which is closed afterwards: later log calls in the same process (other
+    tests, an embedding application) must reach the stderr of their own time, not raise."""
+    import io
+
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "json")
+    borrowed = io.StringIO()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", borrowed)
+        configure_logging("info")
+        structlog.get_logger("test").info("while_borrowed")
+    borrowed_lines = borrowed.getvalue()
+    borrowed.close()
+    structlog.get_logger("test").info("after_it_closed")
+    assert "while_borrowed" in borrowed_lines
+    assert json.loads(capsys.readouterr().err.strip())["event"] == "after_it_closed"
