@@ -63,30 +63,18 @@ def _fail(response: Any) -> None:
 
 
 def _document(response: Any, *keys: str) -> dict[str, Any]:
-    """The JSON object of a 2xx answer, with ``keys`` in it. Anything else (a proxy's login
-    page, a URL that points at another server) is not the broker's answer: exit code 3, as
-    for a broker that cannot be reached, and a message rather than a traceback."""
+    """The JSON object of a 2xx answer, with ``keys`` in it. Anything else (a redirect, a
+    proxy's login page, a URL that points at another server) is not the broker's answer:
+    exit code 3, as for a broker that cannot be reached, and a message, not a traceback."""
     from broker.cli import EXIT_UNAVAILABLE
+    from broker.client import broker_document
+    from broker.errors import Unavailable
 
     try:
-        body = response.json()
-    except ValueError:  # not JSON, or not UTF-8
-        body = None
-    if not isinstance(body, dict):
-        lacks = "a JSON object"
-    else:
-        lacks = ", ".join(key for key in keys if key not in body)
-    if response.status_code >= 300 or lacks:
-        kind = response.headers.get("content-type") or "no content type"
-        typer.echo(
-            f"the answer from {response.url} is not the broker's: HTTP {response.status_code}"
-            f" ({kind}) without {lacks or 'a broker document'}; is --url the broker's, not a"
-            " proxy's or another server's?",
-            err=True,
-        )
-        raise typer.Exit(EXIT_UNAVAILABLE)
-    document: dict[str, Any] = body
-    return document
+        return broker_document(response, *keys)
+    except Unavailable as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 
 def _get_json(

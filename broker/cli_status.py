@@ -23,7 +23,7 @@ STATUS_EPILOG = (
 
 
 #: What every status document has: anything else is some other page.
-_DOCUMENT_KEYS = frozenset({"broker", "generated_at", "streams", "consumers", "agents"})
+_DOCUMENT_KEYS = ("broker", "generated_at", "streams", "consumers", "agents")
 
 
 class _NoStatus(Exception):
@@ -39,7 +39,8 @@ def _read(url: str, recent: int) -> dict[str, Any]:
     import httpx
 
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE, cli_credentials, cli_tls
-    from broker.client import CONNECTION_FAILED
+    from broker.client import CONNECTION_FAILED, broker_document
+    from broker.errors import Unavailable
 
     base = url.rstrip("/")
     verify = cli_tls()
@@ -58,18 +59,9 @@ def _read(url: str, recent: int) -> dict[str, Any]:
         code = EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED
         raise _NoStatus(response.text, code)
     try:
-        document = response.json()
-    except ValueError:  # a proxy's login page, a web server's index: not the broker
-        document = None
-    if not isinstance(document, dict) or not document.keys() >= _DOCUMENT_KEYS:
-        kind = response.headers.get("content-type") or "no content type"
-        raise _NoStatus(
-            f"{base}/v1/status answered {response.status_code} ({kind}) with something other"
-            " than a broker status document: is --url the broker's, not a proxy's or"
-            " another server's?",
-            EXIT_UNAVAILABLE,
-        )
-    return document
+        return broker_document(response, *_DOCUMENT_KEYS)
+    except Unavailable as e:  # a proxy's login page, a web server's index: not the broker
+        raise _NoStatus(str(e), EXIT_UNAVAILABLE) from None
 
 
 def _fetch(url: str, recent: int) -> dict[str, Any]:

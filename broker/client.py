@@ -194,8 +194,15 @@ def _body(response: httpx.Response) -> Any:
         raise _not_the_broker(str(response.url), why) from None
 
 
-def _document(response: httpx.Response, *keys: str) -> dict[str, Any]:
-    """The JSON object a 2xx answer carries, with ``keys`` (what the caller reads) in it."""
+def broker_document(response: httpx.Response, *keys: str) -> dict[str, Any]:
+    """The JSON object a broker's 2xx answer carries, with ``keys`` (what the caller reads)
+    in it. Anything else (a proxy's redirect or login page, ``--url`` pointing at another
+    server) is :class:`Unavailable` naming the URL: the broker's answer never came. The SDK
+    and the CLI commands read every answer through this one check."""
+    if 300 <= response.status_code < 400:
+        where = response.headers.get("location") or "nowhere"
+        why = f"{_answered(response)}, a redirect to {where[:200]}"
+        raise _not_the_broker(str(response.url), why)
     body = _body(response)
     if not isinstance(body, dict):
         why = f"{_answered(response)} with a JSON {type(body).__name__}, not an object"
@@ -219,7 +226,7 @@ def _result(item: Any, where: str) -> PublishResult:
 
 def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
     """``key`` of a 2xx answer's object: a list of objects, else not the broker's answer."""
-    items = _document(response, key)[key]
+    items = broker_document(response, key)[key]
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         why = f"{_answered(response)} whose {key} is not a list of objects"
         raise _not_the_broker(str(response.url), why)
@@ -519,7 +526,7 @@ class BrokerClient:
             sent["expected-last-subject-sequence"] = str(expected_last_subject_sequence)
         path = f"/v1/publish/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
-        data = _document(response, "stream", "seq", "duplicate")
+        data = broker_document(response, "stream", "seq", "duplicate")
         return PublishAck(data["stream"], data["seq"], data["duplicate"])
 
     async def route(
@@ -545,7 +552,7 @@ class BrokerClient:
         sent = _route_headers(media, key, intent, text, embedding, env, headers)
         path = f"/v1/route/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
-        data = _document(response, "stream", "seq", "duplicate")
+        data = broker_document(response, "stream", "seq", "duplicate")
         return RouteResult(data["stream"], data["seq"], data["duplicate"], data.get("decision"))
 
     async def request(
@@ -604,7 +611,7 @@ class BrokerClient:
             headers={"content-type": "application/x-ndjson"},
             params={"subject": subject} if subject else None,
         )
-        results = _document(response, "results")["results"]
+        results = broker_document(response, "results")["results"]
         if not isinstance(results, list):
             raise _not_the_broker(str(response.url), f"results {str(results)[:80]!r}")
         return [_result(item, str(response.url)) for item in results]
@@ -817,12 +824,12 @@ class BrokerClient:
             content=orjson.dumps(body),
             headers=headers,
         )
-        data = _document(response, "seq", "changed", "event", "agent")
+        data = broker_document(response, "seq", "changed", "event", "agent")
         return AgentChange(data["seq"], data["changed"], data["event"], data["agent"])
 
     async def get_agent(self, name: str) -> dict[str, Any]:
         path = f"/v1/agents/{_agent_segment(name)}"
-        return _document(await self._request("GET", path), "name", "seq", "manifest")
+        return broker_document(await self._request("GET", path), "name", "seq", "manifest")
 
     async def list_agents(self, *, as_of: int | str | None = None) -> list[dict[str, Any]]:
         """The agents now, or as they were at a stream sequence or RFC 3339 time."""
@@ -842,7 +849,7 @@ class BrokerClient:
         response = await self._request(
             "DELETE", path, repeatable=if_match is not None, headers=headers
         )
-        data = _document(response, "seq", "changed", "event")
+        data = broker_document(response, "seq", "changed", "event")
         return AgentChange(data["seq"], data["changed"], data["event"], None)
 
     async def agent_history(self, name: str) -> list[dict[str, Any]]:
@@ -873,19 +880,21 @@ class BrokerClient:
         body = self._schema_body(schema, schema_type, references)
         path = f"/registry/subjects/{_segment(subject)}/versions"
         response = await self._request("POST", path, content=body, headers=_REGISTRY_JSON)
-        return int(_document(response, "id")["id"])
+        return int(broker_document(response, "id")["id"])
 
     async def get_schema(self, schema_id: int) -> RegisteredSchema:
         """The schema under a global id (what a payload's schema id points at)."""
         path = f"/registry/schemas/ids/{_segment(schema_id)}"
-        data = _document(await self._request("GET", path), "schema")
+        data = broker_document(await self._request("GET", path), "schema")
         return RegisteredSchema.from_json(data, schema_id)
 
     async def get_schema_version(
         self, subject: str, version: int | str = "latest"
     ) -> RegisteredSchema:
         path = f"/registry/subjects/{_segment(subject)}/versions/{_segment(version)}"
-        return RegisteredSchema.from_json(_document(await self._request("GET", path), "schema"))
+        return RegisteredSchema.from_json(
+            broker_document(await self._request("GET", path), "schema")
+        )
 
     async def list_subjects(self) -> list[str]:
         response = await self._request("GET", "/registry/subjects")
@@ -912,7 +921,7 @@ class BrokerClient:
             content=self._schema_body(schema, schema_type, references),
             headers=_REGISTRY_JSON,
         )
-        messages: list[str] = _document(response, "is_compatible").get("messages") or []
+        messages: list[str] = broker_document(response, "is_compatible").get("messages") or []
         return messages
 
     async def set_compatibility(self, level: str, subject: str | None = None) -> str:
@@ -920,7 +929,7 @@ class BrokerClient:
         path = "/registry/config" + (f"/{_segment(subject)}" if subject else "")
         body = orjson.dumps({"compatibility": level})
         response = await self._request("PUT", path, content=body, headers=_REGISTRY_JSON)
-        return str(_document(response, "compatibility")["compatibility"])
+        return str(broker_document(response, "compatibility")["compatibility"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,8 +157,8 @@ def test_status_cli_says_a_200_login_page_is_not_the_brokers_status(other_server
         assert result.returncode == EXIT_UNAVAILABLE
         assert "Traceback" not in result.stderr
         assert result.stdout == ""
-        assert f"{other_server}/login/v1/status answered 200 (text/html" in result.stderr
-        assert "other than a broker status document" in result.stderr
+        assert f"the answer from {other_server}/login/v1/status" in result.stderr
+        assert "is not the broker's: HTTP 200 (text/html" in result.stderr
 
 
 def test_status_cli_shows_a_load_number_the_broker_wrote_as_null_as_a_question_mark(

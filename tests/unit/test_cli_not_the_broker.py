@@ -189,3 +189,30 @@ def test_the_client_raises_unavailable_for_an_answer_not_the_brokers(
     with SyncBrokerClient(other_server) as client, pytest.raises(Unavailable) as raised:
         call(client)
     assert f"the answer from {other_server}" in raised.value.message
+
+
+#: A body with every key the SDK's get_agent and `broker status` read.
+_EVERY_KEY = json.dumps(
+    {
+        "name": "summarizer",
+        "seq": 1,
+        "manifest": MANIFEST,
+        **{key: [] for key in ("broker", "generated_at", "streams", "consumers", "agents")},
+    }
+).encode()
+
+
+@pytest.mark.parametrize("command", [["agents", "get", "summarizer"], ["status", "--json"]])
+def test_a_redirect_is_not_the_brokers_answer_even_with_its_keys(
+    other_server: str, answer: Answer, command: list[str]
+) -> None:
+    """One check for the SDK and every command: a 3xx is a proxy's, whatever it carries."""
+    answer.status, answer.body, answer.content_type = 302, _EVERY_KEY, "application/json"
+    result = CliRunner().invoke(app, [*command, "--url", other_server])
+    assert result.exit_code == 3, result.output
+    assert f"the answer from {other_server}" in result.output
+    assert "a redirect" in result.output
+    assert result.stdout == ""
+    with SyncBrokerClient(other_server) as client, pytest.raises(Unavailable) as raised:
+        client.get_agent("summarizer")
+    assert "a redirect" in raised.value.message
