@@ -34,8 +34,12 @@ def new_key(
 ) -> None:
     """Make a random API key: the key on stderr (give it to the client), and on stdout the
     `api_keys` entry with its SHA-256 (put it in the auth file; the key itself is not kept)."""
+    import json
+
     from broker.auth import Scope, key_digest, valid_tenant
 
+    if not 1 <= len(key_id) <= 128:
+        raise typer.BadParameter("give 1 to 128 characters", param_hint="--id")
     try:
         tenants = [valid_tenant(t) for t in tenant]
         scopes = [Scope(s).value for s in scope]
@@ -43,9 +47,11 @@ def new_key(
         raise typer.BadParameter(str(e)) from None
     key = secrets.token_urlsafe(32)
     typer.echo(f"API key (shown once): {key}", err=True)
+    # JSON strings are YAML's double-quoted scalars: an id such as `yes`, `123`, `a: b` or
+    # `#ops` stays the string it was, and the entry cannot break the file it is appended to.
     typer.echo(
-        f"  - id: {key_id}\n"
+        f"  - id: {json.dumps(key_id)}\n"
         f"    sha256: {key_digest(key)}\n"
-        f"    tenants: [{', '.join(tenants)}]\n"
-        f"    scopes: [{', '.join(repr(s) for s in scopes)}]"
+        f"    tenants: {json.dumps(tenants)}\n"
+        f"    scopes: {json.dumps(scopes)}"
     )

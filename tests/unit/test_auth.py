@@ -375,3 +375,35 @@ def test_new_key_command_makes_a_working_auth_entry() -> None:
         app, ["auth", "new-key", "--id", "x", "--tenant", "a", "--scope", "root"]
     )
     assert refused.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    ["yes", "123", "null", "a: b", "#ops", "- x", "[x]", 'q"uote', "tab\tand\\", "ü" * 128],
+)
+def test_new_key_entry_keeps_any_id_as_the_string_it_was(key_id: str) -> None:
+    """The entry is YAML appended to a file: an id YAML would read as a bool, a number, a
+    mapping or a comment must come back as the same string, or the file must not break."""
+    from typer.testing import CliRunner
+
+    from broker.cli import app
+
+    args = ["auth", "new-key", "--id", key_id, "--tenant", "shop", "--scope", "publish"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    key = result.stderr.split("API key (shown once): ", 1)[1].strip()
+    principal = authenticator("api_keys:\n" + result.stdout).authenticate({"x-api-key": key})
+    assert principal.name == key_id
+
+
+@pytest.mark.parametrize("key_id", ["", "x" * 129])
+def test_new_key_refuses_an_id_the_auth_file_would_refuse(key_id: str) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli import app
+
+    args = ["auth", "new-key", "--id", key_id, "--tenant", "shop", "--scope", "publish"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--id" in result.output
+    assert "API key" not in result.output
