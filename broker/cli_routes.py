@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -140,6 +141,7 @@ def simulate(
     if output not in {"table", "json"}:
         raise typer.BadParameter("table or json", param_hint="--output")
     start = _since(since)
+    _check_csv_path(csv_path)  # before the replay, which can take minutes, not after it
     try:
         report = asyncio.run(_simulate(nats_url, policy, embedder, start, tenant))
     except BrokerError as e:
@@ -148,12 +150,31 @@ def simulate(
     except OSError as e:
         typer.echo(f"error: cannot reach NATS at {redact_servers(nats_url)}: {e}", err=True)
         raise typer.Exit(3) from None
+    written = True
     if csv_path is not None:
-        csv_path.write_text(report.to_csv())
+        try:
+            csv_path.write_text(report.to_csv())
+        except OSError as e:  # the report is still printed: the replay is not lost
+            typer.echo(f"error: cannot write {csv_path}: {e}", err=True)
+            written, csv_path = False, None
     if output == "json":
         typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_table(report.to_dict(), csv_path)
+    if not written:
+        raise typer.Exit(1)
+
+
+def _check_csv_path(path: Path | None) -> None:
+    """A ``--csv`` that could not be written is a usage error now, not a traceback later."""
+    if path is None:
         return
-    _print_table(report.to_dict(), csv_path)
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory", param_hint="--csv")
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"{path.parent} is not a directory", param_hint="--csv")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise typer.BadParameter(f"{path} cannot be written", param_hint="--csv")
 
 
 async def _simulate(
