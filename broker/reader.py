@@ -197,7 +197,7 @@ class _Read:
             raise _BrokeOff("no consumer")
         try:
             messages: list[Msg] = await self.sub.fetch(self.size.count(batch), timeout=timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, by path
             messages = []
         except nats.errors.Error as e:  # the connection cut, a consumer gone, ...
             raise _BrokeOff(repr(e)) from None

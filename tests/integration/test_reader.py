@@ -64,3 +64,33 @@ async def test_deliveries_lost_on_the_way_are_read_again_in_order(
         async for m in read_messages(js, "READ", batch=60, fetch_timeout=0.5)
     ]
     assert seen == list(range(60))
+
+
+async def test_a_fetch_that_times_out_with_the_builtin_timeout_error_is_read_past(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's fetch raises the builtin ``TimeoutError`` (not ``nats.errors.TimeoutError``)
+    when its deadline passes between its two requests, as it does on a loaded machine: the
+    read goes on with a new consumer instead of failing (a replay answered 500)."""
+    await publish(js, 30, size=64)
+    bind: Any = js.pull_subscribe_bind
+    timeouts = 0
+
+    async def bind_once_timing_out(*args: Any, **kwargs: Any) -> Any:
+        sub = await bind(*args, **kwargs)
+        fetch = sub.fetch
+
+        async def fetch_or_time_out(*a: Any, **kw: Any) -> Any:
+            nonlocal timeouts
+            if timeouts == 0:
+                timeouts += 1
+                raise TimeoutError  # what nats/js/client.py raises past its deadline
+            return await fetch(*a, **kw)
+
+        sub.fetch = fetch_or_time_out
+        return sub
+
+    monkeypatch.setattr(js, "pull_subscribe_bind", bind_once_timing_out)
+    seen = [int.from_bytes(m.data[:4], "big") async for m in read_messages(js, "READ", batch=10)]
+    assert timeouts == 1
+    assert seen == list(range(30))
