@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+# Test processes (pytest-xdist, whole files per process): the suite mostly waits on the
+# nats-server, broker and PostgreSQL processes it starts, so 4 run well on 2 cores.
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 4
 
 .PHONY: run test lint typecheck bench clean
 
@@ -28,7 +32,7 @@ run: $(VENV)/.installed
 	$(BIN)/broker serve $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
