@@ -327,18 +327,19 @@ async def test_a_worker_relays_audit_events_without_change_events(
     assert worker.relays_outbox
     task = asyncio.create_task(worker.run())
 
-    async def audited() -> bool:
+    async def relayed() -> bool:
+        """Every audit event in AUDIT and its outbox row deleted: the relay deletes a row
+        after AUDIT acked it, so a stop between the two would leave it for the next run."""
         info = await js.stream_info(Stream.AUDIT)
-        return info.state.messages >= len(WITH_CARDS)
+        return info.state.messages >= len(WITH_CARDS) and not table(db.engine, outbox, "id")
 
     try:
-        assert await await_until(audited, timeout=60)
+        assert await await_until(relayed, timeout=60)
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
     events = await stream_bodies(js, Stream.AUDIT)
     assert [e["seq"] for _, e in events] == WITH_CARDS
-    assert table(db.engine, outbox, "id") == []
     try:  # no change events: the stream is empty, or was never created
         changed = (await js.stream_info(CHANGES_STREAM)).state.messages
     except NotFoundError:
