@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -288,8 +289,22 @@ async def _rebuilt(js: Any, runner: Any, total: int) -> bool:
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
-async def _reset(nats_url: str, url: str, name: str) -> int:
-    """Drop a projection's state and checkpoints, then replay it from the start with a bar."""
+@dataclass(frozen=True)
+class _Rebuild:
+    """How a reset ended: the events applied, and, when it was interrupted, how far."""
+
+    applied: int
+    interrupted: bool = False
+    last_seq: int = 0
+    total: int = 0
+
+
+async def _reset(nats_url: str, url: str, name: str) -> _Rebuild:
+    """Drop a projection's state and checkpoints, then replay it from the start with a bar.
+
+    Interrupted (Ctrl-C) while it replays, it stops the replay at a batch boundary, removes
+    its consumer and says how far it got: the checkpoints moved with every batch, so the
+    projection's workers go on from there, or another reset starts over."""
     import nats.js.errors
     from rich.markup import escape
     from rich.progress import Progress
@@ -311,18 +326,24 @@ async def _reset(nats_url: str, url: str, name: str) -> int:
             await js.delete_consumer(projection.stream, runner.consumer_name)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
+        interrupted = False
         with Progress(transient=False) as progress:
             bar = progress.add_task(f"rebuilding {escape(projection.name)}", total=total or 1)
-            while not task.done() and not await _rebuilt(js, runner, total):
-                progress.update(bar, completed=runner.stats.last_seq)
-                await asyncio.sleep(0.1)
-            progress.update(bar, completed=total or 1)
+            try:
+                while not task.done() and not await _rebuilt(js, runner, total):
+                    progress.update(bar, completed=runner.stats.last_seq)
+                    await asyncio.sleep(0.1)
+                progress.update(bar, completed=total or 1)
+            except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task
+                if (current := asyncio.current_task()) is not None:
+                    current.uncancel()  # handled here: asyncio.run then returns
+                interrupted = True
         stop.set()
-        await task
+        await task  # the batch in hand is committed (or not) whole, with its checkpoint
         # None when the stream was empty: the rebuild was done before the runner made one.
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(projection.stream, runner.consumer_name)
-        return runner.stats.applied
+        return _Rebuild(runner.stats.applied, interrupted, runner.stats.last_seq, total)
     finally:
         await nc.close()
         await store.close()
@@ -349,12 +370,22 @@ def reset(
     """Drop a projection's tables and checkpoint and rebuild it from its stream's start.
 
     Stop the workers that run it first, or they will race the rebuild (their commits then
-    fail their checkpoint checks and they re-read from the new position).
+    fail their checkpoint checks and they re-read from the new position). Ctrl-C stops the
+    rebuild after the batch in hand and says how far it got (exit code 130): the workers go
+    on from there, or another reset starts over.
     """
     if not yes:
         typer.confirm(f"Drop and rebuild {name}?", abort=True)
-    applied = asyncio.run(_reset(nats_url, replica_url(replica, data_dir), name))
-    typer.echo(f"{name}: rebuilt from {applied} events")
+    done = asyncio.run(_reset(nats_url, replica_url(replica, data_dir), name))
+    if done.interrupted:
+        typer.echo(
+            f"{name}: interrupted after {done.applied} events, at seq {done.last_seq} of"
+            f" {done.total}. What it holds is consistent: its workers go on from there when"
+            " started, or `broker projections reset` starts over.",
+            err=True,
+        )
+        raise typer.Exit(130)
+    typer.echo(f"{name}: rebuilt from {done.applied} events")
 
 
 async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:

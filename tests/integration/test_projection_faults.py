@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import signal
 import string
 import subprocess
 import sys
@@ -339,6 +341,66 @@ def test_reset_of_a_projection_whose_stream_is_empty_rebuilds_from_0_events(
     assert done.returncode == 0, done.stderr
     assert "replica_routes: rebuilt from 0 events" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+async def test_an_interrupted_reset_says_how_far_it_got_and_leaves_no_consumer(
+    publisher: Publisher, nats_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C during a rebuild: it stops at a batch boundary, says how far it got (exit
+    130, no traceback), removes its consumer, and the replica holds exactly the events its
+    checkpoints say: what the workers go on from."""
+    total = 40_000
+    js = publisher.js
+    for start in range(0, total, 2_000):
+        acks = [
+            await js.publish_async(f"msg.default.r{i % 7}", b'{"n": %d}' % i)
+            for i in range(start, start + 2_000)
+        ]
+        await asyncio.gather(*acks)
+    url = f"sqlite:///{tmp_path}/replica.db"
+    command = [sys.executable, "-m", "broker", "projections", "reset", "replica_messages"]
+    reset = await asyncio.create_subprocess_exec(
+        *command,
+        *("--yes", "--nats-url", nats_url, "--replica-url", url),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    engine = create_sql_engine(url)
+
+    def applied_seq() -> int:
+        try:
+            with engine.connect() as conn:
+                query = "SELECT max(seq) FROM broker_checkpoints WHERE projection = :p"
+                return int(conn.execute(sa.text(query), {"p": "replica_messages"}).scalar() or 0)
+        except sa.exc.OperationalError:  # not made yet
+            return 0
+
+    async def rebuilding() -> bool:
+        return await asyncio.to_thread(applied_seq) > 0
+
+    try:
+        assert await await_until(rebuilding, timeout=60, interval=0.02)
+        reset.send_signal(signal.SIGINT)
+        _, said_on_stderr = await asyncio.wait_for(reset.communicate(), 60)
+    finally:
+        if reset.returncode is None:
+            reset.kill()
+    stderr = said_on_stderr.decode()
+    assert reset.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    said = re.search(r"interrupted after (\d+) events, at seq (\d+) of (\d+)", stderr)
+    assert said is not None, stderr
+    events, seq, of = (int(n) for n in said.groups())
+    assert of == total
+    assert 0 < seq < total
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT count(*), max(seq) FROM replica_messages")).one()
+    engine.dispose()
+    assert tuple(rows) == (events, seq)
+    assert applied_seq() == seq
+    consumers = [c.name for c in await js.consumers_info(Stream.MESSAGES)]
+    assert not [name for name in consumers if name.endswith("_reset")], consumers
 
 
 # --- JSON text that only looks like U+0000 -------------------------------------------------
