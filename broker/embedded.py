@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -68,8 +69,38 @@ def nats_server_binary() -> Path:
     return candidate
 
 
+#: Where :func:`free_port` looks: below the kernel's range for outgoing connections.
+_PORTS_FROM = 10_000
+#: Not the ``random`` module's shared generator: a test that seeds it would make processes
+#: drawing at the same time draw the same ports.
+_draw = random.SystemRandom()
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (32768 on Linux by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller binds it soon after)."""
+    """A TCP port that was free a moment ago (the caller binds it soon after).
+
+    Drawn at random below the kernel's ephemeral range, where a port the kernel hands out
+    (to an outgoing connection, or to another ``bind(0)``) cannot land on it between this
+    check and the caller's bind; the ephemeral range itself only when there is no room
+    below it."""
+    below = _ephemeral_start()
+    if below - _PORTS_FROM >= 1_000:
+        for _ in range(64):
+            port = _draw.randrange(_PORTS_FROM, below)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:  # taken: draw again
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

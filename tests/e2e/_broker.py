@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -15,12 +14,7 @@ from pathlib import Path
 import httpx
 
 from broker._process import process_alive
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from broker.embedded import free_port
 
 
 def children(pid: int) -> list[int]:

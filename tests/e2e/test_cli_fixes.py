@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from broker.agent import Request
-from broker.embedded import NatsServer
+from broker.embedded import NatsServer, free_port
 from tests._wait import await_until
 from tests.e2e._agents import Behaviour, manifest, running
 from tests.e2e._broker import BrokerProcess, start_broker
@@ -60,13 +59,6 @@ def dead_letters(nats_url: str) -> list[dict[str, Any]]:
     assert listed.returncode == 0, listed.stderr
     rows: list[dict[str, Any]] = json.loads(listed.stdout)
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_status_and_dlq_list_print_markup_like_data_as_text(

@@ -291,3 +291,16 @@ async def test_cluster_keeps_acking_after_the_stream_leader_is_killed(
 
     assert await await_until(publish_once, timeout=30, interval=0.2)
     assert seqs[-1] == 2
+
+
+def test_free_ports_are_drawn_below_the_ephemeral_range() -> None:
+    """Where no outgoing connection or ``bind(0)`` can take them before the caller binds:
+    the e2e suite, four processes at once, lost a broker start to that race."""
+    from broker.embedded import _ephemeral_start, free_port
+
+    ports = {free_port() for _ in range(50)}
+    assert all(10_000 <= port < _ephemeral_start() for port in ports), sorted(ports)
+    assert len(ports) > 40  # drawn at random, not handed out in order
+    for port in list(ports)[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
