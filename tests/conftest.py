@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,35 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 
 
 # --- end of embedded nats-server fixtures ---------------------------------------------------
+
+
+# --- structlog in the test processes ---------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _loggers_follow_the_configuration_of_the_moment() -> Iterator[None]:
+    """``configure_logging`` has each logger keep its configuration from its first call on
+    (``cache_logger_on_first_use``: cheaper log calls in a process that configures once). A
+    test process configures logging again and again (every CLI command run in it, every
+    ``capture_logs``), so a logger first used after some earlier test ran a command would
+    escape a later test's ``capture_logs``, depending on which tests shared the process."""
+    import structlog
+
+    configure = structlog.configure
+
+    def configure_uncached(**settings: Any) -> None:
+        configure(**{**settings, "cache_logger_on_first_use": False})
+
+    structlog.configure = configure_uncached
+    yield
+    structlog.configure = configure
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> None:
+    """Each test starts from structlog's defaults, whatever the tests before it in the
+    process configured (``configure_logging`` at ``info`` filters the debug events a test
+    may capture): which tests share a process differs between serial and parallel runs."""
+    import structlog
+
+    structlog.reset_defaults()
