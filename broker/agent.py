@@ -18,10 +18,15 @@ one agent split its work, and a message an instance took but did not finish (it 
 delivered again after ``ack_wait`` (the consumer's: an existing one keeps its own, and a
 long handler is kept alive on it); its ``max_deliveries``-th delivery is not run but fails
 (``RouteFailed``), so a message that kills whatever runs it does not kill every instance for
-ever. At most ``concurrency`` handlers run at once. A NATS outage is waited out however long
-it lasts, and an inbox consumer that disappears is made again (after the last message it had
-delivered); a connection closed for good, or a consumer that cannot be made again, makes
-:meth:`Agent.run` raise :class:`~broker.errors.Unavailable` rather than return as if stopped.
+ever. A process that dies takes every message it had fetched with it, each counted a
+delivery; so a redelivered message runs alone (once the instance's other handlers have
+finished, and with nothing fetched until it has), and while redeliveries may be on their way
+the instance fetches one message at a time (see :meth:`Agent._consume`): the messages
+fetched beside a poison message are not given up with it. At most ``concurrency`` handlers
+run at once. A NATS outage is waited out however long it lasts, and an inbox consumer that
+disappears is made again (after the last message it had delivered); a connection closed for
+good, or a consumer that cannot be made again, makes :meth:`Agent.run` raise
+:class:`~broker.errors.Unavailable` rather than return as if stopped.
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
 to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
@@ -45,13 +50,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import shutil
 import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -399,6 +405,13 @@ class Agent:
         self._consumer_created: datetime | None = None
         self._free = concurrency  # handler slots not in use
         self._slot_freed = asyncio.Event()
+        # Cautious mode (see _consume): one message a fetch until this monotonic time.
+        self._cautious_until = 0.0
+        self._suspects = 0  # redelivered messages taken and not finished: no fetch meanwhile
+        self._others = 0  # the other messages taken and not finished
+        self._others_done = asyncio.Event()  # set while _others is 0
+        self._others_done.set()
+        self._alone = asyncio.Lock()  # held by the redelivered message that runs alone
         self._tasks: set[asyncio.Task[None]] = set()
         self._window = _Window()
         self.handled = 0
@@ -505,6 +518,7 @@ class Agent:
         self._durable = durable
         self._note_position(info)
         self._read_ack_wait(info, durable)
+        self._note_pending(info, starting=True)
         return sub
 
     def _note_position(self, info: ConsumerInfo) -> None:
@@ -515,6 +529,16 @@ class Agent:
             self._consumer_created, self._next_seq = info.created, delivered + 1
         else:
             self._next_seq = max(self._next_seq, delivered + 1)
+
+    def _note_pending(self, info: ConsumerInfo, *, starting: bool = False) -> None:
+        """Be cautious (:meth:`_be_cautious`) while the consumer holds a message delivered
+        more than once and not settled (read on every few heartbeats): a process may have
+        died with it, on any instance, and it may be running one at a time through a crash
+        loop. On ``starting``, while the consumer holds any message not settled: it may be
+        one the process before this one died with, on its way back."""
+        held = info.num_ack_pending if starting else info.num_redelivered
+        if held:
+            self._be_cautious()
 
     def _read_ack_wait(self, info: ConsumerInfo, durable: str) -> None:
         """Time the keep-alive on the bound consumer's ack_wait: nats-py binds to an existing
@@ -631,21 +655,31 @@ class Agent:
         """Fetch and start handlers until ``stop`` is set. A connection that closed (it
         never gives up reconnecting, so something closed it for good) raises: returning
         would look like a clean stop to whoever supervises the agent. So does an inbox
-        consumer that vanished and cannot be made again (:meth:`_resubscribe`)."""
+        consumer that vanished and cannot be made again (:meth:`_resubscribe`).
+
+        A process that dies running one message (a segfault, the OOM killer) dies with every
+        message it had fetched, and JetStream counts a delivery for each. So that the
+        messages fetched beside a poison message do not reach ``max_deliveries`` with it, a
+        redelivered message runs alone (:meth:`_turn`), and nothing is fetched while one
+        waits for its turn or runs. A batch could still bring several redeliveries at once
+        (JetStream hands them out before any new message), held together while they wait:
+        so the instance is cautious, and fetches one message at a time, while redeliveries
+        may be on their way (:meth:`_be_cautious`)."""
         while not stop.is_set():
             if self._nc is None or self._nc.is_closed:
                 raise Unavailable(
                     "the NATS connection closed while the agent was running; "
                     "it stopped consuming its inbox"
                 )
-            if self._free == 0:
+            if self._free == 0 or self._suspects:  # or a redelivered message runs alone
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_FETCH_TIMEOUT):
                         await self._slot_freed.wait()
                 continue
+            size = 1 if time.monotonic() < self._cautious_until else self._free
             try:
-                batch: list[Msg] = await sub.fetch(self._free, timeout=_FETCH_TIMEOUT)
+                batch: list[Msg] = await sub.fetch(size, timeout=_FETCH_TIMEOUT)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -661,14 +695,52 @@ class Agent:
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
                 continue
-            for message in batch:
+            # First deliveries start at once; redelivered ones run after them, one at a
+            # time, the least delivered first (a poison has been delivered the most).
+            for message in sorted(batch, key=_deliveries):
                 with contextlib.suppress(Exception):  # not a JetStream message: no position
                     seq = message.metadata.sequence.stream
                     self._next_seq = max(self._next_seq, seq + 1)
+                alone = _deliveries(message) > 1
                 self._free -= 1
-                task = asyncio.create_task(self._handle(message))
+                if alone:
+                    self._suspects += 1
+                    self._be_cautious()
+                else:
+                    self._others += 1
+                    self._others_done.clear()
+                task = asyncio.create_task(self._handle(message, alone))
                 self._tasks.add(task)
-                task.add_done_callback(self._done)
+                task.add_done_callback(functools.partial(self._done, alone))
+
+    def _be_cautious(self) -> None:
+        """Fetch one message at a time for the consumer's ack_wait from now. Called when a
+        redelivered message is fetched, while the consumer holds one not settled
+        (:meth:`_note_pending`), and on starting while the consumer has messages unacked
+        (some may be those the process before this one died with). The messages a dead
+        process held come back within an ack_wait of its death, each its own ack_wait after
+        it was last fetched or kept alive; fetched one at a time, each runs alone and no
+        crash counts a delivery for another. First deliveries still run side by side,
+        ``concurrency`` at a time."""
+        until = time.monotonic() + self._consumer_ack_wait
+        self._cautious_until = max(self._cautious_until, until)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, alone: bool) -> AsyncIterator[None]:
+        """Wait until a message may run: at once, or, ``alone`` (a redelivered message),
+        after every other message this instance took has finished and what they sent (the
+        replies, the acks) has reached the server, one such message at a time. The consume
+        loop fetches nothing meanwhile, so a crash while it runs counts a delivery for it
+        and for nothing else."""
+        if not alone:
+            yield
+            return
+        async with self._alone:
+            await self._others_done.wait()
+            if self._nc is not None:
+                with contextlib.suppress(Exception):  # NATS away: its acks are lost anyway
+                    await self._nc.flush(timeout=2)
+            yield
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
@@ -677,14 +749,20 @@ class Agent:
     async def _on_reconnected(self) -> None:
         log.info("agent_nats_reconnected", agent=self.name, instance=self.instance)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, alone: bool, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._free += 1
+        if alone:
+            self._suspects -= 1
+        else:
+            self._others -= 1
+            if self._others == 0:
+                self._others_done.set()
         self._slot_freed.set()
 
-    async def _handle(self, message: Msg) -> None:
+    async def _handle(self, message: Msg, alone: bool) -> None:
         try:
-            await self._handle_one(message)
+            await self._handle_one(message, alone)
         except asyncio.CancelledError:
             # Stopped while it ran (past drain_timeout): handed back for another instance to
             # run in a second, rather than after the consumer's ack_wait.
@@ -692,7 +770,7 @@ class Agent:
                 await message.nak(delay=_HANDED_BACK_DELAY)
             raise
 
-    async def _handle_one(self, message: Msg) -> None:
+    async def _handle_one(self, message: Msg, alone: bool) -> None:
         headers = dict(message.headers or {})
         try:
             route = RouteDecided.from_headers(headers)
@@ -700,29 +778,44 @@ class Agent:
             log.warning("agent_message_unreadable", error=e.message)
             await message.term()
             return
-        deadline = deadline_of(headers)
         request = Request(
             message.data,
             headers.get(CONTENT_TYPE, DEFAULT_CONTENT_TYPE),
             headers,
             route,
-            deadline,
+            deadline_of(headers),
         )
-        if deadline is not None and time.time() >= deadline:
-            recorded = await self._failed(
-                request, FailureReason.EXPIRED, "the deadline passed before it ran"
-            )
-            await self._settle(message, recorded)
+        if await self._expired(message, request):
             return
         delivered = _deliveries(message)
         if delivered >= self.max_deliveries:  # it killed (or outlived) every instance it ran on
             await self._give_up(message, request, delivered)
             return
+        keepalive = asyncio.create_task(self._keep_alive(message))  # while it waits, too
+        try:
+            async with self._turn(alone):
+                if alone and await self._expired(message, request):  # while it waited
+                    return
+                await self._run(message, request)
+        finally:
+            keepalive.cancel()
+
+    async def _expired(self, message: Msg, request: Request) -> bool:
+        """Whether the request's deadline passed before it ran; then it is failed."""
+        if request.deadline is None or time.time() < request.deadline:
+            return False
+        recorded = await self._failed(
+            request, FailureReason.EXPIRED, "the deadline passed before it ran"
+        )
+        await self._settle(message, recorded)
+        return True
+
+    async def _run(self, message: Msg, request: Request) -> None:
+        """Run the handler, send its reply or record its failure, and settle the message."""
         assert self._handler is not None
         started = time.monotonic()
-        keepalive = asyncio.create_task(self._keep_alive(message))
         span = tracing.span(
-            f"agent {self.name}", parent_headers=headers, kind=tracing.SpanKind.CONSUMER
+            f"agent {self.name}", parent_headers=request.headers, kind=tracing.SpanKind.CONSUMER
         )
         recorded = True
         with span:  # the reply (or the failure) is a child of the handler's span
@@ -752,8 +845,6 @@ class Agent:
                     self._window.add(latency_ms, False)
                     log.warning("agent_reply_not_sent", agent=self.name, error=unsent)
                     recorded = await self._failed(request, FailureReason.ERROR, unsent)
-            finally:
-                keepalive.cancel()
         await self._settle(message, recorded)
 
     async def _give_up(self, message: Msg, request: Request, delivered: int) -> None:
@@ -893,12 +984,13 @@ class Agent:
             beats += 1
             # One consumer_info per instance every few beats (a thousand instances would
             # otherwise ask JetStream 500 times a second): a consumer made again may then
-            # deliver once more what the others took in the last few beats.
+            # deliver once more what the others took in the last few beats. The same read
+            # tells whether the consumer holds a redelivered message (cautious mode).
             if self._js is not None and beats % _POSITION_EVERY_BEATS == 0:
                 with contextlib.suppress(Exception):  # gone, or NATS away: the fetch tells
-                    self._note_position(
-                        await self._js.consumer_info(Stream.ROUTES, self._durable, timeout=2.0)
-                    )
+                    info = await self._js.consumer_info(Stream.ROUTES, self._durable, timeout=2.0)
+                    self._note_position(info)
+                    self._note_pending(info)
 
     async def _drain(self) -> None:
         if self._tasks:
