@@ -363,6 +363,10 @@ class Agent:
         ``connect_options(Settings(), name="my-agent")`` from :mod:`broker.natsconn` reads
         ``BROKER_NATS_TLS_*``, ``BROKER_NATS_USER`` … ; ``nats_url`` still names the servers.
 
+        ``register``: put the manifest into the registry at start, unless the registered one
+        is of a newer version (Semantic Versioning precedence): an old instance restarted
+        during a rolling upgrade leaves the new manifest in place.
+
         ``max_deliveries``: the delivery of a message that reaches this count is not run but
         recorded as ``RouteFailed`` (the deliveries before it all ended unsettled: the
         process died or was stopped while it ran), so the handler runs a message at most
@@ -643,13 +647,43 @@ class Agent:
                 await publisher.wait_connected(10.0)
                 for attempt in range(3):  # instances starting together race; the loser re-reads
                     try:
-                        await put_agent(publisher, Tenant(self.tenant), self.manifest)
+                        if await self._newer_registered(publisher) is None:
+                            await put_agent(publisher, Tenant(self.tenant), self.manifest)
                         break
                     except Conflict:
                         if attempt == 2:
                             raise
             finally:
                 await publisher.close()
+
+    async def _newer_registered(self, publisher: Any) -> str | None:
+        """The version of the registered manifest when it is newer than this instance's, or
+        ``None``. During a rolling upgrade an instance of the version going out that starts
+        again (it crashed, it was rescheduled) would otherwise put its older manifest back
+        over the new one, and the registry would flap with every such restart. The instance
+        still runs: it serves its inbox until it is replaced."""
+        from broker.envelope import Tenant
+        from broker.registry.commands import last_event
+        from broker.registry.events import UnreadableEvent
+        from broker.registry.manifest import version_order
+
+        try:
+            current = await last_event(publisher.js, Tenant(self.tenant), self.name)
+        except UnreadableEvent:  # written by a newer release, perhaps; ours replaces it
+            return None
+        if current is None or current.manifest is None:
+            return None
+        registered = current.manifest.version
+        if version_order(registered) <= version_order(self.manifest.version):
+            return None
+        log.warning(
+            "agent_registration_skipped",
+            agent=self.name,
+            registered=registered,
+            ours=self.manifest.version,
+            why="the registered manifest is of a newer version",
+        )
+        return registered
 
     async def _consume(self, sub: Any, stop: asyncio.Event) -> None:
         """Fetch and start handlers until ``stop`` is set. A connection that closed (it

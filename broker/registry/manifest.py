@@ -41,6 +41,26 @@ _SEMVER = (
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+_SEMVER_PARTS = re.compile(_SEMVER)
+
+
+def version_order(version: str) -> tuple[Any, ...]:
+    """A key that sorts manifest versions by Semantic Versioning 2.0.0 precedence (its
+    section 11): major, minor and patch as numbers; a pre-release below its release, its
+    identifiers compared one by one (numbers as numbers, below words, which compare in
+    ASCII order; more identifiers rank higher when the rest are equal); build metadata
+    ignored. ``ValueError`` for a string that is not a version."""
+    parts = _SEMVER_PARTS.fullmatch(version)
+    if parts is None:
+        raise ValueError(f"{version[:64]!r} is not a semantic version")
+    major, minor, patch, pre = parts.group(1, 2, 3, 4)
+    release = (int(major), int(minor), int(patch))
+    if pre is None:
+        return (*release, 1, ())
+    ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in pre.split("."))
+    return (*release, 0, ids)
+
+
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
 
