@@ -117,6 +117,9 @@ class ConnectOptions(TypedDict, total=False):
     password: str
     token: str
     user_credentials: str
+    #: Where the client's own replies come (``_INBOX`` by default): an agent's user that may
+    #: subscribe to its own prefix only (docs/tenants.md) connects with it.
+    inbox_prefix: str
 
 
 def connect_options(
