@@ -74,6 +74,12 @@ _ERRORS: dict[str, type[BrokerError]] = {
 }
 
 
+#: The subjects routers and agents answer a waiting ``POST /v1/route`` on (the decision, the
+#: reply): not the client's own ``_INBOX``, so an agent's NATS user may publish replies there
+#: and nowhere near the inboxes where the broker's processes get their JetStream acks.
+REPLY_PREFIX = "_BROKER_REPLY"
+
+
 class RouteWaiters:
     """Futures for the core NATS answers this process waits for, under one subscription.
 
@@ -93,7 +99,7 @@ class RouteWaiters:
             async with self._lock:
                 if self._prefix is None:
                     nc = self.publisher.nc
-                    prefix = f"{nc.new_inbox()}."
+                    prefix = f"{REPLY_PREFIX}.{secrets.token_hex(11)}."
                     await nc.subscribe(f"{prefix}*", cb=self._deliver)
                     self._prefix = prefix
         return self._prefix

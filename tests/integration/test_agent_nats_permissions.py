@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from broker.agent import Agent, Request
 from broker.embedded import NatsServer, ServerSpec
 from broker.envelope import Outbound
+from broker.http.route import REPLY_PREFIX
 from broker.natsconn import ConnectOptions, open_client
 from broker.publisher import Publisher
 from broker.routing.events import (
@@ -48,7 +49,7 @@ TENANT, NAME, OTHER_TENANT = "shop", "render", "billing"
 BROKER_PASSWORD, AGENT_PASSWORD = "broker-secret", "agent-secret"
 INBOX_PREFIX = f"_INBOX_{TENANT}_{NAME}"
 CONSUMER = f"agent-{TENANT}~{NAME}"
-CALLER = "_INBOX.caller"
+CALLER = f"{REPLY_PREFIX}.caller"  # where an ingress waits for replies
 MANIFEST: dict[str, Any] = {
     "name": NAME,
     "version": "1.0.0",
