@@ -472,18 +472,27 @@ class Agent:
 
         NATS going away is waited out, however long, and an inbox consumer that vanished
         is made again; :class:`~broker.errors.Unavailable` when the connection closes for
-        good before ``stop`` is set, or the consumer cannot be made again (after draining)."""
+        good before ``stop`` is set, or the consumer cannot be made again (after draining),
+        and when a JetStream request of the start goes unanswered (JetStream off, or a NATS
+        user without the permissions docs/tenants.md lists)."""
         if self._handler is None:
             raise RuntimeError("no handler: decorate an async function with @agent.handler")
         setup("agent")
-        await self._connect()
         try:
+            await self._connect()
             sub = await self._subscribe()
-        except BaseException:
+        except BaseException as e:
             self._closing = True
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
+            if isinstance(e, TimeoutError):  # nats-py's own TimeoutError is one too
+                raise Unavailable(
+                    "NATS did not answer a JetStream request of the agent's start in time: "
+                    "is JetStream enabled, and may this NATS user make it? A request the "
+                    "user may not make goes unanswered (see `agent_nats_error` in the log, "
+                    "and docs/tenants.md for the permissions an agent needs)"
+                ) from e
             raise
         await self._heartbeat()
         beat = asyncio.create_task(self._heartbeat_loop(stop), name="agent-heartbeat")

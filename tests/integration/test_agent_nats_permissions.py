@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from broker.agent import Agent, Request
 from broker.embedded import NatsServer, ServerSpec
 from broker.envelope import Outbound
+from broker.errors import Unavailable
 from broker.http.route import REPLY_PREFIX
 from broker.natsconn import ConnectOptions, open_client
 from broker.publisher import Publisher
@@ -408,3 +409,24 @@ async def test_the_agent_user_reaches_no_other_inbox_consumer_or_heartbeat(
         kv = await broker.js.key_value(AGENT_LOAD_BUCKET)
         with pytest.raises(nats.js.errors.NoKeysError):
             await kv.keys()
+
+
+async def test_an_agent_the_user_may_not_run_fails_to_start_with_unavailable(
+    tmp_path: Path,
+) -> None:
+    """Agent ``render`` of ``billing`` under ``shop``'s user: its consumer requests go
+    unanswered; ``run()`` raises ``Unavailable`` naming the permissions, not a bare timeout."""
+    async with documented_broker(tmp_path) as broker:
+        agent = Agent(
+            MANIFEST,
+            nats_url=broker.server.url,
+            tenant=OTHER_TENANT,
+            connect_options=agent_options(),
+        )
+
+        @agent.handler
+        async def handle(request: Request) -> str:
+            return "never"
+
+        with pytest.raises(Unavailable, match=r"docs/tenants\.md"):
+            await asyncio.wait_for(agent.run(asyncio.Event()), 60)
