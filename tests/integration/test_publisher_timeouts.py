@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -20,6 +21,7 @@ from broker.publisher import Publisher
 from broker.settings import Settings
 from broker.streams import provision
 from broker.telemetry import metrics
+from tests._wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +65,12 @@ async def quick_publisher(nats_url: str) -> AsyncIterator[Publisher]:
     await pub.close()
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state ``T`` in /proc)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks)
+
+
 def message(i: int) -> Outbound:
     return Outbound(f"msg.default.stall.{i}", b"{}", {})
 
@@ -81,6 +89,7 @@ async def test_publishes_timed_out_while_jetstream_stalls_are_observed_and_count
     assert nats_server.pid is not None
     os.kill(nats_server.pid, signal.SIGSTOP)
     try:
+        assert wait_for(lambda: stopped(nats_server.pid), timeout=5)  # a stop is not instant
         stalled = [await quick_publisher.submit(message(i)) for i in range(10)]
         gone = await quick_publisher.submit(message(10))
         gone.cancel()  # the caller went away (an HTTP client that hung up)
