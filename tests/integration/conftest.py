@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
 
 import nats
 import pytest
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 from broker.publisher import Publisher
 from broker.settings import Settings
 from broker.streams import provision
+from projections.checkpoints import create_sql_engine
 
 #: The PostgreSQL every test that needs one uses (see the developer guide).
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -72,3 +75,33 @@ def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema for a replica, dropped afterwards."""
     with postgres_schema("topo") as schema:
         yield schema
+
+
+class ReplicaDb(NamedTuple):
+    """A replica database: its ``BROKER_REPLICA_URL`` and an engine on it."""
+
+    url: str
+    engine: sa.Engine
+
+
+@contextmanager
+def replica_db(kind: str, prefix: str, tmp_path: Path | None = None) -> Iterator[ReplicaDb]:
+    """A replica database of ``kind``: ``sqlite``, a file in ``tmp_path``; ``postgresql``, a
+    fresh schema ``<prefix>_<random>`` of the PostgreSQL on this machine (dropped after; see
+    :func:`postgres_schema`). For fixtures parametrized over both."""
+    if kind == "sqlite":
+        assert tmp_path is not None
+        url = f"sqlite:///{tmp_path}/replica.db"
+        engine = create_sql_engine(url)
+        try:
+            yield ReplicaDb(url, engine)
+        finally:
+            engine.dispose()
+        return
+    with postgres_schema(prefix) as schema:
+        url = replica_url(schema)
+        engine = create_sql_engine(url)
+        try:
+            yield ReplicaDb(url, engine)
+        finally:
+            engine.dispose()

@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import nats
 import pytest
@@ -35,40 +35,24 @@ from projections.replica import MessagesReplica, RoutesReplica
 from projections.runtime import DLQ_STUB, ProjectionRunner
 from tests._wait import await_until
 from tests.integration._counting import CountingProjection, applied, counts
-from tests.integration.conftest import postgres_schema, replica_url
+from tests.integration.conftest import ReplicaDb as Db
+from tests.integration.conftest import replica_db
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Db(NamedTuple):
-    url: str
-    engine: sa.Engine
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     """A SQLite file, or a fresh schema of the PostgreSQL on this machine."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/replica.db"
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
-        return
-    with postgres_schema("faults") as schema:
-        url = replica_url(schema)
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
+    with replica_db(request.param, "faults", tmp_path) as found:
+        yield found
 
 
 @pytest.fixture
 def pg() -> Iterator[Db]:
-    with postgres_schema("faults") as schema:
-        url = replica_url(schema)
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
+    with replica_db("postgresql", "faults") as found:
+        yield found
 
 
 def setup(engine: sa.Engine, projection: Any) -> None:

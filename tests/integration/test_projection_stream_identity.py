@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import nats
 import pytest
@@ -33,7 +33,8 @@ from projections.checkpoints import (
 from projections.replica import MessagesReplica
 from projections.runtime import ProjectionRunner, progress
 from tests._wait import await_until
-from tests.integration.conftest import postgres_schema, replica_url
+from tests.integration.conftest import ReplicaDb as Db
+from tests.integration.conftest import replica_db
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,25 +46,11 @@ OLD_DDL = (
 )
 
 
-class Db(NamedTuple):
-    url: str
-    engine: sa.Engine
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     """A SQLite file, or a fresh schema of the PostgreSQL on this machine (dropped after)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/replica.db"
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
-        return
-    with postgres_schema("identity") as schema:
-        url = replica_url(schema)
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
+    with replica_db(request.param, "identity", tmp_path) as found:
+        yield found
 
 
 @pytest.fixture
@@ -77,11 +64,8 @@ async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
 
 @pytest.fixture
 def pg() -> Iterator[Db]:
-    with postgres_schema("identity") as schema:
-        url = replica_url(schema)
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
+    with replica_db("postgresql", "identity") as found:
+        yield found
 
 
 async def publish(js: JetStreamContext, n: int, tag: str) -> None:

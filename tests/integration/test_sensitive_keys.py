@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 import pytest
@@ -37,11 +37,12 @@ from broker.publisher import Publisher
 from broker.sensitive import luhn_valid, redact_json
 from broker.telemetry.logfields import redact_secrets
 from projections.base import Projection
-from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+from projections.checkpoints import SqlCheckpointStore
 from projections.replica import MessagesReplica, RoutesReplica, audit, metadata, outbox
 from projections.runtime import ProjectionRunner
 from tests._wait import await_until
-from tests.integration.conftest import postgres_schema, replica_url
+from tests.integration.conftest import ReplicaDb as Db
+from tests.integration.conftest import replica_db
 
 pytestmark = pytest.mark.integration
 
@@ -74,27 +75,11 @@ STORED = {
 }
 
 
-class Db(NamedTuple):
-    url: str
-    engine: sa.Engine
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     """A SQLite file, or a fresh schema of the PostgreSQL at 127.0.0.1:5432."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/replica.db"
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
-        return
-    with postgres_schema("cardkeys") as schema:
-        url = replica_url(schema)
-        engine = create_sql_engine(url)
-        try:
-            yield Db(url, engine)
-        finally:
-            engine.dispose()
+    with replica_db(request.param, "cardkeys", tmp_path) as found:
+        yield found
 
 
 def test_the_test_cards_are_distinct_valid_numbers_with_the_same_last_four() -> None:

@@ -10,11 +10,10 @@ are stored exactly as before, and the stream itself still returns what was sent.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 import orjson
@@ -28,7 +27,7 @@ from broker.reader import read_messages
 from broker.settings import get_settings
 from broker.streams import Stream
 from projections.base import Event, Projection
-from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+from projections.checkpoints import SqlCheckpointStore
 from projections.outbox import CHANGES_STREAM, ensure_changes_stream, relay_once
 from projections.replica import (
     MessagesReplica,
@@ -40,45 +39,20 @@ from projections.replica import (
 from projections.runtime import ProjectionRunner
 from projections.worker import Worker, WorkerOptions
 from tests._wait import await_until
+from tests.integration.conftest import ReplicaDb as Db
+from tests.integration.conftest import replica_db
 
 pytestmark = pytest.mark.integration
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 TENANT = "acme"
-
-
-class Db(NamedTuple):
-    url: str
-    engine: sa.Engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     """A SQLite file, or a fresh schema of the PostgreSQL at 127.0.0.1:5432 (dropped
     afterwards; an unreachable server fails the test)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/replica.db"
-        engine = create_sql_engine(url)
-        yield Db(url, engine)
-        engine.dispose()
-        return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_sql_engine(PG)
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    except sa.exc.OperationalError as e:
-        admin.dispose()
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {e}")
-    url = f"{PG}?options=-csearch_path%3D{schema}"
-    engine = create_sql_engine(url)
-    try:
-        yield Db(url, engine)
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with replica_db(request.param, "t", tmp_path) as found:
+        yield found
 
 
 @dataclass(frozen=True)
