@@ -34,9 +34,14 @@ from tests.e2e._broker import BrokerProcess, start_broker
 pytestmark = pytest.mark.e2e
 
 LOAD_TTL = 3.0
+# ``error_weight: 0``: an agent's reported error rate leaves its load weight alone here, so
+# an agent that failed stays in the draw until the cooldown takes it out. (With the default,
+# a heartbeat reporting one failure sets the flaky agent's load weight to 0 and the cooldown
+# test could wait in vain for its second failure on a slow machine.)
 POLICY = """
 version: e2e-1
 threshold: -1.0
+load: {error_weight: 0}
 cooldown: {errors: 2, window_s: 60, duration_s: 60}
 max_attempts: 3
 mirror: {primary: shadow}
