@@ -11,6 +11,9 @@ Stored NATS headers:
                                           Confluent wire prefix (``0x00`` + 4-byte id)
 ``Broker-Schema-Id-Source``               ``header`` or ``wire``
 ``Nats-Msg-Id``                           the idempotency key (``Idempotency-Key`` or ``ce-id``)
+``Broker-Request-Digest``                 with a key: a digest of the subject, media type,
+                                          schema id and body, so that the key used again
+                                          for another request is told from a retry
 ``Nats-Expected-Last-Subject-Sequence``   optimistic concurrency, checked by JetStream
 ``ce-*``                                  CloudEvents attributes (binary content mode)
 ``traceparent``, ``tracestate``           W3C trace context, passed through
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +64,10 @@ NATS_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 NATS_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 CONTENT_TYPE = "Content-Type"
 SCHEMA_ID = "Broker-Schema-Id"
+#: On a message stored with an idempotency key: :func:`request_digest` of what was sent. A
+#: publish that JetStream finds a duplicate of it is a retry when the digests agree, and the
+#: key used again for another request when they differ.
+REQUEST_DIGEST = "Broker-Request-Digest"
 SCHEMA_ID_SOURCE = "Broker-Schema-Id-Source"
 #: ``none`` on a message whose body starts with a zero byte but carries no Confluent prefix:
 #: a raw Avro or Protobuf body sent with a ``Schema-Id`` header (an Avro null or zero, a
@@ -153,6 +161,16 @@ def message_subject(tenant: Tenant, subject: str) -> str:
 def stored_msg_id(tenant: Tenant, key: str) -> str:
     """The ``Nats-Msg-Id`` of a message published with idempotency key ``key``."""
     return f"{tenant}:{key}"
+
+
+def request_digest(subject: str, headers: Mapping[str, str], payload: bytes) -> str:
+    """What identifies one request under its idempotency key: BLAKE2b (128 bits, hex) of the
+    stored subject, ``Content-Type``, schema id and body. Trace context and CloudEvent
+    attributes are left out: a retry may carry a new ``traceparent``."""
+    fields = f"{subject}\0{headers.get(CONTENT_TYPE, '')}\0{headers.get(SCHEMA_ID, '')}\0"
+    h = hashlib.blake2b(fields.encode(), digest_size=16)  # no field holds a NUL
+    h.update(payload)
+    return h.hexdigest()
 
 
 def idempotency_key(tenant: str, msg_id: str) -> str:
@@ -288,6 +306,7 @@ class PublishRequest:
             # JetStream deduplicates across the whole stream: scoped to the tenant (a tenant
             # name has no ':'), one tenant's key neither swallows nor reveals another's
             headers[NATS_MSG_ID] = stored_msg_id(tenant, key)
+            headers[REQUEST_DIGEST] = request_digest(subject, headers, self.payload)
         if self.expected_last_subject_sequence is not None:
             headers[NATS_EXPECTED_LAST_SUBJECT_SEQ] = str(self.expected_last_subject_sequence)
         if self.extra_headers:

@@ -17,7 +17,8 @@
     │   └── StreamFull               413 stream_full        (a publish stream's record cap)
     ├── UnsupportedMediaType         415 unsupported_media_type
     ├── Unprocessable                422 unprocessable
-    │   └── InvalidSubject           422 invalid_subject
+    │   ├── InvalidSubject           422 invalid_subject
+    │   └── IdempotencyKeyReused     422 idempotency_key_reused  (the key stored another request)
     ├── Unavailable                  503 nats_unavailable   (retryable, carries Retry-After)
     │   ├── PublishTimeout           503 publish_timeout    (ack unknown: retry with the same key)
     │   └── NoRoute                  503 no_route           (no agent qualifies; in the DLQ)
@@ -152,6 +153,13 @@ class Unprocessable(BrokerError):
 
 class InvalidSubject(Unprocessable):
     error_code = "invalid_subject"
+
+
+class IdempotencyKeyReused(Unprocessable):
+    """The idempotency key already stored a different request (another subject, media type,
+    schema id or body) within the duplicate window; this one was not stored."""
+
+    error_code = "idempotency_key_reused"
 
 
 class Unavailable(BrokerError):

@@ -22,9 +22,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, NATS_MSG_ID, Outbound
+from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, NATS_MSG_ID, REQUEST_DIGEST, Outbound
 from broker.errors import (
     BrokerError,
+    IdempotencyKeyReused,
     PayloadTooLarge,
     PublishTimeout,
     SequenceConflict,
@@ -382,22 +383,47 @@ class Publisher:
             return ack
 
     async def _append(self, out: Outbound) -> PublishAck:
-        try:
-            return await (await self.submit(out))
-        except SequenceConflict:
-            if (ack := await self.stored_already(out)) is not None:
-                return ack
-            raise
+        return await self.settle(out, await self.submit(out))
 
     async def settle(self, out: Outbound, pending: Awaitable[PublishAck]) -> PublishAck:
         """The ack of a :meth:`submit`; a sequence conflict with ``out`` itself (see
-        :meth:`stored_already`) answers the stored copy, as :meth:`publish` does."""
+        :meth:`stored_already`) answers the stored copy, as :meth:`publish` does. A duplicate
+        is checked to be this request (:meth:`same_request`)."""
         try:
-            return await pending
+            ack = await pending
         except SequenceConflict:
-            if (ack := await self.stored_already(out)) is not None:
-                return ack
-            raise
+            stored = await self.stored_already(out)
+            if stored is None:
+                raise
+            ack = stored
+        return await self.same_request(out, ack) if ack.duplicate else ack
+
+    async def same_request(self, out: Outbound, ack: PublishAck) -> PublishAck:
+        """``ack``, a duplicate's, once the message stored under the key is known to be
+        ``out`` again: :class:`IdempotencyKeyReused` when its request digest differs. A
+        message stored without one (by an older broker, or straight through NATS), or gone
+        since (limits, a purge), cannot be told apart and is taken for the retry it most
+        likely is. One more request to JetStream, on duplicates only."""
+        digest = out.headers.get(REQUEST_DIGEST)
+        if digest is None or self._js is None:
+            return ack
+        try:
+            stored = await self._js.get_msg(ack.stream, seq=ack.seq)
+        except nats.js.errors.NotFoundError:
+            return ack
+        except Exception as e:
+            raise Unavailable(
+                f"the message stored under this Idempotency-Key (seq {ack.seq}) could not be "
+                f"read to compare it with this one ({type(e).__name__}): retry with the same key"
+            ) from e
+        earlier = (stored.headers or {}).get(REQUEST_DIGEST)
+        if earlier is not None and earlier != digest:
+            raise IdempotencyKeyReused(
+                f"this Idempotency-Key already stored a different request (seq {ack.seq} of "
+                f"{ack.stream}: another subject, Content-Type, schema id or body); nothing was "
+                "stored: a new request needs a new key"
+            )
+        return ack
 
     async def stored_already(self, out: Outbound) -> PublishAck | None:
         """After a sequence conflict: ``out`` itself, if it is the subject's first message

@@ -175,7 +175,10 @@ _PUBLISH_ONE: dict[str, Any] = {
             "409": _error("Expected-Last-Subject-Sequence did not match; nothing stored."),
             "413": _error("Body larger than the configured limit."),
             "415": _error("Content-Type not accepted."),
-            "422": _error("Invalid subject, header or CloudEvent attributes."),
+            "422": _error(
+                "Invalid subject, header or CloudEvent attributes; or idempotency_key_reused: "
+                "the Idempotency-Key already stored a different request (nothing stored)."
+            ),
             "503": _UNAVAILABLE,
         },
     }
@@ -325,7 +328,10 @@ _ROUTE_ONE: dict[str, Any] = {
             "408": _error("The body did not arrive in time."),
             "413": _error("Body larger than the configured limit."),
             "415": _error("Content-Type not accepted."),
-            "422": _error("Invalid subject, wait, timeout or routing header."),
+            "422": _error(
+                "Invalid subject, wait, timeout or routing header; or idempotency_key_reused: "
+                "the Idempotency-Key already stored a different request (nothing stored)."
+            ),
             "502": _error("agent_error: the agents tried failed to handle it."),
             "503": {
                 **_UNAVAILABLE,

@@ -119,6 +119,45 @@ async def test_idempotent_retry_answers_the_original_sequence(
     assert await subject_count(js, f"msg.default.{subject}") == 1
 
 
+async def test_a_key_used_again_for_another_body_is_422_and_stores_nothing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    """A single publish, a batch record and a routed message alike: the key's first request
+    stays, the other is refused by name, and a true retry is still a duplicate."""
+    subject, key = unique(), uuid.uuid4().hex
+    url = f"/v1/publish/{subject}"
+    headers = {"content-type": "application/json", "idempotency-key": key}
+    first = await client.post(url, content=b'{"qty": 1}', headers=headers)
+    reused = await client.post(url, content=b'{"qty": 2}', headers=headers)
+    retry = await client.post(url, content=b'{"qty": 1}', headers=headers)
+    assert first.status_code == 200, first.text
+    assert reused.status_code == 422
+    assert reused.json()["error_code"] == "idempotency_key_reused"
+    assert f"seq {first.json()['seq']}" in reused.json()["message"]
+    assert retry.json() == {**first.json(), "duplicate": True}
+
+    records = [
+        {"subject": subject, "data": {"qty": 1}, "idempotency_key": f"{key}-b"},
+        {"subject": subject, "data": {"qty": 5}, "idempotency_key": f"{key}-b"},
+    ]
+    batch = await client.post(
+        "/v1/publish", content=orjson.dumps(records), headers={"content-type": "application/json"}
+    )
+    assert batch.status_code == 207, batch.text
+    assert [r.get("error_code") for r in batch.json()["results"]] == [
+        None,
+        "idempotency_key_reused",
+    ]
+
+    routed, keyed = f"/v1/route/{unique('routed')}", {**headers, "idempotency-key": f"{key}-r"}
+    kept = await client.post(routed, params={"timeout": "1"}, content=b"a", headers=keyed)
+    other = await client.post(routed, params={"timeout": "1"}, content=b"b", headers=keyed)
+    assert kept.status_code in (200, 202), kept.text
+    assert other.status_code == 422
+    assert other.json()["error_code"] == "idempotency_key_reused"
+    assert await subject_count(js, f"msg.default.{subject}") == 2
+
+
 async def test_expected_sequence_mismatch_is_409_and_stores_nothing(
     client: httpx.AsyncClient, js: JetStreamContext
 ) -> None:

@@ -8,8 +8,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, NATS_MSG_ID, Outbound
-from broker.errors import SequenceConflict
+from broker.envelope import (
+    NATS_EXPECTED_LAST_SUBJECT_SEQ,
+    NATS_MSG_ID,
+    Outbound,
+    PublishRequest,
+    Tenant,
+)
+from broker.errors import IdempotencyKeyReused, SequenceConflict
 from broker.publisher import Publisher
 
 
@@ -107,3 +113,59 @@ async def test_a_conditional_publish_sent_again_is_its_own_duplicate_not_a_confl
     assert (again.seq, again.duplicate) == (first.seq, True)
     with pytest.raises(SequenceConflict):  # someone else's write still conflicts
         await publisher.publish(conditional("default:credit-2"))
+
+
+def _keyed(body: bytes, *, subject: str = "orders", expected: int | None = None) -> Outbound:
+    request = PublishRequest(
+        subject,
+        body,
+        "application/json",
+        idempotency_key="order-7",
+        expected_last_subject_sequence=expected,
+    )
+    return request.to_outbound(Tenant("default"))
+
+
+async def _stored(publisher: Publisher, subject: str) -> int:
+    info = await publisher.nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_a_key_used_again_for_another_request_is_refused_not_a_duplicate(
+    publisher: Publisher,
+) -> None:
+    """JetStream deduplicates by the key alone: a client that reused a key for a new body got
+    the first message's ack with ``duplicate: true``, and its new message was lost."""
+    first = await publisher.publish(_keyed(b'{"qty": 1}'))
+    retry = await publisher.publish(_keyed(b'{"qty": 1}'))
+    assert (retry.seq, retry.duplicate) == (first.seq, True)
+    with pytest.raises(IdempotencyKeyReused, match=f"seq {first.seq} of MESSAGES"):
+        await publisher.publish(_keyed(b'{"qty": 2}'))
+    with pytest.raises(IdempotencyKeyReused):  # another subject of the same stream
+        await publisher.publish(_keyed(b'{"qty": 1}', subject="orders.eu"))
+    # The same through submit + settle (batches, streams).
+    out = _keyed(b'{"qty": 3}')
+    with pytest.raises(IdempotencyKeyReused):
+        await publisher.settle(out, await publisher.submit(out))
+    assert await _stored(publisher, "msg.default.orders") == 1
+    assert await _stored(publisher, "msg.default.orders.eu") == 0
+
+
+async def test_a_conditional_retry_with_another_body_is_refused(publisher: Publisher) -> None:
+    """The sequence conflict with its own earlier copy (``stored_already``) is checked too."""
+    first = await publisher.publish(_keyed(b'{"qty": 1}', expected=0))
+    again = await publisher.publish(_keyed(b'{"qty": 1}', expected=0))
+    assert (again.seq, again.duplicate) == (first.seq, True)
+    with pytest.raises(IdempotencyKeyReused):
+        await publisher.publish(_keyed(b'{"qty": 2}', expected=0))
+
+
+async def test_a_message_stored_without_a_digest_answers_as_a_duplicate(
+    publisher: Publisher,
+) -> None:
+    """Stored by an older broker or straight through NATS: nothing to compare with, so the
+    publish is taken for the retry it most likely is, as before."""
+    js = publisher.nc.jetstream()
+    plain = await js.publish("msg.default.orders", b"old", headers={NATS_MSG_ID: "default:order-7"})
+    ack = await publisher.publish(_keyed(b'{"qty": 9}'))
+    assert (ack.seq, ack.duplicate) == (plain.seq, True)

@@ -15,6 +15,7 @@ from broker.envelope import (
     NATS_EXPECTED_LAST_SUBJECT_SEQ,
     NATS_MSG_ID,
     NO_WIRE_PREFIX,
+    REQUEST_DIGEST,
     SCHEMA_ID,
     SCHEMA_ID_SOURCE,
     WIRE_PREFIX,
@@ -27,6 +28,7 @@ from broker.envelope import (
     parse_schema_id,
     parse_sequence,
     record_to_request,
+    request_digest,
     validate_subject,
     wire_schema_id,
 )
@@ -140,6 +142,7 @@ def test_headers_map_to_nats_headers() -> None:
         SCHEMA_ID: "7",
         SCHEMA_ID_SOURCE: "wire",
         NATS_MSG_ID: "acme:k-1",
+        REQUEST_DIGEST: request_digest(out.subject, out.headers, out.payload),
         NATS_EXPECTED_LAST_SUBJECT_SEQ: "0",
     }
 
@@ -377,3 +380,34 @@ def test_idempotency_keys_are_stored_per_tenant_and_replicated_as_sent() -> None
     assert a.headers[NATS_MSG_ID] != b.headers[NATS_MSG_ID]
     event = Event("MESSAGES", 1, a.subject, None, a.headers, a.payload)
     assert MessagesReplica().row(event)["msg_id"] == "k:1"
+
+
+def test_a_keyed_request_stores_a_digest_of_what_makes_it_that_request() -> None:
+    """What tells a retry (same digest) from the key used again for another request."""
+
+    def digest(**changes: object) -> str | None:
+        fields: dict[str, object] = {
+            "subject": "orders",
+            "payload": b'{"id": 1}',
+            "content_type": "application/json",
+            "idempotency_key": "order-1",
+            **changes,
+        }
+        return PublishRequest(**fields).to_outbound(T).headers.get(REQUEST_DIGEST)  # type: ignore[arg-type]
+
+    first = digest()
+    assert first is not None
+    assert len(first) == 32
+    assert digest() == first
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    assert digest(extra_headers=trace) == first  # a retry may carry a new trace context
+    others = [
+        digest(subject="orders.eu"),
+        digest(payload=b'{"id": 2}'),
+        digest(content_type="text/plain"),
+        digest(schema_id=7),
+    ]
+    assert first not in others
+    assert digest(idempotency_key=None) is None
+    other_tenant = PublishRequest("orders", b'{"id": 1}', "application/json", "order-1")
+    assert other_tenant.to_outbound(Tenant("b")).headers[REQUEST_DIGEST] != first
