@@ -58,10 +58,12 @@ def start_metrics(host: str, port: int) -> None:
     """Serve /metrics when asked to; a port that cannot be bound is a usage error."""
     if not port:
         return
+    from broker.settings import get_settings
     from broker.telemetry.endpoint import serve_metrics
 
+    secret = get_settings().metrics_token
     try:
-        serve_metrics(host, port)
+        serve_metrics(host, port, secret.get_secret_value() if secret else None)
     except OSError as e:
         raise typer.BadParameter(
             f"cannot listen on {host}:{port} ({e.strerror})", param_hint="--metrics-port"

@@ -474,6 +474,12 @@ def run_broker(
         workers=settings.workers,
         nats_url=redact_servers(settings.nats_url or ""),
     )
+    if settings.auth_configured and settings.metrics_token is None and settings.metrics:
+        # Everything else needs a key now; /metrics still names every tenant and agent.
+        log.warning(
+            "metrics_public",
+            hint="set BROKER_METRICS_TOKEN so that only a scrape presenting it reads /metrics",
+        )
     try:
         code = _run_children(
             settings, embedded, announce=banner(settings), stop_timeout=stop_timeout

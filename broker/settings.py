@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         "/metrics on this port (0: off).",
     )
     metrics_host: str = Field(default="127.0.0.1", description="Address metrics_port binds.")
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /metrics (the ingress's and metrics_port's) answers only "
+        "`Authorization: Bearer <token>` (else 401): its labels name tenants and agents.",
+    )
     trace_url: str | None = Field(
         default=None,
         description="Trace viewer link for /ui, with {trace_id}: "

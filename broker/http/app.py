@@ -95,9 +95,9 @@ def _meta_app(state: IngressState) -> FastAPI:
 
     @app.exception_handler(BrokerError)
     async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        headers = (
-            {"Retry-After": str(state.settings.retry_after_seconds)} if exc.retryable else None
-        )
+        headers = dict(exc.headers)  # e.g. a 401's WWW-Authenticate
+        if exc.retryable:
+            headers["Retry-After"] = str(state.settings.retry_after_seconds)
         body = exc.to_dict()
         if not _in_registry(request):
             return JSONResponse(body, status_code=exc.status, headers=headers)

@@ -19,12 +19,14 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse, Response
 
 import broker
+from broker.errors import Unauthenticated
 from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
+from broker.telemetry.endpoint import scrape_allowed
 from broker.telemetry.status import BuildInfo, collect
 
 _CACHE_SECONDS = 1.0
@@ -93,9 +95,15 @@ def ops_router(state: IngressState) -> APIRouter:
             cache.body, cache.at, cache.key = _json(result.to_dict()), now, key
             return cache.body
 
+    secret = state.settings.metrics_token
+    token = secret.get_secret_value() if secret is not None else None
+
     @router.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        """Prometheus text exposition of every broker process."""
+    async def prometheus_metrics(authorization: str | None = Header(None)) -> Response:
+        """Prometheus text exposition of every broker process (with ``BROKER_METRICS_TOKEN``
+        set, to scrapes that present it)."""
+        if not scrape_allowed(token, authorization):
+            raise Unauthenticated("/metrics needs Authorization: Bearer <BROKER_METRICS_TOKEN>")
         metrics.flush()  # this process's latest counts first (on the loop's thread)
         body = await asyncio.to_thread(metrics.render)
         return Response(body, media_type=metrics.CONTENT_TYPE)

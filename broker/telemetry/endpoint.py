@@ -6,10 +6,15 @@ machine) has nobody to show its metrics, so ``--metrics-port`` serves them from 
 HTTP/1.1 server on a background thread: ``GET /metrics`` (Prometheus text) and ``GET
 /healthz``. Values are at most one flush interval old (:data:`metrics.FLUSH_SECONDS`): the
 hot paths count in memory and the recording thread flushes them on its timer.
+
+With ``BROKER_METRICS_TOKEN`` set, ``/metrics`` here and on the ingress answers only a
+scrape that presents it (``Authorization: Bearer <token>``, Prometheus's ``authorization``
+setting): the labels name tenants, agents and subjects' streams. ``/healthz`` stays open.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,11 +26,35 @@ from broker.telemetry import metrics
 log = structlog.get_logger(__name__)
 
 
+#: The answer to a scrape without the token (the ingress answers the same).
+UNAUTHENTICATED = (
+    b'{"error_code":"unauthenticated","message":"/metrics needs Authorization: Bearer '
+    b'<BROKER_METRICS_TOKEN>"}'
+)
+WWW_AUTHENTICATE = 'Bearer realm="broker-metrics"'
+
+
+def scrape_allowed(token: str | None, authorization: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read the metrics: always
+    when no token is configured, else only with ``Bearer <token>`` (compared in constant
+    time)."""
+    if token is None:
+        return True
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "broker-metrics"
+    token: str | None = None  # set on the subclass serve_metrics makes
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == "/metrics" and not scrape_allowed(self.token, self.headers["Authorization"]):
+            self._answer(401, UNAUTHENTICATED, "application/json", WWW_AUTHENTICATE)
+            return
         if path == "/metrics":
             body, content_type, status = metrics.render(), metrics.CONTENT_TYPE, 200
         elif path == "/healthz":
@@ -33,9 +62,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = b'{"error_code":"not_found","message":"try /metrics"}'
             content_type, status = "application/json", 404
+        self._answer(status, body, content_type)
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str, challenge: str | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if challenge is not None:
+            self.send_header("WWW-Authenticate", challenge)
         self.end_headers()
         self.wfile.write(body)
 
@@ -43,12 +79,14 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-def serve_metrics(host: str, port: int) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the server (its
-    ``server_address`` has the port when ``port`` is 0). Raises ``OSError`` if it cannot bind."""
-    server = ThreadingHTTPServer((host, port), _Handler)
+def serve_metrics(host: str, port: int, token: str | None = None) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread, to scrapes presenting
+    ``token`` when one is given; returns the server (its ``server_address`` has the port
+    when ``port`` is 0). Raises ``OSError`` if it cannot bind."""
+    handler = type("_TokenHandler", (_Handler,), {"token": token})
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
-    log.info("metrics_listening", host=host, port=server.server_address[1])
+    log.info("metrics_listening", host=host, port=server.server_address[1], token=token is not None)
     return server

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.e2e
 MARKER = "B-SECRET"  # in every payload, description and schema of tenant b
 SCHEMA_MARKER = "BSecretRecord"
 JWT_SECRET = "j" * 48
+METRICS_TOKEN = "scrape-" + "m" * 32
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,11 @@ def auth_config() -> str:
 def broker(
     module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
-    env = {"BROKER_AUTH_CONFIG": auth_config(), "TENANTS_TEST_JWT_SECRET": JWT_SECRET}
+    env = {
+        "BROKER_AUTH_CONFIG": auth_config(),
+        "TENANTS_TEST_JWT_SECRET": JWT_SECRET,
+        "BROKER_METRICS_TOKEN": METRICS_TOKEN,
+    }
     process = start_broker(
         tmp_path_factory.mktemp("tenants"),
         nats_url=module_nats.url,
@@ -383,9 +388,22 @@ def test_without_credentials_only_health_and_docs_answer(
             assert r.headers["www-authenticate"].startswith("Bearer")
             code = r.json()["error_code"]
             assert code == (40101 if path.startswith("/registry/") else "unauthenticated")
-    for public in ("/healthz", "/metrics", "/ui", "/openapi.json"):
+    for public in ("/healthz", "/ui", "/openapi.json"):
         assert http.get(public).status_code == 200, public
     assert http.get("/no/such/thing").status_code == 401
+
+
+def test_metrics_answer_only_the_scrape_token(http: httpx.Client, seeded: Seeded) -> None:
+    """Their labels name every tenant and agent: with ``BROKER_METRICS_TOKEN`` set neither a
+    stranger nor a tenant's own API key reads them."""
+    for headers in ({}, KEYS["a-all"].headers, {"authorization": "Bearer wrong"}):
+        r = http.get("/metrics", headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error_code"] == "unauthenticated"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    r = http.get("/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+    assert r.status_code == 200
+    assert "broker_http_requests_total" in r.text
 
 
 def test_jwt_bearer_tokens(http: httpx.Client, seeded: Seeded) -> None:
