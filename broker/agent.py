@@ -60,7 +60,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -101,6 +101,7 @@ from broker.streams import AGENT_LOAD_BUCKET, Stream
 from broker.telemetry import setup, tracing
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 _STATS_WINDOW = 30.0
 _FETCH_TIMEOUT = 1.0
@@ -213,6 +214,20 @@ class NvidiaSmi:
             return float(free), float(util) / 100.0
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None, None
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None:
+    """What ``work`` returns (or raises), or ``None`` as soon as ``stop`` is set first:
+    ``work`` is then cancelled."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()  # it unwinds by itself; nothing here waits for that
+    return task.result() if task.done() and not task.cancelled() else None
 
 
 @dataclass
@@ -583,6 +598,11 @@ class Agent:
             return False
         return False
 
+    async def _remake_if_gone(self, sub: Any) -> Any | None:
+        """The inbox consumer made again and bound when it is gone (:meth:`_resubscribe`),
+        else ``None``."""
+        return await self._resubscribe(sub) if await self._inbox_gone() else None
+
     async def _resubscribe(self, old: Any) -> Any:
         """Make the inbox consumer again and bind it. Made from the inbox's first message
         when ROUTES is a new stream; otherwise from the first message this instance knows
@@ -732,9 +752,14 @@ class Agent:
                 gone = isinstance(
                     e, nats.js.errors.ServiceUnavailableError | nats.js.errors.NotFoundError
                 )
-                if gone and await self._inbox_gone():
-                    sub = await self._resubscribe(sub)
-                    continue
+                if gone:
+                    # Up to a JetStream timeout per try: a stop meanwhile ends it at once.
+                    remade = await _unless_stopped(stop, self._remake_if_gone(sub))
+                    if stop.is_set():
+                        return
+                    if remade is not None:
+                        sub = remade
+                        continue
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
                 continue

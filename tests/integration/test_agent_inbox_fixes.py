@@ -137,6 +137,34 @@ async def test_an_agent_whose_inbox_consumer_cannot_be_made_again_stops_with_an_
     assert await load_keys(publisher) == []
 
 
+async def test_a_stop_while_the_inbox_consumer_is_made_again_returns_at_once(
+    publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the consumer again takes up to three JetStream timeouts (~30 s) when NATS is
+    slow to answer; a stop (Ctrl-C) meanwhile used to wait for all of them."""
+    agent = recording_agent(nats_url, [])
+    remaking = asyncio.Event()
+
+    async def unanswered() -> int | None:  # a JetStream request that gets no answer
+        remaking.set()
+        await asyncio.sleep(3600)
+        return None
+
+    monkeypatch.setattr(agent, "_resume_point", unanswered)
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+
+    async def heartbeating() -> bool:
+        return len(await load_keys(publisher)) == 1
+
+    assert await await_until(heartbeating, timeout=10)
+    await publisher.js.delete_consumer(Stream.ROUTES, agent.consumer_name)
+    await asyncio.wait_for(remaking.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert await load_keys(publisher) == []
+
+
 @pytest.mark.parametrize(
     "options",
     [
