@@ -295,6 +295,7 @@ async def test_canary_header_routes_to_canary_agents_only(
     canary = manifest("y-canary", "Drafts email replies to customers", labels={"env": "canary"})
     async with running(stable, url), running(canary, url):
         assert await routed_to(client, "y-canary", "reply to this", headers={"x-env": "canary"})
+        assert await routed_to(client, "y-stable", "reply to this")  # both live now
         plain = [(await route(client, "reply to this")).json() for _ in range(10)]
         flagged = [
             (await route(client, "reply to this", headers={"x-env": "canary"})).json()
