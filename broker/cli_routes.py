@@ -29,7 +29,8 @@ POLICY = Annotated[
         envvar="BROKER_ROUTING_POLICY",
         exists=True,
         dir_okay=False,
-        help="Routing policy YAML (default: the built-in policy).",
+        help="Routing policy YAML (default: the built-in policy); applied again when the "
+        "file changes (or on SIGHUP), the running one kept when it does not validate.",
     ),
 ]
 EMBEDDER = Annotated[

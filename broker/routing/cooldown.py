@@ -24,6 +24,10 @@ class Cooldowns:
         self._cooling: dict[str, frozenset[str]] = {}
         self._next_expiry = float("inf")
 
+    def configure(self, errors: int, window_s: float, duration_s: float) -> None:
+        """New limits for failures from now on; windows and cooldowns running stay."""
+        self.errors, self.window_s, self.duration_s = errors, window_s, duration_s
+
     def record_failure(self, tenant: str, agent: str, now: float | None = None) -> bool:
         """Count a failure; whether it starts a cooldown."""
         now = time.monotonic() if now is None else now

@@ -126,6 +126,15 @@ class Router:
     def js(self) -> JetStreamContext:
         return self.publisher.js
 
+    def set_policy(self, policy: Policy) -> None:
+        """Route by ``policy`` from the next decision on (a policy file edited while the
+        router runs). Cooldowns running and failures counted stay; the new limits apply to
+        the failures to come."""
+        self.policy = policy
+        self.scorer.set_policy(policy)
+        cooldown = policy.cooldown
+        self.cooldowns.configure(cooldown.errors, cooldown.window_s, cooldown.duration_s)
+
     # --- decisions -----------------------------------------------------------------
 
     def decide(

@@ -624,15 +624,22 @@ class Scorer:
         *,
         cache: CatalogCache | None = None,
     ) -> None:
-        if policy.threshold is None:  # the embedder's calibrated value
-            policy = policy.model_copy(update={"threshold": relevance_threshold(embedder)})
         self.costly = costly(embedder)
         self._own_thread = _OwnThread(embedder) if self.costly else None
         self.embedder: Embedder = self._own_thread or embedder
-        self.policy = policy
+        self._calibrated = relevance_threshold(embedder)
+        self.policy: Policy = policy
+        self.set_policy(policy)
         if cache is not None and self._own_thread is not None and cache.embedder is embedder:
             cache.embedder = self.embedder  # the catalogs' model calls on the model's thread too
         self.catalogs = cache or CatalogCache(self.embedder)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Decide by ``policy`` from now on (a threshold it leaves out is the embedder's
+        calibrated value)."""
+        if policy.threshold is None:
+            policy = policy.model_copy(update={"threshold": self._calibrated})
+        self.policy = policy
 
     def text_to_embed(self, payload: bytes, headers: Mapping[str, str]) -> str | None:
         """The text deciding this message would embed, when the embedder is costly and the

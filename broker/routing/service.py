@@ -2,6 +2,12 @@
 
 Several router processes, here or on other machines, split the work through the shared
 durable consumer; each keeps its own registry and load views, both rebuilt from NATS.
+
+A router started with a policy file applies it again when the file changes (looked at
+every :data:`POLICY_POLL_SECONDS`; a file replaced through a symlink, as Kubernetes updates
+a ConfigMap, counts) or at once on SIGHUP. A file that does not validate is logged
+(``routing_policy_invalid``) and the running policy kept; every decision records the
+version of the policy that made it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from broker.publisher import Publisher
 from broker.registry.snapshot import RegistryView
 from broker.routing.embedder import load_embedder
 from broker.routing.load import LoadView
-from broker.routing.policy import DEFAULT_POLICY, Policy, load_policy
+from broker.routing.policy import DEFAULT_POLICY, Policy, PolicyInvalid, load_policy
 from broker.routing.router import Router
 from broker.routing.scoring import Scorer
 from broker.telemetry import setup
 
 log = structlog.get_logger(__name__)
+
+#: How often a router looks at its policy file for a change.
+POLICY_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +49,61 @@ class RouterOptions:
 
 def policy_from(path: Path | None) -> Policy:
     return DEFAULT_POLICY if path is None else load_policy(path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: modification time, size, inode (``None``: unreadable)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+async def watch_policy(
+    path: Path,
+    router: Router,
+    stop: asyncio.Event,
+    *,
+    interval: float = POLICY_POLL_SECONDS,
+    now: asyncio.Event | None = None,
+) -> None:
+    """Apply ``path`` to ``router`` whenever the file changes, or when ``now`` is set
+    (SIGHUP), until ``stop`` is set. The file is read once at the first look too: it may
+    have changed since the router read it at start."""
+    seen: tuple[int, int, int] | None = None
+    now = now or asyncio.Event()
+    while not stop.is_set():
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(now.wait())]
+        try:
+            await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        asked, stamp = now.is_set(), _stamp(path)
+        now.clear()
+        if stop.is_set() or (stamp == seen and not asked):
+            continue
+        seen = stamp
+        reload_policy(path, router)
+
+
+def reload_policy(path: Path, router: Router) -> bool:
+    """Read ``path`` and route by it from now on; whether the policy changed. One that does
+    not validate (or a file gone) is logged and the running policy kept."""
+    try:
+        policy = load_policy(path)
+    except PolicyInvalid as e:
+        log.error(
+            "routing_policy_invalid", path=str(path), error=e.message, kept=router.policy.version
+        )
+        return False
+    if policy == router.policy:
+        return False
+    before = router.policy.version
+    router.set_policy(policy)
+    log.info("routing_policy_reloaded", path=str(path), before=before, version=policy.version)
+    return True
 
 
 async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) -> None:
@@ -66,7 +130,19 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
         await registry.start(publisher.js)
         await loads.start(publisher.js)
         router = Router(publisher, Scorer(embedder, policy), policy, registry, loads)
-        await router.run(stop)
+        if options.policy_path is None:
+            await router.run(stop)
+            return
+        reload_now = asyncio.Event()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+        watch = asyncio.create_task(
+            watch_policy(options.policy_path, router, stop, now=reload_now), name="policy-watch"
+        )
+        try:
+            await router.run(stop)
+        finally:
+            watch.cancel()
     finally:
         await loads.stop()
         await publisher.close()
