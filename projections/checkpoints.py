@@ -13,9 +13,10 @@ partition to another cannot write over it (:class:`CheckpointConflict`, nothing 
   whose writes are idempotent (at-least-once writes, exactly-once checkpoints).
 
 Sequences are only meaningful within one stream: a stream deleted and made again under the
-same name starts at 1 again. So the SQL store also keeps, per projection, the
+same name starts at 1 again. So each store also keeps, per projection, the
 :class:`StreamIdentity` (name and creation time) of the stream its checkpoints count in
-(``broker_stream_identity``); the runtime compares it with the stream's on every subscribe.
+(SQL: ``broker_stream_identity``; KV: the key ``<projection>.stream``); the runtime compares
+it with the stream's on every subscribe.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import nats.js.errors
 import orjson
 import sqlalchemy as sa
 from nats.js import JetStreamContext
@@ -393,12 +395,20 @@ class SqlCheckpointReader:
         await asyncio.to_thread(self.engine.dispose)
 
 
+#: The last token of the key of a projection's stream identity in the KV bucket.
+_KV_IDENTITY = "stream"
+
+
+def _kv_key_of(key: str, projection: str) -> bool:
+    """Whether ``key`` is one of ``projection``'s: a partition's or its stream identity's."""
+    owner, _, last = key.rpartition(".")
+    return owner == projection and (last.isdigit() or last == _KV_IDENTITY)
+
+
 class KvCheckpointStore:
     """Checkpoints in a JetStream KV bucket (key ``<projection>.<partition>``), moved with
     revision checks. ``work`` gets ``None`` as its transaction and runs before the move.
-
-    It records no :class:`StreamIdentity`: a runner on it notices a stream made again only
-    while a checkpoint is past the stream's end (and, in memory, for as long as it runs)."""
+    The :class:`StreamIdentity` is the JSON value of ``<projection>.stream``."""
 
     def __init__(self, js: JetStreamContext, bucket: str = "projection_checkpoints") -> None:
         self.js = js
@@ -418,13 +428,17 @@ class KvCheckpointStore:
             keys = await kv.keys()
         except Exception:  # nats-py raises NoKeysError (no common base) for an empty bucket
             return []
-        # nats-py's own key filter is a substring match; select the projection's keys here.
-        return [k for k in keys if k.rsplit(".", 1)[0] == projection]
+        # nats-py's own key filter is a substring match; select the projection's keys here
+        # (its partitions' and, with ``identity``, its stream identity's).
+        return [k for k in keys if _kv_key_of(k, projection)]
+
+    async def _partitions(self, projection: str) -> list[str]:
+        return [k for k in await self._keys(projection) if k.rsplit(".", 1)[1].isdigit()]
 
     async def load(self, projection: str) -> dict[int, int]:
         kv = await self._store()
         found: dict[int, int] = {}
-        for key in await self._keys(projection):
+        for key in await self._partitions(projection):
             entry = await kv.get(key)
             partition = int(key.rsplit(".", 1)[1])
             found[partition] = int(entry.value or b"0")
@@ -459,10 +473,18 @@ class KvCheckpointStore:
             self._known[(projection, partition)] = (new, revision)
 
     async def stream_identity(self, projection: str) -> StreamIdentity | None:
-        return None
+        kv = await self._store()
+        try:
+            entry = await kv.get(f"{projection}.{_KV_IDENTITY}")
+        except nats.js.errors.KeyNotFoundError:  # never recorded, or forgotten by a reset
+            return None
+        recorded = orjson.loads(entry.value or b"{}")
+        return StreamIdentity(str(recorded["stream"]), str(recorded["created"]))
 
     async def record_stream_identity(self, projection: str, identity: StreamIdentity) -> None:
-        return None
+        kv = await self._store()
+        value = {"stream": identity.stream, "created": identity.created}
+        await kv.put(f"{projection}.{_KV_IDENTITY}", orjson.dumps(value))
 
     async def reset(self, projection: str, work: Work) -> None:
         kv = await self._store()

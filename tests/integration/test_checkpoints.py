@@ -18,6 +18,7 @@ from projections.checkpoints import (
     CheckpointStore,
     KvCheckpointStore,
     SqlCheckpointStore,
+    StreamIdentity,
     create_sql_engine,
 )
 
@@ -115,6 +116,27 @@ async def test_reset_forgets_checkpoints_and_runs_the_drop(store: CheckpointStor
     assert await store.load("q") == {0: 7}
     await store.commit("p", {0: (0, 3)}, _record([]))
     assert await store.load("p") == {0: 3}
+
+
+async def test_the_stream_identity_is_kept_beside_the_checkpoints_until_a_reset(
+    store: CheckpointStore,
+) -> None:
+    """The KV store recorded none, so a runner on it could not tell a stream made again."""
+    assert await store.stream_identity("p") is None
+    await store.commit("p", {0: (0, 4)}, _record([]))
+    first, later = (
+        StreamIdentity("MESSAGES", "2026-11-27T04:00:00Z"),
+        StreamIdentity("MESSAGES", "x"),
+    )
+    await store.record_stream_identity("p", first)
+    await store.record_stream_identity("q", later)
+    assert await store.stream_identity("p") == first
+    assert await store.load("p") == {0: 4}  # the identity is no partition
+    await store.record_stream_identity("p", later)
+    assert await store.stream_identity("p") == later
+    await store.reset("p", _record([]))
+    assert await store.stream_identity("p") is None
+    assert await store.stream_identity("q") == later
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
