@@ -188,8 +188,8 @@ def serve(
             envvar="BROKER_ROUTING_POLICY",
             exists=True,
             dir_okay=False,
-            help="Routing policy YAML (default: the built-in policy); applied again when the "
-            "file changes (or on SIGHUP), the running one kept when it does not validate.",
+            help="Routing policy YAML (default: the built-in policy); the routers apply it "
+            "again when the file changes, keeping the running one when it does not validate.",
         ),
     ] = None,
     routing_embedder: Annotated[

@@ -222,15 +222,23 @@ def policy_from_dict(data: Any) -> Policy:
         raise PolicyInvalid("invalid routing policy: " + "; ".join(problems[:10])) from None
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a YAML (or JSON) routing policy file."""
+def load_policy(path: str | Path, *, allow_empty: bool = True) -> Policy:
+    """Read and validate a YAML (or JSON) routing policy file. An empty one (or only
+    comments) is the default policy, unless ``allow_empty`` is false: a file read while
+    an editor or ``cat >`` rewrites it is empty for a moment."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as e:
         raise PolicyInvalid(f"cannot read routing policy {file}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise PolicyInvalid(f"routing policy {file} is not UTF-8 text: {e.reason}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise PolicyInvalid(f"routing policy {file} is not valid YAML: {str(e)[:300]}") from None
+    except RecursionError:
+        raise PolicyInvalid(f"routing policy {file} is nested too deeply") from None
+    if data is None and not allow_empty:
+        raise PolicyInvalid(f"routing policy {file} is empty")
     return policy_from_dict(data)

@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 #: How often a router looks at its policy file for a change.
 POLICY_POLL_SECONDS = 2.0
+#: How long a changed policy file must stand still before it is read.
+_SETTLE_SECONDS = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,8 @@ async def watch_policy(
 ) -> None:
     """Apply ``path`` to ``router`` whenever the file changes, or when ``now`` is set
     (SIGHUP), until ``stop`` is set. The file is read once at the first look too: it may
-    have changed since the router read it at start."""
+    have changed since the router read it at start. A change is read once the file has
+    stood still for a moment (:data:`_SETTLE_SECONDS`), not while it is being written."""
     seen: tuple[int, int, int] | None = None
     now = now or asyncio.Event()
     while not stop.is_set():
@@ -84,15 +87,21 @@ async def watch_policy(
         now.clear()
         if stop.is_set() or (stamp == seen and not asked):
             continue
+        await asyncio.sleep(_SETTLE_SECONDS)
+        if _stamp(path) != stamp:  # still being written: look again next time
+            continue
         seen = stamp
-        reload_policy(path, router)
+        try:
+            reload_policy(path, router)
+        except Exception:  # a bug must not end the watch: later edits still count
+            log.exception("routing_policy_reload_failed", path=str(path))
 
 
 def reload_policy(path: Path, router: Router) -> bool:
     """Read ``path`` and route by it from now on; whether the policy changed. One that does
-    not validate (or a file gone) is logged and the running policy kept."""
+    not validate, an empty file or a file gone is logged and the running policy kept."""
     try:
-        policy = load_policy(path)
+        policy = load_policy(path, allow_empty=False)
     except PolicyInvalid as e:
         log.error(
             "routing_policy_invalid", path=str(path), error=e.message, kept=router.policy.version
@@ -108,14 +117,27 @@ def reload_policy(path: Path, router: Router) -> bool:
 
 async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) -> None:
     """Route until SIGINT/SIGTERM (or ``stop``)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reload_now = asyncio.Event()  # SIGHUP: read the policy file now (its default kills)
+    for sig, action in (
+        (signal.SIGINT, stop.set),
+        (signal.SIGTERM, stop.set),
+        (signal.SIGHUP, reload_now.set),
+    ):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, action)
+    try:
+        await _route(options, stop, reload_now)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _route(options: RouterOptions, stop: asyncio.Event, reload_now: asyncio.Event) -> None:
     setup("router")
     policy = policy_from(options.policy_path)
     embedder = load_embedder(options.embedder)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     publisher = Publisher(
         options.nats_urls, name="broker-router", connect_options=options.connect_options
     )
@@ -133,9 +155,6 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
         if options.policy_path is None:
             await router.run(stop)
             return
-        reload_now = asyncio.Event()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, reload_now.set)
         watch = asyncio.create_task(
             watch_policy(options.policy_path, router, stop, now=reload_now), name="policy-watch"
         )

@@ -80,13 +80,44 @@ async def test_a_policy_that_does_not_validate_is_logged_and_the_running_one_kep
 
         assert await await_until(logged, timeout=5, interval=0.02)
         path.unlink()  # a file gone is no policy either
-        await asyncio.sleep(0.2)
+
+        async def refused_twice() -> bool:
+            return sum(e["event"] == "routing_policy_invalid" for e in logs) == 2
+
+        assert await await_until(refused_twice, timeout=5, interval=0.02)
     assert router.policy.version == "v1"
     refused = [e for e in logs if e["event"] == "routing_policy_invalid"]
-    assert len(refused) == 2
     assert refused[0]["kept"] == "v1"
     path.write_text(policy_text("v3"))
     assert await version_becomes(router, "v3")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "is empty"),  # caught between an editor's truncate and its write
+        (b"# only a comment\n", "is empty"),
+        (b"\xff\xfeversion: v9\n", "not UTF-8"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    ],
+)
+async def test_a_file_that_is_no_policy_leaves_the_running_one_and_the_watch_goes_on(
+    watched: tuple[Path, Router, asyncio.Event], content: bytes, why: str
+) -> None:
+    """An empty file is the default policy at start, never on reload; a file that is not
+    text or nested too deeply used to end the watch (the error escaped), and later edits
+    were never applied."""
+    path, router, _ = watched
+    with capture_logs() as logs:
+        path.write_bytes(content)
+
+        async def refused() -> bool:
+            return any(why in e.get("error", "") for e in logs)
+
+        assert await await_until(refused, timeout=5, interval=0.02)
+    assert router.policy.version == "v1"
+    path.write_text(policy_text("v2"))
+    assert await version_becomes(router, "v2")
 
 
 async def test_a_file_swapped_through_a_symlink_is_seen(tmp_path: Path) -> None:
