@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -170,6 +170,21 @@ class Settings(BaseSettings):
         "it is ended with a `request_timeout` line.",
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _a_real_token(cls, token: SecretStr | None) -> SecretStr | None:
+        """An empty token (a secret that did not reach the environment) would open
+        ``/metrics`` to a bare ``Bearer``: refused, as is one padded with spaces, which no
+        ``Authorization`` header could carry."""
+        if token is None:
+            return None
+        value = token.get_secret_value()
+        if not value.strip():
+            raise ValueError("BROKER_METRICS_TOKEN is empty; unset it to leave /metrics open")
+        if value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError("BROKER_METRICS_TOKEN must not contain spaces")
+        return token
 
     @property
     def auth_configured(self) -> bool:

@@ -41,9 +41,10 @@ def scrape_allowed(token: str | None, authorization: str | None) -> bool:
     if token is None:
         return True
     scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented or not token:
         return False
-    return hmac.compare_digest(presented.strip().encode(), token.encode())
+    return hmac.compare_digest(presented.encode(), token.encode())
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from broker.settings import Settings
 from broker.telemetry.endpoint import scrape_allowed, serve_metrics
 
 pytestmark = pytest.mark.unit
@@ -31,6 +33,22 @@ TOKEN = "t0ken-for-prometheus"
 )
 def test_a_scrape_is_allowed_only_with_the_token(authorization: str | None, allowed: bool) -> None:
     assert scrape_allowed(TOKEN, authorization) is allowed
+
+
+def test_an_empty_token_never_matches() -> None:
+    """``BROKER_METRICS_TOKEN=`` (a secret that never arrived) is refused at start; the
+    check itself lets nothing through with it either."""
+    assert not scrape_allowed("", "Bearer")
+    assert not scrape_allowed("", "Bearer ")
+
+
+@pytest.mark.parametrize("value", ["", "   ", " padded", "two words"])
+def test_a_token_no_header_could_carry_is_refused_at_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_METRICS_TOKEN", value)
+    with pytest.raises(ValidationError, match="BROKER_METRICS_TOKEN"):
+        Settings()
 
 
 def test_without_a_token_every_scrape_is_allowed() -> None:
