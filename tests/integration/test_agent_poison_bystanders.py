@@ -201,7 +201,7 @@ async def test_bystanders_are_spared_while_new_messages_keep_arriving(
     for seq in (2, 3, 4):
         await send(publisher, seq, b"doc-%d" % seq)
     innocent = {2, 3, 4}
-    supervisor = Supervisor(nats_url, ack_wait=5.0)  # room for a slow restart to fetch new ones
+    supervisor = Supervisor(nats_url, ack_wait=10.0)  # room for a slow restart to fetch new ones
     task = asyncio.create_task(supervisor.run())
 
     async def feed() -> None:
