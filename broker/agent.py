@@ -218,7 +218,8 @@ class NvidiaSmi:
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None:
     """What ``work`` returns (or raises), or ``None`` as soon as ``stop`` is set first:
-    ``work`` is then cancelled."""
+    ``work`` is then cancelled, and waited for (whatever it raises while it unwinds is
+    dropped; a cancellation of the caller still goes through)."""
     task = asyncio.ensure_future(work)
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -226,8 +227,13 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None
     finally:
         stopping.cancel()
         if not task.done():
-            task.cancel()  # it unwinds by itself; nothing here waits for that
-    return task.result() if task.done() and not task.cancelled() else None
+            task.cancel()
+            await asyncio.wait({task})  # never raises what the task raised
+    if task.cancelled():
+        return None
+    if task.exception() is not None and stop.is_set():
+        return None  # failed while it was being stopped: the stop is what counts
+    return task.result()
 
 
 @dataclass
@@ -756,6 +762,9 @@ class Agent:
                     # Up to a JetStream timeout per try: a stop meanwhile ends it at once.
                     remade = await _unless_stopped(stop, self._remake_if_gone(sub))
                     if stop.is_set():
+                        if remade is not None:  # made just as the stop came
+                            with contextlib.suppress(Exception):
+                                await remade.unsubscribe()
                         return
                     if remade is not None:
                         sub = remade
