@@ -385,10 +385,13 @@ class Publisher:
     async def _append(self, out: Outbound) -> PublishAck:
         return await self.settle(out, await self.submit(out))
 
-    async def settle(self, out: Outbound, pending: Awaitable[PublishAck]) -> PublishAck:
+    async def settle(
+        self, out: Outbound, pending: Awaitable[PublishAck], *, verify: bool = True
+    ) -> PublishAck:
         """The ack of a :meth:`submit`; a sequence conflict with ``out`` itself (see
         :meth:`stored_already`) answers the stored copy, as :meth:`publish` does. A duplicate
-        is checked to be this request (:meth:`same_request`)."""
+        is checked to be this request (:meth:`same_request`) unless ``verify`` is false
+        (the caller checks many at once)."""
         try:
             ack = await pending
         except SequenceConflict:
@@ -396,7 +399,7 @@ class Publisher:
             if stored is None:
                 raise
             ack = stored
-        return await self.same_request(out, ack) if ack.duplicate else ack
+        return await self.same_request(out, ack) if ack.duplicate and verify else ack
 
     async def same_request(self, out: Outbound, ack: PublishAck) -> PublishAck:
         """``ack``, a duplicate's, once the message stored under the key is known to be

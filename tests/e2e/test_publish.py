@@ -148,6 +148,14 @@ async def test_a_key_used_again_for_another_body_is_422_and_stores_nothing(
         None,
         "idempotency_key_reused",
     ]
+    records.insert(0, {"subject": subject, "data": {"qty": 9}})  # a new one, no key
+    again = await client.post(
+        "/v1/publish", content=orjson.dumps(records), headers={"content-type": "application/json"}
+    )
+    kept, retried, reused_again = again.json()["results"]  # the batch sent once more
+    assert (kept["duplicate"], retried["duplicate"]) == (False, True)
+    assert retried["seq"] == batch.json()["results"][0]["seq"]
+    assert reused_again["error_code"] == "idempotency_key_reused"
 
     routed, keyed = f"/v1/route/{unique('routed')}", {**headers, "idempotency-key": f"{key}-r"}
     kept = await client.post(routed, params={"timeout": "1"}, content=b"a", headers=keyed)
@@ -155,7 +163,7 @@ async def test_a_key_used_again_for_another_body_is_422_and_stores_nothing(
     assert kept.status_code in (200, 202), kept.text
     assert other.status_code == 422
     assert other.json()["error_code"] == "idempotency_key_reused"
-    assert await subject_count(js, f"msg.default.{subject}") == 2
+    assert await subject_count(js, f"msg.default.{subject}") == 3
 
 
 async def test_expected_sequence_mismatch_is_409_and_stores_nothing(
