@@ -188,6 +188,12 @@ class Policy(_Model):
         return self
 
     @functools.cached_property
+    def shadows(self) -> frozenset[str]:
+        """The agents mirrors copy to: they get copies only, never a message of their own
+        (a shadow is a version on trial, whose replies nobody reads)."""
+        return frozenset(self.mirror.values())
+
+    @functools.cached_property
     def penalty_names(self) -> tuple[str, str, str, str]:
         """Names of the QPS, p99, GPU and cooldown penalties, as recorded in candidates."""
         p = self.penalties

@@ -239,6 +239,14 @@ def _explain_nobody(
             f"no agent{scope} that accepts {what} has a live instance "
             f"(registered: {_names(catalog, mask)})"
         )
+    if live is not None:
+        mask = mask & catalog.live_mask(live)
+    primaries = catalog.without(mask, policy.shadows)
+    if not primaries.any():
+        return (
+            f"every agent{scope} that accepts {what} is a mirror's shadow, which only gets "
+            f"copies ({_names(catalog, mask)})"
+        )
     tried = ", ".join(sorted(exclude))
     return f"every agent{scope} that accepts {what} was already tried ({tried})"
 
@@ -466,6 +474,8 @@ def decide(
         mask = catalog.and_live(mask, live)
     if exclude:
         mask = catalog.without(mask, exclude)
+    if policy.shadows:  # a mirror's shadow only gets copies, never the message itself
+        mask = catalog.without(mask, policy.shadows)
     arrays, view = _group_loads(catalog, loads, policy)
     if cooling:
         view = _cooled(catalog, view, cooling, policy)

@@ -596,6 +596,30 @@ def test_the_mirror_map_names_a_shadow() -> None:
     assert route(b"summarise the report", TEXT, rules=rules).mirror_to is None
 
 
+def test_a_shadow_gets_copies_only_never_a_message_of_its_own() -> None:
+    """A version on trial registered with the same capabilities as the agent it shadows
+    used to be drawn for real messages too (its replies then went to callers): taking no
+    traffic of its own, it even looked the less loaded of the two."""
+    twin = agent(
+        "translator-v2",
+        ASSISTANTS[0].manifest.description,
+        *[c.model_dump(exclude_none=True) for c in ASSISTANTS[0].manifest.capabilities],
+    )
+    records = [*ASSISTANTS, twin]
+    text = b"translate this to French"
+    busy = AgentLoad(qps=80, p99_ms=50)
+    loads = {**idle(*NAMES), "translator": busy, "translator-v2": AgentLoad()}
+    assert route(text, TEXT, records, loads).agent == "translator-v2"  # without the mirror
+    rules = policy(mirror={"translator": "translator-v2"})
+    decisions = [
+        route(text, TEXT, records, loads, rules=rules, rng=random.Random(s)) for s in range(40)
+    ]
+    assert {(d.agent, d.mirror_to) for d in decisions} == {("translator", "translator-v2")}
+    alone = route(text, TEXT, [twin], rules=rules)  # the shadow is all there is
+    assert alone.agent is None
+    assert "mirror's shadow" in alone.detail
+
+
 def test_an_agent_appears_once_with_its_best_capability() -> None:
     multi = agent(
         "polyglot",
