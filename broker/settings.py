@@ -182,7 +182,7 @@ class Settings(BaseSettings):
         value = token.get_secret_value()
         if not value.strip():
             raise ValueError("BROKER_METRICS_TOKEN is empty; unset it to leave /metrics open")
-        if value != value.strip() or any(c.isspace() for c in value):
+        if any(c.isspace() for c in value):
             raise ValueError("BROKER_METRICS_TOKEN must not contain spaces")
         return token
 

@@ -429,7 +429,7 @@ class KvCheckpointStore:
         except Exception:  # nats-py raises NoKeysError (no common base) for an empty bucket
             return []
         # nats-py's own key filter is a substring match; select the projection's keys here
-        # (its partitions' and, with ``identity``, its stream identity's).
+        # (its partitions' and its stream identity's).
         return [k for k in keys if _kv_key_of(k, projection)]
 
     async def _partitions(self, projection: str) -> list[str]:

@@ -234,13 +234,14 @@ def _explain_nobody(
             "and this message is not a canary"
         )
     mask = canary
-    if live is not None and not (mask & catalog.live_mask(live)).any():
-        return (
-            f"no agent{scope} that accepts {what} has a live instance "
-            f"(registered: {_names(catalog, mask)})"
-        )
     if live is not None:
-        mask = mask & catalog.live_mask(live)
+        live_ones = mask & catalog.live_mask(live)
+        if not live_ones.any():
+            return (
+                f"no agent{scope} that accepts {what} has a live instance "
+                f"(registered: {_names(catalog, mask)})"
+            )
+        mask = live_ones
     primaries = catalog.without(mask, policy.shadows)
     if not primaries.any():
         return (
@@ -638,7 +639,6 @@ class Scorer:
         self._own_thread = _OwnThread(embedder) if self.costly else None
         self.embedder: Embedder = self._own_thread or embedder
         self._calibrated = relevance_threshold(embedder)
-        self.policy: Policy = policy
         self.set_policy(policy)
         if cache is not None and self._own_thread is not None and cache.embedder is embedder:
             cache.embedder = self.embedder  # the catalogs' model calls on the model's thread too
@@ -649,7 +649,7 @@ class Scorer:
         calibrated value)."""
         if policy.threshold is None:
             policy = policy.model_copy(update={"threshold": self._calibrated})
-        self.policy = policy
+        self.policy: Policy = policy
 
     def text_to_embed(self, payload: bytes, headers: Mapping[str, str]) -> str | None:
         """The text deciding this message would embed, when the embedder is costly and the
