@@ -105,6 +105,21 @@ class StreamedRecordResult(RecordResult):
     index: int = Field(ge=0, description="Position of the record in the request stream.")
 
 
+class ReplayRecord(BaseModel):
+    """One line of a replay (``GET /v1/streams/{stream}/messages``): a stored message."""
+
+    stream: str
+    seq: int = Field(ge=1)
+    subject: str
+    time: str | None = Field(description="When the stream stored it (ISO 8601, UTC).")
+    headers: dict[str, str]
+    payload_base64: str
+    value: Any = Field(default=None, description="With decode=json: the decoded payload.")
+    decode_error: str | None = Field(
+        default=None, description="With decode=json: why the payload could not be decoded."
+    )
+
+
 class BatchResponse(BaseModel):
     results: list[RecordResult]
 

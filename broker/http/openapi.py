@@ -17,6 +17,7 @@ from broker.http.models import (
     ErrorBody,
     PublishAckBody,
     PublishRecord,
+    ReplayRecord,
     RouteResponseBody,
     StreamedRecordResult,
 )
@@ -30,6 +31,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     BatchResponse,
     StreamedRecordResult,
     RouteResponseBody,
+    ReplayRecord,
 )
 _SUBJECT_PATTERN = r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}$"
 

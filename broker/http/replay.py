@@ -31,7 +31,7 @@ from broker.envelope import (
 from broker.errors import Unprocessable
 from broker.http.datetimes import EXAMPLES as DATE_TIME_EXAMPLES
 from broker.http.datetimes import parse_date_time
-from broker.http.models import ErrorBody
+from broker.http.models import ErrorBody, ReplayRecord
 from broker.http.state import IngressState
 from broker.reader import ReadInterrupted, read_batches
 from broker.registry.schemas.decoders import json_default
@@ -186,7 +186,11 @@ def replay_router(state: IngressState) -> APIRouter:
                 "`Accept: text/event-stream`, the same records as Server-Sent Events "
                 "(`id` = seq, resumable with `Last-Event-ID`).",
                 "content": {
-                    "application/x-ndjson": {"schema": {"type": "string"}},
+                    # Each line is one record (as the streamed publish answer describes its
+                    # lines): a one-line body is checked as that record.
+                    "application/x-ndjson": {
+                        "schema": {"$ref": f"#/components/schemas/{ReplayRecord.__name__}"}
+                    },
                     SSE: {"schema": {"type": "string"}},
                 },
             },
