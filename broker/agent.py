@@ -504,9 +504,15 @@ class Agent:
             sub = await self._subscribe()
         except BaseException as e:
             self._closing = True
+            closed = self._nc is not None and self._nc.is_closed  # by someone else
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
+            if closed and isinstance(e, Exception):
+                raise Unavailable(
+                    "the NATS connection closed while the agent was starting; "
+                    "it never consumed its inbox"
+                ) from e
             if isinstance(e, TimeoutError):  # nats-py's own TimeoutError is one too
                 raise Unavailable(
                     "NATS did not answer a JetStream request of the agent's start in time: "

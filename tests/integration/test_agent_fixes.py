@@ -29,7 +29,7 @@ from broker.routing.events import (
     failed_subject,
     inbox_subject,
 )
-from broker.streams import Stream
+from broker.streams import AGENT_LOAD_BUCKET, Stream
 from tests._wait import await_until
 from tests.unit.test_routing_plumbing import _decision
 
@@ -257,10 +257,42 @@ async def test_a_connection_closed_for_good_makes_run_raise(
         return len(agent_connections) == 1 and agent_connections[0].is_connected
 
     assert await await_until(connected, timeout=10)
+
+    async def consuming() -> bool:  # its first heartbeat comes once its start is done
+        kv = await publisher.js.key_value(AGENT_LOAD_BUCKET)
+        try:
+            return bool(await kv.keys())
+        except nats.js.errors.NoKeysError:
+            return False
+
+    assert await await_until(consuming, timeout=10)
     await agent_connections[0].close()
     with pytest.raises(Unavailable, match="stopped consuming"):
         await asyncio.wait_for(running, 15)
     assert not stop.is_set()
+
+
+async def test_a_connection_closed_while_the_agent_starts_says_so(
+    publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed before the start was done, it surfaced as a bare nats-py error, or, when a
+    request of the start was cut off, as a JetStream permission question."""
+    agent = Agent(MANIFEST, nats_url=nats_url)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"ok"
+
+    subscribe = agent._subscribe
+
+    async def closed_first(*args: Any) -> Any:
+        assert agent._nc is not None
+        await agent._nc.close()
+        return await subscribe(*args)
+
+    monkeypatch.setattr(agent, "_subscribe", closed_first)
+    with pytest.raises(Unavailable, match="closed while the agent was starting"):
+        await asyncio.wait_for(agent.run(asyncio.Event()), 15)
 
 
 async def test_a_long_handler_is_kept_alive_on_the_consumers_ack_wait_not_the_asked_one(
