@@ -23,6 +23,7 @@ from broker.registry.commands import (
 )
 from broker.registry.manifest import AgentManifest
 from broker.registry.snapshot import RegistryView
+from tests._wait import await_until
 
 pytestmark = pytest.mark.integration
 T = Tenant("acme")
@@ -72,6 +73,7 @@ async def test_writes_read_the_agents_last_event_from_the_leader_not_any_replica
     after a paused follower resumed); the read before a write must be the leader's."""
     snoop = await nats.connect(nats_url)
     asked: list[str] = []
+    leader_read = "$JS.API.STREAM.MSG.GET.REGISTRY"
 
     async def heard(msg: Msg) -> None:
         asked.append(msg.subject)
@@ -82,12 +84,18 @@ async def test_writes_read_the_agents_last_event_from_the_leader_not_any_replica
         await put_agent(publisher, T, manifest("lead"))
         await put_agent(publisher, T, manifest("lead"))
         await delete_agent(publisher, T, "lead")
+
+        async def three_reads() -> bool:
+            return asked.count(leader_read) >= 3
+
+        # the snoop's callbacks run on its own tasks: a loaded machine runs them late
+        assert await await_until(three_reads)
         await snoop.flush()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # room for a fourth read, which would be a defect
     finally:
         await sub.unsubscribe()
         await snoop.close()
-    assert asked.count("$JS.API.STREAM.MSG.GET.REGISTRY") == 3
+    assert asked.count(leader_read) == 3
     assert not [s for s in asked if s.startswith("$JS.API.DIRECT.GET")]
 
 
