@@ -30,7 +30,10 @@ good, or a consumer that cannot be made again, makes :meth:`Agent.run` raise
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
 to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
-anything else as JSON, or a :class:`Reply`). A handler that raises, returns what cannot be
+anything else as JSON, or a :class:`Reply`), then appended to ``ROUTES`` before the message
+is acked, where a retry of that request finds it (:mod:`broker.routing.replies`; a reply
+that cannot be stored is logged as ``agent_reply_not_stored``, since the caller has it). A
+handler that raises, returns what cannot be
 serialised, or a reply over the server's ``max_payload``, or runs past the request's deadline
 (it is cancelled then), makes the SDK append ``RouteFailed``: the router cools the agent
 down and sends the message to the next candidate. A ``CancelledError`` the handler raises
@@ -97,6 +100,7 @@ from broker.routing.events import (
     inbox_subject,
 )
 from broker.routing.load import InstanceLoad, load_key, new_instance_id
+from broker.routing.replies import reply_headers, reply_subject
 from broker.streams import AGENT_LOAD_BUCKET, Stream
 from broker.telemetry import setup, tracing
 
@@ -117,6 +121,10 @@ _FAILURE_TEXT = 500
 _FAILURE_KEPT_HEADERS = PAYLOAD_HEADERS | frozenset(
     name.lower() for name in (H_REPLY_TO, H_DEADLINE, H_INTENT)
 )
+#: Seconds a reply's append to ROUTES may take, and the pause in storing replies after one
+#: failed (see ``Agent._store_reply``).
+_REPLY_STORE_TIMEOUT = 2.0
+_REPLY_STORE_PAUSE = 60.0
 #: Tries at making a vanished inbox consumer again, and the pause between them.
 _RESUBSCRIBE_TRIES = 3
 #: Heartbeats between two reads of the inbox consumer's delivered position.
@@ -379,6 +387,7 @@ class Agent:
         register: bool = False,
         load_source: LoadSource | None = None,
         connect_options: ConnectOptions | None = None,
+        store_replies: bool = True,
     ) -> None:
         """``connect_options`` adds NATS TLS and credentials, e.g.
         ``connect_options(Settings(), name="my-agent")`` from :mod:`broker.natsconn` reads
@@ -392,7 +401,12 @@ class Agent:
         recorded as ``RouteFailed`` (the deliveries before it all ended unsettled: the
         process died or was stopped while it ran), so the handler runs a message at most
         ``max_deliveries - 1`` times. ``ValueError`` for a value that cannot work (a
-        ``concurrency`` under 1 would never fetch)."""
+        ``concurrency`` under 1 would never fetch).
+
+        ``store_replies``: append each reply to ``ROUTES`` too (one JetStream append per
+        reply), where a caller retrying a request after losing its connection finds it.
+        ``False`` sends replies to the waiting caller only: such a retry then waits in vain
+        until the request's deadline."""
         _check_options(
             concurrency=concurrency,
             heartbeat_interval=heartbeat_interval,
@@ -415,6 +429,7 @@ class Agent:
         self.register = register
         self.load_source = load_source or NvidiaSmi()
         self.connect_options = connect_options
+        self.store_replies = store_replies
         self._handler: Handler | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -441,6 +456,7 @@ class Agent:
         self._window = _Window()
         self.handled = 0
         self.failed = 0
+        self._reply_store_paused_until = 0.0  # monotonic time; see _store_reply
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the async function that handles each request."""
@@ -920,7 +936,7 @@ class Agent:
                 recorded = await self._failed(request, reason, why)
             else:
                 latency_ms = (time.monotonic() - started) * 1000
-                unsent = await self._reply(request, reply)
+                unsent = await self._reply(request, reply, message.metadata.sequence.stream)
                 if unsent is None:
                     self._window.add(latency_ms, True)
                     self.handled += 1
@@ -967,9 +983,10 @@ class Agent:
             with contextlib.suppress(Exception):
                 await message.in_progress()
 
-    async def _reply(self, request: Request, reply: Reply) -> str | None:
-        """Send the reply to the waiting caller; why it cannot be sent (it is over the
-        server's ``max_payload``), or ``None``: sent, or nobody waits for it."""
+    async def _reply(self, request: Request, reply: Reply, route_seq: int) -> str | None:
+        """Send the reply to the waiting caller, then store it for a retry of the request
+        (the decision it answers is at ``route_seq`` in ``ROUTES``); why it cannot be sent
+        (it is over the server's ``max_payload``), or ``None``: sent, or nobody waits."""
         to = request.headers.get(H_REPLY_TO)
         if not to or request.mirror or self._nc is None:
             return None
@@ -985,7 +1002,40 @@ class Agent:
                 return f"the reply is {size} bytes, over the NATS server's max_payload of {limit}"
             with contextlib.suppress(Exception):  # the caller may have gone; nothing to undo
                 await self._nc.publish(to, reply.payload, headers=headers)
+            await self._store_reply(request, reply.payload, headers, route_seq)
         return None
+
+    async def _store_reply(
+        self, request: Request, payload: bytes, headers: dict[str, str], route_seq: int
+    ) -> None:
+        """Append the reply to ``ROUTES`` (:mod:`broker.routing.replies`), where a caller that
+        lost its connection and asks again finds it. The caller has it already, so one that
+        cannot be stored is logged, not run again; after a failure, replies are not stored
+        for :data:`_REPLY_STORE_PAUSE` seconds (a user without the permission would
+        otherwise hold every message for a timeout)."""
+        if (
+            not self.store_replies
+            or self._js is None
+            or time.monotonic() < self._reply_store_paused_until
+        ):
+            return
+        route = request.route
+        try:
+            await self._js.publish(
+                reply_subject(route.tenant, self.name, route.message_seq),
+                payload,
+                headers=reply_headers(route, route_seq, headers),
+                timeout=_REPLY_STORE_TIMEOUT,
+            )
+        except Exception as e:
+            self._reply_store_paused_until = time.monotonic() + _REPLY_STORE_PAUSE
+            log.warning(
+                "agent_reply_not_stored",
+                agent=self.name,
+                message_seq=route.message_seq,
+                error=repr(e)[:300],
+                paused_seconds=_REPLY_STORE_PAUSE,
+            )
 
     async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
         """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed (it

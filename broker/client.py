@@ -313,6 +313,8 @@ class RouteReply:
     message_seq: int
     content_type: str
     payload: bytes
+    #: The reply stored for an earlier send of the request (a retry after a lost connection).
+    duplicate: bool = False
 
     def text(self) -> str:
         return self.payload.decode()
@@ -574,7 +576,9 @@ class BrokerClient:
         Raises :class:`~broker.errors.NoRoute` when no agent qualifies,
         :class:`~broker.errors.AgentFailed` when the agents tried failed, and
         :class:`~broker.errors.DeadlineExceeded` when no reply came in time (the agent is
-        told to stop at the same deadline). Not retried after the message is stored."""
+        told to stop at the same deadline). Retried after a lost connection with the same
+        idempotency key: the broker does not route the message again, and answers with the
+        reply stored for it, or the one still to come."""
         body, media = _payload(payload, content_type)
         sent = _route_headers(media, key, intent, text, embedding, env, headers)
         response = await self._request(
@@ -591,6 +595,7 @@ class BrokerClient:
             message_seq=int(response.headers.get("broker-message-seq", "0")),
             content_type=response.headers.get("content-type", "application/octet-stream"),
             payload=response.content,
+            duplicate=response.headers.get("broker-duplicate") == "true",
         )
 
     async def publish_batch(

@@ -12,7 +12,7 @@
     ├── RequestTimeout               408 request_timeout    (the body did not arrive in time)
     ├── Conflict                     409 conflict
     │   ├── SequenceConflict         409 sequence_conflict
-    │   └── AlreadyRouted            409 already_routed     (a retried route: see ROUTES)
+    │   └── AlreadyRouted            409 already_routed     (no reply stored to repeat)
     ├── PayloadTooLarge              413 payload_too_large
     │   └── StreamFull               413 stream_full        (a publish stream's record cap)
     ├── UnsupportedMediaType         415 unsupported_media_type
@@ -123,8 +123,9 @@ class SequenceConflict(Conflict):
 
 
 class AlreadyRouted(Conflict):
-    """A routed publish whose idempotency key was already stored: it is not routed again.
-    Its decision and reply are in ``ROUTES`` (``Broker-Route.message_seq``)."""
+    """A ``wait=true`` route whose idempotency key was stored by a route sent without
+    ``wait``: nobody asked for that one's reply, so none is stored to answer with. Its
+    decision is in ``ROUTES`` (``Broker-Route.message_seq``)."""
 
     error_code = "already_routed"
 

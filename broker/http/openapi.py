@@ -304,10 +304,13 @@ _ROUTE_ONE: dict[str, Any] = {
             "200": {
                 "description": "Without wait: stored and decided (agent null: nobody qualified, "
                 "the message is in the DLQ). With wait: the agent's reply, in its content type, "
-                "with Broker-Agent and Broker-Message-Seq headers.",
+                "with Broker-Agent and Broker-Message-Seq headers; sent again with the same "
+                "Idempotency-Key, the reply stored for the first request, with "
+                "Broker-Duplicate: true.",
                 "headers": {
                     "Broker-Agent": {"schema": {"type": "string"}},
                     "Broker-Message-Seq": {"schema": {"type": "integer"}},
+                    "Broker-Duplicate": {"schema": {"type": "string", "enum": ["true"]}},
                 },
                 "content": {
                     "application/json": {"schema": _ref(RouteResponseBody)},
@@ -320,8 +323,9 @@ _ROUTE_ONE: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref(RouteResponseBody)}},
             },
             "409": _error(
-                "wait=true with an Idempotency-Key that was already routed; or "
-                "Expected-Last-Subject-Sequence did not match (nothing stored)."
+                "already_routed: wait=true with the Idempotency-Key of a route sent without "
+                "wait (no reply is stored to answer with); or Expected-Last-Subject-Sequence "
+                "did not match (nothing stored)."
             ),
             "400": _error(
                 "Malformed request, or a header the broker reads with a value that is not "
@@ -340,7 +344,10 @@ _ROUTE_ONE: dict[str, Any] = {
                 "description": "no_route: no agent qualifies (the message is in the DLQ); "
                 "or NATS unavailable (retry after Retry-After with the same Idempotency-Key).",
             },
-            "504": _error("deadline_exceeded: no reply before the timeout."),
+            "504": _error(
+                "deadline_exceeded: no reply before the timeout (for a request sent again, "
+                "before the first one's deadline or this one's timeout)."
+            ),
         },
     }
 }

@@ -21,8 +21,11 @@ import time
 from typing import Any
 from urllib.parse import unquote
 
+import nats.errors
 import orjson
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
 
 from broker.envelope import (
     CONTENT_TYPE,
@@ -53,8 +56,11 @@ from broker.routing.events import (
     H_REPLY_TO,
     H_ROUTE_MODE,
     ROUTE_MODE_AUTO,
+    deadline_of,
 )
 from broker.routing.features import extract
+from broker.routing.replies import Answer, answers_subject, genuine, stored_answer
+from broker.streams import Stream
 
 # Request headers a router reads, copied into the stored message as they came.
 ROUTING_HEADERS = {
@@ -196,10 +202,8 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
         ack = await state.publisher.publish(outbound)
         if ack.duplicate:
             if wait:
-                raise AlreadyRouted(
-                    f"this Idempotency-Key was already routed as message {ack.seq}; its "
-                    "decision and reply are in ROUTES"
-                )
+                await _answer_again(state, proto, ack.seq, timeout)
+                return
             respond_json(proto, 200, {**ack.to_dict(), "subject": subject, "decision": None})
             return
         decision = await _decision(
@@ -238,13 +242,62 @@ async def _reply(future: asyncio.Future[Msg], deadline: float) -> Msg:
         raise DeadlineExceeded("no reply before the deadline; the agent was told to stop") from None
 
 
-def _respond_reply(proto: HTTPProtocol, reply: Msg, message_seq: int) -> None:
-    headers = reply.headers or {}
+async def _answer_again(state: IngressState, proto: HTTPProtocol, seq: int, timeout: float) -> None:
+    """Answer a retried ``wait=true`` request, whose ``Idempotency-Key`` was stored as
+    message ``seq``, as the first was answered: with the answer stored in ``ROUTES``
+    (:mod:`broker.routing.replies`), or the one still to come, waited for until the first
+    request's deadline or this one's ``timeout``, whichever comes first."""
+    publisher, tenant = state.publisher, str(state.tenant)
+    # Subscribed before looking: an answer stored in between comes here.
+    sub = await publisher.nc.subscribe(answers_subject(tenant, seq))
+    try:
+        answer = await stored_answer(publisher.js, tenant, seq)
+        if answer is None:
+            answer = await _next_answer(state, sub, seq, timeout)
+        _respond_reply(proto, answer, seq, again=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _next_answer(state: IngressState, sub: Subscription, seq: int, timeout: float) -> Msg:
+    js, tenant = state.publisher.js, str(state.tenant)
+    try:
+        first = await js.get_msg(Stream.MESSAGES, seq)
+    except NotFoundError:
+        raise AlreadyRouted(
+            f"this Idempotency-Key was routed as message {seq}, which is no longer stored, "
+            "and no answer to it is stored in ROUTES"
+        ) from None
+    headers = first.headers or {}
+    if not headers.get(H_REPLY_TO):
+        raise AlreadyRouted(
+            f"this Idempotency-Key was routed as message {seq} without wait=true, so no "
+            "reply is stored; its decision is in ROUTES"
+        )
+    deadline = min(deadline_of(headers) or math.inf, time.time() + timeout)
+    while (left := deadline - time.time()) > 0:
+        try:
+            answer = await sub.next_msg(timeout=left)
+        except nats.errors.TimeoutError:
+            break
+        if await genuine(js, tenant, seq, answer):
+            return answer
+    raise DeadlineExceeded(
+        f"no answer to message {seq} (this Idempotency-Key's first request) before the "
+        "deadline; the agent was told to stop at the first request's"
+    )
+
+
+def _respond_reply(
+    proto: HTTPProtocol, reply: Answer, message_seq: int, *, again: bool = False
+) -> None:
+    headers, data = reply.headers or {}, reply.data or b""
     code = headers.get(H_ERROR)
     if code is not None:
         message = "the agent failed"
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            message = str(orjson.loads(reply.data).get("message", message))
+            message = str(orjson.loads(data).get("message", message))
         raise _ERRORS.get(code, AgentFailed)(message)
     out = [
         ("content-type", headers.get(CONTENT_TYPE, "application/octet-stream")),
@@ -252,4 +305,6 @@ def _respond_reply(proto: HTTPProtocol, reply: Msg, message_seq: int) -> None:
     ]
     if agent := headers.get(H_AGENT):
         out.append(("broker-agent", agent))
-    proto.response_bytes(200, out, reply.data)
+    if again:  # a retried request: the answer stored for the first
+        out.append(("broker-duplicate", "true"))
+    proto.response_bytes(200, out, data)

@@ -12,7 +12,8 @@ never collides with an inbox): the agent SDK appends it when a handler raised or
 of time; routers read it to cool the agent down and to send the message to the next
 candidate. A message nobody qualifies for is recorded in ``ROUTES`` too, on
 ``route.<tenant>.-.dead`` (four tokens: no inbox or failure filter matches it), and then goes
-to ``dlq.<tenant>.route`` with the same ``Broker-Route`` header.
+to ``dlq.<tenant>.route`` with the same ``Broker-Route`` header. The answers waiting callers
+get are stored on five-token subjects (``RouteReplied``, see :mod:`broker.routing.replies`).
 
 Every append carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
 router that crashes after appending and before acking cannot append the decision twice.
@@ -57,6 +58,7 @@ _NOT_COPIED = frozenset({NATS_MSG_ID.lower(), H_DECISION_TO.lower(), H_ROUTE_MOD
 class RouteEventType(StrEnum):
     DECIDED = "RouteDecided"
     FAILED = "RouteFailed"
+    REPLIED = "RouteReplied"  # an answer stored for a waiting caller (broker.routing.replies)
 
 
 class FailureReason(StrEnum):

@@ -60,6 +60,7 @@ from broker.routing.events import (
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import Policy
+from broker.routing.replies import error_answer, error_subject
 from broker.routing.scoring import Scorer
 from broker.routing.types import Decision, DecisionReason
 from broker.streams import SUBJECT_PREFIX, Stream
@@ -255,7 +256,7 @@ class Router:
         if route.decision.agent is None:
             self.stats.dead_lettered += 1
             metrics.dead_lettered("route")
-            await self._notify_reply(headers, dead, route.decision.detail)
+            await self._answer_error(headers, route, dead)
         else:
             self.stats.routed += 1
         await self._notify_decision(headers, route, ack)
@@ -328,13 +329,20 @@ class Router:
         with contextlib.suppress(Exception):  # the waiter may be gone; the decision is stored
             await self.publisher.nc.publish(to, orjson.dumps(body))
 
-    async def _notify_reply(self, headers: Mapping[str, str], code: str, message: str) -> None:
+    async def _answer_error(
+        self, headers: Mapping[str, str], route: RouteDecided, code: str
+    ) -> None:
+        """Answer a waiting caller with the error ``code``: stored first (a retried request
+        finds it there, see :mod:`broker.routing.replies`), then sent to the caller."""
         to = headers.get(H_REPLY_TO)
         if not to:
             return
-        body = orjson.dumps({"error_code": code, "message": message})
-        with contextlib.suppress(Exception):
-            await self.publisher.nc.publish(to, body, headers={H_ERROR: code})
+        body, answer = error_answer(route, code, route.decision.detail)
+        await self.publisher.publish(
+            Outbound(error_subject(route.tenant, route.message_seq), body, answer)
+        )
+        with contextlib.suppress(Exception):  # the caller may be gone; the answer is stored
+            await self.publisher.nc.publish(to, body, headers={H_ERROR: answer[H_ERROR]})
 
     # --- failures and retries ----------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
@@ -459,6 +460,7 @@ async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, ur
     from broker.errors import NoRoute
 
     helper = manifest("q-helper", "Answers questions about opening hours")
+    reply_key = "client-request-sent-again"
     async with BrokerClient(broker.base_url) as client, running(helper, url):
 
         async def live() -> bool:
@@ -466,7 +468,12 @@ async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, ur
 
         assert await await_until(live, timeout=15, interval=0.1)
         routed = await client.route("tasks.in", {"q": "open on Sunday?"}, intent="handle")
-        reply = await client.request("tasks.in", "are you open on Sunday?", timeout=10)
+        reply = await client.request(
+            "tasks.in", "are you open on Sunday?", timeout=10, key=reply_key
+        )
+        sent_again = await client.request(  # as after a lost connection: the same key
+            "tasks.in", "are you open on Sunday?", timeout=10, key=reply_key
+        )
         started = time.monotonic()
         with pytest.raises(NoRoute):
             await client.request("tasks.in", b"%PDF-1.4\n%%EOF\n", content_type="application/pdf")
@@ -477,6 +484,8 @@ async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, ur
     assert reply.agent == "q-helper"
     assert reply.json()["agent"] == "q-helper"
     assert reply.message_seq > routed.seq
+    assert (reply.duplicate, sent_again.duplicate) == (False, True)
+    assert (sent_again.json(), sent_again.message_seq) == (reply.json(), reply.message_seq)
     assert refused_in < 5
 
 
@@ -613,3 +622,117 @@ async def test_route_takes_the_headers_publish_takes(client: httpx.AsyncClient) 
     again = await route(client, "hello", subject="events.x", headers=event)
     assert first.status_code == again.status_code == 200, (first.text, again.text)
     assert (again.json()["seq"], again.json()["duplicate"]) == (first.json()["seq"], True)
+
+
+# --- a retried wait=true request gets the answer stored for the first --------------------------
+
+
+async def test_a_retried_request_gets_the_stored_reply_without_running_it_again(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    echo = manifest("r-echo", "Repeats the weather report back")
+    key = {"idempotency-key": "retry-stored-reply"}
+    async with running(echo, url) as (_, behaviour):
+        assert await routed_to(client, "r-echo", "repeat the weather report")
+        first = await route(client, "repeat the weather report", wait=True, headers=key)
+        again = await route(client, "repeat the weather report", wait=True, headers=key)
+        runs = [
+            r for r in behaviour.seen if r.message_seq == int(first.headers["broker-message-seq"])
+        ]
+    assert first.status_code == 200, first.text
+    assert again.status_code == 200, again.text
+    assert again.content == first.content
+    assert again.headers["broker-message-seq"] == first.headers["broker-message-seq"]
+    assert again.headers["broker-agent"] == "r-echo"
+    assert again.headers["broker-duplicate"] == "true"
+    assert "broker-duplicate" not in first.headers
+    assert len(runs) == 1
+    seq = int(first.headers["broker-message-seq"])
+    stored = await nc_js.get_last_msg("ROUTES", f"route.default.r-echo.reply.{seq}")
+    assert stored.data == first.content
+    assert (stored.headers or {})["Broker-Event"] == "RouteReplied"
+
+
+async def test_a_request_retried_after_its_connection_dropped_waits_for_the_reply(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """The first caller gives up (its HTTP/2 stream is reset) while the agent works; the
+    retry, with the same key, gets the reply when the agent finishes, and it ran once."""
+    slow = manifest("r-slow", "Compiles the quarterly tax filing")
+    behaviour = Behaviour(reply="r-slow", delay=2.0)
+    key = {"idempotency-key": "retry-after-drop"}
+    async with running(slow, url, behaviour):
+        assert await routed_to(client, "r-slow", "compile the tax filing")  # other probes
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                "/v1/route/tasks.in",
+                content=b"compile the filing",
+                params={"wait": "true", "timeout": "20"},
+                headers={"content-type": "text/plain", **key},
+                timeout=0.5,
+            )
+        retried = await route(client, "compile the filing", wait=True, timeout=20, headers=key)
+        ran = [r for r in behaviour.seen if r.payload == b"compile the filing"]
+    assert retried.status_code == 200, retried.text
+    assert retried.json() == {"agent": "r-slow", "attempt": 1, "mirror": False}
+    assert retried.headers["broker-duplicate"] == "true"
+    assert len(ran) == 1
+
+
+async def test_a_retried_request_nobody_qualifies_for_gets_the_same_error(
+    client: httpx.AsyncClient, nc_js: JetStreamContext
+) -> None:
+    pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+    key = {"idempotency-key": "retry-no-route"}
+    first = await route(client, pdf, content_type="application/pdf", wait=True, headers=key)
+    again = await route(client, pdf, content_type="application/pdf", wait=True, headers=key)
+    assert (first.status_code, again.status_code) == (503, 503)
+    assert again.json() == first.json()
+    answer = await nc_js.get_last_msg("ROUTES", "route.default.-.error.*")
+    assert (answer.headers or {})["Broker-Error"] == "no_route"
+    assert json.loads(answer.data) == first.json()
+
+
+async def test_a_key_first_routed_without_wait_is_409_with_wait(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """Nobody asked for the first one's reply, so none is stored to answer with."""
+    echo = manifest("r-nowait", "Files expense receipts")
+    key = {"idempotency-key": "retry-without-wait"}
+    async with running(echo, url):
+        assert await routed_to(client, "r-nowait", "file this receipt")
+        first = await route(client, "file this receipt", headers=key)
+        again = await route(client, "file this receipt", wait=True, timeout=5, headers=key)
+    assert first.status_code == 200, first.text
+    assert again.status_code == 409, again.text
+    assert again.json()["error_code"] == "already_routed"
+    assert "without wait=true" in again.json()["message"]
+
+
+async def test_a_request_retried_past_its_deadline_answers_504_at_once(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    slow = manifest("r-late", "Renders feature-length films")
+    behaviour = Behaviour(reply="r-late", delay=30.0)
+    key = {"idempotency-key": "retry-past-deadline"}
+    async with running(slow, url, behaviour):
+        assert await routed_to(client, "r-late", "render the film")
+        first = await route(client, "render the film", wait=True, timeout=1.0, headers=key)
+        started = time.monotonic()
+        again = await route(client, "render the film", wait=True, timeout=20, headers=key)
+        elapsed = time.monotonic() - started
+    assert (first.status_code, again.status_code) == (504, 504)
+    assert again.json()["error_code"] == "deadline_exceeded"
+    assert elapsed < 5
+
+
+async def test_an_agent_told_not_to_store_replies_only_sends_them(
+    client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
+) -> None:
+    quiet = manifest("r-unstored", "Summarises meeting minutes")
+    async with running(quiet, url, store_replies=False):
+        assert await routed_to(client, "r-unstored", "summarise the minutes")
+        first = await route(client, "summarise the minutes", wait=True, timeout=10)
+    assert first.status_code == 200, first.text
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await nc_js.get_last_msg("ROUTES", "route.default.r-unstored.reply.*")

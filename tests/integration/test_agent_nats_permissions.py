@@ -38,6 +38,7 @@ from broker.routing.events import (
     inbox_subject,
 )
 from broker.routing.load import InstanceLoad, load_key
+from broker.routing.replies import error_subject, reply_subject, stored_answer
 from broker.settings import Settings
 from broker.streams import AGENT_LOAD_BUCKET, Stream, provision
 from tests._wait import await_until
@@ -249,6 +250,12 @@ async def test_an_agent_replies_fails_heartbeats_and_remakes_its_consumer_as_doc
             await broker.route(TENANT, 1, b"doc-1")
             assert await await_until(replied(replies, 1), timeout=10)
             assert replies[0].data == b'{"rendered":"doc-1"}'
+            stored = await stored_answer(broker.js, TENANT, 1)  # for a retried request
+            assert stored is not None
+            assert (stored.subject, stored.data) == (
+                reply_subject(TENANT, NAME, 1),
+                b'{"rendered":"doc-1"}',
+            )
 
             await broker.route(TENANT, 2, b"boom")
 
@@ -348,6 +355,9 @@ async def test_the_agent_user_reaches_no_other_inbox_consumer_or_heartbeat(
             inbox_subject(TENANT, NAME),
             failed_subject(OTHER_TENANT, NAME),
             failed_subject(TENANT, "other"),
+            reply_subject(TENANT, "other", 1),
+            reply_subject(OTHER_TENANT, NAME, 1),
+            error_subject(TENANT, 1),
             f"$KV.{AGENT_LOAD_BUCKET}.{OTHER_TENANT}.{NAME}.x",
         ]
         refused = [
