@@ -1012,19 +1012,31 @@ class Agent:
         lost its connection and asks again finds it. The caller has it already, so one that
         cannot be stored is logged, not run again; after a failure, replies are not stored
         for :data:`_REPLY_STORE_PAUSE` seconds (a user without the permission would
-        otherwise hold every message for a timeout)."""
+        otherwise hold every message for a timeout). One too large to store with the
+        stored form's headers is only logged: the server would close the connection."""
         if (
             not self.store_replies
             or self._js is None
+            or self._nc is None
             or time.monotonic() < self._reply_store_paused_until
         ):
             return
         route = request.route
+        stored = reply_headers(route_seq, headers)
+        size, limit = message_size(payload, stored), self._nc.max_payload
+        if size > limit:
+            log.warning(
+                "agent_reply_not_stored",
+                agent=self.name,
+                message_seq=route.message_seq,
+                error=f"{size} bytes stored, over the NATS server's max_payload of {limit}",
+            )
+            return
         try:
             await self._js.publish(
                 reply_subject(route.tenant, self.name, route.message_seq),
                 payload,
-                headers=reply_headers(route, route_seq, headers),
+                headers=stored,
                 timeout=_REPLY_STORE_TIMEOUT,
             )
         except Exception as e:

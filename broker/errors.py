@@ -124,8 +124,9 @@ class SequenceConflict(Conflict):
 
 class AlreadyRouted(Conflict):
     """A ``wait=true`` route whose idempotency key was stored by a route sent without
-    ``wait``: nobody asked for that one's reply, so none is stored to answer with. Its
-    decision is in ``ROUTES`` (``Broker-Route.message_seq``)."""
+    ``wait`` (nobody asked for that one's reply), or by a message no longer stored, and no
+    reply is stored to answer with. Its decision is in ``ROUTES``
+    (``Broker-Route.message_seq``)."""
 
     error_code = "already_routed"
 

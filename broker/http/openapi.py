@@ -47,11 +47,13 @@ _CONCRETE_MEDIA_TYPES = sorted(
 )
 
 #: Text stored as a NATS header value: no control characters but tab.
+_CONTROL = CONTROL_CHARACTERS[1:-1]
 _HEADER_TEXT: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "maxLength": 1024,
-    "pattern": f"^[^{CONTROL_CHARACTERS[1:-1]}]*$",
+    # no control character, and no space or tab at either end (NATS trims header values)
+    "pattern": f"^[^{_CONTROL} \\t]([^{_CONTROL}]*[^{_CONTROL} \\t])?$",
 }
 
 #: A structured-mode CloudEvent 1.0 as the ingress accepts it.
@@ -324,8 +326,8 @@ _ROUTE_ONE: dict[str, Any] = {
             },
             "409": _error(
                 "already_routed: wait=true with the Idempotency-Key of a route sent without "
-                "wait (no reply is stored to answer with); or Expected-Last-Subject-Sequence "
-                "did not match (nothing stored)."
+                "wait, or of a message no longer stored, and no reply is stored to answer "
+                "with; or Expected-Last-Subject-Sequence did not match (nothing stored)."
             ),
             "400": _error(
                 "Malformed request, or a header the broker reads with a value that is not "

@@ -73,6 +73,9 @@ _MAX_ROUTING_HEADER = 32 * 1024
 # Together: the stored message's headers (NATS: 64 KiB) also hold the pass-through ones.
 _MAX_ROUTING_HEADERS = 40 * 1024
 _DEFAULT_WAIT = 30.0
+#: Seconds a retried request still waits after the first one's deadline: an answer given
+#: just before it may not be stored yet (and another ingress's clock may differ a little).
+_DEADLINE_GRACE = 1.0
 _ERRORS: dict[str, type[BrokerError]] = {
     "no_route": NoRoute,
     "agent_error": AgentFailed,
@@ -248,16 +251,24 @@ async def _answer_again(state: IngressState, proto: HTTPProtocol, seq: int, time
     (:mod:`broker.routing.replies`), or the one still to come, waited for until the first
     request's deadline or this one's ``timeout``, whichever comes first."""
     publisher, tenant = state.publisher, str(state.tenant)
-    # Subscribed before looking: an answer stored in between comes here.
-    sub = await publisher.nc.subscribe(answers_subject(tenant, seq))
     try:
-        answer = await stored_answer(publisher.js, tenant, seq)
-        if answer is None:
-            answer = await _next_answer(state, sub, seq, timeout)
-        _respond_reply(proto, answer, seq, again=True)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        # Subscribed before looking: an answer stored in between comes here.
+        sub = await publisher.nc.subscribe(answers_subject(tenant, seq))
+        try:
+            answer = await stored_answer(publisher.js, tenant, seq)
+            if answer is None:
+                answer = await _next_answer(state, sub, seq, timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    except BrokerError:
+        raise
+    except Exception as e:  # NATS went away or JetStream did not answer: retry the request
+        raise Unavailable(
+            f"cannot read the answer stored for message {seq} now ({type(e).__name__}); "
+            "send the request again with the same Idempotency-Key"
+        ) from e
+    _respond_reply(proto, answer, seq, again=True)
 
 
 async def _next_answer(state: IngressState, sub: Subscription, seq: int, timeout: float) -> Msg:
@@ -275,7 +286,9 @@ async def _next_answer(state: IngressState, sub: Subscription, seq: int, timeout
             f"this Idempotency-Key was routed as message {seq} without wait=true, so no "
             "reply is stored; its decision is in ROUTES"
         )
-    deadline = min(deadline_of(headers) or math.inf, time.time() + timeout)
+    # A little past the first one's deadline: its answer may be on its way to the stream.
+    first_deadline = (deadline_of(headers) or math.inf) + _DEADLINE_GRACE
+    deadline = min(first_deadline, time.time() + timeout)
     while (left := deadline - time.time()) > 0:
         try:
             answer = await sub.next_msg(timeout=left)

@@ -18,8 +18,10 @@ An agent's NATS user may append replies under its own name only, but for any mes
 so a reply counts only when ``Broker-Route-Seq`` names a decision in that agent's inbox for
 that very message (one more read, on the rare path of a retry). Both forms have five
 tokens, which no inbox (three), failure or dead-letter record (four) filter matches.
-Appends are deduplicated per message and attempt (``Nats-Msg-Id``): a handler run again
-after a crash keeps the first reply, within the stream's duplicate window.
+These appends carry no ``Nats-Msg-Id``: an agent's NATS user may send any header, so an id
+derived from the message would let one agent claim it first and have JetStream drop the
+genuine answer as a duplicate. A handler run again after a crash stores a second reply;
+a retry takes the last genuine one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from nats.js.api import RawStreamMsg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from broker.envelope import NATS_MSG_ID
 from broker.reader import read_messages
 from broker.routing.events import (
     H_ERROR,
@@ -69,29 +70,17 @@ def answers_subject(tenant: str, message_seq: int) -> str:
     return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.*.*.{message_seq}"
 
 
-def reply_headers(
-    route: RouteDecided, route_seq: int, headers: Mapping[str, str]
-) -> dict[str, str]:
-    """The headers that store a reply with ``headers``, for ``route`` (the decision at
-    ``route_seq`` in ``ROUTES``)."""
-    return {
-        **headers,
-        H_EVENT: RouteEventType.REPLIED,
-        H_ROUTE_SEQ: str(route_seq),
-        NATS_MSG_ID: f"reply:{route.tenant}:{route.message_seq}:{route.attempt}",
-    }
+def reply_headers(route_seq: int, headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers that store a reply sent with ``headers``, answering the decision at
+    ``route_seq`` in ``ROUTES``."""
+    return {**headers, H_EVENT: RouteEventType.REPLIED, H_ROUTE_SEQ: str(route_seq)}
 
 
-def error_answer(route: RouteDecided, code: str, message: str) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of the routers' error answer to ``route``'s message (also what
-    the waiting caller hears)."""
+def error_answer(code: str, message: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of the routers' error answer (also what the waiting caller
+    hears)."""
     body = orjson.dumps({"error_code": code, "message": message})
-    headers = {
-        H_ERROR: code,
-        H_EVENT: RouteEventType.REPLIED,
-        NATS_MSG_ID: f"error:{route.tenant}:{route.message_seq}:{route.attempt}",
-    }
-    return body, headers
+    return body, {H_ERROR: code, H_EVENT: RouteEventType.REPLIED}
 
 
 async def genuine(js: JetStreamContext, tenant: str, message_seq: int, answer: Answer) -> bool:
@@ -120,7 +109,8 @@ async def genuine(js: JetStreamContext, tenant: str, message_seq: int, answer: A
 
 
 async def stored_answer(js: JetStreamContext, tenant: str, message_seq: int) -> Answer | None:
-    """The first genuine stored answer to the message at ``message_seq``, if any."""
+    """A genuine stored answer to the message at ``message_seq``, if any: the last one stored,
+    or, when that one is not genuine, the oldest that is."""
     subject = answers_subject(tenant, message_seq)
     try:
         last = await js.get_last_msg(Stream.ROUTES, subject)

@@ -337,10 +337,17 @@ class Router:
         to = headers.get(H_REPLY_TO)
         if not to:
             return
-        body, answer = error_answer(route, code, route.decision.detail)
-        await self.publisher.publish(
-            Outbound(error_subject(route.tenant, route.message_seq), body, answer)
-        )
+        body, answer = error_answer(code, route.decision.detail)
+        try:
+            await self.publisher.publish(
+                Outbound(error_subject(route.tenant, route.message_seq), body, answer)
+            )
+        except BrokerError as e:
+            if e.retryable:  # handed back: decided again, deduplicated, and stored then
+                raise
+            log.warning(  # the caller still hears it; only a retry of the request misses it
+                "route_answer_not_stored", message_seq=route.message_seq, error=e.message
+            )
         with contextlib.suppress(Exception):  # the caller may be gone; the answer is stored
             await self.publisher.nc.publish(to, body, headers={H_ERROR: answer[H_ERROR]})
 

@@ -3,8 +3,6 @@ which ones a retried request may take."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from broker.envelope import Outbound
@@ -43,9 +41,7 @@ async def reply(
 ) -> None:
     """Store a reply as the agent SDK does, or (``agent``, ``seq``) one written elsewhere."""
     subject = reply_subject(T, agent or route.decision.agent or "", seq or route.message_seq)
-    headers = reply_headers(
-        replace(route, attempt=route.attempt + (1 if agent else 0)), route_seq, {}
-    )
+    headers = reply_headers(route_seq, {})
     await publisher.publish(Outbound(subject, body, headers))
 
 
@@ -83,11 +79,11 @@ async def test_a_reply_that_names_no_decision_for_its_message_is_not_taken(
 async def test_the_routers_error_is_found_and_an_agents_error_is_not(
     publisher: Publisher,
 ) -> None:
-    route, _ = await decide(publisher, 11, "chosen")
+    await decide(publisher, 11, "chosen")
     forged = f"{inbox_subject(T, 'chosen')}.error.11"
     await publisher.publish(Outbound(forged, b'{"error_code":"no_route"}', {}))
     assert await stored_answer(publisher.js, T, 11) is None
-    body, headers = error_answer(route, "agent_error", "every agent tried failed")
+    body, headers = error_answer("agent_error", "every agent tried failed")
     await publisher.publish(Outbound(error_subject(T, 11), body, headers))
     found = await stored_answer(publisher.js, T, 11)
     assert found is not None
@@ -99,3 +95,19 @@ async def test_another_tenants_answer_is_not_found(publisher: Publisher) -> None
     route, route_seq = await decide(publisher, 12, "chosen")
     await reply(publisher, route, route_seq, b"theirs")
     assert await stored_answer(publisher.js, "other", 12) is None
+
+
+async def test_no_agent_can_claim_an_answers_deduplication_id_first(publisher: Publisher) -> None:
+    """An agent's user may send any header on its own subjects: a ``Nats-Msg-Id`` it guessed
+    must not make JetStream drop the genuine reply or the routers' error as duplicates."""
+    route, route_seq = await decide(publisher, 13, "chosen")
+    for guess in ("reply:acme:13:1", "error:acme:13:1", "reply:acme:chosen:13:1"):
+        headers = {"Nats-Msg-Id": guess}
+        await publisher.publish(Outbound(reply_subject(T, "other", 13), b"squat", headers))
+    await reply(publisher, route, route_seq, b"genuine")
+    found = await stored_answer(publisher.js, T, 13)
+    assert found is not None
+    assert found.data == b"genuine"
+    body, headers = error_answer("no_route", "nobody")
+    ack = await publisher.publish(Outbound(error_subject(T, 13), body, headers))
+    assert not ack.duplicate
