@@ -15,11 +15,15 @@ candidate. A message nobody qualifies for is recorded in ``ROUTES`` too, on
 to ``dlq.<tenant>.route`` with the same ``Broker-Route`` header. The answers waiting callers
 get are stored on five-token subjects (``RouteReplied``, see :mod:`broker.routing.replies`).
 
-Every append carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
+Every decision carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
 router that crashes after appending and before acking cannot append the decision twice.
 Since every decision, for an agent or for nobody, lands in ``ROUTES`` first, that holds
 even when the decision made again differs in kind: ``ROUTES`` keeps the first, and only a
-decision for nobody that stands goes on to the DLQ.
+decision for nobody that stands goes on to the DLQ. What agents append carries no such id:
+an agent's NATS user may send any header on its subjects, and JetStream deduplicates across
+the stream, so an id another agent could guess would let it have a record dropped (the
+router likewise stores a decision again, without its id, when a record on an agent's
+subject holds it: :func:`is_decision_subject`).
 """
 
 from __future__ import annotations
@@ -80,6 +84,15 @@ def inbox_subject(tenant: str, agent: str) -> str:
 
 def failed_subject(tenant: str, agent: str) -> str:
     return f"{inbox_subject(tenant, agent)}.failed"
+
+
+def is_decision_subject(subject: str, tenant: str) -> bool:
+    """Whether ``subject`` is one where routers store ``tenant``'s decisions: an inbox, or the
+    record of a decision for nobody. No agent's NATS user may publish to either (an agent
+    writes only its ``.failed`` and ``.reply.<seq>`` subjects)."""
+    parts = subject.split(".")
+    inbox = len(parts) == 3 and parts[0] == SUBJECT_PREFIX[Stream.ROUTES] and parts[1] == tenant
+    return inbox or subject == dead_subject(tenant)
 
 
 def dlq_subject(tenant: str) -> str:
@@ -214,9 +227,10 @@ class RouteFailed:
         headers[H_FAILURE] = orjson.dumps(
             {"reason": self.reason, "message": self.message[:500], "instance": self.instance}
         ).decode()
-        headers[NATS_MSG_ID] = f"failed:{self.route.tenant}:{self.route.message_seq}:" + str(
-            self.route.attempt
-        )
+        # No Nats-Msg-Id: another agent's user could send the same id first and have this
+        # failure dropped as a duplicate (the message would then never be retried). A failure
+        # stored twice (an agent crashed before its ack) is retried once: the routers'
+        # decision for the next attempt is deduplicated.
         return headers
 
     @classmethod

@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from broker.envelope import PAYLOAD_HEADERS, Outbound
+from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError
 from broker.publisher import PublishAck, Publisher
 from broker.registry.snapshot import RegistryView
@@ -55,6 +55,7 @@ from broker.routing.events import (
     RouteFailed,
     deadline_of,
     dlq_subject,
+    is_decision_subject,
     original_headers,
     tenant_of,
 )
@@ -80,6 +81,22 @@ _ESSENTIAL_HEADERS = PAYLOAD_HEADERS | frozenset(
 _FAILED_DECISION_DELAY = 2.0
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
+
+
+def _taken(route: RouteDecided, ack: PublishAck, subject: str | None) -> bool:
+    """Whether ``subject``, where the append of ``route`` found its ``Nats-Msg-Id`` stored,
+    is no decision subject: an agent sent that id first (logged)."""
+    if is_decision_subject(subject or "", route.tenant):
+        return False
+    log.warning(
+        "route_id_taken",
+        message_seq=route.message_seq,
+        attempt=route.attempt,
+        mirror=route.mirror,
+        by_subject=subject,
+        seq=ack.seq,
+    )
+    return True
 
 
 @dataclass(slots=True)
@@ -248,9 +265,11 @@ class Router:
         mirror_to = route.decision.mirror_to
         if mirror_to and route.decision.agent is not None and route.attempt == 1:
             shadow = replace(route, mirror=True, decision=replace(route.decision, agent=mirror_to))
-            (route, ack), _ = await asyncio.gather(
+            (route, ack), copied = await asyncio.gather(
                 self._record(route, payload, headers), self._append(shadow, payload, headers)
             )
+            if copied.duplicate and await self._id_taken(shadow, copied):
+                await self._append(shadow, payload, headers, deduplicated=False)
         else:
             route, ack = await self._record(route, payload, headers)
         if route.decision.agent is None:
@@ -281,18 +300,28 @@ class Router:
         keep both: the message in an agent's inbox and in the DLQ."""
         ack = await self._append(route, payload, headers)
         if ack.duplicate:  # decided before (this router crashed before its ack): that stands
-            route = await self._stored(route, ack)
+            kept = await self._stored(route, ack)
+            if kept is None:  # the id was taken by something else: stored without it
+                ack = await self._append(route, payload, headers, deduplicated=False)
+            else:
+                route = kept
         if route.decision.agent is None:
             ack = await self._append(route, payload, headers, to=dlq_subject(route.tenant))
         return route, ack
 
-    async def _stored(self, route: RouteDecided, ack: PublishAck) -> RouteDecided:
+    async def _stored(self, route: RouteDecided, ack: PublishAck) -> RouteDecided | None:
         """The decision the stream holds for ``route``'s message and attempt. A redelivered
         message is decided again, maybe differently (the loads moved); its append is
         deduplicated (``Nats-Msg-Id``), so the first decision is the one an agent gets, and
-        the one to tell the caller."""
+        the one to tell the caller.
+
+        ``None`` when what holds the id is no decision: an agent's user may publish its own
+        ``.failed`` and ``.reply`` subjects with any header, a guessed ``Nats-Msg-Id``
+        included, which would otherwise keep the message from ever being routed."""
         try:
             stored = await self.js.get_msg(ack.stream, ack.seq)
+            if _taken(route, ack, stored.subject):
+                return None
             kept = RouteDecided.from_headers(stored.headers or {})
         except Exception as e:  # unreadable: the new decision is the best guess left
             log.warning("route_stored_unreadable", seq=ack.seq, error=str(e)[:200])
@@ -306,6 +335,15 @@ class Router:
             )
         return kept
 
+    async def _id_taken(self, route: RouteDecided, ack: PublishAck) -> bool:
+        """Whether the record that holds ``route``'s ``Nats-Msg-Id`` is no decision (see
+        :meth:`_stored`); ``False`` when it cannot be read."""
+        try:
+            stored = await self.js.get_msg(ack.stream, ack.seq)
+        except Exception:
+            return False
+        return _taken(route, ack, stored.subject)
+
     async def _append(
         self,
         route: RouteDecided,
@@ -313,11 +351,14 @@ class Router:
         headers: Mapping[str, str],
         *,
         to: str | None = None,
+        deduplicated: bool = True,
     ) -> PublishAck:
-        """Append ``route`` on its subject in ``ROUTES``, or on ``to``."""
-        return await self.publisher.publish(
-            Outbound(to or route.subject, payload, route.to_headers(headers))
-        )
+        """Append ``route`` on its subject in ``ROUTES``, or on ``to``; without its
+        ``Nats-Msg-Id`` unless ``deduplicated``."""
+        stored = route.to_headers(headers)
+        if not deduplicated:
+            del stored[NATS_MSG_ID]
+        return await self.publisher.publish(Outbound(to or route.subject, payload, stored))
 
     async def _notify_decision(
         self, headers: Mapping[str, str], route: RouteDecided, ack: PublishAck

@@ -41,6 +41,7 @@ from broker.routing.types import DecisionReason
 from broker.streams import Stream
 from tests._wait import await_until
 from tests.unit.test_routing_embed_ahead import CostlyEmbedder
+from tests.unit.test_routing_plumbing import _decision
 
 pytestmark = pytest.mark.integration
 T = Tenant("acme")
@@ -349,6 +350,55 @@ async def test_a_decision_made_again_of_another_kind_keeps_the_first(
     dead = sum((in_dlq.state.subjects or {}).values())
     assert (inbox, dead) == ((1, 0) if first_for else (0, 1))
     assert (router.stats.routed, router.stats.dead_lettered) == ((2, 0) if first_for else (0, 2))
+
+
+async def test_a_decision_id_an_agent_took_first_does_not_keep_the_message_from_its_inbox(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """An agent's user may publish its own ``.failed`` subject with any header: a guessed
+    ``Nats-Msg-Id`` of the next decision made JetStream drop that decision as a duplicate,
+    and the router took the agent's record for it. It is stored again without the id, and
+    the caller hears the stored decision."""
+    text = "please translate this letter into Spanish"
+    nc, notices, router, headers, ack = await routed_once(publisher, nats_url, text)
+    decision = router.decide(T, text.encode(), headers, message_seq=ack.seq)
+    route = RouteDecided(T, ack.seq, f"msg.{T}.chat", decision)
+    squat = Outbound(f"route.{T}.weather.failed", b"mine", {"Nats-Msg-Id": route.msg_id})
+    taken = await publisher.publish(squat)
+    await router._deliver(route, text.encode(), dict(headers))
+    heard = orjson.loads((await notices.next_msg(timeout=5)).data)
+    js = nc.jetstream()
+    stored = await js.get_msg(Stream.ROUTES, heard["route_seq"])
+    await nc.close()
+    assert heard["agent"] == "translator"
+    assert heard["route_seq"] != taken.seq
+    assert stored.subject == f"route.{T}.translator"
+    assert RouteDecided.from_headers(stored.headers or {}).message_seq == ack.seq
+
+
+async def test_a_mirror_copys_id_an_agent_took_first_does_not_keep_it_from_the_shadow(
+    publisher: Publisher, nats_url: str
+) -> None:
+    text = "please translate this letter into Italian"
+    nc, _, router, headers, ack = await routed_once(publisher, nats_url, text)
+    decision = replace(
+        router.decide(T, text.encode(), headers, message_seq=ack.seq), mirror_to="weather"
+    )
+    route = RouteDecided(T, ack.seq, f"msg.{T}.chat", decision)
+    shadow = replace(route, mirror=True, decision=replace(decision, agent="weather"))
+    squat = {"Nats-Msg-Id": shadow.msg_id}
+    await publisher.publish(Outbound(f"route.{T}.summarizer.failed", b"mine", squat))
+    await router._deliver(route, text.encode(), dict(headers))
+    copy = await nc.jetstream().get_last_msg(Stream.ROUTES, f"route.{T}.weather")
+    await nc.close()
+    copied = RouteDecided.from_headers(copy.headers or {})
+    assert (copied.message_seq, copied.mirror) == (ack.seq, True)
+
+
+def test_a_failure_record_carries_no_deduplication_id_another_agent_could_take() -> None:
+    route = RouteDecided(T, 9, f"msg.{T}.chat", replace(_decision(), agent="translator"))
+    failure = RouteFailed(route, FailureReason.ERROR, "boom", "i-1")
+    assert "Nats-Msg-Id" not in failure.to_headers({"Nats-Msg-Id": "x", "Content-Type": "a/b"})
 
 
 async def test_a_retry_embeds_a_new_text_off_the_event_loop(publisher: Publisher) -> None:
