@@ -100,7 +100,7 @@ from broker.routing.events import (
     inbox_subject,
 )
 from broker.routing.load import InstanceLoad, load_key, new_instance_id
-from broker.routing.replies import reply_headers, reply_subject
+from broker.routing.replies import ReplyStore, reply_headers, reply_subject
 from broker.streams import AGENT_LOAD_BUCKET, Stream
 from broker.telemetry import setup, tracing
 
@@ -121,10 +121,8 @@ _FAILURE_TEXT = 500
 _FAILURE_KEPT_HEADERS = PAYLOAD_HEADERS | frozenset(
     name.lower() for name in (H_REPLY_TO, H_DEADLINE, H_INTENT)
 )
-#: Seconds a reply's append to ROUTES may take, and the pause in storing replies after one
-#: failed (see ``Agent._store_reply``).
+#: Seconds a reply's append to ROUTES may take to be acked before it is logged as not stored.
 _REPLY_STORE_TIMEOUT = 2.0
-_REPLY_STORE_PAUSE = 60.0
 #: Tries at making a vanished inbox consumer again, and the pause between them.
 _RESUBSCRIBE_TRIES = 3
 #: Heartbeats between two reads of the inbox consumer's delivered position.
@@ -456,7 +454,7 @@ class Agent:
         self._window = _Window()
         self.handled = 0
         self.failed = 0
-        self._reply_store_paused_until = 0.0  # monotonic time; see _store_reply
+        self._reply_store: ReplyStore | None = None  # made with the connection
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the async function that handles each request."""
@@ -687,6 +685,7 @@ class Agent:
             error_cb=on_error,
         )
         self._js = self._nc.jetstream(timeout=10.0)
+        self._reply_store = ReplyStore(self._nc, self.name, timeout=_REPLY_STORE_TIMEOUT)
         self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
         if self.register:
             from broker.envelope import Tenant
@@ -1009,17 +1008,11 @@ class Agent:
         self, request: Request, payload: bytes, headers: dict[str, str], route_seq: int
     ) -> None:
         """Append the reply to ``ROUTES`` (:mod:`broker.routing.replies`), where a caller that
-        lost its connection and asks again finds it. The caller has it already, so one that
-        cannot be stored is logged, not run again; after a failure, replies are not stored
-        for :data:`_REPLY_STORE_PAUSE` seconds (a user without the permission would
-        otherwise hold every message for a timeout). One too large to store with the
-        stored form's headers is only logged: the server would close the connection."""
-        if (
-            not self.store_replies
-            or self._js is None
-            or self._nc is None
-            or time.monotonic() < self._reply_store_paused_until
-        ):
+        lost its connection and asks again finds it; sent before the message's ack, its own
+        ack not waited for (:class:`ReplyStore`). The caller has the reply already, so one
+        that cannot be stored is logged, not run again; one too large to store with the
+        stored form's headers is not sent (the server would close the connection)."""
+        if not self.store_replies or self._reply_store is None or self._nc is None:
             return
         route = request.route
         stored = reply_headers(route_seq, headers)
@@ -1032,22 +1025,8 @@ class Agent:
                 error=f"{size} bytes stored, over the NATS server's max_payload of {limit}",
             )
             return
-        try:
-            await self._js.publish(
-                reply_subject(route.tenant, self.name, route.message_seq),
-                payload,
-                headers=stored,
-                timeout=_REPLY_STORE_TIMEOUT,
-            )
-        except Exception as e:
-            self._reply_store_paused_until = time.monotonic() + _REPLY_STORE_PAUSE
-            log.warning(
-                "agent_reply_not_stored",
-                agent=self.name,
-                message_seq=route.message_seq,
-                error=repr(e)[:300],
-                paused_seconds=_REPLY_STORE_PAUSE,
-            )
+        subject = reply_subject(route.tenant, self.name, route.message_seq)
+        await self._reply_store.append(subject, payload, stored, route.message_seq)
 
     async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
         """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed (it
@@ -1127,6 +1106,8 @@ class Agent:
             except Exception:  # never end the loop: without beats every router drops us
                 log.exception("agent_heartbeat_failed")
             beats += 1
+            if self._reply_store is not None:  # appends that were never acked get logged
+                self._reply_store.sweep()
             # One consumer_info per instance every few beats (a thousand instances would
             # otherwise ask JetStream 500 times a second): a consumer made again may then
             # deliver once more what the others took in the last few beats. The same read

@@ -3,18 +3,23 @@ which ones a retried request may take."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from structlog.testing import capture_logs
 
 from broker.envelope import Outbound
 from broker.publisher import Publisher
 from broker.routing.events import RouteDecided, inbox_subject
 from broker.routing.replies import (
+    ReplyStore,
     error_answer,
     error_subject,
     reply_headers,
     reply_subject,
     stored_answer,
 )
+from tests._wait import await_until
 from tests.unit.test_routing_plumbing import _decision
 
 pytestmark = pytest.mark.integration
@@ -111,3 +116,53 @@ async def test_no_agent_can_claim_an_answers_deduplication_id_first(publisher: P
     body, headers = error_answer("no_route", "nobody")
     ack = await publisher.publish(Outbound(error_subject(T, 13), body, headers))
     assert not ack.duplicate
+
+
+async def test_the_reply_store_appends_without_waiting_and_logs_what_failed(
+    publisher: Publisher,
+) -> None:
+    """Stored: nothing logged, nothing left pending. Refused (no stream there): logged when
+    the answer comes. Never answered (a subscriber that does not reply): logged by the
+    sweep after the timeout."""
+    nc = publisher.nc
+    silent = await nc.subscribe("sink.replies")  # a responder that never answers
+    store = ReplyStore(nc, "chosen", timeout=0.3, ack_every=1)
+    _, route_seq = await decide(publisher, 21, "chosen")
+    with capture_logs() as logs:
+        headers = reply_headers(route_seq, {"Content-Type": "text/plain"})
+        await store.append(reply_subject(T, "chosen", 21), b"stored", headers, 21)
+        await store.append("nostream.replies", b"refused", {}, 22)
+        await store.append("sink.replies", b"unanswered", {}, 23)
+
+        async def two_left_one() -> bool:
+            return store.pending == 1 and len(logs) == 1
+
+        assert await await_until(two_left_one, timeout=5)
+        await asyncio.sleep(0.35)
+        store.sweep()
+    await silent.unsubscribe()
+    found = await stored_answer(publisher.js, T, 21)
+    assert found is not None
+    assert found.data == b"stored"
+    assert store.pending == 0
+    assert [(e["event"], e["message_seqs"]) for e in logs] == [
+        ("agent_reply_not_stored", [22]),
+        ("agent_reply_not_stored", [23]),
+    ]
+    assert "no JetStream stream" in logs[0]["error"]
+    assert "no acknowledgement" in logs[1]["error"]
+
+
+async def test_the_reply_store_asks_for_an_ack_on_the_first_append_and_every_nth(
+    publisher: Publisher,
+) -> None:
+    store = ReplyStore(publisher.nc, "chosen", ack_every=3)
+    with capture_logs() as logs:
+        for seq in range(31, 38):  # asks on the 1st, 4th and 7th
+            await store.append("nostream.replies", b"refused", {}, seq)
+
+        async def three_heard() -> bool:
+            return len(logs) == 3
+
+        assert await await_until(three_heard, timeout=5)
+    assert sorted(e["message_seqs"][0] for e in logs) == [31, 34, 37]
