@@ -30,9 +30,9 @@ good, or a consumer that cannot be made again, makes :meth:`Agent.run` raise
 
 For each message the handler gets a :class:`Request`; what it returns is the reply, sent
 to the caller waiting in ``POST /v1/route?wait=true`` (bytes as they are, ``str`` as text,
-anything else as JSON, or a :class:`Reply`), then appended to ``ROUTES`` before the message
-is acked, where a retry of that request finds it (:mod:`broker.routing.replies`; a reply
-that cannot be stored is logged as ``agent_reply_not_stored``, since the caller has it). A
+anything else as JSON, or a :class:`Reply`), then sent to ``ROUTES`` ahead of the message's
+ack, where a retry of that request finds it (:mod:`broker.routing.replies`; a reply that
+cannot be stored is logged as ``agent_reply_not_stored``, since the caller has it). A
 handler that raises, returns what cannot be
 serialised, or a reply over the server's ``max_payload``, or runs past the request's deadline
 (it is cancelled then), makes the SDK append ``RouteFailed``: the router cools the agent
@@ -121,6 +121,9 @@ _FAILURE_TEXT = 500
 _FAILURE_KEPT_HEADERS = PAYLOAD_HEADERS | frozenset(
     name.lower() for name in (H_REPLY_TO, H_DEADLINE, H_INTENT)
 )
+#: Seconds between two log lines of one NATS error text (a permission refused on every
+#: message would otherwise log a line per message).
+_ERROR_LOG_EVERY = 10.0
 #: Seconds a reply's append to ROUTES may take to be acked before it is logged as not stored.
 _REPLY_STORE_TIMEOUT = 2.0
 #: Tries at making a vanished inbox consumer again, and the pause between them.
@@ -220,6 +223,26 @@ class NvidiaSmi:
             return float(free), float(util) / 100.0
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None, None
+
+
+class _Throttle:
+    """Lets one line per text through every ``every`` seconds, counting the rest."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (last let through, held back)
+
+    def admit(self, text: str) -> int | None:
+        """``None`` to hold the line back; else how many were held back since the last."""
+        now = time.monotonic()
+        last, held = self._seen.get(text, (-math.inf, 0))
+        if now - last < self.every:
+            self._seen[text] = (last, held + 1)
+            return None
+        if len(self._seen) > 1000:  # bounded: texts carry subjects
+            self._seen.clear()
+        self._seen[text] = (now, 0)
+        return held
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None:
@@ -455,6 +478,7 @@ class Agent:
         self.handled = 0
         self.failed = 0
         self._reply_store: ReplyStore | None = None  # made with the connection
+        self._error_log = _Throttle(_ERROR_LOG_EVERY)
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the async function that handles each request."""
@@ -674,8 +698,8 @@ class Agent:
             error = explain_connect_error(e, options)
             if self._nc is not None and self._nc.is_reconnecting:  # each failed attempt
                 log.debug("agent_nats_reconnect_failed", error=error)
-            else:
-                log.warning("agent_nats_error", error=error)
+            elif (repeated := self._error_log.admit(error)) is not None:
+                log.warning("agent_nats_error", error=error, repeated=repeated)
 
         self._nc = await open_client(
             **options,

@@ -6,7 +6,7 @@ also appended to ``ROUTES``, one subject per message, where a retried request (t
 ``Idempotency-Key``, answered by any ingress process) finds it, or waits for it:
 
 - ``route.<tenant>.<agent>.reply.<message seq>``: the agent's reply, appended by the agent
-  SDK after it sent the reply to the caller and before it acks the message. Its headers are
+  SDK after it sent the reply to the caller and ahead of the message's ack. Its headers are
   the reply's (``Content-Type``, ``Broker-Agent``, ``Broker-Message-Seq``), with
   ``Broker-Event: RouteReplied`` and ``Broker-Route-Seq``, the ``ROUTES`` sequence of the
   decision it answers.
@@ -26,6 +26,7 @@ a retry takes the last genuine one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
@@ -135,14 +136,19 @@ class ReplyStore:
     """The agent SDK's appends of replies, sent without waiting for each ack.
 
     The agent acks its message after the append was sent on the same connection, so the
-    server has the append first: waiting for each ack would only tell of a failure before
-    the message's ack, and a reply that could not be stored was never a reason to run the
-    handler again (the caller has it). So only the first append and every ``ack_every``-th
-    ask for an ack, heard by one subscription (in the connection's own inbox space) and
-    matched by a counter token; a refused one, or one not acked within ``timeout`` seconds,
-    is logged as ``agent_reply_not_stored``: a store that keeps failing (a missing
-    permission, no ``ROUTES``) shows within ``ack_every`` replies. A publish the server
-    refuses for a permission is also reported on the connection (``agent_nats_error``).
+    server receives the append first (on a cluster, where the leaders of ``ROUTES`` and of
+    the inbox consumer may differ, the two may still be applied in either order). Waiting
+    for each ack would only tell of a failure before the message's ack, and a reply that
+    could not be stored was never a reason to run the handler again (the caller has it).
+
+    So only the first append and every ``ack_every``-th ask for an ack, heard by one
+    subscription (in the connection's own inbox space) and matched by a counter token. A
+    refused one, or one not acked within ``timeout`` seconds, is logged as
+    ``agent_reply_not_stored``, and no reply is stored for ``pause`` seconds after it: a
+    store that keeps failing (a missing permission, no ``ROUTES``) shows within
+    ``ack_every`` replies and then costs nothing, rather than a server error and a log line
+    per reply (a publish the server refuses for a permission is also reported on the
+    connection: ``agent_nats_error``).
     Measured with an echo handler (BENCHMARKS.md): nats-py's ``js.publish`` per reply cost
     about 180 µs of the agent's CPU, an acked publish 115 µs, one not acked 57 µs.
     """
@@ -154,11 +160,15 @@ class ReplyStore:
         *,
         timeout: float = 2.0,
         ack_every: int = 16,
+        pause: float = 60.0,
         max_pending: int = 10_000,
     ) -> None:
         self._nc = nc
         self._agent = agent
         self._ack_every = ack_every
+        self._pause = pause
+        self._paused_until = 0.0  # monotonic
+        self._subscribing = asyncio.Lock()
         self._timeout = timeout
         self._max_pending = max_pending
         self._prefix: str | None = None
@@ -174,6 +184,8 @@ class ReplyStore:
         self, subject: str, payload: bytes, headers: dict[str, str], message_seq: int
     ) -> None:
         """Send one append; its outcome is only logged, and only when it failed."""
+        if self._paused_until and time.monotonic() < self._paused_until:
+            return
         self._counter += 1
         if (self._counter - 1) % self._ack_every:  # not asked for: nothing to wait for
             try:
@@ -181,10 +193,7 @@ class ReplyStore:
             except Exception as e:  # connection gone: the message is not acked either
                 self._failed([message_seq], repr(e)[:300])
             return
-        if self._prefix is None:
-            prefix = f"{self._nc.new_inbox()}."
-            await self._nc.subscribe(f"{prefix}*", cb=self._on_ack)
-            self._prefix = prefix
+        prefix = self._prefix or await self._subscribe()
         self.sweep()
         if len(self._pending) >= self._max_pending:
             self._failed([message_seq], f"{len(self._pending)} stored replies await their ack")
@@ -192,16 +201,24 @@ class ReplyStore:
         token = str(self._counter)
         self._pending[token] = (message_seq, time.monotonic() + self._timeout)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            await self._nc.publish(subject, payload, reply=prefix + token, headers=headers)
         except Exception as e:  # connection gone: the message is not acked either
             self._pending.pop(token, None)
             self._failed([message_seq], repr(e)[:300])
+
+    async def _subscribe(self) -> str:
+        async with self._subscribing:  # two appends at once would subscribe twice
+            if self._prefix is None:
+                prefix = f"{self._nc.new_inbox()}."
+                await self._nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                self._prefix = prefix
+            return self._prefix
 
     async def _on_ack(self, msg: Msg) -> None:
         assert self._prefix is not None
         found = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if found is not None and (error := _ack_error(msg)) is not None:
-            self._failed([found[0]], error)
+            self._failed([found[0]], error, pause=True)
 
     def sweep(self) -> None:
         """Log the appends whose ack did not come in time (a missing publish permission on
@@ -215,15 +232,19 @@ class ReplyStore:
             del self._pending[token]
             expired.append(seq)
         if expired:
-            self._failed(expired, f"no acknowledgement from JetStream in {self._timeout:g} s")
+            error = f"no acknowledgement from JetStream in {self._timeout:g} s"
+            self._failed(expired, error, pause=True)
 
-    def _failed(self, message_seqs: list[int], error: str) -> None:
+    def _failed(self, message_seqs: list[int], error: str, *, pause: bool = False) -> None:
+        if pause:
+            self._paused_until = time.monotonic() + self._pause
         log.warning(
             "agent_reply_not_stored",
             agent=self._agent,
             message_seqs=message_seqs[:10],
             count=len(message_seqs),
             error=error,
+            **({"paused_seconds": self._pause} if pause else {}),
         )
 
 

@@ -6,9 +6,10 @@ A router process reads ``MESSAGES`` through the shared durable pull consumer ``r
 skipped). For each it scores the tenant's agents (:mod:`broker.routing.scoring`), appends
 ``RouteDecided`` to the chosen agent's inbox ``route.<tenant>.<agent>`` (and a copy to a
 shadow agent when the policy mirrors), or to ``route.<tenant>.-.dead`` and then
-``dlq.<tenant>.route`` when nobody qualifies, and only then acks the message. Appends carry
-a ``Nats-Msg-Id`` per message and attempt, so a router killed between the append and the
-ack cannot route a message twice.
+``dlq.<tenant>.route`` when nobody qualifies, and only then acks the message. Decisions
+carry a ``Nats-Msg-Id`` per message and attempt, so a router killed between the append and
+the ack cannot route a message twice (an id found held by a record on an agent's subject is
+appended again without it: :meth:`Router._stored`).
 
 Failures come back as ``RouteFailed`` on ``route.<tenant>.<agent>.failed``. Every router
 follows them (ordered consumer) to keep the same cooldowns; one of them (durable consumer
@@ -36,10 +37,10 @@ import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.publisher import PublishAck, Publisher
 from broker.registry.snapshot import RegistryView
 from broker.routing.cooldown import Cooldowns
@@ -317,14 +318,16 @@ class Router:
 
         ``None`` when what holds the id is no decision: an agent's user may publish its own
         ``.failed`` and ``.reply`` subjects with any header, a guessed ``Nats-Msg-Id``
-        included, which would otherwise keep the message from ever being routed."""
+        included, which would otherwise keep the message from ever being routed. Raises
+        :class:`Unavailable` (the message is handed back) when the record cannot be read:
+        taking it for a decision could leave the message in no inbox."""
+        stored = await self._holder(route, ack)
+        if _taken(route, ack, stored.subject):
+            return None
         try:
-            stored = await self.js.get_msg(ack.stream, ack.seq)
-            if _taken(route, ack, stored.subject):
-                return None
             kept = RouteDecided.from_headers(stored.headers or {})
-        except Exception as e:  # unreadable: the new decision is the best guess left
-            log.warning("route_stored_unreadable", seq=ack.seq, error=str(e)[:200])
+        except RouteEventUnreadable as e:  # a decision, unreadable: the new one is a guess
+            log.warning("route_stored_unreadable", seq=ack.seq, error=e.message)
             return route
         if kept.decision.agent != route.decision.agent:
             log.info(
@@ -337,12 +340,19 @@ class Router:
 
     async def _id_taken(self, route: RouteDecided, ack: PublishAck) -> bool:
         """Whether the record that holds ``route``'s ``Nats-Msg-Id`` is no decision (see
-        :meth:`_stored`); ``False`` when it cannot be read."""
+        :meth:`_stored`)."""
+        return _taken(route, ack, (await self._holder(route, ack)).subject)
+
+    async def _holder(self, route: RouteDecided, ack: PublishAck) -> RawStreamMsg:
+        """The record an append of ``route`` was deduplicated against; :class:`Unavailable`
+        when it cannot be read (the message is handed back and decided again)."""
         try:
-            stored = await self.js.get_msg(ack.stream, ack.seq)
-        except Exception:
-            return False
-        return _taken(route, ack, stored.subject)
+            return await self.js.get_msg(ack.stream, ack.seq)
+        except Exception as e:
+            raise Unavailable(
+                f"cannot read record {ack.seq} of {ack.stream}, which holds the id of the "
+                f"decision for message {route.message_seq}: {e!r}"[:300]
+            ) from e
 
     async def _append(
         self,

@@ -4,6 +4,7 @@ which ones a retried request may take."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -126,21 +127,22 @@ async def test_the_reply_store_appends_without_waiting_and_logs_what_failed(
     sweep after the timeout."""
     nc = publisher.nc
     silent = await nc.subscribe("sink.replies")  # a responder that never answers
-    store = ReplyStore(nc, "chosen", timeout=0.3, ack_every=1)
+    store = ReplyStore(nc, "chosen", timeout=0.3, ack_every=1, pause=0.0)
     _, route_seq = await decide(publisher, 21, "chosen")
-    with capture_logs() as logs:
+    with capture_logs() as captured:
         headers = reply_headers(route_seq, {"Content-Type": "text/plain"})
         await store.append(reply_subject(T, "chosen", 21), b"stored", headers, 21)
         await store.append("nostream.replies", b"refused", {}, 22)
         await store.append("sink.replies", b"unanswered", {}, 23)
 
         async def two_left_one() -> bool:
-            return store.pending == 1 and len(logs) == 1
+            return store.pending == 1 and len(not_stored(captured)) == 1
 
-        assert await await_until(two_left_one, timeout=5)
+        assert await await_until(two_left_one, timeout=5), captured
         await asyncio.sleep(0.35)
         store.sweep()
     await silent.unsubscribe()
+    logs = not_stored(captured)
     found = await stored_answer(publisher.js, T, 21)
     assert found is not None
     assert found.data == b"stored"
@@ -156,13 +158,38 @@ async def test_the_reply_store_appends_without_waiting_and_logs_what_failed(
 async def test_the_reply_store_asks_for_an_ack_on_the_first_append_and_every_nth(
     publisher: Publisher,
 ) -> None:
-    store = ReplyStore(publisher.nc, "chosen", ack_every=3)
-    with capture_logs() as logs:
+    store = ReplyStore(publisher.nc, "chosen", ack_every=3, pause=0.0)
+    with capture_logs() as captured:
         for seq in range(31, 38):  # asks on the 1st, 4th and 7th
             await store.append("nostream.replies", b"refused", {}, seq)
 
         async def three_heard() -> bool:
-            return len(logs) == 3
+            return len(not_stored(captured)) == 3
 
         assert await await_until(three_heard, timeout=5)
-    assert sorted(e["message_seqs"][0] for e in logs) == [31, 34, 37]
+    assert sorted(e["message_seqs"][0] for e in not_stored(captured)) == [31, 34, 37]
+
+
+async def test_the_reply_store_stops_storing_for_a_while_after_a_failure(
+    publisher: Publisher,
+) -> None:
+    """Without the permission, every append would be a server error and a log line."""
+    store = ReplyStore(publisher.nc, "chosen", ack_every=1, pause=60.0)
+    with capture_logs() as captured:
+        await store.append("nostream.replies", b"refused", {}, 41)
+
+        async def heard() -> bool:
+            return len(not_stored(captured)) == 1
+
+        assert await await_until(heard, timeout=5)
+        for seq in range(42, 50):
+            await store.append("nostream.replies", b"refused", {}, seq)
+        await publisher.nc.flush()
+        await asyncio.sleep(0.2)
+    (logged,) = not_stored(captured)
+    assert (logged["message_seqs"], logged["paused_seconds"]) == ([41], 60.0)
+    assert store.pending == 0
+
+
+def not_stored(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in captured if e["event"] == "agent_reply_not_stored"]

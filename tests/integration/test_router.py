@@ -18,6 +18,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker.envelope import Outbound, Tenant
+from broker.errors import Unavailable
 from broker.publisher import _DRAIN_SECONDS, Publisher
 from broker.registry.commands import put_agent
 from broker.registry.manifest import AgentManifest
@@ -374,6 +375,29 @@ async def test_a_decision_id_an_agent_took_first_does_not_keep_the_message_from_
     assert heard["route_seq"] != taken.seq
     assert stored.subject == f"route.{T}.translator"
     assert RouteDecided.from_headers(stored.headers or {}).message_seq == ack.seq
+
+
+async def test_a_held_decision_id_whose_holder_cannot_be_read_hands_the_message_back(
+    publisher: Publisher, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the unread holder for the stored decision could leave the message in no inbox:
+    the delivery fails as retryable instead (the message is decided again later)."""
+    text = "please translate this letter into Dutch"
+    nc, _, router, headers, ack = await routed_once(publisher, nats_url, text)
+    route = RouteDecided(
+        T, ack.seq, f"msg.{T}.chat", router.decide(T, text.encode(), headers, message_seq=ack.seq)
+    )
+    squat = {"Nats-Msg-Id": route.msg_id}
+    await publisher.publish(Outbound(f"route.{T}.weather.failed", b"mine", squat))
+
+    async def unreadable(*_: Any, **__: Any) -> Any:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(router.js, "get_msg", unreadable)
+    with pytest.raises(Unavailable) as refused:
+        await router._deliver(route, text.encode(), dict(headers))
+    await nc.close()
+    assert refused.value.retryable
 
 
 async def test_a_mirror_copys_id_an_agent_took_first_does_not_keep_it_from_the_shadow(
