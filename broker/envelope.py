@@ -10,7 +10,8 @@ Stored NATS headers:
 ``Broker-Schema-Id``                      schema id, from the ``Schema-Id`` header or the
                                           Confluent wire prefix (``0x00`` + 4-byte id)
 ``Broker-Schema-Id-Source``               ``header`` or ``wire``
-``Nats-Msg-Id``                           the idempotency key (``Idempotency-Key`` or ``ce-id``)
+``Nats-Msg-Id``                           the idempotency key (``Idempotency-Key``, or a
+                                          CloudEvent's source and id: :func:`cloudevent_key`)
 ``Broker-Request-Digest``                 with a key: a digest of the subject, media type,
                                           schema id and body, so that the key used again
                                           for another request is told from a retry
@@ -161,6 +162,21 @@ def message_subject(tenant: Tenant, subject: str) -> str:
 def stored_msg_id(tenant: Tenant, key: str) -> str:
     """The ``Nats-Msg-Id`` of a message published with idempotency key ``key``."""
     return f"{tenant}:{key}"
+
+
+def cloudevent_key(source: str, event_id: str) -> str:
+    """The idempotency key of a CloudEvent sent without ``Idempotency-Key``.
+
+    An event's ``id`` is unique only within its ``source`` (CloudEvents 1.0): two sources
+    that number their events alike (``"1"``, ``"2"``, ...) send different events with the
+    same id, and keyed by the id alone the second source's would be dropped as duplicates.
+    So the key is ``ce:<BLAKE2b-64 of the source, hex>:<id>`` (a hash of both when that
+    would be over the header limit)."""
+    key = f"ce:{hashlib.blake2b(source.encode(), digest_size=8).hexdigest()}:{event_id}"
+    if len(key) <= MAX_HEADER_VALUE_LENGTH:
+        return key
+    both = hashlib.blake2b(f"{source}\0{event_id}".encode(), digest_size=16).hexdigest()
+    return f"ce:{both}"
 
 
 def request_digest(subject: str, headers: Mapping[str, str], payload: bytes) -> str:
@@ -406,7 +422,7 @@ def cloudevent_to_request(
         subject=target,
         payload=payload,
         content_type=check_media_type(content_type),
-        idempotency_key=idempotency_key or headers["ce-id"],
+        idempotency_key=idempotency_key or cloudevent_key(headers["ce-source"], headers["ce-id"]),
         extra_headers=headers,
     )
 

@@ -124,7 +124,8 @@ _PUBLISH_ONE: dict[str, Any] = {
         "description": (
             "Stores the body byte-for-byte in MESSAGES under msg.<tenant>.<subject> and answers "
             "after the JetStream ack. CloudEvents binary mode (ce-* headers) and structured "
-            f"mode ({CLOUDEVENTS_JSON}) are accepted; ce-id acts as the idempotency key."
+            f"mode ({CLOUDEVENTS_JSON}) are accepted; ce-id within ce-source acts as the "
+            "idempotency key."
         ),
         "tags": ["publish"],
         "parameters": [

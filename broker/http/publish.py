@@ -29,6 +29,7 @@ from broker.envelope import (
     PublishRequest,
     ce_headers_from_http,
     check_media_type,
+    cloudevent_key,
     cloudevent_to_request,
     media_type,
     parse_json,
@@ -113,8 +114,8 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
 def body_request(headers: Headers, subject: str, body: bytes, content_type: str) -> PublishRequest:
     """The request for a body stored as sent (not a structured CloudEvent), from the HTTP
     headers publish and route share: ``Idempotency-Key`` (else a binary-mode CloudEvent's
-    ``ce-id``), ``Schema-Id``, ``Expected-Last-Subject-Sequence``, ``ce-*`` and the trace
-    context."""
+    ``ce-source`` and ``ce-id``), ``Schema-Id``, ``Expected-Last-Subject-Sequence``, ``ce-*``
+    and the trace context."""
     ce = ce_headers_from_http(dict(headers.items())) if "ce-specversion" in headers else None
     trace = passthrough_headers(headers)
     extra = {**ce, **trace} if ce and trace else (ce or trace)
@@ -123,7 +124,9 @@ def body_request(headers: Headers, subject: str, body: bytes, content_type: str)
         subject=subject,
         payload=body,
         content_type=content_type,
-        idempotency_key=key if key is not None else (ce["ce-id"] if ce else None),
+        idempotency_key=key
+        if key is not None
+        else (cloudevent_key(ce["ce-source"], ce["ce-id"]) if ce else None),
         schema_id=parse_schema_id(headers.get(H_SCHEMA_ID)),
         expected_last_subject_sequence=_expected_sequence(headers),
         extra_headers=extra,

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from nats.js import JetStreamContext
 
+from broker.envelope import cloudevent_key
 from tests.e2e._broker import BrokerProcess
 from tests.e2e._h2duplex import DuplexStream
 
@@ -296,7 +297,14 @@ async def test_cloudevents_binary_mode_keeps_attributes_and_dedupes_on_ce_id(
     stored = await js.get_msg("MESSAGES", first["seq"])
     assert stored.headers is not None
     assert stored.headers["ce-type"] == "com.acme.reading"
-    assert stored.headers["Nats-Msg-Id"] == f"default:{event_id}"  # the tenant's key
+    key = cloudevent_key("/sensors/7", event_id)
+    assert stored.headers["Nats-Msg-Id"] == f"default:{key}"  # the tenant's key
+    # Another source's event with the same id is another event (ids are per source).
+    other = {**headers, "ce-source": "/sensors/8"}
+    theirs = await client.post(f"/v1/publish/{subject}", content=b'{"t":1}', headers=other)
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["duplicate"] is False
+    assert theirs.json()["seq"] != first["seq"]
 
 
 async def test_cloudevents_structured_mode_stores_data_as_binary_mode(

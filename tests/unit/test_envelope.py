@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from broker.envelope import (
     CONTENT_TYPE,
+    MAX_HEADER_VALUE_LENGTH,
     NATS_EXPECTED_LAST_SUBJECT_SEQ,
     NATS_MSG_ID,
     NO_WIRE_PREFIX,
@@ -23,6 +24,7 @@ from broker.envelope import (
     Tenant,
     ce_headers_from_http,
     check_media_type,
+    cloudevent_key,
     cloudevent_to_request,
     message_subject,
     parse_schema_id,
@@ -217,7 +219,7 @@ def test_structured_cloudevent_becomes_binary_mode() -> None:
     request = cloudevent_to_request(event, subject="sensors.readings")
     assert request.payload == orjson.dumps({"t": 21.5})
     assert request.content_type == "application/json"
-    assert request.idempotency_key == "e-1"
+    assert request.idempotency_key == cloudevent_key("/sensors/7", "e-1")
     assert request.extra_headers == {
         "ce-specversion": "1.0",
         "ce-id": "e-1",
@@ -411,3 +413,15 @@ def test_a_keyed_request_stores_a_digest_of_what_makes_it_that_request() -> None
     assert digest(idempotency_key=None) is None
     other_tenant = PublishRequest("orders", b'{"id": 1}', "application/json", "order-1")
     assert other_tenant.to_outbound(Tenant("b")).headers[REQUEST_DIGEST] != first
+
+
+def test_a_cloudevents_key_is_its_id_within_its_source() -> None:
+    """Ids are unique only within a source: two sources numbering alike must not collide."""
+    one, other = cloudevent_key("/sensors/7", "1"), cloudevent_key("/sensors/8", "1")
+    assert one != other
+    assert one == cloudevent_key("/sensors/7", "1")
+    assert one.startswith("ce:")
+    assert one.endswith(":1")
+    long = cloudevent_key("/sensors/7", "x" * MAX_HEADER_VALUE_LENGTH)
+    assert len(long) <= MAX_HEADER_VALUE_LENGTH
+    assert long != cloudevent_key("/sensors/8", "x" * MAX_HEADER_VALUE_LENGTH)
