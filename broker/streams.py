@@ -71,6 +71,10 @@ SUBJECT_PREFIX: dict[Stream, str] = {
 NO_TENANT = "_"
 
 AGENT_LOAD_BUCKET = "agent_load"
+#: Secrets of the broker's own processes (:data:`DECISION_ID_KEY`); no agent may read it.
+KEYS_BUCKET = "broker_keys"
+#: The key of the routers' decision ids (see ``broker.routing.router.decision_id_key``).
+DECISION_ID_KEY = "decision-ids"
 
 #: Fields compared between an existing stream and the wanted one, with the reason the broker
 #: cares about each. Every other ``StreamConfig`` field is left as the operator set it, and an
@@ -201,6 +205,17 @@ def agent_load_spec(settings: Settings) -> KeyValueConfig:
         description="Live load per agent instance (heartbeats, TTL).",
         history=1,
         ttl=settings.agent_load_ttl_seconds,
+        storage=StorageType.FILE,
+        replicas=settings.stream_replicas,
+    )
+
+
+def keys_spec(settings: Settings) -> KeyValueConfig:
+    """Secrets the broker's processes share (kept for good: no TTL, one revision)."""
+    return KeyValueConfig(
+        bucket=KEYS_BUCKET,
+        description="Secrets of the broker's own processes (the routers' decision-id key).",
+        history=1,
         storage=StorageType.FILE,
         replicas=settings.stream_replicas,
     )
@@ -341,8 +356,10 @@ async def provision(
         await _patiently(
             functools.partial(_ensure_stream, js, wanted, update=update, report=report)
         )
-    bucket = agent_load_spec(settings)
-    await _patiently(functools.partial(_ensure_bucket, js, bucket, update=update, report=report))
+    for bucket in (agent_load_spec(settings), keys_spec(settings)):
+        await _patiently(
+            functools.partial(_ensure_bucket, js, bucket, update=update, report=report)
+        )
     return report
 
 

@@ -15,8 +15,9 @@ candidate. A message nobody qualifies for is recorded in ``ROUTES`` too, on
 to ``dlq.<tenant>.route`` with the same ``Broker-Route`` header. The answers waiting callers
 get are stored on five-token subjects (``RouteReplied``, see :mod:`broker.routing.replies`).
 
-Every decision carries a ``Nats-Msg-Id`` derived from the message and the attempt, so a
-router that crashes after appending and before acking cannot append the decision twice.
+Every decision carries a ``Nats-Msg-Id`` derived from the message and the attempt (hashed
+with the routers' key: :meth:`RouteDecided.keyed_msg_id`), so a router that crashes after
+appending and before acking cannot append the decision twice.
 Since every decision, for an agent or for nobody, lands in ``ROUTES`` first, that holds
 even when the decision made again differs in kind: ``ROUTES`` keeps the first, and only a
 decision for nobody that stands goes on to the DLQ. What agents append carries no such id:
@@ -28,6 +29,7 @@ subject holds it: :func:`is_decision_subject`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -132,8 +134,20 @@ class RouteDecided:
 
     @property
     def msg_id(self) -> str:
+        """The ``Nats-Msg-Id`` without a key (what :meth:`keyed_msg_id` hashes)."""
         kind = "mirror" if self.mirror else "route"
         return f"{kind}:{self.tenant}:{self.message_seq}:{self.attempt}"
+
+    def keyed_msg_id(self, key: bytes | None) -> str:
+        """The ``Nats-Msg-Id`` routers store the decision with: :attr:`msg_id` hashed with
+        ``key`` (BLAKE2b-128, keyed), which agents do not know, so no agent can send the
+        id first and have the decision dropped as a duplicate; :attr:`msg_id` itself when
+        ``key`` is ``None``."""
+        if key is None:
+            return self.msg_id
+        kind = "mirror" if self.mirror else "route"
+        digest = hashlib.blake2b(self.msg_id.encode(), key=key, digest_size=16).hexdigest()
+        return f"{kind}:{digest}"
 
     def record(self) -> dict[str, Any]:
         """The ``Broker-Route`` header as a dict (the API returns the same shape)."""
@@ -148,13 +162,15 @@ class RouteDecided:
             "decided_at": self.decided_at.isoformat(),
         }
 
-    def to_headers(self, original: Mapping[str, str]) -> dict[str, str]:
+    def to_headers(
+        self, original: Mapping[str, str], *, id_key: bytes | None = None
+    ) -> dict[str, str]:
         headers = {k: v for k, v in original.items() if k.lower() not in _NOT_COPIED}
         if self.mirror:  # a shadow's answer never reaches the caller
             headers = {k: v for k, v in headers.items() if k.lower() != H_REPLY_TO.lower()}
         headers[H_EVENT] = RouteEventType.DECIDED
         headers[H_ROUTE] = orjson.dumps(self.record()).decode()
-        headers[NATS_MSG_ID] = self.msg_id
+        headers[NATS_MSG_ID] = self.keyed_msg_id(id_key)
         return headers
 
     @classmethod

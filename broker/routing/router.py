@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +39,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
 from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError, Unavailable
@@ -65,7 +67,7 @@ from broker.routing.policy import Policy
 from broker.routing.replies import error_answer, error_subject
 from broker.routing.scoring import Scorer
 from broker.routing.types import Decision, DecisionReason
-from broker.streams import SUBJECT_PREFIX, Stream
+from broker.streams import DECISION_ID_KEY, KEYS_BUCKET, SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -82,6 +84,28 @@ _ESSENTIAL_HEADERS = PAYLOAD_HEADERS | frozenset(
 _FAILED_DECISION_DELAY = 2.0
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
+
+
+async def decision_id_key(js: JetStreamContext) -> bytes | None:
+    """The key every router hashes its decisions' ``Nats-Msg-Id`` with, from the
+    ``broker_keys`` bucket (made by ``broker serve``'s provisioning): 32 random bytes, put
+    there by the first router that finds none. ``None`` (ids unkeyed, logged) without the
+    bucket: an agent could then send a decision's id first, which the router notices and
+    survives (:meth:`Router._stored`), but not together with a crash of its own."""
+    try:
+        kv = await js.key_value(KEYS_BUCKET)
+    except BucketNotFoundError:
+        log.warning(
+            "decision_ids_unkeyed",
+            why=f"no KV bucket {KEYS_BUCKET}: start `broker serve` once to provision it",
+        )
+        return None
+    with contextlib.suppress(KeyWrongLastSequenceError):  # another router made it: read it
+        await kv.create(DECISION_ID_KEY, secrets.token_bytes(32))
+    entry = await kv.get(DECISION_ID_KEY)
+    if not entry.value:
+        raise RuntimeError(f"{KEYS_BUCKET}/{DECISION_ID_KEY} is empty")
+    return entry.value
 
 
 def _taken(route: RouteDecided, ack: PublishAck, subject: str | None) -> bool:
@@ -140,6 +164,8 @@ class Router:
         self.cooldowns = Cooldowns(cooldown.errors, cooldown.window_s, cooldown.duration_s)
         self.stats = RouterStats()
         self._failure_watch: Any = None
+        #: The key of the decisions' ``Nats-Msg-Id`` (:func:`decision_id_key`); read at start.
+        self.id_key: bytes | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -365,7 +391,7 @@ class Router:
     ) -> PublishAck:
         """Append ``route`` on its subject in ``ROUTES``, or on ``to``; without its
         ``Nats-Msg-Id`` unless ``deduplicated``."""
-        stored = route.to_headers(headers)
+        stored = route.to_headers(headers, id_key=self.id_key)
         if not deduplicated:
             del stored[NATS_MSG_ID]
         return await self.publisher.publish(Outbound(to or route.subject, payload, stored))
@@ -487,6 +513,7 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Route until ``stop`` is set; a batch in progress finishes first."""
+        self.id_key = await decision_id_key(self.js)
         routes = SUBJECT_PREFIX[Stream.ROUTES]
         failed = f"{routes}.*.*.failed"
         self._failure_watch = await self.js.subscribe(

@@ -16,6 +16,7 @@ import nats
 import orjson
 import pytest
 from nats.aio.msg import Msg
+from structlog.testing import capture_logs
 
 from broker.envelope import Outbound, Tenant
 from broker.errors import Unavailable
@@ -37,7 +38,7 @@ from broker.routing.events import (
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
-from broker.routing.router import Router
+from broker.routing.router import Router, decision_id_key
 from broker.routing.types import DecisionReason
 from broker.streams import Stream
 from tests._wait import await_until
@@ -417,6 +418,34 @@ async def test_a_mirror_copys_id_an_agent_took_first_does_not_keep_it_from_the_s
     await nc.close()
     copied = RouteDecided.from_headers(copy.headers or {})
     assert (copied.message_seq, copied.mirror) == (ack.seq, True)
+
+
+async def test_decision_ids_are_keyed_so_no_agent_can_send_one_first(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """With the key from ``broker_keys`` (the same for every router), the id an agent could
+    compute holds nothing of the router's, and a decision made again after a crash is still
+    deduplicated against the first."""
+    key = await decision_id_key(publisher.js)
+    assert key is not None
+    assert len(key) == 32
+    assert await decision_id_key(publisher.js) == key  # what a second router reads
+    text = "please translate this letter into Polish"
+    nc, notices, router, headers, ack = await routed_once(publisher, nats_url, text)
+    router.id_key = key
+    decision = router.decide(T, text.encode(), headers, message_seq=ack.seq)
+    route = RouteDecided(T, ack.seq, f"msg.{T}.chat", decision)
+    squat = Outbound(f"route.{T}.weather.failed", b"mine", {"Nats-Msg-Id": route.msg_id})
+    await publisher.publish(squat)
+    with capture_logs() as logs:
+        await router._deliver(route, text.encode(), dict(headers))
+        await router._deliver(route, text.encode(), dict(headers))  # after a crash
+    heard = [orjson.loads((await notices.next_msg(timeout=5)).data) for _ in range(2)]
+    stored = await nc.jetstream().get_msg(Stream.ROUTES, heard[0]["route_seq"])
+    await nc.close()
+    assert heard[0]["route_seq"] == heard[1]["route_seq"]
+    assert not [e for e in logs if e["event"] == "route_id_taken"]
+    assert (stored.headers or {})["Nats-Msg-Id"] == route.keyed_msg_id(key) != route.msg_id
 
 
 def test_a_failure_record_carries_no_deduplication_id_another_agent_could_take() -> None:
