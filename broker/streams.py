@@ -210,14 +210,14 @@ def agent_load_spec(settings: Settings) -> KeyValueConfig:
     )
 
 
-def keys_spec(settings: Settings) -> KeyValueConfig:
+def keys_spec(replicas: int) -> KeyValueConfig:
     """Secrets the broker's processes share (kept for good: no TTL, one revision)."""
     return KeyValueConfig(
         bucket=KEYS_BUCKET,
         description="Secrets of the broker's own processes (the routers' decision-id key).",
         history=1,
         storage=StorageType.FILE,
-        replicas=settings.stream_replicas,
+        replicas=replicas,
     )
 
 
@@ -356,7 +356,7 @@ async def provision(
         await _patiently(
             functools.partial(_ensure_stream, js, wanted, update=update, report=report)
         )
-    for bucket in (agent_load_spec(settings), keys_spec(settings)):
+    for bucket in (agent_load_spec(settings), keys_spec(settings.stream_replicas)):
         await _patiently(
             functools.partial(_ensure_bucket, js, bucket, update=update, report=report)
         )
@@ -464,7 +464,7 @@ async def _ensure_bucket(
 async def missing_streams(js: JetStreamContext) -> list[str]:
     """Names of broker streams that do not exist (for readiness)."""
     missing: list[str] = []
-    for name in [*Stream, f"KV_{AGENT_LOAD_BUCKET}"]:
+    for name in [*Stream, f"KV_{AGENT_LOAD_BUCKET}", f"KV_{KEYS_BUCKET}"]:
         try:
             await js.stream_info(str(name))
         except NotFoundError:

@@ -39,7 +39,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 
 from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError, Unavailable
@@ -67,7 +67,14 @@ from broker.routing.policy import Policy
 from broker.routing.replies import error_answer, error_subject
 from broker.routing.scoring import Scorer
 from broker.routing.types import Decision, DecisionReason
-from broker.streams import DECISION_ID_KEY, KEYS_BUCKET, SUBJECT_PREFIX, Stream
+from broker.streams import (
+    DECISION_ID_KEY,
+    KEYS_BUCKET,
+    SUBJECT_PREFIX,
+    Stream,
+    keys_spec,
+    open_bucket,
+)
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -86,25 +93,33 @@ _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
 
 
-async def decision_id_key(js: JetStreamContext) -> bytes | None:
+async def decision_id_key(js: JetStreamContext, patience: float = 60.0) -> bytes:
     """The key every router hashes its decisions' ``Nats-Msg-Id`` with, from the
-    ``broker_keys`` bucket (made by ``broker serve``'s provisioning): 32 random bytes, put
-    there by the first router that finds none. ``None`` (ids unkeyed, logged) without the
-    bucket: an agent could then send a decision's id first, which the router notices and
-    survives (:meth:`Router._stored`), but not together with a crash of its own."""
-    try:
-        kv = await js.key_value(KEYS_BUCKET)
-    except BucketNotFoundError:
-        log.warning(
-            "decision_ids_unkeyed",
-            why=f"no KV bucket {KEYS_BUCKET}: start `broker serve` once to provision it",
-        )
-        return None
+    ``broker_keys`` bucket: 32 random bytes, put there by the first router that finds none.
+    The bucket is made (with ``ROUTES``' replicas) when ``broker serve`` has not provisioned
+    it yet, so no router ever runs with another key than the others (their decisions made
+    again after a crash would not be deduplicated). Errors (a stream still electing its
+    leader, a replica that has not seen a key just made) are retried for ``patience``
+    seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await _read_or_make_key(js)
+        except Exception as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("decision_id_key_unavailable", error=repr(e)[:200])
+            await asyncio.sleep(1.0)
+
+
+async def _read_or_make_key(js: JetStreamContext) -> bytes:
+    routes = await js.stream_info(Stream.ROUTES)
+    kv = await open_bucket(js, keys_spec(routes.config.num_replicas or 1))
     with contextlib.suppress(KeyWrongLastSequenceError):  # another router made it: read it
         await kv.create(DECISION_ID_KEY, secrets.token_bytes(32))
     entry = await kv.get(DECISION_ID_KEY)
-    if not entry.value:
-        raise RuntimeError(f"{KEYS_BUCKET}/{DECISION_ID_KEY} is empty")
+    if not entry.value or len(entry.value) < 16:
+        raise RuntimeError(f"{KEYS_BUCKET}/{DECISION_ID_KEY} holds no usable key")
     return entry.value
 
 
@@ -164,7 +179,8 @@ class Router:
         self.cooldowns = Cooldowns(cooldown.errors, cooldown.window_s, cooldown.duration_s)
         self.stats = RouterStats()
         self._failure_watch: Any = None
-        #: The key of the decisions' ``Nats-Msg-Id`` (:func:`decision_id_key`); read at start.
+        #: The key of the decisions' ``Nats-Msg-Id`` (:func:`decision_id_key`), read at the
+        #: start of :meth:`run` (``None``, unkeyed ids, only for a router used without it).
         self.id_key: bytes | None = None
 
     @property

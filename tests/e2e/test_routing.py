@@ -612,7 +612,8 @@ async def test_heartbeats_go_on_after_the_load_source_fails(
 
 async def test_route_takes_the_headers_publish_takes(client: httpx.AsyncClient) -> None:
     """``Expected-Last-Subject-Sequence`` guards a routed append, and a binary-mode
-    CloudEvent's ``ce-id`` is its idempotency key, as on ``POST /v1/publish``."""
+    CloudEvent's ``ce-id`` (within its ``ce-source``) is its idempotency key, as on
+    ``POST /v1/publish``."""
     stale = await route(
         client, "hello", subject="guarded.x", headers={"expected-last-subject-sequence": "999"}
     )

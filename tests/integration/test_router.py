@@ -40,7 +40,7 @@ from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router, decision_id_key
 from broker.routing.types import DecisionReason
-from broker.streams import Stream
+from broker.streams import KEYS_BUCKET, Stream
 from tests._wait import await_until
 from tests.unit.test_routing_embed_ahead import CostlyEmbedder
 from tests.unit.test_routing_plumbing import _decision
@@ -427,7 +427,6 @@ async def test_decision_ids_are_keyed_so_no_agent_can_send_one_first(
     compute holds nothing of the router's, and a decision made again after a crash is still
     deduplicated against the first."""
     key = await decision_id_key(publisher.js)
-    assert key is not None
     assert len(key) == 32
     assert await decision_id_key(publisher.js) == key  # what a second router reads
     text = "please translate this letter into Polish"
@@ -446,6 +445,18 @@ async def test_decision_ids_are_keyed_so_no_agent_can_send_one_first(
     assert heard[0]["route_seq"] == heard[1]["route_seq"]
     assert not [e for e in logs if e["event"] == "route_id_taken"]
     assert (stored.headers or {})["Nats-Msg-Id"] == route.keyed_msg_id(key) != route.msg_id
+
+
+async def test_the_first_router_makes_the_key_bucket_when_it_was_not_provisioned(
+    publisher: Publisher,
+) -> None:
+    """A router started before ``broker serve`` provisioned ``broker_keys`` (an upgrade)
+    makes it rather than run with ids no other router hashes alike."""
+    await publisher.js.delete_key_value(KEYS_BUCKET)
+    key = await decision_id_key(publisher.js)
+    assert await decision_id_key(publisher.js) == key
+    info = await publisher.js.stream_info(f"KV_{KEYS_BUCKET}")
+    assert info.config.max_msgs_per_subject == 1
 
 
 def test_a_failure_record_carries_no_deduplication_id_another_agent_could_take() -> None:
