@@ -660,7 +660,7 @@ async def test_a_request_retried_after_its_connection_dropped_waits_for_the_repl
     """The first caller gives up (its HTTP/2 stream is reset) while the agent works; the
     retry, with the same key, gets the reply when the agent finishes, and it ran once."""
     slow = manifest("r-slow", "Compiles the quarterly tax filing")
-    behaviour = Behaviour(reply="r-slow", delay=2.0)
+    behaviour = Behaviour(reply="r-slow", delay=3.0)
     key = {"idempotency-key": "retry-after-drop"}
     async with running(slow, url, behaviour):
         assert await routed_to(client, "r-slow", "compile the tax filing")  # other probes
@@ -670,7 +670,7 @@ async def test_a_request_retried_after_its_connection_dropped_waits_for_the_repl
                 content=b"compile the filing",
                 params={"wait": "true", "timeout": "20"},
                 headers={"content-type": "text/plain", **key},
-                timeout=0.5,
+                timeout=1.0,  # the ingress has stored it long before (a loaded runner too)
             )
         retried = await route(client, "compile the filing", wait=True, timeout=20, headers=key)
         ran = [r for r in behaviour.seen if r.payload == b"compile the filing"]
