@@ -459,30 +459,32 @@ class _Pending:
     size: int
 
 
-def _settle(pending: _Pending, msg: Msg) -> str | None:
-    """Resolve ``pending``'s future from JetStream's answer; the stream when the answer says
-    a message was appended (not for a duplicate or an error)."""
+def read_ack(msg: Msg, subject: str) -> PublishAck | BrokerError:
+    """JetStream's answer to a publish on ``subject``: its ack, or the error it stands for
+    (no stream answered, an API error, an answer that cannot be read)."""
     if msg.headers and msg.headers.get("Status") == "503":
-        pending.future.set_exception(
-            Unavailable(f"no JetStream stream answered for {pending.subject}")
-        )
-        return None
+        return Unavailable(f"no JetStream stream answered for {subject}")
     try:
         reply = orjson.loads(msg.data)
         if "error" in reply:
             error = reply["error"]
-            pending.future.set_exception(
-                jetstream_error(
-                    int(error.get("code", 0)),
-                    int(error.get("err_code", 0)),
-                    str(error.get("description", "")),
-                    pending.subject,
-                )
+            return jetstream_error(
+                int(error.get("code", 0)),
+                int(error.get("err_code", 0)),
+                str(error.get("description", "")),
+                subject,
             )
-            return None
-        ack = PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
+        return PublishAck(reply["stream"], reply["seq"], reply.get("duplicate", False))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        pending.future.set_exception(BrokerError(f"unreadable JetStream ack: {e!r}"))
+        return BrokerError(f"unreadable JetStream ack: {e!r}")
+
+
+def _settle(pending: _Pending, msg: Msg) -> str | None:
+    """Resolve ``pending``'s future from JetStream's answer; the stream when the answer says
+    a message was appended (not for a duplicate or an error)."""
+    answer = read_ack(msg, pending.subject)
+    if isinstance(answer, BrokerError):
+        pending.future.set_exception(answer)
         return None
-    pending.future.set_result(ack)
-    return None if ack.duplicate else ack.stream
+    pending.future.set_result(answer)
+    return None if answer.duplicate else answer.stream

@@ -39,6 +39,8 @@ from nats.js.api import RawStreamMsg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from broker.errors import BrokerError
+from broker.publisher import read_ack
 from broker.reader import read_messages
 from broker.routing.events import (
     H_ERROR,
@@ -173,8 +175,9 @@ class ReplyStore:
         self._max_pending = max_pending
         self._prefix: str | None = None
         self._counter = 0
-        #: Appends sent and not acked: token -> (message seq, monotonic deadline), in order.
-        self._pending: dict[str, tuple[int, float]] = {}
+        #: Appends sent and not acked: token -> (message seq, subject, monotonic deadline), in
+        #: the order they were sent.
+        self._pending: dict[str, tuple[int, str, float]] = {}
 
     @property
     def pending(self) -> int:
@@ -184,24 +187,21 @@ class ReplyStore:
         self, subject: str, payload: bytes, headers: dict[str, str], message_seq: int
     ) -> None:
         """Send one append; its outcome is only logged, and only when it failed."""
-        if self._paused_until and time.monotonic() < self._paused_until:
+        if time.monotonic() < self._paused_until:
             return
         self._counter += 1
-        if (self._counter - 1) % self._ack_every:  # not asked for: nothing to wait for
-            try:
-                await self._nc.publish(subject, payload, headers=headers)
-            except Exception as e:  # connection gone: the message is not acked either
-                self._failed([message_seq], repr(e)[:300])
-            return
-        prefix = self._prefix or await self._subscribe()
-        self.sweep()
-        if len(self._pending) >= self._max_pending:
-            self._failed([message_seq], f"{len(self._pending)} stored replies await their ack")
-            return
-        token = str(self._counter)
-        self._pending[token] = (message_seq, time.monotonic() + self._timeout)
+        token, reply = str(self._counter), ""  # no ack asked for: nothing to wait for
+        if (self._counter - 1) % self._ack_every == 0:
+            prefix = self._prefix or await self._subscribe()
+            self.sweep()
+            if len(self._pending) >= self._max_pending:
+                error = f"{len(self._pending)} stored replies await their ack"
+                self._failed([message_seq], error)
+                return
+            reply = prefix + token
+            self._pending[token] = (message_seq, subject, time.monotonic() + self._timeout)
         try:
-            await self._nc.publish(subject, payload, reply=prefix + token, headers=headers)
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
         except Exception as e:  # connection gone: the message is not acked either
             self._pending.pop(token, None)
             self._failed([message_seq], repr(e)[:300])
@@ -217,8 +217,12 @@ class ReplyStore:
     async def _on_ack(self, msg: Msg) -> None:
         assert self._prefix is not None
         found = self._pending.pop(msg.subject[len(self._prefix) :], None)
-        if found is not None and (error := _ack_error(msg)) is not None:
-            self._failed([found[0]], error, pause=True)
+        if found is None:
+            return
+        message_seq, subject, _ = found
+        answer = read_ack(msg, subject)
+        if isinstance(answer, BrokerError):
+            self._failed([message_seq], answer.message, pause=True)
 
     def sweep(self) -> None:
         """Log the appends whose ack did not come in time (a missing publish permission on
@@ -226,7 +230,7 @@ class ReplyStore:
         each heartbeat."""
         now, expired = time.monotonic(), []
         while self._pending:  # insertion order is deadline order
-            token, (seq, deadline) = next(iter(self._pending.items()))
+            token, (seq, _, deadline) = next(iter(self._pending.items()))
             if deadline > now:
                 break
             del self._pending[token]
@@ -246,17 +250,3 @@ class ReplyStore:
             error=error,
             **({"paused_seconds": self._pause} if pause else {}),
         )
-
-
-def _ack_error(msg: Msg) -> str | None:
-    """Why JetStream refused an append, from its answer; ``None`` when it stored it."""
-    if msg.headers and msg.headers.get("Status") == "503":
-        return "no JetStream stream answered (is ROUTES there?)"
-    try:
-        answer = orjson.loads(msg.data)
-    except orjson.JSONDecodeError:
-        return f"unreadable JetStream answer: {msg.data[:100]!r}"
-    error = answer.get("error") if isinstance(answer, dict) else None
-    if isinstance(error, dict):
-        error = error.get("description", error)
-    return None if error is None else str(error)[:300]
