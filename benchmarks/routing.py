@@ -565,7 +565,11 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     requests = [(q, name) for name, *_, held_out in AGENTS for q in held_out]
     off = embedder.embed(OFF_TOPIC)
     on = embedder.embed([q for q, _ in requests])
-    result: dict[str, Any] = {"agents": len(AGENTS), "requests": len(requests)}
+    result: dict[str, Any] = {
+        "embedder": embedder.name,
+        "agents": len(AGENTS),
+        "requests": len(requests),
+    }
     for mode in ("rows", "mean", "none"):
         if mode == "none":  # no examples at all
             stripped = [
@@ -1009,7 +1013,11 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
             f"(p50 {q8['search']['p50_us']} us)"
         )
     if "quality" in result:
-        print("\nquality (hashing embedder, 15 agents, 45 held-out requests, 10 off-topic):")
+        quality = result["quality"]
+        print(
+            f"\nquality ({quality['embedder']} embedder, {quality['agents']} agents, "
+            f"{quality['requests']} held-out requests, {len(OFF_TOPIC)} off-topic):"
+        )
         for mode in ("rows", "mean", "none"):
             q = result["quality"][mode]
             on, off = q["median_best_similarity_on_topic"], q["median_best_similarity_off_topic"]
