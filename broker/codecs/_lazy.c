@@ -14,6 +14,10 @@
  *     that rare case calls the Python ``broker.codecs.lazy._strips_prefix(headers)``;
  *   - ``decoded``, ``error``, ``content_type`` and ``schema_id`` never decode anything.
  *
+ * It also holds ``check_avro``, the C run of the integer check that broker/codecs/_avrocheck.py
+ * compiles each Avro schema for (the same walk in Python is there too): a pass over the
+ * body's bytes that builds no Python object.
+ *
  * The Python module objects used here (DecodeError, CONTENT_TYPE, stored_schema_id,
  * _strips_prefix) are looked up once and kept in module globals: single-phase init, no
  * sub-interpreter support (the broker runs in the main interpreter).
@@ -542,11 +546,283 @@ import_attribute(const char *module_name, const char *name)
     return attribute;
 }
 
+
+/* --- check_avro: Avro's integers held to the spec (see broker/codecs/_avrocheck.py) ---- */
+
+enum { OP_NULL, OP_BOOLEAN, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_FIXED,
+       OP_ENUM, OP_RECORD, OP_ARRAY, OP_MAP, OP_UNION };
+
+typedef struct {
+    const int32_t *code; /* the program after its root word */
+    Py_ssize_t words;
+    const unsigned char *start, *pos, *end;
+    int max_depth;
+    const char *reason; /* set with offset when the walk stops */
+    Py_ssize_t offset;
+} Walk;
+
+static int
+walk_fail(Walk *w, const unsigned char *at, const char *reason)
+{
+    w->reason = reason;
+    w->offset = at - w->start;
+    return -1;
+}
+
+/* A word of the program, bounds-checked: the program comes from Python code. */
+static int
+word(Walk *w, Py_ssize_t at, int32_t *out)
+{
+    if (at < 0 || at >= w->words) {
+        w->reason = "the program is malformed";
+        w->offset = 0;
+        return -1;
+    }
+    *out = w->code[at];
+    return 0;
+}
+
+/* A zigzag varint: an int in at most 5 bytes and 32 bits, anything else in 10 and 64. */
+static int
+varint(Walk *w, int is_int, int64_t *out)
+{
+    const unsigned char *first = w->pos;
+    uint64_t n = 0;
+    int shift = 0;
+    for (;;) {
+        if (w->pos >= w->end) {
+            return walk_fail(w, first, "the body ends inside a value");
+        }
+        unsigned char byte = *w->pos++;
+        if (w->pos - first == (is_int ? 5 : 10)) { /* the last byte there may be */
+            if (byte & 0x80) {
+                return walk_fail(w, first, is_int ? "an int takes more than 5 bytes"
+                                                  : "a long takes more than 10 bytes");
+            }
+            if (!is_int && (byte & 0x7E)) {
+                return walk_fail(w, first, "a long is outside the 64-bit range");
+            }
+        }
+        n |= (uint64_t)(byte & 0x7F) << shift;
+        if (!(byte & 0x80)) {
+            break;
+        }
+        shift += 7;
+    }
+    if (is_int && n > 0xFFFFFFFFu) {
+        return walk_fail(w, first, "an int is outside the 32-bit range");
+    }
+    *out = (int64_t)(n >> 1) ^ -(int64_t)(n & 1);
+    return 0;
+}
+
+static int
+advance(Walk *w, int64_t count)
+{
+    if (count < 0 || count > w->end - w->pos) {
+        return walk_fail(w, w->pos, "the body ends inside a value");
+    }
+    w->pos += count;
+    return 0;
+}
+
+static int walk_node(Walk *w, int32_t at, int depth);
+
+static int
+walk_blocks(Walk *w, int32_t at, int is_map, int depth)
+{
+    int32_t item, empty;
+    if (word(w, (Py_ssize_t)at + 1, &item) < 0 || word(w, (Py_ssize_t)at + 2, &empty) < 0) {
+        return -1;
+    }
+    for (;;) {
+        int64_t count, size;
+        if (varint(w, 0, &count) < 0) {
+            return -1;
+        }
+        if (count == 0) {
+            return 0;
+        }
+        if (count < 0) {
+            if (varint(w, 0, &size) < 0) { /* the block's size in bytes */
+                return -1;
+            }
+        }
+        if (empty) {
+            continue;
+        }
+        /* |count| as unsigned (INT64_MIN has no positive twin); every item takes a byte
+         * at least, so the loop ends at the body's end whatever the count says. */
+        uint64_t items = count < 0 ? (uint64_t)0 - (uint64_t)count : (uint64_t)count;
+        for (uint64_t i = 0; i < items; i++) {
+            int rc;
+            if (is_map) {
+                int64_t length;
+                if (varint(w, 0, &length) < 0 || advance(w, length) < 0) {
+                    return -1;
+                }
+            }
+            if ((rc = walk_node(w, item, depth)) < 0) {
+                return rc;
+            }
+        }
+    }
+}
+
+static int
+walk_node(Walk *w, int32_t at, int depth)
+{
+    int32_t op, n, child;
+    int64_t value;
+    const unsigned char *here = w->pos;
+    if (word(w, at, &op) < 0) {
+        return -1;
+    }
+    switch (op) {
+    case OP_NULL:
+        return 0;
+    case OP_BOOLEAN:
+        return advance(w, 1);
+    case OP_FLOAT:
+        return advance(w, 4);
+    case OP_DOUBLE:
+        return advance(w, 8);
+    case OP_INT:
+        return varint(w, 1, &value);
+    case OP_LONG:
+        return varint(w, 0, &value);
+    case OP_BYTES:
+        if (varint(w, 0, &value) < 0) {
+            return -1;
+        }
+        return advance(w, value);
+    case OP_FIXED:
+        if (word(w, (Py_ssize_t)at + 1, &n) < 0) {
+            return -1;
+        }
+        return advance(w, n);
+    case OP_ENUM:
+        if (word(w, (Py_ssize_t)at + 1, &n) < 0 || varint(w, 1, &value) < 0) {
+            return -1;
+        }
+        if (value < 0 || value >= n) {
+            return walk_fail(w, here, "an enum index is out of range");
+        }
+        return 0;
+    case OP_UNION:
+        if (word(w, (Py_ssize_t)at + 1, &n) < 0 || varint(w, 0, &value) < 0) {
+            return -1;
+        }
+        if (value < 0 || value >= n) {
+            return walk_fail(w, here, "a union branch is out of range");
+        }
+        if (word(w, (Py_ssize_t)at + 2 + value, &child) < 0) {
+            return -1;
+        }
+        return walk_node(w, child, depth);
+    case OP_RECORD:
+    case OP_ARRAY:
+    case OP_MAP:
+        if (depth >= w->max_depth) {
+            w->reason = NULL; /* the message names the limit: built by the caller */
+            w->offset = here - w->start;
+            return -2;
+        }
+        if (op != OP_RECORD) {
+            return walk_blocks(w, at, op == OP_MAP, depth + 1);
+        }
+        if (word(w, (Py_ssize_t)at + 1, &n) < 0) {
+            return -1;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            int rc;
+            if (word(w, (Py_ssize_t)at + 2 + i, &child) < 0) {
+                return -1;
+            }
+            if ((rc = walk_node(w, child, depth + 1)) < 0) {
+                return rc;
+            }
+        }
+        return 0;
+    default:
+        w->reason = "the program is malformed";
+        w->offset = 0;
+        return -1;
+    }
+}
+
+static PyObject *
+check_avro(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "check_avro(program, payload, max_depth)");
+        return NULL;
+    }
+    long depth_arg = PyLong_AsLong(args[2]);
+    if (depth_arg == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (depth_arg < 0 || depth_arg > 10000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be between 0 and 10000");
+        return NULL;
+    }
+    int max_depth = (int)depth_arg;
+    Py_buffer program, payload;
+    if (PyObject_GetBuffer(args[0], &program, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &payload, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&program);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t words = program.len / (Py_ssize_t)sizeof(int32_t);
+    if (words < 1 || program.len % (Py_ssize_t)sizeof(int32_t)) {
+        PyErr_SetString(PyExc_ValueError, "the program is not a whole number of 32-bit words");
+        goto done;
+    }
+    const int32_t *code = (const int32_t *)program.buf;
+    Walk w = {
+        .code = code + 1,
+        .words = words - 1,
+        .start = (const unsigned char *)payload.buf,
+        .pos = (const unsigned char *)payload.buf,
+        .end = (const unsigned char *)payload.buf + payload.len,
+        .max_depth = max_depth,
+        .reason = NULL,
+        .offset = 0,
+    };
+    int rc = walk_node(&w, code[0], 0);
+    if (rc == 0) {
+        result = Py_NewRef(Py_None);
+    }
+    else if (rc == -2) {
+        result = Py_BuildValue("(nN)", w.offset,
+                               PyUnicode_FromFormat("nested deeper than %d levels", max_depth));
+    }
+    else {
+        result = Py_BuildValue("(ns)", w.offset, w.reason);
+    }
+done:
+    PyBuffer_Release(&payload);
+    PyBuffer_Release(&program);
+    return result;
+}
+
+static PyMethodDef lazy_functions[] = {
+    {"check_avro", (PyCFunction)(void (*)(void))check_avro, METH_FASTCALL,
+     "check_avro(program, payload, max_depth): (offset, reason) of the first integer the "
+     "Avro spec does not allow, or None (see broker.codecs._avrocheck)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef lazy_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "broker.codecs._lazy",
-    .m_doc = "C implementation of broker.codecs.lazy.LazyValue and DecodedMessage.",
+    .m_doc = "C implementation of broker.codecs.lazy.LazyValue and DecodedMessage, and of "
+             "broker.codecs._avrocheck.check.",
     .m_size = -1,
+    .m_methods = lazy_functions,
 };
 
 PyMODINIT_FUNC

@@ -1,4 +1,5 @@
-"""C implementation of :class:`broker.codecs.lazy.LazyValue` and ``DecodedMessage``.
+"""C implementation of :class:`broker.codecs.lazy.LazyValue` and ``DecodedMessage``, and of
+:func:`broker.codecs._avrocheck.check`.
 
 Built from ``_lazy.c`` by ``hatch_build.py`` where a C compiler is available; import the
 classes from :mod:`broker.codecs` (or :mod:`broker.codecs.lazy`), which falls back to the
@@ -42,3 +43,7 @@ class DecodedMessage(LazyValue):
     def content_type(self) -> str | None: ...
     @property
     def schema_id(self) -> int | None: ...
+
+def check_avro(program: bytes, payload: bytes, max_depth: int, /) -> tuple[int, str] | None:
+    """``(offset, reason)`` of the first integer in ``payload`` that Avro's spec does not
+    allow, or ``None`` (see :mod:`broker.codecs._avrocheck`)."""

@@ -21,6 +21,11 @@ digits need, and never allows more than :data:`AVRO_MAX_DECIMAL_DIGITS`; sign-ex
 padding (a ``fixed`` wider than its precision needs) is allowed. Values that fit are read
 by fastavro's own reader, unchanged.
 
+And integers: fastavro reads a varint for as long as its bytes say it goes on and keeps 64
+bits of it, so an ``int`` decodes to values past 32 bits and an eleven-byte varint to a
+wrapped number. After each decode :mod:`broker.codecs._avrocheck` walks the body's integers
+(in C, ~0.1 us for a small event) and refuses any the spec does not allow.
+
 Only for those schemas is the body pre-scanned (:class:`_Scanner`, pure Python, bounded
 by the limits) before fastavro reads it. For every other schema each item takes at least
 one byte, so a hostile count fails at the end of the body and nesting is bounded by the
@@ -40,6 +45,7 @@ import fastavro
 import orjson
 from fastavro.read import LOGICAL_READERS, SchemaResolutionError
 
+from broker.codecs._avrocheck import checker, compile_program
 from broker.codecs.base import (
     DEFAULT_LIMITS,
     DecodeError,
@@ -310,16 +316,21 @@ def _load(schema: AvroSchema) -> Any:
         return schema  # a bare primitive or named type, like ``string``
 
 
+_CHECKER: Final = checker()
+
+
 class AvroCodec:
     """Decodes Avro binary written with one schema (the writer's; no schema resolution)."""
 
     name = "avro"
     __slots__ = (
+        "_check",
         "_limits",
         "_max_bytes",
         "_max_depth",
         "_names",
         "_prescan",
+        "_program",
         "_schema",
         "_walk_above",
         "_zero_width",
@@ -340,6 +351,11 @@ class AvroCodec:
         self._max_depth = min(limits.max_depth, AVRO_MAX_DEPTH)
         self._prescan = shape.zero_width_items or shape.recursive or shape.depth > self._max_depth
         self._walk_above = min(limits.max_collection_len, limits.max_total_items)
+        # Checks the integers fastavro read (it keeps any 64 bits of any length of varint).
+        self._program = compile_program(
+            self._schema, self._names, lambda items: _is_zero_width(items, self._names)
+        )
+        self._check = _CHECKER
 
     @property
     def limits(self) -> DecodeLimits:
@@ -371,6 +387,9 @@ class AvroCodec:
             raise DecodeError("avro", describe(exc)) from exc
         if stream.tell() != size:
             raise DecodeError("avro", f"{size - stream.tell()} trailing bytes after the datum")
+        bad = self._check(self._program, payload, self._max_depth)
+        if bad is not None:
+            raise DecodeError("avro", f"{bad[1]} (at byte {bad[0]})")
         if size > self._walk_above:
             check_tree("avro", value, self._limits)
         return value
