@@ -366,21 +366,30 @@ class Publisher:
 
     async def publish(self, out: Outbound) -> PublishAck:
         """Append one message and wait for its ack (in an ``append`` span when tracing)."""
-        if tracing.current() is None:  # tracing off, or this request is not sampled
+        timing = tracing.child_timing("append", tracing.SpanKind.PRODUCER)
+        if timing is None:  # tracing off, or this request is not sampled
             return await self._append(out)
-        with tracing.span("append", kind=tracing.SpanKind.PRODUCER) as span:
+        try:
             ack = await self._append(out)
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "messaging.system": "nats",
-                        "messaging.destination.name": out.subject,
-                        "messaging.nats.stream": ack.stream,
-                        "messaging.nats.stream_sequence": ack.seq,
-                        "messaging.nats.duplicate": ack.duplicate,
-                    }
-                )
-            return ack
+        except BaseException as e:
+            tracing.end_timing(timing, error=e)
+            raise
+        tracing.end_timing(
+            timing,
+            (
+                "messaging.system",
+                "nats",
+                "messaging.destination.name",
+                out.subject,
+                "messaging.nats.stream",
+                ack.stream,
+                "messaging.nats.stream_sequence",
+                ack.seq,
+                "messaging.nats.duplicate",
+                ack.duplicate,
+            ),
+        )
+        return ack
 
     async def _append(self, out: Outbound) -> PublishAck:
         return await self.settle(out, await self.submit(out))

@@ -50,6 +50,7 @@ __all__ = [
     "SpanSink",
     "attributes",
     "clean_value",
+    "exception_event",
     "head",
     "to_readable",
 ]
@@ -275,21 +276,13 @@ class RecordedSpan(Span):
         escaped: bool = False,
     ) -> None:
         """An ``exception`` event with the semantic-convention attributes the SDK writes."""
-        cls = type(exception)
-        module = cls.__module__
-        event: dict[str, Any] = {
-            "exception.type": (
-                f"{module}.{cls.__qualname__}"
-                if module and module != "builtins"
-                else cls.__qualname__
-            ),
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
-        if attributes:
-            event.update(attributes)
-        self.add_event("exception", event, timestamp)
+        if self._sink is None:
+            return
+        event = exception_event(exception, attributes, timestamp, escaped)
+        if self.events is None:
+            self.events = [event]
+        elif len(self.events) < MAX_ATTRIBUTES:
+            self.events.append(event)
 
     def end(self, end_time: int | None = None) -> None:
         sink = self._sink
@@ -319,6 +312,30 @@ class RecordedSpan(Span):
         for pair in self.attributes.items():
             fields += pair
         return tuple(fields)
+
+
+def exception_event(
+    exception: BaseException,
+    attributes: types.Attributes = None,
+    timestamp: int | None = None,
+    escaped: bool = False,
+) -> Event:
+    """The ``exception`` event of a span, with the semantic-convention attributes the SDK
+    writes."""
+    cls = type(exception)
+    module = cls.__module__
+    event: dict[str, Any] = {
+        "exception.type": (
+            f"{module}.{cls.__qualname__}" if module and module != "builtins" else cls.__qualname__
+        ),
+        "exception.message": str(exception),
+        "exception.stacktrace": "".join(traceback.format_exception(exception)),
+        "exception.escaped": str(escaped),
+    }
+    if attributes:
+        event.update(attributes)
+    cleaned, dropped = _cleaned(event)
+    return ("exception", timestamp or _time_ns(), cleaned, dropped)
 
 
 def to_readable(

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.http._rsgi import HTTPProtocol, Scope, StreamTransport
 from broker.telemetry import metrics, tracing
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+from broker.telemetry.metrics import OTHER_METHOD
 
 #: Status recorded for a request that ended without a response (the client went away).
 NO_RESPONSE = 499
@@ -119,12 +117,17 @@ def instrument(handler: Handler) -> Handler:
                 if server is tracing.UNRECORDED:  # not sampled: nothing more to do
                     await handler(scope, recorder)
                 else:  # inline, not a coroutine of its own: see above
-                    with server as span:
-                        _describe(span, scope, route)
-                        try:
-                            await handler(scope, recorder)
-                        finally:
-                            _answered(span, recorder.status or NO_RESPONSE)
+                    method = scope.method if scope.method in metrics.METHODS else OTHER_METHOD
+                    name = _span_names.get((method, route)) or _span_name(method, route)
+                    timing = tracing.start_timing(server, name)
+                    error: BaseException | None = None
+                    try:
+                        await handler(scope, recorder)
+                    except BaseException as e:
+                        error = e
+                        raise
+                    finally:
+                        _answered(timing, scope, (method, route), recorder.status, error)
             else:
                 await handler(scope, recorder)
         finally:
@@ -136,21 +139,31 @@ def instrument(handler: Handler) -> Handler:
     return observed
 
 
-def _describe(span: Span, scope: Scope, route: str) -> None:
-    """A server span's name and request attributes (semantic conventions)."""
-    method = scope.method if scope.method in metrics.METHODS else metrics.OTHER_METHOD
-    span.update_name(_span_names.get((method, route)) or _span_name(method, route))
-    span.set_attributes(
-        {
-            "http.request.method": method,
-            "http.route": route,
-            "url.path": scope.path[:256],
-            "network.protocol.version": scope.http_version,
-        }
+def _answered(
+    timing: tracing.Timing,
+    scope: Scope,
+    method_route: tuple[str, str],
+    status: int,
+    error: BaseException | None,
+) -> None:
+    """End a request's server span: the semantic conventions' request attributes and the
+    answered status; failed on a 5xx or an exception."""
+    method, route = method_route
+    status = status or NO_RESPONSE
+    tracing.end_timing(
+        timing,
+        (
+            "http.request.method",
+            method,
+            "http.route",
+            route,
+            "url.path",
+            scope.path[:256],
+            "network.protocol.version",
+            scope.http_version,
+            "http.response.status_code",
+            status,
+        ),
+        error=error,
+        failed=status >= 500,
     )
-
-
-def _answered(span: Span, status: int) -> None:
-    span.set_attribute("http.response.status_code", status)
-    if status >= 500:
-        span.set_status(tracing.Status(tracing.StatusCode.ERROR))

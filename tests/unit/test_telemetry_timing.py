@@ -1,0 +1,241 @@
+"""The ingress's server span and a publish's ``append`` span are recorded as
+:class:`~broker.telemetry.tracing.Timing` (ids and times, no span object): the spans they
+hand on must be the ones a recorded span would have been, field for field."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from broker.telemetry import tracing
+from broker.telemetry.http import NO_RESPONSE, instrument
+
+pytestmark = pytest.mark.unit
+
+PARENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT_SPAN = 0xB7AD6B7169203331
+SAMPLED = {"traceparent": f"00-{PARENT_TRACE:032x}-{PARENT_SPAN:016x}-01", "tracestate": "k=v"}
+ROUTE = "/v1/publish/{subject}"
+APPEND = (
+    "messaging.system",
+    "nats",
+    "messaging.destination.name",
+    "msg.default.orders",
+    "messaging.nats.stream",
+    "MESSAGES",
+    "messaging.nats.stream_sequence",
+    42,
+    "messaging.nats.duplicate",
+    False,
+)
+
+
+@pytest.fixture
+def memory() -> Iterator[InMemorySpanExporter]:
+    """Tracing on as in the ingress (its spans are not made current for OpenTelemetry)."""
+    exporter = InMemorySpanExporter()
+    tracing.configure("ingress", processors=[SimpleSpanProcessor(exporter)])
+    yield exporter
+    tracing.disable()
+
+
+class Proto:
+    """Enough of granian's RSGI protocol object for the wrapper."""
+
+    def __init__(self) -> None:
+        self.status = 0
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+
+
+def request(headers: dict[str, str] | None = None) -> Any:
+    return SimpleNamespace(
+        path="/v1/publish/orders", method="POST", headers=headers or {}, http_version="2"
+    )
+
+
+Handler = Callable[[Any, Any], Awaitable[None]]
+
+
+def serve(handler: Handler, headers: dict[str, str] | None = None) -> None:
+    asyncio.run(instrument(handler)(request(headers), Proto()))
+
+
+async def append_then_answer(scope: Any, proto: Any) -> None:
+    timing = tracing.child_timing("append", SpanKind.PRODUCER)
+    assert timing is not None
+    tracing.end_timing(timing, APPEND)
+    proto.response_bytes(200, [], b"{}")
+
+
+def recorded_the_old_way(headers: dict[str, str]) -> list[ReadableSpan]:
+    """The same two spans recorded as RecordedSpans, with the same names and attributes."""
+    exporter = InMemorySpanExporter()
+    tracing.configure("ingress", processors=[SimpleSpanProcessor(exporter)])
+    with tracing.edge_span(ROUTE, headers) as server:
+        server.update_name(f"POST {ROUTE}")
+        server.set_attributes(
+            {
+                "http.request.method": "POST",
+                "http.route": ROUTE,
+                "url.path": "/v1/publish/orders",
+                "network.protocol.version": "2",
+            }
+        )
+        with tracing.span("append", kind=SpanKind.PRODUCER) as append:
+            append.set_attributes(dict(zip(APPEND[::2], APPEND[1::2], strict=True)))
+        server.set_attribute("http.response.status_code", 200)
+    tracing.disable()
+    return list(exporter.get_finished_spans())
+
+
+def shape(span: ReadableSpan, spans: list[ReadableSpan]) -> tuple[Any, ...]:
+    """Everything of a span but its own ids and times; its parent by name or by id."""
+    assert span.context is not None
+    by_id = {s.context.span_id: s.name for s in spans if s.context is not None}
+    parent = span.parent
+    return (
+        span.name,
+        span.kind,
+        span.context.trace_id,
+        span.context.trace_state,
+        None if parent is None else by_id.get(parent.span_id, parent.span_id),
+        None if parent is None else parent.is_remote,
+        dict(span.attributes or {}),
+        span.status.status_code,
+        span.status.description,
+        [e.name for e in span.events],
+        span.end_time is not None and span.start_time is not None,
+    )
+
+
+@pytest.mark.parametrize("headers", [SAMPLED, {}], ids=["continued", "root"])
+def test_timed_spans_are_the_spans_recorded_ones_would_be(
+    memory: InMemorySpanExporter, headers: dict[str, str]
+) -> None:
+    serve(append_then_answer, headers)
+    timed = list(memory.get_finished_spans())
+    tracing.disable()
+    old = recorded_the_old_way(headers)
+    assert [s.name for s in timed] == ["append", f"POST {ROUTE}"]
+    new_shapes = [shape(s, timed) for s in timed]
+    old_shapes = [shape(s, old) for s in old]
+    if not headers:  # a root: each run draws its own trace id
+        new_shapes = [(*s[:2], *s[3:]) for s in new_shapes]
+        old_shapes = [(*s[:2], *s[3:]) for s in old_shapes]
+    assert new_shapes == old_shapes
+    server = timed[1]
+    assert server.parent is not None if headers else server.parent is None
+    assert server.start_time is not None
+    assert server.end_time is not None
+    assert server.start_time <= timed[0].start_time  # type: ignore[operator]
+    assert timed[0].end_time <= server.end_time  # type: ignore[operator]
+
+
+def test_the_append_continues_the_server_span_and_the_context_is_restored(
+    memory: InMemorySpanExporter,
+) -> None:
+    seen: list[tracing.TraceContext | None] = []
+
+    async def handler(scope: Any, proto: Any) -> None:
+        seen.append(tracing.current())
+        timing = tracing.child_timing("append", SpanKind.PRODUCER)
+        assert timing is not None
+        headers: dict[str, str] = {}
+        tracing.inject(headers)  # what the publisher writes on the stored message
+        seen.append(tracing.current())
+        tracing.end_timing(timing, APPEND)
+        seen.append(tracing.current())
+        proto.response_bytes(200, [], b"")
+        assert headers["traceparent"] == seen[1].traceparent  # type: ignore[union-attr]
+
+    serve(handler, SAMPLED)
+    server_ctx, append_ctx, after = seen
+    assert server_ctx is not None
+    assert append_ctx is not None
+    assert after == server_ctx
+    assert append_ctx.trace_id == server_ctx.trace_id == PARENT_TRACE
+    assert append_ctx.tracestate == "k=v"
+    append, server = memory.get_finished_spans()
+    assert append.context is not None
+    assert server.context is not None
+    assert append.context.span_id == append_ctx.span_id
+    assert server.context.span_id == server_ctx.span_id
+    assert tracing.current() is None
+
+
+def test_a_handler_that_raises_fails_the_server_span_with_an_exception_event(
+    memory: InMemorySpanExporter,
+) -> None:
+    async def handler(scope: Any, proto: Any) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        serve(handler, SAMPLED)
+    (server,) = memory.get_finished_spans()
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.status.description == "RuntimeError"
+    assert [e.name for e in server.events] == ["exception"]
+    event = dict(server.events[0].attributes or {})
+    assert event["exception.type"] == "RuntimeError"
+    assert event["exception.message"] == "boom"
+    assert dict(server.attributes or {})["http.response.status_code"] == NO_RESPONSE
+
+
+def test_a_5xx_fails_the_server_span_without_an_event(memory: InMemorySpanExporter) -> None:
+    async def handler(scope: Any, proto: Any) -> None:
+        proto.response_bytes(503, [], b"")
+
+    serve(handler, SAMPLED)
+    (server,) = memory.get_finished_spans()
+    assert (server.status.status_code, server.status.description) == (StatusCode.ERROR, None)
+    assert server.events == ()
+    assert dict(server.attributes or {})["http.response.status_code"] == 503
+
+
+def test_a_failed_append_is_failed_and_has_no_messaging_attributes(
+    memory: InMemorySpanExporter,
+) -> None:
+    async def handler(scope: Any, proto: Any) -> None:
+        timing = tracing.child_timing("append", SpanKind.PRODUCER)
+        assert timing is not None
+        tracing.end_timing(timing, error=TimeoutError("no ack"))
+        proto.response_bytes(504, [], b"")
+
+    serve(handler, SAMPLED)
+    append, server = memory.get_finished_spans()
+    assert append.status.status_code is StatusCode.ERROR
+    assert append.status.description == "TimeoutError"
+    assert not append.attributes
+    assert [e.name for e in append.events] == ["exception"]
+    assert server.status.status_code is StatusCode.ERROR
+
+
+def test_a_cancelled_block_is_not_a_failure(memory: InMemorySpanExporter) -> None:
+    async def handler(scope: Any, proto: Any) -> None:
+        timing = tracing.child_timing("append", SpanKind.PRODUCER)
+        assert timing is not None
+        tracing.end_timing(timing, error=asyncio.CancelledError())
+        proto.response_bytes(200, [], b"")
+
+    serve(handler, SAMPLED)
+    append, _ = memory.get_finished_spans()
+    assert append.status.status_code is StatusCode.UNSET
+    assert append.events == ()
+
+
+def test_nothing_is_timed_without_a_sampled_span_running(memory: InMemorySpanExporter) -> None:
+    assert tracing.child_timing("append", SpanKind.PRODUCER) is None
+    tracing.disable()
+    assert tracing.child_timing("append", SpanKind.PRODUCER) is None
+    with pytest.raises(TypeError):
+        tracing.start_timing(tracing.UNRECORDED, "x")
