@@ -16,7 +16,9 @@
  *
  * It also holds ``check_avro``, the C run of the integer check that broker/codecs/_avrocheck.py
  * compiles each Avro schema for (the same walk in Python is there too): a pass over the
- * body's bytes that builds no Python object.
+ * body's bytes that builds no Python object; and ``encode_otlp_spans``, the OTLP/protobuf
+ * encoding of finished spans that broker/telemetry/_otlp.py otherwise does in Python (a
+ * span with events or with other than plain attribute values is handed back to it).
  *
  * The Python module objects used here (DecodeError, CONTENT_TYPE, stored_schema_id,
  * _strips_prefix) are looked up once and kept in module globals: single-phase init, no
@@ -809,10 +811,370 @@ done:
     return result;
 }
 
+
+/* --- encode_otlp_spans: OTLP/protobuf of finished spans (see broker/telemetry/_otlp.py) --- */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, Py_ssize_t more)
+{
+    if (b->len + more <= b->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) {
+        cap *= 2;
+    }
+    char *data = PyMem_Realloc(b->data, (size_t)cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_put(Buf *b, const void *bytes, Py_ssize_t n)
+{
+    if (buf_reserve(b, n) < 0) {
+        return -1;
+    }
+    memcpy(b->data + b->len, bytes, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+static int
+buf_byte(Buf *b, unsigned char byte)
+{
+    return buf_put(b, &byte, 1);
+}
+
+static int
+varint_size(uint64_t n)
+{
+    int size = 1;
+    while (n > 127) {
+        n >>= 7;
+        size++;
+    }
+    return size;
+}
+
+static int
+buf_varint(Buf *b, uint64_t n)
+{
+    unsigned char out[10];
+    int i = 0;
+    while (n > 127) {
+        out[i++] = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    out[i++] = (unsigned char)n;
+    return buf_put(b, out, i);
+}
+
+static int
+buf_fixed64(Buf *b, uint64_t n)
+{
+    unsigned char out[8];
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(n >> (8 * i));
+    }
+    return buf_put(b, out, 8);
+}
+
+static int
+buf_be64(Buf *b, uint64_t n)
+{
+    unsigned char out[8];
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(n >> (56 - 8 * i));
+    }
+    return buf_put(b, out, 8);
+}
+
+/* tag, length, bytes */
+static int
+buf_field(Buf *b, unsigned char tag, const char *bytes, Py_ssize_t n)
+{
+    if (buf_byte(b, tag) < 0 || buf_varint(b, (uint64_t)n) < 0) {
+        return -1;
+    }
+    return buf_put(b, bytes, n);
+}
+
+/* An unsigned 64-bit value of an int, or -1 with an exception set (not an int, negative,
+ * or too large): the span then goes to the Python encoder, which raises as it always has. */
+static int
+as_u64(PyObject *value, uint64_t *out)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "not an int");
+        return -1;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(value);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (uint64_t)n;
+    return 0;
+}
+
+static PyObject *sixty_four; /* the int 64, for a trace id's high half */
+
+static int
+trace_id(Buf *b, PyObject *value)
+{
+    uint64_t low, high;
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "not an int");
+        return -1;
+    }
+    low = (uint64_t)PyLong_AsUnsignedLongLongMask(value);
+    if (low == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *top = PyNumber_Rshift(value, sixty_four);
+    if (top == NULL) {
+        return -1;
+    }
+    int rc = as_u64(top, &high);
+    Py_DECREF(top);
+    if (rc < 0 || buf_be64(b, high) < 0) {
+        return -1;
+    }
+    return buf_be64(b, low);
+}
+
+static int
+utf8(PyObject *value, const char **bytes, Py_ssize_t *n)
+{
+    if (!PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "not a str");
+        return -1;
+    }
+    *bytes = PyUnicode_AsUTF8AndSize(value, n);
+    return *bytes == NULL ? -1 : 0;
+}
+
+/* One attribute as Span.attributes (a KeyValue), for plain values only; -1 otherwise. */
+static int
+key_value(Buf *b, PyObject *key, PyObject *value)
+{
+    const char *k, *v = NULL;
+    Py_ssize_t kn, vn = 0;
+    unsigned char scalar[16]; /* a tag and a varint of up to 10 bytes, or a double */
+    int scalar_n = 0;
+    unsigned char tag = 0;
+    if (utf8(key, &k, &kn) < 0) {
+        return -1;
+    }
+    if (PyUnicode_Check(value)) {
+        tag = 0x0a; /* AnyValue.string_value */
+        if (utf8(value, &v, &vn) < 0) {
+            return -1;
+        }
+    }
+    else if (PyBool_Check(value)) {
+        scalar[0] = 0x10;
+        scalar[1] = value == Py_True;
+        scalar_n = 2;
+    }
+    else if (PyLong_Check(value)) {
+        uint64_t n = (uint64_t)PyLong_AsUnsignedLongLongMask(value); /* int64: two's complement */
+        if (n == (uint64_t)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        scalar[0] = 0x18;
+        scalar_n = 1;
+        while (n > 127) {
+            scalar[scalar_n++] = (unsigned char)((n & 0x7F) | 0x80);
+            n >>= 7;
+        }
+        scalar[scalar_n++] = (unsigned char)n;
+    }
+    else if (PyFloat_Check(value)) {
+        double d = PyFloat_AS_DOUBLE(value);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        scalar[0] = 0x21;
+        for (int i = 0; i < 8; i++) {
+            scalar[1 + i] = (unsigned char)(bits >> (8 * i));
+        }
+        scalar_n = 9;
+    }
+    else if (PyBytes_Check(value)) {
+        tag = 0x3a; /* AnyValue.bytes_value */
+        v = PyBytes_AS_STRING(value);
+        vn = PyBytes_GET_SIZE(value);
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError, "not a plain attribute value");
+        return -1;
+    }
+    uint64_t any = scalar_n ? (uint64_t)scalar_n : 1 + varint_size((uint64_t)vn) + (uint64_t)vn;
+    uint64_t body = 1 + varint_size((uint64_t)kn) + (uint64_t)kn + 1 + varint_size(any) + any;
+    if (buf_byte(b, 0x4a) < 0 || buf_varint(b, body) < 0 || buf_field(b, 0x0a, k, kn) < 0 ||
+        buf_byte(b, 0x12) < 0 || buf_varint(b, any) < 0) {
+        return -1;
+    }
+    if (scalar_n) {
+        return buf_put(b, scalar, scalar_n);
+    }
+    return buf_field(b, tag, v, vn);
+}
+
+#define SPAN_HEAD 13 /* fields before the attributes: broker/telemetry/_spans.py */
+
+/* The Span message of one finished span into ``b``; -1 (an exception set) for a span the
+ * C encoder leaves to Python: events, values other than plain ones, out-of-range numbers. */
+static int
+span_body(Buf *b, PyObject *span)
+{
+    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < SPAN_HEAD ||
+        (PyTuple_GET_SIZE(span) - SPAN_HEAD) % 2) {
+        PyErr_SetString(PyExc_TypeError, "not a finished span");
+        return -1;
+    }
+    PyObject **f = &PyTuple_GET_ITEM(span, 0);
+    /* name, trace_id, span_id, parent_id, remote, tracestate, kind, start, end, dropped,
+     * events, status, description */
+    uint64_t id, parent, start, end, dropped, kind, status;
+    const char *text;
+    Py_ssize_t n;
+    if (f[10] != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "a span with events");
+        return -1;
+    }
+    if (buf_put(b, "\x0a\x10", 2) < 0 || trace_id(b, f[1]) < 0) {
+        return -1;
+    }
+    if (as_u64(f[2], &id) < 0 || buf_put(b, "\x12\x08", 2) < 0 || buf_be64(b, id) < 0) {
+        return -1;
+    }
+    if (PyObject_IsTrue(f[5]) == 1) { /* a non-empty tracestate */
+        if (utf8(f[5], &text, &n) < 0 || buf_field(b, 0x1a, text, n) < 0) {
+            return -1;
+        }
+    }
+    if (as_u64(f[3], &parent) < 0) {
+        return -1;
+    }
+    if (parent && (buf_put(b, "\x22\x08", 2) < 0 || buf_be64(b, parent) < 0)) {
+        return -1;
+    }
+    if (utf8(f[0], &text, &n) < 0 || buf_field(b, 0x2a, text, n) < 0) {
+        return -1;
+    }
+    if (as_u64(f[6], &kind) < 0 || as_u64(f[7], &start) < 0 || as_u64(f[8], &end) < 0 ||
+        as_u64(f[9], &dropped) < 0 || as_u64(f[11], &status) < 0) {
+        return -1;
+    }
+    if (kind > 4 || status > 127) {
+        PyErr_SetString(PyExc_ValueError, "kind or status out of range");
+        return -1;
+    }
+    if (buf_byte(b, 0x30) < 0 || buf_byte(b, (unsigned char)(kind + 1)) < 0 ||
+        buf_byte(b, 0x39) < 0 || buf_fixed64(b, start) < 0 || buf_byte(b, 0x41) < 0 ||
+        buf_fixed64(b, end) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = SPAN_HEAD; i < PyTuple_GET_SIZE(span); i += 2) {
+        if (key_value(b, f[i], f[i + 1]) < 0) {
+            return -1;
+        }
+    }
+    if (dropped && (buf_byte(b, 0x50) < 0 || buf_varint(b, dropped) < 0)) {
+        return -1;
+    }
+    if (status) {
+        const char *message = NULL;
+        Py_ssize_t message_n = 0;
+        if (PyObject_IsTrue(f[12]) == 1 && utf8(f[12], &message, &message_n) < 0) {
+            return -1;
+        }
+        uint64_t body = 2 + (message ? 1 + varint_size((uint64_t)message_n) + (uint64_t)message_n : 0);
+        if (buf_byte(b, 0x7a) < 0 || buf_varint(b, body) < 0 ||
+            (message && buf_field(b, 0x12, message, message_n) < 0) || buf_byte(b, 0x18) < 0 ||
+            buf_byte(b, (unsigned char)status) < 0) {
+            return -1;
+        }
+    }
+    else if (buf_put(b, "\x7a\x00", 2) < 0) { /* the SDK's encoder writes an empty Status */
+        return -1;
+    }
+    int remote = PyObject_IsTrue(f[4]);
+    if (remote < 0) {
+        return -1;
+    }
+    return buf_put(b, remote ? "\x85\x01\x00\x03\x00\x00" : "\x85\x01\x00\x01\x00\x00", 6);
+}
+
+static PyObject *
+encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_otlp_spans(spans, fallback)");
+        return NULL;
+    }
+    PyObject *spans = PySequence_Fast(args[0], "spans must be a sequence");
+    if (spans == NULL) {
+        return NULL;
+    }
+    PyObject *fallback = args[1];
+    Buf out = {NULL, 0, 0}, body = {NULL, 0, 0};
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(spans); i++) {
+        PyObject *span = PySequence_Fast_GET_ITEM(spans, i);
+        body.len = 0;
+        if (span_body(&body, span) == 0) {
+            if (buf_field(&out, 0x12, body.data, body.len) < 0) {
+                goto done;
+            }
+            continue;
+        }
+        if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
+            goto done;
+        }
+        PyErr_Clear(); /* the Python encoder takes this one (and raises what it raises) */
+        PyObject *encoded = PyObject_CallOneArg(fallback, span);
+        if (encoded == NULL) {
+            goto done;
+        }
+        if (!PyBytes_Check(encoded)) {
+            Py_DECREF(encoded);
+            PyErr_SetString(PyExc_TypeError, "the fallback encoder must return bytes");
+            goto done;
+        }
+        int rc = buf_put(&out, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+        Py_DECREF(encoded);
+        if (rc < 0) {
+            goto done;
+        }
+    }
+    result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+done:
+    PyMem_Free(out.data);
+    PyMem_Free(body.data);
+    Py_DECREF(spans);
+    return result;
+}
+
 static PyMethodDef lazy_functions[] = {
     {"check_avro", (PyCFunction)(void (*)(void))check_avro, METH_FASTCALL,
      "check_avro(program, payload, max_depth): (offset, reason) of the first integer the "
      "Avro spec does not allow, or None (see broker.codecs._avrocheck)."},
+    {"encode_otlp_spans", (PyCFunction)(void (*)(void))encode_otlp_spans, METH_FASTCALL,
+     "encode_otlp_spans(spans, fallback): the ScopeSpans.spans fields of finished spans as "
+     "OTLP/protobuf; fallback(span) encodes the spans it leaves to Python (see "
+     "broker.telemetry._otlp)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -851,6 +1213,9 @@ PyInit__lazy(void)
         (str_subject == NULL && (str_subject = PyUnicode_InternFromString("subject")) == NULL) ||
         (str_sequence == NULL &&
          (str_sequence = PyUnicode_InternFromString("sequence")) == NULL)) {
+        return NULL;
+    }
+    if (sixty_four == NULL && (sixty_four = PyLong_FromLong(64)) == NULL) {
         return NULL;
     }
     if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0) {

@@ -6,7 +6,7 @@ classes from :mod:`broker.codecs` (or :mod:`broker.codecs.lazy`), which falls ba
 Python ones when this module is missing.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from broker.codecs.base import Codec, DecodeError
@@ -47,3 +47,9 @@ class DecodedMessage(LazyValue):
 def check_avro(program: bytes, payload: bytes, max_depth: int, /) -> tuple[int, str] | None:
     """``(offset, reason)`` of the first integer in ``payload`` that Avro's spec does not
     allow, or ``None`` (see :mod:`broker.codecs._avrocheck`)."""
+
+def encode_otlp_spans(
+    spans: Sequence[tuple[Any, ...]], fallback: Callable[[tuple[Any, ...]], bytes], /
+) -> bytes:
+    """The ``ScopeSpans.spans`` fields of finished spans as OTLP/protobuf; ``fallback(span)``
+    encodes the spans it leaves to Python (see :mod:`broker.telemetry._otlp`)."""

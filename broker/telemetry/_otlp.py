@@ -10,13 +10,17 @@ scope), the same message the SDK's encoder produces for these spans (a unit test
 both and compares them).
 
 Pure functions; the export thread (:mod:`broker.telemetry._export`) calls :func:`encode`
-with the :func:`envelope` it made once.
+with the :func:`envelope` it made once. Where the codecs' C accelerator is built, its
+``encode_otlp_spans`` writes the same bytes for the spans of the broker's hot paths (no
+events, plain attribute values: about a fifth of the time) and hands any other span back to
+:func:`_span` here.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from broker.telemetry._spans import FinishedSpan, attributes, head
@@ -212,9 +216,33 @@ def envelope(resource: Resource, scope: InstrumentationScope) -> Envelope:
     )
 
 
-def encode(spans: Iterable[FinishedSpan], parts: Envelope) -> bytes:
+def _spans_in_python(spans: Iterable[FinishedSpan]) -> bytes:
+    return b"".join(map(_span, spans))
+
+
+def _encoder() -> Callable[[Sequence[FinishedSpan]], bytes]:
+    """The C encoder of the codecs' accelerator where it is built (and ``BROKER_PURE_PYTHON``
+    is not set), handing back to :func:`_span` the spans it does not take (events, values
+    other than plain ones); else :func:`_spans_in_python`."""
+    if os.environ.get("BROKER_PURE_PYTHON", "") not in {"", "0"}:
+        return _spans_in_python
+    try:
+        from broker.codecs._lazy import encode_otlp_spans
+    except ImportError:
+        return _spans_in_python
+
+    def in_c(spans: Sequence[FinishedSpan]) -> bytes:
+        return encode_otlp_spans(spans, _span)
+
+    return in_c
+
+
+_encode_spans: Callable[[Sequence[FinishedSpan]], bytes] = _encoder()
+
+
+def encode(spans: Sequence[FinishedSpan], parts: Envelope) -> bytes:
     """One ``ExportTraceServiceRequest`` holding ``spans``, all of the process whose resource
     and scope ``parts`` holds."""
-    scope_spans = parts.scope + b"".join(map(_span, spans)) + parts.scope_schema
+    scope_spans = parts.scope + _encode_spans(spans) + parts.scope_schema
     resource_spans = parts.resource + _field(_T_SCOPE_SPANS, scope_spans) + parts.resource_schema
     return _field(_T_RESOURCE_SPANS, resource_spans)

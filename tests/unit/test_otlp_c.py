@@ -1,0 +1,114 @@
+"""The C encoder of finished spans (``broker.codecs._lazy.encode_otlp_spans``) writes the
+bytes the Python encoder writes, for every span: the ones it takes itself (no events,
+plain attribute values) and the ones it hands back (anything else)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.telemetry import _otlp
+from broker.telemetry._spans import FinishedSpan
+
+pytestmark = pytest.mark.unit
+
+try:
+    from broker.codecs._lazy import encode_otlp_spans
+except ImportError:  # pragma: no cover - the accelerator is built wherever CI runs
+    encode_otlp_spans = None
+
+requires_c = pytest.mark.skipif(encode_otlp_spans is None, reason="broker.codecs._lazy not built")
+
+U64 = st.integers(0, 2**64 - 1)
+plain = (
+    st.text(max_size=20)
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.integers(-(2**80), 2**80)  # past int64: masked to 64 bits, as the Python encoder does
+    | st.floats(allow_nan=True)
+    | st.binary(max_size=300)  # past 127 bytes: a two-byte length
+)
+other = st.lists(plain, max_size=3) | st.dictionaries(st.text(min_size=1), plain, max_size=2)
+
+
+@st.composite
+def finished(draw: st.DrawFn, values: st.SearchStrategy[Any] = plain) -> FinishedSpan:
+    pairs = draw(st.lists(st.tuples(st.text(max_size=200), values), max_size=6))
+    events = draw(st.none() | st.just((("retry", 1_700_000_000_000_000_000, {"attempt": 2}, 0),)))
+    status = draw(st.sampled_from([0, 1, 2]))
+    return (
+        draw(st.text(max_size=150)),  # name
+        draw(st.integers(0, 2**128 - 1)),  # trace id
+        draw(U64),  # span id
+        draw(st.sampled_from([0, 1, 2**64 - 1]) | U64),  # parent id, 0 for a root
+        draw(st.booleans()),  # parent remote
+        draw(st.none() | st.text(max_size=40)),  # tracestate
+        draw(st.integers(0, 4)),  # kind
+        draw(U64),  # start
+        draw(U64),  # end
+        draw(st.sampled_from([0, 0, 3, 300])),  # dropped attributes
+        events,
+        status,
+        draw(st.none() | st.text(max_size=30)) if status == 2 else None,
+        *(item for pair in pairs for item in pair),
+    )
+
+
+def python(spans: list[FinishedSpan]) -> bytes:
+    return b"".join(map(_otlp._span, spans))
+
+
+def c(spans: list[FinishedSpan]) -> bytes:
+    assert encode_otlp_spans is not None
+    result: bytes = encode_otlp_spans(spans, _otlp._span)
+    return result
+
+
+@requires_c
+@settings(max_examples=400, deadline=None)
+@given(st.lists(finished(), max_size=4))
+def test_plain_spans_encode_to_the_same_bytes(spans: list[FinishedSpan]) -> None:
+    assert c(spans) == python(spans)
+
+
+@requires_c
+@settings(max_examples=150, deadline=None)
+@given(st.lists(finished(plain | other), max_size=4))
+def test_spans_left_to_python_encode_to_the_same_bytes(spans: list[FinishedSpan]) -> None:
+    assert c(spans) == python(spans)
+
+
+@requires_c
+@pytest.mark.parametrize(
+    "bad",
+    [
+        -1,  # a negative trace id
+        2**128,  # a trace id past 128 bits
+        "abc",  # not an int
+    ],
+)
+def test_a_span_the_python_encoder_refuses_raises_the_same(bad: Any) -> None:
+    span = ("s", bad, 1, 0, False, None, 1, 0, 0, 0, None, 0, None)
+    with pytest.raises(Exception) as by_python:  # noqa: PT011 - whichever it raises
+        python([span])
+    with pytest.raises(type(by_python.value)):
+        c([span])
+
+
+@requires_c
+def test_the_exporter_uses_the_c_encoder_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _otlp._encode_spans is not _otlp._spans_in_python
+    monkeypatch.setenv("BROKER_PURE_PYTHON", "1")
+    assert _otlp._encoder() is _otlp._spans_in_python
+    monkeypatch.delenv("BROKER_PURE_PYTHON")
+    span = ("s", 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", "v")
+    assert _otlp._encoder()([span]) == python([span])
+
+
+def test_an_empty_batch_is_no_bytes() -> None:
+    assert _otlp._encode_spans([]) == b""
