@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http.client
 import os
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -84,8 +86,110 @@ def _otlp_http_post(exporter: SpanExporter) -> Callable[[bytes], Any] | None:
         return None
     if not isinstance(exporter, OTLPSpanExporter):
         return None
-    post = getattr(getattr(exporter, "_client", None), "export", None)
-    return post if callable(post) else None
+    client = getattr(exporter, "_client", None)
+    post = getattr(client, "export", None)
+    if not callable(post):
+        return None
+    return _PlainHttpPost.for_client(client, post) or post
+
+
+#: Where ``requests`` (the OTLP exporter's HTTP client) would do more than a plain POST.
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+class _PlainHttpPost:
+    """The OTLP/HTTP exporter's POST, for the common case of a plain ``http://`` collector
+    (a sidecar or a node agent), over one kept-alive ``http.client`` connection.
+
+    The exporter's own client sends through ``requests``, which costs about 0.8 ms of CPU per
+    request on the benchmark machine against 0.1 ms here, several times that inside a loaded
+    ingress, where it was most of the export thread's time. Used only when nothing but a
+    plain POST is asked for: no TLS, no compression, no proxy in the environment, no
+    credential provider, no ``.netrc`` entry for the host; the request carries the same
+    headers. A failed send is retried once on a fresh connection (a collector closes idle
+    ones), and a request still refused, or answered with other than 2xx/3xx, is handed to
+    the exporter's own client, whose retries, backoff and logging apply as before.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        timeout: float,
+        fallback: Callable[[bytes], Any],
+    ) -> None:
+        parts = urllib.parse.urlsplit(endpoint)
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or 80
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._headers = headers
+        self._timeout = timeout
+        self._fallback = fallback
+        self._connection: http.client.HTTPConnection | None = None
+        self._pid = os.getpid()
+
+    @classmethod
+    def for_client(cls, client: Any, fallback: Callable[[bytes], Any]) -> _PlainHttpPost | None:
+        """The plain POST for an exporter's client, or ``None`` where it would not be one."""
+        try:
+            from opentelemetry.sdk.environment_variables import (
+                _OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER as provider,
+            )
+            from opentelemetry.sdk.environment_variables import (
+                _OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER as traces_provider,
+            )
+            from requests.utils import get_netrc_auth
+
+            endpoint = client._endpoint
+            headers = dict(client._headers)
+            timeout = float(client._timeout)
+            compression = getattr(client._compression, "value", client._compression)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return None  # another version of the exporter: its own client it is
+        if (
+            not isinstance(endpoint, str)
+            or urllib.parse.urlsplit(endpoint).scheme != "http"
+            or compression not in {None, "none"}
+            or any(os.environ.get(name) for name in (*_PROXY_VARIABLES, provider, traces_provider))
+            or get_netrc_auth(endpoint)
+        ):
+            return None
+        return cls(endpoint, headers, timeout, fallback)
+
+    def __call__(self, body: bytes) -> Any:
+        if self._pid != os.getpid():  # a forked child: the parent's socket is not ours
+            self._connection, self._pid = None, os.getpid()
+        for _ in range(2):
+            connection = self._connection or http.client.HTTPConnection(
+                self._host, self._port, timeout=self._timeout
+            )
+            try:
+                connection.request("POST", self._path, body=body, headers=self._headers)
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                self._connection = None
+                continue
+            self._connection = None if response.will_close else connection
+            if response.will_close:
+                connection.close()
+            if 200 <= response.status < 400:
+                return _SENT
+            break
+        return self._fallback(body)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class _Sent:
+    success = True
+
+
+_SENT = _Sent()
 
 
 class SpanPipeline:
