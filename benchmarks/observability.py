@@ -33,7 +33,7 @@ to its own path), so the report shows what was sampled. At the end it times, in 
 process with tracing off and on, what a request runs: the spans of one publish and the
 OTLP export of sampled spans. Usage::
 
-    python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load]
+    python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load] [--threads]
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (``git worktree
 add DIR <commit>``), named ``base <configuration>``, in the same rounds: an A/B of two code
@@ -87,6 +87,7 @@ class Config:
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # broker CPU per message
     cpu_ratios: list[float] = field(default_factory=list)  # to ``off`` of the same round
+    threads: list[dict[str, float]] = field(default_factory=list)  # us/msg by thread, a round
     spans_per_message: float = 0.0  # spans the sink received
 
     @property
@@ -217,11 +218,9 @@ async def stored(url: str, subject: str) -> int:
     return sum((info.state.subjects or {}).values())
 
 
-def _cpu_seconds(root: int) -> float:
-    """CPU time used so far by ``root`` and every process below it (Linux ``/proc``)."""
+def _tree(root: int) -> list[int]:
+    """``root`` and every process below it, parents before children (Linux ``/proc``)."""
     parents: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -230,13 +229,41 @@ def _cpu_seconds(root: int) -> float:
         except OSError:
             continue
         parents.setdefault(int(fields[1]), []).append(int(entry.name))
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    total, todo = 0.0, [root]
+    order, todo = [], [root]
     while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo.extend(parents.get(pid, []))
-    return total
+        pid = todo.pop(0)
+        order.append(pid)
+        todo.extend(sorted(parents.get(pid, [])))
+    return order
+
+
+def _stat_seconds(path: Path) -> float:
+    """utime + stime of a ``/proc/.../stat`` file, in seconds (0 once it is gone)."""
+    try:
+        fields = path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(root: int) -> float:
+    """CPU time used so far by ``root`` and every process below it."""
+    return sum(_stat_seconds(Path("/proc", str(pid), "stat")) for pid in _tree(root))
+
+
+def _thread_seconds(root: int) -> dict[str, float]:
+    """CPU time used so far by each thread of ``root``'s processes, labelled ``p<i>/t<j>``:
+    the i-th process of the tree (``p0`` is ``broker serve``, the granian worker follows),
+    its j-th thread by id (``t0`` is its main thread, where the event loop runs)."""
+    out = {}
+    for i, pid in enumerate(_tree(root)):
+        try:
+            tids = sorted(int(t.name) for t in Path("/proc", str(pid), "task").iterdir())
+        except OSError:
+            continue
+        for j, tid in enumerate(tids):
+            out[f"p{i}/t{j}"] = _stat_seconds(Path("/proc", str(pid), "task", str(tid), "stat"))
+    return out
 
 
 def settle(window: float = 0.5, busy: float = 0.05, timeout: float = 120.0) -> None:
@@ -429,7 +456,7 @@ def running(
         server.stop()
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -447,10 +474,20 @@ def main() -> None:
         type=Path,
         help="also run every configuration from this checkout, as 'base <name>' (an A/B)",
     )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="also report CPU per message by thread (p<process>/t<thread>, t0 = main thread)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.client == "auto":
         args.client = "h2load" if h2load_available() else "python"
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
     sink = Sink()
     cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
@@ -472,6 +509,7 @@ def main() -> None:
                 subject = f"obs.r{round_}.{config.key}"
                 url = f"http://127.0.0.1:{port}/v1/publish/{subject}"
                 cpu_before = _cpu_seconds(pid)
+                threads_before = _thread_seconds(pid) if args.threads else {}
                 result: LoadResult = drive(
                     args.client, url, payload, args.messages, args.connections, args.concurrency
                 )
@@ -486,6 +524,13 @@ def main() -> None:
                 wait_for_export(sink, config, exports, EXPORT_WAIT_S)
                 settle()
                 cpu[config.name] = (_cpu_seconds(pid) - cpu_before) / args.messages * 1e6
+                if args.threads:
+                    config.threads.append(
+                        {
+                            label: (seconds - threads_before.get(label, 0.0)) / args.messages * 1e6
+                            for label, seconds in _thread_seconds(pid).items()
+                        }
+                    )
                 config.rates.append(result.rate)
                 config.cpu_us.append(cpu[config.name])
                 print(
@@ -524,6 +569,9 @@ def report(
                     "rounds_cpu_us_per_msg": [round(u, 1) for u in c.cpu_us],
                     "cpu_overhead": round(c.cpu_overhead, 3),
                     "rounds_cpu_ratio_to_off": [round(r, 3) for r in c.cpu_ratios],
+                    "rounds_cpu_us_per_msg_by_thread": [
+                        {label: round(us, 2) for label, us in r.items() if us} for r in c.threads
+                    ],
                     "spans_per_message": round(c.spans_per_message, 4),
                 }
                 for c in cases
@@ -558,6 +606,15 @@ def report(
         "round (its spread in brackets)"
     )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
+    if args.threads:
+        print("\nCPU us/msg by thread, median over rounds (p0 = broker serve; t0 = main thread):")
+        for c in cases:
+            labels = {label for round_ in c.threads for label in round_}
+            medians = {
+                label: statistics.median(r.get(label, 0.0) for r in c.threads) for label in labels
+            }
+            busy = sorted(medians.items(), key=lambda item: -item[1])[:5]
+            print(f"  {c.name:<18}" + "  ".join(f"{label} {us:5.1f}" for label, us in busy))
     print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
         print(f"  {name:<46}{ns:>8.0f}")
