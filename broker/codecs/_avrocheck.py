@@ -173,7 +173,10 @@ class _Walk:
                 kind = "an enum index" if op == ENUM else "a union branch"
                 raise _Bad(here, f"{kind} is out of range")
             if op == UNION:
-                self.node(self.word(at + 2 + index), depth)
+                branch = self.word(at + 2 + index)
+                if self.word(branch) == UNION:  # Avro has no union in a union; nor a program
+                    raise _Bad(0, "the program is malformed")
+                self.node(branch, depth)
         elif op in (RECORD, ARRAY, MAP):
             if depth >= self.max_depth:
                 raise _Bad(here, f"nested deeper than {self.max_depth} levels")

@@ -718,7 +718,12 @@ walk_node(Walk *w, int32_t at, int depth)
         if (value < 0 || value >= n) {
             return walk_fail(w, here, "a union branch is out of range");
         }
-        if (word(w, (Py_ssize_t)at + 2 + value, &child) < 0) {
+        if (word(w, (Py_ssize_t)at + 2 + value, &child) < 0 || word(w, child, &n) < 0) {
+            return -1;
+        }
+        if (n == OP_UNION) { /* Avro has no union in a union; nor does a program */
+            w->reason = "the program is malformed";
+            w->offset = 0;
             return -1;
         }
         return walk_node(w, child, depth);
@@ -915,7 +920,7 @@ buf_field(Buf *b, unsigned char tag, const char *bytes, Py_ssize_t n)
 static int
 as_u64(PyObject *value, uint64_t *out)
 {
-    if (!PyLong_Check(value)) {
+    if (!PyLong_CheckExact(value)) { /* a subclass may override what Python would call */
         PyErr_SetString(PyExc_TypeError, "not an int");
         return -1;
     }
@@ -933,7 +938,7 @@ static int
 trace_id(Buf *b, PyObject *value)
 {
     uint64_t low, high;
-    if (!PyLong_Check(value)) {
+    if (!PyLong_CheckExact(value)) {
         PyErr_SetString(PyExc_TypeError, "not an int");
         return -1;
     }
@@ -956,7 +961,7 @@ trace_id(Buf *b, PyObject *value)
 static int
 utf8(PyObject *value, const char **bytes, Py_ssize_t *n)
 {
-    if (!PyUnicode_Check(value)) {
+    if (!PyUnicode_CheckExact(value)) {
         PyErr_SetString(PyExc_TypeError, "not a str");
         return -1;
     }
@@ -976,7 +981,9 @@ key_value(Buf *b, PyObject *key, PyObject *value)
     if (utf8(key, &k, &kn) < 0) {
         return -1;
     }
-    if (PyUnicode_Check(value)) {
+    /* Exact types only (and bool): the Python encoder calls methods a subclass may
+     * override (encode, &, len), so a subclass's value is left to it. */
+    if (PyUnicode_CheckExact(value)) {
         tag = 0x0a; /* AnyValue.string_value */
         if (utf8(value, &v, &vn) < 0) {
             return -1;
@@ -987,7 +994,7 @@ key_value(Buf *b, PyObject *key, PyObject *value)
         scalar[1] = value == Py_True;
         scalar_n = 2;
     }
-    else if (PyLong_Check(value)) {
+    else if (PyLong_CheckExact(value)) {
         uint64_t n = (uint64_t)PyLong_AsUnsignedLongLongMask(value); /* int64: two's complement */
         if (n == (uint64_t)-1 && PyErr_Occurred()) {
             return -1;
@@ -1000,7 +1007,7 @@ key_value(Buf *b, PyObject *key, PyObject *value)
         }
         scalar[scalar_n++] = (unsigned char)n;
     }
-    else if (PyFloat_Check(value)) {
+    else if (PyFloat_CheckExact(value)) {
         double d = PyFloat_AS_DOUBLE(value);
         uint64_t bits;
         memcpy(&bits, &d, 8);
@@ -1010,7 +1017,7 @@ key_value(Buf *b, PyObject *key, PyObject *value)
         }
         scalar_n = 9;
     }
-    else if (PyBytes_Check(value)) {
+    else if (PyBytes_CheckExact(value)) {
         tag = 0x3a; /* AnyValue.bytes_value */
         v = PyBytes_AS_STRING(value);
         vn = PyBytes_GET_SIZE(value);
@@ -1059,8 +1066,9 @@ span_body(Buf *b, PyObject *span)
     if (as_u64(f[2], &id) < 0 || buf_put(b, "\x12\x08", 2) < 0 || buf_be64(b, id) < 0) {
         return -1;
     }
-    if (PyObject_IsTrue(f[5]) == 1) { /* a non-empty tracestate */
-        if (utf8(f[5], &text, &n) < 0 || buf_field(b, 0x1a, text, n) < 0) {
+    /* Truth values only of None, str and bool, whose truth runs no Python code. */
+    if (f[5] != Py_None) { /* a tracestate: written when not empty */
+        if (utf8(f[5], &text, &n) < 0 || (n && buf_field(b, 0x1a, text, n) < 0)) {
             return -1;
         }
     }
@@ -1097,8 +1105,13 @@ span_body(Buf *b, PyObject *span)
     if (status) {
         const char *message = NULL;
         Py_ssize_t message_n = 0;
-        if (PyObject_IsTrue(f[12]) == 1 && utf8(f[12], &message, &message_n) < 0) {
-            return -1;
+        if (f[12] != Py_None) {
+            if (utf8(f[12], &message, &message_n) < 0) {
+                return -1;
+            }
+            if (message_n == 0) {
+                message = NULL; /* an empty description is not written */
+            }
         }
         uint64_t body = 2 + (message ? 1 + varint_size((uint64_t)message_n) + (uint64_t)message_n : 0);
         if (buf_byte(b, 0x7a) < 0 || buf_varint(b, body) < 0 ||
@@ -1110,10 +1123,11 @@ span_body(Buf *b, PyObject *span)
     else if (buf_put(b, "\x7a\x00", 2) < 0) { /* the SDK's encoder writes an empty Status */
         return -1;
     }
-    int remote = PyObject_IsTrue(f[4]);
-    if (remote < 0) {
+    if (!PyBool_Check(f[4])) {
+        PyErr_SetString(PyExc_TypeError, "parent_remote is not a bool");
         return -1;
     }
+    int remote = f[4] == Py_True;
     return buf_put(b, remote ? "\x85\x01\x00\x03\x00\x00" : "\x85\x01\x00\x01\x00\x00", 6);
 }
 
@@ -1124,15 +1138,17 @@ encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "encode_otlp_spans(spans, fallback)");
         return NULL;
     }
-    PyObject *spans = PySequence_Fast(args[0], "spans must be a sequence");
+    /* A tuple of its own: the items stay alive whatever the Python code called on the way
+     * (a span's __bool__, the fallback) does to the caller's list. */
+    PyObject *spans = PySequence_Tuple(args[0]);
     if (spans == NULL) {
         return NULL;
     }
     PyObject *fallback = args[1];
     Buf out = {NULL, 0, 0}, body = {NULL, 0, 0};
     PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(spans); i++) {
-        PyObject *span = PySequence_Fast_GET_ITEM(spans, i);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
+        PyObject *span = PyTuple_GET_ITEM(spans, i);
         body.len = 0;
         if (span_body(&body, span) == 0) {
             if (buf_field(&out, 0x12, body.data, body.len) < 0) {

@@ -330,3 +330,11 @@ def test_the_fallback_skips_only_bodies_where_every_varint_fits(
     assert _avrocheck.check_if_long(code, body, AVRO_MAX_DEPTH) == _avrocheck.check(
         code, body, AVRO_MAX_DEPTH
     )
+
+
+@pytest.mark.parametrize("check", CHECKERS)
+def test_a_union_directly_in_a_union_is_a_malformed_program(check: Checker) -> None:
+    """Avro has no such schema, and walking one would recurse without reaching the depth
+    bound (only records, arrays and maps count as levels)."""
+    union_of_itself = b"".join(i.to_bytes(4, "little") for i in (0, 12, 1, 0))
+    assert check(union_of_itself, b"\x00" * 100, 5) == (0, "the program is malformed")

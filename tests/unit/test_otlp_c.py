@@ -112,3 +112,58 @@ def test_the_exporter_uses_the_c_encoder_unless_told_not_to(
 
 def test_an_empty_batch_is_no_bytes() -> None:
     assert _otlp._encode_spans([]) == b""
+
+
+class ShiftedInt(int):
+    def __rshift__(self, other: object) -> int:
+        return 0
+
+
+class LoudStr(str):
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        return b"loud"
+
+
+@requires_c
+@pytest.mark.parametrize(
+    "odd",
+    [
+        ("trace", ShiftedInt(2**100 + 7)),
+        ("value", LoudStr("quiet")),
+        ("value", ShiftedInt(5)),
+        ("name", LoudStr("POST /x")),
+    ],
+    ids=["int-subclass-id", "str-subclass-value", "int-subclass-value", "str-subclass-name"],
+)
+def test_subclasses_are_left_to_the_python_encoder(odd: tuple[str, Any]) -> None:
+    """A subclass may override what the Python encoder calls (``>>``, ``encode``): its span
+    is encoded by Python, so the bytes are what Python makes of it."""
+    field, value = odd
+    span: list[Any] = ["POST /x", 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", "v"]
+    if field == "trace":
+        span[1] = value
+    elif field == "name":
+        span[0] = value
+    else:
+        span[-1] = value
+    assert c([tuple(span)]) == python([tuple(span)])
+
+
+@requires_c
+def test_python_code_run_on_the_way_cannot_free_the_spans_being_encoded() -> None:
+    def batch(into: list[Any]) -> list[Any]:
+        class Clears:
+            def __bool__(self) -> bool:  # the Python encoder asks whether it is remote
+                into.clear()
+                return False
+
+        into[:] = [
+            ("a", 1, 2, 0, Clears(), None, 1, 0, 0, 0, None, 0, None, "k", "v" * 1000),
+            ("b", 1, 3, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", "w" * 1000),
+        ]
+        return into
+
+    expected = python(list(batch([])))
+    spans = batch([])
+    assert c(spans) == expected
+    assert spans == []  # the fallback's Python code did clear the caller's list
