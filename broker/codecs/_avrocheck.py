@@ -168,15 +168,19 @@ class _Walk:
         elif op == FIXED:
             self.advance(self.word(at + 1))
         elif op in (ENUM, UNION):
+            bound = self.word(at + 1)  # before the varint, as the C walk reads them
             index = self.varint(op == ENUM)
-            if not 0 <= index < self.word(at + 1):
+            if not 0 <= index < bound:
                 kind = "an enum index" if op == ENUM else "a union branch"
                 raise _Bad(here, f"{kind} is out of range")
             if op == UNION:
                 branch = self.word(at + 2 + index)
-                if self.word(branch) == UNION:  # Avro has no union in a union; nor a program
-                    raise _Bad(0, "the program is malformed")
-                self.node(branch, depth)
+                if self.word(branch) == UNION:  # a union in a union (fastavro reads them)
+                    if depth >= self.max_depth:
+                        raise _Bad(here, f"nested deeper than {self.max_depth} levels")
+                    self.node(branch, depth + 1)  # a level: a program may loop on it
+                else:
+                    self.node(branch, depth)
         elif op in (RECORD, ARRAY, MAP):
             if depth >= self.max_depth:
                 raise _Bad(here, f"nested deeper than {self.max_depth} levels")

@@ -555,7 +555,7 @@ enum { OP_NULL, OP_BOOLEAN, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_F
        OP_ENUM, OP_RECORD, OP_ARRAY, OP_MAP, OP_UNION };
 
 typedef struct {
-    const int32_t *code; /* the program after its root word */
+    const unsigned char *code; /* the program after its root word (any alignment) */
     Py_ssize_t words;
     const unsigned char *start, *pos, *end;
     int max_depth;
@@ -580,7 +580,7 @@ word(Walk *w, Py_ssize_t at, int32_t *out)
         w->offset = 0;
         return -1;
     }
-    *out = w->code[at];
+    memcpy(out, w->code + at * (Py_ssize_t)sizeof(int32_t), sizeof(int32_t));
     return 0;
 }
 
@@ -721,10 +721,13 @@ walk_node(Walk *w, int32_t at, int depth)
         if (word(w, (Py_ssize_t)at + 2 + value, &child) < 0 || word(w, child, &n) < 0) {
             return -1;
         }
-        if (n == OP_UNION) { /* Avro has no union in a union; nor does a program */
-            w->reason = "the program is malformed";
-            w->offset = 0;
-            return -1;
+        if (n == OP_UNION) { /* a union in a union (fastavro reads them): a level deeper */
+            if (depth >= w->max_depth) {
+                w->reason = NULL;
+                w->offset = here - w->start;
+                return -2;
+            }
+            return walk_node(w, child, depth + 1);
         }
         return walk_node(w, child, depth);
     case OP_RECORD:
@@ -788,9 +791,11 @@ check_avro(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "the program is not a whole number of 32-bit words");
         goto done;
     }
-    const int32_t *code = (const int32_t *)program.buf;
+    const unsigned char *code = (const unsigned char *)program.buf;
+    int32_t root;
+    memcpy(&root, code, sizeof root);
     Walk w = {
-        .code = code + 1,
+        .code = code + sizeof(int32_t),
         .words = words - 1,
         .start = (const unsigned char *)payload.buf,
         .pos = (const unsigned char *)payload.buf,
@@ -799,7 +804,7 @@ check_avro(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         .reason = NULL,
         .offset = 0,
     };
-    int rc = walk_node(&w, code[0], 0);
+    int rc = walk_node(&w, root, 0);
     if (rc == 0) {
         result = Py_NewRef(Py_None);
     }
@@ -1045,7 +1050,7 @@ key_value(Buf *b, PyObject *key, PyObject *value)
 static int
 span_body(Buf *b, PyObject *span)
 {
-    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) < SPAN_HEAD ||
+    if (!PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) < SPAN_HEAD ||
         (PyTuple_GET_SIZE(span) - SPAN_HEAD) % 2) {
         PyErr_SetString(PyExc_TypeError, "not a finished span");
         return -1;

@@ -333,8 +333,32 @@ def test_the_fallback_skips_only_bodies_where_every_varint_fits(
 
 
 @pytest.mark.parametrize("check", CHECKERS)
-def test_a_union_directly_in_a_union_is_a_malformed_program(check: Checker) -> None:
-    """Avro has no such schema, and walking one would recurse without reaching the depth
-    bound (only records, arrays and maps count as levels)."""
+def test_a_union_directly_in_a_union_counts_as_a_level(check: Checker) -> None:
+    """A program whose union is its own branch would recurse for as long as the body goes
+    on; each union in a union is a level, so the depth bound stops it."""
     union_of_itself = b"".join(i.to_bytes(4, "little") for i in (0, 12, 1, 0))
-    assert check(union_of_itself, b"\x00" * 100, 5) == (0, "the program is malformed")
+    assert check(union_of_itself, b"\x00" * 100, 5) == (5, "nested deeper than 5 levels")
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "python"])
+def test_a_nested_union_that_fastavro_reads_decodes(
+    pure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Avro's spec has no union directly in a union, but fastavro parses and reads one."""
+    if not pure and c_check is None:
+        pytest.skip("broker.codecs._lazy is not built")
+    codec = AvroCodec('[["null", "int"], "long"]')
+    if pure:
+        monkeypatch.setattr(codec, "_check", _avrocheck.check)
+    assert codec.decode(b"\x00\x02\x04") == 2
+    with pytest.raises(DecodeError, match="an int is outside the 32-bit range"):
+        codec.decode(b"\x00\x02" + zigzag_varint(2**31))
+
+
+@requires_c
+def test_a_program_is_read_at_any_alignment() -> None:
+    assert c_check is not None
+    code = program(RECORD)
+    body = reading_body(count=zigzag_varint(2**31), tag=b"\x00", item=b"\x00")
+    shifted = memoryview(b"\x00" + code)[1:]
+    assert c_check(shifted, body, AVRO_MAX_DEPTH) == c_check(code, body, AVRO_MAX_DEPTH)

@@ -114,6 +114,11 @@ def test_an_empty_batch_is_no_bytes() -> None:
     assert _otlp._encode_spans([]) == b""
 
 
+class Reordered(tuple[Any, ...]):
+    def __getitem__(self, key: Any) -> Any:
+        return tuple(reversed(self))[key]
+
+
 class ShiftedInt(int):
     def __rshift__(self, other: object) -> int:
         return 0
@@ -167,3 +172,13 @@ def test_python_code_run_on_the_way_cannot_free_the_spans_being_encoded() -> Non
     spans = batch([])
     assert c(spans) == expected
     assert spans == []  # the fallback's Python code did clear the caller's list
+
+
+@requires_c
+def test_a_tuple_subclass_is_left_to_the_python_encoder() -> None:
+    span = ("s", 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None)
+    odd = Reordered(span)
+    with pytest.raises(Exception) as by_python:  # noqa: PT011 - whatever Python makes of it
+        python([odd])
+    with pytest.raises(type(by_python.value)):
+        c([odd])
