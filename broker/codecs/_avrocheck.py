@@ -27,11 +27,12 @@ once, however often it is used), children as offsets counted from word 1::
 
 from __future__ import annotations
 
-import os
 import re
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any, Final
+
+from broker.codecs._accelerator import accelerator
 
 __all__ = ["Checker", "check", "check_if_long", "checker", "compile_program"]
 
@@ -232,12 +233,8 @@ def check_if_long(program: bytes, payload: bytes, max_depth: int) -> tuple[int, 
 
 
 def checker() -> Checker:
-    """The C walk when the accelerator is built (and ``BROKER_PURE_PYTHON`` is not set, as
-    :mod:`broker.codecs.lazy` reads it), else :func:`check_if_long`."""
-    if os.environ.get("BROKER_PURE_PYTHON", "") not in {"", "0"}:
-        return check_if_long
-    try:
-        from broker.codecs._lazy import check_avro
-    except ImportError:
-        return check_if_long
-    return check_avro
+    """The C walk where the accelerator may be used (:func:`accelerator`), else
+    :func:`check_if_long`."""
+    module = accelerator()
+    walk: Checker = check_if_long if module is None else module.check_avro
+    return walk

@@ -22,12 +22,12 @@ below are used; :data:`IMPLEMENTATION` says which (``"c"`` or ``"python"``), and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from google.protobuf.descriptor import FileDescriptor  # type: ignore[import-untyped]
 
+from broker.codecs._accelerator import accelerator
 from broker.codecs.avro import AvroCodec, AvroSchema
 from broker.codecs.base import (
     DEFAULT_LIMITS,
@@ -242,13 +242,8 @@ PyDecodedMessage = DecodedMessage
 #: Which implementation ``LazyValue`` and ``DecodedMessage`` are: the C extension or Python.
 IMPLEMENTATION: Literal["c", "python"] = "python"
 
-# An import-time switch read from the environment, not a setting: the choice is made once,
-# when this module is imported, before any settings object exists. The type checker sees
-# the Python classes (the stub of ``_lazy`` declares the same interface).
-if not TYPE_CHECKING and os.environ.get("BROKER_PURE_PYTHON", "") in {"", "0"}:
-    try:
-        from broker.codecs._lazy import DecodedMessage, LazyValue
-    except ImportError:  # not built (no C compiler at install time): the Python classes
-        pass
-    else:
-        IMPLEMENTATION = "c"
+# Chosen once, when this module is imported. The type checker sees the Python classes (the
+# stub of ``_lazy`` declares the same interface).
+if not TYPE_CHECKING and (_c := accelerator()) is not None:
+    DecodedMessage, LazyValue = _c.DecodedMessage, _c.LazyValue
+    IMPLEMENTATION = "c"

@@ -18,11 +18,11 @@ events, plain attribute values: about a fifth of the time) and hands any other s
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from broker.codecs._accelerator import accelerator
 from broker.telemetry._spans import FinishedSpan, attributes, head
 
 if TYPE_CHECKING:
@@ -221,15 +221,15 @@ def _spans_in_python(spans: Iterable[FinishedSpan]) -> bytes:
 
 
 def _encoder() -> Callable[[Sequence[FinishedSpan]], bytes]:
-    """The C encoder of the codecs' accelerator where it is built (and ``BROKER_PURE_PYTHON``
-    is not set), handing back to :func:`_span` the spans it does not take (events, values
-    other than plain ones); else :func:`_spans_in_python`."""
-    if os.environ.get("BROKER_PURE_PYTHON", "") not in {"", "0"}:
+    """The C encoder where the codecs' accelerator may be used (:func:`accelerator`), handing
+    back to :func:`_span` the spans it does not take (events, values other than plain ones);
+    else :func:`_spans_in_python`."""
+    module = accelerator()
+    if module is None:
         return _spans_in_python
-    try:
-        from broker.codecs._lazy import encode_otlp_spans
-    except ImportError:
-        return _spans_in_python
+    encode_otlp_spans: Callable[
+        [Sequence[FinishedSpan], Callable[[FinishedSpan], bytes]], bytes
+    ] = module.encode_otlp_spans
 
     def in_c(spans: Sequence[FinishedSpan]) -> bytes:
         return encode_otlp_spans(spans, _span)
