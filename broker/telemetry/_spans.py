@@ -244,10 +244,11 @@ class RecordedSpan(Span):
         attributes: types.Attributes = None,
         timestamp: int | None = None,
     ) -> None:
-        if self._sink is None:
-            return
-        cleaned, dropped = _cleaned(attributes)
-        event = (name, timestamp or _time_ns(), cleaned, dropped)
+        if self._sink is not None:
+            cleaned, dropped = _cleaned(attributes)
+            self._add_event((name, timestamp or _time_ns(), cleaned, dropped))
+
+    def _add_event(self, event: Event) -> None:
         if self.events is None:
             self.events = [event]
         elif len(self.events) < MAX_ATTRIBUTES:
@@ -276,13 +277,8 @@ class RecordedSpan(Span):
         escaped: bool = False,
     ) -> None:
         """An ``exception`` event with the semantic-convention attributes the SDK writes."""
-        if self._sink is None:
-            return
-        event = exception_event(exception, attributes, timestamp, escaped)
-        if self.events is None:
-            self.events = [event]
-        elif len(self.events) < MAX_ATTRIBUTES:
-            self.events.append(event)
+        if self._sink is not None:
+            self._add_event(exception_event(exception, attributes, timestamp, escaped))
 
     def end(self, end_time: int | None = None) -> None:
         sink = self._sink
