@@ -180,6 +180,7 @@ class _PlainHttpPost:
         return self._fallback(body)
 
     def close(self) -> None:
+        """Close the kept-alive connection (the pipeline's shutdown); a later POST opens one."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -210,6 +211,7 @@ class SpanPipeline:
         self._settings = settings or batch_settings()
         self._exporters = list(exporters)
         self._processors = list(processors)
+        self._plain_posts: list[_PlainHttpPost] = []  # their connections close at shutdown
         self._sends = [self._sender(e) for e in self._exporters]
         self._queue: collections.deque[FinishedSpan] = collections.deque()
         self._wake = threading.Event()
@@ -285,6 +287,8 @@ class SpanPipeline:
         post = _otlp_http_post(exporter)
         if post is not None:
             parts = _otlp.envelope(self.resource, self.scope)
+            if isinstance(post, _PlainHttpPost):
+                self._plain_posts.append(post)
 
             def send_otlp(batch: Sequence[FinishedSpan]) -> None:
                 result = post(_otlp.encode(batch, parts))
@@ -317,6 +321,8 @@ class SpanPipeline:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         self.export()
+        for plain in self._plain_posts:
+            plain.close()
         for exporter in self._exporters:
             with contextlib.suppress(Exception):
                 exporter.shutdown()

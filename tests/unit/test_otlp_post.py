@@ -142,3 +142,23 @@ def test_anything_but_a_plain_http_post_stays_with_the_exporters_client(
     for name, value in later.items():
         monkeypatch.setenv(name, value)
     assert _otlp_http_post(exporter) == exporter._client.export
+
+
+def test_the_pipelines_shutdown_closes_the_kept_alive_connection(collector: Collector) -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from broker.telemetry._export import SpanPipeline
+
+    pipeline = SpanPipeline(
+        Resource.create({}),
+        InstrumentationScope("broker"),
+        exporters=[OTLPSpanExporter(endpoint=collector.url)],
+    )
+    (post,) = pipeline._plain_posts
+    pipeline.ended(("s", 1, 2, 0, False, None, 1, 0, 0, 0, None, 0, None))
+    pipeline.force_flush()
+    assert len(collector.requests) == 1
+    assert post._connection is not None
+    pipeline.shutdown()
+    assert post._connection is None
