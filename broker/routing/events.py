@@ -135,8 +135,11 @@ class RouteDecided:
     @property
     def msg_id(self) -> str:
         """The ``Nats-Msg-Id`` without a key (what :meth:`keyed_msg_id` hashes)."""
-        kind = "mirror" if self.mirror else "route"
-        return f"{kind}:{self.tenant}:{self.message_seq}:{self.attempt}"
+        return f"{self._id_kind}:{self.tenant}:{self.message_seq}:{self.attempt}"
+
+    @property
+    def _id_kind(self) -> str:
+        return "mirror" if self.mirror else "route"
 
     def keyed_msg_id(self, key: bytes | None) -> str:
         """The ``Nats-Msg-Id`` routers store the decision with: :attr:`msg_id` hashed with
@@ -145,9 +148,8 @@ class RouteDecided:
         ``key`` is ``None``."""
         if key is None:
             return self.msg_id
-        kind = "mirror" if self.mirror else "route"
         digest = hashlib.blake2b(self.msg_id.encode(), key=key, digest_size=16).hexdigest()
-        return f"{kind}:{digest}"
+        return f"{self._id_kind}:{digest}"
 
     def record(self) -> dict[str, Any]:
         """The ``Broker-Route`` header as a dict (the API returns the same shape)."""
