@@ -877,17 +877,24 @@ varint_size(uint64_t n)
     return size;
 }
 
+/* ``n`` as a protobuf varint into ``out`` (room for 10 bytes); its length. */
 static int
-buf_varint(Buf *b, uint64_t n)
+put_varint(unsigned char *out, uint64_t n)
 {
-    unsigned char out[10];
     int i = 0;
     while (n > 127) {
         out[i++] = (unsigned char)((n & 0x7F) | 0x80);
         n >>= 7;
     }
     out[i++] = (unsigned char)n;
-    return buf_put(b, out, i);
+    return i;
+}
+
+static int
+buf_varint(Buf *b, uint64_t n)
+{
+    unsigned char out[10];
+    return buf_put(b, out, put_varint(out, n));
 }
 
 static int
@@ -1005,12 +1012,7 @@ key_value(Buf *b, PyObject *key, PyObject *value)
             return -1;
         }
         scalar[0] = 0x18;
-        scalar_n = 1;
-        while (n > 127) {
-            scalar[scalar_n++] = (unsigned char)((n & 0x7F) | 0x80);
-            n >>= 7;
-        }
-        scalar[scalar_n++] = (unsigned char)n;
+        scalar_n = 1 + put_varint(scalar + 1, n);
     }
     else if (PyFloat_CheckExact(value)) {
         double d = PyFloat_AS_DOUBLE(value);
