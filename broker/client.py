@@ -329,6 +329,7 @@ def _route_headers(
     intent: str | None,
     text: str | None,
     embedding: Iterable[float] | None,
+    embedding_model: str | None,
     env: str | None,
     headers: Mapping[str, str] | None,
 ) -> dict[str, str]:
@@ -341,6 +342,8 @@ def _route_headers(
         vector = [float(x) for x in embedding]
         packed = struct.pack(f"<{len(vector)}f", *vector)
         sent["broker-embedding"] = base64.b64encode(packed).decode()
+        if embedding_model is not None:
+            sent["broker-embedding-model"] = embedding_model
     if env is not None:
         sent["x-env"] = env
     return {**sent, **(headers or {})}
@@ -541,6 +544,7 @@ class BrokerClient:
         intent: str | None = None,
         text: str | None = None,
         embedding: Iterable[float] | None = None,
+        embedding_model: str | None = None,
         env: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> RouteResult:
@@ -548,10 +552,11 @@ class BrokerClient:
 
         ``intent`` names the wanted capability action, ``text`` is what to match by meaning
         when the payload is not text (a caption, an instruction), ``embedding`` your own
-        query vector, ``env="canary"`` routes to canary agents. A retry reuses ``key``:
+        query vector (``embedding_model``: the model that made it, which the router checks
+        is its own), ``env="canary"`` routes to canary agents. A retry reuses ``key``:
         the message is stored and routed once."""
         body, media = _payload(payload, content_type)
-        sent = _route_headers(media, key, intent, text, embedding, env, headers)
+        sent = _route_headers(media, key, intent, text, embedding, embedding_model, env, headers)
         path = f"/v1/route/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
         data = broker_document(response, "stream", "seq", "duplicate")
@@ -568,6 +573,7 @@ class BrokerClient:
         intent: str | None = None,
         text: str | None = None,
         embedding: Iterable[float] | None = None,
+        embedding_model: str | None = None,
         env: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> RouteReply:
@@ -580,7 +586,7 @@ class BrokerClient:
         idempotency key: the broker does not route the message again, and answers with the
         reply stored for it, or the one still to come."""
         body, media = _payload(payload, content_type)
-        sent = _route_headers(media, key, intent, text, embedding, env, headers)
+        sent = _route_headers(media, key, intent, text, embedding, embedding_model, env, headers)
         response = await self._request(
             "POST",
             f"/v1/route/{_segment(subject)}",

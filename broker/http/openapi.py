@@ -296,6 +296,13 @@ _ROUTE_ONE: dict[str, Any] = {
                 {"type": "string", "format": "byte", "maxLength": 32768},
             ),
             _header(
+                "Broker-Embedding-Model",
+                "The model that made Broker-Embedding (e.g. all-MiniLM-L6-v2): when it is not "
+                "the router's, the message is refused (no_route) rather than compared in "
+                "another model's space.",
+                {"type": "string", "pattern": "^[!-~]{1,200}$"},
+            ),
+            _header(
                 "x-env",
                 "canary: route only to agents labelled env=canary (others never get canary "
                 "traffic).",

@@ -67,6 +67,7 @@ ROUTING_HEADERS = {
     "broker-intent": "Broker-Intent",
     "broker-text": "Broker-Text",
     "broker-embedding": "Broker-Embedding",
+    "broker-embedding-model": "Broker-Embedding-Model",
     "x-env": "X-Env",
 }
 _MAX_ROUTING_HEADER = 32 * 1024

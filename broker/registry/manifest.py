@@ -174,6 +174,16 @@ class Embedding(_Model):
         description="Finite numbers (JSON has no others; the API refuses YAML's .inf and .nan).",
     )
     text: str | None = Field(default=None, min_length=1, max_length=4000)
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description=(
+            "The model that made vector (e.g. all-MiniLM-L6-v2, or the router's embedder name). "
+            "When given and not the routers' model, they ignore vector and embed text (or the "
+            "description) themselves; when absent, vector is used whenever its dimension matches."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> Embedding:

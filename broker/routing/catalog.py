@@ -2,10 +2,11 @@
 
 A *group* is one (agent, capability). Each group has one or more unit *rows* in an embedding
 matrix: the primary row (the manifest's ``embedding.vector`` when its dimension matches the
-embedder, else the embedded text "agent description (or embedding.text) + action +
-capability description") and, by default, one row per capability example; a group's
-similarity to a query is the best of its rows (``examples="mean"`` folds the examples into
-the primary row instead; ``benchmarks/routing.py --quality`` compares the two).
+embedder and its ``embedding.model``, if given, is the embedder's; else the embedded text
+"agent description (or embedding.text) + action + capability description") and, by
+default, one row per capability example; a group's similarity to a query is the best of its
+rows (``examples="mean"`` folds the examples into the primary row instead;
+``benchmarks/routing.py --quality`` compares the two).
 
 Beside the embedding rows, each group has a bag of word stems (the same texts) in a
 :class:`LexicalIndex` (BM25, IDF over the catalog's own groups), and :meth:`Catalog.prior`
@@ -38,9 +39,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from broker.registry.manifest import Capability, Limits, Modality
+from broker.registry.manifest import Capability, Embedding, Limits, Modality
 from broker.registry.snapshot import AgentRecord, RegistrySnapshot
-from broker.routing.embedder import Embedder, tokens
+from broker.routing.embedder import Embedder, same_model, tokens
 from broker.routing.features import MAGIC_MEDIA_TYPE, is_json_type
 from broker.routing.index import DEFAULT_LSH_ABOVE, LSHIndex
 from broker.routing.policy import Canary, Policy
@@ -302,6 +303,19 @@ class _AgentEntry:
     groups: tuple[_Group, ...]
 
 
+def _vector_problem(embedding: Embedding, embedder: Embedder) -> str | None:
+    """Why a manifest's ``embedding.vector`` is not in the embedder's space (``None``: it
+    is): its dimension differs, or it names the model that made it and that model is not the
+    embedder's. (A 384-number vector from another model would otherwise be compared as if it
+    were one of ours: meaningless scores, silently.)"""
+    vector = embedding.vector
+    if vector is not None and len(vector) != embedder.dim:
+        return "dimension"
+    if embedding.model is not None and not same_model(embedding.model, embedder):
+        return "model"
+    return None
+
+
 def _primary_text(capability: Capability, about: str) -> str:
     action = capability.action.replace("_", " ").replace("-", " ").replace(".", " ")
     return f"{about}. {action}. {capability.description}".strip()
@@ -321,7 +335,7 @@ def _plan_agents(records: Sequence[AgentRecord], embedder: Embedder) -> tuple[li
         about = manifest.description
         if manifest.embedding is not None:
             given = manifest.embedding.vector
-            if given is not None and len(given) == embedder.dim:
+            if given is not None and _vector_problem(manifest.embedding, embedder) is None:
                 vector = _unit(np.asarray(given, dtype=np.float32))
             if vector is None and manifest.embedding.text:
                 about = manifest.embedding.text
@@ -348,14 +362,19 @@ def _embed_agents(
     texts, plans = _plan_agents(records, embedder)
     for record in records:
         embedding = record.manifest.embedding
-        given = embedding.vector if embedding is not None else None
-        if given is not None and len(given) != embedder.dim:
+        if embedding is None or embedding.vector is None:
+            continue
+        problem = _vector_problem(embedding, embedder)
+        if problem is not None:
             log.warning(
                 "agent_embedding_ignored",
                 agent=record.name,
-                dim=len(given),
+                because=problem,
+                dim=len(embedding.vector),
+                model=embedding.model,
                 embedder=embedder.name,
                 expected=embedder.dim,
+                using="embedding.text" if embedding.text else "description",
             )
     embedded = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
 

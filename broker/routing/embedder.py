@@ -79,6 +79,29 @@ def costly(embedder: Embedder) -> bool:
     return getattr(embedder, "costly", False) is True
 
 
+#: Other names of the models behind the built-in embedders' names. ``minilm`` runs
+#: all-MiniLM-L6-v2 itself (its vectors and the sentence-transformers model's agree to a
+#: cosine of 0.999), so a vector made with that model is this embedder's.
+_MODEL_ALIASES = {"minilm-l6": "all-minilm-l6-v2"}
+
+
+def _model_key(name: str) -> str:
+    """A model name without case, hub owner, path or ``sentence-transformers:`` prefix:
+    ``sentence-transformers/all-MiniLM-L6-v2``, ``/models/all-MiniLM-L6-v2`` and
+    ``sentence-transformers:all-minilm-l6-v2`` all give ``all-minilm-l6-v2``."""
+    key = name.strip().lower().replace("\\", "/").rstrip("/")
+    key = key.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return _MODEL_ALIASES.get(key, key)
+
+
+def same_model(model: str, embedder: Embedder) -> bool:
+    """Whether a vector said to be made by ``model`` (a manifest's ``embedding.model``, a
+    message's ``Broker-Embedding-Model``) lives in this embedder's space: the embedder's
+    name or its model's, compared without case, hub owner or path. A blend's name (``a*0.50
+    +b*0.50``) is matched whole: its space is the blend's, not any one model's."""
+    return _model_key(model) == _model_key(embedder.name)
+
+
 class EmbedderUnavailable(BrokerError):
     """The configured embedder cannot be built (unknown spec, missing extra, bad model path)."""
 

@@ -56,6 +56,7 @@ from broker.registry.manifest import Modality
 H_INTENT = "broker-intent"
 H_TEXT = "broker-text"
 H_EMBEDDING = "broker-embedding"
+H_EMBEDDING_MODEL = "broker-embedding-model"
 H_SCHEMA_ID = "broker-schema-id"
 H_ENV = "x-env"
 H_CONTENT_TYPE = "content-type"
@@ -71,13 +72,16 @@ _MAX_KEYS = 200  # distinct JSON keys kept as words
 _MAX_TEXT_HEADER = 64 * 1024
 _MAX_EMBEDDING_HEADER = (MAX_EMBEDDING_DIM * 4 + 2) // 3 * 4 + 8
 _INTENT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+#: A model name: a hub id (``owner/name``), a directory, or an embedder's name.
+_MODEL_NAME = re.compile(r"[\x21-\x7e]{1,200}")
 _JSON_STRING = re.compile(rb'"((?:[^"\\]|\\.){1,2000})"\s*(:?)')
 #: Bytes that do not occur in text: C0 controls other than tab, newlines and form feed; DEL.
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0c") + b"\x7f"
 
 
 class InvalidRoutingHeader(Unprocessable):
-    """A routing header (Broker-Embedding, Broker-Text, Broker-Intent) that cannot be used."""
+    """A routing header (Broker-Embedding, Broker-Embedding-Model, Broker-Text, Broker-Intent)
+    that cannot be used."""
 
     error_code = "invalid_routing_header"
 
@@ -104,6 +108,8 @@ class Features:
     #: Share of a JSON body's leaves that are numbers (``None``: not parsed JSON). Telemetry
     #: is mostly numbers; a business record or a message mostly strings.
     numeric_share: float | None = None
+    #: The model that made ``embedding``, as the client named it (``Broker-Embedding-Model``).
+    embedding_model: str | None = None
 
 
 # --- magic bytes --------------------------------------------------------------------------
@@ -299,6 +305,18 @@ def _parse_text(value: str) -> str | None:
         raise InvalidRoutingHeader("Broker-Text is not percent-encoded UTF-8") from None
     text = text.strip()[:MAX_TEXT_CHARS]
     return text or None
+
+
+def _parse_model(value: str) -> str | None:
+    model = value.strip()
+    if not model:
+        return None
+    if not _MODEL_NAME.fullmatch(model):
+        raise InvalidRoutingHeader(
+            "Broker-Embedding-Model is not a model name (1-200 printable ASCII characters, no "
+            "spaces)"
+        )
+    return model
 
 
 def _parse_intent(value: str) -> str | None:
@@ -556,6 +574,7 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
     if header_text is not None:
         text = _parse_text(header_text)
     embedding_header = h.get(H_EMBEDDING)
+    model_header = h.get(H_EMBEDDING_MODEL)
     intent_header = h.get(H_INTENT)
     env = h.get(H_ENV)
     return Features(
@@ -572,4 +591,5 @@ def extract(payload: bytes, headers: Mapping[str, str]) -> Features:
         embedding=None if embedding_header is None else parse_embedding(embedding_header),
         env=None if env is None else (env.strip()[:64] or None),
         numeric_share=numeric_share,
+        embedding_model=None if model_header is None else _parse_model(model_header),
     )

@@ -51,6 +51,7 @@ from broker.routing.embedder import (
     Matrix,
     costly,
     relevance_threshold,
+    same_model,
     tokens,
 )
 from broker.routing.features import Features, InvalidRoutingHeader, extract
@@ -713,6 +714,13 @@ class Scorer:
                 raise InvalidRoutingHeader(
                     f"Broker-Embedding has {features.embedding.shape[0]} dimensions; this "
                     f"broker embeds with {self.embedder.name} ({self.embedder.dim} dimensions)"
+                )
+            model = features.embedding_model
+            if model is not None and not same_model(model, self.embedder):
+                raise InvalidRoutingHeader(
+                    f"Broker-Embedding was made by {model[:200]!r}; this broker embeds with "
+                    f"{self.embedder.name}, whose vectors mean something else: send "
+                    "Broker-Text instead, or a vector from the broker's model"
                 )
             return features.embedding
         if features.text:

@@ -379,6 +379,7 @@ async def test_no_qualified_agent_dead_letters_and_wait_says_no_route(
         ({"broker-embedding": "not base64!"}, 422),
         ({"broker-embedding": base64.b64encode(struct.pack("<2f", float("nan"), 1)).decode()}, 422),
         ({"broker-text": "x" * 40_000}, 422),
+        ({"broker-embedding-model": "two words"}, 422),
     ],
 )
 async def test_bad_routing_headers_are_refused_and_nothing_is_stored(
@@ -487,6 +488,46 @@ async def test_the_client_routes_and_waits_for_replies(broker: BrokerProcess, ur
     assert (reply.duplicate, sent_again.duplicate) == (False, True)
     assert (sent_again.json(), sent_again.message_seq) == (reply.json(), reply.message_seq)
     assert refused_in < 5
+
+
+async def test_a_vector_from_another_model_is_refused_and_one_from_the_routers_is_used(
+    broker: BrokerProcess, url: str
+) -> None:
+    """The router embeds with all-MiniLM-L6-v2 (384 numbers): a client vector of the same
+    dimension made by another model is refused with both names, not compared as if it were
+    the router's; the same vector said to be the router's model's (or not said) routes by
+    it."""
+    from broker.client import BrokerClient
+    from broker.routing.embedder import load_embedder
+
+    helper = manifest("m-helper", "Answers questions about parcel deliveries")
+    vector = load_embedder("minilm").embed(["where is my parcel?"])[0].tolist()
+    async with BrokerClient(broker.base_url) as client, running(helper, url):
+
+        async def live() -> bool:
+            return (await client.route("tasks.in", "my parcel is late")).agent == "m-helper"
+
+        assert await await_until(live, timeout=15, interval=0.1)
+        other = await client.route(
+            "tasks.in", "?", embedding=vector, embedding_model="BAAI/bge-small-en-v1.5"
+        )
+        ours = await client.route(
+            "tasks.in",
+            "?",
+            embedding=vector,
+            embedding_model="sentence-transformers/all-MiniLM-L6-v2",
+        )
+        unnamed = await client.route("tasks.in", "?", embedding=vector)
+    assert other.decision is not None
+    assert other.agent is None
+    assert "'BAAI/bge-small-en-v1.5'" in other.decision["detail"]
+    assert "minilm-l6" in other.decision["detail"]
+    assert ours.agent == "m-helper"
+    assert ours.decision is not None
+    assert unnamed.decision is not None
+    semantic = unnamed.decision["candidates"][0]["semantic"]
+    assert semantic > 0.3  # the vector means "parcel" to the router
+    assert ours.decision["candidates"][0]["semantic"] == pytest.approx(semantic, abs=1e-6)
 
 
 class FailsFirstAttempt(Behaviour):

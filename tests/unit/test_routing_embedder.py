@@ -25,6 +25,7 @@ from broker.routing.embedder import (
     UniversalSentenceEncoderEmbedder,
     costly,
     load_embedder,
+    same_model,
     stem,
     tokens,
 )
@@ -291,3 +292,31 @@ def test_any_text_embeds_to_a_unit_or_zero_row(text: str) -> None:
     assert np.isfinite(row).all()
     norm = float(np.linalg.norm(row))
     assert norm == 0.0 or abs(norm - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("model", "embedder", "same"),
+    [
+        ("hashing-384", HashingEmbedder(), True),
+        ("hashing-512", HashingEmbedder(), False),
+        ("all-MiniLM-L6-v2", HashingEmbedder(), False),
+        # minilm runs all-MiniLM-L6-v2: the hub id, a directory or its own name all match
+        ("sentence-transformers/all-MiniLM-L6-v2", load_embedder("minilm"), True),
+        ("/models/all-minilm-l6-v2/", load_embedder("minilm"), True),
+        ("minilm-l6", load_embedder("minilm"), True),
+        ("BAAI/bge-small-en-v1.5", load_embedder("minilm"), False),
+        ("all-MiniLM-L12-v2", load_embedder("minilm"), False),
+        # a blend's space is its own: no one model's vector is in it
+        ("all-MiniLM-L6-v2", load_embedder("minilm|hashing"), False),
+        ("hashing-384", load_embedder("minilm|hashing"), False),
+    ],
+)
+def test_same_model_compares_names_without_case_owner_or_path(
+    model: str, embedder: Embedder, same: bool
+) -> None:
+    assert same_model(model, embedder) is same
+
+
+def test_a_blend_matches_its_own_name() -> None:
+    blend = load_embedder("minilm|hashing")
+    assert same_model(blend.name, blend)

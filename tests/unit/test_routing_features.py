@@ -203,6 +203,9 @@ def test_broker_text_wins_over_the_payload_text() -> None:
         ({"Broker-Text": "a" * 70_000}, "longer than"),
         ({"Broker-Intent": "no spaces allowed"}, "not a capability action"),
         ({"Broker-Intent": "x" * 65}, "not a capability action"),
+        ({"Broker-Embedding-Model": "all MiniLM"}, "not a model name"),
+        ({"Broker-Embedding-Model": "m" * 201}, "not a model name"),
+        ({"Broker-Embedding-Model": "modèle"}, "not a model name"),
     ],
 )
 def test_hostile_routing_headers_get_a_clear_422(headers: dict[str, str], complaint: str) -> None:
@@ -349,3 +352,11 @@ def test_json_nested_as_deep_as_the_parser_allows_is_scanned_without_recursion()
     features = extract(body, {"content-type": "application/json"})
     assert features.text is not None
     assert "deep" in features.text
+
+
+def test_broker_embedding_model_is_read_as_given_and_blank_means_none() -> None:
+    sent = {"Broker-Embedding": encode_embedding(np.ones(4))}
+    named = extract(b"", {**sent, "Broker-Embedding-Model": " BAAI/bge-small-en-v1.5 "})
+    assert named.embedding_model == "BAAI/bge-small-en-v1.5"
+    assert extract(b"", {**sent, "Broker-Embedding-Model": "  "}).embedding_model is None
+    assert extract(b"", sent).embedding_model is None

@@ -700,8 +700,63 @@ def test_a_manifest_vector_of_another_dimension_is_ignored_with_a_warning() -> N
         catalog = build_catalog([record], EMBEDDER)
     expected = {"event": "agent_embedding_ignored", "agent": "odd", "dim": 3}
     assert expected.items() <= logs[0].items()
+    assert logs[0]["because"] == "dimension"
     query = EMBEDDER.embed(["translation of letters"])[0]
     assert float(catalog.similarities(query)[0]) > 0.5  # embedding.text was used instead
+
+
+@pytest.mark.parametrize("text", [None, "translation of letters"])
+def test_a_manifest_vector_made_by_another_model_is_ignored_whatever_its_dimension(
+    text: str | None,
+) -> None:
+    """384 numbers from another model would be compared as if they were the embedder's: a
+    manifest that names its model is believed, and the text (or description) is embedded."""
+    vector = EMBEDDER.embed(["cooking recipes and kitchen timers"])[0].tolist()
+    embedding: dict[str, Any] = {"vector": vector, "model": "BAAI/bge-small-en-v1.5"}
+    if text is not None:
+        embedding["text"] = text
+    record = agent(
+        "odd", "Translates letters into German.", {"action": "translate"}, embedding=embedding
+    )
+    with capture_logs() as logs:
+        catalog = build_catalog([record], EMBEDDER)
+    (logged,) = [entry for entry in logs if entry["event"] == "agent_embedding_ignored"]
+    assert logged["because"] == "model"
+    assert logged["model"] == "BAAI/bge-small-en-v1.5"
+    assert logged["using"] == ("embedding.text" if text else "description")
+    kitchen = EMBEDDER.embed(["cooking recipes and kitchen timers"])[0]
+    letters = EMBEDDER.embed([text or "Translates letters into German."])[0]
+    assert float(catalog.similarities(kitchen)[0]) < 0.5
+    assert float(catalog.similarities(letters)[0]) > 0.5
+
+
+@pytest.mark.parametrize(
+    "model", ["hashing-384", "HASHING-384", "sentence-transformers:hashing-384"]
+)
+def test_a_manifest_vector_that_names_the_embedders_model_is_used(model: str) -> None:
+    vector = EMBEDDER.embed(["cooking recipes and kitchen timers"])[0].tolist()
+    record = agent(
+        "chef",
+        "Translates letters into German.",
+        {"action": "cook"},
+        embedding={"vector": vector, "model": model},
+    )
+    with capture_logs() as logs:
+        catalog = build_catalog([record], EMBEDDER)
+    assert not [entry for entry in logs if entry["event"] == "agent_embedding_ignored"]
+    kitchen = EMBEDDER.embed(["cooking recipes and kitchen timers"])[0]
+    assert float(catalog.similarities(kitchen)[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_broker_embedding_from_another_model_is_refused_and_one_from_ours_is_used() -> None:
+    records = [agent("a", "Forecasts rain and wind for a city", {"action": "work"})]
+    vector = EMBEDDER.embed(["Forecasts rain and wind for a city"])[0]
+    sent = {"Broker-Embedding": encode_embedding(vector)}
+    with pytest.raises(InvalidRoutingHeader, match=r"'bge-small-en-v1\.5'.*hashing-384"):
+        route(b"", {**sent, "Broker-Embedding-Model": "bge-small-en-v1.5"}, records)
+    decision = route(b"", {**sent, "Broker-Embedding-Model": "hashing-384"}, records)
+    assert decision.agent == "a"
+    assert route(b"", sent, records).agent == "a"  # no model named: the dimension decides
 
 
 def test_each_capability_example_is_a_row_and_the_best_row_counts() -> None:
