@@ -3,13 +3,16 @@
 Failures are ``RouteFailed`` events; every router process sees all of them (see
 :mod:`broker.routing.router`), so routers agree on who is cooling down. The rule comes from
 the policy: ``errors`` failures within ``window_s`` seconds put the agent in cooldown for
-``duration_s`` seconds.
+``duration_s`` seconds. A failure is counted once: the same attempt at the same message
+stored twice (its agent crashed after storing the failure and before its ack, ran the
+message again and failed again) is one failure, not two.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Hashable
 
 
 class Cooldowns:
@@ -20,6 +23,8 @@ class Cooldowns:
         self.window_s = window_s
         self.duration_s = duration_s
         self._failures: dict[tuple[str, str], deque[float]] = {}
+        #: Per agent, the failures counted within the window (id -> when), oldest first.
+        self._seen: dict[tuple[str, str], dict[Hashable, float]] = {}
         self._until: dict[tuple[str, str], float] = {}
         self._cooling: dict[str, frozenset[str]] = {}
         self._next_expiry = float("inf")
@@ -28,10 +33,16 @@ class Cooldowns:
         """New limits for failures from now on; windows and cooldowns running stay."""
         self.errors, self.window_s, self.duration_s = errors, window_s, duration_s
 
-    def record_failure(self, tenant: str, agent: str, now: float | None = None) -> bool:
-        """Count a failure; whether it starts a cooldown."""
+    def record_failure(
+        self, tenant: str, agent: str, now: float | None = None, failure: Hashable = None
+    ) -> bool:
+        """Count a failure; whether it starts a cooldown. ``failure`` identifies it (e.g. the
+        message's seq and the attempt): one seen within the window already is not counted
+        again."""
         now = time.monotonic() if now is None else now
         key = (tenant, agent)
+        if failure is not None and self._seen_before(key, failure, now):
+            return False
         window = self._failures.setdefault(key, deque())
         window.append(now)
         while window and window[0] < now - self.window_s:
@@ -44,6 +55,17 @@ class Cooldowns:
         self._next_expiry = min(self._next_expiry, until)
         self._cooling.pop(tenant, None)
         return True
+
+    def _seen_before(self, key: tuple[str, str], failure: Hashable, now: float) -> bool:
+        seen = self._seen.setdefault(key, {})
+        for old, when in list(seen.items()):  # oldest first: stop at the first still in time
+            if when >= now - self.window_s:
+                break
+            del seen[old]
+        if failure in seen:
+            return True
+        seen[failure] = now
+        return False
 
     def cooling(self, tenant: str, now: float | None = None) -> frozenset[str]:
         """The tenant's agents in cooldown now (the same object until it changes)."""

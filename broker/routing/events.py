@@ -248,7 +248,7 @@ class RouteFailed:
         # No Nats-Msg-Id: another agent's user could send the same id first and have this
         # failure dropped as a duplicate (the message would then never be retried). A failure
         # stored twice (an agent crashed before its ack) is retried once: the routers'
-        # decision for the next attempt is deduplicated.
+        # decision for the next attempt is deduplicated; and counted once for the cooldown.
         return headers
 
     @classmethod

@@ -448,8 +448,10 @@ class Router:
 
     def observe_failure(self, failure: RouteFailed) -> None:
         self.stats.failures_seen += 1
-        if self.cooldowns.record_failure(failure.route.tenant, failure.agent):
-            log.info("agent_cooling_down", tenant=failure.route.tenant, agent=failure.agent)
+        route = failure.route
+        attempt = (route.message_seq, route.attempt)
+        if self.cooldowns.record_failure(route.tenant, failure.agent, failure=attempt):
+            log.info("agent_cooling_down", tenant=route.tenant, agent=failure.agent)
 
     async def retry(self, message: Msg) -> None:
         """Send a failed routed message to the next candidate, or give up."""

@@ -190,6 +190,42 @@ def test_errors_outside_the_window_do_not_add_up() -> None:
     assert cool.record_failure("t", "a", now=5.5)
 
 
+def test_a_failure_stored_twice_counts_once() -> None:
+    """An agent that crashed between storing a failure and its ack runs the message again
+    and stores the same attempt's failure again: one failure, not two."""
+    cool = Cooldowns(errors=2, window_s=10.0, duration_s=5.0)
+    assert not cool.record_failure("t", "a", now=0.0, failure=(7, 1))
+    assert not cool.record_failure("t", "a", now=1.0, failure=(7, 1))
+    assert cool.cooling("t", now=1.0) == frozenset()
+    assert not cool.record_failure("t", "b", now=1.0, failure=(7, 1))  # another agent's
+    assert cool.record_failure("t", "a", now=2.0, failure=(7, 2))  # the next attempt counts
+    assert cool.cooling("t", now=2.0) == {"a"}
+    # After the window the same id is a new failure again.
+    assert not cool.record_failure("t", "a", now=30.0, failure=(7, 1))
+    assert cool.record_failure("t", "a", now=31.0, failure=(7, 1)) is False
+    assert cool.record_failure("t", "a", now=32.0, failure=(8, 1))
+
+
+def test_the_router_counts_a_failure_event_read_twice_once() -> None:
+    """What the router hands the cooldowns: the failed attempt's message seq and attempt."""
+    from typing import Any, cast
+
+    from broker.routing.policy import Policy
+    from broker.routing.router import Router
+
+    policy = Policy.model_validate({"cooldown": {"errors": 2, "window_s": 60, "duration_s": 60}})
+    router = Router(cast(Any, None), cast(Any, None), policy, cast(Any, None), cast(Any, None))
+    first = RouteFailed.from_headers(
+        RouteFailed(_route(), FailureReason.ERROR, "boom", "i-1").to_headers({})
+    )
+    router.observe_failure(first)
+    router.observe_failure(first)  # stored again after a crash before the ack
+    assert router.stats.failures_seen == 2
+    assert router.cooldowns.cooling("acme") == frozenset()
+    router.observe_failure(RouteFailed(_route(attempt=2), FailureReason.ERROR, "boom", "i-1"))
+    assert router.cooldowns.cooling("acme") == {"ocr"}
+
+
 def _beat(agent: str, instance: str, **load: float) -> InstanceLoad:
     return InstanceLoad(tenant="t", agent=agent, instance=instance, **load)  # type: ignore[arg-type]
 
