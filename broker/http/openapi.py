@@ -298,8 +298,8 @@ _ROUTE_ONE: dict[str, Any] = {
             _header(
                 "Broker-Embedding-Model",
                 "The model that made Broker-Embedding (e.g. all-MiniLM-L6-v2): when it is not "
-                "the router's, the message is refused (no_route) rather than compared in "
-                "another model's space.",
+                "the router's, the message goes to no agent (decision reason no_candidate; "
+                "with wait, 503 no_route) rather than being compared in another model's space.",
                 {"type": "string", "pattern": "^[!-~]{1,200}$"},
             ),
             _header(
