@@ -530,6 +530,31 @@ async def test_a_vector_from_another_model_is_refused_and_one_from_the_routers_i
     assert ours.decision["candidates"][0]["semantic"] == pytest.approx(semantic, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("model", "used"), [("BAAI/bge-small-en-v1.5", False), ("all-MiniLM-L6-v2", True)]
+)
+async def test_a_manifest_vector_counts_only_when_it_is_the_routers_models(
+    client: httpx.AsyncClient, url: str, model: str, used: bool
+) -> None:
+    """An agent registered through the API with a vector that means "weather" to the
+    router's model but a description about parcels: the vector is the agent's meaning only
+    when the manifest says the router's model made it; otherwise its description is."""
+    from broker.routing.embedder import load_embedder
+
+    question = "will it rain in Oslo tomorrow?"
+    spec = manifest(f"m-vector-{int(used)}", "Answers questions about parcel deliveries")
+    vector = load_embedder("minilm").embed([question])[0].tolist()
+    spec["embedding"] = {"vector": vector, "model": model}
+    async with running(spec, url):
+        assert await routed_to(client, spec["name"], question)
+        response = await route(client, question)
+        stored = await client.get(f"/v1/agents/{spec['name']}")
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["manifest"]["embedding"]["model"] == model
+    (top,) = response.json()["decision"]["candidates"]
+    assert (top["semantic"] > 0.9) is used, top
+
+
 class FailsFirstAttempt(Behaviour):
     """Fails attempt 1 of every message (with ``error``), answers the rest."""
 
