@@ -34,6 +34,7 @@ process with tracing off and on, what a request runs: the spans of one publish a
 OTLP export of sampled spans. Usage::
 
     python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load] [--threads]
+        [--compression gzip]
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (``git worktree
 add DIR <commit>``), named ``base <configuration>``, in the same rounds: an A/B of two code
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import platform
@@ -56,6 +58,7 @@ import tempfile
 import threading
 import time
 import timeit
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,12 +111,13 @@ class Config:
         return statistics.median(self.cpu_ratios) - 1
 
 
-def configs(sink: str) -> list[Config]:
+def configs(sink: str, compression: str = "none") -> list[Config]:
     def traced(key: str, ratio: float) -> dict[str, str]:
         env = {
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"{sink}/{key}",  # the sink tells them apart
             "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": compression,
         }
         if ratio < 1:
             env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
@@ -151,6 +155,12 @@ def reference(cases: list[Config]) -> Config:
     return names.get("base off") or names.get("off") or cases[0]
 
 
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.decompress,
+    "deflate": zlib.decompress,
+}
+
+
 class Sink:
     """An OTLP/HTTP endpoint that decodes every export, counts its spans by the path it was
     sent to (one per configuration) and drops them (a collector elsewhere)."""
@@ -168,7 +178,9 @@ class Sink:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                request = ExportTraceServiceRequest.FromString(body)
+                encoding = (self.headers.get("content-encoding") or "").lower()
+                decoded = _DECODERS.get(encoding, bytes)(body)
+                request = ExportTraceServiceRequest.FromString(decoded)
                 count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
                 key = self.path.strip("/").split("/")[0]
                 with sink.lock:
@@ -470,6 +482,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--client", choices=["auto", "python", "h2load"], default="auto")
     parser.add_argument("--only", action="append", help="run only these configurations")
     parser.add_argument(
+        "--compression",
+        choices=["none", "gzip", "deflate"],
+        default="none",
+        help="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION of the traced configurations",
+    )
+    parser.add_argument(
         "--baseline-tree",
         type=Path,
         help="also run every configuration from this checkout, as 'base <name>' (an A/B)",
@@ -490,7 +508,7 @@ def main() -> None:
     args = _arguments()
     payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
     sink = Sink()
-    cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
+    cases = [c for c in configs(sink.url, args.compression) if not args.only or c.name in args.only]
     if args.baseline_tree is not None:
         cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
     with tempfile.TemporaryDirectory() as tmp, running(args, Path(tmp), cases) as ports:

@@ -1,12 +1,17 @@
-"""The export thread's plain POST to an ``http://`` collector: the exporter's headers and
-body over one kept-alive connection, a retry on a closed one, and the exporter's own client
-for everything else (a refusal, a collector that is down, TLS, compression, proxies)."""
+"""The export thread's plain POST to a collector: the exporter's headers and body (gzip or
+deflate as it asks, over TLS with its CA and client certificate) on one kept-alive
+connection, a retry on a closed one, and the exporter's own client for everything else (a
+refusal, a collector that is down, proxies, a credential provider)."""
 
 from __future__ import annotations
 
+import gzip
+import ssl
 import threading
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +19,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 
 from broker.embedded import free_port
 from broker.telemetry._export import _otlp_http_post, _PlainHttpPost
+from tests._certs import Pki, make_pki
 
 pytestmark = pytest.mark.unit
 
@@ -21,8 +27,9 @@ pytestmark = pytest.mark.unit
 class Collector:
     """A local OTLP/HTTP endpoint that records what it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes, tuple[str, int]]] = []
+        self.peers: list[Any] = []  # the client certificate of each request (TLS)
         self.status = 200
         self.close_after_each = False
         collector = self
@@ -34,6 +41,8 @@ class Collector:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 collector.requests.append((self.path, headers, body, self.client_address))
+                if isinstance(self.connection, ssl.SSLSocket):
+                    collector.peers.append(self.connection.getpeercert())
                 self.send_response(collector.status)
                 self.send_header("content-length", "0")
                 if collector.close_after_each:
@@ -44,7 +53,11 @@ class Collector:
                 return None
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        scheme = "http"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/v1/traces"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -121,10 +134,10 @@ def test_a_collector_that_is_down_goes_to_the_exporters_own_client() -> None:
 @pytest.mark.parametrize(
     ("endpoint", "env"),
     [
-        ("https://collector:4318/v1/traces", {}),
-        ("http://collector:4318/v1/traces", {"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"}),
         ("http://collector:4318/v1/traces", {"HTTP_PROXY": "http://proxy:3128"}),
         ("http://collector:4318/v1/traces", {"http_proxy": "http://proxy:3128"}),
+        ("https://collector:4318/v1/traces", {"HTTPS_PROXY": "http://proxy:3128"}),
+        ("https://collector:4318/v1/traces", {"all_proxy": "http://proxy:3128"}),
         (
             "http://collector:4318/v1/traces",
             {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "my.module:provider"},
@@ -162,3 +175,151 @@ def test_the_pipelines_shutdown_closes_the_kept_alive_connection(collector: Coll
     assert post._connection is not None
     pipeline.shutdown()
     assert post._connection is None
+
+
+@pytest.mark.parametrize(
+    ("compression", "decode"), [("gzip", gzip.decompress), ("deflate", zlib.decompress)]
+)
+def test_a_compressed_body_is_sent_as_the_exporter_asks(
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    compression: str,
+    decode: Any,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", compression)
+    post = plain(OTLPSpanExporter(endpoint=collector.url))
+    body = b"\x0a\x04span" * 5_000
+    assert post(body).success
+    assert post(body).success
+    (_, headers, sent, first), (_, _, _, second) = collector.requests
+    assert headers["content-encoding"] == compression
+    assert decode(sent) == body
+    assert len(sent) < len(body) // 10
+    assert first == second  # kept alive
+    post.close()
+
+
+def test_a_refused_compressed_body_goes_to_the_exporters_client_uncompressed(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback is the exporter's own ``export``, which compresses what it is given."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    exporter = OTLPSpanExporter(endpoint=collector.url)
+    post = plain(exporter)
+    fallback = Fallback()
+    post._fallback = fallback
+    collector.status = 503
+    assert post(b"spans") == "fallback"
+    assert fallback.bodies == [b"spans"]
+    post.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("otlp-pki"))
+
+
+def _server_tls(pki: Pki, *, client_ca: Path | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    return context
+
+
+def test_tls_uses_the_exporters_ca_and_client_certificate(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OTEL_EXPORTER_OTLP_CERTIFICATE`` (``certificate_file``) is the CA, even where
+    ``REQUESTS_CA_BUNDLE`` names another (``requests`` itself would take that one)."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.unknown_ca.cert))
+    collector = Collector(_server_tls(pki, client_ca=pki.ca.cert))
+    try:
+        exporter = OTLPSpanExporter(
+            endpoint=collector.url,
+            certificate_file=str(pki.ca.cert),
+            client_certificate_file=str(pki.client.cert),
+            client_key_file=str(pki.client.key),
+        )
+        post = plain(exporter)
+        fallback = Fallback()
+        post._fallback = fallback
+        for body in (b"first", b"second"):
+            assert post(body).success
+        post.close()
+    finally:
+        collector.stop()
+    assert [r[2] for r in collector.requests] == [b"first", b"second"]
+    assert fallback.bodies == []
+    assert len({r[3] for r in collector.requests}) == 1  # kept alive
+    subject = dict(field for part in collector.peers[0]["subject"] for field in part)
+    assert subject["commonName"] == "client"
+
+
+def test_tls_with_a_ca_that_does_not_know_the_collector_is_not_sent(pki: Pki) -> None:
+    """Certificate verification holds: nothing reaches a collector the CA did not sign for;
+    the batch goes to the exporter's own client (which refuses it alike)."""
+    collector = Collector(_server_tls(pki))
+    try:
+        exporter = OTLPSpanExporter(
+            endpoint=collector.url, certificate_file=str(pki.unknown_ca.cert)
+        )
+        post = plain(exporter)
+        fallback = Fallback()
+        post._fallback = fallback
+        assert post(b"secret spans") == "fallback"
+    finally:
+        collector.stop()
+    assert collector.requests == []
+    assert fallback.bodies == [b"secret spans"]
+
+
+def test_tls_verification_can_be_turned_off_as_in_the_exporters_session(pki: Pki) -> None:
+    collector = Collector(_server_tls(pki))
+    try:
+        exporter = OTLPSpanExporter(endpoint=collector.url, certificate_file=str(pki.ca.cert))
+        exporter._client._transport._session.verify = False
+        post = plain(exporter)
+        assert post(b"spans").success
+        post.close()
+    finally:
+        collector.stop()
+    assert [r[2] for r in collector.requests] == [b"spans"]
+
+
+def test_an_http_proxy_variable_does_not_apply_to_an_https_collector(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")  # requests would not use it either
+    exporter = OTLPSpanExporter(
+        endpoint="https://collector:4318/v1/traces", certificate_file=str(pki.ca.cert)
+    )
+    assert isinstance(_otlp_http_post(exporter), _PlainHttpPost)
+
+
+def test_unreadable_tls_settings_leave_the_exporters_client(pki: Pki, tmp_path: Path) -> None:
+    exporter = OTLPSpanExporter(endpoint="https://collector:4318/v1/traces")
+    exporter._client._transport._session.verify = str(tmp_path / "missing-ca.pem")
+    assert _otlp_http_post(exporter) == exporter._client.export
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_without_a_certificate_the_bundle_requests_would_use_is_trusted(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", raising=False)
+    monkeypatch.setenv(variable, str(pki.ca.cert))
+    collector = Collector(_server_tls(pki))
+    try:
+        post = plain(OTLPSpanExporter(endpoint=collector.url))
+        fallback = Fallback()
+        post._fallback = fallback
+        assert post(b"spans").success
+        post.close()
+    finally:
+        collector.stop()
+    assert [r[2] for r in collector.requests] == [b"spans"]
+    assert fallback.bodies == []
