@@ -208,7 +208,6 @@ class _PlainHttpPost:
             headers = dict(client._headers)
             timeout = float(client._timeout)
             compression = getattr(client._compression, "value", client._compression)
-            transport = client._transport
         except (ImportError, AttributeError, TypeError, ValueError):
             return None  # another version of the exporter: its own client it is
         if not isinstance(endpoint, str):
@@ -230,7 +229,7 @@ class _PlainHttpPost:
         tls = None
         if scheme == "https":
             try:
-                tls = _tls_context(transport)
+                tls = _tls_context(client._transport)
             except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
                 log.info("otlp_plain_post_unused", reason=f"TLS settings: {e!r}"[:200])
                 return None
