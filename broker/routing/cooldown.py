@@ -11,8 +11,11 @@ message again and failed again) is one failure, not two.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
+
+#: Failure ids remembered per agent (for counting a failure stored twice once).
+MAX_REMEMBERED = 4096
 
 
 class Cooldowns:
@@ -24,7 +27,7 @@ class Cooldowns:
         self.duration_s = duration_s
         self._failures: dict[tuple[str, str], deque[float]] = {}
         #: Per agent, the failures counted within the window (id -> when), oldest first.
-        self._seen: dict[tuple[str, str], dict[Hashable, float]] = {}
+        self._seen: dict[tuple[str, str], OrderedDict[Hashable, float]] = {}
         self._until: dict[tuple[str, str], float] = {}
         self._cooling: dict[str, frozenset[str]] = {}
         self._next_expiry = float("inf")
@@ -57,14 +60,21 @@ class Cooldowns:
         return True
 
     def _seen_before(self, key: tuple[str, str], failure: Hashable, now: float) -> bool:
-        seen = self._seen.setdefault(key, {})
-        for old, when in list(seen.items()):  # oldest first: stop at the first still in time
-            if when >= now - self.window_s:
-                break
-            del seen[old]
+        """Whether ``failure`` was counted within the window; remembers it if not. Ids older
+        than the window are let go first (oldest first, so each is looked at once), and at
+        most :data:`MAX_REMEMBERED` per agent are kept: an agent that stores failures by the
+        thousand costs the routers memory and time in proportion to nothing else."""
+        seen = self._seen.get(key)
+        if seen is None:
+            seen = self._seen[key] = OrderedDict()
+        oldest = now - self.window_s
+        while seen and next(iter(seen.values())) < oldest:
+            seen.popitem(last=False)
         if failure in seen:
             return True
         seen[failure] = now
+        if len(seen) > MAX_REMEMBERED:
+            seen.popitem(last=False)
         return False
 
     def cooling(self, tenant: str, now: float | None = None) -> frozenset[str]:

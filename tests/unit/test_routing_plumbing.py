@@ -206,6 +206,20 @@ def test_a_failure_stored_twice_counts_once() -> None:
     assert cool.record_failure("t", "a", now=32.0, failure=(8, 1))
 
 
+def test_the_failures_remembered_per_agent_are_bounded() -> None:
+    """An agent storing failures by the thousand (broken, or hostile: agents store their own)
+    costs each router a bounded memory."""
+    from broker.routing.cooldown import MAX_REMEMBERED
+
+    cool = Cooldowns(errors=10**9, window_s=60.0, duration_s=5.0)
+    for i in range(3 * MAX_REMEMBERED):
+        cool.record_failure("t", "a", now=i * 0.001, failure=(i, 1))
+    assert len(cool._seen[("t", "a")]) == MAX_REMEMBERED
+    # the newest are the ones remembered
+    assert (3 * MAX_REMEMBERED - 1, 1) in cool._seen[("t", "a")]
+    assert (0, 1) not in cool._seen[("t", "a")]
+
+
 def test_the_router_counts_a_failure_event_read_twice_once() -> None:
     """What the router hands the cooldowns: the failed attempt's message seq and attempt."""
     from typing import Any, cast
