@@ -297,9 +297,10 @@ _ROUTE_ONE: dict[str, Any] = {
             ),
             _header(
                 "Broker-Embedding-Model",
-                "The model that made Broker-Embedding (e.g. all-MiniLM-L6-v2): when it is not "
-                "the router's, the message goes to no agent (decision reason no_candidate; "
-                "with wait, 503 no_route) rather than being compared in another model's space.",
+                "The model that made Broker-Embedding (e.g. all-MiniLM-L6-v2; ignored without "
+                "it): when it is not the router's, the message goes to no agent (decision "
+                "reason no_candidate; with wait, 503 no_route) rather than being compared in "
+                "another model's space.",
                 {"type": "string", "pattern": "^[!-~]{1,200}$"},
             ),
             _header(

@@ -178,10 +178,12 @@ class Embedding(_Model):
         default=None,
         min_length=1,
         max_length=200,
+        pattern=r"^[!-~]+$",
         description=(
-            "The model that made vector (e.g. all-MiniLM-L6-v2, or the router's embedder name). "
-            "When given and not the routers' model, they ignore vector and embed text (or the "
-            "description) themselves; when absent, vector is used whenever its dimension matches."
+            "The model that made vector (e.g. all-MiniLM-L6-v2, or the router's embedder name; "
+            "printable ASCII, no spaces). When given and not the routers' model, they ignore "
+            "vector and embed text (or the description) themselves; when absent, vector is "
+            "used whenever its dimension matches."
         ),
     )
 

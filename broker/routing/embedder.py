@@ -82,24 +82,52 @@ def costly(embedder: Embedder) -> bool:
 #: Other names of the models behind the built-in embedders' names. ``minilm`` runs
 #: all-MiniLM-L6-v2 itself (its vectors and the sentence-transformers model's agree to a
 #: cosine of 0.999), so a vector made with that model is this embedder's.
-_MODEL_ALIASES = {"minilm-l6": "all-minilm-l6-v2"}
+_MODEL_ALIASES = {"minilm-l6": "sentence-transformers/all-minilm-l6-v2"}
+_ST_PREFIX = "sentence-transformers:"
+
+
+def model_of_directory(path: str) -> str:
+    """The model a directory holds, by its name: ``owner/name`` in a Hugging Face cache
+    (``…/models--owner--name/snapshots/<commit>``), else the directory's own name."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in {"", "."}]
+    for part in parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return parts[-1] if parts else path
 
 
 def _model_key(name: str) -> str:
-    """A model name without case, hub owner, path or ``sentence-transformers:`` prefix:
-    ``sentence-transformers/all-MiniLM-L6-v2``, ``/models/all-MiniLM-L6-v2`` and
-    ``sentence-transformers:all-minilm-l6-v2`` all give ``all-minilm-l6-v2``."""
-    key = name.strip().lower().replace("\\", "/").rstrip("/")
-    key = key.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    """A model name compared without case; a directory (``/models/x``, ``./x``, ``~/x``) by
+    :func:`model_of_directory`; without the ``sentence-transformers:`` of an embedder's
+    name. A blend's name (``a*0.50+b*0.50``) is kept whole."""
+    key = name.strip().lower()
+    if "*" in key:
+        return key
+    key = key.removeprefix(_ST_PREFIX)
+    if key.startswith(("/", "./", "../", "~")) or "\\" in key:
+        key = model_of_directory(key)
     return _MODEL_ALIASES.get(key, key)
 
 
 def same_model(model: str, embedder: Embedder) -> bool:
     """Whether a vector said to be made by ``model`` (a manifest's ``embedding.model``, a
-    message's ``Broker-Embedding-Model``) lives in this embedder's space: the embedder's
-    name or its model's, compared without case, hub owner or path. A blend's name (``a*0.50
-    +b*0.50``) is matched whole: its space is the blend's, not any one model's."""
-    return _model_key(model) == _model_key(embedder.name)
+    message's ``Broker-Embedding-Model``) lives in this embedder's space: ``model`` names the
+    embedder (its name, or its spec as configured) or the model it runs, without case. A
+    hub owner counts when both names have one (``myorg/all-MiniLM-L6-v2`` is not
+    ``sentence-transformers/all-MiniLM-L6-v2``); a model directory does not know its owner,
+    so ``owner/name`` matches a directory named ``name``. A blend matches only its own name
+    or spec: its space is the blend's, not any one model's."""
+    given = _model_key(model)
+    names = [embedder.name]
+    spec = getattr(embedder, "spec", None)
+    if isinstance(spec, str):
+        names.append(spec)
+    for name in names:
+        ours = _model_key(name)
+        one_owner = ("/" in given) != ("/" in ours) and "*" not in ours
+        if given == ours or (one_owner and given.rsplit("/", 1)[-1] == ours.rsplit("/", 1)[-1]):
+            return True
+    return False
 
 
 class EmbedderUnavailable(BrokerError):
@@ -350,7 +378,7 @@ class SentenceTransformerEmbedder:
         if dimension is None:
             dimension = self._model.get_sentence_embedding_dimension
         self.dim = int(dimension())
-        self.name = f"sentence-transformers:{model_path.name}"
+        self.name = f"{_ST_PREFIX}{model_of_directory(str(model_path.resolve()))}"
 
     def embed(self, texts: Sequence[str]) -> Matrix:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -525,16 +553,19 @@ def load_embedder(spec: str | None) -> Embedder:
     if spec is None or not spec.strip():
         spec = DEFAULT_SPEC
     if "|" in spec:
-        return _blend(spec)
-    kind, _, argument = spec.strip().partition(":")
-    factory = EMBEDDERS.get(kind.strip().lower())
-    if factory is None:
-        raise EmbedderUnavailable(
-            f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', 'hashing', "
-            "'use-multilingual' or 'sentence-transformers:/path/to/model', or join several "
-            "with '|'"
-        )
-    return factory(argument.strip())
+        embedder = _blend(spec)
+    else:
+        kind, _, argument = spec.strip().partition(":")
+        factory = EMBEDDERS.get(kind.strip().lower())
+        if factory is None:
+            raise EmbedderUnavailable(
+                f"unknown embedder {kind!r}: use 'minilm', 'static+hashing', 'static', "
+                "'hashing', 'use-multilingual' or 'sentence-transformers:/path/to/model', or "
+                "join several with '|'"
+            )
+        embedder = factory(argument.strip())
+    embedder.spec = spec.strip()  # type: ignore[attr-defined]  # what same_model also accepts
+    return embedder
 
 
 def _blend(spec: str) -> Embedder:

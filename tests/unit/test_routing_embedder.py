@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from broker.routing.embedder import (
     UniversalSentenceEncoderEmbedder,
     costly,
     load_embedder,
+    model_of_directory,
     same_model,
     stem,
     tokens,
@@ -294,29 +296,88 @@ def test_any_text_embeds_to_a_unit_or_zero_row(text: str) -> None:
     assert norm == 0.0 or abs(norm - 1.0) < 1e-5
 
 
+class _Named:
+    """An embedder as ``same_model`` sees one: a name, perhaps a spec."""
+
+    def __init__(self, name: str, spec: str | None = None) -> None:
+        self.name, self.dim = name, 384
+        if spec is not None:
+            self.spec = spec
+
+    def embed(self, texts: Any) -> Any:
+        raise AssertionError("not embedded")
+
+
+_HF_CACHE = (
+    "/root/.cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/8b3219"
+)
+
+
 @pytest.mark.parametrize(
     ("model", "embedder", "same"),
     [
         ("hashing-384", HashingEmbedder(), True),
         ("hashing-512", HashingEmbedder(), False),
         ("all-MiniLM-L6-v2", HashingEmbedder(), False),
-        # minilm runs all-MiniLM-L6-v2: the hub id, a directory or its own name all match
+        # minilm runs all-MiniLM-L6-v2: the hub id, a directory, a cache path or its names
         ("sentence-transformers/all-MiniLM-L6-v2", load_embedder("minilm"), True),
+        ("all-MiniLM-L6-v2", load_embedder("minilm"), True),
         ("/models/all-minilm-l6-v2/", load_embedder("minilm"), True),
+        (_HF_CACHE, load_embedder("minilm"), True),
         ("minilm-l6", load_embedder("minilm"), True),
+        ("minilm", load_embedder("minilm"), True),  # the spec it was configured with
+        ("myorg/all-MiniLM-L6-v2", load_embedder("minilm"), False),  # another owner: a fine-tune
         ("BAAI/bge-small-en-v1.5", load_embedder("minilm"), False),
         ("all-MiniLM-L12-v2", load_embedder("minilm"), False),
+        # specs with arguments
+        ("hashing:512", load_embedder("hashing:512"), True),
+        ("hashing-512", load_embedder("hashing:512"), True),
+        ("512", load_embedder("hashing:512"), False),
+        ("static+hashing", load_embedder("static+hashing"), True),
         # a blend's space is its own: no one model's vector is in it
         ("all-MiniLM-L6-v2", load_embedder("minilm|hashing"), False),
         ("hashing-384", load_embedder("minilm|hashing"), False),
+        ("minilm|hashing", load_embedder("minilm|hashing"), True),
+        # a sentence-transformers embedder is named by its model directory
+        ("all-mpnet-base-v2", _Named("sentence-transformers:all-mpnet-base-v2"), True),
+        (
+            "sentence-transformers/all-mpnet-base-v2",
+            _Named("sentence-transformers:all-mpnet-base-v2"),
+            True,
+        ),
+        ("all-MiniLM-L6-v2", _Named("sentence-transformers:all-mpnet-base-v2"), False),
+        ("intfloat/e5-small-v2", _Named("sentence-transformers:intfloat/e5-small-v2"), True),
+        ("other/e5-small-v2", _Named("sentence-transformers:intfloat/e5-small-v2"), False),
+        (
+            "nomic-embed-text:latest",
+            _Named("sentence-transformers:mxbai-embed-large:latest"),
+            False,
+        ),
+        # blends that differ before a part's colon are different blends
+        (
+            "minilm-l6*0.50+sentence-transformers:mpnet*0.50",
+            _Named("hashing-384*0.50+sentence-transformers:mpnet*0.50"),
+            False,
+        ),
     ],
 )
-def test_same_model_compares_names_without_case_owner_or_path(
-    model: str, embedder: Embedder, same: bool
-) -> None:
+def test_same_model_compares_model_names(model: str, embedder: Embedder, same: bool) -> None:
     assert same_model(model, embedder) is same
 
 
 def test_a_blend_matches_its_own_name() -> None:
     blend = load_embedder("minilm|hashing")
     assert same_model(blend.name, blend)
+
+
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/models/all-mpnet-base-v2", "all-mpnet-base-v2"),
+        ("/models/all-mpnet-base-v2/", "all-mpnet-base-v2"),
+        (_HF_CACHE, "sentence-transformers/all-MiniLM-L6-v2"),
+        ("./models--acme--routing--v2/snapshots/1", "acme/routing--v2"),
+    ],
+)
+def test_a_model_directory_is_named_by_its_model(path: str, model: str) -> None:
+    assert model_of_directory(path) == model
