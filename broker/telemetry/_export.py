@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gzip
 import http.client
 import os
@@ -125,26 +126,27 @@ def _compressor(compression: object) -> Callable[[bytes], bytes] | None:
 
 def _tls_context(transport: Any) -> ssl.SSLContext:
     """The TLS settings the exporter's ``requests`` session would use: its ``verify`` (a CA
-    file or directory, ``False``, or ``True``: ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``, else
-    ``requests``' own bundle) and its client certificate and key (``cert``)."""
+    file or directory, or ``True``: ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` where the session
+    trusts the environment, else ``requests``' own bundle) and its client certificate and key
+    (``cert``). A session told not to verify raises ``ValueError``: ``requests`` may still
+    verify it (an environment bundle overrides ``False``), and a plain POST is never to check
+    less than the exporter would, so it keeps its own client."""
     from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
     session = transport._session
     verify, cert = session.verify, session.cert
     if verify is False:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        raise ValueError("the exporter's session does not verify certificates")
+    if verify is True or verify is None:
+        bundles = (os.environ.get(name) for name in _CA_BUNDLE_VARIABLES)
+        from_env = next((b for b in bundles if b), None) if session.trust_env else None
+        verify = from_env or DEFAULT_CA_BUNDLE_PATH
+    if not isinstance(verify, str):
+        raise TypeError(f"verify={verify!r}")
+    if os.path.isdir(verify):
+        context = ssl.create_default_context(capath=verify)
     else:
-        if verify is True or verify is None:
-            bundles = (os.environ.get(name) for name in _CA_BUNDLE_VARIABLES)
-            verify = next((b for b in bundles if b), None) or DEFAULT_CA_BUNDLE_PATH
-        if not isinstance(verify, str):
-            raise TypeError(f"verify={verify!r}")
-        if os.path.isdir(verify):
-            context = ssl.create_default_context(capath=verify)
-        else:
-            context = ssl.create_default_context(cafile=verify)
+        context = ssl.create_default_context(cafile=verify)
     if isinstance(cert, str):
         context.load_cert_chain(cert)
     elif isinstance(cert, tuple):
@@ -165,9 +167,11 @@ class _PlainHttpPost:
     POST cannot do: ``http`` or ``https`` (with the session's CA bundle, ``verify`` and
     client certificate), no compression, gzip or deflate, no proxy in the environment for
     the scheme, no credential provider, no ``.netrc`` entry for the host; the request carries
-    the exporter's headers. A failed send is retried once on a fresh connection (a collector
-    closes idle ones), and a request still refused, or answered with other than 2xx/3xx, is
-    handed to the exporter's own client, whose retries, backoff and logging apply as before.
+    the exporter's headers. A send that fails on a kept-alive connection is tried once more on
+    a fresh one (a collector closes idle ones); one that fails on a fresh connection, or is
+    answered with other than 2xx/3xx, is handed to the exporter's own client, whose retries,
+    backoff and logging apply as before. After a failed TLS handshake the CA and client
+    certificate files are read again (a rotated certificate is picked up).
     """
 
     def __init__(
@@ -178,7 +182,7 @@ class _PlainHttpPost:
         fallback: Callable[[bytes], Any],
         *,
         compress: Callable[[bytes], bytes] | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(endpoint)
         self._host = parts.hostname or "localhost"
@@ -188,7 +192,9 @@ class _PlainHttpPost:
         self._timeout = timeout
         self._fallback = fallback
         self._compress = compress
-        self._tls = tls
+        self._tls_factory = tls
+        self._tls = tls() if tls is not None else None
+        self._tls_failed = False  # read the certificate files again before connecting
         self._connection: http.client.HTTPConnection | None = None
         self._pid = os.getpid()
 
@@ -226,16 +232,25 @@ class _PlainHttpPost:
             key.lower() == "content-encoding" for key in headers
         ):
             headers["Content-Encoding"] = str(compression)
-        tls = None
-        if scheme == "https":
-            try:
-                tls = _tls_context(client._transport)
-            except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
-                log.info("otlp_plain_post_unused", reason=f"TLS settings: {e!r}"[:200])
-                return None
-        return cls(endpoint, headers, timeout, fallback, compress=compress, tls=tls)
+        if scheme != "https":
+            return cls(endpoint, headers, timeout, fallback, compress=compress)
+        transport = getattr(client, "_transport", None)
+        try:
+            return cls(
+                endpoint,
+                headers,
+                timeout,
+                fallback,
+                compress=compress,
+                tls=functools.partial(_tls_context, transport),
+            )
+        except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
+            log.info("otlp_plain_post_unused", reason=f"TLS settings: {e!r}"[:200])
+            return None
 
     def _connect(self) -> http.client.HTTPConnection:
+        if self._tls_failed:
+            self._renew_tls()
         if self._tls is not None:
             return http.client.HTTPSConnection(
                 self._host, self._port, timeout=self._timeout, context=self._tls
@@ -247,15 +262,20 @@ class _PlainHttpPost:
             self._connection, self._pid = None, os.getpid()
         data = self._compress(body) if self._compress is not None else body
         for _ in range(2):
+            kept = self._connection is not None
             connection = self._connection or self._connect()
             try:
                 connection.request("POST", self._path, body=data, headers=self._headers)
                 response = connection.getresponse()
                 response.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 connection.close()
                 self._connection = None
-                continue
+                if isinstance(e, ssl.SSLError):
+                    self._tls_failed = True
+                if kept:  # the collector may have closed an idle connection: once more
+                    continue
+                break  # a new connection failed: the exporter's client, with its backoff
             self._connection = None if response.will_close else connection
             if response.will_close:
                 connection.close()
@@ -263,6 +283,17 @@ class _PlainHttpPost:
                 return _SENT
             break
         return self._fallback(body)  # uncompressed: the exporter's client compresses itself
+
+    def _renew_tls(self) -> None:
+        """Read the CA and client certificate files again after a failed handshake (they may
+        have been rotated since); the old settings stay if they cannot be read now."""
+        self._tls_failed = False
+        if self._tls_factory is None:
+            return
+        try:
+            self._tls = self._tls_factory()
+        except (OSError, TypeError, ValueError) as e:
+            log.warning("otlp_tls_settings_unreadable", error=repr(e)[:200])
 
     def close(self) -> None:
         """Close the kept-alive connection (the pipeline's shutdown); a later POST opens one."""

@@ -275,17 +275,108 @@ def test_tls_with_a_ca_that_does_not_know_the_collector_is_not_sent(pki: Pki) ->
     assert fallback.bodies == [b"secret spans"]
 
 
-def test_tls_verification_can_be_turned_off_as_in_the_exporters_session(pki: Pki) -> None:
+def test_a_session_that_does_not_verify_keeps_the_exporters_client(pki: Pki) -> None:
+    """``requests`` may still verify such a session (an environment bundle overrides
+    ``verify=False``): the plain POST never checks less than the exporter would."""
+    exporter = OTLPSpanExporter(endpoint="https://collector:4318/v1/traces")
+    exporter._client._transport._session.verify = False
+    assert _otlp_http_post(exporter) == exporter._client.export
+
+
+def test_a_session_that_ignores_the_environment_ignores_its_ca_bundle_too(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``trust_env`` off, ``requests`` reads no ``REQUESTS_CA_BUNDLE``; neither does the
+    plain POST: the private CA there is not trusted, nothing is sent."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca.cert))
     collector = Collector(_server_tls(pki))
     try:
-        exporter = OTLPSpanExporter(endpoint=collector.url, certificate_file=str(pki.ca.cert))
-        exporter._client._transport._session.verify = False
+        exporter = OTLPSpanExporter(endpoint=collector.url)
+        exporter._client._transport._session.trust_env = False
         post = plain(exporter)
-        assert post(b"spans").success
+        fallback = Fallback()
+        post._fallback = fallback
+        assert post(b"spans") == "fallback"
+    finally:
+        collector.stop()
+    assert collector.requests == []
+
+
+def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
+    pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    cert.write_bytes(pki.unknown_client.cert.read_bytes())  # about to expire, say
+    key.write_bytes(pki.unknown_client.key.read_bytes())
+    collector = Collector(_server_tls(pki, client_ca=pki.ca.cert))
+    try:
+        exporter = OTLPSpanExporter(
+            endpoint=collector.url,
+            certificate_file=str(pki.ca.cert),
+            client_certificate_file=str(cert),
+            client_key_file=str(key),
+        )
+        post = plain(exporter)
+        fallback = Fallback()
+        post._fallback = fallback
+        assert post(b"refused") == "fallback"
+        cert.write_bytes(pki.client.cert.read_bytes())  # the rotation
+        key.write_bytes(pki.client.key.read_bytes())
+        assert post(b"accepted").success
         post.close()
     finally:
         collector.stop()
-    assert [r[2] for r in collector.requests] == [b"spans"]
+    assert [r[2] for r in collector.requests] == [b"accepted"]
+
+
+class Hangup:
+    """A listener that accepts connections and closes them before answering."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.accepted = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/traces"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            connection.recv(65536)
+            connection.close()
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_a_fresh_connection_that_fails_is_not_tried_again_here() -> None:
+    """Only a kept-alive connection may have been closed by the collector while idle; a new
+    one that fails goes to the exporter's client at once (its retries have a backoff and one
+    deadline: a second try here would add a whole timeout)."""
+    hangup = Hangup()
+    try:
+        fallback = Fallback()
+        post = _PlainHttpPost(hangup.url, {}, 5, fallback)
+        assert post(b"spans") == "fallback"
+    finally:
+        hangup.stop()
+    assert hangup.accepted == 1
+    assert fallback.bodies == [b"spans"]
+
+
+def test_a_header_http_client_refuses_goes_to_the_exporters_client(
+    collector: Collector,
+) -> None:
+    fallback = Fallback()
+    post = _PlainHttpPost(collector.url, {"x-bad": "line\nbreak"}, 5, fallback)
+    assert post(b"spans") == "fallback"
+    assert collector.requests == []
 
 
 def test_an_http_proxy_variable_does_not_apply_to_an_https_collector(
