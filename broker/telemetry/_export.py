@@ -292,7 +292,7 @@ class _PlainHttpPost:
             return
         try:
             self._tls = self._tls_factory()
-        except (OSError, TypeError, ValueError) as e:
+        except (AttributeError, OSError, TypeError, ValueError) as e:
             log.warning("otlp_tls_settings_unreadable", error=repr(e)[:200])
 
     def close(self) -> None:
