@@ -88,6 +88,13 @@ def plain(exporter: OTLPSpanExporter) -> _PlainHttpPost:
     return post
 
 
+def plain_with_fallback(exporter: OTLPSpanExporter) -> tuple[_PlainHttpPost, Fallback]:
+    """The exporter's plain POST, handing what it does not send to a recording fallback."""
+    post, fallback = plain(exporter), Fallback()
+    post._fallback = fallback
+    return post, fallback
+
+
 def test_the_exporters_headers_and_body_go_over_one_kept_alive_connection(
     collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,9 +212,7 @@ def test_a_refused_compressed_body_goes_to_the_exporters_client_uncompressed(
     """The fallback is the exporter's own ``export``, which compresses what it is given."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
     exporter = OTLPSpanExporter(endpoint=collector.url)
-    post = plain(exporter)
-    fallback = Fallback()
-    post._fallback = fallback
+    post, fallback = plain_with_fallback(exporter)
     collector.status = 503
     assert post(b"spans") == "fallback"
     assert fallback.bodies == [b"spans"]
@@ -242,9 +247,7 @@ def test_tls_uses_the_exporters_ca_and_client_certificate(
             client_certificate_file=str(pki.client.cert),
             client_key_file=str(pki.client.key),
         )
-        post = plain(exporter)
-        fallback = Fallback()
-        post._fallback = fallback
+        post, fallback = plain_with_fallback(exporter)
         for body in (b"first", b"second"):
             assert post(body).success
         post.close()
@@ -265,9 +268,7 @@ def test_tls_with_a_ca_that_does_not_know_the_collector_is_not_sent(pki: Pki) ->
         exporter = OTLPSpanExporter(
             endpoint=collector.url, certificate_file=str(pki.unknown_ca.cert)
         )
-        post = plain(exporter)
-        fallback = Fallback()
-        post._fallback = fallback
+        post, fallback = plain_with_fallback(exporter)
         assert post(b"secret spans") == "fallback"
     finally:
         collector.stop()
@@ -293,13 +294,12 @@ def test_a_session_that_ignores_the_environment_ignores_its_ca_bundle_too(
     try:
         exporter = OTLPSpanExporter(endpoint=collector.url)
         exporter._client._transport._session.trust_env = False
-        post = plain(exporter)
-        fallback = Fallback()
-        post._fallback = fallback
+        post, fallback = plain_with_fallback(exporter)
         assert post(b"spans") == "fallback"
     finally:
         collector.stop()
     assert collector.requests == []
+    assert fallback.bodies == [b"spans"]
 
 
 def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
@@ -316,9 +316,7 @@ def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
             client_certificate_file=str(cert),
             client_key_file=str(key),
         )
-        post = plain(exporter)
-        fallback = Fallback()
-        post._fallback = fallback
+        post, fallback = plain_with_fallback(exporter)
         assert post(b"refused") == "fallback"
         cert.write_bytes(pki.client.cert.read_bytes())  # the rotation
         key.write_bytes(pki.client.key.read_bytes())
@@ -327,6 +325,7 @@ def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
     finally:
         collector.stop()
     assert [r[2] for r in collector.requests] == [b"accepted"]
+    assert fallback.bodies == [b"refused"]
 
 
 class Hangup:
@@ -405,9 +404,7 @@ def test_without_a_certificate_the_bundle_requests_would_use_is_trusted(
     monkeypatch.setenv(variable, str(pki.ca.cert))
     collector = Collector(_server_tls(pki))
     try:
-        post = plain(OTLPSpanExporter(endpoint=collector.url))
-        fallback = Fallback()
-        post._fallback = fallback
+        post, fallback = plain_with_fallback(OTLPSpanExporter(endpoint=collector.url))
         assert post(b"spans").success
         post.close()
     finally:
