@@ -17,7 +17,9 @@ installed, else the Python HTTP/2 client) and the stream is checked to hold ever
 configuration and round it records the throughput and the CPU time of the broker's
 processes per message (``/proc``, from before the load until the broker is idle again and
 its sampled spans of the round have reached the sink, so the export of a traced round is
-its own cost, never the next configuration's). The report gives each configuration's
+its own cost, never the next configuration's; less the broker's idle CPU, measured before
+the rounds, over that wait after the load, which a traced round spends waiting up to 5 s
+for the export timer and an untraced one does not). The report gives each configuration's
 median rate and CPU, and its CPU overhead over ``off`` as the median of the per-round
 ratios (each round's ``off`` is its pair); the target is an overhead of at most 10 %.
 
@@ -90,6 +92,7 @@ class Config:
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # broker CPU per message
     cpu_ratios: list[float] = field(default_factory=list)  # to ``off`` of the same round
+    raw_cpu_ratios: list[float] = field(default_factory=list)  # the same, idle CPU included
     threads: list[dict[str, float]] = field(default_factory=list)  # us/msg by thread, a round
     spans_per_message: float = 0.0  # spans the sink received
 
@@ -109,6 +112,11 @@ class Config:
     def cpu_overhead(self) -> float:
         """Median over rounds of this configuration's CPU per message to ``off``'s, minus 1."""
         return statistics.median(self.cpu_ratios) - 1
+
+    @property
+    def raw_cpu_overhead(self) -> float:
+        """:attr:`cpu_overhead` with the brokers' idle CPU after the load left in."""
+        return statistics.median(self.raw_cpu_ratios) - 1
 
 
 def configs(sink: str, compression: str = "none") -> list[Config]:
@@ -287,6 +295,16 @@ def settle(window: float = 0.5, busy: float = 0.05, timeout: float = 120.0) -> N
         time.sleep(window)
         if _cpu_seconds(os.getpid()) - before < busy * window:
             return
+
+
+def idle_rates(pids: list[int], seconds: float = 10.0) -> dict[int, float]:
+    """CPU seconds per second each (idle) broker spends on its own: timers, heartbeats (over
+    ``seconds``: ``/proc`` counts in 10 ms ticks)."""
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    return {pid: (_cpu_seconds(pid) - before[pid]) / elapsed for pid in pids}
 
 
 def wait_for_export(sink: Sink, config: Config, exports_before: int, timeout: float) -> None:
@@ -518,10 +536,19 @@ def main() -> None:
         for config in cases:
             wait_for_export(sink, config, 0, EXPORT_WAIT_S)
         settle()
+        idle = idle_rates([pid for _, pid in ports])
+        print(
+            "idle CPU per broker (ms/s): "
+            + ", ".join(
+                f"{c.name} {idle[pid] * 1e3:.2f}" for c, (_, pid) in zip(cases, ports, strict=True)
+            ),
+            file=sys.stderr,
+        )
         spans_before = {c.key: sink.received(c.key) for c in cases}
         for round_ in range(args.rounds):
             shift = round_ % len(cases)  # rotate: every position, never twice in a row
             cpu: dict[str, float] = {}
+            raw: dict[str, float] = {}
             for config in cases[shift:] + cases[:shift]:
                 port, pid = ports[cases.index(config)]
                 subject = f"obs.r{round_}.{config.key}"
@@ -531,6 +558,7 @@ def main() -> None:
                 result: LoadResult = drive(
                     args.client, url, payload, args.messages, args.connections, args.concurrency
                 )
+                loaded_until = time.monotonic()
                 exports = sink.exported(config.key)
                 if result.ok != args.messages:
                     raise SystemExit(f"{config.name}: {result.ok}/{args.messages} succeeded")
@@ -541,7 +569,10 @@ def main() -> None:
                 # and the backlog of a traced run are part of its cost.
                 wait_for_export(sink, config, exports, EXPORT_WAIT_S)
                 settle()
-                cpu[config.name] = (_cpu_seconds(pid) - cpu_before) / args.messages * 1e6
+                waited = (time.monotonic() - loaded_until) * idle[pid]
+                used = _cpu_seconds(pid) - cpu_before
+                raw[config.name] = used / args.messages * 1e6
+                cpu[config.name] = (used - waited) / args.messages * 1e6
                 if args.threads:
                     config.threads.append(
                         {
@@ -553,12 +584,13 @@ def main() -> None:
                 config.cpu_us.append(cpu[config.name])
                 print(
                     f"round {round_ + 1} {config.name:<12} {result.rate:>8.0f} msgs/s "
-                    f"{config.cpu_us[-1]:>6.1f} us CPU/msg",
+                    f"{config.cpu_us[-1]:>6.1f} us CPU/msg ({raw[config.name]:.1f} with idle)",
                     file=sys.stderr,
                 )
-            base = cpu[reference(cases).name]
+            base, raw_base = cpu[reference(cases).name], raw[reference(cases).name]
             for config in cases:
                 config.cpu_ratios.append(cpu[config.name] / base)
+                config.raw_cpu_ratios.append(raw[config.name] / raw_base)
         for config in cases:
             config.spans_per_message = (sink.received(config.key) - spans_before[config.key]) / (
                 args.rounds * args.messages
@@ -587,6 +619,7 @@ def report(
                     "rounds_cpu_us_per_msg": [round(u, 1) for u in c.cpu_us],
                     "cpu_overhead": round(c.cpu_overhead, 3),
                     "rounds_cpu_ratio_to_off": [round(r, 3) for r in c.cpu_ratios],
+                    "cpu_overhead_idle_included": round(c.raw_cpu_overhead, 3),
                     "rounds_cpu_us_per_msg_by_thread": [
                         {label: round(us, 2) for label, us in r.items() if us} for r in c.threads
                     ],
@@ -606,7 +639,8 @@ def report(
     )
     print(
         f"{'configuration':<18}{'msgs/s':>9}{'ratio':>7}{'CPU us/msg':>12}{'CPU +%':>8}"
-        f"{'(rounds)':>17}{'spans/msg':>11}  verdict  rounds msgs/s (target: overhead <= 10%)"
+        f"{'(rounds)':>17}{'idle in':>9}{'spans/msg':>11}  verdict  rounds msgs/s "
+        "(target: overhead <= 10%)"
     )
     for c in cases:
         ratio = c.rate / base.rate
@@ -617,11 +651,13 @@ def report(
         rounds = ", ".join(f"{r:.0f}" for r in c.rates)
         print(
             f"{c.name:<18}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}"
-            f"{spread:>17}{c.spans_per_message:>11.3f}  {verdict:<7}  [{rounds}]"
+            f"{spread:>17}{c.raw_cpu_overhead:>9.1%}{c.spans_per_message:>11.3f}  {verdict:<7}"
+            f"  [{rounds}]"
         )
     print(
         f"CPU +%: median over rounds of the CPU per message to {base.name}'s in the same "
-        "round (its spread in brackets)"
+        "round (its spread in brackets), less each broker's idle CPU over the wait after the "
+        "load ('idle in': with it)"
     )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
     if args.threads:
