@@ -110,13 +110,17 @@ _PROXY_VARIABLES = {
 _CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
+def _uncompressed(body: bytes) -> bytes:
+    return body
+
+
 def _compressor(compression: object) -> Callable[[bytes], bytes] | None:
     """The body encoding for ``OTEL_EXPORTER_OTLP_COMPRESSION``: gzip and deflate at level 1.
     (The exporter's client compresses at gzip's default, level 9: on a batch of 512 spans
     2.2 ms of CPU against 0.26 ms at level 1, for a body 1.5 % larger; the collector reads
     any level.)"""
     if compression in {None, "none"}:
-        return lambda body: body
+        return _uncompressed
     if compression == "gzip":
         return lambda body: gzip.compress(body, compresslevel=1, mtime=0)
     if compression == "deflate":
@@ -181,7 +185,7 @@ class _PlainHttpPost:
         timeout: float,
         fallback: Callable[[bytes], Any],
         *,
-        compress: Callable[[bytes], bytes] | None = None,
+        compress: Callable[[bytes], bytes] = _uncompressed,
         tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(endpoint)
@@ -260,7 +264,7 @@ class _PlainHttpPost:
     def __call__(self, body: bytes) -> Any:
         if self._pid != os.getpid():  # a forked child: the parent's socket is not ours
             self._connection, self._pid = None, os.getpid()
-        data = self._compress(body) if self._compress is not None else body
+        data = self._compress(body)
         for _ in range(2):
             kept = self._connection is not None
             connection = self._connection or self._connect()
