@@ -22,7 +22,7 @@ from broker.http.models import (
     StreamedRecordResult,
 )
 from broker.http.schema_registry import MEDIA_TYPE as REGISTRY_MEDIA_TYPE
-from broker.registry.manifest import AgentManifest
+from broker.registry.manifest import MODEL_NAME_PATTERN, AgentManifest
 
 _MODELS: tuple[type[BaseModel], ...] = (
     ErrorBody,
@@ -301,7 +301,7 @@ _ROUTE_ONE: dict[str, Any] = {
                 "it): when it is not the router's, the message goes to no agent (decision "
                 "reason no_candidate; with wait, 503 no_route) rather than being compared in "
                 "another model's space.",
-                {"type": "string", "pattern": "^[!-~]{1,200}$"},
+                {"type": "string", "pattern": MODEL_NAME_PATTERN},
             ),
             _header(
                 "x-env",

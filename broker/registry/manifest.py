@@ -155,6 +155,11 @@ class Capability(_Model):
         return value
 
 
+#: A model's name (``embedding.model``, the ``Broker-Embedding-Model`` header): a hub id
+#: (``owner/name``), a directory or an embedder's name; printable ASCII, no spaces.
+MODEL_NAME_PATTERN = r"^[!-~]{1,200}$"
+
+
 class Embedding(_Model):
     """The agent's meaning for semantic routing: a vector, or text to embed."""
 
@@ -178,7 +183,7 @@ class Embedding(_Model):
         default=None,
         min_length=1,
         max_length=200,
-        pattern=r"^[!-~]+$",
+        pattern=MODEL_NAME_PATTERN,
         description=(
             "The model that made vector (e.g. all-MiniLM-L6-v2, or the router's embedder name; "
             "printable ASCII, no spaces). When given and not the routers' model, they ignore "

@@ -51,7 +51,7 @@ from broker.envelope import (
     wire_schema_id,
 )
 from broker.errors import Unprocessable
-from broker.registry.manifest import Modality
+from broker.registry.manifest import MODEL_NAME_PATTERN, Modality
 
 H_INTENT = "broker-intent"
 H_TEXT = "broker-text"
@@ -72,8 +72,7 @@ _MAX_KEYS = 200  # distinct JSON keys kept as words
 _MAX_TEXT_HEADER = 64 * 1024
 _MAX_EMBEDDING_HEADER = (MAX_EMBEDDING_DIM * 4 + 2) // 3 * 4 + 8
 _INTENT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-#: A model name: a hub id (``owner/name``), a directory, or an embedder's name.
-_MODEL_NAME = re.compile(r"[\x21-\x7e]{1,200}")
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _JSON_STRING = re.compile(rb'"((?:[^"\\]|\\.){1,2000})"\s*(:?)')
 #: Bytes that do not occur in text: C0 controls other than tab, newlines and form feed; DEL.
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0c") + b"\x7f"
