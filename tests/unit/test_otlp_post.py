@@ -65,12 +65,17 @@ class Collector:
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    c = Collector()
-    yield c
-    c.stop()
+    with Collector() as c:
+        yield c
 
 
 class Fallback:
@@ -239,8 +244,7 @@ def test_tls_uses_the_exporters_ca_and_client_certificate(
     """``OTEL_EXPORTER_OTLP_CERTIFICATE`` (``certificate_file``) is the CA, even where
     ``REQUESTS_CA_BUNDLE`` names another (``requests`` itself would take that one)."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.unknown_ca.cert))
-    collector = Collector(_server_tls(pki, client_ca=pki.ca.cert))
-    try:
+    with Collector(_server_tls(pki, client_ca=pki.ca.cert)) as collector:
         exporter = OTLPSpanExporter(
             endpoint=collector.url,
             certificate_file=str(pki.ca.cert),
@@ -251,8 +255,6 @@ def test_tls_uses_the_exporters_ca_and_client_certificate(
         for body in (b"first", b"second"):
             assert post(body).success
         post.close()
-    finally:
-        collector.stop()
     assert [r[2] for r in collector.requests] == [b"first", b"second"]
     assert fallback.bodies == []
     assert len({r[3] for r in collector.requests}) == 1  # kept alive
@@ -263,15 +265,12 @@ def test_tls_uses_the_exporters_ca_and_client_certificate(
 def test_tls_with_a_ca_that_does_not_know_the_collector_is_not_sent(pki: Pki) -> None:
     """Certificate verification holds: nothing reaches a collector the CA did not sign for;
     the batch goes to the exporter's own client (which refuses it alike)."""
-    collector = Collector(_server_tls(pki))
-    try:
+    with Collector(_server_tls(pki)) as collector:
         exporter = OTLPSpanExporter(
             endpoint=collector.url, certificate_file=str(pki.unknown_ca.cert)
         )
         post, fallback = plain_with_fallback(exporter)
         assert post(b"secret spans") == "fallback"
-    finally:
-        collector.stop()
     assert collector.requests == []
     assert fallback.bodies == [b"secret spans"]
 
@@ -290,14 +289,11 @@ def test_a_session_that_ignores_the_environment_ignores_its_ca_bundle_too(
     """With ``trust_env`` off, ``requests`` reads no ``REQUESTS_CA_BUNDLE``; neither does the
     plain POST: the private CA there is not trusted, nothing is sent."""
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca.cert))
-    collector = Collector(_server_tls(pki))
-    try:
+    with Collector(_server_tls(pki)) as collector:
         exporter = OTLPSpanExporter(endpoint=collector.url)
         exporter._client._transport._session.trust_env = False
         post, fallback = plain_with_fallback(exporter)
         assert post(b"spans") == "fallback"
-    finally:
-        collector.stop()
     assert collector.requests == []
     assert fallback.bodies == [b"spans"]
 
@@ -308,8 +304,7 @@ def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
     cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
     cert.write_bytes(pki.unknown_client.cert.read_bytes())  # about to expire, say
     key.write_bytes(pki.unknown_client.key.read_bytes())
-    collector = Collector(_server_tls(pki, client_ca=pki.ca.cert))
-    try:
+    with Collector(_server_tls(pki, client_ca=pki.ca.cert)) as collector:
         exporter = OTLPSpanExporter(
             endpoint=collector.url,
             certificate_file=str(pki.ca.cert),
@@ -322,8 +317,6 @@ def test_a_rotated_client_certificate_is_read_again_after_a_failed_handshake(
         key.write_bytes(pki.client.key.read_bytes())
         assert post(b"accepted").success
         post.close()
-    finally:
-        collector.stop()
     assert [r[2] for r in collector.requests] == [b"accepted"]
     assert fallback.bodies == [b"refused"]
 
@@ -402,12 +395,9 @@ def test_without_a_certificate_the_bundle_requests_would_use_is_trusted(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", raising=False)
     monkeypatch.setenv(variable, str(pki.ca.cert))
-    collector = Collector(_server_tls(pki))
-    try:
+    with Collector(_server_tls(pki)) as collector:
         post, fallback = plain_with_fallback(OTLPSpanExporter(endpoint=collector.url))
         assert post(b"spans").success
         post.close()
-    finally:
-        collector.stop()
     assert [r[2] for r in collector.requests] == [b"spans"]
     assert fallback.bodies == []
