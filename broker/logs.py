@@ -63,13 +63,20 @@ class _StderrLogger:
     """structlog's output: one line to whatever ``sys.stderr`` is when the line is written.
     structlog's own PrintLogger keeps the file it was given, so a command configured while
     ``sys.stderr`` was redirected (typer's CliRunner, a capture) went on writing to that
-    file after it was closed, and every later log call raised."""
+    file after it was closed, and every later log call raised.
+
+    The line and its newline go in one ``write``: redirected to a file, ``sys.stderr`` is
+    unbuffered, and ``print`` writes the newline separately, so the processes of one broker
+    sharing a log file (its routers, say) could interleave two lines into one
+    (``{...}{...}``) that a JSON-lines reader cannot parse."""
 
     _lock = threading.Lock()
 
     def msg(self, message: str) -> None:
         with self._lock:
-            print(message, file=sys.stderr, flush=True)
+            stream = sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 

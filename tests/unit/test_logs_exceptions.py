@@ -1,5 +1,6 @@
 """What ``configure_logging`` writes for an exception: its traceback is scrubbed like any
-field, in JSON and on the console, and so are the keys of a dict logged as a field."""
+field, in JSON and on the console, and so are the keys of a dict logged as a field; and
+each line reaches stderr in one write."""
 
 from __future__ import annotations
 
@@ -153,3 +154,34 @@ def test_lines_go_to_the_stderr_of_the_moment_not_the_one_configured_with(
     structlog.get_logger("test").info("after_it_closed")
     assert "while_borrowed" in borrowed_lines
     assert json.loads(capsys.readouterr().err.strip())["event"] == "after_it_closed"
+
+
+class _Writes:
+    """A stand-in for an unbuffered ``sys.stderr``: every ``write`` call, as the file would
+    get it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def test_each_log_line_reaches_stderr_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redirected to a file, stderr is unbuffered: a line written in two calls (the text, then
+    its newline) can interleave with another process's line in a shared log file."""
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "json")
+    writes = _Writes()
+    monkeypatch.setattr(sys, "stderr", writes)
+    configure_logging("info")
+    structlog.get_logger("test").info("first_line", n=1)
+    structlog.get_logger("test").info("second_line", n=2)
+    assert len(writes.calls) == 2
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in writes.calls)
+    assert [json.loads(call)["event"] for call in writes.calls] == ["first_line", "second_line"]
