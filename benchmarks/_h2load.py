@@ -176,12 +176,18 @@ def run_h2load(
     total: int,
     connections: int = 4,
     concurrency: int = 32,
+    rate: float | None = None,
 ) -> LoadResult:
-    """Run ``h2load`` and parse its summary (latency percentiles are not reported by it)."""
+    """Run ``h2load`` and parse its summary (latency percentiles are not reported by it).
+
+    ``rate``: offer about this many requests per second in all (h2load's ``--rps``, split
+    evenly over the connections) instead of as many as the server answers."""
     with tempfile.NamedTemporaryFile() as data:
         data.write(body)
         data.flush()
         cmd = ["h2load", "-n", str(total), "-c", str(connections), "-m", str(concurrency)]
+        if rate is not None:
+            cmd += ["--rps", str(max(1, round(rate / connections)))]
         cmd += ["-d", data.name]
         for name, value in headers.items():
             cmd += ["-H", f"{name}: {value}"]

@@ -36,7 +36,14 @@ process with tracing off and on, what a request runs: the spans of one publish a
 OTLP export of sampled spans. Usage::
 
     python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load] [--threads]
-        [--compression gzip]
+        [--compression gzip] [--rate 6000]
+
+``--rate N`` offers N publishes per second (h2load's ``--rps``) instead of as many as the
+broker answers. Throughput is then the same for every configuration, and the CPU per
+message says what telemetry costs at that load: a broker below its capacity serves fewer
+requests per wake-up, so its CPU per message is higher than at saturation, and what
+telemetry adds is a smaller share of it. A configuration that cannot keep up with the rate
+in a round is marked ``behind``.
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (``git worktree
 add DIR <commit>``), named ``base <configuration>``, in the same rounds: an A/B of two code
@@ -52,6 +59,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,7 +69,7 @@ import threading
 import time
 import timeit
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,6 +89,10 @@ from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 TARGET_OVERHEAD = 0.10
 #: The batch span processor's default schedule delay (5 s), and a margin.
 EXPORT_WAIT_S = 7.0
+#: Rounds for a 95 % interval of a median: with fewer, the whole range covers it less often.
+MIN_ROUNDS_FOR_CI = 6
+#: With ``--rate``, a round at under this share of the offered rate did not keep up.
+KEPT_UP = 0.95
 
 
 @dataclass
@@ -92,9 +104,11 @@ class Config:
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # broker CPU per message
     cpu_ratios: list[float] = field(default_factory=list)  # to ``off`` of the same round
+    rate_ratios: list[float] = field(default_factory=list)  # throughput, to the same round's
     raw_cpu_ratios: list[float] = field(default_factory=list)  # the same, idle CPU included
     threads: list[dict[str, float]] = field(default_factory=list)  # us/msg by thread, a round
     spans_per_message: float = 0.0  # spans the sink received
+    behind: int = 0  # rounds (with --rate) whose throughput fell short of the offered rate
 
     @property
     def key(self) -> str:
@@ -112,6 +126,11 @@ class Config:
     def cpu_overhead(self) -> float:
         """Median over rounds of this configuration's CPU per message to ``off``'s, minus 1."""
         return statistics.median(self.cpu_ratios) - 1
+
+    @property
+    def rate_ratio(self) -> float:
+        """Median over rounds of this configuration's throughput to ``off``'s."""
+        return statistics.median(self.rate_ratios)
 
     @property
     def raw_cpu_overhead(self) -> float:
@@ -155,6 +174,25 @@ def with_baseline(cases: list[Config], tree: Path, sink: str) -> list[Config]:
             twin.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"{sink}/{twin.key}"
         out.append(twin)
     return out
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A confidence interval for the median of ``values`` that assumes nothing of their
+    distribution: the k-th smallest and the k-th largest value, k the largest for which a
+    median outside them is no likelier than ``1 - confidence`` (the binomial tail; with 6
+    rounds the whole range, 96.9 %; with 12 the 3rd to the 10th, 96.1 %). Fewer than 6
+    values give the whole range, at less than the confidence asked."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no values")
+    tail, k, below = (1 - confidence) / 2, 1, 0.0
+    for j in range(n // 2):
+        below += math.comb(n, j) / 2**n  # P(fewer than j + 1 values below the median)
+        if below > tail:
+            break
+        k = j + 1
+    return ordered[k - 1], ordered[n - k]
 
 
 def reference(cases: list[Config]) -> Config:
@@ -318,10 +356,22 @@ def wait_for_export(sink: Sink, config: Config, exports_before: int, timeout: fl
         time.sleep(0.05)
 
 
-def drive(client: str, url: str, body: bytes, total: int, connections: int, streams: int) -> Any:
-    runner = run_h2load if client == "h2load" else run_python
+def drive(
+    client: str,
+    url: str,
+    body: bytes,
+    total: int,
+    connections: int,
+    streams: int,
+    rate: float | None = None,
+) -> Any:
+    """``total`` publishes to ``url``, as fast as answered or at ``rate`` per second (h2load)."""
     headers = {"content-type": "application/json"}
-    return runner(url, body, headers, total=total, connections=connections, concurrency=streams)
+    if client == "h2load":
+        return run_h2load(
+            url, body, headers, total=total, connections=connections, concurrency=streams, rate=rate
+        )
+    return run_python(url, body, headers, total=total, connections=connections, concurrency=streams)
 
 
 #: The attributes of a publish's two spans (broker/telemetry/http.py, broker/publisher.py).
@@ -515,10 +565,18 @@ def _arguments() -> argparse.Namespace:
         action="store_true",
         help="also report CPU per message by thread (p<process>/t<thread>, t0 = main thread)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="offer this many publishes per second (h2load --rps) instead of as many as the "
+        "broker answers: the CPU per message at one load, the same for every configuration",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.client == "auto":
         args.client = "h2load" if h2load_available() else "python"
+    if args.rate is not None and (args.client != "h2load" or args.rate <= 0):
+        parser.error("--rate needs h2load (--client h2load) and a rate above 0")
     return args
 
 
@@ -532,7 +590,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, running(args, Path(tmp), cases) as ports:
         for config, (port, _) in zip(cases, ports, strict=True):  # warm-up
             url = f"http://127.0.0.1:{port}/v1/publish/obs.warm.{config.key}"
-            drive(args.client, url, payload, 2000, args.connections, args.concurrency)
+            drive(args.client, url, payload, 2000, args.connections, args.concurrency, args.rate)
         for config in cases:
             wait_for_export(sink, config, 0, EXPORT_WAIT_S)
         settle()
@@ -547,56 +605,76 @@ def main() -> None:
         spans_before = {c.key: sink.received(c.key) for c in cases}
         for round_ in range(args.rounds):
             shift = round_ % len(cases)  # rotate: every position, never twice in a row
-            cpu: dict[str, float] = {}
-            raw: dict[str, float] = {}
+            cpu: dict[str, tuple[float, float]] = {}  # CPU per message, and with idle CPU
             for config in cases[shift:] + cases[:shift]:
                 port, pid = ports[cases.index(config)]
-                subject = f"obs.r{round_}.{config.key}"
-                url = f"http://127.0.0.1:{port}/v1/publish/{subject}"
-                cpu_before = _cpu_seconds(pid)
-                threads_before = _thread_seconds(pid) if args.threads else {}
-                result: LoadResult = drive(
-                    args.client, url, payload, args.messages, args.connections, args.concurrency
-                )
-                loaded_until = time.monotonic()
-                exports = sink.exported(config.key)
-                if result.ok != args.messages:
-                    raise SystemExit(f"{config.name}: {result.ok}/{args.messages} succeeded")
-                count = asyncio.run(stored(args.nats_url, f"msg.default.{subject}"))
-                if count != args.messages:
-                    raise SystemExit(f"{config.name}: stream holds {count}/{args.messages}")
-                # The spans left in the batch processor are exported on its timer; that
-                # and the backlog of a traced run are part of its cost.
-                wait_for_export(sink, config, exports, EXPORT_WAIT_S)
-                settle()
-                waited = (time.monotonic() - loaded_until) * idle[pid]
-                used = _cpu_seconds(pid) - cpu_before
-                raw[config.name] = used / args.messages * 1e6
-                cpu[config.name] = (used - waited) / args.messages * 1e6
-                if args.threads:
-                    config.threads.append(
-                        {
-                            label: (seconds - threads_before.get(label, 0.0)) / args.messages * 1e6
-                            for label, seconds in _thread_seconds(pid).items()
-                        }
-                    )
-                config.rates.append(result.rate)
-                config.cpu_us.append(cpu[config.name])
-                print(
-                    f"round {round_ + 1} {config.name:<12} {result.rate:>8.0f} msgs/s "
-                    f"{config.cpu_us[-1]:>6.1f} us CPU/msg ({raw[config.name]:.1f} with idle)",
-                    file=sys.stderr,
-                )
-            base, raw_base = cpu[reference(cases).name], raw[reference(cases).name]
+                cpu[config.name] = measure(args, config, (port, pid), round_, payload, sink, idle)
+            ref = reference(cases)
+            base, raw_base = cpu[ref.name]
             for config in cases:
-                config.cpu_ratios.append(cpu[config.name] / base)
-                config.raw_cpu_ratios.append(raw[config.name] / raw_base)
+                config.cpu_ratios.append(cpu[config.name][0] / base)
+                config.raw_cpu_ratios.append(cpu[config.name][1] / raw_base)
+                config.rate_ratios.append(config.rates[-1] / ref.rates[-1])
         for config in cases:
             config.spans_per_message = (sink.received(config.key) - spans_before[config.key]) / (
                 args.rounds * args.messages
             )
     costs = asyncio.run(in_process_costs(sink))
     report(args, cases, costs, sink)
+
+
+def measure(
+    args: argparse.Namespace,
+    config: Config,
+    broker: tuple[int, int],
+    round_: int,
+    payload: bytes,
+    sink: Sink,
+    idle: dict[int, float],
+) -> tuple[float, float]:
+    """One configuration's load in one round: its throughput (kept in ``config``) and the
+    CPU per message of its broker, less its idle CPU over the wait after the load, and
+    with it. The stream must hold every message, and the round's spans reach the sink."""
+    port, pid = broker
+    subject = f"obs.r{round_}.{config.key}"
+    url = f"http://127.0.0.1:{port}/v1/publish/{subject}"
+    cpu_before = _cpu_seconds(pid)
+    threads_before = _thread_seconds(pid) if args.threads else {}
+    result: LoadResult = drive(
+        args.client, url, payload, args.messages, args.connections, args.concurrency, args.rate
+    )
+    loaded_until = time.monotonic()
+    exports = sink.exported(config.key)
+    if result.ok != args.messages:
+        raise SystemExit(f"{config.name}: {result.ok}/{args.messages} succeeded")
+    if args.rate is not None and result.rate < KEPT_UP * args.rate:
+        config.behind += 1  # not the offered load: its CPU is a saturated one
+    count = asyncio.run(stored(args.nats_url, f"msg.default.{subject}"))
+    if count != args.messages:
+        raise SystemExit(f"{config.name}: stream holds {count}/{args.messages}")
+    # The spans left in the batch processor are exported on its timer; that and the
+    # backlog of a traced run are part of its cost.
+    wait_for_export(sink, config, exports, EXPORT_WAIT_S)
+    settle()
+    waited = (time.monotonic() - loaded_until) * idle[pid]
+    used = _cpu_seconds(pid) - cpu_before
+    raw = used / args.messages * 1e6
+    cpu = (used - waited) / args.messages * 1e6
+    if args.threads:
+        config.threads.append(
+            {
+                label: (seconds - threads_before.get(label, 0.0)) / args.messages * 1e6
+                for label, seconds in _thread_seconds(pid).items()
+            }
+        )
+    config.rates.append(result.rate)
+    config.cpu_us.append(cpu)
+    print(
+        f"round {round_ + 1} {config.name:<12} {result.rate:>8.0f} msgs/s "
+        f"{cpu:>6.1f} us CPU/msg ({raw:.1f} with idle)",
+        file=sys.stderr,
+    )
+    return cpu, raw
 
 
 def report(
@@ -610,20 +688,26 @@ def report(
             "client": args.client,
             "messages_per_round": args.messages,
             "rounds": args.rounds,
+            "offered_rate": args.rate,
             "configs": {
                 c.name: {
                     "median_msgs_per_s": round(c.rate),
                     "rounds_msgs_per_s": [round(r) for r in c.rates],
-                    "ratio_to_off": round(c.rate / base.rate, 3),
+                    "ratio_to_off": round(c.rate_ratio, 3),
+                    "ratio_to_off_95ci": [round(x, 3) for x in median_interval(c.rate_ratios)],
+                    "rounds_ratio_to_off": [round(r, 3) for r in c.rate_ratios],
                     "median_cpu_us_per_msg": round(c.cpu, 1),
                     "rounds_cpu_us_per_msg": [round(u, 1) for u in c.cpu_us],
                     "cpu_overhead": round(c.cpu_overhead, 3),
+                    "cpu_overhead_95ci": [round(x - 1, 3) for x in median_interval(c.cpu_ratios)],
                     "rounds_cpu_ratio_to_off": [round(r, 3) for r in c.cpu_ratios],
                     "cpu_overhead_idle_included": round(c.raw_cpu_overhead, 3),
                     "rounds_cpu_us_per_msg_by_thread": [
                         {label: round(us, 2) for label, us in r.items() if us} for r in c.threads
                     ],
                     "spans_per_message": round(c.spans_per_message, 4),
+                    "rounds_behind_offered_rate": c.behind,
+                    "verdict": verdict(args, c, base),
                 }
                 for c in cases
             },
@@ -632,33 +716,45 @@ def report(
         }
         print(json.dumps(document, indent=2))
         return
+    load = "as fast as answered" if args.rate is None else f"offered at {args.rate:.0f}/s"
     print(
         f"\nobservability overhead: {args.messages} single publishes x {args.rounds} rounds per "
-        f"configuration, {args.payload_bytes}-byte payloads, 1 granian worker, client "
+        f"configuration ({load}), {args.payload_bytes}-byte payloads, 1 granian worker, client "
         f"{args.client}; {machine}"
     )
     print(
-        f"{'configuration':<18}{'msgs/s':>9}{'ratio':>7}{'CPU us/msg':>12}{'CPU +%':>8}"
-        f"{'(rounds)':>17}{'idle in':>9}{'spans/msg':>11}  verdict  rounds msgs/s "
+        f"{'configuration':<18}{'msgs/s':>9}{'ratio':>7}{'(95% CI)':>13}{'CPU us/msg':>12}"
+        f"{'CPU +%':>8}{'(95% CI)':>14}{'idle in':>9}{'spans/msg':>11}  verdict  rounds msgs/s "
         "(target: overhead <= 10%)"
     )
     for c in cases:
-        ratio = c.rate / base.rate
-        verdict = ""
-        if c is not base:
-            verdict = "ok" if max(1 - ratio, c.cpu_overhead) <= TARGET_OVERHEAD else "over"
-        spread = f"{min(c.cpu_ratios) - 1:+.0%}..{max(c.cpu_ratios) - 1:+.0%}"
+        low, high = median_interval(c.rate_ratios)
+        cpu_low, cpu_high = median_interval(c.cpu_ratios)
         rounds = ", ".join(f"{r:.0f}" for r in c.rates)
         print(
-            f"{c.name:<18}{c.rate:>9.0f}{ratio:>7.2f}{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}"
-            f"{spread:>17}{c.raw_cpu_overhead:>9.1%}{c.spans_per_message:>11.3f}  {verdict:<7}"
-            f"  [{rounds}]"
+            f"{c.name:<18}{c.rate:>9.0f}{c.rate_ratio:>7.2f}{f'{low:.2f}..{high:.2f}':>13}"
+            f"{c.cpu:>12.1f}{c.cpu_overhead:>8.1%}{f'{cpu_low - 1:+.0%}..{cpu_high - 1:+.0%}':>14}"
+            f"{c.raw_cpu_overhead:>9.1%}{c.spans_per_message:>11.3f}  "
+            f"{verdict(args, c, base):<7}  [{rounds}]"
         )
     print(
-        f"CPU +%: median over rounds of the CPU per message to {base.name}'s in the same "
-        "round (its spread in brackets), less each broker's idle CPU over the wait after the "
-        "load ('idle in': with it)"
+        f"ratio, CPU +%: medians over rounds of the throughput and of the CPU per message to "
+        f"{base.name}'s in the same round, with a 95 % confidence interval of each median "
+        "(distribution-free); CPU less each broker's idle CPU over the wait after the load "
+        "('idle in': with it). Verdict: ok when the whole interval meets the target, over "
+        "when none of it does, unclear between"
     )
+    if args.rounds < MIN_ROUNDS_FOR_CI:
+        print(
+            f"fewer than {MIN_ROUNDS_FOR_CI} rounds: each interval is the rounds' whole range, "
+            "with less than 95 % confidence"
+        )
+    if args.rate is not None:
+        print(
+            f"offered {args.rate:.0f} publishes/s: 'behind N' marks a configuration that fell "
+            f"below {KEPT_UP:.0%} of it in N rounds (its CPU per message is then a saturated "
+            "broker's, not comparable)"
+        )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
     if args.threads:
         print("\nCPU us/msg by thread, median over rounds (p0 = broker serve; t0 = main thread):")
@@ -672,6 +768,25 @@ def report(
     print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
         print(f"  {name:<46}{ns:>8.0f}")
+
+
+def verdict(args: argparse.Namespace, case: Config, base: Config) -> str:
+    """``ok`` when the target holds across the confidence intervals of both the throughput
+    lost and the CPU added, ``over`` when it fails across either, else ``unclear``; ``behind
+    N`` when (with ``--rate``) N rounds did not keep up with the offered rate."""
+    if case is base:
+        return ""
+    if case.behind:
+        return f"behind {case.behind}"
+    cpu_low, cpu_high = (r - 1 for r in median_interval(case.cpu_ratios))
+    if args.rate is None:  # at a fixed offered rate the throughputs are equal by design
+        rate_low, rate_high = median_interval(case.rate_ratios)
+        least, most = max(cpu_low, 1 - rate_high), max(cpu_high, 1 - rate_low)
+    else:
+        least, most = cpu_low, cpu_high
+    if most <= TARGET_OVERHEAD:
+        return "ok"
+    return "over" if least > TARGET_OVERHEAD else "unclear"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""The confidence interval the observability benchmark gives each median: distribution-free
+(order statistics), as wide as needed for the confidence asked and no wider."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from benchmarks.observability import median_interval
+
+pytestmark = pytest.mark.unit
+
+
+def coverage(n: int, k: int) -> float:
+    """The chance that the median lies between the k-th smallest and k-th largest of n."""
+    outside: float = sum(math.comb(n, j) for j in range(k)) / 2**n  # fewer than k below it
+    return 1 - 2 * outside
+
+
+@pytest.mark.parametrize("n", range(6, 61))
+def test_the_interval_covers_the_median_as_asked_and_is_the_narrowest_that_does(n: int) -> None:
+    values = [float(i) for i in range(n)]
+    random.Random(n).shuffle(values)  # the order they come in does not matter
+    low, high = median_interval(values)
+    k = int(low) + 1  # values are their own ranks: the k-th smallest is k - 1
+    assert high == n - k  # symmetric: the k-th largest
+    assert coverage(n, k) >= 0.95
+    if k + 1 <= n // 2:
+        assert coverage(n, k + 1) < 0.95
+
+
+def test_known_intervals() -> None:
+    assert median_interval([5.0, 1.0, 2.0, 3.0, 4.0, 6.0]) == (1.0, 6.0)  # 6 rounds: 96.9 %
+    assert median_interval([float(i) for i in range(1, 13)]) == (3.0, 10.0)  # 12: 96.1 %
+    assert median_interval([1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_fewer_than_six_values_give_their_whole_range() -> None:
+    assert median_interval([2.0]) == (2.0, 2.0)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)
+
+
+def test_a_lower_confidence_narrows_it() -> None:
+    values = [float(i) for i in range(20)]
+    narrow, wide = median_interval(values, 0.5), median_interval(values, 0.99)
+    assert wide[0] < narrow[0] <= narrow[1] < wide[1]
+
+
+def test_no_values_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
