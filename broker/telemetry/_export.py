@@ -329,6 +329,8 @@ class SpanPipeline:
         self.scope = scope
         self.dropped = 0
         self._settings = settings or batch_settings()
+        # Read on every span ended: plain attributes, not two attribute lookups each.
+        self._max_queue, self._max_batch = self._settings.max_queue, self._settings.max_batch
         self._exporters = list(exporters)
         self._processors = list(processors)
         self._plain_posts: list[_PlainHttpPost] = []  # their connections close at shutdown
@@ -361,13 +363,13 @@ class SpanPipeline:
         if not self._sends or self._stopped:
             return
         queue = self._queue
-        if len(queue) >= self._settings.max_queue:
+        if len(queue) >= self._max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.warning("spans_dropped", dropped=self.dropped, queue=len(queue))
             return
         queue.append(span)
-        if len(queue) >= self._settings.max_batch and not self._wake.is_set():
+        if len(queue) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
     # --- the export thread -----------------------------------------------------------------

@@ -140,7 +140,12 @@ class TraceContext(NamedTuple):
 
     @property
     def traceparent(self) -> str:
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+        return _TRACEPARENT % (self.trace_id, self.span_id, "01" if self.sampled else "00")
+
+
+#: ``%``-formatting: about a third faster than the f-string with format specs (in a tight
+#: loop), and a sampled publish writes one per message.
+_TRACEPARENT = "00-%032x-%016x-%s"
 
 
 @dataclass
@@ -215,9 +220,10 @@ def inject(headers: MutableMapping[str, str]) -> None:
     ctx = _current.get()
     if ctx is None:
         return
-    headers[TRACEPARENT] = ctx.traceparent
-    if ctx.tracestate:
-        headers[TRACESTATE] = ctx.tracestate
+    # TraceContext.traceparent written out: the property is a Python frame more.
+    headers[TRACEPARENT] = _TRACEPARENT % (ctx[0], ctx[1], "01" if ctx[2] else "00")
+    if ctx[3]:
+        headers[TRACESTATE] = ctx[3]
 
 
 def span(
@@ -304,7 +310,7 @@ class Timing:
         self.name = name
         self.kind: int = kind._value_
         self.trace_id = trace_id
-        self.span_id = _new_id(64)
+        self.span_id = span_id = _getrandbits(64) or 1  # _new_id(64), without its frame
         if parent is None:
             self.parent_id, self.parent_remote, self.tracestate = 0, False, None
         else:
@@ -313,7 +319,7 @@ class Timing:
             self.tracestate = parent.tracestate
         self.pipeline = pipeline
         # tuple.__new__ directly: the named tuple's own __new__ is a Python frame.
-        context = _tuple_new(TraceContext, (trace_id, self.span_id, True, self.tracestate, self))
+        context = _tuple_new(TraceContext, (trace_id, span_id, True, self.tracestate, self))
         self.token = _current.set(context)
         self.start = _time_ns()
 
@@ -361,7 +367,8 @@ def end_timing(
     if pipeline is None:
         return
     events: tuple[Any, ...] | None = None
-    status, description = (_ERROR, None) if failed else (_UNSET, None)
+    status = _ERROR if failed else _UNSET
+    description: str | None = None
     if isinstance(error, Exception):
         events = (exception_event(error, timestamp=end),)
         status, description = _ERROR, type(error).__name__
