@@ -18,7 +18,9 @@
  * compiles each Avro schema for (the same walk in Python is there too): a pass over the
  * body's bytes that builds no Python object; and ``encode_otlp_spans``, the OTLP/protobuf
  * encoding of finished spans that broker/telemetry/_otlp.py otherwise does in Python (a
- * span with events or with other than plain attribute values is handed back to it).
+ * span with events or with other than plain attribute values is handed back to it); and
+ * ``start_timing``/``end_timing``, broker/telemetry/tracing.py's Timing (a sampled span's
+ * ids and start time while it runs) and the common end of one, without a Python frame.
  *
  * The Python module objects used here (DecodeError, CONTENT_TYPE, stored_schema_id,
  * _strips_prefix) are looked up once and kept in module globals: single-phase init, no
@@ -27,6 +29,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+
+#include <limits.h>
+#include <time.h>
 
 #define WIRE_PREFIX_LEN 5
 
@@ -1190,6 +1195,295 @@ done:
     return result;
 }
 
+/* --- a sampled span's timing (broker.telemetry.tracing.Timing) ------------------------- */
+/*
+ * The ingress's server span and a publish's ``append`` span are kept as their ids and start
+ * time while they run (a Timing), made current as a TraceContext in the tracing module's
+ * context variable, and queued as one flat finished-span tuple when they end. This is
+ * ``Timing.__init__`` and the common case of ``end_timing`` (no exception, not failed) in C:
+ * the same objects, made with no Python frame. timing_bind() hands over what they use.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;
+    PyObject *trace_id;
+    PyObject *span_id;
+    PyObject *parent_id;
+    PyObject *tracestate;
+    PyObject *pipeline;
+    PyObject *token; /* the context variable's token; NULL only while being made */
+    long long start;
+    int kind;
+    char parent_remote;
+} TimingObject;
+
+static PyObject *timing_var;          /* tracing._current, a ContextVar */
+static PyTypeObject *trace_context;   /* tracing.TraceContext, a named tuple of five */
+static PyObject *timing_getrandbits;  /* random.getrandbits */
+static PyObject *str_ended;
+static PyObject *int_zero;
+static PyObject *int_one;
+
+static int
+timing_traverse(TimingObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->name);
+    Py_VISIT(self->trace_id);
+    Py_VISIT(self->span_id);
+    Py_VISIT(self->parent_id);
+    Py_VISIT(self->tracestate);
+    Py_VISIT(self->pipeline);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+timing_clear(TimingObject *self)
+{
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->trace_id);
+    Py_CLEAR(self->span_id);
+    Py_CLEAR(self->parent_id);
+    Py_CLEAR(self->tracestate);
+    Py_CLEAR(self->pipeline);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+timing_dealloc(TimingObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    timing_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef timing_members[] = {
+    {"name", T_OBJECT, offsetof(TimingObject, name), READONLY, "The span's name."},
+    {"trace_id", T_OBJECT, offsetof(TimingObject, trace_id), READONLY, "Its trace's id."},
+    {"span_id", T_OBJECT, offsetof(TimingObject, span_id), READONLY, "Its own id."},
+    {"parent_id", T_OBJECT, offsetof(TimingObject, parent_id), READONLY,
+     "Its parent's span id; 0 for a root."},
+    {"parent_remote", T_BOOL, offsetof(TimingObject, parent_remote), READONLY,
+     "Whether the parent was recorded by another process."},
+    {"tracestate", T_OBJECT, offsetof(TimingObject, tracestate), READONLY,
+     "The parent's tracestate, or None."},
+    {"pipeline", T_OBJECT, offsetof(TimingObject, pipeline), READONLY,
+     "Where the span goes when it ends (None: nowhere)."},
+    {"token", T_OBJECT, offsetof(TimingObject, token), READONLY,
+     "The context variable's token, to make the context before it current again."},
+    {"start", T_LONGLONG, offsetof(TimingObject, start), READONLY,
+     "Start time, ns since the epoch."},
+    {"kind", T_INT, offsetof(TimingObject, kind), READONLY, "The span kind's value."},
+    {NULL},
+};
+
+static PyTypeObject Timing_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "broker.codecs._lazy.Timing",
+    .tp_basicsize = sizeof(TimingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A sampled span while it runs: ids and start time (made by start_timing).",
+    .tp_traverse = (traverseproc)timing_traverse,
+    .tp_clear = (inquiry)timing_clear,
+    .tp_dealloc = (destructor)timing_dealloc,
+    .tp_members = timing_members,
+};
+
+static int
+now_ns(long long *out)
+{
+    struct timespec ts; /* time.time_ns() reads the same clock */
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    *out = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+    return 0;
+}
+
+static PyObject *
+timing_bind(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "timing_bind(current, TraceContext, getrandbits)");
+        return NULL;
+    }
+    if (!PyType_Check(args[1]) || !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "TraceContext must be a tuple type");
+        return NULL;
+    }
+    if (!PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "getrandbits must be callable");
+        return NULL;
+    }
+    Py_XSETREF(timing_var, Py_NewRef(args[0]));
+    Py_XSETREF(trace_context, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(timing_getrandbits, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "start_timing(name, kind, parent, trace_id, pipeline) takes 5 arguments");
+        return NULL;
+    }
+    if (timing_var == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "start_timing before timing_bind");
+        return NULL;
+    }
+    PyObject *name = args[0], *parent = args[2], *trace_id = args[3], *pipeline = args[4];
+    long kind = PyLong_AsLong(args[1]);
+    if (kind == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (kind < INT_MIN || kind > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "span kind out of range");
+        return NULL;
+    }
+    PyObject *parent_id = int_zero, *tracestate = Py_None;
+    char remote = 0;
+    if (parent != Py_None) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 5) {
+            PyErr_SetString(PyExc_TypeError, "parent must be a TraceContext or None");
+            return NULL;
+        }
+        parent_id = PyTuple_GET_ITEM(parent, 1);
+        tracestate = PyTuple_GET_ITEM(parent, 3);
+        remote = PyTuple_GET_ITEM(parent, 4) == Py_None;
+    }
+    PyObject *span_id = PyObject_CallOneArg(timing_getrandbits, sixty_four);
+    if (span_id == NULL) {
+        return NULL;
+    }
+    int zero = PyObject_Not(span_id); /* an id is never 0: 1 instead, as _new_id does */
+    if (zero < 0) {
+        Py_DECREF(span_id);
+        return NULL;
+    }
+    if (zero) {
+        Py_SETREF(span_id, Py_NewRef(int_one));
+    }
+    TimingObject *self = PyObject_GC_New(TimingObject, &Timing_Type);
+    if (self == NULL) {
+        Py_DECREF(span_id);
+        return NULL;
+    }
+    self->name = Py_NewRef(name);
+    self->trace_id = Py_NewRef(trace_id);
+    self->span_id = span_id;
+    self->parent_id = Py_NewRef(parent_id);
+    self->tracestate = Py_NewRef(tracestate);
+    self->pipeline = Py_NewRef(pipeline);
+    self->token = NULL;
+    self->start = 0;
+    self->kind = (int)kind;
+    self->parent_remote = remote;
+    PyObject_GC_Track((PyObject *)self);
+    /* TraceContext(trace_id, span_id, True, tracestate, self), as tuple.__new__ makes one */
+    PyObject *context = trace_context->tp_alloc(trace_context, 5);
+    if (context == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(context, 0, Py_NewRef(trace_id));
+    PyTuple_SET_ITEM(context, 1, Py_NewRef(span_id));
+    PyTuple_SET_ITEM(context, 2, Py_NewRef(Py_True));
+    PyTuple_SET_ITEM(context, 3, Py_NewRef(tracestate));
+    PyTuple_SET_ITEM(context, 4, Py_NewRef((PyObject *)self));
+    self->token = PyContextVar_Set(timing_var, context);
+    Py_DECREF(context);
+    if (self->token == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (now_ns(&self->start) < 0) {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (PyContextVar_Reset(timing_var, self->token) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, traceback);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "end_timing(timing, attributes, status) takes 3 arguments");
+        return NULL;
+    }
+    if (!Py_IS_TYPE(args[0], &Timing_Type) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "end_timing takes a Timing and a tuple of attributes");
+        return NULL;
+    }
+    TimingObject *timing = (TimingObject *)args[0];
+    PyObject *attributes = args[1], *status = args[2];
+    long long end;
+    if (now_ns(&end) < 0) {
+        return NULL;
+    }
+    /* The context before it is current again; ended in another context than it started in
+     * (a ValueError), there is nothing to restore. */
+    if (PyContextVar_Reset(timing_var, timing->token) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    if (timing->pipeline == Py_None) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(attributes);
+    PyObject *span = PyTuple_New(13 + n);
+    if (span == NULL) {
+        return NULL;
+    }
+    PyObject *kind = PyLong_FromLong(timing->kind);
+    PyObject *start = PyLong_FromLongLong(timing->start);
+    PyObject *stop = PyLong_FromLongLong(end);
+    if (kind == NULL || start == NULL || stop == NULL) {
+        Py_XDECREF(kind);
+        Py_XDECREF(start);
+        Py_XDECREF(stop);
+        Py_DECREF(span);
+        return NULL;
+    }
+    /* (name, trace_id, span_id, parent_id, parent_remote, tracestate, kind, start, end,
+     *  dropped attributes, events, status, description, *attributes) */
+    PyTuple_SET_ITEM(span, 0, Py_NewRef(timing->name));
+    PyTuple_SET_ITEM(span, 1, Py_NewRef(timing->trace_id));
+    PyTuple_SET_ITEM(span, 2, Py_NewRef(timing->span_id));
+    PyTuple_SET_ITEM(span, 3, Py_NewRef(timing->parent_id));
+    PyTuple_SET_ITEM(span, 4, Py_NewRef(timing->parent_remote ? Py_True : Py_False));
+    PyTuple_SET_ITEM(span, 5, Py_NewRef(timing->tracestate));
+    PyTuple_SET_ITEM(span, 6, kind);
+    PyTuple_SET_ITEM(span, 7, start);
+    PyTuple_SET_ITEM(span, 8, stop);
+    PyTuple_SET_ITEM(span, 9, Py_NewRef(int_zero));
+    PyTuple_SET_ITEM(span, 10, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(span, 11, Py_NewRef(status));
+    PyTuple_SET_ITEM(span, 12, Py_NewRef(Py_None));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(span, 13 + i, Py_NewRef(PyTuple_GET_ITEM(attributes, i)));
+    }
+    PyObject *result = PyObject_CallMethodOneArg(timing->pipeline, str_ended, span);
+    Py_DECREF(span);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef lazy_functions[] = {
     {"check_avro", (PyCFunction)(void (*)(void))check_avro, METH_FASTCALL,
      "check_avro(program, payload, max_depth): (offset, reason) of the first integer the "
@@ -1198,14 +1492,24 @@ static PyMethodDef lazy_functions[] = {
      "encode_otlp_spans(spans, fallback): the ScopeSpans.spans fields of finished spans as "
      "OTLP/protobuf; fallback(span) encodes the spans it leaves to Python (see "
      "broker.telemetry._otlp)."},
+    {"timing_bind", (PyCFunction)(void (*)(void))timing_bind, METH_FASTCALL,
+     "timing_bind(current, TraceContext, getrandbits): what start_timing and end_timing use "
+     "(broker.telemetry.tracing calls it once)."},
+    {"start_timing", (PyCFunction)(void (*)(void))start_timing, METH_FASTCALL,
+     "start_timing(name, kind, parent, trace_id, pipeline): a Timing, made current as a "
+     "TraceContext (broker.telemetry.tracing.Timing)."},
+    {"end_timing", (PyCFunction)(void (*)(void))end_timing, METH_FASTCALL,
+     "end_timing(timing, attributes, status): the context before it current again, and its "
+     "finished span handed to pipeline.ended (broker.telemetry.tracing.end_timing)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef lazy_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "broker.codecs._lazy",
-    .m_doc = "C implementation of broker.codecs.lazy.LazyValue and DecodedMessage, and of "
-             "broker.codecs._avrocheck.check.",
+    .m_doc = "C implementation of broker.codecs.lazy.LazyValue and DecodedMessage, of "
+             "broker.codecs._avrocheck.check, of the OTLP encoding of finished spans and of "
+             "broker.telemetry.tracing.Timing.",
     .m_size = -1,
     .m_methods = lazy_functions,
 };
@@ -1241,7 +1545,13 @@ PyInit__lazy(void)
     if (sixty_four == NULL && (sixty_four = PyLong_FromLong(64)) == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0) {
+    if ((int_zero == NULL && (int_zero = PyLong_FromLong(0)) == NULL) ||
+        (int_one == NULL && (int_one = PyLong_FromLong(1)) == NULL) ||
+        (str_ended == NULL && (str_ended = PyUnicode_InternFromString("ended")) == NULL)) {
+        return NULL;
+    }
+    if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0 ||
+        PyType_Ready(&Timing_Type) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&lazy_module);
@@ -1249,7 +1559,8 @@ PyInit__lazy(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "LazyValue", (PyObject *)&LazyValue_Type) < 0 ||
-        PyModule_AddObjectRef(module, "DecodedMessage", (PyObject *)&DecodedMessage_Type) < 0) {
+        PyModule_AddObjectRef(module, "DecodedMessage", (PyObject *)&DecodedMessage_Type) < 0 ||
+        PyModule_AddObjectRef(module, "Timing", (PyObject *)&Timing_Type) < 0) {
         Py_DECREF(module);
         return NULL;
     }

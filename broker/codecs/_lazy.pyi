@@ -1,5 +1,6 @@
 """C implementation of :class:`broker.codecs.lazy.LazyValue` and ``DecodedMessage``, and of
-:func:`broker.codecs._avrocheck.check`.
+:func:`broker.codecs._avrocheck.check`; also the OTLP encoding of finished spans and a
+sampled span's :class:`Timing` for :mod:`broker.telemetry`.
 
 Built from ``_lazy.c`` by ``hatch_build.py`` where a C compiler is available; import the
 classes from :mod:`broker.codecs` (or :mod:`broker.codecs.lazy`), which falls back to the
@@ -53,3 +54,32 @@ def encode_otlp_spans(
 ) -> bytes:
     """The ``ScopeSpans.spans`` fields of finished spans as OTLP/protobuf; ``fallback(span)``
     encodes the spans it leaves to Python (see :mod:`broker.telemetry._otlp`)."""
+
+class Timing:
+    """A sampled span while it runs (:class:`broker.telemetry.tracing.Timing` in C): its ids
+    and start time, made by :func:`start_timing`; every field is read-only."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int
+    parent_remote: bool
+    tracestate: str | None
+    pipeline: Any
+    token: Any
+    start: int
+    kind: int
+
+def timing_bind(current: Any, trace_context: type[tuple[Any, ...]], getrandbits: Any, /) -> None:
+    """What :func:`start_timing` and :func:`end_timing` use: the tracing module's context
+    variable, its ``TraceContext`` type and the random id source."""
+
+def start_timing(
+    name: str, kind: int, parent: tuple[Any, ...] | None, trace_id: int, pipeline: Any, /
+) -> Timing:
+    """A :class:`Timing` child of ``parent`` (a ``TraceContext``; ``None``: a root), made
+    current as a ``TraceContext`` in the bound context variable."""
+
+def end_timing(timing: Timing, attributes: tuple[Any, ...], status: int, /) -> None:
+    """The context before ``timing`` current again, and its finished span handed to its
+    pipeline's ``ended`` (none when its pipeline is ``None``)."""

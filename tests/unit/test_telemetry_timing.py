@@ -5,6 +5,10 @@ hand on must be the ones a recorded span would have been, field for field."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
+import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -38,8 +42,24 @@ APPEND = (
 )
 
 
+_C_TIMING = tracing._CTiming  # None where the codecs' C accelerator is not built
+
+
+@pytest.fixture(params=["c", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs with :class:`~broker.telemetry.tracing.Timing` in C (the accelerator's
+    ``start_timing``/``end_timing``, skipped only where it is not built) and in Python."""
+    if request.param == "c" and _C_TIMING is None:
+        pytest.skip("the C accelerator is not built")
+    if request.param == "python":
+        monkeypatch.setattr(tracing, "_new_timing", tracing.Timing)
+        monkeypatch.setattr(tracing, "_end_timing_c", None)
+        monkeypatch.setattr(tracing, "_CTiming", None)
+    return str(request.param)
+
+
 @pytest.fixture
-def memory() -> Iterator[InMemorySpanExporter]:
+def memory(implementation: str) -> Iterator[InMemorySpanExporter]:
     """Tracing on as in the ingress (its spans are not made current for OpenTelemetry);
     metrics off, so the requests here leave no counts for another test to find."""
     exporter = InMemorySpanExporter()
@@ -242,3 +262,160 @@ def test_nothing_is_timed_without_a_sampled_span_running(memory: InMemorySpanExp
     assert tracing.child_timing("append", SpanKind.PRODUCER) is None
     with pytest.raises(TypeError):
         tracing.start_timing(tracing.UNRECORDED, "x")
+
+
+class Pipeline:
+    """Where ended spans go: a list."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, ...]] = []
+
+    def ended(self, span: tuple[Any, ...]) -> None:
+        self.spans.append(span)
+
+
+def new_timing(
+    name: str, parent: tracing.TraceContext | None, pipeline: Pipeline | None
+) -> tracing.Timing:
+    trace_id = parent.trace_id if parent is not None else PARENT_TRACE
+    return tracing._new_timing(name, SpanKind.PRODUCER.value, parent, trace_id, pipeline)  # type: ignore[arg-type]
+
+
+def test_a_timing_knows_its_parent_and_queues_the_finished_span(implementation: str) -> None:
+    pipeline = Pipeline()
+    remote = tracing.TraceContext(PARENT_TRACE, PARENT_SPAN, True, "k=v")
+    outer = new_timing("outer", remote, pipeline)
+    assert (outer.parent_id, outer.parent_remote, outer.tracestate) == (PARENT_SPAN, True, "k=v")
+    local = tracing._current.get()
+    assert local is not None
+    assert (local.trace_id, local.span_id, local.sampled, local.span) == (
+        PARENT_TRACE,
+        outer.span_id,
+        True,
+        outer,
+    )
+    inner = new_timing("inner", local, pipeline)
+    assert (inner.parent_id, inner.parent_remote, inner.tracestate) == (outer.span_id, False, "k=v")
+    tracing.end_timing(inner, ("k", "v", "n", 1))
+    assert tracing._current.get() == local
+    tracing.end_timing(outer)
+    assert tracing._current.get() is None
+    (name, trace_id, span_id, parent_id, remote_parent, state, kind, start, end, *rest) = (
+        pipeline.spans[0]
+    )
+    assert (name, trace_id, span_id, parent_id, remote_parent, state, kind) == (
+        "inner",
+        PARENT_TRACE,
+        inner.span_id,
+        outer.span_id,
+        False,
+        "k=v",
+        SpanKind.PRODUCER.value,
+    )
+    assert 0 < start <= end
+    assert rest == [0, None, StatusCode.UNSET.value, None, "k", "v", "n", 1]
+    assert pipeline.spans[1][:4] == ("outer", PARENT_TRACE, outer.span_id, PARENT_SPAN)
+    assert len(pipeline.spans[1]) == 13
+    root = new_timing("root", None, pipeline)
+    assert (root.parent_id, root.parent_remote, root.tracestate) == (0, False, None)
+    tracing.end_timing(root)
+
+
+def test_a_timing_ended_in_another_context_queues_its_span_and_restores_nothing(
+    implementation: str,
+) -> None:
+    pipeline = Pipeline()
+    started = contextvars.copy_context()
+    timing = started.run(new_timing, "moved", None, pipeline)
+    assert started[tracing._current] is not None
+    tracing.end_timing(timing)  # here, not in the context it made current
+    assert [s[0] for s in pipeline.spans] == ["moved"]
+    assert started[tracing._current] is not None
+
+
+def test_a_timing_ended_twice_is_an_error_both_ways(implementation: str) -> None:
+    timing = new_timing("twice", None, Pipeline())
+    tracing.end_timing(timing)
+    with pytest.raises(RuntimeError):
+        tracing.end_timing(timing)
+
+
+def test_without_a_pipeline_ending_only_restores_the_context(implementation: str) -> None:
+    timing = new_timing("nowhere", None, None)
+    assert tracing._current.get() is not None
+    tracing.end_timing(timing, ("k", "v"))
+    assert tracing._current.get() is None
+
+
+def test_a_drawn_span_id_of_zero_becomes_one(
+    implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def zero(bits: int) -> int:
+        return 0
+
+    if implementation == "c":
+        assert tracing._lazy_module is not None
+        tracing._lazy_module.timing_bind(tracing._current, tracing.TraceContext, zero)
+    else:
+        monkeypatch.setattr(tracing, "_getrandbits", zero)
+    try:
+        timing = new_timing("zero", None, None)
+        assert timing.span_id == 1
+        tracing.end_timing(timing)
+    finally:
+        if implementation == "c":
+            tracing._lazy_module.timing_bind(  # type: ignore[union-attr]
+                tracing._current, tracing.TraceContext, tracing._getrandbits
+            )
+
+
+@pytest.mark.skipif(_C_TIMING is None, reason="the C accelerator is not built")
+def test_the_c_functions_refuse_what_they_cannot_take() -> None:
+    module = tracing._lazy_module
+    assert module is not None
+    with pytest.raises(TypeError):
+        module.start_timing("x", 1, None, 5)
+    with pytest.raises(TypeError):
+        module.start_timing("x", 1, ("not", "a", "context"), 5, None)
+    with pytest.raises(OverflowError):
+        module.start_timing("x", 2**40, None, 5, None)
+    with pytest.raises(TypeError):
+        module.end_timing(object(), (), 0)
+    timing = module.start_timing("x", 1, None, 5, None)
+    with pytest.raises(TypeError):
+        module.end_timing(timing, ["a", "list"], 0)
+    module.end_timing(timing, (), 0)
+    with pytest.raises(TypeError):
+        module.timing_bind(tracing._current, dict, tracing._getrandbits)
+    assert tracing._current.get() is None
+
+
+@pytest.mark.skipif(_C_TIMING is None, reason="the C accelerator is not built")
+def test_the_c_timings_leak_neither_references_nor_memory() -> None:
+    pipeline = Pipeline()
+    name = "leak-check-" + "x" * 20  # a string only this test holds
+    attributes = ("k", name)
+    before = (sys.getrefcount(name), sys.getrefcount(pipeline), sys.getrefcount(attributes))
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            outer = new_timing(name, None, pipeline)
+            inner = new_timing(name, tracing._current.get(), pipeline)
+            tracing.end_timing(inner, attributes)
+            tracing.end_timing(outer, attributes)
+        pipeline.spans.clear()
+
+    cycle(1000)
+    gc.collect()
+    assert (sys.getrefcount(name), sys.getrefcount(pipeline), sys.getrefcount(attributes)) == (
+        before
+    )
+    tracemalloc.start()
+    cycle(1000)
+    gc.collect()
+    first, _ = tracemalloc.get_traced_memory()
+    cycle(20_000)
+    gc.collect()
+    second, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert second - first < 64 * 1024
