@@ -43,6 +43,8 @@ APPEND = (
 
 
 _C_TIMING = tracing._CTiming  # None where the codecs' C accelerator is not built
+_NO_C_TIMING = "the C Timing is not in use (not built, or BROKER_PURE_PYTHON set)"
+requires_c_timing = pytest.mark.skipif(_C_TIMING is None, reason=_NO_C_TIMING)
 
 
 @pytest.fixture(params=["c", "python"])
@@ -50,7 +52,7 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Each test runs with :class:`~broker.telemetry.tracing.Timing` in C (the accelerator's
     ``start_timing``/``end_timing``, skipped only where it is not built) and in Python."""
     if request.param == "c" and _C_TIMING is None:
-        pytest.skip("the C accelerator is not built")
+        pytest.skip(_NO_C_TIMING)
     if request.param == "python":
         monkeypatch.setattr(tracing, "_new_timing", tracing.Timing)
         monkeypatch.setattr(tracing, "_end_timing_c", None)
@@ -369,7 +371,7 @@ def test_a_drawn_span_id_of_zero_becomes_one(
             )
 
 
-@pytest.mark.skipif(_C_TIMING is None, reason="the C accelerator is not built")
+@requires_c_timing
 def test_the_c_functions_refuse_what_they_cannot_take() -> None:
     module = tracing._lazy_module
     assert module is not None
@@ -390,7 +392,7 @@ def test_the_c_functions_refuse_what_they_cannot_take() -> None:
     assert tracing._current.get() is None
 
 
-@pytest.mark.skipif(_C_TIMING is None, reason="the C accelerator is not built")
+@requires_c_timing
 def test_the_c_timings_leak_neither_references_nor_memory() -> None:
     pipeline = Pipeline()
     name = "leak-check-" + "x" * 20  # a string only this test holds
