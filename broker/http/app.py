@@ -54,7 +54,7 @@ from broker.publisher import Publisher, map_nats_error
 from broker.sensitive import redact_text
 from broker.settings import Settings, get_settings
 from broker.telemetry import metrics
-from broker.telemetry.http import Handler, instrument
+from broker.telemetry.http import Entry, StatusRecorder, instrument
 
 log = structlog.get_logger(__name__)
 
@@ -224,11 +224,12 @@ class BrokerApp:
         self._entry = instrument(self._serve)  # the request's span and metrics
 
     @property
-    def __rsgi__(self) -> Handler:
+    def __rsgi__(self) -> Entry:
         """What granian calls per request (it looks the attribute up once, on this object)."""
         return self._entry
 
-    async def _serve(self, scope: Scope, proto: HTTPProtocol) -> None:
+    async def _serve(self, scope: Scope, proto: HTTPProtocol) -> int:
+        """Answer one request; the status answered with (0: none, the client went away)."""
         path = scope.path
         try:
             headers = scope.headers
@@ -238,32 +239,35 @@ class BrokerApp:
                 principal.require(needed)
                 bind(principal, principal.tenant(headers.get(TENANT_HEADER)))
             if path.startswith("/v1/publish"):
-                await self._publish(scope, proto, path)
-            elif path.startswith(_ROUTE_PREFIX):
-                await self._route(scope, proto, path)
+                return await self._publish(scope, proto, path)
+            recorder = StatusRecorder(proto)
+            if path.startswith(_ROUTE_PREFIX):
+                await self._route(scope, recorder, path)
             else:
                 await call_asgi(
-                    self.meta, scope, proto, body_limit=self.settings.max_api_body_bytes
+                    self.meta, scope, recorder, body_limit=self.settings.max_api_body_bytes
                 )
+            return recorder.status
         except (Unauthenticated, Forbidden) as e:
             log.info("request_refused", error_code=e.error_code, path=_loggable(path))
             self._refuse(proto, path, e, e.status * 100 + 1)
+            return e.status
         except BrokerError as e:
             if e.status >= 500:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)
             code = _registry_code(e.status, timeout=isinstance(e, PublishTimeout))
             self._refuse(proto, path, e, code)
+            return e.status
         except (RSGIProtocolClosed, RSGIProtocolError):
             log.info("client_disconnected", path=_loggable(path))
+            return 0
         except Exception:
             # A bug, not bad input: log it with its traceback and answer in the API's shape.
             log.exception("request_crashed", path=_loggable(path), method=scope.method)
+            crashed = BrokerError("internal error")
             with contextlib.suppress(RSGIProtocolError, RuntimeError):
-                respond_error(
-                    proto,
-                    BrokerError("internal error"),
-                    retry_after=self.settings.retry_after_seconds,
-                )
+                respond_error(proto, crashed, retry_after=self.settings.retry_after_seconds)
+            return crashed.status
 
     def _refuse(self, proto: HTTPProtocol, path: str, error: BrokerError, code: int) -> None:
         """Answer an error met before a handler took the request: on a schema registry path
@@ -277,7 +281,7 @@ class BrokerApp:
         else:
             respond_error(proto, error, retry_after=self.settings.retry_after_seconds)
 
-    async def _publish(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
+    async def _publish(self, scope: Scope, proto: HTTPProtocol, path: str) -> int:
         if scope.method != "POST":
             respond_json(
                 proto,
@@ -285,12 +289,14 @@ class BrokerApp:
                 {"error_code": "method_not_allowed", "message": "publish takes POST"},
                 [("allow", "POST")],
             )
-        elif path in {"/v1/publish", "/v1/publish/"}:
-            await publish_batch(self.state, scope, proto)
-        elif path.startswith(_PUBLISH_PREFIX):
-            await publish_one(self.state, scope, proto, path[len(_PUBLISH_PREFIX) :])
-        else:
-            raise NotFound(f"no such path {path[:100]!r}")
+            return 405
+        if path.startswith(_PUBLISH_PREFIX) and path != _PUBLISH_PREFIX:
+            return await publish_one(self.state, scope, proto, path[len(_PUBLISH_PREFIX) :])
+        if path in {"/v1/publish", "/v1/publish/"}:
+            recorder = StatusRecorder(proto)  # a streamed batch answers before it ends
+            await publish_batch(self.state, scope, recorder)
+            return recorder.status
+        raise NotFound(f"no such path {path[:100]!r}")
 
     async def _route(self, scope: Scope, proto: HTTPProtocol, path: str) -> None:
         if scope.method != "POST":

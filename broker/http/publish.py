@@ -75,8 +75,9 @@ _STREAM_BATCHES = 10
 _RECORD_LINE = re.compile(rb"\S[^\n]*")  # one per non-blank NDJSON line
 
 
-async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subject: str) -> None:
-    """``POST /v1/publish/{subject}``: append the body as sent; answer after the PubAck."""
+async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subject: str) -> int:
+    """``POST /v1/publish/{subject}``: append the body as sent; answer after the PubAck (the
+    status answered with is returned, for the request's metrics and span)."""
     headers = scope.headers
     validate_subject(subject)
     content_type = headers.get(H_CONTENT_TYPE)
@@ -109,6 +110,7 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
     else:
         ack = await state.publisher.publish(outbound)
     respond_json(proto, 200, ack.to_dict())
+    return 200
 
 
 def body_request(headers: Headers, subject: str, body: bytes, content_type: str) -> PublishRequest:

@@ -46,7 +46,11 @@ _UNTRACED = frozenset(
 )
 OTHER = "other"
 
-Handler = Callable[[Scope, HTTPProtocol], Awaitable[None]]
+#: A request handler: it answers on the protocol object and returns the status it answered
+#: with (0 when it answered nothing, e.g. the client went away first).
+Handler = Callable[[Scope, HTTPProtocol], Awaitable[int]]
+#: What granian calls per request.
+Entry = Callable[[Scope, HTTPProtocol], Awaitable[None]]
 
 
 _span_names: dict[tuple[str, str], str] = {}
@@ -68,8 +72,11 @@ def route_of(path: str) -> str:
     return OTHER
 
 
-class _Recorder:
-    """The RSGI protocol object, remembering the status the handler answered with."""
+class StatusRecorder:
+    """The RSGI protocol object, remembering the status answered on it: for a
+    :data:`Handler` that hands the protocol to code that does not return its status (the
+    ASGI bridge, streamed answers). The hottest path (a single publish) returns its status
+    instead, which saves this object and a frame per call through it."""
 
     __slots__ = ("_proto", "status")
 
@@ -96,8 +103,9 @@ class _Recorder:
         return self._proto.response_stream(status, headers)
 
 
-def instrument(handler: Handler) -> Handler:
-    """``handler`` wrapped to run each request inside its server span and count it.
+def instrument(handler: Handler) -> Entry:
+    """``handler`` wrapped to run each request inside its server span and count it by the
+    status it returns (a handler that raises answered nothing: :data:`NO_RESPONSE`).
 
     The wrapper is the RSGI entry point itself (granian calls it), so telemetry adds no
     coroutine of its own to a request: inside a loaded worker every frame on the request's
@@ -110,30 +118,30 @@ def instrument(handler: Handler) -> Handler:
             return
         started = time.perf_counter()
         route = route_of(scope.path)
-        recorder = _Recorder(proto)
+        status = 0
         try:
             if tracing_on and route not in _UNTRACED:
                 server = tracing.edge_span(route, scope.headers)
                 if server is tracing.UNRECORDED:  # not sampled: nothing more to do
-                    await handler(scope, recorder)
+                    status = await handler(scope, proto)
                 else:  # inline, not a coroutine of its own: see above
                     method = scope.method if scope.method in metrics.METHODS else OTHER_METHOD
                     name = _span_names.get((method, route)) or _span_name(method, route)
                     timing = tracing.start_timing(server, name)
                     error: BaseException | None = None
                     try:
-                        await handler(scope, recorder)
+                        status = await handler(scope, proto)
                     except BaseException as e:
                         error = e
                         raise
                     finally:
-                        _answered(timing, scope, (method, route), recorder.status, error)
+                        _answered(timing, scope, (method, route), status, error)
             else:
-                await handler(scope, recorder)
+                status = await handler(scope, proto)
         finally:
             # The method as received: the metric bounds its label values when it is flushed.
             metrics.observe_request(
-                route, scope.method, recorder.status or NO_RESPONSE, time.perf_counter() - started
+                route, scope.method, status or NO_RESPONSE, time.perf_counter() - started
             )
 
     return observed

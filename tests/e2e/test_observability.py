@@ -358,6 +358,14 @@ async def test_metrics_of_every_process_change_as_traffic_flows(
         params={"start_seq": broken.json()["seq"], "limit": "1", "decode": "json"},
     )
     assert "decode_error" in replay.text
+    # Each way a request is answered is counted by the status it got: refused, a method not
+    # allowed, and a path the publish handler does not serve (the ASGI bridge).
+    refused = await client.post(
+        "/v1/publish/bad..subject", content=b"{}", headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 422, refused.text
+    assert (await client.get("/v1/publish/metrics.demo")).status_code == 405
+    assert (await client.get("/healthz")).status_code == 200
     appended = len(payloads) + 10 + 1
     appended_bytes = sum(map(len, payloads)) + sum(len(str(i)) for i in range(10)) + 9
 
@@ -380,6 +388,10 @@ async def test_metrics_of_every_process_change_as_traffic_flows(
     assert (
         delta("broker_http_requests_total", route="/v1/publish", method="POST", status="200") == 1
     )
+    one = "/v1/publish/{subject}"
+    assert delta("broker_http_requests_total", route=one, method="POST", status="422") == 1
+    assert delta("broker_http_requests_total", route=one, method="GET", status="405") == 1
+    assert delta("broker_http_requests_total", route="/healthz", method="GET", status="200") >= 1
     assert delta("broker_jetstream_ack_duration_seconds_count") >= appended
     assert delta("broker_http_request_duration_seconds_count", route="/v1/publish/{subject}") >= 21
     assert delta("broker_decode_errors_total", codec="json") == 1

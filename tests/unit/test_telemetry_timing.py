@@ -88,18 +88,19 @@ def request(headers: dict[str, str] | None = None) -> Any:
     )
 
 
-Handler = Callable[[Any, Any], Awaitable[None]]
+Handler = Callable[[Any, Any], Awaitable[int]]
 
 
 def serve(handler: Handler, headers: dict[str, str] | None = None) -> None:
     asyncio.run(instrument(handler)(request(headers), Proto()))
 
 
-async def append_then_answer(scope: Any, proto: Any) -> None:
+async def append_then_answer(scope: Any, proto: Any) -> int:
     timing = tracing.child_timing("append", SpanKind.PRODUCER)
     assert timing is not None
     tracing.end_timing(timing, APPEND)
     proto.response_bytes(200, [], b"{}")
+    return 200
 
 
 def recorded_the_old_way(headers: dict[str, str]) -> list[ReadableSpan]:
@@ -171,7 +172,7 @@ def test_the_append_continues_the_server_span_and_the_context_is_restored(
 ) -> None:
     seen: list[tracing.TraceContext | None] = []
 
-    async def handler(scope: Any, proto: Any) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
         seen.append(tracing.current())
         timing = tracing.child_timing("append", SpanKind.PRODUCER)
         assert timing is not None
@@ -181,6 +182,7 @@ def test_the_append_continues_the_server_span_and_the_context_is_restored(
         tracing.end_timing(timing, APPEND)
         seen.append(tracing.current())
         proto.response_bytes(200, [], b"")
+        return 200
         assert headers["traceparent"] == seen[1].traceparent  # type: ignore[union-attr]
 
     serve(handler, SAMPLED)
@@ -201,7 +203,7 @@ def test_the_append_continues_the_server_span_and_the_context_is_restored(
 def test_a_handler_that_raises_fails_the_server_span_with_an_exception_event(
     memory: InMemorySpanExporter,
 ) -> None:
-    async def handler(scope: Any, proto: Any) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
@@ -217,8 +219,9 @@ def test_a_handler_that_raises_fails_the_server_span_with_an_exception_event(
 
 
 def test_a_5xx_fails_the_server_span_without_an_event(memory: InMemorySpanExporter) -> None:
-    async def handler(scope: Any, proto: Any) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
         proto.response_bytes(503, [], b"")
+        return 503
 
     serve(handler, SAMPLED)
     (server,) = memory.get_finished_spans()
@@ -230,11 +233,12 @@ def test_a_5xx_fails_the_server_span_without_an_event(memory: InMemorySpanExport
 def test_a_failed_append_is_failed_and_has_no_messaging_attributes(
     memory: InMemorySpanExporter,
 ) -> None:
-    async def handler(scope: Any, proto: Any) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
         timing = tracing.child_timing("append", SpanKind.PRODUCER)
         assert timing is not None
         tracing.end_timing(timing, error=TimeoutError("no ack"))
         proto.response_bytes(504, [], b"")
+        return 504
 
     serve(handler, SAMPLED)
     append, server = memory.get_finished_spans()
@@ -246,11 +250,12 @@ def test_a_failed_append_is_failed_and_has_no_messaging_attributes(
 
 
 def test_a_cancelled_block_is_not_a_failure(memory: InMemorySpanExporter) -> None:
-    async def handler(scope: Any, proto: Any) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
         timing = tracing.child_timing("append", SpanKind.PRODUCER)
         assert timing is not None
         tracing.end_timing(timing, error=asyncio.CancelledError())
         proto.response_bytes(200, [], b"")
+        return 200
 
     serve(handler, SAMPLED)
     append, _ = memory.get_finished_spans()
