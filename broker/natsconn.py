@@ -46,6 +46,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.protocol.command import hpub_cmd
 
 from broker.errors import BrokerError
 from broker.settings import Settings
@@ -60,6 +61,7 @@ __all__ = [
     "NatsConnectFailed",
     "connect",
     "connect_options",
+    "encode_headers",
     "explain_connect_error",
     "header_line_size",
     "message_size",
@@ -71,6 +73,8 @@ __all__ = [
 DEFAULT_SERVERS = ("nats://127.0.0.1:4222",)
 #: ``NATS/1.0\r\n`` and the blank line that ends a message's header block.
 _HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")
+#: A header name nats-py accepts (an RFC 7230 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: ``nats.connect`` options of a process that must outlive any NATS outage (the ingress's
 #: publisher, routers, projection workers, agents): reconnect for ever, every 0.25 s, and
 #: find a dead server within ~15 s (a ping every 5 s, three unanswered).
@@ -228,8 +232,48 @@ def message_size(payload: bytes, headers: Mapping[str, str] | None = None) -> in
     return len(payload) + _HEADER_BLOCK + sum(header_line_size(k, v) for k, v in headers.items())
 
 
+#: Header names already checked, with the bytes they start their line with (``name: ``;
+#: empty for a name nats-py skips): the same few names are on every message.
+_HEADER_NAMES: dict[str, bytes] = {}
+_HEADER_NAMES_KEPT = 1024
+
+
+def _header_name(name: str) -> bytes:
+    key = name.strip()
+    if key and not _HEADER_NAME.fullmatch(key):
+        raise nats.errors.BadHeaderError(key)
+    line = f"{key}: ".encode() if key else b""
+    if len(_HEADER_NAMES) < _HEADER_NAMES_KEPT:
+        _HEADER_NAMES[name] = line
+    return line
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """A message's header block as nats-py 2.16 writes it, byte for byte and with the same
+    refusals: names and values stripped, a blank name skipped, a name that is not an RFC
+    7230 token refused (``BadHeaderError``), CR and LF in a value written as spaces.
+
+    nats-py checks every name with a regular expression and cleans every value with
+    ``str.translate`` and a dict, which raises and clears a ``KeyError`` per character:
+    7.6 µs for a stored message's seven headers, against 1.4 µs here."""
+    parts = [b"NATS/1.0\r\n"]
+    names = _HEADER_NAMES
+    for name, raw in headers.items():
+        line = names.get(name)
+        if line is None:
+            line = _header_name(name)
+        if not line:
+            continue
+        value = raw.strip()
+        if "\r" in value or "\n" in value:
+            value = value.replace("\r", " ").replace("\n", " ")
+        parts += (line, value.encode(), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 class Client(NatsClient):
-    """nats-py's client, with two changes:
+    """nats-py's client, with three changes:
 
     - a subject or reply subject that is not UTF-8 is read with U+FFFD for the bad bytes
       instead of stopping its read loop (see the module's docstring);
@@ -237,8 +281,30 @@ class Client(NatsClient):
       first ``INFO`` asks for it, so a server (or anything on the path) that leaves
       ``tls_required`` out got a plaintext connection, and the user and password in clear.
       The upgrade is made regardless: a server without TLS fails the handshake, before any
-      credential is sent.
+      credential is sent;
+    - a message's headers are written by :func:`encode_headers` (the same bytes, a fifth of
+      nats-py's time: a stored message has several, and every publish pays for them).
     """
+
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        if headers is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        if subject == "":
+            raise nats.errors.BadSubjectError
+        command = hpub_cmd(subject, reply, encode_headers(headers), payload)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(command)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         server = self._current_server
