@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import SecretStr
 
-from broker.settings import Settings
+from broker.settings import EMBEDDER_HELP, Settings
 
 app = typer.Typer(
     name="broker",
@@ -196,9 +196,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="BROKER_ROUTING_EMBEDDER",
-            help="`minilm` (default), `static+hashing`, `static`, `hashing`, "
-            "`use-multilingual` or "
-            "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
+            help=EMBEDDER_HELP,
         ),
     ] = None,
     stop_timeout: Annotated[

@@ -21,6 +21,7 @@ from broker.cli_projections import (
     start_metrics,
 )
 from broker.natsconn import redact_servers
+from broker.settings import EMBEDDER_HELP
 
 POLICY = Annotated[
     Path | None,
@@ -37,9 +38,7 @@ EMBEDDER = Annotated[
     str | None,
     typer.Option(
         envvar="BROKER_ROUTING_EMBEDDER",
-        help="`minilm` (default), `static+hashing`, `static`, `hashing`, "
-        "`use-multilingual` or "
-        "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
+        help=EMBEDDER_HELP,
     ),
 ]
 

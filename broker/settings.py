@@ -15,6 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MIB = 1024 * 1024
 
 
+#: What ``BROKER_ROUTING_EMBEDDER`` / ``--routing-embedder`` takes (the settings' and CLIs' help).
+EMBEDDER_HELP = (
+    "`minilm` (default), `static+hashing`, `static`, `hashing`, `use-multilingual` or "
+    "`sentence-transformers:/path/to/model` (`…#<prompt name>`: with one of the model's own "
+    "prompts); several joined by `|` blend."
+)
+
+
 class Settings(BaseSettings):
     """Broker settings; every field can be set as ``BROKER_<FIELD>`` in the environment."""
 
@@ -90,9 +98,7 @@ class Settings(BaseSettings):
     )
     routing_embedder: str | None = Field(
         default=None,
-        description="`minilm` (default), `static+hashing`, `static`, `hashing`, "
-        "`use-multilingual` or "
-        "`sentence-transformers:/path/to/model`; several joined by `|` blend.",
+        description=EMBEDDER_HELP,
     )
     route_decision_timeout: float = Field(
         default=5.0, gt=0, description="How long POST /v1/route waits for the decision."

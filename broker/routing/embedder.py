@@ -23,7 +23,8 @@ multilingual Universal Sentence Encoder (the optional ``multilingual`` extra, Nu
 :func:`load_embedder` picks one from a spec string (``BROKER_ROUTING_EMBEDDER``): ``minilm``
 (default), ``static+hashing`` (``static+hashing:0.3`` gives hashing another share),
 ``static``, ``hashing``, ``hashing:512`` (another dimension), ``use-multilingual``, or
-``sentence-transformers:/path/to/model``; specs joined by ``|`` blend.
+``sentence-transformers:/path/to/model`` (``…#Classification``: with one of the model's own
+prompts); specs joined by ``|`` blend.
 """
 
 from __future__ import annotations
@@ -346,14 +347,20 @@ class HashingEmbedder:
 class SentenceTransformerEmbedder:
     """A sentence-transformers model loaded from a local directory (no download).
 
-    Needs the ``embeddings`` extra: ``pip install 'agent-broker[embeddings]'``.
+    ``prompt_name`` names one of the prompts the model's own configuration defines
+    (``config_sentence_transformers.json``), put before every text it embeds, requests and
+    agent texts alike: models such as EmbeddingGemma, E5 or nomic-embed were trained with one
+    and match better with it. Needs the ``embeddings`` extra: ``pip install
+    'agent-broker[embeddings]'``.
     """
 
     #: Milliseconds per text on a CPU (see :func:`costly`); ``embed`` may run on a worker
     #: thread, one call at a time.
     costly = True
 
-    def __init__(self, path: str | Path, *, device: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, prompt_name: str | None = None, device: str | None = None
+    ) -> None:
         try:
             module: Any = importlib.import_module("sentence_transformers")
         except ImportError:
@@ -379,6 +386,14 @@ class SentenceTransformerEmbedder:
             dimension = self._model.get_sentence_embedding_dimension
         self.dim = int(dimension())
         self.name = f"{_ST_PREFIX}{model_of_directory(str(model_path.resolve()))}"
+        prompts = getattr(self._model, "prompts", None) or {}
+        if prompt_name is not None and prompt_name not in prompts:
+            named = ", ".join(sorted(prompts)) or "none"
+            raise EmbedderUnavailable(
+                f"the model at {model_path} has no prompt named {prompt_name!r} (its prompts: "
+                f"{named})"
+            )
+        self._prompt = {"prompt_name": prompt_name} if prompt_name is not None else {}
 
     def embed(self, texts: Sequence[str]) -> Matrix:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -389,6 +404,7 @@ class SentenceTransformerEmbedder:
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
+                **self._prompt,
             )
             out[present] = np.asarray(encoded, dtype=np.float32)
         return out
@@ -489,9 +505,21 @@ def _hashing(argument: str) -> Embedder:
 
 
 def _sentence_transformers(argument: str) -> Embedder:
+    """``<model directory>`` or ``<model directory>#<prompt name>`` (a directory whose own
+    name holds a ``#`` is taken whole)."""
     if not argument:
         raise EmbedderUnavailable("give the model directory: sentence-transformers:/path/to/model")
-    return SentenceTransformerEmbedder(argument)
+    path, prompt_name = argument, None
+    if "#" in argument and not Path(argument).expanduser().is_dir():
+        path, _, prompt_name = argument.rpartition("#")
+        if not prompt_name.strip() or not path.strip():
+            raise EmbedderUnavailable(
+                f"{argument!r}: give a model directory and a prompt name, "
+                "sentence-transformers:/path/to/model#<prompt name>"
+            )
+    return SentenceTransformerEmbedder(
+        path.strip(), prompt_name=None if prompt_name is None else prompt_name.strip()
+    )
 
 
 def _use_multilingual(argument: str) -> Embedder:
@@ -546,7 +574,8 @@ def load_embedder(spec: str | None) -> Embedder:
     :data:`DEFAULT_SPEC`; dim 384), ``static+hashing`` (dim 512),
     ``static+hashing:<hashing share>``, ``static`` (dim 128), ``hashing`` (dim 384),
     ``hashing:<dim>``, ``use-multilingual`` (dim 512),
-    ``sentence-transformers:<local model directory>``, or a blend of any of these: specs
+    ``sentence-transformers:<local model directory>`` (``#<prompt name>`` after it: one of the
+    model's own prompts before every text), or a blend of any of these: specs
     joined by ``|``, each with an optional ``*<share>`` (equal shares when none is given),
     e.g. ``sentence-transformers:/models/mpnet|use-multilingual``. A blend's threshold is
     the share-weighted mean of its parts'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -204,6 +205,45 @@ def test_sentence_transformers_embeds_unit_rows_with_a_local_model() -> None:
     assert not rows[1].any()
     assert np.linalg.norm(rows[[0, 2]], axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
     assert float(rows[0] @ rows[2]) > 0.3
+
+
+def _model_with_a_prompt(tmp_path: Path) -> Path:
+    """A copy of BROKER_TEST_ST_MODEL (its files linked) whose configuration adds a prompt
+    named ``Routing``; skips where the extra or the model is missing."""
+    pytest.importorskip("sentence_transformers")
+    path = os.environ.get("BROKER_TEST_ST_MODEL")
+    if not path:
+        pytest.skip("set BROKER_TEST_ST_MODEL to a local sentence-transformers model directory")
+    source, copy = Path(path), tmp_path / "model#with-a-hash"
+    copy.mkdir()
+    for item in source.iterdir():
+        if item.name != "config_sentence_transformers.json":
+            (copy / item.name).symlink_to(item.resolve())
+    config_file = source / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config["prompts"] = {**config.get("prompts", {}), "Routing": "route this request: "}
+    (copy / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_a_prompt_name_puts_the_models_own_prompt_before_every_text(tmp_path: Path) -> None:
+    model = _model_with_a_prompt(tmp_path)
+    plain = load_embedder(f"sentence-transformers:{model}")  # a '#' in the directory's name
+    prompted = load_embedder(f"sentence-transformers:{model}#Routing")
+    text = "the invoice total is wrong"
+    by_hand = plain.embed([f"route this request: {text}"])[0]
+    assert float(prompted.embed([text])[0] @ by_hand) > 0.9999
+    assert float(plain.embed([text])[0] @ by_hand) < 0.9999  # the prompt changes the vector
+    assert prompted.name == plain.name  # the same model: agents' vectors still match it
+    assert not prompted.embed([""]).any()  # an empty text stays a zero row
+
+
+def test_a_prompt_the_model_does_not_define_is_refused_with_its_prompts(tmp_path: Path) -> None:
+    model = _model_with_a_prompt(tmp_path)
+    with pytest.raises(EmbedderUnavailable, match=r"no prompt named 'Nope'.*Routing"):
+        load_embedder(f"sentence-transformers:{model}#Nope")
+    with pytest.raises(EmbedderUnavailable, match="a model directory and a prompt name"):
+        load_embedder(f"sentence-transformers:{tmp_path}/missing#")
 
 
 async def test_a_model_embeds_a_routers_batch_ahead_as_it_embeds_each_text() -> None:
