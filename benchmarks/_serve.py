@@ -98,13 +98,15 @@ def start_serve(
     cwd: Path = ROOT,
     inherit_broker_env: bool = False,
     new_session: bool = False,
+    prefix: Sequence[str] = (),
 ) -> Serve:
     """Start ``python -m broker serve --host 127.0.0.1 --port P --data-dir <workdir>/data
     ARGS`` without waiting for it (see :meth:`Serve.wait_ready`). The environment is this
     process's, without its ``BROKER_*`` and ``OTEL_*`` variables unless
     ``inherit_broker_env``, with ``BROKER_LOG_LEVEL=warning`` and ``env`` on top.
     ``new_session``: in a session of its own, so a Ctrl-C in the terminal reaches only the
-    benchmark, which then stops the broker itself."""
+    benchmark, which then stops the broker itself. ``prefix``: a command that runs it
+    (``valgrind …``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     environment = {
@@ -114,8 +116,8 @@ def start_serve(
     }
     environment.update({"BROKER_LOG_LEVEL": "warning", "BROKER_LOG_FORMAT": "json"})
     environment.update(env or {})
-    cmd = [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--data-dir", str(workdir / "data"), *args]
+    cmd = [*prefix, sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--data-dir", str(workdir / "data"), *args]
     log_path = workdir / "broker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

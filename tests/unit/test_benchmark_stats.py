@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,22 @@ def test_a_lower_confidence_narrows_it() -> None:
 def test_no_values_is_an_error() -> None:
     with pytest.raises(ValueError, match="no values"):
         median_interval([])
+
+
+def test_the_instruction_count_reads_only_the_dumps_asked_for(tmp_path: Path) -> None:
+    """``benchmarks/instructions.py`` sums part 1 of each process's and thread's dump (from
+    counting on to the dump it asked for), not what ran after it (the stop)."""
+    from benchmarks.instructions import counted
+
+    def dump(name: str, part: int, trigger: str, summary: int) -> None:
+        (tmp_path / name).write_text(
+            f"version: 1\ncreator: callgrind-3.19.0\npid: 1\ncmd:  python\npart: {part}\n\n"
+            f"desc: I1 cache: \ndesc: Trigger: {trigger}\n\npositions: line\nevents: Ir\n"
+            f"summary: {summary}\n\n\ntotals: {summary}\n"
+        )
+
+    dump("cg.100.1", 1, "dump", 1_000)
+    dump("cg.100.1-02", 1, "dump", 250)  # another thread of the same process
+    dump("cg.100", 2, "Program termination", 7_000)
+    dump("cg.101", 1, "Program termination", 9_000)  # a process that never got the request
+    assert counted(tmp_path) == 1_250

@@ -1,0 +1,191 @@
+"""Telemetry's cost counted in instructions: the same configurations as ``observability.py``,
+each broker run under callgrind, instructions per publish.
+
+``observability.py`` measures CPU time, and on a shared machine its rounds of one
+configuration spread by tens of percent: a few points of overhead need many rounds and
+still leave wide intervals. Callgrind counts the instructions the broker's processes run in
+user space (every thread: the event loop, granian's, the span export), and the count is
+the same from one run to the next to a fraction of a percent, whatever else the machine is
+doing. So one run per configuration says where a change moves the cost, and by how much.
+
+What it leaves out, and CPU time includes: the kernel (socket calls, thread wake-ups; about
+a quarter of a loaded worker's time), cache misses, and one thread waiting for another
+(callgrind runs one thread at a time). An instruction count is a floor of the overhead,
+not the overhead: read it beside ``observability.py``'s.
+
+Per configuration: start ``broker serve`` under ``valgrind --tool=callgrind
+--trace-children=yes`` with counting off, warm it up, switch counting on
+(``callgrind_control -i on``), send ``--messages`` publishes, wait until the round's spans
+have been exported (a traced configuration's export is its own cost), dump, stop. Needs
+valgrind (Debian's ``valgrind`` package) and h2load for the load. Usage::
+
+    python benchmarks/instructions.py [--messages 4000] [--only off --only metrics ...]
+        [--baseline-tree DIR] [--json]
+
+``--baseline-tree DIR`` also runs every configuration from another checkout (an A/B of two
+commits; see ``observability.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._h2load import h2load_available
+from benchmarks._serve import ServeError, start_serve
+from benchmarks.observability import (
+    EXPORT_WAIT_S,
+    Config,
+    Sink,
+    _tree,
+    configs,
+    drive,
+    stored,
+    wait_for_export,
+    with_baseline,
+)
+from broker.embedded import NatsServer, ServerSpec
+
+#: Valgrind is slow: a broker takes tens of seconds to start under it.
+READY_TIMEOUT_S = 300.0
+WARM_UP = 300
+
+
+def counted(path: Path) -> int:
+    """Instructions in the dumps callgrind wrote under ``path`` on request (part 1 of each
+    process and thread: from counting on to the dump)."""
+    total = 0
+    for dump in path.glob("cg.*"):
+        text = dump.read_text(errors="replace")
+        if "\npart: 1\n" not in text or "\ndesc: Trigger: dump\n" not in text:
+            continue
+        for line in text.splitlines():
+            if line.startswith("summary:"):
+                total += int(line.split()[1])
+    return total
+
+
+def callgrind_control(option: str, pids: list[int]) -> None:
+    for pid in pids:
+        subprocess.run(
+            ["callgrind_control", option, str(pid)], capture_output=True, check=False, timeout=60
+        )
+
+
+def instructions(
+    args: argparse.Namespace, config: Config, nats_url: str, sink: Sink, workdir: Path
+) -> float:
+    """One configuration's instructions per publish."""
+    out = workdir / config.key / "callgrind"
+    out.mkdir(parents=True)
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--trace-children=yes",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}/cg.%p",
+    ]
+    broker = start_serve(
+        workdir / config.key,
+        ["--workers", "1", "--nats-url", nats_url, "--projection-workers", "0", "--routers", "0"],
+        env=config.env,
+        cwd=config.tree,
+        prefix=valgrind,
+    )
+    try:
+        broker.wait_ready(READY_TIMEOUT_S)
+        url = f"http://127.0.0.1:{broker.port}/v1/publish"
+        payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})
+        payload = payload[: args.payload_bytes]
+        drive("h2load", f"{url}/ins.warm.{config.key}", payload, WARM_UP, 1, args.concurrency)
+        wait_for_export(sink, config, 0, EXPORT_WAIT_S)
+        pids = _tree(broker.pid)
+        callgrind_control("--instr=on", pids)
+        exports = sink.exported(config.key)
+        subject = f"ins.run.{config.key}"
+        result = drive("h2load", f"{url}/{subject}", payload, args.messages, 1, args.concurrency)
+        if result.ok != args.messages:
+            raise SystemExit(f"{config.name}: {result.ok}/{args.messages} succeeded")
+        count = asyncio.run(stored(nats_url, f"msg.default.{subject}"))
+        if count != args.messages:
+            raise SystemExit(f"{config.name}: stream holds {count}/{args.messages}")
+        wait_for_export(sink, config, exports, EXPORT_WAIT_S)
+        callgrind_control("--dump", pids)
+        deadline = time.monotonic() + 60
+        while not (total := counted(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except ServeError as e:
+        raise SystemExit(f"broker {config.name}: {e}") from None
+    finally:
+        broker.stop()
+    if not total:
+        raise SystemExit(f"{config.name}: callgrind wrote no counts under {out}")
+    return total / int(args.messages)
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=4000, help="publishes counted")
+    parser.add_argument("--payload-bytes", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=10, help="streams, one connection")
+    parser.add_argument("--only", action="append", help="run only these configurations")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run every configuration from this checkout (git worktree add DIR COMMIT, "
+        "with the built broker/codecs/_lazy*.so copied in), as 'base <name>'",
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing or not h2load_available():
+        parser.error(
+            f"needs valgrind and h2load (Debian: valgrind, nghttp2-client); missing: "
+            f"{', '.join(missing + ([] if h2load_available() else ['h2load']))}"
+        )
+    return args
+
+
+def main() -> None:
+    args = _arguments()
+    sink = Sink()
+    cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
+    if args.baseline_tree is not None:
+        cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
+    counts: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
+        try:
+            for config in cases:
+                counts[config.name] = instructions(args, config, server.url, sink, Path(tmp))
+                print(f"{config.name:<12} {counts[config.name]:>10,.0f} instr/msg", file=sys.stderr)
+        finally:
+            server.stop()
+    machine = f"{platform.machine()}, Python {platform.python_version()}"
+    if args.json:
+        print(json.dumps({"machine": machine, "messages": args.messages, "per_message": counts}))
+        return
+    print(f"\nInstructions per publish, user space, all the broker's threads ({machine}):")
+    print(f"{'configuration':<18}{'instructions':>14}{'vs off':>10}")
+    for name, value in counts.items():
+        base = counts.get("base off" if name.startswith("base ") else "off")
+        ratio = f"{(value / base - 1) * 100:+.1f} %" if base else ""
+        print(f"{name:<18}{value:>14,.0f}{ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()
