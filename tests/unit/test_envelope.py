@@ -87,6 +87,60 @@ def test_any_accepted_subject_is_safe_to_append(subject: str) -> None:
     assert not any(c.isspace() for c in subject)
 
 
+def token_by_token(subject: str) -> bool:
+    """The rule as written: 1-16 dot-separated tokens of 1-64 [A-Za-z0-9_-], 255 at most."""
+    parts = subject.split(".")
+    return (
+        0 < len(subject) <= 255
+        and len(parts) <= 16
+        and all(0 < len(p) <= 64 and all(c in TOKEN_CHARS for c in p) for p in parts)
+    )
+
+
+subjects = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=TOKEN_CHARS + ". *>\n", max_size=300),
+    st.lists(st.text(alphabet=TOKEN_CHARS, max_size=70), min_size=1, max_size=20).map(".".join),
+)
+
+
+@given(subjects)
+def test_a_subject_is_accepted_exactly_when_every_token_is(subject: str) -> None:
+    """The whole-subject expression the check tries first accepts what the token-by-token
+    rule does, and nothing else (near the limits too: 64-character tokens, 16 tokens)."""
+    try:
+        accepted = validate_subject(subject) == subject
+    except InvalidSubject:
+        accepted = False
+    assert accepted == token_by_token(subject)
+
+
+def test_subjects_at_the_limits() -> None:
+    assert validate_subject("x" * 64) == "x" * 64
+    assert validate_subject(".".join(["a"] * 16)) == ".".join(["a"] * 16)
+    longest = ".".join(["y" * 63] * 4)[:255]
+    assert validate_subject(longest) == longest
+    with pytest.raises(InvalidSubject, match="longer than 255"):
+        validate_subject(".".join(["z" * 64] * 4))
+
+
+def test_an_accepted_content_type_is_remembered_a_refused_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker import envelope
+
+    monkeypatch.setattr(envelope, "_ACCEPTED", {})
+    assert check_media_type(" text/plain; charset=utf-8 ") == "text/plain; charset=utf-8"
+    assert check_media_type(" text/plain; charset=utf-8 ") == "text/plain; charset=utf-8"
+    for _ in range(2):
+        with pytest.raises(UnsupportedMediaType):
+            check_media_type("application/x-www-form-urlencoded")
+    assert list(envelope._ACCEPTED) == [" text/plain; charset=utf-8 "]
+    for n in range(envelope._ACCEPTED_KEPT + 10):
+        assert check_media_type(f"application/vnd.n{n}+json") == f"application/vnd.n{n}+json"
+    assert len(envelope._ACCEPTED) == envelope._ACCEPTED_KEPT
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
