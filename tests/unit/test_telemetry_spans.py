@@ -226,6 +226,21 @@ def test_encoding_equals_the_sdk_encoders_for_every_kind_of_span() -> None:
     assert len(ours(spans).resource_spans[0].scope_spans[0].spans) == 5
 
 
+def test_a_full_batch_is_one_well_formed_request() -> None:
+    """A batch large enough that both enclosing messages' lengths take several bytes (the
+    encoder works them out before copying the spans once)."""
+    spans = [
+        recorded(f"span {n}", span_id=n + 1, attributes={"n": n, "text": "x" * 40})
+        for n in range(600)
+    ]
+    for span in spans:
+        span.end()
+    body = _otlp.encode([s.finished() for s in spans], _otlp.envelope(RESOURCE, SCOPE))
+    assert len(body) > 16_384  # a three-byte length
+    assert ours(spans) == sdk_request(spans)
+    assert len(ours(spans).resource_spans[0].scope_spans[0].spans) == 600
+
+
 _scalars = (
     st.text(max_size=20)
     | st.booleans()
