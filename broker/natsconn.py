@@ -255,7 +255,7 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
 
     nats-py checks every name with a regular expression and cleans every value with
     ``str.translate`` and a dict, which raises and clears a ``KeyError`` per character:
-    7.6 µs for a stored message's seven headers, against 1.4 µs here."""
+    7.6 µs for a stored message's seven headers, against 1.3 µs here."""
     parts = [b"NATS/1.0\r\n"]
     names = _HEADER_NAMES
     for name, raw in headers.items():
