@@ -4,9 +4,11 @@ each broker run under callgrind, instructions per publish.
 ``observability.py`` measures CPU time, and on a shared machine its rounds of one
 configuration spread by tens of percent: a few points of overhead need many rounds and
 still leave wide intervals. Callgrind counts the instructions the broker's processes run in
-user space (every thread: the event loop, granian's, the span export), and the count is
-the same from one run to the next to a fraction of a percent, whatever else the machine is
-doing. So one run per configuration says where a change moves the cost, and by how much.
+user space (every thread: the event loop, granian's, the span export), and runs of one tree
+agree within about 1.5 %, whatever else the machine is doing (what remains depends on
+timing: how many requests one turn of the event loop serves, when the garbage collector
+runs). So one run per configuration says where a change of a few percent moves the cost;
+a difference of a percent or two is noise here too.
 
 What it leaves out, and CPU time includes: the kernel (socket calls, thread wake-ups; about
 a quarter of a loaded worker's time), cache misses, and one thread waiting for another
