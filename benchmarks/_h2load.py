@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import orjson
 
 
 @dataclass
@@ -162,6 +163,11 @@ def run_python(
         return uvloop.run(_drive(url, body, headers, total, connections, concurrency))
     except ImportError:
         return asyncio.run(_drive(url, body, headers, total, connections, concurrency))
+
+
+def json_payload(size: int) -> bytes:
+    """A JSON publish body of ``size`` bytes (``{"data": "xxx…"}``; cut short below 11)."""
+    return orjson.dumps({"data": "x" * max(0, size - 11)})[:size]
 
 
 def h2load_available() -> bool:

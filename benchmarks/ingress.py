@@ -39,7 +39,13 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_python  # noqa: E402
+from benchmarks._h2load import (  # noqa: E402
+    LoadResult,
+    h2load_available,
+    json_payload,
+    run_h2load,
+    run_python,
+)
 from benchmarks._serve import ServeError, start_serve  # noqa: E402
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
@@ -168,7 +174,7 @@ def main() -> None:
     if args.client == "h2load" and not h2load_available():
         parser.error("h2load is not installed (apt-get install nghttp2-client)")
     n = args.messages - args.messages % args.batch_size
-    payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
+    payload = json_payload(args.payload_bytes)
     record = orjson.dumps({"data": orjson.loads(payload)})
     batch_body = b"\n".join([record] * args.batch_size)
     keyed_body = b"\n".join(

@@ -47,12 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._h2load import h2load_available
-from benchmarks._serve import ServeError, start_serve
+from benchmarks._h2load import h2load_available, json_payload
 from benchmarks.observability import (
     EXPORT_WAIT_S,
     Config,
@@ -60,6 +57,7 @@ from benchmarks.observability import (
     _tree,
     configs,
     drive,
+    start_broker,
     stored,
     wait_for_export,
     with_baseline,
@@ -93,7 +91,12 @@ def callgrind_control(option: str, pids: list[int]) -> None:
 
 
 def instructions(
-    args: argparse.Namespace, config: Config, nats_url: str, sink: Sink, workdir: Path
+    args: argparse.Namespace,
+    config: Config,
+    nats_url: str,
+    sink: Sink,
+    workdir: Path,
+    payload: bytes,
 ) -> float:
     """One configuration's instructions per publish."""
     out = workdir / config.key / "callgrind"
@@ -105,18 +108,9 @@ def instructions(
         "--instr-atstart=no",
         f"--callgrind-out-file={out}/cg.%p",
     ]
-    broker = start_serve(
-        workdir / config.key,
-        ["--workers", "1", "--nats-url", nats_url, "--projection-workers", "0", "--routers", "0"],
-        env=config.env,
-        cwd=config.tree,
-        prefix=valgrind,
-    )
+    broker = start_broker(nats_url, config, workdir, prefix=valgrind, ready_timeout=READY_TIMEOUT_S)
     try:
-        broker.wait_ready(READY_TIMEOUT_S)
         url = f"http://127.0.0.1:{broker.port}/v1/publish"
-        payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})
-        payload = payload[: args.payload_bytes]
         drive("h2load", f"{url}/ins.warm.{config.key}", payload, WARM_UP, 1, args.concurrency)
         wait_for_export(sink, config, 0, EXPORT_WAIT_S)
         pids = _tree(broker.pid)
@@ -134,8 +128,6 @@ def instructions(
         deadline = time.monotonic() + 60
         while not (total := counted(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
-    except ServeError as e:
-        raise SystemExit(f"broker {config.name}: {e}") from None
     finally:
         broker.stop()
     if not total:
@@ -174,12 +166,15 @@ def main() -> None:
     cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
     if args.baseline_tree is not None:
         cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
+    payload = json_payload(args.payload_bytes)
     counts: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
         try:
             for config in cases:
-                counts[config.name] = instructions(args, config, server.url, sink, Path(tmp))
+                counts[config.name] = instructions(
+                    args, config, server.url, sink, Path(tmp), payload
+                )
                 print(f"{config.name:<12} {counts[config.name]:>10,.0f} instr/msg", file=sys.stderr)
         finally:
             server.stop()

@@ -76,13 +76,18 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._h2load import LoadResult, h2load_available, run_h2load, run_python  # noqa: E402
+from benchmarks._h2load import (  # noqa: E402
+    LoadResult,
+    h2load_available,
+    json_payload,
+    run_h2load,
+    run_python,
+)
 from benchmarks._serve import Serve, ServeError, start_serve  # noqa: E402
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
@@ -256,14 +261,26 @@ class Sink:
             return self.spans.get(key, 0)
 
 
-def start_broker(nats_url: str, config: Config, workdir: Path) -> Serve:
-    """One configuration's ``broker serve``: one granian worker, only the ingress."""
+def start_broker(
+    nats_url: str,
+    config: Config,
+    workdir: Path,
+    *,
+    prefix: Sequence[str] = (),
+    ready_timeout: float = 60.0,
+) -> Serve:
+    """One configuration's ``broker serve``: one granian worker, only the ingress (run by
+    ``prefix``, e.g. valgrind, when given)."""
     args = ["--workers", "1", "--nats-url", nats_url, "--projection-workers", "0"]
     broker = start_serve(
-        workdir / config.key, [*args, "--routers", "0"], env=config.env, cwd=config.tree
+        workdir / config.key,
+        [*args, "--routers", "0"],
+        env=config.env,
+        cwd=config.tree,
+        prefix=prefix,
     )
     try:
-        broker.wait_ready()
+        broker.wait_ready(ready_timeout)
     except ServeError as e:
         raise SystemExit(f"broker {config.name}: {e}") from None
     return broker
@@ -582,7 +599,7 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
-    payload = orjson.dumps({"data": "x" * max(0, args.payload_bytes - 11)})[: args.payload_bytes]
+    payload = json_payload(args.payload_bytes)
     sink = Sink()
     cases = [c for c in configs(sink.url, args.compression) if not args.only or c.name in args.only]
     if args.baseline_tree is not None:
