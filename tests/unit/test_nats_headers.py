@@ -1,9 +1,9 @@
-"""The broker's client writes a message's headers exactly as nats-py does, only faster.
+"""The broker's client publishes exactly as nats-py does, only faster.
 
 :class:`broker.natsconn.Client` replaces nats-py's header encoding (a regular expression per
-name, a ``str.translate`` per value). Each case publishes the same message through both
-clients, unconnected, with the command they would send captured: the bytes, and the
-refusals, must be the same.
+name, a ``str.translate`` per value) and its subject check (a regular expression search per
+subject). Each case publishes the same message through both clients, with the command they
+would send captured: the bytes, and the refusals, must be the same.
 """
 
 from __future__ import annotations
@@ -126,3 +126,96 @@ def test_an_empty_subject_is_refused_as_nats_py_refuses_it() -> None:
     with pytest.raises(nats.errors.BadSubjectError):
         asyncio.run(client._send_publish("", "", b"", 0, {"a": "b"}))
     assert client.sent == []
+
+
+# --- publish: the subject checks and the connection's state ----------------------------
+
+
+def published_by(
+    client_type: type[Any],
+    subject: str,
+    reply: str = "",
+    payload: bytes = b"{}",
+    *,
+    state: str = "connected",
+    skip_validation: bool = False,
+) -> bytes | str:
+    """What ``client_type.publish`` sends for one message from a client in ``state``, or the
+    name of what it raised instead."""
+    client = client_type()
+    client.sent = []
+    client._max_payload = 64
+    client._skip_subject_validation = skip_validation
+    client._max_pending_size = 8
+    if state == "connected":
+        client._status = NatsClient.CONNECTED
+    elif state == "closed":
+        client._status = NatsClient.CLOSED
+    elif state == "draining publishes":
+        client._status = NatsClient.DRAINING_PUBS
+    elif state == "reconnecting, no buffer":
+        client._status, client._max_pending_size = NatsClient.RECONNECTING, 0
+    elif state == "reconnecting, buffer full":
+        client._status, client._pending_data_size = NatsClient.RECONNECTING, 7
+    else:
+        assert state == "reconnecting, room left"
+        client._status = NatsClient.RECONNECTING
+    try:
+        asyncio.run(client.publish(subject, payload, reply=reply, headers={"a": "b"}))
+    except Exception as e:
+        return type(e).__name__
+    (command,) = client.sent
+    return bytes(command)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "connected",
+        "closed",
+        "draining publishes",
+        "reconnecting, no buffer",
+        "reconnecting, buffer full",
+        "reconnecting, room left",
+    ],
+)
+@pytest.mark.parametrize("payload", [b"", b"{}", b"x" * 64, b"x" * 65])
+def test_publish_answers_each_state_as_nats_py_does(state: str, payload: bytes) -> None:
+    ours = published_by(_Ours, "msg.t.x", "_INBOX.r.1", payload, state=state)
+    assert ours == published_by(_Upstream, "msg.t.x", "_INBOX.r.1", payload, state=state)
+    if state == "connected" and len(payload) <= 64:
+        assert isinstance(ours, bytes)
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply", "refused"),
+    [
+        ("", "", True),
+        ("a b", "", True),
+        ("a\tb", "", True),
+        ("a\r\nPUB x 1", "", True),
+        ("a\nb", "", True),
+        ("ok", "bad reply", True),
+        ("ok", "\r\n", True),
+        ("ok", "", False),
+        ("a..b.*.>", "x", False),  # token shape is the server's to judge on publish
+        ("\u2003", "", False),  # other whitespace passes, as in nats-py
+    ],
+)
+@pytest.mark.parametrize("skip_validation", [False, True])
+def test_publish_refuses_the_subjects_nats_py_refuses(
+    subject: str, reply: str, refused: bool, skip_validation: bool
+) -> None:
+    ours = published_by(_Ours, subject, reply, skip_validation=skip_validation)
+    assert ours == published_by(_Upstream, subject, reply, skip_validation=skip_validation)
+    # Told to skip the check, both still refuse an empty subject (when writing it out).
+    assert (ours == "BadSubjectError") == (refused and (not skip_validation or not subject))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(alphabet="ab. *>\t\r\n\x0b\u2003", max_size=10) | st.text(max_size=10),
+    st.text(alphabet="ab. \t\r\n", max_size=6),
+)
+def test_any_subject_is_refused_or_sent_as_nats_py_does(subject: str, reply: str) -> None:
+    assert published_by(_Ours, subject, reply) == published_by(_Upstream, subject, reply)
