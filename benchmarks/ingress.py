@@ -9,9 +9,12 @@ Phases, all against one nats-server this script starts:
 4. batch resent: one batch whose records carry idempotency keys, sent N / batch-size times:
    every record after the first sending is a duplicate, compared with its stored copy
    (``Broker-Request-Digest``), as a client retrying a batch makes it (no target; shown for
-   what a retry costs).
+   what a retry costs);
+5. stream and stream resent: phases 3 and 4 as streamed publishes (``Accept:
+   application/x-ndjson``: records appended as their lines arrive, one ack line each back
+   while the body flows; no target).
 
-Each phase checks the stream really holds its N messages (the resent batch: one batch),
+Each phase checks the stream really holds its N messages (the resent batches: one batch),
 then the ratios to raw are printed next to the targets (single >= 0.25x, batch >= 0.7x).
 Usage::
 
@@ -132,13 +135,17 @@ def http_phase(
     requests: int,
     messages: int,
     concurrency: int,
+    accept: str | None = None,
 ) -> Phase:
     """Drive ``requests`` POSTs and insist that every one of them succeeded."""
+    headers = {"content-type": content_type}
+    if accept is not None:
+        headers["accept"] = accept
     result = load(
         args.client,
         url=url,
         body=body,
-        headers={"content-type": content_type},
+        headers=headers,
         total=requests,
         connections=min(args.connections, requests),
         concurrency=concurrency,
@@ -237,26 +244,55 @@ def main() -> None:
                 messages=n,
                 concurrency=2,
             )
+            streamed = [
+                http_phase(
+                    f"broker stream {what}({args.batch_size}/request)",
+                    args,
+                    f"{base}/v1/publish?subject=bench.{subject}",
+                    body,
+                    "application/x-ndjson",
+                    requests=n // args.batch_size,
+                    messages=n,
+                    concurrency=2,
+                    accept="application/x-ndjson",
+                )
+                for what, subject, body in (
+                    ("", "stream", batch_body),
+                    ("resent ", "stream_resent", keyed_body.replace(b"bench-", b"stream-")),
+                )
+            ]
+            subjects = ("raw", "single", "batch", "resent", "stream", "stream_resent")
             counts = {
-                s: asyncio.run(stream_count(server.url, f"msg.default.bench.{s}"))
-                for s in ("raw", "single", "batch", "resent")
+                s: asyncio.run(stream_count(server.url, f"msg.default.bench.{s}")) for s in subjects
             }
-            if counts != {"raw": n, "single": n, "batch": n, "resent": args.batch_size}:
-                raise SystemExit(f"stream holds {counts}, expected {n} (resent: one batch)")
+            expected = dict.fromkeys(subjects, n) | {
+                "resent": args.batch_size,
+                "stream_resent": args.batch_size,
+            }
+            if counts != expected:
+                raise SystemExit(f"stream holds {counts}, expected {expected}")
         finally:
             broker.stop()
             server.stop()
-    report(args, raw, single, batch, resent)
+    report(args, raw, single, batch, resent, *streamed)
 
 
 def report(
-    args: argparse.Namespace, raw: Phase, single: Phase, batch: Phase, resent: Phase
+    args: argparse.Namespace,
+    raw: Phase,
+    single: Phase,
+    batch: Phase,
+    resent: Phase,
+    stream: Phase,
+    stream_resent: Phase,
 ) -> None:
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     ratios = {
         "single": single.rate / raw.rate,
         "batch": batch.rate / raw.rate,
         "resent": resent.rate / raw.rate,
+        "stream": stream.rate / raw.rate,
+        "stream_resent": stream_resent.rate / raw.rate,
     }
     if args.json:
         print(
@@ -271,7 +307,7 @@ def report(
                             "p99_ms": round(p.p99_ms, 2),
                             "client": p.client,
                         }
-                        for p in (raw, single, batch, resent)
+                        for p in (raw, single, batch, resent, stream, stream_resent)
                     },
                     "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 },
@@ -284,7 +320,15 @@ def report(
         f"payloads, {args.workers} worker(s), client {args.client}; {machine}"
     )
     print(f"{'phase':<36}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}  {'ratio':>7}  target")
-    for phase, key in ((raw, None), (single, "single"), (batch, "batch"), (resent, "resent")):
+    phases = (
+        (raw, None),
+        (single, "single"),
+        (batch, "batch"),
+        (resent, "resent"),
+        (stream, "stream"),
+        (stream_resent, "stream_resent"),
+    )
+    for phase, key in phases:
         ratio = f"{ratios[key]:.2f}x" if key else "1.00x"
         if key is None:
             target = "(baseline)"

@@ -169,17 +169,8 @@ def _to_request(kind: str, record: Any, default_subject: str | None) -> PublishR
 _Pending = tuple[Outbound, Awaitable[PublishAck]] | BrokerError
 
 
-async def _settle(publisher: Publisher, pending: _Pending) -> dict[str, Any]:
-    """One streamed record's result (a duplicate compared with its stored copy)."""
-    if isinstance(pending, BrokerError):
-        return pending.to_dict()
-    try:
-        return (await publisher.settle(*pending)).to_dict()
-    except BrokerError as e:
-        return e.to_dict()
-
-
-#: At most this many duplicates of one batch are compared with their stored copies at once.
+#: At most this many duplicates of one batch or stream are compared with their stored copies at
+#: once.
 _CHECKS_AT_ONCE = 32
 
 
@@ -367,14 +358,77 @@ class _DuplexPublish:
         return not full
 
     async def _write_acks(self, transport: StreamTransport) -> None:
-        # Keeps draining the window after the client went away, so the reader never blocks.
-        while (item := await self.window.get()) is not None:
-            index, pending = item
-            result = await _settle(self.state.publisher, pending)
+        """Settle the records' acks in order and hand each result line to :meth:`_send`. A
+        duplicate (a stream sent again) is compared with what its key stored (a JetStream
+        read) beside the acks after it, up to :data:`_CHECKS_AT_ONCE` at once, its line still
+        in its place: one read after another, a resent stream went at one record per round
+        trip. Keeps draining the window after the client went away, so the reader never
+        blocks."""
+        publisher = self.state.publisher
+        lines: asyncio.Queue[bytes | asyncio.Task[bytes] | None] = asyncio.Queue(_CHECKS_AT_ONCE)
+        checks = asyncio.Semaphore(_CHECKS_AT_ONCE)
+        sender = asyncio.create_task(self._send(transport, lines))
+        try:
+            while (item := await self.window.get()) is not None:
+                index, pending = item
+                if isinstance(pending, BrokerError):
+                    await lines.put(_line(index, pending.to_dict()))
+                    continue
+                try:
+                    ack = await publisher.settle(*pending, verify=False)
+                except BrokerError as e:
+                    await lines.put(_line(index, e.to_dict()))
+                    continue
+                if not ack.duplicate:
+                    await lines.put(_line(index, ack.to_dict()))
+                    continue
+                await checks.acquire()  # released when the check is done
+                check = asyncio.create_task(self._checked(index, pending[0], ack, checks))
+                await lines.put(check)
+        finally:
+            await _put_last(lines, sender)
+
+    async def _checked(
+        self, index: int, out: Outbound, ack: PublishAck, checks: asyncio.Semaphore
+    ) -> bytes:
+        """A duplicate's result line, once compared with its stored copy."""
+        try:
+            return _line(index, (await self.state.publisher.same_request(out, ack)).to_dict())
+        except BrokerError as e:
+            return _line(index, e.to_dict())
+        finally:
+            checks.release()
+
+    async def _send(
+        self, transport: StreamTransport, lines: asyncio.Queue[bytes | asyncio.Task[bytes] | None]
+    ) -> None:
+        """Write the result lines in record order (a duplicate's when its check is done)."""
+        while (item := await lines.get()) is not None:
+            line = item if isinstance(item, bytes) else await item
             if self.broken:
                 continue
-            line = orjson.dumps({"index": index, **result}) + b"\n"
             try:
                 await transport.send_bytes(line)
             except Exception:  # the client is gone; nothing more to tell it
                 self.broken = True
+
+
+def _line(index: int, result: dict[str, Any]) -> bytes:
+    return orjson.dumps({"index": index, **result}) + b"\n"
+
+
+async def _put_last(
+    lines: asyncio.Queue[bytes | asyncio.Task[bytes] | None], sender: asyncio.Task[None]
+) -> None:
+    """End the line queue and wait for the sender to write what is in it; if this task is
+    cancelled meanwhile (the request is), the sender and the checks it waits on go too."""
+    try:
+        await lines.put(None)
+        await sender
+    except asyncio.CancelledError:
+        sender.cancel()
+        while not lines.empty():
+            item = lines.get_nowait()
+            if isinstance(item, asyncio.Task):
+                item.cancel()
+        raise

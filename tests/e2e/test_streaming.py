@@ -98,3 +98,70 @@ async def test_a_streamed_line_over_the_limit_fails_when_its_newline_comes_with_
     assert [a.get("error_code") for a in acks] == [None, "payload_too_large", None]
     info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
     assert sum((info.state.subjects or {}).values()) == 2
+
+
+def _keyed(key: str, data: object) -> bytes:
+    return orjson.dumps({"idempotency_key": key, "data": data}) + b"\n"
+
+
+async def test_a_stream_sent_again_answers_each_record_in_its_place(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """A resent stream's duplicates are compared with their stored copies side by side: each
+    line still answers its own record, in order, a changed record under an old key refused."""
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    run = uuid.uuid4().hex[:8]
+    first = b"".join(_keyed(f"{run}-{i}", {"i": i}) for i in range(100))
+    stream = open_stream(broker, subject)
+    try:
+        stream.send(first, end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    stored = [orjson.loads(line) for line in stream.lines()]
+    assert [a.get("duplicate") for a in stored] == [False] * 100
+
+    changed = {7, 40, 41, 99}
+    again = b"".join(
+        _keyed(f"{run}-{i}", {"i": i, "changed": True} if i in changed else {"i": i})
+        for i in range(100)
+    ) + _keyed(f"{run}-new", {"i": "new"})
+    stream = open_stream(broker, subject)
+    try:
+        stream.send(again, end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert [a["index"] for a in acks] == list(range(101))
+    for i, ack in enumerate(acks[:100]):
+        if i in changed:
+            assert ack["error_code"] == "idempotency_key_reused", ack
+        else:
+            assert (ack["duplicate"], ack["seq"]) == (True, stored[i]["seq"]), ack
+    assert acks[100]["duplicate"] is False
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert sum((info.state.subjects or {}).values()) == 101
+
+
+async def test_a_duplicate_is_answered_before_the_next_record_is_sent(
+    broker: BrokerProcess,
+) -> None:
+    """A client that waits for each answer before sending on gets a duplicate's too (its
+    check runs apart from the acks; the line must not wait for a record that never comes)."""
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    run = uuid.uuid4().hex[:8]
+    stream = open_stream(broker, subject)
+    try:
+        for i, key in enumerate(["a", "a", "b", "a", "b"]):
+            stream.send(_keyed(f"{run}-{key}", {"key": key}))
+            stream.read_until(lambda s, n=i + 1: len(s.lines()) >= n)
+        stream.send(_keyed(f"{run}-a", {"key": "changed"}), end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert [a.get("duplicate") for a in acks[:5]] == [False, True, False, True, True]
+    assert acks[1]["seq"] == acks[3]["seq"] == acks[0]["seq"]
+    assert acks[4]["seq"] == acks[2]["seq"]
+    assert acks[5]["error_code"] == "idempotency_key_reused"
