@@ -391,11 +391,15 @@ class _DuplexPublish:
     async def _checked(
         self, index: int, out: Outbound, ack: PublishAck, checks: asyncio.Semaphore
     ) -> bytes:
-        """A duplicate's result line, once compared with its stored copy."""
+        """A duplicate's result line, once compared with its stored copy. Never raises: the
+        sender waits on it, and a stream whose sender stopped would stop reading too."""
         try:
             return _line(index, (await self.state.publisher.same_request(out, ack)).to_dict())
         except BrokerError as e:
             return _line(index, e.to_dict())
+        except Exception:
+            log.exception("publish_stream_check_failed", index=index, seq=ack.seq)
+            return _line(index, BrokerError("the duplicate could not be checked").to_dict())
         finally:
             checks.release()
 
