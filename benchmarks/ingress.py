@@ -52,6 +52,7 @@ from benchmarks._h2load import (  # noqa: E402
 from benchmarks._serve import ServeError, start_serve  # noqa: E402
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 
+NDJSON = "application/x-ndjson"
 TARGETS = {"single": 0.25, "batch": 0.7}
 
 
@@ -224,29 +225,11 @@ def main() -> None:
                 messages=n,
                 concurrency=args.concurrency,
             )
-            batch = http_phase(
-                f"broker batch publish ({args.batch_size}/request)",
-                args,
-                f"{base}/v1/publish?subject=bench.batch",
-                batch_body,
-                "application/x-ndjson",
-                requests=n // args.batch_size,
-                messages=n,
-                concurrency=2,
-            )
-            resent = http_phase(
-                f"broker batch resent ({args.batch_size} keys)",
-                args,
-                f"{base}/v1/publish?subject=bench.resent",
-                keyed_body,
-                "application/x-ndjson",
-                requests=n // args.batch_size,
-                messages=n,
-                concurrency=2,
-            )
-            streamed = [
+            # NDJSON: a batch per request, buffered or streamed, sent once or again (keyed).
+            streamed_keys = keyed_body.replace(b"bench-", b"stream-")
+            batch, resent, *streamed = (
                 http_phase(
-                    f"broker stream {what}({args.batch_size}/request)",
+                    f"broker {name} ({args.batch_size}{unit})",
                     args,
                     f"{base}/v1/publish?subject=bench.{subject}",
                     body,
@@ -254,13 +237,15 @@ def main() -> None:
                     requests=n // args.batch_size,
                     messages=n,
                     concurrency=2,
-                    accept="application/x-ndjson",
+                    accept=accept,
                 )
-                for what, subject, body in (
-                    ("", "stream", batch_body),
-                    ("resent ", "stream_resent", keyed_body.replace(b"bench-", b"stream-")),
+                for name, unit, subject, body, accept in (
+                    ("batch publish", "/request", "batch", batch_body, None),
+                    ("batch resent", " keys", "resent", keyed_body, None),
+                    ("stream", "/request", "stream", batch_body, NDJSON),
+                    ("stream resent", " keys", "stream_resent", streamed_keys, NDJSON),
                 )
-            ]
+            )
             subjects = ("raw", "single", "batch", "resent", "stream", "stream_resent")
             counts = {
                 s: asyncio.run(stream_count(server.url, f"msg.default.bench.{s}")) for s in subjects

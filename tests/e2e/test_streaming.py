@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -104,6 +105,17 @@ def _keyed(key: str, data: object) -> bytes:
     return orjson.dumps({"idempotency_key": key, "data": data}) + b"\n"
 
 
+def _stream_all(broker: BrokerProcess, subject: str, body: bytes) -> list[dict[str, Any]]:
+    """Stream ``body`` in one go; the ack lines, read to the end."""
+    stream = open_stream(broker, subject)
+    try:
+        stream.send(body, end=True)
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    return [orjson.loads(line) for line in stream.lines()]
+
+
 async def test_a_stream_sent_again_answers_each_record_in_its_place(
     broker: BrokerProcess, js: JetStreamContext
 ) -> None:
@@ -112,13 +124,7 @@ async def test_a_stream_sent_again_answers_each_record_in_its_place(
     subject = f"stream.{uuid.uuid4().hex[:10]}"
     run = uuid.uuid4().hex[:8]
     first = b"".join(_keyed(f"{run}-{i}", {"i": i}) for i in range(100))
-    stream = open_stream(broker, subject)
-    try:
-        stream.send(first, end=True)
-        stream.read_until(lambda s: s.ended)
-    finally:
-        stream.close()
-    stored = [orjson.loads(line) for line in stream.lines()]
+    stored = _stream_all(broker, subject, first)
     assert [a.get("duplicate") for a in stored] == [False] * 100
 
     changed = {7, 40, 41, 99}
@@ -126,13 +132,7 @@ async def test_a_stream_sent_again_answers_each_record_in_its_place(
         _keyed(f"{run}-{i}", {"i": i, "changed": True} if i in changed else {"i": i})
         for i in range(100)
     ) + _keyed(f"{run}-new", {"i": "new"})
-    stream = open_stream(broker, subject)
-    try:
-        stream.send(again, end=True)
-        stream.read_until(lambda s: s.ended)
-    finally:
-        stream.close()
-    acks = [orjson.loads(line) for line in stream.lines()]
+    acks = _stream_all(broker, subject, again)
     assert [a["index"] for a in acks] == list(range(101))
     for i, ack in enumerate(acks[:100]):
         if i in changed:
