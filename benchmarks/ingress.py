@@ -51,6 +51,7 @@ from benchmarks._h2load import (  # noqa: E402
 )
 from benchmarks._serve import ServeError, start_serve  # noqa: E402
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
+from broker.logs import configure_logging  # noqa: E402
 
 NDJSON = "application/x-ndjson"
 TARGETS = {"single": 0.25, "batch": 0.7}
@@ -175,6 +176,7 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
+    configure_logging("warning")  # the embedded server's debug lines would go to stdout
     if args.connections * args.concurrency < 64:
         parser.error("use at least 64 concurrent streams (connections x concurrency)")
     if args.client == "auto":

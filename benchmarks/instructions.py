@@ -63,6 +63,7 @@ from benchmarks.observability import (
     with_baseline,
 )
 from broker.embedded import NatsServer, ServerSpec
+from broker.logs import configure_logging
 
 #: Valgrind is slow: a broker takes tens of seconds to start under it.
 READY_TIMEOUT_S = 300.0
@@ -162,6 +163,7 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
+    configure_logging("warning")  # the embedded server's debug lines would go to stdout
     sink = Sink()
     cases = [c for c in configs(sink.url) if not args.only or c.name in args.only]
     if args.baseline_tree is not None:

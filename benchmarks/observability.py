@@ -90,6 +90,7 @@ from benchmarks._h2load import (  # noqa: E402
 )
 from benchmarks._serve import Serve, ServeError, start_serve  # noqa: E402
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
+from broker.logs import configure_logging  # noqa: E402
 
 TARGET_OVERHEAD = 0.10
 #: The batch span processor's default schedule delay (5 s), and a margin.
@@ -112,6 +113,7 @@ class Config:
     rate_ratios: list[float] = field(default_factory=list)  # throughput, to the same round's
     raw_cpu_ratios: list[float] = field(default_factory=list)  # the same, idle CPU included
     threads: list[dict[str, float]] = field(default_factory=list)  # us/msg by thread, a round
+    threads_system: list[dict[str, float]] = field(default_factory=list)  # of it, in the kernel
     spans_per_message: float = 0.0  # spans the sink received
     behind: int = 0  # rounds (with --rate) whose throughput fell short of the offered rate
 
@@ -312,13 +314,19 @@ def _tree(root: int) -> list[int]:
     return order
 
 
-def _stat_seconds(path: Path) -> float:
-    """utime + stime of a ``/proc/.../stat`` file, in seconds (0 once it is gone)."""
+def _stat_times(path: Path) -> tuple[float, float]:
+    """utime and stime of a ``/proc/.../stat`` file, in seconds (0 once it is gone)."""
     try:
         fields = path.read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _stat_seconds(path: Path) -> float:
+    """utime + stime of a ``/proc/.../stat`` file, in seconds (0 once it is gone)."""
+    return sum(_stat_times(path))
 
 
 def _cpu_seconds(root: int) -> float:
@@ -326,10 +334,11 @@ def _cpu_seconds(root: int) -> float:
     return sum(_stat_seconds(Path("/proc", str(pid), "stat")) for pid in _tree(root))
 
 
-def _thread_seconds(root: int) -> dict[str, float]:
-    """CPU time used so far by each thread of ``root``'s processes, labelled ``p<i>/t<j>``:
-    the i-th process of the tree (``p0`` is ``broker serve``, the granian worker follows),
-    its j-th thread by id (``t0`` is its main thread, where the event loop runs)."""
+def _thread_seconds(root: int) -> dict[str, tuple[float, float]]:
+    """User and system CPU time used so far by each thread of ``root``'s processes, labelled
+    ``p<i>/t<j>``: the i-th process of the tree (``p0`` is ``broker serve``, the granian
+    worker follows), its j-th thread by id (``t0`` is its main thread, where the event loop
+    runs)."""
     out = {}
     for i, pid in enumerate(_tree(root)):
         try:
@@ -337,7 +346,7 @@ def _thread_seconds(root: int) -> dict[str, float]:
         except OSError:
             continue
         for j, tid in enumerate(tids):
-            out[f"p{i}/t{j}"] = _stat_seconds(Path("/proc", str(pid), "task", str(tid), "stat"))
+            out[f"p{i}/t{j}"] = _stat_times(Path("/proc", str(pid), "task", str(tid), "stat"))
     return out
 
 
@@ -580,7 +589,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         action="store_true",
-        help="also report CPU per message by thread (p<process>/t<thread>, t0 = main thread)",
+        help="also report CPU per message by thread (p<process>/t<thread>, t0 = main thread), "
+        "and how much of it was in the kernel",
     )
     parser.add_argument(
         "--rate",
@@ -599,6 +609,7 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
+    configure_logging("warning")  # the embedded server's debug lines would go to stdout
     payload = json_payload(args.payload_bytes)
     sink = Sink()
     cases = [c for c in configs(sink.url, args.compression) if not args.only or c.name in args.only]
@@ -678,11 +689,14 @@ def measure(
     raw = used / args.messages * 1e6
     cpu = (used - waited) / args.messages * 1e6
     if args.threads:
+        per_message = args.messages / 1e6
+        after = _thread_seconds(pid)
+        before = {label: threads_before.get(label, (0.0, 0.0)) for label in after}
         config.threads.append(
-            {
-                label: (seconds - threads_before.get(label, 0.0)) / args.messages * 1e6
-                for label, seconds in _thread_seconds(pid).items()
-            }
+            {label: (sum(t) - sum(before[label])) / per_message for label, t in after.items()}
+        )
+        config.threads_system.append(
+            {label: (t[1] - before[label][1]) / per_message for label, t in after.items()}
         )
     config.rates.append(result.rate)
     config.cpu_us.append(cpu)
@@ -721,6 +735,10 @@ def report(
                     "cpu_overhead_idle_included": round(c.raw_cpu_overhead, 3),
                     "rounds_cpu_us_per_msg_by_thread": [
                         {label: round(us, 2) for label, us in r.items() if us} for r in c.threads
+                    ],
+                    "rounds_system_cpu_us_per_msg_by_thread": [
+                        {label: round(us, 2) for label, us in r.items() if us}
+                        for r in c.threads_system
                     ],
                     "spans_per_message": round(c.spans_per_message, 4),
                     "rounds_behind_offered_rate": c.behind,
@@ -774,14 +792,25 @@ def report(
         )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
     if args.threads:
-        print("\nCPU us/msg by thread, median over rounds (p0 = broker serve; t0 = main thread):")
+        print(
+            "\nCPU us/msg by thread, median over rounds, and (in brackets) its median in the "
+            "kernel (p0 = broker serve; t0 = main thread; /proc counts 10 ms ticks):"
+        )
         for c in cases:
             labels = {label for round_ in c.threads for label in round_}
-            medians = {
-                label: statistics.median(r.get(label, 0.0) for r in c.threads) for label in labels
-            }
-            busy = sorted(medians.items(), key=lambda item: -item[1])[:5]
-            print(f"  {c.name:<18}" + "  ".join(f"{label} {us:5.1f}" for label, us in busy))
+
+            def median(rounds: list[dict[str, float]], label: str) -> float:
+                return statistics.median(r.get(label, 0.0) for r in rounds)
+
+            busy = sorted(labels, key=lambda label: -median(c.threads, label))[:4]
+            print(
+                f"  {c.name:<18}"
+                + "  ".join(
+                    f"{label} {median(c.threads, label):5.1f} "
+                    f"({median(c.threads_system, label):4.1f})"
+                    for label in busy
+                )
+            )
     print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
         print(f"  {name:<46}{ns:>8.0f}")
