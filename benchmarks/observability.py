@@ -33,7 +33,8 @@ the ends, as large as the overheads being measured.
 The sink decodes what it receives and counts the spans of each configuration (each exports
 to its own path), so the report shows what was sampled. At the end it times, in this
 process with tracing off and on, what a request runs: the spans of one publish and the
-OTLP export of sampled spans. Usage::
+OTLP export of sampled spans, and the spans again right after 16 MB of other memory were
+written (caches cold, as a sparsely sampled request finds them in a loaded broker). Usage::
 
     python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load] [--threads]
         [--compression gzip] [--rate 6000]
@@ -479,6 +480,44 @@ async def in_process_costs(sink: Sink) -> dict[str, float]:
         min(timeit.repeat(request_spans, number=n, repeat=5)) / n * 1e9
     )
     costs.update(traced_costs(request_spans, sink))
+    costs.update(cold_costs(request_spans))
+    return costs
+
+
+#: Bytes written before each call of :func:`cold_costs`: more than this machine's caches.
+COLD_BYTES = 16 * 1024 * 1024
+
+
+def cold_costs(request_spans: Callable[[], None], runs: int = 2000) -> dict[str, float]:
+    """Median nanoseconds of one publish's spans, not sampled and sampled, each after
+    :data:`COLD_BYTES` of other memory were written (no export: the recording only). In a
+    loaded ingress sampling a tenth of the requests, a sampled request comes after several
+    others and other processes have run: its code and data are out of the caches, and on
+    2026-11-27 it cost the event loop 2-3x what a request sampled every time did."""
+    from broker.telemetry import tracing
+
+    other = bytearray(COLD_BYTES)
+    clock = time.perf_counter_ns
+
+    def median_after_eviction(fn: Callable[[], None]) -> float:
+        took = []
+        for _ in range(runs):
+            other[::64] = bytes(len(other[::64]))  # a store to every cache line
+            started = clock()
+            fn()
+            took.append(clock() - started)
+        return statistics.median(took)
+
+    costs = {}
+    for label, ratio in (("not sampled", 0.0), ("sampled", 1.0)):
+        tracing.configure("bench", sampler_arg=ratio, sampler="traceidratio")  # no exporter
+        try:
+            empty = median_after_eviction(lambda: None)
+            costs[f"request spans, {label}, caches cold"] = (
+                median_after_eviction(request_spans) - empty
+            )
+        finally:
+            tracing.disable()
     return costs
 
 
