@@ -502,7 +502,9 @@ def cold_costs(request_spans: Callable[[], None], runs: int = 2000) -> dict[str,
     def median_after_eviction(fn: Callable[[], None]) -> float:
         took = []
         for _ in range(runs):
-            other[::64] = bytes(len(other[::64]))  # a store to every cache line
+            # A load of every cache line (the strided copy), then a store to each: storing a
+            # zero bytes object made once evicts less (sampled spans 8.5 µs instead of 13.5).
+            other[::64] = bytes(len(other[::64]))
             started = clock()
             fn()
             took.append(clock() - started)
@@ -728,14 +730,14 @@ def measure(
     raw = used / args.messages * 1e6
     cpu = (used - waited) / args.messages * 1e6
     if args.threads:
-        per_message = args.messages / 1e6
+        us_per_message = 1e6 / args.messages
         after = _thread_seconds(pid)
         before = {label: threads_before.get(label, (0.0, 0.0)) for label in after}
         config.threads.append(
-            {label: (sum(t) - sum(before[label])) / per_message for label, t in after.items()}
+            {label: (sum(t) - sum(before[label])) * us_per_message for label, t in after.items()}
         )
         config.threads_system.append(
-            {label: (t[1] - before[label][1]) / per_message for label, t in after.items()}
+            {label: (t[1] - before[label][1]) * us_per_message for label, t in after.items()}
         )
     config.rates.append(result.rate)
     config.cpu_us.append(cpu)
