@@ -261,19 +261,23 @@ async def test_a_killed_agent_stops_receiving_within_the_ttl(
 async def test_a_failing_agent_is_retried_elsewhere_then_cooled_down(
     client: httpx.AsyncClient, url: str
 ) -> None:
-    # Only the flaky agent takes Markdown: its second failure is made on purpose, not left to
-    # the draw between two idle agents (on a loaded machine the steady one won forty in a
-    # row while the flaky one's load report lagged).
+    # Each agent takes one type the other does not, so that what the test needs is made on
+    # purpose, not left to the draw between two idle agents: the steady agent is live before
+    # the flaky one can fail (CSV; else the first failures, with nobody to retry on, went to
+    # the DLQ), and the flaky agent's second failure is a Markdown request (on a loaded
+    # machine the steady one won forty text draws in a row).
     flaky = manifest(
         "c-flaky", "Classifies support tickets by urgency", content_types=[*TEXT, "text/markdown"]
     )
-    steady = manifest("c-steady", "Classifies support tickets by urgency")
+    steady = manifest(
+        "c-steady", "Classifies support tickets by urgency", content_types=[*TEXT, "text/csv"]
+    )
     failing = Behaviour(reply="c-flaky", fail=True)
     steady_seen = Behaviour(reply="c-steady")
     async with running(flaky, url, failing), running(steady, url, steady_seen):
+        assert await routed_to(client, "c-steady", "ticket,urgency", content_type="text/csv")
         # The probes that reach the flaky agent fail there and are retried on the other.
         assert await routed_to(client, "c-flaky", "my order is late")
-        assert await routed_to(client, "c-steady", "my order is late")
 
         async def retried() -> bool:
             return any(r.attempt == 2 and r.route.tried == ("c-flaky",) for r in steady_seen.seen)
