@@ -20,7 +20,8 @@
  * encoding of finished spans that broker/telemetry/_otlp.py otherwise does in Python (a
  * span with events or with other than plain attribute values is handed back to it); and
  * ``start_timing``/``end_timing``, broker/telemetry/tracing.py's Timing (a sampled span's
- * ids and start time while it runs) and the common end of one, without a Python frame.
+ * ids and start time while it runs) and the common end of one, without a Python frame; and
+ * its ``inject``, which writes the current span's ``traceparent`` into a message's headers.
  *
  * The Python module objects used here (DecodeError, CONTENT_TYPE, stored_schema_id,
  * _strips_prefix) are looked up once and kept in module globals: single-phase init, no
@@ -1222,8 +1223,11 @@ static PyObject *timing_var;          /* tracing._current, a ContextVar */
 static PyTypeObject *trace_context;   /* tracing.TraceContext, a named tuple of five */
 static PyObject *timing_getrandbits;  /* random.getrandbits */
 static PyObject *str_ended;
+static PyObject *str_traceparent;
+static PyObject *str_tracestate;
 static PyObject *int_zero;
 static PyObject *int_one;
+static int tracing_on; /* inject() writes nothing while 0 (tracing.configure/disable set it) */
 
 static int
 timing_traverse(TimingObject *self, visitproc visit, void *arg)
@@ -1417,8 +1421,9 @@ start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
 static PyObject *
 end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "end_timing(timing, attributes, status) takes 3 arguments");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "end_timing(timing, attributes, status[, name]) takes 3 or 4 arguments");
         return NULL;
     }
     if (!Py_IS_TYPE(args[0], &Timing_Type) || !PyTuple_Check(args[1])) {
@@ -1427,6 +1432,12 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     TimingObject *timing = (TimingObject *)args[0];
     PyObject *attributes = args[1], *status = args[2];
+    /* The span's name, when its caller settles it only now (the server span's method). */
+    PyObject *name = nargs == 4 && args[3] != Py_None ? args[3] : timing->name;
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "a span's name must be a str");
+        return NULL;
+    }
     long long end;
     if (now_ns(&end) < 0) {
         return NULL;
@@ -1459,7 +1470,7 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     /* (name, trace_id, span_id, parent_id, parent_remote, tracestate, kind, start, end,
      *  dropped attributes, events, status, description, *attributes) */
-    PyTuple_SET_ITEM(span, 0, Py_NewRef(timing->name));
+    PyTuple_SET_ITEM(span, 0, Py_NewRef(name));
     PyTuple_SET_ITEM(span, 1, Py_NewRef(timing->trace_id));
     PyTuple_SET_ITEM(span, 2, Py_NewRef(timing->span_id));
     PyTuple_SET_ITEM(span, 3, Py_NewRef(timing->parent_id));
@@ -1484,6 +1495,97 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+tracing_switch(PyObject *Py_UNUSED(module), PyObject *on)
+{
+    int value = PyObject_IsTrue(on);
+    if (value < 0) {
+        return NULL;
+    }
+    tracing_on = value;
+    Py_RETURN_NONE;
+}
+
+static void
+put_hex(char *out, unsigned long long value, int digits)
+{
+    static const char hex_digits[] = "0123456789abcdef";
+    for (int i = digits - 1; i >= 0; i--) {
+        out[i] = hex_digits[value & 15];
+        value >>= 4;
+    }
+}
+
+/* The low 64 bits of an id (ids are below 2**128 and 2**64: W3C's 32 and 16 hex digits). */
+static int
+id_bits(PyObject *id, unsigned long long *out)
+{
+    if (!PyLong_Check(id)) {
+        PyErr_SetString(PyExc_TypeError, "a trace context's ids must be ints");
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLongMask(id);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *
+inject(PyObject *Py_UNUSED(module), PyObject *headers)
+{
+    if (!tracing_on || timing_var == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *context;
+    if (PyContextVar_Get(timing_var, Py_None, &context) < 0) {
+        return NULL;
+    }
+    if (context == Py_None) {
+        Py_DECREF(context);
+        Py_RETURN_NONE;
+    }
+    PyObject *result = NULL, *text = NULL, *high = NULL;
+    if (!PyTuple_Check(context) || PyTuple_GET_SIZE(context) < 4) {
+        PyErr_SetString(PyExc_TypeError, "the current trace context is not a TraceContext");
+        goto done;
+    }
+    PyObject *trace_id = PyTuple_GET_ITEM(context, 0), *tracestate = PyTuple_GET_ITEM(context, 3);
+    unsigned long long trace_low, trace_high, span_id;
+    if (id_bits(trace_id, &trace_low) < 0 ||
+        id_bits(PyTuple_GET_ITEM(context, 1), &span_id) < 0 ||
+        (high = PyNumber_Rshift(trace_id, sixty_four)) == NULL ||
+        id_bits(high, &trace_high) < 0) {
+        goto done;
+    }
+    int sampled = PyObject_IsTrue(PyTuple_GET_ITEM(context, 2));
+    if (sampled < 0) {
+        goto done;
+    }
+    /* "00-" trace id (32 hex digits) "-" span id (16) "-" flags: 55 ASCII characters */
+    text = PyUnicode_New(55, 127);
+    if (text == NULL) {
+        goto done;
+    }
+    char *out = (char *)PyUnicode_1BYTE_DATA(text);
+    memcpy(out, "00-", 3);
+    put_hex(out + 3, trace_high, 16);
+    put_hex(out + 19, trace_low, 16);
+    out[35] = '-';
+    put_hex(out + 36, span_id, 16);
+    memcpy(out + 52, sampled ? "-01" : "-00", 3);
+    if (PyObject_SetItem(headers, str_traceparent, text) < 0) {
+        goto done;
+    }
+    int has_state = PyObject_IsTrue(tracestate);
+    if (has_state < 0 || (has_state && PyObject_SetItem(headers, str_tracestate, tracestate) < 0)) {
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(high);
+    Py_XDECREF(text);
+    Py_DECREF(context);
+    return result;
+}
+
 static PyMethodDef lazy_functions[] = {
     {"check_avro", (PyCFunction)(void (*)(void))check_avro, METH_FASTCALL,
      "check_avro(program, payload, max_depth): (offset, reason) of the first integer the "
@@ -1499,8 +1601,15 @@ static PyMethodDef lazy_functions[] = {
      "start_timing(name, kind, parent, trace_id, pipeline): a Timing, made current as a "
      "TraceContext (broker.telemetry.tracing.Timing)."},
     {"end_timing", (PyCFunction)(void (*)(void))end_timing, METH_FASTCALL,
-     "end_timing(timing, attributes, status): the context before it current again, and its "
-     "finished span handed to pipeline.ended (broker.telemetry.tracing.end_timing)."},
+     "end_timing(timing, attributes, status[, name]): the context before it current again, and "
+     "its finished span handed to pipeline.ended (broker.telemetry.tracing.end_timing); a "
+     "name that is not None replaces the one it started with."},
+    {"tracing_switch", (PyCFunction)tracing_switch, METH_O,
+     "tracing_switch(on): whether inject writes anything (broker.telemetry.tracing calls it "
+     "when tracing is switched on and off)."},
+    {"inject", (PyCFunction)inject, METH_O,
+     "inject(headers): the current span's traceparent (and tracestate) written into headers "
+     "(broker.telemetry.tracing.inject)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1547,7 +1656,11 @@ PyInit__lazy(void)
     }
     if ((int_zero == NULL && (int_zero = PyLong_FromLong(0)) == NULL) ||
         (int_one == NULL && (int_one = PyLong_FromLong(1)) == NULL) ||
-        (str_ended == NULL && (str_ended = PyUnicode_InternFromString("ended")) == NULL)) {
+        (str_ended == NULL && (str_ended = PyUnicode_InternFromString("ended")) == NULL) ||
+        (str_traceparent == NULL &&
+         (str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL) ||
+        (str_tracestate == NULL &&
+         (str_tracestate = PyUnicode_InternFromString("tracestate")) == NULL)) {
         return NULL;
     }
     if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0 ||

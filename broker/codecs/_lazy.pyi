@@ -7,7 +7,7 @@ classes from :mod:`broker.codecs` (or :mod:`broker.codecs.lazy`), which falls ba
 Python ones when this module is missing.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from broker.codecs.base import Codec, DecodeError
@@ -80,6 +80,16 @@ def start_timing(
     """A :class:`Timing` child of ``parent`` (a ``TraceContext``; ``None``: a root), made
     current as a ``TraceContext`` in the bound context variable."""
 
-def end_timing(timing: Timing, attributes: tuple[Any, ...], status: int, /) -> None:
+def end_timing(
+    timing: Timing, attributes: tuple[Any, ...], status: int, name: str | None = None, /
+) -> None:
     """The context before ``timing`` current again, and its finished span handed to its
-    pipeline's ``ended`` (none when its pipeline is ``None``)."""
+    pipeline's ``ended`` (none when its pipeline is ``None``); ``name``, when not ``None``,
+    replaces the name it started with."""
+
+def tracing_switch(on: bool, /) -> None:
+    """Whether :func:`inject` writes anything (the tracing module switches it with tracing)."""
+
+def inject(headers: MutableMapping[str, str], /) -> None:
+    """The bound context variable's ``traceparent`` (and ``tracestate``, when there is one)
+    written into ``headers``; nothing while switched off or when no span is current."""

@@ -121,13 +121,10 @@ def instrument(handler: Handler) -> Entry:
         status = 0
         try:
             if tracing_on and route not in _UNTRACED:
-                server = tracing.edge_span(route, scope.headers)
-                if server is tracing.UNRECORDED:  # not sampled: nothing more to do
+                timing = tracing.edge_timing(route, scope.headers)
+                if timing is None:  # not sampled: nothing more to do
                     status = await handler(scope, proto)
                 else:  # inline, not a coroutine of its own: see above
-                    method = scope.method if scope.method in metrics.METHODS else OTHER_METHOD
-                    name = _span_names.get((method, route)) or _span_name(method, route)
-                    timing = tracing.start_timing(server, name)
                     error: BaseException | None = None
                     try:
                         status = await handler(scope, proto)
@@ -135,7 +132,7 @@ def instrument(handler: Handler) -> Entry:
                         error = e
                         raise
                     finally:
-                        _answered(timing, scope, (method, route), status, error)
+                        _answered(timing, scope, route, status, error)
             else:
                 status = await handler(scope, proto)
         finally:
@@ -150,13 +147,13 @@ def instrument(handler: Handler) -> Entry:
 def _answered(
     timing: tracing.Timing,
     scope: Scope,
-    method_route: tuple[str, str],
+    route: str,
     status: int,
     error: BaseException | None,
 ) -> None:
-    """End a request's server span: the semantic conventions' request attributes and the
-    answered status; failed on a 5xx or an exception."""
-    method, route = method_route
+    """End a request's server span: named ``METHOD route``, the semantic conventions' request
+    attributes and the answered status; failed on a 5xx or an exception."""
+    method = scope.method if scope.method in metrics.METHODS else OTHER_METHOD
     status = status or NO_RESPONSE
     tracing.end_timing(
         timing,
@@ -174,4 +171,5 @@ def _answered(
         ),
         error=error,
         failed=status >= 500,
+        name=_span_names.get((method, route)) or _span_name(method, route),
     )

@@ -89,14 +89,13 @@ __all__ = [
     "configure_from_env",
     "current",
     "disable",
-    "edge_span",
+    "edge_timing",
     "enabled",
     "end_timing",
     "extract",
     "force_flush",
     "inject",
     "span",
-    "start_timing",
 ]
 
 log = structlog.get_logger(__name__)
@@ -212,7 +211,7 @@ def extract(headers: HeaderSource | None) -> TraceContext | None:
     return TraceContext(trace_id, span_id, sampled, tracestate)
 
 
-def inject(headers: MutableMapping[str, str]) -> None:
+def _inject(headers: MutableMapping[str, str]) -> None:
     """Write the current span's ``traceparent`` (and ``tracestate``) into ``headers``, so the
     next hop continues this trace. Does nothing when tracing is off or no span is running
     (headers already there, e.g. passed through from a client, are then left alone)."""
@@ -262,21 +261,26 @@ def span(
     return _SpanScope(name, parent, parent.trace_id, attributes, kind)
 
 
-def edge_span(
-    name: str, headers: HeaderSource, *, kind: SpanKind = SpanKind.SERVER
-) -> contextlib.AbstractContextManager[Span]:
-    """``span(name, parent_headers=headers, kind=kind, start_trace=True)`` for an edge that
-    reads HTTP headers (case-insensitive names), with the common case (no trace context in
-    the request, not sampled) decided in a handful of operations: the ingress runs this on
-    every request, and inside a loaded process every operation on that path counts."""
+def edge_timing(route: str, headers: HeaderSource) -> Timing | None:
+    """The server span of a request to ``route`` at the edge (HTTP headers, case-insensitive
+    names), started now as a :class:`Timing` named ``route`` (:func:`end_timing` may rename
+    it), or ``None`` when nothing is to be recorded: tracing off, or not sampled. It
+    continues the request's ``traceparent`` or starts a trace, as ``span(...,
+    start_trace=True)`` decides. The ingress runs this on every request: the common cases (no
+    trace context in the request; sampled or not) take a handful of operations and, when
+    sampled, one Python frame."""
     if not _config.enabled:
-        return _NOOP
+        return None
     if not (headers.get(TRACEPARENT) or headers.get("ce-traceparent")) and _current.get() is None:
         low = _getrandbits(64)  # a root's sampling decision: its trace id's low bits
         if low >= _config.bound:
-            return _NOOP
-        return _SpanScope(name, None, (_getrandbits(64) << 64 | low) or 1, None, kind)
-    return span(name, parent_headers=headers, kind=kind, start_trace=True)
+            return None
+        trace_id = (_getrandbits(64) << 64 | low) or 1
+        return _new_timing(route, _SERVER, None, trace_id, _config.pipeline)
+    scope = span(route, parent_headers=headers, start_trace=True)
+    if not isinstance(scope, _SpanScope):
+        return None
+    return _new_timing(route, _SERVER, scope._parent, scope._trace_id, _config.pipeline)
 
 
 class Timing:
@@ -325,14 +329,6 @@ class Timing:
         self.start = _time_ns()
 
 
-def start_timing(scope: contextlib.AbstractContextManager[Span], name: str) -> Timing:
-    """Start ``scope`` (what :func:`edge_span` returned for a sampled request, never
-    :data:`UNRECORDED`) as a :class:`Timing` named ``name``; end it with :func:`end_timing`."""
-    if not isinstance(scope, _SpanScope):
-        raise TypeError("start_timing takes a recorded span's scope from edge_span()")
-    return _new_timing(name, scope._kind._value_, scope._parent, scope._trace_id, _config.pipeline)
-
-
 def child_timing(name: str, kind: SpanKind) -> Timing | None:
     """A :class:`Timing` child of the recorded span running now; ``None`` when none is (tracing
     off, or this request is not sampled): then the block records nothing."""
@@ -346,27 +342,30 @@ def child_timing(name: str, kind: SpanKind) -> Timing | None:
 
 _ERROR = StatusCode.ERROR._value_
 _UNSET = StatusCode.UNSET._value_
+_SERVER = SpanKind.SERVER._value_
 
 NewTiming = Callable[[str, int, "TraceContext | None", int, "SpanPipeline | None"], Timing]
-EndTiming = Callable[[Timing, tuple[Any, ...], int], None]
+EndTiming = Callable[[Timing, tuple[Any, ...], int, "str | None"], None]
+Inject = Callable[[MutableMapping[str, str]], None]
 
 
-def _timing_code() -> tuple[NewTiming, EndTiming | None, type | None]:
-    """:class:`Timing` and the common case of :func:`end_timing` (no exception, not failed)
-    in C when the codecs' accelerator is there (``broker/codecs/_lazy.c``: the same objects
-    made without a Python frame, about half the CPU of a sampled publish's spans in a tight
-    loop); else the Python class, and ``None`` for the rest."""
+def _timing_code() -> tuple[NewTiming, EndTiming | None, type | None, Inject]:
+    """:class:`Timing`, the common case of :func:`end_timing` (no exception, not failed) and
+    :func:`inject` in C when the codecs' accelerator is there (``broker/codecs/_lazy.c``: the
+    same objects and text made without a Python frame; a sampled request's code then touches
+    less memory, and most of what it costs at a low sampling ratio is fetching its code and
+    data back into the caches); else the Python class and function, and ``None``."""
     module = _lazy_module
     if module is None:
-        return Timing, None, None
+        return Timing, None, None, _inject
     module.timing_bind(_current, TraceContext, _getrandbits)
-    return module.start_timing, module.end_timing, module.Timing
+    return module.start_timing, module.end_timing, module.Timing, module.inject
 
 
 _lazy_module = accelerator()
-if _lazy_module is not None and not hasattr(_lazy_module, "start_timing"):
+if _lazy_module is not None and not hasattr(_lazy_module, "inject"):
     _lazy_module = None  # a module built from an older source: the Python class
-_new_timing, _end_timing_c, _CTiming = _timing_code()
+_new_timing, _end_timing_c, _CTiming, inject = _timing_code()
 
 
 def end_timing(
@@ -375,13 +374,15 @@ def end_timing(
     *,
     error: BaseException | None = None,
     failed: bool = False,
+    name: str | None = None,
 ) -> None:
     """End ``timing`` and queue its span: ``attributes`` as ``(key, value, key, value, ...)``
     of plain values (str, bool, int, float); an ``error`` that is an :class:`Exception` marks
     it failed with an ``exception`` event (as leaving a :func:`span` block with one does),
-    ``failed`` without one. The trace context before it is current again."""
+    ``failed`` without one; ``name`` replaces the name it started with. The trace context
+    before it is current again."""
     if _end_timing_c is not None and error is None and not failed and type(timing) is _CTiming:
-        _end_timing_c(timing, attributes, _UNSET)
+        _end_timing_c(timing, attributes, _UNSET, name)
         return
     end = _time_ns()
     try:  # noqa: SIM105 (contextlib.suppress: a context manager costs more than the reset)
@@ -399,7 +400,7 @@ def end_timing(
         status, description = _ERROR, type(error).__name__
     pipeline.ended(
         (
-            timing.name,
+            name or timing.name,
             timing.trace_id,
             timing.span_id,
             timing.parent_id,
@@ -510,6 +511,8 @@ def configure(
     _config.component = component
     _config.otel_context = component not in _OWN_CODE_ONLY
     _config.enabled = True
+    if _lazy_module is not None:
+        _lazy_module.tracing_switch(True)
 
 
 def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
@@ -555,6 +558,8 @@ def disable() -> None:
     """Flush and stop recording; :func:`span` is a no-op again."""
     pipeline = _config.pipeline
     _config.enabled = False
+    if _lazy_module is not None:
+        _lazy_module.tracing_switch(False)
     _config.pipeline = None
     if pipeline is not None:
         with contextlib.suppress(Exception):

@@ -178,34 +178,42 @@ def ratio_zero() -> InMemorySpanExporter:
     return memory
 
 
-def test_edge_span_decides_like_a_span_that_may_start_a_trace(
+def test_edge_timing_decides_like_a_span_that_may_start_a_trace(
     ratio_zero: InMemorySpanExporter,
 ) -> None:
-    """The ingress's fast path: no header and not sampled gives the shared no-op; a
-    sampled parent (W3C or CloudEvents spelling) is continued whatever the ratio."""
+    """The ingress's fast path: no header and not sampled gives no timing; a sampled parent
+    (W3C or CloudEvents spelling) is continued whatever the ratio, as a server span."""
     memory = ratio_zero
-    assert tracing.edge_span("POST /x", {}) is tracing.UNRECORDED
-    assert tracing.edge_span("POST /x", UNSAMPLED) is tracing.UNRECORDED
+    assert tracing.edge_timing("/x", {}) is None
+    assert tracing.edge_timing("/x", UNSAMPLED) is None
     ce_parent = {"ce-traceparent": SAMPLED["traceparent"]}
     for parent in (SAMPLED, ce_parent):
-        with tracing.edge_span("POST /x", parent) as span:
-            assert span.is_recording()
+        timing = tracing.edge_timing("/x", parent)
+        assert timing is not None
+        tracing.end_timing(timing)
+    assert tracing.current() is None
     finished = memory.get_finished_spans()
-    assert [s.context.trace_id for s in finished] == [PARENT_TRACE, PARENT_TRACE]
-    assert all(s.kind is SpanKind.SERVER for s in finished)
+    assert [(s.context.trace_id, s.parent.span_id, s.parent.is_remote) for s in finished] == [
+        (PARENT_TRACE, PARENT_SPAN, True)
+    ] * 2
+    assert [(s.name, s.kind) for s in finished] == [("/x", SpanKind.SERVER)] * 2
 
 
-def test_edge_span_starts_a_root_when_sampled_and_is_free_when_off(
+def test_edge_timing_starts_a_root_when_sampled_and_is_nothing_when_off(
     exporter: InMemorySpanExporter,
 ) -> None:
-    with tracing.edge_span("POST /v1/publish/{subject}", {}) as server:
-        server.update_name("POST /v1/publish/{subject} (renamed)")
-        assert tracing.current() is not None
+    timing = tracing.edge_timing("/v1/publish/{subject}", {})
+    assert timing is not None
+    running = tracing.current()
+    assert running is not None
+    assert (running.span_id, running.span) == (timing.span_id, timing)
+    tracing.end_timing(timing, name="POST /v1/publish/{subject}")
     (root,) = exporter.get_finished_spans()
     assert root.parent is None
-    assert root.name == "POST /v1/publish/{subject} (renamed)"
+    assert root.name == "POST /v1/publish/{subject}"
     tracing.disable()
-    assert tracing.edge_span("POST /x", SAMPLED) is tracing.UNRECORDED
+    assert tracing.edge_timing("/x", SAMPLED) is None
+    assert tracing.edge_timing("/x", {}) is None
 
 
 def test_ratio_zero_samples_no_root_but_keeps_parents_decision(

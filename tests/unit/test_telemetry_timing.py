@@ -14,6 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -49,14 +51,16 @@ requires_c_timing = pytest.mark.skipif(_C_TIMING is None, reason=_NO_C_TIMING)
 
 @pytest.fixture(params=["c", "python"])
 def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test runs with :class:`~broker.telemetry.tracing.Timing` in C (the accelerator's
-    ``start_timing``/``end_timing``, skipped only where it is not built) and in Python."""
+    """Each test runs with :class:`~broker.telemetry.tracing.Timing` and ``inject`` in C (the
+    accelerator's ``start_timing``/``end_timing``/``inject``, skipped only where it is not
+    built) and in Python."""
     if request.param == "c" and _C_TIMING is None:
         pytest.skip(_NO_C_TIMING)
     if request.param == "python":
         monkeypatch.setattr(tracing, "_new_timing", tracing.Timing)
         monkeypatch.setattr(tracing, "_end_timing_c", None)
         monkeypatch.setattr(tracing, "_CTiming", None)
+        monkeypatch.setattr(tracing, "inject", tracing._inject)
     return str(request.param)
 
 
@@ -107,7 +111,9 @@ def recorded_the_old_way(headers: dict[str, str]) -> list[ReadableSpan]:
     """The same two spans recorded as RecordedSpans, with the same names and attributes."""
     exporter = InMemorySpanExporter()
     tracing.configure("ingress", processors=[SimpleSpanProcessor(exporter)])
-    with tracing.edge_span(ROUTE, headers) as server:
+    with tracing.span(
+        ROUTE, parent_headers=headers, kind=SpanKind.SERVER, start_trace=True
+    ) as server:
         server.update_name(f"POST {ROUTE}")
         server.set_attributes(
             {
@@ -181,9 +187,9 @@ def test_the_append_continues_the_server_span_and_the_context_is_restored(
         seen.append(tracing.current())
         tracing.end_timing(timing, APPEND)
         seen.append(tracing.current())
+        assert headers == {"traceparent": seen[1].traceparent, "tracestate": "k=v"}  # type: ignore[union-attr]
         proto.response_bytes(200, [], b"")
         return 200
-        assert headers["traceparent"] == seen[1].traceparent  # type: ignore[union-attr]
 
     serve(handler, SAMPLED)
     server_ctx, append_ctx, after = seen
@@ -267,8 +273,6 @@ def test_nothing_is_timed_without_a_sampled_span_running(memory: InMemorySpanExp
     assert tracing.child_timing("append", SpanKind.PRODUCER) is None
     tracing.disable()
     assert tracing.child_timing("append", SpanKind.PRODUCER) is None
-    with pytest.raises(TypeError):
-        tracing.start_timing(tracing.UNRECORDED, "x")
 
 
 class Pipeline:
@@ -325,7 +329,8 @@ def test_a_timing_knows_its_parent_and_queues_the_finished_span(implementation: 
     assert len(pipeline.spans[1]) == 13
     root = new_timing("root", None, pipeline)
     assert (root.parent_id, root.parent_remote, root.tracestate) == (0, False, None)
-    tracing.end_timing(root)
+    tracing.end_timing(root, name="renamed")
+    assert pipeline.spans[2][:4] == ("renamed", PARENT_TRACE, root.span_id, 0)
 
 
 def test_a_timing_ended_in_another_context_queues_its_span_and_restores_nothing(
@@ -391,6 +396,10 @@ def test_the_c_functions_refuse_what_they_cannot_take() -> None:
     timing = module.start_timing("x", 1, None, 5, None)
     with pytest.raises(TypeError):
         module.end_timing(timing, ["a", "list"], 0)
+    with pytest.raises(TypeError):
+        module.end_timing(timing, (), 0, b"not a str")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        module.end_timing(timing, (), 0, None, "more")  # type: ignore[call-arg]
     module.end_timing(timing, (), 0)
     with pytest.raises(TypeError):
         module.timing_bind(tracing._current, dict, tracing._getrandbits)
@@ -426,3 +435,75 @@ def test_the_c_timings_leak_neither_references_nor_memory() -> None:
     second, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert second - first < 64 * 1024
+
+
+@given(
+    trace_id=st.integers(min_value=1, max_value=2**128 - 1),
+    span_id=st.integers(min_value=1, max_value=2**64 - 1),
+    sampled=st.booleans(),
+    tracestate=st.none() | st.text(max_size=12),
+)
+def check_the_c_inject_writes_what_the_python_one_does(
+    trace_id: int, span_id: int, sampled: bool, tracestate: str | None
+) -> None:
+    assert tracing._lazy_module is not None
+    context = tracing.TraceContext(trace_id, span_id, sampled, tracestate)
+    token = tracing._current.set(context)
+    try:
+        from_c: dict[str, str] = {"other": "kept"}
+        from_python: dict[str, str] = {"other": "kept"}
+        tracing._lazy_module.inject(from_c)
+        tracing._inject(from_python)
+    finally:
+        tracing._current.reset(token)
+    assert from_c == from_python
+    assert from_c["traceparent"] == context.traceparent
+    assert ("tracestate" in from_c) == bool(tracestate)
+
+
+@requires_c_timing
+def test_the_c_inject_writes_what_the_python_one_does() -> None:
+    tracing.configure("ingress")
+    try:
+        check_the_c_inject_writes_what_the_python_one_does()
+    finally:
+        tracing.disable()
+
+
+class Refusing(dict[str, str]):
+    def __setitem__(self, key: str, value: str) -> None:
+        raise KeyError(key)
+
+
+@requires_c_timing
+def test_the_c_inject_writes_nothing_when_off_or_idle_and_passes_errors_on() -> None:
+    module = tracing._lazy_module
+    assert module is not None
+    headers: dict[str, str] = {}
+    token = tracing._current.set(tracing.TraceContext(PARENT_TRACE, PARENT_SPAN, True))
+    try:
+        module.inject(headers)  # tracing off: nothing, whatever is current
+        assert headers == {}
+        tracing.configure("ingress")
+        try:
+            with pytest.raises(KeyError):
+                module.inject(Refusing())
+            module.inject(headers)
+            assert list(headers) == ["traceparent"]
+            tracing._current.set(("not", "a", "context"))  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                module.inject({})
+            tracing._current.set(tracing.TraceContext("1", PARENT_SPAN, True))  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                module.inject({})
+        finally:
+            tracing.disable()
+    finally:
+        tracing._current.reset(token)
+    headers.clear()
+    tracing.configure("ingress")
+    try:
+        module.inject(headers)  # on, but no span running
+    finally:
+        tracing.disable()
+    assert headers == {}
