@@ -1227,7 +1227,6 @@ static PyObject *str_traceparent;
 static PyObject *str_tracestate;
 static PyObject *int_zero;
 static PyObject *int_one;
-static int tracing_on; /* inject() writes nothing while 0 (tracing.configure/disable set it) */
 
 static int
 timing_traverse(TimingObject *self, visitproc visit, void *arg)
@@ -1328,20 +1327,17 @@ timing_bind(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* A Timing named name, of kind (a SpanKind's value), under parent (a TraceContext, or None for
+ * a root), in trace trace_id, ending into pipeline; made current in the context variable. */
 static PyObject *
-start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+new_timing(PyObject *name, PyObject *kind_value, PyObject *parent, PyObject *trace_id,
+           PyObject *pipeline)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "start_timing(name, kind, parent, trace_id, pipeline) takes 5 arguments");
-        return NULL;
-    }
     if (timing_var == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "start_timing before timing_bind");
+        PyErr_SetString(PyExc_RuntimeError, "a Timing started before timing_bind");
         return NULL;
     }
-    PyObject *name = args[0], *parent = args[2], *trace_id = args[3], *pipeline = args[4];
-    long kind = PyLong_AsLong(args[1]);
+    long kind = PyLong_AsLong(kind_value);
     if (kind == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -1416,6 +1412,55 @@ start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     return (PyObject *)self;
+}
+
+static PyObject *
+start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "start_timing(name, kind, parent, trace_id, pipeline) takes 5 arguments");
+        return NULL;
+    }
+    return new_timing(args[0], args[1], args[2], args[3], args[4]);
+}
+
+static PyObject *timing_pipeline; /* the pipeline while tracing is on, else NULL */
+static PyObject *str_value_;
+
+/* tracing.child_timing: a Timing child of the span running now, or None when none is (tracing
+ * off, or the request is not sampled). */
+static PyObject *
+child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "child_timing(name, kind) takes 2 arguments");
+        return NULL;
+    }
+    if (timing_pipeline == NULL || timing_var == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *parent;
+    if (PyContextVar_Get(timing_var, Py_None, &parent) < 0) {
+        return NULL;
+    }
+    if (parent == Py_None) {
+        return parent;
+    }
+    PyObject *result = NULL;
+    PyObject *kind = PyObject_GetAttr(args[1], str_value_); /* the SpanKind's value */
+    if (kind != NULL) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 5) {
+            PyErr_SetString(PyExc_TypeError, "the current trace context is not a TraceContext");
+        }
+        else {
+            result = new_timing(args[0], kind, parent, PyTuple_GET_ITEM(parent, 0),
+                                timing_pipeline);
+        }
+        Py_DECREF(kind);
+    }
+    Py_DECREF(parent);
+    return result;
 }
 
 static PyObject *
@@ -1496,13 +1541,12 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-tracing_switch(PyObject *Py_UNUSED(module), PyObject *on)
+tracing_switch(PyObject *Py_UNUSED(module), PyObject *pipeline)
 {
-    int value = PyObject_IsTrue(on);
-    if (value < 0) {
-        return NULL;
+    Py_CLEAR(timing_pipeline);
+    if (pipeline != Py_None) {
+        timing_pipeline = Py_NewRef(pipeline);
     }
-    tracing_on = value;
     Py_RETURN_NONE;
 }
 
@@ -1531,7 +1575,7 @@ id_bits(PyObject *id, unsigned long long *out)
 static PyObject *
 inject(PyObject *Py_UNUSED(module), PyObject *headers)
 {
-    if (!tracing_on || timing_var == NULL) {
+    if (timing_pipeline == NULL || timing_var == NULL) {
         Py_RETURN_NONE;
     }
     PyObject *context;
@@ -1604,9 +1648,12 @@ static PyMethodDef lazy_functions[] = {
      "end_timing(timing, attributes, status[, name]): the context before it current again, and "
      "its finished span handed to pipeline.ended (broker.telemetry.tracing.end_timing); a "
      "name that is not None replaces the one it started with."},
+    {"child_timing", (PyCFunction)(void (*)(void))child_timing, METH_FASTCALL,
+     "child_timing(name, kind): a Timing child of the span running now, or None "
+     "(broker.telemetry.tracing.child_timing)."},
     {"tracing_switch", (PyCFunction)tracing_switch, METH_O,
-     "tracing_switch(on): whether inject writes anything (broker.telemetry.tracing calls it "
-     "when tracing is switched on and off)."},
+     "tracing_switch(pipeline): tracing on, its spans ending into pipeline; None: off, and "
+     "child_timing and inject do nothing (broker.telemetry.tracing calls it)."},
     {"inject", (PyCFunction)inject, METH_O,
      "inject(headers): the current span's traceparent (and tracestate) written into headers "
      "(broker.telemetry.tracing.inject)."},
@@ -1660,7 +1707,8 @@ PyInit__lazy(void)
         (str_traceparent == NULL &&
          (str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL) ||
         (str_tracestate == NULL &&
-         (str_tracestate = PyUnicode_InternFromString("tracestate")) == NULL)) {
+         (str_tracestate = PyUnicode_InternFromString("tracestate")) == NULL) ||
+        (str_value_ == NULL && (str_value_ = PyUnicode_InternFromString("_value_")) == NULL)) {
         return NULL;
     }
     if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0 ||

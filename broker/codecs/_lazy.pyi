@@ -87,8 +87,13 @@ def end_timing(
     pipeline's ``ended`` (none when its pipeline is ``None``); ``name``, when not ``None``,
     replaces the name it started with."""
 
-def tracing_switch(on: bool, /) -> None:
-    """Whether :func:`inject` writes anything (the tracing module switches it with tracing)."""
+def tracing_switch(pipeline: Any, /) -> None:
+    """Tracing on, :func:`child_timing`'s spans ending into ``pipeline``; ``None``: off, and
+    :func:`child_timing` and :func:`inject` do nothing (the tracing module switches it)."""
+
+def child_timing(name: str, kind: Any, /) -> Timing | None:
+    """A :class:`Timing` child of the bound context variable's span (``kind`` a ``SpanKind``),
+    or ``None`` when none is current or tracing is off."""
 
 def inject(headers: MutableMapping[str, str], /) -> None:
     """The bound context variable's ``traceparent`` (and ``tracestate``, when there is one)

@@ -329,7 +329,7 @@ class Timing:
         self.start = _time_ns()
 
 
-def child_timing(name: str, kind: SpanKind) -> Timing | None:
+def _child_timing(name: str, kind: SpanKind) -> Timing | None:
     """A :class:`Timing` child of the recorded span running now; ``None`` when none is (tracing
     off, or this request is not sampled): then the block records nothing."""
     if not _config.enabled:
@@ -347,25 +347,27 @@ _SERVER = SpanKind.SERVER._value_
 NewTiming = Callable[[str, int, "TraceContext | None", int, "SpanPipeline | None"], Timing]
 EndTiming = Callable[[Timing, tuple[Any, ...], int, "str | None"], None]
 Inject = Callable[[MutableMapping[str, str]], None]
+ChildTiming = Callable[[str, SpanKind], "Timing | None"]
 
 
-def _timing_code() -> tuple[NewTiming, EndTiming | None, type | None, Inject]:
-    """:class:`Timing`, the common case of :func:`end_timing` (no exception, not failed) and
-    :func:`inject` in C when the codecs' accelerator is there (``broker/codecs/_lazy.c``: the
-    same objects and text made without a Python frame; a sampled request's code then touches
-    less memory, and most of what it costs at a low sampling ratio is fetching its code and
-    data back into the caches); else the Python class and function, and ``None``."""
+def _timing_code() -> tuple[NewTiming, EndTiming | None, type | None, Inject, ChildTiming]:
+    """:class:`Timing`, :func:`child_timing`, :func:`inject` and the common case of
+    :func:`end_timing` (no exception, not failed) in C when the codecs' accelerator is there
+    (``broker/codecs/_lazy.c``: the same objects and text made without a Python frame; a
+    sampled request's code then touches less memory, and most of what it costs at a low
+    sampling ratio is fetching its code and data back into the caches); else the Python
+    class and functions, and ``None``."""
     module = _lazy_module
     if module is None:
-        return Timing, None, None, _inject
+        return Timing, None, None, _inject, _child_timing
     module.timing_bind(_current, TraceContext, _getrandbits)
-    return module.start_timing, module.end_timing, module.Timing, module.inject
+    return module.start_timing, module.end_timing, module.Timing, module.inject, module.child_timing
 
 
 _lazy_module = accelerator()
-if _lazy_module is not None and not hasattr(_lazy_module, "inject"):
+if _lazy_module is not None and not hasattr(_lazy_module, "child_timing"):
     _lazy_module = None  # a module built from an older source: the Python class
-_new_timing, _end_timing_c, _CTiming, inject = _timing_code()
+_new_timing, _end_timing_c, _CTiming, inject, child_timing = _timing_code()
 
 
 def end_timing(
@@ -512,7 +514,7 @@ def configure(
     _config.otel_context = component not in _OWN_CODE_ONLY
     _config.enabled = True
     if _lazy_module is not None:
-        _lazy_module.tracing_switch(True)
+        _lazy_module.tracing_switch(_config.pipeline)
 
 
 def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
@@ -559,7 +561,7 @@ def disable() -> None:
     pipeline = _config.pipeline
     _config.enabled = False
     if _lazy_module is not None:
-        _lazy_module.tracing_switch(False)
+        _lazy_module.tracing_switch(None)
     _config.pipeline = None
     if pipeline is not None:
         with contextlib.suppress(Exception):

@@ -52,8 +52,8 @@ requires_c_timing = pytest.mark.skipif(_C_TIMING is None, reason=_NO_C_TIMING)
 @pytest.fixture(params=["c", "python"])
 def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test runs with :class:`~broker.telemetry.tracing.Timing` and ``inject`` in C (the
-    accelerator's ``start_timing``/``end_timing``/``inject``, skipped only where it is not
-    built) and in Python."""
+    accelerator's ``start_timing``/``end_timing``/``child_timing``/``inject``, skipped only
+    where it is not built) and in Python."""
     if request.param == "c" and _C_TIMING is None:
         pytest.skip(_NO_C_TIMING)
     if request.param == "python":
@@ -61,6 +61,7 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(tracing, "_end_timing_c", None)
         monkeypatch.setattr(tracing, "_CTiming", None)
         monkeypatch.setattr(tracing, "inject", tracing._inject)
+        monkeypatch.setattr(tracing, "child_timing", tracing._child_timing)
     return str(request.param)
 
 
@@ -403,6 +404,28 @@ def test_the_c_functions_refuse_what_they_cannot_take() -> None:
     module.end_timing(timing, (), 0)
     with pytest.raises(TypeError):
         module.timing_bind(tracing._current, dict, tracing._getrandbits)
+    with pytest.raises(TypeError):
+        module.child_timing("x")  # type: ignore[call-arg]
+    pipeline = Pipeline()
+    assert module.child_timing("x", SpanKind.PRODUCER) is None  # tracing off
+    module.tracing_switch(pipeline)
+    try:
+        assert module.child_timing("x", SpanKind.PRODUCER) is None  # no span running
+        outer = new_timing("outer", None, None)
+        with pytest.raises(AttributeError):
+            module.child_timing("x", "not a kind")
+        inner = module.child_timing("inner", SpanKind.CLIENT)
+        assert inner is not None
+        assert (inner.kind, inner.parent_id, inner.pipeline) == (
+            SpanKind.CLIENT.value,
+            outer.span_id,
+            pipeline,
+        )
+        tracing.end_timing(inner)
+        tracing.end_timing(outer)
+    finally:
+        module.tracing_switch(None)
+    assert [s[0] for s in pipeline.spans] == ["inner"]
     assert tracing._current.get() is None
 
 
@@ -414,11 +437,17 @@ def test_the_c_timings_leak_neither_references_nor_memory() -> None:
     before = (sys.getrefcount(name), sys.getrefcount(pipeline), sys.getrefcount(attributes))
 
     def cycle(n: int) -> None:
+        assert tracing._lazy_module is not None
+        tracing._lazy_module.tracing_switch(pipeline)
         for _ in range(n):
             outer = new_timing(name, None, pipeline)
-            inner = new_timing(name, tracing._current.get(), pipeline)
-            tracing.end_timing(inner, attributes)
+            inner = tracing.child_timing(name, SpanKind.PRODUCER)
+            assert inner is not None
+            headers: dict[str, str] = {}
+            tracing.inject(headers)
+            tracing.end_timing(inner, attributes, name=name)
             tracing.end_timing(outer, attributes)
+        tracing._lazy_module.tracing_switch(None)
         pipeline.spans.clear()
 
     cycle(1000)
