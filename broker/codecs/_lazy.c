@@ -1222,7 +1222,12 @@ typedef struct {
 static PyObject *timing_var;          /* tracing._current, a ContextVar */
 static PyTypeObject *trace_context;   /* tracing.TraceContext, a named tuple of five */
 static PyObject *timing_getrandbits;  /* random.getrandbits */
+static PyObject *timing_end_fallback; /* tracing._end_timing: all but the common case */
 static PyObject *str_ended;
+static PyObject *str_name;
+static PyObject *str_error;
+static PyObject *str_failed;
+static PyObject *empty_tuple;
 static PyObject *str_traceparent;
 static PyObject *str_tracestate;
 static PyObject *int_zero;
@@ -1309,18 +1314,20 @@ now_ns(long long *out)
 static PyObject *
 timing_bind(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "timing_bind(current, TraceContext, getrandbits)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "timing_bind(current, TraceContext, getrandbits, end_timing)");
         return NULL;
     }
     if (!PyType_Check(args[1]) || !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "TraceContext must be a tuple type");
         return NULL;
     }
-    if (!PyCallable_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "getrandbits must be callable");
+    if (!PyCallable_Check(args[2]) || !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "getrandbits and end_timing must be callable");
         return NULL;
     }
+    Py_XSETREF(timing_end_fallback, Py_NewRef(args[3]));
     Py_XSETREF(timing_var, Py_NewRef(args[0]));
     Py_XSETREF(trace_context, (PyTypeObject *)Py_NewRef(args[1]));
     Py_XSETREF(timing_getrandbits, Py_NewRef(args[2]));
@@ -1464,21 +1471,56 @@ child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
 }
 
 static PyObject *
-end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+           PyObject *kwnames)
 {
-    if (nargs != 3 && nargs != 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "end_timing(timing, attributes, status[, name]) takes 3 or 4 arguments");
+    /* end_timing(timing, attributes=(), *, error=None, failed=False, name=None) */
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "end_timing takes a Timing and a tuple of attributes");
         return NULL;
     }
-    if (!Py_IS_TYPE(args[0], &Timing_Type) || !PyTuple_Check(args[1])) {
+    if (timing_end_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "end_timing before timing_bind");
+        return NULL;
+    }
+    PyObject *attributes = nargs == 2 ? args[1] : empty_tuple, *name = Py_None;
+    int fallback = !Py_IS_TYPE(args[0], &Timing_Type);
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < keywords; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+        if (key == str_name || PyUnicode_Compare(key, str_name) == 0) {
+            name = value;
+        }
+        else if (key == str_error || PyUnicode_Compare(key, str_error) == 0) {
+            fallback |= value != Py_None;
+        }
+        else if (key == str_failed || PyUnicode_Compare(key, str_failed) == 0) {
+            int failed = PyObject_IsTrue(value);
+            if (failed < 0) {
+                return NULL;
+            }
+            fallback |= failed;
+        }
+        else {
+            fallback = 1; /* the Python function says what is wrong with it */
+        }
+    }
+    if (PyErr_Occurred()) { /* a keyword that is not a str, compared */
+        return NULL;
+    }
+    if (fallback) { /* a failed span or a Python Timing: the Python function */
+        return PyObject_Vectorcall(timing_end_fallback, args, (size_t)nargs, kwnames);
+    }
+    if (!PyTuple_Check(attributes)) {
         PyErr_SetString(PyExc_TypeError, "end_timing takes a Timing and a tuple of attributes");
         return NULL;
     }
     TimingObject *timing = (TimingObject *)args[0];
-    PyObject *attributes = args[1], *status = args[2];
+    PyObject *status = int_zero; /* StatusCode.UNSET */
     /* The span's name, when its caller settles it only now (the server span's method). */
-    PyObject *name = nargs == 4 && args[3] != Py_None ? args[3] : timing->name;
+    if (name == Py_None) {
+        name = timing->name;
+    }
     if (!PyUnicode_Check(name)) {
         PyErr_SetString(PyExc_TypeError, "a span's name must be a str");
         return NULL;
@@ -1639,15 +1681,16 @@ static PyMethodDef lazy_functions[] = {
      "OTLP/protobuf; fallback(span) encodes the spans it leaves to Python (see "
      "broker.telemetry._otlp)."},
     {"timing_bind", (PyCFunction)(void (*)(void))timing_bind, METH_FASTCALL,
-     "timing_bind(current, TraceContext, getrandbits): what start_timing and end_timing use "
+     "timing_bind(current, TraceContext, getrandbits, end_timing): what the timing functions use "
      "(broker.telemetry.tracing calls it once)."},
     {"start_timing", (PyCFunction)(void (*)(void))start_timing, METH_FASTCALL,
      "start_timing(name, kind, parent, trace_id, pipeline): a Timing, made current as a "
      "TraceContext (broker.telemetry.tracing.Timing)."},
-    {"end_timing", (PyCFunction)(void (*)(void))end_timing, METH_FASTCALL,
-     "end_timing(timing, attributes, status[, name]): the context before it current again, and "
-     "its finished span handed to pipeline.ended (broker.telemetry.tracing.end_timing); a "
-     "name that is not None replaces the one it started with."},
+    {"end_timing", (PyCFunction)(void (*)(void))end_timing, METH_FASTCALL | METH_KEYWORDS,
+     "end_timing(timing, attributes=(), *, error=None, failed=False, name=None): "
+     "broker.telemetry.tracing.end_timing; a C Timing that neither failed nor raised is ended "
+     "here (the context before it current again, its finished span handed to "
+     "pipeline.ended), anything else by the Python function bound by timing_bind."},
     {"child_timing", (PyCFunction)(void (*)(void))child_timing, METH_FASTCALL,
      "child_timing(name, kind): a Timing child of the span running now, or None "
      "(broker.telemetry.tracing.child_timing)."},
@@ -1708,7 +1751,11 @@ PyInit__lazy(void)
          (str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL) ||
         (str_tracestate == NULL &&
          (str_tracestate = PyUnicode_InternFromString("tracestate")) == NULL) ||
-        (str_value_ == NULL && (str_value_ = PyUnicode_InternFromString("_value_")) == NULL)) {
+        (str_value_ == NULL && (str_value_ = PyUnicode_InternFromString("_value_")) == NULL) ||
+        (str_name == NULL && (str_name = PyUnicode_InternFromString("name")) == NULL) ||
+        (str_error == NULL && (str_error = PyUnicode_InternFromString("error")) == NULL) ||
+        (str_failed == NULL && (str_failed = PyUnicode_InternFromString("failed")) == NULL) ||
+        (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL)) {
         return NULL;
     }
     if (PyType_Ready(&LazyValue_Type) < 0 || PyType_Ready(&DecodedMessage_Type) < 0 ||

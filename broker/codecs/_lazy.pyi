@@ -70,9 +70,16 @@ class Timing:
     start: int
     kind: int
 
-def timing_bind(current: Any, trace_context: type[tuple[Any, ...]], getrandbits: Any, /) -> None:
-    """What :func:`start_timing` and :func:`end_timing` use: the tracing module's context
-    variable, its ``TraceContext`` type and the random id source."""
+def timing_bind(
+    current: Any,
+    trace_context: type[tuple[Any, ...]],
+    getrandbits: Any,
+    end_timing: Callable[..., None],
+    /,
+) -> None:
+    """What the timing functions use: the tracing module's context variable, its
+    ``TraceContext`` type, the random id source and the Python ``end_timing`` that
+    :func:`end_timing` hands what it does not end itself."""
 
 def start_timing(
     name: str, kind: int, parent: tuple[Any, ...] | None, trace_id: int, pipeline: Any, /
@@ -81,11 +88,18 @@ def start_timing(
     current as a ``TraceContext`` in the bound context variable."""
 
 def end_timing(
-    timing: Timing, attributes: tuple[Any, ...], status: int, name: str | None = None, /
+    timing: Timing,
+    attributes: tuple[Any, ...] = (),
+    /,
+    *,
+    error: BaseException | None = None,
+    failed: bool = False,
+    name: str | None = None,
 ) -> None:
-    """The context before ``timing`` current again, and its finished span handed to its
-    pipeline's ``ended`` (none when its pipeline is ``None``); ``name``, when not ``None``,
-    replaces the name it started with."""
+    """``broker.telemetry.tracing.end_timing``: a :class:`Timing` that neither failed nor
+    raised is ended here (the context before it current again, its finished span handed to
+    its pipeline's ``ended``, none when that is ``None``; ``name``, when not ``None``,
+    replaces the one it started with), anything else by the bound Python function."""
 
 def tracing_switch(pipeline: Any, /) -> None:
     """Tracing on, :func:`child_timing`'s spans ending into ``pipeline``; ``None``: off, and

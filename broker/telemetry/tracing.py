@@ -344,33 +344,8 @@ _ERROR = StatusCode.ERROR._value_
 _UNSET = StatusCode.UNSET._value_
 _SERVER = SpanKind.SERVER._value_
 
-NewTiming = Callable[[str, int, "TraceContext | None", int, "SpanPipeline | None"], Timing]
-EndTiming = Callable[[Timing, tuple[Any, ...], int, "str | None"], None]
-Inject = Callable[[MutableMapping[str, str]], None]
-ChildTiming = Callable[[str, SpanKind], "Timing | None"]
 
-
-def _timing_code() -> tuple[NewTiming, EndTiming | None, type | None, Inject, ChildTiming]:
-    """:class:`Timing`, :func:`child_timing`, :func:`inject` and the common case of
-    :func:`end_timing` (no exception, not failed) in C when the codecs' accelerator is there
-    (``broker/codecs/_lazy.c``: the same objects and text made without a Python frame; a
-    sampled request's code then touches less memory, and most of what it costs at a low
-    sampling ratio is fetching its code and data back into the caches); else the Python
-    class and functions, and ``None``."""
-    module = _lazy_module
-    if module is None:
-        return Timing, None, None, _inject, _child_timing
-    module.timing_bind(_current, TraceContext, _getrandbits)
-    return module.start_timing, module.end_timing, module.Timing, module.inject, module.child_timing
-
-
-_lazy_module = accelerator()
-if _lazy_module is not None and not hasattr(_lazy_module, "child_timing"):
-    _lazy_module = None  # a module built from an older source: the Python class
-_new_timing, _end_timing_c, _CTiming, inject, child_timing = _timing_code()
-
-
-def end_timing(
+def _end_timing(
     timing: Timing,
     attributes: tuple[Any, ...] = (),
     *,
@@ -383,9 +358,6 @@ def end_timing(
     it failed with an ``exception`` event (as leaving a :func:`span` block with one does),
     ``failed`` without one; ``name`` replaces the name it started with. The trace context
     before it is current again."""
-    if _end_timing_c is not None and error is None and not failed and type(timing) is _CTiming:
-        _end_timing_c(timing, attributes, _UNSET, name)
-        return
     end = _time_ns()
     try:  # noqa: SIM105 (contextlib.suppress: a context manager costs more than the reset)
         _current.reset(timing.token)
@@ -418,6 +390,48 @@ def end_timing(
             *attributes,
         )
     )
+
+
+NewTiming = Callable[[str, int, "TraceContext | None", int, "SpanPipeline | None"], Timing]
+
+
+class EndTiming(Protocol):
+    """:func:`end_timing`'s signature (:func:`_end_timing`, or its C version)."""
+
+    def __call__(
+        self,
+        timing: Timing,
+        attributes: tuple[Any, ...] = (),
+        /,
+        *,
+        error: BaseException | None = None,
+        failed: bool = False,
+        name: str | None = None,
+    ) -> None: ...
+
+
+Inject = Callable[[MutableMapping[str, str]], None]
+ChildTiming = Callable[[str, SpanKind], "Timing | None"]
+
+
+def _timing_code() -> tuple[NewTiming, EndTiming, type | None, Inject, ChildTiming]:
+    """:class:`Timing`, :func:`child_timing`, :func:`inject` and :func:`end_timing` in C when
+    the codecs' accelerator is there (``broker/codecs/_lazy.c``: the same objects and text
+    made without a Python frame, a timing that failed or raised ended by the Python
+    function; a sampled request's code then touches less memory, and most of what it costs
+    at a low sampling ratio is fetching its code and data back into the caches); else the
+    Python class and functions, and ``None`` for the C type."""
+    module = _lazy_module
+    if module is None:
+        return Timing, _end_timing, None, _inject, _child_timing
+    module.timing_bind(_current, TraceContext, _getrandbits, _end_timing)
+    return module.start_timing, module.end_timing, module.Timing, module.inject, module.child_timing
+
+
+_lazy_module = accelerator()
+if _lazy_module is not None and not hasattr(_lazy_module, "child_timing"):
+    _lazy_module = None  # a module built from an older source: the Python class
+_new_timing, end_timing, _CTiming, inject, child_timing = _timing_code()
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         pytest.skip(_NO_C_TIMING)
     if request.param == "python":
         monkeypatch.setattr(tracing, "_new_timing", tracing.Timing)
-        monkeypatch.setattr(tracing, "_end_timing_c", None)
+        monkeypatch.setattr(tracing, "end_timing", tracing._end_timing)
         monkeypatch.setattr(tracing, "_CTiming", None)
         monkeypatch.setattr(tracing, "inject", tracing._inject)
         monkeypatch.setattr(tracing, "child_timing", tracing._child_timing)
@@ -368,7 +368,9 @@ def test_a_drawn_span_id_of_zero_becomes_one(
 
     if implementation == "c":
         assert tracing._lazy_module is not None
-        tracing._lazy_module.timing_bind(tracing._current, tracing.TraceContext, zero)
+        tracing._lazy_module.timing_bind(
+            tracing._current, tracing.TraceContext, zero, tracing._end_timing
+        )
     else:
         monkeypatch.setattr(tracing, "_getrandbits", zero)
     try:
@@ -378,7 +380,7 @@ def test_a_drawn_span_id_of_zero_becomes_one(
     finally:
         if implementation == "c":
             tracing._lazy_module.timing_bind(  # type: ignore[union-attr]
-                tracing._current, tracing.TraceContext, tracing._getrandbits
+                tracing._current, tracing.TraceContext, tracing._getrandbits, tracing._end_timing
             )
 
 
@@ -392,18 +394,22 @@ def test_the_c_functions_refuse_what_they_cannot_take() -> None:
         module.start_timing("x", 1, ("not", "a", "context"), 5, None)
     with pytest.raises(OverflowError):
         module.start_timing("x", 2**40, None, 5, None)
+    with pytest.raises(AttributeError):  # not a C Timing: the Python function's answer
+        module.end_timing(object(), ())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        module.end_timing(object(), (), 0)
+        module.end_timing()  # type: ignore[call-arg]
     timing = module.start_timing("x", 1, None, 5, None)
     with pytest.raises(TypeError):
-        module.end_timing(timing, ["a", "list"], 0)
+        module.end_timing(timing, ["a", "list"])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        module.end_timing(timing, (), 0, b"not a str")  # type: ignore[arg-type]
+        module.end_timing(timing, (), name=b"not a str")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        module.end_timing(timing, (), 0, None, "more")  # type: ignore[call-arg]
-    module.end_timing(timing, (), 0)
+        module.end_timing(timing, (), None)  # type: ignore[misc]
     with pytest.raises(TypeError):
-        module.timing_bind(tracing._current, dict, tracing._getrandbits)
+        module.end_timing(timing, (), colour="red")  # type: ignore[call-arg]
+    module.end_timing(timing, ())
+    with pytest.raises(TypeError):
+        module.timing_bind(tracing._current, dict, tracing._getrandbits, tracing._end_timing)
     with pytest.raises(TypeError):
         module.child_timing("x")  # type: ignore[call-arg]
     pipeline = Pipeline()
