@@ -28,10 +28,18 @@ have been exported (a traced configuration's export is its own cost), dump, stop
 valgrind (Debian's ``valgrind`` package) and h2load for the load. Usage::
 
     python benchmarks/instructions.py [--messages 4000] [--only off --only metrics ...]
-        [--baseline-tree DIR] [--json]
+        [--baseline-tree DIR] [--cache-sim [--last-level-bytes N]] [--json]
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (an A/B of two
 commits; see ``observability.py``).
+
+``--cache-sim`` also has callgrind simulate the caches and reports the misses per publish:
+at the first level (32 KiB of code, 32 KiB of data) and at a last level sized as this
+machine's L2 per core (1 MiB; ``--last-level-bytes``), where a miss is a fetch from the
+shared L3 or memory. Each process is simulated alone, so the misses other processes cause
+on a shared core are not there: again a floor. What it shows is a footprint: code and data
+that a sparsely sampled request touches and the requests between two sampled ones do not
+are fetched again for each sampled request, which instructions do not show.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,18 +79,34 @@ READY_TIMEOUT_S = 300.0
 WARM_UP = 300
 
 
-def counted(path: Path) -> int:
-    """Instructions in the dumps callgrind wrote under ``path`` on request (part 1 of each
-    process and thread: from counting on to the dump)."""
-    total = 0
+def counted(path: Path) -> dict[str, int]:
+    """Each event's total in the dumps callgrind wrote under ``path`` on request (part 1 of
+    each process and thread: from counting on to the dump): ``Ir``, the instructions, and
+    with ``--cache-sim`` the simulated misses (``I1mr``, ``D1mr``, ``ILmr``, ...)."""
+    totals: dict[str, int] = {}
     for dump in path.glob("cg.*"):
         text = dump.read_text(errors="replace")
         if "\npart: 1\n" not in text or "\ndesc: Trigger: dump\n" not in text:
             continue
+        events: list[str] = []
         for line in text.splitlines():
-            if line.startswith("summary:"):
-                total += int(line.split()[1])
-    return total
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("summary:"):
+                for event, value in zip(events, line.split()[1:], strict=False):
+                    totals[event] = totals.get(event, 0) + int(value)
+    return totals
+
+
+#: What ``--cache-sim`` reports per publish: the instruction and data reads and writes that
+#: missed the simulated first level (L1) and last level (sized as this machine's L2 by
+#: default: what a request fetches from further away).
+MISSES = {
+    "L1 misses (code)": ("I1mr",),
+    "L1 misses (data)": ("D1mr", "D1mw"),
+    "L2 misses (code)": ("ILmr",),
+    "L2 misses (data)": ("DLmr", "DLmw"),
+}
 
 
 def callgrind_control(option: str, pids: list[int]) -> None:
@@ -98,8 +123,9 @@ def instructions(
     sink: Sink,
     workdir: Path,
     payload: bytes,
-) -> float:
-    """One configuration's instructions per publish."""
+) -> dict[str, float]:
+    """One configuration's events per publish: ``Ir`` (instructions), and with
+    ``--cache-sim`` the simulated misses."""
     out = workdir / config.key / "callgrind"
     out.mkdir(parents=True)
     valgrind = [
@@ -109,6 +135,13 @@ def instructions(
         "--instr-atstart=no",
         f"--callgrind-out-file={out}/cg.%p",
     ]
+    if args.cache_sim:
+        valgrind += [
+            "--cache-sim=yes",
+            "--I1=32768,8,64",
+            "--D1=32768,8,64",
+            f"--LL={args.last_level_bytes},16,64",
+        ]
     broker = start_broker(nats_url, config, workdir, prefix=valgrind, ready_timeout=READY_TIMEOUT_S)
     try:
         url = f"http://127.0.0.1:{broker.port}/v1/publish"
@@ -127,13 +160,13 @@ def instructions(
         wait_for_export(sink, config, exports, EXPORT_WAIT_S)
         callgrind_control("--dump", pids)
         deadline = time.monotonic() + 60
-        while not (total := counted(out)) and time.monotonic() < deadline:
+        while not (totals := counted(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         broker.stop()
-    if not total:
+    if not totals.get("Ir"):
         raise SystemExit(f"{config.name}: callgrind wrote no counts under {out}")
-    return total / int(args.messages)
+    return {event: total / int(args.messages) for event, total in totals.items()}
 
 
 def _arguments() -> argparse.Namespace:
@@ -149,6 +182,19 @@ def _arguments() -> argparse.Namespace:
         type=Path,
         help="also run every configuration from this checkout (git worktree add DIR COMMIT, "
         "with the built broker/codecs/_lazy*.so copied in), as 'base <name>'",
+    )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches (callgrind --cache-sim; about twice as slow) and report "
+        "the misses per publish: what the code and data a request touches cost to fetch",
+    )
+    parser.add_argument(
+        "--last-level-bytes",
+        type=int,
+        default=1 << 20,
+        help="size of the simulated last level with --cache-sim (default 1 MiB, this machine's "
+        "L2 per core: a miss there is a fetch from the shared L3 or memory)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -169,27 +215,54 @@ def main() -> None:
     if args.baseline_tree is not None:
         cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
     payload = json_payload(args.payload_bytes)
-    counts: dict[str, float] = {}
+    events: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
         try:
             for config in cases:
-                counts[config.name] = instructions(
+                events[config.name] = instructions(
                     args, config, server.url, sink, Path(tmp), payload
                 )
-                print(f"{config.name:<12} {counts[config.name]:>10,.0f} instr/msg", file=sys.stderr)
+                print(
+                    f"{config.name:<12} {events[config.name]['Ir']:>10,.0f} instr/msg",
+                    file=sys.stderr,
+                )
         finally:
             server.stop()
+    counts = {name: per_message["Ir"] for name, per_message in events.items()}
+    misses = {
+        name: {label: sum(per_message.get(e, 0.0) for e in keys) for label, keys in MISSES.items()}
+        for name, per_message in events.items()
+    }
     machine = f"{platform.machine()}, Python {platform.python_version()}"
     if args.json:
-        print(json.dumps({"machine": machine, "messages": args.messages, "per_message": counts}))
+        document: dict[str, Any] = {
+            "machine": machine,
+            "messages": args.messages,
+            "per_message": counts,
+        }
+        if args.cache_sim:
+            document["misses_per_message"] = misses
+            document["last_level_bytes"] = args.last_level_bytes
+        print(json.dumps(document))
         return
     print(f"\nInstructions per publish, user space, all the broker's threads ({machine}):")
-    print(f"{'configuration':<18}{'instructions':>14}{'vs off':>10}")
+    header = f"{'configuration':<18}{'instructions':>14}{'vs off':>10}"
+    if args.cache_sim:
+        header += "".join(f"{label:>20}" for label in MISSES)
+    print(header)
     for name, value in counts.items():
         base = counts.get("base off" if name.startswith("base ") else "off")
         ratio = f"{(value / base - 1) * 100:+.1f} %" if base else ""
-        print(f"{name:<18}{value:>14,.0f}{ratio:>10}")
+        row = f"{name:<18}{value:>14,.0f}{ratio:>10}"
+        if args.cache_sim:
+            row += "".join(f"{misses[name][label]:>20,.1f}" for label in MISSES)
+        print(row)
+    if args.cache_sim:
+        print(
+            f"(misses per publish, simulated: L1 32 KiB code and data, last level "
+            f"{args.last_level_bytes:,} bytes, each process alone)"
+        )
 
 
 if __name__ == "__main__":
