@@ -37,7 +37,7 @@ OTLP export of sampled spans, and the spans again right after 16 MB of other mem
 written (caches cold, as a sparsely sampled request finds them in a loaded broker). Usage::
 
     python benchmarks/observability.py [--messages 20000] [--rounds 6] [--client h2load] [--threads]
-        [--compression gzip] [--rate 6000]
+        [--compression gzip] [--rate 6000] [--instances 3]
 
 ``--rate N`` offers N publishes per second (h2load's ``--rps``) instead of as many as the
 broker answers. Throughput is then the same for every configuration, and the CPU per
@@ -51,6 +51,14 @@ add DIR <commit>``), named ``base <configuration>``, in the same rounds: an A/B 
 versions on the same machine at the same time; overheads are then against ``base off``.
 The brokers import ``broker`` from their own tree (their working directory); copy the built
 C module (``broker/codecs/_lazy*.so``) into DIR, or both sides do not run the same codecs.
+
+``--instances N`` starts N brokers per configuration, which take the rounds in turn. A
+broker process has a CPU per message of its own: on 2026-11-27 two ``off`` brokers whose
+request paths differed only in two calls made cheaper measured 7 % apart over 20 rounds
+(16 % on the event loop's thread), the cheaper one the slower, while callgrind counted 1 %
+fewer instructions for it. With one broker per configuration that offset is in every round
+and no number of rounds removes it; with several, the report gives each instance's median,
+and the offsets average out over the rounds.
 """
 
 from __future__ import annotations
@@ -117,6 +125,7 @@ class Config:
     threads_system: list[dict[str, float]] = field(default_factory=list)  # of it, in the kernel
     spans_per_message: float = 0.0  # spans the sink received
     behind: int = 0  # rounds (with --rate) whose throughput fell short of the offered rate
+    instances: list[int] = field(default_factory=list)  # which of its brokers ran each round
 
     @property
     def key(self) -> str:
@@ -586,14 +595,18 @@ def traced_costs(request_spans: Callable[[], None], sink: Sink) -> dict[str, flo
 @contextlib.contextmanager
 def running(
     args: argparse.Namespace, workdir: Path, cases: list[Config]
-) -> Iterator[list[tuple[int, int]]]:
+) -> Iterator[list[list[tuple[int, int]]]]:
+    """One nats-server and ``--instances`` brokers per configuration, all started up front;
+    yields each configuration's brokers as (port, pid)."""
     server = NatsServer(ServerSpec(store_dir=workdir / "nats")).start()
     brokers: list[Serve] = []
     try:
-        for config in cases:
-            brokers.append(start_broker(server.url, config, workdir))
+        for instance in range(args.instances):
+            for config in cases:
+                own = workdir / f"instance-{instance}" if instance else workdir  # data dirs
+                brokers.append(start_broker(server.url, config, own))
         args.nats_url = server.url
-        yield [(b.port, b.pid) for b in brokers]
+        yield [[(b.port, b.pid) for b in brokers[i :: len(cases)]] for i in range(len(cases))]
     finally:
         for broker in brokers:  # all signalled at once, then waited for
             broker.terminate()
@@ -638,8 +651,18 @@ def _arguments() -> argparse.Namespace:
         help="offer this many publishes per second (h2load --rps) instead of as many as the "
         "broker answers: the CPU per message at one load, the same for every configuration",
     )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="brokers per configuration, taking the rounds in turn (a broker process has a CPU "
+        "per message of its own, up to ~15 %% off its twin's: more instances average it out); "
+        "with more than one, the report gives each one's median",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     if args.client == "auto":
         args.client = "h2load" if h2load_available() else "python"
     if args.rate is not None and (args.client != "h2load" or args.rate <= 0):
@@ -655,28 +678,35 @@ def main() -> None:
     cases = [c for c in configs(sink.url, args.compression) if not args.only or c.name in args.only]
     if args.baseline_tree is not None:
         cases = with_baseline(cases, args.baseline_tree.resolve(), sink.url) + cases
-    with tempfile.TemporaryDirectory() as tmp, running(args, Path(tmp), cases) as ports:
-        for config, (port, _) in zip(cases, ports, strict=True):  # warm-up
-            url = f"http://127.0.0.1:{port}/v1/publish/obs.warm.{config.key}"
-            drive(args.client, url, payload, 2000, args.connections, args.concurrency, args.rate)
+    with tempfile.TemporaryDirectory() as tmp, running(args, Path(tmp), cases) as brokers:
+        for config, instances in zip(cases, brokers, strict=True):  # warm-up
+            for port, _ in instances:
+                url = f"http://127.0.0.1:{port}/v1/publish/obs.warm.{config.key}"
+                drive(
+                    args.client, url, payload, 2000, args.connections, args.concurrency, args.rate
+                )
         for config in cases:
             wait_for_export(sink, config, 0, EXPORT_WAIT_S)
         settle()
-        idle = idle_rates([pid for _, pid in ports])
+        idle = idle_rates([pid for instances in brokers for _, pid in instances])
         print(
             "idle CPU per broker (ms/s): "
             + ", ".join(
-                f"{c.name} {idle[pid] * 1e3:.2f}" for c, (_, pid) in zip(cases, ports, strict=True)
+                f"{c.name} {idle[pid] * 1e3:.2f}"
+                for c, instances in zip(cases, brokers, strict=True)
+                for _, pid in instances
             ),
             file=sys.stderr,
         )
         spans_before = {c.key: sink.received(c.key) for c in cases}
         for round_ in range(args.rounds):
             shift = round_ % len(cases)  # rotate: every position, never twice in a row
+            instance = round_ % args.instances  # each broker of a configuration in turn
             cpu: dict[str, tuple[float, float]] = {}  # CPU per message, and with idle CPU
             for config in cases[shift:] + cases[:shift]:
-                port, pid = ports[cases.index(config)]
-                cpu[config.name] = measure(args, config, (port, pid), round_, payload, sink, idle)
+                broker = brokers[cases.index(config)][instance]
+                cpu[config.name] = measure(args, config, broker, round_, payload, sink, idle)
+                config.instances.append(instance)
             ref = reference(cases)
             base, raw_base = cpu[ref.name]
             for config in cases:
@@ -759,6 +789,7 @@ def report(
             "client": args.client,
             "messages_per_round": args.messages,
             "rounds": args.rounds,
+            "instances": args.instances,
             "offered_rate": args.rate,
             "configs": {
                 c.name: {
@@ -782,6 +813,7 @@ def report(
                     ],
                     "spans_per_message": round(c.spans_per_message, 4),
                     "rounds_behind_offered_rate": c.behind,
+                    "rounds_instance": c.instances,
                     "verdict": verdict(args, c, base),
                 }
                 for c in cases
@@ -831,6 +863,18 @@ def report(
             "broker's, not comparable)"
         )
     print(f"OTLP bytes received by the sink: {sink.bytes:,}")
+    if args.instances > 1:
+        print(
+            "\nCPU us/msg by broker instance, median over its rounds (an instance's own offset "
+            "shows as a gap between twins):"
+        )
+        for c in cases:
+            by_instance = [
+                statistics.median(u for u, i in zip(c.cpu_us, c.instances, strict=True) if i == n)
+                for n in range(args.instances)
+                if n in c.instances
+            ]
+            print(f"  {c.name:<18}" + "  ".join(f"{u:6.1f}" for u in by_instance))
     if args.threads:
         print(
             "\nCPU us/msg by thread, median over rounds, and (in brackets) its median in the "
