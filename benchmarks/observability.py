@@ -54,11 +54,12 @@ C module (``broker/codecs/_lazy*.so``) into DIR, or both sides do not run the sa
 
 ``--instances N`` starts N brokers per configuration, which take the rounds in turn. A
 broker process has a CPU per message of its own: on 2026-11-27 two ``off`` brokers whose
-request paths differed only in two calls made cheaper measured 7 % apart over 20 rounds
-(16 % on the event loop's thread), the cheaper one the slower, while callgrind counted 1 %
-fewer instructions for it. With one broker per configuration that offset is in every round
-and no number of rounds removes it; with several, the report gives each instance's median,
-and the offsets average out over the rounds.
+request paths differed only in two calls made cheaper measured 7 % apart (the median of
+20 rounds' ratios; their median CPU on the event loop's thread 23 %), the cheaper one the
+slower, while callgrind counted 1 % fewer instructions for it. With one broker per
+configuration that offset is in every round and no number of rounds removes it; with
+several, the report gives each instance's median, and the offsets average out over the
+rounds.
 """
 
 from __future__ import annotations
@@ -656,7 +657,7 @@ def _arguments() -> argparse.Namespace:
         type=int,
         default=1,
         help="brokers per configuration, taking the rounds in turn (a broker process has a CPU "
-        "per message of its own, up to ~15 %% off its twin's: more instances average it out); "
+        "per message of its own, 5-20 %% off its twin's: more instances average it out); "
         "with more than one, the report gives each one's median",
     )
     parser.add_argument("--json", action="store_true")
