@@ -70,4 +70,33 @@ def test_the_instruction_count_reads_only_the_dumps_asked_for(tmp_path: Path) ->
     dump("cg.100.1-02", 1, "dump", 250)  # another thread of the same process
     dump("cg.100", 2, "Program termination", 7_000)
     dump("cg.101", 1, "Program termination", 9_000)  # a process that never got the request
-    assert counted(tmp_path) == 1_250
+    assert counted(tmp_path) == {"Ir": 1_250}
+    assert counted(tmp_path / "nothing") == {}
+
+
+def test_with_the_cache_simulation_every_event_is_summed(tmp_path: Path) -> None:
+    """``--cache-sim``: the misses are summed event by event, named by the dump's header
+    (callgrind's order is not cachegrind's)."""
+    from benchmarks.instructions import counted
+
+    events = "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw"
+    for name, part, summary in [
+        ("cg.1.1", 1, "100 40 20 1 3 2 0 1 1"),
+        ("cg.1.1-02", 1, "50 10 5 2 1 0 1 0 0"),
+        ("cg.1", 2, "7 7 7 7 7 7 7 7 7"),  # after the dump: not counted
+    ]:
+        (tmp_path / name).write_text(
+            f"version: 1\ncreator: callgrind-3.19.0\npid: 1\ncmd:  python\npart: {part}\n\n"
+            f"desc: Trigger: dump\n\npositions: line\nevents: {events}\nsummary: {summary}\n"
+        )
+    assert counted(tmp_path) == {
+        "Ir": 150,
+        "Dr": 50,
+        "Dw": 25,
+        "I1mr": 3,
+        "D1mr": 4,
+        "D1mw": 2,
+        "ILmr": 1,
+        "DLmr": 1,
+        "DLmw": 1,
+    }
