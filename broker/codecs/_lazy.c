@@ -1435,6 +1435,31 @@ start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
 static PyObject *timing_pipeline; /* the pipeline while tracing is on, else NULL */
 static PyObject *str_value_;
 
+/* The TraceContext of the span running now (a new reference) while tracing is on; NULL when
+ * it is off or no span is running, and NULL with an error set when the context variable holds
+ * something else. child_timing and inject start here. */
+static PyObject *
+current_context(void)
+{
+    if (timing_pipeline == NULL || timing_var == NULL) {
+        return NULL;
+    }
+    PyObject *context;
+    if (PyContextVar_Get(timing_var, Py_None, &context) < 0) {
+        return NULL;
+    }
+    if (context == Py_None) {
+        Py_DECREF(context);
+        return NULL;
+    }
+    if (!PyTuple_Check(context) || PyTuple_GET_SIZE(context) != 5) {
+        Py_DECREF(context);
+        PyErr_SetString(PyExc_TypeError, "the current trace context is not a TraceContext");
+        return NULL;
+    }
+    return context;
+}
+
 /* tracing.child_timing: a Timing child of the span running now, or None when none is (tracing
  * off, or the request is not sampled). */
 static PyObject *
@@ -1444,28 +1469,15 @@ child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "child_timing(name, kind) takes 2 arguments");
         return NULL;
     }
-    if (timing_pipeline == NULL || timing_var == NULL) {
-        Py_RETURN_NONE;
+    PyObject *parent = current_context();
+    if (parent == NULL) {
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     }
-    PyObject *parent;
-    if (PyContextVar_Get(timing_var, Py_None, &parent) < 0) {
-        return NULL;
-    }
-    if (parent == Py_None) {
-        return parent;
-    }
-    PyObject *result = NULL;
     PyObject *kind = PyObject_GetAttr(args[1], str_value_); /* the SpanKind's value */
-    if (kind != NULL) {
-        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 5) {
-            PyErr_SetString(PyExc_TypeError, "the current trace context is not a TraceContext");
-        }
-        else {
-            result = new_timing(args[0], kind, parent, PyTuple_GET_ITEM(parent, 0),
-                                timing_pipeline);
-        }
-        Py_DECREF(kind);
-    }
+    PyObject *result = kind == NULL ? NULL
+                                    : new_timing(args[0], kind, parent,
+                                                 PyTuple_GET_ITEM(parent, 0), timing_pipeline);
+    Py_XDECREF(kind);
     Py_DECREF(parent);
     return result;
 }
@@ -1617,22 +1629,11 @@ id_bits(PyObject *id, unsigned long long *out)
 static PyObject *
 inject(PyObject *Py_UNUSED(module), PyObject *headers)
 {
-    if (timing_pipeline == NULL || timing_var == NULL) {
-        Py_RETURN_NONE;
-    }
-    PyObject *context;
-    if (PyContextVar_Get(timing_var, Py_None, &context) < 0) {
-        return NULL;
-    }
-    if (context == Py_None) {
-        Py_DECREF(context);
-        Py_RETURN_NONE;
+    PyObject *context = current_context();
+    if (context == NULL) {
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     }
     PyObject *result = NULL, *text = NULL, *high = NULL;
-    if (!PyTuple_Check(context) || PyTuple_GET_SIZE(context) < 4) {
-        PyErr_SetString(PyExc_TypeError, "the current trace context is not a TraceContext");
-        goto done;
-    }
     PyObject *trace_id = PyTuple_GET_ITEM(context, 0), *tracestate = PyTuple_GET_ITEM(context, 3);
     unsigned long long trace_low, trace_high, span_id;
     if (id_bits(trace_id, &trace_low) < 0 ||
