@@ -92,6 +92,9 @@ class StreamAudit:
     duplicate_keys: dict[str, int] = field(default_factory=dict)
     #: payload ids stored more than once, with their count
     duplicate_ids: dict[str, int] = field(default_factory=dict)
+    #: messages whose payload is not the JSON every client of the scenario sends:
+    #: ``(stream sequence, idempotency key, the payload's first bytes)``
+    undecodable: list[tuple[int, str | None, bytes]] = field(default_factory=list)
 
 
 async def audit_stream(nats_url: str, acked: dict[str, int]) -> StreamAudit:
@@ -125,7 +128,12 @@ async def _audit_stream_once(nats_url: str, acked: dict[str, int]) -> StreamAudi
                     key = idempotency_key("default", key)  # stored as <tenant>:<key>
                     audit.keys[message.metadata.sequence.stream] = key
                     by_key[key] += 1
-                payload = orjson.loads(message.data)
+                try:
+                    payload = orjson.loads(message.data)
+                except orjson.JSONDecodeError:  # reported, not a crash of the audit
+                    seq = message.metadata.sequence.stream
+                    audit.undecodable.append((seq, key, bytes(message.data[:80])))
+                    continue
                 if isinstance(payload, dict) and "id" in payload:
                     by_id[str(payload["id"])] += 1
     finally:

@@ -92,6 +92,10 @@ class FaultOutcome:
         assert self.stream.lost == [], f"{self.summary()}; lost keys {self.stream.lost[:20]}"
         assert self.stream.duplicate_keys == {}, self.summary()
         assert self.stream.duplicate_ids == {}, self.summary()
+        assert self.stream.undecodable == [], (
+            f"{self.summary()}; payloads stored that no client sent (seq, key, first bytes): "
+            f"{self.stream.undecodable[:5]}"
+        )
         assert self.replica.lost == [], (
             f"{self.summary()}; rows missing for stream sequences {self.replica.lost[:20]}, "
             f"checkpoints {self.replica.checkpoints}"
