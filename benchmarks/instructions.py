@@ -28,7 +28,7 @@ have been exported (a traced configuration's export is its own cost), dump, stop
 valgrind (Debian's ``valgrind`` package) and h2load for the load. Usage::
 
     python benchmarks/instructions.py [--messages 4000] [--only off --only metrics ...]
-        [--baseline-tree DIR] [--cache-sim [--last-level-bytes N]] [--json]
+        [--baseline-tree DIR] [--cache-sim [--last-level-bytes N]] [--keep DIR] [--json]
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (an A/B of two
 commits; see ``observability.py``).
@@ -196,8 +196,17 @@ def _arguments() -> argparse.Namespace:
         help="size of the simulated last level with --cache-sim (default 1 MiB, this machine's "
         "L2 per core: a miss there is a fetch from the shared L3 or memory)",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep each configuration's callgrind dumps in DIR/<configuration>/callgrind "
+        "(an empty or new folder), to break its count down by function with callgrind_annotate",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep: {args.keep} is not empty")
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing or not h2load_available():
         parser.error(
@@ -218,11 +227,10 @@ def main() -> None:
     events: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(ServerSpec(store_dir=Path(tmp) / "nats")).start()
+        workdir = Path(tmp) if args.keep is None else args.keep.resolve()
         try:
             for config in cases:
-                events[config.name] = instructions(
-                    args, config, server.url, sink, Path(tmp), payload
-                )
+                events[config.name] = instructions(args, config, server.url, sink, workdir, payload)
                 print(
                     f"{config.name:<12} {events[config.name]['Ir']:>10,.0f} instr/msg",
                     file=sys.stderr,
