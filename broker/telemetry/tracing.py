@@ -555,13 +555,28 @@ def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
         sampler_arg=ratio,
     )
     atexit.register(disable)
+    ratio = _config.bound / 2**64
+    hint = {} if ratio <= BUSY_SAMPLING_RATIO else {"hint": BUSY_SAMPLING_HINT}
     log.info(
         "tracing_enabled",
         exporters=names or ["otlp"],
         sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-        ratio=_config.bound / 2**64,
+        ratio=ratio,
+        **hint,
     )
     return True
+
+
+#: Above this share of new traces sampled, :func:`configure_from_env` says what it costs: the
+#: ingress's CPU per publish rose 8-13 % at 10 % and 26 % at every request (BENCHMARKS.md,
+#: "Observability", 2026-11-28), against a target of 10 %.
+BUSY_SAMPLING_RATIO = 0.1
+BUSY_SAMPLING_HINT = (
+    "sampling more than a tenth of new traces adds over 10 % CPU per publish on a busy "
+    "ingress (every request: about a quarter); OTEL_TRACES_SAMPLER=parentbased_traceidratio "
+    "with OTEL_TRACES_SAMPLER_ARG=0.01 samples 1 % and still follows every sampled "
+    "traceparent a client sends (docs/observability.md)"
+)
 
 
 def force_flush(timeout_ms: int = 5000) -> None:

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from broker.telemetry import metrics, tracing
 from broker.telemetry.http import OTHER, route_of
@@ -225,6 +226,80 @@ def test_ratio_zero_samples_no_root_but_keeps_parents_decision(
     with tracing.span("child-of-sampled", parent_headers=SAMPLED):
         pass
     assert [s.name for s in memory.get_finished_spans()] == ["child-of-sampled"]
+
+
+_OTEL_VARIABLES = (
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+)
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No ``OTEL_*`` tracing variable set, whatever the environment running the tests has."""
+    for name in _OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _tracing_from_env() -> tuple[bool, list[dict[str, Any]]]:
+    with capture_logs() as logs:
+        on = tracing.configure_from_env("test")
+    return on, logs
+
+
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, False),  # nothing asks for tracing
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+    ],
+)
+def test_tracing_is_on_only_when_the_environment_names_an_exporter(
+    otel_env: pytest.MonkeyPatch, env: dict[str, str], on: bool
+) -> None:
+    for name, value in env.items():
+        otel_env.setenv(name, value)
+    assert _tracing_from_env()[0] is on
+    assert tracing.enabled() is on
+
+
+@pytest.mark.parametrize(
+    ("sampler", "arg", "ratio", "hinted"),
+    [
+        (None, None, 1.0, True),  # the standard default: every new trace
+        ("parentbased_traceidratio", "0.5", 0.5, True),
+        ("parentbased_traceidratio", "0.1", 0.1, False),
+        ("parentbased_traceidratio", "0.01", 0.01, False),
+        ("traceidratio", "not a number", 1.0, True),  # the argument ignored, as the SDK does
+        ("parentbased_always_off", None, 0.0, False),
+    ],
+)
+def test_the_start_up_line_gives_the_sampled_share_and_warns_of_a_busy_ingress_cost(
+    otel_env: pytest.MonkeyPatch, sampler: str | None, arg: str | None, ratio: float, hinted: bool
+) -> None:
+    """An operator who turns tracing on with the standard defaults samples every request;
+    the start-up line says what share is sampled and, above a tenth, what that costs and
+    how to sample less."""
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "console")
+    if sampler is not None:
+        otel_env.setenv("OTEL_TRACES_SAMPLER", sampler)
+    if arg is not None:
+        otel_env.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    on, logs = _tracing_from_env()
+    assert on
+    (line,) = [entry for entry in logs if entry["event"] == "tracing_enabled"]
+    assert line["ratio"] == pytest.approx(ratio)
+    assert line["sampler"] == (sampler or "parentbased_always_on")
+    assert ("hint" in line) is hinted
+    if hinted:
+        assert "OTEL_TRACES_SAMPLER_ARG=0.01" in line["hint"]
+    if arg == "not a number":
+        assert any(e["event"] == "otel_sampler_arg_invalid" for e in logs)
 
 
 def test_exception_marks_the_span_failed(exporter: InMemorySpanExporter) -> None:
