@@ -644,7 +644,8 @@ def _arguments() -> argparse.Namespace:
         "--threads",
         action="store_true",
         help="also report CPU per message by thread (p<process>/t<thread>, t0 = main thread), "
-        "and how much of it was in the kernel",
+        "how much of it was in the kernel, and what a sampled publish costs the event loop's "
+        "thread",
     )
     parser.add_argument(
         "--rate",
@@ -896,9 +897,39 @@ def report(
                     for label in busy
                 )
             )
+        per_sampled_publish(cases)
     print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
         print(f"  {name:<46}{ns:>8.0f}")
+
+
+def per_sampled_publish(cases: list[Config]) -> None:
+    """With ``--threads``: what a sampled publish costs the event loop's thread (the busiest
+    thread of the unsampled configuration it is compared with), per configuration that
+    sampled. At 10 % it was 4-6x what it was at 100 % in the runs of 2026-11-28 (the cold
+    path): the figure that says whether a change made the sampled path smaller."""
+    by_name = {c.name: c for c in cases}
+    lines = []
+    for c in cases:
+        own = "base " if c.name.startswith("base ") else ""
+        reference = by_name.get(f"{own}traced 0%") or by_name.get(f"{own}off")
+        if reference is None or reference is c or not c.spans_per_message or not c.threads:
+            continue
+        loop = max(
+            {label for round_ in reference.threads for label in round_},
+            key=lambda label: statistics.median(r.get(label, 0.0) for r in reference.threads),
+        )
+        added = statistics.median(r.get(loop, 0.0) for r in c.threads) - statistics.median(
+            r.get(loop, 0.0) for r in reference.threads
+        )
+        sampled = c.spans_per_message / 2  # a sampled publish exports two spans
+        lines.append(f"  {c.name:<18}{added / sampled:8.1f} us  ({loop}, against {reference.name})")
+    if lines:
+        print(
+            "\nCPU per sampled publish on the event loop's thread (its median us/msg over the "
+            "unsampled configuration's, per sampled publish):"
+        )
+        print("\n".join(lines))
 
 
 def verdict(args: argparse.Namespace, case: Config, base: Config) -> str:

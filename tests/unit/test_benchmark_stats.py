@@ -100,3 +100,30 @@ def test_with_the_cache_simulation_every_event_is_summed(tmp_path: Path) -> None
         "DLmr": 1,
         "DLmw": 1,
     }
+
+
+def test_a_sampled_publish_is_costed_on_the_unsampled_configurations_busiest_thread(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``observability.py --threads`` divides what a traced configuration's event loop thread
+    adds over ``traced 0%`` (else ``off``) of its own tree by its sampled publishes."""
+    from benchmarks.observability import Config, per_sampled_publish
+
+    def config(name: str, loop: list[float], spans: float) -> Config:
+        # "p2/t0" is the event loop; "p2/t3" the export thread, busier only when sampling
+        threads = [{"p2/t0": u, "p2/t3": 1.0 + spans * 100} for u in loop]
+        return Config(name, {}, threads=threads, spans_per_message=spans)
+
+    cases = [
+        config("off", [100.0, 102.0, 98.0], 0.0),
+        config("traced 0%", [110.0, 111.0, 109.0], 0.0),
+        config("traced 10%", [130.0, 131.0, 129.0], 0.2),
+        config("base off", [90.0], 0.0),
+        config("base traced 100%", [120.0], 2.0),
+    ]
+    per_sampled_publish(cases)
+    lines = capsys.readouterr().out.splitlines()
+    costed = {line.split("  ")[1].strip(): line for line in lines if line.startswith("  ")}
+    assert set(costed) == {"traced 10%", "base traced 100%"}
+    assert "200.0 us  (p2/t0, against traced 0%)" in costed["traced 10%"]
+    assert "30.0 us  (p2/t0, against base off)" in costed["base traced 100%"]
