@@ -205,8 +205,9 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        parser.error(f"--keep: {args.keep} is not empty")
+    keep = args.keep
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        parser.error(f"--keep: {keep} is not an empty folder")
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing or not h2load_available():
         parser.error(

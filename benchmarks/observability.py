@@ -883,24 +883,29 @@ def report(
             "kernel (p0 = broker serve; t0 = main thread; /proc counts 10 ms ticks):"
         )
         for c in cases:
-            labels = {label for round_ in c.threads for label in round_}
-
-            def median(rounds: list[dict[str, float]], label: str) -> float:
-                return statistics.median(r.get(label, 0.0) for r in rounds)
-
-            busy = sorted(labels, key=lambda label: -median(c.threads, label))[:4]
             print(
                 f"  {c.name:<18}"
                 + "  ".join(
-                    f"{label} {median(c.threads, label):5.1f} "
-                    f"({median(c.threads_system, label):4.1f})"
-                    for label in busy
+                    f"{label} {thread_median(c.threads, label):5.1f} "
+                    f"({thread_median(c.threads_system, label):4.1f})"
+                    for label in busiest_threads(c)[:4]
                 )
             )
         per_sampled_publish(cases)
     print("\nin-process CPU per call (ns):")
     for name, ns in costs.items():
         print(f"  {name:<46}{ns:>8.0f}")
+
+
+def thread_median(rounds: list[dict[str, float]], label: str) -> float:
+    """A thread's median µs/msg over rounds (0 in a round it did not run in)."""
+    return statistics.median(r.get(label, 0.0) for r in rounds)
+
+
+def busiest_threads(config: Config) -> list[str]:
+    """A configuration's thread labels, the busiest (median over rounds) first."""
+    labels = {label for round_ in config.threads for label in round_}
+    return sorted(labels, key=lambda label: -thread_median(config.threads, label))
 
 
 def per_sampled_publish(cases: list[Config]) -> None:
@@ -915,13 +920,8 @@ def per_sampled_publish(cases: list[Config]) -> None:
         reference = by_name.get(f"{own}traced 0%") or by_name.get(f"{own}off")
         if reference is None or reference is c or not c.spans_per_message or not c.threads:
             continue
-        loop = max(
-            {label for round_ in reference.threads for label in round_},
-            key=lambda label: statistics.median(r.get(label, 0.0) for r in reference.threads),
-        )
-        added = statistics.median(r.get(loop, 0.0) for r in c.threads) - statistics.median(
-            r.get(loop, 0.0) for r in reference.threads
-        )
+        loop = busiest_threads(reference)[0]
+        added = thread_median(c.threads, loop) - thread_median(reference.threads, loop)
         sampled = c.spans_per_message / 2  # a sampled publish exports two spans
         lines.append(f"  {c.name:<18}{added / sampled:8.1f} us  ({loop}, against {reference.name})")
     if lines:

@@ -531,6 +531,18 @@ def configure(
         _lazy_module.tracing_switch(_config.pipeline)
 
 
+#: Above this share of new traces sampled, :func:`configure_from_env` says what it costs: the
+#: ingress's CPU per publish rose 8-13 % at 10 % and 26 % at every request (BENCHMARKS.md,
+#: "Observability", 2026-11-28), against a target of 10 %.
+BUSY_SAMPLING_RATIO = 0.1
+BUSY_SAMPLING_HINT = (
+    "sampling more than a tenth of new traces adds over 10 % CPU per publish on a busy "
+    "ingress (every request: about a quarter); OTEL_TRACES_SAMPLER=parentbased_traceidratio "
+    "with OTEL_TRACES_SAMPLER_ARG=0.01 samples 1 % and still follows every sampled "
+    "traceparent a client sends (docs/observability.md)"
+)
+
+
 def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
     """Configure tracing from the standard ``OTEL_*`` variables (and ``BROKER_TRACING``);
     returns whether tracing is now on."""
@@ -542,41 +554,19 @@ def configure_from_env(component: str, *, broker_tracing: bool = False) -> bool:
     if names == ["none"] or (not names and not broker_tracing):
         return False
     exporters = [e for n in (names or ["otlp"]) if (e := _exporter(n)) is not None]
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
     arg = env.get("OTEL_TRACES_SAMPLER_ARG")
     try:
-        ratio = float(arg) if arg else None
+        sampler_arg = float(arg) if arg else None
     except ValueError:
         log.warning("otel_sampler_arg_invalid", value=arg[:40] if arg else arg)
-        ratio = None
-    configure(
-        component,
-        exporters=exporters,
-        sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-        sampler_arg=ratio,
-    )
+        sampler_arg = None
+    configure(component, exporters=exporters, sampler=sampler, sampler_arg=sampler_arg)
     atexit.register(disable)
-    ratio = _config.bound / 2**64
+    ratio = _config.bound / 2**64  # the share of new traces sampled, as configure settled it
     hint = {} if ratio <= BUSY_SAMPLING_RATIO else {"hint": BUSY_SAMPLING_HINT}
-    log.info(
-        "tracing_enabled",
-        exporters=names or ["otlp"],
-        sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-        ratio=ratio,
-        **hint,
-    )
+    log.info("tracing_enabled", exporters=names or ["otlp"], sampler=sampler, ratio=ratio, **hint)
     return True
-
-
-#: Above this share of new traces sampled, :func:`configure_from_env` says what it costs: the
-#: ingress's CPU per publish rose 8-13 % at 10 % and 26 % at every request (BENCHMARKS.md,
-#: "Observability", 2026-11-28), against a target of 10 %.
-BUSY_SAMPLING_RATIO = 0.1
-BUSY_SAMPLING_HINT = (
-    "sampling more than a tenth of new traces adds over 10 % CPU per publish on a busy "
-    "ingress (every request: about a quarter); OTEL_TRACES_SAMPLER=parentbased_traceidratio "
-    "with OTEL_TRACES_SAMPLER_ARG=0.01 samples 1 % and still follows every sampled "
-    "traceparent a client sends (docs/observability.md)"
-)
 
 
 def force_flush(timeout_ms: int = 5000) -> None:

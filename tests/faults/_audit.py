@@ -132,7 +132,7 @@ async def _audit_stream_once(nats_url: str, acked: dict[str, int]) -> StreamAudi
                     payload = orjson.loads(message.data)
                 except orjson.JSONDecodeError:  # reported, not a crash of the audit
                     seq = message.metadata.sequence.stream
-                    audit.undecodable.append((seq, key, bytes(message.data[:80])))
+                    audit.undecodable.append((seq, key, message.data[:80]))
                     continue
                 if isinstance(payload, dict) and "id" in payload:
                     by_id[str(payload["id"])] += 1
