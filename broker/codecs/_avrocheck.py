@@ -106,6 +106,10 @@ def compile_program(
     return array("i", [root, *code]).tobytes()  # word 0: the root's offset
 
 
+#: The largest ``max_depth`` either walk takes (the C walk recurses on the C stack).
+MAX_DEPTH_BOUND: Final = 10_000
+
+
 class _Bad(Exception):
     def __init__(self, offset: int, reason: str) -> None:
         self.offset, self.reason = offset, reason
@@ -117,6 +121,8 @@ class _Walk:
     def __init__(self, program: bytes, payload: bytes, max_depth: int) -> None:
         if not program or len(program) % 4:
             raise ValueError("the program is not a whole number of 32-bit words")
+        if not 0 <= max_depth <= MAX_DEPTH_BOUND:
+            raise ValueError(f"max_depth must be between 0 and {MAX_DEPTH_BOUND}")
         words = array("i")
         words.frombytes(program)
         self.code = words.tolist()  # word 0: the root's offset; nodes from word 1

@@ -277,6 +277,19 @@ def test_a_program_of_no_whole_words_is_refused(check: Checker, code: bytes) -> 
         check(code, b"\x02", AVRO_MAX_DEPTH)
 
 
+@pytest.mark.parametrize("depth", [-1, _avrocheck.MAX_DEPTH_BOUND + 1])
+@pytest.mark.parametrize("check", CHECKERS)
+def test_a_depth_bound_out_of_range_is_refused_by_both_walks(check: Checker, depth: int) -> None:
+    with pytest.raises(ValueError, match="max_depth must be between 0 and 10000"):
+        check(program(TREE), b"\x02", depth)
+
+
+@pytest.mark.parametrize("check", CHECKERS)
+def test_the_widest_depth_bound_is_taken_by_both_walks(check: Checker) -> None:
+    leaf = {"label": None, "weight": 1, "shape": b"ab", "kids": [], "marks": [], "extra": {}}
+    assert check(program(TREE), written(TREE, leaf), 10_000) is None
+
+
 @pytest.mark.parametrize("check", CHECKERS)
 @pytest.mark.parametrize(
     "words",
