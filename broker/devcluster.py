@@ -209,7 +209,8 @@ class Topology:
         self.spec = spec
         self.data_dir = spec.data_dir.resolve()
         self.cluster = _cluster(self.data_dir / "nats", spec)
-        self.port = spec.port or free_port(spec.host)
+        self.port = spec.port or free_port(spec.host, avoid=self.cluster.route_ports)
+        self.cluster.avoid_ports({self.port})  # bound by the ingress once the nodes run
         self.replica_url = spec.replica_url or f"sqlite:///{self.data_dir / 'replica.db'}"
         self.ingress: BrokerChild | None = None
         self.workers: list[BrokerChild] = []

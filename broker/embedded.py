@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +84,9 @@ def _ephemeral_start() -> int:
         return 32_768
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller binds it soon after).
+def free_port(host: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
+    """A TCP port that was free a moment ago (the caller binds it soon after), and none of
+    ``avoid`` (ports chosen but not bound yet, which look free too).
 
     Drawn at random below the kernel's ephemeral range, where a port the kernel hands out
     (to an outgoing connection, or to another ``bind(0)``) cannot land on it between this
@@ -95,15 +96,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     if below - _PORTS_FROM >= 1_000:
         for _ in range(64):
             port = _draw.randrange(_PORTS_FROM, below)
+            if port in avoid:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((host, port))
                 except OSError:  # taken: draw again
                     continue
                 return port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ class ServerSpec:
     #: nats-server configuration appended verbatim: a ``tls { … }`` or ``authorization { … }``
     #: block, say. ``url`` stays ``nats://``; clients upgrade to TLS when the server asks.
     extra_config: str = ""
+    #: Ports a port chosen free must not be: ones the caller binds only after the server
+    #: has started (``broker serve``'s ingress), which look free until then.
+    avoid_ports: frozenset[int] = frozenset()
 
 
 class _PortTaken(EmbeddedServerError):
@@ -315,8 +324,9 @@ class NatsServer(_Started):
         if self._proc is not None:
             self._proc.poll()  # reap one that died on its own
         self._stop_stale()
-        self.port = self.port or free_port(self.spec.host)
-        self.http_port = self.http_port or free_port()
+        avoid = self.spec.avoid_ports
+        self.port = self.port or free_port(self.spec.host, avoid=avoid)
+        self.http_port = self.http_port or free_port(avoid={*avoid, self.port})
         self.config_path.write_text(_config(self.spec, self.port, self.http_port))
         with self.log_path.open("ab") as log_file:
             self._log_offset = log_file.tell()
@@ -436,15 +446,37 @@ class NatsCluster(_Started):
             for i in range(size)
         ]
         self._started = False
+        self._avoid: frozenset[int] = frozenset()
         self._assign_cluster_ports()
+
+    @property
+    def route_ports(self) -> frozenset[int]:
+        """The nodes' cluster (route) ports, chosen before they start."""
+        return frozenset(node.spec.cluster_port for node in self.nodes if node.spec.cluster_port)
+
+    def avoid_ports(self, ports: Collection[int]) -> None:
+        """Ports no node may choose free for itself: ones another process binds only after
+        the nodes have started (a test's or the dev cluster's ingress)."""
+        self._avoid |= frozenset(ports)
+        for node in self.nodes:
+            node.spec = dataclasses.replace(
+                node.spec, avoid_ports=node.spec.avoid_ports | self._avoid
+            )
 
     def _assign_cluster_ports(self) -> None:
         """Route ports must be known before any node starts: each lists all the others."""
-        ports = [free_port() for _ in self.nodes]
+        ports: list[int] = []
+        for _ in self.nodes:
+            ports.append(free_port(avoid={*self._avoid, *ports}))
         routes = [f"nats-route://127.0.0.1:{port}" for port in ports]
         for i, node in enumerate(self.nodes):
             others = tuple(route for j, route in enumerate(routes) if j != i)
-            node.spec = dataclasses.replace(node.spec, cluster_port=ports[i], routes=others)
+            node.spec = dataclasses.replace(
+                node.spec,
+                cluster_port=ports[i],
+                routes=others,
+                avoid_ports=self._avoid | frozenset(ports),
+            )
 
     @property
     def urls(self) -> list[str]:

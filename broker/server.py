@@ -445,7 +445,11 @@ def run_broker(
 
             store = settings.data_dir.resolve() / "nats"
             store.mkdir(parents=True, exist_ok=True)
-            embedded = NatsServer(ServerSpec(store_dir=store, port=settings.nats_port)).start()
+            # The ingress binds its port after NATS has started: NATS must not draw it.
+            spec = ServerSpec(
+                store_dir=store, port=settings.nats_port, avoid_ports=frozenset({settings.port})
+            )
+            embedded = NatsServer(spec).start()
             settings = settings.model_copy(update={"nats_url": embedded.url})
             log.info("embedded_nats_started", url=embedded.url, store_dir=str(store))
         asyncio.run(provision_streams(settings, update=update_streams))

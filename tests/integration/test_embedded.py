@@ -190,7 +190,7 @@ def test_taken_port_is_chosen_again(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(
             broker.embedded,
             "free_port",
-            lambda host="127.0.0.1": next(ports, None) or real_free_port(host),
+            lambda host="127.0.0.1", avoid=(): next(ports, None) or real_free_port(host),
         )
         with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
             assert server.port != taken
@@ -304,3 +304,64 @@ def test_free_ports_are_drawn_below_the_ephemeral_range() -> None:
     for port in list(ports)[:5]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+class _Draws:
+    """``embedded._draw`` that draws ``first`` for its first ``times`` draws, then at random."""
+
+    def __init__(self, first: int, times: int) -> None:
+        self.first, self.left = first, times
+
+    def randrange(self, start: int, stop: int) -> int:
+        if self.left:
+            self.left -= 1
+            return self.first
+        return broker.embedded.random.SystemRandom().randrange(start, stop)
+
+
+def test_a_free_port_is_none_of_the_ports_to_avoid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port chosen but not bound yet looks free: ``avoid`` keeps it from being drawn twice."""
+    from broker.embedded import free_port
+
+    chosen = free_port()
+    monkeypatch.setattr(broker.embedded, "_draw", _Draws(chosen, 3))
+    assert free_port() == chosen  # what the draw gives without avoid
+    assert free_port(avoid={chosen}) != chosen
+
+
+def test_an_embedded_server_draws_neither_port_the_caller_binds_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``broker serve`` starts NATS before its ingress binds ``--port``: a suite run lost a
+    broker whose NATS drew the ingress's port (the ingress then failed with EADDRINUSE)."""
+    from broker.embedded import free_port
+
+    ingress = free_port()
+    monkeypatch.setattr(broker.embedded, "_draw", _Draws(ingress, 8))
+    with NatsServer(ServerSpec(store_dir=tmp_path, avoid_ports=frozenset({ingress}))) as server:
+        assert ingress not in {server.port, server.http_port}
+        assert server.port != server.http_port
+        assert server.healthy()
+
+
+def test_a_clusters_nodes_draw_none_of_its_route_ports_nor_the_ports_to_avoid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the dev cluster does: its ingress port avoids the route ports chosen before it, and
+    every node's own ports avoid both."""
+    from broker.embedded import free_port
+
+    cluster = NatsCluster(tmp_path, 2)
+    route = min(cluster.route_ports)
+    monkeypatch.setattr(broker.embedded, "_draw", _Draws(route, 3))
+    ingress = free_port(avoid=cluster.route_ports)
+    assert ingress != route
+    cluster.avoid_ports({ingress})
+    monkeypatch.setattr(broker.embedded, "_draw", _Draws(ingress, 16))
+    cluster.start()
+    try:
+        own = [port for node in cluster.nodes for port in (node.port, node.http_port)]
+        assert len(set(own)) == len(own)
+        assert not set(own) & (cluster.route_ports | {ingress})
+    finally:
+        cluster.stop()
