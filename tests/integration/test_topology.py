@@ -135,7 +135,8 @@ async def test_compose_topology_delivers_a_published_message_to_the_postgres_rep
         for ingress in ingresses:
             ingress.wait_ready(timeout=90)
         assert await _stream_replicas(nats_url) == 3
-        metrics_ports = {"worker": free_port(), "router": free_port()}
+        worker_port = free_port()
+        metrics_ports = {"worker": worker_port, "router": free_port(avoid={worker_port})}
         worker_env = local_env(
             services["worker"],
             **urls,
