@@ -181,6 +181,15 @@ _SUFFIXES: tuple[tuple[str, str, int], ...] = (
 _ES_AFTER = ("s", "x", "z", "ch", "sh")
 
 
+def squared_norm(vector: npt.NDArray[np.number[Any]]) -> float:
+    """The squared L2 norm of a row, summed in float64 by NumPy's own reduction, never by BLAS:
+    BLAS picks its dot-product kernel by CPU (and by ``OPENBLAS_CORETYPE``), and kernels round
+    differently, so routers on two machines normalised the same text to vectors a few ulps
+    apart. The elementwise squares and NumPy's pairwise sum are the same operations in the
+    same order on every CPU."""
+    return float(np.square(vector, dtype=np.float64).sum())
+
+
 def stem(word: str) -> str:
     """A light, rule-based English stem: plurals, -ing, -ed, -ly, -ation, British -ise, and
     a final silent e (``translate``, ``translated``, ``translation`` -> ``translat``)."""
@@ -329,7 +338,7 @@ class HashingEmbedder:
         values = np.array(weights, dtype=np.float64)
         values[signed < 0] *= -1.0
         dense = np.bincount(np.abs(signed) - 1, weights=values, minlength=self.dim)
-        norm = float(np.sqrt(dense @ dense))
+        norm = math.sqrt(squared_norm(dense))
         if norm > 0.0:
             vector[:] = dense / norm
         return vector
@@ -487,7 +496,7 @@ class BlendedEmbedder:
             np.multiply(embedder.embed(texts), np.float32(math.sqrt(share)), out=part)
             start += embedder.dim
         for i in range(len(out)):  # per row: cheaper than whole-array NumPy calls for one text
-            squared = float(out[i] @ out[i])
+            squared = squared_norm(out[i])
             if squared > 0.0:
                 out[i] *= np.float32(1.0 / math.sqrt(squared))
         return out

@@ -34,6 +34,7 @@ from broker.routing.embedder import (
     STOP_WORDS,
     EmbedderUnavailable,
     Matrix,
+    squared_norm,
 )
 
 DATA = Path(__file__).resolve().parent / "data" / "minilm_static.npz"
@@ -220,7 +221,7 @@ class StaticEmbedder:
         if not ids:
             return np.zeros(self.dim, dtype=np.float32)
         summed: Matrix = self._table.rows[ids].sum(axis=0)
-        squared = float(summed @ summed)
+        squared = squared_norm(summed)
         if squared > 0.0:
             summed *= np.float32(1.0 / math.sqrt(squared))
         return summed

@@ -66,17 +66,14 @@ def test_hashing_embedder_gives_unit_float32_rows_and_zero_rows_for_empty_text()
     assert not embedder.embed(["the of and to"]).any()  # stop words only
 
 
-@pytest.mark.parametrize(
-    ("module", "name"),
-    [
-        ("broker.routing.embedder", "HashingEmbedder"),
-        ("broker.routing.static_embedder", "StaticEmbedder"),
-    ],
-)
-def test_an_embedder_is_the_same_in_another_process(module: str, name: str) -> None:
-    """Stable hashing (BLAKE2b) and a fixed table, never Python's salted ``hash()``: a fresh
-    interpreter with a different PYTHONHASHSEED gives bit-identical vectors."""
-    here = getattr(importlib.import_module(module), name)().embed(TEXTS)
+EMBEDDERS = [
+    ("broker.routing.embedder", "HashingEmbedder"),
+    ("broker.routing.static_embedder", "StaticEmbedder"),
+]
+
+
+def embedded_elsewhere(module: str, name: str, env: dict[str, str]) -> np.ndarray[Any, Any]:
+    """``TEXTS`` embedded by ``module.name()`` in a fresh interpreter with only ``env``."""
     script = (
         f"import sys; from {module} import {name}; "
         f"sys.stdout.write({name}().embed({TEXTS!r}).tobytes().hex())"
@@ -87,11 +84,40 @@ def test_an_embedder_is_the_same_in_another_process(module: str, name: str) -> N
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        env={"PATH": "", **env},
         check=True,
     )
-    there = np.frombuffer(bytes.fromhex(done.stdout), dtype=np.float32).reshape(here.shape)
+    return np.frombuffer(bytes.fromhex(done.stdout), dtype=np.float32).reshape(len(TEXTS), -1)
+
+
+@pytest.mark.parametrize(("module", "name"), EMBEDDERS)
+def test_an_embedder_is_the_same_in_another_process(module: str, name: str) -> None:
+    """Stable hashing (BLAKE2b) and a fixed table, never Python's salted ``hash()``: a fresh
+    interpreter with a different PYTHONHASHSEED gives bit-identical vectors."""
+    here = getattr(importlib.import_module(module), name)().embed(TEXTS)
+    there = embedded_elsewhere(module, name, {"PYTHONHASHSEED": "12345"})
     assert np.array_equal(here, there)
+
+
+def _has_avx512() -> bool:
+    try:
+        return " avx512f " in Path("/proc/cpuinfo").read_text() + " "
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not _has_avx512(), reason="OpenBLAS's AVX-512 kernels need a CPU that has AVX-512"
+)
+@pytest.mark.parametrize(("module", "name"), EMBEDDERS)
+def test_an_embedder_is_the_same_whatever_kernel_blas_runs(module: str, name: str) -> None:
+    """OpenBLAS picks its kernels by CPU (``OPENBLAS_CORETYPE`` overrides it), and its AVX2 and
+    AVX-512 dot products round differently: the static embedder's vectors came out a few
+    ulps apart on two machines (and failed the test above wherever the environment named a
+    core type other than the CPU's). Norms are summed by NumPy now, the same on every CPU."""
+    haswell = embedded_elsewhere(module, name, {"OPENBLAS_CORETYPE": "Haswell"})
+    skylake = embedded_elsewhere(module, name, {"OPENBLAS_CORETYPE": "SkylakeX"})
+    assert np.array_equal(haswell, skylake)
 
 
 def test_the_same_text_gives_the_same_vector_whatever_the_memo_holds() -> None:
