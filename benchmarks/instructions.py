@@ -28,10 +28,15 @@ have been exported (a traced configuration's export is its own cost), dump, stop
 valgrind (Debian's ``valgrind`` package) and h2load for the load. Usage::
 
     python benchmarks/instructions.py [--messages 4000] [--only off --only metrics ...]
-        [--baseline-tree DIR] [--cache-sim [--last-level-bytes N]] [--keep DIR] [--json]
+        [--baseline-tree DIR] [--cache-sim [--last-level-bytes N]] [--by-thread] [--keep DIR]
+        [--json]
 
 ``--baseline-tree DIR`` also runs every configuration from another checkout (an A/B of two
 commits; see ``observability.py``).
+
+``--by-thread`` also counts each thread apart (``--separate-threads``) and reports the
+busiest ones per configuration: the worker's event loop (the request path, with its
+difference from ``off``'s), granian's threads, the span export thread.
 
 ``--cache-sim`` also has callgrind simulate the caches and reports the misses per publish:
 at the first level (32 KiB of code, 32 KiB of data) and at a last level sized as this
@@ -84,18 +89,48 @@ def counted(path: Path) -> dict[str, int]:
     each process and thread: from counting on to the dump): ``Ir``, the instructions, and
     with ``--cache-sim`` the simulated misses (``I1mr``, ``D1mr``, ``ILmr``, ...)."""
     totals: dict[str, int] = {}
-    for dump in path.glob("cg.*"):
+    for _, _, events in _dumps(path):
+        for event, value in events.items():
+            totals[event] = totals.get(event, 0) + value
+    return totals
+
+
+def counted_by_thread(path: Path) -> dict[str, int]:
+    """The instructions of each thread in the dumps under ``path`` (``--by-thread``), as
+    ``p<i>/t<n>``: the i-th process by pid (``broker serve`` first, then the worker it
+    started), callgrind's thread number n (1: the main thread, which runs the worker's event
+    loop; the others in the order they started)."""
+    dumps = _dumps(path)
+    order = {pid: i for i, pid in enumerate(sorted({pid for pid, _, _ in dumps}))}
+    out: dict[str, int] = {}
+    for pid, thread, events in dumps:
+        label = f"p{order[pid]}/t{thread}"
+        out[label] = out.get(label, 0) + events.get("Ir", 0)
+    return out
+
+
+def _dumps(path: Path) -> list[tuple[int, int, dict[str, int]]]:
+    """``(pid, thread, totals)`` of each dump on request under ``path`` (one per process,
+    or with ``--separate-threads`` one per thread; thread 0 where the dump names none)."""
+    found = []
+    for dump in sorted(path.glob("cg.*")):
         text = dump.read_text(errors="replace")
         if "\npart: 1\n" not in text or "\ndesc: Trigger: dump\n" not in text:
             continue
+        pid = thread = 0
         events: list[str] = []
+        totals: dict[str, int] = {}
         for line in text.splitlines():
-            if line.startswith("events:"):
+            if line.startswith("pid:"):
+                pid = int(line.split()[1])
+            elif line.startswith("thread:"):
+                thread = int(line.split()[1])
+            elif line.startswith("events:"):
                 events = line.split()[1:]
             elif line.startswith("summary:"):
-                for event, value in zip(events, line.split()[1:], strict=False):
-                    totals[event] = totals.get(event, 0) + int(value)
-    return totals
+                totals = {e: int(v) for e, v in zip(events, line.split()[1:], strict=False)}
+        found.append((pid, thread, totals))
+    return found
 
 
 #: What ``--cache-sim`` reports per publish: the instruction and data reads and writes that
@@ -125,7 +160,8 @@ def instructions(
     payload: bytes,
 ) -> dict[str, float]:
     """One configuration's events per publish: ``Ir`` (instructions), and with
-    ``--cache-sim`` the simulated misses."""
+    ``--cache-sim`` the simulated misses; with ``--by-thread`` also each thread's
+    instructions, as ``Ir@p<i>/t<n>`` (see :func:`counted_by_thread`)."""
     out = workdir / config.key / "callgrind"
     out.mkdir(parents=True)
     valgrind = [
@@ -135,6 +171,8 @@ def instructions(
         "--instr-atstart=no",
         f"--callgrind-out-file={out}/cg.%p",
     ]
+    if args.by_thread:
+        valgrind.append("--separate-threads=yes")
     if args.cache_sim:
         valgrind += [
             "--cache-sim=yes",
@@ -166,6 +204,8 @@ def instructions(
         broker.stop()
     if not totals.get("Ir"):
         raise SystemExit(f"{config.name}: callgrind wrote no counts under {out}")
+    if args.by_thread:
+        totals.update({f"Ir@{label}": n for label, n in counted_by_thread(out).items()})
     return {event: total / int(args.messages) for event, total in totals.items()}
 
 
@@ -195,6 +235,13 @@ def _arguments() -> argparse.Namespace:
         default=1 << 20,
         help="size of the simulated last level with --cache-sim (default 1 MiB, this machine's "
         "L2 per core: a miss there is a fetch from the shared L3 or memory)",
+    )
+    parser.add_argument(
+        "--by-thread",
+        action="store_true",
+        help="also count each thread apart (callgrind --separate-threads) and report the "
+        "instructions per publish of the busiest: the worker's event loop, granian's threads, "
+        "the span export",
     )
     parser.add_argument(
         "--keep",
@@ -253,6 +300,11 @@ def main() -> None:
         if args.cache_sim:
             document["misses_per_message"] = misses
             document["last_level_bytes"] = args.last_level_bytes
+        if args.by_thread:
+            document["per_message_by_thread"] = {
+                name: {k.removeprefix("Ir@"): v for k, v in per.items() if k.startswith("Ir@")}
+                for name, per in events.items()
+            }
         print(json.dumps(document))
         return
     print(f"\nInstructions per publish, user space, all the broker's threads ({machine}):")
@@ -272,6 +324,37 @@ def main() -> None:
             f"(misses per publish, simulated: L1 32 KiB code and data, last level "
             f"{args.last_level_bytes:,} bytes, each process alone)"
         )
+    if args.by_thread:
+        print_threads(events)
+
+
+#: Threads shown per configuration by ``--by-thread``.
+SHOWN_THREADS = 4
+
+
+def print_threads(events: dict[str, dict[str, float]]) -> None:
+    """Each configuration's busiest threads, instructions per publish; a main thread's also
+    as the difference from ``off``'s. (The other threads are numbered in the order they
+    started, and a traced worker starts its span export before granian's threads, so the same
+    number is not the same thread in two configurations.)"""
+    print(
+        "\nInstructions per publish by thread (p<i>: the i-th process by pid, broker serve "
+        "first; t<n>: callgrind's thread number in start order, t1 the main thread, the "
+        "worker's event loop):"
+    )
+    by_thread = {
+        name: {k.removeprefix("Ir@"): v for k, v in per_message.items() if k.startswith("Ir@")}
+        for name, per_message in events.items()
+    }
+    for name, threads in by_thread.items():
+        base = by_thread.get("base off" if name.startswith("base ") else "off", {})
+        busiest = sorted(threads.items(), key=lambda item: -item[1])[:SHOWN_THREADS]
+        cells = []
+        for label, value in busiest:
+            main = label.endswith("/t1") and label in base and base is not threads
+            delta = f" ({value - base[label]:+,.0f})" if main else ""
+            cells.append(f"{label} {value:>9,.0f}{delta}")
+        print(f"  {name:<16}" + "  ".join(cells))
 
 
 if __name__ == "__main__":

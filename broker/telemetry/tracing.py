@@ -532,7 +532,7 @@ def configure(
 
 
 #: Above this share of new traces sampled, :func:`configure_from_env` says what it costs: the
-#: ingress's CPU per publish rose 8-13 % at 10 % and 26 % at every request (BENCHMARKS.md,
+#: ingress's CPU per publish rose 8-15 % at 10 % and 22-29 % at every request (BENCHMARKS.md,
 #: "Observability", 2026-11-28), against a target of 10 %.
 BUSY_SAMPLING_RATIO = 0.1
 BUSY_SAMPLING_HINT = (

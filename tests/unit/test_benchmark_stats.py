@@ -74,6 +74,26 @@ def test_the_instruction_count_reads_only_the_dumps_asked_for(tmp_path: Path) ->
     assert counted(tmp_path / "nothing") == {}
 
 
+def test_by_thread_each_threads_instructions_are_kept_apart(tmp_path: Path) -> None:
+    """``--by-thread``: callgrind writes one dump per thread; each is labelled by its
+    process's place in pid order and its thread number, and their sum is the total."""
+    from benchmarks.instructions import counted, counted_by_thread
+
+    for pid, thread, part, summary in [
+        (300, 1, 1, 1_000),  # the worker's event loop
+        (300, 3, 1, 400),  # its span export
+        (200, 1, 1, 50),  # broker serve
+        (300, 3, 2, 9_999),  # after the dump: not counted
+    ]:
+        (tmp_path / f"cg.{pid}.{part}-{thread:02d}").write_text(
+            f"version: 1\ncreator: callgrind-3.19.0\npid: {pid}\ncmd:  python\npart: {part}\n"
+            f"thread: {thread}\n\ndesc: Trigger: dump\n\npositions: line\nevents: Ir\n"
+            f"summary: {summary}\n"
+        )
+    assert counted_by_thread(tmp_path) == {"p1/t1": 1_000, "p1/t3": 400, "p0/t1": 50}
+    assert counted(tmp_path) == {"Ir": 1_450}
+
+
 def test_with_the_cache_simulation_every_event_is_summed(tmp_path: Path) -> None:
     """``--cache-sim``: the misses are summed event by event, named by the dump's header
     (callgrind's order is not cachegrind's)."""
