@@ -52,13 +52,16 @@ class Behaviour:
     reply: str = "ok"
     fail: bool = False
     delay: float = 0.0
+    #: Take its time only over a request with a deadline (``wait=true``): the probes that
+    #: make an agent live answer at once, and the agent drains in no time at the block's end.
+    delay_only_with_deadline: bool = False
     seen: list[Request] = field(default_factory=list)
     cancelled: int = 0
 
     async def __call__(self, request: Request) -> Any:
         self.seen.append(request)
         try:
-            if self.delay:
+            if self.delay and (request.deadline is not None or not self.delay_only_with_deadline):
                 await asyncio.sleep(self.delay)
         except asyncio.CancelledError:
             self.cancelled += 1

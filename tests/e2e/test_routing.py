@@ -349,7 +349,7 @@ async def test_deadline_cancels_the_handler_and_answers_504(
     client: httpx.AsyncClient, url: str, nc_js: JetStreamContext
 ) -> None:
     slow = manifest("d-slow", "Writes very long reports")
-    behaviour = Behaviour(reply="d-slow", delay=30.0)
+    behaviour = Behaviour(reply="d-slow", delay=30.0, delay_only_with_deadline=True)
     async with running(slow, url, behaviour):
         assert await routed_to(client, "d-slow", "write it")
         started = time.monotonic()
@@ -797,7 +797,7 @@ async def test_a_request_retried_past_its_deadline_answers_504_at_once(
     client: httpx.AsyncClient, url: str
 ) -> None:
     slow = manifest("r-late", "Renders feature-length films")
-    behaviour = Behaviour(reply="r-late", delay=30.0)
+    behaviour = Behaviour(reply="r-late", delay=30.0, delay_only_with_deadline=True)
     key = {"idempotency-key": "retry-past-deadline"}
     async with running(slow, url, behaviour):
         assert await routed_to(client, "r-late", "render the film")
