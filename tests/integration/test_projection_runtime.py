@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,9 +26,9 @@ from projections.checkpoints import SqlCheckpointStore, create_sql_engine
 from projections.runtime import CRASH_ENV, ProjectionRunner
 from tests._wait import await_until, wait_for
 from tests.integration._counting import CountingProjection, applied, counts
+from tests.integration.conftest import replica_db
 
 pytestmark = pytest.mark.integration
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -89,25 +88,12 @@ class Db(NamedTuple):
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     """The counting projection's database: a SQLite file, or a fresh schema in the
-    PostgreSQL server on this machine (dropped afterwards; unreachable = failure)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/replica.db"
-        schema = None
-    else:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        with create_sql_engine(PG).begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-        url = f"{PG}?options=-csearch_path%3D{schema}"
-    engine = create_sql_engine(url)
-    with engine.begin() as tx:
-        CountingProjection().setup(tx)
-    yield Db(url, engine, tmp_path)
-    engine.dispose()
-    if schema is not None:
-        admin = create_sql_engine(PG)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    PostgreSQL server on this machine (dropped afterwards, also when the test fails;
+    unreachable = failure: :func:`~tests.integration.conftest.replica_db`)."""
+    with replica_db(request.param, "t", tmp_path) as replica:
+        with replica.engine.begin() as tx:
+            CountingProjection().setup(tx)
+        yield Db(replica.url, replica.engine, tmp_path)
 
 
 async def test_batches_apply_once_and_the_checkpoint_follows(
