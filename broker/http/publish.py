@@ -197,13 +197,20 @@ async def _settle_all(publisher: Publisher, pending: list[_Pending]) -> list[dic
 
         async def check(i: int, out: Outbound, ack: PublishAck) -> None:
             async with gate:
-                try:
-                    await publisher.same_request(out, ack)
-                except BrokerError as e:
-                    results[i] = e.to_dict()
+                results[i] = await _duplicate_result(publisher, out, ack)
 
         await asyncio.gather(*(check(*d) for d in duplicates))
     return results
+
+
+async def _duplicate_result(publisher: Publisher, out: Outbound, ack: PublishAck) -> dict[str, Any]:
+    """A duplicate record's result: its ack once the copy stored under its key is this same
+    request, else the error (``422 idempotency_key_reused``, or ``503`` when the copy cannot
+    be read). The buffered batch and the stream both answer a duplicate with this."""
+    try:
+        return (await publisher.same_request(out, ack)).to_dict()
+    except BrokerError as e:
+        return e.to_dict()
 
 
 async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) -> None:
@@ -394,9 +401,7 @@ class _DuplexPublish:
         """A duplicate's result line, once compared with its stored copy. Never raises: the
         sender waits on it, and a stream whose sender stopped would stop reading too."""
         try:
-            return _line(index, (await self.state.publisher.same_request(out, ack)).to_dict())
-        except BrokerError as e:
-            return _line(index, e.to_dict())
+            return _line(index, await _duplicate_result(self.state.publisher, out, ack))
         except Exception:
             log.exception("publish_stream_check_failed", index=index, seq=ack.seq)
             return _line(index, BrokerError("the duplicate could not be checked").to_dict())
