@@ -319,7 +319,11 @@ class Publisher:
         tracing.inject(out.headers)  # the stored message continues the current trace
         self._counter += 1
         token = str(self._counter)
-        future: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        # The connect task runs on this loop, where the client lives; asking it costs no
+        # getpid() system call, which asyncio.get_running_loop() makes on Python 3.11.
+        connector = self._connector
+        loop = connector.get_loop() if connector is not None else asyncio.get_running_loop()
+        future: asyncio.Future[PublishAck] = loop.create_future()
         self._pending[token] = _Pending(
             future, time.monotonic() + self._publish_timeout, out.subject, len(out.payload)
         )

@@ -167,9 +167,11 @@ class _Deadlines:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, seconds: float) -> asyncio.Task[Any]:
-        task = asyncio.current_task()
-        assert task is not None, "read_body runs in a task"
         loop = asyncio.get_running_loop()
+        # Given the loop, current_task looks it up without asking for it again: on Python 3.11
+        # each lookup of the running loop is a getpid() system call.
+        task = asyncio.current_task(loop)
+        assert task is not None, "read_body runs in a task"
         self._due[task] = loop.time() + seconds
         if self._timer is None or self._loop is not loop:
             self._loop = loop

@@ -48,7 +48,7 @@ from bisect import bisect_left
 from collections import Counter as CounterOf
 from itertools import compress, repeat
 from operator import eq
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -226,7 +226,8 @@ def _child(metric: _M, *labels: str) -> _M:
 # FLUSH_SECONDS worth of them into metric updates in one tight loop: each label set's
 # counter with one write, each histogram with one write per bucket that moved. Other
 # recorders add to plain dicts, flushed by the same timer. Outside an event loop every call
-# writes through at once. Only the thread that runs the loop records.
+# writes through at once (while no flush is pending on a loop that is still open; one that
+# is takes it). Only the thread that runs the loop records.
 
 
 class _Pending:
@@ -251,12 +252,18 @@ _requests: list[tuple[str, str, int, float]] = []
 _acks: list[tuple[str | None, int, float]] = []
 #: No flush is pending on any loop (never the running loop, nor ``None``).
 _NO_TIMER: object = object()
-_timer_loop: object = _NO_TIMER  # the loop where the pending flush will run
+_timer_loop: Any = _NO_TIMER  # the loop where the pending flush will run
 
 
 def _schedule() -> None:
     """Flush soon on the running loop (unless a flush is pending there already), or now when
-    no loop runs on this thread. The per-request recorders make the first check inline."""
+    no loop runs on this thread.
+
+    The per-request recorders come here only while no flush is pending, or the loop it was
+    pending on has closed (a test's): looking up the running loop is a ``getpid()`` system
+    call on Python 3.11, two per publish before, and while a flush is pending the next one
+    is at most ``FLUSH_SECONDS`` away on the loop that records (one per process: the
+    ingress's)."""
     global _timer_loop  # noqa: PLW0603 - one pending timer per process
     loop = _get_running_loop()
     if loop is _timer_loop:
@@ -370,7 +377,7 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
     """One HTTP request answered (``method`` as received: bounded when flushed)."""
     if _on:
         _requests.append((route, method, status, seconds))
-        if _timer_loop is not _get_running_loop():
+        if _timer_loop is _NO_TIMER or _timer_loop.is_closed():
             _schedule()
 
 
@@ -379,7 +386,7 @@ def observe_ack(seconds: float, stream: str | None = None, size: int = 0) -> Non
     when it appended a message (not for a duplicate or an error)."""
     if _on:
         _acks.append((stream, size, seconds))
-        if _timer_loop is not _get_running_loop():
+        if _timer_loop is _NO_TIMER or _timer_loop.is_closed():
             _schedule()
 
 
