@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -446,6 +447,24 @@ async def test_counts_on_an_event_loop_reach_the_registry_within_the_flush_inter
         {"route": "/v1/route/{subject}", "le": "0.01"},
     )
     assert bucket >= 3
+
+
+def test_counts_after_a_loop_closed_with_its_flush_pending_still_reach_the_registry() -> None:
+    """The recorders look for the running loop only while no flush is pending, or when the
+    loop it is pending on has closed (it will never run it): then the counts buffered for it,
+    and the new ones, are written like any made outside a loop."""
+    labels = {"route": "/v1/streams/{stream}/messages", "method": "GET", "status": "200"}
+    before = sample("broker_http_requests_total", labels)
+
+    async def record() -> None:
+        metrics.observe_request(labels["route"], "GET", 200, 0.01)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(record())  # its flush is now pending on this loop...
+    loop.close()  # ...which will never run it
+    assert sample("broker_http_requests_total", labels) == before
+    metrics.observe_request(labels["route"], "GET", 200, 0.01)  # outside any loop
+    assert sample("broker_http_requests_total", labels) == before + 2
 
 
 def test_a_flush_folds_buffered_requests_and_acks_into_every_label_set() -> None:
