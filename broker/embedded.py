@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import queue
@@ -348,11 +349,15 @@ class NatsServer(_Started):
                 os.kill(stale, signal.SIGKILL)
 
     def healthy(self) -> bool:
-        """JetStream is enabled and current (the monitoring ``/healthz``)."""
+        """JetStream is enabled and current (the monitoring ``/healthz``). Not healthy when
+        something other than an HTTP server answers there: in a test suite run by several
+        processes, another test's nats-server once took this one's monitoring port (drawn
+        free, not bound yet) as its client port and answered with its ``INFO`` line; this
+        server then exits for the port it could not have, and is started on new ones."""
         try:
             with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as response:
                 return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
             return False
 
     def wait_ready(self, timeout: float) -> None:

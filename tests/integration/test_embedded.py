@@ -197,6 +197,48 @@ def test_taken_port_is_chosen_again(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             assert server.healthy()
 
 
+def test_a_monitoring_port_answered_by_a_nats_server_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a suite run by several processes, another test's nats-server took this one's
+    monitoring port (drawn free, not bound yet) as its client port; the readiness check read
+    that server's ``INFO`` line, raised BadStatusLine and failed the test's setup. Something
+    other than HTTP there is not healthy: this server exits for the port it could not have
+    and is started on new ones."""
+    real_free_port = broker.embedded.free_port
+    stop = threading.Event()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        squatter.settimeout(0.1)
+        taken = int(squatter.getsockname()[1])
+
+        def speak_nats() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = squatter.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.sendall(b'INFO {"server_id":"another","port":%d}\r\n' % taken)
+
+        speaker = threading.Thread(target=speak_nats, daemon=True)
+        speaker.start()
+        ports = iter([0, taken])  # the client port drawn as usual, the monitoring one taken
+        monkeypatch.setattr(
+            broker.embedded,
+            "free_port",
+            lambda host="127.0.0.1", avoid=(): next(ports, None) or real_free_port(host),
+        )
+        try:
+            with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
+                assert server.http_port != taken
+                assert server.healthy()
+        finally:
+            stop.set()
+            speaker.join(5)
+
+
 def test_fixed_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
