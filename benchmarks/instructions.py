@@ -301,10 +301,7 @@ def main() -> None:
             document["misses_per_message"] = misses
             document["last_level_bytes"] = args.last_level_bytes
         if args.by_thread:
-            document["per_message_by_thread"] = {
-                name: {k.removeprefix("Ir@"): v for k, v in per.items() if k.startswith("Ir@")}
-                for name, per in events.items()
-            }
+            document["per_message_by_thread"] = by_thread(events)
         print(json.dumps(document))
         return
     print(f"\nInstructions per publish, user space, all the broker's threads ({machine}):")
@@ -328,6 +325,14 @@ def main() -> None:
         print_threads(events)
 
 
+def by_thread(events: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each configuration's instructions per publish by thread label (its ``Ir@`` events)."""
+    return {
+        name: {k.removeprefix("Ir@"): v for k, v in per_message.items() if k.startswith("Ir@")}
+        for name, per_message in events.items()
+    }
+
+
 #: Threads shown per configuration by ``--by-thread``.
 SHOWN_THREADS = 4
 
@@ -342,12 +347,9 @@ def print_threads(events: dict[str, dict[str, float]]) -> None:
         "first; t<n>: callgrind's thread number in start order, t1 the main thread, the "
         "worker's event loop):"
     )
-    by_thread = {
-        name: {k.removeprefix("Ir@"): v for k, v in per_message.items() if k.startswith("Ir@")}
-        for name, per_message in events.items()
-    }
-    for name, threads in by_thread.items():
-        base = by_thread.get("base off" if name.startswith("base ") else "off", {})
+    threads_of = by_thread(events)
+    for name, threads in threads_of.items():
+        base = threads_of.get("base off" if name.startswith("base ") else "off", {})
         busiest = sorted(threads.items(), key=lambda item: -item[1])[:SHOWN_THREADS]
         cells = []
         for label, value in busiest:

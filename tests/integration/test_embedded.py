@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +180,25 @@ def test_pid_file_of_something_else_is_left_alone(tmp_path: Path, content: str) 
     assert alive(os.getpid())
 
 
+def force_free_ports(monkeypatch: pytest.MonkeyPatch, *ports: int) -> None:
+    """``free_port`` answers ``ports`` in turn, unchecked (0: drawn as usual), then as usual:
+    a port that looked free when drawn and was taken before the server bound it."""
+    real_free_port = broker.embedded.free_port
+    answers = iter(ports)
+
+    def forced(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+        return next(answers, 0) or real_free_port(host, avoid=avoid)
+
+    monkeypatch.setattr(broker.embedded, "free_port", forced)
+
+
 def test_taken_port_is_chosen_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A port that was free when chosen but taken before the server listened: a new one."""
-    real_free_port = broker.embedded.free_port
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = int(squatter.getsockname()[1])
-        ports = iter([taken])
-        monkeypatch.setattr(
-            broker.embedded,
-            "free_port",
-            lambda host="127.0.0.1", avoid=(): next(ports, None) or real_free_port(host),
-        )
+        force_free_ports(monkeypatch, taken)
         with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
             assert server.port != taken
             assert server.healthy()
@@ -205,7 +212,6 @@ def test_a_monitoring_port_answered_by_a_nats_server_is_chosen_again(
     that server's ``INFO`` line, raised BadStatusLine and failed the test's setup. Something
     other than HTTP there is not healthy: this server exits for the port it could not have
     and is started on new ones."""
-    real_free_port = broker.embedded.free_port
     stop = threading.Event()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -224,12 +230,7 @@ def test_a_monitoring_port_answered_by_a_nats_server_is_chosen_again(
 
         speaker = threading.Thread(target=speak_nats, daemon=True)
         speaker.start()
-        ports = iter([0, taken])  # the client port drawn as usual, the monitoring one taken
-        monkeypatch.setattr(
-            broker.embedded,
-            "free_port",
-            lambda host="127.0.0.1", avoid=(): next(ports, None) or real_free_port(host),
-        )
+        force_free_ports(monkeypatch, 0, taken)  # the client port drawn, the monitoring one not
         try:
             with NatsServer(ServerSpec(store_dir=tmp_path)) as server:
                 assert server.http_port != taken
