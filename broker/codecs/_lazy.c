@@ -830,32 +830,57 @@ done:
 
 /* --- encode_otlp_spans: OTLP/protobuf of finished spans (see broker/telemetry/_otlp.py) --- */
 
+/* The encoded batch, written straight into the bytes object it is returned as (no copy at
+ * the end): data points into bytes, cap is its size, len what is written so far. */
 typedef struct {
+    PyObject *bytes;
     char *data;
     Py_ssize_t len, cap;
 } Buf;
 
-static int
-buf_reserve(Buf *b, Py_ssize_t more)
+/* Room for more bytes: the bytes object grown to at least twice its size (rare: a batch
+ * starts at the size its spans took last time). */
+#if defined(__GNUC__) || defined(__clang__)
+#define LAZY_NOINLINE __attribute__((noinline))
+#else
+#define LAZY_NOINLINE
+#endif
+
+static LAZY_NOINLINE int
+buf_grow(Buf *b, Py_ssize_t more)
 {
-    if (b->len + more <= b->cap) {
-        return 0;
-    }
     Py_ssize_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + more) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
         cap *= 2;
     }
-    char *data = PyMem_Realloc(b->data, (size_t)cap);
-    if (data == NULL) {
-        PyErr_NoMemory();
+    if (b->bytes == NULL) {
+        b->bytes = PyBytes_FromStringAndSize(NULL, cap);
+        if (b->bytes == NULL) {
+            return -1;
+        }
+    }
+    else if (_PyBytes_Resize(&b->bytes, cap) < 0) { /* frees it and sets NULL on failure */
+        b->data = NULL;
+        b->len = b->cap = 0;
         return -1;
     }
-    b->data = data;
+    b->data = PyBytes_AS_STRING(b->bytes);
     b->cap = cap;
     return 0;
 }
 
-static int
+static inline int
+buf_reserve(Buf *b, Py_ssize_t more)
+{
+    return b->len + more <= b->cap ? 0 : buf_grow(b, more);
+}
+
+/* Inlined, so that a copy of a few bytes of known size is a move or two, not a call. */
+static inline Py_ALWAYS_INLINE int
 buf_put(Buf *b, const void *bytes, Py_ssize_t n)
 {
     if (buf_reserve(b, n) < 0) {
@@ -866,7 +891,7 @@ buf_put(Buf *b, const void *bytes, Py_ssize_t n)
     return 0;
 }
 
-static int
+static inline int
 buf_byte(Buf *b, unsigned char byte)
 {
     return buf_put(b, &byte, 1);
@@ -896,14 +921,17 @@ put_varint(unsigned char *out, uint64_t n)
     return i;
 }
 
-static int
+static inline int
 buf_varint(Buf *b, uint64_t n)
 {
-    unsigned char out[10];
-    return buf_put(b, out, put_varint(out, n));
+    if (buf_reserve(b, 10) < 0) {
+        return -1;
+    }
+    b->len += put_varint((unsigned char *)b->data + b->len, n);
+    return 0;
 }
 
-static int
+static inline int
 buf_fixed64(Buf *b, uint64_t n)
 {
     unsigned char out[8];
@@ -913,7 +941,7 @@ buf_fixed64(Buf *b, uint64_t n)
     return buf_put(b, out, 8);
 }
 
-static int
+static inline int
 buf_be64(Buf *b, uint64_t n)
 {
     unsigned char out[8];
@@ -924,7 +952,7 @@ buf_be64(Buf *b, uint64_t n)
 }
 
 /* tag, length, bytes */
-static int
+static inline int
 buf_field(Buf *b, unsigned char tag, const char *bytes, Py_ssize_t n)
 {
     if (buf_byte(b, tag) < 0 || buf_varint(b, (uint64_t)n) < 0) {
@@ -1144,6 +1172,14 @@ span_body(Buf *b, PyObject *span)
     return buf_put(b, remote ? "\x85\x01\x00\x03\x00\x00" : "\x85\x01\x00\x01\x00\x00", 6);
 }
 
+/* Bytes per span of the last batch encoded, within bounds: where the next one starts (only the
+ * export thread encodes, holding the GIL). A batch starts with room for at most
+ * MAX_BATCH_ROOM bytes, whatever its spans took last time, and grows past it if need be. */
+static Py_ssize_t span_size_hint = 256;
+#define MIN_SPAN_HINT 64
+#define MAX_SPAN_HINT 4096
+#define MAX_BATCH_ROOM (16 * 1024 * 1024)
+
 static PyObject *
 encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1158,18 +1194,41 @@ encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *fallback = args[1];
-    Buf out = {NULL, 0, 0}, body = {NULL, 0, 0};
+    Py_ssize_t count = PyTuple_GET_SIZE(spans);
+    Buf out = {NULL, NULL, 0, 0};
     PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
+    /* Room for the batch as large as the last one's spans were, and a quarter more. */
+    Py_ssize_t room = count < MAX_BATCH_ROOM / MIN_SPAN_HINT
+                          ? count * (span_size_hint + span_size_hint / 4) + 64
+                          : MAX_BATCH_ROOM;
+    if (buf_grow(&out, Py_MIN(room, MAX_BATCH_ROOM)) < 0) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *span = PyTuple_GET_ITEM(spans, i);
-        body.len = 0;
-        if (span_body(&body, span) == 0) {
-            if (buf_field(&out, 0x12, body.data, body.len) < 0) {
-                goto done;
+        /* The field's tag, room for a length of two bytes (a span of 128 to 16383 bytes),
+         * the span written after it, then its length: moved when it takes another size. */
+        Py_ssize_t at = out.len;
+        if (buf_reserve(&out, 3) < 0) {
+            goto done;
+        }
+        out.data[at] = 0x12;
+        out.len = at + 3;
+        if (span_body(&out, span) == 0) {
+            Py_ssize_t n = out.len - at - 3;
+            int size = varint_size((uint64_t)n);
+            if (size != 2) {
+                if (size > 2 && buf_reserve(&out, size - 2) < 0) {
+                    goto done;
+                }
+                memmove(out.data + at + 1 + size, out.data + at + 3, (size_t)n);
+                out.len = at + 1 + size + n;
             }
+            put_varint((unsigned char *)out.data + at + 1, (uint64_t)n);
             continue;
         }
-        if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
+        out.len = at; /* what was written of it goes */
+        if (PyErr_ExceptionMatches(PyExc_MemoryError) || out.bytes == NULL) {
             goto done;
         }
         PyErr_Clear(); /* the Python encoder takes this one (and raises what it raises) */
@@ -1188,10 +1247,15 @@ encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
             goto done;
         }
     }
-    result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+    if (count) {
+        span_size_hint = Py_MAX(MIN_SPAN_HINT, Py_MIN(MAX_SPAN_HINT, out.len / count));
+    }
+    if (_PyBytes_Resize(&out.bytes, out.len) == 0) {
+        result = out.bytes;
+        out.bytes = NULL;
+    }
 done:
-    PyMem_Free(out.data);
-    PyMem_Free(body.data);
+    Py_XDECREF(out.bytes);
     Py_DECREF(spans);
     return result;
 }

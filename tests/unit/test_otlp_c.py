@@ -4,6 +4,7 @@ plain attribute values) and the ones it hands back (anything else)."""
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -111,6 +112,44 @@ def test_the_exporter_uses_the_c_encoder_unless_told_not_to(
     assert encoder is not _otlp._spans_in_python
     span = ("s", 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", "v")
     assert encoder([span]) == python([span])
+
+
+def span_of(size: int, name: str = "s") -> FinishedSpan:
+    """A plain span with one attribute of ``size`` bytes."""
+    return (name, 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", "v" * size)
+
+
+@requires_c
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [0],  # a span under 128 bytes: a one-byte length, the span moved back
+        [20_000],  # past 16 383 bytes: a three-byte length, the span moved on
+        [0, 200, 20_000, 0, 300_000, 5],  # mixed, and past the room the batch started with
+        [100] * 3000,  # many: the batch grows past its first room
+    ],
+    ids=["small", "large", "mixed", "many"],
+)
+def test_spans_of_every_length_size_encode_to_the_same_bytes(sizes: list[int]) -> None:
+    c([span_of(0)] * 50)  # the next batch starts with room for spans of this size
+    spans = [span_of(size, name=f"s{i}") for i, size in enumerate(sizes)]
+    assert c(spans) == python(spans)
+    mixed = [*spans, ("s", 5, 1, 0, False, None, 1, 0, 0, 0, None, 0, None, "k", [1, 2])]
+    assert c(mixed) == python(mixed)  # the last one by the Python encoder, after the C ones
+
+
+@requires_c
+def test_a_batch_after_one_of_huge_spans_starts_with_bounded_room() -> None:
+    c([span_of(2_000_000)])  # two megabytes a span, last time
+    spans = [span_of(0)] * 2000
+    tracemalloc.start()
+    try:
+        encoded = c(spans)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert encoded == python(spans)
+    assert peak < 32 * 1024 * 1024  # not 2000 times two megabytes
 
 
 def test_an_empty_batch_is_no_bytes() -> None:
