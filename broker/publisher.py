@@ -304,11 +304,15 @@ class Publisher:
                 self._sweeper = asyncio.create_task(self._sweep(), name="publish-ack-sweeper")
             return self._reply_prefix
 
-    async def submit(self, out: Outbound) -> asyncio.Future[PublishAck]:
+    async def submit(
+        self, out: Outbound, span: tracing.Timing | None = None
+    ) -> asyncio.Future[PublishAck]:
         """Send one message and return a future of its ack, without waiting for it.
 
         Many submits in a row share the connection's round trips (pipelined acks). The
-        future fails with a :class:`BrokerError` (e.g. :class:`PublishTimeout`).
+        future fails with a :class:`BrokerError` (e.g. :class:`PublishTimeout`). The stored
+        message continues the trace of ``span`` (the ``append`` span), else of the span
+        running now.
         """
         nc = self._nc
         if nc is None or not nc.is_connected:
@@ -316,7 +320,7 @@ class Publisher:
         if len(self._pending) >= self._max_pending:
             raise Unavailable(f"{len(self._pending)} publishes already await their ack")
         prefix = self._reply_prefix or await self._ensure_reply_subscription(nc)
-        tracing.inject(out.headers)  # the stored message continues the current trace
+        tracing.inject(out.headers, span)  # the stored message continues this trace
         self._counter += 1
         token = str(self._counter)
         # The connect task runs on this loop, where the client lives; asking it costs no
@@ -370,11 +374,13 @@ class Publisher:
 
     async def publish(self, out: Outbound) -> PublishAck:
         """Append one message and wait for its ack (in an ``append`` span when tracing)."""
-        timing = tracing.child_timing("append", tracing.SpanKind.PRODUCER)
+        # Not made current: only the stored message's headers continue it, and two
+        # context-variable writes fewer are about a tenth of a sampled publish's recording.
+        timing = tracing.child_timing("append", tracing.SpanKind.PRODUCER, current=False)
         if timing is None:  # tracing off, or this request is not sampled
             return await self._append(out)
         try:
-            ack = await self._append(out)
+            ack = await self._append(out, timing)
         except BaseException as e:
             tracing.end_timing(timing, error=e)
             raise
@@ -395,8 +401,8 @@ class Publisher:
         )
         return ack
 
-    async def _append(self, out: Outbound) -> PublishAck:
-        return await self.settle(out, await self.submit(out))
+    async def _append(self, out: Outbound, span: tracing.Timing | None = None) -> PublishAck:
+        return await self.settle(out, await self.submit(out, span))
 
     async def settle(
         self, out: Outbound, pending: Awaitable[PublishAck], *, verify: bool = True

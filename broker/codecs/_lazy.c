@@ -1277,10 +1277,11 @@ typedef struct {
     PyObject *parent_id;
     PyObject *tracestate;
     PyObject *pipeline;
-    PyObject *token; /* the context variable's token; NULL only while being made */
+    PyObject *token; /* the context variable's token; NULL for a timing not made current */
     long long start;
     int kind;
     char parent_remote;
+    char ended; /* ended once: a second end is an error */
 } TimingObject;
 
 static PyObject *timing_var;          /* tracing._current, a ContextVar */
@@ -1291,6 +1292,7 @@ static PyObject *str_ended;
 static PyObject *str_name;
 static PyObject *str_error;
 static PyObject *str_failed;
+static PyObject *str_current;
 static PyObject *empty_tuple;
 static PyObject *str_traceparent;
 static PyObject *str_tracestate;
@@ -1344,7 +1346,10 @@ static PyMemberDef timing_members[] = {
     {"pipeline", T_OBJECT, offsetof(TimingObject, pipeline), READONLY,
      "Where the span goes when it ends (None: nowhere)."},
     {"token", T_OBJECT, offsetof(TimingObject, token), READONLY,
-     "The context variable's token, to make the context before it current again."},
+     "The context variable's token, to make the context before it current again; None for a "
+     "timing not made current."},
+    {"ended", T_BOOL, offsetof(TimingObject, ended), 0,
+     "Whether it has ended (the Python end_timing sets it too)."},
     {"start", T_LONGLONG, offsetof(TimingObject, start), READONLY,
      "Start time, ns since the epoch."},
     {"kind", T_INT, offsetof(TimingObject, kind), READONLY, "The span kind's value."},
@@ -1399,10 +1404,11 @@ timing_bind(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
 }
 
 /* A Timing named name, of kind (a SpanKind's value), under parent (a TraceContext, or None for
- * a root), in trace trace_id, ending into pipeline; made current in the context variable. */
+ * a root), in trace trace_id, ending into pipeline; made current in the context variable unless
+ * current is 0 (then only inject(headers, timing) hands its context on). */
 static PyObject *
 new_timing(PyObject *name, PyObject *kind_value, PyObject *parent, PyObject *trace_id,
-           PyObject *pipeline)
+           PyObject *pipeline, int current)
 {
     if (timing_var == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Timing started before timing_bind");
@@ -1454,7 +1460,15 @@ new_timing(PyObject *name, PyObject *kind_value, PyObject *parent, PyObject *tra
     self->start = 0;
     self->kind = (int)kind;
     self->parent_remote = remote;
+    self->ended = 0;
     PyObject_GC_Track((PyObject *)self);
+    if (!current) {
+        if (now_ns(&self->start) < 0) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        return (PyObject *)self;
+    }
     /* TraceContext(trace_id, span_id, True, tracestate, self), as tuple.__new__ makes one */
     PyObject *context = trace_context->tp_alloc(trace_context, 5);
     if (context == NULL) {
@@ -1485,15 +1499,34 @@ new_timing(PyObject *name, PyObject *kind_value, PyObject *parent, PyObject *tra
     return (PyObject *)self;
 }
 
-static PyObject *
-start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+/* The ``current`` keyword of start_timing and child_timing, after ``positional`` arguments
+ * (``current`` given positionally too for child_timing): 1 or 0, or -1 with an error set. */
+static int
+current_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t positional,
+                 Py_ssize_t allowed, const char *usage)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "start_timing(name, kind, parent, trace_id, pipeline) takes 5 arguments");
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs < positional || nargs > allowed || nargs + keywords > positional + 1 ||
+        (keywords && PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), str_current) != 0)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, usage);
+        }
+        return -1;
+    }
+    return nargs + keywords == positional ? 1 : PyObject_IsTrue(args[positional]);
+}
+
+static PyObject *
+start_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+             PyObject *kwnames)
+{
+    int current = current_argument(args, nargs, kwnames, 5, 5,
+                                   "start_timing(name, kind, parent, trace_id, pipeline, *, "
+                                   "current=True) takes 5 arguments and current");
+    if (current < 0) {
         return NULL;
     }
-    return new_timing(args[0], args[1], args[2], args[3], args[4]);
+    return new_timing(args[0], args[1], args[2], args[3], args[4], current);
 }
 
 static PyObject *timing_pipeline; /* the pipeline while tracing is on, else NULL */
@@ -1525,12 +1558,14 @@ current_context(void)
 }
 
 /* tracing.child_timing: a Timing child of the span running now, or None when none is (tracing
- * off, or the request is not sampled). */
+ * off, or the request is not sampled); made current itself unless current is false. */
 static PyObject *
-child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+             PyObject *kwnames)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "child_timing(name, kind) takes 2 arguments");
+    int current = current_argument(args, nargs, kwnames, 2, 3,
+                                   "child_timing(name, kind, current=True) takes 2 or 3 arguments");
+    if (current < 0) {
         return NULL;
     }
     PyObject *parent = current_context();
@@ -1540,7 +1575,8 @@ child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     PyObject *kind = PyObject_GetAttr(args[1], str_value_); /* the SpanKind's value */
     PyObject *result = kind == NULL ? NULL
                                     : new_timing(args[0], kind, parent,
-                                                 PyTuple_GET_ITEM(parent, 0), timing_pipeline);
+                                                 PyTuple_GET_ITEM(parent, 0), timing_pipeline,
+                                                 current);
     Py_XDECREF(kind);
     Py_DECREF(parent);
     return result;
@@ -1592,6 +1628,10 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     TimingObject *timing = (TimingObject *)args[0];
+    if (timing->ended) {
+        PyErr_SetString(PyExc_RuntimeError, "this timing has ended already");
+        return NULL;
+    }
     PyObject *status = int_zero; /* StatusCode.UNSET */
     /* The span's name, when its caller settles it only now (the server span's method). */
     if (name == Py_None) {
@@ -1605,14 +1645,15 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
     if (now_ns(&end) < 0) {
         return NULL;
     }
-    /* The context before it is current again; ended in another context than it started in
-     * (a ValueError), there is nothing to restore. */
-    if (PyContextVar_Reset(timing_var, timing->token) < 0) {
+    /* The context before it is current again (a timing made current); ended in another
+     * context than it started in (a ValueError), there is nothing to restore. */
+    if (timing->token != NULL && PyContextVar_Reset(timing_var, timing->token) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
             return NULL;
         }
         PyErr_Clear();
     }
+    timing->ended = 1;
     if (timing->pipeline == Py_None) {
         Py_RETURN_NONE;
     }
@@ -1690,24 +1731,51 @@ id_bits(PyObject *id, unsigned long long *out)
     return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
 }
 
+/* tracing.inject(headers, span=None): the traceparent (and tracestate) of span, a Timing, or
+ * else of the span running now, written into headers; nothing while tracing is off. */
 static PyObject *
-inject(PyObject *Py_UNUSED(module), PyObject *headers)
+inject(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *context = current_context();
-    if (context == NULL) {
-        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "inject(headers, span=None) takes 1 or 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0], *span = nargs == 2 ? args[1] : Py_None;
+    PyObject *context, *trace_id, *span_id_obj, *tracestate;
+    int sampled = 1;
+    if (span != Py_None) {
+        if (!Py_IS_TYPE(span, &Timing_Type)) {
+            PyErr_SetString(PyExc_TypeError, "inject's span must be a Timing or None");
+            return NULL;
+        }
+        if (timing_pipeline == NULL) { /* tracing off since the timing started */
+            Py_RETURN_NONE;
+        }
+        TimingObject *timing = (TimingObject *)span;
+        context = Py_NewRef(span);
+        trace_id = timing->trace_id;
+        span_id_obj = timing->span_id;
+        tracestate = timing->tracestate;
+    }
+    else {
+        context = current_context();
+        if (context == NULL) {
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        }
+        trace_id = PyTuple_GET_ITEM(context, 0);
+        span_id_obj = PyTuple_GET_ITEM(context, 1);
+        tracestate = PyTuple_GET_ITEM(context, 3);
+        sampled = PyObject_IsTrue(PyTuple_GET_ITEM(context, 2));
+        if (sampled < 0) {
+            Py_DECREF(context);
+            return NULL;
+        }
     }
     PyObject *result = NULL, *text = NULL, *high = NULL;
-    PyObject *trace_id = PyTuple_GET_ITEM(context, 0), *tracestate = PyTuple_GET_ITEM(context, 3);
     unsigned long long trace_low, trace_high, span_id;
-    if (id_bits(trace_id, &trace_low) < 0 ||
-        id_bits(PyTuple_GET_ITEM(context, 1), &span_id) < 0 ||
+    if (id_bits(trace_id, &trace_low) < 0 || id_bits(span_id_obj, &span_id) < 0 ||
         (high = PyNumber_Rshift(trace_id, sixty_four)) == NULL ||
         id_bits(high, &trace_high) < 0) {
-        goto done;
-    }
-    int sampled = PyObject_IsTrue(PyTuple_GET_ITEM(context, 2));
-    if (sampled < 0) {
         goto done;
     }
     /* "00-" trace id (32 hex digits) "-" span id (16) "-" flags: 55 ASCII characters */
@@ -1748,23 +1816,23 @@ static PyMethodDef lazy_functions[] = {
     {"timing_bind", (PyCFunction)(void (*)(void))timing_bind, METH_FASTCALL,
      "timing_bind(current, TraceContext, getrandbits, end_timing): what the timing functions use "
      "(broker.telemetry.tracing calls it once)."},
-    {"start_timing", (PyCFunction)(void (*)(void))start_timing, METH_FASTCALL,
-     "start_timing(name, kind, parent, trace_id, pipeline): a Timing, made current as a "
-     "TraceContext (broker.telemetry.tracing.Timing)."},
+    {"start_timing", (PyCFunction)(void (*)(void))start_timing, METH_FASTCALL | METH_KEYWORDS,
+     "start_timing(name, kind, parent, trace_id, pipeline, *, current=True): a Timing, made "
+     "current as a TraceContext unless current is false (broker.telemetry.tracing.Timing)."},
     {"end_timing", (PyCFunction)(void (*)(void))end_timing, METH_FASTCALL | METH_KEYWORDS,
      "end_timing(timing, attributes=(), *, error=None, failed=False, name=None): "
      "broker.telemetry.tracing.end_timing; a C Timing that neither failed nor raised is ended "
      "here (the context before it current again, its finished span handed to "
      "pipeline.ended), anything else by the Python function bound by timing_bind."},
-    {"child_timing", (PyCFunction)(void (*)(void))child_timing, METH_FASTCALL,
-     "child_timing(name, kind): a Timing child of the span running now, or None "
-     "(broker.telemetry.tracing.child_timing)."},
+    {"child_timing", (PyCFunction)(void (*)(void))child_timing, METH_FASTCALL | METH_KEYWORDS,
+     "child_timing(name, kind, current=True): a Timing child of the span running now, made "
+     "current unless current is false, or None (broker.telemetry.tracing.child_timing)."},
     {"tracing_switch", (PyCFunction)tracing_switch, METH_O,
      "tracing_switch(pipeline): tracing on, its spans ending into pipeline; None: off, and "
      "child_timing and inject do nothing (broker.telemetry.tracing calls it)."},
-    {"inject", (PyCFunction)inject, METH_O,
-     "inject(headers): the current span's traceparent (and tracestate) written into headers "
-     "(broker.telemetry.tracing.inject)."},
+    {"inject", (PyCFunction)(void (*)(void))inject, METH_FASTCALL,
+     "inject(headers, span=None): the traceparent (and tracestate) of span, a Timing, or else "
+     "of the current span, written into headers (broker.telemetry.tracing.inject)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1820,6 +1888,7 @@ PyInit__lazy(void)
         (str_name == NULL && (str_name = PyUnicode_InternFromString("name")) == NULL) ||
         (str_error == NULL && (str_error = PyUnicode_InternFromString("error")) == NULL) ||
         (str_failed == NULL && (str_failed = PyUnicode_InternFromString("failed")) == NULL) ||
+        (str_current == NULL && (str_current = PyUnicode_InternFromString("current")) == NULL) ||
         (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL)) {
         return NULL;
     }

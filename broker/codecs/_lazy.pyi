@@ -57,7 +57,7 @@ def encode_otlp_spans(
 
 class Timing:
     """A sampled span while it runs (:class:`broker.telemetry.tracing.Timing` in C): its ids
-    and start time, made by :func:`start_timing`; every field is read-only."""
+    and start time, made by :func:`start_timing`; every field but ``ended`` is read-only."""
 
     name: str
     trace_id: int
@@ -69,6 +69,7 @@ class Timing:
     token: Any
     start: int
     kind: int
+    ended: bool
 
 def timing_bind(
     current: Any,
@@ -82,10 +83,18 @@ def timing_bind(
     :func:`end_timing` hands what it does not end itself."""
 
 def start_timing(
-    name: str, kind: int, parent: tuple[Any, ...] | None, trace_id: int, pipeline: Any, /
+    name: str,
+    kind: int,
+    parent: tuple[Any, ...] | None,
+    trace_id: int,
+    pipeline: Any,
+    /,
+    *,
+    current: bool = True,
 ) -> Timing:
     """A :class:`Timing` child of ``parent`` (a ``TraceContext``; ``None``: a root), made
-    current as a ``TraceContext`` in the bound context variable."""
+    current as a ``TraceContext`` in the bound context variable unless ``current`` is
+    false (its ``token`` is then ``None``)."""
 
 def end_timing(
     timing: Timing,
@@ -105,10 +114,12 @@ def tracing_switch(pipeline: Any, /) -> None:
     """Tracing on, :func:`child_timing`'s spans ending into ``pipeline``; ``None``: off, and
     :func:`child_timing` and :func:`inject` do nothing (the tracing module switches it)."""
 
-def child_timing(name: str, kind: Any, /) -> Timing | None:
+def child_timing(name: str, kind: Any, current: bool = True) -> Timing | None:
     """A :class:`Timing` child of the bound context variable's span (``kind`` a ``SpanKind``),
-    or ``None`` when none is current or tracing is off."""
+    made current unless ``current`` is false, or ``None`` when none is current or tracing is
+    off."""
 
-def inject(headers: MutableMapping[str, str], /) -> None:
-    """The bound context variable's ``traceparent`` (and ``tracestate``, when there is one)
-    written into ``headers``; nothing while switched off or when no span is current."""
+def inject(headers: MutableMapping[str, str], span: Timing | None = None, /) -> None:
+    """The ``traceparent`` (and ``tracestate``, when there is one) of ``span``, else of the
+    bound context variable's span, written into ``headers``; nothing while switched off or
+    when no span is current."""

@@ -52,7 +52,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -211,13 +211,19 @@ def extract(headers: HeaderSource | None) -> TraceContext | None:
     return TraceContext(trace_id, span_id, sampled, tracestate)
 
 
-def _inject(headers: MutableMapping[str, str]) -> None:
-    """Write the current span's ``traceparent`` (and ``tracestate``) into ``headers``, so the
-    next hop continues this trace. Does nothing when tracing is off or no span is running
+def _inject(headers: MutableMapping[str, str], span: Timing | None = None) -> None:
+    """Write the ``traceparent`` (and ``tracestate``) of ``span``, a :class:`Timing` (one
+    started with ``current=False``), or else of the span running now into ``headers``, so
+    the next hop continues this trace. Does nothing when tracing is off or no span is running
     (headers already there, e.g. passed through from a client, are then left alone)."""
     if not _config.enabled:
         return
-    ctx = _current.get()
+    if span is not None:
+        if not isinstance(span, Timing) and not (_CTiming and isinstance(span, _CTiming)):
+            raise TypeError("inject's span must be a Timing or None")
+        ctx: TraceContext | None = TraceContext(span.trace_id, span.span_id, True, span.tracestate)
+    else:
+        ctx = _current.get()
     if ctx is None:
         return
     # TraceContext.traceparent written out: the property is a Python frame more.
@@ -292,6 +298,7 @@ class Timing:
     :func:`end_timing` queues is the same finished span."""
 
     __slots__ = (
+        "ended",
         "kind",
         "name",
         "parent_id",
@@ -311,8 +318,11 @@ class Timing:
         parent: TraceContext | None,
         trace_id: int,
         pipeline: SpanPipeline | None,
+        *,
+        current: bool = True,
     ) -> None:
         self.name = name
+        self.ended = False
         self.kind = kind  # the SpanKind's value
         self.trace_id = trace_id
         self.span_id = span_id = _getrandbits(64) or 1  # _new_id(64), without its frame
@@ -323,21 +333,29 @@ class Timing:
             self.parent_remote = parent.span is None
             self.tracestate = parent.tracestate
         self.pipeline = pipeline
-        # tuple.__new__ directly: the named tuple's own __new__ is a Python frame.
-        context = _tuple_new(TraceContext, (trace_id, span_id, True, self.tracestate, self))
-        self.token = _current.set(context)
+        self.token: Token[TraceContext | None] | None = None
+        if current:
+            # tuple.__new__ directly: the named tuple's own __new__ is a Python frame.
+            context = _tuple_new(TraceContext, (trace_id, span_id, True, self.tracestate, self))
+            self.token = _current.set(context)
         self.start = _time_ns()
 
 
-def _child_timing(name: str, kind: SpanKind) -> Timing | None:
+def _child_timing(name: str, kind: SpanKind, current: bool = True) -> Timing | None:
     """A :class:`Timing` child of the recorded span running now; ``None`` when none is (tracing
-    off, or this request is not sampled): then the block records nothing."""
+    off, or this request is not sampled): then the block records nothing.
+
+    With ``current=False`` it is not made current (two context-variable writes fewer, about a
+    tenth of a sampled publish's recording): code inside the block still sees its parent as
+    the span running now, and only ``inject(headers, timing)`` hands its context on."""
     if not _config.enabled:
         return None
     parent = _current.get()
     if parent is None:
         return None
-    return _new_timing(name, kind._value_, parent, parent.trace_id, _config.pipeline)
+    return _new_timing(
+        name, kind._value_, parent, parent.trace_id, _config.pipeline, current=current
+    )
 
 
 _ERROR = StatusCode.ERROR._value_
@@ -359,10 +377,14 @@ def _end_timing(
     ``failed`` without one; ``name`` replaces the name it started with. The trace context
     before it is current again."""
     end = _time_ns()
-    try:  # noqa: SIM105 (contextlib.suppress: a context manager costs more than the reset)
-        _current.reset(timing.token)
-    except ValueError:  # ended in another context than it started in: nothing to restore
-        pass
+    if timing.ended:
+        raise RuntimeError("this timing has ended already")
+    if timing.token is not None:
+        try:  # noqa: SIM105 (contextlib.suppress: a context manager costs more than the reset)
+            _current.reset(timing.token)
+        except ValueError:  # ended in another context than it started in: nothing to restore
+            pass
+    timing.ended = True
     pipeline = timing.pipeline
     if pipeline is None:
         return
@@ -392,7 +414,20 @@ def _end_timing(
     )
 
 
-NewTiming = Callable[[str, int, "TraceContext | None", int, "SpanPipeline | None"], Timing]
+class NewTiming(Protocol):
+    """:class:`Timing`'s constructor (or the accelerator's ``start_timing``)."""
+
+    def __call__(
+        self,
+        name: str,
+        kind: int,
+        parent: TraceContext | None,
+        trace_id: int,
+        pipeline: SpanPipeline | None,
+        /,
+        *,
+        current: bool = True,
+    ) -> Timing: ...
 
 
 class EndTiming(Protocol):
@@ -410,8 +445,18 @@ class EndTiming(Protocol):
     ) -> None: ...
 
 
-Inject = Callable[[MutableMapping[str, str]], None]
-ChildTiming = Callable[[str, SpanKind], "Timing | None"]
+class Inject(Protocol):
+    """:func:`inject`'s signature (:func:`_inject`, or its C version)."""
+
+    def __call__(
+        self, headers: MutableMapping[str, str], span: Timing | None = None, /
+    ) -> None: ...
+
+
+class ChildTiming(Protocol):
+    """:func:`child_timing`'s signature (:func:`_child_timing`, or its C version)."""
+
+    def __call__(self, name: str, kind: SpanKind, current: bool = True) -> Timing | None: ...
 
 
 def _timing_code() -> tuple[NewTiming, EndTiming, type | None, Inject, ChildTiming]:

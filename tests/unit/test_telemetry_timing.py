@@ -207,6 +207,87 @@ def test_the_append_continues_the_server_span_and_the_context_is_restored(
     assert tracing.current() is None
 
 
+def test_an_append_not_made_current_is_handed_on_only_through_inject(
+    memory: InMemorySpanExporter,
+) -> None:
+    seen: list[tracing.TraceContext | None] = []
+    written: dict[str, str] = {}
+    ids: list[int] = []
+
+    async def handler(scope: Any, proto: Any) -> int:
+        seen.append(tracing.current())
+        timing = tracing.child_timing("append", SpanKind.PRODUCER, current=False)
+        assert timing is not None
+        assert timing.token is None
+        seen.append(tracing.current())  # still the server span
+        tracing.inject(written, timing)  # what the publisher writes on the stored message
+        ids.append(timing.span_id)
+        tracing.end_timing(timing, APPEND)
+        with pytest.raises(RuntimeError):
+            tracing.end_timing(timing, APPEND)  # once only, as a current one
+        seen.append(tracing.current())
+        proto.response_bytes(200, [], b"")
+        return 200
+
+    serve(handler, SAMPLED)
+    server_ctx, during, after = seen
+    assert server_ctx is not None
+    assert during == after == server_ctx
+    append, server = memory.get_finished_spans()
+    assert append.context is not None
+    assert server.context is not None
+    assert append.parent is not None
+    assert append.parent.span_id == server.context.span_id == server_ctx.span_id
+    assert append.context.span_id == ids[0]
+    assert written == {
+        "traceparent": f"00-{PARENT_TRACE:032x}-{ids[0]:016x}-01",
+        "tracestate": "k=v",
+    }
+    assert dict(append.attributes or {})["messaging.nats.stream_sequence"] == 42
+    assert tracing.current() is None
+
+
+def test_a_failed_append_not_made_current_ends_once(memory: InMemorySpanExporter) -> None:
+    async def handler(scope: Any, proto: Any) -> int:
+        timing = tracing.child_timing("append", SpanKind.PRODUCER, current=False)
+        assert timing is not None
+        tracing.end_timing(timing, error=TimeoutError("no ack"))  # the Python function's path
+        assert timing.ended
+        with pytest.raises(RuntimeError):
+            tracing.end_timing(timing)
+        proto.response_bytes(504, [], b"")
+        return 504
+
+    serve(handler, SAMPLED)
+    append, server = memory.get_finished_spans()
+    assert append.status.status_code is StatusCode.ERROR
+    assert append.parent is not None
+    assert server.context is not None
+    assert append.parent.span_id == server.context.span_id
+
+
+def test_inject_takes_only_a_timing_and_writes_nothing_while_off(implementation: str) -> None:
+    pipeline = Pipeline()
+    tracing.configure("ingress")
+    try:
+        outer = new_timing("outer", None, pipeline)
+        with pytest.raises(TypeError):
+            tracing.inject({}, tracing.current())  # type: ignore[arg-type]
+        timing = tracing.child_timing("inner", SpanKind.PRODUCER, current=False)
+        assert timing is not None
+        assert tracing.current() is not None
+        assert tracing.current().span_id == outer.span_id  # type: ignore[union-attr]
+    finally:
+        tracing.disable()
+    headers: dict[str, str] = {}
+    tracing.inject(headers, timing)  # tracing turned off since: nothing
+    assert headers == {}
+    tracing.end_timing(timing)  # into the configured pipeline, shut down since
+    tracing.end_timing(outer)
+    assert [s[0] for s in pipeline.spans] == ["outer"]
+    assert tracing._current.get() is None
+
+
 def test_a_handler_that_raises_fails_the_server_span_with_an_exception_event(
     memory: InMemorySpanExporter,
 ) -> None:
@@ -428,11 +509,48 @@ def test_the_c_functions_refuse_what_they_cannot_take() -> None:
             pipeline,
         )
         tracing.end_timing(inner)
+        detached = module.child_timing("detached", SpanKind.CLIENT, current=0)
+        assert detached is not None
+        assert (detached.token, detached.parent_id) == (None, outer.span_id)
+        assert tracing._current.get()[1] == outer.span_id  # type: ignore[index]
+        tracing.end_timing(detached)
         tracing.end_timing(outer)
     finally:
         module.tracing_switch(None)
-    assert [s[0] for s in pipeline.spans] == ["inner"]
+    assert [s[0] for s in pipeline.spans] == ["inner", "detached"]
     assert tracing._current.get() is None
+
+
+@requires_c_timing
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.child_timing("x", SpanKind.PRODUCER, True, True),
+        lambda m: m.child_timing("x", SpanKind.PRODUCER, True, current=True),
+        lambda m: m.child_timing("x", SpanKind.PRODUCER, colour="red"),
+        lambda m: m.child_timing("x", current=False),
+        lambda m: m.start_timing("x", 1, None, 5, None, True),
+        lambda m: m.start_timing("x", 1, None, 5, None, colour=True),
+        lambda m: m.inject(),
+        lambda m: m.inject({}, None, None),
+    ],
+)
+def test_the_c_functions_refuse_wrong_arguments_for_current_and_span(
+    call: Callable[[Any], Any],
+) -> None:
+    with pytest.raises(TypeError):
+        call(tracing._lazy_module)
+
+
+@requires_c_timing
+def test_a_c_timing_not_made_current_can_be_started_directly() -> None:
+    module = tracing._lazy_module
+    assert module is not None
+    pipeline = Pipeline()
+    timing = module.start_timing("x", 1, None, 5, pipeline, current=False)
+    assert (timing.token, tracing._current.get()) == (None, None)
+    module.end_timing(timing)
+    assert [s[:3] for s in pipeline.spans] == [("x", 5, timing.span_id)]
 
 
 @requires_c_timing
@@ -451,6 +569,10 @@ def test_the_c_timings_leak_neither_references_nor_memory() -> None:
             assert inner is not None
             headers: dict[str, str] = {}
             tracing.inject(headers)
+            detached = tracing.child_timing(name, SpanKind.PRODUCER, current=False)
+            assert detached is not None
+            tracing.inject(headers, detached)
+            tracing.end_timing(detached, attributes, failed=True)
             tracing.end_timing(inner, attributes, name=name)
             tracing.end_timing(outer, attributes)
         tracing._lazy_module.tracing_switch(None)
