@@ -100,6 +100,40 @@ def test_a_span_the_python_encoder_refuses_raises_the_same(bad: Any) -> None:
 
 
 @requires_c
+@pytest.mark.parametrize(
+    "field", [2, 3, 7, 8, 9], ids=["span", "parent", "start", "end", "dropped"]
+)
+@pytest.mark.parametrize(
+    "value", [0, 1, 2**30, 2**62, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 2, 2**64 - 1]
+)
+def test_unsigned_fields_at_the_64_bit_bounds_encode_to_the_same_bytes(
+    field: int, value: int
+) -> None:
+    span = list(span_of(3))
+    span[field] = value
+    assert c([tuple(span)]) == python([tuple(span)])
+
+
+@requires_c
+@pytest.mark.parametrize(
+    "field", [2, 3, 7, 8, 9], ids=["span", "parent", "start", "end", "dropped"]
+)
+@pytest.mark.parametrize("value", [-1, -(2**63), -(2**63) - 1, -(2**64), 2**64, 2**64 + 1, 2**90])
+def test_unsigned_fields_out_of_range_do_what_python_does(field: int, value: int) -> None:
+    """Raise what the Python encoder raises, or (a dropped count, which it writes as a
+    varint of any size) write the same bytes."""
+    plain = span_of(3)
+    spans = [(*plain[:field], value, *plain[field + 1 :])]
+    try:
+        expected = python(spans)
+    except Exception as e:  # whichever it raises
+        with pytest.raises(type(e)):
+            c(spans)
+    else:
+        assert c(spans) == expected
+
+
+@requires_c
 def test_the_exporter_uses_the_c_encoder_unless_told_not_to(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
