@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from broker._process import process_alive
+from broker.cli import EXIT_STARTUP
 from broker.embedded import free_port
 
 
@@ -39,6 +40,11 @@ def children(pid: int) -> list[int]:
 
 
 alive = process_alive
+
+#: Starts of one broker, each on a newly drawn port, before a taken port fails the test.
+PORT_TRIES = 3
+#: What ``broker serve`` logs when its ``--port`` is taken.
+_PORT_TAKEN = "Address already in use"
 
 
 @dataclass
@@ -95,7 +101,38 @@ def start_broker(
     scheme: str = "http",
     wait: bool = True,
 ) -> BrokerProcess:
-    """Start ``python -m broker serve`` on a free port; waits for /readyz unless told not to."""
+    """Start ``python -m broker serve`` on a free port; waits for /readyz unless told not to.
+
+    A port drawn free can be taken by another test's process before the broker binds it
+    (the suite runs in parallel); the broker then exits saying so, and is started again on
+    another port (up to :data:`PORT_TRIES` times) when this waits for it."""
+    for attempt in range(1, PORT_TRIES + 1):
+        broker = _start_once(workdir, nats_url, args, env, scheme)
+        if not wait:
+            return broker
+        try:
+            broker.wait_ready()
+        except AssertionError:
+            if attempt < PORT_TRIES and port_was_taken(broker):
+                continue
+            raise
+        return broker
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def port_was_taken(broker: BrokerProcess) -> bool:
+    """Whether ``broker`` exited because its HTTP port was taken (``broker serve`` then says
+    so and exits with its start-up failure status)."""
+    return broker.proc.poll() == EXIT_STARTUP and _PORT_TAKEN in broker.log_tail(200)
+
+
+def _start_once(
+    workdir: Path,
+    nats_url: str | None,
+    args: tuple[str, ...],
+    env: dict[str, str] | None,
+    scheme: str,
+) -> BrokerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [
@@ -121,7 +158,4 @@ def start_broker(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
-    broker = BrokerProcess(proc, port, log_path, scheme)
-    if wait:
-        broker.wait_ready()
-    return broker
+    return BrokerProcess(proc, port, log_path, scheme)
