@@ -360,6 +360,19 @@ class NatsServer(_Started):
         except (urllib.error.URLError, http.client.HTTPException, OSError):
             return False
 
+    def _answers_as_itself(self) -> bool:
+        """Whether the server answering on the monitoring port is this one (its ``/varz``
+        names this one's client port). Another nats-server that bound this one's monitoring
+        port first (drawn free by both, in a suite run by several processes) answers
+        ``/healthz`` as healthy too; this one then exits for the port it could not have,
+        and is started on new ones."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=1) as response:
+                varz = json.loads(response.read())
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+            return False
+        return isinstance(varz, dict) and varz.get("port") == self.port
+
     def wait_ready(self, timeout: float) -> None:
         """Wait until :meth:`healthy`; :class:`EmbeddedServerError` if it exits or times out."""
         deadline = time.monotonic() + timeout
@@ -371,7 +384,7 @@ class NatsServer(_Started):
                     f"nats-server exited with {self._proc.returncode}: {_tail(output)}"
                     f" (log: {self.log_path})"
                 )
-            if self.healthy():
+            if self.healthy() and self._answers_as_itself():
                 self._ever_ready = True
                 return
             time.sleep(_POLL)

@@ -192,6 +192,21 @@ def force_free_ports(monkeypatch: pytest.MonkeyPatch, *ports: int) -> None:
     monkeypatch.setattr(broker.embedded, "free_port", forced)
 
 
+def test_a_monitoring_port_answered_by_another_nats_server_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another nats-server that already monitors on this one's drawn monitoring port
+    answers ``/healthz`` with 200 too: readiness asks ``/varz`` whose client port it is, so
+    this one is not taken for ready while it is failing to bind, and is started on new
+    ports once it exits."""
+    with NatsServer(ServerSpec(store_dir=tmp_path / "other")) as other:
+        force_free_ports(monkeypatch, 0, other.http_port)
+        with NatsServer(ServerSpec(store_dir=tmp_path / "this")) as server:
+            assert server.http_port != other.http_port
+            assert server._answers_as_itself()
+            assert not NatsServer(ServerSpec(store_dir=tmp_path / "x"))._answers_as_itself()
+
+
 def test_taken_port_is_chosen_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A port that was free when chosen but taken before the server listened: a new one."""
     with socket.socket() as squatter:
