@@ -1314,6 +1314,9 @@ static PyObject *str_name;
 static PyObject *str_error;
 static PyObject *str_failed;
 static PyObject *str_current;
+static PyObject *str_direct;
+static PyObject *str_append;
+static PyObject *str_batch_ready;
 static PyObject *empty_tuple;
 static PyObject *str_traceparent;
 static PyObject *str_tracestate;
@@ -1603,6 +1606,45 @@ child_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/* A finished span handed to its pipeline: appended to the pipeline's queue here while its
+ * ``direct`` is ``(queue, max queue, max batch)`` and the queue has room (its
+ * ``batch_ready()`` called once a batch waits), else to ``pipeline.ended(span)``, which also
+ * takes any other sink (no ``direct``). 0, or -1 with an error set. */
+static int
+queue_span(PyObject *pipeline, PyObject *span)
+{
+    PyObject *result = NULL, *direct = PyObject_GetAttr(pipeline, str_direct);
+    if (direct == NULL) { /* a sink of another kind: its ended() it is */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+    }
+    if (direct != NULL && PyTuple_CheckExact(direct) && PyTuple_GET_SIZE(direct) == 3) {
+        PyObject *queue = PyTuple_GET_ITEM(direct, 0);
+        Py_ssize_t max_queue, max_batch = -1, waiting = -1;
+        if (((max_queue = PyLong_AsSsize_t(PyTuple_GET_ITEM(direct, 1))) == -1 && PyErr_Occurred()) ||
+            ((max_batch = PyLong_AsSsize_t(PyTuple_GET_ITEM(direct, 2))) == -1 && PyErr_Occurred()) ||
+            (waiting = PyObject_Size(queue)) < 0) {
+            Py_DECREF(direct);
+            return -1;
+        }
+        if (waiting < max_queue) {
+            result = PyObject_CallMethodOneArg(queue, str_append, span);
+            if (result != NULL && waiting + 1 >= max_batch) {
+                Py_SETREF(result, PyObject_CallMethodNoArgs(pipeline, str_batch_ready));
+            }
+            Py_DECREF(direct);
+            Py_XDECREF(result);
+            return result == NULL ? -1 : 0;
+        }
+    }
+    Py_XDECREF(direct); /* None, or a full queue: the pipeline's own method */
+    result = PyObject_CallMethodOneArg(pipeline, str_ended, span);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
 static PyObject *
 end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
            PyObject *kwnames)
@@ -1711,12 +1753,11 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
     for (Py_ssize_t i = 0; i < n; i++) {
         PyTuple_SET_ITEM(span, 13 + i, Py_NewRef(PyTuple_GET_ITEM(attributes, i)));
     }
-    PyObject *result = PyObject_CallMethodOneArg(timing->pipeline, str_ended, span);
+    int queued = queue_span(timing->pipeline, span);
     Py_DECREF(span);
-    if (result == NULL) {
+    if (queued < 0) {
         return NULL;
     }
-    Py_DECREF(result);
     Py_RETURN_NONE;
 }
 
@@ -1912,6 +1953,10 @@ PyInit__lazy(void)
         (str_error == NULL && (str_error = PyUnicode_InternFromString("error")) == NULL) ||
         (str_failed == NULL && (str_failed = PyUnicode_InternFromString("failed")) == NULL) ||
         (str_current == NULL && (str_current = PyUnicode_InternFromString("current")) == NULL) ||
+        (str_direct == NULL && (str_direct = PyUnicode_InternFromString("direct")) == NULL) ||
+        (str_append == NULL && (str_append = PyUnicode_InternFromString("append")) == NULL) ||
+        (str_batch_ready == NULL &&
+         (str_batch_ready = PyUnicode_InternFromString("batch_ready")) == NULL) ||
         (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL)) {
         return NULL;
     }

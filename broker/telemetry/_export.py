@@ -339,7 +339,14 @@ class SpanPipeline:
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._stopped = False
+        #: ``(queue, max queue, max batch)`` while an ended span only has to be queued (there
+        #: are exporters, no span processors, and the pipeline runs), else ``None``: the C
+        #: ``end_timing`` (``broker/codecs/_lazy.c``) appends to that queue itself, and calls
+        #: :meth:`ended` only otherwise or when the queue is full, and :meth:`batch_ready`
+        #: when a batch waits. Kept current through a fork and the shutdown.
+        self.direct: tuple[collections.deque[FinishedSpan], int, int] | None = None
         self._thread: threading.Thread | None = None
+        self._set_direct()
         if self._sends:
             self._start_thread()
             after_fork = weakref.WeakMethod(self._after_fork)
@@ -350,6 +357,10 @@ class SpanPipeline:
                     method()
 
             os.register_at_fork(after_in_child=in_child)
+
+    def _set_direct(self) -> None:
+        direct = self._sends and not self._processors and not self._stopped
+        self.direct = (self._queue, self._max_queue, self._max_batch) if direct else None
 
     # --- the request's thread --------------------------------------------------------------
 
@@ -369,7 +380,12 @@ class SpanPipeline:
                 log.warning("spans_dropped", dropped=self.dropped, queue=len(queue))
             return
         queue.append(span)
-        if len(queue) >= self._max_batch and not self._wake.is_set():
+        if len(queue) >= self._max_batch:
+            self.batch_ready()
+
+    def batch_ready(self) -> None:
+        """A batch waits in the queue: wake the export thread (unless woken already)."""
+        if not self._wake.is_set():
             self._wake.set()
 
     # --- the export thread -----------------------------------------------------------------
@@ -383,6 +399,7 @@ class SpanPipeline:
         self._queue = collections.deque()
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
+        self._set_direct()
         if not self._stopped:
             self._start_thread()
 
@@ -438,6 +455,7 @@ class SpanPipeline:
         if self._stopped:
             return
         self._stopped = True
+        self._set_direct()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import threading
 from collections.abc import Iterator, Sequence
@@ -316,30 +317,55 @@ class Collect(SpanExporter):
         return [s.name for batch in self.batches for s in batch]
 
 
-def end_spans(pipeline: SpanPipeline, count: int, start: int = 0) -> None:
+#: How a span reaches the pipeline: a RecordedSpan's end (its ``ended``), a C Timing's
+#: (straight into the queue while the pipeline's ``direct`` allows), a Python Timing's.
+ENDINGS = ["recorded", "c-timing", "python-timing"]
+
+
+@pytest.fixture(params=ENDINGS)
+def ending(request: pytest.FixtureRequest) -> str:
+    if request.param == "c-timing" and tracing._CTiming is None:
+        pytest.skip("the C Timing is not in use (not built, or BROKER_PURE_PYTHON set)")
+    return str(request.param)
+
+
+def end_spans(pipeline: SpanPipeline, count: int, start: int = 0, ending: str = "recorded") -> None:
     for i in range(start, start + count):
-        RecordedSpan(
-            f"s{i}",
-            TRACE,
-            i + 1,
-            parent_id=0,
-            parent_remote=False,
-            tracestate=None,
-            kind=SpanKind.INTERNAL,
-            attributes=None,
-            sink=pipeline,
-        ).end()
+        if ending == "recorded":
+            RecordedSpan(
+                f"s{i}",
+                TRACE,
+                i + 1,
+                parent_id=0,
+                parent_remote=False,
+                tracestate=None,
+                kind=SpanKind.INTERNAL,
+                attributes=None,
+                sink=pipeline,
+            ).end()
+            continue
+        if ending == "c-timing":
+            assert tracing._lazy_module is not None
+            timing = tracing._lazy_module.start_timing(
+                f"s{i}", SpanKind.INTERNAL.value, None, TRACE, pipeline, current=False
+            )
+            tracing._lazy_module.end_timing(timing)
+        else:
+            python_timing = tracing.Timing(
+                f"s{i}", SpanKind.INTERNAL.value, None, TRACE, pipeline, current=False
+            )
+            tracing._end_timing(python_timing)
 
 
-def test_a_full_batch_is_exported_at_once_the_rest_on_flush() -> None:
+def test_a_full_batch_is_exported_at_once_the_rest_on_flush(ending: str) -> None:
     exporter = Collect()
     pipeline = SpanPipeline(
         RESOURCE, SCOPE, exporters=[exporter], settings=BatchSettings(3600, 100, 4)
     )
     try:
-        end_spans(pipeline, 4)
+        end_spans(pipeline, 4, ending=ending)
         assert wait_for(lambda: exporter.names == ["s0", "s1", "s2", "s3"], timeout=10)
-        end_spans(pipeline, 2, start=4)
+        end_spans(pipeline, 2, start=4, ending=ending)
         assert exporter.names == ["s0", "s1", "s2", "s3"]  # not a full batch: it waits
         pipeline.force_flush()
         assert [len(b) for b in exporter.batches] == [4, 2]
@@ -347,16 +373,16 @@ def test_a_full_batch_is_exported_at_once_the_rest_on_flush() -> None:
         pipeline.shutdown()
 
 
-def test_spans_past_the_queue_limit_are_dropped_and_counted() -> None:
+def test_spans_past_the_queue_limit_are_dropped_and_counted(ending: str) -> None:
     release = threading.Event()
     exporter = Collect(hold=release)
     pipeline = SpanPipeline(
         RESOURCE, SCOPE, exporters=[exporter], settings=BatchSettings(3600, 8, 4)
     )
     try:
-        end_spans(pipeline, 4)
+        end_spans(pipeline, 4, ending=ending)
         assert exporter.entered.wait(10)  # the first batch is out, its export held
-        end_spans(pipeline, 10, start=4)
+        end_spans(pipeline, 10, start=4, ending=ending)
         assert pipeline.dropped == 2
         release.set()
         pipeline.force_flush()
@@ -366,16 +392,98 @@ def test_spans_past_the_queue_limit_are_dropped_and_counted() -> None:
         pipeline.shutdown()
 
 
-def test_shutdown_exports_what_is_still_queued() -> None:
+def test_shutdown_exports_what_is_still_queued(ending: str) -> None:
     exporter = Collect()
     pipeline = SpanPipeline(
         RESOURCE, SCOPE, exporters=[exporter], settings=BatchSettings(3600, 100, 50)
     )
-    end_spans(pipeline, 3)
+    end_spans(pipeline, 3, ending=ending)
     pipeline.shutdown()
     assert exporter.names == ["s0", "s1", "s2"]
-    end_spans(pipeline, 1, start=3)  # after shutdown: dropped quietly
+    assert pipeline.direct is None
+    end_spans(pipeline, 1, start=3, ending=ending)  # after shutdown: dropped quietly
     assert exporter.names == ["s0", "s1", "s2"]
+
+
+def test_the_direct_queue_is_there_only_while_spans_need_nothing_but_queueing() -> None:
+    exporter = Collect()
+    pipeline = SpanPipeline(
+        RESOURCE, SCOPE, exporters=[exporter], settings=BatchSettings(3600, 100, 50)
+    )
+    try:
+        assert pipeline.direct == (pipeline._queue, 100, 50)
+        pipeline._after_fork()  # a forked child's new queue
+        assert pipeline.direct is not None
+        assert pipeline.direct[0] is pipeline._queue
+    finally:
+        pipeline.shutdown()
+    assert pipeline.direct is None
+    with_processor = SpanPipeline(
+        RESOURCE,
+        SCOPE,
+        exporters=[Collect()],
+        processors=[SimpleSpanProcessor(InMemorySpanExporter())],
+    )
+    try:
+        assert with_processor.direct is None  # processors see each span: ended() it is
+    finally:
+        with_processor.shutdown()
+    assert SpanPipeline(RESOURCE, SCOPE).direct is None  # nowhere to send
+
+
+class Sink:
+    """A pipeline as the C end_timing sees one: ``direct``, ``ended`` and ``batch_ready``."""
+
+    def __init__(self, direct: Any) -> None:
+        self.direct = direct
+        self.ended_spans: list[str] = []
+        self.batches = 0
+
+    def ended(self, span: tuple[Any, ...]) -> None:
+        self.ended_spans.append(span[0])
+
+    def batch_ready(self) -> None:
+        self.batches += 1
+
+
+def end_c_timing(sink: object, name: str) -> None:
+    module = tracing._lazy_module
+    assert module is not None
+    module.end_timing(module.start_timing(name, 0, None, TRACE, sink, current=False))
+
+
+@pytest.mark.skipif(tracing._CTiming is None, reason="the C Timing is not in use")
+def test_the_c_end_timing_queues_directly_up_to_the_limit_then_hands_over() -> None:
+    queue: collections.deque[tuple[Any, ...]] = collections.deque()
+    sink = Sink((queue, 3, 2))
+    for name in ["a", "b", "c", "d"]:
+        end_c_timing(sink, name)
+    assert [span[0] for span in queue] == ["a", "b", "c"]
+    assert sink.batches == 2  # at two waiting and at three
+    assert sink.ended_spans == ["d"]  # the queue full: the pipeline's own method
+    for direct in [None, (queue, 3), [queue, 3, 2], "nonsense"]:
+        other = Sink(direct)
+        end_c_timing(other, "e")
+        assert other.ended_spans == ["e"]
+    plain = Pipeline()
+    end_c_timing(plain, "f")  # no direct at all
+    assert [span[0] for span in plain.spans] == ["f"]
+    for bad in [(queue, "three", 2), (queue, 3, None), (42, 3, 2)]:
+        with pytest.raises(TypeError):
+            end_c_timing(Sink(bad), "g")
+    unlimited = Sink((queue, -1, 2))  # no room, whatever it says: ended()
+    end_c_timing(unlimited, "h")
+    assert unlimited.ended_spans == ["h"]
+
+
+class Pipeline:
+    """Only ``ended``."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, ...]] = []
+
+    def ended(self, span: tuple[Any, ...]) -> None:
+        self.spans.append(span)
 
 
 def test_otlp_exporter_is_sent_the_brokers_own_encoding() -> None:
