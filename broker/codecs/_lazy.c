@@ -1663,13 +1663,21 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
     Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     for (Py_ssize_t i = 0; i < keywords; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
-        if (key == str_name || PyUnicode_Compare(key, str_name) == 0) {
+        /* A call site's keyword names are interned, so the same objects as these: compared
+         * by identity first, by value only for names made at run time. */
+        int is_name = key == str_name, is_error = key == str_error, is_failed = key == str_failed;
+        if (!(is_name || is_error || is_failed)) {
+            is_name = PyUnicode_Compare(key, str_name) == 0;
+            is_error = !is_name && PyUnicode_Compare(key, str_error) == 0;
+            is_failed = !is_name && !is_error && PyUnicode_Compare(key, str_failed) == 0;
+        }
+        if (is_name) {
             name = value;
         }
-        else if (key == str_error || PyUnicode_Compare(key, str_error) == 0) {
+        else if (is_error) {
             fallback |= value != Py_None;
         }
-        else if (key == str_failed || PyUnicode_Compare(key, str_failed) == 0) {
+        else if (is_failed) {
             int failed = PyObject_IsTrue(value);
             if (failed < 0) {
                 return NULL;

@@ -543,6 +543,21 @@ def test_the_c_functions_refuse_wrong_arguments_for_current_and_span(
 
 
 @requires_c_timing
+def test_the_c_end_timing_takes_keyword_names_made_at_run_time() -> None:
+    module = tracing._lazy_module
+    assert module is not None
+    pipeline = Pipeline()
+    made = {"".join(["na", "me"]): "renamed"}  # not the interned "name" of a call site
+    module.end_timing(module.start_timing("x", 1, None, 5, pipeline, current=False), (), **made)
+    failed = {"".join(["fai", "led"]): True}
+    module.end_timing(module.start_timing("y", 1, None, 5, pipeline, current=False), (), **failed)
+    assert [(s[0], s[11]) for s in pipeline.spans] == [
+        ("renamed", StatusCode.UNSET.value),
+        ("y", StatusCode.ERROR.value),
+    ]
+
+
+@requires_c_timing
 def test_a_c_timing_not_made_current_can_be_started_directly() -> None:
     module = tracing._lazy_module
     assert module is not None
