@@ -354,11 +354,17 @@ class NatsServer(_Started):
         processes, another test's nats-server once took this one's monitoring port (drawn
         free, not bound yet) as its client port and answered with its ``INFO`` line; this
         server then exits for the port it could not have, and is started on new ones."""
+        answer = self._monitoring("/healthz")
+        return answer is not None and answer[0] == 200
+
+    def _monitoring(self, path: str) -> tuple[int, bytes] | None:
+        """The status and body of a GET of ``path`` on the monitoring port; ``None`` when
+        nothing answers there, an error status comes back, or what answers is not HTTP."""
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
+            with urllib.request.urlopen(f"{self.monitor_url}{path}", timeout=1) as response:
+                return int(response.status), bytes(response.read())
         except (urllib.error.URLError, http.client.HTTPException, OSError):
-            return False
+            return None
 
     def _answers_as_itself(self) -> bool:
         """Whether the server answering on the monitoring port is this one (its ``/varz``
@@ -366,10 +372,10 @@ class NatsServer(_Started):
         port first (drawn free by both, in a suite run by several processes) answers
         ``/healthz`` as healthy too; this one then exits for the port it could not have,
         and is started on new ones."""
+        answer = self._monitoring("/varz")
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=1) as response:
-                varz = json.loads(response.read())
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+            varz = json.loads(answer[1]) if answer is not None else None
+        except ValueError:
             return False
         return isinstance(varz, dict) and varz.get("port") == self.port
 
