@@ -838,14 +838,14 @@ typedef struct {
     Py_ssize_t len, cap;
 } Buf;
 
-/* Room for more bytes: the bytes object grown to at least twice its size (rare: a batch
- * starts at the size its spans took last time). */
 #if defined(__GNUC__) || defined(__clang__)
 #define LAZY_NOINLINE __attribute__((noinline))
 #else
 #define LAZY_NOINLINE
 #endif
 
+/* Room for more bytes: the bytes object grown to at least twice its size (rare: a batch
+ * starts at the size its spans took last time). */
 static LAZY_NOINLINE int
 buf_grow(Buf *b, Py_ssize_t more)
 {
@@ -1219,10 +1219,9 @@ encode_otlp_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     Buf out = {NULL, NULL, 0, 0};
     PyObject *result = NULL;
     /* Room for the batch as large as the last one's spans were, and a quarter more. */
-    Py_ssize_t room = count < MAX_BATCH_ROOM / MIN_SPAN_HINT
-                          ? count * (span_size_hint + span_size_hint / 4) + 64
-                          : MAX_BATCH_ROOM;
-    if (buf_grow(&out, Py_MIN(room, MAX_BATCH_ROOM)) < 0) {
+    Py_ssize_t per_span = span_size_hint + span_size_hint / 4;
+    Py_ssize_t room = count < MAX_BATCH_ROOM / per_span ? count * per_span + 64 : MAX_BATCH_ROOM;
+    if (buf_grow(&out, room) < 0) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
