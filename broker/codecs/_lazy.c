@@ -1644,6 +1644,8 @@ queue_span(PyObject *pipeline, PyObject *span)
     return result == NULL ? -1 : 0;
 }
 
+#define BAD_END_TIMING "end_timing takes a tuple of attributes and a str name (or None)"
+
 static PyObject *
 end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
            PyObject *kwnames)
@@ -1693,30 +1695,19 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
     if (fallback) { /* a failed span or a Python Timing: the Python function */
         return PyObject_Vectorcall(timing_end_fallback, args, (size_t)nargs, kwnames);
     }
-    if (!PyTuple_Check(attributes)) {
-        PyErr_SetString(PyExc_TypeError, "end_timing takes a Timing and a tuple of attributes");
-        return NULL;
-    }
     TimingObject *timing = (TimingObject *)args[0];
     if (timing->ended) {
         PyErr_SetString(PyExc_RuntimeError, "this timing has ended already");
         return NULL;
     }
     PyObject *status = int_zero; /* StatusCode.UNSET */
-    /* The span's name, when its caller settles it only now (the server span's method). */
-    if (name == Py_None) {
-        name = timing->name;
-    }
-    if (!PyUnicode_Check(name)) {
-        PyErr_SetString(PyExc_TypeError, "a span's name must be a str");
-        return NULL;
-    }
     long long end;
     if (now_ns(&end) < 0) {
         return NULL;
     }
-    /* The context before it is current again (a timing made current); ended in another
-     * context than it started in (a ValueError), there is nothing to restore. */
+    /* The context before it is current again (a timing made current), before anything else
+     * can fail: an ended span left current would parent the rest of the task. Ended in
+     * another context than it started in (a ValueError), there is nothing to restore. */
     if (timing->token != NULL && PyContextVar_Reset(timing_var, timing->token) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
             return NULL;
@@ -1724,6 +1715,15 @@ end_timing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
         PyErr_Clear();
     }
     timing->ended = 1;
+    /* Checked after ending, as the Python end_timing does: a bad call drops the span. */
+    if (!PyTuple_Check(attributes) || (name != Py_None && !PyUnicode_Check(name))) {
+        PyErr_SetString(PyExc_TypeError, BAD_END_TIMING);
+        return NULL;
+    }
+    /* The span's name, when its caller settles it only now (the server span's method). */
+    if (name == Py_None) {
+        name = timing->name;
+    }
     if (timing->pipeline == Py_None) {
         Py_RETURN_NONE;
     }
@@ -1813,12 +1813,12 @@ inject(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     PyObject *context, *trace_id, *span_id_obj, *tracestate;
     int sampled = 1;
     if (span != Py_None) {
+        if (timing_pipeline == NULL) { /* tracing off (since the timing started) */
+            Py_RETURN_NONE;
+        }
         if (!Py_IS_TYPE(span, &Timing_Type)) {
             PyErr_SetString(PyExc_TypeError, "inject's span must be a Timing or None");
             return NULL;
-        }
-        if (timing_pipeline == NULL) { /* tracing off since the timing started */
-            Py_RETURN_NONE;
         }
         TimingObject *timing = (TimingObject *)span;
         context = Py_NewRef(span);

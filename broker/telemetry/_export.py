@@ -328,6 +328,8 @@ class SpanPipeline:
         self.resource = resource
         self.scope = scope
         self.dropped = 0
+        #: Exceptions raised by span processors' ``on_end`` (logged, never raised).
+        self.processor_errors = 0
         self._settings = settings or batch_settings()
         # Read on every span ended: plain attributes, not two attribute lookups each.
         self._max_queue, self._max_batch = self._settings.max_queue, self._settings.max_batch
@@ -370,7 +372,17 @@ class SpanPipeline:
         if self._processors:
             readable = to_readable(span, self.resource, self.scope)
             for processor in self._processors:
-                processor.on_end(readable)
+                try:
+                    processor.on_end(readable)
+                except Exception as e:  # tracing never fails the code it traces
+                    self.processor_errors += 1
+                    if self.processor_errors == 1 or self.processor_errors % 10_000 == 0:
+                        log.warning(
+                            "span_processor_failed",
+                            processor=type(processor).__qualname__,
+                            error=repr(e)[:200],
+                            errors=self.processor_errors,
+                        )
         if not self._sends or self._stopped:
             return
         queue = self._queue

@@ -324,7 +324,7 @@ def exception_event(
         "exception.type": (
             f"{module}.{cls.__qualname__}" if module and module != "builtins" else cls.__qualname__
         ),
-        "exception.message": str(exception),
+        "exception.message": _message(exception),
         "exception.stacktrace": "".join(traceback.format_exception(exception)),
         "exception.escaped": str(escaped),
     }
@@ -332,6 +332,15 @@ def exception_event(
         event.update(attributes)
     cleaned, dropped = _cleaned(event)
     return ("exception", timestamp or _time_ns(), cleaned, dropped)
+
+
+def _message(exception: BaseException) -> str:
+    """``str(exception)``, or a placeholder when that raises (a ``__str__`` reading
+    arguments its ``__init__`` never passed on): recording a failure must not fail."""
+    try:
+        return str(exception)
+    except Exception:
+        return f"<{type(exception).__qualname__}: str() failed>"
 
 
 def to_readable(

@@ -318,6 +318,7 @@ class Timing:
         parent: TraceContext | None,
         trace_id: int,
         pipeline: SpanPipeline | None,
+        /,
         *,
         current: bool = True,
     ) -> None:
@@ -341,7 +342,7 @@ class Timing:
         self.start = _time_ns()
 
 
-def _child_timing(name: str, kind: SpanKind, current: bool = True) -> Timing | None:
+def _child_timing(name: str, kind: SpanKind, /, current: bool = True) -> Timing | None:
     """A :class:`Timing` child of the recorded span running now; ``None`` when none is (tracing
     off, or this request is not sampled): then the block records nothing.
 
@@ -361,6 +362,9 @@ def _child_timing(name: str, kind: SpanKind, current: bool = True) -> Timing | N
 _ERROR = StatusCode.ERROR._value_
 _UNSET = StatusCode.UNSET._value_
 _SERVER = SpanKind.SERVER._value_
+
+
+_BAD_END_TIMING = "end_timing takes a tuple of attributes and a str name (or None)"
 
 
 def _end_timing(
@@ -385,6 +389,9 @@ def _end_timing(
         except ValueError:  # ended in another context than it started in: nothing to restore
             pass
     timing.ended = True
+    # Checked after ending, as the C end_timing does: a bad call drops the span.
+    if not isinstance(attributes, tuple) or not (name is None or isinstance(name, str)):
+        raise TypeError(_BAD_END_TIMING)
     pipeline = timing.pipeline
     if pipeline is None:
         return
@@ -396,7 +403,7 @@ def _end_timing(
         status, description = _ERROR, type(error).__name__
     pipeline.ended(
         (
-            name or timing.name,
+            timing.name if name is None else name,
             timing.trace_id,
             timing.span_id,
             timing.parent_id,
@@ -456,7 +463,7 @@ class Inject(Protocol):
 class ChildTiming(Protocol):
     """:func:`child_timing`'s signature (:func:`_child_timing`, or its C version)."""
 
-    def __call__(self, name: str, kind: SpanKind, current: bool = True) -> Timing | None: ...
+    def __call__(self, name: str, kind: SpanKind, /, current: bool = True) -> Timing | None: ...
 
 
 def _timing_code() -> tuple[NewTiming, EndTiming, type | None, Inject, ChildTiming]:
@@ -808,14 +815,15 @@ class _SpanScope:
         recorded = self._span
         if recorded is None:
             return
-        if isinstance(exc, Exception):
-            recorded.record_exception(exc)
-            recorded.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-        recorded.end()
-        # Left in another context (the block's task ended elsewhere): nothing to restore.
+        # The context before the span is current again first, whatever ending it raises: an
+        # ended span left current would be the parent of everything else the task does.
         try:
             if self._otel_token is not None:
                 otel_context.detach(self._otel_token)
             _current.reset(self._token)
-        except ValueError:
+        except ValueError:  # left in another context (the block's task ended elsewhere)
             pass
+        if isinstance(exc, Exception):
+            recorded.record_exception(exc)
+            recorded.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        recorded.end()

@@ -311,6 +311,52 @@ def test_exception_marks_the_span_failed(exporter: InMemorySpanExporter) -> None
     assert [e.name for e in recorded.events] == ["exception"]
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` reads an argument its ``__init__`` never passed on."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def test_an_unprintable_exception_is_recorded_and_the_context_restored(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with pytest.raises(Unprintable), tracing.span("agent", parent_headers=SAMPLED):
+        raise Unprintable(7)
+    assert tracing.current() is None
+    (recorded,) = exporter.get_finished_spans()
+    (event,) = recorded.events
+    assert event.attributes is not None
+    assert event.attributes["exception.message"] == "<Unprintable: str() failed>"
+
+
+def test_a_failing_span_processor_fails_neither_the_block_nor_the_context() -> None:
+    class Failing(SimpleSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            raise RuntimeError("processor failed")
+
+    memory = InMemorySpanExporter()
+    tracing.configure(
+        "test", processors=[Failing(InMemorySpanExporter()), SimpleSpanProcessor(memory)]
+    )
+    with capture_logs() as logs:
+        for _ in range(2):
+            with tracing.span("agent", parent_headers=SAMPLED):
+                pass
+            assert tracing.current() is None
+    assert [s.name for s in memory.get_finished_spans()] == ["agent", "agent"]
+    failed = [e for e in logs if e["event"] == "span_processor_failed"]
+    assert len(failed) == 1  # the first of many, not one a span
+    assert failed[0]["processor"].endswith("Failing")
+    pipeline = tracing._config.pipeline
+    assert pipeline is not None
+    assert pipeline.processor_errors == 2
+
+
 def test_batch_spans_continue_each_messages_own_trace(exporter: InMemorySpanExporter) -> None:
     """One span per traced, sampled message; untraced and unsampled ones get none."""
     other = tracing.TraceContext(0x1234, 0x5678, True)
