@@ -268,8 +268,10 @@ class _PlainHttpPost:
         for _ in range(2):
             kept = self._connection is not None
             connection = self._connection or self._connect()
+            sent = False
             try:
                 connection.request("POST", self._path, body=data, headers=self._headers)
+                sent = True
                 response = connection.getresponse()
                 response.read()
             except (OSError, ValueError, http.client.HTTPException) as e:
@@ -277,6 +279,10 @@ class _PlainHttpPost:
                 self._connection = None
                 if isinstance(e, ssl.SSLError):
                     self._tls_failed = True
+                if sent and isinstance(e, TimeoutError):
+                    # The whole batch went out and no answer came in time: the collector may
+                    # well have stored it, and sent again it could be stored twice.
+                    return _UNANSWERED
                 if kept:  # the collector may have closed an idle connection: once more
                     continue
                 break  # a new connection failed: the exporter's client, with its backoff
@@ -310,7 +316,15 @@ class _Sent:
     success = True
 
 
+class _Unanswered:
+    """A batch sent whose answer did not come in time: not sent again (nor by the
+    exporter's own client), counted as failed."""
+
+    success = False
+
+
 _SENT = _Sent()
+_UNANSWERED = _Unanswered()
 
 
 class SpanPipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import ssl
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,7 @@ class Collector:
         self.peers: list[Any] = []  # the client certificate of each request (TLS)
         self.status = 200
         self.close_after_each = False
+        self.answer_after = 0.0  # seconds between storing a request and answering it
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +45,7 @@ class Collector:
                 collector.requests.append((self.path, headers, body, self.client_address))
                 if isinstance(self.connection, ssl.SSLSocket):
                     collector.peers.append(self.connection.getpeercert())
+                time.sleep(collector.answer_after)
                 self.send_response(collector.status)
                 self.send_header("content-length", "0")
                 if collector.close_after_each:
@@ -134,6 +137,26 @@ def test_a_refusal_goes_to_the_exporters_own_client(collector: Collector) -> Non
     assert post(b"spans") == "fallback"
     assert fallback.bodies == [b"spans"]
     assert len(collector.requests) == 1  # not retried here: the exporter's client retries
+
+
+@pytest.mark.parametrize("kept_alive", [True, False])
+def test_a_batch_answered_too_late_is_not_sent_again(
+    collector: Collector, kept_alive: bool
+) -> None:
+    """The collector stored the batch but answered after the timeout: sending it again (on a
+    new connection, or through the exporter's client) could store it twice."""
+    fallback = Fallback()
+    post = _PlainHttpPost(collector.url, {}, 0.3, fallback)
+    if kept_alive:
+        assert post(b"first").success
+    collector.answer_after = 1.0
+    assert not post(b"late").success
+    assert [r[2] for r in collector.requests].count(b"late") == 1
+    assert fallback.bodies == []
+    collector.answer_after = 0.0
+    assert post(b"after").success  # a new connection; the late answer is not taken for it
+    assert [r[2] for r in collector.requests][-1] == b"after"
+    post.close()
 
 
 def test_a_collector_that_is_down_goes_to_the_exporters_own_client() -> None:
