@@ -34,10 +34,12 @@ idle.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import os
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, TypedDict
@@ -46,6 +48,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.protocol.command import hpub_cmd
 
 from broker.errors import BrokerError
@@ -68,6 +71,7 @@ __all__ = [
     "open_client",
     "redact_servers",
     "redact_url",
+    "subscribe_detached",
 ]
 
 DEFAULT_SERVERS = ("nats://127.0.0.1:4222",)
@@ -368,6 +372,19 @@ class Client(NatsClient):
             _client=self,
             _sid=sid,
         )
+
+
+async def subscribe_detached(
+    nc: NatsClient, subject: str, cb: Callable[[Msg], Awaitable[None]]
+) -> Subscription:
+    """``nc.subscribe(subject, cb=cb)`` made in an empty context: for a subscription made
+    lazily by the first request that needs it and kept for the life of the connection.
+    nats-py runs each subscription's callbacks in a task of its own, which would otherwise
+    keep that first request's context for good: its trace (every later span and log line
+    of the callbacks attributed to it) and its bound log fields."""
+    return await asyncio.get_running_loop().create_task(
+        nc.subscribe(subject, cb=cb), context=contextvars.Context()
+    )
 
 
 async def open_client(**options: Any) -> Client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ from broker.errors import (
     SequenceConflict,
     Unavailable,
 )
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
+from broker.natsconn import (
+    RECONNECT_FOREVER,
+    ConnectOptions,
+    explain_connect_error,
+    open_client,
+    subscribe_detached,
+)
 from broker.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -299,9 +306,13 @@ class Publisher:
         async with self._reply_lock:
             if self._reply_prefix is None:
                 prefix = f"{nc.new_inbox()}."
-                await nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                # Both live as long as the connection: not in the context (the trace) of
+                # the request that happens to publish first.
+                await subscribe_detached(nc, f"{prefix}*", self._on_ack)
                 self._reply_prefix = prefix
-                self._sweeper = asyncio.create_task(self._sweep(), name="publish-ack-sweeper")
+                self._sweeper = asyncio.create_task(
+                    self._sweep(), name="publish-ack-sweeper", context=contextvars.Context()
+                )
             return self._reply_prefix
 
     async def submit(

@@ -47,6 +47,7 @@ from broker.errors import (
 from broker.http._rsgi import HTTPProtocol, Scope, read_body, respond_json
 from broker.http.publish import body_request
 from broker.http.state import IngressState
+from broker.natsconn import subscribe_detached
 from broker.publisher import Publisher
 from broker.routing.events import (
     H_AGENT,
@@ -110,7 +111,7 @@ class RouteWaiters:
                 if self._prefix is None:
                     nc = self.publisher.nc
                     prefix = f"{REPLY_PREFIX}.{secrets.token_hex(11)}."
-                    await nc.subscribe(f"{prefix}*", cb=self._deliver)
+                    await subscribe_detached(nc, f"{prefix}*", self._deliver)
                     self._prefix = prefix
         return self._prefix
 

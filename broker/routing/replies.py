@@ -40,6 +40,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from broker.errors import BrokerError
+from broker.natsconn import subscribe_detached
 from broker.publisher import read_ack
 from broker.reader import read_messages
 from broker.routing.events import (
@@ -210,7 +211,7 @@ class ReplyStore:
         async with self._subscribing:  # two appends at once would subscribe twice
             if self._prefix is None:
                 prefix = f"{self._nc.new_inbox()}."
-                await self._nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                await subscribe_detached(self._nc, f"{prefix}*", self._on_ack)
                 self._prefix = prefix
             return self._prefix
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -45,6 +46,40 @@ async def test_first_submits_at_once_share_one_reply_subscription(
     sweepers = [t for t in asyncio.all_tasks() if t.get_name() == "publish-ack-sweeper"]
     assert len(sweepers) == 1
     assert "publish-ack-sweeper" not in tasks_before
+
+
+_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
+async def test_the_reply_subscription_and_sweeper_keep_no_requests_context(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made by the first publish, they live as long as the connection: they must not keep
+    the context of the request that happened to publish first (its trace would parent every
+    span, and its ids mark every log line, of the ack callbacks ever after)."""
+    seen: list[tuple[str, str | None]] = []
+    on_ack, sweep = publisher._on_ack, publisher._sweep
+
+    async def watched_ack(msg: Any) -> None:
+        seen.append(("ack", _REQUEST.get()))
+        await on_ack(msg)
+
+    async def watched_sweep() -> None:
+        seen.append(("sweeper", _REQUEST.get()))
+        await sweep()
+
+    monkeypatch.setattr(publisher, "_on_ack", watched_ack)
+    monkeypatch.setattr(publisher, "_sweep", watched_sweep)
+
+    async def request(name: str) -> None:
+        _REQUEST.set(name)
+        await publisher.publish(Outbound(f"msg.default.context.{name}", b"{}", {}))
+
+    for name in ("first", "second"):
+        await asyncio.create_task(request(name))
+    assert [who for who, _ in seen].count("ack") == 2
+    assert "sweeper" in [who for who, _ in seen]
+    assert {value for _, value in seen} == {None}
 
 
 async def test_closing_is_not_reported_as_losing_the_server(nats_url: str) -> None:
