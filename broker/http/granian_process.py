@@ -102,7 +102,7 @@ def tls_options(settings: Settings) -> TLSOptions:
 
 def main() -> None:
     from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
+    from granian.constants import HTTPModes, Interfaces, TaskImpl
 
     die_with_parent(signal.SIGTERM)
     configure_logging()
@@ -117,6 +117,9 @@ def main() -> None:
         workers=settings.workers,
         http=HTTPModes.auto,
         websockets=False,
+        # Each request an asyncio task with a copy of the context: the trace context a
+        # request makes current stays its own (granian's Rust tasks share one context).
+        task_impl=TaskImpl.asyncio,
         http1_settings=http1,
         http2_settings=http2,
         **tls_options(settings),
