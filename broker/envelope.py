@@ -134,13 +134,25 @@ class Outbound:
     headers: dict[str, str]
 
 
+#: Subjects found valid lately. A publish checks its subject twice (before reading the body,
+#: and where the stored message is made), most go to a few subjects, and a set lookup costs
+#: a tenth of the match (about 2 400 instructions, in a loaded ingress). The first ones kept,
+#: as :data:`_ACCEPTED` keeps content types.
+_VALID_SUBJECTS: set[str] = set()
+_VALID_SUBJECTS_KEPT = 4096
+
+
 def validate_subject(subject: str) -> str:
     """Check a client subject (``orders.created``): dot-separated tokens of ``[A-Za-z0-9_-]``.
 
     Wildcards (``*``, ``>``), empty tokens and whitespace are refused with
     :class:`InvalidSubject`, so a client can never publish outside its own namespace.
     """
+    if subject in _VALID_SUBJECTS:
+        return subject
     if len(subject) <= MAX_SUBJECT_LENGTH and _SUBJECT.fullmatch(subject):
+        if len(_VALID_SUBJECTS) < _VALID_SUBJECTS_KEPT:
+            _VALID_SUBJECTS.add(subject)
         return subject
     if not subject:
         raise InvalidSubject("subject is empty")

@@ -124,6 +124,24 @@ def test_subjects_at_the_limits() -> None:
         validate_subject(".".join(["z" * 64] * 4))
 
 
+def test_a_valid_subject_is_remembered_a_refused_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker import envelope
+
+    monkeypatch.setattr(envelope, "_VALID_SUBJECTS", set())
+    for _ in range(2):
+        assert validate_subject("orders.created") == "orders.created"
+        with pytest.raises(InvalidSubject):
+            validate_subject("orders.*")
+    assert sorted(envelope._VALID_SUBJECTS) == ["orders.created"]
+    for n in range(envelope._VALID_SUBJECTS_KEPT + 10):
+        assert validate_subject(f"s.{n}") == f"s.{n}"
+    assert len(envelope._VALID_SUBJECTS) == envelope._VALID_SUBJECTS_KEPT
+    with pytest.raises(InvalidSubject):  # not remembered, still checked
+        validate_subject("s.>")
+
+
 def test_an_accepted_content_type_is_remembered_a_refused_one_is_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
