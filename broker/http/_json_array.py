@@ -23,8 +23,13 @@ from broker.errors import BadRequest, PayloadTooLarge
 #: Values a batch may hold per record it may hold before it is scanned instead of parsed
 #: whole: at ~100 bytes a value, 10,000 records cost at most ~64 MB of parsed values.
 DENSE_VALUES_PER_RECORD = 64
-# A string (escapes included), or a structural byte: all the scan needs to track nesting.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+# A string (escapes included), or a structural byte: all the scan needs to track nesting;
+# or a quote alone, where a string is never closed: the scan refuses the batch there. The
+# string's quantifiers are possessive, so finding it unclosed is one pass to the end of the
+# body. (Without the lone quote, an unclosed one was skipped and the search tried again at
+# the next quote, each time to the end: 1 500 escaped quotes before 640 000 commas, a
+# 643 kB body, blocked the event loop for 12 s.)
+_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"|"|[\[\]{},]', re.DOTALL)
 _QUOTE, _COMMA = ord('"'), ord(",")
 _CLOSER = {b"["[0]: b"]"[0], b"{"[0]: b"}"[0]}  # an opening bracket's closing one
 _CLOSES = frozenset(b"]}")
@@ -86,6 +91,8 @@ def _spans(body: bytes, max_records: int, record_limit: int) -> list[tuple[int, 
             raise PayloadTooLarge(f"record {len(spans)} exceeds {record_limit} bytes")
         byte = body[at]
         if byte == _QUOTE:
+            if token.end() == at + 1:
+                raise BadRequest("the batch is not valid JSON: a string is not closed")
             continue
         if byte in _CLOSER:
             closers.append(_CLOSER[byte])

@@ -3,7 +3,9 @@ handed out one at a time (parsed at once, a body of tiny records costs many time
 
 from __future__ import annotations
 
+import re
 import tracemalloc
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -118,6 +120,26 @@ def test_a_dense_array_within_the_limits_is_handed_out_one_record_at_a_time() ->
         tracemalloc.stop()
     assert [first, *handed] == records
     assert peak < 100_000  # one record's values, not 500
+
+
+def test_a_string_never_closed_is_refused_after_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unclosed quote was once skipped and the next one tried, each time to the end of
+    the body: 1 500 escaped quotes before 640 000 commas blocked the event loop for 12 s.
+    Now the first unclosed quote refuses the batch: the scan reads the body about once."""
+    searched: list[int] = []
+    pattern = _json_array._TOKEN
+
+    class Counted:
+        def finditer(self, body: bytes, position: int) -> Iterator[re.Match[bytes]]:
+            for token in pattern.finditer(body, position):
+                searched.append(token.end())
+                yield token
+
+    monkeypatch.setattr(_json_array, "_TOKEN", Counted())
+    body = b'["' + b'\\"' * 1500 + b"," * 640_000 + b"]"
+    with pytest.raises(BadRequest, match="a string is not closed"):
+        list(_parse_batch("json", body, longest=LONGEST, max_records=10_000))
+    assert searched == [2]  # the first quote, found unclosed, and nothing after it
 
 
 JSON = st.recursive(
