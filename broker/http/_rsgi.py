@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
+from granian._granian import RSGIProtocolClosed
 
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, RequestTimeout
 from broker.settings import get_settings
@@ -140,8 +141,13 @@ async def read_body(
     task = _deadlines.start(seconds)
     try:
         if declared is not None:
-            return await proto()  # the server enforces the declared length
-        return await _read_counted(proto, limit)
+            try:
+                return await proto()  # the server enforces the declared length
+            except RSGIProtocolClosed:  # what granian raises for a body that fails
+                raise BadRequest(
+                    f"the request body ended before its Content-Length of {declared} bytes"
+                ) from None
+        return await _read_counted(proto, limit, chunked="transfer-encoding" in headers)
     except asyncio.CancelledError:
         if not _deadlines.expired(task):
             raise
@@ -204,14 +210,32 @@ class _Deadlines:
 _deadlines = _Deadlines()
 
 
-async def _read_counted(proto: HTTPProtocol, limit: int) -> bytes:
+async def _read_counted(proto: HTTPProtocol, limit: int, *, chunked: bool) -> bytes:
+    """A body without a declared length, counted chunk by chunk.
+
+    granian hands a body that fails as it is read (an HTTP/1.1 chunk of malformed framing,
+    a connection closed mid-chunk) as an empty chunk, then the body's end, which is also an
+    empty chunk: a ``chunked`` body (HTTP/1.1, where the reader yields no empty data frame
+    of its own) that shows more than one is refused, or half a message would be stored as
+    if it were whole. Request trailers look the same there, and are refused with it. Over
+    HTTP/2 an empty DATA frame may end a whole body, so nothing is concluded from one (a
+    stream reset with CANCEL never reaches the handler's end; one reset with NO_ERROR ends
+    the body as a complete one, to the server too)."""
     chunks: list[bytes] = []
-    size = 0
+    size = empties = 0
     async for chunk in proto:
+        if not chunk:
+            empties += 1
+            continue
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+    if chunked and empties > 1:
+        raise BadRequest(
+            "the request body was cut short or its chunked framing is malformed "
+            "(request trailers are not taken either)"
+        )
     return b"".join(chunks)
 
 

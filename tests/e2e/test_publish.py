@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import socket
 import uuid
 
 import fastavro
@@ -421,6 +423,60 @@ async def test_http1_and_h2c_share_the_port(broker: BrokerProcess) -> None:
         )
         assert r.http_version == "HTTP/1.1"
         assert r.status_code == 200
+
+
+def http1_exchange(port: int, request: bytes, *, half_close: bool) -> tuple[int, bytes]:
+    """Send ``request`` as raw bytes on a new HTTP/1.1 connection (closing the sending side
+    after it, if ``half_close``); the answer's status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            data = conn.recv(65536)
+            if not data:
+                break
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize(
+    ("body", "half_close"),
+    [
+        (b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\nzz\r\n0\r\n\r\n', False),
+        (b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n9\r\n{"pa', True),
+        (b'Content-Length: 10\r\n\r\n{"a":', True),
+    ],
+    ids=["malformed chunk", "connection closed mid-chunk", "shorter than content-length"],
+)
+async def test_a_body_cut_short_is_400_and_stores_nothing(
+    broker: BrokerProcess, js: JetStreamContext, body: bytes, half_close: bool
+) -> None:
+    """granian ends a body that fails as it is read as if it were whole; stored, half a
+    message would have been acknowledged with 200."""
+    subject = unique()
+    request = (
+        f"POST /v1/publish/{subject} HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+    ).encode() + body
+    status, answer = await asyncio.to_thread(
+        http1_exchange, broker.port, request, half_close=half_close
+    )
+    assert status == 400, answer
+    assert orjson.loads(answer)["error_code"] == "bad_request"
+    assert await subject_count(js, f"msg.default.{subject}") == 0
+    ok = (
+        f"POST /v1/publish/{subject} HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+    )
+    status, _ = await asyncio.to_thread(
+        http1_exchange,
+        broker.port,
+        ok.encode() + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n2\r\n1}\r\n0\r\n\r\n',
+        half_close=False,
+    )
+    assert status == 200
+    assert await subject_count(js, f"msg.default.{subject}") == 1
 
 
 async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
