@@ -46,13 +46,16 @@ async def call_asgi(app: ASGIApp, scope: Scope, proto: HTTPProtocol, *, body_lim
         "client": _address(scope.client),
         "server": _address(scope.server),
     }
+    # Read before the app runs: refused inside receive() (413, 408, a body cut short), the
+    # error would reach FastAPI's body parsing, which answers its own 400 for any exception
+    # (on the schema registry, with a text error code where its clients expect a number).
+    body = await read_body(proto, headers, body_limit)
     received = False
 
     async def receive() -> ASGIMessage:
         nonlocal received
         if not received:
             received = True
-            body = await read_body(proto, headers, body_limit)
             return {"type": "http.request", "body": body, "more_body": False}
         await proto.client_disconnect()
         return {"type": "http.disconnect"}

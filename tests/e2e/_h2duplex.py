@@ -13,13 +13,15 @@ import h2.events
 class DuplexStream:
     """One HTTP/2 request whose body is sent piece by piece while the response is read."""
 
-    def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, headers: dict[str, str], method: str = "POST"
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.stream_id = self.conn.get_next_available_stream_id()
         request = [
-            (":method", "POST"),
+            (":method", method),
             (":path", path),
             (":scheme", "http"),
             (":authority", f"{host}:{port}"),

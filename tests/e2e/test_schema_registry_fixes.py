@@ -3,12 +3,16 @@ reference to "latest" and what deleting it does, and the fields left out for Avr
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+
+from tests.e2e._broker import BrokerProcess
+from tests.e2e._h2duplex import DuplexStream
 
 pytestmark = pytest.mark.e2e
 MEDIA = "application/vnd.schemaregistry.v1+json"
@@ -71,3 +75,37 @@ async def test_avro_versions_and_lookups_leave_out_schema_type_and_references(
         answer = await call(client, method, path, body)
         assert answer.status_code == 200, answer.text
         assert answer.json() == expected, path
+
+
+def declared_too_large(port: int, method: str, path: str) -> tuple[int | None, Any]:
+    """A request declaring a 64 MiB body, none of it sent: the answer's status and JSON."""
+    stream = DuplexStream(
+        "127.0.0.1",
+        port,
+        path,
+        {"content-type": MEDIA, "content-length": str(64 << 20)},
+        method=method,
+    )
+    try:
+        stream.read_until(lambda s: s.ended)
+    finally:
+        stream.close()
+    return stream.status, orjson.loads(stream.body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("POST", "/registry/subjects/too.large/versions", 413),
+        ("PUT", "/registry/config", 413),
+        ("PUT", "/v1/agents/big", "payload_too_large"),
+    ],
+)
+async def test_a_body_over_the_limit_is_413_in_the_shape_of_its_api(
+    broker: BrokerProcess, method: str, path: str, code: int | str
+) -> None:
+    """Refused while FastAPI read the body, it was FastAPI's own 400 with a text code, where
+    Confluent's clients expect an integer."""
+    status, body = await asyncio.to_thread(declared_too_large, broker.port, method, path)
+    assert status == 413
+    assert body["error_code"] == code
