@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import signal
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import nats.errors
@@ -37,7 +38,14 @@ from broker.errors import (
     Unavailable,
 )
 from broker.http._asgi_bridge import call_asgi
-from broker.http._rsgi import HTTPProtocol, Scope, check_headers, respond_error, respond_json
+from broker.http._rsgi import (
+    HTTPProtocol,
+    Scope,
+    StreamTransport,
+    check_headers,
+    respond_error,
+    respond_json,
+)
 from broker.http.agents import agents_router
 from broker.http.models import ErrorBody, Health, ReadinessBody, VersionBody
 from broker.http.openapi import add_publish_paths, add_security
@@ -204,6 +212,40 @@ def _loggable(path: str) -> str:
     return redact_text(path).value[:100]
 
 
+class _NoBody:
+    """A stream answer's transport for a HEAD request: what is sent goes nowhere."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        return None
+
+
+class _Bodiless:
+    """The protocol object of a HEAD request: every answer without its body. granian sends
+    the body it is given; over HTTP/2 a HEAD answer with DATA frames is a protocol error to
+    the client, which then sees no answer at all."""
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: HTTPProtocol) -> None:
+        self._proto = proto
+
+    def __call__(self) -> Coroutine[Any, Any, bytes]:
+        return self._proto()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._proto.__aiter__()
+
+    def client_disconnect(self) -> Coroutine[Any, Any, None]:
+        return self._proto.client_disconnect()
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self._proto.response_bytes(status, headers, b"")
+
+    def response_stream(self, status: int, headers: list[tuple[str, str]]) -> StreamTransport:
+        self._proto.response_bytes(status, headers, b"")
+        return _NoBody()
+
+
 class BrokerApp:
     """The RSGI application granian serves (``broker.http.app:create_app``, factory mode)."""
 
@@ -231,6 +273,8 @@ class BrokerApp:
     async def _serve(self, scope: Scope, proto: HTTPProtocol) -> int:
         """Answer one request; the status answered with (0: none, the client went away)."""
         path = scope.path
+        if scope.method == "HEAD":
+            proto = _Bodiless(proto)
         try:
             headers = scope.headers
             check_headers(headers)  # before anything reads one: unreadable is not absent

@@ -504,3 +504,19 @@ async def test_unknown_paths_and_methods_answer_json_errors(client: httpx.AsyncC
     wrong = await client.get("/v1/publish/a")
     assert wrong.status_code == 405
     assert wrong.json()["error_code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("http2", [True, False], ids=["h2c", "http/1.1"])
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/healthz", 405), ("/openapi.json", 200), ("/v1/publish/a", 405), ("/v1/status", 405)],
+)
+async def test_head_is_answered_without_a_body(
+    broker: BrokerProcess, path: str, status: int, http2: bool
+) -> None:
+    """Over HTTP/2 a HEAD answer carrying DATA frames was a protocol error to the client."""
+    async with httpx.AsyncClient(base_url=broker.base_url, http1=not http2, http2=http2) as c:
+        answer = await c.head(path)
+        assert answer.status_code == status
+        assert answer.content == b""
+        assert (await c.get("/healthz")).status_code == 200  # the connection still serves
