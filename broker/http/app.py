@@ -13,7 +13,6 @@ import contextlib
 import os
 import platform
 import signal
-from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import nats.errors
@@ -219,30 +218,18 @@ class _NoBody:
         return None
 
 
-class _Bodiless:
+class _Bodiless(StatusRecorder):
     """The protocol object of a HEAD request: every answer without its body. granian sends
     the body it is given; over HTTP/2 a HEAD answer with DATA frames is a protocol error to
     the client, which then sees no answer at all."""
 
-    __slots__ = ("_proto",)
-
-    def __init__(self, proto: HTTPProtocol) -> None:
-        self._proto = proto
-
-    def __call__(self) -> Coroutine[Any, Any, bytes]:
-        return self._proto()
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._proto.__aiter__()
-
-    def client_disconnect(self) -> Coroutine[Any, Any, None]:
-        return self._proto.client_disconnect()
+    __slots__ = ()
 
     def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self._proto.response_bytes(status, headers, b"")
+        super().response_bytes(status, headers, b"")
 
     def response_stream(self, status: int, headers: list[tuple[str, str]]) -> StreamTransport:
-        self._proto.response_bytes(status, headers, b"")
+        super().response_bytes(status, headers, b"")
         return _NoBody()
 
 
