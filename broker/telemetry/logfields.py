@@ -22,13 +22,31 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from broker.sensitive import redact_text, text_may_hold_card
 
 _SECRET_NAME = re.compile(
-    r"pass(word|wd)?$|secret|token|api[_-]?key|authorization|credential|cookie|private[_-]?key",
+    r"pass(word|wd)?$|secret|token|api[_-]?key|authorization|credential|cookie|private[_-]?key"
+    r"|^auth$|jwt|nkey|seed$",
+    re.IGNORECASE,
+)
+#: Secrets that say what they are in any text (an error's message, a third-party log
+#: line): a bearer or basic credential, a JWT, a NATS credentials block or nkey seed, and a
+#: URL query parameter named like a secret. Each looked for only where a cheap test finds
+#: its mark (the text holds "Bearer", "eyJ", "-----BEGIN", "=").
+#: (A credential: 8 characters or more, one at least a digit or a symbol, so that words
+#: after "basic" in a sentence stay.)
+_AUTH_SCHEME = re.compile(
+    r"\b(Bearer|Basic|bearer|basic)\s+(?=[A-Za-z0-9._~+/=-]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}"
+)
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_PEM_BLOCK = re.compile(r"-----BEGIN [^-\n]*-----.*?(?:-----END [^-\n]*-----|$)", re.DOTALL)
+_NKEY_SEED = re.compile(r"\bS[A-Z][A-Z2-7]{50,}\b")
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&;](?:[A-Za-z0-9_.-]*(?:token|secret|password|passwd|api[_-]?key|signature"
+    r"|sig|jwt)[A-Za-z0-9_.-]*)=)[^&#\s]+",
     re.IGNORECASE,
 )
 _PAYLOAD_NAMES = frozenset({"payload", "body", "data_base64"})
@@ -78,13 +96,41 @@ def _mask_userinfo(text: str, *, address: bool = False) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
+def _mask_marked(text: str) -> str:
+    """``text`` with the secrets that say what they are replaced (see :data:`_AUTH_SCHEME`
+    and the patterns after it); the same object when it holds none."""
+    if "earer" in text or "asic" in text:
+        text = _AUTH_SCHEME.sub(r"\1 " + REDACTED, text)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    if "-----BEGIN" in text:
+        text = _PEM_BLOCK.sub(REDACTED, text)
+    if "=" in text:
+        text = _SECRET_QUERY.sub(r"\g<name>" + REDACTED, text)
+    if len(text) >= 52 and "S" in text:
+        text = _NKEY_SEED.sub(REDACTED, text)
+    return text
+
+
+def _text(text: str, address: bool = False) -> str:
+    return _cards(_mask_marked(_mask_userinfo(text, address=address)))
+
+
 def _scrub(value: Any, address: bool = False) -> Any:
     if isinstance(value, str):
-        return _cards(_mask_userinfo(value, address=address))
+        return _text(value, address)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"[{len(value)} bytes omitted]"  # raw bytes are a payload's, or a key's
     if isinstance(value, list | tuple):
+        # A (name, value) pair is a header or a field: its name says whether it is secret.
+        if len(value) == 2 and isinstance(value[0], str) and _SECRET_NAME.search(value[0]):
+            return [value[0], REDACTED] if isinstance(value, list) else (value[0], REDACTED)
         return type(value)(_scrub(v, address) for v in value)
-    if isinstance(value, dict):
-        # A nested key is a field name like any other (``cfg={"password": ...}``).
+    if isinstance(value, set | frozenset):
+        return [_scrub(v, address) for v in value]
+    if isinstance(value, Mapping):
+        # A nested key is a field name like any other (``cfg={"password": ...}``); any
+        # mapping (HTTP headers too) is written as a dict of its scrubbed items.
         return {k: _field(k, v, address) for k, v in value.items()}
     return value
 
@@ -112,8 +158,10 @@ def redact_secrets(
     numbers."""
     for key, value in event_dict.items():
         if key == "event":
-            if isinstance(value, str):
-                event_dict[key] = _cards(value)
+            if isinstance(value, str):  # a third-party line's message, too
+                event_dict[key] = _text(value)
+            else:
+                event_dict[key] = _scrub(value)
             continue
         event_dict[key] = _field(key, value)
     return event_dict

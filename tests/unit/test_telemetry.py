@@ -418,6 +418,49 @@ def test_secrets_and_payloads_never_reach_a_log_line() -> None:
     assert "hunter2" not in orjson.dumps(line).decode()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "secret"),
+    [
+        ("headers", [("authorization", "Bearer sk-live-1"), ("accept", "x")], "sk-live-1"),
+        ("headers", [["Cookie", "sid=abc123"]], "abc123"),
+        ("event", "connecting to nats://alice:s3cret@nats:4222", "s3cret"),
+        ("event", {"password": "hunter2"}, "hunter2"),
+        ("user_jwt", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", "eyJzdWIiOiJ4In0"),
+        ("auth", "Bearer sk-live-1", "sk-live-1"),
+        ("nkey_seed", "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY", "SUACSSL3"),
+        (
+            "error",
+            "bad creds -----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1Qi.eyJhIjoxfQ.x\n"
+            "------END NATS USER JWT------\n-----BEGIN USER NKEY SEED-----\nSUAxxyyzz\n",
+            "SUAxxyyzz",
+        ),
+        ("error", "upstream said: Authorization: Bearer sk-live-1", "sk-live-1"),
+        ("error", "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln expired", "eyJzdWIiOiJ4In0"),
+        ("error", "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY is bad", "SUACSSL3"),
+        ("webhook", "https://hooks.example/x?token=abc123&page=2", "abc123"),
+        ("webhook", "https://hooks.example/x?page=2&api_key=zzz", "zzz"),
+        ("seen", frozenset({"nats://u:pw9@h"}), "pw9"),
+        ("data", b'{"ssn":"123-45-6789"}', "123-45-6789"),
+    ],
+)
+def test_secrets_inside_values_never_reach_a_log_line(field: str, value: Any, secret: str) -> None:
+    """Found by review: header pairs, credentials in free text and in the event itself, key
+    names the rule missed, sets, raw bytes."""
+    line = redact_secrets(None, "info", {"event": "x", field: value})
+    assert secret not in orjson.dumps(line, default=str).decode()
+
+
+def test_plain_values_are_logged_as_they_are() -> None:
+    line: dict[str, Any] = {
+        "event": "request_failed basic checks",
+        "subject": "orders.created",
+        "url": "https://example.com/x?page=2",
+        "headers": [("accept", "application/json")],
+        "note": "a token bucket emptied; Bearer-less request",
+    }
+    assert redact_secrets(None, "info", dict(line)) == line
+
+
 # --- metrics ---------------------------------------------------------------------------------
 
 
