@@ -204,6 +204,13 @@ class LoadView:
         except ValueError as e:
             log.warning("agent_load_unreadable", key=key[:200], error=str(e)[:200])
             return
+        if load.key != key:
+            # Who a heartbeat is for is its key (what NATS permissions can limit a writer
+            # to, and what the status page reads), never what its body claims: a body
+            # naming another tenant's agent would steer that tenant's routing.
+            log.warning("agent_load_key_mismatch", key=key[:200], claims=load.key[:200])
+            self.forget(key)
+            return
         self.observe(load)
 
     def observe(self, load: InstanceLoad, now: float | None = None) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.msg import Msg
 
 from broker.agent import Reply, _Window, to_reply
 from broker.envelope import NATS_MSG_ID
@@ -26,6 +28,7 @@ from broker.routing.events import (
 )
 from broker.routing.load import InstanceLoad, LoadView, aggregate
 from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
+from broker.streams import AGENT_LOAD_BUCKET
 
 pytestmark = pytest.mark.unit
 
@@ -280,6 +283,22 @@ def test_load_view_drops_a_deleted_instance_at_once() -> None:
     view.forget(beat.key)
     view.refresh(now=0.1)
     assert "a" not in view.loads("t")
+
+
+async def test_a_heartbeat_is_for_the_instance_its_key_names_not_its_body() -> None:
+    """A body claiming another tenant's agent was counted for it (steering that tenant's
+    routing, and naming metrics series after whatever the writer put there)."""
+    view = LoadView(ttl=30.0)
+    prefix = f"$KV.{AGENT_LOAD_BUCKET}."
+    honest = _beat("a", "1", qps=5)
+    await view._on_message(Msg(None, subject=prefix + honest.key, data=honest.to_json()))  # type: ignore[arg-type]
+    claimed = _beat("victim", "9", qps=1000)
+    await view._on_message(Msg(None, subject=prefix + "t.a.1", data=claimed.to_json()))  # type: ignore[arg-type]
+    view.refresh(now=time.monotonic())
+    assert set(view.loads("t")) == set()  # the key's instance, its body a lie: dropped
+    await view._on_message(Msg(None, subject=prefix + honest.key, data=honest.to_json()))  # type: ignore[arg-type]
+    view.refresh(now=time.monotonic())
+    assert set(view.loads("t")) == {"a"}
 
 
 @given(
