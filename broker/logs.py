@@ -20,7 +20,8 @@ import structlog
 
 def log_format() -> str:
     """``BROKER_LOG_FORMAT``, else ``console`` on a terminal and ``json`` otherwise."""
-    return os.environ.get("BROKER_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    chosen = os.environ.get("BROKER_LOG_FORMAT", "").strip().lower()  # "JSON" is json too
+    return chosen or ("console" if sys.stderr.isatty() else "json")
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -185,3 +185,15 @@ def test_each_log_line_reaches_stderr_in_one_write(
     assert len(writes.calls) == 2
     assert all(call.endswith("\n") and call.count("\n") == 1 for call in writes.calls)
     assert [json.loads(call)["event"] for call in writes.calls] == ["first_line", "second_line"]
+
+
+@pytest.mark.parametrize("value", ["JSON", " Json ", "json"])
+def test_the_log_format_is_read_whatever_its_case(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Upper case once made structlog write JSON and granian its own plain text."""
+    from broker.logs import granian_log_config, log_format
+
+    monkeypatch.setenv("BROKER_LOG_FORMAT", value)
+    assert log_format() == "json"
+    assert granian_log_config() is not None
