@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -219,16 +219,25 @@ async def collect(
             js,
             Stream.ROUTES,
             by_name.get(Stream.ROUTES),
-            f"{SUBJECT_PREFIX[Stream.ROUTES]}.{build.tenant}.*",
+            # Inboxes and the record of a decision for nobody (route.<t>.-.dead), not the
+            # answers stored beside them: a failed route was missing here, and shown only
+            # while its DLQ copy was among the DLQ's last messages.
+            f"{SUBJECT_PREFIX[Stream.ROUTES]}.{build.tenant}.>",
             recent,
+            keep=lambda m: _decision_subject(m.subject),
         ),
     )
     route_dlq = f"{SUBJECT_PREFIX[Stream.DLQ]}.{build.tenant}.route"
-    routes = [
-        r
-        for m in [*route_messages, *(m for m in dlq_messages if m.subject == route_dlq)]
-        if (r := _route(m)) is not None
-    ]
+    routes: list[RouteEntry] = []
+    seen: set[tuple[object, ...]] = set()
+    for m in [*route_messages, *(m for m in dlq_messages if m.subject == route_dlq)]:
+        r = _route(m)
+        if r is None:
+            continue
+        same = (r.message_seq, r.attempt, r.agent, r.reason)  # its DLQ copy: shown once
+        if r.message_seq is None or same not in seen:
+            seen.add(same)
+            routes.append(r)
     routes.sort(key=lambda r: (r.time or "", r.seq), reverse=True)
     return BrokerStatus(
         generated_at=datetime.now(UTC).isoformat(),
@@ -452,8 +461,11 @@ async def _tail(
     state: StreamState | None,
     subject: str | None,
     count: int,
+    *,
+    keep: Callable[[Msg], bool] | None = None,
 ) -> list[Msg]:
-    """The last ``count`` messages of ``stream`` (matching ``subject``), oldest first.
+    """The last ``count`` messages of ``stream`` (matching ``subject``, and ``keep`` when
+    given), oldest first.
 
     Reads back from the end in growing windows (the filtered messages may be sparse), never
     more than ``_MAX_TAIL`` messages from the end.
@@ -468,10 +480,23 @@ async def _tail(
             async for batch in read_batches(
                 js, stream, subject=subject, start_seq=start, batch=min(window, 512)
             ):
-                found.extend(m for m in batch if m.metadata.sequence.stream <= state.last_seq)
+                found.extend(
+                    m
+                    for m in batch
+                    if m.metadata.sequence.stream <= state.last_seq and (keep is None or keep(m))
+                )
         if len(found) >= count or start <= state.first_seq or window >= _MAX_TAIL:
             return found[-count:]
         window = min(_MAX_TAIL, window * 8)
+
+
+def _decision_subject(subject: str) -> bool:
+    """Whether a ``ROUTES`` subject (one of the tenant's, ``route.<tenant>.…``) holds a
+    decision: an agent's inbox, or ``….-.dead`` (the rule of
+    ``broker.routing.events.is_decision_subject``, which this module does not import: the
+    routing package loads the embedders)."""
+    tail = subject.split(".", 2)[2] if subject.count(".") >= 2 else ""
+    return bool(tail) and ("." not in tail or tail == "-.dead")
 
 
 def _time(message: Msg) -> str | None:

@@ -177,3 +177,32 @@ async def test_status_misses_no_durable_consumer_while_reads_come_and_go_before_
         stop.set()
         await churn
     assert listed == [AGENTS + 1] * 30
+
+
+async def test_a_failed_route_is_shown_from_routes_once_whatever_the_dlq_holds(
+    nc: NatsClient,
+) -> None:
+    """A decision for nobody is stored at route.<tenant>.-.dead (and copied to the DLQ): the
+    ROUTES tail read route.<tenant>.* only, so it showed only while its DLQ copy was among
+    the DLQ's last messages."""
+    js = nc.jetstream()
+    await provision(js, Settings())
+    decision = json.dumps(
+        {"message_seq": 4242, "attempt": 1, "reason": "no_candidate", "agent": None}
+    )
+    headers = {"Broker-Route": decision}
+    await js.publish("route.default.-.dead", b"", headers=headers)
+    await js.publish("dlq.default.route", b"", headers=headers)
+    await js.publish("route.default.ocr.reply.4242", b"{}")  # an answer, not a decision
+    for i in range(5):  # the DLQ's tail moves past the copy
+        await js.publish(
+            "dlq.MESSAGES.replica_messages",
+            b"x",
+            headers={"Broker-Dlq-Projection": "replica_messages", "Broker-Dlq-Seq": str(i + 1)},
+        )
+    for recent in (5, 50):  # the copy out of the DLQ's tail, and in it: shown once
+        document = (await collect(nc, build=BUILD, recent=recent)).to_dict()
+        failed = [r for r in document["routes"] if r["message_seq"] == 4242]
+        assert len(failed) == 1, document["routes"]
+        assert failed[0]["subject"] == "route.default.-.dead"
+        assert failed[0]["reason"] == "no_candidate"
