@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
 @lru_cache(maxsize=1)
 def git_revision() -> str:
-    """The git revision of the source tree, ``BROKER_GIT_REVISION``, or ``unknown``."""
+    """``BROKER_GIT_REVISION``, else the revision of the checkout the ``broker`` package is
+    run from, else ``unknown``. Only a checkout whose top level holds the package counts:
+    an installed package inside some other repository (a virtualenv in an application's
+    tree) would otherwise report that application's commit."""
     import os
 
     if rev := os.environ.get("BROKER_GIT_REVISION"):
@@ -32,7 +35,7 @@ def git_revision() -> str:
     source = Path(broker.__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            ["git", "-C", str(source), "rev-parse", "--show-toplevel", "--short=12", "HEAD"],
             capture_output=True,
             text=True,
             timeout=2,
@@ -40,7 +43,10 @@ def git_revision() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    lines = out.stdout.splitlines()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != source:
+        return "unknown"
+    return lines[1]
 
 
 @dataclass
