@@ -476,15 +476,18 @@ async def _tail(
     while True:
         start = max(state.first_seq, state.last_seq - window + 1)
         found: list[Msg] = []
+        reading = read_batches(js, stream, subject=subject, start_seq=start, batch=min(window, 512))
         with contextlib.suppress(NotFoundError):
-            async for batch in read_batches(
-                js, stream, subject=subject, start_seq=start, batch=min(window, 512)
-            ):
-                found.extend(
-                    m
-                    for m in batch
-                    if m.metadata.sequence.stream <= state.last_seq and (keep is None or keep(m))
-                )
+            async with contextlib.aclosing(reading) as batches:
+                async for batch in batches:
+                    found.extend(
+                        m
+                        for m in batch
+                        if m.metadata.sequence.stream <= state.last_seq
+                        and (keep is None or keep(m))
+                    )
+                    if batch and batch[-1].metadata.sequence.stream >= state.last_seq:
+                        break  # the snapshot's end: a busy stream's newer messages are not read
         if len(found) >= count or start <= state.first_seq or window >= _MAX_TAIL:
             return found[-count:]
         window = min(_MAX_TAIL, window * 8)

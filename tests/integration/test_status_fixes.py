@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -206,3 +207,29 @@ async def test_a_failed_route_is_shown_from_routes_once_whatever_the_dlq_holds(
         assert len(failed) == 1, document["routes"]
         assert failed[0]["subject"] == "route.default.-.dead"
         assert failed[0]["reason"] == "no_candidate"
+
+
+async def test_a_tail_stops_reading_at_its_snapshots_last_message(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages appended after the stream's state was read (a busy stream) are not read:
+    the tail pulled until nothing was pending, for as long as they kept coming."""
+    js = nc.jetstream()
+    await provision(js, Settings())
+    await asyncio.gather(*(js.publish("audit.default.tail", b"x") for _ in range(1200)))
+    info = await js.stream_info("AUDIT")
+    snapshot = dataclasses.replace(info.state, last_seq=info.state.first_seq + 99)
+    read: list[int] = []
+    real = status.read_batches
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        async for batch in real(*args, **kwargs):
+            read.extend(m.metadata.sequence.stream for m in batch)
+            yield batch
+
+    monkeypatch.setattr(status, "read_batches", counted)
+    tail = await status._tail(js, "AUDIT", snapshot, "audit.default.>", 10)
+    assert [m.metadata.sequence.stream for m in tail] == list(
+        range(snapshot.last_seq - 9, snapshot.last_seq + 1)
+    )
+    assert max(read) <= snapshot.last_seq + 512  # one batch past it at most, not 1 100
