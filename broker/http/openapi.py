@@ -173,8 +173,9 @@ _PUBLISH_ONE: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref(PublishAckBody)}},
             },
             "400": _error(
-                "Malformed request (e.g. a structured CloudEvent that is not JSON), or a header "
-                "the broker reads with a value that is not visible ASCII."
+                "Malformed request (e.g. a structured CloudEvent that is not JSON), a header "
+                "the broker reads with a value that is not visible ASCII, or a body cut short "
+                "(shorter than its Content-Length, or broken chunked framing); nothing stored."
             ),
             "408": _error("The body did not arrive in time."),
             "409": _error("Expected-Last-Subject-Sequence did not match; nothing stored."),
@@ -230,8 +231,8 @@ _PUBLISH_BATCH: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref(BatchResponse)}},
             },
             "400": _error(
-                "The batch is not valid JSON or not an array, or a header the broker reads has "
-                "a value that is not visible ASCII."
+                "The batch is not valid JSON or not an array, a header the broker reads has "
+                "a value that is not visible ASCII, or the body was cut short; nothing stored."
             ),
             "408": _error("The body did not arrive in time."),
             "413": _error(
@@ -339,8 +340,8 @@ _ROUTE_ONE: dict[str, Any] = {
                 "with; or Expected-Last-Subject-Sequence did not match (nothing stored)."
             ),
             "400": _error(
-                "Malformed request, or a header the broker reads with a value that is not "
-                "visible ASCII."
+                "Malformed request, a header the broker reads with a value that is not "
+                "visible ASCII, or a body cut short; nothing stored."
             ),
             "408": _error("The body did not arrive in time."),
             "413": _error("Body larger than the configured limit."),
