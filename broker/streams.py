@@ -66,6 +66,26 @@ SUBJECT_PREFIX: dict[Stream, str] = {
     Stream.AUDIT: "audit",
 }
 
+
+def dead_subject(tenant: str) -> str:
+    """Where ``ROUTES`` records a decision for nobody, before the DLQ gets it."""
+    return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.-.dead"
+
+
+def dlq_subject(tenant: str) -> str:
+    """Where the DLQ keeps ``tenant``'s decisions for nobody."""
+    return f"{SUBJECT_PREFIX[Stream.DLQ]}.{tenant}.route"
+
+
+def is_decision_subject(subject: str, tenant: str) -> bool:
+    """Whether ``subject`` is one where routers store ``tenant``'s decisions: an inbox, or the
+    record of a decision for nobody. No agent's NATS user may publish to either (an agent
+    writes only its ``.failed`` and ``.reply.<seq>`` subjects)."""
+    parts = subject.split(".")
+    inbox = len(parts) == 3 and parts[0] == SUBJECT_PREFIX[Stream.ROUTES] and parts[1] == tenant
+    return inbox or subject == dead_subject(tenant)
+
+
 #: The tenant token of events that belong to no tenant (``audit._.…``); no tenant may be
 #: named so (``broker.auth.valid_tenant``).
 NO_TENANT = "_"

@@ -24,7 +24,7 @@ decision for nobody that stands goes on to the DLQ. What agents append carries n
 an agent's NATS user may send any header on its subjects, and JetStream deduplicates across
 the stream, so an id another agent could guess would let it have a record dropped (the
 router likewise stores a decision again, without its id, when a record on an agent's
-subject holds it: :func:`is_decision_subject`).
+subject holds it: :func:`broker.streams.is_decision_subject`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import orjson
 from broker.envelope import NATS_MSG_ID
 from broker.errors import BrokerError
 from broker.routing.types import Decision
-from broker.streams import SUBJECT_PREFIX, Stream
+from broker.streams import SUBJECT_PREFIX, Stream, dead_subject
 
 # Headers of the routed message in MESSAGES, set by POST /v1/route.
 H_ROUTE_MODE = "Broker-Route-Mode"  # "auto": the router routes this message
@@ -88,24 +88,6 @@ def failed_subject(tenant: str, agent: str) -> str:
     return f"{inbox_subject(tenant, agent)}.failed"
 
 
-def is_decision_subject(subject: str, tenant: str) -> bool:
-    """Whether ``subject`` is one where routers store ``tenant``'s decisions: an inbox, or the
-    record of a decision for nobody. No agent's NATS user may publish to either (an agent
-    writes only its ``.failed`` and ``.reply.<seq>`` subjects)."""
-    parts = subject.split(".")
-    inbox = len(parts) == 3 and parts[0] == SUBJECT_PREFIX[Stream.ROUTES] and parts[1] == tenant
-    return inbox or subject == dead_subject(tenant)
-
-
-def dlq_subject(tenant: str) -> str:
-    return f"{SUBJECT_PREFIX[Stream.DLQ]}.{tenant}.route"
-
-
-def dead_subject(tenant: str) -> str:
-    """Where ``ROUTES`` records a decision for nobody, before the DLQ gets it."""
-    return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.-.dead"
-
-
 def tenant_of(message_subject: str) -> str:
     """The tenant token of a stored ``msg.<tenant>.<subject>``."""
     return message_subject.split(".", 2)[1]
@@ -127,7 +109,7 @@ class RouteDecided:
     @property
     def subject(self) -> str:
         """Where it is appended in ``ROUTES``: the chosen agent's inbox, or the record of a
-        decision for nobody (which then also goes to :func:`dlq_subject`)."""
+        decision for nobody (which then also goes to :func:`broker.streams.dlq_subject`)."""
         if self.decision.agent is None:
             return dead_subject(self.tenant)
         return inbox_subject(self.tenant, self.decision.agent)

@@ -57,8 +57,6 @@ from broker.routing.events import (
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
-    dlq_subject,
-    is_decision_subject,
     original_headers,
     tenant_of,
 )
@@ -72,6 +70,8 @@ from broker.streams import (
     KEYS_BUCKET,
     SUBJECT_PREFIX,
     Stream,
+    dlq_subject,
+    is_decision_subject,
     keys_spec,
     open_bucket,
 )

@@ -27,7 +27,13 @@ from nats.js.errors import APIError, NotFoundError
 
 from broker.reader import read_batches
 from broker.registry.snapshot import AgentRecord
-from broker.streams import AGENT_LOAD_BUCKET, SUBJECT_PREFIX, Stream
+from broker.streams import (
+    AGENT_LOAD_BUCKET,
+    SUBJECT_PREFIX,
+    Stream,
+    dlq_subject,
+    is_decision_subject,
+)
 from broker.telemetry.tracing import extract
 
 H_EVENT = "Broker-Event"
@@ -224,10 +230,10 @@ async def collect(
             # while its DLQ copy was among the DLQ's last messages.
             f"{SUBJECT_PREFIX[Stream.ROUTES]}.{build.tenant}.>",
             recent,
-            keep=lambda m: _decision_subject(m.subject),
+            keep=lambda m: is_decision_subject(m.subject, build.tenant),
         ),
     )
-    route_dlq = f"{SUBJECT_PREFIX[Stream.DLQ]}.{build.tenant}.route"
+    route_dlq = dlq_subject(build.tenant)
     routes: list[RouteEntry] = []
     seen: set[tuple[object, ...]] = set()
     for m in [*route_messages, *(m for m in dlq_messages if m.subject == route_dlq)]:
@@ -491,15 +497,6 @@ async def _tail(
         if len(found) >= count or start <= state.first_seq or window >= _MAX_TAIL:
             return found[-count:]
         window = min(_MAX_TAIL, window * 8)
-
-
-def _decision_subject(subject: str) -> bool:
-    """Whether a ``ROUTES`` subject (one of the tenant's, ``route.<tenant>.…``) holds a
-    decision: an agent's inbox, or ``….-.dead`` (the rule of
-    ``broker.routing.events.is_decision_subject``, which this module does not import: the
-    routing package loads the embedders)."""
-    tail = subject.split(".", 2)[2] if subject.count(".") >= 2 else ""
-    return bool(tail) and ("." not in tail or tail == "-.dead")
 
 
 def _time(message: Msg) -> str | None:

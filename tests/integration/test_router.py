@@ -34,13 +34,12 @@ from broker.routing.events import (
     FailureReason,
     RouteDecided,
     RouteFailed,
-    dlq_subject,
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router, decision_id_key
 from broker.routing.types import DecisionReason
-from broker.streams import KEYS_BUCKET, Stream
+from broker.streams import KEYS_BUCKET, Stream, dlq_subject
 from tests._wait import await_until
 from tests.unit.test_routing_embed_ahead import CostlyEmbedder
 from tests.unit.test_routing_plumbing import _decision
