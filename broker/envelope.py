@@ -17,7 +17,8 @@ Stored NATS headers:
                                           for another request is told from a retry
 ``Nats-Expected-Last-Subject-Sequence``   optimistic concurrency, checked by JetStream
 ``ce-*``                                  CloudEvents attributes (binary content mode)
-``traceparent``, ``tracestate``           W3C trace context, passed through
+``traceparent``, ``tracestate``           W3C trace context, passed through (bounded, and
+                                          left out when it does not parse)
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NewType, Protocol
+from typing import Any, NewType
 
 import orjson
 
 from broker.errors import BadRequest, InvalidSubject, Unprocessable, UnsupportedMediaType
+from broker.telemetry.w3c import RequestHeaders, request_trace_headers
 
 Tenant = NewType("Tenant", str)
 
@@ -59,7 +61,6 @@ H_SCHEMA_ID = "schema-id"
 H_EXPECTED_LAST_SUBJECT_SEQUENCE = "expected-last-subject-sequence"
 #: Replay response header: the stream's last sequence when the read began.
 H_STREAM_LAST_SEQ = "Broker-Stream-Last-Seq"
-_PASSTHROUGH = ("traceparent", "tracestate")
 
 # Stored NATS header names.
 NATS_MSG_ID = "Nats-Msg-Id"
@@ -552,13 +553,8 @@ def parse_json(body: bytes, *, what: str) -> Any:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
-class HeaderLookup(Protocol):
-    """Anything with ``get`` by lower-case header name (a dict, granian's RSGI headers)."""
-
-    def get(self, key: str, default: Any = None) -> Any: ...
-
-
-def passthrough_headers(headers: HeaderLookup) -> dict[str, str] | None:
-    """Trace context headers carried from HTTP into the stored message."""
-    found = {name: value for name in _PASSTHROUGH if (value := headers.get(name))}
-    return found or None
+def passthrough_headers(headers: RequestHeaders) -> dict[str, str] | None:
+    """The trace context (``traceparent``, ``tracestate``) carried from an HTTP request into
+    the stored message, as :func:`~broker.telemetry.w3c.request_trace_headers` bounds it: a
+    client's trace headers never refuse its message; one that does not parse is left out."""
+    return request_trace_headers(headers)

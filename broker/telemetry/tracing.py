@@ -66,6 +66,7 @@ from opentelemetry.util.types import AttributeValue
 
 from broker.codecs._accelerator import accelerator
 from broker.telemetry._spans import RecordedSpan, exception_event
+from broker.telemetry.w3c import bounded_tracestate, parse_traceparent
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
@@ -102,13 +103,14 @@ log = structlog.get_logger(__name__)
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-#: Where a traceparent may be found, in order: W3C (HTTP, NATS as the broker stores it), a
-#: NATS header written by another client, CloudEvents (binary mode, or a structured event's
-#: attribute as the broker stores it).
-_PARENT_KEYS = (TRACEPARENT, "ce-traceparent", "Traceparent")
-_STATE_KEYS = (TRACESTATE, "ce-tracestate", "Tracestate")
-_MAX_TRACESTATE = 512
-_HEX = frozenset("0123456789abcdef")
+#: Where a traceparent may be found, in order, each with its tracestate: W3C (HTTP, NATS as
+#: the broker stores it), CloudEvents (binary mode, or a structured event's attribute as the
+#: broker stores it), a NATS header another client wrote with a capital letter.
+_KEYS = (
+    (TRACEPARENT, TRACESTATE),
+    ("ce-traceparent", "ce-tracestate"),
+    ("Traceparent", "Tracestate"),
+)
 Attributes = Mapping[str, AttributeValue]
 _SamplerName = Literal["always_on", "always_off", "traceidratio"]
 
@@ -191,23 +193,19 @@ def extract(headers: HeaderSource | None) -> TraceContext | None:
     headers), or ``None`` when absent or malformed. Works whether tracing is on or off."""
     if not headers:
         return None
-    value = None
-    for key in _PARENT_KEYS:
-        value = headers.get(key)
+    for keys in _KEYS:
+        value = headers.get(keys[0])
         if value:
             break
-    if not value:
+    else:
         return None
-    parsed = _parse_traceparent(value)
+    parsed = parse_traceparent(value)
     if parsed is None:
         return None
-    state = None
-    for key in _STATE_KEYS:
-        state = headers.get(key)
-        if state:
-            break
+    # A request's header sent more than once is one list (granian's headers read them all).
+    state = headers.get_all(keys[1]) if hasattr(headers, "get_all") else headers.get(keys[1])
     trace_id, span_id, sampled = parsed
-    tracestate = state[:_MAX_TRACESTATE] if state else None
+    tracestate = bounded_tracestate(state) if state else None
     return TraceContext(trace_id, span_id, sampled, tracestate)
 
 
@@ -674,25 +672,6 @@ def _parse_sampler(name: str) -> tuple[_SamplerName, bool]:
 
 
 # --- internals ---------------------------------------------------------------------------
-
-
-def _parse_traceparent(value: str) -> tuple[int, int, bool] | None:
-    """``(trace_id, span_id, sampled)`` of a W3C ``traceparent``, ``None`` if invalid."""
-    value = value.strip().lower()
-    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
-        return None
-    version = value[:2]
-    if version == "ff" or (version == "00" and len(value) != 55):
-        return None
-    if len(value) > 55 and value[55] != "-":
-        return None
-    hex_part = value[:2] + value[3:35] + value[36:52] + value[53:55]
-    if not _HEX.issuperset(hex_part):
-        return None
-    trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
-    if trace_id == 0 or span_id == 0:
-        return None
-    return trace_id, span_id, bool(int(value[53:55], 16) & 1)
 
 
 def _sampled(parent: TraceContext) -> bool:

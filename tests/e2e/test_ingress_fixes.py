@@ -206,6 +206,50 @@ async def test_a_non_ascii_header_the_broker_does_not_read_is_still_served(
     assert await stored(js, subject) == 1
 
 
+# --- a client's trace context ------------------------------------------------------------
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_trace_context_never_refuses_a_publish_and_is_stored_bounded(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """Two ``tracestate`` headers are one list, cut to 512 characters at a member's end (2 400
+    characters were refused with 422); a ``traceparent`` that does not parse is left out with
+    its ``tracestate`` and the message stored."""
+    members = [f"vendor{i}={'x' * 70}" for i in range(30)]
+    subject = unique()
+    status, body = raw(
+        broker,
+        "POST",
+        f"/v1/publish/{subject}",
+        [
+            ("content-type", "text/plain"),
+            ("traceparent", TRACEPARENT.upper()),
+            ("tracestate", ",".join(members[:15])),
+            ("tracestate", ",".join(members[15:])),
+        ],
+        b"1",
+    )
+    assert status == 200, body
+    headers = (await js.get_msg("MESSAGES", orjson.loads(body)["seq"])).headers or {}
+    assert headers["traceparent"] == TRACEPARENT
+    assert headers["tracestate"] == ",".join(members[:6])  # 6 x 78 - 1 = 467; 7 are 545
+
+    malformed = unique()
+    status, body = raw(
+        broker,
+        "POST",
+        f"/v1/publish/{malformed}",
+        [("content-type", "text/plain"), ("traceparent", "00-xyz"), ("tracestate", "a=1")],
+        b"1",
+    )
+    assert status == 200, body
+    headers = (await js.get_msg("MESSAGES", orjson.loads(body)["seq"])).headers or {}
+    assert "traceparent" not in headers
+    assert "tracestate" not in headers
+
+
 # --- structured CloudEvents with conditions ---------------------------------------------
 
 
