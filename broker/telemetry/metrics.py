@@ -186,7 +186,9 @@ BUILD_INFO = Gauge(
     "broker_build_info",
     "Always 1; the labels say what runs.",
     ["version", "git_revision", "nats_server_version"],
-    multiprocess_mode="max",
+    # Live processes only: a worker that exited (and saw another nats-server version) must
+    # not keep its label set at 1 for the rest of the run.
+    multiprocess_mode="livemax",
 )
 
 _on = True
