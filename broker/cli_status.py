@@ -4,6 +4,11 @@ Streams (messages, bytes, last sequence), durable consumers and their lag (a pro
 lag is its consumer's), agents with their live load, the latest routing decisions and the
 latest DLQ entries. ``--watch`` redraws every ``--interval`` seconds; ``--json`` prints the
 document as the API returns it (one line per refresh with ``--watch``), for scripts.
+
+Every text of the document (agent names, subjects, DLQ errors) is written to a terminal, so
+a table shows its control characters as escapes (``\\x1b``) and its brackets as brackets:
+nothing a publisher wrote can move the cursor, retitle the window or reverse the line.
+Ctrl-C ends ``--watch`` with exit code 130, as the shell reports an interrupt.
 """
 
 from __future__ import annotations
@@ -25,13 +30,38 @@ STATUS_EPILOG = (
 #: What every status document has: anything else is some other page.
 _DOCUMENT_KEYS = ("broker", "generated_at", "streams", "consumers", "agents")
 
+#: The exit code of ``--watch`` ended by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+#: Characters a terminal acts on instead of showing: C0 controls, DEL, C1 controls (``\x9b``
+#: is CSI on its own), and the bidi controls that reorder what follows them on the line.
+_UNPRINTABLE = {
+    *range(0x00, 0x20),
+    0x7F,
+    *range(0x80, 0xA0),
+    0x061C,
+    0x200E,
+    0x200F,
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+}
+_ESCAPED = str.maketrans({c: ascii(chr(c))[1:-1] for c in _UNPRINTABLE})
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: each control character as its escape (``\\x1b``,
+    ``\\u202e``), the rest as it is."""
+    return text.translate(_ESCAPED)
+
 
 class _NoStatus(Exception):
     """The status could not be read: what to say, and the exit code it is worth."""
 
     def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.message, self.code = message, code
+        super().__init__(message)  # the answer's text, a proxy's page too: made printable
+        self.message, self.code = printable(message), code
 
 
 def _read(url: str, recent: int) -> dict[str, Any]:
@@ -107,17 +137,21 @@ def render(status: dict[str, Any]) -> Any:
     b = status["broker"]
     header = Text.assemble(
         ("agent-broker ", "bold"),
-        f"{b['version']} (git {b['git_revision']}), nats-server "
-        f"{b.get('nats_server_version') or '?'}, tenant {b['tenant']}, at {status['generated_at']}",
+        printable(
+            f"{b['version']} (git {b['git_revision']}), nats-server "
+            f"{b.get('nats_server_version') or '?'}, tenant {b['tenant']}, "
+            f"at {status['generated_at']}"
+        ),
     )
 
     def table(title: str, columns: list[str], rows: list[list[str]], empty: str) -> Table:
-        t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+        # Titles and cells hold the document's text: Text, never markup ("[/x]" is text).
+        t = Table(title=Text(printable(title)), title_justify="left", expand=False, pad_edge=False)
         for column in columns:
             numeric = column in {"messages", "bytes", "first", "last", "lag", "unacked", "seq"}
             t.add_column(column, justify="right" if numeric else "left")
         for row in rows or [[empty, *[""] * (len(columns) - 1)]]:
-            t.add_row(*(Text(cell) for cell in row))  # data, never markup: "[/x]" is text
+            t.add_row(*(Text(printable(cell)) for cell in row))
         return t
 
     streams = table(
@@ -209,7 +243,9 @@ def status(
     url: Annotated[str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")] = (
         "http://127.0.0.1:8080"
     ),
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (exit code 130).")
+    ] = False,
     interval: Annotated[
         float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
     ] = 2.0,
@@ -230,12 +266,15 @@ def status(
     if as_json or output == "json":
         document = _fetch(url, recent)
         typer.echo(json.dumps(document) if watch else json.dumps(document, indent=2))
-        while watch:
-            time.sleep(interval)
-            try:
-                typer.echo(json.dumps(_read(url, recent)))
-            except _NoStatus as e:
-                typer.echo(f"{e.message} (retrying every {interval:g} s)", err=True)
+        try:
+            while watch:
+                time.sleep(interval)
+                try:
+                    typer.echo(json.dumps(_read(url, recent)))
+                except _NoStatus as e:
+                    typer.echo(f"{e.message} (retrying every {interval:g} s)", err=True)
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         return
     from rich.console import Console
 
@@ -259,4 +298,4 @@ def status(
                     notice = Text(f"{e.message} (retrying every {interval:g} s)", style="bold red")
                     live.update(Group(notice, shown))
     except KeyboardInterrupt:
-        return
+        raise typer.Exit(EXIT_INTERRUPTED) from None
