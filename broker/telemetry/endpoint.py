@@ -10,6 +10,9 @@ hot paths count in memory and the recording thread flushes them on its timer.
 With ``BROKER_METRICS_TOKEN`` set, ``/metrics`` here and on the ingress answers only a
 scrape that presents it (``Authorization: Bearer <token>``, Prometheus's ``authorization``
 setting): the labels name tenants, agents and subjects' streams. ``/healthz`` stays open.
+
+Every connection has :data:`REQUEST_TIMEOUT_SECONDS` for each read and write: one that
+sends half a request, or nothing, is closed then instead of holding its thread forever.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 
@@ -32,6 +35,9 @@ UNAUTHENTICATED = (
     b'<BROKER_METRICS_TOKEN>"}'
 )
 WWW_AUTHENTICATE = 'Bearer realm="broker-metrics"'
+
+#: How long a connection may stall on one read or write (a scrape takes milliseconds).
+REQUEST_TIMEOUT_SECONDS = 10.0
 
 
 def scrape_allowed(token: str | None, authorization: str | None) -> bool:
@@ -50,6 +56,7 @@ def scrape_allowed(token: str | None, authorization: str | None) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "broker-metrics"
     token: str | None = None  # set on the subclass serve_metrics makes
+    timeout: ClassVar[float | None] = REQUEST_TIMEOUT_SECONDS  # setup() applies it
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -80,13 +87,20 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-def serve_metrics(host: str, port: int, token: str | None = None) -> ThreadingHTTPServer:
+def serve_metrics(
+    host: str,
+    port: int,
+    token: str | None = None,
+    *,
+    request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+) -> ThreadingHTTPServer:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread, to scrapes presenting
-    ``token`` when one is given; returns the server (its ``server_address`` has the port
-    when ``port`` is 0). Raises ``OSError`` if it cannot bind."""
-    handler = type("_TokenHandler", (_Handler,), {"token": token})
+    ``token`` when one is given; a connection stalled ``request_timeout`` seconds on a read
+    or write is closed. Returns the server (its ``server_address`` has the port when
+    ``port`` is 0). Raises ``OSError`` if it cannot bind."""
+    handler = type("_TokenHandler", (_Handler,), {"token": token, "timeout": request_timeout})
     server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    server.daemon_threads = True  # a connection's thread never holds up shutdown
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     log.info("metrics_listening", host=host, port=server.server_address[1], token=token is not None)
