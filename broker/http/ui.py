@@ -2,8 +2,10 @@
 
 ``/metrics`` is the Prometheus text of every process of the broker (see
 :mod:`broker.telemetry.metrics`). ``/v1/status`` is :func:`broker.telemetry.status.collect`
-as JSON, cached (encoded) for a second so that any number of open pages cost JetStream and
-this process the same.
+as JSON, cached for a second so that any number of open pages cost JetStream and this
+process the same: one read a tenant, with the most ``recent`` items a request may ask for,
+each answer keeping as many as it asks for (so that asking for each ``recent`` in turn
+costs no more reads than asking for one).
 ``/ui`` is one static HTML file with its script and styles inline (no CDN, no build step):
 it polls ``/v1/status`` and draws streams, consumers and lag, agents and their live load,
 the DLQ and the latest routing decisions with their candidates' scores and a trace link.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -28,12 +32,14 @@ from broker.errors import Unauthenticated, Unavailable
 from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import scrape_allowed
-from broker.telemetry.status import BuildInfo, collect
+from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
 
 _CACHE_SECONDS = 1.0
+#: The most ``recent`` items a request may ask for: what every read reads.
+_MAX_RECENT = 200
 #: A read of the status from JetStream gives up after this long (503), and is not tried
 #: again for ``_FAILURE_SECONDS``; a request waits ``_WAIT_SECONDS`` at most, its turn
-#: behind a read of another document included.
+#: behind a read of another tenant's document included.
 _READ_SECONDS = 3.0
 _FAILURE_SECONDS = 1.0
 _WAIT_SECONDS = 5.0
@@ -53,39 +59,73 @@ def ui_page() -> bytes:
     return resources.files("broker.http").joinpath("static/ui.html").read_bytes()
 
 
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A status document as JSON, encoded once, in pieces: everything but its lists of recent
+    items (:data:`RECENT_LISTS`), and each of those items, so that the document with any
+    number of them costs a join, not another encoding (nor another copy kept)."""
+
+    rest: bytes  # the JSON object without the recent lists, its closing brace left off
+    recent: dict[str, list[bytes]]
+
+    @classmethod
+    def of(cls, document: dict[str, Any]) -> _Encoded:
+        lists = {name: document.get(name) for name in RECENT_LISTS}
+        rest = {key: value for key, value in document.items() if key not in lists}
+        return cls(
+            rest=_json(rest)[:-1],
+            recent={
+                name: [_json(item) for item in items]
+                for name, items in lists.items()
+                if isinstance(items, list)
+            },
+        )
+
+    def body(self, recent: int) -> bytes:
+        """The document with the ``recent`` newest items of each list (they are newest first)."""
+        parts = [self.rest]
+        comma = b"," if self.rest != b"{" else b""
+        for name, items in self.recent.items():
+            parts += [comma, _json(name), b":[", b",".join(items[:recent]), b"]"]
+            comma = b","
+        parts.append(b"}")
+        return b"".join(parts)
+
+
 class _StatusCache:
-    """One status document per second, however many pages poll it; one read of JetStream at
-    a time, shared by the requests that ask for the same document while it runs."""
+    """One status document per second, however many pages poll it and whatever ``recent``
+    they ask for; one read of JetStream at a time, shared by the requests that ask for the
+    same tenant's document while it runs."""
 
     def __init__(self) -> None:
         self.at = 0.0
-        self.key: tuple[str, int] = ("", 0)
-        self.body: bytes | None = None
+        self.tenant = ""
+        self.document: _Encoded | None = None
         self.lock = asyncio.Lock()
         self.failed_at = -_FAILURE_SECONDS  # when a read last failed (monotonic)
-        self.running: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        self.running: dict[str, asyncio.Future[_Encoded]] = {}
 
-    def fresh(self, key: tuple[str, int], now: float) -> bytes | None:
-        if self.body is not None and self.key == key and now - self.at < _CACHE_SECONDS:
-            return self.body
+    def fresh(self, tenant: str, now: float) -> _Encoded | None:
+        if self.document is not None and self.tenant == tenant and now - self.at < _CACHE_SECONDS:
+            return self.document
         return None
 
 
-def _retrieved(future: asyncio.Future[bytes]) -> None:
+def _retrieved(future: asyncio.Future[Any]) -> None:
     """Take a shared read's error, whoever awaited it (all may have stopped waiting)."""
     if not future.cancelled():
         future.exception()
 
 
-def _json(document: dict[str, Any]) -> bytes:
+def _json(document: Any) -> bytes:
     """The status document as JSON. orjson writes a float JSON cannot carry (infinity, NaN)
     as ``null`` where Starlette's ``JSONResponse`` raised: one agent's absurd heartbeat must
     not turn every reader's status into a 500."""
     return orjson.dumps(document)
 
 
-def ops_router(state: IngressState) -> APIRouter:
-    router = APIRouter(tags=["operations"], include_in_schema=False)
+def _status_documents(state: IngressState) -> Callable[[int], Awaitable[bytes]]:
+    """What answers ``/v1/status``: the tenant's document with ``recent`` recent items."""
     cache = _StatusCache()
     # With tenants, a page shows its own tenant's dead letters only: projections' dead
     # letters (``dlq.<STREAM>.…``) point at any tenant's messages.
@@ -96,43 +136,48 @@ def ops_router(state: IngressState) -> APIRouter:
         at once while NATS is not connected or a read failed within the last second, and
         after :data:`_WAIT_SECONDS` at most (a stalled NATS answers each read only at its
         own timeout, and requests queued behind one another waited 5 s more each)."""
-        key = (state.tenant, recent)
+        tenant = state.tenant
         now = time.monotonic()
-        if (body := cache.fresh(key, now)) is not None:
-            return body
+        if (document := cache.fresh(tenant, now)) is not None:
+            return document.body(recent)
         if now - cache.failed_at < _FAILURE_SECONDS:
             raise Unavailable("the status could not be read a moment ago; try again shortly")
         if not state.publisher.nc.is_connected:  # 503 until NATS is connected, too
             raise Unavailable("NATS is not connected")
-        running = cache.running.get(key)
+        running = cache.running.get(tenant)
         if running is None:
-            running = cache.running[key] = asyncio.ensure_future(read(key))
+            running = cache.running[tenant] = asyncio.ensure_future(read(tenant))
             running.add_done_callback(_retrieved)
-            running.add_done_callback(lambda _: cache.running.pop(key, None))
+            running.add_done_callback(lambda _: cache.running.pop(tenant, None))
         try:
             async with asyncio.timeout(_WAIT_SECONDS):
-                return await asyncio.shield(running)
+                document = await asyncio.shield(running)
         except TimeoutError:
             raise Unavailable(
                 f"the status was not read within {_WAIT_SECONDS:g} s (NATS slow or busy)"
             ) from None
+        return document.body(recent)
 
-    async def read(key: tuple[Tenant, int]) -> bytes:
-        tenant, recent = key
+    async def read(tenant: Tenant) -> _Encoded:
         async with cache.lock:  # one read of JetStream at a time
             now = time.monotonic()
-            if (body := cache.fresh(key, now)) is not None:
-                return body
+            if (document := cache.fresh(tenant, now)) is not None:
+                return document
             try:
                 async with asyncio.timeout(_READ_SECONDS):
-                    body = await read_status(tenant, recent)
+                    document = await read_status(tenant)
+            except TimeoutError:
+                cache.failed_at = time.monotonic()
+                raise Unavailable(
+                    f"NATS did not answer the status reads within {_READ_SECONDS:g} s"
+                ) from None
             except BaseException:
                 cache.failed_at = time.monotonic()
                 raise
-            cache.body, cache.at, cache.key = body, now, key
-            return body
+            cache.document, cache.at, cache.tenant = document, now, tenant
+            return document
 
-    async def read_status(tenant: Tenant, recent: int) -> bytes:
+    async def read_status(tenant: Tenant) -> _Encoded:
         build = BuildInfo(
             version=broker.__version__,
             git_revision=git_revision(),
@@ -144,11 +189,18 @@ def ops_router(state: IngressState) -> APIRouter:
             state.publisher.nc,
             build=build,
             registered=snapshot.agents(tenant),
-            recent=recent,
+            recent=_MAX_RECENT,
             trace_url=state.settings.trace_url,
             all_dead_letters=not authenticating,
         )
-        return _json(result.to_dict())
+        return _Encoded.of(result.to_dict())
+
+    return status_document
+
+
+def ops_router(state: IngressState) -> APIRouter:
+    router = APIRouter(tags=["operations"], include_in_schema=False)
+    status_document = _status_documents(state)
 
     secret = state.settings.metrics_token
     token = secret.get_secret_value() if secret is not None else None
@@ -164,7 +216,7 @@ def ops_router(state: IngressState) -> APIRouter:
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @router.get("/v1/status")
-    async def broker_status(recent: int = Query(20, ge=1, le=200)) -> Response:
+    async def broker_status(recent: int = Query(20, ge=1, le=_MAX_RECENT)) -> Response:
         """Streams, consumers and lag, agents and load, the DLQ's and the routes' tails."""
         body = await status_document(recent)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})

@@ -7,19 +7,23 @@ routing decisions (``RouteDecided`` in ``ROUTES``, and messages nobody qualified
 ``dlq.<tenant>.route``) with their candidates' scores and trace ids. Everything here is
 read-only and bounded: a few stream-info calls, the consumer lists (at most
 :data:`MAX_CONSUMER_PAGES` pages a stream) and short reads of the streams' tails.
+
+Heartbeats are read as the routers read them (:meth:`InstanceLoad.from_json`, the body
+naming the key it is stored under) and an agent's load is :func:`aggregate` over its
+instances, so ``/v1/status``, ``broker status`` and the agent gauges of ``/metrics`` agree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -27,6 +31,11 @@ from nats.js.errors import APIError, NotFoundError
 
 from broker.reader import read_batches
 from broker.registry.snapshot import AgentRecord
+
+# Heartbeats parsed and aggregated as the routers do. The routing package loads no embedder
+# model on import (only on first use), and the ingress, which serves this, imports it anyway.
+from broker.routing.load import InstanceLoad, aggregate
+from broker.routing.types import AgentLoad
 from broker.streams import (
     AGENT_LOAD_BUCKET,
     SUBJECT_PREFIX,
@@ -35,6 +44,8 @@ from broker.streams import (
     is_decision_subject,
 )
 from broker.telemetry.tracing import extract
+
+log = structlog.get_logger(__name__)
 
 H_EVENT = "Broker-Event"
 H_ROUTE = "Broker-Route"
@@ -56,6 +67,8 @@ _PAGE_OVERLAP = 32
 #: The largest number a heartbeat's field is shown as: the load of many instances then still
 #: adds up to a finite number (``1e308 + 1e308`` is infinity, which JSON cannot carry).
 LOAD_MAX = 1e12
+#: The lists of the status document that ``recent`` bounds, each newest first.
+RECENT_LISTS = ("dlq", "routes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +100,9 @@ class ConsumerState:
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceLoad:
-    instance: str
-    qps: float
-    in_flight: float
-    p50_ms: float
-    p99_ms: float
-    error_rate: float
-    gpu_free_mb: float | None
-    at: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class AgentState:
-    """A registered agent and/or one that heartbeats load; the load sums its instances."""
+    """A registered agent and/or one that heartbeats load (its live instances, as the
+    routers read them); :attr:`load` is what the routers aggregate from them."""
 
     name: str
     registered: bool
@@ -109,20 +111,8 @@ class AgentState:
     instances: list[InstanceLoad]
 
     @property
-    def in_flight(self) -> float:
-        return sum(i.in_flight for i in self.instances)
-
-    @property
-    def qps(self) -> float:
-        return sum(i.qps for i in self.instances)
-
-    @property
-    def p99_ms(self) -> float:
-        return max((i.p99_ms for i in self.instances), default=0.0)
-
-    @property
-    def error_rate(self) -> float:
-        return max((i.error_rate for i in self.instances), default=0.0)
+    def load(self) -> AgentLoad:
+        return aggregate(self.instances) if self.instances else AgentLoad(instances=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,12 +174,13 @@ class BrokerStatus:
         for consumer, data in zip(self.consumers, document["consumers"], strict=True):
             data["lag"] = consumer.lag
         for agent, data in zip(self.agents, document["agents"], strict=True):
+            load = agent.load
             data["load"] = {
-                "instances": len(agent.instances),
-                "in_flight": agent.in_flight,
-                "qps": agent.qps,
-                "p99_ms": agent.p99_ms,
-                "error_rate": agent.error_rate,
+                "instances": load.instances,
+                "in_flight": load.in_flight,
+                "qps": load.qps,
+                "p99_ms": load.p99_ms,
+                "error_rate": load.error_rate,
             }
         return document
 
@@ -367,8 +358,9 @@ async def _consumers(
     nc: NatsClient, streams: list[str], tenant: str | None
 ) -> tuple[list[ConsumerState], dict[str, int]]:
     """Durable consumers only: the ephemeral ones are reads (replay, this status) in flight.
-    With ``tenant``, agents' consumers on other tenants' inboxes are left out (their names
-    are those agents' names). Also, by stream, how many consumers were not read."""
+    With ``tenant``, agents' consumers that read anything but the tenant's own inboxes are
+    left out (their names are those agents' names). Also, by stream, how many consumers
+    were not read."""
 
     async def listed(stream: str) -> tuple[list[dict[str, Any]], int]:
         try:
@@ -389,20 +381,44 @@ async def _consumers(
             if not isinstance(config, dict) or not config.get("durable_name"):
                 continue
             consumer = _consumer(info)
-            reads = _str(config.get("filter_subject")) or ""
-            if tenant is None or consumer.kind != "agent" or reads.startswith(own_inboxes):
+            if tenant is None or consumer.kind != "agent" or _reads_only(config, own_inboxes):
                 found.append(consumer)
     found.sort(key=lambda c: (c.stream, c.name))
     return found, unlisted
 
 
-def _number(value: Any, most: float = LOAD_MAX) -> float:
-    """A heartbeat's number as shown: not a number, negative or not finite is 0 (as the
-    router reads it), larger than ``most`` is ``most``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
-    number = float(value)
-    return min(number, most) if math.isfinite(number) and number > 0 else 0.0
+def _filters(config: Mapping[str, Any]) -> list[str]:
+    """The subjects a consumer reads: its ``filter_subject``, or its ``filter_subjects``
+    (nats-server 2.10 and later); none when it reads the whole stream."""
+    many = config.get("filter_subjects")
+    subjects = [s for s in many if isinstance(s, str)] if isinstance(many, list) else []
+    one = _str(config.get("filter_subject"))
+    return [*subjects, one] if one else subjects
+
+
+def _reads_only(config: Mapping[str, Any], prefix: str) -> bool:
+    """Whether a consumer reads subjects under ``prefix`` and nothing else."""
+    filters = _filters(config)
+    return bool(filters) and all(s.startswith(prefix) for s in filters)
+
+
+def _bounded(value: float) -> float:
+    return min(value, LOAD_MAX)
+
+
+def _shown(load: InstanceLoad) -> InstanceLoad:
+    """A heartbeat with each number at most :data:`LOAD_MAX` (the routers' reading already
+    made them finite and not negative, and the rates at most 1)."""
+    gpu = load.gpu_free_mb
+    return replace(
+        load,
+        qps=_bounded(load.qps),
+        in_flight=min(load.in_flight, int(LOAD_MAX)),
+        p50_ms=_bounded(load.p50_ms),
+        p99_ms=_bounded(load.p99_ms),
+        gpu_free_mb=None if gpu is None else _bounded(gpu),
+        at=_bounded(load.at),
+    )
 
 
 async def _agents(
@@ -418,47 +434,40 @@ async def _agents(
         )
         for r in registered
     }
-    prefix = f"$KV.{AGENT_LOAD_BUCKET}.{tenant}."
+    prefix = f"$KV.{AGENT_LOAD_BUCKET}."
     # A key's value is its newest message: with a bucket that keeps history, older ones are
     # past heartbeats of the same instance (or what a deletion replaced), not more instances.
     newest: dict[str, Msg] = {}
     with contextlib.suppress(NotFoundError):
-        async for batch in read_batches(js, _KV_STREAM, subject=f"{prefix}>", batch=256):
+        reading = f"{prefix}{tenant}.>"
+        async for batch in read_batches(js, _KV_STREAM, subject=reading, batch=256):
             for message in batch:  # in stream order: a later one is newer
                 newest[message.subject] = message
     for subject, message in newest.items():
         if message.headers and message.headers.get(_KV_OPERATION) in {"DEL", "PURGE"}:
             continue
-        agent, _, instance = subject[len(prefix) :].partition(".")
-        load = _instance_load(instance, message.data)
+        load = _instance_load(subject[len(prefix) :], message.data)
         if load is None:
             continue
-        state = agents.get(agent)
+        state = agents.get(load.agent)
         if state is None:
-            state = agents[agent] = AgentState(agent, False, None, [], [])
+            state = agents[load.agent] = AgentState(load.agent, False, None, [], [])
         state.instances.append(load)
     return sorted(agents.values(), key=lambda a: a.name)
 
 
-def _instance_load(instance: str, data: bytes) -> InstanceLoad | None:
+def _instance_load(key: str, data: bytes) -> InstanceLoad | None:
+    """The heartbeat stored under ``key`` as the routers read it; ``None`` when it is none,
+    or when its body is for another key than its own (routers ignore it then: who a
+    heartbeat is for is its key, never what its body claims)."""
     try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        load = InstanceLoad.from_json(data)
+    except ValueError:
         return None
-    if not isinstance(value, dict):
+    if load.key != key:
+        log.debug("agent_load_key_mismatch", key=key[:200], claims=load.key[:200])
         return None
-    gpu = value.get("gpu_free_mb")
-    at = value.get("at")
-    return InstanceLoad(
-        instance=str(value.get("instance") or instance),
-        qps=_number(value.get("qps")),
-        in_flight=_number(value.get("in_flight")),
-        p50_ms=_number(value.get("p50_ms")),
-        p99_ms=_number(value.get("p99_ms")),
-        error_rate=_number(value.get("error_rate"), 1.0),
-        gpu_free_mb=_number(gpu) if gpu is not None else None,
-        at=str(at) if at is not None else None,
-    )
+    return _shown(load)
 
 
 async def _tail(

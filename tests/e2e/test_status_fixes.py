@@ -113,6 +113,12 @@ async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def beat(key: str, **load: float) -> bytes:
+    """A heartbeat as agents store it under ``key`` (``<tenant>.<agent>.<instance>``)."""
+    tenant, agent, instance = key.split(".", 2)
+    return json.dumps({"tenant": tenant, "agent": agent, "instance": instance, **load}).encode()
+
+
 def status_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "broker", "status", "--url", url, *args],
@@ -131,8 +137,9 @@ async def test_status_answers_for_everyone_while_an_agent_heartbeats_absurd_numb
     async def heartbeat() -> None:  # again before each CLI run: entries older than the
         # load TTL count as gone, and a CLI start takes seconds on a loaded machine
         for instance in ("a", "b"):  # each finite; their sum is not
-            await kv.put(f"default.buggy.{instance}", b'{"qps": 1.0e308, "in_flight": 1.0e308}')
-        await kv.put("default.ocr.x", b'{"qps": 2, "in_flight": 1}')
+            huge = {"qps": 1.0e308, "in_flight": 1.0e308}
+            await kv.put(f"default.buggy.{instance}", beat(f"default.buggy.{instance}", **huge))
+        await kv.put("default.ocr.x", beat("default.ocr.x", qps=2, in_flight=1))
 
     await heartbeat()
 

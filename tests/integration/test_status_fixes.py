@@ -1,6 +1,7 @@
 """What ``/v1/status`` and ``broker status`` read from a real nats-server: every page of a
-stream's consumers, one instance per ``agent_load`` key, and a document that stays JSON
-whatever numbers an agent heartbeats."""
+stream's consumers, one instance per ``agent_load`` key (read as the routers read it, and
+aggregated as ``/metrics`` shows it), a tenant's own agents' consumers however they filter,
+and a document that stays JSON whatever numbers an agent heartbeats."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
+from prometheus_client import REGISTRY
 from rich.console import Console
 
 from broker.cli_status import render
+from broker.routing.load import LoadView
 from broker.settings import Settings
 from broker.streams import agent_load_spec, provision
-from broker.telemetry import status
+from broker.telemetry import metrics, status
 from broker.telemetry.status import BuildInfo, collect
 
 pytestmark = pytest.mark.integration
@@ -96,6 +99,12 @@ async def test_status_says_how_many_consumers_it_did_not_read_past_its_page_boun
     assert f"{AGENTS + 1 - 256} more on ROUTES not listed" in shown(document)
 
 
+def beat(key: str, **load: Any) -> bytes:
+    """A heartbeat as agents store it under ``key`` (``<tenant>.<agent>.<instance>``)."""
+    tenant, agent, instance = key.split(".", 2)
+    return json.dumps({"tenant": tenant, "agent": agent, "instance": instance, **load}).encode()
+
+
 async def agent_load_with_history(nc: NatsClient) -> nats.js.kv.KeyValue:
     """The ``agent_load`` bucket as an operator may have made it: keeping 10 values a key."""
     spec = dataclasses.replace(agent_load_spec(Settings()), history=10)
@@ -107,15 +116,15 @@ async def test_one_instance_that_heartbeats_into_a_bucket_with_history_counts_on
 ) -> None:
     kv = await agent_load_with_history(nc)
     for qps in (1, 2, 3, 4, 5):
-        await kv.put("default.echo.inst1", json.dumps({"qps": qps, "in_flight": 2}).encode())
-    await kv.put("default.echo.inst2", b'{"qps": 100, "in_flight": 100}')
+        await kv.put("default.echo.inst1", beat("default.echo.inst1", qps=qps, in_flight=2))
+    await kv.put("default.echo.inst2", beat("default.echo.inst2", qps=100, in_flight=100))
     await kv.delete("default.echo.inst2")  # stopped: its older heartbeat is no instance
 
     agents = (await collect(nc, build=BUILD)).to_dict()["agents"]
 
     assert [(a["name"], a["load"]["instances"]) for a in agents] == [("echo", 1)]
     load = agents[0]["load"]
-    assert (load["qps"], load["in_flight"]) == (5.0, 2.0)
+    assert (load["qps"], load["in_flight"]) == (5.0, 2)
     assert [i["instance"] for i in agents[0]["instances"]] == ["inst1"]
 
 
@@ -123,11 +132,12 @@ async def test_absurd_heartbeat_numbers_leave_the_status_document_valid_json(
     nc: NatsClient,
 ) -> None:
     kv = await agent_load_with_history(nc)
-    huge = b'{"qps": 1.0e308, "in_flight": 1.0e308, "p99_ms": -5, "error_rate": 7}'
-    await kv.put("default.buggy.a", huge)
-    await kv.put("default.buggy.b", huge)
-    await kv.put("default.buggy.c", b'{"qps": 1e400}')  # not a heartbeat (no such double)
-    await kv.put("default.ocr.x", b'{"qps": 3.5, "in_flight": 1, "p99_ms": 20}')
+    huge = {"qps": 1.0e308, "in_flight": 1.0e308, "p99_ms": -5, "error_rate": 7}
+    await kv.put("default.buggy.a", beat("default.buggy.a", **huge))
+    await kv.put("default.buggy.b", beat("default.buggy.b", **huge))
+    no_double = beat("default.buggy.c").replace(b"}", b', "qps": 1e400}')
+    await kv.put("default.buggy.c", no_double)  # not a heartbeat (no such double)
+    await kv.put("default.ocr.x", beat("default.ocr.x", qps=3.5, in_flight=1, p99_ms=20))
 
     document = (await collect(nc, build=BUILD)).to_dict()
 
@@ -233,3 +243,84 @@ async def test_a_tail_stops_reading_at_its_snapshots_last_message(
         range(snapshot.last_seq - 9, snapshot.last_seq + 1)
     )
     assert max(read) <= snapshot.last_seq + 512  # one batch past it at most, not 1 100
+
+
+async def test_a_heartbeat_whose_body_is_not_for_its_key_is_not_shown(nc: NatsClient) -> None:
+    """Who a heartbeat is for is its key (what NATS permissions limit a writer to), as the
+    routers read it: the status page took the instance from the body, and the agent and
+    tenant from the key, whatever the body said."""
+    kv = await agent_load_with_history(nc)
+    await kv.put("default.echo.inst1", beat("default.echo.inst1", qps=1))
+    await kv.put("default.echo.inst2", beat("default.echo.inst9", qps=50))  # another instance
+    await kv.put("default.spy.x", beat("other.spy.x", qps=50))  # another tenant's agent
+    await kv.put("default.ghost.y", beat("default.echo.y", qps=50))  # another agent
+    await kv.put("default.bare.z", b'{"qps": 50}')  # names nobody: not a heartbeat
+
+    document = (await collect(nc, build=BUILD)).to_dict()
+
+    assert [(a["name"], a["load"]["instances"]) for a in document["agents"]] == [("echo", 1)]
+    assert [i["instance"] for i in document["agents"][0]["instances"]] == ["inst1"]
+    assert document["agents"][0]["load"]["qps"] == 1.0
+    for absent in ("spy", "ghost", "bare"):
+        assert absent not in shown(document)
+
+
+async def test_status_and_the_metrics_agree_on_an_agents_error_rate(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent's error rate is its instances' weighted by their QPS, on every page: the
+    status showed the worst instance's (10 %) where ``/metrics`` showed 7.5 %."""
+    monkeypatch.setattr(metrics, "_on", True)
+    kv = await agent_load_with_history(nc)
+    await kv.put("default.rated.1", beat("default.rated.1", qps=10, error_rate=0.0))
+    await kv.put("default.rated.2", beat("default.rated.2", qps=30, error_rate=0.1))
+    view = LoadView(refresh_interval=0.05)
+    await view.start(nc.jetstream())
+    try:
+        seen = await view.wait_until(
+            lambda v: getattr(v.loads("default").get("rated"), "instances", 0) == 2, 10
+        )
+    finally:
+        await view.stop()
+    assert seen
+
+    document = (await collect(nc, build=BUILD)).to_dict()
+
+    (load,) = [a["load"] for a in document["agents"] if a["name"] == "rated"]
+    assert load["error_rate"] == pytest.approx(0.075)
+    labels = {"tenant": "default", "agent": "rated"}
+    exported = REGISTRY.get_sample_value("broker_agent_load_error_ratio", labels)
+    assert exported == load["error_rate"]
+    assert "7.5%" in shown(document)
+
+
+async def test_a_tenants_view_lists_its_agents_consumers_that_filter_on_many_subjects(
+    nc: NatsClient,
+) -> None:
+    """An agent's inbox consumer may filter on ``filter_subjects`` (a list) rather than
+    ``filter_subject``: the tenant's view left such consumers out."""
+    js = nc.jetstream()
+    await provision(js, Settings())
+    filters = {
+        "agent-default~single": ["route.default.single"],
+        "agent-default~many": ["route.default.many", "route.default.many2"],
+        "agent-other~theirs": ["route.other.theirs", "route.other.theirs2"],
+        "agent-default~mixed": ["route.default.mixed", "route.other.mixed"],
+    }
+    for name, subjects in filters.items():
+        config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT)
+        if len(subjects) == 1:
+            config.filter_subject = subjects[0]
+        else:
+            config.filter_subjects = subjects
+        await js.add_consumer("ROUTES", config)
+
+    tenants_view = await collect(nc, build=BUILD, all_dead_letters=False)
+    everything = await collect(nc, build=BUILD)
+
+    def agents(found: status.BrokerStatus) -> list[str]:
+        return sorted(c["name"] for c in found.to_dict()["consumers"] if c["kind"] == "agent")
+
+    assert agents(tenants_view) == ["agent-default~many", "agent-default~single"]
+    assert agents(everything) == sorted(filters)
+    assert "agent-default~many" in shown(tenants_view.to_dict())

@@ -1,6 +1,7 @@
 """``/v1/status`` when JetStream does not answer: every request answered 503 within its
-deadline, one read shared by the requests for the same document, a failure remembered for
-a moment; and the document again once JetStream answers."""
+deadline (saying which deadline passed), one read shared by the requests for the tenant's
+document whatever ``recent`` they ask for, a failure remembered for a moment; and the
+document again once JetStream answers, with as many recent items as each request asks for."""
 
 from __future__ import annotations
 
@@ -21,10 +22,19 @@ pytestmark = pytest.mark.unit
 
 
 class Status:
-    """What ``collect`` returns: only its ``to_dict`` is used."""
+    """What ``collect`` returns: only its ``to_dict`` is used. Its lists of recent items
+    hold as many as it was asked for, newest (highest ``seq``) first."""
+
+    def __init__(self, recent: int) -> None:
+        self.recent = recent
 
     def to_dict(self) -> dict[str, Any]:
-        return {"streams": []}
+        newest_first = range(1000, 1000 - self.recent, -1)
+        return {
+            "streams": [],
+            "dlq": [{"seq": seq, "subject": "dlq.default.route"} for seq in newest_first],
+            "routes": [{"seq": seq, "agent": "ocr"} for seq in newest_first],
+        }
 
 
 class JetStream:
@@ -37,7 +47,7 @@ class JetStream:
     async def collect(self, nc: Any, **kwargs: Any) -> Status:
         self.reads.append(kwargs["recent"])
         await self.answering.wait()
-        return Status()
+        return Status(kwargs["recent"])
 
 
 def app_with(monkeypatch: pytest.MonkeyPatch, connected: bool = True) -> tuple[FastAPI, JetStream]:
@@ -63,13 +73,17 @@ def app_with(monkeypatch: pytest.MonkeyPatch, connected: bool = True) -> tuple[F
     return app, jetstream
 
 
-async def statuses(app: FastAPI, recents: list[int]) -> list[int]:
+async def answers(app: FastAPI, recents: list[int]) -> list[httpx.Response]:
+    """``GET /v1/status?recent=…`` for each of ``recents``, all at once."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
-        answers = await asyncio.gather(
+        return await asyncio.gather(
             *(client.get("/v1/status", params={"recent": r}) for r in recents)
         )
-    return [a.status_code for a in answers]
+
+
+async def statuses(app: FastAPI, recents: list[int]) -> list[int]:
+    return [a.status_code for a in await answers(app, recents)]
 
 
 async def test_a_stalled_jetstream_answers_every_request_503_within_its_deadline(
@@ -79,15 +93,13 @@ async def test_a_stalled_jetstream_answers_every_request_503_within_its_deadline
     # Unbounded, these waited for ever; queued, each waited for the reads before it.
     answered = await asyncio.wait_for(statuses(app, [20, 20, 20, 20, 50, 80]), 10)
     assert answered == [503] * 6
-    assert jetstream.reads[0] == 20
-    assert jetstream.reads.count(20) == 1  # four requests, one shared read
-    reads = len(jetstream.reads)
+    assert jetstream.reads == [200]  # six requests, one shared read (of the most recent)
     assert await statuses(app, [20]) == [503]  # a failure just now: not read again
-    assert len(jetstream.reads) == reads
+    assert jetstream.reads == [200]
     jetstream.answering.set()
-    await asyncio.sleep(0.8)  # past the last failure's moment (reads of 50 and 80 came later)
+    await asyncio.sleep(0.4)  # past the failure's moment
     assert await statuses(app, [20, 20]) == [200, 200]
-    assert jetstream.reads.count(20) == 2  # read again once, for both
+    assert jetstream.reads == [200, 200]  # read again once, for both
 
 
 async def test_without_a_nats_connection_the_status_is_503_at_once(
@@ -96,3 +108,55 @@ async def test_without_a_nats_connection_the_status_is_503_at_once(
     app, jetstream = app_with(monkeypatch, connected=False)
     assert await statuses(app, [20]) == [503]
     assert jetstream.reads == []
+
+
+async def test_requests_for_every_recent_share_one_read_and_each_gets_as_many_items(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read per ``recent`` let anyone force a full JetStream read per request by counting
+    ``?recent=1``, ``?recent=2``, …: now one read serves them all."""
+    app, jetstream = app_with(monkeypatch)
+    monkeypatch.setattr(ui, "_CACHE_SECONDS", 60.0)
+    jetstream.answering.set()
+
+    together, alone = list(range(1, 21)), [*range(21, 201, 7), 200]
+    answered = await answers(app, together)
+    answered += [(await answers(app, [recent]))[0] for recent in alone]
+
+    assert jetstream.reads == [200]
+    for recent, answer in zip([*together, *alone], answered, strict=True):
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        newest = list(range(1000, 1000 - recent, -1))
+        assert [d["seq"] for d in document["dlq"]] == newest
+        assert [r["seq"] for r in document["routes"]] == newest
+        assert document["streams"] == []
+
+
+async def test_a_read_past_its_deadline_says_nats_did_not_answer_within_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app, _ = app_with(monkeypatch)  # the read gives up after 0.2 s, a request after 0.5 s
+
+    (answer,) = await asyncio.wait_for(answers(app, [20]), 10)
+
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "error_code": "nats_unavailable",
+        "message": "NATS did not answer the status reads within 0.2 s",
+    }
+
+
+async def test_a_request_that_waits_past_its_deadline_says_the_status_was_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app, _ = app_with(monkeypatch)
+    monkeypatch.setattr(ui, "_READ_SECONDS", 5.0)  # the request's wait ends first
+
+    (answer,) = await asyncio.wait_for(answers(app, [20]), 10)
+
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "error_code": "nats_unavailable",
+        "message": "the status was not read within 0.5 s (NATS slow or busy)",
+    }

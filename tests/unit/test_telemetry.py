@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from broker.routing.load import InstanceLoad
 from broker.telemetry import metrics, tracing
 from broker.telemetry.http import OTHER, route_of
 from broker.telemetry.logfields import REDACTED, add_trace_ids, redact_secrets
@@ -27,7 +28,6 @@ from broker.telemetry.status import (
     BrokerStatus,
     BuildInfo,
     ConsumerState,
-    InstanceLoad,
     _dlq_entry,
     _route,
 )
@@ -694,9 +694,15 @@ def test_dlq_entries_name_what_gave_up() -> None:
     assert (route.source, route.error, route.origin_seq) == ("route", "no_candidate", 5)
 
 
-def test_status_document_carries_lag_and_summed_agent_load() -> None:
-    instance = InstanceLoad("i1", 5.0, 2.0, 10.0, 40.0, 0.01, None, None)
-    other = InstanceLoad("i2", 3.0, 1.0, 12.0, 80.0, 0.0, 1024.0, None)
+def test_status_document_carries_lag_and_the_agent_load_the_routers_aggregate() -> None:
+    """Rates and in-flight add up, latency is the worst instance's and the error rate is
+    the instances' weighted by their QPS (as ``/metrics`` shows it; not the worst's)."""
+    instance = InstanceLoad(
+        "default", "ocr", "i1", qps=5.0, in_flight=2, p99_ms=40.0, error_rate=0.01
+    )
+    other = InstanceLoad(
+        "default", "ocr", "i2", qps=3.0, in_flight=1, p99_ms=80.0, gpu_free_mb=1024.0
+    )
     document = BrokerStatus(
         generated_at="now",
         broker=BuildInfo("0.1.0", "abc", "2.15.1", "default"),
@@ -712,7 +718,7 @@ def test_status_document_carries_lag_and_summed_agent_load() -> None:
         "in_flight": 3.0,
         "qps": 8.0,
         "p99_ms": 80.0,
-        "error_rate": 0.01,
+        "error_rate": pytest.approx(0.05 / 8),
     }
 
 
