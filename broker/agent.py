@@ -44,6 +44,8 @@ payload (see :func:`_failure_headers`).
 Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_load``
 (requests/s, in flight, p50/p99 latency, error rate, and GPU free memory and utilisation
 when ``nvidia-smi`` answers); routers stop choosing an instance that stops heartbeating.
+An interval over a third of the bucket's TTL (15 s by default) is shortened to that, with a
+warning: routers forget an instance whose newest heartbeat is older than the TTL.
 On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds (one
 still running then is cancelled and its message handed back, for another instance, after a
 second), then its load entry is deleted so routers stop choosing it at once.
@@ -55,6 +57,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -175,13 +178,36 @@ class Reply:
 
 
 Handler = Callable[[Request], Awaitable[Any]]
+#: A header value NATS stores as given: visible ASCII and inner spaces, 1 to 255 characters.
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+
+
+def _describe(value: object, limit: int = 300) -> str:
+    """``repr(value)``, cut to ``limit``; the type's name when its ``__repr__`` raises (an
+    ORM object whose session is closed, say): a failure must be recorded whatever it holds."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} that cannot be shown>"
+    return text[:limit]
 
 
 def to_reply(result: Any) -> Reply:
     """What a handler returned, as reply bytes and a content type; ``TypeError`` when it
-    is none of those and cannot be serialised as JSON (a dict with int keys, say)."""
+    is none of those and cannot be serialised as JSON (a dict with int keys, say), or a
+    :class:`Reply` whose payload is not bytes or whose content type is not a header value."""
     if isinstance(result, Reply):
-        return result
+        payload, content_type = result.payload, result.content_type
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"a Reply's payload must be bytes, not {type(payload).__name__} "
+                "(return a str for text/plain, or encode it)"
+            )
+        if not isinstance(content_type, str) or not _HEADER_VALUE.fullmatch(content_type):
+            raise TypeError(
+                f"a Reply's content_type must be a media type, not {_describe(content_type)}"
+            )
+        return result if isinstance(payload, bytes) else Reply(bytes(payload), content_type)
     if isinstance(result, bytes):
         return Reply(result)
     if isinstance(result, str):
@@ -711,6 +737,7 @@ class Agent:
         self._js = self._nc.jetstream(timeout=10.0)
         self._reply_store = ReplyStore(self._nc, self.name, timeout=_REPLY_STORE_TIMEOUT)
         self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
+        await self._fit_heartbeat_to_ttl(self._kv)
         if self.register:
             from broker.envelope import Tenant
             from broker.errors import Conflict
@@ -891,6 +918,15 @@ class Agent:
             with contextlib.suppress(Exception):
                 await message.nak(delay=_HANDED_BACK_DELAY)
             raise
+        except Exception as e:  # the SDK's own failure, not the handler's: never unsettled
+            log.error(
+                "agent_message_not_settled",
+                agent=self.name,
+                error=_describe(e),
+                exc_info=True,
+            )
+            with contextlib.suppress(Exception):
+                await message.nak(delay=_FAILURE_NOT_RECORDED_DELAY)
 
     async def _handle_one(self, message: Msg, alone: bool) -> None:
         headers = dict(message.headers or {})
@@ -954,8 +990,9 @@ class Agent:
                     reason, why = FailureReason.TIMEOUT, "cancelled at the deadline"
                 else:  # a handler's own TimeoutError or CancelledError (from a call or task
                     # of its own) included: reported, not taken for a stop and run again
-                    log.warning("agent_handler_failed", agent=self.name, error=repr(e)[:300])
-                    reason, why = FailureReason.ERROR, repr(e)
+                    why = _describe(e, 4096)
+                    log.warning("agent_handler_failed", agent=self.name, error=why[:300])
+                    reason = FailureReason.ERROR
                 recorded = await self._failed(request, reason, why)
             else:
                 latency_ms = (time.monotonic() - started) * 1000
@@ -1116,6 +1153,22 @@ class Agent:
             await self._kv.put(load.key, load.to_json())
         except Exception as e:  # NATS away for a moment: the next beat tries again
             log.warning("agent_heartbeat_failed", error=str(e)[:200])
+
+    async def _fit_heartbeat_to_ttl(self, kv: KeyValue) -> None:
+        """Beat at least three times per the bucket's TTL: routers forget an instance whose
+        newest heartbeat is older than the TTL, so a slower interval would take a healthy
+        instance out of routing for part of every beat (at 20 s against 15, a quarter of the
+        time). A slower one asked for is shortened, and said so."""
+        with contextlib.suppress(Exception):  # the bucket's settings unread: keep the asked
+            ttl = (await kv.status()).ttl
+            if ttl and self.heartbeat_interval > ttl / 3:
+                log.warning(
+                    "agent_heartbeat_interval_shortened",
+                    asked=self.heartbeat_interval,
+                    used=ttl / 3,
+                    bucket_ttl=ttl,
+                )
+                self.heartbeat_interval = ttl / 3
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         beats = 0

@@ -255,7 +255,7 @@ def deadline_of(headers: Mapping[str, str]) -> float | None:
         return None
     try:
         return int(raw) / 1000.0
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or past any float (4 000 digits)
         return None
 
 

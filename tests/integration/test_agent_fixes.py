@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 import broker.agent
-from broker.agent import Agent, Request
+from broker.agent import Agent, Reply, Request
 from broker.embedded import NatsServer
 from broker.envelope import Outbound
 from broker.errors import Unavailable
@@ -134,6 +134,78 @@ async def test_a_result_that_cannot_be_serialised_is_a_recorded_failure_not_a_re
     assert replies == []
     info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
     assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, 1)
+
+
+class _Unprintable:
+    def __repr__(self) -> str:  # an ORM object whose session is closed, say
+        raise RuntimeError("session closed")
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        (Reply("text", "text/plain"), "payload must be bytes, not str"),  # type: ignore[arg-type]
+        (Reply(b"x", None), "content_type must be a media type, not None"),  # type: ignore[arg-type]
+        (Reply(b"x", "text/plain\r\nX-Injected: 1"), "content_type must be a media type"),
+        (ValueError(_Unprintable()), "<ValueError that cannot be shown>"),
+    ],
+    ids=["str-payload", "no-content-type", "content-type-with-newline", "unprintable-exception"],
+)
+async def test_a_result_the_sdk_cannot_send_or_show_is_recorded_once_not_run_again(
+    publisher: Publisher, nats_url: str, result: object, expected: str
+) -> None:
+    """A ``Reply`` with a str payload was acked as handled with no reply sent or stored (the
+    caller waited to its deadline); one without a content type, and an exception whose
+    ``repr`` raises, escaped the SDK's task: the message stayed unsettled and the handler ran
+    again at every ack_wait. Each is now the handler's recorded failure, settled at once."""
+    replies = await caller_replies(publisher)
+    await send(publisher, 1, reply_to=CALLER)
+    agent = Agent(MANIFEST, nats_url=nats_url, ack_wait=1.0, heartbeat_interval=0.2)
+    calls: list[int] = []
+
+    @agent.handler
+    async def handle(request: Request) -> object:
+        calls.append(request.attempt)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    await run_until_a_failure_is_stored(agent, publisher, linger=2.5)  # two ack_waits more
+    failure = await stored_failure(publisher)
+    assert failure is not None
+    assert failure.reason is FailureReason.ERROR
+    assert expected in failure.message
+    assert calls == [1]
+    assert replies == []
+    assert (agent.handled, agent.failed) == (0, 1)
+    info = await publisher.js.consumer_info(Stream.ROUTES, agent.consumer_name)
+    assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, 1)
+
+
+async def test_a_heartbeat_slower_than_the_buckets_ttl_allows_is_shortened(
+    publisher: Publisher, nats_url: str
+) -> None:
+    """Routers forget an instance whose newest heartbeat is older than ``agent_load``'s TTL
+    (15 s): at 20 s an instance was out of routing for 5 s of every 20."""
+    ttl = (await (await publisher.js.key_value(AGENT_LOAD_BUCKET)).status()).ttl
+    assert ttl is not None
+    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=ttl + 5)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b""
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        async def connected() -> bool:
+            return agent.heartbeat_interval < ttl
+
+        assert await await_until(connected, timeout=10)
+    finally:
+        await stopped(running, stop)
+    assert agent.heartbeat_interval == pytest.approx(ttl / 3)
 
 
 @pytest.mark.parametrize("over_by", ["payload", "headers"])

@@ -15,6 +15,7 @@ from broker.agent import Reply, _Window, to_reply
 from broker.envelope import NATS_MSG_ID
 from broker.routing.cooldown import Cooldowns
 from broker.routing.events import (
+    H_DEADLINE,
     H_DECISION_TO,
     H_EVENT,
     H_FAILURE,
@@ -24,6 +25,7 @@ from broker.routing.events import (
     RouteDecided,
     RouteEventUnreadable,
     RouteFailed,
+    deadline_of,
     original_headers,
 )
 from broker.routing.load import InstanceLoad, LoadView, aggregate
@@ -335,3 +337,13 @@ def test_handler_results_become_replies() -> None:
     assert to_reply("hi") == Reply(b"hi", "text/plain; charset=utf-8")
     assert to_reply({"a": 1}) == Reply(b'{"a":1}', "application/json")
     assert to_reply(Reply(b"x", "image/png")) == Reply(b"x", "image/png")
+
+
+@pytest.mark.parametrize(
+    "raw", ["soon", "", "9" * 400, "-" + "9" * 400], ids=["word", "empty", "huge", "huge-negative"]
+)
+def test_a_deadline_header_that_is_no_time_counts_as_none(raw: str) -> None:
+    """400 digits are an int but no float: the agent's task raised OverflowError there and
+    the message was redelivered forever, never run."""
+    assert deadline_of({H_DEADLINE: raw}) is None
+    assert deadline_of({H_DEADLINE: "1700000000123"}) == 1700000000.123
