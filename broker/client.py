@@ -69,6 +69,9 @@ __all__ = [
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = frozenset({429, 503})
+#: What a proxy answers when the broker behind it does not (bad gateway, gateway timeout):
+#: without the broker's error code, retried as a 503 is (a repeatable request only).
+_GATEWAY_STATUS = frozenset({502, 504})
 #: Transport errors raised before a request was sent: no connection could be had.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 #: A connection that failed or was shut down. TLS 1.3 servers refuse a client certificate
@@ -162,6 +165,10 @@ def _error(response: httpx.Response) -> BrokerError:
         raw, message = body["error_code"], str(body["message"])
     except (ValueError, KeyError, TypeError):
         raw, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
+    if raw == "" and response.status_code in _GATEWAY_STATUS:
+        # A proxy's or load balancer's page: the broker's answer never came (the broker's
+        # own 502 and 504 say agent_error, deadline_exceeded).
+        return _not_the_broker(str(response.url), f"{message}, with no error code")
     # The schema registry answers Confluent's integer codes (40401 ...); the rest strings.
     code: str | int = raw if isinstance(raw, int) else str(raw)
     _every_error_class()
@@ -323,6 +330,30 @@ class RouteReply:
         return orjson.loads(self.payload)
 
 
+def _with_callers(
+    sent: dict[str, str],
+    headers: Mapping[str, str] | None,
+    **arguments: str | None,
+) -> dict[str, str]:
+    """``sent`` (lower-case names) with the caller's ``headers`` over it, names compared
+    without case: an ``Idempotency-Key`` the caller passes is the one sent (it went out
+    beside the client's own fresh key, which the broker read, so retries were stored again),
+    and so is a ``Content-Type``. ``arguments`` name the headers the call's own arguments
+    set (``key=`` for ``idempotency-key``...): ``ValueError`` when both say different things."""
+    if not headers:
+        return sent
+    for name, value in headers.items():
+        lower = name.lower()
+        argument = arguments.get(lower.replace("-", "_"))
+        if argument is not None and argument != value:
+            raise ValueError(
+                f"{name} is given twice, as an argument ({argument!r}) and in headers "
+                f"({value!r})"
+            )
+        sent[lower] = value
+    return sent
+
+
 def _route_headers(
     media: str,
     key: str | None,
@@ -346,7 +377,7 @@ def _route_headers(
             sent["broker-embedding-model"] = embedding_model
     if env is not None:
         sent["x-env"] = env
-    return {**sent, **(headers or {})}
+    return _with_callers(sent, headers, idempotency_key=key, x_env=env)
 
 
 def credential_headers(api_key: str | None, tenant: str | None = None) -> dict[str, str]:
@@ -426,7 +457,7 @@ class BrokerClient:
         of the key's tenants (``Broker-Tenant``), else the key's first tenant is used."""
         self.retry = retry or RetryPolicy()
         # publish_stream speaks HTTP/2 itself: it needs what httpx is given
-        self._stream_headers = {**credential_headers(api_key, tenant), **(headers or {})}
+        self._stream_headers = _with_callers(credential_headers(api_key, tenant), headers)
         self._verify = verify
         self._timeout = timeout
         self._http = httpx.AsyncClient(
@@ -435,7 +466,7 @@ class BrokerClient:
             http1=base_url.startswith("https"),  # h2c needs prior knowledge; TLS negotiates
             timeout=timeout,
             verify=verify,
-            headers={**credential_headers(api_key, tenant), **(headers or {})},
+            headers=self._stream_headers,
         )
 
     async def __aenter__(self) -> Self:
@@ -493,7 +524,14 @@ class BrokerClient:
                 attempt += 1
                 continue
             if (
-                response.status_code in _RETRYABLE_STATUS
+                (
+                    response.status_code in _RETRYABLE_STATUS
+                    or (
+                        repeatable
+                        and response.status_code in _GATEWAY_STATUS
+                        and _error_code(response) is None
+                    )
+                )
                 and attempt + 1 < self.retry.attempts
                 and not (final and _error_code(response) in final)
             ):
@@ -520,11 +558,12 @@ class BrokerClient:
         """Append one message. ``payload``: bytes as they are, ``str`` as UTF-8 text,
         anything else as JSON. ``key`` defaults to a fresh idempotency key, reused on retry."""
         body, media = _payload(payload, content_type)
-        sent = {
-            "content-type": media,
-            "idempotency-key": key or uuid.uuid4().hex,
-            **(headers or {}),
-        }
+        sent = _with_callers(
+            {"content-type": media, "idempotency-key": key or uuid.uuid4().hex},
+            headers,
+            idempotency_key=key,
+            content_type=content_type,
+        )
         if schema_id is not None:
             sent["schema-id"] = str(schema_id)
         if expected_last_subject_sequence is not None:
@@ -596,9 +635,14 @@ class BrokerClient:
             params={"wait": "true", "timeout": str(timeout)},
             timeout=timeout + 10.0,
         )
+        seq = response.headers.get("broker-message-seq", "")
+        if response.status_code != 200 or not (seq.isascii() and seq.isdigit()):
+            # a redirect, or a page without the reply's headers: not the broker's answer
+            why = f"{_answered(response)} without a broker-message-seq header"
+            raise _not_the_broker(str(response.url), why)
         return RouteReply(
             agent=response.headers.get("broker-agent", ""),
-            message_seq=int(response.headers.get("broker-message-seq", "0")),
+            message_seq=int(seq),
             content_type=response.headers.get("content-type", "application/octet-stream"),
             payload=response.content,
             duplicate=response.headers.get("broker-duplicate") == "true",

@@ -8,18 +8,19 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.client import SyncBrokerClient
-from broker.errors import Unavailable
+from broker.client import RetryPolicy, SyncBrokerClient, _error
+from broker.errors import DeadlineExceeded, Unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -41,6 +42,8 @@ class Answer:
     body: bytes
     content_type: str
     status: int = 200
+    #: The header lists of the requests served so far, in order.
+    seen: list[list[tuple[str, str]]] = field(default_factory=list)
 
 
 def _serve(conn_sock: socket.socket, answer: Answer) -> None:
@@ -51,7 +54,11 @@ def _serve(conn_sock: socket.socket, answer: Answer) -> None:
         conn_sock.sendall(conn.data_to_send())
         while data := conn_sock.recv(65535):
             for event in conn.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
+                if isinstance(event, h2.events.RequestReceived):
+                    answer.seen.append(
+                        [(bytes(k).decode(), bytes(v).decode()) for k, v in event.headers]
+                    )
+                elif isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded):
                     headers = [
@@ -216,3 +223,63 @@ def test_a_redirect_is_not_the_brokers_answer_even_with_its_keys(
     with SyncBrokerClient(other_server) as client, pytest.raises(Unavailable) as raised:
         client.get_agent("summarizer")
     assert "a redirect" in raised.value.message
+
+
+# --- a proxy's errors, and headers the caller passes -----------------------------------------
+
+FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.01)
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_proxys_gateway_error_is_unavailable_and_retried(
+    other_server: str, answer: Answer, status: int
+) -> None:
+    """A load balancer's 502/504 page (no error code) was the broker's AgentFailed or
+    DeadlineExceeded, and not retried; the broker's own 502/504 carry their codes."""
+    answer.status, answer.body, answer.content_type = status, b"<h1>Bad Gateway</h1>", "text/html"
+    with SyncBrokerClient(other_server, retry=FAST) as client, pytest.raises(Unavailable) as raised:
+        client.publish("orders.created", b"x")
+    assert "is not the broker's" in raised.value.message
+    assert len(answer.seen) == 3  # retried: a publish carries its idempotency key
+    assert len({dict(h)["idempotency-key"] for h in answer.seen}) == 1
+
+
+def test_the_brokers_own_gateway_timeout_keeps_its_error() -> None:
+    """The broker's 504 says ``deadline_exceeded``: still DeadlineExceeded, not retried."""
+    body = b'{"error_code": "deadline_exceeded", "message": "no reply"}'
+    response = httpx.Response(504, content=body, request=httpx.Request("POST", "http://b/x"))
+    assert isinstance(_error(response), DeadlineExceeded)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(302, b""), (200, b"<html>hi</html>")], ids=["redirect", "page"]
+)
+def test_a_reply_without_the_brokers_headers_is_not_taken_for_the_agents(
+    other_server: str, answer: Answer, status: int, body: bytes
+) -> None:
+    """``request()`` took a proxy's redirect (or any 200) for the agent's empty reply."""
+    answer.status, answer.body, answer.content_type = status, body, "text/html"
+    with SyncBrokerClient(other_server, retry=FAST) as client, pytest.raises(Unavailable) as raised:
+        client.request("orders.created", b"x")
+    assert "broker-message-seq" in raised.value.message
+
+
+def test_an_idempotency_key_in_headers_is_the_one_sent(other_server: str, answer: Answer) -> None:
+    """``headers={"Idempotency-Key": ...}`` went out beside the client's own fresh key, which
+    the broker read: a retried publish was stored twice. Names are compared without case."""
+    answer.body, answer.content_type = (
+        b'{"stream": "MESSAGES", "seq": 1, "duplicate": false}',
+        ("application/json"),
+    )
+    with SyncBrokerClient(other_server, headers={"X-Api-Key": "k"}) as client:
+        client.publish(
+            "orders.created",
+            b"x",
+            headers={"Idempotency-Key": "order-1", "Content-Type": "text/csv"},
+        )
+        with pytest.raises(ValueError, match="given twice"):
+            client.publish("orders.created", b"x", key="a", headers={"Idempotency-Key": "b"})
+    sent = answer.seen[0]
+    assert [v for k, v in sent if k == "idempotency-key"] == ["order-1"]
+    assert [v for k, v in sent if k == "content-type"] == ["text/csv"]
+    assert [v for k, v in sent if k == "x-api-key"] == ["k"]
