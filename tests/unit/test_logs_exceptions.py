@@ -197,3 +197,122 @@ def test_the_log_format_is_read_whatever_its_case(
     monkeypatch.setenv("BROKER_LOG_FORMAT", value)
     assert log_format() == "json"
     assert granian_log_config() is not None
+
+
+# --- other libraries' records ------------------------------------------------------------
+
+
+def _root_handlers_of_ours() -> list[logging.Handler]:
+    from broker.logs import LineFormatter
+
+    return [h for h in logging.getLogger().handlers if isinstance(h.formatter, LineFormatter)]
+
+
+def test_another_librarys_record_is_one_redacted_json_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nats-py's (or asyncio's) records went through the last-resort handler as plain,
+    unredacted text: in JSON mode they are JSON lines, scrubbed like structlog's."""
+    _configure(monkeypatch, "json")
+    logging.getLogger("nats").error("connect to nats://u:secretpw@h:4222 failed")
+    (line,) = capsys.readouterr().err.splitlines()
+    fields = json.loads(line)
+    assert "secretpw" not in line
+    assert fields["event"] == "connect to nats://***@h:4222 failed"
+    assert (fields["level"], fields["logger"]) == ("error", "nats")
+    assert "timestamp" in fields
+
+
+def test_configuring_twice_installs_one_root_handler(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Configured again (a second command in one process), another library's record is
+    still written once, in the format configured last."""
+    _configure(monkeypatch, "console")
+    _configure(monkeypatch, "json")
+    logging.getLogger("asyncio").warning("loop slow")
+    assert len(_root_handlers_of_ours()) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["event"] == "loop slow"
+
+
+def test_another_librarys_traceback_is_redacted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncio's "exception was never retrieved" carries a traceback: scrubbed too."""
+    _configure(monkeypatch, "json")
+    try:
+        _fail_to_connect()
+    except RuntimeError:
+        logging.getLogger("asyncio").exception("Task exception was never retrieved")
+    (line,) = capsys.readouterr().err.splitlines()
+    _assert_scrubbed(line)
+    assert MASKED_URL in json.loads(line)["exception"]
+
+
+def test_another_librarys_record_is_redacted_on_the_console(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _configure(monkeypatch, "console")
+    logging.getLogger("nats").error("connect to nats://u:secretpw@h:4222 failed")
+    err = capsys.readouterr().err
+    assert "secretpw" not in err
+    assert "nats://***@h:4222" in err
+    assert not err.lstrip().startswith("{")
+
+
+def test_granians_config_keeps_its_loggers_and_the_root_handler(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """granian applies its dict config after ours: its records are one JSON line each
+    (not repeated by the root handler), and other libraries' still reach the root's."""
+    import logging.config
+
+    from broker.logs import granian_log_config
+
+    _configure(monkeypatch, "json")
+    config = granian_log_config()
+    assert config is not None
+    granian = logging.getLogger("_granian")
+    saved = granian.handlers[:], granian.propagate, granian.level
+    try:
+        logging.config.dictConfig(config)
+        granian.error("worker nats://u:secretpw@h:4222 died")
+        logging.getLogger("nats").error("still here")
+    finally:
+        granian.handlers[:], granian.propagate = saved[0], saved[1]
+        granian.setLevel(saved[2])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(f["logger"], f["event"]) for f in lines] == [
+        ("granian", "worker nats://***@h:4222 died"),
+        ("nats", "still here"),
+    ]
+
+
+@pytest.mark.parametrize("value", ["jsonl", "text", "yaml"])
+def test_an_unknown_log_format_is_json_everywhere(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``jsonl`` made structlog write JSON and granian plain text: one decision now, JSON
+    for structlog, granian and other libraries alike, and said once."""
+    from broker.logs import granian_log_config, log_format
+
+    log = _configure(monkeypatch, value)
+    assert log_format() == "json"
+    assert granian_log_config() is not None
+    log.info("structlog_line")
+    logging.getLogger("nats").error("stdlib_line")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [f["event"] for f in lines] == ["log_setting_unknown", "structlog_line", "stdlib_line"]
+    assert (lines[0]["value"], lines[0]["using"]) == (value, "json")
+
+
+@pytest.mark.parametrize("value", ["console", " Console "])
+def test_the_console_format_is_console_everywhere(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.logs import granian_log_config, log_format
+
+    monkeypatch.setenv("BROKER_LOG_FORMAT", value)
+    assert log_format() == "console"
+    assert granian_log_config() is None
