@@ -117,6 +117,10 @@ async def test_requests_for_every_recent_share_one_read_and_each_gets_as_many_it
     ``?recent=1``, ``?recent=2``, …: now one read serves them all."""
     app, jetstream = app_with(monkeypatch)
     monkeypatch.setattr(ui, "_CACHE_SECONDS", 60.0)
+    # Not about deadlines: the read of 200 items and 20 answers at once may take a while on
+    # a loaded machine (0.5 s were past once in a full run).
+    monkeypatch.setattr(ui, "_READ_SECONDS", 20.0)
+    monkeypatch.setattr(ui, "_WAIT_SECONDS", 30.0)
     jetstream.answering.set()
 
     together, alone = list(range(1, 21)), [*range(21, 201, 7), 200]
