@@ -347,8 +347,7 @@ def _with_callers(
         argument = arguments.get(lower.replace("-", "_"))
         if argument is not None and argument != value:
             raise ValueError(
-                f"{name} is given twice, as an argument ({argument!r}) and in headers "
-                f"({value!r})"
+                f"{name} is given twice, as an argument ({argument!r}) and in headers ({value!r})"
             )
         sent[lower] = value
     return sent
@@ -848,11 +847,15 @@ class BrokerClient:
                             yield message
             except CONNECTION_FAILED as e:
                 if attempt + 1 >= self.retry.attempts:
-                    raise Unavailable(f"replay interrupted: {e}") from e
+                    if next_seq is None or next_seq == start_seq:  # nothing read yet
+                        raise Unavailable(f"cannot reach the broker: {e}") from e
+                    raise Unavailable(f"replay interrupted before seq {next_seq}: {e}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
                 continue
-            if received < page or (end is not None and next_seq is not None and next_seq > end):
+            # An answer also ends at 16 MiB (the server's MAX_RESPONSE_BYTES): fewer than
+            # `page` records is not the end; an empty answer, or the end seen, is.
+            if received == 0 or (end is not None and next_seq is not None and next_seq > end):
                 return
 
     # --- agent registry ---------------------------------------------------------------

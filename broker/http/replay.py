@@ -61,6 +61,13 @@ REPLAYABLE_HELP = ", ".join(s.value for s in Replayable)
 
 
 MAX_LIMIT = 100_000
+#: A response ends once it holds this much (after the record that reaches it), before
+#: ``limit``: granian queues a streamed answer without bound and says nothing of a slow or
+#: vanished reader (an HTTP/2 stream reset, the connection kept), so without it one replay
+#: of 100 000 large messages was read into the broker's memory whatever the client took.
+#: Clients page on, from the last ``seq`` + 1, until an answer is empty or past
+#: ``Broker-Stream-Last-Seq``.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: The highest start sequence, however it is given (``start_seq`` or ``Last-Event-ID``): one
 #: bound for both, inside what NATS takes (a uint64; above it, the consumer is refused).
 MAX_SEQ = 2**63 - 1
@@ -121,6 +128,28 @@ async def _decoded(
 
 
 SSE = "text/event-stream"
+
+
+def _accepts_sse(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for Server-Sent Events: it names
+    ``text/event-stream`` (in any case) with a quality above 0, at least as high as any
+    other range it names."""
+    best_sse, best_other = 0.0, 0.0
+    for part in accept.split(",")[:64]:
+        media, _, parameters = part.partition(";")
+        quality = 1.0
+        for parameter in parameters.split(";"):
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value.strip()), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+        if media.strip().lower() == SSE:
+            best_sse = max(best_sse, quality)
+        else:
+            best_other = max(best_other, quality)
+    return best_sse > 0 and best_sse >= best_other
 
 
 def _event(seq: int, line: bytes) -> bytes:
@@ -233,7 +262,7 @@ def replay_router(state: IngressState) -> APIRouter:
         the consumer's creation (a 500): a ``Last-Event-ID`` whose next sequence is above
         ``MAX_SEQ``, as ``start_seq`` is, and a ``start_time`` whose UTC form falls outside
         years 1 to 9999 (``0001-01-01T00:00:00+05:00``), which has no datetime to send."""
-        sse = accept is not None and SSE in accept
+        sse = accept is not None and _accepts_sse(accept)
         first_seq, first_time = _start(start_seq, start_time, last_event_id)
         tenant = state.tenant
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
@@ -260,9 +289,9 @@ def replay_router(state: IngressState) -> APIRouter:
 
         async def body() -> AsyncIterator[bytes]:
             # One chunk per batch the server delivered: a write per record would cost more
-            # than encoding it. The read is closed on the way out, even at ``limit``, so its
-            # consumer is deleted at once.
-            left = limit
+            # than encoding it. The read is closed on the way out, even at ``limit`` or
+            # MAX_RESPONSE_BYTES, so its consumer is deleted at once.
+            left, room = limit, MAX_RESPONSE_BYTES
             async with contextlib.aclosing(batches):
                 messages = first
                 while messages:
@@ -274,9 +303,12 @@ def replay_router(state: IngressState) -> APIRouter:
                         else:
                             line = orjson.dumps(record) + b"\n"
                         lines.append(_event(record["seq"], line) if sse else line)
+                        room -= len(lines[-1])
+                        if room <= 0:
+                            break
                     yield b"".join(lines)
                     left -= len(lines)
-                    if left <= 0:
+                    if left <= 0 or room <= 0:
                         return
                     try:
                         messages = await anext(batches, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import uuid
@@ -172,6 +173,51 @@ async def test_replay_as_server_sent_events_resumes_from_last_event_id(
     assert ids == seqs[2:]
 
 
+async def test_an_answer_ends_at_16_mib_and_the_client_pages_on(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """granian queues a streamed answer however slowly its reader reads (or after an HTTP/2
+    reset): a replay of large messages held all of them in the broker's memory. One answer
+    now ends once it holds 16 MiB, and the client pages on to the last message."""
+    subject = f"big.{uuid.uuid4().hex[:8]}"
+    async with BrokerClient(broker.base_url) as c:
+        # 64 x 333 kB of base64 (the test broker takes 256 KiB a message): 21 MB
+        seqs = [(await c.publish(subject, bytes([i]) * 250_000)).seq for i in range(64)]
+        one = await client.get(
+            "/v1/streams/MESSAGES/messages", params={"subject": subject, "limit": 1000}
+        )
+        records = [orjson.loads(line) for line in one.text.splitlines()]
+        assert 40 < len(records) < 64
+        assert len(one.content) < 16 * 1024 * 1024 + 400_000  # one record past the cap
+        assert [r["seq"] for r in records] == seqs[: len(records)]
+        got = [m async for m in c.replay(subject=subject, page=1000)]
+    assert [m.seq for m in got] == seqs
+    assert [m.payload[:1] for m in got] == [bytes([i]) for i in range(64)]
+
+
+@pytest.mark.parametrize(
+    ("accept", "sse"),
+    [
+        ("text/event-stream", True),
+        ("TEXT/Event-Stream", True),
+        ("application/x-ndjson, text/event-stream", True),
+        ("text/event-stream;q=0, application/x-ndjson", False),
+        ("text/event-stream;q=0.5, application/x-ndjson", False),
+        ("*/*", False),
+    ],
+    ids=["sse", "any-case", "both", "sse-refused", "sse-lower-quality", "anything"],
+)
+async def test_replay_answers_sse_only_when_it_is_asked_for(
+    client: httpx.AsyncClient, accept: str, sse: bool
+) -> None:
+    r = await client.get(
+        "/v1/streams/MESSAGES/messages", params={"limit": 1}, headers={"accept": accept}
+    )
+    assert r.status_code == 200
+    expected = "text/event-stream" if sse else "application/x-ndjson"
+    assert r.headers["content-type"].startswith(expected)
+
+
 def test_cli_replay_writes_ndjson(broker: BrokerProcess, tmp_path: Path) -> None:
     subject = f"replay.cli.{uuid.uuid4().hex[:6]}"
     with SyncBrokerClient(broker.base_url) as client:
@@ -236,3 +282,27 @@ def test_cli_replay_prints_a_table_for_people(broker: BrokerProcess) -> None:
     assert [int(line.split()[0]) for line in lines] == seqs
     assert all(f"msg.default.{subject}" in line and "application/json" in line for line in lines)
     assert lines[2].endswith('{"n":2}')
+
+
+def test_cli_replay_to_a_directory_is_refused_before_it_reads(tmp_path: Path) -> None:
+    """``--to DIR`` ended in an IsADirectoryError traceback; it is a usage error (exit 2),
+    said before any request (no broker needed)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "replay",
+            "--to",
+            str(tmp_path),
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "400"},  # the message on one line of the error box
+    )
+    assert result.returncode == 2, result.stderr
+    assert "is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
