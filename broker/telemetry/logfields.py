@@ -258,7 +258,9 @@ def _mask_marked(text: str) -> str:
 
 
 def _text(text: str, address: bool = False) -> str:
-    return _cards(_mask_marked(_mask_userinfo(text, address=address)))
+    # Secret-named values first: in ``password:@x`` the value is "@x", which read as user
+    # information would leave "@x" in place.
+    return _cards(_mask_userinfo(_mask_marked(text), address=address))
 
 
 def _exception_text(error: BaseException) -> str:
