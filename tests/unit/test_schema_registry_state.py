@@ -19,6 +19,7 @@ from broker.errors import (
     SubjectNotFound,
     SubjectSoftDeleted,
     VersionNotFound,
+    VersionNotSoftDeleted,
     VersionSoftDeleted,
 )
 from broker.registry.schemas import decisions
@@ -158,6 +159,27 @@ def test_missing_versions_answer_40402() -> None:
     r.register("s", record("a"))
     with pytest.raises(VersionNotFound):
         r.reg.version("s", "2")
+
+
+def test_latest_is_the_newest_live_version_whatever_deleted_says() -> None:
+    """As Confluent's ``get(subject, -1, returnDeleted)``: a soft-deleted version is found by
+    its number only."""
+    r = Registry()
+    r.run(decisions.set_level(r.reg, T, None, CompatibilityLevel.NONE))
+    r.register("s", record("a"))
+    r.register("s", record("b"))
+    r.run(decisions.delete_version(r.reg, T, "s", "2", permanent=False))
+    assert r.reg.version("s", "latest", deleted=True).version == 1
+    assert r.reg.version("s", "2", deleted=True).deleted
+    with pytest.raises(VersionNotSoftDeleted):
+        decisions.delete_version(r.reg, T, "s", "latest", permanent=True)
+    assert r.run(decisions.delete_version(r.reg, T, "s", "latest", permanent=False)) == 1
+    with pytest.raises(SubjectNotFound):
+        r.reg.version("s", "latest")
+    with pytest.raises(VersionNotFound):
+        r.reg.version("s", "-1", deleted=True)
+    with pytest.raises(VersionNotFound):
+        decisions.delete_version(r.reg, T, "s", "latest", permanent=False)
 
 
 events = st.one_of(

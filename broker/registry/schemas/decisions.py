@@ -304,7 +304,8 @@ def _not_referenced(reg: TenantSchemas, subject: str, versions: Sequence[int]) -
 def delete_version(
     reg: TenantSchemas, tenant: Tenant, subject: str, spec: str, *, permanent: bool
 ) -> Decision[int]:
-    """Soft-delete one version, or permanently delete a soft-deleted one."""
+    """Soft-delete one version, or permanently delete a soft-deleted one. ``latest`` is the
+    newest live version, as Confluent has it, with or without ``permanent``."""
     target = reg.version(subject, spec, deleted=True)
     if permanent and not target.deleted:
         raise VersionNotSoftDeleted(

@@ -165,11 +165,19 @@ class TenantSchemas:
         return [v for _, v in sorted(self.subjects.get(subject, {}).items()) if not v.deleted]
 
     def version(self, subject: str, spec: str | int, *, deleted: bool = False) -> SubjectVersion:
-        """One version (``latest`` or ``-1`` for the newest), or 40401/40402."""
+        """One version by number (a soft-deleted one too, with ``deleted``), or ``latest`` /
+        ``-1``: the newest live version whatever ``deleted`` says, as Confluent resolves it.
+
+        40401 when the subject has no version (no live one, unless ``deleted``); 40402 when
+        the number is not among them, or for ``latest`` when every version is soft-deleted.
+        """
         number = parse_version(spec)
         versions = self.versions(subject, deleted=deleted)
         if number is None:
-            return versions[-1]
+            live = [v for v in versions if not v.deleted]
+            if not live:
+                raise VersionNotFound(f"Version {LATEST} not found.")
+            return live[-1]
         for v in versions:
             if v.version == number:
                 return v
