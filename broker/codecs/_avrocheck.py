@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from array import array
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Any, Final
 
 from broker.codecs._accelerator import accelerator
@@ -49,6 +50,8 @@ _PRIMITIVES: Final = {
     "string": BYTES,
 }
 _WIDTH: Final = {BOOLEAN: 1, FLOAT: 4, DOUBLE: 8}
+#: The largest value a program word holds (a ``fixed`` size, a count of fields or branches).
+_MAX_WORD: Final = 2**31 - 1
 
 #: ``(offset, reason)`` of the first bad integer, or ``None``.
 Checker = Callable[[bytes, bytes, int], "tuple[int, str] | None"]
@@ -92,7 +95,10 @@ def compile_program(
             placed[s["name"]] = at = node([ENUM, len(s["symbols"])])
             return at
         if kind == "fixed":
-            placed[s["name"]] = at = node([FIXED, int(s["size"])])
+            size = int(s["size"])
+            if not 0 <= size <= _MAX_WORD:
+                raise ValueError(f"fixed {s['name']!r} has size {size}, not 0 to {_MAX_WORD}")
+            placed[s["name"]] = at = node([FIXED, size])
             return at
         if kind in {"array", "map"}:
             items = s["values"] if kind == "map" else s["items"]
@@ -229,11 +235,41 @@ def check(program: bytes, payload: bytes, max_depth: int) -> tuple[int, str] | N
 _LONG_VARINT: Final = re.compile(rb"[\x80-\xff]{4}")
 
 
+@lru_cache(maxsize=1024)
+def _has_index(program: bytes) -> bool:
+    """Whether ``program`` has an enum or union node (or cannot be read: the walk says so).
+
+    Their indexes are checked whatever the body holds: fastavro looks an index up in a
+    Python list, so a negative one (a short varint) picks a symbol or branch from the end
+    where the spec, and the C walk, refuse it."""
+    if len(program) % 4:
+        return True
+    words = array("i")
+    words.frombytes(program)
+    at = 1  # nodes lie end to end from word 1, as compile_program places them
+    while at < len(words):
+        op = words[at]
+        if op in (ENUM, UNION) or not NULL <= op <= UNION:
+            return True
+        if op == FIXED:
+            at += 2
+        elif op in (ARRAY, MAP):
+            at += 3
+        elif op == RECORD:
+            if at + 1 >= len(words) or words[at + 1] < 0:
+                return True
+            at += 2 + words[at + 1]
+        else:
+            at += 1
+    return False
+
+
 def check_if_long(program: bytes, payload: bytes, max_depth: int) -> tuple[int, str] | None:
     """:func:`check`, skipped for a body where no varint can take 5 bytes or more (every
-    integer then fits 28 bits): the Python walk costs more than fastavro's decode, and most
-    small bodies have no such run of bytes."""
-    if _LONG_VARINT.search(payload) is None:
+    integer then fits 28 bits) when the program has no enum or union index to bound: the
+    Python walk costs more than fastavro's decode, and most small bodies have no such run
+    of bytes."""
+    if _LONG_VARINT.search(payload) is None and not _has_index(program):
         return None
     return check(program, payload, max_depth)
 

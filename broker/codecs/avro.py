@@ -160,8 +160,12 @@ class _ShapeFinder:
             if schema in _MIN_WIDTH:
                 return _MIN_WIDTH[schema], 0
             if schema in self._open:
+                # Reached through record fields alone (a union, array or map on the way
+                # takes a byte): no finite value exists, so this is never zero-width --
+                # counted as such, arrays of it would not be walked, and fastavro would
+                # follow the reference without end.
                 self.recursive = True
-                return 0, 0
+                return 1, 0
             return self._done.get(schema) or self.visit(self.names[schema])
         if isinstance(schema, list):
             branches = [self.visit(branch) for branch in schema]
@@ -337,24 +341,27 @@ class AvroCodec:
     )
 
     def __init__(self, schema: AvroSchema, *, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        # Any failure here is the schema's (fastavro raises many kinds for a bad one, and
+        # a ``fixed`` too large for the program's words is refused while compiling it).
         try:
             self._schema: Any = fastavro.parse_schema(_load(schema))
             finder = _ShapeFinder()
             width_depth = finder.visit(self._schema)
-        except Exception as exc:  # fastavro raises many kinds for a bad schema
+            names = finder.names
+            # Checks the integers fastavro read (it keeps any 64 bits of any varint).
+            self._program = compile_program(
+                self._schema, names, lambda items: _is_zero_width(items, names)
+            )
+        except Exception as exc:
             raise DecodeError("avro", f"invalid schema: {describe(exc)}") from exc
         shape = _Shape(finder.zero_width_items, finder.recursive, width_depth[1])
         self._limits = limits
-        self._names = finder.names
+        self._names = names
         self._zero_width: dict[int, bool] = {}
         self._max_bytes = limits.max_payload_bytes
         self._max_depth = min(limits.max_depth, AVRO_MAX_DEPTH)
         self._prescan = shape.zero_width_items or shape.recursive or shape.depth > self._max_depth
         self._walk_above = min(limits.max_collection_len, limits.max_total_items)
-        # Checks the integers fastavro read (it keeps any 64 bits of any length of varint).
-        self._program = compile_program(
-            self._schema, self._names, lambda items: _is_zero_width(items, self._names)
-        )
         self._check = _CHECKER
 
     @property
