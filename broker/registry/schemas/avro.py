@@ -29,6 +29,8 @@ PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "by
 _NAMED = frozenset({"record", "error", "enum", "fixed"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ORDERS = frozenset({"ascending", "descending", "ignore"})
+#: The largest ``fixed`` size: Avro's Java parser reads it as an ``int``, as do our codecs.
+_MAX_SIZE = 2**31 - 1
 _PROMOTIONS: dict[str, frozenset[str]] = {  # writer type -> reader types that can read it
     "int": frozenset({"long", "float", "double"}),
     "long": frozenset({"float", "double"}),
@@ -127,8 +129,10 @@ class _Normaliser:
                 raise InvalidSchemaError(f"{path}: enum default is not one of its symbols")
         else:
             size = node.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidSchemaError(f"{path}: fixed 'size' must be a non-negative integer")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_SIZE:
+                raise InvalidSchemaError(
+                    f"{path}: fixed 'size' must be an integer from 0 to {_MAX_SIZE}"
+                )
         return out
 
     def fields(self, fields: Any, ns: str, path: str) -> list[dict[str, Any]]:
@@ -213,9 +217,63 @@ def _referenced_types(
     return known
 
 
+def _field_choices(schema: Any, names: Mapping[str, Any]) -> frozenset[str] | None:
+    """The records one of which a field of type ``schema`` must hold, or ``None`` when it can
+    hold a value without any record (a primitive, an enum, a fixed, an array, a map)."""
+    if isinstance(schema, str):
+        schema = names.get(schema, schema)
+    if isinstance(schema, dict) and schema["type"] in ("record", "error"):
+        return frozenset({schema["name"]})
+    if isinstance(schema, list):
+        choices = [_field_choices(branch, names) for branch in schema]
+        if any(c is None for c in choices):
+            return None
+        return frozenset().union(*(c for c in choices if c is not None))
+    return None
+
+
+def _check_finite(names: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+    """Refuse a record of ``own`` that has no finite value: one that holds itself through
+    fields with no union, array or map on the way that could end it (``R {next: R}``).
+    The records with a value are found as a grammar's productive symbols are: a record has
+    one once each of its fields can hold a record that has one (linear in the fields)."""
+    waiting: dict[str, int] = {}  # record -> its fields that cannot hold a value yet
+    needed_by: dict[str, list[tuple[str, int]]] = {}  # record -> (record, field) it can end
+    ready: list[str] = []
+    for name, definition in names.items():
+        if definition["type"] not in ("record", "error"):
+            continue
+        open_fields = 0
+        for i, field in enumerate(definition["fields"]):
+            choices = _field_choices(field["type"], names)
+            if choices is None:
+                continue
+            open_fields += 1
+            for choice in choices:
+                needed_by.setdefault(choice, []).append((name, i))
+        waiting[name] = open_fields
+        if not open_fields:
+            ready.append(name)
+    ended: set[tuple[str, int]] = set()
+    while ready:
+        for record, i in needed_by.get(ready.pop(), ()):
+            if (record, i) not in ended:
+                ended.add((record, i))
+                waiting[record] -= 1
+                if not waiting[record]:
+                    ready.append(record)
+    for name in own:
+        if waiting.get(name):
+            raise InvalidSchemaError(
+                f"record {name!r} has no finite value: its fields hold records without end "
+                "(no union branch, array or map ends them)"
+            )
+
+
 def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
     """Validate Avro schema text against the named types of ``references``."""
-    normal, known, _ = _normalise(load_json(text), references)
+    normal, known, own = _normalise(load_json(text), references)
+    _check_finite({**known, **own}, own)
     try:
         named: dict[str, Any] = {}
         for definition in known.values():
@@ -232,6 +290,40 @@ def parse(text: str, references: Mapping[str, ParsedSchema]) -> ParsedSchema:
         parsed=parsed,
         references=dict(references),
     )
+
+
+def standalone(schema: ParsedSchema) -> Any:
+    """``schema``'s normalised JSON with each named type of its references defined where it
+    is first used (the Avro spec allows a definition at any use): what a reader without the
+    registry parses, such as :class:`~broker.codecs.AvroCodec`. Each definition is written
+    once, so it is no larger than the schema and its references together."""
+    normal, known, _ = _normalise(json.loads(schema.canonical), schema.references)
+    defined: set[str] = set()
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, str):
+            if node in known and node not in defined:
+                return inline(known[node])
+            return node
+        if isinstance(node, list):
+            return [inline(branch) for branch in node]
+        kind = node["type"]
+        if kind in _NAMED:
+            if node["name"] in defined:  # a reference's nested type, used before it
+                return node["name"]
+            defined.add(node["name"])
+            out = dict(node)
+            if "." not in out["name"]:
+                out["namespace"] = ""  # stays in the null namespace wherever it is written
+            if kind in ("record", "error"):
+                out["fields"] = [{**f, "type": inline(f["type"])} for f in node["fields"]]
+            return out
+        if kind in ("array", "map"):
+            key = "items" if kind == "array" else "values"
+            return {**node, key: inline(node[key])}
+        return node
+
+    return inline(normal) if known else normal
 
 
 class _Resolver:

@@ -17,7 +17,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool  # type: ignore[impo
 from broker.codecs import DEFAULT_LIMITS, Codec, CodecKind, DecodeError, DecodeLimits, kind_for
 from broker.codecs.lazy import Schema, codec_for
 from broker.envelope import Tenant
-from broker.errors import SchemaNotFound
+from broker.errors import SchemaNotFound, SchemaRegistryError
+from broker.registry.schemas import avro
 from broker.registry.schemas.service import SchemaRegistry
 from broker.registry.schemas.types import ParsedSchema, SchemaType
 
@@ -26,13 +27,17 @@ _MAX_CACHED = 4096
 
 
 def writer_schema(parsed: ParsedSchema) -> Schema:
-    """What a codec needs from a parsed schema: Avro's parsed form, a protobuf file."""
+    """What a codec needs from a parsed schema: a protobuf file; Avro's parsed form, or with
+    references, a schema that defines their named types itself (:func:`avro.standalone`)."""
     if parsed.schema_type is SchemaType.PROTOBUF:
         pool = descriptor_pool.DescriptorPool()
         files = descriptor_pb2.FileDescriptorSet.FromString(parsed.file_descriptor_set)
         for proto in files.file:  # protoc lists imports before the files that use them
             pool.Add(proto)
         return pool.FindFileByName(parsed.file_name)
+    if parsed.references:  # the named types they define, written into the schema
+        self_contained: Schema = avro.standalone(parsed)
+        return self_contained
     schema: Schema = parsed.parsed
     return schema
 
@@ -76,12 +81,16 @@ class Decoders:
             _, parsed = await self.registry.schema(tenant, schema_id)
         except SchemaNotFound:
             raise DecodeError(kind, f"schema {schema_id} is not in the registry") from None
+        except SchemaRegistryError as e:  # a reference deleted for good; a parser tightened
+            return DecodeError(kind, f"schema {schema_id} can no longer be read: {e.message}")
         if parsed.schema_type is not needs:
             return DecodeError(kind, f"schema {schema_id} is {parsed.schema_type}, not {needs}")
         try:
             return codec_for(content_type, schema=writer_schema(parsed), limits=self.limits)
         except DecodeError as e:
             return e
+        except RecursionError:  # references inlined deeper than the parsers recurse
+            return DecodeError(kind, f"schema {schema_id} nests too deeply to read")
 
 
 def json_default(value: Any) -> Any:
