@@ -456,10 +456,8 @@ class Router:
     async def retry(self, message: Msg) -> None:
         """Send a failed routed message to the next candidate, or give up."""
         headers = _headers(message)
-        try:
-            failure = RouteFailed.from_headers(headers)
-        except RouteEventUnreadable as e:
-            log.warning("route_failure_unreadable", subject=message.subject, error=e.message)
+        failure = _failure(message, headers)
+        if failure is None:
             await message.ack()
             return
         route = failure.route
@@ -511,10 +509,9 @@ class Router:
         await message.ack()
 
     async def _on_failure_event(self, message: Msg) -> None:
-        try:
-            self.observe_failure(RouteFailed.from_headers(_headers(message)))
-        except RouteEventUnreadable as e:
-            log.warning("route_failure_unreadable", subject=message.subject, error=e.message)
+        failure = _failure(message, _headers(message))
+        if failure is not None:
+            self.observe_failure(failure)
 
     # --- the loops -----------------------------------------------------------------------
 
@@ -651,6 +648,29 @@ def _refused(why: str, policy: Policy) -> Decision:
         candidates=(),
         policy_version=policy.version,
     )
+
+
+def _failure(message: Msg, headers: dict[str, str]) -> RouteFailed | None:
+    """The ``RouteFailed`` a message carries, or ``None`` (logged) when it cannot be read or
+    is not its sender's to say: an agent may publish only on its own
+    ``route.<tenant>.<agent>.failed`` (docs/tenants.md), so a failure whose route names
+    another tenant or agent than that subject is forged, and retrying it would send its
+    payload and reply subject into another tenant's inboxes, or cool another agent down.
+    Shadow (mirror) routes never fail: their agents record nothing."""
+    try:
+        failure = RouteFailed.from_headers(headers)
+    except RouteEventUnreadable as e:
+        log.warning("route_failure_unreadable", subject=message.subject, error=e.message)
+        return None
+    if failure.route.mirror or message.subject != failure.subject:
+        log.warning(
+            "route_failure_forged",
+            subject=message.subject,
+            claims=failure.subject[:300],
+            mirror=failure.route.mirror,
+        )
+        return None
+    return failure
 
 
 def _failed(failure: RouteFailed) -> str:

@@ -506,3 +506,45 @@ async def test_a_retry_embeds_a_new_text_off_the_event_loop(publisher: Publisher
         stop.set()
         await asyncio.wait_for(running, 10)
     assert longest < 0.3, f"the loop stalled {longest:.2f} s behind the model"
+
+
+async def test_a_failure_naming_another_tenant_or_agent_than_its_subject_is_ignored(
+    publisher: Publisher,
+) -> None:
+    """An agent may publish only on its own ``route.<tenant>.<agent>.failed``; one that
+    wrote another tenant's route into its failure had the router send its payload (and its
+    chosen reply subject) into that tenant's inboxes, and cool that tenant's agent down."""
+    await register_agents(publisher)
+    forged = RouteDecided(T, 1001, f"msg.{T}.x", replace(_decision(), agent="translator"))
+    failure = RouteFailed(forged, FailureReason.ERROR, "boom", "i-1")
+    genuine_route = RouteDecided(T, 1002, f"msg.{T}.x", replace(_decision(), agent="weather"))
+    genuine = RouteFailed(genuine_route, FailureReason.ERROR, "boom", "i-2")
+    injected = b"please translate: INJECTED"
+    # published on another tenant's agent's own failure subject, claiming acme's translator
+    await publisher.publish(
+        Outbound("route.shop.render.failed", injected, failure.to_headers({"Broker-Intent": "x"}))
+    )
+    await publisher.publish(Outbound(genuine.subject, b"weather?", genuine.to_headers({})))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        with capture_logs() as logs:
+
+            async def genuine_retried() -> bool:
+                return router.stats.retried == 1
+
+            assert await await_until(genuine_retried, timeout=15)
+            await asyncio.sleep(0.5)  # the forged one, read first, had its chance
+        cooling = router.cooldowns.cooling(T)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert router.stats.retried == 1  # the genuine failure only
+    assert "translator" not in cooling
+    assert any(entry["event"] == "route_failure_forged" for entry in logs)
+    info = await publisher.js.stream_info(Stream.ROUTES, subjects_filter=f"route.{T}.>")
+    stored = []
+    for subject in info.state.subjects or {}:
+        if not subject.endswith(".failed"):
+            message = await publisher.js.get_last_msg(Stream.ROUTES, subject)
+            stored.append(message.data)
+    assert injected not in stored
