@@ -69,6 +69,19 @@ def _unit(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return unit
 
 
+def _given_unit(given: Sequence[float]) -> Vector | None:
+    """A manifest's own vector as a unit row, made in float64: an entry past float32's range
+    (``1e39``, valid JSON) made an infinite row there and a NaN one once normalised, and one
+    NaN similarity turned semantic routing off for the agent's whole tenant (every message
+    ranked by load alone). ``None`` when no finite unit row comes of it."""
+    row = np.asarray(given, dtype=np.float64)
+    norm = float(np.linalg.norm(row))
+    if not math.isfinite(norm) or norm == 0.0:
+        return None
+    unit: Vector = (row / norm).astype(np.float32)
+    return unit if np.isfinite(unit).all() else None
+
+
 def accepts(
     capability: Capability, content_type: str, modality: Modality, magic: str | None
 ) -> bool:
@@ -336,7 +349,7 @@ def _plan_agents(records: Sequence[AgentRecord], embedder: Embedder) -> tuple[li
         if manifest.embedding is not None:
             given = manifest.embedding.vector
             if given is not None and _vector_problem(manifest.embedding, embedder) is None:
-                vector = _unit(np.asarray(given, dtype=np.float32))
+                vector = _given_unit(given)
             if vector is None and manifest.embedding.text:
                 about = manifest.embedding.text
         plan: list[tuple[Capability, Vector | int, list[int]]] = []

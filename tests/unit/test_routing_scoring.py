@@ -684,6 +684,27 @@ def test_a_broker_embedding_header_is_the_query() -> None:
         assert decision.candidates[0].semantic > 0.99
 
 
+def test_a_manifest_vector_past_float32s_range_does_not_switch_semantic_routing_off() -> None:
+    """``1e39`` is valid JSON but infinite in float32: the agent's row became NaN, and one NaN
+    similarity made every message of the tenant rank by load alone (threshold ignored)."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((2, 384)).astype(np.float32)
+    huge = [1e39] + [0.0] * 383
+    records = [
+        agent(f"vec-{i}", "", {"action": "work"}, embedding={"vector": vectors[i].tolist()})
+        for i in range(2)
+    ]
+    records.append(agent("huge", "", {"action": "work"}, embedding={"vector": huge}))
+    for i in range(2):
+        headers = {"Broker-Embedding": encode_embedding(vectors[i] + 0.01)}
+        decision = route(b"", headers, records, rules=policy(choice="best"))
+        assert decision.agent == f"vec-{i}"
+        assert decision.candidates[0].semantic > 0.99
+        assert all(math.isfinite(c.semantic) for c in decision.candidates)
+    toward_huge = {"Broker-Embedding": encode_embedding(np.array(huge[:1] + [0.0] * 383) / 1e39)}
+    assert route(b"", toward_huge, records, rules=policy(choice="best")).agent == "huge"
+
+
 def test_a_broker_embedding_of_another_dimension_is_refused() -> None:
     with pytest.raises(InvalidRoutingHeader, match="384 dimensions"):
         route(b"", {"Broker-Embedding": encode_embedding(np.ones(16))})
