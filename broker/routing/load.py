@@ -119,6 +119,19 @@ class InstanceLoad:
         )
 
 
+def _stored_ago(message: Msg, most: float) -> float:
+    """How long ago (seconds, at most ``most``) NATS stored a heartbeat: the current values a
+    view reads at start, or again after its consumer is made anew, may be nearly a TTL old,
+    and counted as seen now they kept a dead instance live for up to two TTLs. Capped, since
+    the age compares NATS's clock with this host's: with a heartbeat every TTL/3 at most
+    (the SDK's bound), a live instance's newest beat stays under a TTL whatever the skew."""
+    try:
+        stored = message.metadata.timestamp.timestamp()
+    except Exception:  # no JetStream metadata (a plain subscription): seen now
+        return 0.0
+    return min(max(time.time() - stored, 0.0), most)
+
+
 def aggregate(instances: list[InstanceLoad]) -> AgentLoad:
     """One agent's load over its live instances: rates and in-flight add up, latency is the
     worst instance's, GPU memory the best instance's (where the next request could go)."""
@@ -211,7 +224,7 @@ class LoadView:
             log.warning("agent_load_key_mismatch", key=key[:200], claims=load.key[:200])
             self.forget(key)
             return
-        self.observe(load)
+        self.observe(load, time.monotonic() - _stored_ago(message, self.ttl / 2))
 
     def observe(self, load: InstanceLoad, now: float | None = None) -> None:
         """Record a heartbeat (seen now, on this process's clock)."""

@@ -261,3 +261,25 @@ async def test_load_view_hears_an_instance_after_a_nats_restart(
         assert took < VISIBLE_WITHIN, f"the load view heard it {took:.1f} s after the restart"
     finally:
         await view.stop()
+
+
+async def test_a_heartbeat_read_at_start_counts_from_when_it_was_stored(
+    publisher: Publisher,
+) -> None:
+    """A view (a router starting, or its consumer made anew) reads the bucket's current
+    values; one stored nearly a TTL earlier counted as heard then, and kept an instance that
+    had died right after it live for up to two TTLs."""
+    bucket = await publisher.js.key_value(AGENT_LOAD_BUCKET)
+    last = InstanceLoad(tenant=T, agent="gone", instance="i-1", at=time.time())
+    await bucket.put(last.key, last.to_json())
+    await asyncio.sleep(2.0)  # the instance died after that beat; time passes
+    view = LoadView()
+    await view.start(publisher.js)  # the bucket's TTL (15 s)
+    try:
+        assert await view.wait_until(lambda v: "gone" in v.loads(T), 5.0)  # still in its TTL
+        # Counted from when it was stored (2 s back), it is gone a TTL less 1.9 s from now;
+        # counted from when the view read it, it would stay 1.9 s more.
+        view.refresh(time.monotonic() + view.ttl - 1.9)
+        assert "gone" not in view.loads(T)
+    finally:
+        await view.stop()
