@@ -296,6 +296,12 @@ class _Window:
     """Completions of the last ``_STATS_WINDOW`` seconds: (monotonic time, ms, ok)."""
 
     done: deque[tuple[float, float, bool]] = field(default_factory=deque)
+    started: float = field(default_factory=time.monotonic)
+
+    def seconds(self) -> float:
+        """What the window spans now: ``_STATS_WINDOW``, or less while the instance is
+        younger (a second at least), so a fresh instance's qps is not a fraction of it."""
+        return min(_STATS_WINDOW, max(time.monotonic() - self.started, 1.0))
 
     def add(self, latency_ms: float, ok: bool) -> None:
         self.done.append((time.monotonic(), latency_ms, ok))
@@ -311,18 +317,21 @@ class _Window:
 
     def summary(self) -> tuple[float, float, float, float]:
         """(qps, p50 ms, p99 ms, error rate) over the window."""
-        return self.summarize(self.snapshot())
+        return self.summarize(self.snapshot(), self.seconds())
 
     @staticmethod
-    def summarize(done: list[tuple[float, float, bool]]) -> tuple[float, float, float, float]:
-        """(qps, p50 ms, p99 ms, error rate) of a :meth:`snapshot` (any thread)."""
+    def summarize(
+        done: list[tuple[float, float, bool]], seconds: float = _STATS_WINDOW
+    ) -> tuple[float, float, float, float]:
+        """(qps, p50 ms, p99 ms, error rate) of a :meth:`snapshot` (any thread) that spans
+        ``seconds`` (:meth:`seconds`)."""
         if not done:
             return 0.0, 0.0, 0.0, 0.0
         latencies = sorted(ms for _, ms, _ in done)
         n = len(latencies)
         errors = sum(1 for _, _, ok in done if not ok)
         return (
-            n / _STATS_WINDOW,
+            n / seconds,
             latencies[(n - 1) // 2],
             latencies[min(n - 1, round(0.99 * (n - 1)))],
             errors / n,
@@ -1123,7 +1132,7 @@ class Agent:
         """This instance's load now; ``completed``: a window snapshot taken on the loop."""
         if completed is None:
             completed = self._window.snapshot()
-        qps, p50, p99, error_rate = _Window.summarize(completed)
+        qps, p50, p99, error_rate = _Window.summarize(completed, self._window.seconds())
         try:
             gpu_free, gpu_util = self.load_source.gpu()
         except Exception as e:  # a broken probe costs the GPU numbers, not the heartbeat

@@ -322,7 +322,7 @@ def test_unreadable_heartbeats_are_refused(data: bytes) -> None:
 
 
 def test_stats_window_reports_rate_percentiles_and_errors() -> None:
-    window = _Window()
+    window = _Window(started=time.monotonic() - 60)  # an instance running a while
     for ms in range(1, 101):
         window.add(float(ms), ok=ms % 10 != 0)
     qps, p50, p99, errors = window.summary()
@@ -330,6 +330,18 @@ def test_stats_window_reports_rate_percentiles_and_errors() -> None:
     assert p50 == 50
     assert p99 == 99
     assert errors == pytest.approx(0.1)
+
+
+def test_a_young_instances_rate_counts_the_seconds_it_has_run() -> None:
+    """Completions over a window not yet 30 s old were divided by 30 s: an instance that
+    started 5 s ago and handled 10 messages reported 0.33 per second, not 2."""
+    window = _Window(started=time.monotonic() - 5)
+    for _ in range(10):
+        window.add(1.0, ok=True)
+    assert window.summary()[0] == pytest.approx(2.0, rel=0.05)
+    just_started = _Window()
+    just_started.add(1.0, ok=True)
+    assert just_started.summary()[0] == pytest.approx(1.0, rel=0.05)  # a second at least
 
 
 def test_handler_results_become_replies() -> None:
