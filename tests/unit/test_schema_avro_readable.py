@@ -12,18 +12,10 @@ import pytest
 from broker.codecs import codec_for
 from broker.registry.schemas import avro
 from broker.registry.schemas.decoders import writer_schema
-from broker.registry.schemas.types import (
-    InvalidSchemaError,
-    ParsedSchema,
-    SchemaType,
-    parse_schema,
-)
+from broker.registry.schemas.types import InvalidSchemaError, ParsedSchema
+from tests.unit.test_schema_avro import parse
 
 pytestmark = pytest.mark.unit
-
-
-def parse(schema: Any, references: dict[str, ParsedSchema] | None = None) -> ParsedSchema:
-    return parse_schema(SchemaType.AVRO, json.dumps(schema), references)
 
 
 def record(name: str, *types: Any, **extra: Any) -> dict[str, Any]:
