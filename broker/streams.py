@@ -93,6 +93,8 @@ NO_TENANT = "_"
 AGENT_LOAD_BUCKET = "agent_load"
 #: Secrets of the broker's own processes (:data:`DECISION_ID_KEY`); no agent may read it.
 KEYS_BUCKET = "broker_keys"
+#: The highest routing attempt decided per failed message (``broker.routing.router``).
+ATTEMPTS_BUCKET = "route_attempts"
 #: The key of the routers' decision ids (see ``broker.routing.router.decision_id_key``).
 DECISION_ID_KEY = "decision-ids"
 
@@ -227,6 +229,25 @@ def agent_load_spec(settings: Settings) -> KeyValueConfig:
         ttl=settings.agent_load_ttl_seconds,
         storage=StorageType.FILE,
         replicas=settings.stream_replicas,
+    )
+
+
+#: How long the routers remember a failed message's highest attempt: far longer than any
+#: agent takes to store a failure again (its ack_wait times its deliveries).
+ATTEMPTS_TTL_SECONDS = 24 * 3600.0
+
+
+def attempts_spec(replicas: int) -> KeyValueConfig:
+    """The highest attempt the routers decided for each failed message (``<tenant>.<seq>``):
+    a failure stored twice, however far apart (past ``ROUTES``' duplicate window), is
+    retried once."""
+    return KeyValueConfig(
+        bucket=ATTEMPTS_BUCKET,
+        description="The highest routing attempt decided per failed message (retries).",
+        history=1,
+        ttl=ATTEMPTS_TTL_SECONDS,
+        storage=StorageType.FILE,
+        replicas=replicas,
     )
 
 
@@ -376,7 +397,12 @@ async def provision(
         await _patiently(
             functools.partial(_ensure_stream, js, wanted, update=update, report=report)
         )
-    for bucket in (agent_load_spec(settings), keys_spec(settings.stream_replicas)):
+    buckets = (
+        agent_load_spec(settings),
+        keys_spec(settings.stream_replicas),
+        attempts_spec(settings.stream_replicas),
+    )
+    for bucket in buckets:
         await _patiently(
             functools.partial(_ensure_bucket, js, bucket, update=update, report=report)
         )

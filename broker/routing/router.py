@@ -39,7 +39,8 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError, Unavailable
@@ -70,6 +71,7 @@ from broker.streams import (
     KEYS_BUCKET,
     SUBJECT_PREFIX,
     Stream,
+    attempts_spec,
     dlq_subject,
     is_decision_subject,
     keys_spec,
@@ -146,6 +148,7 @@ class RouterStats:
     dead_lettered: int = 0
     retried: int = 0
     failures_seen: int = 0
+    failures_repeated: int = 0  # a failure stored again after its retry was decided
     errors: int = 0
 
 
@@ -182,6 +185,7 @@ class Router:
         #: The key of the decisions' ``Nats-Msg-Id`` (:func:`decision_id_key`), read at the
         #: start of :meth:`run` (``None``, unkeyed ids, only for a router used without it).
         self.id_key: bytes | None = None
+        self._attempts: KeyValue | None = None  # ATTEMPTS_BUCKET, opened at the first retry
 
     @property
     def js(self) -> JetStreamContext:
@@ -461,6 +465,20 @@ class Router:
             await message.ack()
             return
         route = failure.route
+        attempts = await self._attempts_bucket()
+        claim = f"{route.tenant}.{route.message_seq}"
+        if await _highest_attempt(attempts, claim) > route.attempt:
+            # The failure was stored twice (an agent that died before its ack ran the message
+            # again), past ROUTES' duplicate window: its next attempt is decided already.
+            log.info(
+                "route_failure_already_retried",
+                message_seq=route.message_seq,
+                attempt=route.attempt,
+                agent=failure.agent,
+            )
+            self.stats.failures_repeated += 1
+            await message.ack()
+            return
         original = original_headers(headers)
         deadline = deadline_of(original)
         expired = deadline is not None and time.time() >= deadline
@@ -506,7 +524,16 @@ class Router:
             dead = replace(route.next_attempt(final), attempt=route.attempt + 1)
             code = "deadline_exceeded" if expired or not failure.retryable else "agent_error"
             await self._deliver(dead, message.data, original, dead=code)
+        # After the append: a router that dies before this decides again, deduplicated
+        # (its failure comes back within ROUTES' duplicate window).
+        await attempts.put(claim, b"%d" % (route.attempt + 1))
         await message.ack()
+
+    async def _attempts_bucket(self) -> KeyValue:
+        if self._attempts is None:
+            replicas = (await self.js.stream_info(Stream.ROUTES)).config.num_replicas or 1
+            self._attempts = await open_bucket(self.js, attempts_spec(replicas))
+        return self._attempts
 
     async def _on_failure_event(self, message: Msg) -> None:
         failure = _failure(message, _headers(message))
@@ -648,6 +675,17 @@ def _refused(why: str, policy: Policy) -> Decision:
         candidates=(),
         policy_version=policy.version,
     )
+
+
+async def _highest_attempt(bucket: KeyValue, claim: str) -> int:
+    """The highest attempt decided for the failed message ``claim`` (``<tenant>.<seq>``);
+    0 when none is recorded."""
+    try:
+        entry = await bucket.get(claim)
+    except KeyNotFoundError:
+        return 0
+    value = entry.value or b""
+    return int(value) if value.isdigit() else 0
 
 
 def _failure(message: Msg, headers: dict[str, str]) -> RouteFailed | None:

@@ -8,7 +8,14 @@ from nats.js.api import StreamConfig
 
 from broker.errors import StreamConfigConflict
 from broker.settings import Settings
-from broker.streams import AGENT_LOAD_BUCKET, KEYS_BUCKET, Stream, missing_streams, provision
+from broker.streams import (
+    AGENT_LOAD_BUCKET,
+    ATTEMPTS_BUCKET,
+    KEYS_BUCKET,
+    Stream,
+    missing_streams,
+    provision,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -18,12 +25,16 @@ async def test_provisioning_twice_changes_nothing(nats_url: str) -> None:
     js = nc.jetstream()
     try:
         first = await provision(js, Settings())
-        assert sorted(first.created) == sorted([*Stream, AGENT_LOAD_BUCKET, KEYS_BUCKET])
+        assert sorted(first.created) == sorted(
+            [*Stream, AGENT_LOAD_BUCKET, KEYS_BUCKET, ATTEMPTS_BUCKET]
+        )
         before = {name: (await js.stream_info(name)).config for name in Stream}
         second = await provision(js, Settings())
         assert second.created == []
         assert second.updated == []
-        assert sorted(second.unchanged) == sorted([*Stream, AGENT_LOAD_BUCKET, KEYS_BUCKET])
+        assert sorted(second.unchanged) == sorted(
+            [*Stream, AGENT_LOAD_BUCKET, KEYS_BUCKET, ATTEMPTS_BUCKET]
+        )
         after = {name: (await js.stream_info(name)).config for name in Stream}
         assert before == after
         assert await missing_streams(js) == []

@@ -548,3 +548,49 @@ async def test_a_failure_naming_another_tenant_or_agent_than_its_subject_is_igno
             message = await publisher.js.get_last_msg(Stream.ROUTES, subject)
             stored.append(message.data)
     assert injected not in stored
+
+
+async def test_a_failure_stored_again_past_the_duplicate_window_is_retried_once(
+    publisher: Publisher,
+) -> None:
+    """An agent that dies after storing ``RouteFailed`` and before its ack runs the message
+    again and stores the failure again, a minute or more later. Past ``ROUTES``' duplicate
+    window (1 s here, 120 s by default) the next attempt was decided and routed twice."""
+    await register_agents(publisher)
+    info = await publisher.js.stream_info(Stream.ROUTES)
+    window = info.config.duplicate_window
+    info.config.duplicate_window = 1.0
+    await publisher.js.update_stream(info.config)
+    route = RouteDecided(T, 2001, f"msg.{T}.x", replace(_decision(), agent="translator"))
+    failure = RouteFailed(route, FailureReason.ERROR, "boom", "i-1")
+    text = b"what does the weather forecast say about rain tomorrow"
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        await publisher.publish(Outbound(failure.subject, text, failure.to_headers({})))
+
+        async def retried() -> bool:
+            return router.stats.retried == 1
+
+        assert await await_until(retried, timeout=15)
+        await asyncio.sleep(1.5)  # past the window
+        await publisher.publish(Outbound(failure.subject, text, failure.to_headers({})))
+
+        async def repeated() -> bool:
+            return router.stats.failures_repeated == 1
+
+        assert await await_until(repeated, timeout=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        info.config.duplicate_window = window
+        await publisher.js.update_stream(info.config)
+    assert router.stats.retried == 1
+    decided = []
+    sub = await publisher.js.subscribe(f"route.{T}.*", stream=Stream.ROUTES, ordered_consumer=True)
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            message = await sub.next_msg(timeout=1)
+            decided.append(RouteDecided.from_headers(message.headers or {}))
+    await sub.unsubscribe()
+    second = [d for d in decided if d.message_seq == 2001 and d.attempt == 2]
+    assert len(second) == 1
