@@ -166,7 +166,11 @@ def _install_root_handler(level: int, fmt: LogFormat) -> None:
         handler = _StderrHandler()
         root.addHandler(handler)
     handler.setFormatter(LineFormatter(fmt))
-    root.setLevel(level)
+    handler.setLevel(level)
+    # Lowered to let the handler see what it writes, never raised: an application that
+    # embeds the broker keeps what its own handlers get.
+    if root.level == logging.NOTSET or root.level > level:
+        root.setLevel(level)
 
 
 def configure_logging(level: str | None = None) -> None:

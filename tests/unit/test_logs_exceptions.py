@@ -316,3 +316,17 @@ def test_the_console_format_is_console_everywhere(
     monkeypatch.setenv("BROKER_LOG_FORMAT", value)
     assert log_format() == "console"
     assert granian_log_config() is None
+
+
+def test_configuring_never_raises_the_root_loggers_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An application that embeds the broker with its root logger at DEBUG kept getting its
+    own records before (``basicConfig`` left a configured root alone); setting the root to
+    WARNING cut them off. The broker's handler filters for itself."""
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "json")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    configure_logging()
+    assert root.level == logging.DEBUG
+    ours = [h for h in root.handlers if type(h).__name__ == "_StderrHandler"]
+    assert len(ours) == 1
+    assert ours[0].level == logging.WARNING
