@@ -79,7 +79,6 @@ _SECRET_WORDS = frozenset({"pass", "pwd", "auth", "creds", "bearer"})
 _KEY_OWNERS = frozenset({"api", "private", "access", "secret", "signing", "session", "master"})
 
 
-@lru_cache(maxsize=4096)
 def is_secret_name(name: str) -> bool:
     """Whether a field, header or setting called ``name`` holds a secret: one of its words
     holds ``password``, ``secret``, ``credential``, ``authorization``, ``cookie``, ``jwt``
@@ -87,6 +86,13 @@ def is_secret_name(name: str) -> bool:
     (and the like); is ``pass``, ``pwd``, ``auth``, ``creds`` or ``bearer``; or two words
     read ``api key``, ``private key``, ``access key``, ``session key``, ``session id``.
     ``author``, ``authority``, ``tokenizer``, ``session_count`` or ``keyboard`` are not."""
+    # Names are few and short; any other text (a value in a pair, a word before "=") is
+    # judged without the cache, which would keep it alive.
+    return _judged_cached(name) if len(name) <= _CACHED_NAME else _judged(name)
+
+
+def _judged(name: str) -> bool:
+    """See :func:`is_secret_name`."""
     words = _WORD_SEPARATORS.split(_CAMEL_HUMP.sub("_", name).lower())
     previous = ""
     for word in words:
@@ -100,6 +106,10 @@ def is_secret_name(name: str) -> bool:
             return True
         previous = word
     return False
+
+
+_CACHED_NAME = 64
+_judged_cached = lru_cache(maxsize=4096)(_judged)
 
 
 # --- secrets that say what they are, in any text ----------------------------------------
