@@ -79,6 +79,9 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 #: broker sends GOAWAY and then a PING, which h2 refuses (it takes the GOAWAY for the end of
 #: the connection); while a response body is read, h2's ProtocolError reaches us unwrapped.
 CONNECTION_FAILED = (httpx.TransportError, ssl.SSLError, h2.exceptions.ProtocolError)
+#: Where the broker ends a replay answer before its ``limit`` (``MAX_RESPONSE_BYTES`` of
+#: ``broker.http.replay``, which the client does not import).
+_ANSWER_BYTES = 16 * 1024 * 1024
 #: The 503 of a write whose outcome the broker does not know (it may be stored).
 _OUTCOME_UNKNOWN = frozenset({"publish_timeout"})
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
@@ -166,9 +169,12 @@ def _error(response: httpx.Response) -> BrokerError:
     except (ValueError, KeyError, TypeError):
         raw, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
     if raw == "" and response.status_code in _GATEWAY_STATUS:
-        # A proxy's or load balancer's page: the broker's answer never came (the broker's
-        # own 502 and 504 say agent_error, deadline_exceeded).
-        return _not_the_broker(str(response.url), f"{message}, with no error code")
+        # A proxy's or load balancer's answer: the broker's never came (its own 502 and 504
+        # say agent_error, deadline_exceeded), and the request may or may not have been done.
+        return Unavailable(
+            f"a gateway between answered for the broker ({message}): the request may or "
+            "may not have been done"
+        )
     # The schema registry answers Confluent's integer codes (40401 ...); the rest strings.
     code: str | int = raw if isinstance(raw, int) else str(raw)
     _every_error_class()
@@ -819,7 +825,7 @@ class BrokerClient:
             if next_seq is not None:
                 params.pop("start_time", None)
                 params["start_seq"] = str(next_seq)
-            received = 0
+            received = size = 0
             try:
                 async with self._http.stream(
                     "GET", f"/v1/streams/{_segment(stream)}/messages", params=params
@@ -843,6 +849,7 @@ class BrokerClient:
                                 return  # appended after the replay began
                             next_seq = message.seq + 1
                             received += 1
+                            size += len(line) + 1
                             attempt = 0
                             yield message
             except CONNECTION_FAILED as e:
@@ -853,9 +860,14 @@ class BrokerClient:
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
                 continue
-            # An answer also ends at 16 MiB (the server's MAX_RESPONSE_BYTES): fewer than
-            # `page` records is not the end; an empty answer, or the end seen, is.
-            if received == 0 or (end is not None and next_seq is not None and next_seq > end):
+            # An answer also ends once it holds _ANSWER_BYTES: fewer than `page` records
+            # under that is the end, as are an empty answer and the stream's end seen.
+            short = received < page and size < _ANSWER_BYTES
+            if (
+                received == 0
+                or short
+                or (end is not None and next_seq is not None and next_seq > end)
+            ):
                 return
 
     # --- agent registry ---------------------------------------------------------------
