@@ -213,7 +213,9 @@ def replay_router(state: IngressState) -> APIRouter:
                 "description": "One JSON object per line: stream, seq, subject, time, headers, "
                 "payload_base64, and value or decode_error when decode=json. With "
                 "`Accept: text/event-stream`, the same records as Server-Sent Events "
-                "(`id` = seq, resumable with `Last-Event-ID`).",
+                "(`id` = seq, resumable with `Last-Event-ID`). An answer ends after `limit` "
+                "records or once it holds 16 MiB: page on from the last seq + 1 until an "
+                "answer is empty or reaches `Broker-Stream-Last-Seq`.",
                 "content": {
                     # Each line is one record (as the streamed publish answer describes its
                     # lines): a one-line body is checked as that record.
