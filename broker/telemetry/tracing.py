@@ -66,7 +66,7 @@ from opentelemetry.util.types import AttributeValue
 
 from broker.codecs._accelerator import accelerator
 from broker.telemetry._spans import RecordedSpan, exception_event
-from broker.telemetry.w3c import bounded_tracestate, parse_traceparent
+from broker.telemetry.w3c import TRACEPARENT_FORMAT, bounded_tracestate, parse_traceparent
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
@@ -147,7 +147,7 @@ class TraceContext(NamedTuple):
 
 #: ``%``-formatting: about a third faster than the f-string with format specs (in a tight
 #: loop), and a sampled publish writes one per message.
-_TRACEPARENT = "00-%032x-%016x-%s"
+_TRACEPARENT = TRACEPARENT_FORMAT
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 __all__ = [
     "MAX_TRACESTATE",
     "MAX_TRACESTATE_MEMBERS",
+    "TRACEPARENT_FORMAT",
     "RequestHeaders",
     "bounded_tracestate",
     "format_traceparent",
@@ -30,6 +31,8 @@ __all__ = [
     "request_trace_headers",
 ]
 
+#: A version ``00`` ``traceparent``: trace id, span id, flags (``01`` sampled, ``00`` not).
+TRACEPARENT_FORMAT = "00-%032x-%016x-%s"
 #: What the broker keeps of a ``tracestate``: the length every vendor must propagate.
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
@@ -76,7 +79,7 @@ def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
 
 def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     """A version ``00`` ``traceparent``."""
-    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+    return TRACEPARENT_FORMAT % (trace_id, span_id, "01" if sampled else "00")
 
 
 def bounded_tracestate(value: str | Iterable[str] | None) -> str | None:
