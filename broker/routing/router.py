@@ -38,7 +38,7 @@ import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, RawStreamMsg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -114,9 +114,15 @@ async def decision_id_key(js: JetStreamContext, patience: float = 60.0) -> bytes
             await asyncio.sleep(1.0)
 
 
+async def _routers_bucket(js: JetStreamContext, spec: Callable[[int], KeyValueConfig]) -> KeyValue:
+    """A bucket of the routers' own, opened, or made with ``ROUTES``' replicas when ``broker
+    serve`` has not provisioned it (a router started on its own)."""
+    replicas = (await js.stream_info(Stream.ROUTES)).config.num_replicas or 1
+    return await open_bucket(js, spec(replicas))
+
+
 async def _read_or_make_key(js: JetStreamContext) -> bytes:
-    routes = await js.stream_info(Stream.ROUTES)
-    kv = await open_bucket(js, keys_spec(routes.config.num_replicas or 1))
+    kv = await _routers_bucket(js, keys_spec)
     with contextlib.suppress(KeyWrongLastSequenceError):  # another router made it: read it
         await kv.create(DECISION_ID_KEY, secrets.token_bytes(32))
     entry = await kv.get(DECISION_ID_KEY)
@@ -531,8 +537,7 @@ class Router:
 
     async def _attempts_bucket(self) -> KeyValue:
         if self._attempts is None:
-            replicas = (await self.js.stream_info(Stream.ROUTES)).config.num_replicas or 1
-            self._attempts = await open_bucket(self.js, attempts_spec(replicas))
+            self._attempts = await _routers_bucket(self.js, attempts_spec)
         return self._attempts
 
     async def _on_failure_event(self, message: Msg) -> None:
