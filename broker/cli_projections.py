@@ -445,6 +445,7 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
     import nats.js.errors
 
     from broker.envelope import NATS_MSG_ID
+    from broker.natsconn import get_stored
     from broker.routing.events import H_ROUTE
     from broker.streams import Stream
 
@@ -452,7 +453,7 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
     try:
         js = nc.jetstream()
         try:
-            raw = await js.get_msg(Stream.DLQ, dlq_seq)
+            raw = await get_stored(js, Stream.DLQ, dlq_seq)
         except nats.js.errors.NotFoundError:
             raise typer.BadParameter(f"no DLQ message {dlq_seq}") from None
         except nats.js.errors.BadRequestError as e:

@@ -35,6 +35,7 @@ idle.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import os
 import re
@@ -49,6 +50,8 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.protocol.command import hpub_cmd
 
 from broker.errors import BrokerError
@@ -274,6 +277,46 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
         parts += (line, value.encode(), b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def decode_headers(block: bytes) -> dict[str, str] | None:
+    """A stored message's header block (``NATS/1.0`` and ``Name: Value`` lines) read as
+    nats-py reads a delivered message's: names and values stripped, values UTF-8 (U+FFFD
+    for bad bytes), a line without a colon or with a name that is not ASCII or holds
+    whitespace skipped, the last of a repeated name kept; ``None`` when none is left."""
+    found: dict[str, str] = {}
+    for line in block.split(b"\r\n")[1:]:  # the first is the version line
+        name, colon, value = line.partition(b":")
+        key = name.strip()
+        if not colon or not key.isascii():
+            continue
+        text = key.decode()
+        if any(c.isspace() for c in text):  # str's whitespace: \x1c to \x1f too
+            continue
+        found[text] = value.strip().decode("utf-8", "replace")
+    return found or None
+
+
+async def get_stored(
+    js: JetStreamContext,
+    stream: str,
+    seq: int | None = None,
+    *,
+    subject: str | None = None,
+    following: bool = False,
+) -> RawStreamMsg:
+    """``js.get_msg`` (the stream leader's answer, never a direct get, which a lagging
+    replica may answer), with the headers read as a consumer reads them. nats-py reads
+    this answer's headers with :mod:`email`'s parser, which makes any value that is not
+    ASCII an ``email.header.Header`` of mangled bytes: a decision whose ``Broker-Route``
+    quotes an agent's error in German could not be read back, nor a client's
+    ``Broker-Intent`` in Chinese compared. ``seq`` alone: that record; ``subject`` alone:
+    the subject's last; both with ``following``: the subject's first from ``seq`` on. Raises
+    what ``get_msg`` raises (``NotFoundError`` when there is none)."""
+    raw = await js.get_msg(stream, seq, subject=subject, next=following)
+    if raw.hdrs:
+        raw.headers = decode_headers(base64.b64decode(raw.hdrs))
+    return raw
 
 
 def _unsendable(subject: str) -> bool:

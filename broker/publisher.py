@@ -36,6 +36,7 @@ from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
     explain_connect_error,
+    get_stored,
     open_client,
     subscribe_detached,
 )
@@ -441,7 +442,7 @@ class Publisher:
         if digest is None or self._js is None:
             return ack
         try:
-            stored = await self._js.get_msg(ack.stream, seq=ack.seq)
+            stored = await get_stored(self._js, ack.stream, ack.seq)
         except nats.js.errors.NotFoundError:
             return ack
         except Exception as e:
@@ -471,8 +472,8 @@ class Publisher:
         try:
             stream = await self._js.find_stream_name_by_subject(out.subject)
             # the leader's answer: the subject's first message after the expected sequence
-            first = await self._js.get_msg(
-                stream, seq=int(expected) + 1, subject=out.subject, next=True
+            first = await get_stored(
+                self._js, stream, int(expected) + 1, subject=out.subject, following=True
             )
         except Exception:
             return None

@@ -47,7 +47,7 @@ from broker.errors import (
 from broker.http._rsgi import HTTPProtocol, Scope, read_body, respond_json
 from broker.http.publish import body_request
 from broker.http.state import IngressState
-from broker.natsconn import subscribe_detached
+from broker.natsconn import get_stored, subscribe_detached
 from broker.publisher import Publisher
 from broker.routing.events import (
     H_AGENT,
@@ -276,7 +276,7 @@ async def _answer_again(state: IngressState, proto: HTTPProtocol, seq: int, time
 async def _next_answer(state: IngressState, sub: Subscription, seq: int, timeout: float) -> Msg:
     js, tenant = state.publisher.js, str(state.tenant)
     try:
-        first = await js.get_msg(Stream.MESSAGES, seq)
+        first = await get_stored(js, Stream.MESSAGES, seq)
     except NotFoundError:
         raise AlreadyRouted(
             f"this Idempotency-Key was routed as message {seq}, which is no longer stored, "

@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from broker.envelope import NATS_EXPECTED_LAST_SUBJECT_SEQ, Tenant
 from broker.errors import Conflict, NotFound, SequenceConflict
+from broker.natsconn import get_stored
 from broker.publisher import Publisher
 from broker.reader import read_messages
 from broker.registry.events import (
@@ -94,7 +95,7 @@ async def _last(js: JetStreamContext, tenant: Tenant, name: str) -> _Last | None
     an old manifest equal to the one being put would make the put a no-op that never lands.
     """
     try:
-        raw = await js.get_last_msg(Stream.REGISTRY, agent_subject(tenant, name))
+        raw = await get_stored(js, Stream.REGISTRY, subject=agent_subject(tenant, name))
     except NotFoundError:
         return None
     replaced_header = (raw.headers or {}).get(NATS_EXPECTED_LAST_SUBJECT_SEQ)

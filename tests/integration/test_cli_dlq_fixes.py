@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nats
 import pytest
 
+from broker.natsconn import get_stored
+from broker.routing.events import RouteDecided
 from broker.settings import Settings
-from broker.streams import Stream, provision
+from broker.streams import Stream, dlq_subject, provision
+from tests.unit.test_routing_plumbing import _decision
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,5 +73,33 @@ async def test_replaying_one_dead_letter_twice_stores_one_copy(nats_url: str) ->
         assert headers["Broker-Replayed-From-Dlq"] == str(dead.seq)
         assert headers["Content-Type"] == "application/json"
         assert not any(name.startswith("Broker-Dlq-") for name in headers)
+    finally:
+        await nc.close()
+
+
+async def test_a_dead_letter_with_headers_beyond_ascii_replays_as_it_was_stored(
+    nats_url: str,
+) -> None:
+    """nats-py reads a message got by sequence with :mod:`email`'s parser, which made every
+    value beyond ASCII an ``email.header.Header`` of mangled bytes: a routed message whose
+    agents' error (quoted in the decision's ``Broker-Route``) was German could not be
+    replayed (``bad Broker-Route record``), and a Chinese ``Broker-Intent`` would have been
+    stored again garbled."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await provision(js, Settings())
+        decision = replace(_decision(None), detail="agent 'ocr' failed (error: Übersetzung ✗)")
+        route = RouteDecided("default", 7, "msg.default.scans", decision, attempt=2)
+        intent = "翻译这封信 — naïve"
+        headers = route.to_headers({"Content-Type": "text/plain", "Broker-Intent": intent})
+        dead = await js.publish(dlq_subject("default"), b"scan me", headers=headers)
+
+        done = await asyncio.to_thread(replay, nats_url, dead.seq)
+        assert done.returncode == 0, done.stderr
+        copy = await get_stored(js, Stream.MESSAGES, int(done.stdout.split()[-1]))
+        assert (copy.subject, copy.data) == ("msg.default.scans", b"scan me")
+        assert (copy.headers or {})["Broker-Intent"] == intent
+        assert (copy.headers or {})["Broker-Route-Mode"] == "auto"
     finally:
         await nc.close()

@@ -219,3 +219,27 @@ def test_publish_refuses_the_subjects_nats_py_refuses(
 )
 def test_any_subject_is_refused_or_sent_as_nats_py_does(subject: str, reply: str) -> None:
     assert published_by(_Ours, subject, reply) == published_by(_Upstream, subject, reply)
+
+
+_LINE = st.binary(max_size=40).filter(lambda b: b"\r\n" not in b)
+
+
+@given(st.lists(_LINE, max_size=8))
+def test_a_stored_header_block_is_read_as_nats_py_reads_a_delivered_one(lines: list[bytes]) -> None:
+    """``get_stored`` reads a message got by sequence as a subscriber reads a delivered one
+    (nats-py's own line parser), not as nats-py's ``get_msg`` does (``email``'s parser)."""
+    block = b"\r\n".join(lines)
+    expected = NatsClient._parse_header_lines(block) or None
+    assert natsconn.decode_headers(b"NATS/1.0\r\n" + block + b"\r\n\r\n") == expected
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),
+        st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")), max_size=30),
+        max_size=6,
+    )
+)
+def test_what_the_broker_stores_is_read_back_whole(headers: dict[str, str]) -> None:
+    expected = {name: value.strip() for name, value in headers.items()} or None
+    assert natsconn.decode_headers(encode_headers(headers)) == expected
