@@ -374,11 +374,13 @@ def _with_trace(failure: RouteFailed, original: Mapping[str, str]) -> dict[str, 
 
 def _failure_headers(failure: RouteFailed, request: Request, limit: int) -> dict[str, str] | None:
     """The headers that store ``failure`` with the routed payload within the server's
-    ``max_payload`` (over it, the server would close the connection). The router sends
-    that payload on to the next candidate, so it stays, and these give way in turn: the
-    decision's ranked candidates and detail (the ``RouteDecided`` in ``ROUTES`` keeps
-    them), the failure's text, and the message's own headers other than those that read
-    the payload, route it, and answer the caller. ``None`` when even that is too large."""
+    ``max_payload`` (over it, the server would close the connection). Routers retry the
+    decision stored in ``ROUTES`` (the failure's ``Broker-Route-Seq``); the payload stays
+    for routers older than that, which send the failure's own on to the next candidate,
+    and these give way in turn: the decision's ranked candidates and detail (the
+    ``RouteDecided`` in ``ROUTES`` keeps them), the failure's text, and the message's own
+    headers other than those that read the payload, route it, and answer the caller.
+    ``None`` when even that is too large."""
     route = failure.route
     lean = replace(route, decision=replace(route.decision, candidates=(), detail=""))
     kept = {k: v for k, v in request.headers.items() if k.lower() in _FAILURE_KEPT_HEADERS}
@@ -972,7 +974,7 @@ class Agent:
         if request.deadline is None or time.time() < request.deadline:
             return False
         recorded = await self._failed(
-            request, FailureReason.EXPIRED, "the deadline passed before it ran"
+            message, request, FailureReason.EXPIRED, "the deadline passed before it ran"
         )
         await self._settle(message, recorded)
         return True
@@ -1002,7 +1004,7 @@ class Agent:
                     why = _describe(e, 4096)
                     log.warning("agent_handler_failed", agent=self.name, error=why[:300])
                     reason = FailureReason.ERROR
-                recorded = await self._failed(request, reason, why)
+                recorded = await self._failed(message, request, reason, why)
             else:
                 latency_ms = (time.monotonic() - started) * 1000
                 unsent = await self._reply(request, reply, message.metadata.sequence.stream)
@@ -1012,7 +1014,7 @@ class Agent:
                 else:  # the caller would wait in vain: the router retries or dead-letters it
                     self._window.add(latency_ms, False)
                     log.warning("agent_reply_not_sent", agent=self.name, error=unsent)
-                    recorded = await self._failed(request, FailureReason.ERROR, unsent)
+                    recorded = await self._failed(message, request, FailureReason.ERROR, unsent)
         await self._settle(message, recorded)
 
     async def _give_up(self, message: Msg, request: Request, delivered: int) -> None:
@@ -1030,7 +1032,7 @@ class Agent:
             f"delivered {delivered} times without being settled: not run again (each "
             "instance that ran it died or stopped before it finished)"
         )
-        if await self._failed(request, FailureReason.ERROR, why):
+        if await self._failed(message, request, FailureReason.ERROR, why):
             await message.term()
         else:
             await self._settle(message, False)
@@ -1098,14 +1100,20 @@ class Agent:
         subject = reply_subject(route.tenant, self.name, route.message_seq)
         await self._reply_store.append(subject, payload, stored, route.message_seq)
 
-    async def _failed(self, request: Request, reason: FailureReason, message: str) -> bool:
-        """Record the failure in ``ROUTES`` for the routers; ``False`` when that failed (it
-        is handed back, and recorded when it runs again). One that cannot be stored in any
-        form (see :func:`_failure_headers`) is only logged: trying again would fail alike."""
+    async def _failed(
+        self, delivered: Msg, request: Request, reason: FailureReason, message: str
+    ) -> bool:
+        """Record the failure of ``request`` (``delivered`` from the inbox) in ``ROUTES``
+        for the routers, naming where the decision is stored there (routers retry that
+        decision: :meth:`broker.routing.router.Router.retry`); ``False`` when that failed
+        (it is handed back, and recorded when it runs again). One that cannot be stored in
+        any form (see :func:`_failure_headers`) is only logged: trying again would fail
+        alike."""
         self.failed += 1
         if request.mirror or self._js is None or self._nc is None:
             return True
-        failure = RouteFailed(request.route, reason, message, self.instance)
+        route_seq = delivered.metadata.sequence.stream
+        failure = RouteFailed(request.route, reason, message, self.instance, route_seq)
         headers = _failure_headers(failure, request, self._nc.max_payload)
         if headers is None:
             log.error(

@@ -55,6 +55,8 @@ H_ROUTE = "Broker-Route"
 H_FAILURE = "Broker-Failure"
 H_AGENT = "Broker-Agent"
 H_MESSAGE_SEQ = "Broker-Message-Seq"
+#: On a failure or a stored reply: the ``ROUTES`` sequence of the decision it answers.
+H_ROUTE_SEQ = "Broker-Route-Seq"
 H_ERROR = "Broker-Error"  # on a reply or notice: the error code instead of a result
 
 ROUTE_MODE_AUTO = "auto"
@@ -200,12 +202,18 @@ class RouteDecided:
 
 @dataclass(frozen=True, slots=True)
 class RouteFailed:
-    """An agent could not handle a routed message (appended by the agent SDK)."""
+    """An agent could not handle a routed message (appended by the agent SDK).
+
+    ``route_seq`` is where the decision the agent got is stored in ``ROUTES``: routers retry
+    that stored decision (its payload and headers), never what the failure itself carries,
+    which the agent's NATS user may write as it likes. ``None`` in a failure read from an
+    agent SDK older than the field; routers refuse those."""
 
     route: RouteDecided
     reason: FailureReason
     message: str
     instance: str
+    route_seq: int | None = None
 
     @property
     def agent(self) -> str:
@@ -227,6 +235,10 @@ class RouteFailed:
         headers[H_FAILURE] = orjson.dumps(
             {"reason": self.reason, "message": self.message[:500], "instance": self.instance}
         ).decode()
+        if self.route_seq is not None:
+            headers[H_ROUTE_SEQ] = str(self.route_seq)
+        else:  # never the routed message's own (a client may send any Broker- header)
+            headers.pop(H_ROUTE_SEQ, None)
         # No Nats-Msg-Id: another agent's user could send the same id first and have this
         # failure dropped as a duplicate (the message would then never be retried). A failure
         # stored twice (an agent crashed before its ack) is retried once: the routers'
@@ -238,14 +250,23 @@ class RouteFailed:
         route = RouteDecided.from_headers(headers)
         try:
             failure = orjson.loads(headers.get(H_FAILURE, ""))
-            return cls(
-                route=route,
-                reason=FailureReason(failure["reason"]),
-                message=str(failure.get("message", "")),
-                instance=str(failure.get("instance", "")),
-            )
+            reason = FailureReason(failure["reason"])
+            message = str(failure.get("message", ""))
+            instance = str(failure.get("instance", ""))
         except Exception as e:  # any shape the header may have: e.g. a list, not an object
             raise RouteEventUnreadable(f"bad {H_FAILURE} header: {e!r}") from None
+        return cls(route, reason, message, instance, route_seq_of(headers))
+
+
+def route_seq_of(headers: Mapping[str, str]) -> int | None:
+    """The ``Broker-Route-Seq`` of a failure or stored reply, or ``None`` when it is absent
+    or no stream sequence (1 to 2**64 - 1, in ASCII digits: ``"²".isdigit()`` holds, and
+    ``int`` refuses it)."""
+    raw = headers.get(H_ROUTE_SEQ, "")
+    if not (0 < len(raw) <= 20 and raw.isascii() and raw.isdigit()):
+        return None
+    seq = int(raw)
+    return seq if 0 < seq < 2**64 else None
 
 
 def deadline_of(headers: Mapping[str, str]) -> float | None:
@@ -261,5 +282,5 @@ def deadline_of(headers: Mapping[str, str]) -> float | None:
 
 def original_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """A routing event's headers without its own: the routed message's headers."""
-    drop = {H_EVENT, H_ROUTE, H_FAILURE}
+    drop = {H_EVENT, H_ROUTE, H_FAILURE, H_ROUTE_SEQ}
     return {k: v for k, v in headers.items() if k not in drop and not k.startswith("Nats-")}

@@ -40,23 +40,23 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from broker.errors import BrokerError
-from broker.natsconn import subscribe_detached
+from broker.natsconn import get_stored, subscribe_detached
 from broker.publisher import read_ack
 from broker.reader import read_messages
 from broker.routing.events import (
     H_ERROR,
     H_EVENT,
+    H_ROUTE_SEQ,
     RouteDecided,
     RouteEventType,
     RouteEventUnreadable,
     inbox_subject,
+    route_seq_of,
 )
 from broker.streams import SUBJECT_PREFIX, Stream
 
 log = structlog.get_logger(__name__)
 
-#: On a stored reply: the ``ROUTES`` sequence of the decision it answers.
-H_ROUTE_SEQ = "Broker-Route-Seq"
 #: The writer token of the routers' answers: not an agent, and no agent's user writes there.
 ROUTERS = "-"
 _REPLY, _ERROR = "reply", "error"
@@ -101,11 +101,11 @@ async def genuine(js: JetStreamContext, tenant: str, message_seq: int, answer: A
     writer, kind = parts[2], parts[3]
     if writer == ROUTERS and kind == _ERROR:
         return True
-    raw = (answer.headers or {}).get(H_ROUTE_SEQ, "")
-    if kind != _REPLY or not raw.isdigit():
+    route_seq = route_seq_of(answer.headers or {})
+    if kind != _REPLY or route_seq is None:
         return False
     try:
-        decision = await js.get_msg(Stream.ROUTES, int(raw))
+        decision = await get_stored(js, Stream.ROUTES, route_seq)
     except NotFoundError:  # aged out: the reply is as old, and as likely to be gone
         return False
     if decision.subject != inbox_subject(tenant, writer):
@@ -122,7 +122,7 @@ async def stored_answer(js: JetStreamContext, tenant: str, message_seq: int) -> 
     or, when that one is not genuine, the oldest that is."""
     subject = answers_subject(tenant, message_seq)
     try:
-        last = await js.get_last_msg(Stream.ROUTES, subject)
+        last = await get_stored(js, Stream.ROUTES, subject=subject)
     except NotFoundError:
         return None
     if await genuine(js, tenant, message_seq, last):

@@ -39,11 +39,12 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, RawStreamMsg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.envelope import NATS_MSG_ID, PAYLOAD_HEADERS, Outbound
 from broker.errors import BrokerError, Unavailable
+from broker.natsconn import get_stored
 from broker.publisher import PublishAck, Publisher
 from broker.registry.snapshot import RegistryView
 from broker.routing.cooldown import Cooldowns
@@ -58,6 +59,7 @@ from broker.routing.events import (
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
+    inbox_subject,
     original_headers,
     tenant_of,
 )
@@ -91,6 +93,7 @@ _ESSENTIAL_HEADERS = PAYLOAD_HEADERS | frozenset(
     name.lower() for name in (H_ROUTE_MODE, H_DECISION_TO, H_REPLY_TO, H_DEADLINE)
 )
 _FAILED_DECISION_DELAY = 2.0
+_TRACE = frozenset({"traceparent", "tracestate"})
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
 
@@ -399,7 +402,7 @@ class Router:
         """The record an append of ``route`` was deduplicated against; :class:`Unavailable`
         when it cannot be read (the message is handed back and decided again)."""
         try:
-            return await self.js.get_msg(ack.stream, ack.seq)
+            return await get_stored(self.js, ack.stream, ack.seq)
         except Exception as e:
             raise Unavailable(
                 f"cannot read record {ack.seq} of {ack.stream}, which holds the id of the "
@@ -467,10 +470,11 @@ class Router:
         """Send a failed routed message to the next candidate, or give up."""
         headers = _headers(message)
         failure = _failure(message, headers)
-        if failure is None:
+        failed = None if failure is None else await self._failed_decision(failure, headers)
+        if failure is None or failed is None:
             await message.ack()
             return
-        route = failure.route
+        route, payload, original = failed
         attempts = await self._attempts_bucket()
         claim = f"{route.tenant}.{route.message_seq}"
         if await _highest_attempt(attempts, claim) > route.attempt:
@@ -485,21 +489,18 @@ class Router:
             self.stats.failures_repeated += 1
             await message.ack()
             return
-        original = original_headers(headers)
         deadline = deadline_of(original)
         expired = deadline is not None and time.time() >= deadline
         if failure.retryable and not expired and route.attempt < self.policy.max_attempts:
             exclude = (*route.tried, failure.agent)
             # A retry's text may be new to a costly model: embed it on the model's thread,
             # not on this loop (waiting there behind a batch would stall every other loop).
-            await self.scorer.prepare(
-                self.registry.snapshot, [(route.tenant, message.data, original)]
-            )
+            await self.scorer.prepare(self.registry.snapshot, [(route.tenant, payload, original)])
             decision = await self._guarded(
                 message,
                 lambda: self.decide(
                     route.tenant,
-                    message.data,
+                    payload,
                     original,
                     message_seq=route.message_seq,
                     attempt=route.attempt + 1,
@@ -512,10 +513,10 @@ class Router:
             if decision.agent is None:  # nobody left to try: the agents' failure is the answer
                 decision = replace(decision, detail=f"{_failed(failure)}; {decision.detail}")
                 await self._deliver(
-                    route.next_attempt(decision), message.data, original, dead="agent_error"
+                    route.next_attempt(decision), payload, original, dead="agent_error"
                 )
             else:
-                await self._deliver(route.next_attempt(decision), message.data, original)
+                await self._deliver(route.next_attempt(decision), payload, original)
         else:
             why = "its deadline passed" if expired or not failure.retryable else "attempts ran out"
             detail = f"{_failed(failure)}; not retried: {why} after attempt {route.attempt}"
@@ -529,11 +530,73 @@ class Router:
             )
             dead = replace(route.next_attempt(final), attempt=route.attempt + 1)
             code = "deadline_exceeded" if expired or not failure.retryable else "agent_error"
-            await self._deliver(dead, message.data, original, dead=code)
+            await self._deliver(dead, payload, original, dead=code)
         # After the append: a router that dies before this decides again, deduplicated
         # (its failure comes back within ROUTES' duplicate window).
         await attempts.put(claim, b"%d" % (route.attempt + 1))
         await message.ack()
+
+    async def _failed_decision(
+        self, failure: RouteFailed, headers: Mapping[str, str]
+    ) -> tuple[RouteDecided, bytes, dict[str, str]] | None:
+        """The decision ``failure`` (stored with ``headers``) reports on, as ``ROUTES``
+        stores it at the failure's ``route_seq``: the route, its payload, and the routed
+        message's headers, with the failure's trace context (the retry continues the
+        agent's trace).
+
+        ``None`` (logged) when there is no such decision for the failing agent: an agent's
+        NATS user may write anything on its ``.failed`` subject, and retrying what it wrote
+        would route its payload to the tenant's other agents as that message, and record
+        an attempt that keeps the genuine failure from being retried. Raises
+        :class:`Unavailable` (handed back) when the decision cannot be read."""
+        route, seq = failure.route, failure.route_seq
+        if seq is None:
+            log.warning(
+                "route_failure_unverifiable",
+                subject=failure.subject,
+                message_seq=route.message_seq,
+                why="it names no decision (no Broker-Route-Seq: sent by an older agent SDK)",
+            )
+            return None
+        try:
+            stored = await get_stored(self.js, Stream.ROUTES, seq)
+        except NotFoundError:
+            log.warning(
+                "route_failure_unverifiable",
+                subject=failure.subject,
+                message_seq=route.message_seq,
+                why=f"ROUTES holds no record {seq} (aged out, or never stored)",
+            )
+            return None
+        except Exception as e:
+            raise Unavailable(
+                f"cannot read record {seq} of ROUTES, the decision a failure names: {e!r}"[:300]
+            ) from e
+        kept = dict(stored.headers or {})
+        decided: RouteDecided | None = None
+        if stored.subject == inbox_subject(route.tenant, failure.agent):
+            with contextlib.suppress(RouteEventUnreadable):
+                decided = RouteDecided.from_headers(kept)
+        claimed = (route.tenant, route.message_seq, route.attempt, failure.agent, False)
+        if decided is None or claimed != (
+            decided.tenant,
+            decided.message_seq,
+            decided.attempt,
+            decided.decision.agent,
+            decided.mirror,
+        ):
+            log.warning(
+                "route_failure_forged",
+                subject=failure.subject,
+                route_seq=seq,
+                message_seq=route.message_seq,
+                attempt=route.attempt,
+                why="not the decision stored there for this agent",
+            )
+            return None
+        original = {k: v for k, v in original_headers(kept).items() if k.lower() not in _TRACE}
+        original.update((k, v) for k, v in headers.items() if k.lower() in _TRACE)
+        return decided, stored.data or b"", original
 
     async def _attempts_bucket(self) -> KeyValue:
         if self._attempts is None:

@@ -64,7 +64,10 @@ async def test_the_chosen_agents_reply_is_found_and_forgeries_are_not(
     assert (found.subject, found.data) == (reply_subject(T, "chosen", 7), b"genuine")
 
 
-@pytest.mark.parametrize("forgery", ["another message", "a mirror's decision", "no route seq"])
+@pytest.mark.parametrize(
+    "forgery",
+    ["another message", "a mirror's decision", "no route seq", "a seq int() refuses", "seq 0"],
+)
 async def test_a_reply_that_names_no_decision_for_its_message_is_not_taken(
     publisher: Publisher, forgery: str
 ) -> None:
@@ -76,9 +79,10 @@ async def test_a_reply_that_names_no_decision_for_its_message_is_not_taken(
     if forgery == "a mirror's decision":
         shadow, shadow_seq = await decide(publisher, 8, "shadow", mirror=True)
         await reply(publisher, shadow, shadow_seq, b"shadow's")
-    else:
-        subject = reply_subject(T, "chosen", 8)
-        await publisher.publish(Outbound(subject, b"x", {"Broker-Event": "RouteReplied"}))
+    else:  # a superscript two passes str.isdigit() and raised in int(): a 500 for the caller
+        seq = {"no route seq": None, "a seq int() refuses": "²", "seq 0": "0"}[forgery]
+        headers = {"Broker-Event": "RouteReplied"} | ({"Broker-Route-Seq": seq} if seq else {})
+        await publisher.publish(Outbound(reply_subject(T, "chosen", 8), b"x", headers))
     assert await stored_answer(publisher.js, T, 8) is None
 
 

@@ -39,7 +39,7 @@ from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
 from broker.routing.router import Router, decision_id_key
 from broker.routing.types import DecisionReason
-from broker.streams import KEYS_BUCKET, Stream, dlq_subject
+from broker.streams import ATTEMPTS_BUCKET, KEYS_BUCKET, Stream, dlq_subject
 from tests._wait import await_until
 from tests.unit.test_routing_embed_ahead import CostlyEmbedder
 from tests.unit.test_routing_plumbing import _decision
@@ -69,6 +69,22 @@ async def start_router(
     router = Router(publisher, Scorer(embedder, policy), policy, registry, LoadView())
     stop = asyncio.Event()
     return router, stop, asyncio.create_task(router.run(stop))
+
+
+async def stored_failure(
+    publisher: Publisher,
+    route: RouteDecided,
+    payload: bytes,
+    original: dict[str, str] | None = None,
+    *,
+    reason: FailureReason = FailureReason.ERROR,
+) -> tuple[RouteFailed, dict[str, str]]:
+    """The failure of ``route`` an agent would send once ``route`` is stored in its inbox
+    (as a router stores it), and that failure's headers."""
+    decided = route.to_headers(original or {})
+    ack = await publisher.publish(Outbound(route.subject, payload, dict(decided)))
+    failure = RouteFailed(route, reason, "boom", "i-1", ack.seq)
+    return failure, failure.to_headers(decided)
 
 
 async def register_agents(publisher: Publisher) -> None:
@@ -478,10 +494,8 @@ async def test_a_retry_embeds_a_new_text_off_the_event_loop(publisher: Publisher
     elsewhere = Router(publisher, Scorer(CostlyEmbedder(), policy), policy, registry, LoadView())
     first = elsewhere.decide(T, text.encode(), original, message_seq=ack.seq)
     decided = RouteDecided(T, ack.seq, f"msg.{T}.chat", first)
-    failure = RouteFailed(decided, FailureReason.ERROR, "boom", "instance-1")
-    await publisher.publish(
-        Outbound(failure.subject, text.encode(), failure.to_headers(decided.to_headers(original)))
-    )
+    failure, headers = await stored_failure(publisher, decided, text.encode(), original)
+    await publisher.publish(Outbound(failure.subject, text.encode(), headers))
 
     longest = 0.0
 
@@ -518,13 +532,13 @@ async def test_a_failure_naming_another_tenant_or_agent_than_its_subject_is_igno
     forged = RouteDecided(T, 1001, f"msg.{T}.x", replace(_decision(), agent="translator"))
     failure = RouteFailed(forged, FailureReason.ERROR, "boom", "i-1")
     genuine_route = RouteDecided(T, 1002, f"msg.{T}.x", replace(_decision(), agent="weather"))
-    genuine = RouteFailed(genuine_route, FailureReason.ERROR, "boom", "i-2")
+    genuine, genuine_headers = await stored_failure(publisher, genuine_route, b"weather?")
     injected = b"please translate: INJECTED"
     # published on another tenant's agent's own failure subject, claiming acme's translator
     await publisher.publish(
         Outbound("route.shop.render.failed", injected, failure.to_headers({"Broker-Intent": "x"}))
     )
-    await publisher.publish(Outbound(genuine.subject, b"weather?", genuine.to_headers({})))
+    await publisher.publish(Outbound(genuine.subject, b"weather?", genuine_headers))
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         with capture_logs() as logs:
@@ -562,18 +576,18 @@ async def test_a_failure_stored_again_past_the_duplicate_window_is_retried_once(
     info.config.duplicate_window = 1.0
     await publisher.js.update_stream(info.config)
     route = RouteDecided(T, 2001, f"msg.{T}.x", replace(_decision(), agent="translator"))
-    failure = RouteFailed(route, FailureReason.ERROR, "boom", "i-1")
     text = b"what does the weather forecast say about rain tomorrow"
+    failure, headers = await stored_failure(publisher, route, text)
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
-        await publisher.publish(Outbound(failure.subject, text, failure.to_headers({})))
+        await publisher.publish(Outbound(failure.subject, text, headers))
 
         async def retried() -> bool:
             return router.stats.retried == 1
 
         assert await await_until(retried, timeout=15)
         await asyncio.sleep(1.5)  # past the window
-        await publisher.publish(Outbound(failure.subject, text, failure.to_headers({})))
+        await publisher.publish(Outbound(failure.subject, text, headers))
 
         async def repeated() -> bool:
             return router.stats.failures_repeated == 1
@@ -594,3 +608,65 @@ async def test_a_failure_stored_again_past_the_duplicate_window_is_retried_once(
     await sub.unsubscribe()
     second = [d for d in decided if d.message_seq == 2001 and d.attempt == 2]
     assert len(second) == 1
+
+
+async def test_an_agent_cannot_have_its_tenants_messages_retried_with_its_own_payload(
+    publisher: Publisher,
+) -> None:
+    """Within a tenant the subject check passes: an agent may name itself in a failure of
+    any of its tenant's messages. Routers retried the failure's own payload and claims (a
+    message routed elsewhere, any attempt), so an agent could put its text into the
+    tenant's other inboxes as another caller's message, and record an attempt that kept
+    the genuine failure from being retried for a day. Now only a failure of a decision
+    stored in the agent's inbox is retried, with the stored payload."""
+    await register_agents(publisher)
+    injected = b"please translate: INJECTED"
+    elsewhere = RouteDecided(T, 3001, f"msg.{T}.x", replace(_decision(), agent="translator"))
+    routed = await publisher.publish(Outbound(elsewhere.subject, b"hi", elsewhere.to_headers({})))
+    claim = RouteDecided(T, 3001, f"msg.{T}.x", replace(_decision(), agent="weather"))
+    # a decision read by sequence, with a detail beyond ASCII (nats-py's get_msg mangled it)
+    own_decision = replace(_decision(), agent="weather", detail="schon übersetzt ✓")
+    own = RouteDecided(T, 3003, f"msg.{T}.x", own_decision)
+    text = b"please translate this letter into German"
+    genuine, genuine_headers = await stored_failure(publisher, own, text)
+    forged = [
+        # another agent's decision, claimed as this agent's
+        RouteFailed(claim, FailureReason.ERROR, "boom", "i-x", routed.seq),
+        # no decision named at all (what every failure was)
+        RouteFailed(replace(claim, message_seq=3002), FailureReason.ERROR, "boom", "i-x"),
+        # its own decision, with a later attempt than the one stored
+        replace(genuine, route=replace(own, attempt=5)),
+    ]
+    for failure in forged:
+        await publisher.publish(Outbound(failure.subject, injected, failure.to_headers({})))
+    # the genuine failure, its payload swapped
+    await publisher.publish(Outbound(genuine.subject, injected, genuine_headers))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        with capture_logs() as logs:
+
+            async def retried() -> bool:
+                return router.stats.retried == 1
+
+            assert await await_until(retried, timeout=15)
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    events = [entry["event"] for entry in logs]
+    assert events.count("route_failure_forged") == 2
+    assert events.count("route_failure_unverifiable") == 1
+    attempts = await publisher.js.key_value(ATTEMPTS_BUCKET)
+    assert (await attempts.get(f"{T}.3003")).value == b"2"
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await attempts.get(f"{T}.3001")
+    sub = await publisher.js.subscribe(f"route.{T}.*", stream=Stream.ROUTES, ordered_consumer=True)
+    second: list[tuple[RouteDecided, bytes]] = []
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            message = await sub.next_msg(timeout=1)
+            route = RouteDecided.from_headers(message.headers or {})
+            if route.message_seq in (3001, 3002, 3003) and route.attempt > 1:
+                second.append((route, message.data))
+    await sub.unsubscribe()
+    assert [(route.message_seq, route.attempt, data) for route, data in second] == [(3003, 2, text)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -21,12 +22,14 @@ from broker.routing.events import (
     H_FAILURE,
     H_REPLY_TO,
     H_ROUTE,
+    H_ROUTE_SEQ,
     FailureReason,
     RouteDecided,
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
     original_headers,
+    route_seq_of,
 )
 from broker.routing.load import InstanceLoad, LoadView, aggregate
 from broker.routing.types import AgentLoad, CandidateScore, Decision, DecisionReason
@@ -123,6 +126,38 @@ def test_route_failed_round_trips_and_only_errors_are_retryable() -> None:
         assert back.retryable is retryable
         assert back.subject == "route.acme.ocr.failed"
         assert original_headers(headers) == {"Content-Type": "text/plain"}
+        assert back.route_seq is None
+        assert H_ROUTE_SEQ not in headers
+
+
+def test_a_failure_names_the_stored_decision_and_never_passes_on_the_messages_own() -> None:
+    route = _route()
+    original = route.to_headers({H_ROUTE_SEQ: "7"})  # a client's header on its message
+    failure = RouteFailed(route, FailureReason.ERROR, "boom", "host-1", 123)
+    headers = failure.to_headers(original)
+    assert headers[H_ROUTE_SEQ] == "123"
+    assert RouteFailed.from_headers(headers) == failure
+    assert H_ROUTE_SEQ not in original_headers(headers)
+    assert H_ROUTE_SEQ not in replace(failure, route_seq=None).to_headers(original)
+
+
+@pytest.mark.parametrize(
+    ("raw", "seq"),
+    [
+        ("1", 1),
+        ("18446744073709551615", 2**64 - 1),
+        ("18446744073709551616", None),
+        ("0", None),
+        ("", None),
+        ("-3", None),
+        (" 3", None),
+        ("²", None),  # str.isdigit() holds; int() refuses it
+        ("٣", None),  # an Arabic-Indic digit, which int() reads: never how a seq is written
+        ("9" * 400, None),
+    ],
+)
+def test_a_route_seq_is_a_stream_sequence_in_ascii_digits(raw: str, seq: int | None) -> None:
+    assert route_seq_of({H_ROUTE_SEQ: raw}) == seq
 
 
 @pytest.mark.parametrize(
