@@ -60,7 +60,12 @@ H_ROUTE_SEQ = "Broker-Route-Seq"
 H_ERROR = "Broker-Error"  # on a reply or notice: the error code instead of a result
 
 ROUTE_MODE_AUTO = "auto"
-_NOT_COPIED = frozenset({NATS_MSG_ID.lower(), H_DECISION_TO.lower(), H_ROUTE_MODE.lower()})
+#: Not copied from the message into its decision, with every ``Nats-`` header: those are
+#: JetStream's instructions for the message's own append (``Nats-Msg-Id``,
+#: ``Nats-Expected-Last-Subject-Sequence`` from ``Expected-Last-Subject-Sequence``, or
+#: ``Nats-Rollup`` and ``Nats-TTL`` from a client publishing to NATS), which JetStream would
+#: check again against the agent's inbox.
+_NOT_COPIED = frozenset({H_DECISION_TO.lower(), H_ROUTE_MODE.lower()})
 
 
 class RouteEventType(StrEnum):
@@ -151,7 +156,11 @@ class RouteDecided:
     def to_headers(
         self, original: Mapping[str, str], *, id_key: bytes | None = None
     ) -> dict[str, str]:
-        headers = {k: v for k, v in original.items() if k.lower() not in _NOT_COPIED}
+        headers = {
+            k: v
+            for k, v in original.items()
+            if k.lower() not in _NOT_COPIED and not k.lower().startswith("nats-")
+        }
         if self.mirror:  # a shadow's answer never reaches the caller
             headers = {k: v for k, v in headers.items() if k.lower() != H_REPLY_TO.lower()}
         headers[H_EVENT] = RouteEventType.DECIDED

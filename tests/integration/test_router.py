@@ -670,3 +670,26 @@ async def test_an_agent_cannot_have_its_tenants_messages_retried_with_its_own_pa
                 second.append((route, message.data))
     await sub.unsubscribe()
     assert [(route.message_seq, route.attempt, data) for route, data in second] == [(3003, 2, text)]
+
+
+async def test_a_message_stored_on_a_condition_is_routed_without_it(publisher: Publisher) -> None:
+    """``POST /v1/route`` takes ``Expected-Last-Subject-Sequence`` like a publish: the
+    message is stored with ``Nats-Expected-Last-Subject-Sequence``. Routers copied it into
+    the decision, where JetStream checked it against the agent's inbox: the second message
+    routed to an agent was refused and dead-lettered (its decision "cannot be stored")."""
+    await register_agents(publisher)
+    text = b"please translate this letter into German"
+    for subject in ("a", "b", "c"):
+        conditional = {H_ROUTE_MODE: ROUTE_MODE_AUTO, "Nats-Expected-Last-Subject-Sequence": "0"}
+        await publisher.publish(Outbound(f"msg.{T}.cond-{subject}", text, conditional))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+
+        async def all_decided() -> bool:
+            return router.stats.routed + router.stats.dead_lettered >= 3
+
+        assert await await_until(all_decided, timeout=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert (router.stats.routed, router.stats.dead_lettered) == (3, 0)
