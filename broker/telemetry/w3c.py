@@ -112,16 +112,17 @@ def bounded_tracestate(value: str | Iterable[str] | None) -> str | None:
 
 def _shortened(members: list[str]) -> list[str]:
     """``members``, fewer of them when together (with their commas) they are over
-    :data:`MAX_TRACESTATE`: the long ones first, then from the end."""
+    :data:`MAX_TRACESTATE`: members over :data:`_LONG_MEMBER` characters first, from the
+    last, as many as it takes; then others from the end."""
     length = sum(map(len, members)) + len(members) - 1
     if length <= MAX_TRACESTATE:
         return members
-    kept = []
-    for member in members:
-        if len(member) > _LONG_MEMBER:
-            length -= len(member) + 1
-        else:
-            kept.append(member)
+    kept = list(members)
+    for i in range(len(kept) - 1, -1, -1):
+        if len(kept[i]) > _LONG_MEMBER:
+            length -= len(kept.pop(i)) + 1
+            if length <= MAX_TRACESTATE:
+                return kept
     while kept and length > MAX_TRACESTATE:
         length -= len(kept.pop()) + 1
     return kept

@@ -83,6 +83,12 @@ def test_a_long_list_loses_its_long_members_first_then_members_from_the_end() ->
     assert len(kept.split(",")) == 11  # 11 x 45 - 1 = 494; 12 would be 539
 
 
+def test_long_members_go_from_the_last_only_as_many_as_it_takes() -> None:
+    first, second = "one=" + "x" * 200, "two=" + "y" * 200
+    short = [f"k{i}=" + "v" * 40 for i in range(3)]  # 2 x 204 + 3 x 44 + 4 commas = 544
+    assert bounded_tracestate([first, *short, second]) == ",".join([first, *short])
+
+
 def test_a_header_sent_twice_is_one_list() -> None:
     headers = RequestHeaders(("traceparent", PARENT), ("tracestate", "a=1"), ("tracestate", "b=2"))
     assert request_trace_headers(headers) == {"traceparent": PARENT, "tracestate": "a=1,b=2"}
@@ -125,9 +131,9 @@ def test_extract_reads_the_tracestate_beside_its_traceparent_bounded() -> None:
     context = tracing.extract(headers)
     assert context is not None
     assert context.tracestate == "a=1,b=2"
-    # 519 characters: cut at 512 it ended inside a member; now the long members go
+    # 519 characters: cut at 512 it ended inside a member; now the last long member goes
     over = {"traceparent": PARENT, "tracestate": f"a={'x' * 255},b={'y' * 255},c=1"}
-    assert tracing.extract(over).tracestate == "c=1"  # type: ignore[union-attr]
+    assert tracing.extract(over).tracestate == f"a={'x' * 255},c=1"  # type: ignore[union-attr]
     invalid = {"traceparent": PARENT, "tracestate": "not a list"}
     assert tracing.extract(invalid).tracestate is None  # type: ignore[union-attr]
 
