@@ -105,22 +105,30 @@ def encode(event: RegistryEvent) -> Outbound:
 
 def decode(data: bytes, *, subject: str, seq: int, at: datetime | None) -> RegistryEvent:
     """The event stored in a message's body, with its stream sequence and time; its manifest
-    as stored (:func:`stored_manifest`). :class:`UnreadableEvent` when it cannot be read."""
+    as stored (:func:`stored_manifest`). :class:`UnreadableEvent` when it cannot be read, or
+    when its body names another agent than its subject (``reg.<tenant>.agent.<name>``):
+    a self-registering agent may publish on its own subject only (docs/tenants.md), and
+    what it writes there must not register, change or remove any other agent."""
     try:
         body = orjson.loads(data)
         kind = RegistryEventType(body["type"])
+        tenant, name = _subject_agent(subject)
+        if body["tenant"] != tenant or body["name"] != name:
+            raise ValueError(f"its body names {body['tenant']!r}/{body['name']!r}"[:200])
         manifest = stored_manifest(body["manifest"]) if body.get("manifest") else None
-        return RegistryEvent(
-            type=kind,
-            tenant=Tenant(body["tenant"]),
-            name=AgentName(body["name"]),
-            manifest=manifest,
-            seq=seq,
-            at=at,
-        )
+        if manifest is not None and manifest.name != name:
+            raise ValueError(f"its manifest names {manifest.name!r}"[:200])
+        return RegistryEvent(type=kind, tenant=tenant, name=name, manifest=manifest, seq=seq, at=at)
     except (ValueError, KeyError, TypeError) as e:
         message = f"unreadable registry event on {subject} (seq {seq}): {e}"
         raise UnreadableEvent(message, subject=subject, seq=seq, at=at) from e
+
+
+def _subject_agent(subject: str) -> tuple[Tenant, AgentName]:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != "reg" or parts[2] != "agent":
+        raise ValueError("not an agent's registry subject")
+    return Tenant(parts[1]), AgentName(parts[3])
 
 
 def stored_manifest(data: Any) -> AgentManifest:

@@ -270,3 +270,37 @@ async def test_a_long_history_replays_with_one_copy_per_batch_not_per_event(
     change = await put_agent(publisher, T, manifest("batch-0", "2.0.0"))
     assert await view.wait_for(change.seq, timeout=2)
     assert folds == [1]
+
+
+async def test_an_event_naming_another_agent_than_its_subject_changes_nothing(
+    publisher: Publisher,
+) -> None:
+    """A self-registering agent may publish only on its own ``reg.<tenant>.agent.<name>``;
+    the tenant and name in the body were what the registry went by, so that agent could
+    remove or replace any agent of any tenant (and its owner's PUT of the same manifest
+    then changed nothing)."""
+    victim = await put_agent(publisher, Tenant("bank"), manifest("payments"))
+    mine = await put_agent(publisher, T, manifest("mine"))
+    forged = [
+        {"type": "AgentDeregistered", "tenant": "bank", "name": "payments", "manifest": None},
+        {
+            "type": "AgentRegistered",
+            "tenant": "bank",
+            "name": "evil",
+            "manifest": manifest("evil").model_dump(mode="json"),
+        },
+        {  # its own name in the body, another in the manifest
+            "type": "AgentUpdated",
+            "tenant": str(T),
+            "name": "mine",
+            "manifest": manifest("payments", "9.9.9").model_dump(mode="json"),
+        },
+    ]
+    for body in forged:
+        await publisher.js.publish(f"reg.{T}.agent.mine", json.dumps(body).encode())
+    view = RegistryView()
+    await view.start(publisher.js)
+    assert [a.name for a in view.snapshot.agents(Tenant("bank"))] == ["payments"]
+    assert view.snapshot.agent(Tenant("bank"), "payments").seq == victim.seq  # type: ignore[union-attr]
+    assert view.snapshot.agent(T, "mine").seq == mine.seq  # type: ignore[union-attr]
+    assert view.snapshot.agent(T, "payments") is None
