@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime
 from typing import Annotated, Any
@@ -9,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from broker.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from broker.errors import NotFound, PayloadTooLarge, Unprocessable
 from broker.http.datetimes import EXAMPLES, parse_date_time
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState
@@ -21,7 +22,7 @@ from broker.registry.commands import (
     registry_as_of,
 )
 from broker.registry.events import RegistryEvent
-from broker.registry.manifest import AGENT_NAME_PATTERN, parse_manifest
+from broker.registry.manifest import AGENT_NAME_PATTERN, manifest_is_yaml, parse_manifest
 from broker.registry.snapshot import AgentRecord
 
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -171,9 +172,10 @@ def agents_router(state: IngressState) -> APIRouter:
         if len(body) > MAX_MANIFEST_BYTES:
             raise PayloadTooLarge(f"manifest exceeds {MAX_MANIFEST_BYTES} bytes")
         content_type = request.headers.get("content-type")
-        if content_type and not any(k in content_type for k in ("json", "yaml")):
-            raise UnsupportedMediaType("a manifest is application/json or application/yaml")
-        manifest = parse_manifest(body, content_type)
+        manifest_is_yaml(content_type)  # 415 before any parsing
+        # Off the event loop: a YAML manifest near the size limit takes seconds to parse
+        # and validate (pure Python), and every other request would wait for it.
+        manifest = await asyncio.to_thread(parse_manifest, body, content_type)
         if manifest.name != name:
             raise Unprocessable(f"manifest name {manifest.name!r} differs from the path {name!r}")
         result = await put_agent(

@@ -26,7 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from broker.errors import Unprocessable
+from broker.envelope import media_type
+from broker.errors import Unprocessable, UnsupportedMediaType
 
 AgentName = NewType("AgentName", str)
 #: An agent name is a NATS subject token: reg.<tenant>.agent.<name>, route.<tenant>.<name>.
@@ -341,9 +342,27 @@ class _ManifestLoader(yaml.SafeLoader):
             self._depth -= nests
 
 
+#: The media types a manifest may be sent as (``+json`` and ``+yaml`` suffixes too).
+_YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+
+
+def manifest_is_yaml(content_type: str | None) -> bool:
+    """Whether a manifest sent as ``content_type`` is YAML (else JSON, also when no type is
+    given); :class:`UnsupportedMediaType` for any other media type. Media types compare
+    without case and parameters (RFC 9110): ``Application/JSON; charset=utf-8`` is JSON."""
+    bare = media_type(content_type)
+    if bare in _YAML_TYPES or bare.endswith("+yaml"):
+        return True
+    if not bare or bare == "application/json" or bare.endswith("+json"):
+        return False
+    raise UnsupportedMediaType(
+        f"a manifest is application/json or application/yaml, not {bare[:100]!r}"
+    )
+
+
 def parse_manifest(data: bytes, content_type: str | None = None) -> AgentManifest:
-    """Parse and validate a JSON or YAML manifest (YAML when the media type says so)."""
-    is_yaml = content_type is not None and "yaml" in content_type
+    """Parse and validate a JSON or YAML manifest (:func:`manifest_is_yaml`)."""
+    is_yaml = manifest_is_yaml(content_type)
     try:
         parsed = yaml.load(data, Loader=_ManifestLoader) if is_yaml else orjson.loads(data)
     except (yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as e:

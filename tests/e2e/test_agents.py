@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -284,3 +285,50 @@ async def test_bad_as_of_is_422(client: httpx.AsyncClient, as_of: str) -> None:
     r = await client.get("/v1/agents", params={"as_of": as_of})
     assert r.status_code == 422, r.text
     assert r.json()["error_code"] == "unprocessable"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("Application/JSON", 201),
+        ("application/json; charset=utf-8", 201),
+        ("application/vnd.example+json", 201),
+        ("application/x-www-form-urlencoded; x=json", 415),  # "json" appears, not the type
+        ("text/json-ish", 415),
+    ],
+)
+async def test_a_manifests_media_type_is_compared_as_a_media_type(
+    client: httpx.AsyncClient, content_type: str, status: int
+) -> None:
+    name = unique()
+    body = orjson.dumps(manifest(name))
+    r = await client.put(f"/v1/agents/{name}", content=body, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+
+
+async def test_a_slow_yaml_manifest_does_not_hold_other_requests(
+    client: httpx.AsyncClient,
+) -> None:
+    """A YAML manifest near the size limit takes seconds to parse (pure Python); parsed on
+    the event loop, every other request of every tenant waited for it (a publish: 0.05 s
+    alone, 3.5 s beside one such PUT)."""
+    items = ",".join(["1"] * 120_000)
+    document = (
+        "name: slow\nversion: 1.0.0\ndescription: d\n"
+        f"capabilities: [{{action: a, input_schema: {{enum: [{items}]}}}}]\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    yaml_type = {"content-type": "application/yaml"}
+    request = client.put("/v1/agents/slow", content=document, headers=yaml_type)
+    putting = asyncio.create_task(request)
+    waits = []
+    while not putting.done():
+        sent = loop.time()
+        assert (await client.get("/healthz")).status_code == 200
+        waits.append(loop.time() - sent)
+        await asyncio.sleep(0.02)
+    took = loop.time() - began
+    assert (await putting).status_code == 201
+    assert len(waits) >= 3, f"the PUT took {took:.2f} s"
+    assert max(waits) < took / 2, f"a health check waited {max(waits):.2f} s of {took:.2f} s"
