@@ -118,21 +118,35 @@ async def genuine(js: JetStreamContext, tenant: str, message_seq: int, answer: A
 
 
 async def stored_answer(js: JetStreamContext, tenant: str, message_seq: int) -> Answer | None:
-    """A genuine stored answer to the message at ``message_seq``, if any: the last one stored,
-    or, when that one is not genuine, the oldest that is."""
+    """A genuine stored answer to the message at ``message_seq``, if any: an agent's reply
+    before the routers' error (the last reply stored, or the oldest when something else was
+    stored after it), else the routers' error.
+
+    A reply wins because its caller heard it: an error stored after a reply comes from the
+    message running again after its ack was lost (the agent died, the connection dropped),
+    by then past its deadline, and a retried request must get what the first one got."""
     subject = answers_subject(tenant, message_seq)
     try:
         last = await get_stored(js, Stream.ROUTES, subject=subject)
     except NotFoundError:
         return None
-    if await genuine(js, tenant, message_seq, last):
+    last_genuine = await genuine(js, tenant, message_seq, last)
+    if last_genuine and _is_reply(last):
         return last
-    # Something else was stored last (a forgery, say): look at all of them, oldest first.
+    # The routers' error, or a forgery, was stored last: look at all of them, oldest first.
+    error: Answer | None = last if last_genuine else None
     async with contextlib.aclosing(read_messages(js, Stream.ROUTES, subject=subject)) as read:
         async for answer in read:
             if await genuine(js, tenant, message_seq, answer):
-                return answer
-    return None
+                if _is_reply(answer):
+                    return answer
+                error = error or answer
+    return error
+
+
+def _is_reply(answer: Answer) -> bool:
+    """Whether ``answer`` (a message on :func:`answers_subject`) is stored as a reply."""
+    return (answer.subject or "").split(".")[3:4] == [_REPLY]
 
 
 class ReplyStore:

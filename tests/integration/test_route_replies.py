@@ -197,3 +197,16 @@ async def test_the_reply_store_stops_storing_for_a_while_after_a_failure(
 
 def not_stored(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in captured if e["event"] == "agent_reply_not_stored"]
+
+
+async def test_an_agents_reply_wins_over_an_error_stored_after_it(publisher: Publisher) -> None:
+    """An agent that replied and lost its ack runs the message again past its deadline: the
+    router then stores ``deadline_exceeded``, and a retried request got that error where
+    the first caller had heard the reply."""
+    route, route_seq = await decide(publisher, 13, "chosen")
+    await reply(publisher, route, route_seq, b"the answer")
+    body, headers = error_answer("deadline_exceeded", "expired: the deadline passed")
+    await publisher.publish(Outbound(error_subject(T, 13), body, headers))
+    found = await stored_answer(publisher.js, T, 13)
+    assert found is not None
+    assert (found.subject, found.data) == (reply_subject(T, "chosen", 13), b"the answer")
