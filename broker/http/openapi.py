@@ -272,7 +272,11 @@ _ROUTE_ONE: dict[str, Any] = {
                 "name": "timeout",
                 "in": "query",
                 "required": False,
-                "description": "Seconds to wait for the reply (the agent's deadline too).",
+                "description": (
+                    "Seconds to wait for the reply (the agent's deadline too). With an "
+                    "Idempotency-Key, at most the duplicate window less a second (119 by "
+                    "default), so that a retry before the deadline is known as one."
+                ),
                 "schema": {
                     "type": "number",
                     "exclusiveMinimum": 0,

@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 from broker.envelope import (
     CONTENT_TYPE,
     H_CONTENT_TYPE,
+    H_IDEMPOTENCY_KEY,
     NDJSON_TYPES,
     check_media_type,
     media_type,
@@ -157,6 +158,18 @@ def _wait_params(params: dict[str, str], max_wait: float) -> tuple[bool, float]:
     return wait, timeout
 
 
+def _check_retry_window(timeout: float, window: float) -> None:
+    """Refuse a keyed ``wait=true`` request whose retries, sent before its deadline, could
+    come after ``MESSAGES``' duplicate window: JetStream would store such a retry as a new
+    message, and it would be routed (and run) a second time."""
+    if timeout > window - 1:
+        raise Unprocessable(
+            f"with an Idempotency-Key, timeout is at most {window - 1:g} seconds: a retry "
+            f"is known as one for {window:g} s (BROKER_DUPLICATE_WINDOW_SECONDS), and a "
+            "retry after that, still inside this timeout, would be routed again"
+        )
+
+
 def _routing_headers(scope: Scope) -> dict[str, str]:
     found: dict[str, str] = {}
     size = 0
@@ -179,6 +192,8 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
     headers = scope.headers
     validate_subject(subject)
     wait, timeout = _wait_params(_query(scope), state.settings.route_max_wait)
+    if wait and headers.get(H_IDEMPOTENCY_KEY) is not None:
+        _check_retry_window(timeout, state.settings.duplicate_window_seconds)
     raw_type = headers.get(H_CONTENT_TYPE)
     # One routed message may be NDJSON (e.g. a run of sensor readings); publish reads that
     # media type as a batch of records instead.

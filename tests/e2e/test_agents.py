@@ -332,3 +332,31 @@ async def test_a_slow_yaml_manifest_does_not_hold_other_requests(
     assert (await putting).status_code == 201
     assert len(waits) >= 3, f"the PUT took {took:.2f} s"
     assert max(waits) < took / 2, f"a health check waited {max(waits):.2f} s of {took:.2f} s"
+
+
+@pytest.mark.parametrize(
+    ("timeout", "key", "refused"),
+    [
+        ("200", "k-window-1", True),
+        ("119.5", "k-window-2", True),
+        ("119", "k-window-3", False),
+        ("200", None, False),
+    ],
+)
+async def test_a_keyed_wait_longer_than_the_duplicate_window_is_refused(
+    client: httpx.AsyncClient, timeout: str, key: str | None, refused: bool
+) -> None:
+    """Retries are known by JetStream's duplicate window (120 s); a keyed ``wait=true``
+    request with a longer timeout had a retry sent at 130 s stored and routed again."""
+    headers = {"content-type": "text/plain", "Broker-Intent": "nobody.offers.this"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    r = await client.post(
+        f"/v1/route/window.test?wait=true&timeout={timeout}", content=b"x", headers=headers
+    )
+    if refused:
+        assert r.status_code == 422, r.text
+        assert "Idempotency-Key" in r.json()["message"]
+    else:  # routed: nobody offers it
+        assert r.status_code == 503, r.text
+        assert r.json()["error_code"] == "no_route"
