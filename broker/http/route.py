@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -32,6 +34,7 @@ from broker.envelope import (
     H_CONTENT_TYPE,
     H_IDEMPOTENCY_KEY,
     NDJSON_TYPES,
+    REQUEST_DIGEST,
     check_media_type,
     media_type,
     validate_subject,
@@ -158,6 +161,18 @@ def _wait_params(params: dict[str, str], max_wait: float) -> tuple[bool, float]:
     return wait, timeout
 
 
+def _route_digest(digest: str, routing: Mapping[str, str]) -> str:
+    """The request digest of a route: the publish digest of the same message, with that it
+    is routed and the routing headers it names, so that one Idempotency-Key sent to
+    ``/v1/publish`` and then ``/v1/route`` (or with another intent) is ``422
+    idempotency_key_reused``, not a duplicate that routes nothing. ``wait`` is left out:
+    a route sent again with ``wait=true`` is the same request (``409 already_routed``)."""
+    h = hashlib.blake2b(f"route\0{digest}".encode(), digest_size=16)
+    for name in sorted(routing):
+        h.update(f"\0{name}\0{routing[name]}".encode())
+    return h.hexdigest()
+
+
 def _check_retry_window(timeout: float, window: float) -> None:
     """Refuse a keyed ``wait=true`` request whose retries, sent before its deadline, could
     come after ``MESSAGES``' duplicate window: JetStream would store such a retry as a new
@@ -204,6 +219,8 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
     # Refuse what a router could not read before anything is stored.
     extract(body, {CONTENT_TYPE: content_type, **routing})
     outbound = body_request(headers, subject, body, content_type).to_outbound(state.tenant)
+    if (digest := outbound.headers.get(REQUEST_DIGEST)) is not None:
+        outbound.headers[REQUEST_DIGEST] = _route_digest(digest, routing)
     waiters = state.route_waiters
     if not state.publisher.connected:
         raise Unavailable("NATS is not connected")

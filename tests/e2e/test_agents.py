@@ -360,3 +360,25 @@ async def test_a_keyed_wait_longer_than_the_duplicate_window_is_refused(
     else:  # routed: nobody offers it
         assert r.status_code == 503, r.text
         assert r.json()["error_code"] == "no_route"
+
+
+async def test_one_key_for_a_publish_and_then_a_route_is_a_reused_key(
+    client: httpx.AsyncClient,
+) -> None:
+    """The request digest left out that a request was routed: a publish and then a route
+    with the same key and body counted as one request, so the route answered a duplicate
+    and nothing was ever routed (with ``wait``: a 409 naming a decision that did not
+    exist)."""
+    headers = {"content-type": "text/plain", "Idempotency-Key": "k-publish-then-route"}
+    published = await client.post("/v1/publish/keyed.once", content=b"x", headers=headers)
+    assert published.status_code == 200, published.text
+    for query in ("", "?wait=true&timeout=5"):
+        routed = await client.post(f"/v1/route/keyed.once{query}", content=b"x", headers=headers)
+        assert routed.status_code == 422, routed.text
+        assert routed.json()["error_code"] == "idempotency_key_reused"
+    # another intent under one key is another request too
+    intent = {**headers, "Idempotency-Key": "k-two-intents", "Broker-Intent": "summarize"}
+    assert (await client.post("/v1/route/keyed.two", content=b"x", headers=intent)).is_success
+    intent["Broker-Intent"] = "translate"
+    again = await client.post("/v1/route/keyed.two", content=b"x", headers=intent)
+    assert again.status_code == 422, again.text
