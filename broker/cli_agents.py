@@ -258,7 +258,11 @@ def import_a2a(
         Path | None, typer.Option("--output", "-o", help="Write the manifest here.")
     ] = None,
 ) -> None:
-    """Convert an A2A agent card into a manifest (YAML), ready for `broker agents apply`."""
+    """Convert an A2A agent card into a manifest (YAML), ready for `broker agents apply`.
+
+    A version that is not Semantic Versioning becomes the nearest one (1.0-beta:
+    1.0.0-beta; a date: its numbers); input modes are read as media types (the older
+    text, data and file modes too); skill ids that clean up alike get -2, -3 suffixes."""
     import yaml
 
     from broker.registry.a2a import manifest_from_agent_card

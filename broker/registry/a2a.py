@@ -3,15 +3,31 @@
 A card's skills become capabilities (skill id → action, its examples kept for routing,
 its input modes → accepted content types and modalities); the card's description, skill
 names and examples become the text the router embeds.
+
+A card is the provider's to write, and A2A constrains little of it, so the import reads
+what it can: a version that is not Semantic Versioning (``1.0-beta``, ``1.0.0.1``,
+``2025-06-01``) becomes one (``1.0.0-beta``, ``1.0.0+1``, ``2025.6.1``); input
+modes are media types read without case or parameters, the older ``text``, ``data`` and
+``file`` modes included (``file``: any type, so the skill lists none); a name with no
+character a manifest name may hold becomes ``agent-`` and a hash of it; skill ids that
+come out as the same action get ``-2``, ``-3``, ... in card order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from broker.registry.manifest import AgentManifest, ManifestInvalid, Modality, validate_manifest
+from broker.envelope import media_type
+from broker.registry.manifest import (
+    AgentManifest,
+    ManifestInvalid,
+    Modality,
+    validate_manifest,
+    version_order,
+)
 
 _MODALITY_BY_PREFIX = (
     ("text/", Modality.TEXT),
@@ -26,12 +42,18 @@ _MODE_ALIASES: dict[str, str] = {
     "image": "image/*",
     "audio": "audio/*",
     "video": "video/*",
+    "data": "application/json",
 }
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+#: The older A2A mode for a file of any type: the skill then takes any content type.
+_ANY_FILE = "file"
 
 
-def _token(value: str, *, lower: bool = False) -> str:
+def _name(value: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", value.strip()).strip("-")[:64]
-    return cleaned.lower() if lower else cleaned
+    if cleaned:
+        return cleaned
+    return "agent-" + hashlib.blake2b(value.encode(), digest_size=4).hexdigest()
 
 
 def _action(skill_id: str) -> str:
@@ -39,22 +61,73 @@ def _action(skill_id: str) -> str:
     return action if action and action[0].isalnum() else f"skill-{action}".strip("-")[:64]
 
 
+def _unique(action: str, taken: set[str]) -> str:
+    unique, n = action, 1
+    while unique in taken:
+        n += 1
+        suffix = f"-{n}"
+        unique = action[: 64 - len(suffix)] + suffix
+    taken.add(unique)
+    return unique
+
+
+def _identifiers(text: str) -> str:
+    """``text`` as dot-separated Semantic Versioning identifiers (``[0-9A-Za-z-]``)."""
+    parts = (re.sub(r"[^0-9A-Za-z-]+", "-", p).strip("-") for p in text.split("."))
+    return ".".join(p for p in parts if p)
+
+
 def _semver(version: str) -> str:
-    parts = version.strip().lstrip("v").split(".")
-    if len(parts) < 3 and all(p.isascii() and p.isdigit() for p in parts):
-        parts += ["0"] * (3 - len(parts))
-    return ".".join(parts)
+    """``version`` when it is Semantic Versioning, else the nearest version that is: a
+    date's three numbers; a numeric head padded to three numbers (numbers past three kept as
+    build metadata), what follows a ``-`` as the pre-release; a head that is not numbers,
+    as build metadata of ``0.0.0``."""
+    text = version.strip().removeprefix("v").removeprefix("V")
+    try:
+        version_order(text)
+        return text
+    except ValueError:
+        pass
+    if date := _DATE.fullmatch(text):  # a release date: its numbers sort as a version does
+        return ".".join(str(int(n)) for n in date.groups())
+    head, dash, rest = text.partition("-")
+    numbers = head.split(".")
+    if all(n.isascii() and n.isdigit() for n in numbers):
+        release = [str(int(n)) for n in numbers[:3]] + ["0"] * (3 - len(numbers[:3]))
+        candidate = ".".join(release)
+        pre = _identifiers(rest) if dash else ""
+        pre = ".".join(p if not p.isdigit() else str(int(p)) for p in pre.split(".") if p)
+        build = ".".join(numbers[3:])
+        candidate += f"-{pre}" if pre else ""
+        candidate += f"+{build}" if build else ""
+    else:
+        build = _identifiers(text)
+        candidate = f"0.0.0+{build}" if build else "0.0.0"
+    try:
+        version_order(candidate)
+    except ValueError:
+        return "0.0.0"
+    return candidate
 
 
-def _modes(value: Any, where: str) -> list[str]:
+def _modes(value: Any, where: str) -> list[str] | None:
+    """The content types of a list of input modes, ``None`` when one of them takes any file
+    (``[]`` when there is no list)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise ManifestInvalid(
             f"{where} must be a list of strings", [{"loc": where, "msg": "not a list of strings"}]
         )
-    modes: list[str] = value
-    return [_MODE_ALIASES.get(mode) or mode for mode in modes]
+    found: list[str] = []
+    for mode in value:
+        bare = media_type(mode)
+        if bare == _ANY_FILE:
+            return None
+        bare = _MODE_ALIASES.get(bare, bare)
+        if bare not in found:
+            found.append(bare)
+    return found
 
 
 def _modalities(content_types: list[str]) -> list[str]:
@@ -89,19 +162,21 @@ def manifest_from_agent_card(card: Mapping[str, Any]) -> AgentManifest:
     default_in = _modes(card.get("defaultInputModes"), "defaultInputModes")
     capabilities: list[dict[str, Any]] = []
     texts = [description]
+    actions: set[str] = set()
     for i, skill in enumerate(skills):
         if not isinstance(skill, Mapping) or not isinstance(skill.get("id"), str):
             raise ManifestInvalid(
                 "every skill needs an id", [{"loc": f"skills.{i}.id", "msg": "required string"}]
             )
-        content_types = _modes(skill.get("inputModes"), f"skills.{i}.inputModes") or default_in
+        own = _modes(skill.get("inputModes"), f"skills.{i}.inputModes")
+        content_types = (own if own != [] else default_in) or []
         given = skill.get("examples")
         listed = given if isinstance(given, list) else []  # a lone string is not a list
         examples = [e for e in listed if isinstance(e, str)][:50]
         summary = skill.get("description") or skill.get("name") or ""
         capabilities.append(
             {
-                "action": _action(skill["id"]),
+                "action": _unique(_action(skill["id"]), actions),
                 "description": str(summary)[:1000],
                 "content_types": content_types,
                 "modalities": _modalities(content_types),
@@ -115,7 +190,7 @@ def manifest_from_agent_card(card: Mapping[str, Any]) -> AgentManifest:
         labels["a2a/provider"] = provider["organization"][:256]
     return validate_manifest(
         {
-            "name": _token(name),
+            "name": _name(name),
             "version": _semver(str(card.get("version") or "0.0.0")),
             "description": description[:2000],
             "endpoint": card.get("url") if isinstance(card.get("url"), str) else None,

@@ -256,3 +256,42 @@ def test_snapshots_refuse_mutation() -> None:
     with pytest.raises(TypeError):
         snapshot.pop(("t", "a"))
     assert snapshot.get(("t", "a")) is record
+
+
+@pytest.mark.parametrize(
+    ("given", "version"),
+    [
+        ("1.0-beta", "1.0.0-beta"),
+        ("1.0.0.1", "1.0.0+1"),
+        ("2025-06-01", "2025.6.1"),
+        ("v2", "2.0.0"),
+        ("1.2.3-rc.1+build.5", "1.2.3-rc.1+build.5"),
+        ("1.0-beta.01", "1.0.0-beta.1"),
+        ("latest", "0.0.0+latest"),
+    ],
+)
+def test_an_a2a_version_is_read_as_the_nearest_semantic_version(given: str, version: str) -> None:
+    """A2A leaves a card's version format to its provider; the import refused any that was
+    not Semantic Versioning after padding (``1.0-beta``, ``1.0.0.1``, a date)."""
+    assert manifest_from_agent_card({**CARD, "version": given}).version == version
+
+
+def test_a2a_modes_are_media_types_and_the_older_modes_are_read() -> None:
+    skills = [
+        {"id": "a", "inputModes": ["Text/Plain; charset=utf-8", "IMAGE/PNG"]},
+        {"id": "b", "inputModes": ["text", "data"]},
+        {"id": "c", "inputModes": ["text", "file"]},  # a file of any type: no list
+    ]
+    a, b, c = manifest_from_agent_card({**CARD, "skills": skills}).capabilities
+    assert a.content_types == ["text/plain", "image/png"]
+    assert b.content_types == ["text/plain", "application/json"]
+    assert c.content_types == []
+
+
+def test_a2a_names_and_skill_ids_that_clean_up_alike_stay_apart() -> None:
+    skills = [{"id": "Translate"}, {"id": "translate"}, {"id": "翻译"}, {"id": "要約"}]
+    manifest = manifest_from_agent_card({**CARD, "name": "翻译助手", "skills": skills})
+    actions = [c.action for c in manifest.capabilities]
+    assert actions == ["translate", "translate-2", "skill", "skill-2"]
+    assert manifest.name.startswith("agent-")
+    assert manifest_from_agent_card({**CARD, "name": "翻译助手"}).name == manifest.name
