@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import jwt
 import yaml
+from jwt.algorithms import get_default_algorithms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.envelope import TOKEN, Tenant
@@ -244,7 +245,11 @@ class Authenticator:
 
     def __init__(self, config: AuthConfig | None, *, default_tenant: str) -> None:
         self.enabled = config is not None
-        self._open = Principal("anonymous", (Tenant(valid_tenant(default_tenant)),), ALL_SCOPES)
+        try:
+            default = Tenant(valid_tenant(default_tenant))
+        except ValueError as e:  # a setting, refused at start like the auth document
+            raise AuthConfigError(f"BROKER_TENANT: {e}") from None
+        self._open = Principal("anonymous", (default,), ALL_SCOPES)
         self._keys: dict[bytes, Principal] = {}
         self._jwt: JwtConfig | None = None
         self._jwt_key: Any = None
@@ -260,6 +265,7 @@ class Authenticator:
         if config.jwt is not None:
             self._jwt = config.jwt
             self._jwt_key = _jwt_key(config.jwt)
+            _check_algorithms(config.jwt, self._jwt_key)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
@@ -279,19 +285,32 @@ class Authenticator:
         kind = kind.lower()
         if kind == "bearer" and credential:
             if credential.count(".") == 2 and self._jwt is not None:
-                return self._bearer_jwt(credential)
+                return self._bearer_key_or_jwt(credential)
             return self._api_key(credential)
         if kind == "basic" and credential:
             return self._api_key(_basic_password(credential))
         raise Unauthenticated("Authorization must be 'Bearer <token>' or 'Basic <credentials>'")
 
     def _api_key(self, key: str) -> Principal:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        principal = self._keys.get(digest)
+        principal = self._key_principal(key)
         if principal is None:
-            # The dict lookup compares digests, not keys: its timing tells nothing of a key.
             raise Unauthenticated("unknown API key")
         return principal
+
+    def _key_principal(self, key: str) -> Principal | None:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        # The dict lookup compares digests, not keys: its timing tells nothing of a key.
+        return self._keys.get(digest)
+
+    def _bearer_key_or_jwt(self, credential: str) -> Principal:
+        """A bearer value shaped like a JWT (two dots) that is a configured API key is that
+        key, as it is in ``X-API-Key``; any other goes to JWT verification, whose answer
+        (and 401 message) it gets. Every such value pays the same digest lookup first, and
+        only a key's exact digest or a verified token yields a principal."""
+        principal = self._key_principal(credential)
+        if principal is not None:
+            return principal
+        return self._bearer_jwt(credential)
 
     def _bearer_jwt(self, token: str) -> Principal:
         now = time.time()
@@ -324,6 +343,10 @@ class Authenticator:
             raise Unauthenticated("the token has expired") from None
         except jwt.PyJWTError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
+        except (TypeError, ValueError):
+            # What PyJWT raises for input it did not foresee (text that is not UTF-8, a key
+            # its algorithm cannot use) is the token's fault too: a 401, never a 500.
+            raise Unauthenticated("invalid token: it cannot be read") from None
         tenants = _tenant_claim(claims.get(config.tenant_claim))
         if not tenants:
             raise Unauthenticated(f"the token has no {config.tenant_claim!r} claim")
@@ -333,7 +356,9 @@ class Authenticator:
             raise Unauthenticated(f"invalid token: {e}") from None
         scopes = _granted_scopes(claims.get(config.scope_claim))
         name = str(claims.get("sub") or "jwt")[:128]
-        expires = min(float(claims["exp"]), time.time() + 300.0)  # re-verify every 5 min
+        # PyJWT took ``int(exp)`` for the expiry; one past any float (``10**400``) is a far
+        # future one like any other: cached, as every token, for five minutes at most.
+        expires = float(min(int(claims["exp"]), time.time() + 300.0))
         return Principal(name, tenant_tuple, scopes), expires
 
 
@@ -390,6 +415,39 @@ def _jwt_key(config: JwtConfig) -> Any:
         return load_pem_public_key(pem)
     except ValueError as e:
         raise AuthConfigError(f"jwt: {config.public_key_file} is not a PEM public key") from e
+
+
+def _check_algorithms(config: JwtConfig, key: Any) -> None:
+    """Refuse an algorithm that cannot verify with ``key`` (ES256 beside an RSA key, an EC
+    key of another curve, a name PyJWT does not know): otherwise each token naming it would
+    find out, a 500 or a 401 for every token instead of one refusal at start."""
+    source = f"${config.secret_env}" if config.secret_env else str(config.public_key_file)
+    kind = _key_kind(key)
+    for name in config.algorithms:
+        try:
+            algorithm = jwt.get_algorithm_by_name(name)
+        except NotImplementedError:
+            known = ", ".join(sorted(get_default_algorithms().keys() - {"none"}))
+            raise AuthConfigError(f"jwt: unknown algorithm {name!r} (known: {known})") from None
+        try:
+            algorithm.prepare_key(key)
+        except (jwt.PyJWTError, TypeError, ValueError) as e:
+            raise AuthConfigError(
+                f"jwt: algorithm {name!r} cannot verify with the {kind} of {source}: {e}"
+            ) from None
+
+
+def _key_kind(key: Any) -> str:
+    """What ``key`` is, for a message: ``RSA key``, ``EC key (secp256r1)``, ``HMAC secret``."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(key, bytes):
+        return "HMAC secret"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA key"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC key ({key.curve.name})"
+    return "key"
 
 
 # --- which request needs what -----------------------------------------------------------

@@ -6,6 +6,7 @@ import secrets
 from typing import Annotated
 
 import typer
+import yaml
 
 auth_app = typer.Typer(
     name="auth",
@@ -34,12 +35,12 @@ def new_key(
 ) -> None:
     """Make a random API key: the key on stderr (give it to the client), and on stdout the
     `api_keys` entry with its SHA-256 (put it in the auth file; the key itself is not kept)."""
-    import json
-
     from broker.auth import Scope, key_digest, valid_tenant
 
     if not 1 <= len(key_id) <= 128:
         raise typer.BadParameter("give 1 to 128 characters", param_hint="--id")
+    if not _is_text(key_id):  # bytes of the command line that are not UTF-8
+        raise typer.BadParameter("give text in UTF-8 (this is not)", param_hint="--id")
     try:
         tenants = [valid_tenant(t) for t in tenant]
         scopes = [Scope(s).value for s in scope]
@@ -47,11 +48,30 @@ def new_key(
         raise typer.BadParameter(str(e)) from None
     key = secrets.token_urlsafe(32)
     typer.echo(f"API key (shown once): {key}", err=True)
-    # JSON strings are YAML's double-quoted scalars: an id such as `yes`, `123`, `a: b` or
-    # `#ops` stays the string it was, and the entry cannot break the file it is appended to.
     typer.echo(
-        f"  - id: {json.dumps(key_id)}\n"
+        f"  - id: {_quoted(key_id)}\n"
         f"    sha256: {key_digest(key)}\n"
-        f"    tenants: {json.dumps(tenants)}\n"
-        f"    scopes: {json.dumps(scopes)}"
+        f"    tenants: [{', '.join(_quoted(t) for t in tenants)}]\n"
+        f"    scopes: [{', '.join(_quoted(s) for s in scopes)}]"
     )
+
+
+def _quoted(text: str) -> str:
+    """``text`` as one YAML double-quoted scalar on one line: an id such as `yes`, `123`,
+    `a: b` or `#ops` stays the string it was, and the entry cannot break the file it is
+    appended to. YAML's own escapes, not JSON's: JSON writes a character beyond U+FFFF
+    (an emoji) as two ``\\u`` surrogates, which YAML reads as two lone surrogates that the
+    auth file's loader then refuses."""
+    dumped = yaml.safe_dump(text, default_style='"', allow_unicode=True, width=_NO_FOLDING)
+    return dumped.removesuffix("\n")
+
+
+_NO_FOLDING = 1 << 30  # a line width no scalar reaches: the scalar stays on its line
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
