@@ -131,20 +131,20 @@ async def stored_answer(js: JetStreamContext, tenant: str, message_seq: int) -> 
     except NotFoundError:
         return None
     last_genuine = await genuine(js, tenant, message_seq, last)
-    if last_genuine and _is_reply(last):
+    if last_genuine and is_reply(last):
         return last
     # The routers' error, or a forgery, was stored last: look at all of them, oldest first.
     error: Answer | None = last if last_genuine else None
     async with contextlib.aclosing(read_messages(js, Stream.ROUTES, subject=subject)) as read:
         async for answer in read:
             if await genuine(js, tenant, message_seq, answer):
-                if _is_reply(answer):
+                if is_reply(answer):
                     return answer
                 error = error or answer
     return error
 
 
-def _is_reply(answer: Answer) -> bool:
+def is_reply(answer: Answer) -> bool:
     """Whether ``answer`` (a message on :func:`answers_subject`) is stored as a reply."""
     return (answer.subject or "").split(".")[3:4] == [_REPLY]
 

@@ -65,7 +65,7 @@ from broker.routing.events import (
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import Policy
-from broker.routing.replies import error_answer, error_subject
+from broker.routing.replies import error_answer, error_subject, is_reply, stored_answer
 from broker.routing.scoring import Scorer
 from broker.routing.types import Decision, DecisionReason
 from broker.streams import (
@@ -158,6 +158,7 @@ class RouterStats:
     retried: int = 0
     failures_seen: int = 0
     failures_repeated: int = 0  # a failure stored again after its retry was decided
+    failures_answered: int = 0  # a failure of a message an agent's stored reply answered
     errors: int = 0
 
 
@@ -489,6 +490,9 @@ class Router:
             self.stats.failures_repeated += 1
             await message.ack()
             return
+        if original.get(H_REPLY_TO) and await self._answered(route):
+            await message.ack()
+            return
         deadline = deadline_of(original)
         expired = deadline is not None and time.time() >= deadline
         if failure.retryable and not expired and route.attempt < self.policy.max_attempts:
@@ -535,6 +539,29 @@ class Router:
         # (its failure comes back within ROUTES' duplicate window).
         await attempts.put(claim, b"%d" % (route.attempt + 1))
         await message.ack()
+
+    async def _answered(self, route: RouteDecided) -> bool:
+        """Whether an agent's reply to ``route``'s message is stored (logged when it is): an
+        agent that replied and lost its ack (it died, its connection dropped) runs the
+        message again, and its failure then (past the deadline: ``expired``) would
+        dead-letter a message its caller has had the answer to, or run it on another agent.
+        Raises :class:`Unavailable` (handed back) when ``ROUTES`` cannot be read."""
+        try:
+            answer = await stored_answer(self.js, route.tenant, route.message_seq)
+        except Exception as e:
+            raise Unavailable(
+                f"cannot read the answers to message {route.message_seq}: {e!r}"[:300]
+            ) from e
+        if answer is None or not is_reply(answer):
+            return False
+        log.info(
+            "route_failure_after_reply",
+            message_seq=route.message_seq,
+            attempt=route.attempt,
+            agent=route.decision.agent,
+        )
+        self.stats.failures_answered += 1
+        return True
 
     async def _failed_decision(
         self, failure: RouteFailed, headers: Mapping[str, str]

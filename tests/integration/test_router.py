@@ -29,6 +29,7 @@ from broker.routing import router as router_module
 from broker.routing.embedder import Embedder, HashingEmbedder, Matrix
 from broker.routing.events import (
     H_DECISION_TO,
+    H_REPLY_TO,
     H_ROUTE_MODE,
     ROUTE_MODE_AUTO,
     FailureReason,
@@ -37,6 +38,7 @@ from broker.routing.events import (
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import DEFAULT_POLICY
+from broker.routing.replies import reply_headers, reply_subject
 from broker.routing.router import Router, decision_id_key
 from broker.routing.types import DecisionReason
 from broker.streams import ATTEMPTS_BUCKET, KEYS_BUCKET, Stream, dlq_subject
@@ -693,3 +695,32 @@ async def test_a_message_stored_on_a_condition_is_routed_without_it(publisher: P
         stop.set()
         await asyncio.wait_for(running, 10)
     assert (router.stats.routed, router.stats.dead_lettered) == (3, 0)
+
+
+async def test_a_failure_of_a_message_already_answered_is_neither_retried_nor_dead(
+    publisher: Publisher,
+) -> None:
+    """An agent that replied and lost its ack runs the message again after ack_wait, past
+    its deadline: its ``expired`` failure dead-lettered a message whose caller had the
+    reply (and a retryable failure would have run it on another agent)."""
+    await register_agents(publisher)
+    route = RouteDecided(T, 4001, f"msg.{T}.x", replace(_decision(), agent="translator"))
+    text = b"please translate this letter into German"
+    waiting = {H_REPLY_TO: "_BROKER_REPLY.x.1", "Broker-Deadline": "1"}
+    failure, headers = await stored_failure(
+        publisher, route, text, waiting, reason=FailureReason.EXPIRED
+    )
+    answered = reply_headers(failure.route_seq or 0, {"Content-Type": "text/plain"})
+    await publisher.publish(Outbound(reply_subject(T, "translator", 4001), b"done", answered))
+    await publisher.publish(Outbound(failure.subject, text, headers))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+
+        async def seen() -> bool:
+            return router.stats.failures_answered == 1
+
+        assert await await_until(seen, timeout=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert (router.stats.retried, router.stats.dead_lettered) == (0, 0)
