@@ -37,7 +37,16 @@ REPLICA_URL = Annotated[
 DATA_DIR = Annotated[
     Path, typer.Option(envvar="BROKER_DATA_DIR", help="Where the default SQLite replica lives.")
 ]
-OUTPUT = Annotated[str, typer.Option("--output", "-o", help="table or json.")]
+
+
+def _output(value: str) -> str:
+    """``--output``: ``table`` or ``json``, anything else a usage error before any work."""
+    if value not in {"table", "json"}:
+        raise typer.BadParameter("table or json")
+    return value
+
+
+OUTPUT = Annotated[str, typer.Option("--output", "-o", help="table or json.", callback=_output)]
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 METRICS_PORT = Annotated[
     int,
@@ -117,6 +126,32 @@ async def open_nats(nats_url: str, name: str = "broker-cli") -> NatsClient:
             reason = e.message
         typer.echo(f"error: {reason}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE) from None
+
+
+async def require_streams(nc: NatsClient, nats_url: str, *streams: str) -> None:
+    """Each of ``streams`` exists on ``nc``'s NATS (``nats_url``), or ``error: NATS at …
+    has no stream …`` and exit 1: a NATS without the broker's streams (not provisioned yet,
+    or another NATS than meant), said before anything is read or changed."""
+    import nats.js.errors
+
+    from broker.cli import EXIT_REFUSED
+    from broker.natsconn import redact_servers
+
+    js = nc.jetstream()
+    missing = []
+    for stream in streams:
+        try:
+            await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            missing.append(stream)
+    if missing:
+        at = redact_servers(nats_url)
+        typer.echo(
+            f"error: NATS at {at} has no stream {', '.join(missing)} (`broker serve` creates "
+            "the broker's streams; is --nats-url the broker's NATS?)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_REFUSED)
 
 
 def replica_url(url: str | None, data_dir: Path) -> str:
@@ -213,8 +248,10 @@ async def _status(nats_url: str, url: str) -> list[dict[str, Any]]:
     nc = await open_nats(nats_url)
     try:
         js = nc.jetstream()
+        selected = _selected(None, False)
+        await require_streams(nc, nats_url, *dict.fromkeys(p.stream for p in selected))
         rows = []
-        for p in _selected(None, False):
+        for p in selected:
             done = await progress(js, p, store)
             rows.append(
                 {
@@ -315,10 +352,13 @@ async def _reset(nats_url: str, url: str, name: str) -> _Rebuild:
     from projections.runtime import RESET_WORKER, ProjectionRunner
 
     (projection,) = _selected([name], False)
-    engine = create_sql_engine(url)
-    store = SqlCheckpointStore(engine)
     nc = await open_nats(nats_url)
+    store: SqlCheckpointStore | None = None
     try:
+        # First: a wrong --nats-url must not wipe a replica it cannot rebuild.
+        await require_streams(nc, nats_url, projection.stream)
+        engine = create_sql_engine(url)
+        store = SqlCheckpointStore(engine)
         js = nc.jetstream()
         await store.reset(projection.name, projection.reset)
         await asyncio.to_thread(_setup, engine, projection)
@@ -348,7 +388,8 @@ async def _reset(nats_url: str, url: str, name: str) -> _Rebuild:
         return _Rebuild(runner.stats.applied, interrupted, runner.stats.last_seq, total)
     finally:
         await nc.close()
-        await store.close()
+        if store is not None:
+            await store.close()
 
 
 def _setup(engine: Any, projection: Any) -> None:
@@ -374,8 +415,14 @@ def reset(
     Stop the workers that run it first, or they will race the rebuild (their commits then
     fail their checkpoint checks and they re-read from the new position). Ctrl-C stops the
     rebuild after the batch in hand and says how far it got (exit code 130): the workers go
-    on from there, or another reset starts over.
+    on from there, or another reset starts over. A NATS without the projection's stream is
+    an error (exit 1) before anything is dropped.
+
+    A reset publishes no change events (CDC, `broker worker --changes`): none for the rows
+    it drops, none for the rows it rebuilds. Consumers of CHANGES read the rebuilt tables
+    again from the replica.
     """
+    _selected([name], False)  # an unknown name is a usage error before the question
     if not yes:
         typer.confirm(f"Drop and rebuild {name}?", abort=True)
     done = asyncio.run(_reset(nats_url, replica_url(replica, data_dir), name))
@@ -390,23 +437,31 @@ def reset(
     typer.echo(f"{name}: rebuilt from {done.applied} events")
 
 
+#: The header that makes a DLQ entry a projection's (``projections.runtime``'s dead letter).
+H_DLQ_PROJECTION = "Broker-Dlq-Projection"
+
+
 async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
     from broker.reader import read_messages
     from broker.streams import Stream
 
     nc = await open_nats(nats_url)
     try:
+        await require_streams(nc, nats_url, Stream.DLQ)
         rows = []
         async for m in read_messages(nc.jetstream(), Stream.DLQ):
             h = m.headers or {}
             row = {
                 "dlq_seq": m.metadata.sequence.stream,
-                "projection": h.get("Broker-Dlq-Projection"),
+                "projection": h.get(H_DLQ_PROJECTION),
                 "stream": h.get("Broker-Dlq-Stream"),
                 "seq": int(h.get("Broker-Dlq-Seq", "0")),
                 "error": h.get("Broker-Dlq-Error"),
             }
-            if "Broker-Route" in h:  # a message no agent qualified for (the router's DLQ)
+            # The router's (a message no agent qualified for, or every agent tried failed):
+            # its decision, no projection. A dead letter of a projection of ROUTES carries
+            # the route event's Broker-Route too: it is the projection's.
+            if H_DLQ_PROJECTION not in h and "Broker-Route" in h:
                 route = json.loads(h["Broker-Route"])
                 row.update(
                     projection="router",
@@ -436,8 +491,10 @@ def dlq_list(
 
 
 async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
-    """Publish a dead-lettered event again as a new message: a projection's back to its
-    source subject, a routed message's back to ``MESSAGES`` for a router to decide again.
+    """Publish a dead-lettered event again as a new message: a projection's of ``MESSAGES``
+    back to its source subject, a routed message's back to ``MESSAGES`` for a router to
+    decide again. A projection's of another stream is refused (a usage error saying to
+    rebuild the projection instead).
 
     The sequence it is stored at, and whether JetStream took it for a duplicate of an
     earlier replay of the same entry (``Nats-Msg-Id: dlq-replay:<dlq seq>``, inside the
@@ -452,6 +509,7 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
     nc = await open_nats(nats_url)
     try:
         js = nc.jetstream()
+        await require_streams(nc, nats_url, Stream.DLQ)
         try:
             raw = await get_stored(js, Stream.DLQ, dlq_seq)
         except nats.js.errors.NotFoundError:
@@ -461,10 +519,25 @@ async def _dlq_replay(nats_url: str, dlq_seq: int) -> tuple[int, bool]:
                 f"cannot read DLQ message {dlq_seq}: {e.description}"
             ) from None
         headers = dict(raw.headers or {})
-        if H_ROUTE in headers:  # the router's: nobody qualified, or every agent tried failed
+        # The router's: nobody qualified, or every agent tried failed. A projection's dead
+        # letter of a route event carries its Broker-Route too, and goes back where it was.
+        if H_DLQ_PROJECTION not in headers and H_ROUTE in headers:
             subject, keep = _routed_again(dlq_seq, headers)
         else:
             subject = headers.get("Broker-Dlq-Subject", "")
+            source = headers.get("Broker-Dlq-Stream", "")
+            if source != Stream.MESSAGES:
+                # Appended again, a route event is a decision its agent runs a second time,
+                # and a registry event the agent's latest state: only the projection needs
+                # it again, and a rebuild gives it that.
+                projection = headers.get(H_DLQ_PROJECTION, "?")
+                raise typer.BadParameter(
+                    f"DLQ message {dlq_seq} is a dead letter of projection {projection}, of "
+                    f"{source} seq {headers.get('Broker-Dlq-Seq')}: appended to {source} "
+                    "again it would act again (an agent handed the message twice, a "
+                    "registry change made anew). Fix the cause, then `broker projections "
+                    f"reset {projection}`"
+                )
             if "Broker-Dlq-Stub" in headers:  # the event could not be dead-lettered whole
                 raise typer.BadParameter(
                     f"DLQ message {dlq_seq} holds no event ({headers['Broker-Dlq-Stub']}); "
@@ -531,8 +604,10 @@ def dlq_replay(
     ],
     nats_url: NATS_URL = DEFAULT_NATS,
 ) -> None:
-    """Append a dead-lettered event again once its cause is fixed: a projection's to its
-    source subject, a routed message's to MESSAGES, where a router decides it again.
+    """Append a dead-lettered event again once its cause is fixed: a projection's of
+    MESSAGES to its source subject, a routed message's to MESSAGES, where a router decides
+    it again. A projection's of another stream (a route or registry event, which would act
+    again) is refused: rebuild that projection with `broker projections reset` instead.
 
     The copy is a new message: every consumer of that stream sees it (every projection
     reading it applies it again). It carries `Nats-Msg-Id: dlq-replay:DLQ_SEQ`, so running

@@ -36,13 +36,19 @@ BUCKET = "projection_leases"
 _FIRST_TICK_SECONDS = 20.0
 
 
+async def messages_replicas(js: JetStreamContext) -> int:
+    """The replica count of the MESSAGES stream (1 without it): what a projection's own
+    state in NATS (its leases, its change events) is given."""
+    try:
+        return int((await js.stream_info(Stream.MESSAGES)).config.num_replicas or 1)
+    except NotFoundError:
+        return 1
+
+
 async def lease_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
     """The leases bucket, created with as many replicas as the MESSAGES stream: leases must
     survive the loss of a node whenever the data does."""
-    try:
-        replicas = (await js.stream_info(Stream.MESSAGES)).config.num_replicas or 1
-    except NotFoundError:
-        replicas = 1
+    replicas = await messages_replicas(js)
     config = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl, replicas=replicas)
     return await open_bucket(js, config)
 

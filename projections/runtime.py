@@ -64,6 +64,7 @@ from broker.natsconn import header_line_size, message_size
 from broker.reader import READ_BYTES, FetchSize
 from broker.streams import SUBJECT_PREFIX, Stream
 from broker.telemetry import metrics, setup, tracing
+from projections._errors import error_text, error_type
 from projections.base import Event, Projection, partition_of
 from projections.checkpoints import (
     UNKNOWN_CREATED,
@@ -357,7 +358,8 @@ class ProjectionRunner:
                 log.warning(
                     "projection_runner_restarting",
                     projection=self.projection.name,
-                    error=repr(e)[:300],
+                    error_type=error_type(e),
+                    error=error_text(e),
                 )
                 await _wait(stop, min(5.0, 0.2 * 2 ** min(self.stats.errors, 5)))
             finally:
@@ -442,8 +444,12 @@ class ProjectionRunner:
             except (CheckpointConflict, StoreUnavailable):
                 raise  # not the events' fault: the batch is fetched again
             except Exception as e:  # the projection refused the batch: find the poison event
+                # Never str(e): SQLAlchemy's ends in the batch's rows as bound parameters.
                 log.warning(
-                    "projection_batch_failed", projection=self.projection.name, error=str(e)
+                    "projection_batch_failed",
+                    projection=self.projection.name,
+                    error_type=error_type(e),
+                    error=error_text(e),
                 )
                 await self._one_by_one(todo, owned, last)
         self._maybe_crash("after_commit")
@@ -482,7 +488,7 @@ class ProjectionRunner:
     async def _dead_letter(self, event: Event, error: Exception) -> None:
         dead = {
             "Broker-Dlq-Projection": self.projection.name,
-            "Broker-Dlq-Error": str(error)[:500] or type(error).__name__,
+            "Broker-Dlq-Error": error_text(error),
             "Broker-Dlq-Stream": event.stream,
             "Broker-Dlq-Seq": str(event.seq),
             "Broker-Dlq-Subject": event.subject,
@@ -512,7 +518,8 @@ class ProjectionRunner:
             "projection_event_dead_lettered",
             projection=self.projection.name,
             seq=event.seq,
-            error=str(error)[:200],
+            error_type=error_type(error),
+            error=error_text(error),
             stub=stub,
         )
 

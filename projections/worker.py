@@ -7,6 +7,10 @@ and the partitions spread across them; stop one (or kill it) and the others take
 partitions within a few seconds. With change events on, committed replica changes are
 relayed from the outbox table to the ``CHANGES`` stream; with card detection on
 (``BROKER_DETECT_CARD_NUMBERS``), audit events to the ``AUDIT`` stream.
+
+A runner or the relay that ends (it should not; the relay does when it cannot create
+``CHANGES``, say) is logged (``worker_task_ended``) and started again, after a delay that
+doubles each time it ends again at once (:func:`restart_delay`, at most 10 s).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +32,7 @@ from nats.js import JetStreamContext
 
 from broker.envelope import TOKEN
 from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
+from projections._errors import error_text
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
 from projections.leases import PartitionLeases
@@ -151,16 +157,25 @@ class Worker:
         if self.relays_outbox:
             relay = relay_outbox(js, self.engine, self.stop_event)
             tasks.append(asyncio.create_task(relay, name="outbox"))
+        restarts = {task.get_name(): _Restarts() for task in tasks}
         try:
             while not self.stop_event.is_set():
                 await _wait_any(self.stop_event, tasks)
                 for i, task in enumerate(tasks):
                     if task.done() and not self.stop_event.is_set():
-                        # A runner must never end on its own; if one does, say so and restart.
-                        error = task.exception() if not task.cancelled() else None
-                        log.error("worker_task_ended", task=task.get_name(), error=repr(error))
+                        # A runner must never end on its own; if one does, say so and restart,
+                        # later each time it ends again at once (it would spin otherwise).
                         name = task.get_name()
-                        tasks[i] = asyncio.create_task(self._restart(name), name=name)
+                        error = task.exception() if not task.cancelled() else None
+                        delay = restarts[name].ended()
+                        log.error(
+                            "worker_task_ended",
+                            task=name,
+                            error_type=type(error).__name__ if error else None,
+                            error=error_text(error) if error else None,
+                            restart_in=delay,
+                        )
+                        tasks[i] = asyncio.create_task(self._restart(name, delay), name=name)
         finally:
             for task in tasks:
                 task.cancel()
@@ -181,7 +196,11 @@ class Worker:
             await self.store.close()
             log.info("worker_stopped", worker=self.options.worker_id)
 
-    async def _restart(self, name: str) -> None:
+    async def _restart(self, name: str, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), delay)
+        if self.stop_event.is_set():
+            return
         for r in self.running:
             if r.projection.name == name:
                 await r.runner.run(self.stop_event)
@@ -212,6 +231,36 @@ class Worker:
             }
             for r in self.running
         ]
+
+
+#: A task that ended is started again after this many seconds, twice as many for each time
+#: in a row it ended within :data:`RESTART_MAX_SECONDS` of its start, at most that.
+RESTART_FIRST_SECONDS = 0.5
+RESTART_MAX_SECONDS = 10.0
+
+
+def restart_delay(ends_in_a_row: int) -> float:
+    """Seconds before a task that ended ``ends_in_a_row`` times at once (1: the first) is
+    started again: 0.5, 1, 2, 4, 8, then 10 s each."""
+    exponent = min(max(0, ends_in_a_row - 1), 16)
+    return min(RESTART_MAX_SECONDS, RESTART_FIRST_SECONDS * float(2**exponent))
+
+
+@dataclass
+class _Restarts:
+    """How often one task ended soon after its (re)start, for :func:`restart_delay`."""
+
+    in_a_row: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def ended(self) -> float:
+        """Count an end; the delay before the next start (and note that start)."""
+        now = time.monotonic()
+        ran_long = now - self.started > RESTART_MAX_SECONDS
+        self.in_a_row = 1 if ran_long else self.in_a_row + 1
+        delay = restart_delay(self.in_a_row)
+        self.started = now + delay
+        return delay
 
 
 async def _wait_any(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:

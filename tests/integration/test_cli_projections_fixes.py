@@ -1,0 +1,179 @@
+"""``broker dlq`` and ``broker projections`` against a real nats-server, as a user runs them:
+a projection's dead letter of a route event is listed and replayed as the projection's,
+not the router's; ``-o`` takes table or json only; a NATS without the broker's streams is a
+clear error, and ``projections reset`` then leaves the replica as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import string
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from broker.cli import app
+from broker.routing.events import RouteDecided
+from broker.settings import Settings
+from broker.streams import Stream, provision
+from projections.checkpoints import SqlCheckpointStore, create_sql_engine
+from projections.replica import MessagesReplica, RoutesReplica
+from projections.runtime import ProjectionRunner
+from tests._wait import await_until
+from tests.integration.conftest import ReplicaDb, replica_db
+from tests.unit.test_routing_plumbing import _decision
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def broker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def pg() -> Iterator[ReplicaDb]:
+    with replica_db("postgresql", "cliproj") as found:
+        yield found
+
+
+async def test_a_projection_dead_letter_of_a_route_event_is_the_projections(
+    nats_url: str, pg: ReplicaDb
+) -> None:
+    """A route event PostgreSQL cannot index (an agent name too long for the btree index on
+    replica_routes) is dead-lettered by replica_routes with the event's own Broker-Route
+    header. It is listed as replica_routes' (ROUTES, its sequence), and its replay is
+    refused: sent to MESSAGES it was routed again, and appended to ROUTES again its agent
+    would run it a second time; rebuilding the projection is the way."""
+    rnd = random.Random(7)
+    agent = "".join(rnd.choices(string.ascii_letters + string.digits, k=3400))
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await provision(js, Settings())
+        message = await js.publish("msg.default.docs", b'{"doc": 1}')
+        route = RouteDecided("default", message.seq, "msg.default.docs", _decision(agent=agent))
+        headers = route.to_headers({"Content-Type": "application/json"})
+        event = await js.publish(route.subject, b'{"doc": 1}', headers=headers)
+
+        replica = RoutesReplica()
+        with pg.engine.begin() as tx:
+            replica.setup(tx)
+        runner = ProjectionRunner(js, replica, SqlCheckpointStore(pg.engine), max_attempts=1)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+
+        async def dead_lettered() -> bool:
+            return runner.stats.dead_lettered == 1 and runner.stats.last_seq >= event.seq
+
+        try:
+            assert await await_until(dead_lettered, timeout=30)
+        finally:
+            stop.set()
+            await task
+
+        listed = await asyncio.to_thread(
+            broker, "dlq", "list", "--nats-url", nats_url, "-o", "json"
+        )
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["projection"], row["stream"], row["seq"]) == (
+            "replica_routes",
+            "ROUTES",
+            event.seq,
+        )
+        assert "index row size" in row["error"]
+
+        replayed = await asyncio.to_thread(
+            broker, "dlq", "replay", str(row["dlq_seq"]), "--nats-url", nats_url
+        )
+        assert replayed.returncode == 2, replayed.stdout
+        assert "reset replica_routes" in replayed.stderr, replayed.stderr
+        assert (await js.stream_info(Stream.MESSAGES)).state.messages == 1  # nothing routed
+        assert (await js.stream_info(Stream.ROUTES)).state.last_seq == event.seq  # nor run
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    "command", [["projections", "list"], ["projections", "status"], ["dlq", "list"]]
+)
+def test_an_output_other_than_table_or_json_is_a_usage_error(command: list[str]) -> None:
+    """``-o bogus`` is refused before anything is read, not answered with a table."""
+    result = CliRunner().invoke(app, [*command, "-o", "bogus"])
+    assert result.exit_code == 2, result.output
+    assert "table or json" in result.output
+    assert "┏" not in result.output  # no table
+
+
+@pytest.mark.parametrize(
+    ("command", "stream"),
+    [
+        (["projections", "status"], "MESSAGES"),
+        (["dlq", "list"], "DLQ"),
+        (["dlq", "replay", "5"], "DLQ"),
+        (["projections", "reset", "replica_routes", "--yes"], "ROUTES"),
+    ],
+)
+def test_a_nats_without_the_streams_is_a_clear_error(
+    nats_url: str, tmp_path: Path, command: list[str], stream: str
+) -> None:
+    done = broker(*command, "--nats-url", nats_url, *_data_dir(command, tmp_path))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert f"has no stream {stream}" in done.stderr, done.stderr
+
+
+def _data_dir(command: list[str], tmp_path: Path) -> list[str]:
+    return ["--data-dir", str(tmp_path / "data")] if command[0] == "projections" else []
+
+
+async def test_a_reset_against_a_nats_without_the_stream_leaves_the_replica(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A wrong --nats-url (a NATS without MESSAGES) must not wipe a replica it then
+    cannot rebuild: the rows and checkpoints stay."""
+    url = f"sqlite:///{tmp_path / 'replica.db'}"
+    engine = create_sql_engine(url)
+    replica = MessagesReplica()
+    with engine.begin() as tx:
+        replica.setup(tx)
+    store = SqlCheckpointStore(engine)
+
+    def one_row(tx: sa.Connection) -> None:
+        tx.execute(
+            sa.text(
+                "INSERT INTO replica_messages (seq, stream, tenant, subject, size) "
+                "VALUES (1, 'MESSAGES', 'default', 'kept', 2)"
+            )
+        )
+
+    await store.commit(replica.name, {0: (0, 1)}, one_row)
+    await store.close()
+
+    done = await asyncio.to_thread(
+        broker, "projections", "reset", replica.name, "--yes", "--nats-url", nats_url,
+        "--replica-url", url,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "has no stream MESSAGES" in done.stderr
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT subject FROM replica_messages")).scalars().all()
+        checkpoints = conn.execute(sa.text("SELECT seq FROM broker_checkpoints")).scalars().all()
+    engine.dispose()
+    assert rows == ["kept"]
+    assert checkpoints == [1]
