@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -15,21 +16,39 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
+def die_with_parent(sig: signal.Signals = signal.SIGTERM, *, parent: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies.
 
     Linux only (``prctl(PR_SET_PDEATHSIG)``); returns whether it took effect. It is what keeps
     an embedded nats-server or an ingress worker from outliving a SIGKILLed broker. If the
     parent already died before the call, the signal is sent at once.
+
+    ``parent`` is the pid of the process that started this one, read *before* the fork (see
+    :func:`parent_death_hook`). Read here, after the fork, it would already name whoever
+    adopted an orphan: PID 1, or a subreaper (``systemd --user``, ``tini -s``, a CI runner),
+    and a child whose parent died before the prctl would outlive it. ``None``: this
+    process's parent now (for a process that calls it for itself, after its start).
     """
     if _prctl is None:
         return False
-    parent = os.getppid()
+    expected = os.getppid() if parent is None else parent
     if int(_prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) != 0:
         return False
-    if parent == 1 or os.getppid() != parent:  # orphaned before the prctl took effect
+    if expected == 1 or os.getppid() != expected:  # orphaned before the prctl took effect
         os.kill(os.getpid(), sig)
     return True
+
+
+def parent_death_hook(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child die with this process (:func:`die_with_parent`):
+    this process's pid is read now, before the fork, so that a child whose parent dies
+    before its prctl knows it, also when a subreaper adopts it."""
+    parent = os.getpid()
+
+    def hook() -> None:
+        die_with_parent(sig, parent=parent)
+
+    return hook
 
 
 def process_alive(pid: int) -> bool:

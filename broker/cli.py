@@ -98,11 +98,20 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 )
 def serve(
     host: Annotated[
-        str, typer.Option(envvar="BROKER_HOST", help="Address the HTTP/2 ingress binds.")
+        str,
+        typer.Option(
+            envvar="BROKER_HOST",
+            help="IP address the HTTP/2 ingress binds (0.0.0.0: all interfaces); not a name.",
+        ),
     ] = "127.0.0.1",
     port: Annotated[
         int,
-        typer.Option(envvar="BROKER_PORT", help="Ingress port (h2c and HTTP/1.1 on one port)."),
+        typer.Option(
+            envvar="BROKER_PORT",
+            min=1,
+            max=65535,
+            help="Ingress port (h2c and HTTP/1.1 on one port).",
+        ),
     ] = 8080,
     workers: Annotated[
         int,
@@ -206,7 +215,8 @@ def serve(
             min=1.0,
             max=3600.0,
             help="On SIGTERM/Ctrl-C: seconds the ingress, workers and routers get, all "
-            "together, to stop cleanly before those still running are killed.",
+            "together, to stop cleanly before those still running are killed (the ingress's "
+            "requests in flight get this less 2 s to finish).",
         ),
     ] = 30.0,
 ) -> None:

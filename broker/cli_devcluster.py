@@ -14,7 +14,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -46,7 +46,9 @@ def dev_cluster(
     data_dir: Annotated[
         Path, typer.Option(help="Where the nodes' stores, the SQLite replica and the logs live.")
     ] = Path(".broker/dev-cluster"),
-    host: Annotated[str, typer.Option(help="Address the HTTP/2 ingress binds.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="IP address the HTTP/2 ingress binds (0.0.0.0: all); not a name.")
+    ] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Ingress port; 0 picks a free one.")
     ] = 8080,
@@ -98,7 +100,6 @@ def dev_cluster(
     from broker.devcluster import RestartBackoff, Topology, TopologySpec
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
-    from broker.server import lock_data_dir, port_problem
 
     configure_logging()
     if replicas > nodes:
@@ -108,23 +109,7 @@ def dev_cluster(
             f"{sync_interval!r}: use `always` or a duration such as 500ms, 1s, 2m",
             param_hint="--sync-interval",
         )
-    # A second dev cluster on one data dir used to stop the first one's nodes (their pid
-    # files say they are stale) and start its own on their stores. The lock is taken before
-    # the port check when the data dir exists, so that a second `broker dev-cluster` hears
-    # which one runs there, not only that the port is taken; a new data dir is created only
-    # once the port is known to be free.
-    lock = lock_data_dir(data_dir) if data_dir.is_dir() else None
-    if isinstance(lock, str):
-        typer.echo(lock, err=True)
-        raise typer.Exit(EXIT_STARTUP)
-    if port and (problem := port_problem(host, port)):
-        typer.echo(problem, err=True)
-        raise typer.Exit(EXIT_STARTUP)
-    if lock is None:
-        lock = lock_data_dir(data_dir)  # held until this process exits, however it exits
-        if isinstance(lock, str):
-            typer.echo(lock, err=True)
-            raise typer.Exit(EXIT_STARTUP)
+    _claim(data_dir, host, port, replica_url if projection_workers else None)
     spec = TopologySpec(
         data_dir=data_dir,
         host=host,
@@ -163,6 +148,33 @@ def dev_cluster(
             signal.signal(sig, handler)
     typer.echo("dev cluster stopped", err=True)
     raise typer.Exit(code)
+
+
+def _claim(data_dir: Path, host: str, port: int, replica_url: str | None) -> None:
+    """Check what would fail only later (the ingress's address and port, the replica URL of
+    the workers) and take the data dir's lock, held until this process exits, however it
+    exits; exit code 4 with the reason when one of them is wrong."""
+    from broker.cli import EXIT_STARTUP
+    from broker.server import host_problem, lock_data_dir, port_problem, replica_problem
+
+    def refuse(problem: str) -> NoReturn:
+        typer.echo(problem, err=True)
+        raise typer.Exit(EXIT_STARTUP)
+
+    if problem := host_problem(host) or replica_problem(replica_url):
+        refuse(problem)
+    # A second dev cluster on one data dir used to stop the first one's nodes (their pid
+    # files say they are stale) and start its own on their stores. The lock is taken before
+    # the port check when the data dir exists, so that a second `broker dev-cluster` hears
+    # which one runs there, not only that the port is taken; a new data dir is created only
+    # once the port is known to be free.
+    lock = lock_data_dir(data_dir) if data_dir.is_dir() else None
+    if isinstance(lock, str):
+        refuse(lock)
+    if port and (problem := port_problem(host, port)):
+        refuse(problem)
+    if lock is None and isinstance(lock := lock_data_dir(data_dir), str):
+        refuse(lock)
 
 
 def _banner(topology: Topology) -> str:

@@ -34,7 +34,7 @@ from typing import Self
 
 import structlog
 
-from broker._process import die_with_parent, read_log_since
+from broker._process import parent_death_hook, read_log_since
 from broker.embedded import NatsCluster, NatsServer, free_port
 from broker.errors import EmbeddedServerError
 
@@ -87,7 +87,7 @@ class BrokerChild:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+                preexec_fn=parent_death_hook(),  # noqa: PLW1509 - only a prctl, safe before exec
                 start_new_session=True,
             )
         log.debug("broker_child_started", child=self.name, pid=self.proc.pid)

@@ -37,7 +37,7 @@ from typing import IO, Self
 
 import structlog
 
-from broker._process import die_with_parent, process_alive, read_log_since
+from broker._process import parent_death_hook, process_alive, read_log_since
 from broker.errors import EmbeddedServerError
 
 __all__ = [
@@ -139,28 +139,53 @@ class _PortTaken(EmbeddedServerError):
     """A port chosen free was bound by someone else before the server could listen."""
 
 
+#: The escapes a double-quoted string of the nats-server config format knows besides
+#: ``\\xXX`` (its lexer refuses any other, JSON's ``\\u00e9`` included).
+_CONFIG_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a double-quoted string of the nats-server config format, which is read
+    as UTF-8: other characters stay as they are (``/home/zoë``; ``json.dumps`` wrote
+    ``\\u00eb``, which the server refuses to parse); backslash, quote, tab and newlines get
+    their escapes, other control characters ``\\xXX``, and so does a byte of a path that is
+    not UTF-8 (which Python holds as a lone surrogate, ``os.fsdecode``)."""
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in _CONFIG_ESCAPES:
+            out.append(_CONFIG_ESCAPES[char])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def _config(spec: ServerSpec, port: int, http_port: int) -> str:
-    """The nats-server config file. Strings are JSON-quoted, which the config parser reads."""
+    """The nats-server config file, its strings quoted by :func:`_quoted`."""
     lines = [
-        f"listen: {json.dumps(f'{spec.host}:{port}')}",
-        f"http: {json.dumps(f'127.0.0.1:{http_port}')}",
+        f"listen: {_quoted(f'{spec.host}:{port}')}",
+        f"http: {_quoted(f'127.0.0.1:{http_port}')}",
         f"max_payload: {spec.max_payload}",
-        f"pid_file: {json.dumps(str(spec.store_dir / 'nats-server.pid'))}",
+        f"pid_file: {_quoted(str(spec.store_dir / 'nats-server.pid'))}",
         "jetstream {",
         # The server appends "jetstream" itself: the data lands in <store_dir>/jetstream.
-        f"  store_dir: {json.dumps(str(spec.store_dir))}",
+        f"  store_dir: {_quoted(str(spec.store_dir))}",
     ]
     if spec.sync_interval:
-        lines.append(f"  sync_interval: {json.dumps(spec.sync_interval)}")
+        lines.append(f"  sync_interval: {_quoted(spec.sync_interval)}")
     lines.append("}")
     if spec.server_name:
-        lines.append(f"server_name: {json.dumps(spec.server_name)}")
+        lines.append(f"server_name: {_quoted(spec.server_name)}")
     if spec.cluster_name and spec.cluster_port:
-        routes = ", ".join(json.dumps(route) for route in spec.routes)
+        routes = ", ".join(_quoted(route) for route in spec.routes)
         lines += [
             "cluster {",
-            f"  name: {json.dumps(spec.cluster_name)}",
-            f"  listen: {json.dumps(f'127.0.0.1:{spec.cluster_port}')}",
+            f"  name: {_quoted(spec.cluster_name)}",
+            f"  listen: {_quoted(f'127.0.0.1:{spec.cluster_port}')}",
             f"  routes: [{routes}]",
             "}",
         ]
@@ -177,7 +202,7 @@ def _stale_server(pid_file: Path, config: Path) -> int | None:
     except (OSError, ValueError):
         return None
     is_ours = (
-        any(arg.endswith(b"nats-server") for arg in cmdline[:1]) and str(config).encode() in cmdline
+        any(arg.endswith(b"nats-server") for arg in cmdline[:1]) and os.fsencode(config) in cmdline
     )
     return pid if is_ours and process_alive(pid) else None
 
@@ -202,13 +227,15 @@ def _spawner_loop() -> None:
 
 
 def _spawn(argv: list[str], output: IO[bytes]) -> subprocess.Popen[bytes]:
+    dies_with_us = parent_death_hook()
+
     def popen() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+            preexec_fn=dies_with_us,  # noqa: PLW1509 - only a prctl, safe before exec
             start_new_session=True,  # Ctrl-C in the broker's terminal is not the server's
         )
 
@@ -328,7 +355,7 @@ class NatsServer(_Started):
         avoid = self.spec.avoid_ports
         self.port = self.port or free_port(self.spec.host, avoid=avoid)
         self.http_port = self.http_port or free_port(avoid={*avoid, self.port})
-        self.config_path.write_text(_config(self.spec, self.port, self.http_port))
+        self.config_path.write_text(_config(self.spec, self.port, self.http_port), encoding="utf-8")
         with self.log_path.open("ab") as log_file:
             self._log_offset = log_file.tell()
             self._proc = _spawn([str(binary), "-c", str(self.config_path)], log_file)

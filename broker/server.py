@@ -1,7 +1,8 @@
 """``broker serve``: embedded NATS (or an external one), stream provisioning, granian.
 
 The main process owns the embedded nats-server (a child that dies with it, even on
-SIGKILL) and granian's supervisor; granian's worker processes run
+SIGKILL) and supervises granian's supervisor (the ingress), the projection workers and the
+routers, starting each again when it exits; granian's worker processes run
 :class:`broker.http.app.BrokerApp` and read their settings from ``BROKER_*`` variables.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import math
 import os
 import signal
@@ -136,11 +138,11 @@ class _Stop:
 
 
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    from broker._process import die_with_parent
+    from broker._process import parent_death_hook
 
     return subprocess.Popen(
         [sys.executable, "-m", *args],
-        preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+        preexec_fn=parent_death_hook(),  # noqa: PLW1509 - only a prctl, safe before exec
         start_new_session=True,
         env=env,
     )
@@ -242,36 +244,88 @@ _QUICK_EXIT = 10.0
 _MAX_RESTART_DELAY = 60.0
 #: The exit code of a usage error (bad settings): starting it again would fail the same way.
 _USAGE_ERROR = 2
+#: ``broker serve``'s exit code when it cannot start, or a child cannot run.
+_EXIT_STARTUP = 4
+#: Seconds a child due to start again may wait for what keeps it from starting (the
+#: ingress's port still taken) before the broker gives up on it, with exit code 4.
+_BLOCKED_FOR = 60.0
+#: How often a blocked start is tried again.
+_BLOCKED_RETRY = 0.5
 
 
 class _Child:
-    """A projection worker or a router, started again when it exits. ``name`` is its kind
-    and its number (``router-1``), as its logs show it."""
+    """A child process started again whenever it exits: the ingress (granian's supervisor),
+    a projection worker or a router. ``name`` is how its logs show it (``ingress``,
+    ``router-1``). ``blocker``, when given, says what keeps it from being started again now,
+    or ``None``: the ingress's is its port, still bound by someone else."""
 
-    def __init__(self, kind: str, index: int, start: Callable[[], subprocess.Popen[bytes]]) -> None:
-        self.name = f"{kind}-{index}"
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen[bytes]],
+        *,
+        blocker: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.name = name
         self._start = start
+        self._blocker = blocker
         self.proc = start()
         self.started = time.monotonic()
+        self.first = True  # its first process is running (or was the last to exit)
         self.delay = 0.0  # before the next start, after quick exits
         self.due: float | None = None  # when it is started again
+        self.blocked_since: float | None = None
 
     def check(self) -> int | None:
-        """Start it again if it exited (after its delay); the exit code of a usage error."""
+        """Start it again if it exited (after its delay); ``None``, or the broker's exit code
+        (4) when it cannot run.
+
+        A usage error (exit 2: its settings are wrong) of its *first* process stops the
+        broker: every start would fail alike. A later one does not: a router that crashed
+        (an OOM kill) after its routing policy file was edited into one that does not
+        validate exits 2 at its restart, where the running router had kept its policy; it is
+        logged as an error and started again with the same backoff until the file is fixed.
+        """
         now = time.monotonic()
         if self.due is None:
             if self.proc.poll() is None:
                 return None
             process_exited(self.proc.pid)  # its live gauges leave /metrics
             code = self.proc.returncode
-            if code == _USAGE_ERROR:
-                return code
+            if code == _USAGE_ERROR and self.first:
+                log.error("child_cannot_start", child=self.name, exit_code=code)
+                return _EXIT_STARTUP
             quick = now - self.started < _QUICK_EXIT
             self.delay = min(_MAX_RESTART_DELAY, max(1.0, self.delay * 2)) if quick else 0.0
             self.due = now + self.delay
-            log.warning("child_restarted", child=self.name, exit_code=code, delay_s=self.delay)
-        if now >= self.due:
-            self.proc, self.started, self.due = self._start(), now, None
+            if code == _USAGE_ERROR:
+                log.error(
+                    "child_restarted",
+                    child=self.name,
+                    exit_code=code,
+                    delay_s=self.delay,
+                    error="its settings do not validate now (see its message above); it is "
+                    "started again until they do",
+                )
+            else:
+                log.warning("child_restarted", child=self.name, exit_code=code, delay_s=self.delay)
+        if now < self.due:
+            return None
+        if self._blocker is not None and (problem := self._blocker()) is not None:
+            return self._blocked(problem, now)
+        self.proc, self.started, self.due = self._start(), now, None
+        self.first, self.blocked_since = False, None
+        return None
+
+    def _blocked(self, problem: str, now: float) -> int | None:
+        """It is due but cannot start: try again shortly, for :data:`_BLOCKED_FOR` seconds."""
+        if self.blocked_since is None:
+            self.blocked_since = now
+            log.warning("child_start_waits", child=self.name, problem=problem)
+        if now - self.blocked_since >= _BLOCKED_FOR:
+            log.error("child_cannot_start", child=self.name, error=problem, waited_s=_BLOCKED_FOR)
+            return _EXIT_STARTUP
+        self.due = now + _BLOCKED_RETRY
         return None
 
 
@@ -292,47 +346,49 @@ def _run_children(
     announce: str = "",
     stop_timeout: float = STOP_TIMEOUT,
 ) -> int:
-    """Run the granian process, the projection workers and the routers until the ingress
-    exits or we are asked to stop; the exit code. A worker or router that dies is started
-    again (with a growing delay when it dies at start); one that exits with a usage error
-    (its settings are wrong) stops the broker, exit 4. The embedded nats-server, if it
-    dies, is started again on its ports and store; if it cannot be, the broker stops.
-    Stopping gives all the children ``stop_timeout`` seconds together (:func:`stop_children`)."""
-    ingress = _spawn(["broker.http.granian_process"])
+    """Run the ingress (granian), the projection workers and the routers until we are asked
+    to stop (0) or one of them cannot run (4); the exit code. A child that dies is started
+    again (with a growing delay when it dies at start; the ingress once its port is free),
+    see :class:`_Child`; one whose first process exits with a usage error (its settings are
+    wrong) stops the broker. The embedded nats-server, if it dies, is started again on its
+    ports and store; if it cannot be, the broker stops. Stopping gives all the children
+    ``stop_timeout`` seconds together (:func:`stop_children`)."""
+    ingress_args = ["broker.http.granian_process", "--stop-timeout", str(stop_timeout)]
     routers = router_env(settings.routers)
     children = [
-        _Child("projection_worker", i, lambda: _spawn(_worker_args(settings)))
+        _Child(
+            "ingress",
+            lambda: _spawn(ingress_args),
+            blocker=lambda: port_problem(settings.host, settings.port),
+        )
+    ]
+    children += [
+        _Child(f"projection_worker-{i}", lambda: _spawn(_worker_args(settings)))
         for i in range(settings.projection_workers)
     ]
     children += [
-        _Child("router", i, lambda: _spawn(_router_args(settings), routers))
+        _Child(f"router-{i}", lambda: _spawn(_router_args(settings), routers))
         for i in range(settings.routers)
     ]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     code: int | None = None
     try:
-        while ingress.poll() is None and not _Stop.requested and code is None:
+        while not _Stop.requested and code is None:
             if announce and _listening(settings.host, settings.port):
                 print(announce, file=sys.stderr, flush=True)  # now a request gets an answer
                 announce = ""
             if embedded is not None and not embedded.is_running():
                 code = _restart_nats(embedded)
             for child in children:
-                if code is None and not _Stop.requested and child.check() is not None:
-                    log.error("child_cannot_start", child=child.name, exit_code=_USAGE_ERROR)
-                    code = 4
+                if code is None and not _Stop.requested:
+                    code = child.check()
             time.sleep(0.1)
         log.info("broker_stopping", timeout_s=stop_timeout)
-        stop_children(
-            [("ingress", ingress), *((child.name, child.proc) for child in children)],
-            stop_timeout,
-        )
+        stop_children([(child.name, child.proc) for child in children], stop_timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code is not None:
-        return code
-    return 0 if _Stop.requested else _exit_code(ingress.returncode)
+    return 0 if code is None else code
 
 
 def _restart_nats(embedded: NatsServer) -> int | None:
@@ -342,15 +398,9 @@ def _restart_nats(embedded: NatsServer) -> int | None:
         embedded.restart()
     except Exception as e:
         log.error("embedded_nats_restart_failed", error=str(e)[:300])
-        return 4
+        return _EXIT_STARTUP
     log.warning("embedded_nats_restarted", url=embedded.url)
     return None
-
-
-def _exit_code(ingress: int | None) -> int:
-    """The broker's exit code after its ingress exited on its own: the ingress's, or 4 for a
-    signal (a negative code is outside the documented 0-4)."""
-    return 4 if ingress is None or ingress < 0 else ingress
 
 
 def tls_problem(settings: Settings) -> str | None:
@@ -384,31 +434,88 @@ def tls_problem(settings: Settings) -> str | None:
     return None
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Why the ingress could not bind ``host:port``, checked before anything starts."""
+def host_problem(host: str) -> str | None:
+    """Why the ingress cannot bind ``host``: granian takes an IP address only, not a name
+    (``--host localhost`` passed the port check, which resolves names, and granian then
+    failed with a traceback after NATS had started)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        return f"cannot resolve --host {host}: {e}"
-    family, kind, _, _, address = infos[0]
-    with socket.socket(family, kind) as probe:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return (
+            f"--host {host!r} is not an IP address: the ingress binds an address such as "
+            "127.0.0.1, ::1 or 0.0.0.0 (all interfaces), not a host name"
+        )
+    return None
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the ingress could not bind ``host:port``, checked before anything starts (and
+    before the ingress is started again)."""
+    if problem := host_problem(host):
+        return problem
+    if not 1 <= port <= 65535:
+        return f"--port {port} is not a port number (1-65535)"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
         except OSError as e:
             return f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
     return None
 
 
+def replica_problem(url: str | None) -> str | None:
+    """Why the projection workers could not use the replica URL ``url``: it does not parse,
+    names no SQLAlchemy dialect, or its driver is not installed. Checked before anything
+    starts: each worker used to exit with a traceback and be started again every minute,
+    forever. Nothing is connected to (the database may start after the broker)."""
+    if url is None:
+        return None
+    import sqlalchemy.exc
+
+    from projections.checkpoints import create_sql_engine
+
+    try:
+        create_sql_engine(url).dispose()  # parses the URL, loads its dialect and driver
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
+        reason = next(iter(str(e).splitlines()), "") or type(e).__name__
+        return (
+            f"--replica-url {redact_url(url)} is not a usable SQL replica URL ({reason}); "
+            "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB"
+        )
+    return None
+
+
+def settings_problem(settings: Settings) -> str | None:
+    """What in ``settings`` would fail only once NATS and the streams are up, checked before:
+    the ingress's address, an embedded NATS port equal to the ingress's, the replica URL
+    (when projection workers run)."""
+    if problem := host_problem(settings.host):
+        return problem
+    if settings.nats_url is None and settings.nats_port and settings.nats_port == settings.port:
+        return (
+            f"--nats-port and --port are both {settings.port}: the embedded NATS server and "
+            "the ingress need a port each"
+        )
+    if settings.projection_workers:
+        return replica_problem(settings.replica_url)
+    return None
+
+
 def lock_data_dir(data_dir: Path) -> int | str:
     """Hold ``<data_dir>/broker.lock`` for this process's lifetime (the kernel lets go when
-    it exits, however it exits); what is wrong when another broker holds it. Two brokers on
-    one data dir would share the embedded nats-server's store, the metrics and the replica:
-    the second used to stop the first one's nats-server, leaving it up but broken.
+    it exits, however it exits); what is wrong when another broker holds it, or when the
+    data dir cannot be made or written (a file, a read-only place). Two brokers on one data
+    dir would share the embedded nats-server's store, the metrics and the replica: the
+    second used to stop the first one's nats-server, leaving it up but broken.
     ``broker dev-cluster`` holds the same lock on its data dir, for the same reason."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "broker.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return f"cannot use the data dir {data_dir} ({e.strerror or e}): choose another --data-dir"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -432,13 +539,16 @@ def run_broker(
     import broker
 
     embedded: NatsServer | None = None
+    if problem := settings_problem(settings):
+        log.error("broker_start_failed", message=problem)
+        return _EXIT_STARTUP
     lock = lock_data_dir(settings.data_dir)
     if isinstance(lock, str):
         log.error("broker_start_failed", message=lock)
-        return 4
+        return _EXIT_STARTUP
     if problem := port_problem(settings.host, settings.port):
         log.error("broker_start_failed", message=problem)
-        return 4
+        return _EXIT_STARTUP
     try:
         if settings.nats_url is None:
             from broker.embedded import NatsServer, ServerSpec
@@ -457,12 +567,12 @@ def run_broker(
         log.error("broker_start_failed", error_code=e.error_code, message=e.message)
         if embedded is not None:
             embedded.stop()
-        return 4
+        return _EXIT_STARTUP
     except (OSError, TimeoutError, nats.errors.Error) as e:
         log.error("broker_start_failed", error=str(e) or type(e).__name__)
         if embedded is not None:
             embedded.stop()
-        return 4
+        return _EXIT_STARTUP
     os.environ.update(env(settings))
     # Every child writes its metrics here; any ingress worker's /metrics adds them all up.
     metrics_dir = os.environ.get(MULTIPROC_ENV) or str(settings.data_dir / "metrics")

@@ -13,6 +13,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+#: The longest duration NATS takes (a Go ``time.Duration``: int64 nanoseconds, 292 years):
+#: the bound of the settings that become a stream's or a bucket's age, TTL or window.
+MAX_NATS_SECONDS = float((2**63 - 1) // 1_000_000_000)
 
 
 #: What ``BROKER_ROUTING_EMBEDDER`` / ``--routing-embedder`` takes (the settings' and CLIs' help).
@@ -26,7 +29,9 @@ EMBEDDER_HELP = (
 class Settings(BaseSettings):
     """Broker settings; every field can be set as ``BROKER_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+    # No inf or nan in any float setting: every one is a count of seconds that must end (an
+    # infinite max age failed at provisioning with an OverflowError and a traceback).
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore", allow_inf_nan=False)
 
     # --- NATS -----------------------------------------------------------------------
     nats_url: str | None = Field(
@@ -59,26 +64,32 @@ class Settings(BaseSettings):
     stream_max_consumers: int = Field(
         default=100_000, ge=1, description="Consumers one broker stream may have."
     )
-    duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    duplicate_window_seconds: float = Field(default=120.0, gt=0, le=MAX_NATS_SECONDS)
     messages_max_age_seconds: float = Field(
-        default=0.0, ge=0, description="0 keeps messages forever."
+        default=0.0, ge=0, le=MAX_NATS_SECONDS, description="0 keeps messages forever."
     )
     messages_max_bytes: int = Field(default=-1, ge=-1, description="-1 = unlimited.")
     # ROUTES and DLQ store another copy of each routed (or dead-lettered) payload; unset,
     # they follow MESSAGES' limits, so bounding MESSAGES bounds every copy.
     routes_max_age_seconds: float | None = Field(
-        default=None, ge=0, description="Unset: as messages_max_age_seconds; 0 keeps forever."
+        default=None,
+        ge=0,
+        le=MAX_NATS_SECONDS,
+        description="Unset: as messages_max_age_seconds; 0 keeps forever.",
     )
     routes_max_bytes: int | None = Field(
         default=None, ge=-1, description="Unset: as messages_max_bytes; -1 = unlimited."
     )
     dlq_max_age_seconds: float | None = Field(
-        default=None, ge=0, description="Unset: as messages_max_age_seconds; 0 keeps forever."
+        default=None,
+        ge=0,
+        le=MAX_NATS_SECONDS,
+        description="Unset: as messages_max_age_seconds; 0 keeps forever.",
     )
     dlq_max_bytes: int | None = Field(
         default=None, ge=-1, description="Unset: as messages_max_bytes; -1 = unlimited."
     )
-    agent_load_ttl_seconds: float = Field(default=15.0, gt=0)
+    agent_load_ttl_seconds: float = Field(default=15.0, gt=0, le=MAX_NATS_SECONDS)
 
     # --- projections ----------------------------------------------------------------
     projection_workers: int = Field(

@@ -1,9 +1,13 @@
-"""The granian process: ``python -m broker.http.granian_process`` (started by ``broker serve``).
+"""The granian process: ``python -m broker.http.granian_process [--stop-timeout S]`` (started
+by ``broker serve``).
 
 Reads its settings from ``BROKER_*`` like the workers it spawns. It runs in its own session,
 so a terminal's Ctrl-C reaches only ``broker serve``, which then stops it with exactly one
 SIGTERM: granian's supervisor was seen to deadlock when a second stop signal arrived while
-it was handling the first.
+it was handling the first. After that SIGTERM its workers finish the requests in flight for
+up to ``--stop-timeout`` (serve's) less a margin (:func:`workers_kill_timeout`), then are
+killed. If it cannot start (its port was taken after serve checked it, say) it says why on
+one line and exits with 2, a usage error, as a child whose settings are wrong does.
 
 The HTTP limits are set here on purpose rather than left to granian's defaults (whose HTTP/2
 header list limit is 16 MiB). What one connection can make the server hold is bounded by:
@@ -25,7 +29,10 @@ present a certificate that chains to that CA, or the handshake fails (mTLS). See
 
 from __future__ import annotations
 
+import argparse
+import math
 import signal
+import sys
 from typing import TYPE_CHECKING, TypedDict
 
 from broker._process import die_with_parent
@@ -100,15 +107,39 @@ def tls_options(settings: Settings) -> TLSOptions:
     )
 
 
-def main() -> None:
+#: Seconds of serve's stop timeout left to granian to kill its late workers and exit before
+#: ``broker serve`` kills it (orphaned workers would then finish their requests unsupervised).
+_KILL_MARGIN = 2.0
+#: ``broker serve``'s default stop timeout (``--stop-timeout``), for a granian started alone.
+DEFAULT_STOP_TIMEOUT = 30.0
+#: The exit code of a usage error: ``broker serve`` stops with 4 when the first ingress exits so.
+_USAGE_ERROR = 2
+
+
+def workers_kill_timeout(stop_timeout: float) -> int:
+    """Seconds granian's workers get to finish their requests in flight after SIGTERM before
+    they are killed: ``stop_timeout`` (all that serve gives the ingress) less a margin for
+    granian to kill them and exit; at least 1. It was a fixed 10 s: ``--stop-timeout 60`` cut
+    a 40 s request off at 10 s."""
+    return max(1, math.floor(stop_timeout - _KILL_MARGIN))
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m broker.http.granian_process")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, TaskImpl
 
     die_with_parent(signal.SIGTERM)
     configure_logging()
+    arguments = _arguments(argv)
     settings = get_settings()
     http1, http2 = http_settings(settings)
-    Granian(
+    server = Granian(
         "broker.http.app:create_app",
         factory=True,
         interface=Interfaces.RSGI,
@@ -126,8 +157,26 @@ def main() -> None:
         log_access=False,
         log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,
-        workers_kill_timeout=10,  # a worker that ignores the stop signal is killed
-    ).serve()
+        # A worker that has not finished its requests by then is killed.
+        workers_kill_timeout=workers_kill_timeout(arguments.stop_timeout),
+    )
+    listening = False
+
+    def _listening() -> None:  # granian's start-up hooks run once its socket is bound
+        nonlocal listening
+        listening = True
+
+    server.on_startup(_listening)
+    try:
+        server.serve()
+    except Exception as e:
+        if listening:
+            raise
+        # Not a traceback (with RUST_BACKTRACE, ninety lines of it): what is wrong, on one line.
+        reason = next(iter(str(e).splitlines()), "") or type(e).__name__
+        where = f"{settings.host}:{settings.port}"
+        print(f"error: the ingress cannot start on {where}: {reason}", file=sys.stderr, flush=True)
+        sys.exit(_USAGE_ERROR)
 
 
 if __name__ == "__main__":

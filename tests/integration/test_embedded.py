@@ -92,6 +92,37 @@ def test_spec_options_reach_the_server(tmp_path: Path) -> None:
     assert varz["jetstream"]["config"]["store_dir"] == str(tmp_path / "jetstream")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zoë",  # the default data dir of a user /home/zoë
+        "データ",
+        'quote" back\\slash',  # the config format's own escapes
+        "tab\tand\x7fdel",  # control characters: \xXX
+    ],
+)
+async def test_a_store_dir_of_any_characters_reaches_the_server(tmp_path: Path, name: str) -> None:
+    """The config quoted strings as JSON does (``zo\\u00eb``), an escape the nats-server
+    config parser refuses: a non-ASCII data dir broke the default ``broker serve`` and the
+    dev cluster. The server now starts on the store dir as it is named, and keeps a stream
+    there."""
+    store = tmp_path / name / "nats"
+    with NatsServer(ServerSpec(store_dir=store)) as server:
+        varz = monitor(server, "varz")
+        assert await _publish(server.url, "T", "t.a") == 1
+    assert varz["jetstream"]["config"]["store_dir"] == str(store / "jetstream")
+    assert (store / "jetstream" / "$G" / "streams" / "T").is_dir()
+
+
+async def test_a_store_dir_that_is_not_utf8_reaches_the_server(tmp_path: Path) -> None:
+    """A directory name that is not UTF-8 (Python holds its byte as a lone surrogate) is
+    written as ``\\xff``, the server's own byte escape, not refused at writing the config."""
+    store = tmp_path / os.fsdecode(b"latin1-\xff") / "nats"
+    with NatsServer(ServerSpec(store_dir=store)) as server:
+        assert await _publish(server.url, "T", "t.a") == 1
+    assert (store / "jetstream" / "$G" / "streams" / "T").is_dir()
+
+
 async def test_restart_keeps_stream_data_and_stop_leaves_no_process(tmp_path: Path) -> None:
     """A restart reuses ports and store; stop leaves no process behind and is idempotent."""
     server = NatsServer(ServerSpec(store_dir=tmp_path)).start()
