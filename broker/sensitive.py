@@ -39,14 +39,18 @@ digits from joining neighbouring digits, so redacting twice changes nothing more
 strings and **numbers** are both searched (``{"pan": 4242424242424242}`` is a card too; it
 becomes the string ``"[card ****4242]"``), object keys as well (keys that would mask alike
 are told apart by ``#2``, ``#3``, ..., so no member is lost); the output stays valid JSON
-and, where it can, byte-identical outside the numbers (:func:`redact_json`).
+and, where it can, byte-identical outside the numbers (:func:`redact_json`). A JSON number
+is a card when it is a whole number that is one, however it is written
+(``4242424242424242.0``, ``42424242424242.42e2``); a float above 2**53 has lost its last
+digits, which only the JSON text still has (see :func:`redact_value`).
 
 Results (:class:`Scan`, :class:`CardFinding`) carry the count, brand, last four digits,
 length and where each number was (JSON Pointer, offsets), never the number itself.
 
 Bounds
 ------
-No regular expression runs over the text, so there is nothing to backtrack. The text is
+No regular expression searches the text for cards, so there is nothing to backtrack (the
+two that read JSON numbers match without retrying: see :data:`_NUMBER`). The text is
 mapped to one class byte per character (digit, separator, other) with ``bytes.translate``,
 and substring searches in C find the only places a card can be: 13 digits in a row, or two
 groups of 3+ digits with one separator between them. Only those runs reach Python code,
@@ -59,9 +63,12 @@ digits. At most :data:`MAX_SCAN_CHARS` characters of one text are scanned
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final, Generic, TypeVar
 
@@ -186,6 +193,13 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _check_digit(partial: str) -> int:
+    """The digit that makes ``partial`` followed by it pass the Luhn check."""
+    total = sum(_DOUBLED[ord(c) - 48] for c in partial[-1::-2])
+    total += sum(ord(c) - 48 for c in partial[-2::-2])
+    return -total % 10
+
+
 def card_brand(digits: str) -> CardBrand | None:
     """The scheme whose issuer range and lengths ``digits`` fit (Luhn not checked)."""
     size = len(digits)
@@ -217,7 +231,9 @@ class CardFinding:
     ``start``/``end`` are character offsets of the number (separators included) in the
     scanned text, or in the JSON string or number at ``path`` (a JSON Pointer, ``""`` for
     the document itself; ``None`` in plain text). ``key`` is true when the number was in
-    an object key (``path`` then points at that member).
+    an object key (``path`` then points at that member). In a JSON number, the offsets are
+    those of its digits written out as a whole number, and ``last4`` is ``????`` for a float
+    that lost them (see :func:`redact_value`).
     """
 
     brand: CardBrand
@@ -458,16 +474,77 @@ class _TooDeep(ValueError):
     pass
 
 
+#: From here up, a float no longer holds every whole number: whole numbers ``ulp`` apart.
+_EXACT_FLOAT: Final = 2**53
+#: What stands for the last four digits of a card number that a float lost (see
+#: :meth:`_Walk._float`).
+_LOST: Final = "????"
+#: A JSON number's digits, point and exponent (no sign). In a JSON text every number is one
+#: match; so are digits inside strings, which only adds numbers. Linear: nothing to retry.
+_NUMBER: Final = re.compile(rb"[0-9][0-9.]*(?:[eE][-+]?[0-9]+)?")
+
+
+def _whole_literals(source: bytes) -> dict[float, str]:
+    """Each float of 2**53 to 10**19 that a number in the JSON text ``source`` decodes to,
+    and the digits of the first card number written for it (``""`` when none is one)."""
+    written: dict[float, str] = {}
+    for match in _NUMBER.finditer(source):
+        literal = match.group()
+        try:
+            decoded = float(literal)
+        except ValueError:  # "1.2.3" in a string
+            continue
+        if not _EXACT_FLOAT <= decoded < 1e19 or written.get(decoded):
+            continue
+        exact = Decimal(literal.decode("ascii"))
+        whole = int(exact)
+        digits = str(whole)
+        written[decoded] = digits if exact == whole and _card(digits) is not None else ""
+    return written
+
+
+@functools.lru_cache(maxsize=1024)
+def _card_decoding_to(whole: float) -> str | None:
+    """A card number that decodes to ``whole`` (a float of 2**53 or more), if one does.
+
+    Those are among the ``ulp`` or so whole numbers around ``whole`` (up to 2 049 below
+    10**19), and only six are tried: in each of the three decades (``10q`` to ``10q + 9``)
+    at either end, the one number that passes Luhn (only its last, undoubled digit
+    differs). A brand depends on the length and first six digits only, so it changes at
+    most once in the interval (at a multiple of 10**10). A card on one side of that change
+    is in one of the three decades at its end of the interval, or lies beyond them, and
+    then the whole second decade is on its side, with a card of that brand in it.
+    """
+    exact = int(whole)
+    half = int(math.ulp(whole)) // 2
+    low, high = exact - half, exact + half
+    if float(low) != whole:  # a tie rounds to the even neighbour
+        low += 1
+    if float(high) != whole:
+        high -= 1
+    first, last = low // 10, high // 10
+    for decade in (first, first + 1, first + 2, last - 2, last - 1, last):
+        number = decade * 10 + _check_digit(str(decade))
+        digits = str(number)
+        if low <= number <= high and _card(digits) is not None:
+            return digits
+    return None
+
+
 class _Walk:
     """One walk over a decoded JSON value, collecting findings and copying what changes."""
 
-    __slots__ = ("findings", "max_depth", "path", "truncated")
+    __slots__ = ("findings", "max_depth", "path", "source", "truncated", "written")
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, source: bytes | None = None) -> None:
         self.findings: list[CardFinding] = []
         self.path: list[str | int] = []
         self.max_depth = max_depth
         self.truncated = False
+        self.source = source
+        #: The card number written in ``source`` for each float above 2**53, ``""`` for
+        #: none (built once, when the first such float is judged).
+        self.written: dict[float, str] | None = None
 
     def _mask(self, text: str) -> tuple[str, list[_Hit]]:
         """``text`` masked, and the card numbers in it (with none, ``text`` itself)."""
@@ -516,21 +593,61 @@ class _Walk:
             renamed[name] = (stored, hits)
         return renamed
 
+    def _number(self, value: int | float, sign: str, digits: str, last4: str = "") -> Any:
+        """``value``, a JSON number that is the whole number ``sign + digits``, masked if
+        that is a card number (``last4`` stands for its last four digits if given)."""
+        brand = _card(digits)
+        if brand is None:
+            return value
+        last4 = last4 or digits[-4:]
+        start = len(sign)
+        where = _pointer(self.path)
+        self.findings.append(
+            CardFinding(brand, last4, len(digits), start, start + len(digits), where)
+        )
+        return mask(last4)
+
+    def _float(self, value: float) -> Any:
+        """A whole float of 13 to 19 digits masked if a card number was written for it.
+
+        Below 2**53 a float holds its whole number exactly: those are its digits. Above,
+        the whole numbers around it decode to the same float (up to 2 049 of them below
+        10**19). The numbers written for it in the JSON text, when there is one, are judged,
+        then its digits as stored (the shortest that decode to it, as orjson writes them);
+        without the text, any card number that decodes to this float may have been
+        written, and the float is masked as ``[card ****????]``: its last digits are lost.
+        """
+        whole = abs(value)
+        sign = "-" if value < 0 else ""
+        if whole < _EXACT_FLOAT:
+            return self._number(value, sign, str(int(whole)))
+        written: str | None = None
+        if self.source is not None:
+            if self.written is None:
+                self.written = _whole_literals(self.source)
+            written = self.written.get(whole)
+            if written:
+                return self._number(value, sign, written)
+        masked = self._number(value, sign, str(int(Decimal(repr(whole)))))
+        if masked is not value or written is not None:  # its digits are known: no card
+            return masked
+        possible = _card_decoding_to(whole)
+        if possible is None:
+            return value
+        return self._number(value, sign, possible, _LOST)
+
     def value(self, value: Any, depth: int) -> Any:
         kind = type(value)
         if kind is str:
             return self.string(value)
-        if kind is int or (
-            kind is float and value.is_integer() and not -(10**12) < value < 10**12
-        ):  # a float: 4242424242424242.0 or 4.242424242424242e15
+        if kind is int:
             if -(10**12) < value < 10**12:  # fewer than 13 digits
                 return value
-            text = str(int(value))
-            hits = list(_hits(text, len(text)))
-            if not hits:
-                return value
-            self.findings.append(_finding(hits[0], _pointer(self.path)))
-            return mask(hits[0][2][-4:])
+            return self._number(value, "-" if value < 0 else "", str(abs(value)))
+        if kind is float:  # 4242424242424242.0, 4.242424242424242e15, 42424242424242.42e2
+            if value.is_integer() and 1e12 <= abs(value) < 1e19:
+                return self._float(value)
+            return value
         if kind is dict:
             return self._object(value, depth + 1)
         if kind is list:
@@ -573,51 +690,141 @@ class _Walk:
         return value if out is None else out
 
 
-def redact_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> Redacted[Any]:
+def redact_value(
+    value: Any, *, max_depth: int = MAX_JSON_DEPTH, source: bytes | None = None
+) -> Redacted[Any]:
     """A decoded JSON value with every card number masked: in strings, in object keys, and
-    in integers (replaced by the mask string). Unchanged parts are shared with ``value``,
+    in numbers (replaced by the mask string). Unchanged parts are shared with ``value``,
     which is never modified; with nothing found the result *is* ``value``.
+
+    A number is a card number when it is a whole number of 13 to 19 digits that is one:
+    an integer, or a float (``4242424242424242.0``, ``4.242424242424242e15``,
+    ``42424242424242.42e2``). A float above 2**53 has lost its last digits; ``source``,
+    the JSON text ``value`` was decoded from, gives them as written. Without it, such a
+    float is masked when any card number decodes to it, as ``[card ****????]``.
 
     Raises :class:`ValueError` for containers nested deeper than ``max_depth``.
     """
-    walk = _Walk(max_depth)
+    walk = _Walk(max_depth, source)
     new = walk.value(value, 0)
     return Redacted(new, Scan(tuple(walk.findings), walk.truncated))
 
 
-#: A JSON number written with an exponent of 12 or more (``4.242424242424242e15``): its
-#: digits are not one run in the raw text, but the number decodes to a whole one of 13+.
-_BIG_EXPONENT = re.compile(rb"[0-9][eE]\+?0*(?:1[2-9]|[2-9][0-9]|[1-9][0-9]{2,})")
+#: :data:`_CLASS`, but ``e`` for ``e`` and ``E``: right after a digit, an exponent follows.
+_JSON_CLASS: Final = bytes(0x65 if b in {0x45, 0x65} else c for b, c in enumerate(_CLASS))
+_EXPONENT: Final = b"0e"
+#: The fewest bytes a card number takes in JSON: ``42e14`` (4200000000000000, a Visa
+#: number). Shorter, a number of 13+ digits has one significant digit, which fails Luhn.
+_SHORTEST_JSON_CARD: Final = 5
+#: A number's first significant digit after which no whole number near it is a card: no
+#: issuer range starts with 0, 1, 7 or 8, nor with 20, 69, 90 or 99, where the whole numbers
+#: near a 1…, 7… or 8… number may begin (2000… near 1999…, 6999… near 7000…, 9000… near
+#: 8999…, 999… near 1000… of one digit more).
+_NEVER_FIRST: Final = b"0178"
+#: A mantissa longer than this is not looked into: its number may be a card.
+_LONGEST_MANTISSA: Final = 64
+#: An exponent of a JSON number (after its mantissa): sign, leading zeros, the value,
+#: and one more digit if there are more than 7.
+_EXPONENT_PART: Final = re.compile(rb"[eE]([-+]?)(0*)([0-9]{0,7})([0-9]?)")
+_MANTISSA_BYTES: Final = frozenset(b"0123456789.")
+#: What a JSON number may follow: its sign, whitespace, ``[``, ``,`` or ``:``.
+_BEFORE_NUMBER: Final = frozenset(b"- \t\n\r[,:")
+#: What the digit before an ``e`` may follow in a number: the above, a digit or a point.
+_IN_NUMBER: Final = _MANTISSA_BYTES | _BEFORE_NUMBER
+
+
+def _float_may_be_card(body: bytes, last: int) -> bool:
+    """Whether the JSON number whose mantissa ends at ``body[last]`` (a digit right before
+    an ``e`` or ``E``) may decode to a whole number of 13 to 19 digits that starts like a
+    card: it has that many digits before its point once the exponent is applied, and its
+    first significant digit is not one of :data:`_NEVER_FIRST`. Digits and an ``e`` inside a
+    string (``"4e51a3e9-…"``, never a number) are told apart by what precedes them."""
+    first, bound, point = last, max(0, last - _LONGEST_MANTISSA), -1
+    while first > bound:
+        byte = body[first - 1]
+        if 0x30 <= byte <= 0x39:
+            first -= 1
+        elif byte == 0x2E and point < 0:
+            point = first = first - 1
+        else:
+            break
+    else:
+        if first and body[first - 1] in _MANTISSA_BYTES:
+            return True  # too long to look into here: it may be one
+    if first and body[first - 1] not in _BEFORE_NUMBER:  # a word, a hex id, "1.2.3e4"
+        return False
+    part = _EXPONENT_PART.match(body, last + 1)
+    if part is None:
+        return False
+    sign, zeros, value, more = part.groups()
+    if not (zeros or value) or more:  # "4e" alone, or an exponent of 10**7 or more
+        return False
+    digits = body[first : last + 1].replace(b".", b"")
+    significant = digits.lstrip(b"0")
+    if not significant:  # zero
+        return False
+    whole = (point if point >= 0 else last + 1) - first  # digits before the point
+    exponent = int(value or b"0")
+    order = whole - (len(digits) - len(significant)) + (-exponent if sign == b"-" else exponent)
+    return MIN_DIGITS <= order <= MAX_DIGITS and significant[0] not in _NEVER_FIRST
 
 
 def json_may_hold_card(body: bytes) -> bool:
     """A fast, sound pre-check of a JSON text: ``False`` means :func:`redact_value` of its
     decoded value finds nothing.
 
-    Without ``\\u`` escapes every digit, space and dash of a decoded string or number is in
-    the raw text as it is, so the raw text is scanned with the run-end rules relaxed (an
-    escape such as ``\\n`` shows a letter where the decoded text has a newline): whatever
-    the strict scan of the decoded value finds, this finds too. Text with ``\\u`` escapes
-    is always worth a look.
+    Strings, keys and integers: without ``\\u`` escapes every digit, space and dash of a
+    decoded string or integer is in the raw text as it is, so the raw text is scanned with
+    the run-end rules relaxed (an escape such as ``\\n`` shows a letter where the decoded
+    text has a newline): whatever the strict scan of the decoded value finds, this finds
+    too. Text with ``\\u`` escapes is always worth a look.
+
+    Floats: the walk masks a float only if it is whole, 10**12 to 10**19, and a whole number
+    ``n`` within half an ``ulp`` of it is a card (its own value, its shortest digits, or a
+    number written for it). So is the number ``x`` written in the text, so
+    ``|n - x| <= ulp < x / 2**51``. Hence ``x`` has 13 to 19 digits before its point (else
+    ``n`` is 10**12, starts with 99 or has 20 digits: no card), and its first significant
+    digit is not 1, 7 or 8 (else ``n`` starts with one of 10-20, 69-90 or 99, where no
+    issuer range starts). This checks every number written with a point or an exponent
+    for both:
+
+    * with an exponent: the digit before each ``e``/``E`` that follows a digit is read as
+      the end of a number (:func:`_float_may_be_card`), unless what precedes its mantissa
+      cannot precede a JSON number (then it is in a string: a hex id, a word);
+    * with a point only: its 13 to 19 digits before the point are an unbroken run of
+      13 or more, right before a ``.``, met among the runs below.
+
+    (An integer too long for 64 bits decodes to a float as well: of 20 digits or more, or
+    negative with 19 starting 92 to 99; no card is either, and the walk finds nothing.)
     """
-    if len(body) < MIN_DIGITS:
+    if len(body) < _SHORTEST_JSON_CARD:
         return False
-    if b"\\u" in body or len(body) > MAX_SCAN_CHARS or _BIG_EXPONENT.search(body):
+    if b"\\u" in body or len(body) > MAX_SCAN_CHARS:
         return True
-    classes = body.translate(_CLASS)
-    first = classes.find(_LONG), classes.find(_PAIR)
-    if first == (-1, -1):  # the common case: three passes over the bytes, all in C
+    classes = body.translate(_JSON_CLASS)
+    at = classes.find(_EXPONENT)
+    while at >= 0:
+        if (not at or body[at - 1] in _IN_NUMBER) and _float_may_be_card(body, at):
+            return True
+        at = classes.find(_EXPONENT, at + 2)
+    first_places = classes.find(_LONG), classes.find(_PAIR)
+    if first_places == (-1, -1):  # the common case: a few passes over the bytes, all in C
         return False
-    if b"--" in classes:  # neither _LONG nor _PAIR holds "--": their places stay
+    classes = classes.replace(b"e", b"x")  # neither _LONG nor _PAIR holds "e": same places
+    if b"--" in classes:  # nor "--"
         classes = classes.replace(b"--", b"xx")
     text: str | None = None
-    for start, end in _runs(classes, first):
+    for start, end in _runs(classes, first_places):
         separators = classes.count(b"-", start, end)
         if separators == 0:  # unbroken: most are timestamps, fractions, ids
+            size = end - start
             if (
-                not MIN_DIGITS <= end - start <= MAX_DIGITS
-                or body[start : start + 2] not in _LEAD2B
+                body[end : end + 1] == b"."  # the whole part of a float
+                and MIN_DIGITS <= size <= MAX_DIGITS
+                and body[start] not in _NEVER_FIRST
             ):
+                return True
+            if not MIN_DIGITS <= size <= MAX_DIGITS or body[start : start + 2] not in _LEAD2B:
                 continue
         elif end - start - separators < MIN_DIGITS:  # phone numbers, dates
             continue
@@ -674,7 +881,7 @@ def redact_json(body: bytes, *, max_bytes: int = MAX_SCAN_CHARS) -> Redacted[byt
         return Redacted(body)
     try:
         value = orjson.loads(body)
-        done = redact_value(value)
+        done = redact_value(value, source=body)
     except (orjson.JSONDecodeError, _TooDeep):
         return _redact_bytes(body)
     if not done.scan:

@@ -151,7 +151,7 @@ class _CardScan:
             return value
         if not json_may_hold_card(body):  # the common case: a few passes over the bytes
             return value
-        done = redact_value(value)
+        done = redact_value(value, source=body)  # a float's digits as written
         self.add(where, done.scan)
         return done.value
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from broker.http._rsgi import HTTPProtocol, Scope, StreamTransport
+from broker.sensitive import redact_text, text_may_hold_card
 from broker.telemetry import metrics, tracing
 from broker.telemetry.metrics import OTHER_METHOD
 
@@ -163,7 +164,10 @@ def _answered(
             "http.route",
             route,
             "url.path",
-            scope.path[:256],
+            # Card numbers masked before the cut, as in the logs.
+            redact_text(scope.path).value[:256]
+            if text_may_hold_card(scope.path)
+            else scope.path[:256],
             "network.protocol.version",
             scope.http_version,
             "http.response.status_code",

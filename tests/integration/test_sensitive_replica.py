@@ -342,3 +342,26 @@ def test_the_setting_turns_detection_on_for_the_message_and_route_replicas(
         "replica_schemas": False,
         "replica_routes": True,
     }
+
+
+async def test_card_numbers_written_as_floats_are_masked_with_their_digits(
+    publisher: Publisher, db: Db
+) -> None:
+    """A card written as a float with its digits split by the point (``…42.42e2``) passed
+    the pre-check unmasked; one over 2**53 (a 19-digit card with ``.0``) had its digits
+    read from the rounded float and failed Luhn. The replica reads them as written."""
+    js = publisher.js
+    bodies = [b'{"pan": 42424242424242.42e2}', b'{"pan": 4111111111111111110.0}']
+    for body in bodies:
+        ack = await js.publish(
+            f"msg.{TENANT}.floats", body, headers={"Content-Type": "application/json"}
+        )
+    projection = MessagesReplica(detect_cards=True)
+    with db.engine.begin() as tx:
+        projection.setup(tx)
+    await run_until(js, projection, db.engine, ack.seq)
+    rows = messages_table(db.engine)
+    assert [rows[seq]["payload_json"] for seq in (ack.seq - 1, ack.seq)] == [
+        {"pan": "[card ****4242]"},
+        {"pan": "[card ****1110]"},
+    ]

@@ -319,6 +319,48 @@ def test_a_5xx_fails_the_server_span_without_an_event(memory: InMemorySpanExport
     assert dict(server.attributes or {})["http.response.status_code"] == 503
 
 
+async def answer_ok(scope: Any, proto: Any) -> int:
+    proto.response_bytes(200, [], b"{}")
+    return 200
+
+
+def test_a_card_number_in_the_request_path_is_masked_in_the_server_span(
+    memory: InMemorySpanExporter,
+) -> None:
+    """``url.path`` carried the raw path to the span exporter while the logs masked it; the
+    path is masked before it is cut to 256 characters, so a number the cut splits leaves
+    none of its leading digits."""
+    path = "/v1/publish/pay." + "a" * 227 + ".4111111111111111"  # 12 digits before the cut
+    scope = SimpleNamespace(path=path, method="POST", headers=SAMPLED, http_version="2")
+    entry: Any = instrument(answer_ok)  # the RSGI types, as far as the wrapper goes
+    asyncio.run(entry(scope, Proto()))
+    (server,) = memory.get_finished_spans()
+    recorded = dict(server.attributes or {})["url.path"]
+    assert recorded == (path[:-16] + "[card ****1111]")[:256]
+    assert "411111111111" not in str(recorded)
+
+
+def test_an_unsampled_request_does_not_look_at_its_path(
+    memory: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The masking runs for a recorded span only: nothing is added to other requests."""
+
+    def refuse(path: str) -> Any:
+        raise AssertionError(f"{path} scanned for an unrecorded span")
+
+    import broker.telemetry.http as http_telemetry
+
+    monkeypatch.setattr(http_telemetry, "text_may_hold_card", refuse)
+    monkeypatch.setattr(http_telemetry, "redact_text", refuse)
+    unsampled = {"traceparent": f"00-{PARENT_TRACE:032x}-{PARENT_SPAN:016x}-00"}
+    scope = SimpleNamespace(
+        path="/v1/publish/pay.4111111111111111", method="POST", headers=unsampled, http_version="2"
+    )
+    entry: Any = instrument(answer_ok)  # the RSGI types, as far as the wrapper goes
+    asyncio.run(entry(scope, Proto()))
+    assert not memory.get_finished_spans()
+
+
 def test_a_failed_append_is_failed_and_has_no_messaging_attributes(
     memory: InMemorySpanExporter,
 ) -> None:
