@@ -265,7 +265,11 @@ def _check_auth(settings: Settings) -> None:
     try:
         Authenticator.from_settings(settings)
     except AuthConfigError as e:
-        raise typer.BadParameter(str(e), param_hint="--auth-file / BROKER_AUTH_CONFIG") from None
+        message = str(e)
+        hint = "BROKER_TENANT" if message.startswith("BROKER_TENANT") else None
+        raise typer.BadParameter(
+            message, param_hint=hint or "--auth-file / BROKER_AUTH_CONFIG"
+        ) from None
 
 
 def _register_subcommands() -> None:

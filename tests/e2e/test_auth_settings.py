@@ -28,4 +28,5 @@ def test_a_reserved_broker_tenant_is_a_usage_error_not_a_traceback(tmp_path: Pat
     assert b"BROKER_TENANT" in done.stderr
     assert b"reserved" in done.stderr
     assert b"Traceback" not in done.stderr
+    assert b"auth-file" not in done.stderr  # named as the setting it is
     assert list(tmp_path.iterdir()) == []  # refused before anything started
