@@ -214,8 +214,11 @@ def worker(
     """
     from broker._process import tune_gc
     from broker.logs import configure_logging
+    from broker.server import replica_problem
     from projections.worker import WorkerOptions, default_worker_id, run_worker
 
+    if problem := replica_problem(replica):  # a usage error, not a traceback at each start
+        raise typer.BadParameter(problem, param_hint="--replica-url")
     configure_logging()
     start_metrics(metrics_host, metrics_port)
     options = WorkerOptions(

@@ -177,3 +177,11 @@ async def test_a_reset_against_a_nats_without_the_stream_leaves_the_replica(
     engine.dispose()
     assert rows == ["kept"]
     assert checkpoints == [1]
+
+
+def test_a_worker_with_an_unusable_replica_url_is_a_usage_error() -> None:
+    """It exited 1 with a traceback (and under a supervisor was started again forever)."""
+    done = broker("worker", "--replica-url", "bogus://x", "--nats-url", "nats://127.0.0.1:1")
+    assert done.returncode == 2, done.stderr
+    assert "replica-url" in done.stderr
+    assert "Traceback" not in done.stderr
