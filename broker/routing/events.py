@@ -159,7 +159,7 @@ class RouteDecided:
         headers = {
             k: v
             for k, v in original.items()
-            if k.lower() not in _NOT_COPIED and not k.lower().startswith("nats-")
+            if (name := k.lower()) not in _NOT_COPIED and not name.startswith("nats-")
         }
         if self.mirror:  # a shadow's answer never reaches the caller
             headers = {k: v for k, v in headers.items() if k.lower() != H_REPLY_TO.lower()}
