@@ -135,6 +135,8 @@ def publish(
     from broker.client import BrokerClient
     from broker.envelope import validate_subject
 
+    if output not in {"json", "table"}:  # before anything is published, not after
+        raise typer.BadParameter("json or table", param_hint="--output")
     try:
         validate_subject(subject)
     except BrokerError as e:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import IO, Annotated, Any
 
 import orjson
 import typer
@@ -28,25 +28,84 @@ REPLAY_EPILOG = (
 )
 
 
+class _OutputFailed(Exception):
+    """The records could not be written where they go (a full disk, a file system gone)."""
+
+
+def _unwritable(where: Path | None, error: OSError) -> BaseException:
+    """What a failed write is: :class:`_OutputFailed`, naming the output, but a reader that
+    went away (``| head``) stays the ``BrokenPipeError`` that click ends quietly on."""
+    if isinstance(error, BrokenPipeError):
+        return error
+    return _OutputFailed(f"cannot write {where or 'stdout'}: {error.strerror or error}")
+
+
+class _Sink:
+    """Where each record is written; a write that fails is :class:`_OutputFailed`."""
+
+    def __init__(self, out: IO[bytes], where: Path | None) -> None:
+        self.out, self.where = out, where
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+        except OSError as e:
+            raise _unwritable(self.where, e) from None
+
+    def flush(self) -> None:
+        try:
+            self.out.flush()
+        except OSError as e:
+            raise _unwritable(self.where, e) from None
+
+
 @contextlib.contextmanager
-def _output(to: Path | None) -> Iterator[BinaryIO]:
+def _written(path: Path, mode: str, where: Path) -> Iterator[_Sink]:
+    """``path`` opened for the records; opening, writing and closing it (its last flush)
+    that fail are :class:`_OutputFailed`, a close after a failure is quiet."""
+    try:
+        out = path.open(mode)
+    except OSError as e:
+        raise _unwritable(where, e) from None
+    done = False
+    try:
+        sink = _Sink(out, where)
+        yield sink
+        sink.flush()
+        done = True
+    finally:
+        try:
+            out.close()
+        except OSError as e:
+            if done:
+                raise _unwritable(where, e) from None
+
+
+@contextlib.contextmanager
+def _output(to: Path | None) -> Iterator[_Sink]:
     """Where the records go: stdout, or ``to``. A file is written beside itself and renamed
-    into place once the replay has ended, so a replay that fails leaves it as it was."""
+    into place once the replay has ended, so a replay that fails leaves it as it was. Any
+    write, the last flush and the rename included, that fails is :class:`_OutputFailed`."""
     if to is None:
-        yield sys.stdout.buffer
+        sink = _Sink(sys.stdout.buffer, None)
+        yield sink
+        sink.flush()
         return
     if to.exists() and not to.is_file():  # /dev/null, a FIFO: nothing there to keep
-        with to.open("wb") as out:
-            yield out
+        with _written(to, "wb", to) as sink:
+            yield sink
         return
     target = to.resolve()  # through a symlink: the file it names is replaced, not the link
     partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
-        with partial.open("xb") as out:
-            yield out
-        if target.exists():
-            shutil.copymode(target, partial)
-        os.replace(partial, target)
+        with _written(partial, "xb", to) as sink:
+            yield sink
+        try:
+            if target.exists():
+                shutil.copymode(target, partial)
+            os.replace(partial, target)
+        except OSError as e:
+            raise _unwritable(to, e) from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -148,7 +207,7 @@ def replay(
     """Replay a stream from a sequence or a time to its current end, as NDJSON.
 
     A dropped connection resumes from the last message received. Exit codes: 0 ok,
-    1 refused, 3 unavailable.
+    1 refused (or the output could not be written), 3 unavailable.
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
 
@@ -170,5 +229,8 @@ def replay(
     except BrokerError as e:
         typer.echo(f"error: {e.error_code}: {e.message}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REFUSED) from None
+    except _OutputFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
     if to:
         typer.echo(f"wrote {count} messages to {to}", err=True)

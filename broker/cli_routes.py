@@ -206,8 +206,10 @@ async def _simulate(
 def _print_table(report: dict[str, Any], csv_path: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console(file=sys.stdout)
+    # Policy versions, agent names and paths are data: printed as text, never as markup.
+    console = Console(file=sys.stdout, markup=False, highlight=False)
     total, changed = report["decisions"], report["changed"]
     share = f"{changed / total:.1%}" if total else "-"
     console.print(
@@ -216,7 +218,7 @@ def _print_table(report: dict[str, Any], csv_path: Path | None) -> None:
     if report["moves"]:
         table = Table("from agent", "to agent", "decisions")
         for move in report["moves"]:
-            table.add_row(move["from"], move["to"], str(move["count"]))
+            table.add_row(Text(move["from"]), Text(move["to"]), str(move["count"]))
         console.print(table)
     if report["unreadable"]:
         console.print(f"{report['unreadable']} stored decisions could not be read")
