@@ -189,10 +189,19 @@ def _start(
     if start_time is not None:
         moment = parse_date_time(start_time, name="start_time")
         try:
-            return None, moment.astimezone(UTC)
+            utc = moment.astimezone(UTC)
         except OverflowError:
             raise Unprocessable("start_time is out of range once in UTC") from None
+        # NATS counts it in int64 nanoseconds, which wrap outside 1677 to 2262 (from
+        # 9999-12-31 a replay returned the whole stream): a time before every stored
+        # message (none is before 1970) or after all of them reads the same, in range.
+        return None, min(max(utc, _EPOCH), _LAST_NANOSECOND_TIME)
     return start_seq, None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The last whole second of int64 nanoseconds since 1970 (2262-04-11T23:47:16Z).
+_LAST_NANOSECOND_TIME = datetime.fromtimestamp((2**63 - 1) // 10**9, UTC)
 
 
 def _broke_off(error: ReadInterrupted, stream: str, *, sse: bool) -> bytes:

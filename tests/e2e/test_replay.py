@@ -306,3 +306,19 @@ def test_cli_replay_to_a_directory_is_refused_before_it_reads(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     assert "is a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_replay_since_a_time_past_nanosecond_range(broker: BrokerProcess) -> None:
+    """NATS counts a start time in int64 nanoseconds (1678 to 2262): from 9999-12-31 the
+    replay returned the whole stream (the count wrapped), where it holds nothing."""
+    subject = f"replay.{uuid.uuid4().hex[:8]}"
+    async with BrokerClient(broker.base_url) as client:
+        seqs = await publish_many(client, subject, 3)
+        for since, expected in (
+            (datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC), []),
+            (datetime(2300, 1, 1, tzinfo=UTC), []),
+            (datetime(1, 1, 1, tzinfo=UTC), seqs),
+            (datetime(1600, 1, 1, tzinfo=UTC), seqs),
+        ):
+            got = [m.seq async for m in client.replay(subject=subject, since=since)]
+            assert got == expected, since
