@@ -151,9 +151,9 @@ async def test_a_message_link_shows_that_message_or_says_it_is_no_longer_stored(
     """A decision's "message #N" link shows message N itself; once N is deleted (or aged
     out), the page says so instead of showing the next message stored after it."""
 
-    async def routed(text: str) -> int:
+    async def routed(text: str, content_type: str = "text/plain") -> int:
         r = await client.post(
-            "/v1/route/ui.linked", content=text.encode(), headers={"content-type": "text/plain"}
+            "/v1/route/ui.linked", content=text.encode(), headers={"content-type": content_type}
         )
         assert r.status_code == 200, r.text
         seq: int = r.json()["seq"]
@@ -161,13 +161,16 @@ async def test_a_message_link_shows_that_message_or_says_it_is_no_longer_stored(
 
     gone = await routed("deleted before anyone looked")
     kept = await routed("still stored")
+    # JSON.parse then JSON.stringify showed this id as 12345678901234567000
+    big = await routed('{"id": 12345678901234567890}', "application/json")
     await js.delete_msg("MESSAGES", gone)
 
     await page.call("Page.navigate", url=f"{broker.base_url}/ui")
     link = "document.querySelector('#routes a[data-message-seq=\"{seq}\"]')"
 
     async def linked() -> bool:
-        return bool(await page.evaluate(f"!!{link.format(seq=gone)} && !!{link.format(seq=kept)}"))
+        found = " && ".join(f"!!{link.format(seq=seq)}" for seq in (gone, kept, big))
+        return bool(await page.evaluate(found))
 
     assert await await_until(linked, timeout=20, interval=0.2), await page.evaluate(
         "document.body.innerText"
@@ -202,4 +205,8 @@ async def test_a_message_link_shows_that_message_or_says_it_is_no_longer_stored(
     assert stored["state"] == "stored"
     record = json.loads(stored["record"])
     assert (record["seq"], record["value"]) == (kept, "still stored")
+    assert stored["record"] == json.dumps(record, indent=2, ensure_ascii=False)
+    exact = await opened(big)
+    assert '"id": 12345678901234567890' in exact["record"], exact["record"]
+    assert json.loads(exact["record"])["value"] == {"id": 12345678901234567890}
     assert page.errors == []
