@@ -98,17 +98,26 @@ class _StatusCache:
     same tenant's document while it runs."""
 
     def __init__(self) -> None:
-        self.at = 0.0
-        self.tenant = ""
-        self.document: _Encoded | None = None
+        #: Each tenant's last document and when it was read: pages of several tenants
+        #: polling at once each read their own once a second, not each other's out.
+        self.documents: dict[str, tuple[float, _Encoded]] = {}
         self.lock = asyncio.Lock()
         self.failed_at = -_FAILURE_SECONDS  # when a read last failed (monotonic)
         self.running: dict[str, asyncio.Future[_Encoded]] = {}
 
     def fresh(self, tenant: str, now: float) -> _Encoded | None:
-        if self.document is not None and self.tenant == tenant and now - self.at < _CACHE_SECONDS:
-            return self.document
+        cached = self.documents.get(tenant)
+        if cached is not None and now - cached[0] < _CACHE_SECONDS:
+            return cached[1]
         return None
+
+    def keep(self, tenant: str, document: _Encoded, now: float) -> None:
+        """Keep ``document``, dropping documents no longer fresh (so as many are kept as
+        tenants read within a second)."""
+        self.documents = {
+            t: kept for t, kept in self.documents.items() if now - kept[0] < _CACHE_SECONDS
+        }
+        self.documents[tenant] = (now, document)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -174,7 +183,7 @@ def _status_documents(state: IngressState) -> Callable[[int], Awaitable[bytes]]:
             except BaseException:
                 cache.failed_at = time.monotonic()
                 raise
-            cache.document, cache.at, cache.tenant = document, now, tenant
+            cache.keep(tenant, document, now)
             return document
 
     async def read_status(tenant: Tenant) -> _Encoded:

@@ -65,6 +65,7 @@ def app_with(monkeypatch: pytest.MonkeyPatch, connected: bool = True) -> tuple[F
     )
     app = FastAPI()
     app.include_router(ui.ops_router(state))
+    app.state.ingress = state  # a test may change its tenant between requests
 
     @app.exception_handler(BrokerError)
     async def refused(_: Request, e: BrokerError) -> JSONResponse:
@@ -164,3 +165,20 @@ async def test_a_request_that_waits_past_its_deadline_says_the_status_was_not_re
         "error_code": "nats_unavailable",
         "message": "the status was not read within 0.5 s (NATS slow or busy)",
     }
+
+
+async def test_pages_of_two_tenants_each_read_their_own_document_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cache held one tenant's document: pages of two tenants polling in turn read
+    JetStream at every request, each putting the other's document out."""
+    app, jetstream = app_with(monkeypatch)
+    monkeypatch.setattr(ui, "_CACHE_SECONDS", 60.0)
+    monkeypatch.setattr(ui, "_READ_SECONDS", 20.0)
+    monkeypatch.setattr(ui, "_WAIT_SECONDS", 30.0)
+    jetstream.answering.set()
+    state = app.state.ingress
+    for tenant in ("acme", "shop", "acme", "shop", "acme"):
+        state.tenant = Tenant(tenant)
+        assert await statuses(app, [20]) == [200]
+    assert jetstream.reads == [200, 200]
