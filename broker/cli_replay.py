@@ -218,6 +218,8 @@ def replay(
         raise typer.BadParameter(f"no directory {to.parent}", param_hint="--to")
     if to is not None and to.is_dir():
         raise typer.BadParameter(f"{to} is a directory; name a file in it", param_hint="--to")
+    if since is not None and from_seq is not None:  # the client would drop --since
+        raise typer.BadParameter("give --from-seq or --since, not both", param_hint="--since")
     if since is not None and since.tzinfo is None:  # the broker takes RFC 3339 only
         raise typer.BadParameter(
             "give a time zone, e.g. 2026-11-25T10:00:00Z", param_hint="--since"

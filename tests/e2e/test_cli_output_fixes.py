@@ -68,3 +68,11 @@ def test_publish_output_other_than_json_or_table_is_a_usage_error(tmp_path: Path
     assert published.returncode == 2, published.stderr
     assert "--output" in published.stderr
     assert published.stdout == ""
+
+
+def test_replay_from_a_seq_and_a_time_is_a_usage_error() -> None:
+    """The client reads from the sequence and dropped --since without a word."""
+    since = "2026-11-25T10:00:00Z"
+    replayed = cli("replay", "--from-seq", "5", "--since", since, "--url", "http://127.0.0.1:1")
+    assert replayed.returncode == 2, replayed.stderr
+    assert "--since" in replayed.stderr
