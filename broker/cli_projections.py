@@ -132,19 +132,11 @@ async def require_streams(nc: NatsClient, nats_url: str, *streams: str) -> None:
     """Each of ``streams`` exists on ``nc``'s NATS (``nats_url``), or ``error: NATS at …
     has no stream …`` and exit 1: a NATS without the broker's streams (not provisioned yet,
     or another NATS than meant), said before anything is read or changed."""
-    import nats.js.errors
-
     from broker.cli import EXIT_REFUSED
     from broker.natsconn import redact_servers
+    from broker.streams import missing_streams
 
-    js = nc.jetstream()
-    missing = []
-    for stream in streams:
-        try:
-            await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            missing.append(stream)
-    if missing:
+    if missing := await missing_streams(nc.jetstream(), streams):
         at = redact_servers(nats_url)
         typer.echo(
             f"error: NATS at {at} has no stream {', '.join(missing)} (`broker serve` creates "

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -507,10 +507,12 @@ async def _ensure_bucket(
     )
 
 
-async def missing_streams(js: JetStreamContext) -> list[str]:
-    """Names of broker streams that do not exist (for readiness)."""
+async def missing_streams(js: JetStreamContext, names: Sequence[str] = ()) -> list[str]:
+    """Which of the streams ``names`` do not exist; with none named, which of the broker's
+    streams and buckets (for readiness)."""
+    wanted = names or [*Stream, f"KV_{AGENT_LOAD_BUCKET}", f"KV_{KEYS_BUCKET}"]
     missing: list[str] = []
-    for name in [*Stream, f"KV_{AGENT_LOAD_BUCKET}", f"KV_{KEYS_BUCKET}"]:
+    for name in wanted:
         try:
             await js.stream_info(str(name))
         except NotFoundError:
