@@ -105,16 +105,28 @@ async def genuine(js: JetStreamContext, tenant: str, message_seq: int, answer: A
     if kind != _REPLY or route_seq is None:
         return False
     try:
-        decision = await get_stored(js, Stream.ROUTES, route_seq)
+        found = await stored_decision(js, route_seq, tenant, writer)
     except NotFoundError:  # aged out: the reply is as old, and as likely to be gone
         return False
-    if decision.subject != inbox_subject(tenant, writer):
-        return False
+    return found is not None and found[1].message_seq == message_seq
+
+
+async def stored_decision(
+    js: JetStreamContext, route_seq: int, tenant: str, agent: str
+) -> tuple[RawStreamMsg, RouteDecided] | None:
+    """The record at ``route_seq`` in ``ROUTES`` and its decision, when it is a decision
+    that sent a message to ``agent`` of ``tenant`` (on that agent's inbox, not a mirror
+    copy): what a stored reply or a failure names (``Broker-Route-Seq``), checked before
+    either is believed. ``None`` when the record is anything else; ``NotFoundError`` when
+    ``ROUTES`` holds no such record."""
+    stored = await get_stored(js, Stream.ROUTES, route_seq)
+    if stored.subject != inbox_subject(tenant, agent):
+        return None
     try:
-        route = RouteDecided.from_headers(decision.headers or {})
+        decided = RouteDecided.from_headers(stored.headers or {})
     except RouteEventUnreadable:
-        return False
-    return route.message_seq == message_seq and not route.mirror
+        return None
+    return None if decided.mirror else (stored, decided)
 
 
 async def stored_answer(js: JetStreamContext, tenant: str, message_seq: int) -> Answer | None:

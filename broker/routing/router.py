@@ -59,13 +59,18 @@ from broker.routing.events import (
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
-    inbox_subject,
     original_headers,
     tenant_of,
 )
 from broker.routing.load import LoadView
 from broker.routing.policy import Policy
-from broker.routing.replies import error_answer, error_subject, is_reply, stored_answer
+from broker.routing.replies import (
+    error_answer,
+    error_subject,
+    is_reply,
+    stored_answer,
+    stored_decision,
+)
 from broker.routing.scoring import Scorer
 from broker.routing.types import Decision, DecisionReason
 from broker.streams import (
@@ -578,40 +583,19 @@ class Router:
         :class:`Unavailable` (handed back) when the decision cannot be read."""
         route, seq = failure.route, failure.route_seq
         if seq is None:
-            log.warning(
-                "route_failure_unverifiable",
-                subject=failure.subject,
-                message_seq=route.message_seq,
-                why="it names no decision (no Broker-Route-Seq: sent by an older agent SDK)",
-            )
+            why = "it names no decision (no Broker-Route-Seq: sent by an older agent SDK)"
+            _unverifiable(failure, why)
             return None
         try:
-            stored = await get_stored(self.js, Stream.ROUTES, seq)
+            found = await stored_decision(self.js, seq, route.tenant, failure.agent)
         except NotFoundError:
-            log.warning(
-                "route_failure_unverifiable",
-                subject=failure.subject,
-                message_seq=route.message_seq,
-                why=f"ROUTES holds no record {seq} (aged out, or never stored)",
-            )
+            _unverifiable(failure, f"ROUTES holds no record {seq} (aged out, or never stored)")
             return None
         except Exception as e:
             raise Unavailable(
                 f"cannot read record {seq} of ROUTES, the decision a failure names: {e!r}"[:300]
             ) from e
-        kept = dict(stored.headers or {})
-        decided: RouteDecided | None = None
-        if stored.subject == inbox_subject(route.tenant, failure.agent):
-            with contextlib.suppress(RouteEventUnreadable):
-                decided = RouteDecided.from_headers(kept)
-        claimed = (route.tenant, route.message_seq, route.attempt, failure.agent, False)
-        if decided is None or claimed != (
-            decided.tenant,
-            decided.message_seq,
-            decided.attempt,
-            decided.decision.agent,
-            decided.mirror,
-        ):
+        if found is None or _claim(found[1]) != _claim(route):
             log.warning(
                 "route_failure_forged",
                 subject=failure.subject,
@@ -621,7 +605,9 @@ class Router:
                 why="not the decision stored there for this agent",
             )
             return None
-        original = {k: v for k, v in original_headers(kept).items() if k.lower() not in _TRACE}
+        stored, decided = found
+        kept = original_headers(stored.headers or {})
+        original = {k: v for k, v in kept.items() if k.lower() not in _TRACE}
         original.update((k, v) for k, v in headers.items() if k.lower() in _TRACE)
         return decided, stored.data or b"", original
 
@@ -804,6 +790,21 @@ def _failure(message: Msg, headers: dict[str, str]) -> RouteFailed | None:
         )
         return None
     return failure
+
+
+def _claim(route: RouteDecided) -> tuple[str, int, int, str | None]:
+    """What a failure's route must share with the decision stored where it points."""
+    return route.tenant, route.message_seq, route.attempt, route.decision.agent
+
+
+def _unverifiable(failure: RouteFailed, why: str) -> None:
+    """Log a failure whose decision cannot be checked (it is acked unretried)."""
+    log.warning(
+        "route_failure_unverifiable",
+        subject=failure.subject,
+        message_seq=failure.route.message_seq,
+        why=why,
+    )
 
 
 def _failed(failure: RouteFailed) -> str:
