@@ -473,6 +473,9 @@ class ProjectionRunner:
 
     async def _one_by_one(self, events: Sequence[Event], owned: frozenset[int], last: int) -> None:
         for event in events:
+            # An inline store commits on the loop's thread: a batch of 1 024 is a thousand
+            # transactions, a second or more, and the loop must still renew the leases.
+            await asyncio.sleep(0)
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     await self._commit([event], owned, event.seq)

@@ -4,6 +4,7 @@ every gap, poison events to DLQ, partitions split across worker processes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -453,3 +454,56 @@ async def test_large_messages_are_fetched_in_batches_bounded_by_bytes(
     assert max(sizes) * len(big) <= BATCH_BYTES
     assert runner.stats.gaps == runner.stats.errors == 0
     assert counts(db.engine) == (30, 30)
+
+
+class _Ticks:
+    """Counts how often a task of its own gets the event loop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+
+class _Watching(CountingProjection):
+    """Notes the loop's ticks at each single-event apply."""
+
+    def __init__(self, ticks: _Ticks) -> None:
+        super().__init__()
+        self.ticks = ticks
+        self.seen: list[int] = []
+
+    def apply(self, batch: Sequence[Any], tx: sa.Connection) -> None:
+        if len(batch) == 1:
+            self.seen.append(self.ticks.count)
+        super().apply(batch, tx)
+
+
+async def test_the_loop_keeps_running_while_a_poisoned_batch_is_applied_one_by_one(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """After a batch is refused, its events are committed one at a time on the loop's own
+    thread (the inline store); other tasks (the lease renewals) run between them, not only
+    after the whole batch (a second or more for 1 024 events)."""
+    await publish(nats_url, 50, poison={0})
+    ticks = _Ticks()
+    ticker = asyncio.create_task(ticks.run())
+    projection = _Watching(ticks)
+    runner = ProjectionRunner(
+        publisher.js, projection, SqlCheckpointStore(db.engine), batch=100, max_attempts=1
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        assert await await_until(reached(runner, 50), timeout=20)
+    finally:
+        stop.set()
+        await task
+        ticker.cancel()
+    assert counts(db.engine) == (49, 49)
+    singles = projection.seen
+    assert len(singles) >= 5, singles  # the poison leads the first batch fetched
+    assert all(b > a for a, b in itertools.pairwise(singles)), singles
