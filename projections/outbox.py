@@ -40,6 +40,7 @@ from nats.js.errors import NotFoundError
 from broker.natsconn import message_size
 from broker.reader import READ_BYTES
 from broker.streams import NO_TENANT, SUBJECT_PREFIX, Stream
+from projections._errors import error_text, error_type
 from projections._replica_tables import AUDIT_OP
 from projections.leases import messages_replicas
 
@@ -251,7 +252,8 @@ async def relay_outbox(js: JetStreamContext, engine: sa.Engine, stop: asyncio.Ev
         try:
             sent = await relay_once(js, engine)
         except Exception as e:  # NATS or database hiccup: the rows stay, try again
-            log.warning("outbox_relay_failed", error=str(e))
+            # Never str(e): SQLAlchemy's names the statement and its bound parameters.
+            log.warning("outbox_relay_failed", error_type=error_type(e), error=error_text(e))
             sent = 0
         if not sent:
             with contextlib.suppress(TimeoutError):

@@ -220,3 +220,34 @@ async def test_a_relay_that_cannot_start_is_restarted_later_each_time(
     assert [e["task"] for e in first] == ["outbox"] * 3
     assert [e["restart_in"] for e in first] == [0.5, 1.0, 2.0]
     assert "subjects overlap" in first[0]["error"]
+
+
+async def test_a_failed_relay_is_logged_by_its_error_not_its_statement(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A relay the database refuses (here: no outbox table) logs the error's type and the
+    database's own message, not SQLAlchemy's text with the statement and its bound
+    parameters (the projections' rule: docs/sensitive-data.md)."""
+    from projections.outbox import relay_outbox
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    nc = await nats.connect(nats_url)
+    try:
+        stop = asyncio.Event()
+        with capture_logs() as logs:
+            task = asyncio.create_task(relay_outbox(nc.jetstream(), engine, stop))
+
+            async def failed() -> bool:
+                return any(e["event"] == "outbox_relay_failed" for e in logs)
+
+            assert await await_until(failed, timeout=10)
+            stop.set()
+            await task
+    finally:
+        await nc.close()
+        engine.dispose()
+    failed = next(e for e in logs if e["event"] == "outbox_relay_failed")
+    assert failed["error_type"].startswith("OperationalError (sqlite3.OperationalError)")
+    assert "no such table" in failed["error"]
+    assert "[SQL:" not in failed["error"]
+    assert "SELECT" not in failed["error"]
