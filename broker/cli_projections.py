@@ -408,8 +408,8 @@ def reset(
     """Drop a projection's tables and checkpoint and rebuild it from its stream's start.
 
     Stop the workers that run it first, or they will race the rebuild: a commit they have
-    in flight as the reset begins can still land after it, and later ones fail their
-    checkpoint checks and re-read from the new position. Ctrl-C stops the
+    in flight as the reset begins is waited for and dropped with the rest, and later ones
+    fail their checkpoint checks and re-read from the new position. Ctrl-C stops the
     rebuild after the batch in hand and says how far it got (exit code 130): the workers go
     on from there, or another reset starts over. A NATS without the projection's stream is
     an error (exit 1) before anything is dropped.

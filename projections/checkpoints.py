@@ -333,11 +333,15 @@ class SqlCheckpointStore:
     async def reset(self, projection: str, work: Work) -> None:
         def run() -> None:
             with self.engine.begin() as conn:
-                work(conn)
+                # The checkpoints first: a worker's commit in flight holds their rows, so
+                # this waits for it, and the drop after it (a statement of its own, which
+                # sees what committed meanwhile) takes that commit's rows too. The other way
+                # round the drop missed them, and the rebuild applied their events twice.
                 conn.execute(checkpoints.delete().where(checkpoints.c.projection == projection))
                 conn.execute(
                     stream_identities.delete().where(stream_identities.c.projection == projection)
                 )
+                work(conn)
 
         await asyncio.to_thread(run)
 

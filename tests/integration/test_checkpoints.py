@@ -163,3 +163,58 @@ def test_sql_work_rolls_back_with_a_refused_checkpoint(
     with engine.connect() as conn:
         assert [r.n for r in conn.execute(sa.select(rows))] == [1]
     engine.dispose()
+
+
+async def test_a_reset_takes_the_rows_of_a_commit_it_waited_for(
+    pg_schema: str,
+) -> None:
+    """A worker's commit in flight as a reset begins (PostgreSQL, READ COMMITTED): the reset
+    waits for it and then removes its rows with its checkpoint. It deleted the rows first,
+    before the commit's were visible, then waited on the checkpoint row: the commit's rows
+    outlived the reset, and the rebuild applied those events a second time."""
+    import asyncio
+    import threading
+
+    engine = pg_engine(pg_schema)
+    rows = sa.Table("rows", sa.MetaData(), sa.Column("n", sa.Integer))
+    rows.create(engine)
+    store = SqlCheckpointStore(engine)
+    await store.commit("p", {0: (0, 5)}, lambda tx: tx.execute(rows.insert().values(n=1)))
+    committing = threading.Event()
+    go_on = threading.Event()
+
+    def worker() -> None:  # the worker's next commit, held open until the reset waits
+        def work(tx: Any) -> None:
+            tx.execute(rows.insert().values(n=2))
+
+        with engine.begin() as tx:
+            work(tx)
+            tx.execute(
+                sa.text("UPDATE broker_checkpoints SET seq = 9 WHERE projection = 'p' AND seq = 5")
+            )
+            committing.set()
+            assert go_on.wait(20)
+
+    def waiting_on_a_lock() -> bool:  # the reset's delete of the checkpoint row
+        query = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE 'DELETE FROM broker_checkpoints%'"
+        )
+        with engine.connect() as conn:
+            return bool(conn.execute(query).scalar())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert committing.wait(20)
+    reset = asyncio.create_task(store.reset("p", lambda tx: tx.execute(rows.delete())))
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await asyncio.to_thread(waiting_on_a_lock):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    go_on.set()
+    await asyncio.to_thread(thread.join)
+    await reset
+    with engine.connect() as conn:
+        assert [r.n for r in conn.execute(sa.select(rows))] == []
+    assert await store.load("p") == {}
+    engine.dispose()
