@@ -115,7 +115,10 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How long POST /v1/route waits for the decision."
     )
     route_max_wait: float = Field(
-        default=300.0, gt=0, description="Largest `timeout` POST /v1/route?wait=true accepts."
+        default=300.0,
+        gt=0,
+        description="Largest `timeout` POST /v1/route?wait=true accepts (with an "
+        "Idempotency-Key: at most duplicate_window_seconds less 1 s).",
     )
 
     # --- telemetry ------------------------------------------------------------------
