@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, Response
 
 import broker
 from broker.envelope import Tenant
-from broker.errors import Unauthenticated, Unavailable
+from broker.errors import NotFound, Unauthenticated, Unavailable
 from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import scrape_allowed
@@ -217,9 +217,12 @@ def ops_router(state: IngressState) -> APIRouter:
     @router.get("/metrics")
     async def prometheus_metrics(authorization: str | None = Header(None)) -> Response:
         """Prometheus text exposition of every broker process (with ``BROKER_METRICS_TOKEN``
-        set, to scrapes that present it)."""
+        set, to scrapes that present it); 404 when ``BROKER_METRICS=false``."""
         if not scrape_allowed(token, authorization):
             raise Unauthenticated("/metrics needs Authorization: Bearer <BROKER_METRICS_TOKEN>")
+        if not metrics.enabled():
+            # Nothing is recorded: a 200 would read as a broker with no traffic at all.
+            raise NotFound("metrics are off in this broker (BROKER_METRICS=false)")
         metrics.flush()  # this process's latest counts first (on the loop's thread)
         body = await asyncio.to_thread(metrics.render)
         return Response(body, media_type=metrics.CONTENT_TYPE)

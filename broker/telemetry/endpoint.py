@@ -53,6 +53,11 @@ def scrape_allowed(token: str | None, authorization: str | None) -> bool:
     return hmac.compare_digest(presented.encode(), token.encode())
 
 
+_METRICS_OFF = (
+    b'{"error_code":"not_found","message":"metrics are off in this broker (BROKER_METRICS=false)"}'
+)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "broker-metrics"
     token: str | None = None  # set on the subclass serve_metrics makes
@@ -63,7 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics" and not scrape_allowed(self.token, self.headers["Authorization"]):
             self._answer(401, UNAUTHENTICATED, "application/json", WWW_AUTHENTICATE)
             return
-        if path == "/metrics":
+        if path == "/metrics" and not metrics.enabled():  # as the ingress: not a page of zeros
+            body, content_type, status = _METRICS_OFF, "application/json", 404
+        elif path == "/metrics":
             body, content_type, status = metrics.render(), metrics.CONTENT_TYPE, 200
         elif path == "/healthz":
             body, content_type, status = b'{"status":"ok"}', "application/json", 200
