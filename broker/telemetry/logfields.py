@@ -11,9 +11,10 @@ environment lists), and the credentials in URLs (``nats://user:pass@host`` becom
 ``name=value`` and ``name: value`` where the name is secret (``password=hunter2`` becomes
 ``password=[redacted]``), bearer and basic credentials, JWTs, NATS credentials and seeds,
 and payment card numbers (``[card ****4242]``, see :mod:`broker.sensitive`); an exception
-logged as a field is rendered (``repr``) and scrubbed like a string. It never lets a
-payload through under the names a payload would have (``payload``, ``body``). The keys of
-a dict logged as a field are field names too, at any depth (``cfg={"password": ...}``).
+or any other object logged as a field is rendered (``repr``) and scrubbed like a string. It
+never lets a payload through under the names a payload would have (``payload``, ``body``).
+The keys of a dict logged as a field are field names too, at any depth
+(``cfg={"password": ...}``).
 Run it after ``format_exc_info``: the formatted traceback (``exception``) is scrubbed like
 any field.
 
@@ -273,7 +274,7 @@ def _text(text: str, address: bool = False) -> str:
     return _cards(_mask_userinfo(_mask_marked(text), address=address))
 
 
-def _exception_text(error: BaseException) -> str:
+def _exception_text(error: object) -> str:
     """What a renderer would write for ``error`` (its ``repr``), to be scrubbed first."""
     try:
         return repr(error)
@@ -297,7 +298,11 @@ def _scrub(value: Any, address: bool = False) -> Any:
         return [_scrub(v, address) for v in value]
     if isinstance(value, Mapping):
         return _mapping(value, address)
-    return value
+    if value is None or isinstance(value, bool | int | float) or hasattr(value, "__structlog__"):
+        return value
+    # Any other object is written by its repr (both renderers do so, after every processor):
+    # a dataclass's or a model's ``password='…'``, a URL's password, are text like any other.
+    return _text(_exception_text(value), address)
 
 
 _ITEM_NAMES = frozenset({"name", "key"})
