@@ -2,7 +2,8 @@
 
 Streams (messages, bytes, last sequence), durable consumers and their lag (a projection's
 lag is its consumer's), agents with their live load, the latest routing decisions and the
-latest DLQ entries. ``--watch`` redraws every ``--interval`` seconds; ``--json`` prints the
+latest DLQ entries. ``--watch`` redraws every ``--interval`` seconds (into a pipe or a
+file, where nothing can be redrawn, it writes each refresh after the last); ``--json`` prints the
 document as the API returns it (one line per refresh with ``--watch``), for scripts.
 
 Every text of the document (agent names, subjects, DLQ errors) is written to a terminal, so
@@ -212,7 +213,7 @@ def render(status: dict[str, Any]) -> Any:
             [
                 (r.get("time") or "")[11:23],
                 f"{r.get('message_subject') or r['subject']} #{r.get('message_seq') or '?'}",
-                r.get("agent") or "-",
+                (r.get("agent") or "-") + (" (shadow copy)" if r.get("mirror") else ""),
                 r.get("reason") or "?",
                 _candidates(r),
                 (r.get("trace_id") or "-")[:16],
@@ -287,6 +288,19 @@ def status(
     from rich.text import Text
 
     shown = render(_fetch(url, recent))
+    if not console.is_terminal:
+        # A full-screen display is drawn only on a terminal: into a pipe or a file it wrote
+        # nothing at all, not even at Ctrl-C. There each refresh is written as it comes.
+        try:
+            console.print(shown)
+            while True:
+                time.sleep(interval)
+                try:
+                    console.print(render(_read(url, recent)))
+                except _NoStatus as e:
+                    typer.echo(f"{e.message} (retrying every {interval:g} s)", err=True)
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     try:
         with Live(shown, console=console, screen=True) as live:
             while True:

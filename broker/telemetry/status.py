@@ -144,6 +144,9 @@ class RouteEntry:
     attempt: int | None
     policy_version: str | None
     trace_id: str | None
+    #: A copy for a policy's shadow agent (``mirror``), which was never chosen itself: the
+    #: decision is the entry of the same message and attempt for the agent it shadows.
+    mirror: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,4 +588,5 @@ def _route(message: Msg) -> RouteEntry | None:
         attempt=_int(decision.get("attempt")),
         policy_version=_str(decision.get("policy_version")),
         trace_id=trace.trace_id_hex if trace is not None else None,
+        mirror=decision.get("mirror") is True,
     )
