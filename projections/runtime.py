@@ -503,18 +503,23 @@ class ProjectionRunner:
         own = dlq_headers(event.headers)
         headers = {**own, **dead}
         stub: str | None = None
+        duplicate = False  # dead-lettered before: the batch came back after a crash
         if message_size(event.data, headers) > self.js._nc.max_payload:
             stub = "the event with its dead-letter headers is over the server's max_payload"
         else:
             try:
-                await self.js.publish(subject, event.data, headers=headers)
+                ack = await self.js.publish(subject, event.data, headers=headers)
+                duplicate = bool(ack.duplicate)
             except _NATS_DOWN:
                 raise  # the batch is fetched again once NATS is back
             except Exception as e:  # the message itself refused: never stall on it
                 stub = f"the event could not be published: {e!r}"[:300]
         if stub is not None:
             essential = {k: v for k, v in own.items() if k.lower() in PAYLOAD_HEADERS}
-            await self.js.publish(subject, b"", headers={**essential, **dead, DLQ_STUB: stub})
+            ack = await self.js.publish(subject, b"", headers={**essential, **dead, DLQ_STUB: stub})
+            duplicate = bool(ack.duplicate)
+        if duplicate:  # one entry in the DLQ, counted and logged once
+            return
         self.stats.dead_lettered += 1
         metrics.dead_lettered(self.projection.name)
         log.error(

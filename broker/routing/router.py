@@ -335,8 +335,9 @@ class Router:
         else:
             route, ack = await self._record(route, payload, headers)
         if route.decision.agent is None:
-            self.stats.dead_lettered += 1
-            metrics.dead_lettered("route")
+            if not ack.duplicate:  # not when stored before (decided again after a crash)
+                self.stats.dead_lettered += 1
+                metrics.dead_lettered("route")
             await self._answer_error(headers, route, dead)
         else:
             self.stats.routed += 1

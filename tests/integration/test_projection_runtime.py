@@ -23,6 +23,7 @@ from broker.envelope import Outbound
 from broker.publisher import Publisher
 from broker.reader import read_messages
 from broker.streams import Stream
+from broker.telemetry import metrics
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine
 from projections.runtime import CRASH_ENV, ProjectionRunner
 from tests._wait import await_until, wait_for
@@ -507,3 +508,28 @@ async def test_the_loop_keeps_running_while_a_poisoned_batch_is_applied_one_by_o
     singles = projection.seen
     assert len(singles) >= 5, singles  # the poison leads the first batch fetched
     assert all(b > a for a, b in itertools.pairwise(singles)), singles
+
+
+async def test_an_event_dead_lettered_again_after_a_crash_is_counted_once(
+    publisher: Publisher, db: Db
+) -> None:
+    """A worker killed after dead-lettering an event and before its commit meets the event
+    again: JetStream drops the second dead letter as a duplicate, and the count (the
+    worker's and ``broker_dlq_messages_total``) stays at the one the DLQ holds."""
+    from projections.base import Event
+
+    runner = ProjectionRunner(publisher.js, CountingProjection(), SqlCheckpointStore(db.engine))
+    event = Event("MESSAGES", 7, "msg.default.s0", None, {}, b"poison")
+    before = metrics.render().decode()
+    for _ in range(2):
+        await runner._dead_letter(event, ValueError("poison event"))
+    dead = [m async for m in read_messages(publisher.js, Stream.DLQ)]
+    assert len(dead) == 1
+    assert runner.stats.dead_lettered == 1
+    assert _dlq_count(metrics.render().decode()) - _dlq_count(before) == 1
+
+
+def _dlq_count(page: str) -> float:
+    line = 'broker_dlq_messages_total{source="test.counting"}'
+    found = [row for row in page.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0

@@ -368,7 +368,8 @@ async def test_a_decision_made_again_of_another_kind_keeps_the_first(
     inbox = sum((in_inbox.state.subjects or {}).values())
     dead = sum((in_dlq.state.subjects or {}).values())
     assert (inbox, dead) == ((1, 0) if first_for else (0, 1))
-    assert (router.stats.routed, router.stats.dead_lettered) == ((2, 0) if first_for else (0, 2))
+    # Each decision counts; a dead letter counts once, as the DLQ holds it once.
+    assert (router.stats.routed, router.stats.dead_lettered) == ((2, 0) if first_for else (0, 1))
 
 
 async def test_a_decision_id_an_agent_took_first_does_not_keep_the_message_from_its_inbox(
