@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import heapq
 import json
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,10 +22,15 @@ from broker.cli_projections import (
     METRICS_PORT,
     NATS_URL,
     open_nats,
+    require_streams,
     start_metrics,
 )
 from broker.natsconn import redact_servers
 from broker.settings import EMBEDDER_HELP
+
+if TYPE_CHECKING:
+    from broker.routing.embedder import Embedder
+    from broker.routing.simulate import Resimulated, SimulationReport
 
 POLICY = Annotated[
     Path | None,
@@ -90,6 +99,11 @@ def router(
         raise typer.Exit(2) from None
 
 
+#: ``--csv`` rows held in memory at most: more are written, sorted, to temporary files
+#: beside the CSV (:data:`CSV_MAX_RUNS` at most) and merged into it at the end.
+CSV_RUN_ROWS = 20_000
+CSV_MAX_RUNS = 64
+
 SIMULATE_EPILOG = (
     "Examples:\n\n"
     "  broker routes simulate --policy candidate.yaml --since 2026-11-25T10:00:00Z\n\n"
@@ -128,12 +142,18 @@ def simulate(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's decisions.")] = None,
     embedder: EMBEDDER = None,
     csv_path: Annotated[
-        Path | None, typer.Option("--csv", help="Write every decision, old and new, as CSV.")
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Write every decision, old and new, as CSV, sorted by tenant and message "
+            f"sequence (at most {CSV_RUN_ROWS} rows held in memory; the others wait, sorted, "
+            "in temporary files beside it).",
+        ),
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json.")] = "table",
 ) -> None:
     """Re-score recorded decisions under another policy; print how many would change and
-    where (from agent -> to agent)."""
+    where (from agent -> to agent). Memory holds the counts, not the decisions."""
     from broker.errors import BrokerError
     from broker.logs import configure_logging
 
@@ -141,9 +161,12 @@ def simulate(
     if output not in {"table", "json"}:
         raise typer.BadParameter("table or json", param_hint="--output")
     start = _since(since)
+    _check_tenant(tenant)
     _check_csv_path(csv_path)  # before the replay, which can take minutes, not after it
+    scorer_embedder = _embedder(embedder)  # before NATS and the registry replay, too
+    rows = None if csv_path is None else _SortedRows(csv_path.parent, CSV_RUN_ROWS, CSV_MAX_RUNS)
     try:
-        report = asyncio.run(_simulate(nats_url, policy, embedder, start, tenant))
+        report = asyncio.run(_simulate(nats_url, policy, scorer_embedder, start, tenant, rows))
     except BrokerError as e:
         typer.echo(f"error: {e.message}", err=True)
         raise typer.Exit(1) from None
@@ -151,9 +174,9 @@ def simulate(
         typer.echo(f"error: cannot reach NATS at {redact_servers(nats_url)}: {e}", err=True)
         raise typer.Exit(3) from None
     written = True
-    if csv_path is not None:
+    if csv_path is not None and rows is not None:
         try:
-            csv_path.write_text(report.to_csv())
+            rows.write(csv_path)
         except OSError as e:  # the report is still printed: the replay is not lost
             typer.echo(f"error: cannot write {csv_path}: {e}", err=True)
             written, csv_path = False, None
@@ -177,30 +200,144 @@ def _check_csv_path(path: Path | None) -> None:
         raise typer.BadParameter(f"{path} cannot be written", param_hint="--csv")
 
 
+def _check_tenant(tenant: str | None) -> None:
+    """A name no tenant can have matches no decision: a usage error, not an empty report."""
+    from broker.auth import valid_tenant
+
+    if tenant is not None:
+        try:
+            valid_tenant(tenant)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--tenant") from None
+
+
+def _embedder(spec: str | None) -> Embedder:
+    from broker.routing.embedder import EmbedderUnavailable, load_embedder
+
+    try:
+        return load_embedder(spec)
+    except EmbedderUnavailable as e:
+        raise typer.BadParameter(e.message, param_hint="--embedder") from None
+
+
 async def _simulate(
     nats_url: str,
     policy_path: Path,
-    embedder: str | None,
+    embedder: Embedder,
     since: datetime | None,
     tenant: str | None,
-) -> Any:
-
+    rows: _SortedRows | None,
+) -> SimulationReport:
+    """The replay's counts; each decision goes to ``rows`` (the ``--csv``), if given, and
+    is not kept."""
     from broker.registry.snapshot import RegistryView
-    from broker.routing.embedder import load_embedder
     from broker.routing.policy import load_policy
     from broker.routing.scoring import Scorer
     from broker.routing.simulate import simulate as run
+    from broker.streams import Stream
 
     policy = load_policy(policy_path)
     nc = await open_nats(nats_url, "broker-routes-simulate")
     try:
+        await require_streams(nc, nats_url, Stream.REGISTRY, Stream.ROUTES, Stream.DLQ)
         js = nc.jetstream(timeout=10.0)
         view = RegistryView()
         await view.start(js)
-        scorer = Scorer(load_embedder(embedder), policy)
-        return await run(js, view.snapshot, scorer, since=since, tenant=tenant)
+        scorer = Scorer(embedder, policy)
+        # Counted; each decision goes to the CSV's rows, or nowhere.
+        keep = rows.add if rows is not None else _drop
+        return await run(js, view.snapshot, scorer, since=since, tenant=tenant, rows=keep)
     finally:
         await nc.close()
+
+
+def _drop(row: Resimulated) -> None:
+    """Without ``--csv`` a decision is counted and forgotten."""
+
+
+def _csv_order(row: list[str]) -> tuple[str, int]:
+    """A CSV row's place in the report: tenant, then message sequence (the first columns)."""
+    return row[0], int(row[1])
+
+
+class _SortedRows:
+    """The ``--csv`` rows, sorted as :meth:`SimulationReport.to_csv` sorts them, with at most
+    ``run_rows`` of them in memory: each run of that many is written, sorted, to a temporary
+    file in ``folder`` (deleted when closed), and the runs are merged into the CSV at the
+    end; past ``max_runs`` runs, they are merged into one first. A run that cannot be
+    written (a full disk) stops the CSV, not the replay: :meth:`write` raises it."""
+
+    def __init__(self, folder: Path, run_rows: int, max_runs: int) -> None:
+        self.folder, self.run_rows, self.max_runs = folder, run_rows, max_runs
+        self.held: list[Resimulated] = []
+        self.runs: list[IO[str]] = []
+        self.failed: OSError | None = None
+
+    def add(self, row: Resimulated) -> None:
+        if self.failed is not None:
+            return
+        self.held.append(row)
+        if len(self.held) >= self.run_rows:
+            try:
+                self._spill()
+            except OSError as e:
+                self.failed = e
+                self._close()
+
+    def write(self, path: Path) -> None:
+        """Write the CSV to ``path``; the temporary files are gone after, written or not."""
+        try:
+            if self.failed is not None:
+                raise self.failed
+            if not self.runs:  # all in memory: sorted as the report sorts them
+                with path.open("w", newline="") as out:
+                    out.write(self._csv(self.held))
+                return
+            self._spill()
+            with path.open("w", newline="") as out:
+                self._merge(out, self.runs)
+        finally:
+            self._close()
+
+    def _csv(self, rows: list[Resimulated]) -> str:
+        from broker.routing.simulate import SimulationReport
+
+        rows.sort(key=lambda r: (r.tenant, r.message_seq))  # stable, as the report's sort
+        return SimulationReport(policy_version="", rows=rows).to_csv()
+
+    def _spill(self) -> None:
+        if len(self.runs) >= self.max_runs:
+            merged = tempfile.TemporaryFile("w+", newline="", dir=self.folder)  # noqa: SIM115
+            self.runs.append(merged)  # closed with the others if the merge fails
+            self._merge(merged, self.runs[:-1])
+            for run in self.runs[:-1]:
+                run.close()
+            self.runs = [merged]
+        run = tempfile.TemporaryFile("w+", newline="", dir=self.folder)  # noqa: SIM115
+        self.runs.append(run)
+        run.write(self._csv(self.held))
+        self.held = []
+
+    @staticmethod
+    def _merge(out: IO[str], runs: list[IO[str]]) -> None:
+        """``runs``, header first, merged in order (equal keys in the order they were read:
+        runs are in reading order, and heapq.merge keeps that order among equals)."""
+        writer = csv.writer(out)
+        readers = []
+        for number, run in enumerate(runs):
+            run.seek(0)
+            reader = csv.reader(run)
+            header = next(reader)
+            if number == 0:
+                writer.writerow(header)
+            readers.append(reader)
+        merged: Iterator[list[str]] = heapq.merge(*readers, key=_csv_order)
+        writer.writerows(merged)
+
+    def _close(self) -> None:
+        for run in self.runs:
+            run.close()
+        self.runs, self.held = [], []
 
 
 def _print_table(report: dict[str, Any], csv_path: Path | None) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import csv
 import io
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -72,8 +72,12 @@ class SimulationReport:
     rows: list[Resimulated] = field(default_factory=list)
 
     def add(self, row: Resimulated) -> None:
-        self.decisions += 1
+        self.count(row)
         self.rows.append(row)
+
+    def count(self, row: Resimulated) -> None:
+        """Count ``row`` without keeping it."""
+        self.decisions += 1
         if row.changed:
             self.changed += 1
             self.moves[(row.old_agent or "(dlq)", row.new_agent or "(dlq)")] += 1
@@ -211,7 +215,11 @@ async def simulate(
     *,
     since: datetime | None = None,
     tenant: str | None = None,
+    rows: Callable[[Resimulated], None] | None = None,
 ) -> SimulationReport:
+    """Decide every recorded first attempt (of ``tenant``) again. The report keeps each
+    decision, sorted by tenant and message sequence; with ``rows``, each goes to it as it
+    is decided instead, and the report holds only the counts."""
     report = SimulationReport(policy_version=scorer.policy.version)
     async for batch in recorded_decisions(js, since=since):
         await _embed_ahead(batch, snapshot, scorer, tenant)
@@ -221,7 +229,12 @@ async def simulate(
             except RouteEventUnreadable:
                 report.unreadable += 1
                 continue
-            if row is not None:
+            if row is None:
+                continue
+            if rows is None:
                 report.add(row)
+            else:
+                report.count(row)
+                rows(row)
     report.rows.sort(key=lambda r: (r.tenant, r.message_seq))
     return report
