@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, fields
@@ -43,12 +45,59 @@ class Summary:
             typer.echo(f"record failed: {error.error_code}: {error.message}", err=True)
 
 
-def _lines(file: str) -> Iterator[bytes]:
+def _lines(file: str) -> Iterator[tuple[int, bytes]]:
+    """The file's lines that are not blank, each with its number in the file."""
     stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
     with stream:
-        for line in stream:
+        for number, line in enumerate(stream, 1):
             if line.strip():
-                yield line
+                yield number, line
+
+
+#: The integers a record can carry exactly: orjson's, on both sides (this client's and the
+#: broker's). It reads a longer one as a float (its last digits lost) or not at all.
+_INT_RANGE = range(-(2**63), 2**64)
+#: 19 digits or more: a line that may hold an integer past :data:`_INT_RANGE`.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+class _IntegerPast64Bits(ValueError):
+    pass
+
+
+def _exact_int(text: str) -> int:
+    # 2**64 - 1 has 20 digits: a longer one is past them, however long (no int() of it)
+    if len(text.lstrip("-")) > 20 or int(text) not in _INT_RANGE:
+        raise _IntegerPast64Bits(text)
+    return int(text)
+
+
+def _integer_past_64_bits(line: bytes) -> str | None:
+    """The first integer in ``line`` (JSON) that is past 64 bits, if it has one."""
+    try:
+        json.loads(line, parse_int=_exact_int)
+    except _IntegerPast64Bits as e:
+        return str(e)
+    except (ValueError, RecursionError):  # not JSON: orjson says why
+        return None
+    return None
+
+
+def _record(line: bytes) -> dict[str, Any] | str:
+    """The record on an NDJSON line, or why it is not one."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        record, problem = None, f"not valid JSON ({e})"
+    else:
+        problem = "not a JSON object"
+    if _LONG_DIGITS.search(line) and (big := _integer_past_64_bits(line)) is not None:
+        shown = big if len(big) <= 40 else f"{big[:40]}... ({len(big)} characters)"
+        return (
+            f"integer {shown} does not fit in 64 bits, so the broker cannot store it exactly "
+            "(send it as a string)"
+        )
+    return record if isinstance(record, dict) else problem
 
 
 async def _stream(url: str, subject: str, file: str, timeout: float, show: bool) -> Summary:
@@ -61,13 +110,10 @@ async def _stream(url: str, subject: str, file: str, timeout: float, show: bool)
     total = None if file == "-" else sum(1 for _ in _lines(file))
 
     async def records() -> AsyncIterator[dict[str, Any]]:
-        for number, line in enumerate(_lines(file), 1):
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict):
-                typer.echo(f"line {number}: not a JSON object, skipped", err=True)
+        for number, line in _lines(file):
+            record = _record(line)
+            if isinstance(record, str):
+                typer.echo(f"line {number}: {record}, skipped", err=True)
                 summary.failed += 1
                 continue
             summary.sent += 1
@@ -137,6 +183,7 @@ def publish(
 
     if output not in {"json", "table"}:  # before anything is published, not after
         raise typer.BadParameter("json or table", param_hint="--output")
+    _check_options(url, timeout, {"--key": key, "--content-type": content_type})
     try:
         validate_subject(subject)
     except BrokerError as e:
@@ -187,6 +234,30 @@ def publish(
     except BrokerError as e:
         typer.echo(json.dumps(e.to_dict()))
         raise typer.Exit(EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REFUSED) from None
+
+
+def _check_options(url: str, timeout: float, headers: dict[str, str | None]) -> None:
+    """Options the HTTP client could not use are usage errors before anything is sent, not
+    a traceback (or "cannot reach the broker") after."""
+    import httpx
+
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise typer.BadParameter(
+            f"{timeout} is not a number of seconds above 0", param_hint="--timeout"
+        )
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise typer.BadParameter(f"{url!r} is not a URL: {e}", param_hint="--url") from None
+    if parsed.scheme not in {"http", "https"} or not parsed.host:
+        raise typer.BadParameter(
+            f"{url!r} is not an http:// or https:// URL with a host", param_hint="--url"
+        )
+    for name, value in headers.items():  # sent as HTTP headers: printable ASCII only
+        if value is not None and not (value.isascii() and value.isprintable()):
+            raise typer.BadParameter(
+                f"{value!r}: an HTTP header value is printable ASCII only", param_hint=name
+            )
 
 
 PUBLISH_EPILOG = (
