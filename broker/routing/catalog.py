@@ -19,7 +19,8 @@ and vector arithmetic, never a Python loop over agents.
 
 Which messages a capability accepts: when its ``content_types`` match the message's media
 type (exact, ``type/*`` or ``*/*``; ``application/json`` also matches ``+json`` types; an
-``application/octet-stream`` payload is matched by the media type its magic bytes name), or
+``application/octet-stream`` payload is matched by the media type its magic bytes name, and
+so is one whose type names the magic bytes' modality, never one typed otherwise), or
 its ``modalities`` include the message's modality. A capability that declares neither
 accepts text (``text`` modality) and JSON only.
 
@@ -42,7 +43,12 @@ import structlog
 from broker.registry.manifest import Capability, Embedding, Limits, Modality
 from broker.registry.snapshot import AgentRecord, RegistrySnapshot
 from broker.routing.embedder import Embedder, same_model, tokens
-from broker.routing.features import MAGIC_MEDIA_TYPE, is_json_type
+from broker.routing.features import (
+    MAGIC_MEDIA_TYPE,
+    MAGIC_MODALITY,
+    is_json_type,
+    modality_of_media_type,
+)
 from broker.routing.index import DEFAULT_LSH_ABOVE, LSHIndex
 from broker.routing.policy import Canary, Policy
 from broker.routing.types import AgentLoad
@@ -82,6 +88,19 @@ def _given_unit(given: Sequence[float]) -> Vector | None:
     return unit if np.isfinite(unit).all() else None
 
 
+def _magic_type(content_type: str, magic: str | None) -> str | None:
+    """The media type the magic bytes name, when they do not contradict the declared type:
+    the content type names no modality (``application/octet-stream``, ``application/zip``),
+    or the same one as the magic bytes (a PNG sent as ``image/jpeg``). A ``text/plain``
+    body that starts with "BM" (a BMP signature: "BMW sales…") or "ID3" is text, not an
+    image or MP3 that image and audio agents should take."""
+    if magic is None or magic not in MAGIC_MEDIA_TYPE:
+        return None
+    named = MAGIC_MEDIA_TYPE[magic]
+    declared = modality_of_media_type(content_type)
+    return named if declared is None or declared is MAGIC_MODALITY.get(magic) else None
+
+
 def accepts(
     capability: Capability, content_type: str, modality: Modality, magic: str | None
 ) -> bool:
@@ -92,8 +111,9 @@ def accepts(
     if modality in capability.modalities:
         return True
     types = [content_type]
-    if magic is not None and magic in MAGIC_MEDIA_TYPE:
-        types.append(MAGIC_MEDIA_TYPE[magic])
+    named = _magic_type(content_type, magic)
+    if named is not None:
+        types.append(named)
     for pattern in capability.content_types:
         for media in types:
             if (
@@ -175,8 +195,9 @@ def _group_terms(record: AgentRecord, capability: Capability) -> list[str]:
 
 
 def media_types_of(content_type: str, magic: str | None) -> tuple[str, ...]:
-    """The media types a message counts as: its own, and the one its magic bytes name."""
-    named = MAGIC_MEDIA_TYPE.get(magic) if magic is not None else None
+    """The media types a message counts as: its own, and the one its magic bytes name (when
+    they do not contradict it: :func:`_magic_type`)."""
+    named = _magic_type(content_type, magic)
     return (content_type,) if named is None or named == content_type else (content_type, named)
 
 

@@ -366,7 +366,7 @@ def _charset(content_type_header: str) -> str:
             name = value.strip().strip('"')
             try:
                 return codecs.lookup(name).name
-            except LookupError:
+            except (LookupError, ValueError):  # ValueError: a NUL in the name
                 return "utf-8"
     return "utf-8"
 

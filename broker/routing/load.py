@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from broker.envelope import TOKEN
 from broker.routing.types import AgentLoad
 from broker.streams import AGENT_LOAD_BUCKET
 from broker.telemetry import metrics
@@ -43,6 +44,11 @@ _KV_PREFIX = f"$KV.{AGENT_LOAD_BUCKET}."
 _KV_OPERATION = "KV-Operation"
 _INSTANCE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _EMPTY: Mapping[str, AgentLoad] = MappingProxyType({})
+#: The largest value a heartbeat's number is read as. Any real rate, latency, count or
+#: memory size is far below it, and the sums over an agent's instances stay finite: two
+#: instances reporting ``in_flight: 1.7e308`` once added up to an int past float's range,
+#: and building the load arrays (every decision of the tenant) and the view's refresh raised.
+MAX_REPORTED = 1e15
 #: Seconds between the server's idle heartbeats to the view's ordered consumer: nats-py
 #: recreates a lost consumer (a NATS restart drops it) when two went missing, so the view is
 #: deaf for under 2 s after a restart. With nats-py's default, 5 s, it was 5 to 20 s, which
@@ -63,7 +69,7 @@ def load_key(tenant: str, agent: str, instance: str) -> str:
 def _number(value: Any, default: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return default
-    return float(value) if math.isfinite(value) and value >= 0 else default
+    return min(float(value), MAX_REPORTED) if math.isfinite(value) and value >= 0 else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,13 @@ class InstanceLoad:
             tenant, agent, instance = str(raw["tenant"]), str(raw["agent"]), str(raw["instance"])
         except KeyError as e:
             raise ValueError(f"missing {e}") from None
+        # One subject token each, as the registry has them: a body naming tenant "t.a" fits a
+        # key an agent of tenant "t" may write (t.a.b.1), and made the view keep a tenant
+        # that exists nowhere.
+        if not TOKEN.fullmatch(tenant):
+            raise ValueError(f"tenant {tenant[:70]!r} is not a tenant name")
+        if not TOKEN.fullmatch(agent):
+            raise ValueError(f"agent {agent[:70]!r} is not an agent name")
         gpu_free = raw.get("gpu_free_mb")
         gpu_util = raw.get("gpu_util")
         return cls(

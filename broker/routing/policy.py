@@ -19,6 +19,7 @@ A versioned pydantic model, loaded from YAML (:func:`load_policy`) or the built-
 from __future__ import annotations
 
 import functools
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.errors import Unprocessable
-from broker.registry.manifest import AGENT_NAME_PATTERN
+from broker.registry.manifest import _LABEL_KEY, AGENT_NAME_PATTERN
 
 AgentNameField = Annotated[str, Field(pattern=AGENT_NAME_PATTERN)]
 
@@ -50,7 +51,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LoadWeights(_Model):
+class _Finite(_Model):
+    """Settings a load weight is computed from: an infinite one (YAML's ``.inf``) made every
+    agent's load weight NaN, and NaN ranks every candidate as saturated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class LoadWeights(_Finite):
     """Relative weights of the load signals; renormalised over the signals an agent has."""
 
     qps: float = Field(default=0.4, ge=0)
@@ -61,10 +69,12 @@ class LoadWeights(_Model):
     def _some_weight(self) -> LoadWeights:
         if self.qps + self.latency <= 0:
             raise ValueError("qps and latency weights cannot both be 0 (agents without a GPU)")
+        if not math.isfinite(self.qps + self.latency + self.gpu):
+            raise ValueError("the weights are too large to add up: scale them down")
         return self
 
 
-class LoadPolicy(_Model):
+class LoadPolicy(_Finite):
     """How the load weight in [0, 1] is computed from an agent's live load.
 
     * QPS headroom: ``1 - qps / (max_qps * instances)`` when the manifest sets
@@ -112,7 +122,15 @@ class Canary(_Model):
     ``label=value``; all other messages never go to them."""
 
     value: str = Field(default="canary", min_length=1, max_length=64)
-    label: str = Field(default="env", min_length=1, max_length=63)
+    label: str = Field(
+        default="env",
+        min_length=1,
+        max_length=63,
+        pattern=_LABEL_KEY.pattern,
+        description="A label key as manifests have them (lower-case a-z 0-9 . _ / -): one "
+        "no manifest can carry would match no agent, and send the labelled ones production "
+        "traffic.",
+    )
 
 
 class Policy(_Model):
