@@ -7,6 +7,7 @@ later (``CandidateScore.load_inputs`` keeps what the load weight was computed fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,10 @@ from typing import Any
 def _float(data: Mapping[str, Any], key: str, default: float) -> float:
     value = data.get(key)
     return default if value is None else float(value)
+
+
+def _score(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _optional_float(data: Mapping[str, Any], key: str) -> float | None:
@@ -99,9 +104,11 @@ class CandidateScore:
         return cls(
             agent=str(data["agent"]),
             capability=str(data["capability"]),
-            semantic=float(data["semantic"]),
-            load=float(data["load"]),
-            score=float(data["score"]),
+            # JSON has no NaN: one is written as null, and read back as NaN, so that a
+            # record holding one stays readable (an agent refuses a record it cannot read).
+            semantic=_score(data["semantic"]),
+            load=_score(data["load"]),
+            score=_score(data["score"]),
             penalties=tuple(str(p) for p in data.get("penalties") or ()),
             load_inputs=None if inputs is None else AgentLoad.from_dict(inputs),
         )

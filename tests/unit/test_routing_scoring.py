@@ -7,6 +7,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1020,3 +1021,16 @@ def test_catalog_priors_are_memoised_and_none_when_nothing_is_declared() -> None
     assert int(first.argmax()) == catalog.agent_index["reviewer"]
     plain = build_catalog(ASSISTANTS[:3], EMBEDDER)
     assert plain.prior("text/plain", Modality.TEXT, None, **args) is None
+
+
+def test_a_candidate_whose_score_is_nan_is_recorded_and_read_back() -> None:
+    """JSON has no NaN: orjson writes one as null. Read back as NaN, the record stays
+    readable (an agent refuses, and drops, a decision it cannot read)."""
+    decision = route(b"translate this letter to German", TEXT)
+    odd = replace(decision.candidates[0], semantic=math.nan, load=math.nan, score=math.nan)
+    record = orjson.loads(orjson.dumps(replace(decision, candidates=(odd,)).to_dict()))
+    assert record["candidates"][0]["score"] is None
+    back = Decision.from_dict(record).candidates[0]
+    assert math.isnan(back.semantic)
+    assert math.isnan(back.load)
+    assert math.isnan(back.score)
