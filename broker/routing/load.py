@@ -276,7 +276,12 @@ class LoadView:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_interval)
-            if self.refresh():
+            try:
+                changed = self.refresh()
+            except Exception:  # never for good: every load of every tenant would freeze
+                log.exception("agent_load_refresh_failed")
+                continue
+            if changed:
                 async with self._changed:
                     self._changed.notify_all()
 

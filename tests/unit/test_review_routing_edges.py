@@ -3,6 +3,7 @@ that can never match, and magic bytes that contradict a message's declared type.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -272,3 +273,32 @@ def test_equal_candidates_are_ranked_and_chosen_the_same_whatever_the_registrati
     for candidate in decisions[0].candidates:
         assert math.isfinite(candidate.score)
         assert 0.0 <= candidate.load <= 1.0
+
+
+async def test_a_refresh_that_raises_does_not_end_the_refresh_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The view's loop refreshes every interval; one refresh that raised ended it, and every
+    load of every tenant froze until the router restarted."""
+    from broker.routing import load as load_module
+
+    view = LoadView(ttl=30.0, refresh_interval=0.01)
+    real = load_module.aggregate
+    calls = {"n": 0}
+
+    def flaky(instances: Any) -> AgentLoad:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("one bad refresh")
+        return real(instances)
+
+    monkeypatch.setattr(load_module, "aggregate", flaky)
+    task = asyncio.create_task(view._refresh_loop())
+    try:
+        view.observe(InstanceLoad.from_json(_heartbeat(qps=1)))
+        assert await view.wait_until(lambda v: calls["n"] >= 1, timeout=5)
+        view.observe(InstanceLoad.from_json(_heartbeat(qps=2)))
+        assert await view.wait_until(lambda v: "a" in v.loads("t"), timeout=5)
+        assert view.loads("t")["a"].qps == 2.0
+    finally:
+        task.cancel()
