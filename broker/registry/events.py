@@ -9,7 +9,8 @@ today's rules (:func:`~broker.registry.manifest.validate_manifest`); reading one
 not: a manifest an earlier release accepted (``content_types: ["text/plain\\n"]`` before the
 media type check used ``fullmatch``) is read as it was stored (:func:`stored_manifest`). Only
 an event that cannot be read at all (not JSON, an unknown type, a manifest of the wrong
-shape) is :class:`UnreadableEvent`, and readers skip it.
+shape, or one nested too deep to serialize again) is :class:`UnreadableEvent`, and readers
+skip it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from broker.registry.manifest import (
     AgentManifest,
     AgentName,
     ManifestInvalid,
+    canonical_json,
 )
 
 EVENT_TYPE_HEADER = "Broker-Event-Type"
@@ -118,10 +120,23 @@ def decode(data: bytes, *, subject: str, seq: int, at: datetime | None) -> Regis
         manifest = stored_manifest(body["manifest"]) if body.get("manifest") else None
         if manifest is not None and manifest.name != name:
             raise ValueError(f"its manifest names {manifest.name!r}"[:200])
+        if manifest is not None:
+            _servable(manifest)
         return RegistryEvent(type=kind, tenant=tenant, name=name, manifest=manifest, seq=seq, at=at)
     except (ValueError, KeyError, TypeError) as e:
         message = f"unreadable registry event on {subject} (seq {seq}): {e}"
         raise UnreadableEvent(message, subject=subject, seq=seq, at=at) from e
+
+
+def _servable(manifest: AgentManifest) -> None:
+    """``ValueError`` when ``manifest`` cannot be serialized, as every reader that answers it
+    does (nested deeper than pydantic and orjson write: an agent publishing on its own
+    subject is not held to the API's depth bound). Taken as a registration, it would fail
+    its whole tenant's agent list, and a put over it, for good."""
+    try:
+        canonical_json(manifest)
+    except ManifestInvalid as e:
+        raise ValueError(f"its manifest {e.message.removeprefix('manifest ')}"[:200]) from None
 
 
 def _subject_agent(subject: str) -> tuple[Tenant, AgentName]:
