@@ -63,7 +63,7 @@ def version_order(version: str) -> tuple[Any, ...]:
 
 
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)$")
-_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
+LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
 
 MAX_MANIFEST_DEPTH = 72
 """The deepest nesting of objects and arrays a manifest may have: an ``input_schema`` as deep
@@ -248,7 +248,7 @@ class AgentManifest(_Model):
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict,
         max_length=64,
-        json_schema_extra={"propertyNames": {"pattern": _LABEL_KEY.pattern}},
+        json_schema_extra={"propertyNames": {"pattern": LABEL_KEY.pattern}},
     )
 
     @field_validator("capabilities")
@@ -264,7 +264,7 @@ class AgentManifest(_Model):
     @classmethod
     def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not _LABEL_KEY.fullmatch(key):
+            if not LABEL_KEY.fullmatch(key):
                 raise ValueError(f"label key {key[:70]!r} is not lower-case a-z 0-9 . _ / -")
         return value
 
@@ -274,6 +274,34 @@ def _errors(error: ValidationError) -> list[dict[str, str]]:
         {"loc": ".".join(str(part) for part in e["loc"]) or "(root)", "msg": e["msg"]}
         for e in error.errors(include_url=False)
     ]
+
+
+#: What JSON holds as it is (a tuple as an array), beside mappings with string keys.
+_JSON_VALUES = (str, int, float, bool, type(None), list, tuple)
+
+
+def _path(trail: tuple[Any, ...], most: int) -> str:
+    parts: list[str] = []
+    while trail:
+        trail, part = trail
+        parts.append(str(part)[:64])
+    parts.reverse()
+    return ".".join(parts[:most]) + (".…" if len(parts) > most else "") or "(root)"
+
+
+def _not_json(node: Any) -> str | None:
+    """Why ``node`` (a leaf, or a mapping by its keys) is no JSON value, if it is not."""
+    if isinstance(node, dict):
+        for key in node:
+            if not isinstance(key, str):
+                kind = type(key).__name__
+                return f"has the key {str(key)[:64]!r} ({kind}), and JSON keys are strings"
+        return None
+    if isinstance(node, float) and not math.isfinite(node):
+        return f"is {node}, which JSON has no number for"
+    if isinstance(node, _JSON_VALUES):
+        return None
+    return f"is a YAML {type(node).__name__}, which JSON has no value for"
 
 
 def _too_deep(value: Any) -> str | None:
@@ -289,13 +317,25 @@ def _too_deep(value: Any) -> str | None:
         else:
             continue
         if depth == MAX_MANIFEST_DEPTH:
-            parts: list[str] = []
-            while trail:
-                trail, part = trail
-                parts.append(str(part)[:64])
-            parts.reverse()
-            return ".".join(parts[:6]) + (".…" if len(parts) > 6 else "") or "(root)"
+            return _path(trail, 6)
         stack.extend((child, depth + 1, (trail, key)) for key, child in children)
+    return None
+
+
+def _not_json_at(value: Any) -> tuple[str, str] | None:
+    """Where ``value`` (no deeper than :data:`MAX_MANIFEST_DEPTH`) holds what JSON cannot,
+    and what: YAML's ``.inf`` and ``.nan``, timestamps, ``!!binary``, ``!!set``, keys that
+    are not strings. A field of a type refuses them itself; a free-form one (``input_schema``)
+    took them, and stored as JSON they read back changed (``null``, a string) or merged."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        node, trail = stack.pop()
+        if (problem := _not_json(node)) is not None:
+            return _path(trail, 16), problem
+        if isinstance(node, dict):
+            stack.extend((child, (trail, key)) for key, child in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((child, (trail, i)) for i, child in enumerate(node))
     return None
 
 
@@ -309,11 +349,15 @@ def validate_manifest(data: Any) -> AgentManifest:
         problem = f"nests deeper than {MAX_MANIFEST_DEPTH} levels"
         raise ManifestInvalid(f"manifest {problem} at {where}", [{"loc": where, "msg": problem}])
     try:
-        return AgentManifest.model_validate(data)
+        manifest = AgentManifest.model_validate(data)
     except ValidationError as e:
         errors = _errors(e)
         paths = ", ".join(err["loc"] for err in errors[:10])
         raise ManifestInvalid(f"invalid manifest at {paths}", errors) from None
+    if (found := _not_json_at(data)) is not None:
+        where, problem = found
+        raise ManifestInvalid(f"manifest {problem} at {where}", [{"loc": where, "msg": problem}])
+    return manifest
 
 
 class _ManifestLoader(yaml.SafeLoader):

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.errors import Unprocessable
-from broker.registry.manifest import _LABEL_KEY, AGENT_NAME_PATTERN
+from broker.registry.manifest import AGENT_NAME_PATTERN, LABEL_KEY
 
 AgentNameField = Annotated[str, Field(pattern=AGENT_NAME_PATTERN)]
 
@@ -126,7 +126,7 @@ class Canary(_Model):
         default="env",
         min_length=1,
         max_length=63,
-        pattern=_LABEL_KEY.pattern,
+        pattern=LABEL_KEY.pattern,
         description="A label key as manifests have them (lower-case a-z 0-9 . _ / -): one "
         "no manifest can carry would match no agent, and send the labelled ones production "
         "traffic.",
