@@ -129,12 +129,16 @@ def _meta_app(state: IngressState) -> FastAPI:
         return await _broker_error(request, BrokerError("internal error"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if _in_registry(request):  # an unknown path, a method, a body that is no JSON
+            body = {"error_code": exc.status_code, "message": str(exc.detail)}
+            return RegistryJSON(body, status_code=exc.status_code, headers=headers)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
             {"error_code": code, "message": str(exc.detail)},
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -164,6 +164,22 @@ async def test_answers_carry_confluent_codes_and_media_type(client: httpx.AsyncC
     assert verbose.json()["is_compatible"] is False
     assert verbose.json()["messages"]
     assert (await client.get("/registry/schemas/types")).json() == ["AVRO", "PROTOBUF", "JSON"]
+    # What the framework answers itself (no such path or method, a body that is no JSON)
+    # carries an integer code too: Confluent's clients read error_code as one.
+    unknown = await client.get("/registry/no/such/path")
+    not_allowed = await client.delete("/registry/schemas/types")
+    garbled = await client.post(
+        f"/registry/subjects/{name}/versions", content=b"{", headers={"content-type": MEDIA}
+    )
+    plain = await client.post(
+        f"/registry/subjects/{name}/versions",
+        content=b'{"schema": "x"',
+        headers={"content-type": "application/json"},
+    )
+    for answer, status in ((unknown, 404), (not_allowed, 405), (garbled, 422), (plain, 422)):
+        assert answer.headers["content-type"].startswith(MEDIA), answer.text
+        assert answer.status_code == status, answer.text
+        assert answer.json()["error_code"] == status, answer.text
 
 
 async def _replay(client: httpx.AsyncClient, topic: str) -> list[dict[str, Any]]:
