@@ -16,8 +16,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
-
+from broker.envelope import loads_exact
 from broker.errors import BadRequest, PayloadTooLarge
 
 #: Values a batch may hold per record it may hold before it is scanned instead of parsed
@@ -55,19 +54,18 @@ def _checked(body: bytes, max_records: int, record_limit: int) -> Iterator[Any]:
     """The records of a dense body: found by :func:`_spans`, each parsed once to check the
     whole batch is valid (one record's values at a time), then again as it is handed out."""
     spans = _spans(body, max_records, record_limit)
-    view = memoryview(body)
     for i, (start, end) in enumerate(spans):  # all valid, or nothing is published
         try:
-            orjson.loads(view[start:end])
-        except orjson.JSONDecodeError as e:
+            loads_exact(body[start:end])
+        except ValueError as e:
             raise BadRequest(f"the batch is not valid JSON: record {i}: {e}") from None
-    return (orjson.loads(view[start:end]) for start, end in spans)
+    return (loads_exact(body[start:end]) for start, end in spans)
 
 
 def _parsed_whole(body: bytes, max_records: int) -> Iterator[Any]:
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
+        parsed = loads_exact(body)
+    except ValueError as e:
         raise BadRequest(f"the batch is not valid JSON: {e}") from None
     if not isinstance(parsed, list):
         raise BadRequest(NOT_AN_ARRAY)

@@ -31,6 +31,7 @@ from broker.envelope import (
     check_media_type,
     cloudevent_key,
     cloudevent_to_request,
+    loads_exact,
     media_type,
     parse_json,
     parse_schema_id,
@@ -265,8 +266,8 @@ def _ndjson_record(line: bytes, longest: int) -> Any:
     if len(line) > longest:  # refused before parsing: its values could cost 30x its size
         return PayloadTooLarge(f"record exceeds {longest} bytes")
     try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError as e:
+        return loads_exact(line)
+    except ValueError as e:
         return BadRequest(f"record is not valid JSON: {e}")
 
 
@@ -350,12 +351,13 @@ class _DuplexPublish:
                 )
             if isinstance(line, BrokerError):
                 raise line
-            record = orjson.loads(line)
+            try:
+                record = loads_exact(line)
+            except ValueError as e:
+                raise BadRequest(f"record is not valid JSON: {e}") from None
             request = record_to_request(record, default_subject=self.default_subject)
             outbound = request.to_outbound(self.state.tenant)
             pending = (outbound, await self.state.publisher.submit(outbound))
-        except orjson.JSONDecodeError as e:
-            pending = BadRequest(f"record is not valid JSON: {e}")
         except BrokerError as e:
             pending = e
         await self.window.put((self.index, pending))

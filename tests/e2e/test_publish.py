@@ -350,6 +350,40 @@ async def test_batch_json_array_answers_one_result_per_record_in_order(
         assert (await js.get_msg("MESSAGES", seq)).data == orjson.dumps({"n": n})
 
 
+async def test_integers_past_64_bits_in_records_are_stored_with_every_digit(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    """A record's ``data`` is parsed and stored again as compact JSON: an integer past 64
+    bits was stored as a float (orjson's reading), its last digits lost, in a JSON array,
+    an NDJSON batch and a structured CloudEvent alike."""
+    subject = unique("bigint")
+    big = 2**64 * 10**5 + 7
+    record = b'{"subject": "%s", "data": {"id": %d, "ok": true}}' % (subject.encode(), big)
+    event = b'{"specversion": "1.0", "id": "e1", "source": "s", "type": "t", "data": {"id": %d}}'
+    answers = [
+        await client.post(
+            "/v1/publish",
+            content=b"[" + record + b"]",
+            headers={"content-type": "application/json"},
+        ),
+        await client.post(
+            "/v1/publish", content=record + b"\n", headers={"content-type": "application/x-ndjson"}
+        ),
+        await client.post(
+            f"/v1/publish/{subject}",
+            content=event % big,
+            headers={"content-type": "application/cloudevents+json"},
+        ),
+    ]
+    seqs = []
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        seqs.append(body["results"][0]["seq"] if "results" in body else body["seq"])
+    stored = [(await js.get_msg("MESSAGES", seq)).data for seq in seqs]
+    assert stored == [b'{"id":%d,"ok":true}' % big] * 2 + [b'{"id":%d}' % big]
+
+
 async def test_batch_with_bad_records_is_207_and_stores_only_the_good(
     client: httpx.AsyncClient, js: JetStreamContext
 ) -> None:
