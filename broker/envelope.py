@@ -26,8 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from typing import Any, NewType
 import orjson
 
 from broker.errors import BadRequest, InvalidSubject, Unprocessable, UnsupportedMediaType
+from broker.exactjson import loads_exact
 from broker.telemetry.w3c import RequestHeaders, request_trace_headers
 
 Tenant = NewType("Tenant", str)
@@ -540,50 +539,12 @@ def record_to_request(record: Any, *, default_subject: str | None) -> PublishReq
 
 
 def _json_bytes(value: Any) -> bytes:
-    """Compact JSON of a parsed value; what JSON cannot carry (a lone surrogate) is a 422.
-    An integer past 64 bits (from :func:`loads_exact`) is written with all its digits."""
+    """Compact JSON of a parsed value (an integer past 64 bits, from :func:`loads_exact`,
+    with all its digits); what JSON cannot carry (a lone surrogate) is a 422."""
     try:
         return orjson.dumps(value)
     except TypeError as e:
-        if "Integer exceeds" not in str(e):
-            raise Unprocessable(f"data cannot be stored as JSON: {e}") from None
-    try:  # the rare value with an integer orjson does not write: Python's encoder does
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return text.encode()
-    except (ValueError, TypeError, RecursionError) as e:  # UnicodeEncodeError: a surrogate
         raise Unprocessable(f"data cannot be stored as JSON: {e}") from None
-
-
-#: A run of 20 digits: where an integer literal past 64 bits can be (2**64 has 20 digits).
-_LONG_RUN = b"0" * 20
-#: Each digit as ``0``, any other byte as a space: a run of digits is a run of zeros.
-_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # as orjson refuses it; written back, it would be null
-        raise ValueError(f"number {text[:40]} is past a double's range")
-    return value
-
-
-def loads_exact(raw: bytes) -> Any:
-    """``orjson.loads(raw)``, except that an integer past 64 bits keeps all its digits
-    (orjson reads one as a float, its last digits lost, or refuses one past a double's
-    range). Such a text, one with 20 digits in a row somewhere, is read with Python's
-    parser instead; nothing else pays more than a scan of its bytes. ``ValueError``
-    (``orjson.JSONDecodeError`` among them) when ``raw`` is not JSON."""
-    if _LONG_RUN not in raw.translate(_DIGITS_AS_ZEROS):
-        return orjson.loads(raw)
-    try:
-        # Decoded first: given bytes, json would also take UTF-16 and UTF-32, orjson never.
-        return json.loads(raw.decode(), parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:
-        raise ValueError("nested too deep") from None
 
 
 def parse_json(body: bytes, *, what: str) -> Any:

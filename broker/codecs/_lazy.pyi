@@ -45,6 +45,9 @@ class DecodedMessage(LazyValue):
     @property
     def schema_id(self) -> int | None: ...
 
+def digit_run(data: bytes, length: int, /) -> bool:
+    """Whether ``data`` holds ``length`` ASCII digits in a row (see :mod:`broker.exactjson`)."""
+
 def check_avro(program: bytes, payload: bytes, max_depth: int, /) -> tuple[int, str] | None:
     """``(offset, reason)`` of the first integer in ``payload`` that Avro's spec does not
     allow, or ``None`` (see :mod:`broker.codecs._avrocheck`)."""

@@ -1,4 +1,5 @@
-"""JSON bodies (``application/json``, ``*+json``), decoded with orjson under hard bounds.
+"""JSON bodies (``application/json``, ``*+json``), decoded with orjson under hard bounds
+(an integer past 64 bits kept with its digits: :func:`broker.exactjson.loads_exact`).
 
 orjson parses in C and refuses nesting deeper than :data:`ORJSON_MAX_DEPTH` (1024) by
 itself, which is the default ``max_depth``: with the default limits a decode is the size
@@ -31,6 +32,7 @@ from broker.codecs.base import (
     describe,
     too_large,
 )
+from broker.exactjson import loads_exact
 
 __all__ = ["ORJSON_MAX_DEPTH", "JsonCodec"]
 
@@ -68,7 +70,7 @@ class JsonCodec:
         """Parse ``payload``; raise :class:`DecodeError` if it is invalid or over a limit."""
         if len(payload) <= self._plain_up_to:  # the common case: orjson's checks suffice
             try:
-                return orjson.loads(payload)
+                return loads_exact(payload)
             except _ERRORS as exc:
                 raise DecodeError("json", _reason(exc)) from exc
         return self._decode_checked(payload)
@@ -79,7 +81,7 @@ class JsonCodec:
         if size > self._max_bytes:
             raise too_large("json", size, self._max_bytes)
         try:
-            value = orjson.loads(payload)
+            value = loads_exact(payload)
         except _ERRORS as exc:
             raise DecodeError("json", _reason(exc)) from exc
         depth = self._max_depth

@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from broker.envelope import loads_exact
 from broker.errors import BadRequest, PayloadTooLarge
+from broker.exactjson import loads_exact
 
 #: Values a batch may hold per record it may hold before it is scanned instead of parsed
 #: whole: at ~100 bytes a value, 10,000 records cost at most ~64 MB of parsed values.

@@ -31,7 +31,6 @@ from broker.envelope import (
     check_media_type,
     cloudevent_key,
     cloudevent_to_request,
-    loads_exact,
     media_type,
     parse_json,
     parse_schema_id,
@@ -48,6 +47,7 @@ from broker.errors import (
     StreamFull,
     UnsupportedMediaType,
 )
+from broker.exactjson import loads_exact
 from broker.http._json_array import array_records
 from broker.http._rsgi import (
     NDJSON,

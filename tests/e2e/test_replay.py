@@ -149,6 +149,24 @@ async def test_replay_output_is_ndjson(broker: BrokerProcess, client: httpx.Asyn
     assert {"stream", "seq", "subject", "time", "headers", "payload_base64"} <= set(lines[0])
 
 
+async def test_a_decoded_replay_shows_an_integer_past_64_bits_with_every_digit(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """``decode=json`` parsed with orjson, which reads such an integer as a float: an audit
+    replay showed 1.8446744073709552e+24 where the stored message says
+    1844674407370955161600007."""
+    subject = f"bigint.{uuid.uuid4().hex[:8]}"
+    big = 2**64 * 10**5 + 7
+    body = b'{"id": %d}' % big
+    async with BrokerClient(broker.base_url) as c:
+        await c.publish(subject, body, content_type="application/json")
+    r = await client.get(
+        "/v1/streams/MESSAGES/messages", params={"subject": subject, "decode": "json"}
+    )
+    assert r.status_code == 200, r.text
+    assert b'"value":{"id":%d}' % big in r.content
+
+
 async def test_replay_as_server_sent_events_resumes_from_last_event_id(
     broker: BrokerProcess, client: httpx.AsyncClient
 ) -> None:

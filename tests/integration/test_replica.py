@@ -48,6 +48,7 @@ from projections.replica import (
     outbox,
     replica_projections,
 )
+from tests.integration.conftest import replica_url
 
 pytestmark = pytest.mark.integration
 
@@ -76,9 +77,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine
     except sa.exc.OperationalError as e:
         admin.dispose()
         pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {e}")
-    pg = sa.create_engine(
-        PG_URL, connect_args={"options": f"-csearch_path={schema}", "connect_timeout": 5}
-    )
+    pg = create_sql_engine(replica_url(schema))  # as the worker makes it (its JSON encoder)
     try:
         yield pg
     finally:
@@ -594,3 +593,17 @@ def test_every_replica_is_a_projection(engine: sa.Engine) -> None:
             projection.setup(tx)
             projection.setup(tx)  # idempotent
     assert rows(engine, "broker_outbox", "id") == []
+
+
+def test_an_integer_past_64_bits_reaches_payload_json_with_every_digit(
+    engine: sa.Engine,
+) -> None:
+    """orjson reads such an integer as a float: the replica stored 1.2345678901234568e+22
+    for 12345678901234567890123. It keeps the digits (JSON text on SQLite, jsonb numeric
+    on PostgreSQL)."""
+    big = 12345678901234567890123
+    body = b'{"id": %d, "small": [-%d, 1.5, "0000000000000000000000"]}' % (big, big)
+    apply(engine, MessagesReplica(), [message(1, body, "application/json")])
+    got = rows(engine, "replica_messages", "seq")[0]
+    assert got["decode_error"] is None
+    assert got["payload_json"] == {"id": big, "small": [-big, 1.5, "0000000000000000000000"]}

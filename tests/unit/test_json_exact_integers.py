@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.envelope import cloudevent_to_request, loads_exact, parse_json, record_to_request
+from broker.envelope import cloudevent_to_request, parse_json, record_to_request
 from broker.errors import BadRequest, Unprocessable
+from broker.exactjson import loads_exact
 from broker.http._json_array import array_records
 
 pytestmark = pytest.mark.unit
@@ -93,3 +94,15 @@ def test_a_structured_cloudevent_keeps_the_digits() -> None:
     parsed = parse_json(event % BIG, what="the structured CloudEvent")
     request = cloudevent_to_request(parsed, subject="a", idempotency_key=None)
     assert request.payload == b'{"n":%d}' % BIG
+
+
+@given(st.binary(max_size=80) | st.text(alphabet="0123456789ab ", max_size=80).map(str.encode))
+def test_the_c_digit_run_finds_what_the_python_one_finds(data: bytes) -> None:
+    from broker.codecs._accelerator import accelerator
+    from broker.exactjson import python_digit_run
+
+    module = accelerator()
+    if module is None:
+        pytest.skip("the C accelerator is not built")
+    for length in (1, 5, 20):
+        assert module.digit_run(data, length) is python_digit_run(data, length)
