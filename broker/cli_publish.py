@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 
 from broker.errors import BrokerError
@@ -54,50 +52,16 @@ def _lines(file: str) -> Iterator[tuple[int, bytes]]:
                 yield number, line
 
 
-#: The integers a record can carry exactly: orjson's, on both sides (this client's and the
-#: broker's). It reads a longer one as a float (its last digits lost) or not at all.
-_INT_RANGE = range(-(2**63), 2**64)
-#: 19 digits or more: a line that may hold an integer past :data:`_INT_RANGE`.
-_LONG_DIGITS = re.compile(rb"\d{19}")
-
-
-class _IntegerPast64Bits(ValueError):
-    pass
-
-
-def _exact_int(text: str) -> int:
-    # 2**64 - 1 has 20 digits: a longer one is past them, however long (no int() of it)
-    if len(text.lstrip("-")) > 20 or int(text) not in _INT_RANGE:
-        raise _IntegerPast64Bits(text)
-    return int(text)
-
-
-def _integer_past_64_bits(line: bytes) -> str | None:
-    """The first integer in ``line`` (JSON) that is past 64 bits, if it has one."""
-    try:
-        json.loads(line, parse_int=_exact_int)
-    except _IntegerPast64Bits as e:
-        return str(e)
-    except (ValueError, RecursionError):  # not JSON: orjson says why
-        return None
-    return None
-
-
 def _record(line: bytes) -> dict[str, Any] | str:
-    """The record on an NDJSON line, or why it is not one."""
+    """The record on an NDJSON line (an integer past 64 bits kept with its digits, as the
+    broker stores it), or why it is not one."""
+    from broker.exactjson import loads_exact
+
     try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError as e:
-        record, problem = None, f"not valid JSON ({e})"
-    else:
-        problem = "not a JSON object"
-    if _LONG_DIGITS.search(line) and (big := _integer_past_64_bits(line)) is not None:
-        shown = big if len(big) <= 40 else f"{big[:40]}... ({len(big)} characters)"
-        return (
-            f"integer {shown} does not fit in 64 bits, so the broker cannot store it exactly "
-            "(send it as a string)"
-        )
-    return record if isinstance(record, dict) else problem
+        record = loads_exact(line)
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    return record if isinstance(record, dict) else "not a JSON object"
 
 
 async def _stream(url: str, subject: str, file: str, timeout: float, show: bool) -> Summary:
