@@ -238,14 +238,24 @@ def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
     ),
 )
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
-    """Every registry event of one agent, oldest first."""
-    body = _get_json(url, f"/v1/agents/{_agent_name(name)}/history", _HISTORY_KEYS)
+    """Every registry event of one agent, oldest first (read a page at a time; the table
+    shows each page as it comes)."""
+    path = f"/v1/agents/{_agent_name(name)}/history"
+    events: list[dict[str, Any]] = []
+    start: int | None = 1
+    while start is not None:
+        body = _get_json(url, path, _HISTORY_KEYS, {"from_seq": str(start)})
+        after = body.get("next_from_seq")
+        # A next page must start past this one, or the loop could go round for ever.
+        start = after if isinstance(after, int) and after > start else None
+        if output == "json":
+            events.extend(body["events"])
+            continue
+        for event in body["events"]:
+            version = event["manifest"]["version"] if event["manifest"] else "-"
+            typer.echo(f"{event['seq']:>8}  {event['at']}  {event['type']:<18} {version}")
     if output == "json":
-        typer.echo(json.dumps(body, indent=2))
-        return
-    for event in body["events"]:
-        version = event["manifest"]["version"] if event["manifest"] else "-"
-        typer.echo(f"{event['seq']:>8}  {event['at']}  {event['type']:<18} {version}")
+        typer.echo(json.dumps({"name": body["name"], "events": events}, indent=2))
 
 
 @agents_app.command(

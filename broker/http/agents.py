@@ -81,6 +81,14 @@ class HistoryEvent(BaseModel):
 class AgentHistory(BaseModel):
     name: str
     events: list[HistoryEvent]
+    next_from_seq: int | None = Field(
+        default=None,
+        description="Where the next page starts (`?from_seq=`); null when these are the last.",
+    )
+
+
+#: Events one history page holds at most: a manifest may be 256 KiB, so about 25 MiB.
+MAX_HISTORY_PAGE = 100
 
 
 def _body(record: AgentRecord) -> AgentBody:
@@ -240,12 +248,25 @@ def agents_router(state: IngressState) -> APIRouter:
         return _body(record)
 
     @router.get("/{name}/history", response_model=AgentHistory)
-    async def history(name: AgentPath) -> AgentHistory:
-        """Every event of the agent, oldest first, from the stream."""
-        events = await agent_history(state.publisher.js, state.tenant, name)
-        if not events:
+    async def history(
+        name: AgentPath,
+        from_seq: Annotated[
+            int,
+            Query(ge=1, le=2**63 - 1, description="The first stream sequence to include."),
+        ] = 1,
+        limit: Annotated[
+            int,
+            Query(ge=1, le=MAX_HISTORY_PAGE, description="Events in this page at most."),
+        ] = MAX_HISTORY_PAGE,
+    ) -> AgentHistory:
+        """The agent's events from the stream, oldest first, a page at a time:
+        `next_from_seq` is where the next page starts (null after the last)."""
+        events, after = await agent_history(
+            state.publisher.js, state.tenant, name, from_seq=from_seq, limit=limit
+        )
+        if not events and from_seq == 1:
             raise NotFound(f"agent {name} has no history")
-        return AgentHistory(name=name, events=[_event(e) for e in events])
+        return AgentHistory(name=name, events=[_event(e) for e in events], next_from_seq=after)
 
     return router
 

@@ -234,10 +234,12 @@ async def delete_agent(
 
 
 async def _readable(
-    js: JetStreamContext, subject: str
+    js: JetStreamContext, subject: str, *, start_seq: int | None = None
 ) -> AsyncGenerator[RegistryEvent | UnreadableEvent, None]:
-    """The events on ``subject``, oldest first; one that cannot be read as its error (logged)."""
-    async with contextlib.aclosing(read_messages(js, Stream.REGISTRY, subject=subject)) as read:
+    """The events on ``subject`` (from ``start_seq``), oldest first; one that cannot be read
+    as its error (logged)."""
+    messages = read_messages(js, Stream.REGISTRY, subject=subject, start_seq=start_seq)
+    async with contextlib.aclosing(messages) as read:
         async for message in read:
             try:
                 event: RegistryEvent | UnreadableEvent = decode_message(message)
@@ -249,11 +251,27 @@ async def _readable(
             yield event
 
 
-async def agent_history(js: JetStreamContext, tenant: Tenant, name: str) -> list[RegistryEvent]:
-    """Every event of one agent, oldest first; one this release cannot read is left out."""
-    return [
-        e async for e in _readable(js, agent_subject(tenant, name)) if isinstance(e, RegistryEvent)
-    ]
+async def agent_history(
+    js: JetStreamContext,
+    tenant: Tenant,
+    name: str,
+    *,
+    from_seq: int = 1,
+    limit: int | None = None,
+) -> tuple[list[RegistryEvent], int | None]:
+    """One agent's events from stream sequence ``from_seq``, oldest first, at most ``limit``
+    of them; one this release cannot read is left out. With them, the ``from_seq`` of the
+    next page when more events follow (``None`` at the end)."""
+    events: list[RegistryEvent] = []
+    subject = agent_subject(tenant, name)
+    async with contextlib.aclosing(_readable(js, subject, start_seq=from_seq)) as read:
+        async for event in read:
+            if not isinstance(event, RegistryEvent):
+                continue
+            if limit is not None and len(events) == limit:
+                return events, event.seq
+            events.append(event)
+    return events, None
 
 
 async def registry_as_of(

@@ -382,3 +382,35 @@ async def test_one_key_for_a_publish_and_then_a_route_is_a_reused_key(
     intent["Broker-Intent"] = "translate"
     again = await client.post("/v1/route/keyed.two", content=b"x", headers=intent)
     assert again.status_code == 422, again.text
+
+
+async def test_history_is_answered_a_page_at_a_time_and_the_cli_reads_every_page(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """The history was one answer however long (a manifest may be 256 KiB): 100 events a
+    page now, ``next_from_seq`` leading on; ``broker agents history`` follows it."""
+    name = unique()
+    for n in range(103):
+        assert (await put(client, manifest(name, f"1.{n}.0"))).status_code in (200, 201)
+    first = (await client.get(f"/v1/agents/{name}/history")).json()
+    assert len(first["events"]) == 100
+    rest = await client.get(
+        f"/v1/agents/{name}/history", params={"from_seq": first["next_from_seq"]}
+    )
+    assert [e["manifest"]["version"] for e in rest.json()["events"]] == [
+        "1.100.0",
+        "1.101.0",
+        "1.102.0",
+    ]
+    assert rest.json()["next_from_seq"] is None
+    small = await client.get(f"/v1/agents/{name}/history", params={"limit": 2})
+    assert len(small.json()["events"]) == 2
+    for bad in ({"limit": 0}, {"limit": 101}, {"from_seq": 0}, {"from_seq": "x"}):
+        refused = await client.get(f"/v1/agents/{name}/history", params=bad)
+        assert refused.status_code == 422, (bad, refused.text)
+    done = agents_cli(broker, "history", name, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    versions = [e["manifest"]["version"] for e in orjson.loads(done.stdout)["events"]]
+    assert versions == [f"1.{n}.0" for n in range(103)]
+    table = agents_cli(broker, "history", name)
+    assert len(table.stdout.splitlines()) == 103

@@ -56,7 +56,7 @@ async def test_history_is_in_order_and_identical_reapply_appends_nothing(
     assert second.event is not None
     assert second.event.type == "AgentUpdated"
     gone = await delete_agent(publisher, T, "tr")
-    events = await agent_history(publisher.js, T, "tr")
+    events, _ = await agent_history(publisher.js, T, "tr")
     assert [(e.type, e.seq) for e in events] == [
         ("AgentRegistered", first.seq),
         ("AgentUpdated", second.seq),
@@ -64,6 +64,24 @@ async def test_history_is_in_order_and_identical_reapply_appends_nothing(
     ]
     with pytest.raises(NotFound):
         await delete_agent(publisher, T, "tr")
+
+
+async def test_history_comes_in_pages_that_together_hold_every_event(
+    publisher: Publisher,
+) -> None:
+    """An agent updated many times had its whole history read into one answer (up to
+    256 KiB a manifest); it is read a page at a time now, each saying where the next starts."""
+    seqs = [(await put_agent(publisher, T, manifest("pg", f"1.{n}.0"))).seq for n in range(7)]
+    await put_agent(publisher, T, manifest("other"))  # another agent's events are skipped
+    pages, start = [], 1
+    while True:
+        events, after = await agent_history(publisher.js, T, "pg", from_seq=start, limit=3)
+        pages.append([e.seq for e in events])
+        if after is None:
+            break
+        start = after
+    assert pages == [seqs[0:3], seqs[3:6], seqs[6:]]
+    assert (await agent_history(publisher.js, T, "pg", from_seq=seqs[-1] + 1)) == ([], None)
 
 
 async def test_writes_read_the_agents_last_event_from_the_leader_not_any_replica(
@@ -126,7 +144,7 @@ async def test_a_conditional_delete_sent_again_is_unchanged_not_a_404(
     for if_match in (None, registered.seq + 100, deleted.seq):
         with pytest.raises(NotFound):
             await delete_agent(publisher, T, "gone", if_match=if_match)
-    assert len(await agent_history(publisher.js, T, "gone")) == 2
+    assert len((await agent_history(publisher.js, T, "gone"))[0]) == 2
     # registered again and deleted unconditionally: an old If-Match no longer matches
     await put_agent(publisher, T, manifest("gone"))
     await delete_agent(publisher, T, "gone")
@@ -140,7 +158,7 @@ async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publishe
     with pytest.raises(VersionConflict):
         await put_agent(publisher, T, manifest("cc", "3.0.0"), if_match=v1.seq)
     # Ten writers race from the same read: exactly one wins, the rest are told so.
-    head = (await agent_history(publisher.js, T, "cc"))[-1].seq
+    head = (await agent_history(publisher.js, T, "cc"))[0][-1].seq
     results = await asyncio.gather(
         *(put_agent(publisher, T, manifest("cc", f"4.0.{i}"), if_match=head) for i in range(10)),
         return_exceptions=True,
@@ -148,7 +166,7 @@ async def test_stale_if_match_and_concurrent_writers_get_409(publisher: Publishe
     winners = [r for r in results if not isinstance(r, BaseException)]
     assert len(winners) == 1
     assert all(isinstance(r, VersionConflict) for r in results if isinstance(r, BaseException))
-    assert len(await agent_history(publisher.js, T, "cc")) == 3
+    assert len((await agent_history(publisher.js, T, "cc"))[0]) == 3
 
 
 async def test_time_travel_returns_the_old_state_after_later_changes(publisher: Publisher) -> None:

@@ -106,7 +106,7 @@ async def test_manifest_an_earlier_release_accepted_is_read_as_stored(
     assert record.seq == seq
     assert record.manifest.capabilities[0].content_types == ["text/plain\n", "application/json"]
 
-    history = await agent_history(publisher.js, T, "legacy")
+    history, _ = await agent_history(publisher.js, T, "legacy")
     assert [(e.type, e.seq) for e in history] == [(RegistryEventType.REGISTERED, seq)]
     assert history[0].manifest == record.manifest
     assert (await registry_as_of(publisher.js, T, seq=seq)).agent(T, "legacy") is not None
@@ -133,7 +133,7 @@ async def test_manifest_an_earlier_release_accepted_is_read_as_stored(
     assert gone.event.type is RegistryEventType.DEREGISTERED
     assert await view.wait_for(gone.seq, 5.0)
     assert view.snapshot.agent(T, "legacy") is None
-    history = await agent_history(publisher.js, T, "legacy")
+    history, _ = await agent_history(publisher.js, T, "legacy")
     assert [e.seq for e in history] == [seq, put.seq, gone.seq]
 
 
@@ -161,7 +161,7 @@ async def test_event_that_cannot_be_read_is_skipped_and_a_write_replaces_it(
     assert record is not None
     assert record.seq == first.seq
 
-    assert [e.seq for e in await agent_history(publisher.js, T, "render")] == [first.seq]
+    assert [e.seq for e in (await agent_history(publisher.js, T, "render"))[0]] == [first.seq]
     assert (await registry_as_of(publisher.js, T)).last_seq == broken
 
     again = validate_manifest(manifest("render", ["text/plain", "image/png"]))
