@@ -326,7 +326,7 @@ def _unsendable(subject: str) -> bool:
 
 
 class Client(NatsClient):
-    """nats-py's client, with three changes:
+    """nats-py's client, with these changes:
 
     - a subject or reply subject that is not UTF-8 is read with U+FFFD for the bad bytes
       instead of stopping its read loop (see the module's docstring);
@@ -336,7 +336,10 @@ class Client(NatsClient):
       The upgrade is made regardless: a server without TLS fails the handshake, before any
       credential is sent;
     - a message's headers are written by :func:`encode_headers` (the same bytes, a fifth of
-      nats-py's time: a stored message has several, and every publish pays for them);
+      nats-py's time: a stored message has several, and every publish pays for them), and a
+      message over ``max_payload`` with them is refused (``MaxPayloadError``) before it is
+      sent: nats-py checks the payload alone, and the server closes the connection on it,
+      which loses every other publish's ack in flight on that connection;
     - :meth:`publish` checks the subject and reply subject for what nats-py refuses (empty,
       or holding a space, tab, CR or LF) with ``in`` tests instead of a regular expression.
     """
@@ -384,7 +387,13 @@ class Client(NatsClient):
             return
         if subject == "":
             raise nats.errors.BadSubjectError
-        command = hpub_cmd(subject, reply, encode_headers(headers), payload)
+        header_block = encode_headers(headers)
+        if len(header_block) + payload_size > self._max_payload:
+            # The server counts the headers against max_payload and closes the connection
+            # on a message over it, losing every ack in flight on it; nats-py checks the
+            # payload alone.
+            raise nats.errors.MaxPayloadError
+        command = hpub_cmd(subject, reply, header_block, payload)
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
         await self._send_command(command)

@@ -248,24 +248,42 @@ class Publisher:
         return True
 
     async def close(self) -> None:
-        """Flush what is pending and close; stop trying to connect."""
+        """Flush what is pending and close; stop trying to connect.
+
+        New submits are refused from the start. Publishes already sent get their acks for
+        up to :data:`_DRAIN_SECONDS` (draining unsubscribes from the acks); any still
+        without one then fails with :class:`PublishTimeout` (it may be stored: retry with
+        the same key), never left waiting for good."""
         self._closing = True
-        for task in (self._connector, self._sweeper, *self._hook_retries):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in (self._connector, *self._hook_retries):
+            await _cancelled(task)
         nc = self._nc
-        if nc is None or nc.is_closed:
-            return
-        # Drain (flush pending publishes) only while connected, and not forever: at shutdown
-        # the server may be going away at the same moment (e.g. an embedded one).
-        if nc.is_connected:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.drain(), _DRAIN_SECONDS)
-        if not nc.is_closed:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        if nc is not None and nc.is_connected and self._pending:
+            waiting = {pending.future for pending in self._pending.values()}
+            await asyncio.wait(waiting, timeout=_DRAIN_SECONDS)
+        await _cancelled(self._sweeper)
+        if nc is not None and not nc.is_closed:
+            # Drain (flush pending publishes) only while connected, and not forever: at
+            # shutdown the server may be going away at the same moment (an embedded one).
+            if nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.drain(), _DRAIN_SECONDS)
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        self._give_up_pending()
+
+    def _give_up_pending(self) -> None:
+        """Fail every publish still awaiting its ack: nothing will answer it now."""
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(
+                    PublishTimeout(
+                        "the broker closed before JetStream acknowledged the message; it may "
+                        "be stored: retry with the same Idempotency-Key"
+                    )
+                )
 
     @property
     def connected(self) -> bool:
@@ -329,6 +347,8 @@ class Publisher:
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise Unavailable("NATS is not connected")
+        if self._closing:
+            raise Unavailable("the broker is shutting down")
         if len(self._pending) >= self._max_pending:
             raise Unavailable(f"{len(self._pending)} publishes already await their ack")
         prefix = self._reply_prefix or await self._ensure_reply_subscription(nc)
@@ -480,6 +500,14 @@ class Publisher:
         if (first.headers or {}).get(NATS_MSG_ID) != msg_id or first.seq is None:
             return None
         return PublishAck(stream, first.seq, True)
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if running) and wait until it has stopped."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @dataclass(slots=True)
