@@ -311,7 +311,10 @@ def main() -> None:
             raise
         for error in e.errors():
             name = "_".join(str(part) for part in error["loc"]).upper()
-            typer.echo(f"error: BROKER_{name}: {error['msg']}", err=True)
+            if name:
+                typer.echo(f"error: BROKER_{name}: {error['msg']}", err=True)
+            else:  # a check of several settings, which it names itself
+                typer.echo(f"error: {error['msg'].removeprefix('Value error, ')}", err=True)
         sys.exit(2)
 
 

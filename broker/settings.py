@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -205,6 +205,27 @@ class Settings(BaseSettings):
         if any(c.isspace() for c in value):
             raise ValueError("BROKER_METRICS_TOKEN must not contain spaces")
         return token
+
+    @model_validator(mode="after")
+    def _windows_within_max_ages(self) -> Settings:
+        """JetStream refuses a stream whose duplicate window is longer than its max age
+        (error 10052, naming no setting): said at start, by the settings' names."""
+        window = self.duplicate_window_seconds
+        routes = self.routes_max_age_seconds
+        dlq = self.dlq_max_age_seconds
+        ages = {
+            "messages_max_age_seconds": self.messages_max_age_seconds,
+            "routes_max_age_seconds": self.messages_max_age_seconds if routes is None else routes,
+            "dlq_max_age_seconds": self.messages_max_age_seconds if dlq is None else dlq,
+        }
+        for name, age in ages.items():
+            if 0 < age < window:
+                raise ValueError(
+                    f"{name} ({age:g} s) is shorter than duplicate_window_seconds ({window:g} "
+                    "s): JetStream refuses a stream that remembers message ids longer than it "
+                    "keeps messages; raise the max age or lower the duplicate window"
+                )
+        return self
 
     @property
     def auth_configured(self) -> bool:
