@@ -56,8 +56,9 @@ _REF_REPLACES_SCHEMA = frozenset({
 
 MAX_PATTERN_SECONDS = 0.5
 """The time one :func:`compatible` call may spend matching ``patternProperties`` against
-property names, in all. Ordinary patterns take microseconds; one that backtracks
-catastrophically is refused (:class:`SchemaTooComplexError`) instead of holding the worker."""
+property names, and ``pattern``s against a writer's enum values, in all. Ordinary patterns
+take microseconds; one that backtracks catastrophically is refused
+(:class:`SchemaTooComplexError`) instead of holding the worker."""
 
 MAX_COMPARE_STEPS = 100_000
 """The work one :func:`compatible` call may do, in steps: a pair of sub-schemas compared, or an
@@ -182,6 +183,18 @@ class _Doc:
         return (node, doc) if isinstance(node, dict | bool) else None
 
 
+def _keys(node: Any) -> Iterator[str]:
+    """Every object key in a JSON value, at any depth."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield from item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def _anchor(root: Any, name: str, doc: _Doc) -> tuple[Any, _Doc] | None:
     stack = [root]
     while stack:
@@ -219,16 +232,57 @@ def _shape(value: Any) -> object:
     return id(value)
 
 
+_UNIONED = frozenset({"required", "properties", "patternProperties"})
+"""Keywords :func:`_merge` takes from both schemas: every name either one lists."""
+
+_DEPENDS: dict[str, str] = {
+    "additionalItems": "items",
+    "items": "prefixItems",
+    "then": "if",
+    "else": "if",
+    "minContains": "contains",
+    "maxContains": "contains",
+    "exclusiveMinimum": "minimum",
+    "exclusiveMaximum": "maximum",
+}
+"""Keywords whose effect depends on a sibling of the same schema (``additionalItems`` acts
+only beside a list of ``items``; a draft-4 boolean ``exclusiveMaximum`` only beside
+``maximum``)."""
+
+
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """A schema accepting at least what both accept (conflicting keywords of ``b`` dropped)."""
+    """A schema accepting at least what both accept: every keyword of ``a``, those of ``b``
+    that ``a`` lacks, and the names both list in ``required``, ``properties`` and
+    ``patternProperties``. A keyword of ``a`` or ``b`` whose effect depends on a sibling
+    (:data:`_DEPENDS`) is left out when that sibling is not its own schema's, and an
+    ``unevaluated*`` keyword when any other of its schema's is: away from its siblings it
+    could refuse values that both schemas accept."""
     out = dict(a)
     for key, value in b.items():
         if key not in out:
             out[key] = value
-        elif key == "required" and isinstance(value, list):
+        elif key == "required" and isinstance(value, list) and isinstance(out[key], list):
             out[key] = sorted({*out[key], *value})
-        elif key == "properties" and isinstance(value, dict):
+        elif key in _UNIONED and isinstance(value, dict) and isinstance(out[key], dict):
             out[key] = {**value, **out[key]}
+
+    def foreign(key: str, source: dict[str, Any]) -> bool:
+        sibling = _DEPENDS.get(key)
+        if sibling is None or (key.startswith("exclusive") and not isinstance(out[key], bool)):
+            return False
+        return out.get(sibling) is not source.get(sibling)
+
+    changed = True
+    while changed:  # one dropped keyword can leave another without its sibling
+        changed = False
+        for key in list(out):
+            if foreign(key, a if key in a else b):
+                del out[key]
+                changed = True
+    for key in ("unevaluatedProperties", "unevaluatedItems"):
+        source = a if key in a else b
+        if key in out and any(out.get(k) is not v for k, v in source.items() if k not in _UNIONED):
+            del out[key]
     return out
 
 
@@ -299,6 +353,7 @@ class _Checker:
         self.steps = 0
         self.budget = MAX_COMPARE_STEPS
         self.pattern_seconds = MAX_PATTERN_SECONDS  # matching time left
+        self.matching_at = ""  # where the writer's enum values are being matched
 
     def spend(self, steps: int, path: str) -> None:
         """Count ``steps`` against the budget; :class:`SchemaTooComplexError` past it. A step
@@ -311,8 +366,11 @@ class _Checker:
                 f"{self.budget} steps (stopped at {path or '/'})"
             )
 
-    def search(self, pattern: str, name: str, path: str) -> bool:
-        """Whether ``pattern`` matches the property ``name``, within the matching time left:
+    def search(
+        self, pattern: str, name: str, path: str, *, keyword: str = "patternProperties"
+    ) -> bool:
+        """Whether ``pattern`` matches ``name`` (a property name, or a string among a writer's
+        enum values), within the matching time left:
         a pattern can backtrack for hours on a name of forty characters (``^(a|aa)+$``), and
         Python's ``re`` cannot be stopped, so the ``regex`` module (the same syntax) runs it."""
         started = time.perf_counter()
@@ -320,8 +378,8 @@ class _Checker:
             return regex.search(pattern, name, timeout=self.pattern_seconds) is not None
         except (TimeoutError, regex.error):
             raise SchemaTooComplexError(
-                "schema is too complex to check for compatibility: matching its "
-                f"patternProperties {pattern[:100]!r} against the property {name[:100]!r} "
+                f"schema is too complex to check for compatibility: matching its {keyword} "
+                f"{pattern[:100]!r} against {name[:100]!r} "
                 f"takes more than {MAX_PATTERN_SECONDS} s in all (stopped at {path or '/'})"
             ) from None
         finally:
@@ -485,10 +543,72 @@ class _Checker:
             return [f"{where}: writer enum is not a list"]
         if self._has_ref(r):
             return [f"{where}: cannot check writer enum values against a reader with $ref"]
+        if self._has_unevaluated(r):
+            return [f"{where}: cannot check writer enum values against a reader with unevaluated*"]
         self.spend(len(values), where)
-        validator = _validator_class(rdoc.root)(r)
-        bad = [v for v in values if not validator.is_valid(v)]
+        self.matching_at = where
+        validator = self._validator(_validator_class(rdoc.root))(r)
+        try:
+            bad = [v for v in values if not validator.is_valid(v)]
+        except SchemaTooComplexError:
+            raise
+        except Exception:  # jsonschema's own slips (draft 7 ``items: true``, ``additionalItems``)
+            return [f"{where}: cannot check writer enum values against the reader"]
         return [f"{where}: the reader rejects writer value(s) {bad}"] if bad else []
+
+    def _has_unevaluated(self, schema: Any) -> bool:
+        def find() -> bool:
+            return any(k in ("unevaluatedProperties", "unevaluatedItems") for k in _keys(schema))
+
+        found: bool = self._derive(("has unevaluated", id(schema)), schema, find)
+        return found
+
+    def _validator(self, cls: Any) -> Any:
+        """``cls`` with its regular-expression keywords matched by :meth:`search`, within the
+        matching time left: ``jsonschema`` matches them with ``re``, which a pattern such as
+        ``^(a|aa)+$`` holds for hours on a writer's enum value of fifty characters. Made
+        once per class (it takes most of a millisecond)."""
+        found: Any = self._derive(("validator", id(cls)), cls, partial(self._bounded, cls))
+        return found
+
+    def _bounded(self, cls: Any) -> Any:
+        def search(regex: str, name: str, keyword: str = "patternProperties") -> bool:
+            return self.search(regex, name, self.matching_at, keyword=keyword)
+
+        def pattern(validator: Any, regex: str, instance: Any, schema: Any) -> Iterator[Any]:
+            if validator.is_type(instance, "string") and not search(regex, instance, "pattern"):
+                yield jsonschema.ValidationError(f"{instance!r} does not match {regex!r}")
+
+        def pattern_properties(
+            validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+        ) -> Iterator[Any]:
+            if validator.is_type(instance, "object"):
+                for regex, sub in patterns.items():
+                    for name, value in instance.items():
+                        if search(regex, name):
+                            yield from validator.descend(value, sub, path=name, schema_path=regex)
+
+        def additional_properties(
+            validator: Any, extra: Any, instance: Any, schema: Any
+        ) -> Iterator[Any]:
+            if not validator.is_type(instance, "object"):
+                return
+            known, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+            names = [n for n in instance if n not in known and not any(
+                search(regex, n) for regex in patterns
+            )]  # fmt: skip
+            if validator.is_type(extra, "object"):
+                for name in names:
+                    yield from validator.descend(instance[name], extra, path=name)
+            elif extra is False and names:
+                yield jsonschema.ValidationError(f"additional properties {sorted(names)}")
+
+        keywords = {
+            "pattern": pattern,
+            "patternProperties": pattern_properties,
+            "additionalProperties": additional_properties,
+        }
+        return jsonschema.validators.extend(cls, keywords)
 
     def _keywords(self, r: Any, rdoc: _Doc, w: Any, wdoc: _Doc, path: str) -> list[str]:
         where = path or "/"
