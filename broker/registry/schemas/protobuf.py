@@ -226,12 +226,26 @@ class _Differ:
         out: list[str] = []
         r_fields = {f.number: f for f in r.field}
         w_fields = {f.number: f for f in w.field}
+        # A oneof gone whole (its name and every member) leaves nothing half set; one that
+        # lost only some members leaves the reader with none set where the writer set one.
+        r_oneofs = {_oneof(r, f) for f in r.field} - {None}
+        members: dict[str, list[int]] = {}
+        for f in w.field:
+            if (group := _oneof(w, f)) is not None:
+                members.setdefault(group, []).append(f.number)
+        deleted = {
+            group
+            for group, numbers in members.items()
+            if group not in r_oneofs and not any(n in r_fields for n in numbers)
+        }
         for number, wf in sorted(w_fields.items()):
             rf = r_fields.get(number)
             at = f"{where}.{wf.name}({number})"
             if rf is None:
                 if wf.label == _F.LABEL_REQUIRED:
                     out.append(f"{at}: required field removed")
+                elif (group := _oneof(w, wf)) is not None and group not in deleted:
+                    out.append(f"{at}: field removed from oneof {group!r}")
                 continue
             out += self.field(rf, wf, at)
             if _oneof(w, wf) is not None and _oneof(r, rf) is None:
