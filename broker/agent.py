@@ -79,6 +79,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.kv import KeyValue
 
+from broker.auth import valid_tenant
 from broker.envelope import CONTENT_TYPE, DEFAULT_CONTENT_TYPE, PAYLOAD_HEADERS
 from broker.errors import Unavailable
 from broker.natsconn import (
@@ -178,6 +179,8 @@ class Reply:
 
 
 Handler = Callable[[Request], Awaitable[Any]]
+#: An instance id: one token of its heartbeat's key, as :func:`new_instance_id` makes them.
+_INSTANCE = re.compile(r"[A-Za-z0-9_-]+")
 #: A header value NATS stores as given: visible ASCII and inner spaces, 1 to 255 characters.
 _HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
 
@@ -345,9 +348,19 @@ def _check_options(
     ack_wait: float,
     drain_timeout: float,
     max_deliveries: int,
+    tenant: str,
+    instance: str | None,
 ) -> None:
     """Refuse settings an instance cannot run with, when it is made: a ``concurrency`` of 0
-    never fetches, and nothing would say why."""
+    never fetches, and nothing would say why. Nor would a ``tenant`` or ``instance`` that is
+    not one subject token: its inbox subject is no inbox, and its heartbeats (key
+    ``<tenant>.<agent>.<instance>`` in ``agent_load``) are refused by NATS or by the
+    routers, so it would run and never be given work."""
+    if not isinstance(tenant, str):
+        raise ValueError(f"tenant must be a tenant's name, not {tenant!r}")
+    valid_tenant(tenant)
+    if instance and not (isinstance(instance, str) and _INSTANCE.fullmatch(instance)):
+        raise ValueError(f"instance {instance!r} must be A-Z a-z 0-9 _ - (one key token)")
     counts = {"concurrency": (concurrency, 1), "max_deliveries": (max_deliveries, 2)}
     for name, (count, least) in counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < least:
@@ -471,6 +484,8 @@ class Agent:
             ack_wait=ack_wait,
             drain_timeout=drain_timeout,
             max_deliveries=max_deliveries,
+            tenant=tenant,
+            instance=instance,
         )
         self.manifest = (
             manifest if isinstance(manifest, AgentManifest) else validate_manifest(dict(manifest))
@@ -596,18 +611,23 @@ class Agent:
                     "and docs/tenants.md for the permissions an agent needs)"
                 ) from e
             raise
-        await self._heartbeat()
-        beat = asyncio.create_task(self._heartbeat_loop(stop), name="agent-heartbeat")
-        log.info("agent_started", agent=self.name, instance=self.instance, tenant=self.tenant)
+        # From here on the connection is closed however run() ends: cancelled during its
+        # first heartbeat (a GPU probe can take seconds) or its drain included.
+        beat: asyncio.Task[None] | None = None
         try:
+            await self._heartbeat()
+            beat = asyncio.create_task(self._heartbeat_loop(stop), name="agent-heartbeat")
+            log.info("agent_started", agent=self.name, instance=self.instance, tenant=self.tenant)
             await self._consume(sub, stop)
         finally:
-            await self._drain()
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
-            await self._leave()
-            log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
+            try:
+                await self._drain()
+            finally:
+                if beat is not None:
+                    beat.cancel()
+                    await asyncio.wait({beat})  # never raises what the task raised
+                await self._leave()
+                log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
 
     async def _subscribe(self, resume_at: int | None = None) -> Any:
         """Bind the inbox consumer, creating it when it does not exist: from the inbox's
