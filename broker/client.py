@@ -246,7 +246,25 @@ def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
     return items
 
 
-def _stored(line: str, response: httpx.Response) -> StoredMessage | None:
+async def _ndjson_lines(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """The lines of an NDJSON answer, as bytes, split at ``\\n`` only. Not ``aiter_lines``:
+    it splits where ``str.splitlines`` does, inside a record too (a text value holding
+    U+2028, U+2029 or NEL, which JSON writes unescaped), and what it counts is characters,
+    where the broker ends an answer after ``_ANSWER_BYTES`` bytes."""
+    pending: list[bytes] = []  # the start of a line that is not complete yet
+    async for chunk in response.aiter_bytes():
+        *lines, tail = chunk.split(b"\n")
+        if lines:
+            lines[0] = b"".join([*pending, lines[0]])
+            pending.clear()
+            for line in lines:
+                yield line
+        pending.append(tail)
+    if last := b"".join(pending):
+        yield last
+
+
+def _stored(line: bytes, response: httpx.Response) -> StoredMessage | None:
     """A line of a replay: a message, or ``None`` for the error line of a read that broke
     off after the 200; any other line is :func:`_not_the_broker`."""
     try:
@@ -361,6 +379,7 @@ def _with_callers(
 
 def _route_headers(
     media: str,
+    content_type: str | None,
     key: str | None,
     intent: str | None,
     text: str | None,
@@ -382,7 +401,7 @@ def _route_headers(
             sent["broker-embedding-model"] = embedding_model
     if env is not None:
         sent["x-env"] = env
-    return _with_callers(sent, headers, idempotency_key=key, x_env=env)
+    return _with_callers(sent, headers, idempotency_key=key, content_type=content_type, x_env=env)
 
 
 def credential_headers(api_key: str | None, tenant: str | None = None) -> dict[str, str]:
@@ -487,6 +506,12 @@ class BrokerClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def _url(self, path: str) -> str:
+        """The absolute URL of ``path`` (``/v1/...``) on the broker, as ``self._http`` sends
+        it: under the base URL's own path. (httpx gives a base URL with a path a trailing
+        slash: an f-string of it and ``path`` had ``//`` in it.)"""
+        return str(self._http.base_url).rstrip("/") + path
 
     async def _request(
         self,
@@ -600,7 +625,9 @@ class BrokerClient:
         is its own), ``env="canary"`` routes to canary agents. A retry reuses ``key``:
         the message is stored and routed once."""
         body, media = _payload(payload, content_type)
-        sent = _route_headers(media, key, intent, text, embedding, embedding_model, env, headers)
+        sent = _route_headers(
+            media, content_type, key, intent, text, embedding, embedding_model, env, headers
+        )
         path = f"/v1/route/{_segment(subject)}"
         response = await self._request("POST", path, content=body, headers=sent)
         data = broker_document(response, "stream", "seq", "duplicate")
@@ -630,7 +657,9 @@ class BrokerClient:
         idempotency key: the broker does not route the message again, and answers with the
         reply stored for it, or the one still to come."""
         body, media = _payload(payload, content_type)
-        sent = _route_headers(media, key, intent, text, embedding, embedding_model, env, headers)
+        sent = _route_headers(
+            media, content_type, key, intent, text, embedding, embedding_model, env, headers
+        )
         response = await self._request(
             "POST",
             f"/v1/route/{_segment(subject)}",
@@ -717,7 +746,7 @@ class BrokerClient:
                                 full = True  # the broker's last line: this record on was not read
                                 break
                             answered += 1
-                            yield _result(answer, f"{self._http.base_url}/v1/publish")
+                            yield _result(answer, self._url("/v1/publish"))
                 except ConnectionLost:
                     if source.exhausted and not source.unanswered:
                         break  # every record was answered: nothing is left to send
@@ -749,7 +778,7 @@ class BrokerClient:
         resend = list(source.unanswered)
         query = f"?{urlencode({'subject': subject})}" if subject else ""
         request = DuplexRequest(
-            f"{self._http.base_url}/v1/publish{query}",
+            self._url(f"/v1/publish{query}"),
             {
                 **self._stream_headers,
                 "content-type": "application/x-ndjson",
@@ -783,7 +812,7 @@ class BrokerClient:
                         except orjson.JSONDecodeError:
                             answer = None
                         if not isinstance(answer, dict):
-                            where = f"{self._http.base_url}/v1/publish"
+                            where = self._url("/v1/publish")
                             raise _not_the_broker(where, f"a line {line[:80]!r}")
                         if answer.get("error_code") == RequestTimeout.error_code:
                             # the broker's last line: it heard nothing for its idle time
@@ -840,18 +869,21 @@ class BrokerClient:
                         raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
                         end = int(last) if last.isdigit() else None
-                    async for line in response.aiter_lines():
-                        if line:
-                            message = _stored(line, response)
-                            if message is None:  # the read broke off after the 200
-                                raise httpx.TransportError(orjson.loads(line).get("message", line))
-                            if end is not None and message.seq > end:
-                                return  # appended after the replay began
-                            next_seq = message.seq + 1
-                            received += 1
-                            size += len(line) + 1
-                            attempt = 0
-                            yield message
+                    lines = contextlib.aclosing(_ndjson_lines(response))
+                    async with lines as records:
+                        async for line in records:
+                            if line.strip():
+                                message = _stored(line, response)
+                                if message is None:  # the read broke off after the 200
+                                    why = orjson.loads(line).get("message")
+                                    raise httpx.TransportError(str(why or line[:200]))
+                                if end is not None and message.seq > end:
+                                    return  # appended after the replay began
+                                next_seq = message.seq + 1
+                                received += 1
+                                size += len(line) + 1
+                                attempt = 0
+                                yield message
             except CONNECTION_FAILED as e:
                 if attempt + 1 >= self.retry.attempts:
                     if next_seq is None or next_seq == start_seq:  # nothing read yet

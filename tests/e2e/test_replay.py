@@ -340,3 +340,32 @@ async def test_replay_since_a_time_past_nanosecond_range(broker: BrokerProcess) 
         ):
             got = [m.seq async for m in client.replay(subject=subject, since=since)]
             assert got == expected, since
+
+
+async def test_a_decoded_replay_reads_text_with_unicode_line_separators(
+    broker: BrokerProcess,
+) -> None:
+    """A text holding U+2028, U+2029 or NEL goes into a decoded replay's JSON unescaped;
+    the client split its line there (``httpx``'s ``aiter_lines`` splits as
+    ``str.splitlines`` does) and raised ``Unavailable`` ("not the broker's") at it."""
+    subject = f"texts.{uuid.uuid4().hex[:8]}"
+    texts = ["before", "one\u2028two\u2029three\x85four", "after"]
+    async with BrokerClient(broker.base_url) as c:
+        for text in texts:
+            await c.publish(subject, text)
+        got = [m async for m in c.replay(subject=subject, decode=True)]
+    assert [m.value for m in got] == texts
+
+
+async def test_a_decoded_replay_of_multibyte_text_pages_past_an_answer_ended_at_16_mib(
+    broker: BrokerProcess,
+) -> None:
+    """The broker ends an answer at 16 MiB counted in bytes; the client counted characters,
+    so a decoded answer of emoji (4 bytes, 1 character each) that the broker ended for its
+    size looked like the stream's end, and the replay stopped there without a word."""
+    subject = f"emoji.{uuid.uuid4().hex[:8]}"
+    async with BrokerClient(broker.base_url) as c:
+        # 40 x (320 kB of base64 + 240 kB of decoded text): 22 MB, 15 M characters
+        seqs = [(await c.publish(subject, "\U0001f600" * 60_000)).seq for _ in range(40)]
+        got = [m.seq async for m in c.replay(subject=subject, decode=True, page=1000)]
+    assert got == seqs
