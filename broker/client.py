@@ -18,6 +18,7 @@ import base64
 import collections
 import contextlib
 import functools
+import json
 import random
 import re
 import ssl
@@ -306,12 +307,23 @@ def _agent_segment(name: str) -> str:
     return name
 
 
+def _json(value: Any) -> bytes:
+    """Compact JSON of ``value``; an integer past 64 bits, which orjson does not write, with
+    all its digits (the broker stores it so)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError as e:
+        if "Integer exceeds" not in str(e):
+            raise
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _payload(payload: bytes | str | Any, content_type: str | None) -> tuple[bytes, str]:
     if isinstance(payload, bytes):
         return payload, content_type or "application/octet-stream"
     if isinstance(payload, str):
         return payload.encode(), content_type or "text/plain; charset=utf-8"
-    return orjson.dumps(payload), content_type or "application/json"
+    return _json(payload), content_type or "application/json"
 
 
 @dataclass(frozen=True)
@@ -458,7 +470,7 @@ class _RecordSource:
                 )
             keyed = {**record, "idempotency_key": record.get("idempotency_key") or uuid.uuid4().hex}
             self.taken += 1
-            line = orjson.dumps(keyed) + b"\n"
+            line = _json(keyed) + b"\n"
             self.unanswered.append(line)
             yield line
 
@@ -696,7 +708,7 @@ class BrokerClient:
         response = await self._request(
             "POST",
             "/v1/publish",
-            content=b"\n".join(orjson.dumps(r) for r in keyed),
+            content=b"\n".join(_json(r) for r in keyed),
             headers={"content-type": "application/x-ndjson"},
             params={"subject": subject} if subject else None,
         )
@@ -955,8 +967,16 @@ class BrokerClient:
         return AgentChange(data["seq"], data["changed"], data["event"], None)
 
     async def agent_history(self, name: str) -> list[dict[str, Any]]:
-        response = await self._request("GET", f"/v1/agents/{_agent_segment(name)}/history")
-        events: list[dict[str, Any]] = _listed(response, "events")
+        """Every registry event of the agent, oldest first (read a page at a time)."""
+        path = f"/v1/agents/{_agent_segment(name)}/history"
+        events: list[dict[str, Any]] = []
+        start: int | None = 1
+        while start is not None:
+            response = await self._request("GET", path, params={"from_seq": str(start)})
+            events.extend(_listed(response, "events"))
+            after = response.json().get("next_from_seq")
+            # A next page must start past this one: an answer that does not is the end.
+            start = after if isinstance(after, int) and after > start else None
         return events
 
     # --- schema registry (the Confluent-compatible API under /registry) ----------------

@@ -414,3 +414,14 @@ async def test_history_is_answered_a_page_at_a_time_and_the_cli_reads_every_page
     assert versions == [f"1.{n}.0" for n in range(103)]
     table = agents_cli(broker, "history", name)
     assert len(table.stdout.splitlines()) == 103
+
+
+async def test_the_client_reads_every_page_of_a_history(broker: BrokerProcess) -> None:
+    from broker.client import BrokerClient
+
+    name = unique()
+    async with BrokerClient(broker.base_url) as c:
+        for n in range(101):
+            await c.put_agent(manifest(name, f"2.{n}.0"))
+        history = await c.agent_history(name)
+    assert [e["manifest"]["version"] for e in history] == [f"2.{n}.0" for n in range(101)]

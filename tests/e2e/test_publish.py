@@ -554,3 +554,20 @@ async def test_head_is_answered_without_a_body(
         assert answer.status_code == status
         assert answer.content == b""
         assert (await c.get("/healthz")).status_code == 200  # the connection still serves
+
+
+async def test_the_client_sends_integers_past_64_bits_and_they_are_stored_as_written(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """orjson does not write such an integer (TypeError): ``publish({"id": 2**70})`` and a
+    batch holding one failed in the client before anything was sent."""
+    from broker.client import BrokerClient
+
+    subject = unique("bigint-client")
+    big = 2**70 + 3
+    async with BrokerClient(broker.base_url) as c:
+        one = await c.publish(subject, {"id": big, "name": "Zoë"})
+        results = await c.publish_batch([{"subject": subject, "data": [big, -big]}])
+    assert (await js.get_msg("MESSAGES", one.seq)).data == '{"id":%d,"name":"Zoë"}'.encode() % big
+    stored = await js.get_msg("MESSAGES", results[0].ack.seq)
+    assert stored.data == b"[%d,%d]" % (big, -big)
