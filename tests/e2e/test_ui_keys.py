@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 
 from broker.embedded import NatsServer, ServerSpec
 from tests._wait import await_until
 from tests.e2e._broker import BrokerProcess, start_broker
-from tests.e2e._browser import Chromium, DevTools, WebSocket, chromium_binary
+from tests.e2e._browser import DevTools, chromium_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -58,23 +56,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
         process.stop()
     finally:
         server.stop()
-
-
-@pytest_asyncio.fixture
-async def page(tmp_path: Path) -> AsyncIterator[DevTools]:
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no Chromium binary (apt-get install chromium, or set BROKER_CHROMIUM)")
-    browser = Chromium(binary, tmp_path / "profile")
-    try:
-        url = await asyncio.to_thread(browser.page_websocket)
-        tools = DevTools(await WebSocket.connect(url))
-        for domain in ("Runtime", "Log", "Page"):
-            await tools.call(f"{domain}.enable")
-        yield tools
-        await tools.close()
-    finally:
-        browser.stop()
 
 
 async def use_key(page: DevTools, key: str) -> None:
