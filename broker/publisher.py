@@ -69,6 +69,10 @@ class PublishAck:
         return {"stream": self.stream, "seq": self.seq, "duplicate": self.duplicate}
 
 
+#: What a caller told "may be stored" can do: a retry with the key is answered as one.
+_RETRY = "retry with the same Idempotency-Key (a request sent without one may be stored twice)"
+
+
 def jetstream_error(status: int, err_code: int, description: str, subject: str) -> BrokerError:
     """The broker error for a JetStream API error reply (``{"code", "err_code", ...}``)."""
     if err_code == _JS_WRONG_LAST_SEQUENCE:
@@ -100,8 +104,7 @@ def map_nats_error(exc: BaseException, *, subject: str = "") -> BrokerError:
         return PayloadTooLarge("message is larger than the NATS server's max_payload")
     if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
         return PublishTimeout(
-            "no acknowledgement from JetStream in time; the message may be stored: "
-            "retry with the same Idempotency-Key"
+            f"no acknowledgement from JetStream in time; the message may be stored: {_RETRY}"
         )
     if isinstance(
         exc,
@@ -281,7 +284,7 @@ class Publisher:
                 entry.future.set_exception(
                     PublishTimeout(
                         "the broker closed before JetStream acknowledged the message; it may "
-                        "be stored: retry with the same Idempotency-Key"
+                        f"be stored: {_RETRY}"
                     )
                 )
 
@@ -400,7 +403,7 @@ class Publisher:
                     pending.future.set_exception(
                         PublishTimeout(
                             "no acknowledgement from JetStream in time; the message may be "
-                            "stored: retry with the same Idempotency-Key"
+                            f"stored: {_RETRY}"
                         )
                     )
 
