@@ -190,7 +190,8 @@ def current() -> TraceContext | None:
 
 def extract(headers: HeaderSource | None) -> TraceContext | None:
     """The trace context in ``traceparent``/``tracestate`` (HTTP, NATS or CloudEvents
-    headers), or ``None`` when absent or malformed. Works whether tracing is on or off."""
+    headers), or ``None`` when absent or malformed: a request's ``traceparent`` sent more
+    than once is malformed (W3C: the trace restarts), as the stored message leaves it out."""
     if not headers:
         return None
     for keys in _KEYS:
@@ -199,11 +200,14 @@ def extract(headers: HeaderSource | None) -> TraceContext | None:
             break
     else:
         return None
+    get_all = getattr(headers, "get_all", None)  # granian's headers; a dict has none
+    if get_all is not None and len(get_all(keys[0])) != 1:
+        return None
     parsed = parse_traceparent(value)
     if parsed is None:
         return None
     # A request's header sent more than once is one list (granian's headers read them all).
-    state = headers.get_all(keys[1]) if hasattr(headers, "get_all") else headers.get(keys[1])
+    state = get_all(keys[1]) if get_all is not None else headers.get(keys[1])
     trace_id, span_id, sampled = parsed
     tracestate = bounded_tracestate(state) if state else None
     return TraceContext(trace_id, span_id, sampled, tracestate)

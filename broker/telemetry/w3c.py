@@ -60,8 +60,10 @@ class RequestHeaders(Protocol):
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
     """``(trace_id, span_id, sampled)`` of a ``traceparent``, or ``None`` if it does not
-    parse. A later version's header is read as version ``00`` with more after it."""
-    value = value.strip(_OWS).lower()
+    parse. A later version's header is read as version ``00`` with more after it. Every
+    field is lower-case hex (``HEXDIGLC``): an upper-case digit makes the header invalid, as
+    for the specification's test suite and OpenTelemetry's propagator."""
+    value = value.strip(_OWS)
     if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
         return None
     version = value[:2]

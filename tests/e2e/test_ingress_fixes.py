@@ -225,7 +225,7 @@ async def test_a_trace_context_never_refuses_a_publish_and_is_stored_bounded(
         f"/v1/publish/{subject}",
         [
             ("content-type", "text/plain"),
-            ("traceparent", TRACEPARENT.upper()),
+            ("traceparent", TRACEPARENT),
             ("tracestate", ",".join(members[:15])),
             ("tracestate", ",".join(members[15:])),
         ],

@@ -107,9 +107,12 @@ def test_a_traceparent_that_does_not_parse_drops_both_headers() -> None:
     assert request_trace_headers(twice) is None
 
 
-def test_a_traceparent_is_stored_as_version_00_lower_case() -> None:
-    later = "01" + PARENT[2:].upper() + "-extra"
+def test_a_traceparent_is_stored_as_version_00_and_upper_case_is_invalid() -> None:
+    later = "01" + PARENT[2:] + "-extra"
     assert request_trace_headers(RequestHeaders(("traceparent", later))) == {"traceparent": PARENT}
+    # HEXDIGLC: an upper-case digit is not a traceparent (W3C test suite, OpenTelemetry)
+    upper = RequestHeaders(("traceparent", later.upper()))
+    assert request_trace_headers(upper) is None
 
 
 def test_a_publish_with_an_oversized_tracestate_is_stored_with_a_bounded_one() -> None:
