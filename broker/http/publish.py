@@ -224,18 +224,23 @@ async def publish_batch(state: IngressState, scope: Scope, proto: HTTPProtocol) 
     kind = _batch_kind(headers.get(H_CONTENT_TYPE))
     default_subject = _query_subject(scope)
     if kind == "ndjson" and media_type(headers.get("accept")) in NDJSON_TYPES:
-        await _DuplexPublish(state, default_subject).run(proto)
+        await _DuplexPublish(state, default_subject, passthrough_headers(headers)).run(proto)
         return
     body = await read_body(proto, headers, state.settings.max_batch_bytes)
     records = _parse_batch(
         kind, body, state.settings.max_batch_records, record_limit(state.settings)
     )
+    # A client's trace context goes with each record, as with a single publish (sampled, the
+    # append's own replaces it); a CloudEvent carries its own.
+    trace = passthrough_headers(headers) if kind != CLOUDEVENTS_BATCH else None
     pending: list[_Pending] = []
     for record in records:
         try:
             if isinstance(record, BrokerError):
                 raise record
             outbound = _to_request(kind, record, default_subject).to_outbound(state.tenant)
+            if trace:
+                outbound.headers.update(trace)
             pending.append((outbound, await state.publisher.submit(outbound)))
         except BrokerError as e:
             pending.append(e)
@@ -275,9 +280,12 @@ class _DuplexPublish:
     """Full-duplex NDJSON: records are appended as their lines arrive and ack lines are
     written back, in order, while the request body still flows."""
 
-    def __init__(self, state: IngressState, default_subject: str | None) -> None:
+    def __init__(
+        self, state: IngressState, default_subject: str | None, trace: dict[str, str] | None
+    ) -> None:
         self.state = state
         self.default_subject = default_subject
+        self.trace = trace  # the request's trace context, stored with each record
         self.line_limit = record_limit(state.settings)
         self.max_records = state.settings.max_batch_records * _STREAM_BATCHES
         self.window: asyncio.Queue[tuple[int, _Pending] | None] = asyncio.Queue(_STREAM_WINDOW)
@@ -357,6 +365,8 @@ class _DuplexPublish:
                 raise BadRequest(f"record is not valid JSON: {e}") from None
             request = record_to_request(record, default_subject=self.default_subject)
             outbound = request.to_outbound(self.state.tenant)
+            if self.trace:
+                outbound.headers.update(self.trace)
             pending = (outbound, await self.state.publisher.submit(outbound))
         except BrokerError as e:
             pending = e

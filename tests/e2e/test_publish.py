@@ -571,3 +571,35 @@ async def test_the_client_sends_integers_past_64_bits_and_they_are_stored_as_wri
     assert (await js.get_msg("MESSAGES", one.seq)).data == '{"id":%d,"name":"Zoë"}'.encode() % big
     stored = await js.get_msg("MESSAGES", results[0].ack.seq)
     assert stored.data == b"[%d,%d]" % (big, -big)
+
+
+async def test_a_batchs_records_carry_the_requests_trace_context(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    """A single publish stores the client's ``traceparent``; a batch's records were stored
+    without it unless the request was sampled, so the trace broke at the ingress."""
+    subject = unique("traced-batch")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    trace = {"traceparent": parent, "tracestate": "vendor=1"}
+    records = [{"subject": subject, "data": {"n": n}} for n in range(2)]
+    buffered = await client.post(
+        "/v1/publish",
+        content=orjson.dumps(records),
+        headers={"content-type": "application/json", **trace},
+    )
+    streamed = await client.post(
+        "/v1/publish",
+        content=b"\n".join(orjson.dumps(r) for r in records) + b"\n",
+        headers={
+            "content-type": "application/x-ndjson",
+            "accept": "application/x-ndjson",
+            **trace,
+        },
+    )
+    seqs = [r["seq"] for r in buffered.json()["results"]]
+    seqs += [orjson.loads(line)["seq"] for line in streamed.text.splitlines() if line]
+    assert len(seqs) == 4
+    for seq in seqs:
+        stored = (await js.get_msg("MESSAGES", seq)).headers or {}
+        assert stored.get("traceparent") == parent
+        assert stored.get("tracestate") == "vendor=1"
