@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,16 +20,18 @@ import structlog
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
 from broker.envelope import (
     CONTENT_TYPE,
     H_STREAM_LAST_SEQ,
+    SCHEMA_ID,
     Tenant,
     media_type,
     stored_schema_id,
 )
-from broker.errors import Unprocessable
+from broker.errors import Unavailable, Unprocessable
 from broker.http.datetimes import EXAMPLES as DATE_TIME_EXAMPLES
 from broker.http.datetimes import parse_date_time
 from broker.http.models import ErrorBody, ReplayRecord
@@ -75,18 +78,60 @@ _FILTER_TOKEN = r"[A-Za-z0-9_*-]{1,64}"
 _FILTER = rf"^(>|{_FILTER_TOKEN}(\.{_FILTER_TOKEN}){{0,15}}(\.>)?)$"
 
 
+def _check_wildcards(subject: str | None) -> None:
+    """422 for a ``*`` inside a token (``orders.creat*``): NATS takes ``*`` as a wildcard
+    only as a whole token, and no stored subject holds one, so the replay would be empty
+    (the pattern's token class lets it through: the published schema keeps that class)."""
+    if subject is not None and any("*" in t and t != "*" for t in subject.split(".")):
+        raise Unprocessable(
+            "subject: * is a wildcard only as a whole token (orders.*), not inside one"
+        )
+
+
 class Decode(StrEnum):
     NONE = "none"
     JSON = "json"
 
 
+@functools.lru_cache(maxsize=64)
+def _second(seconds: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a second since the epoch (UTC): a replay's records share
+    a few seconds, and ``isoformat`` was most of a record's time."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat()[:19]
+
+
+def _stored_at(nanoseconds: int) -> str:
+    """A stored message's time, to the microsecond at or before it: nats-py's
+    ``metadata.timestamp`` rounds NATS's nanoseconds to the nearest microsecond, up about
+    half of the time, and a replay from a record's own ``time`` then left that record out.
+    Written as ``datetime.isoformat`` writes it (no fraction when it is 0)."""
+    seconds, rest = divmod(nanoseconds, 10**9)
+    micro = rest // 1000
+    return f"{_second(seconds)}.{micro:06d}+00:00" if micro else f"{_second(seconds)}+00:00"
+
+
 def _record(message: Msg) -> dict[str, Any]:
-    meta = message.metadata
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>, read here once
+    # (nats-py's ``metadata`` reads it again at each use); the longer form with a domain and
+    # an account hash goes through nats-py.
+    tokens = (message.reply or "").split(".")
+    time: str | None
+    try:
+        if len(tokens) != 9:
+            raise ValueError(len(tokens))
+        stream, seq, time = tokens[2], int(tokens[5]), _stored_at(int(tokens[7]))
+    except (ValueError, OverflowError, OSError):
+        meta = message.metadata
+        stream, seq = meta.stream, meta.sequence.stream
+        try:
+            time = _stored_at(int(tokens[Msg.Ack.Timestamp]))
+        except (IndexError, ValueError, OverflowError, OSError):
+            time = meta.timestamp.isoformat() if meta.timestamp else None
     return {
-        "stream": meta.stream,
-        "seq": meta.sequence.stream,
+        "stream": stream,
+        "seq": seq,
         "subject": message.subject,
-        "time": meta.timestamp.isoformat() if meta.timestamp else None,
+        "time": time,
         "headers": dict(message.headers or {}),
         "payload_base64": base64.b64encode(message.data).decode(),
     }
@@ -103,18 +148,28 @@ def _text(payload: bytes, content_type: str | None) -> str:
         raise DecodeError("text", f"not UTF-8: {e}") from None
 
 
+def _schema_id(kind: CodecKind, headers: dict[str, str]) -> int | None:
+    """The message's ``Broker-Schema-Id``; :class:`DecodeError` for one of more digits than
+    ``int()`` reads (4,300), which any NATS client that may write the stream can store: it
+    failed the whole replay (a 500, or an answer cut off) at every try."""
+    try:
+        return stored_schema_id(headers)
+    except ValueError:
+        raise DecodeError(kind, f"its {SCHEMA_ID} header is no schema id") from None
+
+
 async def _decoded(
     state: IngressState, tenant: Tenant, message: Msg, record: dict[str, Any]
 ) -> bytes:
     """The record with ``value`` (decoded with the writer's schema) or ``decode_error``."""
     headers = record["headers"]
     content_type = headers.get(CONTENT_TYPE)
-    schema_id = stored_schema_id(headers)
     try:
-        if kind_for(content_type) is CodecKind.RAW:
+        kind = kind_for(content_type)
+        if kind is CodecKind.RAW:
             record["value"] = _text(message.data, content_type)
         else:
-            codec = await state.decoders.codec(tenant, content_type, schema_id)
+            codec = await state.decoders.codec(tenant, content_type, _schema_id(kind, headers))
             record["value"] = DecodedMessage(message.data, headers, codec).value
     except DecodeError as e:
         metrics.decode_error(e.codec)
@@ -274,6 +329,7 @@ def replay_router(state: IngressState) -> APIRouter:
         ``MAX_SEQ``, as ``start_seq`` is, and a ``start_time`` whose UTC form falls outside
         years 1 to 9999 (``0001-01-01T00:00:00+05:00``), which has no datetime to send."""
         sse = accept is not None and _accepts_sse(accept)
+        _check_wildcards(subject)
         first_seq, first_time = _start(start_seq, start_time, last_event_id)
         tenant = state.tenant
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
@@ -281,7 +337,13 @@ def replay_router(state: IngressState) -> APIRouter:
         js = state.publisher.js  # 503 when NATS is not connected
         # The stream's last sequence as the read begins: a client paging through a stream
         # that grows faster than it reads stops there (BrokerClient.replay, broker replay).
-        headers = {H_STREAM_LAST_SEQ: str((await js.stream_info(stream)).state.last_seq)}
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:  # was a 500, "JetStream refused the write"
+            raise Unavailable(
+                f"stream {stream.value} is missing (`broker serve` creates it at start)"
+            ) from None
+        headers = {H_STREAM_LAST_SEQ: str(info.state.last_seq)}
         batches = read_batches(
             js,
             stream,
