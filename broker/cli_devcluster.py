@@ -98,6 +98,7 @@ def dev_cluster(
     """
     from broker.cli import EXIT_STARTUP
     from broker.devcluster import RestartBackoff, Topology, TopologySpec
+    from broker.embedded import cluster_ports
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
 
@@ -108,6 +109,12 @@ def dev_cluster(
         raise typer.BadParameter(
             f"{sync_interval!r}: use `always` or a duration such as 500ms, 1s, 2m",
             param_hint="--sync-interval",
+        )
+    if nats_base_port and port in cluster_ports(nats_base_port, nodes):
+        raise typer.BadParameter(
+            f"--port {port} is a port of the NATS nodes (--nats-base-port {nats_base_port}: "
+            f"clients on {nats_base_port}+i, routes on +2000+i, monitoring on +4000+i)",
+            param_hint="--port",
         )
     _claim(data_dir, host, port, replica_url if projection_workers else None)
     spec = TopologySpec(

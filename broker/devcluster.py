@@ -18,7 +18,7 @@ then stops the children in order: routers and workers, the ingress, the NATS nod
 
 from __future__ import annotations
 
-import dataclasses
+import http.client
 import os
 import signal
 import subprocess
@@ -45,10 +45,6 @@ log = structlog.get_logger(__name__)
 _POLL = 0.1
 #: How often a worker or router that exits during start-up is started again.
 _START_RETRIES = 3
-#: Offsets from ``--nats-base-port`` of each node's ports, as NATS's own defaults
-#: (4222 client, 6222 cluster routes, 8222 monitoring).
-_ROUTE_OFFSET = 2000
-_MONITOR_OFFSET = 4000
 
 
 @dataclass
@@ -209,7 +205,9 @@ class Topology:
         self.spec = spec
         self.data_dir = spec.data_dir.resolve()
         self.cluster = _cluster(self.data_dir / "nats", spec)
-        self.port = spec.port or free_port(spec.host, avoid=self.cluster.route_ports)
+        if spec.port in self.cluster.known_ports:
+            raise ValueError(f"port {spec.port} is one of the NATS nodes' ports")
+        self.port = spec.port or free_port(spec.host, avoid=self.cluster.known_ports)
         self.cluster.avoid_ports({self.port})  # bound by the ingress once the nodes run
         self.replica_url = spec.replica_url or f"sqlite:///{self.data_dir / 'replica.db'}"
         self.ingress: BrokerChild | None = None
@@ -313,8 +311,8 @@ class Topology:
         try:
             with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as response:
                 return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return False  # HTTPException: something else (not HTTP) answers on the port
 
     def child_ready(self, child: BrokerChild) -> bool:
         if not child.running:
@@ -407,20 +405,6 @@ def _may_start(backoff: RestartBackoff | None, name: str, code: int | None, now:
 
 def _cluster(store: Path, spec: TopologySpec) -> NatsCluster:
     """The nodes, on loopback; on fixed ports from ``nats_base_port`` when it is set."""
-    cluster = NatsCluster(store, spec.nodes, sync_interval=spec.sync_interval)
-    base = spec.nats_base_port
-    if base:
-        routes = [f"nats-route://127.0.0.1:{base + _ROUTE_OFFSET + i}" for i in range(spec.nodes)]
-        cluster.nodes = [
-            NatsServer(
-                dataclasses.replace(
-                    node.spec,
-                    port=base + i,
-                    http_port=base + _MONITOR_OFFSET + i,
-                    cluster_port=base + _ROUTE_OFFSET + i,
-                    routes=tuple(route for j, route in enumerate(routes) if j != i),
-                )
-            )
-            for i, node in enumerate(cluster.nodes)
-        ]
-    return cluster
+    return NatsCluster(
+        store, spec.nodes, sync_interval=spec.sync_interval, base_port=spec.nats_base_port
+    )

