@@ -480,11 +480,14 @@ def replica_problem(url: str | None) -> str | None:
         create_sql_engine(url).dispose()  # parses the URL, loads its dialect and driver
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
         reason = next(iter(str(e).splitlines()), "") or type(e).__name__
-        return (
-            f"--replica-url {redact_url(url)} is not a usable SQL replica URL ({reason}); "
-            "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB"
-        )
-    return None
+    except ValueError:  # its message quotes the URL's text: a piece of the password, maybe
+        reason = "its port is not a number: percent-encode @ : / # in a password"
+    else:
+        return None
+    return (
+        f"--replica-url {redact_url(url)} is not a usable SQL replica URL ({reason}); "
+        "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB"
+    )
 
 
 def settings_problem(settings: Settings) -> str | None:

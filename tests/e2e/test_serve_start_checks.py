@@ -122,7 +122,13 @@ def test_a_data_dir_that_cannot_be_one_is_refused(tmp_path: Path, kind: str, com
 
 @pytest.mark.parametrize("command", ["serve", "dev-cluster"])
 @pytest.mark.parametrize(
-    "url", ["bogus://x", "not a url", "postgresql+nosuchdriver://u:s3cret@db/replica"]
+    "url",
+    [
+        "bogus://x",
+        "not a url",
+        "postgresql+nosuchdriver://u:s3cret@db/replica",
+        "postgresql://u:p@x:s3cret/y@db/replica",  # a port of no number: its text in the error
+    ],
 )
 def test_an_unusable_replica_url_is_refused(tmp_path: Path, command: str, url: str) -> None:
     """The projection worker exited with a traceback and was started again every minute,
