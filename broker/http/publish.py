@@ -281,7 +281,10 @@ class _DuplexPublish:
     written back, in order, while the request body still flows."""
 
     def __init__(
-        self, state: IngressState, default_subject: str | None, trace: dict[str, str] | None
+        self,
+        state: IngressState,
+        default_subject: str | None,
+        trace: dict[str, str] | None = None,
     ) -> None:
         self.state = state
         self.default_subject = default_subject
