@@ -13,6 +13,7 @@ from broker.envelope import Outbound, PublishRequest, Tenant, passthrough_header
 from broker.publisher import Publisher
 from broker.telemetry import tracing
 from broker.telemetry.w3c import parse_traceparent
+from tests._tracing import RequestHeaders
 
 pytestmark = pytest.mark.integration
 
@@ -20,23 +21,6 @@ TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN = 0xB7AD6B7169203331
 PARENT = f"00-{TRACE:032x}-{SPAN:016x}-01"
 OTHER = f"00-{TRACE + 1:032x}-{SPAN:016x}-01"
-
-
-class RequestHeaders:
-    """Headers as granian gives them: ``get`` answers the first value of a name, ``get_all``
-    every value."""
-
-    def __init__(self, *pairs: tuple[str, str]) -> None:
-        self._pairs = pairs
-
-    def get(self, key: str, default: object = None) -> object:
-        return next((v for k, v in self._pairs if k == key), default)
-
-    def get_all(self, key: str) -> list[str]:
-        return [v for k, v in self._pairs if k == key]
-
-    def __len__(self) -> int:
-        return len(self._pairs)
 
 
 @pytest.fixture

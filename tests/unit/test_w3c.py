@@ -15,27 +15,11 @@ from broker.telemetry.w3c import (
     parse_traceparent,
     request_trace_headers,
 )
+from tests._tracing import RequestHeaders
 
 pytestmark = pytest.mark.unit
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-class RequestHeaders:
-    """Headers as granian gives them: ``get`` answers the first value of a name, ``get_all``
-    every value."""
-
-    def __init__(self, *pairs: tuple[str, str]) -> None:
-        self._pairs = pairs
-
-    def get(self, key: str, default: object = None) -> object:
-        return next((v for k, v in self._pairs if k == key), default)
-
-    def get_all(self, key: str) -> list[str]:
-        return [v for k, v in self._pairs if k == key]
-
-    def __len__(self) -> int:
-        return len(self._pairs)
 
 
 def test_a_valid_list_is_kept_as_sent_without_spaces_around_members() -> None:
