@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+#: A client's sampled trace context, and another trace's.
+TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+SPAN = 0xB7AD6B7169203331
+PARENT = f"00-{TRACE:032x}-{SPAN:016x}-01"
+OTHER = f"00-{TRACE + 1:032x}-{SPAN:016x}-01"
+
 
 class RequestHeaders:
     """Headers as granian gives them: ``get`` answers the first value of a name, ``get_all``

