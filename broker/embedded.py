@@ -126,6 +126,22 @@ def free_port(host: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
             return port
 
 
+#: The embedded server's ``max_payload`` unless the broker's messages need more.
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+#: Room a stored message's headers take beside its payload (routing headers alone may hold
+#: 40 KiB; a decision, trace context and the broker's own add more).
+HEADER_ROOM = 256 * 1024
+#: The most nats-server takes as ``max_payload`` (it must not exceed ``max_pending``).
+LARGEST_MAX_PAYLOAD = 64 * 1024 * 1024
+
+
+def max_payload_for(max_message_bytes: int) -> int:
+    """The ``max_payload`` an embedded server needs for messages of ``max_message_bytes``
+    with their headers: the default, or more. NATS counts headers and payload together, so
+    a server set to the message limit alone refused the largest messages (413)."""
+    return max(DEFAULT_MAX_PAYLOAD, max_message_bytes + HEADER_ROOM)
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """What to start. Ports of 0 are chosen free at first start and kept across restarts."""
@@ -135,7 +151,7 @@ class ServerSpec:
     port: int = 0
     http_port: int = 0
     server_name: str | None = None
-    max_payload: int = 8 * 1024 * 1024
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     sync_interval: str | None = None
     cluster_name: str | None = None
     cluster_port: int | None = None

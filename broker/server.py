@@ -501,6 +501,14 @@ def settings_problem(settings: Settings) -> str | None:
             f"--nats-port and --port are both {settings.port}: the embedded NATS server and "
             "the ingress need a port each"
         )
+    if settings.nats_url is None:
+        from broker.embedded import LARGEST_MAX_PAYLOAD, max_payload_for
+
+        if max_payload_for(settings.max_message_bytes) > LARGEST_MAX_PAYLOAD:
+            return (
+                f"BROKER_MAX_MESSAGE_BYTES ({settings.max_message_bytes}) with room for "
+                f"headers is over the {LARGEST_MAX_PAYLOAD} bytes NATS takes as max_payload"
+            )
     if settings.projection_workers:
         return replica_problem(settings.replica_url)
     return None
@@ -554,13 +562,16 @@ def run_broker(
         return _EXIT_STARTUP
     try:
         if settings.nats_url is None:
-            from broker.embedded import NatsServer, ServerSpec
+            from broker.embedded import NatsServer, ServerSpec, max_payload_for
 
             store = settings.data_dir.resolve() / "nats"
             store.mkdir(parents=True, exist_ok=True)
             # The ingress binds its port after NATS has started: NATS must not draw it.
             spec = ServerSpec(
-                store_dir=store, port=settings.nats_port, avoid_ports=frozenset({settings.port})
+                store_dir=store,
+                port=settings.nats_port,
+                avoid_ports=frozenset({settings.port}),
+                max_payload=max_payload_for(settings.max_message_bytes),
             )
             embedded = NatsServer(spec).start()
             settings = settings.model_copy(update={"nats_url": embedded.url})

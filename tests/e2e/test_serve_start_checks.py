@@ -177,3 +177,33 @@ def test_an_ingress_whose_port_was_taken_says_so_on_one_line(tmp_path: Path) -> 
     assert "Address already in use" in line
     assert "Traceback" not in output
     assert "Stack backtrace" not in output
+
+
+def test_messages_over_the_embedded_default_max_payload_are_stored(tmp_path: Path) -> None:
+    """The embedded nats-server's max_payload was 8 MiB whatever BROKER_MAX_MESSAGE_BYTES
+    said: a 10 MiB message the ingress took was refused by NATS (413). It follows the
+    setting now, with room for the headers."""
+    import httpx
+
+    from tests.e2e._broker import start_broker
+
+    broker = start_broker(
+        tmp_path, args=LIGHT, env={"BROKER_MAX_MESSAGE_BYTES": str(12 * 1024 * 1024)}
+    )
+    try:
+        with httpx.Client(http1=False, http2=True, timeout=60) as client:
+            answer = client.post(
+                f"{broker.base_url}/v1/publish/big",
+                content=b"x" * (10 * 1024 * 1024),
+                headers={"content-type": "application/octet-stream"},
+            )
+        assert answer.status_code == 200, answer.text
+    finally:
+        broker.stop()
+
+
+def test_a_message_limit_nats_cannot_carry_is_refused_at_start(tmp_path: Path) -> None:
+    code, output = _serve(tmp_path, env={"BROKER_MAX_MESSAGE_BYTES": str(64 * 1024 * 1024)})
+    assert code == EXIT_STARTUP, output
+    assert "BROKER_MAX_MESSAGE_BYTES" in output
+    assert "Traceback" not in output
