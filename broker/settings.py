@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -211,12 +212,10 @@ class Settings(BaseSettings):
         """JetStream refuses a stream whose duplicate window is longer than its max age
         (error 10052, naming no setting): said at start, by the settings' names."""
         window = self.duplicate_window_seconds
-        routes = self.routes_max_age_seconds
-        dlq = self.dlq_max_age_seconds
         ages = {
             "messages_max_age_seconds": self.messages_max_age_seconds,
-            "routes_max_age_seconds": self.messages_max_age_seconds if routes is None else routes,
-            "dlq_max_age_seconds": self.messages_max_age_seconds if dlq is None else dlq,
+            "routes_max_age_seconds": self.routes_limits[0],
+            "dlq_max_age_seconds": self.dlq_limits[0],
         }
         for name, age in ages.items():
             if 0 < age < window:
@@ -228,9 +227,30 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def routes_limits(self) -> tuple[float, int]:
+        """``ROUTES``' max age and max bytes: its own, or where unset ``MESSAGES``'."""
+        return _or(self.routes_max_age_seconds, self.messages_max_age_seconds), _or(
+            self.routes_max_bytes, self.messages_max_bytes
+        )
+
+    @property
+    def dlq_limits(self) -> tuple[float, int]:
+        """``DLQ``'s max age and max bytes: its own, or where unset ``MESSAGES``'."""
+        return _or(self.dlq_max_age_seconds, self.messages_max_age_seconds), _or(
+            self.dlq_max_bytes, self.messages_max_bytes
+        )
+
+    @property
     def auth_configured(self) -> bool:
         """An auth document is set (file or inline): requests must authenticate."""
         return self.auth_file is not None or self.auth_config is not None
+
+
+_T = TypeVar("_T")
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 @lru_cache(maxsize=1)

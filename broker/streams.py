@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import nats.errors
 import structlog
@@ -41,8 +41,6 @@ from broker.errors import StreamConfigConflict
 from broker.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 
 class Stream(StrEnum):
@@ -164,7 +162,8 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
     }
     # The registry and schema streams are the source of truth: kept forever, never edited.
     audit: dict[str, Any] = {**common, "max_age": 0.0, "max_bytes": -1, "deny_delete": True}
-    # ROUTES and DLQ keep copies of MESSAGES' payloads: unless set, MESSAGES' limits bound them.
+    # ROUTES and DLQ keep copies of MESSAGES' payloads: unless set, MESSAGES' limits bound them
+    # (Settings.routes_limits, dlq_limits).
     messages_age, messages_bytes = settings.messages_max_age_seconds, settings.messages_max_bytes
     return [
         StreamConfig(
@@ -192,8 +191,8 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             name=Stream.ROUTES,
             description="RouteDecided events; route.<tenant>.<agent> is an agent's inbox.",
             subjects=[f"{SUBJECT_PREFIX[Stream.ROUTES]}.>"],
-            max_age=_or(settings.routes_max_age_seconds, messages_age),
-            max_bytes=_or(settings.routes_max_bytes, messages_bytes),
+            max_age=settings.routes_limits[0],
+            max_bytes=settings.routes_limits[1],
             deny_delete=False,
             **common,
         ),
@@ -201,8 +200,8 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             name=Stream.DLQ,
             description="What could not be processed, with the reason.",
             subjects=[f"{SUBJECT_PREFIX[Stream.DLQ]}.>"],
-            max_age=_or(settings.dlq_max_age_seconds, messages_age),
-            max_bytes=_or(settings.dlq_max_bytes, messages_bytes),
+            max_age=settings.dlq_limits[0],
+            max_bytes=settings.dlq_limits[1],
             deny_delete=False,
             **common,
         ),
@@ -214,10 +213,6 @@ def stream_specs(settings: Settings) -> list[StreamConfig]:
             **audit,
         ),
     ]
-
-
-def _or(value: _T | None, default: _T) -> _T:
-    return default if value is None else value
 
 
 def agent_load_spec(settings: Settings) -> KeyValueConfig:
