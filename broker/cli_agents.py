@@ -240,14 +240,14 @@ def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
 def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None:
     """Every registry event of one agent, oldest first (read a page at a time; the table
     shows each page as it comes)."""
+    from broker.client import next_page
+
     path = f"/v1/agents/{_agent_name(name)}/history"
     events: list[dict[str, Any]] = []
     start: int | None = 1
     while start is not None:
         body = _get_json(url, path, _HISTORY_KEYS, {"from_seq": str(start)})
-        after = body.get("next_from_seq")
-        # A next page must start past this one, or the loop could go round for ever.
-        start = after if isinstance(after, int) and after > start else None
+        start = next_page(body, start)
         if output == "json":
             events.extend(body["events"])
             continue

@@ -238,6 +238,14 @@ def _result(item: Any, where: str) -> PublishResult:
         raise _not_the_broker(where, f"a record's result {str(item)[:80]!r}") from None
 
 
+def next_page(document: Mapping[str, Any], start: int) -> int | None:
+    """Where the page after a history page that began at ``start`` begins (its
+    ``next_from_seq``), or ``None`` at the end: a next page must start past this one, or a
+    reader could go round for ever."""
+    after = document.get("next_from_seq")
+    return after if isinstance(after, int) and after > start else None
+
+
 def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
     """``key`` of a 2xx answer's object: a list of objects, else not the broker's answer."""
     items = broker_document(response, key)[key]
@@ -974,9 +982,7 @@ class BrokerClient:
         while start is not None:
             response = await self._request("GET", path, params={"from_seq": str(start)})
             events.extend(_listed(response, "events"))
-            after = response.json().get("next_from_seq")
-            # A next page must start past this one: an answer that does not is the end.
-            start = after if isinstance(after, int) and after > start else None
+            start = next_page(response.json(), start)
         return events
 
     # --- schema registry (the Confluent-compatible API under /registry) ----------------

@@ -31,7 +31,7 @@ from broker.envelope import Tenant
 from broker.errors import NotFound, Unauthenticated, Unavailable
 from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
-from broker.telemetry.endpoint import scrape_allowed
+from broker.telemetry.endpoint import METRICS_OFF, scrape_allowed
 from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
 
 _CACHE_SECONDS = 1.0
@@ -222,7 +222,7 @@ def ops_router(state: IngressState) -> APIRouter:
             raise Unauthenticated("/metrics needs Authorization: Bearer <BROKER_METRICS_TOKEN>")
         if not metrics.enabled():
             # Nothing is recorded: a 200 would read as a broker with no traffic at all.
-            raise NotFound("metrics are off in this broker (BROKER_METRICS=false)")
+            raise NotFound(METRICS_OFF)
         metrics.flush()  # this process's latest counts first (on the loop's thread)
         body = await asyncio.to_thread(metrics.render)
         return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -22,6 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
+import orjson
 import structlog
 
 from broker.telemetry import metrics
@@ -53,9 +54,9 @@ def scrape_allowed(token: str | None, authorization: str | None) -> bool:
     return hmac.compare_digest(presented.encode(), token.encode())
 
 
-_METRICS_OFF = (
-    b'{"error_code":"not_found","message":"metrics are off in this broker (BROKER_METRICS=false)"}'
-)
+#: What a scrape of a broker with metrics off is told (404), here and by the ingress.
+METRICS_OFF = "metrics are off in this broker (BROKER_METRICS=false)"
+_METRICS_OFF = orjson.dumps({"error_code": "not_found", "message": METRICS_OFF})
 
 
 class _Handler(BaseHTTPRequestHandler):
