@@ -43,9 +43,11 @@ on its own, without that variable, keeps its metrics in memory as usual.
 
 from __future__ import annotations
 
+import contextlib
 from asyncio import _get_running_loop
 from bisect import bisect_left
 from collections import Counter as CounterOf
+from collections.abc import Iterable
 from itertools import compress, repeat
 from operator import eq
 from typing import Any, TypeVar
@@ -61,6 +63,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from broker.telemetry.multiproc import multiprocess_dir
 
@@ -453,9 +457,26 @@ def agent_load(
         _child(AGENT_ERROR_RATIO, tenant, agent).set(error_ratio)
 
 
+_AGENT_GAUGES = (AGENT_INSTANCES, AGENT_IN_FLIGHT, AGENT_QPS, AGENT_P99, AGENT_ERROR_RATIO)
+
+
 def forget_agent(tenant: str, agent: str) -> None:
-    """The agent has no live instance left: its load gauges go to zero."""
-    agent_load(tenant, agent, instances=0, in_flight=0, qps=0, p99_seconds=0, error_ratio=0)
+    """The agent has no live instance left: its load gauges are no longer reported. Agents
+    come and go (one per session, in some fleets), and a series kept at zero for each one
+    ever seen would grow the exposition for the whole run. In one process their label sets
+    are removed; in multiprocess mode, where a value cannot be removed from the shared
+    files, they are set to zero and :func:`render` leaves out every load gauge of an agent
+    whose instances read zero (the largest over the routers: one that still sees an
+    instance keeps it reported)."""
+    if not _on:
+        return
+    if multiprocess_dir() is not None:
+        agent_load(tenant, agent, instances=0, in_flight=0, qps=0, p99_seconds=0, error_ratio=0)
+        return
+    for gauge in _AGENT_GAUGES:
+        _children.pop((id(gauge), tenant, agent), None)
+        with contextlib.suppress(KeyError):  # never reported by this process
+            gauge.remove(tenant, agent)
 
 
 _build_labels: list[tuple[str, str, str]] = []  # the label set this process last set
@@ -486,5 +507,38 @@ def render() -> bytes:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(_LiveOnly(MultiProcessCollector(None)))  # type: ignore[no-untyped-call]
     return generate_latest(registry)
+
+
+_AGENT_GAUGE_NAMES = frozenset(gauge._name for gauge in _AGENT_GAUGES)
+
+
+class _LiveOnly(Collector):
+    """The shared files' metrics less what only stays there because a multiprocess value
+    cannot be removed: the load gauges of agents with no live instance
+    (:func:`forget_agent`) and ``broker_build_info`` label sets set to 0
+    (:func:`build_info`)."""
+
+    def __init__(self, inner: Collector) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        families = list(self._inner.collect())
+        gone = {
+            (s.labels.get("tenant"), s.labels.get("agent"))
+            for family in families
+            if family.name == AGENT_INSTANCES._name
+            for s in family.samples
+            if s.value == 0
+        }
+        for family in families:
+            if family.name in _AGENT_GAUGE_NAMES and gone:
+                family.samples = [
+                    s
+                    for s in family.samples
+                    if (s.labels.get("tenant"), s.labels.get("agent")) not in gone
+                ]
+            elif family.name == BUILD_INFO._name:
+                family.samples = [s for s in family.samples if s.value != 0]
+        return families

@@ -53,3 +53,36 @@ def test_an_exited_workers_build_info_is_forgotten(tmp_path: Path) -> None:
     text = run(RENDER, tmp_path, old_pid).stdout
     assert 'nats_server_version="2.10.0",version="1.0"} 1.0' in text
     assert "2.9.0" not in text
+
+
+LOAD = """
+import sys
+from broker.telemetry import metrics
+for agent in sys.argv[1:]:
+    metrics.agent_load("t", agent, instances=2, in_flight=1, qps=3, p99_seconds=0.1,
+                       error_ratio=0)
+metrics.forget_agent("t", "gone")
+"""
+LOAD_ONLY = """
+import sys
+from broker.telemetry import metrics
+metrics.agent_load("t", "gone", instances=1, in_flight=0, qps=1, p99_seconds=0, error_ratio=0)
+"""
+
+
+def test_a_gone_agents_load_gauges_are_left_out_of_the_exposition(tmp_path: Path) -> None:
+    """An agent a router forgot is not reported (its values stay in the shared files, which
+    cannot drop them), while another router that still sees an instance keeps it shown;
+    an old build_info label set set to 0 is left out too."""
+    run(LOAD, tmp_path, "gone", "live")
+    run(SET, tmp_path, "2.9.0")
+    set_twice = SET + "metrics.build_info('1.0', 'abc', '2.10.0')\n"
+    run(set_twice, tmp_path, "2.9.0")  # one process: 2.9.0 set to 0, then 2.10.0 to 1
+    text = run(RENDER, tmp_path).stdout
+    assert 'broker_agent_instances{agent="live",tenant="t"} 2.0' in text
+    assert 'agent="gone"' not in text
+    assert 'nats_server_version="2.9.0",version="1.0"} 1.0' in text  # the first process's
+    assert 'nats_server_version="2.9.0",version="1.0"} 0.0' not in text
+    run(LOAD_ONLY, tmp_path)  # another router sees an instance of it: shown again
+    text = run(RENDER, tmp_path).stdout
+    assert 'broker_agent_instances{agent="gone",tenant="t"} 1.0' in text

@@ -507,7 +507,14 @@ def test_router_facing_metrics_record_decisions_and_load() -> None:
     assert sample("broker_route_decisions_total", {**labels, "agent": "", "reason": "no_candidate"})
     assert sample("broker_agent_load_in_flight", {"tenant": "t", "agent": "ocr"}) == 3
     metrics.forget_agent("t", "ocr")
-    assert sample("broker_agent_instances", {"tenant": "t", "agent": "ocr"}) == 0
+    for name in ("broker_agent_instances", "broker_agent_load_in_flight"):
+        # An agent that is gone is not reported at all, not kept at zero for the whole run.
+        assert REGISTRY.get_sample_value(name, {"tenant": "t", "agent": "ocr"}) is None
+    shown = metrics.render().decode().splitlines()
+    assert not [line for line in shown if line.startswith("broker_agent_") and "ocr" in line]
+    metrics.forget_agent("t", "never-seen")  # nothing to remove: no error
+    metrics.agent_load("t", "ocr", instances=1, in_flight=0, qps=1, p99_seconds=0, error_ratio=0)
+    assert sample("broker_agent_instances", {"tenant": "t", "agent": "ocr"}) == 1  # back
 
 
 async def test_counts_on_an_event_loop_reach_the_registry_within_the_flush_interval() -> None:
