@@ -484,12 +484,17 @@ _build_labels: list[tuple[str, str, str]] = []  # the label set this process las
 
 def build_info(version: str, git_revision: str, nats_server_version: str | None) -> None:
     """Set ``broker_build_info``; after a reconnection to another nats-server version the
-    old label set reads 0 (multiprocess gauges cannot be removed)."""
+    old label set is removed (in multiprocess mode, where values cannot be removed, set to 0
+    and left out by :func:`render`)."""
     if not _on:
         return
     labels = (version, git_revision, nats_server_version or "unknown")
     for old in _build_labels:
-        if old != labels:
+        if old == labels:
+            continue
+        if multiprocess_dir() is None:
+            BUILD_INFO.remove(*old)
+        else:
             BUILD_INFO.labels(*old).set(0)
     BUILD_INFO.labels(*labels).set(1)
     _build_labels[:] = [labels]

@@ -729,4 +729,6 @@ def test_build_info_follows_the_nats_server_version_after_a_reconnection() -> No
     metrics.build_info("9.9.9", "abc", "2.9.10")
     assert value("2.9.10") == 1
     metrics.build_info("9.9.9", "abc", "2.15.1")  # reconnected to an upgraded server
-    assert (value("2.9.10"), value("2.15.1")) == (0, 1)
+    assert (value("2.9.10"), value("2.15.1")) == (None, 1)  # the old label set is gone
+    metrics.build_info("9.9.9", "abc", "2.9.10")  # and back
+    assert (value("2.9.10"), value("2.15.1")) == (1, None)
