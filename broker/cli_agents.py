@@ -197,21 +197,53 @@ def list_agents(
     url: URL = DEFAULT_URL,
     output: OUTPUT = "table",
 ) -> None:
-    """List registered agents (now, or as they were at --as-of)."""
-    body = _get_json(url, "/v1/agents", _LIST_KEYS, {"as_of": as_of} if as_of else None)
+    """List registered agents by name (now, or as they were at --as-of), read a page at a
+    time. With --as-of, every page is of the registry the first page was read from; without,
+    each page is the live registry when it is read, so an agent changed meanwhile may show
+    as it was or as it is. -o json prints {seq, as_of, agents}: seq is the lowest registry
+    seq a page was read at."""
+    from broker.client import next_after
+
+    params = {"as_of": as_of} if as_of else {}
+    agents: list[dict[str, Any]] = []  # json: every record; table: only its row is kept
+    rows: list[tuple[str, ...]] = []
+    seqs: list[int] = []
+    after: str | None = None
+    with _client(url) as client:
+        while True:
+            response = client.get("/v1/agents", params=params)
+            if response.status_code >= 400:
+                _fail(response)
+            body = _document(response, *_LIST_KEYS)
+            if isinstance(body.get("seq"), int):
+                seqs.append(body["seq"])
+                if as_of:  # the pages after the first at the seq the first was read at
+                    params["as_of"] = str(body["seq"])
+            if output == "json":
+                agents.extend(body["agents"])
+            else:
+                rows.extend(_row(agent) for agent in body["agents"])
+            after = next_after(body, after)
+            if after is None:
+                break
+            params["after"] = after
     if output == "json":
-        typer.echo(json.dumps(body, indent=2))
+        document = {"seq": min(seqs, default=None), "as_of": as_of, "agents": agents}
+        typer.echo(json.dumps(document, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "version", "seq", "capabilities", "updated")
-    for agent in body["agents"]:
-        actions = ", ".join(c["action"] for c in agent["manifest"]["capabilities"])
-        table.add_row(
-            agent["name"], agent["version"], str(agent["seq"]), actions, str(agent["updated_at"])
-        )
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+def _row(agent: dict[str, Any]) -> tuple[str, ...]:
+    """An agent's line in the ``list`` table."""
+    actions = ", ".join(c["action"] for c in agent["manifest"]["capabilities"])
+    return agent["name"], agent["version"], str(agent["seq"]), actions, str(agent["updated_at"])
 
 
 @agents_app.command(

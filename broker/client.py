@@ -246,6 +246,14 @@ def next_page(document: Mapping[str, Any], start: int) -> int | None:
     return after if isinstance(after, int) and after > start else None
 
 
+def next_after(document: Mapping[str, Any], after: str | None) -> str | None:
+    """The name the page after an agent list page read from ``after`` follows (its
+    ``next_after``), or ``None`` at the end: as with :func:`next_page`, it must be past
+    ``after`` (names compare as the broker sorts them), or a reader could go round for ever."""
+    name = document.get("next_after")
+    return name if isinstance(name, str) and (after is None or name > after) else None
+
+
 def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
     """``key`` of a 2xx answer's object: a list of objects, else not the broker's answer."""
     items = broker_document(response, key)[key]
@@ -954,11 +962,23 @@ class BrokerClient:
         return broker_document(await self._request("GET", path), "name", "seq", "manifest")
 
     async def list_agents(self, *, as_of: int | str | None = None) -> list[dict[str, Any]]:
-        """The agents now, or as they were at a stream sequence or RFC 3339 time."""
-        params = {"as_of": str(as_of)} if as_of is not None else None
-        response = await self._request("GET", "/v1/agents", params=params)
-        agents: list[dict[str, Any]] = _listed(response, "agents")
-        return agents
+        """Every agent by name, now or as they were at a stream sequence or RFC 3339 time
+        (read a page at a time). With ``as_of``, the pages after the first are read at the
+        ``seq`` the first answered, so all are of one registry; without, each page is the
+        live registry when read (an agent changed meanwhile may show either way)."""
+        params: dict[str, str] = {} if as_of is None else {"as_of": str(as_of)}
+        agents: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            response = await self._request("GET", "/v1/agents", params=params)
+            agents.extend(_listed(response, "agents"))
+            page = response.json()
+            if as_of is not None and isinstance(page.get("seq"), int):
+                params["as_of"] = str(page["seq"])
+            after = next_after(page, after)
+            if after is None:
+                return agents
+            params["after"] = after
 
     async def delete_agent(self, name: str, *, if_match: int | None = None) -> AgentChange:
         """Deregister an agent; :class:`NotFound` when it is not registered.

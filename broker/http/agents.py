@@ -23,6 +23,7 @@ from broker.registry.commands import (
 )
 from broker.registry.events import RegistryEvent
 from broker.registry.manifest import AGENT_NAME_PATTERN, manifest_is_yaml, parse_manifest
+from broker.registry.pages import agent_page
 from broker.registry.snapshot import AgentRecord
 
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -69,6 +70,18 @@ class AgentList(BaseModel):
     seq: int = Field(description="Registry stream sequence this view includes.")
     as_of: str | None
     agents: list[AgentBody]
+    next_after: str | None = Field(
+        default=None,
+        description="The last name of this page: send it as `?after=` for the next page; "
+        "null when these are the last.",
+    )
+
+
+#: Agents one list page holds at most, as a history page holds events.
+MAX_LIST_PAGE = 100
+#: Manifest bytes (as JSON) past which a list page stops, whatever ``limit`` says: 100
+#: manifests of up to 256 KiB would be a 25 MiB answer. A page always holds one agent.
+MAX_LIST_PAGE_BYTES = 1024 * 1024
 
 
 class HistoryEvent(BaseModel):
@@ -226,17 +239,38 @@ def agents_router(state: IngressState) -> APIRouter:
             str | None,
             Query(description="A stream sequence or an RFC 3339 time: the registry as it was."),
         ] = None,
+        after: Annotated[
+            str | None,
+            Query(
+                pattern=AGENT_NAME_PATTERN,
+                description="Start after this name (the `next_after` of the page before); "
+                "it need not be registered.",
+            ),
+        ] = None,
+        limit: Annotated[
+            int, Query(ge=1, le=MAX_LIST_PAGE, description="Agents in this page at most.")
+        ] = MAX_LIST_PAGE,
     ) -> AgentList:
-        """The tenant's agents now, or as they were at ``as_of`` (rebuilt from the stream)."""
+        """The tenant's agents by name, now or as they were at `as_of` (rebuilt from the
+        stream for each page), a page at a time: `next_after` is the `after` of the next
+        page (null after the last). A page also stops before the manifest that would take
+        it past 1 MiB, so it may hold fewer than `limit` agents before the last page. Each
+        page of the live list is the registry when that page is read; pages read with the
+        same `as_of` are of one registry when it is already past (a seq the stream has
+        reached, or a time before the first page: the first page's `seq` pins it)."""
         if as_of is None:
             snapshot = state.registry.snapshot
         else:
             seq, moment = parse_as_of(as_of)
             snapshot = await registry_as_of(state.publisher.js, state.tenant, seq=seq, time=moment)
+        page = agent_page(
+            snapshot.agents(state.tenant), after=after, limit=limit, max_bytes=MAX_LIST_PAGE_BYTES
+        )
         return AgentList(
             seq=snapshot.last_seq,
             as_of=as_of,
-            agents=[_body(r) for r in snapshot.agents(state.tenant)],
+            agents=[_body(r) for r in page.agents],
+            next_after=page.next_after,
         )
 
     @router.get("/{name}", response_model=AgentBody)
