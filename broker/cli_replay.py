@@ -32,6 +32,10 @@ class _OutputFailed(Exception):
     """The records could not be written where they go (a full disk, a file system gone)."""
 
 
+class _RecordsLost(Exception):
+    """``--strict``: records the replay asked for aged out or were purged."""
+
+
 def _unwritable(where: Path | None, error: OSError) -> BaseException:
     """What a failed write is: :class:`_OutputFailed`, naming the output, but a reader that
     went away (``| head``) stays the ``BrokenPipeError`` that click ends quietly on."""
@@ -119,11 +123,18 @@ async def _replay(
     decode: bool,
     to: Path | None,
     table: bool = False,
+    strict: bool = False,
 ) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from broker.cli import cli_credentials, cli_tls
-    from broker.client import BrokerClient
+    from broker.client import BrokerClient, RecordsLost
+
+    def lost(what: RecordsLost) -> None:
+        """A warning on stderr (stdout carries the records); with ``--strict``, the end."""
+        if strict:
+            raise _RecordsLost(f"{what}; --strict stops the replay there")
+        typer.echo(f"warning: {what}", err=True)
 
     count = 0
     show = to is not None and sys.stderr.isatty()
@@ -139,7 +150,12 @@ async def _replay(
         task = progress.add_task("replay", total=None)
         async with BrokerClient(url, headers=cli_credentials(), verify=cli_tls()) as client:
             async for m in client.replay(
-                stream, start_seq=start_seq, since=since, subject=subject, decode=decode
+                stream,
+                start_seq=start_seq,
+                since=since,
+                subject=subject,
+                decode=decode,
+                on_lost=lost,
             ):
                 if table:
                     out.write(_table_line(m, decode).encode() + b"\n")
@@ -203,11 +219,22 @@ def replay(
             "--output", "-o", help="ndjson (one JSON record per message) or table (for people)."
         ),
     ] = "ndjson",
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Fail (exit 1) instead of warning when records the replay asked for aged "
+            "out or were purged; a --to file is then left as it was.",
+        ),
+    ] = False,
 ) -> None:
     """Replay a stream from a sequence or a time to its current end, as NDJSON.
 
-    A dropped connection resumes from the last message received. Exit codes: 0 ok,
-    1 refused (or the output could not be written), 3 unavailable.
+    A dropped connection resumes from the last message received. When the stream no
+    longer holds records the replay asked for (a --from-seq, or a next page's start, below
+    its first sequence: they aged out or were purged), a warning says so on stderr. Exit
+    codes: 0 ok, 1 refused (or the output could not be written, or records lost with
+    --strict), 3 unavailable.
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
 
@@ -226,12 +253,12 @@ def replay(
         )
     try:
         count = asyncio.run(
-            _replay(url, stream.upper(), from_seq, since, subject, decode, to, table)
+            _replay(url, stream.upper(), from_seq, since, subject, decode, to, table, strict)
         )
     except BrokerError as e:
         typer.echo(f"error: {e.error_code}: {e.message}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REFUSED) from None
-    except _OutputFailed as e:
+    except (_OutputFailed, _RecordsLost) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
     if to:

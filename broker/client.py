@@ -19,6 +19,7 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import random
 import re
 import ssl
@@ -44,7 +45,7 @@ import httpx
 import orjson
 
 from broker._h2stream import ConnectionLost, DuplexRequest
-from broker.envelope import H_STREAM_LAST_SEQ
+from broker.envelope import H_STREAM_FIRST_SEQ, H_STREAM_LAST_SEQ
 from broker.errors import (
     BrokerError,
     RequestTimeout,
@@ -61,6 +62,7 @@ __all__ = [
     "BrokerClient",
     "PublishAck",
     "PublishResult",
+    "RecordsLost",
     "RetryPolicy",
     "RouteReply",
     "RouteResult",
@@ -69,6 +71,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: Where a replay says what it found gone when its caller passed no ``on_lost``: the
+#: standard library's logging, which an application routes as it likes (and which, left
+#: unconfigured, writes warnings to stderr, never among records written to stdout).
+_log = logging.getLogger(__name__)
 _RETRYABLE_STATUS = frozenset({429, 503})
 #: What a proxy answers when the broker behind it does not (bad gateway, gateway timeout):
 #: without the broker's error code, retried as a 503 is (a repeatable request only).
@@ -149,6 +155,52 @@ class StoredMessage:
             value=item.get("value"),
             decode_error=item.get("decode_error"),
         )
+
+
+@dataclass(frozen=True)
+class RecordsLost:
+    """What a replay found gone: it asked to read ``stream`` from ``start_seq`` (the
+    ``start_seq`` given, or where a next page or a resume began) and the stream's first
+    stored sequence was ``first_seq``. Records ``start_seq`` to ``first_seq - 1`` aged out
+    (max age, max messages) or were purged, and any of them may have been in the replay's
+    range: a filtered read cannot tell, as other subjects' and tenants' messages take
+    sequences too (which is also why gaps between the records read are no sign of loss)."""
+
+    stream: str
+    start_seq: int
+    first_seq: int
+
+    def __str__(self) -> str:
+        return (
+            f"replay of {self.stream} from seq {self.start_seq}: records before seq "
+            f"{self.first_seq} aged out or were purged (some may have been in range)"
+        )
+
+
+def _say_lost(
+    response: httpx.Response,
+    stream: str,
+    start: int | None,
+    reported: int,
+    on_lost: Callable[[RecordsLost], None] | None,
+) -> int:
+    """Tell ``on_lost`` (else the log) of the records a replay answer to a read from
+    ``start`` says are gone: those before the stream's first sequence
+    (``Broker-Stream-First-Seq``) when ``start`` is below it, unless a first sequence as high
+    (``reported``) was told already. Nothing without a start or the header (a broker from
+    before it). Returns the highest first sequence told."""
+    first = response.headers.get(H_STREAM_FIRST_SEQ, "")
+    if start is None or not (first.isascii() and first.isdigit()):
+        return reported
+    first_seq = int(first)
+    if start >= first_seq or first_seq <= reported:
+        return reported
+    lost = RecordsLost(stream, start, first_seq)
+    if on_lost is None:
+        _log.warning("%s", lost)
+    else:
+        on_lost(lost)
+    return first_seq
 
 
 @functools.cache
@@ -864,20 +916,30 @@ class BrokerClient:
         subject: str | None = None,
         decode: bool = False,
         page: int = 1000,
+        on_lost: Callable[[RecordsLost], None] | None = None,
     ) -> AsyncIterator[StoredMessage]:
         """Every message of ``stream`` (in your namespace) from a sequence or a time to the
         end the stream had when the replay began (messages appended meanwhile are left out,
         so a replay of a stream growing faster than it reads still ends), page by page. A
         dropped connection resumes from the last sequence received: nothing is skipped and
-        nothing repeated."""
+        nothing repeated.
+
+        What the stream no longer holds cannot be read: when a page (the first one, from
+        ``start_seq``; a next one; a resume) starts below the stream's first sequence, the
+        records before it aged out or were purged, and :class:`RecordsLost` says so, once
+        for each first sequence found, before that page's records. ``on_lost`` is called
+        with it; without, it is logged as a warning (logger ``broker.client``). To stop at
+        such a loss, raise from ``on_lost``: the exception ends the replay. A replay from
+        ``since`` or from the start has no start sequence to compare until its next page."""
         params: dict[str, str] = {"limit": str(page), "decode": "json" if decode else "none"}
         if subject:
             params["subject"] = subject
         if since is not None and start_seq is None:
             params["start_time"] = since.isoformat()
         next_seq = start_seq
-        attempt = 0
         end: int | None = None  # the stream's last seq when the first page was read
+        # reported: the highest first seq said to be lost (a page tried again says it once)
+        attempt = reported = 0
         while True:
             if next_seq is not None:
                 params.pop("start_time", None)
@@ -897,6 +959,7 @@ class BrokerClient:
                         raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
                         end = int(last) if last.isdigit() else None
+                    reported = _say_lost(response, stream, next_seq, reported, on_lost)
                     lines = contextlib.aclosing(_ndjson_lines(response))
                     async with lines as records:
                         async for line in records:

@@ -62,6 +62,9 @@ H_SCHEMA_ID = "schema-id"
 H_EXPECTED_LAST_SUBJECT_SEQUENCE = "expected-last-subject-sequence"
 #: Replay response header: the stream's last sequence when the read began.
 H_STREAM_LAST_SEQ = "Broker-Stream-Last-Seq"
+#: Replay response header: the stream's first sequence when the read began. A start below
+#: it asked for records that aged out (max age, max messages) or were purged.
+H_STREAM_FIRST_SEQ = "Broker-Stream-First-Seq"
 
 # Stored NATS header names.
 NATS_MSG_ID = "Nats-Msg-Id"

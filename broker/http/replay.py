@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
 from broker.envelope import (
     CONTENT_TYPE,
+    H_STREAM_FIRST_SEQ,
     H_STREAM_LAST_SEQ,
     SCHEMA_ID,
     Tenant,
@@ -280,6 +281,19 @@ def replay_router(state: IngressState) -> APIRouter:
                 "(`id` = seq, resumable with `Last-Event-ID`). An answer ends after `limit` "
                 "records or once it holds 16 MiB: page on from the last seq + 1 until an "
                 "answer is empty or reaches `Broker-Stream-Last-Seq`.",
+                "headers": {
+                    H_STREAM_LAST_SEQ: {
+                        "description": "The stream's last sequence when the read began: "
+                        "page on up to it.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    H_STREAM_FIRST_SEQ: {
+                        "description": "The stream's first sequence when the read began. "
+                        "A start below it asked for records that aged out (max age, max "
+                        "messages) or were purged: any of them may have been in range.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                },
                 "content": {
                     # Each line is one record (as the streamed publish answer describes its
                     # lines): a one-line body is checked as that record.
@@ -337,13 +351,18 @@ def replay_router(state: IngressState) -> APIRouter:
         js = state.publisher.js  # 503 when NATS is not connected
         # The stream's last sequence as the read begins: a client paging through a stream
         # that grows faster than it reads stops there (BrokerClient.replay, broker replay).
+        # Its first: a client that asked to start below it (start_seq, a next page's start)
+        # learns that records before it aged out or were purged, and says so.
         try:
             info = await js.stream_info(stream)
         except NotFoundError:  # was a 500, "JetStream refused the write"
             raise Unavailable(
                 f"stream {stream.value} is missing (`broker serve` creates it at start)"
             ) from None
-        headers = {H_STREAM_LAST_SEQ: str(info.state.last_seq)}
+        headers = {
+            H_STREAM_LAST_SEQ: str(info.state.last_seq),
+            H_STREAM_FIRST_SEQ: str(info.state.first_seq),
+        }
         batches = read_batches(
             js,
             stream,
