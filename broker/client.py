@@ -5,6 +5,7 @@ construction: each logical publish gets an idempotency key (generated unless giv
 every retry reuses, so a retried publish never stores a second copy. Retries back off
 exponentially with full jitter on 429, 503 and connection errors, honouring ``Retry-After``;
 a connection the broker shuts down (HTTP/2 GOAWAY, as it does when it stops) is one.
+``total_timeout`` (none by default) bounds a request's tries and the waits between them.
 An agent put or delete without ``if_match`` is the one write that is not safe to repeat: it
 is retried only while it cannot have reached the broker (see :meth:`BrokerClient._request`).
 Errors come back as the server's :mod:`broker.errors` classes, chosen by ``error_code``.
@@ -47,7 +48,9 @@ import orjson
 from broker._h2stream import ConnectionLost, DuplexRequest
 from broker.envelope import H_STREAM_FIRST_SEQ, H_STREAM_LAST_SEQ
 from broker.errors import (
+    BadRequest,
     BrokerError,
+    DeadlineExceeded,
     RequestTimeout,
     StreamFull,
     Unavailable,
@@ -92,6 +95,11 @@ _ANSWER_BYTES = 16 * 1024 * 1024
 #: The 503 of a write whose outcome the broker does not know (it may be stored).
 _OUTCOME_UNKNOWN = frozenset({"publish_timeout"})
 _AGENT_NAME = re.compile(AGENT_NAME_PATTERN)
+#: A header name: an HTTP token (RFC 9110).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A header value the broker can read: visible ASCII, space and tab. Its HTTP server hands
+#: nothing else on (``broker.http._rsgi.check_headers``), and httpx sends text as ASCII only.
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -358,6 +366,11 @@ def _retry_after(response: httpx.Response) -> float | None:
     return float(value) if value and value.isascii() and value.isdigit() else None
 
 
+def _in_time(deadline: float | None, wait: float) -> bool:
+    """Whether a try after ``wait`` seconds starts before ``deadline`` (event loop time)."""
+    return deadline is None or asyncio.get_running_loop().time() + wait < deadline
+
+
 def _segment(value: str | int) -> str:
     """``value`` as one URL path segment: percent-encoded, so that a ``?``, ``#``, ``%`` or
     ``/`` in it stays in it (the server decodes it and refuses what it does not accept, e.g.
@@ -443,10 +456,9 @@ def _with_callers(
     without case: an ``Idempotency-Key`` the caller passes is the one sent (it went out
     beside the client's own fresh key, which the broker read, so retries were stored again),
     and so is a ``Content-Type``. ``arguments`` name the headers the call's own arguments
-    set (``key=`` for ``idempotency-key``...): ``ValueError`` when both say different things."""
-    if not headers:
-        return sent
-    for name, value in headers.items():
+    set (``key=`` for ``idempotency-key``...): ``ValueError`` when both say different things.
+    Every header is then checked with :func:`_sendable`."""
+    for name, value in (headers or {}).items():
         lower = name.lower()
         argument = arguments.get(lower.replace("-", "_"))
         if argument is not None and argument != value:
@@ -454,7 +466,25 @@ def _with_callers(
                 f"{name} is given twice, as an argument ({argument!r}) and in headers ({value!r})"
             )
         sent[lower] = value
-    return sent
+    return _sendable(sent)
+
+
+def _sendable(headers: dict[str, str]) -> dict[str, str]:
+    """``headers``, or :class:`BadRequest` naming the first one the broker could not read,
+    before anything is sent: a name that is not a token, or a text value with a character
+    that is not visible ASCII (``é``, a line feed). The broker answers a header it reads
+    (``Idempotency-Key``, ``Broker-Tenant``, ``Broker-Intent``...) with such a value so, and
+    its HTTP server drops any other unread; httpx, which encodes text as ASCII, raised a bare
+    ``UnicodeEncodeError``. The value is not in the message: it may be a credential."""
+    for name, value in headers.items():
+        if isinstance(name, str) and not _HEADER_NAME.fullmatch(name):
+            raise BadRequest(f"header name {name[:100]!r} is not an HTTP token")
+        if isinstance(value, str) and not _HEADER_VALUE.fullmatch(value):
+            raise BadRequest(
+                f"header {name[:100]!r} has a value that is not visible ASCII; "
+                "send it percent-encoded or as ASCII"
+            )
+    return headers
 
 
 def _route_headers(
@@ -556,9 +586,22 @@ class BrokerClient:
         headers: Mapping[str, str] | None = None,
         api_key: str | None = None,
         tenant: str | None = None,
+        total_timeout: float | None = None,
     ) -> None:
         """``api_key`` (an API key or a JWT) is sent as a bearer token; ``tenant`` picks one
-        of the key's tenants (``Broker-Tenant``), else the key's first tenant is used."""
+        of the key's tenants (``Broker-Tenant``), else the key's first tenant is used.
+
+        ``timeout`` bounds each try (connecting, and each read or write of it);
+        ``total_timeout``, when given, bounds each request to the broker, all its tries and
+        the waits between them together (see :meth:`_request`). A paged read
+        (``list_agents``, ``agent_history``) gives each page its own; ``replay`` and
+        ``publish_stream``, which last as long as the data they carry, are not bounded by it.
+        ``None`` (the default) leaves a call bounded by ``retry.attempts`` tries of at most
+        ``timeout`` each: a fixed default would cut calls that are meant to be long (a
+        ``request`` waiting for its reply, a large batch on a slow link)."""
+        if total_timeout is not None and not total_timeout > 0:
+            raise ValueError(f"total_timeout must be positive seconds or None, not {total_timeout}")
+        self._total_timeout = total_timeout
         self.retry = retry or RetryPolicy()
         # publish_stream speaks HTTP/2 itself: it needs what httpx is given
         self._stream_headers = _with_callers(credential_headers(api_key, tenant), headers)
@@ -614,13 +657,29 @@ class BrokerClient:
         its outcome is unknown. Making it conditional instead (read the version, send
         ``If-Match``) would cost a read per call, turn a concurrent change into a conflict
         the caller did not ask for, and still answer a repeat with ``changed=False``.
+
+        With a ``total_timeout``, a retry is made only if its wait (and the server's
+        ``Retry-After``, which may be longer than the policy waits) ends before the deadline;
+        otherwise the last error is raised at once, as when the attempts run out. A try
+        still unanswered at the deadline is given up: :class:`DeadlineExceeded`.
         """
         if not repeatable:
             final = final | _OUTCOME_UNKNOWN
+        loop = asyncio.get_running_loop()
+        deadline = None if self._total_timeout is None else loop.time() + self._total_timeout
         attempt = 0
         while True:
+            window = asyncio.timeout_at(deadline)
             try:
-                response = await self._http.request(method, path, **kwargs)
+                async with window:
+                    response = await self._http.request(method, path, **kwargs)
+            except TimeoutError as e:
+                if not window.expired():
+                    raise
+                raise DeadlineExceeded(
+                    f"no answer to {method} {path} within the client's total_timeout of "
+                    f"{self._total_timeout} s: it may or may not have been done"
+                ) from e
             except CONNECTION_FAILED as e:
                 if not repeatable and not isinstance(e, _NOT_SENT):
                     raise Unavailable(
@@ -628,9 +687,10 @@ class BrokerClient:
                         "or may not have been done, and is not repeated; read it back, or "
                         "pass if_match to have it retried safely"
                     ) from e
-                if attempt + 1 >= self.retry.attempts:
+                wait = self.retry.delay(attempt, None)
+                if attempt + 1 >= self.retry.attempts or not _in_time(deadline, wait):
                     raise Unavailable(f"cannot reach the broker: {e}") from e
-                await asyncio.sleep(self.retry.delay(attempt, None))
+                await asyncio.sleep(wait)
                 attempt += 1
                 continue
             if (
@@ -645,9 +705,12 @@ class BrokerClient:
                 and attempt + 1 < self.retry.attempts
                 and not (final and _error_code(response) in final)
             ):
-                await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
-                attempt += 1
-                continue
+                retry_after = _retry_after(response)
+                wait = self.retry.delay(attempt, retry_after)
+                if _in_time(deadline, max(wait, retry_after or 0.0)):
+                    await asyncio.sleep(wait)
+                    attempt += 1
+                    continue
             if response.status_code >= 400 and response.status_code != 207:
                 raise _error(response)
             return response
