@@ -1021,7 +1021,7 @@ class BrokerClient:
                         why = _answered(response)
                         raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
-                        end = int(last) if last.isdigit() else None
+                        end = int(last) if last.isascii() and last.isdigit() else None
                     reported = _say_lost(response, stream, next_seq, reported, on_lost)
                     lines = contextlib.aclosing(_ndjson_lines(response))
                     async with lines as records:

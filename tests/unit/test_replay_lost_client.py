@@ -84,3 +84,20 @@ async def test_a_first_seq_header_that_is_no_sequence_reports_nothing(first: str
         got = [m.seq async for m in client.replay(start_seq=1, on_lost=lost.append)]
     assert got == [3]
     assert lost == []
+
+
+async def test_a_last_seq_header_that_is_no_sequence_leaves_the_end_open() -> None:
+    """``²`` in ``Broker-Stream-Last-Seq`` made ``int()`` raise inside the replay; it is
+    read as no end (a page short of ``limit`` ends the replay then)."""
+    pages: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        pages.append(request.url.params.get("start_seq", ""))
+        headers = [(b"content-type", b"application/x-ndjson")]
+        headers.append((H_STREAM_LAST_SEQ.encode(), "\u00b2".encode("latin-1")))
+        return httpx.Response(200, content=_line(3) if len(pages) == 1 else b"", headers=headers)
+
+    async with _client(answer) as client:
+        got = [m.seq async for m in client.replay(start_seq=1)]
+    assert got == [3]
+    assert pages == ["1"]
