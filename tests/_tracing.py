@@ -11,7 +11,7 @@ OTHER = f"00-{TRACE + 1:032x}-{SPAN:016x}-01"
 
 class RequestHeaders:
     """Headers as granian gives them: ``get`` answers the first value of a name, ``get_all``
-    every value."""
+    every value; ``in`` and ``items`` as the publish handlers read them."""
 
     def __init__(self, *pairs: tuple[str, str]) -> None:
         self._pairs = pairs
@@ -21,6 +21,18 @@ class RequestHeaders:
 
     def get_all(self, key: str) -> list[str]:
         return [v for k, v in self._pairs if k == key]
+
+    def __contains__(self, key: object) -> bool:
+        return any(k == key for k, _ in self._pairs)
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for k, _ in self._pairs))
+
+    def values(self) -> list[str]:
+        return [v for _, v in self._pairs]
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._pairs)
 
     def __len__(self) -> int:
         return len(self._pairs)

@@ -1800,8 +1800,23 @@ id_bits(PyObject *id, unsigned long long *out)
     return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
 }
 
+/* Remove headers' tracestate, if it has one (0, or -1 with an exception set): a traceparent
+ * written without a tracestate of its own must not go with another context's (W3C). A dict
+ * costs one lookup when there is none, the common case. */
+static int
+drop_tracestate(PyObject *headers)
+{
+    int found = PyDict_CheckExact(headers) ? PyDict_Contains(headers, str_tracestate)
+                                           : PySequence_Contains(headers, str_tracestate);
+    if (found <= 0) {
+        return found;
+    }
+    return PyObject_DelItem(headers, str_tracestate);
+}
+
 /* tracing.inject(headers, span=None): the traceparent (and tracestate) of span, a Timing, or
- * else of the span running now, written into headers; nothing while tracing is off. */
+ * else of the span running now, written into headers, where a tracestate of another context
+ * is removed; nothing while tracing is off. */
 static PyObject *
 inject(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1863,7 +1878,12 @@ inject(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     int has_state = PyObject_IsTrue(tracestate);
-    if (has_state < 0 || (has_state && PyObject_SetItem(headers, str_tracestate, tracestate) < 0)) {
+    if (has_state < 0) {
+        goto done;
+    }
+    int failed = has_state ? PyObject_SetItem(headers, str_tracestate, tracestate)
+                           : drop_tracestate(headers);
+    if (failed < 0) {
         goto done;
     }
     result = Py_NewRef(Py_None);

@@ -124,5 +124,5 @@ def child_timing(name: str, kind: Any, current: bool = True) -> Timing | None:
 
 def inject(headers: MutableMapping[str, str], span: Timing | None = None, /) -> None:
     """The ``traceparent`` (and ``tracestate``, when there is one) of ``span``, else of the
-    bound context variable's span, written into ``headers``; nothing while switched off or
-    when no span is current."""
+    bound context variable's span, written into ``headers``, which keep no other
+    ``tracestate``; nothing while switched off or when no span is current."""

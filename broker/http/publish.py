@@ -84,7 +84,8 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
     content_type = headers.get(H_CONTENT_TYPE)
     body = await read_body(proto, headers, state.settings.max_message_bytes)
     key = headers.get(H_IDEMPOTENCY_KEY)
-    if media_type(content_type) == CLOUDEVENTS_JSON:
+    structured = media_type(content_type) == CLOUDEVENTS_JSON
+    if structured:
         event = parse_json(body, what="the structured CloudEvent")
         request = cloudevent_to_request(event, subject=subject, idempotency_key=key)
         trace = passthrough_headers(headers)
@@ -101,11 +102,14 @@ async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, su
     outbound = request.to_outbound(state.tenant)
     stored = outbound.headers
     if (
-        tracing.enabled()
+        structured
+        and tracing.enabled()
         and "ce-traceparent" in stored
-        and not ("traceparent" in headers or "ce-traceparent" in headers)
+        and tracing.extract(headers) is None
     ):
-        # A structured CloudEvent carries its own trace context: its append continues it.
+        # A structured CloudEvent carries its own trace context, and the request none that
+        # the server span continued (one that is not valid counts as absent, as the stored
+        # message leaves it out): the event's append continues the event's context.
         with tracing.span("cloudevent", parent_headers=stored, kind=tracing.SpanKind.CONSUMER):
             ack = await state.publisher.publish(outbound)
     else:

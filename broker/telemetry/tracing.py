@@ -105,7 +105,8 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 #: Where a traceparent may be found, in order, each with its tracestate: W3C (HTTP, NATS as
 #: the broker stores it), CloudEvents (binary mode, or a structured event's attribute as the
-#: broker stores it), a NATS header another client wrote with a capital letter.
+#: broker stores it), a NATS header another client wrote with a capital letter. The first
+#: valid one is followed: one that is invalid counts as absent (W3C), with its tracestate.
 _KEYS = (
     (TRACEPARENT, TRACESTATE),
     ("ce-traceparent", "ce-tracestate"),
@@ -190,34 +191,39 @@ def current() -> TraceContext | None:
 
 def extract(headers: HeaderSource | None) -> TraceContext | None:
     """The trace context in ``traceparent``/``tracestate`` (HTTP, NATS or CloudEvents
-    headers), or ``None`` when absent or malformed: a request's ``traceparent`` sent more
-    than once is malformed (W3C: the trace restarts), as the stored message leaves it out."""
+    headers), or ``None`` when there is none that is valid. A ``traceparent`` that is
+    malformed, or a request's sent more than once (the stored message leaves both out), is
+    ignored as if absent, with its ``tracestate`` (W3C): a binary-mode CloudEvent's
+    ``ce-traceparent`` beside it is then followed, as the later hops reading the stored
+    message follow it, else the trace restarts."""
     if not headers:
         return None
-    for keys in _KEYS:
-        value = headers.get(keys[0])
-        if value:
-            break
-    else:
-        return None
-    get_all = getattr(headers, "get_all", None)  # granian's headers; a dict has none
-    if get_all is not None and len(get_all(keys[0])) != 1:
-        return None
-    parsed = parse_traceparent(value)
-    if parsed is None:
-        return None
-    # A request's header sent more than once is one list (granian's headers read them all).
-    state = get_all(keys[1]) if get_all is not None else headers.get(keys[1])
-    trace_id, span_id, sampled = parsed
-    tracestate = bounded_tracestate(state) if state else None
-    return TraceContext(trace_id, span_id, sampled, tracestate)
+    for traceparent, tracestate in _KEYS:
+        value = headers.get(traceparent)
+        if not value:
+            continue
+        get_all = getattr(headers, "get_all", None)  # granian's headers; a dict has none
+        if get_all is not None and len(get_all(traceparent)) != 1:
+            continue
+        parsed = parse_traceparent(value)
+        if parsed is None:
+            continue
+        # A request's header sent more than once is one list (granian's headers read them all).
+        state = get_all(tracestate) if get_all is not None else headers.get(tracestate)
+        trace_id, span_id, sampled = parsed
+        return TraceContext(
+            trace_id, span_id, sampled, bounded_tracestate(state) if state else None
+        )
+    return None
 
 
 def _inject(headers: MutableMapping[str, str], span: Timing | None = None) -> None:
     """Write the ``traceparent`` (and ``tracestate``) of ``span``, a :class:`Timing` (one
     started with ``current=False``), or else of the span running now into ``headers``, so
-    the next hop continues this trace. Does nothing when tracing is off or no span is running
-    (headers already there, e.g. passed through from a client, are then left alone)."""
+    the next hop continues this trace. A ``tracestate`` already in ``headers`` is replaced,
+    or removed when this context has none: W3C pairs a ``tracestate`` with its
+    ``traceparent``. Does nothing when tracing is off or no span is running (headers already
+    there, e.g. passed through from a client, are then left alone)."""
     if not _config.enabled:
         return
     if span is not None:
@@ -232,6 +238,8 @@ def _inject(headers: MutableMapping[str, str], span: Timing | None = None) -> No
     headers[TRACEPARENT] = _TRACEPARENT % (ctx[0], ctx[1], "01" if ctx[2] else "00")
     if ctx[3]:
         headers[TRACESTATE] = ctx[3]
+    elif TRACESTATE in headers:  # another context's (headers copied from a request or message)
+        del headers[TRACESTATE]
 
 
 def span(
@@ -273,7 +281,8 @@ def edge_timing(route: str, headers: HeaderSource) -> Timing | None:
     """The server span of a request to ``route`` at the edge (HTTP headers, case-insensitive
     names), started now as a :class:`Timing` named ``route`` (:func:`end_timing` may rename
     it), or ``None`` when nothing is to be recorded: tracing off, or not sampled. It
-    continues the request's ``traceparent`` or starts a trace, as ``span(...,
+    continues the request's valid ``traceparent`` (else a binary-mode CloudEvent's
+    ``ce-traceparent``, as :func:`extract` reads them) or starts a trace, as ``span(...,
     start_trace=True)`` decides. The ingress runs this on every request: the common cases (no
     trace context in the request; sampled or not) take a handful of operations and, when
     sampled, one Python frame."""

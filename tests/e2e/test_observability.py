@@ -302,6 +302,75 @@ async def test_one_trace_follows_a_message_from_ingress_to_the_agents_reply(
     assert by_name["route"].service == "broker-router"
 
 
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_an_invalid_traceparent_beside_a_cloudevents_one_is_as_if_absent(
+    client: httpx.AsyncClient,
+    broker: BrokerProcess,
+    receiver: OtlpReceiver,
+    js: JetStreamContext,
+    mode: str,
+) -> None:
+    """A ``traceparent`` that is not valid is ignored, with its ``tracestate``, as if absent
+    (W3C): a CloudEvent's own trace context (``ce-traceparent``, or a structured event's
+    ``traceparent`` attribute) is then what the stored message continues, from the append,
+    as without the header. The invalid header made the append continue a new trace of the
+    ingress's, and the stored ``traceparent`` split the message from its event's trace."""
+    trace_id = 0x7D3EFB1B173FECFA5E7A4E0A1C2B3D4E + (mode == "structured")
+    event = client_traceparent(trace_id)
+    other_trace = 0xA1B2C3D4E5F6A7B8C9D0E1F2A3B4C5D6  # upper-case hex: not a traceparent
+    invalid = {"traceparent": f"00-{other_trace:032X}-{CLIENT_SPAN:016x}-01", "tracestate": "c=1"}
+    if mode == "binary":
+        answer = await client.post(
+            "/v1/publish/trace.cloudevent",
+            content=b'{"n": 1}',
+            headers={
+                "content-type": "application/json",
+                "ce-specversion": "1.0",
+                "ce-id": "traced-binary",
+                "ce-source": "/observability",
+                "ce-type": "traced",
+                "ce-traceparent": event,
+                **invalid,
+            },
+        )
+    else:
+        body = {
+            "specversion": "1.0",
+            "id": "traced-structured",
+            "source": "/observability",
+            "type": "traced",
+            "traceparent": event,
+            "data": {"n": 1},
+        }
+        answer = await client.post(
+            "/v1/publish/trace.cloudevent",
+            content=orjson.dumps(body),
+            headers={"content-type": "application/cloudevents+json", **invalid},
+        )
+    assert answer.status_code == 200, answer.text
+    stored = (await js.get_msg(Stream.MESSAGES, answer.json()["seq"])).headers or {}
+    assert stored["ce-traceparent"] == event
+    assert "tracestate" not in stored  # the invalid header's went with it
+    tid = f"{trace_id:032x}"
+    assert stored["traceparent"].startswith(f"00-{tid}-"), stored
+    append_id = stored["traceparent"][36:52]
+    assert wait_for(lambda: append_id in {s.span_id for s in receiver.trace(tid)}, timeout=20), (
+        receiver.trace(tid),
+        broker.log_tail(),
+    )
+    by_id = {s.span_id: s for s in receiver.trace(tid)}
+    append = by_id[append_id]
+    assert append.name == "append"
+    assert append.parent_id is not None
+    # Binary mode: the server span continues the event's context; structured: the event's
+    # own consumer span does (the request carried none the server span could continue).
+    continued = by_id[append.parent_id]
+    assert continued.name == (
+        "cloudevent" if mode == "structured" else "POST /v1/publish/{subject}"
+    )
+    assert continued.parent_id == f"{CLIENT_SPAN:016x}"
+
+
 async def test_log_lines_carry_the_trace_id_of_their_request(
     client: httpx.AsyncClient, broker: BrokerProcess
 ) -> None:

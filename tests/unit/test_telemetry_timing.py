@@ -9,7 +9,8 @@ import contextvars
 import gc
 import sys
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterator
+from collections import UserDict
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,8 +22,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from broker.envelope import Tenant
+from broker.http.publish import body_request
 from broker.telemetry import metrics, tracing
 from broker.telemetry.http import NO_RESPONSE, instrument
+from tests._tracing import OTHER, RequestHeaders
 
 pytestmark = pytest.mark.unit
 
@@ -287,6 +291,124 @@ def test_inject_takes_only_a_timing_and_writes_nothing_while_off(implementation:
     tracing.end_timing(outer)
     assert [s[0] for s in pipeline.spans] == ["outer"]
     assert tracing._current.get() is None
+
+
+class HeaderMapping(UserDict[str, str]):
+    """Headers that are a mapping but not a dict (the C ``inject``'s general path)."""
+
+
+@pytest.mark.parametrize("mapping", [dict, HeaderMapping], ids=["dict", "mapping"])
+def test_inject_leaves_no_tracestate_of_another_context(
+    implementation: str, mapping: Callable[[dict[str, str]], MutableMapping[str, str]]
+) -> None:
+    """W3C pairs a ``tracestate`` with its ``traceparent``. Headers copied from a client's
+    request or an incoming message may hold one: a new ``traceparent`` written beside it
+    (one whose context has no ``tracestate``) left it there, so the next hop read it as this
+    trace's. After ``inject`` the ``tracestate`` is the context's own, or there is none."""
+    copied = {"traceparent": OTHER, "tracestate": "stale=1", "kept": "yes"}
+    pipeline = Pipeline()
+    tracing.configure("ingress")
+    try:
+        root = new_timing("root", None, pipeline)  # no tracestate
+        current = mapping(dict(copied))
+        tracing.inject(current)
+        detached = tracing.child_timing("append", SpanKind.PRODUCER, current=False)
+        assert detached is not None
+        handed = mapping(dict(copied))
+        tracing.inject(handed, detached)
+        tracing.end_timing(detached)
+        tracing.end_timing(root)
+        remote = tracing.TraceContext(PARENT_TRACE, PARENT_SPAN, True, "own=1")
+        with_state = new_timing("continued", remote, pipeline)
+        replaced = mapping(dict(copied))
+        tracing.inject(replaced)
+        tracing.end_timing(with_state)
+        untouched = mapping(dict(copied))
+        tracing.inject(untouched)  # nothing running: nothing written, nothing removed
+    finally:
+        tracing.disable()
+    assert dict(current) == {"traceparent": traceparent(root.span_id), "kept": "yes"}
+    assert dict(handed) == {"traceparent": traceparent(detached.span_id), "kept": "yes"}
+    assert dict(replaced) == {
+        "traceparent": traceparent(with_state.span_id),
+        "tracestate": "own=1",
+        "kept": "yes",
+    }
+    assert dict(untouched) == copied
+
+
+def traceparent(span_id: int) -> str:
+    return f"00-{PARENT_TRACE:032x}-{span_id:016x}-01"
+
+
+CLOUDEVENT = (
+    ("content-type", "application/json"),
+    ("ce-specversion", "1.0"),
+    ("ce-id", "order-1"),
+    ("ce-source", "/shop"),
+    ("ce-type", "order.placed"),
+)
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [("not a traceparent",), (OTHER.upper(),), (OTHER, OTHER)],
+    ids=["garbage", "upper-case", "sent-twice"],
+)
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
+def test_an_invalid_traceparent_beside_a_cloudevents_one_is_as_if_absent(
+    memory: InMemorySpanExporter, invalid: tuple[str, ...], sampled: bool
+) -> None:
+    """A binary-mode CloudEvent's ``ce-traceparent`` (its Distributed Tracing extension)
+    beside a ``traceparent`` that is not valid: W3C ignores the invalid header, with its
+    ``tracestate``, as if it were absent, so the server span continues the event's context,
+    as the stored message (which leaves the invalid header out) and every later hop do. The
+    server span stopped at the invalid header and started a trace of its own: the stored
+    ``traceparent``, written from its child ``append``, split the message from its event."""
+    flags = "01" if sampled else "00"
+    event = f"00-{PARENT_TRACE:032x}-{PARENT_SPAN:016x}-{flags}"
+    headers = RequestHeaders(
+        *CLOUDEVENT,
+        *(("traceparent", value) for value in invalid),
+        ("tracestate", "client=1"),
+        ("ce-traceparent", event),
+        ("ce-tracestate", "event=1"),
+    )
+    request = body_request(headers, "orders", b"{}", "application/json")  # type: ignore[arg-type]
+    stored = request.to_outbound(Tenant("acme")).headers
+    assert (stored["ce-traceparent"], stored["ce-tracestate"]) == (event, "event=1")
+    assert "traceparent" not in stored
+    assert "tracestate" not in stored
+    expected = tracing.TraceContext(PARENT_TRACE, PARENT_SPAN, sampled, "event=1")
+    assert tracing.extract(headers) == expected
+    assert tracing.extract(stored) == expected  # what a later hop reads before the append
+    server = tracing.edge_timing(ROUTE, headers)  # type: ignore[arg-type]
+    if not sampled:  # the event's decision; a new root would have been sampled here
+        assert server is None
+        tracing.inject(stored)
+        assert tracing.extract(stored) == expected
+        assert memory.get_finished_spans() == ()
+        return
+    assert server is not None
+    append = tracing.child_timing("append", SpanKind.PRODUCER, current=False)
+    assert append is not None
+    tracing.inject(stored, append)  # as the publisher writes the stored message
+    tracing.end_timing(append, APPEND)
+    tracing.end_timing(server)
+    append_span, server_span = memory.get_finished_spans()
+    assert server_span.context is not None
+    assert server_span.parent is not None
+    assert (server_span.context.trace_id, server_span.parent.span_id) == (
+        PARENT_TRACE,
+        PARENT_SPAN,
+    )
+    assert server_span.context.trace_state.to_header() == "event=1"
+    assert append_span.parent is not None
+    assert append_span.context is not None
+    assert append_span.parent.span_id == server_span.context.span_id
+    assert stored["traceparent"] == traceparent(append_span.context.span_id)
+    assert stored["tracestate"] == "event=1"
+    assert stored["ce-traceparent"] == event
 
 
 def test_a_handler_that_raises_fails_the_server_span_with_an_exception_event(
@@ -648,7 +770,7 @@ def test_the_c_timings_leak_neither_references_nor_memory() -> None:
             outer = new_timing(name, None, pipeline)
             inner = tracing.child_timing(name, SpanKind.PRODUCER)
             assert inner is not None
-            headers: dict[str, str] = {}
+            headers = {"tracestate": name}  # another context's: removed
             tracing.inject(headers)
             detached = tracing.child_timing(name, SpanKind.PRODUCER, current=False)
             assert detached is not None
@@ -688,15 +810,16 @@ def check_the_c_inject_writes_what_the_python_one_does(
     context = tracing.TraceContext(trace_id, span_id, sampled, tracestate)
     token = tracing._current.set(context)
     try:
-        from_c: dict[str, str] = {"other": "kept"}
-        from_python: dict[str, str] = {"other": "kept"}
+        # Headers copied from elsewhere: the tracestate written is the context's, or none.
+        from_c = {"other": "kept", "tracestate": "stale=1"}
+        from_python = dict(from_c)
         tracing._lazy_module.inject(from_c)
         tracing._inject(from_python)
     finally:
         tracing._current.reset(token)
     assert from_c == from_python
     assert from_c["traceparent"] == context.traceparent
-    assert ("tracestate" in from_c) == bool(tracestate)
+    assert from_c.get("tracestate") == (tracestate or None)
 
 
 @requires_c_timing
@@ -713,6 +836,11 @@ class Refusing(dict[str, str]):
         raise KeyError(key)
 
 
+class Undeletable(dict[str, str]):
+    def __delitem__(self, key: str) -> None:
+        raise RuntimeError(key)
+
+
 @requires_c_timing
 def test_the_c_inject_writes_nothing_when_off_or_idle_and_passes_errors_on() -> None:
     module = tracing._lazy_module
@@ -726,6 +854,8 @@ def test_the_c_inject_writes_nothing_when_off_or_idle_and_passes_errors_on() -> 
         try:
             with pytest.raises(KeyError):
                 module.inject(Refusing())
+            with pytest.raises(RuntimeError):  # removing another context's tracestate
+                module.inject(Undeletable(tracestate="stale=1"))
             module.inject(headers)
             assert list(headers) == ["traceparent"]
             tracing._current.set(("not", "a", "context"))  # type: ignore[arg-type]
