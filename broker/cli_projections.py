@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -93,12 +94,23 @@ WORKER_EPILOG = (
 )
 
 
+def _fail(message: str, code: int) -> NoReturn:
+    """``error: <message>`` on stderr, one line, and exit ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
 def _nats_options(nats_url: str, name: str = "broker-cli") -> ConnectOptions:
-    """``--nats-url`` plus TLS and credentials from ``BROKER_NATS_*``."""
-    from broker.natsconn import connect_options
+    """``--nats-url`` plus TLS and credentials from ``BROKER_NATS_*``; settings that cannot
+    be used (a file that cannot be read, two kinds of credentials) are a usage error, as for
+    ``broker router``."""
+    from broker.natsconn import InvalidNatsSettings, connect_options
     from broker.settings import get_settings
 
-    return connect_options(get_settings(), servers=nats_url, name=name)
+    try:
+        return connect_options(get_settings(), servers=nats_url, name=name)
+    except InvalidNatsSettings as e:
+        _fail(e.message, 2)
 
 
 async def open_nats(nats_url: str, name: str = "broker-cli") -> NatsClient:
@@ -147,10 +159,70 @@ async def require_streams(nc: NatsClient, nats_url: str, *streams: str) -> None:
 
 
 def replica_url(url: str | None, data_dir: Path) -> str:
+    """``url``, or the default SQLite replica's under ``data_dir`` (made when missing; one
+    that cannot be made is a usage error, exit 2)."""
     if url:
         return url
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--data-dir {data_dir} cannot hold the replica ({e.strerror or e})", 2)
     return f"sqlite:///{(data_dir / 'replica.db').resolve()}"
+
+
+def _usable_replica(url: str | None, data_dir: Path) -> str:
+    """The replica URL of ``projections status`` and ``reset``, checked before NATS or the
+    database is connected to: one that does not parse, names no installed driver, or names
+    an in-memory SQLite database (which holds no replica) is ``error: …`` and exit 2."""
+    from broker.natsconn import redact_url
+    from broker.server import replica_problem
+
+    if problem := replica_problem(url):
+        _fail(problem, 2)
+    if url is not None:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)  # it parses: replica_problem said so
+        if parsed.get_backend_name() == "sqlite" and parsed.database in {None, "", ":memory:"}:
+            _fail(
+                f"--replica-url {redact_url(url)} is an in-memory SQLite database, which "
+                "holds no replica; use sqlite:///PATH",
+                2,
+            )
+    return replica_url(url, data_dir)
+
+
+#: The most characters of a database's error that are shown.
+_MAX_REASON = 400
+
+
+@contextlib.contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """The replica database's errors as one line, ``error: replica database URL: …`` (the
+    URL's and the message's password hidden): exit 3 when it cannot be reached or opened (an
+    ``OperationalError``: refused, unknown host or database, authentication, a file that
+    cannot be opened), exit 1 when it refuses a statement (permissions, say)."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
+    from broker.natsconn import redact_url
+
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as e:
+        # The driver's own message: SQLAlchemy's adds the statement and a link. libpq's is
+        # several lines (a hint, or one per address of the host).
+        reason = " ".join(line.strip() for line in str(e.orig).splitlines() if line.strip())
+        if password := make_url(url).password:
+            reason = reason.replace(str(password), "***")
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 1] + "…"
+        unavailable = isinstance(e, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+        _fail(
+            f"replica database {redact_url(url)}: {reason or type(e.orig).__name__}",
+            EXIT_UNAVAILABLE if unavailable else EXIT_REFUSED,
+        )
 
 
 def _worker_id(value: str | None) -> str | None:
@@ -292,7 +364,9 @@ def status(
     its creation time is not the one recorded with them): reset that projection. Reads
     only: a read-only database role is enough.
     """
-    rows = asyncio.run(_status(nats_url, replica_url(replica, data_dir)))
+    url = _usable_replica(replica, data_dir)
+    with _database_errors(url):
+        rows = asyncio.run(_status(nats_url, url))
     _print(rows, output)
 
 
@@ -419,9 +493,11 @@ def reset(
     again from the replica.
     """
     _selected([name], False)  # an unknown name is a usage error before the question
+    url = _usable_replica(replica, data_dir)
     if not yes:
         typer.confirm(f"Drop and rebuild {name}?", abort=True)
-    done = asyncio.run(_reset(nats_url, replica_url(replica, data_dir), name))
+    with _database_errors(url):
+        done = asyncio.run(_reset(nats_url, url, name))
     if done.interrupted:
         typer.echo(
             f"{name}: interrupted after {done.applied} events, at seq {done.last_seq} of"
@@ -451,19 +527,23 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
                 "dlq_seq": m.metadata.sequence.stream,
                 "projection": h.get(H_DLQ_PROJECTION),
                 "stream": h.get("Broker-Dlq-Stream"),
-                "seq": int(h.get("Broker-Dlq-Seq", "0")),
+                "seq": _seq(h.get("Broker-Dlq-Seq")),
                 "error": h.get("Broker-Dlq-Error"),
             }
             # The router's (a message no agent qualified for, or every agent tried failed):
             # its decision, no projection. A dead letter of a projection of ROUTES carries
             # the route event's Broker-Route too: it is the projection's.
             if H_DLQ_PROJECTION not in h and "Broker-Route" in h:
-                route = json.loads(h["Broker-Route"])
+                route = _decision(h["Broker-Route"])
                 row.update(
                     projection="router",
                     stream=Stream.MESSAGES,
-                    seq=int(route.get("message_seq", 0)),
-                    error=f"{route.get('reason')}: {route.get('detail', '')}",
+                    seq=_seq(route.get("message_seq")),
+                    error=(
+                        f"{route.get('reason')}: {route.get('detail', '')}"
+                        if route
+                        else "unreadable decision (Broker-Route)"
+                    ),
                 )
             rows.append(row)
             if len(rows) >= limit:
@@ -471,6 +551,26 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
         return rows
     finally:
         await nc.close()
+
+
+def _seq(value: object) -> int:
+    """A sequence of a DLQ entry's headers or decision; 0 when there is none, or none that
+    reads as one (a dead letter's headers may be anyone's: one must not hide the others)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isdigit():
+        return int(value)
+    return 0
+
+
+def _decision(header: str) -> dict[str, Any]:
+    """A routing dead letter's decision (``Broker-Route``); empty when it is not a JSON
+    object."""
+    try:
+        decision = json.loads(header)
+    except ValueError:
+        return {}
+    return decision if isinstance(decision, dict) else {}
 
 
 @dlq_app.command(

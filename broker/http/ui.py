@@ -15,7 +15,9 @@ None of these are in the OpenAPI document: they are for operators, not API clien
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,12 +39,15 @@ from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
 _CACHE_SECONDS = 1.0
 #: The most ``recent`` items a request may ask for: what every read reads.
 _MAX_RECENT = 200
-#: A read of the status from JetStream gives up after this long (503), and is not tried
-#: again for ``_FAILURE_SECONDS``; a request waits ``_WAIT_SECONDS`` at most, its turn
-#: behind a read of another tenant's document included.
+#: A read of the status from JetStream gives up after this long (503), and that tenant's is
+#: not tried again for ``_FAILURE_SECONDS``; a request waits ``_WAIT_SECONDS`` at most, its
+#: turn behind a read of another tenant's document included.
 _READ_SECONDS = 3.0
 _FAILURE_SECONDS = 1.0
 _WAIT_SECONDS = 5.0
+#: The most tenants the cache remembers a document or a failed read of: past it, the least
+#: recently read is forgotten (and read again when asked for).
+_MAX_TENANTS = 1024
 _UI_HEADERS = {
     "Cache-Control": "no-cache",
     "Content-Security-Policy": (
@@ -92,32 +97,64 @@ class _Encoded:
         return b"".join(parts)
 
 
+@dataclass(slots=True)
+class _Entry:
+    """What the cache knows of one tenant's document (times are ``time.monotonic()``)."""
+
+    document: _Encoded | None = None
+    read_at: float = -math.inf
+    failed_at: float = -math.inf  # when a read of this tenant's document last failed
+
+    def remembers(self, now: float) -> bool:
+        """Whether the document is still fresh or the failure still recent."""
+        return now - self.read_at < _CACHE_SECONDS or now - self.failed_at < _FAILURE_SECONDS
+
+
 class _StatusCache:
     """One status document per second, however many pages poll it and whatever ``recent``
     they ask for; one read of JetStream at a time, shared by the requests that ask for the
-    same tenant's document while it runs."""
+    same tenant's document while it runs.
+
+    Each tenant has its own entry: pages of several tenants polling at once each read their
+    own document once a second, not each other's out, and a failed read holds back only
+    reads of the same tenant's document. Entries are kept while they remember something
+    (:meth:`_Entry.remembers`), :data:`_MAX_TENANTS` at most, least recently written first
+    out."""
 
     def __init__(self) -> None:
-        #: Each tenant's last document and when it was read: pages of several tenants
-        #: polling at once each read their own once a second, not each other's out.
-        self.documents: dict[str, tuple[float, _Encoded]] = {}
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
         self.lock = asyncio.Lock()
-        self.failed_at = -_FAILURE_SECONDS  # when a read last failed (monotonic)
         self.running: dict[str, asyncio.Future[_Encoded]] = {}
 
     def fresh(self, tenant: str, now: float) -> _Encoded | None:
-        cached = self.documents.get(tenant)
-        if cached is not None and now - cached[0] < _CACHE_SECONDS:
-            return cached[1]
+        entry = self.entries.get(tenant)
+        if entry is not None and now - entry.read_at < _CACHE_SECONDS:
+            return entry.document
         return None
 
-    def keep(self, tenant: str, document: _Encoded, now: float) -> None:
-        """Keep ``document``, dropping documents no longer fresh (so as many are kept as
-        tenants read within a second)."""
-        self.documents = {
-            t: kept for t, kept in self.documents.items() if now - kept[0] < _CACHE_SECONDS
-        }
-        self.documents[tenant] = (now, document)
+    def failed_lately(self, tenant: str, now: float) -> bool:
+        """Whether a read of ``tenant``'s document failed within ``_FAILURE_SECONDS``."""
+        entry = self.entries.get(tenant)
+        return entry is not None and now - entry.failed_at < _FAILURE_SECONDS
+
+    def keep(self, tenant: str, document: _Encoded, read_at: float) -> None:
+        entry = self._written(tenant, read_at)
+        entry.document, entry.read_at, entry.failed_at = document, read_at, -math.inf
+
+    def failed(self, tenant: str, now: float) -> None:
+        self._written(tenant, now).failed_at = now
+
+    def _written(self, tenant: str, now: float) -> _Entry:
+        """``tenant``'s entry, now the most recently written one. Entries written before it
+        are dropped, oldest first, while they remember nothing or are too many."""
+        entry = self.entries.pop(tenant, None) or _Entry()
+        while self.entries:
+            oldest = next(iter(self.entries.values()))
+            if len(self.entries) < _MAX_TENANTS and oldest.remembers(now):
+                break
+            self.entries.popitem(last=False)
+        self.entries[tenant] = entry
+        return entry
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -142,14 +179,15 @@ def _status_documents(state: IngressState) -> Callable[[int], Awaitable[bytes]]:
 
     async def status_document(recent: int) -> bytes:
         """The status document, from the cache or a read shared with other requests: 503
-        at once while NATS is not connected or a read failed within the last second, and
-        after :data:`_WAIT_SECONDS` at most (a stalled NATS answers each read only at its
-        own timeout, and requests queued behind one another waited 5 s more each)."""
+        at once while NATS is not connected or a read of the tenant's document failed
+        within the last second, and after :data:`_WAIT_SECONDS` at most (a stalled NATS
+        answers each read only at its own timeout, and requests queued behind one another
+        waited 5 s more each)."""
         tenant = state.tenant
         now = time.monotonic()
         if (document := cache.fresh(tenant, now)) is not None:
             return document.body(recent)
-        if now - cache.failed_at < _FAILURE_SECONDS:
+        if cache.failed_lately(tenant, now):
             raise Unavailable("the status could not be read a moment ago; try again shortly")
         if not state.publisher.nc.is_connected:  # 503 until NATS is connected, too
             raise Unavailable("NATS is not connected")
@@ -176,12 +214,12 @@ def _status_documents(state: IngressState) -> Callable[[int], Awaitable[bytes]]:
                 async with asyncio.timeout(_READ_SECONDS):
                     document = await read_status(tenant)
             except TimeoutError:
-                cache.failed_at = time.monotonic()
+                cache.failed(tenant, time.monotonic())
                 raise Unavailable(
                     f"NATS did not answer the status reads within {_READ_SECONDS:g} s"
                 ) from None
             except BaseException:
-                cache.failed_at = time.monotonic()
+                cache.failed(tenant, time.monotonic())
                 raise
             cache.keep(tenant, document, now)
             return document

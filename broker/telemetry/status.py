@@ -516,10 +516,15 @@ def _time(message: Msg) -> str | None:
     return stamp.isoformat() if stamp else None
 
 
+#: The most digits a number of a header is read from: JetStream's numbers are 64-bit (20
+#: digits), and ``int()`` raises on a string of more than 4,300.
+_MAX_DIGITS = 20
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and len(value) <= _MAX_DIGITS and value.isascii() and value.isdigit():
         return int(value)
     return None
 

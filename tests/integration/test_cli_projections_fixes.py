@@ -1,12 +1,14 @@
 """``broker dlq`` and ``broker projections`` against a real nats-server, as a user runs them:
 a projection's dead letter of a route event is listed and replayed as the projection's,
 not the router's; ``-o`` takes table or json only; a NATS without the broker's streams is a
-clear error, and ``projections reset`` then leaves the replica as it was."""
+clear error, and ``projections reset`` then leaves the replica as it was; an unusable NATS or
+replica URL is one line on stderr, without the password, never a traceback."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import string
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from broker.cli import app
+from broker.cli import EXIT_UNAVAILABLE, app
+from broker.embedded import NatsServer, ServerSpec, free_port
 from broker.routing.events import RouteDecided
 from broker.settings import Settings
 from broker.streams import Stream, provision
@@ -27,7 +30,7 @@ from projections.checkpoints import SqlCheckpointStore, create_sql_engine
 from projections.replica import MessagesReplica, RoutesReplica
 from projections.runtime import ProjectionRunner
 from tests._wait import await_until
-from tests.integration.conftest import ReplicaDb, replica_db
+from tests.integration.conftest import PG, ReplicaDb, replica_db
 from tests.unit.test_routing_plumbing import _decision
 
 pytestmark = pytest.mark.integration
@@ -185,3 +188,177 @@ def test_a_worker_with_an_unusable_replica_url_is_a_usage_error() -> None:
     assert done.returncode == 2, done.stderr
     assert "replica-url" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+#: A password in the URLs below: it must never be printed.
+SECRET = "s3cr3t-pw"
+#: Each command as it runs against a replica: the reset asks nothing.
+COMMANDS = {"status": ["projections", "status"], "reset": ["projections", "reset",
+            "replica_messages", "--yes"]}  # fmt: skip
+
+
+@pytest.fixture
+def closed() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def streams_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A nats-server with the broker's streams: the replica is reached only past NATS."""
+    server = NatsServer(ServerSpec(store_dir=tmp_path_factory.mktemp("nats"))).start()
+
+    async def provisioned() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            await provision(nc.jetstream(), Settings())
+        finally:
+            await nc.close()
+
+    asyncio.run(provisioned())
+    yield server.url
+    server.stop()
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed command wrote to stderr (and that it wrote nothing else)."""
+    assert "Traceback" not in done.stderr, done.stderr
+    assert SECRET not in done.stderr + done.stdout
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: "), done.stderr
+    assert done.stdout == "", done.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (f"postgresql://u:{SECRET}@h:notaport/db", "its port is not a number"),
+        ("bogus://x", "bogus"),
+        ("sqlite://", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+    ],
+)
+def test_a_replica_url_that_cannot_be_used_is_a_usage_error(
+    streams_nats: str, command: str, url: str, said: str
+) -> None:
+    """A URL that does not parse or names no driver was a traceback (exit 1); an in-memory
+    SQLite database, which holds no replica, showed a status of nothing applied."""
+    done = broker(*COMMANDS[command], "--nats-url", streams_nats, "--replica-url", url)
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done)
+    assert "--replica-url" in line
+    assert said in line
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (f"postgresql://postgres:{SECRET}@127.0.0.1:{{closed}}/test", "Connection refused"),
+        (PG.replace("postgres@", f"postgres:{SECRET}@").replace("/test", "/no_such_db_x"),
+         'database "no_such_db_x" does not exist'),
+        ("sqlite:////no/such/directory/replica.db", "unable to open database file"),
+    ],
+)  # fmt: skip
+def test_a_replica_database_that_cannot_be_reached_is_one_line_and_exit_3(
+    streams_nats: str, closed: int, command: str, url: str, said: str
+) -> None:
+    """The database's error was a traceback of some 500 lines (exit 1)."""
+    url = url.format(closed=closed)
+    done = broker(*COMMANDS[command], "--nats-url", streams_nats, "--replica-url", url)
+    assert done.returncode == EXIT_UNAVAILABLE, done.stderr
+    line = one_error_line(done)
+    assert line.startswith("error: replica database "), line
+    assert said in line
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_data_dir_that_is_a_file_is_a_usage_error(
+    streams_nats: str, command: str, tmp_path: Path
+) -> None:
+    """Making the default SQLite replica's directory raised FileExistsError (a traceback)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    done = broker(*COMMANDS[command], "--nats-url", streams_nats, "--data-dir", str(taken))
+    assert done.returncode == 2, done.stderr
+    assert "--data-dir" in one_error_line(done)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    "nats_url",
+    ["nats://127.0.0.1:{closed}", f"nats://u:{SECRET}@127.0.0.1:notaport", "bogus://127.0.0.1:1"],
+)
+def test_a_nats_that_cannot_be_reached_is_one_line_and_exit_3(
+    closed: int, command: str, nats_url: str, tmp_path: Path
+) -> None:
+    nats_url = nats_url.format(closed=closed)
+    done = broker(*COMMANDS[command], "--nats-url", nats_url, "--data-dir", str(tmp_path))
+    assert done.returncode == EXIT_UNAVAILABLE, done.stderr
+    assert one_error_line(done).startswith("error: cannot reach NATS at ")
+
+
+def test_a_replica_database_that_refuses_the_reset_is_one_line_and_exit_1(
+    streams_nats: str,
+) -> None:
+    """A database that takes the connection but not the statements (here every transaction
+    read-only; a role without the rights alike) refuses the reset: exit 1, as a refusal."""
+    url = f"{PG}?options=-cdefault_transaction_read_only%3Don"
+    done = broker(*COMMANDS["reset"], "--nats-url", streams_nats, "--replica-url", url)
+    assert done.returncode == 1, done.stderr
+    assert "in a read-only transaction" in one_error_line(done)
+
+
+async def test_a_dlq_entry_with_unreadable_headers_is_listed_with_the_others(
+    nats_url: str,
+) -> None:
+    """One entry whose sequence is not a number, or whose decision is not JSON, made
+    ``broker dlq list`` a traceback, listing none of the entries."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await provision(js, Settings())
+        projection = {"Broker-Dlq-Projection": "replica_messages", "Broker-Dlq-Stream": "MESSAGES"}
+        await js.publish("dlq.MESSAGES.x", b"", headers={**projection, "Broker-Dlq-Seq": "12abc"})
+        await js.publish("dlq.default.route", b"", headers={"Broker-Route": "{not json"})
+        await js.publish("dlq.default.route", b"", headers={"Broker-Route": '["a list"]'})
+        await js.publish("dlq.MESSAGES.x", b"", headers={**projection, "Broker-Dlq-Seq": "7"})
+    finally:
+        await nc.close()
+
+    listed = await asyncio.to_thread(broker, "dlq", "list", "--nats-url", nats_url, "-o", "json")
+
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(r["projection"], r["seq"]) for r in rows] == [
+        ("replica_messages", 0),
+        ("router", 0),
+        ("router", 0),
+        ("replica_messages", 7),
+    ]
+    assert rows[1]["error"] == rows[2]["error"] == "unreadable decision (Broker-Route)"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [*COMMANDS.values(), ["dlq", "list"], ["dlq", "replay", "1"], ["worker"]],
+    ids=" ".join,
+)
+def test_nats_settings_that_cannot_be_used_are_a_usage_error(
+    command: list[str], tmp_path: Path
+) -> None:
+    """``BROKER_NATS_CREDS`` (or a TLS file) that cannot be read was a traceback (exit 1),
+    where ``broker router`` says so in a line and exits 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", *command, "--nats-url", "nats://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "BROKER_NATS_CREDS": str(tmp_path / "missing.creds")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "BROKER_NATS_CREDS" in one_error_line(done)

@@ -324,3 +324,27 @@ async def test_a_tenants_view_lists_its_agents_consumers_that_filter_on_many_sub
     assert agents(tenants_view) == ["agent-default~many", "agent-default~single"]
     assert agents(everything) == sorted(filters)
     assert "agent-default~many" in shown(tenants_view.to_dict())
+
+
+async def test_a_sequence_of_thousands_of_digits_in_a_stored_header_is_shown_as_none(
+    nc: NatsClient,
+) -> None:
+    """A number is read from headers whoever wrote them; one of more than 4,300 digits made
+    ``int()`` raise, and the whole status read failed (a 500 for every page of the tenant)."""
+    js = nc.jetstream()
+    await provision(js, Settings())
+    huge = "9" * 5000
+    decision = json.dumps({"message_seq": huge, "attempt": huge, "reason": "no_candidate"})
+    await js.publish("route.default.-.dead", b"", headers={"Broker-Route": decision})
+    await js.publish(
+        "dlq.MESSAGES.replica_messages",
+        b"x",
+        headers={"Broker-Dlq-Projection": "replica_messages", "Broker-Dlq-Seq": huge},
+    )
+
+    document = (await collect(nc, build=BUILD)).to_dict()
+
+    (route,) = document["routes"]
+    assert (route["reason"], route["message_seq"], route["attempt"]) == ("no_candidate", None, None)
+    (dead,) = document["dlq"]
+    assert (dead["source"], dead["origin_seq"]) == ("replica_messages", None)

@@ -182,3 +182,69 @@ async def test_pages_of_two_tenants_each_read_their_own_document_once(
         state.tenant = Tenant(tenant)
         assert await statuses(app, [20]) == [200]
     assert jetstream.reads == [200, 200]
+
+
+class FailingForOne(JetStream):
+    """``collect`` answering at once, except for ``failing``'s document, which it stalls
+    past the read's deadline."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+        self.tenants: list[str] = []
+        self.answering.set()
+
+    async def collect(self, nc: Any, **kwargs: Any) -> Status:
+        tenant = kwargs["build"].tenant
+        self.tenants.append(tenant)
+        if tenant == self.failing:
+            await asyncio.Event().wait()  # never answers: the read's deadline ends it
+        return await super().collect(nc, **kwargs)
+
+
+async def test_one_tenants_failed_read_leaves_another_tenants_status_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The moment a read failed was one for the whole cache: any tenant's page asking
+    within it was answered 503 "could not be read a moment ago" for another tenant's
+    failure, without its own document being read."""
+    app, _ = app_with(monkeypatch)
+    monkeypatch.setattr(ui, "_FAILURE_SECONDS", 60.0)  # acme's failure is recent throughout
+    jetstream = FailingForOne("acme")
+    monkeypatch.setattr(ui, "collect", jetstream.collect)
+    state = app.state.ingress
+
+    state.tenant = Tenant("acme")
+    (failed,) = await asyncio.wait_for(answers(app, [20]), 10)
+    assert failed.status_code == 503
+    assert "did not answer" in failed.json()["message"]
+
+    state.tenant = Tenant("shop")
+    (answer,) = await asyncio.wait_for(answers(app, [20]), 10)
+    assert answer.status_code == 200, answer.text
+    assert jetstream.tenants == ["acme", "shop"]
+
+    state.tenant = Tenant("acme")  # its own failure is still remembered
+    (again,) = await asyncio.wait_for(answers(app, [20]), 10)
+    assert again.status_code == 503
+    assert "a moment ago" in again.json()["message"]
+    assert jetstream.tenants == ["acme", "shop"]
+
+
+def test_the_cache_holds_at_most_max_tenants_and_forgets_what_is_past() -> None:
+    """Every tenant's failure is remembered on its own, so the entries are bounded: at most
+    ``_MAX_TENANTS`` (the least recently written out first), and none once nothing in them
+    is fresh or recent any more."""
+    cache = ui._StatusCache()
+    document = ui._Encoded.of({"streams": []})
+    for n in range(3 * ui._MAX_TENANTS):
+        cache.failed(f"t{n}", now=100.0)
+    assert len(cache.entries) == ui._MAX_TENANTS
+    newest = f"t{3 * ui._MAX_TENANTS - 1}"
+    assert cache.failed_lately(newest, now=100.5)
+    assert not cache.failed_lately("t0", now=100.5)  # forgotten: it is read again
+
+    cache.keep("acme", document, read_at=200.0)  # long after: the failures are past
+    assert list(cache.entries) == ["acme"]
+    assert cache.fresh("acme", now=200.5) is document
+    assert cache.fresh("acme", now=201.5) is None
