@@ -94,13 +94,15 @@ def dev_cluster(
     and an example curl, and runs until Ctrl-C or SIGTERM, which stop everything. Kill a
     node, the ingress or a worker to see the broker ride it out: whatever exits is
     started again (after a delay from 0.5 s doubling to 30 s while it keeps exiting). One
-    dev cluster runs on a --data-dir at a time; a second one exits with code 4.
+    dev cluster runs on a --data-dir at a time; a second one exits with code 4. The nodes'
+    max_payload follows BROKER_MAX_MESSAGE_BYTES as `broker serve`'s embedded server does.
     """
     from broker.cli import EXIT_STARTUP
     from broker.devcluster import RestartBackoff, Topology, TopologySpec
     from broker.embedded import cluster_ports
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
+    from broker.settings import get_settings
 
     configure_logging()
     if replicas > nodes:
@@ -116,7 +118,8 @@ def dev_cluster(
             f"clients on {nats_base_port}+i, routes on +2000+i, monitoring on +4000+i)",
             param_hint="--port",
         )
-    _claim(data_dir, host, port, replica_url if projection_workers else None)
+    max_message_bytes = get_settings().max_message_bytes
+    _claim(data_dir, host, port, replica_url if projection_workers else None, max_message_bytes)
     spec = TopologySpec(
         data_dir=data_dir,
         host=host,
@@ -129,6 +132,7 @@ def dev_cluster(
         nats_base_port=nats_base_port,
         sync_interval=sync_interval,
         replica_url=replica_url,
+        max_message_bytes=max_message_bytes,
     )
     topology = Topology(spec)
     backoff = RestartBackoff()
@@ -157,18 +161,24 @@ def dev_cluster(
     raise typer.Exit(code)
 
 
-def _claim(data_dir: Path, host: str, port: int, replica_url: str | None) -> None:
+def _claim(
+    data_dir: Path, host: str, port: int, replica_url: str | None, max_message_bytes: int
+) -> None:
     """Check what would fail only later (the ingress's address and port, the replica URL of
-    the workers) and take the data dir's lock, held until this process exits, however it
-    exits; exit code 4 with the reason when one of them is wrong."""
+    the workers, a message limit the nodes cannot carry) and take the data dir's lock, held
+    until this process exits, however it exits; exit code 4 with the reason when one of
+    them is wrong."""
     from broker.cli import EXIT_STARTUP
+    from broker.embedded import max_payload_problem
     from broker.server import host_problem, lock_data_dir, port_problem, replica_problem
 
     def refuse(problem: str) -> NoReturn:
         typer.echo(problem, err=True)
         raise typer.Exit(EXIT_STARTUP)
 
-    if problem := host_problem(host) or replica_problem(replica_url):
+    if problem := (
+        host_problem(host) or replica_problem(replica_url) or max_payload_problem(max_message_bytes)
+    ):
         refuse(problem)
     # A second dev cluster on one data dir used to stop the first one's nodes (their pid
     # files say they are stale) and start its own on their stores. The lock is taken before

@@ -35,8 +35,15 @@ from typing import Self
 import structlog
 
 from broker._process import parent_death_hook, read_log_since
-from broker.embedded import NatsCluster, NatsServer, free_port
+from broker.embedded import (
+    NatsCluster,
+    NatsServer,
+    free_port,
+    max_payload_for,
+    max_payload_problem,
+)
 from broker.errors import EmbeddedServerError
+from broker.settings import Settings
 
 __all__ = ["BrokerChild", "RestartBackoff", "Topology", "TopologySpec"]
 
@@ -45,6 +52,8 @@ log = structlog.get_logger(__name__)
 _POLL = 0.1
 #: How often a worker or router that exits during start-up is started again.
 _START_RETRIES = 3
+#: The broker's own default ``BROKER_MAX_MESSAGE_BYTES``.
+_DEFAULT_MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
 
 
 @dataclass
@@ -188,6 +197,9 @@ class TopologySpec:
     sync_interval: str | None = "always"
     #: SQL replica of the workers; ``None``: SQLite at ``data_dir/replica.db``.
     replica_url: str | None = None
+    #: The broker processes' ``BROKER_MAX_MESSAGE_BYTES`` (it replaces the one in ``env``);
+    #: the nodes' ``max_payload`` follows it as the embedded server's does.
+    max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES
     #: The children's environment (default: this process's); ``BROKER_LOG_FORMAT`` is json.
     env: Mapping[str, str] | None = None
 
@@ -202,6 +214,8 @@ class Topology:
     def __init__(self, spec: TopologySpec) -> None:
         if spec.replicas > spec.nodes:
             raise ValueError(f"{spec.replicas} stream replicas need as many nodes")
+        if problem := max_payload_problem(spec.max_message_bytes):
+            raise ValueError(problem)
         self.spec = spec
         self.data_dir = spec.data_dir.resolve()
         self.cluster = _cluster(self.data_dir / "nats", spec)
@@ -274,7 +288,11 @@ class Topology:
 
     def _make_children(self) -> None:
         spec, url = self.spec, self.nats_url
-        env = {**(os.environ if spec.env is None else spec.env), "BROKER_LOG_FORMAT": "json"}
+        env = {
+            **(os.environ if spec.env is None else spec.env),
+            "BROKER_LOG_FORMAT": "json",
+            "BROKER_MAX_MESSAGE_BYTES": str(spec.max_message_bytes),
+        }
         logs = self.data_dir / "logs"
         ingress_args = (
             "serve",
@@ -404,7 +422,13 @@ def _may_start(backoff: RestartBackoff | None, name: str, code: int | None, now:
 
 
 def _cluster(store: Path, spec: TopologySpec) -> NatsCluster:
-    """The nodes, on loopback; on fixed ports from ``nats_base_port`` when it is set."""
+    """The nodes, on loopback; on fixed ports from ``nats_base_port`` when it is set. Their
+    ``max_payload`` carries the broker's largest message with its headers: at NATS's 8 MiB
+    default, the ingress took a message of a raised limit and NATS refused it (413)."""
     return NatsCluster(
-        store, spec.nodes, sync_interval=spec.sync_interval, base_port=spec.nats_base_port
+        store,
+        spec.nodes,
+        sync_interval=spec.sync_interval,
+        base_port=spec.nats_base_port,
+        max_payload=max_payload_for(spec.max_message_bytes),
     )

@@ -47,6 +47,8 @@ __all__ = [
     "ServerSpec",
     "cluster_ports",
     "free_port",
+    "max_payload_for",
+    "max_payload_problem",
     "nats_server_binary",
 ]
 
@@ -140,6 +142,17 @@ def max_payload_for(max_message_bytes: int) -> int:
     with their headers: the default, or more. NATS counts headers and payload together, so
     a server set to the message limit alone refused the largest messages (413)."""
     return max(DEFAULT_MAX_PAYLOAD, max_message_bytes + HEADER_ROOM)
+
+
+def max_payload_problem(max_message_bytes: int) -> str | None:
+    """Why no nats-server started here can carry messages of ``max_message_bytes`` (their
+    :func:`max_payload_for` is over what NATS takes), or ``None`` when one can."""
+    if max_payload_for(max_message_bytes) <= LARGEST_MAX_PAYLOAD:
+        return None
+    return (
+        f"BROKER_MAX_MESSAGE_BYTES ({max_message_bytes}) with room for headers is over "
+        f"the {LARGEST_MAX_PAYLOAD} bytes NATS takes as max_payload"
+    )
 
 
 @dataclass(frozen=True)
@@ -502,7 +515,8 @@ def _tail(text: str, lines: int = 5) -> str:
 
 
 class NatsCluster(_Started):
-    """``size`` JetStream nodes on loopback, each routed to the others."""
+    """``size`` JetStream nodes on loopback, each routed to the others, all with one
+    ``max_payload`` (:func:`max_payload_for` the broker's message limit, say)."""
 
     def __init__(
         self,
@@ -512,6 +526,7 @@ class NatsCluster(_Started):
         cluster_name: str = "broker",
         sync_interval: str | None = None,
         base_port: int = 0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         if size < 2:
             raise ValueError("a NATS cluster needs at least 2 nodes; use NatsServer for one")
@@ -521,6 +536,7 @@ class NatsCluster(_Started):
                     store_dir=base_dir / f"n{i}",
                     server_name=f"n{i}",
                     sync_interval=sync_interval,
+                    max_payload=max_payload,
                     cluster_name=cluster_name,
                     port=base_port and base_port + i,
                     http_port=base_port and base_port + MONITOR_PORT_OFFSET + i,

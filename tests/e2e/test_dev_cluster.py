@@ -24,11 +24,14 @@ from tests.e2e._broker import alive, children, free_port
 pytestmark = pytest.mark.e2e
 
 READY_LINE = "Ctrl-C stops everything."
+MIB = 1024 * 1024
 
 
-def _dev_cluster(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def _dev_cluster(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")} | (env or {})
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "dev-cluster", *args],
@@ -149,3 +152,58 @@ def test_dev_cluster_rejects_bad_options_with_usage_errors(
     proc, _, err = _dev_cluster(tmp_path, "--data-dir", str(tmp_path / "c"), *args)
     assert proc.wait(30) == 2
     assert message in " ".join(err.read_text().replace("│", " ").split())
+
+
+def test_dev_cluster_stores_a_message_over_8_mib_under_a_raised_message_limit(
+    tmp_path: Path,
+) -> None:
+    """The nodes' max_payload was NATS's 8 MiB whatever BROKER_MAX_MESSAGE_BYTES said: with
+    a 12 MiB limit, a 10 MiB message the ingress took was refused by NATS (413). The nodes
+    follow the limit now, with room for headers, as ``broker serve``'s embedded server."""
+    port = free_port()
+    proc, out, err = _dev_cluster(
+        tmp_path,
+        *("--data-dir", str(tmp_path / "cluster"), "--port", str(port)),
+        *("--projection-workers", "0", "--routers", "0"),
+        env={"BROKER_MAX_MESSAGE_BYTES": str(12 * MIB)},
+    )
+    try:
+        started = wait_for(
+            lambda: READY_LINE in out.read_text() or proc.poll() is not None, timeout=90
+        )
+        assert started, err.read_text()[-3000:]
+        assert proc.poll() is None, err.read_text()[-3000:]
+        with httpx.Client(http1=False, http2=True, timeout=60) as client:
+            answer = client.post(
+                f"http://127.0.0.1:{port}/v1/publish/devcluster.big",
+                content=b"x" * (10 * MIB),
+                headers={"content-type": "application/octet-stream"},
+            )
+        assert answer.status_code == 200, answer.text
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+    assert code == 0, err.read_text()[-3000:]
+
+
+def test_dev_cluster_refuses_a_message_limit_nats_cannot_carry_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    """A limit whose max_payload would be over NATS's 64 MiB is exit 4, as for ``serve``."""
+    proc, _, err = _dev_cluster(
+        tmp_path,
+        *("--data-dir", str(tmp_path / "c"), "--port", "0"),
+        env={"BROKER_MAX_MESSAGE_BYTES": str(64 * MIB)},
+    )
+    try:
+        exited = wait_for(lambda: proc.poll() is not None, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(90)
+    assert exited, "the dev cluster started with a limit NATS cannot carry"
+    assert proc.returncode == 4, err.read_text()[-3000:]
+    assert "BROKER_MAX_MESSAGE_BYTES (67108864)" in err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert not (tmp_path / "c").exists()

@@ -4,6 +4,7 @@ and only ``broker`` commands and options that exist. No Docker engine is needed;
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -209,6 +210,50 @@ def test_nats_healthcheck_uses_the_monitoring_port(services: dict[str, dict[str,
     for node in NATS_NODES:
         assert "http: 0.0.0.0:8222" in _nats_conf(node)
         assert "127.0.0.1:8222/healthz" in " ".join(services[node]["healthcheck"]["test"])
+
+
+def _published_on(entry: Any) -> tuple[str | None, str]:
+    """The host address a ``ports`` entry binds (``None``: every interface) and its
+    container port. Short syntax ``[[IP:]HOST:]CONTAINER[/PROTOCOL]`` (an IPv6 address
+    bare or in brackets), or long syntax with ``host_ip`` and ``target``."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip") or None, str(entry["target"])
+    parts = str(entry).split("/", 1)[0].rsplit(":", 2)
+    host = parts[0].strip("[]") if len(parts) == 3 else None
+    return host or None, parts[-1]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("4222:4222", (None, "4222")),
+        ("4222", (None, "4222")),
+        ("0.0.0.0:4222:4222/tcp", ("0.0.0.0", "4222")),
+        ("127.0.0.1:4222:4222", ("127.0.0.1", "4222")),
+        ("[::1]:4222:4222", ("::1", "4222")),
+        ("::1:4222:4222", ("::1", "4222")),
+        ({"target": 4222, "published": "4222"}, (None, "4222")),
+        ({"target": 4222, "published": "4222", "host_ip": "127.0.0.1"}, ("127.0.0.1", "4222")),
+    ],
+)
+def test_published_ports_are_read_in_every_compose_syntax(
+    entry: Any, expected: tuple[str | None, str]
+) -> None:
+    assert _published_on(entry) == expected
+
+
+def test_no_port_is_published_beyond_loopback(services: dict[str, dict[str, Any]]) -> None:
+    """nats-1 published its client port as ``4222:4222``: on every interface of the host,
+    with no NATS auth, so whoever reached the host read and wrote every stream past the
+    broker's API keys and tenants. Services reach NATS on the compose network; a port
+    published for the host's own tools binds loopback only (docs/operations.md)."""
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name} shares the host's network"
+        for entry in service.get("ports", []):
+            host, target = _published_on(entry)
+            where = f"{name} publishes {target} on {host or 'every interface'} ({entry!r})"
+            assert host is not None, where
+            assert ipaddress.ip_address(host).is_loopback, where
 
 
 # --- NATS configs ------------------------------------------------------------------------
