@@ -79,9 +79,10 @@ class AgentList(BaseModel):
 
 #: Agents one list page holds at most, as a history page holds events.
 MAX_LIST_PAGE = 100
-#: Manifest bytes (as JSON) past which a list page stops, whatever ``limit`` says: 100
-#: manifests of up to 256 KiB would be a 25 MiB answer. A page always holds one agent.
-MAX_LIST_PAGE_BYTES = 1024 * 1024
+#: Manifest bytes (as JSON) past which a list page or a history page stops, whatever
+#: ``limit`` says: 100 manifests of up to 256 KiB would be a 25 MiB answer. A page always
+#: holds one agent or event, however large.
+MAX_PAGE_BYTES = 1024 * 1024
 
 
 class HistoryEvent(BaseModel):
@@ -100,7 +101,7 @@ class AgentHistory(BaseModel):
     )
 
 
-#: Events one history page holds at most: a manifest may be 256 KiB, so about 25 MiB.
+#: Events one history page holds at most (fewer when their manifests pass MAX_PAGE_BYTES).
 MAX_HISTORY_PAGE = 100
 
 
@@ -264,7 +265,7 @@ def agents_router(state: IngressState) -> APIRouter:
             seq, moment = parse_as_of(as_of)
             snapshot = await registry_as_of(state.publisher.js, state.tenant, seq=seq, time=moment)
         page = agent_page(
-            snapshot.agents(state.tenant), after=after, limit=limit, max_bytes=MAX_LIST_PAGE_BYTES
+            snapshot.agents(state.tenant), after=after, limit=limit, max_bytes=MAX_PAGE_BYTES
         )
         return AgentList(
             seq=snapshot.last_seq,
@@ -294,9 +295,16 @@ def agents_router(state: IngressState) -> APIRouter:
         ] = MAX_HISTORY_PAGE,
     ) -> AgentHistory:
         """The agent's events from the stream, oldest first, a page at a time:
-        `next_from_seq` is where the next page starts (null after the last)."""
+        `next_from_seq` is where the next page starts (null after the last). A page also
+        stops before the event whose manifest would take it past 1 MiB (it always holds
+        one), so it may hold fewer than `limit` events before the last page."""
         events, after = await agent_history(
-            state.publisher.js, state.tenant, name, from_seq=from_seq, limit=limit
+            state.publisher.js,
+            state.tenant,
+            name,
+            from_seq=from_seq,
+            limit=limit,
+            max_bytes=MAX_PAGE_BYTES,
         )
         if not events and from_seq == 1:
             raise NotFound(f"agent {name} has no history")

@@ -35,6 +35,7 @@ from broker.registry.events import (
     tenant_filter,
 )
 from broker.registry.manifest import AgentManifest, AgentName, canonical_json
+from broker.registry.pages import PageFill, manifest_bytes
 from broker.registry.snapshot import RegistrySnapshot, fold
 from broker.streams import Stream
 
@@ -258,17 +259,20 @@ async def agent_history(
     *,
     from_seq: int = 1,
     limit: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[list[RegistryEvent], int | None]:
-    """One agent's events from stream sequence ``from_seq``, oldest first, at most ``limit``
-    of them; one this release cannot read is left out. With them, the ``from_seq`` of the
-    next page when more events follow (``None`` at the end)."""
+    """One agent's events from stream sequence ``from_seq``, oldest first: at most ``limit``
+    of them, and no more than ``max_bytes`` of manifests as JSON unless the first alone is
+    more (``None``: unbounded); one this release cannot read is left out. With them, the
+    ``from_seq`` of the next page (the first event left out) when more follow, else ``None``."""
     events: list[RegistryEvent] = []
+    page = PageFill(limit, max_bytes)
     subject = agent_subject(tenant, name)
     async with contextlib.aclosing(_readable(js, subject, start_seq=from_seq)) as read:
         async for event in read:
             if not isinstance(event, RegistryEvent):
                 continue
-            if limit is not None and len(events) == limit:
+            if not page.take(manifest_bytes(event)):
                 return events, event.seq
             events.append(event)
     return events, None
