@@ -231,10 +231,11 @@ def replay(
     """Replay a stream from a sequence or a time to its current end, as NDJSON.
 
     A dropped connection resumes from the last message received. When the stream no
-    longer holds records the replay asked for (a --from-seq, or a next page's start, below
-    its first sequence: they aged out or were purged), a warning says so on stderr. Exit
-    codes: 0 ok, 1 refused (or the output could not be written, or records lost with
-    --strict), 3 unavailable.
+    longer holds records the replay asked for (they aged out or were purged: a --from-seq,
+    or a next page's start, below its first sequence; with neither --from-seq nor --since,
+    any record gone; a --since not after the time of its first record), a warning says so
+    on stderr. Exit codes: 0 ok, 1 refused (or the output could not be written, or records
+    lost with --strict), 3 unavailable.
     """
     from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
 

@@ -46,7 +46,7 @@ import httpx
 import orjson
 
 from broker._h2stream import ConnectionLost, DuplexRequest
-from broker.envelope import H_STREAM_FIRST_SEQ, H_STREAM_LAST_SEQ
+from broker.envelope import H_STREAM_FIRST_SEQ, H_STREAM_FIRST_TIME, H_STREAM_LAST_SEQ
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -168,42 +168,69 @@ class StoredMessage:
 @dataclass(frozen=True)
 class RecordsLost:
     """What a replay found gone: it asked to read ``stream`` from ``start_seq`` (the
-    ``start_seq`` given, or where a next page or a resume began) and the stream's first
-    stored sequence was ``first_seq``. Records ``start_seq`` to ``first_seq - 1`` aged out
-    (max age, max messages) or were purged, and any of them may have been in the replay's
-    range: a filtered read cannot tell, as other subjects' and tenants' messages take
-    sequences too (which is also why gaps between the records read are no sign of loss)."""
+    ``start_seq`` given, 1 for a replay from the start, or where a next page or a resume
+    began), or from the time ``since`` (``start_seq`` is ``None`` then), and the stream's
+    first stored sequence was ``first_seq``. Records before ``first_seq`` (from
+    ``start_seq`` on; from ``since``, some stored at or after it) aged out (max age, max
+    messages) or were purged, and any of them may have been in the replay's range: a
+    filtered read cannot tell, as other subjects' and tenants' messages take sequences too
+    (which is also why gaps between the records read are no sign of loss)."""
 
     stream: str
-    start_seq: int
+    start_seq: int | None
     first_seq: int
+    since: datetime | None = None
 
     def __str__(self) -> str:
+        start = f"seq {self.start_seq}" if self.since is None else self.since.isoformat()
         return (
-            f"replay of {self.stream} from seq {self.start_seq}: records before seq "
+            f"replay of {self.stream} from {start}: records before seq "
             f"{self.first_seq} aged out or were purged (some may have been in range)"
         )
+
+
+def _stream_first_time(response: httpx.Response) -> datetime | None:
+    """``Broker-Stream-First-Time``: the time at or before which every record before the
+    stream's first sequence was stored; ``None`` when absent or no time with an offset."""
+    value = response.headers.get(H_STREAM_FIRST_TIME, "")
+    try:
+        moment = datetime.fromisoformat(value) if value.isascii() else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.utcoffset() is not None else None
 
 
 def _say_lost(
     response: httpx.Response,
     stream: str,
     start: int | None,
+    since: datetime | None,
     reported: int,
     on_lost: Callable[[RecordsLost], None] | None,
 ) -> int:
     """Tell ``on_lost`` (else the log) of the records a replay answer to a read from
-    ``start`` says are gone: those before the stream's first sequence
-    (``Broker-Stream-First-Seq``) when ``start`` is below it, unless a first sequence as high
-    (``reported``) was told already. Nothing without a start or the header (a broker from
-    before it). Returns the highest first sequence told."""
+    ``start`` (else from ``since``, else from the stream's start: seq 1) says are gone:
+    those before the stream's first sequence (``Broker-Stream-First-Seq``) when ``start``
+    is below it, or, from ``since``, when some of them were stored at or after it (it is
+    not after ``Broker-Stream-First-Time``), unless a first sequence as high (``reported``)
+    was told already. Nothing without the headers (a broker from before them). Returns the
+    highest first sequence told."""
     first = response.headers.get(H_STREAM_FIRST_SEQ, "")
-    if start is None or not (first.isascii() and first.isdigit()):
+    if not (first.isascii() and first.isdigit()) or int(first) <= reported:
         return reported
     first_seq = int(first)
-    if start >= first_seq or first_seq <= reported:
-        return reported
-    lost = RecordsLost(stream, start, first_seq)
+    if start is not None or since is None:
+        start = 1 if start is None else start  # no start: the whole stream, from seq 1
+        if start >= first_seq:
+            return reported
+        lost = RecordsLost(stream, start, first_seq)
+    else:
+        # Both times are to the microsecond (records' `time` is cut to it): `since` is at
+        # or before the first record's time to the nanosecond exactly when it is so here.
+        stored = _stream_first_time(response)
+        if first_seq <= 1 or stored is None or since.utcoffset() is None or since > stored:
+            return reported
+        lost = RecordsLost(stream, None, first_seq, since)
     if on_lost is None:
         _log.warning("%s", lost)
     else:
@@ -993,7 +1020,10 @@ class BrokerClient:
         for each first sequence found, before that page's records. ``on_lost`` is called
         with it; without, it is logged as a warning (logger ``broker.client``). To stop at
         such a loss, raise from ``on_lost``: the exception ends the replay. A replay from
-        ``since`` or from the start has no start sequence to compare until its next page."""
+        the start (neither ``start_seq`` nor ``since``) starts at seq 1: any record gone is
+        reported. One from ``since`` reports the records gone when some of them may have
+        been stored at or after it: ``since`` is not after the stream's first record's time
+        (its last's, when none is left)."""
         params: dict[str, str] = {"limit": str(page), "decode": "json" if decode else "none"}
         if subject:
             params["subject"] = subject
@@ -1022,7 +1052,7 @@ class BrokerClient:
                         raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
                         end = int(last) if last.isascii() and last.isdigit() else None
-                    reported = _say_lost(response, stream, next_seq, reported, on_lost)
+                    reported = _say_lost(response, stream, next_seq, since, reported, on_lost)
                     lines = contextlib.aclosing(_ndjson_lines(response))
                     async with lines as records:
                         async for line in records:

@@ -65,6 +65,11 @@ H_STREAM_LAST_SEQ = "Broker-Stream-Last-Seq"
 #: Replay response header: the stream's first sequence when the read began. A start below
 #: it asked for records that aged out (max age, max messages) or were purged.
 H_STREAM_FIRST_SEQ = "Broker-Stream-First-Seq"
+#: Replay response header: the time of the stream's first record when the read began (of
+#: its last one when it holds none), to the microsecond as records give ``time``: every
+#: record before the first sequence was stored at or before it, so a ``start_time`` after
+#: it asked for none of them.
+H_STREAM_FIRST_TIME = "Broker-Stream-First-Time"
 
 # Stored NATS header names.
 NATS_MSG_ID = "Nats-Msg-Id"

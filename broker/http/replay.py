@@ -20,19 +20,20 @@ import structlog
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
 from broker.envelope import (
     CONTENT_TYPE,
     H_STREAM_FIRST_SEQ,
+    H_STREAM_FIRST_TIME,
     H_STREAM_LAST_SEQ,
     SCHEMA_ID,
     Tenant,
     media_type,
     stored_schema_id,
 )
-from broker.errors import Unavailable, Unprocessable
+from broker.errors import BrokerError, Unavailable, Unprocessable
 from broker.http.datetimes import EXAMPLES as DATE_TIME_EXAMPLES
 from broker.http.datetimes import parse_date_time
 from broker.http.models import ErrorBody, ReplayRecord
@@ -267,6 +268,53 @@ def _broke_off(error: ReadInterrupted, stream: str, *, sse: bool) -> bytes:
     return b"event: error\ndata: %s\n\n" % line if sse else line + b"\n"
 
 
+def _nats_time(value: object) -> str | None:
+    """A time of nats-server's stream state (RFC 3339, to the nanosecond) as a record's
+    ``time`` is written: to the microsecond at or before it (:func:`parse_date_time` cuts
+    the digits past it). ``None`` for Go's zero time (no such record) and what is no time."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = parse_date_time(value, name="time").astimezone(UTC)
+    except (Unprocessable, OverflowError):
+        return None
+    return moment.isoformat() if moment >= _EPOCH else None
+
+
+async def _stream_headers(state: IngressState, stream: str) -> dict[str, str]:
+    """The stream's extent when the read begins, as the answer's headers: its last sequence
+    (a client paging through a stream that grows faster than it reads stops there), its
+    first (a client that asked to start below it learns that records before it aged out or
+    were purged) and that first record's time (of the last one when none is left): a
+    ``start_time`` at or before it may have asked for records before the first sequence.
+
+    ``STREAM.INFO`` asked for as such: nats-py's ``StreamState`` drops ``first_ts`` and
+    ``last_ts``. NATS away or refusing raises nats-py's errors, which the app answers."""
+    reply = await state.publisher.nc.request(
+        f"$JS.API.STREAM.INFO.{stream}", b"", timeout=state.settings.publish_timeout
+    )
+    info = orjson.loads(reply.data)
+    try:
+        if isinstance(info, dict) and isinstance(info.get("error"), dict):
+            APIError.from_error(info["error"])
+    except NotFoundError:  # a 503 in the API's shape, not a 500
+        raise Unavailable(
+            f"stream {stream} is missing (`broker serve` creates it at start)"
+        ) from None
+    numbers = info.get("state") if isinstance(info, dict) else None
+    if not isinstance(numbers, dict):
+        raise BrokerError(f"nats-server's info of stream {stream} has no state")
+    headers = {
+        H_STREAM_LAST_SEQ: str(numbers.get("last_seq", 0)),
+        H_STREAM_FIRST_SEQ: str(numbers.get("first_seq", 0)),
+    }
+    held = numbers.get("messages", 0)
+    first_time = _nats_time(numbers.get("first_ts" if held else "last_ts"))
+    if first_time is not None:
+        headers[H_STREAM_FIRST_TIME] = first_time
+    return headers
+
+
 def replay_router(state: IngressState) -> APIRouter:
     router = APIRouter(prefix="/v1/streams", tags=["replay"])
 
@@ -289,9 +337,19 @@ def replay_router(state: IngressState) -> APIRouter:
                     },
                     H_STREAM_FIRST_SEQ: {
                         "description": "The stream's first sequence when the read began. "
-                        "A start below it asked for records that aged out (max age, max "
-                        "messages) or were purged: any of them may have been in range.",
+                        "A start_seq below it, or no start when it is above 1, asked for "
+                        "records that aged out (max age, max messages) or were purged: any "
+                        "of them may have been in range.",
                         "schema": {"type": "integer", "minimum": 0},
+                    },
+                    H_STREAM_FIRST_TIME: {
+                        "description": "The time of the stream's first record when the "
+                        "read began (of its last record when none is left; absent when it "
+                        "never held one), to the microsecond as records give `time`: every "
+                        "record before Broker-Stream-First-Seq was stored at or before it. "
+                        "A start_time at or before it, with Broker-Stream-First-Seq above "
+                        "1, may have asked for records that aged out or were purged.",
+                        "schema": {"type": "string", "format": "date-time"},
                     },
                 },
                 "content": {
@@ -349,20 +407,7 @@ def replay_router(state: IngressState) -> APIRouter:
         scope = f"{SUBJECT_PREFIX[Stream(stream.value)]}.{tenant}"
         filter_subject = f"{scope}.{subject or '>'}"
         js = state.publisher.js  # 503 when NATS is not connected
-        # The stream's last sequence as the read begins: a client paging through a stream
-        # that grows faster than it reads stops there (BrokerClient.replay, broker replay).
-        # Its first: a client that asked to start below it (start_seq, a next page's start)
-        # learns that records before it aged out or were purged, and says so.
-        try:
-            info = await js.stream_info(stream)
-        except NotFoundError:  # was a 500, "JetStream refused the write"
-            raise Unavailable(
-                f"stream {stream.value} is missing (`broker serve` creates it at start)"
-            ) from None
-        headers = {
-            H_STREAM_LAST_SEQ: str(info.state.last_seq),
-            H_STREAM_FIRST_SEQ: str(info.state.first_seq),
-        }
+        headers = await _stream_headers(state, stream.value)
         batches = read_batches(
             js,
             stream,

@@ -4,22 +4,27 @@ Records age out (a stream's max age or max messages) or are purged; a replay ask
 start before the stream's first sequence used to answer from that first sequence on, with
 no word that the records in between were gone, and a client paging through a stream lost
 what aged out between two pages as silently. The answer now carries
-``Broker-Stream-First-Seq``; the client reports a start below it (``RecordsLost``), and
-``broker replay`` warns on stderr (or fails with ``--strict``).
+``Broker-Stream-First-Seq`` and ``Broker-Stream-First-Time``; the client reports a start
+below the first sequence, a replay from the start of a stream whose first sequence is above
+1, and one from a time not after its first record's (``RecordsLost``), and ``broker
+replay`` warns on stderr (or fails with ``--strict``).
 
 The tests purge MESSAGES up to a sequence (``js.purge_stream(seq=...)``), which moves the
 stream's first sequence as aging out does. They use this module's own broker and
-nats-server (tests/e2e/conftest.py), so no other module's messages are purged.
+nats-server (tests/e2e/conftest.py), so no other module's messages are purged; the test of
+a stream nothing was removed from starts a broker of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -28,12 +33,15 @@ import pytest
 from nats.js import JetStreamContext
 
 from broker.client import BrokerClient, RecordsLost
-from tests.e2e._broker import BrokerProcess
+from broker.embedded import NatsServer, ServerSpec
+from tests.e2e._broker import BrokerProcess, start_broker
 
 pytestmark = pytest.mark.e2e
 
 REPLAY = "/v1/streams/MESSAGES/messages"
 FIRST_SEQ = "Broker-Stream-First-Seq"
+FIRST_TIME = "Broker-Stream-First-Time"
+TICK = timedelta(microseconds=1)
 
 
 def fresh_subject() -> str:
@@ -48,6 +56,15 @@ async def purge_before(js: JetStreamContext, seq: int) -> None:
     """Every MESSAGES record before ``seq`` gone, as if it had aged out."""
     await js.purge_stream("MESSAGES", seq=seq)
     assert (await js.stream_info("MESSAGES")).state.first_seq == seq
+
+
+async def stored_time(client: BrokerClient, subject: str, seq: int) -> datetime:
+    """The ``time`` a replay gives the record ``seq`` (to the microsecond, cut)."""
+    async with contextlib.aclosing(client.replay(subject=subject, start_seq=seq, page=1)) as it:
+        message = await anext(it)
+    assert message.seq == seq
+    assert message.time is not None
+    return message.time
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -76,11 +93,15 @@ async def test_a_replay_answer_carries_the_stream_first_seq(
     assert r.headers[FIRST_SEQ] == str(seqs[3])
     assert r.headers["Broker-Stream-Last-Seq"] == str(seqs[5])
     if accept == "application/x-ndjson":
-        assert [orjson.loads(line)["seq"] for line in r.text.splitlines()] == seqs[3:]
+        records = [orjson.loads(line) for line in r.text.splitlines()]
     else:
-        assert [int(line[4:]) for line in r.text.splitlines() if line.startswith("id: ")] == (
-            seqs[3:]
-        )
+        lines = r.text.splitlines()
+        records = [orjson.loads(line[6:]) for line in lines if line.startswith("data: ")]
+        assert [int(line[4:]) for line in lines if line.startswith("id: ")] == seqs[3:]
+    assert [record["seq"] for record in records] == seqs[3:]
+    # The first record's time, written as the record writes it (to the microsecond, cut):
+    # a client compares its start_time with it exactly.
+    assert r.headers[FIRST_TIME] == records[0]["time"]
 
 
 async def test_the_client_reports_records_lost_before_its_start_seq(
@@ -147,9 +168,9 @@ async def test_without_on_lost_the_client_logs_a_warning(
 async def test_nothing_is_reported_when_nothing_was_lost(
     broker: BrokerProcess, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A start at or after the stream's first sequence, no start, or a time, and pages of a
-    filtered replay whose sequences leave gaps (another subject's messages between): every
-    record asked for is read, and nothing is reported or logged."""
+    """A start at or after the stream's first sequence, or a time after its first record's,
+    and pages of a filtered replay whose sequences leave gaps (another subject's messages
+    between): every record asked for is read, and nothing is reported or logged."""
     subject, other = fresh_subject(), fresh_subject()
     lost: list[RecordsLost] = []
     async with BrokerClient(broker.base_url) as client:
@@ -159,14 +180,14 @@ async def test_nothing_is_reported_when_nothing_was_lost(
             ours += await publish(client, subject, 1)
             await publish(client, other, 1)
         await purge_before(js, ours[0])
-        since = datetime.fromtimestamp(0, UTC)
-        for start_seq, want in [(ours[0], ours), (ours[1], ours[1:]), (None, ours)]:
+        for start_seq, want in [(ours[0], ours), (ours[1], ours[1:])]:
             replay = client.replay(
                 subject=subject, start_seq=start_seq, page=2, on_lost=lost.append
             )
             assert [m.seq async for m in replay] == want
+        since = await stored_time(client, subject, ours[1])  # after the first record's
         replay = client.replay(subject=subject, since=since, page=2, on_lost=lost.append)
-        assert [m.seq async for m in replay] == ours
+        assert [m.seq async for m in replay] == ours[1:]
         with caplog.at_level(logging.WARNING, logger="broker.client"):
             assert [m.seq async for m in client.replay(subject=subject, start_seq=ours[0])] == (
                 ours
@@ -221,3 +242,158 @@ async def test_cli_replay_strict_fails_on_records_lost_and_leaves_the_file(
     done = cli(*args, "--from-seq", str(seqs[1]), "--strict")
     assert done.returncode == 0, done.stderr
     assert [orjson.loads(line)["seq"] for line in out.read_text().splitlines()] == seqs[1:]
+
+
+async def test_a_replay_from_the_start_reports_every_record_gone(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """No start is the whole stream, from seq 1: with the stream's first sequence above 1,
+    records before it are gone (some may have been the caller's), and that is said once,
+    before the records that are left."""
+    subject = fresh_subject()
+    said: list[RecordsLost | int] = []
+    async with BrokerClient(broker.base_url) as client:
+        seqs = await publish(client, subject, 4)
+        await purge_before(js, seqs[2])
+        async for message in client.replay(subject=subject, page=1, on_lost=said.append):
+            said.append(message.seq)
+    assert said == [RecordsLost("MESSAGES", 1, seqs[2]), *seqs[2:]]
+    assert str(said[0]) == (
+        f"replay of MESSAGES from seq 1: records before seq {seqs[2]} aged out or were "
+        "purged (some may have been in range)"
+    )
+
+
+async def test_a_replay_since_a_time_reports_records_lost_unless_after_the_first_record(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """Records before the stream's first sequence were stored at or before its first
+    record's time: a ``since`` at that time (to the microsecond, as the record gives it) or
+    before it may have asked for some of them, and that is said; one a microsecond after
+    it asked for none, and nothing is."""
+    subject = fresh_subject()
+    async with BrokerClient(broker.base_url) as client:
+        seqs = await publish(client, subject, 4)
+        await purge_before(js, seqs[2])
+        first = await stored_time(client, subject, seqs[2])
+        for since, want, gone in [
+            (first - TICK, seqs[2:], True),
+            (first, seqs[2:], True),
+            (first + TICK, seqs[3:], False),
+        ]:
+            lost: list[RecordsLost] = []
+            replay = client.replay(subject=subject, since=since, on_lost=lost.append)
+            assert [m.seq async for m in replay] == want, since
+            assert lost == ([RecordsLost("MESSAGES", None, seqs[2], since)] if gone else [])
+    assert str(RecordsLost("MESSAGES", None, seqs[2], first)) == (
+        f"replay of MESSAGES from {first.isoformat()}: records before seq {seqs[2]} aged "
+        "out or were purged (some may have been in range)"
+    )
+
+
+async def test_with_no_record_left_a_time_is_compared_with_the_last_ones(
+    broker: BrokerProcess, client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    """A stream purged (or aged out) to its end holds no first record: every record gone
+    was stored at or before the last one, whose time the answer gives then. A ``since`` at
+    it reports the loss, one after it does not, and a replay from the start does."""
+    subject = fresh_subject()
+    async with BrokerClient(broker.base_url) as broker_client:
+        seqs = await publish(broker_client, subject, 2)
+        last = await stored_time(broker_client, subject, seqs[1])
+        await js.purge_stream("MESSAGES")
+        state = (await js.stream_info("MESSAGES")).state
+        assert (state.messages, state.first_seq) == (0, seqs[1] + 1)
+        r = await client.get(REPLAY, params={"subject": subject})
+        assert (r.status_code, r.text) == (200, "")
+        assert r.headers[FIRST_TIME] == last.isoformat()
+        for since, gone in [(last, True), (last + TICK, False), (None, True)]:
+            lost: list[RecordsLost] = []
+            replay = broker_client.replay(subject=subject, since=since, on_lost=lost.append)
+            assert [m.seq async for m in replay] == []
+            start = 1 if since is None else None
+            want = [RecordsLost("MESSAGES", start, seqs[1] + 1, since)] if gone else []
+            assert lost == want, since
+
+
+async def test_cli_replay_warns_of_records_lost_since_a_time_or_from_the_start(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """``broker replay --since`` (at or before the stream's first record) and ``broker
+    replay`` with no start warn on stderr, or fail with ``--strict``; a ``--since`` after
+    the first record says nothing, ``--strict`` or not."""
+    subject = fresh_subject()
+    async with BrokerClient(broker.base_url) as client:
+        seqs = await publish(client, subject, 3)
+        await purge_before(js, seqs[1])
+        first = await stored_time(client, subject, seqs[1])
+    args = ("MESSAGES", "--subject", subject, "--url", broker.base_url)
+    gone = "aged out or were purged (some may have been in range)"
+    for start, said in [
+        (("--since", first.isoformat()), first.isoformat()),
+        ((), "seq 1"),
+    ]:
+        warned = cli(*args, *start)
+        assert warned.returncode == 0, warned.stderr
+        assert [orjson.loads(line)["seq"] for line in warned.stdout.splitlines()] == seqs[1:]
+        assert warned.stderr.splitlines() == [
+            f"warning: replay of MESSAGES from {said}: records before seq {seqs[1]} {gone}"
+        ]
+        failed = cli(*args, *start, "--strict")
+        assert failed.returncode == 1, failed.stderr
+        assert f"error: replay of MESSAGES from {said}: records before seq {seqs[1]}" in (
+            failed.stderr
+        )
+    later = cli(*args, "--since", (first + TICK).isoformat(), "--strict")
+    assert later.returncode == 0, later.stderr
+    assert [orjson.loads(line)["seq"] for line in later.stdout.splitlines()] == seqs[2:]
+    assert later.stderr == ""
+
+
+@pytest.fixture
+def untouched_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A broker on its own nats-server: nothing was ever removed from its streams."""
+    server = NatsServer(ServerSpec(store_dir=tmp_path / "nats")).start()
+    try:
+        (tmp_path / "broker").mkdir()
+        process = start_broker(tmp_path / "broker", nats_url=server.url)
+        try:
+            yield process
+        finally:
+            process.stop()
+    finally:
+        server.stop()
+
+
+async def test_a_stream_nothing_was_removed_from_reports_no_loss(
+    untouched_broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """First sequence 1: the answer says so, with its first record's time, and a replay
+    from the start, or since a time before every record, reports nothing; neither does
+    ``broker replay --strict``."""
+    subject = fresh_subject()
+    lost: list[RecordsLost] = []
+    async with BrokerClient(untouched_broker.base_url) as client:
+        seqs = await publish(client, subject, 3)
+        first = await stored_time(client, subject, seqs[0])
+        async with httpx.AsyncClient(
+            base_url=untouched_broker.base_url, http1=False, http2=True, timeout=15
+        ) as http:
+            r = await http.get(REPLAY, params={"subject": subject})
+        assert r.status_code == 200, r.text
+        assert r.headers[FIRST_SEQ] == "1"
+        stream_first = datetime.fromisoformat(r.headers[FIRST_TIME])
+        assert stream_first <= first
+        with caplog.at_level(logging.WARNING, logger="broker.client"):
+            for since in (None, stream_first - TICK, stream_first, datetime.fromtimestamp(0, UTC)):
+                replay = client.replay(subject=subject, since=since, on_lost=lost.append)
+                assert [m.seq async for m in replay] == seqs
+            assert [m.seq async for m in client.replay(subject=subject)] == seqs
+    assert lost == []
+    assert [r for r in caplog.records if r.name == "broker.client"] == []
+    args = ("MESSAGES", "--subject", subject, "--url", untouched_broker.base_url, "--strict")
+    for start in [(), ("--since", "1970-01-01T00:00:00Z")]:
+        done = cli(*args, *start)
+        assert done.returncode == 0, done.stderr
+        assert [orjson.loads(line)["seq"] for line in done.stdout.splitlines()] == seqs
+        assert done.stderr == ""
