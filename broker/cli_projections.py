@@ -22,9 +22,29 @@ if TYPE_CHECKING:
     from broker.natsconn import ConnectOptions
     from projections.runtime import Progress
 
+
+def _fail(message: str, code: int) -> NoReturn:
+    """``error: <message>`` on stderr, one line, and exit ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _nats_url(value: str) -> str:
+    """``--nats-url``: URLs that name no server to connect to (``bogus://x``, a port that
+    is not a number) are a usage error, one ``error: …`` line and exit 2, before anything
+    is connected to, instead of exit 3 "cannot reach NATS"."""
+    from broker.natsconn import nats_url_problem
+
+    if problem := nats_url_problem(value):
+        _fail(problem, 2)
+    return value
+
+
 NATS_URL = Annotated[
     str,
-    typer.Option(envvar="BROKER_NATS_URL", help="NATS URL(s), comma-separated."),
+    typer.Option(
+        envvar="BROKER_NATS_URL", help="NATS URL(s), comma-separated.", callback=_nats_url
+    ),
 ]
 REPLICA_URL = Annotated[
     str | None,
@@ -92,12 +112,6 @@ WORKER_EPILOG = (
     "  broker worker --projection replica_messages --worker-id w2   # on another machine\n\n"
     "  broker worker --metrics-port 9101    # its own /metrics when not under broker serve"
 )
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    """``error: <message>`` on stderr, one line, and exit ``code``."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _nats_options(nats_url: str, name: str = "broker-cli") -> ConnectOptions:
@@ -171,24 +185,14 @@ def replica_url(url: str | None, data_dir: Path) -> str:
 
 
 def _usable_replica(url: str | None, data_dir: Path) -> str:
-    """The replica URL of ``projections status`` and ``reset``, checked before NATS or the
-    database is connected to: one that does not parse, names no installed driver, or names
-    an in-memory SQLite database (which holds no replica) is ``error: …`` and exit 2."""
-    from broker.natsconn import redact_url
+    """The replica URL of ``broker worker``, ``projections status`` and ``reset``, checked
+    before NATS or the database is connected to: one :func:`~broker.server.replica_problem`
+    refuses (it does not parse, names no installed driver, or names an in-memory SQLite
+    database, which holds no replica) is ``error: …`` and exit 2."""
     from broker.server import replica_problem
 
     if problem := replica_problem(url):
         _fail(problem, 2)
-    if url is not None:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)  # it parses: replica_problem said so
-        if parsed.get_backend_name() == "sqlite" and parsed.database in {None, "", ":memory:"}:
-            _fail(
-                f"--replica-url {redact_url(url)} is an in-memory SQLite database, which "
-                "holds no replica; use sqlite:///PATH",
-                2,
-            )
     return replica_url(url, data_dir)
 
 
@@ -278,17 +282,16 @@ def worker(
     """
     from broker._process import tune_gc
     from broker.logs import configure_logging
-    from broker.server import replica_problem
     from projections.worker import WorkerOptions, default_worker_id, run_worker
 
-    if problem := replica_problem(replica):  # a usage error, not a traceback at each start
-        raise typer.BadParameter(problem, param_hint="--replica-url")
+    url = _usable_replica(replica, data_dir)  # a usage error, not a traceback at each start
+    connect = _nats_options(nats_url, "broker-worker")
     configure_logging()
     start_metrics(metrics_host, metrics_port)
     options = WorkerOptions(
-        nats_urls=nats_url.split(","),
-        connect_options=_nats_options(nats_url, "broker-worker"),
-        replica_url=replica_url(replica, data_dir),
+        nats_urls=connect["servers"],
+        connect_options=connect,
+        replica_url=url,
         projections=_selected(projection, changes),
         worker_id=worker_id or default_worker_id(),
         batch=batch,

@@ -91,7 +91,8 @@ def router(
     start_metrics(metrics_host, metrics_port)
     try:
         tls_and_auth = connect_options(get_settings(), servers=nats_url, name="broker-router")
-        options = RouterOptions(nats_url.split(","), policy, embedder, load_ttl, tls_and_auth)
+        servers = tls_and_auth["servers"]
+        options = RouterOptions(servers, policy, embedder, load_ttl, tls_and_auth)
         tune_gc()  # a long-running process: see broker._process.tune_gc
         asyncio.run(run_router(options))
     except BrokerError as e:

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, TypedDict
+from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
@@ -71,6 +72,7 @@ __all__ = [
     "explain_connect_error",
     "header_line_size",
     "message_size",
+    "nats_url_problem",
     "open_client",
     "redact_servers",
     "redact_url",
@@ -159,6 +161,71 @@ def _servers(urls: str | Sequence[str] | None) -> list[str]:
     parts = urls.split(",") if isinstance(urls, str) else list(urls)
     servers = [url.strip() for url in parts if url.strip()]
     return servers or list(DEFAULT_SERVERS)
+
+
+#: The schemes nats-py connects with, by transport: TCP, or WebSocket (not mixed in a list).
+_TCP_SCHEMES = frozenset({"nats", "tls"})
+_WS_SCHEMES = frozenset({"ws", "wss"})
+
+
+def nats_url_problem(urls: str, *, option: str = "--nats-url") -> str | None:
+    """Why ``urls`` (NATS URLs, comma-separated: one or a cluster's) names no server to
+    connect to, before any connection is tried; ``None`` when each one is usable.
+
+    Each is ``SCHEME://HOST[:PORT]`` (``nats``, ``tls``, ``ws``, ``wss``; the user and
+    password may precede the host) or ``HOST[:PORT]``, read as ``nats://``, as nats-py reads
+    them. nats-py takes many wrong ones for a host to try (``bogus://x`` for the host
+    ``bogus``, ``nats://a b:4222`` for ``a b``) and others fail only once connecting, so a
+    typo read as "cannot reach NATS". The message names ``option`` and shows the URL
+    without its credentials (:func:`redact_url`)."""
+    servers = [url.strip() for url in urls.split(",") if url.strip()]
+    if not servers:
+        return f"{option} names no NATS server; give nats://HOST:PORT"
+    for url in servers:
+        if reason := _server_problem(url):
+            return (
+                f"{option}: {redact_url(url)} is not a NATS server URL ({reason}); give "
+                "nats://HOST:PORT, comma-separated for a cluster"
+            )
+    schemes = {urlsplit(_with_scheme(url)).scheme for url in servers}
+    if schemes & _WS_SCHEMES and schemes & _TCP_SCHEMES:
+        return (
+            f"{option} {redact_servers(servers)} mixes ws:// or wss:// with other schemes, "
+            "which one connection cannot use together"
+        )
+    return None
+
+
+def _with_scheme(url: str) -> str:
+    return url if "://" in url else f"nats://{url}"
+
+
+def _server_problem(url: str) -> str | None:
+    """What is wrong with one server's URL, in words that quote none of it (the port's
+    text may be a piece of a password)."""
+    scheme = url.partition("://")[0] if "://" in url else "nats"
+    if scheme not in _TCP_SCHEMES | _WS_SCHEMES:
+        return "its scheme is not nats, tls, ws or wss"
+    parts = urlsplit(_with_scheme(url))
+    # After the last @: the user and password before it may hold any character but / ? #.
+    if any(c.isspace() or not c.isprintable() for c in parts.netloc.rpartition("@")[2]):
+        return "its host or port holds a space or a control character"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        # nats-py decodes no percent-encoding: such a password cannot be in the URL.
+        hint = (
+            ": a password with / ? or # cannot be written in a URL; set BROKER_NATS_USER "
+            "and BROKER_NATS_PASSWORD instead"
+            if "@" in url
+            else ""
+        )
+        return f"its port is not a number from 1 to 65535{hint}"
+    if not parts.hostname:
+        return "it names no host"
+    return None
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -33,6 +33,7 @@ from broker.natsconn import (
     connect,
     connect_options,
     explain_connect_error,
+    nats_url_problem,
     redact_servers,
     redact_url,
 )
@@ -469,7 +470,12 @@ def replica_problem(url: str | None) -> str | None:
     """Why the projection workers could not use the replica URL ``url``: it does not parse,
     names no SQLAlchemy dialect, or its driver is not installed. Checked before anything
     starts: each worker used to exit with a traceback and be started again every minute,
-    forever. Nothing is connected to (the database may start after the broker)."""
+    forever. Nothing is connected to (the database may start after the broker).
+
+    An in-memory SQLite database (``sqlite://``, ``sqlite:///:memory:``) is refused too:
+    each process would read and write its own, empty when it starts and gone when it
+    stops, so no replica would be kept and ``broker projections status`` would show
+    nothing applied."""
     if url is None:
         return None
     import sqlalchemy.exc
@@ -477,12 +483,19 @@ def replica_problem(url: str | None) -> str | None:
     from projections.checkpoints import create_sql_engine
 
     try:
-        create_sql_engine(url).dispose()  # parses the URL, loads its dialect and driver
+        engine = create_sql_engine(url)  # parses the URL, loads its dialect and driver
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
         reason = next(iter(str(e).splitlines()), "") or type(e).__name__
     except ValueError:  # its message quotes the URL's text: a piece of the password, maybe
         reason = "its port is not a number: percent-encode @ : / # in a password"
     else:
+        parsed = engine.url
+        engine.dispose()
+        if parsed.get_backend_name() == "sqlite" and parsed.database in {None, "", ":memory:"}:
+            return (
+                f"--replica-url {redact_url(url)} is an in-memory SQLite database, which "
+                "holds no replica; use sqlite:///PATH"
+            )
         return None
     return (
         f"--replica-url {redact_url(url)} is not a usable SQL replica URL ({reason}); "
@@ -492,9 +505,11 @@ def replica_problem(url: str | None) -> str | None:
 
 def settings_problem(settings: Settings) -> str | None:
     """What in ``settings`` would fail only once NATS and the streams are up, checked before:
-    the ingress's address, an embedded NATS port equal to the ingress's, the replica URL
-    (when projection workers run)."""
+    the ingress's address, a NATS URL that names no server, an embedded NATS port equal to
+    the ingress's, the replica URL (when projection workers run)."""
     if problem := host_problem(settings.host):
+        return problem
+    if settings.nats_url is not None and (problem := nats_url_problem(settings.nats_url)):
         return problem
     if settings.nats_url is None and settings.nats_port and settings.nats_port == settings.port:
         return (

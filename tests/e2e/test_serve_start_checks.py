@@ -147,6 +147,47 @@ def test_an_unusable_replica_url_is_refused(tmp_path: Path, command: str, url: s
     assert "embedded_nats_started" not in output
 
 
+@pytest.mark.parametrize("command", ["serve", "dev-cluster"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_replica_url_is_refused(tmp_path: Path, command: str, url: str) -> None:
+    """Each projection worker kept the replica in a database of its own, in its memory:
+    nothing another process could read, lost at every restart, while the broker said it
+    was ready with an SQL replica."""
+    code, output = _run(
+        tmp_path,
+        "broker",
+        command,
+        *("--data-dir", str(tmp_path / "data"), "--port", str(free_port())),
+        *("--projection-workers", "1", "--routers", "0"),
+        env={"BROKER_REPLICA_URL": url},
+        timeout=30,  # it was taken: the broker then ran until stopped
+    )
+    assert code == EXIT_STARTUP, output
+    assert f"--replica-url {url} is an in-memory SQLite database" in output
+    assert "Traceback" not in output
+    assert "embedded_nats_started" not in output
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("bogus://127.0.0.1:1", "its scheme is not nats"),
+        ("nats://u:s3cret@127.0.0.1:notaport", "its port is not a number"),
+        ("nats://127.0.0.1:1, nats://", "it names no host"),
+    ],
+)
+def test_a_nats_url_that_names_no_server_is_refused(tmp_path: Path, url: str, said: str) -> None:
+    """It was tried for a minute (``bogus://`` read as the host ``bogus``) or failed at
+    once as NATS that could not be reached; now it is named before anything starts."""
+    code, output = _serve(tmp_path, "--nats-url", url)
+    assert code == EXIT_STARTUP, output
+    assert "is not a NATS server URL" in output
+    assert said in output
+    assert "s3cret" not in output
+    assert "Traceback" not in output
+    assert "nats_unreachable" not in output
+
+
 def test_a_host_name_is_refused_by_the_dev_cluster(tmp_path: Path) -> None:
     code, output = _run(
         tmp_path,

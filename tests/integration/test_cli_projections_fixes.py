@@ -2,7 +2,8 @@
 a projection's dead letter of a route event is listed and replayed as the projection's,
 not the router's; ``-o`` takes table or json only; a NATS without the broker's streams is a
 clear error, and ``projections reset`` then leaves the replica as it was; an unusable NATS or
-replica URL is one line on stderr, without the password, never a traceback."""
+replica URL is one line on stderr, without the password, never a traceback; a NATS or
+replica URL that names nothing usable is a usage error (exit 2) before anything is tried."""
 
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def broker(*args: str) -> subprocess.CompletedProcess[str]:
+def broker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "broker", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=ROOT,
     )
 
@@ -182,16 +183,15 @@ async def test_a_reset_against_a_nats_without_the_stream_leaves_the_replica(
     assert checkpoints == [1]
 
 
-def test_a_worker_with_an_unusable_replica_url_is_a_usage_error() -> None:
-    """It exited 1 with a traceback (and under a supervisor was started again forever)."""
-    done = broker("worker", "--replica-url", "bogus://x", "--nats-url", "nats://127.0.0.1:1")
-    assert done.returncode == 2, done.stderr
-    assert "replica-url" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
 #: A password in the URLs below: it must never be printed.
 SECRET = "s3cr3t-pw"
+#: Replica URLs no worker can use, each with what the error says about it.
+UNUSABLE_REPLICAS = [
+    (f"postgresql://u:{SECRET}@h:notaport/db", "its port is not a number"),
+    ("bogus://x", "bogus"),
+    ("sqlite://", "in-memory"),
+    ("sqlite:///:memory:", "in-memory"),
+]
 #: Each command as it runs against a replica: the reset asks nothing.
 COMMANDS = {"status": ["projections", "status"], "reset": ["projections", "reset",
             "replica_messages", "--yes"]}  # fmt: skip
@@ -232,15 +232,7 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize(
-    ("url", "said"),
-    [
-        (f"postgresql://u:{SECRET}@h:notaport/db", "its port is not a number"),
-        ("bogus://x", "bogus"),
-        ("sqlite://", "in-memory"),
-        ("sqlite:///:memory:", "in-memory"),
-    ],
-)
+@pytest.mark.parametrize(("url", "said"), UNUSABLE_REPLICAS)
 def test_a_replica_url_that_cannot_be_used_is_a_usage_error(
     streams_nats: str, command: str, url: str, said: str
 ) -> None:
@@ -275,6 +267,24 @@ def test_a_replica_database_that_cannot_be_reached_is_one_line_and_exit_3(
     assert said in line
 
 
+@pytest.mark.parametrize(("url", "said"), UNUSABLE_REPLICAS)
+def test_a_worker_with_an_unusable_replica_url_is_a_usage_error(
+    url: str, said: str, tmp_path: Path
+) -> None:
+    """As for ``projections status``: one line and exit 2. A URL that does not parse was
+    typer's boxed usage panel, and an in-memory SQLite database was taken, each worker
+    then applying the streams to a database of its own that vanished when it stopped."""
+    done = broker(
+        *("worker", "--replica-url", url, "--nats-url", "nats://127.0.0.1:1"),
+        *("--data-dir", str(tmp_path)),
+        timeout=20,  # an in-memory replica was taken: the worker then ran until stopped
+    )
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done)
+    assert "--replica-url" in line
+    assert said in line
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_data_dir_that_is_a_file_is_a_usage_error(
     streams_nats: str, command: str, tmp_path: Path
@@ -290,15 +300,60 @@ def test_a_data_dir_that_is_a_file_is_a_usage_error(
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize(
     "nats_url",
-    ["nats://127.0.0.1:{closed}", f"nats://u:{SECRET}@127.0.0.1:notaport", "bogus://127.0.0.1:1"],
+    [
+        "nats://127.0.0.1:{closed}",
+        f"nats://u:{SECRET}@127.0.0.1:{{closed}}",
+        f" nats://u:{SECRET}@127.0.0.1:{{closed}}, 127.0.0.1:{{closed}},",  # a list, spaced
+    ],
 )
 def test_a_nats_that_cannot_be_reached_is_one_line_and_exit_3(
     closed: int, command: str, nats_url: str, tmp_path: Path
 ) -> None:
+    """URLs that read as servers, but none answers: exit 3, as unavailable."""
     nats_url = nats_url.format(closed=closed)
     done = broker(*COMMANDS[command], "--nats-url", nats_url, "--data-dir", str(tmp_path))
     assert done.returncode == EXIT_UNAVAILABLE, done.stderr
     assert one_error_line(done).startswith("error: cannot reach NATS at ")
+
+
+#: Every command given a ``--nats-url``; ``{tmp}`` is the test's directory.
+NATS_COMMANDS = [
+    ["projections", "status", "--data-dir", "{tmp}"],
+    ["projections", "reset", "replica_messages", "--yes", "--data-dir", "{tmp}"],
+    ["dlq", "list"],
+    ["dlq", "replay", "1"],
+    ["worker", "--data-dir", "{tmp}"],
+    ["router"],
+    ["routes", "simulate", "--policy", "{tmp}/policy.yaml"],
+]
+
+
+@pytest.mark.parametrize("command", NATS_COMMANDS, ids=lambda command: " ".join(command[:2]))
+@pytest.mark.parametrize(
+    ("nats_url", "said"),
+    [
+        ("nats://127.0.0.1:notaport", "its port is not a number"),
+        (f"nats://u:{SECRET}@127.0.0.1:notaport", "its port is not a number"),
+        ("bogus://127.0.0.1:1", "its scheme is not nats"),
+        ("nats://", "it names no host"),
+        ("nats://127.0.0.1 :1", "its host or port holds a space"),
+        ("nats://127.0.0.1:1,nats://127.0.0.1:99999", "its port is not a number"),
+    ],
+)
+def test_a_nats_url_that_names_no_server_is_a_usage_error(
+    command: list[str], nats_url: str, said: str, tmp_path: Path
+) -> None:
+    """A URL nats-py cannot read, or reads as another host than meant (``bogus://x`` as the
+    host ``bogus``), was "cannot reach NATS" and exit 3, as if the server were down; the
+    worker and the router tried it again for ever. Now a usage error naming the option,
+    before anything is connected to."""
+    (tmp_path / "policy.yaml").write_text("version: bad-nats-url-1\n")
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    done = broker(*args, "--nats-url", nats_url, timeout=20)
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done)
+    assert line.startswith("error: --nats-url"), line
+    assert said in line
 
 
 def test_a_replica_database_that_refuses_the_reset_is_one_line_and_exit_1(
