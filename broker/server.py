@@ -517,13 +517,10 @@ def settings_problem(settings: Settings) -> str | None:
             "the ingress need a port each"
         )
     if settings.nats_url is None:
-        from broker.embedded import LARGEST_MAX_PAYLOAD, max_payload_for
+        from broker.embedded import max_payload_problem
 
-        if max_payload_for(settings.max_message_bytes) > LARGEST_MAX_PAYLOAD:
-            return (
-                f"BROKER_MAX_MESSAGE_BYTES ({settings.max_message_bytes}) with room for "
-                f"headers is over the {LARGEST_MAX_PAYLOAD} bytes NATS takes as max_payload"
-            )
+        if problem := max_payload_problem(settings.max_message_bytes):
+            return problem
     if settings.projection_workers:
         return replica_problem(settings.replica_url)
     return None
