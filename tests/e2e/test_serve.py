@@ -64,13 +64,22 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
 def test_sigkill_of_the_broker_leaves_no_orphans(tmp_path: Path) -> None:
     broker = start_broker(tmp_path, args=("--workers", "2"))
     descendants = children(broker.proc.pid)
+    names = {pid: _command(pid) for pid in descendants}
     assert len(descendants) >= 3, "nats-server + 2 workers expected"
     assert publish(broker.base_url, "a").status_code == 200
     broker.proc.send_signal(signal.SIGKILL)
     broker.proc.wait(5)
     assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=15), [
-        pid for pid in descendants if alive(pid)
+        names[pid] for pid in descendants if alive(pid)
     ]
+
+
+def _command(pid: int) -> str:
+    """A process's command line, to say which one outlived its parent."""
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"{pid}: (gone)"
 
 
 def test_nats_outage_answers_503_then_recovers(tmp_path: Path) -> None:
