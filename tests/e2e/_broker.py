@@ -159,3 +159,15 @@ def _start_once(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
     return BrokerProcess(proc, port, log_path, scheme)
+
+
+async def stored_count(url: str, subject: str) -> int:
+    """How many messages of ``MESSAGES`` the NATS at ``url`` holds on ``subject`` (a filter)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
+    finally:
+        await nc.close()
+    return sum((info.state.subjects or {}).values())

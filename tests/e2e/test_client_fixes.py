@@ -12,14 +12,13 @@ from typing import Any
 
 import httpx
 import jwt
-import nats
 import pytest
 import pytest_asyncio
 
 from broker.client import BrokerClient
 from broker.embedded import NatsServer
 from broker.errors import InvalidSubject, Unavailable, Unprocessable
-from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e._broker import BrokerProcess, start_broker, stored_count
 
 pytestmark = pytest.mark.e2e
 
@@ -163,15 +162,6 @@ async def test_a_conditional_agent_write_whose_answer_was_lost_is_retried(
     assert history == ["AgentRegistered", "AgentUpdated", "AgentDeregistered"]
 
 
-async def _stored(url: str, subject: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
-    finally:
-        await nc.close()
-    return sum((info.state.subjects or {}).values())
-
-
 @pytest.mark.parametrize(
     "suffix", ["?wait=true", "#fragment", "%2Eescaped", "/slash", "?timeout=1&wait=true"]
 )
@@ -187,8 +177,8 @@ async def test_a_subject_stays_one_path_segment(
             await client.publish(prefix + suffix, b"x")
         with pytest.raises(InvalidSubject):
             await client.route(prefix + suffix, b"x")
-    assert await _stored(module_nats.url, f"msg.default.{prefix}.>") == 0
-    assert await _stored(module_nats.url, f"msg.default.{prefix}") == 0
+    assert await stored_count(module_nats.url, f"msg.default.{prefix}.>") == 0
+    assert await stored_count(module_nats.url, f"msg.default.{prefix}") == 0
 
 
 @pytest.mark.parametrize("subject", [".", ".."])

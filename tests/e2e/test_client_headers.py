@@ -7,24 +7,14 @@ import uuid
 from typing import Any
 
 import httpx
-import nats
 import pytest
 
 from broker.client import BrokerClient
 from broker.embedded import NatsServer
 from broker.errors import BadRequest
-from tests.e2e._broker import BrokerProcess
+from tests.e2e._broker import BrokerProcess, stored_count
 
 pytestmark = pytest.mark.e2e
-
-
-async def stored(url: str, subject: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream().stream_info("MESSAGES", subjects_filter=subject)
-    finally:
-        await nc.close()
-    return sum((info.state.subjects or {}).values())
 
 
 @pytest.mark.parametrize(
@@ -55,7 +45,7 @@ async def test_a_header_value_outside_visible_ascii_is_refused_before_sending(
             await getattr(client, call)(subject, "hello", **options)
     assert f"header {header!r}" in str(raised.value)
     assert raised.value.status == 400
-    assert await stored(module_nats.url, f"msg.default.{subject}") == 0
+    assert await stored_count(module_nats.url, f"msg.default.{subject}") == 0
 
 
 @pytest.mark.parametrize(
@@ -87,7 +77,7 @@ async def test_the_broker_answers_a_header_it_cannot_read_with_the_same_error(
         answer = await http.post(
             "/v1/publish/client.header.raw",
             content=b"x",
-            headers={"content-type": "text/plain", "idempotency-key": "clé".encode()},
+            headers=[(b"content-type", b"text/plain"), (b"idempotency-key", "clé".encode())],
         )
     assert answer.status_code == 400
     assert answer.json()["error_code"] == BadRequest.error_code
