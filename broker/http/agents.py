@@ -79,6 +79,8 @@ class AgentList(BaseModel):
 
 #: Agents one list page holds at most, as a history page holds events.
 MAX_LIST_PAGE = 100
+#: The longest ``after`` a list page takes (agent names are 64 characters today).
+MAX_CURSOR = 1024
 #: Manifest bytes (as JSON) past which a list page or a history page stops, whatever
 #: ``limit`` says: 100 manifests of up to 256 KiB would be a 25 MiB answer. A page always
 #: holds one agent or event, however large.
@@ -243,7 +245,11 @@ def agents_router(state: IngressState) -> APIRouter:
         after: Annotated[
             str | None,
             Query(
-                pattern=AGENT_NAME_PATTERN,
+                # Any text: names are compared as strings, and one an older release (or a
+                # raw NATS writer) stored outside today's pattern is a page's last name too,
+                # which a pattern here would refuse as the next page's cursor, for good.
+                min_length=1,
+                max_length=MAX_CURSOR,
                 description="Start after this name (the `next_after` of the page before); "
                 "it need not be registered.",
             ),

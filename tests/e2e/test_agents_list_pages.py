@@ -85,10 +85,7 @@ async def test_pages_hold_every_agent_once_in_name_order(client: httpx.AsyncClie
         {"limit": "-1"},
         {"limit": "ten"},
         {"after": ""},
-        {"after": "../status"},
-        {"after": "a b"},
-        {"after": "é"},
-        {"after": "a" * 65},
+        {"after": "a" * 1025},
     ],
 )
 async def test_a_limit_out_of_bounds_or_a_cursor_that_is_no_name_is_422(
@@ -99,6 +96,17 @@ async def test_a_limit_out_of_bounds_or_a_cursor_that_is_no_name_is_422(
     body = answer.json()
     assert body["error_code"] == "unprocessable"
     assert next(iter(params)) in body["message"]
+
+
+@pytest.mark.parametrize("after", ["../status", "a b", "\u00e9", "a~b", "a" * 65])
+async def test_a_cursor_outside_the_name_pattern_is_compared_as_text(
+    client: httpx.AsyncClient, after: str
+) -> None:
+    """A name stored outside today's pattern (an older release's, a raw NATS writer's) can be
+    a page's last: the next page's cursor must not be refused, or paging stops there."""
+    answer = await client.get("/v1/agents", params={"after": after, "limit": "1"})
+    assert answer.status_code == 200, answer.text
+    assert all(a["name"] > after for a in answer.json()["agents"])
 
 
 async def test_a_cursor_that_names_no_agent_goes_on_after_where_it_would_be(
