@@ -71,6 +71,7 @@ __all__ = [
     "RouteResult",
     "StoredMessage",
     "SyncBrokerClient",
+    "TotalTimeoutExceeded",
 ]
 
 T = TypeVar("T")
@@ -163,6 +164,16 @@ class StoredMessage:
             value=item.get("value"),
             decode_error=item.get("decode_error"),
         )
+
+
+class TotalTimeoutExceeded(DeadlineExceeded):
+    """The client's ``total_timeout`` passed while a try was still unanswered: the client
+    gave up, and the request may or may not have been done (sent again with the same
+    ``key=``, a publish or route is stored once). A :class:`DeadlineExceeded`, so code that
+    catches that catches this too; it is not the broker's own 504, which says an agent was
+    asked and did not reply in time."""
+
+    error_code = "client_total_timeout"
 
 
 @dataclass(frozen=True)
@@ -688,7 +699,7 @@ class BrokerClient:
         With a ``total_timeout``, a retry is made only if its wait (and the server's
         ``Retry-After``, which may be longer than the policy waits) ends before the deadline;
         otherwise the last error is raised at once, as when the attempts run out. A try
-        still unanswered at the deadline is given up: :class:`DeadlineExceeded`.
+        still unanswered at the deadline is given up: :class:`TotalTimeoutExceeded`.
         """
         if not repeatable:
             final = final | _OUTCOME_UNKNOWN
@@ -703,7 +714,7 @@ class BrokerClient:
             except TimeoutError as e:
                 if not window.expired():
                     raise
-                raise DeadlineExceeded(
+                raise TotalTimeoutExceeded(
                     f"no answer to {method} {path} within the client's total_timeout of "
                     f"{self._total_timeout} s: it may or may not have been done"
                 ) from e
