@@ -7,6 +7,8 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +51,28 @@ def parent_death_hook(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None
         die_with_parent(sig, parent=parent)
 
     return hook
+
+
+def kill_group_after_parent(parent: int, grace: float) -> threading.Thread:
+    """Kill this process's whole process group ``grace`` seconds after ``parent`` (the pid of
+    the process that started this one) is gone, whatever else is still running.
+
+    For a process that leads its own group and forks workers (granian): the SIGTERM that
+    :func:`die_with_parent` sends starts its graceful stop, but a worker that misses its own
+    stop signal keeps the group alive until granian's kill timeout (about 28 s; seen once in
+    about fifteen SIGKILLs of a broker under load, the worker idle in its event loop). With
+    the broker gone nothing supervises them: ``grace`` is what the requests in flight get.
+    A daemon thread that polls the parent pid twice a second."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    watcher = threading.Thread(target=watch, name="kill-group-after-parent", daemon=True)
+    watcher.start()
+    return watcher
 
 
 def process_alive(pid: int) -> bool:

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, TypedDict
 
-from broker._process import die_with_parent
+from broker._process import die_with_parent, kill_group_after_parent
 from broker.logs import configure_logging, granian_log_config
 from broker.settings import Settings, get_settings
 
@@ -124,6 +125,11 @@ def workers_kill_timeout(stop_timeout: float) -> int:
     return max(1, math.floor(stop_timeout - _KILL_MARGIN))
 
 
+#: Seconds granian and its workers live on once ``broker serve`` is gone (SIGKILLed): its
+#: SIGTERM starts their graceful stop, and this bounds it (see kill_group_after_parent).
+_ORPHAN_GRACE_SECONDS = 5.0
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m broker.http.granian_process")
     parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT)
@@ -134,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, TaskImpl
 
-    die_with_parent(signal.SIGTERM)
+    parent = os.getppid()
+    die_with_parent(signal.SIGTERM, parent=parent)
+    kill_group_after_parent(parent, _ORPHAN_GRACE_SECONDS)
     configure_logging()
     arguments = _arguments(argv)
     settings = get_settings()
