@@ -559,11 +559,9 @@ async def _dlq(nats_url: str, limit: int) -> list[dict[str, Any]]:
 def _seq(value: object) -> int:
     """A sequence of a DLQ entry's headers or decision; 0 when there is none, or none that
     reads as one (a dead letter's headers may be anyone's: one must not hide the others)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isdigit():
-        return int(value)
-    return 0
+    from broker.envelope import read_number
+
+    return read_number(value) or 0
 
 
 def _decision(header: str) -> dict[str, Any]:

@@ -46,7 +46,12 @@ import httpx
 import orjson
 
 from broker._h2stream import ConnectionLost, DuplexRequest
-from broker.envelope import H_STREAM_FIRST_SEQ, H_STREAM_FIRST_TIME, H_STREAM_LAST_SEQ
+from broker.envelope import (
+    H_STREAM_FIRST_SEQ,
+    H_STREAM_FIRST_TIME,
+    H_STREAM_LAST_SEQ,
+    read_number,
+)
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -226,10 +231,9 @@ def _say_lost(
     not after ``Broker-Stream-First-Time``), unless a first sequence as high (``reported``)
     was told already. Nothing without the headers (a broker from before them). Returns the
     highest first sequence told."""
-    first = response.headers.get(H_STREAM_FIRST_SEQ, "")
-    if not (first.isascii() and first.isdigit()) or int(first) <= reported:
+    first_seq = read_number(response.headers.get(H_STREAM_FIRST_SEQ))
+    if first_seq is None or first_seq <= reported:
         return reported
-    first_seq = int(first)
     if start is not None or since is None:
         start = 1 if start is None else start  # no start: the whole stream, from seq 1
         if start >= first_seq:
@@ -352,13 +356,15 @@ def next_after(document: Mapping[str, Any], after: str | None) -> str | None:
     return name if isinstance(name, str) and (after is None or name > after) else None
 
 
-def _listed(response: httpx.Response, key: str) -> list[dict[str, Any]]:
-    """``key`` of a 2xx answer's object: a list of objects, else not the broker's answer."""
-    items = broker_document(response, key)[key]
+def _listed(response: httpx.Response, key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``key`` of a 2xx answer's object, a list of objects (else not the broker's answer),
+    and the object itself (a page's cursor is read from it too)."""
+    document = broker_document(response, key)
+    items = document[key]
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         why = f"{_answered(response)} whose {key} is not a list of objects"
         raise _not_the_broker(str(response.url), why)
-    return items
+    return items, document
 
 
 async def _ndjson_lines(response: httpx.Response) -> AsyncGenerator[bytes, None]:
@@ -1062,7 +1068,7 @@ class BrokerClient:
                         why = _answered(response)
                         raise _not_the_broker(str(response.url), why)
                     if end is None and (last := response.headers.get(H_STREAM_LAST_SEQ)):
-                        end = int(last) if last.isascii() and last.isdigit() else None
+                        end = read_number(last)
                     reported = _say_lost(response, stream, next_seq, since, reported, on_lost)
                     lines = contextlib.aclosing(_ndjson_lines(response))
                     async with lines as records:
@@ -1138,8 +1144,8 @@ class BrokerClient:
         after: str | None = None
         while True:
             response = await self._request("GET", "/v1/agents", params=params)
-            agents.extend(_listed(response, "agents"))
-            page = response.json()
+            listed, page = _listed(response, "agents")
+            agents.extend(listed)
             if as_of is not None and isinstance(page.get("seq"), int):
                 params["as_of"] = str(page["seq"])
             after = next_after(page, after)
@@ -1168,8 +1174,9 @@ class BrokerClient:
         start: int | None = 1
         while start is not None:
             response = await self._request("GET", path, params={"from_seq": str(start)})
-            events.extend(_listed(response, "events"))
-            start = next_page(response.json(), start)
+            listed, page = _listed(response, "events")
+            events.extend(listed)
+            start = next_page(page, start)
         return events
 
     # --- schema registry (the Confluent-compatible API under /registry) ----------------

@@ -296,6 +296,27 @@ def parse_schema_id(value: str | int | None, *, field: str = "Schema-Id") -> int
     return _bounded_int(value, 0x7FFFFFFF, f"{field} must be an integer from 0 to 2147483647")
 
 
+#: The most digits a stream number is read from: JetStream's are 64-bit (20 digits), and
+#: ``int()`` raises on a string of more than 4,300.
+MAX_NUMBER_DIGITS = 20
+
+
+def read_number(value: object) -> int | None:
+    """A non-negative number as a header or a JSON field someone else wrote may hold it (a
+    stream sequence, a count): an int, or at most 20 ASCII digits (``"\u00b2".isdigit()``
+    holds and ``int`` refuses it); ``None`` for anything else. For reading, never refusing."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if (
+        isinstance(value, str)
+        and len(value) <= MAX_NUMBER_DIGITS
+        and value.isascii()
+        and value.isdigit()
+    ):
+        return int(value)
+    return None
+
+
 def stored_schema_id(headers: Mapping[str, str]) -> int | None:
     """The schema id a stored message carries (``Broker-Schema-Id``), if any. Reading
     tolerates a header it did not write (``None``); publishing validates what it writes."""

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from broker.envelope import NATS_MSG_ID
+from broker.envelope import NATS_MSG_ID, read_number
 from broker.errors import BrokerError
 from broker.routing.types import Decision
 from broker.streams import SUBJECT_PREFIX, Stream, dead_subject
@@ -271,11 +271,8 @@ def route_seq_of(headers: Mapping[str, str]) -> int | None:
     """The ``Broker-Route-Seq`` of a failure or stored reply, or ``None`` when it is absent
     or no stream sequence (1 to 2**64 - 1, in ASCII digits: ``"²".isdigit()`` holds, and
     ``int`` refuses it)."""
-    raw = headers.get(H_ROUTE_SEQ, "")
-    if not (0 < len(raw) <= 20 and raw.isascii() and raw.isdigit()):
-        return None
-    seq = int(raw)
-    return seq if 0 < seq < 2**64 else None
+    seq = read_number(headers.get(H_ROUTE_SEQ))
+    return seq if seq is not None and 0 < seq < 2**64 else None
 
 
 def deadline_of(headers: Mapping[str, str]) -> float | None:

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from broker.envelope import read_number
 from broker.reader import read_batches
 from broker.registry.snapshot import AgentRecord
 
@@ -285,7 +286,7 @@ def _consumer_kind(stream: str, name: str) -> str:
 
 def _seq(position: Any) -> int:
     """The stream sequence of a consumer's ``delivered`` or ``ack_floor``."""
-    return (_int(position.get("stream_seq")) or 0) if isinstance(position, dict) else 0
+    return (read_number(position.get("stream_seq")) or 0) if isinstance(position, dict) else 0
 
 
 def _consumer(info: Mapping[str, Any]) -> ConsumerState:
@@ -295,9 +296,9 @@ def _consumer(info: Mapping[str, Any]) -> ConsumerState:
         stream=stream,
         name=name,
         kind=_consumer_kind(stream, name),
-        pending=_int(info.get("num_pending")) or 0,
-        ack_pending=_int(info.get("num_ack_pending")) or 0,
-        redelivered=_int(info.get("num_redelivered")) or 0,
+        pending=read_number(info.get("num_pending")) or 0,
+        ack_pending=read_number(info.get("num_ack_pending")) or 0,
+        redelivered=read_number(info.get("num_redelivered")) or 0,
         delivered_seq=_seq(info.get("delivered")),
         ack_floor_seq=_seq(info.get("ack_floor")),
     )
@@ -325,15 +326,15 @@ async def _consumer_page(nc: NatsClient, stream: str, offset: int) -> _ConsumerP
     if isinstance(error, dict):
         kind = NotFoundError if error.get("code") == 404 else APIError
         raise kind(
-            code=_int(error.get("code")),
-            err_code=_int(error.get("err_code")),
+            code=read_number(error.get("code")),
+            err_code=read_number(error.get("err_code")),
             description=_str(error.get("description")),
         )
     listed = body.get("consumers")
     consumers = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
     return _ConsumerPage(
-        total=_int(body.get("total")) or 0,
-        limit=_int(body.get("limit")) or len(consumers),
+        total=read_number(body.get("total")) or 0,
+        limit=read_number(body.get("limit")) or len(consumers),
         consumers=consumers,
     )
 
@@ -516,19 +517,6 @@ def _time(message: Msg) -> str | None:
     return stamp.isoformat() if stamp else None
 
 
-#: The most digits a number of a header is read from: JetStream's numbers are 64-bit (20
-#: digits), and ``int()`` raises on a string of more than 4,300.
-_MAX_DIGITS = 20
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and len(value) <= _MAX_DIGITS and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -542,10 +530,10 @@ def _dlq_entry(message: Msg) -> DlqEntry:
         reason, detail = _str(decision.get("reason")), _str(decision.get("detail"))
         error = f"{reason}: {detail}" if reason and detail else reason or detail
         origin_stream: str | None = Stream.MESSAGES.value
-        origin_seq = _int(decision.get("message_seq"))
+        origin_seq = read_number(decision.get("message_seq"))
     else:
         origin_stream = headers.get("Broker-Dlq-Stream")
-        origin_seq = _int(headers.get("Broker-Dlq-Seq"))
+        origin_seq = read_number(headers.get("Broker-Dlq-Seq"))
     return DlqEntry(
         seq=message.metadata.sequence.stream,
         subject=message.subject,
@@ -588,9 +576,9 @@ def _route(message: Msg) -> RouteEntry | None:
         reason=_str(decision.get("reason")),
         detail=_str(decision.get("detail")),
         candidates=_candidates(decision.get("candidates")),
-        message_seq=_int(decision.get("message_seq")),
+        message_seq=read_number(decision.get("message_seq")),
         message_subject=_str(decision.get("message_subject")),
-        attempt=_int(decision.get("attempt")),
+        attempt=read_number(decision.get("attempt")),
         policy_version=_str(decision.get("policy_version")),
         trace_id=trace.trace_id_hex if trace is not None else None,
         mirror=decision.get("mirror") is True,
