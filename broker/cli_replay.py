@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import secrets
@@ -17,6 +16,7 @@ from typing import IO, Annotated, Any
 import orjson
 import typer
 
+from broker import b64
 from broker.errors import BrokerError
 
 REPLAY_EPILOG = (
@@ -168,7 +168,7 @@ async def _replay(
                     "subject": m.subject,
                     "time": m.time.isoformat() if m.time else None,
                     "headers": m.headers,
-                    "payload_base64": base64.b64encode(m.payload).decode(),
+                    "payload_base64": b64.encode(m.payload),
                 }
                 if decode:
                     record["value" if m.decode_error is None else "decode_error"] = (

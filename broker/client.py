@@ -45,6 +45,7 @@ import h2.exceptions
 import httpx
 import orjson
 
+from broker import _hyperframe, b64
 from broker._h2stream import ConnectionLost, DuplexRequest
 from broker.envelope import (
     H_STREAM_FIRST_SEQ,
@@ -107,6 +108,8 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: nothing else on (``broker.http._rsgi.check_headers``), and httpx sends text as ASCII only.
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
+_hyperframe.install()  # h2 builds each received frame's debug text: see the module
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -165,7 +168,7 @@ class StoredMessage:
             subject=item["subject"],
             time=datetime.fromisoformat(item["time"]) if item.get("time") else None,
             headers=item.get("headers") or {},
-            payload=base64.b64decode(item["payload_base64"]),
+            payload=b64.decode(item["payload_base64"]),
             value=item.get("value"),
             decode_error=item.get("decode_error"),
         )

@@ -23,7 +23,6 @@ Stored NATS headers:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import re
@@ -33,6 +32,7 @@ from typing import Any, NewType
 
 import orjson
 
+from broker import b64
 from broker.errors import BadRequest, InvalidSubject, Unprocessable, UnsupportedMediaType
 from broker.exactjson import loads_exact
 from broker.telemetry.w3c import RequestHeaders, request_trace_headers
@@ -495,7 +495,7 @@ def _ce_data(event: dict[str, Any], content_type: str | None) -> bytes:
         if not isinstance(encoded, str):
             raise Unprocessable("data_base64 must be a string")
         try:
-            return base64.b64decode(encoded, validate=True)
+            return b64.decode(encoded, validate=True)
         except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
             raise Unprocessable("data_base64 is not valid base64") from None
     if "data" not in event:

@@ -7,10 +7,9 @@ clients page on by asking again from the last ``seq`` + 1.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -22,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, NotFoundError
 
+from broker import b64
 from broker.codecs import CodecKind, DecodedMessage, DecodeError, kind_for
 from broker.envelope import (
     CONTENT_TYPE,
@@ -73,6 +73,8 @@ MAX_LIMIT = 100_000
 #: Clients page on, from the last ``seq`` + 1, until an answer is empty or past
 #: ``Broker-Stream-Last-Seq``.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: A record's line at least this long is written to the answer as a chunk of its own.
+_OWN_CHUNK = 64 * 1024
 #: The highest start sequence, however it is given (``start_seq`` or ``Last-Event-ID``): one
 #: bound for both, inside what NATS takes (a uint64; above it, the consumer is refused).
 MAX_SEQ = 2**63 - 1
@@ -135,8 +137,12 @@ def _record(message: Msg) -> dict[str, Any]:
         "subject": message.subject,
         "time": time,
         "headers": dict(message.headers or {}),
-        "payload_base64": base64.b64encode(message.data).decode(),
+        "payload_base64": b64.encode(message.data),
     }
+
+
+#: A record's line ends as orjson writes it: ``+ b"\n"`` copied every line once more.
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
 def _text(payload: bytes, content_type: str | None) -> str:
@@ -177,11 +183,11 @@ async def _decoded(
         metrics.decode_error(e.codec)
         record["decode_error"] = e.message
     try:
-        return orjson.dumps(record, default=json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        return orjson.dumps(record, default=json_default, option=orjson.OPT_NON_STR_KEYS | _NEWLINE)
     except orjson.JSONEncodeError as e:  # e.g. a msgpack map with binary keys
         del record["value"]
         record["decode_error"] = f"the decoded value has no JSON form: {e}"
-        return orjson.dumps(record) + b"\n"
+        return orjson.dumps(record, option=_NEWLINE)
 
 
 SSE = "text/event-stream"
@@ -315,6 +321,60 @@ async def _stream_headers(state: IngressState, stream: str) -> dict[str, str]:
     return headers
 
 
+async def _answer(
+    state: IngressState,
+    tenant: Tenant,
+    first: list[Msg],
+    batches: AsyncGenerator[list[Msg], None],
+    *,
+    stream: str,
+    limit: int,
+    decode: Decode,
+    sse: bool,
+) -> AsyncIterator[bytes]:
+    """A replay answer's body: ``first``, then what ``batches`` delivers, as NDJSON lines
+    or Server-Sent Events, up to ``limit`` records or MAX_RESPONSE_BYTES."""
+    # One chunk per batch the server delivered: a write per record would cost more than
+    # encoding it (a line of _OWN_CHUNK or more is a chunk of its own: joined, it would be
+    # copied once more). The read is closed on the way out, even at ``limit`` or
+    # MAX_RESPONSE_BYTES, so its consumer is deleted at once.
+    left, room = limit, MAX_RESPONSE_BYTES
+    async with contextlib.aclosing(batches):
+        messages = first
+        while messages:
+            lines: list[bytes] = []
+            sent = 0
+            for message in messages[:left]:
+                record = _record(message)
+                if decode is Decode.JSON:
+                    line = await _decoded(state, tenant, message, record)
+                else:
+                    line = orjson.dumps(record, option=_NEWLINE)
+                if sse:
+                    line = _event(record["seq"], line)
+                sent += 1
+                room -= len(line)
+                if len(line) < _OWN_CHUNK:
+                    lines.append(line)
+                else:
+                    if lines:
+                        yield b"".join(lines)
+                        lines.clear()
+                    yield line
+                if room <= 0:
+                    break
+            if lines:
+                yield b"".join(lines)
+            left -= sent
+            if left <= 0 or room <= 0:
+                return
+            try:
+                messages = await anext(batches, [])
+            except ReadInterrupted as e:  # after the 200: say so in the body
+                yield _broke_off(e, stream, sse=sse)
+                return
+
+
 def replay_router(state: IngressState) -> APIRouter:
     router = APIRouter(prefix="/v1/streams", tags=["replay"])
 
@@ -424,38 +484,12 @@ def replay_router(state: IngressState) -> APIRouter:
             await batches.aclose()
             raise
 
-        async def body() -> AsyncIterator[bytes]:
-            # One chunk per batch the server delivered: a write per record would cost more
-            # than encoding it. The read is closed on the way out, even at ``limit`` or
-            # MAX_RESPONSE_BYTES, so its consumer is deleted at once.
-            left, room = limit, MAX_RESPONSE_BYTES
-            async with contextlib.aclosing(batches):
-                messages = first
-                while messages:
-                    lines = []
-                    for message in messages[:left]:
-                        record = _record(message)
-                        if decode is Decode.JSON:
-                            line = await _decoded(state, tenant, message, record)
-                        else:
-                            line = orjson.dumps(record) + b"\n"
-                        lines.append(_event(record["seq"], line) if sse else line)
-                        room -= len(lines[-1])
-                        if room <= 0:
-                            break
-                    yield b"".join(lines)
-                    left -= len(lines)
-                    if left <= 0 or room <= 0:
-                        return
-                    try:
-                        messages = await anext(batches, [])
-                    except ReadInterrupted as e:  # after the 200: say so in the body
-                        yield _broke_off(e, stream.value, sse=sse)
-                        return
-
+        body = _answer(
+            state, tenant, first, batches, stream=stream.value, limit=limit, decode=decode, sse=sse
+        )
         if sse:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return _ReplayResponse(body(), media_type=SSE, headers=headers)
-        return _ReplayResponse(body(), media_type="application/x-ndjson", headers=headers)
+            return _ReplayResponse(body, media_type=SSE, headers=headers)
+        return _ReplayResponse(body, media_type="application/x-ndjson", headers=headers)
 
     return router

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
@@ -211,6 +212,30 @@ async def test_an_answer_ends_at_16_mib_and_the_client_pages_on(
         got = [m async for m in c.replay(subject=subject, page=1000)]
     assert [m.seq for m in got] == seqs
     assert [m.payload[:1] for m in got] == [bytes([i]) for i in range(64)]
+
+
+async def test_large_and_small_records_mixed_keep_their_order_and_bytes(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """A line of 64 KiB or more is written as a chunk of its own, the lines around it
+    joined: in either form the answer holds every record once, in order, byte for byte."""
+    subject = f"mixed.{uuid.uuid4().hex[:8]}"
+    sizes = [10, 70_000, 20, 30, 120_000, 130_000, 5, 48_000, 49_200, 1]
+    payloads = [bytes([i]) * size for i, size in enumerate(sizes)]
+    async with BrokerClient(broker.base_url) as c:
+        seqs = [(await c.publish(subject, payload)).seq for payload in payloads]
+        got = [m async for m in c.replay(subject=subject)]
+    assert [m.seq for m in got] == seqs
+    assert [m.payload for m in got] == payloads
+    answer = await client.get(
+        "/v1/streams/MESSAGES/messages",
+        params={"subject": subject},
+        headers={"Accept": "text/event-stream"},
+    )
+    events = [e for e in answer.text.split("\n\n") if e]
+    assert [int(e.split("\n")[0].removeprefix("id: ")) for e in events] == seqs
+    data = [orjson.loads(e.split("\n")[2].removeprefix("data: ")) for e in events]
+    assert [base64.b64decode(d["payload_base64"]) for d in data] == payloads
 
 
 @pytest.mark.parametrize(
