@@ -87,6 +87,7 @@ from broker.natsconn import (
     ConnectOptions,
     explain_connect_error,
     message_size,
+    nats_url_problem,
     open_client,
 )
 from broker.registry.manifest import AgentManifest, validate_manifest
@@ -350,12 +351,19 @@ def _check_options(
     max_deliveries: int,
     tenant: str,
     instance: str | None,
+    nats_url: str,
 ) -> None:
     """Refuse settings an instance cannot run with, when it is made: a ``concurrency`` of 0
-    never fetches, and nothing would say why. Nor would a ``tenant`` or ``instance`` that is
+    never fetches, and nothing would say why; a ``nats_url`` that names no server (``bogus://x``,
+    ``nats://h:notaport``, nothing) was tried for ever, reconnecting, with "cannot reach NATS"
+    in the log. Nor would a ``tenant`` or ``instance`` that is
     not one subject token: its inbox subject is no inbox, and its heartbeats (key
     ``<tenant>.<agent>.<instance>`` in ``agent_load``) are refused by NATS or by the
     routers, so it would run and never be given work."""
+    if not isinstance(nats_url, str):
+        raise ValueError(f"nats_url must be NATS URLs, comma-separated, not {nats_url!r}")
+    if problem := nats_url_problem(nats_url, option="nats_url"):
+        raise ValueError(problem)
     if not isinstance(tenant, str):
         raise ValueError(f"tenant must be a tenant's name, not {tenant!r}")
     valid_tenant(tenant)
@@ -486,12 +494,14 @@ class Agent:
             max_deliveries=max_deliveries,
             tenant=tenant,
             instance=instance,
+            nats_url=nats_url,
         )
         self.manifest = (
             manifest if isinstance(manifest, AgentManifest) else validate_manifest(dict(manifest))
         )
         self.name = self.manifest.name
         self.nats_url = nats_url
+        self._servers = [url.strip() for url in nats_url.split(",") if url.strip()]
         self.tenant = tenant
         self.concurrency = concurrency
         self.heartbeat_interval = heartbeat_interval
@@ -748,7 +758,7 @@ class Agent:
 
     async def _connect(self) -> None:
         options = ConnectOptions(**(self.connect_options or {}))
-        options["servers"] = self.nats_url.split(",")
+        options["servers"] = self._servers
         options["name"] = f"agent-{self.name}-{self.instance}"
 
         async def on_error(e: Exception) -> None:
@@ -776,7 +786,7 @@ class Agent:
             from broker.registry.commands import put_agent
 
             publisher = Publisher(
-                self.nats_url.split(","),
+                self._servers,
                 name=f"agent-{self.name}-register",
                 connect_options=self.connect_options,
             )

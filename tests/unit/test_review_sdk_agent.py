@@ -41,3 +41,16 @@ def test_an_instance_id_that_is_no_heartbeat_key_token_is_refused(instance: str)
 def test_ids_the_sdk_makes_and_sensible_names_are_taken() -> None:
     assert Agent(MANIFEST, tenant="acme-eu_1", instance="pod-7_a").instance == "pod-7_a"
     assert Agent(MANIFEST, instance=new_instance_id()).tenant == "default"
+
+
+@pytest.mark.parametrize("url", ["bogus://x", "nats://h:notaport", "", " , ", "nats://a b:4222"])
+def test_a_nats_url_that_names_no_server_is_refused(url: str) -> None:
+    """With reconnects for ever, such a URL was tried until the process was stopped, and the
+    log said only that NATS could not be reached."""
+    with pytest.raises(ValueError, match="nats_url"):
+        Agent(MANIFEST, nats_url=url)
+
+
+def test_a_cluster_of_nats_urls_is_taken_with_its_spaces() -> None:
+    agent = Agent(MANIFEST, nats_url="nats://a:4222, nats://b:4222 ,c:4223")
+    assert agent._servers == ["nats://a:4222", "nats://b:4222", "c:4223"]
