@@ -256,6 +256,22 @@ def test_no_port_is_published_beyond_loopback(services: dict[str, dict[str, Any]
             assert ipaddress.ip_address(host).is_loopback, where
 
 
+def test_every_nats_node_is_published_for_host_clients_to_fail_over(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Only nats-1 was published: a host client (an agent, `broker projections`) had no
+    other node to go on with when it stopped. Each node's client port is published on its
+    own host port (on loopback, as the test above holds)."""
+    published = {}
+    for node in NATS_NODES:
+        entries = services[node].get("ports", [])
+        assert len(entries) == 1, f"{node} publishes {entries}"
+        *_, host_port, container_port = str(entries[0]).split(":")
+        assert container_port == "4222", node
+        published[node] = host_port
+    assert sorted(published.values()) == ["4222", "4223", "4224"]
+
+
 # --- NATS configs ------------------------------------------------------------------------
 
 
