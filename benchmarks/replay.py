@@ -1,11 +1,11 @@
 """Replay benchmark: reading a stream back through the broker vs a raw pull consumer.
 
 Both read the same N messages from the same nats-server in one run: raw is a nats-py pull
-consumer (no acks, batches of 1024 messages or about 8 MiB); the broker is ``GET /v1/streams/MESSAGES/messages``
-over HTTP/2 through ``BrokerClient.replay`` (NDJSON, payloads base64, no decoding).
-Issue 5 sets the target: >= 0.8x. A second pair decodes the JSON payloads: the raw side
-``orjson.loads`` each message it fetched, the broker replays with ``decode=json`` (lazy
-codecs on the server, with their bounds).
+consumer (no acks, batches of 1024 messages or about 8 MiB); the broker is
+``GET /v1/streams/MESSAGES/messages`` over HTTP/2 through ``BrokerClient.replay`` (NDJSON,
+payloads base64, no decoding). Issue 5 sets the target: >= 0.8x. A second pair decodes the
+JSON payloads: the raw side ``orjson.loads`` each message it fetched, the broker replays
+with ``decode=json`` (lazy codecs on the server, with their bounds).
 
 Usage: ``python benchmarks/replay.py [--messages 20000] [--payload-bytes 256]``
 """
@@ -101,7 +101,9 @@ def main() -> None:
             asyncio.run(broker_read(base, args.messages))  # warm-up
             raw = asyncio.run(raw_read(server.url, args.messages, len(payload)))
             through = asyncio.run(broker_read(base, args.messages))
-            raw_decoded = asyncio.run(raw_read(server.url, args.messages, len(payload), decode=True))
+            raw_decoded = asyncio.run(
+                raw_read(server.url, args.messages, len(payload), decode=True)
+            )
             decoded = asyncio.run(broker_read(base, args.messages, decode=True))
         finally:
             broker.stop()
