@@ -259,7 +259,8 @@ def agents_router(state: IngressState) -> APIRouter:
         ] = MAX_LIST_PAGE,
     ) -> AgentList:
         """The tenant's agents by name, now or as they were at `as_of` (rebuilt from the
-        stream for each page), a page at a time: `next_after` is the `after` of the next
+        stream, and kept a minute for the next pages, asked for as of the first page's
+        `seq`), a page at a time: `next_after` is the `after` of the next
         page (null after the last). A page also stops before the manifest that would take
         it past 1 MiB, so it may hold fewer than `limit` agents before the last page. Each
         page of the live list is the registry when that page is read; pages read with the
@@ -269,7 +270,9 @@ def agents_router(state: IngressState) -> APIRouter:
             snapshot = state.registry.snapshot
         else:
             seq, moment = parse_as_of(as_of)
-            snapshot = await registry_as_of(state.publisher.js, state.tenant, seq=seq, time=moment)
+            snapshot = await registry_as_of(
+                state.publisher.js, state.tenant, seq=seq, time=moment, rebuilt=state.rebuilt
+            )
         page = agent_page(
             snapshot.agents(state.tenant), after=after, limit=limit, max_bytes=MAX_PAGE_BYTES
         )

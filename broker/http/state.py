@@ -13,6 +13,7 @@ from broker.auth import current_tenant
 from broker.envelope import Tenant
 from broker.http.readiness import ReadinessCheck
 from broker.publisher import Publisher
+from broker.registry.commands import RebuiltRegistries
 from broker.registry.schemas.decoders import Decoders
 from broker.registry.schemas.service import SchemaRegistry
 from broker.registry.snapshot import RegistryView
@@ -54,6 +55,8 @@ class IngressState:
     settings: Settings
     publisher: Publisher
     registry: RegistryView = field(default_factory=RegistryView)
+    #: Registries rebuilt for ``GET /v1/agents?as_of=``, kept for the list's next pages.
+    rebuilt: RebuiltRegistries = field(default_factory=RebuiltRegistries)
     schemas: SchemaRegistry = field(init=False)
     decoders: Decoders = field(init=False)
     route_waiters: RouteWaiters = field(init=False)

@@ -11,9 +11,11 @@ content at its sequence: a put or a delete replaces it.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
+from time import monotonic
 
 import structlog
 from nats.js import JetStreamContext
@@ -278,11 +280,63 @@ async def agent_history(
     return events, None
 
 
+class RebuiltRegistries:
+    """Registries :func:`registry_as_of` rebuilt lately, by tenant and the sequence they run
+    through: a list of N agents ``as_of`` a point is N / 100 pages, each of which rebuilt
+    the tenant's registry from its whole history, and the client asks for the pages after
+    the first as of that first page's ``seq``.
+
+    A registry rebuilt through sequence S (its ``last_seq``: the last of the tenant's events
+    at or before the point asked for) is what ``as_of=S`` rebuilds for as long as the stream
+    keeps its history, whatever is appended later: so it is kept under S, whether a
+    sequence or a time was asked for. ``entries`` registries at most (the least recently
+    used leave first), each for ``seconds``: what bounds how long one outlives a purge of
+    the stream."""
+
+    def __init__(self, *, entries: int = 8, seconds: float = 60.0) -> None:
+        self.entries = entries
+        self.seconds = seconds
+        self._kept: OrderedDict[tuple[Tenant, int], tuple[float, RegistrySnapshot]] = OrderedDict()
+
+    def get(self, tenant: Tenant, seq: int) -> RegistrySnapshot | None:
+        kept = self._kept.get((tenant, seq))
+        if kept is None:
+            return None
+        if monotonic() - kept[0] > self.seconds:
+            del self._kept[(tenant, seq)]
+            return None
+        self._kept.move_to_end((tenant, seq))
+        return kept[1]
+
+    def put(self, tenant: Tenant, snapshot: RegistrySnapshot) -> None:
+        self._kept[(tenant, snapshot.last_seq)] = (monotonic(), snapshot)
+        self._kept.move_to_end((tenant, snapshot.last_seq))
+        while len(self._kept) > self.entries:
+            self._kept.popitem(last=False)
+
+
 async def registry_as_of(
-    js: JetStreamContext, tenant: Tenant, *, seq: int | None = None, time: datetime | None = None
+    js: JetStreamContext,
+    tenant: Tenant,
+    *,
+    seq: int | None = None,
+    time: datetime | None = None,
+    rebuilt: RebuiltRegistries | None = None,
 ) -> RegistrySnapshot:
     """The tenant's registry exactly as it was after stream sequence ``seq`` or at ``time``,
-    rebuilt from the stream (skipping what cannot be read, as the live view does)."""
+    rebuilt from the stream (skipping what cannot be read, as the live view does), or
+    taken from ``rebuilt``, where it is kept for the next pages."""
+    if seq is not None and rebuilt is not None and (kept := rebuilt.get(tenant, seq)):
+        return kept
+    snapshot = await _rebuilt(js, tenant, seq=seq, time=time)
+    if rebuilt is not None:
+        rebuilt.put(tenant, snapshot)
+    return snapshot
+
+
+async def _rebuilt(
+    js: JetStreamContext, tenant: Tenant, *, seq: int | None, time: datetime | None
+) -> RegistrySnapshot:
     events: list[RegistryEvent] = []
     through = 0  # past the events that could not be read
     async with contextlib.aclosing(_readable(js, tenant_filter(tenant))) as read:
