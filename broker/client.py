@@ -15,7 +15,6 @@ Subjects, names and versions go into the URL path percent-encoded, one segment e
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import functools
@@ -553,7 +552,7 @@ def _route_headers(
     if embedding is not None:
         vector = [float(x) for x in embedding]
         packed = struct.pack(f"<{len(vector)}f", *vector)
-        sent["broker-embedding"] = base64.b64encode(packed).decode()
+        sent["broker-embedding"] = b64.encode(packed)
         if embedding_model is not None:
             sent["broker-embedding-model"] = embedding_model
     if env is not None:

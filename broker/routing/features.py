@@ -29,7 +29,6 @@ A malformed routing header raises :class:`InvalidRoutingHeader` (422).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import codecs
 import re
@@ -43,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from broker import b64
 from broker.envelope import (
     DEFAULT_CONTENT_TYPE,
     NO_WIRE_PREFIX,
@@ -263,7 +263,7 @@ def parse_embedding(value: str) -> Vector:
             f"Broker-Embedding is too long: at most {MAX_EMBEDDING_DIM} float32 values"
         )
     try:
-        raw = base64.b64decode(value.strip(), validate=True)
+        raw = b64.decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRoutingHeader(
             "Broker-Embedding is not base64 (standard alphabet, padded)"
@@ -290,7 +290,7 @@ def parse_embedding(value: str) -> Vector:
 
 def encode_embedding(vector: npt.ArrayLike) -> str:
     """The ``Broker-Embedding`` header value for a vector (the inverse of parsing)."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return b64.encode(np.asarray(vector, dtype="<f4").tobytes())
 
 
 def _parse_text(value: str) -> str | None:
