@@ -44,7 +44,7 @@ import h2.exceptions
 import httpx
 import orjson
 
-from broker import _hyperframe, b64
+from broker import _h2client, b64
 from broker._h2stream import ConnectionLost, DuplexRequest
 from broker.envelope import (
     H_STREAM_FIRST_SEQ,
@@ -107,7 +107,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: nothing else on (``broker.http._rsgi.check_headers``), and httpx sends text as ASCII only.
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
-_hyperframe.install()  # h2 builds each received frame's debug text: see the module
+_h2client.install()  # larger HTTP/2 frames, a cheaper frame text: see the module
 
 
 @dataclass(frozen=True)
