@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 HTTP2_STREAM_WINDOW = 1024 * 1024
 #: All streams of one connection together: the most unread body a connection can buffer.
 HTTP2_CONNECTION_WINDOW = 2 * 1024 * 1024
+#: The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE): one stream's window.
+HTTP2_MAX_FRAME = HTTP2_STREAM_WINDOW
 #: Ping an idle HTTP/2 connection this often; no answer within the timeout closes it.
 HTTP2_KEEP_ALIVE_INTERVAL_MS = 30_000
 HTTP2_KEEP_ALIVE_TIMEOUT_S = 20
@@ -77,7 +79,10 @@ def http_settings(settings: Settings) -> tuple[HTTP1Settings, HTTP2Settings]:
         keep_alive_interval=HTTP2_KEEP_ALIVE_INTERVAL_MS,
         keep_alive_timeout=HTTP2_KEEP_ALIVE_TIMEOUT_S,
         max_concurrent_streams=settings.max_concurrent_streams,
-        max_frame_size=16 * 1024,  # the protocol's default; larger frames buy nothing here
+        # Frames as large as a stream's window (the protocol's default is 16 kB): a Python
+        # client sending a 200 kB message paid per frame, and published 40 % more of them
+        # a second with these. Flow control still bounds what a client may send unread.
+        max_frame_size=HTTP2_MAX_FRAME,
         max_headers_size=settings.max_header_list_bytes,
         max_send_buffer_size=400 * 1024,
     )

@@ -241,6 +241,25 @@ def test_server_settings_advertise_the_configured_limits(limited: BrokerProcess)
     assert settings[codes.MAX_CONCURRENT_STREAMS] == MAX_STREAMS
     assert settings[codes.MAX_HEADER_LIST_SIZE] == HEADER_LIST_BYTES
     assert settings[codes.INITIAL_WINDOW_SIZE] == 1024 * 1024
+    # Frames up to a stream's window, not the protocol's 16 kB: a client sending a large
+    # message pays per frame.
+    assert settings[codes.MAX_FRAME_SIZE] == 1024 * 1024
+
+
+def test_a_message_sent_in_one_large_frame_is_published(limited: BrokerProcess) -> None:
+    client = H2Client(limited.port)
+    try:
+        client.read_settings()
+        assert client.conn.max_outbound_frame_size == 1024 * 1024
+        body = b"\x01" * 200_000
+        stream = client.request("POST", "/v1/publish/big.frame", publish_headers(), end=False)
+        assert client.send(stream, body, end=True) == len(body)
+        client.read_until(stream)
+        assert client.streams[stream].status == 200, client.streams[stream]
+        assert json.loads(client.streams[stream].body)["duplicate"] is False
+    finally:
+        client.close()
+    assert healthy(limited)
 
 
 # --- headers ----------------------------------------------------------------------------
