@@ -378,11 +378,13 @@ async def _ndjson_lines(response: httpx.Response) -> AsyncGenerator[bytes, None]
     async for chunk in response.aiter_bytes():
         *lines, tail = chunk.split(b"\n")
         if lines:
-            lines[0] = b"".join([*pending, lines[0]])
-            pending.clear()
+            if pending:  # else the line is whole already: joined, it was copied once more
+                lines[0] = b"".join([*pending, lines[0]])
+                pending.clear()
             for line in lines:
                 yield line
-        pending.append(tail)
+        if tail:
+            pending.append(tail)
     if last := b"".join(pending):
         yield last
 
