@@ -73,7 +73,7 @@ _STREAM_WINDOW = 1024
 #: tells the ingress nothing of how far the client has read, so a client that never reads
 #: costs the server every line; this caps it near what one largest batch costs.
 _STREAM_BATCHES = 10
-_RECORD_LINE = re.compile(rb"\S[^\n]*")  # one per non-blank NDJSON line
+_NOT_BLANK = re.compile(rb"\S")
 
 
 async def publish_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subject: str) -> int:
@@ -265,17 +265,37 @@ def _parse_batch(kind: str, body: bytes, max_records: int, longest: int) -> Iter
     dropped once it is an outbound message: parsed all at once, a body of tiny records costs
     thirty times its size. A malformed or too long NDJSON line is that record's error only."""
     if kind == "ndjson":
-        if sum(1 for _ in islice(_RECORD_LINE.finditer(body), max_records + 1)) > max_records:
+        # More lines than records allowed (a line feed each, the last one's optional) may
+        # still be few records: count those that are not blank then.
+        lines = body.count(b"\n") + 1
+        records = _records_at(body)
+        if lines > max_records and sum(1 for _ in islice(records, max_records + 1)) > max_records:
             raise PayloadTooLarge(f"batch has more than {max_records} records, the limit")
-        return (_ndjson_record(line[0], longest) for line in _RECORD_LINE.finditer(body))
+        return (_ndjson_record(body, a, b, longest) for a, b in _records_at(body))
     return array_records(body, max_records, longest)
 
 
-def _ndjson_record(line: bytes, longest: int) -> Any:
-    if len(line) > longest:  # refused before parsing: its values could cost 30x its size
+def _records_at(body: bytes) -> Iterator[tuple[int, int]]:
+    """Where each record of an NDJSON body is: from the first character of a line that is
+    not blank (spaces, tabs, CR, VT and FF before it are skipped, blank lines with them, in
+    one search) to its line feed or the end. What the regular expression ``\\S[^\\n]*``
+    found, which went through a large record a byte at a time (180 MB/s here)."""
+    position, end = 0, len(body)
+    search, find = _NOT_BLANK.search, body.find
+    while (first := search(body, position)) is not None:
+        start = first.start()
+        stop = find(b"\n", start)
+        if stop < 0:
+            stop = end
+        yield start, stop
+        position = stop + 1
+
+
+def _ndjson_record(body: bytes, start: int, stop: int, longest: int) -> Any:
+    if stop - start > longest:  # refused before parsing: its values could cost 30x its size
         return PayloadTooLarge(f"record exceeds {longest} bytes")
     try:
-        return loads_exact(line)
+        return loads_exact(body[start:stop])
     except ValueError as e:
         return BadRequest(f"record is not valid JSON: {e}")
 

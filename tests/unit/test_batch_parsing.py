@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge
 from broker.http import _json_array
 from broker.http._json_array import array_records
-from broker.http.publish import _parse_batch
+from broker.http.publish import _parse_batch, _records_at
 
 pytestmark = pytest.mark.unit
 LONGEST = 2 * 1024 * 1024 + 4096  # the limit at the default 1 MiB message size
@@ -51,6 +51,25 @@ def test_the_limit_is_refused_before_any_record_is_handed_out() -> None:
     with pytest.raises(PayloadTooLarge, match="11 records"):
         _parse_batch("json", b"[" + b",".join([b"{}"] * 11) + b"]", longest=LONGEST, max_records=10)
     assert len(list(_parse_batch("ndjson", body, longest=LONGEST, max_records=11))) == 11
+
+
+#: What found the records of an NDJSON body before ``_records_at`` (a byte at a time).
+_RECORD_LINE = re.compile(rb"\S[^\n]*")
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.sampled_from(b" \t\n\r\x0b\x0c\x1c\xa0x{"), max_size=80).map(bytes))
+def test_ndjson_records_are_where_the_regular_expression_found_them(body: bytes) -> None:
+    assert [body[a:b] for a, b in _records_at(body)] == [m[0] for m in _RECORD_LINE.finditer(body)]
+
+
+def test_a_large_ndjson_record_is_read_whole() -> None:
+    record = orjson.dumps({"data": "x" * 300_000})
+    body = b"  " + record + b"\r\n\n" + record
+    assert (
+        list(_parse_batch("ndjson", body, longest=LONGEST, max_records=2))
+        == [{"data": "x" * 300_000}] * 2
+    )
 
 
 @given(
