@@ -326,8 +326,10 @@ async def registry_as_of(
     """The tenant's registry exactly as it was after stream sequence ``seq`` or at ``time``,
     rebuilt from the stream (skipping what cannot be read, as the live view does), or
     taken from ``rebuilt``, where it is kept for the next pages."""
-    if seq is not None and rebuilt is not None and (kept := rebuilt.get(tenant, seq)):
-        return kept
+    if seq is not None and rebuilt is not None:
+        kept = rebuilt.get(tenant, seq)
+        if kept is not None:  # an empty registry is falsy: a mapping
+            return kept
     snapshot = await _rebuilt(js, tenant, seq=seq, time=time)
     if rebuilt is not None:
         rebuilt.put(tenant, snapshot)

@@ -108,6 +108,9 @@ async def test_one_tenants_registry_is_never_anothers(
     assert theirs is not mine
     assert names(theirs, B) == []
     assert reads == [(A, a.seq), (B, a.seq)]
+    # an empty registry is kept too (under the seq it runs through: none of B's, 0)
+    assert await registry_as_of(publisher.js, B, seq=theirs.last_seq, rebuilt=rebuilt) is theirs
+    assert reads == [(A, a.seq), (B, a.seq)]
 
 
 async def test_registries_are_kept_a_while_and_a_few_at_most(
