@@ -141,6 +141,18 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _worker_signals_until_ready() -> None:
+    """In each worker granian forks, until the worker installs its own stop handler: SIGTERM
+    ends it (it holds no socket, connection or request yet). The handler it inherits is
+    granian's main process's, which sets flags on the worker's own copy of the server that
+    nothing reads: a worker still loading the app (about a second, longer under load) when
+    granian stopped it swallowed the signal, started serving, and granian waited its kill
+    timeout (28 s) for it, at a normal stop as after a SIGKILL of `broker serve`. SIGINT is
+    ignored, as the worker itself sets it once started."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, TaskImpl
@@ -180,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         listening = True
 
     server.on_startup(_listening)
+    os.register_at_fork(after_in_child=_worker_signals_until_ready)
     try:
         server.serve()
     except Exception as e:
