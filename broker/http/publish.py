@@ -267,9 +267,9 @@ def _parse_batch(kind: str, body: bytes, max_records: int, longest: int) -> Iter
     if kind == "ndjson":
         # More lines than records allowed (a line feed each, the last one's optional) may
         # still be few records: count those that are not blank then.
-        lines = body.count(b"\n") + 1
-        records = _records_at(body)
-        if lines > max_records and sum(1 for _ in islice(records, max_records + 1)) > max_records:
+        if body.count(b"\n") >= max_records and (
+            sum(1 for _ in islice(_records_at(body), max_records + 1)) > max_records
+        ):
             raise PayloadTooLarge(f"batch has more than {max_records} records, the limit")
         return (_ndjson_record(body, a, b, longest) for a, b in _records_at(body))
     return array_records(body, max_records, longest)
