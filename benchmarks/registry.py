@@ -4,8 +4,11 @@
    against a plain ``dict`` lookup of the same keys in the same run (target >= 0.5x).
 2. Time from a registry write (``put_agent`` called) to the change being visible in the
    snapshot of *another process* following the stream: p50/p99.
+3. With ``--as-of-pages``: the time to list every page of the registry ``as_of`` the stream's
+   last seq, as ``GET /v1/agents?as_of=`` does, with the registries rebuilt kept for the next
+   pages against rebuilding the history for each page (the path before they were kept).
 
-Usage: ``python benchmarks/registry.py [--agents 1000] [--updates 300]``
+Usage: ``python benchmarks/registry.py [--agents 1000] [--updates 300] [--as-of-pages]``
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from broker.embedded import NatsServer, ServerSpec  # noqa: E402
 from broker.envelope import Tenant  # noqa: E402
+from broker.http.agents import MAX_LIST_PAGE, MAX_PAGE_BYTES  # noqa: E402
 from broker.publisher import Publisher  # noqa: E402
-from broker.registry.commands import put_agent  # noqa: E402
+from broker.registry.commands import put_agent, registry_as_of  # noqa: E402
 from broker.registry.manifest import AgentManifest  # noqa: E402
-from broker.registry.snapshot import RegistryView  # noqa: E402
+from broker.registry.pages import agent_page  # noqa: E402
+from broker.registry.snapshot import RebuiltRegistries, RegistryView  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from broker.streams import provision  # noqa: E402
 
@@ -117,6 +122,33 @@ async def lookups(
     return snapshot_rate, dict_rate, applied
 
 
+async def as_of_pages(publisher: Publisher) -> dict[str, float]:
+    """Seconds to list every page as of the stream's last seq: each page rebuilt from the
+    history, then with the registry rebuilt for the first page kept for the next."""
+    seq = (await publisher.js.stream_info("REGISTRY")).state.last_seq
+
+    async def listing(rebuilt: RebuiltRegistries | None) -> tuple[float, int]:
+        after, pages, began = None, 0, time.perf_counter()
+        while True:
+            snapshot = await registry_as_of(publisher.js, T, seq=seq, rebuilt=rebuilt)
+            page = agent_page(
+                snapshot.agents(T), after=after, limit=MAX_LIST_PAGE, max_bytes=MAX_PAGE_BYTES
+            )
+            pages += 1
+            if page.next_after is None:
+                return time.perf_counter() - began, pages
+            after = page.next_after
+
+    rebuilt_each_page, pages = await listing(None)
+    kept, _ = await listing(RebuiltRegistries())
+    return {
+        "pages": pages,
+        "rebuilt_each_page_s": round(rebuilt_each_page, 3),
+        "kept_s": round(kept, 3),
+        "ratio": round(rebuilt_each_page / kept, 1),
+    }
+
+
 async def visibility(url: str, publisher: Publisher, updates: int) -> list[float]:
     """Milliseconds from write call to visible in another process, per update."""
     info = await publisher.js.stream_info("REGISTRY")
@@ -160,6 +192,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await publisher.wait_connected(5)
             for i in range(args.agents):
                 await put_agent(publisher, T, manifest(i))
+            listing = await as_of_pages(publisher) if args.as_of_pages else None
             view = RegistryView()
             await view.start(publisher.js)
             snapshot_rate, dict_rate, applied = await lookups(
@@ -170,7 +203,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         finally:
             server.stop()
     n = len(latencies)
+    extra = {"as_of_pages": listing} if listing else {}
     return {
+        **extra,
         "agents": args.agents,
         "snapshot_lookups_per_s": round(snapshot_rate),
         "dict_lookups_per_s": round(dict_rate),
@@ -191,6 +226,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--updates", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=3.0, help="per lookup phase")
+    parser.add_argument("--as-of-pages", action="store_true", help="time as_of listings too")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(run(args))
@@ -213,6 +249,12 @@ def main() -> None:
         f"append -> visible in another process: p50 {vis['p50']} ms, p99 {vis['p99']} ms "
         f"({vis['samples']} updates)"
     )
+    if listing := result.get("as_of_pages"):
+        assert isinstance(listing, dict)
+        print(
+            f"as_of listing, {listing['pages']} pages: {listing['rebuilt_each_page_s']} s "
+            f"rebuilt per page, {listing['kept_s']} s kept: {listing['ratio']}x"
+        )
 
 
 if __name__ == "__main__":

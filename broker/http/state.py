@@ -13,10 +13,9 @@ from broker.auth import current_tenant
 from broker.envelope import Tenant
 from broker.http.readiness import ReadinessCheck
 from broker.publisher import Publisher
-from broker.registry.commands import RebuiltRegistries
 from broker.registry.schemas.decoders import Decoders
 from broker.registry.schemas.service import SchemaRegistry
-from broker.registry.snapshot import RegistryView
+from broker.registry.snapshot import RebuiltRegistries, RegistryView
 from broker.settings import Settings
 
 if TYPE_CHECKING:

@@ -11,13 +11,13 @@ content at its sequence: a put or a delete replaces it.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
-from time import monotonic
+from functools import partial
 
 import structlog
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -38,7 +38,14 @@ from broker.registry.events import (
 )
 from broker.registry.manifest import AgentManifest, AgentName, canonical_json
 from broker.registry.pages import PageFill, manifest_bytes
-from broker.registry.snapshot import RegistrySnapshot, fold
+from broker.registry.snapshot import (
+    HistoryMark,
+    Rebuilt,
+    RebuiltRegistries,
+    RegistrySnapshot,
+    fold,
+    rebuilt_size,
+)
 from broker.streams import Stream
 
 log = structlog.get_logger(__name__)
@@ -244,14 +251,16 @@ async def _readable(
     messages = read_messages(js, Stream.REGISTRY, subject=subject, start_seq=start_seq)
     async with contextlib.aclosing(messages) as read:
         async for message in read:
-            try:
-                event: RegistryEvent | UnreadableEvent = decode_message(message)
-            except UnreadableEvent as e:
-                log.warning(
-                    "registry_event_unreadable", subject=e.subject, seq=e.seq, error=e.message
-                )
-                event = e
-            yield event
+            yield _decoded(message)
+
+
+def _decoded(message: Msg) -> RegistryEvent | UnreadableEvent:
+    """The event in ``message``; one that cannot be read as its error (logged)."""
+    try:
+        return decode_message(message)
+    except UnreadableEvent as e:
+        log.warning("registry_event_unreadable", subject=e.subject, seq=e.seq, error=e.message)
+        return e
 
 
 async def agent_history(
@@ -280,39 +289,19 @@ async def agent_history(
     return events, None
 
 
-class RebuiltRegistries:
-    """Registries :func:`registry_as_of` rebuilt lately, by tenant and the sequence they run
-    through: a list of N agents ``as_of`` a point is N / 100 pages, each of which rebuilt
-    the tenant's registry from its whole history, and the client asks for the pages after
-    the first as of that first page's ``seq``.
+@dataclass(frozen=True, slots=True)
+class _History:
+    """The ``REGISTRY`` stream's history as it is now, and its last sequence."""
 
-    A registry rebuilt through sequence S (its ``last_seq``: the last of the tenant's events
-    at or before the point asked for) is what ``as_of=S`` rebuilds for as long as the stream
-    keeps its history, whatever is appended later: so it is kept under S, whether a
-    sequence or a time was asked for. ``entries`` registries at most (the least recently
-    used leave first), each for ``seconds``: what bounds how long one outlives a purge of
-    the stream."""
+    mark: HistoryMark
+    last_seq: int
 
-    def __init__(self, *, entries: int = 8, seconds: float = 60.0) -> None:
-        self.entries = entries
-        self.seconds = seconds
-        self._kept: OrderedDict[tuple[Tenant, int], tuple[float, RegistrySnapshot]] = OrderedDict()
 
-    def get(self, tenant: Tenant, seq: int) -> RegistrySnapshot | None:
-        kept = self._kept.get((tenant, seq))
-        if kept is None:
-            return None
-        if monotonic() - kept[0] > self.seconds:
-            del self._kept[(tenant, seq)]
-            return None
-        self._kept.move_to_end((tenant, seq))
-        return kept[1]
-
-    def put(self, tenant: Tenant, snapshot: RegistrySnapshot) -> None:
-        self._kept[(tenant, snapshot.last_seq)] = (monotonic(), snapshot)
-        self._kept.move_to_end((tenant, snapshot.last_seq))
-        while len(self._kept) > self.entries:
-            self._kept.popitem(last=False)
+async def _history(js: JetStreamContext) -> _History:
+    info = await js.stream_info(Stream.REGISTRY)
+    state = info.state
+    mark = HistoryMark(info.created, state.first_seq, state.num_deleted or 0)
+    return _History(mark, state.last_seq)
 
 
 async def registry_as_of(
@@ -324,25 +313,68 @@ async def registry_as_of(
     rebuilt: RebuiltRegistries | None = None,
 ) -> RegistrySnapshot:
     """The tenant's registry exactly as it was after stream sequence ``seq`` or at ``time``,
-    rebuilt from the stream (skipping what cannot be read, as the live view does), or
-    taken from ``rebuilt``, where it is kept for the next pages."""
-    if seq is not None and rebuilt is not None:
-        kept = rebuilt.get(tenant, seq)
+    rebuilt from the stream (skipping what cannot be read, as the live view does).
+
+    With ``rebuilt``, what is rebuilt is kept there for the next pages, under the sequence
+    it runs through (the last of the tenant's events up to the point asked for, the ``seq``
+    the next pages ask for, whether a sequence or a time was asked for) and under ``seq``
+    when the stream has reached it; and it is taken from there when the stream still holds
+    the history it was rebuilt from (a purge, or the stream made again, drops it). Requests
+    for a ``seq`` the stream has reached wait for one rebuild of it in progress rather than
+    each reading the history. A point still to come (a later time, a ``seq`` the stream has
+    not reached) is rebuilt for each request: what is appended meanwhile counts."""
+    if rebuilt is None:
+        return (await _rebuilt(js, tenant, seq=seq, time=time)).snapshot
+    before = await _history(js)
+    rebuilt.follow(before.mark)
+    if seq is not None:
+        kept = rebuilt.get(tenant, seq, before.mark)
         if kept is not None:  # an empty registry is falsy: a mapping
             return kept
-    snapshot = await _rebuilt(js, tenant, seq=seq, time=time)
-    if rebuilt is not None:
-        rebuilt.put(tenant, snapshot)
-    return snapshot
+    past = seq is not None and seq <= before.last_seq
+    rebuild = partial(
+        _rebuild_and_keep,
+        js,
+        tenant,
+        seq=seq,
+        time=time,
+        history=before.mark,
+        rebuilt=rebuilt,
+        asked=seq if past else None,
+    )
+    if seq is not None and past:
+        return await rebuilt.once(tenant, seq, before.mark, rebuild)
+    return await rebuild()
+
+
+async def _rebuild_and_keep(
+    js: JetStreamContext,
+    tenant: Tenant,
+    *,
+    seq: int | None,
+    time: datetime | None,
+    history: HistoryMark,
+    rebuilt: RebuiltRegistries,
+    asked: int | None,
+) -> RegistrySnapshot:
+    made = await _rebuilt(js, tenant, seq=seq, time=time)
+    # Kept only when the stream held the same history all along: a purge during the read
+    # may have taken events out of it.
+    if (await _history(js)).mark == history:
+        rebuilt.put(tenant, made, history, asked=asked)
+    return made.snapshot
 
 
 async def _rebuilt(
     js: JetStreamContext, tenant: Tenant, *, seq: int | None, time: datetime | None
-) -> RegistrySnapshot:
+) -> Rebuilt:
     events: list[RegistryEvent] = []
+    stored: dict[str, int] = {}  # each agent's last readable event: its bytes
     through = 0  # past the events that could not be read
-    async with contextlib.aclosing(_readable(js, tenant_filter(tenant))) as read:
-        async for event in read:
+    messages = read_messages(js, Stream.REGISTRY, subject=tenant_filter(tenant))
+    async with contextlib.aclosing(messages) as read:
+        async for message in read:
+            event = _decoded(message)
             if seq is not None and event.seq > seq:
                 break
             if time is not None and event.at is not None and event.at > time:
@@ -351,4 +383,6 @@ async def _rebuilt(
                 through = event.seq
             else:
                 events.append(event)
-    return fold(events).past(through)
+                stored[event.name] = len(message.data)
+    snapshot = fold(events).past(through)
+    return Rebuilt(snapshot, rebuilt_size(stored[record.name] for record in snapshot.values()))

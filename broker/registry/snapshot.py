@@ -6,15 +6,21 @@ of one process and keeps it up to date from the ``REGISTRY`` stream through an o
 push consumer; readers take ``view.snapshot`` (one attribute read, no lock) and can never
 see a half-applied change. An event this release cannot read is skipped (logged once, counted
 in ``view.skipped``): the view still moves past it.
+
+:class:`RebuiltRegistries` keeps the past registries ``GET /v1/agents?as_of=`` rebuilt, a
+while, for the pages after the first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
+from time import monotonic
 from typing import NoReturn
 
 import structlog
@@ -198,3 +204,203 @@ class RegistryView:
             async with asyncio.timeout(timeout), self._advanced:
                 await self._advanced.wait_for(lambda: self.snapshot.last_seq >= seq)
         return self.snapshot.last_seq >= seq
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMark:
+    """Which history of the ``REGISTRY`` stream a registry was rebuilt from: the stream by its
+    creation time (one deleted and made again numbers its messages from 1 again), and where
+    its messages start and how many are missing in between. Appends change none of these; a
+    purge, a deletion or an age limit changes ``first_seq`` or ``deleted``, and so what a
+    rebuild at an earlier sequence finds."""
+
+    created: datetime | None
+    first_seq: int
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """A registry rebuilt from the stream, and about how many bytes it takes in memory."""
+
+    snapshot: RegistrySnapshot
+    size: int
+
+
+#: What :func:`rebuilt_size` counts for each agent: the Python objects of a small manifest
+#: and its record (about 4 KB measured), and four times the bytes of the stored event (a
+#: manifest's strings, lists and floats take 2 to 4 times their JSON).
+AGENT_OVERHEAD = 4096
+PAYLOAD_FACTOR = 4
+
+
+def rebuilt_size(payload_bytes: Iterable[int]) -> int:
+    """The estimated memory of a registry whose agents' last events took ``payload_bytes``."""
+    return sum(AGENT_OVERHEAD + PAYLOAD_FACTOR * size for size in payload_bytes)
+
+
+@dataclass(slots=True)
+class _Kept:
+    at: float
+    rebuilt: Rebuilt
+
+
+@dataclass(slots=True)
+class _Building:
+    task: asyncio.Future[RegistrySnapshot]
+    waiting: int = 0
+
+
+_RegistryKey = tuple[str, int]  # (tenant, seq)
+_BuildKey = tuple[HistoryMark, str, int]  # (history, tenant, seq)
+
+
+class RebuiltRegistries:
+    """Registries rebuilt as of a past sequence, kept a while for the next pages of a list.
+
+    A registry rebuilt through sequence S of a stream's history is what a rebuild as of S
+    finds for as long as that history holds (:class:`HistoryMark`), whatever is appended
+    later. It is kept under ``(tenant, S)``: a tenant never finds another's, since the key
+    holds the tenant and a registry holds only its tenant's agents. Every look-up names the
+    history the stream holds now, and one that differs from the history the registries kept
+    were rebuilt from drops them all: what is kept is what a rebuild would find now.
+
+    Bounds: ``entries`` registries and ``max_bytes`` of them (by :func:`rebuilt_size`) at
+    most, the least recently used leaving first (one larger than ``max_bytes`` alone is not
+    kept), each for ``seconds`` from its rebuild, after which it is released even when no
+    request comes. Requests for one registry that is being rebuilt wait for that rebuild
+    (:meth:`once`) rather than each reading the history.
+    """
+
+    def __init__(
+        self, *, entries: int = 8, max_bytes: int = 256 * 1024 * 1024, seconds: float = 60.0
+    ) -> None:
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self.seconds = seconds
+        self._kept: OrderedDict[_RegistryKey, _Kept] = OrderedDict()
+        self._bytes = 0
+        self._history: HistoryMark | None = None
+        self._building: dict[_BuildKey, _Building] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def bytes(self) -> int:
+        """The estimated bytes of the registries kept."""
+        return self._bytes
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a rebuild another request started, or for their own."""
+        return sum(building.waiting for building in self._building.values())
+
+    def follow(self, history: HistoryMark) -> None:
+        """The stream holds ``history`` now: drop what was rebuilt from another."""
+        if history != self._history:
+            self._kept.clear()
+            self._bytes = 0
+            self._history = history
+
+    def get(self, tenant: str, seq: int, history: HistoryMark) -> RegistrySnapshot | None:
+        """The registry of ``tenant`` as of ``seq`` rebuilt from ``history`` (the stream's
+        now), if kept."""
+        self.follow(history)
+        kept = self._kept.get((tenant, seq))
+        if kept is None:
+            return None
+        if monotonic() - kept.at >= self.seconds:
+            self._drop((tenant, seq))
+            return None
+        self._kept.move_to_end((tenant, seq))
+        return kept.rebuilt.snapshot
+
+    def put(
+        self, tenant: str, rebuilt: Rebuilt, history: HistoryMark, *, asked: int | None = None
+    ) -> None:
+        """Keep ``rebuilt``, rebuilt from ``history``, under the sequence it runs through,
+        and under ``asked`` too: a past sequence it was rebuilt as of (the same registry when
+        no event of the tenant's came between). Nothing is kept when ``history`` is no
+        longer the stream's, or when the registry alone is over ``max_bytes``."""
+        if history != self._history:
+            return
+        if rebuilt.size > self.max_bytes:  # its next pages each read the history again
+            log.info(
+                "registry_rebuilt_not_kept", tenant=tenant, bytes=rebuilt.size, max=self.max_bytes
+            )
+            return
+        seqs = [rebuilt.snapshot.last_seq]  # the one the next pages ask for: used last
+        if asked is not None and asked != rebuilt.snapshot.last_seq:
+            seqs.insert(0, asked)
+        for seq in seqs:
+            self._drop((tenant, seq))
+            self._kept[(tenant, seq)] = _Kept(monotonic(), rebuilt)
+            self._bytes += rebuilt.size  # counted for each key: an overestimate, never under
+        while len(self._kept) > self.entries or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._kept)))
+        self._release_later()
+
+    async def once(
+        self,
+        tenant: str,
+        seq: int,
+        history: HistoryMark,
+        rebuild: Callable[[], Awaitable[RegistrySnapshot]],
+    ) -> RegistrySnapshot:
+        """``rebuild()``, unless the same registry is being rebuilt already: then what that
+        rebuild makes. A waiter cancelled leaves the rebuild to the others; the last one
+        cancelled cancels it, and the next request starts another. A rebuild that fails
+        fails each of its waiters and is not kept: the next request starts another."""
+        key = (history, tenant, seq)
+        building = self._building.get(key)
+        if building is None:
+            building = _Building(asyncio.ensure_future(rebuild()))
+            self._building[key] = building
+            building.task.add_done_callback(partial(self._built, key, building))
+        building.waiting += 1
+        try:
+            return await asyncio.shield(building.task)
+        finally:
+            building.waiting -= 1
+            if not building.waiting and not building.task.done():
+                # No one is left to use it: a request to come starts a rebuild of its own
+                # rather than joining one that is being cancelled.
+                self._forget(key, building)
+                building.task.cancel()
+
+    def _built(
+        self, key: _BuildKey, building: _Building, task: asyncio.Future[RegistrySnapshot]
+    ) -> None:
+        self._forget(key, building)
+        if not task.cancelled():
+            task.exception()  # each waiter got it; no "exception was never retrieved"
+
+    def _forget(self, key: _BuildKey, building: _Building) -> None:
+        if self._building.get(key) is building:
+            del self._building[key]
+
+    def _drop(self, key: _RegistryKey) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            self._bytes -= kept.rebuilt.size
+
+    def _release_later(self) -> None:
+        """Drop the registries kept too long once they are, whether or not a request
+        comes: a listing must not hold hundreds of MB in an idle process."""
+        if self._timer is not None or not self._kept:
+            return
+        oldest = min(kept.at for kept in self._kept.values())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a caller outside asyncio): look-ups expire them
+            return
+        self._timer = loop.call_later(max(0.0, oldest + self.seconds - monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = monotonic()
+        for key in [k for k, kept in self._kept.items() if now - kept.at >= self.seconds]:
+            self._drop(key)
+        self._release_later()
