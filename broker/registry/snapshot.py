@@ -64,13 +64,14 @@ class RegistrySnapshot(dict[AgentKey, AgentRecord]):
     (:meth:`apply`, :func:`fold`) and the old one stays valid for whoever still reads it.
     """
 
-    __slots__ = ("last_seq",)
+    __slots__ = ("_listed", "last_seq")
 
     def __init__(
         self, agents: Mapping[AgentKey, AgentRecord] | None = None, last_seq: int = 0
     ) -> None:
         super().__init__(agents or {})
         self.last_seq = last_seq
+        self._listed: dict[Tenant, tuple[AgentRecord, ...]] = {}
 
     def _immutable(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("a RegistrySnapshot is immutable; apply events to get a new one")
@@ -81,9 +82,14 @@ class RegistrySnapshot(dict[AgentKey, AgentRecord]):
     def agent(self, tenant: Tenant, name: str) -> AgentRecord | None:
         return self.get((tenant, name))
 
-    def agents(self, tenant: Tenant) -> list[AgentRecord]:
-        """The tenant's agents, by name."""
-        return sorted((r for (t, _), r in self.items() if t == tenant), key=lambda r: r.name)
+    def agents(self, tenant: Tenant) -> tuple[AgentRecord, ...]:
+        """The tenant's agents, by name: sorted once per snapshot and tenant, since a list's
+        every page reads them (a snapshot never changes)."""
+        listed = self._listed.get(tenant)
+        if listed is None:
+            mine = (r for (t, _), r in self.items() if t == tenant)
+            listed = self._listed[tenant] = tuple(sorted(mine, key=lambda r: r.name))
+        return listed
 
     def apply(self, event: RegistryEvent) -> RegistrySnapshot:
         """The snapshot after ``event``; ``self`` is left as it was."""

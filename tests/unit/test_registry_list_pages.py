@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from broker.client import next_after
 from broker.envelope import Tenant
 from broker.registry.manifest import AgentManifest, AgentName, Capability
 from broker.registry.pages import AgentPage, agent_page, manifest_bytes
-from broker.registry.snapshot import AgentRecord
+from broker.registry.snapshot import AgentRecord, RegistrySnapshot
 
 pytestmark = pytest.mark.unit
 
@@ -49,6 +51,20 @@ def read_all(
 
 def test_the_broker_sorts_names_as_these_tests_expect() -> None:
     assert sorted(NAMES) == NAMES
+
+
+def test_a_snapshot_lists_a_tenants_agents_by_name_and_sorts_them_once() -> None:
+    """Every page of a list reads the whole sorted list: a snapshot never changes, so it
+    sorts a tenant's agents at the first page only."""
+    theirs = replace(record("b0"), tenant=Tenant("bolt"))
+    mine = [record(n) for n in reversed(NAMES)]
+    snapshot = RegistrySnapshot({(r.tenant, r.name): r for r in [*mine, theirs]}, 12)
+    listed = snapshot.agents(Tenant("acme"))
+    assert [r.name for r in listed] == NAMES
+    assert snapshot.agents(Tenant("acme")) is listed
+    assert snapshot.agents(Tenant("bolt")) == (theirs,)
+    assert snapshot.agents(Tenant("cold")) == ()
+    assert snapshot.past(13).agents(Tenant("acme")) == listed
 
 
 def test_pages_hold_every_agent_once_in_name_order() -> None:
