@@ -698,12 +698,18 @@ class Router:
                 continue
             if prepare is not None:
                 await _in_progress_while(batch, prepare(batch))
-            for message in batch:
+            for done, message in enumerate(batch):
                 try:
                     await handle(message)
                 except BrokerError as e:  # could not append: leave unacked, redelivered later
                     self.stats.errors += 1
                     log.warning("route_append_failed", error_code=e.error_code, message=e.message)
+                    if e.retryable and stop.is_set():
+                        # Stopping, and NATS is gone or not answering: each message left would
+                        # wait out its own ack timeout (a batch of them, minutes). They stay
+                        # unacked and come back after the ack wait, to this router or another.
+                        log.info("router_batch_left", left=len(batch) - done)
+                        return
                     await _hand_back(message, delay=1.0, retryable=e.retryable)
                 except Exception:  # a bug or a message no step expected: never the loop's end
                     self.stats.errors += 1
