@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import faulthandler
 import gc
 import os
 import signal
@@ -73,6 +75,44 @@ def kill_group_after_parent(parent: int, grace: float) -> threading.Thread:
     watcher = threading.Thread(target=watch, name="kill-group-after-parent", daemon=True)
     watcher.start()
     return watcher
+
+
+class StopDeadline:
+    """Ends this process, with exit code 1, if it has not stopped ``seconds`` after it was
+    told to (:meth:`arm`, from its SIGTERM or SIGINT handler), after writing every thread's
+    stack to stderr.
+
+    A router's or a projection worker's graceful stop waits on NATS, PostgreSQL or a model,
+    each with bounds of its own; this is the bound on all of them together, and on what none
+    of them covers (a task that ignores its cancellation). Under ``broker serve`` a child
+    that does not stop is killed after 30 s, but one whose broker was SIGKILLed is told to
+    stop by the kernel (:func:`die_with_parent`) and has nothing else to end it. Leaving
+    unacknowledged messages is safe: JetStream delivers them again."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds = seconds
+        self.what = what
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        """Start counting (again calls change nothing)."""
+        if self._timer is None:
+            self._timer = threading.Timer(self.seconds, self._expire)
+            self._timer.name = "stop-deadline"
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        sys.stderr.write(
+            f"{self.what} did not stop within {self.seconds:g} s of being told to; its "
+            "threads' stacks follow, then it exits with code 1\n"
+        )
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(1)
 
 
 def process_alive(pid: int) -> bool:

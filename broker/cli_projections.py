@@ -282,6 +282,7 @@ def worker(
     """
     from broker._process import tune_gc
     from broker.logs import configure_logging
+    from broker.settings import get_settings
     from projections.worker import WorkerOptions, default_worker_id, run_worker
 
     url = _usable_replica(replica, data_dir)  # a usage error, not a traceback at each start
@@ -296,6 +297,7 @@ def worker(
         worker_id=worker_id or default_worker_id(),
         batch=batch,
         changes=changes,
+        stop_deadline=get_settings().stop_deadline_seconds,
     )
     tune_gc()  # a long-running process: see broker._process.tune_gc
     asyncio.run(run_worker(options))

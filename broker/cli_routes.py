@@ -90,9 +90,12 @@ def router(
     configure_logging()
     start_metrics(metrics_host, metrics_port)
     try:
-        tls_and_auth = connect_options(get_settings(), servers=nats_url, name="broker-router")
+        settings = get_settings()
+        tls_and_auth = connect_options(settings, servers=nats_url, name="broker-router")
         servers = tls_and_auth["servers"]
-        options = RouterOptions(servers, policy, embedder, load_ttl, tls_and_auth)
+        options = RouterOptions(
+            servers, policy, embedder, load_ttl, tls_and_auth, settings.stop_deadline_seconds
+        )
         tune_gc()  # a long-running process: see broker._process.tune_gc
         asyncio.run(run_router(options))
     except BrokerError as e:

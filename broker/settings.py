@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         default=None, ge=-1, description="Unset: as messages_max_bytes; -1 = unlimited."
     )
     agent_load_ttl_seconds: float = Field(default=15.0, gt=0, le=MAX_NATS_SECONDS)
+    stop_deadline_seconds: float = Field(
+        default=25.0,
+        gt=0,
+        le=3600,
+        description="A router or projection worker still running this long after SIGTERM or "
+        "SIGINT exits with code 1, its threads' stacks on stderr.",
+    )
 
     # --- projections ----------------------------------------------------------------
     projection_workers: int = Field(

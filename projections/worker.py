@@ -30,6 +30,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from broker._process import StopDeadline
 from broker.envelope import TOKEN
 from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
 from projections._errors import error_text
@@ -68,6 +69,9 @@ class WorkerOptions:
     #: NATS TLS and credentials (:func:`broker.natsconn.connect_options`); the servers
     #: are ``nats_urls``.
     connect_options: ConnectOptions | None = None
+    #: Seconds after SIGINT/SIGTERM before the process exits however far its stop got
+    #: (:class:`broker._process.StopDeadline`); ``None``: never.
+    stop_deadline: float | None = None
 
     def __post_init__(self) -> None:
         valid_worker_id(self.worker_id)
@@ -285,9 +289,20 @@ async def run_worker(options: WorkerOptions) -> None:
     """Run a worker until SIGINT/SIGTERM; SIGUSR1 logs what every task is waiting on."""
     worker = Worker(options)
     loop = asyncio.get_running_loop()
+    bound = (
+        None
+        if options.stop_deadline is None
+        else StopDeadline(options.stop_deadline, "broker worker")
+    )
+
+    def stopping() -> None:
+        worker.stop()
+        if bound is not None:
+            bound.arm()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, stopping)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     await worker.run()

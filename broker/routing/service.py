@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from broker._process import StopDeadline
 from broker.natsconn import ConnectOptions
 from broker.publisher import Publisher
 from broker.registry.snapshot import RegistryView
@@ -47,6 +49,9 @@ class RouterOptions:
     #: NATS TLS and credentials (:func:`broker.natsconn.connect_options`); the servers
     #: are ``nats_urls``.
     connect_options: ConnectOptions | None = None
+    #: Seconds after SIGINT/SIGTERM before the process exits however far its stop got
+    #: (:class:`broker._process.StopDeadline`); ``None``: never.
+    stop_deadline: float | None = None
 
 
 def policy_from(path: Path | None) -> Policy:
@@ -120,9 +125,10 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     reload_now = asyncio.Event()  # SIGHUP: read the policy file now (its default kills)
+    stopping = _stopper(stop, options.stop_deadline)
     for sig, action in (
-        (signal.SIGINT, stop.set),
-        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stopping),
+        (signal.SIGTERM, stopping),
         (signal.SIGHUP, reload_now.set),
     ):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -132,6 +138,19 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _stopper(stop: asyncio.Event, deadline: float | None) -> Callable[[], None]:
+    """What SIGINT and SIGTERM do: ask the router to stop, and bound how long it may take."""
+    if deadline is None:
+        return stop.set
+    bound = StopDeadline(deadline, "broker router")
+
+    def stopping() -> None:
+        stop.set()
+        bound.arm()
+
+    return stopping
 
 
 async def _route(options: RouterOptions, stop: asyncio.Event, reload_now: asyncio.Event) -> None:
