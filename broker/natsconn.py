@@ -506,6 +506,33 @@ async def subscribe_detached(
     )
 
 
+async def close_within(nc: NatsClient, seconds: float) -> None:
+    """Close ``nc`` (what is still buffered is written first), giving up on the server after
+    ``seconds``: its socket is then cut.
+
+    Not ``drain()``: a caller waits for the acks that matter first, and nats-py's drain, once
+    its time is up, swallows the cancellation and waits for a PONG (10 s) that a hung
+    server never sends. ``close()`` itself waits, unbounded, for the socket to take what is
+    buffered; a server that stopped reading never does."""
+    closing = asyncio.ensure_future(nc.close())
+    done, _ = await asyncio.wait({closing}, timeout=seconds)
+    if not done:
+        log.warning("nats_close_timed_out", seconds=seconds)
+        _cut(nc)
+        await asyncio.wait({closing}, timeout=1.0)
+        closing.cancel()
+    if closing.done() and not closing.cancelled() and closing.exception() is not None:
+        log.debug("nats_close_failed", error=repr(closing.exception())[:200])
+
+
+def _cut(nc: NatsClient) -> None:
+    """Abort ``nc``'s socket, leaving what it had not sent (nats-py has no public way)."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
 async def open_client(**options: Any) -> Client:
     """``nats.connect(**options)``, with a :class:`Client`."""
     client = Client()

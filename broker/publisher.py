@@ -35,6 +35,7 @@ from broker.errors import (
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    close_within,
     explain_connect_error,
     get_stored,
     open_client,
@@ -268,7 +269,7 @@ class Publisher:
             await asyncio.wait(waiting, timeout=_DRAIN_SECONDS)
         await _cancelled(self._sweeper)
         if nc is not None and not nc.is_closed:
-            await _close_within(nc, _CLOSE_SECONDS)
+            await close_within(nc, _CLOSE_SECONDS)
         self._give_up_pending()
 
     def _give_up_pending(self) -> None:
@@ -498,33 +499,6 @@ class Publisher:
         if (first.headers or {}).get(NATS_MSG_ID) != msg_id or first.seq is None:
             return None
         return PublishAck(stream, first.seq, True)
-
-
-async def _close_within(nc: NatsClient, seconds: float) -> None:
-    """Close ``nc`` (what is still buffered is written first), giving up on the server after
-    ``seconds``: its socket is then cut.
-
-    Not ``drain()``: the acks that matter were waited for before, and nats-py's drain, once
-    its time is up, swallows the cancellation and waits for a PONG (10 s) that a hung
-    server never sends. ``close()`` itself waits, unbounded, for the socket to take what is
-    buffered; a server that stopped reading never does."""
-    closing = asyncio.ensure_future(nc.close())
-    done, _ = await asyncio.wait({closing}, timeout=seconds)
-    if not done:
-        log.warning("nats_close_timed_out", seconds=seconds)
-        _cut(nc)
-        await asyncio.wait({closing}, timeout=1.0)
-        closing.cancel()
-    if closing.done() and not closing.cancelled() and closing.exception() is not None:
-        log.debug("nats_close_failed", error=repr(closing.exception())[:200])
-
-
-def _cut(nc: NatsClient) -> None:
-    """Abort ``nc``'s socket, leaving what it had not sent (nats-py has no public way)."""
-    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
-    transport = getattr(writer, "transport", None)
-    if transport is not None:
-        transport.abort()
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:

@@ -32,7 +32,13 @@ from nats.js import JetStreamContext
 
 from broker._process import StopDeadline
 from broker.envelope import TOKEN
-from broker.natsconn import RECONNECT_FOREVER, ConnectOptions, explain_connect_error, open_client
+from broker.natsconn import (
+    RECONNECT_FOREVER,
+    ConnectOptions,
+    close_within,
+    explain_connect_error,
+    open_client,
+)
 from projections._errors import error_text
 from projections.base import Projection
 from projections.checkpoints import SqlCheckpointStore, create_sql_engine, ddl_lock
@@ -193,11 +199,7 @@ class Worker:
                 stops = (r.leases.stop() for r in self.running)
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), 2)
             if self._nc is not None:
-                try:
-                    await asyncio.wait_for(self._nc.drain(), 2)
-                except Exception:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._nc.close(), 1)
+                await close_within(self._nc, 3)
             await self.store.close()
             log.info("worker_stopped", worker=self.options.worker_id)
 

@@ -1,6 +1,7 @@
-"""``broker router`` stops in bounded time when its NATS hangs (SIGSTOP) in the middle of a
-batch: it leaves the rest of the batch to be delivered again instead of waiting out each
-message's ack timeout, and a stop that still takes longer than
+"""``broker router`` and ``broker worker`` stop in bounded time when their NATS hangs
+(SIGSTOP): the router leaves the rest of a batch to be delivered again instead of waiting
+out each message's ack timeout, both give the connection 3 s before cutting its socket
+(nats-py's drain waited 10 s more for a PONG), and a stop that still takes longer than
 ``BROKER_STOP_DEADLINE_SECONDS`` ends the process (exit code 1, every thread's stack on
 stderr) rather than leaving it running with nothing to end it."""
 
@@ -42,17 +43,31 @@ async def backlog(url: str, messages: int) -> None:
     await nc.close()
 
 
-def start_router(url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+def start(args: list[str], log: Path, ready: bytes, **env: str) -> subprocess.Popen[bytes]:
+    """``broker <args>``, its output in ``log``, once ``ready`` is in it."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")} | env
-    command = [sys.executable, "-m", "broker", "router", "--nats-url", url, "--embedder", "hashing"]
     with log.open("wb") as out:
-        router = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=out, stderr=out)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", *args], cwd=ROOT, env=environ, stdout=out, stderr=out
+        )
     deadline = time.monotonic() + 60
-    while b"router_started" not in log.read_bytes():
-        assert router.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() < deadline, "the router did not start"
+    while ready not in log.read_bytes():
+        assert process.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"broker {args[0]} did not start"
         time.sleep(0.05)
-    return router
+    return process
+
+
+def start_router(url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    args = ["router", "--nats-url", url, "--embedder", "hashing"]
+    return start(args, log, b"router_started", **env)
+
+
+def start_worker(url: str, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """A projection worker into SQLite, once it has its partitions."""
+    replica = f"sqlite:///{tmp_path / 'replica.db'}"
+    args = ["worker", "--nats-url", url, "--replica-url", replica]
+    return start(args, tmp_path / "worker.log", b"worker_started", **env)
 
 
 def stopped_in(router: subprocess.Popen[bytes]) -> float:
@@ -101,3 +116,19 @@ def test_a_stop_past_its_deadline_ends_the_router(hung_nats: NatsServer, tmp_pat
     assert took < 4, took
     assert "broker router did not stop within 0.5 s" in text
     assert "Thread 0x" in text or "Current thread 0x" in text  # the stacks, for a report
+
+
+@pytest.mark.parametrize(("deadline", "exit_code", "within"), [("25", 0, 6.0), ("0.5", 1, 3.0)])
+def test_a_projection_worker_whose_nats_hangs_stops_within_seconds(
+    hung_nats: NatsServer, tmp_path: Path, deadline: str, exit_code: int, within: float
+) -> None:
+    """Its leases given up on for 2 s, then the connection for 3 s: 14 s before, most of it
+    nats-py's drain waiting for a PONG; a deadline shorter than that ends it."""
+    asyncio.run(backlog(hung_nats.url, 0))  # the streams
+    worker = start_worker(hung_nats.url, tmp_path, BROKER_STOP_DEADLINE_SECONDS=deadline)
+    hung_nats.pause()
+    took = stopped_in(worker)
+    text = (tmp_path / "worker.log").read_text()
+    assert worker.returncode == exit_code, text[-3000:]
+    assert took < within, (took, text[-3000:])
+    assert ("broker worker did not stop within" in text) == (exit_code == 1)
