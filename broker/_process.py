@@ -115,6 +115,20 @@ class StopDeadline:
         os._exit(1)
 
 
+def with_deadline(stop: Callable[[], None], seconds: float | None, what: str) -> Callable[[], None]:
+    """What a SIGINT or SIGTERM handler does: ``stop()``, and from the first call a
+    :class:`StopDeadline` of ``seconds`` (none when ``None``)."""
+    if seconds is None:
+        return stop
+    deadline = StopDeadline(seconds, what)
+
+    def stopping() -> None:
+        stop()
+        deadline.arm()
+
+    return stopping
+
+
 def process_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (Linux ``/proc``)."""
     try:

@@ -30,7 +30,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from broker._process import StopDeadline
+from broker._process import with_deadline
 from broker.envelope import TOKEN
 from broker.natsconn import (
     RECONNECT_FOREVER,
@@ -291,17 +291,7 @@ async def run_worker(options: WorkerOptions) -> None:
     """Run a worker until SIGINT/SIGTERM; SIGUSR1 logs what every task is waiting on."""
     worker = Worker(options)
     loop = asyncio.get_running_loop()
-    bound = (
-        None
-        if options.stop_deadline is None
-        else StopDeadline(options.stop_deadline, "broker worker")
-    )
-
-    def stopping() -> None:
-        worker.stop()
-        if bound is not None:
-            bound.arm()
-
+    stopping = with_deadline(worker.stop, options.stop_deadline, "broker worker")
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stopping)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from broker._process import StopDeadline
+from broker._process import with_deadline
 from broker.natsconn import ConnectOptions
 from broker.publisher import Publisher
 from broker.registry.snapshot import RegistryView
@@ -125,7 +124,7 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     reload_now = asyncio.Event()  # SIGHUP: read the policy file now (its default kills)
-    stopping = _stopper(stop, options.stop_deadline)
+    stopping = with_deadline(stop.set, options.stop_deadline, "broker router")
     for sig, action in (
         (signal.SIGINT, stopping),
         (signal.SIGTERM, stopping),
@@ -138,19 +137,6 @@ async def run_router(options: RouterOptions, stop: asyncio.Event | None = None) 
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
-
-
-def _stopper(stop: asyncio.Event, deadline: float | None) -> Callable[[], None]:
-    """What SIGINT and SIGTERM do: ask the router to stop, and bound how long it may take."""
-    if deadline is None:
-        return stop.set
-    bound = StopDeadline(deadline, "broker router")
-
-    def stopping() -> None:
-        stop.set()
-        bound.arm()
-
-    return stopping
 
 
 async def _route(options: RouterOptions, stop: asyncio.Event, reload_now: asyncio.Event) -> None:
