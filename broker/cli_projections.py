@@ -29,12 +29,21 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _nats_url(value: str) -> str:
+def _nats_url(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
     """``--nats-url``: URLs that name no server to connect to (``bogus://x``, a port that
     is not a number) are a usage error, one ``error: …`` line and exit 2, before anything
-    is connected to, instead of exit 3 "cannot reach NATS"."""
+    is connected to, instead of exit 3 "cannot reach NATS". Given neither as an option nor
+    as ``BROKER_NATS_URL``: the NATS of the ``broker serve`` running on the data dir
+    (``BROKER_DATA_DIR``, ``./.broker``) when there is one, else the default."""
     from broker.natsconn import nats_url_problem
 
+    source = ctx.get_parameter_source(param.name) if param.name else None
+    if source is not None and source.name == "DEFAULT":
+        from broker.server import running_nats_url
+        from broker.settings import get_settings
+
+        with contextlib.suppress(Exception):  # settings that do not parse: reported later
+            value = running_nats_url(get_settings().data_dir) or value
     if problem := nats_url_problem(value):
         _fail(problem, 2)
     return value
@@ -43,7 +52,10 @@ def _nats_url(value: str) -> str:
 NATS_URL = Annotated[
     str,
     typer.Option(
-        envvar="BROKER_NATS_URL", help="NATS URL(s), comma-separated.", callback=_nats_url
+        envvar="BROKER_NATS_URL",
+        help="NATS URL(s), comma-separated. Default: the NATS of the `broker serve` running "
+        "on the data dir (BROKER_DATA_DIR, ./.broker), else nats://127.0.0.1:4222.",
+        callback=_nats_url,
     ),
 ]
 REPLICA_URL = Annotated[

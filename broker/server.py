@@ -550,6 +550,45 @@ def lock_data_dir(data_dir: Path) -> int | str:
     return fd
 
 
+#: In the data dir of a running ``broker serve``: the URL of the NATS server it embeds, for
+#: the commands run beside it (:func:`running_nats_url`).
+NATS_URL_FILE = "nats.url"
+
+
+def running_nats_url(data_dir: Path) -> str | None:
+    """The URL of the NATS server the broker running on ``data_dir`` embeds; ``None`` when
+    no broker holds the data dir's lock (none runs, or it has stopped: what its file says
+    is stale) or it embeds none (it was given ``--nats-url``)."""
+    try:
+        fd = os.open(data_dir / "broker.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: a broker runs there
+        try:
+            url = (data_dir / NATS_URL_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return url or None
+    finally:
+        os.close(fd)  # lets go of a lock taken by the check above, too
+    return None
+
+
+def _announce_nats_url(data_dir: Path, url: str | None) -> None:
+    """Write (or, with ``None``, remove) :data:`NATS_URL_FILE`, by a rename: a reader never
+    sees half of it."""
+    path = data_dir / NATS_URL_FILE
+    with contextlib.suppress(OSError):
+        if url is None:
+            path.unlink(missing_ok=True)
+            return
+        partial = path.with_suffix(".tmp")
+        partial.write_text(url + "\n")
+        partial.replace(path)
+
+
 def run_broker(
     settings: Settings,
     *,
@@ -588,6 +627,7 @@ def run_broker(
             embedded = NatsServer(spec).start()
             settings = settings.model_copy(update={"nats_url": embedded.url})
             log.info("embedded_nats_started", url=embedded.url, store_dir=str(store))
+        _announce_nats_url(settings.data_dir, embedded.url if embedded is not None else None)
         asyncio.run(provision_streams(settings, update=update_streams))
     except BrokerError as e:
         log.error("broker_start_failed", error_code=e.error_code, message=e.message)
@@ -626,6 +666,7 @@ def run_broker(
         )
     finally:
         if embedded is not None:
+            _announce_nats_url(settings.data_dir, None)
             embedded.stop()
             log.info("embedded_nats_stopped")
     return code

@@ -51,6 +51,30 @@ def test_embedded_nats_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Pa
         again.stop()
 
 
+def test_the_commands_beside_a_broker_find_its_embedded_nats(tmp_path: Path) -> None:
+    """``make run`` puts NATS on a free port; ``broker dlq list`` run beside it (its data
+    dir in ``BROKER_DATA_DIR``, no ``--nats-url``) reads the broker's NATS, not 4222."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_DATA_DIR"] = str(data)
+    broker = start_broker(tmp_path)
+    try:
+        url = (data / "nats.url").read_text().strip()
+        assert url.startswith("nats://127.0.0.1:")
+        assert not url.endswith(":4222")
+        listed = subprocess.run(
+            [sys.executable, "-m", "broker", "dlq", "list", "-o", "json"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr.decode()[-2000:]
+        assert json.loads(listed.stdout) == []
+    finally:
+        assert broker.stop() == 0, broker.log_tail()
+    assert not (data / "nats.url").exists()
+
+
 def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     """SIGINT to the whole foreground process group, as a terminal sends it."""
     broker = start_broker(tmp_path, args=("--workers", "2"))
