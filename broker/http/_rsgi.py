@@ -9,11 +9,12 @@ Rust in one call instead of a message round trip per ASGI ``receive``/``send``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
-from granian._granian import RSGIProtocolClosed
+from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, RequestTimeout
 from broker.settings import get_settings
@@ -155,6 +156,40 @@ async def read_body(
         raise RequestTimeout(f"request body not received within {seconds:g} s") from None
     finally:
         _deadlines.stop(task)
+
+
+#: The largest unread body an answer given before reading it waits for: :func:`discard_body`.
+DISCARDED_BODY_BYTES = 4 * 1024 * 1024
+#: The same for a request refused its credentials: whoever sent it is no one the broker knows.
+DISCARDED_UNKNOWN_BYTES = 64 * 1024
+#: How long it waits for such a body.
+DISCARD_SECONDS = 5.0
+
+
+async def discard_body(
+    proto: HTTPProtocol, headers: Headers, limit: int = DISCARDED_BODY_BYTES
+) -> None:
+    """Read and drop a request body that no one read, when it is declared and at most
+    ``limit`` bytes, before an answer given without it (a refusal of the subject, a key,
+    the credentials, or of a declared length over an endpoint's limit).
+
+    Answered with the body unread, the stream ends with the answer and then
+    ``RST_STREAM(NO_ERROR)``: correct HTTP/2, which some clients report as a failure
+    without showing the answer (curl 7.88, Debian 12's, exits 92 with nothing printed, two
+    times in three for a small body). It is read as it arrives and nothing of it is kept.
+    Bodies without a ``Content-Length``, over ``limit``, or not there within
+    :data:`DISCARD_SECONDS` are left to that reset. A body already read (the error came
+    after) raises at once, ignored."""
+    try:
+        declared = content_length(headers)
+    except BadRequest:
+        return
+    if not declared or declared > limit:
+        return
+    with contextlib.suppress(RSGIProtocolError, RSGIProtocolClosed, TimeoutError):
+        async with asyncio.timeout(DISCARD_SECONDS):
+            async for _ in proto:
+                pass
 
 
 class _Deadlines:

@@ -32,16 +32,19 @@ from broker.errors import (
     Forbidden,
     NotFound,
     PublishTimeout,
+    RequestTimeout,
     SchemaRegistryError,
     Unauthenticated,
     Unavailable,
 )
 from broker.http._asgi_bridge import call_asgi
 from broker.http._rsgi import (
+    DISCARDED_UNKNOWN_BYTES,
     HTTPProtocol,
     Scope,
     StreamTransport,
     check_headers,
+    discard_body,
     respond_error,
     respond_json,
 )
@@ -288,12 +291,15 @@ class BrokerApp:
             return recorder.status
         except (Unauthenticated, Forbidden) as e:
             log.info("request_refused", error_code=e.error_code, path=_loggable(path))
+            await discard_body(proto, scope.headers, DISCARDED_UNKNOWN_BYTES)
             self._refuse(proto, path, e, e.status * 100 + 1)
             return e.status
         except BrokerError as e:
             if e.status >= 500:
                 log.warning("request_failed", error_code=e.error_code, message=e.message)
             code = _registry_code(e.status, timeout=isinstance(e, PublishTimeout))
+            if not isinstance(e, RequestTimeout):  # a body too slow to arrive is not awaited
+                await discard_body(proto, scope.headers)
             self._refuse(proto, path, e, code)
             return e.status
         except (RSGIProtocolClosed, RSGIProtocolError):

@@ -451,6 +451,37 @@ def test_oversized_declared_body_is_refused_before_it_is_sent(limited: BrokerPro
         client.close()
 
 
+@pytest.mark.parametrize(
+    ("path", "declared", "status"),
+    [
+        ("/v1/publish/" + ".".join("t" * 17), 5, 422),  # a subject of 17 tokens
+        ("/v1/publish/limits.over", MESSAGE_BYTES + 1, 413),
+    ],
+)
+def test_a_refusal_reads_a_small_declared_body_first_and_ends_the_stream_cleanly(
+    limited: BrokerProcess, path: str, declared: int, status: int
+) -> None:
+    """Refused before its body was read, a stream ended with the answer and then
+    RST_STREAM(NO_ERROR): curl 7.88 reports that as error 92 and shows nothing. A body of a
+    few MiB at most, declared, is read first; the answer ends the stream, no reset after."""
+    client = H2Client(limited.port)
+    try:
+        sid = client.request(
+            "POST", path, publish_headers(**{"content-length": str(declared)}), end=False
+        )
+        deadline = time.monotonic() + 1.5
+        while (left := deadline - time.monotonic()) > 0 and not client.streams[sid].done:
+            client.read_once(timeout=left)
+        assert client.streams[sid].status is None  # waits for the body, as a reader would
+        client.send(sid, b"x" * declared, end=True)
+        client.read_until(sid, timeout=10)
+        client.read_once(timeout=0.3)  # a reset would come right after the answer
+        assert (client.streams[sid].status, client.streams[sid].reset) == (status, None)
+        assert client.streams[sid].ended
+    finally:
+        client.close()
+
+
 def test_oversized_undeclared_body_is_refused_while_it_streams(limited: BrokerProcess) -> None:
     """Without Content-Length the body is counted as it arrives: 413 comes while the client is
     still sending, long before 32 MiB went out, and the worker buffered none of it whole."""
