@@ -85,6 +85,7 @@ from broker.errors import Unavailable
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    close_within,
     explain_connect_error,
     message_size,
     nats_url_problem,
@@ -136,6 +137,8 @@ _RESUBSCRIBE_TRIES = 3
 #: Heartbeats between two reads of the inbox consumer's delivered position.
 _POSITION_EVERY_BEATS = 5
 _RESUBSCRIBE_PAUSE = 0.5
+#: Seconds a stopping agent gives the removal of its heartbeat, then its connection's close.
+_LEAVE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,8 +609,7 @@ class Agent:
             self._closing = True
             closed = self._nc is not None and self._nc.is_closed  # by someone else
             if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.close()
+                await close_within(self._nc, _LEAVE_SECONDS)
             if closed and isinstance(e, Exception):
                 raise Unavailable(
                     "the NATS connection closed while the agent was starting; "
@@ -1252,12 +1254,13 @@ class Agent:
                 await asyncio.wait(pending, timeout=2.0)
 
     async def _leave(self) -> None:
+        """Take this instance's heartbeat out of routing and close the connection, in a few
+        seconds whatever NATS does: a hung server held a stopping agent 12 s (the delete's
+        JetStream timeout, a flush, a close waiting on the socket)."""
         self._closing = True
-        if self._kv is not None:
+        if self._kv is not None:  # else routers drop it after the bucket's TTL
             with contextlib.suppress(Exception):
-                await self._kv.delete(load_key(self.tenant, self.name, self.instance))
-        if self._nc is not None:  # handlers are done; nothing left to flush but the delete
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=2)
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+                key = load_key(self.tenant, self.name, self.instance)
+                await asyncio.wait_for(self._kv.delete(key), _LEAVE_SECONDS)
+        if self._nc is not None:  # handlers are done, and the delete was acknowledged
+            await close_within(self._nc, _LEAVE_SECONDS)

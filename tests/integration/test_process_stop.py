@@ -1,6 +1,6 @@
-"""``broker router`` and ``broker worker`` stop in bounded time when their NATS hangs
+"""``broker router``, ``broker worker`` and an agent stop in bounded time when their NATS hangs
 (SIGSTOP): the router leaves the rest of a batch to be delivered again instead of waiting
-out each message's ack timeout, both give the connection 3 s before cutting its socket
+out each message's ack timeout, each gives its connection seconds before cutting its socket
 (nats-py's drain waited 10 s more for a PONG), and a stop that still takes longer than
 ``BROKER_STOP_DEADLINE_SECONDS`` ends the process (exit code 1, every thread's stack on
 stderr) rather than leaving it running with nothing to end it."""
@@ -19,6 +19,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from broker.agent import Agent, Request
 from broker.embedded import NatsServer
 from broker.routing.events import H_ROUTE_MODE, ROUTE_MODE_AUTO
 from broker.settings import Settings
@@ -26,6 +27,12 @@ from broker.streams import provision
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 ROOT = Path(__file__).resolve().parents[2]
+AGENT = {
+    "name": "render",
+    "version": "1.0.0",
+    "description": "Renders documents",
+    "capabilities": [{"action": "render", "description": "render", "content_types": []}],
+}
 
 
 async def backlog(url: str, messages: int) -> None:
@@ -132,3 +139,24 @@ def test_a_projection_worker_whose_nats_hangs_stops_within_seconds(
     assert worker.returncode == exit_code, text[-3000:]
     assert took < within, (took, text[-3000:])
     assert ("broker worker did not stop within" in text) == (exit_code == 1)
+
+
+async def test_an_agent_whose_nats_hangs_stops_within_seconds(hung_nats: NatsServer) -> None:
+    """Its heartbeat's removal and its connection's close, 2 s each at most: 12.5 s before
+    (the removal's JetStream timeout, a flush, the close)."""
+    await backlog(hung_nats.url, 0)  # the streams and buckets
+    agent = Agent(AGENT, nats_url=hung_nats.url, heartbeat_interval=0.2)
+
+    @agent.handler
+    async def render(request: Request) -> bytes:
+        return b"done"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    await asyncio.sleep(1.0)  # connected, consuming, heartbeating
+    assert not running.done()
+    hung_nats.pause()
+    began = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(running, 30)
+    assert time.monotonic() - began < 6
