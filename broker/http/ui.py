@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, Response
 import broker
 from broker.envelope import Tenant
 from broker.errors import NotFound, Unauthenticated, Unavailable
+from broker.http.models import ErrorBody
 from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import METRICS_OFF, scrape_allowed
@@ -245,14 +246,25 @@ def _status_documents(state: IngressState) -> Callable[[int], Awaitable[bytes]]:
     return status_document
 
 
+_STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The status document: `streams`, `consumers`, `agents`, the recent "
+        "route decisions and DLQ entries, and when it was read.",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    422: {"model": ErrorBody, "description": "`recent` out of range."},
+    503: {"model": ErrorBody, "description": "JetStream did not answer in time."},
+}
+
+
 def ops_router(state: IngressState) -> APIRouter:
-    router = APIRouter(tags=["operations"], include_in_schema=False)
+    router = APIRouter(tags=["operations"])  # /metrics and /ui are not part of the API
     status_document = _status_documents(state)
 
     secret = state.settings.metrics_token
     token = secret.get_secret_value() if secret is not None else None
 
-    @router.get("/metrics")
+    @router.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(authorization: str | None = Header(None)) -> Response:
         """Prometheus text exposition of every broker process (with ``BROKER_METRICS_TOKEN``
         set, to scrapes that present it); 404 when ``BROKER_METRICS=false``."""
@@ -265,13 +277,17 @@ def ops_router(state: IngressState) -> APIRouter:
         body = await asyncio.to_thread(metrics.render)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
-    @router.get("/v1/status")
-    async def broker_status(recent: int = Query(20, ge=1, le=_MAX_RECENT)) -> Response:
-        """Streams, consumers and lag, agents and load, the DLQ's and the routes' tails."""
+    @router.get("/v1/status", responses=_STATUS_RESPONSES)
+    async def broker_status(
+        recent: int = Query(20, ge=1, le=_MAX_RECENT, description="Newest items of each list."),
+    ) -> Response:
+        """Streams, consumers and lag, agents and load, the DLQ's and the routes' tails: the
+        document `broker status --json` prints and `/ui` draws (docs/observability.md). Read
+        from JetStream at most once a second per tenant."""
         body = await status_document(recent)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
-    @router.get("/ui", response_class=HTMLResponse)
+    @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
         """The status page (works offline: no external resources)."""
         return HTMLResponse(ui_page(), headers=_UI_HEADERS)
