@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import faulthandler
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 # Resolved once at import: a preexec_fn runs between fork and exec, where looking a
@@ -79,19 +81,24 @@ def kill_group_after_parent(parent: int, grace: float) -> threading.Thread:
 
 class StopDeadline:
     """Ends this process, with exit code 1, if it has not stopped ``seconds`` after it was
-    told to (:meth:`arm`, from its SIGTERM or SIGINT handler), after writing every thread's
-    stack to stderr.
+    told to (:meth:`arm`, from its SIGTERM or SIGINT handler), after writing to stderr what
+    each of ``loop``'s tasks was waiting on and every thread's stack.
 
     A router's or a projection worker's graceful stop waits on NATS, PostgreSQL or a model,
     each with bounds of its own; this is the bound on all of them together, and on what none
     of them covers (a task that ignores its cancellation). Under ``broker serve`` a child
     that does not stop is killed after 30 s, but one whose broker was SIGKILLed is told to
     stop by the kernel (:func:`die_with_parent`) and has nothing else to end it. Leaving
-    unacknowledged messages is safe: JetStream delivers them again."""
+    unacknowledged messages is safe: JetStream delivers them again. The tasks are what tell
+    where an asyncio process hangs (its thread only shows the loop waiting); they are read
+    from this timer's thread while the loop may run, at most once, just before the exit."""
 
-    def __init__(self, seconds: float, what: str) -> None:
+    def __init__(
+        self, seconds: float, what: str, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.seconds = seconds
         self.what = what
+        self.loop = loop
         self._timer: threading.Timer | None = None
 
     def arm(self) -> None:
@@ -104,9 +111,12 @@ class StopDeadline:
 
     def _expire(self) -> None:
         sys.stderr.write(
-            f"{self.what} did not stop within {self.seconds:g} s of being told to; its "
-            "threads' stacks follow, then it exits with code 1\n"
+            f"{self.what} did not stop within {self.seconds:g} s of being told to; what its "
+            "tasks wait on and its threads' stacks follow, then it exits with code 1\n"
         )
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                sys.stderr.write(_tasks_waiting(self.loop))
         with contextlib.suppress(Exception):
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         with contextlib.suppress(Exception):
@@ -115,12 +125,30 @@ class StopDeadline:
         os._exit(1)
 
 
+def _tasks_waiting(loop: asyncio.AbstractEventLoop) -> str:
+    """Each of ``loop``'s unfinished tasks and where it waits: its coroutine and each one it
+    awaits, innermost last (``Task.get_stack`` gives only the outermost of a suspended
+    coroutine)."""
+    lines = []
+    for task in asyncio.all_tasks(loop):
+        lines.append(f"task {task.get_name()}:")
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                lines.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return "\n".join(lines) + "\n"
+
+
 def with_deadline(stop: Callable[[], None], seconds: float | None, what: str) -> Callable[[], None]:
     """What a SIGINT or SIGTERM handler does: ``stop()``, and from the first call a
-    :class:`StopDeadline` of ``seconds`` (none when ``None``)."""
+    :class:`StopDeadline` of ``seconds`` (none when ``None``) that reports on the running
+    loop's tasks (called in a coroutine) when it ends the process."""
     if seconds is None:
         return stop
-    deadline = StopDeadline(seconds, what)
+    deadline = StopDeadline(seconds, what, asyncio.get_running_loop())
 
     def stopping() -> None:
         stop()

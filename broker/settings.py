@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         description="A router or projection worker still running this long after SIGTERM or "
-        "SIGINT exits with code 1, its threads' stacks on stderr.",
+        "SIGINT exits with code 1, its tasks and threads' stacks on stderr.",
     )
 
     # --- projections ----------------------------------------------------------------

@@ -2,8 +2,8 @@
 (SIGSTOP): the router leaves the rest of a batch to be delivered again instead of waiting
 out each message's ack timeout, each gives its connection seconds before cutting its socket
 (nats-py's drain waited 10 s more for a PONG), and a stop that still takes longer than
-``BROKER_STOP_DEADLINE_SECONDS`` ends the process (exit code 1, every thread's stack on
-stderr) rather than leaving it running with nothing to end it."""
+``BROKER_STOP_DEADLINE_SECONDS`` ends the process (exit code 1, what its tasks wait on and
+every thread's stack on stderr) rather than leaving it running with nothing to end it."""
 
 from __future__ import annotations
 
@@ -122,7 +122,12 @@ def test_a_stop_past_its_deadline_ends_the_router(hung_nats: NatsServer, tmp_pat
     assert router.returncode == 1, text[-3000:]
     assert took < 4, took
     assert "broker router did not stop within 0.5 s" in text
-    assert "Thread 0x" in text or "Current thread 0x" in text  # the stacks, for a report
+    # What a report needs: where its tasks wait (an asyncio hang shows in them, not in the
+    # thread, which only waits in the loop), and the threads' stacks.
+    main = text.split("task Task-1:")[1].split("\ntask ")[0]  # asyncio.run's task
+    assert "service.py" in main
+    assert "broker/routing/router.py" in main  # each coroutine it awaits, innermost last
+    assert "Thread 0x" in text or "Current thread 0x" in text
 
 
 @pytest.mark.parametrize(("deadline", "exit_code", "within"), [("25", 0, 6.0), ("0.5", 1, 3.0)])
