@@ -506,7 +506,11 @@ async def subscribe_detached(
     )
 
 
-async def close_within(nc: NatsClient, seconds: float) -> None:
+#: Seconds :func:`close_within` gives the server, unless told otherwise.
+CLOSE_SECONDS = 3.0
+
+
+async def close_within(nc: NatsClient, seconds: float = CLOSE_SECONDS) -> None:
     """Close ``nc`` (what is still buffered is written first), giving up on the server after
     ``seconds``: its socket is then cut.
 

@@ -54,8 +54,6 @@ _JS_HEADERS_TOO_LARGE = 10097
 #: original may yet be stored, and a retry with the same key gets its ack.
 _JS_DUPLICATE_IN_PROCESS = 10158
 _DRAIN_SECONDS = 2.0
-#: Seconds a closing connection gives the server before its socket is cut.
-_CLOSE_SECONDS = 3.0
 _JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
 
 
@@ -257,9 +255,10 @@ class Publisher:
         """Flush what is pending and close; stop trying to connect.
 
         New submits are refused from the start. Publishes already sent get their acks for
-        up to :data:`_DRAIN_SECONDS` (draining unsubscribes from the acks); any still
-        without one then fails with :class:`PublishTimeout` (it may be stored: retry with
-        the same key), never left waiting for good."""
+        up to :data:`_DRAIN_SECONDS`; any still without one then fails with
+        :class:`PublishTimeout` (it may be stored: retry with the same key), never left
+        waiting for good. The connection is then closed, its socket cut if the server does
+        not let it close within seconds (:func:`~broker.natsconn.close_within`)."""
         self._closing = True
         for task in (self._connector, *self._hook_retries):
             await _cancelled(task)
@@ -269,7 +268,7 @@ class Publisher:
             await asyncio.wait(waiting, timeout=_DRAIN_SECONDS)
         await _cancelled(self._sweeper)
         if nc is not None and not nc.is_closed:
-            await close_within(nc, _CLOSE_SECONDS)
+            await close_within(nc)
         self._give_up_pending()
 
     def _give_up_pending(self) -> None:

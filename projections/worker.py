@@ -199,7 +199,7 @@ class Worker:
                 stops = (r.leases.stop() for r in self.running)
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), 2)
             if self._nc is not None:
-                await close_within(self._nc, 3)
+                await close_within(self._nc)
             await self.store.close()
             log.info("worker_stopped", worker=self.options.worker_id)
 
