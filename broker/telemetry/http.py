@@ -56,6 +56,17 @@ Entry = Callable[[Scope, HTTPProtocol], Awaitable[None]]
 
 _span_names: dict[tuple[str, str], str] = {}
 
+#: The longest ``url.path`` a span records (a longer path is cut to this many characters).
+URL_PATH_CHARS = 256
+#: How many paths :data:`_clean_paths` holds before it starts again from empty.
+CLEAN_PATHS_MAX = 4096
+#: Recent request paths of at most :data:`URL_PATH_CHARS` characters known to hold no card
+#: number: a sampled request's ``url.path`` is then the path itself, without the card scan
+#: (a translate, a substring test and a generator: about as much as the request's two spans
+#: in a tight loop, and far more when sampling is sparse and that code is cold). Paths that
+#: may hold one are never kept, so that no number stays in memory.
+_clean_paths: set[str] = set()
+
 
 def _span_name(method: str, route: str) -> str:
     name = _span_names[(method, route)] = f"{method} {route}"
@@ -118,7 +129,8 @@ def instrument(handler: Handler) -> Entry:
             await handler(scope, proto)
             return
         started = time.perf_counter()
-        route = route_of(scope.path)
+        path = scope.path  # read once: each read of the scope's path makes a new str
+        route = route_of(path)
         status = 0
         try:
             if tracing_on and route not in _UNTRACED:
@@ -133,7 +145,7 @@ def instrument(handler: Handler) -> Entry:
                         error = e
                         raise
                     finally:
-                        _answered(timing, scope, route, status, error)
+                        _answered(timing, scope, path, route, status, error=error)
             else:
                 status = await handler(scope, proto)
         finally:
@@ -145,16 +157,35 @@ def instrument(handler: Handler) -> Entry:
     return observed
 
 
+def url_path(path: str) -> str:
+    """A request's ``url.path`` attribute: ``path`` cut to :data:`URL_PATH_CHARS`
+    characters, with card numbers masked before the cut (as in the logs)."""
+    if path in _clean_paths:
+        return path
+    if text_may_hold_card(path):
+        return redact_text(path).value[:URL_PATH_CHARS]
+    if len(path) > URL_PATH_CHARS:
+        return path[:URL_PATH_CHARS]
+    if len(_clean_paths) >= CLEAN_PATHS_MAX:
+        _clean_paths.clear()
+    _clean_paths.add(path)
+    return path
+
+
 def _answered(
     timing: tracing.Timing,
     scope: Scope,
+    path: str,
     route: str,
     status: int,
+    *,
     error: BaseException | None,
 ) -> None:
     """End a request's server span: named ``METHOD route``, the semantic conventions' request
     attributes and the answered status; failed on a 5xx or an exception."""
-    method = scope.method if scope.method in metrics.METHODS else OTHER_METHOD
+    method = scope.method
+    if method not in metrics.METHODS:
+        method = OTHER_METHOD
     status = status or NO_RESPONSE
     tracing.end_timing(
         timing,
@@ -164,10 +195,7 @@ def _answered(
             "http.route",
             route,
             "url.path",
-            # Card numbers masked before the cut, as in the logs.
-            redact_text(scope.path).value[:256]
-            if text_may_hold_card(scope.path)
-            else scope.path[:256],
+            url_path(path),
             "network.protocol.version",
             scope.http_version,
             "http.response.status_code",

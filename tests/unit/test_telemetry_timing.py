@@ -483,6 +483,48 @@ def test_an_unsampled_request_does_not_look_at_its_path(
     assert not memory.get_finished_spans()
 
 
+def test_a_path_once_scanned_is_not_scanned_again(
+    memory: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampled request's path is scanned for a card number once; the next request to the
+    same path records it as it is, without a scan. A path that may hold a number is never
+    remembered (it is scanned and masked every time), nor one over the cut."""
+    import broker.telemetry.http as http_telemetry
+
+    monkeypatch.setattr(http_telemetry, "_clean_paths", set())
+    scanned: list[str] = []
+    scan = http_telemetry.text_may_hold_card
+
+    def counting(text: str) -> bool:
+        scanned.append(text)
+        return scan(text)
+
+    monkeypatch.setattr(http_telemetry, "text_may_hold_card", counting)
+    clean = "/v1/publish/orders.eu.2026"
+    card = "/v1/publish/pay.4111111111111111"
+    long = "/v1/publish/" + "a" * 300
+    entry: Any = instrument(answer_ok)
+    for path in (clean, card, long) * 2:
+        scope = SimpleNamespace(path=path, method="POST", headers=SAMPLED, http_version="2")
+        asyncio.run(entry(scope, Proto()))
+    recorded = [dict(s.attributes or {})["url.path"] for s in memory.get_finished_spans()]
+    masked = "/v1/publish/pay.[card ****1111]"
+    assert recorded == [clean, masked, long[:256]] * 2
+    assert scanned == [clean, card, long, card, long]
+    assert http_telemetry._clean_paths == {clean}
+
+
+def test_the_remembered_paths_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.telemetry.http as http_telemetry
+
+    monkeypatch.setattr(http_telemetry, "_clean_paths", set())
+    monkeypatch.setattr(http_telemetry, "CLEAN_PATHS_MAX", 3)
+    for n in range(7):
+        assert http_telemetry.url_path(f"/v1/publish/s{n}") == f"/v1/publish/s{n}"
+        assert len(http_telemetry._clean_paths) <= 3
+    assert "/v1/publish/s6" in http_telemetry._clean_paths
+
+
 def test_a_failed_append_is_failed_and_has_no_messaging_attributes(
     memory: InMemorySpanExporter,
 ) -> None:
