@@ -526,6 +526,26 @@ def settings_problem(settings: Settings) -> str | None:
     return None
 
 
+#: How long :func:`lock_data_dir` tries before it calls the data dir taken. A broker holds
+#: the lock for as long as it runs; :func:`running_nats_url` (a command run beside it) holds
+#: a shared lock for a moment, and a broker starting in that moment must not be refused.
+LOCK_WAIT_SECONDS = 0.5
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Take ``fd``'s exclusive lock, trying every 10 ms for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        else:
+            return True
+
+
 def lock_data_dir(data_dir: Path) -> int | str:
     """Hold ``<data_dir>/broker.lock`` for this process's lifetime (the kernel lets go when
     it exits, however it exits); what is wrong when another broker holds it, or when the
@@ -539,9 +559,7 @@ def lock_data_dir(data_dir: Path) -> int | str:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         return f"cannot use the data dir {data_dir} ({e.strerror or e}): choose another --data-dir"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _lock_within(fd, LOCK_WAIT_SECONDS):
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         return f"another broker (pid {holder}) is running on the data dir {data_dir.resolve()}"

@@ -3,7 +3,9 @@ dir embeds, never a URL a broker that stopped (or was killed) left behind."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,16 @@ def test_no_data_dir_no_file_or_an_empty_one_is_nothing(tmp_path: Path) -> None:
         assert running_nats_url(tmp_path) is None
     finally:
         os.close(lock)
+
+
+def test_a_broker_starting_while_a_command_looks_is_not_refused(tmp_path: Path) -> None:
+    """A command beside the broker holds a shared lock on the data dir for a moment (in
+    :func:`running_nats_url`); a broker that starts in that moment waits it out rather than
+    reporting another broker running there."""
+    (tmp_path / "broker.lock").write_text("")
+    reader = os.open(tmp_path / "broker.lock", os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.1, os.close, (reader,)).start()  # the command lets go
+    lock = lock_data_dir(tmp_path)
+    assert isinstance(lock, int), lock
+    os.close(lock)
