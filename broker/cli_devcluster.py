@@ -102,6 +102,7 @@ def dev_cluster(
     from broker.embedded import cluster_ports
     from broker.errors import EmbeddedServerError
     from broker.logs import configure_logging
+    from broker.server import announce_nats_url
     from broker.settings import get_settings
 
     configure_logging()
@@ -140,6 +141,8 @@ def dev_cluster(
     code = 0
     try:
         topology.start()
+        # For the commands run beside it (`broker dlq`, `routes`, …: running_nats_url).
+        announce_nats_url(topology.data_dir, topology.nats_url)
         typer.echo(_banner(topology))
         while True:
             time.sleep(_SUPERVISE_EVERY)
@@ -154,6 +157,7 @@ def dev_cluster(
         for sig in previous:  # a second Ctrl-C must not cut the orderly stop short
             signal.signal(sig, signal.SIG_IGN)
         typer.echo("stopping the dev cluster…", err=True)
+        announce_nats_url(topology.data_dir, None)
         topology.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -34,7 +34,8 @@ def _nats_url(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str
     is not a number) are a usage error, one ``error: …`` line and exit 2, before anything
     is connected to, instead of exit 3 "cannot reach NATS". Given neither as an option nor
     as ``BROKER_NATS_URL``: the NATS of the ``broker serve`` running on the data dir
-    (``BROKER_DATA_DIR``, ``./.broker``) when there is one, else the default."""
+    (``BROKER_DATA_DIR``, ``./.broker``) when there is one, else that of a ``broker
+    dev-cluster`` running on ``<data dir>/dev-cluster`` (its default), else the default."""
     from broker.natsconn import nats_url_problem
 
     source = ctx.get_parameter_source(param.name) if param.name else None
@@ -43,7 +44,11 @@ def _nats_url(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str
         from broker.settings import get_settings
 
         with contextlib.suppress(Exception):  # settings that do not parse: reported later
-            value = running_nats_url(get_settings().data_dir) or value
+            data_dir = get_settings().data_dir
+            # `broker dev-cluster`'s default data dir is under the broker's.
+            value = (
+                running_nats_url(data_dir) or running_nats_url(data_dir / "dev-cluster") or value
+            )
     if problem := nats_url_problem(value):
         _fail(problem, 2)
     return value
@@ -54,7 +59,8 @@ NATS_URL = Annotated[
     typer.Option(
         envvar="BROKER_NATS_URL",
         help="NATS URL(s), comma-separated. Default: the NATS of the `broker serve` running "
-        "on the data dir (BROKER_DATA_DIR, ./.broker), else nats://127.0.0.1:4222.",
+        "on the data dir (BROKER_DATA_DIR, ./.broker) or of a `broker dev-cluster` on its "
+        "dev-cluster/ folder, else nats://127.0.0.1:4222.",
         callback=_nats_url,
     ),
 ]

@@ -594,9 +594,10 @@ def running_nats_url(data_dir: Path) -> str | None:
     return None
 
 
-def _announce_nats_url(data_dir: Path, url: str | None) -> None:
+def announce_nats_url(data_dir: Path, url: str | None) -> None:
     """Write (or, with ``None``, remove) :data:`NATS_URL_FILE`, by a rename: a reader never
-    sees half of it."""
+    sees half of it. Only a process holding ``data_dir``'s lock writes it (``broker serve``,
+    ``broker dev-cluster``)."""
     path = data_dir / NATS_URL_FILE
     with contextlib.suppress(OSError):
         if url is None:
@@ -645,7 +646,7 @@ def run_broker(
             embedded = NatsServer(spec).start()
             settings = settings.model_copy(update={"nats_url": embedded.url})
             log.info("embedded_nats_started", url=embedded.url, store_dir=str(store))
-        _announce_nats_url(settings.data_dir, embedded.url if embedded is not None else None)
+        announce_nats_url(settings.data_dir, embedded.url if embedded is not None else None)
         asyncio.run(provision_streams(settings, update=update_streams))
     except BrokerError as e:
         log.error("broker_start_failed", error_code=e.error_code, message=e.message)
@@ -684,7 +685,7 @@ def run_broker(
         )
     finally:
         if embedded is not None:
-            _announce_nats_url(settings.data_dir, None)
+            announce_nats_url(settings.data_dir, None)
             embedded.stop()
             log.info("embedded_nats_stopped")
     return code

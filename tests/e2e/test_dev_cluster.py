@@ -3,6 +3,7 @@ ingress, a projection worker and a router, all stopped by one SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -18,6 +19,7 @@ import nats
 import orjson
 import pytest
 
+from broker.server import NATS_URL_FILE, running_nats_url
 from tests._wait import wait_for
 from tests.e2e._broker import alive, children, free_port
 
@@ -25,6 +27,33 @@ pytestmark = pytest.mark.e2e
 
 READY_LINE = "Ctrl-C stops everything."
 MIB = 1024 * 1024
+
+
+async def _messages_on_three_nodes(nats_url: str) -> None:
+    nc = await nats.connect(nats_url.split(","))
+    try:
+        info = await nc.jetstream().stream_info("MESSAGES")
+    finally:
+        await nc.close()
+    assert info.config.num_replicas == 3
+    assert info.cluster is not None
+    assert info.cluster.leader in {"n0", "n1", "n2"}
+    assert len(info.cluster.replicas or []) == 2
+
+
+def _commands_beside_find_the_nodes(broker_data_dir: Path, nats_url: str) -> None:
+    """A command run beside a dev cluster on ``<broker data dir>/dev-cluster``, given no
+    ``--nats-url``, talks to its nodes (not to 4222)."""
+    assert running_nats_url(broker_data_dir / "dev-cluster") == nats_url
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    listed = subprocess.run(
+        [sys.executable, "-m", "broker", "dlq", "list", "-o", "json"],
+        env={**env, "BROKER_DATA_DIR": str(broker_data_dir)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr.decode()[-2000:]
+    assert orjson.loads(listed.stdout) == []
 
 
 def _dev_cluster(
@@ -57,7 +86,7 @@ async def test_dev_cluster_serves_http2_on_r3_streams_and_sigterm_stops_every_pr
     """Publish over HTTP/2, read the message back through the replay API and the SQLite
     replica, check the stream has 3 replicas on 3 nodes; SIGTERM leaves no process."""
     port = free_port()
-    data = tmp_path / "cluster"
+    data = tmp_path / "dev-cluster"  # where a broker's data dir (here tmp_path) keeps one
     proc, out, err = _dev_cluster(tmp_path, "--data-dir", str(data), "--port", str(port))
     descendants: list[int] = []
     try:
@@ -97,15 +126,8 @@ async def test_dev_cluster_serves_http2_on_r3_streams_and_sigterm_stops_every_pr
         assert record["subject"].endswith("devcluster.check")
         assert orjson.loads(base64.b64decode(record["payload_base64"])) == {"hello": "cluster"}
 
-        nc = await nats.connect(nats_url.split(","))
-        try:
-            info = await nc.jetstream().stream_info("MESSAGES")
-        finally:
-            await nc.close()
-        assert info.config.num_replicas == 3
-        assert info.cluster is not None
-        assert info.cluster.leader in {"n0", "n1", "n2"}
-        assert len(info.cluster.replicas or []) == 2
+        await _messages_on_three_nodes(nats_url)
+        await asyncio.to_thread(_commands_beside_find_the_nodes, tmp_path, nats_url)
 
         replica_db = data / "replica.db"
         assert wait_for(
@@ -119,6 +141,7 @@ async def test_dev_cluster_serves_http2_on_r3_streams_and_sigterm_stops_every_pr
         code = proc.wait(90)
     assert code == 0, err.read_text()[-3000:]
     assert "dev cluster stopped" in err.read_text()
+    assert not (data / NATS_URL_FILE).exists()  # the commands beside it no longer read it
     assert descendants
     assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=10), [
         pid for pid in descendants if alive(pid)
