@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -512,6 +512,24 @@ def test_a_path_once_scanned_is_not_scanned_again(
     assert recorded == [clean, masked, long[:256]] * 2
     assert scanned == [clean, card, long, card, long]
     assert http_telemetry._clean_paths == {clean}
+
+
+@given(
+    st.text(alphabet=st.sampled_from("/v1publish.-_ 0123456789a"), max_size=300)
+    | st.text(max_size=40)
+)
+@example("/v1/publish/pay.4111111111111111")
+@example("/v1/publish/pay.4111-1111-1111-1111.x")
+@example("/v1/publish/" + "a" * 240 + ".4111111111111111")
+def test_a_remembered_path_records_what_a_scan_would(path: str) -> None:
+    """Asked twice (the second time from memory when it was kept), ``url_path`` gives what
+    masking and cutting the path every time gives."""
+    import broker.telemetry.http as http_telemetry
+    from broker.sensitive import redact_text, text_may_hold_card
+
+    expected = redact_text(path).value[:256] if text_may_hold_card(path) else path[:256]
+    assert http_telemetry.url_path(path) == expected
+    assert http_telemetry.url_path(path) == expected
 
 
 def test_the_remembered_paths_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
