@@ -125,20 +125,26 @@ class StopDeadline:
         os._exit(1)
 
 
+def task_frames(task: asyncio.Task[Any]) -> list[str]:
+    """Where ``task`` waits, as ``file:line function``: its coroutine and each one it awaits,
+    innermost last (``Task.get_stack`` gives only the outermost of a suspended coroutine)."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            frames.append(f"{code.co_filename}:{frame.f_lineno} {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return frames
+
+
 def _tasks_waiting(loop: asyncio.AbstractEventLoop) -> str:
-    """Each of ``loop``'s unfinished tasks and where it waits: its coroutine and each one it
-    awaits, innermost last (``Task.get_stack`` gives only the outermost of a suspended
-    coroutine)."""
+    """Each of ``loop``'s unfinished tasks and where it waits (:func:`task_frames`)."""
     lines = []
     for task in asyncio.all_tasks(loop):
         lines.append(f"task {task.get_name()}:")
-        awaited: Any = task.get_coro()
-        while awaited is not None:
-            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
-            if frame is not None:
-                code = frame.f_code
-                lines.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}")
-            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        lines.extend(f"  {frame}" for frame in task_frames(task))
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from broker._process import with_deadline
+from broker._process import task_frames, with_deadline
 from broker.envelope import TOKEN
 from broker.natsconn import (
     RECONNECT_FOREVER,
@@ -281,10 +281,7 @@ async def _wait_any(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> Non
 def dump_tasks() -> None:
     """Log every task's stack (SIGUSR1): what a stuck worker is waiting on."""
     for task in asyncio.all_tasks():
-        frames = [
-            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()
-        ]
-        log.warning("task_stack", task=task.get_name(), frames=frames)
+        log.warning("task_stack", task=task.get_name(), frames=task_frames(task))
 
 
 async def run_worker(options: WorkerOptions) -> None:
