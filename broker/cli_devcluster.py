@@ -30,6 +30,9 @@ DEV_CLUSTER_EPILOG = (
     "  kill -9 $(cat .broker/dev-cluster/nats/n1/nats-server.pid)   # crash a node"
 )
 
+#: The dev cluster's folder under the broker's data dir (``./.broker``) by default, where the
+#: commands run beside it look for its ``nats.url`` (``broker.cli_projections``).
+DATA_DIR_NAME = "dev-cluster"
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
 #: Seconds between checks for exited processes (they are started again once their
 #: :class:`~broker.devcluster.RestartBackoff` delay, from 0.5 s, has passed).
@@ -45,7 +48,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def dev_cluster(
     data_dir: Annotated[
         Path, typer.Option(help="Where the nodes' stores, the SQLite replica and the logs live.")
-    ] = Path(".broker/dev-cluster"),
+    ] = Path(".broker") / DATA_DIR_NAME,
     host: Annotated[
         str, typer.Option(help="IP address the HTTP/2 ingress binds (0.0.0.0: all); not a name.")
     ] = "127.0.0.1",

@@ -35,19 +35,20 @@ def _nats_url(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str
     is connected to, instead of exit 3 "cannot reach NATS". Given neither as an option nor
     as ``BROKER_NATS_URL``: the NATS of the ``broker serve`` running on the data dir
     (``BROKER_DATA_DIR``, ``./.broker``) when there is one, else that of a ``broker
-    dev-cluster`` running on ``<data dir>/dev-cluster`` (its default), else the default."""
+    dev-cluster`` running on ``<data dir>/dev-cluster`` (its default ``--data-dir`` when the
+    data dir is ``./.broker``), else the default."""
     from broker.natsconn import nats_url_problem
 
     source = ctx.get_parameter_source(param.name) if param.name else None
     if source is not None and source.name == "DEFAULT":
+        from broker.cli_devcluster import DATA_DIR_NAME
         from broker.server import running_nats_url
         from broker.settings import get_settings
 
         with contextlib.suppress(Exception):  # settings that do not parse: reported later
             data_dir = get_settings().data_dir
-            # `broker dev-cluster`'s default data dir is under the broker's.
             value = (
-                running_nats_url(data_dir) or running_nats_url(data_dir / "dev-cluster") or value
+                running_nats_url(data_dir) or running_nats_url(data_dir / DATA_DIR_NAME) or value
             )
     if problem := nats_url_problem(value):
         _fail(problem, 2)

@@ -546,6 +546,10 @@ def _lock_within(fd: int, seconds: float) -> bool:
             return True
 
 
+#: In a data dir: the file whose lock a running broker (or dev cluster) holds.
+LOCK_FILE = "broker.lock"
+
+
 def lock_data_dir(data_dir: Path) -> int | str:
     """Hold ``<data_dir>/broker.lock`` for this process's lifetime (the kernel lets go when
     it exits, however it exits); what is wrong when another broker holds it, or when the
@@ -553,7 +557,7 @@ def lock_data_dir(data_dir: Path) -> int | str:
     dir would share the embedded nats-server's store, the metrics and the replica: the
     second used to stop the first one's nats-server, leaving it up but broken.
     ``broker dev-cluster`` holds the same lock on its data dir, for the same reason."""
-    path = data_dir / "broker.lock"
+    path = data_dir / LOCK_FILE
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -578,7 +582,7 @@ def running_nats_url(data_dir: Path) -> str | None:
     no broker holds the data dir's lock (none runs, or it has stopped: what its file says
     is stale) or it embeds none (it was given ``--nats-url``)."""
     try:
-        fd = os.open(data_dir / "broker.lock", os.O_RDONLY)
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return None
     try:
