@@ -8,7 +8,6 @@ messages with pipelined acks, and maps every nats-py error to the broker's error
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import time
 from collections.abc import Awaitable, Callable
@@ -500,12 +499,20 @@ class Publisher:
         return PublishAck(stream, first.seq, True)
 
 
+#: How often :func:`_cancelled` cancels a task again that has not stopped.
+_CANCEL_AGAIN_SECONDS = 0.1
+
+
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (if running) and wait until it has stopped."""
-    if task is not None and not task.done():
+    """Cancel ``task`` (if running) and wait until it has stopped, cancelling it again while
+    it runs: nats-py swallows a cancellation that lands in its flush (``_flush_pending``),
+    and the connector then went on to its next attempt, a closing publisher waiting on it
+    until the process's stop deadline ended it."""
+    while task is not None and not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_SECONDS)
+    if task is not None and not task.cancelled():
+        task.result()  # a task that failed rather than stopped: its error, as before
 
 
 @dataclass(slots=True)
