@@ -85,6 +85,7 @@ from broker.errors import Unavailable
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    cancel_until_done,
     close_within,
     explain_connect_error,
     message_size,
@@ -288,9 +289,7 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # never raises what the task raised
+        await cancel_until_done(task)  # never raises what the task raised
     if task.cancelled():
         return None
     if task.exception() is not None and stop.is_set():
@@ -603,8 +602,7 @@ class Agent:
             raise RuntimeError("no handler: decorate an async function with @agent.handler")
         setup("agent")
         try:
-            await self._connect()
-            sub = await self._subscribe()
+            sub = await _unless_stopped(stop, self._start())
         except BaseException as e:
             self._closing = True
             closed = self._nc is not None and self._nc.is_closed  # by someone else
@@ -623,6 +621,12 @@ class Agent:
                     "and docs/tenants.md for the permissions an agent needs)"
                 ) from e
             raise
+        if sub is None:  # stopped before it could start: NATS unreachable, say
+            self._closing = True
+            if self._nc is not None:
+                await close_within(self._nc, _LEAVE_SECONDS)
+            log.info("agent_stopped_before_starting", agent=self.name, instance=self.instance)
+            return
         # From here on the connection is closed however run() ends: cancelled during its
         # first heartbeat (a GPU probe can take seconds) or its drain included.
         beat: asyncio.Task[None] | None = None
@@ -640,6 +644,11 @@ class Agent:
                     await asyncio.wait({beat})  # never raises what the task raised
                 await self._leave()
                 log.info("agent_stopped", agent=self.name, handled=self.handled, failed=self.failed)
+
+    async def _start(self) -> Any:
+        """Connect and bind the inbox consumer: the subscription."""
+        await self._connect()
+        return await self._subscribe()
 
     async def _subscribe(self, resume_at: int | None = None) -> Any:
         """Bind the inbox consumer, creating it when it does not exist: from the inbox's

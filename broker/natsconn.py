@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
+from nats.aio.client import DEFAULT_CONNECT_TIMEOUT
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -538,10 +539,36 @@ def _cut(nc: NatsClient) -> None:
 
 
 async def open_client(**options: Any) -> Client:
-    """``nats.connect(**options)``, with a :class:`Client`."""
+    """``nats.connect(**options)``, with a :class:`Client`. Interrupted (cancelled, or
+    failed), the half-made client's socket is cut: nothing of it is left open."""
     client = Client()
-    await client.connect(**options)
+    try:
+        await client.connect(**options)
+    except BaseException:
+        _cut(client)
+        raise
     return client
+
+
+#: How often :func:`cancel_until_done` cancels a task again that has not stopped.
+CANCEL_AGAIN_SECONDS = 0.1
+
+
+async def cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it is done, cancelling it again every
+    :data:`CANCEL_AGAIN_SECONDS` while it runs. Whatever it raised is left in it, read
+    (asyncio logs no "exception was never retrieved" for it).
+
+    For a task awaiting nats-py: ``Client._flush_pending`` catches ``CancelledError``, so a
+    cancellation that lands there (a connect attempt's first flush, a publish waiting for
+    room in the flush queue) is lost and the task goes on, to its next connect attempt, say.
+    Cancelled once and awaited, such a task kept a stopping process waiting until its stop
+    deadline ended it, or, with none, for good."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
+    if not task.cancelled():
+        task.exception()
 
 
 async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
@@ -633,7 +660,7 @@ def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
             "it trusts"
         )
     if isinstance(error, TimeoutError):
-        timeout = options.get("connect_timeout")
+        timeout = options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # nats-py's own
         return f"NATS at {servers} did not answer within {timeout} s"
     if isinstance(error, nats.errors.NoServersError):
         return f"no NATS server answered at {servers}"

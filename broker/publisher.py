@@ -34,6 +34,7 @@ from broker.errors import (
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    cancel_until_done,
     close_within,
     explain_connect_error,
     get_stored,
@@ -499,20 +500,15 @@ class Publisher:
         return PublishAck(stream, first.seq, True)
 
 
-#: How often :func:`_cancelled` cancels a task again that has not stopped.
-_CANCEL_AGAIN_SECONDS = 0.1
-
-
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (if running) and wait until it has stopped, cancelling it again while
-    it runs: nats-py swallows a cancellation that lands in its flush (``_flush_pending``),
-    and the connector then went on to its next attempt, a closing publisher waiting on it
-    until the process's stop deadline ended it."""
-    while task is not None and not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_SECONDS)
-    if task is not None and not task.cancelled():
-        task.result()  # a task that failed rather than stopped: its error, as before
+    """Cancel ``task`` (if any) and wait until it has stopped (again and again: see
+    :func:`~broker.natsconn.cancel_until_done`); a task that failed rather than stopped
+    raises its error."""
+    if task is None:
+        return
+    await cancel_until_done(task)
+    if not task.cancelled():
+        task.result()
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from broker.envelope import TOKEN
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    cancel_until_done,
     close_within,
     explain_connect_error,
     open_client,
@@ -129,9 +130,7 @@ class Worker:
         stopping = asyncio.create_task(self.stop_event.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():  # stopped while NATS was still unreachable
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connecting
+            await cancel_until_done(connecting)
             log.info("worker_stopped_before_connecting", worker=self.options.worker_id)
             return
         stopping.cancel()

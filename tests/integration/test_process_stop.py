@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,3 +166,53 @@ async def test_an_agent_whose_nats_hangs_stops_within_seconds(hung_nats: NatsSer
     stop.set()
     await asyncio.wait_for(running, 30)
     assert time.monotonic() - began < 6
+
+
+def unused_url() -> str:
+    """The URL of a port nothing listens on: every connect attempt is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"nats://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("nats", ["refused", "hung"])
+async def test_an_agent_stopped_before_nats_answered_stops_at_once(
+    nats: str, nats_server: NatsServer
+) -> None:
+    """Its start (connect, then bind the inbox consumer) waited for NATS however long, the
+    stop ignored: an agent started before its NATS, or against a wrong URL, could not be
+    stopped with Ctrl-C."""
+    url = unused_url() if nats == "refused" else nats_server.url
+    if nats == "hung":
+        nats_server.pause()  # connections accepted by the kernel, never answered
+    agent = Agent(AGENT, nats_url=url)
+
+    @agent.handler
+    async def render(request: Request) -> bytes:
+        return b"done"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+        await asyncio.sleep(1.0)  # a few attempts
+        assert not running.done()
+        began = time.monotonic()
+        stop.set()
+        done, _ = await asyncio.wait({running}, timeout=10)
+        assert running in done, "the agent did not stop"
+        assert running.result() is None
+        assert time.monotonic() - began < 3
+    finally:
+        nats_server.resume()
+        running.cancel()
+
+
+def test_a_projection_worker_stopped_before_nats_answered_stops_at_once(tmp_path: Path) -> None:
+    replica = f"sqlite:///{tmp_path / 'replica.db'}"
+    args = ["worker", "--nats-url", unused_url(), "--replica-url", replica]
+    worker = start(args, tmp_path / "worker.log", b"worker_nats_error")
+    took = stopped_in(worker)
+    text = (tmp_path / "worker.log").read_text()
+    assert worker.returncode == 0, text[-3000:]
+    assert "worker_stopped_before_connecting" in text, text[-3000:]
+    assert took < 5, (took, text[-3000:])

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from broker.embedded import NatsServer
-from broker.publisher import Publisher, _cancelled
+from broker.publisher import Publisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -74,29 +74,3 @@ async def test_a_hung_server_that_stopped_reading_has_its_socket_cut(
     assert stalled, "the paused server's socket took everything: nothing tested"
     assert await closed_in(publisher) < CLOSED_WITHIN
     assert publisher.nc.is_closed
-
-
-async def test_a_task_that_swallows_its_cancellation_is_cancelled_again() -> None:
-    """nats-py swallows a cancellation that lands in its flush; the publisher's connector
-    then went on to its next connect attempt and a closing publisher waited for good."""
-    attempts = 0
-
-    async def connect_loop() -> None:
-        nonlocal attempts
-        while True:
-            attempts += 1
-            try:  # as nats-py's _flush_pending does
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if attempts == 1:
-                    continue
-                raise
-
-    task = asyncio.create_task(connect_loop())
-    await asyncio.sleep(0.01)
-    # Not wait_for: its own cancellation on timeout would cancel the task a second time.
-    closing = asyncio.ensure_future(_cancelled(task))
-    done, _ = await asyncio.wait({closing}, timeout=5)
-    assert closing in done, "still waiting on a task that swallowed its cancellation"
-    assert task.cancelled()
-    assert attempts >= 2
