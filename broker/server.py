@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -130,6 +129,16 @@ def banner(settings: Settings) -> str:
 class _Stop:
     """Set by SIGINT/SIGTERM. A plain flag, not a threading.Event: a signal handler that
     takes a lock can deadlock against the code it interrupted."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: object) -> None:
+        cls.requested = True
+
+
+class _Reload:
+    """Set by SIGHUP (see :func:`_reload`); a plain flag, as :class:`_Stop`."""
 
     requested = False
 
@@ -372,9 +381,18 @@ def _run_children(
         for i in range(settings.routers)
     ]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _Reload.handler)
+    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]
     code: int | None = None
     try:
         while not _Stop.requested and code is None:
+            if _Reload.requested:
+                _Reload.requested = False
+                if hung_up(terminal):  # the terminal closed: stop, as on SIGTERM
+                    _Stop.requested = True
+                    _leave_terminal()
+                    break
+                _reload(settings, children)
             if announce and _listening(settings.host, settings.port):
                 print(announce, file=sys.stderr, flush=True)  # now a request gets an answer
                 announce = ""
@@ -392,6 +410,55 @@ def _run_children(
     return 0 if code is None else code
 
 
+def hung_up(terminal: Sequence[int]) -> bool:
+    """Whether the terminal of these descriptors (those that were one at start) hung up: the
+    kernel then makes them fail as terminals. SIGHUP means that for a ``broker serve`` started
+    in a terminal that closed, and a reload otherwise (:func:`_reload`)."""
+    return bool(terminal) and not any(os.isatty(fd) for fd in terminal)
+
+
+def _leave_terminal() -> None:
+    """Point stdin, stdout and stderr at /dev/null: writing to a hung-up terminal fails
+    (EIO), and the broker still logs while it stops."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _reload(settings: Settings, children: Sequence[_Child]) -> None:
+    """SIGHUP: the ingress reads its TLS files again (certificate, key, client CA, CRLs:
+    granian starts its workers anew, one after another, each reading them as it starts), once
+    they are checked as at start; files that would not do are refused with the reason in the
+    log, and the ingress keeps what it read before. The routers read their routing policy
+    file again. Projection workers are left alone."""
+    from broker.http.tls import tls_problem, warn_of_stale_crls
+
+    signalled = []
+    tls = settings.tls_cert is not None  # else the ingress has no file to read again
+    problem = tls_problem(settings) if tls else None
+    if problem is not None:
+        log.error(
+            "reload_refused",
+            child="ingress",
+            error=problem,
+            hint="the ingress keeps the TLS files it read; fix them and send SIGHUP again",
+        )
+    else:
+        warn_of_stale_crls(settings)
+    for child in children:
+        if child.name.startswith("projection_worker"):
+            continue
+        if child.name == "ingress" and (not tls or problem is not None):
+            continue
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGHUP)
+            signalled.append(child.name)
+    log.info("reload", children=signalled)
+
+
 def _restart_nats(embedded: NatsServer) -> int | None:
     """Start the embedded nats-server again after it died; 4 when it cannot be."""
     log.error("embedded_nats_exited", pid=embedded.pid)
@@ -401,37 +468,6 @@ def _restart_nats(embedded: NatsServer) -> int | None:
         log.error("embedded_nats_restart_failed", error=str(e)[:300])
         return _EXIT_STARTUP
     log.warning("embedded_nats_restarted", url=embedded.url)
-    return None
-
-
-def tls_problem(settings: Settings) -> str | None:
-    """What is wrong with the ingress TLS settings, checked before anything starts: a
-    certificate without its key, a client CA without a certificate, files that cannot be
-    read or do not load (an encrypted key included: granian cannot be given its password)."""
-    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
-    if (cert is None) != (key is None):
-        return "--tls-cert and --tls-key go together (BROKER_TLS_CERT, BROKER_TLS_KEY)"
-    if client_ca is not None and cert is None:
-        return "--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first"
-    for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-client-ca", client_ca)):
-        if path is not None and (not path.is_file() or not os.access(path, os.R_OK)):
-            return f"{option} {path} is not a readable file"
-    if cert is None or key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        # A callable password: an encrypted key fails here instead of prompting on a tty.
-        context.load_cert_chain(cert, key, password=lambda: b"")
-    except ssl.SSLError as e:
-        return (
-            f"--tls-cert {cert} and --tls-key {key} do not load as a PEM certificate and its "
-            f"unencrypted private key ({e.reason or e})"
-        )
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=client_ca)
-        except ssl.SSLError as e:
-            return f"--tls-client-ca {client_ca} holds no PEM CA certificate ({e.reason or e})"
     return None
 
 

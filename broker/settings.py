@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         default=None,
         description="mTLS: require a client certificate signed by this CA (PEM bundle).",
     )
+    tls_crl: str | None = Field(
+        default=None,
+        description="mTLS: revocation lists (PEM, one CRL per file) of the client CAs, "
+        "comma-separated files.",
+    )
     tenant: str = Field(
         default="default", description="The tenant of every request when no auth is configured."
     )
@@ -198,6 +203,11 @@ class Settings(BaseSettings):
         "it is ended with a `request_timeout` line.",
     )
     retry_after_seconds: int = Field(default=2, ge=1, description="Retry-After on 503.")
+
+    @property
+    def tls_crl_files(self) -> list[Path]:
+        """``tls_crl``'s files (comma-separated), in order."""
+        return [Path(part.strip()) for part in (self.tls_crl or "").split(",") if part.strip()]
 
     @field_validator("metrics_token")
     @classmethod

@@ -83,6 +83,36 @@ class CertificateAuthority:
         self.cert = directory / f"{name}-ca.pem"
         self.cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
+    def revocation_list(
+        self,
+        path: Path,
+        revoked: tuple[Issued, ...] = (),
+        *,
+        number: int | None = 1,
+        next_update: dt.timedelta = _LIFETIME,
+    ) -> Path:
+        """A CRL of this CA revoking ``revoked``, written to ``path`` (PEM). ``number=None``:
+        no extension at all (as ``openssl ca -gencrl`` writes without a crlnumber file).
+        A negative ``next_update``: a CRL already past its next update."""
+        now = dt.datetime.now(dt.UTC)
+        stale = next_update < dt.timedelta()
+        last_update = now + next_update * 2 if stale else now - dt.timedelta(minutes=5)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._cert.subject)
+            .last_update(last_update)
+            .next_update(now + next_update)
+        )
+        if number is not None:
+            builder = builder.add_extension(x509.CRLNumber(number), critical=False)
+        for issued in revoked:
+            serial = x509.load_pem_x509_certificate(issued.cert.read_bytes()).serial_number
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+            builder = builder.add_revoked_certificate(entry.build())
+        crl = builder.sign(self._key, hashes.SHA256())
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
     def issue_server(
         self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
     ) -> Issued:

@@ -23,8 +23,10 @@ header list limit is 16 MiB). What one connection can make the server hold is bo
 TLS (``BROKER_TLS_CERT`` + ``BROKER_TLS_KEY``): granian (rustls) serves HTTPS on the port,
 offers ALPN ``h2`` and ``http/1.1``, and accepts TLS 1.3 only (``ssl_protocol_min``);
 plaintext and TLS 1.2 handshakes fail. With ``BROKER_TLS_CLIENT_CA`` every client must
-present a certificate that chains to that CA, or the handshake fails (mTLS). See
-:func:`tls_options` and docs/tls.md.
+present a certificate that chains to that CA, or the handshake fails (mTLS), and one that
+``BROKER_TLS_CRL``'s revocation lists name is refused. SIGHUP (which ``broker serve`` sends
+once it has checked the files again) makes granian start its workers anew, each reading the
+TLS files as it starts. See :func:`tls_options` and docs/tls.md.
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ class TLSOptions(TypedDict):
     ssl_key: Path | None
     ssl_protocol_min: SSLProtocols
     ssl_ca: Path | None
+    ssl_crl: list[Path]
     ssl_client_verify: bool
 
 
 def tls_options(settings: Settings) -> TLSOptions:
     """granian's TLS arguments: TLS 1.3 minimum; client certificates required and verified
-    against ``tls_client_ca`` when it is set. Without a certificate and key, plain h2c."""
+    against ``tls_client_ca`` when it is set, and against its revocation lists (``tls_crl``).
+    Without a certificate and key, plain h2c."""
     from granian.constants import SSLProtocols
 
     return TLSOptions(
@@ -109,6 +113,7 @@ def tls_options(settings: Settings) -> TLSOptions:
         ssl_key=settings.tls_key,
         ssl_protocol_min=SSLProtocols.tls13,
         ssl_ca=settings.tls_client_ca,
+        ssl_crl=settings.tls_crl_files,
         ssl_client_verify=settings.tls_client_ca is not None,
     )
 

@@ -1,0 +1,182 @@
+"""mTLS with revocation lists (``--tls-crl``), in the real ``broker serve`` (granian, rustls):
+a revoked client certificate is refused in the handshake, and SIGHUP makes the ingress read
+its TLS files again, so a newly revoked certificate is refused without a restart, while a
+file that would not do is refused with the reason in the log and the ingress keeps serving
+with what it read before."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from broker.embedded import NatsServer
+from tests._certs import CertificateAuthority, Issued
+from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e.test_tls import LEAN, publish, serve, trusting
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+#: The TLS alert a revoked client certificate is answered with, as Python's ssl names it.
+REVOKED = "SSLV3_ALERT_CERTIFICATE_REVOKED"
+
+
+@dataclass(frozen=True)
+class Clients:
+    ca: CertificateAuthority
+    server: Issued
+    alice: Issued
+    bob: Issued
+    mallory: Issued
+    crl: Path
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory: pytest.TempPathFactory) -> Clients:
+    directory = tmp_path_factory.mktemp("crl-pki")
+    ca = CertificateAuthority(directory / "ca", "clients")
+    mallory = ca.issue_client("mallory")
+    crl = ca.revocation_list(directory / "clients.crl.pem", (mallory,))
+    return Clients(
+        ca,
+        ca.issue_server("server"),
+        ca.issue_client("alice"),
+        ca.issue_client("bob"),
+        mallory,
+        crl,
+    )
+
+
+@pytest.fixture(scope="module")
+def crl_broker(
+    module_nats: NatsServer, clients: Clients, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    args = (
+        *("--tls-cert", str(clients.server.cert), "--tls-key", str(clients.server.key)),
+        *("--tls-client-ca", str(clients.ca.cert), "--tls-crl", str(clients.crl)),
+        *LEAN,
+    )
+    broker = start_broker(
+        tmp_path_factory.mktemp("crl-broker"),
+        nats_url=module_nats.url,
+        args=args,
+        scheme="https",
+        wait=False,
+    )
+    try:
+        broker.wait_ready(verify=trusting(clients.ca.cert, clients.alice))
+        yield broker
+    finally:
+        broker.stop()
+
+
+def refusal(broker: BrokerProcess, clients: Clients, client: Issued) -> str | None:
+    """The TLS alert the ingress answers ``client``'s certificate with, or ``None`` when it
+    serves it. Under TLS 1.3 the alert arrives on the first read."""
+    context = trusting(clients.ca.cert, client)
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = tls.recv(1024)
+    except ssl.SSLError as e:
+        return e.reason or str(e)
+    except OSError as e:
+        return f"connection failed: {e!r}"
+    return None if answer.startswith(b"HTTP/1.1 200") else f"answered {answer[:60]!r}"
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def test_a_revoked_client_certificate_is_refused_and_others_are_served(
+    crl_broker: BrokerProcess, clients: Clients
+) -> None:
+    assert refusal(crl_broker, clients, clients.mallory) == REVOKED
+    response = publish(crl_broker, trusting(clients.ca.cert, clients.alice), "crl.orders")
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == 200, response.text
+
+
+def test_sighup_applies_a_new_revocation_list_and_refuses_a_bad_one(
+    crl_broker: BrokerProcess, clients: Clients
+) -> None:
+    assert refusal(crl_broker, clients, clients.alice) is None
+    clients.ca.revocation_list(clients.crl, (clients.mallory, clients.alice), number=2)
+    crl_broker.proc.send_signal(signal.SIGHUP)
+    # A connection the old worker took as it stopped may be cut: only the alert counts.
+    revoked = within(30, lambda: refusal(crl_broker, clients, clients.alice) == REVOKED)
+    assert revoked, crl_broker.log_tail()
+    assert within(10, lambda: refusal(crl_broker, clients, clients.bob) is None)
+    assert '"children": ["ingress"], "event": "reload"' in crl_broker.log_path.read_text()
+
+    # A CRL the TLS library would refuse (a worker reading it would panic): refused, kept.
+    clients.ca.revocation_list(clients.crl, (clients.mallory,), number=None)
+    crl_broker.proc.send_signal(signal.SIGHUP)
+    assert within(10, lambda: "reload_refused" in crl_broker.log_path.read_text())
+    assert "is a CRL without extensions" in crl_broker.log_path.read_text()
+    time.sleep(2)  # had the ingress been reloaded, its workers would be starting now
+    assert crl_broker.proc.poll() is None
+    assert refusal(crl_broker, clients, clients.bob) is None
+    assert refusal(crl_broker, clients, clients.alice) == REVOKED
+    response = publish(crl_broker, trusting(clients.ca.cert, clients.bob), "crl.orders")
+    assert response.status_code == 200, response.text
+
+
+def server_serial(broker: BrokerProcess, clients: Clients) -> int | None:
+    """The serial number of the certificate the ingress presents now (``None``: no
+    handshake, while a worker is being started again)."""
+    context = trusting(clients.ca.cert, clients.bob)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except OSError:
+        return None
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_rotates_the_server_certificate(crl_broker: BrokerProcess, clients: Clients) -> None:
+    clients.ca.revocation_list(clients.crl, (clients.mallory,), number=3)  # a good one again
+    before = server_serial(crl_broker, clients)
+    renewed = clients.ca.issue_server("server")  # the same files, a new key and certificate
+    assert renewed == clients.server
+    after = x509.load_pem_x509_certificate(renewed.cert.read_bytes()).serial_number
+    assert after != before
+    crl_broker.proc.send_signal(signal.SIGHUP)
+    assert within(30, lambda: server_serial(crl_broker, clients) == after), crl_broker.log_tail()
+    response = publish(crl_broker, trusting(clients.ca.cert, clients.bob), "crl.orders")
+    assert response.status_code == 200, response.text
+
+
+def test_an_unusable_crl_is_a_usage_error(clients: Clients, tmp_path: Path) -> None:
+    other = CertificateAuthority(tmp_path / "other", "other")
+    crl = other.revocation_list(tmp_path / "other.crl.pem")
+    done = serve(
+        *("--tls-cert", str(clients.server.cert), "--tls-key", str(clients.server.key)),
+        *("--tls-client-ca", str(clients.ca.cert), "--tls-crl", str(crl)),
+        tmp=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "is signed by no CA of --tls-client-ca" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / ".broker").exists()  # refused before anything started

@@ -1,0 +1,132 @@
+"""``--tls-crl`` is checked before granian gets it: granian 2.8.9 panics every worker on a CRL
+without extensions, reads only the first CRL of a file, and, given any CRL, refuses every
+client certificate whose CA has none (measured; see ``broker.http.tls``). Each such file is
+a usage error naming the file and what to do."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from broker.http.tls import stale_crls, tls_problem
+from broker.settings import Settings
+from tests._certs import Pki, make_pki
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def settings(pki: Pki, crl: str | None, client_ca: Path | None = None) -> Settings:
+    return Settings(
+        tls_cert=pki.server.cert,
+        tls_key=pki.server.key,
+        tls_client_ca=client_ca or pki.ca.cert,
+        tls_crl=crl,
+    )
+
+
+def test_a_crl_of_the_client_ca_is_accepted(pki: Pki, tmp_path: Path) -> None:
+    crl = pki.ca.revocation_list(tmp_path / "crl.pem", (pki.client,))
+    assert tls_problem(settings(pki, str(crl))) is None
+
+
+def test_crls_of_every_ca_of_a_bundle_are_accepted_comma_separated(
+    pki: Pki, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert.read_bytes() + pki.unknown_ca.cert.read_bytes())
+    first = pki.ca.revocation_list(tmp_path / "a.pem")
+    second = pki.unknown_ca.revocation_list(tmp_path / "b.pem")
+    assert tls_problem(settings(pki, f"{first}, {second}", bundle)) is None
+
+
+def test_a_crl_needs_a_client_ca(pki: Pki, tmp_path: Path) -> None:
+    crl = pki.ca.revocation_list(tmp_path / "crl.pem")
+    alone = Settings(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_crl=str(crl))
+    assert tls_problem(alone) == (
+        "--tls-crl needs --tls-client-ca: revocation lists are of client certificates"
+    )
+
+
+def test_a_missing_crl_file_is_named(pki: Pki, tmp_path: Path) -> None:
+    assert tls_problem(settings(pki, str(tmp_path / "gone.pem"))) == (
+        f"--tls-crl {tmp_path / 'gone.pem'} is not a readable file"
+    )
+
+
+def test_a_crl_without_extensions_is_refused(pki: Pki, tmp_path: Path) -> None:
+    crl = pki.ca.revocation_list(tmp_path / "v1.pem", number=None)
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {crl} is a CRL without extensions")
+    assert "crlnumber" in problem
+
+
+def test_a_file_of_two_crls_is_refused(pki: Pki, tmp_path: Path) -> None:
+    both = tmp_path / "both.pem"
+    first = pki.ca.revocation_list(tmp_path / "a.pem")
+    both.write_bytes(
+        first.read_bytes() + pki.unknown_ca.revocation_list(tmp_path / "b.pem").read_bytes()
+    )
+    problem = tls_problem(settings(pki, str(both)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {both} holds 2 CRLs and only the first would be read")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not a crl\n",
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    ],
+)
+def test_a_file_that_is_no_crl_is_refused(pki: Pki, tmp_path: Path, text: str) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text(text)
+    problem = tls_problem(settings(pki, str(bad)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {bad} ")
+    assert "PEM CRL" in problem
+
+
+def test_a_crl_of_another_ca_is_refused(pki: Pki, tmp_path: Path) -> None:
+    crl = pki.unknown_ca.revocation_list(tmp_path / "other.pem")
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert "is signed by no CA of --tls-client-ca" in problem
+    assert "CN=unknown" in problem
+
+
+def test_a_crl_naming_the_ca_but_signed_by_another_key_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """Same subject, other key: a CRL that does not verify is no CRL of that CA."""
+    from tests._certs import CertificateAuthority
+
+    impostor = CertificateAuthority(tmp_path / "impostor", "trusted")  # same name, new key
+    crl = impostor.revocation_list(tmp_path / "forged.pem")
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert "is signed by no CA of --tls-client-ca" in problem
+
+
+def test_a_ca_of_the_bundle_without_a_crl_is_refused(pki: Pki, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert.read_bytes() + pki.unknown_ca.cert.read_bytes())
+    crl = pki.ca.revocation_list(tmp_path / "a.pem")
+    problem = tls_problem(settings(pki, str(crl), bundle))
+    assert problem is not None
+    assert problem.startswith(f"--tls-client-ca {bundle} holds CAs with no --tls-crl (CN=unknown)")
+
+
+def test_a_crl_past_its_next_update_is_reported_as_stale(pki: Pki, tmp_path: Path) -> None:
+    fresh = pki.ca.revocation_list(tmp_path / "fresh.pem")
+    old = pki.ca.revocation_list(tmp_path / "old.pem", next_update=-dt.timedelta(hours=1))
+    assert tls_problem(settings(pki, str(old))) is None  # still used, as granian does
+    stale = stale_crls(settings(pki, f"{fresh},{old}"))
+    assert [path for path, _ in stale] == [old]
+    assert dt.datetime.fromisoformat(stale[0][1]) < dt.datetime.now(dt.UTC)
