@@ -5,10 +5,14 @@ a usage error naming the file and what to do."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
 
 from broker.http.tls import stale_crls, tls_problem
 from broker.settings import Settings
@@ -130,3 +134,24 @@ def test_a_crl_past_its_next_update_is_reported_as_stale(pki: Pki, tmp_path: Pat
     stale = stale_crls(settings(pki, f"{fresh},{old}"))
     assert [path for path, _ in stale] == [old]
     assert dt.datetime.fromisoformat(stale[0][1]) < dt.datetime.now(dt.UTC)
+
+
+@given(
+    body=st.binary(max_size=600),
+    wrapped=st.booleans(),
+)
+@settings_hypothesis(max_examples=150, deadline=None)
+def test_whatever_a_crl_file_holds_the_answer_is_a_message(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory, body: bytes, wrapped: bool
+) -> None:
+    """Any bytes, bare or in a CRL's PEM armour: a usage message naming the file, never an
+    exception (a traceback instead of exit 2) and never accepted."""
+    crl = tmp_path_factory.mktemp("fuzz") / "crl.pem"
+    if wrapped:
+        body = (
+            b"-----BEGIN X509 CRL-----\n" + base64.encodebytes(body) + b"-----END X509 CRL-----\n"
+        )
+    crl.write_bytes(body)
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {crl} ")
