@@ -39,8 +39,10 @@ import base64
 import contextvars
 import os
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, TypedDict
@@ -230,34 +232,127 @@ def _server_problem(url: str) -> str | None:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The client TLS context for NATS, or ``None`` when no ``nats_tls_*`` is set."""
-    ca, cert, key = settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
-    if ca is None and cert is None and key is None:
+    """The client TLS context for NATS, or ``None`` when no ``nats_tls_*`` is set: a
+    :class:`RenewingContext`, which reads the files again for a new connection once they
+    changed. :class:`InvalidNatsSettings` when they do not go together or do not load."""
+    files = TlsFiles(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
+    if files.ca is None and files.cert is None and files.key is None:
         return None
-    if (cert is None) != (key is None):
+    if (files.cert is None) != (files.key is None):
         raise InvalidNatsSettings(
             "BROKER_NATS_TLS_CERT and BROKER_NATS_TLS_KEY go together: "
-            f"got only {'the certificate' if key is None else 'the key'}"
+            f"got only {'the certificate' if files.key is None else 'the key'}"
         )
-    for setting, path in (("NATS_TLS_CA", ca), ("NATS_TLS_CERT", cert), ("NATS_TLS_KEY", key)):
-        _require_readable(setting, path)
-    # Verifies the server's chain (against ``ca``, or the system's CAs) and its host name.
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        if ca is not None:
-            context.load_verify_locations(cafile=str(ca))
-    except (ssl.SSLError, ValueError) as e:
-        raise InvalidNatsSettings(f"BROKER_NATS_TLS_CA {ca} holds no usable CA: {e}") from None
-    if cert is not None and key is not None:
+    return RenewingContext.of(files)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The files of a NATS client's TLS: the servers' CA, the client certificate and key."""
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+    def stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What tells a file changed: its inode, size and modification time (``None`` for a
+        file that cannot be read now)."""
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in (self.ca, self.cert, self.key):
+            try:
+                stat = path.stat() if path is not None else None
+            except OSError:
+                stat = None
+            stamps.append(None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        return tuple(stamps)
+
+    def context(self) -> ssl.SSLContext:
+        """A context of these files as they are now; :class:`InvalidNatsSettings` naming
+        the setting when one cannot be read or does not load."""
+        named = (("NATS_TLS_CA", self.ca), ("NATS_TLS_CERT", self.cert), ("NATS_TLS_KEY", self.key))
+        for setting, path in named:
+            _require_readable(setting, path)
+        # Verifies the server's chain (against ``ca``, or the system's CAs) and its host name.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(str(cert), str(key))
-        except ssl.SSLError as e:
+            if self.ca is not None:
+                context.load_verify_locations(cafile=str(self.ca))
+        except (ssl.SSLError, ValueError) as e:
             raise InvalidNatsSettings(
-                f"BROKER_NATS_TLS_CERT {cert} and BROKER_NATS_TLS_KEY {key} do not load as a "
-                f"PEM certificate and its private key: {e}"
+                f"BROKER_NATS_TLS_CA {self.ca} holds no usable CA: {e}"
             ) from None
-    return context
+        if self.cert is not None and self.key is not None:
+            try:
+                context.load_cert_chain(str(self.cert), str(self.key))
+            except ssl.SSLError as e:
+                raise InvalidNatsSettings(
+                    f"BROKER_NATS_TLS_CERT {self.cert} and BROKER_NATS_TLS_KEY {self.key} do "
+                    f"not load as a PEM certificate and its private key: {e}"
+                ) from None
+        return context
+
+
+class RenewingContext(ssl.SSLContext):
+    """A NATS client's TLS context that makes each new connection (a reconnect included)
+    with its files as they are then: read again once any of them changed (a certificate
+    renewed by cert-manager, a CA bundle replaced), so a router, worker or agent that runs
+    for months reconnects with the certificate that is valid now, not the one it started
+    with. Files that do not load then (a certificate written before its key) leave the
+    context as it was (``nats_tls_files_not_reloaded``), and are tried again once they
+    change again. Only ``wrap_bio``/``wrap_socket`` are passed on: nats-py and asyncio make
+    their TLS connections with those."""
+
+    _files: TlsFiles
+    _stamp: tuple[tuple[int, int, int] | None, ...]
+    _current: ssl.SSLContext
+
+    @classmethod
+    def of(cls, files: TlsFiles) -> RenewingContext:
+        current = files.context()  # raises: at start, files that do not load are an error
+        context = cls(ssl.PROTOCOL_TLS_CLIENT)  # as ``current``: verifies, checks host names
+        context._files, context._stamp, context._current = files, files.stamp(), current
+        return context
+
+    def _renewed(self) -> ssl.SSLContext:
+        stamp = self._files.stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._current = self._files.context()
+            except InvalidNatsSettings as e:
+                log.warning("nats_tls_files_not_reloaded", error=e.message)
+            else:
+                log.info("nats_tls_files_reloaded", cert=str(self._files.cert or ""))
+        return self._current
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self._renewed().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def wrap_socket(  # noqa: PLR0917 - ssl.SSLContext's own signature
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return self._renewed().wrap_socket(
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            server_hostname,
+            session,
+        )
 
 
 def _require_readable(setting: str, path: Path | None) -> None:
