@@ -114,7 +114,11 @@ class CertificateAuthority:
         return path
 
     def issue_server(
-        self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+        self,
+        name: str,
+        *,
+        hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+        lifetime: dt.timedelta = _LIFETIME,
     ) -> Issued:
         """A server certificate (serverAuth) for ``hosts`` (IP addresses and DNS names)."""
         alt_names: list[x509.GeneralName] = []
@@ -123,14 +127,18 @@ class CertificateAuthority:
                 alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 alt_names.append(x509.DNSName(host))
-        return self._issue(name, ExtendedKeyUsageOID.SERVER_AUTH, alt_names)
+        return self._issue(name, ExtendedKeyUsageOID.SERVER_AUTH, alt_names, lifetime)
 
-    def issue_client(self, name: str) -> Issued:
+    def issue_client(self, name: str, *, lifetime: dt.timedelta = _LIFETIME) -> Issued:
         """A client certificate (clientAuth) with ``name`` as its common name."""
-        return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [], lifetime)
 
     def _issue(
-        self, name: str, usage: x509.ObjectIdentifier, alt_names: list[x509.GeneralName]
+        self,
+        name: str,
+        usage: x509.ObjectIdentifier,
+        alt_names: list[x509.GeneralName],
+        lifetime: dt.timedelta,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
@@ -141,7 +149,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + _LIFETIME)
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

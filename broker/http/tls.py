@@ -171,3 +171,52 @@ def warn_of_stale_crls(settings: Settings) -> None:
             next_update=next_update,
             hint="it is still used; install the CA's newer CRL and send broker serve SIGHUP",
         )
+
+
+#: Which TLS files ``broker_tls_expiry_timestamp_seconds`` reports, by its ``file`` label.
+EXPIRY_FILES = ("cert", "client_ca", "crl", "nats_ca", "nats_cert")
+
+_expiry_cache: dict[tuple[str, Path], tuple[object, dt.datetime | None]] = {}
+
+
+def tls_expiries(settings: Settings) -> list[tuple[str, Path, dt.datetime]]:
+    """When each TLS file the broker reads stops being valid: a certificate file's earliest
+    ``notAfter`` (a chain or bundle expires with its first certificate), a CRL's next
+    update. A file is parsed again only once it changed (inode, size, modification time);
+    one that cannot be read or parsed now is left out."""
+    named: list[tuple[str, Path | None]] = [
+        ("cert", settings.tls_cert),
+        ("client_ca", settings.tls_client_ca),
+        *(("crl", path) for path in settings.tls_crl_files),
+        ("nats_ca", settings.nats_tls_ca),
+        ("nats_cert", settings.nats_tls_cert),
+    ]
+    expiries = []
+    for kind, path in named:
+        if path is None:
+            continue
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = _expiry_cache.get((kind, path))
+        if cached is None or cached[0] != stamp:
+            if len(_expiry_cache) > 64:  # bounded: paths come from settings, but a reload
+                _expiry_cache.clear()  # could name new ones each time
+            cached = (stamp, _expiry(kind, path))
+            _expiry_cache[(kind, path)] = cached
+        if cached[1] is not None:
+            expiries.append((kind, path, cached[1]))
+    return expiries
+
+
+def _expiry(kind: str, path: Path) -> dt.datetime | None:
+    try:
+        data = path.read_bytes()
+        if kind == "crl":
+            return x509.load_pem_x509_crl(data).next_update_utc
+        certificates = x509.load_pem_x509_certificates(data)
+    except (OSError, ValueError):
+        return None
+    return min(c.not_valid_after_utc for c in certificates) if certificates else None

@@ -33,6 +33,7 @@ from broker.envelope import Tenant
 from broker.errors import NotFound, Unauthenticated, Unavailable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState, git_revision
+from broker.settings import Settings
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import METRICS_OFF, scrape_allowed
 from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
@@ -257,6 +258,16 @@ _STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _exposition(settings: Settings) -> bytes:
+    """``/metrics``' body, the TLS files' expiry read first (from disk, as they are now: a
+    certificate renewed in place shows at the next scrape)."""
+    from broker.http.tls import tls_expiries
+
+    for kind, path, expires in tls_expiries(settings):
+        metrics.tls_expiry(kind, str(path), expires.timestamp())
+    return metrics.render()
+
+
 def ops_router(state: IngressState) -> APIRouter:
     router = APIRouter(tags=["operations"])  # /metrics and /ui are not part of the API
     status_document = _status_documents(state)
@@ -274,7 +285,7 @@ def ops_router(state: IngressState) -> APIRouter:
             # Nothing is recorded: a 200 would read as a broker with no traffic at all.
             raise NotFound(METRICS_OFF)
         metrics.flush()  # this process's latest counts first (on the loop's thread)
-        body = await asyncio.to_thread(metrics.render)
+        body = await asyncio.to_thread(_exposition, state.settings)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @router.get("/v1/status", responses=_STATUS_RESPONSES)

@@ -195,6 +195,14 @@ BUILD_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 
+TLS_EXPIRY = Gauge(
+    "broker_tls_expiry_timestamp_seconds",
+    "When a TLS file the broker reads stops being valid (Unix time): a certificate file's "
+    "earliest notAfter, a CRL's next update.",
+    ["file", "path"],
+    multiprocess_mode="livemin",
+)
+
 _on = True
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 _children: dict[tuple[object, ...], object] = {}
@@ -498,6 +506,13 @@ def build_info(version: str, git_revision: str, nats_server_version: str | None)
             BUILD_INFO.labels(*old).set(0)
     BUILD_INFO.labels(*labels).set(1)
     _build_labels[:] = [labels]
+
+
+def tls_expiry(file: str, path: str, timestamp: float) -> None:
+    """Set ``broker_tls_expiry_timestamp_seconds`` of one file (``file`` says which setting:
+    ``cert``, ``client_ca``, ``crl``, ``nats_ca``, ``nats_cert``)."""
+    if _on:
+        TLS_EXPIRY.labels(file, path).set(timestamp)
 
 
 # --- exposition and the multiprocess directory ---------------------------------------------

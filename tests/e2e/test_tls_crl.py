@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded import NatsServer
 from tests._certs import CertificateAuthority, Issued
@@ -180,3 +182,26 @@ def test_an_unusable_crl_is_a_usage_error(clients: Clients, tmp_path: Path) -> N
     assert "is signed by no CA of --tls-client-ca" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / ".broker").exists()  # refused before anything started
+
+
+def test_metrics_say_when_each_tls_file_stops_being_valid(
+    crl_broker: BrokerProcess, clients: Clients
+) -> None:
+    with httpx.Client(http2=True, verify=trusting(clients.ca.cert, clients.bob)) as client:
+        response = client.get(f"{crl_broker.base_url}/metrics")
+    assert response.status_code == 200, response.text
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(response.text)
+        if f.name == "broker_tls_expiry_timestamp_seconds"
+    ]
+    seen = {(s.labels["file"], s.labels["path"]): s.value for s in family.samples}
+    certificate = x509.load_pem_x509_certificate(clients.server.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(clients.ca.cert.read_bytes())
+    crl = x509.load_pem_x509_crl(clients.crl.read_bytes())
+    assert crl.next_update_utc is not None
+    assert seen == {
+        ("cert", str(clients.server.cert)): certificate.not_valid_after_utc.timestamp(),
+        ("client_ca", str(clients.ca.cert)): ca.not_valid_after_utc.timestamp(),
+        ("crl", str(clients.crl)): crl.next_update_utc.timestamp(),
+    }

@@ -331,6 +331,17 @@ def test_alert_rules_use_metrics_the_broker_exports() -> None:
     assert len(names) == len(set(names))
 
 
+def test_alert_expressions_are_promql() -> None:
+    """Each rule's expression parses (promql-parser, a port of Prometheus's own parser): a
+    typo would only show when Prometheus loads the file."""
+    import promql_parser
+
+    rules = _load(DEPLOY / "prometheus" / "alerts.yml")
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            promql_parser.parse(rule["expr"])  # raises on what Prometheus would refuse
+
+
 # --- the real tool, where there is one -----------------------------------------------------
 
 

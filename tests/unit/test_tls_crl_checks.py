@@ -10,11 +10,12 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from hypothesis import given
 from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
-from broker.http.tls import stale_crls, tls_problem
+from broker.http.tls import stale_crls, tls_expiries, tls_problem
 from broker.settings import Settings
 from tests._certs import Pki, make_pki
 
@@ -155,3 +156,53 @@ def test_whatever_a_crl_file_holds_the_answer_is_a_message(
     problem = tls_problem(settings(pki, str(crl)))
     assert problem is not None
     assert problem.startswith(f"--tls-crl {crl} ")
+
+
+# --- broker_tls_expiry_timestamp_seconds ---------------------------------------------------
+
+
+def not_after(path: Path) -> dt.datetime:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+
+
+def test_each_tls_file_reports_when_it_stops_being_valid(pki: Pki, tmp_path: Path) -> None:
+    server = pki.ca.issue_server("short", lifetime=dt.timedelta(hours=3))
+    chain = tmp_path / "chain.pem"  # the server's certificate, then its CA's: the first ends
+    chain.write_bytes(server.cert.read_bytes() + pki.ca.cert.read_bytes())
+    crl = pki.ca.revocation_list(tmp_path / "crl.pem", next_update=dt.timedelta(hours=5))
+    client = pki.ca.issue_client("nats-client", lifetime=dt.timedelta(hours=7))
+    expiries = tls_expiries(
+        Settings(
+            tls_cert=chain,
+            tls_key=server.key,
+            tls_client_ca=pki.ca.cert,
+            tls_crl=str(crl),
+            nats_tls_cert=client.cert,
+            nats_tls_key=client.key,
+        )
+    )
+    assert [(kind, path) for kind, path, _ in expiries] == [
+        ("cert", chain),
+        ("client_ca", pki.ca.cert),
+        ("crl", crl),
+        ("nats_cert", client.cert),
+    ]
+    when = {kind: expires for kind, _, expires in expiries}
+    assert when["cert"] == not_after(server.cert)
+    assert when["client_ca"] == not_after(pki.ca.cert)
+    crl_next = x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc
+    assert when["crl"] == crl_next
+    assert when["nats_cert"] == not_after(client.cert)
+
+
+def test_a_renewed_file_is_read_again_and_a_broken_one_left_out(pki: Pki, tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(pki.ca.issue_server("a", lifetime=dt.timedelta(hours=2)).cert.read_bytes())
+    settings = Settings(tls_cert=cert, tls_key=pki.server.key)
+    (first,) = tls_expiries(settings)
+    renewed = pki.ca.issue_server("b", lifetime=dt.timedelta(days=30)).cert.read_bytes()
+    cert.write_bytes(renewed)
+    (second,) = tls_expiries(settings)
+    assert second[2] - first[2] > dt.timedelta(days=29)
+    cert.write_text("not a certificate, not even the same size")
+    assert tls_expiries(settings) == []
