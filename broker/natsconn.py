@@ -635,7 +635,8 @@ def _cut(nc: NatsClient) -> None:
 
 async def open_client(**options: Any) -> Client:
     """``nats.connect(**options)``, with a :class:`Client`. Interrupted (cancelled, or
-    failed), the half-made client's socket is cut: nothing of it is left open."""
+    failed), the half-made client's TCP or TLS socket is cut (nats-py starts the client's
+    tasks only once it is connected; a ``ws://`` connection's session is left to nats-py)."""
     client = Client()
     try:
         await client.connect(**options)
@@ -645,23 +646,34 @@ async def open_client(**options: Any) -> Client:
     return client
 
 
-#: How often :func:`cancel_until_done` cancels a task again that has not stopped.
-CANCEL_AGAIN_SECONDS = 0.1
+#: How long :func:`cancel_until_done` gives a cancelled task before cancelling it again:
+#: long enough for the task's own cleanup (a ``finally`` closing a connection, which takes
+#: a few seconds at most against a hung server), short enough for a stop.
+CANCEL_AGAIN_SECONDS = 2.0
 
 
-async def cancel_until_done(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` and wait until it is done, cancelling it again every
-    :data:`CANCEL_AGAIN_SECONDS` while it runs. Whatever it raised is left in it, read
-    (asyncio logs no "exception was never retrieved" for it).
+async def cancel_until_done(
+    task: asyncio.Future[Any], *, again: float = CANCEL_AGAIN_SECONDS
+) -> None:
+    """Cancel ``task`` and wait until it is done, cancelling it again every ``again``
+    seconds while it runs. Whatever it raised is left in it, read (asyncio logs no
+    "exception was never retrieved" for it). Cancelled itself while it waits, it cancels
+    ``task`` once more and stops waiting.
 
     For a task awaiting nats-py: ``Client._flush_pending`` catches ``CancelledError``, so a
     cancellation that lands there (a connect attempt's first flush, a publish waiting for
     room in the flush queue) is lost and the task goes on, to its next connect attempt, say.
     Cancelled once and awaited, such a task kept a stopping process waiting until its stop
-    deadline ended it, or, with none, for good."""
-    while not task.done():
+    deadline ended it, or, with none, for good. Not sooner than ``again``: a task whose
+    ``finally`` closes a connection must be let finish that, and a second cancellation
+    would cut it short."""
+    try:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=again)
+    except asyncio.CancelledError:
         task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
+        raise
     if not task.cancelled():
         task.exception()
 

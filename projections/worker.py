@@ -131,6 +131,8 @@ class Worker:
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():  # stopped while NATS was still unreachable
             await cancel_until_done(connecting)
+            if self._nc is not None:  # connected as it was cancelled (nats-py lost the cancel)
+                await close_within(self._nc)
             log.info("worker_stopped_before_connecting", worker=self.options.worker_id)
             return
         stopping.cancel()

@@ -6,6 +6,7 @@ attempt and the process waited on it until its stop deadline, or for good."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import Any
 
@@ -78,3 +79,47 @@ def test_a_timeout_names_nats_py_s_connect_timeout_when_none_was_set() -> None:
         TimeoutError(), {"servers": ["nats://n1"], "connect_timeout": 5}
     )
     assert message.endswith("within 5 s")
+
+
+async def test_a_task_s_own_cleanup_is_not_cut_short() -> None:
+    """Cancelled again every 0.1 s, a ``finally`` that closes a connection (seconds against
+    a hung server) was interrupted after 0.1 s."""
+    steps: list[str] = []
+
+    async def closes_on_the_way_out() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            steps.append("closing")
+            await asyncio.sleep(0.5)
+            steps.append("closed")
+
+    task = asyncio.create_task(closes_on_the_way_out())
+    await asyncio.sleep(0)
+    await cancel_until_done(task)
+    assert steps == ["closing", "closed"]
+    assert task.cancelled()
+
+
+async def test_cancelled_while_it_waits_it_cancels_the_task_again_and_stops_waiting() -> None:
+    cancels = 0
+
+    async def swallows() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels >= 2:
+                    raise
+
+    task = asyncio.create_task(swallows())
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(cancel_until_done(task, again=30))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await asyncio.wait({task}, timeout=1)
+    assert task.cancelled()  # the second cancel, from the waiter's own cancellation
