@@ -241,7 +241,7 @@ def serve(
     (once they pass the start's checks) and the routers their routing policy; a broker
     whose terminal closed stops instead.
     """
-    from broker.http.tls import tls_problem, warn_of_stale_crls
+    from broker.http.tls import tls_problem, warn_of_crls
     from broker.logs import configure_logging
     from broker.server import run_broker
 
@@ -268,7 +268,7 @@ def serve(
     settings = Settings(**overrides)
     if problem := tls_problem(settings):
         raise typer.BadParameter(problem)
-    warn_of_stale_crls(settings)
+    warn_of_crls(settings)
     _check_auth(settings)
     code = run_broker(
         settings, update_streams=update_streams, env=_settings_env, stop_timeout=stop_timeout

@@ -148,11 +148,20 @@ class _Reload:
 
 
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m <args>`` as a child: in a session of its own, dying with us, and
+    ignoring SIGHUP until it installs a handler of its own (granian and the routers do, to
+    reload): a reload's SIGHUP that reached a child still importing ended it."""
     from broker._process import parent_death_hook
+
+    dies_with_us = parent_death_hook()
+
+    def child_setup() -> None:  # in the child, before exec: an ignored signal stays ignored
+        dies_with_us()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     return subprocess.Popen(
         [sys.executable, "-m", *args],
-        preexec_fn=parent_death_hook(),  # noqa: PLW1509 - only a prctl, safe before exec
+        preexec_fn=child_setup,  # noqa: PLW1509 - a prctl and a signal disposition only
         start_new_session=True,
         env=env,
     )
@@ -355,6 +364,7 @@ def _run_children(
     *,
     announce: str = "",
     stop_timeout: float = STOP_TIMEOUT,
+    terminal: _Terminal | None = None,
 ) -> int:
     """Run the ingress (granian), the projection workers and the routers until we are asked
     to stop (0) or one of them cannot run (4); the exit code. A child that dies is started
@@ -381,14 +391,14 @@ def _run_children(
         for i in range(settings.routers)
     ]
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _Reload.handler)
-    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+    terminal = terminal or _Terminal()
     code: int | None = None
     try:
         while not _Stop.requested and code is None:
+            terminal.look()
             if _Reload.requested:
                 _Reload.requested = False
-                if hung_up(terminal):  # the terminal closed: stop, as on SIGTERM
+                if terminal.hung_up_just_now():  # the terminal closed: stop, as on SIGTERM
                     _Stop.requested = True
                     _leave_terminal()
                     break
@@ -412,9 +422,33 @@ def _run_children(
 
 def hung_up(terminal: Sequence[int]) -> bool:
     """Whether the terminal of these descriptors (those that were one at start) hung up: the
-    kernel then makes them fail as terminals. SIGHUP means that for a ``broker serve`` started
-    in a terminal that closed, and a reload otherwise (:func:`_reload`)."""
+    kernel then makes them fail as terminals."""
     return bool(terminal) and not any(os.isatty(fd) for fd in terminal)
+
+
+class _Terminal:
+    """The terminal ``broker serve`` runs in, if any, to tell SIGHUP's two meanings apart:
+    the terminal closed (stop, as SIGHUP's default did), or a reload (:func:`_reload`).
+
+    The kernel hangs up the terminal's descriptors and then sends SIGHUP, so a SIGHUP that
+    comes within :data:`HANGUP_WINDOW` seconds of the descriptors being found hung up is the
+    hang-up's. One that comes later is a reload: a ``broker serve &`` whose shell did not
+    pass the hang-up on (``disown``) still reloads on ``kill -HUP``."""
+
+    HANGUP_WINDOW = 2.0
+
+    def __init__(self) -> None:
+        self.fds = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+        self.gone_at: float | None = None
+
+    def look(self) -> None:
+        """Note when the terminal is first found hung up (cheap: three ``isatty`` calls)."""
+        if self.fds and self.gone_at is None and hung_up(self.fds):
+            self.gone_at = time.monotonic()
+
+    def hung_up_just_now(self) -> bool:
+        self.look()
+        return self.gone_at is not None and time.monotonic() - self.gone_at < self.HANGUP_WINDOW
 
 
 def _leave_terminal() -> None:
@@ -450,13 +484,16 @@ def _reload(settings: Settings, children: Sequence[_Child]) -> None:
     that would not do are refused with the reason in the log, and the ingress keeps what it
     read before. The routers read their routing policy file again. Projection workers are
     left alone."""
-    from broker.http.tls import warn_of_stale_crls
+    from broker.http.tls import warn_of_crls
 
     signalled = []
     # The ingress has files to read again only with TLS or an auth file (inline auth and
     # every other setting come from its environment, fixed at start).
     rereads = settings.tls_cert is not None or settings.auth_file is not None
-    problem = ingress_problem(settings) if rereads else None
+    try:
+        problem = ingress_problem(settings) if rereads else None
+    except Exception as e:  # a check that fails must not end the broker: refuse the reload
+        problem = f"the files could not be checked ({type(e).__name__}: {e})"
     if problem is not None:
         log.error(
             "reload_refused",
@@ -465,7 +502,8 @@ def _reload(settings: Settings, children: Sequence[_Child]) -> None:
             hint="the ingress keeps the files it read; fix them and send SIGHUP again",
         )
     elif settings.tls_cert is not None:
-        warn_of_stale_crls(settings)
+        with contextlib.suppress(Exception):  # warnings only
+            warn_of_crls(settings)
     for child in children:
         if child.name.startswith("projection_worker"):
             continue
@@ -675,6 +713,24 @@ def run_broker(
 ) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code. The children get
     ``stop_timeout`` seconds, together, to stop before they are killed."""
+
+    # SIGHUP from now on sets a flag, handled once the children run: its default action would
+    # end the broker half-started (embedded NATS running, nats.url written).
+    terminal = _Terminal()
+    previous_hup = signal.signal(signal.SIGHUP, _Reload.handler)
+    try:
+        return _run_broker(settings, update_streams, env, stop_timeout, terminal)
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+
+
+def _run_broker(
+    settings: Settings,
+    update_streams: bool,
+    env: Callable[[Settings], dict[str, str]],
+    stop_timeout: float,
+    terminal: _Terminal,
+) -> int:
     import broker
 
     embedded: NatsServer | None = None
@@ -739,7 +795,11 @@ def run_broker(
         )
     try:
         code = _run_children(
-            settings, embedded, announce=banner(settings), stop_timeout=stop_timeout
+            settings,
+            embedded,
+            announce=banner(settings),
+            stop_timeout=stop_timeout,
+            terminal=terminal,
         )
     finally:
         if embedded is not None:

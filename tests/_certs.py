@@ -90,10 +90,13 @@ class CertificateAuthority:
         *,
         number: int | None = 1,
         next_update: dt.timedelta = _LIFETIME,
+        extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
+        entry_extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
     ) -> Path:
         """A CRL of this CA revoking ``revoked``, written to ``path`` (PEM). ``number=None``:
         no extension at all (as ``openssl ca -gencrl`` writes without a crlnumber file).
-        A negative ``next_update``: a CRL already past its next update."""
+        A negative ``next_update``: a CRL already past its next update. ``extensions`` (of
+        the CRL) and ``entry_extensions`` (of each entry): (extension, critical) pairs."""
         now = dt.datetime.now(dt.UTC)
         stale = next_update < dt.timedelta()
         last_update = now + next_update * 2 if stale else now - dt.timedelta(minutes=5)
@@ -105,9 +108,13 @@ class CertificateAuthority:
         )
         if number is not None:
             builder = builder.add_extension(x509.CRLNumber(number), critical=False)
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
         for issued in revoked:
             serial = x509.load_pem_x509_certificate(issued.cert.read_bytes()).serial_number
             entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+            for extension, critical in entry_extensions:
+                entry = entry.add_extension(extension, critical=critical)
             builder = builder.add_revoked_certificate(entry.build())
         crl = builder.sign(self._key, hashes.SHA256())
         path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))

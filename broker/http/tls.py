@@ -9,11 +9,16 @@ answers with a message that names the file and what to do.
 What was measured of granian 2.8.9 with revocation lists (``--tls-crl``), and so is checked:
 
 - a CRL without extensions (version 1, or a version 2 one with neither the CRL number nor
-  the authority key identifier that RFC 5280 asks for) panics the worker;
-- only the first CRL of a file is read;
-- once any CRL is given, a client certificate whose CA has none is refused (its revocation
-  status is unknown): a CRL signed by no CA of the bundle refuses every client, and a CA of
-  the bundle without a CRL refuses all of its clients;
+  the authority key identifier that RFC 5280 asks for) panics the worker; so does a delta
+  CRL, an indirect one (an issuing distribution point saying so, or an entry naming its
+  certificate's issuer), one of only some revocation reasons or of attribute certificates,
+  one whose issuing distribution point has no full name (a URI), and one with a critical
+  extension, or an entry with one, that webpki does not know;
+- only the first CRL of a file is read, and of two CRLs of one issuer only one is used;
+- once any CRL is given, a certificate in a client's chain whose issuer has none is refused
+  (its revocation status unknown): a warning names the bundle's CAs without one
+  (:func:`cas_without_crl`), which is no error, since a CA whose clients' chains end at
+  another CA of the bundle needs none, and an intermediate CA's CRL is of no CA in it;
 - a CRL past its next update is still used (a warning: :func:`stale_crls`).
 """
 
@@ -28,6 +33,7 @@ from pathlib import Path
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID
 
 from broker.settings import Settings
 
@@ -79,9 +85,27 @@ class _Crl:
     crl: x509.CertificateRevocationList
 
 
+#: CRL extensions webpki reads (any other that is critical makes it fail), and of entries.
+_CRL_EXTENSIONS_READ = frozenset(
+    {
+        ExtensionOID.CRL_NUMBER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+    }
+)
+_ENTRY_EXTENSIONS_READ = frozenset(
+    {CRLEntryExtensionOID.CRL_REASON, CRLEntryExtensionOID.INVALIDITY_DATE}
+)
+
+
 def _load_crl(path: Path) -> _Crl | str:
-    """The one CRL in ``path``, or what is wrong with it."""
-    data = path.read_bytes()
+    """The one CRL in ``path``, or what is wrong with it: what the ingress's TLS library
+    (webpki, in each granian worker) would fail on, checked here because a worker panics on
+    it. Never raises: a file that cannot be analysed is refused."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"--tls-crl {path} is not a readable file ({e.strerror or e})"
     count = data.count(_CRL_BEGIN)
     if count == 0:
         return f"--tls-crl {path} holds no PEM CRL ({_CRL_BEGIN.decode()})"
@@ -92,20 +116,60 @@ def _load_crl(path: Path) -> _Crl | str:
         )
     try:
         crl = x509.load_pem_x509_crl(data)
-    except ValueError as e:
-        return f"--tls-crl {path} does not load as a PEM CRL ({e})"
-    if len(crl.extensions) == 0:
-        return (
-            f"--tls-crl {path} is a CRL without extensions (version 1, or without the CRL "
-            "number RFC 5280 asks for), which the ingress's TLS library refuses: make it with "
-            "a CRL number (openssl ca -gencrl with a crlnumber file)"
-        )
+        unusable = _unusable(crl)
+    except Exception as e:  # an operator's file: whatever fails to parse is refused, named
+        return f"--tls-crl {path} does not load as a PEM CRL ({type(e).__name__}: {e})"
+    if unusable is not None:
+        return f"--tls-crl {path}: {unusable}"
     return _Crl(path, crl)
 
 
-def _issues(ca: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
-    if ca.subject != crl.issuer:
-        return False
+def _unusable(crl: x509.CertificateRevocationList) -> str | None:
+    """What of ``crl`` webpki cannot use, or ``None``. (May raise on a malformed one.)"""
+    extensions = crl.extensions
+    if len(extensions) == 0:
+        return (
+            "a CRL without extensions (version 1, or without the CRL number RFC 5280 asks "
+            "for), which the ingress's TLS library refuses: make it with a CRL number "
+            "(openssl ca -gencrl with a crlnumber file)"
+        )
+    for extension in extensions:
+        value = extension.value
+        if isinstance(value, x509.DeltaCRLIndicator):
+            return "a delta CRL, which the ingress's TLS library does not read: give the full CRL"
+        if isinstance(value, x509.IssuingDistributionPoint):
+            if value.indirect_crl:
+                return "an indirect CRL, which the ingress's TLS library does not read"
+            if value.only_some_reasons:
+                return (
+                    "a CRL of only some revocation reasons, which the ingress's TLS library "
+                    "does not read: give the CA's full CRL"
+                )
+            if value.only_contains_attribute_certs:
+                return "a CRL of attribute certificates, which the ingress's TLS library refuses"
+            if value.full_name is None:
+                return (
+                    "its issuing distribution point names no full distribution point name "
+                    "(URI), which the ingress's TLS library refuses"
+                )
+        elif extension.critical and extension.oid not in _CRL_EXTENSIONS_READ:
+            return (
+                f"a critical extension the ingress's TLS library does not know "
+                f"({extension.oid.dotted_string})"
+            )
+    for entry in crl:
+        for extension in entry.extensions:
+            if extension.oid == CRLEntryExtensionOID.CERTIFICATE_ISSUER:
+                return "an entry names its certificate's issuer (an indirect CRL), unsupported"
+            if extension.critical and extension.oid not in _ENTRY_EXTENSIONS_READ:
+                return (
+                    f"an entry has a critical extension the ingress's TLS library does not "
+                    f"know ({extension.oid.dotted_string})"
+                )
+    return None
+
+
+def _signed_by(ca: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
     key = ca.public_key()
     signing = (
         rsa.RSAPublicKey,
@@ -114,33 +178,66 @@ def _issues(ca: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
         ed25519.Ed25519PublicKey,
         ed448.Ed448PublicKey,
     )
-    return isinstance(key, signing) and crl.is_signature_valid(key)
+    try:
+        return isinstance(key, signing) and crl.is_signature_valid(key)
+    except Exception:  # a key or signature this library cannot check: not a match
+        return False
+
+
+def _bundle(client_ca: Path) -> list[x509.Certificate]:
+    """The client CA bundle's certificates, as far as they parse here (``ssl``, which
+    loaded them, accepts some that ``cryptography`` does not)."""
+    try:
+        return x509.load_pem_x509_certificates(client_ca.read_bytes())
+    except Exception:
+        return []
 
 
 def _crls_problem(paths: list[Path], client_ca: Path) -> str | None:
-    """Each CRL loads, is signed by a CA of the bundle, and each CA has one."""
-    cas = x509.load_pem_x509_certificates(client_ca.read_bytes())
-    covered: set[int] = set()
+    """Each CRL loads and is one webpki can use; no two are of the same issuer (webpki
+    would use the first it finds, and ignore what the other revokes); one that names a CA
+    of the bundle as its issuer is signed by it."""
+    cas = _bundle(client_ca)
+    issuers: dict[x509.Name, Path] = {}
     for path in paths:
         loaded = _load_crl(path)
         if isinstance(loaded, str):
             return loaded
-        issuers = [i for i, ca in enumerate(cas) if _issues(ca, loaded.crl)]
-        if not issuers:
+        issuer = loaded.crl.issuer
+        if issuer in issuers:
             return (
-                f"--tls-crl {path} (issuer {loaded.crl.issuer.rfc4514_string()}) is signed by "
-                f"no CA of --tls-client-ca {client_ca}: with it the ingress would refuse every "
-                "client certificate (their revocation status unknown)"
+                f"--tls-crl {issuers[issuer]} and {path} are both CRLs of "
+                f"{issuer.rfc4514_string()}: only one would be used; give the newest only"
             )
-        covered.update(issuers)
-    missing = [ca.subject.rfc4514_string() for i, ca in enumerate(cas) if i not in covered]
-    if missing:
-        return (
-            f"--tls-client-ca {client_ca} holds CAs with no --tls-crl ({'; '.join(missing)}): "
-            "once revocation lists are given, the ingress refuses every client certificate "
-            "whose CA has none; add their CRLs"
-        )
+        issuers[issuer] = path
+        named = [ca for ca in cas if ca.subject == issuer]
+        if named and not any(_signed_by(ca, loaded.crl) for ca in named):
+            return (
+                f"--tls-crl {path} names {issuer.rfc4514_string()} of --tls-client-ca "
+                f"{client_ca} as its issuer but is not signed by its key"
+            )
     return None
+
+
+def cas_without_crl(settings: Settings) -> list[str]:
+    """The CAs of ``--tls-client-ca`` (their subjects) for which no ``--tls-crl`` is given,
+    when any is. A client whose chain needs one of them to vouch for a certificate's
+    revocation status is refused (unknown status): a client certificate it issued itself,
+    or an intermediate CA's when the bundle holds only the root. It is no error: a CA whose
+    clients' chains end at another CA of the bundle needs none."""
+    paths = settings.tls_crl_files
+    if not paths or settings.tls_client_ca is None:
+        return []
+    issuers = set()
+    for path in paths:
+        loaded = _load_crl(path)
+        if isinstance(loaded, _Crl):
+            issuers.add(loaded.crl.issuer)
+    return [
+        ca.subject.rfc4514_string()
+        for ca in _bundle(settings.tls_client_ca)
+        if ca.subject not in issuers
+    ]
 
 
 def stale_crls(settings: Settings, now: dt.datetime | None = None) -> list[tuple[Path, str]]:
@@ -150,10 +247,7 @@ def stale_crls(settings: Settings, now: dt.datetime | None = None) -> list[tuple
     now = now or dt.datetime.now(dt.UTC)
     stale: list[tuple[Path, str]] = []
     for path in settings.tls_crl_files:
-        try:
-            loaded = _load_crl(path)
-        except OSError:
-            continue
+        loaded = _load_crl(path)
         if isinstance(loaded, str):
             continue
         next_update = loaded.crl.next_update_utc
@@ -162,8 +256,18 @@ def stale_crls(settings: Settings, now: dt.datetime | None = None) -> list[tuple
     return stale
 
 
-def warn_of_stale_crls(settings: Settings) -> None:
-    """Log each CRL past its next update (``tls_crl_out_of_date``): it is still used."""
+def warn_of_crls(settings: Settings) -> None:
+    """Log what about the CRLs may refuse clients or let revoked ones in, though the ingress
+    runs with it: CAs of the bundle without a CRL (``tls_crl_missing``), CRLs past their next
+    update (``tls_crl_out_of_date``)."""
+    if missing := cas_without_crl(settings):
+        log.warning(
+            "tls_crl_missing",
+            cas=missing,
+            hint="a client whose chain needs one of these CAs to vouch for a certificate is "
+            "refused (revocation status unknown); add their CRLs, unless their clients' "
+            "chains end at another CA of --tls-client-ca",
+        )
     for path, next_update in stale_crls(settings):
         log.warning(
             "tls_crl_out_of_date",

@@ -5,6 +5,7 @@ and send SIGHUP, as closing a terminal window does."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -17,9 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from broker.embedded import NatsServer, free_port
+from broker.server import LOCK_FILE
+from tests.e2e._broker import start_broker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -98,3 +102,38 @@ def test_sighup_reloads_and_a_closed_terminal_stops_the_broker(
             broker.kill()
             broker.wait()
         os.close(terminal.slave)
+
+
+def test_sighups_while_the_broker_starts_neither_end_it_nor_its_children(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP's default action ended a ``broker serve`` still starting its embedded NATS (a
+    ``systemctl reload`` right after a restart), and a child still importing when a reload's
+    SIGHUP reached it. Here SIGHUP comes every 0.3 s from the moment the broker holds its
+    data dir, before it starts NATS. (Before that, while Python imports the CLI, SIGHUP
+    still ends the process: nothing of the broker runs yet.)"""
+    broker = start_broker(tmp_path, args=("--projection-workers", "0"), wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "data" / LOCK_FILE).exists():
+            assert broker.proc.poll() is None, broker.log_tail()
+            assert time.monotonic() < deadline, "the broker never took its data dir"
+            time.sleep(0.01)
+        ready = False
+        with httpx.Client(http2=True, http1=False, timeout=1) as client:
+            while time.monotonic() < deadline and not ready:
+                broker.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.3)
+                assert broker.proc.poll() is None, broker.log_tail()
+                with contextlib.suppress(httpx.HTTPError):
+                    ready = client.get(f"{broker.base_url}/readyz").status_code == 200
+        assert ready, broker.log_tail()
+        for _ in range(5):  # and once running
+            broker.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+        log = broker.log_path.read_text()
+        assert broker.proc.poll() is None, log[-3000:]
+        assert "child_restarted" not in log, log[-3000:]
+        assert '"event": "reload"' in log
+    finally:
+        assert broker.stop() == 0

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from broker.errors import BrokerError
 from broker.http import ui
+from broker.settings import Settings
 from broker.telemetry import metrics
 
 pytestmark = pytest.mark.unit
@@ -30,11 +31,7 @@ def metrics_off() -> Iterator[None]:
 
 def app(token: str | None = None) -> FastAPI:
     state: Any = SimpleNamespace(
-        settings=SimpleNamespace(
-            auth_configured=False,
-            metrics_token=SecretStr(token) if token else None,
-            trace_url=None,
-        ),
+        settings=Settings(metrics_token=SecretStr(token) if token else None),
     )
     application = FastAPI()
     application.include_router(ui.ops_router(state))

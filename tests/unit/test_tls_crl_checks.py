@@ -11,11 +11,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
-from broker.http.tls import stale_crls, tls_expiries, tls_problem
+from broker.http.tls import cas_without_crl, stale_crls, tls_expiries, tls_problem
 from broker.settings import Settings
 from tests._certs import Pki, make_pki
 
@@ -69,7 +74,7 @@ def test_a_crl_without_extensions_is_refused(pki: Pki, tmp_path: Path) -> None:
     crl = pki.ca.revocation_list(tmp_path / "v1.pem", number=None)
     problem = tls_problem(settings(pki, str(crl)))
     assert problem is not None
-    assert problem.startswith(f"--tls-crl {crl} is a CRL without extensions")
+    assert problem.startswith(f"--tls-crl {crl}: a CRL without extensions")
     assert "crlnumber" in problem
 
 
@@ -100,32 +105,196 @@ def test_a_file_that_is_no_crl_is_refused(pki: Pki, tmp_path: Path, text: str) -
     assert "PEM CRL" in problem
 
 
-def test_a_crl_of_another_ca_is_refused(pki: Pki, tmp_path: Path) -> None:
+def test_a_crl_of_a_ca_outside_the_bundle_is_accepted_and_the_bundle_ca_named(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """An intermediate CA's CRL is of no CA in a bundle of roots, and is needed: accepted.
+    The bundle's CA without a CRL is named in a warning, not refused (its clients' chains
+    may end at another CA of the bundle)."""
     crl = pki.unknown_ca.revocation_list(tmp_path / "other.pem")
-    problem = tls_problem(settings(pki, str(crl)))
-    assert problem is not None
-    assert "is signed by no CA of --tls-client-ca" in problem
-    assert "CN=unknown" in problem
+    assert tls_problem(settings(pki, str(crl))) is None
+    assert cas_without_crl(settings(pki, str(crl))) == ["CN=trusted"]
+    assert cas_without_crl(settings(pki, str(pki.ca.revocation_list(tmp_path / "own.pem")))) == []
 
 
-def test_a_crl_naming_the_ca_but_signed_by_another_key_is_refused(pki: Pki, tmp_path: Path) -> None:
-    """Same subject, other key: a CRL that does not verify is no CRL of that CA."""
+def test_a_crl_naming_a_bundle_ca_but_signed_by_another_key_is_refused(
+    pki: Pki, tmp_path: Path
+) -> None:
     from tests._certs import CertificateAuthority
 
     impostor = CertificateAuthority(tmp_path / "impostor", "trusted")  # same name, new key
     crl = impostor.revocation_list(tmp_path / "forged.pem")
     problem = tls_problem(settings(pki, str(crl)))
-    assert problem is not None
-    assert "is signed by no CA of --tls-client-ca" in problem
+    assert problem == (
+        f"--tls-crl {crl} names CN=trusted of --tls-client-ca {pki.ca.cert} as its issuer but "
+        "is not signed by its key"
+    )
 
 
-def test_a_ca_of_the_bundle_without_a_crl_is_refused(pki: Pki, tmp_path: Path) -> None:
+def test_two_crls_of_one_issuer_are_refused(pki: Pki, tmp_path: Path) -> None:
+    """webpki uses the first CRL of an issuer it finds: what the other revokes would be let
+    in (seen: the revoked client answered 200 with the older CRL first)."""
+    old = pki.ca.revocation_list(tmp_path / "old.pem")
+    new = pki.ca.revocation_list(tmp_path / "new.pem", (pki.client,), number=2)
+    assert tls_problem(settings(pki, f"{old},{new}")) == (
+        f"--tls-crl {old} and {new} are both CRLs of CN=trusted: only one would be used; "
+        "give the newest only"
+    )
+
+
+def test_a_bundle_ca_without_a_crl_is_named_not_refused(pki: Pki, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(pki.ca.cert.read_bytes() + pki.unknown_ca.cert.read_bytes())
     crl = pki.ca.revocation_list(tmp_path / "a.pem")
-    problem = tls_problem(settings(pki, str(crl), bundle))
+    assert tls_problem(settings(pki, str(crl), bundle)) is None
+    assert cas_without_crl(settings(pki, str(crl), bundle)) == ["CN=unknown"]
+
+
+UNKNOWN = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4.5"), b"\x05\x00")
+URI = [x509.UniformResourceIdentifier("http://crl.example.com/ca.crl")]
+RELATIVE = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, "crl1")])
+RELATIVE_IDP = x509.IssuingDistributionPoint(None, RELATIVE, False, False, None, False, False)
+
+
+@pytest.mark.parametrize(
+    ("extensions", "entry_extensions", "reason"),
+    [
+        (((x509.DeltaCRLIndicator(1), True),), (), "a delta CRL"),
+        (
+            ((x509.IssuingDistributionPoint(None, None, False, False, None, True, False), True),),
+            (),
+            "an indirect CRL",
+        ),
+        (
+            (
+                (
+                    x509.IssuingDistributionPoint(
+                        None,
+                        None,
+                        False,
+                        False,
+                        frozenset({x509.ReasonFlags.key_compromise}),
+                        False,
+                        False,
+                    ),
+                    True,
+                ),
+            ),
+            (),
+            "a CRL of only some revocation reasons",
+        ),
+        (
+            ((x509.IssuingDistributionPoint(None, None, True, False, None, False, False), True),),
+            (),
+            "its issuing distribution point names no full distribution point name",
+        ),
+        (
+            (
+                (
+                    x509.IssuingDistributionPoint(None, RELATIVE, False, False, None, False, False),
+                    True,
+                ),
+            ),
+            (),
+            "its issuing distribution point names no full distribution point name",
+        ),
+        (
+            ((x509.IssuingDistributionPoint(URI, None, False, False, None, False, True), True),),
+            (),
+            "a CRL of attribute certificates",
+        ),
+        (((UNKNOWN, True),), (), "a critical extension the ingress's TLS library does not know"),
+        ((), ((UNKNOWN, True),), "an entry has a critical extension"),
+        (
+            (),
+            ((x509.CertificateIssuer([x509.DNSName("ca.example.com")]), True),),
+            "an entry names its certificate's issuer",
+        ),
+    ],
+)
+def test_a_crl_webpki_cannot_read_is_refused(
+    pki: Pki,
+    tmp_path: Path,
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...],
+    entry_extensions: tuple[tuple[x509.ExtensionType, bool], ...],
+    reason: str,
+) -> None:
+    """Each of these passed the first check and panicked every granian worker (a review,
+    with granian 2.8.9): at a reload, the ingress then refused every connection."""
+    crl = pki.ca.revocation_list(
+        tmp_path / "crl.pem",
+        (pki.client,),
+        extensions=extensions,
+        entry_extensions=entry_extensions,
+    )
+    problem = tls_problem(settings(pki, str(crl)))
     assert problem is not None
-    assert problem.startswith(f"--tls-client-ca {bundle} holds CAs with no --tls-crl (CN=unknown)")
+    assert problem.startswith(f"--tls-crl {crl}: {reason}"), problem
+
+
+def test_a_harmless_issuing_distribution_point_and_unknown_extension_are_accepted(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Each of these was served by granian 2.8.9, the revoked client refused."""
+    user_certs = x509.IssuingDistributionPoint(URI, None, True, False, None, False, False)
+    crl = pki.ca.revocation_list(
+        tmp_path / "crl.pem",
+        (pki.client,),
+        extensions=((user_certs, True), (UNKNOWN, False)),
+        entry_extensions=(
+            (x509.CRLReason(x509.ReasonFlags.key_compromise), False),
+            (x509.InvalidityDate(dt.datetime(2026, 1, 1)), False),
+        ),
+    )
+    assert tls_problem(settings(pki, str(crl))) is None
+
+
+def test_a_crl_with_a_duplicated_extension_is_refused_not_raised(pki: Pki, tmp_path: Path) -> None:
+    """``cryptography`` raises ``DuplicateExtension`` reading it: that was a traceback at
+    start and ended ``broker serve`` at a reload."""
+    crl = pki.ca.revocation_list(
+        tmp_path / "crl.pem", number=1, extensions=((x509.DeltaCRLIndicator(1), False),)
+    )
+    der = x509.load_pem_x509_crl(crl.read_bytes()).public_bytes(Encoding.DER)
+    delta, number = bytes.fromhex("0603551d1b"), bytes.fromhex("0603551d14")  # their OIDs
+    assert der.count(delta) == 1
+    crl.write_bytes(pem_armour("X509 CRL", der.replace(delta, number)))
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {crl} does not load as a PEM CRL (DuplicateExtension")
+
+
+def pem_armour(label: str, der: bytes) -> bytes:
+    body = base64.encodebytes(der)
+    return f"-----BEGIN {label}-----\n".encode() + body + f"-----END {label}-----\n".encode()
+
+
+def test_a_bundle_cryptography_cannot_parse_does_not_raise(pki: Pki, tmp_path: Path) -> None:
+    """``ssl`` loads a CA whose PrintableString holds ``_``; ``cryptography`` refuses it. The
+    CRLs are then not matched to the bundle's CAs: no error, no warning."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    printable = x509.NameAttribute(NameOID.COMMON_NAME, "odd-ca", _type=_ASN1Type.PrintableString)
+    name = x509.Name([printable])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    der = ca.public_bytes(Encoding.DER).replace(b"odd-ca", b"odd_ca")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert.read_bytes() + pem_armour("CERTIFICATE", der))
+    with pytest.raises(ValueError, match="PrintableString"):  # what this is about
+        x509.load_pem_x509_certificates(bundle.read_bytes())
+    crl = pki.ca.revocation_list(tmp_path / "crl.pem")
+    assert tls_problem(settings(pki, str(crl), bundle)) is None
+    assert cas_without_crl(settings(pki, str(crl), bundle)) == []
 
 
 def test_a_crl_past_its_next_update_is_reported_as_stale(pki: Pki, tmp_path: Path) -> None:
