@@ -116,6 +116,8 @@ def _load_crl(path: Path) -> _Crl | str:
         )
     try:
         crl = x509.load_pem_x509_crl(data)
+        # cryptography parses lazily: read every part here, where a failure is an answer
+        _ = crl.issuer, crl.last_update_utc, crl.next_update_utc, crl.signature_algorithm_oid
         unusable = _unusable(crl)
     except Exception as e:  # an operator's file: whatever fails to parse is refused, named
         return f"--tls-crl {path} does not load as a PEM CRL ({type(e).__name__}: {e})"
@@ -158,6 +160,7 @@ def _unusable(crl: x509.CertificateRevocationList) -> str | None:
                 f"({extension.oid.dotted_string})"
             )
     for entry in crl:
+        _ = entry.serial_number, entry.revocation_date_utc
         for extension in entry.extensions:
             if extension.oid == CRLEntryExtensionOID.CERTIFICATE_ISSUER:
                 return "an entry names its certificate's issuer (an indirect CRL), unsupported"
@@ -321,6 +324,6 @@ def _expiry(kind: str, path: Path) -> dt.datetime | None:
         if kind == "crl":
             return x509.load_pem_x509_crl(data).next_update_utc
         certificates = x509.load_pem_x509_certificates(data)
-    except (OSError, ValueError):
+        return min(c.not_valid_after_utc for c in certificates) if certificates else None
+    except Exception:  # unreadable now: left out of /metrics, never failing the scrape
         return None
-    return min(c.not_valid_after_utc for c in certificates) if certificates else None

@@ -327,6 +327,33 @@ def test_whatever_a_crl_file_holds_the_answer_is_a_message(
     assert problem.startswith(f"--tls-crl {crl} ")
 
 
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4)
+)
+@settings_hypothesis(max_examples=200, deadline=None)
+def test_a_damaged_crl_is_refused_or_accepted_never_raised(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]]
+) -> None:
+    """A real CRL (extensions, entries with their own) with a few bytes changed reaches the
+    parsing of its extensions and entries, where ``cryptography`` raises: the check answers
+    with a message or accepts, it never raises (at a reload that ended the broker)."""
+    directory = tmp_path_factory.mktemp("damaged")
+    crl = pki.ca.revocation_list(
+        directory / "crl.pem",
+        (pki.client, pki.server),
+        extensions=(
+            (x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca.public_key), False),
+        ),
+        entry_extensions=((x509.CRLReason(x509.ReasonFlags.key_compromise), False),),
+    )
+    der = bytearray(x509.load_pem_x509_crl(crl.read_bytes()).public_bytes(Encoding.DER))
+    for position, change in flips:
+        der[position % len(der)] ^= change
+    crl.write_bytes(pem_armour("X509 CRL", bytes(der)))
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is None or problem.startswith(f"--tls-crl {crl}"), problem
+
+
 # --- broker_tls_expiry_timestamp_seconds ---------------------------------------------------
 
 
