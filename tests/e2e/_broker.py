@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,3 +172,13 @@ async def stored_count(url: str, subject: str) -> int:
     finally:
         await nc.close()
     return sum((info.state.subjects or {}).values())
+
+
+def within(seconds: float, condition: Callable[[], bool], *, every: float = 0.2) -> bool:
+    """Whether ``condition()`` holds within ``seconds``, asked every ``every`` seconds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()

@@ -7,14 +7,14 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from broker.embedded import NatsServer
-from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e._broker import BrokerProcess, start_broker, within
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -61,15 +61,6 @@ def status(broker: BrokerProcess, key: str) -> int | None:
     except httpx.TransportError:
         return None
     return response.status_code
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_sighup_revokes_and_admits_api_keys(broker: BrokerProcess, auth: Path) -> None:

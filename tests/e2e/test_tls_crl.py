@@ -10,7 +10,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded import NatsServer
 from tests._certs import CertificateAuthority, Issued
-from tests.e2e._broker import BrokerProcess, start_broker
+from tests.e2e._broker import BrokerProcess, start_broker, within
 from tests.e2e.test_tls import LEAN, publish, serve, trusting
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -96,15 +96,6 @@ def refusal(broker: BrokerProcess, clients: Clients, client: Issued) -> str | No
     except OSError as e:
         return f"connection failed: {e!r}"
     return None if answer.startswith(b"HTTP/1.1 200") else f"answered {answer[:60]!r}"
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def test_a_revoked_client_certificate_is_refused_and_others_are_served(
