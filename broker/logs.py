@@ -125,15 +125,22 @@ class _StderrLogger:
     The line and its newline go in one ``write``: redirected to a file, ``sys.stderr`` is
     unbuffered, and ``print`` writes the newline separately, so the processes of one broker
     sharing a log file (its routers, say) could interleave two lines into one
-    (``{...}{...}``) that a JSON-lines reader cannot parse."""
+    (``{...}{...}``) that a JSON-lines reader cannot parse. A line that cannot be written
+    is dropped."""
 
     _lock = threading.Lock()
 
     def msg(self, message: str) -> None:
         with self._lock:
             stream = sys.stderr
-            stream.write(message + "\n")
-            stream.flush()
+            try:
+                stream.write(message + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                # A terminal that hung up (EIO), a pipe nobody reads, a closed file: the line
+                # is lost, and the code that logged it goes on (a broker whose terminal
+                # closed ended on its next log line).
+                pass
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 

@@ -254,16 +254,19 @@ class TlsFiles:
     cert: Path | None
     key: Path | None
 
-    def stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """What tells a file changed: its inode, size and modification time (``None`` for a
-        file that cannot be read now)."""
-        stamps: list[tuple[int, int, int] | None] = []
+    def stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        """What tells a file changed: its inode, size, modification and change time (the
+        last moves with a ``chmod``, so a key made readable after a failed reload is tried
+        again); ``None`` for a file that cannot be read now."""
+        stamps: list[tuple[int, int, int, int] | None] = []
         for path in (self.ca, self.cert, self.key):
             try:
-                stat = path.stat() if path is not None else None
+                st = path.stat() if path is not None else None
             except OSError:
-                stat = None
-            stamps.append(None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+                st = None
+            stamps.append(
+                None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            )
         return tuple(stamps)
 
     def context(self) -> ssl.SSLContext:
@@ -278,14 +281,14 @@ class TlsFiles:
         try:
             if self.ca is not None:
                 context.load_verify_locations(cafile=str(self.ca))
-        except (ssl.SSLError, ValueError) as e:
+        except (ssl.SSLError, ValueError, OSError) as e:  # OSError: gone since it was checked
             raise InvalidNatsSettings(
                 f"BROKER_NATS_TLS_CA {self.ca} holds no usable CA: {e}"
             ) from None
         if self.cert is not None and self.key is not None:
             try:
                 context.load_cert_chain(str(self.cert), str(self.key))
-            except ssl.SSLError as e:
+            except (ssl.SSLError, OSError) as e:
                 raise InvalidNatsSettings(
                     f"BROKER_NATS_TLS_CERT {self.cert} and BROKER_NATS_TLS_KEY {self.key} do "
                     f"not load as a PEM certificate and its private key: {e}"
@@ -304,7 +307,7 @@ class RenewingContext(ssl.SSLContext):
     their TLS connections with those."""
 
     _files: TlsFiles
-    _stamp: tuple[tuple[int, int, int] | None, ...]
+    _stamp: tuple[tuple[int, int, int, int] | None, ...]
     _current: ssl.SSLContext
 
     @classmethod

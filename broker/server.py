@@ -400,7 +400,6 @@ def _run_children(
                 _Reload.requested = False
                 if terminal.hung_up_just_now():  # the terminal closed: stop, as on SIGTERM
                     _Stop.requested = True
-                    _leave_terminal()
                     break
                 _reload(settings, children)
             if announce and _listening(settings.host, settings.port):
@@ -442,21 +441,23 @@ class _Terminal:
         self.gone_at: float | None = None
 
     def look(self) -> None:
-        """Note when the terminal is first found hung up (cheap: three ``isatty`` calls)."""
+        """Note when the terminal is first found hung up (cheap: three ``isatty`` calls), and
+        leave it: what the broker writes goes to /dev/null from then on."""
         if self.fds and self.gone_at is None and hung_up(self.fds):
             self.gone_at = time.monotonic()
+            _leave_terminal(self.fds)
 
     def hung_up_just_now(self) -> bool:
         self.look()
         return self.gone_at is not None and time.monotonic() - self.gone_at < self.HANGUP_WINDOW
 
 
-def _leave_terminal() -> None:
-    """Point stdin, stdout and stderr at /dev/null: writing to a hung-up terminal fails
-    (EIO), and the broker still logs while it stops."""
+def _leave_terminal(fds: Sequence[int]) -> None:
+    """Point these descriptors (those that were the terminal) at /dev/null: writing to a
+    hung-up terminal fails (EIO). A log file on stderr stays as it is."""
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        for fd in (0, 1, 2):
+        for fd in fds:
             os.dup2(null, fd)
     finally:
         os.close(null)

@@ -87,6 +87,10 @@ class CertificateAuthority:
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._key.public_key()
 
+    def sign(self, data: bytes) -> bytes:
+        """``data`` signed with the CA's key (ECDSA with SHA-256), as its CRLs are."""
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
     def revocation_list(
         self,
         path: Path,

@@ -19,7 +19,8 @@ What was measured of granian 2.8.9 with revocation lists (``--tls-crl``), and so
   (its revocation status unknown): a warning names the bundle's CAs without one
   (:func:`cas_without_crl`), which is no error, since a CA whose clients' chains end at
   another CA of the bundle needs none, and an intermediate CA's CRL is of no CA in it;
-- a CRL past its next update is still used (a warning: :func:`stale_crls`).
+- a CRL without a next update panics the worker too; one past its next update is still
+  used (a warning: :func:`stale_crls`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,11 @@ def _load_crl(path: Path) -> _Crl | str:
 
 def _unusable(crl: x509.CertificateRevocationList) -> str | None:
     """What of ``crl`` webpki cannot use, or ``None``. (May raise on a malformed one.)"""
+    if crl.next_update_utc is None:
+        return (
+            "a CRL without a next update, which the ingress's TLS library refuses (RFC 5280 "
+            "asks for one: openssl ca -gencrl sets it from default_crl_days)"
+        )
     extensions = crl.extensions
     if len(extensions) == 0:
         return (
@@ -280,50 +287,33 @@ def warn_of_crls(settings: Settings) -> None:
         )
 
 
-#: Which TLS files ``broker_tls_expiry_timestamp_seconds`` reports, by its ``file`` label.
-EXPIRY_FILES = ("cert", "client_ca", "crl", "nats_ca", "nats_cert")
-
-_expiry_cache: dict[tuple[str, Path], tuple[object, dt.datetime | None]] = {}
-
-
 def tls_expiries(settings: Settings) -> list[tuple[str, Path, dt.datetime]]:
-    """When each TLS file the broker reads stops being valid: a certificate file's earliest
-    ``notAfter`` (a chain or bundle expires with its first certificate), a CRL's next
-    update. A file is parsed again only once it changed (inode, size, modification time);
-    one that cannot be read or parsed now is left out."""
+    """When each of the ingress's TLS files stops being valid, read now: ``cert`` (the
+    earliest ``notAfter`` of ``--tls-cert``'s chain: it expires with its first
+    certificate), ``client_ca`` (the bundle's earliest), ``crl`` (each one's next update).
+    An ingress worker reads them as it starts, as granian's worker does: what it reports is
+    what it serves with. A file that is not a regular file, or does not parse, is left
+    out."""
     named: list[tuple[str, Path | None]] = [
         ("cert", settings.tls_cert),
         ("client_ca", settings.tls_client_ca),
         *(("crl", path) for path in settings.tls_crl_files),
-        ("nats_ca", settings.nats_tls_ca),
-        ("nats_cert", settings.nats_tls_cert),
     ]
     expiries = []
     for kind, path in named:
-        if path is None:
-            continue
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        cached = _expiry_cache.get((kind, path))
-        if cached is None or cached[0] != stamp:
-            if len(_expiry_cache) > 64:  # bounded: paths come from settings, but a reload
-                _expiry_cache.clear()  # could name new ones each time
-            cached = (stamp, _expiry(kind, path))
-            _expiry_cache[(kind, path)] = cached
-        if cached[1] is not None:
-            expiries.append((kind, path, cached[1]))
+        if path is not None and (expires := _expiry(kind, path)) is not None:
+            expiries.append((kind, path, expires))
     return expiries
 
 
 def _expiry(kind: str, path: Path) -> dt.datetime | None:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read for good
+            return None
         data = path.read_bytes()
         if kind == "crl":
             return x509.load_pem_x509_crl(data).next_update_utc
         certificates = x509.load_pem_x509_certificates(data)
         return min(c.not_valid_after_utc for c in certificates) if certificates else None
-    except Exception:  # unreadable now: left out of /metrics, never failing the scrape
+    except Exception:  # unreadable now: left out of /metrics, never failing the worker
         return None

@@ -33,7 +33,6 @@ from broker.envelope import Tenant
 from broker.errors import NotFound, Unauthenticated, Unavailable
 from broker.http.models import ErrorBody
 from broker.http.state import IngressState, git_revision
-from broker.settings import Settings
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import METRICS_OFF, scrape_allowed
 from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
@@ -258,14 +257,9 @@ _STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _exposition(settings: Settings) -> bytes:
-    """``/metrics``' body, the TLS files' expiry read first (from disk, as they are now: a
-    certificate renewed in place shows at the next scrape)."""
-    from broker.http.tls import tls_expiries
-
-    for kind, path, expires in tls_expiries(settings):
-        metrics.tls_expiry(kind, str(path), expires.timestamp())
-    return metrics.render()
+def _exposition(tls: bytes) -> bytes:
+    """``/metrics``' body: every process's metrics, then this worker's TLS files' expiry."""
+    return metrics.render() + tls
 
 
 def ops_router(state: IngressState) -> APIRouter:
@@ -274,6 +268,14 @@ def ops_router(state: IngressState) -> APIRouter:
 
     secret = state.settings.metrics_token
     token = secret.get_secret_value() if secret is not None else None
+    # Read as this worker starts, as granian's worker read the files it serves with: after a
+    # reload the new workers report the new files, and a refused reload the ones still used.
+    from broker.http.tls import tls_expiries
+
+    tls = metrics.tls_expiry_exposition(
+        (kind, str(path), expires.timestamp())
+        for kind, path, expires in tls_expiries(state.settings)
+    )
 
     @router.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(authorization: str | None = Header(None)) -> Response:
@@ -285,7 +287,7 @@ def ops_router(state: IngressState) -> APIRouter:
             # Nothing is recorded: a 200 would read as a broker with no traffic at all.
             raise NotFound(METRICS_OFF)
         metrics.flush()  # this process's latest counts first (on the loop's thread)
-        body = await asyncio.to_thread(_exposition, state.settings)
+        body = await asyncio.to_thread(_exposition, tls)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @router.get("/v1/status", responses=_STATUS_RESPONSES)

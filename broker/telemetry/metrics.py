@@ -63,6 +63,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -193,14 +194,6 @@ BUILD_INFO = Gauge(
     # Live processes only: a worker that exited (and saw another nats-server version) must
     # not keep its label set at 1 for the rest of the run.
     multiprocess_mode="livemax",
-)
-
-TLS_EXPIRY = Gauge(
-    "broker_tls_expiry_timestamp_seconds",
-    "When a TLS file the broker reads stops being valid (Unix time): a certificate file's "
-    "earliest notAfter, a CRL's next update.",
-    ["file", "path"],
-    multiprocess_mode="livemin",
 )
 
 _on = True
@@ -508,11 +501,33 @@ def build_info(version: str, git_revision: str, nats_server_version: str | None)
     _build_labels[:] = [labels]
 
 
-def tls_expiry(file: str, path: str, timestamp: float) -> None:
-    """Set ``broker_tls_expiry_timestamp_seconds`` of one file (``file`` says which setting:
-    ``cert``, ``client_ca``, ``crl``, ``nats_ca``, ``nats_cert``)."""
-    if _on:
-        TLS_EXPIRY.labels(file, path).set(timestamp)
+def tls_expiry_exposition(expiries: Iterable[tuple[str, str, float]]) -> bytes:
+    """``broker_tls_expiry_timestamp_seconds`` of this process, in the text format, from
+    (file, path, Unix time) triples: not a multiprocess gauge, whose files of exited ingress
+    workers (granian's, which ``broker serve`` does not reap) kept their old values. Nothing
+    when there are none (an ingress without TLS)."""
+    expiries = list(expiries)
+    if not expiries:
+        return b""
+    family = GaugeMetricFamily(
+        "broker_tls_expiry_timestamp_seconds",
+        "When a TLS file the ingress serves with stops being valid (Unix time): a "
+        "certificate file's earliest notAfter, a CRL's next update.",
+        labels=["file", "path"],
+    )
+    for file, path, timestamp in expiries:
+        family.add_metric([file, path], timestamp)
+    registry = CollectorRegistry()
+    registry.register(_Families([family]))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 # --- exposition and the multiprocess directory ---------------------------------------------

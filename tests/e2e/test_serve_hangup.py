@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from broker.embedded import NatsServer, free_port
-from broker.server import LOCK_FILE
+from broker.server import LOCK_FILE, _Terminal
 from tests.e2e._broker import start_broker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -64,9 +64,15 @@ class Terminal:
         os.close(self.master)
 
 
-def start_in(terminal: Terminal, nats: NatsServer, tmp_path: Path) -> subprocess.Popen[bytes]:
+def start_in(
+    terminal: Terminal, nats: NatsServer, tmp_path: Path, *, controlling: bool = True
+) -> subprocess.Popen[bytes]:
+    """``broker serve`` writing to ``terminal``; ``controlling=False``: the terminal is not
+    its session's (as a ``disown``ed job: its hang-up sends it no SIGHUP)."""
+
     def controlling_terminal() -> None:  # in the child: a session whose terminal this is
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if controlling:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     args = ["--port", str(free_port()), "--nats-url", nats.url, "--data-dir", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
@@ -137,3 +143,28 @@ def test_sighups_while_the_broker_starts_neither_end_it_nor_its_children(
         assert '"event": "reload"' in log
     finally:
         assert broker.stop() == 0
+
+
+def test_a_broker_whose_terminal_closed_long_ago_reloads_on_sighup(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Its terminal gone (not its controlling one, so no SIGHUP came with it), a later
+    ``kill -HUP`` is a reload. Its next log line used to fail with EIO on the dead terminal
+    and end the broker (exit 1)."""
+    terminal = Terminal()
+    broker = start_in(terminal, nats_server, tmp_path, controlling=False)
+    try:
+        assert terminal.wait_for(b"broker ready on", 60), terminal.output[-3000:]
+        terminal.close()
+        time.sleep(_Terminal.HANGUP_WINDOW + 1.5)  # past the hang-up window
+        assert broker.poll() is None
+        broker.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert broker.poll() is None
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(40) == 0
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait()
+        os.close(terminal.slave)

@@ -17,7 +17,7 @@ import uvloop
 from pydantic import SecretStr
 
 from broker.embedded import NatsServer, ServerSpec
-from broker.natsconn import RECONNECT_FOREVER, connect_options, open_client
+from broker.natsconn import RECONNECT_FOREVER, TlsFiles, connect_options, open_client
 from broker.settings import Settings
 from tests._certs import Issued, Pki, make_pki, secure_nats_config
 
@@ -104,6 +104,21 @@ async def renews(pki: Pki, secure_nats: NatsServer, tmp_path: Path) -> None:
             assert await subject_becomes(secure_nats, "renewing", "CN=agent-v2")
         (refused,) = [line for line in logs if line["event"] == "nats_tls_files_not_reloaded"]
         assert "do not load as a PEM certificate and its private key" in refused["error"]
+        for _ in range(100):  # the server lists the connection before the client's handshake ends
+            if nc.is_connected:
+                break
+            await asyncio.sleep(0.05)
         assert nc.is_connected
     finally:
         await nc.close()
+
+
+def test_a_chmod_alone_counts_as_a_change(tmp_path: Path) -> None:
+    """A renewal that wrote the key unreadable and then fixed its mode: only the change time
+    moves, and the failed reload must be tried again."""
+    key = tmp_path / "key.pem"
+    key.write_text("key")
+    files = TlsFiles(None, None, key)
+    before = files.stamp()
+    key.chmod(0o600)
+    assert files.stamp() != before

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from broker.envelope import Tenant
 from broker.errors import BrokerError
 from broker.http import ui
+from broker.settings import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -61,7 +62,7 @@ def app_with(monkeypatch: pytest.MonkeyPatch, connected: bool = True) -> tuple[F
         tenant=Tenant("default"),
         publisher=SimpleNamespace(nc=SimpleNamespace(is_connected=connected), server_version="2"),
         registry=SimpleNamespace(snapshot=SimpleNamespace(agents=lambda tenant: [])),
-        settings=SimpleNamespace(auth_configured=False, metrics_token=None, trace_url=None),
+        settings=Settings(),
     )
     app = FastAPI()
     app.include_router(ui.ops_router(state))

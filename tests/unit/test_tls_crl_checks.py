@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,59 @@ def test_a_crl_without_extensions_is_refused(pki: Pki, tmp_path: Path) -> None:
     assert problem is not None
     assert problem.startswith(f"--tls-crl {crl}: a CRL without extensions")
     assert "crlnumber" in problem
+
+
+def der_elements(der: bytes, start: int, end: int) -> list[bytes]:
+    """The DER elements (tag, length, value) between ``start`` and ``end``."""
+    elements = []
+    while start < end:
+        length, header = der[start + 1], 2
+        if length & 0x80:
+            size = length & 0x7F
+            length, header = int.from_bytes(der[start + 2 : start + 2 + size]), 2 + size
+        elements.append(der[start : start + header + length])
+        start += header + length
+    return elements
+
+
+def der_header(element: bytes) -> int:
+    """The size of a DER element's tag and length."""
+    return 2 if element[1] < 0x80 else 2 + (element[1] & 0x7F)
+
+
+def der_sequence(content: bytes, tag: int = 0x30) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8)
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def test_a_crl_without_a_next_update_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """Optional in the ASN.1, required by RFC 5280 and by webpki: every granian worker
+    panicked on one (a review). ``cryptography`` makes none, so this one is re-signed
+    without its ``nextUpdate``."""
+    made = pki.ca.revocation_list(tmp_path / "made.pem")
+    der = x509.load_pem_x509_crl(made.read_bytes()).public_bytes(Encoding.DER)
+    (tbs, algorithm, _) = der_elements(
+        der, 4 if der[1] & 0x80 == 0 else 2 + (der[1] & 0x7F), len(der)
+    )
+    header = 2 + (tbs[1] & 0x7F if tbs[1] & 0x80 else 0)
+    fields = der_elements(tbs, header, len(tbs))  # version, signature, issuer, this, next, …
+    assert [field[0] for field in fields[:5]] == [0x02, 0x30, 0x30, 0x17, 0x17]
+    unsigned = der_sequence(b"".join(fields[:4] + fields[5:]))
+    signature = pki.ca.sign(unsigned)
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(
+        pem_armour(
+            "X509 CRL",
+            der_sequence(unsigned + algorithm + der_sequence(b"\x00" + signature, tag=0x03)),
+        )
+    )
+    assert x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc is None
+    problem = tls_problem(settings(pki, str(crl)))
+    assert problem is not None
+    assert problem.startswith(f"--tls-crl {crl}: a CRL without a next update"), problem
 
 
 def test_a_file_of_two_crls_is_refused(pki: Pki, tmp_path: Path) -> None:
@@ -366,29 +420,31 @@ def test_each_tls_file_reports_when_it_stops_being_valid(pki: Pki, tmp_path: Pat
     chain = tmp_path / "chain.pem"  # the server's certificate, then its CA's: the first ends
     chain.write_bytes(server.cert.read_bytes() + pki.ca.cert.read_bytes())
     crl = pki.ca.revocation_list(tmp_path / "crl.pem", next_update=dt.timedelta(hours=5))
-    client = pki.ca.issue_client("nats-client", lifetime=dt.timedelta(hours=7))
     expiries = tls_expiries(
-        Settings(
-            tls_cert=chain,
-            tls_key=server.key,
-            tls_client_ca=pki.ca.cert,
-            tls_crl=str(crl),
-            nats_tls_cert=client.cert,
-            nats_tls_key=client.key,
-        )
+        Settings(tls_cert=chain, tls_key=server.key, tls_client_ca=pki.ca.cert, tls_crl=str(crl))
     )
     assert [(kind, path) for kind, path, _ in expiries] == [
         ("cert", chain),
         ("client_ca", pki.ca.cert),
         ("crl", crl),
-        ("nats_cert", client.cert),
     ]
     when = {kind: expires for kind, _, expires in expiries}
     assert when["cert"] == not_after(server.cert)
     assert when["client_ca"] == not_after(pki.ca.cert)
-    crl_next = x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc
-    assert when["crl"] == crl_next
-    assert when["nats_cert"] == not_after(client.cert)
+    assert when["crl"] == x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc
+
+
+def test_a_fifo_is_left_out_not_read(pki: Pki, tmp_path: Path) -> None:
+    """Reading a FIFO blocks until someone writes: a worker would never start."""
+    fifo = tmp_path / "crl.pem"
+    os.mkfifo(fifo)
+    settings = Settings(
+        tls_cert=pki.server.cert,
+        tls_key=pki.server.key,
+        tls_client_ca=pki.ca.cert,
+        tls_crl=str(fifo),
+    )
+    assert [kind for kind, _, _ in tls_expiries(settings)] == ["cert", "client_ca"]
 
 
 def test_a_renewed_file_is_read_again_and_a_broken_one_left_out(pki: Pki, tmp_path: Path) -> None:
