@@ -713,8 +713,8 @@ def run_broker(
     stop_timeout: float = STOP_TIMEOUT,
 ) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code. The children get
-    ``stop_timeout`` seconds, together, to stop before they are killed."""
-
+    ``stop_timeout`` seconds, together, to stop before they are killed. SIGHUP reloads
+    (:func:`_reload`), or stops when it is the hang-up of the terminal (:class:`_Terminal`)."""
     # SIGHUP from now on sets a flag, handled once the children run: its default action would
     # end the broker half-started (embedded NATS running, nats.url written).
     terminal = _Terminal()
