@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import importlib.util
 import os
 import re
 import socket
@@ -196,7 +197,18 @@ def nats_url_problem(urls: str, *, option: str = "--nats-url") -> str | None:
             f"{option} {redact_servers(servers)} mixes ws:// or wss:// with other schemes, "
             "which one connection cannot use together"
         )
+    if schemes & _WS_SCHEMES and not websockets_available():
+        return (
+            f"{option} {redact_servers(servers)}: ws:// and wss:// need the aiohttp package, "
+            "which is not installed: pip install 'agent-broker[websocket]'"
+        )
     return None
+
+
+def websockets_available() -> bool:
+    """Whether nats-py can speak to ``ws://`` and ``wss://`` servers here: it needs aiohttp,
+    which it does not require (each connect attempt then failed with an ImportError)."""
+    return importlib.util.find_spec("aiohttp") is not None
 
 
 def _with_scheme(url: str) -> str:

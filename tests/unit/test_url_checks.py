@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client
 
+from broker import natsconn
 from broker.natsconn import nats_url_problem
 from broker.server import replica_problem
 
@@ -32,7 +33,8 @@ SECRET = "s3cr3t-pw"
         "ws://127.0.0.1:8080,wss://nats.example.com/path",
     ],
 )
-def test_urls_nats_py_connects_with_pass(urls: str) -> None:
+def test_urls_nats_py_connects_with_pass(urls: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(natsconn, "websockets_available", lambda: True)
     assert nats_url_problem(urls) is None
     servers = [url.strip() for url in urls.split(",") if url.strip()]
     Client()._setup_server_pool(servers)  # nats-py's own reading takes them too
@@ -91,3 +93,17 @@ def test_an_in_memory_sqlite_replica_is_refused(url: str) -> None:
 )
 def test_a_sqlite_file_or_the_default_replica_passes(url: str | None) -> None:
     assert replica_problem(url) is None
+
+
+def test_websocket_urls_without_aiohttp_are_refused_saying_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nats-py's WebSocket transport needs aiohttp, which nothing installed: the URL passed
+    and every connect attempt failed with an ImportError."""
+    monkeypatch.setattr(natsconn, "websockets_available", lambda: False)
+    problem = nats_url_problem(f"wss://user:{SECRET}@nats.example.com:443")
+    assert problem is not None
+    assert "need the aiohttp package" in problem
+    assert "agent-broker[websocket]" in problem
+    assert SECRET not in problem
+    assert nats_url_problem("nats://n1:4222") is None  # only WebSocket URLs need it
