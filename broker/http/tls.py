@@ -29,7 +29,6 @@ import datetime as dt
 import os
 import ssl
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -81,12 +80,6 @@ def tls_problem(settings: Settings) -> str | None:
     return _crls_problem(crls, client_ca) if crls else None
 
 
-@dataclass(frozen=True)
-class _Crl:
-    path: Path
-    crl: x509.CertificateRevocationList
-
-
 #: CRL extensions webpki reads (any other that is critical makes it fail), and of entries.
 _CRL_EXTENSIONS_READ = frozenset(
     {
@@ -100,7 +93,7 @@ _ENTRY_EXTENSIONS_READ = frozenset(
 )
 
 
-def _load_crl(path: Path) -> _Crl | str:
+def _load_crl(path: Path) -> x509.CertificateRevocationList | str:
     """The one CRL in ``path``, or what is wrong with it: what the ingress's TLS library
     (webpki, in each granian worker) would fail on, checked here because a worker panics on
     it. Never raises: a file that cannot be analysed is refused."""
@@ -125,7 +118,7 @@ def _load_crl(path: Path) -> _Crl | str:
         return f"--tls-crl {path} does not load as a PEM CRL ({type(e).__name__}: {e})"
     if unusable is not None:
         return f"--tls-crl {path}: {unusable}"
-    return _Crl(path, crl)
+    return crl
 
 
 def _unusable(crl: x509.CertificateRevocationList) -> str | None:
@@ -210,10 +203,10 @@ def _crls_problem(paths: list[Path], client_ca: Path) -> str | None:
     cas = _bundle(client_ca)
     issuers: dict[x509.Name, Path] = {}
     for path in paths:
-        loaded = _load_crl(path)
-        if isinstance(loaded, str):
-            return loaded
-        issuer = loaded.crl.issuer
+        crl = _load_crl(path)
+        if isinstance(crl, str):
+            return crl
+        issuer = crl.issuer
         if issuer in issuers:
             return (
                 f"--tls-crl {issuers[issuer]} and {path} are both CRLs of "
@@ -221,7 +214,7 @@ def _crls_problem(paths: list[Path], client_ca: Path) -> str | None:
             )
         issuers[issuer] = path
         named = [ca for ca in cas if ca.subject == issuer]
-        if named and not any(_signed_by(ca, loaded.crl) for ca in named):
+        if named and not any(_signed_by(ca, crl) for ca in named):
             return (
                 f"--tls-crl {path} names {issuer.rfc4514_string()} of --tls-client-ca "
                 f"{client_ca} as its issuer but is not signed by its key"
@@ -229,20 +222,26 @@ def _crls_problem(paths: list[Path], client_ca: Path) -> str | None:
     return None
 
 
-def cas_without_crl(settings: Settings) -> list[str]:
+#: The CRLs that load, with their files (:func:`usable_crls`).
+_Crls = list[tuple[Path, x509.CertificateRevocationList]]
+
+
+def usable_crls(settings: Settings) -> _Crls:
+    """``--tls-crl``'s CRLs that load and webpki can use (see :func:`tls_problem`)."""
+    loaded = ((path, _load_crl(path)) for path in settings.tls_crl_files)
+    return [(path, crl) for path, crl in loaded if not isinstance(crl, str)]
+
+
+def cas_without_crl(settings: Settings, crls: _Crls | None = None) -> list[str]:
     """The CAs of ``--tls-client-ca`` (their subjects) for which no ``--tls-crl`` is given,
     when any is. A client whose chain needs one of them to vouch for a certificate's
     revocation status is refused (unknown status): a client certificate it issued itself,
     or an intermediate CA's when the bundle holds only the root. It is no error: a CA whose
-    clients' chains end at another CA of the bundle needs none."""
-    paths = settings.tls_crl_files
-    if not paths or settings.tls_client_ca is None:
+    clients' chains end at another CA of the bundle needs none. ``crls``: those already
+    loaded (:func:`usable_crls`), else they are read."""
+    if not settings.tls_crl_files or settings.tls_client_ca is None:
         return []
-    issuers = set()
-    for path in paths:
-        loaded = _load_crl(path)
-        if isinstance(loaded, _Crl):
-            issuers.add(loaded.crl.issuer)
+    issuers = {crl.issuer for _, crl in (usable_crls(settings) if crls is None else crls)}
     return [
         ca.subject.rfc4514_string()
         for ca in _bundle(settings.tls_client_ca)
@@ -250,17 +249,16 @@ def cas_without_crl(settings: Settings) -> list[str]:
     ]
 
 
-def stale_crls(settings: Settings, now: dt.datetime | None = None) -> list[tuple[Path, str]]:
+def stale_crls(
+    settings: Settings, now: dt.datetime | None = None, crls: _Crls | None = None
+) -> list[tuple[Path, str]]:
     """The CRLs past their next update, with it (ISO 8601): still used as they are, while
-    the CA has most likely revoked more since. Only of files that load (see
-    :func:`tls_problem`)."""
+    the CA has most likely revoked more since. Only of files that load; ``crls``: those
+    already loaded (:func:`usable_crls`), else they are read."""
     now = now or dt.datetime.now(dt.UTC)
     stale: list[tuple[Path, str]] = []
-    for path in settings.tls_crl_files:
-        loaded = _load_crl(path)
-        if isinstance(loaded, str):
-            continue
-        next_update = loaded.crl.next_update_utc
+    for path, crl in usable_crls(settings) if crls is None else crls:
+        next_update = crl.next_update_utc
         if next_update is not None and next_update < now:
             stale.append((path, next_update.isoformat()))
     return stale
@@ -269,8 +267,9 @@ def stale_crls(settings: Settings, now: dt.datetime | None = None) -> list[tuple
 def warn_of_crls(settings: Settings) -> None:
     """Log what about the CRLs may refuse clients or let revoked ones in, though the ingress
     runs with it: CAs of the bundle without a CRL (``tls_crl_missing``), CRLs past their next
-    update (``tls_crl_out_of_date``)."""
-    if missing := cas_without_crl(settings):
+    update (``tls_crl_out_of_date``). Each CRL is read once for both."""
+    crls = usable_crls(settings)
+    if missing := cas_without_crl(settings, crls):
         log.warning(
             "tls_crl_missing",
             cas=missing,
@@ -278,7 +277,7 @@ def warn_of_crls(settings: Settings) -> None:
             "refused (revocation status unknown); add their CRLs, unless their clients' "
             "chains end at another CA of --tls-client-ca",
         )
-    for path, next_update in stale_crls(settings):
+    for path, next_update in stale_crls(settings, crls=crls):
         log.warning(
             "tls_crl_out_of_date",
             path=str(path),
