@@ -66,6 +66,16 @@ class BrokerProcess:
         except OSError:
             return ""
 
+    def old_workers_stopped(self) -> int:
+        """How many of granian's workers have been replaced after a reload so far. granian
+        starts a worker's successor first and stops the old one about 3.5 s later; both take
+        connections meanwhile, so what a reload changed holds for every connection only from
+        the old worker's stop on."""
+        try:
+            return self.log_path.read_text(errors="replace").count('"Stopped old worker')
+        except OSError:
+            return 0
+
     def wait_ready(self, timeout: float = 45.0, *, verify: ssl.SSLContext | bool = True) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(http2=True, http1=self.scheme == "https", verify=verify, timeout=2) as c:
