@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
     from nats.aio.client import Client as NatsClient
 
     from broker.natsconn import ConnectOptions
@@ -103,16 +105,20 @@ METRICS_HOST = Annotated[
 ]
 
 
-def start_metrics(host: str, port: int) -> None:
-    """Serve /metrics when asked to; a port that cannot be bound is a usage error."""
+def start_metrics(host: str, port: int) -> ThreadingHTTPServer | None:
+    """Serve /metrics when asked to (the server; ``None`` for port 0); a port that cannot be
+    bound is a usage error."""
     if not port:
-        return
+        return None
     from broker.settings import get_settings
     from broker.telemetry.endpoint import serve_metrics
+    from broker.telemetry.tls_expiry import NatsTlsExpiry
 
-    secret = get_settings().metrics_token
+    settings = get_settings()
+    secret = settings.metrics_token
     try:
-        serve_metrics(host, port, secret.get_secret_value() if secret else None)
+        token = secret.get_secret_value() if secret else None
+        return serve_metrics(host, port, token, nats_tls=NatsTlsExpiry(settings))
     except OSError as e:
         raise typer.BadParameter(
             f"cannot listen on {host}:{port} ({e.strerror})", param_hint="--metrics-port"

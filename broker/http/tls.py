@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
-import stat
 from pathlib import Path
 
 import structlog
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID
 
 from broker.settings import Settings
+from broker.telemetry.tls_expiry import file_expiry
 
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
 
@@ -300,19 +300,6 @@ def tls_expiries(settings: Settings) -> list[tuple[str, Path, dt.datetime]]:
     ]
     expiries = []
     for kind, path in named:
-        if path is not None and (expires := _expiry(kind, path)) is not None:
+        if path is not None and (expires := file_expiry(kind, path)) is not None:
             expiries.append((kind, path, expires))
     return expiries
-
-
-def _expiry(kind: str, path: Path) -> dt.datetime | None:
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read for good
-            return None
-        data = path.read_bytes()
-        if kind == "crl":
-            return x509.load_pem_x509_crl(data).next_update_utc
-        certificates = x509.load_pem_x509_certificates(data)
-        return min(c.not_valid_after_utc for c in certificates) if certificates else None
-    except Exception:  # unreadable now: left out of /metrics, never failing the worker
-        return None

@@ -36,6 +36,7 @@ from broker.http.state import IngressState, git_revision
 from broker.telemetry import metrics
 from broker.telemetry.endpoint import METRICS_OFF, scrape_allowed
 from broker.telemetry.status import RECENT_LISTS, BuildInfo, collect
+from broker.telemetry.tls_expiry import Expiry, NatsTlsExpiry
 
 _CACHE_SECONDS = 1.0
 #: The most ``recent`` items a request may ask for: what every read reads.
@@ -257,9 +258,10 @@ _STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _exposition(tls: bytes) -> bytes:
-    """``/metrics``' body: every process's metrics, then this worker's TLS files' expiry."""
-    return metrics.render() + tls
+def _exposition(ingress_tls: list[Expiry], nats_tls: NatsTlsExpiry) -> bytes:
+    """``/metrics``' body: every process's metrics, then when the TLS files stop being
+    valid: the ingress's as this worker read them, the NATS client's as they are now."""
+    return metrics.render() + metrics.tls_expiry_exposition([*ingress_tls, *nats_tls.samples()])
 
 
 def ops_router(state: IngressState) -> APIRouter:
@@ -272,10 +274,11 @@ def ops_router(state: IngressState) -> APIRouter:
     # reload the new workers report the new files, and a refused reload the ones still used.
     from broker.http.tls import tls_expiries
 
-    tls = metrics.tls_expiry_exposition(
+    ingress_tls = [
         (kind, str(path), expires.timestamp())
         for kind, path, expires in tls_expiries(state.settings)
-    )
+    ]
+    nats_tls = NatsTlsExpiry(state.settings)
 
     @router.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(authorization: str | None = Header(None)) -> Response:
@@ -287,7 +290,7 @@ def ops_router(state: IngressState) -> APIRouter:
             # Nothing is recorded: a 200 would read as a broker with no traffic at all.
             raise NotFound(METRICS_OFF)
         metrics.flush()  # this process's latest counts first (on the loop's thread)
-        body = await asyncio.to_thread(_exposition, tls)
+        body = await asyncio.to_thread(_exposition, ingress_tls, nats_tls)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @router.get("/v1/status", responses=_STATUS_RESPONSES)

@@ -20,12 +20,15 @@ from __future__ import annotations
 import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 import structlog
 
 from broker.telemetry import metrics
+
+if TYPE_CHECKING:
+    from broker.telemetry.tls_expiry import NatsTlsExpiry
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +65,7 @@ _METRICS_OFF = orjson.dumps({"error_code": "not_found", "message": METRICS_OFF})
 class _Handler(BaseHTTPRequestHandler):
     server_version = "broker-metrics"
     token: str | None = None  # set on the subclass serve_metrics makes
+    nats_tls: NatsTlsExpiry | None = None  # likewise
     timeout: ClassVar[float | None] = REQUEST_TIMEOUT_SECONDS  # setup() applies it
 
     def do_GET(self) -> None:
@@ -72,13 +76,18 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics" and not metrics.enabled():  # as the ingress: not a page of zeros
             body, content_type, status = _METRICS_OFF, "application/json", 404
         elif path == "/metrics":
-            body, content_type, status = metrics.render(), metrics.CONTENT_TYPE, 200
+            body, content_type, status = self._metrics(), metrics.CONTENT_TYPE, 200
         elif path == "/healthz":
             body, content_type, status = b'{"status":"ok"}', "application/json", 200
         else:
             body = b'{"error_code":"not_found","message":"try /metrics"}'
             content_type, status = "application/json", 404
         self._answer(status, body, content_type)
+
+    def _metrics(self) -> bytes:
+        if self.nats_tls is None:
+            return metrics.render()
+        return metrics.render() + metrics.tls_expiry_exposition(self.nats_tls.samples())
 
     def _answer(
         self, status: int, body: bytes, content_type: str, challenge: str | None = None
@@ -101,12 +110,15 @@ def serve_metrics(
     token: str | None = None,
     *,
     request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+    nats_tls: NatsTlsExpiry | None = None,
 ) -> ThreadingHTTPServer:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread, to scrapes presenting
     ``token`` when one is given; a connection stalled ``request_timeout`` seconds on a read
-    or write is closed. Returns the server (its ``server_address`` has the port when
-    ``port`` is 0). Raises ``OSError`` if it cannot bind."""
-    handler = type("_TokenHandler", (_Handler,), {"token": token, "timeout": request_timeout})
+    or write is closed. With ``nats_tls``, each scrape also tells when the process's NATS
+    client certificate and CA stop being valid. Returns the server (its ``server_address``
+    has the port when ``port`` is 0). Raises ``OSError`` if it cannot bind."""
+    attributes = {"token": token, "timeout": request_timeout, "nats_tls": nats_tls}
+    handler = type("_TokenHandler", (_Handler,), attributes)
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True  # a connection's thread never holds up shutdown
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)

@@ -503,15 +503,15 @@ def build_info(version: str, git_revision: str, nats_server_version: str | None)
 
 def tls_expiry_exposition(expiries: Iterable[tuple[str, str, float]]) -> bytes:
     """``broker_tls_expiry_timestamp_seconds`` of this process, in the text format, from
-    (file, path, Unix time) triples: not a multiprocess gauge, whose files of exited ingress
-    workers (granian's, which ``broker serve`` does not reap) kept their old values. Nothing
-    when there are none (an ingress without TLS)."""
+    (file, path, Unix time) triples (:mod:`broker.telemetry.tls_expiry`): not a
+    multiprocess gauge, whose files of exited ingress workers (granian's, which ``broker
+    serve`` does not reap) kept their old values. Nothing when there are none (no TLS)."""
     expiries = list(expiries)
     if not expiries:
         return b""
     family = GaugeMetricFamily(
         "broker_tls_expiry_timestamp_seconds",
-        "When a TLS file the ingress serves with stops being valid (Unix time): a "
+        "When a TLS file the broker uses stops being valid (Unix time): a "
         "certificate file's earliest notAfter, a CRL's next update.",
         labels=["file", "path"],
     )

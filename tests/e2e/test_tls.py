@@ -13,11 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
-from broker.embedded import NatsServer
+from broker.embedded import NatsServer, free_port
 from tests._certs import Issued, Pki, make_pki, secure_nats_config
 from tests._wait import wait_for
-from tests.e2e._broker import BrokerProcess, free_port, start_broker
+from tests.e2e._broker import BrokerProcess, start_broker
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +30,10 @@ LEAN = ("--projection-workers", "0", "--routers", "0")
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def not_after(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def trusting(ca: Path, client: Issued | None = None) -> ssl.SSLContext:
@@ -260,6 +266,18 @@ def test_the_whole_broker_runs_on_a_nats_server_that_requires_tls_and_a_password
             with httpx.Client(base_url=broker.base_url, http1=False, http2=True) as client:
                 r = client.post("/v1/publish/secure.demo", json={"over": "tls"})
                 assert r.status_code == 200, r.text
+                scraped = client.get("/metrics")
+            assert scraped.status_code == 200, scraped.text
+            (expiry,) = [
+                f
+                for f in text_string_to_metric_families(scraped.text)
+                if f.name == "broker_tls_expiry_timestamp_seconds"
+            ]
+            reported = {(s.labels["file"], s.labels["path"]): s.value for s in expiry.samples}
+            assert reported == {
+                ("nats_cert", str(pki.client.cert)): not_after(pki.client.cert),
+                ("nats_ca", str(pki.ca.cert)): not_after(pki.ca.cert),
+            }
             names: dict[str, dict[str, object]] = {}
 
             def every_process_connected() -> bool:
