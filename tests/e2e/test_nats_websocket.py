@@ -1,0 +1,112 @@
+"""The whole broker over NATS's WebSocket listener (``ws://`` in ``BROKER_NATS_URL``, the
+``websocket`` extra): the ingress appends and acks, the router routes to an SDK agent that
+is itself connected over WebSocket and its reply comes back, and publishing goes on after
+the server restarts (nats-py's WebSocket transport reconnects)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from broker.embedded import NatsServer, ServerSpec, free_port
+from tests._wait import await_until
+from tests.e2e._agents import manifest, running
+from tests.e2e._broker import BrokerProcess, start_broker, stored_count
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def ws_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, str]]:
+    """A JetStream server that also listens for WebSocket clients; its ``ws://`` URL."""
+    port = free_port()
+    listener = f'websocket {{\n  listen: "127.0.0.1:{port}"\n  no_tls: true\n}}'
+    spec = ServerSpec(store_dir=tmp_path_factory.mktemp("nats-ws"), extra_config=listener)
+    server = NatsServer(spec).start()
+    yield server, f"ws://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ws_broker(
+    ws_nats: tuple[NatsServer, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    _, ws_url = ws_nats
+    workdir = tmp_path_factory.mktemp("broker-ws")
+    policy = workdir / "policy.yaml"  # any agent that can take the request will do
+    policy.write_text("version: ws-1\nthreshold: -1.0\n")
+    process = start_broker(workdir, nats_url=ws_url, args=("--routing-policy", str(policy)))
+    yield process
+    process.stop()
+
+
+@pytest_asyncio.fixture
+async def client(ws_broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=ws_broker.base_url, http1=False, http2=True, timeout=15
+    ) as c:
+        yield c
+
+
+async def test_publishes_over_websocket_are_stored_once_each(
+    ws_nats: tuple[NatsServer, str], ws_broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    server, _ = ws_nats
+    answers = [
+        await client.post(
+            "/v1/publish/ws.orders", json={"n": n}, headers={"Idempotency-Key": f"o{n}"}
+        )
+        for n in range(20)
+    ]
+    assert [a.status_code for a in answers] == [200] * 20, answers[-1].text
+    assert len({a.json()["seq"] for a in answers}) == 20
+    # Read back over plain NATS: what the WebSocket connection stored is the stream's.
+    assert await stored_count(server.url, "msg.default.ws.orders") == 20
+    assert '"nats_connected"' in ws_broker.log_path.read_text()
+
+
+async def test_an_agent_on_websocket_answers_a_route_over_websocket(
+    ws_nats: tuple[NatsServer, str], client: httpx.AsyncClient
+) -> None:
+    _, ws_url = ws_nats
+    echo = manifest("ws-echo", "Echoes what it is told")
+
+    async def routed() -> bool:
+        answer = await client.post(
+            "/v1/route/ws.tasks", content=b"ping", headers={"content-type": "text/plain"}
+        )
+        return answer.status_code == 200 and answer.json()["decision"]["agent"] == "ws-echo"
+
+    async with running(echo, ws_url):
+        assert await await_until(routed, timeout=20, interval=0.2)
+        answer = await client.post(
+            "/v1/route/ws.tasks",
+            content=b"hello",
+            params={"wait": "true", "timeout": "10"},
+            headers={"content-type": "text/plain"},
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["broker-agent"] == "ws-echo"
+    assert answer.json() == {"agent": "ws-echo", "attempt": 1, "mirror": False}
+
+
+async def test_publishing_goes_on_after_the_server_restarts(
+    ws_nats: tuple[NatsServer, str], ws_broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    server, _ = ws_nats
+    before = await client.post("/v1/publish/ws.restart", json={"n": 0})
+    assert before.status_code == 200, before.text
+    server.restart()
+
+    async def stored() -> bool:
+        answer = await client.post(
+            "/v1/publish/ws.restart", json={"n": 1}, headers={"Idempotency-Key": "after"}
+        )
+        return answer.status_code == 200
+
+    assert await await_until(stored, timeout=30, interval=0.3), ws_broker.log_tail()
+    assert await stored_count(server.url, "msg.default.ws.restart") == 2
+    assert '"nats_reconnected"' in ws_broker.log_path.read_text()  # a new WebSocket, same client
