@@ -5,16 +5,20 @@ the server restarts (nats-py's WebSocket transport reconnects)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import pytest_asyncio
 
 from broker.embedded import NatsServer, ServerSpec, free_port
+from tests._certs import make_pki
 from tests._wait import await_until
 from tests.e2e._agents import manifest, running
-from tests.e2e._broker import BrokerProcess, start_broker, stored_count
+from tests.e2e._broker import BrokerProcess, start_broker, stored_count, within
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -110,3 +114,54 @@ async def test_publishing_goes_on_after_the_server_restarts(
     assert await await_until(stored, timeout=30, interval=0.3), ws_broker.log_tail()
     assert await stored_count(server.url, "msg.default.ws.restart") == 2
     assert '"nats_reconnected"' in ws_broker.log_path.read_text()  # a new WebSocket, same client
+
+
+def test_wss_with_a_client_certificate(tmp_path: Path) -> None:
+    """``wss://`` to a listener that verifies clients: the TLS context built from
+    ``BROKER_NATS_TLS_*`` (:class:`broker.natsconn.RenewingContext`) is what aiohttp's
+    WebSocket connection uses; without the client certificate the server refuses it, and the
+    log says so."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    listener = f"""websocket {{
+  listen: "127.0.0.1:{port}"
+  tls {{
+    cert_file: {json.dumps(str(pki.server.cert))}
+    key_file: {json.dumps(str(pki.server.key))}
+    ca_file: {json.dumps(str(pki.ca.cert))}
+    verify: true
+  }}
+}}"""
+    server = NatsServer(ServerSpec(store_dir=tmp_path / "nats", extra_config=listener)).start()
+    env = {
+        "BROKER_NATS_TLS_CA": str(pki.ca.cert),
+        "BROKER_NATS_TLS_CERT": str(pki.client.cert),
+        "BROKER_NATS_TLS_KEY": str(pki.client.key),
+    }
+    lean = ("--routers", "0", "--projection-workers", "0")
+    try:
+        broker = start_broker(
+            tmp_path / "broker", nats_url=f"wss://127.0.0.1:{port}", env=env, args=lean
+        )
+        try:
+            with httpx.Client(http1=False, http2=True, timeout=15) as client:
+                answer = client.post(f"{broker.base_url}/v1/publish/wss.demo", json={"over": "wss"})
+            assert answer.status_code == 200, answer.text
+            assert asyncio.run(stored_count(server.url, "msg.default.wss.demo")) == 1
+        finally:
+            broker.stop()
+        refused = start_broker(
+            tmp_path / "refused",
+            nats_url=f"wss://127.0.0.1:{port}",
+            env={"BROKER_NATS_TLS_CA": str(pki.ca.cert)},
+            args=lean,
+            wait=False,
+        )
+        try:
+            said = within(20, lambda: "CERTIFICATE_REQUIRED" in refused.log_path.read_text())
+            assert said, refused.log_tail()
+            assert '"nats_unreachable"' in refused.log_path.read_text()
+        finally:
+            refused.stop()
+    finally:
+        server.stop()
