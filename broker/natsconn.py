@@ -752,20 +752,37 @@ def redact_servers(servers: str | Sequence[str]) -> str:
     return ",".join(redact_url(url) for url in urls)
 
 
+def _ssl_cause(error: BaseException) -> BaseException:
+    """The :mod:`ssl` error ``error`` was raised from, when a transport wrapped one (nats-py's
+    WebSocket transport raises aiohttp's errors, which subclass ``ssl``'s without their
+    attributes); else ``error`` itself."""
+    cause: BaseException | None = error
+    for _ in range(4):  # a short chain: aiohttp's error, then ssl's
+        if cause is None:
+            break
+        if type(cause).__module__ == "ssl":
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
 def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
     """What a failed NATS connection means, naming the settings to check; no secrets."""
     servers = redact_servers(options.get("servers", DEFAULT_SERVERS))
+    error = _ssl_cause(error)
     if isinstance(error, ssl.SSLCertVerificationError):
+        why = getattr(error, "verify_message", None) or error
         return (
-            f"NATS at {servers}: the server's certificate was refused ({error.verify_message}); "
+            f"NATS at {servers}: the server's certificate was refused ({why}); "
             "set BROKER_NATS_TLS_CA to the CA that signed it, and use a URL whose host the "
             "certificate names"
         )
     if isinstance(error, ssl.SSLError):
+        why = getattr(error, "reason", None) or error
         return (
-            f"NATS at {servers}: the TLS handshake failed ({error.reason or error}); the server "
-            "may require a client certificate (BROKER_NATS_TLS_CERT, BROKER_NATS_TLS_KEY) "
-            "signed by a CA it trusts"
+            f"NATS at {servers}: the TLS handshake failed ({why}); the server may require a "
+            "client certificate (BROKER_NATS_TLS_CERT, BROKER_NATS_TLS_KEY) signed by a CA "
+            "it trusts"
         )
     if isinstance(error, nats.errors.AuthorizationError) or (
         isinstance(error, nats.errors.Error) and "authorization violation" in str(error).lower()
