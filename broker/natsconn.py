@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import importlib.util
 import os
@@ -154,6 +155,14 @@ def connect_options(
     )
     tls = tls_context(settings)
     if tls is not None:
+        plain = [url for url in options["servers"] if urlsplit(url).scheme.lower() == "ws"]
+        if plain:
+            # A ws:// server is spoken to in plaintext whatever the TLS settings say (nats-py
+            # never upgrades a WebSocket), credentials included.
+            raise InvalidNatsSettings(
+                f"{redact_servers(plain)} is plaintext WebSocket, while BROKER_NATS_TLS_* ask "
+                "for TLS: use wss://"
+            )
         options["tls"] = tls
     _add_credentials(options, settings)
     return options
@@ -519,7 +528,9 @@ class Client(NatsClient):
       sent: nats-py checks the payload alone, and the server closes the connection on it,
       which loses every other publish's ack in flight on that connection;
     - :meth:`publish` checks the subject and reply subject for what nats-py refuses (empty,
-      or holding a space, tab, CR or LF) with ``in`` tests instead of a regular expression.
+      or holding a space, tab, CR or LF) with ``in`` tests instead of a regular expression;
+    - a ``ws://`` or ``wss://`` connection attempt is given ``connect_timeout``: nats-py
+      passed it to aiohttp as a close timeout, and a handshake that never ended took 300 s.
     """
 
     async def publish(
@@ -577,6 +588,15 @@ class Client(NatsClient):
         await self._send_command(command)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _connect_to_server(self, s: Any) -> None:
+        if s.uri.scheme not in _WS_SCHEMES:
+            await super()._connect_to_server(s)
+            return
+        # nats-py hands ``connect_timeout`` to aiohttp's ``ws_connect`` as its (deprecated)
+        # close timeout, so a WebSocket handshake to a port that accepts and never answers
+        # ran under aiohttp's own 300 s instead.
+        await asyncio.wait_for(super()._connect_to_server(s), self.options["connect_timeout"])
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         server = self._current_server
@@ -638,6 +658,7 @@ async def close_within(nc: NatsClient, seconds: float = CLOSE_SECONDS) -> None:
         closing.cancel()
     if closing.done() and not closing.cancelled() and closing.exception() is not None:
         log.debug("nats_close_failed", error=repr(closing.exception())[:200])
+    await _close_websocket(nc)
 
 
 def _cut(nc: NatsClient) -> None:
@@ -648,15 +669,28 @@ def _cut(nc: NatsClient) -> None:
         transport.abort()
 
 
+async def _close_websocket(nc: NatsClient) -> None:
+    """Close the aiohttp session of ``nc``'s WebSocket transport, if it has one still open.
+    nats-py leaves it open when a connect fails, and when a client closed while disconnected
+    (its close stops at the transport's drain, which raises without a socket), and asyncio
+    then logs "Unclosed client session" as an error when the process exits."""
+    session = getattr(getattr(nc, "_transport", None), "_client", None)
+    if session is None or getattr(session, "closed", True):
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(session.close(), 1.0)
+
+
 async def open_client(**options: Any) -> Client:
     """``nats.connect(**options)``, with a :class:`Client`. Interrupted (cancelled, or
-    failed), the half-made client's TCP or TLS socket is cut (nats-py starts the client's
-    tasks only once it is connected; a ``ws://`` connection's session is left to nats-py)."""
+    failed), the half-made client's TCP or TLS socket is cut, or its WebSocket session
+    closed (nats-py starts the client's tasks only once it is connected)."""
     client = Client()
     try:
         await client.connect(**options)
     except BaseException:
         _cut(client)
+        await _close_websocket(client)
         raise
     return client
 
@@ -716,7 +750,10 @@ async def connect(options: ConnectOptions, **extra: Any) -> NatsClient:
     keywords: dict[str, Any] = {"error_cb": attempt_failed, **options, **extra}
     try:
         await client.connect(**keywords)
-    except (OSError, TimeoutError, nats.errors.Error) as e:
+    except BaseException as e:
+        await _close_websocket(client)
+        if not isinstance(e, OSError | TimeoutError | nats.errors.Error):
+            raise
         # After retries nats-py raises NoServersError, and keeps that as its last error:
         # the cause is the last attempt's error (refused, timed out, TLS).
         cause: BaseException = e
@@ -776,6 +813,12 @@ def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
             f"NATS at {servers}: the server's certificate was refused ({why}); "
             "set BROKER_NATS_TLS_CA to the CA that signed it, and use a URL whose host the "
             "certificate names"
+        )
+    if isinstance(error, ssl.SSLError) and getattr(error, "reason", None) == "WRONG_VERSION_NUMBER":
+        return (
+            f"NATS at {servers}: the server did not answer in TLS; is it a plaintext port "
+            "(a nats:// or ws:// one)? Use the server's TLS port, or its plaintext URL without "
+            "BROKER_NATS_TLS_*"
         )
     if isinstance(error, ssl.SSLError):
         why = getattr(error, "reason", None) or error

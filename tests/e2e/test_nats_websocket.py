@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,6 +21,8 @@ import pytest
 import pytest_asyncio
 
 from broker.embedded import NatsServer, ServerSpec, free_port
+from broker.natsconn import ONE_SHOT, NatsConnectFailed, connect, connect_options
+from broker.settings import Settings
 from tests._certs import make_pki
 from tests._wait import await_until
 from tests.e2e._agents import manifest, running
@@ -173,3 +180,62 @@ def test_wss_with_a_client_certificate(tmp_path: Path) -> None:
                 refused.stop()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers (a hung server, a load
+    balancer whose backend is gone)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+async def test_a_websocket_handshake_that_never_ends_gives_up_at_the_connect_timeout(
+    silent_port: int,
+) -> None:
+    """nats-py hands the connect timeout to aiohttp as its close timeout: each attempt used to
+    wait aiohttp's 300 s (a CLI command 15 minutes, an agent's reconnect 5)."""
+    options = connect_options(
+        Settings(nats_connect_timeout=1.0), name="t", servers=f"ws://127.0.0.1:{silent_port}"
+    )
+    started = time.monotonic()
+    with pytest.raises(NatsConnectFailed, match=r"did not answer within 1\.0 s"):
+        await asyncio.wait_for(connect(options, **ONE_SHOT), 30)
+    assert time.monotonic() - started < 10  # three attempts of 1 s, and the waits between
+
+
+def test_a_failed_websocket_command_says_one_line(silent_port: int) -> None:
+    """nats-py leaves a failed WebSocket connection's aiohttp session open: asyncio printed
+    "Unclosed client session" under the command's error at exit."""
+    for url in (f"ws://127.0.0.1:{silent_port}", f"ws://127.0.0.1:{free_port()}"):
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "dlq", "list", "--nats-url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "BROKER_NATS_CONNECT_TIMEOUT": "1"},
+        )
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.startswith("error: "), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_ws_with_tls_settings_is_refused_and_wss_on_a_plain_listener_is_explained(
+    ws_nats: tuple[NatsServer, str], tmp_path: Path
+) -> None:
+    _, ws_url = ws_nats
+    pki = make_pki(tmp_path / "pki")
+    env = {**os.environ, "BROKER_NATS_TLS_CA": str(pki.ca.cert)}
+    command = [sys.executable, "-m", "broker", "dlq", "list", "--nats-url"]
+    # nats-py never upgrades a WebSocket: this ran in plaintext, credentials included.
+    plain = subprocess.run([*command, ws_url], capture_output=True, text=True, env=env, timeout=60)
+    assert plain.returncode == 2, (plain.stdout, plain.stderr)
+    assert "plaintext WebSocket" in plain.stderr
+    assert "use wss://" in plain.stderr
+    tls_url = ws_url.replace("ws://", "wss://")
+    wrong = subprocess.run([*command, tls_url], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 3, (wrong.stdout, wrong.stderr)
+    assert "did not answer in TLS" in wrong.stderr, wrong.stderr
