@@ -43,6 +43,7 @@ import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,11 @@ from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
-from nats.aio.client import DEFAULT_CONNECT_TIMEOUT
+from nats.aio.client import DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.protocol.command import hpub_cmd
@@ -512,6 +514,22 @@ def _unsendable(subject: str) -> bool:
     return not subject or " " in subject or "\t" in subject or "\r" in subject or "\n" in subject
 
 
+class _TcpTransport(TcpTransport):
+    """nats-py's TCP transport, whose close does not wait on a socket a failed TLS upgrade
+    took. ``start_tls`` hands the socket to its TLS protocol and closes it when the handshake
+    fails, so the plain stream's protocol never hears of the close, and nats-py's close
+    after the failed attempt waited for it for good: a client with TLS settings against a
+    plaintext port hung on its second attempt, with nothing scheduled to wake it."""
+
+    async def wait_closed(self) -> None:
+        writer = self._io_writer
+        if writer is not None and writer.transport.get_protocol() is not getattr(
+            writer, "_protocol", None
+        ):
+            return  # taken over: closed by start_tls already
+        await super().wait_closed()  # type: ignore[no-untyped-call]
+
+
 class Client(NatsClient):
     """nats-py's client, with these changes:
 
@@ -530,7 +548,9 @@ class Client(NatsClient):
     - :meth:`publish` checks the subject and reply subject for what nats-py refuses (empty,
       or holding a space, tab, CR or LF) with ``in`` tests instead of a regular expression;
     - a ``ws://`` or ``wss://`` connection attempt is given ``connect_timeout``: nats-py
-      passed it to aiohttp as a close timeout, and a handshake that never ended took 300 s.
+      passed it to aiohttp as a close timeout, and a handshake that never ended took 300 s;
+    - a TCP connection is made with :class:`_TcpTransport` (a failed TLS upgrade no longer
+      hangs the close that follows it).
     """
 
     async def publish(
@@ -590,8 +610,12 @@ class Client(NatsClient):
             await self._flush_pending()
 
     async def _connect_to_server(self, s: Any) -> None:
-        if s.uri.scheme not in _WS_SCHEMES:
-            await super()._connect_to_server(s)
+        if s.uri.scheme not in _WS_SCHEMES:  # nats-py's, with a transport of ours
+            s.last_attempt = time.monotonic()
+            if not self._transport:
+                self._transport = _TcpTransport()  # type: ignore[no-untyped-call]
+            timeout = self.options["connect_timeout"]
+            await self._transport.connect(s.uri, DEFAULT_BUFFER_SIZE, timeout)
             return
         # nats-py hands ``connect_timeout`` to aiohttp's ``ws_connect`` as its (deprecated)
         # close timeout, so a WebSocket handshake to a port that accepts and never answers

@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from broker.agent import Agent, Request
 from broker.embedded import NatsServer, ServerSpec
 from broker.natsconn import (
+    ONE_SHOT,
     InvalidNatsSettings,
     NatsConnectFailed,
     connect,
@@ -231,6 +232,20 @@ async def test_without_tls_settings_the_server_certificate_is_not_trusted(
     )
     message = await refused(plain)
     assert "server's certificate was refused" in message
+
+
+async def test_tls_settings_against_a_plaintext_server_fail_every_attempt_and_say_why(
+    pki: Pki, nats_server: NatsServer
+) -> None:
+    """The upgrade fails the handshake, before any credential is sent. nats-py's close after
+    that failed attempt used to wait for good (the socket was the TLS protocol's by then):
+    the second attempt never came, and a command with retries hung."""
+    settings = Settings(nats_tls_ca=pki.ca.cert, nats_connect_timeout=2.0)
+    options = connect_options(settings, name="test-plaintext", servers=nats_server.url)
+    with pytest.raises(NatsConnectFailed) as failure:
+        await asyncio.wait_for(connect(options, **ONE_SHOT), 20)
+    assert "did not answer in TLS" in failure.value.message
+    assert "plaintext port" in failure.value.message
 
 
 async def test_a_reconnecting_publisher_logs_why_without_the_password(good: Settings) -> None:
