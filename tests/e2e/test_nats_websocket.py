@@ -13,12 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from broker.embedded import NatsServer, ServerSpec, free_port
 from broker.natsconn import ONE_SHOT, NatsConnectFailed, connect, connect_options
@@ -43,9 +42,10 @@ def ws_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
 
 
 @pytest.fixture(scope="module")
-def ws_broker(
+def broker(
     ws_nats: tuple[NatsServer, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
+    """``broker serve`` over the WebSocket listener (the e2e ``client`` fixture speaks to it)."""
     _, ws_url = ws_nats
     workdir = tmp_path_factory.mktemp("broker-ws")
     policy = workdir / "policy.yaml"  # any agent that can take the request will do
@@ -55,16 +55,8 @@ def ws_broker(
     process.stop()
 
 
-@pytest_asyncio.fixture
-async def client(ws_broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=ws_broker.base_url, http1=False, http2=True, timeout=15
-    ) as c:
-        yield c
-
-
 async def test_publishes_over_websocket_are_stored_once_each(
-    ws_nats: tuple[NatsServer, str], ws_broker: BrokerProcess, client: httpx.AsyncClient
+    ws_nats: tuple[NatsServer, str], broker: BrokerProcess, client: httpx.AsyncClient
 ) -> None:
     server, _ = ws_nats
     answers = [
@@ -77,7 +69,7 @@ async def test_publishes_over_websocket_are_stored_once_each(
     assert len({a.json()["seq"] for a in answers}) == 20
     # Read back over plain NATS: what the WebSocket connection stored is the stream's.
     assert await stored_count(server.url, "msg.default.ws.orders") == 20
-    assert '"nats_connected"' in ws_broker.log_path.read_text()
+    assert '"nats_connected"' in broker.log_path.read_text()
 
 
 async def test_an_agent_on_websocket_answers_a_route_over_websocket(
@@ -106,7 +98,7 @@ async def test_an_agent_on_websocket_answers_a_route_over_websocket(
 
 
 async def test_publishing_goes_on_after_the_server_restarts(
-    ws_nats: tuple[NatsServer, str], ws_broker: BrokerProcess, client: httpx.AsyncClient
+    ws_nats: tuple[NatsServer, str], broker: BrokerProcess, client: httpx.AsyncClient
 ) -> None:
     server, _ = ws_nats
     before = await client.post("/v1/publish/ws.restart", json={"n": 0})
@@ -119,9 +111,9 @@ async def test_publishing_goes_on_after_the_server_restarts(
         )
         return answer.status_code == 200
 
-    assert await await_until(stored, timeout=30, interval=0.3), ws_broker.log_tail()
+    assert await await_until(stored, timeout=30, interval=0.3), broker.log_tail()
     assert await stored_count(server.url, "msg.default.ws.restart") == 2
-    assert '"nats_reconnected"' in ws_broker.log_path.read_text()  # a new WebSocket, same client
+    assert '"nats_reconnected"' in broker.log_path.read_text()  # a new WebSocket, same client
 
 
 def test_wss_with_a_client_certificate(tmp_path: Path) -> None:
