@@ -535,7 +535,8 @@ class Client(NatsClient):
 
     - a subject or reply subject that is not UTF-8 is read with U+FFFD for the bad bytes
       instead of stopping its read loop (see the module's docstring);
-    - with TLS configured, every connection is TLS. nats-py upgrades only when the server's
+    - with TLS configured, or a ``tls://`` URL, every connection is TLS (with the system's
+      CAs when nothing is configured). nats-py upgrades only when the server's
       first ``INFO`` asks for it, so a server (or anything on the path) that leaves
       ``tls_required`` out got a plaintext connection, and the user and password in clear.
       The upgrade is made regardless: a server without TLS fails the handshake, before any
@@ -624,7 +625,8 @@ class Client(NatsClient):
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         server = self._current_server
-        if initial_connection and "tls" in self.options and server is not None:
+        asked = server is not None and ("tls" in self.options or server.uri.scheme == "tls")
+        if initial_connection and server is not None and asked:
             info["tls_required"] = server.uri.scheme not in ("ws", "wss") or bool(
                 info.get("tls_required")
             )  # the dict nats-py reads next (its _server_info)

@@ -248,6 +248,17 @@ async def test_tls_settings_against_a_plaintext_server_fail_every_attempt_and_sa
     assert "plaintext port" in failure.value.message
 
 
+async def test_a_tls_url_is_tls_even_without_tls_settings(nats_server: NatsServer) -> None:
+    """nats-py upgrades a ``tls://`` connection only when the server's INFO asks for TLS: to
+    a plaintext server (or anything on the path that leaves ``tls_required`` out) it spoke
+    in plaintext, credentials included."""
+    url = nats_server.url.replace("nats://", "tls://")
+    options = connect_options(Settings(nats_connect_timeout=2.0), name="test-tls-url", servers=url)
+    with pytest.raises(NatsConnectFailed) as failure:
+        await asyncio.wait_for(connect(options, **ONE_SHOT), 20)
+    assert "did not answer in TLS" in failure.value.message
+
+
 async def test_a_reconnecting_publisher_logs_why_without_the_password(good: Settings) -> None:
     wrong = good.model_copy(update={"nats_password": SecretStr("leaked?")})
     publisher = Publisher(
