@@ -867,6 +867,15 @@ def explain_connect_error(error: BaseException, options: ConnectOptions) -> str:
             "BROKER_NATS_TLS_CERT and BROKER_NATS_TLS_KEY to a certificate signed by a CA "
             "it trusts"
         )
+    if any(c.__name__ == "ClientResponseError" for c in type(error).__mro__):
+        # aiohttp's, over ws:// or wss://: an HTTP answer, or none, where a WebSocket
+        # handshake was expected (its message may quote a NATS port's whole INFO line).
+        said = str(getattr(error, "message", "")).split(":", 1)[0][:60]  # not what followed
+        answer = f"{getattr(error, 'status', '?')} {said}".strip()
+        return (
+            f"NATS at {servers} did not accept a WebSocket ({answer}); give the port of the "
+            "server's websocket listener, or a nats:// URL for its client port"
+        )
     if isinstance(error, TimeoutError):
         timeout = options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # nats-py's own
         return f"NATS at {servers} did not answer within {timeout} s"

@@ -231,3 +231,20 @@ def test_ws_with_tls_settings_is_refused_and_wss_on_a_plain_listener_is_explaine
     wrong = subprocess.run([*command, tls_url], capture_output=True, text=True, env=env, timeout=60)
     assert wrong.returncode == 3, (wrong.stdout, wrong.stderr)
     assert "did not answer in TLS" in wrong.stderr, wrong.stderr
+
+
+def test_ws_at_a_port_that_is_no_websocket_listener_says_so(
+    ws_nats: tuple[NatsServer, str],
+) -> None:
+    server, _ = ws_nats
+    client_port = server.url.replace("nats://", "ws://")  # NATS's TCP port: INFO, not HTTP
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "dlq", "list", "--nats-url", client_port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "did not accept a WebSocket" in done.stderr, done.stderr
+    assert "server_id" not in done.stderr  # not the INFO line quoted whole
+    assert done.stderr.count("\n") == 1, done.stderr
