@@ -825,7 +825,7 @@ def _ssl_cause(error: BaseException) -> BaseException:
             break
         if type(cause).__module__ == "ssl":
             return cause
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__  # raised from it (not merely while handling it)
     return error
 
 
