@@ -85,6 +85,7 @@ from broker.errors import Unavailable
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    LogThrottle,
     cancel_until_done,
     close_within,
     explain_connect_error,
@@ -257,26 +258,6 @@ class NvidiaSmi:
             return float(free), float(util) / 100.0
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None, None
-
-
-class _Throttle:
-    """Lets one line per text through every ``every`` seconds, counting the rest."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._seen: dict[str, tuple[float, int]] = {}  # text -> (last let through, held back)
-
-    def admit(self, text: str) -> int | None:
-        """``None`` to hold the line back; else how many were held back since the last."""
-        now = time.monotonic()
-        last, held = self._seen.get(text, (-math.inf, 0))
-        if now - last < self.every:
-            self._seen[text] = (last, held + 1)
-            return None
-        if len(self._seen) > 1000:  # bounded: texts carry subjects
-            self._seen.clear()
-        self._seen[text] = (now, 0)
-        return held
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[_T]) -> _T | None:
@@ -542,7 +523,7 @@ class Agent:
         self.handled = 0
         self.failed = 0
         self._reply_store: ReplyStore | None = None  # made with the connection
-        self._error_log = _Throttle(_ERROR_LOG_EVERY)
+        self._error_log = LogThrottle(_ERROR_LOG_EVERY)
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: the async function that handles each request."""

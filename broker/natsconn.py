@@ -39,6 +39,7 @@ import base64
 import contextlib
 import contextvars
 import importlib.util
+import math
 import os
 import re
 import socket
@@ -72,6 +73,7 @@ __all__ = [
     "Client",
     "ConnectOptions",
     "InvalidNatsSettings",
+    "LogThrottle",
     "NatsConnectFailed",
     "connect",
     "connect_options",
@@ -379,6 +381,27 @@ class RenewingContext(ssl.SSLContext):
             server_hostname,
             session,
         )
+
+
+class LogThrottle:
+    """Lets one log line per text through every ``every`` seconds, counting the rest: a
+    connection retried every 0.25 s while NATS is away would log each failed attempt."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (last let through, held back)
+
+    def admit(self, text: str) -> int | None:
+        """``None`` to hold the line back; else how many were held back since the last."""
+        now = time.monotonic()
+        last, held = self._seen.get(text, (-math.inf, 0))
+        if now - last < self.every:
+            self._seen[text] = (last, held + 1)
+            return None
+        if len(self._seen) > 1000:  # bounded: texts carry subjects
+            self._seen.clear()
+        self._seen[text] = (now, 0)
+        return held
 
 
 def _require_readable(setting: str, path: Path | None) -> None:

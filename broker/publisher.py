@@ -34,6 +34,7 @@ from broker.errors import (
 from broker.natsconn import (
     RECONNECT_FOREVER,
     ConnectOptions,
+    LogThrottle,
     cancel_until_done,
     close_within,
     explain_connect_error,
@@ -54,6 +55,8 @@ _JS_HEADERS_TOO_LARGE = 10097
 #: original may yet be stored, and a retry with the same key gets its ack.
 _JS_DUPLICATE_IN_PROCESS = 10158
 _DRAIN_SECONDS = 2.0
+#: One ``nats_error`` line per error text this often while NATS is away.
+_ERROR_LOG_EVERY = 10.0
 _JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
 
 
@@ -157,6 +160,7 @@ class Publisher:
         self._sweeper: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._closing = False  # close() was called: a disconnect now is the plan, not news
+        self._error_log = LogThrottle(_ERROR_LOG_EVERY)
         self._hook_retries: set[asyncio.Task[None]] = set()
         self._on_reconnected_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -241,7 +245,11 @@ class Publisher:
                 log.exception("on_reconnected_hook_failed")
 
     async def _on_error(self, e: Exception) -> None:
-        log.warning("nats_error", error=explain_connect_error(e, self._connect_options))
+        # Each failed attempt while NATS is away (every 0.25 s): one line per error text
+        # every 10 s, with how many were held back.
+        error = explain_connect_error(e, self._connect_options)
+        if (repeated := self._error_log.admit(error)) is not None:
+            log.warning("nats_error", error=error, repeated=repeated)
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait until the first connection is made; ``False`` on timeout."""

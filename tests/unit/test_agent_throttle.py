@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from broker.agent import _Throttle
+from broker.natsconn import LogThrottle
 
 
 def test_one_line_per_text_and_interval_with_the_count_held_back(
@@ -14,7 +14,7 @@ def test_one_line_per_text_and_interval_with_the_count_held_back(
 ) -> None:
     now = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    throttle = _Throttle(10.0)
+    throttle = LogThrottle(10.0)
     assert throttle.admit("denied a") == 0
     assert [throttle.admit("denied a") for _ in range(3)] == [None, None, None]
     assert throttle.admit("denied b") == 0  # another text is let through at once
