@@ -648,8 +648,11 @@ class Client(NatsClient):
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         server = self._current_server
-        asked = server is not None and ("tls" in self.options or server.uri.scheme == "tls")
-        if initial_connection and server is not None and asked:
+        if (
+            initial_connection
+            and server is not None
+            and ("tls" in self.options or server.uri.scheme == "tls")
+        ):
             info["tls_required"] = server.uri.scheme not in ("ws", "wss") or bool(
                 info.get("tls_required")
             )  # the dict nats-py reads next (its _server_info)
