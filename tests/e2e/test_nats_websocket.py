@@ -174,6 +174,17 @@ def test_wss_with_a_client_certificate(tmp_path: Path) -> None:
         server.stop()
 
 
+def dlq_list(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``broker dlq list --nats-url url``: a one-shot command that connects to NATS."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "dlq", "list", "--nats-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port that accepts TCP connections and never answers (a hung server, a load
@@ -203,13 +214,7 @@ def test_a_failed_websocket_command_says_one_line(silent_port: int) -> None:
     """nats-py leaves a failed WebSocket connection's aiohttp session open: asyncio printed
     "Unclosed client session" under the command's error at exit."""
     for url in (f"ws://127.0.0.1:{silent_port}", f"ws://127.0.0.1:{free_port()}"):
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "dlq", "list", "--nats-url", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "BROKER_NATS_CONNECT_TIMEOUT": "1"},
-        )
+        done = dlq_list(url, BROKER_NATS_CONNECT_TIMEOUT="1")
         assert done.returncode == 3, done.stderr
         assert done.stderr.startswith("error: "), done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
@@ -220,15 +225,14 @@ def test_ws_with_tls_settings_is_refused_and_wss_on_a_plain_listener_is_explaine
 ) -> None:
     _, ws_url = ws_nats
     pki = make_pki(tmp_path / "pki")
-    env = {**os.environ, "BROKER_NATS_TLS_CA": str(pki.ca.cert)}
-    command = [sys.executable, "-m", "broker", "dlq", "list", "--nats-url"]
+    ca = str(pki.ca.cert)
     # nats-py never upgrades a WebSocket: this ran in plaintext, credentials included.
-    plain = subprocess.run([*command, ws_url], capture_output=True, text=True, env=env, timeout=60)
+    plain = dlq_list(ws_url, BROKER_NATS_TLS_CA=ca)
     assert plain.returncode == 2, (plain.stdout, plain.stderr)
     assert "plaintext WebSocket" in plain.stderr
     assert "use wss://" in plain.stderr
     tls_url = ws_url.replace("ws://", "wss://")
-    wrong = subprocess.run([*command, tls_url], capture_output=True, text=True, env=env, timeout=60)
+    wrong = dlq_list(tls_url, BROKER_NATS_TLS_CA=ca)
     assert wrong.returncode == 3, (wrong.stdout, wrong.stderr)
     assert "did not answer in TLS" in wrong.stderr, wrong.stderr
 
@@ -238,12 +242,7 @@ def test_ws_at_a_port_that_is_no_websocket_listener_says_so(
 ) -> None:
     server, _ = ws_nats
     client_port = server.url.replace("nats://", "ws://")  # NATS's TCP port: INFO, not HTTP
-    done = subprocess.run(
-        [sys.executable, "-m", "broker", "dlq", "list", "--nats-url", client_port],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = dlq_list(client_port)
     assert done.returncode == 3, done.stderr
     assert "did not accept a WebSocket" in done.stderr, done.stderr
     assert "server_id" not in done.stderr  # not the INFO line quoted whole
