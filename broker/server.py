@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import nats.errors
 import structlog
 
+from broker import _early
 from broker.errors import BrokerError
 from broker.natsconn import (
     NatsConnectFailed,
@@ -436,8 +437,10 @@ class _Terminal:
 
     HANGUP_WINDOW = 2.0
 
-    def __init__(self) -> None:
-        self.fds = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+    def __init__(self, fds: Sequence[int] | None = None) -> None:
+        """``fds``: the descriptors that were a terminal at the process's start
+        (:func:`broker._early.terminal_at_start`); by default, those that are one now."""
+        self.fds = list(fds) if fds is not None else [fd for fd in (0, 1, 2) if os.isatty(fd)]
         self.gone_at: float | None = None
 
     def look(self) -> None:
@@ -716,9 +719,16 @@ def run_broker(
     ``stop_timeout`` seconds, together, to stop before they are killed. SIGHUP reloads
     (:func:`_reload`), or stops when it is the hang-up of the terminal (:class:`_Terminal`)."""
     # SIGHUP from now on sets a flag, handled once the children run: its default action would
-    # end the broker half-started (embedded NATS running, nats.url written).
-    terminal = _Terminal()
+    # end the broker half-started (embedded NATS running, nats.url written). Before this, the
+    # entry point held it (broker._early).
+    terminal = _Terminal(_early.terminal_at_start())
     previous_hup = signal.signal(signal.SIGHUP, _Reload.handler)
+    if _early.sighup_held():
+        if terminal.hung_up_just_now():  # the terminal closed while the CLI was loading
+            signal.signal(signal.SIGHUP, previous_hup)
+            return 0
+        # A reload before anything started: every file it would read again is read at start.
+        log.info("reload_before_start", hint="the files are read as the broker starts")
     try:
         return _run_broker(settings, update_streams, env, stop_timeout, terminal)
     finally:
