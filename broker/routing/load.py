@@ -192,14 +192,24 @@ class LoadView:
         self._subscription: Any = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        self._caught_up = asyncio.Event()  # the bucket's values at start are in the view
         self.version = 0  # bumped whenever a tenant's mapping is replaced
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Follow the bucket (current values first) and keep the per-tenant view fresh."""
+    async def start(self, js: JetStreamContext, *, patience: float = 5.0) -> None:
+        """Follow the bucket (current values first) and keep the per-tenant view fresh.
+
+        Returns once the values the bucket held at the start are in the view (or after
+        ``patience`` seconds): a router that decided before would find no live instance and
+        dead-letter messages that live agents could take."""
         with contextlib.suppress(Exception):  # the bucket's TTL, when it has one
             status = await (await js.key_value(AGENT_LOAD_BUCKET)).status()
             if status.ttl:
                 self.ttl = float(status.ttl)
+        self._caught_up = asyncio.Event()
+        with contextlib.suppress(Exception):  # unknown: waited for up to ``patience``
+            info = await js.stream_info(f"KV_{AGENT_LOAD_BUCKET}")
+            if not info.state.messages:
+                self._caught_up.set()
         self._subscription = await js.subscribe(
             f"{_KV_PREFIX}>",
             stream=f"KV_{AGENT_LOAD_BUCKET}",
@@ -208,6 +218,10 @@ class LoadView:
             idle_heartbeat=IDLE_HEARTBEAT,
             cb=self._on_message,
         )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(patience):
+                await self._caught_up.wait()
+        self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="load-view-refresh")
 
     async def stop(self) -> None:
@@ -220,6 +234,14 @@ class LoadView:
                 await self._subscription.unsubscribe()
 
     async def _on_message(self, message: Msg) -> None:
+        try:
+            self._take(message)
+        finally:
+            with contextlib.suppress(Exception):  # no JetStream metadata: no position
+                if message.metadata.num_pending == 0:
+                    self._caught_up.set()
+
+    def _take(self, message: Msg) -> None:
         key = message.subject[len(_KV_PREFIX) :]
         operation = (message.headers or {}).get(_KV_OPERATION)
         if operation in {"DEL", "PURGE"} or not message.data:
