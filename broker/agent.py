@@ -845,7 +845,10 @@ class Agent:
                     "the NATS connection closed while the agent was running; "
                     "it stopped consuming its inbox"
                 )
-            if self._free == 0 or self._suspects:  # or a redelivered message runs alone
+            # nats-py's fetch hands over every message its subscription queued (one that came
+            # after an earlier fetch timed out), however few were asked for: slots may be
+            # overdrawn, and a fetch of 0 or fewer raises "invalid batch size".
+            if self._free <= 0 or self._suspects:  # or a redelivered message runs alone
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_FETCH_TIMEOUT):
