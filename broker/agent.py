@@ -754,6 +754,8 @@ class Agent:
         options["name"] = f"agent-{self.name}-{self.instance}"
 
         async def on_error(e: Exception) -> None:
+            if self._reply_store is not None:  # a permission violation of its appends
+                self._reply_store.connection_error(str(e))
             error = explain_connect_error(e, options)
             if self._nc is not None and self._nc.is_reconnecting:  # each failed attempt
                 log.debug("agent_nats_reconnect_failed", error=error)

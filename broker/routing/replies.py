@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Mapping
 
@@ -40,7 +41,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from broker.errors import BrokerError
-from broker.natsconn import get_stored, subscribe_detached
+from broker.natsconn import LogThrottle, get_stored, subscribe_detached
 from broker.publisher import read_ack
 from broker.reader import read_messages
 from broker.routing.events import (
@@ -56,6 +57,11 @@ from broker.routing.events import (
 from broker.streams import SUBJECT_PREFIX, Stream
 
 log = structlog.get_logger(__name__)
+
+_DIGITS = re.compile(r"\d+")
+#: What the server's error for a publish the user may not make says (its case varies by
+#: server version).
+_PERMISSION_VIOLATION = "permissions violation for publish to"
 
 #: The writer token of the routers' answers: not an agent, and no agent's user writes there.
 ROUTERS = "-"
@@ -173,11 +179,15 @@ class ReplyStore:
     So only the first append and every ``ack_every``-th ask for an ack, heard by one
     subscription (in the connection's own inbox space) and matched by a counter token. A
     refused one, or one not acked within ``timeout`` seconds, is logged as
-    ``agent_reply_not_stored``, and no reply is stored for ``pause`` seconds after it: a
-    store that keeps failing (a missing permission, no ``ROUTES``) shows within
-    ``ack_every`` replies and then costs nothing, rather than a server error and a log line
-    per reply (a publish the server refuses for a permission is also reported on the
-    connection: ``agent_nats_error``).
+    ``agent_reply_not_stored`` (one line per kind of error every ``log_every`` seconds, with
+    ``repeated``).
+    Storing stops for ``pause`` seconds only when it cannot work for a while: the server
+    refused an append for want of permission (reported on the connection, see
+    :meth:`connection_error`; every append would be a server error), or JetStream refused
+    one for good. A stream without a leader (an election, seconds long: 503 or no ack) or
+    a connection away stops nothing: replies appended while it lasts may be lost, the next
+    ones are stored, where a pause of a minute after one such failure dropped every reply
+    of that minute.
     Measured with an echo handler (BENCHMARKS.md): nats-py's ``js.publish`` per reply cost
     about 180 µs of the agent's CPU, an acked publish 115 µs, one not acked 57 µs.
     """
@@ -191,6 +201,7 @@ class ReplyStore:
         ack_every: int = 16,
         pause: float = 60.0,
         max_pending: int = 10_000,
+        log_every: float = 10.0,
     ) -> None:
         self._nc = nc
         self._agent = agent
@@ -205,6 +216,10 @@ class ReplyStore:
         #: Appends sent and not acked: token -> (message seq, subject, monotonic deadline), in
         #: the order they were sent.
         self._pending: dict[str, tuple[int, str, float]] = {}
+        #: Where this agent's replies go (``route.<tenant>.<agent>.reply.<seq>``): the
+        #: middle of the subject a permission violation names.
+        self._marker = f".{agent}.{_REPLY}."
+        self._log = LogThrottle(log_every)
 
     @property
     def pending(self) -> int:
@@ -248,8 +263,14 @@ class ReplyStore:
             return
         message_seq, subject, _ = found
         answer = read_ack(msg, subject)
-        if isinstance(answer, BrokerError):
-            self._failed([message_seq], answer.message, pause=True)
+        if isinstance(answer, BrokerError):  # a 503 (no leader now, no stream): no pause
+            self._failed([message_seq], answer.message, pause=not answer.retryable)
+
+    def connection_error(self, error: str) -> None:
+        """An error the server reported on the connection (the client's error callback): a
+        permission violation for one of these appends stops storing for ``pause`` s."""
+        if self._marker in error and _PERMISSION_VIOLATION in error.lower():
+            self._failed([], error[:300], pause=True)
 
     def sweep(self) -> None:
         """Log the appends whose ack did not come in time (a missing publish permission on
@@ -262,18 +283,25 @@ class ReplyStore:
                 break
             del self._pending[token]
             expired.append(seq)
-        if expired:
+        if expired:  # a leader being elected, a connection away; a permission is reported
             error = f"no acknowledgement from JetStream in {self._timeout:g} s"
-            self._failed(expired, error, pause=True)
+            self._failed(expired, error)
 
     def _failed(self, message_seqs: list[int], error: str, *, pause: bool = False) -> None:
+        extra: dict[str, float | int]
         if pause:
             self._paused_until = time.monotonic() + self._pause
+            extra = {"paused_seconds": self._pause}
+        else:  # one line per kind of error every 10 s (the texts name the message's subject)
+            repeated = self._log.admit(_DIGITS.sub("N", error))
+            if repeated is None:
+                return
+            extra = {"repeated": repeated}
         log.warning(
             "agent_reply_not_stored",
             agent=self._agent,
             message_seqs=message_seqs[:10],
             count=len(message_seqs),
             error=error,
-            **({"paused_seconds": self._pause} if pause else {}),
+            **extra,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -60,11 +60,16 @@ MANIFEST: dict[str, Any] = {
 }
 
 
-def documented_authorization(*, register: bool) -> str:
+def documented_authorization(*, register: bool, without: str | None = None) -> str:
     """The page's ``authorization`` block for agent ``render`` of tenant ``shop``; with the
-    lines an agent that registers itself needs added to its ``publish`` list."""
+    lines an agent that registers itself needs added to its ``publish`` list; without the
+    lines that hold ``without``."""
     blocks: list[str] = re.findall(r"```text\n(.*?)```", TENANTS_PAGE.read_text(), flags=re.DOTALL)
     config = next(block for block in blocks if block.startswith("authorization {"))
+    if without is not None:
+        kept = [line for line in config.splitlines(keepends=True) if without not in line]
+        assert len(kept) < config.count("\n"), f"no line holds {without!r}"
+        config = "".join(kept)
     if register:
         extra = next(block for block in blocks if "reg.<tenant>.agent.<name>" in block)
         assert config.count("publish: [\n") == 1
@@ -134,9 +139,12 @@ class Broker:
 
 
 @asynccontextmanager
-async def documented_broker(tmp_path: Path, *, register: bool = False) -> AsyncIterator[Broker]:
+async def documented_broker(
+    tmp_path: Path, *, register: bool = False, without: str | None = None
+) -> AsyncIterator[Broker]:
     spec = ServerSpec(
-        store_dir=tmp_path / "nats", extra_config=documented_authorization(register=register)
+        store_dir=tmp_path / "nats",
+        extra_config=documented_authorization(register=register, without=without),
     )
     server = NatsServer(spec).start()
     publisher = Publisher([server.url], connect_options=broker_options())
@@ -440,3 +448,35 @@ async def test_an_agent_the_user_may_not_run_fails_to_start_with_unavailable(
 
         with pytest.raises(Unavailable, match=r"docs/tenants\.md"):
             await asyncio.wait_for(agent.run(asyncio.Event()), 60)
+
+
+async def test_without_the_reply_line_the_agent_stops_storing_replies_at_the_first_refusal(
+    tmp_path: Path,
+) -> None:
+    """The server refuses the first append (a permission violation, on the connection): the
+    agent says so once and appends no more for a while, rather than a violation per reply;
+    the callers still get their replies."""
+    async with documented_broker(tmp_path, without=".reply.*") as broker:
+        replies = await caller(broker)
+        calls: list[int] = []
+        agent = make_agent(broker, calls)
+        with capture_logs() as logs:
+            async with running(agent, broker):
+                await broker.route(TENANT, 1, b"first")
+                assert await await_until(replied(replies, 1), timeout=20)
+
+                async def paused() -> bool:
+                    return any("paused_seconds" in e for e in not_stored(logs))
+
+                assert await await_until(paused, timeout=10), logs
+                for seq in (2, 3, 4):
+                    await broker.route(TENANT, seq, b"more")
+                assert await await_until(replied(replies, 4), timeout=20)
+                await asyncio.sleep(0.5)
+        assert len(broker.violations("agent-")) == 1, broker.violations("agent-")
+        (logged,) = not_stored(logs)
+        assert reply_subject(TENANT, NAME, 1) in logged["error"]
+
+
+def not_stored(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == "agent_reply_not_stored"]

@@ -4,6 +4,7 @@ which ones a retried request may take."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -162,7 +163,7 @@ async def test_the_reply_store_appends_without_waiting_and_logs_what_failed(
 async def test_the_reply_store_asks_for_an_ack_on_the_first_append_and_every_nth(
     publisher: Publisher,
 ) -> None:
-    store = ReplyStore(publisher.nc, "chosen", ack_every=3, pause=0.0)
+    store = ReplyStore(publisher.nc, "chosen", ack_every=3, pause=0.0, log_every=0.0)
     with capture_logs() as captured:
         for seq in range(31, 38):  # asks on the 1st, 4th and 7th
             await store.append("nostream.replies", b"refused", {}, seq)
@@ -174,28 +175,58 @@ async def test_the_reply_store_asks_for_an_ack_on_the_first_append_and_every_nth
     assert sorted(e["message_seqs"][0] for e in not_stored(captured)) == [31, 34, 37]
 
 
-async def test_the_reply_store_stops_storing_for_a_while_after_a_failure(
+async def test_the_reply_store_stops_storing_for_a_while_after_a_permission_violation(
     publisher: Publisher,
 ) -> None:
-    """Without the permission, every append would be a server error and a log line."""
+    """Without the permission, every append would be a server error and a log line. The
+    server reports the violation on the connection (the agent's error callback)."""
     store = ReplyStore(publisher.nc, "chosen", ack_every=1, pause=60.0)
+    subject = reply_subject(T, "chosen", 41)
     with capture_logs() as captured:
-        await store.append("nostream.replies", b"refused", {}, 41)
-
-        async def heard() -> bool:
-            return len(not_stored(captured)) == 1
-
-        assert await await_until(heard, timeout=5)
-        for seq in range(42, 50):
-            await store.append("nostream.replies", b"refused", {}, seq)
+        store.connection_error(f'nats: Permissions Violation for Publish to "{subject}"')
+        store.connection_error('nats: Permissions Violation for Publish to "other.subject"')
+        _, route_seq = await decide(publisher, 42, "chosen")
+        headers = reply_headers(route_seq, {"Content-Type": "text/plain"})
+        await store.append(reply_subject(T, "chosen", 42), b"skipped", headers, 42)
         await publisher.nc.flush()
         await asyncio.sleep(0.2)
-    (logged,) = not_stored(captured)
-    assert (logged["message_seqs"], logged["paused_seconds"]) == ([41], 60.0)
+    (logged,) = not_stored(captured)  # the other subject's violation is not this store's
+    assert logged["paused_seconds"] == 60.0
+    assert subject in logged["error"]
+    assert await stored_answer(publisher.js, T, 42) is None
     assert store.pending == 0
 
 
-def not_stored(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def test_a_stream_that_answers_503_pauses_nothing_and_is_logged_once_a_while(
+    publisher: Publisher,
+) -> None:
+    """A ``ROUTES`` without a leader (an election after a node died) answers 503, or not at
+    all, for seconds. Storing went on pausing for a minute after one such failure, and every
+    reply of that minute was lost; now the next reply is stored, and the failures of one
+    kind are logged once every 10 s."""
+    store = ReplyStore(publisher.nc, "chosen", ack_every=1, pause=60.0)
+    with capture_logs() as captured:
+        for seq in (51, 52, 53):  # no stream answers: 503, as while a leader is elected
+            await store.append(f"nostream.replies.{seq}", b"refused", {}, seq)
+
+        async def all_answered() -> bool:
+            return store.pending == 0
+
+        assert await await_until(all_answered, timeout=5)
+        _, route_seq = await decide(publisher, 54, "chosen")
+        headers = reply_headers(route_seq, {"Content-Type": "text/plain"})
+        await store.append(reply_subject(T, "chosen", 54), b"stored", headers, 54)
+
+        async def stored() -> bool:
+            return await stored_answer(publisher.js, T, 54) is not None
+
+        assert await await_until(stored, timeout=5)
+    (logged,) = not_stored(captured)
+    assert logged["message_seqs"] == [51]
+    assert "paused_seconds" not in logged
+
+
+def not_stored(captured: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in captured if e["event"] == "agent_reply_not_stored"]
 
 
