@@ -58,6 +58,12 @@ _DRAIN_SECONDS = 2.0
 #: One ``nats_error`` line per error text this often while NATS is away.
 _ERROR_LOG_EVERY = 10.0
 _JS_UNAVAILABLE_CODES = frozenset({10008, 10023, 10039, 10077})  # not ready / no leader / resources
+#: Storage or memory used up: the account's JetStream limits (10002, answered with status
+#: 400), or the server's storage or memory (10047, 10028, status 500). Each passes once
+#: limits drop old messages or an operator frees space; until then the write was not
+#: stored, and the same request (same key) may be sent again. Not a bug (500) nor a
+#: refusal of this message: a router that took it for one dropped routed messages for good.
+_JS_FULL_CODES = frozenset({10002, 10028, 10047})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,8 @@ def jetstream_error(status: int, err_code: int, description: str, subject: str) 
         return Unavailable(
             "a publish with the same Idempotency-Key is still being stored: retry with the same key"
         )
+    if err_code in _JS_FULL_CODES:
+        return Unavailable(f"JetStream storage is full, nothing was stored: {description}")
     if err_code in _JS_UNAVAILABLE_CODES or status == 503:
         return Unavailable(f"JetStream cannot take the write now: {description}")
     return BrokerError(f"JetStream refused the write: {description} (code {err_code})")
