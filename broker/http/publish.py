@@ -423,6 +423,11 @@ class _DuplexPublish:
                 try:
                     ack = await publisher.settle(*pending, verify=False)
                 except BrokerError as e:
+                    # Its traceback holds this frame (and so the response's transport) while
+                    # the failed future holds the error: a reference cycle. granian ends the
+                    # answer only when the transport is freed, so the stream stayed open
+                    # until the next cyclic collection (rare: see broker._process.tune_gc).
+                    e.__traceback__ = None
                     await lines.put(_line(index, e.to_dict()))
                     continue
                 if not ack.duplicate:

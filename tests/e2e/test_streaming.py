@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -39,7 +40,7 @@ async def test_acks_arrive_while_the_request_body_still_flows(
             assert not stream.ended
         assert stream.status == 200
         stream.send(b'{"subject": "bad.*"}\n{broken\n', end=True)
-        stream.read_until(lambda s: s.ended)
+        stream.read_until(to_the_end)
     finally:
         stream.close()
     acks = [orjson.loads(line) for line in stream.lines()]
@@ -66,7 +67,7 @@ async def test_an_oversized_streamed_line_fails_alone(
         for start in range(0, len(huge), 16384):
             stream.send(huge[start : start + 16384])
         stream.send(b'{"data": 2}\n', end=True)
-        stream.read_until(lambda s: s.ended)
+        stream.read_until(to_the_end)
     finally:
         stream.close()
     acks = [orjson.loads(line) for line in stream.lines()]
@@ -92,7 +93,7 @@ async def test_a_streamed_line_over_the_limit_fails_when_its_newline_comes_with_
         stream.read_until(lambda s: len(s.lines()) >= 1)
         stream.send(tail)  # the chunk that crosses the limit holds the line's newline
         stream.send(b'{"data": 2}\n', end=True)
-        stream.read_until(lambda s: s.ended)
+        stream.read_until(to_the_end)
     finally:
         stream.close()
     acks = [orjson.loads(line) for line in stream.lines()]
@@ -110,7 +111,7 @@ def _stream_all(broker: BrokerProcess, subject: str, body: bytes) -> list[dict[s
     stream = open_stream(broker, subject)
     try:
         stream.send(body, end=True)
-        stream.read_until(lambda s: s.ended)
+        stream.read_until(to_the_end)
     finally:
         stream.close()
     return [orjson.loads(line) for line in stream.lines()]
@@ -157,7 +158,7 @@ async def test_a_duplicate_is_answered_before_the_next_record_is_sent(
             stream.send(_keyed(f"{run}-{key}", {"key": key}))
             stream.read_until(lambda s, n=i + 1: len(s.lines()) >= n)
         stream.send(_keyed(f"{run}-a", {"key": "changed"}), end=True)
-        stream.read_until(lambda s: s.ended)
+        stream.read_until(to_the_end)
     finally:
         stream.close()
     acks = [orjson.loads(line) for line in stream.lines()]
@@ -165,3 +166,34 @@ async def test_a_duplicate_is_answered_before_the_next_record_is_sent(
     assert acks[1]["seq"] == acks[3]["seq"] == acks[0]["seq"]
     assert acks[4]["seq"] == acks[2]["seq"]
     assert acks[5]["error_code"] == "idempotency_key_reused"
+
+
+@pytest.mark.parametrize("failing", ["last", "first"])
+async def test_a_stream_with_a_refused_record_ends_when_its_body_ends(
+    broker: BrokerProcess, failing: str
+) -> None:
+    """A record JetStream refuses (here a sequence conflict; a full store or a timeout
+    alike) gets its error line, and the response then ends: the stream used to stay open
+    until the ingress's next cyclic garbage collection, the refused ack's traceback keeping
+    the response transport alive, so clients waited out their own timeout."""
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    ok = orjson.dumps({"data": {"i": 1}}) + b"\n"
+    refused = orjson.dumps({"data": {"i": 2}, "expected_last_subject_sequence": 99999}) + b"\n"
+    body = ok + refused if failing == "last" else refused + ok
+    stream = open_stream(broker, subject)
+    stream.sock.settimeout(3.0)  # a stream that does not end fails the test, not hangs it
+    started = time.monotonic()
+    try:
+        stream.send(body, end=True)
+        stream.read_until(to_the_end)
+    finally:
+        stream.close()
+    acks = [orjson.loads(line) for line in stream.lines()]
+    assert sorted(a["index"] for a in acks) == [0, 1]
+    assert any(a.get("error_code") == "sequence_conflict" for a in acks), acks
+    assert time.monotonic() - started < 2.0
+
+
+def to_the_end(stream: DuplexStream) -> bool:
+    """A ``read_until`` predicate that reads until the stream ends."""
+    return False
