@@ -426,12 +426,29 @@ class NatsServer(_Started):
         answer = self._monitoring("/healthz")
         return answer is not None and answer[0] == 200
 
+    def write_error(self) -> str | None:
+        """The stream write error ``/healthz`` reports (``JetStream stream '…' write error:
+        … no space left on device``), else ``None``. nats-server keeps such an error for
+        good: the stream refuses every append (no answer: clients time out) until the
+        server restarts, even once the disk has room again."""
+        answer = self._monitoring("/healthz")
+        if answer is None or answer[0] == 200:
+            return None
+        try:  # 503 with the reason in the body
+            error = str(json.loads(answer[1]).get("error", ""))
+        except (ValueError, AttributeError):
+            return None
+        return error if "write error" in error else None
+
     def _monitoring(self, path: str) -> tuple[int, bytes] | None:
-        """The status and body of a GET of ``path`` on the monitoring port; ``None`` when
-        nothing answers there, an error status comes back, or what answers is not HTTP."""
+        """The status and body of a GET of ``path`` on the monitoring port (an error status
+        too); ``None`` when nothing answers there or what answers is not HTTP."""
         try:
             with urllib.request.urlopen(f"{self.monitor_url}{path}", timeout=1) as response:
                 return int(response.status), bytes(response.read())
+        except urllib.error.HTTPError as e:  # an error status, e.g. /healthz's 503
+            with e:
+                return int(e.code), bytes(e.read())
         except (urllib.error.URLError, http.client.HTTPException, OSError):
             return None
 

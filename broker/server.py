@@ -14,6 +14,7 @@ import fcntl
 import ipaddress
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -394,6 +395,7 @@ def _run_children(
     previous = {sig: signal.signal(sig, _Stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     terminal = terminal or _Terminal()
     code: int | None = None
+    write_errors = _WriteErrors()
     try:
         while not _Stop.requested and code is None:
             terminal.look()
@@ -408,6 +410,8 @@ def _run_children(
                 announce = ""
             if embedded is not None and not embedded.is_running():
                 code = _restart_nats(embedded)
+            elif embedded is not None and write_errors.due():
+                code = write_errors.check(embedded)
             for child in children:
                 if code is None and not _Stop.requested:
                     code = child.check()
@@ -519,9 +523,49 @@ def _reload(settings: Settings, children: Sequence[_Child]) -> None:
     log.info("reload", children=signalled)
 
 
-def _restart_nats(embedded: NatsServer) -> int | None:
-    """Start the embedded nats-server again after it died; 4 when it cannot be."""
-    log.error("embedded_nats_exited", pid=embedded.pid)
+class _WriteErrors:
+    """Watches the embedded server for a stream write error (its disk filled up): logged
+    once, and the server restarted once its store has room again (at least
+    :data:`_WRITE_ERROR_FREE_BYTES`), since nats-server itself never clears the error."""
+
+    def __init__(self) -> None:
+        self.next_check = time.monotonic() + _WRITE_ERROR_EVERY
+        self.seen: str | None = None
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_check
+
+    def check(self, embedded: NatsServer) -> int | None:
+        self.next_check = time.monotonic() + _WRITE_ERROR_EVERY
+        error = embedded.write_error()
+        if error is None:
+            self.seen = None
+            return None
+        if error != self.seen:
+            self.seen = error
+            log.error("embedded_nats_write_error", error=error[:300])
+        try:
+            free = shutil.disk_usage(embedded.spec.store_dir).free
+        except OSError:
+            return None
+        if free < _WRITE_ERROR_FREE_BYTES:
+            return None
+        log.warning("embedded_nats_restarting_after_write_error", free_bytes=free)
+        self.seen = None
+        return _restart_nats(embedded, exited=False)
+
+
+#: How often ``broker serve`` asks its embedded server for a stream write error.
+_WRITE_ERROR_EVERY = 5.0
+#: Free bytes on the store's file system before a server with a write error is restarted.
+_WRITE_ERROR_FREE_BYTES = 64 * 1024 * 1024
+
+
+def _restart_nats(embedded: NatsServer, *, exited: bool = True) -> int | None:
+    """Start the embedded nats-server again after it died (or stopped storing); 4 when it
+    cannot be."""
+    if exited:
+        log.error("embedded_nats_exited", pid=embedded.pid)
     try:
         embedded.restart()
     except Exception as e:

@@ -454,3 +454,41 @@ def test_a_clusters_nodes_draw_none_of_its_route_ports_nor_the_ports_to_avoid(
         assert not set(own) & (cluster.route_ports | {ingress})
     finally:
         cluster.stop()
+
+
+def test_write_error_is_what_healthz_reports_of_a_stream_write(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A stream whose store could not be written (a full disk) makes nats-server's
+    ``/healthz`` answer 503 with the reason, and keep it: ``broker serve`` restarts its
+    embedded server on it. A healthy server, and other 503s, are no write error."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    assert nats_server.write_error() is None
+    reasons = [
+        "JetStream stream '$G > MESSAGES' write error: write /x/1.blk: no space left on device",
+        "JetStream not current",
+    ]
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": "unavailable", "error": reasons[0]}).encode()
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    monitor = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=monitor.serve_forever, daemon=True).start()
+    try:
+        spec = ServerSpec(store_dir=tmp_path, http_port=monitor.server_address[1])
+        behind = NatsServer(spec)  # not started: only its monitoring port is asked
+        assert behind.write_error() == reasons[0]
+        reasons.pop(0)
+        assert behind.write_error() is None
+    finally:
+        monitor.shutdown()
+        monitor.server_close()
