@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import math
 import os
@@ -424,6 +425,19 @@ def _run_children(
     return 0 if code is None else code
 
 
+def default_metrics_dir(data_dir: Path) -> Path:
+    """Where serve's processes keep their metrics files: in memory (``/dev/shm``) where
+    there is one, not beside JetStream's store and the SQLite replica. The files are
+    memory-mapped, and a process that writes a new page of one on a full file system dies
+    of SIGBUS, without a traceback: the store filling the data dir's disk took the ingress
+    down (a crash loop) instead of its publishes answering 503."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        return shm / f"agent-broker-metrics-{tag}"
+    return data_dir / "metrics"
+
+
 def hung_up(terminal: Sequence[int]) -> bool:
     """Whether the terminal of these descriptors (those that were one at start) hung up: the
     kernel then makes them fail as terminals."""
@@ -829,8 +843,9 @@ def _run_broker(
         return _EXIT_STARTUP
     os.environ.update(env(settings))
     # Every child writes its metrics here; any ingress worker's /metrics adds them all up.
-    metrics_dir = os.environ.get(MULTIPROC_ENV) or str(settings.data_dir / "metrics")
-    os.environ[MULTIPROC_ENV] = str(prepare_multiprocess_dir(Path(metrics_dir)))
+    given = os.environ.get(MULTIPROC_ENV)
+    metrics_dir = prepare_multiprocess_dir(Path(given or default_metrics_dir(settings.data_dir)))
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
     from broker.http.state import git_revision
 
     log.info(
@@ -861,4 +876,6 @@ def _run_broker(
             announce_nats_url(settings.data_dir, None)
             embedded.stop()
             log.info("embedded_nats_stopped")
+        if not given:  # its own directory, in memory where it is /dev/shm: not left there
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return code

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.server import default_metrics_dir
 from tests._wait import wait_for
 from tests.e2e._broker import alive, children, start_broker
 
@@ -109,3 +110,20 @@ def test_hung_children_share_one_stop_deadline_and_are_killed_by_name(tmp_path: 
     assert wait_for(lambda: not any(alive(pid) for pid in descendants), timeout=15), [
         pid for pid in descendants if alive(pid)
     ]
+
+
+def test_the_metrics_files_live_in_memory_while_the_broker_runs_and_go_with_it(
+    tmp_path: Path,
+) -> None:
+    """The processes' memory-mapped metrics files were in ``<data-dir>/metrics``, on the
+    disk JetStream fills: a process writing a new page of one on a full disk died of SIGBUS
+    (the ingress, in a crash loop). They are in /dev/shm now, and removed at the stop."""
+    where = default_metrics_dir(tmp_path / "data")
+    assert where.parent == Path("/dev/shm")
+    broker = start_broker(tmp_path, args=("--projection-workers", "0"))
+    try:
+        assert wait_for(lambda: any(where.glob("*.db")), timeout=20), broker.log_tail()
+        assert not (tmp_path / "data" / "metrics").exists()
+    finally:
+        assert broker.stop() == 0
+    assert not where.exists()
