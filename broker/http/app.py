@@ -59,7 +59,7 @@ from broker.http.schema_registry import PREFIX as REGISTRY_PREFIX
 from broker.http.schema_registry import RegistryJSON, schema_registry_router
 from broker.http.state import IngressState, git_revision
 from broker.http.ui import ops_router
-from broker.natsconn import connect_options
+from broker.natsconn import LogThrottle, connect_options
 from broker.publisher import Publisher, map_nats_error
 from broker.sensitive import redact_text
 from broker.settings import Settings, get_settings
@@ -212,6 +212,10 @@ def _meta_app(state: IngressState) -> FastAPI:
     return app
 
 
+#: ``request_failed`` lines let through: one per error text every 10 s.
+_failures = LogThrottle(10.0)
+
+
 def _loggable(path: str) -> str:
     """A request path for the log: card numbers masked first, then cut to 100 characters
     (cut first, a number the cut split kept its leading digits in clear)."""
@@ -295,8 +299,12 @@ class BrokerApp:
             self._refuse(proto, path, e, e.status * 100 + 1)
             return e.status
         except BrokerError as e:
-            if e.status >= 500:
-                log.warning("request_failed", error_code=e.error_code, message=e.message)
+            # One line per error every 10 s, with how many were held back: while NATS is
+            # away or its store is full every publish fails alike (thousands a second).
+            if e.status >= 500 and (held := _failures.admit(e.message)) is not None:
+                log.warning(
+                    "request_failed", error_code=e.error_code, message=e.message, repeated=held
+                )
             code = _registry_code(e.status, timeout=isinstance(e, PublishTimeout))
             if not isinstance(e, RequestTimeout):  # a body too slow to arrive is not awaited
                 await discard_body(proto, scope.headers)

@@ -3,6 +3,7 @@ ability to append, answered within a probe's timeout, and saying whether a route
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -119,3 +120,36 @@ async def test_readyz_answers_503_within_a_probe_timeout_while_nats_hangs(
         return (await client.get("/readyz")).status_code == 200
 
     assert await await_until(ready, timeout=20)
+
+
+async def test_publishes_failing_alike_log_one_request_failed_line(
+    broker: BrokerProcess, client: httpx.AsyncClient, module_nats: NatsServer
+) -> None:
+    """While NATS hangs every publish fails alike; each used to log its own
+    ``request_failed`` line (thousands a second under load). One per error text every 10 s
+    now, with how many were held back."""
+    pid = module_nats.pid
+    assert pid is not None
+    logged_before = len(broker.log_path.read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/publish/readyz.failing",
+                    content=b"x",
+                    headers={"content-type": "text/plain"},
+                    timeout=30,
+                )
+                for _ in range(20)
+            )
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert {answer.status_code for answer in answers} == {503}
+    failures = [
+        line
+        for line in broker.log_path.read_text()[logged_before:].splitlines()
+        if '"event": "request_failed"' in line
+    ]
+    assert len({answer.json()["message"] for answer in answers}) == len(failures), failures
