@@ -16,6 +16,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -87,12 +88,27 @@ def start_in(
     )
 
 
+@contextlib.contextmanager
+def serving_in(
+    nats: NatsServer, data_dir: Path, *, controlling: bool = True
+) -> Iterator[tuple[Terminal, subprocess.Popen[bytes]]]:
+    """``broker serve`` in a new terminal (:func:`start_in`); killed if the block leaves it
+    running."""
+    terminal = Terminal()
+    broker = start_in(terminal, nats, data_dir, controlling=controlling)
+    try:
+        yield terminal, broker
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait()
+        os.close(terminal.slave)
+
+
 def test_sighup_reloads_and_a_closed_terminal_stops_the_broker(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    terminal = Terminal()
-    broker = start_in(terminal, nats_server, tmp_path)
-    try:
+    with serving_in(nats_server, tmp_path) as (terminal, broker):
         assert terminal.wait_for(b"broker ready on", 60), terminal.output[-3000:]
         broker.send_signal(signal.SIGHUP)  # the terminal is there: a reload
         assert terminal.wait_for(b'"event": "reload"', 10), terminal.output[-3000:]
@@ -103,11 +119,6 @@ def test_sighup_reloads_and_a_closed_terminal_stops_the_broker(
         terminal.close()
         code = broker.wait(40)
         assert code == 0  # stopped as on SIGTERM; SIGHUP's default ended it with -1
-    finally:
-        if broker.poll() is None:
-            broker.kill()
-            broker.wait()
-        os.close(terminal.slave)
 
 
 def test_sighups_while_the_broker_starts_neither_end_it_nor_its_children(
@@ -150,9 +161,7 @@ def test_a_broker_whose_terminal_closed_long_ago_reloads_on_sighup(
     """Its terminal gone (not its controlling one, so no SIGHUP came with it), a later
     ``kill -HUP`` is a reload. Its next log line used to fail with EIO on the dead terminal
     and end the broker (exit 1)."""
-    terminal = Terminal()
-    broker = start_in(terminal, nats_server, tmp_path, controlling=False)
-    try:
+    with serving_in(nats_server, tmp_path, controlling=False) as (terminal, broker):
         assert terminal.wait_for(b"broker ready on", 60), terminal.output[-3000:]
         terminal.close()
         time.sleep(_Terminal.HANGUP_WINDOW + 1.5)  # past the hang-up window
@@ -162,11 +171,6 @@ def test_a_broker_whose_terminal_closed_long_ago_reloads_on_sighup(
         assert broker.poll() is None
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(40) == 0
-    finally:
-        if broker.poll() is None:
-            broker.kill()
-            broker.wait()
-        os.close(terminal.slave)
 
 
 def catches_sighup(pid: int) -> bool:
@@ -217,18 +221,11 @@ def test_a_terminal_closed_while_the_cli_loads_stops_the_broker_before_it_starts
     test was too slow to close the terminal before the broker got that far.)"""
     for _attempt in range(3):
         data = tmp_path / f"attempt-{_attempt}"
-        terminal = Terminal()
-        broker = start_in(terminal, nats_server, data)
-        try:
+        with serving_in(nats_server, data) as (terminal, broker):
             wait_until_it_catches_sighup(broker)
             started = (data / LOCK_FILE).exists()
             terminal.close()
             assert broker.wait(30) == 0
-        finally:
-            if broker.poll() is None:
-                broker.kill()
-                broker.wait()
-            os.close(terminal.slave)
         if not started:
             assert not (data / LOCK_FILE).exists()  # it stopped before it took its data dir
             return
