@@ -269,13 +269,14 @@ class ReplyStore:
     def connection_error(self, error: str) -> None:
         """An error the server reported on the connection (the client's error callback): a
         permission violation for one of these appends stops storing for ``pause`` s."""
-        if self._marker in error and _PERMISSION_VIOLATION in error.lower():
+        paused = time.monotonic() < self._paused_until  # the appends sent before it, refused
+        if not paused and self._marker in error and _PERMISSION_VIOLATION in error.lower():
             self._failed([], error[:300], pause=True)
 
     def sweep(self) -> None:
-        """Log the appends whose ack did not come in time (a missing publish permission on
-        ``route.<tenant>.<agent>.reply.*``, JetStream away): called on each append and on
-        each heartbeat."""
+        """Log the appends whose ack did not come in time (``ROUTES`` electing a leader,
+        JetStream away; a missing permission is reported sooner, on the connection): called
+        on each append and on each heartbeat."""
         now, expired = time.monotonic(), []
         while self._pending:  # insertion order is deadline order
             token, (seq, _, deadline) = next(iter(self._pending.items()))
