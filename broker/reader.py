@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 
@@ -48,6 +49,24 @@ def _forget_consumer(js: JetStreamContext, stream: str, name: str) -> None:
 #: other request on it too) and the deliveries in flight were lost.
 READ_BYTES = 8 * 1024 * 1024
 _SMALLEST_ESTIMATE = 1024  # small messages: the batch count is the bound
+#: Fetches of one process in flight at once, whatever the number of reads: nats-server's
+#: 64 MiB per-client buffer holds what every fetch on the connection asked for and the
+#: client has not read yet. Eight replays of near-1 MiB messages, each fetching its 8 MiB
+#: (its first fetch up to 16 messages), went over it: the server cut the process's one
+#: connection as a slow consumer, and every publish on it failed (503) meanwhile.
+FETCHES_AT_ONCE = 2
+#: The gate of each event loop (a semaphore belongs to the loop it is first used on).
+_fetch_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fetch_gate() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    gate = _fetch_gates.get(loop)
+    if gate is None:
+        gate = _fetch_gates[loop] = asyncio.Semaphore(FETCHES_AT_ONCE)
+    return gate
 
 
 class FetchSize:
@@ -196,7 +215,8 @@ class _Read:
         if self.sub is None:
             raise _BrokeOff("no consumer")
         try:
-            messages: list[Msg] = await self.sub.fetch(self.size.count(batch), timeout=timeout)
+            async with _fetch_gate():
+                messages: list[Msg] = await self.sub.fetch(self.size.count(batch), timeout=timeout)
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, by path
             messages = []
         except nats.errors.Error as e:  # the connection cut, a consumer gone, ...
