@@ -131,13 +131,38 @@ def _forget(engine: sa.Engine, outbox: sa.Table, ids: list[int]) -> None:
         conn.execute(outbox.delete().where(outbox.c.id.in_(ids)))
 
 
+def _dumps(body: Any) -> bytes:
+    """``body`` as JSON. A row read back from the replica holds an integer past 64 bits as a
+    Python ``int`` (the payload kept every digit, or a float PostgreSQL's ``jsonb`` wrote
+    without a fraction), which orjson refuses (``TypeError: Integer exceeds 64-bit range``):
+    such integers are written with every digit, everything else as orjson writes it. Raised,
+    the error failed every relay of that row, and the relay never got past it."""
+    try:
+        return orjson.dumps(body, default=str)
+    except TypeError:
+        return orjson.dumps(_wide_ints_written(body), default=str)
+
+
+def _wide_ints_written(value: Any) -> Any:
+    """``value`` with every integer orjson cannot write (past 64 bits) as its digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if -(2**63) <= value < 2**64:
+            return value
+        return orjson.Fragment(str(value).encode())
+    if isinstance(value, dict):
+        return {key: _wide_ints_written(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wide_ints_written(item) for item in value]
+    return value
+
+
 def audit_event(row: Any) -> tuple[str, bytes]:
     """The subject and body of one outbox row's audit event."""
     record = dict(row.after)
     kind = str(record["kind"])
     subject = f"{SUBJECT_PREFIX[Stream.AUDIT]}.{record['tenant'] or NO_TENANT}.{kind}"
     body = {"type": AUDIT_EVENT_TYPES.get(kind, kind), **record}
-    return subject, orjson.dumps(body, default=str)
+    return subject, _dumps(body)
 
 
 def message_id(row: Any) -> str:
@@ -166,7 +191,7 @@ def change_event(row: Any) -> tuple[str, bytes]:
         "after": row.after,
         "source": {"stream": row.source_stream, "seq": row.source_seq},
     }
-    return subject, orjson.dumps(body, default=str)
+    return subject, _dumps(body)
 
 
 def stub_event(row: Any, why: str) -> bytes:
@@ -188,7 +213,7 @@ def stub_event(row: Any, why: str) -> bytes:
         body = {"op": row.op, "table": row.table_name, "key": row.key}
         body["source"] = {"stream": row.source_stream, "seq": row.source_seq}
     body["stub"] = why
-    return orjson.dumps(body, default=str)
+    return _dumps(body)
 
 
 def _fitting(row: Any, max_payload: int) -> tuple[str, bytes, dict[str, str]] | None:

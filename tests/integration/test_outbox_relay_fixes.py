@@ -251,3 +251,43 @@ async def test_a_failed_relay_is_logged_by_its_error_not_its_statement(
     assert "no such table" in failed["error"]
     assert "[SQL:" not in failed["error"]
     assert "SELECT" not in failed["error"]
+
+
+async def test_a_row_with_an_integer_past_64_bits_is_relayed_not_retried_forever(
+    nats_url: str, db: ReplicaDb
+) -> None:
+    """A payload's integer past 64 bits, kept with every digit in the replica (or a float an
+    earlier release wrote, which PostgreSQL's jsonb gives back as such an integer), is read
+    back from the outbox as a Python int, which orjson refuses: the relay failed on that row
+    at every poll and CHANGES got nothing more. It is relayed with every digit, and the rows
+    after it follow."""
+    import orjson
+
+    big = 123456789012345678901234567890
+    fill_outbox(db.engine, 1, {"payload_json": {"big": orjson.Fragment(str(big).encode())}})
+    with db.engine.begin() as tx:  # a second, ordinary row behind it
+        tx.execute(
+            outbox.insert(),
+            [
+                {
+                    "projection": "replica_messages",
+                    "table_name": "replica_messages",
+                    "op": "c",
+                    "key": {"seq": 2},
+                    "before": None,
+                    "after": {"payload_json": {"n": 1}, "seq": 2},
+                    "source_stream": "MESSAGES",
+                    "source_seq": 2,
+                }
+            ],
+        )
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream(timeout=30)
+        await ensure_changes_stream(js)
+        assert await relay_once(js, db.engine) == 2
+        events = await changes(js)
+        assert [e["source"]["seq"] for e in events] == [1, 2]
+        assert events[0]["after"]["payload_json"]["big"] == big
+    finally:
+        await nc.close()
