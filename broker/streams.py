@@ -317,6 +317,51 @@ def config_diff(
     return diff
 
 
+#: The settings that set a stream's own retention limits, by stream and field.
+_LIMIT_SETTINGS = {
+    (Stream.MESSAGES, "max_age"): "BROKER_MESSAGES_MAX_AGE_SECONDS",
+    (Stream.MESSAGES, "max_bytes"): "BROKER_MESSAGES_MAX_BYTES",
+    (Stream.ROUTES, "max_age"): "BROKER_ROUTES_MAX_AGE_SECONDS",
+    (Stream.ROUTES, "max_bytes"): "BROKER_ROUTES_MAX_BYTES",
+    (Stream.DLQ, "max_age"): "BROKER_DLQ_MAX_AGE_SECONDS",
+    (Stream.DLQ, "max_bytes"): "BROKER_DLQ_MAX_BYTES",
+}
+
+
+def _tightened(diff: Mapping[str, tuple[Any, Any]]) -> list[str]:
+    """The retention limits in ``diff`` (normalised values) that the wanted configuration
+    lowers: 0 s and -1 bytes are no limit."""
+    lowered = []
+    for name in ("max_age", "max_bytes"):
+        if name not in diff:
+            continue
+        have, want = diff[name]
+        unlimited = 0.0 if name == "max_age" else -1
+        if want != unlimited and (have == unlimited or want < have):
+            lowered.append(name)
+    return lowered
+
+
+def _loss_warning(name: str, diff: Mapping[str, tuple[Any, Any]], messages: int) -> str:
+    """What applying ``diff`` to stream ``name``, which holds ``messages``, deletes at once,
+    and how to keep it: ``""`` when it lowers no limit or the stream is empty. A stream made
+    by an earlier release that did not bound ROUTES and DLQ differs from one made now as soon
+    as MESSAGES is bounded, and its dead letters are what a person has not looked at yet."""
+    lowered = _tightened(diff)
+    if not lowered or messages == 0:
+        return ""
+    keep = ", ".join(
+        f"{_LIMIT_SETTINGS[(Stream(name), f)]}={'0' if f == 'max_age' else '-1'}"
+        if (Stream(name), f) in _LIMIT_SETTINGS
+        else f
+        for f in lowered
+    )
+    return (
+        f"; applying it deletes at once the messages of {name} ({messages} stored) past the "
+        f"new {' and '.join(lowered)}; to keep them unbounded set {keep}"
+    )
+
+
 def _describe(name: str, diff: dict[str, tuple[Any, Any]]) -> str:
     parts = ", ".join(f"{f}: existing={have!r} wanted={want!r}" for f, (have, want) in diff.items())
     return f"stream {name} exists with a different configuration ({parts})"
@@ -330,6 +375,7 @@ async def _reconcile(
     *,
     update: bool,
     shown_as: Mapping[str, str] | None = None,
+    stored: int = 0,
 ) -> None:
     """Refuse a differing configuration, or, asked to ``update``, apply the wanted values of
     the differing fields in place, keeping every field the broker does not compare (the
@@ -341,10 +387,13 @@ async def _reconcile(
         raise StreamConfigConflict(
             f"{message}; these fields cannot be changed in place; migrate the stream"
         )
+    loss = _loss_warning(existing.name, diff, stored) if existing.name in set(Stream) else ""
     if not update:
         raise StreamConfigConflict(
-            f"{message}; start with --update-streams to apply the wanted configuration"
+            f"{message}{loss}; start with --update-streams to apply the wanted configuration"
         )
+    if loss:
+        log.warning("stream_limits_lowered", stream=existing.name, warning=loss[2:])
     changed = dataclasses.replace(existing, **{name: getattr(wanted, name) for name in diff})
     try:
         await js.update_stream(changed)
@@ -373,7 +422,8 @@ async def _ensure_stream(
         report.unchanged.append(wanted.name)
         return
     unset = all(name in _SET_WHEN_UNSET and have == -1 for name, (have, _) in diff.items())
-    await _reconcile(js, info.config, wanted, diff, update=update or unset)
+    stored = info.state.messages if info.state is not None else 0
+    await _reconcile(js, info.config, wanted, diff, update=update or unset, stored=stored)
     report.updated.append(wanted.name)
     log.warning("stream_updated", stream=wanted.name, changed=sorted(diff))
 

@@ -217,3 +217,43 @@ async def test_streams_of_an_unbounded_release_are_bounded_with_update_streams(
     report = await provision(js, capped, update=True)
     assert set(report.updated) == {Stream.MESSAGES, Stream.ROUTES, Stream.DLQ}
     assert (await js.stream_info(Stream.DLQ)).config.max_bytes == 1_000_000
+
+
+async def test_a_dlq_bounded_by_an_upgrade_names_what_the_update_deletes(
+    js: JetStreamContext,
+) -> None:
+    """A release before ROUTES and DLQ followed MESSAGES' limits made DLQ without any (and
+    ROUTES without a byte limit). Upgraded with a bounded MESSAGES, the start refuses with a
+    message that says ``--update-streams`` deletes the dead letters past the new limit at
+    once, and names the setting that keeps them; that setting starts without a DLQ conflict."""
+    bounded = Settings(messages_max_age_seconds=3600, messages_max_bytes=1_000_000)
+    old_dlq = dataclasses.replace(_spec(Stream.DLQ, bounded), max_age=0.0, max_bytes=-1)
+    await js.add_stream(old_dlq)
+    await js.publish("dlq.default.route", b"a dead letter waiting for a person")
+    with pytest.raises(StreamConfigConflict) as caught:
+        await provision(js, bounded)
+    message = caught.value.message
+    assert "stream DLQ" in message
+    assert "deletes at once the messages of DLQ (1 stored)" in message
+    assert "BROKER_DLQ_MAX_AGE_SECONDS=0" in message
+    assert "BROKER_DLQ_MAX_BYTES=-1" in message
+    assert message.endswith("start with --update-streams to apply the wanted configuration")
+
+    kept = Settings(
+        messages_max_age_seconds=3600,
+        messages_max_bytes=1_000_000,
+        dlq_max_age_seconds=0.0,
+        dlq_max_bytes=-1,
+    )
+    report = await provision(js, kept)
+    assert Stream.DLQ in report.unchanged
+    assert (await js.stream_info(Stream.DLQ)).state.messages == 1
+
+
+async def test_an_empty_stream_bounded_by_an_update_gets_no_loss_warning(
+    js: JetStreamContext,
+) -> None:
+    await provision(js, Settings())
+    with pytest.raises(StreamConfigConflict) as caught:
+        await provision(js, Settings(messages_max_bytes=1_000_000))
+    assert "deletes" not in caught.value.message
