@@ -771,6 +771,8 @@ class Agent:
         )
         self._js = self._nc.jetstream(timeout=10.0)
         self._reply_store = ReplyStore(self._nc, self.name, timeout=_REPLY_STORE_TIMEOUT)
+        if self.store_replies:
+            await self._reply_store.start()
         self._kv = await self._js.key_value(AGENT_LOAD_BUCKET)
         await self._fit_heartbeat_to_ttl(self._kv)
         if self.register:

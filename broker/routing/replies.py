@@ -248,6 +248,13 @@ class ReplyStore:
             self._pending.pop(token, None)
             self._failed([message_seq], repr(e)[:300])
 
+    async def start(self) -> None:
+        """Subscribe to the acks now, before the first reply: subscribing on the first append
+        flushed the connection between the reply sent to the caller and its stored copy, so
+        an agent killed then had answered a caller with a reply that was never stored (a
+        retry of that request waited in vain). Without it, both leave in one flush."""
+        await self._subscribe()
+
     async def _subscribe(self) -> str:
         async with self._subscribing:  # two appends at once would subscribe twice
             if self._prefix is None:

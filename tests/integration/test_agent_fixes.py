@@ -5,6 +5,8 @@ closed for good is an error, and a long handler is kept alive on its consumer's 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from typing import Any
 
 import nats
@@ -448,3 +450,38 @@ async def test_a_handler_cancelled_at_the_end_of_the_drain_hands_its_message_bac
         assert await await_until(taken_over, timeout=5)
     finally:
         await stopped(running_second, stop_second)
+
+
+async def test_an_agent_subscribes_to_its_reply_acks_before_its_first_reply(
+    publisher: Publisher, nats_server: NatsServer
+) -> None:
+    """Subscribing on the first stored reply flushed the connection between the reply sent
+    to the caller and its stored copy: an agent killed then (before its ack) had answered
+    the caller with a reply never stored, and a retry of the request waited in vain. The
+    subscription is made as the agent connects, before any message."""
+    agent = Agent(MANIFEST, nats_url=nats_server.url, heartbeat_interval=0.2)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"ok"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+
+        def connz() -> Any:
+            url = f"{nats_server.monitor_url}/connz?subs=1"
+            with urllib.request.urlopen(url) as answer:
+                return json.loads(answer.read())
+
+        async def subscribed() -> bool:
+            store = agent._reply_store
+            acks = f"{store._prefix}*" if store is not None and store._prefix else None
+            connections = (await asyncio.to_thread(connz))["connections"]
+            mine = [c for c in connections if c.get("name", "").startswith("agent-")]
+            return any(acks in c.get("subscriptions_list", []) for c in mine)
+
+        assert await await_until(subscribed, timeout=10)
+        assert agent.handled == 0
+    finally:
+        await stopped(running, stop)
