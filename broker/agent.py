@@ -141,6 +141,9 @@ _POSITION_EVERY_BEATS = 5
 _RESUBSCRIBE_PAUSE = 0.5
 #: Seconds a stopping agent gives the removal of its heartbeat, then its connection's close.
 _LEAVE_SECONDS = 2.0
+#: Seconds a fetch's pull request may outlive the fetch on the server: it expires
+#: ``_FETCH_TIMEOUT`` after the server read it, later than the fetch's own timer started.
+_PULL_REQUEST_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +417,18 @@ def _failure_headers(failure: RouteFailed, request: Request, limit: int) -> dict
     return None
 
 
+async def _hand_back(message: Msg) -> int:
+    """Hand ``message`` back to the inbox consumer for another instance (a nak, 1 s): 1,
+    or 0 when it is no JetStream message (a pull request's status) or could not be."""
+    if not message.reply or not message.reply.startswith("$JS.ACK."):
+        return 0
+    try:
+        await message.nak(delay=_HANDED_BACK_DELAY)
+    except Exception:
+        return 0
+    return 1
+
+
 def _deliveries(message: Msg) -> int:
     """How many times JetStream delivered ``message``, this time included (1 when the
     message carries no JetStream metadata)."""
@@ -519,6 +534,8 @@ class Agent:
         self._others_done.set()
         self._alone = asyncio.Lock()  # held by the redelivered message that runs alone
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None  # the inbox subscription being consumed
+        self._last_fetch = 0.0  # monotonic time the last fetch started
         self._window = _Window()
         self.handled = 0
         self.failed = 0
@@ -843,6 +860,7 @@ class Agent:
         (JetStream hands them out before any new message), held together while they wait:
         so the instance is cautious, and fetches one message at a time, while redeliveries
         may be on their way (:meth:`_be_cautious`)."""
+        self._sub = sub
         while not stop.is_set():
             if self._nc is None or self._nc.is_closed:
                 raise Unavailable(
@@ -859,6 +877,7 @@ class Agent:
                         await self._slot_freed.wait()
                 continue
             size = 1 if time.monotonic() < self._cautious_until else self._free
+            self._last_fetch = time.monotonic()
             try:
                 batch: list[Msg] = await sub.fetch(size, timeout=_FETCH_TIMEOUT)
             except (nats.errors.TimeoutError, TimeoutError):
@@ -879,7 +898,7 @@ class Agent:
                                 await remade.unsubscribe()
                         return
                     if remade is not None:
-                        sub = remade
+                        sub = self._sub = remade
                         continue
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
@@ -1242,13 +1261,52 @@ class Agent:
                     self._note_pending(info)
 
     async def _drain(self) -> None:
-        if self._tasks:
-            log.info("agent_draining", in_flight=len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:  # each hands its message back (a nak) before the connection closes
-                await asyncio.wait(pending, timeout=2.0)
+        drained = asyncio.Event()
+        unread = asyncio.create_task(self._hand_back_unread(drained))
+        try:
+            if self._tasks:
+                log.info("agent_draining", in_flight=len(self._tasks))
+                _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+                for task in pending:
+                    task.cancel()
+                if pending:  # each hands its message back (a nak) before the connection closes
+                    await asyncio.wait(pending, timeout=2.0)
+        finally:
+            drained.set()
+            await asyncio.wait({unread}, timeout=_FETCH_TIMEOUT + _PULL_REQUEST_GRACE + 1.0)
+            unread.cancel()
+            await asyncio.wait({unread})  # never raises what the task raised
+
+    async def _hand_back_unread(self, drained: asyncio.Event) -> None:
+        """Hand back what reaches the inbox subscription once the instance stopped fetching.
+        A fetch's pull request lives on the server until it expires (and one whose fetch
+        timed out here lives a moment longer), so the server goes on delivering messages
+        for it; no fetch takes them from nats-py's queue any more, and each would wait out
+        the consumer's ack_wait (a minute) before another instance got it, its caller's
+        deadline long past. So, while the drain lasts and until the last fetch's request
+        has expired, each is handed back (a nak, 1 s); then the subscription is closed and
+        what it still holds is handed back too."""
+        inner = getattr(self._sub, "_sub", None)  # nats-py's Subscription under the pull one
+        queue = getattr(inner, "_pending_queue", None)
+        if inner is None or queue is None:
+            return
+        until = self._last_fetch + _FETCH_TIMEOUT + _PULL_REQUEST_GRACE
+        handed = 0
+        try:
+            while not drained.is_set() or time.monotonic() < until:
+                try:
+                    message = await inner.next_msg(timeout=0.1)
+                except nats.errors.TimeoutError:
+                    continue
+                handed += await _hand_back(message)
+        except Exception:  # the connection closed, or the subscription: nothing to hand back
+            return
+        with contextlib.suppress(Exception):
+            await inner.unsubscribe()
+        while not queue.empty():
+            handed += await _hand_back(queue.get_nowait())
+        if handed:
+            log.info("agent_unread_handed_back", agent=self.name, count=handed)
 
     async def _leave(self) -> None:
         """Take this instance's heartbeat out of routing and close the connection, in a few

@@ -1,0 +1,97 @@
+"""An instance told to stop hands back what still reaches its inbox subscription: a fetch's
+pull request outlives the fetch on the server (until it expires, or a moment past a fetch that
+timed out here), so messages go on arriving for it after the instance stopped fetching. Left
+in nats-py's queue, each waited out the consumer's ack_wait (a minute by default) before
+another instance got it: a caller waiting 30 s got 504, and the message was dead-lettered
+as ``deadline_exceeded`` although a healthy instance was idle the whole time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from broker.agent import Agent, Request
+from broker.publisher import Publisher
+from broker.streams import Stream
+from tests._wait import await_until
+from tests.integration.test_agent_fixes import MANIFEST, send
+
+pytestmark = pytest.mark.integration
+
+
+async def test_messages_delivered_to_a_stopping_instance_are_handed_back(
+    publisher: Publisher, nats_url: str
+) -> None:
+    release = asyncio.Event()
+    seen: list[tuple[str, int]] = []
+    captured: dict[str, Any] = {}
+
+    def instance(tag: str) -> Agent:
+        agent = Agent(
+            MANIFEST, nats_url=nats_url, concurrency=1, ack_wait=30, heartbeat_interval=0.2
+        )
+
+        @agent.handler
+        async def handle(request: Request) -> bytes:
+            seen.append((tag, request.message_seq))
+            if request.message_seq == 1:
+                await release.wait()  # keeps the stopping instance draining
+            return b"ok"
+
+        return agent
+
+    a = instance("a")
+    consume = a._consume
+
+    async def capturing(sub: Any, stop: asyncio.Event) -> None:
+        captured["sub"] = sub
+        await consume(sub, stop)
+
+    a._consume = capturing  # type: ignore[method-assign]
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    run_a = asyncio.create_task(a.run(stop_a))
+    run_b: asyncio.Task[None] | None = None
+    try:
+        await send(publisher, 1)
+
+        async def started_one() -> bool:
+            return ("a", 1) in seen
+
+        assert await await_until(started_one, timeout=10)
+        stop_a.set()
+        await asyncio.sleep(1.3)  # its consume loop has ended; the drain waits on message 1
+        # A pull request of a's last fetch, still open on the server (as one is for up to a
+        # fetch's timeout after it): the server delivers the next messages to a.
+        request = orjson.dumps({"batch": 2, "expires": 800_000_000})
+        await publisher.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{Stream.ROUTES}.{a.consumer_name}",
+            request,
+            reply=captured["sub"]._deliver,
+        )
+        await publisher.nc.flush()
+        await send(publisher, 2)
+        await send(publisher, 3)
+        await asyncio.sleep(0.5)
+        release.set()
+        await asyncio.wait_for(run_a, 15)
+
+        b = instance("b")
+        run_b = asyncio.create_task(b.run(stop_b))
+
+        async def b_ran_both() -> bool:
+            return {("b", 2), ("b", 3)} <= set(seen)
+
+        # Handed back: b runs them within seconds, not after the consumer's 30 s ack_wait.
+        assert await await_until(b_ran_both, timeout=8), seen
+        assert ("a", 2) not in seen
+        assert ("a", 3) not in seen
+    finally:
+        release.set()
+        stop_a.set()
+        stop_b.set()
+        for run in (run_a, run_b):
+            if run is not None:
+                await asyncio.wait_for(run, 15)
