@@ -314,6 +314,10 @@ class _Started:
         self.stop()
 
 
+#: What a write error of nats-server says when its disk is full.
+_DISK_FULL = "no space left on device"
+
+
 class NatsServer(_Started):
     """One nats-server process with JetStream, its config, log and pid in ``store_dir``."""
 
@@ -427,10 +431,11 @@ class NatsServer(_Started):
         return answer is not None and answer[0] == 200
 
     def write_error(self) -> str | None:
-        """The stream write error ``/healthz`` reports (``JetStream stream '…' write error:
-        … no space left on device``), else ``None``. nats-server keeps such an error for
-        good: the stream refuses every append (no answer: clients time out) until the
-        server restarts, even once the disk has room again."""
+        """The write error of a full disk that ``/healthz`` reports (``JetStream stream '…'
+        write error: … no space left on device``), else ``None`` (other errors included).
+        nats-server keeps such an error for good: the stream refuses every append (no
+        answer: clients time out) until the server restarts, even once the disk has room
+        again."""
         answer = self._monitoring("/healthz")
         if answer is None or answer[0] == 200:
             return None
@@ -438,7 +443,7 @@ class NatsServer(_Started):
             error = str(json.loads(answer[1]).get("error", ""))
         except (ValueError, AttributeError):
             return None
-        return error if "write error" in error else None
+        return error if "write error" in error and _DISK_FULL in error else None
 
     def _monitoring(self, path: str) -> tuple[int, bytes] | None:
         """The status and body of a GET of ``path`` on the monitoring port (an error status
@@ -448,7 +453,10 @@ class NatsServer(_Started):
                 return int(response.status), bytes(response.read())
         except urllib.error.HTTPError as e:  # an error status, e.g. /healthz's 503
             with e:
-                return int(e.code), bytes(e.read())
+                try:
+                    return int(e.code), bytes(e.read())
+                except (http.client.HTTPException, OSError):  # a body cut short, too slow
+                    return None
         except (urllib.error.URLError, http.client.HTTPException, OSError):
             return None
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-import weakref
 from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 
@@ -55,16 +54,17 @@ _SMALLEST_ESTIMATE = 1024  # small messages: the batch count is the bound
 #: (its first fetch up to 16 messages), went over it: the server cut the process's one
 #: connection as a slow consumer, and every publish on it failed (503) meanwhile.
 FETCHES_AT_ONCE = 2
-#: The gate of each event loop (a semaphore belongs to the loop it is first used on).
-_fetch_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+#: The gate of each event loop (a semaphore belongs to the loop it is first used on, and
+#: holds it: the gates of closed loops are dropped as a new one is made).
+_fetch_gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
 def _fetch_gate() -> asyncio.Semaphore:
     loop = asyncio.get_running_loop()
     gate = _fetch_gates.get(loop)
     if gate is None:
+        for closed in [other for other in _fetch_gates if other.is_closed()]:
+            del _fetch_gates[closed]
         gate = _fetch_gates[loop] = asyncio.Semaphore(FETCHES_AT_ONCE)
     return gate
 

@@ -412,7 +412,10 @@ def _run_children(
             if embedded is not None and not embedded.is_running():
                 code = _restart_nats(embedded)
             elif embedded is not None and write_errors.due():
-                code = write_errors.check(embedded)
+                try:
+                    code = write_errors.check(embedded)
+                except Exception as e:  # a check that fails must not end the broker
+                    log.warning("embedded_nats_check_failed", error=repr(e)[:300])
             for child in children:
                 if code is None and not _Stop.requested:
                     code = child.check()
@@ -430,12 +433,22 @@ def default_metrics_dir(data_dir: Path) -> Path:
     there is one, not beside JetStream's store and the SQLite replica. The files are
     memory-mapped, and a process that writes a new page of one on a full file system dies
     of SIGBUS, without a traceback: the store filling the data dir's disk took the ingress
-    down (a crash loop) instead of its publishes answering 503."""
+    down (a crash loop) instead of its publishes answering 503. The same holds for a full
+    ``/dev/shm``: it is used only with :data:`METRICS_SHM_FREE_BYTES` free (a container's is
+    64 MiB unless given more)."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
+    try:
+        roomy = os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= METRICS_SHM_FREE_BYTES
+    except OSError:
+        roomy = False
+    if roomy:
         tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
         return shm / f"agent-broker-metrics-{tag}"
     return data_dir / "metrics"
+
+
+#: Free bytes ``/dev/shm`` must have for the metrics files to go there.
+METRICS_SHM_FREE_BYTES = 32 * 1024 * 1024
 
 
 def hung_up(terminal: Sequence[int]) -> bool:
@@ -538,41 +551,60 @@ def _reload(settings: Settings, children: Sequence[_Child]) -> None:
 
 
 class _WriteErrors:
-    """Watches the embedded server for a stream write error (its disk filled up): logged
-    once, and the server restarted once its store has room again (at least
-    :data:`_WRITE_ERROR_FREE_BYTES`), since nats-server itself never clears the error."""
+    """Watches the embedded server for the write error of a full disk: logged once, and the
+    server restarted once its store's file system has room again (at least
+    :data:`_WRITE_ERROR_FREE_BYTES` and :data:`_WRITE_ERROR_FREE_INODES`), since nats-server
+    itself never clears the error. While the error keeps coming back, each restart waits
+    twice as long as the one before (10 s after the first, up to
+    :data:`_WRITE_ERROR_MAX_WAIT`): each drops every client's connection."""
 
     def __init__(self) -> None:
         self.next_check = time.monotonic() + _WRITE_ERROR_EVERY
         self.seen: str | None = None
+        self.wait = _WRITE_ERROR_EVERY
+        self.restarted_at = -math.inf
 
     def due(self) -> bool:
         return time.monotonic() >= self.next_check
 
     def check(self, embedded: NatsServer) -> int | None:
-        self.next_check = time.monotonic() + _WRITE_ERROR_EVERY
+        now = time.monotonic()
+        self.next_check = now + _WRITE_ERROR_EVERY
         error = embedded.write_error()
         if error is None:
             self.seen = None
+            if now - self.restarted_at > _WRITE_ERROR_MAX_WAIT:  # it held: back to the start
+                self.wait = _WRITE_ERROR_EVERY
             return None
         if error != self.seen:
             self.seen = error
             log.error("embedded_nats_write_error", error=error[:300])
+        if now < self.restarted_at + self.wait:
+            return None
         try:
-            free = shutil.disk_usage(embedded.spec.store_dir).free
+            room = os.statvfs(embedded.spec.store_dir)
         except OSError:
             return None
-        if free < _WRITE_ERROR_FREE_BYTES:
+        free = room.f_bavail * room.f_frsize
+        if free < _WRITE_ERROR_FREE_BYTES or room.f_favail < _WRITE_ERROR_FREE_INODES:
             return None
-        log.warning("embedded_nats_restarting_after_write_error", free_bytes=free)
+        log.warning(
+            "embedded_nats_restarting_after_write_error", free_bytes=free, next_wait_s=self.wait
+        )
         self.seen = None
+        self.restarted_at = now
+        self.wait = min(2 * self.wait, _WRITE_ERROR_MAX_WAIT)
         return _restart_nats(embedded, exited=False)
 
 
 #: How often ``broker serve`` asks its embedded server for a stream write error.
 _WRITE_ERROR_EVERY = 5.0
+#: The longest wait between two restarts for a write error that keeps coming back.
+_WRITE_ERROR_MAX_WAIT = 600.0
 #: Free bytes on the store's file system before a server with a write error is restarted.
 _WRITE_ERROR_FREE_BYTES = 64 * 1024 * 1024
+#: Free inodes there, likewise (a file system out of inodes is full with bytes to spare).
+_WRITE_ERROR_FREE_INODES = 1024
 
 
 def _restart_nats(embedded: NatsServer, *, exited: bool = True) -> int | None:

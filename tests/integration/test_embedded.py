@@ -461,12 +461,14 @@ def test_write_error_is_what_healthz_reports_of_a_stream_write(
 ) -> None:
     """A stream whose store could not be written (a full disk) makes nats-server's
     ``/healthz`` answer 503 with the reason, and keep it: ``broker serve`` restarts its
-    embedded server on it. A healthy server, and other 503s, are no write error."""
+    embedded server on it once there is room. A healthy server, other write errors and
+    other 503s are not that."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     assert nats_server.write_error() is None
     reasons = [
         "JetStream stream '$G > MESSAGES' write error: write /x/1.blk: no space left on device",
+        "JetStream stream '$G > MESSAGES' write error: write /x/1.blk: input/output error",
         "JetStream not current",
     ]
 
@@ -487,6 +489,8 @@ def test_write_error_is_what_healthz_reports_of_a_stream_write(
         spec = ServerSpec(store_dir=tmp_path, http_port=monitor.server_address[1])
         behind = NatsServer(spec)  # not started: only its monitoring port is asked
         assert behind.write_error() == reasons[0]
+        reasons.pop(0)  # a failing disk: not what a restart mends
+        assert behind.write_error() is None
         reasons.pop(0)
         assert behind.write_error() is None
     finally:
