@@ -5,8 +5,10 @@ closed for good is an error, and a long handler is kept alive on its consumer's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -76,6 +78,23 @@ async def caller_replies(publisher: Publisher) -> list[Msg]:
 async def stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     stop.set()
     await asyncio.wait_for(task, 15)
+
+
+@contextlib.asynccontextmanager
+async def running_echo(nats_url: str, **options: Any) -> AsyncIterator[Agent]:
+    """An agent of :data:`MANIFEST` answering ``b"ok"``, running until the block ends."""
+    agent = Agent(MANIFEST, nats_url=nats_url, **options)
+
+    @agent.handler
+    async def handle(request: Request) -> bytes:
+        return b"ok"
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        await stopped(running, stop)
 
 
 @pytest.fixture
@@ -191,22 +210,12 @@ async def test_a_heartbeat_slower_than_the_buckets_ttl_allows_is_shortened(
     (15 s): at 20 s an instance was out of routing for 5 s of every 20."""
     ttl = (await (await publisher.js.key_value(AGENT_LOAD_BUCKET)).status()).ttl
     assert ttl is not None
-    agent = Agent(MANIFEST, nats_url=nats_url, heartbeat_interval=ttl + 5)
-
-    @agent.handler
-    async def handle(request: Request) -> bytes:
-        return b""
-
-    stop = asyncio.Event()
-    running = asyncio.create_task(agent.run(stop))
-    try:
+    async with running_echo(nats_url, heartbeat_interval=ttl + 5) as agent:
 
         async def connected() -> bool:
             return agent.heartbeat_interval < ttl
 
         assert await await_until(connected, timeout=10)
-    finally:
-        await stopped(running, stop)
     assert agent.heartbeat_interval == pytest.approx(ttl / 3)
 
 
@@ -459,15 +468,7 @@ async def test_an_agent_subscribes_to_its_reply_acks_before_its_first_reply(
     to the caller and its stored copy: an agent killed then (before its ack) had answered
     the caller with a reply never stored, and a retry of the request waited in vain. The
     subscription is made as the agent connects, before any message."""
-    agent = Agent(MANIFEST, nats_url=nats_server.url, heartbeat_interval=0.2)
-
-    @agent.handler
-    async def handle(request: Request) -> bytes:
-        return b"ok"
-
-    stop = asyncio.Event()
-    running = asyncio.create_task(agent.run(stop))
-    try:
+    async with running_echo(nats_server.url, heartbeat_interval=0.2) as agent:
 
         def connz() -> Any:
             url = f"{nats_server.monitor_url}/connz?subs=1"
@@ -483,5 +484,3 @@ async def test_an_agent_subscribes_to_its_reply_acks_before_its_first_reply(
 
         assert await await_until(subscribed, timeout=10)
         assert agent.handled == 0
-    finally:
-        await stopped(running, stop)
