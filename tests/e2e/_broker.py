@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ import httpx
 from broker._process import process_alive
 from broker.cli import EXIT_STARTUP
 from broker.embedded import free_port
+from broker.server import default_metrics_dir
 
 
 def children(pid: int) -> list[int]:
@@ -55,6 +57,7 @@ class BrokerProcess:
     log_path: Path
     scheme: str = "http"
     extra: dict[str, str] = field(default_factory=dict)
+    data_dir: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -100,6 +103,9 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc.returncode != 0 and self.data_dir is not None:
+            # Killed, it could not remove its metrics files from /dev/shm (a clean stop does).
+            shutil.rmtree(default_metrics_dir(self.data_dir), ignore_errors=True)
         return self.proc.returncode
 
 
@@ -169,7 +175,7 @@ def _start_once(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
-    return BrokerProcess(proc, port, log_path, scheme)
+    return BrokerProcess(proc, port, log_path, scheme, data_dir=workdir / "data")
 
 
 async def stored_count(url: str, subject: str) -> int:
