@@ -974,8 +974,7 @@ class Agent:
         except asyncio.CancelledError:
             # Stopped while it ran (past drain_timeout): handed back for another instance to
             # run in a second, rather than after the consumer's ack_wait.
-            with contextlib.suppress(Exception):
-                await message.nak(delay=_HANDED_BACK_DELAY)
+            await _hand_back(message)
             raise
         except Exception as e:  # the SDK's own failure, not the handler's: never unsettled
             log.error(

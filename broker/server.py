@@ -813,13 +813,12 @@ def run_broker(
     # entry point held it (broker._early).
     terminal = _Terminal(_early.terminal_at_start())
     previous_hup = signal.signal(signal.SIGHUP, _Reload.handler)
-    if _early.sighup_held():
-        if terminal.hung_up_just_now():  # the terminal closed while the CLI was loading
-            signal.signal(signal.SIGHUP, previous_hup)
-            return 0
-        # A reload before anything started: every file it would read again is read at start.
-        log.info("reload_before_start", hint="the files are read as the broker starts")
     try:
+        if _early.sighup_held():
+            if terminal.hung_up_just_now():  # the terminal closed while the CLI was loading
+                return 0
+            # A reload before anything started: every file it would read again is read then.
+            log.info("reload_before_start", hint="the files are read as the broker starts")
         return _run_broker(settings, update_streams, env, stop_timeout, terminal)
     finally:
         signal.signal(signal.SIGHUP, previous_hup)
