@@ -27,8 +27,9 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import NotFoundError
 
+from broker.consumers import list_consumers
 from broker.envelope import read_number
 from broker.reader import read_batches
 from broker.registry.snapshot import AgentRecord
@@ -57,14 +58,10 @@ _KV_STREAM = f"KV_{AGENT_LOAD_BUCKET}"
 _KV_OPERATION = "KV-Operation"
 #: Seconds each JetStream API request of one status read may take.
 _API_TIMEOUT = 5.0
-#: nats-server lists a stream's consumers in pages of 256 (its API list limit), sorted by
-#: name: agents' inboxes (``agent-…``) come before ``proj_…`` and ``router…``, so one page
-#: hides the projections' lag as soon as there are 256 agents. Status reads this many pages
-#: of a stream at most (3,616 consumers, the pages overlapping; a page is about 160 KB of
-#: JSON) and says how many it left out (``consumers_unlisted``).
+#: Pages of a stream's consumers status reads at most (:func:`broker.consumers.list_consumers`;
+#: agents' inboxes, ``agent-…``, come first, so one page would hide the projections' lag as
+#: soon as there are 256 agents); it says how many it left out (``consumers_unlisted``).
 MAX_CONSUMER_PAGES = 16
-#: Consumers each page of the list repeats from the page before (see :func:`_list_consumers`).
-_PAGE_OVERLAP = 32
 #: The largest number a heartbeat's field is shown as: the load of many instances then still
 #: adds up to a finite number (``1e308 + 1e308`` is infinity, which JSON cannot carry).
 LOAD_MAX = 1e12
@@ -304,60 +301,6 @@ def _consumer(info: Mapping[str, Any]) -> ConsumerState:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _ConsumerPage:
-    total: int
-    limit: int
-    consumers: list[dict[str, Any]]
-
-
-async def _consumer_page(nc: NatsClient, stream: str, offset: int) -> _ConsumerPage:
-    """One page of ``CONSUMER.LIST``, asked for as such: nats-py's ``consumers_info`` drops
-    the reply's ``total``, and with it any way to know that more pages follow."""
-    reply = await nc.request(
-        f"$JS.API.CONSUMER.LIST.{stream}",
-        orjson.dumps({"offset": offset}),
-        timeout=_API_TIMEOUT,
-    )
-    body = orjson.loads(reply.data)
-    if not isinstance(body, dict):
-        raise APIError(description=f"consumer list of {stream} is not a JSON object")
-    error = body.get("error")
-    if isinstance(error, dict):
-        kind = NotFoundError if error.get("code") == 404 else APIError
-        raise kind(
-            code=read_number(error.get("code")),
-            err_code=read_number(error.get("err_code")),
-            description=_str(error.get("description")),
-        )
-    listed = body.get("consumers")
-    consumers = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
-    return _ConsumerPage(
-        total=read_number(body.get("total")) or 0,
-        limit=read_number(body.get("limit")) or len(consumers),
-        consumers=consumers,
-    )
-
-
-async def _list_consumers(nc: NatsClient, stream: str) -> tuple[list[dict[str, Any]], int]:
-    """Every consumer of ``stream`` up to :data:`MAX_CONSUMER_PAGES` pages, and how many
-    past them were left out. The first page tells how many there are; the others are asked
-    for at once, each overlapping the one before by :data:`_PAGE_OVERLAP`: a consumer
-    deleted meanwhile (a read ending, this status's own among them) shifts those after it
-    back, and without the overlap the one that moved onto the page before would be missed.
-    """
-    first = await _consumer_page(nc, stream, 0)
-    size = first.limit
-    if size <= 0 or first.total <= len(first.consumers):
-        return first.consumers, 0
-    step = size - _PAGE_OVERLAP if size > 2 * _PAGE_OVERLAP else size
-    offsets = [step * k for k in range(1, MAX_CONSUMER_PAGES) if step * k < first.total]
-    rest = await asyncio.gather(*(_consumer_page(nc, stream, offset) for offset in offsets))
-    by_name = {str(c.get("name")): c for page in (first, *rest) for c in page.consumers}
-    total = max(page.total for page in (first, *rest))
-    return list(by_name.values()), max(0, total - (offsets[-1] if offsets else 0) - size)
-
-
 async def _consumers(
     nc: NatsClient, streams: list[str], tenant: str | None
 ) -> tuple[list[ConsumerState], dict[str, int]]:
@@ -368,7 +311,9 @@ async def _consumers(
 
     async def listed(stream: str) -> tuple[list[dict[str, Any]], int]:
         try:
-            return await _list_consumers(nc, stream)
+            return await list_consumers(
+                nc, stream, timeout=_API_TIMEOUT, max_pages=MAX_CONSUMER_PAGES
+            )
         except NotFoundError:  # the stream went away since it was listed
             return [], 0
 
