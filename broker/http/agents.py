@@ -222,9 +222,10 @@ def agents_router(state: IngressState) -> APIRouter:
         name: AgentPath,
         if_match: Annotated[str, _IF_MATCH_HEADER] = "",
     ) -> AgentChange:
-        """Deregister an agent (its history stays in the stream). Repeated with the
-        `If-Match` it was deregistered from (a retry whose answer was lost): 200 with
-        `changed: false` and the deregistration's seq."""
+        """Deregister an agent (its history stays in the stream). Routers then route what
+        its inbox still holds to the next candidate, or dead-letter it with the reason.
+        Repeated with the `If-Match` it was deregistered from (a retry whose answer was
+        lost): 200 with `changed: false` and the deregistration's seq."""
         result = await delete_agent(
             state.publisher, state.tenant, name, if_match=parse_if_match(if_match)
         )

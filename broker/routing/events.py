@@ -78,6 +78,9 @@ class FailureReason(StrEnum):
     ERROR = "error"  # the handler raised
     TIMEOUT = "timeout"  # the handler ran past the deadline and was cancelled
     EXPIRED = "expired"  # the deadline had passed before the agent got the message
+    #: Not the agent's: it was deregistered with the message in its inbox, and a router
+    #: took the message back (:mod:`broker.routing.orphans`).
+    DEREGISTERED = "deregistered"
 
 
 class RouteEventUnreadable(BrokerError):
@@ -230,8 +233,9 @@ class RouteFailed:
 
     @property
     def retryable(self) -> bool:
-        """An error may succeed elsewhere; a timeout or expiry means the caller gave up."""
-        return self.reason is FailureReason.ERROR
+        """An error may succeed elsewhere, and so may a message its agent never ran; a
+        timeout or expiry means the caller gave up."""
+        return self.reason in (FailureReason.ERROR, FailureReason.DEREGISTERED)
 
     @property
     def subject(self) -> str:

@@ -55,6 +55,7 @@ from broker.routing.events import (
     H_REPLY_TO,
     H_ROUTE_MODE,
     ROUTE_MODE_AUTO,
+    FailureReason,
     RouteDecided,
     RouteEventUnreadable,
     RouteFailed,
@@ -63,6 +64,7 @@ from broker.routing.events import (
     tenant_of,
 )
 from broker.routing.load import LoadView
+from broker.routing.orphans import InboxSweeper
 from broker.routing.policy import Policy
 from broker.routing.replies import (
     error_answer,
@@ -201,6 +203,9 @@ class Router:
         #: start of :meth:`run` (``None``, unkeyed ids, only for a router used without it).
         self.id_key: bytes | None = None
         self._attempts: KeyValue | None = None  # ATTEMPTS_BUCKET, opened at the first retry
+        #: Takes back what deregistered agents' inboxes hold (:mod:`broker.routing.orphans`);
+        #: made by :meth:`run`, on the connection.
+        self.sweeper: InboxSweeper | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -468,6 +473,8 @@ class Router:
 
     def observe_failure(self, failure: RouteFailed) -> None:
         self.stats.failures_seen += 1
+        if failure.reason is FailureReason.DEREGISTERED:  # no fault of a running agent
+            return
         route = failure.route
         attempt = (route.message_seq, route.attempt)
         if self.cooldowns.record_failure(route.tenant, failure.agent, failure=attempt):
@@ -651,11 +658,13 @@ class Router:
             Stream.MESSAGES, ROUTER_CONSUMER, f"{SUBJECT_PREFIX[Stream.MESSAGES]}.>"
         )
         retries = await self._pull(Stream.ROUTES, RETRY_CONSUMER, failed)
+        self.sweeper = sweeper = InboxSweeper(self.publisher.nc, self.js, self.registry)
         log.info("router_started", policy=self.policy.version, embedder=self.scorer.embedder.name)
         try:
             await asyncio.gather(
                 self._loop(messages, self.route_message, stop, prepare=self._embed_ahead),
                 self._loop(retries, self.retry, stop),
+                sweeper.run(stop),
             )
         finally:
             # Unsubscribed here, not left to the connection's drain: nats-py's fetch never marks
@@ -664,7 +673,7 @@ class Router:
             for sub in (self._failure_watch, messages, retries):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            log.info("router_stopped", **asdict(self.stats))
+            log.info("router_stopped", **asdict(self.stats), swept=asdict(sweeper.stats))
 
     async def _embed_ahead(self, batch: Sequence[Msg]) -> None:
         """With a costly embedder: embed what deciding the batch's routed messages needs at
@@ -816,4 +825,6 @@ def _unverifiable(failure: RouteFailed, why: str) -> None:
 
 def _failed(failure: RouteFailed) -> str:
     """What an agent's failure says, for a dead letter's detail and the waiting caller."""
+    if failure.reason is FailureReason.DEREGISTERED:
+        return f"{failure.message[:200]} (taken back by {failure.instance[:100]})"
     return f"agent {failure.agent!r} failed ({failure.reason}: {failure.message[:200]})"

@@ -1,0 +1,206 @@
+"""What a deregistered agent's inbox holds is taken back by the routers (on a real
+nats-server): routed to the next candidate, or dead-lettered with the reason, the waiting
+caller told; before, it waited in the inbox for an instance that never came."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from broker.envelope import Outbound
+from broker.publisher import Publisher
+from broker.registry.commands import delete_agent, put_agent
+from broker.registry.manifest import AgentManifest
+from broker.routing.embedder import HashingEmbedder
+from broker.routing.events import (
+    H_REPLY_TO,
+    H_ROUTE_MODE,
+    ROUTE_MODE_AUTO,
+    FailureReason,
+    RouteDecided,
+    RouteFailed,
+)
+from broker.streams import Stream, dlq_subject
+from tests._wait import await_until
+from tests.integration.test_router import T, start_router
+
+pytestmark = pytest.mark.integration
+
+TEXT = b"please translate this letter into German"
+#: The agents' descriptions: the first matches :data:`TEXT` best.
+TRANSLATOR = "Translates letters into German."
+LINGUIST = "Spanish poetry and French grammar."
+
+
+async def register(publisher: Publisher, name: str, description: str) -> None:
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "description": description,
+        "capabilities": [{"action": "translate"}],
+    }
+    await put_agent(publisher, T, AgentManifest.model_validate(manifest))
+
+
+async def routed(publisher: Publisher, headers: dict[str, str] | None = None) -> int:
+    """Store a message for the routers; its sequence."""
+    stored = {H_ROUTE_MODE: ROUTE_MODE_AUTO, **(headers or {})}
+    return (await publisher.publish(Outbound(f"msg.{T}.chat", TEXT, stored))).seq
+
+
+async def records(publisher: Publisher, subject: str, stream: Stream = Stream.ROUTES) -> list[Msg]:
+    """Every record of ``stream`` on ``subject`` (a filter), oldest first."""
+    found = []
+    sub = await publisher.js.subscribe(subject, stream=stream, ordered_consumer=True)
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            found.append(await sub.next_msg(timeout=0.5))
+    await sub.unsubscribe()
+    return found
+
+
+async def decisions(publisher: Publisher, message_seq: int) -> list[RouteDecided]:
+    found = [
+        RouteDecided.from_headers(m.headers or {}) for m in await records(publisher, "route.*.*")
+    ]
+    return [d for d in found if d.message_seq == message_seq]
+
+
+async def decided(publisher: Publisher, message_seq: int, attempt: int) -> RouteDecided:
+    """The decision of ``attempt`` for the message, once stored."""
+    found: list[RouteDecided] = []
+
+    async def stored() -> bool:
+        found[:] = [d for d in await decisions(publisher, message_seq) if d.attempt == attempt]
+        return bool(found)
+
+    assert await await_until(stored, timeout=15)
+    return found[0]
+
+
+async def stopped(stop: asyncio.Event, running: asyncio.Task[None]) -> None:
+    stop.set()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_a_deregistered_agents_queued_message_goes_to_the_next_candidate(
+    publisher: Publisher,
+) -> None:
+    """No instance of the chosen agent ever ran (so no inbox consumer exists either); once it
+    is deregistered, its message is decided again for the other agent, the first counted as
+    tried, and the failure that hands it over says why."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seq = await routed(publisher)
+        first = (await decided(publisher, seq, 1)).decision.agent
+        assert first is not None
+        await delete_agent(publisher, T, first)
+        second = await decided(publisher, seq, 2)
+    finally:
+        await stopped(stop, running)
+    assert second.decision.agent == ({"translator", "linguist"} - {first}).pop()
+    assert second.tried == (first,)
+    failures = await records(publisher, f"route.{T}.{first}.failed")
+    assert len(failures) == 1
+    failure = RouteFailed.from_headers(failures[0].headers or {})
+    assert failure.reason is FailureReason.DEREGISTERED
+    assert failure.message == f"agent {first!r} was deregistered before it ran the message"
+    assert not router.cooldowns.cooling(T)  # a deregistration is no error of the agent
+    assert router.sweeper is not None
+    assert router.sweeper.stats.rerouted == 1
+    assert await inbox_left(publisher, first) == 0
+
+
+async def inbox_left(publisher: Publisher, agent: str) -> int:
+    """What the agent's inbox consumer still has to deliver or settle."""
+    info = await publisher.js.consumer_info(Stream.ROUTES, f"agent-{T}~{agent}")
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+async def test_with_no_other_candidate_the_message_is_dead_lettered_and_its_caller_told(
+    publisher: Publisher,
+) -> None:
+    """A waiting caller hears ``agent_error`` with the reason, and the DLQ keeps the message;
+    the inbox consumer, made by the sweep, is kept and has nothing left."""
+    await register(publisher, "translator", TRANSLATOR)
+    caller = await publisher.nc.subscribe("caller.orphan")
+    _, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seq = await routed(publisher, {H_REPLY_TO: "caller.orphan"})
+        assert (await decided(publisher, seq, 1)).decision.agent == "translator"
+        await delete_agent(publisher, T, "translator")
+        answer = await caller.next_msg(timeout=15)
+    finally:
+        await stopped(stop, running)
+    assert (answer.headers or {}).get("Broker-Error") == "agent_error"
+    assert b"'translator' was deregistered before it ran the message" in answer.data
+    dead = [
+        RouteDecided.from_headers(m.headers or {})
+        for m in await records(publisher, dlq_subject(T), Stream.DLQ)
+    ]
+    assert [(d.message_seq, d.attempt, d.decision.agent) for d in dead] == [(seq, 2, None)]
+    assert "was deregistered" in dead[0].decision.detail
+    assert await inbox_left(publisher, "translator") == 0
+
+
+async def test_a_router_started_after_the_deregistration_takes_back_what_the_inbox_holds(
+    publisher: Publisher,
+) -> None:
+    """The inbox consumer an agent's instances left, with two messages not yet delivered, of
+    an agent deregistered while no router ran: the router finds it at its start."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    _, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seqs = [await routed(publisher) for _ in range(2)]
+        firsts = [(await decided(publisher, seq, 1)).decision.agent for seq in seqs]
+    finally:
+        await stopped(stop, running)
+    assert firsts == ["translator", "translator"]
+    await delete_agent(publisher, T, "translator")
+    _, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seconds = [(await decided(publisher, seq, 2)).decision.agent for seq in seqs]
+    finally:
+        await stopped(stop, running)
+    assert seconds == ["linguist", "linguist"]
+    assert await inbox_left(publisher, "translator") == 0
+
+
+async def test_an_agent_registered_again_keeps_its_inbox(publisher: Publisher) -> None:
+    """Deregistered and registered again at once: what its inbox holds stays for it."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seq = await routed(publisher)
+        assert (await decided(publisher, seq, 1)).decision.agent == "translator"
+        await delete_agent(publisher, T, "translator")
+        await register(publisher, "translator", TRANSLATOR)
+        await asyncio.sleep(3)  # a sweep would have run by now (one look a second)
+    finally:
+        await stopped(stop, running)
+    assert [d.attempt for d in await decisions(publisher, seq)] == [1]
+    assert await inbox_left(publisher, "translator") == 1
+    assert router.sweeper is not None
+    assert router.sweeper.stats.rerouted == 0
+
+
+def inbox_consumer(agent: str) -> ConsumerConfig:
+    """The inbox consumer an instance of ``agent`` makes (the SDK's defaults)."""
+    return ConsumerConfig(
+        durable_name=f"agent-{T}~{agent}",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=f"route.{T}.{agent}",
+    )
