@@ -3,6 +3,7 @@ this loop, and agent processes for the kill test), HTTP/2 ``POST /v1/route``."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -820,3 +821,39 @@ async def test_an_agent_told_not_to_store_replies_only_sends_them(
     assert first.status_code == 200, first.text
     with pytest.raises(nats.js.errors.NotFoundError):
         await nc_js.get_last_msg("ROUTES", "route.default.r-unstored.reply.*")
+
+
+async def test_deleting_an_agent_answers_the_callers_its_inbox_still_held(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    """A busy agent (one handler slot, taken) with two more callers queued in its inbox is
+    deleted: the queued ones, with nobody else taking Markdown, hear ``agent_error`` with
+    the reason within seconds, not at their deadline; the one its instance runs finishes."""
+    busy = manifest("g-busy", "Proofreads Markdown documents", content_types=["text/markdown"])
+    slow = Behaviour(reply="g-busy", delay=6.0, delay_only_with_deadline=True)
+    async with running(busy, url, slow, concurrency=1):
+        assert await routed_to(client, "g-busy", "# title", content_type="text/markdown")
+        calls = [
+            asyncio.create_task(
+                route(client, "# title", content_type="text/markdown", wait=True, timeout=30)
+            )
+            for _ in range(3)
+        ]
+
+        async def held() -> bool:
+            return any(r.deadline is not None for r in slow.seen)
+
+        assert await await_until(held, timeout=10)
+        await asyncio.sleep(0.5)  # the other two decided, in the inbox
+        deleted_at = time.monotonic()
+        assert (await client.delete("/v1/agents/g-busy")).status_code == 200
+        answers = []
+        for call in asyncio.as_completed(calls):
+            answers.append(((await call), time.monotonic() - deleted_at))
+    statuses = sorted(response.status_code for response, _ in answers)
+    assert statuses == [200, 502, 502], [r.text for r, _ in answers]
+    for response, after in answers:
+        if response.status_code == 502:
+            assert response.json()["error_code"] == "agent_error"
+            assert "'g-busy' was deregistered" in response.json()["message"]
+            assert after < 10, after
