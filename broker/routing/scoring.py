@@ -20,7 +20,8 @@
 4. **Choose** among the ``top_k`` by ``policy.choice``: ``p2c`` draws two and keeps the
    less loaded (higher load weight; the better-ranked on a tie), ``wrr`` draws one weighted
    by score, ``best`` takes the first. Zero-load candidates are chosen only when nobody else
-   is left.
+   is left. Scores within 1e-6 of each other rank as equal, in the catalog's order (agents
+   by name): an embedding's last bits depend on the batch it was made in.
 
 Nobody left after filtering: the policy's ``fallback_agent``, else no agent
 (``no_candidate``); nobody similar enough: the fallback, else ``below_threshold``. Every
@@ -253,10 +254,36 @@ def _explain_nobody(
     return f"every agent{scope} that accepts {what} was already tried ({tried})"
 
 
+#: Ranking costs this close count as equal, and rank in the catalog's order (agents by name).
+#: The same text embedded in two calls differs in the last bits (a model pads a batch, and
+#: BLAS blocks each shape its own way: ~1e-7 in a cosine), so two agents with identical
+#: manifests (replicas under two names) scored a hair apart in whichever order their rows
+#: happened to be embedded, and p2c's tie rule (the better-ranked) then chose by those bits:
+#: a router and ``broker routes simulate`` (which embeds the catalog in one call) chose
+#: differently for the same recorded inputs.
+_TIE = 1e-6
+
+
+def _ties_in_catalog_order(groups: list[int], values: Sequence[float]) -> list[int]:
+    """``groups`` (sorted by ``values``, ascending) with each run of values within
+    :data:`_TIE` of the run's first in group order."""
+    if len(groups) < 2:
+        return groups
+    out: list[int] = []
+    start = 0
+    for i in range(1, len(groups) + 1):
+        if i == len(groups) or not values[i] - values[start] <= _TIE:  # NaN: a run of its own
+            run = groups[start:i]
+            out.extend(sorted(run) if len(run) > 1 else run)
+            start = i
+    return out
+
+
 def _top_distinct(
     catalog: Catalog, cost: npt.NDArray[np.floating[Any]], allowed: npt.NDArray[np.bool_], k: int
 ) -> list[int]:
-    """Up to ``k`` allowed groups with the lowest ``cost``, one per agent (its best)."""
+    """Up to ``k`` allowed groups with the lowest ``cost``, one per agent (its best); costs
+    within :data:`_TIE` of each other in the catalog's order."""
     eligible = allowed.nonzero()[0]
     n = eligible.shape[0]
     if n == 0:
@@ -266,9 +293,10 @@ def _top_distinct(
     agent_of = catalog.group_agent_list
     while True:
         part = values.argpartition(m - 1)[:m] if m < n else np.arange(n)
-        best_first = eligible[part[values[part].argsort(kind="stable")]].tolist()
+        order = part[values[part].argsort(kind="stable")]
+        best_first = _ties_in_catalog_order(eligible[order].tolist(), values[order].tolist())
         if catalog.one_group_per_agent:
-            return best_first  # type: ignore[no-any-return]
+            return best_first
         picked: list[int] = []
         seen: set[int] = set()
         for group in best_first:
