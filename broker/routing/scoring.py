@@ -23,8 +23,9 @@
    is left. Scores within 1e-6 of each other rank as equal, in the catalog's order (agents
    by name): an embedding's last bits depend on the batch it was made in.
 
-Nobody left after filtering: the policy's ``fallback_agent``, else no agent
-(``no_candidate``); nobody similar enough: the fallback, else ``below_threshold``. Every
+Nobody left after filtering: the policy's ``fallback_agent`` (when the tenant has an agent
+of that name), else no agent (``no_candidate``); nobody similar enough: the fallback, else
+``below_threshold``. Every
 decision's ``detail`` says which of these happened, in words.
 """
 
@@ -350,8 +351,17 @@ def _no_one(
     policy: Policy,
     exclude: Collection[str],
     candidates: tuple[CandidateScore, ...] = (),
+    *,
+    catalog: Catalog,
 ) -> Decision:
+    """The policy's fallback agent, when the tenant has one by that name and it was not
+    tried; else nobody. (One policy serves every tenant: a fallback registered by one tenant
+    only sent the others' messages to an inbox that no agent reads, neither handled nor
+    dead-lettered, and their waiting callers got 504.)"""
     fallback = policy.fallback_agent
+    if fallback is not None and fallback not in catalog.agent_index:
+        detail += f"; no fallback: tenant '{catalog.tenant}' has no agent '{fallback}'"
+        return Decision(None, None, reason, detail, candidates, policy.version)
     if fallback is not None and fallback not in exclude:
         return Decision(
             agent=fallback,
@@ -524,7 +534,7 @@ def decide(
             detail = _explain_nobody(
                 catalog, features, policy, wants_canary=wants_canary, live=live, exclude=exclude
             )
-            return _no_one(DecisionReason.NO_CANDIDATE, detail, policy, exclude)
+            return _no_one(DecisionReason.NO_CANDIDATE, detail, policy, exclude, catalog=catalog)
         closest = _top_distinct(catalog, -sims, mask, policy.top_k)
         below = _candidates(catalog, arrays, view, closest, sims=sims, policy=policy)
         top = below[0]
@@ -532,7 +542,9 @@ def decide(
             f"no agent is similar enough: the closest, '{top.agent}' ({top.capability}), has "
             f"similarity {top.semantic:.3f}, below the threshold {threshold_of(policy):g}"
         )
-        return _no_one(DecisionReason.BELOW_THRESHOLD, detail, policy, exclude, tuple(below))
+        return _no_one(
+            DecisionReason.BELOW_THRESHOLD, detail, policy, exclude, tuple(below), catalog=catalog
+        )
 
     candidates = _candidates(catalog, arrays, view, picked, sims=sims, policy=policy)
     chosen, pool = _choose(candidates, policy, rng or _RNG)

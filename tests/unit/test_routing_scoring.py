@@ -496,13 +496,26 @@ def test_only_live_agents_are_eligible() -> None:
     assert "has a live instance (registered: worker-0, worker-1, worker-2)" in nobody.detail
 
 
+#: A fallback agent the tenant has, which takes none of the messages below itself.
+GENERALIST = agent(
+    "generalist", "Handles what nobody else does.", {"action": "film", "modalities": ["video"]}
+)
+
+
 def test_no_candidate_goes_to_the_fallback_agent_unless_it_was_tried() -> None:
     rules = policy(fallback_agent="generalist", mirror={"generalist": "generalist-next"})
-    decision = route(PDF, {"Content-Type": "application/pdf"}, rules=rules)
+    with_generalist = [*ASSISTANTS, GENERALIST]
+    decision = route(PDF, {"Content-Type": "application/pdf"}, with_generalist, rules=rules)
     assert (decision.agent, decision.reason) == ("generalist", DecisionReason.FALLBACK)
     assert decision.detail.endswith("; sent to the fallback agent 'generalist'")
     assert decision.mirror_to == "generalist-next"
-    tried = route(PDF, {"Content-Type": "application/pdf"}, rules=rules, exclude={"generalist"})
+    tried = route(
+        PDF,
+        {"Content-Type": "application/pdf"},
+        with_generalist,
+        rules=rules,
+        exclude={"generalist"},
+    )
     assert tried.agent is None
     assert tried.reason is DecisionReason.NO_CANDIDATE
     assert "the fallback agent 'generalist' was already tried" in tried.detail
@@ -515,8 +528,34 @@ def test_text_unlike_every_agent_is_below_the_threshold() -> None:
     assert "below the threshold 0.2" in decision.detail
     assert decision.candidates  # the closest ones, for audit
     assert all(c.semantic < 0.2 for c in decision.candidates)
-    fallback = route(b"zebra xylophone quasar", TEXT, rules=policy(fallback_agent="generalist"))
+    fallback = route(
+        b"zebra xylophone quasar",
+        TEXT,
+        [*ASSISTANTS, GENERALIST],
+        rules=policy(fallback_agent="generalist"),
+    )
     assert (fallback.agent, fallback.reason) == ("generalist", DecisionReason.FALLBACK)
+
+
+def test_a_fallback_agent_the_tenant_does_not_have_dead_letters_instead() -> None:
+    """One policy serves every tenant. Its fallback agent, registered by one tenant, was the
+    decision for the others' messages too: they went to an inbox no agent reads (neither
+    handled nor dead-lettered), and a waiting caller got 504 after its whole timeout. Seen
+    on a running broker with ``fallback_agent: generalist`` and no such agent."""
+    rules = policy(fallback_agent="generalist")
+    other = GENERALIST.manifest.model_dump()
+    theirs = AgentRecord(
+        Tenant("other"), AgentName("generalist"), AgentManifest.model_validate(other), 9, 9, None
+    )
+    for payload, headers, reason in [
+        (PDF, {"Content-Type": "application/pdf"}, DecisionReason.NO_CANDIDATE),
+        (b"zebra xylophone quasar", TEXT, DecisionReason.BELOW_THRESHOLD),
+    ]:
+        decision = route(payload, headers, [*ASSISTANTS, theirs], rules=rules)
+        assert (decision.agent, decision.reason) == (None, reason)
+        assert decision.detail.endswith("; no fallback: tenant 'acme' has no agent 'generalist'")
+    nobody = route(PDF, {"Content-Type": "application/pdf"}, [theirs], rules=rules)
+    assert (nobody.agent, nobody.reason) == (None, DecisionReason.NO_CANDIDATE)
 
 
 # --- choice -------------------------------------------------------------------------------------
