@@ -447,3 +447,35 @@ def test_a_blend_matches_its_own_name() -> None:
 )
 def test_a_model_directory_is_named_by_its_model(path: str, model: str) -> None:
     assert model_of_directory(path) == model
+
+
+def _documented_thresholds() -> dict[str, float]:
+    """The thresholds docs/routing.md's decision steps give: by embedder spec, and
+    ``default`` for the default embedder."""
+    import re
+
+    text = " ".join((ROOT / "docs" / "routing.md").read_text().split())
+    found = re.search(r"at least `threshold` \((.*?): see \[Embedders\]", text)
+    assert found is not None
+    documented: dict[str, float] = {}
+    for part in found.group(1).split(";"):
+        value, _, said = part.strip().partition(" with ")
+        for name in re.findall(r"`([^`]+)`", said):
+            documented[name] = float(value)
+        if "default embedder" in said:
+            documented["default"] = float(value)
+    return documented
+
+
+@pytest.mark.parametrize("spec", ["default", "minilm", "hashing", "static", "static+hashing"])
+def test_docs_give_each_embedders_own_threshold(spec: str) -> None:
+    """docs/routing.md said 0.35 "with the default embedder", the static table's value from
+    before ``minilm`` became the default; a running broker with the default refused a text
+    as "below the threshold 0.2"."""
+    from broker.routing.embedder import DEFAULT_SPEC
+    from broker.routing.scoring import Scorer
+
+    documented = _documented_thresholds()
+    assert spec in documented, documented
+    embedder = load_embedder(DEFAULT_SPEC if spec == "default" else spec)
+    assert documented[spec] == Scorer(embedder).policy.threshold
