@@ -67,7 +67,11 @@ Bits = npt.NDArray[np.uint8]
 Vector = npt.NDArray[np.float32]
 
 NO_LOAD_REPORT = "no_load_report"
-_QPS, _P99, _GPU, _COOLDOWN, _UNKNOWN = 1, 2, 4, 8, 16
+#: The penalty of an agent whose heartbeat reports failed requests (its load weight times
+#: ``1 - load.error_weight * error_rate``): a decision recorded ``load: 0.0`` with no penalty
+#: for an agent whose every recent request had failed, before any cooldown.
+ERROR_RATE = "error_rate"
+_QPS, _P99, _GPU, _COOLDOWN, _UNKNOWN, _ERRORS = 1, 2, 4, 8, 16, 32
 _RNG = random.Random()
 _SHOWN = 5  # agent names listed in a detail sentence
 #: A JSON body whose leaves are at least this share numbers reads as sensor telemetry.
@@ -119,7 +123,8 @@ def load_weights(arrays: LoadArrays, policy: Policy) -> tuple[Floats, Bits]:
     weight *= np.where(over_p99, pp.p99_factor, 1.0)
     weight *= np.where(low_gpu, pp.gpu_factor, 1.0)
     weight = np.clip(weight, 0.0, 1.0)
-    bits = (over_qps * _QPS | over_p99 * _P99 | low_gpu * _GPU).astype(np.uint8)
+    erring = (errors > 0.0) & (lp.error_weight > 0.0)
+    bits = (over_qps * _QPS | over_p99 * _P99 | low_gpu * _GPU | erring * _ERRORS).astype(np.uint8)
     absent = ~arrays.present
     if absent.any():
         weight[absent] = lp.unknown
@@ -130,9 +135,9 @@ def load_weights(arrays: LoadArrays, policy: Policy) -> tuple[Floats, Bits]:
 @functools.lru_cache(maxsize=64)
 def _penalty_table(names: tuple[str, str, str, str]) -> tuple[tuple[str, ...], ...]:
     """Penalty names for every combination of penalty bits."""
-    labelled = (*names, NO_LOAD_REPORT)
+    labelled = (*names, NO_LOAD_REPORT, ERROR_RATE)
     return tuple(
-        tuple(name for bit, name in enumerate(labelled) if code >> bit & 1) for code in range(32)
+        tuple(name for bit, name in enumerate(labelled) if code >> bit & 1) for code in range(64)
     )
 
 

@@ -214,6 +214,18 @@ def test_penalty_names_follow_the_configured_thresholds() -> None:
     )
 
 
+def test_a_reported_error_rate_lowers_the_weight_and_is_named_as_a_penalty() -> None:
+    """A heartbeat reporting failures multiplies the weight by ``1 - error_rate``: on a
+    running broker an agent that had failed twice was recorded with ``load: 0.0`` and no
+    penalty (the cooldown needs three), so the decision did not say why it ranked last."""
+    assert load_score(AgentLoad(error_rate=1.0), Limits()) == (0.0, ("error_rate",))
+    weight, penalties = load_score(AgentLoad(error_rate=0.25, p99_ms=300), Limits())
+    assert weight == pytest.approx((0.4 + 0.3 * 100 / 400) / 0.7 * 0.75 * 0.5)
+    assert penalties == ("p99_over_200ms", "error_rate")
+    ignored = policy(load={"error_weight": 0})
+    assert load_score(AgentLoad(error_rate=1.0), Limits(), ignored) == (1.0, ())
+
+
 def test_an_agent_without_a_load_report_gets_the_unknown_weight() -> None:
     assert load_score(None, Limits()) == (0.5, ("no_load_report",))
 
@@ -248,7 +260,7 @@ def test_load_weights_stay_within_0_and_1_whatever_is_reported(
 ) -> None:
     weight, penalties = load_score(load, limits)
     assert 0.0 <= weight <= 1.0
-    assert set(penalties) <= {"qps_over_80pct", "p99_over_200ms", "gpu_memory_low"}
+    assert set(penalties) <= {"qps_over_80pct", "p99_over_200ms", "gpu_memory_low", "error_rate"}
 
 
 sane_loads = st.builds(
