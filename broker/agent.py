@@ -141,9 +141,6 @@ _POSITION_EVERY_BEATS = 5
 _RESUBSCRIBE_PAUSE = 0.5
 #: Seconds a stopping agent gives the removal of its heartbeat, then its connection's close.
 _LEAVE_SECONDS = 2.0
-#: Seconds a fetch's pull request may outlive the fetch on the server: it expires
-#: ``_FETCH_TIMEOUT`` after the server read it, later than the fetch's own timer started.
-_PULL_REQUEST_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,16 +414,11 @@ def _failure_headers(failure: RouteFailed, request: Request, limit: int) -> dict
     return None
 
 
-async def _hand_back(message: Msg) -> int:
-    """Hand ``message`` back to the inbox consumer for another instance (a nak, 1 s): 1,
-    or 0 when it is no JetStream message (a pull request's status) or could not be."""
-    if not message.reply or not message.reply.startswith("$JS.ACK."):
-        return 0
-    try:
+async def _hand_back(message: Msg) -> None:
+    """Hand ``message`` back to the inbox consumer for another instance (a nak, 1 s); not
+    when it could not be (the connection gone: it comes back after the ack_wait)."""
+    with contextlib.suppress(Exception):
         await message.nak(delay=_HANDED_BACK_DELAY)
-    except Exception:
-        return 0
-    return 1
 
 
 def _deliveries(message: Msg) -> int:
@@ -535,7 +527,6 @@ class Agent:
         self._alone = asyncio.Lock()  # held by the redelivered message that runs alone
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None  # the inbox subscription being consumed
-        self._last_fetch = 0.0  # monotonic time the last fetch started
         self._window = _Window()
         self.handled = 0
         self.failed = 0
@@ -877,7 +868,6 @@ class Agent:
                         await self._slot_freed.wait()
                 continue
             size = 1 if time.monotonic() < self._cautious_until else self._free
-            self._last_fetch = time.monotonic()
             try:
                 batch: list[Msg] = await sub.fetch(size, timeout=_FETCH_TIMEOUT)
             except (nats.errors.TimeoutError, TimeoutError):
@@ -903,23 +893,27 @@ class Agent:
                 log.warning("agent_fetch_failed", error=repr(e)[:200])
                 await asyncio.sleep(0.5)
                 continue
-            # First deliveries start at once; redelivered ones run after them, one at a
-            # time, the least delivered first (a poison has been delivered the most).
-            for message in sorted(batch, key=_deliveries):
-                with contextlib.suppress(Exception):  # not a JetStream message: no position
-                    seq = message.metadata.sequence.stream
-                    self._next_seq = max(self._next_seq, seq + 1)
-                alone = _deliveries(message) > 1
-                self._free -= 1
-                if alone:
-                    self._suspects += 1
-                    self._be_cautious()
-                else:
-                    self._others += 1
-                    self._others_done.clear()
-                task = asyncio.create_task(self._handle(message, alone))
-                self._tasks.add(task)
-                task.add_done_callback(functools.partial(self._done, alone))
+            self._start_handlers(batch)
+
+    def _start_handlers(self, batch: list[Msg]) -> None:
+        """Start a handler for each message of ``batch``. First deliveries start at once;
+        redelivered ones run after them, one at a time, the least delivered first (a
+        poison has been delivered the most)."""
+        for message in sorted(batch, key=_deliveries):
+            with contextlib.suppress(Exception):  # not a JetStream message: no position
+                seq = message.metadata.sequence.stream
+                self._next_seq = max(self._next_seq, seq + 1)
+            alone = _deliveries(message) > 1
+            self._free -= 1
+            if alone:
+                self._suspects += 1
+                self._be_cautious()
+            else:
+                self._others += 1
+                self._others_done.clear()
+            task = asyncio.create_task(self._handle(message, alone))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._done, alone))
 
     def _be_cautious(self) -> None:
         """Fetch one message at a time for the consumer's ack_wait from now. Called when a
@@ -1260,52 +1254,53 @@ class Agent:
                     self._note_pending(info)
 
     async def _drain(self) -> None:
-        drained = asyncio.Event()
-        unread = asyncio.create_task(self._hand_back_unread(drained))
-        try:
-            if self._tasks:
-                log.info("agent_draining", in_flight=len(self._tasks))
-                _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
-                for task in pending:
-                    task.cancel()
-                if pending:  # each hands its message back (a nak) before the connection closes
-                    await asyncio.wait(pending, timeout=2.0)
-        finally:
-            drained.set()
-            await asyncio.wait({unread}, timeout=_FETCH_TIMEOUT + _PULL_REQUEST_GRACE + 1.0)
-            unread.cancel()
-            await asyncio.wait({unread})  # never raises what the task raised
+        """Stop the server delivering to this instance, run what it had delivered, and give
+        the handlers ``drain_timeout`` to finish; those still running then are cancelled,
+        each handing its message back (a nak, 1 s) before the connection closes."""
+        delivered = await self._stop_reading()
+        if delivered:
+            log.info("agent_delivered_at_stop", agent=self.name, count=len(delivered))
+            self._start_handlers(delivered)
+        if self._tasks:
+            log.info("agent_draining", in_flight=len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
 
-    async def _hand_back_unread(self, drained: asyncio.Event) -> None:
-        """Hand back what reaches the inbox subscription once the instance stopped fetching.
-        A fetch's pull request lives on the server until it expires (and one whose fetch
-        timed out here lives a moment longer), so the server goes on delivering messages
-        for it; no fetch takes them from nats-py's queue any more, and each would wait out
-        the consumer's ack_wait (a minute) before another instance got it, its caller's
-        deadline long past. So, while the drain lasts and until the last fetch's request
-        has expired, each is handed back (a nak, 1 s); then the subscription is closed and
-        what it still holds is handed back too."""
-        inner = getattr(self._sub, "_sub", None)  # nats-py's Subscription under the pull one
+    async def _stop_reading(self) -> list[Msg]:
+        """End the inbox subscription and take the messages the server delivered to it.
+
+        A fetch's pull request outlives the fetch on the server (until it expires), and the
+        server goes on delivering to it while the subscription is there: no fetch would take
+        those from nats-py's queue any more, and each waited out the consumer's ack_wait (a
+        minute) before another instance got it. Handed back instead (a nak), each came to
+        another instance as a redelivery, run alone there as a possible poison message.
+        Unsubscribed, the subscription has no interest on the server, which then skips its
+        requests: what was not delivered yet stays in the inbox for the other instances, as
+        a first delivery. The unsubscribe is sent first and the local subscription kept
+        until a round trip (a flush) has brought in whatever the server sent before it:
+        those messages are this instance's, and run in its drain. Reads nats-py's
+        subscription under the pull subscription (``_sub``); without it, none are taken
+        (they come back after the ack_wait)."""
+        inner = getattr(self._sub, "_sub", None)
         queue = getattr(inner, "_pending_queue", None)
-        if inner is None or queue is None:
-            return
-        until = self._last_fetch + _FETCH_TIMEOUT + _PULL_REQUEST_GRACE
-        handed = 0
-        try:
-            while not drained.is_set() or time.monotonic() < until:
-                try:
-                    message = await inner.next_msg(timeout=0.1)
-                except nats.errors.TimeoutError:
-                    continue
-                handed += await _hand_back(message)
-        except Exception:  # the connection closed, or the subscription: nothing to hand back
-            return
+        sid = getattr(inner, "_id", None)
+        nc = self._nc
+        if inner is None or queue is None or sid is None or nc is None or not nc.is_connected:
+            return []
+        with contextlib.suppress(Exception):  # NATS away: what it holds comes back later
+            await nc._send_unsubscribe(sid)
+            await nc.flush(timeout=2)
+        delivered = []
+        while not queue.empty():
+            message = queue.get_nowait()
+            if message.reply and message.reply.startswith("$JS.ACK."):  # not a status
+                delivered.append(message)
         with contextlib.suppress(Exception):
             await inner.unsubscribe()
-        while not queue.empty():
-            handed += await _hand_back(queue.get_nowait())
-        if handed:
-            log.info("agent_unread_handed_back", agent=self.name, count=handed)
+        return delivered
 
     async def _leave(self) -> None:
         """Take this instance's heartbeat out of routing and close the connection, in a few

@@ -1,9 +1,13 @@
-"""An instance told to stop hands back what still reaches its inbox subscription: a fetch's
-pull request outlives the fetch on the server (until it expires, or a moment past a fetch that
-timed out here), so messages go on arriving for it after the instance stopped fetching. Left
-in nats-py's queue, each waited out the consumer's ack_wait (a minute by default) before
+"""An instance told to stop takes no more messages from its inbox: a fetch's pull request
+outlives the fetch on the server (until it expires, or a moment past a fetch that timed out
+here), so messages went on arriving for it after the instance stopped fetching. Left in
+nats-py's queue, each waited out the consumer's ack_wait (a minute by default) before
 another instance got it: a caller waiting 30 s got 504, and the message was dead-lettered
-as ``deadline_exceeded`` although a healthy instance was idle the whole time."""
+as ``deadline_exceeded`` although a healthy instance was idle the whole time. Handed back
+(a nak), each then reached the other instance as a redelivery, run alone there as a
+possible poison message, holding up that instance's other work. The stopping instance ends
+its subscription at once, so the server delivers nothing more to it: the other instance
+gets those messages as first deliveries."""
 
 from __future__ import annotations
 
@@ -22,26 +26,45 @@ from tests.integration.test_agent_fixes import MANIFEST, send
 pytestmark = pytest.mark.integration
 
 
-async def test_messages_delivered_to_a_stopping_instance_are_handed_back(
-    publisher: Publisher, nats_url: str
-) -> None:
-    release = asyncio.Event()
-    seen: list[tuple[str, int]] = []
-    captured: dict[str, Any] = {}
+class Instances:
+    """Agent instances of one inbox (one handler slot each) that note what they run, and
+    whether as a suspect run alone; message 1 holds its instance until ``release``."""
 
-    def instance(tag: str) -> Agent:
+    def __init__(self, nats_url: str) -> None:
+        self.nats_url = nats_url
+        self.release = asyncio.Event()
+        self.seen: list[tuple[str, int]] = []
+        self.alone: dict[tuple[str, int], bool] = {}
+
+    def instance(self, tag: str) -> Agent:
         agent = Agent(
-            MANIFEST, nats_url=nats_url, concurrency=1, ack_wait=30, heartbeat_interval=0.2
+            MANIFEST, nats_url=self.nats_url, concurrency=1, ack_wait=30, heartbeat_interval=0.2
         )
+        handle_one = agent._handle_one
+
+        async def noting(message: Any, suspect: bool) -> None:
+            self.alone[tag, message.metadata.sequence.stream] = suspect
+            await handle_one(message, suspect)
+
+        agent._handle_one = noting  # type: ignore[method-assign,assignment]
 
         @agent.handler
         async def handle(request: Request) -> bytes:
-            seen.append((tag, request.message_seq))
+            self.seen.append((tag, request.message_seq))
             if request.message_seq == 1:
-                await release.wait()  # keeps the stopping instance draining
+                await self.release.wait()  # keeps the stopping instance draining
             return b"ok"
 
         return agent
+
+
+async def test_a_stopping_instance_takes_no_more_and_the_others_get_it_first_hand(
+    publisher: Publisher, nats_url: str
+) -> None:
+    instances = Instances(nats_url)
+    release, seen, alone = instances.release, instances.seen, instances.alone
+    instance = instances.instance
+    captured: dict[str, Any] = {}
 
     a = instance("a")
     consume = a._consume
@@ -88,6 +111,8 @@ async def test_messages_delivered_to_a_stopping_instance_are_handed_back(
         assert await await_until(b_ran_both, timeout=8), seen
         assert ("a", 2) not in seen
         assert ("a", 3) not in seen
+        # Never delivered to a: b gets them as first deliveries, not as suspects run alone.
+        assert [v for (tag, _), v in alone.items() if tag == "b"] == [False, False]
     finally:
         release.set()
         stop_a.set()
