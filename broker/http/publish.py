@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import replace
 from itertools import islice
 from typing import Any
@@ -329,10 +329,23 @@ class _DuplexPublish:
             await writer
 
     async def _read_records(self, proto: HTTPProtocol) -> None:
-        buffer = b""
-        skipping = False  # inside an oversized line: drop bytes up to its newline
         idle = self.state.settings.stream_idle_timeout
         chunks = aiter(proto)
+        # granian goes on handing out empty chunks, without end, once the client's
+        # connection closed in the middle of the body: each stream cut off so stayed, its
+        # task reading in a loop (a whole core for a few of them) and never idle long enough
+        # for the timeout below. Its disconnect tells the two apart.
+        gone = asyncio.ensure_future(proto.client_disconnect())
+        try:
+            await self._read_chunks(chunks, gone, idle)
+        finally:
+            gone.cancel()
+
+    async def _read_chunks(
+        self, chunks: AsyncIterator[bytes], gone: asyncio.Future[None], idle: float
+    ) -> None:
+        buffer = b""
+        skipping = False  # inside an oversized line: drop bytes up to its newline
         while True:
             try:
                 async with asyncio.timeout(idle):
@@ -348,6 +361,9 @@ class _DuplexPublish:
                 log.info("publish_stream_idle", records=self.index - 1, idle_s=idle)
                 return
             if self.broken:
+                return
+            if not chunk and gone.done():
+                log.info("publish_stream_client_gone", records=self.index)
                 return
             buffer += chunk
             start = 0  # cut lines by offset: slicing the rest off after each was quadratic

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from nats.js import JetStreamContext
 
-from tests.e2e._broker import BrokerProcess
+from tests.e2e._broker import BrokerProcess, children, within
 from tests.e2e._h2duplex import DuplexStream
 from tests.e2e.conftest import E2E_ENV
 
@@ -192,6 +195,41 @@ async def test_a_stream_with_a_refused_record_ends_when_its_body_ends(
     assert sorted(a["index"] for a in acks) == [0, 1]
     assert any(a.get("error_code") == "sequence_conflict" for a in acks), acks
     assert time.monotonic() - started < 2.0
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes ``pids`` have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_stream_whose_client_vanished_ends_and_costs_no_cpu(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """granian hands a body whose connection closed mid-way as empty chunks, for ever: each
+    such stream stayed, its task reading in a loop (an idle ingress at a whole core after a
+    few), and its idle timeout never came."""
+    subject = f"stream.{uuid.uuid4().hex[:10]}"
+    for _ in range(5):
+        stream = open_stream(broker, subject)
+        stream.send(orjson.dumps({"data": 1}) + b"\n")
+        stream.read_until(lambda s: len(s.lines()) >= 1)
+        stream.close()  # the connection, in the middle of the body
+    assert within(10, lambda: broker.log_tail(400).count("publish_stream_client_gone") >= 5), (
+        broker.log_tail()
+    )
+    ingress = children(broker.proc.pid)
+    before = _cpu_seconds(ingress)
+    await asyncio.sleep(3.0)  # a measure of CPU over a while: nothing to wait on
+    assert _cpu_seconds(ingress) - before < 1.0
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert sum((info.state.subjects or {}).values()) == 5
 
 
 def to_the_end(stream: DuplexStream) -> bool:
