@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.js import JetStreamContext
@@ -34,6 +35,11 @@ BUCKET = "projection_leases"
 #: How long a worker keeps trying its first lease round: a bucket just created in a cluster
 #: answers "no response from stream" until its replicas have elected a leader.
 _FIRST_TICK_SECONDS = 20.0
+
+#: How long nats-server keeps the consumer of a member listing once its watcher stopped.
+_LISTING_LINGER_SECONDS = 2.0
+#: How long a member listing waits for the next key before the tick gives up on it.
+_LISTING_TIMEOUT_SECONDS = 5.0
 
 
 async def messages_replicas(js: JetStreamContext) -> int:
@@ -123,13 +129,33 @@ class PartitionLeases:
         return f"{self.projection}.member.{self.worker}"
 
     async def _members(self, kv: KeyValue) -> list[str]:
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py: NoKeysError when none
-            return [self.worker]
-        # nats-py's key filter is a substring match: select the members here.
+        """The live members of this projection, this worker included. Read with a watcher of
+        the member keys alone whose consumer the server drops soon after it is stopped:
+        nats-py's ``kv.keys()`` leaves its consumer for 5 minutes, so every tick of every
+        worker's projections added one, and at nats-server's 1,000 consumers a stream (the
+        bucket sets no limit) every listing failed and each worker took itself for the only
+        member."""
         prefix = f"{self.projection}.member."
-        return sorted({k[len(prefix) :] for k in keys if k.startswith(prefix)} | {self.worker})
+        found = {self.worker}
+        try:
+            watcher = await kv.watch(
+                f"{prefix}*",
+                ignore_deletes=True,
+                meta_only=True,
+                inactive_threshold=_LISTING_LINGER_SECONDS,
+            )
+        except Exception:
+            return [self.worker]
+        next_key: Callable[[float], Awaitable[KeyValue.Entry | None]] = watcher.updates
+        try:
+            while (entry := await next_key(_LISTING_TIMEOUT_SECONDS)) is not None:
+                found.add(entry.key[len(prefix) :])
+        except Exception:  # NATS hiccup: as if alone, as before
+            return [self.worker]
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        return sorted(found)
 
     async def tick(self) -> None:
         """Renew membership and leases, give back extras, take free partitions."""
