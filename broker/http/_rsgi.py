@@ -158,6 +158,32 @@ async def read_body(
         _deadlines.stop(task)
 
 
+class Vanished:
+    """Whether the client of ``proto`` is gone, asked on each empty chunk of its body.
+
+    granian hands the body of a connection closed in its middle as empty chunks, for ever:
+    a read that only counted them (or waited for the next) looped until its deadline, a
+    core busy for each such client. Only the client's disconnect tells the two apart; it is
+    asked for at the first empty chunk (a body that ends with one, as HTTP/2 allows, pays a
+    future and nothing more), and told at a later one. :meth:`close` once the read ends."""
+
+    __slots__ = ("_gone", "_proto")
+
+    def __init__(self, proto: HTTPProtocol) -> None:
+        self._proto = proto
+        self._gone: asyncio.Future[None] | None = None
+
+    def __call__(self) -> bool:
+        if self._gone is None:
+            self._gone = asyncio.ensure_future(self._proto.client_disconnect())
+            return False
+        return self._gone.done()
+
+    def close(self) -> None:
+        if self._gone is not None:
+            self._gone.cancel()
+
+
 #: The largest unread body an answer given before reading it waits for: :func:`discard_body`.
 DISCARDED_BODY_BYTES = 4 * 1024 * 1024
 #: The same for a request refused its credentials: whoever sent it is no one the broker knows.
@@ -186,10 +212,15 @@ async def discard_body(
         return
     if not declared or declared > limit:
         return
-    with contextlib.suppress(RSGIProtocolError, RSGIProtocolClosed, TimeoutError):
-        async with asyncio.timeout(DISCARD_SECONDS):
-            async for _ in proto:
-                pass
+    vanished = Vanished(proto)
+    try:
+        with contextlib.suppress(RSGIProtocolError, RSGIProtocolClosed, TimeoutError):
+            async with asyncio.timeout(DISCARD_SECONDS):
+                async for chunk in proto:
+                    if not chunk and vanished():
+                        return
+    finally:
+        vanished.close()
 
 
 class _Deadlines:
@@ -259,14 +290,20 @@ async def _read_counted(proto: HTTPProtocol, limit: int, *, chunked: bool) -> by
     the body as a complete one, to the server too)."""
     chunks: list[bytes] = []
     size = empties = 0
-    async for chunk in proto:
-        if not chunk:
-            empties += 1
-            continue
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    vanished = Vanished(proto)
+    try:
+        async for chunk in proto:
+            if not chunk:
+                empties += 1
+                if vanished():
+                    raise BadRequest("the client went away in the middle of the request body")
+                continue
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        vanished.close()
     if chunked and empties > 1:
         raise BadRequest(
             "the request body was cut short or its chunked framing is malformed "

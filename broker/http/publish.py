@@ -55,6 +55,7 @@ from broker.http._rsgi import (
     HTTPProtocol,
     Scope,
     StreamTransport,
+    Vanished,
     read_body,
     respond_json,
 )
@@ -329,21 +330,16 @@ class _DuplexPublish:
             await writer
 
     async def _read_records(self, proto: HTTPProtocol) -> None:
-        idle = self.state.settings.stream_idle_timeout
-        chunks = aiter(proto)
-        # granian goes on handing out empty chunks, without end, once the client's
-        # connection closed in the middle of the body: each stream cut off so stayed, its
-        # task reading in a loop (a whole core for a few of them) and never idle long enough
-        # for the timeout below. Its disconnect tells the two apart.
-        gone = asyncio.ensure_future(proto.client_disconnect())
+        # A body whose client vanished is empty chunks for ever, each of which reset the idle
+        # timeout below: the stream stayed, its task reading in a loop (Vanished).
+        vanished = Vanished(proto)
         try:
-            await self._read_chunks(chunks, gone, idle)
+            await self._read_chunks(aiter(proto), vanished)
         finally:
-            gone.cancel()
+            vanished.close()
 
-    async def _read_chunks(
-        self, chunks: AsyncIterator[bytes], gone: asyncio.Future[None], idle: float
-    ) -> None:
+    async def _read_chunks(self, chunks: AsyncIterator[bytes], vanished: Vanished) -> None:
+        idle = self.state.settings.stream_idle_timeout
         buffer = b""
         skipping = False  # inside an oversized line: drop bytes up to its newline
         while True:
@@ -362,7 +358,7 @@ class _DuplexPublish:
                 return
             if self.broken:
                 return
-            if not chunk and gone.done():
+            if not chunk and vanished():
                 log.info("publish_stream_client_gone", records=self.index)
                 return
             buffer += chunk

@@ -235,3 +235,25 @@ async def test_a_stream_whose_client_vanished_ends_and_costs_no_cpu(
 def to_the_end(stream: DuplexStream) -> bool:
     """A ``read_until`` predicate that reads until the stream ends."""
     return False
+
+
+async def test_a_single_publish_whose_client_vanished_mid_body_costs_no_cpu(
+    broker: BrokerProcess, js: JetStreamContext
+) -> None:
+    """A publish with no ``Content-Length`` whose connection closes in the middle of its
+    body: granian hands the rest as empty chunks, for ever, and the read counted them until
+    its 30 s deadline, a core busy all that time for each such client. Nothing is stored."""
+    subject = f"cut.{uuid.uuid4().hex[:10]}"
+    ingress = children(broker.proc.pid)
+    before = _cpu_seconds(ingress)
+    for _ in range(5):
+        stream = DuplexStream(
+            "127.0.0.1", broker.port, f"/v1/publish/{subject}", {"content-type": "text/plain"}
+        )
+        stream.send(b"half of a body")
+        await asyncio.sleep(0.2)  # the handler reads the first chunk
+        stream.close()
+    await asyncio.sleep(3.0)  # a measure of CPU over a while: nothing to wait on
+    assert _cpu_seconds(ingress) - before < 1.0
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert not info.state.subjects
