@@ -414,6 +414,14 @@ def _retry_after(response: httpx.Response) -> float | None:
     return float(value) if value and value.isascii() and value.isdigit() else None
 
 
+def _failure(e: BaseException, timeout: float) -> str:
+    """What a failed try says: httpx's timeouts carry no text (``ReadTimeout('')``), which
+    made "cannot reach the broker: " end in nothing, for a broker connected but silent too."""
+    if isinstance(e, httpx.TimeoutException):
+        return f"no answer within the client's timeout of {timeout} s ({type(e).__name__})"
+    return str(e) or type(e).__name__
+
+
 def _in_time(deadline: float | None, wait: float) -> bool:
     """Whether a try after ``wait`` seconds starts before ``deadline`` (event loop time)."""
     return deadline is None or asyncio.get_running_loop().time() + wait < deadline
@@ -737,7 +745,8 @@ class BrokerClient:
                     ) from e
                 wait = self.retry.delay(attempt, None)
                 if attempt + 1 >= self.retry.attempts or not _in_time(deadline, wait):
-                    raise Unavailable(f"cannot reach the broker: {e}") from e
+                    why = _failure(e, self._timeout)
+                    raise Unavailable(f"cannot reach the broker: {why}") from e
                 await asyncio.sleep(wait)
                 attempt += 1
                 continue
@@ -1091,9 +1100,12 @@ class BrokerClient:
                                 yield message
             except CONNECTION_FAILED as e:
                 if attempt + 1 >= self.retry.attempts:
-                    if next_seq is None or next_seq == start_seq:  # nothing read yet
-                        raise Unavailable(f"cannot reach the broker: {e}") from e
-                    raise Unavailable(f"replay interrupted before seq {next_seq}: {e}") from e
+                    where = (
+                        "cannot reach the broker"
+                        if next_seq is None or next_seq == start_seq  # nothing read yet
+                        else f"replay interrupted before seq {next_seq}"
+                    )
+                    raise Unavailable(f"{where}: {_failure(e, self._timeout)}") from e
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
                 continue

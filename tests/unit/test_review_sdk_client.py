@@ -185,3 +185,24 @@ async def test_publish_stream_goes_to_the_same_path_as_every_other_call(
             async for _ in client.publish_stream(records(), subject="s"):
                 pass
     assert urls == [f"{expected}?subject=s"]
+
+
+@pytest.mark.parametrize("call", ["publish", "replay"])
+async def test_a_broker_that_does_not_answer_in_time_is_said_so(call: str) -> None:
+    """httpx's timeouts carry no text: the error read "cannot reach the broker: " and
+    ended there, as the CLI printed it, after a broker (or a proxy) that stopped answering."""
+
+    def silent(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("", request=request)
+
+    async def replay() -> None:
+        async for _ in client.replay("MESSAGES"):
+            pass
+
+    client = _client(silent)
+    client.retry = RetryPolicy(attempts=2, base_delay=0.0)
+    with pytest.raises(Unavailable) as caught:
+        await (client.publish("texts", "hi") if call == "publish" else replay())
+    assert str(caught.value).endswith(
+        "cannot reach the broker: no answer within the client's timeout of 30.0 s (ReadTimeout)"
+    ), str(caught.value)
