@@ -82,6 +82,9 @@ _DEFAULT_WAIT = 30.0
 #: Seconds a retried request still waits after the first one's deadline: an answer given
 #: just before it may not be stored yet (and another ingress's clock may differ a little).
 _DEADLINE_GRACE = 1.0
+#: How long a waiting request looks for its answer in ``ROUTES`` (after a reconnection, or
+#: at its deadline) before it gives up on it.
+_STORED_LOOKUP_SECONDS = 2.0
 _ERRORS: dict[str, type[BrokerError]] = {
     "no_route": NoRoute,
     "agent_error": AgentFailed,
@@ -107,7 +110,11 @@ class RouteWaiters:
         self.publisher = publisher
         self._prefix: str | None = None
         self._lock = asyncio.Lock()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, asyncio.Future[Msg | Answer]] = {}
+        # The replies awaited for stored messages: token -> (tenant, message seq)
+        self._replies: dict[str, tuple[str, int]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
+        publisher.on_reconnected(self._reconnected)
 
     async def _ensure(self) -> str:
         if self._prefix is None:
@@ -119,17 +126,41 @@ class RouteWaiters:
                     self._prefix = prefix
         return self._prefix
 
-    async def expect(self) -> tuple[str, asyncio.Future[Msg]]:
+    async def expect(self) -> tuple[str, asyncio.Future[Msg | Answer]]:
         """A fresh subject to hand out and the future of the first message sent to it."""
         prefix = await self._ensure()
         token = secrets.token_urlsafe(12)  # 96 bits; [A-Za-z0-9_-], a subject token
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Msg | Answer] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         return prefix + token, future
+
+    def awaits_reply(self, subject: str, tenant: str, message_seq: int) -> None:
+        """``subject`` awaits the answer to the message stored at ``message_seq``: looked
+        for in ``ROUTES`` when the connection comes back (see :meth:`_reconnected`)."""
+        if self._prefix and subject.startswith(self._prefix):
+            self._replies[subject[len(self._prefix) :]] = (tenant, message_seq)
 
     def forget(self, subject: str) -> None:
         if self._prefix and subject.startswith(self._prefix):
             self._waiting.pop(subject[len(self._prefix) :], None)
+            self._replies.pop(subject[len(self._prefix) :], None)
+
+    async def _reconnected(self) -> None:
+        """An answer sent to a reply subject while the connection was down never comes (core
+        NATS keeps nothing), though the agent or the router stored it in ``ROUTES``: each
+        request still waiting looks there, and takes the stored answer when there is one.
+        Without this it waited out its timeout and answered 504 for a reply stored seconds
+        after it was sent."""
+        for token, (tenant, seq) in list(self._replies.items()):
+            task = asyncio.create_task(self._look_up(token, tenant, seq))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _look_up(self, token: str, tenant: str, seq: int) -> None:
+        answer = await stored_reply(self.publisher, tenant, seq)
+        future = self._waiting.get(token)
+        if answer is not None and future is not None and not future.done():
+            future.set_result(answer)
 
     async def _deliver(self, message: Msg) -> None:
         assert self._prefix is not None
@@ -226,7 +257,7 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
         raise Unavailable("NATS is not connected")
     decision_to, decision_future = await waiters.expect()
     reply_to: str | None = None
-    reply_future: asyncio.Future[Msg] | None = None
+    reply_future: asyncio.Future[Msg | Answer] | None = None
     deadline = time.time() + timeout
     if wait:
         reply_to, reply_future = await waiters.expect()
@@ -237,6 +268,8 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
     outbound.headers[H_DECISION_TO] = decision_to
     try:
         ack = await state.publisher.publish(outbound)
+        if reply_to is not None and not ack.duplicate:  # from here on it may be answered
+            waiters.awaits_reply(reply_to, str(state.tenant), ack.seq)
         if ack.duplicate:
             if wait:
                 await _answer_again(state, proto, ack.seq, timeout)
@@ -251,7 +284,7 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
             respond_json(proto, status, {**ack.to_dict(), "subject": subject, "decision": decision})
             return
         assert reply_future is not None
-        reply = await _reply(reply_future, deadline)
+        reply = await _reply(state, reply_future, deadline, ack.seq)
         _respond_reply(proto, reply, ack.seq)
     finally:
         waiters.forget(decision_to)
@@ -259,24 +292,43 @@ async def route_one(state: IngressState, scope: Scope, proto: HTTPProtocol, subj
             waiters.forget(reply_to)
 
 
-async def _decision(future: asyncio.Future[Msg], timeout: float) -> dict[str, Any] | None:
+async def _decision(future: asyncio.Future[Msg | Answer], timeout: float) -> dict[str, Any] | None:
     try:
         message = await asyncio.wait_for(asyncio.shield(future), timeout)
     except TimeoutError:
         return None
     try:
-        decision = orjson.loads(message.data)
+        decision = orjson.loads(message.data or b"")
     except orjson.JSONDecodeError:
         return None
     return decision if isinstance(decision, dict) else None
 
 
-async def _reply(future: asyncio.Future[Msg], deadline: float) -> Msg:
+async def _reply(
+    state: IngressState, future: asyncio.Future[Msg | Answer], deadline: float, seq: int
+) -> Answer:
+    """The answer sent to the request's reply subject (or found stored in ``ROUTES`` once
+    the connection came back: :meth:`RouteWaiters._reconnected`); at the deadline, one
+    stored meanwhile all the same (sent while the connection was being made again)."""
     remaining = deadline - time.time()
     try:
         return await asyncio.wait_for(future, max(remaining, 0.0))
     except TimeoutError:
+        stored = await stored_reply(state.publisher, str(state.tenant), seq)
+        if stored is not None:
+            return stored
         raise DeadlineExceeded("no reply before the deadline; the agent was told to stop") from None
+
+
+async def stored_reply(publisher: Publisher, tenant: str, seq: int) -> Answer | None:
+    """The answer stored in ``ROUTES`` for the message at ``seq``, or ``None`` (none, or
+    NATS did not tell within :data:`_STORED_LOOKUP_SECONDS`)."""
+    try:
+        return await asyncio.wait_for(
+            stored_answer(publisher.js, tenant, seq), _STORED_LOOKUP_SECONDS
+        )
+    except Exception:
+        return None
 
 
 async def _answer_again(state: IngressState, proto: HTTPProtocol, seq: int, timeout: float) -> None:
