@@ -22,6 +22,9 @@ agents_app = typer.Typer(
 
 URL = Annotated[str, typer.Option(envvar="BROKER_URL", help="Broker base URL.")]
 OUTPUT = Annotated[str, typer.Option("--output", "-o", help="json or table.")]
+GET_OUTPUT = Annotated[
+    str, typer.Option("--output", "-o", help="json (the registry record) or yaml (the manifest).")
+]
 DEFAULT_URL = "http://127.0.0.1:8080"
 _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 #: What the commands read of an agent's record, of its list and of its history.
@@ -204,6 +207,7 @@ def list_agents(
     seq a page was read at."""
     from broker.client import next_after
 
+    _check_output(output, "json", "table")
     params = {"as_of": as_of} if as_of else {}
     agents: list[dict[str, Any]] = []  # json: every record; table: only its row is kept
     rows: list[tuple[str, ...]] = []
@@ -240,6 +244,13 @@ def list_agents(
     Console().print(table)
 
 
+def _check_output(output: str, *allowed: str) -> None:
+    """A usage error (exit 2) for an ``-o`` the command does not print, before any request:
+    an unknown one used to print the command's default silently."""
+    if output not in allowed:
+        raise typer.BadParameter(" or ".join(allowed), param_hint="--output")
+
+
 def _row(agent: dict[str, Any]) -> tuple[str, ...]:
     """An agent's line in the ``list`` table."""
     actions = ", ".join(c["action"] for c in agent["manifest"]["capabilities"])
@@ -251,8 +262,9 @@ def _row(agent: dict[str, Any]) -> tuple[str, ...]:
         "Examples:\n\n  broker agents get translator\n\n  broker agents get translator -o yaml"
     ),
 )
-def get(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "json") -> None:
+def get(name: str, url: URL = DEFAULT_URL, output: GET_OUTPUT = "json") -> None:
     """Print one agent: its registry record (json) or only its manifest (yaml)."""
+    _check_output(output, "json", "yaml")
     body = _get_json(url, f"/v1/agents/{_agent_name(name)}", _RECORD_KEYS)
     if output == "yaml":
         import yaml
@@ -274,6 +286,7 @@ def history(name: str, url: URL = DEFAULT_URL, output: OUTPUT = "table") -> None
     shows each page as it comes)."""
     from broker.client import next_page
 
+    _check_output(output, "json", "table")
     path = f"/v1/agents/{_agent_name(name)}/history"
     events: list[dict[str, Any]] = []
     start: int | None = 1

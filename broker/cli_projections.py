@@ -288,7 +288,7 @@ def worker(
         typer.Option(
             help="Stable worker name, 1-64 of A-Z a-z 0-9 _ - (default: host-pid), unique "
             "among the workers: it names the worker's leases and, as is, its consumers "
-            "(proj_<projection>_<id>; w-1 and w_1 are two workers). `reset` is taken by "
+            "(`proj_<projection>_<id>`; w-1 and w_1 are two workers). `reset` is taken by "
             "`broker projections reset`.",
             callback=_worker_id,
         ),

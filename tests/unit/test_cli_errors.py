@@ -23,6 +23,11 @@ def test_cli_errors_are_messages_and_exit_codes_not_tracebacks(tmp_path: Path) -
         (["replay", "MESSAGES", "--to", str(tmp_path / "nodir" / "out.ndjson")], 2),
         (["replay", "MESSAGES", "--since", "2026-11-26 22:13:00", *unreachable], 2),
         (["agents", "import-a2a", __file__, "-o", str(tmp_path / "nodir" / "m.yaml")], 2),
+        # an -o the command does not print is a usage error, not its default printed
+        (["agents", "get", "x", "-o", "table", *unreachable], 2),
+        (["agents", "list", "-o", "yaml", *unreachable], 2),
+        (["agents", "history", "x", "-o", "bogus", *unreachable], 2),
+        (["agents", "get", "x", "-o", "yaml", *unreachable], 3),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == code, (args, result.output)
