@@ -19,12 +19,15 @@ attempts ran out or the deadline passed; a waiting caller hears the outcome. Sev
 may sweep one consumer: each delivery goes to one of them, and a failure stored twice (a
 router killed between its append and its ack) is retried once.
 
-An inbox no instance ever read (the agent was deleted before any ran) has no consumer: the
-sweeper makes it, as the SDK would, and sweeps it. What an instance still holds (delivered,
-not settled) is left to it; if the instance dies, the message is delivered again after the
-consumer's ack wait and swept then (a gone agent's inbox is looked at every
-:data:`SWEEP_SECONDS` until it holds nothing). The consumer is kept: an agent registered
-later under that name resumes after what was swept, not from the inbox's first message.
+What an instance still holds (delivered, not settled) is left to it; if the instance dies,
+the message is delivered again after the consumer's ack wait and swept then (a gone agent's
+inbox is looked at every :data:`SWEEP_SECONDS` until it has held nothing for
+:data:`GONE_GRACE_SECONDS`). The consumer is kept: an agent registered later under that
+name resumes after what was swept, not from the inbox's first message. An inbox that no
+consumer reads is not swept (``inbox_not_swept`` in the log): its consumer may have been
+lost after instances ran what it holds, and nothing tells which they ran. With the default
+policy (``require_live``) no decision goes to an agent before an instance of it made its
+consumer.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from broker.consumers import list_consumers
@@ -60,16 +62,16 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between two sweeps of the inboxes of gone agents that still hold something.
 SWEEP_SECONDS = 10.0
+#: How long a gone agent's inbox is looked at after it was first found empty: a decision
+#: made on a view that still had the agent may be appended after it left (its append
+#: retried through a leader election, another router's view behind).
+GONE_GRACE_SECONDS = 30.0
 #: Seconds between two looks at the registry view for agents that left it.
 _LOOK_SECONDS = 1.0
 _FETCH_BATCH = 64
 _FETCH_TIMEOUT = 0.5
 #: How long a sweep waits for the registry view to catch up with ``REGISTRY``.
 _CATCH_UP_SECONDS = 5.0
-#: The inbox consumer the sweeper makes where none was made: the agent SDK's defaults, which
-#: an instance started later under that name binds as they are.
-_INBOX_ACK_WAIT = 60.0
-_INBOX_MAX_ACK_PENDING = 1000
 _TRACE = frozenset({"traceparent", "tracestate"})
 
 
@@ -100,6 +102,8 @@ class InboxSweeper:
         self.stats = SweepStats()
         #: Deregistered agents whose inbox may still hold something.
         self.gone: set[AgentKey] = set()
+        #: When each gone agent's inbox was first found empty (monotonic time).
+        self._empty_since: dict[AgentKey, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -139,7 +143,8 @@ class InboxSweeper:
 
     async def sweep(self, stop: asyncio.Event) -> None:
         """Sweep each gone agent's inbox, once the registry view has caught up; an agent
-        registered again, or whose inbox holds nothing more, is forgotten."""
+        registered again, or whose inbox has held nothing for :data:`GONE_GRACE_SECONDS`,
+        is forgotten."""
         info = await self.js.stream_info(Stream.REGISTRY)
         if not await self.registry.wait_for(info.state.last_seq, _CATCH_UP_SECONDS):
             log.warning("inbox_sweep_waits_for_registry", seq=info.state.last_seq)
@@ -147,8 +152,18 @@ class InboxSweeper:
         for key in sorted(self.gone):
             if stop.is_set():
                 return
-            if key in self.registry.snapshot or await self._swept(key, stop):
-                self.gone.discard(key)
+            if key in self.registry.snapshot:
+                self._forget(key)
+            elif not await self._swept(key, stop):
+                self._empty_since.pop(key, None)
+            elif time.monotonic() - self._empty_since.setdefault(key, time.monotonic()) >= (
+                GONE_GRACE_SECONDS
+            ):
+                self._forget(key)
+
+    def _forget(self, key: AgentKey) -> None:
+        self.gone.discard(key)
+        self._empty_since.pop(key, None)
 
     async def _swept(self, key: AgentKey, stop: asyncio.Event) -> bool:
         """Reroute what ``key``'s inbox consumer has to deliver; whether it holds nothing
@@ -165,8 +180,14 @@ class InboxSweeper:
                     batch = await sub.fetch(_FETCH_BATCH, timeout=_FETCH_TIMEOUT)
                 except (nats.errors.TimeoutError, TimeoutError):
                     break
-                for message in batch:
-                    await self._reroute(message, tenant, agent)
+                for done, message in enumerate(batch):
+                    try:
+                        await self._reroute(message, tenant, agent)
+                    except BaseException:
+                        for left in batch[done + 1 :]:  # else each waits out the ack_wait
+                            with contextlib.suppress(Exception):
+                                await left.nak()
+                        raise
             info = await sub.consumer_info()
         finally:
             with contextlib.suppress(Exception):
@@ -183,8 +204,10 @@ class InboxSweeper:
 
     async def _consumer(self, tenant: str, agent: str) -> str | None:
         """The consumer that reads ``agent``'s inbox (the SDK's name, or the one before
-        tenants); made when there is none and the inbox holds something; ``None`` when it
-        holds nothing."""
+        tenants); ``None`` when there is none. An inbox without one is not swept (logged
+        when it holds records): the consumer may have been lost (deleted, ``ROUTES``
+        restored) after instances ran what it holds, and nothing tells which they ran; a
+        consumer made from its first record would route those again."""
         inbox = inbox_subject(tenant, agent)
         name = f"agent-{tenant}~{agent}"
         for durable in (name, f"agent-{agent}"):
@@ -195,19 +218,15 @@ class InboxSweeper:
             if info.config.filter_subject == inbox:
                 return durable
         held = await self.js.stream_info(Stream.ROUTES, subjects_filter=inbox)
-        if not (held.state.subjects or {}).get(inbox):
-            return None
-        config = ConsumerConfig(
-            durable_name=name,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=_INBOX_ACK_WAIT,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject=inbox,
-            max_ack_pending=_INBOX_MAX_ACK_PENDING,
-        )
-        await self.js.add_consumer(Stream.ROUTES, config)
-        log.info("inbox_consumer_made_for_sweep", tenant=tenant, agent=agent, consumer=name)
-        return name
+        if count := (held.state.subjects or {}).get(inbox):
+            log.warning(
+                "inbox_not_swept",
+                tenant=tenant,
+                agent=agent,
+                records=count,
+                why="no consumer reads this inbox: which records an instance ran is unknown",
+            )
+        return None
 
     async def _reroute(self, message: Msg, tenant: str, agent: str) -> None:
         """Hand one decision of a gone agent's inbox to the retries (a ``RouteFailed``,

@@ -473,17 +473,29 @@ class Router:
 
     def observe_failure(self, failure: RouteFailed) -> None:
         self.stats.failures_seen += 1
-        if failure.reason is FailureReason.DEREGISTERED:  # no fault of a running agent
+        if self._believed(failure).reason is FailureReason.DEREGISTERED:  # no agent's fault
             return
         route = failure.route
         attempt = (route.message_seq, route.attempt)
         if self.cooldowns.record_failure(route.tenant, failure.agent, failure=attempt):
             log.info("agent_cooling_down", tenant=route.tenant, agent=failure.agent)
 
+    def _believed(self, failure: RouteFailed) -> RouteFailed:
+        """``failure``, or the same as an ``error`` when it says ``deregistered`` of an agent
+        that is registered: an agent's NATS user may write that reason on its own
+        ``.failed`` subject, to escape its cooldown (the sweep that writes it runs only once
+        the agent left the registry)."""
+        key = (failure.route.tenant, failure.agent)
+        if failure.reason is FailureReason.DEREGISTERED and key in self.registry.snapshot:
+            return replace(failure, reason=FailureReason.ERROR)
+        return failure
+
     async def retry(self, message: Msg) -> None:
         """Send a failed routed message to the next candidate, or give up."""
         headers = _headers(message)
         failure = _failure(message, headers)
+        if failure is not None:
+            failure = self._believed(failure)
         failed = None if failure is None else await self._failed_decision(failure, headers)
         if failure is None or failed is None:
             await message.ack()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from structlog.testing import capture_logs
 
 from broker.envelope import Outbound
 from broker.publisher import Publisher
@@ -28,6 +30,7 @@ from broker.routing.events import (
 from broker.streams import Stream, dlq_subject
 from tests._wait import await_until
 from tests.integration.test_router import T, start_router
+from tests.unit.test_routing_plumbing import _decision
 
 pytestmark = pytest.mark.integration
 
@@ -91,11 +94,13 @@ async def stopped(stop: asyncio.Event, running: asyncio.Task[None]) -> None:
 async def test_a_deregistered_agents_queued_message_goes_to_the_next_candidate(
     publisher: Publisher,
 ) -> None:
-    """No instance of the chosen agent ever ran (so no inbox consumer exists either); once it
-    is deregistered, its message is decided again for the other agent, the first counted as
-    tried, and the failure that hands it over says why."""
+    """An agent whose instances stopped (their inbox consumer left behind) is deregistered
+    with a message in its inbox: the message is decided again for the other agent, the
+    first counted as tried, and the failure that hands it over says why."""
     await register(publisher, "translator", TRANSLATOR)
     await register(publisher, "linguist", LINGUIST)
+    for agent in ("translator", "linguist"):
+        await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer(agent))
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         seq = await routed(publisher)
@@ -128,8 +133,9 @@ async def test_with_no_other_candidate_the_message_is_dead_lettered_and_its_call
     publisher: Publisher,
 ) -> None:
     """A waiting caller hears ``agent_error`` with the reason, and the DLQ keeps the message;
-    the inbox consumer, made by the sweep, is kept and has nothing left."""
+    the inbox consumer is kept and has nothing left."""
     await register(publisher, "translator", TRANSLATOR)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
     caller = await publisher.nc.subscribe("caller.orphan")
     _, stop, running = await start_router(publisher, HashingEmbedder())
     try:
@@ -204,3 +210,90 @@ def inbox_consumer(agent: str) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=f"route.{T}.{agent}",
     )
+
+
+async def test_an_inbox_no_consumer_reads_is_left_alone_and_logged(publisher: Publisher) -> None:
+    """Its consumer may have been lost (deleted, ROUTES restored) after instances ran what
+    it holds: swept from its first record, what they ran would be routed again."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seqs = [await routed(publisher) for _ in range(2)]
+        assert [(await decided(publisher, seq, 1)).decision.agent for seq in seqs] == [
+            "translator",
+            "translator",
+        ]
+        sub = await publisher.js.pull_subscribe_bind(
+            durable=f"agent-{T}~translator", stream=Stream.ROUTES
+        )
+        for message in await sub.fetch(2, timeout=5):  # an instance ran both
+            await message.ack()
+        await sub.unsubscribe()
+        await publisher.js.delete_consumer(Stream.ROUTES, f"agent-{T}~translator")
+        with capture_logs() as logs:
+            await delete_agent(publisher, T, "translator")
+
+            async def logged() -> bool:
+                return any(e["event"] == "inbox_not_swept" for e in logs)
+
+            assert await await_until(logged, timeout=10)
+    finally:
+        await stopped(stop, running)
+    assert [d.attempt for seq in seqs for d in await decisions(publisher, seq)] == [1, 1]
+    assert router.sweeper is not None
+    assert router.sweeper.stats.rerouted == 0
+
+
+async def test_a_decision_stored_after_the_inbox_was_swept_empty_is_taken_back_too(
+    publisher: Publisher,
+) -> None:
+    """A router whose view still had the agent decides for it, and its append lands after
+    the sweepers found the inbox empty (retried through a leader election, say): the gone
+    agent's inbox is looked at for a while after it was first found empty."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        seq = await routed(publisher)
+        late = await decided(publisher, seq, 1)
+        assert late.decision.agent == "translator"
+        sub = await publisher.js.pull_subscribe_bind(
+            durable=f"agent-{T}~translator", stream=Stream.ROUTES
+        )
+        for message in await sub.fetch(1, timeout=5):  # an instance ran it
+            await message.ack()
+        await sub.unsubscribe()
+        await delete_agent(publisher, T, "translator")
+
+        async def found_empty() -> bool:
+            sweeper = router.sweeper  # made as the router runs
+            return sweeper is not None and (T, "translator") in sweeper._empty_since
+
+        assert await await_until(found_empty, timeout=10)
+        again = replace(late, message_seq=seq + 100)  # a message decided before the delete
+        await publisher.publish(Outbound(again.subject, TEXT, again.to_headers({})))
+        rerouted = await decided(publisher, seq + 100, 2)
+    finally:
+        await stopped(stop, running)
+    assert rerouted.decision.agent == "linguist"
+
+
+async def test_a_registered_agent_saying_deregistered_is_counted_as_failing(
+    publisher: Publisher,
+) -> None:
+    """An agent's NATS user may write any reason on its own ``.failed`` subject: one that
+    says ``deregistered`` while registered would escape its cooldown."""
+    await register(publisher, "translator", TRANSLATOR)
+    router, stop, running = await start_router(publisher, HashingEmbedder())
+    try:
+        await router.registry.wait_for(1)
+        route = RouteDecided(T, 1, f"msg.{T}.chat", replace(_decision(), agent="translator"))
+        claims = RouteFailed(route, FailureReason.DEREGISTERED, "not me", "i-1", 1)
+        for seq in range(router.policy.cooldown.errors):  # one failure counts once
+            router.observe_failure(replace(claims, route=replace(route, message_seq=seq + 1)))
+    finally:
+        await stopped(stop, running)
+    assert "translator" in router.cooldowns.cooling(T)
