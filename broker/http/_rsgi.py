@@ -176,12 +176,19 @@ class Vanished:
     def __call__(self) -> bool:
         if self._gone is None:
             self._gone = asyncio.ensure_future(self._proto.client_disconnect())
+            self._gone.add_done_callback(_retrieved)
             return False
         return self._gone.done()
 
     def close(self) -> None:
         if self._gone is not None:
             self._gone.cancel()
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Read a finished future's exception, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 #: The largest unread body an answer given before reading it waits for: :func:`discard_body`.
