@@ -177,12 +177,22 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def create_sql_engine(url: str, *, read_only: bool = False) -> sa.Engine:
+def create_sql_engine(
+    url: str, *, read_only: bool = False, lock_timeout: float | None = None
+) -> sa.Engine:
     """An engine for a replica URL: ``sqlite:///path`` or ``postgresql://…`` (psycopg 3).
 
     ``read_only``: for readers such as ``broker projections status``: plain (deferred)
     SQLite transactions that never take the write lock nor switch the journal mode, and
-    PostgreSQL transactions begun ``READ ONLY``, so a read-only role or file is enough."""
+    PostgreSQL transactions begun ``READ ONLY``, so a read-only role or file is enough.
+
+    ``lock_timeout`` (seconds; PostgreSQL): the longest a statement waits for a lock
+    (``SET lock_timeout``). A worker commits on its event loop's thread, so a statement
+    queued behind someone's lock (an analyst's ``LOCK TABLE``, an ``ALTER TABLE``, a
+    long transaction) stalled the whole worker: its lease renewals too, so every
+    partition of every projection it held expired while it waited. With it, the wait
+    ends in SQLSTATE 55P03 (:func:`is_transient`): the batch is fetched again later and
+    the loop renews the leases meanwhile."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if read_only:
@@ -211,7 +221,22 @@ def create_sql_engine(url: str, *, read_only: bool = False) -> sa.Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
+    engine = sa.create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
+    if lock_timeout is not None and engine.dialect.name == "postgresql":
+        millis = max(1, round(lock_timeout * 1000))
+
+        @sa.event.listens_for(engine, "connect")
+        def _lock_timeout(dbapi_connection: Any, _: Any) -> None:
+            # A session setting, outside any transaction: it outlives every commit and
+            # rollback, and keeps the URL's own ``options`` (a search_path, say).
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            try:
+                dbapi_connection.execute(f"SET lock_timeout = {millis}")
+            finally:
+                dbapi_connection.autocommit = autocommit
+
+    return engine
 
 
 #: Any constant: the advisory lock that serialises table creation by workers starting together.
@@ -221,8 +246,10 @@ _DDL_LOCK = 0x6272_6F6B
 def ddl_lock(conn: sa.Connection) -> None:
     """Hold, for the rest of the transaction, the lock under which tables are created: two
     workers running ``CREATE TABLE IF NOT EXISTS`` at once collide in PostgreSQL's catalog.
-    (SQLite serialises writers by itself.)"""
+    (SQLite serialises writers by itself.) Waits as long as it takes, whatever the engine's
+    ``lock_timeout``: a worker starting next to one creating the tables waits its turn."""
     if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
 
 

@@ -96,7 +96,11 @@ class Worker:
 
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
-        self.engine: sa.Engine = create_sql_engine(options.replica_url)
+        # A lock wait must end well within a lease's TTL: the commit holds the loop that
+        # renews the leases (every TTL/3).
+        self.engine: sa.Engine = create_sql_engine(
+            options.replica_url, lock_timeout=options.lease_ttl / 3
+        )
         self.store = SqlCheckpointStore(self.engine)
         self.running: list[RunningProjection] = []
         self.stop_event = asyncio.Event()
