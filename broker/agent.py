@@ -141,6 +141,9 @@ _POSITION_EVERY_BEATS = 5
 _RESUBSCRIBE_PAUSE = 0.5
 #: Seconds a stopping agent gives the removal of its heartbeat, then its connection's close.
 _LEAVE_SECONDS = 2.0
+#: Seconds a fetch's pull request may outlive the fetch on the server: it expires
+#: ``_FETCH_TIMEOUT`` after the server read it, later than the fetch's own timer started.
+_PULL_REQUEST_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +519,7 @@ class Agent:
         # far as this instance knows, by the consumer created at ``_consumer_created``.
         self._next_seq = 1
         self._consumer_created: datetime | None = None
+        self._last_fetch = 0.0  # monotonic time the last fetch started
         self._free = concurrency  # handler slots not in use
         self._slot_freed = asyncio.Event()
         # Cautious mode (see _consume): one message a fetch until this monotonic time.
@@ -868,6 +872,7 @@ class Agent:
                         await self._slot_freed.wait()
                 continue
             size = 1 if time.monotonic() < self._cautious_until else self._free
+            self._last_fetch = time.monotonic()
             try:
                 batch: list[Msg] = await sub.fetch(size, timeout=_FETCH_TIMEOUT)
             except (nats.errors.TimeoutError, TimeoutError):
@@ -1254,53 +1259,73 @@ class Agent:
                     self._note_pending(info)
 
     async def _drain(self) -> None:
-        """Stop the server delivering to this instance, run what it had delivered, and give
-        the handlers ``drain_timeout`` to finish; those still running then are cancelled,
-        each handing its message back (a nak, 1 s) before the connection closes."""
-        delivered = await self._stop_reading()
-        if delivered:
-            log.info("agent_delivered_at_stop", agent=self.name, count=len(delivered))
-            self._start_handlers(delivered)
+        """Run what the server still delivers to this instance until its last fetch's pull
+        request has expired, then end the subscription; give the handlers what is left of
+        ``drain_timeout``: those still running then are cancelled, each handing its message
+        back (a nak, 1 s) before the connection closes."""
+        started = time.monotonic()
+        late = await self._run_late_deliveries()
+        if late:
+            log.info("agent_delivered_at_stop", agent=self.name, count=late)
         if self._tasks:
             log.info("agent_draining", in_flight=len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+            left = max(0.0, self.drain_timeout - (time.monotonic() - started))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=left)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
 
-    async def _stop_reading(self) -> list[Msg]:
-        """End the inbox subscription and take the messages the server delivered to it.
+    async def _run_late_deliveries(self) -> int:
+        """Run, as this instance's own, the messages that reach its inbox subscription after
+        it stopped fetching; how many.
 
-        A fetch's pull request outlives the fetch on the server (until it expires), and the
-        server goes on delivering to it while the subscription is there: no fetch would take
+        A fetch's pull request lives on the server until it expires (a moment past a fetch
+        that timed out here), and the server goes on delivering for it: no fetch would take
         those from nats-py's queue any more, and each waited out the consumer's ack_wait (a
-        minute) before another instance got it. Handed back instead (a nak), each came to
-        another instance as a redelivery, run alone there as a possible poison message.
-        Unsubscribed, the subscription has no interest on the server, which then skips its
-        requests: what was not delivered yet stays in the inbox for the other instances, as
-        a first delivery. The unsubscribe is sent first and the local subscription kept
-        until a round trip (a flush) has brought in whatever the server sent before it:
-        those messages are this instance's, and run in its drain. Reads nats-py's
-        subscription under the pull subscription (``_sub``); without it, none are taken
-        (they come back after the ack_wait)."""
+        minute) before another instance got it. Handed back instead (a nak), each reached
+        the others as a redelivery, run alone there as a possible poison message, holding up
+        their other work. Run here, they are first deliveries run once. Once the request
+        has expired the subscription ends: its unsubscribe is sent, then a round trip (a
+        flush) brings in whatever the server sent before it, which runs here too; the
+        server delivers nothing to a request whose subject has no interest. (Ending it
+        first would not do in a cluster: the consumer's leader may be another server,
+        which hears of the unsubscribe later and meanwhile delivers into the void.) Reads
+        nats-py's subscription under the pull subscription (``_sub``); without it, none are
+        run (they come back after the ack_wait)."""
         inner = getattr(self._sub, "_sub", None)
         queue = getattr(inner, "_pending_queue", None)
         sid = getattr(inner, "_id", None)
         nc = self._nc
-        if inner is None or queue is None or sid is None or nc is None or not nc.is_connected:
-            return []
+        if inner is None or queue is None or sid is None or nc is None:
+            return 0
+        late = 0
+        until = self._last_fetch + _FETCH_TIMEOUT + _PULL_REQUEST_GRACE
+        while (remaining := until - time.monotonic()) > 0:
+            try:
+                message = await inner.next_msg(timeout=min(remaining, 0.25))
+            except nats.errors.TimeoutError:
+                continue
+            except Exception:  # the connection or the subscription closed
+                break
+            late += self._run_delivered([message])
         with contextlib.suppress(Exception):  # NATS away: what it holds comes back later
             await nc._send_unsubscribe(sid)
             await nc.flush(timeout=2)
-        delivered = []
+        queued = []
         while not queue.empty():
-            message = queue.get_nowait()
-            if message.reply and message.reply.startswith("$JS.ACK."):  # not a status
-                delivered.append(message)
+            queued.append(queue.get_nowait())
+        late += self._run_delivered(queued)
         with contextlib.suppress(Exception):
             await inner.unsubscribe()
-        return delivered
+        return late
+
+    def _run_delivered(self, messages: list[Msg]) -> int:
+        """Start handlers for the JetStream messages among ``messages`` (not a pull
+        request's status); how many."""
+        delivered = [m for m in messages if m.reply and m.reply.startswith("$JS.ACK.")]
+        self._start_handlers(delivered)
+        return len(delivered)
 
     async def _leave(self) -> None:
         """Take this instance's heartbeat out of routing and close the connection, in a few

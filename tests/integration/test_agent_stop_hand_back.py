@@ -58,9 +58,20 @@ class Instances:
         return agent
 
 
-async def test_a_stopping_instance_takes_no_more_and_the_others_get_it_first_hand(
-    publisher: Publisher, nats_url: str
+@pytest.mark.parametrize(
+    ("request_after", "runner"),
+    [
+        (0.3, "a"),  # while its last fetch's request may still be open: a runs them
+        (2.5, "b"),  # once that request expired: a has ended its subscription
+    ],
+)
+async def test_what_reaches_a_stopping_instance_runs_once_as_a_first_delivery(
+    publisher: Publisher, nats_url: str, request_after: float, runner: str
 ) -> None:
+    """A pull request for the stopping instance's subscription (as its last fetch's is, on
+    the server, for up to a fetch's timeout after it), answered by the next messages: they
+    are run once, as first deliveries, by the stopping instance while that request may be
+    open, else by the other instance; never handed back nor left to the ack_wait."""
     instances = Instances(nats_url)
     release, seen, alone = instances.release, instances.seen, instances.alone
     instance = instances.instance
@@ -76,6 +87,7 @@ async def test_a_stopping_instance_takes_no_more_and_the_others_get_it_first_han
     a._consume = capturing  # type: ignore[method-assign]
     stop_a, stop_b = asyncio.Event(), asyncio.Event()
     run_a = asyncio.create_task(a.run(stop_a))
+    b = instance("b")
     run_b: asyncio.Task[None] | None = None
     try:
         await send(publisher, 1)
@@ -85,9 +97,7 @@ async def test_a_stopping_instance_takes_no_more_and_the_others_get_it_first_han
 
         assert await await_until(started_one, timeout=10)
         stop_a.set()
-        await asyncio.sleep(1.3)  # its consume loop has ended; the drain waits on message 1
-        # A pull request of a's last fetch, still open on the server (as one is for up to a
-        # fetch's timeout after it): the server delivers the next messages to a.
+        await asyncio.sleep(request_after)  # the drain waits on message 1 meanwhile
         request = orjson.dumps({"batch": 2, "expires": 800_000_000})
         await publisher.nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{Stream.ROUTES}.{a.consumer_name}",
@@ -98,21 +108,19 @@ async def test_a_stopping_instance_takes_no_more_and_the_others_get_it_first_han
         await send(publisher, 2)
         await send(publisher, 3)
         await asyncio.sleep(0.5)
+        run_b = asyncio.create_task(b.run(stop_b))
+        await asyncio.sleep(0.5)
         release.set()
         await asyncio.wait_for(run_a, 15)
 
-        b = instance("b")
-        run_b = asyncio.create_task(b.run(stop_b))
+        async def ran_both() -> bool:
+            return {(runner, 2), (runner, 3)} <= set(seen)
 
-        async def b_ran_both() -> bool:
-            return {("b", 2), ("b", 3)} <= set(seen)
-
-        # Handed back: b runs them within seconds, not after the consumer's 30 s ack_wait.
-        assert await await_until(b_ran_both, timeout=8), seen
-        assert ("a", 2) not in seen
-        assert ("a", 3) not in seen
-        # Never delivered to a: b gets them as first deliveries, not as suspects run alone.
-        assert [v for (tag, _), v in alone.items() if tag == "b"] == [False, False]
+        # Within seconds, not after the consumer's 30 s ack_wait.
+        assert await await_until(ran_both, timeout=8), seen
+        await asyncio.sleep(1.0)  # nothing runs them again
+        assert sorted(seq for _, seq in seen if seq > 1) == [2, 3], seen
+        assert not any(alone.values()), alone
     finally:
         release.set()
         stop_a.set()
