@@ -298,9 +298,16 @@ def _top_distinct(
     m = min(n, k if catalog.one_group_per_agent else 4 * k)
     agent_of = catalog.group_agent_list
     while True:
-        part = values.argpartition(m - 1)[:m] if m < n else np.arange(n)
+        if m < n:
+            part = values.argpartition(m - 1)[:m]
+            cut = values[part].max()
+            if not np.isnan(cut):  # the groups tied with the last one taken compete too
+                part = np.flatnonzero(values <= cut + _TIE)
+        else:
+            part = np.arange(n)
         order = part[values[part].argsort(kind="stable")]
-        best_first = _ties_in_catalog_order(eligible[order].tolist(), values[order].tolist())
+        ranked = eligible[order].tolist()
+        best_first = _ties_in_catalog_order(ranked, values[order].tolist())[:m]
         if catalog.one_group_per_agent:
             return best_first
         picked: list[int] = []

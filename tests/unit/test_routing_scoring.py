@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from broker.routing import (
 )
 from broker.routing.catalog import LexicalIndex
 from broker.routing.features import encode_embedding
+from broker.routing.scoring import _top_distinct
 
 pytestmark = pytest.mark.unit
 
@@ -1122,3 +1124,19 @@ def test_agents_a_last_bit_apart_are_chosen_as_if_they_tied() -> None:
             near = route(b"", headers, twins(nudged), rules=rules, rng=random.Random(seed))
             assert near.agent == tied.agent, (seed, choice)
             assert [c.agent for c in near.candidates] == [c.agent for c in tied.candidates]
+
+
+def test_agents_tied_at_the_top_k_cut_enter_it_in_catalog_order() -> None:
+    """Five replicas a last bit apart and ``top_k`` 3: which of them made the cut was decided
+    by those bits (the partition), whatever order the ties then took inside it."""
+    catalog = SimpleNamespace(one_group_per_agent=True, group_agent_list=[0, 1, 2, 3, 4])
+    allowed = np.ones(5, dtype=bool)
+    one = np.array([-0.5000001, -0.5, -0.50000005, -0.5000002, -0.50000015])
+    other = np.array([-0.5, -0.5000001, -0.50000015, -0.50000005, -0.5000002])
+    picked = [
+        _top_distinct(catalog, cost, allowed, 3)  # type: ignore[arg-type]
+        for cost in (one, other)
+    ]
+    assert picked == [[0, 1, 2], [0, 1, 2]]
+    clear = np.array([-0.9, -0.4, -0.5, -0.8, -0.1])  # apart: the best three, best first
+    assert _top_distinct(catalog, clear, allowed, 3) == [0, 3, 2]  # type: ignore[arg-type]
