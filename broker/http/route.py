@@ -85,6 +85,8 @@ _DEADLINE_GRACE = 1.0
 #: How long a waiting request looks for its answer in ``ROUTES`` (after a reconnection, or
 #: at its deadline) before it gives up on it.
 _STORED_LOOKUP_SECONDS = 2.0
+#: Such lookups of one ingress process in flight at once.
+_LOOKUPS_AT_ONCE = 16
 _ERRORS: dict[str, type[BrokerError]] = {
     "no_route": NoRoute,
     "agent_error": AgentFailed,
@@ -114,6 +116,7 @@ class RouteWaiters:
         # The replies awaited for stored messages: token -> (tenant, message seq)
         self._replies: dict[str, tuple[str, int]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
+        self._lookup_gate = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
         publisher.on_reconnected(self._reconnected)
 
     async def _ensure(self) -> str:
@@ -157,7 +160,10 @@ class RouteWaiters:
             task.add_done_callback(self._lookups.discard)
 
     async def _look_up(self, token: str, tenant: str, seq: int) -> None:
-        answer = await stored_reply(self.publisher, tenant, seq)
+        if token not in self._waiting:  # answered, or given up, meanwhile
+            return
+        async with self._lookup_gate:  # a reconnect with thousands waiting: a few at a time
+            answer = await stored_reply(self.publisher, tenant, seq)
         future = self._waiting.get(token)
         if answer is not None and future is not None and not future.done():
             future.set_result(answer)
@@ -314,7 +320,9 @@ async def _reply(
     try:
         return await asyncio.wait_for(future, max(remaining, 0.0))
     except TimeoutError:
-        stored = await stored_reply(state.publisher, str(state.tenant), seq)
+        stored = None
+        if state.publisher.connected:  # else the lookup would only wait out its own timeout
+            stored = await stored_reply(state.publisher, str(state.tenant), seq)
         if stored is not None:
             return stored
         raise DeadlineExceeded("no reply before the deadline; the agent was told to stop") from None
