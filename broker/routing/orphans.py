@@ -106,13 +106,14 @@ class InboxSweeper:
         self._empty_since: dict[AgentKey, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        try:
-            await self._find_at_start()
-        except Exception as e:  # the agents that leave from now on are still swept
-            log.warning("inbox_sweep_failed", error=repr(e)[:200])
+        found = await self._found_at_start()
         known = self.registry.snapshot
+        next_find = time.monotonic() + SWEEP_SECONDS
         next_sweep = 0.0
         while not stop.is_set():
+            if not found and time.monotonic() >= next_find:  # NATS away at the start
+                found = await self._found_at_start()
+                next_find = time.monotonic() + SWEEP_SECONDS
             snapshot = self.registry.snapshot
             if snapshot is not known:
                 left = known.keys() - snapshot.keys()
@@ -129,9 +130,20 @@ class InboxSweeper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _LOOK_SECONDS)
 
+    async def _found_at_start(self) -> bool:
+        """:meth:`_find_at_start`; whether it could (logged when not: tried again later)."""
+        try:
+            await self._find_at_start()
+        except Exception as e:  # the agents that leave from now on are still swept
+            log.warning("inbox_sweep_failed", error=repr(e)[:200])
+            return False
+        return True
+
     async def _find_at_start(self) -> None:
         """Add the agents not registered whose inbox consumer has something to deliver."""
-        consumers, _ = await list_consumers(self.nc, Stream.ROUTES)
+        consumers, left_out = await list_consumers(self.nc, Stream.ROUTES)
+        if left_out:
+            log.warning("inbox_sweep_consumers_unlisted", count=left_out)
         registered = self.registry.snapshot
         for consumer in consumers:
             config = consumer.get("config")
