@@ -87,6 +87,8 @@ CRASH_ENV = "BROKER_CRASH_AT"
 #: JSON in the worker.
 BATCH_BYTES = READ_BYTES
 _FIRST_ESTIMATE = 1024 * 1024  # before any message is seen: a first fetch of 8
+#: How long a runner gives the deletion of its consumer once it reads no partition.
+_DELETE_CONSUMER_SECONDS = 2.0
 
 #: A header name nats-py will publish (an HTTP token); nats-server stores more than that
 #: (``X/Trace``), and copying such a name into a dead letter would fail its publish for ever.
@@ -204,6 +206,7 @@ class ProjectionRunner:
         self._delivered = 0  # the consumer sequence of the last delivery received
         self._size = FetchSize(_FIRST_ESTIMATE, BATCH_BYTES)
         self._failures: dict[int, int] = {}
+        self._consumer_made = False  # this runner's consumer may exist on the server
         self._crash = _crash_point()
         #: partition -> the checkpoint found past the stream: held until it changes
         self._ahead: dict[int, int] = {}
@@ -237,8 +240,23 @@ class ProjectionRunner:
             inactive_threshold=300,
         )
         await self.js.add_consumer(stream, config)
+        self._consumer_made = True
         self._delivered = 0
         return await self.js.pull_subscribe_bind(self.consumer_name, stream=stream)
+
+    async def _delete_consumer(self) -> None:
+        """Delete this runner's consumer once it reads no partition (stopped, or its
+        partitions taken by other workers): left to its inactivity threshold, it lingered
+        five minutes (longer across a NATS restart), and ``broker status`` showed its
+        unread backlog as a lag growing with the stream. A failure leaves it to that."""
+        if not self._consumer_made:
+            return
+        self._consumer_made = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.js.delete_consumer(self.projection.stream, self.consumer_name),
+                _DELETE_CONSUMER_SECONDS,
+            )
 
     async def _check_same_stream(self, owned: frozenset[int]) -> None:
         """Raise :class:`CheckpointAheadOfStream` (and log it) while the checkpoints belong
@@ -298,6 +316,7 @@ class ProjectionRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             metrics.projection_lag(self.projection.name, 0)  # this runner reports no more
+            await self._delete_consumer()
 
     async def lag(self) -> int:
         """Messages of the owned partitions not applied yet, as the consumer counts them
@@ -333,6 +352,7 @@ class ProjectionRunner:
         while not stop.is_set():
             owned = self.owned()
             if not owned:
+                await self._delete_consumer()
                 await _wait(stop, self.fetch_timeout)
                 continue
             sub = None

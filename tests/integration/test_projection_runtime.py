@@ -533,3 +533,42 @@ def _dlq_count(page: str) -> float:
     line = 'broker_dlq_messages_total{source="test.counting"}'
     found = [row for row in page.splitlines() if row.startswith(line)]
     return float(found[0].split()[-1]) if found else 0.0
+
+
+async def test_a_runner_deletes_its_consumer_when_it_stops_or_owns_nothing(
+    publisher: Publisher, nats_url: str, db: Db
+) -> None:
+    """Left to its 5-minute inactivity threshold, a stopped worker's consumer lingered, and
+    ``broker status`` showed its unread backlog as a lag growing with the stream."""
+    await publish(nats_url, 10)
+    projection = CountingProjection(partitions=4)
+    owned = {"partitions": frozenset(range(4))}
+    runner = ProjectionRunner(
+        publisher.js,
+        projection,
+        SqlCheckpointStore(db.engine),
+        owned=lambda: owned["partitions"],
+        worker="gone",
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    assert await await_until(reached(runner, 10), timeout=20)
+
+    async def consumers() -> set[str]:
+        infos = await publisher.js.consumers_info(projection.stream)
+        return {info.name for info in infos}
+
+    assert runner.consumer_name in await consumers()
+    owned["partitions"] = frozenset()  # another worker took them all
+
+    async def deleted() -> bool:
+        return runner.consumer_name not in await consumers()
+
+    assert await await_until(deleted, timeout=10)
+    owned["partitions"] = frozenset(range(4))
+    await publish(nats_url, 5)
+    assert await await_until(reached(runner, 15), timeout=20)
+    assert runner.consumer_name in await consumers()
+    stop.set()
+    await task
+    assert runner.consumer_name not in await consumers()
