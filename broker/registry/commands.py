@@ -176,11 +176,14 @@ def _check_if_match(if_match: IfMatch | None, last: _Last | None, name: str) -> 
         raise VersionConflict(f"agent {name} is not registered, and If-Match: * needs it to be")
     if not if_match.tags:
         raise VersionConflict(
-            f'agent {name} is at version {have}; a weak entity tag never matches: send "{have}"'
+            f"agent {name} is at registry seq {have} (its ETag); a weak entity tag never "
+            f'matches: send "{have}"'
         )
     named = sorted(if_match.tags)
     sent = ", ".join(f'"{tag[:24]}"' for tag in named[:3]) + (", ..." if len(named) > 3 else "")
-    raise VersionConflict(f"agent {name} is at version {have}, not {sent}: read it again and retry")
+    raise VersionConflict(
+        f"agent {name} is at registry seq {have} (its ETag), not {sent}: read it again and retry"
+    )
 
 
 async def _append(publisher: Publisher, event: RegistryEvent, expected: int) -> RegistryEvent:
