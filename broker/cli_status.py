@@ -88,7 +88,10 @@ def _read(url: str, recent: int) -> dict[str, Any]:
         raise _NoStatus(f"cannot reach the broker at {base}: {e}", EXIT_UNAVAILABLE) from None
     if response.status_code >= 400:
         code = EXIT_UNAVAILABLE if response.status_code >= 500 else EXIT_REFUSED
-        raise _NoStatus(response.text, code)
+        hint = ""
+        if response.status_code in (401, 403):
+            hint = " (the key sent is BROKER_API_KEY; BROKER_AS_TENANT names another tenant)"
+        raise _NoStatus(response.text + hint, code)
     try:
         return broker_document(response, *_DOCUMENT_KEYS)
     except Unavailable as e:  # a proxy's login page, a web server's index: not the broker

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
-from broker.cli import EXIT_UNAVAILABLE
+from broker.cli import EXIT_REFUSED, EXIT_UNAVAILABLE
 from broker.embedded import NatsServer
 from tests._wait import await_until, wait_for
 from tests.e2e._broker import BrokerProcess, free_port, start_broker
@@ -50,11 +50,15 @@ OTHER_SERVER = textwrap.dedent(
                 await send({"type": event["type"] + ".complete"})
                 if event["type"] == "lifespan.shutdown":
                     return
+        status = 200
         if scope["path"].startswith("/null"):
             kind, body = b"application/json", NULLS
+        elif scope["path"].startswith("/locked"):  # a broker with API keys, none sent
+            status, kind = 401, b"application/json"
+            body = b'{"error_code": "unauthenticated", "message": "no API key"}'
         else:
             kind, body = b"text/html; charset=utf-8", LOGIN
-        await send({"type": "http.response.start", "status": 200,
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", kind)]})
         await send({"type": "http.response.body", "body": body})
     """
@@ -183,3 +187,10 @@ def test_status_cli_shows_a_load_number_the_broker_wrote_as_null_as_a_question_m
     row = next(line for line in result.stdout.splitlines() if "buggy" in line)
     cells = [cell.strip() for cell in row.split("│")[1:-1]]
     assert cells == ["buggy (unregistered)", "-", "2", "?", "?", "?", "?"]
+
+
+def test_status_cli_refused_its_key_says_which_setting_sends_one(other_server: str) -> None:
+    result = status_cli(f"{other_server}/locked")
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert "unauthenticated" in result.stderr
+    assert "BROKER_API_KEY" in result.stderr
