@@ -285,6 +285,35 @@ def _ties_in_catalog_order(groups: list[int], values: Sequence[float]) -> list[i
     return out
 
 
+def _best(values: npt.NDArray[np.floating[Any]], eligible: npt.NDArray[Any], m: int) -> list[int]:
+    """The ``m`` groups of ``eligible`` with the lowest ``values``, best first, values within
+    :data:`_TIE` of each other in catalog order: also at the cut, where the groups tied
+    with the last one taken compete for the places left (which replicas a last bit apart
+    made the cut followed those bits). Python touches at most ``m`` values: idle agents
+    with nothing else to tell them apart tie exactly, by the thousand."""
+    n = values.shape[0]
+    if m >= n:
+        order = values.argsort(kind="stable")
+        return _ties_in_catalog_order(eligible[order].tolist(), values[order].tolist())
+    top = values.argpartition(m - 1)[:m]
+    top = top[values[top].argsort(kind="stable")]
+    ranked = values[top].tolist()
+    out: list[int] = []
+    start = 0
+    while start < m:
+        first = ranked[start]
+        end = start + 1
+        while end < m and ranked[end] - first <= _TIE:
+            end += 1
+        if end == m and not np.isnan(first):  # the run at the cut: all its ties compete
+            run = np.flatnonzero((values >= first) & (values <= first + _TIE))
+            out.extend(eligible[run[: m - len(out)]].tolist())  # ascending: catalog order
+            return out
+        out.extend(sorted(eligible[top[start:end]].tolist()))
+        start = end
+    return out
+
+
 def _top_distinct(
     catalog: Catalog, cost: npt.NDArray[np.floating[Any]], allowed: npt.NDArray[np.bool_], k: int
 ) -> list[int]:
@@ -298,16 +327,7 @@ def _top_distinct(
     m = min(n, k if catalog.one_group_per_agent else 4 * k)
     agent_of = catalog.group_agent_list
     while True:
-        if m < n:
-            part = values.argpartition(m - 1)[:m]
-            cut = values[part].max()
-            if not np.isnan(cut):  # the groups tied with the last one taken compete too
-                part = np.flatnonzero(values <= cut + _TIE)
-        else:
-            part = np.arange(n)
-        order = part[values[part].argsort(kind="stable")]
-        ranked = eligible[order].tolist()
-        best_first = _ties_in_catalog_order(ranked, values[order].tolist())[:m]
+        best_first = _best(values, eligible, m)
         if catalog.one_group_per_agent:
             return best_first
         picked: list[int] = []

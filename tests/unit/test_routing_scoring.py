@@ -1140,3 +1140,12 @@ def test_agents_tied_at_the_top_k_cut_enter_it_in_catalog_order() -> None:
     assert picked == [[0, 1, 2], [0, 1, 2]]
     clear = np.array([-0.9, -0.4, -0.5, -0.8, -0.1])  # apart: the best three, best first
     assert _top_distinct(catalog, clear, allowed, 3) == [0, 3, 2]  # type: ignore[arg-type]
+
+
+def test_groups_that_all_tie_give_the_first_in_catalog_order() -> None:
+    """Idle agents with nothing else to tell them apart tie exactly, by the thousand."""
+    catalog = SimpleNamespace(one_group_per_agent=True, group_agent_list=list(range(1000)))
+    allowed = np.ones(1000, dtype=bool)
+    allowed[0] = False
+    tied = np.full(1000, -0.5)
+    assert _top_distinct(catalog, tied, allowed, 3) == [1, 2, 3]  # type: ignore[arg-type]
