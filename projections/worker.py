@@ -96,10 +96,13 @@ class Worker:
 
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
-        # A lock wait must end well within a lease's TTL: the commit holds the loop that
-        # renews the leases (every TTL/3).
+        # A lock wait must end well within a lease's TTL: the commits hold the loop that
+        # renews the leases (every TTL/3), and one lock on a table every projection writes
+        # (broker_checkpoints: a VACUUM FULL, say) makes each projection's commit wait in
+        # turn, on the one loop.
         self.engine: sa.Engine = create_sql_engine(
-            options.replica_url, lock_timeout=options.lease_ttl / 3
+            options.replica_url,
+            lock_timeout=options.lease_ttl / (3 * (len(options.projections) + 1)),
         )
         self.store = SqlCheckpointStore(self.engine)
         self.running: list[RunningProjection] = []

@@ -20,6 +20,7 @@ from projections.leases import BUCKET
 from projections.replica import MessagesReplica
 from projections.worker import Worker, WorkerOptions
 from tests._wait import await_until
+from tests.integration._counting import CountingProjection
 from tests.integration.conftest import ReplicaDb as Db
 from tests.integration.conftest import replica_db
 
@@ -102,6 +103,79 @@ async def test_a_statement_waiting_on_a_table_lock_does_not_cost_the_leases(
         assert missing == [], f"lease of partition 0 gone at {missing[:3]}… s into the lock"
         assert await await_until(lambda: applied(2), timeout=20)
     finally:
+        loop.call_soon_threadsafe(worker.stop)
+        await asyncio.to_thread(thread.join, 30)
+        locker.dispose()
+        await nc.close()
+
+
+async def test_a_lock_on_the_table_every_projection_writes_does_not_cost_the_leases(
+    publisher: Publisher, nats_url: str, pg: Db
+) -> None:
+    """``broker_checkpoints`` locked (a ``VACUUM FULL``, say) under traffic: each of the four
+    projections' commits waits on it in turn, on the one loop; with a third of the TTL each
+    they held it for longer than the TTL, and every lease went (seen in a review)."""
+    projections = [CountingProjection(partitions=2, name=f"c{i}") for i in range(4)]
+    worker = Worker(
+        WorkerOptions(
+            nats_urls=[nats_url],
+            replica_url=pg.url,
+            projections=list(projections),
+            worker_id="w1",
+            batch=50,
+            lease_ttl=TTL,
+        )
+    )
+    thread, loop = run_in_thread(worker)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    locker = create_sql_engine(pg.url)
+    feeding = asyncio.Event()
+
+    async def feed() -> None:
+        sent = 0
+        while not feeding.is_set():
+            await js.publish(f"msg.default.s{sent % 7}", b"{}")
+            sent += 1
+            await asyncio.sleep(0.05)
+
+    feeder = asyncio.create_task(feed())
+    try:
+
+        async def holds_all() -> bool:
+            running = list(worker.running)
+            return len(running) == 4 and all(len(r.leases.owned()) == 2 for r in running)
+
+        assert await await_until(holds_all, timeout=30)
+        kv = await js.key_value(BUCKET)
+        released, locked = threading.Event(), threading.Event()
+
+        def hold_lock() -> None:
+            with locker.begin() as conn:
+                conn.execute(sa.text("LOCK TABLE broker_checkpoints IN ACCESS EXCLUSIVE MODE"))
+                locked.set()
+                released.wait(4 * TTL)
+
+        holder = asyncio.get_running_loop().run_in_executor(None, hold_lock)
+        assert await asyncio.to_thread(locked.wait, 10)
+        missing: list[tuple[str, float]] = []
+        start = time.monotonic()
+        while time.monotonic() - start < 3 * TTL:
+            for projection in projections:
+                key = f"{projection.name}.lease.0"
+                try:
+                    held = (await kv.get(key)).value == b"w1"
+                except KeyNotFoundError:
+                    held = False
+                if not held:
+                    missing.append((key, round(time.monotonic() - start, 1)))
+            await asyncio.sleep(0.25)
+        released.set()
+        await holder
+        assert missing == [], missing[:8]
+    finally:
+        feeding.set()
+        await feeder
         loop.call_soon_threadsafe(worker.stop)
         await asyncio.to_thread(thread.join, 30)
         locker.dispose()
