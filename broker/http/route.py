@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import secrets
@@ -115,7 +116,7 @@ class RouteWaiters:
         self._waiting: dict[str, asyncio.Future[Msg | Answer]] = {}
         # The replies awaited for stored messages: token -> (tenant, message seq)
         self._replies: dict[str, tuple[str, int]] = {}
-        self._lookups: set[asyncio.Task[None]] = set()
+        self._lookups: dict[str, asyncio.Task[None]] = {}  # by the token it looks for
         self._lookup_gate = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
         publisher.on_reconnected(self._reconnected)
 
@@ -155,14 +156,19 @@ class RouteWaiters:
         Without this it waited out its timeout and answered 504 for a reply stored seconds
         after it was sent."""
         for token, (tenant, seq) in list(self._replies.items()):
+            if token in self._lookups:  # one looking already (reconnects in a row)
+                continue
             task = asyncio.create_task(self._look_up(token, tenant, seq))
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
+            self._lookups[token] = task
+            task.add_done_callback(functools.partial(self._looked_up, token))
+
+    def _looked_up(self, token: str, _: asyncio.Task[None]) -> None:
+        self._lookups.pop(token, None)
 
     async def _look_up(self, token: str, tenant: str, seq: int) -> None:
-        if token not in self._waiting:  # answered, or given up, meanwhile
-            return
         async with self._lookup_gate:  # a reconnect with thousands waiting: a few at a time
+            if token not in self._waiting:  # answered, or given up, while it queued
+                return
             answer = await stored_reply(self.publisher, tenant, seq)
         future = self._waiting.get(token)
         if answer is not None and future is not None and not future.done():
