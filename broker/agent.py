@@ -46,9 +46,11 @@ Every ``heartbeat_interval`` seconds the instance puts its load into KV ``agent_
 when ``nvidia-smi`` answers); routers stop choosing an instance that stops heartbeating.
 An interval over a third of the bucket's TTL (15 s by default) is shortened to that, with a
 warning: routers forget an instance whose newest heartbeat is older than the TTL.
-On stop it drains: no new messages, in-flight handlers get ``drain_timeout`` seconds (one
-still running then is cancelled and its message handed back, for another instance, after a
-second), then its load entry is deleted so routers stop choosing it at once.
+On stop it drains: it fetches no more, runs what its last fetch's pull request still
+brings until that request expires (then ends its inbox subscription), gives its handlers
+what is left of ``drain_timeout`` seconds (one still running then is cancelled and its
+message handed back, for another instance, after a second), then deletes its load entry
+so routers stop choosing it at once.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""An instance told to stop takes no more messages from its inbox: a fetch's pull request
-outlives the fetch on the server (until it expires, or a moment past a fetch that timed out
-here), so messages went on arriving for it after the instance stopped fetching. Left in
-nats-py's queue, each waited out the consumer's ack_wait (a minute by default) before
-another instance got it: a caller waiting 30 s got 504, and the message was dead-lettered
-as ``deadline_exceeded`` although a healthy instance was idle the whole time. Handed back
-(a nak), each then reached the other instance as a redelivery, run alone there as a
-possible poison message, holding up that instance's other work. The stopping instance ends
-its subscription at once, so the server delivers nothing more to it: the other instance
-gets those messages as first deliveries."""
+"""An instance told to stop runs what still reaches its inbox subscription, then ends it: a
+fetch's pull request outlives the fetch on the server (until it expires, or a moment past a
+fetch that timed out here), so messages went on arriving for it after the instance stopped
+fetching. Left in nats-py's queue, each waited out the consumer's ack_wait (a minute by
+default) before another instance got it: a caller waiting 30 s got 504 although a healthy
+instance was idle the whole time. Handed back (a nak), each then reached the other instance
+as a redelivery, run alone there as a possible poison message, holding up its other work."""
 
 from __future__ import annotations
 
