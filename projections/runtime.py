@@ -252,6 +252,8 @@ class ProjectionRunner:
         if not self._consumer_made:
             return
         self._consumer_made = False
+        if not self.js._nc.is_connected:  # NATS away: a stop is not held for it; it expires
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 self.js.delete_consumer(self.projection.stream, self.consumer_name),

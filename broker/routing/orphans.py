@@ -166,7 +166,13 @@ class InboxSweeper:
                 return
             if key in self.registry.snapshot:
                 self._forget(key)
-            elif not await self._swept(key, stop):
+                continue
+            try:
+                empty = await self._swept(key, stop)
+            except Exception as e:  # this inbox's turn failed: the others still get theirs
+                log.warning("inbox_sweep_failed", tenant=key[0], agent=key[1], error=repr(e)[:200])
+                continue
+            if not empty:
                 self._empty_since.pop(key, None)
             elif time.monotonic() - self._empty_since.setdefault(key, time.monotonic()) >= (
                 GONE_GRACE_SECONDS

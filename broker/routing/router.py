@@ -484,11 +484,16 @@ class Router:
         """``failure``, or the same as an ``error`` when it says ``deregistered`` of an agent
         that is registered: an agent's NATS user may write that reason on its own
         ``.failed`` subject, to escape its cooldown (the sweep that writes it runs only once
-        the agent left the registry)."""
-        key = (failure.route.tenant, failure.agent)
-        if failure.reason is FailureReason.DEREGISTERED and key in self.registry.snapshot:
-            return replace(failure, reason=FailureReason.ERROR)
-        return failure
+        the agent left the registry). Believed of a decision older than the agent's current
+        registration (or manifest update): swept before it was registered again."""
+        if failure.reason is not FailureReason.DEREGISTERED:
+            return failure
+        record = self.registry.snapshot.get((failure.route.tenant, failure.agent))
+        if record is None or (
+            record.updated_at is not None and failure.route.decided_at < record.updated_at
+        ):  # gone, or registered again since the decision: a sweep's (after a re-register)
+            return failure
+        return replace(failure, reason=FailureReason.ERROR)
 
     async def retry(self, message: Msg) -> None:
         """Send a failed routed message to the next candidate, or give up."""

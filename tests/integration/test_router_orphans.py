@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import nats.errors
 import pytest
@@ -294,6 +295,10 @@ async def test_a_registered_agent_saying_deregistered_is_counted_as_failing(
         claims = RouteFailed(route, FailureReason.DEREGISTERED, "not me", "i-1", 1)
         for seq in range(router.policy.cooldown.errors):  # one failure counts once
             router.observe_failure(replace(claims, route=replace(route, message_seq=seq + 1)))
+        # The sweep's, of a decision made before the agent was registered again: believed.
+        swept = replace(route, decided_at=datetime(2020, 1, 1, tzinfo=UTC), message_seq=99)
+        assert router._believed(replace(claims, route=swept)).reason is FailureReason.DEREGISTERED
+        assert router._believed(claims).reason is FailureReason.ERROR
     finally:
         await stopped(stop, running)
     assert "translator" in router.cooldowns.cooling(T)
