@@ -257,3 +257,37 @@ async def test_a_single_publish_whose_client_vanished_mid_body_costs_no_cpu(
     assert _cpu_seconds(ingress) - before < 1.0
     info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
     assert not info.state.subjects
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/v1/publish/{subject}", "application/json", b'{"order": 42, "lines": [1, 2, 3]}'),
+        ("/v1/publish?subject={subject}", "application/x-ndjson", b'{"data": 1}\n{"data": 2}\n'),
+        ("/v1/route/{subject}", "application/json", b'{"order": 42, "lines": [1, 2, 3]}'),
+    ],
+)
+async def test_a_body_reset_with_no_error_short_of_its_content_length_is_not_stored(
+    broker: BrokerProcess, js: JetStreamContext, path: str, content_type: str, body: bytes
+) -> None:
+    """A client that resets its stream with ``RST_STREAM(NO_ERROR)`` in the middle of a body
+    it declared longer: granian hands what had arrived as the whole body (HTTP/1.1 refuses
+    a body short of its ``Content-Length``, HTTP/2 did not), and that part was stored as if
+    it were the message sent, the rest lost without a word."""
+    subject = f"short.{uuid.uuid4().hex[:10]}"
+    stream = DuplexStream(
+        "127.0.0.1",
+        broker.port,
+        path.format(subject=subject),
+        {"content-type": content_type, "content-length": str(len(body) + 50)},
+    )
+    try:
+        stream.send(body)
+        await asyncio.sleep(0.3)  # the handler is reading the body
+        stream.conn.reset_stream(stream.stream_id, 0)  # NO_ERROR
+        stream.sock.sendall(stream.conn.data_to_send())
+        await asyncio.sleep(1.0)  # what the handler stores, it stores within this
+    finally:
+        stream.close()
+    info = await js.stream_info("MESSAGES", subjects_filter=f"msg.default.{subject}")
+    assert not info.state.subjects, info.state.subjects

@@ -64,3 +64,31 @@ async def test_a_discarded_body_whose_client_left_is_given_up_at_once() -> None:
     started = time.monotonic()
     await discard_body(proto, {"content-length": "100"})  # type: ignore[arg-type]
     assert time.monotonic() - started < 1.0
+
+
+class ShortBody:
+    """A protocol whose client declared more than it sent, then reset the stream with
+    NO_ERROR: granian hands what had arrived as the whole body (HTTP/2 only)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        raise AssertionError("a body with Content-Length is read whole")
+
+    async def client_disconnect(self) -> None:
+        return None
+
+
+async def test_a_body_short_of_its_content_length_is_refused() -> None:
+    proto = ShortBody(b"half of a body")
+    with pytest.raises(BadRequest, match="ended before its Content-Length of 100 bytes"):
+        await read_body(proto, {"content-length": "100"}, 1024)  # type: ignore[arg-type]
+
+
+async def test_a_body_of_its_content_length_is_taken() -> None:
+    proto = ShortBody(b"a whole body")
+    assert await read_body(proto, {"content-length": "12"}, 1024) == b"a whole body"  # type: ignore[arg-type]
