@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from nats.js.errors import KeyNotFoundError
 
 from broker.publisher import Publisher
+from projections.base import Projection
 from projections.checkpoints import create_sql_engine
 from projections.leases import BUCKET
 from projections.replica import MessagesReplica
@@ -35,6 +36,22 @@ def pg() -> Iterator[Db]:
         yield found
 
 
+def started(
+    nats_url: str, pg: Db, projections: list[Projection]
+) -> tuple[Worker, threading.Thread, asyncio.AbstractEventLoop]:
+    """A worker ``w1`` of ``projections`` with the short TTL, run on a thread of its own."""
+    options = WorkerOptions(
+        nats_urls=[nats_url],
+        replica_url=pg.url,
+        projections=projections,
+        worker_id="w1",
+        batch=50,
+        lease_ttl=TTL,
+    )
+    worker = Worker(options)
+    return (worker, *run_in_thread(worker))
+
+
 def run_in_thread(worker: Worker) -> tuple[threading.Thread, asyncio.AbstractEventLoop]:
     """Run ``worker`` on a loop of its own thread: a worker blocked in the database must
     not block the test that watches its leases."""
@@ -47,17 +64,7 @@ def run_in_thread(worker: Worker) -> tuple[threading.Thread, asyncio.AbstractEve
 async def test_a_statement_waiting_on_a_table_lock_does_not_cost_the_leases(
     publisher: Publisher, nats_url: str, pg: Db
 ) -> None:
-    worker = Worker(
-        WorkerOptions(
-            nats_urls=[nats_url],
-            replica_url=pg.url,
-            projections=[MessagesReplica()],
-            worker_id="w1",
-            batch=50,
-            lease_ttl=TTL,
-        )
-    )
-    thread, loop = run_in_thread(worker)
+    worker, thread, loop = started(nats_url, pg, [MessagesReplica()])
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     locker = create_sql_engine(pg.url)
@@ -116,17 +123,7 @@ async def test_a_lock_on_the_table_every_projection_writes_does_not_cost_the_lea
     projections' commits waits on it in turn, on the one loop; with a third of the TTL each
     they held it for longer than the TTL, and every lease went (seen in a review)."""
     projections = [CountingProjection(partitions=2, name=f"c{i}") for i in range(4)]
-    worker = Worker(
-        WorkerOptions(
-            nats_urls=[nats_url],
-            replica_url=pg.url,
-            projections=list(projections),
-            worker_id="w1",
-            batch=50,
-            lease_ttl=TTL,
-        )
-    )
-    thread, loop = run_in_thread(worker)
+    worker, thread, loop = started(nats_url, pg, list(projections))
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     locker = create_sql_engine(pg.url)

@@ -162,9 +162,7 @@ async def test_a_router_started_after_the_deregistration_takes_back_what_the_inb
 ) -> None:
     """The inbox consumer an agent's instances left, with two messages not yet delivered, of
     an agent deregistered while no router ran: the router finds it at its start."""
-    await register(publisher, "translator", TRANSLATOR)
-    await register(publisher, "linguist", LINGUIST)
-    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    await two_translators(publisher)
     _, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         seqs = [await routed(publisher) for _ in range(2)]
@@ -184,9 +182,7 @@ async def test_a_router_started_after_the_deregistration_takes_back_what_the_inb
 
 async def test_an_agent_registered_again_keeps_its_inbox(publisher: Publisher) -> None:
     """Deregistered and registered again at once: what its inbox holds stays for it."""
-    await register(publisher, "translator", TRANSLATOR)
-    await register(publisher, "linguist", LINGUIST)
-    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    await two_translators(publisher)
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         seq = await routed(publisher)
@@ -200,6 +196,14 @@ async def test_an_agent_registered_again_keeps_its_inbox(publisher: Publisher) -
     assert await inbox_left(publisher, "translator") == 1
     assert router.sweeper is not None
     assert router.sweeper.stats.rerouted == 0
+
+
+async def two_translators(publisher: Publisher) -> None:
+    """The two agents of these tests (the first matches :data:`TEXT` best) and the inbox
+    consumer the first one's instances left."""
+    await register(publisher, "translator", TRANSLATOR)
+    await register(publisher, "linguist", LINGUIST)
+    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
 
 
 def inbox_consumer(agent: str) -> ConsumerConfig:
@@ -216,9 +220,7 @@ def inbox_consumer(agent: str) -> ConsumerConfig:
 async def test_an_inbox_no_consumer_reads_is_left_alone_and_logged(publisher: Publisher) -> None:
     """Its consumer may have been lost (deleted, ROUTES restored) after instances ran what
     it holds: swept from its first record, what they ran would be routed again."""
-    await register(publisher, "translator", TRANSLATOR)
-    await register(publisher, "linguist", LINGUIST)
-    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    await two_translators(publisher)
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         seqs = [await routed(publisher) for _ in range(2)]
@@ -253,9 +255,7 @@ async def test_a_decision_stored_after_the_inbox_was_swept_empty_is_taken_back_t
     """A router whose view still had the agent decides for it, and its append lands after
     the sweepers found the inbox empty (retried through a leader election, say): the gone
     agent's inbox is looked at for a while after it was first found empty."""
-    await register(publisher, "translator", TRANSLATOR)
-    await register(publisher, "linguist", LINGUIST)
-    await publisher.js.add_consumer(Stream.ROUTES, inbox_consumer("translator"))
+    await two_translators(publisher)
     router, stop, running = await start_router(publisher, HashingEmbedder())
     try:
         seq = await routed(publisher)
