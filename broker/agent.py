@@ -107,6 +107,7 @@ from broker.routing.events import (
     RouteEventUnreadable,
     RouteFailed,
     deadline_of,
+    inbox_consumer_names,
     inbox_subject,
 )
 from broker.routing.load import InstanceLoad, load_key, new_instance_id
@@ -550,16 +551,15 @@ class Agent:
 
     @property
     def consumer_name(self) -> str:
-        """The durable consumer this agent's instances share. ``~`` is in neither a tenant's
-        nor an agent's name, so two tenants' agents of one name never share it."""
-        return f"agent-{self.tenant}~{self.name}"
+        """The durable consumer this agent's instances share (:func:`inbox_consumer_names`)."""
+        return inbox_consumer_names(self.tenant, self.name)[0]
 
     async def _inbox_consumer(self, js: JetStreamContext, inbox: str) -> str:
         """The consumer to bind: :attr:`consumer_name`, or the ``agent-<name>`` an earlier
         version named without the tenant when it reads this same inbox (a new consumer would
         deliver the inbox's whole history again). A consumer of that name on another inbox
         is refused rather than shared."""
-        for name in (self.consumer_name, f"agent-{self.name}"):
+        for name in inbox_consumer_names(self.tenant, self.name):
             try:
                 info = await js.consumer_info(Stream.ROUTES, name)
             except nats.js.errors.NotFoundError:

@@ -94,6 +94,14 @@ def inbox_subject(tenant: str, agent: str) -> str:
     return f"{SUBJECT_PREFIX[Stream.ROUTES]}.{tenant}.{agent}"
 
 
+def inbox_consumer_names(tenant: str, agent: str) -> tuple[str, str]:
+    """The durable consumer an agent's instances share to read its inbox
+    (``agent-<tenant>~<agent>``: ``~`` is in neither a tenant's nor an agent's name, so two
+    tenants' agents of one name never share it), then the name a release before tenants gave
+    it (``agent-<agent>``), still bound where it reads this same inbox."""
+    return f"agent-{tenant}~{agent}", f"agent-{agent}"
+
+
 def failed_subject(tenant: str, agent: str) -> str:
     return f"{inbox_subject(tenant, agent)}.failed"
 

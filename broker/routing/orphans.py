@@ -54,9 +54,11 @@ from broker.routing.events import (
     RouteDecided,
     RouteEventUnreadable,
     RouteFailed,
+    inbox_consumer_names,
     inbox_subject,
 )
 from broker.streams import SUBJECT_PREFIX, Stream
+from broker.telemetry import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +74,6 @@ _FETCH_BATCH = 64
 _FETCH_TIMEOUT = 0.5
 #: How long a sweep waits for the registry view to catch up with ``REGISTRY``.
 _CATCH_UP_SECONDS = 5.0
-_TRACE = frozenset({"traceparent", "tracestate"})
 
 
 def inbox_of(subject: str) -> AgentKey | None:
@@ -227,8 +228,7 @@ class InboxSweeper:
         restored) after instances ran what it holds, and nothing tells which they ran; a
         consumer made from its first record would route those again."""
         inbox = inbox_subject(tenant, agent)
-        name = f"agent-{tenant}~{agent}"
-        for durable in (name, f"agent-{agent}"):
+        for durable in inbox_consumer_names(tenant, agent):
             try:
                 info = await self.js.consumer_info(Stream.ROUTES, durable)
             except NotFoundError:
@@ -270,7 +270,7 @@ class InboxSweeper:
         why = f"agent {agent!r} was deregistered before it ran the message"
         seq = message.metadata.sequence.stream
         failure = RouteFailed(route, FailureReason.DEREGISTERED, why, self.instance, seq)
-        trace = {k: v for k, v in headers.items() if k.lower() in _TRACE}
+        trace = {k: v for k, v in headers.items() if k.lower() in tracing.W3C_HEADERS}
         try:
             await self.js.publish(failure.subject, b"", headers=failure.to_headers(trace))
         except Exception:

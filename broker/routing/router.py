@@ -100,7 +100,6 @@ _ESSENTIAL_HEADERS = PAYLOAD_HEADERS | frozenset(
     name.lower() for name in (H_ROUTE_MODE, H_DECISION_TO, H_REPLY_TO, H_DEADLINE)
 )
 _FAILED_DECISION_DELAY = 2.0
-_TRACE = frozenset({"traceparent", "tracestate"})
 _FETCH_TIMEOUT = 1.0
 _ACK_WAIT = 30.0
 
@@ -632,8 +631,8 @@ class Router:
             return None
         stored, decided = found
         kept = original_headers(stored.headers or {})
-        original = {k: v for k, v in kept.items() if k.lower() not in _TRACE}
-        original.update((k, v) for k, v in headers.items() if k.lower() in _TRACE)
+        original = {k: v for k, v in kept.items() if k.lower() not in tracing.W3C_HEADERS}
+        original.update((k, v) for k, v in headers.items() if k.lower() in tracing.W3C_HEADERS)
         return decided, stored.data or b"", original
 
     async def _attempts_bucket(self) -> KeyValue:

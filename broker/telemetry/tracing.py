@@ -103,6 +103,8 @@ log = structlog.get_logger(__name__)
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+#: The W3C trace context's headers, as the broker stores them in NATS.
+W3C_HEADERS = frozenset({TRACEPARENT, TRACESTATE})
 #: Where a traceparent may be found, in order, each with its tracestate: W3C (HTTP, NATS as
 #: the broker stores it), CloudEvents (binary mode, or a structured event's attribute as the
 #: broker stores it), a NATS header another client wrote with a capital letter. The first
