@@ -13,6 +13,7 @@ import nats
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from nats.aio.client import Client as NatsClient
 
 from broker.publisher import Publisher
 from broker.settings import Settings
@@ -34,6 +35,14 @@ async def publisher(nats_url: str) -> AsyncIterator[Publisher]:
     assert await pub.wait_connected(5)
     yield pub
     await pub.close()
+
+
+@pytest_asyncio.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A plain nats-py connection to :func:`nats_url`'s server, closed afterwards."""
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
 
 
 def replica_url(schema: str) -> str:

@@ -4,11 +4,7 @@ a stream every listing failed; against a real nats-server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import nats
 import pytest
-import pytest_asyncio
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -18,13 +14,6 @@ from tests._wait import await_until
 pytestmark = pytest.mark.integration
 
 STREAM = f"KV_{BUCKET}"
-
-
-@pytest_asyncio.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def _consumers(js: JetStreamContext) -> int:

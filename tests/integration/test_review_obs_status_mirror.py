@@ -6,12 +6,9 @@ not show one message routed to two agents."""
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import nats
 import pytest
-import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from rich.console import Console
 
@@ -25,13 +22,6 @@ from broker.telemetry.status import BuildInfo, collect
 pytestmark = pytest.mark.integration
 
 BUILD = BuildInfo("0.0.0", "test", None, "default")
-
-
-@pytest_asyncio.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def routed_with_a_shadow_copy(nc: NatsClient) -> None:

@@ -3,10 +3,8 @@ to the microsecond, whichever form of delivery metadata the server sends."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime
 
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -16,13 +14,6 @@ from broker.http.replay import _record
 from broker.reader import read_messages
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def test_a_records_time_is_the_stored_time_cut_to_the_microsecond(nc: Client) -> None:

@@ -10,12 +10,10 @@ import dataclasses
 import io
 import itertools
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
-import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import REGISTRY
@@ -32,13 +30,6 @@ pytestmark = pytest.mark.integration
 
 BUILD = BuildInfo("0.0.0", "test", None, "default")
 AGENTS = 300  # more than one page (256) of CONSUMER.LIST
-
-
-@pytest_asyncio.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def many_inboxes(nc: NatsClient, backlog: int) -> None:
